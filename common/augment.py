@@ -1,0 +1,130 @@
+"""Training-time augmentation on the device: waveform mixup and SpecAugment.
+
+Both follow AST's data loader (reference/ssast_ast.md 4.2) but act on whole batches:
+
+- mixup pairs each selected clip with another clip of the same batch (AST draws the partner from the
+  whole data set; within-batch pairing needs no second decode) and mixes waveforms with
+  ``lam ~ Beta(10, 10)``; labels are mixed with the same weight, so a class present in both clips stays 1.
+- SpecAugment masks one frequency band and one time span per clip, on the fbank before normalisation,
+  with the masked cells set to 0 (as AST, where they become ``(0 - mean) / (2 std)`` after normalising).
+
+Randomness comes from an explicit ``torch.Generator`` so that a resumed run draws the same masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["MixupConfig", "SpecAugmentConfig", "mixup", "spec_augment"]
+
+
+@dataclass(frozen=True)
+class MixupConfig:
+    """Waveform mixup.
+
+    Args:
+        prob: probability that a clip is mixed with a partner (AST: 0.5 on AudioSet, 0 elsewhere).
+        alpha: Beta(alpha, alpha) distribution of the mixing weight (AST: 10).
+    """
+
+    prob: float = 0.0
+    alpha: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prob <= 1.0:
+            raise ValueError(f"mixup.prob must be in [0, 1], got {self.prob}")
+        if self.alpha <= 0:
+            raise ValueError(f"mixup.alpha must be positive, got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class SpecAugmentConfig:
+    """SpecAugment widths at full resolution (frames at the base frame shift, mel bins).
+
+    Args:
+        freqm: maximum width of the frequency mask (AST: 48 on AudioSet, 24 on ESC-50).
+        timem: maximum width of the time mask at the base frame shift (AST: 192 on AudioSet). On a
+            time-compressed phase the width is divided by the compression factor, so that the same
+            share of the clip is masked.
+    """
+
+    freqm: int = 0
+    timem: int = 0
+
+    def __post_init__(self) -> None:
+        if self.freqm < 0 or self.timem < 0:
+            raise ValueError(f"SpecAugment widths must be >= 0, got freqm={self.freqm}, timem={self.timem}")
+
+
+def _beta(alpha: float, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``size`` draws from Beta(alpha, alpha), reproducible from ``generator`` (numpy does the sampling)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, size=size)).float()
+
+
+def mixup(
+    waveforms: torch.Tensor,
+    lengths: torch.Tensor,
+    targets: torch.Tensor,
+    cfg: MixupConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mix clips of a batch with partners from the same batch.
+
+    Args:
+        waveforms: ``[B, S]`` zero-padded waveforms.
+        lengths: ``[B]`` valid samples per clip.
+        targets: ``[B, K]`` float (multi-)hot targets.
+        cfg: mixup settings; nothing happens when ``cfg.prob == 0`` or ``B < 2``.
+        generator: CPU generator for every random draw.
+
+    Returns:
+        ``(waveforms, lengths, targets)``; a mixed clip keeps its own length (AST cuts or pads the
+        partner to it).
+    """
+    batch = waveforms.shape[0]
+    if cfg.prob <= 0 or batch < 2:
+        return waveforms, lengths, targets
+    device = waveforms.device
+    chosen = (torch.rand(batch, generator=generator) < cfg.prob).to(device)
+    # partner = a random other clip: shift by 1..B-1 positions in a random permutation cycle
+    perm = torch.randperm(batch, generator=generator)
+    partner = torch.empty_like(perm)
+    partner[perm] = perm.roll(1)
+    partner = partner.to(device)
+    lam = _beta(cfg.alpha, batch, generator).to(device)
+    lam = torch.where(chosen, lam, torch.ones_like(lam))
+    valid = torch.arange(waveforms.shape[1], device=device)[None, :] < lengths[:, None]
+    other = waveforms[partner] * valid  # cut the partner to this clip's length
+    mixed = lam[:, None] * waveforms + (1 - lam[:, None]) * other
+    mixed_targets = lam[:, None] * targets + (1 - lam[:, None]) * targets[partner]
+    return mixed, lengths, mixed_targets
+
+
+def spec_augment(
+    fbank: torch.Tensor, freqm: int, timem: int, generator: torch.Generator, mask_value: float = 0.0
+) -> torch.Tensor:
+    """Mask one random frequency band (width < ``freqm``) and one time span (width < ``timem``) per clip.
+
+    Args:
+        fbank: ``[B, T, F]`` features before normalisation.
+        freqm, timem: maximum mask widths in bins and frames (0 disables that mask).
+        generator: CPU generator for the mask positions.
+    """
+    if freqm <= 0 and timem <= 0:
+        return fbank
+    batch, frames, bins = fbank.shape
+    keep = torch.ones(batch, frames, bins, dtype=torch.bool)
+    for width_max, size, axis in ((freqm, bins, 2), (timem, frames, 1)):
+        if width_max <= 0:
+            continue
+        width = (torch.rand(batch, generator=generator) * min(width_max, size)).long()
+        start = (torch.rand(batch, generator=generator) * (size - width)).long()
+        pos = torch.arange(size)[None, :]
+        band = (pos >= start[:, None]) & (pos < (start + width)[:, None])  # [B, size]
+        keep &= ~(band[:, None, :] if axis == 2 else band[:, :, None])
+    keep = keep.to(fbank.device)
+    return torch.where(keep, fbank, torch.full_like(fbank, mask_value))

@@ -1,0 +1,41 @@
+"""Coarse-to-fine training for audio spectrogram transformers (SSAST pretraining + AST fine-tuning)."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="coarse2fine-ast",
+    version="0.1.0",
+    description=(
+        "Efficient coarse-to-fine training of audio spectrogram transformers: SSAST pretraining "
+        "and supervised fine-tuning on time-compressed spectrograms (Feng et al., ICASSP 2024)."
+    ),
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    python_requires=">=3.10",
+    packages=["common", "common.corpora", "pretrain", "finetune"],
+    install_requires=[
+        # torchaudio 2.11 only loads with the matching torch build: keep the three pinned together.
+        "torch==2.11.0",
+        "torchaudio==2.11.0",
+        "torchvision==0.26.0",
+        "timm>=1.0.16",  # resample_patch_embed with torch.linalg.pinv (PI-resize)
+        "einops>=0.7",
+        "lhotse>=1.33,<1.34",
+        "urllib3",  # lhotse 1.33 imports it without declaring it
+        "deepspeed>=0.19.8,<0.20",
+        "scikit-learn>=1.3",
+        "tensorboard>=2.14",
+        "soundfile>=0.12",
+        "pyyaml>=6.0",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "matplotlib>=3.7",
+        "numpy>=1.24",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.2"]},
+)

@@ -1,0 +1,70 @@
+import pytest
+import torch
+import torchaudio
+
+from common.frontend import NORM_STATS, Fbank, NormStats, normalize, pad_or_crop, resolve_norm_stats
+
+
+def reference_fbank(wave: torch.Tensor, shift_ms: float) -> torch.Tensor:
+    return torchaudio.compliance.kaldi.fbank(
+        (wave - wave.mean()).unsqueeze(0), htk_compat=True, sample_frequency=16000, use_energy=False,
+        window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=shift_ms)
+
+
+@pytest.mark.parametrize("shift_ms", [10, 20, 30, 40])
+def test_fbank_matches_torchaudio_kaldi(signals, shift_ms):
+    feats = Fbank(frame_shift_ms=shift_ms)(signals)
+    for i in range(signals.shape[0]):
+        ref = reference_fbank(signals[i], shift_ms)
+        assert feats[i].shape == ref.shape
+        assert (feats[i] - ref).abs().max().item() <= 1e-3
+
+
+def test_fbank_lengths_equal_unpadded_clip_then_zero_padding(signals):
+    fb = Fbank()
+    lengths = torch.tensor([32000, 20000, 9000])
+    padded = signals.clone()
+    for i, n in enumerate(lengths):
+        padded[i, n:] = 0.5  # garbage past the end must not leak in
+    feats = fb(padded, lengths)
+    for i, n in enumerate(lengths.tolist()):
+        ref = reference_fbank(signals[i, :n], 10)
+        assert (feats[i, : ref.shape[0]] - ref).abs().max() <= 1e-3
+        assert torch.all(feats[i, ref.shape[0]:] == 0)
+        assert fb.num_frames(n) == ref.shape[0]
+
+
+def test_fbank_shape_and_frame_arithmetic():
+    fb = Fbank(frame_shift_ms=40)
+    assert fb.frame_shift == 640 and fb.frame_length == 400
+    assert fb.num_frames(160000) == 1 + (160000 - 400) // 640
+    assert fb.samples_for_frames(256) == 400 + 255 * 640
+    assert fb.num_frames(fb.samples_for_frames(256)) == 256
+    assert fb(torch.zeros(2, 100)).shape == (2, 1, 128)  # shorter than a window: one (zero) frame, padded
+    with pytest.raises(ValueError, match="waveforms"):
+        fb(torch.zeros(1, 2, 3))
+
+
+def test_normalisation_and_named_stats(tmp_path):
+    x = torch.full((1, 4, 2), NORM_STATS["audioset"].mean)
+    assert torch.allclose(normalize(x, NORM_STATS["audioset"]), torch.zeros_like(x))
+    stats = NormStats(1.0, 2.0)
+    assert normalize(torch.tensor([5.0]), stats).item() == pytest.approx(1.0)  # (5 - 1) / (2 * 2)
+    assert resolve_norm_stats("esc50") == NORM_STATS["esc50"]
+    path = tmp_path / "stats.json"
+    path.write_text('{"mean": -5.0, "std": 3.0}')
+    assert resolve_norm_stats(str(path)) == NormStats(-5.0, 3.0)
+    with pytest.raises(ValueError, match="unknown normalisation statistics 'nope'"):
+        resolve_norm_stats("nope")
+    with pytest.raises(FileNotFoundError, match="common.corpora stats"):
+        resolve_norm_stats(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="invalid"):
+        NormStats(0.0, 0.0)
+
+
+def test_pad_or_crop():
+    x = torch.arange(10.0).reshape(1, 5, 2)
+    assert torch.equal(pad_or_crop(x, 3), x[:, :3])
+    padded = pad_or_crop(x, 7)
+    assert padded.shape == (1, 7, 2) and torch.equal(padded[:, :5], x) and torch.all(padded[:, 5:] == 0)
+    assert pad_or_crop(x, 5) is x

@@ -1,0 +1,107 @@
+import pytest
+import torch
+from torch.nn import functional as F
+
+from common.compression import Compression
+from common.model import ASTEncoder
+from common.resize import adapt_encoder, adapt_state_dict, resample_patch_kernel, resample_pos_embed
+
+
+def test_same_size_resize_is_identity(tiny_cfg):
+    enc = ASTEncoder(tiny_cfg)
+    pos = enc.pos_embed.detach()
+    for mode in ("bilinear", "cut"):
+        assert torch.equal(resample_pos_embed(pos, (4, 8), (4, 8), 2, mode), pos)
+    w = enc.patch_embed.proj.weight.detach()
+    for mode in ("pi", "bilinear"):
+        assert torch.equal(resample_patch_kernel(w, (8, 8), mode), w)
+    state = adapt_state_dict(enc.state_dict(), tiny_cfg, tiny_cfg)
+    assert all(torch.equal(state[k], v) for k, v in enc.state_dict().items())
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "cut"])
+def test_prefix_rows_untouched_and_dtype_kept(mode):
+    pos = torch.randn(1, 2 + 4 * 16, 8, dtype=torch.bfloat16)
+    for new in ((4, 64), (4, 4), (2, 32)):
+        out = resample_pos_embed(pos, (4, 16), new, 2, mode)
+        assert out.shape == (1, 2 + new[0] * new[1], 8) and out.dtype == torch.bfloat16
+        assert torch.equal(out[:, :2], pos[:, :2])
+
+
+def test_bilinear_pos_embed_is_bilinear_interpolation_of_the_grid():
+    pos = torch.randn(1, 2 + 3 * 5, 4)
+    out = resample_pos_embed(pos, (3, 5), (3, 20), 2, "bilinear")
+    grid = pos[:, 2:].reshape(1, 3, 5, 4).permute(0, 3, 1, 2)
+    ref = F.interpolate(grid, size=(3, 20), mode="bilinear", align_corners=False)
+    assert torch.allclose(out[:, 2:], ref.permute(0, 2, 3, 1).reshape(1, 60, 4), atol=1e-6)
+
+
+def test_cut_takes_the_centre_and_interpolates_growing_axes():
+    grid = torch.arange(4 * 10, dtype=torch.float32).reshape(1, 4, 10, 1)
+    pos = torch.cat([torch.full((1, 2, 1), -1.0), grid.reshape(1, 40, 1)], dim=1)
+    out = resample_pos_embed(pos, (4, 10), (2, 4), 2, "cut")[:, 2:].reshape(2, 4)
+    # rows 4//2 - 2//2 = 1.., columns 10//2 - 4//2 = 3..
+    assert torch.equal(out, grid[0, 1:3, 3:7, 0])
+    grown = resample_pos_embed(pos, (4, 10), (2, 20), 2, "cut")[:, 2:].reshape(2, 20)
+    ref = F.interpolate(grid[:, 1:3, :, 0][None], size=(2, 20), mode="bilinear", align_corners=False)[0, 0]
+    assert torch.allclose(grown, ref)
+
+
+def test_bad_pos_embed_shape_is_named():
+    with pytest.raises(ValueError, match=r"does not hold 2 prefix rows and a 4x8 grid \(34 rows\)"):
+        resample_pos_embed(torch.randn(1, 30, 4), (4, 8), (4, 16), 2)
+
+
+def _upsample_patches(patches: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+    # patches: [..., h*w] frequency-major -> bilinearly resized [..., h'*w']
+    lead = patches.shape[:-1]
+    x = patches.reshape(-1, 1, *old)
+    x = F.interpolate(x, size=new, mode="bilinear", align_corners=False, antialias=False)
+    return x.reshape(*lead, new[0] * new[1])
+
+
+def test_pi_resize_to_a_larger_kernel_is_exact():
+    torch.manual_seed(0)
+    w = torch.randn(16, 1, 8, 8, dtype=torch.float64)
+    patches = torch.randn(50, 64, dtype=torch.float64)
+    tokens = patches @ w.reshape(16, -1).T
+    for new in ((8, 16), (8, 32), (16, 16)):
+        w_new = resample_patch_kernel(w, new, "pi")
+        up = _upsample_patches(patches, (8, 8), new)
+        # exact up to timm's float32 pseudo-inverse
+        assert torch.allclose(up @ w_new.reshape(16, -1).T, tokens, atol=1e-4)
+    # plain bilinear interpolation of the kernel does not keep the tokens
+    w_bl = resample_patch_kernel(w, (8, 32), "bilinear")
+    assert not torch.allclose(_upsample_patches(patches, (8, 8), (8, 32)) @ w_bl.reshape(16, -1).T, tokens,
+                              atol=1e-2)
+
+
+def test_pi_resized_encoder_gives_the_same_tokens_on_the_upsampled_input(tiny_cfg):
+    torch.manual_seed(0)
+    fine = ASTEncoder(tiny_cfg).double()
+    coarse_cfg = Compression("patch", 2).encoder_config(tiny_cfg)  # 8x16 patches, stride 8x16
+    big_cfg = tiny_cfg.replace(input_tdim=128, tshape=16, tstride=16)  # same grid, twice the frames
+    big = adapt_encoder(fine, big_cfg, patch_mode="pi")
+    assert big.cfg.grid == tiny_cfg.grid and coarse_cfg.tshape == 16
+    x = torch.randn(2, 64, 32, dtype=torch.float64)
+    patches = fine.unfold_patches(x)  # [B, N, 64]
+    up = _upsample_patches(patches, (8, 8), (8, 16))  # each patch upsampled along time
+    # fold the upsampled patches back into a [B, 128, 32] spectrogram (non-overlapping)
+    image = F.fold(up.transpose(1, 2), output_size=(32, 128), kernel_size=(8, 16), stride=(8, 16))
+    x_up = image[:, 0].transpose(1, 2)
+    assert torch.allclose(big.embed_patches(x_up), fine.embed_patches(x), atol=1e-4)
+    assert torch.allclose(big.forward_features(x_up), fine.forward_features(x), atol=1e-4)
+
+
+def test_phase_change_adapts_pos_and_kernel(tiny_cfg):
+    enc = ASTEncoder(tiny_cfg)
+    coarse = adapt_encoder(enc, Compression("patch", 4).encoder_config(tiny_cfg), patch_mode="bilinear")
+    assert coarse.patch_embed.proj.weight.shape[-2:] == (8, 32) and coarse.cfg.grid == (4, 2)
+    back = adapt_encoder(coarse, tiny_cfg, patch_mode="pi")
+    assert back.pos_embed.shape == enc.pos_embed.shape
+    assert back.forward_features(torch.randn(1, 64, 32)).shape == (1, 34, 32)
+    fshift = adapt_encoder(enc, Compression("fshift", 4).encoder_config(tiny_cfg))
+    assert fshift.cfg.input_tdim == 16 and torch.equal(fshift.patch_embed.proj.weight,
+                                                       enc.patch_embed.proj.weight)
+    with pytest.raises(ValueError, match="embed_dim 32 -> 64"):
+        adapt_state_dict(enc.state_dict(), tiny_cfg, tiny_cfg.replace(embed_dim=64))
