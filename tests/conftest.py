@@ -53,3 +53,13 @@ def tiny_cfg():
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def synth_corpus(tmp_path_factory):
+    """The built-in corpus at its test size (24 pool clips, 2/1/1 labeled clips per class)."""
+    from common.corpora import get_corpus
+
+    out = tmp_path_factory.mktemp("synth")
+    get_corpus("synth").prepare(None, out, size="test", seed=0)
+    return out

@@ -1,0 +1,92 @@
+"""Command line for corpus preparation and statistics.
+
+    python -m common.corpora list
+    python -m common.corpora prepare NAME --src DIR --out DIR [corpus options]
+    python -m common.corpora stats MANIFEST [--target-frames 1024]
+    python -m common.corpora shar MANIFEST --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from common.corpora import CORPORA, get_corpus
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m common.corpora",
+        description="Prepare Lhotse manifests for the supported corpora and compute normalisation statistics.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the corpora that can be prepared")
+
+    prep = sub.add_parser("prepare", help="write Lhotse manifests for a downloaded corpus",
+                          description="Write Lhotse manifests (NAME_SPLIT.jsonl.gz), the class list and a report.")
+    corpora = prep.add_subparsers(dest="corpus", required=True, metavar="NAME")
+    for name in CORPORA:
+        module = get_corpus(name)
+        p = corpora.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION)
+        needs_src = getattr(module, "NEEDS_SRC", True)
+        p.add_argument("--src", type=Path, required=needs_src,
+                       help="the corpus as downloaded" + ("" if needs_src else " (not needed)"))
+        p.add_argument("--out", type=Path, required=True, help="folder for the manifests")
+        p.add_argument("--jobs", type=int, default=4, help="threads reading audio headers (default 4)")
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(p)
+
+    stats = sub.add_parser("stats", help="fbank mean/std of a manifest (as AST's get_norm_stats)",
+                           description="Compute the fbank mean and std of a manifest's clips and write them "
+                                       "to MANIFEST_STEM.stats.json beside it; recipes name that file as `norm`.")
+    stats.add_argument("manifest", type=Path)
+    stats.add_argument("--target-frames", type=int, default=1024,
+                       help="frames per clip at 10 ms (clips are cut / zero-padded as in training)")
+    stats.add_argument("--max-clips", type=int, default=None, help="use at most this many clips (the first ones)")
+    stats.add_argument("--num-mel-bins", type=int, default=128)
+    stats.add_argument("--workers", type=int, default=2, help="decoding worker processes")
+
+    shar = sub.add_parser("shar", help="export a manifest and its audio as Lhotse Shar shards",
+                          description="Export a manifest with its audio as Lhotse Shar shards, for sets of "
+                                      "millions of clips; recipes then name the Shar folder instead of the manifest.")
+    shar.add_argument("manifest", type=Path)
+    shar.add_argument("--out", type=Path, required=True)
+    shar.add_argument("--shard-size", type=int, default=1000)
+    shar.add_argument("--jobs", type=int, default=2)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = _build_parser().parse_args(argv)
+    if args.command == "list":
+        for name in CORPORA:
+            print(f"{name:<16} {get_corpus(name).DESCRIPTION}")
+        return 0
+    if args.command == "prepare":
+        module = get_corpus(args.corpus)
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "corpus", "src", "out", "jobs")}
+        report = module.prepare(args.src, args.out, num_jobs=args.jobs, **options)
+        print(report.summary())
+        for split, path in sorted(report.manifests.items()):
+            print(f"  {split:<12} {path}")
+        return 0
+    if args.command == "stats":
+        from common.corpora.stats import compute_stats
+
+        result = compute_stats(args.manifest, target_frames=args.target_frames, max_clips=args.max_clips,
+                               num_mel_bins=args.num_mel_bins, workers=args.workers)
+        print(f"mean={result['mean']:.7f} std={result['std']:.7f} over {result['clips']} clips -> {result['path']}")
+        return 0
+    if args.command == "shar":
+        from common.corpora.shar import export_shar
+
+        print(export_shar(args.manifest, args.out, shard_size=args.shard_size, num_jobs=args.jobs))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,449 @@
+"""Waveform batches from Lhotse manifests: sampling, decoding, cropping, bad-audio handling, exact resume.
+
+    manifests --(weighted mux)--> CutSet --Lhotse sampler (per-rank shard, seeded shuffle)--> cut batches
+      --DataLoader workers: decode, resample to 16 kHz, crop / pad--> Batch(waveforms [B, S], lengths, targets)
+
+Features are made later, on the training device (``common.features``), so one loader serves every
+compression method.
+
+Resume. The loader's position is ``(epoch, batches consumed in that epoch)``, counted as batches reach
+the training loop, not as the sampler hands them to prefetching workers (whose state runs ahead;
+reference/ecosystem.md B7). Restoring makes a fresh sampler, sets the epoch and skips the consumed
+batches (metadata only, no audio), so the next batch is exactly the one an uninterrupted run would see.
+Random crops are drawn from ``(seed, epoch, cut id)``, so they are the same after a resume as well.
+
+Bad audio. A clip that cannot be decoded, is empty or truncated, or holds non-finite samples is left
+out of its batch, and named with its reason in ``Batch.bad``; :class:`BadAudioTracker` counts them, logs
+them to a file, and stops the run with :class:`TooMuchBadAudio` past a configurable fraction. Nothing is
+replaced with silence.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ManifestSpec",
+    "Batch",
+    "BadAudioTracker",
+    "TooMuchBadAudio",
+    "open_cuts",
+    "balanced_weights",
+    "LabelEncoder",
+    "ClipDataset",
+    "ClipLoader",
+    "load_clip",
+]
+
+log = logging.getLogger(__name__)
+
+CROPS = ("random", "start", "center")
+
+
+class TooMuchBadAudio(RuntimeError):
+    """More than the allowed fraction of clips could not be used."""
+
+
+class BadClip(Exception):
+    """A clip that cannot be used; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class ManifestSpec:
+    """One manifest of a (possibly weighted) mix.
+
+    Args:
+        path: a ``*.jsonl.gz`` CutSet or a Lhotse Shar folder.
+        weight: relative sampling weight in a mix (``CutSet.mux``).
+    """
+
+    path: str
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.weight <= 0:
+            raise ValueError(f"manifest weight must be positive, got {self.weight} for {self.path}")
+
+
+def _open_one(path: str | os.PathLike):
+    from lhotse import CutSet
+
+    path = Path(path)
+    if path.is_dir():
+        if not list(path.glob("cuts.*.jsonl*")):
+            raise FileNotFoundError(f"{path} is a folder but not a Lhotse Shar folder (no cuts.*.jsonl.gz shards)")
+        return CutSet.from_shar(in_dir=path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"manifest {path} does not exist; write it with `python -m common.corpora prepare NAME --src DIR "
+            f"--out {path.parent}` (see `python -m common.corpora list`)"
+        )
+    return CutSet.from_file(path)  # lazy for .jsonl.gz
+
+
+def open_cuts(specs: Sequence[ManifestSpec | str], seed: int = 0):
+    """A lazy CutSet over one manifest, or a weighted mix of several (``CutSet.mux``)."""
+    from lhotse import CutSet
+
+    specs = [s if isinstance(s, ManifestSpec) else ManifestSpec(str(s)) for s in specs]
+    if not specs:
+        raise ValueError("no manifests given")
+    sets = [_open_one(s.path) for s in specs]
+    if len(sets) == 1:
+        return sets[0]
+    return CutSet.mux(*sets, weights=[s.weight for s in specs], seed=seed)
+
+
+class LabelEncoder:
+    """Class ids -> multi-hot target vectors, in the order of the class list."""
+
+    def __init__(self, classes: Sequence[str]) -> None:
+        self.classes = list(classes)
+        self.index = {c: i for i, c in enumerate(self.classes)}
+        if len(self.index) != len(self.classes):
+            raise ValueError("class list has duplicates")
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def encode(self, labels: Iterable[str], cut_id: str = "?") -> torch.Tensor:
+        target = torch.zeros(len(self.classes))
+        for label in labels:
+            if label not in self.index:
+                raise ValueError(f"clip {cut_id} has label {label!r}, which is not in the task's class list")
+            target[self.index[label]] = 1.0
+        return target
+
+
+def balanced_weights(cuts, classes: Sequence[str]) -> list[float]:
+    """AST's balanced-sampling weights: a clip weighs ``sum(1000 / (count(label) + 0.01))`` over its labels."""
+    counts = Counter(label for cut in cuts for label in cut.custom.get("labels", []))
+    missing = [c for c in classes if c not in counts]
+    if missing:
+        log.info("balanced sampler: %d classes have no clip (e.g. %s)", len(missing), missing[0])
+    return [sum(1000.0 / (counts[label] + 0.01) for label in cut.custom.get("labels", [])) or 1e-3
+            for cut in cuts]
+
+
+def _source_path(cut) -> str:
+    try:
+        return str(cut.recording.sources[0].source) if cut.recording.sources[0].type == "file" else cut.id
+    except (AttributeError, IndexError):
+        return cut.id
+
+
+def load_clip(cut, sample_rate: int) -> np.ndarray:
+    """Decode a cut's first channel at ``sample_rate`` (resampling if needed); raise :class:`BadClip`."""
+    try:
+        if cut.sampling_rate != sample_rate:
+            cut = cut.resample(sample_rate)
+        audio = cut.load_audio()
+    except Exception as err:  # noqa: BLE001 - every decoder failure is a bad clip
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        detail = next((line for line in lines if "Libsndfile" in line), lines[0] if lines else "")
+        raise BadClip(f"unreadable ({type(err).__name__}: {detail.split('>: ', 1)[-1][:200]})") from None
+    audio = np.asarray(audio, dtype=np.float32)
+    wave = audio[0] if audio.ndim == 2 else audio.reshape(-1)
+    if wave.size == 0:
+        raise BadClip("empty (0 samples)")
+    expected = int(round(cut.duration * sample_rate))
+    if wave.size < 0.9 * expected:
+        raise BadClip(f"truncated ({wave.size} of {expected} samples)")
+    if not np.isfinite(wave).all():
+        raise BadClip("non-finite samples (NaN or inf)")
+    return wave
+
+
+@dataclass
+class Batch:
+    """A batch of clips, zero-padded to the clip length.
+
+    Attributes:
+        waveforms: ``[B, S]`` float32.
+        lengths: ``[B]`` valid samples per clip.
+        targets: ``[B, K]`` multi-hot targets, or None for unlabeled data.
+        ids: cut ids.
+        bad: ``(path, reason)`` of the clips of this batch that were left out.
+        epoch, index: position of the batch in the stream (index within the epoch).
+    """
+
+    waveforms: torch.Tensor
+    lengths: torch.Tensor
+    targets: torch.Tensor | None
+    ids: list[str]
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    epoch: int = 0
+    index: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def pin_memory(self) -> "Batch":
+        self.waveforms = self.waveforms.pin_memory()
+        self.lengths = self.lengths.pin_memory()
+        if self.targets is not None:
+            self.targets = self.targets.pin_memory()
+        return self
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Turns a batch of cuts into a :class:`Batch` (runs in DataLoader workers).
+
+    Args:
+        clip_samples: every clip is cropped / zero-padded to this many samples.
+        sample_rate: target sampling rate.
+        classes: class list for targets (None: unlabeled).
+        crop: where a longer clip is cut: ``random`` (training), ``start`` (AST) or ``center``.
+        seed: seed of the random crops.
+    """
+
+    def __init__(self, clip_samples: int, sample_rate: int = 16000, classes: Sequence[str] | None = None,
+                 crop: str = "random", seed: int = 0) -> None:
+        if crop not in CROPS:
+            raise ValueError(f"unknown crop {crop!r}; choose one of {list(CROPS)}")
+        self.clip_samples = clip_samples
+        self.sample_rate = sample_rate
+        self.encoder = LabelEncoder(classes) if classes is not None else None
+        self.crop = crop
+        self.seed = seed
+
+    def _crop(self, wave: np.ndarray, cut_id: str, epoch: int) -> np.ndarray:
+        extra = wave.size - self.clip_samples
+        if extra <= 0:
+            return wave
+        if self.crop == "start":
+            start = 0
+        elif self.crop == "center":
+            start = extra // 2
+        else:
+            rng = np.random.default_rng([self.seed, epoch, zlib.crc32(cut_id.encode())])
+            start = int(rng.integers(0, extra + 1))
+        return wave[start : start + self.clip_samples]
+
+    def __getitem__(self, item) -> Batch:
+        epoch, index, cuts = item
+        waves, lengths, targets, ids, bad = [], [], [], [], []
+        for cut in cuts:
+            try:
+                wave = self._crop(load_clip(cut, self.sample_rate), cut.id, epoch)
+            except BadClip as err:
+                bad.append((_source_path(cut), str(err)))
+                continue
+            if self.encoder is not None:
+                targets.append(self.encoder.encode(cut.custom.get("labels", []), cut.id))
+            waves.append(wave)
+            lengths.append(wave.size)
+            ids.append(cut.id)
+        out = torch.zeros(len(waves), self.clip_samples)
+        for i, wave in enumerate(waves):
+            out[i, : wave.size] = torch.from_numpy(wave)
+        target = None
+        if self.encoder is not None:
+            target = torch.stack(targets) if targets else torch.zeros(0, len(self.encoder))
+        return Batch(out, torch.tensor(lengths, dtype=torch.long), target, ids, bad, epoch, index)
+
+
+class BadAudioTracker:
+    """Counts clips seen and left out; logs each bad one; stops the run past ``max_fraction``.
+
+    Args:
+        max_fraction: largest tolerated share of bad clips.
+        min_clips: the share is checked once this many clips were seen (and at every epoch end), so that
+            two bad clips in the first batch do not stop a run.
+        log_path: a TSV file (path, reason) every bad clip is appended to.
+    """
+
+    def __init__(self, max_fraction: float = 0.02, min_clips: int = 200, log_path: str | None = None) -> None:
+        if not 0 <= max_fraction <= 1:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_fraction}")
+        self.max_fraction = max_fraction
+        self.min_clips = min_clips
+        self.log_path = Path(log_path) if log_path else None
+        self.seen = 0
+        self.bad = 0
+        self.reasons: Counter = Counter()
+
+    def update(self, batch: Batch) -> None:
+        self.seen += len(batch) + len(batch.bad)
+        for path, reason in batch.bad:
+            self.bad += 1
+            self.reasons[reason.split(" (")[0]] += 1
+            log.warning("skipped bad audio %s: %s", path, reason)
+            if self.log_path is not None:
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                with self.log_path.open("a") as handle:
+                    handle.write(f"{path}\t{reason}\n")
+        if self.seen >= self.min_clips:
+            self.check()
+
+    def check(self) -> None:
+        if self.seen and self.bad / self.seen > self.max_fraction:
+            where = f"; the list is in {self.log_path}" if self.log_path else ""
+            raise TooMuchBadAudio(
+                f"{self.bad} of {self.seen} clips ({self.bad / self.seen:.1%}) could not be used, more than "
+                f"max_bad_fraction={self.max_fraction:.1%} ({dict(self.reasons)}){where}"
+            )
+
+    def state_dict(self) -> dict:
+        return {"seen": self.seen, "bad": self.bad, "reasons": dict(self.reasons)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen, self.bad, self.reasons = state["seen"], state["bad"], Counter(state["reasons"])
+
+
+class WeightedCutSampler:
+    """Balanced sampling as AST: each epoch draws ``len(cuts)`` clips *with replacement*, with
+    probability proportional to their weights, reproducibly from ``(seed, epoch)``; batch ``k`` of the
+    draw goes to rank ``k % world_size``.
+
+    (Lhotse's ``WeightedSimpleCutSampler`` draws without replacement from numpy's global random state,
+    which neither matches AST nor can be resumed exactly.)
+    """
+
+    def __init__(self, cuts, weights: Sequence[float], batch_size: int, *, drop_last: bool, seed: int,
+                 rank: int, world_size: int) -> None:
+        self.cuts = cuts if not cuts.is_lazy else cuts.to_eager()
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (len(self.cuts),) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"need one non-negative weight per clip ({len(self.cuts)}), got {w.shape}")
+        self.p = w / w.sum()
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        from lhotse import CutSet
+
+        draw = np.random.default_rng([self.seed, self.epoch]).choice(len(self.p), size=len(self.p), p=self.p)
+        for k, start in enumerate(range(0, len(draw), self.batch_size)):
+            chunk = draw[start : start + self.batch_size]
+            if self.drop_last and len(chunk) < self.batch_size:
+                return
+            if k % self.world_size == self.rank:
+                yield CutSet.from_cuts(self.cuts[int(i)] for i in chunk)
+
+
+class _Stream:
+    """The iterable DataLoader draws cut batches from (in the main process)."""
+
+    def __init__(self, generator) -> None:
+        self.generator = generator
+
+    def __iter__(self):
+        return self.generator
+
+
+class ClipLoader:
+    """Batches of clips from a CutSet, sharded over ranks, resumable to the exact next batch.
+
+    Args:
+        cuts: the CutSet (lazy or eager).
+        dataset: decodes and crops (see :class:`ClipDataset`).
+        batch_size: clips per batch on this rank.
+        shuffle: shuffle (with ``seed`` and the epoch); lazy sets shuffle through a 20k-cut buffer.
+        drop_last: drop the last incomplete batch of an epoch.
+        seed: sampler seed, the same on every rank.
+        rank, world_size: this process's shard (default: from the environment, as Lhotse infers it).
+        num_workers: decoding processes (0: decode in this process).
+        weights: per-cut sampling weights (balanced sampling, :class:`WeightedCutSampler`); an epoch
+            then draws ``len(cuts)`` clips with replacement.
+        tracker: bad-audio accounting (a default one is made if None).
+        pin_memory: pin batches for fast host-to-GPU copies.
+    """
+
+    def __init__(self, cuts, dataset: ClipDataset, batch_size: int, *, shuffle: bool, drop_last: bool,
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
+                 weights: Sequence[float] | None = None, tracker: BadAudioTracker | None = None,
+                 pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.cuts = cuts
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        self.num_workers = num_workers
+        self.weights = list(weights) if weights is not None else None
+        self.tracker = tracker or BadAudioTracker()
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+
+    def _sampler(self):
+        from lhotse.dataset import DynamicCutSampler
+
+        if self.weights is not None:
+            return WeightedCutSampler(self.cuts, self.weights, self.batch_size, drop_last=self.drop_last,
+                                      seed=self.seed, rank=self.rank, world_size=self.world_size)
+        return DynamicCutSampler(self.cuts, max_cuts=self.batch_size, shuffle=self.shuffle,
+                                 drop_last=self.drop_last, world_size=self.world_size, rank=self.rank,
+                                 seed=self.seed)
+
+    def _cut_batches(self, start_epoch: int, skip: int, epochs: int | None) -> Iterator:
+        sampler = self._sampler()
+        epoch = start_epoch
+        while epochs is None or epoch < start_epoch + epochs:
+            sampler.set_epoch(epoch)
+            iterator = iter(sampler)
+            index = 0
+            for _ in range(skip):  # fast-forward over batches already trained on (metadata only)
+                try:
+                    next(iterator)
+                except StopIteration:
+                    raise ValueError(f"cannot resume at batch {skip} of epoch {epoch}: the epoch has {index} "
+                                     f"batches (did the manifest change?)") from None
+                index += 1
+            skip = 0
+            while True:  # not `for`: a Lhotse sampler's __iter__ restarts the epoch
+                try:
+                    cuts = next(iterator)
+                except StopIteration:
+                    break
+                yield epoch, index, cuts
+                index += 1
+            if index == 0:
+                raise ValueError(
+                    f"the manifest gives no batch of {self.batch_size} clips on rank {self.rank} of "
+                    f"{self.world_size} (too few clips{' with drop_last' if self.drop_last else ''})"
+                )
+            epoch += 1
+
+    def batches(self, start_epoch: int = 0, skip: int = 0, epochs: int | None = None) -> Iterator[Batch]:
+        """Iterate batches from ``(start_epoch, skip)``; forever when ``epochs`` is None.
+
+        Every batch carries its ``epoch`` and ``index``: after training on it, the position to save is
+        ``(batch.epoch, batch.index + 1)``.
+        """
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(
+            self.dataset,
+            sampler=_Stream(self._cut_batches(start_epoch, skip, epochs)),
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            persistent_workers=False,
+        )
+        last_epoch = start_epoch
+        for batch in loader:
+            if batch.epoch != last_epoch:
+                self.tracker.check()  # a whole epoch was seen: judge it even if it is small
+                last_epoch = batch.epoch
+            self.tracker.update(batch)
+            yield batch
+        self.tracker.check()

@@ -1,0 +1,72 @@
+import json
+
+import pytest
+from lhotse import CutSet
+
+from common.corpora import get_corpus
+from common.corpora.base import read_classes
+from tests.layouts import audioset as layout
+
+
+def test_prepare_audioset_miniature(tmp_path):
+    src, out = tmp_path / "audioset", tmp_path / "manifests"
+    built = layout.build(src)
+    report = get_corpus("audioset").prepare(src, out, num_jobs=2)
+    assert sorted(report.manifests) == ["balanced_train", "eval", "unbalanced_train"]
+    classes, names = read_classes(out / "audioset_classes.json")
+    assert classes == built["classes"]  # in class_labels_indices.csv's index order
+    assert names["/m/0ytgt"] == "Child speech, kid speaking"
+    seen = {}
+    for split in built["clips"]:
+        cuts = CutSet.from_file(out / f"audioset_{split}.jsonl.gz")
+        seen[split] = {cut.id: cut.custom["labels"] for cut in cuts}
+        for cut in cuts:
+            assert cut.custom["split"] == split and cut.custom["dataset"] == "audioset"
+            assert cut.custom["end_seconds"] - cut.custom["start_seconds"] == pytest.approx(10.0)
+    assert seen == built["clips"]  # every downloader naming found, labels multi-label in CSV order
+    by_id = {cut.id: cut for split in seen for cut in CutSet.from_file(out / f"audioset_{split}.jsonl.gz")}
+    assert by_id["-0RWZT-miFs"].custom["start_seconds"] == 420.0
+    assert by_id[layout.STEREO].sampling_rate == 44100 and by_id[layout.STEREO].num_channels == 1
+    assert by_id[layout.TRUNCATED].duration == pytest.approx(0.4, abs=0.01)  # what survived of the WAV
+    assert report.missing == [str(p) for p in built["missing"].values()]
+    assert [p for p, _ in report.unreadable] == [str(p) for p in built["corrupt"].values()]
+    saved = json.loads((out / "audioset_prepare.json").read_text())
+    assert saved["clips"] == {"balanced_train": 3, "unbalanced_train": 1, "eval": 2}
+
+
+def test_prepare_audioset_chosen_splits_and_audio_dir(tmp_path):
+    src, out = tmp_path / "audioset", tmp_path / "manifests"
+    built = layout.build(src, audio_dir="downloads", splits=("balanced_train", "eval"))
+    prepare = get_corpus("audioset").prepare
+    report = prepare(src, out, audio_dir=src / "downloads")  # default: the splits whose CSV exists
+    assert sorted(report.manifests) == ["balanced_train", "eval"]
+    report = prepare(src, tmp_path / "eval_only", audio_dir=src / "downloads", splits="eval")
+    assert list(report.manifests) == ["eval"] and report.clips["eval"] == len(built["clips"]["eval"])
+    with pytest.raises(FileNotFoundError, match="unbalanced_train_segments.csv"):
+        prepare(src, out, audio_dir=src / "downloads", splits="unbalanced_train")
+    with pytest.raises(ValueError, match="AudioSet splits must be a comma list of balanced_train"):
+        prepare(src, out, audio_dir=src / "downloads", splits="train")
+
+
+def test_prepare_audioset_metadata_errors_name_the_file(tmp_path):
+    prepare = get_corpus("audioset").prepare
+    with pytest.raises(FileNotFoundError, match="class_labels_indices.csv"):
+        prepare(tmp_path, tmp_path / "out")
+    (tmp_path / "class_labels_indices.csv").write_text('index,mid,display_name\n0,/m/09x0r,"Speech"\n')
+    with pytest.raises(FileNotFoundError, match="no AudioSet segment CSV"):
+        prepare(tmp_path, tmp_path / "out")
+    (tmp_path / "audio").mkdir()
+    (tmp_path / "eval_segments.csv").write_text("# YTID, start_seconds, end_seconds, positive_labels\n"
+                                                "--PJHxphWEs, 30.000\n")
+    with pytest.raises(ValueError, match=r"eval_segments.csv:2: expected 'YTID, start_seconds"):
+        prepare(tmp_path, tmp_path / "out")
+
+
+def test_prepare_audioset_from_the_command_line(tmp_path):
+    from common.corpora.__main__ import main
+
+    src, out = tmp_path / "audioset", tmp_path / "manifests"
+    built = layout.build(src, audio_dir="wavs", splits=("eval",))
+    assert main(["prepare", "audioset", "--src", str(src), "--out", str(out), "--jobs", "1",
+                 "--audio-dir", str(src / "wavs"), "--splits", "eval"]) == 0
+    assert sorted(CutSet.from_file(out / "audioset_eval.jsonl.gz").ids) == sorted(built["clips"]["eval"])

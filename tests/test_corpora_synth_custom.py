@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import soundfile as sf
+from lhotse import CutSet
+
+from common.corpora import get_corpus
+from common.corpora.base import read_classes
+from common.corpora.synth import CLASSES, SIZES, generate_clip
+from tests.layouts import write_clip, write_garbage
+
+
+def test_synth_is_deterministic_and_complete(tmp_path):
+    report = get_corpus("synth").prepare(None, tmp_path / "a", size="test", seed=3)
+    sizes = SIZES["test"]
+    assert dict(report.clips) == {"pool": sizes["pool"], "train": sizes["train"] * 12,
+                                  "valid": sizes["valid"] * 12, "test": sizes["test"] * 12}
+    assert not report.missing and not report.unreadable
+    classes, _ = read_classes(tmp_path / "a" / "synth_classes.json")
+    assert classes == list(CLASSES) and len(classes) >= 10
+    train = CutSet.from_file(tmp_path / "a" / "synth_train.jsonl.gz").to_eager()
+    assert {c.custom["labels"][0] for c in train} == set(CLASSES)
+    assert all(c.sampling_rate == 16000 for c in train)
+    durations = [c.duration for c in train]
+    assert min(durations) < 1.2 < max(durations)  # varied lengths: padding and cropping both happen
+    assert all(c.custom["labels"] == [] for c in CutSet.from_file(tmp_path / "a" / "synth_pool.jsonl.gz"))
+    get_corpus("synth").prepare(None, tmp_path / "b", size="test", seed=3)
+    one = sf.read(tmp_path / "a" / "synth_audio" / "train" / "synth-train-rain-0001.flac")[0]
+    two = sf.read(tmp_path / "b" / "synth_audio" / "train" / "synth-train-rain-0001.flac")[0]
+    assert np.array_equal(one, two)
+
+
+def test_synth_classes_differ_in_time_structure_not_only_spectrum():
+    rng = lambda: np.random.default_rng(0)  # noqa: E731
+    slow, fast = generate_clip("low_pulse_slow", rng()), generate_clip("low_pulse_fast", rng())
+
+    def pulse_rate(x):
+        env = np.abs(x[: len(x) // 160 * 160]).reshape(-1, 160).mean(1)  # 10 ms envelope
+        env = env - env.mean()
+        spec = np.abs(np.fft.rfft(env, 4096))
+        freqs = np.fft.rfftfreq(4096, 0.01)
+        band = (freqs > 1.5) & (freqs < 20)
+        return freqs[band][spec[band].argmax()]
+
+    assert 2.5 < pulse_rate(slow) < 4.5 and 10 < pulse_rate(fast) < 15
+
+
+def test_custom_csv_multilabel_and_carve_out(tmp_path):
+    for i in range(6):
+        write_clip(tmp_path / "clips" / f"c{i}.wav", seconds=0.5, seed=i)
+    write_garbage(tmp_path / "clips" / "broken.wav")
+    (tmp_path / "list.csv").write_text(
+        "path,label,split\n" + "".join(f"clips/c{i}.wav,{'dog;bark' if i % 2 else 'cat'},\n" for i in range(5))
+        + "clips/c5.wav,cat,test\nclips/broken.wav,cat,train\nclips/gone.wav,cat,train\n")
+    report = get_corpus("custom").prepare(None, tmp_path / "out", csv=tmp_path / "list.csv", name="pets",
+                                          valid_fraction=0.3)
+    assert read_classes(tmp_path / "out" / "pets_classes.json")[0] == ["bark", "cat", "dog"]
+    cuts = {c.id: c for split in report.manifests.values() for c in CutSet.from_file(split)}
+    assert cuts["clips-c1"].custom["labels"] == ["dog", "bark"]
+    assert cuts["clips-c5"].custom["split"] == "test"
+    assert sum(report.clips.values()) == 6 and "valid" in report.clips
+    assert len(report.missing) == 1 and len(report.unreadable) == 1
+
+
+def test_custom_folder_per_class_with_splits_and_unlabeled(tmp_path):
+    for split in ("train", "test"):
+        for label in ("kick", "snare"):
+            write_clip(tmp_path / "tree" / split / label / f"{label}1.flac", seconds=0.3)
+    write_clip(tmp_path / "raw" / "a" / "x.wav", seconds=0.3)
+    write_clip(tmp_path / "raw" / "y.wav", seconds=0.3)
+    report = get_corpus("custom").prepare(tmp_path / "tree", tmp_path / "out", unlabeled=tmp_path / "raw")
+    assert dict(report.clips) == {"train": 2, "test": 2, "pool": 2}
+    pool = CutSet.from_file(report.manifests["pool"]).to_eager()
+    assert sorted(c.id for c in pool) == ["pool-a-x", "pool-y"] and all(c.custom["labels"] == [] for c in pool)
+    with pytest.raises(ValueError, match="give --src"):
+        get_corpus("custom").prepare(None, tmp_path / "out")
+    (tmp_path / "bad.csv").write_text("file,class\nx.wav,a\n")
+    with pytest.raises(ValueError, match="columns 'path' and 'label'"):
+        get_corpus("custom").prepare(None, tmp_path / "out", csv=tmp_path / "bad.csv")

@@ -1,0 +1,52 @@
+import json
+
+import pytest
+from lhotse import CutSet
+
+from common.corpora import get_corpus
+from common.corpora.base import read_classes
+from tests.layouts import vggsound as layout
+
+
+def test_prepare_vggsound_miniature(tmp_path):
+    src, out = tmp_path / "vggsound", tmp_path / "manifests"
+    built = layout.build(src)
+    report = get_corpus("vggsound").prepare(src, out, num_jobs=2)
+    assert sorted(report.manifests) == ["test", "train"]
+    classes, _ = read_classes(out / "vggsound_classes.json")
+    assert classes == built["classes"] and "male speech, man speaking" in classes  # sorted, commas intact
+    seen = {}
+    for split in ("train", "test"):
+        for cut in CutSet.from_file(out / f"vggsound_{split}.jsonl.gz"):
+            seen[cut.id] = (cut.custom["split"], cut.custom["labels"][0])
+            assert cut.id == f"{cut.custom['youtube_id']}_{cut.custom['start_seconds']:06d}"
+            assert cut.duration == pytest.approx(1.5)
+            assert cut.sampling_rate == (44100 if cut.id == layout.HIGH_RATE else 16000)
+    assert seen == built["clips"]  # zero-padded, unpadded and plain-YTID names all found
+    assert report.missing == [str(p) for p in built["missing"].values()]
+    assert [p for p, _ in report.unreadable] == [str(p) for p in built["corrupt"].values()]
+    saved = json.loads((out / "vggsound_prepare.json").read_text())
+    assert saved["notes"] == ["1 duplicate rows of vggsound.csv skipped"]
+
+
+def test_prepare_vggsound_metadata_errors_name_the_file(tmp_path):
+    prepare = get_corpus("vggsound").prepare
+    with pytest.raises(FileNotFoundError, match="vggsound.csv"):
+        prepare(tmp_path, tmp_path / "out")
+    (tmp_path / "vggsound.csv").write_text("youtube_id,start,label,split\n---g-f_I2yQ,1,people marching,test\n")
+    with pytest.raises(ValueError, match=r"vggsound.csv:1: expected YTID,start_seconds,label,split \(no header\)"):
+        prepare(tmp_path, tmp_path / "out")
+    (tmp_path / "vggsound.csv").write_text("---g-f_I2yQ,1,people marching,test\n")
+    with pytest.raises(FileNotFoundError, match="VGGSound audio folder"):
+        prepare(tmp_path, tmp_path / "out")
+
+
+def test_prepare_vggsound_from_the_command_line(tmp_path):
+    from common.corpora.__main__ import main
+
+    src, out = tmp_path / "vggsound", tmp_path / "manifests"
+    built = layout.build(src, audio_dir="clips")
+    assert main(["prepare", "vggsound", "--src", str(src), "--out", str(out), "--jobs", "1",
+                 "--audio-dir", str(src / "clips")]) == 0
+    ids = [i for split in ("train", "test") for i in CutSet.from_file(out / f"vggsound_{split}.jsonl.gz").ids]
+    assert sorted(ids) == sorted(built["clips"])
