@@ -26,13 +26,14 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 
 __all__ = [
     "ManifestSpec",
+    "DataConfig",
     "Batch",
     "BadAudioTracker",
     "TooMuchBadAudio",
@@ -74,10 +75,43 @@ class ManifestSpec:
             raise ValueError(f"manifest weight must be positive, got {self.weight} for {self.path}")
 
 
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the clips come from and how they are batched.
+
+    Args:
+        train: training manifests; several are mixed by their weights (AudioSet + LibriSpeech in SSAST).
+        valid: validation manifests (empty: no validation).
+        batch_size: clips per rank per micro-batch.
+        eval_batch_size: clips per rank per validation batch (default: batch_size).
+        num_workers: decoding processes per rank.
+        max_bad_fraction: stop the run when more than this share of clips is unusable.
+        balanced: AST's balanced sampling (weights 1000 / (label count + 0.01)).
+        eval_crop: where validation clips longer than the clip length are cut: ``start`` (AST) or ``center``.
+    """
+
+    train: list[ManifestSpec] = field(default_factory=list)
+    valid: list[str] = field(default_factory=list)
+    batch_size: int = 24
+    eval_batch_size: int | None = None
+    num_workers: int = 4
+    max_bad_fraction: float = 0.02
+    balanced: bool = False
+    eval_crop: Literal["start", "center"] = "start"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or (self.eval_batch_size is not None and self.eval_batch_size < 1):
+            raise ValueError("batch sizes must be >= 1")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+
+
 def _open_one(path: str | os.PathLike):
     from lhotse import CutSet
 
-    path = Path(path)
+    path = Path(os.path.expandvars(os.path.expanduser(str(path))))
     if path.is_dir():
         if not list(path.glob("cuts.*.jsonl*")):
             raise FileNotFoundError(f"{path} is a folder but not a Lhotse Shar folder (no cuts.*.jsonl.gz shards)")

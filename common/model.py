@@ -13,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["EncoderConfig", "MODEL_SIZES", "encoder_config", "ASTEncoder", "count_parameters"]
+__all__ = ["EncoderConfig", "ModelSpec", "MODEL_SIZES", "encoder_config", "ASTEncoder", "count_parameters"]
 
 # SSAST's sizes (DeiT tiny / small / base: 12 blocks each).
 MODEL_SIZES: dict[str, dict[str, int]] = {
@@ -108,10 +109,49 @@ class EncoderConfig:
 def encoder_config(size: str = "base", **overrides) -> EncoderConfig:
     """Config for a named size (``tiny`` / ``small`` / ``base``) or ``custom`` (all sizes in overrides)."""
     if size == "custom":
+        missing = [k for k in ("embed_dim", "depth", "num_heads") if k not in overrides]
+        if missing:
+            raise ValueError(f"model size 'custom' needs {', '.join(missing)}")
         return EncoderConfig(**overrides)
     if size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)} or 'custom'")
     return EncoderConfig(**{**MODEL_SIZES[size], **overrides})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A recipe's ``model:`` section: a named size (or ``custom``) and the patch geometry.
+
+    The input geometry (mel bins, frames) comes from the audio section, so the grid is derived once.
+
+    Args:
+        size: ``tiny``, ``small``, ``base`` or ``custom``.
+        embed_dim, depth, num_heads: override the size's values (all three needed for ``custom``).
+        patch: ``[fshape, tshape]`` at full resolution.
+        stride: ``[fstride, tstride]`` (default: the patch, no overlap; AST fine-tuning uses [10, 10]).
+        num_prefix_tokens, drop_path_rate: see :class:`EncoderConfig`.
+    """
+
+    size: Literal["tiny", "small", "base", "custom"] = "base"
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    patch: tuple[int, int] = (16, 16)
+    stride: tuple[int, int] | None = None
+    num_prefix_tokens: int = 2
+    drop_path_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.size == "custom" and None in (self.embed_dim, self.depth, self.num_heads):
+            raise ValueError("size 'custom' needs embed_dim, depth and num_heads")
+
+    def encoder_config(self, num_mel_bins: int, input_tdim: int) -> EncoderConfig:
+        dims = {k: v for k, v in (("embed_dim", self.embed_dim), ("depth", self.depth),
+                                  ("num_heads", self.num_heads)) if v is not None}
+        stride = self.stride or self.patch
+        return encoder_config(self.size, **dims, num_mel_bins=num_mel_bins, input_tdim=input_tdim,
+                              fshape=self.patch[0], tshape=self.patch[1], fstride=stride[0], tstride=stride[1],
+                              num_prefix_tokens=self.num_prefix_tokens, drop_path_rate=self.drop_path_rate)
 
 
 class PatchEmbed(nn.Module):

@@ -1,0 +1,89 @@
+"""What every training entry point shares: common flags, the run directory, and readable failures."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from common.recipe import RecipeError, dump_yaml, to_dict
+
+__all__ = ["add_run_arguments", "prepare_run_dir", "run_main", "recipe_diff"]
+
+log = logging.getLogger(__name__)
+
+# keys that may change between a run and its resumption (they do not change what is computed)
+RESUMABLE_CHANGES = ("data.num_workers", "train.log_every", "train.keep_checkpoints", "train.eval_batches",
+                     "data.eval_batch_size")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, default_run_root: str) -> None:
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help=f"where checkpoints, logs, exports and the ledger go (default: {default_run_root}/"
+                             "<recipe name>); running again on an existing run directory resumes it")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field, e.g. --set optim.lr=5e-5 --set phases.0.steps=1000 (repeatable)")
+    parser.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
+                        help="checkpoint and exit after N optimiser steps in this invocation (run again to resume)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the recipe, print the phase plan with tokens and FLOPs, and exit")
+    # the deepspeed launcher passes --local_rank=N before the script's own arguments
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _flatten(data, prefix: str = "") -> dict:
+    if isinstance(data, dict):
+        out = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(data, list) and any(isinstance(v, (dict, list)) for v in data):
+        out = {}
+        for i, value in enumerate(data):
+            out.update(_flatten(value, f"{prefix}.{i}"))
+        return out
+    return {prefix: data}
+
+
+def recipe_diff(old: dict, new: dict) -> list[str]:
+    """Keys whose values differ between two resolved recipes (ignoring harmless ones)."""
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES))
+
+
+def prepare_run_dir(run_dir: Path, recipe, is_main: bool) -> None:
+    """Write the resolved recipe into a new run directory, or check that a resumed run uses the same one."""
+    path = run_dir / "recipe.yaml"
+    if path.is_file():
+        old = yaml.safe_load(path.read_text())
+        changed = recipe_diff(old, yaml.safe_load(yaml.safe_dump(to_dict(recipe), sort_keys=False)))
+        if changed:
+            raise RecipeError(
+                f"{run_dir} holds a run of a different recipe ({', '.join(changed[:6])} differ); use a new --run-dir "
+                f"to start another run, or the same recipe and --set values to resume this one"
+            )
+        return
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(recipe, path)
+
+
+def run_main(body: Callable[[], int]) -> int:
+    """Run an entry point; known failures end with one readable line (the traceback goes to the log)."""
+    from common.data import TooMuchBadAudio
+    from common.trainer import NonFiniteLoss
+
+    try:
+        return body()
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except (RecipeError, FileNotFoundError, NonFiniteLoss, TooMuchBadAudio, ValueError) as err:
+        log.debug("%s", traceback.format_exc())
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, (RecipeError, FileNotFoundError)) else 1

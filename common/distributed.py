@@ -1,0 +1,116 @@
+"""Process-group setup for DeepSpeed on 1..N GPUs, several nodes, or the CPU (gloo).
+
+Works under every launcher: ``deepspeed`` (which passes ``--local_rank`` and sets RANK / WORLD_SIZE /
+MASTER_*), ``torchrun``, and plain ``python`` for one process, for which the environment DeepSpeed
+requires is filled in here (reference/ecosystem.md A2, A9). On the CPU DeepSpeed would JIT-compile its
+shared-memory allreduce op on first use (20-110 s); gloo's allreduce is used instead (A3). Teardown is
+explicit: without it 2-rank runs abort at exit now and then (A9.2).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Dist", "init_distributed"]
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Dist:
+    """This process's place in the job, and the few collectives the trainer needs."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (in place on a copy); a no-op for one process."""
+        tensor = tensor.clone()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank."""
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.all_reduce_sum(value).item() > 0)
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's ``obj``, in rank order (pickled; for evaluation outputs)."""
+        if self.world_size == 1:
+            return [obj]
+        out: list = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def teardown(self) -> None:
+        """Barrier, destroy the process group, and make DeepSpeed forget it, so that a later run in the same
+        process (a notebook, the demo, the tests) initialises afresh."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        import deepspeed.comm.comm as ds_comm
+        import deepspeed.utils.groups as ds_groups
+
+        ds_comm.cdb = None
+        ds_groups._WORLD_GROUP = None
+        ds_groups._DATA_PARALLEL_GROUP = None
+        for cache in (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP,
+                      ds_groups._ALL_TO_ALL_GROUP):
+            cache.clear()
+
+
+def init_distributed() -> Dist:
+    """Initialise torch.distributed through DeepSpeed and pick this rank's device."""
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    accelerator = get_accelerator().device_name()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if accelerator == "cpu":
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # gloo allreduce, no op build
+        backend, device = "gloo", torch.device("cpu")
+    else:
+        backend = "nccl" if accelerator == "cuda" else None
+        device = torch.device(accelerator, local_rank)
+        get_accelerator().set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return Dist(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
+                local_rank=local_rank, device=device)

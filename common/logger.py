@@ -1,0 +1,69 @@
+"""Rank-aware logging: console + ``train.log`` on rank 0, TensorBoard scalars, a progress bar.
+
+Only rank 0 writes files and draws the bar; other ranks log warnings and errors only.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["setup_logging", "Scalars", "progress"]
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO) -> None:
+    """Console logging for every rank (warnings only off rank 0) and ``run_dir/train.log`` on rank 0."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_c2f", False):
+            root.removeHandler(handler)
+            handler.close()
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(f"[rank {rank}] {FORMAT}" if rank else FORMAT, "%H:%M:%S"))
+    console._c2f = True  # type: ignore[attr-defined]
+    root.addHandler(console)
+    root.setLevel(level if rank == 0 else logging.WARNING)
+    if rank == 0 and run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(Path(run_dir) / "train.log")
+        file.setFormatter(logging.Formatter(FORMAT))
+        file._c2f = True  # type: ignore[attr-defined]
+        root.addHandler(file)
+    for noisy in ("DeepSpeed", "lhotse", "torch.distributed", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class Scalars:
+    """TensorBoard scalars under ``run_dir/tb`` (rank 0; a no-op elsewhere)."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def progress(total: int | None, initial: int, desc: str, enabled: bool):
+    """A tqdm bar on rank 0 when stderr is a terminal (log lines carry the progress elsewhere)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and sys.stderr.isatty()),
+                dynamic_ncols=True, leave=True, smoothing=0.1)

@@ -1,0 +1,167 @@
+"""Optimiser and learning-rate schedule (SSAST / AST settings), restarted at every phase.
+
+The schedule is a linear warm-up followed by one of
+
+- ``plateau``: multiply by ``decay`` when the validation score has not improved for ``patience``
+  validation rounds (SSAST pretraining: 0.5 after 2 rounds of 4,000 steps);
+- ``multistep``: multiply by ``decay`` after validation round ``decay_start`` and every ``decay_every``
+  rounds after it (AST fine-tuning's epoch-wise MultiStepLR; a round is an epoch there);
+- ``cosine``: cosine decay to ``min_lr`` over the phase;
+- ``constant``.
+
+It is handed to DeepSpeed as its LR scheduler, so DeepSpeed steps it after every optimiser step and
+saves / restores it with each checkpoint. Param groups may carry an ``lr_scale`` (AST's head lr factor).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+__all__ = ["OptimConfig", "build_optimizer", "LRSchedule", "param_groups"]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimisation settings (defaults: SSAST pretraining, base model).
+
+    Args:
+        optimizer: ``adam`` (SSAST / AST) or ``adamw``.
+        lr: peak learning rate.
+        betas, weight_decay: Adam settings (SSAST: (0.95, 0.999), 5e-7).
+        warmup_steps: linear warm-up from ``lr / warmup_steps`` to ``lr`` (0: none).
+        schedule: ``plateau``, ``multistep``, ``cosine`` or ``constant`` (see module docstring).
+        patience: plateau: validation rounds without improvement before a decay.
+        decay: plateau / multistep factor.
+        decay_start, decay_every: multistep: the first decaying round and the period after it.
+        min_lr: cosine: the final learning rate.
+        grad_clip: clip the global gradient norm to this value (0: off).
+        grad_accum: micro-batches per optimiser step.
+        head_lr_scale: learning-rate factor of the task head (AST's ``head_lr``; 1 in every released recipe).
+    """
+
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.95, 0.999)
+    weight_decay: float = 5e-7
+    warmup_steps: int = 1000
+    schedule: Literal["plateau", "multistep", "cosine", "constant"] = "plateau"
+    patience: int = 2
+    decay: float = 0.5
+    decay_start: int = 10
+    decay_every: int = 5
+    min_lr: float = 0.0
+    grad_clip: float = 0.0
+    grad_accum: int = 1
+    head_lr_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0 or self.patience < 0 or self.decay_every < 1 or self.decay_start < 1:
+            raise ValueError("warmup_steps and patience must be >= 0, decay_start and decay_every >= 1")
+        if not 0 < self.decay <= 1:
+            raise ValueError(f"decay must be in (0, 1], got {self.decay}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+
+
+def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """Adam / AdamW over param groups (``{"params": [...], "lr_scale": s}``), fused on CUDA."""
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return cls(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **extra)
+
+
+class LRSchedule:
+    """Warm-up + plateau / multistep / cosine / constant; stepped once per optimiser step.
+
+    Args:
+        optimizer: the optimiser whose param groups get the learning rate.
+        cfg: the settings.
+        lr: the peak learning rate of this phase.
+        total_steps: the phase length in optimiser steps (cosine needs it).
+    """
+
+    def __init__(self, optimizer, cfg: OptimConfig, lr: float, total_steps: int | None = None) -> None:
+        self.optimizer = optimizer
+        self.cfg = cfg
+        self.base_lr = lr
+        self.total_steps = total_steps
+        self.steps = 0
+        self.factor = 1.0  # accumulated plateau / multistep decay
+        self.best: float | None = None
+        self.bad_rounds = 0
+        self.rounds = 0
+        self._apply()
+
+    def lr(self) -> float:
+        """Learning rate of the next optimiser step."""
+        cfg, s = self.cfg, self.steps
+        if cfg.warmup_steps and s < cfg.warmup_steps:
+            return self.base_lr * (s + 1) / cfg.warmup_steps
+        if cfg.schedule == "cosine" and self.total_steps:
+            span = max(1, self.total_steps - cfg.warmup_steps)
+            progress = min(1.0, (s - cfg.warmup_steps) / span)
+            return cfg.min_lr + (self.base_lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.base_lr * self.factor
+
+    def _apply(self) -> None:
+        lr = self.lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def step(self, *args, **kwargs) -> None:
+        """After an optimiser step (DeepSpeed calls this)."""
+        self.steps += 1
+        self._apply()
+
+    def report(self, score: float) -> bool:
+        """A validation round ended with ``score`` (higher is better); returns True if the LR decayed."""
+        self.rounds += 1
+        decayed = False
+        if self.cfg.schedule == "plateau":
+            if self.best is None or score > self.best:
+                self.best, self.bad_rounds = score, 0
+            else:
+                self.bad_rounds += 1
+                if self.bad_rounds > self.cfg.patience:
+                    self.factor *= self.cfg.decay
+                    self.bad_rounds, decayed = 0, True
+        elif self.cfg.schedule == "multistep":
+            start, every = self.cfg.decay_start, self.cfg.decay_every
+            if self.rounds >= start and (self.rounds - start) % every == 0:
+                self.factor *= self.cfg.decay
+                decayed = True
+        self._apply()
+        return decayed
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("steps", "factor", "best", "bad_rounds", "rounds", "base_lr",
+                                              "total_steps")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+        self._apply()
+
+
+def param_groups(model: nn.Module, head_prefixes: tuple[str, ...] = (), head_lr_scale: float = 1.0) -> list[dict]:
+    """Trainable parameters in one group, or two when a head gets its own learning-rate factor."""
+    body, head = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (head if head_prefixes and name.startswith(head_prefixes) else body).append(param)
+    groups = [{"params": body, "lr_scale": 1.0}]
+    if head:
+        groups.append({"params": head, "lr_scale": head_lr_scale})
+    return groups

@@ -1,0 +1,74 @@
+"""The pretraining recipe: every section typed and checked before any compute.
+
+A recipe file (YAML) has the sections ``model``, ``audio``, ``data``, ``phases``, ``transfer``, ``optim``,
+``train``, ``ssast`` and optionally ``baseline`` (the path of the recipe whose FLOPs the ledger compares
+against, relative to this file). See ``recipes/ssast_fshift4.yaml`` for a commented example.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+from common.data import DataConfig
+from common.features import AudioConfig
+from common.model import EncoderConfig, ModelSpec
+from common.optim import OptimConfig
+from common.phases import PhaseConfig, TransferConfig, phase_encoder_configs
+from common.recipe import apply_overrides, build, load_yaml
+from common.trainer import TrainConfig
+from pretrain.masking import mask_count
+from pretrain.ssast import SSASTConfig
+
+__all__ = ["PretrainRecipe", "load_recipe"]
+
+
+@dataclass(frozen=True)
+class PretrainRecipe:
+    phases: list[PhaseConfig]
+    model: ModelSpec = field(default_factory=ModelSpec)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ssast: SSASTConfig = field(default_factory=SSASTConfig)
+    baseline: str | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.data.train:
+            raise ValueError("data.train: at least one training manifest is needed")
+        if self.model.stride is not None and tuple(self.model.stride) != tuple(self.model.patch):
+            raise ValueError("model.stride: SSAST pretraining uses non-overlapping patches (stride = patch)")
+        for i, phase in enumerate(self.phases):
+            if not phase.iteration_based:
+                raise ValueError(f"phases.{i}.epochs: pretraining phases are iteration-based; give steps")
+        for i, cfg in enumerate(self.encoder_configs()):
+            try:
+                mask_count(cfg.num_patches, self.ssast.mask_ratio)
+            except ValueError as err:
+                raise ValueError(f"ssast.mask_ratio: {err} (phases.{i})") from None
+
+    @property
+    def base(self) -> EncoderConfig:
+        """The full-resolution encoder geometry."""
+        return self.model.encoder_config(self.audio.num_mel_bins, self.audio.target_frames)
+
+    def encoder_configs(self) -> list[EncoderConfig]:
+        return phase_encoder_configs(self.base, self.phases)
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> PretrainRecipe:
+    """Read, override (``key=value``) and validate a pretraining recipe."""
+    path = Path(path)
+    recipe = build(PretrainRecipe, apply_overrides(load_yaml(path), overrides))
+    if recipe.baseline is not None:
+        baseline = Path(recipe.baseline)
+        if not baseline.is_absolute() and not baseline.exists():
+            baseline = path.parent / baseline
+        if not baseline.is_file():
+            raise FileNotFoundError(f"baseline: recipe {recipe.baseline} not found (next to {path} or here)")
+        recipe = replace(recipe, baseline=str(baseline))
+    return recipe

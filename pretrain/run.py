@@ -1,0 +1,113 @@
+"""SSAST masked-patch pretraining, coarse to fine.
+
+    deepspeed pretrain/run.py --recipe recipes/ssast_fshift4.yaml [--run-dir DIR] [--set key=value ...]
+    deepspeed --num_gpus 8 pretrain/run.py --recipe ...          # one node, 8 GPUs
+    deepspeed --hostfile hosts pretrain/run.py --recipe ...      # several nodes
+    python pretrain/run.py --recipe recipes/synth_pretrain.yaml  # one process, no launcher
+
+Running the same command on an existing run directory resumes where it stopped. The run directory
+receives the resolved recipe, TensorBoard events (``tb/``), checkpoints, ``export/phaseN.safetensors``
+at each phase end, the final ``model.safetensors`` (what ``finetune/run.py --init`` takes) and
+``ledger.json`` (FLOPs and time per phase, saving against the recipe's baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from common.cli import add_run_arguments, prepare_run_dir, run_main
+
+log = logging.getLogger("pretrain")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain/run.py",
+        description="SSAST masked-patch pretraining with coarse-to-fine phases (DeepSpeed; also runs as plain "
+                    "python for one process). Re-running on an existing run directory resumes it.",
+        epilog="example: deepspeed pretrain/run.py --recipe recipes/ssast_fshift4.yaml",
+    )
+    parser.add_argument("--recipe", type=Path, required=True, help="a pretraining recipe (YAML), e.g. "
+                        "recipes/ssast_fshift4.yaml")
+    add_run_arguments(parser, "runs/pretrain")
+    return parser
+
+
+def plan(recipe, world_size: int = 1) -> list[dict]:
+    """Per phase: geometry, tokens, FLOPs per sample and planned training FLOPs."""
+    from pretrain.ssast import SSASTObjective
+
+    objective = SSASTObjective(recipe.ssast)
+    rows = []
+    for phase, cfg in zip(recipe.phases, recipe.encoder_configs()):
+        batch = (phase.batch_size or recipe.data.batch_size) * recipe.optim.grad_accum * world_size
+        flops = objective.flops_per_sample(cfg)
+        rows.append({"phase": phase.label(len(rows)), "steps": phase.steps, "global_batch": batch,
+                     "grid": f"{cfg.grid[0]}x{cfg.grid[1]}", "tokens": cfg.num_patches, "flops_per_sample": flops,
+                     "train_flops": flops * phase.steps * batch})
+    return rows
+
+
+def planned_total(recipe_path: str, world_size: int) -> float:
+    from pretrain.recipe import load_recipe
+
+    return sum(r["train_flops"] for r in plan(load_recipe(recipe_path), world_size))
+
+
+def print_plan(recipe, world_size: int) -> None:
+    rows = plan(recipe, world_size)
+    print(f"{'phase':<32} {'steps':>8} {'batch':>6} {'grid':>6} {'tokens':>6} {'GFLOPs/sample':>14} {'PFLOPs':>9}")
+    for r in rows:
+        print(f"{r['phase']:<32} {r['steps']:>8} {r['global_batch']:>6} {r['grid']:>6} {r['tokens']:>6} "
+              f"{r['flops_per_sample'] / 1e9:>14.4g} {r['train_flops'] / 1e15:>9.4g}")
+    total = sum(r["train_flops"] for r in rows)
+    line = f"total planned training FLOPs: {total:.4g}"
+    if recipe.baseline:
+        base = planned_total(recipe.baseline, world_size)
+        line += f"; baseline {Path(recipe.baseline).name}: {base:.4g} -> saving {1 - total / base:.1%}"
+    print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        from pretrain.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.dry_run:
+            print_plan(recipe, world_size=1)
+            return 0
+        from common.distributed import init_distributed
+        from common.logger import setup_logging
+        from common.trainer import RunSpec, Trainer
+        from pretrain.ssast import SSASTObjective
+
+        dist = init_distributed()
+        run_dir = args.run_dir or Path("runs/pretrain") / args.recipe.stem
+        setup_logging(run_dir, dist.rank)
+        try:
+            prepare_run_dir(run_dir, recipe, dist.is_main)
+            baseline = None
+            if recipe.baseline:
+                baseline = (Path(recipe.baseline).stem, planned_total(recipe.baseline, dist.world_size))
+            spec = RunSpec(run_dir=run_dir, base=recipe.base, audio=recipe.audio, phases=recipe.phases,
+                           transfer=recipe.transfer, optim=recipe.optim, train=recipe.train, data=recipe.data,
+                           baseline=baseline, meta={"recipe": args.recipe.name})
+            log.info("pretraining %s into %s on %d rank(s) (%s)", args.recipe, run_dir, dist.world_size,
+                     dist.device)
+            done = Trainer(spec, SSASTObjective(recipe.ssast), dist).run(stop_after=args.stop_after_steps)
+        finally:
+            dist.teardown()
+        if dist.is_main and done:
+            print(f"done: {run_dir / 'model.safetensors'} (ledger: {run_dir / 'ledger.json'})")
+        return 0
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

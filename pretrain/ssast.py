@@ -1,0 +1,198 @@
+"""SSAST objectives: masked patch classification (InfoNCE) and generation (MSE), as a trainer Objective.
+
+Per clip, M of the N patch embeddings are replaced by a learned mask embedding *before* the positions
+are added (so masked tokens still know where they are); the encoder runs over all tokens; two heads
+(Linear-ReLU-Linear, sized from the patch area, not SSAST's hard-coded 256) read the masked outputs:
+
+- MPC (discriminative): logits ``[M targets x M predictions]`` between the raw normalised patches of the
+  same clip and the predictions; InfoNCE over the diagonal. ``nce_softmax: targets`` normalises over the
+  targets for each prediction (SSAST paper Eq. 1); ``predictions`` over the predictions for each target
+  (what the official code does, SSAST issue #13). Accuracy = argmax over targets (official), chance 1/M.
+- MPG (generative): MSE between predicted and raw patches.
+
+Joint loss ``nce + mpg_weight * mse`` (10 in SSAST), by default with two forward passes and two masks as
+the official trainer; ``separate_passes: false`` shares one pass (half the compute, not SSAST).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from common.augment import SpecAugmentConfig
+from common.checkpoint import save_encoder
+from common.data import Batch
+from common.distributed import Dist
+from common.features import FeaturePipeline
+from common.flops import train_step_flops
+from common.model import ASTEncoder, EncoderConfig
+from common.resize import resample_patch_kernel
+from pretrain.masking import MASKINGS, mask_count, sample_mask
+
+__all__ = ["SSASTConfig", "SSASTModel", "SSASTObjective"]
+
+
+@dataclass(frozen=True)
+class SSASTConfig:
+    """The pretext tasks.
+
+    Args:
+        mask_ratio: share of patches masked, constant across phases (400 / 512 in SSAST).
+        masking: ``auto``, ``uniform``, ``cluster`` or ``cluster_ssast`` (see ``pretrain.masking``).
+        cluster_min, cluster_max: cluster sides for ``cluster`` (SSAST: 3 to 5).
+        nce_softmax: ``targets`` (paper Eq. 1) or ``predictions`` (the official code).
+        mpg_weight: weight of the generative MSE in the joint loss.
+        separate_passes: one forward pass (and mask) per objective, as the official trainer.
+    """
+
+    mask_ratio: float = 400 / 512
+    masking: Literal["auto", "uniform", "cluster", "cluster_ssast"] = "auto"
+    cluster_min: int = 3
+    cluster_max: int = 5
+    nce_softmax: Literal["targets", "predictions"] = "targets"
+    mpg_weight: float = 10.0
+    separate_passes: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.masking not in MASKINGS:
+            raise ValueError(f"unknown masking {self.masking!r}")
+        if not 1 <= self.cluster_min <= self.cluster_max:
+            raise ValueError("need 1 <= cluster_min <= cluster_max")
+        if self.mpg_weight < 0:
+            raise ValueError(f"mpg_weight must be >= 0, got {self.mpg_weight}")
+
+
+def _head(dim: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, out))
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx [B, M]`` of ``x [B, N, C]`` -> ``[B, M, C]``."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class SSASTModel(nn.Module):
+    """Encoder + mask embedding + MPC / MPG heads (parameter names as the official checkpoints)."""
+
+    def __init__(self, encoder: ASTEncoder, cfg: SSASTConfig) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.cfg = cfg
+        dim, area = encoder.cfg.embed_dim, encoder.cfg.patch_area
+        self.mask_embed = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.xavier_normal_(self.mask_embed)
+        self.cpredlayer = _head(dim, area)
+        self.gpredlayer = _head(dim, area)
+        self.mask_count = mask_count(encoder.cfg.num_patches, cfg.mask_ratio)
+
+    def sample_mask(self, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
+        cfg = self.cfg
+        idx = sample_mask(batch, self.encoder.cfg.grid, self.mask_count, cfg.masking, generator,
+                          (cfg.cluster_min, cfg.cluster_max))
+        return idx.to(device)
+
+    def encode_masked(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Encoder outputs ``[B, M, D]`` at the masked positions ``idx`` (mask embedding in their place)."""
+        tokens = self.encoder.embed_patches(x)
+        fill = self.mask_embed.to(tokens.dtype).expand(tokens.shape[0], idx.shape[1], -1)
+        tokens = tokens.scatter(1, idx.unsqueeze(-1).expand_as(fill), fill)
+        hidden = self.encoder.forward_tokens(tokens)[:, self.encoder.num_prefix_tokens:]
+        return _gather(hidden, idx)
+
+    def mpc(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """InfoNCE and accuracy between predictions from ``hidden`` and ``targets`` (both ``[B, M, .]``)."""
+        pred = self.cpredlayer(hidden).float()
+        logits = targets.float() @ pred.transpose(1, 2)  # [B, M targets, M predictions]
+        dim = 1 if self.cfg.nce_softmax == "targets" else 2
+        nce = -torch.diagonal(F.log_softmax(logits, dim=dim), dim1=1, dim2=2).mean()
+        labels = torch.arange(logits.shape[1], device=logits.device)
+        acc = (logits.argmax(dim=1) == labels).float().mean()
+        return nce, acc
+
+    def mpg(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(self.gpredlayer(hidden).float(), targets.float())
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Joint SSAST loss of a normalised fbank batch ``[B, T, F]``."""
+        patches = self.encoder.unfold_patches(x).detach()  # raw targets [B, N, fshape * tshape]
+        idx = self.sample_mask(x.shape[0], generator, x.device)
+        hidden = self.encode_masked(x, idx)
+        nce, acc = self.mpc(hidden, _gather(patches, idx))
+        if self.cfg.separate_passes:
+            idx = self.sample_mask(x.shape[0], generator, x.device)
+            hidden = self.encode_masked(x, idx)
+        mse = self.mpg(hidden, _gather(patches, idx))
+        return {"loss": nce + self.cfg.mpg_weight * mse, "nce": nce.detach(), "mse": mse.detach(),
+                "acc": acc.detach()}
+
+
+def adapt_heads(state: dict, old: EncoderConfig, new: EncoderConfig) -> dict:
+    """Resize the heads' outputs when the patch shape changes (``patch`` phases): each output unit is a
+    patch cell, so the output weights and biases are resized like a patch image (new prediction =
+    bilinear resize of the old one)."""
+    shape_old, shape_new = (old.fshape, old.tshape), (new.fshape, new.tshape)
+    if shape_old == shape_new:
+        return state
+    out = dict(state)
+    for head in ("cpredlayer", "gpredlayer"):
+        weight, bias = out[f"{head}.2.weight"], out[f"{head}.2.bias"]  # [P, D], [P]
+        as_kernel = weight.T.reshape(weight.shape[1], 1, *shape_old)
+        out[f"{head}.2.weight"] = resample_patch_kernel(as_kernel, shape_new, "bilinear").reshape(
+            weight.shape[1], -1).T.contiguous()
+        out[f"{head}.2.bias"] = resample_patch_kernel(bias.reshape(1, 1, *shape_old), shape_new, "bilinear").reshape(-1)
+    return out
+
+
+class SSASTObjective:
+    """SSAST pretraining as a :class:`common.trainer.Objective`."""
+
+    specaug = SpecAugmentConfig()  # SSAST pretrains without SpecAugment or mixup
+    score_name = "acc"
+    head_prefixes: tuple[str, ...] = ()
+    classes = None
+
+    def __init__(self, cfg: SSASTConfig) -> None:
+        self.cfg = cfg
+
+    def build_model(self, encoder: ASTEncoder) -> SSASTModel:
+        return SSASTModel(encoder, self.cfg)
+
+    def adapt_state(self, state: dict, old: EncoderConfig, new: EncoderConfig) -> dict:
+        return adapt_heads(state, old, new)
+
+    def train_step(self, model, batch: Batch, pipeline: FeaturePipeline, generator: torch.Generator):
+        out = model(pipeline(batch.waveforms, batch.lengths), generator)
+        return out["loss"], {k: out[k] for k in ("nce", "mse", "acc")}
+
+    def evaluate(self, model, batches: Iterator[Batch], pipeline: FeaturePipeline, dist: Dist,
+                 generator: torch.Generator) -> dict[str, float]:
+        sums = torch.zeros(4, dtype=torch.float64, device=dist.device)  # nce, mse, acc, clips
+        for batch in batches:
+            if not len(batch):
+                continue
+            x = pipeline(batch.waveforms.to(dist.device), batch.lengths.to(dist.device))
+            out = model(x, generator)
+            n = len(batch)
+            sums += torch.tensor([out["nce"].item() * n, out["mse"].item() * n, out["acc"].item() * n, n],
+                                 dtype=torch.float64, device=dist.device)
+        sums = dist.all_reduce_sum(sums)
+        if sums[3] == 0:
+            raise ValueError("validation produced no usable clip")
+        nce, mse, acc = (sums[:3] / sums[3]).tolist()
+        return {"acc": acc, "nce": nce, "mse": mse, "loss": nce + self.cfg.mpg_weight * mse}
+
+    def flops_per_sample(self, cfg: EncoderConfig) -> int:
+        def step(model: SSASTModel, n: int) -> torch.Tensor:
+            return model(torch.randn(n, cfg.input_tdim, cfg.num_mel_bins))["loss"]
+
+        return train_step_flops(lambda: SSASTModel(ASTEncoder(cfg), self.cfg), step)
+
+    def export(self, model: SSASTModel, path: Path, meta: dict) -> None:
+        save_encoder(model.encoder, path, meta={**meta, "objective": "ssast"})

@@ -1,0 +1,137 @@
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from common.compression import Compression
+from common.model import ASTEncoder, EncoderConfig
+from pretrain.masking import mask_count, sample_mask
+from pretrain.ssast import SSASTConfig, SSASTModel, SSASTObjective, adapt_heads
+
+
+@pytest.fixture
+def cfg():
+    return EncoderConfig(embed_dim=32, depth=2, num_heads=2, num_mel_bins=64, input_tdim=128,
+                         fshape=16, tshape=16, fstride=16, tstride=16)  # grid 4 x 8
+
+
+def test_mask_ratio_is_kept_across_phases():
+    assert mask_count(512, 400 / 512) == 400
+    assert mask_count(128, 400 / 512) == 100  # C = 4
+    with pytest.raises(ValueError, match="masks 64 of 64"):
+        mask_count(64, 0.999)
+
+
+@pytest.mark.parametrize("method", ["uniform", "cluster", "cluster_ssast"])
+def test_masks_have_exactly_m_distinct_sorted_indices(method):
+    idx = sample_mask(16, (8, 64), 400, method, torch.Generator().manual_seed(0))
+    assert idx.shape == (16, 400)
+    assert (idx.diff(dim=1) > 0).all() and idx.min() >= 0 and idx.max() < 512
+    again = sample_mask(16, (8, 64), 400, method, torch.Generator().manual_seed(0))
+    assert torch.equal(idx, again)
+
+
+def _mask(idx, n):
+    return torch.zeros(idx.shape[0], n, dtype=torch.bool).scatter_(1, idx, True)
+
+
+def test_cluster_masking_is_clustered_and_unbiased():
+    g = torch.Generator().manual_seed(1)
+    grid, n, m = (8, 64), 512, 250
+
+    def neighbour_rate(method):
+        mask = _mask(sample_mask(400, grid, m, method, g), n).view(-1, *grid)
+        right = (mask[..., :-1] & mask[..., 1:]).float().sum() / mask[..., :-1].float().sum()
+        return right.item()
+
+    assert neighbour_rate("cluster") > neighbour_rate("uniform") + 0.15
+    rows = _mask(sample_mask(3000, grid, 400, "cluster", g), n).view(-1, *grid).float().mean((0, 2))
+    assert (rows - 400 / 512).abs().max() < 0.02  # every frequency row masked equally often
+    # the official generator's bias (reference/ssast_ast.md 1.4): low mel bins masked ~half as often
+    official = _mask(sample_mask(3000, grid, 400, "cluster_ssast", g), n).view(-1, *grid).float().mean((0, 2))
+    assert official[0] == pytest.approx(0.415, abs=0.03) and official[4] == pytest.approx(0.89, abs=0.03)
+    assert not _mask(sample_mask(200, grid, 400, "cluster_ssast", g), n)[:, 0].any()  # id 0 never masked
+
+
+def test_auto_masking_follows_ssast_rule():
+    # frame models (one frequency row) use uniform masking: no spatial structure to cluster on
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(sample_mask(4, (1, 64), 50, "auto", g1), sample_mask(4, (1, 64), 50, "uniform", g2))
+
+
+def test_heads_are_sized_from_the_patch_area(cfg):
+    model = SSASTModel(ASTEncoder(cfg), SSASTConfig())
+    assert model.cpredlayer[2].out_features == 256 and model.gpredlayer[2].out_features == 256
+    frame = cfg.replace(fshape=64, tshape=2, fstride=64, tstride=2)
+    model = SSASTModel(ASTEncoder(frame), SSASTConfig())
+    assert model.cpredlayer[2].out_features == 128 and model.mask_count == round(0.78125 * 64)
+
+
+def test_mask_embedding_replaces_patches_before_positions(cfg):
+    torch.manual_seed(0)
+    model = SSASTModel(ASTEncoder(cfg), SSASTConfig()).eval()
+    x = torch.randn(2, 128, 64)
+    idx = torch.tensor([[0, 5, 9], [1, 2, 31]])
+    hidden = model.encode_masked(x, idx)
+    tokens = model.encoder.embed_patches(x)
+    for b in range(2):
+        tokens[b, idx[b]] = model.mask_embed[0, 0]
+    ref = model.encoder.forward_tokens(tokens)[:, 2:]
+    assert torch.allclose(hidden, torch.stack([ref[b, idx[b]] for b in range(2)]), atol=1e-6)
+    # the content of masked patches never enters the encoder; that of the others does
+    x_masked = x.clone()
+    x_masked[0, 80:96, 0:16] += 5.0  # patch f=0, t=5 -> id 5, masked in clip 0
+    assert torch.allclose(model.encode_masked(x_masked, idx), hidden, atol=1e-6)
+    x_visible = x.clone()
+    x_visible[0, 80:96, 16:32] += 5.0  # patch f=1, t=5 -> id 13, visible
+    assert not torch.allclose(model.encode_masked(x_visible, idx), hidden, atol=1e-3)
+
+
+def test_nce_softmax_dimension_and_accuracy(cfg):
+    model = SSASTModel(ASTEncoder(cfg), SSASTConfig(nce_softmax="targets"))
+    hidden, targets = torch.randn(3, 5, 32), torch.randn(3, 5, 256)
+    nce_t, acc = model.mpc(hidden, targets)
+    logits = targets @ model.cpredlayer(hidden).transpose(1, 2)
+    by_targets = -torch.stack([torch.diagonal(F.log_softmax(lg, dim=0)) for lg in logits]).mean()
+    by_preds = -torch.stack([torch.diagonal(F.log_softmax(lg, dim=1)) for lg in logits]).mean()
+    assert torch.allclose(nce_t, by_targets, atol=1e-5)
+    model.cfg = SSASTConfig(nce_softmax="predictions")  # the official code's choice
+    nce_p, _ = model.mpc(hidden, targets)
+    assert torch.allclose(nce_p, by_preds, atol=1e-5) and not torch.allclose(nce_p, nce_t)
+    expected = torch.stack([(lg.argmax(dim=0) == torch.arange(5)).float().mean() for lg in logits]).mean()
+    assert acc == pytest.approx(expected.item())
+
+
+def test_joint_loss_and_gradients(cfg):
+    torch.manual_seed(0)
+    model = SSASTModel(ASTEncoder(cfg), SSASTConfig())
+    out = model(torch.randn(8, 128, 64) * 0.5, torch.Generator().manual_seed(0))
+    assert out["loss"].item() == pytest.approx((out["nce"] + 10 * out["mse"]).item(), rel=1e-6)
+    assert 0 <= out["acc"].item() <= 1 and math.isfinite(out["nce"].item())
+    out["loss"].backward()
+    assert model.mask_embed.grad.abs().sum() > 0 and model.encoder.pos_embed.grad.abs().sum() > 0
+    assert model.cpredlayer[2].weight.grad.abs().sum() > 0 and model.gpredlayer[2].weight.grad.abs().sum() > 0
+
+
+def test_separate_passes_cost_one_more_encoder_pass(cfg):
+    from common.flops import encoder_train_flops
+
+    one = SSASTObjective(SSASTConfig(separate_passes=False)).flops_per_sample(cfg)
+    two = SSASTObjective(SSASTConfig()).flops_per_sample(cfg)
+    assert (two - one) == pytest.approx(encoder_train_flops(cfg), rel=0.05)
+
+
+def test_heads_follow_a_patch_shape_change(cfg):
+    model = SSASTModel(ASTEncoder(cfg), SSASTConfig())
+    coarse = Compression("patch", 4).encoder_config(cfg)  # 16 x 64 patches
+    state = adapt_heads(model.state_dict(), cfg, coarse)
+    assert state["cpredlayer.2.weight"].shape == (16 * 64, 32) and state["gpredlayer.2.bias"].shape == (1024,)
+    new = SSASTModel(ASTEncoder(coarse), SSASTConfig())
+    new.load_state_dict({k: v for k, v in state.items() if not k.startswith("encoder.")}, strict=False)
+    # a new prediction is the old prediction resized like a patch image
+    h = torch.randn(4, 32)
+    old_pred = model.gpredlayer(h).reshape(4, 1, 16, 16)
+    ref = F.interpolate(old_pred, size=(16, 64), mode="bilinear", align_corners=False)
+    assert torch.allclose(new.gpredlayer(h).reshape(4, 1, 16, 64), ref, atol=1e-5)
+    assert adapt_heads(state, coarse, coarse) is state
