@@ -11,7 +11,11 @@ written atomically (temporary file + rename), so a crash never leaves half a mod
 - an official SSAST or AST checkpoint (``module.v.*`` keys; reference/ssast_ast.md 1.5), loaded with
   ``weights_only=True``. SSAST pretrained files carry their input size (``p_input_fdim/tdim``); for
   fine-tuned SSAST and AST files the strides are not stored, so AST's defaults are assumed (stride 10
-  for 16x16 patches, time stride 1 for 128x2 frames) unless given.
+  for 16x16 patches, time stride 1 for 128x2 frames) unless given;
+- ImageNet ViT / DeiT weights saved by timm (``.pth`` or ``.safetensors``; the paper's AST baseline
+  starts there): the RGB kernel is summed to one channel and the square ImageNet grid is described as a
+  ``16g x 16g`` "spectrogram" with 16x16 patches, so that the usual resizing (AST: centre cut where the
+  audio grid is smaller, bilinear where it is larger) takes it to any audio input (reference 4.1).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ __all__ = [
     "load_encoder",
     "load_encoder_state",
     "convert_official_state_dict",
+    "convert_timm_vit_state_dict",
     "resolve_model_file",
     "atomic_write_text",
 ]
@@ -201,28 +206,81 @@ def convert_official_state_dict(
     return cfg, out
 
 
+def convert_timm_vit_state_dict(state: dict[str, torch.Tensor], source: str = "checkpoint"
+                                ) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
+    """Map a timm ViT / DeiT state dict (ImageNet, 3-channel 16x16 patches, square grid) to an encoder.
+
+    The kernel is summed over RGB (AST); the grid ``g x g`` becomes a ``16g x 16g`` input with 16x16
+    patches, from which :func:`common.resize.adapt_state_dict` (mode ``cut``) reproduces AST's
+    positional-embedding rule for any audio grid.
+    """
+    kernel = state["patch_embed.proj.weight"]
+    if kernel.dim() != 4 or kernel.shape[1] != 3:
+        raise ValueError(f"{source}: patch_embed.proj.weight {tuple(kernel.shape)} is not a 3-channel ViT kernel")
+    embed_dim, fshape, tshape = kernel.shape[0], kernel.shape[2], kernel.shape[3]
+    prefix = 1 + ("dist_token" in state)
+    rows = state["pos_embed"].shape[1] - prefix
+    side = int(round(rows**0.5))
+    if side * side != rows:
+        raise ValueError(f"{source}: pos_embed has {rows} patch rows, not a square ImageNet grid")
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"^blocks\.(\d+)\.", k))}
+    cfg = EncoderConfig(embed_dim=embed_dim, depth=max(blocks) + 1, num_heads=max(1, embed_dim // 64),
+                        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+                        qkv_bias="blocks.0.attn.qkv.bias" in state, num_mel_bins=side * fshape,
+                        input_tdim=side * tshape, fshape=fshape, tshape=tshape, fstride=fshape, tstride=tshape,
+                        num_prefix_tokens=prefix)
+    tokens = [state["cls_token"]] + ([state["dist_token"]] if prefix == 2 else [])
+    out = {"prefix_tokens": torch.cat(tokens, dim=1), "pos_embed": state["pos_embed"],
+           "patch_embed.proj.weight": kernel.sum(dim=1, keepdim=True), "patch_embed.proj.bias":
+           state["patch_embed.proj.bias"]}
+    out.update({k: v for k, v in state.items() if k.startswith(("blocks.", "norm."))})
+    return cfg, out
+
+
+def _is_timm_vit(state: dict) -> bool:
+    return "patch_embed.proj.weight" in state and "cls_token" in state and "pos_embed" in state
+
+
 def load_encoder_state(
     path: str | os.PathLike, **official_kwargs
 ) -> tuple[EncoderConfig, dict[str, torch.Tensor], dict]:
-    """``(config, encoder state dict, metadata)`` of any supported checkpoint (see module docstring)."""
+    """``(config, encoder state dict, metadata)`` of any supported checkpoint (see module docstring).
+
+    ``metadata["source"]`` is ``export``, ``official`` (SSAST / AST) or ``imagenet`` (timm ViT / DeiT).
+    """
     file = resolve_model_file(path)
     if file.suffix == ".safetensors":
+        from safetensors.torch import load_file, safe_open
+
+        with safe_open(str(file), framework="pt") as handle:
+            foreign = (handle.metadata() or {}).get("format") != EXPORT_FORMAT
+        if foreign:
+            state = load_file(str(file))
+            if not _is_timm_vit(state):
+                raise ValueError(
+                    f"{file} is a safetensors file but neither an export of this package nor timm ViT weights")
+            cfg, enc = convert_timm_vit_state_dict(state, str(file))
+            return cfg, enc, {"source": "imagenet", "file": str(file)}
         tensors, meta = read_weights(file)
         if "encoder_config" not in meta:
             raise ValueError(f"{file} has no encoder_config in its metadata")
         prefix = meta.get("encoder_prefix", "")
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        return EncoderConfig.from_dict(meta["encoder_config"]), state, meta
+        return EncoderConfig.from_dict(meta["encoder_config"]), state, {"source": "export", **meta}
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, zip errors, unsafe globals ...
         raise ValueError(
             f"{file} is neither an export of this package (.safetensors) nor a loadable SSAST/AST .pth: {err}"
         ) from err
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    for wrapper in ("state_dict", "model"):  # {"model": ...} is how timm / DeiT training scripts save
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{file} does not hold a state dict of tensors")
+    if _is_timm_vit(state):
+        cfg, enc = convert_timm_vit_state_dict(state, str(file))
+        return cfg, enc, {"source": "imagenet", "file": str(file)}
     cfg, enc = convert_official_state_dict(state, source=str(file), **official_kwargs)
     return cfg, enc, {"source": "official", "file": str(file)}
 

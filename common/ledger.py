@@ -18,7 +18,8 @@ __all__ = ["Ledger"]
 
 
 class Ledger:
-    def __init__(self) -> None:
+    def __init__(self, score: str | None = None) -> None:
+        self.score = score  # the validation metric that ranks evaluations (higher is better)
         self.phases: list[dict] = []
         self.evals: list[dict] = []
         self.baseline: dict | None = None
@@ -55,7 +56,7 @@ class Ledger:
         self.baseline = {"recipe": name, "train_flops": train_flops}
 
     def to_dict(self) -> dict:
-        data = {"phases": self.phases, "total": self.totals(), "evals": self.evals}
+        data = {"score": self.score, "phases": self.phases, "total": self.totals(), "evals": self.evals}
         if self.baseline:
             total = data["total"]["train_flops"]
             data["baseline"] = self.baseline
@@ -64,7 +65,7 @@ class Ledger:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Ledger":
-        ledger = cls()
+        ledger = cls(data.get("score"))
         ledger.phases = [dict(p) for p in data.get("phases", [])]
         ledger.evals = [dict(e) for e in data.get("evals", [])]
         ledger.baseline = data.get("baseline")

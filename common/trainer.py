@@ -75,6 +75,8 @@ class TrainConfig:
         keep_checkpoints: how many of the newest checkpoints to keep.
         eval_batches: validate on at most this many batches per rank (None: the whole set).
         deterministic: ``torch.use_deterministic_algorithms`` (for exact-resume tests; slower).
+        weight_average_from: average the weights of the final phase's epochs from this one (1-based) on
+            and make the average the run's model (AST's weight averaging; epoch-based runs only).
     """
 
     seed: int = 0
@@ -86,8 +88,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_batches: int | None = None
     deterministic: bool = False
+    weight_average_from: int | None = None
 
     def __post_init__(self) -> None:
+        if self.weight_average_from is not None and self.weight_average_from < 1:
+            raise ValueError(f"weight_average_from must be >= 1, got {self.weight_average_from}")
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
         for name in ("log_every", "eval_every", "save_every", "keep_checkpoints"):
@@ -130,6 +135,8 @@ class RunSpec:
 
     Args:
         init: ``(config, encoder state dict)`` the first phase starts from (None: from scratch).
+        init_pos_embed: how the initial positional embedding is fitted to the first phase (default: the
+            transfer setting; ImageNet weights use ``cut``, AST's rule).
         baseline: ``(name, planned training FLOPs)`` of the baseline recipe, for the ledger.
         meta: extra metadata stored in exports (e.g. the front end, the task).
     """
@@ -143,6 +150,7 @@ class RunSpec:
     train: TrainConfig
     data: DataConfig
     init: tuple[EncoderConfig, dict] | None = None
+    init_pos_embed: str | None = None
     baseline: tuple[str, float] | None = None
     meta: dict = field(default_factory=dict)
 
@@ -173,7 +181,7 @@ class Trainer:
         bf16 = spec.train.precision == "bf16" or (spec.train.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if bf16 else None
         self.state = _State()
-        self.ledger = Ledger()
+        self.ledger = Ledger(objective.score_name)
         self.tracker = BadAudioTracker(spec.data.max_bad_fraction, log_path=str(self.run_dir / "bad_audio.tsv")
                                        if dist.is_main else None)
         self.generator = torch.Generator().manual_seed(spec.train.seed * 1000 + dist.rank)
@@ -257,7 +265,8 @@ class Trainer:
         if self.spec.init is not None and index == 0 and self._resume_tag is None:
             init_cfg, init_state = self.spec.init
             phase = self.spec.phases[0]
-            state = adapt_state_dict(init_state, init_cfg, cfg, self.spec.transfer.pos_embed,
+            pos_mode = self.spec.init_pos_embed or self.spec.transfer.pos_embed
+            state = adapt_state_dict(init_state, init_cfg, cfg, pos_mode,
                                      phase.patch_transfer if phase.compression == "patch" else "pi")
             encoder.load_state_dict({k: v.float() for k, v in state.items()})
             log.info("initialised the encoder from %s", self.spec.meta.get("init", "the given weights"))
@@ -336,9 +345,10 @@ class Trainer:
 
     def _train_phase(self, engine, index: int, budget: int | None) -> tuple[bool, int]:
         spec, st, phase, cfg = self.spec, self.state, self.spec.phases[index], self.cfgs[index]
+        extra = {"patch_transfer": phase.patch_transfer} if phase.compression == "patch" else {}
         record = self.ledger.phase(index, name=phase.label(index), compression=phase.compression,
                                    factor=phase.factor, flops_per_sample=self._flops_per_sample(index),
-                                   tokens_per_sample=cfg.num_patches + cfg.num_prefix_tokens)
+                                   tokens_per_sample=cfg.num_patches + cfg.num_prefix_tokens, **extra)
         pipeline = FeaturePipeline(spec.audio, phase.spec, self.objective.specaug).to(self.device)
         loader = self._loader(index, train=True)
         epochs = None if phase.iteration_based else phase.epochs - st.epoch_in_phase
@@ -361,6 +371,7 @@ class Trainer:
                     st.data_epoch, st.data_index = item + 1, 0
                     record["epochs"] = st.epoch_in_phase
                     self._validate(engine, index, epoch=st.epoch_in_phase)
+                    self._keep_for_average(engine.module, index)
                     if st.epoch_in_phase == phase.epochs:
                         finished = True
                         break
@@ -459,28 +470,31 @@ class Trainer:
                  ", ".join(f"{k[6:]}={v:.4g}" for k, v in values.items() if k.startswith("train/")),
                  values["perf/samples_per_s"])
 
+    def _evaluate(self, model: nn.Module, index: int) -> dict[str, float]:
+        """The objective's validation metrics of ``model`` (an engine or a module on the device)."""
+        pipeline = FeaturePipeline(self.spec.audio, self.spec.phases[index].spec).to(self.device)
+        batches = self._loader(index, train=False).batches(epochs=1)
+        if self.spec.train.eval_batches is not None:
+            batches = (b for i, b in zip(range(self.spec.train.eval_batches), batches))
+        model.eval()
+        generator = torch.Generator().manual_seed(self.spec.train.seed + 7919)  # the same masks every time
+        try:
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                                 enabled=self.autocast_dtype is not None):
+                return self.objective.evaluate(model, batches, pipeline, self.dist, generator)
+        finally:
+            model.train()
+
     def _validate(self, engine, index: int, epoch: int | None = None) -> None:
         self._account(index)
         if not self.spec.data.valid:
             return
         start = time.perf_counter()
-        pipeline = FeaturePipeline(self.spec.audio, self.spec.phases[index].spec).to(self.device)
-        loader = self._loader(index, train=False)
-        batches = loader.batches(epochs=1)
-        if self.spec.train.eval_batches is not None:
-            batches = (b for i, b in zip(range(self.spec.train.eval_batches), batches))
-        engine.eval()
-        generator = torch.Generator().manual_seed(self.spec.train.seed + 7919)
-        try:
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                                 enabled=self.autocast_dtype is not None):
-                metrics = self.objective.evaluate(engine, batches, pipeline, self.dist, generator)
-        finally:
-            engine.train()
+        metrics = self._evaluate(engine, index)
         score = metrics[self.objective.score_name]
         if engine.lr_scheduler.report(score):
-            log.info("validation %s did not improve: learning rate now %.3g", self.objective.score_name,
-                     engine.lr_scheduler.get_last_lr()[0])
+            log.info("learning rate now %.3g (%s schedule)", engine.lr_scheduler.get_last_lr()[0],
+                     self.spec.optim.schedule)
         self.ledger.phases[index]["eval_seconds"] += time.perf_counter() - start
         where = {"epoch": epoch} if epoch is not None else {}
         record = self.ledger.add_eval(index, metrics, total_step=self.state.total_steps,
@@ -489,7 +503,7 @@ class Trainer:
         self.scalars.flush()
         log.info("validation (%s, %s): %s", self.spec.phases[index].label(index),
                  f"epoch {epoch}" if epoch is not None else f"step {self.state.step}",
-                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                 ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if self.dist.is_main:
             if self.state.best_score is None or score > self.state.best_score:
                 self.state.best_score = score
@@ -553,10 +567,54 @@ class Trainer:
                  self.state.step, tag)
         return None
 
+    def _average_epochs(self, index: int) -> list[int]:
+        start = self.spec.train.weight_average_from
+        phase = self.spec.phases[index]
+        if start is None or phase.iteration_based or index != len(self.spec.phases) - 1:
+            return []
+        return list(range(start, phase.epochs + 1))
+
+    def _keep_for_average(self, model: nn.Module, index: int) -> None:
+        """Save this epoch's weights if weight averaging will use them (rank 0)."""
+        if self.state.epoch_in_phase in self._average_epochs(index) and self.dist.is_main:
+            from common.checkpoint import save_weights
+
+            save_weights(self.run_dir / "average" / f"epoch{self.state.epoch_in_phase:03d}.safetensors",
+                         model.state_dict(), {})
+
+    def _weight_average(self, model: nn.Module, index: int) -> Path | None:
+        """Average the kept epochs' weights, evaluate the average and export it (AST's WA)."""
+        epochs = self._average_epochs(index)
+        if not epochs:
+            return None
+        from common.checkpoint import read_weights
+
+        files = [self.run_dir / "average" / f"epoch{e:03d}.safetensors" for e in epochs]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"weight averaging: epoch weights missing: {', '.join(missing)}")
+        total = None
+        for file in files:
+            tensors, _ = read_weights(file)
+            total = {k: v.double() for k, v in tensors.items()} if total is None else \
+                {k: total[k] + tensors[k].double() for k in total}
+        model.load_state_dict({k: (v / len(files)).float() for k, v in total.items()})
+        model.to(self.device)
+        metrics = self._evaluate(model, index) if self.spec.data.valid else {}
+        self.ledger.add_eval(index, metrics, total_step=self.state.total_steps, phase_step=self.state.step,
+                             weight_averaged=epochs)
+        log.info("weight average of epochs %d-%d: %s", epochs[0], epochs[-1],
+                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        path = self.run_dir / "export" / "weight_averaged.safetensors"
+        if self.dist.is_main:
+            self.objective.export(model, path, self._export_meta(index, weight_averaged=epochs, eval=metrics))
+        return path
+
     def _finish(self, model: nn.Module) -> None:
         last = len(self.spec.phases) - 1
+        averaged = self._weight_average(model, last)
         if self.dist.is_main:
-            phase_export = self.run_dir / "export" / f"phase{last + 1}.safetensors"
+            phase_export = averaged or self.run_dir / "export" / f"phase{last + 1}.safetensors"
             tmp = self.run_dir / ".model.safetensors.tmp"
             shutil.copyfile(phase_export, tmp)
             os.replace(tmp, self.run_dir / "model.safetensors")

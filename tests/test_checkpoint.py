@@ -111,7 +111,7 @@ def test_neither_format_is_a_clear_error(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
-    with pytest.raises(ValueError, match="not an export of this package"):
+    with pytest.raises(ValueError, match="neither an export of this package nor timm ViT weights"):
         load_encoder(tmp_path / "foreign.safetensors")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_encoder(tmp_path / "missing.pth")

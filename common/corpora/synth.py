@@ -9,7 +9,7 @@ padding and cropping are exercised. Each clip has its own random pitch, rate, le
 background noise.
 
 Splits written (``--size demo``): ``synth_pool`` (unlabeled, for pretraining), ``synth_train``,
-``synth_valid``, ``synth_test`` (labeled). ``--size test`` writes a few clips per split for the tests.
+``synth_valid``, ``synth_test`` (labeled). ``--size small`` and ``--size test`` write fewer clips (tests).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ SAMPLE_RATE = 16000
 # clips per split (pool: total, unlabeled; the others: per class)
 SIZES = {
     "demo": {"pool": 960, "train": 40, "valid": 10, "test": 10},
+    "small": {"pool": 192, "train": 12, "valid": 4, "test": 4},
     "test": {"pool": 24, "train": 2, "valid": 1, "test": 1},
 }
 DURATION = (0.8, 2.0)  # seconds, uniform
@@ -155,7 +156,7 @@ def generate_clip(label: str, rng: np.random.Generator) -> np.ndarray:
 def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
     parser.add_argument("--size", choices=sorted(SIZES), default="demo",
-                        help="demo: 960 pool + 40/10/10 clips per class; test: a few clips")
+                        help="demo: 960 pool + 40/10/10 clips per class; small: 192 + 12/4/4; test: 24 + 2/1/1")
 
 
 def prepare(src: Path | None, out: Path, num_jobs: int = 4, seed: int = 0, size: str = "demo") -> PrepareReport:

@@ -1,0 +1,82 @@
+"""Evaluating exported classifiers, and the cross-validation summary.
+
+An export carries the front end it was trained with (audio settings and the compression of its last
+phase), so the features are made exactly as in training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from common.compression import Compression
+from common.data import BadAudioTracker, ClipDataset, ClipLoader, open_cuts
+from common.features import AudioConfig, FeaturePipeline
+from common.metrics import compute_metrics
+from finetune.classifier import Classifier, load_classifier
+
+__all__ = ["pipeline_for_export", "evaluate_export", "cross_validation_summary"]
+
+
+def pipeline_for_export(meta: dict) -> FeaturePipeline:
+    """The (evaluation) feature pipeline an export was trained with."""
+    audio = AudioConfig(**meta["audio"])
+    phase = meta.get("phase", {})
+    return FeaturePipeline(audio, Compression(phase.get("compression", "none"), phase.get("factor", 1)))
+
+
+def predict_scores(model: Classifier, meta: dict, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-class scores (sigmoid for BCE-trained models, softmax otherwise) of a waveform batch."""
+    pipeline = pipeline_for_export(meta).to(waveforms.device)
+    with torch.no_grad():
+        logits = model(pipeline(waveforms, lengths)).float()
+    return torch.sigmoid(logits) if meta.get("loss") == "bce" else torch.softmax(logits, dim=-1)
+
+
+def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequence[str], batch_size: int = 32,
+                    num_workers: int = 2, device: str | torch.device = "cpu") -> dict[str, float]:
+    """mAP / accuracy of an exported classifier on ``manifests`` (one process)."""
+    model, meta = load_classifier(path)
+    if list(meta["classifier"]["classes"]) != list(classes):
+        raise ValueError(f"{path} was trained on other classes than the task's class list")
+    model.to(device)
+    audio = AudioConfig(**meta["audio"])
+    loader = ClipLoader(open_cuts(list(manifests)), ClipDataset(audio.clip_samples, audio.sample_rate, classes,
+                        crop="start"), batch_size, shuffle=False, drop_last=False, rank=0, world_size=1,
+                        num_workers=num_workers, tracker=BadAudioTracker(1.0))
+    scores, targets = [], []
+    for batch in loader.batches(epochs=1):
+        if len(batch):
+            scores.append(predict_scores(model, meta, batch.waveforms.to(device), batch.lengths.to(device)).cpu())
+            targets.append(batch.targets)
+    if not scores:
+        raise ValueError(f"no usable clip in {', '.join(map(str, manifests))}")
+    metrics = compute_metrics(torch.cat(targets).numpy(), torch.cat(scores).numpy())
+    metrics["clips"] = float(sum(len(t) for t in targets))
+    return metrics
+
+
+def cross_validation_summary(fold_evals: Sequence[Sequence[dict]], metric: str) -> dict:
+    """AST's ESC-50 protocol: the epoch with the best accuracy averaged over the folds, and that mean.
+
+    Args:
+        fold_evals: per fold, the ledger's evaluation records (``phase``, ``epoch``, ``metrics``); records
+            without an ``epoch`` (e.g. a weight average) are ignored.
+        metric: the metric to average.
+
+    Returns:
+        ``{"metric", "per_epoch": [{"phase", "epoch", "mean", "folds"}], "best": {...}}``.
+    """
+    if not fold_evals:
+        raise ValueError("no folds to summarise")
+    tables = [{(e["phase"], e["epoch"]): e["metrics"][metric] for e in evals if "epoch" in e} for evals in fold_evals]
+    common = sorted(set.intersection(*(set(t) for t in tables)))
+    if not common:
+        raise ValueError("the folds share no evaluated epoch")
+    per_epoch = [{"phase": p, "epoch": e, "folds": [t[(p, e)] for t in tables],
+                  "mean": float(np.mean([t[(p, e)] for t in tables]))} for p, e in common]
+    best = max(per_epoch, key=lambda row: row["mean"])
+    return {"metric": metric, "per_epoch": per_epoch, "best": best}

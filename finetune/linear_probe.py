@@ -1,0 +1,219 @@
+"""Linear probing: a frozen encoder's features + scikit-learn logistic regression.
+
+    python finetune/linear_probe.py --init runs/pretrain/ssast_fshift4 --task esc50
+    python finetune/linear_probe.py --init MODEL --task esc50 speechcommands voxceleb     # one table
+    python finetune/linear_probe.py --init MODEL --recipe recipes/linear_probe.yaml
+
+Features: the tokens of one block (default: the last, after the final norm), mean-pooled over the patch
+tokens (or the prefix tokens), for every clip at full resolution. They are cached per (checkpoint,
+task split, layer, pooling), so probing again with another ``C`` is instant. The classifier is a
+standardised logistic regression (one-vs-rest for multi-label tasks); the task's metric is computed on
+its test split (the evaluation split if it has none; ESC-50: the mean over its five folds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger("linear_probe")
+
+__all__ = ["ProbeRecipe", "extract_features", "fit_and_score", "probe_task", "main"]
+
+
+@dataclass(frozen=True)
+class ProbeRecipe:
+    """A probe suite: the tasks and how features are taken and classified.
+
+    Args:
+        tasks: task names (or task YAML files).
+        layer: block whose tokens are the features (1-based, negative from the end; None: last + final norm).
+        pool: ``mean`` over patch tokens or over ``prefix`` tokens.
+        C: inverse L2 regularisation of the logistic regression.
+        batch_size, num_workers: feature extraction.
+        data_root: folder the tasks' manifests are under.
+        cache_dir: where features are cached.
+    """
+
+    tasks: list[str] = field(default_factory=list)
+    layer: int | None = None
+    pool: Literal["mean", "prefix"] = "mean"
+    C: float = 1.0
+    batch_size: int = 32
+    num_workers: int = 2
+    data_root: str = "data"
+    cache_dir: str = "runs/probe_cache"
+
+
+def _cache_key(ckpt: str, manifests: Sequence[str], cfg, layer, pool) -> str:
+    from common.checkpoint import resolve_model_file
+
+    file = resolve_model_file(ckpt)
+    parts = [str(file.resolve()), str(file.stat().st_mtime_ns), str(cfg.to_dict()), str(layer), pool]
+    parts += [f"{Path(m).resolve()}:{Path(m).stat().st_mtime_ns if Path(m).exists() else 0}" for m in manifests]
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+
+def extract_features(encoder, audio, manifests: Sequence[str], classes: Sequence[str], layer: int | None = None,
+                     pool: str = "mean", batch_size: int = 32, num_workers: int = 2,
+                     device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, np.ndarray]:
+    """``(features [clips, D], targets [clips, classes])`` of a frozen encoder over ``manifests``."""
+    from common.data import BadAudioTracker, ClipDataset, ClipLoader, open_cuts
+    from common.features import FeaturePipeline
+
+    pipeline = FeaturePipeline(audio).to(device)
+    loader = ClipLoader(open_cuts(list(manifests)), ClipDataset(audio.clip_samples, audio.sample_rate, classes,
+                        crop="start"), batch_size, shuffle=False, drop_last=False, rank=0, world_size=1,
+                        num_workers=num_workers, tracker=BadAudioTracker(1.0))
+    encoder = encoder.to(device).eval()
+    prefix = encoder.num_prefix_tokens
+    feats, targets = [], []
+    with torch.no_grad():
+        for batch in loader.batches(epochs=1):
+            if not len(batch):
+                continue
+            tokens = encoder.forward_features(pipeline(batch.waveforms.to(device), batch.lengths.to(device)), layer)
+            pooled = tokens[:, prefix:].mean(1) if pool == "mean" else tokens[:, :prefix].mean(1)
+            feats.append(pooled.float().cpu().numpy())
+            targets.append(batch.targets.numpy())
+    if not feats:
+        raise ValueError(f"no usable clip in {', '.join(map(str, manifests))}")
+    return np.concatenate(feats), np.concatenate(targets)
+
+
+def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, metric: str,
+                  multilabel: bool, C: float = 1.0, seed: int = 0) -> float:
+    """Train a standardised logistic regression on the training features and score the test features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from common.metrics import accuracy, mean_average_precision
+
+    scores = np.zeros_like(y_test, dtype=np.float64)
+    if multilabel:
+        present = np.flatnonzero((y_train > 0.5).any(0) & ~(y_train > 0.5).all(0))  # classes with both outcomes
+        clf = make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression(C=C, max_iter=2000,
+                                                                                     random_state=seed)))
+        clf.fit(x_train, (y_train[:, present] > 0.5).astype(int))
+        scores[:, present] = clf.predict_proba(x_test)
+    else:
+        labels = y_train.argmax(1)
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed))
+        clf.fit(x_train, labels)
+        scores[:, clf.classes_] = clf.predict_proba(x_test)  # classes absent from training score 0
+    return mean_average_precision(y_test, scores) if metric == "mAP" else accuracy(y_test, scores)
+
+
+def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torch.device) -> dict:
+    """Probe one task; returns ``{"task", "metric", "value", "folds"?, ...}``."""
+    from common.corpora.base import read_classes
+    from common.features import AudioConfig
+    from common.model import ModelSpec
+    from finetune.init import load_init, task_encoder, task_encoder_config
+    from finetune.recipe import _task_source
+    from finetune.tasks import TaskConfig
+
+    fields, _ = _task_source(task_name)
+    task = TaskConfig(**{**fields, "data_root": recipe.data_root})
+    classes, _ = read_classes(task.path(task.classes))
+    init = load_init(init_path)
+    cfg = task_encoder_config(init, ModelSpec(), 128, task.target_frames)
+    encoder = task_encoder(init, cfg)
+    audio = AudioConfig(num_mel_bins=cfg.num_mel_bins, target_frames=task.target_frames, norm=task.norm)
+    cache = Path(recipe.cache_dir)
+
+    def features(manifests: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        path = cache / f"{_cache_key(init_path, manifests, cfg, recipe.layer, recipe.pool)}.npz"
+        if path.is_file():
+            data = np.load(path)
+            return data["x"], data["y"]
+        x, y = extract_features(encoder, audio, manifests, classes, recipe.layer, recipe.pool, recipe.batch_size,
+                                recipe.num_workers, device)
+        cache.mkdir(parents=True, exist_ok=True)
+        np.savez(path, x=x, y=y)
+        return x, y
+
+    multilabel = task.metric == "mAP"
+    if task.folds:
+        fold_data = [features([task.path(p)]) for p in task.folds]
+        values = []
+        for k in range(len(fold_data)):
+            x_tr = np.concatenate([fold_data[j][0] for j in range(len(fold_data)) if j != k])
+            y_tr = np.concatenate([fold_data[j][1] for j in range(len(fold_data)) if j != k])
+            values.append(fit_and_score(x_tr, y_tr, *fold_data[k], task.metric, multilabel, recipe.C))
+        return {"task": task.name, "metric": task.metric, "value": float(np.mean(values)), "folds": values}
+    x_tr, y_tr = features([task.path(p) for p in task.train])
+    test = task.test or task.valid
+    x_te, y_te = features([task.path(p) for p in test])
+    value = fit_and_score(x_tr, y_tr, x_te, y_te, task.metric, multilabel, recipe.C)
+    return {"task": task.name, "metric": task.metric, "value": value, "train_clips": len(x_tr),
+            "test_clips": len(x_te)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finetune/linear_probe.py",
+        description="Linear-probe a frozen encoder on one or several tasks and print one table.",
+        epilog="example: python finetune/linear_probe.py --init runs/pretrain/ssast_fshift4 --task esc50 "
+               "speechcommands",
+    )
+    parser.add_argument("--init", required=True, help="a run directory, an export, an SSAST/AST .pth, ...")
+    parser.add_argument("--task", nargs="+", default=None, help="task name(s) or task YAML file(s)")
+    parser.add_argument("--recipe", type=Path, default=None, help="a probe recipe (YAML: tasks, layer, pool, C, ...)")
+    parser.add_argument("--layer", type=int, default=None, help="block to read (1-based; default: the last)")
+    parser.add_argument("--pool", choices=["mean", "prefix"], default=None, help="pooling (default mean)")
+    parser.add_argument("--C", type=float, default=None, help="inverse regularisation (default 1.0)")
+    parser.add_argument("--data-root", default=None, help="folder the manifests are under (default data)")
+    parser.add_argument("--cache-dir", default=None, help="feature cache (default runs/probe_cache)")
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default 2)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        from common.logger import setup_logging
+        from common.recipe import build, load_yaml
+
+        setup_logging(None)
+        data = load_yaml(args.recipe) if args.recipe else {}
+        for key, value in (("tasks", args.task), ("layer", args.layer), ("pool", args.pool), ("C", args.C),
+                           ("data_root", args.data_root), ("cache_dir", args.cache_dir),
+                           ("num_workers", args.workers)):
+            if value is not None:
+                data[key] = value
+        recipe = build(ProbeRecipe, data)
+        if not recipe.tasks:
+            raise ValueError("give --task NAME [NAME ...] or a --recipe listing tasks")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        results = [probe_task(args.init, task, recipe, device) for task in recipe.tasks]
+        print(f"linear probe of {args.init} (layer {recipe.layer or 'last'}, {recipe.pool} pooling, C={recipe.C})")
+        print(f"| {'task':<16} | {'metric':<6} | {'value':>7} |")
+        print(f"|{'-' * 18}|{'-' * 8}|{'-' * 9}|")
+        for r in results:
+            print(f"| {r['task']:<16} | {r['metric']:<6} | {100 * r['value']:>7.2f} |")
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1))
+        return 0
+
+    from common.cli import run_main
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
