@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test demo venv clean
+.PHONY: test demo bench venv clean
 
 venv: $(STAMP)
 
@@ -22,10 +22,14 @@ $(STAMP): setup.py
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# Until the pretraining and fine-tuning pipelines exist, the demo shows the core: token grids and FLOPs
-# per compression method, and one generated clip through fbank -> compression -> encoder.
+# The whole job on the built-in corpus (a few minutes on 2 CPU cores); results in demo_out/.
 demo: $(STAMP)
-	$(PY) -m common.flops --size base --factors 2,4 --pipeline
+	$(PY) finetune/demo.py --out demo_out
+
+# Benchmarks (minutes; numbers go into bench/README.md).
+bench: $(STAMP)
+	$(PY) -m bench.data_throughput
+	$(PY) -m bench.train_throughput
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache demo_out

@@ -34,10 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "on an existing run directory resumes it.",
         epilog="example: python finetune/run.py --init runs/pretrain/ssast_fshift4 --task vggsound",
     )
-    parser.add_argument("--init", required=True,
-                        help="where the encoder starts: a run directory, an exported model, an SSAST / AST .pth, "
-                             "timm ImageNet ViT/DeiT weights, or 'none' (from scratch)")
-    parser.add_argument("--task", required=True, help="a task name (see --list-tasks) or a task YAML file")
+    parser.add_argument("--init", help="where the encoder starts: a run directory, an exported model, an SSAST / "
+                                       "AST .pth, timm ImageNet ViT/DeiT weights, or 'none' (from scratch)")
+    parser.add_argument("--task", help="a task name (see --list-tasks) or a task YAML file")
     parser.add_argument("--recipe", type=Path, default=None,
                         help="recipe overriding the task's defaults, e.g. recipes/ft_fshift4.yaml (coarse to fine)")
     parser.add_argument("--data-root", default=None, help="folder the task's manifests are under (default: data)")
@@ -84,7 +83,10 @@ def _cross_validation(run_root: Path, folds: int, metric: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.list_tasks and (args.init is None or args.task is None):
+        parser.error("--init and --task are required (or --list-tasks)")
     if args.list_tasks:
         from finetune.tasks import TASKS
 

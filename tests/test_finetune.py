@@ -283,3 +283,30 @@ def test_predict_windows_and_top_k(tmp_path, capsys):
     assert all(0 <= item["score"] <= 1 for item in labels) and {"Alpha", "b", "c"} >= {x["name"] for x in labels}
     assert predict(["--ckpt", str(tmp_path / "m.safetensors"), str(tmp_path / "missing.wav")]) == 1
     assert "cannot read audio" in capsys.readouterr().err
+
+
+def test_fine_tuning_recipes_in_the_repo_are_valid(capsys):
+    from finetune.recipe import load_recipe
+
+    for path in sorted((ROOT / "recipes").glob("ft_*.yaml")):
+        task = "audioset" if "audioset" in path.name else "synth" if "synth" in path.name else "vggsound"
+        recipe = load_recipe(task, path)
+        assert recipe.description and len(recipe.phases) >= 2, path
+    assert finetune(["--init", "none", "--task", "vggsound", "--recipe", str(ROOT / "recipes" / "ft_fshift421.yaml"),
+                     "--dry-run", "--data-root", str(ROOT / "tests")]) == 2  # no prepared data: a clear error
+    assert "vggsound_classes.json" in capsys.readouterr().err
+    assert finetune(["--list-tasks"]) == 0 and "esc50" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="weight_average_from: epoch 6 is after"):
+        load_recipe("audioset20k", None, ["phases=[{compression: none, epochs: 2}]"])
+
+
+def test_the_demo_writes_its_reports_and_plots(tmp_path):
+    from finetune.demo import run
+
+    results = run(tmp_path / "demo", quick=True)
+    for path in results["reports"] + results["plots"] + [results["summary"]]:
+        assert Path(path).is_file() and Path(path).stat().st_size > 0
+    assert Path(results["plots"][0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| Baseline |" in Path(results["reports"][1]).read_text()
+    assert "coarse to fine, Fshift 4→1" in Path(results["summary"]).read_text()
+    assert set(results["probes"]) == {"baseline", "c2f"}

@@ -1,0 +1,155 @@
+"""The whole main job on the built-in corpus, in a few minutes on 2 CPU cores (``make demo``).
+
+1. Generate the synth corpus (12 sound classes, unlabeled pool + labeled splits).
+2. SSAST pretraining, coarse to fine (``recipes/synth_pretrain.yaml``: 1/8 of the baseline's steps at
+   Fshift x4, then 5/8 at full resolution, the paper's SSAST proportions) and its baseline (every step at
+   full resolution, ``recipes/synth_pretrain_baseline.yaml``).
+3. Fine-tuning on the synth task: from both pretrained encoders at full resolution, and from the
+   coarse-to-fine encoder with coarse-to-fine fine-tuning (``recipes/ft_synth_fshift4.yaml``).
+4. Linear probing of both pretrained encoders.
+5. The savings reports (paper Table 2 rule) with plots of the metric against training FLOPs.
+
+Everything goes under ``--out`` (default ``demo_out/``); re-running skips the finished steps (each run
+resumes or finds itself complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+
+def _sets(*items: str) -> list[str]:
+    return [a for s in items for a in ("--set", s)]
+
+
+def _step(title: str) -> float:
+    print(f"\n=== {title} ===", flush=True)
+    return time.perf_counter()
+
+
+def run(out: Path, quick: bool = False) -> dict:
+    """Run the demo into ``out``; returns the paths of its results. ``quick``: tiny sizes (tests)."""
+    from common.corpora import get_corpus
+    from finetune.linear_probe import main as probe
+    from finetune.report import main as report
+    from finetune.run import main as finetune
+    from pretrain.run import main as pretrain
+
+    data = out / "data"
+    start = time.perf_counter()
+    t = _step("1/5 the built-in corpus")
+    if not (data / "synth" / "synth_classes.json").is_file():
+        get_corpus("synth").prepare(None, data / "synth", size="test" if quick else "demo")
+    print(f"data/synth ready ({time.perf_counter() - t:.0f} s)")
+
+    common = _sets(f"data.train=[{{path: {data / 'synth' / 'synth_pool.jsonl.gz'}}}]",
+                   f"data.valid=[{data / 'synth' / 'synth_valid.jsonl.gz'}]")
+    if quick:
+        common += _sets("model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.batch_size=4",
+                        "data.num_workers=0", "train.eval_every=2", "train.save_every=100", "train.log_every=2")
+    runs = {"c2f": (RECIPES / "synth_pretrain.yaml", ["phases.0.steps=1", "phases.1.steps=5"]),
+            "baseline": (RECIPES / "synth_pretrain_baseline.yaml", ["phases.0.steps=8"])}
+    for name, (recipe, quick_steps) in runs.items():
+        t = _step(f"2/5 pretraining ({'coarse to fine' if name == 'c2f' else 'baseline, full resolution'})")
+        argv = ["--recipe", str(recipe), "--run-dir", str(out / "pretrain" / name), *common]
+        if quick:
+            argv += _sets(*quick_steps, "baseline=null")
+        if pretrain(argv) != 0:
+            raise RuntimeError(f"pretraining {name} failed")
+        print(f"({time.perf_counter() - t:.0f} s)")
+
+    ft_common = ["--task", "synth", "--data-root", str(data)]
+    if quick:
+        ft_common += _sets("model.embed_dim=32", "data.batch_size=4", "data.num_workers=0", "train.log_every=2",
+                           "phases=[{compression: fshift, factor: 4, epochs: 1}, {compression: none, epochs: 1}]")
+    finetunes = {
+        "from_baseline": (out / "pretrain" / "baseline", None),
+        "from_c2f": (out / "pretrain" / "c2f", None),
+        "from_c2f_fshift4": (out / "pretrain" / "c2f", RECIPES / "ft_synth_fshift4.yaml"),
+    }
+    for name, (init, recipe) in finetunes.items():
+        t = _step(f"3/5 fine-tuning {name.replace('_', ' ')}")
+        argv = ["--init", str(init), *ft_common, "--run-dir", str(out / "finetune" / name)]
+        if recipe is not None:
+            argv += ["--recipe", str(recipe)]
+        elif quick:
+            argv += _sets("phases=[{compression: none, epochs: 2}]")
+        if finetune(argv) != 0:
+            raise RuntimeError(f"fine-tuning {name} failed")
+        print(f"({time.perf_counter() - t:.0f} s)")
+
+    t = _step("4/5 linear probes of the pretrained encoders")
+    probes = {}
+    for name in ("baseline", "c2f"):
+        result = out / f"probe_{name}.json"
+        if probe(["--init", str(out / "pretrain" / name), "--task", "synth", "--data-root", str(data),
+                  "--cache-dir", str(out / "probe_cache"), "--workers", "0" if quick else "1",
+                  "--out", str(result)]) != 0:
+            raise RuntimeError(f"linear probe of {name} failed")
+        probes[name] = json.loads(result.read_text())[0]["value"]
+    print(f"({time.perf_counter() - t:.0f} s)")
+
+    t = _step("5/5 savings reports")
+    for kind, baseline, runs_, names in (
+        ("pretrain", out / "pretrain" / "baseline", [out / "pretrain" / "c2f"], ["SSAST Fshift 4→1"]),
+        ("finetune", out / "finetune" / "from_baseline",
+         [out / "finetune" / "from_c2f", out / "finetune" / "from_c2f_fshift4"],
+         ["c2f-pretrained", "c2f-pretrained, Fshift 4→1 fine-tuning"]),
+    ):
+        if report(["--baseline", str(baseline), "--runs", *map(str, runs_), "--names", *names,
+                   "--out", str(out / f"report_{kind}")]) != 0:
+            raise RuntimeError(f"the {kind} report failed")
+    summary = summarise(out, probes)
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s.\n\n{summary}\nResults under {out}/:")
+    (out / "summary.md").write_text(summary)
+    results = {"reports": [str(out / f"report_{k}" / "report.md") for k in ("pretrain", "finetune")],
+               "plots": [str(out / f"report_{k}" / "report.png") for k in ("pretrain", "finetune")],
+               "probes": probes, "summary": str(out / "summary.md")}
+    for path in [results["summary"]] + results["reports"] + results["plots"]:
+        print(f"  {path}")
+    print(f"  TensorBoard: tensorboard --logdir {out}")
+    return results
+
+
+def summarise(out: Path, probes: dict) -> str:
+    """What the coarse-to-fine encoder cost and what it is worth downstream, next to the baseline's."""
+    from common.ledger import Ledger
+
+    rows = ["| pretraining | training FLOPs | training time (s) | linear probe acc (%) | fine-tuned acc (%, best "
+            "epoch / test) |", "|---|---:|---:|---:|---:|"]
+    base_total = Ledger.read(out / "pretrain" / "baseline").to_dict()["total"]
+    for name, label, ft in (("baseline", "baseline, full resolution", "from_baseline"),
+                            ("c2f", "coarse to fine, Fshift 4→1", "from_c2f")):
+        total = Ledger.read(out / "pretrain" / name).to_dict()["total"]
+        saving = "" if name == "baseline" else f" ({total['train_flops'] / base_total['train_flops'] - 1:+.1%})"
+        tuned = Ledger.read(out / "finetune" / ft)
+        best = max(e["metrics"]["acc"] for e in tuned.evals if "acc" in e["metrics"])
+        test = json.loads((out / "finetune" / ft / "test_metrics.json").read_text())["acc"]
+        rows.append(f"| {label} | {total['train_flops']:.3g}{saving} | "
+                    f"{total['wall_seconds']:.0f} | {100 * probes[name]:.1f} | {100 * best:.1f} / {100 * test:.1f} |")
+    rows.append(f"\n(12 classes: chance is {100 / 12:.1f} %)")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="finetune/demo.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in well under a minute")
+    args = parser.parse_args(argv)
+    try:
+        run(args.out, args.quick)
+    except RuntimeError as err:
+        print(f"demo failed: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
