@@ -38,4 +38,14 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.2"]},
+    entry_points={
+        "console_scripts": [
+            "c2f-corpora=common.corpora.__main__:main",
+            "c2f-pretrain=pretrain.run:main",
+            "c2f-finetune=finetune.run:main",
+            "c2f-linear-probe=finetune.linear_probe:main",
+            "c2f-report=finetune.report:main",
+            "c2f-predict=finetune.predict:main",
+        ]
+    },
 )

@@ -6,14 +6,15 @@ import argparse
 import logging
 import sys
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import yaml
 
 from common.recipe import RecipeError, dump_yaml, to_dict
 
-__all__ = ["add_run_arguments", "prepare_run_dir", "run_main", "recipe_diff"]
+__all__ = ["add_run_arguments", "prepare_run_dir", "training_session", "run_main", "recipe_diff"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,24 @@ def prepare_run_dir(run_dir: Path, recipe, is_main: bool) -> None:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(recipe, path)
+
+
+@contextmanager
+def training_session(run_dir: Path, recipe) -> Iterator:
+    """Join the process group, log into ``run_dir``, write or check its recipe; tear down at the end.
+
+    Yields the :class:`common.distributed.Dist` of this process.
+    """
+    from common.distributed import init_distributed
+    from common.logger import setup_logging
+
+    dist = init_distributed()
+    setup_logging(run_dir, dist.rank)
+    try:
+        prepare_run_dir(run_dir, recipe, dist.is_main)
+        yield dist
+    finally:
+        dist.teardown()
 
 
 def run_main(body: Callable[[], int]) -> int:

@@ -22,7 +22,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from common.cli import add_run_arguments, prepare_run_dir, run_main
+from common.cli import add_run_arguments, run_main, training_session
 
 log = logging.getLogger("finetune")
 
@@ -113,18 +113,13 @@ def main(argv: list[str] | None = None) -> int:
             print_plan(recipe, base)
             return 0
         from common.data import ManifestSpec
-        from common.distributed import init_distributed
-        from common.logger import setup_logging
         from common.trainer import RunSpec, Trainer
         from finetune.classifier import ClassifierObjective
 
         name = f"{recipe.task.name}-{args.recipe.stem if args.recipe else 'baseline'}"
         run_root = args.run_dir or Path("runs/finetune") / name
-        dist = init_distributed()
-        setup_logging(run_root, dist.rank)
         done = True
-        try:
-            prepare_run_dir(run_root, recipe, dist.is_main)
+        with training_session(run_root, recipe) as dist:
             objective = ClassifierObjective(classes, recipe.task.metric, recipe.task.loss, recipe.augment,
                                             recipe.head, names)
             splits = recipe.task.fold_splits()
@@ -146,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
                     _test(run_dir, recipe, classes, dist)
             if done and recipe.task.folds and dist.is_main:
                 _cross_validation(run_root, len(splits), recipe.task.metric)
-        finally:
-            dist.teardown()
         if dist.is_main and done:
             print(f"done: {run_root} (model: model.safetensors, per-epoch metrics: ledger.json)")
         return 0

@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from common.cli import add_run_arguments, prepare_run_dir, run_main
+from common.cli import add_run_arguments, run_main, training_session
 
 log = logging.getLogger("pretrain")
 
@@ -81,16 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print_plan(recipe, world_size=1)
             return 0
-        from common.distributed import init_distributed
-        from common.logger import setup_logging
         from common.trainer import RunSpec, Trainer
         from pretrain.ssast import SSASTObjective
 
-        dist = init_distributed()
         run_dir = args.run_dir or Path("runs/pretrain") / args.recipe.stem
-        setup_logging(run_dir, dist.rank)
-        try:
-            prepare_run_dir(run_dir, recipe, dist.is_main)
+        with training_session(run_dir, recipe) as dist:
             baseline = None
             if recipe.baseline:
                 baseline = (Path(recipe.baseline).stem, planned_total(recipe.baseline, dist.world_size))
@@ -100,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
             log.info("pretraining %s into %s on %d rank(s) (%s)", args.recipe, run_dir, dist.world_size,
                      dist.device)
             done = Trainer(spec, SSASTObjective(recipe.ssast), dist).run(stop_after=args.stop_after_steps)
-        finally:
-            dist.teardown()
         if dist.is_main and done:
             print(f"done: {run_dir / 'model.safetensors'} (ledger: {run_dir / 'ledger.json'})")
         return 0

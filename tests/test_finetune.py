@@ -310,3 +310,19 @@ def test_the_demo_writes_its_reports_and_plots(tmp_path):
     assert "| Baseline |" in Path(results["reports"][1]).read_text()
     assert "coarse to fine, Fshift 4→1" in Path(results["summary"]).read_text()
     assert set(results["probes"]) == {"baseline", "c2f"}
+
+
+def test_three_phase_fine_tuning_with_patch_and_pooling(tmp_path, synth_corpus):
+    run_dir = tmp_path / "three"
+    phases = ("phases=[{compression: patch, factor: 4, patch_transfer: bilinear, epochs: 1}, "
+              "{compression: avgpool, factor: 2, epochs: 1}, {compression: none, epochs: 1}]")
+    assert finetune(["--init", "none", "--task", "synth", "--data-root", str(_synth_root(tmp_path, synth_corpus)),
+                     "--run-dir", str(run_dir), *sets(*TINY, phases, "augment.mixup=0.5")]) == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert [(p["compression"], p["factor"]) for p in ledger["phases"]] == [("patch", 4), ("avgpool", 2), ("none", 1)]
+    assert [e["phase"] for e in ledger["evals"]] == [0, 1, 2]
+    fps = [p["flops_per_sample"] for p in ledger["phases"]]
+    assert fps[0] < fps[1] < fps[2]
+    from common.ledger import Ledger
+    from finetune.report import run_label
+    assert run_label(Ledger.read(run_dir)) == "Patch BL/Avg Pool 4→2→1"

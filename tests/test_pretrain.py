@@ -202,3 +202,12 @@ def test_every_compression_method_runs_coarse_to_fine(tmp_path, synth_corpus, me
     coarse = load_encoder(run_dir / "export" / "phase1.safetensors").cfg
     assert coarse.grid == (8, 4) and (coarse.tshape == 32) == (method == "patch")
     assert load_encoder(run_dir).cfg.tshape == 16
+
+
+def test_gradient_accumulation_and_zero_stage_2(tmp_path, synth_corpus):
+    run_dir = tmp_path / "accum"
+    assert run(run_dir, synth_corpus, "optim.grad_accum=2", "train.zero_stage=2", "optim.grad_clip=1.0",
+               "train.eval_every=100", "train.save_every=100", steps=(2, 1)) == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert [p["samples"] for p in ledger["phases"]] == [2 * 4 * 2, 1 * 4 * 2]  # steps x batch x accumulation
+    assert [p["steps"] for p in ledger["phases"]] == [2, 1]
