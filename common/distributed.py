@@ -65,14 +65,6 @@ class Dist:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def broadcast_object(self, obj):
-        """Rank 0's ``obj`` on every rank."""
-        if self.world_size == 1:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
     def teardown(self) -> None:
         """Barrier, destroy the process group, and make DeepSpeed forget it, so that a later run in the same
         process (a notebook, the demo, the tests) initialises afresh."""

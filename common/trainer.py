@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import os
 import shutil
 import time
@@ -627,18 +626,3 @@ class Trainer:
                      else "", self.run_dir / "model.safetensors")
         self.state.phase = len(self.spec.phases)
 
-
-def planned_flops(phases: Sequence[PhaseConfig], cfgs: Sequence[EncoderConfig], flops_per_sample,
-                  global_batch: Sequence[int], samples_per_epoch: int | None = None) -> float:
-    """Planned training FLOPs of a recipe: per phase, FLOPs per sample x samples (steps x global batch,
-    or epochs x samples per epoch)."""
-    total = 0.0
-    for phase, cfg, batch in zip(phases, cfgs, global_batch):
-        if phase.iteration_based:
-            samples = phase.steps * batch
-        elif samples_per_epoch is not None:
-            samples = phase.epochs * samples_per_epoch
-        else:
-            return math.nan
-        total += flops_per_sample(cfg) * samples
-    return total

@@ -14,11 +14,11 @@ and no weight averaging; and non-overlapping patches everywhere. Its coarse-to-f
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["TaskConfig", "TASKS", "task_defaults", "resolve_task", "known_tasks"]
+__all__ = ["TaskConfig", "TASKS", "PAPER_20_EPOCHS", "task_defaults", "known_tasks"]
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,3 @@ def task_defaults(name: str) -> tuple[dict, dict]:
     fields, recipe = TASKS[name]
     return dict(fields), recipe
 
-
-def resolve_task(task: TaskConfig, data_root: str | None) -> TaskConfig:
-    """The task with ``data_root`` set (when given)."""
-    return replace(task, data_root=data_root) if data_root else task
