@@ -68,7 +68,6 @@ def read_annotations(path: Path) -> list[tuple[str, str, int, int, str]]:
     return rows
 
 
-
 def prepare(src: Path, out: Path, num_jobs: int = 4, classes: Path | None = None, audio_dir: Path | None = None,
             test_from: str = "validate") -> PrepareReport:
     """Write ``kinetics_sounds_train`` / ``kinetics_sounds_test`` from the Kinetics annotations."""

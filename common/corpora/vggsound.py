@@ -51,7 +51,6 @@ def read_rows(path: Path) -> list[tuple[str, int, str, str]]:
     return rows
 
 
-
 def prepare(src: Path, out: Path, num_jobs: int = 4, audio_dir: Path | None = None) -> PrepareReport:
     """Write ``vggsound_train`` / ``vggsound_test``; duplicate rows of the CSV are kept once."""
     src = Path(src)
