@@ -22,7 +22,7 @@ def phase_step_rate(size: str, phase_index: int, batch: int, device: torch.devic
     phase, cfg = rec.phases[phase_index], rec.encoder_configs()[phase_index]
     model = SSASTModel(ASTEncoder(cfg), rec.ssast).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    pipeline = FeaturePipeline(rec.audio, phase.spec).to(device)
+    pipeline = FeaturePipeline(rec.audio, phase.as_compression()).to(device)
     waves = torch.randn(batch, rec.audio.clip_samples, device=device) * 0.1
     generator = torch.Generator().manual_seed(0)
 
@@ -42,5 +42,5 @@ def phase_step_rate(size: str, phase_index: int, batch: int, device: torch.devic
     if device.type == "cuda":
         torch.cuda.synchronize()
     clips = batch * steps / (time.perf_counter() - start)
-    return {"phase": phase.label(phase_index), "tokens": cfg.num_patches + cfg.num_prefix_tokens,
-            "clips_per_s": clips, "tokens_per_s": clips * (cfg.num_patches + cfg.num_prefix_tokens)}
+    return {"phase": phase.label(phase_index), "tokens": cfg.num_tokens, "clips_per_s": clips,
+            "tokens_per_s": clips * cfg.num_tokens}

@@ -14,7 +14,7 @@ import yaml
 
 from common.recipe import RecipeError, dump_yaml, to_dict
 
-__all__ = ["add_run_arguments", "prepare_run_dir", "training_session", "run_main", "recipe_diff"]
+__all__ = ["add_run_arguments", "discard_previous", "prepare_run_dir", "training_session", "run_main", "recipe_diff"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_run_root: str) ->
                         help="override a recipe field, e.g. --set optim.lr=5e-5 --set phases.0.steps=1000 (repeatable)")
     parser.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
                         help="checkpoint and exit after N optimiser steps in this invocation (run again to resume)")
+    parser.add_argument("--restart", action="store_true",
+                        help="start from step 0 although the run directory holds checkpoints; what the earlier "
+                             "attempt left is moved into RUN/discarded-TIME/, nothing is deleted")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the recipe, print the phase plan with tokens and FLOPs, and exit")
     # the deepspeed launcher passes --local_rank=N before the script's own arguments
@@ -74,9 +77,30 @@ def prepare_run_dir(run_dir: Path, recipe, is_main: bool) -> None:
         dump_yaml(recipe, path)
 
 
+def discard_previous(run_dir: Path) -> Path | None:
+    """Move everything an earlier attempt left in ``run_dir`` (but its log) into ``run_dir/discarded-TIME``."""
+    import time
+
+    leftovers = [p for p in run_dir.iterdir() if p.name != "train.log" and not p.name.startswith("discarded-")] \
+        if run_dir.is_dir() else []
+    if not leftovers:
+        return None
+    target = run_dir / time.strftime("discarded-%Y%m%d-%H%M%S")
+    target.mkdir()
+    for path in leftovers:
+        path.rename(target / path.name)
+    log.warning("--restart: moved the earlier attempt's %s into %s", ", ".join(p.name for p in leftovers), target)
+    return target
+
+
 @contextmanager
-def training_session(run_dir: Path, recipe) -> Iterator:
+def training_session(run_dir: Path, recipe, restart: bool = False) -> Iterator:
     """Join the process group, log into ``run_dir``, write or check its recipe; tear down at the end.
+
+    Args:
+        run_dir: the run directory (resumed when it holds a run of the same recipe).
+        recipe: the resolved recipe.
+        restart: start over: the earlier attempt's files are moved aside first (:func:`discard_previous`).
 
     Yields the :class:`common.distributed.Dist` of this process.
     """
@@ -86,6 +110,9 @@ def training_session(run_dir: Path, recipe) -> Iterator:
     dist = init_distributed()
     setup_logging(run_dir, dist.rank)
     try:
+        if restart and dist.is_main:
+            discard_previous(run_dir)
+        dist.barrier()
         prepare_run_dir(run_dir, recipe, dist.is_main)
         yield dist
     finally:
@@ -95,6 +122,7 @@ def training_session(run_dir: Path, recipe) -> Iterator:
 def run_main(body: Callable[[], int]) -> int:
     """Run an entry point; known failures end with one readable line (the traceback goes to the log)."""
     from common.data import TooMuchBadAudio
+    from common.run_checkpoint import NoUsableCheckpoint
     from common.trainer import NonFiniteLoss
 
     try:
@@ -102,7 +130,7 @@ def run_main(body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
-    except (RecipeError, FileNotFoundError, NonFiniteLoss, TooMuchBadAudio, ValueError) as err:
+    except (RecipeError, FileNotFoundError, NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, ValueError) as err:
         log.debug("%s", traceback.format_exc())
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, (RecipeError, FileNotFoundError)) else 1

@@ -19,11 +19,11 @@ import torch
 from torch.nn import functional as F
 
 from common.model import EncoderConfig
+from common.resize import PATCH_MODES
 
-__all__ = ["Compression", "METHODS", "PATCH_TRANSFERS"]
+__all__ = ["Compression", "METHODS"]
 
 METHODS = ("none", "fshift", "avgpool", "maxpool", "patch")
-PATCH_TRANSFERS = ("bilinear", "pi")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Compression:
         method: one of :data:`METHODS`.
         factor: the compression factor C (a positive integer; 1 means full resolution).
         patch_transfer: for ``patch`` phases, how the patch-embedding kernel is carried into and out of
-            the phase: ``pi`` (PI-resize) or ``bilinear``.
+            the phase: one of ``common.resize.PATCH_MODES`` (``pi``: PI-resize, or ``bilinear``).
     """
 
     method: str = "none"
@@ -48,10 +48,8 @@ class Compression:
             raise ValueError(f"compression factor must be a positive integer, got {self.factor!r}")
         if self.method == "none" and self.factor != 1:
             raise ValueError(f"compression 'none' takes factor 1, got {self.factor}")
-        if self.patch_transfer not in PATCH_TRANSFERS:
-            raise ValueError(
-                f"unknown patch transfer {self.patch_transfer!r}; choose one of {list(PATCH_TRANSFERS)}"
-            )
+        if self.patch_transfer not in PATCH_MODES:
+            raise ValueError(f"unknown patch transfer {self.patch_transfer!r}; choose one of {list(PATCH_MODES)}")
 
     @property
     def is_full_resolution(self) -> bool:

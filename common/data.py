@@ -43,6 +43,8 @@ __all__ = [
     "ClipDataset",
     "ClipLoader",
     "load_clip",
+    "train_loader",
+    "eval_loader",
 ]
 
 log = logging.getLogger(__name__)
@@ -481,3 +483,53 @@ class ClipLoader:
             self.tracker.update(batch)
             yield batch
         self.tracker.check()
+
+
+def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: int, sample_rate: int,
+                 batch_size: int, seed: int, rank: int, world_size: int, tracker: BadAudioTracker,
+                 pin_memory: bool = False) -> ClipLoader:
+    """The training stream of a run: ``data.train`` mixed by weight, shuffled per epoch (or AST's balanced
+    sampling when ``data.balanced``), random crops, incomplete last batches dropped.
+
+    Args:
+        data: the recipe's data section.
+        classes: the task's classes (None: unlabeled data).
+        clip_samples, sample_rate: every clip is resampled and cropped / padded to this.
+        batch_size: clips per rank per batch (the phase's).
+        seed: sampler, crop and mix seed.
+        rank, world_size: this process's shard.
+        tracker: counts and logs bad audio.
+        pin_memory: pin batches for host-to-GPU copies.
+    """
+    cuts = open_cuts(data.train, seed=seed)
+    weights = None
+    if data.balanced:
+        cuts = cuts.to_eager()
+        weights = balanced_weights(cuts, classes or [])
+    dataset = ClipDataset(clip_samples, sample_rate, classes, crop="random", seed=seed)
+    return ClipLoader(cuts, dataset, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rank,
+                      world_size=world_size, num_workers=data.num_workers, weights=weights, tracker=tracker,
+                      pin_memory=pin_memory)
+
+
+def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] | None, clip_samples: int,
+                sample_rate: int, batch_size: int, num_workers: int = 0, crop: str = "start", rank: int = 0,
+                world_size: int = 1, tracker: BadAudioTracker | None = None,
+                pin_memory: bool = False) -> ClipLoader:
+    """One pass over evaluation manifests in their order, every clip kept (no shuffling, no dropped batch).
+
+    Args:
+        manifests: the evaluation manifests.
+        classes: the task's classes (None: unlabeled data).
+        clip_samples, sample_rate: every clip is resampled and cropped / padded to this.
+        batch_size: clips per batch.
+        num_workers: decoding processes.
+        crop: where a longer clip is cut (``start`` as AST, or ``center``).
+        rank, world_size: this process's shard (validation during training is spread over ranks).
+        tracker: counts and logs bad audio (default: counts without a limit).
+        pin_memory: pin batches for host-to-GPU copies.
+    """
+    dataset = ClipDataset(clip_samples, sample_rate, classes, crop=crop)
+    return ClipLoader(open_cuts(list(manifests)), dataset, batch_size, shuffle=False, drop_last=False, rank=rank,
+                      world_size=world_size, num_workers=num_workers, tracker=tracker or BadAudioTracker(1.0),
+                      pin_memory=pin_memory)

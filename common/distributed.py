@@ -57,6 +57,14 @@ class Dist:
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.all_reduce_sum(value).item() > 0)
 
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank ``src``'s ``obj`` on every rank (pickled)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=src)
+        return box[0]
+
     def gather_objects(self, obj) -> list:
         """Every rank's ``obj``, in rank order (pickled; for evaluation outputs)."""
         if self.world_size == 1:

@@ -5,47 +5,127 @@
 data waits included, evaluation and checkpointing not) and ``eval_seconds``; totals; the evaluations
 with the cumulative FLOPs and time at which they happened (what ``finetune/report.py`` plots); and, when
 the recipe names a baseline, that baseline's planned training FLOPs and the saving against it.
+
+The trainer talks to the ledger through methods (:meth:`Ledger.start_phase`, :meth:`Ledger.add_training`,
+:meth:`Ledger.add_eval_time`, :meth:`Ledger.add_eval`); readers use :meth:`Ledger.read` and
+:meth:`Ledger.to_dict`, whose layout is the file's.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
-from common.checkpoint import atomic_write_text
+from common.atomic import atomic_write_text
 
-__all__ = ["Ledger"]
+__all__ = ["Ledger", "PhaseRecord", "Window"]
+
+
+@dataclass
+class PhaseRecord:
+    """What one phase cost so far.
+
+    Attributes:
+        name, compression, factor: the phase (``patch_transfer`` too for ``patch`` phases). A ledger read
+            from a file may lack them (None).
+        flops_per_sample, tokens_per_sample: the cost of one training clip at this phase's geometry.
+        steps, epochs, samples: optimiser steps, completed epochs and clips trained on (all ranks).
+        train_flops: ``flops_per_sample * samples``.
+        wall_seconds: time in the training loop (data waits included, evaluation and checkpoints not).
+        eval_seconds: time spent validating.
+        extra: fields of a ledger file this version does not know, kept as they are.
+    """
+
+    name: str | None = None
+    compression: str | None = None
+    factor: int | None = None
+    flops_per_sample: int = 0
+    tokens_per_sample: int | None = None
+    patch_transfer: str | None = None
+    steps: int = 0
+    epochs: int = 0
+    samples: int = 0
+    train_flops: int = 0
+    wall_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    _COUNTERS = ("steps", "epochs", "samples", "train_flops", "wall_seconds", "eval_seconds")
+    _DESCRIPTION = ("name", "compression", "factor", "flops_per_sample", "tokens_per_sample", "patch_transfer")
+
+    def to_dict(self) -> dict:
+        """The record as ``ledger.json`` stores it (counters first, then the phase's description)."""
+        out = {k: getattr(self, k) for k in self._COUNTERS}
+        out.update({k: getattr(self, k) for k in self._DESCRIPTION if getattr(self, k) is not None})
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PhaseRecord":
+        known = set(cls._COUNTERS) | set(cls._DESCRIPTION)
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   extra={k: v for k, v in data.items() if k not in known})
+
+
+class Window(NamedTuple):
+    """Training accounted by one :meth:`Ledger.add_training` call: clips (all ranks) and seconds."""
+
+    samples: int
+    seconds: float
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / max(self.seconds, 1e-9)
 
 
 class Ledger:
+    """Per-phase compute records, evaluations and the baseline to compare against.
+
+    Args:
+        score: the validation metric that ranks evaluations (higher is better).
+    """
+
     def __init__(self, score: str | None = None) -> None:
-        self.score = score  # the validation metric that ranks evaluations (higher is better)
-        self.phases: list[dict] = []
+        self.score = score
+        self.phases: list[PhaseRecord] = []
         self.evals: list[dict] = []
         self.baseline: dict | None = None
 
-    def phase(self, index: int, **info) -> dict:
-        """The record of phase ``index`` (created with ``info`` on first use)."""
-        while len(self.phases) <= index:
-            self.phases.append({})
-        record = self.phases[index]
-        if not record:
-            record.update({"steps": 0, "epochs": 0, "samples": 0, "train_flops": 0, "wall_seconds": 0.0,
-                           "eval_seconds": 0.0, **info})
-        return record
+    def start_phase(self, index: int, **info) -> PhaseRecord:
+        """The record of phase ``index``, created from ``info`` (:class:`PhaseRecord` fields) on first use;
+        a resumed phase keeps its counters."""
+        if index < len(self.phases):
+            return self.phases[index]
+        if index != len(self.phases):
+            raise ValueError(f"phase {index} started before phase {len(self.phases)}")
+        self.phases.append(PhaseRecord(**info))
+        return self.phases[index]
 
-    def add_training(self, index: int, steps: int, samples: int, seconds: float) -> None:
+    def add_training(self, index: int, steps: int, samples: int, seconds: float) -> Window:
+        """Add trained steps, clips and seconds to phase ``index``; returns what was added."""
         record = self.phases[index]
-        record["steps"] += steps
-        record["samples"] += samples
-        record["train_flops"] = record["samples"] * record["flops_per_sample"]
-        record["wall_seconds"] += seconds
+        record.steps += steps
+        record.samples += samples
+        record.train_flops = record.samples * record.flops_per_sample
+        record.wall_seconds += seconds
+        return Window(samples, seconds)
+
+    def set_epochs(self, index: int, epochs: int) -> None:
+        """Phase ``index`` has completed ``epochs`` epochs."""
+        self.phases[index].epochs = epochs
+
+    def add_eval_time(self, index: int, seconds: float) -> None:
+        self.phases[index].eval_seconds += seconds
 
     def totals(self) -> dict:
         keys = ("steps", "samples", "train_flops", "wall_seconds", "eval_seconds")
-        return {k: sum(p.get(k, 0) for p in self.phases) for k in keys}
+        return {k: sum(getattr(p, k) for p in self.phases) for k in keys}
 
     def add_eval(self, phase: int, metrics: dict, **where) -> dict:
+        """Record an evaluation of ``phase`` with the cumulative cost so far; ``where`` says when
+        (``total_step``, ``phase_step``, ``epoch``, ...)."""
         totals = self.totals()
         record = {"phase": phase, **where, "train_flops": totals["train_flops"],
                   "wall_seconds": totals["wall_seconds"], "samples": totals["samples"], "metrics": metrics}
@@ -55,18 +135,24 @@ class Ledger:
     def set_baseline(self, name: str, train_flops: float) -> None:
         self.baseline = {"recipe": name, "train_flops": train_flops}
 
+    def flops_saving(self) -> float | None:
+        """``1 - train FLOPs / baseline's planned FLOPs``, or None without a baseline."""
+        if not self.baseline or not self.baseline["train_flops"]:
+            return None
+        return 1 - self.totals()["train_flops"] / self.baseline["train_flops"]
+
     def to_dict(self) -> dict:
-        data = {"score": self.score, "phases": self.phases, "total": self.totals(), "evals": self.evals}
+        data = {"score": self.score, "phases": [p.to_dict() for p in self.phases], "total": self.totals(),
+                "evals": self.evals}
         if self.baseline:
-            total = data["total"]["train_flops"]
             data["baseline"] = self.baseline
-            data["flops_saving"] = 1 - total / self.baseline["train_flops"] if self.baseline["train_flops"] else None
+            data["flops_saving"] = self.flops_saving()
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Ledger":
         ledger = cls(data.get("score"))
-        ledger.phases = [dict(p) for p in data.get("phases", [])]
+        ledger.phases = [PhaseRecord.from_dict(p) for p in data.get("phases", [])]
         ledger.evals = [dict(e) for e in data.get("evals", [])]
         ledger.baseline = data.get("baseline")
         return ledger

@@ -16,10 +16,12 @@ from functools import partial
 from typing import Literal
 
 import torch
+from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["EncoderConfig", "ModelSpec", "MODEL_SIZES", "encoder_config", "ASTEncoder", "count_parameters"]
+__all__ = ["EncoderConfig", "ModelSpec", "MODEL_SIZES", "POOLINGS", "encoder_config", "ASTEncoder", "check_pooling", "pool_tokens",
+           "count_parameters"]
 
 # SSAST's sizes (DeiT tiny / small / base: 12 blocks each).
 MODEL_SIZES: dict[str, dict[str, int]] = {
@@ -85,6 +87,11 @@ class EncoderConfig:
     def num_patches(self) -> int:
         f_dim, t_dim = self.grid
         return f_dim * t_dim
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the transformer sees: the prefix tokens and the patch tokens."""
+        return self.num_prefix_tokens + self.num_patches
 
     @property
     def patch_area(self) -> int:
@@ -163,7 +170,7 @@ class PatchEmbed(nn.Module):
                               stride=(cfg.fstride, cfg.tstride))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # [B, D, f, t] -> [B, f*t, D]
+        return rearrange(self.proj(x), "b d f t -> b (f t) d")
 
 
 class ASTEncoder(nn.Module):
@@ -223,14 +230,14 @@ class ASTEncoder(nn.Module):
         (the Conv2d weight layout): SSAST's pretraining targets."""
         self.check_input(x)
         cfg = self.cfg
-        patches = F.unfold(x.transpose(1, 2).unsqueeze(1), kernel_size=(cfg.fshape, cfg.tshape),
-                           stride=(cfg.fstride, cfg.tstride))
-        return patches.transpose(1, 2)
+        patches = F.unfold(rearrange(x, "b t f -> b 1 f t"), kernel_size=(cfg.fshape, cfg.tshape),
+                           stride=(cfg.fstride, cfg.tstride))  # [B, fshape * tshape, N]
+        return rearrange(patches, "b cells n -> b n cells")
 
     def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens ``[B, N, D]`` (no prefix tokens, no positions) of an fbank ``[B, T, F]``."""
         self.check_input(x)
-        return self.patch_embed(x.transpose(1, 2).unsqueeze(1))  # [B, T, F] -> [B, 1, F, T]
+        return self.patch_embed(rearrange(x, "b t f -> b 1 f t"))
 
     def forward_tokens(self, tokens: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """Prefix tokens + positions + blocks + final norm on patch tokens ``[B, N, D]``.
@@ -260,6 +267,30 @@ class ASTEncoder(nn.Module):
     def extra_repr(self) -> str:
         f_dim, t_dim = self.cfg.grid
         return f"grid={f_dim}x{t_dim}, tokens={self.cfg.num_patches}+{self.cfg.num_prefix_tokens}"
+
+
+POOLINGS = ("mean", "prefix")
+
+
+def check_pooling(pool: str, num_prefix_tokens: int) -> None:
+    """Raise ``ValueError`` if ``pool`` is unknown or cannot pool an encoder with ``num_prefix_tokens``."""
+    if pool not in POOLINGS:
+        raise ValueError(f"unknown pooling {pool!r}; choose one of {list(POOLINGS)}")
+    if pool == "prefix" and num_prefix_tokens == 0:
+        raise ValueError("prefix pooling needs prefix tokens; this encoder has none")
+
+
+def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, pool: str) -> torch.Tensor:
+    """One vector per clip from :meth:`ASTEncoder.forward_features` tokens ``[B, P + N, D]`` -> ``[B, D]``.
+
+    Args:
+        tokens: prefix tokens first, then the patch tokens.
+        num_prefix_tokens: P.
+        pool: ``mean`` over the patch tokens (SSAST's ``ft_avgtok``) or over the ``prefix`` tokens (AST:
+            ``(cls + dist) / 2``).
+    """
+    check_pooling(pool, num_prefix_tokens)
+    return tokens[:, num_prefix_tokens:].mean(1) if pool == "mean" else tokens[:, :num_prefix_tokens].mean(1)
 
 
 def count_parameters(module: nn.Module) -> int:

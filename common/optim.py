@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["OptimConfig", "build_optimizer", "LRSchedule", "param_groups"]
+__all__ = ["OptimConfig", "build_optimizer", "LRSchedule", "param_groups", "build_engine"]
 
 
 @dataclass(frozen=True)
@@ -165,3 +165,33 @@ def param_groups(model: nn.Module, head_prefixes: tuple[str, ...] = (), head_lr_
     if head:
         groups.append({"params": head, "lr_scale": head_lr_scale})
     return groups
+
+
+def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int, zero_stage: int,
+                 device: torch.device, total_steps: int | None = None, head_prefixes: tuple[str, ...] = ()):
+    """A DeepSpeed engine around ``model`` with a fresh optimiser and LR schedule (one per phase).
+
+    Args:
+        model: the phase's model.
+        cfg: the optimiser settings.
+        lr: the phase's peak learning rate.
+        batch_size: micro-batch size per rank.
+        zero_stage: DeepSpeed ZeRO stage.
+        device: where training runs (fused Adam on CUDA).
+        total_steps: the phase length in optimiser steps (cosine schedules need it).
+        head_prefixes: parameter-name prefixes that get ``cfg.head_lr_scale``.
+    """
+    import deepspeed
+
+    optimizer = build_optimizer(param_groups(model, head_prefixes, cfg.head_lr_scale), cfg, lr, device)
+    config = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False,
+                                      lr_scheduler=lambda opt: LRSchedule(opt, cfg, lr, total_steps))
+    return engine

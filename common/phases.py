@@ -4,18 +4,21 @@ A run is a list of phases, each with a compression method and factor, a length (
 iteration-based pretraining, ``epochs`` for fine-tuning) and optional batch-size / learning-rate
 overrides. The paper's SSAST schedule is two phases: Fshift x4 for 100K steps, then full resolution for
 500K; three-phase runs (4 -> 2 -> 1) are written the same way. At every phase change the grid-dependent
-weights are adapted (``common.resize``) and the optimiser and learning-rate schedule restart.
+weights are adapted (``common.resize``, ``common.transition``) and the optimiser and learning-rate schedule
+restart.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Sequence
 
 from common.compression import Compression
 from common.model import EncoderConfig
+from common.resize import PatchResize, PosResize
 
-__all__ = ["PhaseConfig", "TransferConfig", "phase_encoder_configs", "patch_mode_between"]
+__all__ = ["PhaseConfig", "TransferConfig", "PhasePlan", "phase_encoder_configs", "patch_mode_between",
+           "plan_phases", "format_plan"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class PhaseConfig:
 
     compression: str = "none"
     factor: int = 1
-    patch_transfer: Literal["pi", "bilinear"] = "pi"
+    patch_transfer: PatchResize = "pi"
     steps: int | None = None
     epochs: int | None = None
     batch_size: int | None = None
@@ -43,7 +46,7 @@ class PhaseConfig:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        self.spec  # validates method and factor
+        self.as_compression()  # validates method and factor
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("a phase needs exactly one of steps (iteration-based) or epochs (epoch-based)")
         length = self.steps if self.steps is not None else self.epochs
@@ -54,16 +57,25 @@ class PhaseConfig:
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"phase lr must be positive, got {self.lr}")
 
-    @property
-    def spec(self) -> Compression:
+    def as_compression(self) -> Compression:
+        """The phase's compression method and factor as a :class:`Compression`."""
         return Compression(self.compression, self.factor, self.patch_transfer)
 
     @property
     def iteration_based(self) -> bool:
         return self.steps is not None
 
+    @property
+    def length(self) -> int:
+        """Steps (iteration-based) or epochs (epoch-based)."""
+        return self.steps if self.steps is not None else self.epochs
+
+    def batch_size_or(self, default: int) -> int:
+        """The phase's per-rank batch size, or ``default`` (the data section's) when it sets none."""
+        return self.batch_size or default
+
     def label(self, index: int) -> str:
-        return self.name or f"phase{index + 1} ({self.spec.describe()})"
+        return self.name or f"phase{index + 1} ({self.as_compression().describe()})"
 
 
 @dataclass(frozen=True)
@@ -75,7 +87,7 @@ class TransferConfig:
             for shorter inputs).
     """
 
-    pos_embed: Literal["bilinear", "cut"] = "bilinear"
+    pos_embed: PosResize = "bilinear"
 
 
 def phase_encoder_configs(base: EncoderConfig, phases: Sequence[PhaseConfig]) -> list[EncoderConfig]:
@@ -87,18 +99,77 @@ def phase_encoder_configs(base: EncoderConfig, phases: Sequence[PhaseConfig]) ->
         raise ValueError("phases: mix of steps and epochs; a run is either iteration-based or epoch-based")
     out = []
     for i, phase in enumerate(phases):
+        compression = phase.as_compression()
         try:
-            phase.spec.check(base)
+            compression.check(base)
         except ValueError as err:
             raise ValueError(f"phases.{i}: {err}") from None
-        out.append(phase.spec.encoder_config(base))
+        out.append(compression.encoder_config(base))
     return out
 
 
-def patch_mode_between(old: PhaseConfig, new: PhaseConfig) -> str:
-    """Patch-kernel transfer at a change from ``old`` to ``new``: that of the patch phase involved."""
+def patch_mode_between(old: PhaseConfig | None, new: PhaseConfig) -> str:
+    """Patch-kernel transfer into ``new`` from ``old`` (None: from initial weights): that of the patch phase
+    involved, PI-resize otherwise."""
     if new.compression == "patch":
         return new.patch_transfer
-    if old.compression == "patch":
+    if old is not None and old.compression == "patch":
         return old.patch_transfer
     return "pi"
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    """What a phase will cost, before it runs.
+
+    Attributes:
+        label: the phase's label.
+        length, unit: ``steps`` or ``epochs``.
+        global_batch: clips per optimiser step over every rank and accumulation.
+        grid, tokens: the token grid ``(f, t)`` and its size (patch tokens, prefix tokens not counted).
+        flops_per_sample: training FLOPs (forward + backward) per clip.
+        train_flops: planned training FLOPs of the phase (iteration-based phases only: an epoch's size is
+            the data's).
+    """
+
+    label: str
+    length: int
+    unit: str
+    global_batch: int
+    grid: tuple[int, int]
+    tokens: int
+    flops_per_sample: int
+    train_flops: float | None
+
+
+def plan_phases(phases: Sequence[PhaseConfig], configs: Sequence[EncoderConfig],
+                flops_per_sample: Callable[[EncoderConfig], int], batch_size: int, grad_accum: int = 1,
+                world_size: int = 1) -> list[PhasePlan]:
+    """The plan of every phase (what ``--dry-run`` prints and the baseline comparison sums).
+
+    Args:
+        phases: the recipe's phases.
+        configs: their encoder geometries (:func:`phase_encoder_configs`).
+        flops_per_sample: the objective's training FLOPs per clip at a geometry.
+        batch_size: the data section's per-rank batch (a phase may override it).
+        grad_accum, world_size: micro-batches per step and ranks.
+    """
+    rows = []
+    for i, (phase, cfg) in enumerate(zip(phases, configs)):
+        batch = phase.batch_size_or(batch_size) * grad_accum * world_size
+        flops = flops_per_sample(cfg)
+        rows.append(PhasePlan(phase.label(i), phase.length, "steps" if phase.iteration_based else "epochs", batch,
+                              cfg.grid, cfg.num_patches, flops,
+                              flops * phase.steps * batch if phase.iteration_based else None))
+    return rows
+
+
+def format_plan(rows: Sequence[PhasePlan]) -> str:
+    """The plan as a table (planned FLOPs in PFLOPs where they are known)."""
+    unit = rows[0].unit if rows else "steps"
+    lines = [f"{'phase':<32} {unit:>8} {'batch':>6} {'grid':>7} {'tokens':>6} {'GFLOPs/sample':>14} {'PFLOPs':>9}"]
+    for r in rows:
+        total = f"{r.train_flops / 1e15:>9.4g}" if r.train_flops is not None else f"{'-':>9}"
+        lines.append(f"{r.label:<32} {r.length:>8} {r.global_batch:>6} {r.grid[0]:>3}x{r.grid[1]:<3} {r.tokens:>6} "
+                     f"{r.flops_per_sample / 1e9:>14.4g} {total}")
+    return "\n".join(lines)

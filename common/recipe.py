@@ -16,7 +16,7 @@ from typing import Any, Literal, Sequence, Union
 
 import yaml
 
-__all__ = ["RecipeError", "build", "to_dict", "load_yaml", "apply_overrides", "dump_yaml"]
+__all__ = ["RecipeError", "build", "to_dict", "merge", "load_yaml", "apply_overrides", "dump_yaml"]
 
 
 class RecipeError(ValueError):
@@ -135,10 +135,11 @@ def to_dict(obj) -> Any:
     return obj
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: mappings are merged key by key, everything else (lists too) replaced."""
     out = dict(base)
     for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -160,7 +161,7 @@ def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     parent_path = (path.parent / parent).resolve()
     if parent_path in _seen:
         raise RecipeError(f"{path}: extends {parent} in a cycle")
-    return _merge(load_yaml(parent_path, _seen + (path.resolve(),)), data)
+    return merge(load_yaml(parent_path, _seen + (path.resolve(),)), data)
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
@@ -197,6 +198,6 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
 
 def dump_yaml(obj, path: str | Path) -> None:
     """Write a dataclass tree (a resolved recipe) as YAML, atomically."""
-    from common.checkpoint import atomic_write_text
+    from common.atomic import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))

@@ -18,19 +18,25 @@ returns the input dtype.
 from __future__ import annotations
 
 import logging
+import typing
+from typing import Literal
 
 import torch
+from einops import rearrange
+from torch import nn
 from torch.nn import functional as F
 
 from common.model import ASTEncoder, EncoderConfig
 
-__all__ = ["POS_MODES", "PATCH_MODES", "resample_pos_embed", "resample_patch_kernel", "adapt_state_dict",
-           "adapt_encoder"]
+__all__ = ["PosResize", "PatchResize", "POS_MODES", "PATCH_MODES", "resample_pos_embed", "resample_patch_kernel",
+           "adapt_state_dict", "load_adapted", "adapt_encoder"]
 
 log = logging.getLogger(__name__)
 
-POS_MODES = ("bilinear", "cut")
-PATCH_MODES = ("pi", "bilinear")
+PosResize = Literal["bilinear", "cut"]  # how the positional embedding follows a grid change
+PatchResize = Literal["pi", "bilinear"]  # how the patch kernel follows a patch-shape change
+POS_MODES: tuple[str, ...] = typing.get_args(PosResize)
+PATCH_MODES: tuple[str, ...] = typing.get_args(PatchResize)
 
 
 def _interpolate(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -74,8 +80,7 @@ def resample_pos_embed(
     else:
         dtype = pos_embed.dtype
         prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:].float()
-        dim = grid.shape[-1]
-        grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)  # [1, D, f, t]
+        grid = rearrange(grid, "1 (f t) d -> 1 d f t", f=old_grid[0], t=old_grid[1])
         for axis, (old, new) in enumerate(zip(old_grid, new_grid)):
             if new < old:  # centre cut, start as SSAST: old // 2 - new // 2
                 grid = grid.narrow(2 + axis, old // 2 - new // 2, new)
@@ -83,7 +88,7 @@ def resample_pos_embed(
                 size = list(grid.shape[-2:])
                 size[axis] = new
                 grid = _interpolate(grid, tuple(size))
-        grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(dtype)
+        grid = rearrange(grid, "1 d f t -> 1 (f t) d").to(dtype)
         out = torch.cat([prefix, grid], dim=1)
     log.info("resampled pos_embed %dx%d -> %dx%d (%s)", *old_grid, *new_grid, mode)
     return out
@@ -150,13 +155,30 @@ def adapt_state_dict(
     return out
 
 
+def load_adapted(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    old: EncoderConfig,
+    new: EncoderConfig,
+    pos_mode: str = "bilinear",
+    patch_mode: str = "pi",
+) -> nn.Module:
+    """Load encoder weights laid out for ``old`` into ``module`` (an encoder laid out for ``new``).
+
+    The weights are adapted (:func:`adapt_state_dict`) and cast to the module's dtype; every key must match.
+    Returns ``module``.
+    """
+    dtype = next(module.parameters()).dtype
+    adapted = adapt_state_dict(state, old, new, pos_mode, patch_mode)
+    module.load_state_dict({k: v.to(dtype) for k, v in adapted.items()})
+    return module
+
+
 def adapt_encoder(
     encoder: ASTEncoder, new: EncoderConfig, pos_mode: str = "bilinear", patch_mode: str = "pi"
 ) -> ASTEncoder:
     """A new encoder for ``new`` carrying ``encoder``'s weights (adapted), on the same device and dtype."""
     param = next(encoder.parameters())
-    state = adapt_state_dict(encoder.state_dict(), encoder.cfg, new, pos_mode, patch_mode)
     with torch.device(param.device):
-        out = ASTEncoder(new)
-    out.load_state_dict(state)
-    return out.to(dtype=param.dtype)
+        out = ASTEncoder(new).to(dtype=param.dtype)
+    return load_adapted(out, encoder.state_dict(), encoder.cfg, new, pos_mode, patch_mode)

@@ -4,12 +4,17 @@ Layout under ``RUN/checkpoints``::
 
     LATEST                        the tag of the newest complete checkpoint (replaced atomically)
     phase01-step000004000/        DeepSpeed files (module, optimizer, LR schedule) +
-        trainer_state.json        phase, step, data position, ledger, ... (rank 0)
+        trainer_state.json        phase, step, data position, ledger, ... and the size of every file (rank 0)
         rng_rank{r}.pt            every rank's random-number generator states
 
 A checkpoint is written into ``.tmp-TAG`` and renamed into place only when every rank has finished,
 then ``LATEST`` moves to it: a run killed while saving resumes from the previous checkpoint. The run
 directory must be on a file system all ranks share.
+
+Resuming verifies the checkpoint it picks (its state file parses, every file has the size it was written
+with, every ``.pt`` archive is intact) and falls back to the newest intact one, with a warning naming
+what was skipped and why; without ``LATEST`` it looks for the newest intact checkpoint on disk. When
+checkpoints exist but none is usable, it refuses to start from scratch (:class:`NoUsableCheckpoint`).
 """
 
 from __future__ import annotations
@@ -17,78 +22,176 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
 
-from common.checkpoint import atomic_write_text
+from common.atomic import atomic_write_text
 
-__all__ = ["make_tag", "latest_tag", "save_checkpoint", "read_trainer_state", "read_rng_state",
-           "read_module_state", "remove_partial"]
+__all__ = ["RunCheckpoints", "NoUsableCheckpoint", "make_tag", "capture_rng", "restore_rng"]
 
 log = logging.getLogger(__name__)
 
 LATEST = "LATEST"
 TMP_PREFIX = ".tmp-"
+STATE_FILE = "trainer_state.json"
+# DeepSpeed's file with the module weights (ZeRO stage <= 2 keeps the whole module in rank 0's file)
+MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+class NoUsableCheckpoint(RuntimeError):
+    """Checkpoints exist but none can be resumed from."""
 
 
 def make_tag(phase: int, step: int) -> str:
+    """The checkpoint name of 0-based ``phase`` at ``step`` (steps, or epochs in epoch-based runs)."""
     return f"phase{phase + 1:02d}-step{step:09d}"
 
 
-def latest_tag(ckdir: Path) -> str | None:
-    """The newest complete checkpoint's tag, or None (no checkpoint yet)."""
-    pointer = Path(ckdir) / LATEST
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    if not (Path(ckdir) / tag / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{pointer} names checkpoint {tag!r}, which is missing or incomplete")
-    return tag
+def capture_rng(generator: torch.Generator, device: torch.device) -> dict:
+    """This process's random states: torch's global one, the trainer's generator, CUDA's."""
+    rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
 
 
-def remove_partial(ckdir: Path) -> None:
-    """Delete checkpoints whose writing was interrupted (call on rank 0 before resuming)."""
-    for tmp in Path(ckdir).glob(f"{TMP_PREFIX}*"):
-        log.warning("removing interrupted checkpoint %s", tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+def restore_rng(rng: dict, generator: torch.Generator, device: torch.device) -> None:
+    """Undo :func:`capture_rng`."""
+    torch.set_rng_state(rng["torch"])
+    generator.set_state(rng["generator"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
 
 
-def save_checkpoint(engine, ckdir: Path, tag: str, trainer_state: dict, rng_state: dict, dist, keep: int) -> None:
-    """Save on every rank (collective); rank 0 publishes it and prunes to the newest ``keep``."""
-    ckdir = Path(ckdir)
-    tmp = f"{TMP_PREFIX}{tag}"
-    engine.save_checkpoint(str(ckdir), tag=tmp, client_state={}, save_latest=False)
-    torch.save(rng_state, ckdir / tmp / f"rng_rank{dist.rank}.pt")
-    if dist.is_main:
-        atomic_write_text(ckdir / tmp / "trainer_state.json", json.dumps(trainer_state))
-    dist.barrier()
-    if dist.is_main:
-        final = ckdir / tag
-        if final.exists():
-            shutil.rmtree(final)
-        (ckdir / tmp).rename(final)
-        atomic_write_text(ckdir / LATEST, tag)
-        done = sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("phase"))
-        for old in done[: max(0, len(done) - keep)]:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info("saved checkpoint %s", final)
-    dist.barrier()
+def _damage(folder: Path) -> str | None:
+    """Why the checkpoint in ``folder`` cannot be resumed from, or None if it is intact."""
+    state_file = folder / STATE_FILE
+    if not state_file.is_file():
+        return f"{state_file.name} is missing"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as err:
+        return f"{state_file} is unreadable ({err})"
+    if not isinstance(state, dict) or "state" not in state:
+        return f"{state_file} holds no trainer state"
+    for name, size in state.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, {size} were written"
+    if not (folder / MODEL_FILE).is_file():
+        return f"{folder / MODEL_FILE} is missing"
+    for path in sorted(folder.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (OSError, zipfile.BadZipFile) as err:
+            return f"{path} is damaged ({err})"
+        if bad is not None:
+            return f"{path} is damaged (entry {bad} fails its checksum)"
+    return None
 
 
-def read_trainer_state(ckdir: Path, tag: str) -> dict:
-    return json.loads((Path(ckdir) / tag / "trainer_state.json").read_text())
+class RunCheckpoints:
+    """The training checkpoints of one run directory.
 
+    Args:
+        ckdir: the checkpoint folder (``RUN/checkpoints``).
+        dist: this process's :class:`common.distributed.Dist` (saving and resuming are collective).
+        keep: how many of the newest checkpoints to keep.
+    """
 
-def read_rng_state(ckdir: Path, tag: str, rank: int) -> dict | None:
-    path = Path(ckdir) / tag / f"rng_rank{rank}.pt"
-    if not path.is_file():
-        log.warning("%s missing (resuming with another number of ranks?): random state not restored", path)
-        return None
-    return torch.load(path, weights_only=True)
+    def __init__(self, ckdir: Path, dist, keep: int) -> None:
+        self.ckdir = Path(ckdir)
+        self.dist = dist
+        self.keep = keep
 
+    def _complete(self) -> list[Path]:
+        """Published checkpoint folders, oldest first."""
+        if not self.ckdir.is_dir():
+            return []
+        return sorted(p for p in self.ckdir.iterdir() if p.is_dir() and p.name.startswith("phase"))
 
-def read_module_state(ckdir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """The model weights of a checkpoint (ZeRO stage <= 2 keeps the whole module on rank 0's file)."""
-    path = Path(ckdir) / tag / "mp_rank_00_model_states.pt"
-    return torch.load(path, map_location="cpu", weights_only=True)["module"]
+    def latest_tag(self) -> str | None:
+        """The tag ``LATEST`` names (None: no checkpoint published yet)."""
+        pointer = self.ckdir / LATEST
+        return pointer.read_text().strip() if pointer.is_file() else None
+
+    def save(self, engine, tag: str, trainer_state: dict, rng_state: dict) -> None:
+        """Save on every rank (collective); rank 0 publishes it and prunes to the newest ``keep``."""
+        tmp = self.ckdir / f"{TMP_PREFIX}{tag}"
+        engine.save_checkpoint(str(self.ckdir), tag=tmp.name, client_state={}, save_latest=False)
+        torch.save(rng_state, tmp / f"rng_rank{self.dist.rank}.pt")
+        self.dist.barrier()
+        if self.dist.is_main:
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            atomic_write_text(tmp / STATE_FILE, json.dumps({**trainer_state, "files": files}))
+            final = self.ckdir / tag
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            atomic_write_text(self.ckdir / LATEST, tag)
+            done = self._complete()
+            for old in done[: max(0, len(done) - self.keep)]:
+                shutil.rmtree(old, ignore_errors=True)
+            log.info("saved checkpoint %s", final)
+        self.dist.barrier()
+
+    def _pick(self) -> tuple[str | None, list[str]]:
+        """Rank 0: the newest intact checkpoint's tag, and what was skipped on the way (and why)."""
+        for tmp in self.ckdir.glob(f"{TMP_PREFIX}*"):
+            log.warning("removing interrupted checkpoint %s", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = self.latest_tag()
+        candidates = [p.name for p in reversed(self._complete())]
+        if latest is None and candidates:
+            log.warning("%s is missing; looking for the newest intact checkpoint in %s", self.ckdir / LATEST,
+                        self.ckdir)
+        elif latest is not None and latest not in candidates:
+            log.warning("%s names checkpoint %s, which does not exist", self.ckdir / LATEST, latest)
+        elif latest is not None:
+            candidates.remove(latest)
+            candidates.insert(0, latest)
+        skipped = []
+        for tag in candidates:
+            reason = _damage(self.ckdir / tag)
+            if reason is None:
+                return tag, skipped
+            skipped.append(f"{tag}: {reason}")
+            log.warning("cannot resume from checkpoint %s: %s; trying an older one", tag, reason)
+        return None, skipped
+
+    def find_resume(self) -> str | None:
+        """The tag to resume from, the same on every rank (collective); None when there is no checkpoint.
+
+        Raises:
+            NoUsableCheckpoint: checkpoints exist but none is intact.
+        """
+        tag, skipped = (self._pick() if self.dist.is_main and self.ckdir.is_dir() else (None, []))
+        tag, skipped = self.dist.broadcast_object((tag, skipped))
+        if tag is None and skipped:
+            raise NoUsableCheckpoint(
+                f"no checkpoint in {self.ckdir} can be resumed from ({'; '.join(skipped)}); run with --restart to "
+                f"start from step 0 (the damaged checkpoints are kept aside)")
+        return tag
+
+    def trainer_state(self, tag: str) -> dict:
+        return json.loads((self.ckdir / tag / STATE_FILE).read_text())
+
+    def rng_state(self, tag: str) -> dict | None:
+        path = self.ckdir / tag / f"rng_rank{self.dist.rank}.pt"
+        if not path.is_file():
+            log.warning("%s missing (resuming with another number of ranks?): random state not restored", path)
+            return None
+        return torch.load(path, weights_only=True)
+
+    def module_state(self, tag: str) -> dict[str, torch.Tensor]:
+        """The model weights of a checkpoint."""
+        return torch.load(self.ckdir / tag / MODEL_FILE, map_location="cpu", weights_only=True)["module"]
+
+    def load_engine(self, engine, tag: str) -> None:
+        """Weights, optimizer and LR schedule of checkpoint ``tag`` into ``engine`` (collective)."""
+        engine.load_checkpoint(str(self.ckdir), tag=tag)

@@ -1,56 +1,52 @@
 """The one training loop, shared by SSAST pretraining and supervised fine-tuning.
 
-What differs between the two (model heads, loss, evaluation, export) is an :class:`Objective`; the
-trainer owns everything else:
+What differs between the two (model heads, loss, evaluation, export) is an :class:`Objective`. The
+trainer runs the phases in order; for each phase it builds the phase's model (``common.transition``: the
+previous model's weights adapted to the new grid) and a fresh DeepSpeed engine (``common.optim``: the
+optimiser and the learning-rate schedule restart, paper section 2.2), streams waveform batches
+(``common.data``) through the phase's feature pipeline, and steps:
 
-- phases: per phase, the encoder geometry of its compression; at a change the previous model's weights
-  are adapted (positional embedding, patch kernel, heads) and a fresh DeepSpeed engine is made, so the
-  optimiser and the learning-rate schedule restart from their initial settings (paper section 2.2);
-- data: one resumable stream of waveform batches; features are made on the device per phase;
-- DeepSpeed engines (ZeRO stage, gradient accumulation and clipping from the recipe), bf16 autocast on
-  GPU, fp32 on CPU;
-- validation every ``eval_every`` steps (iteration-based phases) or every epoch (epoch-based);
-- checkpoints every ``save_every`` steps / every epoch and at each phase end, atomic, with the data
-  position, RNG states and ledger, so that re-running the same command resumes exactly;
-- a non-finite loss stops the run before the optimiser step, leaving the last checkpoint intact;
-- TensorBoard scalars, a progress bar on rank 0, ``ledger.json`` and an export at every phase end.
+    for each optimiser step: micro-batches -> features -> objective loss -> backward -> step
+        every log_every steps: log the window's losses and throughput
+        at a save point: checkpoint (``common.run_checkpoint``), then validate if due
+        at an epoch end (epoch-based phases): keep weights for averaging, checkpoint, validate
+
+Validation follows the checkpoint of the same step (the checkpoint remembers that it is pending), so an
+error in validation never loses training. A non-finite loss stops the run before the optimiser step,
+leaving the last checkpoint intact. Re-running on the same run directory resumes exactly. Compute and time
+go into the ledger (``common.ledger``), scalars into TensorBoard, and each phase's model into
+``export/phaseN.safetensors``; the final model (or the weight average, ``common.weight_average``) becomes
+``model.safetensors``.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Protocol, Sequence
+from typing import Iterator, Literal, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import nn
 
+from common.atomic import atomic_copy
 from common.augment import SpecAugmentConfig
-from common.data import BadAudioTracker, Batch, ClipDataset, ClipLoader, DataConfig, open_cuts
+from common.checkpoint import EncoderWeights
+from common.data import BadAudioTracker, Batch, DataConfig, eval_loader, train_loader
 from common.distributed import Dist
 from common.features import AudioConfig, FeaturePipeline
-from common.ledger import Ledger
+from common.ledger import Ledger, Window
 from common.logger import Scalars, progress
 from common.model import ASTEncoder, EncoderConfig
-from common.optim import LRSchedule, OptimConfig, build_optimizer, param_groups
-from common.phases import PhaseConfig, TransferConfig, patch_mode_between, phase_encoder_configs
-from common.resize import adapt_state_dict
-from common.run_checkpoint import (
-    latest_tag,
-    make_tag,
-    read_module_state,
-    read_rng_state,
-    read_trainer_state,
-    remove_partial,
-    save_checkpoint,
-)
+from common.optim import OptimConfig, build_engine
+from common.phases import PhaseConfig, TransferConfig, phase_encoder_configs
+from common.run_checkpoint import RunCheckpoints, capture_rng, make_tag, restore_rng
+from common.transition import initial_model, next_phase_model
+from common.weight_average import WeightAverage, averaged_epochs
 
-__all__ = ["TrainConfig", "Objective", "RunSpec", "Trainer", "NonFiniteLoss"]
+__all__ = ["TrainConfig", "Objective", "RunSpec", "Trainer", "NonFiniteLoss", "step_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +129,7 @@ class RunSpec:
     """Everything the trainer needs besides the objective (built by the entry points from a recipe).
 
     Args:
-        init: ``(config, encoder state dict)`` the first phase starts from (None: from scratch).
+        init: the encoder weights the first phase starts from (None: from scratch).
         init_pos_embed: how the initial positional embedding is fitted to the first phase (default: the
             transfer setting; ImageNet weights use ``cut``, AST's rule).
         baseline: ``(name, planned training FLOPs)`` of the baseline recipe, for the ledger.
@@ -148,14 +144,16 @@ class RunSpec:
     optim: OptimConfig
     train: TrainConfig
     data: DataConfig
-    init: tuple[EncoderConfig, dict] | None = None
+    init: EncoderWeights | None = None
     init_pos_embed: str | None = None
     baseline: tuple[str, float] | None = None
     meta: dict = field(default_factory=dict)
 
 
 @dataclass
-class _State:
+class TrainState:
+    """Where the run is (saved in every checkpoint)."""
+
     phase: int = 0
     step: int = 0  # optimiser steps done in this phase
     epoch_in_phase: int = 0
@@ -163,7 +161,50 @@ class _State:
     data_epoch: int = 0
     data_index: int = 0
     total_steps: int = 0
-    best_score: float | None = None
+    best_score: float | None = None  # the best validation score of the current phase
+    pending_eval: bool = False  # the checkpoint was taken before the validation of its step
+
+
+class StepGroup(NamedTuple):
+    """One optimiser step's micro-batches, or an epoch end (``batches`` empty, ``epoch_end`` set)."""
+
+    batches: list[Batch]
+    position: tuple[int, int]  # the data position after these batches: (epoch, batches consumed)
+    epoch_end: int | None = None  # the epoch that just ended
+
+
+def step_groups(stream: Iterator[Batch], accum: int, epoch_based: bool) -> Iterator[StepGroup]:
+    """Group a batch stream into optimiser steps of ``accum`` micro-batches.
+
+    Batches whose clips were all unusable are skipped. In epoch-based phases an epoch end is announced
+    as a group of its own, and a partial group left at an epoch end is dropped (as a DataLoader with
+    ``drop_last``: a step never mixes two epochs).
+    """
+    group: list[Batch] = []
+    current = None
+    for batch in stream:
+        if epoch_based and current is not None and batch.epoch != current:
+            group = []
+            yield StepGroup([], (current + 1, 0), epoch_end=current)
+        current = batch.epoch
+        if not len(batch):
+            continue
+        group.append(batch)
+        if len(group) == accum:
+            yield StepGroup(group, (batch.epoch, batch.index + 1))
+            group = []
+    if epoch_based and current is not None:
+        yield StepGroup([], (current + 1, 0), epoch_end=current)
+
+
+class _Pending:
+    """Training not yet moved into the ledger: steps and clips (this rank) since ``clock``."""
+
+    def __init__(self) -> None:
+        self.steps, self.samples, self.clock = 0, 0, time.perf_counter()
+
+    def restart_clock(self) -> None:
+        self.clock = time.perf_counter()
 
 
 class Trainer:
@@ -174,23 +215,25 @@ class Trainer:
         self.objective = objective
         self.dist = dist
         self.run_dir = Path(spec.run_dir)
-        self.ckdir = self.run_dir / "checkpoints"
         self.cfgs = phase_encoder_configs(spec.base, spec.phases)
         self.device = dist.device
         bf16 = spec.train.precision == "bf16" or (spec.train.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if bf16 else None
-        self.state = _State()
+        self.state = TrainState()
         self.ledger = Ledger(objective.score_name)
+        if spec.baseline is not None:
+            self.ledger.set_baseline(*spec.baseline)
+        self.checkpoints = RunCheckpoints(self.run_dir / "checkpoints", dist, spec.train.keep_checkpoints)
+        self.average = WeightAverage(self.run_dir / "average",
+                                     averaged_epochs(spec.train.weight_average_from, spec.phases))
         self.tracker = BadAudioTracker(spec.data.max_bad_fraction, log_path=str(self.run_dir / "bad_audio.tsv")
                                        if dist.is_main else None)
         self.generator = torch.Generator().manual_seed(spec.train.seed * 1000 + dist.rank)
         self.scalars = Scalars(self.run_dir, enabled=dist.is_main)
         self._flops: dict[int, int] = {}
-        self._pending = {"steps": 0, "samples": 0, "clock": time.perf_counter()}
-        if spec.baseline is not None:
-            self.ledger.set_baseline(*spec.baseline)
+        self._pending = _Pending()
 
-    # ----------------------------------------------------------------------------------------- running
+    # ------------------------------------------------------------------------------------- the run
     def run(self, stop_after: int | None = None) -> bool:
         """Train until every phase is done (True) or ``stop_after`` optimiser steps in this call (False)."""
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -202,221 +245,173 @@ class Trainer:
             self.scalars.close()
 
     def _run(self, stop_after: int | None) -> bool:
-        model = self._resume()
+        model, resume_tag = self._resume()
         last = len(self.spec.phases) - 1
         if self.state.phase == last and self.state.phase_done and (self.run_dir / "model.safetensors").is_file():
             log.info("run in %s is already complete: %s", self.run_dir, self.run_dir / "model.safetensors")
             return True
+        if self.state.phase_done:  # resumed at the end of a phase: finish what follows its checkpoint
+            self._complete_phase(model, self.state.phase, scheduler=None)
         steps_this_call = 0
-        while self.state.phase < len(self.spec.phases):
+        while True:
             index = self.state.phase
-            if self.state.phase_done:  # phase finished (now or in a resumed run): move to the next one
-                model = self._transition(model, index)
+            if self.state.phase_done:
+                if index == last:
+                    break
+                model = self._next_phase(model, index)
                 continue
-            if model is None:
-                model = self._fresh_model(index)
+            if model is None:  # the phase's model from scratch or the initial weights (a resume loads its own)
+                init = self.spec.init if index == 0 and resume_tag is None else None
+                model = initial_model(self.objective, self.cfgs[index], self.spec.phases[index],
+                                      self.spec.train.seed + index, init,
+                                      self.spec.init_pos_embed or self.spec.transfer.pos_embed)
+                if init is not None:
+                    log.info("initialised the encoder from %s", self.spec.meta.get("init", "the given weights"))
+                self._seed_rank(index)
             engine = self._engine(model, index)
-            if self._resume_tag is not None:  # mid-phase: weights, optimiser and schedule from the checkpoint
-                engine.load_checkpoint(str(self.ckdir), tag=self._resume_tag)
-                self._restore_rng(self._resume_tag)
-                self._resume_tag = None
-            finished, steps = self._train_phase(engine, index, None if stop_after is None
-                                                else stop_after - steps_this_call)
+            if resume_tag is not None:  # mid-phase: weights, optimiser and schedule from the checkpoint
+                self.checkpoints.load_engine(engine, resume_tag)
+                self._restore_rng(resume_tag)
+                resume_tag = None
+                if self.state.pending_eval:
+                    self._validate(engine.module, index, engine.lr_scheduler)
+            budget = None if stop_after is None else stop_after - steps_this_call
+            finished, steps = self._train_phase(engine, index, budget)
             steps_this_call += steps
             model = engine.module
             del engine
             gc.collect()
             if not finished:
+                log.info("stopped after %d steps as asked; run the same command again to resume", steps_this_call)
                 return False
         self._finish(model)
         return True
 
-    def _transition(self, model: nn.Module, index: int) -> nn.Module | None:
-        """After phase ``index`` is done: the model for phase ``index + 1`` (or None after the last)."""
-        self.state = _State(phase=index + 1, data_epoch=self.state.data_epoch, data_index=self.state.data_index,
-                            total_steps=self.state.total_steps, best_score=self.state.best_score)
-        if index + 1 >= len(self.spec.phases):
-            self.state.phase_done = False
-            return model
-        old, new = self.cfgs[index], self.cfgs[index + 1]
-        prev = self.spec.phases[index]
-        nxt = self.spec.phases[index + 1]
-        if (prev.batch_size or self.spec.data.batch_size) != (nxt.batch_size or self.spec.data.batch_size) \
-                and self.state.data_index:
-            self.state.data_epoch, self.state.data_index = self.state.data_epoch + 1, 0  # new batch size
-        state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-        state = adapt_state_dict(state, old, new, self.spec.transfer.pos_embed, patch_mode_between(prev, nxt),
-                                 prefix="encoder.")
-        state = self.objective.adapt_state(state, old, new)
-        torch.manual_seed(self.spec.train.seed + index + 1)
-        fresh = self.objective.build_model(ASTEncoder(new))
-        fresh.load_state_dict(state)
-        log.info("phase change -> %s: grid %s -> %s, tokens %d -> %d; optimizer and LR schedule restart",
-                 nxt.label(index + 1), "x".join(map(str, old.grid)), "x".join(map(str, new.grid)),
-                 old.num_patches, new.num_patches)
-        self.scalars.log({"phase": index + 2}, self.state.total_steps)
-        return fresh
-
-    def _fresh_model(self, index: int) -> nn.Module:
-        cfg = self.cfgs[index]
-        torch.manual_seed(self.spec.train.seed + index)
-        encoder = ASTEncoder(cfg)
-        if self.spec.init is not None and index == 0 and self._resume_tag is None:
-            init_cfg, init_state = self.spec.init
-            phase = self.spec.phases[0]
-            pos_mode = self.spec.init_pos_embed or self.spec.transfer.pos_embed
-            state = adapt_state_dict(init_state, init_cfg, cfg, pos_mode,
-                                     phase.patch_transfer if phase.compression == "patch" else "pi")
-            encoder.load_state_dict({k: v.float() for k, v in state.items()})
-            log.info("initialised the encoder from %s", self.spec.meta.get("init", "the given weights"))
-        return self.objective.build_model(encoder)
-
-    def _engine(self, model: nn.Module, index: int):
-        import deepspeed
-
-        phase, optim = self.spec.phases[index], self.spec.optim
-        lr = phase.lr or optim.lr
-        groups = param_groups(model, self.objective.head_prefixes, optim.head_lr_scale)
-        optimizer = build_optimizer(groups, optim, lr, self.device)
-        total = phase.steps if phase.iteration_based else None
-        config = {
-            "train_micro_batch_size_per_gpu": self._batch_size(index),
-            "gradient_accumulation_steps": optim.grad_accum,
-            "gradient_clipping": optim.grad_clip,
-            "zero_optimization": {"stage": self.spec.train.zero_stage},
-            "steps_per_print": 2**62,
-            "wall_clock_breakdown": False,
-        }
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False,
-                                          lr_scheduler=lambda opt: LRSchedule(opt, optim, lr, total))
-        return engine
-
-    def _batch_size(self, index: int) -> int:
-        return self.spec.phases[index].batch_size or self.spec.data.batch_size
-
-    def _loader(self, index: int, train: bool) -> ClipLoader:
-        data = self.spec.data
-        if train:
-            cuts = open_cuts(data.train, seed=self.spec.train.seed)
-            weights = None
-            if data.balanced:
-                from common.data import balanced_weights
-
-                cuts = cuts.to_eager()
-                weights = balanced_weights(cuts, self.objective.classes or [])
-        else:
-            cuts, weights = open_cuts(data.valid), None
-        dataset = ClipDataset(self.spec.audio.clip_samples, self.spec.audio.sample_rate, self.objective.classes,
-                              crop="random" if train else data.eval_crop, seed=self.spec.train.seed)
-        batch = self._batch_size(index) if train else (data.eval_batch_size or self._batch_size(index))
-        return ClipLoader(cuts, dataset, batch, shuffle=train, drop_last=train, seed=self.spec.train.seed,
-                          rank=self.dist.rank, world_size=self.dist.world_size, num_workers=data.num_workers,
-                          weights=weights, tracker=self.tracker if train else BadAudioTracker(1.0),
-                          pin_memory=self.device.type == "cuda")
-
-    def _flops_per_sample(self, index: int) -> int:
-        if index not in self._flops:
-            self._flops[index] = self.objective.flops_per_sample(self.cfgs[index])
-        return self._flops[index]
-
-    # ------------------------------------------------------------------------------------ one phase
-    def _groups(self, stream: Iterator[Batch], accum: int, epoch_based: bool):
-        """Micro-batch groups of one optimiser step each; ``("epoch_end", epoch)`` events in epoch phases.
-
-        Batches whose clips were all unusable are skipped; a partial group at an epoch end is dropped.
-        """
-        group: list[Batch] = []
-        current = None
-        for batch in stream:
-            if epoch_based and current is not None and batch.epoch != current:
-                group = []
-                yield "epoch_end", current
-            current = batch.epoch
-            self._position = (batch.epoch, batch.index + 1)
-            if not len(batch):
-                continue
-            group.append(batch)
-            if len(group) == accum:
-                yield "step", group
-                group = []
-        if epoch_based and current is not None:
-            yield "epoch_end", current
-
     def _train_phase(self, engine, index: int, budget: int | None) -> tuple[bool, int]:
-        spec, st, phase, cfg = self.spec, self.state, self.spec.phases[index], self.cfgs[index]
-        extra = {"patch_transfer": phase.patch_transfer} if phase.compression == "patch" else {}
-        record = self.ledger.phase(index, name=phase.label(index), compression=phase.compression,
-                                   factor=phase.factor, flops_per_sample=self._flops_per_sample(index),
-                                   tokens_per_sample=cfg.num_patches + cfg.num_prefix_tokens, **extra)
-        pipeline = FeaturePipeline(spec.audio, phase.spec, self.objective.specaug).to(self.device)
-        loader = self._loader(index, train=True)
-        epochs = None if phase.iteration_based else phase.epochs - st.epoch_in_phase
-        stream = loader.batches(st.data_epoch, st.data_index, epochs)
-        self._position = (st.data_epoch, st.data_index)
-        log.info("%s: %s, %s tokens per clip (grid %dx%d), %.3g GFLOPs per training sample, batch %d x %d "
-                 "rank(s) x %d accumulation", phase.label(index),
-                 f"{phase.steps} steps" if phase.iteration_based else f"{phase.epochs} epochs",
-                 cfg.num_patches, *cfg.grid, record["flops_per_sample"] / 1e9, self._batch_size(index),
-                 self.dist.world_size, spec.optim.grad_accum)
-        bar = progress(phase.steps if phase.iteration_based else None, st.step, phase.label(index),
-                       self.dist.is_main)
+        """Train phase ``index`` to its end (True) or until ``budget`` steps (False); returns the steps done."""
+        spec, st, phase = self.spec, self.state, self.spec.phases[index]
+        pipeline = FeaturePipeline(spec.audio, phase.as_compression(), self.objective.specaug).to(self.device)
+        epochs_left = None if phase.iteration_based else phase.epochs - st.epoch_in_phase
+        stream = self._train_loader(index).batches(st.data_epoch, st.data_index, epochs_left)
+        self._start_phase(index)
+        bar = progress(phase.steps if phase.iteration_based else None, st.step, phase.label(index), self.dist.is_main)
         window: dict[str, float] = {}
-        self._pending["clock"] = time.perf_counter()
-        steps_done, finished = 0, False
+        self._pending.restart_clock()
+        steps_done = 0
         try:
-            for kind, item in self._groups(stream, spec.optim.grad_accum, not phase.iteration_based):
-                if kind == "epoch_end":
+            for group in step_groups(stream, spec.optim.grad_accum, not phase.iteration_based):
+                if group.epoch_end is not None:  # epoch-based phases: evaluate (and maybe finish) per epoch
                     st.epoch_in_phase += 1
-                    st.data_epoch, st.data_index = item + 1, 0
-                    record["epochs"] = st.epoch_in_phase
-                    self._validate(engine, index, epoch=st.epoch_in_phase)
-                    self._keep_for_average(engine.module, index)
+                    st.data_epoch, st.data_index = group.position
+                    self.ledger.set_epochs(index, st.epoch_in_phase)
+                    if index == len(spec.phases) - 1 and self.dist.is_main:
+                        self.average.keep(engine.module, st.epoch_in_phase)
                     if st.epoch_in_phase == phase.epochs:
-                        finished = True
-                        break
-                    self._save(engine, index)
+                        return self._end_phase(engine, index), steps_done
+                    self._save(engine, index, pending_eval=True)
+                    self._validate(engine.module, index, engine.lr_scheduler)
                     continue
-                for batch in item:
+                for batch in group.batches:
                     logs = self._micro_step(engine, batch, pipeline, index)
                     for key, value in logs.items():
                         window[key] = window.get(key, 0.0) + float(value)
-                    self._pending["samples"] += len(batch)
-                window["_n"] = window.get("_n", 0) + len(item)
+                    self._pending.samples += len(batch)
+                window["_n"] = window.get("_n", 0) + len(group.batches)
                 st.step += 1
                 st.total_steps += 1
                 steps_done += 1
-                self._pending["steps"] += 1
-                st.data_epoch, st.data_index = self._position
+                self._pending.steps += 1
+                st.data_epoch, st.data_index = group.position
                 bar.update(1)
                 if st.step % spec.train.log_every == 0:
                     self._log_window(engine, index, window, bar)
                     window = {}
-                if phase.iteration_based:
-                    if st.step == phase.steps:
-                        self._validate(engine, index)
-                        finished = True
-                        break
-                    if st.step % spec.train.eval_every == 0:
-                        self._validate(engine, index)
-                    if st.step % spec.train.save_every == 0:
-                        self._save(engine, index)
-                if budget is not None and steps_done >= budget:
-                    self._save(engine, index)
-                    log.info("stopped after %d steps as asked; run the same command again to resume", steps_done)
+                if phase.iteration_based and st.step == phase.steps:
+                    return self._end_phase(engine, index), steps_done
+                eval_due = phase.iteration_based and st.step % spec.train.eval_every == 0
+                out_of_budget = budget is not None and steps_done >= budget
+                if (phase.iteration_based and st.step % spec.train.save_every == 0) or out_of_budget:
+                    self._save(engine, index, pending_eval=eval_due)
+                if eval_due:
+                    self._validate(engine.module, index, engine.lr_scheduler)
+                if out_of_budget:
                     return False, steps_done
         finally:
             bar.close()
             if hasattr(stream, "close"):
                 stream.close()
-        if not finished:
-            raise RuntimeError(f"{phase.label(index)}: the data stream ended early")
-        st.phase_done = True
-        self._save(engine, index)
+        raise RuntimeError(f"{phase.label(index)}: the data stream ended early")
+
+    def _end_phase(self, engine, index: int) -> bool:
+        """The phase's last step is done: checkpoint it as done, validate, export."""
+        self.state.phase_done = True
+        self._save(engine, index, pending_eval=True)
+        self._complete_phase(engine.module, index, engine.lr_scheduler)
+        return True
+
+    def _complete_phase(self, model: nn.Module, index: int, scheduler) -> None:
+        """The end-of-phase work that follows its checkpoint: the pending validation and the phase's export."""
+        model.to(self.device)
+        if self.state.pending_eval:
+            self._validate(model, index, scheduler)
         if self.dist.is_main:
             path = self.run_dir / "export" / f"phase{index + 1}.safetensors"
-            self.objective.export(engine.module, path, self._export_meta(index))
-            log.info("%s done; exported %s", phase.label(index), path)
-        return True, steps_done
+            self.objective.export(model, path, self._export_meta(index))
+            log.info("%s done; exported %s", self.spec.phases[index].label(index), path)
+
+    def _next_phase(self, model: nn.Module, index: int) -> nn.Module:
+        """After phase ``index``: the model of phase ``index + 1``, its weights adapted to the new grid."""
+        st, spec = self.state, self.spec
+        prev, nxt = spec.phases[index], spec.phases[index + 1]
+        data_epoch, data_index = st.data_epoch, st.data_index
+        if prev.batch_size_or(spec.data.batch_size) != nxt.batch_size_or(spec.data.batch_size) and data_index:
+            data_epoch, data_index = data_epoch + 1, 0  # positions count batches: a new batch size starts an epoch
+        # the best score is per phase: "best" means the best of the final phase (the paper's reports)
+        self.state = TrainState(phase=index + 1, data_epoch=data_epoch, data_index=data_index,
+                                total_steps=st.total_steps)
+        old, new = self.cfgs[index], self.cfgs[index + 1]
+        fresh = next_phase_model(self.objective, model, old, new, prev, nxt, spec.transfer.pos_embed,
+                                 seed=spec.train.seed + index + 1)
+        log.info("phase change -> %s: grid %s -> %s, tokens %d -> %d; optimizer and LR schedule restart",
+                 nxt.label(index + 1), "x".join(map(str, old.grid)), "x".join(map(str, new.grid)),
+                 old.num_patches, new.num_patches)
+        self.scalars.log({"phase": index + 2}, st.total_steps)
+        self._seed_rank(index + 1)
+        return fresh
+
+    def _seed_rank(self, index: int) -> None:
+        """After a phase's model is built (identically on every rank): a different random stream per rank
+        and phase, so that stochastic depth and dropout differ between ranks."""
+        torch.manual_seed((self.spec.train.seed * 1_000 + index) * 1_000 + self.dist.rank)
+
+    def _engine(self, model: nn.Module, index: int):
+        phase, optim = self.spec.phases[index], self.spec.optim
+        return build_engine(model, optim, phase.lr or optim.lr, self._batch_size(index), self.spec.train.zero_stage,
+                            self.device, phase.steps if phase.iteration_based else None, self.objective.head_prefixes)
+
+    def _batch_size(self, index: int) -> int:
+        return self.spec.phases[index].batch_size_or(self.spec.data.batch_size)
+
+    def _train_loader(self, index: int):
+        audio = self.spec.audio
+        return train_loader(self.spec.data, self.objective.classes, audio.clip_samples, audio.sample_rate,
+                            self._batch_size(index), self.spec.train.seed, self.dist.rank, self.dist.world_size,
+                            self.tracker, pin_memory=self.device.type == "cuda")
+
+    def _start_phase(self, index: int) -> None:
+        """Open (or, resumed, find) the phase's ledger record and say what the phase costs."""
+        phase, cfg = self.spec.phases[index], self.cfgs[index]
+        if index not in self._flops:
+            self._flops[index] = self.objective.flops_per_sample(cfg)
+        record = self.ledger.start_phase(
+            index, name=phase.label(index), compression=phase.compression, factor=phase.factor,
+            flops_per_sample=self._flops[index], tokens_per_sample=cfg.num_tokens,
+            patch_transfer=phase.patch_transfer if phase.compression == "patch" else None)
+        log.info("%s: %s, %s tokens per clip (grid %dx%d), %.3g GFLOPs per training sample, batch %d x %d "
+                 "rank(s) x %d accumulation", phase.label(index),
+                 f"{phase.steps} steps" if phase.iteration_based else f"{phase.epochs} epochs",
+                 cfg.num_patches, *cfg.grid, record.flops_per_sample / 1e9, self._batch_size(index),
+                 self.dist.world_size, self.spec.optim.grad_accum)
 
     def _micro_step(self, engine, batch: Batch, pipeline: FeaturePipeline, index: int) -> dict[str, torch.Tensor]:
         batch.waveforms = batch.waveforms.to(self.device, non_blocking=True)
@@ -428,37 +423,34 @@ class Trainer:
             loss, logs = self.objective.train_step(engine, batch, pipeline, self.generator)
         bad = not bool(torch.isfinite(loss.detach()).item())
         if self.dist.any(bad):
-            tag = latest_tag(self.ckdir) if self.ckdir.exists() else None
+            tag = self.checkpoints.latest_tag()
             raise NonFiniteLoss(
                 f"non-finite loss ({loss.item()}) in {self.spec.phases[index].label(index)} at step "
                 f"{self.state.step + 1}; stopped before the update. The last good checkpoint is "
-                f"{self.ckdir / tag if tag else 'none (no checkpoint yet)'}; lower the learning rate or check the "
-                f"data, then run the same command to resume from it"
+                f"{self.checkpoints.ckdir / tag if tag else 'none (no checkpoint yet)'}; lower the learning rate "
+                f"or check the data, then run the same command to resume from it"
             )
         engine.backward(loss)
         engine.step()
         return {"loss": loss.detach(), **logs}
 
     # --------------------------------------------------------------------------- accounting, logging
-    def _account(self, index: int) -> None:
-        """Move the steps / samples / seconds trained since the last call into the ledger (collective)."""
+    def _account(self, index: int) -> Window:
+        """Move the steps / clips / seconds trained since the last call into the ledger (collective)."""
         now = time.perf_counter()
-        samples = int(self.dist.all_reduce_sum(torch.tensor([self._pending["samples"]], device=self.device)).item())
-        self.ledger.add_training(index, self._pending["steps"], samples, now - self._pending["clock"])
-        self._pending.update(steps=0, samples=0, clock=now)
+        samples = int(self.dist.all_reduce_sum(torch.tensor([self._pending.samples], device=self.device)).item())
+        window = self.ledger.add_training(index, self._pending.steps, samples, now - self._pending.clock)
+        self._pending.steps, self._pending.samples, self._pending.clock = 0, 0, now
+        return window
 
     def _log_window(self, engine, index: int, window: dict[str, float], bar) -> None:
-        record = self.ledger.phases[index]
-        before = (record["samples"], record["wall_seconds"])
-        self._account(index)
-        samples = record["samples"] - before[0]
-        seconds = max(record["wall_seconds"] - before[1], 1e-9)
+        trained = self._account(index)
         n = window.pop("_n", 1)
         values = {f"train/{k}": v / n for k, v in window.items()}
         values.update({
             "train/lr": engine.lr_scheduler.get_last_lr()[0],
-            "perf/samples_per_s": samples / seconds,
-            "perf/tokens_per_s": samples * record["tokens_per_sample"] / seconds,
+            "perf/samples_per_s": trained.samples_per_second,
+            "perf/tokens_per_s": trained.samples_per_second * self.ledger.phases[index].tokens_per_sample,
             "perf/train_flops": self.ledger.totals()["train_flops"],
             "phase": index + 1,
         })
@@ -469,14 +461,20 @@ class Trainer:
                  ", ".join(f"{k[6:]}={v:.4g}" for k, v in values.items() if k.startswith("train/")),
                  values["perf/samples_per_s"])
 
+    # ----------------------------------------------------------------------------------- validation
     def _evaluate(self, model: nn.Module, index: int) -> dict[str, float]:
-        """The objective's validation metrics of ``model`` (an engine or a module on the device)."""
-        pipeline = FeaturePipeline(self.spec.audio, self.spec.phases[index].spec).to(self.device)
-        batches = self._loader(index, train=False).batches(epochs=1)
-        if self.spec.train.eval_batches is not None:
-            batches = (b for i, b in zip(range(self.spec.train.eval_batches), batches))
+        """The objective's validation metrics of ``model`` (on the device) at phase ``index``'s resolution."""
+        spec = self.spec
+        pipeline = FeaturePipeline(spec.audio, spec.phases[index].as_compression()).to(self.device)
+        loader = eval_loader(spec.data.valid, self.objective.classes, spec.audio.clip_samples, spec.audio.sample_rate,
+                             spec.data.eval_batch_size or self._batch_size(index), spec.data.num_workers,
+                             spec.data.eval_crop, self.dist.rank, self.dist.world_size,
+                             pin_memory=self.device.type == "cuda")
+        batches = loader.batches(epochs=1)
+        if spec.train.eval_batches is not None:
+            batches = (b for _, b in zip(range(spec.train.eval_batches), batches))
         model.eval()
-        generator = torch.Generator().manual_seed(self.spec.train.seed + 7919)  # the same masks every time
+        generator = torch.Generator().manual_seed(spec.train.seed + 7919)  # the same masks every time
         try:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                                  enabled=self.autocast_dtype is not None):
@@ -484,17 +482,19 @@ class Trainer:
         finally:
             model.train()
 
-    def _validate(self, engine, index: int, epoch: int | None = None) -> None:
+    def _validate(self, model: nn.Module, index: int, scheduler) -> None:
+        """Validate, record, let the LR schedule react (plateau / multistep), export the phase's best."""
         self._account(index)
+        self.state.pending_eval = False
         if not self.spec.data.valid:
             return
+        epoch = None if self.spec.phases[index].iteration_based else self.state.epoch_in_phase
         start = time.perf_counter()
-        metrics = self._evaluate(engine, index)
+        metrics = self._evaluate(model, index)
         score = metrics[self.objective.score_name]
-        if engine.lr_scheduler.report(score):
-            log.info("learning rate now %.3g (%s schedule)", engine.lr_scheduler.get_last_lr()[0],
-                     self.spec.optim.schedule)
-        self.ledger.phases[index]["eval_seconds"] += time.perf_counter() - start
+        if scheduler is not None and scheduler.report(score):
+            log.info("learning rate now %.3g (%s schedule)", scheduler.get_last_lr()[0], self.spec.optim.schedule)
+        self.ledger.add_eval_time(index, time.perf_counter() - start)
         where = {"epoch": epoch} if epoch is not None else {}
         record = self.ledger.add_eval(index, metrics, total_step=self.state.total_steps,
                                       phase_step=self.state.step, **where)
@@ -506,10 +506,10 @@ class Trainer:
         if self.dist.is_main:
             if self.state.best_score is None or score > self.state.best_score:
                 self.state.best_score = score
-                self.objective.export(engine.module, self.run_dir / "export" / "best.safetensors",
+                self.objective.export(model, self.run_dir / "export" / "best.safetensors",
                                       self._export_meta(index, eval=record))
             self.ledger.write(self.run_dir / "ledger.json")
-        self._pending["clock"] = time.perf_counter()
+        self._pending.restart_clock()
 
     def _export_meta(self, index: int, **extra) -> dict:
         phase = self.spec.phases[index]
@@ -517,87 +517,69 @@ class Trainer:
                 "phase": {"index": index + 1, "of": len(self.spec.phases), "compression": phase.compression,
                           "factor": phase.factor}, **extra}
 
-    # ------------------------------------------------------------------------------ checkpoints
-    def _save(self, engine, index: int) -> None:
+    # ---------------------------------------------------------------------------------- checkpoints
+    def _save(self, engine, index: int, pending_eval: bool = False) -> None:
         self._account(index)
         st = self.state
+        st.pending_eval = pending_eval
         tag = make_tag(index, st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase)
         trainer_state = {"state": asdict(st), "ledger": self.ledger.to_dict(), "tracker": self.tracker.state_dict()}
-        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        save_checkpoint(engine, self.ckdir, tag, trainer_state, rng, self.dist, self.spec.train.keep_checkpoints)
+        self.checkpoints.save(engine, tag, trainer_state, capture_rng(self.generator, self.device))
         if self.dist.is_main:
             self.ledger.write(self.run_dir / "ledger.json")
-        self._pending["clock"] = time.perf_counter()
+        self._pending.restart_clock()
 
     def _restore_rng(self, tag: str) -> None:
-        rng = read_rng_state(self.ckdir, tag, self.dist.rank)
-        if rng is None:
-            return
-        torch.set_rng_state(rng["torch"])
-        self.generator.set_state(rng["generator"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        rng = self.checkpoints.rng_state(tag)
+        if rng is not None:
+            restore_rng(rng, self.generator, self.device)
 
-    def _resume(self) -> nn.Module | None:
-        """Restore the newest checkpoint if there is one; returns a model only for a finished phase."""
-        self._resume_tag = None
-        if self.dist.is_main and self.ckdir.exists():
-            remove_partial(self.ckdir)
-        self.dist.barrier()
-        tag = latest_tag(self.ckdir) if self.ckdir.exists() else None
+    def _resume(self) -> tuple[nn.Module | None, str | None]:
+        """Restore the newest intact checkpoint if there is one.
+
+        Returns ``(model, None)`` for a checkpoint taken at the end of a phase, ``(None, tag)`` for one
+        taken within a phase (the engine loads it), ``(None, None)`` without a checkpoint.
+        """
+        tag = self.checkpoints.find_resume()
         if tag is None:
-            return None
-        saved = read_trainer_state(self.ckdir, tag)
-        self.state = _State(**saved["state"])
+            return None, None
+        saved = self.checkpoints.trainer_state(tag)
+        self.state = TrainState(**saved["state"])
         baseline = self.ledger.baseline
         self.ledger = Ledger.from_dict(saved["ledger"])
         self.ledger.baseline = baseline or self.ledger.baseline
         self.tracker.load_state_dict(saved["tracker"])
         if self.state.phase_done:
             model = self.objective.build_model(ASTEncoder(self.cfgs[self.state.phase]))
-            model.load_state_dict(read_module_state(self.ckdir, tag))
+            model.load_state_dict(self.checkpoints.module_state(tag))
             self._restore_rng(tag)
             log.info("resuming after the end of phase %d (checkpoint %s)", self.state.phase + 1, tag)
-            return model
-        self._resume_tag = tag
+            return model, None
         log.info("resuming %s at step %d (checkpoint %s)", self.spec.phases[self.state.phase].label(self.state.phase),
                  self.state.step, tag)
-        return None
+        return None, tag
 
-    def _average_epochs(self, index: int) -> list[int]:
-        start = self.spec.train.weight_average_from
-        phase = self.spec.phases[index]
-        if start is None or phase.iteration_based or index != len(self.spec.phases) - 1:
-            return []
-        return list(range(start, phase.epochs + 1))
+    # ------------------------------------------------------------------------------------- the end
+    def _finish(self, model: nn.Module) -> None:
+        """Weight-average if asked, and make the final phase's model (or the average) the run's model."""
+        last = len(self.spec.phases) - 1
+        final = self.run_dir / "export" / f"phase{last + 1}.safetensors"
+        if self.average.epochs:
+            final = self._weight_average(model, last)
+        if self.dist.is_main:
+            atomic_copy(final, self.run_dir / "model.safetensors")
+            self.ledger.write(self.run_dir / "ledger.json")
+            totals, saving = self.ledger.totals(), self.ledger.flops_saving()
+            log.info("run complete: %d steps, %.3g training FLOPs, %.0f s training%s; model: %s",
+                     totals["steps"], totals["train_flops"], totals["wall_seconds"],
+                     f", {saving:.1%} fewer FLOPs than {self.ledger.baseline['recipe']}" if saving is not None
+                     else "", self.run_dir / "model.safetensors")
+        self.state.phase = len(self.spec.phases)
 
-    def _keep_for_average(self, model: nn.Module, index: int) -> None:
-        """Save this epoch's weights if weight averaging will use them (rank 0)."""
-        if self.state.epoch_in_phase in self._average_epochs(index) and self.dist.is_main:
-            from common.checkpoint import save_weights
-
-            save_weights(self.run_dir / "average" / f"epoch{self.state.epoch_in_phase:03d}.safetensors",
-                         model.state_dict(), {})
-
-    def _weight_average(self, model: nn.Module, index: int) -> Path | None:
-        """Average the kept epochs' weights, evaluate the average and export it (AST's WA)."""
-        epochs = self._average_epochs(index)
-        if not epochs:
-            return None
-        from common.checkpoint import read_weights
-
-        files = [self.run_dir / "average" / f"epoch{e:03d}.safetensors" for e in epochs]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(f"weight averaging: epoch weights missing: {', '.join(missing)}")
-        total = None
-        for file in files:
-            tensors, _ = read_weights(file)
-            total = {k: v.double() for k, v in tensors.items()} if total is None else \
-                {k: total[k] + tensors[k].double() for k in total}
-        model.load_state_dict({k: (v / len(files)).float() for k, v in total.items()})
+    def _weight_average(self, model: nn.Module, index: int) -> Path:
+        """Average the kept epochs' weights into ``model``, evaluate and export the average (AST's WA)."""
+        epochs = self.average.epochs
+        model.load_state_dict(self.average.average())
         model.to(self.device)
         metrics = self._evaluate(model, index) if self.spec.data.valid else {}
         self.ledger.add_eval(index, metrics, total_step=self.state.total_steps, phase_step=self.state.step,
@@ -608,21 +590,3 @@ class Trainer:
         if self.dist.is_main:
             self.objective.export(model, path, self._export_meta(index, weight_averaged=epochs, eval=metrics))
         return path
-
-    def _finish(self, model: nn.Module) -> None:
-        last = len(self.spec.phases) - 1
-        averaged = self._weight_average(model, last)
-        if self.dist.is_main:
-            phase_export = averaged or self.run_dir / "export" / f"phase{last + 1}.safetensors"
-            tmp = self.run_dir / ".model.safetensors.tmp"
-            shutil.copyfile(phase_export, tmp)
-            os.replace(tmp, self.run_dir / "model.safetensors")
-            self.ledger.write(self.run_dir / "ledger.json")
-            totals = self.ledger.to_dict()
-            saving = totals.get("flops_saving")
-            log.info("run complete: %d steps, %.3g training FLOPs, %.0f s training%s; model: %s",
-                     totals["total"]["steps"], totals["total"]["train_flops"], totals["total"]["wall_seconds"],
-                     f", {saving:.1%} fewer FLOPs than {self.ledger.baseline['recipe']}" if saving is not None
-                     else "", self.run_dir / "model.safetensors")
-        self.state.phase = len(self.spec.phases)
-

@@ -19,15 +19,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.augment import MixupConfig, SpecAugmentConfig, mixup
-from common.checkpoint import read_weights, save_weights
+from common.exports import read_weights, save_weights
 from common.data import Batch
 from common.distributed import Dist
 from common.features import FeaturePipeline
 from common.flops import train_step_flops
 from common.metrics import compute_metrics
-from common.model import ASTEncoder, EncoderConfig
+from common.model import ASTEncoder, EncoderConfig, check_pooling, pool_tokens
 
-__all__ = ["HeadConfig", "AugmentConfig", "Classifier", "ClassifierObjective", "save_classifier", "load_classifier"]
+__all__ = ["HeadConfig", "AugmentConfig", "Classifier", "ClassifierObjective", "class_scores", "save_classifier",
+           "load_classifier"]
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,7 @@ class Classifier(nn.Module):
 
     def __init__(self, encoder: ASTEncoder, num_classes: int, pool: str = "mean") -> None:
         super().__init__()
-        if pool not in ("mean", "prefix"):
-            raise ValueError(f"unknown pooling {pool!r}; choose 'mean' or 'prefix'")
-        if pool == "prefix" and encoder.num_prefix_tokens == 0:
-            raise ValueError("prefix pooling needs prefix tokens")
+        check_pooling(pool, encoder.num_prefix_tokens)
         self.encoder = encoder
         self.pool = pool
         dim = encoder.cfg.embed_dim
@@ -72,12 +70,15 @@ class Classifier(nn.Module):
         nn.init.zeros_(self.head[1].bias)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.encoder.forward_features(x)
-        prefix = self.encoder.num_prefix_tokens
-        return tokens[:, prefix:].mean(1) if self.pool == "mean" else tokens[:, :prefix].mean(1)
+        return pool_tokens(self.encoder.forward_features(x), self.encoder.num_prefix_tokens, self.pool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pooled(x))
+
+
+def class_scores(logits: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per-class scores from logits: sigmoid for models trained with BCE, softmax for cross-entropy."""
+    return torch.sigmoid(logits.float()) if loss == "bce" else torch.softmax(logits.float(), dim=-1)
 
 
 def save_classifier(model: Classifier, path: Path, classes: Sequence[str], meta: dict) -> Path:
@@ -91,7 +92,7 @@ def save_classifier(model: Classifier, path: Path, classes: Sequence[str], meta:
 
 def load_classifier(path: str | Path) -> tuple[Classifier, dict]:
     """A classifier export (or a fine-tuning run directory) -> ``(Classifier, metadata)``."""
-    from common.checkpoint import resolve_model_file
+    from common.exports import resolve_model_file
 
     file = resolve_model_file(path)
     tensors, meta = read_weights(file)
@@ -138,10 +139,6 @@ class ClassifierObjective:
         logits = model(pipeline(waves, lengths, generator))
         return self.criterion(logits, targets), {}
 
-    def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """Per-class scores from logits: sigmoid for BCE models, softmax for CE models."""
-        return torch.sigmoid(logits.float()) if self.loss == "bce" else torch.softmax(logits.float(), dim=-1)
-
     def evaluate(self, model, batches: Iterator[Batch], pipeline: FeaturePipeline, dist: Dist,
                  generator: torch.Generator) -> dict[str, float]:
         scores, targets, losses = [], [], []
@@ -151,7 +148,7 @@ class ClassifierObjective:
             logits = model(pipeline(batch.waveforms.to(dist.device), batch.lengths.to(dist.device)))
             target = batch.targets.to(dist.device)
             losses.append(self.criterion(logits, target).item() * len(batch))
-            scores.append(self.scores(logits).cpu().numpy())
+            scores.append(class_scores(logits, self.loss).cpu().numpy())
             targets.append(target.cpu().numpy())
         parts = dist.gather_objects((scores, targets, losses))
         all_scores = np.concatenate([s for p in parts for s in p[0]])

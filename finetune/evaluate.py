@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from common.compression import Compression
-from common.data import BadAudioTracker, ClipDataset, ClipLoader, open_cuts
+from common.data import eval_loader
 from common.features import AudioConfig, FeaturePipeline
 from common.metrics import compute_metrics
-from finetune.classifier import Classifier, load_classifier
+from finetune.classifier import Classifier, class_scores, load_classifier
 
 __all__ = ["pipeline_for_export", "evaluate_export", "cross_validation_summary"]
 
@@ -32,8 +32,8 @@ def predict_scores(model: Classifier, meta: dict, waveforms: torch.Tensor, lengt
     """Per-class scores (sigmoid for BCE-trained models, softmax otherwise) of a waveform batch."""
     pipeline = pipeline_for_export(meta).to(waveforms.device)
     with torch.no_grad():
-        logits = model(pipeline(waveforms, lengths)).float()
-    return torch.sigmoid(logits) if meta.get("loss") == "bce" else torch.softmax(logits, dim=-1)
+        logits = model(pipeline(waveforms, lengths))
+    return class_scores(logits, meta.get("loss", "ce"))
 
 
 def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequence[str], batch_size: int = 32,
@@ -44,9 +44,7 @@ def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequenc
         raise ValueError(f"{path} was trained on other classes than the task's class list")
     model.to(device)
     audio = AudioConfig(**meta["audio"])
-    loader = ClipLoader(open_cuts(list(manifests)), ClipDataset(audio.clip_samples, audio.sample_rate, classes,
-                        crop="start"), batch_size, shuffle=False, drop_last=False, rank=0, world_size=1,
-                        num_workers=num_workers, tracker=BadAudioTracker(1.0))
+    loader = eval_loader(manifests, classes, audio.clip_samples, audio.sample_rate, batch_size, num_workers)
     scores, targets = [], []
     for batch in loader.batches(epochs=1):
         if len(batch):
@@ -62,9 +60,11 @@ def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequenc
 def cross_validation_summary(fold_evals: Sequence[Sequence[dict]], metric: str) -> dict:
     """AST's ESC-50 protocol: the epoch with the best accuracy averaged over the folds, and that mean.
 
+    Only the final phase's epochs compete (the paper reports the final, full-resolution phase).
+
     Args:
         fold_evals: per fold, the ledger's evaluation records (``phase``, ``epoch``, ``metrics``); records
-            without an ``epoch`` (e.g. a weight average) are ignored.
+            without an ``epoch`` (e.g. a weight average) and records of earlier phases are ignored.
         metric: the metric to average.
 
     Returns:
@@ -72,7 +72,9 @@ def cross_validation_summary(fold_evals: Sequence[Sequence[dict]], metric: str) 
     """
     if not fold_evals:
         raise ValueError("no folds to summarise")
-    tables = [{(e["phase"], e["epoch"]): e["metrics"][metric] for e in evals if "epoch" in e} for evals in fold_evals]
+    final = max((e["phase"] for evals in fold_evals for e in evals), default=0)
+    tables = [{(e["phase"], e["epoch"]): e["metrics"][metric] for e in evals if "epoch" in e and e["phase"] == final}
+              for evals in fold_evals]
     common = sorted(set.intersection(*(set(t) for t in tables)))
     if not common:
         raise ValueError("the folds share no evaluated epoch")

@@ -55,7 +55,7 @@ class ProbeRecipe:
 
 
 def _cache_key(ckpt: str, manifests: Sequence[str], cfg, layer, pool) -> str:
-    from common.checkpoint import resolve_model_file
+    from common.exports import resolve_model_file
 
     file = resolve_model_file(ckpt)
     parts = [str(file.resolve()), str(file.stat().st_mtime_ns), str(cfg.to_dict()), str(layer), pool]
@@ -67,23 +67,20 @@ def extract_features(encoder, audio, manifests: Sequence[str], classes: Sequence
                      pool: str = "mean", batch_size: int = 32, num_workers: int = 2,
                      device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, np.ndarray]:
     """``(features [clips, D], targets [clips, classes])`` of a frozen encoder over ``manifests``."""
-    from common.data import BadAudioTracker, ClipDataset, ClipLoader, open_cuts
+    from common.data import eval_loader
     from common.features import FeaturePipeline
+    from common.model import pool_tokens
 
     pipeline = FeaturePipeline(audio).to(device)
-    loader = ClipLoader(open_cuts(list(manifests)), ClipDataset(audio.clip_samples, audio.sample_rate, classes,
-                        crop="start"), batch_size, shuffle=False, drop_last=False, rank=0, world_size=1,
-                        num_workers=num_workers, tracker=BadAudioTracker(1.0))
+    loader = eval_loader(manifests, classes, audio.clip_samples, audio.sample_rate, batch_size, num_workers)
     encoder = encoder.to(device).eval()
-    prefix = encoder.num_prefix_tokens
     feats, targets = [], []
     with torch.no_grad():
         for batch in loader.batches(epochs=1):
             if not len(batch):
                 continue
             tokens = encoder.forward_features(pipeline(batch.waveforms.to(device), batch.lengths.to(device)), layer)
-            pooled = tokens[:, prefix:].mean(1) if pool == "mean" else tokens[:, :prefix].mean(1)
-            feats.append(pooled.float().cpu().numpy())
+            feats.append(pool_tokens(tokens, encoder.num_prefix_tokens, pool).float().cpu().numpy())
             targets.append(batch.targets.numpy())
     if not feats:
         raise ValueError(f"no usable clip in {', '.join(map(str, manifests))}")
@@ -121,10 +118,10 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
     from common.features import AudioConfig
     from common.model import ModelSpec
     from finetune.init import load_init, task_encoder, task_encoder_config
-    from finetune.recipe import _task_source
+    from finetune.recipe import task_source
     from finetune.tasks import TaskConfig
 
-    fields, _ = _task_source(task_name)
+    fields, _ = task_source(task_name)
     task = TaskConfig(**{**fields, "data_root": recipe.data_root})
     classes, _ = read_classes(task.path(task.classes))
     init = load_init(init_path)

@@ -17,12 +17,12 @@ from common.features import AudioConfig
 from common.model import ModelSpec
 from common.optim import OptimConfig
 from common.phases import PhaseConfig, TransferConfig
-from common.recipe import _merge, apply_overrides, build, load_yaml
+from common.recipe import apply_overrides, build, load_yaml, merge
 from common.trainer import TrainConfig
 from finetune.classifier import AugmentConfig, HeadConfig
 from finetune.tasks import TaskConfig, task_defaults
 
-__all__ = ["FinetuneRecipe", "load_recipe"]
+__all__ = ["FinetuneRecipe", "load_recipe", "task_source"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class FinetuneRecipe:
                            norm=self.task.norm)
 
 
-def _task_source(task: str) -> tuple[dict, dict]:
+def task_source(task: str) -> tuple[dict, dict]:
     """``(task fields, default recipe)`` for a task name or a task YAML file."""
     path = Path(task)
     if path.suffix in (".yaml", ".yml") or path.is_file():
@@ -79,11 +79,11 @@ def _task_source(task: str) -> tuple[dict, dict]:
 def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Sequence[str] = (),
                 init: str = "none", data_root: str | None = None) -> FinetuneRecipe:
     """Assemble and validate the recipe of a fine-tuning run."""
-    fields, defaults = _task_source(task)
+    fields, defaults = task_source(task)
     data = dict(defaults)
     if recipe_path is not None:
-        data = _merge(data, load_yaml(recipe_path))
-    data["task"] = _merge(fields, data.get("task", {}) if isinstance(data.get("task"), dict) else {})
+        data = merge(data, load_yaml(recipe_path))
+    data["task"] = merge(fields, data.get("task", {}) if isinstance(data.get("task"), dict) else {})
     if data_root:
         data["task"]["data_root"] = data_root
     data["init"] = init

@@ -110,15 +110,15 @@ def resolve_metric(runs: Sequence[Run], metric: str | None = None) -> str:
 
 def run_label(ledger: Ledger) -> str:
     """A label from the phases, e.g. ``Fshift 4→1`` or ``Avg Pool 4→2→1`` (``Full resolution`` if none)."""
-    if any("compression" not in p or "factor" not in p for p in ledger.phases):
-        return " → ".join(str(p.get("name", i + 1)) for i, p in enumerate(ledger.phases))
-    methods = dict.fromkeys(p["compression"] for p in ledger.phases if p["compression"] != "none")
+    if any(p.compression is None or p.factor is None for p in ledger.phases):
+        return " → ".join(str(p.name or i + 1) for i, p in enumerate(ledger.phases))
+    methods = dict.fromkeys(p.compression for p in ledger.phases if p.compression != "none")
     if not methods:
         return "Full resolution"
-    transfers = {p["compression"]: p["patch_transfer"] for p in ledger.phases if p.get("patch_transfer")}
+    transfers = {p.compression: p.patch_transfer for p in ledger.phases if p.patch_transfer}
     names = "/".join(METHOD_NAMES.get(m, m) + (f" {PATCH_TRANSFER_NAMES.get(transfers[m], transfers[m])}"
                                                  if m in transfers else "") for m in methods)
-    return f"{names} {'→'.join(str(p['factor']) for p in ledger.phases)}"
+    return f"{names} {'→'.join(str(p.factor) for p in ledger.phases)}"
 
 
 def points(run: Run, metric: str) -> list[Point]:

@@ -45,16 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_plan(recipe, base) -> None:
-    from common.phases import phase_encoder_configs
-    from finetune.classifier import ClassifierObjective
+def print_plan(recipe, configs, objective) -> None:
+    from common.phases import format_plan, plan_phases
 
-    objective = ClassifierObjective(["x"] * 2, recipe.task.metric, recipe.task.loss, recipe.augment, recipe.head)
     print(f"task {recipe.task.name}: {recipe.task.description or ''}")
-    print(f"{'phase':<28} {'epochs':>6} {'grid':>7} {'tokens':>6} {'GFLOPs/sample':>14}")
-    for i, (phase, cfg) in enumerate(zip(recipe.phases, phase_encoder_configs(base, recipe.phases))):
-        print(f"{phase.label(i):<28} {phase.epochs:>6} {cfg.grid[0]:>3}x{cfg.grid[1]:<3} {cfg.num_patches:>6} "
-              f"{objective.flops_per_sample(cfg) / 1e9:>14.4g}")
+    print(format_plan(plan_phases(recipe.phases, configs, objective.flops_per_sample, recipe.data.batch_size,
+                                  recipe.optim.grad_accum)))
 
 
 def _test(run_dir: Path, recipe, classes, dist) -> None:
@@ -105,23 +101,24 @@ def main(argv: list[str] | None = None) -> int:
         init = load_init(recipe.init)
         base = task_encoder_config(init, recipe.model, recipe.num_mel_bins, recipe.task.target_frames)
         try:
-            phase_encoder_configs(base, recipe.phases)
+            configs = phase_encoder_configs(base, recipe.phases)
         except ValueError as err:
             from common.recipe import RecipeError
             raise RecipeError(str(err)) from None
+        from finetune.classifier import ClassifierObjective
+
+        objective = ClassifierObjective(classes, recipe.task.metric, recipe.task.loss, recipe.augment, recipe.head,
+                                        names)
         if args.dry_run:
-            print_plan(recipe, base)
+            print_plan(recipe, configs, objective)
             return 0
         from common.data import ManifestSpec
         from common.trainer import RunSpec, Trainer
-        from finetune.classifier import ClassifierObjective
 
         name = f"{recipe.task.name}-{args.recipe.stem if args.recipe else 'baseline'}"
         run_root = args.run_dir or Path("runs/finetune") / name
         done = True
-        with training_session(run_root, recipe) as dist:
-            objective = ClassifierObjective(classes, recipe.task.metric, recipe.task.loss, recipe.augment,
-                                            recipe.head, names)
+        with training_session(run_root, recipe, restart=args.restart) as dist:
             splits = recipe.task.fold_splits()
             for k, (train, valid) in enumerate(splits):
                 run_dir = run_root / f"fold{k + 1}" if recipe.task.folds else run_root
@@ -129,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                                balanced=recipe.task.balanced)
                 spec = RunSpec(run_dir=run_dir, base=base, audio=recipe.audio(base.num_mel_bins),
                                phases=recipe.phases, transfer=recipe.transfer, optim=recipe.optim, train=recipe.train,
-                               data=data, init=None if init is None else init[:2],
+                               data=data, init=init,
                                init_pos_embed=init_pos_mode(init, recipe.transfer.pos_embed),
                                meta={"task": recipe.task.name, "init": recipe.init})
                 log.info("fine-tuning on %s%s into %s (init: %s)", recipe.task.name,

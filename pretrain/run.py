@@ -36,34 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plan(recipe, world_size: int = 1) -> list[dict]:
-    """Per phase: geometry, tokens, FLOPs per sample and planned training FLOPs."""
+def plan(recipe, world_size: int = 1):
+    """The recipe's :class:`common.phases.PhasePlan` per phase (geometry, tokens, planned FLOPs)."""
+    from common.phases import plan_phases
     from pretrain.ssast import SSASTObjective
 
-    objective = SSASTObjective(recipe.ssast)
-    rows = []
-    for phase, cfg in zip(recipe.phases, recipe.encoder_configs()):
-        batch = (phase.batch_size or recipe.data.batch_size) * recipe.optim.grad_accum * world_size
-        flops = objective.flops_per_sample(cfg)
-        rows.append({"phase": phase.label(len(rows)), "steps": phase.steps, "global_batch": batch,
-                     "grid": f"{cfg.grid[0]}x{cfg.grid[1]}", "tokens": cfg.num_patches, "flops_per_sample": flops,
-                     "train_flops": flops * phase.steps * batch})
-    return rows
+    return plan_phases(recipe.phases, recipe.encoder_configs(), SSASTObjective(recipe.ssast).flops_per_sample,
+                       recipe.data.batch_size, recipe.optim.grad_accum, world_size)
 
 
 def planned_total(recipe_path: str, world_size: int) -> float:
     from pretrain.recipe import load_recipe
 
-    return sum(r["train_flops"] for r in plan(load_recipe(recipe_path), world_size))
+    return sum(r.train_flops for r in plan(load_recipe(recipe_path), world_size))
 
 
 def print_plan(recipe, world_size: int) -> None:
+    from common.phases import format_plan
+
     rows = plan(recipe, world_size)
-    print(f"{'phase':<32} {'steps':>8} {'batch':>6} {'grid':>6} {'tokens':>6} {'GFLOPs/sample':>14} {'PFLOPs':>9}")
-    for r in rows:
-        print(f"{r['phase']:<32} {r['steps']:>8} {r['global_batch']:>6} {r['grid']:>6} {r['tokens']:>6} "
-              f"{r['flops_per_sample'] / 1e9:>14.4g} {r['train_flops'] / 1e15:>9.4g}")
-    total = sum(r["train_flops"] for r in rows)
+    print(format_plan(rows))
+    total = sum(r.train_flops for r in rows)
     line = f"total planned training FLOPs: {total:.4g}"
     if recipe.baseline:
         base = planned_total(recipe.baseline, world_size)
@@ -85,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.ssast import SSASTObjective
 
         run_dir = args.run_dir or Path("runs/pretrain") / args.recipe.stem
-        with training_session(run_dir, recipe) as dist:
+        with training_session(run_dir, recipe, restart=args.restart) as dist:
             baseline = None
             if recipe.baseline:
                 baseline = (Path(recipe.baseline).stem, planned_total(recipe.baseline, dist.world_size))

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.augment import SpecAugmentConfig
-from common.checkpoint import save_encoder
+from common.exports import save_encoder
 from common.data import Batch
 from common.distributed import Dist
 from common.features import FeaturePipeline

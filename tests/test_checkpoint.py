@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from common.checkpoint import load_encoder, load_encoder_state, read_weights, save_encoder
+from common.checkpoint import load_encoder, load_encoder_state
+from common.exports import read_weights, save_encoder
 from common.model import ASTEncoder
 
 

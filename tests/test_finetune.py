@@ -233,7 +233,7 @@ def test_logistic_regression_probe_on_known_features():
 
 
 def test_probe_task_esc50_is_the_mean_over_folds(tmp_path, monkeypatch):
-    from common.checkpoint import save_encoder
+    from common.exports import save_encoder
     from common.model import ASTEncoder, EncoderConfig
     from finetune import linear_probe
     from tests.layouts import esc50

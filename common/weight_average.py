@@ -1,0 +1,74 @@
+"""Weight averaging (AST's "WA"): the mean of the final phase's epoch weights, from a chosen epoch on.
+
+AST averages the state dicts of epochs ``wa_start..wa_end`` of a run (reference/ssast_ast.md 4.3). Here the
+epochs of the final phase from ``train.weight_average_from`` on are kept as they end (one safetensors file
+each, under ``RUN/average/``) and averaged (in float64) when the run ends; the trainer then evaluates and
+exports the average as the run's model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from common.exports import read_weights, save_weights
+from common.phases import PhaseConfig
+
+__all__ = ["averaged_epochs", "average_state_dicts", "WeightAverage"]
+
+
+def averaged_epochs(start: int | None, phases: Sequence[PhaseConfig]) -> list[int]:
+    """The final phase's epochs (1-based) that weight averaging uses: ``start`` to its last epoch.
+
+    Empty when averaging is off (``start`` None) or the run is iteration-based.
+    """
+    last = phases[-1]
+    if start is None or last.iteration_based:
+        return []
+    return list(range(start, last.epochs + 1))
+
+
+def average_state_dicts(states: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of state dicts with the same keys, computed in float64, returned in float32."""
+    total, count = None, 0
+    for state in states:
+        if total is not None and state.keys() != total.keys():
+            raise ValueError(f"cannot average state dicts with different keys: {sorted(state.keys() ^ total.keys())[:5]}")
+        total = {k: v.double() for k, v in state.items()} if total is None else \
+            {k: total[k] + state[k].double() for k in total}
+        count += 1
+    if total is None:
+        raise ValueError("no state dicts to average")
+    return {k: (v / count).float() for k, v in total.items()}
+
+
+class WeightAverage:
+    """Keeps the epoch weights weight averaging needs and averages them.
+
+    Args:
+        folder: where the epoch weights go (``RUN/average``).
+        epochs: the final phase's epochs to average (:func:`averaged_epochs`).
+    """
+
+    def __init__(self, folder: Path, epochs: Sequence[int]) -> None:
+        self.folder = Path(folder)
+        self.epochs = list(epochs)
+
+    def _file(self, epoch: int) -> Path:
+        return self.folder / f"epoch{epoch:03d}.safetensors"
+
+    def keep(self, model: nn.Module, epoch: int) -> None:
+        """Save the final phase's ``epoch`` weights if the average uses them (call on one rank)."""
+        if epoch in self.epochs:
+            save_weights(self._file(epoch), model.state_dict(), {})
+
+    def average(self) -> dict[str, torch.Tensor]:
+        """The mean of the kept epochs' weights."""
+        files = [self._file(e) for e in self.epochs]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"weight averaging: epoch weights missing: {', '.join(missing)}")
+        return average_state_dicts(read_weights(f)[0] for f in files)

@@ -1,0 +1,71 @@
+"""The ledger's accounting: phases, training windows, evaluations, totals and the file round trip."""
+
+import json
+
+import pytest
+
+from common.ledger import Ledger, PhaseRecord
+
+
+def two_phase_ledger() -> Ledger:
+    ledger = Ledger("acc")
+    ledger.start_phase(0, name="p1", compression="fshift", factor=4, flops_per_sample=10, tokens_per_sample=18)
+    ledger.start_phase(1, name="p2", compression="none", factor=1, flops_per_sample=40, tokens_per_sample=66)
+    return ledger
+
+
+def test_training_windows_accumulate_per_phase():
+    ledger = two_phase_ledger()
+    window = ledger.add_training(0, steps=2, samples=8, seconds=2.0)
+    assert window.samples == 8 and window.samples_per_second == pytest.approx(4.0)
+    ledger.add_training(0, steps=1, samples=4, seconds=1.0)
+    ledger.add_training(1, steps=3, samples=12, seconds=6.0)
+    ledger.add_eval_time(1, 0.5)
+    p1, p2 = ledger.phases
+    assert (p1.steps, p1.samples, p1.train_flops, p1.wall_seconds) == (3, 12, 120, 3.0)
+    assert (p2.steps, p2.samples, p2.train_flops, p2.eval_seconds) == (3, 12, 480, 0.5)
+    assert ledger.totals() == {"steps": 6, "samples": 24, "train_flops": 600, "wall_seconds": 9.0,
+                               "eval_seconds": 0.5}
+
+
+def test_a_resumed_phase_keeps_its_record_and_phases_start_in_order():
+    ledger = two_phase_ledger()
+    ledger.add_training(0, 1, 4, 1.0)
+    again = ledger.start_phase(0, name="ignored", compression="none", factor=1, flops_per_sample=1,
+                               tokens_per_sample=1)
+    assert again.name == "p1" and again.samples == 4
+    with pytest.raises(ValueError, match="phase 3 started before phase 2"):
+        ledger.start_phase(3, name="x")
+
+
+def test_evaluations_carry_the_cumulative_cost_and_the_saving_is_against_the_baseline():
+    ledger = two_phase_ledger()
+    ledger.add_training(0, 2, 8, 2.0)
+    first = ledger.add_eval(0, {"acc": 0.5}, total_step=2, phase_step=2)
+    ledger.add_training(1, 1, 4, 3.0)
+    second = ledger.add_eval(1, {"acc": 0.6}, total_step=3, phase_step=1, epoch=1)
+    assert (first["train_flops"], first["wall_seconds"], first["samples"]) == (80, 2.0, 8)
+    assert (second["train_flops"], second["samples"], second["epoch"]) == (240, 12, 1)
+    assert ledger.flops_saving() is None
+    ledger.set_baseline("base.yaml", 480)
+    assert ledger.flops_saving() == pytest.approx(0.5)
+    assert ledger.to_dict()["flops_saving"] == pytest.approx(0.5)
+
+
+def test_file_round_trip_keeps_the_layout_and_unknown_fields(tmp_path):
+    ledger = two_phase_ledger()
+    ledger.phases[0].patch_transfer = "pi"
+    ledger.add_training(0, 2, 8, 2.0)
+    ledger.add_eval(0, {"acc": 0.5}, total_step=2, phase_step=2)
+    ledger.write(tmp_path / "ledger.json")
+    data = json.loads((tmp_path / "ledger.json").read_text())
+    assert list(data) == ["score", "phases", "total", "evals"]
+    assert list(data["phases"][0]) == ["steps", "epochs", "samples", "train_flops", "wall_seconds", "eval_seconds",
+                                       "name", "compression", "factor", "flops_per_sample", "tokens_per_sample",
+                                       "patch_transfer"]
+    assert "patch_transfer" not in data["phases"][1]
+    data["phases"][1]["peak_memory_bytes"] = 123  # written by a newer version
+    again = Ledger.from_dict(data)
+    assert again.to_dict() == data
+    assert PhaseRecord.from_dict({"compression": "none"}).factor is None  # partial records (reports) load
+    assert Ledger.read(tmp_path).totals() == ledger.totals()

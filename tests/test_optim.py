@@ -1,0 +1,73 @@
+"""The learning-rate schedules, step by step, and their state round trip."""
+
+import math
+
+import pytest
+import torch
+
+from common.optim import LRSchedule, OptimConfig, param_groups
+
+
+def schedule(total=None, **cfg) -> LRSchedule:
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    groups = [{"params": params[:1], "lr_scale": 1.0}, {"params": params[1:], "lr_scale": 0.5}]
+    optimizer = torch.optim.SGD(groups, lr=1.0)
+    return LRSchedule(optimizer, OptimConfig(**cfg), lr=1e-3, total_steps=total)
+
+
+def lrs(sched: LRSchedule, steps: int) -> list[float]:
+    out = []
+    for _ in range(steps):
+        out.append(sched.get_last_lr()[0])
+        sched.step()
+    return out
+
+
+def test_linear_warmup_reaches_the_peak_and_scales_the_head_group():
+    s = schedule(warmup_steps=4, schedule="constant")
+    assert lrs(s, 6) == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert s.get_last_lr() == pytest.approx([1e-3, 5e-4])  # the head's lr_scale
+
+
+def test_plateau_halves_after_patience_rounds_without_improvement():
+    s = schedule(warmup_steps=0, schedule="plateau", patience=2, decay=0.5)
+    decays = [s.report(score) for score in (0.1, 0.2, 0.2, 0.15, 0.19, 0.3, 0.3, 0.3, 0.3)]
+    # best 0.2 at round 2; rounds 3, 4 and 5 do not improve: the third one decays (patience 2)
+    assert decays == [False, False, False, False, True, False, False, False, True]
+    assert s.get_last_lr()[0] == pytest.approx(2.5e-4)
+
+
+def test_multistep_decays_from_decay_start_every_decay_every_rounds():
+    s = schedule(warmup_steps=0, schedule="multistep", decay_start=2, decay_every=2, decay=0.5)
+    decays = [s.report(0.0) for _ in range(6)]
+    assert decays == [False, True, False, True, False, True]
+    assert s.get_last_lr()[0] == pytest.approx(1e-3 / 8)
+
+
+def test_cosine_goes_from_the_peak_to_min_lr_over_the_phase():
+    s = schedule(total=12, warmup_steps=2, schedule="cosine", min_lr=1e-5)
+    values = lrs(s, 13)
+    assert values[:2] == pytest.approx([5e-4, 1e-3])
+    assert values[2] == pytest.approx(1e-3)
+    mid = 2 + 5  # half-way through the 10 post-warm-up steps
+    assert values[mid] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert values[12] == pytest.approx(1e-5)
+
+
+def test_state_round_trip_resumes_the_same_learning_rates():
+    a = schedule(warmup_steps=3, schedule="plateau", patience=0)
+    lrs(a, 5)
+    a.report(0.5)
+    a.report(0.4)  # decays
+    b = schedule(warmup_steps=3, schedule="plateau", patience=0)
+    b.load_state_dict(a.state_dict())
+    assert b.get_last_lr() == pytest.approx(a.get_last_lr())
+    assert lrs(a, 3) == pytest.approx(lrs(b, 3))
+    assert a.report(0.45) == b.report(0.45)
+
+
+def test_param_groups_split_the_head_only_when_asked():
+    model = torch.nn.ModuleDict({"encoder": torch.nn.Linear(2, 2), "head": torch.nn.Linear(2, 1)})
+    assert len(param_groups(model)) == 1
+    groups = param_groups(model, ("head.",), 10.0)
+    assert [len(g["params"]) for g in groups] == [2, 2] and groups[1]["lr_scale"] == 10.0

@@ -1,0 +1,184 @@
+"""The training loop's own rules: step groups, batch-size changes, checkpoint-before-validation, recovery
+from damaged checkpoints, per-rank randomness and the per-phase "best"."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.data import Batch
+from common.trainer import step_groups
+from pretrain.run import main
+from tests.test_pretrain import RECIPE, run, tiny, weights
+
+
+def batch(epoch: int, index: int, size: int = 2) -> Batch:
+    return Batch(torch.zeros(size, 4), torch.full((size,), 4), None, [f"c{epoch}-{index}-{i}" for i in range(size)],
+                 epoch=epoch, index=index)
+
+
+def test_step_groups_drop_a_partial_accumulation_group_at_an_epoch_end():
+    stream = [batch(0, 0), batch(0, 1), batch(0, 2), batch(1, 0), batch(1, 1, size=0), batch(1, 2), batch(1, 3)]
+    groups = list(step_groups(iter(stream), accum=2, epoch_based=True))
+    kinds = [("end", g.epoch_end) if g.epoch_end is not None else [b.index for b in g.batches] for g in groups]
+    # epoch 0: batches 0+1 make a step, batch 2 is left alone at the epoch end and dropped;
+    # epoch 1: the empty batch 1 is skipped, 0+2 make a step, 3 is dropped at the end
+    assert kinds == [[0, 1], ("end", 0), [0, 2], ("end", 1)]
+    assert [g.position for g in groups] == [(0, 2), (1, 0), (1, 3), (2, 0)]
+
+
+def test_step_groups_of_an_iteration_based_stream_ignore_epochs():
+    stream = [batch(0, 0), batch(0, 1), batch(1, 0), batch(1, 1)]
+    groups = list(step_groups(iter(stream), accum=3, epoch_based=False))
+    assert [[(b.epoch, b.index) for b in g.batches] for g in groups] == [[(0, 0), (0, 1), (1, 0)]]
+    assert groups[0].position == (1, 1)
+
+
+def test_a_batch_size_change_between_phases_trains_and_resumes_exactly(tmp_path, synth_corpus):
+    sizes = ("phases.0.batch_size=4", "phases.1.batch_size=2", "train.save_every=100")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run(straight, synth_corpus, *sizes) == 0
+    ledger = json.loads((straight / "ledger.json").read_text())
+    assert [p["samples"] for p in ledger["phases"]] == [3 * 4, 3 * 2]
+    assert run(resumed, synth_corpus, *sizes, stop=4) == 0
+    assert run(resumed, synth_corpus, *sizes) == 0
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_is_taken_before_validation_so_a_failing_validation_loses_no_training(
+        tmp_path, synth_corpus, monkeypatch):
+    from pretrain.ssast import SSASTObjective
+
+    straight = tmp_path / "straight"
+    assert run(straight, synth_corpus) == 0
+    real = SSASTObjective.evaluate
+    calls = {"n": 0}
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # step 2 of phase 1 validates first; the second is phase 1's end (step 3)
+            raise RuntimeError("validation broke")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SSASTObjective, "evaluate", failing)
+    run_dir = tmp_path / "failing"
+    with pytest.raises(RuntimeError, match="validation broke"):
+        main(["--recipe", str(RECIPE), "--run-dir", str(run_dir), *tiny(synth_corpus)])
+    state = json.loads((run_dir / "checkpoints" / "phase01-step000000003" / "trainer_state.json").read_text())
+    assert (run_dir / "checkpoints" / "LATEST").read_text() == "phase01-step000000003"
+    assert state["state"]["phase_done"] and state["state"]["pending_eval"]  # the phase end, saved first
+    monkeypatch.setattr(SSASTObjective, "evaluate", real)
+    assert run(run_dir, synth_corpus) == 0
+    a, b = weights(straight), weights(run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la, lb = (json.loads((d / "ledger.json").read_text()) for d in (straight, run_dir))
+    assert [e["metrics"] for e in la["evals"]] == [e["metrics"] for e in lb["evals"]]
+
+
+def _stopped_run(tmp_path: Path, corpus: Path) -> Path:
+    run_dir = tmp_path / "run"
+    assert run(run_dir, corpus, "train.save_every=1", "train.keep_checkpoints=3", stop=4) == 0
+    assert (run_dir / "checkpoints" / "LATEST").read_text() == "phase02-step000000001"
+    return run_dir
+
+
+@pytest.mark.parametrize("damage", ["truncate_model", "truncate_rng", "truncate_state", "delete_latest"])
+def test_a_damaged_newest_checkpoint_falls_back_to_an_intact_one(tmp_path, synth_corpus, damage, caplog):
+    straight = tmp_path / "straight"
+    assert run(straight, synth_corpus, "train.save_every=1", "train.keep_checkpoints=3") == 0
+    run_dir = _stopped_run(tmp_path, synth_corpus)
+    newest = run_dir / "checkpoints" / "phase02-step000000001"
+    target = {"truncate_model": newest / "mp_rank_00_model_states.pt", "truncate_rng": newest / "rng_rank0.pt",
+              "truncate_state": newest / "trainer_state.json"}.get(damage)
+    if target is not None:
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    else:
+        (run_dir / "checkpoints" / "LATEST").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert run(run_dir, synth_corpus, "train.save_every=1", "train.keep_checkpoints=3") == 0
+    if target is not None:  # skipped with a warning naming the checkpoint and the file
+        assert any("phase02-step000000001" in r.message and target.name in r.message for r in caplog.records)
+    else:
+        assert any("LATEST is missing" in r.message for r in caplog.records)
+    a, b = weights(straight), weights(run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_intact_checkpoint_refuses_to_start_over_unless_asked(tmp_path, synth_corpus, capsys):
+    run_dir = _stopped_run(tmp_path, synth_corpus)
+    for folder in (run_dir / "checkpoints").glob("phase*"):
+        (folder / "trainer_state.json").write_text("{")
+    assert run(run_dir, synth_corpus, "train.save_every=1", "train.keep_checkpoints=3") == 1
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "--restart" in err and "phase01-step000000003" in err
+    args = ["--recipe", str(RECIPE), "--run-dir", str(run_dir), "--restart",
+            *tiny(synth_corpus, "train.save_every=1", "train.keep_checkpoints=3")]
+    assert main(args) == 0
+    discarded = list(run_dir.glob("discarded-*"))
+    assert len(discarded) == 1 and (discarded[0] / "checkpoints").is_dir()  # nothing deleted
+    assert json.loads((run_dir / "ledger.json").read_text())["total"]["steps"] == 6
+
+
+def test_stop_after_steps_counts_every_phase_of_the_call(tmp_path, synth_corpus, caplog):
+    with caplog.at_level(logging.INFO):
+        assert run(tmp_path / "r", synth_corpus, "train.save_every=100", stop=5) == 0
+    assert any("stopped after 5 steps" in r.message for r in caplog.records)
+
+
+def test_every_rank_draws_its_own_randomness_once_the_model_is_built(tmp_path):
+    from common.distributed import Dist
+    from common.trainer import Trainer
+
+    from types import SimpleNamespace
+
+    from common.trainer import TrainConfig
+
+    draws = {}
+    for rank in (0, 1, 0):
+        trainer = Trainer.__new__(Trainer)  # only what the seeding reads
+        trainer.spec = SimpleNamespace(train=TrainConfig(seed=3))
+        trainer.dist = Dist(rank, 2, rank, torch.device("cpu"))
+        torch.manual_seed(0)  # the model is built identically on every rank ...
+        trainer._seed_rank(0)  # ... then each rank gets its own stream
+        draws.setdefault(rank, []).append(torch.rand(4))
+    assert not torch.equal(draws[0][0], draws[1][0])
+    assert torch.equal(draws[0][0], draws[0][1])  # reproducible per rank
+
+
+def test_best_is_the_best_epoch_of_the_final_phase(tmp_path, synth_corpus, monkeypatch):
+    from common.exports import read_weights
+    from finetune.classifier import ClassifierObjective
+    from finetune.run import main as finetune
+    from tests.test_finetune import TINY, _synth_root, sets
+
+    scores = iter([0.9, 0.4, 0.6, 0.5])  # the coarse phase's epoch scores best, but it is not the final phase
+    real = ClassifierObjective.evaluate
+
+    def scripted(self, *args, **kwargs):
+        return {**real(self, *args, **kwargs), "acc": next(scores)}
+
+    monkeypatch.setattr(ClassifierObjective, "evaluate", scripted)
+    run_dir = tmp_path / "ft"
+    assert finetune(["--init", "none", "--task", "synth", "--data-root", str(_synth_root(tmp_path, synth_corpus)),
+                     "--run-dir", str(run_dir),
+                     *sets(*TINY, "phases=[{compression: fshift, factor: 4, epochs: 1}, {compression: none, epochs: 3}]")
+                     ]) == 0
+    _, meta = read_weights(run_dir / "export" / "best.safetensors")
+    assert (meta["eval"]["phase"], meta["eval"]["epoch"], meta["eval"]["metrics"]["acc"]) == (1, 2, 0.6)
+    test = json.loads((run_dir / "test_metrics.json").read_text())
+    assert test["model"].endswith("best.safetensors")
+
+
+def test_cross_validation_picks_its_epoch_in_the_final_phase():
+    from finetune.evaluate import cross_validation_summary
+
+    def evals(coarse, fine):
+        return [{"phase": 0, "epoch": e + 1, "metrics": {"acc": v}} for e, v in enumerate(coarse)] + \
+            [{"phase": 1, "epoch": e + 1, "metrics": {"acc": v}} for e, v in enumerate(fine)]
+
+    summary = cross_validation_summary([evals([0.9], [0.5, 0.7]), evals([0.8], [0.6, 0.6])], "acc")
+    assert (summary["best"]["phase"], summary["best"]["epoch"]) == (1, 2)
+    assert [r["phase"] for r in summary["per_epoch"]] == [1, 1]
