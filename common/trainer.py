@@ -297,7 +297,7 @@ class Trainer:
     def _loader(self, index: int, train: bool) -> ClipLoader:
         data = self.spec.data
         if train:
-            cuts = open_cuts(data.train, seed=self.spec.train.seed)
+            cuts = open_cuts(data.train, seed=self.spec.train.seed, in_memory_max=data.full_shuffle_max)
             weights = None
             if data.balanced:
                 from common.data import balanced_weights

@@ -102,3 +102,17 @@ def test_custom_csv_ids_are_unique_for_files_outside_its_folder(tmp_path):
     assert sorted(c.id for c in CutSet.from_file(pool.manifests["pool"])) == [
         "pool-train-000000", "pool-train-000001", "pool-valid-000000", "pool-valid-000001"]
 
+
+def test_manifests_are_written_in_a_seeded_shuffled_order(tmp_path):
+    """A folder per class lists clips class after class; the manifest must not (issue 10 item 1)."""
+    for label in ("a", "b", "c"):
+        for i in range(20):
+            write_clip(tmp_path / "tree" / label / f"{label}{i:02d}.wav", seconds=0.1, seed=i)
+    orders = []
+    for out in ("one", "two"):
+        report = get_corpus("custom").prepare(tmp_path / "tree", tmp_path / out, num_jobs=1)
+        orders.append([c.id for c in CutSet.from_file(report.manifests["train"])])
+    labels = [i.split("-")[0] for i in orders[0]]
+    changes = sum(x != y for x, y in zip(labels, labels[1:]))
+    assert changes > 25  # class order has 2 changes; a random order about 39
+    assert orders[0] == orders[1] and sorted(orders[0]) != orders[0]  # deterministic, not source order
