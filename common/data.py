@@ -99,6 +99,8 @@ class DataConfig:
         max_bad_fraction: stop the run when more than this share of clips is unusable.
         balanced: AST's balanced sampling (weights 1000 / (label count + 0.01)).
         eval_crop: where validation clips longer than the clip length are cut: ``start`` (AST) or ``center``.
+        train_crop: where training clips longer than the clip length are cut: ``start`` (AST and SSAST
+            always cut from the start) or ``random`` (a random window per clip and epoch).
         full_shuffle_max: a training set of at most this many clips is read into memory and shuffled as
             a whole every epoch (AST / SSAST); a larger one streams through Lhotse's 20k-clip shuffle
             buffer. 0 streams every set.
@@ -112,6 +114,7 @@ class DataConfig:
     max_bad_fraction: float = 0.02
     balanced: bool = False
     eval_crop: Literal["start", "center"] = "start"
+    train_crop: Literal["start", "random"] = "start"
     full_shuffle_max: int = 500_000
 
     def __post_init__(self) -> None:
@@ -299,12 +302,13 @@ class ClipDataset(torch.utils.data.Dataset):
         clip_samples: every clip is cropped / zero-padded to this many samples.
         sample_rate: target sampling rate.
         classes: class list for targets (None: unlabeled).
-        crop: where a longer clip is cut: ``random`` (training), ``start`` (AST) or ``center``.
+        crop: where a longer clip is cut: ``start`` (AST and SSAST, training and evaluation), ``random``
+            (a window drawn from ``(seed, epoch, clip id)``) or ``center``.
         seed: seed of the random crops.
     """
 
     def __init__(self, clip_samples: int, sample_rate: int = 16000, classes: Sequence[str] | None = None,
-                 crop: str = "random", seed: int = 0) -> None:
+                 crop: str = "start", seed: int = 0) -> None:
         if crop not in CROPS:
             raise ValueError(f"unknown crop {crop!r}; choose one of {list(CROPS)}")
         self.clip_samples = clip_samples

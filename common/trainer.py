@@ -307,7 +307,7 @@ class Trainer:
         else:
             cuts, weights = open_cuts(data.valid), None
         dataset = ClipDataset(self.spec.audio.clip_samples, self.spec.audio.sample_rate, self.objective.classes,
-                              crop="random" if train else data.eval_crop, seed=self.spec.train.seed)
+                              crop=data.train_crop if train else data.eval_crop, seed=self.spec.train.seed)
         batch = self._batch_size(index) if train else (data.eval_batch_size or self._batch_size(index))
         return ClipLoader(cuts, dataset, batch, shuffle=train, drop_last=train, seed=self.spec.train.seed,
                           rank=self.dist.rank, world_size=self.dist.world_size, num_workers=data.num_workers,

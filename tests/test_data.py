@@ -272,7 +272,19 @@ def test_only_small_equal_weight_sets_are_read_into_memory(class_sorted_manifest
     assert open_cuts([ManifestSpec(str(pool), 3.0), ManifestSpec(str(train))], in_memory_max=1000).is_lazy
 
 
-def test_the_trainer_shuffles_small_training_sets_as_a_whole(tmp_path, synth_corpus, tiny_cfg):
+def test_training_crops_cut_from_the_start_unless_asked(synth_corpus):
+    cut = next(c for c in CutSet.from_file(synth_corpus / "synth_train.jsonl.gz") if c.duration > 1.5)
+    full = torch.from_numpy(cut.load_audio()[0])
+    assert DataConfig().train_crop == "start"
+    start = ClipDataset(8000, crop=DataConfig().train_crop, seed=0)
+    for epoch in (0, 1):
+        assert torch.equal(start[(epoch, 0, CutSet([cut]))].waveforms[0], full[:8000])
+    random = ClipDataset(8000, crop="random", seed=0)
+    assert not torch.equal(random[(0, 0, CutSet([cut]))].waveforms[0], full[:8000])
+
+
+@pytest.mark.parametrize("train_crop", ["start", "random"])
+def test_the_trainer_crops_training_clips_as_the_data_config_says(tmp_path, synth_corpus, tiny_cfg, train_crop):
     from common.distributed import Dist
     from common.features import AudioConfig
     from common.optim import OptimConfig
@@ -282,13 +294,14 @@ def test_the_trainer_shuffles_small_training_sets_as_a_whole(tmp_path, synth_cor
 
     classes, _ = read_classes(synth_corpus / "synth_classes.json")
     data = DataConfig(train=[ManifestSpec(str(synth_corpus / "synth_train.jsonl.gz"))],
-                      valid=[str(synth_corpus / "synth_valid.jsonl.gz")], batch_size=4, num_workers=0)
+                      valid=[str(synth_corpus / "synth_valid.jsonl.gz")], batch_size=4, num_workers=0,
+                      **({} if train_crop == "start" else {"train_crop": train_crop}))
     spec = RunSpec(run_dir=tmp_path, base=tiny_cfg, audio=AudioConfig(num_mel_bins=32, target_frames=64),
                    phases=[PhaseConfig(epochs=1)], transfer=TransferConfig(), optim=OptimConfig(),
                    train=TrainConfig(), data=data)
     trainer = Trainer(spec, ClassifierObjective(classes, "acc", "ce", AugmentConfig()),
                       Dist(0, 1, 0, torch.device("cpu")))
     train, valid = trainer._loader(0, train=True), trainer._loader(0, train=False)
-    assert valid.cuts.is_lazy
+    assert (train.dataset.crop, valid.dataset.crop) == (train_crop, "start")
     assert not train.cuts.is_lazy  # small: shuffled as a whole every epoch
     trainer.scalars.close()
