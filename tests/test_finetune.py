@@ -55,6 +55,20 @@ def test_esc50_folds_and_cross_validation_on_known_inputs():
     assert tie["best"]["epoch"] == 1  # the earliest of equal means
 
 
+def test_paper_tasks_use_the_authors_statistics_and_losses():
+    """VoxCeleb / VGGSound as the authors' FlexiAST recipes; Kinetics-Sounds the AudioSet setup (item 5)."""
+    from common.frontend import NormStats, resolve_norm_stats
+    from finetune.recipe import load_recipe
+
+    recipes = {name: load_recipe(name) for name in ("voxceleb", "vggsound", "kinetics_sounds", "audioset")}
+    assert resolve_norm_stats(recipes["voxceleb"].audio().norm) == NormStats(-3.7614744, 4.2011642)
+    assert resolve_norm_stats(recipes["vggsound"].audio().norm) == NormStats(-5.0767093, 4.4533687)
+    assert {name: r.task.loss for name, r in recipes.items()} == {
+        "voxceleb": "ce", "vggsound": "bce", "kinetics_sounds": "bce", "audioset": "bce"}
+    for name in ("voxceleb", "vggsound", "kinetics_sounds"):
+        assert recipes[name].task.loss.upper() in recipes[name].task.description
+
+
 def test_unknown_task_lists_the_known_ones(capsys):
     assert finetune(["--init", "none", "--task", "vgg"]) == 1
     err = capsys.readouterr().err
