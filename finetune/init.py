@@ -2,14 +2,37 @@
 
 Shared by fine-tuning and linear probing. The transformer and the patch shape come from the checkpoint;
 the input length from the task; the stride from the recipe (default: the patch, no overlap, as the paper).
+
+The positional embedding of the init is fitted to the first phase's grid as the code the weights come
+from would fit it: official SSAST / AST checkpoints and ImageNet weights with their rule (``cut``: the
+centre of the grid where the task's is smaller, e.g. ESC-50's 512 frames or any coarse phase, bilinear
+where it is larger); this package's exports with ``transfer.pos_embed`` (the paper's bilinear,
+antialiased when it shrinks). ``transfer.init_pos_embed`` overrides the choice.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 from common.model import ASTEncoder, EncoderConfig, ModelSpec
+from common.phases import TransferConfig
 from common.resize import adapt_state_dict
 
-__all__ = ["load_init", "task_encoder_config", "task_encoder"]
+__all__ = ["InitTransferConfig", "load_init", "task_encoder_config", "init_pos_mode", "task_encoder"]
+
+
+@dataclass(frozen=True)
+class InitTransferConfig(TransferConfig):
+    """The fine-tuning recipe's ``transfer`` section: the phase changes, and the init.
+
+    Args:
+        pos_embed: see :class:`common.phases.TransferConfig` (phase changes).
+        init_pos_embed: how ``--init``'s positional embedding is fitted to the first phase: ``auto``
+            (follow the init, see the module docstring), ``bilinear`` or ``cut``.
+    """
+
+    init_pos_embed: Literal["auto", "bilinear", "cut"] = "auto"
 
 
 def load_init(init: str):
@@ -32,9 +55,18 @@ def task_encoder_config(init, model: ModelSpec, num_mel_bins: int, target_frames
                        drop_path_rate=model.drop_path_rate)
 
 
-def init_pos_mode(init, default: str) -> str:
-    """ImageNet weights are fitted with AST's rule (centre cut / bilinear); others with ``default``."""
-    return "cut" if init is not None and init[2].get("source") == "imagenet" else default
+def init_pos_mode(init, default: str, choice: str = "auto") -> str:
+    """How ``init``'s positional embedding is fitted to the task's grid.
+
+    Args:
+        init: as returned by :func:`load_init`.
+        default: the mode for this package's exports (``transfer.pos_embed``).
+        choice: ``auto`` (official SSAST / AST checkpoints and ImageNet weights: ``cut``, the rule of
+            SSAST's and AST's fine-tuning code; exports: ``default``), or the mode to use.
+    """
+    if choice != "auto":
+        return choice
+    return "cut" if init is not None and init[2].get("source") in ("official", "imagenet") else default
 
 
 def task_encoder(init, cfg: EncoderConfig, pos_mode: str = "bilinear") -> ASTEncoder:

@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                 spec = RunSpec(run_dir=run_dir, base=base, audio=recipe.audio(base.num_mel_bins),
                                phases=recipe.phases, transfer=recipe.transfer, optim=recipe.optim, train=recipe.train,
                                data=data, init=None if init is None else init[:2],
-                               init_pos_embed=init_pos_mode(init, recipe.transfer.pos_embed),
+                               init_pos_embed=init_pos_mode(init, recipe.transfer.pos_embed,
+                                                            recipe.transfer.init_pos_embed),
                                meta={"task": recipe.task.name, "init": recipe.init})
                 log.info("fine-tuning on %s%s into %s (init: %s)", recipe.task.name,
                          f" fold {k + 1}/{len(splits)}" if recipe.task.folds else "", run_dir, recipe.init)
