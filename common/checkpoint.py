@@ -246,7 +246,9 @@ def load_encoder_state(
 ) -> tuple[EncoderConfig, dict[str, torch.Tensor], dict]:
     """``(config, encoder state dict, metadata)`` of any supported checkpoint (see module docstring).
 
-    ``metadata["source"]`` is ``export``, ``official`` (SSAST / AST) or ``imagenet`` (timm ViT / DeiT).
+    ``metadata["source"]`` is ``export``, ``official`` (SSAST / AST) or ``imagenet`` (timm ViT / DeiT);
+    ``metadata["objective"]`` is ``ssast`` for self-supervised pretraining weights (this package's
+    pretraining exports, SSAST's pretrained files) and ``classification`` for fine-tuned ones.
     """
     file = resolve_model_file(path)
     if file.suffix == ".safetensors":
@@ -282,7 +284,9 @@ def load_encoder_state(
         cfg, enc = convert_timm_vit_state_dict(state, str(file))
         return cfg, enc, {"source": "imagenet", "file": str(file)}
     cfg, enc = convert_official_state_dict(state, source=str(file), **official_kwargs)
-    return cfg, enc, {"source": "official", "file": str(file)}
+    pretrained = any(k.split(".")[-1] == "p_input_fdim" for k in state)  # SSAST pretraining files store it
+    objective = "ssast" if pretrained else "classification"
+    return cfg, enc, {"source": "official", "file": str(file), "objective": objective}
 
 
 def load_encoder(path: str | os.PathLike, **official_kwargs) -> ASTEncoder:

@@ -1,7 +1,7 @@
 """Supervised fine-tuning: the classifier (encoder + pooled head) and its trainer Objective.
 
-Head: mean of the patch tokens (SSAST ``ft_avgtok``) or of the prefix tokens (AST: cls and dist), then
-LayerNorm and Linear. Training applies waveform mixup (``lam ~ Beta(10, 10)``), SpecAugment and (if
+Head: mean of the patch tokens (SSAST ``ft_avgtok``) or of the prefix tokens (AST: cls and dist), as the
+init's own code pools by default (``finetune.init.init_pool``), then LayerNorm and Linear. Training applies waveform mixup (``lam ~ Beta(10, 10)``), SpecAugment and (if
 asked) SSAST's fbank noise on the device; the loss is BCE on sigmoid outputs (multi-label, and SSAST's
 SpeechCommands) or cross-entropy with (mixed) soft targets. Evaluation gathers every rank's scores and
 computes mAP / accuracy with scikit-learn.
@@ -27,15 +27,21 @@ from common.flops import train_step_flops
 from common.metrics import compute_metrics
 from common.model import ASTEncoder, EncoderConfig
 
-__all__ = ["HeadConfig", "AugmentConfig", "Classifier", "ClassifierObjective", "save_classifier", "load_classifier"]
+__all__ = ["POOLS", "HeadConfig", "AugmentConfig", "Classifier", "ClassifierObjective", "save_classifier",
+           "load_classifier"]
+
+
+POOLS = ("mean", "prefix")
 
 
 @dataclass(frozen=True)
 class HeadConfig:
     """Args:
-        pool: ``mean`` (patch tokens, SSAST) or ``prefix`` (cls + dist tokens, AST)."""
+        pool: ``mean`` of the patch tokens (SSAST's ``ft_avgtok``), ``prefix``: mean of the prefix tokens
+            (AST's ``(cls + dist) / 2``; the cls token when there is one), or ``auto``: follow the init
+            (``finetune.init.init_pool``)."""
 
-    pool: Literal["mean", "prefix"] = "mean"
+    pool: Literal["auto", "mean", "prefix"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -72,8 +78,9 @@ class Classifier(nn.Module):
 
     def __init__(self, encoder: ASTEncoder, num_classes: int, pool: str = "mean") -> None:
         super().__init__()
-        if pool not in ("mean", "prefix"):
-            raise ValueError(f"unknown pooling {pool!r}; choose 'mean' or 'prefix'")
+        if pool not in POOLS:
+            raise ValueError(f"unknown pooling {pool!r}; choose one of {list(POOLS)} (resolve 'auto' with "
+                             f"finetune.init.init_pool first)")
         if pool == "prefix" and encoder.num_prefix_tokens == 0:
             raise ValueError("prefix pooling needs prefix tokens")
         self.encoder = encoder

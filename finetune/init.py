@@ -8,6 +8,14 @@ from would fit it: official SSAST / AST checkpoints and ImageNet weights with th
 centre of the grid where the task's is smaller, e.g. ESC-50's 512 frames or any coarse phase, bilinear
 where it is larger); this package's exports with ``transfer.pos_embed`` (the paper's bilinear,
 antialiased when it shrinks). ``transfer.init_pos_embed`` overrides the choice.
+
+The classifier pools the tokens as the init's code does (``head.pool: auto``, :func:`init_pool`): AST
+(ImageNet / DeiT weights, official AST checkpoints) takes the mean of the prefix tokens, ``(cls + dist)
+/ 2`` (the cls token with one prefix token); SSAST (its pretrained checkpoints and this package's
+pretraining exports) the mean of the patch tokens, ``ft_avgtok``, which SSAST's fine-tuning recipes use
+for patch and frame models alike; a fine-tuned export keeps the pooling it was trained with; a model
+trained from scratch (``--init none``) pools as AST, the paper's model, whose head does not depend on
+its initialisation.
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ from common.model import ASTEncoder, EncoderConfig, ModelSpec
 from common.phases import TransferConfig
 from common.resize import adapt_state_dict
 
-__all__ = ["InitTransferConfig", "load_init", "task_encoder_config", "init_pos_mode", "task_encoder"]
+__all__ = ["InitTransferConfig", "load_init", "task_encoder_config", "init_pos_mode", "init_pool", "resolve_pool",
+           "task_encoder"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,35 @@ def init_pos_mode(init, default: str, choice: str = "auto") -> str:
     if choice != "auto":
         return choice
     return "cut" if init is not None and init[2].get("source") in ("official", "imagenet") else default
+
+
+def init_pool(init, cfg: EncoderConfig) -> str:
+    """The token pooling of the code ``init`` comes from (see the module docstring).
+
+    Args:
+        init: as returned by :func:`load_init` (None: from scratch).
+        cfg: the task's encoder geometry (without prefix tokens the mean of the patch tokens is the only
+            choice).
+    """
+    if cfg.num_prefix_tokens == 0:
+        return "mean"
+    if init is None:
+        return "prefix"
+    meta = init[2]
+    if isinstance(meta.get("classifier"), dict) and meta["classifier"].get("pool") in ("mean", "prefix"):
+        return meta["classifier"]["pool"]
+    if meta.get("objective") == "ssast":
+        return "mean"
+    return "prefix"
+
+
+def resolve_pool(pool: str, init, cfg: EncoderConfig) -> str:
+    """``pool`` itself, or for ``auto`` :func:`init_pool`; ``prefix`` needs prefix tokens."""
+    if pool == "auto":
+        return init_pool(init, cfg)
+    if pool == "prefix" and cfg.num_prefix_tokens == 0:
+        raise ValueError("head.pool: 'prefix' pooling needs prefix tokens, and this encoder has none")
+    return pool
 
 
 def task_encoder(init, cfg: EncoderConfig, pos_mode: str = "bilinear") -> ASTEncoder:

@@ -45,12 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_plan(recipe, base) -> None:
+def print_plan(recipe, base, head) -> None:
     from common.phases import phase_encoder_configs
     from finetune.classifier import ClassifierObjective
 
-    objective = ClassifierObjective(["x"] * 2, recipe.task.metric, recipe.task.loss, recipe.augment, recipe.head)
+    objective = ClassifierObjective(["x"] * 2, recipe.task.metric, recipe.task.loss, recipe.augment, head)
     print(f"task {recipe.task.name}: {recipe.task.description or ''}")
+    print(f"pooling: {head.pool}")
     print(f"{'phase':<28} {'epochs':>6} {'grid':>7} {'tokens':>6} {'GFLOPs/sample':>14}")
     for i, (phase, cfg) in enumerate(zip(recipe.phases, phase_encoder_configs(base, recipe.phases))):
         print(f"{phase.label(i):<28} {phase.epochs:>6} {cfg.grid[0]:>3}x{cfg.grid[1]:<3} {cfg.num_patches:>6} "
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from common.corpora.base import read_classes
         from common.phases import phase_encoder_configs
-        from finetune.init import init_pos_mode, load_init, task_encoder_config
+        from common.recipe import RecipeError
+        from finetune.init import init_pos_mode, load_init, resolve_pool, task_encoder_config
         from finetune.recipe import load_recipe
 
         recipe = load_recipe(args.task, args.recipe, args.overrides, init=args.init, data_root=args.data_root)
@@ -106,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         base = task_encoder_config(init, recipe.model, recipe.num_mel_bins, recipe.task.target_frames)
         try:
             phase_encoder_configs(base, recipe.phases)
+            head = replace(recipe.head, pool=resolve_pool(recipe.head.pool, init, base))
         except ValueError as err:
-            from common.recipe import RecipeError
             raise RecipeError(str(err)) from None
         if args.dry_run:
-            print_plan(recipe, base)
+            print_plan(recipe, base, head)
             return 0
         from common.data import ManifestSpec
         from common.trainer import RunSpec, Trainer
@@ -121,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         done = True
         with training_session(run_root, recipe) as dist:
             objective = ClassifierObjective(classes, recipe.task.metric, recipe.task.loss, recipe.augment,
-                                            recipe.head, names)
+                                            head, names)
+            log.info("classifier pools the mean of the %s tokens (head.pool: %s)",
+                     "patch" if head.pool == "mean" else "prefix", recipe.head.pool)
             splits = recipe.task.fold_splits()
             for k, (train, valid) in enumerate(splits):
                 run_dir = run_root / f"fold{k + 1}" if recipe.task.folds else run_root
