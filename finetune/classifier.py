@@ -1,10 +1,11 @@
 """Supervised fine-tuning: the classifier (encoder + pooled head) and its trainer Objective.
 
 Head: mean of the patch tokens (SSAST ``ft_avgtok``) or of the prefix tokens (AST: cls and dist), as the
-init's own code pools by default (``finetune.init.init_pool``), then LayerNorm and Linear. Training applies waveform mixup (``lam ~ Beta(10, 10)``), SpecAugment and (if
-asked) SSAST's fbank noise on the device; the loss is BCE on sigmoid outputs (multi-label, and SSAST's
-SpeechCommands) or cross-entropy with (mixed) soft targets. Evaluation gathers every rank's scores and
-computes mAP / accuracy with scikit-learn.
+init's own code pools by default (``finetune.init.init_pool``), then LayerNorm and Linear. Training
+applies waveform mixup (``lam ~ Beta(10, 10)``), SpecAugment and (if asked) SSAST's fbank noise on the
+device; the loss is BCE on sigmoid outputs (multi-label, and SSAST's SpeechCommands) or cross-entropy
+with (mixed) soft targets. Evaluation gathers every rank's scores and computes mAP / accuracy with
+scikit-learn.
 """
 
 from __future__ import annotations
