@@ -198,6 +198,8 @@ def open_cuts(specs: Sequence[ManifestSpec | str], seed: int = 0, in_memory_max:
             return CutSet.from_cuts(cuts)
         log.info("training set larger than data.full_shuffle_max=%d clips (or not countable): streamed through "
                  "Lhotse's shuffle buffer", in_memory_max)
+    elif in_memory_max:
+        log.info("a mix of manifests with unequal weights: streamed through Lhotse's shuffle buffer")
     if len(sets) == 1:
         return sets[0]
     return CutSet.mux(*sets, weights=[s.weight for s in specs], seed=seed)
