@@ -1,7 +1,7 @@
 """Data throughput: can the loader and the front end keep the encoder busy in the cheapest phase?
 
 Measures, for 10 s clips:
-  - clips/s through the loader (decode + resample + random crop + batching) per worker count, for
+  - clips/s through the loader (decode + resample + crop + batching) per worker count, for
     16 kHz FLAC and for 44.1 kHz WAV (which must be resampled);
   - clips/s through ``Fbank`` on the device at 10 ms and 40 ms frame shift (batched);
   - clips/s the SSAST encoder consumes in the cheapest phase of ``recipes/ssast_fshift4.yaml``

@@ -1,12 +1,18 @@
-"""Training-time augmentation on the device: waveform mixup and SpecAugment.
+"""Training-time augmentation on the device: waveform mixup, SpecAugment and fbank noise.
 
-Both follow AST's data loader (reference/ssast_ast.md 4.2) but act on whole batches:
+They follow AST's data loader (reference/ssast_ast.md 4.2) but act on whole batches:
 
 - mixup pairs each selected clip with another clip of the same batch (AST draws the partner from the
   whole data set; within-batch pairing needs no second decode) and mixes waveforms with
   ``lam ~ Beta(10, 10)``; labels are mixed with the same weight, so a class present in both clips stays 1.
 - SpecAugment masks one frequency band and one time span per clip, on the fbank before normalisation,
   with the masked cells set to 0 (as AST, where they become ``(0 - mean) / (2 std)`` after normalising).
+- noise (``noise=True`` in SSAST's ESC-50 and SpeechCommands recipes, AST's SpeechCommands recipe):
+  after normalisation, ``fbank + rand(T, F) * rand() / 10`` and a circular roll along time by
+  ``randint(-10, 10)`` frames (numpy's upper bound is exclusive: -10 to 9), both drawn per clip. On a
+  time-compressed phase (Fshift) the largest shift is scaled by the compression like the time mask
+  (``round(10 / C)`` frames: the same stretch of audio); pooling phases add the noise and roll at full
+  resolution, before pooling, as the time mask.
 
 Randomness comes from an explicit ``torch.Generator`` so that a resumed run draws the same masks.
 """
@@ -18,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["MixupConfig", "SpecAugmentConfig", "mixup", "spec_augment"]
+__all__ = ["MixupConfig", "SpecAugmentConfig", "NoiseConfig", "mixup", "spec_augment", "fbank_noise"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,26 @@ class SpecAugmentConfig:
     def __post_init__(self) -> None:
         if self.freqm < 0 or self.timem < 0:
             raise ValueError(f"SpecAugment widths must be >= 0, got freqm={self.freqm}, timem={self.timem}")
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """SSAST / AST's fbank noise (their ``noise=True``).
+
+    Args:
+        enabled: add the noise and roll to training features.
+        scale: largest noise amplitude, in normalised units (AST: ``rand() / 10``).
+        max_shift: the roll is drawn from ``[-max_shift, max_shift)`` frames at the base frame shift
+            (AST: ``np.random.randint(-10, 10)``).
+    """
+
+    enabled: bool = False
+    scale: float = 0.1
+    max_shift: int = 10
+
+    def __post_init__(self) -> None:
+        if self.scale < 0 or self.max_shift < 0:
+            raise ValueError(f"noise scale and max_shift must be >= 0, got {self.scale}, {self.max_shift}")
 
 
 def _beta(alpha: float, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -128,3 +154,27 @@ def spec_augment(
         keep &= ~(band[:, None, :] if axis == 2 else band[:, :, None])
     keep = keep.to(fbank.device)
     return torch.where(keep, fbank, torch.full_like(fbank, mask_value))
+
+
+def fbank_noise(fbank: torch.Tensor, scale: float, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Add ``U[0, 1)`` noise times a per-clip ``U[0, scale)`` amplitude, then roll each clip along time.
+
+    Args:
+        fbank: ``[B, T, F]`` normalised features.
+        scale: largest amplitude (AST: 0.1).
+        max_shift: the shift of clip ``b`` is drawn from ``[-max_shift, max_shift)`` frames (0: no roll).
+        generator: CPU generator; it draws the amplitudes, the shifts and the seed of the noise field,
+            which is drawn on ``fbank``'s device (a resumed run adds the same noise).
+    """
+    batch, frames, _ = fbank.shape
+    amplitude = torch.rand(batch, generator=generator) * scale
+    shift = torch.randint(-max_shift, max_shift, (batch,), generator=generator) if max_shift > 0 else None
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    device_generator = torch.Generator(device=fbank.device).manual_seed(seed)
+    field = torch.rand(fbank.shape, generator=device_generator, device=fbank.device, dtype=fbank.dtype)
+    out = fbank + field * amplitude.to(fbank.device, fbank.dtype)[:, None, None]
+    if shift is None:
+        return out
+    # torch.roll(x, s, dims=time) per clip: out[t] = x[(t - s) mod T]
+    source = (torch.arange(frames)[None, :] - shift[:, None]) % frames
+    return torch.gather(out, 1, source.to(fbank.device)[:, :, None].expand_as(out))

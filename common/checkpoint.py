@@ -33,7 +33,9 @@ class EncoderWeights(NamedTuple):
         config: the geometry and size the weights were trained with.
         state: the :class:`ASTEncoder` state dict.
         meta: where they come from: ``source`` is ``export``, ``official`` (SSAST / AST) or ``imagenet``
-            (timm ViT / DeiT); exports add their own metadata (front end, task, ...).
+            (timm ViT / DeiT); ``objective`` is ``ssast`` for self-supervised pretraining weights (this
+            package's pretraining exports, SSAST's pretrained files) and ``classification`` for fine-tuned
+            ones; exports add their own metadata (front end, task, ...).
     """
 
     config: EncoderConfig
@@ -75,7 +77,9 @@ def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWei
         cfg, enc = convert_timm_vit_state_dict(state, str(file))
         return EncoderWeights(cfg, enc, {"source": "imagenet", "file": str(file)})
     cfg, enc = convert_official_state_dict(state, source=str(file), **official_kwargs)
-    return EncoderWeights(cfg, enc, {"source": "official", "file": str(file)})
+    pretrained = any(k.split(".")[-1] == "p_input_fdim" for k in state)  # SSAST pretraining files store it
+    objective = "ssast" if pretrained else "classification"
+    return EncoderWeights(cfg, enc, {"source": "official", "file": str(file), "objective": objective})
 
 
 def load_encoder(path: str | os.PathLike, **official_kwargs) -> ASTEncoder:

@@ -3,6 +3,16 @@
     manifests --(weighted mux)--> CutSet --Lhotse sampler (per-rank shard, seeded shuffle)--> cut batches
       --DataLoader workers: decode, resample to 16 kHz, crop / pad--> Batch(waveforms [B, S], lengths, targets)
 
+Shuffling. AST and SSAST shuffle the whole training set every epoch; so does this loader for every set
+held in memory (an eager CutSet: Lhotse's ``SimpleCutSampler`` permutes it with ``seed + epoch``).
+``open_cuts(..., in_memory_max=N)`` reads a training manifest eagerly when it holds at most N clips
+(counted from its lines, without parsing them) and it is one manifest or an equal-weight mix: every
+task set of the paper (VGGSound, VoxCeleb, Kinetics-Sounds, SpeechCommands, AudioSet-20K, ESC-50)
+fits. Larger sets, Lhotse Shar folders and mixes with unequal weights (AudioSet-2M + LibriSpeech for
+SSAST) stream through Lhotse's 20,000-clip shuffle buffer (``DynamicCutSampler``), which mixes well only
+because every corpus is written in a seeded shuffled order (``common.corpora.base.write_corpus``);
+source order is often sorted by class.
+
 Features are made later, on the training device (``common.features``), so one loader serves every
 compression method.
 
@@ -38,6 +48,7 @@ __all__ = [
     "BadAudioTracker",
     "TooMuchBadAudio",
     "open_cuts",
+    "count_clips",
     "balanced_weights",
     "LabelEncoder",
     "ClipDataset",
@@ -90,6 +101,11 @@ class DataConfig:
         max_bad_fraction: stop the run when more than this share of clips is unusable.
         balanced: AST's balanced sampling (weights 1000 / (label count + 0.01)).
         eval_crop: where validation clips longer than the clip length are cut: ``start`` (AST) or ``center``.
+        train_crop: where training clips longer than the clip length are cut: ``start`` (AST and SSAST
+            always cut from the start) or ``random`` (a random window per clip and epoch).
+        full_shuffle_max: a training set of at most this many clips is read into memory and shuffled as
+            a whole every epoch (AST / SSAST); a larger one streams through Lhotse's 20k-clip shuffle
+            buffer. 0 streams every set.
     """
 
     train: list[ManifestSpec] = field(default_factory=list)
@@ -100,8 +116,12 @@ class DataConfig:
     max_bad_fraction: float = 0.02
     balanced: bool = False
     eval_crop: Literal["start", "center"] = "start"
+    train_crop: Literal["start", "random"] = "start"
+    full_shuffle_max: int = 500_000
 
     def __post_init__(self) -> None:
+        if self.full_shuffle_max < 0:
+            raise ValueError(f"full_shuffle_max must be >= 0, got {self.full_shuffle_max}")
         if self.batch_size < 1 or (self.eval_batch_size is not None and self.eval_batch_size < 1):
             raise ValueError("batch sizes must be >= 1")
         if self.num_workers < 0:
@@ -110,10 +130,14 @@ class DataConfig:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
 
+def _manifest_path(path: str | os.PathLike) -> Path:
+    return Path(os.path.expandvars(os.path.expanduser(str(path))))
+
+
 def _open_one(path: str | os.PathLike):
     from lhotse import CutSet
 
-    path = Path(os.path.expandvars(os.path.expanduser(str(path))))
+    path = _manifest_path(path)
     if path.is_dir():
         if not list(path.glob("cuts.*.jsonl*")):
             raise FileNotFoundError(f"{path} is a folder but not a Lhotse Shar folder (no cuts.*.jsonl.gz shards)")
@@ -126,14 +150,58 @@ def _open_one(path: str | os.PathLike):
     return CutSet.from_file(path)  # lazy for .jsonl.gz
 
 
-def open_cuts(specs: Sequence[ManifestSpec | str], seed: int = 0):
-    """A lazy CutSet over one manifest, or a weighted mix of several (``CutSet.mux``)."""
+def count_clips(path: str | os.PathLike, limit: int | None = None) -> int | None:
+    """Clips in a ``.jsonl(.gz)`` manifest, counted from its lines without parsing them.
+
+    Returns None for what cannot be counted this way (a Shar folder, another format), and ``limit + 1``
+    as soon as the count exceeds ``limit``.
+    """
+    import gzip
+
+    path = _manifest_path(path)
+    if not path.is_file() or not path.name.endswith((".jsonl", ".jsonl.gz")):
+        return None
+    count = 0
+    with (gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")) as handle:
+        for line in handle:
+            count += bool(line.strip())
+            if limit is not None and count > limit:
+                break
+    return count
+
+
+def open_cuts(specs: Sequence[ManifestSpec | str], seed: int = 0, in_memory_max: int | None = None):
+    """A CutSet over one manifest, or a weighted mix of several (``CutSet.mux``).
+
+    Args:
+        specs: manifests (paths or :class:`ManifestSpec`).
+        seed: seed of the mix.
+        in_memory_max: read the clips into memory (an eager CutSet, which :class:`ClipLoader` shuffles as
+            a whole every epoch) when there are at most this many, the manifests are ``.jsonl(.gz)``
+            files and their weights are equal (a mix with unequal weights stays a weighted stream).
+            None: always lazy.
+    """
     from lhotse import CutSet
 
     specs = [s if isinstance(s, ManifestSpec) else ManifestSpec(str(s)) for s in specs]
     if not specs:
         raise ValueError("no manifests given")
     sets = [_open_one(s.path) for s in specs]
+    if in_memory_max and len({s.weight for s in specs}) == 1:
+        total = 0
+        for spec in specs:
+            count = count_clips(spec.path, in_memory_max - total)
+            total = in_memory_max + 1 if count is None else total + count
+            if total > in_memory_max:
+                break
+        if total <= in_memory_max:
+            cuts = [cut for one in sets for cut in one]
+            log.info("read %d clips into memory: every epoch is a shuffle of the whole set", len(cuts))
+            return CutSet.from_cuts(cuts)
+        log.info("training set larger than data.full_shuffle_max=%d clips (or not countable): streamed through "
+                 "Lhotse's shuffle buffer", in_memory_max)
+    elif in_memory_max:
+        log.info("a mix of manifests with unequal weights: streamed through Lhotse's shuffle buffer")
     if len(sets) == 1:
         return sets[0]
     return CutSet.mux(*sets, weights=[s.weight for s in specs], seed=seed)
@@ -238,12 +306,13 @@ class ClipDataset(torch.utils.data.Dataset):
         clip_samples: every clip is cropped / zero-padded to this many samples.
         sample_rate: target sampling rate.
         classes: class list for targets (None: unlabeled).
-        crop: where a longer clip is cut: ``random`` (training), ``start`` (AST) or ``center``.
+        crop: where a longer clip is cut: ``start`` (AST and SSAST, training and evaluation), ``random``
+            (a window drawn from ``(seed, epoch, clip id)``) or ``center``.
         seed: seed of the random crops.
     """
 
     def __init__(self, clip_samples: int, sample_rate: int = 16000, classes: Sequence[str] | None = None,
-                 crop: str = "random", seed: int = 0) -> None:
+                 crop: str = "start", seed: int = 0) -> None:
         if crop not in CROPS:
             raise ValueError(f"unknown crop {crop!r}; choose one of {list(CROPS)}")
         self.clip_samples = clip_samples
@@ -388,7 +457,9 @@ class ClipLoader:
         cuts: the CutSet (lazy or eager).
         dataset: decodes and crops (see :class:`ClipDataset`).
         batch_size: clips per batch on this rank.
-        shuffle: shuffle (with ``seed`` and the epoch); lazy sets shuffle through a 20k-cut buffer.
+        shuffle: shuffle with ``seed`` and the epoch: an eager (in-memory) CutSet is permuted as a whole
+            (Lhotse's ``SimpleCutSampler``), a lazy one streams through a 20k-cut shuffle buffer
+            (``DynamicCutSampler``); see the module docstring.
         drop_last: drop the last incomplete batch of an epoch.
         seed: sampler seed, the same on every rank.
         rank, world_size: this process's shard (default: from the environment, as Lhotse infers it).
@@ -420,11 +491,15 @@ class ClipLoader:
         self.prefetch_factor = prefetch_factor
 
     def _sampler(self):
-        from lhotse.dataset import DynamicCutSampler
+        from lhotse.dataset import DynamicCutSampler, SimpleCutSampler
 
         if self.weights is not None:
             return WeightedCutSampler(self.cuts, self.weights, self.batch_size, drop_last=self.drop_last,
                                       seed=self.seed, rank=self.rank, world_size=self.world_size)
+        if not self.cuts.is_lazy:  # in memory: shuffled as a whole every epoch
+            return SimpleCutSampler(self.cuts, max_cuts=self.batch_size, shuffle=self.shuffle,
+                                    drop_last=self.drop_last, world_size=self.world_size, rank=self.rank,
+                                    seed=self.seed)
         return DynamicCutSampler(self.cuts, max_cuts=self.batch_size, shuffle=self.shuffle,
                                  drop_last=self.drop_last, world_size=self.world_size, rank=self.rank,
                                  seed=self.seed)
@@ -458,6 +533,11 @@ class ClipLoader:
                 )
             epoch += 1
 
+    def cut_batches(self, start_epoch: int = 0, skip: int = 0, epochs: int | None = None) -> Iterator:
+        """The sampled clips only (metadata, nothing decoded): ``(epoch, index, CutSet)`` per batch, in the
+        order :meth:`batches` decodes them."""
+        return self._cut_batches(start_epoch, skip, epochs)
+
     def batches(self, start_epoch: int = 0, skip: int = 0, epochs: int | None = None) -> Iterator[Batch]:
         """Iterate batches from ``(start_epoch, skip)``; forever when ``epochs`` is None.
 
@@ -488,8 +568,9 @@ class ClipLoader:
 def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: int, sample_rate: int,
                  batch_size: int, seed: int, rank: int, world_size: int, tracker: BadAudioTracker,
                  pin_memory: bool = False) -> ClipLoader:
-    """The training stream of a run: ``data.train`` mixed by weight, shuffled per epoch (or AST's balanced
-    sampling when ``data.balanced``), random crops, incomplete last batches dropped.
+    """The training stream of a run: ``data.train`` mixed by weight, shuffled per epoch (the whole set when it
+    fits ``data.full_shuffle_max``, or AST's balanced sampling when ``data.balanced``), cropped as
+    ``data.train_crop`` says, incomplete last batches dropped.
 
     Args:
         data: the recipe's data section.
@@ -501,12 +582,12 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
         tracker: counts and logs bad audio.
         pin_memory: pin batches for host-to-GPU copies.
     """
-    cuts = open_cuts(data.train, seed=seed)
+    cuts = open_cuts(data.train, seed=seed, in_memory_max=data.full_shuffle_max)
     weights = None
     if data.balanced:
         cuts = cuts.to_eager()
         weights = balanced_weights(cuts, classes or [])
-    dataset = ClipDataset(clip_samples, sample_rate, classes, crop="random", seed=seed)
+    dataset = ClipDataset(clip_samples, sample_rate, classes, crop=data.train_crop, seed=seed)
     return ClipLoader(cuts, dataset, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rank,
                       world_size=world_size, num_workers=data.num_workers, weights=weights, tracker=tracker,
                       pin_memory=pin_memory)

@@ -1,7 +1,7 @@
 """The per-phase feature pipeline: waveform batch -> model input, on the training device.
 
     waveforms [B, S] --Fbank(frame shift of the phase)--> [B, T, F] --pad/crop--> --SpecAugment (train)-->
-    --normalise--> --avg/max pool (pool phases)--> [B, T', F]
+    --normalise--> --noise + roll (train, if asked)--> --avg/max pool (pool phases)--> [B, T', F]
 
 One loader serves every compression method, since everything that depends on the phase happens here.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.augment import SpecAugmentConfig, spec_augment
+from common.augment import NoiseConfig, SpecAugmentConfig, fbank_noise, spec_augment
 from common.compression import Compression
 from common.frontend import Fbank, NormStats, normalize, pad_or_crop, resolve_norm_stats, samples_for_frames
 
@@ -97,6 +97,10 @@ class FeaturePipeline(nn.Module):
         self.freqm = specaug.freqm
         self.timem = round(specaug.timem * self.frames / audio.target_frames)
 
+    def time_frames(self, frames: int) -> int:
+        """``frames`` at the base frame shift, in this phase's fbank frames (a time mask, a roll)."""
+        return round(frames * self.frames / self.audio.target_frames)
+
     @property
     def output_frames(self) -> int:
         return self.compression.model_frames(self.audio.target_frames)
@@ -106,9 +110,13 @@ class FeaturePipeline(nn.Module):
         waveforms: torch.Tensor,
         lengths: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        noise: NoiseConfig | None = None,
     ) -> torch.Tensor:
+        """Features of a batch; SpecAugment (and ``noise`` if enabled) only when a generator is given."""
         x = pad_or_crop(self.fbank(waveforms, lengths), self.frames)
         if generator is not None:
             x = spec_augment(x, self.freqm, self.timem, generator)
         x = normalize(x, self.stats)
+        if generator is not None and noise is not None and noise.enabled:
+            x = fbank_noise(x, noise.scale, self.time_frames(noise.max_shift), generator)
         return self.compression.pool(x)

@@ -163,15 +163,17 @@ class NormStats:
             raise ValueError(f"invalid normalisation statistics: mean={self.mean}, std={self.std}")
 
 
-# Published statistics (AST / SSAST repositories and the FlexiAST VGGSound recipe). SSAST normalises
-# LibriSpeech with the AudioSet statistics, so "librispeech" is an alias. Corpora without a published
-# value get theirs from `python -m common.corpora stats MANIFEST`.
+# Published statistics (AST / SSAST repositories; VGGSound and VoxCeleb from the paper authors' FlexiAST
+# recipes, egs/vggsound and egs/voxceleb). SSAST normalises LibriSpeech with the AudioSet statistics, so
+# "librispeech" is an alias. Corpora without a published value get theirs from
+# `python -m common.corpora stats MANIFEST`.
 NORM_STATS: dict[str, NormStats] = {
     "audioset": NormStats(-4.2677393, 4.5689974),
     "librispeech": NormStats(-4.2677393, 4.5689974),
     "esc50": NormStats(-6.6268077, 5.358466),
     "speechcommands": NormStats(-6.845978, 5.5654526),
     "vggsound": NormStats(-5.0767093, 4.4533687),
+    "voxceleb": NormStats(-3.7614744, 4.2011642),
 }
 
 

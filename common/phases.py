@@ -83,8 +83,9 @@ class TransferConfig:
     """How weights move between phases.
 
     Args:
-        pos_embed: ``bilinear`` (the paper) or ``cut`` (centre cut where the grid shrinks, SSAST's choice
-            for shorter inputs).
+        pos_embed: ``bilinear`` (the paper, section 3.3; antialiased where an axis shrinks, as the
+            authors' FlexiAST resampling: the coarse-to-fine changes only grow the grid, where it makes no
+            difference) or ``cut`` (centre cut where the grid shrinks, SSAST's choice for shorter inputs).
     """
 
     pos_embed: PosResize = "bilinear"

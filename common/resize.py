@@ -4,9 +4,11 @@ Used at every phase change (coarse -> fine) and when a checkpoint is loaded for 
 length. Two kinds of weights depend on the grid:
 
 - the positional embedding: resampled with timm's ``resample_abs_pos_embed`` (explicit old grid,
-  bilinear, prefix rows untouched), or ``cut``: the centre of the old grid where the new one is smaller
-  (SSAST's choice for shorter inputs, without its hard-coded 8 rows and its t/f mix-up), bilinear along
-  an axis that grows;
+  bilinear, prefix rows untouched; antialiased where an axis shrinks, as the authors' FlexiAST resampling,
+  so that a coarse position averages all the fine positions it covers, not two of them), or ``cut``: the
+  centre of the old grid where the new one is smaller, bilinear along an axis that grows (the rule of
+  SSAST's and AST's fine-tuning code for shorter inputs, without SSAST's hard-coded 8 frequency rows and
+  its use of the time size in the frequency cut: those bugs are not reproduced);
 - the patch-embedding kernel, when the patch shape changes (``patch`` compression): PI-resize (timm's
   ``resample_patch_embed``, bilinear, no antialias, as FlexiViT / FlexiAST) or plain bilinear
   interpolation of the kernel (FlexiAST's "BL").
@@ -58,7 +60,8 @@ def resample_pos_embed(
         pos_embed: the embedding, prefix rows first, then the grid frequency-major.
         old_grid, new_grid: ``(f_dim, t_dim)``.
         num_prefix_tokens: P, rows kept as they are.
-        mode: ``bilinear`` or ``cut`` (centre cut where an axis shrinks, bilinear where it grows).
+        mode: ``bilinear`` (antialiased when an axis shrinks) or ``cut`` (centre cut where an axis
+            shrinks, bilinear where it grows).
     """
     old_grid, new_grid = tuple(old_grid), tuple(new_grid)
     expected = num_prefix_tokens + old_grid[0] * old_grid[1]
@@ -74,9 +77,10 @@ def resample_pos_embed(
     if mode == "bilinear":
         from timm.layers import resample_abs_pos_embed
 
+        shrinks = any(n < o for n, o in zip(new_grid, old_grid))  # growing is the same with or without
         out = resample_abs_pos_embed(pos_embed, new_size=list(new_grid), old_size=list(old_grid),
                                      num_prefix_tokens=num_prefix_tokens, interpolation="bilinear",
-                                     antialias=False)
+                                     antialias=shrinks)
     else:
         dtype = pos_embed.dtype
         prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:].float()

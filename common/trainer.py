@@ -398,6 +398,13 @@ class Trainer:
                             self._batch_size(index), self.spec.train.seed, self.dist.rank, self.dist.world_size,
                             self.tracker, pin_memory=self.device.type == "cuda")
 
+    def _eval_loader(self, index: int):
+        spec = self.spec
+        return eval_loader(spec.data.valid, self.objective.classes, spec.audio.clip_samples, spec.audio.sample_rate,
+                           spec.data.eval_batch_size or self._batch_size(index), spec.data.num_workers,
+                           spec.data.eval_crop, self.dist.rank, self.dist.world_size,
+                           pin_memory=self.device.type == "cuda")
+
     def _start_phase(self, index: int) -> None:
         """Open (or, resumed, find) the phase's ledger record and say what the phase costs."""
         phase, cfg = self.spec.phases[index], self.cfgs[index]
@@ -466,11 +473,7 @@ class Trainer:
         """The objective's validation metrics of ``model`` (on the device) at phase ``index``'s resolution."""
         spec = self.spec
         pipeline = FeaturePipeline(spec.audio, spec.phases[index].as_compression()).to(self.device)
-        loader = eval_loader(spec.data.valid, self.objective.classes, spec.audio.clip_samples, spec.audio.sample_rate,
-                             spec.data.eval_batch_size or self._batch_size(index), spec.data.num_workers,
-                             spec.data.eval_crop, self.dist.rank, self.dist.world_size,
-                             pin_memory=self.device.type == "cuda")
-        batches = loader.batches(epochs=1)
+        batches = self._eval_loader(index).batches(epochs=1)
         if spec.train.eval_batches is not None:
             batches = (b for _, b in zip(range(spec.train.eval_batches), batches))
         model.eval()

@@ -1,7 +1,8 @@
 """Supervised fine-tuning: the classifier (encoder + pooled head) and its trainer Objective.
 
-Head: mean of the patch tokens (SSAST ``ft_avgtok``) or of the prefix tokens (AST: cls and dist), then
-LayerNorm and Linear. Training applies waveform mixup (``lam ~ Beta(10, 10)``) and SpecAugment on the
+Head: mean of the patch tokens (SSAST ``ft_avgtok``) or of the prefix tokens (AST: cls and dist), as the
+init's own code pools by default (``finetune.init.init_pool``), then LayerNorm and Linear. Training
+applies waveform mixup (``lam ~ Beta(10, 10)``), SpecAugment and (if asked) SSAST's fbank noise on the
 device; the loss is BCE on sigmoid outputs (multi-label, and SSAST's SpeechCommands) or cross-entropy
 with (mixed) soft targets. Evaluation gathers every rank's scores and computes mAP / accuracy with
 scikit-learn.
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.augment import MixupConfig, SpecAugmentConfig, mixup
+from common.augment import MixupConfig, NoiseConfig, SpecAugmentConfig, mixup
 from common.exports import read_weights, save_weights
 from common.data import Batch
 from common.distributed import Dist
@@ -34,22 +35,36 @@ __all__ = ["HeadConfig", "AugmentConfig", "Classifier", "ClassifierObjective", "
 @dataclass(frozen=True)
 class HeadConfig:
     """Args:
-        pool: ``mean`` (patch tokens, SSAST) or ``prefix`` (cls + dist tokens, AST)."""
+        pool: ``mean`` of the patch tokens (SSAST's ``ft_avgtok``), ``prefix``: mean of the prefix tokens
+            (AST's ``(cls + dist) / 2``; the cls token when there is one), or ``auto``: follow the init
+            (``finetune.init.init_pool``)."""
 
-    pool: Literal["mean", "prefix"] = "mean"
+    pool: Literal["auto", "mean", "prefix"] = "auto"
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training augmentation: SpecAugment widths at full resolution and the mixup probability."""
+    """Training augmentation.
+
+    Args:
+        freqm, timem: SpecAugment's largest frequency / time mask at full resolution.
+        mixup: probability that a clip is mixed with another.
+        noise: SSAST's fbank noise and roll of up to 10 frames (``common.augment.fbank_noise``; on in
+            SSAST's ESC-50 and SpeechCommands recipes).
+    """
 
     freqm: int = 0
     timem: int = 0
     mixup: float = 0.0
+    noise: bool = False
 
     @property
     def specaug(self) -> SpecAugmentConfig:
         return SpecAugmentConfig(self.freqm, self.timem)
+
+    @property
+    def noise_config(self) -> NoiseConfig:
+        return NoiseConfig(enabled=self.noise)
 
     @property
     def mixup_config(self) -> MixupConfig:
@@ -136,7 +151,7 @@ class ClassifierObjective:
     def train_step(self, model, batch: Batch, pipeline: FeaturePipeline, generator: torch.Generator):
         waves, lengths, targets = mixup(batch.waveforms, batch.lengths, batch.targets, self.augment.mixup_config,
                                         generator)
-        logits = model(pipeline(waves, lengths, generator))
+        logits = model(pipeline(waves, lengths, generator, noise=self.augment.noise_config))
         return self.criterion(logits, targets), {}
 
     def evaluate(self, model, batches: Iterator[Batch], pipeline: FeaturePipeline, dist: Dist,

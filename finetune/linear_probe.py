@@ -5,7 +5,8 @@
     python finetune/linear_probe.py --init MODEL --recipe recipes/linear_probe.yaml
 
 Features: the tokens of one block (default: the last, after the final norm), mean-pooled over the patch
-tokens (or the prefix tokens), for every clip at full resolution. They are cached per (checkpoint,
+tokens or the prefix tokens (default: as the init's code pools, ``finetune.init.init_pool``), for every
+clip at full resolution. They are cached per (checkpoint,
 task split, layer, pooling), so probing again with another ``C`` is instant. The classifier is a
 standardised logistic regression (one-vs-rest for multi-label tasks); the task's metric is computed on
 its test split (the evaluation split if it has none; ESC-50: the mean over its five folds).
@@ -37,7 +38,7 @@ class ProbeRecipe:
     Args:
         tasks: task names (or task YAML files).
         layer: block whose tokens are the features (1-based, negative from the end; None: last + final norm).
-        pool: ``mean`` over patch tokens or over ``prefix`` tokens.
+        pool: ``mean`` over patch tokens, over ``prefix`` tokens, or ``auto``: as the init's code pools.
         C: inverse L2 regularisation of the logistic regression.
         batch_size, num_workers: feature extraction.
         data_root: folder the tasks' manifests are under.
@@ -46,7 +47,7 @@ class ProbeRecipe:
 
     tasks: list[str] = field(default_factory=list)
     layer: int | None = None
-    pool: Literal["mean", "prefix"] = "mean"
+    pool: Literal["auto", "mean", "prefix"] = "auto"
     C: float = 1.0
     batch_size: int = 32
     num_workers: int = 2
@@ -117,7 +118,7 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
     from common.corpora.base import read_classes
     from common.features import AudioConfig
     from common.model import ModelSpec
-    from finetune.init import load_init, task_encoder, task_encoder_config
+    from finetune.init import load_init, resolve_pool, task_encoder, task_encoder_config
     from finetune.recipe import task_source
     from finetune.tasks import TaskConfig
 
@@ -127,15 +128,16 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
     init = load_init(init_path)
     cfg = task_encoder_config(init, ModelSpec(), 128, task.target_frames)
     encoder = task_encoder(init, cfg)
+    pool = resolve_pool(recipe.pool, init, cfg)
     audio = AudioConfig(num_mel_bins=cfg.num_mel_bins, target_frames=task.target_frames, norm=task.norm)
     cache = Path(recipe.cache_dir)
 
     def features(manifests: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        path = cache / f"{_cache_key(init_path, manifests, cfg, recipe.layer, recipe.pool)}.npz"
+        path = cache / f"{_cache_key(init_path, manifests, cfg, recipe.layer, pool)}.npz"
         if path.is_file():
             data = np.load(path)
             return data["x"], data["y"]
-        x, y = extract_features(encoder, audio, manifests, classes, recipe.layer, recipe.pool, recipe.batch_size,
+        x, y = extract_features(encoder, audio, manifests, classes, recipe.layer, pool, recipe.batch_size,
                                 recipe.num_workers, device)
         cache.mkdir(parents=True, exist_ok=True)
         np.savez(path, x=x, y=y)
@@ -149,13 +151,14 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
             x_tr = np.concatenate([fold_data[j][0] for j in range(len(fold_data)) if j != k])
             y_tr = np.concatenate([fold_data[j][1] for j in range(len(fold_data)) if j != k])
             values.append(fit_and_score(x_tr, y_tr, *fold_data[k], task.metric, multilabel, recipe.C))
-        return {"task": task.name, "metric": task.metric, "value": float(np.mean(values)), "folds": values}
+        return {"task": task.name, "metric": task.metric, "value": float(np.mean(values)), "folds": values,
+                "pool": pool}
     x_tr, y_tr = features([task.path(p) for p in task.train])
     test = task.test or task.valid
     x_te, y_te = features([task.path(p) for p in test])
     value = fit_and_score(x_tr, y_tr, x_te, y_te, task.metric, multilabel, recipe.C)
     return {"task": task.name, "metric": task.metric, "value": value, "train_clips": len(x_tr),
-            "test_clips": len(x_te)}
+            "test_clips": len(x_te), "pool": pool}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", nargs="+", default=None, help="task name(s) or task YAML file(s)")
     parser.add_argument("--recipe", type=Path, default=None, help="a probe recipe (YAML: tasks, layer, pool, C, ...)")
     parser.add_argument("--layer", type=int, default=None, help="block to read (1-based; default: the last)")
-    parser.add_argument("--pool", choices=["mean", "prefix"], default=None, help="pooling (default mean)")
+    parser.add_argument("--pool", choices=["auto", "mean", "prefix"], default=None,
+                        help="pooling (default auto: as the init's code, e.g. prefix for AST, mean for SSAST)")
     parser.add_argument("--C", type=float, default=None, help="inverse regularisation (default 1.0)")
     parser.add_argument("--data-root", default=None, help="folder the manifests are under (default data)")
     parser.add_argument("--cache-dir", default=None, help="feature cache (default runs/probe_cache)")
@@ -197,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("give --task NAME [NAME ...] or a --recipe listing tasks")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         results = [probe_task(args.init, task, recipe, device) for task in recipe.tasks]
-        print(f"linear probe of {args.init} (layer {recipe.layer or 'last'}, {recipe.pool} pooling, C={recipe.C})")
+        pools = sorted({r["pool"] for r in results})
+        print(f"linear probe of {args.init} (layer {recipe.layer or 'last'}, {'/'.join(pools)} pooling, C={recipe.C})")
         print(f"| {'task':<16} | {'metric':<6} | {'value':>7} |")
         print(f"|{'-' * 18}|{'-' * 8}|{'-' * 9}|")
         for r in results:

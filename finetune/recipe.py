@@ -16,10 +16,11 @@ from common.data import DataConfig
 from common.features import AudioConfig
 from common.model import ModelSpec
 from common.optim import OptimConfig
-from common.phases import PhaseConfig, TransferConfig
+from common.phases import PhaseConfig
 from common.recipe import apply_overrides, build, load_yaml, merge
 from common.trainer import TrainConfig
 from finetune.classifier import AugmentConfig, HeadConfig
+from finetune.init import InitTransferConfig
 from finetune.tasks import TaskConfig, task_defaults
 
 __all__ = ["FinetuneRecipe", "load_recipe", "task_source"]
@@ -34,7 +35,7 @@ class FinetuneRecipe:
     head: HeadConfig = field(default_factory=HeadConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    transfer: TransferConfig = field(default_factory=TransferConfig)
+    transfer: InitTransferConfig = field(default_factory=InitTransferConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     num_mel_bins: int = 128

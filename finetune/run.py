@@ -49,6 +49,7 @@ def print_plan(recipe, configs, objective) -> None:
     from common.phases import format_plan, plan_phases
 
     print(f"task {recipe.task.name}: {recipe.task.description or ''}")
+    print(f"pooling: {objective.head.pool}")
     print(format_plan(plan_phases(recipe.phases, configs, objective.flops_per_sample, recipe.data.batch_size,
                                   recipe.optim.grad_accum)))
 
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from common.corpora.base import read_classes
         from common.phases import phase_encoder_configs
-        from finetune.init import init_pos_mode, load_init, task_encoder_config
+        from common.recipe import RecipeError
+        from finetune.init import init_pos_mode, load_init, resolve_pool, task_encoder_config
         from finetune.recipe import load_recipe
 
         recipe = load_recipe(args.task, args.recipe, args.overrides, init=args.init, data_root=args.data_root)
@@ -102,13 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         base = task_encoder_config(init, recipe.model, recipe.num_mel_bins, recipe.task.target_frames)
         try:
             configs = phase_encoder_configs(base, recipe.phases)
+            head = replace(recipe.head, pool=resolve_pool(recipe.head.pool, init, base))
         except ValueError as err:
-            from common.recipe import RecipeError
             raise RecipeError(str(err)) from None
         from finetune.classifier import ClassifierObjective
 
-        objective = ClassifierObjective(classes, recipe.task.metric, recipe.task.loss, recipe.augment, recipe.head,
-                                        names)
+        objective = ClassifierObjective(classes, recipe.task.metric, recipe.task.loss, recipe.augment, head, names)
         if args.dry_run:
             print_plan(recipe, configs, objective)
             return 0
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         run_root = args.run_dir or Path("runs/finetune") / name
         done = True
         with training_session(run_root, recipe, restart=args.restart) as dist:
+            log.info("classifier pools the mean of the %s tokens (head.pool: %s)",
+                     "patch" if head.pool == "mean" else "prefix", recipe.head.pool)
             splits = recipe.task.fold_splits()
             for k, (train, valid) in enumerate(splits):
                 run_dir = run_root / f"fold{k + 1}" if recipe.task.folds else run_root
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                 spec = RunSpec(run_dir=run_dir, base=base, audio=recipe.audio(base.num_mel_bins),
                                phases=recipe.phases, transfer=recipe.transfer, optim=recipe.optim, train=recipe.train,
                                data=data, init=init,
-                               init_pos_embed=init_pos_mode(init, recipe.transfer.pos_embed),
+                               init_pos_embed=init_pos_mode(init, recipe.transfer.pos_embed,
+                                                            recipe.transfer.init_pos_embed),
                                meta={"task": recipe.task.name, "init": recipe.init})
                 log.info("fine-tuning on %s%s into %s (init: %s)", recipe.task.name,
                          f" fold {k + 1}/{len(splits)}" if recipe.task.folds else "", run_dir, recipe.init)

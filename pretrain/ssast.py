@@ -16,6 +16,7 @@ the official trainer; ``separate_passes: false`` shares one pass (half the compu
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -73,6 +74,14 @@ def _head(dim: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, out))
 
 
+def _fp32(device: torch.device):
+    """A context without autocast on ``device`` (nothing to disable where autocast does not exist, e.g.
+    the meta device FLOPs are counted on)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Rows ``idx [B, M]`` of ``x [B, N, C]`` -> ``[B, M, C]``."""
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -106,18 +115,33 @@ class SSASTModel(nn.Module):
         hidden = self.encoder.forward_tokens(tokens)[:, self.encoder.num_prefix_tokens:]
         return _gather(hidden, idx)
 
+    def mpc_logits(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``[B, M targets, M predictions]`` similarities, in float32 whatever the autocast around it.
+
+        The head runs under the caller's autocast; the ``M x M`` products do not: under bf16 autocast a
+        matmul of ``.float()`` tensors is computed in bf16 again (8 bits of mantissa), which blurs the
+        logits of 400 near-identical candidates that the softmax and the accuracy compare.
+        """
+        pred = self.cpredlayer(hidden)
+        with _fp32(hidden.device):
+            return targets.float() @ pred.float().transpose(1, 2)
+
     def mpc(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """InfoNCE and accuracy between predictions from ``hidden`` and ``targets`` (both ``[B, M, .]``)."""
-        pred = self.cpredlayer(hidden).float()
-        logits = targets.float() @ pred.transpose(1, 2)  # [B, M targets, M predictions]
-        dim = 1 if self.cfg.nce_softmax == "targets" else 2
-        nce = -torch.diagonal(F.log_softmax(logits, dim=dim), dim1=1, dim2=2).mean()
-        labels = torch.arange(logits.shape[1], device=logits.device)
-        acc = (logits.argmax(dim=1) == labels).float().mean()
+        """InfoNCE and accuracy between predictions from ``hidden`` and ``targets`` (both ``[B, M, .]``),
+        computed in float32 with autocast disabled."""
+        logits = self.mpc_logits(hidden, targets)
+        with _fp32(logits.device):
+            dim = 1 if self.cfg.nce_softmax == "targets" else 2
+            nce = -torch.diagonal(F.log_softmax(logits, dim=dim), dim1=1, dim2=2).mean()
+            labels = torch.arange(logits.shape[1], device=logits.device)
+            acc = (logits.argmax(dim=1) == labels).float().mean()
         return nce, acc
 
     def mpg(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(self.gpredlayer(hidden).float(), targets.float())
+        """MSE between the predicted and the raw patches, in float32 with autocast disabled."""
+        pred = self.gpredlayer(hidden)
+        with _fp32(hidden.device):
+            return F.mse_loss(pred.float(), targets.float())
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Joint SSAST loss of a normalised fbank batch ``[B, T, F]``."""

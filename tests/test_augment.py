@@ -44,3 +44,52 @@ def test_spec_augment_masks_one_band_and_one_span_per_clip():
     same = spec_augment(x, 6, 10, torch.Generator().manual_seed(0))
     assert torch.equal(same, out)
     assert spec_augment(x, 0, 0, torch.Generator()) is x
+
+
+def _rolls(out, base, max_shift):
+    """The circular time shift that maps ``base`` to ``out`` for each clip, and the residual noise."""
+    shifts, residual = [], []
+    for o, b in zip(out, base):
+        best = min(range(-max_shift, max_shift + 1), key=lambda s: (o - b.roll(s, 0)).abs().max().item())
+        shifts.append(best)
+        residual.append(o - b.roll(best, 0))
+    return shifts, torch.stack(residual)
+
+
+def test_fbank_noise_adds_bounded_noise_then_rolls_each_clip_as_ssast():
+    from common.augment import fbank_noise
+
+    x = 100.0 * torch.arange(60.0)[None, :, None].expand(16, 60, 8).contiguous()  # time ramp
+    out = fbank_noise(x, 0.1, 10, torch.Generator().manual_seed(0))
+    shifts, noise = _rolls(out, x, 12)
+    assert all(-10 <= s <= 9 for s in shifts) and len(set(shifts)) > 4  # AST: np.random.randint(-10, 10)
+    assert noise.min() >= 0 and noise.max() < 0.1  # rand(T, F) * rand() / 10
+    amplitude = noise.amax(dim=(1, 2))
+    assert amplitude.max() - amplitude.min() > 0.02  # the amplitude is drawn per clip
+    again = fbank_noise(x, 0.1, 10, torch.Generator().manual_seed(0))
+    assert torch.equal(again, out)  # all from the generator: a resumed run adds the same noise
+
+
+def test_noise_comes_after_normalisation_and_its_roll_scales_with_fshift(signals):
+    from common.augment import NoiseConfig
+    from common.compression import Compression
+    from common.features import AudioConfig, FeaturePipeline
+    from finetune.classifier import AugmentConfig
+    from finetune.tasks import TASKS
+
+    audio = AudioConfig(target_frames=128)
+    noise = AugmentConfig(noise=True).noise_config
+    assert noise == NoiseConfig(enabled=True, scale=0.1, max_shift=10)
+    for compression, largest in ((Compression(), 10), (Compression("fshift", 4), 2)):
+        pipe = FeaturePipeline(audio, compression)  # no SpecAugment: only the noise draws
+        clean = pipe(signals)
+        seen = set()
+        for seed in range(12):
+            noisy = pipe(signals, generator=torch.Generator().manual_seed(seed), noise=noise)
+            shifts, residual = _rolls(noisy, clean, largest + 2)
+            assert residual.min() >= -1e-6 and residual.max() < 0.1 + 1e-6  # normalised units: after norm
+            seen.update(shifts)
+        assert max(map(abs, seen)) == largest
+    assert torch.equal(pipe(signals, generator=torch.Generator(), noise=NoiseConfig()), pipe(signals))
+    on = {name for name, (_, recipe) in TASKS.items() if recipe.get("augment", {}).get("noise")}
+    assert on == {"esc50", "speechcommands"}  # SSAST's recipes with noise=True

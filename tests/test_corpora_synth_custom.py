@@ -76,3 +76,43 @@ def test_custom_folder_per_class_with_splits_and_unlabeled(tmp_path):
     (tmp_path / "bad.csv").write_text("file,class\nx.wav,a\n")
     with pytest.raises(ValueError, match="columns 'path' and 'label'"):
         get_corpus("custom").prepare(None, tmp_path / "out", csv=tmp_path / "bad.csv")
+
+
+def test_custom_csv_ids_are_unique_for_files_outside_its_folder(tmp_path):
+    """Absolute paths elsewhere whose file names repeat (issue 10 item 11)."""
+    data = tmp_path / "data" / "set"
+    for split in ("train", "valid"):
+        for i in range(2):
+            write_clip(data / split / f"{i:06d}.wav", seconds=0.3, seed=i)
+    rows = [(data / split / f"{i:06d}.wav", split) for split in ("train", "valid") for i in range(2)]
+    (tmp_path / "lists").mkdir()
+    csv = tmp_path / "lists" / "all.csv"
+    csv.write_text("path,label,split\n" + "".join(f"{p},{'a' if i % 2 else 'b'},{s}\n"
+                                                  for i, (p, s) in enumerate(rows)))
+    report = get_corpus("custom").prepare(None, tmp_path / "out", csv=csv)
+    ids = {c.id: c for m in report.manifests.values() for c in CutSet.from_file(m)}
+    assert sorted(ids) == ["train-000000", "train-000001", "valid-000000", "valid-000001"]
+    assert ids["valid-000001"].recording.sources[0].source == str((data / "valid" / "000001.wav").resolve())
+    csv.write_text(csv.read_text() + f"{rows[0][0]},b,train\n")
+    with pytest.raises(ValueError, match="listed twice"):
+        get_corpus("custom").prepare(None, tmp_path / "out2", csv=csv)
+    listing = tmp_path / "lists" / "pool.txt"  # an unlabeled list: the same rule
+    listing.write_text("".join(f"{p}\n" for p, _ in rows))
+    pool = get_corpus("custom").prepare(None, tmp_path / "out3", unlabeled=listing)
+    assert sorted(c.id for c in CutSet.from_file(pool.manifests["pool"])) == [
+        "pool-train-000000", "pool-train-000001", "pool-valid-000000", "pool-valid-000001"]
+
+
+def test_manifests_are_written_in_a_seeded_shuffled_order(tmp_path):
+    """A folder per class lists clips class after class; the manifest must not (issue 10 item 1)."""
+    for label in ("a", "b", "c"):
+        for i in range(20):
+            write_clip(tmp_path / "tree" / label / f"{label}{i:02d}.wav", seconds=0.1, seed=i)
+    orders = []
+    for out in ("one", "two"):
+        report = get_corpus("custom").prepare(tmp_path / "tree", tmp_path / out, num_jobs=1)
+        orders.append([c.id for c in CutSet.from_file(report.manifests["train"])])
+    labels = [i.split("-")[0] for i in orders[0]]
+    changes = sum(x != y for x, y in zip(labels, labels[1:]))
+    assert changes > 25  # class order has 2 changes; a random order about 39
+    assert orders[0] == orders[1] and sorted(orders[0]) != orders[0]  # deterministic, not source order

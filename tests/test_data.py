@@ -11,15 +11,17 @@ from common.data import (
     BadAudioTracker,
     ClipDataset,
     ClipLoader,
+    DataConfig,
     ManifestSpec,
     TooMuchBadAudio,
     balanced_weights,
+    count_clips,
     open_cuts,
 )
 
 
 def make_loader(manifest, batch_size=4, **kw):
-    cuts = open_cuts([manifest])
+    cuts = open_cuts([manifest], in_memory_max=kw.pop("in_memory_max", None))
     classes = kw.pop("classes", None)
     dataset = ClipDataset(kw.pop("clip_samples", 16000), classes=classes, crop=kw.pop("crop", "random"), seed=1)
     kw.setdefault("shuffle", True)
@@ -32,13 +34,14 @@ def take(iterator, n):
     return [next(iterator) for _ in range(n)]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_yields_exactly_the_uninterrupted_batches(synth_corpus, workers):
+@pytest.mark.parametrize("workers,in_memory", [(0, None), (2, None), (0, 1000), (2, 1000)])
+def test_resume_yields_exactly_the_uninterrupted_batches(synth_corpus, workers, in_memory):
     manifest = synth_corpus / "synth_train.jsonl.gz"  # 24 clips -> 6 batches per epoch
-    straight = take(make_loader(manifest, num_workers=workers).batches(), 15)  # crosses two epochs
-    first = take(make_loader(manifest, num_workers=workers).batches(), 8)
+    kw = {"num_workers": workers, "in_memory_max": in_memory, "crop": "random"}
+    straight = take(make_loader(manifest, **kw).batches(), 15)  # crosses two epochs
+    first = take(make_loader(manifest, **kw).batches(), 8)
     position = (first[-1].epoch, first[-1].index + 1)  # what was trained on, not what was prefetched
-    rest = take(make_loader(manifest, num_workers=workers).batches(*position), 7)
+    rest = take(make_loader(manifest, **kw).batches(*position), 7)
     for a, b in zip(straight, first + rest):
         assert a.ids == b.ids and (a.epoch, a.index) == (b.epoch, b.index)
         assert torch.equal(a.waveforms, b.waveforms)  # random crops included
@@ -46,11 +49,13 @@ def test_resume_yields_exactly_the_uninterrupted_batches(synth_corpus, workers):
     assert straight[0].ids != straight[6].ids  # reshuffled per epoch
 
 
-def test_ranks_get_disjoint_shards(synth_corpus):
+@pytest.mark.parametrize("in_memory", [None, 1000])
+def test_ranks_get_disjoint_shards(synth_corpus, in_memory):
     manifest = synth_corpus / "synth_train.jsonl.gz"
     ids = []
     for rank in (0, 1):
-        loader = make_loader(manifest, batch_size=3, rank=rank, world_size=2, drop_last=False)
+        loader = make_loader(manifest, batch_size=3, rank=rank, world_size=2, drop_last=False,
+                             in_memory_max=in_memory)
         ids.append([i for b in loader.batches(epochs=1) for i in b.ids])
     assert not set(ids[0]) & set(ids[1])
     assert len(ids[0]) == len(ids[1]) == 12
@@ -210,3 +215,93 @@ def test_stats_cli_and_shar_round_trip(synth_corpus, tmp_path):
     loader = ClipLoader(shar, ClipDataset(16000), 4, shuffle=False, drop_last=False, rank=0, world_size=1)
     expected = sorted(c.id for c in CutSet.from_file(manifest))
     assert sorted(i for b in loader.batches(epochs=1) for i in b.ids) == expected
+
+
+@pytest.fixture(scope="module")
+def class_sorted_manifest(tmp_path_factory):
+    """40,000 clips of 500 classes, written class after class (as VoxCeleb's or SpeechCommands' source
+    order); metadata only, no audio."""
+    from lhotse import MonoCut
+
+    classes, per_class = 500, 80
+    cuts = CutSet.from_cuts(MonoCut(f"c{k:03d}-{i:02d}", 0, 1.0, 0, custom={"labels": [f"k{k:03d}"]})
+                            for k in range(classes) for i in range(per_class))
+    path = tmp_path_factory.mktemp("sorted") / "sorted.jsonl.gz"
+    cuts.to_file(path)
+    return path, classes, per_class
+
+
+def _mixing(loader, epoch=0):
+    """Mean distinct classes per batch, and the correlation of a clip's class with its position."""
+    labels = [[int(c.custom["labels"][0][1:]) for c in cuts] for _, _, cuts in loader.cut_batches(epoch, 0, 1)]
+    flat = np.concatenate(labels)
+    return float(np.mean([len(set(b)) for b in labels])), float(np.corrcoef(np.arange(flat.size), flat)[0, 1])
+
+
+def test_training_epochs_are_a_shuffle_of_the_whole_set(class_sorted_manifest):
+    path, classes, per_class = class_sorted_manifest
+    batch = 128
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(classes), per_class)
+    uniform = np.mean([len(set(p[i:i + batch])) for p in (labels[rng.permutation(labels.size)] for _ in range(3))
+                       for i in range(0, p.size - batch + 1, batch)])  # about 113 of 128
+    cuts = open_cuts([path], in_memory_max=DataConfig().full_shuffle_max)  # the trainer's default
+    assert not cuts.is_lazy and len(cuts) == classes * per_class
+    loader = ClipLoader(cuts, ClipDataset(16000), batch, shuffle=True, drop_last=True, seed=3, rank=0,
+                        world_size=1)
+    for epoch in (0, 1):
+        distinct, corr = _mixing(loader, epoch)
+        assert distinct == pytest.approx(uniform, rel=0.03)  # a 20k-clip stream buffer gives ~104 (-8 %)
+        assert abs(corr) < 0.05  # the buffer leaves position and class correlated (0.38)
+    first = [c.id for _, _, b in loader.cut_batches(0, 0, 1) for c in b]
+    assert first == [c.id for _, _, b in loader.cut_batches(0, 0, 1) for c in b]  # from (seed, epoch)
+    assert first != [c.id for _, _, b in loader.cut_batches(1, 0, 1) for c in b]
+    ranks = [[c.id for _, _, b in ClipLoader(cuts, ClipDataset(16000), batch, shuffle=True, drop_last=True, seed=3,
+                                             rank=r, world_size=2).cut_batches(0, 0, 1) for c in b] for r in (0, 1)]
+    assert not set(ranks[0]) & set(ranks[1]) and set(ranks[0]) | set(ranks[1]) <= set(first)
+
+
+def test_only_small_equal_weight_sets_are_read_into_memory(class_sorted_manifest, synth_corpus):
+    path, classes, per_class = class_sorted_manifest
+    assert count_clips(path) == classes * per_class and count_clips(path, limit=100) == 101
+    assert open_cuts([path], in_memory_max=classes * per_class - 1).is_lazy  # too large: streamed
+    assert open_cuts([path]).is_lazy
+    pool, train = synth_corpus / "synth_pool.jsonl.gz", synth_corpus / "synth_train.jsonl.gz"
+    mixed = open_cuts([ManifestSpec(str(pool)), ManifestSpec(str(train))], in_memory_max=1000)
+    assert not mixed.is_lazy and len(mixed) == 48
+    assert open_cuts([ManifestSpec(str(pool), 3.0), ManifestSpec(str(train))], in_memory_max=1000).is_lazy
+
+
+def test_training_crops_cut_from_the_start_unless_asked(synth_corpus):
+    cut = next(c for c in CutSet.from_file(synth_corpus / "synth_train.jsonl.gz") if c.duration > 1.5)
+    full = torch.from_numpy(cut.load_audio()[0])
+    assert DataConfig().train_crop == "start"
+    start = ClipDataset(8000, crop=DataConfig().train_crop, seed=0)
+    for epoch in (0, 1):
+        assert torch.equal(start[(epoch, 0, CutSet([cut]))].waveforms[0], full[:8000])
+    random = ClipDataset(8000, crop="random", seed=0)
+    assert not torch.equal(random[(0, 0, CutSet([cut]))].waveforms[0], full[:8000])
+
+
+@pytest.mark.parametrize("train_crop", ["start", "random"])
+def test_the_trainer_crops_training_clips_as_the_data_config_says(tmp_path, synth_corpus, tiny_cfg, train_crop):
+    from common.distributed import Dist
+    from common.features import AudioConfig
+    from common.optim import OptimConfig
+    from common.phases import PhaseConfig, TransferConfig
+    from common.trainer import RunSpec, TrainConfig, Trainer
+    from finetune.classifier import AugmentConfig, ClassifierObjective
+
+    classes, _ = read_classes(synth_corpus / "synth_classes.json")
+    data = DataConfig(train=[ManifestSpec(str(synth_corpus / "synth_train.jsonl.gz"))],
+                      valid=[str(synth_corpus / "synth_valid.jsonl.gz")], batch_size=4, num_workers=0,
+                      **({} if train_crop == "start" else {"train_crop": train_crop}))
+    spec = RunSpec(run_dir=tmp_path, base=tiny_cfg, audio=AudioConfig(num_mel_bins=32, target_frames=64),
+                   phases=[PhaseConfig(epochs=1)], transfer=TransferConfig(), optim=OptimConfig(),
+                   train=TrainConfig(), data=data)
+    trainer = Trainer(spec, ClassifierObjective(classes, "acc", "ce", AugmentConfig()),
+                      Dist(0, 1, 0, torch.device("cpu")))
+    train, valid = trainer._train_loader(0), trainer._eval_loader(0)
+    assert (train.dataset.crop, valid.dataset.crop) == (train_crop, "start")
+    assert not train.cuts.is_lazy  # small: shuffled as a whole every epoch
+    trainer.scalars.close()

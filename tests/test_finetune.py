@@ -55,6 +55,20 @@ def test_esc50_folds_and_cross_validation_on_known_inputs():
     assert tie["best"]["epoch"] == 1  # the earliest of equal means
 
 
+def test_paper_tasks_use_the_authors_statistics_and_losses():
+    """VoxCeleb / VGGSound as the authors' FlexiAST recipes; Kinetics-Sounds the AudioSet setup (item 5)."""
+    from common.frontend import NormStats, resolve_norm_stats
+    from finetune.recipe import load_recipe
+
+    recipes = {name: load_recipe(name) for name in ("voxceleb", "vggsound", "kinetics_sounds", "audioset")}
+    assert resolve_norm_stats(recipes["voxceleb"].audio().norm) == NormStats(-3.7614744, 4.2011642)
+    assert resolve_norm_stats(recipes["vggsound"].audio().norm) == NormStats(-5.0767093, 4.4533687)
+    assert {name: r.task.loss for name, r in recipes.items()} == {
+        "voxceleb": "ce", "vggsound": "bce", "kinetics_sounds": "bce", "audioset": "bce"}
+    for name in ("voxceleb", "vggsound", "kinetics_sounds"):
+        assert recipes[name].task.loss.upper() in recipes[name].task.description
+
+
 def test_unknown_task_lists_the_known_ones(capsys):
     assert finetune(["--init", "none", "--task", "vgg"]) == 1
     err = capsys.readouterr().err
@@ -159,12 +173,52 @@ def test_fine_tuning_from_an_official_ssast_checkpoint(tmp_path, synth_corpus):
     run_dir = tmp_path / "ft"
     data = _synth_root(tmp_path, synth_corpus)
     assert finetune(["--init", str(pth), "--task", "synth", "--data-root", str(data), "--run-dir", str(run_dir),
-                     *sets("data.num_workers=0", "data.batch_size=4", "transfer.pos_embed=cut",
+                     *sets("data.num_workers=0", "data.batch_size=4", "head.pool=prefix",
                            "phases=[{compression: none, epochs: 1}]")]) == 0
     from finetune.classifier import load_classifier
     model, meta = load_classifier(run_dir)
     assert model.encoder.cfg.embed_dim == 64 and model.encoder.cfg.grid == (8, 8)
     assert meta["init"] == str(pth)
+    assert model.pool == meta["classifier"]["pool"] == "prefix"  # overridden; SSAST's own would be mean
+
+
+def test_pooling_follows_the_init(tmp_path):
+    """AST pools (cls + dist) / 2, SSAST the mean of the patch tokens, patch and frame models alike (item 2)."""
+    import timm
+
+    from common.checkpoint import load_encoder_state
+    from common.model import ASTEncoder, EncoderConfig, ModelSpec
+    from finetune.classifier import Classifier, save_classifier
+    from finetune.init import init_pool, resolve_pool, task_encoder_config
+    from pretrain.ssast import SSASTConfig, SSASTModel, SSASTObjective
+    from tests.test_checkpoint import ssast_pretrained_state
+
+    def pool_of(path, **kw):
+        init = load_encoder_state(path, **kw)
+        return init_pool(init, task_encoder_config(init, ModelSpec(), 128, 128))
+
+    torch.save(ssast_pretrained_state(dim=32, depth=1), tmp_path / "SSAST-Patch.pth")
+    torch.save(ssast_pretrained_state(dim=32, depth=1, fshape=128, tshape=2), tmp_path / "SSAST-Frame.pth")
+    assert pool_of(tmp_path / "SSAST-Patch.pth") == pool_of(tmp_path / "SSAST-Frame.pth") == "mean"
+    ast = {k: v for k, v in ssast_pretrained_state(dim=32, depth=1).items()
+           if not k.split(".")[1].startswith(("p_input", "mask_embed", "cpred", "gpred"))}
+    ast.update({"module.mlp_head.0.weight": torch.ones(32), "module.mlp_head.1.weight": torch.zeros(527, 32)})
+    torch.save(ast, tmp_path / "audioset_16_16.pth")  # an official fine-tuned AST checkpoint
+    assert pool_of(tmp_path / "audioset_16_16.pth", fstride=16, tstride=16) == "prefix"
+    torch.save(timm.create_model("deit_tiny_distilled_patch16_224").state_dict(), tmp_path / "deit.pth")
+    assert pool_of(tmp_path / "deit.pth") == "prefix"  # AST's ImageNet start
+    cfg = EncoderConfig(embed_dim=32, depth=1, num_heads=2, num_mel_bins=128, input_tdim=128)
+    SSASTObjective(SSASTConfig()).export(SSASTModel(ASTEncoder(cfg), SSASTConfig()), tmp_path / "pre.safetensors",
+                                         {})
+    assert pool_of(tmp_path / "pre.safetensors") == "mean"  # this package's SSAST pretraining
+    for pool in ("mean", "prefix"):
+        save_classifier(Classifier(ASTEncoder(cfg), 3, pool), tmp_path / f"{pool}.safetensors", "abc", {})
+        assert pool_of(tmp_path / f"{pool}.safetensors") == pool  # a fine-tuned export keeps its own
+    assert init_pool(None, cfg) == "prefix"  # from scratch: AST's head
+    no_prefix = cfg.replace(num_prefix_tokens=0)
+    assert init_pool(None, no_prefix) == "mean" and resolve_pool("mean", None, cfg) == "mean"
+    with pytest.raises(ValueError, match="head.pool: 'prefix' pooling needs prefix tokens"):
+        resolve_pool("prefix", None, no_prefix)
 
 
 def test_imagenet_deit_weights_start_the_encoder_as_ast(tmp_path):
@@ -209,12 +263,15 @@ def test_a_custom_task_file_fine_tunes_and_probes(tmp_path):
     ledger = json.loads((run_dir / "ledger.json").read_text())
     assert len(ledger["evals"]) == 2 and ledger["phases"][0]["epochs"] == 2
     from finetune.classifier import load_classifier
-    assert load_classifier(run_dir)[1]["classifier"]["classes"] == ["hat", "kick", "snare"]
+    model, meta = load_classifier(run_dir)
+    assert meta["classifier"]["classes"] == ["hat", "kick", "snare"]
+    assert model.pool == meta["classifier"]["pool"] == "prefix"  # --init none: AST's (cls + dist) / 2
     out = tmp_path / "probe.json"
     assert probe(["--init", str(run_dir), "--task", str(tmp_path / "drums.yaml"), "--cache-dir",
                   str(tmp_path / "cache"), "--workers", "0", "--out", str(out)]) == 0
     result = json.loads(out.read_text())[0]
     assert result["task"] == "drums" and 0 <= result["value"] <= 1
+    assert result["pool"] == "prefix"  # the probe pools as the model it reads
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # train and valid features cached
 
 

@@ -105,3 +105,57 @@ def test_phase_change_adapts_pos_and_kernel(tiny_cfg):
                                                        enc.patch_embed.proj.weight)
     with pytest.raises(ValueError, match="embed_dim 32 -> 64"):
         adapt_state_dict(enc.state_dict(), tiny_cfg, tiny_cfg.replace(embed_dim=64))
+
+
+def _column_weights(mode, old=(8, 64), new=(8, 16)):
+    """Resample a grid whose channel t is 1 at time column t: the output says which fine columns each
+    coarse position is made of."""
+    cols = old[1]
+    grid = torch.eye(cols).reshape(1, 1, cols, cols).expand(1, old[0], cols, cols)
+    pos = torch.cat([torch.zeros(1, 2, cols), grid.reshape(1, old[0] * cols, cols)], dim=1)
+    out = resample_pos_embed(pos, old, new, 2, mode)[:, 2:].reshape(new[0], new[1], cols)
+    return out[0]  # [new time columns, old time columns], the same for every frequency row
+
+
+def test_shrinking_bilinearly_averages_every_fine_column_a_coarse_position_covers():
+    weights = _column_weights("bilinear")  # 8x64 -> 8x16, the Fshift x4 grid of an SSAST init
+    assert torch.allclose(weights.sum(1), torch.ones(16), atol=1e-6)
+    for j in range(1, 15):
+        own = weights[j, 4 * j: 4 * j + 4]
+        assert (own > 0.1).all()  # all four fine columns count (without antialias: only 4j+1, 4j+2)
+        assert own.sum() > 0.7 and torch.allclose(own, own.flip(0), atol=1e-6)
+    ramp = torch.arange(64.0)[None, None, :, None].expand(1, 8, 64, 1).reshape(1, 512, 1)
+    out = resample_pos_embed(torch.cat([torch.zeros(1, 2, 1), ramp], 1), (8, 64), (8, 16), 2)[:, 2:]
+    assert torch.allclose(out.reshape(8, 16)[0, 1:15], 4 * torch.arange(1.0, 15) + 1.5)  # the centres
+
+
+def test_cut_keeps_the_centre_columns_of_an_ssast_grid():
+    weights = _column_weights("cut")  # 64 // 2 - 16 // 2 = 24: columns 24..39 survive, unchanged
+    assert torch.equal(weights, torch.eye(64)[24:40])
+
+
+def test_growing_is_plain_bilinear_in_both_modes():
+    # the paper's coarse -> fine transfer (section 3.3): 8x16 -> 8x64, not touched by the antialiasing
+    pos = torch.randn(1, 2 + 8 * 16, 4)
+    grid = pos[:, 2:].reshape(1, 8, 16, 4).permute(0, 3, 1, 2)
+    ref = F.interpolate(grid, size=(8, 64), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    for mode in ("bilinear", "cut"):
+        out = resample_pos_embed(pos, (8, 16), (8, 64), 2, mode)[:, 2:]
+        assert torch.allclose(out, ref.reshape(1, 512, 4), atol=1e-6)
+
+
+def test_official_inits_follow_their_codes_rule_and_exports_the_recipe():
+    from common.checkpoint import EncoderWeights
+    from finetune.init import init_pos_mode
+    from finetune.recipe import load_recipe
+
+    official, imagenet, export = EncoderWeights(None, None, {"source": "official"}), \
+        EncoderWeights(None, None, {"source": "imagenet"}), \
+        EncoderWeights(None, None, {"source": "export", "objective": "ssast"})
+    assert init_pos_mode(official, "bilinear") == init_pos_mode(imagenet, "bilinear") == "cut"  # SSAST / AST
+    assert init_pos_mode(export, "bilinear") == "bilinear" and init_pos_mode(None, "cut") == "cut"
+    assert init_pos_mode(official, "bilinear", "bilinear") == "bilinear"  # transfer.init_pos_embed
+    recipe = load_recipe("esc50", overrides=["transfer.init_pos_embed=bilinear"])
+    assert (recipe.transfer.pos_embed, recipe.transfer.init_pos_embed) == ("bilinear", "bilinear")
+    with pytest.raises(ValueError, match="transfer.init_pos_embed"):
+        load_recipe("esc50", overrides=["transfer.init_pos_embed=nearest"])

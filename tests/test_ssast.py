@@ -135,3 +135,26 @@ def test_heads_follow_a_patch_shape_change(cfg):
     ref = F.interpolate(old_pred, size=(16, 64), mode="bilinear", align_corners=False)
     assert torch.allclose(new.gpredlayer(h).reshape(4, 1, 16, 64), ref, atol=1e-5)
     assert adapt_heads(state, coarse, coarse) is state
+
+
+def test_infonce_logits_softmax_and_accuracy_are_fp32_under_autocast(cfg):
+    """CUDA / CPU autocast would compute the M x M logits of ``.float()`` tensors in bf16 (issue 10 item 6)."""
+    model = SSASTModel(ASTEncoder(cfg), SSASTConfig())
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 100, cfg.embed_dim, generator=g)
+    targets = 0.5 * torch.randn(2, 100, cfg.patch_area, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred, gen = model.cpredlayer(hidden), model.gpredlayer(hidden)  # the heads do run under autocast
+        logits = model.mpc_logits(hidden, targets)
+        nce, acc = model.mpc(hidden, targets)
+        mse = model.mpg(hidden, targets)
+    assert pred.dtype == torch.bfloat16
+    assert logits.dtype == nce.dtype == acc.dtype == mse.dtype == torch.float32
+    expected = targets @ pred.float().transpose(1, 2)  # fp32 products of the same head outputs
+    assert torch.allclose(logits, expected, rtol=1e-6, atol=1e-5)
+    lowp = (targets.bfloat16() @ pred.transpose(1, 2)).float()
+    assert (lowp - expected).abs().max() > 1e-2  # what bf16 logits would have been: visibly off
+    expected_nce = -torch.diagonal(F.log_softmax(expected, dim=1), dim1=1, dim2=2).mean()
+    assert nce.item() == pytest.approx(expected_nce.item(), abs=1e-5)
+    assert acc.item() == (expected.argmax(dim=1) == torch.arange(100)).float().mean().item()
+    assert mse.item() == pytest.approx(F.mse_loss(gen.float(), targets).item(), rel=1e-6)

@@ -11,10 +11,17 @@ A prepared corpus ``NAME`` in ``OUT`` is:
 
 Files that are missing or unreadable are counted and reported, never fatal: real corpora downloaded
 from YouTube always miss some clips.
+
+Order. Source order is usually sorted by class (VoxCeleb's ``iden_split.txt`` by speaker, SpeechCommands
+by word folder, LibriSpeech by speaker, Kinetics-Sounds by label, a custom folder per class), and a
+training set too large to be shuffled in memory is only shuffled through a streaming buffer
+(``common.data``). Every manifest is therefore written in a seeded shuffled order: clips sorted by a hash
+of ``(seed, clip id)``, the same on every run and whatever order the preparer listed them in.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -35,6 +42,7 @@ __all__ = [
     "require_dir",
     "AUDIO_SUFFIXES",
     "scan_audio",
+    "shuffled_order",
 ]
 
 log = logging.getLogger(__name__)
@@ -153,6 +161,11 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {detail.split('>: ', 1)[-1]}"[:300]
 
 
+def shuffled_order(cut_id: str, seed: int = 0) -> bytes:
+    """Sort key of a clip in the shuffled manifest order: a hash of ``(seed, clip id)``."""
+    return hashlib.blake2b(f"{seed}:{cut_id}".encode(), digest_size=8).digest()
+
+
 def _read_cut(entry: ClipEntry, dataset: str):
     from lhotse import MonoCut, Recording
 
@@ -185,20 +198,25 @@ def write_corpus(
     names: dict[str, str] | None = None,
     num_jobs: int = 4,
     notes: list[str] | None = None,
+    shuffle_seed: int | None = 0,
 ) -> PrepareReport:
     """Read every entry's header and write the per-split manifests, the class list and the report.
 
     Args:
         corpus: corpus name, the prefix of every file written.
-        entries: the clips, in the order they should appear in the manifests.
+        entries: the clips (any order).
         out_dir: where to write.
         classes: class ids in target order (None for unlabeled corpora); every label must be one of them.
         names: display names of the classes.
         num_jobs: threads reading headers.
         notes: remarks stored in the report (e.g. rows skipped in a metadata file).
+        shuffle_seed: the manifests list the clips in the order of :func:`shuffled_order` with this seed
+            (None: in the order of ``entries``).
     """
     from lhotse import CutSet
 
+    if shuffle_seed is not None:
+        entries = sorted(entries, key=lambda e: shuffled_order(e.cut_id, shuffle_seed))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = PrepareReport(corpus=corpus, out_dir=out, notes=list(notes or []))

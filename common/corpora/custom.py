@@ -15,12 +15,19 @@ Unlabeled audio for pretraining (``--unlabeled DIR_OR_LIST``): every audio file 
 paths listed one per line in a text file; it goes to the ``pool`` split.
 
 Manifests are ``NAME_train``, ``NAME_valid``, ``NAME_test``, ``NAME_pool`` (``--name``, default custom).
+
+Clip ids are the file's path without its suffix, relative to a root folder, ``/`` replaced by ``-``: the
+class tree (``--src``), the unlabeled folder, or, for the CSV and an unlabeled list, their own folder
+when every file lies inside it and otherwise the deepest folder holding all the listed files (so
+``/data/set/train/000000.wav`` and ``/data/set/valid/000000.wav`` become ``train-000000`` and
+``valid-000000``). Two distinct files never share an id; a file listed twice is an error.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from pathlib import Path
 
 from common.corpora.base import ClipEntry, PrepareReport, require_file, scan_audio, write_corpus
@@ -47,11 +54,21 @@ def _audio_files(folder: Path) -> list[Path]:
     return sorted(Path(p) for p in scan_audio(folder).values())
 
 
+def _id_root(paths: list[Path], home: Path) -> Path:
+    """``home`` if every path lies inside it, else the deepest folder holding all of them."""
+    home = _absolute(home)
+    absolute = [_absolute(p) for p in paths]
+    if all(p.is_relative_to(home) for p in absolute):
+        return home
+    return Path(os.path.commonpath([str(p.parent) for p in absolute]))
+
+
+def _absolute(path: Path) -> Path:
+    return Path(os.path.abspath(path))  # symbolic links are not followed: the listed path names the clip
+
+
 def _clip_id(path: Path, root: Path) -> str:
-    try:
-        rel = path.resolve().relative_to(root.resolve())
-    except ValueError:
-        rel = Path(path.name)
+    rel = _absolute(path).relative_to(_absolute(root))
     return "-".join(rel.with_suffix("").parts).replace(" ", "_")
 
 
@@ -109,18 +126,25 @@ def prepare(src: Path | None, out: Path, num_jobs: int = 4, csv: Path | None = N
         raise ValueError("custom corpus: give either --src or --csv for the labeled audio, not both")
     if not (0 <= valid_fraction and 0 <= test_fraction and valid_fraction + test_fraction < 1):
         raise ValueError("--valid-fraction and --test-fraction must be >= 0 and sum to less than 1")
-    root = Path(csv).parent if csv is not None else Path(src) if src is not None else Path(".")
     labeled = _from_csv(Path(csv)) if csv is not None else _from_tree(Path(src)) if src is not None else []
-    entries, seen = [], set()
+    root = _id_root([p for p, _, _ in labeled], Path(csv).parent) if csv is not None else Path(src or ".")
+    entries, seen = [], {}
+
+    def add(cut_id: str, path: Path, split: str, labels: tuple[str, ...] = ()) -> None:
+        if cut_id in seen:
+            same = _absolute(seen[cut_id]) == _absolute(path)
+            raise ValueError(f"custom corpus: {path} is listed twice" if same else
+                             f"custom corpus: {path} and {seen[cut_id]} would both be clip {cut_id!r}")
+        seen[cut_id] = path
+        entries.append(ClipEntry(cut_id, path, split, labels))
+
     for path, labels, split in labeled:
         cut_id = _clip_id(path, root)
-        if cut_id in seen:
-            raise ValueError(f"custom corpus: {path} appears twice (clip id {cut_id})")
-        seen.add(cut_id)
-        entries.append(ClipEntry(cut_id, path, split or _carve(cut_id, valid_fraction, test_fraction, seed), labels))
+        add(cut_id, path, split or _carve(cut_id, valid_fraction, test_fraction, seed), labels)
     if unlabeled is not None:
-        pool_root = Path(unlabeled) if Path(unlabeled).is_dir() else Path(unlabeled).parent
-        for path in _unlabeled(Path(unlabeled)):
-            entries.append(ClipEntry(f"pool-{_clip_id(path, pool_root)}", path, "pool"))
+        pool = _unlabeled(Path(unlabeled))
+        pool_root = Path(unlabeled) if Path(unlabeled).is_dir() else _id_root(pool, Path(unlabeled).parent)
+        for path in pool:
+            add(f"pool-{_clip_id(path, pool_root)}", path, "pool")
     classes = sorted({label for e in entries for label in e.labels})
     return write_corpus(name, entries, out, classes=classes or None, num_jobs=num_jobs)

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from common.corpora.base import ClipEntry, PrepareReport, manifest_path, require_dir, write_corpus
+from common.corpora.base import ClipEntry, PrepareReport, manifest_path, require_dir, shuffled_order, write_corpus
 
 NAME = "librispeech"
 DESCRIPTION = "LibriSpeech (unlabeled, for pretraining): <part>/<spk>/<chapter>/*.flac + *.trans.txt"
@@ -52,17 +52,18 @@ def _entries(part_dir: Path) -> Iterator[ClipEntry]:
 
 
 def _combine(report: PrepareReport, parts: list[str]) -> None:
-    """Concatenate the written manifests of ``parts`` into ``librispeech_train960`` (no header is re-read)."""
+    """Merge the written manifests of ``parts`` into ``librispeech_train960`` (no header is re-read), in
+    the shuffled order of every manifest (``shuffled_order``), not part after part."""
     from lhotse import CutSet
 
     path = manifest_path(report.out_dir, NAME, COMBINED)
     tmp = path.with_name(f".{path.name}.tmp.jsonl.gz")
-    count = 0
+    cuts = sorted((cut for part in parts for cut in CutSet.from_file(report.manifests[part])),
+                  key=lambda cut: shuffled_order(cut.id))
+    count = len(cuts)
     with CutSet.open_writer(tmp) as writer:
-        for part in parts:
-            for cut in CutSet.from_file(report.manifests[part]):
-                writer.write(cut.with_custom("split", COMBINED))
-                count += 1
+        for cut in cuts:
+            writer.write(cut.with_custom("split", COMBINED))
     os.replace(tmp, path)
     report.manifests[COMBINED] = path
     report.notes.append(f"{COMBINED}: {count} clips of {', '.join(parts)} (also in their own manifests)")
