@@ -17,7 +17,7 @@ setup(
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
     python_requires=">=3.10",
-    packages=["common", "common.corpora", "pretrain", "finetune"],
+    packages=["common", "common.corpora", "common.htsat", "pretrain", "finetune"],
     install_requires=[
         # torchaudio 2.11 only loads with the matching torch build: keep the three pinned together.
         "torch==2.11.0",

@@ -1,0 +1,21 @@
+"""HTS-AT (Chen et al., ICASSP 2022) as a second architecture for coarse-to-fine training.
+
+Everything the trainer asks an architecture, in one place (reference/htsat.md has the facts):
+
+- :class:`HTSATConfig`: the typed, frozen model config (``to_dict`` / ``from_dict``, errors name the key);
+- :func:`geometry`: how a :class:`~common.compression.Compression` maps onto HTS-AT's folded image and
+  Swin windows (a ``ValueError`` naming method and factor where it cannot);
+- :class:`HTSATFrontEnd`: waveforms at 32 kHz -> model input, with SpecAugment stripes from a generator;
+- :class:`HTSAT`: the model for a geometry; ``forward`` returns ``clipwise_output`` / ``framewise_output``
+  logits and ``latent_output``;
+"""
+
+from common.htsat.config import HTSATConfig
+from common.htsat.frontend import HTSATFrontEnd, SpecAugmentStripes, mel_filterbank
+from common.htsat.geometry import BlockLayout, Geometry, geometry, stage_layout
+from common.htsat.model import HTSAT, fold, unfold
+
+__all__ = [
+    "HTSATConfig", "Geometry", "BlockLayout", "geometry", "stage_layout", "HTSATFrontEnd", "SpecAugmentStripes",
+    "mel_filterbank", "HTSAT", "fold", "unfold",
+]
