@@ -23,7 +23,7 @@ setup(
         "torch==2.11.0",
         "torchaudio==2.11.0",
         "torchvision==0.26.0",
-        "timm>=1.0.16",  # resample_patch_embed with torch.linalg.pinv (PI-resize)
+        "timm>=1.0.31",  # PI-resize with torch.linalg.pinv (1.0.16); non-square Swin bias-table resize (1.0.31)
         "einops>=0.7",
         "lhotse>=1.33,<1.34",
         "urllib3",  # lhotse 1.33 imports it without declaring it

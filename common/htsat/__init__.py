@@ -8,14 +8,19 @@ Everything the trainer asks an architecture, in one place (reference/htsat.md ha
 - :class:`HTSATFrontEnd`: waveforms at 32 kHz -> model input, with SpecAugment stripes from a generator;
 - :class:`HTSAT`: the model for a geometry; ``forward`` returns ``clipwise_output`` / ``framewise_output``
   logits and ``latent_output``;
+- :func:`adapt_state_dict` / :func:`adapt_model`: the weights carried to the next phase's geometry;
+- :func:`train_flops`: counted training FLOPs per clip;
 """
 
+from common.htsat.adapt import BIAS_TRANSFERS, adapt_model, adapt_state_dict, resize_bias_table
 from common.htsat.config import HTSATConfig
+from common.htsat.flops import train_flops
 from common.htsat.frontend import HTSATFrontEnd, SpecAugmentStripes, mel_filterbank
 from common.htsat.geometry import BlockLayout, Geometry, geometry, stage_layout
 from common.htsat.model import HTSAT, fold, unfold
 
 __all__ = [
     "HTSATConfig", "Geometry", "BlockLayout", "geometry", "stage_layout", "HTSATFrontEnd", "SpecAugmentStripes",
-    "mel_filterbank", "HTSAT", "fold", "unfold",
+    "mel_filterbank", "HTSAT", "fold", "unfold", "BIAS_TRANSFERS", "resize_bias_table", "adapt_state_dict",
+    "adapt_model", "train_flops",
 ]
