@@ -18,6 +18,7 @@ setup(
     license="BSD-3-Clause",
     python_requires=">=3.10",
     packages=["common", "common.corpora", "common.htsat", "pretrain", "finetune"],
+    package_data={"common.htsat": ["audioset_labels.csv"]},
     install_requires=[
         # torchaudio 2.11 only loads with the matching torch build: keep the three pinned together.
         "torch==2.11.0",
