@@ -7,7 +7,6 @@ from einops import rearrange
 from common.compression import Compression
 from common.htsat import HTSAT, HTSATConfig, HTSATFrontEnd, fold, geometry, stage_layout, unfold
 from common.recipe import RecipeError
-
 from tests.conftest import real_looking_signals
 
 TINY = HTSATConfig(clip_samples=64000, embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), num_classes=5)

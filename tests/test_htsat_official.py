@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from common.htsat import HTSAT, HTSATConfig, HTSATFrontEnd, class_names, load_official_checkpoint, looks_official
-
+from common.htsat import (
+    HEAD_PREFIXES,
+    HTSAT,
+    HTSATConfig,
+    HTSATFrontEnd,
+    class_names,
+    load_official_checkpoint,
+    looks_official,
+)
 from tests.conftest import real_looking_signals
 from tests.test_htsat_frontend import slaney_mel_numpy
 
@@ -102,6 +109,9 @@ def test_official_checkpoint_loads_every_weight_where_it_belongs(tmp_path, spec_
         assert torch.equal(theirs[key], state[official]), (key, official)
     assert torch.equal(model.swin.layers[1].downsample.reduction.weight, state["layers.0.downsample.reduction.weight"])
     assert torch.equal(model.bn0.running_var, state["bn0.running_var"])
+    headless = {k: v for k, v in ours.items() if not k.startswith(HEAD_PREFIXES)}  # fine-tuning on other classes
+    assert HTSAT(cfg.replace(num_classes=50)).load_state_dict(headless, strict=False).missing_keys == \
+        ["tscam_conv.weight", "tscam_conv.bias"]
     with torch.no_grad():
         out = model(HTSATFrontEnd(cfg)(real_looking_signals(2, 2.0, 32000)))
     assert out["clipwise_output"].shape == (2, CLASSES) and torch.isfinite(out["clipwise_output"]).all()

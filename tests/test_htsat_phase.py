@@ -6,9 +6,16 @@ import pytest
 import torch
 
 from common.compression import Compression
-from common.htsat import (HTSAT, HTSATConfig, HTSATFrontEnd, adapt_model, adapt_state_dict, geometry,
-                          resize_bias_table, train_flops)
-
+from common.htsat import (
+    HTSAT,
+    HTSATConfig,
+    HTSATFrontEnd,
+    adapt_model,
+    adapt_state_dict,
+    geometry,
+    resize_bias_table,
+    train_flops,
+)
 from tests.conftest import real_looking_signals
 
 TINY = HTSATConfig(clip_samples=64000, embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), num_classes=5)

@@ -20,12 +20,12 @@ from common.htsat.flops import train_flops
 from common.htsat.frontend import HTSATFrontEnd, SpecAugmentStripes, mel_filterbank
 from common.htsat.geometry import BlockLayout, Geometry, geometry, stage_layout
 from common.htsat.labels import audioset_labels, class_names
-from common.htsat.model import HTSAT, fold, unfold
+from common.htsat.model import HEAD_PREFIXES, HTSAT, fold, unfold
 from common.htsat.official import config_from_official, convert_official, load_official_checkpoint, looks_official
 
 __all__ = [
     "HTSATConfig", "Geometry", "BlockLayout", "geometry", "stage_layout", "HTSATFrontEnd", "SpecAugmentStripes",
-    "mel_filterbank", "HTSAT", "fold", "unfold", "BIAS_TRANSFERS", "resize_bias_table", "adapt_state_dict",
-    "adapt_model", "train_flops", "config_from_official", "convert_official", "load_official_checkpoint",
-    "looks_official", "audioset_labels", "class_names",
+    "mel_filterbank", "HTSAT", "HEAD_PREFIXES", "fold", "unfold", "BIAS_TRANSFERS", "resize_bias_table",
+    "adapt_state_dict", "adapt_model", "train_flops", "config_from_official", "convert_official",
+    "load_official_checkpoint", "looks_official", "audioset_labels", "class_names",
 ]

@@ -37,8 +37,9 @@ def train_flops(cfg: HTSATConfig, geom: Geometry | None = None, batch: int = 2) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m common.htsat.flops",
-                                     description="HTS-AT (official Swin-T size) training FLOPs per clip per compression.")
+    parser = argparse.ArgumentParser(
+        prog="python -m common.htsat.flops",
+        description="Training FLOPs per clip of the official-size HTS-AT for every compression method.")
     parser.add_argument("--factors", default="2,4", help="comma-separated compression factors (default 2,4)")
     args = parser.parse_args(argv)
     cfg = HTSATConfig()

@@ -29,7 +29,11 @@ from torch.nn import functional as F
 from common.htsat.config import HTSATConfig
 from common.htsat.geometry import Geometry, geometry
 
-__all__ = ["HTSAT", "fold", "unfold"]
+__all__ = ["HTSAT", "HEAD_PREFIXES", "fold", "unfold"]
+
+# The class-specific weights: dropped when fine-tuning on other classes (the official ESC-50 recipe pops
+# ``tscam_conv`` and the unused ``head`` from the AudioSet checkpoint, reference/htsat.md 1.8).
+HEAD_PREFIXES = ("tscam_conv.",)
 
 
 def fold(x: torch.Tensor, chunks: int) -> torch.Tensor:
