@@ -67,6 +67,7 @@ def test_official_frame_counts():
     assert geometry(cfg).stft_frames == 1001 and geometry(cfg).stretch_frames == 1024
     d1 = geometry(cfg, Compression("fshift", 4))
     assert (d1.hop_length, d1.stft_frames, d1.stretch_frames, d1.image) == (1280, 251, 256, (128, 128))
+    assert (geometry(cfg).tokens, d1.tokens, geometry(cfg, Compression("fshift", 2)).grid) == (4096, 1024, (32, 64))
 
 
 def test_lengths_mark_padding_and_long_clips_are_refused():

@@ -61,6 +61,16 @@ class Geometry:
         return self.stretch_frames // self.pool_factor
 
     @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid of the first Swin stage ``(rows, columns)``: 64 x 64 at full resolution."""
+        return self.image[0] // self.patch[0], self.image[1] // self.patch[1]
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the first Swin stage (4096 at full resolution, 1024 at Fshift x4)."""
+        return self.grid[0] * self.grid[1]
+
+    @property
     def time_scale(self) -> float:
         """Share of the full-resolution frame rate the front end runs at (1 / C for Fshift x C)."""
         return self.stft_frames / self.full_stft_frames
@@ -145,7 +155,7 @@ def stage_layout(cfg: HTSATConfig, geom: Geometry) -> list[BlockLayout]:
     clamped per axis to the grid, and odd blocks shift by half the window along every axis the window
     does not already cover.
     """
-    grid = (geom.image[0] // geom.patch[0], geom.image[1] // geom.patch[1])
+    grid = geom.grid
     out = []
     for stage, depth in enumerate(cfg.depths):
         if stage:
