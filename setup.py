@@ -17,13 +17,14 @@ setup(
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
     python_requires=">=3.10",
-    packages=["common", "common.corpora", "pretrain", "finetune"],
+    packages=["common", "common.corpora", "common.htsat", "pretrain", "finetune"],
+    package_data={"common.htsat": ["audioset_labels.csv"]},
     install_requires=[
         # torchaudio 2.11 only loads with the matching torch build: keep the three pinned together.
         "torch==2.11.0",
         "torchaudio==2.11.0",
         "torchvision==0.26.0",
-        "timm>=1.0.16",  # resample_patch_embed with torch.linalg.pinv (PI-resize)
+        "timm>=1.0.31",  # PI-resize with torch.linalg.pinv (1.0.16); non-square Swin bias-table resize (1.0.31)
         "einops>=0.7",
         "lhotse>=1.33,<1.34",
         "urllib3",  # lhotse 1.33 imports it without declaring it

@@ -1,0 +1,31 @@
+"""HTS-AT (Chen et al., ICASSP 2022) as a second architecture for coarse-to-fine training.
+
+Everything the trainer asks an architecture, in one place (reference/htsat.md has the facts):
+
+- :class:`HTSATConfig`: the typed, frozen model config (``to_dict`` / ``from_dict``, errors name the key);
+- :func:`geometry`: how a :class:`~common.compression.Compression` maps onto HTS-AT's folded image and
+  Swin windows (a ``ValueError`` naming method and factor where it cannot);
+- :class:`HTSATFrontEnd`: waveforms at 32 kHz -> model input, with SpecAugment stripes from a generator;
+- :class:`HTSAT`: the model for a geometry; ``forward`` returns ``clipwise_output`` / ``framewise_output``
+  logits and ``latent_output``;
+- :func:`adapt_state_dict` / :func:`adapt_model`: the weights carried to the next phase's geometry;
+- :func:`train_flops`: counted training FLOPs per clip;
+- :func:`load_official_checkpoint`: an official Lightning ``.ckpt`` -> config + our state dict;
+- :func:`class_names`: AudioSet's 527 names for an official AudioSet head, numbered labels otherwise.
+"""
+
+from common.htsat.adapt import BIAS_TRANSFERS, adapt_model, adapt_state_dict, resize_bias_table
+from common.htsat.config import HTSATConfig
+from common.htsat.flops import train_flops
+from common.htsat.frontend import HTSATFrontEnd, SpecAugmentStripes, mel_filterbank
+from common.htsat.geometry import BlockLayout, Geometry, geometry, stage_layout
+from common.htsat.labels import audioset_labels, class_names
+from common.htsat.model import HEAD_PREFIXES, HTSAT, fold, unfold
+from common.htsat.official import config_from_official, convert_official, load_official_checkpoint, looks_official
+
+__all__ = [
+    "HTSATConfig", "Geometry", "BlockLayout", "geometry", "stage_layout", "HTSATFrontEnd", "SpecAugmentStripes",
+    "mel_filterbank", "HTSAT", "HEAD_PREFIXES", "fold", "unfold", "BIAS_TRANSFERS", "resize_bias_table",
+    "adapt_state_dict", "adapt_model", "train_flops", "config_from_official", "convert_official",
+    "load_official_checkpoint", "looks_official", "audioset_labels", "class_names",
+]

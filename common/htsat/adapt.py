@@ -1,0 +1,120 @@
+"""Carrying HTS-AT weights from one phase geometry to the next.
+
+HTS-AT has no absolute position embedding. What depends on the geometry is:
+
+- each block's relative-position bias table, ``[(2 wh - 1) (2 ww - 1), heads]``, whose size follows the
+  block's attention window; a window changes only where a stage grid crosses ``window_size`` (at
+  Fshift x4 -> full resolution: the two stage-4 tables, 7 x 7 -> 15 x 15);
+- the patch-embedding kernel, for ``patch`` compression (``4 x 4C`` <-> ``4 x 4``).
+
+Everything else (patch norm, every linear and norm, ``bn0``, ``tscam_conv``) is passed through as the
+same tensor. Table transfers (recipe switch ``bias_transfer``):
+
+- ``timm`` (default): timm's ``resize_rel_pos_bias_table``, the route ``SwinTransformer.set_input_size``
+  takes (reference/htsat.md 2.4, option c), so an adapted model equals a timm model resized in place;
+- ``bilinear``: the table as a ``(2 wh - 1) x (2 ww - 1)`` image, bilinearly resized (the paper's
+  operator for AST's positional embedding);
+- ``bicubic``: the same, bicubic (Microsoft Swin's ``load_pretrained``).
+
+The kernel goes through :func:`common.resize.resample_patch_kernel` (PI-resize or bilinear), as for AST.
+Every function is tensor -> tensor, computes in float32 and returns the input dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch.nn import functional as F
+
+from common.htsat.config import HTSATConfig
+from common.htsat.geometry import Geometry, stage_layout
+
+__all__ = ["BIAS_TRANSFERS", "resize_bias_table", "adapt_state_dict", "adapt_model"]
+
+log = logging.getLogger(__name__)
+
+BIAS_TRANSFERS = ("timm", "bilinear", "bicubic")
+
+
+def resize_bias_table(table: torch.Tensor, old_window: tuple[int, int], new_window: tuple[int, int],
+                      mode: str = "timm") -> torch.Tensor:
+    """Resize a relative-position bias table ``[(2 h - 1)(2 w - 1), heads]`` from one window to another.
+
+    Args:
+        table: the table of a block with window ``old_window``.
+        old_window, new_window: ``(rows, columns)`` of the attention windows.
+        mode: one of :data:`BIAS_TRANSFERS`.
+    """
+    if mode not in BIAS_TRANSFERS:
+        raise ValueError(f"unknown bias_transfer {mode!r}; choose one of {list(BIAS_TRANSFERS)}")
+    old_size = (2 * old_window[0] - 1, 2 * old_window[1] - 1)
+    new_size = (2 * new_window[0] - 1, 2 * new_window[1] - 1)
+    if table.dim() != 2 or table.shape[0] != old_size[0] * old_size[1]:
+        raise ValueError(f"relative-position table of shape {tuple(table.shape)} is not "
+                         f"[{old_size[0]} x {old_size[1]}, heads] for a {old_window[0]}x{old_window[1]} window")
+    if tuple(old_window) == tuple(new_window):
+        return table
+    heads = table.shape[1]
+    if mode == "timm":
+        from timm.layers import resize_rel_pos_bias_table
+
+        with warnings.catch_warnings():  # timm's grid interpolator trips two torch deprecation warnings
+            warnings.filterwarnings("ignore", message=".*(non-contiguous|non-tuple sequence).*")
+            out = resize_rel_pos_bias_table(table.float(), new_window_size=tuple(new_window),
+                                            new_bias_shape=(new_size[0] * new_size[1], heads),
+                                            old_window_size=tuple(old_window))
+    else:
+        grid = table.float().T.reshape(1, heads, *old_size)
+        out = F.interpolate(grid, size=new_size, mode=mode, align_corners=False).reshape(heads, -1).T
+    return out.to(table.dtype).contiguous()
+
+
+def adapt_state_dict(state: dict[str, torch.Tensor], cfg: HTSATConfig, old: Geometry, new: Geometry,
+                     bias_transfer: str = "timm", patch_transfer: str = "pi", prefix: str = ""
+                     ) -> dict[str, torch.Tensor]:
+    """A copy of an :class:`~common.htsat.model.HTSAT` state dict laid out for geometry ``new``.
+
+    Args:
+        state: the weights for geometry ``old`` (keys of ``HTSAT``, optionally under ``prefix``).
+        cfg: the model configuration (the same in both phases).
+        old, new: the geometries the weights come from and go to.
+        bias_transfer: how relative-position tables are resized (:data:`BIAS_TRANSFERS`).
+        patch_transfer: ``pi`` or ``bilinear``, for a patch kernel that changes shape.
+        prefix: key prefix of the model inside ``state``.
+
+    Returns:
+        A new dict; tensors that do not depend on the geometry are the very same objects.
+    """
+    out = dict(state)
+    for before, after in zip(stage_layout(cfg, old), stage_layout(cfg, new)):
+        if before.window == after.window:
+            continue
+        key = f"{prefix}swin.layers.{after.stage}.blocks.{after.block}.attn.relative_position_bias_table"
+        if key not in out:
+            raise KeyError(f"state dict has no {key!r}; is it an HTS-AT state dict under prefix {prefix!r}?")
+        out[key] = resize_bias_table(out[key], before.window, after.window, bias_transfer)
+        log.info("resized %s: window %dx%d -> %dx%d (%s)", key, *before.window, *after.window, bias_transfer)
+    if old.patch != new.patch:
+        from common.resize import resample_patch_kernel
+
+        key = f"{prefix}swin.patch_embed.proj.weight"
+        if key not in out:
+            raise KeyError(f"state dict has no {key!r}")
+        out[key] = resample_patch_kernel(out[key], new.patch, patch_transfer)
+    return out
+
+
+def adapt_model(model: torch.nn.Module, new: Geometry, bias_transfer: str = "timm",
+                patch_transfer: str = "pi") -> torch.nn.Module:
+    """A new :class:`~common.htsat.model.HTSAT` for geometry ``new`` with ``model``'s weights, same device
+    and dtype."""
+    from common.htsat.model import HTSAT
+
+    param = next(model.parameters())
+    state = adapt_state_dict(model.state_dict(), model.cfg, model.geom, new, bias_transfer, patch_transfer)
+    with torch.device(param.device):
+        out = HTSAT(model.cfg, new)
+    out.load_state_dict(state)
+    return out.to(dtype=param.dtype).train(model.training)
