@@ -20,24 +20,33 @@ Randomness comes from an explicit ``torch.Generator`` so that a resumed run draw
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
-__all__ = ["MixupConfig", "SpecAugmentConfig", "NoiseConfig", "mixup", "spec_augment", "fbank_noise"]
+__all__ = ["mixup_weights", "MixupConfig", "SpecAugmentConfig", "NoiseConfig", "mixup", "spec_augment", "fbank_noise"]
 
 
 @dataclass(frozen=True)
 class MixupConfig:
-    """Waveform mixup.
+    """Mixup.
 
     Args:
-        prob: probability that a clip is mixed with a partner (AST: 0.5 on AudioSet, 0 elsewhere).
-        alpha: Beta(alpha, alpha) distribution of the mixing weight (AST: 10).
+        prob: probability that a clip is mixed with a partner (AST: 0.5 on AudioSet, 0 elsewhere; HTS-AT:
+            every AudioSet clip).
+        alpha: Beta(alpha, alpha) distribution of the mixing weight (AST: 10; HTS-AT: 0.5).
+        on: ``waveform`` (AST: a random partner in the batch, mixed before the front end) or
+            ``spectrogram`` (HTS-AT: the partner in the flipped batch, mixed inside the model after its
+            normalisation and SpecAugment).
+        targets: ``mixed`` with the same weight (AST) or ``unmixed`` (HTS-AT's code keeps the clip's own
+            targets, on purpose: "adding noise").
     """
 
     prob: float = 0.0
     alpha: float = 10.0
+    on: Literal["waveform", "spectrogram"] = "waveform"
+    targets: Literal["mixed", "unmixed"] = "mixed"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prob <= 1.0:
@@ -55,14 +64,21 @@ class SpecAugmentConfig:
         timem: maximum width of the time mask at the base frame shift (AST: 192 on AudioSet). On a
             time-compressed phase the width is divided by the compression factor, so that the same
             share of the clip is masked.
+        freq_stripes, time_stripes: masks per clip along each axis (AST: 1 and 1; HTS-AT's torchlibrosa
+            ``SpecAugmentation``: 2 and 2, with widths 8 and 64).
     """
 
     freqm: int = 0
     timem: int = 0
+    freq_stripes: int = 1
+    time_stripes: int = 1
 
     def __post_init__(self) -> None:
         if self.freqm < 0 or self.timem < 0:
             raise ValueError(f"SpecAugment widths must be >= 0, got freqm={self.freqm}, timem={self.timem}")
+        if self.freq_stripes < 0 or self.time_stripes < 0:
+            raise ValueError(f"SpecAugment stripe counts must be >= 0, got freq_stripes={self.freq_stripes}, "
+                             f"time_stripes={self.time_stripes}")
 
 
 @dataclass(frozen=True)
@@ -130,28 +146,44 @@ def mixup(
     return mixed, lengths, mixed_targets
 
 
+def mixup_weights(batch: int, cfg: MixupConfig, generator: torch.Generator) -> torch.Tensor | None:
+    """Per-clip weights ``[B]`` of spectrogram mixup (1 for clips left alone), or None when nothing mixes.
+
+    Clip ``i`` becomes ``lam_i x_i + (1 - lam_i) x_{B-1-i}`` in the model (the official HTS-AT pairing).
+    """
+    if cfg.prob <= 0 or batch < 2:
+        return None
+    chosen = torch.rand(batch, generator=generator) < cfg.prob
+    lam = _beta(cfg.alpha, batch, generator)
+    return torch.where(chosen, lam, torch.ones_like(lam))
+
+
 def spec_augment(
-    fbank: torch.Tensor, freqm: int, timem: int, generator: torch.Generator, mask_value: float = 0.0
+    fbank: torch.Tensor, freqm: int, timem: int, generator: torch.Generator, mask_value: float = 0.0,
+    freq_stripes: int = 1, time_stripes: int = 1,
 ) -> torch.Tensor:
-    """Mask one random frequency band (width < ``freqm``) and one time span (width < ``timem``) per clip.
+    """Mask random frequency bands (width < ``freqm``) and time spans (width < ``timem``) of every clip.
 
     Args:
         fbank: ``[B, T, F]`` features before normalisation.
         freqm, timem: maximum mask widths in bins and frames (0 disables that mask).
         generator: CPU generator for the mask positions.
+        mask_value: what masked cells are set to.
+        freq_stripes, time_stripes: masks per clip along each axis (AST: one each).
     """
     if freqm <= 0 and timem <= 0:
         return fbank
     batch, frames, bins = fbank.shape
     keep = torch.ones(batch, frames, bins, dtype=torch.bool)
-    for width_max, size, axis in ((freqm, bins, 2), (timem, frames, 1)):
+    for width_max, size, axis, stripes in ((freqm, bins, 2, freq_stripes), (timem, frames, 1, time_stripes)):
         if width_max <= 0:
             continue
-        width = (torch.rand(batch, generator=generator) * min(width_max, size)).long()
-        start = (torch.rand(batch, generator=generator) * (size - width)).long()
-        pos = torch.arange(size)[None, :]
-        band = (pos >= start[:, None]) & (pos < (start + width)[:, None])  # [B, size]
-        keep &= ~(band[:, None, :] if axis == 2 else band[:, :, None])
+        for _ in range(stripes):
+            width = (torch.rand(batch, generator=generator) * min(width_max, size)).long()
+            start = (torch.rand(batch, generator=generator) * (size - width)).long()
+            pos = torch.arange(size)[None, :]
+            band = (pos >= start[:, None]) & (pos < (start + width)[:, None])  # [B, size]
+            keep &= ~(band[:, None, :] if axis == 2 else band[:, :, None])
     keep = keep.to(fbank.device)
     return torch.where(keep, fbank, torch.full_like(fbank, mask_value))
 

@@ -6,6 +6,8 @@
 - a run directory (its final export, ``model.safetensors``);
 - an official SSAST or AST ``.pth`` (``module.v.*`` keys), loaded with ``weights_only=True``;
 - ImageNet ViT / DeiT weights saved by timm (``.pth`` or ``.safetensors``), the paper's AST start;
+- an official HTS-AT checkpoint (the Lightning ``.ckpt`` with ``sed_model.*`` keys), loaded with
+  ``weights_only=True`` (:mod:`common.htsat.official`);
 
 and returns :class:`EncoderWeights`: the encoder config, its state dict and what is known of the source.
 Conversions of foreign layouts live in ``common.converters``. Training checkpoints (optimizer, schedule,
@@ -30,7 +32,8 @@ class EncoderWeights(NamedTuple):
     """An encoder's weights as loaded from a checkpoint.
 
     Attributes:
-        config: the geometry and size the weights were trained with.
+        config: the geometry and size the weights were trained with: an :class:`EncoderConfig` (AST family)
+            or an :class:`~common.htsat.HTSATConfig`.
         state: the :class:`ASTEncoder` state dict.
         meta: where they come from: ``source`` is ``export``, ``official`` (SSAST / AST) or ``imagenet``
             (timm ViT / DeiT); ``objective`` is ``ssast`` for self-supervised pretraining weights (this
@@ -38,9 +41,14 @@ class EncoderWeights(NamedTuple):
             ones; exports add their own metadata (front end, task, ...).
     """
 
-    config: EncoderConfig
+    config: object
     state: dict[str, torch.Tensor]
     meta: dict
+
+    @property
+    def arch(self) -> str:
+        """``ast`` or ``htsat``."""
+        return self.meta.get("arch", "ast")
 
 
 def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWeights:
@@ -61,7 +69,9 @@ def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWei
             raise ValueError(f"{file} has no encoder_config in its metadata")
         prefix = meta.get("encoder_prefix", "")
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        return EncoderWeights(EncoderConfig.from_dict(meta["encoder_config"]), state, {"source": "export", **meta})
+        from common.arch import architecture_from_meta
+
+        return EncoderWeights(architecture_from_meta(meta).base, state, {"source": "export", **meta})
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, zip errors, unsafe globals ...
@@ -71,6 +81,10 @@ def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWei
     for wrapper in ("state_dict", "model"):  # {"model": ...} is how timm / DeiT training scripts save
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
+    from common.htsat.official import looks_official
+
+    if isinstance(state, dict) and looks_official(state):
+        return _official_htsat(state, file)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{file} does not hold a state dict of tensors")
     if is_timm_vit(state):
@@ -82,6 +96,23 @@ def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWei
     return EncoderWeights(cfg, enc, {"source": "official", "file": str(file), "objective": objective})
 
 
+def _official_htsat(state: dict, file) -> EncoderWeights:
+    """An official HTS-AT checkpoint's weights; its classes are AudioSet's for 527 outputs, numbered otherwise."""
+    from common.htsat import class_names
+    from common.htsat.official import config_from_official, convert_official, unwrap_official
+
+    tensors = unwrap_official(state)
+    try:
+        cfg = config_from_official(tensors)
+        converted = convert_official(tensors, cfg)
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}") from None
+    classes, names = class_names(cfg.num_classes)
+    return EncoderWeights(cfg, converted, {"source": "official", "arch": "htsat", "file": str(file),
+                                           "objective": "classification", "classes": classes,
+                                           "class_names": names})
+
+
 def load_encoder(path: str | os.PathLike, **official_kwargs) -> ASTEncoder:
     """Rebuild an :class:`ASTEncoder` from any supported checkpoint, on the CPU, in float32.
 
@@ -90,7 +121,10 @@ def load_encoder(path: str | os.PathLike, **official_kwargs) -> ASTEncoder:
         official_kwargs: ``input_fdim``, ``fstride``, ``tstride``, ``input_tdim`` for official files that do
             not store them.
     """
-    cfg, state, _ = load_encoder_state(path, **official_kwargs)
+    cfg, state, meta = load_encoder_state(path, **official_kwargs)
+    if not isinstance(cfg, EncoderConfig):
+        raise ValueError(f"{path} holds an {meta.get('arch', '?')} model, not an AST-family encoder; load it with "
+                         f"finetune.classifier.load_classifier (or as --init / --ckpt)")
     encoder = ASTEncoder(cfg)
     result = encoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if result.missing_keys or result.unexpected_keys:

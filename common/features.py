@@ -95,6 +95,7 @@ class FeaturePipeline(nn.Module):
         self.stats = norm if norm is not None else resolve_norm_stats(audio.norm)
         # the time mask covers the same share of the clip whatever the frame shift
         self.freqm = specaug.freqm
+        self.stripes = (specaug.freq_stripes, specaug.time_stripes)
         self.timem = round(specaug.timem * self.frames / audio.target_frames)
 
     def time_frames(self, frames: int) -> int:
@@ -115,7 +116,7 @@ class FeaturePipeline(nn.Module):
         """Features of a batch; SpecAugment (and ``noise`` if enabled) only when a generator is given."""
         x = pad_or_crop(self.fbank(waveforms, lengths), self.frames)
         if generator is not None:
-            x = spec_augment(x, self.freqm, self.timem, generator)
+            x = spec_augment(x, self.freqm, self.timem, generator, 0.0, *self.stripes)
         x = normalize(x, self.stats)
         if generator is not None and noise is not None and noise.enabled:
             x = fbank_noise(x, noise.scale, self.time_frames(noise.max_shift), generator)

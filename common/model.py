@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from einops import rearrange
@@ -127,18 +127,24 @@ def encoder_config(size: str = "base", **overrides) -> EncoderConfig:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A recipe's ``model:`` section: a named size (or ``custom``) and the patch geometry.
+    """A recipe's ``model:`` section: the architecture, and its size and patch geometry.
 
-    The input geometry (mel bins, frames) comes from the audio section, so the grid is derived once.
+    For the AST family (``arch: ast``) a named size (or ``custom``) and the patch geometry; the input
+    geometry (mel bins, frames) comes from the audio section, so the grid is derived once. For HTS-AT
+    (``arch: htsat``) every setting is under ``htsat`` (:class:`common.htsat.HTSATConfig`: its front end,
+    Swin size and classes; the official AudioSet model by default).
 
     Args:
+        arch: ``ast`` (AST / SSAST ViTs) or ``htsat``.
         size: ``tiny``, ``small``, ``base`` or ``custom``.
         embed_dim, depth, num_heads: override the size's values (all three needed for ``custom``).
         patch: ``[fshape, tshape]`` at full resolution.
         stride: ``[fstride, tstride]`` (default: the patch, no overlap; AST fine-tuning uses [10, 10]).
         num_prefix_tokens, drop_path_rate: see :class:`EncoderConfig`.
+        htsat: HTS-AT's config (``arch: htsat`` only).
     """
 
+    arch: Literal["ast", "htsat"] = "ast"
     size: Literal["tiny", "small", "base", "custom"] = "base"
     embed_dim: int | None = None
     depth: int | None = None
@@ -147,12 +153,34 @@ class ModelSpec:
     stride: tuple[int, int] | None = None
     num_prefix_tokens: int = 2
     drop_path_rate: float = 0.0
+    htsat: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.arch == "htsat":
+            defaults = {f.name: f.default for f in dataclasses.fields(ModelSpec) if f.name not in ("arch", "htsat")}
+            for name, default in defaults.items():
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name}: an AST-family setting; HTS-AT's settings go under model.htsat")
+            self.htsat_config  # validates model.htsat
+        elif self.htsat:
+            raise ValueError("htsat: settings of model.arch htsat (this model is arch ast)")
         if self.size == "custom" and None in (self.embed_dim, self.depth, self.num_heads):
             raise ValueError("size 'custom' needs embed_dim, depth and num_heads")
 
+    @property
+    def htsat_config(self):
+        """``model.htsat`` as an :class:`~common.htsat.HTSATConfig` (the official model's values by default)."""
+        from common.htsat.config import HTSATConfig
+
+        return HTSATConfig.from_dict(self.htsat, prefix="model.htsat")
+
+    def base_config(self, num_mel_bins: int, input_tdim: int):
+        """The full-resolution model config: an :class:`EncoderConfig` (AST family) or the ``HTSATConfig``."""
+        return self.htsat_config if self.arch == "htsat" else self.encoder_config(num_mel_bins, input_tdim)
+
     def encoder_config(self, num_mel_bins: int, input_tdim: int) -> EncoderConfig:
+        if self.arch != "ast":
+            raise ValueError(f"model.arch {self.arch!r} has no ViT encoder config")
         dims = {k: v for k, v in (("embed_dim", self.embed_dim), ("depth", self.depth),
                                   ("num_heads", self.num_heads)) if v is not None}
         stride = self.stride or self.patch

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from common.compression import Compression
-from common.model import EncoderConfig
+from common.htsat.adapt import BiasTransfer
 from common.resize import PatchResize, PosResize
 
-__all__ = ["PhaseConfig", "TransferConfig", "PhasePlan", "phase_encoder_configs", "patch_mode_between",
+__all__ = ["PhaseConfig", "TransferConfig", "PhasePlan", "patch_mode_between",
            "plan_phases", "format_plan"]
 
 
@@ -85,28 +85,16 @@ class TransferConfig:
     Args:
         pos_embed: ``bilinear`` (the paper, section 3.3; antialiased where an axis shrinks, as the
             authors' FlexiAST resampling: the coarse-to-fine changes only grow the grid, where it makes no
-            difference) or ``cut`` (centre cut where the grid shrinks, SSAST's choice for shorter inputs).
+            difference) or ``cut`` (centre cut where the grid shrinks, SSAST's choice for shorter inputs):
+            the AST family's positional embedding.
+        rel_pos_bias: HTS-AT's relative-position bias tables of the stages whose attention window changes:
+            ``timm`` (timm's ``resize_rel_pos_bias_table``, what ``SwinTransformer.set_input_size`` does),
+            or ``bilinear`` / ``bicubic`` resizing of the table as an image (bicubic: Swin's
+            ``load_pretrained``).
     """
 
     pos_embed: PosResize = "bilinear"
-
-
-def phase_encoder_configs(base: EncoderConfig, phases: Sequence[PhaseConfig]) -> list[EncoderConfig]:
-    """The encoder geometry of every phase; raises ``ValueError`` naming the phase if one is impossible."""
-    if not phases:
-        raise ValueError("phases: at least one phase is needed")
-    kinds = {p.iteration_based for p in phases}
-    if len(kinds) > 1:
-        raise ValueError("phases: mix of steps and epochs; a run is either iteration-based or epoch-based")
-    out = []
-    for i, phase in enumerate(phases):
-        compression = phase.as_compression()
-        try:
-            compression.check(base)
-        except ValueError as err:
-            raise ValueError(f"phases.{i}: {err}") from None
-        out.append(compression.encoder_config(base))
-    return out
+    rel_pos_bias: BiasTransfer = "timm"
 
 
 def patch_mode_between(old: PhaseConfig | None, new: PhaseConfig) -> str:
@@ -143,14 +131,14 @@ class PhasePlan:
     train_flops: float | None
 
 
-def plan_phases(phases: Sequence[PhaseConfig], configs: Sequence[EncoderConfig],
-                flops_per_sample: Callable[[EncoderConfig], int], batch_size: int, grad_accum: int = 1,
+def plan_phases(phases: Sequence[PhaseConfig], configs: Sequence,
+                flops_per_sample: Callable[[object], int], batch_size: int, grad_accum: int = 1,
                 world_size: int = 1) -> list[PhasePlan]:
     """The plan of every phase (what ``--dry-run`` prints and the baseline comparison sums).
 
     Args:
         phases: the recipe's phases.
-        configs: their encoder geometries (:func:`phase_encoder_configs`).
+        configs: their model geometries (:func:`common.arch.base.geometries`).
         flops_per_sample: the objective's training FLOPs per clip at a geometry.
         batch_size: the data section's per-rank batch (a phase may override it).
         grad_accum, world_size: micro-batches per step and ranks.

@@ -31,17 +31,18 @@ from typing import Iterator, Literal, NamedTuple, Protocol, Sequence
 import torch
 from torch import nn
 
+from common.arch import architecture_for
+from common.arch.base import geometries
 from common.atomic import atomic_copy
 from common.augment import SpecAugmentConfig
 from common.checkpoint import EncoderWeights
 from common.data import BadAudioTracker, Batch, DataConfig, eval_loader, train_loader
 from common.distributed import Dist
-from common.features import AudioConfig, FeaturePipeline
+from common.features import AudioConfig
 from common.ledger import Ledger, Window
 from common.logger import Scalars, progress
-from common.model import ASTEncoder, EncoderConfig
 from common.optim import OptimConfig, build_engine
-from common.phases import PhaseConfig, TransferConfig, phase_encoder_configs
+from common.phases import PhaseConfig, TransferConfig
 from common.run_checkpoint import RunCheckpoints, capture_rng, make_tag, restore_rng
 from common.transition import initial_model, next_phase_model
 from common.weight_average import WeightAverage, averaged_epochs
@@ -96,29 +97,33 @@ class TrainConfig:
 
 
 class Objective(Protocol):
-    """What pretraining and fine-tuning plug into the trainer."""
+    """What pretraining and fine-tuning plug into the trainer.
+
+    A *geometry* is a phase's model layout as the architecture describes it (``common.arch``); the model
+    an objective builds holds the architecture's encoder as ``model.encoder`` and may name its task
+    head's parameters in ``model.head_prefixes`` (they get ``optim.head_lr_scale``).
+    """
 
     specaug: SpecAugmentConfig  # SpecAugment of training features
     score_name: str  # the validation metric that drives plateau schedules and "best" (higher is better)
-    head_prefixes: tuple[str, ...]  # parameter-name prefixes that get OptimConfig.head_lr_scale
     classes: Sequence[str] | None  # target classes (None: unlabeled data)
 
-    def build_model(self, encoder: ASTEncoder) -> nn.Module:
-        """The full model around ``encoder`` (stored as ``model.encoder``), heads freshly initialised."""
+    def build_model(self, geometry) -> nn.Module:
+        """The full model for a phase geometry, heads freshly initialised."""
 
-    def adapt_state(self, state: dict, old: EncoderConfig, new: EncoderConfig) -> dict:
+    def adapt_state(self, state: dict, old, new) -> dict:
         """Adapt the non-encoder weights of a state dict at a phase change (the encoder is done)."""
 
-    def train_step(self, model: nn.Module, batch: Batch, pipeline: FeaturePipeline,
+    def train_step(self, model: nn.Module, batch: Batch, pipeline: nn.Module,
                    generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one micro-batch on the device, and detached values to log."""
 
-    def evaluate(self, model: nn.Module, batches: Iterator[Batch], pipeline: FeaturePipeline, dist: Dist,
+    def evaluate(self, model: nn.Module, batches: Iterator[Batch], pipeline: nn.Module, dist: Dist,
                  generator: torch.Generator) -> dict[str, float]:
         """Validation metrics, identical on every rank."""
 
-    def flops_per_sample(self, cfg: EncoderConfig) -> int:
-        """Training FLOPs (forward + backward) per sample for the encoder geometry ``cfg``."""
+    def flops_per_sample(self, geometry) -> int:
+        """Training FLOPs (forward + backward) per sample at a phase geometry."""
 
     def export(self, model: nn.Module, path: Path, meta: dict) -> None:
         """Write the deliverable of a phase (rank 0 only)."""
@@ -129,6 +134,9 @@ class RunSpec:
     """Everything the trainer needs besides the objective (built by the entry points from a recipe).
 
     Args:
+        base: the full-resolution model config (an ``EncoderConfig`` for the AST family, an
+            ``HTSATConfig`` for HTS-AT): it picks the architecture (``common.arch``).
+        audio: the AST family's full-resolution front end (HTS-AT's is part of its config).
         init: the encoder weights the first phase starts from (None: from scratch).
         init_pos_embed: how the initial positional embedding is fitted to the first phase (default: the
             transfer setting; ImageNet weights use ``cut``, AST's rule).
@@ -137,8 +145,8 @@ class RunSpec:
     """
 
     run_dir: Path
-    base: EncoderConfig
-    audio: AudioConfig
+    base: object
+    audio: AudioConfig | None
     phases: list[PhaseConfig]
     transfer: TransferConfig
     optim: OptimConfig
@@ -215,7 +223,8 @@ class Trainer:
         self.objective = objective
         self.dist = dist
         self.run_dir = Path(spec.run_dir)
-        self.cfgs = phase_encoder_configs(spec.base, spec.phases)
+        self.arch = architecture_for(spec.base, spec.audio)
+        self.cfgs = geometries(self.arch, spec.phases)
         self.device = dist.device
         bf16 = spec.train.precision == "bf16" or (spec.train.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if bf16 else None
@@ -262,7 +271,7 @@ class Trainer:
                 continue
             if model is None:  # the phase's model from scratch or the initial weights (a resume loads its own)
                 init = self.spec.init if index == 0 and resume_tag is None else None
-                model = initial_model(self.objective, self.cfgs[index], self.spec.phases[index],
+                model = initial_model(self.arch, self.objective, self.cfgs[index], self.spec.phases[index],
                                       self.spec.train.seed + index, init,
                                       self.spec.init_pos_embed or self.spec.transfer.pos_embed)
                 if init is not None:
@@ -290,7 +299,7 @@ class Trainer:
     def _train_phase(self, engine, index: int, budget: int | None) -> tuple[bool, int]:
         """Train phase ``index`` to its end (True) or until ``budget`` steps (False); returns the steps done."""
         spec, st, phase = self.spec, self.state, self.spec.phases[index]
-        pipeline = FeaturePipeline(spec.audio, phase.as_compression(), self.objective.specaug).to(self.device)
+        pipeline = self._frontend(index, self.objective.specaug)
         epochs_left = None if phase.iteration_based else phase.epochs - st.epoch_in_phase
         stream = self._train_loader(index).batches(st.data_epoch, st.data_index, epochs_left)
         self._start_phase(index)
@@ -370,7 +379,7 @@ class Trainer:
         self.state = TrainState(phase=index + 1, data_epoch=data_epoch, data_index=data_index,
                                 total_steps=st.total_steps)
         old, new = self.cfgs[index], self.cfgs[index + 1]
-        fresh = next_phase_model(self.objective, model, old, new, prev, nxt, spec.transfer.pos_embed,
+        fresh = next_phase_model(self.arch, self.objective, model, old, new, prev, nxt, spec.transfer,
                                  seed=spec.train.seed + index + 1)
         log.info("phase change -> %s: grid %s -> %s, tokens %d -> %d; optimizer and LR schedule restart",
                  nxt.label(index + 1), "x".join(map(str, old.grid)), "x".join(map(str, new.grid)),
@@ -387,20 +396,24 @@ class Trainer:
     def _engine(self, model: nn.Module, index: int):
         phase, optim = self.spec.phases[index], self.spec.optim
         return build_engine(model, optim, phase.lr or optim.lr, self._batch_size(index), self.spec.train.zero_stage,
-                            self.device, phase.steps if phase.iteration_based else None, self.objective.head_prefixes)
+                            self.device, phase.steps if phase.iteration_based else None,
+                            getattr(model, "head_prefixes", ()))
 
     def _batch_size(self, index: int) -> int:
         return self.spec.phases[index].batch_size_or(self.spec.data.batch_size)
 
+    def _frontend(self, index: int, specaug: SpecAugmentConfig) -> nn.Module:
+        """The phase's front end on the device (training augmentation from ``specaug``)."""
+        return self.arch.frontend(self.cfgs[index], self.spec.phases[index].as_compression(), specaug).to(self.device)
+
     def _train_loader(self, index: int):
-        audio = self.spec.audio
-        return train_loader(self.spec.data, self.objective.classes, audio.clip_samples, audio.sample_rate,
+        return train_loader(self.spec.data, self.objective.classes, self.arch.clip_samples, self.arch.sample_rate,
                             self._batch_size(index), self.spec.train.seed, self.dist.rank, self.dist.world_size,
                             self.tracker, pin_memory=self.device.type == "cuda")
 
     def _eval_loader(self, index: int):
         spec = self.spec
-        return eval_loader(spec.data.valid, self.objective.classes, spec.audio.clip_samples, spec.audio.sample_rate,
+        return eval_loader(spec.data.valid, self.objective.classes, self.arch.clip_samples, self.arch.sample_rate,
                            spec.data.eval_batch_size or self._batch_size(index), spec.data.num_workers,
                            spec.data.eval_crop, self.dist.rank, self.dist.world_size,
                            pin_memory=self.device.type == "cuda")
@@ -472,7 +485,7 @@ class Trainer:
     def _evaluate(self, model: nn.Module, index: int) -> dict[str, float]:
         """The objective's validation metrics of ``model`` (on the device) at phase ``index``'s resolution."""
         spec = self.spec
-        pipeline = FeaturePipeline(spec.audio, spec.phases[index].as_compression()).to(self.device)
+        pipeline = self._frontend(index, SpecAugmentConfig())
         batches = self._eval_loader(index).batches(epochs=1)
         if spec.train.eval_batches is not None:
             batches = (b for _, b in zip(range(spec.train.eval_batches), batches))
@@ -516,9 +529,9 @@ class Trainer:
 
     def _export_meta(self, index: int, **extra) -> dict:
         phase = self.spec.phases[index]
-        return {**self.spec.meta, "audio": asdict(self.spec.audio),
+        return {**self.spec.meta, **self.arch.export_meta(self.cfgs[index]),
                 "phase": {"index": index + 1, "of": len(self.spec.phases), "compression": phase.compression,
-                          "factor": phase.factor}, **extra}
+                          "factor": phase.factor, "patch_transfer": phase.patch_transfer}, **extra}
 
     # ---------------------------------------------------------------------------------- checkpoints
     def _save(self, engine, index: int, pending_eval: bool = False) -> None:
@@ -553,7 +566,7 @@ class Trainer:
         self.ledger.baseline = baseline or self.ledger.baseline
         self.tracker.load_state_dict(saved["tracker"])
         if self.state.phase_done:
-            model = self.objective.build_model(ASTEncoder(self.cfgs[self.state.phase]))
+            model = self.objective.build_model(self.cfgs[self.state.phase])
             model.load_state_dict(self.checkpoints.module_state(tag))
             self._restore_rng(tag)
             log.info("resuming after the end of phase %d (checkpoint %s)", self.state.phase + 1, tag)

@@ -1,11 +1,13 @@
-"""Supervised fine-tuning: the classifier (encoder + pooled head) and its trainer Objective.
+"""Supervised fine-tuning: the classification objective, and classifier exports.
 
-Head: mean of the patch tokens (SSAST ``ft_avgtok``) or of the prefix tokens (AST: cls and dist), as the
-init's own code pools by default (``finetune.init.init_pool``), then LayerNorm and Linear. Training
-applies waveform mixup (``lam ~ Beta(10, 10)``), SpecAugment and (if asked) SSAST's fbank noise on the
-device; the loss is BCE on sigmoid outputs (multi-label, and SSAST's SpeechCommands) or cross-entropy
-with (mixed) soft targets. Evaluation gathers every rank's scores and computes mAP / accuracy with
-scikit-learn.
+The classifier is the architecture's (``common.arch``): for the AST family the encoder's tokens pooled
+(mean of the patch tokens, SSAST's ``ft_avgtok``, or of the prefix tokens, AST's ``(cls + dist) / 2``, as
+the init's own code pools by default: ``finetune.init.init_pool``), then LayerNorm and Linear; for HTS-AT
+its token-semantic head. Training applies mixup (AST: waveforms, ``lam ~ Beta(10, 10)``, mixed targets;
+HTS-AT: spectrograms inside the model, ``Beta(0.5, 0.5)``, unmixed targets), SpecAugment and (if asked)
+SSAST's fbank noise on the device; the loss is BCE on sigmoid outputs (multi-label, and SSAST's
+SpeechCommands) or cross-entropy with (mixed) soft targets. Evaluation gathers every rank's scores and
+computes mAP / accuracy with scikit-learn.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.augment import MixupConfig, NoiseConfig, SpecAugmentConfig, mixup
-from common.exports import read_weights, save_weights
+from common.arch import architecture_for, architecture_from_meta
+from common.arch.ast import Classifier
+from common.augment import MixupConfig, NoiseConfig, SpecAugmentConfig, mixup, mixup_weights
 from common.data import Batch
 from common.distributed import Dist
-from common.features import FeaturePipeline
+from common.exports import read_weights, save_weights
 from common.flops import train_step_flops
 from common.metrics import compute_metrics
-from common.model import ASTEncoder, EncoderConfig, check_pooling, pool_tokens
 
 __all__ = ["HeadConfig", "AugmentConfig", "Classifier", "ClassifierObjective", "class_scores", "save_classifier",
            "load_classifier"]
@@ -36,10 +38,10 @@ __all__ = ["HeadConfig", "AugmentConfig", "Classifier", "ClassifierObjective", "
 class HeadConfig:
     """Args:
         pool: ``mean`` of the patch tokens (SSAST's ``ft_avgtok``), ``prefix``: mean of the prefix tokens
-            (AST's ``(cls + dist) / 2``; the cls token when there is one), or ``auto``: follow the init
-            (``finetune.init.init_pool``)."""
+            (AST's ``(cls + dist) / 2``; the cls token when there is one), ``tscam`` (HTS-AT's
+            token-semantic head, its only one), or ``auto``: follow the init (``finetune.init.init_pool``)."""
 
-    pool: Literal["auto", "mean", "prefix"] = "auto"
+    pool: Literal["auto", "mean", "prefix", "tscam"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -48,19 +50,31 @@ class AugmentConfig:
 
     Args:
         freqm, timem: SpecAugment's largest frequency / time mask at full resolution.
+        freq_stripes, time_stripes: masks per clip and axis (AST: 1; HTS-AT: 2 of widths 8 and 64).
         mixup: probability that a clip is mixed with another.
+        mixup_alpha: Beta(alpha, alpha) of the mixing weight (AST: 10; HTS-AT: 0.5).
+        mixup_on: ``waveform`` (AST) or ``spectrogram`` (HTS-AT; see :class:`common.augment.MixupConfig`).
+        mixup_targets: ``mixed`` (AST) or ``unmixed`` (HTS-AT).
         noise: SSAST's fbank noise and roll of up to 10 frames (``common.augment.fbank_noise``; on in
             SSAST's ESC-50 and SpeechCommands recipes).
     """
 
     freqm: int = 0
     timem: int = 0
+    freq_stripes: int = 1
+    time_stripes: int = 1
     mixup: float = 0.0
+    mixup_alpha: float = 10.0
+    mixup_on: Literal["waveform", "spectrogram"] = "waveform"
+    mixup_targets: Literal["mixed", "unmixed"] = "mixed"
     noise: bool = False
+
+    def __post_init__(self) -> None:
+        self.specaug, self.mixup_config  # validate
 
     @property
     def specaug(self) -> SpecAugmentConfig:
-        return SpecAugmentConfig(self.freqm, self.timem)
+        return SpecAugmentConfig(self.freqm, self.timem, self.freq_stripes, self.time_stripes)
 
     @property
     def noise_config(self) -> NoiseConfig:
@@ -68,27 +82,7 @@ class AugmentConfig:
 
     @property
     def mixup_config(self) -> MixupConfig:
-        return MixupConfig(prob=self.mixup)
-
-
-class Classifier(nn.Module):
-    """Encoder + pooling + LayerNorm + Linear: fbank ``[B, T, F]`` -> logits ``[B, classes]``."""
-
-    def __init__(self, encoder: ASTEncoder, num_classes: int, pool: str = "mean") -> None:
-        super().__init__()
-        check_pooling(pool, encoder.num_prefix_tokens)
-        self.encoder = encoder
-        self.pool = pool
-        dim = encoder.cfg.embed_dim
-        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
-        nn.init.trunc_normal_(self.head[1].weight, std=0.02)
-        nn.init.zeros_(self.head[1].bias)
-
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        return pool_tokens(self.encoder.forward_features(x), self.encoder.num_prefix_tokens, self.pool)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pooled(x))
+        return MixupConfig(self.mixup, self.mixup_alpha, self.mixup_on, self.mixup_targets)
 
 
 def class_scores(logits: torch.Tensor, loss: str) -> torch.Tensor:
@@ -96,35 +90,52 @@ def class_scores(logits: torch.Tensor, loss: str) -> torch.Tensor:
     return torch.sigmoid(logits.float()) if loss == "bce" else torch.softmax(logits.float(), dim=-1)
 
 
-def save_classifier(model: Classifier, path: Path, classes: Sequence[str], meta: dict) -> Path:
-    """Export encoder + head with the config, class list and front end needed to predict."""
-    tensors = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
-    tensors.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
-    return save_weights(path, tensors, {**meta, "encoder_config": model.encoder.cfg.to_dict(),
-                                        "encoder_prefix": "encoder.",
-                                        "classifier": {"classes": list(classes), "pool": model.pool}})
+def save_classifier(model: nn.Module, path: Path, classes: Sequence[str], meta: dict) -> Path:
+    """Export a classifier (its encoder under ``encoder.``) with the config, class list and front end needed
+    to predict (``meta`` carries the architecture's ``export_meta`` and the phase)."""
+    return save_weights(path, model.state_dict(), {**meta, "encoder_config": model.encoder.cfg.to_dict(),
+                                                   "encoder_prefix": "encoder.",
+                                                   "classifier": {"classes": list(classes), "pool": model.pool}})
 
 
-def load_classifier(path: str | Path) -> tuple[Classifier, dict]:
-    """A classifier export (or a fine-tuning run directory) -> ``(Classifier, metadata)``."""
-    from common.exports import resolve_model_file
+def _checkpoint_with_head(file: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, meta)`` as an export would hold them, for another project's checkpoint that has a
+    classification head of its own (an official HTS-AT checkpoint: AudioSet's 527 classes)."""
+    from common.arch import architecture_for
+    from common.checkpoint import load_encoder_state
+
+    weights = load_encoder_state(file)
+    if "classes" not in weights.meta:
+        raise ValueError(f"{file} holds an encoder without a classification head; fine-tune it first: "
+                         f"python finetune/run.py --init {file} --task NAME")
+    pool = architecture_for(weights.config).resolve_pool("auto", weights)
+    meta = {**weights.meta, "encoder_config": weights.config.to_dict(), "loss": "bce",
+            "classifier": {"classes": weights.meta["classes"], "pool": pool}}
+    return {f"encoder.{k}": v for k, v in weights.state.items()}, meta
+
+
+def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
+    """A classifier export, a fine-tuning run directory, or another project's checkpoint with a head of
+    its own (an official HTS-AT ``.ckpt``) -> ``(classifier, metadata)``."""
+    from common.exports import is_export, resolve_model_file
 
     file = resolve_model_file(path)
-    tensors, meta = read_weights(file)
+    if file.suffix == ".safetensors" and is_export(file):
+        tensors, meta = read_weights(file)
+    else:
+        tensors, meta = _checkpoint_with_head(file)
     if "classifier" not in meta:
         raise ValueError(f"{file} is an encoder without a classification head (a pretraining export?); "
                          f"fine-tune it first: python finetune/run.py --init {path} --task NAME")
     info = meta["classifier"]
-    model = Classifier(ASTEncoder(EncoderConfig.from_dict(meta["encoder_config"])), len(info["classes"]),
-                       info["pool"])
+    arch = architecture_from_meta(meta)
+    model = arch.build_classifier(arch.export_geometry(meta), len(info["classes"]), info["pool"])
     model.load_state_dict({k: v.float() for k, v in tensors.items()})
     return model.eval(), meta
 
 
 class ClassifierObjective:
-    """Supervised fine-tuning as a :class:`common.trainer.Objective`."""
-
-    head_prefixes = ("head.",)
+    """Supervised fine-tuning as a :class:`common.trainer.Objective` (any architecture)."""
 
     def __init__(self, classes: Sequence[str], metric: str, loss: str, augment: AugmentConfig,
                  head: HeadConfig = HeadConfig(), names: dict[str, str] | None = None) -> None:
@@ -136,10 +147,10 @@ class ClassifierObjective:
         self.specaug = augment.specaug
         self.head = head
 
-    def build_model(self, encoder: ASTEncoder) -> Classifier:
-        return Classifier(encoder, len(self.classes), self.head.pool)
+    def build_model(self, geometry) -> nn.Module:
+        return architecture_for(geometry).build_classifier(geometry, len(self.classes), self.head.pool)
 
-    def adapt_state(self, state: dict, old: EncoderConfig, new: EncoderConfig) -> dict:
+    def adapt_state(self, state: dict, old, new) -> dict:
         return state  # the head does not depend on the token grid
 
     def criterion(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -148,13 +159,20 @@ class ClassifierObjective:
             return F.binary_cross_entropy_with_logits(logits, targets)
         return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()  # soft-target CE
 
-    def train_step(self, model, batch: Batch, pipeline: FeaturePipeline, generator: torch.Generator):
-        waves, lengths, targets = mixup(batch.waveforms, batch.lengths, batch.targets, self.augment.mixup_config,
-                                        generator)
-        logits = model(pipeline(waves, lengths, generator, noise=self.augment.noise_config))
-        return self.criterion(logits, targets), {}
+    def train_step(self, model, batch: Batch, pipeline: nn.Module, generator: torch.Generator):
+        cfg = self.augment.mixup_config
+        waves, lengths, targets = batch.waveforms, batch.lengths, batch.targets
+        if cfg.on == "waveform":
+            waves, lengths, targets = mixup(waves, lengths, targets, cfg, generator)
+        x = pipeline(waves, lengths, generator, noise=self.augment.noise_config)
+        lam = mixup_weights(len(batch), cfg, generator) if cfg.on == "spectrogram" else None
+        if lam is not None:
+            lam = lam.to(x.device)
+            if cfg.targets == "mixed":
+                targets = lam[:, None] * targets + (1 - lam[:, None]) * targets.flip(0)
+        return self.criterion(model(x, mixup_lambda=lam), targets), {}
 
-    def evaluate(self, model, batches: Iterator[Batch], pipeline: FeaturePipeline, dist: Dist,
+    def evaluate(self, model, batches: Iterator[Batch], pipeline: nn.Module, dist: Dist,
                  generator: torch.Generator) -> dict[str, float]:
         scores, targets, losses = [], [], []
         for batch in batches:
@@ -173,13 +191,15 @@ class ClassifierObjective:
         metrics["clips"] = float(len(all_targets))
         return metrics
 
-    def flops_per_sample(self, cfg: EncoderConfig) -> int:
-        def step(model: Classifier, n: int) -> torch.Tensor:
-            logits = model(torch.randn(n, cfg.input_tdim, cfg.num_mel_bins))
+    def flops_per_sample(self, geometry) -> int:
+        arch = architecture_for(geometry)
+
+        def step(model: nn.Module, n: int) -> torch.Tensor:
+            logits = model(arch.example_input(geometry, n))
             return self.criterion(logits, torch.full_like(logits, 1.0 / logits.shape[-1]))
 
-        return train_step_flops(lambda: self.build_model(ASTEncoder(cfg)), step)
+        return train_step_flops(lambda: self.build_model(geometry), step)
 
-    def export(self, model: Classifier, path: Path, meta: dict) -> None:
+    def export(self, model: nn.Module, path: Path, meta: dict) -> None:
         save_classifier(model, path, self.classes, {**meta, "objective": "classification", "loss": self.loss,
                                                     "metric": self.score_name, "class_names": self.names})

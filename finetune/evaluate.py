@@ -1,7 +1,7 @@
 """Evaluating exported classifiers, and the cross-validation summary.
 
-An export carries the front end it was trained with (audio settings and the compression of its last
-phase), so the features are made exactly as in training.
+An export carries its architecture and the front end it was trained with (audio settings and the
+compression of its last phase), so the features are made exactly as in training.
 """
 
 from __future__ import annotations
@@ -12,23 +12,34 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from torch import nn
+
+from common.arch import architecture_from_meta
+from common.augment import SpecAugmentConfig
 from common.compression import Compression
 from common.data import eval_loader
-from common.features import AudioConfig, FeaturePipeline
 from common.metrics import compute_metrics
-from finetune.classifier import Classifier, class_scores, load_classifier
+from finetune.classifier import class_scores, load_classifier
 
-__all__ = ["pipeline_for_export", "evaluate_export", "cross_validation_summary"]
+__all__ = ["pipeline_for_export", "clip_for_export", "evaluate_export", "cross_validation_summary"]
 
 
-def pipeline_for_export(meta: dict) -> FeaturePipeline:
-    """The (evaluation) feature pipeline an export was trained with."""
-    audio = AudioConfig(**meta["audio"])
+def pipeline_for_export(meta: dict) -> nn.Module:
+    """The (evaluation) front end an export was trained with."""
+    arch = architecture_from_meta(meta)
     phase = meta.get("phase", {})
-    return FeaturePipeline(audio, Compression(phase.get("compression", "none"), phase.get("factor", 1)))
+    compression = Compression(phase.get("compression", "none"), phase.get("factor", 1),
+                              phase.get("patch_transfer", "pi"))
+    return arch.frontend(arch.export_geometry(meta), compression, SpecAugmentConfig())
 
 
-def predict_scores(model: Classifier, meta: dict, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def clip_for_export(meta: dict) -> tuple[int, int]:
+    """``(sample rate, clip samples)`` an export's model takes its audio at."""
+    arch = architecture_from_meta(meta)
+    return arch.sample_rate, arch.clip_samples
+
+
+def predict_scores(model: nn.Module, meta: dict, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Per-class scores (sigmoid for BCE-trained models, softmax otherwise) of a waveform batch."""
     pipeline = pipeline_for_export(meta).to(waveforms.device)
     with torch.no_grad():
@@ -43,8 +54,8 @@ def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequenc
     if list(meta["classifier"]["classes"]) != list(classes):
         raise ValueError(f"{path} was trained on other classes than the task's class list")
     model.to(device)
-    audio = AudioConfig(**meta["audio"])
-    loader = eval_loader(manifests, classes, audio.clip_samples, audio.sample_rate, batch_size, num_workers)
+    sample_rate, clip_samples = clip_for_export(meta)
+    loader = eval_loader(manifests, classes, clip_samples, sample_rate, batch_size, num_workers)
     scores, targets = [], []
     for batch in loader.batches(epochs=1):
         if len(batch):

@@ -23,10 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from common.arch import architecture_for
 from common.checkpoint import EncoderWeights
-from common.model import ASTEncoder, EncoderConfig, ModelSpec
+from common.compression import Compression
+from common.model import EncoderConfig, ModelSpec
 from common.phases import TransferConfig
-from common.resize import load_adapted
 
 __all__ = ["InitTransferConfig", "load_init", "task_encoder_config", "init_pos_mode", "init_pool", "resolve_pool",
            "task_encoder"]
@@ -55,8 +56,18 @@ def load_init(init: str) -> EncoderWeights | None:
 
 
 def task_encoder_config(init: EncoderWeights | None, model: ModelSpec, num_mel_bins: int,
-                        target_frames: int) -> EncoderConfig:
-    """The full-resolution encoder geometry for a task."""
+                        target_frames: int):
+    """The full-resolution model config for a task: an :class:`EncoderConfig` (AST family) or an
+    ``HTSATConfig`` (``model.arch: htsat``; the init's, with the recipe's ``model.htsat`` settings on top).
+
+    Raises:
+        ValueError: naming ``model.arch`` when the init holds the other architecture.
+    """
+    if init is not None and init.arch != model.arch:
+        raise ValueError(f"model.arch: --init holds an {init.arch} model but the recipe trains {model.arch}; use a "
+                         f"recipe for {init.arch} (e.g. --set model.arch={init.arch}, or recipes/ft_htsat_*.yaml)")
+    if model.arch == "htsat":
+        return model.htsat_config if init is None else init.config.replace(**model.htsat)
     if init is None:
         return model.encoder_config(num_mel_bins, target_frames)
     cfg = init.config
@@ -80,38 +91,24 @@ def init_pos_mode(init: EncoderWeights | None, default: str, choice: str = "auto
     return "cut" if init is not None and init.meta.get("source") in ("official", "imagenet") else default
 
 
-def init_pool(init: EncoderWeights | None, cfg: EncoderConfig) -> str:
-    """The token pooling of the code ``init`` comes from (see the module docstring).
-
-    Args:
-        init: as returned by :func:`load_init` (None: from scratch).
-        cfg: the task's encoder geometry (without prefix tokens the mean of the patch tokens is the only
-            choice).
-    """
-    if cfg.num_prefix_tokens == 0:
-        return "mean"
-    if init is None:
-        return "prefix"
-    meta = init.meta
-    if isinstance(meta.get("classifier"), dict) and meta["classifier"].get("pool") in ("mean", "prefix"):
-        return meta["classifier"]["pool"]
-    if meta.get("objective") == "ssast":
-        return "mean"
-    return "prefix"
+def init_pool(init: EncoderWeights | None, cfg) -> str:
+    """The pooling of the code ``init`` comes from (see the module docstring); ``cfg`` is the task's
+    full-resolution model config (it picks the architecture)."""
+    return architecture_for(cfg).resolve_pool("auto", init)
 
 
-def resolve_pool(pool: str, init: EncoderWeights | None, cfg: EncoderConfig) -> str:
-    """``pool`` itself, or for ``auto`` :func:`init_pool`; ``prefix`` needs prefix tokens."""
-    if pool == "auto":
-        return init_pool(init, cfg)
-    if pool == "prefix" and cfg.num_prefix_tokens == 0:
-        raise ValueError("head.pool: 'prefix' pooling needs prefix tokens, and this encoder has none")
-    return pool
+def resolve_pool(pool: str, init: EncoderWeights | None, cfg) -> str:
+    """``pool`` itself (checked against the architecture), or for ``auto`` :func:`init_pool`."""
+    return architecture_for(cfg).resolve_pool(pool, init)
 
 
-def task_encoder(init: EncoderWeights | None, cfg: EncoderConfig, pos_mode: str = "bilinear") -> ASTEncoder:
-    """An encoder laid out as ``cfg`` carrying ``init``'s weights (for a frozen use such as probing)."""
+def task_encoder(init: EncoderWeights | None, cfg, pos_mode: str = "bilinear"):
+    """An encoder laid out as ``cfg`` (full resolution) carrying ``init``'s weights, for a frozen use such as
+    probing (AST family: an :class:`ASTEncoder`; HTS-AT: the model with its head)."""
     if init is None:
         raise ValueError("a frozen encoder needs weights: --init none gives a random encoder")
-    encoder = load_adapted(ASTEncoder(cfg), init.state, init.config, cfg, init_pos_mode(init, pos_mode))
+    arch = architecture_for(cfg)
+    geometry = arch.geometry(Compression())
+    encoder = arch.build_encoder(geometry)
+    arch.load_weights(encoder, init, geometry, init_pos_mode(init, pos_mode), "pi")
     return encoder.eval()

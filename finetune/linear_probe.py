@@ -64,24 +64,26 @@ def _cache_key(ckpt: str, manifests: Sequence[str], cfg, layer, pool) -> str:
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
-def extract_features(encoder, audio, manifests: Sequence[str], classes: Sequence[str], layer: int | None = None,
+def extract_features(encoder, arch, manifests: Sequence[str], classes: Sequence[str], layer: int | None = None,
                      pool: str = "mean", batch_size: int = 32, num_workers: int = 2,
                      device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, np.ndarray]:
-    """``(features [clips, D], targets [clips, classes])`` of a frozen encoder over ``manifests``."""
+    """``(features [clips, D], targets [clips, classes])`` of a frozen full-resolution encoder over
+    ``manifests``; ``arch`` (``common.arch``) makes its front end and its embedding."""
+    from common.augment import SpecAugmentConfig
+    from common.compression import Compression
     from common.data import eval_loader
-    from common.features import FeaturePipeline
-    from common.model import pool_tokens
 
-    pipeline = FeaturePipeline(audio).to(device)
-    loader = eval_loader(manifests, classes, audio.clip_samples, audio.sample_rate, batch_size, num_workers)
+    geometry = arch.geometry(Compression())
+    pipeline = arch.frontend(geometry, Compression(), SpecAugmentConfig()).to(device)
+    loader = eval_loader(manifests, classes, arch.clip_samples, arch.sample_rate, batch_size, num_workers)
     encoder = encoder.to(device).eval()
     feats, targets = [], []
     with torch.no_grad():
         for batch in loader.batches(epochs=1):
             if not len(batch):
                 continue
-            tokens = encoder.forward_features(pipeline(batch.waveforms.to(device), batch.lengths.to(device)), layer)
-            feats.append(pool_tokens(tokens, encoder.num_prefix_tokens, pool).float().cpu().numpy())
+            x = pipeline(batch.waveforms.to(device), batch.lengths.to(device))
+            feats.append(arch.features(encoder, x, pool, layer).float().cpu().numpy())
             targets.append(batch.targets.numpy())
     if not feats:
         raise ValueError(f"no usable clip in {', '.join(map(str, manifests))}")
@@ -115,6 +117,7 @@ def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, 
 
 def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torch.device) -> dict:
     """Probe one task; returns ``{"task", "metric", "value", "folds"?, ...}``."""
+    from common.arch import architecture_for
     from common.corpora.base import read_classes
     from common.features import AudioConfig
     from common.model import ModelSpec
@@ -126,10 +129,12 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
     task = TaskConfig(**{**fields, "data_root": recipe.data_root})
     classes, _ = read_classes(task.path(task.classes))
     init = load_init(init_path)
-    cfg = task_encoder_config(init, ModelSpec(), 128, task.target_frames)
+    cfg = task_encoder_config(init, ModelSpec(arch=init.arch if init is not None else "ast"), 128,
+                              task.target_frames)
     encoder = task_encoder(init, cfg)
     pool = resolve_pool(recipe.pool, init, cfg)
-    audio = AudioConfig(num_mel_bins=cfg.num_mel_bins, target_frames=task.target_frames, norm=task.norm)
+    arch = architecture_for(cfg, AudioConfig(num_mel_bins=getattr(cfg, "num_mel_bins", 128),
+                                             target_frames=task.target_frames, norm=task.norm))
     cache = Path(recipe.cache_dir)
 
     def features(manifests: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +142,7 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
         if path.is_file():
             data = np.load(path)
             return data["x"], data["y"]
-        x, y = extract_features(encoder, audio, manifests, classes, recipe.layer, pool, recipe.batch_size,
+        x, y = extract_features(encoder, arch, manifests, classes, recipe.layer, pool, recipe.batch_size,
                                 recipe.num_workers, device)
         cache.mkdir(parents=True, exist_ok=True)
         np.savez(path, x=x, y=y)

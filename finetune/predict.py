@@ -50,13 +50,11 @@ def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
 def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None = None,
                  batch_size: int = 16, device: torch.device = torch.device("cpu")) -> np.ndarray:
     """Per-class scores of one file, averaged over its windows."""
-    from common.features import AudioConfig
-    from finetune.evaluate import predict_scores
+    from finetune.evaluate import clip_for_export, predict_scores
 
-    audio = AudioConfig(**meta["audio"])
-    wave = load_audio(path, audio.sample_rate)
-    clip = audio.clip_samples
-    hop = max(1, int(round((hop_seconds if hop_seconds else audio.clip_seconds / 2) * audio.sample_rate)))
+    sample_rate, clip = clip_for_export(meta)
+    wave = load_audio(path, sample_rate)
+    hop = max(1, int(round(hop_seconds * sample_rate))) if hop_seconds else max(1, clip // 2)
     starts = windows(wave.size, clip, hop)
     scores = []
     for i in range(0, len(starts), batch_size):

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         from common.corpora.base import read_classes
-        from common.phases import phase_encoder_configs
+        from common.arch import architecture_for
+        from common.arch.base import geometries
         from common.recipe import RecipeError
         from finetune.init import init_pos_mode, load_init, resolve_pool, task_encoder_config
         from finetune.recipe import load_recipe
@@ -101,9 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.task, args.recipe, args.overrides, init=args.init, data_root=args.data_root)
         classes, names = read_classes(recipe.task.path(recipe.task.classes))
         init = load_init(recipe.init)
-        base = task_encoder_config(init, recipe.model, recipe.num_mel_bins, recipe.task.target_frames)
         try:
-            configs = phase_encoder_configs(base, recipe.phases)
+            base = task_encoder_config(init, recipe.model, recipe.num_mel_bins, recipe.task.target_frames)
+            audio = recipe.audio(getattr(base, "num_mel_bins", None))  # the AST family's front end
+            configs = geometries(architecture_for(base, audio), recipe.phases)
             head = replace(recipe.head, pool=resolve_pool(recipe.head.pool, init, base))
         except ValueError as err:
             raise RecipeError(str(err)) from None
@@ -120,14 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         run_root = args.run_dir or Path("runs/finetune") / name
         done = True
         with training_session(run_root, recipe, restart=args.restart) as dist:
-            log.info("classifier pools the mean of the %s tokens (head.pool: %s)",
-                     "patch" if head.pool == "mean" else "prefix", recipe.head.pool)
+            log.info("classifier pooling: %s (head.pool: %s)", head.pool, recipe.head.pool)
             splits = recipe.task.fold_splits()
             for k, (train, valid) in enumerate(splits):
                 run_dir = run_root / f"fold{k + 1}" if recipe.task.folds else run_root
                 data = replace(recipe.data, train=[ManifestSpec(p) for p in train], valid=valid,
                                balanced=recipe.task.balanced)
-                spec = RunSpec(run_dir=run_dir, base=base, audio=recipe.audio(base.num_mel_bins),
+                spec = RunSpec(run_dir=run_dir, base=base, audio=audio,
                                phases=recipe.phases, transfer=recipe.transfer, optim=recipe.optim, train=recipe.train,
                                data=data, init=init,
                                init_pos_embed=init_pos_mode(init, recipe.transfer.pos_embed,

@@ -15,7 +15,7 @@ from common.data import DataConfig
 from common.features import AudioConfig
 from common.model import EncoderConfig, ModelSpec
 from common.optim import OptimConfig
-from common.phases import PhaseConfig, TransferConfig, phase_encoder_configs
+from common.phases import PhaseConfig, TransferConfig
 from common.recipe import apply_overrides, build, load_yaml
 from common.trainer import TrainConfig
 from pretrain.masking import mask_count
@@ -38,6 +38,8 @@ class PretrainRecipe:
     description: str = ""
 
     def __post_init__(self) -> None:
+        if self.model.arch != "ast":
+            raise ValueError("model.arch: SSAST masked-patch pretraining is defined for ViT encoders (model.arch: ast)")
         if not self.data.train:
             raise ValueError("data.train: at least one training manifest is needed")
         if self.model.stride is not None and tuple(self.model.stride) != tuple(self.model.patch):
@@ -57,7 +59,11 @@ class PretrainRecipe:
         return self.model.encoder_config(self.audio.num_mel_bins, self.audio.target_frames)
 
     def encoder_configs(self) -> list[EncoderConfig]:
-        return phase_encoder_configs(self.base, self.phases)
+        """The encoder geometry of every phase (``ValueError`` naming the phase if one is impossible)."""
+        from common.arch import architecture_for
+        from common.arch.base import geometries
+
+        return geometries(architecture_for(self.base, self.audio), self.phases)
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> PretrainRecipe:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from common.arch import architecture_for
 from common.augment import SpecAugmentConfig
 from common.exports import save_encoder
 from common.data import Batch
@@ -92,6 +93,9 @@ class SSASTModel(nn.Module):
 
     def __init__(self, encoder: ASTEncoder, cfg: SSASTConfig) -> None:
         super().__init__()
+        if not isinstance(encoder, ASTEncoder):
+            raise ValueError(f"SSAST masked-patch pretraining needs a ViT encoder (model.arch: ast), got "
+                             f"{type(encoder).__name__}")
         self.encoder = encoder
         self.cfg = cfg
         dim, area = encoder.cfg.embed_dim, encoder.cfg.patch_area
@@ -179,14 +183,13 @@ class SSASTObjective:
 
     specaug = SpecAugmentConfig()  # SSAST pretrains without SpecAugment or mixup
     score_name = "acc"
-    head_prefixes: tuple[str, ...] = ()
     classes = None
 
     def __init__(self, cfg: SSASTConfig) -> None:
         self.cfg = cfg
 
-    def build_model(self, encoder: ASTEncoder) -> SSASTModel:
-        return SSASTModel(encoder, self.cfg)
+    def build_model(self, geometry: EncoderConfig) -> SSASTModel:
+        return SSASTModel(architecture_for(geometry).build_encoder(geometry), self.cfg)
 
     def adapt_state(self, state: dict, old: EncoderConfig, new: EncoderConfig) -> dict:
         return adapt_heads(state, old, new)
@@ -216,7 +219,7 @@ class SSASTObjective:
         def step(model: SSASTModel, n: int) -> torch.Tensor:
             return model(torch.randn(n, cfg.input_tdim, cfg.num_mel_bins))["loss"]
 
-        return train_step_flops(lambda: SSASTModel(ASTEncoder(cfg), self.cfg), step)
+        return train_step_flops(lambda: self.build_model(cfg), step)
 
     def export(self, model: SSASTModel, path: Path, meta: dict) -> None:
         save_encoder(model.encoder, path, meta={**meta, "objective": "ssast"})

@@ -23,7 +23,9 @@ Every function is tensor -> tensor, computes in float32 and returns the input dt
 from __future__ import annotations
 
 import logging
+import typing
 import warnings
+from typing import Literal
 
 import torch
 from torch.nn import functional as F
@@ -31,11 +33,12 @@ from torch.nn import functional as F
 from common.htsat.config import HTSATConfig
 from common.htsat.geometry import Geometry, stage_layout
 
-__all__ = ["BIAS_TRANSFERS", "resize_bias_table", "adapt_state_dict", "adapt_model"]
+__all__ = ["BiasTransfer", "BIAS_TRANSFERS", "resize_bias_table", "adapt_state_dict", "adapt_model"]
 
 log = logging.getLogger(__name__)
 
-BIAS_TRANSFERS = ("timm", "bilinear", "bicubic")
+BiasTransfer = Literal["timm", "bilinear", "bicubic"]  # the recipe's ``transfer.rel_pos_bias``
+BIAS_TRANSFERS: tuple[str, ...] = typing.get_args(BiasTransfer)
 
 
 def resize_bias_table(table: torch.Tensor, old_window: tuple[int, int], new_window: tuple[int, int],
