@@ -100,8 +100,10 @@ class DataConfig:
     eval_crop: Literal["start", "center"] = "start"
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or (self.eval_batch_size is not None and self.eval_batch_size < 1):
-            raise ValueError("batch sizes must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if not 0 <= self.max_bad_fraction <= 1:

@@ -97,6 +97,8 @@ class TrainConfig:
         for name in ("log_every", "eval_every", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_batches is not None and self.eval_batches < 1:
+            raise ValueError(f"eval_batches must be >= 1 (or null: the whole set), got {self.eval_batches}")
 
 
 class Objective(Protocol):

@@ -46,6 +46,13 @@ class AugmentConfig:
     timem: int = 0
     mixup: float = 0.0
 
+    def __post_init__(self) -> None:
+        for name in ("freqm", "timem"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.mixup <= 1:
+            raise ValueError(f"mixup must be a probability in [0, 1], got {self.mixup}")
+
     @property
     def specaug(self) -> SpecAugmentConfig:
         return SpecAugmentConfig(self.freqm, self.timem)

@@ -55,6 +55,9 @@ def print_plan(recipe, base) -> None:
     for i, (phase, cfg) in enumerate(zip(recipe.phases, phase_encoder_configs(base, recipe.phases))):
         print(f"{phase.label(i):<28} {phase.epochs:>6} {cfg.grid[0]:>3}x{cfg.grid[1]:<3} {cfg.num_patches:>6} "
               f"{objective.flops_per_sample(cfg) / 1e9:>14.4g}")
+    o = recipe.optim
+    print(f"optimiser {o.optimizer}, lr {o.lr:g}, warm-up {o.warmup_steps} steps, {o.schedule} schedule; batch "
+          f"{recipe.data.batch_size} per rank x {o.grad_accum} accumulation")
 
 
 def _test(run_dir: Path, recipe, classes, dist) -> None:
@@ -98,9 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         from common.corpora.base import read_classes
         from common.phases import phase_encoder_configs
         from finetune.init import init_pos_mode, load_init, task_encoder_config
-        from finetune.recipe import load_recipe
+        from finetune.recipe import check_files, load_recipe
 
-        recipe = load_recipe(args.task, args.recipe, args.overrides, init=args.init, data_root=args.data_root)
+        notes: list[str] = []
+        recipe = load_recipe(args.task, args.recipe, args.overrides, init=args.init, data_root=args.data_root,
+                             notes=notes)
+        check_files(recipe)  # class list, manifests, statistics: before any compute or run directory
         classes, names = read_classes(recipe.task.path(recipe.task.classes))
         init = load_init(recipe.init)
         base = task_encoder_config(init, recipe.model, recipe.num_mel_bins, recipe.task.target_frames)
@@ -111,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RecipeError(str(err)) from None
         if args.dry_run:
             print_plan(recipe, base)
+            print("\n".join(notes))
             return 0
         from common.data import ManifestSpec
         from common.trainer import RunSpec, Trainer
@@ -120,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         run_root = args.run_dir or Path("runs/finetune") / name
         done = True
         with training_session(run_root, recipe) as dist:
+            for note in notes:
+                log.info("%s", note)
             objective = ClassifierObjective(classes, recipe.task.metric, recipe.task.loss, recipe.augment,
                                             recipe.head, names)
             splits = recipe.task.fold_splits()
