@@ -155,8 +155,11 @@ class LRSchedule:
                                               "total_steps")}
 
     def load_state_dict(self, state: dict) -> None:
+        # the peak LR and the phase length come from the recipe, not the checkpoint: a resumed run may
+        # lower its learning rate (the recovery from a non-finite loss)
         for key, value in state.items():
-            setattr(self, key, value)
+            if key not in ("base_lr", "total_steps"):
+                setattr(self, key, value)
         self._apply()
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from common.augment import SpecAugmentConfig
+from common.cli import recipe_checkpointed, record_interventions
 from common.data import BadAudioTracker, Batch, ClipDataset, ClipLoader, DataConfig, open_cuts
 from common.distributed import Dist
 from common.features import AudioConfig, FeaturePipeline
@@ -209,6 +210,7 @@ class Trainer:
         if self.state.phase == last and self.state.phase_done and (self.run_dir / "model.safetensors").is_file():
             log.info("run in %s is already complete: %s", self.run_dir, self.run_dir / "model.safetensors")
             return True
+        record_interventions(self.run_dir, self.ledger, self.state.phase, self.state.total_steps)
         steps_this_call = 0
         while self.state.phase < len(self.spec.phases):
             index = self.state.phase
@@ -434,8 +436,9 @@ class Trainer:
             raise NonFiniteLoss(
                 f"non-finite loss ({loss.item()}) in {self.spec.phases[index].label(index)} at step "
                 f"{self.state.step + 1}; stopped before the update. The last good checkpoint is "
-                f"{self.ckdir / tag if tag else 'none (no checkpoint yet)'}; lower the learning rate or check the "
-                f"data, then run the same command to resume from it"
+                f"{self.ckdir / tag if tag else 'none (no checkpoint yet)'}; check the data, or lower the learning "
+                f"rate (e.g. --set optim.lr=...: a resumed run accepts learning-rate and schedule changes and records "
+                f"them in ledger.json), then run the command again to resume from it"
             )
         engine.backward(loss)
         engine.step()
@@ -528,6 +531,8 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.dist.is_main:
+            recipe_checkpointed(self.run_dir)  # the run's recipe.yaml appears with its first checkpoint
         save_checkpoint(engine, self.ckdir, tag, trainer_state, rng, self.dist, self.spec.train.keep_checkpoints)
         if self.dist.is_main:
             self.ledger.write(self.run_dir / "ledger.json")
