@@ -315,8 +315,8 @@ class Trainer:
         batch = self._batch_size(index) if train else (data.eval_batch_size or self._batch_size(index))
         return ClipLoader(cuts, dataset, batch, shuffle=train, drop_last=train, seed=self.spec.train.seed,
                           rank=self.dist.rank, world_size=self.dist.world_size, num_workers=data.num_workers,
-                          weights=weights, tracker=self.tracker if train else BadAudioTracker(1.0),
-                          pin_memory=self.device.type == "cuda")
+                          weights=weights, pin_memory=self.device.type == "cuda",
+                          tracker=self.tracker if train else self.tracker.for_split("valid", data.valid))
 
     def _flops_per_sample(self, index: int) -> int:
         if index not in self._flops:

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from common.augment import MixupConfig, SpecAugmentConfig, mixup
 from common.checkpoint import read_weights, save_weights
-from common.data import Batch
+from common.data import Batch, TooMuchBadAudio
 from common.distributed import Dist
 from common.features import FeaturePipeline
 from common.flops import train_step_flops
@@ -161,6 +161,9 @@ class ClassifierObjective:
             scores.append(self.scores(logits).cpu().numpy())
             targets.append(target.cpu().numpy())
         parts = dist.gather_objects((scores, targets, losses))
+        if not any(len(t) for p in parts for t in p[1]):  # every clip read was bad (or none was read)
+            raise TooMuchBadAudio("validation: none of the clips read could be used; the reasons are in the run's "
+                                  "bad_audio.tsv (split 'valid'); check the validation manifests")
         all_scores = np.concatenate([s for p in parts for s in p[0]])
         all_targets = np.concatenate([t for p in parts for t in p[1]])
         metrics = compute_metrics(all_targets, all_scores)
