@@ -87,8 +87,8 @@ def _task_source(task: str) -> tuple[dict, dict]:
     """``(task fields, default recipe)`` for a task name or a task YAML file.
 
     A task file holds the task's fields (flat, or under ``task:``) and may hold recipe sections beside
-    them (``optim:``, ``model:``, ``phases:``, ...), which become its default recipe (in the flat layout a
-    ``train:`` list is the task's manifests, a ``train:`` mapping the recipe's section). ``epochs: N`` is
+    them (``optim:``, ``model:``, ``phases:``, ...), which become its default recipe (in the flat layout
+    ``train:`` is the task's manifests: the recipe's ``train:`` section needs the ``task:`` layout). ``epochs: N`` is
     short for ``phases: [{compression: none, epochs: N}]``. Paths (manifests, class list, a ``norm``
     statistics file) are relative to the file.
     """
@@ -100,14 +100,16 @@ def _task_source(task: str) -> tuple[dict, dict]:
         fields = data.pop("task")
         if not isinstance(fields, dict):
             raise RecipeError(f"task: expected the task's fields (name, train, valid, classes, ...) in {path}")
-        misplaced = sorted(set(fields) & set(RECIPE_SECTIONS))
+        misplaced = sorted(k for k in fields if k in RECIPE_SECTIONS and (k != "train" or isinstance(fields[k], dict)))
         if misplaced:
             raise RecipeError(f"task.{misplaced[0]}: a recipe section, not a task field; write it at the top "
                               f"level of {path}, beside task:")
         sections = data
-    else:  # flat: "train" is the task's manifests (a list), or the recipe's train section (a mapping)
-        sections = {k: data.pop(k) for k in RECIPE_SECTIONS
-                    if k in data and (k != "train" or isinstance(data[k], dict))}
+    else:  # flat: "train" is the task's manifests; the recipe's train section needs the task: layout
+        if isinstance(data.get("train"), dict):
+            raise RecipeError(f"train: in a flat task file, train: lists the training manifests; write the task's "
+                              f"fields under task: and the recipe's train section beside it ({path})")
+        sections = {k: data.pop(k) for k in RECIPE_SECTIONS if k in data and k != "train"}
         fields = data
     fields = dict(fields)
     unknown = sorted(set(sections) - set(RECIPE_SECTIONS) - {"epochs"})

@@ -14,6 +14,7 @@ at each phase end, the final ``model.safetensors`` (what ``finetune/run.py --ini
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -37,15 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plan(recipe, world_size: int = 1) -> list[dict]:
-    """Per phase: geometry, tokens, FLOPs per sample and planned training FLOPs."""
+@functools.lru_cache(maxsize=64)
+def _flops_per_sample(ssast, cfg) -> int:
+    """SSAST training FLOPs per sample (cached: a plan and its baseline share the full-resolution geometry)."""
     from pretrain.ssast import SSASTObjective
 
-    objective = SSASTObjective(recipe.ssast)
+    return SSASTObjective(ssast).flops_per_sample(cfg)
+
+
+def plan(recipe, world_size: int = 1) -> list[dict]:
+    """Per phase: geometry, tokens, FLOPs per sample and planned training FLOPs."""
     rows = []
     for phase, cfg in zip(recipe.phases, recipe.encoder_configs()):
         batch = (phase.batch_size or recipe.data.batch_size) * recipe.optim.grad_accum * world_size
-        flops = objective.flops_per_sample(cfg)
+        flops = _flops_per_sample(recipe.ssast, cfg)
         rows.append({"phase": phase.label(len(rows)), "steps": phase.steps, "global_batch": batch,
                      "grid": f"{cfg.grid[0]}x{cfg.grid[1]}", "tokens": cfg.num_patches, "flops_per_sample": flops,
                      "train_flops": flops * phase.steps * batch})
