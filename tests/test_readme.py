@@ -79,7 +79,7 @@ def test_inline_set_examples_parse_as_numbers(capsys):
     help_text = re.sub(r"\s+", " ", parser.format_help())
     examples = re.findall(r"`(--set [^`]+)`", re.sub(r"\s+", " ", README))
     examples.append(help_text.split("e.g. ")[1].split(" (")[0])
-    examples = [e for e in examples if "key=value" not in e]
+    examples = [e for e in examples if "key=value" not in e and "..." not in e]  # the concrete ones
     assert len(examples) >= 2
     for example in examples:
         sets = shlex.split(example)[1::2]
