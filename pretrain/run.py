@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 from common.cli import add_run_arguments, run_main, training_session
-from pretrain.recipe import shared_with_baseline
 
 log = logging.getLogger("pretrain")
 
@@ -80,6 +79,8 @@ def print_plan(recipe, world_size: int, baseline=None, overrides: list[str] = ()
         line += f"; baseline {Path(recipe.baseline).name}: {base:.4g} -> saving {1 - total / base:.1%}"
     print(line)
     if baseline is not None:
+        from pretrain.recipe import shared_with_baseline
+
         shared = shared_with_baseline(overrides)
         if shared:
             print(f"(the baseline is planned with the same {', '.join(o.split('=', 1)[0] for o in shared)})")
