@@ -73,9 +73,9 @@ PRETRAIN_CASES = [
     ("beta1 = 1", None, ["optim.betas=[1.0, 0.999]"], "optim.betas"),
     ("beta2 > 1", None, ["optim.betas=[0.9, 1.5]"], "optim.betas"),
     ("beta negative", None, ["optim.betas=[-0.1, 0.999]"], "optim.betas"),
-    ("weight_decay negative", None, ["optim.weight_decay=-1e-4"], "optim.weight_decay"),
+    ("weight_decay negative", None, ["optim.weight_decay=-0.0001"], "optim.weight_decay"),
     ("head_lr_scale negative", None, ["optim.head_lr_scale=-1"], "optim.head_lr_scale"),
-    ("min_lr negative", None, ["optim.min_lr=-1e-6"], "optim.min_lr"),
+    ("min_lr negative", None, ["optim.min_lr=-0.000001"], "optim.min_lr"),
     ("drop_path_rate 1", None, ["model.drop_path_rate=1.0"], "model.drop_path_rate"),
     ("drop_path_rate negative", None, ["model.drop_path_rate=-0.1"], "model.drop_path_rate"),
     ("norm unknown name", None, ["audio.norm=audioseet"], "audio.norm"),
@@ -242,3 +242,18 @@ def test_numbers_in_recipe_files_and_set_values_alike(tmp_path):
     with pytest.raises(RecipeError, match=r"phases.0.steps: expected an integer, got 2.5"):
         load_recipe(path, ["phases.0.steps=2.5"])
     assert apply_overrides({}, ["a.b=1e9"]) == {"a": {"b": 1e9}}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prepare", "esc50", "--src", "{tmp}/nowhere", "--out", "{tmp}/out"], "meta/esc50.csv"),
+    (["prepare", "custom", "--out", "{tmp}/out"], "give --src"),
+    (["prepare", "custom", "--csv", "{tmp}/clips.csv", "--out", "{tmp}/out"], "clips.csv"),
+    (["stats", "{tmp}/nowhere.jsonl.gz"], "nowhere.jsonl.gz does not exist"),
+    (["shar", "{tmp}/nowhere.jsonl.gz", "--out", "{tmp}/shar"], "nowhere.jsonl.gz does not exist"),
+])
+def test_corpus_command_errors_are_one_line(tmp_path, capsys, argv, message):
+    from common.corpora.__main__ import main
+
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
