@@ -113,8 +113,11 @@ def main(argv: list[str] | None = None) -> int:
 
         run_dir = args.run_dir or Path("runs/pretrain") / args.recipe.stem
         with training_session(run_dir, recipe) as dist:
-            planned = None if baseline is None else (Path(recipe.baseline).stem, planned_total(baseline,
-                                                                                               dist.world_size))
+            planned = None
+            if baseline is not None:  # named with its schedule: a shortened run is compared with the full plan
+                steps = sum(p.steps for p in baseline.phases)
+                planned = (f"{Path(recipe.baseline).stem} (planned, {steps} steps)",
+                           planned_total(baseline, dist.world_size))
             spec = RunSpec(run_dir=run_dir, base=recipe.base, audio=recipe.audio, phases=recipe.phases,
                            transfer=recipe.transfer, optim=recipe.optim, train=recipe.train, data=recipe.data,
                            baseline=planned, meta={"recipe": args.recipe.name})

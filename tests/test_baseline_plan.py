@@ -57,3 +57,4 @@ def test_a_tiny_run_is_compared_with_a_baseline_of_its_own_size(tmp_path, synth_
     assert [p.steps for p in baseline.phases] == [400]  # the baseline's own schedule
     full = SSASTObjective(recipe.ssast).flops_per_sample(recipe.encoder_configs()[-1])  # this run's full geometry
     assert ledger["baseline"]["train_flops"] == planned_total(baseline, 1) == 400 * 4 * full
+    assert ledger["baseline"]["recipe"] == "synth_pretrain_baseline (planned, 400 steps)"
