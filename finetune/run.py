@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             raise RecipeError(str(err)) from None
         if args.dry_run:
             print_plan(recipe, base)
-            print("\n".join(notes))
+            for note in notes:
+                print(note)
             return 0
         from common.data import ManifestSpec
         from common.trainer import RunSpec, Trainer
