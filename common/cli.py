@@ -7,21 +7,16 @@ import logging
 import sys
 import traceback
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import yaml
+from common.recipe import RecipeError
+from common.run_recipe import RunRecipe, prepare_run_dir
 
-from common.recipe import RecipeError, dump_yaml, to_dict
-
-__all__ = ["add_run_arguments", "discard_previous", "prepare_run_dir", "training_session", "run_main", "recipe_diff"]
+__all__ = ["add_run_arguments", "discard_previous", "Session", "training_session", "run_main"]
 
 log = logging.getLogger(__name__)
-
-# keys that may change between a run and its resumption (they do not change what is computed)
-RESUMABLE_CHANGES = ("data.num_workers", "train.log_every", "train.keep_checkpoints", "train.eval_batches",
-                     "data.eval_batch_size")
-
 
 def add_run_arguments(parser: argparse.ArgumentParser, default_run_root: str) -> None:
     parser.add_argument("--run-dir", type=Path, default=None,
@@ -40,43 +35,6 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_run_root: str) ->
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
-def _flatten(data, prefix: str = "") -> dict:
-    if isinstance(data, dict):
-        out = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    if isinstance(data, list) and any(isinstance(v, (dict, list)) for v in data):
-        out = {}
-        for i, value in enumerate(data):
-            out.update(_flatten(value, f"{prefix}.{i}"))
-        return out
-    return {prefix: data}
-
-
-def recipe_diff(old: dict, new: dict) -> list[str]:
-    """Keys whose values differ between two resolved recipes (ignoring harmless ones)."""
-    a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES))
-
-
-def prepare_run_dir(run_dir: Path, recipe, is_main: bool) -> None:
-    """Write the resolved recipe into a new run directory, or check that a resumed run uses the same one."""
-    path = run_dir / "recipe.yaml"
-    if path.is_file():
-        old = yaml.safe_load(path.read_text())
-        changed = recipe_diff(old, yaml.safe_load(yaml.safe_dump(to_dict(recipe), sort_keys=False)))
-        if changed:
-            raise RecipeError(
-                f"{run_dir} holds a run of a different recipe ({', '.join(changed[:6])} differ); use a new --run-dir "
-                f"to start another run, or the same recipe and --set values to resume this one"
-            )
-        return
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(recipe, path)
-
-
 def discard_previous(run_dir: Path) -> Path | None:
     """Move everything an earlier attempt left in ``run_dir`` (but its log) into ``run_dir/discarded-TIME``."""
     import time
@@ -93,16 +51,22 @@ def discard_previous(run_dir: Path) -> Path | None:
     return target
 
 
+@dataclass
+class Session:
+    """A training process's session: its place in the job and its run directory's recipe."""
+
+    dist: object  # common.distributed.Dist
+    run_recipe: RunRecipe
+
+
 @contextmanager
-def training_session(run_dir: Path, recipe, restart: bool = False) -> Iterator:
-    """Join the process group, log into ``run_dir``, write or check its recipe; tear down at the end.
+def training_session(run_dir: Path, recipe, restart: bool = False) -> Iterator[Session]:
+    """Join the process group, log into ``run_dir``, check its recipe (``common.run_recipe``); tear down.
 
     Args:
         run_dir: the run directory (resumed when it holds a run of the same recipe).
         recipe: the resolved recipe.
         restart: start over: the earlier attempt's files are moved aside first (:func:`discard_previous`).
-
-    Yields the :class:`common.distributed.Dist` of this process.
     """
     from common.distributed import init_distributed
     from common.logger import setup_logging
@@ -113,8 +77,7 @@ def training_session(run_dir: Path, recipe, restart: bool = False) -> Iterator:
         if restart and dist.is_main:
             discard_previous(run_dir)
         dist.barrier()
-        prepare_run_dir(run_dir, recipe, dist.is_main)
-        yield dist
+        yield Session(dist, prepare_run_dir(run_dir, recipe, dist.is_main))
     finally:
         dist.teardown()
 

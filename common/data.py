@@ -22,10 +22,11 @@ reference/ecosystem.md B7). Restoring makes a fresh sampler, sets the epoch and 
 batches (metadata only, no audio), so the next batch is exactly the one an uninterrupted run would see.
 Random crops are drawn from ``(seed, epoch, cut id)``, so they are the same after a resume as well.
 
-Bad audio. A clip that cannot be decoded, is empty or truncated, or holds non-finite samples is left
-out of its batch, and named with its reason in ``Batch.bad``; :class:`BadAudioTracker` counts them, logs
-them to a file, and stops the run with :class:`TooMuchBadAudio` past a configurable fraction. Nothing is
-replaced with silence.
+Bad audio. A clip whose file is missing, cannot be decoded, is empty or truncated, or holds
+non-finite samples is left out of its batch, and named with its reason in ``Batch.bad``;
+:class:`BadAudioTracker` counts them per split (training and validation), lists each once in the run's
+``bad_audio.tsv``, and stops the run with :class:`TooMuchBadAudio` past a configurable fraction or when
+no clip of a split can be used. Nothing is replaced with silence.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from typing import Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
+
+from common.integrity import truncation
 
 __all__ = [
     "ManifestSpec",
@@ -122,8 +125,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.full_shuffle_max < 0:
             raise ValueError(f"full_shuffle_max must be >= 0, got {self.full_shuffle_max}")
-        if self.batch_size < 1 or (self.eval_batch_size is not None and self.eval_batch_size < 1):
-            raise ValueError("batch sizes must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if not 0 <= self.max_bad_fraction <= 1:
@@ -238,23 +243,43 @@ def balanced_weights(cuts, classes: Sequence[str]) -> list[float]:
             for cut in cuts]
 
 
-def _source_path(cut) -> str:
+def _file_source(cut) -> str | None:
+    """The audio file a cut reads, or None (in-memory or Shar audio)."""
     try:
-        return str(cut.recording.sources[0].source) if cut.recording.sources[0].type == "file" else cut.id
+        source = cut.recording.sources[0]
     except (AttributeError, IndexError):
-        return cut.id
+        return None
+    return str(source.source) if source.type == "file" else None
+
+
+def _source_path(cut) -> str:
+    return _file_source(cut) or cut.id
 
 
 def load_clip(cut, sample_rate: int) -> np.ndarray:
-    """Decode a cut's first channel at ``sample_rate`` (resampling if needed); raise :class:`BadClip`."""
+    """Decode a cut's first channel at ``sample_rate`` (resampling if needed); raise :class:`BadClip`.
+
+    The reason names what is wrong: ``missing (no such file)``, ``truncated (...)`` (the file holds less
+    than its header claims, see ``common.integrity``), ``unreadable (...)``, ``empty``, ``non-finite``.
+    """
+    source = _file_source(cut)
     try:
         if cut.sampling_rate != sample_rate:
             cut = cut.resample(sample_rate)
         audio = cut.load_audio()
     except Exception as err:  # noqa: BLE001 - every decoder failure is a bad clip
+        if source is not None and not os.path.exists(source):
+            raise BadClip("missing (no such file)") from None
+        problem = truncation(source) if source is not None else None
+        if problem:
+            raise BadClip(problem) from None
         lines = [line for line in str(err).splitlines() if line.strip()]
         detail = next((line for line in lines if "Libsndfile" in line), lines[0] if lines else "")
         raise BadClip(f"unreadable ({type(err).__name__}: {detail.split('>: ', 1)[-1][:200]})") from None
+    if source is not None and source.lower().endswith(".wav"):
+        problem = truncation(source)  # a few header bytes: the decoder pads a WAV that lost its end
+        if problem:
+            raise BadClip(problem)
     audio = np.asarray(audio, dtype=np.float32)
     wave = audio[0] if audio.ndim == 2 else audio.reshape(-1)
     if wave.size == 0:
@@ -357,52 +382,122 @@ class ClipDataset(torch.utils.data.Dataset):
         return Batch(out, torch.tensor(lengths, dtype=torch.long), target, ids, bad, epoch, index)
 
 
+class _BadAudioList:
+    """A run's ``bad_audio.tsv``: one line per bad clip and split (``split, path, reason``), however many
+    epochs skip it. Clips already listed by an earlier invocation (a resumed run) are read back."""
+
+    HEADER = "split\tpath\treason"
+
+    def __init__(self, path: str | os.PathLike | None) -> None:
+        self.path = Path(path) if path else None
+        self._listed: set[tuple[str, str]] | None = None
+
+    def _read(self) -> set[tuple[str, str]]:
+        listed: set[tuple[str, str]] = set()
+        if self.path is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                cols = line.split("\t")
+                if line == self.HEADER or len(cols) < 2:
+                    continue
+                listed.add((cols[0], cols[1]) if len(cols) >= 3 else ("train", cols[0]))  # older 2-column files
+        return listed
+
+    def add(self, split: str, path: str, reason: str) -> bool:
+        """List a bad clip; False if it was listed before."""
+        if self._listed is None:
+            self._listed = self._read()
+        if (split, path) in self._listed:
+            return False
+        self._listed.add((split, path))
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            new = not self.path.is_file() or self.path.stat().st_size == 0
+            with self.path.open("a") as handle:
+                handle.write((self.HEADER + "\n" if new else "") + f"{split}\t{path}\t{reason}\n")
+        return True
+
+
 class BadAudioTracker:
-    """Counts clips seen and left out; logs each bad one; stops the run past ``max_fraction``.
+    """Counts the clips of a split seen and left out; lists each bad one once; stops the run past ``max_fraction``.
+
+    Every skip is counted (a clip that is bad in every epoch counts in every epoch, so the share is that
+    of the data); the console warning and the line in ``log_path`` come once per clip and split per run.
 
     Args:
         max_fraction: largest tolerated share of bad clips.
         min_clips: the share is checked once this many clips were seen (and at every epoch end), so that
             two bad clips in the first batch do not stop a run.
-        log_path: a TSV file (path, reason) every bad clip is appended to.
+        log_path: the run's TSV file (``split``, ``path``, ``reason``; a header line first).
+        split: the split counted (``train``; :meth:`for_split` makes trackers of the others).
+        source: the manifests the clips come from, named when none of them can be used.
     """
 
-    def __init__(self, max_fraction: float = 0.02, min_clips: int = 200, log_path: str | None = None) -> None:
+    def __init__(self, max_fraction: float = 0.02, min_clips: int = 200, log_path: str | None = None,
+                 split: str = "train", source: Sequence[str] | str = ()) -> None:
         if not 0 <= max_fraction <= 1:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_fraction}")
         self.max_fraction = max_fraction
         self.min_clips = min_clips
         self.log_path = Path(log_path) if log_path else None
+        self.split = split
+        self.source = [source] if isinstance(source, str) and source else [str(s) for s in source]
         self.seen = 0
         self.bad = 0
         self.reasons: Counter = Counter()
+        self._list = _BadAudioList(self.log_path)
+        self._splits: dict[str, BadAudioTracker] = {}
+        self._saved_splits: dict[str, dict] = {}
+
+    def for_split(self, split: str, source: Sequence[str] | str = ()) -> "BadAudioTracker":
+        """The tracker of another split (``valid``): same file and threshold, its own counts (kept in this
+        tracker's :meth:`state_dict`). The same object is returned for the same split."""
+        if split == self.split:
+            return self
+        tracker = self._splits.get(split)
+        if tracker is None:
+            tracker = BadAudioTracker(self.max_fraction, self.min_clips, None, split, source)
+            tracker.log_path, tracker._list = self.log_path, self._list
+            if split in self._saved_splits:
+                tracker.load_state_dict(self._saved_splits.pop(split))
+            self._splits[split] = tracker
+        elif source:
+            tracker.source = [source] if isinstance(source, str) else [str(s) for s in source]
+        return tracker
 
     def update(self, batch: Batch) -> None:
         self.seen += len(batch) + len(batch.bad)
         for path, reason in batch.bad:
             self.bad += 1
             self.reasons[reason.split(" (")[0]] += 1
-            log.warning("skipped bad audio %s: %s", path, reason)
-            if self.log_path is not None:
-                self.log_path.parent.mkdir(parents=True, exist_ok=True)
-                with self.log_path.open("a") as handle:
-                    handle.write(f"{path}\t{reason}\n")
+            if self._list.add(self.split, path, reason):
+                log.warning("skipped bad audio (%s) %s: %s", self.split, path, reason)
         if self.seen >= self.min_clips:
             self.check()
 
     def check(self) -> None:
-        if self.seen and self.bad / self.seen > self.max_fraction:
-            where = f"; the list is in {self.log_path}" if self.log_path else ""
+        where = f"; the list is in {self.log_path}" if self.log_path else ""
+        if self.seen and self.bad == self.seen:
+            source = f" of {', '.join(self.source)}" if self.source else ""
             raise TooMuchBadAudio(
-                f"{self.bad} of {self.seen} clips ({self.bad / self.seen:.1%}) could not be used, more than "
+                f"none of the {self.seen} {self.split} clips{source} could be used ({dict(self.reasons)}){where}"
+            )
+        if self.seen and self.bad / self.seen > self.max_fraction:
+            split = "" if self.split == "train" else f" ({self.split})"
+            raise TooMuchBadAudio(
+                f"{self.bad} of {self.seen} clips ({self.bad / self.seen:.1%}) could not be used{split}, more than "
                 f"max_bad_fraction={self.max_fraction:.1%} ({dict(self.reasons)}){where}"
             )
 
     def state_dict(self) -> dict:
-        return {"seen": self.seen, "bad": self.bad, "reasons": dict(self.reasons)}
+        splits = {**self._saved_splits, **{name: t.state_dict() for name, t in self._splits.items()}}
+        return {"seen": self.seen, "bad": self.bad, "reasons": dict(self.reasons), "splits": splits}
 
     def load_state_dict(self, state: dict) -> None:
         self.seen, self.bad, self.reasons = state["seen"], state["bad"], Counter(state["reasons"])
+        self._saved_splits = dict(state.get("splits", {}))
+        for name in list(self._saved_splits):
+            if name in self._splits:
+                self._splits[name].load_state_dict(self._saved_splits.pop(name))
 
 
 class WeightedCutSampler:

@@ -15,7 +15,15 @@ from torch import nn
 
 from common.augment import NoiseConfig, SpecAugmentConfig, fbank_noise, spec_augment
 from common.compression import Compression
-from common.frontend import Fbank, NormStats, normalize, pad_or_crop, resolve_norm_stats, samples_for_frames
+from common.frontend import (
+    Fbank,
+    NormStats,
+    check_norm_name,
+    normalize,
+    pad_or_crop,
+    resolve_norm_stats,
+    samples_for_frames,
+)
 
 __all__ = ["AudioConfig", "FeaturePipeline"]
 
@@ -46,6 +54,7 @@ class AudioConfig:
                 raise ValueError(f"audio.{name} must be positive, got {getattr(self, name)}")
         if self.frame_shift_ms <= 0 or self.frame_length_ms <= 0:
             raise ValueError("audio.frame_shift_ms and audio.frame_length_ms must be positive")
+        check_norm_name(self.norm)
 
     @property
     def frame_shift(self) -> int:

@@ -30,6 +30,7 @@ __all__ = [
     "NormStats",
     "NORM_STATS",
     "resolve_norm_stats",
+    "check_norm_name",
     "normalize",
     "pad_or_crop",
     "num_frames",
@@ -206,6 +207,19 @@ def resolve_norm_stats(spec: str | NormStats | dict) -> NormStats:
     raise ValueError(
         f"unknown normalisation statistics {spec!r}: use one of {sorted(NORM_STATS)} or a stats JSON file"
     )
+
+
+def check_norm_name(spec: str) -> None:
+    """Raise ``ValueError`` (starting with ``norm``) unless ``spec`` is a known name or names a file.
+
+    The cheap check a config makes when it loads; whether the file exists and holds statistics is
+    :func:`resolve_norm_stats`'s job (``common.preflight`` calls it before a run starts).
+    """
+    path = Path(spec)
+    if spec in NORM_STATS or path.suffix == ".json" or len(path.parts) > 1 or path.exists():
+        return
+    raise ValueError(f"norm {spec!r} is neither a known name ({', '.join(sorted(NORM_STATS))}) nor a stats "
+                     f"JSON file (`python -m common.corpora stats MANIFEST` writes one)")
 
 
 def normalize(fbank: torch.Tensor, stats: NormStats) -> torch.Tensor:

@@ -4,7 +4,9 @@
 ``flops_per_sample``, ``train_flops`` (= flops_per_sample x samples), ``wall_seconds`` (the training loop,
 data waits included, evaluation and checkpointing not) and ``eval_seconds``; totals; the evaluations
 with the cumulative FLOPs and time at which they happened (what ``finetune/report.py`` plots); and, when
-the recipe names a baseline, that baseline's planned training FLOPs and the saving against it.
+the recipe names a baseline, that baseline's planned training FLOPs and the saving against it; and the
+``interventions``: recipe changes a resumed run was allowed (a lower learning rate after a non-finite
+loss), each with the step and phase from which it applies.
 
 The trainer talks to the ledger through methods (:meth:`Ledger.start_phase`, :meth:`Ledger.add_training`,
 :meth:`Ledger.add_eval_time`, :meth:`Ledger.add_eval`); readers use :meth:`Ledger.read` and
@@ -92,6 +94,7 @@ class Ledger:
         self.phases: list[PhaseRecord] = []
         self.evals: list[dict] = []
         self.baseline: dict | None = None
+        self.interventions: list[dict] = []
 
     def start_phase(self, index: int, **info) -> PhaseRecord:
         """The record of phase ``index``, created from ``info`` (:class:`PhaseRecord` fields) on first use;
@@ -132,6 +135,16 @@ class Ledger:
         self.evals.append(record)
         return record
 
+    def add_intervention(self, step: int, phase: int, changes: dict) -> None:
+        """Record recipe changes a resumed run applies from optimiser step ``step`` (of the whole run) on.
+
+        Args:
+            step: optimiser steps done in the run when the change takes effect.
+            phase: the 0-based phase the run resumes in.
+            changes: ``{recipe key: {"from": old value, "to": new value}}``.
+        """
+        self.interventions.append({"step": int(step), "phase": int(phase), "changes": dict(changes)})
+
     def set_baseline(self, name: str, train_flops: float) -> None:
         self.baseline = {"recipe": name, "train_flops": train_flops}
 
@@ -147,6 +160,8 @@ class Ledger:
         if self.baseline:
             data["baseline"] = self.baseline
             data["flops_saving"] = self.flops_saving()
+        if self.interventions:
+            data["interventions"] = self.interventions
         return data
 
     @classmethod
@@ -155,6 +170,7 @@ class Ledger:
         ledger.phases = [PhaseRecord.from_dict(p) for p in data.get("phases", [])]
         ledger.evals = [dict(e) for e in data.get("evals", [])]
         ledger.baseline = data.get("baseline")
+        ledger.interventions = [dict(i) for i in data.get("interventions", [])]
         return ledger
 
     @classmethod

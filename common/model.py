@@ -166,6 +166,16 @@ class ModelSpec:
             raise ValueError("htsat: settings of model.arch htsat (this model is arch ast)")
         if self.size == "custom" and None in (self.embed_dim, self.depth, self.num_heads):
             raise ValueError("size 'custom' needs embed_dim, depth and num_heads")
+        for name in ("embed_dim", "depth", "num_heads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("patch", "stride"):
+            if getattr(self, name) is not None and min(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be positive, got {list(getattr(self, name))}")
+        if self.num_prefix_tokens not in (0, 1, 2):
+            raise ValueError(f"num_prefix_tokens must be 0, 1 or 2, got {self.num_prefix_tokens}")
+        if not 0 <= self.drop_path_rate < 1:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
     @property
     def htsat_config(self):

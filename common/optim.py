@@ -70,6 +70,11 @@ class OptimConfig:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must both be in [0, 1), got {list(self.betas)}")
+        for name in ("weight_decay", "head_lr_scale", "min_lr"):
+            if not getattr(self, name) >= 0:  # also catches NaN
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -150,8 +155,11 @@ class LRSchedule:
                                               "total_steps")}
 
     def load_state_dict(self, state: dict) -> None:
+        # the peak LR and the phase length come from the recipe, not the checkpoint: a resumed run may
+        # lower its learning rate (the recovery from a non-finite loss)
         for key, value in state.items():
-            setattr(self, key, value)
+            if key not in ("base_lr", "total_steps"):
+                setattr(self, key, value)
         self._apply()
 
 

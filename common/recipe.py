@@ -4,11 +4,16 @@
 ``list[...]``, ``tuple[...]``, ``Optional``, ``Literal`` choices) before anything runs, and re-raises
 the dataclasses' own ``__post_init__`` checks with the key path in front. ``--set a.b=value`` overrides
 any field (``phases.0.steps=10`` indexes lists); values are parsed as YAML.
+
+Numbers are read as people write them, in recipe files and in ``--set`` alike: YAML 1.1 (PyYAML's
+``safe_load``) reads ``5e-5``, ``1e9`` and ``1.0e9`` as strings, :data:`RecipeLoader` as floats.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,11 +21,43 @@ from typing import Any, Literal, Sequence, Union
 
 import yaml
 
-__all__ = ["RecipeError", "build", "to_dict", "merge", "load_yaml", "apply_overrides", "dump_yaml"]
+__all__ = ["RecipeError", "RecipeLoader", "parse_yaml", "build", "to_dict", "merge", "load_yaml", "apply_overrides",
+           "dump_yaml"]
 
 
 class RecipeError(ValueError):
     """An invalid recipe; the message starts with the offending key."""
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with floats as YAML 1.2 and Python write them.
+
+    YAML 1.1 needs a dot and a signed exponent (``5.0e-05``); here ``5e-5``, ``1e9``, ``1.0e9``, ``.5``
+    and ``1.5`` are all floats. Everything else (ints, booleans, nulls, strings) is as in ``safe_load``.
+    """
+
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_FLOAT = re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+# the same resolvers in the same order, the float one replaced (the int one still sees "10" first: it
+# does not match the float pattern, which needs a dot or an exponent)
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, _FLOAT if tag == _FLOAT_TAG else regexp) for tag, regexp in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _first in "-+0123456789.":
+    if not any(tag == _FLOAT_TAG for tag, _ in RecipeLoader.yaml_implicit_resolvers.setdefault(_first, [])):
+        RecipeLoader.yaml_implicit_resolvers[_first].insert(0, (_FLOAT_TAG, _FLOAT))
+
+
+def parse_yaml(text: str):
+    """YAML text -> data, with :class:`RecipeLoader` (``5e-5`` is a number)."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _type_name(tp) -> str:
@@ -84,6 +121,8 @@ def _convert(value: Any, tp, key: str):
             raise RecipeError(f"{key}: expected true or false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, float) and value.is_integer():  # 1e5 steps is 100000 steps
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise RecipeError(f"{key}: expected an integer, got {value!r}")
         return value
@@ -121,7 +160,11 @@ def build(cls, data: dict | None, prefix: str = ""):
     except RecipeError:
         raise
     except (ValueError, TypeError) as err:
-        raise RecipeError(f"{prefix or cls.__name__}: {err}") from None
+        message = str(err)
+        head = message.split(" ", 1)[0].rstrip(":,").split(".")[0]
+        if head in fields:  # "lr must be positive" -> "optim.lr must be positive": the key, in full
+            raise RecipeError(f"{prefix}.{message}" if prefix else message) from None
+        raise RecipeError(f"{prefix or cls.__name__}: {message}") from None
 
 
 def to_dict(obj) -> Any:
@@ -150,31 +193,47 @@ def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: cannot be read ({err})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     parent = data.pop("extends", None)
     if parent is None:
         return data
+    if not isinstance(parent, str) or not parent:
+        raise RecipeError(f"{path}: extends: expected the path of another recipe, got {parent!r}")
     parent_path = (path.parent / parent).resolve()
     if parent_path in _seen:
         raise RecipeError(f"{path}: extends {parent} in a cycle")
-    return merge(load_yaml(parent_path, _seen + (path.resolve(),)), data)
+    try:
+        base = load_yaml(parent_path, _seen + (path.resolve(),))
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: extends {parent}, but {parent_path} does not exist") from None
+    except RecipeError as err:
+        message = str(err)
+        raise RecipeError(message if message.startswith(f"{path}:") else f"{path}: extends {parent}: {message}") \
+            from None
+    return merge(base, data)
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     """Apply ``key.path=value`` overrides (value parsed as YAML) to a copy of ``data``."""
-    import copy
-
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"--set {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
         parts = key.strip().split(".")
+        if not all(parts):
+            raise RecipeError(f"--set {item!r}: expected key=value with a dotted key such as optim.lr")
+        try:
+            value = parse_yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise RecipeError(f"--set {key.strip()}: the value {raw!r} is not valid YAML ({problem})") from None
         node: Any = data
         for i, part in enumerate(parts[:-1]):
             where = ".".join(parts[: i + 1])

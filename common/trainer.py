@@ -44,6 +44,7 @@ from common.logger import Scalars, progress
 from common.optim import OptimConfig, build_engine
 from common.phases import PhaseConfig, TransferConfig
 from common.run_checkpoint import RunCheckpoints, capture_rng, make_tag, restore_rng
+from common.run_recipe import RunRecipe
 from common.transition import initial_model, next_phase_model
 from common.weight_average import WeightAverage, averaged_epochs
 
@@ -94,6 +95,8 @@ class TrainConfig:
         for name in ("log_every", "eval_every", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_batches is not None and self.eval_batches < 1:
+            raise ValueError(f"eval_batches must be >= 1 (or null: the whole set), got {self.eval_batches}")
 
 
 class Objective(Protocol):
@@ -141,6 +144,8 @@ class RunSpec:
         init_pos_embed: how the initial positional embedding is fitted to the first phase (default: the
             transfer setting; ImageNet weights use ``cut``, AST's rule).
         baseline: ``(name, planned training FLOPs)`` of the baseline recipe, for the ledger.
+        run_recipe: the run directory's recipe (``common.run_recipe``): written with the first checkpoint;
+            accepted recovery changes are recorded in the ledger when the run resumes.
         meta: extra metadata stored in exports (e.g. the front end, the task).
     """
 
@@ -155,6 +160,7 @@ class RunSpec:
     init: EncoderWeights | None = None
     init_pos_embed: str | None = None
     baseline: tuple[str, float] | None = None
+    run_recipe: RunRecipe | None = None
     meta: dict = field(default_factory=dict)
 
 
@@ -259,6 +265,10 @@ class Trainer:
         if self.state.phase == last and self.state.phase_done and (self.run_dir / "model.safetensors").is_file():
             log.info("run in %s is already complete: %s", self.run_dir, self.run_dir / "model.safetensors")
             return True
+        resumed = model is not None or resume_tag is not None
+        if resumed and self.spec.run_recipe is not None and self.spec.run_recipe.changes:
+            self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase,
+                                         changes=self.spec.run_recipe.changes)
         if self.state.phase_done:  # resumed at the end of a phase: finish what follows its checkpoint
             self._complete_phase(model, self.state.phase, scheduler=None)
         steps_this_call = 0
@@ -416,6 +426,7 @@ class Trainer:
         return eval_loader(spec.data.valid, self.objective.classes, self.arch.clip_samples, self.arch.sample_rate,
                            spec.data.eval_batch_size or self._batch_size(index), spec.data.num_workers,
                            spec.data.eval_crop, self.dist.rank, self.dist.world_size,
+                           tracker=self.tracker.for_split("valid", spec.data.valid),
                            pin_memory=self.device.type == "cuda")
 
     def _start_phase(self, index: int) -> None:
@@ -447,8 +458,9 @@ class Trainer:
             raise NonFiniteLoss(
                 f"non-finite loss ({loss.item()}) in {self.spec.phases[index].label(index)} at step "
                 f"{self.state.step + 1}; stopped before the update. The last good checkpoint is "
-                f"{self.checkpoints.ckdir / tag if tag else 'none (no checkpoint yet)'}; lower the learning rate "
-                f"or check the data, then run the same command to resume from it"
+                f"{self.checkpoints.ckdir / tag if tag else 'none (no checkpoint yet)'}; check the data, or lower the "
+                f"learning rate (e.g. --set optim.lr=...: a resumed run accepts learning-rate and schedule changes "
+                f"and records them in ledger.json), then run the command again to resume from it"
             )
         engine.backward(loss)
         engine.step()
@@ -540,6 +552,8 @@ class Trainer:
         st.pending_eval = pending_eval
         tag = make_tag(index, st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase)
         trainer_state = {"state": asdict(st), "ledger": self.ledger.to_dict(), "tracker": self.tracker.state_dict()}
+        if self.dist.is_main and self.spec.run_recipe is not None:
+            self.spec.run_recipe.write_pending()  # the run's recipe.yaml appears with its first checkpoint
         self.checkpoints.save(engine, tag, trainer_state, capture_rng(self.generator, self.device))
         if self.dist.is_main:
             self.ledger.write(self.run_dir / "ledger.json")

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from common.arch import architecture_for, architecture_from_meta
 from common.arch.ast import Classifier
 from common.augment import MixupConfig, NoiseConfig, SpecAugmentConfig, mixup, mixup_weights
-from common.data import Batch
+from common.data import Batch, TooMuchBadAudio
 from common.distributed import Dist
 from common.exports import read_weights, save_weights
 from common.flops import train_step_flops
@@ -70,7 +70,13 @@ class AugmentConfig:
     noise: bool = False
 
     def __post_init__(self) -> None:
-        self.specaug, self.mixup_config  # validate
+        for name in ("freqm", "timem", "freq_stripes", "time_stripes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.mixup <= 1:
+            raise ValueError(f"mixup must be a probability in [0, 1], got {self.mixup}")
+        if self.mixup_alpha <= 0:
+            raise ValueError(f"mixup_alpha must be positive, got {self.mixup_alpha}")
 
     @property
     def specaug(self) -> SpecAugmentConfig:
@@ -148,7 +154,10 @@ class ClassifierObjective:
         self.head = head
 
     def build_model(self, geometry) -> nn.Module:
-        return architecture_for(geometry).build_classifier(geometry, len(self.classes), self.head.pool)
+        """The architecture's classifier (``head.pool: auto`` here is the pooling of a model from scratch;
+        ``finetune/run.py`` resolves it against the init first)."""
+        arch = architecture_for(geometry)
+        return arch.build_classifier(geometry, len(self.classes), arch.resolve_pool(self.head.pool, None))
 
     def adapt_state(self, state: dict, old, new) -> dict:
         return state  # the head does not depend on the token grid
@@ -184,6 +193,9 @@ class ClassifierObjective:
             scores.append(class_scores(logits, self.loss).cpu().numpy())
             targets.append(target.cpu().numpy())
         parts = dist.gather_objects((scores, targets, losses))
+        if not any(len(t) for p in parts for t in p[1]):  # every clip read was bad (or none was read)
+            raise TooMuchBadAudio("validation: none of the clips read could be used; the reasons are in the run's "
+                                  "bad_audio.tsv (split 'valid'); check the validation manifests")
         all_scores = np.concatenate([s for p in parts for s in p[0]])
         all_targets = np.concatenate([t for p in parts for t in p[1]])
         metrics = compute_metrics(all_targets, all_scores)

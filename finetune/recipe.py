@@ -8,22 +8,26 @@ replaces the ``phases``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 from common.data import DataConfig
 from common.features import AudioConfig
+from common.frontend import NORM_STATS
 from common.model import ModelSpec
 from common.optim import OptimConfig
 from common.phases import PhaseConfig
-from common.recipe import apply_overrides, build, load_yaml, merge
+from common.preflight import check_classes, check_manifest, check_norm, count_clips
+from common.recipe import RecipeError, apply_overrides, build, load_yaml, merge
 from common.trainer import TrainConfig
 from finetune.classifier import AugmentConfig, HeadConfig
 from finetune.init import InitTransferConfig
-from finetune.tasks import TaskConfig, task_defaults
+from finetune.tasks import TASKS, TaskConfig, task_defaults
 
-__all__ = ["FinetuneRecipe", "load_recipe", "task_source"]
+__all__ = ["FinetuneRecipe", "load_recipe", "task_source", "check_files", "auto_warmup"]
 
 
 @dataclass(frozen=True)
@@ -58,28 +62,141 @@ class FinetuneRecipe:
                            norm=self.task.norm)
 
 
+# the sections of a fine-tuning recipe that a task file may hold next to its task fields
+RECIPE_SECTIONS = ("phases", "model", "head", "augment", "data", "transfer", "optim", "train", "num_mel_bins")
+DEFAULT_EPOCHS = 10  # a task file without epochs: or phases:
+MAX_AUTO_WARMUP = 1000  # AST's warm-up, the most a task file's automatic warm-up takes
+
+
+def _epochs(value, path: Path) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RecipeError(f"epochs: expected a whole number of epochs >= 1, got {value!r} (in {path})")
+    return value
+
+
+def _relative_to(path: Path, value):
+    """A path written in a task file, made absolute against the file's folder (strings only)."""
+    if not isinstance(value, str) or not value:
+        return value
+    expanded = os.path.expandvars(os.path.expanduser(value))
+    return expanded if os.path.isabs(expanded) else str((path.parent / expanded).resolve())
+
+
 def task_source(task: str) -> tuple[dict, dict]:
-    """``(task fields, default recipe)`` for a task name or a task YAML file."""
+    """``(task fields, default recipe)`` for a task name or a task YAML file.
+
+    A task file holds the task's fields (flat, or under ``task:``) and may hold recipe sections beside
+    them (``optim:``, ``model:``, ``phases:``, ...), which become its default recipe (in the flat layout
+    ``train:`` is the task's manifests: the recipe's ``train:`` section needs the ``task:`` layout). ``epochs: N`` is
+    short for ``phases: [{compression: none, epochs: N}]``. Paths (manifests, class list, a ``norm``
+    statistics file) are relative to the file.
+    """
     path = Path(task)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        data = load_yaml(path)
-        fields = data.pop("task", None) or data
+    if not (path.suffix in (".yaml", ".yml") or path.is_file()):
+        return task_defaults(task)
+    data = load_yaml(path)
+    if "task" in data:
+        fields = data.pop("task")
         if not isinstance(fields, dict):
-            raise ValueError(f"{path}: expected the task's fields (name, train, valid, classes, ...)")
-        fields.setdefault("name", path.stem)
-        for key in ("train", "valid", "test", "folds"):  # a user's manifests are relative to the file
-            if isinstance(fields.get(key), list):
-                fields[key] = [p if Path(p).is_absolute() else str((path.parent / p).resolve()) for p in fields[key]]
-        if fields.get("classes") and not Path(fields["classes"]).is_absolute():
-            fields["classes"] = str((path.parent / fields["classes"]).resolve())
-        recipe = {"phases": [{"compression": "none", "epochs": int(fields.pop("epochs", 10))}]}
-        return fields, recipe
-    return task_defaults(task)
+            raise RecipeError(f"task: expected the task's fields (name, train, valid, classes, ...) in {path}")
+        misplaced = sorted(k for k in fields if k in RECIPE_SECTIONS and (k != "train" or isinstance(fields[k], dict)))
+        if misplaced:
+            raise RecipeError(f"task.{misplaced[0]}: a recipe section, not a task field; write it at the top "
+                              f"level of {path}, beside task:")
+        sections = data
+    else:  # flat: "train" is the task's manifests; the recipe's train section needs the task: layout
+        if isinstance(data.get("train"), dict):
+            raise RecipeError(f"train: in a flat task file, train: lists the training manifests; write the task's "
+                              f"fields under task: and the recipe's train section beside it ({path})")
+        sections = {k: data.pop(k) for k in RECIPE_SECTIONS if k in data and k != "train"}
+        fields = data
+    fields = dict(fields)
+    unknown = sorted(set(sections) - set(RECIPE_SECTIONS) - {"epochs"})
+    if unknown:
+        raise RecipeError(f"{unknown[0]}: unknown key in {path} (task fields go under task:; recipe sections are "
+                          f"{', '.join(RECIPE_SECTIONS)})")
+    fields.setdefault("name", path.stem)
+    for key in ("train", "valid", "test", "folds"):  # a user's manifests are relative to the file
+        if isinstance(fields.get(key), list):
+            fields[key] = [_relative_to(path, p) for p in fields[key]]
+    if "classes" in fields:
+        fields["classes"] = _relative_to(path, fields["classes"])
+    norm = fields.get("norm")
+    if isinstance(norm, str) and norm not in NORM_STATS:
+        fields["norm"] = _relative_to(path, norm)
+    epochs = sections.pop("epochs", None) if "epochs" in sections else fields.pop("epochs", None)
+    recipe = dict(sections)
+    if epochs is not None and "phases" in recipe:
+        raise RecipeError(f"epochs: give epochs or phases in {path}, not both (epochs: N is short for "
+                          f"phases: [{{compression: none, epochs: N}}])")
+    if "phases" not in recipe:
+        recipe["phases"] = [{"compression": "none",
+                             "epochs": DEFAULT_EPOCHS if epochs is None else _epochs(epochs, path)}]
+    return fields, recipe
+
+
+def auto_warmup(clips: int, batch: int) -> int:
+    """A task file's warm-up: the first half of the first epoch, at most ``MAX_AUTO_WARMUP`` steps.
+
+    Args:
+        clips: training clips per epoch.
+        batch: clips per optimiser step (per-rank batch x accumulation x ranks).
+    """
+    steps_per_epoch = max(1, clips // max(1, batch))
+    return max(1, min(MAX_AUTO_WARMUP, math.ceil(steps_per_epoch / 2)))
+
+
+def _apply_task_file_defaults(recipe: FinetuneRecipe, data: dict, notes: list[str] | None) -> FinetuneRecipe:
+    """Fill in what a task file leaves to the package: warm-up scaled to the data, and say which defaults apply."""
+    given = {k for k in ("optim", "model", "augment", "head") if k in data}
+    said = []
+    optim = data.get("optim") if isinstance(data.get("optim"), dict) else {}
+    try:
+        clips = count_clips(recipe.task.fold_splits()[0][0])
+    except (OSError, EOFError, ValueError):
+        clips = None  # missing or broken manifests: check_files reports them
+    if clips:
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        batch = (recipe.phases[0].batch_size or recipe.data.batch_size) * recipe.optim.grad_accum * world
+        if clips < batch:
+            raise RecipeError(f"data.batch_size: a step takes {batch} clips ({world} rank(s)), but the training "
+                              f"set of {recipe.task.name} has {clips}; set a smaller data.batch_size")
+        if "warmup_steps" not in optim:
+            warmup = auto_warmup(clips, batch)
+            recipe = replace(recipe, optim=replace(recipe.optim, warmup_steps=warmup))
+            said.append(f"warm-up {warmup} steps (the first half of the first epoch: {clips} clips at {batch} per "
+                        f"step; at most {MAX_AUTO_WARMUP})")
+    o = recipe.optim
+    if "optim" not in given:
+        plateau = f" (x{o.decay:g} after more than {o.patience} epochs without improvement)"
+        said.append(f"optimiser {o.optimizer}, lr {o.lr:g}, {o.schedule} schedule"
+                    + (plateau if o.schedule == "plateau" else ""))
+    if "model" not in given and recipe.init == "none":
+        said.append(f"model size {recipe.model.size}, patch {recipe.model.patch[0]}x{recipe.model.patch[1]}")
+    if "augment" not in given:
+        said.append("no augmentation (no SpecAugment, no mixup)")
+    if "head" not in given:
+        said.append(f"{recipe.head.pool} pooling")
+    if said and notes is not None:
+        notes.append(f"task file {recipe.task.name}: package defaults: {'; '.join(said)}; set any of them in the "
+                     f"task file (optim:, model:, augment:, head:) or with --set")
+    return recipe
 
 
 def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Sequence[str] = (),
-                init: str = "none", data_root: str | None = None) -> FinetuneRecipe:
-    """Assemble and validate the recipe of a fine-tuning run."""
+                init: str = "none", data_root: str | None = None, notes: list[str] | None = None) -> FinetuneRecipe:
+    """Assemble and validate the recipe of a fine-tuning run.
+
+    Args:
+        task: a registered task name or a task YAML file.
+        recipe_path: a recipe file overriding the task's defaults (e.g. a coarse-to-fine schedule).
+        overrides: ``key=value`` strings (``--set``).
+        init: what the encoder starts from.
+        data_root: folder the task's relative manifest paths are under.
+        notes: if given, receives lines saying which package defaults a task file relies on.
+    """
     fields, defaults = task_source(task)
     data = dict(defaults)
     if recipe_path is not None:
@@ -88,4 +205,22 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
     if data_root:
         data["task"]["data_root"] = data_root
     data["init"] = init
-    return build(FinetuneRecipe, apply_overrides(data, overrides))
+    data = apply_overrides(data, overrides)
+    recipe = build(FinetuneRecipe, data)
+    if task not in TASKS:
+        recipe = _apply_task_file_defaults(recipe, data, notes)
+    return recipe
+
+
+def check_files(recipe: FinetuneRecipe) -> None:
+    """The files a fine-tuning run reads (class list, manifests, statistics), before any compute.
+
+    Raises:
+        RecipeError: naming the task key (``task.classes``, ``task.valid.0``, ``task.norm``, ...).
+    """
+    task = recipe.task
+    check_classes(task.path(task.classes), "task.classes")
+    for key in ("train", "valid", "test", "folds"):
+        for i, manifest in enumerate(getattr(task, key)):
+            check_manifest(task.path(manifest), f"task.{key}.{i}")
+    check_norm(task.norm, "task.norm")

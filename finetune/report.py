@@ -5,10 +5,15 @@ evaluation with the highest validation metric (its best epoch), with the cumulat
 time at that evaluation. A coarse-to-fine run is stopped at the earliest evaluation *of its final phase*
 whose metric strictly surpasses that reference; its savings are ``100 * (1 - F_run / F_base)`` for FLOPs and
 ``100 * (1 - T_run / T_base)`` for training time (evaluation excluded). A run whose final phase never
-surpasses the baseline gets no savings. The "no budget" column (Tables 3 and 5) is the best metric of the
-final phase. Every metric is a fraction (accuracy, mAP, masked accuracy) and is shown in percent.
+surpasses the baseline gets no savings under that rule. ``--stop-epoch N`` replaces the rule by a fixed stop at
+epoch N of the final phase, whatever its metric: the paper's AudioSet rows (Table 2: 1 epoch at Fshift x4 + 3
+at full resolution against the baseline's best, epoch 5 of 5, with a small mAP drop). The "no budget" column
+(Tables 3 and 5) is the best metric of the final phase. A second table compares the whole runs (all their
+training FLOPs against the baseline's), so a saving shows even where no run surpasses the baseline. Every
+metric is a fraction (accuracy, mAP, masked-patch accuracy) and is shown in percent.
 
     python finetune/report.py --baseline runs/base --runs runs/fshift4 runs/fshift421 --out reports/
+    python finetune/report.py --baseline runs/as_base --runs runs/as_fshift4 --stop-epoch 3 --out reports/as
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import yaml
 from matplotlib import rcParams
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -27,7 +33,7 @@ from matplotlib.lines import Line2D
 from common.ledger import Ledger
 
 __all__ = ["ReportError", "Run", "Point", "Row", "load_run", "resolve_metric", "run_label", "points",
-           "compare", "markdown_table", "plot", "main"]
+           "compare", "markdown_table", "whole_run_table", "metric_name", "report_title", "figure", "plot", "main"]
 
 METHOD_NAMES = {"fshift": "Fshift", "avgpool": "Avg Pool", "maxpool": "Max Pool", "patch": "Patch"}
 PATCH_TRANSFER_NAMES = {"pi": "PI", "bilinear": "BL"}  # the paper's labels
@@ -49,17 +55,22 @@ class Run:
 
 @dataclass(frozen=True)
 class Point:
-    """One evaluation: 0-based phase, cumulative training FLOPs and seconds, metric value."""
+    """One evaluation: 0-based phase, cumulative training FLOPs and seconds, metric value, epoch in its phase."""
 
     phase: int
     flops: float
     seconds: float
     value: float
+    epoch: int | None = None
 
 
 @dataclass(frozen=True)
 class Row:
-    """One table row: deltas, savings and ``stop`` are None for the baseline; savings, ``stop`` when never surpassed."""
+    """One table row: deltas, savings and ``stop`` are None for the baseline; savings, ``stop`` when never surpassed.
+
+    ``total_flops`` is the whole run's training FLOPs and ``total_save`` its saving against the baseline's
+    whole run (None for the baseline); ``fixed`` marks a stop at a given epoch (``--stop-epoch``).
+    """
 
     label: str
     value: float
@@ -69,6 +80,9 @@ class Row:
     best: float
     best_delta: float | None
     stop: Point | None
+    total_flops: float = 0.0
+    total_save: float | None = None
+    fixed: bool = False
 
 
 def load_run(path: str | Path, label: str | None = None) -> Run:
@@ -138,8 +152,9 @@ def points(run: Run, metric: str) -> list[Point]:
             raise ReportError(f"{run.source}: evaluation {i} (phase {ev['phase']}) has no metric {metric!r}; "
                               f"it has {sorted(ev['metrics'])}")
         try:
+            epoch = None if ev.get("weight_averaged") or ev.get("epoch") is None else int(ev["epoch"])
             out.append(Point(int(ev["phase"]), float(ev["train_flops"]), float(ev["wall_seconds"]),
-                             float(ev["metrics"][metric])))
+                             float(ev["metrics"][metric]), epoch))
         except (TypeError, ValueError):
             raise ReportError(f"{run.source}: evaluation {i} holds a non-numeric phase, FLOPs, time or "
                               f"{metric!r}") from None
@@ -150,33 +165,52 @@ def _saving(used: float, reference: float) -> float | None:
     return 100.0 * (1.0 - used / reference) if reference > 0 else None
 
 
-def compare(baseline: Run, runs: Sequence[Run], metric: str) -> list[Row]:
+def _total_flops(run: Run, pts: Sequence[Point]) -> float:
+    """The run's training FLOPs: the ledger's phase totals, or (hand-written ledgers) its last evaluation's."""
+    total = float(run.ledger.totals()["train_flops"] or 0)
+    return total if total > 0 else max(p.flops for p in pts)
+
+
+def compare(baseline: Run, runs: Sequence[Run], metric: str, stop_epoch: int | None = None) -> list[Row]:
     """The Table 2/3 rows (Tables 4/5 for 3-phase runs): the baseline's row, then one per run.
 
     Args:
         baseline: the full-resolution baseline run.
         runs: the coarse-to-fine runs.
         metric: the metric name in the evaluations (higher is better).
+        stop_epoch: stop every run at this epoch (1-based) of its final phase instead of at the first
+            evaluation that surpasses the baseline (the paper's AudioSet rows).
 
     Raises:
-        ReportError: as :func:`points`, or a run has no evaluation in its final phase.
+        ReportError: as :func:`points`, a run has no evaluation in its final phase, or none at ``stop_epoch``.
     """
-    base = max(points(baseline, metric), key=lambda p: p.value)  # the first of equal maxima
-    rows = [Row(baseline.label, base.value, None, None, None, base.value, None, None)]
+    base_points = points(baseline, metric)
+    base = max(base_points, key=lambda p: p.value)  # the first of equal maxima
+    base_total = _total_flops(baseline, base_points)
+    rows = [Row(baseline.label, base.value, None, None, None, base.value, None, None, base_total)]
     for run in runs:
         final = len(run.ledger.phases) - 1
         if final < 0:
             raise ReportError(f"{run.source}: no phases in the ledger")
-        last = [p for p in points(run, metric) if p.phase == final]
+        pts = points(run, metric)
+        last = [p for p in pts if p.phase == final]
         if not last:
             raise ReportError(f"{run.source}: no evaluation in the final phase (phase index {final})")
-        stop = next((p for p in last if p.value > base.value), None)
+        if stop_epoch is not None:
+            stop = next((p for p in last if p.epoch == stop_epoch), None)
+            if stop is None:
+                epochs = sorted({p.epoch for p in last if p.epoch is not None})
+                raise ReportError(f"{run.source}: no evaluation at epoch {stop_epoch} of the final phase (its epochs: "
+                                  f"{', '.join(map(str, epochs)) or 'none; an iteration-based run'})")
+        else:
+            stop = next((p for p in last if p.value > base.value), None)
         best = max(p.value for p in last)
         value = stop.value if stop else best
+        total = _total_flops(run, pts)
         rows.append(Row(run.label, value, value - base.value,
                         _saving(stop.flops, base.flops) if stop else None,
                         _saving(stop.seconds, base.seconds) if stop else None,
-                        best, best - base.value, stop))
+                        best, best - base.value, stop, total, _saving(total, base_total), stop_epoch is not None))
     return rows
 
 
@@ -196,48 +230,154 @@ def markdown_table(rows: Sequence[Row], metric: str) -> str:
         value = _percent(row.value, row.delta)
         if row.delta is not None and row.stop is None:
             value += ", not surpassed"
+        elif row.fixed and row.stop is not None:
+            value += f", epoch {row.stop.epoch}"
         saves = ["-" if s is None else f"{s:.2f}" for s in (row.flops_save, row.time_save)]
         lines.append(f"| {row.label} | {value} | {saves[0]} | {saves[1]} | {_percent(row.best, row.best_delta)} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: Sequence[Run], rows: Sequence[Row], metric: str, path: str | Path) -> None:
-    """Plots the metric against cumulative training FLOPs, one line per run, one marker per phase.
+def whole_run_table(rows: Sequence[Row], metric: str) -> str:
+    """Every run's whole training compute against the baseline's, with its best final-phase metric.
+
+    Shown whatever the stopping rule, so that a run that never surpasses the baseline still shows what it
+    cost and how far it ended from the baseline (the demo's summary does the same).
+    """
+    lines = [f"| Setting | training FLOPs (whole run) | FLOPs save (%) | best {metric}, final phase |",
+             "|---|---:|---:|---:|"]
+    for row in rows:
+        save = "-" if row.total_save is None else f"{row.total_save:.2f}"
+        lines.append(f"| {row.label} | {row.total_flops:.3g} | {save} | {_percent(row.best, row.best_delta)} |")
+    return "\n".join(lines) + "\n"
+
+
+def metric_name(runs: Sequence[Run], metric: str) -> str:
+    """What the metric is, for axis labels: SSAST pretraining's ``acc`` is the masked-patch accuracy."""
+    pretext = any("nce" in ev.get("metrics", {}) for run in runs for ev in run.ledger.evals)
+    if metric == "acc":
+        return "masked-patch accuracy" if pretext else "accuracy"
+    return metric
+
+
+def _recipe_of(run: Run) -> dict:
+    folder = Path(run.source)
+    folder = folder if folder.is_dir() else folder.parent
+    for candidate in (folder / "recipe.yaml", folder.parent / "recipe.yaml"):  # a fold's recipe is one level up
+        if candidate.is_file():
+            try:
+                data = yaml.safe_load(candidate.read_text())
+            except (OSError, yaml.YAMLError):
+                return {}
+            return data if isinstance(data, dict) else {}
+    return {}
+
+
+def _run_name(run: Run) -> str:
+    path = Path(run.source)
+    return (path.parent if path.name == "ledger.json" else path).name or str(path)
+
+
+def report_title(runs: Sequence[Run], metric: str) -> str:
+    """``<task or pretraining>: <metric> against training compute`` and the run directories compared."""
+    recipe = _recipe_of(runs[0])
+    task = recipe.get("task", {}).get("name") if isinstance(recipe.get("task"), dict) else None
+    pretext = metric_name(runs, metric) == "masked-patch accuracy"
+    what = f"{task} fine-tuning" if task else "SSAST pretraining" if pretext else "runs"
+    names = ", ".join(_run_name(run) for run in runs)
+    return f"{what}: {metric_name(runs, metric)} against training compute\n{names}"
+
+
+def _limits(values: Sequence[float]) -> tuple[float, float]:
+    lo, hi = min(values), max(values)
+    pad = max(0.08 * (hi - lo), 0.5)
+    return lo - pad, hi + pad
+
+
+def figure(runs: Sequence[Run], rows: Sequence[Row], metric: str, title: str | None = None) -> Figure:
+    """The metric against cumulative training FLOPs, one line per run (the drawing :func:`plot` saves).
+
+    The y-range is that of the final phases and the baseline: a coarse phase's values (hollow markers,
+    dashed line) are on another token grid and, for SSAST's masked-patch accuracy, on another scale; those
+    outside the range sit on its edge as triangles. Each run's stop (the first final-phase evaluation
+    above the baseline's best, or ``--stop-epoch``) is a star; the legend, outside the axes, lists only
+    what is drawn.
+    """
+    fig = Figure(figsize=(10, 5.2), dpi=120, layout="constrained")  # no pyplot: no display, no global backend
+    ax = fig.subplots()
+    final_values = [100 * rows[0].value]
+    series = []
+    for run in runs:
+        pts = points(run, metric)
+        final = len(run.ledger.phases) - 1
+        series.append((pts, final))
+        final_values += [100 * p.value for p in pts if p.phase == final]
+    lo, hi = _limits(final_values)
+    handles = []
+    coarse_shown: dict[int, bool] = {}
+    stop_label = None
+    colors = itertools.cycle(rcParams["axes.prop_cycle"].by_key()["color"])
+    for run, row, (pts, final), color in zip(runs, rows, series, colors):
+        fine = [p for p in pts if p.phase == final]
+        line, = ax.plot([p.flops for p in fine], [100 * p.value for p in fine], color=color, marker="o",
+                        markersize=4, label=run.label)
+        handles.append(line)
+        coarse = [p for p in pts if p.phase != final]
+        if coarse:
+            ax.plot([p.flops for p in coarse] + [fine[0].flops], [min(max(100 * p.value, lo), hi) for p in coarse]
+                    + [100 * fine[0].value], color=color, linestyle="--", linewidth=0.8, alpha=0.6)
+            for phase in sorted({p.phase for p in coarse}):
+                sel = [p for p in coarse if p.phase == phase]
+                inside = [p for p in sel if lo <= 100 * p.value <= hi]
+                above = [p for p in sel if 100 * p.value > hi]
+                below = [p for p in sel if 100 * p.value < lo]
+                marker = PHASE_MARKERS[phase % len(PHASE_MARKERS)]
+                ax.scatter([p.flops for p in inside], [100 * p.value for p in inside], facecolors="none",
+                           edgecolors=color, marker=marker, s=30, zorder=3)
+                for group, edge, arrow in ((above, hi, "^"), (below, lo, "v")):
+                    if group:
+                        ax.scatter([p.flops for p in group], [edge] * len(group), facecolors="none",
+                                   edgecolors=color, marker=arrow, s=40, zorder=3, clip_on=False)
+                        coarse_shown[-1] = True
+                if inside:
+                    coarse_shown[phase] = True
+        if row.stop is not None:
+            ax.scatter([row.stop.flops], [100 * row.stop.value], marker="*", s=220, color=color, edgecolors="black",
+                       zorder=4)
+            stop_label = f"stop: epoch {row.stop.epoch} of the final phase" if row.fixed else \
+                "first to surpass the baseline"
+    ax.axhline(100 * rows[0].value, color="gray", linestyle=":", linewidth=1)
+    ax.set_ylim(lo, hi)
+    handles.append(Line2D([], [], color="gray", linestyle=":", label=f"baseline best ({100 * rows[0].value:.2f})"))
+    for phase in sorted(p for p in coarse_shown if p >= 0):
+        handles.append(Line2D([], [], color="gray", linestyle="", marker=PHASE_MARKERS[phase % len(PHASE_MARKERS)],
+                              markerfacecolor="none", label=f"phase {phase + 1} (coarse)"))
+    if -1 in coarse_shown:
+        handles.append(Line2D([], [], color="gray", linestyle="", marker="^", markerfacecolor="none",
+                              label="coarse value off this scale"))
+    if stop_label:
+        handles.append(Line2D([], [], color="gray", linestyle="", marker="*", markersize=12, markeredgecolor="black",
+                              label=stop_label))
+    fig.legend(handles=handles, fontsize=8, loc="outside right upper")
+    ax.set_xlabel("cumulative training compute (FLOPs)")
+    ax.set_ylabel(f"validation {metric_name(runs, metric)} (%)")
+    ax.set_title(title or report_title(runs, metric), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    return fig
+
+
+def plot(runs: Sequence[Run], rows: Sequence[Row], metric: str, path: str | Path, title: str | None = None) -> Figure:
+    """Writes :func:`figure` as a PNG and returns it.
 
     Args:
         runs: the baseline then the other runs, in the order of ``rows``.
-        rows: :func:`compare`'s rows; each run's stopping evaluation is starred.
+        rows: :func:`compare`'s rows.
         metric: the metric name.
         path: where the PNG goes.
+        title: the plot's title (default: :func:`report_title`).
     """
-    fig = Figure(figsize=(8, 5), dpi=120)  # no pyplot: no display, no global backend
-    ax = fig.subplots()
-    phases = 0
-    for run, row, color in zip(runs, rows, itertools.cycle(rcParams["axes.prop_cycle"].by_key()["color"])):
-        pts = points(run, metric)
-        ax.plot([p.flops for p in pts], [100 * p.value for p in pts], color=color, label=run.label)
-        for phase in sorted({p.phase for p in pts}):
-            sel = [p for p in pts if p.phase == phase]
-            ax.scatter([p.flops for p in sel], [100 * p.value for p in sel], color=color, s=22,
-                       marker=PHASE_MARKERS[phase % len(PHASE_MARKERS)], zorder=3)
-            phases = max(phases, phase + 1)
-        if row.stop is not None:
-            ax.scatter([row.stop.flops], [100 * row.stop.value], marker="*", s=220, color=color,
-                       edgecolors="black", zorder=4)
-    ax.axhline(100 * rows[0].value, color="gray", linestyle=":", linewidth=1)
-    handles, _ = ax.get_legend_handles_labels()
-    handles += [Line2D([], [], color="gray", linestyle="", marker=PHASE_MARKERS[i % len(PHASE_MARKERS)],
-                       label=f"phase {i + 1}") for i in range(phases)]
-    handles += [Line2D([], [], color="gray", linestyle=":", label="baseline best"),
-                Line2D([], [], color="gray", linestyle="", marker="*", markersize=12, markeredgecolor="black",
-                       label="first to surpass baseline")]
-    ax.legend(handles=handles, fontsize=8, loc="lower right")
-    ax.set_xlabel("cumulative training compute (FLOPs)")
-    ax.set_ylabel(f"validation {metric} (%)")
-    ax.set_title(f"{metric} against training FLOPs")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
+    fig = figure(runs, rows, metric, title)
     fig.savefig(path)
+    return fig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the metric to compare, e.g. mAP (default: the 'score' the ledgers agree on)")
     parser.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
                         help="where report.md and report.png go (default: the current directory)")
+    parser.add_argument("--stop-epoch", type=int, default=None, metavar="N",
+                        help="stop every run at epoch N of its final phase instead of at the first evaluation that "
+                             "surpasses the baseline (the paper's AudioSet rows: --stop-epoch 3)")
+    parser.add_argument("--title", default=None, help="title of the plot (default: the task and the run directories)")
     return parser
 
 
@@ -274,14 +418,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         baseline = load_run(args.baseline, "Baseline")
         runs = [load_run(path, name) for path, name in zip(args.runs, args.names or [None] * len(args.runs))]
         metric = resolve_metric([baseline, *runs], args.metric)
-        rows = compare(baseline, runs, metric)
+        if args.stop_epoch is not None and args.stop_epoch < 1:
+            raise ReportError(f"--stop-epoch must be >= 1, got {args.stop_epoch}")
+        rows = compare(baseline, runs, metric, args.stop_epoch)
         table = markdown_table(rows, metric)
         args.out.mkdir(parents=True, exist_ok=True)
+        rule = (f"Each run stops at epoch {args.stop_epoch} of its final phase (a fixed stop, whatever its {metric})"
+                if args.stop_epoch is not None else
+                f"Each run stops at the earliest evaluation of its final phase whose {metric} surpasses the "
+                f"baseline's best")
         (args.out / "report.md").write_text(
-            f"# Coarse-to-fine report ({metric})\n\n{table}\nEach run stops at the earliest evaluation of its final "
-            f"phase whose {metric} surpasses the baseline's best; savings are against the baseline's best "
-            f"evaluation.\n\n![{metric} against training FLOPs](report.png)\n", encoding="utf-8")
-        plot([baseline, *runs], rows, metric, args.out / "report.png")
+            f"# Coarse-to-fine report ({metric_name([baseline, *runs], metric)})\n\n{table}\n{rule}; savings are "
+            f"against the baseline's best evaluation.\n\n## Whole runs\n\n{whole_run_table(rows, metric)}\n"
+            f"All the training FLOPs of each run against all of the baseline's, and the best {metric} of the final "
+            f"phase (difference to the baseline's best).\n\n![{metric} against training FLOPs](report.png)\n",
+            encoding="utf-8")
+        plot([baseline, *runs], rows, metric, args.out / "report.png", args.title)
     except (ReportError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

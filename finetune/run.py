@@ -52,6 +52,9 @@ def print_plan(recipe, configs, objective) -> None:
     print(f"pooling: {objective.head.pool}")
     print(format_plan(plan_phases(recipe.phases, configs, objective.flops_per_sample, recipe.data.batch_size,
                                   recipe.optim.grad_accum)))
+    o = recipe.optim
+    print(f"optimiser {o.optimizer}, lr {o.lr:g}, warm-up {o.warmup_steps} steps, {o.schedule} schedule; batch "
+          f"{recipe.data.batch_size} per rank x {o.grad_accum} accumulation")
 
 
 def _test(run_dir: Path, recipe, classes, dist) -> None:
@@ -97,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         from common.arch.base import geometries
         from common.recipe import RecipeError
         from finetune.init import init_pos_mode, load_init, resolve_pool, task_encoder_config
-        from finetune.recipe import load_recipe
+        from finetune.recipe import check_files, load_recipe
 
-        recipe = load_recipe(args.task, args.recipe, args.overrides, init=args.init, data_root=args.data_root)
+        notes: list[str] = []
+        recipe = load_recipe(args.task, args.recipe, args.overrides, init=args.init, data_root=args.data_root,
+                             notes=notes)
+        check_files(recipe)  # class list, manifests, statistics: before any compute or run directory
         classes, names = read_classes(recipe.task.path(recipe.task.classes))
         init = load_init(recipe.init)
         try:
@@ -114,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         objective = ClassifierObjective(classes, recipe.task.metric, recipe.task.loss, recipe.augment, head, names)
         if args.dry_run:
             print_plan(recipe, configs, objective)
+            for note in notes:
+                print(note)
             return 0
         from common.data import ManifestSpec
         from common.trainer import RunSpec, Trainer
@@ -121,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{recipe.task.name}-{args.recipe.stem if args.recipe else 'baseline'}"
         run_root = args.run_dir or Path("runs/finetune") / name
         done = True
-        with training_session(run_root, recipe, restart=args.restart) as dist:
+        with training_session(run_root, recipe, restart=args.restart) as session:
+            dist = session.dist
+            for note in notes:
+                log.info("%s", note)
             log.info("classifier pooling: %s (head.pool: %s)", head.pool, recipe.head.pool)
             splits = recipe.task.fold_splits()
             for k, (train, valid) in enumerate(splits):
@@ -133,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                                data=data, init=init,
                                init_pos_embed=init_pos_mode(init, recipe.transfer.pos_embed,
                                                             recipe.transfer.init_pos_embed),
-                               meta={"task": recipe.task.name, "init": recipe.init})
+                               run_recipe=session.run_recipe, meta={"task": recipe.task.name, "init": recipe.init})
                 log.info("fine-tuning on %s%s into %s (init: %s)", recipe.task.name,
                          f" fold {k + 1}/{len(splits)}" if recipe.task.folds else "", run_dir, recipe.init)
                 done = Trainer(spec, objective, dist).run(stop_after=args.stop_after_steps)

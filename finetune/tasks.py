@@ -62,14 +62,17 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         if not self.classes:
-            raise ValueError("task.classes: the class list file is required")
+            raise ValueError("classes: the class list file is required")
         if self.folds:
             if len(self.folds) < 2:
-                raise ValueError("task.folds: cross-validation needs at least two folds")
+                raise ValueError("folds: cross-validation needs at least two folds")
         elif not self.train or not self.valid:
-            raise ValueError("task: give train and valid manifests (or folds)")
+            raise ValueError("train: give train and valid manifests (or folds)")
         if self.target_frames < 16:
-            raise ValueError(f"task.target_frames must be >= 16, got {self.target_frames}")
+            raise ValueError(f"target_frames must be >= 16, got {self.target_frames}")
+        from common.frontend import check_norm_name
+
+        check_norm_name(self.norm)
 
     def path(self, relative: str) -> str:
         expanded = os.path.expandvars(os.path.expanduser(relative))

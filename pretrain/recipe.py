@@ -16,12 +16,17 @@ from common.features import AudioConfig
 from common.model import EncoderConfig, ModelSpec
 from common.optim import OptimConfig
 from common.phases import PhaseConfig, TransferConfig
-from common.recipe import apply_overrides, build, load_yaml
+from common.recipe import RecipeError, apply_overrides, build, load_yaml
 from common.trainer import TrainConfig
 from pretrain.masking import mask_count
 from pretrain.ssast import SSASTConfig
 
-__all__ = ["PretrainRecipe", "load_recipe"]
+__all__ = ["PretrainRecipe", "load_recipe", "load_baseline", "shared_with_baseline"]
+
+# --set keys that change what one training step computes (model and input geometry, the batch, the
+# pretext task): applied to the baseline recipe as well, so that the planned saving compares like with
+# like. Other keys (phases, optimiser schedule, data files, logging) belong to this run only.
+BASELINE_SHARED = ("model", "audio", "ssast", "data.batch_size", "optim.grad_accum")
 
 
 @dataclass(frozen=True)
@@ -78,3 +83,27 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> PretrainReci
             raise FileNotFoundError(f"baseline: recipe {recipe.baseline} not found (next to {path} or here)")
         recipe = replace(recipe, baseline=str(baseline))
     return recipe
+
+
+def shared_with_baseline(overrides: Sequence[str]) -> list[str]:
+    """The ``--set`` overrides that apply to the baseline recipe too (see ``BASELINE_SHARED``)."""
+    out = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in ("data", "optim") or any(key == k or key.startswith(k + ".") for k in BASELINE_SHARED):
+            out.append(item)
+    return out
+
+
+def load_baseline(recipe: PretrainRecipe, overrides: Sequence[str] = ()) -> PretrainRecipe | None:
+    """The recipe's ``baseline`` with the geometry and batch overrides of this run applied, or None.
+
+    Raises:
+        RecipeError: the baseline recipe (named in the message) is broken, or an override does not apply.
+    """
+    if recipe.baseline is None:
+        return None
+    try:
+        return load_recipe(recipe.baseline, shared_with_baseline(overrides))
+    except (RecipeError, FileNotFoundError) as err:
+        raise RecipeError(f"baseline: recipe {recipe.baseline}: {err}") from None

@@ -14,6 +14,7 @@ at each phase end, the final ``model.safetensors`` (what ``finetune/run.py --ini
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -36,57 +37,91 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@functools.lru_cache(maxsize=64)
+def _flops_per_sample(ssast, cfg) -> int:
+    """SSAST training FLOPs per sample (cached: a plan and its baseline share the full-resolution geometry)."""
+    from pretrain.ssast import SSASTObjective
+
+    return SSASTObjective(ssast).flops_per_sample(cfg)
+
+
 def plan(recipe, world_size: int = 1):
     """The recipe's :class:`common.phases.PhasePlan` per phase (geometry, tokens, planned FLOPs)."""
     from common.phases import plan_phases
-    from pretrain.ssast import SSASTObjective
 
-    return plan_phases(recipe.phases, recipe.encoder_configs(), SSASTObjective(recipe.ssast).flops_per_sample,
+    return plan_phases(recipe.phases, recipe.encoder_configs(), lambda cfg: _flops_per_sample(recipe.ssast, cfg),
                        recipe.data.batch_size, recipe.optim.grad_accum, world_size)
 
 
-def planned_total(recipe_path: str, world_size: int) -> float:
-    from pretrain.recipe import load_recipe
+def planned_total(recipe, world_size: int) -> float:
+    """Planned training FLOPs of a whole recipe (all phases)."""
+    return sum(r.train_flops for r in plan(recipe, world_size))
 
-    return sum(r.train_flops for r in plan(load_recipe(recipe_path), world_size))
+
+def _phase_overrides(overrides: list[str]) -> list[str]:
+    return [o.split("=", 1)[0].strip() for o in overrides if o.split("=", 1)[0].strip().startswith("phases")]
 
 
-def print_plan(recipe, world_size: int) -> None:
+def print_plan(recipe, world_size: int, baseline=None, overrides: list[str] = ()) -> None:
     from common.phases import format_plan
 
     rows = plan(recipe, world_size)
     print(format_plan(rows))
     total = sum(r.train_flops for r in rows)
     line = f"total planned training FLOPs: {total:.4g}"
-    if recipe.baseline:
-        base = planned_total(recipe.baseline, world_size)
+    if baseline is not None:
+        base = planned_total(baseline, world_size)
         line += f"; baseline {Path(recipe.baseline).name}: {base:.4g} -> saving {1 - total / base:.1%}"
     print(line)
+    if baseline is not None:
+        from pretrain.recipe import shared_with_baseline
+
+        shared = shared_with_baseline(overrides)
+        if shared:
+            print(f"(the baseline is planned with the same {', '.join(o.split('=', 1)[0] for o in shared)})")
+        if _phase_overrides(overrides):
+            print(f"(--set {', '.join(_phase_overrides(overrides))} changes this run's schedule only; the baseline "
+                  f"keeps its own {sum(p.steps for p in baseline.phases)} steps)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from pretrain.recipe import load_recipe
+        from common.preflight import check_norm, data_checks, problems
+        from pretrain.recipe import load_baseline, load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides)
+        baseline = load_baseline(recipe, args.overrides)
+        checks = [*data_checks(recipe.data), lambda: check_norm(recipe.audio.norm, "audio.norm")]
         if args.dry_run:
-            print_plan(recipe, world_size=1)
+            print_plan(recipe, 1, baseline, args.overrides)
+            missing = problems(checks)
+            if missing:
+                print("files a run needs and does not find (it would stop before any compute):")
+                print("\n".join(f"  {problem}" for problem in missing))
             return 0
+        for check in checks:  # every file the run reads, before a model or the run directory exists
+            check()
         from common.trainer import RunSpec, Trainer
         from pretrain.ssast import SSASTObjective
 
         run_dir = args.run_dir or Path("runs/pretrain") / args.recipe.stem
-        with training_session(run_dir, recipe, restart=args.restart) as dist:
-            baseline = None
-            if recipe.baseline:
-                baseline = (Path(recipe.baseline).stem, planned_total(recipe.baseline, dist.world_size))
+        with training_session(run_dir, recipe, restart=args.restart) as session:
+            dist = session.dist
+            planned = None
+            if baseline is not None:  # named with its schedule: a shortened run is compared with the full plan
+                steps = sum(p.steps for p in baseline.phases)
+                planned = (f"{Path(recipe.baseline).stem} (planned, {steps} steps)",
+                           planned_total(baseline, dist.world_size))
             spec = RunSpec(run_dir=run_dir, base=recipe.base, audio=recipe.audio, phases=recipe.phases,
                            transfer=recipe.transfer, optim=recipe.optim, train=recipe.train, data=recipe.data,
-                           baseline=baseline, meta={"recipe": args.recipe.name})
+                           baseline=planned, run_recipe=session.run_recipe, meta={"recipe": args.recipe.name})
             log.info("pretraining %s into %s on %d rank(s) (%s)", args.recipe, run_dir, dist.world_size,
                      dist.device)
+            if planned is not None:
+                log.info("FLOPs saving is measured against %s planned with this run's geometry and batch: %.4g",
+                         recipe.baseline, planned[1])
             done = Trainer(spec, SSASTObjective(recipe.ssast), dist).run(stop_after=args.stop_after_steps)
         if dist.is_main and done:
             print(f"done: {run_dir / 'model.safetensors'} (ledger: {run_dir / 'ledger.json'})")

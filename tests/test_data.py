@@ -105,10 +105,10 @@ def damaged_manifest(tmp_path, synth_corpus):
     damage[str(path)] = "unreadable"
     path = tmp_path / f"{local[1].id}.flac"
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 3])
-    damage[str(path)] = "unreadable"  # FLAC decoder loses sync: truncated download
+    damage[str(path)] = "truncated"  # a truncated download: decoding the end of the FLAC fails
     path = tmp_path / f"{local[2].id}.flac"
     path.unlink()
-    damage[str(path)] = "unreadable"
+    damage[str(path)] = "missing"  # deleted after preparation
     nan_path = tmp_path / f"{local[3].id}.wav"
     x = np.zeros(local[3].num_samples, dtype=np.float32)
     x[100] = np.nan
@@ -136,8 +136,10 @@ def test_bad_audio_is_skipped_named_and_counted(damaged_manifest, tmp_path):
     assert {p: r.split(" ")[0] for p, r in batch.bad} == damage
     assert "wide" in batch.ids and batch.lengths[batch.ids.index("wide")] == 16000  # 1 s at 16 kHz
     assert tracker.seen == 17 and tracker.bad == 4
-    logged = (tmp_path / "bad.tsv").read_text().splitlines()
-    assert sorted(line.split("\t")[0] for line in logged) == sorted(damage)
+    header, *logged = (tmp_path / "bad.tsv").read_text().splitlines()
+    assert header == "split\tpath\treason"
+    assert sorted(line.split("\t")[1] for line in logged) == sorted(damage)
+    assert {line.split("\t")[0] for line in logged} == {"train"}
     assert torch.isfinite(batch.waveforms).all()
 
 

@@ -1,5 +1,6 @@
 """finetune/report.py on hand-made ledgers: the paper's savings rule, labels, errors, the CLI's files."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,140 @@ def test_patch_runs_are_labelled_with_their_transfer():
     ledger = Ledger.from_dict({"score": "acc", "phases": [
         {"compression": "patch", "factor": 4, "patch_transfer": "bilinear"}, {"compression": "none", "factor": 1}]})
     assert run_label(ledger) == "Patch BL 4→1"
+
+
+# ------------------------------------------------------------------- the plot (issue 9 item 9)
+def _pretext(run_dir: Path) -> Path:
+    """Make a hand-written ledger look like SSAST pretraining's (masked accuracy next to nce / mse)."""
+    ledger = Ledger.read(run_dir)
+    for ev in ledger.evals:
+        ev["metrics"].update(nce=2.0, mse=1.0)
+    ledger.write(run_dir / "ledger.json")
+    return run_dir
+
+
+@pytest.fixture
+def pretraining(tmp_path):
+    # the coarse phase's masked accuracy (over 16 tokens) is far above the full-resolution one (over 64)
+    base = _pretext(write_run(tmp_path, "pt_base", [("none", 1)],
+                              [(0, 100.0 * k, 10.0 * k, a) for k, a in enumerate([0.03, 0.05, 0.066, 0.0697], 1)],
+                              epochs=False))
+    c2f = _pretext(write_run(tmp_path, "pt_c2f", [("fshift", 4), ("none", 1)],
+                             [(0, 10.0, 2.0, 0.35), (0, 20.0, 4.0, 0.41), (1, 120.0, 14.0, 0.05),
+                              (1, 220.0, 24.0, 0.0672)], epochs=False))
+    return base, c2f
+
+
+def _legend(fig) -> list[str]:
+    return [t.get_text() for t in fig.legends[0].get_texts()]
+
+
+def _stars(ax) -> list:
+    return [c for c in ax.collections if len(c.get_sizes()) and c.get_sizes()[0] == 220]
+
+
+def test_plot_puts_the_final_phases_on_one_scale_and_names_the_metric(pretraining):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from finetune.report import figure
+
+    base, c2f = load_run(pretraining[0], "Baseline"), load_run(pretraining[1])
+    rows = compare(base, [c2f], "acc")
+    fig = figure([base, c2f], rows, "acc")
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    assert low <= 3.0 and 6.97 <= high < 10  # the final phases and the baseline, not the coarse 35-41 %
+    assert ax.get_ylabel() == "validation masked-patch accuracy (%)"
+    assert "pretraining" in ax.get_title() and "pt_base" in ax.get_title() and "pt_c2f" in ax.get_title()
+    legend = _legend(fig)
+    assert legend[:3] == ["Baseline", "Fshift 4→1", "baseline best (6.97)"]
+    assert "coarse value off this scale" in legend  # the coarse points are drawn apart, on the edge
+    assert "first to surpass the baseline" not in legend and not _stars(ax)  # not surpassed: nothing listed
+    edge = [c for c in ax.collections if c.get_offsets().shape[0] and (c.get_offsets()[:, 1] == high).all()]
+    assert edge and edge[0].get_offsets().shape[0] == 2  # both coarse evaluations, on the top edge
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    assert not fig.legends[0].get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+
+
+def test_plot_draws_the_stop_the_legend_lists(runs):
+    from finetune.report import figure
+
+    base, c2f = load_run(runs["base"], "Baseline"), load_run(runs["c2f"])
+    fig = figure([base, c2f], compare(base, [c2f], "acc"), "acc")
+    ax = fig.axes[0]
+    assert "first to surpass the baseline" in _legend(fig)
+    (star,) = _stars(ax)
+    assert star.get_offsets().tolist() == [[75.0, pytest.approx(46.0)]]
+    assert ax.get_ylabel() == "validation accuracy (%)"
+    assert "phase 1 (coarse)" in _legend(fig)  # its 50 % points lie inside the range: drawn hollow
+    low, high = ax.get_ylim()
+    assert low < 31 and 50 < high < 55
+
+
+def test_fine_tuning_plot_title_names_the_task(runs):
+    from finetune.report import report_title
+
+    (runs["base"] / "recipe.yaml").write_text("task: {name: vggsound}\nphases: []\n")
+    title = report_title([load_run(runs["base"], "Baseline"), load_run(runs["c2f"])], "acc")
+    assert title.startswith("vggsound fine-tuning: accuracy against training compute") and "base, c2f" in title
+
+
+def test_report_shows_the_whole_run_saving_even_when_nothing_surpasses(pretraining, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--baseline", str(pretraining[0]), "--runs", str(pretraining[1]), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "| Fshift 4→1 | 6.72 (-0.25), not surpassed | - | - | 6.72 (-0.25) |" in report
+    assert "| Fshift 4→1 | 220 | 45.00 | 6.72 (-0.25) |" in report  # 220 of the baseline's 400 FLOPs
+    assert "# Coarse-to-fine report (masked-patch accuracy)" in report
+
+
+# -------------------------------------------- a fixed stop: the paper's AudioSet rows (issue 10 item 8)
+def _ledger_of(phases, flops, clips: int, values: list[list[float]]) -> Ledger:
+    """A ledger as the trainer writes it: epoch-based phases, ``clips`` per epoch, one evaluation per epoch."""
+    ledger = Ledger("mAP")
+    for i, (phase, per_clip, vals) in enumerate(zip(phases, flops, values)):
+        ledger.start_phase(i, name=phase.label(i), compression=phase.compression, factor=phase.factor,
+                           flops_per_sample=per_clip)
+        for epoch, value in enumerate(vals, 1):
+            ledger.add_training(i, clips // 12, clips, per_clip * clips / 1e12)  # time follows FLOPs here
+            ledger.set_epochs(i, epoch)
+            ledger.add_eval(i, {"mAP": value}, epoch=epoch)
+    return ledger
+
+
+def test_the_paper_audioset_row_is_a_fixed_stop_with_flops_from_common_flops(tmp_path, capsys):
+    from common.arch import architecture_for
+    from common.arch.base import geometries
+    from common.phases import PhaseConfig
+    from finetune.classifier import ClassifierObjective
+    from finetune.recipe import load_recipe
+
+    ROOT = Path(__file__).resolve().parents[1]
+    c2f = load_recipe("audioset", ROOT / "recipes" / "ft_audioset_fshift4.yaml")
+    base = load_recipe("audioset")
+    assert [(p.compression, p.factor, p.epochs) for p in c2f.phases] == [("fshift", 4, 1), ("none", 1, 3)]
+    assert [(p.compression, p.epochs) for p in base.phases] == [("none", 5)]
+    geometry = c2f.model.encoder_config(c2f.num_mel_bins, c2f.task.target_frames)  # 8 x 64 patches, no overlap
+    objective = ClassifierObjective([f"c{i}" for i in range(527)], "mAP", "bce", c2f.augment, c2f.head)
+
+    def flops(recipe):
+        return [objective.flops_per_sample(cfg) for cfg in geometries(architecture_for(geometry), recipe.phases)]
+
+    clips = 1_953_082  # the number cancels out
+    # the baseline's best is its last epoch; the coarse-to-fine run ends 0.48 mAP points below it (Table 2)
+    _ledger_of(base.phases, flops(base), clips, [[0.40, 0.425, 0.436, 0.441, 0.443]]).write(tmp_path / "b.json")
+    _ledger_of(c2f.phases, flops(c2f), clips, [[0.30], [0.427, 0.433, 0.4382]]).write(tmp_path / "c.json")
+    argv = ["--baseline", str(tmp_path / "b.json"), "--runs", str(tmp_path / "c.json"), "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert "| Fshift 4→1 | 43.82 (-0.48), not surpassed | - | - |" in capsys.readouterr().out  # the strict rule
+    assert main([*argv, "--stop-epoch", "3"]) == 0
+    assert "| Fshift 4→1 | 43.82 (-0.48), epoch 3 | 35.32 | 35.32 |" in capsys.readouterr().out  # paper: 35.32
+    assert "stops at epoch 3 of its final phase" in (tmp_path / "report.md").read_text(encoding="utf-8")
+    # 2 -> 1: the paper's 30.47 % within its rounding of the FLOPs
+    two = replace(c2f, phases=[PhaseConfig("fshift", 2, epochs=1), c2f.phases[1]])
+    _ledger_of(two.phases, flops(two), clips, [[0.30], [0.43, 0.438, 0.441]]).write(tmp_path / "c2.json")
+    rows = compare(load_run(tmp_path / "b.json"), [load_run(tmp_path / "c2.json")], "mAP", stop_epoch=3)
+    assert rows[1].flops_save == pytest.approx(30.47, abs=0.02)
+    with pytest.raises(ReportError, match=r"c.json: no evaluation at epoch 4 of the final phase \(its epochs: 1, 2, 3"):
+        compare(load_run(tmp_path / "b.json"), [load_run(tmp_path / "c.json")], "mAP", stop_epoch=4)

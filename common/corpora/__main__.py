@@ -59,8 +59,24 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; a failure ends with one ``error:`` line and exit status 2 (no traceback)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = _build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("interrupted; nothing was published (manifests appear only when complete)", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        # missing folders / metadata, malformed CSVs, unknown corpora, Lhotse errors: all name their file
+        message = str(err) or type(err).__name__
+        if isinstance(err, KeyError):
+            message = f"missing key {message}"
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "list":
         for name in CORPORA:
             print(f"{name:<16} {get_corpus(name).DESCRIPTION}")

@@ -9,8 +9,9 @@ A prepared corpus ``NAME`` in ``OUT`` is:
   the target vector is its position in ``classes``.
 - ``OUT/NAME_prepare.json``: what was written, and every missing or unreadable file with the reason.
 
-Files that are missing or unreadable are counted and reported, never fatal: real corpora downloaded
-from YouTube always miss some clips.
+Files that are missing, unreadable or truncated (the header claims more audio than the file holds,
+``common.integrity``) are counted and reported, never fatal: real corpora downloaded from YouTube always
+miss some clips.
 
 Order. Source order is usually sorted by class (VoxCeleb's ``iden_split.txt`` by speaker, SpeechCommands
 by word folder, LibriSpeech by speaker, Kinetics-Sounds by label, a custom folder per class), and a
@@ -30,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from common.integrity import truncation
 
 __all__ = [
     "ClipEntry",
@@ -177,6 +180,9 @@ def _read_cut(entry: ClipEntry, dataset: str):
             return entry, None, "empty file (0 samples)"
     except Exception as err:  # noqa: BLE001 - any decoder error makes the file unreadable
         return entry, None, _reason(err)
+    problem = truncation(entry.path)  # an interrupted download keeps its header (WAV, FLAC: cheap checks)
+    if problem:
+        return entry, None, problem
     custom = {"labels": list(entry.labels), "split": entry.split, "dataset": dataset, **entry.custom}
     cut = MonoCut(id=entry.cut_id, start=0.0, duration=rec.duration, channel=0, recording=rec, custom=custom)
     return entry, cut, None

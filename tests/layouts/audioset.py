@@ -79,8 +79,9 @@ def build(root: Path, audio_dir: str = "audio", splits: tuple[str, ...] = tuple(
             stereo = ytid == STEREO
             write_clip(path, seconds=1.0, sr=44100 if stereo else 16000, channels=2 if stereo else 1,
                        seed=10 * seed + k)
-            if ytid == TRUNCATED:
+            if ytid == TRUNCATED:  # the header claims 1 s, the file holds 0.4 s: reported, not prepared
                 truncated[ytid] = truncate(path)
+                continue
             clips[split][ytid] = mids
     return {"clips": clips, "missing": missing, "corrupt": corrupt, "truncated": truncated,
             "classes": [mid for mid, _ in CLASSES], "names": dict(CLASSES)}

@@ -1,0 +1,151 @@
+"""What a run needs on disk, checked before any compute: manifests, normalisation statistics, class lists.
+
+A recipe's values are checked when it loads (the dataclasses' ``__post_init__``); the files it names
+are checked here, right after loading and before a model, an engine or a run directory is made, so that
+a missing validation manifest is not found 4000 steps into a run. The checks are cheap enough for
+AudioSet-2M: a manifest is opened and its first cut read (no audio is decoded), a statistics file or a
+class list is parsed. Every error is a :class:`common.recipe.RecipeError` whose message starts with the
+recipe key that names the file.
+
+Audio files themselves are not opened here: a clip that cannot be decoded is skipped and counted at
+training time (``common.data.BadAudioTracker``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from common.recipe import RecipeError
+
+__all__ = ["check_manifest", "check_norm", "check_classes", "data_checks", "check_data", "problems",
+           "count_clips"]
+
+_PREPARE_HINT = "write it with `python -m common.corpora prepare NAME --out DIR` (see `python -m common.corpora list`)"
+
+
+def _expand(path: str | os.PathLike) -> Path:
+    return Path(os.path.expandvars(os.path.expanduser(str(path))))
+
+
+def _shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob("cuts.*.jsonl*"))
+
+
+def check_manifest(path: str | os.PathLike, key: str) -> None:
+    """A Lhotse manifest (``*.jsonl.gz`` CutSet or Shar folder) exists and its first cut can be read.
+
+    Args:
+        path: the manifest.
+        key: the recipe key that names it (``data.valid.0``), the start of any error message.
+
+    Raises:
+        RecipeError: missing, empty, or not a readable manifest.
+    """
+    path = _expand(path)
+    if path.is_dir():
+        shards = _shards(path)
+        if not shards:
+            raise RecipeError(f"{key}: {path} is a folder but not a Lhotse Shar folder (no cuts.*.jsonl.gz shards)")
+        try:
+            opener = gzip.open if shards[0].suffix == ".gz" else open
+            with opener(shards[0], "rt") as handle:
+                first = handle.readline()
+            if not first.strip():
+                raise RecipeError(f"{key}: Shar folder {path} holds no clips ({shards[0].name} is empty)")
+            if "id" not in json.loads(first):
+                raise ValueError("the first line is not a cut")
+        except RecipeError:
+            raise
+        except (OSError, EOFError, ValueError, UnicodeDecodeError) as err:
+            raise RecipeError(f"{key}: {shards[0]} is not a readable Lhotse Shar shard ({err})") from None
+        return
+    if not path.exists():
+        raise RecipeError(f"{key}: manifest {path} does not exist; {_PREPARE_HINT}")
+    if not os.access(path, os.R_OK):
+        raise RecipeError(f"{key}: manifest {path} is not readable (permissions)")
+    from lhotse import CutSet
+
+    try:
+        first = next(iter(CutSet.from_file(path)), None)  # lazy for .jsonl(.gz): reads one line
+    except Exception as err:  # noqa: BLE001 - gzip, JSON and Lhotse errors all mean "not a manifest"
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RecipeError(f"{key}: {path} is not a readable Lhotse manifest ({detail[:200]})") from None
+    if first is None:
+        raise RecipeError(f"{key}: manifest {path} holds no clips")
+
+
+def check_norm(spec: str, key: str) -> None:
+    """Normalisation statistics resolve: a known name, or a stats JSON file with a finite mean and std.
+
+    Raises:
+        RecipeError: unknown name, missing file, or a file without usable ``mean`` / ``std``.
+    """
+    from common.frontend import resolve_norm_stats
+
+    try:
+        resolve_norm_stats(spec)
+    except (OSError, ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise RecipeError(f"{key}: {err}") from None
+
+
+def check_classes(path: str | os.PathLike, key: str) -> None:
+    """A class list written by the corpus preparation exists and holds unique class ids.
+
+    Raises:
+        RecipeError: missing or malformed.
+    """
+    from common.corpora.base import read_classes
+
+    try:
+        read_classes(_expand(path))
+    except (OSError, ValueError, AttributeError) as err:
+        raise RecipeError(f"{key}: {err}") from None
+
+
+def data_checks(data, prefix: str = "data") -> list[Callable[[], None]]:
+    """One check per training and validation manifest of a :class:`common.data.DataConfig`."""
+    keyed = [(spec.path, f"{prefix}.train.{i}.path") for i, spec in enumerate(data.train)]
+    keyed += [(path, f"{prefix}.valid.{i}") for i, path in enumerate(data.valid)]
+    return [lambda path=path, key=key: check_manifest(path, key) for path, key in keyed]
+
+
+def check_data(data, prefix: str = "data") -> None:
+    """Every training and validation manifest of a :class:`common.data.DataConfig`.
+
+    Raises:
+        RecipeError: naming ``data.train.N.path`` or ``data.valid.N``.
+    """
+    for check in data_checks(data, prefix):
+        check()
+
+
+def problems(checks: Iterable[Callable[[], None]]) -> list[str]:
+    """Run every check; the messages of those that failed (for ``--dry-run``, which plans without data)."""
+    found = []
+    for check in checks:
+        try:
+            check()
+        except RecipeError as err:
+            found.append(str(err))
+    return found
+
+
+def count_clips(paths: Sequence[str | os.PathLike]) -> int:
+    """Clips in manifests, counted from their lines (no cut is parsed; a few seconds per million clips)."""
+    total = 0
+    for path in map(_expand, paths):
+        files = _shards(path) if path.is_dir() else [path]
+        for file in files:
+            opener = gzip.open if file.suffix == ".gz" else open
+            if file.suffix in (".gz", ".jsonl"):
+                with opener(file, "rb") as handle:
+                    total += sum(1 for line in handle if line.strip())
+            else:
+                from lhotse import CutSet
+
+                total += len(CutSet.from_file(file))
+    return total

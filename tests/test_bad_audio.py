@@ -1,0 +1,171 @@
+"""Bad audio everywhere: validation clips are listed and counted, each clip once per run, missing and
+truncated files named as such, at preparation and at load, and all-bad validation sets stop clearly."""
+
+import json
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+from lhotse import CutSet
+
+from common.data import BadAudioTracker, BadClip, ClipDataset, ClipLoader, TooMuchBadAudio, load_clip, open_cuts
+from finetune.run import main as finetune
+from tests.layouts import truncate, write_clip
+
+TINY = ["model.size=custom", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.batch_size=4",
+        "data.num_workers=0", "optim.warmup_steps=0", "train.log_every=1"]
+
+
+def sets(*items: str) -> list[str]:
+    return [a for s in items for a in ("--set", s)]
+
+
+def local_manifest(src: Path, out: Path, name: str, first: int, damage: dict[int, str]) -> Path:
+    """The first ``first`` clips of a synth manifest, copied as WAV files under ``out``; clip ``i`` damaged as
+    ``damage[i]``: ``delete`` (after preparation), ``garbage``, ``truncate`` (a little, so a decoder pads it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    cuts = []
+    for i, cut in enumerate(CutSet.from_file(src).to_eager().subset(first=first)):
+        path = out / f"{name}-{i}.wav"
+        sf.write(str(path), cut.load_audio()[0], cut.sampling_rate)
+        cut.recording.sources[0].source = str(path)
+        cuts.append(cut)
+        kind = damage.get(i)
+        if kind == "delete":
+            path.unlink()
+        elif kind == "garbage":
+            path.write_bytes(b"RIFF\x10\x00\x00\x00WAVEnot audio")
+        elif kind == "truncate":
+            truncate(path, keep=0.97)
+    manifest = out / f"{name}.jsonl.gz"
+    CutSet.from_cuts(cuts).to_file(manifest)
+    return manifest
+
+
+def test_a_deleted_file_is_missing_and_a_truncated_one_truncated_at_load(tmp_path, synth_corpus):
+    manifest = local_manifest(synth_corpus / "synth_train.jsonl.gz", tmp_path, "m", 3, {0: "delete", 1: "truncate"})
+    cuts = list(CutSet.from_file(manifest))
+    with pytest.raises(BadClip, match=r"^missing \(no such file\)$"):
+        load_clip(cuts[0], 16000)
+    # 3 % of the bytes gone: Lhotse would pad it back to its declared length; the WAV header tells
+    with pytest.raises(BadClip, match=r"^truncated \(header: \d+ samples, file holds \d+\)"):
+        load_clip(cuts[1], 16000)
+    assert load_clip(cuts[2], 16000).size == cuts[2].num_samples
+
+
+def test_a_truncated_file_is_caught_at_preparation(tmp_path):
+    from common.corpora import get_corpus
+
+    src = tmp_path / "src"
+    for label in ("a", "b"):
+        for i in range(3):
+            write_clip(src / label / f"{i}.flac" if i == 0 else src / label / f"{i}.wav", seconds=1.0, seed=i)
+    truncate(src / "a" / "1.wav", keep=0.6)  # the header survives, 40 % of the data does not
+    truncate(src / "b" / "0.flac", keep=0.95)
+    report = get_corpus("custom").prepare(src, tmp_path / "out", name="mine")
+    reasons = dict(report.unreadable)
+    assert set(reasons) == {str(src / "a" / "1.wav"), str(src / "b" / "0.flac")}
+    assert reasons[str(src / "a" / "1.wav")].startswith("truncated (header: 16000 samples, file holds ")
+    assert reasons[str(src / "b" / "0.flac")].startswith("truncated")
+    assert report.clips["train"] == 4
+
+
+def test_each_bad_clip_is_listed_once_per_run_and_counted_every_time(tmp_path, synth_corpus):
+    manifest = local_manifest(synth_corpus / "synth_train.jsonl.gz", tmp_path, "m", 8, {2: "garbage"})
+    log = tmp_path / "bad_audio.tsv"
+
+    def epochs(n, tracker):
+        loader = ClipLoader(open_cuts([manifest]), ClipDataset(8000), 4, shuffle=True, drop_last=False, seed=0,
+                            rank=0, world_size=1, tracker=tracker)
+        return [b for b in loader.batches(epochs=n)]
+
+    tracker = BadAudioTracker(max_fraction=0.5, min_clips=1, log_path=str(log))
+    epochs(3, tracker)
+    assert (tracker.seen, tracker.bad) == (24, 3)  # counted in every epoch: the share is that of the data
+    valid = tracker.for_split("valid", [str(manifest)])
+    assert tracker.for_split("valid") is valid
+    loader = ClipLoader(open_cuts([manifest]), ClipDataset(8000), 4, shuffle=False, drop_last=False,
+                        rank=0, world_size=1, tracker=valid)
+    for _ in range(2):
+        list(loader.batches(epochs=1))
+    assert (valid.seen, valid.bad) == (16, 2)
+    lines = log.read_text().splitlines()
+    assert lines[0] == "split\tpath\treason" and len(lines) == 3
+    assert [line.split("\t")[:2] for line in lines[1:]] == [["train", str(tmp_path / "m-2.wav")],
+                                                            ["valid", str(tmp_path / "m-2.wav")]]
+    # a resumed run (new tracker, state from the checkpoint) neither lists the clip again nor loses counts
+    resumed = BadAudioTracker(max_fraction=0.5, min_clips=1, log_path=str(log))
+    resumed.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
+    assert (resumed.for_split("valid").seen, resumed.for_split("valid").bad) == (16, 2)
+    epochs(1, resumed)
+    assert len(log.read_text().splitlines()) == 3 and (resumed.seen, resumed.bad) == (32, 4)
+
+
+def test_no_usable_clip_in_a_split_names_its_manifests(tmp_path, synth_corpus):
+    manifest = local_manifest(synth_corpus / "synth_valid.jsonl.gz", tmp_path, "v", 3,
+                              {0: "garbage", 1: "delete", 2: "garbage"})
+    tracker = BadAudioTracker(1.0).for_split("valid", [str(manifest)])  # even with nothing tolerated
+    loader = ClipLoader(open_cuts([manifest]), ClipDataset(8000), 2, shuffle=False, drop_last=False,
+                        rank=0, world_size=1, tracker=tracker)
+    with pytest.raises(TooMuchBadAudio, match=rf"none of the 3 valid clips of {manifest} could be used"):
+        list(loader.batches(epochs=1))
+
+
+@pytest.fixture
+def data_root(tmp_path, synth_corpus) -> Path:
+    data = tmp_path / "data"
+    (data / "synth").mkdir(parents=True)
+    for f in synth_corpus.glob("synth_*.json*"):
+        (data / "synth" / f.name).symlink_to(f)
+    return data
+
+
+def test_fine_tuning_lists_and_counts_bad_validation_clips(tmp_path, synth_corpus, data_root):
+    valid = local_manifest(synth_corpus / "synth_valid.jsonl.gz", tmp_path / "v", "valid", 8, {1: "delete"})
+    train = local_manifest(synth_corpus / "synth_train.jsonl.gz", tmp_path / "t", "train", 12, {5: "garbage"})
+    run_dir = tmp_path / "run"
+    assert finetune(["--init", "none", "--task", "synth", "--data-root", str(data_root), "--run-dir", str(run_dir),
+                     *sets(*TINY, f"task.valid=[{valid}]", f"task.train=[{train}]", "data.max_bad_fraction=0.2",
+                           "phases=[{compression: none, epochs: 2}]")]) == 0
+    header, *lines = (run_dir / "bad_audio.tsv").read_text().splitlines()
+    rows = sorted(tuple(line.split("\t")) for line in lines)  # two epochs, each clip listed once
+    assert header == "split\tpath\treason" and [r[:2] for r in rows] == [
+        ("train", str(tmp_path / "t" / "train-5.wav")), ("valid", str(tmp_path / "v" / "valid-1.wav"))]
+    assert rows[0][2].startswith("unreadable (") and rows[1][2] == "missing (no such file)"
+    ckpt = sorted((run_dir / "checkpoints").glob("phase*"))[-1]
+    tracker = json.loads((ckpt / "trainer_state.json").read_text())["tracker"]
+    # the phase-end checkpoint is taken before its own validation: it has counted the first one
+    assert tracker["splits"]["valid"]["bad"] == 1 and tracker["splits"]["valid"]["seen"] == 8
+    assert tracker["bad"] == 2 and tracker["reasons"] == {"unreadable": 2}
+
+
+@pytest.mark.parametrize("eval_batches", [None, 1])
+def test_all_bad_validation_clips_stop_with_a_clear_error(tmp_path, synth_corpus, data_root, eval_batches, capsys):
+    valid = local_manifest(synth_corpus / "synth_valid.jsonl.gz", tmp_path / "v", "valid", 4,
+                           {i: "garbage" for i in range(4)})
+    extra = [] if eval_batches is None else [f"train.eval_batches={eval_batches}"]
+    assert finetune(["--init", "none", "--task", "synth", "--data-root", str(data_root), "--run-dir",
+                     str(tmp_path / "run"), *sets(*TINY, f"task.valid=[{valid}]", *extra,
+                                                   "phases=[{compression: none, epochs: 1}]")]) == 1
+    err = capsys.readouterr().err
+    assert "need at least one array" not in err and "Traceback" not in err
+    if eval_batches is None:  # a whole pass: the tracker names the manifest
+        assert f"none of the 4 valid clips of {valid} could be used" in err
+    else:  # a partial pass (eval_batches): the objective says so
+        assert "validation: none of the clips read could be used" in err and "bad_audio.tsv" in err
+
+
+def test_non_wav_and_whole_files_pass_the_integrity_check(tmp_path):
+    from common.integrity import truncation, wav_data_extent
+
+    whole = write_clip(tmp_path / "a.wav", seconds=0.5)
+    assert truncation(whole) is None and wav_data_extent(whole) == (16000, 16000, 2)
+    assert truncation(write_clip(tmp_path / "a.flac", seconds=0.5)) is None
+    assert truncation(write_clip(tmp_path / "s.wav", seconds=0.5, channels=2, subtype="FLOAT")) is None
+    ogg = write_clip(tmp_path / "a.ogg", seconds=0.5)
+    assert truncation(truncate(ogg, 0.5)) is None  # no length in the header to contradict: the decoder's job
+    stream = tmp_path / "stream.wav"  # a streamed WAV declares no data size
+    data = bytearray(whole.read_bytes())
+    data[40:44] = b"\xff\xff\xff\xff"
+    stream.write_bytes(bytes(data))
+    assert wav_data_extent(stream) is None and truncation(stream) is None
