@@ -282,7 +282,7 @@ def test_predict_windows_and_top_k(tmp_path, capsys):
     assert len(labels) == 2 and labels[0]["score"] >= labels[1]["score"]
     assert all(0 <= item["score"] <= 1 for item in labels) and {"Alpha", "b", "c"} >= {x["name"] for x in labels}
     assert predict(["--ckpt", str(tmp_path / "m.safetensors"), str(tmp_path / "missing.wav")]) == 1
-    assert "cannot read audio" in capsys.readouterr().err
+    assert "missing.wav: no such file" in capsys.readouterr().err
 
 
 def test_fine_tuning_recipes_in_the_repo_are_valid(capsys):
