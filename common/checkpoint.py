@@ -246,8 +246,13 @@ def load_encoder_state(
 ) -> tuple[EncoderConfig, dict[str, torch.Tensor], dict]:
     """``(config, encoder state dict, metadata)`` of any supported checkpoint (see module docstring).
 
-    ``metadata["source"]`` is ``export``, ``official`` (SSAST / AST) or ``imagenet`` (timm ViT / DeiT).
+    ``metadata["source"]`` is ``export``, ``official`` (SSAST / AST), ``imagenet`` (timm ViT / DeiT) or ``hf``
+    (a Hugging Face AST directory, read by :mod:`common.hf`).
     """
+    from common.hf import hf_encoder_state, is_hf_directory
+
+    if is_hf_directory(path):
+        return hf_encoder_state(path)
     file = resolve_model_file(path)
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file, safe_open

@@ -90,11 +90,15 @@ def save_classifier(model: Classifier, path: Path, classes: Sequence[str], meta:
 
 
 def load_classifier(path: str | Path) -> tuple[Classifier, dict]:
-    """A classifier export (or a fine-tuning run directory) -> ``(Classifier, metadata)``."""
+    """A classifier export (or a fine-tuning run directory, or an HF AST directory) -> ``(Classifier, metadata)``."""
     from common.checkpoint import resolve_model_file
+    from common.hf import hf_classifier_export, is_hf_directory
 
-    file = resolve_model_file(path)
-    tensors, meta = read_weights(file)
+    if is_hf_directory(path):  # a Hugging Face AST directory
+        file, (tensors, meta) = path, hf_classifier_export(path)
+    else:
+        file = resolve_model_file(path)
+        tensors, meta = read_weights(file)
     if "classifier" not in meta:
         raise ValueError(f"{file} is an encoder without a classification head (a pretraining export?); "
                          f"fine-tune it first: python finetune/run.py --init {path} --task NAME")
@@ -111,7 +115,10 @@ class ClassifierObjective:
     head_prefixes = ("head.",)
 
     def __init__(self, classes: Sequence[str], metric: str, loss: str, augment: AugmentConfig,
-                 head: HeadConfig = HeadConfig(), names: dict[str, str] | None = None) -> None:
+                 head: HeadConfig = HeadConfig(), names: dict[str, str] | None = None,
+                 head_init: dict[str, torch.Tensor] | None = None) -> None:
+        """``head_init``: weights the head starts from (``finetune/run.py --keep-head``) instead of random ones."""
+        self.head_init = head_init
         self.classes = list(classes)
         self.names = dict(names or {})
         self.score_name = metric
@@ -121,7 +128,10 @@ class ClassifierObjective:
         self.head = head
 
     def build_model(self, encoder: ASTEncoder) -> Classifier:
-        return Classifier(encoder, len(self.classes), self.head.pool)
+        model = Classifier(encoder, len(self.classes), self.head.pool)
+        if self.head_init is not None and not model.head[1].weight.is_meta:  # (FLOPs counting builds on meta)
+            model.head.load_state_dict({k: v.float() for k, v in self.head_init.items()})
+        return model
 
     def adapt_state(self, state: dict, old: EncoderConfig, new: EncoderConfig) -> dict:
         return state  # the head does not depend on the token grid

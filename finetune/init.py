@@ -6,10 +6,14 @@ the input length from the task; the stride from the recipe (default: the patch, 
 
 from __future__ import annotations
 
+import logging
+
 from common.model import ASTEncoder, EncoderConfig, ModelSpec
 from common.resize import adapt_state_dict
 
 __all__ = ["load_init", "task_encoder_config", "task_encoder"]
+
+log = logging.getLogger(__name__)
 
 
 def load_init(init: str):
@@ -27,6 +31,10 @@ def task_encoder_config(init, model: ModelSpec, num_mel_bins: int, target_frames
         return model.encoder_config(num_mel_bins, target_frames)
     cfg, _, meta = init
     fstride, tstride = model.stride or (cfg.fshape, cfg.tshape)
+    if meta.get("source") in ("hf", "export") and (fstride, tstride) != (cfg.fstride, cfg.tstride):
+        log.warning("the init was trained with patch stride %dx%d; this run uses %dx%d (model.stride; default: the "
+                    "patch, no overlap); --set model.stride=[%d,%d] keeps it", cfg.fstride, cfg.tstride, fstride,
+                    tstride, cfg.fstride, cfg.tstride)
     mel = num_mel_bins if meta.get("source") == "imagenet" else cfg.num_mel_bins
     return cfg.replace(num_mel_bins=mel, input_tdim=target_frames, fstride=fstride, tstride=tstride,
                        drop_path_rate=model.drop_path_rate)

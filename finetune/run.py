@@ -7,7 +7,8 @@
     deepspeed --num_gpus 4 finetune/run.py --init ... --task audioset                      # several GPUs
 
 ``--init`` takes a pretraining or fine-tuning run directory, an exported model, an official SSAST / AST
-``.pth``, timm ImageNet ViT / DeiT weights, or ``none``. The positional embedding and strides adapt to
+``.pth``, timm ImageNet ViT / DeiT weights, a Hugging Face AST directory (``--keep-head`` keeps its
+classifier when the task's classes are its labels), or ``none``. The positional embedding and strides adapt to
 the task's input length. Each epoch is evaluated on the task's evaluation split; ESC-50 runs its five
 folds and reports the fold-averaged accuracy; tasks with a test split (SpeechCommands, VoxCeleb) are
 evaluated on it at the end with the best epoch's model.
@@ -35,12 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: python finetune/run.py --init runs/pretrain/ssast_fshift4 --task vggsound",
     )
     parser.add_argument("--init", help="where the encoder starts: a run directory, an exported model, an SSAST / "
-                                       "AST .pth, timm ImageNet ViT/DeiT weights, or 'none' (from scratch)")
+                                       "AST .pth, timm ImageNet ViT/DeiT weights, a Hugging Face AST directory, or "
+                                       "'none' (from scratch)")
     parser.add_argument("--task", help="a task name (see --list-tasks) or a task YAML file")
     parser.add_argument("--recipe", type=Path, default=None,
                         help="recipe overriding the task's defaults, e.g. recipes/ft_fshift4.yaml (coarse to fine)")
     parser.add_argument("--data-root", default=None, help="folder the task's manifests are under (default: data)")
     parser.add_argument("--list-tasks", action="store_true", help="print the registered tasks and exit")
+    parser.add_argument("--keep-head", action="store_true",
+                        help="with --init a Hugging Face ASTForAudioClassification directory: start from its "
+                             "classifier head (the task's classes must equal its labels; needs --set head.pool=prefix)")
     add_run_arguments(parser, "runs/finetune")
     return parser
 
@@ -103,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.task, args.recipe, args.overrides, init=args.init, data_root=args.data_root)
         classes, names = read_classes(recipe.task.path(recipe.task.classes))
         init = load_init(recipe.init)
+        head_init = None
+        if args.keep_head:
+            from common.hf import kept_head
+            try:
+                head_init = kept_head(recipe.init, classes, names, recipe.head.pool)
+            except ValueError as err:
+                from common.recipe import RecipeError
+                raise RecipeError(str(err)) from None
         base = task_encoder_config(init, recipe.model, recipe.num_mel_bins, recipe.task.target_frames)
         try:
             phase_encoder_configs(base, recipe.phases)
@@ -121,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         done = True
         with training_session(run_root, recipe) as dist:
             objective = ClassifierObjective(classes, recipe.task.metric, recipe.task.loss, recipe.augment,
-                                            recipe.head, names)
+                                            recipe.head, names, head_init)
             splits = recipe.task.fold_splits()
             for k, (train, valid) in enumerate(splits):
                 run_dir = run_root / f"fold{k + 1}" if recipe.task.folds else run_root
@@ -131,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                                phases=recipe.phases, transfer=recipe.transfer, optim=recipe.optim, train=recipe.train,
                                data=data, init=None if init is None else init[:2],
                                init_pos_embed=init_pos_mode(init, recipe.transfer.pos_embed),
-                               meta={"task": recipe.task.name, "init": recipe.init})
+                               meta={"task": recipe.task.name, "init": recipe.init,
+                                     **({"kept_head": True} if head_init is not None else {})})
                 log.info("fine-tuning on %s%s into %s (init: %s)", recipe.task.name,
                          f" fold {k + 1}/{len(splits)}" if recipe.task.folds else "", run_dir, recipe.init)
                 done = Trainer(spec, objective, dist).run(stop_after=args.stop_after_steps)
