@@ -310,6 +310,11 @@ def test_the_demo_writes_its_reports_and_plots(tmp_path):
     assert "| Baseline |" in Path(results["reports"][1]).read_text()
     assert "coarse to fine, Fshift 4→1" in Path(results["summary"]).read_text()
     assert set(results["probes"]) == {"baseline", "c2f"}
+    hf = results["hf"]  # a prefix-pooled fine-tune of the c2f encoder, exported and run through transformers
+    assert (Path(hf["dir"]) / "config.json").is_file() and (Path(hf["dir"]) / "preprocessor_config.json").is_file()
+    assert len(hf["top"]) == 3 and hf["top"][0]["score"] >= hf["top"][1]["score"]
+    names = json.loads((tmp_path / "demo" / "data" / "synth" / "synth_classes.json").read_text())["names"]
+    assert {t["label"] for t in hf["top"]} <= set(names.values())
 
 
 def test_three_phase_fine_tuning_with_patch_and_pooling(tmp_path, synth_corpus):
