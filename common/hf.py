@@ -597,7 +597,8 @@ def write_hf_directory(model: ASTWeights, out: str | os.PathLike) -> Path:
 
     ``ASTForAudioClassification`` when the model has a head (``id2label`` = the display names; the class
     ids are kept under ``coarse2fine.classes`` for the way back), ``ASTModel`` otherwise. The three files
-    replace those in ``out`` together at the end, so a failure leaves ``out`` as it was.
+    are written into a temporary folder and moved into ``out`` at the end, so a failure while writing
+    leaves no half-written file behind.
 
     Raises:
         HFFormatError: what the format cannot hold (see :func:`read_ast`).
@@ -660,6 +661,7 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, norm: str | None =
         HFFormatError: naming everything the format cannot hold (see the module docstring).
     """
     model, problems = read_ast(src, norm)
+    problems += _format_problems(model)
     if problems:
         raise HFFormatError(f"cannot export {model.source} to the Hugging Face AST format: {'; '.join(problems)}")
     return write_hf_directory(model, out)
