@@ -38,7 +38,11 @@ setup(
         "matplotlib>=3.7",
         "numpy>=1.24",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.2"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.2"],
+        # Hugging Face interop (common/hf.py): export to / classify with transformers' AST classes
+        "hf": ["transformers>=4.30"],
+    },
     entry_points={
         "console_scripts": [
             "c2f-corpora=common.corpora.__main__:main",
@@ -47,6 +51,7 @@ setup(
             "c2f-linear-probe=finetune.linear_probe:main",
             "c2f-report=finetune.report:main",
             "c2f-predict=finetune.predict:main",
+            "c2f-hf=common.hf:main",
         ]
     },
 )

@@ -53,6 +53,10 @@ class EncoderWeights(NamedTuple):
 
 def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWeights:
     """The encoder weights of any supported checkpoint (see the module docstring)."""
+    from common.hf import hf_encoder_state, is_hf_directory
+
+    if is_hf_directory(path):
+        return hf_encoder_state(path)
     file = resolve_model_file(path)
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file

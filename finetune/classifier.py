@@ -122,14 +122,16 @@ def _checkpoint_with_head(file: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
     """A classifier export, a fine-tuning run directory, or another project's checkpoint with a head of
-    its own (an official HTS-AT ``.ckpt``) -> ``(classifier, metadata)``."""
+    its own (an official HTS-AT ``.ckpt``), or a Hugging Face AST directory -> ``(classifier, metadata)``."""
     from common.exports import is_export, resolve_model_file
+    from common.hf import hf_classifier_export, is_hf_directory
 
-    file = resolve_model_file(path)
-    if file.suffix == ".safetensors" and is_export(file):
-        tensors, meta = read_weights(file)
+    if is_hf_directory(path):
+        file, (tensors, meta) = path, hf_classifier_export(path)
     else:
-        tensors, meta = _checkpoint_with_head(file)
+        file = resolve_model_file(path)
+        exported = file.suffix == ".safetensors" and is_export(file)
+        tensors, meta = read_weights(file) if exported else _checkpoint_with_head(file)
     if "classifier" not in meta:
         raise ValueError(f"{file} is an encoder without a classification head (a pretraining export?); "
                          f"fine-tune it first: python finetune/run.py --init {path} --task NAME")
@@ -144,7 +146,10 @@ class ClassifierObjective:
     """Supervised fine-tuning as a :class:`common.trainer.Objective` (any architecture)."""
 
     def __init__(self, classes: Sequence[str], metric: str, loss: str, augment: AugmentConfig,
-                 head: HeadConfig = HeadConfig(), names: dict[str, str] | None = None) -> None:
+                 head: HeadConfig = HeadConfig(), names: dict[str, str] | None = None,
+                 head_init: dict[str, torch.Tensor] | None = None) -> None:
+        """``head_init``: weights the head starts from (``finetune/run.py --keep-head``) instead of random ones."""
+        self.head_init = head_init
         self.classes = list(classes)
         self.names = dict(names or {})
         self.score_name = metric
@@ -155,9 +160,12 @@ class ClassifierObjective:
 
     def build_model(self, geometry) -> nn.Module:
         """The architecture's classifier (``head.pool: auto`` here is the pooling of a model from scratch;
-        ``finetune/run.py`` resolves it against the init first)."""
+        ``finetune/run.py`` resolves it against the init first), its head from ``head_init`` if given."""
         arch = architecture_for(geometry)
-        return arch.build_classifier(geometry, len(self.classes), arch.resolve_pool(self.head.pool, None))
+        model = arch.build_classifier(geometry, len(self.classes), arch.resolve_pool(self.head.pool, None))
+        if self.head_init is not None and not next(model.head.parameters()).is_meta:  # (FLOPs count on meta)
+            model.head.load_state_dict({k: v.float() for k, v in self.head_init.items()})
+        return model
 
     def adapt_state(self, state: dict, old, new) -> dict:
         return state  # the head does not depend on the token grid

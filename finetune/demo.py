@@ -8,6 +8,11 @@
    coarse-to-fine encoder with coarse-to-fine fine-tuning (``recipes/ft_synth_fshift4.yaml``).
 4. Linear probing of both pretrained encoders.
 5. The savings reports (paper Table 2 rule) with plots of the metric against training FLOPs.
+6. The Hugging Face export: the comparisons above fine-tune with mean pooling (SSAST's), which the Hugging
+   Face AST format cannot hold, so the coarse-to-fine encoder is fine-tuned once more with prefix
+   (cls + dist) pooling; its best epoch is exported to ``demo_out/hf/`` as an
+   ``ASTForAudioClassification`` and one test clip is classified through ``transformers``'
+   ``audio-classification`` pipeline.
 
 Everything goes under ``--out`` (default ``demo_out/``); re-running skips the finished steps (each run
 resumes or finds itself complete).
@@ -44,7 +49,7 @@ def run(out: Path, quick: bool = False) -> dict:
 
     data = out / "data"
     start = time.perf_counter()
-    t = _step("1/5 the built-in corpus")
+    t = _step("1/6 the built-in corpus")
     if not (data / "synth" / "synth_classes.json").is_file():
         get_corpus("synth").prepare(None, data / "synth", size="test" if quick else "demo")
     print(f"data/synth ready ({time.perf_counter() - t:.0f} s)")
@@ -57,7 +62,7 @@ def run(out: Path, quick: bool = False) -> dict:
     runs = {"c2f": (RECIPES / "synth_pretrain.yaml", ["phases.0.steps=1", "phases.1.steps=5"]),
             "baseline": (RECIPES / "synth_pretrain_baseline.yaml", ["phases.0.steps=8"])}
     for name, (recipe, quick_steps) in runs.items():
-        t = _step(f"2/5 pretraining ({'coarse to fine' if name == 'c2f' else 'baseline, full resolution'})")
+        t = _step(f"2/6 pretraining ({'coarse to fine' if name == 'c2f' else 'baseline, full resolution'})")
         argv = ["--recipe", str(recipe), "--run-dir", str(out / "pretrain" / name), *common]
         if quick:
             argv += _sets(*quick_steps, "baseline=null")
@@ -75,7 +80,7 @@ def run(out: Path, quick: bool = False) -> dict:
         "from_c2f_fshift4": (out / "pretrain" / "c2f", RECIPES / "ft_synth_fshift4.yaml"),
     }
     for name, (init, recipe) in finetunes.items():
-        t = _step(f"3/5 fine-tuning {name.replace('_', ' ')}")
+        t = _step(f"3/6 fine-tuning {name.replace('_', ' ')}")
         argv = ["--init", str(init), *ft_common, "--run-dir", str(out / "finetune" / name)]
         if recipe is not None:
             argv += ["--recipe", str(recipe)]
@@ -85,7 +90,7 @@ def run(out: Path, quick: bool = False) -> dict:
             raise RuntimeError(f"fine-tuning {name} failed")
         print(f"({time.perf_counter() - t:.0f} s)")
 
-    t = _step("4/5 linear probes of the pretrained encoders")
+    t = _step("4/6 linear probes of the pretrained encoders")
     probes = {}
     for name in ("baseline", "c2f"):
         result = out / f"probe_{name}.json"
@@ -96,7 +101,7 @@ def run(out: Path, quick: bool = False) -> dict:
         probes[name] = json.loads(result.read_text())[0]["value"]
     print(f"({time.perf_counter() - t:.0f} s)")
 
-    t = _step("5/5 savings reports")
+    t = _step("5/6 savings reports")
     for kind, baseline, runs_, names in (
         ("pretrain", out / "pretrain" / "baseline", [out / "pretrain" / "c2f"], ["SSAST Fshift 4→1"]),
         ("finetune", out / "finetune" / "from_baseline",
@@ -106,16 +111,51 @@ def run(out: Path, quick: bool = False) -> dict:
         if report(["--baseline", str(baseline), "--runs", *map(str, runs_), "--names", *names,
                    "--out", str(out / f"report_{kind}")]) != 0:
             raise RuntimeError(f"the {kind} report failed")
+    t = _step("6/6 Hugging Face export (fine-tuning with prefix pooling, the pooling the format holds)")
+    argv = ["--init", str(out / "pretrain" / "c2f"), *ft_common, "--run-dir", str(out / "finetune" / "for_hf"),
+            *_sets("head.pool=prefix")]
+    if finetune(argv + (_sets("phases=[{compression: none, epochs: 2}]") if quick else [])) != 0:
+        raise RuntimeError("fine-tuning for the Hugging Face export failed")
+    hf = export_to_hf(out / "finetune" / "for_hf", data, out / "hf")
+    print(f"({time.perf_counter() - t:.0f} s)")
     summary = summarise(out, probes)
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s.\n\n{summary}\nResults under {out}/:")
     (out / "summary.md").write_text(summary)
     results = {"reports": [str(out / f"report_{k}" / "report.md") for k in ("pretrain", "finetune")],
                "plots": [str(out / f"report_{k}" / "report.png") for k in ("pretrain", "finetune")],
-               "probes": probes, "summary": str(out / "summary.md")}
+               "probes": probes, "summary": str(out / "summary.md"), "hf": hf}
     for path in [results["summary"]] + results["reports"] + results["plots"]:
         print(f"  {path}")
     print(f"  TensorBoard: tensorboard --logdir {out}")
     return results
+
+
+def export_to_hf(run: Path, data: Path, target: Path) -> dict:
+    """Export the best epoch of the fine-tuning run ``run`` to ``target`` as a Hugging Face AST directory
+    and classify one test clip through ``transformers``' pipeline (skipped, saying how to install it,
+    without ``transformers``)."""
+    import soundfile as sf
+
+    from common.exports import read_weights
+    from common.hf import TransformersMissing, classify, export_hf
+
+    best = run / "export" / "best.safetensors"
+    accuracy = read_weights(best)[1]["eval"]["metrics"]["acc"]
+    clip = sorted((data / "synth" / "synth_audio" / "test").glob("*.flac"))[0]
+    wave, rate = sf.read(clip, dtype="float32")
+    try:
+        hf_dir = export_hf(best, target)
+        top = classify(hf_dir, wave, rate, top_k=3)
+    except TransformersMissing as err:
+        print(f"skipped: {err}")
+        return {}
+    except ValueError as err:
+        raise RuntimeError(f"the Hugging Face export failed: {err}") from err
+    print(f"exported {best} (validation accuracy {100 * accuracy:.1f} %) to {hf_dir}/")
+    print(f"transformers pipeline('audio-classification') on {clip.name}:")
+    for item in top:
+        print(f"  {item['score']:.3f}  {item['label']}")
+    return {"dir": str(hf_dir), "accuracy": accuracy, "clip": str(clip), "top": top}
 
 
 def summarise(out: Path, probes: dict) -> str:

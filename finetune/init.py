@@ -20,6 +20,7 @@ its initialisation.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,6 +32,8 @@ from common.phases import TransferConfig
 
 __all__ = ["InitTransferConfig", "load_init", "task_encoder_config", "init_pos_mode", "init_pool", "resolve_pool",
            "task_encoder"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,10 @@ def task_encoder_config(init: EncoderWeights | None, model: ModelSpec, num_mel_b
         return model.encoder_config(num_mel_bins, target_frames)
     cfg = init.config
     fstride, tstride = model.stride or (cfg.fshape, cfg.tshape)
+    if init.meta.get("source") in ("hf", "export") and (fstride, tstride) != (cfg.fstride, cfg.tstride):
+        log.warning("the init was trained with patch stride %dx%d; this run uses %dx%d (model.stride; default: the "
+                    "patch, no overlap); --set model.stride=[%d,%d] keeps it", cfg.fstride, cfg.tstride, fstride,
+                    tstride, cfg.fstride, cfg.tstride)
     mel = num_mel_bins if init.meta.get("source") == "imagenet" else cfg.num_mel_bins
     return cfg.replace(num_mel_bins=mel, input_tdim=target_frames, fstride=fstride, tstride=tstride,
                        drop_path_rate=model.drop_path_rate)

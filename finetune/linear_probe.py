@@ -57,9 +57,12 @@ class ProbeRecipe:
 
 def _cache_key(ckpt: str, manifests: Sequence[str], cfg, layer, pool) -> str:
     from common.exports import resolve_model_file
+    from common.hf import is_hf_directory
 
-    file = resolve_model_file(ckpt)
-    parts = [str(file.resolve()), str(file.stat().st_mtime_ns), str(cfg.to_dict()), str(layer), pool]
+    files = sorted(p for p in Path(ckpt).iterdir() if p.is_file()) if is_hf_directory(ckpt) \
+        else [resolve_model_file(ckpt)]
+    parts = [str(x) for f in files for x in (f.resolve(), f.stat().st_mtime_ns)] + [str(cfg.to_dict()), str(layer),
+                                                                                    pool]
     parts += [f"{Path(m).resolve()}:{Path(m).stat().st_mtime_ns if Path(m).exists() else 0}" for m in manifests]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
@@ -173,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: python finetune/linear_probe.py --init runs/pretrain/ssast_fshift4 --task esc50 "
                "speechcommands",
     )
-    parser.add_argument("--init", required=True, help="a run directory, an export, an SSAST/AST .pth, ...")
+    parser.add_argument("--init", required=True,
+                        help="a run directory, an export, an SSAST/AST .pth, a Hugging Face AST directory, ...")
     parser.add_argument("--task", nargs="+", default=None, help="task name(s) or task YAML file(s)")
     parser.add_argument("--recipe", type=Path, default=None, help="a probe recipe (YAML: tasks, layer, pool, C, ...)")
     parser.add_argument("--layer", type=int, default=None, help="block to read (1-based; default: the last)")

@@ -1,23 +1,69 @@
-"""Tag audio files with a fine-tuned model: the top-k classes and their scores for each file.
+"""Tag audio files with a fine-tuned model: the top-k classes of each file, and of each window of a long one.
 
     python finetune/predict.py --ckpt runs/finetune/vggsound-baseline dog.wav street.flac
-    python finetune/predict.py --ckpt model.safetensors --top-k 3 --json long_recording.wav
+    python finetune/predict.py --ckpt runs/finetune/vggsound-baseline --windows long_recording.flac
+    python finetune/predict.py --ckpt model.safetensors --json *.wav > scores.json
+    python finetune/predict.py --ckpt my_hf_ast_dir clip.wav          # a Hugging Face AST directory
 
-Audio of any sampling rate is resampled to the model's; audio longer than the model's clip length is
-cut into windows (``--hop`` seconds apart, the last one aligned with the end) whose scores are averaged.
+Audio of any sampling rate is resampled to the model's. A file longer than the model's clip is cut into
+windows of one clip, ``--hop`` seconds apart (default: half a clip), the last one ending with the file; a
+shorter file is one window, zero-padded as in training. A file's scores aggregate its windows'
+(``--aggregate``):
+
+- ``max`` (the default for models trained with BCE, i.e. multi-label tasks): each class's highest window
+  score, so an event heard in one window of a long recording keeps its score instead of being averaged away;
+- ``mean`` (the default for softmax / cross-entropy models, one class per clip): the mean of the windows'
+  class probabilities, which is still a distribution over the classes.
+
+``--windows`` also lists each window's start and end time with its top classes; ``--json`` prints, per
+file, every class's aggregated score and, per window, its start, end and every class's score (the output
+scripts and the Hugging Face exactness test read). A file that cannot be read (missing, not audio,
+corrupt) is reported with its full reason and the other files are still tagged; the exit status is then 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["windows", "predict_file", "main"]
+__all__ = ["AGGREGATIONS", "AudioReadError", "FilePrediction", "windows", "aggregate_rule", "load_audio",
+           "predict_file", "main"]
+
+AGGREGATIONS = ("auto", "max", "mean")
+
+
+class AudioReadError(ValueError):
+    """A file that cannot be tagged; the message is the reason, without the path."""
+
+
+@dataclass(frozen=True)
+class FilePrediction:
+    """Scores of one file.
+
+    Args:
+        file: the path as given.
+        duration: seconds of audio.
+        starts, ends: each window's start and end in seconds (the end is the file's end for the last one).
+        window_scores: ``[windows, classes]`` scores (sigmoid for BCE models, softmax otherwise).
+        scores: ``[classes]``, the windows aggregated by ``aggregate``.
+        aggregate: ``max`` or ``mean``.
+    """
+
+    file: str
+    duration: float
+    starts: list[float]
+    ends: list[float]
+    window_scores: np.ndarray
+    scores: np.ndarray
+    aggregate: str
 
 
 def windows(num_samples: int, clip: int, hop: int) -> list[int]:
@@ -30,31 +76,82 @@ def windows(num_samples: int, clip: int, hop: int) -> list[int]:
     return starts
 
 
+def aggregate_rule(meta: dict, choice: str = "auto") -> str:
+    """The rule combining a file's windows: ``choice``, or for ``auto`` ``max`` for BCE (multi-label) models
+    and ``mean`` for softmax models."""
+    if choice not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {choice!r}; choose one of {', '.join(AGGREGATIONS)}")
+    if choice != "auto":
+        return choice
+    return "max" if meta.get("loss") == "bce" else "mean"
+
+
+_BACKEND_FAILURE = re.compile(r"^Exception #\d+ \(<class '[\w.]*?(\w+)'>\): <class '[\w.]*?(\w+)'>: (.*)$")
+# backends that failed because they are not available here, not because of the file
+_UNAVAILABLE = ("AttributeError", "ImportError", "ModuleNotFoundError", "NoBackendError")
+
+
+def _decoder_reason(err: Exception) -> str:
+    """The whole reason of a Lhotse decoding failure: each backend's own message (Lhotse's text says only
+    "... failed. Details:" on its first line)."""
+    text = str(err) or type(err).__name__
+    reasons = []
+    for line in text.splitlines():
+        m = _BACKEND_FAILURE.match(line.strip())
+        if m and m.group(3).strip() and m.group(2) not in _UNAVAILABLE:
+            reasons.append(f"{m.group(3).strip()} ({m.group(1)})")
+    if reasons:
+        return "cannot decode it: " + "; ".join(dict.fromkeys(reasons))
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("Set LHOTSE_")]
+    return "cannot decode it: " + " ".join(lines)
+
+
 def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
-    """First channel of ``path`` at ``sample_rate`` (Lhotse decodes and resamples)."""
+    """First channel of ``path`` at ``sample_rate`` (Lhotse decodes and resamples).
+
+    Raises:
+        AudioReadError: with the reason: ``no such file``, ``is a directory``, ``permission denied``, every
+            decoder's message, ``empty`` or ``non-finite samples``.
+    """
     from lhotse import Recording
 
+    path = Path(path)
+    if not path.exists():
+        raise AudioReadError("no such file")
+    if path.is_dir():
+        raise AudioReadError("is a directory, not an audio file")
+    if not os.access(path, os.R_OK):
+        raise AudioReadError("permission denied")
     try:
         rec = Recording.from_file(path)
         if rec.sampling_rate != sample_rate:
             rec = rec.resample(sample_rate)
         audio = rec.load_audio()
     except Exception as err:  # noqa: BLE001 - any decoder failure
-        raise ValueError(f"cannot read audio {path}: {str(err).splitlines()[0] if str(err) else err}") from None
+        raise AudioReadError(_decoder_reason(err)) from None
     wave = np.asarray(audio[0], dtype=np.float32)
-    if wave.size == 0 or not np.isfinite(wave).all():
-        raise ValueError(f"audio {path} is empty or holds non-finite samples")
+    if wave.size == 0:
+        raise AudioReadError("empty audio (0 samples)")
+    if not np.isfinite(wave).all():
+        raise AudioReadError("holds non-finite samples (NaN or infinity)")
     return wave
 
 
-def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None = None,
-                 batch_size: int = 16, device: torch.device = torch.device("cpu")) -> np.ndarray:
-    """Per-class scores of one file, averaged over its windows."""
+def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None = None, batch_size: int = 16,
+                 device: torch.device = torch.device("cpu"), aggregate: str = "auto") -> FilePrediction:
+    """Score every window of one file and aggregate them (see the module docstring).
+
+    Raises:
+        AudioReadError: the file cannot be read.
+    """
     from finetune.evaluate import clip_for_export, predict_scores
 
-    sample_rate, clip = clip_for_export(meta)
-    wave = load_audio(path, sample_rate)
-    hop = max(1, int(round(hop_seconds * sample_rate))) if hop_seconds else max(1, clip // 2)
+    rate, clip = clip_for_export(meta)
+    rule = aggregate_rule(meta, aggregate)
+    wave = load_audio(path, rate)
+    if hop_seconds is not None and hop_seconds <= 0:
+        raise ValueError(f"--hop must be positive, got {hop_seconds}")
+    hop = max(1, int(round(hop_seconds * rate))) if hop_seconds else max(1, clip // 2)
     starts = windows(wave.size, clip, hop)
     scores = []
     for i in range(0, len(starts), batch_size):
@@ -66,24 +163,58 @@ def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None 
             batch[j, : piece.size] = torch.from_numpy(piece)
             lengths[j] = piece.size
         scores.append(predict_scores(model, meta, batch.to(device), lengths.to(device)).cpu())
-    return torch.cat(scores).mean(0).numpy()
+    per_window = torch.cat(scores).numpy()
+    combined = per_window.max(0) if rule == "max" else per_window.mean(0)
+    return FilePrediction(str(path), wave.size / rate, [s / rate for s in starts],
+                          [min(s + clip, wave.size) / rate for s in starts], per_window, combined, rule)
+
+
+def _top(scores: np.ndarray, classes: list[str], names: dict, k: int) -> list[dict]:
+    return [{"label": classes[i], "name": names.get(classes[i], classes[i]), "score": float(scores[i])}
+            for i in np.argsort(-scores, kind="stable")[:k]]
+
+
+def _entry(pred: FilePrediction, classes: list[str], names: dict, top_k: int) -> dict:
+    return {"file": pred.file, "duration": pred.duration, "aggregate": pred.aggregate,
+            "labels": _top(pred.scores, classes, names, top_k),
+            "scores": {c: float(s) for c, s in zip(classes, pred.scores)},
+            "windows": [{"start": start, "end": end, "scores": {c: float(s) for c, s in zip(classes, row)}}
+                        for start, end, row in zip(pred.starts, pred.ends, pred.window_scores)]}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune/predict.py",
-                                     description="Top-k labels with scores for audio files, from a fine-tuned model.",
-                                     epilog="example: python finetune/predict.py --ckpt runs/finetune/synth-baseline "
-                                            "data/synth/synth_audio/test/*.flac")
-    parser.add_argument("--ckpt", required=True, help="a fine-tuning run directory or a classifier export")
+    parser = argparse.ArgumentParser(
+        prog="finetune/predict.py",
+        description="Top-k labels with scores for audio files, from a fine-tuned model. Files longer than the "
+                    "model's clip are cut into windows; a file's score per class is the MAX over its windows for "
+                    "models trained with BCE (multi-label: an event in one window stays visible) and the MEAN "
+                    "of the windows' probabilities for softmax models (--aggregate changes it). Unreadable files "
+                    "are reported and skipped; the exit status is then 1.",
+        epilog="example: python finetune/predict.py --ckpt runs/finetune/synth-baseline --windows "
+               "data/synth/synth_audio/test/*.flac")
+    parser.add_argument("--ckpt", required=True,
+                        help="a fine-tuning run directory, a classifier export, or a Hugging Face AST directory")
     parser.add_argument("audio", nargs="+", help="audio files (any format libsndfile reads, any sampling rate)")
-    parser.add_argument("--top-k", type=int, default=5, help="labels to show per file (default 5)")
+    parser.add_argument("--top-k", type=int, default=5, help="labels to show per file and window (default 5)")
     parser.add_argument("--hop", type=float, default=None, help="seconds between windows (default: half a clip)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--aggregate", choices=AGGREGATIONS, default="auto",
+                        help="how a file's windows combine: max, mean, or auto (default: max for BCE / multi-label "
+                             "models, mean for softmax models)")
+    parser.add_argument("--windows", action="store_true",
+                        help="also list every window's start and end time (s) with its top-k labels")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON: per file its duration, aggregation, top-k labels, every class's score and "
+                             "per window its start, end and every class's score; unreadable files as "
+                             "{file, error}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.top_k < 1:
+        build_parser().error("--top-k must be at least 1")
+    if args.hop is not None and args.hop <= 0:
+        build_parser().error("--hop must be positive")
 
     def body() -> int:
         from finetune.classifier import load_classifier
@@ -91,22 +222,39 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, meta = load_classifier(args.ckpt)
         model.to(device)
-        classes = meta["classifier"]["classes"]
+        classes = list(meta["classifier"]["classes"])
         names = meta.get("class_names", {})
         results = []
         for path in args.audio:
-            scores = predict_file(model, meta, path, args.hop, device=device)
-            top = np.argsort(-scores)[: args.top_k]
-            results.append({"file": path, "labels": [{"label": classes[i], "name": names.get(classes[i], classes[i]),
-                                                      "score": float(scores[i])} for i in top]})
+            try:
+                pred = predict_file(model, meta, path, args.hop, device=device, aggregate=args.aggregate)
+            except AudioReadError as err:
+                results.append({"file": path, "error": str(err)})
+                continue
+            results.append(_entry(pred, classes, names, args.top_k))
         if args.json:
             print(json.dumps(results, indent=1))
         else:
             for r in results:
-                print(r["file"])
+                if "error" in r:
+                    print(f"{r['file']}\n  error: {r['error']}")
+                    continue
+                count = len(r["windows"])
+                how = f"{count} windows, {r['aggregate']} over windows" if count > 1 else "1 window"
+                print(f"{r['file']}  ({r['duration']:.2f} s, {how})")
                 for item in r["labels"]:
                     print(f"  {item['score']:.3f}  {item['name']}")
-        return 0
+                if args.windows:
+                    for w in r["windows"]:
+                        top = _top(np.array(list(w["scores"].values())), classes, names, args.top_k)
+                        print(f"    {w['start']:.2f}-{w['end']:.2f} s  "
+                              + ", ".join(f"{t['score']:.3f} {t['name']}" for t in top))
+        failed = [r for r in results if "error" in r]
+        for r in failed:
+            print(f"error: {r['file']}: {r['error']}", file=sys.stderr)
+        if failed:
+            print(f"error: {len(failed)} of {len(results)} files could not be read", file=sys.stderr)
+        return 1 if failed else 0
 
     from common.cli import run_main
 

@@ -7,7 +7,8 @@
     deepspeed --num_gpus 4 finetune/run.py --init ... --task audioset                      # several GPUs
 
 ``--init`` takes a pretraining or fine-tuning run directory, an exported model, an official SSAST / AST
-``.pth``, timm ImageNet ViT / DeiT weights, or ``none``. The positional embedding and strides adapt to
+``.pth``, timm ImageNet ViT / DeiT weights, a Hugging Face AST directory (``--keep-head`` keeps its
+classifier when the task's classes are its labels), or ``none``. The positional embedding and strides adapt to
 the task's input length. Each epoch is evaluated on the task's evaluation split; ESC-50 runs its five
 folds and reports the fold-averaged accuracy; tasks with a test split (SpeechCommands, VoxCeleb) are
 evaluated on it at the end with the best epoch's model.
@@ -35,12 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: python finetune/run.py --init runs/pretrain/ssast_fshift4 --task vggsound",
     )
     parser.add_argument("--init", help="where the encoder starts: a run directory, an exported model, an SSAST / "
-                                       "AST .pth, timm ImageNet ViT/DeiT weights, or 'none' (from scratch)")
+                                       "AST .pth, timm ImageNet ViT/DeiT weights, a Hugging Face AST directory, or "
+                                       "'none' (from scratch)")
     parser.add_argument("--task", help="a task name (see --list-tasks) or a task YAML file")
     parser.add_argument("--recipe", type=Path, default=None,
                         help="recipe overriding the task's defaults, e.g. recipes/ft_fshift4.yaml (coarse to fine)")
     parser.add_argument("--data-root", default=None, help="folder the task's manifests are under (default: data)")
     parser.add_argument("--list-tasks", action="store_true", help="print the registered tasks and exit")
+    parser.add_argument("--keep-head", action="store_true",
+                        help="with --init a Hugging Face ASTForAudioClassification directory: start from its "
+                             "classifier head (the task's classes must equal its labels; needs --set head.pool=prefix)")
     add_run_arguments(parser, "runs/finetune")
     return parser
 
@@ -108,16 +113,22 @@ def main(argv: list[str] | None = None) -> int:
         check_files(recipe)  # class list, manifests, statistics: before any compute or run directory
         classes, names = read_classes(recipe.task.path(recipe.task.classes))
         init = load_init(recipe.init)
+        head_init = None
         try:
             base = task_encoder_config(init, recipe.model, recipe.num_mel_bins, recipe.task.target_frames)
             audio = recipe.audio(getattr(base, "num_mel_bins", None))  # the AST family's front end
             configs = geometries(architecture_for(base, audio), recipe.phases)
             head = replace(recipe.head, pool=resolve_pool(recipe.head.pool, init, base))
+            if args.keep_head:
+                from common.hf import kept_head
+
+                head_init = kept_head(recipe.init, classes, names, head.pool)
         except ValueError as err:
             raise RecipeError(str(err)) from None
         from finetune.classifier import ClassifierObjective
 
-        objective = ClassifierObjective(classes, recipe.task.metric, recipe.task.loss, recipe.augment, head, names)
+        objective = ClassifierObjective(classes, recipe.task.metric, recipe.task.loss, recipe.augment, head, names,
+                                        head_init)
         if args.dry_run:
             print_plan(recipe, configs, objective)
             for note in notes:
@@ -144,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                                data=data, init=init,
                                init_pos_embed=init_pos_mode(init, recipe.transfer.pos_embed,
                                                             recipe.transfer.init_pos_embed),
-                               run_recipe=session.run_recipe, meta={"task": recipe.task.name, "init": recipe.init})
+                               run_recipe=session.run_recipe,
+                               meta={"task": recipe.task.name, "init": recipe.init,
+                                     **({"kept_head": True} if head_init is not None else {})})
                 log.info("fine-tuning on %s%s into %s (init: %s)", recipe.task.name,
                          f" fold {k + 1}/{len(splits)}" if recipe.task.folds else "", run_dir, recipe.init)
                 done = Trainer(spec, objective, dist).run(stop_after=args.stop_after_steps)

@@ -339,7 +339,7 @@ def test_predict_windows_and_top_k(tmp_path, capsys):
     assert len(labels) == 2 and labels[0]["score"] >= labels[1]["score"]
     assert all(0 <= item["score"] <= 1 for item in labels) and {"Alpha", "b", "c"} >= {x["name"] for x in labels}
     assert predict(["--ckpt", str(tmp_path / "m.safetensors"), str(tmp_path / "missing.wav")]) == 1
-    assert "cannot read audio" in capsys.readouterr().err
+    assert "missing.wav: no such file" in capsys.readouterr().err
 
 
 def test_fine_tuning_recipes_in_the_repo_are_valid(capsys):
@@ -367,6 +367,11 @@ def test_the_demo_writes_its_reports_and_plots(tmp_path):
     assert "| Baseline |" in Path(results["reports"][1]).read_text()
     assert "coarse to fine, Fshift 4→1" in Path(results["summary"]).read_text()
     assert set(results["probes"]) == {"baseline", "c2f"}
+    hf = results["hf"]  # a prefix-pooled fine-tune of the c2f encoder, exported and run through transformers
+    assert (Path(hf["dir"]) / "config.json").is_file() and (Path(hf["dir"]) / "preprocessor_config.json").is_file()
+    assert len(hf["top"]) == 3 and hf["top"][0]["score"] >= hf["top"][1]["score"]
+    names = json.loads((tmp_path / "demo" / "data" / "synth" / "synth_classes.json").read_text())["names"]
+    assert {t["label"] for t in hf["top"]} <= set(names.values())
 
 
 def test_three_phase_fine_tuning_with_patch_and_pooling(tmp_path, synth_corpus):
