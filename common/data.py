@@ -109,6 +109,8 @@ class DataConfig:
         full_shuffle_max: a training set of at most this many clips is read into memory and shuffled as
             a whole every epoch (AST / SSAST); a larger one streams through Lhotse's 20k-clip shuffle
             buffer. 0 streams every set.
+        pad: how a clip shorter than the clip length is filled: ``zeros`` (AST / SSAST) or ``repeat`` (the
+            clip again, as HTS-AT's ESC-50 preparation concatenates each 5 s clip twice to 10 s).
     """
 
     train: list[ManifestSpec] = field(default_factory=list)
@@ -121,6 +123,7 @@ class DataConfig:
     eval_crop: Literal["start", "center"] = "start"
     train_crop: Literal["start", "random"] = "start"
     full_shuffle_max: int = 500_000
+    pad: Literal["zeros", "repeat"] = "zeros"
 
     def __post_init__(self) -> None:
         if self.full_shuffle_max < 0:
@@ -334,12 +337,16 @@ class ClipDataset(torch.utils.data.Dataset):
         crop: where a longer clip is cut: ``start`` (AST and SSAST, training and evaluation), ``random``
             (a window drawn from ``(seed, epoch, clip id)``) or ``center``.
         seed: seed of the random crops.
+        pad: ``zeros`` (a shorter clip is zero-padded) or ``repeat`` (it is repeated to the clip length).
     """
 
     def __init__(self, clip_samples: int, sample_rate: int = 16000, classes: Sequence[str] | None = None,
-                 crop: str = "start", seed: int = 0) -> None:
+                 crop: str = "start", seed: int = 0, pad: str = "zeros") -> None:
         if crop not in CROPS:
             raise ValueError(f"unknown crop {crop!r}; choose one of {list(CROPS)}")
+        if pad not in ("zeros", "repeat"):
+            raise ValueError(f"unknown pad {pad!r}; choose 'zeros' or 'repeat'")
+        self.pad = pad
         self.clip_samples = clip_samples
         self.sample_rate = sample_rate
         self.encoder = LabelEncoder(classes) if classes is not None else None
@@ -348,6 +355,8 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def _crop(self, wave: np.ndarray, cut_id: str, epoch: int) -> np.ndarray:
         extra = wave.size - self.clip_samples
+        if extra < 0 and self.pad == "repeat":
+            return np.tile(wave, -(-self.clip_samples // wave.size))[: self.clip_samples]
         if extra <= 0:
             return wave
         if self.crop == "start":
@@ -682,7 +691,7 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
     if data.balanced:
         cuts = cuts.to_eager()
         weights = balanced_weights(cuts, classes or [])
-    dataset = ClipDataset(clip_samples, sample_rate, classes, crop=data.train_crop, seed=seed)
+    dataset = ClipDataset(clip_samples, sample_rate, classes, crop=data.train_crop, seed=seed, pad=data.pad)
     return ClipLoader(cuts, dataset, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rank,
                       world_size=world_size, num_workers=data.num_workers, weights=weights, tracker=tracker,
                       pin_memory=pin_memory)
@@ -691,7 +700,7 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
 def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] | None, clip_samples: int,
                 sample_rate: int, batch_size: int, num_workers: int = 0, crop: str = "start", rank: int = 0,
                 world_size: int = 1, tracker: BadAudioTracker | None = None,
-                pin_memory: bool = False) -> ClipLoader:
+                pin_memory: bool = False, pad: str = "zeros") -> ClipLoader:
     """One pass over evaluation manifests in their order, every clip kept (no shuffling, no dropped batch).
 
     Args:
@@ -704,8 +713,9 @@ def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] 
         rank, world_size: this process's shard (validation during training is spread over ranks).
         tracker: counts and logs bad audio (default: counts without a limit).
         pin_memory: pin batches for host-to-GPU copies.
+        pad: how shorter clips are filled (``zeros`` or ``repeat``).
     """
-    dataset = ClipDataset(clip_samples, sample_rate, classes, crop=crop)
+    dataset = ClipDataset(clip_samples, sample_rate, classes, crop=crop, pad=pad)
     return ClipLoader(open_cuts(list(manifests)), dataset, batch_size, shuffle=False, drop_last=False, rank=rank,
                       world_size=world_size, num_workers=num_workers, tracker=tracker or BadAudioTracker(1.0),
                       pin_memory=pin_memory)

@@ -7,6 +7,7 @@ The schedule is a linear warm-up followed by one of
 - ``multistep``: multiply by ``decay`` after validation round ``decay_start`` and every ``decay_every``
   rounds after it (AST fine-tuning's epoch-wise MultiStepLR; a round is an epoch there);
 - ``cosine``: cosine decay to ``min_lr`` over the phase;
+- ``piecewise``: a factor per validation round (epoch), from a table (HTS-AT's epoch-wise LambdaLR);
 - ``constant``.
 
 It is handed to DeepSpeed as its LR scheduler, so DeepSpeed steps it after every optimiser step and
@@ -34,11 +35,14 @@ class OptimConfig:
         lr: peak learning rate.
         betas, weight_decay: Adam settings (SSAST: (0.95, 0.999), 5e-7).
         warmup_steps: linear warm-up from ``lr / warmup_steps`` to ``lr`` (0: none).
-        schedule: ``plateau``, ``multistep``, ``cosine`` or ``constant`` (see module docstring).
+        schedule: ``plateau``, ``multistep``, ``cosine``, ``piecewise`` or ``constant`` (module docstring).
         patience: plateau: validation rounds without improvement before a decay.
         decay: plateau / multistep factor.
         decay_start, decay_every: multistep: the first decaying round and the period after it.
         min_lr: cosine: the final learning rate.
+        piecewise: piecewise: ``[[round, factor], ...]``: from validation round (epoch) ``round`` on, the
+            learning rate is ``lr * factor`` (HTS-AT's LambdaLR: ``[[0, 0.02], [1, 0.05], [2, 0.1], [11, 0.05],
+            [21, 0.02], [31, 0.03]]``). The first entry must start at round 0.
         grad_clip: clip the global gradient norm to this value (0: off).
         grad_accum: micro-batches per optimiser step.
         head_lr_scale: learning-rate factor of the task head (AST's ``head_lr``; 1 in every released recipe).
@@ -49,12 +53,13 @@ class OptimConfig:
     betas: tuple[float, float] = (0.95, 0.999)
     weight_decay: float = 5e-7
     warmup_steps: int = 1000
-    schedule: Literal["plateau", "multistep", "cosine", "constant"] = "plateau"
+    schedule: Literal["plateau", "multistep", "cosine", "piecewise", "constant"] = "plateau"
     patience: int = 2
     decay: float = 0.5
     decay_start: int = 10
     decay_every: int = 5
     min_lr: float = 0.0
+    piecewise: tuple[tuple[int, float], ...] = ()
     grad_clip: float = 0.0
     grad_accum: int = 1
     head_lr_scale: float = 1.0
@@ -75,6 +80,15 @@ class OptimConfig:
         for name in ("weight_decay", "head_lr_scale", "min_lr"):
             if not getattr(self, name) >= 0:  # also catches NaN
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.schedule == "piecewise" or self.piecewise:
+            rounds = [r for r, _ in self.piecewise]
+            if self.schedule != "piecewise":
+                raise ValueError(f"piecewise: a table for schedule 'piecewise', but schedule is {self.schedule!r}")
+            if not rounds or rounds[0] != 0 or any(b <= a for a, b in zip(rounds, rounds[1:])):
+                raise ValueError(f"piecewise: needs [[round, factor], ...] from round 0 in increasing rounds, got "
+                                 f"{[list(x) for x in self.piecewise]}")
+            if any(not f > 0 for _, f in self.piecewise):
+                raise ValueError("piecewise: factors must be positive")
 
 
 def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -111,6 +125,8 @@ class LRSchedule:
         cfg, s = self.cfg, self.steps
         if cfg.warmup_steps and s < cfg.warmup_steps:
             return self.base_lr * (s + 1) / cfg.warmup_steps
+        if cfg.schedule == "piecewise":
+            return self.base_lr * next(f for r, f in reversed(cfg.piecewise) if self.rounds >= r)
         if cfg.schedule == "cosine" and self.total_steps:
             span = max(1, self.total_steps - cfg.warmup_steps)
             progress = min(1.0, (s - cfg.warmup_steps) / span)

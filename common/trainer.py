@@ -74,6 +74,8 @@ class TrainConfig:
         deterministic: ``torch.use_deterministic_algorithms`` (for exact-resume tests; slower).
         weight_average_from: average the weights of the final phase's epochs from this one (1-based) on
             and make the average the run's model (AST's weight averaging; epoch-based runs only).
+        weight_average_top: average only the this many best of those epochs by validation score (HTS-AT
+            averages its top checkpoints; ``weight_average_from`` defaults to 1 then).
     """
 
     seed: int = 0
@@ -86,10 +88,13 @@ class TrainConfig:
     eval_batches: int | None = None
     deterministic: bool = False
     weight_average_from: int | None = None
+    weight_average_top: int | None = None
 
     def __post_init__(self) -> None:
         if self.weight_average_from is not None and self.weight_average_from < 1:
             raise ValueError(f"weight_average_from must be >= 1, got {self.weight_average_from}")
+        if self.weight_average_top is not None and self.weight_average_top < 1:
+            raise ValueError(f"weight_average_top must be >= 1, got {self.weight_average_top}")
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
         for name in ("log_every", "eval_every", "save_every", "keep_checkpoints"):
@@ -240,7 +245,9 @@ class Trainer:
             self.ledger.set_baseline(*spec.baseline)
         self.checkpoints = RunCheckpoints(self.run_dir / "checkpoints", dist, spec.train.keep_checkpoints)
         self.average = WeightAverage(self.run_dir / "average",
-                                     averaged_epochs(spec.train.weight_average_from, spec.phases))
+                                     averaged_epochs(spec.train.weight_average_from or
+                                                     (1 if spec.train.weight_average_top else None), spec.phases),
+                                     top=spec.train.weight_average_top)
         self.tracker = BadAudioTracker(spec.data.max_bad_fraction, log_path=str(self.run_dir / "bad_audio.tsv")
                                        if dist.is_main else None)
         self.generator = torch.Generator().manual_seed(spec.train.seed * 1000 + dist.rank)
@@ -427,7 +434,7 @@ class Trainer:
                            spec.data.eval_batch_size or self._batch_size(index), spec.data.num_workers,
                            spec.data.eval_crop, self.dist.rank, self.dist.world_size,
                            tracker=self.tracker.for_split("valid", spec.data.valid),
-                           pin_memory=self.device.type == "cuda")
+                           pin_memory=self.device.type == "cuda", pad=spec.data.pad)
 
     def _start_phase(self, index: int) -> None:
         """Open (or, resumed, find) the phase's ledger record and say what the phase costs."""
@@ -608,13 +615,15 @@ class Trainer:
 
     def _weight_average(self, model: nn.Module, index: int) -> Path:
         """Average the kept epochs' weights into ``model``, evaluate and export the average (AST's WA)."""
-        epochs = self.average.epochs
-        model.load_state_dict(self.average.average())
+        scores = {e["epoch"]: e["metrics"][self.objective.score_name] for e in self.ledger.evals
+                  if e["phase"] == index and "epoch" in e and self.objective.score_name in e.get("metrics", {})}
+        epochs = self.average.chosen(scores)
+        model.load_state_dict(self.average.average(epochs))
         model.to(self.device)
         metrics = self._evaluate(model, index) if self.spec.data.valid else {}
         self.ledger.add_eval(index, metrics, total_step=self.state.total_steps, phase_step=self.state.step,
                              weight_averaged=epochs)
-        log.info("weight average of epochs %d-%d: %s", epochs[0], epochs[-1],
+        log.info("weight average of epochs %s: %s", ", ".join(map(str, epochs)),
                  ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         path = self.run_dir / "export" / "weight_averaged.safetensors"
         if self.dist.is_main:

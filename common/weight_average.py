@@ -1,9 +1,10 @@
 """Weight averaging (AST's "WA"): the mean of the final phase's epoch weights, from a chosen epoch on.
 
-AST averages the state dicts of epochs ``wa_start..wa_end`` of a run (reference/ssast_ast.md 4.3). Here the
-epochs of the final phase from ``train.weight_average_from`` on are kept as they end (one safetensors file
-each, under ``RUN/average/``) and averaged (in float64) when the run ends; the trainer then evaluates and
-exports the average as the run's model.
+AST averages the state dicts of epochs ``wa_start..wa_end`` of a run (reference/ssast_ast.md 4.3); HTS-AT
+averages its best checkpoints by validation mAP (the paper: the top 15). Here the epochs of the final phase
+from ``train.weight_average_from`` on are kept as they end (one safetensors file each, under
+``RUN/average/``) and averaged (in float64) when the run ends, all of them or the ``weight_average_top``
+best by validation score; the trainer then evaluates and exports the average as the run's model.
 """
 
 from __future__ import annotations
@@ -50,12 +51,14 @@ class WeightAverage:
 
     Args:
         folder: where the epoch weights go (``RUN/average``).
-        epochs: the final phase's epochs to average (:func:`averaged_epochs`).
+        epochs: the final phase's epochs to keep (:func:`averaged_epochs`).
+        top: average only the ``top`` best of them by validation score (None: all).
     """
 
-    def __init__(self, folder: Path, epochs: Sequence[int]) -> None:
+    def __init__(self, folder: Path, epochs: Sequence[int], top: int | None = None) -> None:
         self.folder = Path(folder)
         self.epochs = list(epochs)
+        self.top = top
 
     def _file(self, epoch: int) -> Path:
         return self.folder / f"epoch{epoch:03d}.safetensors"
@@ -65,9 +68,20 @@ class WeightAverage:
         if epoch in self.epochs:
             save_weights(self._file(epoch), model.state_dict(), {})
 
-    def average(self) -> dict[str, torch.Tensor]:
-        """The mean of the kept epochs' weights."""
-        files = [self._file(e) for e in self.epochs]
+    def chosen(self, scores: dict[int, float]) -> list[int]:
+        """The epochs to average: all kept ones, or the ``top`` best by ``scores`` (epoch -> validation score;
+        the earlier epoch wins a tie), in epoch order."""
+        if self.top is None:
+            return list(self.epochs)
+        missing = [e for e in self.epochs if e not in scores]
+        if missing:
+            raise ValueError(f"weight averaging of the top {self.top} epochs: no validation score for epochs {missing}")
+        ranked = sorted(self.epochs, key=lambda e: (-scores[e], e))
+        return sorted(ranked[: self.top])
+
+    def average(self, epochs: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """The mean of the kept weights of ``epochs`` (default: every kept epoch)."""
+        files = [self._file(e) for e in (self.epochs if epochs is None else epochs)]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"weight averaging: epoch weights missing: {', '.join(missing)}")

@@ -27,7 +27,7 @@ from finetune.classifier import AugmentConfig, HeadConfig
 from finetune.init import InitTransferConfig
 from finetune.tasks import TASKS, TaskConfig, task_defaults
 
-__all__ = ["FinetuneRecipe", "load_recipe", "task_source", "check_files", "auto_warmup"]
+__all__ = ["FinetuneRecipe", "load_recipe", "task_source", "file_checks", "check_files", "auto_warmup"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,10 @@ class FinetuneRecipe:
         start, last = self.train.weight_average_from, self.phases[-1].epochs
         if start is not None and start > last:
             raise ValueError(f"train.weight_average_from: epoch {start} is after the final phase's last epoch ({last})")
+        top = self.train.weight_average_top
+        if top is not None and top > last - (start or 1) + 1:
+            raise ValueError(f"train.weight_average_top: {top} epochs, but the final phase averages only "
+                             f"{last - (start or 1) + 1} (epochs {start or 1}-{last})")
         if self.data.train or self.data.valid:
             raise ValueError("data.train / data.valid: fine-tuning takes its manifests from the task section")
 
@@ -212,15 +216,23 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
     return recipe
 
 
-def check_files(recipe: FinetuneRecipe) -> None:
-    """The files a fine-tuning run reads (class list, manifests, statistics), before any compute.
-
-    Raises:
-        RecipeError: naming the task key (``task.classes``, ``task.valid.0``, ``task.norm``, ...).
-    """
+def file_checks(recipe: FinetuneRecipe) -> list:
+    """One check per file a fine-tuning run reads (class list, manifests, statistics); each raises a
+    ``RecipeError`` naming the task key (``task.classes``, ``task.valid.0``, ``task.norm``, ...)."""
     task = recipe.task
-    check_classes(task.path(task.classes), "task.classes")
+    checks = [lambda: check_classes(task.path(task.classes), "task.classes")]
     for key in ("train", "valid", "test", "folds"):
         for i, manifest in enumerate(getattr(task, key)):
-            check_manifest(task.path(manifest), f"task.{key}.{i}")
-    check_norm(task.norm, "task.norm")
+            checks.append(lambda m=manifest, k=f"task.{key}.{i}": check_manifest(task.path(m), k))
+    checks.append(lambda: check_norm(task.norm, "task.norm"))
+    return checks
+
+
+def check_files(recipe: FinetuneRecipe) -> None:
+    """The files a fine-tuning run reads, before any compute (:func:`file_checks`).
+
+    Raises:
+        RecipeError: naming the task key of the first file that is missing or unreadable.
+    """
+    for check in file_checks(recipe):
+        check()

@@ -62,6 +62,19 @@ def print_plan(recipe, configs, objective) -> None:
           f"{recipe.data.batch_size} per rank x {o.grad_accum} accumulation")
 
 
+def _classes(recipe, planning: bool) -> tuple[list[str], dict[str, str]]:
+    """The task's classes; a plan (``--dry-run``) without the class list counts them from the task."""
+    from common.corpora.base import read_classes
+
+    path = recipe.task.path(recipe.task.classes)
+    if Path(path).is_file() or not planning:
+        return read_classes(path)
+    if recipe.task.num_classes is None:
+        raise FileNotFoundError(f"task.classes: {path} does not exist, and the task does not say how many classes "
+                                f"it has (task.num_classes): the plan needs one or the other")
+    return [f"class_{i}" for i in range(recipe.task.num_classes)], {}
+
+
 def _test(run_dir: Path, recipe, classes, dist) -> None:
     """Evaluate the best epoch's model (the weight average if there is one) on the task's test split."""
     from finetune.evaluate import evaluate_export
@@ -100,18 +113,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     def body() -> int:
-        from common.corpora.base import read_classes
         from common.arch import architecture_for
         from common.arch.base import geometries
         from common.recipe import RecipeError
         from finetune.init import init_pos_mode, load_init, resolve_pool, task_encoder_config
-        from finetune.recipe import check_files, load_recipe
+        from finetune.recipe import check_files, file_checks, load_recipe
 
         notes: list[str] = []
         recipe = load_recipe(args.task, args.recipe, args.overrides, init=args.init, data_root=args.data_root,
                              notes=notes)
-        check_files(recipe)  # class list, manifests, statistics: before any compute or run directory
-        classes, names = read_classes(recipe.task.path(recipe.task.classes))
+        missing: list[str] = []
+        if args.dry_run:  # a plan needs no data: say what a run would not find
+            from common.preflight import problems
+
+            missing = problems(file_checks(recipe))
+        else:
+            check_files(recipe)  # class list, manifests, statistics: before any compute or run directory
+        classes, names = _classes(recipe, planning=args.dry_run)
         init = load_init(recipe.init)
         head_init = None
         try:
@@ -133,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             print_plan(recipe, configs, objective)
             for note in notes:
                 print(note)
+            if missing:
+                print("files a run needs and does not find (it would stop before any compute):")
+                print("\n".join(f"  {problem}" for problem in missing))
             return 0
         from common.data import ManifestSpec
         from common.trainer import RunSpec, Trainer

@@ -44,6 +44,8 @@ class TaskConfig:
             (FlexiAST) and Kinetics-Sounds) or ``ce`` (softmax; ESC-50, VoxCeleb).
         balanced: AST's balanced sampler (AudioSet-2M).
         data_root: folder the relative manifest paths are under.
+        num_classes: how many classes the task has, for planning (``--dry-run``) before the class list
+            exists (a run takes its classes from the class list).
     """
 
     name: str = "custom"
@@ -58,6 +60,7 @@ class TaskConfig:
     loss: Literal["bce", "ce"] = "ce"
     balanced: bool = False
     data_root: str = "data"
+    num_classes: int | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -107,7 +110,7 @@ TASKS: dict[str, tuple[dict, dict]] = {
                                              "audioset/audioset_unbalanced_train.jsonl.gz"],
             valid=["audioset/audioset_eval.jsonl.gz"], classes="audioset/audioset_classes.json",
             target_frames=1024, norm="audioset", balanced=True,
-            description="AudioSet-2M, 527 classes, mAP (AST: 5 epochs, balanced sampling, weight averaging)"),
+            num_classes=527, description="AudioSet-2M, 527 classes, mAP (AST: 5 epochs, balanced sampling, weight averaging)"),
         {"phases": [{"compression": "none", "epochs": 5}], "data": {"batch_size": 12},
          "augment": {"freqm": 48, "timem": 192, "mixup": 0.5},
          "optim": {"lr": 1.0e-5, "warmup_steps": 1000, "schedule": "multistep", "decay_start": 2, "decay_every": 1,
@@ -118,7 +121,7 @@ TASKS: dict[str, tuple[dict, dict]] = {
         _as("audioset20k", "mAP", "bce", train=["audioset/audioset_balanced_train.jsonl.gz"],
             valid=["audioset/audioset_eval.jsonl.gz"], classes="audioset/audioset_classes.json",
             target_frames=1024, norm="audioset",
-            description="AudioSet balanced (20K clips), 527 classes, mAP (SSAST: 25 epochs, WA from epoch 6)"),
+            num_classes=527, description="AudioSet balanced (20K clips), 527 classes, mAP (SSAST: 25 epochs, WA from epoch 6)"),
         {"phases": [{"compression": "none", "epochs": 25}], "data": {"batch_size": 12},
          "augment": {"freqm": 48, "timem": 192, "mixup": 0.5},
          "optim": {"lr": 5.0e-5, "warmup_steps": 0, "schedule": "multistep", "decay_start": 10, "decay_every": 5,
@@ -129,7 +132,7 @@ TASKS: dict[str, tuple[dict, dict]] = {
         _as("vggsound", "acc", "bce", train=["vggsound/vggsound_train.jsonl.gz"],
             valid=["vggsound/vggsound_test.jsonl.gz"], classes="vggsound/vggsound_classes.json",
             target_frames=1024, norm="vggsound",
-            description="VGGSound, 309 classes, accuracy (paper: 20 epochs; BCE and stats of the FlexiAST recipe)"),
+            num_classes=309, description="VGGSound, 309 classes, accuracy (paper: 20 epochs; BCE and stats of the FlexiAST recipe)"),
         PAPER_20_EPOCHS,
     ),
     "voxceleb": (
@@ -137,7 +140,7 @@ TASKS: dict[str, tuple[dict, dict]] = {
             valid=["voxceleb/voxceleb_valid.jsonl.gz"], test=["voxceleb/voxceleb_test.jsonl.gz"],
             classes="voxceleb/voxceleb_classes.json",
             target_frames=1024, norm="voxceleb",
-            description="VoxCeleb1 speaker identification, 1251 speakers, accuracy (paper: 20 epochs, AST pipeline; "
+            num_classes=1251, description="VoxCeleb1 speaker identification, 1251 speakers, accuracy (paper: 20 epochs, AST pipeline; "
                         "CE and stats of the FlexiAST recipe)"),
         PAPER_20_EPOCHS,
     ),
@@ -152,7 +155,7 @@ TASKS: dict[str, tuple[dict, dict]] = {
     "esc50": (
         _as("esc50", "acc", "ce", folds=[f"esc50/esc50_fold{i}.jsonl.gz" for i in range(1, 6)],
             classes="esc50/esc50_classes.json", target_frames=512, norm="esc50",
-            description="ESC-50, 50 classes, 5-fold cross-validation, mean accuracy (SSAST patch recipe)"),
+            num_classes=50, description="ESC-50, 50 classes, 5-fold cross-validation, mean accuracy (SSAST patch recipe)"),
         {"phases": [{"compression": "none", "epochs": 50}], "data": {"batch_size": 48},
          "augment": {"freqm": 24, "timem": 96, "mixup": 0.0, "noise": True},
          "optim": {"lr": 1.0e-4, "warmup_steps": 0, "schedule": "multistep", "decay_start": 6, "decay_every": 1,
@@ -163,7 +166,7 @@ TASKS: dict[str, tuple[dict, dict]] = {
             valid=["speechcommands/speechcommands_valid.jsonl.gz"],
             test=["speechcommands/speechcommands_test.jsonl.gz"],
             classes="speechcommands/speechcommands_classes.json", target_frames=128, norm="speechcommands",
-            description="Speech Commands V2, 35 words, accuracy (best epoch on valid, reported on test)"),
+            num_classes=35, description="Speech Commands V2, 35 words, accuracy (best epoch on valid, reported on test)"),
         {"phases": [{"compression": "none", "epochs": 30}], "data": {"batch_size": 128},
          "augment": {"freqm": 48, "timem": 48, "mixup": 0.6, "noise": True},
          "optim": {"lr": 2.5e-4, "warmup_steps": 1000, "schedule": "multistep", "decay_start": 5, "decay_every": 1,
@@ -172,7 +175,7 @@ TASKS: dict[str, tuple[dict, dict]] = {
     "synth": (
         _as("synth", "acc", "ce", train=["synth/synth_train.jsonl.gz"], valid=["synth/synth_valid.jsonl.gz"],
             test=["synth/synth_test.jsonl.gz"], classes="synth/synth_classes.json", target_frames=128,
-            norm="audioset", description="the built-in generated corpus, 12 classes, accuracy (demo)"),
+            norm="audioset", num_classes=12, description="the built-in generated corpus, 12 classes, accuracy (demo)"),
         {"phases": [{"compression": "none", "epochs": 8}], "data": {"batch_size": 24, "num_workers": 1},
          "augment": {"freqm": 12, "timem": 24, "mixup": 0.0},
          "optim": {"lr": 5.0e-4, "warmup_steps": 20, "schedule": "multistep", "decay_start": 5, "decay_every": 1,

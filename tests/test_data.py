@@ -307,3 +307,12 @@ def test_the_trainer_crops_training_clips_as_the_data_config_says(tmp_path, synt
     assert (train.dataset.crop, valid.dataset.crop) == (train_crop, "start")
     assert not train.cuts.is_lazy  # small: shuffled as a whole every epoch
     trainer.scalars.close()
+
+
+def test_repeat_padding_fills_a_short_clip_with_itself():
+    wave = np.arange(1, 4, dtype=np.float32)  # 3 samples
+    dataset = ClipDataset(8, pad="repeat")
+    assert dataset._crop(wave, "c", 0).tolist() == [1, 2, 3, 1, 2, 3, 1, 2]
+    assert ClipDataset(8)._crop(wave, "c", 0).tolist() == [1, 2, 3]  # zeros: padded later, in the batch
+    with pytest.raises(ValueError, match="unknown pad"):
+        ClipDataset(8, pad="mirror")

@@ -29,7 +29,8 @@ def relative_position_index(w: int) -> torch.Tensor:
     return rel[..., 0] * (2 * w - 1) + rel[..., 1]
 
 
-def official_state(spec_size: int = 256, fmax: float = 14000.0, seed: int = 0) -> dict[str, torch.Tensor]:
+def official_state(spec_size: int = 256, fmax: float = 14000.0, seed: int = 0,
+                   classes: int = CLASSES) -> dict[str, torch.Tensor]:
     """The state dict the official HTSAT_Swin_Transformer writes (reference/htsat.md 1.3-1.4), random values."""
     g = torch.Generator().manual_seed(seed)
 
@@ -70,8 +71,8 @@ def official_state(spec_size: int = 256, fmax: float = 14000.0, seed: int = 0) -
                       f"layers.{i}.downsample.norm.bias": rnd(4 * dim)})
     last = DIM * 2 ** (len(DEPTHS) - 1)
     s.update({"norm.weight": 1 + rnd(last), "norm.bias": rnd(last),
-              "tscam_conv.weight": rnd(CLASSES, last, 2, 3), "tscam_conv.bias": rnd(CLASSES),
-              "head.weight": rnd(CLASSES, CLASSES), "head.bias": rnd(CLASSES)})
+              "tscam_conv.weight": rnd(classes, last, 2, 3), "tscam_conv.bias": rnd(classes),
+              "head.weight": rnd(classes, classes), "head.bias": rnd(classes)})
     return s
 
 

@@ -71,3 +71,26 @@ def test_param_groups_split_the_head_only_when_asked():
     assert len(param_groups(model)) == 1
     groups = param_groups(model, ("head.",), 10.0)
     assert [len(g["params"]) for g in groups] == [2, 2] and groups[1]["lr_scale"] == 10.0
+
+
+def test_piecewise_follows_its_table_by_validation_round():
+    table = ((0, 0.02), (1, 0.05), (2, 0.1), (11, 0.05), (21, 0.02), (31, 0.03))  # HTS-AT's LambdaLR
+    s = schedule(warmup_steps=0, schedule="piecewise", piecewise=table)
+    seen = []
+    for epoch in range(33):
+        seen.append(s.get_last_lr()[0])
+        s.report(0.0)
+    expected = [0.02, 0.05] + [0.1] * 9 + [0.05] * 10 + [0.02] * 10 + [0.03] * 2
+    assert seen == pytest.approx([1e-3 * f for f in expected])
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"schedule": "piecewise"}, "from round 0"),
+    ({"schedule": "piecewise", "piecewise": ((1, 0.5),)}, "from round 0"),
+    ({"schedule": "piecewise", "piecewise": ((0, 1.0), (0, 0.5))}, "increasing"),
+    ({"schedule": "multistep", "piecewise": ((0, 1.0),)}, "schedule is 'multistep'"),
+    ({"schedule": "piecewise", "piecewise": ((0, 0.0),)}, "positive"),
+])
+def test_piecewise_tables_are_checked(kw, message):
+    with pytest.raises(ValueError, match=message):
+        OptimConfig(**kw)

@@ -1,0 +1,34 @@
+"""Weight averaging: which epochs are kept and averaged, and the float64 mean."""
+
+import pytest
+import torch
+
+from common.phases import PhaseConfig
+from common.weight_average import WeightAverage, average_state_dicts, averaged_epochs
+
+
+def test_the_final_phases_epochs_from_the_start_epoch():
+    phases = [PhaseConfig("fshift", 4, epochs=2), PhaseConfig(epochs=5)]
+    assert averaged_epochs(3, phases) == [3, 4, 5] and averaged_epochs(None, phases) == []
+    assert averaged_epochs(1, [PhaseConfig(steps=10)]) == []  # iteration-based runs do not average
+
+
+def test_the_mean_is_exact_and_keys_must_agree():
+    states = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([2.0, 4.0])}, {"w": torch.tensor([3.0, 9.0])}]
+    assert torch.equal(average_state_dicts(states)["w"], torch.tensor([2.0, 5.0]))
+    with pytest.raises(ValueError, match="different keys"):
+        average_state_dicts([{"w": torch.zeros(1)}, {"v": torch.zeros(1)}])
+
+
+def test_the_top_epochs_by_validation_score(tmp_path):
+    average = WeightAverage(tmp_path, [1, 2, 3, 4], top=2)
+    for epoch in (1, 2, 3, 4):
+        model = torch.nn.Linear(1, 1, bias=False)
+        torch.nn.init.constant_(model.weight, float(epoch))
+        average.keep(model, epoch)
+    scores = {1: 0.3, 2: 0.5, 3: 0.2, 4: 0.5}  # a tie: the earlier epoch wins
+    assert average.chosen(scores) == [2, 4]
+    assert average.average(average.chosen(scores))["weight"].item() == pytest.approx(3.0)
+    assert WeightAverage(tmp_path, [1, 2, 3, 4]).chosen(scores) == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="no validation score for epochs \\[3\\]"):
+        average.chosen({1: 0.1, 2: 0.2, 4: 0.3})
