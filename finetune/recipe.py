@@ -3,7 +3,8 @@
 Values come, from lowest to highest precedence, from the dataclass defaults, the task's default recipe
 (``finetune/tasks.py``), the ``--recipe`` file and ``--set`` overrides. Without a recipe file a task
 trains its published baseline recipe at full resolution; a coarse-to-fine recipe (``recipes/ft_*.yaml``)
-replaces the ``phases``.
+replaces the ``phases``; ``coarse`` (or ``--coarse``) derives a coarse-to-fine schedule from the
+full-resolution recipe (``common.coarse``).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from common.coarse import CoarseConfig, apply_coarse, build_derived
+from common.criteria import check_schedule
 from common.data import DataConfig
 from common.features import AudioConfig
 from common.model import ModelSpec
 from common.optim import OptimConfig
 from common.phases import PhaseConfig, TransferConfig
-from common.recipe import apply_overrides, build, load_yaml, merge
+from common.recipe import apply_overrides, load_yaml, merge
 from common.trainer import TrainConfig
 from finetune.classifier import AugmentConfig, HeadConfig
 from finetune.tasks import TaskConfig, task_defaults
@@ -38,6 +41,7 @@ class FinetuneRecipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     num_mel_bins: int = 128
+    coarse: CoarseConfig | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -51,6 +55,7 @@ class FinetuneRecipe:
             raise ValueError(f"train.weight_average_from: epoch {start} is after the final phase's last epoch ({last})")
         if self.data.train or self.data.valid:
             raise ValueError("data.train / data.valid: fine-tuning takes its manifests from the task section")
+        check_schedule(self.phases, self.train.stop_when_surpassing, True, self.train.weight_average_from)
 
     def audio(self, num_mel_bins: int | None = None) -> AudioConfig:
         return AudioConfig(num_mel_bins=num_mel_bins or self.num_mel_bins, target_frames=self.task.target_frames,
@@ -77,8 +82,9 @@ def task_source(task: str) -> tuple[dict, dict]:
 
 
 def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Sequence[str] = (),
-                init: str = "none", data_root: str | None = None) -> FinetuneRecipe:
-    """Assemble and validate the recipe of a fine-tuning run."""
+                init: str = "none", data_root: str | None = None, coarse: str | None = None) -> FinetuneRecipe:
+    """Assemble and validate the recipe of a fine-tuning run; ``coarse`` (``METHOD:C[:SHARE]``, or the
+    recipe's ``coarse`` section) derives a coarse-to-fine schedule from it (``common.coarse``)."""
     fields, defaults = task_source(task)
     data = dict(defaults)
     if recipe_path is not None:
@@ -87,4 +93,6 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
     if data_root:
         data["task"]["data_root"] = data_root
     data["init"] = init
-    return build(FinetuneRecipe, apply_overrides(data, overrides))
+    name = Path(recipe_path).stem if recipe_path is not None else f"{data['task'].get('name', task)}-baseline"
+    data, derived = apply_coarse(apply_overrides(data, overrides), name, coarse)
+    return build_derived(FinetuneRecipe, data, derived)

@@ -6,7 +6,9 @@ time at that evaluation. A coarse-to-fine run is stopped at the earliest evaluat
 whose metric strictly surpasses that reference; its savings are ``100 * (1 - F_run / F_base)`` for FLOPs and
 ``100 * (1 - T_run / T_base)`` for training time (evaluation excluded). A run whose final phase never
 surpasses the baseline gets no savings. The "no budget" column (Tables 3 and 5) is the best metric of the
-final phase. Every metric is a fraction (accuracy, mAP, masked accuracy) and is shown in percent.
+final phase. Every metric is a fraction (accuracy, mAP, masked accuracy) and is shown in percent. Runs that
+applied the rule live (``train.stop_when_surpassing``) are marked, and so are those whose cap ended the
+final phase before it surpassed (:func:`end_note`).
 
     python finetune/report.py --baseline runs/base --runs runs/fshift4 runs/fshift421 --out reports/
 """
@@ -27,7 +29,7 @@ from matplotlib.lines import Line2D
 from common.ledger import Ledger
 
 __all__ = ["ReportError", "Run", "Point", "Row", "load_run", "resolve_metric", "run_label", "points",
-           "compare", "markdown_table", "plot", "main"]
+           "compare", "end_note", "markdown_table", "plot", "main"]
 
 METHOD_NAMES = {"fshift": "Fshift", "avgpool": "Avg Pool", "maxpool": "Max Pool", "patch": "Patch"}
 PATCH_TRANSFER_NAMES = {"pi": "PI", "bilinear": "BL"}  # the paper's labels
@@ -59,7 +61,8 @@ class Point:
 
 @dataclass(frozen=True)
 class Row:
-    """One table row: deltas, savings and ``stop`` are None for the baseline; savings, ``stop`` when never surpassed."""
+    """One table row: deltas, savings and ``stop`` are None for the baseline; savings, ``stop`` when never surpassed;
+    ``note``: how the run's final phase ended, when a rule ended it (:func:`end_note`)."""
 
     label: str
     value: float
@@ -69,6 +72,7 @@ class Row:
     best: float
     best_delta: float | None
     stop: Point | None
+    note: str | None = None
 
 
 def load_run(path: str | Path, label: str | None = None) -> Run:
@@ -150,6 +154,23 @@ def _saving(used: float, reference: float) -> float | None:
     return 100.0 * (1.0 - used / reference) if reference > 0 else None
 
 
+def end_note(run: Run) -> str | None:
+    """How the run's final phase ended when a rule ended it: stopped live on surpassing its baseline
+    (``train.stop_when_surpassing``), by a criterion, or by its cap before it surpassed; None otherwise."""
+    if not run.ledger.phases:
+        return None
+    final = run.ledger.phases[-1]
+    at = final.ended_at or {}
+    where = f"epoch {at['epoch']}" if "epoch" in at else f"step {at.get('step', '?')}"
+    if final.ended_by == "surpassed":
+        return f"stopped live on surpassing its baseline ({where} of the final phase)"
+    if final.ended_by == "cap" and run.ledger.stop_target:
+        return f"the cap ended it ({where} of the final phase) before it surpassed its baseline"
+    if final.ended_by not in (None, "length", "cap"):
+        return f"final phase ended by {final.ended_by} ({where})"
+    return None
+
+
 def compare(baseline: Run, runs: Sequence[Run], metric: str) -> list[Row]:
     """The Table 2/3 rows (Tables 4/5 for 3-phase runs): the baseline's row, then one per run.
 
@@ -176,7 +197,7 @@ def compare(baseline: Run, runs: Sequence[Run], metric: str) -> list[Row]:
         rows.append(Row(run.label, value, value - base.value,
                         _saving(stop.flops, base.flops) if stop else None,
                         _saving(stop.seconds, base.seconds) if stop else None,
-                        best, best - base.value, stop))
+                        best, best - base.value, stop, end_note(run)))
     return rows
 
 
@@ -197,7 +218,8 @@ def markdown_table(rows: Sequence[Row], metric: str) -> str:
         if row.delta is not None and row.stop is None:
             value += ", not surpassed"
         saves = ["-" if s is None else f"{s:.2f}" for s in (row.flops_save, row.time_save)]
-        lines.append(f"| {row.label} | {value} | {saves[0]} | {saves[1]} | {_percent(row.best, row.best_delta)} |")
+        label = f"{row.label} ({row.note})" if row.note else row.label
+        lines.append(f"| {label} | {value} | {saves[0]} | {saves[1]} | {_percent(row.best, row.best_delta)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,7 @@
     python finetune/run.py --init SSAST-Base-Patch-400.pth --task esc50 --recipe recipes/ft_fshift4.yaml
     python finetune/run.py --init deit_base_distilled_patch16_384.pth --task audioset20k   # AST's ImageNet start
     python finetune/run.py --init none --task my_task.yaml                                 # your own data
+    python finetune/run.py --init MODEL --task vggsound --coarse fshift:4                  # the paper's 5 + 15 epochs
     deepspeed --num_gpus 4 finetune/run.py --init ... --task audioset                      # several GPUs
 
 ``--init`` takes a pretraining or fine-tuning run directory, an exported model, an official SSAST / AST
@@ -45,12 +46,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_plan(recipe, configs, objective) -> None:
-    from common.phases import format_plan, plan_phases
+def print_plan(recipe, configs, objective, base) -> None:
+    from common.coarse import saving_lines
+    from common.criteria import describe_ends
+    from common.phases import format_plan, phase_encoder_configs, plan_phases
 
     print(f"task {recipe.task.name}: {recipe.task.description or ''}")
-    print(format_plan(plan_phases(recipe.phases, configs, objective.flops_per_sample, recipe.data.batch_size,
-                                  recipe.optim.grad_accum)))
+    rows = plan_phases(recipe.phases, configs, objective.flops_per_sample, recipe.data.batch_size,
+                       recipe.optim.grad_accum)
+    if recipe.coarse is not None:
+        print(f"coarse to fine ({recipe.coarse.describe()}) derived from {recipe.coarse.baseline.name}:")
+    print(format_plan(rows))
+    for line in describe_ends(recipe.phases, recipe.train.stop_when_surpassing):
+        print(line)
+    if recipe.coarse is not None:
+        phases = recipe.coarse.baseline.phases
+        base_rows = plan_phases(phases, phase_encoder_configs(base, phases), objective.flops_per_sample,
+                                recipe.data.batch_size, recipe.optim.grad_accum)
+        print("\n".join(saving_lines(recipe.phases, rows, recipe.coarse.baseline.name, base_rows)))
+
+
+def _surpass_targets(recipe, run_dirs: list[Path]) -> list[str | None]:
+    """``train.stop_when_surpassing`` per run (ESC-50's folds compare with the baseline's same fold), checked
+    before any compute: each baseline ledger must be there and hold the task's metric."""
+    from common.criteria import baseline_best
+
+    target = recipe.train.stop_when_surpassing
+    if not target:
+        return [None] * len(run_dirs)
+    targets = [str(Path(target) / d.name) if recipe.task.folds else target for d in run_dirs]
+    for path in targets:
+        baseline_best(path, recipe.task.metric)
+    return targets
 
 
 def _test(run_dir: Path, recipe, classes, dist) -> None:
@@ -96,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         from finetune.init import init_pos_mode, load_init, task_encoder_config
         from finetune.recipe import load_recipe
 
-        recipe = load_recipe(args.task, args.recipe, args.overrides, init=args.init, data_root=args.data_root)
+        recipe = load_recipe(args.task, args.recipe, args.overrides, init=args.init, data_root=args.data_root,
+                             coarse=args.coarse)
         classes, names = read_classes(recipe.task.path(recipe.task.classes))
         init = load_init(recipe.init)
         base = task_encoder_config(init, recipe.model, recipe.num_mel_bins, recipe.task.target_frames)
@@ -104,28 +132,40 @@ def main(argv: list[str] | None = None) -> int:
             configs = phase_encoder_configs(base, recipe.phases)
         except ValueError as err:
             from common.recipe import RecipeError
-            raise RecipeError(str(err)) from None
+            derived = f"--coarse {args.coarse}: the derived schedule is invalid: " if args.coarse else ""
+            raise RecipeError(f"{derived}{err}") from None
         from finetune.classifier import ClassifierObjective
 
         objective = ClassifierObjective(classes, recipe.task.metric, recipe.task.loss, recipe.augment, recipe.head,
                                         names)
+        from common.coarse import coarse_tag
+
+        name = f"{recipe.task.name}-{args.recipe.stem if args.recipe else 'baseline'}"
+        if args.coarse:
+            name += f"-{coarse_tag(recipe.coarse)}"
+        run_root = args.run_dir or Path("runs/finetune") / name
+        splits = recipe.task.fold_splits()
+        run_dirs = [run_root / f"fold{k + 1}" if recipe.task.folds else run_root for k in range(len(splits))]
+        targets = _surpass_targets(recipe, run_dirs)
         if args.dry_run:
-            print_plan(recipe, configs, objective)
+            print_plan(recipe, configs, objective, base)
             return 0
         from common.data import ManifestSpec
         from common.trainer import RunSpec, Trainer
 
-        name = f"{recipe.task.name}-{args.recipe.stem if args.recipe else 'baseline'}"
-        run_root = args.run_dir or Path("runs/finetune") / name
+        baseline = None
+        if recipe.coarse is not None:  # the recipe it was derived from: one full-resolution phase
+            baseline = (recipe.coarse.baseline.name, None, objective.flops_per_sample(base),
+                        recipe.coarse.baseline.phases[0].epochs)
         done = True
         with training_session(run_root, recipe, restart=args.restart) as dist:
-            splits = recipe.task.fold_splits()
             for k, (train, valid) in enumerate(splits):
-                run_dir = run_root / f"fold{k + 1}" if recipe.task.folds else run_root
+                run_dir = run_dirs[k]
                 data = replace(recipe.data, train=[ManifestSpec(p) for p in train], valid=valid,
                                balanced=recipe.task.balanced)
                 spec = RunSpec(run_dir=run_dir, base=base, audio=recipe.audio(base.num_mel_bins),
-                               phases=recipe.phases, transfer=recipe.transfer, optim=recipe.optim, train=recipe.train,
+                               phases=recipe.phases, transfer=recipe.transfer, optim=recipe.optim,
+                               train=replace(recipe.train, stop_when_surpassing=targets[k]), baseline=baseline,
                                data=data, init=init,
                                init_pos_embed=init_pos_mode(init, recipe.transfer.pos_embed),
                                meta={"task": recipe.task.name, "init": recipe.init})

@@ -4,6 +4,7 @@
     deepspeed --num_gpus 8 pretrain/run.py --recipe ...          # one node, 8 GPUs
     deepspeed --hostfile hosts pretrain/run.py --recipe ...      # several nodes
     python pretrain/run.py --recipe recipes/synth_pretrain.yaml  # one process, no launcher
+    python pretrain/run.py --recipe recipes/ssast_baseline.yaml --coarse fshift:4 --dry-run   # derived schedule
 
 Running the same command on an existing run directory resumes where it stopped. The run directory
 receives the resolved recipe, TensorBoard events (``tb/``), checkpoints, ``export/phaseN.safetensors``
@@ -36,13 +37,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plan(recipe, world_size: int = 1):
-    """The recipe's :class:`common.phases.PhasePlan` per phase (geometry, tokens, planned FLOPs)."""
-    from common.phases import plan_phases
+def plan(recipe, world_size: int = 1, phases=None):
+    """The recipe's :class:`common.phases.PhasePlan` per phase (geometry, tokens, planned FLOPs); ``phases``
+    replace the recipe's (e.g. the baseline a coarse-to-fine schedule was derived from)."""
+    from common.phases import phase_encoder_configs, plan_phases
     from pretrain.ssast import SSASTObjective
 
-    return plan_phases(recipe.phases, recipe.encoder_configs(), SSASTObjective(recipe.ssast).flops_per_sample,
-                       recipe.data.batch_size, recipe.optim.grad_accum, world_size)
+    phases = recipe.phases if phases is None else phases
+    return plan_phases(phases, phase_encoder_configs(recipe.base, phases),
+                       SSASTObjective(recipe.ssast).flops_per_sample, recipe.data.batch_size, recipe.optim.grad_accum,
+                       world_size)
+
+
+def baseline_of(recipe, world_size: int) -> tuple[str, float] | None:
+    """``(name, planned training FLOPs)`` of the recipe's baseline: the recipe a ``coarse`` schedule was
+    derived from, or the ``baseline`` recipe file."""
+    if recipe.coarse is not None:
+        return recipe.coarse.baseline.name, sum(r.train_flops for r in plan(recipe, world_size,
+                                                                            recipe.coarse.baseline.phases))
+    if recipe.baseline:
+        return Path(recipe.baseline).stem, planned_total(recipe.baseline, world_size)
+    return None
 
 
 def planned_total(recipe_path: str, world_size: int) -> float:
@@ -52,10 +67,20 @@ def planned_total(recipe_path: str, world_size: int) -> float:
 
 
 def print_plan(recipe, world_size: int) -> None:
+    from common.coarse import saving_lines
+    from common.criteria import describe_ends
     from common.phases import format_plan
 
     rows = plan(recipe, world_size)
+    if recipe.coarse is not None:
+        print(f"coarse to fine ({recipe.coarse.describe()}) derived from {recipe.coarse.baseline.name}:")
     print(format_plan(rows))
+    for line in describe_ends(recipe.phases, recipe.train.stop_when_surpassing):
+        print(line)
+    if recipe.coarse is not None:
+        base = recipe.coarse.baseline
+        print("\n".join(saving_lines(recipe.phases, rows, base.name, plan(recipe, world_size, base.phases))))
+        return
     total = sum(r.train_flops for r in rows)
     line = f"total planned training FLOPs: {total:.4g}"
     if recipe.baseline:
@@ -70,18 +95,23 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from pretrain.recipe import load_recipe
 
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = load_recipe(args.recipe, args.overrides, args.coarse)
+        if recipe.train.stop_when_surpassing:  # before any compute: the baseline run must be there
+            from common.criteria import baseline_best
+            from pretrain.ssast import SSASTObjective
+
+            baseline_best(recipe.train.stop_when_surpassing, SSASTObjective.score_name)
         if args.dry_run:
             print_plan(recipe, world_size=1)
             return 0
+        from common.coarse import coarse_tag
         from common.trainer import RunSpec, Trainer
         from pretrain.ssast import SSASTObjective
 
-        run_dir = args.run_dir or Path("runs/pretrain") / args.recipe.stem
+        name = args.recipe.stem + (f"-{coarse_tag(recipe.coarse)}" if args.coarse else "")
+        run_dir = args.run_dir or Path("runs/pretrain") / name
         with training_session(run_dir, recipe, restart=args.restart) as dist:
-            baseline = None
-            if recipe.baseline:
-                baseline = (Path(recipe.baseline).stem, planned_total(recipe.baseline, dist.world_size))
+            baseline = baseline_of(recipe, dist.world_size)
             spec = RunSpec(run_dir=run_dir, base=recipe.base, audio=recipe.audio, phases=recipe.phases,
                            transfer=recipe.transfer, optim=recipe.optim, train=recipe.train, data=recipe.data,
                            baseline=baseline, meta={"recipe": args.recipe.name})
