@@ -384,8 +384,7 @@ class PhaseEnd:
         self.loss_sum, self.loss_count = 0.0, 0
         if self.decision is not None:
             return self.decision
-        met, note = False, ""
-        crit = self.criterion
+        met, crit = False, self.criterion
         if isinstance(crit, Plateau) and score is not None:
             met = crit.update(score)
         elif isinstance(crit, Efficiency) and score is not None:
@@ -395,11 +394,10 @@ class PhaseEnd:
         floor = self.until.min if self.until is not None else 0
         if at < floor:
             return None
-        if met:
-            note = crit.note()
-            self.decision = Decision(self.until.criterion, note, at)
-        elif self.surpass is not None and score is not None and self.surpass.update(score):
+        if self.surpass is not None and score is not None and self.surpass.update(score):  # the paper's rule first
             self.decision = Decision("surpassed", self.surpass.note(score), at)
+        elif met:
+            self.decision = Decision(self.until.criterion, crit.note(), at)
         return self.decision
 
     def end_reason(self, at: int) -> Decision:

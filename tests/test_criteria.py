@@ -85,6 +85,9 @@ def test_bounds_min_max_and_the_surpass_rule():
     assert [end.observe(at, score=s) for at, s in enumerate([0.4, 0.5], 1)] == [None, None]
     surpassed = end.observe(3, score=0.51)
     assert surpassed.reason == "surpassed" and surpassed.at == 3 and "runs/base" in surpassed.note
+    # both at once (after min): the paper's rule is the reason given
+    end = PhaseEnd(UntilConfig(criterion="plateau", patience=1, min=2), length=4, unit="epochs", target=0.5)
+    assert end.observe(1, score=0.6) is None and end.observe(2, score=0.55).reason == "surpassed"
     fixed = PhaseEnd(None, length=4, unit="steps")
     assert not fixed.adaptive and fixed.end_reason(4).reason == "length"
 
