@@ -460,7 +460,7 @@ def baseline_best(run_dir: str | Path, score: str, key: str = "train.stop_when_s
 
 # ------------------------------------------------------------------------------- recipe-level checks
 def check_schedule(phases: Sequence, stop_when_surpassing: str | None, has_valid: bool,
-                   weight_average_from: int | None = None) -> None:
+                   weight_average_from: int | None = None, eval_every: int | None = None) -> None:
     """Rules that span phases and the train section; raises ``ValueError`` naming the key.
 
     Args:
@@ -468,6 +468,7 @@ def check_schedule(phases: Sequence, stop_when_surpassing: str | None, has_valid
         stop_when_surpassing: ``train.stop_when_surpassing``.
         has_valid: whether the run has a validation set.
         weight_average_from: ``train.weight_average_from``.
+        eval_every: ``train.eval_every`` (iteration-based phases are judged at its multiples).
     """
     last = len(phases) - 1
     for i, phase in enumerate(phases):
@@ -481,6 +482,9 @@ def check_schedule(phases: Sequence, stop_when_surpassing: str | None, has_valid
         if until.criterion in ("plateau", "efficiency") and not has_valid:
             raise ValueError(f"{key}.criterion: {until.criterion} reads the validation score and the run has no "
                              "validation set; use loss")
+        if phase.iteration_based and eval_every is not None and eval_every > phase.max_length:
+            raise ValueError(f"{key}: the phase is judged every train.eval_every = {eval_every} steps, after its "
+                             f"max ({phase.max_length}); lower train.eval_every")
         if until.criterion is None and (i != last or not stop_when_surpassing):
             raise ValueError(f"{key}: no criterion, so the phase would simply run to its max; give "
                              f"until.criterion{' or train.stop_when_surpassing' if i == last else ''}")

@@ -57,7 +57,8 @@ class PretrainRecipe:
         if self.coarse is not None and self.baseline is not None:
             raise ValueError(f"baseline: a recipe derived by coarse is compared with the recipe it came from; this "
                              f"one also names {self.baseline} (set baseline: null)")
-        check_schedule(self.phases, self.train.stop_when_surpassing, bool(self.data.valid))
+        check_schedule(self.phases, self.train.stop_when_surpassing, bool(self.data.valid),
+                       eval_every=self.train.eval_every)
 
     @property
     def base(self) -> EncoderConfig:
