@@ -30,6 +30,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.data_throughput
 	$(PY) -m bench.train_throughput
+	$(PY) -m bench.schedules
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache demo_out

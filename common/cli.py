@@ -31,6 +31,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_run_root: str) ->
                              "attempt left is moved into RUN/discarded-TIME/, nothing is deleted")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the recipe, print the phase plan with tokens and FLOPs, and exit")
+    parser.add_argument("--coarse", metavar="METHOD:C[:SHARE]", default=None,
+                        help="derive the paper's coarse-to-fine schedule from this full-resolution recipe: SHARE of "
+                             "its length at compression C, then full resolution (e.g. fshift:4, fshift:4,2 for "
+                             "4->2->1, avgpool:2:0.3); the recipe is recorded as the baseline (common/coarse.py)")
     # the deepspeed launcher passes --local_rank=N before the script's own arguments
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 

@@ -4,9 +4,12 @@
 ``flops_per_sample``, ``train_flops`` (= flops_per_sample x samples), ``wall_seconds`` (the training loop,
 data waits included, evaluation and checkpointing not) and ``eval_seconds``; totals; the evaluations
 with the cumulative FLOPs and time at which they happened (what ``finetune/report.py`` plots); and, when
-the recipe names a baseline, that baseline's planned training FLOPs and the saving against it; and the
+the recipe names a baseline, that baseline's planned training FLOPs and the saving against it; the
 ``interventions``: recipe changes a resumed run was allowed (a lower learning rate after a non-finite
-loss), each with the step and phase from which it applies.
+loss), each with the step and phase from which it applies. A phase that has ended says why and when
+(``ended_by``: ``length``, ``cap``, a criterion or ``surpassed``; ``ended_at``: its step, epoch, total step
+and cumulative FLOPs; ``end_note``: in words), and a run stopped by ``train.stop_when_surpassing`` records
+the target it stopped at (``stop_when_surpassing``).
 
 The trainer talks to the ledger through methods (:meth:`Ledger.start_phase`, :meth:`Ledger.add_training`,
 :meth:`Ledger.add_eval_time`, :meth:`Ledger.add_eval`); readers use :meth:`Ledger.read` and
@@ -37,6 +40,7 @@ class PhaseRecord:
         train_flops: ``flops_per_sample * samples``.
         wall_seconds: time in the training loop (data waits included, evaluation and checkpoints not).
         eval_seconds: time spent validating.
+        ended_by, ended_at, end_note: why and when the phase ended (None while it runs).
         extra: fields of a ledger file this version does not know, kept as they are.
     """
 
@@ -52,21 +56,25 @@ class PhaseRecord:
     train_flops: int = 0
     wall_seconds: float = 0.0
     eval_seconds: float = 0.0
+    ended_by: str | None = None
+    ended_at: dict | None = None
+    end_note: str | None = None
     extra: dict = field(default_factory=dict)
 
     _COUNTERS = ("steps", "epochs", "samples", "train_flops", "wall_seconds", "eval_seconds")
     _DESCRIPTION = ("name", "compression", "factor", "flops_per_sample", "tokens_per_sample", "patch_transfer")
+    _END = ("ended_by", "ended_at", "end_note")
 
     def to_dict(self) -> dict:
         """The record as ``ledger.json`` stores it (counters first, then the phase's description)."""
         out = {k: getattr(self, k) for k in self._COUNTERS}
-        out.update({k: getattr(self, k) for k in self._DESCRIPTION if getattr(self, k) is not None})
+        out.update({k: getattr(self, k) for k in self._DESCRIPTION + self._END if getattr(self, k) is not None})
         out.update(self.extra)
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "PhaseRecord":
-        known = set(cls._COUNTERS) | set(cls._DESCRIPTION)
+        known = set(cls._COUNTERS) | set(cls._DESCRIPTION) | set(cls._END)
         return cls(**{k: v for k, v in data.items() if k in known},
                    extra={k: v for k, v in data.items() if k not in known})
 
@@ -95,6 +103,7 @@ class Ledger:
         self.evals: list[dict] = []
         self.baseline: dict | None = None
         self.interventions: list[dict] = []
+        self.stop_target: dict | None = None
 
     def start_phase(self, index: int, **info) -> PhaseRecord:
         """The record of phase ``index``, created from ``info`` (:class:`PhaseRecord` fields) on first use;
@@ -118,6 +127,13 @@ class Ledger:
     def set_epochs(self, index: int, epochs: int) -> None:
         """Phase ``index`` has completed ``epochs`` epochs."""
         self.phases[index].epochs = epochs
+
+    def end_phase(self, index: int, ended_by: str, note: str, **at) -> None:
+        """Phase ``index`` ended because of ``ended_by`` (``note`` in words); ``at`` says when (``step``,
+        ``epoch``, ``total_step``); the cumulative training FLOPs are added."""
+        record = self.phases[index]
+        record.ended_by, record.end_note = ended_by, note
+        record.ended_at = {**at, "train_flops": self.totals()["train_flops"]}
 
     def add_eval_time(self, index: int, seconds: float) -> None:
         self.phases[index].eval_seconds += seconds
@@ -145,23 +161,48 @@ class Ledger:
         """
         self.interventions.append({"step": int(step), "phase": int(phase), "changes": dict(changes)})
 
-    def set_baseline(self, name: str, train_flops: float) -> None:
+    def set_baseline(self, name: str, train_flops: float | None, flops_per_sample: int | None = None,
+                     epochs: int | None = None) -> None:
+        """The baseline's planned training FLOPs; for an epoch-based baseline (one phase) give
+        ``flops_per_sample`` and ``epochs`` instead: its FLOPs are then counted with the clips per epoch
+        of this run's first finished phase."""
         self.baseline = {"recipe": name, "train_flops": train_flops}
+        if train_flops is None:
+            self.baseline.update(flops_per_sample=flops_per_sample, epochs=epochs)
+
+    def baseline_flops(self) -> float | None:
+        """The baseline's planned training FLOPs (None when unknown: an epoch-based baseline's before this
+        run's first phase has ended)."""
+        if not self.baseline:
+            return None
+        if self.baseline.get("train_flops") is None and self.baseline.get("epochs"):
+            done = next((p for p in self.phases if p.ended_by is not None and p.epochs), None)
+            if done is None:
+                return None
+            return self.baseline["flops_per_sample"] * self.baseline["epochs"] * (done.samples // done.epochs)
+        return self.baseline.get("train_flops")
 
     def flops_saving(self) -> float | None:
         """``1 - train FLOPs / baseline's planned FLOPs``, or None without a baseline."""
-        if not self.baseline or not self.baseline["train_flops"]:
+        planned = self.baseline_flops()
+        if not planned:
             return None
-        return 1 - self.totals()["train_flops"] / self.baseline["train_flops"]
+        return 1 - self.totals()["train_flops"] / planned
+
+    def set_stop_target(self, run: str, score: str, best: float) -> None:
+        """``train.stop_when_surpassing``: the baseline run and the best score the final phase must beat."""
+        self.stop_target = {"run": run, "score": score, "best": best}
 
     def to_dict(self) -> dict:
         data = {"score": self.score, "phases": [p.to_dict() for p in self.phases], "total": self.totals(),
                 "evals": self.evals}
         if self.baseline:
-            data["baseline"] = self.baseline
+            data["baseline"] = {**self.baseline, "train_flops": self.baseline_flops()}
             data["flops_saving"] = self.flops_saving()
         if self.interventions:
             data["interventions"] = self.interventions
+        if self.stop_target:
+            data["stop_when_surpassing"] = self.stop_target
         return data
 
     @classmethod
@@ -171,6 +212,7 @@ class Ledger:
         ledger.evals = [dict(e) for e in data.get("evals", [])]
         ledger.baseline = data.get("baseline")
         ledger.interventions = [dict(i) for i in data.get("interventions", [])]
+        ledger.stop_target = data.get("stop_when_surpassing")
         return ledger
 
     @classmethod

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from common.compression import Compression
+from common.criteria import UntilConfig
 from common.htsat.adapt import BiasTransfer
 from common.resize import PatchResize, PosResize
 
@@ -34,6 +35,9 @@ class PhaseConfig:
         batch_size: per-rank micro-batch size of this phase (default: the data section's).
         lr: peak learning rate of this phase (default: the optim section's).
         name: a label for logs and the ledger.
+        until: end the phase by a criterion within bounds instead of at its planned length
+            (``common.criteria``); ``steps`` / ``epochs`` stay the planned length (the plan, the cosine
+            schedule) and the default ``until.max``.
     """
 
     compression: str = "none"
@@ -44,6 +48,7 @@ class PhaseConfig:
     batch_size: int | None = None
     lr: float | None = None
     name: str | None = None
+    until: UntilConfig | None = None
 
     def __post_init__(self) -> None:
         self.as_compression()  # validates method and factor
@@ -56,6 +61,9 @@ class PhaseConfig:
             raise ValueError(f"phase batch_size must be >= 1, got {self.batch_size}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"phase lr must be positive, got {self.lr}")
+        if self.until is not None and not self.until.min <= length <= self.max_length:
+            raise ValueError(f"until: the planned length ({length}) must lie within until.min ({self.until.min}) "
+                             f"and until.max ({self.max_length})")
 
     def as_compression(self) -> Compression:
         """The phase's compression method and factor as a :class:`Compression`."""
@@ -69,6 +77,13 @@ class PhaseConfig:
     def length(self) -> int:
         """Steps (iteration-based) or epochs (epoch-based)."""
         return self.steps if self.steps is not None else self.epochs
+
+    @property
+    def max_length(self) -> int:
+        """The most steps / epochs the phase may run: ``until.max``, or its planned length."""
+        if self.until is not None and self.until.max is not None:
+            return self.until.max
+        return self.length
 
     def batch_size_or(self, default: int) -> int:
         """The phase's per-rank batch size, or ``default`` (the data section's) when it sets none."""

@@ -11,6 +11,10 @@ optimiser and the learning-rate schedule restart, paper section 2.2), streams wa
         at a save point: checkpoint (``common.run_checkpoint``), then validate if due
         at an epoch end (epoch-based phases): keep weights for averaging, checkpoint, validate
 
+A phase ends at its planned length, or, with an ``until`` section or ``train.stop_when_surpassing``, at the
+validation round where its criterion decides so (``common.criteria``: rank 0 decides, every rank follows;
+the criterion's state is checkpointed); the ledger records why and when each phase ended.
+
 Validation follows the checkpoint of the same step (the checkpoint remembers that it is pending), so an
 error in validation never loses training. A non-finite loss stops the run before the optimiser step,
 leaving the last checkpoint intact. Re-running on the same run directory resumes exactly. Compute and time
@@ -36,6 +40,7 @@ from common.arch.base import geometries
 from common.atomic import atomic_copy
 from common.augment import SpecAugmentConfig
 from common.checkpoint import EncoderWeights
+from common.criteria import PhaseEnd, baseline_best
 from common.data import BadAudioTracker, Batch, DataConfig, eval_loader, train_loader
 from common.distributed import Dist
 from common.features import AudioConfig
@@ -76,6 +81,8 @@ class TrainConfig:
             and make the average the run's model (AST's weight averaging; epoch-based runs only).
         weight_average_top: average only the this many best of those epochs by validation score (HTS-AT
             averages its top checkpoints; ``weight_average_from`` defaults to 1 then).
+        stop_when_surpassing: a baseline run directory: the final phase ends at its first validation whose
+            score beats the best in that run's ``ledger.json`` (paper section 3.3), read when the run starts.
     """
 
     seed: int = 0
@@ -89,6 +96,7 @@ class TrainConfig:
     deterministic: bool = False
     weight_average_from: int | None = None
     weight_average_top: int | None = None
+    stop_when_surpassing: str | None = None
 
     def __post_init__(self) -> None:
         if self.weight_average_from is not None and self.weight_average_from < 1:
@@ -148,7 +156,8 @@ class RunSpec:
         init: the encoder weights the first phase starts from (None: from scratch).
         init_pos_embed: how the initial positional embedding is fitted to the first phase (default: the
             transfer setting; ImageNet weights use ``cut``, AST's rule).
-        baseline: ``(name, planned training FLOPs)`` of the baseline recipe, for the ledger.
+        baseline: ``(name, planned training FLOPs)`` of the baseline recipe, for the ledger, or ``(name, None,
+            FLOPs per sample, epochs)`` for an epoch-based one (:meth:`common.ledger.Ledger.set_baseline`).
         run_recipe: the run directory's recipe (``common.run_recipe``): written with the first checkpoint;
             accepted recovery changes are recorded in the ledger when the run resumes.
         meta: extra metadata stored in exports (e.g. the front end, the task).
@@ -182,6 +191,7 @@ class TrainState:
     total_steps: int = 0
     best_score: float | None = None  # the best validation score of the current phase
     pending_eval: bool = False  # the checkpoint was taken before the validation of its step
+    until: dict = field(default_factory=dict)  # the phase's end criterion (common.criteria.PhaseEnd state)
 
 
 class StepGroup(NamedTuple):
@@ -243,6 +253,9 @@ class Trainer:
         self.ledger = Ledger(objective.score_name)
         if spec.baseline is not None:
             self.ledger.set_baseline(*spec.baseline)
+        if spec.train.stop_when_surpassing:
+            self.ledger.set_stop_target(spec.train.stop_when_surpassing, objective.score_name,
+                                        baseline_best(spec.train.stop_when_surpassing, objective.score_name))
         self.checkpoints = RunCheckpoints(self.run_dir / "checkpoints", dist, spec.train.keep_checkpoints)
         self.average = WeightAverage(self.run_dir / "average",
                                      averaged_epochs(spec.train.weight_average_from or
@@ -254,6 +267,7 @@ class Trainer:
         self.scalars = Scalars(self.run_dir, enabled=dist.is_main)
         self._flops: dict[int, int] = {}
         self._pending = _Pending()
+        self._end: PhaseEnd | None = None  # what may end the current phase (see _phase_end)
 
     # ------------------------------------------------------------------------------------- the run
     def run(self, stop_after: int | None = None) -> bool:
@@ -316,8 +330,11 @@ class Trainer:
     def _train_phase(self, engine, index: int, budget: int | None) -> tuple[bool, int]:
         """Train phase ``index`` to its end (True) or until ``budget`` steps (False); returns the steps done."""
         spec, st, phase = self.spec, self.state, self.spec.phases[index]
+        if self._phase_end(index).decision is not None:  # decided by the validation a resume re-ran
+            self._start_phase(index)
+            return self._end_phase(engine, index), 0
         pipeline = self._frontend(index, self.objective.specaug)
-        epochs_left = None if phase.iteration_based else phase.epochs - st.epoch_in_phase
+        epochs_left = None if phase.iteration_based else phase.max_length - st.epoch_in_phase
         stream = self._train_loader(index).batches(st.data_epoch, st.data_index, epochs_left)
         self._start_phase(index)
         bar = progress(phase.steps if phase.iteration_based else None, st.step, phase.label(index), self.dist.is_main)
@@ -332,13 +349,16 @@ class Trainer:
                     self.ledger.set_epochs(index, st.epoch_in_phase)
                     if index == len(spec.phases) - 1 and self.dist.is_main:
                         self.average.keep(engine.module, st.epoch_in_phase)
-                    if st.epoch_in_phase == phase.epochs:
+                    if st.epoch_in_phase == phase.max_length:
                         return self._end_phase(engine, index), steps_done
                     self._save(engine, index, pending_eval=True)
                     self._validate(engine.module, index, engine.lr_scheduler)
+                    if self._end.decision is not None:
+                        return self._end_phase(engine, index), steps_done
                     continue
                 for batch in group.batches:
                     logs = self._micro_step(engine, batch, pipeline, index)
+                    self._end.add_loss(logs["loss"])
                     for key, value in logs.items():
                         window[key] = window.get(key, 0.0) + float(value)
                     self._pending.samples += len(batch)
@@ -352,7 +372,7 @@ class Trainer:
                 if st.step % spec.train.log_every == 0:
                     self._log_window(engine, index, window, bar)
                     window = {}
-                if phase.iteration_based and st.step == phase.steps:
+                if phase.iteration_based and st.step == phase.max_length:
                     return self._end_phase(engine, index), steps_done
                 eval_due = phase.iteration_based and st.step % spec.train.eval_every == 0
                 out_of_budget = budget is not None and steps_done >= budget
@@ -360,6 +380,8 @@ class Trainer:
                     self._save(engine, index, pending_eval=eval_due)
                 if eval_due:
                     self._validate(engine.module, index, engine.lr_scheduler)
+                    if self._end.decision is not None:
+                        return self._end_phase(engine, index), steps_done
                 if out_of_budget:
                     return False, steps_done
         finally:
@@ -369,17 +391,20 @@ class Trainer:
         raise RuntimeError(f"{phase.label(index)}: the data stream ended early")
 
     def _end_phase(self, engine, index: int) -> bool:
-        """The phase's last step is done: checkpoint it as done, validate, export."""
+        """The phase's last step is done: checkpoint it as done, validate (unless a criterion just decided
+        on this step's validation), export."""
         self.state.phase_done = True
-        self._save(engine, index, pending_eval=True)
+        self._save(engine, index, pending_eval=self._end.decision is None)
         self._complete_phase(engine.module, index, engine.lr_scheduler)
         return True
 
     def _complete_phase(self, model: nn.Module, index: int, scheduler) -> None:
-        """The end-of-phase work that follows its checkpoint: the pending validation and the phase's export."""
+        """The end-of-phase work that follows its checkpoint: the pending validation, the ledger's record of
+        why the phase ended, and the phase's export."""
         model.to(self.device)
         if self.state.pending_eval:
             self._validate(model, index, scheduler)
+        self._record_end(index)
         if self.dist.is_main:
             path = self.run_dir / "export" / f"phase{index + 1}.safetensors"
             self.objective.export(model, path, self._export_meta(index))
@@ -404,6 +429,30 @@ class Trainer:
         self.scalars.log({"phase": index + 2}, st.total_steps)
         self._seed_rank(index + 1)
         return fresh
+
+    def _phase_end(self, index: int) -> PhaseEnd:
+        """What may end phase ``index`` (built on first use in the phase, from the checkpointed state)."""
+        if self._end is None or self._end.index != index:
+            self._end = PhaseEnd.for_phase(self.spec.phases, index, self.ledger.stop_target, self.state.until,
+                                           lambda i: self.objective.flops_per_sample(self.cfgs[i]))
+        return self._end
+
+    def _judge(self, index: int, score: float | None) -> None:
+        """A validation round of phase ``index`` ended (``score``: None without a validation set): may the
+        phase end here? Collective: every rank takes rank 0's decision."""
+        at = self.state.step if self.spec.phases[index].iteration_based else self.state.epoch_in_phase
+        decision = self._phase_end(index).check(self.dist, at, score, self.ledger.phases[index].train_flops)
+        if decision is not None:
+            log.info("%s ends here (%s %d): %s", self.spec.phases[index].label(index),
+                     "step" if self.spec.phases[index].iteration_based else "epoch", at, decision.note)
+
+    def _record_end(self, index: int) -> None:
+        """Write why and when phase ``index`` ended into the ledger."""
+        st, phase = self.state, self.spec.phases[index]
+        decision = self._phase_end(index).end_reason(st.step if phase.iteration_based else st.epoch_in_phase)
+        where = {} if phase.iteration_based else {"epoch": st.epoch_in_phase}
+        self.ledger.end_phase(index, decision.reason, decision.note, step=st.step, total_step=st.total_steps, **where)
+        log.info("%s ended (%s): %s", phase.label(index), decision.reason, decision.note)
 
     def _seed_rank(self, index: int) -> None:
         """After a phase's model is built (identically on every rank): a different random stream per rank
@@ -451,7 +500,7 @@ class Trainer:
                  cfg.num_patches, *cfg.grid, record.flops_per_sample / 1e9, self._batch_size(index),
                  self.dist.world_size, self.spec.optim.grad_accum)
 
-    def _micro_step(self, engine, batch: Batch, pipeline: FeaturePipeline, index: int) -> dict[str, torch.Tensor]:
+    def _micro_step(self, engine, batch: Batch, pipeline: nn.Module, index: int) -> dict[str, torch.Tensor]:
         batch.waveforms = batch.waveforms.to(self.device, non_blocking=True)
         batch.lengths = batch.lengths.to(self.device, non_blocking=True)
         if batch.targets is not None:
@@ -522,6 +571,7 @@ class Trainer:
         self._account(index)
         self.state.pending_eval = False
         if not self.spec.data.valid:
+            self._judge(index, None)
             return
         epoch = None if self.spec.phases[index].iteration_based else self.state.epoch_in_phase
         start = time.perf_counter()
@@ -544,6 +594,7 @@ class Trainer:
                 self.objective.export(model, self.run_dir / "export" / "best.safetensors",
                                       self._export_meta(index, eval=record))
             self.ledger.write(self.run_dir / "ledger.json")
+        self._judge(index, score)
         self._pending.restart_clock()
 
     def _export_meta(self, index: int, **extra) -> dict:
@@ -557,6 +608,7 @@ class Trainer:
         self._account(index)
         st = self.state
         st.pending_eval = pending_eval
+        st.until = self._phase_end(index).state_dict()
         tag = make_tag(index, st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase)
         trainer_state = {"state": asdict(st), "ledger": self.ledger.to_dict(), "tracker": self.tracker.state_dict()}
         if self.dist.is_main and self.spec.run_recipe is not None:
@@ -583,8 +635,10 @@ class Trainer:
         saved = self.checkpoints.trainer_state(tag)
         self.state = TrainState(**saved["state"])
         baseline = self.ledger.baseline
+        target = self.ledger.stop_target
         self.ledger = Ledger.from_dict(saved["ledger"])
         self.ledger.baseline = baseline or self.ledger.baseline
+        self.ledger.stop_target = self.ledger.stop_target or target  # the target the run started with
         self.tracker.load_state_dict(saved["tracker"])
         if self.state.phase_done:
             model = self.objective.build_model(self.cfgs[self.state.phase])

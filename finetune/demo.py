@@ -13,6 +13,8 @@
    (cls + dist) pooling; its best epoch is exported to ``demo_out/hf/`` as an
    ``ASTForAudioClassification`` and one test clip is classified through ``transformers``'
    ``audio-classification`` pipeline.
+7. HTS-AT (a tiny Swin, paper section 3.5) fine-tuned from scratch at full resolution
+   (``recipes/synth_htsat.yaml``) and coarse to fine (``recipes/ft_synth_htsat_fshift4.yaml``).
 
 Everything goes under ``--out`` (default ``demo_out/``); re-running skips the finished steps (each run
 resumes or finds itself complete).
@@ -49,7 +51,7 @@ def run(out: Path, quick: bool = False) -> dict:
 
     data = out / "data"
     start = time.perf_counter()
-    t = _step("1/6 the built-in corpus")
+    t = _step("1/7 the built-in corpus")
     if not (data / "synth" / "synth_classes.json").is_file():
         get_corpus("synth").prepare(None, data / "synth", size="test" if quick else "demo")
     print(f"data/synth ready ({time.perf_counter() - t:.0f} s)")
@@ -62,7 +64,7 @@ def run(out: Path, quick: bool = False) -> dict:
     runs = {"c2f": (RECIPES / "synth_pretrain.yaml", ["phases.0.steps=1", "phases.1.steps=5"]),
             "baseline": (RECIPES / "synth_pretrain_baseline.yaml", ["phases.0.steps=8"])}
     for name, (recipe, quick_steps) in runs.items():
-        t = _step(f"2/6 pretraining ({'coarse to fine' if name == 'c2f' else 'baseline, full resolution'})")
+        t = _step(f"2/7 pretraining ({'coarse to fine' if name == 'c2f' else 'baseline, full resolution'})")
         argv = ["--recipe", str(recipe), "--run-dir", str(out / "pretrain" / name), *common]
         if quick:
             argv += _sets(*quick_steps, "baseline=null")
@@ -80,7 +82,7 @@ def run(out: Path, quick: bool = False) -> dict:
         "from_c2f_fshift4": (out / "pretrain" / "c2f", RECIPES / "ft_synth_fshift4.yaml"),
     }
     for name, (init, recipe) in finetunes.items():
-        t = _step(f"3/6 fine-tuning {name.replace('_', ' ')}")
+        t = _step(f"3/7 fine-tuning {name.replace('_', ' ')}")
         argv = ["--init", str(init), *ft_common, "--run-dir", str(out / "finetune" / name)]
         if recipe is not None:
             argv += ["--recipe", str(recipe)]
@@ -90,7 +92,7 @@ def run(out: Path, quick: bool = False) -> dict:
             raise RuntimeError(f"fine-tuning {name} failed")
         print(f"({time.perf_counter() - t:.0f} s)")
 
-    t = _step("4/6 linear probes of the pretrained encoders")
+    t = _step("4/7 linear probes of the pretrained encoders")
     probes = {}
     for name in ("baseline", "c2f"):
         result = out / f"probe_{name}.json"
@@ -101,7 +103,7 @@ def run(out: Path, quick: bool = False) -> dict:
         probes[name] = json.loads(result.read_text())[0]["value"]
     print(f"({time.perf_counter() - t:.0f} s)")
 
-    t = _step("5/6 savings reports")
+    t = _step("5/7 savings reports")
     for kind, baseline, runs_, names in (
         ("pretrain", out / "pretrain" / "baseline", [out / "pretrain" / "c2f"], ["SSAST Fshift 4→1"]),
         ("finetune", out / "finetune" / "from_baseline",
@@ -111,13 +113,22 @@ def run(out: Path, quick: bool = False) -> dict:
         if report(["--baseline", str(baseline), "--runs", *map(str, runs_), "--names", *names,
                    "--out", str(out / f"report_{kind}")]) != 0:
             raise RuntimeError(f"the {kind} report failed")
-    t = _step("6/6 Hugging Face export (fine-tuning with prefix pooling, the pooling the format holds)")
+    t = _step("6/7 Hugging Face export (fine-tuning with prefix pooling, the pooling the format holds)")
     argv = ["--init", str(out / "pretrain" / "c2f"), *ft_common, "--run-dir", str(out / "finetune" / "for_hf"),
             *_sets("head.pool=prefix")]
     if finetune(argv + (_sets("phases=[{compression: none, epochs: 2}]") if quick else [])) != 0:
         raise RuntimeError("fine-tuning for the Hugging Face export failed")
     hf = export_to_hf(out / "finetune" / "for_hf", data, out / "hf")
     print(f"({time.perf_counter() - t:.0f} s)")
+    for name, recipe in (("htsat_baseline", "synth_htsat.yaml"), ("htsat_fshift4", "ft_synth_htsat_fshift4.yaml")):
+        t = _step(f"7/7 HTS-AT (a tiny Swin) {'coarse to fine' if 'fshift' in name else 'at full resolution'}")
+        argv = ["--init", "none", "--task", "synth", "--data-root", str(data), "--recipe", str(RECIPES / recipe),
+                "--run-dir", str(out / "finetune" / name)]
+        if quick:
+            argv += _sets("data.batch_size=4", "data.num_workers=0", "train.log_every=2")
+        if finetune(argv) != 0:
+            raise RuntimeError(f"HTS-AT fine-tuning {name} failed")
+        print(f"({time.perf_counter() - t:.0f} s)")
     summary = summarise(out, probes)
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s.\n\n{summary}\nResults under {out}/:")
     (out / "summary.md").write_text(summary)
@@ -174,6 +185,19 @@ def summarise(out: Path, probes: dict) -> str:
         test = json.loads((out / "finetune" / ft / "test_metrics.json").read_text())["acc"]
         rows.append(f"| {label} | {total['train_flops']:.3g}{saving} | "
                     f"{total['wall_seconds']:.0f} | {100 * probes[name]:.1f} | {100 * best:.1f} / {100 * test:.1f} |")
+    rows += ["", "| HTS-AT (tiny Swin), fine-tuning from scratch | training FLOPs | training time (s) | fine-tuned acc "
+             "(%, best epoch / test) |", "|---|---:|---:|---:|"]
+    base = Ledger.read(out / "finetune" / "htsat_baseline").to_dict()["total"]["train_flops"]
+    for name, label in (("htsat_baseline", "full resolution, 8 epochs"),
+                        ("htsat_fshift4", "coarse to fine, Fshift 4→1 (2 + 6 epochs)")):
+        ledger = Ledger.read(out / "finetune" / name)
+        total = ledger.to_dict()["total"]
+        saving = "" if name == "htsat_baseline" else f" ({total['train_flops'] / base - 1:+.1%})"
+        best = max(e["metrics"]["acc"] for e in ledger.evals if "acc" in e["metrics"] and e["phase"] == len(
+            ledger.phases) - 1)
+        test = json.loads((out / "finetune" / name / "test_metrics.json").read_text())["acc"]
+        rows.append(f"| {label} | {total['train_flops']:.3g}{saving} | {total['wall_seconds']:.0f} | "
+                    f"{100 * best:.1f} / {100 * test:.1f} |")
     rows.append(f"\n(12 classes: chance is {100 / 12:.1f} %)")
     return "\n".join(rows) + "\n"
 

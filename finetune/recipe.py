@@ -3,7 +3,8 @@
 Values come, from lowest to highest precedence, from the dataclass defaults, the task's default recipe
 (``finetune/tasks.py``), the ``--recipe`` file and ``--set`` overrides. Without a recipe file a task
 trains its published baseline recipe at full resolution; a coarse-to-fine recipe (``recipes/ft_*.yaml``)
-replaces the ``phases``.
+replaces the ``phases``; ``coarse`` (or ``--coarse``) derives a coarse-to-fine schedule from the
+full-resolution recipe (``common.coarse``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
+from common.coarse import CoarseConfig, apply_coarse, baseline_name, build_derived
+from common.criteria import check_schedule
 from common.data import DataConfig
 from common.features import AudioConfig
 from common.frontend import NORM_STATS
@@ -21,7 +24,7 @@ from common.model import ModelSpec
 from common.optim import OptimConfig
 from common.phases import PhaseConfig
 from common.preflight import check_classes, check_manifest, check_norm, count_clips
-from common.recipe import RecipeError, apply_overrides, build, load_yaml, merge
+from common.recipe import RecipeError, apply_overrides, load_yaml, merge
 from common.trainer import TrainConfig
 from finetune.classifier import AugmentConfig, HeadConfig
 from finetune.init import InitTransferConfig
@@ -43,6 +46,7 @@ class FinetuneRecipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     num_mel_bins: int = 128
+    coarse: CoarseConfig | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -60,6 +64,7 @@ class FinetuneRecipe:
                              f"{last - (start or 1) + 1} (epochs {start or 1}-{last})")
         if self.data.train or self.data.valid:
             raise ValueError("data.train / data.valid: fine-tuning takes its manifests from the task section")
+        check_schedule(self.phases, self.train.stop_when_surpassing, True, self.train.weight_average_from)
 
     def audio(self, num_mel_bins: int | None = None) -> AudioConfig:
         return AudioConfig(num_mel_bins=num_mel_bins or self.num_mel_bins, target_frames=self.task.target_frames,
@@ -190,7 +195,8 @@ def _apply_task_file_defaults(recipe: FinetuneRecipe, data: dict, notes: list[st
 
 
 def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Sequence[str] = (),
-                init: str = "none", data_root: str | None = None, notes: list[str] | None = None) -> FinetuneRecipe:
+                init: str = "none", data_root: str | None = None, notes: list[str] | None = None,
+                coarse: str | None = None) -> FinetuneRecipe:
     """Assemble and validate the recipe of a fine-tuning run.
 
     Args:
@@ -200,6 +206,8 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
         init: what the encoder starts from.
         data_root: folder the task's relative manifest paths are under.
         notes: if given, receives lines saying which package defaults a task file relies on.
+        coarse: ``METHOD:C[:SHARE]`` (``--coarse``; or the recipe's ``coarse`` section): derive a
+            coarse-to-fine schedule from the full-resolution recipe (``common.coarse``).
     """
     fields, defaults = task_source(task)
     data = dict(defaults)
@@ -210,7 +218,9 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
         data["task"]["data_root"] = data_root
     data["init"] = init
     data = apply_overrides(data, overrides)
-    recipe = build(FinetuneRecipe, data)
+    name = baseline_name(recipe_path) if recipe_path is not None else f"{data['task'].get('name', task)}-baseline"
+    data, derived = apply_coarse(data, name, coarse)
+    recipe = build_derived(FinetuneRecipe, data, derived)
     if task not in TASKS:
         recipe = _apply_task_file_defaults(recipe, data, notes)
     return recipe

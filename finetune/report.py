@@ -11,6 +11,8 @@ at full resolution against the baseline's best, epoch 5 of 5, with a small mAP d
 (Tables 3 and 5) is the best metric of the final phase. A second table compares the whole runs (all their
 training FLOPs against the baseline's), so a saving shows even where no run surpasses the baseline. Every
 metric is a fraction (accuracy, mAP, masked-patch accuracy) and is shown in percent.
+Runs that applied the rule live (``train.stop_when_surpassing``) are marked, and so are those whose cap
+ended the final phase before it surpassed (:func:`end_note`).
 
     python finetune/report.py --baseline runs/base --runs runs/fshift4 runs/fshift421 --out reports/
     python finetune/report.py --baseline runs/as_base --runs runs/as_fshift4 --stop-epoch 3 --out reports/as
@@ -33,7 +35,8 @@ from matplotlib.lines import Line2D
 from common.ledger import Ledger
 
 __all__ = ["ReportError", "Run", "Point", "Row", "load_run", "resolve_metric", "run_label", "points",
-           "compare", "markdown_table", "whole_run_table", "metric_name", "report_title", "figure", "plot", "main"]
+           "compare", "end_note", "markdown_table", "whole_run_table", "metric_name", "report_title", "figure",
+           "plot", "main"]
 
 METHOD_NAMES = {"fshift": "Fshift", "avgpool": "Avg Pool", "maxpool": "Max Pool", "patch": "Patch"}
 PATCH_TRANSFER_NAMES = {"pi": "PI", "bilinear": "BL"}  # the paper's labels
@@ -69,7 +72,8 @@ class Row:
     """One table row: deltas, savings and ``stop`` are None for the baseline; savings, ``stop`` when never surpassed.
 
     ``total_flops`` is the whole run's training FLOPs and ``total_save`` its saving against the baseline's
-    whole run (None for the baseline); ``fixed`` marks a stop at a given epoch (``--stop-epoch``).
+    whole run (None for the baseline); ``fixed`` marks a stop at a given epoch (``--stop-epoch``); ``note``:
+    how the run's final phase ended, when a rule ended it (:func:`end_note`).
     """
 
     label: str
@@ -83,6 +87,7 @@ class Row:
     total_flops: float = 0.0
     total_save: float | None = None
     fixed: bool = False
+    note: str | None = None
 
 
 def load_run(path: str | Path, label: str | None = None) -> Run:
@@ -171,6 +176,23 @@ def _total_flops(run: Run, pts: Sequence[Point]) -> float:
     return total if total > 0 else max(p.flops for p in pts)
 
 
+def end_note(run: Run) -> str | None:
+    """How the run's final phase ended when a rule ended it: stopped live on surpassing its baseline
+    (``train.stop_when_surpassing``), by a criterion, or by its cap before it surpassed; None otherwise."""
+    if not run.ledger.phases:
+        return None
+    final = run.ledger.phases[-1]
+    at = final.ended_at or {}
+    where = f"epoch {at['epoch']}" if "epoch" in at else f"step {at.get('step', '?')}"
+    if final.ended_by == "surpassed":
+        return f"stopped live on surpassing its baseline ({where} of the final phase)"
+    if final.ended_by == "cap" and run.ledger.stop_target:
+        return f"the cap ended it ({where} of the final phase) before it surpassed its baseline"
+    if final.ended_by not in (None, "length", "cap"):
+        return f"final phase ended by {final.ended_by} ({where})"
+    return None
+
+
 def compare(baseline: Run, runs: Sequence[Run], metric: str, stop_epoch: int | None = None) -> list[Row]:
     """The Table 2/3 rows (Tables 4/5 for 3-phase runs): the baseline's row, then one per run.
 
@@ -210,7 +232,8 @@ def compare(baseline: Run, runs: Sequence[Run], metric: str, stop_epoch: int | N
         rows.append(Row(run.label, value, value - base.value,
                         _saving(stop.flops, base.flops) if stop else None,
                         _saving(stop.seconds, base.seconds) if stop else None,
-                        best, best - base.value, stop, total, _saving(total, base_total), stop_epoch is not None))
+                        best, best - base.value, stop, total, _saving(total, base_total), stop_epoch is not None,
+                        end_note(run)))
     return rows
 
 
@@ -233,7 +256,8 @@ def markdown_table(rows: Sequence[Row], metric: str) -> str:
         elif row.fixed and row.stop is not None:
             value += f", epoch {row.stop.epoch}"
         saves = ["-" if s is None else f"{s:.2f}" for s in (row.flops_save, row.time_save)]
-        lines.append(f"| {row.label} | {value} | {saves[0]} | {saves[1]} | {_percent(row.best, row.best_delta)} |")
+        label = f"{row.label} ({row.note})" if row.note else row.label
+        lines.append(f"| {label} | {value} | {saves[0]} | {saves[1]} | {_percent(row.best, row.best_delta)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,7 @@
     python finetune/run.py --init SSAST-Base-Patch-400.pth --task esc50 --recipe recipes/ft_fshift4.yaml
     python finetune/run.py --init deit_base_distilled_patch16_384.pth --task audioset20k   # AST's ImageNet start
     python finetune/run.py --init none --task my_task.yaml                                 # your own data
+    python finetune/run.py --init MODEL --task vggsound --coarse fshift:4                  # the paper's 5 + 15 epochs
     deepspeed --num_gpus 4 finetune/run.py --init ... --task audioset                      # several GPUs
 
 ``--init`` takes a pretraining or fine-tuning run directory, an exported model, an official SSAST / AST
@@ -50,13 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_plan(recipe, configs, objective) -> None:
+def print_plan(recipe, configs, objective, arch) -> None:
+    from common.arch.base import geometries
+    from common.coarse import saving_lines
+    from common.criteria import describe_ends
     from common.phases import format_plan, plan_phases
 
     print(f"task {recipe.task.name}: {recipe.task.description or ''}")
     print(f"pooling: {objective.head.pool}")
-    print(format_plan(plan_phases(recipe.phases, configs, objective.flops_per_sample, recipe.data.batch_size,
-                                  recipe.optim.grad_accum)))
+    rows = plan_phases(recipe.phases, configs, objective.flops_per_sample, recipe.data.batch_size,
+                       recipe.optim.grad_accum)
+    if recipe.coarse is not None:
+        print(f"coarse to fine ({recipe.coarse.describe()}) derived from {recipe.coarse.baseline.name}:")
+    print(format_plan(rows))
+    for line in describe_ends(recipe.phases, recipe.train.stop_when_surpassing):
+        print(line)
+    if recipe.coarse is not None:
+        phases = recipe.coarse.baseline.phases
+        base_rows = plan_phases(phases, geometries(arch, phases), objective.flops_per_sample,
+                                recipe.data.batch_size, recipe.optim.grad_accum)
+        print("\n".join(saving_lines(recipe.phases, rows, recipe.coarse.baseline.name, base_rows)))
     o = recipe.optim
     print(f"optimiser {o.optimizer}, lr {o.lr:g}, warm-up {o.warmup_steps} steps, {o.schedule} schedule; batch "
           f"{recipe.data.batch_size} per rank x {o.grad_accum} accumulation")
@@ -73,6 +87,20 @@ def _classes(recipe, planning: bool) -> tuple[list[str], dict[str, str]]:
         raise FileNotFoundError(f"task.classes: {path} does not exist, and the task does not say how many classes "
                                 f"it has (task.num_classes): the plan needs one or the other")
     return [f"class_{i}" for i in range(recipe.task.num_classes)], {}
+
+
+def _surpass_targets(recipe, run_dirs: list[Path]) -> list[str | None]:
+    """``train.stop_when_surpassing`` per run (ESC-50's folds compare with the baseline's same fold), checked
+    before any compute: each baseline ledger must be there and hold the task's metric."""
+    from common.criteria import baseline_best
+
+    target = recipe.train.stop_when_surpassing
+    if not target:
+        return [None] * len(run_dirs)
+    targets = [str(Path(target) / d.name) if recipe.task.folds else target for d in run_dirs]
+    for path in targets:
+        baseline_best(path, recipe.task.metric)
+    return targets
 
 
 def _test(run_dir: Path, recipe, classes, dist) -> None:
@@ -121,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
         notes: list[str] = []
         recipe = load_recipe(args.task, args.recipe, args.overrides, init=args.init, data_root=args.data_root,
-                             notes=notes)
+                             notes=notes, coarse=args.coarse)
         missing: list[str] = []
         if args.dry_run:  # a plan needs no data: say what a run would not find
             from common.preflight import problems
@@ -135,20 +163,31 @@ def main(argv: list[str] | None = None) -> int:
         try:
             base = task_encoder_config(init, recipe.model, recipe.num_mel_bins, recipe.task.target_frames)
             audio = recipe.audio(getattr(base, "num_mel_bins", None))  # the AST family's front end
-            configs = geometries(architecture_for(base, audio), recipe.phases)
+            arch = architecture_for(base, audio)
+            configs = geometries(arch, recipe.phases)
             head = replace(recipe.head, pool=resolve_pool(recipe.head.pool, init, base))
             if args.keep_head:
                 from common.hf import kept_head
 
                 head_init = kept_head(recipe.init, classes, names, head.pool)
         except ValueError as err:
-            raise RecipeError(str(err)) from None
+            derived = f"--coarse {args.coarse}: the derived schedule is invalid: " if args.coarse else ""
+            raise RecipeError(f"{derived}{err}") from None
         from finetune.classifier import ClassifierObjective
 
         objective = ClassifierObjective(classes, recipe.task.metric, recipe.task.loss, recipe.augment, head, names,
                                         head_init)
+        from common.coarse import coarse_tag
+
+        name = f"{recipe.task.name}-{args.recipe.stem if args.recipe else 'baseline'}"
+        if args.coarse:
+            name += f"-{coarse_tag(recipe.coarse)}"
+        run_root = args.run_dir or Path("runs/finetune") / name
+        splits = recipe.task.fold_splits()
+        run_dirs = [run_root / f"fold{k + 1}" if recipe.task.folds else run_root for k in range(len(splits))]
+        targets = _surpass_targets(recipe, run_dirs)
         if args.dry_run:
-            print_plan(recipe, configs, objective)
+            print_plan(recipe, configs, objective, arch)
             for note in notes:
                 print(note)
             if missing:
@@ -158,21 +197,24 @@ def main(argv: list[str] | None = None) -> int:
         from common.data import ManifestSpec
         from common.trainer import RunSpec, Trainer
 
-        name = f"{recipe.task.name}-{args.recipe.stem if args.recipe else 'baseline'}"
-        run_root = args.run_dir or Path("runs/finetune") / name
+        baseline = None
+        if recipe.coarse is not None:  # the recipe it was derived from: one full-resolution phase
+            baseline = (recipe.coarse.baseline.name, None,
+                        objective.flops_per_sample(geometries(arch, recipe.coarse.baseline.phases)[0]),
+                        recipe.coarse.baseline.phases[0].epochs)
         done = True
         with training_session(run_root, recipe, restart=args.restart) as session:
             dist = session.dist
             for note in notes:
                 log.info("%s", note)
             log.info("classifier pooling: %s (head.pool: %s)", head.pool, recipe.head.pool)
-            splits = recipe.task.fold_splits()
             for k, (train, valid) in enumerate(splits):
-                run_dir = run_root / f"fold{k + 1}" if recipe.task.folds else run_root
+                run_dir = run_dirs[k]
                 data = replace(recipe.data, train=[ManifestSpec(p) for p in train], valid=valid,
                                balanced=recipe.task.balanced)
                 spec = RunSpec(run_dir=run_dir, base=base, audio=audio,
-                               phases=recipe.phases, transfer=recipe.transfer, optim=recipe.optim, train=recipe.train,
+                               phases=recipe.phases, transfer=recipe.transfer, optim=recipe.optim,
+                               train=replace(recipe.train, stop_when_surpassing=targets[k]), baseline=baseline,
                                data=data, init=init,
                                init_pos_embed=init_pos_mode(init, recipe.transfer.pos_embed,
                                                             recipe.transfer.init_pos_embed),

@@ -2,7 +2,8 @@
 
 A recipe file (YAML) has the sections ``model``, ``audio``, ``data``, ``phases``, ``transfer``, ``optim``,
 ``train``, ``ssast`` and optionally ``baseline`` (the path of the recipe whose FLOPs the ledger compares
-against, relative to this file). See ``recipes/ssast_fshift4.yaml`` for a commented example.
+against, relative to this file) or ``coarse`` (derive the phases from this full-resolution recipe, which is
+then the baseline: ``common.coarse``). See ``recipes/ssast_fshift4.yaml`` for a commented example.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
+from common.coarse import CoarseConfig, apply_coarse, baseline_name, build_derived
+from common.criteria import check_schedule
 from common.data import DataConfig
 from common.features import AudioConfig
 from common.model import EncoderConfig, ModelSpec
 from common.optim import OptimConfig
 from common.phases import PhaseConfig, TransferConfig
-from common.recipe import RecipeError, apply_overrides, build, load_yaml
+from common.recipe import RecipeError, apply_overrides, load_yaml
 from common.trainer import TrainConfig
 from pretrain.masking import mask_count
 from pretrain.ssast import SSASTConfig
@@ -40,6 +43,7 @@ class PretrainRecipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     ssast: SSASTConfig = field(default_factory=SSASTConfig)
     baseline: str | None = None
+    coarse: CoarseConfig | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -57,6 +61,11 @@ class PretrainRecipe:
                 mask_count(cfg.num_patches, self.ssast.mask_ratio)
             except ValueError as err:
                 raise ValueError(f"ssast.mask_ratio: {err} (phases.{i})") from None
+        if self.coarse is not None and self.baseline is not None:
+            raise ValueError(f"baseline: a recipe derived by coarse is compared with the recipe it came from; this "
+                             f"one also names {self.baseline} (set baseline: null)")
+        check_schedule(self.phases, self.train.stop_when_surpassing, bool(self.data.valid),
+                       eval_every=self.train.eval_every)
 
     @property
     def base(self) -> EncoderConfig:
@@ -71,10 +80,12 @@ class PretrainRecipe:
         return geometries(architecture_for(self.base, self.audio), self.phases)
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> PretrainRecipe:
-    """Read, override (``key=value``) and validate a pretraining recipe."""
+def load_recipe(path: str | Path, overrides: Sequence[str] = (), coarse: str | None = None) -> PretrainRecipe:
+    """Read, override (``key=value``) and validate a pretraining recipe; ``coarse`` (``METHOD:C[:SHARE]``,
+    or the recipe's ``coarse`` section) derives a coarse-to-fine schedule from it (``common.coarse``)."""
     path = Path(path)
-    recipe = build(PretrainRecipe, apply_overrides(load_yaml(path), overrides))
+    data, derived = apply_coarse(apply_overrides(load_yaml(path), overrides), baseline_name(path), coarse)
+    recipe = build_derived(PretrainRecipe, data, derived)
     if recipe.baseline is not None:
         baseline = Path(recipe.baseline)
         if not baseline.is_absolute() and not baseline.exists():

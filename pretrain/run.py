@@ -4,6 +4,7 @@
     deepspeed --num_gpus 8 pretrain/run.py --recipe ...          # one node, 8 GPUs
     deepspeed --hostfile hosts pretrain/run.py --recipe ...      # several nodes
     python pretrain/run.py --recipe recipes/synth_pretrain.yaml  # one process, no launcher
+    python pretrain/run.py --recipe recipes/ssast_baseline.yaml --coarse fshift:4 --dry-run   # derived schedule
 
 Running the same command on an existing run directory resumes where it stopped. The run directory
 receives the resolved recipe, TensorBoard events (``tb/``), checkpoints, ``export/phaseN.safetensors``
@@ -45,12 +46,17 @@ def _flops_per_sample(ssast, cfg) -> int:
     return SSASTObjective(ssast).flops_per_sample(cfg)
 
 
-def plan(recipe, world_size: int = 1):
-    """The recipe's :class:`common.phases.PhasePlan` per phase (geometry, tokens, planned FLOPs)."""
+def plan(recipe, world_size: int = 1, phases=None):
+    """The recipe's :class:`common.phases.PhasePlan` per phase (geometry, tokens, planned FLOPs); ``phases``
+    replace the recipe's (e.g. the baseline a coarse-to-fine schedule was derived from)."""
+    from common.arch import architecture_for
+    from common.arch.base import geometries
     from common.phases import plan_phases
 
-    return plan_phases(recipe.phases, recipe.encoder_configs(), lambda cfg: _flops_per_sample(recipe.ssast, cfg),
-                       recipe.data.batch_size, recipe.optim.grad_accum, world_size)
+    phases = recipe.phases if phases is None else phases
+    configs = geometries(architecture_for(recipe.base, recipe.audio), phases)
+    return plan_phases(phases, configs, lambda cfg: _flops_per_sample(recipe.ssast, cfg), recipe.data.batch_size,
+                       recipe.optim.grad_accum, world_size)
 
 
 def planned_total(recipe, world_size: int) -> float:
@@ -58,15 +64,40 @@ def planned_total(recipe, world_size: int) -> float:
     return sum(r.train_flops for r in plan(recipe, world_size))
 
 
+def baseline_of(recipe, baseline, world_size: int) -> tuple[str, float] | None:
+    """``(name, planned training FLOPs)`` of the run's baseline: the recipe a ``coarse`` schedule was derived
+    from, or the ``baseline`` recipe (loaded with this run's geometry and batch: ``load_baseline``)."""
+    if recipe.coarse is not None:
+        return recipe.coarse.baseline.name, planned_total_of(recipe, recipe.coarse.baseline.phases, world_size)
+    if baseline is not None:  # named with its schedule: a shortened run is compared with the full plan
+        steps = sum(p.steps for p in baseline.phases)
+        return f"{Path(recipe.baseline).stem} (planned, {steps} steps)", planned_total(baseline, world_size)
+    return None
+
+
+def planned_total_of(recipe, phases, world_size: int) -> float:
+    return sum(r.train_flops for r in plan(recipe, world_size, phases))
+
+
 def _phase_overrides(overrides: list[str]) -> list[str]:
     return [o.split("=", 1)[0].strip() for o in overrides if o.split("=", 1)[0].strip().startswith("phases")]
 
 
 def print_plan(recipe, world_size: int, baseline=None, overrides: list[str] = ()) -> None:
+    from common.coarse import saving_lines
+    from common.criteria import describe_ends
     from common.phases import format_plan
 
     rows = plan(recipe, world_size)
+    if recipe.coarse is not None:
+        print(f"coarse to fine ({recipe.coarse.describe()}) derived from {recipe.coarse.baseline.name}:")
     print(format_plan(rows))
+    for line in describe_ends(recipe.phases, recipe.train.stop_when_surpassing):
+        print(line)
+    if recipe.coarse is not None:
+        base = recipe.coarse.baseline
+        print("\n".join(saving_lines(recipe.phases, rows, base.name, plan(recipe, world_size, base.phases))))
+        return
     total = sum(r.train_flops for r in rows)
     line = f"total planned training FLOPs: {total:.4g}"
     if baseline is not None:
@@ -91,8 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         from common.preflight import check_norm, data_checks, problems
         from pretrain.recipe import load_baseline, load_recipe
 
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = load_recipe(args.recipe, args.overrides, args.coarse)
         baseline = load_baseline(recipe, args.overrides)
+        if recipe.train.stop_when_surpassing:  # before any compute: the baseline run must be there
+            from common.criteria import baseline_best
+            from pretrain.ssast import SSASTObjective
+
+            baseline_best(recipe.train.stop_when_surpassing, SSASTObjective.score_name)
         checks = [*data_checks(recipe.data), lambda: check_norm(recipe.audio.norm, "audio.norm")]
         if args.dry_run:
             print_plan(recipe, 1, baseline, args.overrides)
@@ -103,17 +139,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         for check in checks:  # every file the run reads, before a model or the run directory exists
             check()
+        from common.coarse import coarse_tag
         from common.trainer import RunSpec, Trainer
         from pretrain.ssast import SSASTObjective
 
-        run_dir = args.run_dir or Path("runs/pretrain") / args.recipe.stem
+        name = args.recipe.stem + (f"-{coarse_tag(recipe.coarse)}" if args.coarse else "")
+        run_dir = args.run_dir or Path("runs/pretrain") / name
         with training_session(run_dir, recipe, restart=args.restart) as session:
             dist = session.dist
-            planned = None
-            if baseline is not None:  # named with its schedule: a shortened run is compared with the full plan
-                steps = sum(p.steps for p in baseline.phases)
-                planned = (f"{Path(recipe.baseline).stem} (planned, {steps} steps)",
-                           planned_total(baseline, dist.world_size))
+            planned = baseline_of(recipe, baseline, dist.world_size)
             spec = RunSpec(run_dir=run_dir, base=recipe.base, audio=recipe.audio, phases=recipe.phases,
                            transfer=recipe.transfer, optim=recipe.optim, train=recipe.train, data=recipe.data,
                            baseline=planned, run_recipe=session.run_recipe, meta={"recipe": args.recipe.name})
@@ -121,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                      dist.device)
             if planned is not None:
                 log.info("FLOPs saving is measured against %s planned with this run's geometry and batch: %.4g",
-                         recipe.baseline, planned[1])
+                         planned[0], planned[1])
             done = Trainer(spec, SSASTObjective(recipe.ssast), dist).run(stop_after=args.stop_after_steps)
         if dist.is_main and done:
             print(f"done: {run_dir / 'model.safetensors'} (ledger: {run_dir / 'ledger.json'})")

@@ -1,0 +1,514 @@
+"""When a phase ends by itself: transition criteria, hard bounds and the paper's "surpass the baseline" stop.
+
+A recipe phase may carry ``until: {criterion: ..., min: N, max: N, ...}`` (:class:`UntilConfig`): the phase
+then ends at the first *check* at which its criterion is met, never before ``min`` and at the latest at
+``max`` (steps or epochs, the phase's own unit; ``max`` defaults to the phase's planned length). A check
+is a validation round: every ``train.eval_every`` steps in iteration-based phases, every epoch in
+epoch-based ones (runs without a validation set still have the rounds, for the ``loss`` criterion).
+
+Criteria (each a small pure class with ``update``, ``state_dict`` and ``load_state_dict``):
+
+- ``plateau`` (:class:`Plateau`): the validation score (the objective's ``score_name``, higher is better)
+  has not improved on its best by more than ``min_delta`` for ``patience`` checks (Keras' early-stopping
+  rule: a smaller gain does not move the best).
+- ``efficiency`` (:class:`Efficiency`): the phase's gain of validation score per training FLOP, the
+  least-squares slope over the last ``window + 1`` checks, has fallen below ``fraction`` times what the
+  same FLOPs are expected to buy at the next phase's resolution. That expectation is the phase's own
+  peak windowed slope times ``F_cur / F_next``, the ratio of training FLOPs per clip of this phase and
+  the next. Why this estimate and not a probe of the next phase: (1) after a phase change the optimiser
+  and the learning-rate schedule restart (paper section 2.2), so the next phase starts in the regime of
+  a phase's early checks, where a clip of training moves the score about as much as it did early in this
+  phase; a clip then costs ``F_next`` instead of ``F_cur``; (2) a probe (training a copy at the next
+  resolution for a few steps) would spend FLOPs the saving must pay back, its first steps are warm-up
+  noise, and it would have to be checkpointed for exact resume; the estimate is free, deterministic and
+  a function of the recorded checks alone. The estimate is optimistic for the next phase when the model
+  is already far along its learning curve; ``fraction`` below 1 keeps the coarse phase longer.
+  The final phase has no next phase, so ``efficiency`` is for initial phases only.
+- ``loss`` (:class:`LossSlope`): for runs without a validation set. The mean training loss since the
+  previous check (all ranks) is smoothed (exponential moving average with weight ``smoothing`` on the
+  past); the phase ends when the smoothed loss's relative decrease per check, over the last ``window``
+  checks, stays below ``threshold`` for ``patience`` checks in a row.
+
+``train.stop_when_surpassing: RUN_DIR`` (:class:`Surpass`, :func:`baseline_best`) ends the *final* phase
+at the first check whose score strictly exceeds the best score in that run's ``ledger.json`` (paper
+section 3.3); with ``until.max`` above the planned length the final phase may also run past it until it
+surpasses. :class:`PhaseEnd` combines the bounds, the criterion and the surpass rule for one phase; the
+trainer asks it at every check (rank 0 decides, every rank receives the decision) and checkpoints its
+state, so a resumed run ends its phase at the same step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+__all__ = ["UntilConfig", "Plateau", "Efficiency", "LossSlope", "Surpass", "PhaseEnd", "Decision",
+           "make_criterion", "baseline_best", "check_schedule", "describe_ends", "END_REASONS"]
+
+Criterion = Literal["plateau", "efficiency", "loss"]
+
+# what a phase's ledger record may give as the reason it ended
+END_REASONS = ("length", "cap", "plateau", "efficiency", "loss", "surpassed")
+
+# the parameters each criterion reads (the others must keep their defaults)
+_PARAMETERS = {
+    "plateau": ("patience", "min_delta"),
+    "efficiency": ("window", "fraction"),
+    "loss": ("window", "threshold", "smoothing", "patience"),
+    None: (),
+}
+
+
+@dataclass(frozen=True)
+class UntilConfig:
+    """How a phase may end before (or after) its planned length.
+
+    Args:
+        criterion: ``plateau``, ``efficiency`` or ``loss`` (see the module docstring); none: only the
+            bounds and ``train.stop_when_surpassing`` (final phase) end the phase.
+        min: the phase never ends before this many steps / epochs.
+        max: the phase ends here at the latest (default: its planned ``steps`` / ``epochs``).
+        patience: plateau: checks without improvement; loss: checks in a row below ``threshold``.
+        min_delta: plateau: the least gain of the score over its best that counts as an improvement.
+        window: efficiency / loss: checks spanned by the sliding window.
+        fraction: efficiency: end when the slope is below this fraction of the next phase's estimate.
+        threshold: loss: relative decrease of the smoothed loss per check below which it has flattened.
+        smoothing: loss: weight of the past in the moving average (0: no smoothing).
+    """
+
+    criterion: Criterion | None = None
+    min: int = 0
+    max: int | None = None
+    patience: int = 2
+    min_delta: float = 0.0
+    window: int = 2
+    fraction: float = 1.0
+    threshold: float = 0.01
+    smoothing: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.min < 0:
+            raise ValueError(f"until.min must be >= 0, got {self.min}")
+        if self.max is not None and (self.max < 1 or self.max < self.min):
+            raise ValueError(f"until.max must be >= 1 and >= until.min ({self.min}), got {self.max}")
+        if self.patience < 1 or self.window < 1:
+            raise ValueError(f"until.patience and until.window must be >= 1, got {self.patience}, {self.window}")
+        if self.min_delta < 0 or self.fraction <= 0 or self.threshold < 0:
+            raise ValueError("until.min_delta and until.threshold must be >= 0 and until.fraction > 0")
+        if not 0 <= self.smoothing < 1:
+            raise ValueError(f"until.smoothing must be in [0, 1), got {self.smoothing}")
+        used = _PARAMETERS[self.criterion]
+        for f in fields(self):
+            if f.name in ("criterion", "min", "max") or f.name in used:
+                continue
+            if getattr(self, f.name) != f.default:
+                users = [c for c, names in _PARAMETERS.items() if f.name in names]
+                raise ValueError(f"until.{f.name}: not used by criterion {self.criterion!r} (only by "
+                                 f"{' and '.join(map(str, users))})")
+
+    def describe(self) -> str:
+        """The criterion and its parameters in words, e.g. ``plateau (patience 2, min_delta 0.0)``."""
+        if self.criterion is None:
+            return "no criterion"
+        params = ", ".join(f"{name} {getattr(self, name)}" for name in _PARAMETERS[self.criterion])
+        return f"{self.criterion} ({params})"
+
+
+# ------------------------------------------------------------------------------------------ criteria
+class Plateau:
+    """No improvement of the validation score by more than ``min_delta`` for ``patience`` checks."""
+
+    needs_score, needs_loss = True, False
+
+    def __init__(self, patience: int, min_delta: float = 0.0) -> None:
+        self.patience, self.min_delta = patience, min_delta
+        self.best: float | None = None
+        self.bad = 0
+
+    def update(self, score: float) -> bool:
+        """One check's score; True when the score has plateaued."""
+        if self.best is None or score > self.best + self.min_delta:
+            self.best, self.bad = score, 0
+        else:
+            self.bad += 1
+        return self.bad >= self.patience
+
+    def note(self) -> str:
+        return f"no gain over {self.best:.4g} by more than {self.min_delta:g} in {self.bad} checks"
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad": self.bad}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.bad = state["best"], state["bad"]
+
+
+def _slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """The least-squares slope of ``ys`` against ``xs`` (at least two distinct ``xs``)."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var > 0 else 0.0
+
+
+class Efficiency:
+    """The score gained per training FLOP has fallen below ``fraction`` of the next phase's estimate.
+
+    Args:
+        window: checks spanned by the slope (its least-squares fit uses ``window + 1`` points).
+        fraction: the share of the next phase's estimated gain per FLOP below which the phase ends.
+        cost_ratio: ``F_cur / F_next``, training FLOPs per clip of this phase over the next one's.
+    """
+
+    needs_score, needs_loss = True, False
+
+    def __init__(self, window: int, fraction: float, cost_ratio: float) -> None:
+        if not cost_ratio > 0:
+            raise ValueError(f"efficiency: the FLOPs ratio to the next phase must be positive, got {cost_ratio}")
+        self.window, self.fraction, self.cost_ratio = window, fraction, cost_ratio
+        self.points: list[tuple[float, float]] = []  # (phase FLOPs, score) of the last window + 1 checks
+        self.peak: float | None = None  # the steepest windowed slope so far (score per FLOP)
+        self.slope: float | None = None
+
+    def update(self, score: float, flops: float) -> bool:
+        """One check's score at the phase's cumulative training FLOPs; True when the phase should end."""
+        self.points = (self.points + [(float(flops), float(score))])[-(self.window + 1):]
+        if len(self.points) <= self.window:
+            return False
+        self.slope = _slope([p[0] for p in self.points], [p[1] for p in self.points])
+        self.peak = self.slope if self.peak is None else max(self.peak, self.slope)
+        return self.slope <= 0 or self.slope < self.threshold()
+
+    def threshold(self) -> float:
+        """``fraction`` x the gain per FLOP expected at the next phase: peak slope x ``F_cur / F_next``."""
+        return self.fraction * max(self.peak or 0.0, 0.0) * self.cost_ratio
+
+    def note(self) -> str:
+        return (f"gain per FLOP {self.slope:.3g} below {self.fraction:g} x the next phase's estimate "
+                f"{max(self.peak or 0.0, 0.0) * self.cost_ratio:.3g} (peak {self.peak:.3g} x FLOPs ratio "
+                f"{self.cost_ratio:.3g})")
+
+    def state_dict(self) -> dict:
+        return {"points": [list(p) for p in self.points], "peak": self.peak, "slope": self.slope}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.points = [tuple(p) for p in state["points"]]
+        self.peak, self.slope = state["peak"], state["slope"]
+
+
+class LossSlope:
+    """The smoothed training loss has stopped falling: relative decrease per check below ``threshold``.
+
+    Args:
+        window: checks between the two smoothed values compared.
+        threshold: relative decrease per check below which the loss counts as flat.
+        smoothing: weight of the past in the exponential moving average.
+        patience: flat checks in a row before the phase ends.
+    """
+
+    needs_score, needs_loss = False, True
+
+    def __init__(self, window: int, threshold: float, smoothing: float, patience: int = 1) -> None:
+        self.window, self.threshold, self.smoothing, self.patience = window, threshold, smoothing, patience
+        self.smoothed: list[float] = []  # the last window + 1 smoothed losses
+        self.flat = 0
+        self.decrease: float | None = None
+
+    def update(self, loss: float) -> bool:
+        """The mean training loss since the previous check; True when the loss has flattened."""
+        ema = loss if not self.smoothed else self.smoothing * self.smoothed[-1] + (1 - self.smoothing) * loss
+        self.smoothed = (self.smoothed + [ema])[-(self.window + 1):]
+        if len(self.smoothed) <= self.window:
+            return False
+        old = self.smoothed[0]
+        self.decrease = (old - ema) / (self.window * max(abs(old), 1e-12))
+        self.flat = self.flat + 1 if self.decrease < self.threshold else 0
+        return self.flat >= self.patience
+
+    def note(self) -> str:
+        return (f"smoothed training loss fell {self.decrease:.3%} per check (< {self.threshold:.3%}) for "
+                f"{self.flat} checks")
+
+    def state_dict(self) -> dict:
+        return {"smoothed": list(self.smoothed), "flat": self.flat, "decrease": self.decrease}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.smoothed, self.flat, self.decrease = list(state["smoothed"]), state["flat"], state["decrease"]
+
+
+class Surpass:
+    """The paper's stop (section 3.3): the first score strictly above the baseline run's best."""
+
+    def __init__(self, target: float, source: str = "the baseline") -> None:
+        self.target, self.source = target, source
+
+    def update(self, score: float) -> bool:
+        return score > self.target
+
+    def note(self, score: float) -> str:
+        return f"score {score:.4g} surpassed {self.source}'s best {self.target:.4g}"
+
+
+def make_criterion(until: UntilConfig, cost_ratio: float | None = None):
+    """The criterion object of ``until`` (``cost_ratio``: ``F_cur / F_next``, for ``efficiency``)."""
+    if until.criterion == "plateau":
+        return Plateau(until.patience, until.min_delta)
+    if until.criterion == "efficiency":
+        if cost_ratio is None:
+            raise ValueError("until.criterion: efficiency compares with the next phase; the final phase has none")
+        return Efficiency(until.window, until.fraction, cost_ratio)
+    if until.criterion == "loss":
+        return LossSlope(until.window, until.threshold, until.smoothing, until.patience)
+    return None
+
+
+# ------------------------------------------------------------------------------------- one phase's end
+@dataclass(frozen=True)
+class Decision:
+    """Why and where a phase ended: ``reason`` (one of :data:`END_REASONS`), a sentence, and the count
+    (steps or epochs of the phase) at which it ended."""
+
+    reason: str
+    note: str
+    at: int
+
+
+class PhaseEnd:
+    """Decides, at each check of one phase, whether the phase ends there.
+
+    Args:
+        until: the phase's ``until`` section (None: a fixed length).
+        length: the phase's planned length (steps or epochs).
+        unit: ``steps`` or ``epochs``.
+        cost_ratio: ``F_cur / F_next`` (None for the final phase).
+        target: the baseline's best score the final phase stops at (``train.stop_when_surpassing``).
+        target_source: what ``target`` came from, for the notes.
+        index: the phase's 0-based index.
+    """
+
+    def __init__(self, until: UntilConfig | None, length: int, unit: str, cost_ratio: float | None = None,
+                 target: float | None = None, target_source: str = "the baseline", index: int = 0) -> None:
+        self.until, self.length, self.unit, self.index = until, length, unit, index
+        self.criterion = make_criterion(until, cost_ratio) if until is not None else None
+        self.surpass = Surpass(target, target_source) if target is not None else None
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.checks = 0
+        self.decision: Decision | None = None
+
+    @classmethod
+    def for_phase(cls, phases: Sequence, index: int, stop_target: dict | None, state: dict,
+                  flops_per_sample: Callable[[int], float]) -> "PhaseEnd":
+        """The :class:`PhaseEnd` of phase ``index`` of a run.
+
+        Args:
+            phases: the run's :class:`common.phases.PhaseConfig` list.
+            index: the phase.
+            stop_target: the ledger's ``stop_when_surpassing`` record (``run``, ``best``), for the final phase.
+            state: the checkpointed :meth:`state_dict` (empty for a fresh phase).
+            flops_per_sample: training FLOPs per clip of phase ``i`` (asked only for ``efficiency``).
+        """
+        phase, last = phases[index], len(phases) - 1
+        ratio = None
+        if index < last and phase.until is not None and phase.until.criterion == "efficiency":
+            ratio = flops_per_sample(index) / flops_per_sample(index + 1)
+        target = stop_target if index == last else None
+        end = cls(phase.until, phase.length, "steps" if phase.iteration_based else "epochs", ratio,
+                  target["best"] if target else None, target["run"] if target else "the baseline", index)
+        end.load_state_dict(state)
+        return end
+
+    def check(self, dist, at: int, score: float | None, flops: float) -> Decision | None:
+        """A check of the phase on every rank (collective): the training loss is summed over ranks, rank 0
+        decides (:meth:`observe`) and every rank takes its state.
+
+        Args:
+            dist: the :class:`common.distributed.Dist` of this process.
+            at, score, flops: as :meth:`observe`.
+
+        Returns:
+            The decision if the phase ends at this check, else None.
+        """
+        if not self.adaptive or self.decision is not None:
+            return None
+        loss = None
+        if self.needs_loss:
+            import torch
+
+            total, count = dist.all_reduce_sum(torch.tensor(self.pending_loss(), dtype=torch.float64,
+                                                            device=dist.device)).tolist()
+            loss = total / count if count else None
+        if dist.is_main:
+            self.observe(at, score, flops, loss)
+        self.load_state_dict(dist.broadcast_object(self.state_dict()))
+        return self.decision
+
+    @property
+    def max_length(self) -> int:
+        return self.until.max if self.until is not None and self.until.max is not None else self.length
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether anything but the length may end the phase."""
+        return self.criterion is not None or self.surpass is not None
+
+    @property
+    def needs_loss(self) -> bool:
+        return getattr(self.criterion, "needs_loss", False)
+
+    def add_loss(self, loss) -> None:
+        """A micro-batch's training loss on this rank (a number or a 0-d tensor; the ``loss`` criterion's
+        input, ignored by the others)."""
+        if self.needs_loss:
+            self.loss_sum += float(loss)
+            self.loss_count += 1
+
+    def pending_loss(self) -> tuple[float, int]:
+        """This rank's loss sum and count since the previous check (summed over ranks by the caller)."""
+        return self.loss_sum, self.loss_count
+
+    def observe(self, at: int, score: float | None = None, flops: float = 0.0,
+                loss: float | None = None) -> Decision | None:
+        """One check at ``at`` steps / epochs of the phase.
+
+        Args:
+            at: the phase's steps (iteration-based) or completed epochs (epoch-based) so far.
+            score: the validation score (None without a validation set).
+            flops: the phase's cumulative training FLOPs (all ranks).
+            loss: the mean training loss since the previous check (all ranks), for ``loss``.
+
+        Returns:
+            The decision if the phase ends here (also kept in :attr:`decision`), else None.
+        """
+        self.checks += 1
+        self.loss_sum, self.loss_count = 0.0, 0
+        if self.decision is not None:
+            return self.decision
+        met, crit = False, self.criterion
+        if isinstance(crit, Plateau) and score is not None:
+            met = crit.update(score)
+        elif isinstance(crit, Efficiency) and score is not None:
+            met = crit.update(score, flops)
+        elif isinstance(crit, LossSlope) and loss is not None and math.isfinite(loss):
+            met = crit.update(loss)
+        floor = self.until.min if self.until is not None else 0
+        if at < floor:
+            return None
+        if self.surpass is not None and score is not None and self.surpass.update(score):  # the paper's rule first
+            self.decision = Decision("surpassed", self.surpass.note(score), at)
+        elif met:
+            self.decision = Decision(self.until.criterion, crit.note(), at)
+        return self.decision
+
+    def end_reason(self, at: int) -> Decision:
+        """Why the phase ended at ``at``: its decision, or its length / cap."""
+        if self.decision is not None:
+            return self.decision
+        if not self.adaptive:
+            return Decision("length", f"planned length of {self.length} {self.unit}", at)
+        rule = self.until.describe() if self.criterion is not None else "no criterion"
+        if self.surpass is not None:
+            rule += f"; did not surpass {self.surpass.source}'s best {self.surpass.target:.4g}"
+        return Decision("cap", f"reached its cap of {self.max_length} {self.unit} ({rule})", at)
+
+    def state_dict(self) -> dict:
+        """JSON-able state (checkpointed with the trainer's state)."""
+        return {"checks": self.checks, "loss_sum": self.loss_sum, "loss_count": self.loss_count,
+                "criterion": self.criterion.state_dict() if self.criterion is not None else None,
+                "decision": None if self.decision is None else [self.decision.reason, self.decision.note,
+                                                                 self.decision.at]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:  # a fresh phase
+            return
+        self.checks, self.loss_sum, self.loss_count = state["checks"], state["loss_sum"], state["loss_count"]
+        if self.criterion is not None and state.get("criterion") is not None:
+            self.criterion.load_state_dict(state["criterion"])
+        self.decision = Decision(*state["decision"]) if state.get("decision") else None
+
+
+# --------------------------------------------------------------------------------- the baseline's best
+def baseline_best(run_dir: str | Path, score: str, key: str = "train.stop_when_surpassing") -> float:
+    """The best ``score`` among the evaluations in a baseline run's ``ledger.json``.
+
+    Args:
+        run_dir: the baseline's run directory (or its ledger file).
+        score: the metric to read (the objective's ``score_name``).
+        key: the recipe key that named the run, for error messages.
+
+    Raises:
+        FileNotFoundError: no ledger there.
+        ValueError: the ledger ranks another score, or has no evaluation of ``score``.
+    """
+    import json
+
+    path = Path(run_dir)
+    path = path / "ledger.json" if path.is_dir() or not path.suffix else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}: no ledger at {path} (the baseline run must exist before this one starts)")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{key}: {path} is not valid JSON ({err})") from None
+    if data.get("score") not in (None, score):
+        raise ValueError(f"{key}: {path} ranks runs by {data['score']!r}, this run by {score!r}")
+    values = [e["metrics"][score] for e in data.get("evals", []) if score in e.get("metrics", {})]
+    if not values:
+        raise ValueError(f"{key}: {path} holds no evaluation of {score!r}")
+    return float(max(values))
+
+
+# ------------------------------------------------------------------------------- recipe-level checks
+def check_schedule(phases: Sequence, stop_when_surpassing: str | None, has_valid: bool,
+                   weight_average_from: int | None = None, eval_every: int | None = None) -> None:
+    """Rules that span phases and the train section; raises ``ValueError`` naming the key.
+
+    Args:
+        phases: the recipe's :class:`common.phases.PhaseConfig` list.
+        stop_when_surpassing: ``train.stop_when_surpassing``.
+        has_valid: whether the run has a validation set.
+        weight_average_from: ``train.weight_average_from``.
+        eval_every: ``train.eval_every`` (iteration-based phases are judged at its multiples).
+    """
+    last = len(phases) - 1
+    for i, phase in enumerate(phases):
+        until = phase.until
+        if until is None:
+            continue
+        key = f"phases.{i}.until"
+        if until.criterion == "efficiency" and i == last:
+            raise ValueError(f"{key}.criterion: efficiency compares with the next phase and the final phase has "
+                             "none; use plateau or loss")
+        if until.criterion in ("plateau", "efficiency") and not has_valid:
+            raise ValueError(f"{key}.criterion: {until.criterion} reads the validation score and the run has no "
+                             "validation set; use loss")
+        if phase.iteration_based and eval_every is not None and eval_every > phase.max_length:
+            raise ValueError(f"{key}: the phase is judged every train.eval_every = {eval_every} steps, after its "
+                             f"max ({phase.max_length}); lower train.eval_every")
+        if until.criterion is None and (i != last or not stop_when_surpassing):
+            raise ValueError(f"{key}: no criterion, so the phase would simply run to its max; give "
+                             f"until.criterion{' or train.stop_when_surpassing' if i == last else ''}")
+    if stop_when_surpassing and not has_valid:
+        raise ValueError("train.stop_when_surpassing: the run has no validation set to compare with")
+    if weight_average_from is not None and phases and (phases[-1].until is not None or stop_when_surpassing):
+        raise ValueError("train.weight_average_from: weight averaging needs the final phase's epochs in advance; "
+                         "it cannot be combined with an until section on the final phase or "
+                         "train.stop_when_surpassing")
+
+
+def describe_ends(phases: Sequence, stop_when_surpassing: str | None = None) -> list[str]:
+    """How the phases of a recipe end, in words (for ``--dry-run``); empty when every phase has a fixed length."""
+    lines = []
+    last = len(phases) - 1
+    for i, phase in enumerate(phases):
+        unit = "steps" if phase.iteration_based else "epochs"
+        rule = []
+        if phase.until is not None and phase.until.criterion:
+            rule.append(phase.until.describe())
+        if i == last and stop_when_surpassing:
+            rule.append(f"the first evaluation above the best of {stop_when_surpassing}")
+        if rule:
+            lo = phase.until.min if phase.until is not None else 0
+            lines.append(f"{phase.label(i)}: ends at {' or '.join(rule)}, after {lo} to {phase.max_length} {unit} "
+                         f"(planned {phase.length})")
+    return lines
