@@ -34,6 +34,7 @@ from torch import nn
 from common.atomic import atomic_copy
 from common.augment import SpecAugmentConfig
 from common.checkpoint import EncoderWeights
+from common.compile import CompileBackend, maybe_compile
 from common.data import BadAudioTracker, Batch, DataConfig, eval_loader, train_loader
 from common.distributed import Dist
 from common.features import AudioConfig, FeaturePipeline
@@ -72,6 +73,9 @@ class TrainConfig:
         deterministic: ``torch.use_deterministic_algorithms`` (for exact-resume tests; slower).
         weight_average_from: average the weights of the final phase's epochs from this one (1-based) on
             and make the average the run's model (AST's weight averaging; epoch-based runs only).
+        compile: ``torch.compile`` the model's blocks at every phase (``common.compile``; off by default).
+        compile_backend: the ``torch.compile`` backend: ``inductor`` (generated kernels), or ``aot_eager`` /
+            ``eager`` to find a capture problem without code generation.
     """
 
     seed: int = 0
@@ -84,6 +88,8 @@ class TrainConfig:
     eval_batches: int | None = None
     deterministic: bool = False
     weight_average_from: int | None = None
+    compile: bool = False
+    compile_backend: CompileBackend = "inductor"
 
     def __post_init__(self) -> None:
         if self.weight_average_from is not None and self.weight_average_from < 1:
@@ -386,6 +392,7 @@ class Trainer:
 
     def _engine(self, model: nn.Module, index: int):
         phase, optim = self.spec.phases[index], self.spec.optim
+        model = maybe_compile(model, self.spec.train.compile, self.spec.train.compile_backend)
         return build_engine(model, optim, phase.lr or optim.lr, self._batch_size(index), self.spec.train.zero_stage,
                             self.device, phase.steps if phase.iteration_based else None, self.objective.head_prefixes)
 
