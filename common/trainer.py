@@ -40,6 +40,7 @@ from common.distributed import Dist
 from common.features import AudioConfig, FeaturePipeline
 from common.ledger import Ledger, Window
 from common.logger import Scalars, progress
+from common.memory import MemoryEstimate, PeakMemory, gib, training_setting
 from common.model import ASTEncoder, EncoderConfig
 from common.optim import OptimConfig, build_engine
 from common.phases import PhaseConfig, TransferConfig, phase_encoder_configs
@@ -125,6 +126,9 @@ class Objective(Protocol):
 
     def flops_per_sample(self, cfg: EncoderConfig) -> int:
         """Training FLOPs (forward + backward) per sample for the encoder geometry ``cfg``."""
+
+    def memory_estimate(self, cfg: EncoderConfig, batch: int, **setting) -> MemoryEstimate:
+        """Bytes per rank to train at ``cfg`` and micro-batch ``batch`` (``common.memory.training_setting``)."""
 
     def export(self, model: nn.Module, path: Path, meta: dict) -> None:
         """Write the deliverable of a phase (rank 0 only)."""
@@ -238,6 +242,7 @@ class Trainer:
         self.scalars = Scalars(self.run_dir, enabled=dist.is_main)
         self._flops: dict[int, int] = {}
         self._pending = _Pending()
+        self._memory = PeakMemory(self.device)
 
     # ------------------------------------------------------------------------------------- the run
     def run(self, stop_after: int | None = None) -> bool:
@@ -363,7 +368,10 @@ class Trainer:
         if self.dist.is_main:
             path = self.run_dir / "export" / f"phase{index + 1}.safetensors"
             self.objective.export(model, path, self._export_meta(index))
-            log.info("%s done; exported %s", self.spec.phases[index].label(index), path)
+            record = self.ledger.phases[index]
+            log.info("%s done; exported %s; peak memory %.3g GiB (%s; estimate %.3g GiB)",
+                     self.spec.phases[index].label(index), path, gib(record.peak_memory_bytes or 0),
+                     record.peak_memory_source, gib(record.memory_estimate_bytes or 0))
 
     def _next_phase(self, model: nn.Module, index: int) -> nn.Module:
         """After phase ``index``: the model of phase ``index + 1``, its weights adapted to the new grid."""
@@ -414,11 +422,15 @@ class Trainer:
             index, name=phase.label(index), compression=phase.compression, factor=phase.factor,
             flops_per_sample=self._flops[index], tokens_per_sample=cfg.num_tokens,
             patch_transfer=phase.patch_transfer if phase.compression == "patch" else None)
+        estimate = self.objective.memory_estimate(cfg, self._batch_size(index), **training_setting(
+            self.spec.train.precision, self.spec.train.zero_stage, self.dist.world_size, self.device))
+        record.memory_estimate_bytes = estimate.total
+        self._memory.reset()
         log.info("%s: %s, %s tokens per clip (grid %dx%d), %.3g GFLOPs per training sample, batch %d x %d "
-                 "rank(s) x %d accumulation", phase.label(index),
+                 "rank(s) x %d accumulation; memory estimate %s", phase.label(index),
                  f"{phase.steps} steps" if phase.iteration_based else f"{phase.epochs} epochs",
                  cfg.num_patches, *cfg.grid, record.flops_per_sample / 1e9, self._batch_size(index),
-                 self.dist.world_size, self.spec.optim.grad_accum)
+                 self.dist.world_size, self.spec.optim.grad_accum, estimate.describe())
 
     def _micro_step(self, engine, batch: Batch, pipeline: FeaturePipeline, index: int) -> dict[str, torch.Tensor]:
         batch.waveforms = batch.waveforms.to(self.device, non_blocking=True)
@@ -447,6 +459,7 @@ class Trainer:
         now = time.perf_counter()
         samples = int(self.dist.all_reduce_sum(torch.tensor([self._pending.samples], device=self.device)).item())
         window = self.ledger.add_training(index, self._pending.steps, samples, now - self._pending.clock)
+        self.ledger.set_peak_memory(index, self._memory.peak(), self._memory.source)
         self._pending.steps, self._pending.samples, self._pending.clock = 0, 0, now
         return window
 
@@ -459,6 +472,7 @@ class Trainer:
             "perf/samples_per_s": trained.samples_per_second,
             "perf/tokens_per_s": trained.samples_per_second * self.ledger.phases[index].tokens_per_sample,
             "perf/train_flops": self.ledger.totals()["train_flops"],
+            "perf/peak_memory_gib": gib(self.ledger.phases[index].peak_memory_bytes),
             "phase": index + 1,
         })
         self.scalars.log(values, self.state.total_steps)

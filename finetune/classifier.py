@@ -24,6 +24,7 @@ from common.data import Batch
 from common.distributed import Dist
 from common.features import FeaturePipeline
 from common.flops import train_step_flops
+from common.memory import MemoryEstimate, estimate_training_memory
 from common.metrics import compute_metrics
 from common.model import ASTEncoder, EncoderConfig, check_pooling, pool_tokens
 
@@ -158,12 +159,21 @@ class ClassifierObjective:
         metrics["clips"] = float(len(all_targets))
         return metrics
 
-    def flops_per_sample(self, cfg: EncoderConfig) -> int:
+    def _meta_step(self, cfg: EncoderConfig):
         def step(model: Classifier, n: int) -> torch.Tensor:
             logits = model(torch.randn(n, cfg.input_tdim, cfg.num_mel_bins))
             return self.criterion(logits, torch.full_like(logits, 1.0 / logits.shape[-1]))
 
-        return train_step_flops(lambda: self.build_model(ASTEncoder(cfg)), step)
+        return step
+
+    def flops_per_sample(self, cfg: EncoderConfig) -> int:
+        return train_step_flops(lambda: self.build_model(ASTEncoder(cfg)), self._meta_step(cfg))
+
+    def memory_estimate(self, cfg: EncoderConfig, batch: int, **setting) -> MemoryEstimate:
+        """Bytes per rank to train at geometry ``cfg`` and micro-batch ``batch`` (``setting``: see
+        :func:`common.memory.estimate_training_memory`)."""
+        return estimate_training_memory(lambda: self.build_model(ASTEncoder(cfg)), self._meta_step(cfg), batch,
+                                        **setting)
 
     def export(self, model: Classifier, path: Path, meta: dict) -> None:
         save_classifier(model, path, self.classes, {**meta, "objective": "classification", "loss": self.loss,

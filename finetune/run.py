@@ -46,11 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def print_plan(recipe, configs, objective) -> None:
+    from common.memory import describe_setting, training_setting
     from common.phases import format_plan, plan_phases
 
+    setting = training_setting(recipe.train.precision, recipe.train.zero_stage)
     print(f"task {recipe.task.name}: {recipe.task.description or ''}")
     print(format_plan(plan_phases(recipe.phases, configs, objective.flops_per_sample, recipe.data.batch_size,
-                                  recipe.optim.grad_accum)))
+                                  recipe.optim.grad_accum,
+                                  memory=lambda cfg, batch: objective.memory_estimate(cfg, batch, **setting).total)))
+    print(describe_setting(setting))
 
 
 def _test(run_dir: Path, recipe, classes, dist) -> None:

@@ -36,13 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plan(recipe, world_size: int = 1):
-    """The recipe's :class:`common.phases.PhasePlan` per phase (geometry, tokens, planned FLOPs)."""
+def plan(recipe, world_size: int = 1, memory: dict | None = None):
+    """The recipe's :class:`common.phases.PhasePlan` per phase (geometry, tokens, planned FLOPs; the memory
+    estimate per rank too when ``memory`` gives its setting, ``common.memory.training_setting``)."""
     from common.phases import plan_phases
     from pretrain.ssast import SSASTObjective
 
-    return plan_phases(recipe.phases, recipe.encoder_configs(), SSASTObjective(recipe.ssast).flops_per_sample,
-                       recipe.data.batch_size, recipe.optim.grad_accum, world_size)
+    objective = SSASTObjective(recipe.ssast)
+    estimate = None if memory is None else (lambda cfg, batch: objective.memory_estimate(cfg, batch, **memory).total)
+    return plan_phases(recipe.phases, recipe.encoder_configs(), objective.flops_per_sample,
+                       recipe.data.batch_size, recipe.optim.grad_accum, world_size, estimate)
 
 
 def planned_total(recipe_path: str, world_size: int) -> float:
@@ -52,10 +55,13 @@ def planned_total(recipe_path: str, world_size: int) -> float:
 
 
 def print_plan(recipe, world_size: int) -> None:
+    from common.memory import describe_setting, training_setting
     from common.phases import format_plan
 
-    rows = plan(recipe, world_size)
+    setting = training_setting(recipe.train.precision, recipe.train.zero_stage, world_size)
+    rows = plan(recipe, world_size, memory=setting)
     print(format_plan(rows))
+    print(describe_setting(setting))
     total = sum(r.train_flops for r in rows)
     line = f"total planned training FLOPs: {total:.4g}"
     if recipe.baseline:
