@@ -194,4 +194,6 @@ def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int,
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False,
                                       lr_scheduler=lambda opt: LRSchedule(opt, cfg, lr, total_steps))
+    if zero_stage == 0 and engine.dp_world_size == 1:
+        engine.enable_backward_allreduce = False  # on one rank the "all-reduce" flattens and copies every gradient
     return engine

@@ -42,6 +42,7 @@ from common.ledger import Ledger, Window
 from common.logger import Scalars, progress
 from common.memory import MemoryEstimate, PeakMemory, gib, training_setting
 from common.model import ASTEncoder, EncoderConfig
+from common.nonfinite import NonFiniteCheck, NonFiniteWatch
 from common.optim import OptimConfig, build_engine
 from common.phases import PhaseConfig, TransferConfig, phase_encoder_configs
 from common.run_checkpoint import RunCheckpoints, capture_rng, make_tag, restore_rng
@@ -77,6 +78,9 @@ class TrainConfig:
         compile: ``torch.compile`` the model's blocks at every phase (``common.compile``; off by default).
         compile_backend: the ``torch.compile`` backend: ``inductor`` (generated kernels), or ``aot_eager`` /
             ``eager`` to find a capture problem without code generation.
+        nonfinite_check: when a non-finite loss is looked for on the host: ``window`` (once per log window,
+            before every checkpoint and at epoch ends; no host sync per step) or ``step`` (every micro-batch,
+            before its update). See ``common.nonfinite``.
     """
 
     seed: int = 0
@@ -91,6 +95,7 @@ class TrainConfig:
     weight_average_from: int | None = None
     compile: bool = False
     compile_backend: CompileBackend = "inductor"
+    nonfinite_check: NonFiniteCheck = "window"
 
     def __post_init__(self) -> None:
         if self.weight_average_from is not None and self.weight_average_from < 1:
@@ -243,6 +248,7 @@ class Trainer:
         self._flops: dict[int, int] = {}
         self._pending = _Pending()
         self._memory = PeakMemory(self.device)
+        self._finite = NonFiniteWatch(dist, spec.train.nonfinite_check, spec.optim.grad_accum)
 
     # ------------------------------------------------------------------------------------- the run
     def run(self, stop_after: int | None = None) -> bool:
@@ -312,6 +318,7 @@ class Trainer:
         try:
             for group in step_groups(stream, spec.optim.grad_accum, not phase.iteration_based):
                 if group.epoch_end is not None:  # epoch-based phases: evaluate (and maybe finish) per epoch
+                    self._check_finite(index)
                     st.epoch_in_phase += 1
                     st.data_epoch, st.data_index = group.position
                     self.ledger.set_epochs(index, st.epoch_in_phase)
@@ -324,8 +331,8 @@ class Trainer:
                     continue
                 for batch in group.batches:
                     logs = self._micro_step(engine, batch, pipeline, index)
-                    for key, value in logs.items():
-                        window[key] = window.get(key, 0.0) + float(value)
+                    for key, value in logs.items():  # summed on the device: no host sync per step
+                        window[key] = window.get(key, 0.0) + value.detach().double()
                     self._pending.samples += len(batch)
                 window["_n"] = window.get("_n", 0) + len(group.batches)
                 st.step += 1
@@ -426,6 +433,7 @@ class Trainer:
             self.spec.train.precision, self.spec.train.zero_stage, self.dist.world_size, self.device))
         record.memory_estimate_bytes = estimate.total
         self._memory.reset()
+        self._finite.restart(self.state.step)
         log.info("%s: %s, %s tokens per clip (grid %dx%d), %.3g GFLOPs per training sample, batch %d x %d "
                  "rank(s) x %d accumulation; memory estimate %s", phase.label(index),
                  f"{phase.steps} steps" if phase.iteration_based else f"{phase.epochs} epochs",
@@ -440,18 +448,25 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             loss, logs = self.objective.train_step(engine, batch, pipeline, self.generator)
-        bad = not bool(torch.isfinite(loss.detach()).item())
-        if self.dist.any(bad):
-            tag = self.checkpoints.latest_tag()
-            raise NonFiniteLoss(
-                f"non-finite loss ({loss.item()}) in {self.spec.phases[index].label(index)} at step "
-                f"{self.state.step + 1}; stopped before the update. The last good checkpoint is "
-                f"{self.checkpoints.ckdir / tag if tag else 'none (no checkpoint yet)'}; lower the learning rate "
-                f"or check the data, then run the same command to resume from it"
-            )
+        if self._finite.observe(loss):  # train.nonfinite_check: step
+            raise self._nonfinite(index, self.state.step + 1, f"({loss.item()}) ", "stopped before the update")
         engine.backward(loss)
         engine.step()
         return {"loss": loss.detach(), **logs}
+
+    def _nonfinite(self, index: int, step: int, value: str, what: str) -> NonFiniteLoss:
+        tag = self.checkpoints.latest_tag()
+        return NonFiniteLoss(
+            f"non-finite loss {value}in {self.spec.phases[index].label(index)} at step {step}; {what}. The last "
+            f"good checkpoint is {self.checkpoints.ckdir / tag if tag else 'none (no checkpoint yet)'}; lower the "
+            f"learning rate or check the data, then run the same command to resume from it")
+
+    def _check_finite(self, index: int) -> None:
+        """Raise :class:`NonFiniteLoss` if a loss since the last check was not finite (collective)."""
+        first = self._finite.check(self.state.step)
+        if first is not None:
+            raise self._nonfinite(index, first, "", f"stopped at step {self.state.step}, before saving anything "
+                                                    f"after it")
 
     # --------------------------------------------------------------------------- accounting, logging
     def _account(self, index: int) -> Window:
@@ -463,10 +478,13 @@ class Trainer:
         self._pending.steps, self._pending.samples, self._pending.clock = 0, 0, now
         return window
 
-    def _log_window(self, engine, index: int, window: dict[str, float], bar) -> None:
+    def _log_window(self, engine, index: int, window: dict, bar) -> None:
+        self._check_finite(index)
         trained = self._account(index)
         n = window.pop("_n", 1)
-        values = {f"train/{k}": v / n for k, v in window.items()}
+        sums = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in window.values()]).tolist() \
+            if window else []  # one host read for the window
+        values = {f"train/{k}": v / n for k, v in zip(window, sums)}
         values.update({
             "train/lr": engine.lr_scheduler.get_last_lr()[0],
             "perf/samples_per_s": trained.samples_per_second,
@@ -540,6 +558,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- checkpoints
     def _save(self, engine, index: int, pending_eval: bool = False) -> None:
+        self._check_finite(index)  # nothing after a non-finite loss is ever saved
         self._account(index)
         st = self.state
         st.pending_eval = pending_eval
