@@ -31,6 +31,9 @@ from typing import Iterable, Iterator, Literal, Sequence
 import numpy as np
 import torch
 
+from common.clip_cache import CacheMode, ClipCache, make_cache
+from common.prefetch import background
+
 __all__ = [
     "ManifestSpec",
     "DataConfig",
@@ -45,6 +48,7 @@ __all__ = [
     "load_clip",
     "train_loader",
     "eval_loader",
+    "make_cache",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,6 +94,8 @@ class DataConfig:
         max_bad_fraction: stop the run when more than this share of clips is unusable.
         balanced: AST's balanced sampling (weights 1000 / (label count + 0.01)).
         eval_crop: where validation clips longer than the clip length are cut: ``start`` (AST) or ``center``.
+        cache: keep decoded clips (``none``, ``memory`` or ``disk``; ``common.clip_cache`` says when each fits).
+        cache_dir: the folder of a ``disk`` cache (default ``~/.cache/coarse2fine/clips``).
     """
 
     train: list[ManifestSpec] = field(default_factory=list)
@@ -100,6 +106,8 @@ class DataConfig:
     max_bad_fraction: float = 0.02
     balanced: bool = False
     eval_crop: Literal["start", "center"] = "start"
+    cache: CacheMode = "none"
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or (self.eval_batch_size is not None and self.eval_batch_size < 1):
@@ -108,6 +116,9 @@ class DataConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.cache == "memory" and self.num_workers > 0:
+            raise ValueError("cache: 'memory' keeps clips in the training process and needs num_workers: 0; "
+                             "use cache: disk with loader workers")
 
 
 def _open_one(path: str | os.PathLike):
@@ -240,10 +251,11 @@ class ClipDataset(torch.utils.data.Dataset):
         classes: class list for targets (None: unlabeled).
         crop: where a longer clip is cut: ``random`` (training), ``start`` (AST) or ``center``.
         seed: seed of the random crops.
+        cache: decoded clips kept between epochs (``common.clip_cache``), or None.
     """
 
     def __init__(self, clip_samples: int, sample_rate: int = 16000, classes: Sequence[str] | None = None,
-                 crop: str = "random", seed: int = 0) -> None:
+                 crop: str = "random", seed: int = 0, cache: ClipCache | None = None) -> None:
         if crop not in CROPS:
             raise ValueError(f"unknown crop {crop!r}; choose one of {list(CROPS)}")
         self.clip_samples = clip_samples
@@ -251,6 +263,7 @@ class ClipDataset(torch.utils.data.Dataset):
         self.encoder = LabelEncoder(classes) if classes is not None else None
         self.crop = crop
         self.seed = seed
+        self.cache = cache
 
     def _crop(self, wave: np.ndarray, cut_id: str, epoch: int) -> np.ndarray:
         extra = wave.size - self.clip_samples
@@ -270,7 +283,9 @@ class ClipDataset(torch.utils.data.Dataset):
         waves, lengths, targets, ids, bad = [], [], [], [], []
         for cut in cuts:
             try:
-                wave = self._crop(load_clip(cut, self.sample_rate), cut.id, epoch)
+                wave = load_clip(cut, self.sample_rate) if self.cache is None else \
+                    self.cache.load(cut, self.sample_rate, load_clip)
+                wave = self._crop(wave, cut.id, epoch)
             except BadClip as err:
                 bad.append((_source_path(cut), str(err)))
                 continue
@@ -397,12 +412,15 @@ class ClipLoader:
             then draws ``len(cuts)`` clips with replacement.
         tracker: bad-audio accounting (a default one is made if None).
         pin_memory: pin batches for fast host-to-GPU copies.
+        prefetch_factor: batches each worker prepares ahead.
+        prefetch: without workers, batches a background thread of this process prepares ahead
+            (``common.prefetch``; 0: decode inline).
     """
 
     def __init__(self, cuts, dataset: ClipDataset, batch_size: int, *, shuffle: bool, drop_last: bool,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
                  weights: Sequence[float] | None = None, tracker: BadAudioTracker | None = None,
-                 pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+                 pin_memory: bool = False, prefetch_factor: int = 2, prefetch: int = 2) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.cuts = cuts
@@ -418,6 +436,7 @@ class ClipLoader:
         self.tracker = tracker or BadAudioTracker()
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
+        self.prefetch = prefetch
 
     def _sampler(self):
         from lhotse.dataset import DynamicCutSampler
@@ -476,7 +495,7 @@ class ClipLoader:
             persistent_workers=False,
         )
         last_epoch = start_epoch
-        for batch in loader:
+        for batch in (background(iter(loader), self.prefetch) if self.num_workers == 0 and self.prefetch else loader):
             if batch.epoch != last_epoch:
                 self.tracker.check()  # a whole epoch was seen: judge it even if it is small
                 last_epoch = batch.epoch
@@ -487,7 +506,7 @@ class ClipLoader:
 
 def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: int, sample_rate: int,
                  batch_size: int, seed: int, rank: int, world_size: int, tracker: BadAudioTracker,
-                 pin_memory: bool = False) -> ClipLoader:
+                 pin_memory: bool = False, cache: ClipCache | None = None) -> ClipLoader:
     """The training stream of a run: ``data.train`` mixed by weight, shuffled per epoch (or AST's balanced
     sampling when ``data.balanced``), random crops, incomplete last batches dropped.
 
@@ -500,13 +519,14 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
         rank, world_size: this process's shard.
         tracker: counts and logs bad audio.
         pin_memory: pin batches for host-to-GPU copies.
+        cache: decoded clips kept between epochs and phases (``data.cache``; made by the caller, which keeps it).
     """
     cuts = open_cuts(data.train, seed=seed)
     weights = None
     if data.balanced:
         cuts = cuts.to_eager()
         weights = balanced_weights(cuts, classes or [])
-    dataset = ClipDataset(clip_samples, sample_rate, classes, crop="random", seed=seed)
+    dataset = ClipDataset(clip_samples, sample_rate, classes, crop="random", seed=seed, cache=cache)
     return ClipLoader(cuts, dataset, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rank,
                       world_size=world_size, num_workers=data.num_workers, weights=weights, tracker=tracker,
                       pin_memory=pin_memory)
@@ -515,7 +535,7 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
 def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] | None, clip_samples: int,
                 sample_rate: int, batch_size: int, num_workers: int = 0, crop: str = "start", rank: int = 0,
                 world_size: int = 1, tracker: BadAudioTracker | None = None,
-                pin_memory: bool = False) -> ClipLoader:
+                pin_memory: bool = False, cache: ClipCache | None = None) -> ClipLoader:
     """One pass over evaluation manifests in their order, every clip kept (no shuffling, no dropped batch).
 
     Args:
@@ -528,8 +548,9 @@ def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] 
         rank, world_size: this process's shard (validation during training is spread over ranks).
         tracker: counts and logs bad audio (default: counts without a limit).
         pin_memory: pin batches for host-to-GPU copies.
+        cache: decoded clips kept between validation rounds (``data.cache``), or None.
     """
-    dataset = ClipDataset(clip_samples, sample_rate, classes, crop=crop)
+    dataset = ClipDataset(clip_samples, sample_rate, classes, crop=crop, cache=cache)
     return ClipLoader(open_cuts(list(manifests)), dataset, batch_size, shuffle=False, drop_last=False, rank=rank,
                       world_size=world_size, num_workers=num_workers, tracker=tracker or BadAudioTracker(1.0),
                       pin_memory=pin_memory)

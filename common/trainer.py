@@ -35,7 +35,7 @@ from common.atomic import atomic_copy
 from common.augment import SpecAugmentConfig
 from common.checkpoint import EncoderWeights
 from common.compile import CompileBackend, maybe_compile
-from common.data import BadAudioTracker, Batch, DataConfig, eval_loader, train_loader
+from common.data import BadAudioTracker, Batch, DataConfig, eval_loader, make_cache, train_loader
 from common.distributed import Dist
 from common.features import AudioConfig, FeaturePipeline
 from common.ledger import Ledger, Window
@@ -248,6 +248,7 @@ class Trainer:
         self._flops: dict[int, int] = {}
         self._pending = _Pending()
         self._memory = PeakMemory(self.device)
+        self._clips = make_cache(spec.data.cache, spec.data.cache_dir)  # decoded clips, kept across phases
         self._finite = NonFiniteWatch(dist, spec.train.nonfinite_check, spec.optim.grad_accum)
 
     # ------------------------------------------------------------------------------------- the run
@@ -418,7 +419,7 @@ class Trainer:
         audio = self.spec.audio
         return train_loader(self.spec.data, self.objective.classes, audio.clip_samples, audio.sample_rate,
                             self._batch_size(index), self.spec.train.seed, self.dist.rank, self.dist.world_size,
-                            self.tracker, pin_memory=self.device.type == "cuda")
+                            self.tracker, pin_memory=self.device.type == "cuda", cache=self._clips)
 
     def _start_phase(self, index: int) -> None:
         """Open (or, resumed, find) the phase's ledger record and say what the phase costs."""
@@ -508,7 +509,7 @@ class Trainer:
         loader = eval_loader(spec.data.valid, self.objective.classes, spec.audio.clip_samples, spec.audio.sample_rate,
                              spec.data.eval_batch_size or self._batch_size(index), spec.data.num_workers,
                              spec.data.eval_crop, self.dist.rank, self.dist.world_size,
-                             pin_memory=self.device.type == "cuda")
+                             pin_memory=self.device.type == "cuda", cache=self._clips)
         batches = loader.batches(epochs=1)
         if spec.train.eval_batches is not None:
             batches = (b for _, b in zip(range(spec.train.eval_batches), batches))
