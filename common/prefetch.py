@@ -4,7 +4,8 @@ With ``data.num_workers: 0`` the clips are decoded in the training process; done
 for its batch to be decoded, cropped and collated before the model runs. A thread that runs ahead by a
 few batches hides that wait: decoding (libsndfile through cffi), resampling and the model's kernels
 release Python's lock, so the two proceed on different cores. The order of the batches is unchanged (one
-producer, one queue), and so is everything an exact resume depends on.
+producer, one queue), and so is everything an exact resume depends on. The thread works on the caller's
+CUDA device (pinned batches), so that the ranks of a job do not all open a context on GPU 0.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import queue
 import threading
 from typing import Iterator, TypeVar
+
+import torch
 
 __all__ = ["background"]
 
@@ -35,6 +38,8 @@ def background(items: Iterator[T], depth: int = 2) -> Iterator[T]:
         raise ValueError(f"prefetch depth must be >= 1, got {depth}")
     box: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
+    # pinning batches talks to CUDA: on the caller's device, not device 0 (each rank of a job has its own)
+    device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
     def put(item) -> bool:
         while not stop.is_set():
@@ -46,6 +51,8 @@ def background(items: Iterator[T], depth: int = 2) -> Iterator[T]:
         return False
 
     def produce() -> None:
+        if device is not None:
+            torch.cuda.set_device(device)
         try:
             for item in items:
                 if not put(item):

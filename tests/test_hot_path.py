@@ -168,3 +168,17 @@ def test_deepspeed_skips_the_gradient_all_reduce_of_a_single_rank(tmp_path, synt
     monkeypatch.setattr(DeepSpeedEngine, "allreduce_gradients", counting)
     assert run(tmp_path / "r", synth_corpus, "train.save_every=100") == 0
     assert calls["n"] == 0
+
+
+def test_the_watch_names_the_optimiser_step_of_the_first_bad_micro_batch():
+    from common.distributed import Dist
+    from common.nonfinite import NonFiniteWatch
+
+    watch = NonFiniteWatch(Dist(0, 1, 0, torch.device("cpu")), "window", grad_accum=2)
+    watch.restart(10)
+    for loss in [1.0, 2.0, 3.0, 4.0, 5.0, float("nan"), 7.0, float("inf")]:
+        assert watch.observe(torch.tensor(loss)) is False  # nothing read on the host
+    assert watch.check(14) == 13  # micro-batch 6 of the window is in its 3rd step: 10 + 3
+    assert watch.check(15) is None  # a fresh window
+    strict = NonFiniteWatch(Dist(0, 1, 0, torch.device("cpu")), "step")
+    assert strict.observe(torch.tensor(float("nan"))) is True and strict.observe(torch.tensor(1.0)) is False
