@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test demo bench venv clean
+.PHONY: test demo bench gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.data_throughput
 	$(PY) -m bench.train_throughput
+
+# Every GPU-only check and measurement (a machine with a CUDA GPU; a few minutes): bench/results/<gpu>.md.
+gpu-check: $(STAMP)
+	$(PY) -m bench.gpu_check
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache demo_out
