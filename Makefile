@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test demo bench venv clean
+.PHONY: test demo bench gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ bench: $(STAMP)
 	$(PY) -m bench.data_throughput
 	$(PY) -m bench.train_throughput
 	$(PY) -m bench.schedules
+
+# Every GPU-only check and measurement (a machine with a CUDA GPU; a few minutes): bench/results/<gpu>.md.
+gpu-check: $(STAMP)
+	$(PY) -m bench.gpu_check
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache demo_out

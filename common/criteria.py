@@ -359,13 +359,13 @@ class PhaseEnd:
     def add_loss(self, loss) -> None:
         """A micro-batch's training loss on this rank (a number or a 0-d tensor; the ``loss`` criterion's
         input, ignored by the others)."""
-        if self.needs_loss:
-            self.loss_sum += float(loss)
+        if self.needs_loss:  # a tensor stays on its device (summed there: no host sync per step)
+            self.loss_sum = self.loss_sum + (loss.detach().double() if hasattr(loss, "detach") else float(loss))
             self.loss_count += 1
 
     def pending_loss(self) -> tuple[float, int]:
         """This rank's loss sum and count since the previous check (summed over ranks by the caller)."""
-        return self.loss_sum, self.loss_count
+        return float(self.loss_sum), self.loss_count
 
     def observe(self, at: int, score: float | None = None, flops: float = 0.0,
                 loss: float | None = None) -> Decision | None:
@@ -413,7 +413,7 @@ class PhaseEnd:
 
     def state_dict(self) -> dict:
         """JSON-able state (checkpointed with the trainer's state)."""
-        return {"checks": self.checks, "loss_sum": self.loss_sum, "loss_count": self.loss_count,
+        return {"checks": self.checks, "loss_sum": float(self.loss_sum), "loss_count": self.loss_count,
                 "criterion": self.criterion.state_dict() if self.criterion is not None else None,
                 "decision": None if self.decision is None else [self.decision.reason, self.decision.note,
                                                                  self.decision.at]}

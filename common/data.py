@@ -43,6 +43,8 @@ import numpy as np
 import torch
 
 from common.integrity import truncation
+from common.clip_cache import CacheMode, ClipCache, make_cache
+from common.prefetch import background
 
 __all__ = [
     "ManifestSpec",
@@ -59,6 +61,7 @@ __all__ = [
     "load_clip",
     "train_loader",
     "eval_loader",
+    "make_cache",
 ]
 
 log = logging.getLogger(__name__)
@@ -111,6 +114,8 @@ class DataConfig:
             buffer. 0 streams every set.
         pad: how a clip shorter than the clip length is filled: ``zeros`` (AST / SSAST) or ``repeat`` (the
             clip again, as HTS-AT's ESC-50 preparation concatenates each 5 s clip twice to 10 s).
+        cache: keep decoded clips (``none``, ``memory`` or ``disk``; ``common.clip_cache`` says when each fits).
+        cache_dir: the folder of a ``disk`` cache (default ``~/.cache/coarse2fine/clips``).
     """
 
     train: list[ManifestSpec] = field(default_factory=list)
@@ -124,6 +129,8 @@ class DataConfig:
     train_crop: Literal["start", "random"] = "start"
     full_shuffle_max: int = 500_000
     pad: Literal["zeros", "repeat"] = "zeros"
+    cache: CacheMode = "none"
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.full_shuffle_max < 0:
@@ -136,6 +143,9 @@ class DataConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.cache == "memory" and self.num_workers > 0:
+            raise ValueError("cache: 'memory' keeps clips in the training process and needs num_workers: 0; "
+                             "use cache: disk with loader workers")
 
 
 def _manifest_path(path: str | os.PathLike) -> Path:
@@ -338,10 +348,11 @@ class ClipDataset(torch.utils.data.Dataset):
             (a window drawn from ``(seed, epoch, clip id)``) or ``center``.
         seed: seed of the random crops.
         pad: ``zeros`` (a shorter clip is zero-padded) or ``repeat`` (it is repeated to the clip length).
+        cache: decoded clips kept between epochs (``common.clip_cache``), or None.
     """
 
     def __init__(self, clip_samples: int, sample_rate: int = 16000, classes: Sequence[str] | None = None,
-                 crop: str = "start", seed: int = 0, pad: str = "zeros") -> None:
+                 crop: str = "start", seed: int = 0, pad: str = "zeros", cache: ClipCache | None = None) -> None:
         if crop not in CROPS:
             raise ValueError(f"unknown crop {crop!r}; choose one of {list(CROPS)}")
         if pad not in ("zeros", "repeat"):
@@ -352,6 +363,7 @@ class ClipDataset(torch.utils.data.Dataset):
         self.encoder = LabelEncoder(classes) if classes is not None else None
         self.crop = crop
         self.seed = seed
+        self.cache = cache
 
     def _crop(self, wave: np.ndarray, cut_id: str, epoch: int) -> np.ndarray:
         extra = wave.size - self.clip_samples
@@ -373,7 +385,9 @@ class ClipDataset(torch.utils.data.Dataset):
         waves, lengths, targets, ids, bad = [], [], [], [], []
         for cut in cuts:
             try:
-                wave = self._crop(load_clip(cut, self.sample_rate), cut.id, epoch)
+                wave = load_clip(cut, self.sample_rate) if self.cache is None else \
+                    self.cache.load(cut, self.sample_rate, load_clip)
+                wave = self._crop(wave, cut.id, epoch)
             except BadClip as err:
                 bad.append((_source_path(cut), str(err)))
                 continue
@@ -572,12 +586,15 @@ class ClipLoader:
             then draws ``len(cuts)`` clips with replacement.
         tracker: bad-audio accounting (a default one is made if None).
         pin_memory: pin batches for fast host-to-GPU copies.
+        prefetch_factor: batches each worker prepares ahead.
+        prefetch: without workers, batches a background thread of this process prepares ahead
+            (``common.prefetch``; 0: decode inline).
     """
 
     def __init__(self, cuts, dataset: ClipDataset, batch_size: int, *, shuffle: bool, drop_last: bool,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
                  weights: Sequence[float] | None = None, tracker: BadAudioTracker | None = None,
-                 pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+                 pin_memory: bool = False, prefetch_factor: int = 2, prefetch: int = 2) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.cuts = cuts
@@ -593,6 +610,7 @@ class ClipLoader:
         self.tracker = tracker or BadAudioTracker()
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
+        self.prefetch = prefetch
 
     def _sampler(self):
         from lhotse.dataset import DynamicCutSampler, SimpleCutSampler
@@ -660,7 +678,7 @@ class ClipLoader:
             persistent_workers=False,
         )
         last_epoch = start_epoch
-        for batch in loader:
+        for batch in (background(iter(loader), self.prefetch) if self.num_workers == 0 and self.prefetch else loader):
             if batch.epoch != last_epoch:
                 self.tracker.check()  # a whole epoch was seen: judge it even if it is small
                 last_epoch = batch.epoch
@@ -671,7 +689,7 @@ class ClipLoader:
 
 def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: int, sample_rate: int,
                  batch_size: int, seed: int, rank: int, world_size: int, tracker: BadAudioTracker,
-                 pin_memory: bool = False) -> ClipLoader:
+                 pin_memory: bool = False, cache: ClipCache | None = None) -> ClipLoader:
     """The training stream of a run: ``data.train`` mixed by weight, shuffled per epoch (the whole set when it
     fits ``data.full_shuffle_max``, or AST's balanced sampling when ``data.balanced``), cropped as
     ``data.train_crop`` says, incomplete last batches dropped.
@@ -685,13 +703,15 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
         rank, world_size: this process's shard.
         tracker: counts and logs bad audio.
         pin_memory: pin batches for host-to-GPU copies.
+        cache: decoded clips kept between epochs and phases (``data.cache``; made by the caller, which keeps it).
     """
     cuts = open_cuts(data.train, seed=seed, in_memory_max=data.full_shuffle_max)
     weights = None
     if data.balanced:
         cuts = cuts.to_eager()
         weights = balanced_weights(cuts, classes or [])
-    dataset = ClipDataset(clip_samples, sample_rate, classes, crop=data.train_crop, seed=seed, pad=data.pad)
+    dataset = ClipDataset(clip_samples, sample_rate, classes, crop=data.train_crop, seed=seed, pad=data.pad,
+                          cache=cache)
     return ClipLoader(cuts, dataset, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rank,
                       world_size=world_size, num_workers=data.num_workers, weights=weights, tracker=tracker,
                       pin_memory=pin_memory)
@@ -700,7 +720,7 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
 def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] | None, clip_samples: int,
                 sample_rate: int, batch_size: int, num_workers: int = 0, crop: str = "start", rank: int = 0,
                 world_size: int = 1, tracker: BadAudioTracker | None = None,
-                pin_memory: bool = False, pad: str = "zeros") -> ClipLoader:
+                pin_memory: bool = False, pad: str = "zeros", cache: ClipCache | None = None) -> ClipLoader:
     """One pass over evaluation manifests in their order, every clip kept (no shuffling, no dropped batch).
 
     Args:
@@ -714,8 +734,9 @@ def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] 
         tracker: counts and logs bad audio (default: counts without a limit).
         pin_memory: pin batches for host-to-GPU copies.
         pad: how shorter clips are filled (``zeros`` or ``repeat``).
+        cache: decoded clips kept between validation rounds (``data.cache``), or None.
     """
-    dataset = ClipDataset(clip_samples, sample_rate, classes, crop=crop, pad=pad)
+    dataset = ClipDataset(clip_samples, sample_rate, classes, crop=crop, pad=pad, cache=cache)
     return ClipLoader(open_cuts(list(manifests)), dataset, batch_size, shuffle=False, drop_last=False, rank=rank,
                       world_size=world_size, num_workers=num_workers, tracker=tracker or BadAudioTracker(1.0),
                       pin_memory=pin_memory)

@@ -2,7 +2,8 @@
 
 ``ledger.json`` in a run directory holds, per phase: ``compression``, ``factor``, ``steps``, ``samples``,
 ``flops_per_sample``, ``train_flops`` (= flops_per_sample x samples), ``wall_seconds`` (the training loop,
-data waits included, evaluation and checkpointing not) and ``eval_seconds``; totals; the evaluations
+data waits included, evaluation and checkpointing not), ``eval_seconds`` and the phase's memory (estimated
+and peak, ``common.memory``); totals; the evaluations
 with the cumulative FLOPs and time at which they happened (what ``finetune/report.py`` plots); and, when
 the recipe names a baseline, that baseline's planned training FLOPs and the saving against it; the
 ``interventions``: recipe changes a resumed run was allowed (a lower learning rate after a non-finite
@@ -41,6 +42,9 @@ class PhaseRecord:
         wall_seconds: time in the training loop (data waits included, evaluation and checkpoints not).
         eval_seconds: time spent validating.
         ended_by, ended_at, end_note: why and when the phase ended (None while it runs).
+        memory_estimate_bytes: what ``common.memory`` estimated one rank needs for this phase.
+        peak_memory_bytes, peak_memory_source: the measured peak on one rank while the phase trained (rank 0's
+            on several) and how it was measured (``common.memory.PeakMemory``).
         extra: fields of a ledger file this version does not know, kept as they are.
     """
 
@@ -59,22 +63,27 @@ class PhaseRecord:
     ended_by: str | None = None
     ended_at: dict | None = None
     end_note: str | None = None
+    memory_estimate_bytes: int | None = None
+    peak_memory_bytes: int | None = None
+    peak_memory_source: str | None = None
     extra: dict = field(default_factory=dict)
 
     _COUNTERS = ("steps", "epochs", "samples", "train_flops", "wall_seconds", "eval_seconds")
     _DESCRIPTION = ("name", "compression", "factor", "flops_per_sample", "tokens_per_sample", "patch_transfer")
     _END = ("ended_by", "ended_at", "end_note")
+    _MEMORY = ("memory_estimate_bytes", "peak_memory_bytes", "peak_memory_source")
 
     def to_dict(self) -> dict:
         """The record as ``ledger.json`` stores it (counters first, then the phase's description)."""
         out = {k: getattr(self, k) for k in self._COUNTERS}
-        out.update({k: getattr(self, k) for k in self._DESCRIPTION + self._END if getattr(self, k) is not None})
+        out.update({k: getattr(self, k) for k in self._DESCRIPTION + self._END + self._MEMORY
+                    if getattr(self, k) is not None})
         out.update(self.extra)
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "PhaseRecord":
-        known = set(cls._COUNTERS) | set(cls._DESCRIPTION) | set(cls._END)
+        known = set(cls._COUNTERS) | set(cls._DESCRIPTION) | set(cls._END) | set(cls._MEMORY)
         return cls(**{k: v for k, v in data.items() if k in known},
                    extra={k: v for k, v in data.items() if k not in known})
 
@@ -134,6 +143,12 @@ class Ledger:
         record = self.phases[index]
         record.ended_by, record.end_note = ended_by, note
         record.ended_at = {**at, "train_flops": self.totals()["train_flops"]}
+
+    def set_peak_memory(self, index: int, nbytes: int, source: str) -> None:
+        """Phase ``index`` peaked at ``nbytes`` (the larger of this and what was recorded: a resumed phase)."""
+        record = self.phases[index]
+        record.peak_memory_bytes = max(record.peak_memory_bytes or 0, int(nbytes))
+        record.peak_memory_source = source
 
     def add_eval_time(self, index: int, seconds: float) -> None:
         self.phases[index].eval_seconds += seconds

@@ -92,9 +92,11 @@ class OptimConfig:
 
 
 def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """Adam / AdamW over param groups (``{"params": [...], "lr_scale": s}``), fused on CUDA."""
+    """Adam / AdamW over param groups (``{"params": [...], "lr_scale": s}``), fused on CUDA and on the CPU (one
+    pass over the weights: on the CPU a third of the time of the multi-tensor version, a cost per step that
+    does not shrink with the phase's token count)."""
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    extra = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     return cls(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **extra)
 
 
@@ -201,7 +203,7 @@ def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int,
         lr: the phase's peak learning rate.
         batch_size: micro-batch size per rank.
         zero_stage: DeepSpeed ZeRO stage.
-        device: where training runs (fused Adam on CUDA).
+        device: where training runs (fused Adam on CUDA and the CPU).
         total_steps: the phase length in optimiser steps (cosine schedules need it).
         head_prefixes: parameter-name prefixes that get ``cfg.head_lr_scale``.
     """
@@ -218,4 +220,6 @@ def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int,
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False,
                                       lr_scheduler=lambda opt: LRSchedule(opt, cfg, lr, total_steps))
+    if zero_stage == 0 and engine.dp_world_size == 1:
+        engine.enable_backward_allreduce = False  # on one rank the "all-reduce" flattens and copies every gradient
     return engine

@@ -134,6 +134,7 @@ class PhasePlan:
         flops_per_sample: training FLOPs (forward + backward) per clip.
         train_flops: planned training FLOPs of the phase (iteration-based phases only: an epoch's size is
             the data's).
+        memory: estimated bytes per rank at the phase's micro-batch (``common.memory``), if asked for.
     """
 
     label: str
@@ -144,11 +145,12 @@ class PhasePlan:
     tokens: int
     flops_per_sample: int
     train_flops: float | None
+    memory: int | None = None
 
 
 def plan_phases(phases: Sequence[PhaseConfig], configs: Sequence,
                 flops_per_sample: Callable[[object], int], batch_size: int, grad_accum: int = 1,
-                world_size: int = 1) -> list[PhasePlan]:
+                world_size: int = 1, memory: Callable[[object, int], int] | None = None) -> list[PhasePlan]:
     """The plan of every phase (what ``--dry-run`` prints and the baseline comparison sums).
 
     Args:
@@ -157,6 +159,7 @@ def plan_phases(phases: Sequence[PhaseConfig], configs: Sequence,
         flops_per_sample: the objective's training FLOPs per clip at a geometry.
         batch_size: the data section's per-rank batch (a phase may override it).
         grad_accum, world_size: micro-batches per step and ranks.
+        memory: bytes per rank at a geometry and micro-batch (e.g. the objective's ``memory_estimate``), or None.
     """
     rows = []
     for i, (phase, cfg) in enumerate(zip(phases, configs)):
@@ -164,16 +167,20 @@ def plan_phases(phases: Sequence[PhaseConfig], configs: Sequence,
         flops = flops_per_sample(cfg)
         rows.append(PhasePlan(phase.label(i), phase.length, "steps" if phase.iteration_based else "epochs", batch,
                               cfg.grid, cfg.num_patches, flops,
-                              flops * phase.steps * batch if phase.iteration_based else None))
+                              flops * phase.steps * batch if phase.iteration_based else None,
+                              memory(cfg, phase.batch_size_or(batch_size)) if memory is not None else None))
     return rows
 
 
 def format_plan(rows: Sequence[PhasePlan]) -> str:
-    """The plan as a table (planned FLOPs in PFLOPs where they are known)."""
+    """The plan as a table (planned FLOPs in PFLOPs where they are known; memory per rank in GiB if estimated)."""
     unit = rows[0].unit if rows else "steps"
-    lines = [f"{'phase':<32} {unit:>8} {'batch':>6} {'grid':>7} {'tokens':>6} {'GFLOPs/sample':>14} {'PFLOPs':>9}"]
+    with_memory = any(r.memory is not None for r in rows)
+    lines = [f"{'phase':<32} {unit:>8} {'batch':>6} {'grid':>7} {'tokens':>6} {'GFLOPs/sample':>14} {'PFLOPs':>9}"
+             + (f" {'GiB/rank':>9}" if with_memory else "")]
     for r in rows:
         total = f"{r.train_flops / 1e15:>9.4g}" if r.train_flops is not None else f"{'-':>9}"
+        memory = (f" {r.memory / 2**30:>9.3g}" if r.memory is not None else f" {'-':>9}") if with_memory else ""
         lines.append(f"{r.label:<32} {r.length:>8} {r.global_batch:>6} {r.grid[0]:>3}x{r.grid[1]:<3} {r.tokens:>6} "
-                     f"{r.flops_per_sample / 1e9:>14.4g} {total}")
+                     f"{r.flops_per_sample / 1e9:>14.4g} {total}{memory}")
     return "\n".join(lines)

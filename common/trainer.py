@@ -40,12 +40,15 @@ from common.arch.base import geometries
 from common.atomic import atomic_copy
 from common.augment import SpecAugmentConfig
 from common.checkpoint import EncoderWeights
+from common.compile import CompileBackend, maybe_compile
 from common.criteria import PhaseEnd, baseline_best
-from common.data import BadAudioTracker, Batch, DataConfig, eval_loader, train_loader
+from common.data import BadAudioTracker, Batch, DataConfig, eval_loader, make_cache, train_loader
 from common.distributed import Dist
 from common.features import AudioConfig
 from common.ledger import Ledger, Window
 from common.logger import Scalars, progress
+from common.memory import MemoryEstimate, PeakMemory, gib, training_setting
+from common.nonfinite import NonFiniteCheck, NonFiniteWatch
 from common.optim import OptimConfig, build_engine
 from common.phases import PhaseConfig, TransferConfig
 from common.run_checkpoint import RunCheckpoints, capture_rng, make_tag, restore_rng
@@ -83,6 +86,12 @@ class TrainConfig:
             averages its top checkpoints; ``weight_average_from`` defaults to 1 then).
         stop_when_surpassing: a baseline run directory: the final phase ends at its first validation whose
             score beats the best in that run's ``ledger.json`` (paper section 3.3), read when the run starts.
+        compile: ``torch.compile`` the model's blocks at every phase (``common.compile``; off by default).
+        compile_backend: the ``torch.compile`` backend: ``inductor`` (generated kernels), or ``aot_eager`` /
+            ``eager`` to find a capture problem without code generation.
+        nonfinite_check: when a non-finite loss is looked for on the host: ``window`` (once per log window,
+            before every checkpoint and at epoch ends; no host sync per step) or ``step`` (every micro-batch,
+            before its update). See ``common.nonfinite``.
     """
 
     seed: int = 0
@@ -97,6 +106,9 @@ class TrainConfig:
     weight_average_from: int | None = None
     weight_average_top: int | None = None
     stop_when_surpassing: str | None = None
+    compile: bool = False
+    compile_backend: CompileBackend = "inductor"
+    nonfinite_check: NonFiniteCheck = "window"
 
     def __post_init__(self) -> None:
         if self.weight_average_from is not None and self.weight_average_from < 1:
@@ -140,6 +152,10 @@ class Objective(Protocol):
 
     def flops_per_sample(self, geometry) -> int:
         """Training FLOPs (forward + backward) per sample at a phase geometry."""
+
+    def memory_estimate(self, geometry, batch: int, **setting) -> MemoryEstimate:
+        """Bytes per rank to train at a phase geometry and micro-batch ``batch``
+        (``common.memory.training_setting``)."""
 
     def export(self, model: nn.Module, path: Path, meta: dict) -> None:
         """Write the deliverable of a phase (rank 0 only)."""
@@ -268,6 +284,9 @@ class Trainer:
         self._flops: dict[int, int] = {}
         self._pending = _Pending()
         self._end: PhaseEnd | None = None  # what may end the current phase (see _phase_end)
+        self._memory = PeakMemory(self.device)
+        self._clips = make_cache(spec.data.cache, spec.data.cache_dir)  # decoded clips, kept across phases
+        self._finite = NonFiniteWatch(dist, spec.train.nonfinite_check, spec.optim.grad_accum)
 
     # ------------------------------------------------------------------------------------- the run
     def run(self, stop_after: int | None = None) -> bool:
@@ -344,6 +363,7 @@ class Trainer:
         try:
             for group in step_groups(stream, spec.optim.grad_accum, not phase.iteration_based):
                 if group.epoch_end is not None:  # epoch-based phases: evaluate (and maybe finish) per epoch
+                    self._check_finite(index)
                     st.epoch_in_phase += 1
                     st.data_epoch, st.data_index = group.position
                     self.ledger.set_epochs(index, st.epoch_in_phase)
@@ -359,8 +379,8 @@ class Trainer:
                 for batch in group.batches:
                     logs = self._micro_step(engine, batch, pipeline, index)
                     self._end.add_loss(logs["loss"])
-                    for key, value in logs.items():
-                        window[key] = window.get(key, 0.0) + float(value)
+                    for key, value in logs.items():  # summed on the device: no host sync per step
+                        window[key] = window.get(key, 0.0) + value.detach().double()
                     self._pending.samples += len(batch)
                 window["_n"] = window.get("_n", 0) + len(group.batches)
                 st.step += 1
@@ -408,7 +428,10 @@ class Trainer:
         if self.dist.is_main:
             path = self.run_dir / "export" / f"phase{index + 1}.safetensors"
             self.objective.export(model, path, self._export_meta(index))
-            log.info("%s done; exported %s", self.spec.phases[index].label(index), path)
+            record = self.ledger.phases[index]
+            log.info("%s done; exported %s; peak memory %.3g GiB (%s; estimate %.3g GiB)",
+                     self.spec.phases[index].label(index), path, gib(record.peak_memory_bytes or 0),
+                     record.peak_memory_source, gib(record.memory_estimate_bytes or 0))
 
     def _next_phase(self, model: nn.Module, index: int) -> nn.Module:
         """After phase ``index``: the model of phase ``index + 1``, its weights adapted to the new grid."""
@@ -461,6 +484,7 @@ class Trainer:
 
     def _engine(self, model: nn.Module, index: int):
         phase, optim = self.spec.phases[index], self.spec.optim
+        model = maybe_compile(model, self.spec.train.compile, self.spec.train.compile_backend)
         return build_engine(model, optim, phase.lr or optim.lr, self._batch_size(index), self.spec.train.zero_stage,
                             self.device, phase.steps if phase.iteration_based else None,
                             getattr(model, "head_prefixes", ()))
@@ -475,7 +499,7 @@ class Trainer:
     def _train_loader(self, index: int):
         return train_loader(self.spec.data, self.objective.classes, self.arch.clip_samples, self.arch.sample_rate,
                             self._batch_size(index), self.spec.train.seed, self.dist.rank, self.dist.world_size,
-                            self.tracker, pin_memory=self.device.type == "cuda")
+                            self.tracker, pin_memory=self.device.type == "cuda", cache=self._clips)
 
     def _eval_loader(self, index: int):
         spec = self.spec
@@ -483,7 +507,7 @@ class Trainer:
                            spec.data.eval_batch_size or self._batch_size(index), spec.data.num_workers,
                            spec.data.eval_crop, self.dist.rank, self.dist.world_size,
                            tracker=self.tracker.for_split("valid", spec.data.valid),
-                           pin_memory=self.device.type == "cuda", pad=spec.data.pad)
+                           pin_memory=self.device.type == "cuda", pad=spec.data.pad, cache=self._clips)
 
     def _start_phase(self, index: int) -> None:
         """Open (or, resumed, find) the phase's ledger record and say what the phase costs."""
@@ -494,11 +518,16 @@ class Trainer:
             index, name=phase.label(index), compression=phase.compression, factor=phase.factor,
             flops_per_sample=self._flops[index], tokens_per_sample=cfg.num_tokens,
             patch_transfer=phase.patch_transfer if phase.compression == "patch" else None)
+        estimate = self.objective.memory_estimate(cfg, self._batch_size(index), **training_setting(
+            self.spec.train.precision, self.spec.train.zero_stage, self.dist.world_size, self.device))
+        record.memory_estimate_bytes = estimate.total
+        self._memory.reset()
+        self._finite.restart(self.state.step)
         log.info("%s: %s, %s tokens per clip (grid %dx%d), %.3g GFLOPs per training sample, batch %d x %d "
-                 "rank(s) x %d accumulation", phase.label(index),
+                 "rank(s) x %d accumulation; memory estimate %s", phase.label(index),
                  f"{phase.steps} steps" if phase.iteration_based else f"{phase.epochs} epochs",
                  cfg.num_patches, *cfg.grid, record.flops_per_sample / 1e9, self._batch_size(index),
-                 self.dist.world_size, self.spec.optim.grad_accum)
+                 self.dist.world_size, self.spec.optim.grad_accum, estimate.describe())
 
     def _micro_step(self, engine, batch: Batch, pipeline: nn.Module, index: int) -> dict[str, torch.Tensor]:
         batch.waveforms = batch.waveforms.to(self.device, non_blocking=True)
@@ -508,19 +537,26 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             loss, logs = self.objective.train_step(engine, batch, pipeline, self.generator)
-        bad = not bool(torch.isfinite(loss.detach()).item())
-        if self.dist.any(bad):
-            tag = self.checkpoints.latest_tag()
-            raise NonFiniteLoss(
-                f"non-finite loss ({loss.item()}) in {self.spec.phases[index].label(index)} at step "
-                f"{self.state.step + 1}; stopped before the update. The last good checkpoint is "
-                f"{self.checkpoints.ckdir / tag if tag else 'none (no checkpoint yet)'}; check the data, or lower the "
-                f"learning rate (e.g. --set optim.lr=...: a resumed run accepts learning-rate and schedule changes "
-                f"and records them in ledger.json), then run the command again to resume from it"
-            )
+        if self._finite.observe(loss):  # train.nonfinite_check: step
+            raise self._nonfinite(index, self.state.step + 1, f"({loss.item()}) ", "stopped before the update")
         engine.backward(loss)
         engine.step()
         return {"loss": loss.detach(), **logs}
+
+    def _nonfinite(self, index: int, step: int, value: str, what: str) -> NonFiniteLoss:
+        tag = self.checkpoints.latest_tag()
+        return NonFiniteLoss(
+            f"non-finite loss {value}in {self.spec.phases[index].label(index)} at step {step}; {what}. The last "
+            f"good checkpoint is {self.checkpoints.ckdir / tag if tag else 'none (no checkpoint yet)'}; check the data, or "
+            f"lower the learning rate (e.g. --set optim.lr=...: a resumed run accepts learning-rate and schedule "
+            f"changes and records them in ledger.json), then run the command again to resume from it")
+
+    def _check_finite(self, index: int) -> None:
+        """Raise :class:`NonFiniteLoss` if a loss since the last check was not finite (collective)."""
+        first = self._finite.check(self.state.step)
+        if first is not None:
+            raise self._nonfinite(index, first, "", f"stopped at step {self.state.step}, before saving anything "
+                                                    f"after it")
 
     # --------------------------------------------------------------------------- accounting, logging
     def _account(self, index: int) -> Window:
@@ -528,18 +564,23 @@ class Trainer:
         now = time.perf_counter()
         samples = int(self.dist.all_reduce_sum(torch.tensor([self._pending.samples], device=self.device)).item())
         window = self.ledger.add_training(index, self._pending.steps, samples, now - self._pending.clock)
+        self.ledger.set_peak_memory(index, self._memory.peak(), self._memory.source)
         self._pending.steps, self._pending.samples, self._pending.clock = 0, 0, now
         return window
 
-    def _log_window(self, engine, index: int, window: dict[str, float], bar) -> None:
+    def _log_window(self, engine, index: int, window: dict, bar) -> None:
+        self._check_finite(index)
         trained = self._account(index)
         n = window.pop("_n", 1)
-        values = {f"train/{k}": v / n for k, v in window.items()}
+        sums = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in window.values()]).tolist() \
+            if window else []  # one host read for the window
+        values = {f"train/{k}": v / n for k, v in zip(window, sums)}
         values.update({
             "train/lr": engine.lr_scheduler.get_last_lr()[0],
             "perf/samples_per_s": trained.samples_per_second,
             "perf/tokens_per_s": trained.samples_per_second * self.ledger.phases[index].tokens_per_sample,
             "perf/train_flops": self.ledger.totals()["train_flops"],
+            "perf/peak_memory_gib": gib(self.ledger.phases[index].peak_memory_bytes),
             "phase": index + 1,
         })
         self.scalars.log(values, self.state.total_steps)
@@ -605,6 +646,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- checkpoints
     def _save(self, engine, index: int, pending_eval: bool = False) -> None:
+        self._check_finite(index)  # nothing after a non-finite loss is ever saved
         self._account(index)
         st = self.state
         st.pending_eval = pending_eval

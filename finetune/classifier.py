@@ -28,6 +28,7 @@ from common.data import Batch, TooMuchBadAudio
 from common.distributed import Dist
 from common.exports import read_weights, save_weights
 from common.flops import train_step_flops
+from common.memory import MemoryEstimate, estimate_training_memory
 from common.metrics import compute_metrics
 
 __all__ = ["HeadConfig", "AugmentConfig", "Classifier", "ClassifierObjective", "class_scores", "save_classifier",
@@ -211,14 +212,23 @@ class ClassifierObjective:
         metrics["clips"] = float(len(all_targets))
         return metrics
 
-    def flops_per_sample(self, geometry) -> int:
+    def _meta_step(self, geometry):
         arch = architecture_for(geometry)
 
         def step(model: nn.Module, n: int) -> torch.Tensor:
             logits = model(arch.example_input(geometry, n))
             return self.criterion(logits, torch.full_like(logits, 1.0 / logits.shape[-1]))
 
-        return train_step_flops(lambda: self.build_model(geometry), step)
+        return step
+
+    def flops_per_sample(self, geometry) -> int:
+        return train_step_flops(lambda: self.build_model(geometry), self._meta_step(geometry))
+
+    def memory_estimate(self, geometry, batch: int, **setting) -> MemoryEstimate:
+        """Bytes per rank to train at ``geometry`` and micro-batch ``batch`` (``setting``: see
+        :func:`common.memory.estimate_training_memory`)."""
+        return estimate_training_memory(lambda: self.build_model(geometry), self._meta_step(geometry), batch,
+                                        **setting)
 
     def export(self, model: nn.Module, path: Path, meta: dict) -> None:
         save_classifier(model, path, self.classes, {**meta, "objective": "classification", "loss": self.loss,

@@ -55,15 +55,19 @@ def print_plan(recipe, configs, objective, arch) -> None:
     from common.arch.base import geometries
     from common.coarse import saving_lines
     from common.criteria import describe_ends
+    from common.memory import describe_setting, training_setting
     from common.phases import format_plan, plan_phases
 
+    setting = training_setting(recipe.train.precision, recipe.train.zero_stage)
     print(f"task {recipe.task.name}: {recipe.task.description or ''}")
     print(f"pooling: {objective.head.pool}")
     rows = plan_phases(recipe.phases, configs, objective.flops_per_sample, recipe.data.batch_size,
-                       recipe.optim.grad_accum)
+                       recipe.optim.grad_accum,
+                       memory=lambda cfg, batch: objective.memory_estimate(cfg, batch, **setting).total)
     if recipe.coarse is not None:
         print(f"coarse to fine ({recipe.coarse.describe()}) derived from {recipe.coarse.baseline.name}:")
     print(format_plan(rows))
+    print(describe_setting(setting))
     for line in describe_ends(recipe.phases, recipe.train.stop_when_surpassing):
         print(line)
     if recipe.coarse is not None:

@@ -46,17 +46,23 @@ def _flops_per_sample(ssast, cfg) -> int:
     return SSASTObjective(ssast).flops_per_sample(cfg)
 
 
-def plan(recipe, world_size: int = 1, phases=None):
-    """The recipe's :class:`common.phases.PhasePlan` per phase (geometry, tokens, planned FLOPs); ``phases``
+def plan(recipe, world_size: int = 1, phases=None, memory: dict | None = None):
+    """The recipe's :class:`common.phases.PhasePlan` per phase (geometry, tokens, planned FLOPs; the memory
+    estimate per rank too when ``memory`` gives its setting, ``common.memory.training_setting``); ``phases``
     replace the recipe's (e.g. the baseline a coarse-to-fine schedule was derived from)."""
     from common.arch import architecture_for
     from common.arch.base import geometries
     from common.phases import plan_phases
+    from pretrain.ssast import SSASTObjective
 
     phases = recipe.phases if phases is None else phases
     configs = geometries(architecture_for(recipe.base, recipe.audio), phases)
+    estimate = None
+    if memory is not None:
+        objective = SSASTObjective(recipe.ssast)
+        estimate = lambda cfg, batch: objective.memory_estimate(cfg, batch, **memory).total  # noqa: E731
     return plan_phases(phases, configs, lambda cfg: _flops_per_sample(recipe.ssast, cfg), recipe.data.batch_size,
-                       recipe.optim.grad_accum, world_size)
+                       recipe.optim.grad_accum, world_size, estimate)
 
 
 def planned_total(recipe, world_size: int) -> float:
@@ -86,12 +92,15 @@ def _phase_overrides(overrides: list[str]) -> list[str]:
 def print_plan(recipe, world_size: int, baseline=None, overrides: list[str] = ()) -> None:
     from common.coarse import saving_lines
     from common.criteria import describe_ends
+    from common.memory import describe_setting, training_setting
     from common.phases import format_plan
 
-    rows = plan(recipe, world_size)
+    setting = training_setting(recipe.train.precision, recipe.train.zero_stage, world_size)
+    rows = plan(recipe, world_size, memory=setting)
     if recipe.coarse is not None:
         print(f"coarse to fine ({recipe.coarse.describe()}) derived from {recipe.coarse.baseline.name}:")
     print(format_plan(rows))
+    print(describe_setting(setting))
     for line in describe_ends(recipe.phases, recipe.train.stop_when_surpassing):
         print(line)
     if recipe.coarse is not None:

@@ -32,6 +32,7 @@ from common.data import Batch
 from common.distributed import Dist
 from common.features import FeaturePipeline
 from common.flops import train_step_flops
+from common.memory import MemoryEstimate, estimate_training_memory
 from common.model import ASTEncoder, EncoderConfig
 from common.resize import resample_patch_kernel
 from pretrain.masking import MASKINGS, mask_count, sample_mask
@@ -215,11 +216,19 @@ class SSASTObjective:
         nce, mse, acc = (sums[:3] / sums[3]).tolist()
         return {"acc": acc, "nce": nce, "mse": mse, "loss": nce + self.cfg.mpg_weight * mse}
 
-    def flops_per_sample(self, cfg: EncoderConfig) -> int:
+    def _meta_step(self, cfg: EncoderConfig):
         def step(model: SSASTModel, n: int) -> torch.Tensor:
             return model(torch.randn(n, cfg.input_tdim, cfg.num_mel_bins))["loss"]
 
-        return train_step_flops(lambda: self.build_model(cfg), step)
+        return step
+
+    def flops_per_sample(self, cfg: EncoderConfig) -> int:
+        return train_step_flops(lambda: self.build_model(cfg), self._meta_step(cfg))
+
+    def memory_estimate(self, cfg: EncoderConfig, batch: int, **setting) -> MemoryEstimate:
+        """Bytes per rank to train at geometry ``cfg`` and micro-batch ``batch`` (``setting``: see
+        :func:`common.memory.estimate_training_memory`)."""
+        return estimate_training_memory(lambda: self.build_model(cfg), self._meta_step(cfg), batch, **setting)
 
     def export(self, model: SSASTModel, path: Path, meta: dict) -> None:
         save_encoder(model.encoder, path, meta={**meta, "objective": "ssast"})

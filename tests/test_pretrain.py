@@ -162,7 +162,7 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, synth_c
 
     monkeypatch.setattr(SSASTObjective, "train_step", poisoned)
     run_dir = tmp_path / "nan"
-    assert run(run_dir, synth_corpus) == 1
+    assert run(run_dir, synth_corpus, "train.nonfinite_check=step") == 1
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "phase01-step000000002" in err and "stopped before the update" in err
     ckdir = run_dir / "checkpoints"

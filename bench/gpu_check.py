@@ -1,0 +1,376 @@
+"""Every GPU-only check and measurement in one run: writes ``bench/results/<gpu name>.md`` and prints it.
+
+    python -m bench.gpu_check            # a machine with a CUDA GPU: a few minutes
+    python -m bench.gpu_check --smoke    # the same code path on the CPU with tiny sizes, in seconds
+
+Sections (each one's failure is written into the results and the others still run):
+
+1. bf16 against fp32: the SSAST loss and a fine-tuning loss over a few Adam steps from the same weights
+   and data, with bf16 autocast and without.
+2. Attention: timm's fused scaled-dot-product attention is enabled (``timm.layers.use_fused_attn``) and
+   used by the blocks of the model built here (``block.attn.fused_attn``), and the kernels that run are
+   flash / memory-efficient / cuDNN attention (``torch.profiler`` event names).
+3. Per phase of ``recipes/ssast_fshift4.yaml`` with SSAST-base at the recipe's batch (24 clips: 6 per rank
+   on 4 GPUs), eager and compiled (``train.compile``): clips/s, tokens/s, model FLOPs utilisation (the
+   training FLOPs of ``common.flops`` per second over the GPU's bf16 dense peak, :data:`PEAK_BF16_DENSE`),
+   the first step (compilation), and the peak memory next to the estimate of ``common.memory``.
+4. The loader's clips/s (10 s FLAC clips, decoded, cropped, batched) at 4, 8 and 16 workers against what
+   the cheapest phase consumes.
+5. A short coarse-to-fine pretraining run through the real trainer against its full-resolution baseline
+   (the paper's proportions: B/8 steps at Fshift x4 + 5B/8 at full resolution against B): the wall-time
+   saving next to the FLOPs saving (the paper: 31.73 % of the time for 34.58 % of the FLOPs, 0.92; the
+   goal here is 0.95 or better).
+
+Every section needs Lhotse (the front end is its batched fbank), section 5 DeepSpeed too; where one is
+missing, the section says so and how to install it, and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# bf16 dense (no sparsity) Tensor Core peaks, TFLOP/s, from NVIDIA's datasheets (which print the sparse
+# figure, twice the dense one, for Hopper). First match wins; names as torch.cuda.get_device_name() gives them.
+PEAK_BF16_DENSE: list[tuple[str, float, str]] = [
+    (r"H200", 989.0, "NVIDIA H200 Tensor Core GPU datasheet: BF16 Tensor Core 1,979 TFLOPS with sparsity (SXM)"),
+    (r"H100.*PCIe", 756.0, "NVIDIA H100 Tensor Core GPU datasheet, H100 PCIe: BF16 Tensor Core 1,513 TFLOPS with "
+                           "sparsity"),
+    (r"H100(?!.*NVL)", 989.0, "NVIDIA H100 Tensor Core GPU datasheet, H100 SXM: BF16 Tensor Core 1,979 TFLOPS with "
+                              "sparsity"),
+    (r"A100", 312.0, "NVIDIA A100 Tensor Core GPU datasheet: BF16 Tensor Core 312 TFLOPS (624 with sparsity)"),
+]
+FUSED_ATTENTION_EVENTS = ("flash_attention", "efficient_attention", "cudnn_attention", "fmha", "flash")
+
+
+def peak_bf16(device_name: str) -> tuple[float, str] | None:
+    """The bf16 dense peak (TFLOP/s) and its source for a device name, or None if it is not in the table."""
+    for pattern, tflops, source in PEAK_BF16_DENSE:
+        if re.search(pattern, device_name):
+            return tflops, source
+    return None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The sizes of a run: the real one on a GPU, or the smoke test's on the CPU."""
+
+    size: str = "base"
+    model: tuple[str, ...] = ()  # more recipe overrides of the model
+    batch: int = 24  # ssast_fshift4.yaml: 6 per rank x 4 ranks
+    steps: int = 10
+    warmup: int = 2
+    agree_steps: int = 5
+    agree_batch: int = 8
+    backend: str = "inductor"
+    workers: tuple[int, ...] = (4, 8, 16)
+    loader_clips: int = 48
+    clip_seconds: float = 10.0
+    run_steps: int = 512  # baseline steps of the short runs (the phases' fixed costs: loader start, first steps)
+    run_workers: int = 8
+    run_overrides: tuple[str, ...] = field(default_factory=tuple)
+
+
+FULL = Settings()
+SMOKE = Settings(size="custom", model=("model.embed_dim=32", "model.depth=2", "model.num_heads=2"), batch=2, steps=2,
+                 warmup=1, agree_steps=2, agree_batch=2, backend="aot_eager", workers=(0, 1), loader_clips=8,
+                 clip_seconds=2.0, run_steps=8, run_workers=0,
+                 run_overrides=("audio.target_frames=128",))
+
+
+class Report:
+    """The results as Markdown lines; each section runs guarded."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.failures: list[str] = []
+        self.timings: list[tuple[str, float]] = []
+
+    def add(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+    def section(self, title: str, body: Callable[[], None]) -> None:
+        self.add("", f"## {title}", "")
+        start = time.perf_counter()
+        try:
+            body()
+        except MissingPackage as err:
+            self.add(f"Skipped: {err}")
+        except Exception as err:  # noqa: BLE001 - one section's failure is a result, not the end of the run
+            last = traceback.format_exc().strip().splitlines()
+            self.add(f"**FAILED**: {type(err).__name__}: {err}", "", "```", *last[-12:], "```")
+            self.failures.append(title)
+        self.timings.append((title, time.perf_counter() - start))
+        print(f"[gpu_check] {title}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+class MissingPackage(RuntimeError):
+    """A section needs a package this machine lacks."""
+
+
+def require(*modules: str) -> None:
+    """Import ``modules`` or raise :class:`MissingPackage` saying how to get them."""
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            missing.append(f"{name} ({err})")
+    if missing:
+        raise MissingPackage(
+            f"cannot import {', '.join(missing)}; install it first, e.g. `pip install deepspeed==0.19.8 "
+            f"lhotse==1.33.0` (on a machine without network: `pip install --no-index --find-links WHEELS deepspeed "
+            f"lhotse` from wheels built elsewhere, shared/reference/ecosystem.md A8)")
+
+
+def _fmt(x: float | None, spec: str = ".3g") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+# ------------------------------------------------------------------------------- 1. bf16 vs fp32
+def _losses(kind: str, s: Settings, device: torch.device, bf16: bool) -> list[float]:
+    from common.features import FeaturePipeline
+    from common.model import ASTEncoder
+    from finetune.classifier import AugmentConfig, ClassifierObjective
+    from pretrain.recipe import load_recipe
+    from pretrain.ssast import SSASTModel
+
+    rec = load_recipe(ROOT / "recipes" / "ssast_fshift4.yaml", [f"model.size={s.size}", *s.model])
+    cfg = rec.encoder_configs()[1]  # full resolution
+    torch.manual_seed(0)
+    objective = ClassifierObjective([str(i) for i in range(10)], "acc", "ce", AugmentConfig())
+    model = (SSASTModel(ASTEncoder(cfg), rec.ssast) if kind == "ssast" else objective.build_model(cfg))
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
+    pipeline = FeaturePipeline(rec.audio).to(device)
+    data = torch.Generator().manual_seed(1)
+    waves = (torch.randn(s.agree_batch, rec.audio.clip_samples, generator=data) * 0.1).to(device)
+    targets = torch.nn.functional.one_hot(torch.randint(0, 10, (s.agree_batch,), generator=data), 10).float().to(device)
+    masks = torch.Generator().manual_seed(2)
+    out = []
+    for _ in range(s.agree_steps):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            x = pipeline(waves)
+            loss = model(x, masks)["loss"] if kind == "ssast" else objective.criterion(model(x), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        out.append(loss.item())
+    return out
+
+
+def check_bf16(report: Report, s: Settings, device: torch.device) -> None:
+    require("lhotse")
+    tolerance = 0.02
+    report.add(f"Same weights, data and masks; {s.agree_steps} Adam steps (lr 1e-4) at full resolution, batch "
+               f"{s.agree_batch}, SSAST-{s.size}. Agreement: |bf16 - fp32| / |fp32| <= {tolerance} at every step "
+               f"(bf16 keeps 8 bits of mantissa: about 2-3 significant digits per operation).", "",
+               "| loss | step | fp32 | bf16 | relative difference |", "|---|---:|---:|---:|---:|")
+    verdicts = []
+    for kind in ("ssast", "fine-tuning (cross-entropy)"):
+        key = "ssast" if kind == "ssast" else "classifier"
+        fp32, bf16 = _losses(key, s, device, False), _losses(key, s, device, True)
+        worst = 0.0
+        for i, (a, b) in enumerate(zip(fp32, bf16)):
+            rel = abs(b - a) / max(abs(a), 1e-12)
+            worst = max(worst, rel)
+            report.add(f"| {kind} | {i + 1} | {a:.5f} | {b:.5f} | {rel:.2e} |")
+        verdicts.append(f"{kind}: {'agrees' if worst <= tolerance else 'DOES NOT agree'} (worst {worst:.2e})")
+    report.add("", "Result: " + "; ".join(verdicts) + ".")
+
+
+# ------------------------------------------------------------------------------- 2. attention kernels
+def check_attention(report: Report, s: Settings, device: torch.device) -> None:
+    require("lhotse")
+    from timm.layers import use_fused_attn
+    from torch.profiler import ProfilerActivity, profile
+
+    from common.features import FeaturePipeline
+    from common.model import ASTEncoder
+    from pretrain.recipe import load_recipe
+    from pretrain.ssast import SSASTModel
+
+    rec = load_recipe(ROOT / "recipes" / "ssast_fshift4.yaml", [f"model.size={s.size}", *s.model])
+    cfg = rec.encoder_configs()[1]
+    model = SSASTModel(ASTEncoder(cfg), rec.ssast).to(device)
+    flags = [block.attn.fused_attn for block in model.encoder.blocks]
+    pipeline = FeaturePipeline(rec.audio).to(device)
+    waves = torch.randn(2, rec.audio.clip_samples, device=device) * 0.1
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(pipeline(waves), torch.Generator().manual_seed(0))["loss"]
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    names = sorted({e.key for e in prof.key_averages()})
+    fused = [n for n in names if any(k in n.lower() for k in FUSED_ATTENTION_EVENTS)]
+    math_path = [n for n in names if n in ("aten::_scaled_dot_product_attention_math", "aten::softmax",
+                                           "aten::_softmax")]
+    ok = use_fused_attn() and all(flags) and bool(fused)
+    report.add(f"- `timm.layers.use_fused_attn()`: {use_fused_attn()}",
+               f"- blocks of the model built here with `attn.fused_attn`: {sum(flags)} of {len(flags)}",
+               f"- fused attention events in a bf16 forward + backward: "
+               f"{', '.join(f'`{n}`' for n in fused[:8]) or 'none'}",
+               f"- softmax / math-path events (expected only in the heads' losses): "
+               f"{', '.join(f'`{n}`' for n in math_path) or 'none'}",
+               "", f"Result: fused scaled-dot-product attention {'is' if ok else 'is NOT'} in use.")
+
+
+# --------------------------------------------------------------------------- 3. per-phase throughput
+def measure_phases(report: Report, s: Settings, device: torch.device, store: dict) -> None:
+    require("lhotse")
+    from bench.ssast_step import phase_step_rate
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    peak = peak_bf16(name) if device.type == "cuda" else None
+    report.add(f"SSAST-{s.size}, batch {s.batch}, fbank + both objectives (two passes) + Adam, "
+               f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; {s.warmup} untimed step(s), then {s.steps} "
+               f"timed. Compiled: the encoder blocks (`train.compile`, backend {s.backend}). MFU: training FLOPs "
+               f"(`common.flops`) per second over the bf16 dense peak "
+               f"{f'{peak[0]:g} TFLOP/s ({peak[1]})' if peak else '(none for this device: MFU n/a)'}.", "",
+               "| phase | tokens/clip | mode | clips/s | tokens/s | TFLOP/s | MFU | first step (s) | peak memory "
+               "(GiB) | estimate (GiB) |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for index in (0, 1):
+        for compiled in (False, True):
+            r = phase_step_rate(s.size, index, s.batch, device, steps=s.steps, compile=compiled, backend=s.backend,
+                                overrides=s.model, warmup=s.warmup)
+            tflops = r["clips_per_s"] * r["flops_per_clip"] / 1e12
+            mfu = tflops / peak[0] if peak else None
+            store.setdefault(index, {})["compiled" if compiled else "eager"] = r
+            report.add(f"| {r['phase']} | {r['tokens']} | {'compiled' if compiled else 'eager'} | "
+                       f"{r['clips_per_s']:.1f} | {r['tokens_per_s']:.0f} | {tflops:.3g} | "
+                       f"{_fmt(mfu and 100 * mfu, '.1f')}{'%' if mfu else ''} | {r['first_step_s']:.1f} | "
+                       f"{_fmt(r['peak_memory'] and r['peak_memory'] / 2**30)} | {r['memory_estimate'] / 2**30:.3g} |")
+    speed = [store[i]["compiled"]["clips_per_s"] / store[i]["eager"]["clips_per_s"] for i in (0, 1)]
+    report.add("", f"Compiled / eager: {speed[0]:.2f}x in the coarse phase, {speed[1]:.2f}x at full resolution.")
+
+
+# ------------------------------------------------------------------------------------ 4. the loader
+def measure_loader(report: Report, s: Settings, device: torch.device, store: dict, work: Path) -> None:
+    require("lhotse", "soundfile")
+    from bench.clips import make_clips
+    from bench.data_throughput import loader_rate
+    from common.features import AudioConfig
+
+    clip_samples = AudioConfig(target_frames=int(s.clip_seconds * 100) // 16 * 16).clip_samples
+    manifest = make_clips(work / "clips", s.loader_clips, seconds=s.clip_seconds, rate=16000)
+    consumed = max((r["clips_per_s"] for r in store.get(0, {}).values()), default=None)
+    report.add(f"{s.clip_seconds:g} s 16 kHz FLAC clips, batch {s.batch}, decode + random crop + batching "
+               f"(`common.data.ClipLoader`), {os.cpu_count()} CPU cores. The cheapest phase (Fshift x4) consumes "
+               f"{_fmt(consumed, '.1f')} clips/s (section 3, the faster of eager and compiled).", "",
+               "| workers | clips/s | x what the cheapest phase consumes |", "|---:|---:|---:|")
+    for workers in s.workers:
+        rate = loader_rate(manifest, workers, s.batch, clip_samples,
+                           clips_to_time=max(4 * s.batch, 4 * s.batch * max(1, workers)))
+        report.add(f"| {workers} | {rate:.1f} | {_fmt(consumed and rate / consumed, '.2f')} |")
+
+
+# ------------------------------------------------------------------------------ 5. the short runs
+def measure_short_runs(report: Report, s: Settings, device: torch.device, work: Path) -> None:
+    require("deepspeed", "lhotse", "soundfile")
+    from bench.clips import make_clips
+    from bench.train_throughput import short_runs
+
+    manifest = make_clips(work / "clips", max(s.loader_clips, 2 * s.batch), seconds=s.clip_seconds, rate=16000)
+    result = short_runs(manifest, s.size, s.run_steps, s.batch, s.run_workers, work / "runs", 1,
+                        extra=(*s.model, *s.run_overrides))
+    b, c = result["baseline"], result["fshift4"]
+    report.add(f"`pretrain/run.py` (DeepSpeed engine, loader with {s.run_workers} workers, phase change), "
+               f"SSAST-{s.size}, batch {s.batch}: baseline {s.run_steps} steps at full resolution; coarse to fine "
+               f"{s.run_steps // 8} at Fshift x4 + {5 * s.run_steps // 8} at full resolution. Training wall time from "
+               f"the ledgers (validation and checkpoints excluded).", "",
+               "| run | steps | training FLOPs | training wall time (s) |", "|---|---:|---:|---:|",
+               f"| baseline | {b['steps']} | {b['train_flops']:.3g} | {b['wall_seconds']:.1f} |",
+               f"| Fshift 4->1 | {c['steps']} | {c['train_flops']:.3g} | {c['wall_seconds']:.1f} |", "",
+               f"FLOPs saving {result['flops_saving']:.1%}, wall-time saving {result['wall_saving']:.1%}: ratio "
+               f"**{result['ratio']:.2f}** (paper 0.92; goal 0.95 or better).")
+
+
+# ------------------------------------------------------------------------------------------ main
+def environment(device: torch.device) -> list[str]:
+    lines = [f"- device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU (smoke test)'}",
+             f"- torch {torch.__version__}, CUDA {torch.version.cuda}, {os.cpu_count()} CPU cores, "
+             f"Python {platform.python_version()}"]
+    for name in ("timm", "deepspeed", "lhotse", "torchaudio"):
+        try:
+            lines.append(f"- {name} {importlib.import_module(name).__version__}")
+        except ImportError:
+            lines.append(f"- {name}: not installed")
+    return lines
+
+
+def results_name(device: torch.device) -> str:
+    """``bench/results/<gpu name>.md``'s file name: the device name with spaces and symbols as ``_``."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-smoke"
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("_") + ".md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="the same code path on the CPU with tiny sizes, in seconds (what the test suite runs)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder of the results file (default: bench/results; with --smoke: runs/gpu_check_smoke)")
+    parser.add_argument("--skip", default="", help="comma-separated sections to leave out: bf16, attention, phases, "
+                                                    "loader, runs")
+    args = parser.parse_args(argv)
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    if args.smoke:
+        device, s = torch.device("cpu"), SMOKE
+    else:
+        if not torch.cuda.is_available():
+            print("error: no CUDA GPU here; `python -m bench.gpu_check --smoke` runs the same code on the CPU",
+                  file=sys.stderr)
+            return 2
+        device, s = torch.device("cuda"), FULL
+    out = args.out or (ROOT / "runs" / "gpu_check_smoke" if args.smoke else ROOT / "bench" / "results")
+    start = time.perf_counter()
+    report = Report()
+    report.add(f"# GPU check: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU smoke test'}",
+               "", f"`python -m bench.gpu_check{' --smoke' if args.smoke else ''}`, "
+                   f"{time.strftime('%Y-%m-%d %H:%M %Z')}.", "", *environment(device))
+    store: dict = {}
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        work = Path(tmp)
+        sections = [("bf16", "1. bf16 against fp32", lambda: check_bf16(report, s, device)),
+                    ("attention", "2. Fused attention", lambda: check_attention(report, s, device)),
+                    ("phases", "3. Throughput per phase of ssast_fshift4.yaml, eager and compiled",
+                     lambda: measure_phases(report, s, device, store)),
+                    ("loader", "4. The loader against the cheapest phase",
+                     lambda: measure_loader(report, s, device, store, work)),
+                    ("runs", "5. Wall-time saving against FLOPs saving of a short run",
+                     lambda: measure_short_runs(report, s, device, work))]
+        for key, title, body in sections:
+            if key not in skip:
+                report.section(title, body)
+    report.add("", f"Total {time.perf_counter() - start:.0f} s ("
+               + ", ".join(f"{t.split('.')[0]}: {sec:.0f} s" for t, sec in report.timings) + ")."
+               + (f" Failed sections: {', '.join(report.failures)}." if report.failures else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / results_name(device)
+    path.write_text(report.text())
+    print(report.text())
+    print(f"written: {path}", file=sys.stderr)
+    return 1 if report.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

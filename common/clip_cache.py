@@ -1,0 +1,138 @@
+"""Decode once: a cache of clips decoded and resampled to the training rate (``data.cache``).
+
+Decoding and resampling cost the same per clip whatever the phase, so they weigh more when the model
+step is C times cheaper (the coarse phases). Every epoch decodes the same files again unless they are
+kept; what is kept is the decoded waveform of the whole cut at the training rate (random crops are taken
+from it afterwards, so they stay exactly those of an uncached run).
+
+- ``none``: decode every time (AST's and SSAST's loaders).
+- ``memory``: keep decoded clips in the training process, across epochs, phases and validation rounds.
+  Needs ``data.num_workers: 0`` (worker processes would each fill a copy of their own and lose it when a
+  phase ends). For sets that fit in RAM: float32 at 16 kHz is 230 MB per hour of audio (ESC-50: 2.8 h,
+  640 MB; AudioSet-2M: 5,600 h, 1.3 TB). It stops growing at half of the memory that was available when
+  it was made, and says so; clips beyond are decoded each time.
+- ``disk``: write each decoded clip once as a ``.npy`` file under ``data.cache_dir`` (default
+  ``~/.cache/coarse2fine/clips``) and read it from there afterwards. Works with any number of workers
+  (the operating system's page cache keeps the hot files in memory, shared by all processes) and across
+  runs; a file is named by a hash of the recording, its source file (path, size, modification time),
+  the cut's offset and duration and the rate, so an edited source is decoded again. Files are written
+  atomically, so concurrent workers and ranks may share the folder.
+
+Clips that cannot be decoded are never cached (they fail again, with their reason, every time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+
+__all__ = ["CacheMode", "ClipCache", "DEFAULT_CACHE_DIR", "make_cache"]
+
+log = logging.getLogger(__name__)
+
+CacheMode = Literal["none", "memory", "disk"]
+DEFAULT_CACHE_DIR = "~/.cache/coarse2fine/clips"
+
+
+def _cut_key(cut, sample_rate: int) -> str:
+    """What identifies a cut's decoded samples: recording, source files (with size and mtime), span, rate."""
+    recording = cut.recording
+    sources = []
+    for source in recording.sources:
+        entry = [source.type, str(source.source) if source.type != "memory" else hashlib.sha1(
+            source.source).hexdigest(), list(source.channels)]
+        if source.type == "file":
+            try:
+                stat = os.stat(source.source)
+                entry += [stat.st_size, stat.st_mtime_ns]
+            except OSError:
+                entry += [None, None]
+        sources.append(entry)
+    channel = getattr(cut, "channel", None)
+    ident = [recording.id, sources, round(cut.start, 6), round(cut.duration, 6),
+             channel if isinstance(channel, (int, type(None))) else list(channel), sample_rate]
+    return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _available_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+class ClipCache:
+    """Decoded clips by cut (see the module docstring).
+
+    Args:
+        mode: ``memory`` or ``disk``.
+        folder: the folder of a ``disk`` cache.
+        max_bytes: the most a ``memory`` cache holds (default: half of the memory available now).
+    """
+
+    def __init__(self, mode: CacheMode, folder: str | os.PathLike | None = None, max_bytes: int | None = None) -> None:
+        if mode not in ("memory", "disk"):
+            raise ValueError(f"data.cache: a ClipCache is 'memory' or 'disk', got {mode!r}")
+        self.mode = mode
+        self.folder = Path(os.path.expanduser(str(folder or DEFAULT_CACHE_DIR))) if mode == "disk" else None
+        self.max_bytes = max_bytes if max_bytes is not None else _available_memory() // 2
+        self.clips: dict[str, np.ndarray] = {}
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._full_warned = False
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def __getstate__(self) -> dict:  # a worker process gets the settings, not the parent's clips
+        state = dict(self.__dict__)
+        state.update(clips={}, bytes=0)
+        return state
+
+    def load(self, cut, sample_rate: int, decode: Callable) -> np.ndarray:
+        """The cut's samples at ``sample_rate``: from the cache, or ``decode(cut, sample_rate)`` (then kept)."""
+        key = _cut_key(cut, sample_rate)
+        if self.mode == "memory":
+            wave = self.clips.get(key)
+            if wave is not None:
+                self.hits += 1
+                return wave
+        else:
+            path = self.folder / key[:2] / f"{key}.npy"
+            try:
+                wave = np.load(path)
+                self.hits += 1
+                return wave
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError) as err:  # a damaged file: decode again and rewrite it
+                log.warning("clip cache: %s is unreadable (%s); decoding %s again", path, err, cut.id)
+        self.misses += 1
+        wave = decode(cut, sample_rate)
+        if self.mode == "memory":
+            if self.bytes + wave.nbytes <= self.max_bytes:
+                self.clips[key] = wave
+                self.bytes += wave.nbytes
+            elif not self._full_warned:
+                self._full_warned = True
+                log.warning("clip cache: %.1f GB in memory, its limit; further clips are decoded every time "
+                            "(data.cache: disk keeps them all)", self.bytes / 1e9)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as handle:
+                np.save(handle, wave)
+            os.replace(tmp, path)
+        return wave
+
+
+def make_cache(mode: CacheMode, folder: str | None = None) -> ClipCache | None:
+    """The cache for ``data.cache`` / ``data.cache_dir`` (None for ``none``)."""
+    if mode == "none":
+        return None
+    return ClipCache(mode, folder)

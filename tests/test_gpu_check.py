@@ -1,0 +1,46 @@
+"""``python -m bench.gpu_check --smoke``: the GPU check's whole code path on the CPU with tiny sizes, so that
+the command a lent GPU runs cannot rot; and its table of peaks."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.gpu_check import main, peak_bf16
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_smoke_run_goes_through_every_section(tmp_path, capsys):
+    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "cpu-smoke.md").read_text()
+    assert text.strip() in capsys.readouterr().out  # printed too
+    for title in ("1. bf16 against fp32", "2. Fused attention", "3. Throughput per phase", "4. The loader",
+                  "5. Wall-time saving"):
+        assert f"## {title}" in text
+    assert "FAILED" not in text and "Skipped" not in text
+    assert "ssast: agrees" in text and "fine-tuning (cross-entropy): agrees" in text
+    assert "fused scaled-dot-product attention is in use" in text
+    assert text.count("| phase1 (fshift x4) | 130 |") == 2 and text.count("| phase2 (full resolution) | 514 |") == 2
+    assert "ratio **" in text
+
+
+def test_a_machine_without_lhotse_and_deepspeed_is_told_what_to_install(tmp_path):
+    code = ("import sys; sys.modules['deepspeed'] = None; sys.modules['lhotse'] = None; "
+            "from bench.gpu_check import main; sys.exit(main(['--smoke', '--out', sys.argv[1]]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / "cpu-smoke.md").read_text()
+    assert text.count("Skipped: cannot import") == 5 and "pip install" in text and "deepspeed" in text
+
+
+@pytest.mark.parametrize("name,tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                         ("NVIDIA H200", 989), ("NVIDIA A100-SXM4-80GB", 312),
+                                         ("NVIDIA H100 NVL", None), ("Tesla T4", None)])
+def test_peaks_by_device_name_come_with_their_source(name, tflops):
+    found = peak_bf16(name)
+    assert (found[0] if found else None) == tflops
+    if found:
+        assert "datasheet" in found[1]
