@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 
@@ -17,7 +17,7 @@ setup(
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
     python_requires=">=3.10",
-    packages=["common", "common.corpora", "common.htsat", "pretrain", "finetune"],
+    packages=find_packages(include=["common", "common.*", "pretrain", "finetune"]),
     package_data={"common.htsat": ["audioset_labels.csv"]},
     install_requires=[
         # torchaudio 2.11 only loads with the matching torch build: keep the three pinned together.
