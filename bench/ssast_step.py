@@ -52,8 +52,7 @@ def phase_step_rate(size: str, phase_index: int, batch: int, device: torch.devic
     torch.manual_seed(0)
     model = SSASTModel(ASTEncoder(cfg), rec.ssast).to(device)
     maybe_compile(model, compile, backend)
-    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, **fused)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as common.optim builds it
     pipeline = FeaturePipeline(rec.audio, phase.as_compression()).to(device)
     waves = torch.randn(batch, rec.audio.clip_samples, device=device) * 0.1
     generator = torch.Generator().manual_seed(0)

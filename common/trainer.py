@@ -487,7 +487,7 @@ class Trainer:
         model = maybe_compile(model, self.spec.train.compile, self.spec.train.compile_backend)
         return build_engine(model, optim, phase.lr or optim.lr, self._batch_size(index), self.spec.train.zero_stage,
                             self.device, phase.steps if phase.iteration_based else None,
-                            getattr(model, "head_prefixes", ()))
+                            getattr(model, "head_prefixes", ()), self.autocast_dtype)
 
     def _batch_size(self, index: int) -> int:
         return self.spec.phases[index].batch_size_or(self.spec.data.batch_size)
