@@ -1,4 +1,5 @@
-"""``train.precision: bf16`` computes the training forward in bf16 through the DeepSpeed engine.
+"""The DeepSpeed engine as the trainer builds it: ``train.precision: bf16`` computes the training forward in
+bf16, and a step does not wait for the device.
 
 DeepSpeed's forward turns off an autocast its config does not name; before the engine named it, a bf16 run
 trained in fp32 (found by ``bench.gpu_check`` on an H200: 6x slower, 1.6x the memory). The CPU has bf16
@@ -71,3 +72,20 @@ def test_a_bf16_fine_tune_trains_in_bf16(tmp_path, synth_corpus, monkeypatch):
                      "--run-dir", str(tmp_path / "run"),
                      *sets(*TINY, "train.precision=bf16", "phases=[{compression: none, epochs: 1}]")]) == 0
     assert seen and set(seen) == {torch.bfloat16}
+
+
+def test_a_step_does_not_wait_for_the_device(monkeypatch):
+    """DeepSpeed's throughput timer synchronises the device twice per step unless it is turned off."""
+    from deepspeed.accelerator import get_accelerator
+
+    dist = init_distributed()
+    accelerator = get_accelerator()
+    waits = []
+    monkeypatch.setattr(accelerator, "synchronize", lambda *args, **kwargs: waits.append(1))
+    engine = build_engine(nn.Sequential(nn.Linear(8, 2)), OptimConfig(), 1e-3, 4, 0, dist.device)
+    waits.clear()
+    for _ in range(3):
+        loss = engine(torch.randn(4, 8)).square().mean()
+        engine.backward(loss)
+        engine.step()
+    assert waits == []
