@@ -284,7 +284,7 @@ def measure_loader(report: Report, s: Settings, device: torch.device, store: dic
 
 
 # ------------------------------------------------------------------------------ 5. the short runs
-def measure_short_runs(report: Report, s: Settings, device: torch.device, work: Path) -> None:
+def measure_short_runs(report: Report, s: Settings, device: torch.device, work: Path, store: dict) -> None:
     require("deepspeed", "lhotse", "soundfile")
     from bench.clips import make_clips
     from bench.train_throughput import short_runs
@@ -302,6 +302,17 @@ def measure_short_runs(report: Report, s: Settings, device: torch.device, work: 
                f"| Fshift 4->1 | {c['steps']} | {c['train_flops']:.3g} | {c['wall_seconds']:.1f} |", "",
                f"FLOPs saving {result['flops_saving']:.1%}, wall-time saving {result['wall_saving']:.1%}: ratio "
                f"**{result['ratio']:.2f}** (paper 0.92; goal 0.95 or better).")
+    # clips/s of each phase through the trainer next to the bare step of section 3: what a step costs outside
+    # the model (loader, engine, bookkeeping; each phase's start-up included)
+    phases = [("full resolution, baseline", s.run_steps, b["phase_seconds"][0], 1),
+              ("Fshift x4", s.run_steps // 8, c["phase_seconds"][0], 0),
+              ("full resolution, after the change", 5 * s.run_steps // 8, c["phase_seconds"][1], 1)]
+    report.add("", "| phase | clips/s through the trainer | bare step (section 3, eager) | trainer / bare |",
+               "|---|---:|---:|---:|")
+    for label, steps, seconds, index in phases:
+        rate = steps * s.batch / seconds
+        bare = store.get(index, {}).get("eager", {}).get("clips_per_s")
+        report.add(f"| {label} | {rate:.1f} | {_fmt(bare, '.1f')} | {_fmt(bare and rate / bare, '.2f')} |")
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -357,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                     ("loader", "4. The loader against the cheapest phase",
                      lambda: measure_loader(report, s, device, store, work)),
                     ("runs", "5. Wall-time saving against FLOPs saving of a short run",
-                     lambda: measure_short_runs(report, s, device, work))]
+                     lambda: measure_short_runs(report, s, device, work, store))]
         out.mkdir(parents=True, exist_ok=True)
         path = out / results_name(device)
         for key, title, body in sections:
