@@ -90,7 +90,7 @@ def run_main(body: Callable[[], int]) -> int:
     """Run an entry point; known failures end with one readable line (the traceback goes to the log)."""
     from common.data import TooMuchBadAudio
     from common.run_checkpoint import NoUsableCheckpoint
-    from common.trainer import NonFiniteLoss
+    from common.nonfinite import NonFiniteLoss
 
     try:
         return body()

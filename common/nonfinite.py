@@ -21,9 +21,13 @@ from typing import Literal
 
 import torch
 
-__all__ = ["NonFiniteCheck", "NonFiniteWatch"]
+__all__ = ["NonFiniteCheck", "NonFiniteWatch", "NonFiniteLoss"]
 
 NonFiniteCheck = Literal["window", "step"]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stopped before applying the update."""
 
 
 class NonFiniteWatch:

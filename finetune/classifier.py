@@ -144,7 +144,7 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
 
 
 class ClassifierObjective:
-    """Supervised fine-tuning as a :class:`common.trainer.Objective` (any architecture)."""
+    """Supervised fine-tuning as a :class:`common.objective.Objective` (any architecture)."""
 
     def __init__(self, classes: Sequence[str], metric: str, loss: str, augment: AugmentConfig,
                  head: HeadConfig = HeadConfig(), names: dict[str, str] | None = None,

@@ -27,7 +27,7 @@ from typing import Literal
 from common.arch import architecture_for
 from common.checkpoint import EncoderWeights
 from common.compression import Compression
-from common.model import EncoderConfig, ModelSpec
+from common.model import ModelSpec
 from common.phases import TransferConfig
 
 __all__ = ["InitTransferConfig", "load_init", "task_encoder_config", "init_pos_mode", "init_pool", "resolve_pool",

@@ -25,7 +25,7 @@ from common.optim import OptimConfig
 from common.phases import PhaseConfig
 from common.preflight import check_classes, check_manifest, check_norm, count_clips
 from common.recipe import RecipeError, apply_overrides, load_yaml, merge
-from common.trainer import TrainConfig
+from common.run_spec import TrainConfig
 from finetune.classifier import AugmentConfig, HeadConfig
 from finetune.init import InitTransferConfig
 from finetune.tasks import TASKS, TaskConfig, task_defaults

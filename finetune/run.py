@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                 print("\n".join(f"  {problem}" for problem in missing))
             return 0
         from common.data import ManifestSpec
-        from common.trainer import RunSpec, Trainer
+        from common.run_spec import RunSpec
+        from common.trainer import Trainer
 
         baseline = None
         if recipe.coarse is not None:  # the recipe it was derived from: one full-resolution phase

@@ -20,7 +20,7 @@ from common.model import EncoderConfig, ModelSpec
 from common.optim import OptimConfig
 from common.phases import PhaseConfig, TransferConfig
 from common.recipe import RecipeError, apply_overrides, load_yaml
-from common.trainer import TrainConfig
+from common.run_spec import TrainConfig
 from pretrain.masking import mask_count
 from pretrain.ssast import SSASTConfig
 

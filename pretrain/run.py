@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         for check in checks:  # every file the run reads, before a model or the run directory exists
             check()
         from common.coarse import coarse_tag
-        from common.trainer import RunSpec, Trainer
+        from common.run_spec import RunSpec
+        from common.trainer import Trainer
         from pretrain.ssast import SSASTObjective
 
         name = args.recipe.stem + (f"-{coarse_tag(recipe.coarse)}" if args.coarse else "")

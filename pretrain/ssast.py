@@ -180,7 +180,7 @@ def adapt_heads(state: dict, old: EncoderConfig, new: EncoderConfig) -> dict:
 
 
 class SSASTObjective:
-    """SSAST pretraining as a :class:`common.trainer.Objective`."""
+    """SSAST pretraining as a :class:`common.objective.Objective`."""
 
     specaug = SpecAugmentConfig()  # SSAST pretrains without SpecAugment or mixup
     score_name = "acc"

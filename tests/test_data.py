@@ -291,7 +291,8 @@ def test_the_trainer_crops_training_clips_as_the_data_config_says(tmp_path, synt
     from common.features import AudioConfig
     from common.optim import OptimConfig
     from common.phases import PhaseConfig, TransferConfig
-    from common.trainer import RunSpec, TrainConfig, Trainer
+    from common.run_spec import RunSpec, TrainConfig
+    from common.trainer import Trainer
     from finetune.classifier import AugmentConfig, ClassifierObjective
 
     classes, _ = read_classes(synth_corpus / "synth_classes.json")

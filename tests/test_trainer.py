@@ -134,7 +134,7 @@ def test_every_rank_draws_its_own_randomness_once_the_model_is_built(tmp_path):
 
     from types import SimpleNamespace
 
-    from common.trainer import TrainConfig
+    from common.run_spec import TrainConfig
 
     draws = {}
     for rank in (0, 1, 0):
