@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu_check import main, peak_bf16
+import torch
+
+from bench.gpu_check import SyncSites, main, peak_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +19,7 @@ def test_the_smoke_run_goes_through_every_section(tmp_path, capsys):
     text = (tmp_path / "cpu-smoke.md").read_text()
     assert text.strip() in capsys.readouterr().out  # printed too
     for title in ("1. bf16 against fp32", "2. Fused attention", "3. Throughput per phase", "4. The loader",
-                  "5. Wall-time saving"):
+                  "5. Wall-time saving", "6. Host synchronisations"):
         assert f"## {title}" in text
     assert "FAILED" not in text and "Skipped" not in text
     assert "ssast: agrees" in text and "fine-tuning (cross-entropy): agrees" in text
@@ -33,7 +35,7 @@ def test_a_machine_without_lhotse_and_deepspeed_is_told_what_to_install(tmp_path
                           cwd=ROOT, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = (tmp_path / "cpu-smoke.md").read_text()
-    assert text.count("Skipped: cannot import") == 5 and "pip install" in text and "deepspeed" in text
+    assert text.count("Skipped: cannot import") == 6 and "pip install" in text and "deepspeed" in text
 
 
 @pytest.mark.parametrize("name,tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
@@ -44,3 +46,24 @@ def test_peaks_by_device_name_come_with_their_source(name, tflops):
     assert (found[0] if found else None) == tflops
     if found:
         assert "datasheet" in found[1]
+
+
+def test_sync_sites_names_where_the_loop_waits_and_how_often(monkeypatch):
+    import warnings
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: calls.append(1))
+    patched = torch.cuda.synchronize
+    sites = SyncSites()
+
+    def loop():
+        for _ in range(3):
+            torch.cuda.synchronize()  # an explicit wait, e.g. a timer's
+        warnings.warn("called a synchronizing CUDA operation")  # what CUDA's sync debug mode says
+        warnings.warn("something else")  # not a synchronisation
+
+    sites.around(loop)()
+    assert len(calls) == 3 and torch.cuda.synchronize is patched  # the real call still runs; restored after
+    (explicit, n1), (implicit, n2) = sorted(sites.counts.items(), key=lambda kv: -kv[1])
+    assert n1 == 3 and explicit[0].startswith("tests/test_gpu_check.py:") and "torch.cuda.synchronize" in explicit[1]
+    assert n2 == 1 and implicit[0].startswith("tests/test_gpu_check.py:") and "synchronizing operation" in implicit[1]
