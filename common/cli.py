@@ -29,6 +29,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_run_root: str) ->
     parser.add_argument("--restart", action="store_true",
                         help="start from step 0 although the run directory holds checkpoints; what the earlier "
                              "attempt left is moved into RUN/discarded-TIME/, nothing is deleted")
+    parser.add_argument("--accept-changed-data", action="store_true",
+                        help="resume although a training or validation manifest changed since the run started (the "
+                             "saved data position then points at other clips; recorded in ledger.json)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the recipe, print the phase plan with tokens and FLOPs, and exit")
     parser.add_argument("--coarse", metavar="METHOD:C[:SHARE]", default=None,
@@ -64,13 +67,15 @@ class Session:
 
 
 @contextmanager
-def training_session(run_dir: Path, recipe, restart: bool = False) -> Iterator[Session]:
+def training_session(run_dir: Path, recipe, restart: bool = False,
+                     accept_changed_data: bool = False) -> Iterator[Session]:
     """Join the process group, log into ``run_dir``, check its recipe (``common.run_recipe``); tear down.
 
     Args:
         run_dir: the run directory (resumed when it holds a run of the same recipe).
         recipe: the resolved recipe.
         restart: start over: the earlier attempt's files are moved aside first (:func:`discard_previous`).
+        accept_changed_data: resume although the manifests changed (``--accept-changed-data``).
     """
     from common.distributed import init_distributed
     from common.logger import setup_logging
@@ -81,7 +86,7 @@ def training_session(run_dir: Path, recipe, restart: bool = False) -> Iterator[S
         if restart and dist.is_main:
             discard_previous(run_dir)
         dist.barrier()
-        yield Session(dist, prepare_run_dir(run_dir, recipe, dist.is_main))
+        yield Session(dist, prepare_run_dir(run_dir, recipe, dist.is_main, accept_changed_data))
     finally:
         dist.teardown()
 
@@ -89,6 +94,7 @@ def training_session(run_dir: Path, recipe, restart: bool = False) -> Iterator[S
 def run_main(body: Callable[[], int]) -> int:
     """Run an entry point; known failures end with one readable line (the traceback goes to the log)."""
     from common.data import TooMuchBadAudio
+    from common.data_fingerprint import DataChanged
     from common.run_checkpoint import NoUsableCheckpoint
     from common.nonfinite import NonFiniteLoss
 
@@ -100,4 +106,4 @@ def run_main(body: Callable[[], int]) -> int:
     except (RecipeError, FileNotFoundError, NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, ValueError) as err:
         log.debug("%s", traceback.format_exc())
         print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, (RecipeError, FileNotFoundError)) else 1
+        return 2 if isinstance(err, (RecipeError, FileNotFoundError, DataChanged)) else 1

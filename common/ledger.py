@@ -7,7 +7,9 @@ and peak, ``common.memory``); totals; the evaluations
 with the cumulative FLOPs and time at which they happened (what ``finetune/report.py`` plots); and, when
 the recipe names a baseline, that baseline's planned training FLOPs and the saving against it; the
 ``interventions``: recipe changes a resumed run was allowed (a lower learning rate after a non-finite
-loss), each with the step and phase from which it applies. A phase that has ended says why and when
+loss; changed manifests with ``--accept-changed-data``), each with the step and phase from which it
+applies; ``data``: the SHA-256 and size of every training and validation manifest
+(``common.data_fingerprint``). A phase that has ended says why and when
 (``ended_by``: ``length``, ``cap``, a criterion or ``surpassed``; ``ended_at``: its step, epoch, total step
 and cumulative FLOPs; ``end_note``: in words), and a run stopped by ``train.stop_when_surpassing`` records
 the target it stopped at (``stop_when_surpassing``).
@@ -113,6 +115,7 @@ class Ledger:
         self.baseline: dict | None = None
         self.interventions: list[dict] = []
         self.stop_target: dict | None = None
+        self.data: dict | None = None  # the manifests' fingerprints (common.data_fingerprint)
 
     def start_phase(self, index: int, **info) -> PhaseRecord:
         """The record of phase ``index``, created from ``info`` (:class:`PhaseRecord` fields) on first use;
@@ -218,6 +221,8 @@ class Ledger:
             data["interventions"] = self.interventions
         if self.stop_target:
             data["stop_when_surpassing"] = self.stop_target
+        if self.data:
+            data["data"] = self.data
         return data
 
     @classmethod
@@ -228,6 +233,7 @@ class Ledger:
         ledger.baseline = data.get("baseline")
         ledger.interventions = [dict(i) for i in data.get("interventions", [])]
         ledger.stop_target = data.get("stop_when_surpassing")
+        ledger.data = data.get("data")
         return ledger
 
     @classmethod

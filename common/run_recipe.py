@@ -76,11 +76,14 @@ class RunRecipe:
         path: ``RUN/recipe.yaml`` (a fold's trainer writes its run's, one folder up).
         pending: the recipe to write with the next checkpoint (None: the file is up to date).
         changes: accepted recovery changes, ``{key: {"from": old, "to": new}}``, for the ledger.
+        accept_changed_data: resume although the manifests changed since the run started
+            (``--accept-changed-data``; ``common.data_fingerprint``).
     """
 
     path: Path
     pending: object | None = None
     changes: dict[str, dict] = field(default_factory=dict)
+    accept_changed_data: bool = False
 
     def write_pending(self) -> None:
         """Write the held-back recipe (rank 0, with a checkpoint); later calls do nothing."""
@@ -89,9 +92,9 @@ class RunRecipe:
             self.pending = None
 
 
-def prepare_run_dir(run_dir: Path, recipe, is_main: bool) -> RunRecipe:
+def prepare_run_dir(run_dir: Path, recipe, is_main: bool, accept_changed_data: bool = False) -> RunRecipe:
     """Check a resumed run's recipe against its ``recipe.yaml``; hold a new (or changed) run's recipe back
-    until its next checkpoint.
+    until its next checkpoint. ``accept_changed_data``: see :class:`RunRecipe`.
 
     Raises:
         RecipeError: the run directory holds a run of a different recipe.
@@ -110,12 +113,12 @@ def prepare_run_dir(run_dir: Path, recipe, is_main: bool) -> RunRecipe:
                 f"and --set values to resume this one"
             )
         if not changed:
-            return RunRecipe(path)
+            return RunRecipe(path, accept_changed_data=accept_changed_data)
         a, b = _flatten(old), _flatten(new)
         changes = {k: {"from": a.get(k), "to": b.get(k)} for k in changed}
         log.warning("resuming %s with changed %s; recorded in ledger.json as an intervention", run_dir,
                     ", ".join(f"{k} {v['from']} -> {v['to']}" for k, v in changes.items()))
-        return RunRecipe(path, recipe if is_main else None, changes)
+        return RunRecipe(path, recipe if is_main else None, changes, accept_changed_data)
     if path.is_file():
         log.info("%s is from a run that stopped before its first checkpoint; it will be replaced", path)
-    return RunRecipe(path, recipe if is_main else None)
+    return RunRecipe(path, recipe if is_main else None, accept_changed_data=accept_changed_data)

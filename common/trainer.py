@@ -42,6 +42,7 @@ from common.augment import SpecAugmentConfig
 from common.compile import maybe_compile
 from common.criteria import PhaseEnd, baseline_best
 from common.data import BadAudioTracker, Batch, eval_loader, make_cache, train_loader
+from common.data_fingerprint import DataChanged, changes, run_fingerprints
 from common.distributed import Dist
 from common.ledger import Ledger, Window
 from common.logger import Scalars, progress
@@ -158,6 +159,7 @@ class Trainer:
         if resumed and self.spec.run_recipe is not None and self.spec.run_recipe.changes:
             self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase,
                                          changes=self.spec.run_recipe.changes)
+        self._check_data(resumed)
         if self.state.phase_done:  # resumed at the end of a phase: finish what follows its checkpoint
             self._complete_phase(model, self.state.phase, scheduler=None)
         steps_this_call = 0
@@ -513,6 +515,26 @@ class Trainer:
         rng = self.checkpoints.rng_state(tag)
         if rng is not None:
             restore_rng(rng, self.generator, self.device)
+
+    def _check_data(self, resumed: bool) -> None:
+        """Record the manifests' fingerprints; a resumed run's must be those it trained on
+        (``common.data_fingerprint``), unless ``--accept-changed-data`` (then recorded as an intervention)."""
+        current = run_fingerprints([m.path for m in self.spec.data.train], self.spec.data.valid)
+        changed = changes(self.ledger.data, current) if resumed else {}
+        if changed:
+            listed = "; ".join(f"{k} (sha256 {(v['from'] or 'none')[:12]} -> {(v['to'] or 'none')[:12]})"
+                               for k, v in changed.items())
+            if not (self.spec.run_recipe is not None and self.spec.run_recipe.accept_changed_data):
+                raise DataChanged(
+                    f"{self.run_dir}: manifests changed since the run started: {listed}. The saved data position "
+                    f"(epoch {self.state.data_epoch}, batch {self.state.data_index}) would now point at other clips, "
+                    f"so the resumed run would not continue the one it resumes. Restore the manifests, start a new "
+                    f"run (--run-dir), or resume anyway with --accept-changed-data (recorded in ledger.json)")
+            log.warning("resuming with changed manifests (--accept-changed-data): %s; recorded in ledger.json as an "
+                        "intervention", listed)
+            self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase,
+                                         changes={f"manifest {k}": v for k, v in changed.items()})
+        self.ledger.data = current
 
     def _resume(self) -> tuple[nn.Module | None, str | None]:
         """Restore the newest intact checkpoint if there is one.

@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                         objective.flops_per_sample(geometries(arch, recipe.coarse.baseline.phases)[0]),
                         recipe.coarse.baseline.phases[0].epochs)
         done = True
-        with training_session(run_root, recipe, restart=args.restart) as session:
+        with training_session(run_root, recipe, restart=args.restart,
+                              accept_changed_data=args.accept_changed_data) as session:
             dist = session.dist
             for note in notes:
                 log.info("%s", note)

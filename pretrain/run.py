@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
         name = args.recipe.stem + (f"-{coarse_tag(recipe.coarse)}" if args.coarse else "")
         run_dir = args.run_dir or Path("runs/pretrain") / name
-        with training_session(run_dir, recipe, restart=args.restart) as session:
+        with training_session(run_dir, recipe, restart=args.restart,
+                              accept_changed_data=args.accept_changed_data) as session:
             dist = session.dist
             planned = baseline_of(recipe, baseline, dist.world_size)
             spec = RunSpec(run_dir=run_dir, base=recipe.base, audio=recipe.audio, phases=recipe.phases,
