@@ -43,6 +43,9 @@ class PhaseRecord:
         train_flops: ``flops_per_sample * samples``.
         wall_seconds: time in the training loop (data waits included, evaluation and checkpoints not).
         eval_seconds: time spent validating.
+        device_seconds: the seconds of all ranks' devices held by the phase (training and validation, times
+            the number of ranks at the time: what GPU-hours count); ``device``: what they were (the GPU's name,
+            or ``cpu``).
         ended_by, ended_at, end_note: why and when the phase ended (None while it runs).
         memory_estimate_bytes: what ``common.memory`` estimated one rank needs for this phase.
         peak_memory_bytes, peak_memory_source: the measured peak on one rank while the phase trained (rank 0's
@@ -62,6 +65,8 @@ class PhaseRecord:
     train_flops: int = 0
     wall_seconds: float = 0.0
     eval_seconds: float = 0.0
+    device_seconds: float = 0.0
+    device: str | None = None
     ended_by: str | None = None
     ended_at: dict | None = None
     end_note: str | None = None
@@ -70,8 +75,9 @@ class PhaseRecord:
     peak_memory_source: str | None = None
     extra: dict = field(default_factory=dict)
 
-    _COUNTERS = ("steps", "epochs", "samples", "train_flops", "wall_seconds", "eval_seconds")
-    _DESCRIPTION = ("name", "compression", "factor", "flops_per_sample", "tokens_per_sample", "patch_transfer")
+    _COUNTERS = ("steps", "epochs", "samples", "train_flops", "wall_seconds", "eval_seconds", "device_seconds")
+    _DESCRIPTION = ("name", "compression", "factor", "flops_per_sample", "tokens_per_sample", "patch_transfer",
+                    "device")
     _END = ("ended_by", "ended_at", "end_note")
     _MEMORY = ("memory_estimate_bytes", "peak_memory_bytes", "peak_memory_source")
 
@@ -127,13 +133,15 @@ class Ledger:
         self.phases.append(PhaseRecord(**info))
         return self.phases[index]
 
-    def add_training(self, index: int, steps: int, samples: int, seconds: float) -> Window:
-        """Add trained steps, clips and seconds to phase ``index``; returns what was added."""
+    def add_training(self, index: int, steps: int, samples: int, seconds: float, ranks: int = 1) -> Window:
+        """Add trained steps, clips (all ranks) and seconds to phase ``index``, with ``ranks`` devices busy;
+        returns what was added."""
         record = self.phases[index]
         record.steps += steps
         record.samples += samples
         record.train_flops = record.samples * record.flops_per_sample
         record.wall_seconds += seconds
+        record.device_seconds += seconds * ranks
         return Window(samples, seconds)
 
     def set_epochs(self, index: int, epochs: int) -> None:
@@ -153,11 +161,12 @@ class Ledger:
         record.peak_memory_bytes = max(record.peak_memory_bytes or 0, int(nbytes))
         record.peak_memory_source = source
 
-    def add_eval_time(self, index: int, seconds: float) -> None:
+    def add_eval_time(self, index: int, seconds: float, ranks: int = 1) -> None:
         self.phases[index].eval_seconds += seconds
+        self.phases[index].device_seconds += seconds * ranks
 
     def totals(self) -> dict:
-        keys = ("steps", "samples", "train_flops", "wall_seconds", "eval_seconds")
+        keys = ("steps", "samples", "train_flops", "wall_seconds", "eval_seconds", "device_seconds")
         return {k: sum(getattr(p, k) for p in self.phases) for k in keys}
 
     def add_eval(self, phase: int, metrics: dict, **where) -> dict:

@@ -280,9 +280,11 @@ class Trainer:
             path = self.run_dir / "export" / f"phase{index + 1}.safetensors"
             self.objective.export(model, path, self._export_meta(index))
             record = self.ledger.phases[index]
-            log.info("%s done; exported %s; peak memory %.3g GiB (%s; estimate %.3g GiB)",
-                     self.spec.phases[index].label(index), path, gib(record.peak_memory_bytes or 0),
-                     record.peak_memory_source, gib(record.memory_estimate_bytes or 0))
+            log.info("%s done; exported %s; %.3g %s-hours (training and validation, all ranks); peak memory "
+                     "%.3g GiB (%s; estimate %.3g GiB)", self.spec.phases[index].label(index), path,
+                     record.device_seconds / 3600, "GPU" if self.device.type == "cuda" else self.device.type.upper(),
+                     gib(record.peak_memory_bytes or 0), record.peak_memory_source,
+                     gib(record.memory_estimate_bytes or 0))
 
     def _next_phase(self, model: nn.Module, index: int) -> nn.Module:
         """After phase ``index``: the model of phase ``index + 1``, its weights adapted to the new grid."""
@@ -372,6 +374,8 @@ class Trainer:
         estimate = self.objective.memory_estimate(cfg, self._batch_size(index), **training_setting(
             self.spec.train.precision, self.spec.train.zero_stage, self.dist.world_size, self.device))
         record.memory_estimate_bytes = estimate.total
+        record.device = record.device or (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                                          else self.device.type)
         self._memory.reset()
         self._finite.restart(self.state.step)
         log.info("%s: %s, %s tokens per clip (grid %dx%d), %.3g GFLOPs per training sample, batch %d x %d "
@@ -414,7 +418,8 @@ class Trainer:
         """Move the steps / clips / seconds trained since the last call into the ledger (collective)."""
         now = time.perf_counter()
         samples = int(self.dist.all_reduce_sum(torch.tensor([self._pending.samples], device=self.device)).item())
-        window = self.ledger.add_training(index, self._pending.steps, samples, now - self._pending.clock)
+        window = self.ledger.add_training(index, self._pending.steps, samples, now - self._pending.clock,
+                                          self.dist.world_size)
         self.ledger.set_peak_memory(index, self._memory.peak(), self._memory.source)
         self._pending.steps, self._pending.samples, self._pending.clock = 0, 0, now
         return window
@@ -471,7 +476,7 @@ class Trainer:
         score = metrics[self.objective.score_name]
         if scheduler is not None and scheduler.report(score):
             log.info("learning rate now %.3g (%s schedule)", scheduler.get_last_lr()[0], self.spec.optim.schedule)
-        self.ledger.add_eval_time(index, time.perf_counter() - start)
+        self.ledger.add_eval_time(index, time.perf_counter() - start, self.dist.world_size)
         where = {"epoch": epoch} if epoch is not None else {}
         record = self.ledger.add_eval(index, metrics, total_step=self.state.total_steps,
                                       phase_step=self.state.step, **where)

@@ -25,7 +25,16 @@ def test_training_windows_accumulate_per_phase():
     assert (p1.steps, p1.samples, p1.train_flops, p1.wall_seconds) == (3, 12, 120, 3.0)
     assert (p2.steps, p2.samples, p2.train_flops, p2.eval_seconds) == (3, 12, 480, 0.5)
     assert ledger.totals() == {"steps": 6, "samples": 24, "train_flops": 600, "wall_seconds": 9.0,
-                               "eval_seconds": 0.5}
+                               "eval_seconds": 0.5, "device_seconds": 9.5}
+
+
+def test_device_time_counts_every_rank():
+    ledger = two_phase_ledger()
+    ledger.add_training(0, steps=2, samples=32, seconds=10.0, ranks=4)
+    ledger.add_training(0, steps=2, samples=16, seconds=10.0, ranks=2)  # resumed on fewer GPUs
+    ledger.add_eval_time(0, 1.0, ranks=2)
+    assert ledger.phases[0].device_seconds == 40 + 20 + 2 and ledger.phases[0].wall_seconds == 20
+    assert ledger.totals()["device_seconds"] == 62
 
 
 def test_a_resumed_phase_keeps_its_record_and_phases_start_in_order():
@@ -61,7 +70,7 @@ def test_file_round_trip_keeps_the_layout_and_unknown_fields(tmp_path):
     data = json.loads((tmp_path / "ledger.json").read_text())
     assert list(data) == ["score", "phases", "total", "evals"]
     assert list(data["phases"][0]) == ["steps", "epochs", "samples", "train_flops", "wall_seconds", "eval_seconds",
-                                       "name", "compression", "factor", "flops_per_sample", "tokens_per_sample",
+                                       "device_seconds", "name", "compression", "factor", "flops_per_sample", "tokens_per_sample",
                                        "patch_transfer"]
     assert "patch_transfer" not in data["phases"][1]
     data["phases"][1]["peak_memory_bytes"] = 123  # written by a newer version

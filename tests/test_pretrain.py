@@ -85,6 +85,7 @@ def test_two_phase_run(tmp_path, synth_corpus):
     assert p1["train_flops"] == 12 * p1["flops_per_sample"] and p1["flops_per_sample"] < p2["flops_per_sample"] / 3
     assert ledger["total"]["train_flops"] == p1["train_flops"] + p2["train_flops"]
     assert p1["wall_seconds"] > 0 and [e["phase"] for e in ledger["evals"]] == [0, 0, 1, 1]
+    assert p1["device"] == "cpu" and p1["device_seconds"] == pytest.approx(p1["wall_seconds"] + p1["eval_seconds"])
     enc = load_encoder(run_dir)  # what finetune --init consumes
     assert enc.cfg.input_tdim == 128 and enc.cfg.grid == (8, 8)
     assert load_encoder(run_dir / "export" / "phase1.safetensors").cfg.grid == (8, 2)
@@ -187,6 +188,8 @@ def test_two_processes_on_the_cpu_with_the_deepspeed_launcher(tmp_path, synth_co
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ledger = json.loads((run_dir / "ledger.json").read_text())
     assert [p["samples"] for p in ledger["phases"]] == [2 * 4 * 2, 2 * 4 * 2]  # steps x batch x 2 ranks
+    assert all(p["device_seconds"] == pytest.approx(2 * (p["wall_seconds"] + p["eval_seconds"]))
+               for p in ledger["phases"])  # two ranks' devices
     assert load_encoder(run_dir).cfg.grid == (8, 8)
     assert (run_dir / "checkpoints" / "phase02-step000000002" / "rng_rank1.pt").is_file()
 
