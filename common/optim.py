@@ -195,7 +195,7 @@ def param_groups(model: nn.Module, head_prefixes: tuple[str, ...] = (), head_lr_
 
 def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int, zero_stage: int,
                  device: torch.device, total_steps: int | None = None, head_prefixes: tuple[str, ...] = (),
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, load_universal: bool = False):
     """A DeepSpeed engine around ``model`` with a fresh optimiser and LR schedule (one per phase).
 
     DeepSpeed's forward turns off an autocast that its own config does not name (``torch.autocast(...,
@@ -214,6 +214,8 @@ def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int,
         total_steps: the phase length in optimiser steps (cosine schedules need it).
         head_prefixes: parameter-name prefixes that get ``cfg.head_lr_scale``.
         autocast_dtype: the run's autocast dtype (``train.precision``), or None for fp32.
+        load_universal: the engine will load a checkpoint in DeepSpeed's universal format (a resume on
+            another number of ranks, ``common.run_checkpoint``).
     """
     import deepspeed
 
@@ -229,6 +231,8 @@ def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int,
         # step, so the host never queues a step ahead; the run's own ledger times the steps instead.
         "timers": {"throughput": {"enabled": False}},
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     if autocast_dtype is not None:
         config["torch_autocast"] = {"enabled": True, "dtype": str(autocast_dtype).removeprefix("torch."),
                                     "lower_precision_safe_modules": []}

@@ -15,14 +15,23 @@ Resuming verifies the checkpoint it picks (its state file parses, every file has
 with, every ``.pt`` archive is intact) and falls back to the newest intact one, with a warning naming
 what was skipped and why; without ``LATEST`` it looks for the newest intact checkpoint on disk. When
 checkpoints exist but none is usable, it refuses to start from scratch (:class:`NoUsableCheckpoint`).
+
+Another number of ranks: DeepSpeed cannot load ZeRO-partitioned optimizer state (stage >= 1) into another
+number of ranks; such a checkpoint is converted once into DeepSpeed's universal format
+(``deepspeed.checkpoint.ds_to_universal``, into ``.universal-TAG``, removed once loaded) and loaded from
+there (:meth:`RunCheckpoints.resharded`). Stage 0 checkpoints hold the whole optimizer state and load as
+they are.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import shutil
 import zipfile
+from argparse import Namespace
 from pathlib import Path
 
 import torch
@@ -35,6 +44,7 @@ log = logging.getLogger(__name__)
 
 LATEST = "LATEST"
 TMP_PREFIX = ".tmp-"
+UNIVERSAL_PREFIX = ".universal-"
 STATE_FILE = "trainer_state.json"
 # DeepSpeed's file with the module weights (ZeRO stage <= 2 keeps the whole module in rank 0's file)
 MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -192,6 +202,48 @@ class RunCheckpoints:
         """The model weights of a checkpoint."""
         return torch.load(self.ckdir / tag / MODEL_FILE, map_location="cpu", weights_only=True)["module"]
 
+    def saved_world_size(self, tag: str) -> int:
+        """The number of ranks that wrote checkpoint ``tag``."""
+        state = self.trainer_state(tag)
+        if "world_size" in state:
+            return int(state["world_size"])
+        return len(list((self.ckdir / tag).glob("rng_rank*.pt"))) or 1  # written before the field existed
+
+    def resharded(self, tag: str) -> bool:
+        """Whether checkpoint ``tag`` holds ZeRO-partitioned optimizer state of another number of ranks than
+        this run's (then the engine must be built to load DeepSpeed's universal format)."""
+        return (self.saved_world_size(tag) != self.dist.world_size
+                and any((self.ckdir / tag).glob("zero_pp_rank_*_optim_states.pt")))
+
+    def _universal(self, tag: str) -> Path:
+        """Checkpoint ``tag`` in DeepSpeed's universal format (rank 0 converts; collective)."""
+        out = self.ckdir / f"{UNIVERSAL_PREFIX}{tag}"
+        if self.dist.is_main and not (out / "zero").is_dir():
+            from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+            tmp = self.ckdir / f"{TMP_PREFIX}universal-{tag}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.info("converting checkpoint %s (%d ranks) to DeepSpeed's universal format for %d rank(s)", tag,
+                     self.saved_world_size(tag), self.dist.world_size)
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                to_universal(Namespace(input_folder=str(self.ckdir / tag), output_folder=str(tmp),
+                                       num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                       strict=True, inject_missing_state=True))
+            log.debug("%s", printed.getvalue())
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        self.dist.barrier()
+        return out
+
     def load_engine(self, engine, tag: str) -> None:
-        """Weights, optimizer and LR schedule of checkpoint ``tag`` into ``engine`` (collective)."""
-        engine.load_checkpoint(str(self.ckdir), tag=tag)
+        """Weights, optimizer and LR schedule of checkpoint ``tag`` into ``engine`` (collective); an engine
+        built to load the universal format (:meth:`resharded`) gets the checkpoint converted to it."""
+        if not engine.load_universal_checkpoint():
+            engine.load_checkpoint(str(self.ckdir), tag=tag)
+            return
+        folder = self._universal(tag)
+        engine.load_checkpoint(str(self.ckdir), tag=folder.name)
+        self.dist.barrier()
+        if self.dist.is_main:
+            shutil.rmtree(folder, ignore_errors=True)

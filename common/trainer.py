@@ -178,7 +178,7 @@ class Trainer:
                 if init is not None:
                     log.info("initialised the encoder from %s", self.spec.meta.get("init", "the given weights"))
                 self._seed_rank(index)
-            engine = self._engine(model, index)
+            engine = self._engine(model, index, resume_tag)
             if resume_tag is not None:  # mid-phase: weights, optimiser and schedule from the checkpoint
                 self.checkpoints.load_engine(engine, resume_tag)
                 self._restore_rng(resume_tag)
@@ -335,12 +335,13 @@ class Trainer:
         and phase, so that stochastic depth and dropout differ between ranks."""
         torch.manual_seed((self.spec.train.seed * 1_000 + index) * 1_000 + self.dist.rank)
 
-    def _engine(self, model: nn.Module, index: int):
+    def _engine(self, model: nn.Module, index: int, resume_tag: str | None = None):
         phase, optim = self.spec.phases[index], self.spec.optim
         model = maybe_compile(model, self.spec.train.compile, self.spec.train.compile_backend)
         return build_engine(model, optim, phase.lr or optim.lr, self._batch_size(index), self.spec.train.zero_stage,
                             self.device, phase.steps if phase.iteration_based else None,
-                            getattr(model, "head_prefixes", ()), self.autocast_dtype)
+                            getattr(model, "head_prefixes", ()), self.autocast_dtype,
+                            load_universal=resume_tag is not None and self.checkpoints.resharded(resume_tag))
 
     def _batch_size(self, index: int) -> int:
         return self.spec.phases[index].batch_size_or(self.spec.data.batch_size)
@@ -508,7 +509,8 @@ class Trainer:
         st.pending_eval = pending_eval
         st.until = self._phase_end(index).state_dict()
         tag = make_tag(index, st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase)
-        trainer_state = {"state": asdict(st), "ledger": self.ledger.to_dict(), "tracker": self.tracker.state_dict()}
+        trainer_state = {"state": asdict(st), "ledger": self.ledger.to_dict(), "tracker": self.tracker.state_dict(),
+                         "world_size": self.dist.world_size}
         if self.dist.is_main and self.spec.run_recipe is not None:
             self.spec.run_recipe.write_pending()  # the run's recipe.yaml appears with its first checkpoint
         self.checkpoints.save(engine, tag, trainer_state, capture_rng(self.generator, self.device))
@@ -541,6 +543,20 @@ class Trainer:
                                          changes={f"manifest {k}": v for k, v in changed.items()})
         self.ledger.data = current
 
+    def _reshard_position(self, saved_ranks: int) -> None:
+        """Resuming on another number of ranks: each rank's shard of an epoch changes, so the data position
+        keeps the share of the epoch already seen (batches consumed x old ranks / new ranks), and the run
+        continues close to, not exactly as, an uninterrupted one; the ledger records it."""
+        st, ranks = self.state, self.dist.world_size
+        index = st.data_index * saved_ranks // ranks
+        log.warning("resuming on %d rank(s) a run checkpointed on %d: each rank's share of the data changes, so the "
+                    "resumed run continues from the same share of epoch %d (batch %d instead of %d) and is close "
+                    "to, not bitwise equal to, an uninterrupted run; recorded in ledger.json", ranks, saved_ranks,
+                    st.data_epoch, index, st.data_index)
+        st.data_index = index
+        self.ledger.add_intervention(step=st.total_steps, phase=st.phase,
+                                     changes={"world_size": {"from": saved_ranks, "to": ranks}})
+
     def _resume(self) -> tuple[nn.Module | None, str | None]:
         """Restore the newest intact checkpoint if there is one.
 
@@ -558,6 +574,9 @@ class Trainer:
         self.ledger.baseline = baseline or self.ledger.baseline
         self.ledger.stop_target = self.ledger.stop_target or target  # the target the run started with
         self.tracker.load_state_dict(saved["tracker"])
+        saved_ranks = self.checkpoints.saved_world_size(tag)
+        if saved_ranks != self.dist.world_size:
+            self._reshard_position(saved_ranks)
         if self.state.phase_done:
             model = self.objective.build_model(self.cfgs[self.state.phase])
             model.load_state_dict(self.checkpoints.module_state(tag))

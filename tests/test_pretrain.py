@@ -194,6 +194,28 @@ def test_two_processes_on_the_cpu_with_the_deepspeed_launcher(tmp_path, synth_co
     assert (run_dir / "checkpoints" / "phase02-step000000002" / "rng_rank1.pt").is_file()
 
 
+def test_a_zero_run_resumes_on_another_number_of_ranks(tmp_path, synth_corpus):
+    """Two ranks with ZeRO stage 1 stop at step 2; one rank resumes: the partitioned optimizer state goes
+    through DeepSpeed's universal checkpoint, Adam continues from its saved step, the ledger says so."""
+    run_dir = tmp_path / "elastic"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    sets = tiny(synth_corpus, "train.zero_stage=1", steps=(4, 2))
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(ROOT / "pretrain" / "run.py"), "--recipe", str(RECIPE), "--run-dir", str(run_dir), *sets,
+           "--stop-after-steps", "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert main(["--recipe", str(RECIPE), "--run-dir", str(run_dir), *sets, "--stop-after-steps", "1"]) == 0
+    optim = torch.load(run_dir / "checkpoints" / "phase01-step000000003" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                       map_location="cpu", weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
+    assert float(optim["state"][0]["step"]) == 3  # 2 restored + 1, not a fresh optimiser
+    assert not list((run_dir / "checkpoints").glob(".universal-*"))  # the converted copy is removed once loaded
+    assert main(["--recipe", str(RECIPE), "--run-dir", str(run_dir), *sets]) == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert [i["changes"] for i in ledger["interventions"]] == [{"world_size": {"from": 2, "to": 1}}]
+    assert ledger["total"]["steps"] == 6 and (run_dir / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("method,transfer", [("patch", "pi"), ("patch", "bilinear"), ("avgpool", "pi"),
                                              ("maxpool", "pi")])
 def test_every_compression_method_runs_coarse_to_fine(tmp_path, synth_corpus, method, transfer):
