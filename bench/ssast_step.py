@@ -18,7 +18,7 @@ def _sync(device: torch.device) -> None:
 
 def phase_step_rate(size: str, phase_index: int, batch: int, device: torch.device, steps: int = 3,
                     recipe: str = "ssast_fshift4.yaml", *, compile: bool = False, backend: str = "inductor",
-                    bf16: bool | None = None, overrides: Sequence[str] = (), warmup: int = 1) -> dict:
+                    mode: str = "default", bf16: bool | None = None, overrides: Sequence[str] = (), warmup: int = 1) -> dict:
     """Clips/s and tokens/s of fbank + SSAST forward/backward (both objectives) + Adam for one phase.
 
     Args:
@@ -30,6 +30,7 @@ def phase_step_rate(size: str, phase_index: int, batch: int, device: torch.devic
         recipe: a pretraining recipe in ``recipes/``.
         compile: ``torch.compile`` the encoder's blocks as ``train.compile`` does (``common.compile``).
         backend: the compile backend.
+        mode: the compile mode (``train.compile_mode``).
         bf16: bf16 autocast (default: on CUDA, as ``train.precision: auto``).
         overrides: more ``key=value`` recipe overrides (e.g. a custom model size).
         warmup: untimed steps first.
@@ -51,7 +52,7 @@ def phase_step_rate(size: str, phase_index: int, batch: int, device: torch.devic
     bf16 = device.type == "cuda" if bf16 is None else bf16
     torch.manual_seed(0)
     model = SSASTModel(ASTEncoder(cfg), rec.ssast).to(device)
-    maybe_compile(model, compile, backend)
+    maybe_compile(model, compile, backend, mode)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as common.optim builds it
     pipeline = FeaturePipeline(rec.audio, phase.as_compression()).to(device)
     waves = torch.randn(batch, rec.audio.clip_samples, device=device) * 0.1

@@ -18,6 +18,12 @@ Shapes are static within a phase (batch, token count), so graphs are compiled wi
 a phase change compiles the new shapes once (the caches of the previous phase are dropped first, so a
 long run of several phases never reaches Dynamo's recompile limit), validation's shapes once more, and
 a resumed run compiles again.
+
+Modes (``train.compile_mode``, inductor only): ``default``; ``reduce-overhead`` replays each block's
+kernels as a CUDA graph, which removes the per-kernel launch cost that dominates a GPU step when the
+tokens are few (a coarse phase at a small batch: ``bench.gpu_check`` measured the bare SSAST-base step at
+Fshift x4 and batch 24 on an H200 at 6 % of the GPU's peak); ``max-autotune`` searches kernel configurations
+(long compiles). CUDA graphs need a GPU; on the CPU ``reduce-overhead`` compiles as ``default``.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from typing import Literal
 
 from torch import nn
 
-__all__ = ["CompileBackend", "COMPILE_BACKENDS", "repeated_blocks", "maybe_compile"]
+__all__ = ["CompileBackend", "COMPILE_BACKENDS", "CompileMode", "COMPILE_MODES", "repeated_blocks", "maybe_compile",
+           "check_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,8 @@ CompileBackend = Literal["inductor", "aot_eager", "eager"]
 # inductor: generated kernels (the speed); aot_eager: graphs captured and differentiated ahead of time, run
 # by the eager kernels (no code generation: finds a capture problem in seconds); eager: capture only.
 COMPILE_BACKENDS: tuple[str, ...] = ("inductor", "aot_eager", "eager")
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -57,21 +66,24 @@ def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def maybe_compile(model: nn.Module, enabled: bool, backend: str = "inductor") -> nn.Module:
+def maybe_compile(model: nn.Module, enabled: bool, backend: str = "inductor", mode: str = "default") -> nn.Module:
     """Compile ``model``'s repeated blocks in place when ``enabled``; returns ``model`` itself.
 
     Args:
         model: a phase's model (the objective's model around its encoder).
         enabled: ``train.compile``; nothing happens when False.
         backend: ``train.compile_backend``, one of :data:`COMPILE_BACKENDS`.
+        mode: ``train.compile_mode``, one of :data:`COMPILE_MODES` (other than ``default``: inductor only).
 
     Raises:
-        ValueError: an unknown backend, or a model without repeated blocks to compile.
+        ValueError: an unknown backend or mode, a mode the backend does not take, or a model without
+            repeated blocks to compile.
     """
     if not enabled:
         return model
     if backend not in COMPILE_BACKENDS:
         raise ValueError(f"train.compile_backend: unknown backend {backend!r}; choose one of {list(COMPILE_BACKENDS)}")
+    check_mode(backend, mode)
     blocks = repeated_blocks(model)
     if not blocks:
         raise ValueError(f"train.compile: {type(model).__name__} has no repeated blocks (an nn.ModuleList of one "
@@ -80,7 +92,16 @@ def maybe_compile(model: nn.Module, enabled: bool, backend: str = "inductor") ->
 
     torch._dynamo.reset()  # the previous phase's graphs are never used again
     for _, block in blocks:
-        block.compile(backend=backend, dynamic=False)
-    log.info("train.compile: %d blocks of %s compiled with torch.compile (backend %s, static shapes); the first "
-             "steps of the phase include the compilation", len(blocks), type(model).__name__, backend)
+        block.compile(backend=backend, dynamic=False, mode=None if mode == "default" else mode)
+    log.info("train.compile: %d blocks of %s compiled with torch.compile (backend %s, mode %s, static shapes); the "
+             "first steps of the phase include the compilation", len(blocks), type(model).__name__, backend, mode)
     return model
+
+
+def check_mode(backend: str, mode: str) -> None:
+    """Raise ValueError, naming the key, for an unknown mode or one that ``backend`` does not take."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"train.compile_mode: unknown mode {mode!r}; choose one of {list(COMPILE_MODES)}")
+    if mode != "default" and backend != "inductor":
+        raise ValueError(f"train.compile_mode: {mode!r} is a mode of the inductor backend, not of "
+                         f"train.compile_backend {backend!r}")

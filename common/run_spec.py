@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from common.checkpoint import EncoderWeights
-from common.compile import CompileBackend
+from common.compile import CompileBackend, CompileMode, check_mode
 from common.data import DataConfig
 from common.features import AudioConfig
 from common.nonfinite import NonFiniteCheck
@@ -44,6 +44,8 @@ class TrainConfig:
         compile: ``torch.compile`` the model's blocks at every phase (``common.compile``; off by default).
         compile_backend: the ``torch.compile`` backend: ``inductor`` (generated kernels), or ``aot_eager`` /
             ``eager`` to find a capture problem without code generation.
+        compile_mode: ``default``, ``reduce-overhead`` (CUDA graphs: for launch-bound GPU steps, e.g. a coarse
+            phase at a small batch), ``max-autotune`` or ``max-autotune-no-cudagraphs`` (inductor only).
         nonfinite_check: when a non-finite loss is looked for on the host: ``window`` (once per log window,
             before every checkpoint and at epoch ends; no host sync per step) or ``step`` (every micro-batch,
             before its update). See ``common.nonfinite``.
@@ -63,6 +65,7 @@ class TrainConfig:
     stop_when_surpassing: str | None = None
     compile: bool = False
     compile_backend: CompileBackend = "inductor"
+    compile_mode: CompileMode = "default"
     nonfinite_check: NonFiniteCheck = "window"
 
     def __post_init__(self) -> None:
@@ -75,6 +78,7 @@ class TrainConfig:
         for name in ("log_every", "eval_every", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_mode(self.compile_backend, self.compile_mode)
         if self.eval_batches is not None and self.eval_batches < 1:
             raise ValueError(f"eval_batches must be >= 1 (or null: the whole set), got {self.eval_batches}")
 

@@ -337,7 +337,8 @@ class Trainer:
 
     def _engine(self, model: nn.Module, index: int, resume_tag: str | None = None):
         phase, optim = self.spec.phases[index], self.spec.optim
-        model = maybe_compile(model, self.spec.train.compile, self.spec.train.compile_backend)
+        model = maybe_compile(model, self.spec.train.compile, self.spec.train.compile_backend,
+                              self.spec.train.compile_mode)
         return build_engine(model, optim, phase.lr or optim.lr, self._batch_size(index), self.spec.train.zero_stage,
                             self.device, phase.steps if phase.iteration_based else None,
                             getattr(model, "head_prefixes", ()), self.autocast_dtype,

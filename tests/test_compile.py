@@ -45,6 +45,27 @@ def test_repeated_blocks_are_the_transformer_blocks():
     assert maybe_compile(model, False) is model and model.encoder.blocks[0]._compiled_call_impl is None
 
 
+def test_the_compile_mode_reaches_every_block_and_is_checked(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: seen.append(kwargs))
+    model = SSASTModel(ASTEncoder(CFG), SSASTConfig())
+    maybe_compile(model, True, "inductor", "reduce-overhead")
+    assert seen == [{"backend": "inductor", "dynamic": False, "mode": "reduce-overhead"}] * 2
+    seen.clear()
+    maybe_compile(model, True, "aot_eager")
+    assert [k["mode"] for k in seen] == [None, None]  # default: torch.compile's own default
+    with pytest.raises(ValueError, match="train.compile_mode: 'reduce-overhead' is a mode of the inductor backend"):
+        maybe_compile(model, True, "aot_eager", "reduce-overhead")
+    with pytest.raises(ValueError, match="train.compile_mode: unknown mode 'fast'"):
+        maybe_compile(model, True, "inductor", "fast")
+
+
+def test_a_recipe_with_a_mode_its_backend_lacks_fails_before_compute(tmp_path, synth_corpus, capsys):
+    assert run(tmp_path / "run", synth_corpus, "train.compile=true", "train.compile_backend=eager",
+               "train.compile_mode=max-autotune") == 2
+    assert "train.compile_mode" in capsys.readouterr().err and not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_compiled_ssast_steps_agree_with_eager_ones_and_keep_the_state_dict_keys():
     torch.manual_seed(0)
     eager = SSASTModel(ASTEncoder(CFG), SSASTConfig())
@@ -67,8 +88,8 @@ def test_a_compiled_pretraining_run_compiles_every_phase_and_resumes_exactly(tmp
     compiled_models = []
     real = common.compile.maybe_compile
 
-    def spy(model, enabled, backend="inductor"):
-        out = real(model, enabled, backend)
+    def spy(model, enabled, backend="inductor", mode="default"):
+        out = real(model, enabled, backend, mode)
         compiled_models.append(all(b._compiled_call_impl is not None for _, b in repeated_blocks(out)))
         return out
 
