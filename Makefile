@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test demo bench gpu-check venv clean
+.PHONY: test demo bench gpu-check gpu-wheels venv clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,10 @@ bench: $(STAMP)
 # Every GPU-only check and measurement (a machine with a CUDA GPU; a few minutes): bench/results/<gpu>.md.
 gpu-check: $(STAMP)
 	$(PY) -m bench.gpu_check
+
+# Wheels for a GPU machine without a package index (CPython 3.12): see bench/gpu_wheels.sh.
+gpu-wheels: $(STAMP)
+	PYTHON=$(PY) bench/gpu_wheels.sh .whl
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache demo_out
