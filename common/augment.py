@@ -174,17 +174,18 @@ def spec_augment(
     if freqm <= 0 and timem <= 0:
         return fbank
     batch, frames, bins = fbank.shape
-    keep = torch.ones(batch, frames, bins, dtype=torch.bool)
+    device = fbank.device  # the draws are made on the CPU generator; the [B, T, F] mask is built on the device
+    keep = torch.ones(batch, frames, bins, dtype=torch.bool, device=device)
     for width_max, size, axis, stripes in ((freqm, bins, 2, freq_stripes), (timem, frames, 1, time_stripes)):
         if width_max <= 0:
             continue
         for _ in range(stripes):
             width = (torch.rand(batch, generator=generator) * min(width_max, size)).long()
             start = (torch.rand(batch, generator=generator) * (size - width)).long()
-            pos = torch.arange(size)[None, :]
+            width, start = width.to(device), start.to(device)
+            pos = torch.arange(size, device=device)[None, :]
             band = (pos >= start[:, None]) & (pos < (start + width)[:, None])  # [B, size]
             keep &= ~(band[:, None, :] if axis == 2 else band[:, :, None])
-    keep = keep.to(fbank.device)
     return torch.where(keep, fbank, torch.full_like(fbank, mask_value))
 
 
