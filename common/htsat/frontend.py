@@ -140,5 +140,6 @@ class HTSATFrontEnd(nn.Module):
         batch, _, frames, bins = x.shape
         keep_t = _keep_mask(batch, frames, self.time_width, self.stripes.time_stripes, generator)
         keep_f = _keep_mask(batch, bins, self.stripes.freq_width, self.stripes.freq_stripes, generator)
-        keep = (keep_t[:, :, None] & keep_f[:, None, :]).to(device=x.device, dtype=x.dtype)
+        keep_t, keep_f = keep_t.to(x.device), keep_f.to(x.device)  # [B, T] and [B, F]; the product on the device
+        keep = (keep_t[:, :, None] & keep_f[:, None, :]).to(dtype=x.dtype)
         return torch.cat([x, keep.unsqueeze(1)], dim=1)
