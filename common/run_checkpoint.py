@@ -218,6 +218,7 @@ class RunCheckpoints:
     def _universal(self, tag: str) -> Path:
         """Checkpoint ``tag`` in DeepSpeed's universal format (rank 0 converts; collective)."""
         out = self.ckdir / f"{UNIVERSAL_PREFIX}{tag}"
+        failure = None
         if self.dist.is_main and not (out / "zero").is_dir():
             from deepspeed.checkpoint.ds_to_universal import main as to_universal
 
@@ -226,14 +227,24 @@ class RunCheckpoints:
             log.info("converting checkpoint %s (%d ranks) to DeepSpeed's universal format for %d rank(s)", tag,
                      self.saved_world_size(tag), self.dist.world_size)
             printed = io.StringIO()
-            with contextlib.redirect_stdout(printed):
-                to_universal(Namespace(input_folder=str(self.ckdir / tag), output_folder=str(tmp),
-                                       num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                       strict=True, inject_missing_state=True))
+            try:
+                with contextlib.redirect_stdout(printed):
+                    to_universal(Namespace(input_folder=str(self.ckdir / tag), output_folder=str(tmp),
+                                           num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                           strict=True, inject_missing_state=True))
+                shutil.rmtree(out, ignore_errors=True)
+                tmp.rename(out)
+            except Exception as err:  # noqa: BLE001 - every rank must learn of it, not only this one
+                log.debug("%s", printed.getvalue(), exc_info=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                failure = f"{type(err).__name__}: {err}"
             log.debug("%s", printed.getvalue())
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)
-        self.dist.barrier()
+        failure = self.dist.broadcast_object(failure)
+        if failure is not None:
+            raise NoUsableCheckpoint(
+                f"checkpoint {self.ckdir / tag} was written by {self.saved_world_size(tag)} rank(s) with ZeRO-"
+                f"partitioned optimizer state and could not be converted for {self.dist.world_size} ({failure}); "
+                f"resume with {self.saved_world_size(tag)} rank(s), or start over with --restart")
         return out
 
     def load_engine(self, engine, tag: str) -> None:

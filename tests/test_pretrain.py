@@ -194,7 +194,7 @@ def test_two_processes_on_the_cpu_with_the_deepspeed_launcher(tmp_path, synth_co
     assert (run_dir / "checkpoints" / "phase02-step000000002" / "rng_rank1.pt").is_file()
 
 
-def test_a_zero_run_resumes_on_another_number_of_ranks(tmp_path, synth_corpus):
+def test_a_zero_run_resumes_on_another_number_of_ranks(tmp_path, synth_corpus, monkeypatch, capsys):
     """Two ranks with ZeRO stage 1 stop at step 2; one rank resumes: the partitioned optimizer state goes
     through DeepSpeed's universal checkpoint, Adam continues from its saved step, the ledger says so."""
     run_dir = tmp_path / "elastic"
@@ -205,6 +205,17 @@ def test_a_zero_run_resumes_on_another_number_of_ranks(tmp_path, synth_corpus):
            "--stop-after-steps", "2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def broken(args):
+        raise RuntimeError("no space left on device")
+
+    with monkeypatch.context() as patch:  # a conversion that fails is one readable error, and nothing is lost
+        patch.setattr("deepspeed.checkpoint.ds_to_universal.main", broken)
+        capsys.readouterr()
+        assert main(["--recipe", str(RECIPE), "--run-dir", str(run_dir), *sets]) == 1
+        err = capsys.readouterr().err
+        assert "written by 2 rank(s)" in err and "could not be converted for 1" in err and "no space left" in err
+    assert not list((run_dir / "checkpoints").glob(".*universal-*"))
     assert main(["--recipe", str(RECIPE), "--run-dir", str(run_dir), *sets, "--stop-after-steps", "1"]) == 0
     optim = torch.load(run_dir / "checkpoints" / "phase01-step000000003" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                        map_location="cpu", weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
