@@ -72,7 +72,8 @@ class Row:
     """One table row: deltas, savings and ``stop`` are None for the baseline; savings, ``stop`` when never surpassed.
 
     ``total_flops`` is the whole run's training FLOPs and ``total_save`` its saving against the baseline's
-    whole run (None for the baseline); ``fixed`` marks a stop at a given epoch (``--stop-epoch``); ``note``:
+    whole run (None for the baseline); ``device_hours`` the whole run's device time (training and validation
+    seconds times the ranks, :func:`_device_hours`); ``fixed`` marks a stop at a given epoch (``--stop-epoch``); ``note``:
     how the run's final phase ended, when a rule ended it (:func:`end_note`).
     """
 
@@ -88,6 +89,7 @@ class Row:
     total_save: float | None = None
     fixed: bool = False
     note: str | None = None
+    device_hours: float | None = None
 
 
 def load_run(path: str | Path, label: str | None = None) -> Run:
@@ -176,6 +178,12 @@ def _total_flops(run: Run, pts: Sequence[Point]) -> float:
     return total if total > 0 else max(p.flops for p in pts)
 
 
+def _device_hours(run: Run) -> float | None:
+    """The run's device-hours (GPU-hours on GPUs) from its ledger; None for a ledger that does not record them."""
+    seconds = float(run.ledger.totals().get("device_seconds") or 0)
+    return seconds / 3600 if seconds > 0 else None
+
+
 def end_note(run: Run) -> str | None:
     """How the run's final phase ended when a rule ended it: stopped live on surpassing its baseline
     (``train.stop_when_surpassing``), by a criterion, or by its cap before it surpassed; None otherwise."""
@@ -209,7 +217,8 @@ def compare(baseline: Run, runs: Sequence[Run], metric: str, stop_epoch: int | N
     base_points = points(baseline, metric)
     base = max(base_points, key=lambda p: p.value)  # the first of equal maxima
     base_total = _total_flops(baseline, base_points)
-    rows = [Row(baseline.label, base.value, None, None, None, base.value, None, None, base_total)]
+    rows = [Row(baseline.label, base.value, None, None, None, base.value, None, None, base_total,
+                device_hours=_device_hours(baseline))]
     for run in runs:
         final = len(run.ledger.phases) - 1
         if final < 0:
@@ -233,7 +242,7 @@ def compare(baseline: Run, runs: Sequence[Run], metric: str, stop_epoch: int | N
                         _saving(stop.flops, base.flops) if stop else None,
                         _saving(stop.seconds, base.seconds) if stop else None,
                         best, best - base.value, stop, total, _saving(total, base_total), stop_epoch is not None,
-                        end_note(run)))
+                        end_note(run), _device_hours(run)))
     return rows
 
 
@@ -267,11 +276,13 @@ def whole_run_table(rows: Sequence[Row], metric: str) -> str:
     Shown whatever the stopping rule, so that a run that never surpasses the baseline still shows what it
     cost and how far it ended from the baseline (the demo's summary does the same).
     """
-    lines = [f"| Setting | training FLOPs (whole run) | FLOPs save (%) | best {metric}, final phase |",
-             "|---|---:|---:|---:|"]
+    lines = [f"| Setting | training FLOPs (whole run) | FLOPs save (%) | device-hours (whole run) | best {metric}, "
+             f"final phase |", "|---|---:|---:|---:|---:|"]
     for row in rows:
         save = "-" if row.total_save is None else f"{row.total_save:.2f}"
-        lines.append(f"| {row.label} | {row.total_flops:.3g} | {save} | {_percent(row.best, row.best_delta)} |")
+        hours = "-" if row.device_hours is None else f"{row.device_hours:.3g}"
+        lines.append(f"| {row.label} | {row.total_flops:.3g} | {save} | {hours} | "
+                     f"{_percent(row.best, row.best_delta)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -454,7 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         (args.out / "report.md").write_text(
             f"# Coarse-to-fine report ({metric_name([baseline, *runs], metric)})\n\n{table}\n{rule}; savings are "
             f"against the baseline's best evaluation.\n\n## Whole runs\n\n{whole_run_table(rows, metric)}\n"
-            f"All the training FLOPs of each run against all of the baseline's, and the best {metric} of the final "
+            f"All the training FLOPs of each run against all of the baseline's, the device time it held (training "
+            f"and validation seconds times the ranks: GPU-hours on GPUs), and the best {metric} of the final "
             f"phase (difference to the baseline's best).\n\n![{metric} against training FLOPs](report.png)\n",
             encoding="utf-8")
         plot([baseline, *runs], rows, metric, args.out / "report.png", args.title)

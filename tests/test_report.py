@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from common.ledger import Ledger
-from finetune.report import ReportError, compare, load_run, main, markdown_table, resolve_metric, run_label
+from finetune.report import (ReportError, compare, load_run, main, markdown_table, resolve_metric, run_label,
+                             whole_run_table)
 
 # Baseline: 20 epochs at 10 FLOPs and 5 s each; accuracy climbs to 0.45 at epoch 15, then falls.
 # Reference: F_base = 150, T_base = 75.
@@ -242,8 +243,26 @@ def test_report_shows_the_whole_run_saving_even_when_nothing_surpasses(pretraini
     assert main(["--baseline", str(pretraining[0]), "--runs", str(pretraining[1]), "--out", str(out)]) == 0
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "| Fshift 4→1 | 6.72 (-0.25), not surpassed | - | - | 6.72 (-0.25) |" in report
-    assert "| Fshift 4→1 | 220 | 45.00 | 6.72 (-0.25) |" in report  # 220 of the baseline's 400 FLOPs
+    assert "| Fshift 4→1 | 220 | 45.00 | - | 6.72 (-0.25) |" in report  # 220 of the baseline's 400 FLOPs; a
+    # hand-written ledger without device time
     assert "# Coarse-to-fine report (masked-patch accuracy)" in report
+
+
+def test_the_whole_run_table_has_each_runs_device_hours(tmp_path):
+    runs = []
+    for name, ranks, seconds in (("base", 4, 900.0), ("c2f", 2, 900.0)):
+        ledger = Ledger("acc")
+        ledger.start_phase(0, name="p", compression="none", factor=1, flops_per_sample=10)
+        ledger.add_training(0, steps=10, samples=100, seconds=seconds, ranks=ranks)
+        ledger.add_eval_time(0, 180.0, ranks=ranks)
+        ledger.add_eval(0, {"acc": 0.5 if name == "base" else 0.6}, epoch=1)
+        ledger.write(tmp_path / f"{name}.json")
+        runs.append(load_run(tmp_path / f"{name}.json", name))
+    rows = compare(runs[0], runs[1:], "acc")
+    assert [r.device_hours for r in rows] == [pytest.approx(4 * 1080 / 3600), pytest.approx(2 * 1080 / 3600)]
+    table = whole_run_table(rows, "acc")
+    assert "| device-hours (whole run) |" in table and "| base | 1e+03 | - | 1.2 | 50.00 |" in table
+    assert "| c2f | 1e+03 | 0.00 | 0.6 | 60.00 (+10.00) |" in table
 
 
 # -------------------------------------------- a fixed stop: the paper's AudioSet rows (issue 10 item 8)
