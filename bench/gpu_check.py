@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -459,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the same code path on the CPU with tiny sizes, in seconds (what the test suite runs)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder of the results file (default: bench/results; with --smoke: runs/gpu_check_smoke)")
+    parser.add_argument("--run-steps", type=int, default=None, metavar="N",
+                        help=f"baseline steps of section 5's short runs (default {FULL.run_steps}; the coarse-to-fine "
+                             f"run trains N/8 + 5N/8); fewer fit a tight time budget, more average the phases' start-up "
+                             f"out")
     parser.add_argument("--skip", default="", help="comma-separated sections to leave out: bf16, attention, phases, "
                                                     "loader, runs, syncs")
     args = parser.parse_args(argv)
@@ -471,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         device, s = torch.device("cuda"), FULL
+    if args.run_steps is not None:
+        if args.run_steps < 8:
+            parser.error("--run-steps must be at least 8 (the coarse phase trains N/8 steps)")
+        s = replace(s, run_steps=args.run_steps)
     out = args.out or (ROOT / "runs" / "gpu_check_smoke" if args.smoke else ROOT / "bench" / "results")
     start = time.perf_counter()
     report = Report()
