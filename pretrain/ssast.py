@@ -112,13 +112,22 @@ class SSASTModel(nn.Module):
                           (cfg.cluster_min, cfg.cluster_max))
         return idx.to(device)
 
-    def encode_masked(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Encoder outputs ``[B, M, D]`` at the masked positions ``idx`` (mask embedding in their place)."""
+    def encode_masked(self, x: torch.Tensor, idx: torch.Tensor, *more: torch.Tensor):
+        """Encoder outputs ``[B, M, D]`` at the masked positions ``idx`` (mask embedding in their place).
+
+        With ``more`` masks, a tuple of one output per mask, computed in one encoder pass over a batch of
+        ``(1 + len(more)) x B`` clips: the numbers of separate passes (each clip's tokens attend only to
+        themselves), with half the kernel launches, which is what a GPU step over few tokens (a coarse
+        phase) waits on.
+        """
         tokens = self.encoder.embed_patches(x)
+        if more:
+            idx = torch.cat([idx, *more])
+            tokens = tokens.repeat(1 + len(more), 1, 1)
         fill = self.mask_embed.to(tokens.dtype).expand(tokens.shape[0], idx.shape[1], -1)
         tokens = tokens.scatter(1, idx.unsqueeze(-1).expand_as(fill), fill)
-        hidden = self.encoder.forward_tokens(tokens)[:, self.encoder.num_prefix_tokens:]
-        return _gather(hidden, idx)
+        hidden = _gather(self.encoder.forward_tokens(tokens)[:, self.encoder.num_prefix_tokens:], idx)
+        return hidden.chunk(1 + len(more)) if more else hidden
 
     def mpc_logits(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``[B, M targets, M predictions]`` similarities, in float32 whatever the autocast around it.
@@ -152,12 +161,14 @@ class SSASTModel(nn.Module):
         """Joint SSAST loss of a normalised fbank batch ``[B, T, F]``."""
         patches = self.encoder.unfold_patches(x).detach()  # raw targets [B, N, fshape * tshape]
         idx = self.sample_mask(x.shape[0], generator, x.device)
-        hidden = self.encode_masked(x, idx)
+        if self.cfg.separate_passes:  # a mask per objective, both passes batched into one (encode_masked)
+            idx_g = self.sample_mask(x.shape[0], generator, x.device)
+            hidden, hidden_g = self.encode_masked(x, idx, idx_g)
+        else:
+            idx_g, hidden = idx, self.encode_masked(x, idx)
+            hidden_g = hidden
         nce, acc = self.mpc(hidden, _gather(patches, idx))
-        if self.cfg.separate_passes:
-            idx = self.sample_mask(x.shape[0], generator, x.device)
-            hidden = self.encode_masked(x, idx)
-        mse = self.mpg(hidden, _gather(patches, idx))
+        mse = self.mpg(hidden_g, _gather(patches, idx_g))
         return {"loss": nce + self.cfg.mpg_weight * mse, "nce": nce.detach(), "mse": mse.detach(),
                 "acc": acc.detach()}
 
