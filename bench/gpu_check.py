@@ -331,12 +331,18 @@ def measure_short_runs(report: Report, s: Settings, device: torch.device, work: 
     phases = [("full resolution, baseline", s.run_steps, b["phase_seconds"][0], 1),
               ("Fshift x4", s.run_steps // 8, c["phase_seconds"][0], 0),
               ("full resolution, after the change", 5 * s.run_steps // 8, c["phase_seconds"][1], 1)]
-    report.add("", "| phase | clips/s through the trainer | bare step (section 3, eager) | trainer / bare |",
-               "|---|---:|---:|---:|")
-    for label, steps, seconds, index in phases:
+    peaks = [b["phase_peak_bytes"][0], c["phase_peak_bytes"][0], c["phase_peak_bytes"][1]]
+    report.add("", "| phase | clips/s through the trainer | bare step (section 3, eager) | trainer / bare | peak memory "
+                   "(GiB) | bare step's peak (GiB) |", "|---|---:|---:|---:|---:|---:|")
+    for (label, steps, seconds, index), peak in zip(phases, peaks):
         rate = steps * s.batch / seconds
-        bare = store.get(index, {}).get("eager", {}).get("clips_per_s")
-        report.add(f"| {label} | {rate:.1f} | {_fmt(bare, '.1f')} | {_fmt(bare and rate / bare, '.2f')} |")
+        bare = store.get(index, {}).get("eager", {})
+        report.add(f"| {label} | {rate:.1f} | {_fmt(bare.get('clips_per_s'), '.1f')} | "
+                   f"{_fmt(bare.get('clips_per_s') and rate / bare['clips_per_s'], '.2f')} | "
+                   f"{_fmt(peak and peak / 2**30)} | {_fmt(bare.get('peak_memory') and bare['peak_memory'] / 2**30)} |")
+    report.add("", "On the CPU the peak is the process's resident set (the interpreter and libraries included); on "
+                   "a GPU `max_memory_allocated` per phase: a full-resolution phase after the change that peaks "
+                   "above the baseline's keeps something of the coarse phase alive.")
 
 
 # ------------------------------------------------------------------------- 7. fine-tuning short runs

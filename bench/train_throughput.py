@@ -35,7 +35,9 @@ def _savings(totals: dict[str, list[dict]], baseline: str, c2f: str) -> dict:
                      "wall_seconds": statistics.median(r["wall_seconds"] for r in runs),
                      "all_wall_seconds": [r["wall_seconds"] for r in runs],
                      "phase_seconds": [statistics.median(r["phase_seconds"][i] for r in runs)
-                                       for i in range(len(runs[0]["phase_seconds"]))]}
+                                       for i in range(len(runs[0]["phase_seconds"]))],
+                     "phase_peak_bytes": [max((r["phase_peak_bytes"][i] or 0) for r in runs) or None
+                                          for i in range(len(runs[0]["phase_peak_bytes"]))]}
               for name, runs in totals.items()}
     base, c = median[baseline], median[c2f]
     flops = 1 - c["train_flops"] / base["train_flops"]
@@ -45,7 +47,8 @@ def _savings(totals: dict[str, list[dict]], baseline: str, c2f: str) -> dict:
 
 def _totals(run_dir: Path) -> dict:
     ledger = json.loads((run_dir / "ledger.json").read_text())
-    return {**ledger["total"], "phase_seconds": [p["wall_seconds"] for p in ledger["phases"]]}
+    return {**ledger["total"], "phase_seconds": [p["wall_seconds"] for p in ledger["phases"]],
+            "phase_peak_bytes": [p.get("peak_memory_bytes") for p in ledger["phases"]]}
 
 
 def short_runs(manifest: Path, size: str, steps: int, batch: int, workers: int, out: Path, repeats: int = 1,
