@@ -270,8 +270,9 @@ def measure_phases(report: Report, s: Settings, device: torch.device, store: dic
             except Exception as err:  # noqa: BLE001 - a mode that fails is a result
                 if mode == "default":
                     raise
-                report.add(f"| phase {index + 1} | | {label} | failed: {type(err).__name__}: "
-                           f"{str(err).splitlines()[0][:120]} | | | | | | |")
+                first_line = (str(err).splitlines() or [""])[0][:120]
+                report.add(f"| phase {index + 1} | | {label} | failed: {type(err).__name__}: {first_line} "
+                           f"| | | | | | |")
                 continue
             tflops = r["clips_per_s"] * r["flops_per_clip"] / 1e12
             mfu = tflops / peak[0] if peak else None
