@@ -689,7 +689,7 @@ class ClipLoader:
 
 def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: int, sample_rate: int,
                  batch_size: int, seed: int, rank: int, world_size: int, tracker: BadAudioTracker,
-                 pin_memory: bool = False, cache: ClipCache | None = None) -> ClipLoader:
+                 pin_memory: bool = False, cache: ClipCache | None = None, memo: dict | None = None) -> ClipLoader:
     """The training stream of a run: ``data.train`` mixed by weight, shuffled per epoch (the whole set when it
     fits ``data.full_shuffle_max``, or AST's balanced sampling when ``data.balanced``), cropped as
     ``data.train_crop`` says, incomplete last batches dropped.
@@ -704,12 +704,20 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
         tracker: counts and logs bad audio.
         pin_memory: pin batches for host-to-GPU copies.
         cache: decoded clips kept between epochs and phases (``data.cache``; made by the caller, which keeps it).
+        memo: a run's training set once read into memory, with its balanced-sampling weights, kept here
+            between the phases' loaders (reading AudioSet-2M and weighing it takes about a minute); a
+            streamed set is reopened.
     """
-    cuts = open_cuts(data.train, seed=seed, in_memory_max=data.full_shuffle_max)
-    weights = None
-    if data.balanced:
-        cuts = cuts.to_eager()
-        weights = balanced_weights(cuts, classes or [])
+    if memo is not None and "cuts" in memo:
+        cuts, weights = memo["cuts"], memo["weights"]
+    else:
+        cuts = open_cuts(data.train, seed=seed, in_memory_max=data.full_shuffle_max)
+        weights = None
+        if data.balanced:
+            cuts = cuts.to_eager()
+            weights = balanced_weights(cuts, classes or [])
+        if memo is not None and not cuts.is_lazy:
+            memo.update(cuts=cuts, weights=weights)
     dataset = ClipDataset(clip_samples, sample_rate, classes, crop=data.train_crop, seed=seed, pad=data.pad,
                           cache=cache)
     return ClipLoader(cuts, dataset, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rank,

@@ -136,6 +136,7 @@ class Trainer:
         self._end: PhaseEnd | None = None  # what may end the current phase (see _phase_end)
         self._memory = PeakMemory(self.device)
         self._clips = make_cache(spec.data.cache, spec.data.cache_dir)  # decoded clips, kept across phases
+        self._train_cuts: dict = {}  # the training set once read into memory, kept across phases (train_loader)
         self._finite = NonFiniteWatch(dist, spec.train.nonfinite_check, spec.optim.grad_accum)
 
     # ------------------------------------------------------------------------------------- the run
@@ -354,7 +355,8 @@ class Trainer:
     def _train_loader(self, index: int):
         return train_loader(self.spec.data, self.objective.classes, self.arch.clip_samples, self.arch.sample_rate,
                             self._batch_size(index), self.spec.train.seed, self.dist.rank, self.dist.world_size,
-                            self.tracker, pin_memory=self.device.type == "cuda", cache=self._clips)
+                            self.tracker, pin_memory=self.device.type == "cuda", cache=self._clips,
+                            memo=self._train_cuts)
 
     def _eval_loader(self, index: int):
         spec = self.spec

@@ -17,6 +17,7 @@ from common.data import (
     balanced_weights,
     count_clips,
     open_cuts,
+    train_loader,
 )
 
 
@@ -308,6 +309,29 @@ def test_the_trainer_crops_training_clips_as_the_data_config_says(tmp_path, synt
     assert (train.dataset.crop, valid.dataset.crop) == (train_crop, "start")
     assert not train.cuts.is_lazy  # small: shuffled as a whole every epoch
     trainer.scalars.close()
+
+
+def test_a_training_set_in_memory_is_read_once_per_run(synth_corpus):
+    """The phases' loaders share the set read into memory (and its balanced weights); their batches are those
+    of a loader that reads it afresh. A streamed set is reopened."""
+    classes, _ = read_classes(synth_corpus / "synth_classes.json")
+    data = DataConfig(train=[ManifestSpec(str(synth_corpus / "synth_train.jsonl.gz"))], batch_size=4,
+                      num_workers=0, balanced=True)
+    memo: dict = {}
+
+    def loader(config, batch, memo):
+        return train_loader(config, classes, 8000, 16000, batch, 0, 0, 1, BadAudioTracker(), memo=memo)
+
+    first = loader(data, 4, memo)
+    second = loader(data, 2, memo)  # the next phase, another batch size
+    assert second.cuts is first.cuts and second.weights == first.weights and memo["weights"] is not None
+    fresh = loader(data, 2, None)
+    assert fresh.cuts is not first.cuts
+    a, b = (list(x.cut_batches(epochs=2)) for x in (second, fresh))
+    assert [(e, i, [c.id for c in cuts]) for e, i, cuts in a] == [(e, i, [c.id for c in cuts]) for e, i, cuts in b]
+    streamed: dict = {}
+    loader(DataConfig(train=data.train, batch_size=4, num_workers=0, full_shuffle_max=0), 4, streamed)
+    assert streamed == {}
 
 
 def test_repeat_padding_fills_a_short_clip_with_itself():
