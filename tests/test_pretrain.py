@@ -227,6 +227,22 @@ def test_a_zero_run_resumes_on_another_number_of_ranks(tmp_path, synth_corpus, m
     assert ledger["total"]["steps"] == 6 and (run_dir / "model.safetensors").is_file()
 
 
+def test_a_zero_run_resumes_on_more_ranks(tmp_path, synth_corpus):
+    """One rank with ZeRO stage 2 stops at step 2; two ranks resume from the universal checkpoint and finish."""
+    run_dir = tmp_path / "grow"
+    sets = tiny(synth_corpus, "train.zero_stage=2", steps=(4, 2))
+    assert main(["--recipe", str(RECIPE), "--run-dir", str(run_dir), *sets, "--stop-after-steps", "2"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(ROOT / "pretrain" / "run.py"), "--recipe", str(RECIPE), "--run-dir", str(run_dir), *sets]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert [i["changes"] for i in ledger["interventions"]] == [{"world_size": {"from": 1, "to": 2}}]
+    assert [p["samples"] for p in ledger["phases"]] == [2 * 4 + 2 * 4 * 2, 2 * 4 * 2]  # 1 rank, then 2
+    assert (run_dir / "checkpoints" / "phase02-step000000002" / "rng_rank1.pt").is_file()
+
+
 @pytest.mark.parametrize("method,transfer", [("patch", "pi"), ("patch", "bilinear"), ("avgpool", "pi"),
                                              ("maxpool", "pi")])
 def test_every_compression_method_runs_coarse_to_fine(tmp_path, synth_corpus, method, transfer):
