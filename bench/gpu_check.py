@@ -315,6 +315,11 @@ def measure_short_runs(report: Report, s: Settings, device: torch.device, work: 
     from bench.train_throughput import short_runs
 
     manifest = make_clips(work / "clips", max(s.loader_clips, 2 * s.batch), seconds=s.clip_seconds, rate=16000)
+    if device.type == "cuda":
+        import gc
+
+        gc.collect()
+        store["allocated_before_runs"] = int(torch.cuda.memory_allocated())
     result = short_runs(manifest, s.size, s.run_steps, s.batch, s.run_workers, work / "runs", 1,
                         extra=(*s.model, *s.run_overrides))
     b, c = result["baseline"], result["fshift4"]
@@ -344,6 +349,11 @@ def measure_short_runs(report: Report, s: Settings, device: torch.device, work: 
     report.add("", "On the CPU the peak is the process's resident set (the interpreter and libraries included); on "
                    "a GPU `max_memory_allocated` per phase: a full-resolution phase after the change that peaks "
                    "above the baseline's keeps something of the coarse phase alive.")
+    if device.type == "cuda":  # the runs share this process: what one leaves allocated, the next one carries
+        report.add("", f"CUDA memory still allocated after each run returned: baseline "
+                       f"{_fmt(b['left_allocated'] and b['left_allocated'] / 2**30)} GiB, Fshift 4->1 "
+                       f"{_fmt(c['left_allocated'] and c['left_allocated'] / 2**30)} GiB (before the runs: "
+                       f"{store.get('allocated_before_runs', 0) / 2**30:.3g} GiB).")
 
 
 # ------------------------------------------------------------------------- 7. fine-tuning short runs

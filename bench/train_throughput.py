@@ -37,12 +37,24 @@ def _savings(totals: dict[str, list[dict]], baseline: str, c2f: str) -> dict:
                      "phase_seconds": [statistics.median(r["phase_seconds"][i] for r in runs)
                                        for i in range(len(runs[0]["phase_seconds"]))],
                      "phase_peak_bytes": [max((r["phase_peak_bytes"][i] or 0) for r in runs) or None
-                                          for i in range(len(runs[0]["phase_peak_bytes"]))]}
+                                          for i in range(len(runs[0]["phase_peak_bytes"]))],
+                     "left_allocated": runs[-1].get("left_allocated")}
               for name, runs in totals.items()}
     base, c = median[baseline], median[c2f]
     flops = 1 - c["train_flops"] / base["train_flops"]
     wall = 1 - c["wall_seconds"] / base["wall_seconds"]
     return {"flops_saving": flops, "wall_saving": wall, "ratio": wall / flops, "baseline": base, c2f: c}
+
+
+def _left_allocated() -> int | None:
+    """CUDA memory still allocated once a run has returned (and garbage was collected): what a run leaves
+    behind for the next one in the same process (None on the CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    import gc
+
+    gc.collect()
+    return int(torch.cuda.memory_allocated())
 
 
 def _totals(run_dir: Path) -> dict:
@@ -71,7 +83,7 @@ def short_runs(manifest: Path, size: str, steps: int, batch: int, workers: int, 
                 argv += ["--set", item]
             if pretrain(argv) != 0:
                 raise RuntimeError(f"{name} run failed")
-            totals[name].append(_totals(run_dir))
+            totals[name].append({**_totals(run_dir), "left_allocated": _left_allocated()})
     return _savings(totals, "baseline", "fshift4")
 
 
@@ -97,7 +109,7 @@ def finetune_runs(task: Path, size: str, epochs: int, batch: int, workers: int, 
                 argv += ["--set", item]
             if finetune(argv) != 0:
                 raise RuntimeError(f"fine-tuning {name} run failed")
-            totals[name].append(_totals(run_dir))
+            totals[name].append({**_totals(run_dir), "left_allocated": _left_allocated()})
     return _savings(totals, "baseline", "fshift4")
 
 
