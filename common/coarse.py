@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 from common.criteria import UntilConfig
 from common.phases import PhaseConfig, PhasePlan
@@ -36,6 +36,7 @@ from common.recipe import RecipeError, build, merge, to_dict
 from common.resize import PatchResize
 
 __all__ = ["CoarseConfig", "CoarseBaseline", "baseline_name", "parse_coarse", "derive_phases", "apply_coarse", "build_derived",
+           "plan_lines",
            "coarse_tag", "planned_cost", "saving_lines"]
 
 METHODS = ("fshift", "avgpool", "maxpool", "patch")
@@ -264,4 +265,23 @@ def saving_lines(phases: Sequence[PhaseConfig], rows: Sequence[PhasePlan], basel
         high = planned_cost(rows, [p.max_length for p in phases])
         lines.append(f"phases ending by a criterion: the saving lies between {1 - high / base:.1%} (every such phase "
                      f"at its max) and {1 - low / base:.1%} (at its min)")
+    return lines
+
+
+def plan_lines(recipe, rows: Sequence[PhasePlan], setting: dict,
+               baseline_rows: Callable[[], Sequence[PhasePlan]]) -> list[str]:
+    """The phase plan both entry points' ``--dry-run`` prints: the table, the memory setting, how phases
+    end, and for a ``--coarse`` schedule its saving against the baseline (``baseline_rows`` plans the
+    baseline's phases; called only then)."""
+    from common.criteria import describe_ends
+    from common.memory import describe_setting
+    from common.phases import format_plan
+
+    lines = []
+    if recipe.coarse is not None:
+        lines.append(f"coarse to fine ({recipe.coarse.describe()}) derived from {recipe.coarse.baseline.name}:")
+    lines += [format_plan(rows), describe_setting(setting),
+              *describe_ends(recipe.phases, recipe.train.stop_when_surpassing)]
+    if recipe.coarse is not None:
+        lines += saving_lines(recipe.phases, rows, recipe.coarse.baseline.name, baseline_rows())
     return lines

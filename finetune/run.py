@@ -53,10 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def print_plan(recipe, configs, objective, arch) -> None:
     from common.arch.base import geometries
-    from common.coarse import saving_lines
-    from common.criteria import describe_ends
-    from common.memory import describe_setting, training_setting
-    from common.phases import format_plan, plan_phases
+    from common.coarse import plan_lines
+    from common.memory import training_setting
+    from common.phases import plan_phases
 
     setting = training_setting(recipe.train.precision, recipe.train.zero_stage)
     print(f"task {recipe.task.name}: {recipe.task.description or ''}")
@@ -64,17 +63,13 @@ def print_plan(recipe, configs, objective, arch) -> None:
     rows = plan_phases(recipe.phases, configs, objective.flops_per_sample, recipe.data.batch_size,
                        recipe.optim.grad_accum,
                        memory=lambda cfg, batch: objective.memory_estimate(cfg, batch, **setting).total)
-    if recipe.coarse is not None:
-        print(f"coarse to fine ({recipe.coarse.describe()}) derived from {recipe.coarse.baseline.name}:")
-    print(format_plan(rows))
-    print(describe_setting(setting))
-    for line in describe_ends(recipe.phases, recipe.train.stop_when_surpassing):
-        print(line)
-    if recipe.coarse is not None:
+
+    def baseline_rows():
         phases = recipe.coarse.baseline.phases
-        base_rows = plan_phases(phases, geometries(arch, phases), objective.flops_per_sample,
-                                recipe.data.batch_size, recipe.optim.grad_accum)
-        print("\n".join(saving_lines(recipe.phases, rows, recipe.coarse.baseline.name, base_rows)))
+        return plan_phases(phases, geometries(arch, phases), objective.flops_per_sample, recipe.data.batch_size,
+                           recipe.optim.grad_accum)
+
+    print("\n".join(plan_lines(recipe, rows, setting, baseline_rows)))
     o = recipe.optim
     print(f"optimiser {o.optimizer}, lr {o.lr:g}, warm-up {o.warmup_steps} steps, {o.schedule} schedule; batch "
           f"{recipe.data.batch_size} per rank x {o.grad_accum} accumulation")

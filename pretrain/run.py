@@ -90,22 +90,14 @@ def _phase_overrides(overrides: list[str]) -> list[str]:
 
 
 def print_plan(recipe, world_size: int, baseline=None, overrides: list[str] = ()) -> None:
-    from common.coarse import saving_lines
-    from common.criteria import describe_ends
-    from common.memory import describe_setting, training_setting
-    from common.phases import format_plan
+    from common.coarse import plan_lines
+    from common.memory import training_setting
 
     setting = training_setting(recipe.train.precision, recipe.train.zero_stage, world_size)
     rows = plan(recipe, world_size, memory=setting)
+    print("\n".join(plan_lines(recipe, rows, setting,
+                               lambda: plan(recipe, world_size, recipe.coarse.baseline.phases))))
     if recipe.coarse is not None:
-        print(f"coarse to fine ({recipe.coarse.describe()}) derived from {recipe.coarse.baseline.name}:")
-    print(format_plan(rows))
-    print(describe_setting(setting))
-    for line in describe_ends(recipe.phases, recipe.train.stop_when_surpassing):
-        print(line)
-    if recipe.coarse is not None:
-        base = recipe.coarse.baseline
-        print("\n".join(saving_lines(recipe.phases, rows, base.name, plan(recipe, world_size, base.phases))))
         return
     total = sum(r.train_flops for r in rows)
     line = f"total planned training FLOPs: {total:.4g}"
