@@ -15,24 +15,14 @@ import torch
 from common.clip_cache import ClipCache
 from common.data import ClipDataset, ClipLoader, DataConfig, load_clip, open_cuts
 from common.prefetch import background
-from tests.test_pretrain import run, weights
+from tests.test_pretrain import poison_loss_at, run, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_non_finite_loss_is_caught_at_the_next_checkpoint_without_a_sync_per_step(tmp_path, synth_corpus,
                                                                                       monkeypatch, capsys):
-    from pretrain.ssast import SSASTObjective
-
-    real = SSASTObjective.train_step
-    calls = {"n": 0}
-
-    def poisoned(self, model, batch, pipeline, generator):
-        loss, logs = real(self, model, batch, pipeline, generator)
-        calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 3 else loss), logs
-
-    monkeypatch.setattr(SSASTObjective, "train_step", poisoned)
+    poison_loss_at(monkeypatch, 3)
     reads = _count_host_reads_in_micro_steps(monkeypatch)
     run_dir = tmp_path / "nan"
     # log window of 100 steps: the check happens when phase 1 ends (step 3) and saves

@@ -150,7 +150,8 @@ def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, synth_corpus, monkeypatch, capsys):
+def poison_loss_at(monkeypatch, micro_batch: int) -> None:
+    """Make the SSAST loss of the ``micro_batch``-th micro-batch (1-based) NaN."""
     from pretrain.ssast import SSASTObjective
 
     real = SSASTObjective.train_step
@@ -159,9 +160,13 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, synth_c
     def poisoned(self, model, batch, pipeline, generator):
         loss, logs = real(self, model, batch, pipeline, generator)
         calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 3 else loss), logs
+        return (loss * float("nan") if calls["n"] == micro_batch else loss), logs
 
     monkeypatch.setattr(SSASTObjective, "train_step", poisoned)
+
+
+def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, synth_corpus, monkeypatch, capsys):
+    poison_loss_at(monkeypatch, 3)
     run_dir = tmp_path / "nan"
     assert run(run_dir, synth_corpus, "train.nonfinite_check=step") == 1
     err = capsys.readouterr().err
