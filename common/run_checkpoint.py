@@ -235,7 +235,7 @@ class RunCheckpoints:
                 shutil.rmtree(out, ignore_errors=True)
                 tmp.rename(out)
             except Exception as err:  # noqa: BLE001 - every rank must learn of it, not only this one
-                log.debug("%s", printed.getvalue(), exc_info=True)
+                log.debug("the conversion of %s failed", tag, exc_info=True)
                 shutil.rmtree(tmp, ignore_errors=True)
                 failure = f"{type(err).__name__}: {err}"
             log.debug("%s", printed.getvalue())
