@@ -39,6 +39,7 @@ from common.arch import architecture_for
 from common.arch.base import geometries
 from common.atomic import atomic_copy
 from common.augment import SpecAugmentConfig
+from common.batch import phase_splits
 from common.compile import maybe_compile
 from common.criteria import PhaseEnd, baseline_best
 from common.data import BadAudioTracker, Batch, eval_loader, make_cache, train_loader
@@ -112,6 +113,8 @@ class Trainer:
         self.run_dir = Path(spec.run_dir)
         self.arch = architecture_for(spec.base, spec.audio)
         self.cfgs = geometries(self.arch, spec.phases)
+        # each phase's global batch over this launch's ranks (refused here, before any compute, if it does not split)
+        self.splits = phase_splits(spec.phases, spec.data, spec.optim, dist.world_size)
         self.device = dist.device
         bf16 = spec.train.precision == "bf16" or (spec.train.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if bf16 else None
@@ -137,7 +140,7 @@ class Trainer:
         self._memory = PeakMemory(self.device)
         self._clips = make_cache(spec.data.cache, spec.data.cache_dir)  # decoded clips, kept across phases
         self._train_cuts: dict = {}  # the training set once read into memory, kept across phases (train_loader)
-        self._finite = NonFiniteWatch(dist, spec.train.nonfinite_check, spec.optim.grad_accum)
+        self._finite = NonFiniteWatch(dist, spec.train.nonfinite_check, self.splits[0].grad_accum)
 
     # ------------------------------------------------------------------------------------- the run
     def run(self, stop_after: int | None = None) -> bool:
@@ -213,7 +216,7 @@ class Trainer:
         self._pending.restart_clock()
         steps_done = 0
         try:
-            for group in step_groups(stream, spec.optim.grad_accum, not phase.iteration_based):
+            for group in step_groups(stream, self.splits[index].grad_accum, not phase.iteration_based):
                 if group.epoch_end is not None:  # epoch-based phases: evaluate (and maybe finish) per epoch
                     self._check_finite(index)
                     st.epoch_in_phase += 1
@@ -292,7 +295,7 @@ class Trainer:
         st, spec = self.state, self.spec
         prev, nxt = spec.phases[index], spec.phases[index + 1]
         data_epoch, data_index = st.data_epoch, st.data_index
-        if prev.batch_size_or(spec.data.batch_size) != nxt.batch_size_or(spec.data.batch_size) and data_index:
+        if self._batch_size(index) != self._batch_size(index + 1) and data_index:
             data_epoch, data_index = data_epoch + 1, 0  # positions count batches: a new batch size starts an epoch
         # the best score is per phase: "best" means the best of the final phase (the paper's reports)
         self.state = TrainState(phase=index + 1, data_epoch=data_epoch, data_index=data_index,
@@ -343,10 +346,12 @@ class Trainer:
         return build_engine(model, optim, phase.lr or optim.lr, self._batch_size(index), self.spec.train.zero_stage,
                             self.device, phase.steps if phase.iteration_based else None,
                             getattr(model, "head_prefixes", ()), self.autocast_dtype,
-                            load_universal=resume_tag is not None and self.checkpoints.resharded(resume_tag))
+                            load_universal=resume_tag is not None and self.checkpoints.resharded(resume_tag),
+                            grad_accum=self.splits[index].grad_accum)
 
     def _batch_size(self, index: int) -> int:
-        return self.spec.phases[index].batch_size_or(self.spec.data.batch_size)
+        """Phase ``index``'s micro-batch per rank (its global batch split over this launch, ``common.batch``)."""
+        return self.splits[index].per_rank
 
     def _frontend(self, index: int, specaug: SpecAugmentConfig) -> nn.Module:
         """The phase's front end on the device (training augmentation from ``specaug``)."""
@@ -378,15 +383,16 @@ class Trainer:
         estimate = self.objective.memory_estimate(cfg, self._batch_size(index), **training_setting(
             self.spec.train.precision, self.spec.train.zero_stage, self.dist.world_size, self.device))
         record.memory_estimate_bytes = estimate.total
+        record.set_batch(self.splits[index])  # this launch's split (a resume on other ranks records its own)
         record.device = record.device or (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
                                           else self.device.type)
         self._memory.reset()
-        self._finite.restart(self.state.step)
-        log.info("%s: %s, %s tokens per clip (grid %dx%d), %.3g GFLOPs per training sample, batch %d x %d "
-                 "rank(s) x %d accumulation; memory estimate %s", phase.label(index),
+        self._finite.restart(self.state.step, self.splits[index].grad_accum)
+        log.info("%s: %s, %s tokens per clip (grid %dx%d), %.3g GFLOPs per training sample, batch %s; memory "
+                 "estimate %s", phase.label(index),
                  f"{phase.steps} steps" if phase.iteration_based else f"{phase.epochs} epochs",
-                 cfg.num_patches, *cfg.grid, record.flops_per_sample / 1e9, self._batch_size(index),
-                 self.dist.world_size, self.spec.optim.grad_accum, estimate.describe())
+                 cfg.num_patches, *cfg.grid, record.flops_per_sample / 1e9, self.splits[index].describe(),
+                 estimate.describe())
 
     def _micro_step(self, engine, batch: Batch, pipeline: nn.Module, index: int) -> dict[str, torch.Tensor]:
         batch.waveforms = batch.waveforms.to(self.device, non_blocking=True)
@@ -513,7 +519,7 @@ class Trainer:
         st.until = self._phase_end(index).state_dict()
         tag = make_tag(index, st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase)
         trainer_state = {"state": asdict(st), "ledger": self.ledger.to_dict(), "tracker": self.tracker.state_dict(),
-                         "world_size": self.dist.world_size}
+                         "world_size": self.dist.world_size, "batch_per_rank": self._batch_size(index)}
         if self.dist.is_main and self.spec.run_recipe is not None:
             self.spec.run_recipe.write_pending()  # the run's recipe.yaml appears with its first checkpoint
         self.checkpoints.save(engine, tag, trainer_state, capture_rng(self.generator, self.device))
@@ -546,12 +552,15 @@ class Trainer:
                                          changes={f"manifest {k}": v for k, v in changed.items()})
         self.ledger.data = current
 
-    def _reshard_position(self, saved_ranks: int) -> None:
+    def _reshard_position(self, saved_ranks: int, saved_per_rank: int | None) -> None:
         """Resuming on another number of ranks: each rank's shard of an epoch changes, so the data position
-        keeps the share of the epoch already seen (batches consumed x old ranks / new ranks), and the run
-        continues close to, not exactly as, an uninterrupted one; the ledger records it."""
+        keeps the share of the epoch already seen (clips consumed over all ranks: batches x per-rank batch x
+        ranks, then over the new ranks' batches; the global batch stays, so the per-rank batch changes), and
+        the run continues close to, not exactly as, an uninterrupted one; the ledger records it."""
         st, ranks = self.state, self.dist.world_size
-        index = st.data_index * saved_ranks // ranks
+        per_rank = self._batch_size(st.phase) if st.phase < len(self.splits) else 1
+        saved_per_rank = saved_per_rank or per_rank  # a checkpoint from before the per-rank batch was saved
+        index = st.data_index * saved_ranks * saved_per_rank // (ranks * per_rank)
         log.warning("resuming on %d rank(s) a run checkpointed on %d: each rank's share of the data changes, so the "
                     "resumed run continues from the same share of epoch %d (batch %d instead of %d) and is close "
                     "to, not bitwise equal to, an uninterrupted run; recorded in ledger.json", ranks, saved_ranks,
@@ -579,7 +588,7 @@ class Trainer:
         self.tracker.load_state_dict(saved["tracker"])
         saved_ranks = self.checkpoints.saved_world_size(tag)
         if saved_ranks != self.dist.world_size:
-            self._reshard_position(saved_ranks)
+            self._reshard_position(saved_ranks, saved.get("batch_per_rank"))
         if self.state.phase_done:
             model = self.objective.build_model(self.cfgs[self.state.phase])
             model.load_state_dict(self.checkpoints.module_state(tag))

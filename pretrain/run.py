@@ -52,6 +52,7 @@ def plan(recipe, world_size: int = 1, phases=None, memory: dict | None = None):
     replace the recipe's (e.g. the baseline a coarse-to-fine schedule was derived from)."""
     from common.arch import architecture_for
     from common.arch.base import geometries
+    from common.batch import phase_splits
     from common.phases import plan_phases
     from pretrain.ssast import SSASTObjective
 
@@ -61,8 +62,8 @@ def plan(recipe, world_size: int = 1, phases=None, memory: dict | None = None):
     if memory is not None:
         objective = SSASTObjective(recipe.ssast)
         estimate = lambda cfg, batch: objective.memory_estimate(cfg, batch, **memory).total  # noqa: E731
-    return plan_phases(phases, configs, lambda cfg: _flops_per_sample(recipe.ssast, cfg), recipe.data.batch_size,
-                       recipe.optim.grad_accum, world_size, estimate)
+    return plan_phases(phases, configs, lambda cfg: _flops_per_sample(recipe.ssast, cfg),
+                       phase_splits(phases, recipe.data, recipe.optim, world_size), estimate)
 
 
 def planned_total(recipe, world_size: int) -> float:
@@ -89,14 +90,20 @@ def _phase_overrides(overrides: list[str]) -> list[str]:
     return [o.split("=", 1)[0].strip() for o in overrides if o.split("=", 1)[0].strip().startswith("phases")]
 
 
-def print_plan(recipe, world_size: int, baseline=None, overrides: list[str] = ()) -> None:
+def print_plan(recipe, world_size: int, baseline=None, overrides: list[str] = (), stated: int | None = None,
+               source: str = "the recipe") -> None:
+    """The ``--dry-run`` plan on ``world_size`` ranks; ``stated``: the global batch the recipe file states
+    (``source`` names it), to say when ``--set`` changed it."""
+    from common import batch
     from common.coarse import plan_lines
     from common.memory import training_setting
 
     setting = training_setting(recipe.train.precision, recipe.train.zero_stage, world_size)
     rows = plan(recipe, world_size, memory=setting)
+    splits = batch.phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)
     print("\n".join(plan_lines(recipe, rows, setting,
-                               lambda: plan(recipe, world_size, recipe.coarse.baseline.phases))))
+                               lambda: plan(recipe, world_size, recipe.coarse.baseline.phases),
+                               batch.plan_lines(splits, recipe.data.batch_size, stated, source))))
     if recipe.coarse is not None:
         return
     total = sum(r.train_flops for r in rows)
@@ -120,10 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
+        from common.batch import phase_splits, stated_batch
+        from common.cli import world_size_of
         from common.preflight import check_norm, data_checks, problems
+        from common.recipe import load_yaml
         from pretrain.recipe import load_baseline, load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides, args.coarse)
+        world_size = world_size_of(args)
+        phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)  # refuse an impossible split now
         baseline = load_baseline(recipe, args.overrides)
         if recipe.train.stop_when_surpassing:  # before any compute: the baseline run must be there
             from common.criteria import baseline_best
@@ -132,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             baseline_best(recipe.train.stop_when_surpassing, SSASTObjective.score_name)
         checks = [*data_checks(recipe.data), lambda: check_norm(recipe.audio.norm, "audio.norm")]
         if args.dry_run:
-            print_plan(recipe, 1, baseline, args.overrides)
+            print_plan(recipe, world_size, baseline, args.overrides, stated_batch(load_yaml(args.recipe)),
+                       args.recipe.name)
             missing = problems(checks)
             if missing:
                 print("files a run needs and does not find (it would stop before any compute):")
