@@ -10,8 +10,8 @@ optimiser step over every rank and accumulated micro-batch, the number the paper
 The accumulation is ``optim.grad_accum`` (default 1), raised where ``data.max_batch_per_rank`` caps the
 clips one rank takes in one forward / backward pass: the smallest accumulation at or above
 ``optim.grad_accum`` that splits the global batch exactly with a micro-batch within the cap. So the same
-recipe trains the same optimiser steps on 1, 4 or 64 GPUs (24 clips per step: 24 x 1 rank, 6 x 4 ranks,
-or, with a cap of 12 on one GPU, 12 x 2 accumulation). A split that cannot be made exactly (12 clips on 8
+recipe trains the same optimiser steps on any number of GPUs that divides its batch (24 clips per step: 24 x
+1 rank, 6 x 4 ranks, 1 x 24 ranks, or, with a cap of 12 on one GPU, 12 x 2 accumulation). A split that cannot be made exactly (12 clips on 8
 ranks) is refused before any compute, naming the global batch, the world size and the accumulation: an
 uneven split would change the batch or drop clips.
 
@@ -135,9 +135,10 @@ def plan_lines(splits: Sequence[BatchSplit], effective: int, stated: int | None,
         source: the recipe's name for the message.
     """
     distinct = list(dict.fromkeys(splits))
-    lines = [f"batch: {split.describe()}" + (f" ({', '.join(f'phase{i + 1}' for i, s in enumerate(splits) if s == split)})"
-                                             if len(distinct) > 1 else "")
-             for split in distinct]
+    lines = []
+    for split in distinct:
+        phases = ", ".join(f"phase{i + 1}" for i, s in enumerate(splits) if s == split)
+        lines.append(f"batch: {split.describe()}" + (f" ({phases})" if len(distinct) > 1 else ""))
     lines[-1] += " (--world-size N plans another number of ranks: the global batch stays, the per-rank batch follows)"
     if stated is not None and stated != effective:
         lines.append(f"global batch {effective} differs from the {stated} that {source} states (the source's batch); "

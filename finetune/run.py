@@ -120,9 +120,8 @@ def _surpass_targets(recipe, run_dirs: list[Path]) -> list[str | None]:
 
 def _test(run_dir: Path, recipe, classes, dist) -> None:
     """Evaluate the best epoch's model (the weight average if there is one) on the task's test split."""
-    from finetune.evaluate import evaluate_export
-
     from common.batch import phase_splits
+    from finetune.evaluate import evaluate_export
 
     averaged = run_dir / "export" / "weight_averaged.safetensors"
     model = averaged if averaged.is_file() else run_dir / "export" / "best.safetensors"
@@ -162,12 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from common.arch import architecture_for
         from common.arch.base import geometries
+        from common.batch import phase_splits
+        from common.cli import world_size_of
         from common.recipe import RecipeError
         from finetune.init import init_pos_mode, load_init, resolve_pool, task_encoder_config
         from finetune.recipe import check_files, file_checks, load_recipe
-
-        from common.batch import phase_splits
-        from common.cli import world_size_of
 
         notes: list[str] = []
         recipe = load_recipe(args.task, args.recipe, args.overrides, init=args.init, data_root=args.data_root,
