@@ -32,9 +32,10 @@ Criteria (each a small pure class with ``update``, ``state_dict`` and ``load_sta
 ``train.stop_when_surpassing: RUN_DIR`` (:class:`Surpass`) ends the *final* phase at the first check whose
 score strictly exceeds the best per-epoch score in that run's ``ledger.json`` (paper section 3.3; the
 target, and when a baseline is comparable, are ``common.baseline``'s); with ``until.max`` above the
-planned length the final phase may also run past it until it surpasses. :class:`PhaseEnd` combines the bounds, the criterion and the surpass rule for one phase; the
-trainer asks it at every check (rank 0 decides, every rank receives the decision) and checkpoints its
-state, so a resumed run ends its phase at the same step.
+planned length the final phase may also run past it until it surpasses. :class:`PhaseEnd` combines the
+bounds, the criterion and the surpass rule for one phase; the trainer asks it at every check (rank 0
+decides, every rank receives the decision) and checkpoints its state, so a resumed run ends its phase at
+the same step.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from matplotlib import rcParams
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from common.baseline import differences
+from common.baseline import differences, is_averaged
 from common.ledger import Ledger
 
 __all__ = ["ReportError", "Run", "Point", "Row", "load_run", "resolve_metric", "run_label", "points",
@@ -171,7 +171,7 @@ def points(run: Run, metric: str) -> list[Point]:
             raise ReportError(f"{run.source}: evaluation {i} (phase {ev['phase']}) has no metric {metric!r}; "
                               f"it has {sorted(ev['metrics'])}")
         try:
-            averaged = bool(ev.get("weight_averaged"))
+            averaged = is_averaged(ev)
             epoch = None if averaged or ev.get("epoch") is None else int(ev["epoch"])
             out.append(Point(int(ev["phase"]), float(ev["train_flops"]), float(ev["wall_seconds"]),
                              float(ev["metrics"][metric]), epoch, averaged))
