@@ -38,7 +38,7 @@ ORPHAN_WAIT_S = 30.0
 
 
 class RunDirBusy(RuntimeError):
-    """Another process is running in the run directory."""
+    """Another process is running in the run directory (or its lock cannot be taken at all)."""
 
 
 def _holder(path: Path) -> dict:
@@ -131,6 +131,8 @@ def job_lock(run_dir: Path, dist) -> Iterator[None]:
                 stack.enter_context(run_dir_lock(run_dir))
             except RunDirBusy as err:
                 refusal = str(err)
+            except OSError as err:  # every rank must learn of it, not only this one
+                refusal = f"cannot take the lock of run directory {run_dir} ({err})"
         refusal = dist.broadcast_object(refusal)
         if refusal is not None:
             raise RunDirBusy(refusal)

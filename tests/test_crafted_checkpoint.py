@@ -46,8 +46,8 @@ def craft(path: Path, marker: Path) -> None:
 
 def args(run_dir: Path, corpus: Path, *extra: str) -> list[str]:
     return ["--recipe", str(RECIPE), "--run-dir", str(run_dir),
-            *tiny(corpus, "train.zero_stage=1", "train.save_every=1", "train.keep_checkpoints=3", "train.eval_every=100",
-                  *extra, steps=(4, 1))]
+            *tiny(corpus, "train.zero_stage=1", "train.save_every=1", "train.keep_checkpoints=3",
+                  "train.eval_every=100", *extra, steps=(4, 1))]
 
 
 @pytest.fixture

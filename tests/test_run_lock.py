@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from common.cli import discard_previous
 from common.run_lock import LOCK_FILE, RunDirBusy, run_dir_lock
 from pretrain.run import main
 from tests.test_pretrain import RECIPE, ROOT, _free_port, tiny
@@ -69,6 +70,14 @@ def test_a_lock_held_by_what_a_killed_holder_forked_is_waited_for(tmp_path):
     with run_dir_lock(tmp_path):
         assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
     assert 1 < time.monotonic() - start < 25
+
+
+def test_restart_leaves_the_lock_in_place(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    with run_dir_lock(tmp_path):
+        target = discard_previous(tmp_path)
+        assert (tmp_path / LOCK_FILE).is_file() and (target / "checkpoints").is_dir()
+        assert not (target / LOCK_FILE).exists()
 
 
 def args(run_dir: Path, corpus: Path, *extra: str, steps=(3, 3)) -> list[str]:
