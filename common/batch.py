@@ -15,8 +15,9 @@ recipe trains the same optimiser steps on any number of GPUs that divides its ba
 ranks) is refused before any compute, naming the global batch, the world size and the accumulation: an
 uneven split would change the batch or drop clips.
 
-Validation batches (``data.eval_batch_size``) are per rank and do not change what is computed; by default
-they are the phase's training micro-batch.
+Validation batches (``data.eval_batch_size``) are per rank and do not change the method; by default they
+are the phase's training micro-batch, so a partial validation round (``train.eval_batches`` batches on every
+rank) scores as many clips on any launch.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ class DataConfig:
         max_batch_per_rank: the most clips one rank takes in one forward / backward pass (None: no cap);
             gradient accumulation grows until the per-rank micro-batch fits (``common.batch``).
         eval_batch_size: clips per rank per validation batch (default: the phase's training micro-batch
-            per rank); it does not change what is computed.
+            per rank, which keeps a partial validation round's clip count on any launch).
         num_workers: decoding processes per rank.
         max_bad_fraction: stop the run when more than this share of clips is unusable.
         balanced: AST's balanced sampling (weights 1000 / (label count + 0.01)).
