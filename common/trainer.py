@@ -555,11 +555,13 @@ class Trainer:
     def _check_evaluation(self, resumed: bool) -> None:
         """Record the validation settings (``common.baseline.evaluation_settings``); a resumed run whose
         ``train.eval_batches`` or ``data.eval_batch_size`` change which clips are scored records the change as
-        an intervention (a change of ranks has its own, ``_reshard_position``)."""
+        an intervention (a change of ranks has its own, ``_reshard_position``; the default validation batch, the
+        per-rank training batch, follows the ranks and keeps the clips a round scores: no change then)."""
         spec, last = self.spec, len(self.spec.phases) - 1
         current = evaluation_settings(spec.train, spec.data, self._batch_size(last), self.dist.world_size)
         old = self.ledger.evaluation
-        if resumed and old and setting_differences(old, {**current, "ranks": old.get("ranks")}):
+        compared = current if spec.data.eval_batch_size is None else {**current, "ranks": old and old.get("ranks")}
+        if resumed and old and setting_differences(old, compared):
             keys = {"eval_batches": "train.eval_batches"}
             self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase, changes={
                 keys.get(k, f"data.{k}"): {"from": old.get(k), "to": v} for k, v in current.items()
