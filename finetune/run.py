@@ -8,9 +8,9 @@
     deepspeed --num_gpus 4 finetune/run.py --init ... --task audioset                      # several GPUs
 
 ``--init`` takes a pretraining or fine-tuning run directory, an exported model, an official SSAST / AST
-``.pth``, timm ImageNet ViT / DeiT weights, a Hugging Face AST directory (``--keep-head`` keeps its
-classifier when the task's classes are its labels), or ``none``. The positional embedding and strides adapt to
-the task's input length. Each epoch is evaluated on the task's evaluation split; ESC-50 runs its five
+``.pth``, timm ImageNet ViT / DeiT weights, an official HTS-AT checkpoint or ImageNet Swin weights (HTS-AT),
+a Hugging Face AST directory (``--keep-head`` keeps its classifier when the task's classes are its labels),
+or ``none``. The positional embedding and strides adapt to the task's input length. Each epoch is evaluated on the task's evaluation split; ESC-50 runs its five
 folds and reports the fold-averaged accuracy; tasks with a test split (SpeechCommands, VoxCeleb) are
 evaluated on it at the end with the best epoch's model.
 """
@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: python finetune/run.py --init runs/pretrain/ssast_fshift4 --task vggsound",
     )
     parser.add_argument("--init", help="where the encoder starts: a run directory, an exported model, an SSAST / "
-                                       "AST .pth, timm ImageNet ViT/DeiT weights, a Hugging Face AST directory, or "
-                                       "'none' (from scratch)")
+                                       "AST .pth, timm ImageNet ViT/DeiT weights, an official HTS-AT .ckpt or "
+                                       "ImageNet Swin weights (HTS-AT), a Hugging Face AST directory, or 'none' "
+                                       "(from scratch)")
     parser.add_argument("--task", help="a task name (see --list-tasks) or a task YAML file")
     parser.add_argument("--recipe", type=Path, default=None,
                         help="recipe overriding the task's defaults, e.g. recipes/ft_fshift4.yaml (coarse to fine)")
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         from common.arch import architecture_for
         from common.arch.base import geometries
         from common.recipe import RecipeError
-        from finetune.init import init_pos_mode, load_init, resolve_pool, task_encoder_config
+        from finetune.init import expected_init_note, init_pos_mode, load_init, resolve_pool, task_encoder_config
         from finetune.recipe import check_files, file_checks, load_recipe
 
         notes: list[str] = []
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             check_files(recipe)  # class list, manifests, statistics: before any compute or run directory
         classes, names = _classes(recipe, planning=args.dry_run)
         init = load_init(recipe.init)
+        mismatch = expected_init_note(recipe.expected_init, init, recipe.init)
         head_init = None
         try:
             base = task_encoder_config(init, recipe.model, recipe.num_mel_bins, recipe.task.target_frames)
@@ -189,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             print_plan(recipe, configs, objective, arch)
             for note in notes:
                 print(note)
+            if mismatch:
+                print(f"warning: {mismatch}")
             if missing:
                 print("files a run needs and does not find (it would stop before any compute):")
                 print("\n".join(f"  {problem}" for problem in missing))
@@ -208,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             dist = session.dist
             for note in notes:
                 log.info("%s", note)
+            if mismatch:
+                log.warning("%s", mismatch)
             log.info("classifier pooling: %s (head.pool: %s)", head.pool, recipe.head.pool)
             for k, (train, valid) in enumerate(splits):
                 run_dir = run_dirs[k]
