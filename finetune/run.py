@@ -103,7 +103,7 @@ def _surpass_targets(recipe, run_dirs: list[Path]) -> list[str | None]:
     return targets
 
 
-def _test(run_dir: Path, recipe, classes, dist) -> None:
+def _test(run_dir: Path, recipe, classes, dist, tracker) -> None:
     """Evaluate the best epoch's model (the weight average if there is one) on the task's test split."""
     from finetune.evaluate import evaluate_export
 
@@ -111,7 +111,7 @@ def _test(run_dir: Path, recipe, classes, dist) -> None:
     model = averaged if averaged.is_file() else run_dir / "export" / "best.safetensors"
     metrics = evaluate_export(model, [recipe.task.path(p) for p in recipe.task.test], classes,
                               recipe.data.eval_batch_size or recipe.data.batch_size, recipe.data.num_workers,
-                              dist.device)
+                              dist.device, tracker)
     (run_dir / "test_metrics.json").write_text(json.dumps({"model": str(model), **metrics}, indent=1))
     log.info("test split (%s): %s", model.name, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
@@ -230,11 +230,12 @@ def main(argv: list[str] | None = None) -> int:
                                      **({"kept_head": True} if head_init is not None else {})})
                 log.info("fine-tuning on %s%s into %s (init: %s)", recipe.task.name,
                          f" fold {k + 1}/{len(splits)}" if recipe.task.folds else "", run_dir, recipe.init)
-                done = Trainer(spec, objective, dist).run(stop_after=args.stop_after_steps)
+                trainer = Trainer(spec, objective, dist)
+                done = trainer.run(stop_after=args.stop_after_steps)
                 if not done:
                     break
-                if recipe.task.test and dist.is_main:
-                    _test(run_dir, recipe, classes, dist)
+                if recipe.task.test and dist.is_main:  # the run's accounting of audio, without a limit
+                    _test(run_dir, recipe, classes, dist, trainer.tracker.for_split("test", max_fraction=1.0))
             if done and recipe.task.folds and dist.is_main:
                 _cross_validation(run_root, len(splits), recipe.task.metric)
         if dist.is_main and done:
