@@ -77,11 +77,13 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
         restart: start over: the earlier attempt's files are moved aside first (:func:`discard_previous`).
         accept_changed_data: resume although the manifests changed (``--accept-changed-data``).
     """
+    from common.cpu import loader_workers, set_cpu_threads
     from common.distributed import init_distributed
     from common.logger import setup_logging
 
     dist = init_distributed()
     setup_logging(run_dir, dist.rank)
+    set_cpu_threads(loader_workers(recipe.data.num_workers), recipe.train.cpu_threads)
     try:
         if restart and dist.is_main:
             discard_previous(run_dir)

@@ -50,6 +50,7 @@ import torch
 
 from common.integrity import truncation
 from common.clip_cache import CacheMode, ClipCache, make_cache
+from common.cpu import loader_workers
 from common.prefetch import background
 
 __all__ = [
@@ -109,7 +110,7 @@ class DataConfig:
         valid: validation manifests (empty: no validation).
         batch_size: clips per rank per micro-batch.
         eval_batch_size: clips per rank per validation batch (default: batch_size).
-        num_workers: decoding processes per rank.
+        num_workers: decoding processes per rank; a rank starts at most its cores minus one (``common.cpu``).
         max_bad_fraction: stop the run when more than this share of clips is unusable.
         balanced: AST's balanced sampling (weights 1000 / (label count + 0.01)).
         eval_crop: where validation clips longer than the clip length are cut: ``start`` (AST) or ``center``.
@@ -656,7 +657,7 @@ class ClipLoader:
         self.seed = seed
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-        self.num_workers = num_workers
+        self.num_workers = loader_workers(num_workers)  # no more than the rank's cores (common.cpu)
         self.weights = list(weights) if weights is not None else None
         self.tracker = tracker or BadAudioTracker()
         self.pin_memory = pin_memory
