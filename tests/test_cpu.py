@@ -78,3 +78,22 @@ def test_four_workers_on_two_cores_start_without_the_loaders_warning(machine, sy
         batches.close()
     # PyTorch's "This DataLoader will create 4 worker processes in total. Our suggested max number of worker ..."
     assert not [w for w in caught if "worker" in str(w.message)]
+
+
+def test_a_training_session_sets_the_threads_and_gives_them_back(machine, tmp_path, caplog):
+    import logging
+
+    from common.cli import training_session
+    from finetune.recipe import load_recipe
+
+    machine(2)
+    recipe = load_recipe("synth", overrides=["data.num_workers=4"])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with caplog.at_level(logging.INFO, logger="common.cpu"), training_session(tmp_path / "run", recipe):
+            assert torch.get_num_threads() == 1  # 2 cores: 1 loader worker, 1 thread
+        assert torch.get_num_threads() == 2
+        assert "CPU threads of the training process: 1 (2 core(s) / 1 rank(s) - 1 loader worker(s))" in caplog.text
+    finally:
+        torch.set_num_threads(before)
