@@ -43,9 +43,9 @@ class EncoderWeights(NamedTuple):
             or an :class:`~common.htsat.HTSATConfig`.
         state: the :class:`ASTEncoder` state dict.
         meta: where they come from: ``source`` is ``export``, ``official`` (SSAST / AST / HTS-AT) or
-            ``imagenet`` (timm ViT / DeiT; ImageNet Swin for HTS-AT); ``objective`` is ``ssast`` for self-supervised pretraining weights (this
-            package's pretraining exports, SSAST's pretrained files) and ``classification`` for fine-tuned
-            ones; exports add their own metadata (front end, task, ...).
+            ``imagenet`` (timm ViT / DeiT; ImageNet Swin for HTS-AT); ``objective`` is ``ssast`` for
+            self-supervised pretraining weights (this package's pretraining exports, SSAST's pretrained files)
+            and ``classification`` for fine-tuned ones; exports add their own metadata (front end, task, ...).
     """
 
     config: object

@@ -10,9 +10,9 @@
 ``--init`` takes a pretraining or fine-tuning run directory, an exported model, an official SSAST / AST
 ``.pth``, timm ImageNet ViT / DeiT weights, an official HTS-AT checkpoint or ImageNet Swin weights (HTS-AT),
 a Hugging Face AST directory (``--keep-head`` keeps its classifier when the task's classes are its labels),
-or ``none``. The positional embedding and strides adapt to the task's input length. Each epoch is evaluated on the task's evaluation split; ESC-50 runs its five
-folds and reports the fold-averaged accuracy; tasks with a test split (SpeechCommands, VoxCeleb) are
-evaluated on it at the end with the best epoch's model.
+or ``none``. The positional embedding and strides adapt to the task's input length. Each epoch is evaluated
+on the task's evaluation split; ESC-50 runs its five folds and reports the fold-averaged accuracy; tasks with a
+test split (SpeechCommands, VoxCeleb) are evaluated on it at the end with the best epoch's model.
 """
 
 from __future__ import annotations

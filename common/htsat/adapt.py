@@ -17,6 +17,7 @@ same tensor. Table transfers (recipe switch ``bias_transfer``):
 - ``bicubic``: the same, bicubic (Microsoft Swin's ``load_pretrained``).
 
 The kernel goes through :func:`common.resize.resample_patch_kernel` (PI-resize or bilinear), as for AST.
+:func:`fit_tables` fits weights whose windows are not known from a geometry (an ImageNet Swin's) to one.
 Every function is tensor -> tensor, computes in float32 and returns the input dtype.
 """
 
