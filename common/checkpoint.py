@@ -74,7 +74,7 @@ def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWei
                 return _imagenet_swin(state, file)
             if not is_timm_vit(state):
                 raise ValueError(f"{file} is a safetensors file but neither an export of this package nor timm "
-                                 "ViT / Swin weights")
+                                 "ViT weights nor ImageNet Swin weights")
             cfg, enc = convert_timm_vit_state_dict(state, str(file))
             return EncoderWeights(cfg, enc, {"source": "imagenet", "file": str(file)})
         tensors, meta = read_weights(file)
