@@ -81,19 +81,25 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
         restart: start over: the earlier attempt's files are moved aside first (:func:`discard_previous`).
         accept_changed_data: resume although the manifests changed (``--accept-changed-data``).
     """
+    import torch
+
+    from common.cpu import loader_workers, set_cpu_threads
     from common.distributed import init_distributed
     from common.logger import setup_logging
 
     dist = init_distributed()
+    threads = torch.get_num_threads()  # given back at the end (a notebook, the demo, the tests run on)
     try:
         with job_lock(run_dir, dist):
             setup_logging(run_dir, dist.rank)
+            set_cpu_threads(loader_workers(recipe.data.num_workers), recipe.train.cpu_threads)
             if restart and dist.is_main:
                 discard_previous(run_dir)
             dist.barrier()
             yield Session(dist, prepare_run_dir(run_dir, recipe, dist.is_main, accept_changed_data))
     finally:
         dist.teardown()
+        torch.set_num_threads(threads)
 
 
 def run_main(body: Callable[[], int]) -> int:

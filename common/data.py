@@ -1,7 +1,8 @@
 """Waveform batches from Lhotse manifests: sampling, decoding, cropping, bad-audio handling, exact resume.
 
     manifests --(weighted mux)--> CutSet --Lhotse sampler (per-rank shard, seeded shuffle)--> cut batches
-      --DataLoader workers: decode, resample to 16 kHz, crop / pad--> Batch(waveforms [B, S], lengths, targets)
+      --DataLoader workers: decode, resample to the model's rate, crop / pad--> Batch(waveforms [B, S], lengths,
+      targets)
 
 Shuffling. AST and SSAST shuffle the whole training set every epoch; so does this loader for every set
 held in memory (an eager CutSet: Lhotse's ``SimpleCutSampler`` permutes it with ``seed + epoch``).
@@ -27,6 +28,11 @@ non-finite samples is left out of its batch, and named with its reason in ``Batc
 :class:`BadAudioTracker` counts them per split (training and validation), lists each once in the run's
 ``bad_audio.tsv``, and stops the run with :class:`TooMuchBadAudio` past a configurable fraction or when
 no clip of a split can be used. Nothing is replaced with silence.
+
+Resampling up. A clip recorded below the model's rate (16 kHz VGGSound clips into HTS-AT's 32 kHz front end)
+holds nothing above its own Nyquist frequency, so the model's upper mel bins stay empty for it. Such clips
+are counted per batch (``Batch.upsampled``, in the loader workers); the tracker says so once per run, with
+the rates, and keeps the counts, which the trainer adds up over ranks into ``ledger.json`` (``upsampled``).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import torch
 
 from common.integrity import truncation
 from common.clip_cache import CacheMode, ClipCache, make_cache
+from common.cpu import loader_workers
 from common.prefetch import background
 
 __all__ = [
@@ -103,7 +110,7 @@ class DataConfig:
         valid: validation manifests (empty: no validation).
         batch_size: clips per rank per micro-batch.
         eval_batch_size: clips per rank per validation batch (default: batch_size).
-        num_workers: decoding processes per rank.
+        num_workers: decoding processes per rank; a rank starts at most its cores minus one (``common.cpu``).
         max_bad_fraction: stop the run when more than this share of clips is unusable.
         balanced: AST's balanced sampling (weights 1000 / (label count + 0.01)).
         eval_crop: where validation clips longer than the clip length are cut: ``start`` (AST) or ``center``.
@@ -316,6 +323,7 @@ class Batch:
         ids: cut ids.
         bad: ``(path, reason)`` of the clips of this batch that were left out.
         epoch, index: position of the batch in the stream (index within the epoch).
+        upsampled: ``{(clip rate, target rate): clips}`` for the clips resampled up to a higher rate.
     """
 
     waveforms: torch.Tensor
@@ -325,6 +333,7 @@ class Batch:
     bad: list[tuple[str, str]] = field(default_factory=list)
     epoch: int = 0
     index: int = 0
+    upsampled: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -382,7 +391,7 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item) -> Batch:
         epoch, index, cuts = item
-        waves, lengths, targets, ids, bad = [], [], [], [], []
+        waves, lengths, targets, ids, bad, upsampled = [], [], [], [], [], Counter()
         for cut in cuts:
             try:
                 wave = load_clip(cut, self.sample_rate) if self.cache is None else \
@@ -396,13 +405,15 @@ class ClipDataset(torch.utils.data.Dataset):
             waves.append(wave)
             lengths.append(wave.size)
             ids.append(cut.id)
+            if cut.sampling_rate < self.sample_rate:
+                upsampled[(int(cut.sampling_rate), int(self.sample_rate))] += 1
         out = torch.zeros(len(waves), self.clip_samples)
         for i, wave in enumerate(waves):
             out[i, : wave.size] = torch.from_numpy(wave)
         target = None
         if self.encoder is not None:
             target = torch.stack(targets) if targets else torch.zeros(0, len(self.encoder))
-        return Batch(out, torch.tensor(lengths, dtype=torch.long), target, ids, bad, epoch, index)
+        return Batch(out, torch.tensor(lengths, dtype=torch.long), target, ids, bad, epoch, index, dict(upsampled))
 
 
 class _BadAudioList:
@@ -445,6 +456,8 @@ class BadAudioTracker:
 
     Every skip is counted (a clip that is bad in every epoch counts in every epoch, so the share is that
     of the data); the console warning and the line in ``log_path`` come once per clip and split per run.
+    Clips resampled up to a higher rate (``Batch.upsampled``) are counted too, and said once per run (all
+    splits together): :meth:`take_upsampled` hands the new counts to the trainer's ledger.
 
     Args:
         max_fraction: largest tolerated share of bad clips.
@@ -470,16 +483,21 @@ class BadAudioTracker:
         self._list = _BadAudioList(self.log_path)
         self._splits: dict[str, BadAudioTracker] = {}
         self._saved_splits: dict[str, dict] = {}
+        self.upsampled: Counter = Counter()  # (clip rate, target rate) -> clips, this split, the whole run
+        self._untaken: Counter = Counter()  # what take_upsampled has not handed out yet
+        self._said = [False]  # the resampling warning, shared with the other splits' trackers
 
-    def for_split(self, split: str, source: Sequence[str] | str = ()) -> "BadAudioTracker":
-        """The tracker of another split (``valid``): same file and threshold, its own counts (kept in this
-        tracker's :meth:`state_dict`). The same object is returned for the same split."""
+    def for_split(self, split: str, source: Sequence[str] | str = (), max_fraction: float | None = None
+                  ) -> "BadAudioTracker":
+        """The tracker of another split (``valid``): same file and threshold (unless ``max_fraction``), its own
+        counts (kept in this tracker's :meth:`state_dict`). The same object is returned for the same split."""
         if split == self.split:
             return self
         tracker = self._splits.get(split)
         if tracker is None:
-            tracker = BadAudioTracker(self.max_fraction, self.min_clips, None, split, source)
-            tracker.log_path, tracker._list = self.log_path, self._list
+            tracker = BadAudioTracker(self.max_fraction if max_fraction is None else max_fraction, self.min_clips,
+                                      None, split, source)
+            tracker.log_path, tracker._list, tracker._said = self.log_path, self._list, self._said
             if split in self._saved_splits:
                 tracker.load_state_dict(self._saved_splits.pop(split))
             self._splits[split] = tracker
@@ -494,8 +512,39 @@ class BadAudioTracker:
             self.reasons[reason.split(" (")[0]] += 1
             if self._list.add(self.split, path, reason):
                 log.warning("skipped bad audio (%s) %s: %s", self.split, path, reason)
+        if batch.upsampled:
+            self.upsampled.update(batch.upsampled)
+            self._untaken.update(batch.upsampled)
+            if not self._said[0]:
+                self._said[0] = True
+                rates = ", ".join(f"{n} at {a} Hz" for (a, _), n in sorted(batch.upsampled.items()))
+                low = min(a for a, _ in batch.upsampled)
+                log.warning("resampling clips up to the model's %d Hz (%s of the first %d %s clips): they hold nothing "
+                            "above %g Hz, so the model's upper frequency bins stay empty for them; ledger.json counts "
+                            "them (upsampled)", next(iter(batch.upsampled))[1], rates, self.seen, self.split, low / 2)
         if self.seen >= self.min_clips:
             self.check()
+
+    def take_upsampled(self, dist=None) -> dict[str, dict[tuple[int, int], int]]:
+        """The clips resampled up since the last call, per split (this tracker's and its other splits'), and
+        forget them: ``{split: {(clip rate, target rate): clips}}``.
+
+        Args:
+            dist: a :class:`common.distributed.Dist`: the counts of every rank's tracker, summed (collective:
+                every rank calls it at the same point); None: this tracker's only.
+        """
+        out: dict[str, Counter] = {}
+        for tracker in (self, *self._splits.values()):
+            if tracker._untaken:
+                out[tracker.split] = Counter(tracker._untaken)
+                tracker._untaken.clear()
+        if dist is not None and dist.world_size > 1:
+            total: dict[str, Counter] = {}
+            for counts in dist.gather_objects({split: dict(c) for split, c in out.items()}):
+                for split, pairs in counts.items():
+                    total.setdefault(split, Counter()).update(pairs)
+            out = total
+        return {split: dict(pairs) for split, pairs in out.items()}
 
     def check(self) -> None:
         where = f"; the list is in {self.log_path}" if self.log_path else ""
@@ -513,10 +562,13 @@ class BadAudioTracker:
 
     def state_dict(self) -> dict:
         splits = {**self._saved_splits, **{name: t.state_dict() for name, t in self._splits.items()}}
-        return {"seen": self.seen, "bad": self.bad, "reasons": dict(self.reasons), "splits": splits}
+        return {"seen": self.seen, "bad": self.bad, "reasons": dict(self.reasons), "splits": splits,
+                "upsampled": [[a, b, n] for (a, b), n in sorted(self.upsampled.items())]}
 
     def load_state_dict(self, state: dict) -> None:
         self.seen, self.bad, self.reasons = state["seen"], state["bad"], Counter(state["reasons"])
+        self.upsampled = Counter({(a, b): n for a, b, n in state.get("upsampled", [])})
+        self._said[0] = self._said[0] or bool(self.upsampled)  # said when the run first met them
         self._saved_splits = dict(state.get("splits", {}))
         for name in list(self._saved_splits):
             if name in self._splits:
@@ -605,7 +657,7 @@ class ClipLoader:
         self.seed = seed
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-        self.num_workers = num_workers
+        self.num_workers = loader_workers(num_workers)  # no more than the rank's cores (common.cpu)
         self.weights = list(weights) if weights is not None else None
         self.tracker = tracker or BadAudioTracker()
         self.pin_memory = pin_memory
@@ -746,5 +798,6 @@ def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] 
     """
     dataset = ClipDataset(clip_samples, sample_rate, classes, crop=crop, pad=pad, cache=cache)
     return ClipLoader(open_cuts(list(manifests)), dataset, batch_size, shuffle=False, drop_last=False, rank=rank,
-                      world_size=world_size, num_workers=num_workers, tracker=tracker or BadAudioTracker(1.0),
+                      world_size=world_size, num_workers=num_workers,
+                      tracker=tracker or BadAudioTracker(1.0, split="eval"),
                       pin_memory=pin_memory)

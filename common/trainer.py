@@ -428,6 +428,11 @@ class Trainer:
         self._pending.steps, self._pending.samples, self._pending.clock = 0, 0, now
         return window
 
+    def _count_upsampled(self) -> None:
+        """Add the clips every rank resampled up since the last call to the ledger (collective: before each
+        ledger write)."""
+        self.ledger.add_upsampled(self.tracker.take_upsampled(self.dist))
+
     def _log_window(self, engine, index: int, window: dict, bar) -> None:
         self._check_finite(index)
         trained = self._account(index)
@@ -486,6 +491,7 @@ class Trainer:
                                       phase_step=self.state.step, **where)
         self.scalars.log({f"eval/{k}": v for k, v in metrics.items()}, self.state.total_steps)
         self.scalars.flush()
+        self._count_upsampled()
         log.info("validation (%s, %s): %s", self.spec.phases[index].label(index),
                  f"epoch {epoch}" if epoch is not None else f"step {self.state.step}",
                  ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
@@ -512,6 +518,7 @@ class Trainer:
         st.pending_eval = pending_eval
         st.until = self._phase_end(index).state_dict()
         tag = make_tag(index, st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase)
+        self._count_upsampled()
         trainer_state = {"state": asdict(st), "ledger": self.ledger.to_dict(), "tracker": self.tracker.state_dict(),
                          "world_size": self.dist.world_size}
         if self.dist.is_main and self.spec.run_recipe is not None:
@@ -623,6 +630,7 @@ class Trainer:
         final = self.run_dir / "export" / f"phase{last + 1}.safetensors"
         if self.average.epochs:
             final = self._weight_average(model, last)
+        self._count_upsampled()
         if self.dist.is_main:
             atomic_copy(final, self.run_dir / "model.safetensors")
             self.ledger.write(self.run_dir / "ledger.json")
