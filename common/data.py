@@ -1,6 +1,7 @@
 """Waveform batches from Lhotse manifests: sampling, decoding, cropping, bad-audio handling, exact resume.
 
-    manifests --(weighted mux)--> CutSet --Lhotse sampler (per-rank shard, seeded shuffle)--> cut batches
+    manifests --(weighted mux)--> CutSet --sampler (seeded shuffle)--> global batches
+      --equal_shards--> this rank's cut batches
       --DataLoader workers: decode, resample to 16 kHz, crop / pad--> Batch(waveforms [B, S], lengths, targets)
 
 Shuffling. AST and SSAST shuffle the whole training set every epoch; so does this loader for every set
@@ -27,8 +28,8 @@ the training loop, not as the sampler hands them to prefetching workers (whose s
 reference/ecosystem.md B7). Restoring makes a fresh sampler, sets the epoch and skips the consumed
 batches (metadata only, no audio), so the next batch is exactly the one an uninterrupted run would see.
 Random crops are drawn from ``(seed, epoch, cut id)``, so they are the same after a resume as well.
-The global stream does not depend on the number of ranks, so a position converted to clips of the epoch
-(``common.trainer``) continues the same epoch on another number of ranks.
+The order of an epoch's clips depends on neither the number of ranks nor the batch size, so a position
+converted to clips of the epoch (:func:`reshard_index`) continues the same epoch on another number of ranks.
 
 Bad audio. A clip whose file is missing, cannot be decoded, is empty or truncated, or holds
 non-finite samples is left out of its batch, and named with its reason in ``Batch.bad``;

@@ -4,8 +4,8 @@ process (each joins its own process group), and records which batches this rank'
     RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 python tests/shard_job.py JOB.json
 
 ``JOB.json``: ``{"out": folder, "cases": [{"name", "entry": "finetune" | "pretrain", "argv", "port"}]}``.
-Writes ``out/rank{r}.json``: per case, the exit code and, per loader (``train`` / ``valid``), the
-``[epoch, index, clip ids]`` of every batch handed to the training loop.
+Writes ``out/rank{r}.json``: per case, the exit code, the seconds (and CPU seconds) it took and, per loader
+(``train`` / ``valid``), the ``[epoch, index, clip ids]`` of every batch handed to the training loop.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,8 +41,10 @@ def main(job_file: str) -> int:
         os.environ["MASTER_PORT"] = str(case["port"])
         seen = {}
         entry = finetune if case["entry"] == "finetune" else pretrain
+        start, cpu = time.perf_counter(), time.process_time()
         code = entry(case["argv"])
-        report[case["name"]] = {"code": code, **seen}
+        report[case["name"]] = {"code": code, "seconds": round(time.perf_counter() - start, 2),
+                                "cpu_seconds": round(time.process_time() - cpu, 2), **seen}
         Path(job["out"], f"rank{rank}.json").write_text(json.dumps(report))
         if code != 0:
             return code
