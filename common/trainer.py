@@ -515,7 +515,7 @@ class Trainer:
         st.until = self._phase_end(index).state_dict()
         tag = make_tag(index, st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase)
         trainer_state = {"state": asdict(st), "ledger": self.ledger.to_dict(), "tracker": self.tracker.state_dict(),
-                         "world_size": self.dist.world_size, "batch_size": self._batch_size(index)}
+                         "world_size": self.dist.world_size, "batch_per_rank": self._batch_size(index)}
         if self.dist.is_main and self.spec.run_recipe is not None:
             self.spec.run_recipe.write_pending()  # the run's recipe.yaml appears with its first checkpoint
         self.checkpoints.save(engine, tag, trainer_state, capture_rng(self.generator, self.device))
@@ -583,7 +583,7 @@ class Trainer:
         self.ledger.stop_target = self.ledger.stop_target or target  # the target the run started with
         self.tracker.load_state_dict(saved["tracker"])
         saved_ranks = self.checkpoints.saved_world_size(tag)
-        saved_batch = saved.get("batch_size", self._batch_size(self.state.phase))  # absent before it was recorded
+        saved_batch = saved.get("batch_per_rank", self._batch_size(self.state.phase))  # absent before it was recorded
         if (saved_ranks, saved_batch) != (self.dist.world_size, self._batch_size(self.state.phase)):
             self._reshard_position(saved_ranks, saved_batch)
         if self.state.phase_done:

@@ -148,6 +148,29 @@ def test_a_resume_on_another_number_of_ranks_continues_the_epoch(odd, path, befo
     assert reshard_index(consumed, batch0, ranks0, batch0, ranks0) == consumed  # nothing changes: exact
 
 
+def test_a_resume_at_another_per_rank_batch_converts_the_position_in_clips(tmp_path, synth_corpus):
+    """A checkpoint written at 2 clips per rank (a global batch over twice the ranks) resumes at 4 clips per
+    rank from the same clips of the epoch: 4 batches of 2 are 2 batches of 4, so the run ends exactly as an
+    uninterrupted one."""
+    from safetensors.torch import load_file
+
+    from tests.test_pretrain import run
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run(straight, synth_corpus, "train.save_every=100") == 0
+    assert run(resumed, synth_corpus, "train.save_every=100", stop=2) == 0
+    saved = resumed / "checkpoints" / (resumed / "checkpoints" / "LATEST").read_text() / "trainer_state.json"
+    state = json.loads(saved.read_text())
+    assert (state["batch_per_rank"], state["world_size"], state["state"]["data_index"]) == (4, 1, 2)
+    state["batch_per_rank"], state["state"]["data_index"] = 2, 4
+    saved.write_text(json.dumps(state))
+    assert run(resumed, synth_corpus, "train.save_every=100") == 0
+    ledger = json.loads((resumed / "ledger.json").read_text())
+    assert [i["changes"] for i in ledger["interventions"]] == [{"batch_per_rank": {"from": 2, "to": 4}}]
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
 # ------------------------------------------------------------------ real training in 2 and 3 processes
 FINETUNE = ["model.size=custom", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", f"data.batch_size={BATCH}",
             "data.num_workers=0", "train.log_every=100", "optim.warmup_steps=0", "train.deterministic=true",
