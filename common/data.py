@@ -674,7 +674,9 @@ class ClipLoader:
     def batches_per_epoch(self) -> int | None:
         """Batches this rank (and every other) gets per epoch; None for a streamed set, whose size is not known
         before it is read."""
-        if self.weights is None and self.cuts.is_lazy:
+        if self.weights is not None:  # an epoch draws one clip per weight
+            return shard_batches(len(self.weights), self.batch_size, self.world_size, self.drop_last)
+        if self.cuts.is_lazy:
             return None
         return shard_batches(len(self.cuts), self.batch_size, self.world_size, self.drop_last)
 
@@ -713,7 +715,7 @@ class ClipLoader:
                     f"the manifest gives no batch of {self.batch_size} clips on rank {self.rank} of "
                     f"{self.world_size} (too few clips{' with drop_last' if self.drop_last else ''})"
                 )
-            if expected is not None and index != expected:  # equal_shards makes this impossible; never hang on it
+            if expected is not None and index != expected:  # not with equal_shards; every rank would stop here
                 raise RuntimeError(f"rank {self.rank} of {self.world_size} got {index} batches in epoch {epoch}, "
                                    f"not {expected}: the ranks would fall out of step")
             skip = 0
