@@ -795,7 +795,8 @@ def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] 
                 sample_rate: int, batch_size: int, num_workers: int = 0, crop: str = "start", rank: int = 0,
                 world_size: int = 1, tracker: BadAudioTracker | None = None,
                 pin_memory: bool = False, pad: str = "zeros", cache: ClipCache | None = None) -> ClipLoader:
-    """One pass over evaluation manifests in their order, every clip kept (no shuffling, no dropped batch).
+    """One pass over evaluation manifests in their order, every clip kept once (no shuffling, no dropped batch;
+    over several ranks, the same number of batches on each, the last of which may be empty).
 
     Args:
         manifests: the evaluation manifests.
