@@ -1,6 +1,7 @@
 """Waveform batches from Lhotse manifests: sampling, decoding, cropping, bad-audio handling, exact resume.
 
-    manifests --(weighted mux)--> CutSet --Lhotse sampler (per-rank shard, seeded shuffle)--> cut batches
+    manifests --(weighted mux)--> CutSet --sampler (seeded shuffle)--> global batches
+      --equal_shards--> this rank's cut batches
       --DataLoader workers: decode, resample to the model's rate, crop / pad--> Batch(waveforms [B, S], lengths,
       targets)
 
@@ -14,6 +15,12 @@ SSAST) stream through Lhotse's 20,000-clip shuffle buffer (``DynamicCutSampler``
 because every corpus is written in a seeded shuffled order (``common.corpora.base.write_corpus``);
 source order is often sorted by class.
 
+Equal shards. Every rank gets the same number of batches in every epoch, whatever the sampler (in-memory
+shuffle, streaming buffer, balanced, Shar), so that all ranks enter the same collectives: one global
+stream of batches is dealt in rounds of ``world_size`` (:func:`equal_shards`); training drops an incomplete
+last round, evaluation splits its clips over the ranks and gives a rank left without one an empty batch,
+never a duplicate, so every clip is scored exactly once. ``ClipLoader`` checks the count at every epoch end.
+
 Features are made later, on the training device (``common.features``), so one loader serves every
 compression method.
 
@@ -22,6 +29,8 @@ the training loop, not as the sampler hands them to prefetching workers (whose s
 reference/ecosystem.md B7). Restoring makes a fresh sampler, sets the epoch and skips the consumed
 batches (metadata only, no audio), so the next batch is exactly the one an uninterrupted run would see.
 Random crops are drawn from ``(seed, epoch, cut id)``, so they are the same after a resume as well.
+The order of an epoch's clips depends on neither the number of ranks nor the batch size, so a position
+converted to clips of the epoch (:func:`reshard_index`) continues the same epoch on another number of ranks.
 
 Bad audio. A clip whose file is missing, cannot be decoded, is empty or truncated, or holds
 non-finite samples is left out of its batch, and named with its reason in ``Batch.bad``;
@@ -65,6 +74,9 @@ __all__ = [
     "LabelEncoder",
     "ClipDataset",
     "ClipLoader",
+    "equal_shards",
+    "shard_batches",
+    "reshard_index",
     "load_clip",
     "train_loader",
     "eval_loader",
@@ -577,37 +589,71 @@ class BadAudioTracker:
 
 class WeightedCutSampler:
     """Balanced sampling as AST: each epoch draws ``len(cuts)`` clips *with replacement*, with
-    probability proportional to their weights, reproducibly from ``(seed, epoch)``; batch ``k`` of the
-    draw goes to rank ``k % world_size``.
+    probability proportional to their weights, reproducibly from ``(seed, epoch)``, in batches of
+    ``batch_size`` (the global stream: :func:`equal_shards` deals it to the ranks).
 
     (Lhotse's ``WeightedSimpleCutSampler`` draws without replacement from numpy's global random state,
     which neither matches AST nor can be resumed exactly.)
     """
 
-    def __init__(self, cuts, weights: Sequence[float], batch_size: int, *, drop_last: bool, seed: int,
-                 rank: int, world_size: int) -> None:
+    def __init__(self, cuts, weights: Sequence[float], batch_size: int, *, drop_last: bool, seed: int) -> None:
         self.cuts = cuts if not cuts.is_lazy else cuts.to_eager()
         w = np.asarray(weights, dtype=np.float64)
         if w.shape != (len(self.cuts),) or (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"need one non-negative weight per clip ({len(self.cuts)}), got {w.shape}")
         self.p = w / w.sum()
-        self.batch_size, self.drop_last = batch_size, drop_last
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.batch_size, self.drop_last, self.seed = batch_size, drop_last, seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
-        from lhotse import CutSet
-
         draw = np.random.default_rng([self.seed, self.epoch]).choice(len(self.p), size=len(self.p), p=self.p)
-        for k, start in enumerate(range(0, len(draw), self.batch_size)):
+        for start in range(0, len(draw), self.batch_size):
             chunk = draw[start : start + self.batch_size]
             if self.drop_last and len(chunk) < self.batch_size:
                 return
-            if k % self.world_size == self.rank:
-                yield CutSet.from_cuts(self.cuts[int(i)] for i in chunk)
+            yield [self.cuts[int(i)] for i in chunk]
+
+
+def shard_batches(clips: int, batch_size: int, world_size: int, drop_last: bool) -> int:
+    """Batches each rank gets from an epoch of ``clips`` clips (see :func:`equal_shards`)."""
+    if drop_last:
+        return clips // batch_size // world_size
+    batches = -(-clips // batch_size)
+    return -(-batches // world_size)
+
+
+def reshard_index(index: int, saved_batch: int, saved_ranks: int, batch: int, ranks: int) -> int:
+    """The batch to resume an epoch at on ``ranks`` ranks of ``batch`` clips, after ``index`` batches of
+    ``saved_batch`` clips on each of ``saved_ranks``: the clips of the epoch already consumed, in whole new
+    global batches (rounded down: nothing is skipped, less than one global batch is seen again). The global
+    stream's clip order does not depend on the ranks or the batch, so nothing changes when neither does."""
+    return index * saved_batch * saved_ranks // (batch * ranks)
+
+
+def equal_shards(batches: Iterable[Sequence], rank: int, world_size: int, drop_last: bool) -> Iterator[list]:
+    """This rank's share of a global stream of batches: the same number of batches on every rank.
+
+    The batches are dealt in rounds of ``world_size``, batch ``rank`` of each round to this rank. An
+    incomplete last round is dropped with ``drop_last``; without it, its clips are split into
+    ``world_size`` contiguous parts of near-equal size (as Lhotse does), and a rank left without a clip
+    gets an empty batch rather than Lhotse's duplicate, which evaluation would count twice.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not a rank of a world of {world_size}")
+    round_: list[Sequence] = []
+    for batch in batches:
+        round_.append(batch)
+        if len(round_) == world_size:
+            yield list(round_[rank])
+            round_ = []
+    if round_ and not drop_last:
+        clips = [cut for batch in round_ for cut in batch]
+        size, extra = divmod(len(clips), world_size)
+        start = rank * size + min(rank, extra)
+        yield clips[start : start + size + (rank < extra)]
 
 
 class _Stream:
@@ -621,7 +667,7 @@ class _Stream:
 
 
 class ClipLoader:
-    """Batches of clips from a CutSet, sharded over ranks, resumable to the exact next batch.
+    """Batches of clips from a CutSet, sharded over ranks in equal shares, resumable to the exact next batch.
 
     Args:
         cuts: the CutSet (lazy or eager).
@@ -630,9 +676,11 @@ class ClipLoader:
         shuffle: shuffle with ``seed`` and the epoch: an eager (in-memory) CutSet is permuted as a whole
             (Lhotse's ``SimpleCutSampler``), a lazy one streams through a 20k-cut shuffle buffer
             (``DynamicCutSampler``); see the module docstring.
-        drop_last: drop the last incomplete batch of an epoch.
+        drop_last: drop the last incomplete batch of an epoch, and an incomplete last round of batches over
+            the ranks (without it, a rank may get an empty last batch: see :func:`equal_shards`).
         seed: sampler seed, the same on every rank.
-        rank, world_size: this process's shard (default: from the environment, as Lhotse infers it).
+        rank, world_size: this process's shard (default: from the environment, as Lhotse infers it); every
+            rank gets the same number of batches per epoch (:meth:`batches_per_epoch`).
         num_workers: decoding processes (0: decode in this process).
         weights: per-cut sampling weights (balanced sampling, :class:`WeightedCutSampler`); an epoch
             then draws ``len(cuts)`` clips with replacement.
@@ -665,46 +713,64 @@ class ClipLoader:
         self.prefetch = prefetch
 
     def _sampler(self):
+        """The global stream of batches (every rank draws the same; :func:`equal_shards` deals it)."""
         from lhotse.dataset import DynamicCutSampler, SimpleCutSampler
 
         if self.weights is not None:
             return WeightedCutSampler(self.cuts, self.weights, self.batch_size, drop_last=self.drop_last,
-                                      seed=self.seed, rank=self.rank, world_size=self.world_size)
-        if not self.cuts.is_lazy:  # in memory: shuffled as a whole every epoch
-            return SimpleCutSampler(self.cuts, max_cuts=self.batch_size, shuffle=self.shuffle,
-                                    drop_last=self.drop_last, world_size=self.world_size, rank=self.rank,
-                                    seed=self.seed)
-        return DynamicCutSampler(self.cuts, max_cuts=self.batch_size, shuffle=self.shuffle,
-                                 drop_last=self.drop_last, world_size=self.world_size, rank=self.rank,
-                                 seed=self.seed)
+                                      seed=self.seed)
+        kind = DynamicCutSampler if self.cuts.is_lazy else SimpleCutSampler  # eager: shuffled as a whole
+        return kind(self.cuts, max_cuts=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last,
+                    world_size=1, rank=0, seed=self.seed)
+
+    def batches_per_epoch(self) -> int | None:
+        """Batches this rank (and every other) gets per epoch; None for a streamed set, whose size is not known
+        before it is read."""
+        if self.weights is not None:  # an epoch draws one clip per weight
+            return shard_batches(len(self.weights), self.batch_size, self.world_size, self.drop_last)
+        if self.cuts.is_lazy:
+            return None
+        return shard_batches(len(self.cuts), self.batch_size, self.world_size, self.drop_last)
 
     def _cut_batches(self, start_epoch: int, skip: int, epochs: int | None) -> Iterator:
+        from lhotse import CutSet
+
         sampler = self._sampler()
+        expected = self.batches_per_epoch()
+        if expected is not None and skip > expected:
+            raise ValueError(f"cannot resume at batch {skip} of epoch {start_epoch}: an epoch has {expected} batches "
+                             f"per rank (did the manifest change?)")
+
+        def stream():  # not `for`: a Lhotse sampler's __iter__ restarts the epoch
+            iterator = iter(sampler)
+            while True:
+                try:
+                    yield next(iterator)
+                except StopIteration:
+                    return
+
         epoch = start_epoch
         while epochs is None or epoch < start_epoch + epochs:
             sampler.set_epoch(epoch)
-            iterator = iter(sampler)
+            shard = equal_shards(stream(), self.rank, self.world_size, self.drop_last)
             index = 0
             for _ in range(skip):  # fast-forward over batches already trained on (metadata only)
-                try:
-                    next(iterator)
-                except StopIteration:
+                if next(shard, None) is None:
                     raise ValueError(f"cannot resume at batch {skip} of epoch {epoch}: the epoch has {index} "
-                                     f"batches (did the manifest change?)") from None
+                                     f"batches (did the manifest change?)")
                 index += 1
-            skip = 0
-            while True:  # not `for`: a Lhotse sampler's __iter__ restarts the epoch
-                try:
-                    cuts = next(iterator)
-                except StopIteration:
-                    break
-                yield epoch, index, cuts
+            for cuts in shard:
+                yield epoch, index, CutSet.from_cuts(cuts)
                 index += 1
             if index == 0:
                 raise ValueError(
                     f"the manifest gives no batch of {self.batch_size} clips on rank {self.rank} of "
                     f"{self.world_size} (too few clips{' with drop_last' if self.drop_last else ''})"
                 )
+            if expected is not None and index != expected:  # not with equal_shards; every rank would stop here
+                raise RuntimeError(f"rank {self.rank} of {self.world_size} got {index} batches in epoch {epoch}, "
+                                   f"not {expected}: the ranks would fall out of step")
+            skip = 0
             epoch += 1
 
     def cut_batches(self, start_epoch: int = 0, skip: int = 0, epochs: int | None = None) -> Iterator:
@@ -781,7 +847,8 @@ def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] 
                 sample_rate: int, batch_size: int, num_workers: int = 0, crop: str = "start", rank: int = 0,
                 world_size: int = 1, tracker: BadAudioTracker | None = None,
                 pin_memory: bool = False, pad: str = "zeros", cache: ClipCache | None = None) -> ClipLoader:
-    """One pass over evaluation manifests in their order, every clip kept (no shuffling, no dropped batch).
+    """One pass over evaluation manifests in their order, every clip kept once (no shuffling, no dropped batch;
+    over several ranks, the same number of batches on each, the last of which may be empty).
 
     Args:
         manifests: the evaluation manifests.

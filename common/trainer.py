@@ -42,7 +42,7 @@ from common.augment import SpecAugmentConfig
 from common.compile import maybe_compile
 from common.baseline import evaluation_settings, setting_differences, stop_target
 from common.criteria import PhaseEnd
-from common.data import BadAudioTracker, Batch, eval_loader, make_cache, train_loader
+from common.data import BadAudioTracker, Batch, eval_loader, make_cache, reshard_index, train_loader
 from common.data_fingerprint import DataChanged, changes, run_fingerprints
 from common.distributed import Dist
 from common.ledger import Ledger, Window
@@ -69,15 +69,17 @@ class StepGroup(NamedTuple):
     epoch_end: int | None = None  # the epoch that just ended
 
 
-def step_groups(stream: Iterator[Batch], accum: int, epoch_based: bool) -> Iterator[StepGroup]:
+def step_groups(stream: Iterator[Batch], accum: int, epoch_based: bool,
+                start_epoch: int | None = None) -> Iterator[StepGroup]:
     """Group a batch stream into optimiser steps of ``accum`` micro-batches.
 
     Batches whose clips were all unusable are skipped. In epoch-based phases an epoch end is announced
     as a group of its own, and a partial group left at an epoch end is dropped (as a DataLoader with
-    ``drop_last``: a step never mixes two epochs).
+    ``drop_last``: a step never mixes two epochs). ``start_epoch``: the epoch the stream starts in, whose
+    end is announced even when the stream has no batch left of it (a resume at the end of an epoch).
     """
     group: list[Batch] = []
-    current = None
+    current = start_epoch
     for batch in stream:
         if epoch_based and current is not None and batch.epoch != current:
             group = []
@@ -213,7 +215,7 @@ class Trainer:
         self._pending.restart_clock()
         steps_done = 0
         try:
-            for group in step_groups(stream, spec.optim.grad_accum, not phase.iteration_based):
+            for group in step_groups(stream, spec.optim.grad_accum, not phase.iteration_based, st.data_epoch):
                 if group.epoch_end is not None:  # epoch-based phases: evaluate (and maybe finish) per epoch
                     self._check_finite(index)
                     st.epoch_in_phase += 1
@@ -520,7 +522,7 @@ class Trainer:
         tag = make_tag(index, st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase)
         self._count_upsampled()
         trainer_state = {"state": asdict(st), "ledger": self.ledger.to_dict(), "tracker": self.tracker.state_dict(),
-                         "world_size": self.dist.world_size}
+                         "world_size": self.dist.world_size, "batch_per_rank": self._batch_size(index)}
         if self.dist.is_main and self.spec.run_recipe is not None:
             self.spec.run_recipe.write_pending()  # the run's recipe.yaml appears with its first checkpoint
         self.checkpoints.save(engine, tag, trainer_state, capture_rng(self.generator, self.device))
@@ -581,19 +583,22 @@ class Trainer:
                         "train.accept_baseline_differences, recorded in ledger.json): %s", path, difference)
         self.ledger.set_stop_target(target)
 
-    def _reshard_position(self, saved_ranks: int) -> None:
-        """Resuming on another number of ranks: each rank's shard of an epoch changes, so the data position
-        keeps the share of the epoch already seen (batches consumed x old ranks / new ranks), and the run
-        continues close to, not exactly as, an uninterrupted one; the ledger records it."""
-        st, ranks = self.state, self.dist.world_size
-        index = st.data_index * saved_ranks // ranks
-        log.warning("resuming on %d rank(s) a run checkpointed on %d: each rank's share of the data changes, so the "
-                    "resumed run continues from the same share of epoch %d (batch %d instead of %d) and is close "
-                    "to, not bitwise equal to, an uninterrupted run; recorded in ledger.json", ranks, saved_ranks,
-                    st.data_epoch, index, st.data_index)
+    def _reshard_position(self, saved_ranks: int, saved_batch: int) -> None:
+        """Resuming on another number of ranks (or per-rank batch): each rank's shard of an epoch changes, so the
+        data position keeps the clips of the epoch already seen (batches consumed x per-rank batch x ranks, in
+        the new global batches), and the run continues close to, not exactly as, an uninterrupted one; the
+        ledger records it."""
+        st, ranks, batch = self.state, self.dist.world_size, self._batch_size(self.state.phase)
+        index = reshard_index(st.data_index, saved_batch, saved_ranks, batch, ranks)
+        log.warning("resuming on %d rank(s) x %d clips a run checkpointed on %d x %d: each rank's share of the data "
+                    "changes, so the resumed run continues from the same share of epoch %d (batch %d instead of %d) "
+                    "and is close to, not bitwise equal to, an uninterrupted run; recorded in ledger.json", ranks,
+                    batch, saved_ranks, saved_batch, st.data_epoch, index, st.data_index)
         st.data_index = index
-        self.ledger.add_intervention(step=st.total_steps, phase=st.phase,
-                                     changes={"world_size": {"from": saved_ranks, "to": ranks}})
+        changes = {"world_size": {"from": saved_ranks, "to": ranks}} if saved_ranks != ranks else {}
+        if saved_batch != batch:
+            changes["batch_per_rank"] = {"from": saved_batch, "to": batch}
+        self.ledger.add_intervention(step=st.total_steps, phase=st.phase, changes=changes)
 
     def _resume(self) -> tuple[nn.Module | None, str | None]:
         """Restore the newest intact checkpoint if there is one.
@@ -611,8 +616,9 @@ class Trainer:
         self.ledger.baseline = baseline or self.ledger.baseline
         self.tracker.load_state_dict(saved["tracker"])
         saved_ranks = self.checkpoints.saved_world_size(tag)
-        if saved_ranks != self.dist.world_size:
-            self._reshard_position(saved_ranks)
+        saved_batch = saved.get("batch_per_rank", self._batch_size(self.state.phase))  # absent before it was recorded
+        if (saved_ranks, saved_batch) != (self.dist.world_size, self._batch_size(self.state.phase)):
+            self._reshard_position(saved_ranks, saved_batch)
         if self.state.phase_done:
             model = self.objective.build_model(self.cfgs[self.state.phase])
             model.load_state_dict(self.checkpoints.module_state(tag))
