@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from common.converters import convert_official_state_dict, convert_timm_vit_state_dict, is_timm_vit
-from common.exports import is_export, read_weights, resolve_model_file
+from common.exports import is_export, read_weights, resolve_model_file, unreadable
 from common.model import ASTEncoder, EncoderConfig
 
 __all__ = ["EncoderWeights", "load_encoder_state", "load_encoder"]
@@ -59,10 +59,14 @@ def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWei
         return hf_encoder_state(path)
     file = resolve_model_file(path)
     if file.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         if not is_export(file):
-            state = load_file(str(file))
+            try:
+                state = load_file(str(file))
+            except SafetensorError as err:
+                raise unreadable(file, err) from err
             if not is_timm_vit(state):
                 raise ValueError(
                     f"{file} is a safetensors file but neither an export of this package nor timm ViT weights")

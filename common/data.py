@@ -165,7 +165,10 @@ def _open_one(path: str | os.PathLike):
             f"manifest {path} does not exist; write it with `python -m common.corpora prepare NAME --src DIR "
             f"--out {path.parent}` (see `python -m common.corpora list`)"
         )
-    return CutSet.from_file(path)  # lazy for .jsonl.gz
+    cuts = CutSet.from_file(path)  # lazy for .jsonl.gz
+    if cuts is None:  # what Lhotse returns for an empty file
+        raise ValueError(f"manifest {path} holds no clips (an empty file); prepare it again")
+    return cuts
 
 
 def count_clips(path: str | os.PathLike, limit: int | None = None) -> int | None:

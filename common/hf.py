@@ -46,6 +46,8 @@ from typing import Sequence
 
 import torch
 
+from common.atomic import file_mode
+from common.exports import unreadable
 from common.frontend import NORM_STATS, NormStats, resolve_norm_stats
 from common.model import EncoderConfig
 
@@ -184,7 +186,7 @@ def _read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
             try:
                 return load_file(str(file))
             except Exception as err:  # noqa: BLE001 - SafetensorError, OSError
-                raise HFFormatError(f"{file} is not a readable safetensors file: {err}") from err
+                raise HFFormatError(str(unreadable(file, err))) from err
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - unpickling / zip errors
@@ -492,7 +494,7 @@ def read_ast(src: str | os.PathLike, norm: str | None = None) -> tuple[ASTWeight
             with safe_open(str(file), framework="pt") as handle:
                 own = (handle.metadata() or {}).get("format") == EXPORT_FORMAT
         except Exception as err:  # noqa: BLE001
-            raise HFFormatError(f"{file} is not a readable safetensors file: {err}") from err
+            raise HFFormatError(str(unreadable(file, err))) from err
     if not own:
         cfg, state, meta = load_encoder_state(file)
         if meta["source"] == "imagenet":
@@ -647,6 +649,7 @@ def write_hf_directory(model: ASTWeights, out: str | os.PathLike) -> Path:
         extractor.save_pretrained(tmp)
         save_file(_to_hf_state(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         for name in (CONFIG_FILE, PREPROCESSOR_FILE, WEIGHTS_FILE):
+            os.chmod(tmp / name, file_mode())  # safetensors creates its file 0600: readable as the umask allows
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -663,6 +666,9 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, norm: str | None =
     Raises:
         HFFormatError: naming everything the format cannot hold (see the module docstring).
     """
+    if Path(out).exists() and not Path(out).is_dir():
+        raise HFFormatError(f"--out {out} is a file, not a directory: an HF model is a folder (config.json, "
+                            f"model.safetensors, ...); name a new or an empty folder")
     model, problems = read_ast(src, norm)
     problems += _format_problems(model)
     if problems:
@@ -717,8 +723,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         out = export_hf(args.src, args.out, args.norm)
-    except (TransformersMissing, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (TransformersMissing, ValueError, OSError) as err:
+        from common.cli import describe_os_error
+
+        message = describe_os_error(err) if isinstance(err, OSError) else str(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     config = json.loads((out / CONFIG_FILE).read_text())
     kind = config["architectures"][0]
