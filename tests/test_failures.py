@@ -332,8 +332,8 @@ def test_corpora_stats_on_an_empty_manifest(tmp_path, content, capsys):
     else:
         manifest.write_bytes(content)
     assert corpora(["stats", str(manifest)]) == 2
-    assert one_error(capsys.readouterr().err) == f"error: manifest {manifest} holds no clips (an empty file); prepare " \
-                                                 f"it again"
+    line = one_error(capsys.readouterr().err)
+    assert line == f"error: manifest {manifest} holds no clips (an empty file); prepare it again"
     assert [p.name for p in tmp_path.iterdir()] == [manifest.name]  # no statistics written
 
 
@@ -358,6 +358,6 @@ def test_the_linear_probe_on_an_empty_manifest(tmp_path, synth_corpus, split, ca
     out = tmp_path / "probe.json"
     assert probe(["--init", str(encoder), "--task", str(task), "--cache-dir", str(tmp_path / "cache"),
                   "--out", str(out), "--workers", "0"]) == 1
-    assert one_error(capsys.readouterr().err) == f"error: manifest {empty} holds no clips (an empty file); prepare " \
-                                                 f"it again"
+    line = one_error(capsys.readouterr().err)
+    assert line == f"error: manifest {empty} holds no clips (an empty file); prepare it again"
     assert not out.exists()
