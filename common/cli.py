@@ -143,7 +143,7 @@ def describe_os_error(err: OSError) -> str | None:
     if isinstance(err, NoSpace):
         return str(err)
     if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return f"{err.filename or 'a write'}: no space left on device ({err.strerror})"
+        return f"{err.filename or 'a write'}: no space left on device"
     if err.errno is None:  # raised with a message of ours (FileNotFoundError("checkpoint ... does not exist"))
         return str(err)
     if err.filename is None:
@@ -152,15 +152,14 @@ def describe_os_error(err: OSError) -> str | None:
     return f"{where}: {(err.strerror or type(err).__name__).lower()}"
 
 
+# what a collective raises on the ranks left when another rank of the job exits (gloo, NCCL)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "remote process exited or there was a network error")
+
+
 def _lost_peer(err: BaseException) -> bool:
     """A collective failed because another rank of the job stopped (that rank says why)."""
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    text = str(err)
-    return isinstance(err, getattr(torch.distributed, "DistError", ())) or any(
-        word in text for word in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(word in str(err) for word in _PEER_GONE)
 
 
 def run_main(body: Callable[[], int]) -> int:

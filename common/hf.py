@@ -47,6 +47,7 @@ from typing import Sequence
 import torch
 
 from common.atomic import file_mode
+from common.disk import NoSpace, ensure_space, free_bytes, out_of_space
 from common.exports import unreadable
 from common.frontend import NORM_STATS, NormStats, resolve_norm_stats
 from common.model import EncoderConfig
@@ -643,14 +644,21 @@ def write_hf_directory(model: ASTWeights, out: str | os.PathLike) -> Path:
     if stale:
         raise HFFormatError(f"{out} already holds other weights ({', '.join(stale)}); export into an empty folder")
     out.mkdir(parents=True, exist_ok=True)
+    state = _to_hf_state(model)
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    ensure_space(out / WEIGHTS_FILE, size)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".export."))
     try:
         ASTConfig(**fields).save_pretrained(tmp)
         extractor.save_pretrained(tmp)
-        save_file(_to_hf_state(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         for name in (CONFIG_FILE, PREPROCESSOR_FILE, WEIGHTS_FILE):
             os.chmod(tmp / name, file_mode())  # safetensors creates its file 0600: readable as the umask allows
             os.replace(tmp / name, out / name)
+    except Exception as err:
+        if isinstance(err, NoSpace) or not out_of_space(err, out):
+            raise
+        raise NoSpace(out / WEIGHTS_FILE, size, free_bytes(out)) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
