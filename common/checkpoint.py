@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from common.converters import convert_official_state_dict, convert_timm_vit_state_dict, is_timm_vit
-from common.exports import is_export, read_weights, resolve_model_file
+from common.exports import is_export, read_weights, resolve_model_file, unreadable
 from common.htsat.imagenet import looks_imagenet_swin
 from common.model import ASTEncoder, EncoderConfig
 
@@ -66,10 +66,14 @@ def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWei
         return hf_encoder_state(path)
     file = resolve_model_file(path)
     if file.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         if not is_export(file):
-            state = load_file(str(file))
+            try:
+                state = load_file(str(file))
+            except SafetensorError as err:
+                raise unreadable(file, err) from err
             if looks_imagenet_swin(state):
                 return _imagenet_swin(state, file)
             if not is_timm_vit(state):

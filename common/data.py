@@ -184,7 +184,10 @@ def _open_one(path: str | os.PathLike):
             f"manifest {path} does not exist; write it with `python -m common.corpora prepare NAME --src DIR "
             f"--out {path.parent}` (see `python -m common.corpora list`)"
         )
-    return CutSet.from_file(path)  # lazy for .jsonl.gz
+    cuts = CutSet.from_file(path)  # lazy for .jsonl.gz
+    if cuts is None:  # what Lhotse returns for an empty file
+        raise ValueError(f"manifest {path} holds no clips (an empty file); prepare it again")
+    return cuts
 
 
 def count_clips(path: str | os.PathLike, limit: int | None = None) -> int | None:
@@ -288,6 +291,29 @@ def _source_path(cut) -> str:
     return _file_source(cut) or cut.id
 
 
+def _unreadable(err: Exception) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    detail = next((line for line in lines if "Libsndfile" in line), lines[0] if lines else "")
+    return f"unreadable ({type(err).__name__}: {detail.split('>: ', 1)[-1][:200]})"
+
+
+def audio_file_problem(path: str) -> str | None:
+    """Why the audio file ``path`` cannot be used now (a reason as :func:`load_clip` gives it), None if it can."""
+    from lhotse import Recording
+
+    if not os.path.exists(path):
+        return "missing (no such file)"
+    try:
+        cut = Recording.from_file(path).to_cut()
+    except Exception as err:  # noqa: BLE001 - every decoder failure makes the file unusable
+        return truncation(path) or _unreadable(err)
+    try:
+        load_clip(cut, cut.sampling_rate)
+    except BadClip as err:
+        return str(err)
+    return None
+
+
 def load_clip(cut, sample_rate: int) -> np.ndarray:
     """Decode a cut's first channel at ``sample_rate`` (resampling if needed); raise :class:`BadClip`.
 
@@ -305,9 +331,7 @@ def load_clip(cut, sample_rate: int) -> np.ndarray:
         problem = truncation(source) if source is not None else None
         if problem:
             raise BadClip(problem) from None
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        detail = next((line for line in lines if "Libsndfile" in line), lines[0] if lines else "")
-        raise BadClip(f"unreadable ({type(err).__name__}: {detail.split('>: ', 1)[-1][:200]})") from None
+        raise BadClip(_unreadable(err)) from None
     if source is not None and source.lower().endswith(".wav"):
         problem = truncation(source)  # a few header bytes: the decoder pads a WAV that lost its end
         if problem:
@@ -430,7 +454,8 @@ class ClipDataset(torch.utils.data.Dataset):
 
 class _BadAudioList:
     """A run's ``bad_audio.tsv``: one line per bad clip and split (``split, path, reason``), however many
-    epochs skip it. Clips already listed by an earlier invocation (a resumed run) are read back."""
+    epochs skip it. Clips already listed by an earlier invocation (a resumed run) are read back;
+    :meth:`recheck` drops those that read fine now."""
 
     HEADER = "split\tpath\treason"
 
@@ -438,15 +463,40 @@ class _BadAudioList:
         self.path = Path(path) if path else None
         self._listed: set[tuple[str, str]] | None = None
 
-    def _read(self) -> set[tuple[str, str]]:
-        listed: set[tuple[str, str]] = set()
+    def _rows(self) -> list[tuple[str, str, str]]:
+        rows = []
         if self.path is not None and self.path.is_file():
             for line in self.path.read_text().splitlines():
                 cols = line.split("\t")
                 if line == self.HEADER or len(cols) < 2:
                     continue
-                listed.add((cols[0], cols[1]) if len(cols) >= 3 else ("train", cols[0]))  # older 2-column files
-        return listed
+                rows.append((cols[0], cols[1], cols[2]) if len(cols) >= 3 else ("train", cols[0], cols[1]))  # older
+        return rows
+
+    def _read(self) -> set[tuple[str, str]]:
+        return {(split, path) for split, path, _ in self._rows()}
+
+    def recheck(self) -> tuple[list[str], int]:
+        """Check the listed files again and rewrite the list with those still bad (their reason of now);
+        a clip dropped here is listed again if it turns out bad later. Entries that name no file (a clip of a
+        Shar shard) stay. Returns the paths dropped and the number still listed."""
+        rows = self._rows()
+        if not rows:
+            return [], 0
+        from common.atomic import atomic_write_text
+
+        kept, dropped, problems = [], [], {}
+        for split, path, reason in rows:
+            if path not in problems:
+                problems[path] = audio_file_problem(path) if os.path.exists(path) or reason.startswith("missing") \
+                    else reason
+            if problems[path] is None:
+                dropped.append(path)
+            else:
+                kept.append(f"{split}\t{path}\t{problems[path]}")
+        atomic_write_text(self.path, "\n".join([self.HEADER, *kept]) + "\n")
+        self._listed = self._read()
+        return sorted(set(dropped)), len(kept)
 
     def add(self, split: str, path: str, reason: str) -> bool:
         """List a bad clip; False if it was listed before."""
@@ -569,8 +619,19 @@ class BadAudioTracker:
             split = "" if self.split == "train" else f" ({self.split})"
             raise TooMuchBadAudio(
                 f"{self.bad} of {self.seen} clips ({self.bad / self.seen:.1%}) could not be used{split}, more than "
-                f"max_bad_fraction={self.max_fraction:.1%} ({dict(self.reasons)}){where}"
+                f"max_bad_fraction={self.max_fraction:.1%} ({dict(self.reasons)}){where}. Restore the files and run "
+                f"the same command again, or tolerate more with --set data.max_bad_fraction=F (a resumed run may "
+                f"change it; recorded in ledger.json)"
             )
+
+    def recheck_listed(self) -> None:
+        """At the start of an invocation: the clips an earlier attempt listed that read fine now (files that
+        came back) leave ``bad_audio.tsv``, so that it lists what is bad now (the counts keep the run's history)."""
+        dropped, kept = self._list.recheck()
+        if dropped:
+            log.warning("%s: %d clip(s) listed by an earlier attempt read fine now and are no longer listed (%s%s); "
+                        "%d still are", self.log_path, len(dropped), ", ".join(dropped[:3]),
+                        ", ..." if len(dropped) > 3 else "", kept)
 
     def state_dict(self) -> dict:
         splits = {**self._saved_splits, **{name: t.state_dict() for name, t in self._splits.items()}}

@@ -152,6 +152,7 @@ class Trainer:
 
     def _run(self, stop_after: int | None) -> bool:
         model, resume_tag = self._resume()
+        self.tracker.recheck_listed()  # bad_audio.tsv lists what is bad now (files may have come back)
         last = len(self.spec.phases) - 1
         if self.state.phase == last and self.state.phase_done and (self.run_dir / "model.safetensors").is_file():
             log.info("run in %s is already complete: %s", self.run_dir, self.run_dir / "model.safetensors")
