@@ -43,7 +43,7 @@ from common.batch import phase_splits
 from common.compile import maybe_compile
 from common.baseline import evaluation_settings, setting_differences, stop_target
 from common.criteria import PhaseEnd
-from common.data import BadAudioTracker, Batch, eval_loader, make_cache, train_loader
+from common.data import BadAudioTracker, Batch, eval_loader, make_cache, reshard_index, train_loader
 from common.data_fingerprint import DataChanged, changes, run_fingerprints
 from common.distributed import Dist
 from common.ledger import Ledger, Window
@@ -70,15 +70,17 @@ class StepGroup(NamedTuple):
     epoch_end: int | None = None  # the epoch that just ended
 
 
-def step_groups(stream: Iterator[Batch], accum: int, epoch_based: bool) -> Iterator[StepGroup]:
+def step_groups(stream: Iterator[Batch], accum: int, epoch_based: bool,
+                start_epoch: int | None = None) -> Iterator[StepGroup]:
     """Group a batch stream into optimiser steps of ``accum`` micro-batches.
 
     Batches whose clips were all unusable are skipped. In epoch-based phases an epoch end is announced
     as a group of its own, and a partial group left at an epoch end is dropped (as a DataLoader with
-    ``drop_last``: a step never mixes two epochs).
+    ``drop_last``: a step never mixes two epochs). ``start_epoch``: the epoch the stream starts in, whose
+    end is announced even when the stream has no batch left of it (a resume at the end of an epoch).
     """
     group: list[Batch] = []
-    current = None
+    current = start_epoch
     for batch in stream:
         if epoch_based and current is not None and batch.epoch != current:
             group = []
@@ -153,6 +155,7 @@ class Trainer:
 
     def _run(self, stop_after: int | None) -> bool:
         model, resume_tag = self._resume()
+        self.tracker.recheck_listed()  # bad_audio.tsv lists what is bad now (files may have come back)
         last = len(self.spec.phases) - 1
         if self.state.phase == last and self.state.phase_done and (self.run_dir / "model.safetensors").is_file():
             log.info("run in %s is already complete: %s", self.run_dir, self.run_dir / "model.safetensors")
@@ -216,7 +219,8 @@ class Trainer:
         self._pending.restart_clock()
         steps_done = 0
         try:
-            for group in step_groups(stream, self.splits[index].grad_accum, not phase.iteration_based):
+            for group in step_groups(stream, self.splits[index].grad_accum, not phase.iteration_based,
+                                     st.data_epoch):
                 if group.epoch_end is not None:  # epoch-based phases: evaluate (and maybe finish) per epoch
                     self._check_finite(index)
                     st.epoch_in_phase += 1
@@ -434,6 +438,11 @@ class Trainer:
         self._pending.steps, self._pending.samples, self._pending.clock = 0, 0, now
         return window
 
+    def _count_upsampled(self) -> None:
+        """Add the clips every rank resampled up since the last call to the ledger (collective: before each
+        ledger write)."""
+        self.ledger.add_upsampled(self.tracker.take_upsampled(self.dist))
+
     def _log_window(self, engine, index: int, window: dict, bar) -> None:
         self._check_finite(index)
         trained = self._account(index)
@@ -492,6 +501,7 @@ class Trainer:
                                       phase_step=self.state.step, **where)
         self.scalars.log({f"eval/{k}": v for k, v in metrics.items()}, self.state.total_steps)
         self.scalars.flush()
+        self._count_upsampled()
         log.info("validation (%s, %s): %s", self.spec.phases[index].label(index),
                  f"epoch {epoch}" if epoch is not None else f"step {self.state.step}",
                  ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
@@ -518,6 +528,7 @@ class Trainer:
         st.pending_eval = pending_eval
         st.until = self._phase_end(index).state_dict()
         tag = make_tag(index, st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase)
+        self._count_upsampled()
         trainer_state = {"state": asdict(st), "ledger": self.ledger.to_dict(), "tracker": self.tracker.state_dict(),
                          "world_size": self.dist.world_size, "batch_per_rank": self._batch_size(index)}
         if self.dist.is_main and self.spec.run_recipe is not None:
@@ -582,22 +593,23 @@ class Trainer:
                         "train.accept_baseline_differences, recorded in ledger.json): %s", path, difference)
         self.ledger.set_stop_target(target)
 
-    def _reshard_position(self, saved_ranks: int, saved_per_rank: int | None) -> None:
-        """Resuming on another number of ranks: each rank's shard of an epoch changes, so the data position
-        keeps the share of the epoch already seen (clips consumed over all ranks: batches x per-rank batch x
-        ranks, then over the new ranks' batches; the global batch stays, so the per-rank batch changes), and
-        the run continues close to, not exactly as, an uninterrupted one; the ledger records it."""
-        st, ranks = self.state, self.dist.world_size
-        per_rank = self._batch_size(st.phase) if st.phase < len(self.splits) else 1
-        saved_per_rank = saved_per_rank or per_rank  # a checkpoint from before the per-rank batch was saved
-        index = st.data_index * saved_ranks * saved_per_rank // (ranks * per_rank)
-        log.warning("resuming on %d rank(s) a run checkpointed on %d: each rank's share of the data changes, so the "
-                    "resumed run continues from the same share of epoch %d (batch %d instead of %d) and is close "
-                    "to, not bitwise equal to, an uninterrupted run; recorded in ledger.json", ranks, saved_ranks,
-                    st.data_epoch, index, st.data_index)
+    def _reshard_position(self, saved_ranks: int, saved_batch: int) -> None:
+        """Resuming on another number of ranks (or per-rank batch): each rank's shard of an epoch changes, so the
+        data position keeps the clips of the epoch already seen (batches consumed x per-rank batch x ranks, in
+        the new global batches), and the run continues close to, not exactly as, an uninterrupted one; the
+        ledger records it (the per-rank batch only where it changed otherwise than the global batch's split over
+        the new ranks, ``common.batch``)."""
+        st, ranks, batch = self.state, self.dist.world_size, self._batch_size(self.state.phase)
+        index = reshard_index(st.data_index, saved_batch, saved_ranks, batch, ranks)
+        log.warning("resuming on %d rank(s) x %d clips a run checkpointed on %d x %d: each rank's share of the data "
+                    "changes, so the resumed run continues from the same share of epoch %d (batch %d instead of %d) "
+                    "and is close to, not bitwise equal to, an uninterrupted run; recorded in ledger.json", ranks,
+                    batch, saved_ranks, saved_batch, st.data_epoch, index, st.data_index)
         st.data_index = index
-        self.ledger.add_intervention(step=st.total_steps, phase=st.phase,
-                                     changes={"world_size": {"from": saved_ranks, "to": ranks}})
+        changes = {"world_size": {"from": saved_ranks, "to": ranks}} if saved_ranks != ranks else {}
+        if saved_batch * saved_ranks != batch * ranks:
+            changes["batch_per_rank"] = {"from": saved_batch, "to": batch}
+        self.ledger.add_intervention(step=st.total_steps, phase=st.phase, changes=changes)
 
     def _resume(self) -> tuple[nn.Module | None, str | None]:
         """Restore the newest intact checkpoint if there is one.
@@ -615,8 +627,9 @@ class Trainer:
         self.ledger.baseline = baseline or self.ledger.baseline
         self.tracker.load_state_dict(saved["tracker"])
         saved_ranks = self.checkpoints.saved_world_size(tag)
-        if saved_ranks != self.dist.world_size:
-            self._reshard_position(saved_ranks, saved.get("batch_per_rank"))
+        saved_batch = saved.get("batch_per_rank", self._batch_size(self.state.phase))  # absent before it was recorded
+        if (saved_ranks, saved_batch) != (self.dist.world_size, self._batch_size(self.state.phase)):
+            self._reshard_position(saved_ranks, saved_batch)
         if self.state.phase_done:
             model = self.objective.build_model(self.cfgs[self.state.phase])
             model.load_state_dict(self.checkpoints.module_state(tag))
@@ -634,6 +647,7 @@ class Trainer:
         final = self.run_dir / "export" / f"phase{last + 1}.safetensors"
         if self.average.epochs:
             final = self._weight_average(model, last)
+        self._count_upsampled()
         if self.dist.is_main:
             atomic_copy(final, self.run_dir / "model.safetensors")
             self.ledger.write(self.run_dir / "ledger.json")

@@ -125,13 +125,12 @@ def print_plan(recipe, world_size: int, baseline=None, overrides: list[str] = ()
 
 def check_baseline(recipe, run_dir: Path, restart: bool) -> None:
     """``train.stop_when_surpassing``: the baseline run is there, finished and comparable (``common.baseline``)."""
-    import os
-
     from common.baseline import evaluation_settings, precheck
+    from common.batch import launch_world_size, phase_splits
     from pretrain.ssast import SSASTObjective
 
-    evaluation = evaluation_settings(recipe.train, recipe.data, recipe.phases[-1].batch_size_or(recipe.data.batch_size),
-                                     int(os.environ.get("WORLD_SIZE", 1)))
+    split = phase_splits(recipe.phases, recipe.data, recipe.optim, launch_world_size())[-1]  # the final phase's
+    evaluation = evaluation_settings(recipe.train, recipe.data, split.per_rank, split.world_size)
     precheck(recipe.train.stop_when_surpassing, SSASTObjective.score_name, run_dir, recipe.data.valid, evaluation,
              recipe.train.accept_baseline_differences, restart)
 
