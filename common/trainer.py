@@ -607,7 +607,7 @@ class Trainer:
                     batch, saved_ranks, saved_batch, st.data_epoch, index, st.data_index)
         st.data_index = index
         changes = {"world_size": {"from": saved_ranks, "to": ranks}} if saved_ranks != ranks else {}
-        if saved_batch * saved_ranks != batch * ranks:
+        if saved_batch != batch and saved_batch * saved_ranks != batch * ranks:
             changes["batch_per_rank"] = {"from": saved_batch, "to": batch}
         self.ledger.add_intervention(step=st.total_steps, phase=st.phase, changes=changes)
 
