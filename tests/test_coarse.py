@@ -123,7 +123,7 @@ def test_dry_runs_print_the_derived_schedule_and_its_saving(tmp_path, synth_corp
     saving = 1 - (2 * f4 + 6 * f1) / (8 * f1)  # 2 + 6 epochs against 8 at full resolution
     assert f"saving {saving:.1%}" in out and "baseline synth-baseline (8 epochs)" in out
     assert f"between {1 - (4 * f4 + 6 * f1) / (8 * f1):.1%}" in out
-    assert "ends at plateau (patience 2, min_delta 0.0), after 0 to 4 epochs (planned 2)" in out
+    assert "ends at plateau (patience 2, min_delta 0.0, noise 2.0), after 0 to 4 epochs (planned 2)" in out
 
 
 def test_a_bad_coarse_value_fails_before_compute(tmp_path, synth_corpus, capsys):
