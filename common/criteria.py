@@ -53,8 +53,8 @@ validation batches). Two checks' scores are taken as independent, so their diffe
 ``sqrt(se_a^2 + se_b^2)``. The ``loss`` criterion takes the standard error of the mean training loss over
 the check's micro-batches (all ranks). ``noise`` defaults to 2 (a recipe parameter; 0 makes every
 difference count). With 300 clips at 50 % accuracy a score's error is 2.9 points, so the first check
-must be beaten by 8 points, twice; a run of pure noise shows "learning" in about one phase in thirty
-over ten checks. An objective that reports no error makes every margin 0: then only the warm-up and two
+must be beaten by 8 points, twice; ten checks of pure noise show "learning" in 2 % of phases (one
+check beyond the margin would in 12 %). An objective that reports no error makes every margin 0: then only the warm-up and two
 checks strictly above the first gate a decision.
 
 ``train.stop_when_surpassing: RUN_DIR`` (:class:`Surpass`, :func:`baseline_best`) ends the *final* phase
@@ -81,9 +81,8 @@ Criterion = Literal["plateau", "efficiency", "loss"]
 # what a phase's ledger record may give as the reason it ended
 END_REASONS = ("length", "cap", "plateau", "efficiency", "loss", "surpassed")
 
-# checks in a row beyond the noise past a phase's first check that show it learns: one such check in ten
-# happens by chance about once in eight phases of pure noise (two standard errors, one-sided), two in a row
-# about once in thirty
+# checks in a row beyond the noise past a phase's first check that show it learns. In ten checks of pure
+# noise (300 clips, noise 2), one such check comes by chance in 12 % of phases, two in a row in 2 %
 EVIDENCE_CHECKS = 2
 
 # the parameters each criterion reads (the others must keep their defaults)

@@ -320,8 +320,11 @@ class Trainer:
         its standard error, if the objective reports one): may the phase end here? Collective: every rank
         takes rank 0's decision."""
         at = self.state.step if self.spec.phases[index].iteration_based else self.state.epoch_in_phase
-        decision = self._phase_end(index).check(self.dist, at, score, self.ledger.phases[index].train_flops,
-                                                score_se, self.state.step)
+        end = self._phase_end(index)
+        decision = end.check(self.dist, at, score, self.ledger.phases[index].train_flops, score_se, self.state.step)
+        if end.learned is not None and end.learned == end.checks and end.criterion is not None:
+            log.info("%s has shown that it learns (two rounds beyond the noise past its first): its criterion "
+                     "may end it from here", self.spec.phases[index].label(index))
         if decision is not None:
             log.info("%s ends here (%s %d): %s", self.spec.phases[index].label(index),
                      "step" if self.spec.phases[index].iteration_based else "epoch", at, decision.note)

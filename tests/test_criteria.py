@@ -327,7 +327,8 @@ def test_schedule_checks_span_phases_and_the_train_section():
     with pytest.raises(ValueError, match="phases.0.until: the phase is judged every train.eval_every = 100 steps"):
         check_schedule(steps, None, True, eval_every=100)
     lines = describe_ends([coarse, capped], "runs/base")
-    assert lines[0].startswith("phase1 (fshift x4): ends at efficiency (window 2, fraction 1.0, noise 2.0), after 0 to 2 epochs")
+    assert lines[0].startswith("phase1 (fshift x4): ends at efficiency (window 2, fraction 1.0, noise 2.0), "
+                               "after 0 to 2 epochs")
     assert "the first evaluation above the best of runs/base, after 0 to 10 epochs (planned 6)" in lines[1]
 
 
