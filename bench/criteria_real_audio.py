@@ -24,8 +24,9 @@ stand and, with ``--before REV``, as they stood at a git revision (the rule befo
 where that rule would have ended the phase.
 
 Where the coarse-only curve plateaus: the first epoch whose 3-epoch running mean of accuracy comes within
-one standard error of the plateau level (the mean of its last 5 epochs). Learning "shows" at the first
-epoch whose accuracy lies more than 2 standard errors of the difference above epoch 1's.
+one standard error of the plateau level (the mean of its last 5 epochs). Learning "shows" from the epoch
+after the last one whose accuracy lies within 2 standard errors of the difference of epoch 1's: a phase
+that ends before it has ended on noise.
 
     python -m bench.real_audio --out /tmp/real_audio        # once (FluidSynth), then prepare it:
     python -m common.corpora prepare custom --src /tmp/real_audio --unlabeled /tmp/real_audio/pool \\
@@ -103,11 +104,12 @@ def curve(ledger: dict, phase: int = 0) -> list[dict]:
 
 
 def landmarks(points: list[dict]) -> dict:
-    """Where the warm-up ends, where learning shows (2 errors of the difference above epoch 1) and where the
-    curve plateaus (its 3-epoch running mean within one error of the mean of its last 5 epochs)."""
+    """Where the warm-up ends, from where learning shows (every later epoch more than 2 errors of the
+    difference above epoch 1) and where the curve plateaus (its 3-epoch running mean within one error of the
+    mean of its last 5 epochs)."""
     first = points[0]
-    shows = next((p["epoch"] for p in points[1:]
-                  if p["acc"] - first["acc"] > 2 * math.hypot(p["se"], first["se"])), None)
+    noise = [p["epoch"] for p in points if p["acc"] - first["acc"] <= 2 * math.hypot(p["se"], first["se"])]
+    shows = max(noise) + 1
     level = sum(p["acc"] for p in points[-5:]) / 5
     error = sum(p["se"] for p in points[-5:]) / 5
     running = [sum(p["acc"] for p in points[max(0, i - 1):i + 2]) / len(points[max(0, i - 1):i + 2])
@@ -129,13 +131,22 @@ def criteria_module(rev: str | None):
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(f"criteria_{rev}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up)
     spec.loader.exec_module(module)
     return module
 
 
-def replay(module, criterion: str, points: list[dict], cost_ratio: float) -> tuple:
-    """Where a score criterion of ``module`` ends a coarse phase that follows ``points`` (epoch, reason)."""
-    until = module.UntilConfig(criterion=criterion, max=MAX)
+# the score criteria replayed on the coarse-only curves: the defaults, and a longer patience / window
+REPLAYS = {"plateau": {"criterion": "plateau"}, "efficiency": {"criterion": "efficiency"},
+           "plateau, patience 4": {"criterion": "plateau", "patience": 4},
+           "efficiency, window 4": {"criterion": "efficiency", "window": 4}}
+
+
+def replay(module, until: dict, points: list[dict], cost_ratio: float) -> tuple:
+    """Where a score criterion of ``module`` (``until``: its section) ends a coarse phase that follows
+    ``points``: (epoch, reason)."""
+    criterion = until["criterion"]
+    until = module.UntilConfig(**until, max=MAX)
     kwargs = {"warmup_steps": WARMUP} if "warmup_steps" in module.PhaseEnd.__init__.__code__.co_varnames else {}
     end = module.PhaseEnd(until, PLANNED, "epochs", cost_ratio if criterion == "efficiency" else None, **kwargs)
     for p in points:
@@ -170,29 +181,34 @@ def summarise(runs: dict, before: str | None) -> dict:
                    "best_final_acc": max(e["metrics"]["acc"] for e in last),
                    "train_flops": ledger["total"]["train_flops"] if "total" in ledger else None,
                    "coarse_curve_agrees": agrees, "cost_ratio": ratio}
-            if name in ("plateau", "efficiency"):
-                row["replay_now"] = replay(now, name, long, ratio)
-                if old is not None:
-                    row["replay_before"] = replay(old, name, long, ratio)
             rows.append(row)
-        out[seed] = {"coarse_only": long, "landmarks": marks, "schedules": rows}
+        replays = {name: {"now": replay(now, until, long, ratio),
+                          **({"before": replay(old, until, long, ratio)} if old is not None else {})}
+                   for name, until in REPLAYS.items()}
+        out[seed] = {"coarse_only": long, "landmarks": marks, "schedules": rows, "replays": replays}
     return out
 
 
 def table(summary: dict, before: str | None) -> str:
-    lines = ["| seed | coarse-only: warm-up ends / learning shows / plateau (epoch) | schedule | coarse phase ended "
-             "(epoch, reason) | acc there (%) | final acc (%) | training FLOPs |"
-             + (f" rule at {before}: would have ended |" if before else ""),
-             "|---:|---|---|---|---:|---:|---:|" + ("---|" if before else "")]
+    """Markdown: the live runs per seed, the replays on the coarse-only curves, the curves themselves."""
+    lines = ["| seed | coarse-only: warm-up ends / learning shows / plateau (epoch, level) | schedule | coarse phase "
+             "ended (epoch, reason) | acc there (%) | final acc (%) | training FLOPs | coarse curve = coarse-only |",
+             "|---:|---|---|---|---:|---:|---:|---|"]
     for seed, s in summary.items():
         m = s["landmarks"]
         marks = f"{m['warmup_epochs']} / {m['learning_shows']} / {m['plateau']} ({100 * m['plateau_level']:.1f} %)"
         for r in s["schedules"]:
             flops = f"{r['train_flops']:.3g}" if r["train_flops"] else "-"
             lines.append(f"| {seed} | {marks} | {r['schedule']} | {r['ended']} ({r['reason']}) | "
-                         f"{100 * r['coarse_acc']:.1f} | {100 * r['final_acc']:.1f} | {flops} |"
-                         + (f" {'epoch %d (%s)' % r['replay_before'] if 'replay_before' in r else '-'} |"
-                            if before else ""))
+                         f"{100 * r['coarse_acc']:.1f} | {100 * r['final_acc']:.1f} | {flops} | "
+                         f"{'yes' if r['coarse_curve_agrees'] else 'no'} |")
+    lines += ["", f"The coarse-only curves replayed through the score criteria (planned {PLANNED}, max {MAX} epochs):",
+              "", "| seed | criterion | ends now (epoch, reason) |" + (f" ended at {before} |" if before else ""),
+              "|---:|---|---|" + ("---|" if before else "")]
+    for seed, s in summary.items():
+        for name, r in s["replays"].items():
+            lines.append(f"| {seed} | {name} | {r['now'][0]} ({r['now'][1]}) |"
+                         + (f" {r['before'][0]} ({r['before'][1]}) |" if before else ""))
     lines += ["", "Coarse-only validation accuracy (%) per epoch, ± its standard error:", ""]
     for seed, s in summary.items():
         lines.append(f"- seed {seed}: " + ", ".join(f"{100 * p['acc']:.1f}" for p in s["coarse_only"])

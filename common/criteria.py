@@ -37,10 +37,10 @@ criterion decides nothing
   (the schedule restarts with every phase);
 - before the phase has shown that it learns: two checks in a row (:data:`EVIDENCE_CHECKS`) whose score
   lies above the phase's first check's by more than ``noise`` standard errors of the difference
-  (``loss``: whose training loss lies below the first check's by as much). A phase that never shows it
-  runs to its planned length, not to a larger ``max`` (there for a criterion to use), and the ledger's
-  ``end_note`` says so (not with ``train.stop_when_surpassing`` on the same phase, whose rule may run the
-  final phase to ``max``);
+  (``loss``: whose training loss lies below the first check's by as much), so not before the third
+  check. A phase that has not shown it by its planned length ends there, not at a larger ``max`` (there
+  for a criterion to use), and the ledger's ``end_note`` says so (not with ``train.stop_when_surpassing``
+  on the same phase, whose rule may run the final phase to ``max``);
 
 and a change counts only beyond the noise: ``plateau`` counts an improvement over its best only beyond
 ``noise`` standard errors of the difference, and ``efficiency`` takes a slope as the phase's peak only
@@ -54,8 +54,8 @@ validation batches). Two checks' scores are taken as independent, so their diffe
 the check's micro-batches (all ranks). ``noise`` defaults to 2 (a recipe parameter; 0 makes every
 difference count). With 300 clips at 50 % accuracy a score's error is 2.9 points, so the first check
 must be beaten by 8 points, twice; ten checks of pure noise show "learning" in 2 % of phases (one
-check beyond the margin would in 12 %). An objective that reports no error makes every margin 0: then only the warm-up and two
-checks strictly above the first gate a decision.
+check beyond the margin would in 12 %). An objective that reports no error makes every margin 0: then
+only the warm-up and two checks strictly above the first gate a decision.
 
 ``train.stop_when_surpassing: RUN_DIR`` (:class:`Surpass`, :func:`baseline_best`) ends the *final* phase
 at the first check whose score strictly exceeds the best score in that run's ``ledger.json`` (paper
@@ -647,6 +647,11 @@ def describe_ends(phases: Sequence, stop_when_surpassing: str | None = None) -> 
             rule.append(f"the first evaluation above the best of {stop_when_surpassing}")
         if rule:
             lo = phase.until.min if phase.until is not None else 0
-            lines.append(f"{phase.label(i)}: ends at {' or '.join(rule)}, after {lo} to {phase.max_length} {unit} "
-                         f"(planned {phase.length})")
+            line = (f"{phase.label(i)}: ends at {' or '.join(rule)}, after {lo} to {phase.max_length} {unit} "
+                    f"(planned {phase.length})")
+            early = not phase.iteration_based and phase.length <= EVIDENCE_CHECKS  # shorter than the evidence
+            if early and phase.until is not None and phase.until.criterion and not (i == last and stop_when_surpassing):
+                line += (f"; a phase shows learning at its round {EVIDENCE_CHECKS + 1} at the earliest, so this one "
+                         f"ends at its plan")
+            lines.append(line)
     return lines

@@ -330,6 +330,9 @@ def test_schedule_checks_span_phases_and_the_train_section():
     assert lines[0].startswith("phase1 (fshift x4): ends at efficiency (window 2, fraction 1.0, noise 2.0), "
                                "after 0 to 2 epochs")
     assert "the first evaluation above the best of runs/base, after 0 to 10 epochs (planned 6)" in lines[1]
+    # 2 epochs planned: too short to show learning (3 rounds), so the criterion cannot end it before its plan
+    assert lines[0].endswith("shows learning at its round 3 at the earliest, so this one ends at its plan")
+    assert "at its plan" not in lines[1] and "at its plan" not in describe_ends([steps[0]])[0]
 
 
 def test_the_baseline_best_is_read_from_its_ledger(tmp_path):
