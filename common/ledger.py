@@ -9,10 +9,15 @@ the recipe names a baseline, that baseline's planned training FLOPs and the savi
 ``interventions``: recipe changes a resumed run was allowed (a lower learning rate after a non-finite
 loss; changed manifests with ``--accept-changed-data``), each with the step and phase from which it
 applies; ``data``: the SHA-256 and size of every training and validation manifest
-(``common.data_fingerprint``). A phase that has ended says why and when
+(``common.data_fingerprint``); ``upsampled``: the clips resampled up to the model's rate (all ranks, every time
+they were met), per split and pair of rates. A phase that has ended says why and when
 (``ended_by``: ``length``, ``cap``, a criterion or ``surpassed``; ``ended_at``: its step, epoch, total step
 and cumulative FLOPs; ``end_note``: in words), and a run stopped by ``train.stop_when_surpassing`` records
-the target it stopped at (``stop_when_surpassing``).
+the target it stopped at (``stop_when_surpassing``: the baseline's best per-epoch score, where it was, its
+weight-averaged score and the differences accepted, ``common.baseline``); ``evaluation``: what decides the
+clips a validation round scores (``common.baseline.evaluation_settings``), so that another run can tell
+whether its scores compare with these. An evaluation of a weight average carries ``weight_averaged`` (the
+epochs averaged).
 
 The trainer talks to the ledger through methods (:meth:`Ledger.start_phase`, :meth:`Ledger.add_training`,
 :meth:`Ledger.add_eval_time`, :meth:`Ledger.add_eval`); readers use :meth:`Ledger.read` and
@@ -122,6 +127,8 @@ class Ledger:
         self.interventions: list[dict] = []
         self.stop_target: dict | None = None
         self.data: dict | None = None  # the manifests' fingerprints (common.data_fingerprint)
+        self.upsampled: dict[tuple[str, int, int], int] = {}  # (split, clip rate, model rate) -> clips
+        self.evaluation: dict | None = None  # the validation settings (common.baseline.evaluation_settings)
 
     def start_phase(self, index: int, **info) -> PhaseRecord:
         """The record of phase ``index``, created from ``info`` (:class:`PhaseRecord` fields) on first use;
@@ -188,6 +195,13 @@ class Ledger:
         """
         self.interventions.append({"step": int(step), "phase": int(phase), "changes": dict(changes)})
 
+    def add_upsampled(self, counts: dict[str, dict[tuple[int, int], int]]) -> None:
+        """Add clips resampled up: ``{split: {(clip rate, model rate): clips}}`` (one rank's, or all ranks')."""
+        for split, pairs in counts.items():
+            for (low, high), clips in pairs.items():
+                key = (split, int(low), int(high))
+                self.upsampled[key] = self.upsampled.get(key, 0) + int(clips)
+
     def set_baseline(self, name: str, train_flops: float | None, flops_per_sample: int | None = None,
                      epochs: int | None = None) -> None:
         """The baseline's planned training FLOPs; for an epoch-based baseline (one phase) give
@@ -216,9 +230,10 @@ class Ledger:
             return None
         return 1 - self.totals()["train_flops"] / planned
 
-    def set_stop_target(self, run: str, score: str, best: float) -> None:
-        """``train.stop_when_surpassing``: the baseline run and the best score the final phase must beat."""
-        self.stop_target = {"run": run, "score": score, "best": best}
+    def set_stop_target(self, target: dict) -> None:
+        """``train.stop_when_surpassing``: the baseline run and the best score the final phase must beat
+        (``common.baseline.stop_target``: ``run``, ``score``, ``best``, ...)."""
+        self.stop_target = dict(target)
 
     def to_dict(self) -> dict:
         data = {"score": self.score, "phases": [p.to_dict() for p in self.phases], "total": self.totals(),
@@ -232,6 +247,11 @@ class Ledger:
             data["stop_when_surpassing"] = self.stop_target
         if self.data:
             data["data"] = self.data
+        if self.upsampled:
+            data["upsampled"] = [{"split": s, "from_hz": a, "to_hz": b, "clips": n}
+                                 for (s, a, b), n in sorted(self.upsampled.items())]
+        if self.evaluation:
+            data["evaluation"] = self.evaluation
         return data
 
     @classmethod
@@ -243,6 +263,8 @@ class Ledger:
         ledger.interventions = [dict(i) for i in data.get("interventions", [])]
         ledger.stop_target = data.get("stop_when_surpassing")
         ledger.data = data.get("data")
+        ledger.upsampled = {(u["split"], u["from_hz"], u["to_hz"]): u["clips"] for u in data.get("upsampled", [])}
+        ledger.evaluation = data.get("evaluation")
         return ledger
 
     @classmethod

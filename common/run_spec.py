@@ -40,7 +40,10 @@ class TrainConfig:
         weight_average_top: average only the this many best of those epochs by validation score (HTS-AT
             averages its top checkpoints; ``weight_average_from`` defaults to 1 then).
         stop_when_surpassing: a baseline run directory: the final phase ends at its first validation whose
-            score beats the best in that run's ``ledger.json`` (paper section 3.3), read when the run starts.
+            score beats the best per-epoch score in that run's ``ledger.json`` (paper section 3.3; its weight
+            average is not compared with epochs), read when the run starts (``common.baseline``).
+        accept_baseline_differences: compare with a ``stop_when_surpassing`` baseline that is not comparable
+            (unfinished, other validation manifests or evaluation settings); the ledger records the differences.
         compile: ``torch.compile`` the model's blocks at every phase (``common.compile``; off by default).
         compile_backend: the ``torch.compile`` backend: ``inductor`` (generated kernels), or ``aot_eager`` /
             ``eager`` to find a capture problem without code generation.
@@ -49,6 +52,8 @@ class TrainConfig:
         nonfinite_check: when a non-finite loss is looked for on the host: ``window`` (once per log window,
             before every checkpoint and at epoch ends; no host sync per step) or ``step`` (every micro-batch,
             before its update). See ``common.nonfinite``.
+        cpu_threads: intra-op threads of each rank's training process (None: cores per rank minus its loader
+            workers, or the environment's ``OMP_NUM_THREADS``; ``common.cpu``).
     """
 
     seed: int = 0
@@ -63,12 +68,16 @@ class TrainConfig:
     weight_average_from: int | None = None
     weight_average_top: int | None = None
     stop_when_surpassing: str | None = None
+    accept_baseline_differences: bool = False
     compile: bool = False
     compile_backend: CompileBackend = "inductor"
     compile_mode: CompileMode = "default"
     nonfinite_check: NonFiniteCheck = "window"
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1 (or null: from the cores), got {self.cpu_threads}")
         if self.weight_average_from is not None and self.weight_average_from < 1:
             raise ValueError(f"weight_average_from must be >= 1, got {self.weight_average_from}")
         if self.weight_average_top is not None and self.weight_average_top < 1:

@@ -40,8 +40,9 @@ from common.arch.base import geometries
 from common.atomic import atomic_copy
 from common.augment import SpecAugmentConfig
 from common.compile import maybe_compile
-from common.criteria import PhaseEnd, baseline_best
-from common.data import BadAudioTracker, Batch, eval_loader, make_cache, train_loader
+from common.baseline import evaluation_settings, setting_differences, stop_target
+from common.criteria import PhaseEnd
+from common.data import BadAudioTracker, Batch, eval_loader, make_cache, reshard_index, train_loader
 from common.data_fingerprint import DataChanged, changes, run_fingerprints
 from common.distributed import Dist
 from common.ledger import Ledger, Window
@@ -68,15 +69,17 @@ class StepGroup(NamedTuple):
     epoch_end: int | None = None  # the epoch that just ended
 
 
-def step_groups(stream: Iterator[Batch], accum: int, epoch_based: bool) -> Iterator[StepGroup]:
+def step_groups(stream: Iterator[Batch], accum: int, epoch_based: bool,
+                start_epoch: int | None = None) -> Iterator[StepGroup]:
     """Group a batch stream into optimiser steps of ``accum`` micro-batches.
 
     Batches whose clips were all unusable are skipped. In epoch-based phases an epoch end is announced
     as a group of its own, and a partial group left at an epoch end is dropped (as a DataLoader with
-    ``drop_last``: a step never mixes two epochs).
+    ``drop_last``: a step never mixes two epochs). ``start_epoch``: the epoch the stream starts in, whose
+    end is announced even when the stream has no batch left of it (a resume at the end of an epoch).
     """
     group: list[Batch] = []
-    current = None
+    current = start_epoch
     for batch in stream:
         if epoch_based and current is not None and batch.epoch != current:
             group = []
@@ -119,9 +122,6 @@ class Trainer:
         self.ledger = Ledger(objective.score_name)
         if spec.baseline is not None:
             self.ledger.set_baseline(*spec.baseline)
-        if spec.train.stop_when_surpassing:
-            self.ledger.set_stop_target(spec.train.stop_when_surpassing, objective.score_name,
-                                        baseline_best(spec.train.stop_when_surpassing, objective.score_name))
         self.checkpoints = RunCheckpoints(self.run_dir / "checkpoints", dist, spec.train.keep_checkpoints)
         self.average = WeightAverage(self.run_dir / "average",
                                      averaged_epochs(spec.train.weight_average_from or
@@ -152,6 +152,7 @@ class Trainer:
 
     def _run(self, stop_after: int | None) -> bool:
         model, resume_tag = self._resume()
+        self.tracker.recheck_listed()  # bad_audio.tsv lists what is bad now (files may have come back)
         last = len(self.spec.phases) - 1
         if self.state.phase == last and self.state.phase_done and (self.run_dir / "model.safetensors").is_file():
             log.info("run in %s is already complete: %s", self.run_dir, self.run_dir / "model.safetensors")
@@ -161,6 +162,8 @@ class Trainer:
             self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase,
                                          changes=self.spec.run_recipe.changes)
         self._check_data(resumed)
+        self._check_evaluation(resumed)
+        self._read_stop_target()
         if self.state.phase_done:  # resumed at the end of a phase: finish what follows its checkpoint
             self._complete_phase(model, self.state.phase, scheduler=None)
         steps_this_call = 0
@@ -213,7 +216,7 @@ class Trainer:
         self._pending.restart_clock()
         steps_done = 0
         try:
-            for group in step_groups(stream, spec.optim.grad_accum, not phase.iteration_based):
+            for group in step_groups(stream, spec.optim.grad_accum, not phase.iteration_based, st.data_epoch):
                 if group.epoch_end is not None:  # epoch-based phases: evaluate (and maybe finish) per epoch
                     self._check_finite(index)
                     st.epoch_in_phase += 1
@@ -434,6 +437,11 @@ class Trainer:
         self._pending.steps, self._pending.samples, self._pending.clock = 0, 0, now
         return window
 
+    def _count_upsampled(self) -> None:
+        """Add the clips every rank resampled up since the last call to the ledger (collective: before each
+        ledger write)."""
+        self.ledger.add_upsampled(self.tracker.take_upsampled(self.dist))
+
     def _log_window(self, engine, index: int, window: dict, bar) -> None:
         self._check_finite(index)
         trained = self._account(index)
@@ -492,6 +500,7 @@ class Trainer:
                                       phase_step=self.state.step, **where)
         self.scalars.log({f"eval/{k}": v for k, v in metrics.items()}, self.state.total_steps)
         self.scalars.flush()
+        self._count_upsampled()
         log.info("validation (%s, %s): %s", self.spec.phases[index].label(index),
                  f"epoch {epoch}" if epoch is not None else f"step {self.state.step}",
                  ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
@@ -518,8 +527,9 @@ class Trainer:
         st.pending_eval = pending_eval
         st.until = self._phase_end(index).state_dict()
         tag = make_tag(index, st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase)
+        self._count_upsampled()
         trainer_state = {"state": asdict(st), "ledger": self.ledger.to_dict(), "tracker": self.tracker.state_dict(),
-                         "world_size": self.dist.world_size}
+                         "world_size": self.dist.world_size, "batch_per_rank": self._batch_size(index)}
         if self.dist.is_main and self.spec.run_recipe is not None:
             self.spec.run_recipe.write_pending()  # the run's recipe.yaml appears with its first checkpoint
         self.checkpoints.save(engine, tag, trainer_state, capture_rng(self.generator, self.device))
@@ -552,19 +562,50 @@ class Trainer:
                                          changes={f"manifest {k}": v for k, v in changed.items()})
         self.ledger.data = current
 
-    def _reshard_position(self, saved_ranks: int) -> None:
-        """Resuming on another number of ranks: each rank's shard of an epoch changes, so the data position
-        keeps the share of the epoch already seen (batches consumed x old ranks / new ranks), and the run
-        continues close to, not exactly as, an uninterrupted one; the ledger records it."""
-        st, ranks = self.state, self.dist.world_size
-        index = st.data_index * saved_ranks // ranks
-        log.warning("resuming on %d rank(s) a run checkpointed on %d: each rank's share of the data changes, so the "
-                    "resumed run continues from the same share of epoch %d (batch %d instead of %d) and is close "
-                    "to, not bitwise equal to, an uninterrupted run; recorded in ledger.json", ranks, saved_ranks,
-                    st.data_epoch, index, st.data_index)
+    def _check_evaluation(self, resumed: bool) -> None:
+        """Record the validation settings (``common.baseline.evaluation_settings``); a resumed run whose
+        ``train.eval_batches`` or ``data.eval_batch_size`` change which clips are scored records the change as
+        an intervention (a change of ranks has its own, ``_reshard_position``)."""
+        spec, last = self.spec, len(self.spec.phases) - 1
+        current = evaluation_settings(spec.train, spec.data, self._batch_size(last), self.dist.world_size)
+        old = self.ledger.evaluation
+        if resumed and old and setting_differences(old, {**current, "ranks": old.get("ranks")}):
+            keys = {"eval_batches": "train.eval_batches"}
+            self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase, changes={
+                keys.get(k, f"data.{k}"): {"from": old.get(k), "to": v} for k, v in current.items()
+                if k != "ranks" and old.get(k) != v})
+        self.ledger.evaluation = current
+
+    def _read_stop_target(self) -> None:
+        """``train.stop_when_surpassing``: the baseline's best per-epoch score, read once when the run starts
+        (``common.baseline``: a baseline that is not comparable is refused, or accepted and recorded); a
+        resumed run keeps the target of its checkpoint and needs no baseline directory."""
+        path = self.spec.train.stop_when_surpassing
+        if not path or self.ledger.stop_target is not None:
+            return
+        target = stop_target(path, self.objective.score_name, self.ledger.data, self.ledger.evaluation,
+                             self.spec.train.accept_baseline_differences)
+        for difference in target.get("accepted_differences", []):
+            log.warning("train.stop_when_surpassing: comparing with %s although it differs (accepted by "
+                        "train.accept_baseline_differences, recorded in ledger.json): %s", path, difference)
+        self.ledger.set_stop_target(target)
+
+    def _reshard_position(self, saved_ranks: int, saved_batch: int) -> None:
+        """Resuming on another number of ranks (or per-rank batch): each rank's shard of an epoch changes, so the
+        data position keeps the clips of the epoch already seen (batches consumed x per-rank batch x ranks, in
+        the new global batches), and the run continues close to, not exactly as, an uninterrupted one; the
+        ledger records it."""
+        st, ranks, batch = self.state, self.dist.world_size, self._batch_size(self.state.phase)
+        index = reshard_index(st.data_index, saved_batch, saved_ranks, batch, ranks)
+        log.warning("resuming on %d rank(s) x %d clips a run checkpointed on %d x %d: each rank's share of the data "
+                    "changes, so the resumed run continues from the same share of epoch %d (batch %d instead of %d) "
+                    "and is close to, not bitwise equal to, an uninterrupted run; recorded in ledger.json", ranks,
+                    batch, saved_ranks, saved_batch, st.data_epoch, index, st.data_index)
         st.data_index = index
-        self.ledger.add_intervention(step=st.total_steps, phase=st.phase,
-                                     changes={"world_size": {"from": saved_ranks, "to": ranks}})
+        changes = {"world_size": {"from": saved_ranks, "to": ranks}} if saved_ranks != ranks else {}
+        if saved_batch != batch:
+            changes["batch_per_rank"] = {"from": saved_batch, "to": batch}
+        self.ledger.add_intervention(step=st.total_steps, phase=st.phase, changes=changes)
 
     def _resume(self) -> tuple[nn.Module | None, str | None]:
         """Restore the newest intact checkpoint if there is one.
@@ -578,14 +619,13 @@ class Trainer:
         saved = self.checkpoints.trainer_state(tag)
         self.state = TrainState(**saved["state"])
         baseline = self.ledger.baseline
-        target = self.ledger.stop_target
-        self.ledger = Ledger.from_dict(saved["ledger"])
+        self.ledger = Ledger.from_dict(saved["ledger"])  # with the stop target the run started with
         self.ledger.baseline = baseline or self.ledger.baseline
-        self.ledger.stop_target = self.ledger.stop_target or target  # the target the run started with
         self.tracker.load_state_dict(saved["tracker"])
         saved_ranks = self.checkpoints.saved_world_size(tag)
-        if saved_ranks != self.dist.world_size:
-            self._reshard_position(saved_ranks)
+        saved_batch = saved.get("batch_per_rank", self._batch_size(self.state.phase))  # absent before it was recorded
+        if (saved_ranks, saved_batch) != (self.dist.world_size, self._batch_size(self.state.phase)):
+            self._reshard_position(saved_ranks, saved_batch)
         if self.state.phase_done:
             model = self.objective.build_model(self.cfgs[self.state.phase])
             model.load_state_dict(self.checkpoints.module_state(tag))
@@ -603,6 +643,7 @@ class Trainer:
         final = self.run_dir / "export" / f"phase{last + 1}.safetensors"
         if self.average.epochs:
             final = self._weight_average(model, last)
+        self._count_upsampled()
         if self.dist.is_main:
             atomic_copy(final, self.run_dir / "model.safetensors")
             self.ledger.write(self.run_dir / "ledger.json")
@@ -617,14 +658,21 @@ class Trainer:
         """Average the kept epochs' weights into ``model``, evaluate and export the average (AST's WA)."""
         scores = {e["epoch"]: e["metrics"][self.objective.score_name] for e in self.ledger.evals
                   if e["phase"] == index and "epoch" in e and self.objective.score_name in e.get("metrics", {})}
-        epochs = self.average.chosen(scores)
+        epochs = self.average.chosen(scores, ran=self.state.epoch_in_phase)
+        top = self.average.top
+        if top is not None and len(epochs) < top:
+            log.warning("train.weight_average_top: the final phase ended after %d epochs, fewer than the %d to "
+                        "average; averaging all %d", self.state.epoch_in_phase, top, len(epochs))
         model.load_state_dict(self.average.average(epochs))
         model.to(self.device)
         metrics = self._evaluate(model, index) if self.spec.data.valid else {}
         self.ledger.add_eval(index, metrics, total_step=self.state.total_steps, phase_step=self.state.step,
                              weight_averaged=epochs)
-        log.info("weight average of epochs %s: %s", ", ".join(map(str, epochs)),
-                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        target = self.ledger.stop_target or {}
+        versus = "" if target.get("averaged") is None else \
+            f" (the baseline's weight average: {target['score']}={target['averaged']:.4f})"  # like with like
+        log.info("weight average of epochs %s: %s%s", ", ".join(map(str, epochs)),
+                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), versus)
         path = self.run_dir / "export" / "weight_averaged.safetensors"
         if self.dist.is_main:
             self.objective.export(model, path, self._export_meta(index, weight_averaged=epochs, eval=metrics))

@@ -17,7 +17,6 @@ from common.criteria import (
     PhaseEnd,
     Plateau,
     UntilConfig,
-    baseline_best,
     check_schedule,
     describe_ends,
 )
@@ -333,16 +332,6 @@ def test_schedule_checks_span_phases_and_the_train_section():
     # 2 epochs planned: too short to show learning (3 rounds), so the criterion cannot end it before its plan
     assert lines[0].endswith("shows learning at its round 3 at the earliest, so this one ends at its plan")
     assert "at its plan" not in lines[1] and "at its plan" not in describe_ends([steps[0]])[0]
-
-
-def test_the_baseline_best_is_read_from_its_ledger(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train.stop_when_surpassing: no ledger at"):
-        baseline_best(tmp_path / "missing", "acc")
-    (tmp_path / "ledger.json").write_text(json.dumps({"score": "acc", "evals": [
-        {"metrics": {"acc": 0.4}}, {"metrics": {"acc": 0.62}}, {"metrics": {"acc": 0.5}}]}))
-    assert baseline_best(tmp_path, "acc") == 0.62
-    with pytest.raises(ValueError, match="ranks runs by 'acc', this run by 'mAP'"):
-        baseline_best(tmp_path, "mAP")
 
 
 # ------------------------------------------------------------------------------ through the trainer
