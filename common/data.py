@@ -165,7 +165,39 @@ def _open_one(path: str | os.PathLike):
             f"manifest {path} does not exist; write it with `python -m common.corpora prepare NAME --src DIR "
             f"--out {path.parent}` (see `python -m common.corpora list`)"
         )
+    problem = manifest_problem(path)
+    if problem:
+        raise ValueError(f"manifest {path}: {problem}")
     return CutSet.from_file(path)  # lazy for .jsonl.gz
+
+
+def manifest_problem(path: str | os.PathLike) -> str | None:
+    """Why a ``.jsonl(.gz)`` file is not a Lhotse manifest, judged from its first line (None: it may be one;
+    an empty file is left to the callers, which say that it holds no clips)."""
+    import gzip
+    import json
+
+    path = _manifest_path(path)
+    if not path.name.endswith((".jsonl", ".gz")):
+        return None
+    number, line = 0, b""
+    try:
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")) as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    break
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        return f"cannot be read as {'gzip' if path.name.endswith('.gz') else 'text'} ({err})"
+    if not line.strip():
+        return None
+    try:
+        cut = json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return (f"line {number} is not JSON ({line.strip()[:40]!r}); a Lhotse manifest holds one JSON cut per line, "
+                f"as `python -m common.corpora prepare` writes it")
+    if not isinstance(cut, dict) or "id" not in cut:
+        return f"line {number} is JSON but not a Lhotse cut (no 'id' field)"
+    return None
 
 
 def count_clips(path: str | os.PathLike, limit: int | None = None) -> int | None:
@@ -589,12 +621,15 @@ class ClipLoader:
         prefetch_factor: batches each worker prepares ahead.
         prefetch: without workers, batches a background thread of this process prepares ahead
             (``common.prefetch``; 0: decode inline).
+        epoch_clips: clips in one epoch of a streamed (lazy) set, estimated from its manifests, for
+            :meth:`batches_per_epoch` (an in-memory set counts its own); None: unknown.
     """
 
     def __init__(self, cuts, dataset: ClipDataset, batch_size: int, *, shuffle: bool, drop_last: bool,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
                  weights: Sequence[float] | None = None, tracker: BadAudioTracker | None = None,
-                 pin_memory: bool = False, prefetch_factor: int = 2, prefetch: int = 2) -> None:
+                 pin_memory: bool = False, prefetch_factor: int = 2, prefetch: int = 2,
+                 epoch_clips: int | None = None) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.cuts = cuts
@@ -611,6 +646,16 @@ class ClipLoader:
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
         self.prefetch = prefetch
+        self.epoch_clips = epoch_clips
+
+    def batches_per_epoch(self) -> int | None:
+        """Batches of one epoch on this rank (exact for an in-memory set, an estimate for a streamed one, whose
+        shuffle buffer and rank shards may give a few more or fewer); None when unknown."""
+        clips = self.epoch_clips if self.cuts.is_lazy else len(self.cuts)
+        if clips is None:
+            return None
+        per_batch = self.batch_size * self.world_size
+        return clips // per_batch if self.drop_last else -(-clips // per_batch)
 
     def _sampler(self):
         from lhotse.dataset import DynamicCutSampler, SimpleCutSampler
@@ -718,11 +763,20 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
             weights = balanced_weights(cuts, classes or [])
         if memo is not None and not cuts.is_lazy:
             memo.update(cuts=cuts, weights=weights)
+    epoch_clips = None
+    if cuts.is_lazy:  # counted from the manifests' lines once per run (AudioSet-2M: a few seconds)
+        if memo is not None and "streamed_clips" in memo:
+            epoch_clips = memo["streamed_clips"]
+        else:
+            counts = [count_clips(spec.path) for spec in data.train]
+            epoch_clips = None if None in counts else sum(counts)
+            if memo is not None:
+                memo["streamed_clips"] = epoch_clips
     dataset = ClipDataset(clip_samples, sample_rate, classes, crop=data.train_crop, seed=seed, pad=data.pad,
                           cache=cache)
     return ClipLoader(cuts, dataset, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rank,
                       world_size=world_size, num_workers=data.num_workers, weights=weights, tracker=tracker,
-                      pin_memory=pin_memory)
+                      pin_memory=pin_memory, epoch_clips=epoch_clips)
 
 
 def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] | None, clip_samples: int,
