@@ -74,15 +74,20 @@ def extract_features(encoder, arch, manifests: Sequence[str], classes: Sequence[
     ``manifests``; ``arch`` (``common.arch``) makes its front end and its embedding."""
     from common.augment import SpecAugmentConfig
     from common.compression import Compression
-    from common.data import eval_loader
+    from common.data import count_clips, eval_loader
+    from common.logger import progress
 
     geometry = arch.geometry(Compression())
     pipeline = arch.frontend(geometry, Compression(), SpecAugmentConfig()).to(device)
     loader = eval_loader(manifests, classes, arch.clip_samples, arch.sample_rate, batch_size, num_workers)
     encoder = encoder.to(device).eval()
     feats, targets = [], []
-    with torch.no_grad():
+    counts = [count_clips(m) for m in manifests]
+    bar = progress(None if None in counts else sum(counts), 0, f"features of {Path(manifests[0]).name}"
+                   + (f" (+{len(manifests) - 1})" if len(manifests) > 1 else ""), True, unit="clip")
+    with torch.no_grad(), bar:
         for batch in loader.batches(epochs=1):
+            bar.update(len(batch) + len(batch.bad))
             if not len(batch):
                 continue
             x = pipeline(batch.waveforms.to(device), batch.lengths.to(device))
