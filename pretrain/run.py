@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from common.preflight import check_norm, data_checks, problems
+        from common.preflight import check_norm, data_checks, norm_mismatch, problems
         from pretrain.recipe import load_baseline, load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides, args.coarse)
@@ -131,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
 
             baseline_best(recipe.train.stop_when_surpassing, SSASTObjective.score_name)
         checks = [*data_checks(recipe.data), lambda: check_norm(recipe.audio.norm, "audio.norm")]
+        caution = norm_mismatch(recipe.audio.norm, recipe.audio.target_frames, recipe.audio.num_mel_bins, "audio.norm")
         if args.dry_run:
             print_plan(recipe, 1, baseline, args.overrides)
+            if caution:
+                print(f"warning: {caution}")
             missing = problems(checks)
             if missing:
                 print("files a run needs and does not find (it would stop before any compute):")
@@ -156,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                            baseline=planned, run_recipe=session.run_recipe, meta={"recipe": args.recipe.name})
             log.info("pretraining %s into %s on %d rank(s) (%s)", args.recipe, run_dir, dist.world_size,
                      dist.device)
+            if caution:
+                log.warning("%s", caution)
             if planned is not None:
                 log.info("FLOPs saving is measured against %s planned with this run's geometry and batch: %.4g",
                          planned[0], planned[1])

@@ -175,8 +175,8 @@ def test_readme_numbers_are_what_the_commands_print(capsys):
     text = re.sub(r"\s+", " ", README)
     flops([])
     table = {line[:20].strip(): line.split()[-2] for line in capsys.readouterr().out.splitlines()}
-    quoted = re.search(r"`python -m common.flops`\): ([\d.]+) G at full resolution, ([\d.]+) G at C = 2, ([\d.]+) G at C "
-                       r"= 4", text)
+    quoted = re.search(r"`python -m common.flops`\): ([\d.]+) G at full resolution, ([\d.]+) G at C = 2, "
+                       r"([\d.]+) G at C = 4", text)
     assert quoted and list(quoted.groups()) == [table["none"], table["fshift x2"], table["fshift x4"]]
     htsat([])
     table = {line[:16].strip(): line.split()[-2] for line in capsys.readouterr().out.splitlines()}

@@ -147,6 +147,19 @@ def test_statistics_of_another_clip_length_are_warned_about(clips, capsys):
     assert "warning" not in capsys.readouterr().out
 
 
+def test_pretraining_statistics_of_another_clip_length_are_warned_about(tmp_path, capsys):
+    from tests.test_readme import ROOT
+
+    stats = tmp_path / "pool.stats.json"
+    stats.write_text(json.dumps({"mean": -4.2, "std": 4.5, "clips": 10, "target_frames": 1024, "num_mel_bins": 128,
+                                 "manifest": "data/synth/synth_pool.jsonl.gz"}))
+    assert pretrain(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--set", f"audio.norm={stats}",
+                     "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert (f"warning: audio.norm: {stats} was computed at 1024 frames per clip, this run cuts / pads clips to 128; "
+            in out) and "`python -m common.corpora stats data/synth/synth_pool.jsonl.gz --target-frames 128`" in out
+
+
 @pytest.mark.parametrize("content, message", [
     ('["dog", "cat"]', "holds a JSON list, not a class list; a class list is an object {\"classes\": [class ids"),
     ("dog\ncat\n", "is not a JSON class list (Expecting value: line 1 column 1 (char 0)); a class list is"),
