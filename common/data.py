@@ -764,14 +764,9 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
         if memo is not None and not cuts.is_lazy:
             memo.update(cuts=cuts, weights=weights)
     epoch_clips = None
-    if cuts.is_lazy:  # counted from the manifests' lines once per run (AudioSet-2M: a few seconds)
-        if memo is not None and "streamed_clips" in memo:
-            epoch_clips = memo["streamed_clips"]
-        else:
-            counts = [count_clips(spec.path) for spec in data.train]
-            epoch_clips = None if None in counts else sum(counts)
-            if memo is not None:
-                memo["streamed_clips"] = epoch_clips
+    if cuts.is_lazy:  # an estimate for the progress bar, from the manifests' lines (AudioSet-2M: a few seconds)
+        counts = [count_clips(spec.path) for spec in data.train]
+        epoch_clips = None if None in counts else sum(counts)
     dataset = ClipDataset(clip_samples, sample_rate, classes, crop=data.train_crop, seed=seed, pad=data.pad,
                           cache=cache)
     return ClipLoader(cuts, dataset, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rank,

@@ -107,3 +107,18 @@ def test_no_bar_when_stderr_is_not_a_terminal(capsys):
     bar.update(3)
     bar.close()
     assert "counting" not in capsys.readouterr().err
+
+
+def test_batches_per_epoch_in_memory_and_streamed(synth_corpus):
+    """The bar's total: exact for a set in memory, from the manifest's lines for a streamed one; the batches an
+    epoch really gives."""
+    from common.corpora.base import read_classes
+    from common.data import BadAudioTracker, DataConfig, ManifestSpec, train_loader
+
+    classes, _ = read_classes(synth_corpus / "synth_classes.json")
+    train = [ManifestSpec(str(synth_corpus / "synth_train.jsonl.gz"))]  # 24 clips
+    for shuffle_max in (500_000, 0):  # in memory, streamed
+        data = DataConfig(train=train, batch_size=5, num_workers=0, full_shuffle_max=shuffle_max)
+        loader = train_loader(data, classes, 8000, 16000, 5, 0, 0, 1, BadAudioTracker())
+        assert loader.cuts.is_lazy == (shuffle_max == 0)
+        assert loader.batches_per_epoch() == 4 == len(list(loader.cut_batches(epochs=1)))
