@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from common.recipe import RecipeError
+from common.run_lock import LOCK_FILE, RunDirBusy, job_lock
 from common.run_recipe import RunRecipe, prepare_run_dir
 
 __all__ = ["add_run_arguments", "discard_previous", "Session", "training_session", "run_main"]
@@ -56,10 +57,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_run_root: str) ->
 
 
 def discard_previous(run_dir: Path) -> Path | None:
-    """Move everything an earlier attempt left in ``run_dir`` (but its log) into ``run_dir/discarded-TIME``."""
+    """Move everything an earlier attempt left in ``run_dir`` (but its log and its lock) into
+    ``run_dir/discarded-TIME``."""
     import time
 
-    leftovers = [p for p in run_dir.iterdir() if p.name != "train.log" and not p.name.startswith("discarded-")] \
+    leftovers = [p for p in run_dir.iterdir()
+                 if p.name not in ("train.log", LOCK_FILE) and not p.name.startswith("discarded-")] \
         if run_dir.is_dir() else []
     if not leftovers:
         return None
@@ -82,7 +85,8 @@ class Session:
 @contextmanager
 def training_session(run_dir: Path, recipe, restart: bool = False,
                      accept_changed_data: bool = False) -> Iterator[Session]:
-    """Join the process group, log into ``run_dir``, check its recipe (``common.run_recipe``); tear down.
+    """Join the process group, lock ``run_dir`` (``common.run_lock``: a second run on it stops at once), log
+    into it, check its recipe (``common.run_recipe``); tear down.
 
     Args:
         run_dir: the run directory (resumed when it holds a run of the same recipe).
@@ -94,12 +98,13 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
     from common.logger import setup_logging
 
     dist = init_distributed()
-    setup_logging(run_dir, dist.rank)
     try:
-        if restart and dist.is_main:
-            discard_previous(run_dir)
-        dist.barrier()
-        yield Session(dist, prepare_run_dir(run_dir, recipe, dist.is_main, accept_changed_data))
+        with job_lock(run_dir, dist):
+            setup_logging(run_dir, dist.rank)
+            if restart and dist.is_main:
+                discard_previous(run_dir)
+            dist.barrier()
+            yield Session(dist, prepare_run_dir(run_dir, recipe, dist.is_main, accept_changed_data))
     finally:
         dist.teardown()
 
@@ -116,7 +121,8 @@ def run_main(body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
-    except (RecipeError, FileNotFoundError, NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, ValueError) as err:
+    except (RecipeError, FileNotFoundError, NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, RunDirBusy,
+            ValueError) as err:
         log.debug("%s", traceback.format_exc())
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, (RecipeError, FileNotFoundError, DataChanged)) else 1

@@ -29,23 +29,23 @@ Criteria (each a small pure class with ``update``, ``state_dict`` and ``load_sta
   past); the phase ends when the smoothed loss's relative decrease per check, over the last ``window``
   checks, stays below ``threshold`` for ``patience`` checks in a row.
 
-``train.stop_when_surpassing: RUN_DIR`` (:class:`Surpass`, :func:`baseline_best`) ends the *final* phase
-at the first check whose score strictly exceeds the best score in that run's ``ledger.json`` (paper
-section 3.3); with ``until.max`` above the planned length the final phase may also run past it until it
-surpasses. :class:`PhaseEnd` combines the bounds, the criterion and the surpass rule for one phase; the
-trainer asks it at every check (rank 0 decides, every rank receives the decision) and checkpoints its
-state, so a resumed run ends its phase at the same step.
+``train.stop_when_surpassing: RUN_DIR`` (:class:`Surpass`) ends the *final* phase at the first check whose
+score strictly exceeds the best per-epoch score in that run's ``ledger.json`` (paper section 3.3; the
+target, and when a baseline is comparable, are ``common.baseline``'s); with ``until.max`` above the
+planned length the final phase may also run past it until it surpasses. :class:`PhaseEnd` combines the
+bounds, the criterion and the surpass rule for one phase; the trainer asks it at every check (rank 0
+decides, every rank receives the decision) and checkpoints its state, so a resumed run ends its phase at
+the same step.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 __all__ = ["UntilConfig", "Plateau", "Efficiency", "LossSlope", "Surpass", "PhaseEnd", "Decision",
-           "make_criterion", "baseline_best", "check_schedule", "describe_ends", "END_REASONS"]
+           "make_criterion", "check_schedule", "describe_ends", "END_REASONS"]
 
 Criterion = Literal["plateau", "efficiency", "loss"]
 
@@ -427,37 +427,6 @@ class PhaseEnd:
         self.decision = Decision(*state["decision"]) if state.get("decision") else None
 
 
-# --------------------------------------------------------------------------------- the baseline's best
-def baseline_best(run_dir: str | Path, score: str, key: str = "train.stop_when_surpassing") -> float:
-    """The best ``score`` among the evaluations in a baseline run's ``ledger.json``.
-
-    Args:
-        run_dir: the baseline's run directory (or its ledger file).
-        score: the metric to read (the objective's ``score_name``).
-        key: the recipe key that named the run, for error messages.
-
-    Raises:
-        FileNotFoundError: no ledger there.
-        ValueError: the ledger ranks another score, or has no evaluation of ``score``.
-    """
-    import json
-
-    path = Path(run_dir)
-    path = path / "ledger.json" if path.is_dir() or not path.suffix else path
-    if not path.is_file():
-        raise FileNotFoundError(f"{key}: no ledger at {path} (the baseline run must exist before this one starts)")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{key}: {path} is not valid JSON ({err})") from None
-    if data.get("score") not in (None, score):
-        raise ValueError(f"{key}: {path} ranks runs by {data['score']!r}, this run by {score!r}")
-    values = [e["metrics"][score] for e in data.get("evals", []) if score in e.get("metrics", {})]
-    if not values:
-        raise ValueError(f"{key}: {path} holds no evaluation of {score!r}")
-    return float(max(values))
-
-
 # ------------------------------------------------------------------------------- recipe-level checks
 def check_schedule(phases: Sequence, stop_when_surpassing: str | None, has_valid: bool,
                    weight_average_from: int | None = None, eval_every: int | None = None) -> None:
@@ -491,9 +460,10 @@ def check_schedule(phases: Sequence, stop_when_surpassing: str | None, has_valid
     if stop_when_surpassing and not has_valid:
         raise ValueError("train.stop_when_surpassing: the run has no validation set to compare with")
     if weight_average_from is not None and phases and (phases[-1].until is not None or stop_when_surpassing):
-        raise ValueError("train.weight_average_from: weight averaging needs the final phase's epochs in advance; "
-                         "it cannot be combined with an until section on the final phase or "
-                         "train.stop_when_surpassing")
+        raise ValueError("train.weight_average_from: averaging a range of epochs needs the final phase's length in "
+                         "advance; it cannot be combined with an until section on the final phase or "
+                         "train.stop_when_surpassing (train.weight_average_top can: the best K of the epochs that "
+                         "ran)")
 
 
 def describe_ends(phases: Sequence, stop_when_surpassing: str | None = None) -> list[str]:

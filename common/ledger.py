@@ -12,7 +12,11 @@ applies; ``data``: the SHA-256 and size of every training and validation manifes
 (``common.data_fingerprint``). A phase that has ended says why and when
 (``ended_by``: ``length``, ``cap``, a criterion or ``surpassed``; ``ended_at``: its step, epoch, total step
 and cumulative FLOPs; ``end_note``: in words), and a run stopped by ``train.stop_when_surpassing`` records
-the target it stopped at (``stop_when_surpassing``).
+the target it stopped at (``stop_when_surpassing``: the baseline's best per-epoch score, where it was, its
+weight-averaged score and the differences accepted, ``common.baseline``); ``evaluation``: what decides the
+clips a validation round scores (``common.baseline.evaluation_settings``), so that another run can tell
+whether its scores compare with these. An evaluation of a weight average carries ``weight_averaged`` (the
+epochs averaged).
 
 The trainer talks to the ledger through methods (:meth:`Ledger.start_phase`, :meth:`Ledger.add_training`,
 :meth:`Ledger.add_eval_time`, :meth:`Ledger.add_eval`); readers use :meth:`Ledger.read` and
@@ -122,6 +126,7 @@ class Ledger:
         self.interventions: list[dict] = []
         self.stop_target: dict | None = None
         self.data: dict | None = None  # the manifests' fingerprints (common.data_fingerprint)
+        self.evaluation: dict | None = None  # the validation settings (common.baseline.evaluation_settings)
 
     def start_phase(self, index: int, **info) -> PhaseRecord:
         """The record of phase ``index``, created from ``info`` (:class:`PhaseRecord` fields) on first use;
@@ -216,9 +221,10 @@ class Ledger:
             return None
         return 1 - self.totals()["train_flops"] / planned
 
-    def set_stop_target(self, run: str, score: str, best: float) -> None:
-        """``train.stop_when_surpassing``: the baseline run and the best score the final phase must beat."""
-        self.stop_target = {"run": run, "score": score, "best": best}
+    def set_stop_target(self, target: dict) -> None:
+        """``train.stop_when_surpassing``: the baseline run and the best score the final phase must beat
+        (``common.baseline.stop_target``: ``run``, ``score``, ``best``, ...)."""
+        self.stop_target = dict(target)
 
     def to_dict(self) -> dict:
         data = {"score": self.score, "phases": [p.to_dict() for p in self.phases], "total": self.totals(),
@@ -232,6 +238,8 @@ class Ledger:
             data["stop_when_surpassing"] = self.stop_target
         if self.data:
             data["data"] = self.data
+        if self.evaluation:
+            data["evaluation"] = self.evaluation
         return data
 
     @classmethod
@@ -243,6 +251,7 @@ class Ledger:
         ledger.interventions = [dict(i) for i in data.get("interventions", [])]
         ledger.stop_target = data.get("stop_when_surpassing")
         ledger.data = data.get("data")
+        ledger.evaluation = data.get("evaluation")
         return ledger
 
     @classmethod

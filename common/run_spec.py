@@ -40,7 +40,10 @@ class TrainConfig:
         weight_average_top: average only the this many best of those epochs by validation score (HTS-AT
             averages its top checkpoints; ``weight_average_from`` defaults to 1 then).
         stop_when_surpassing: a baseline run directory: the final phase ends at its first validation whose
-            score beats the best in that run's ``ledger.json`` (paper section 3.3), read when the run starts.
+            score beats the best per-epoch score in that run's ``ledger.json`` (paper section 3.3; its weight
+            average is not compared with epochs), read when the run starts (``common.baseline``).
+        accept_baseline_differences: compare with a ``stop_when_surpassing`` baseline that is not comparable
+            (unfinished, other validation manifests or evaluation settings); the ledger records the differences.
         compile: ``torch.compile`` the model's blocks at every phase (``common.compile``; off by default).
         compile_backend: the ``torch.compile`` backend: ``inductor`` (generated kernels), or ``aot_eager`` /
             ``eager`` to find a capture problem without code generation.
@@ -63,6 +66,7 @@ class TrainConfig:
     weight_average_from: int | None = None
     weight_average_top: int | None = None
     stop_when_surpassing: str | None = None
+    accept_baseline_differences: bool = False
     compile: bool = False
     compile_backend: CompileBackend = "inductor"
     compile_mode: CompileMode = "default"

@@ -40,7 +40,8 @@ from common.arch.base import geometries
 from common.atomic import atomic_copy
 from common.augment import SpecAugmentConfig
 from common.compile import maybe_compile
-from common.criteria import PhaseEnd, baseline_best
+from common.baseline import evaluation_settings, setting_differences, stop_target
+from common.criteria import PhaseEnd
 from common.data import BadAudioTracker, Batch, eval_loader, make_cache, train_loader
 from common.data_fingerprint import DataChanged, changes, run_fingerprints
 from common.distributed import Dist
@@ -119,9 +120,6 @@ class Trainer:
         self.ledger = Ledger(objective.score_name)
         if spec.baseline is not None:
             self.ledger.set_baseline(*spec.baseline)
-        if spec.train.stop_when_surpassing:
-            self.ledger.set_stop_target(spec.train.stop_when_surpassing, objective.score_name,
-                                        baseline_best(spec.train.stop_when_surpassing, objective.score_name))
         self.checkpoints = RunCheckpoints(self.run_dir / "checkpoints", dist, spec.train.keep_checkpoints)
         self.average = WeightAverage(self.run_dir / "average",
                                      averaged_epochs(spec.train.weight_average_from or
@@ -161,6 +159,8 @@ class Trainer:
             self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase,
                                          changes=self.spec.run_recipe.changes)
         self._check_data(resumed)
+        self._check_evaluation(resumed)
+        self._read_stop_target()
         if self.state.phase_done:  # resumed at the end of a phase: finish what follows its checkpoint
             self._complete_phase(model, self.state.phase, scheduler=None)
         steps_this_call = 0
@@ -550,6 +550,34 @@ class Trainer:
                                          changes={f"manifest {k}": v for k, v in changed.items()})
         self.ledger.data = current
 
+    def _check_evaluation(self, resumed: bool) -> None:
+        """Record the validation settings (``common.baseline.evaluation_settings``); a resumed run whose
+        ``train.eval_batches`` or ``data.eval_batch_size`` change which clips are scored records the change as
+        an intervention (a change of ranks has its own, ``_reshard_position``)."""
+        spec, last = self.spec, len(self.spec.phases) - 1
+        current = evaluation_settings(spec.train, spec.data, self._batch_size(last), self.dist.world_size)
+        old = self.ledger.evaluation
+        if resumed and old and setting_differences(old, {**current, "ranks": old.get("ranks")}):
+            keys = {"eval_batches": "train.eval_batches"}
+            self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase, changes={
+                keys.get(k, f"data.{k}"): {"from": old.get(k), "to": v} for k, v in current.items()
+                if k != "ranks" and old.get(k) != v})
+        self.ledger.evaluation = current
+
+    def _read_stop_target(self) -> None:
+        """``train.stop_when_surpassing``: the baseline's best per-epoch score, read once when the run starts
+        (``common.baseline``: a baseline that is not comparable is refused, or accepted and recorded); a
+        resumed run keeps the target of its checkpoint and needs no baseline directory."""
+        path = self.spec.train.stop_when_surpassing
+        if not path or self.ledger.stop_target is not None:
+            return
+        target = stop_target(path, self.objective.score_name, self.ledger.data, self.ledger.evaluation,
+                             self.spec.train.accept_baseline_differences)
+        for difference in target.get("accepted_differences", []):
+            log.warning("train.stop_when_surpassing: comparing with %s although it differs (accepted by "
+                        "train.accept_baseline_differences, recorded in ledger.json): %s", path, difference)
+        self.ledger.set_stop_target(target)
+
     def _reshard_position(self, saved_ranks: int) -> None:
         """Resuming on another number of ranks: each rank's shard of an epoch changes, so the data position
         keeps the share of the epoch already seen (batches consumed x old ranks / new ranks), and the run
@@ -576,10 +604,8 @@ class Trainer:
         saved = self.checkpoints.trainer_state(tag)
         self.state = TrainState(**saved["state"])
         baseline = self.ledger.baseline
-        target = self.ledger.stop_target
-        self.ledger = Ledger.from_dict(saved["ledger"])
+        self.ledger = Ledger.from_dict(saved["ledger"])  # with the stop target the run started with
         self.ledger.baseline = baseline or self.ledger.baseline
-        self.ledger.stop_target = self.ledger.stop_target or target  # the target the run started with
         self.tracker.load_state_dict(saved["tracker"])
         saved_ranks = self.checkpoints.saved_world_size(tag)
         if saved_ranks != self.dist.world_size:
@@ -615,14 +641,21 @@ class Trainer:
         """Average the kept epochs' weights into ``model``, evaluate and export the average (AST's WA)."""
         scores = {e["epoch"]: e["metrics"][self.objective.score_name] for e in self.ledger.evals
                   if e["phase"] == index and "epoch" in e and self.objective.score_name in e.get("metrics", {})}
-        epochs = self.average.chosen(scores)
+        epochs = self.average.chosen(scores, ran=self.state.epoch_in_phase)
+        top = self.average.top
+        if top is not None and len(epochs) < top:
+            log.warning("train.weight_average_top: the final phase ended after %d epochs, fewer than the %d to "
+                        "average; averaging all %d", self.state.epoch_in_phase, top, len(epochs))
         model.load_state_dict(self.average.average(epochs))
         model.to(self.device)
         metrics = self._evaluate(model, index) if self.spec.data.valid else {}
         self.ledger.add_eval(index, metrics, total_step=self.state.total_steps, phase_step=self.state.step,
                              weight_averaged=epochs)
-        log.info("weight average of epochs %s: %s", ", ".join(map(str, epochs)),
-                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        target = self.ledger.stop_target or {}
+        versus = "" if target.get("averaged") is None else \
+            f" (the baseline's weight average: {target['score']}={target['averaged']:.4f})"  # like with like
+        log.info("weight average of epochs %s: %s%s", ", ".join(map(str, epochs)),
+                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), versus)
         path = self.run_dir / "export" / "weight_averaged.safetensors"
         if self.dist.is_main:
             self.objective.export(model, path, self._export_meta(index, weight_averaged=epochs, eval=metrics))

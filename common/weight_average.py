@@ -5,6 +5,11 @@ averages its best checkpoints by validation mAP (the paper: the top 15). Here th
 from ``train.weight_average_from`` on are kept as they end (one safetensors file each, under
 ``RUN/average/``) and averaged (in float64) when the run ends, all of them or the ``weight_average_top``
 best by validation score; the trainer then evaluates and exports the average as the run's model.
+
+A final phase that may end early (an ``until`` section, ``train.stop_when_surpassing``) takes
+``weight_average_top``: the best K of the epochs that ran (all of them if fewer than K ran), every epoch up to
+the phase's cap being kept. A range from ``weight_average_from`` on needs the phase's length in advance and
+is refused there (``common.criteria.check_schedule``).
 """
 
 from __future__ import annotations
@@ -22,14 +27,15 @@ __all__ = ["averaged_epochs", "average_state_dicts", "WeightAverage"]
 
 
 def averaged_epochs(start: int | None, phases: Sequence[PhaseConfig]) -> list[int]:
-    """The final phase's epochs (1-based) that weight averaging uses: ``start`` to its last epoch.
+    """The final phase's epochs (1-based) that weight averaging may use: ``start`` to its last epoch (its cap,
+    ``until.max``, when it may run past its planned length).
 
     Empty when averaging is off (``start`` None) or the run is iteration-based.
     """
     last = phases[-1]
     if start is None or last.iteration_based:
         return []
-    return list(range(start, last.epochs + 1))
+    return list(range(start, last.max_length + 1))
 
 
 def average_state_dicts(states: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -68,15 +74,25 @@ class WeightAverage:
         if epoch in self.epochs:
             save_weights(self._file(epoch), model.state_dict(), {})
 
-    def chosen(self, scores: dict[int, float]) -> list[int]:
+    def chosen(self, scores: dict[int, float], ran: int | None = None) -> list[int]:
         """The epochs to average: all kept ones, or the ``top`` best by ``scores`` (epoch -> validation score;
-        the earlier epoch wins a tie), in epoch order."""
+        the earlier epoch wins a tie), in epoch order.
+
+        Args:
+            scores: the final phase's validation score per epoch.
+            ran: the epochs the final phase ran (None: all of :attr:`epochs`); an early end averages the best
+                ``top`` of those, or all of them when fewer ran.
+        """
+        epochs = [e for e in self.epochs if ran is None or e <= ran]
+        if not epochs:
+            raise ValueError(f"weight averaging: the final phase ended after {ran} epochs, before the first epoch "
+                             f"to average ({self.epochs[0]})")
         if self.top is None:
-            return list(self.epochs)
-        missing = [e for e in self.epochs if e not in scores]
+            return epochs
+        missing = [e for e in epochs if e not in scores]
         if missing:
             raise ValueError(f"weight averaging of the top {self.top} epochs: no validation score for epochs {missing}")
-        ranked = sorted(self.epochs, key=lambda e: (-scores[e], e))
+        ranked = sorted(epochs, key=lambda e: (-scores[e], e))
         return sorted(ranked[: self.top])
 
     def average(self, epochs: Sequence[int] | None = None) -> dict[str, torch.Tensor]:

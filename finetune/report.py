@@ -1,9 +1,9 @@
 """Compare coarse-to-fine runs with their baseline: the paper's savings tables and a metric-vs-FLOPs plot.
 
 The rule is that of the paper's sections 3.3-3.4 (Tables 2-5). The baseline reference is the baseline's
-evaluation with the highest validation metric (its best epoch), with the cumulative training FLOPs and wall
-time at that evaluation. A coarse-to-fine run is stopped at the earliest evaluation *of its final phase*
-whose metric strictly surpasses that reference; its savings are ``100 * (1 - F_run / F_base)`` for FLOPs and
+per-epoch evaluation with the highest validation metric (its best epoch), with the cumulative training FLOPs
+and wall time at that evaluation. A coarse-to-fine run is stopped at the earliest per-epoch evaluation *of its
+final phase* whose metric strictly surpasses that reference; its savings are ``100 * (1 - F_run / F_base)`` for FLOPs and
 ``100 * (1 - T_run / T_base)`` for training time (evaluation excluded). A run whose final phase never
 surpasses the baseline gets no savings under that rule. ``--stop-epoch N`` replaces the rule by a fixed stop at
 epoch N of the final phase, whatever its metric: the paper's AudioSet rows (Table 2: 1 epoch at Fshift x4 + 3
@@ -11,6 +11,11 @@ at full resolution against the baseline's best, epoch 5 of 5, with a small mAP d
 (Tables 3 and 5) is the best metric of the final phase. A second table compares the whole runs (all their
 training FLOPs against the baseline's), so a saving shows even where no run surpasses the baseline. Every
 metric is a fraction (accuracy, mAP, masked-patch accuracy) and is shown in percent.
+Like is compared with like (``common.baseline``): the evaluation of a weight average that a run appends at
+its end is never compared with epochs; where runs averaged, the whole-run table compares their averages with
+the baseline's average. Runs validated on other manifests or with other evaluation settings than the
+baseline (what both ledgers record) are refused, naming the difference, unless
+``--accept-baseline-differences`` (then listed in ``report.md``).
 Runs that applied the rule live (``train.stop_when_surpassing``) are marked, and so are those whose cap
 ended the final phase before it surpassed (:func:`end_note`).
 
@@ -34,11 +39,12 @@ from matplotlib import rcParams
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from common.baseline import differences, is_averaged
 from common.ledger import Ledger
 
 __all__ = ["ReportError", "Run", "Point", "Row", "load_run", "resolve_metric", "run_label", "distinct_names",
-           "points", "compare", "end_note", "markdown_table", "whole_run_table", "metric_name", "report_title",
-           "figure", "plot", "main"]
+           "points", "compare", "baseline_differences", "end_note", "markdown_table", "whole_run_table",
+           "metric_name", "report_title", "figure", "plot", "main"]
 
 METHOD_NAMES = {"fshift": "Fshift", "avgpool": "Avg Pool", "maxpool": "Max Pool", "patch": "Patch"}
 PATCH_TRANSFER_NAMES = {"pi": "PI", "bilinear": "BL"}  # the paper's labels
@@ -60,13 +66,15 @@ class Run:
 
 @dataclass(frozen=True)
 class Point:
-    """One evaluation: 0-based phase, cumulative training FLOPs and seconds, metric value, epoch in its phase."""
+    """One evaluation: 0-based phase, cumulative training FLOPs and seconds, metric value, epoch in its phase;
+    ``averaged``: the evaluation of the run's weight average (at its end), not of an epoch."""
 
     phase: int
     flops: float
     seconds: float
     value: float
     epoch: int | None = None
+    averaged: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,9 @@ class Row:
     ``total_flops`` is the whole run's training FLOPs and ``total_save`` its saving against the baseline's
     whole run (None for the baseline); ``device_hours`` the whole run's device time (training and validation
     seconds times the ranks, :func:`_device_hours`); ``fixed`` marks a stop at a given epoch (``--stop-epoch``); ``note``:
-    how the run's final phase ended, when a rule ended it (:func:`end_note`).
+    how the run's final phase ended, when a rule ended it (:func:`end_note`); ``averaged``: the score of the run's
+    weight average (None without one) and ``averaged_delta`` its difference to the baseline's weight average
+    (None unless both averaged).
     """
 
     label: str
@@ -92,6 +102,8 @@ class Row:
     fixed: bool = False
     note: str | None = None
     device_hours: float | None = None
+    averaged: float | None = None
+    averaged_delta: float | None = None
 
 
 def load_run(path: str | Path, label: str | None = None) -> Run:
@@ -161,9 +173,10 @@ def points(run: Run, metric: str) -> list[Point]:
             raise ReportError(f"{run.source}: evaluation {i} (phase {ev['phase']}) has no metric {metric!r}; "
                               f"it has {sorted(ev['metrics'])}")
         try:
-            epoch = None if ev.get("weight_averaged") or ev.get("epoch") is None else int(ev["epoch"])
+            averaged = is_averaged(ev)
+            epoch = None if averaged or ev.get("epoch") is None else int(ev["epoch"])
             out.append(Point(int(ev["phase"]), float(ev["train_flops"]), float(ev["wall_seconds"]),
-                             float(ev["metrics"][metric]), epoch))
+                             float(ev["metrics"][metric]), epoch, averaged))
         except (TypeError, ValueError):
             raise ReportError(f"{run.source}: evaluation {i} holds a non-numeric phase, FLOPs, time or "
                               f"{metric!r}") from None
@@ -217,16 +230,20 @@ def compare(baseline: Run, runs: Sequence[Run], metric: str, stop_epoch: int | N
         ReportError: as :func:`points`, a run has no evaluation in its final phase, or none at ``stop_epoch``.
     """
     base_points = points(baseline, metric)
-    base = max(base_points, key=lambda p: p.value)  # the first of equal maxima
+    epochs = [p for p in base_points if not p.averaged]  # a weight average is not an epoch: like with like
+    if not epochs:
+        raise ReportError(f"{baseline.source}: no per-epoch evaluation (only a weight average) to compare epochs with")
+    base = max(epochs, key=lambda p: p.value)  # the first of equal maxima
+    base_avg = _averaged(base_points)
     base_total = _total_flops(baseline, base_points)
     rows = [Row(baseline.label, base.value, None, None, None, base.value, None, None, base_total,
-                device_hours=_device_hours(baseline))]
+                device_hours=_device_hours(baseline), averaged=base_avg)]
     for run in runs:
         final = len(run.ledger.phases) - 1
         if final < 0:
             raise ReportError(f"{run.source}: no phases in the ledger")
         pts = points(run, metric)
-        last = [p for p in pts if p.phase == final]
+        last = [p for p in pts if p.phase == final and not p.averaged]
         if not last:
             raise ReportError(f"{run.source}: no evaluation in the final phase (phase index {final})")
         if stop_epoch is not None:
@@ -240,12 +257,32 @@ def compare(baseline: Run, runs: Sequence[Run], metric: str, stop_epoch: int | N
         best = max(p.value for p in last)
         value = stop.value if stop else best
         total = _total_flops(run, pts)
+        averaged = _averaged(pts)
         rows.append(Row(run.label, value, value - base.value,
                         _saving(stop.flops, base.flops) if stop else None,
                         _saving(stop.seconds, base.seconds) if stop else None,
                         best, best - base.value, stop, total, _saving(total, base_total), stop_epoch is not None,
-                        end_note(run), _device_hours(run)))
+                        end_note(run), _device_hours(run), averaged,
+                        averaged - base_avg if averaged is not None and base_avg is not None else None))
     return rows
+
+
+def _averaged(pts: Sequence[Point]) -> float | None:
+    """The score of the run's weight average (its last averaged evaluation), or None."""
+    return next((p.value for p in reversed(pts) if p.averaged), None)
+
+
+def baseline_differences(baseline: Run, runs: Sequence[Run]) -> dict[str, list[str]]:
+    """Per run label, why its scores do not compare with the baseline's: other validation manifests or
+    evaluation settings (``common.baseline.differences``, on what both ledgers record); empty when all compare."""
+    base = baseline.ledger.to_dict()
+    out = {}
+    for run in runs:
+        found = differences(base, base.get("score"), run.ledger.data, run.ledger.evaluation, strict=False)  # the
+        # metric is compared alike on both sides (resolve_metric)
+        if found:
+            out[run.label] = found
+    return out
 
 
 def _percent(value: float, delta: float | None) -> str:
@@ -276,15 +313,20 @@ def whole_run_table(rows: Sequence[Row], metric: str) -> str:
     """Every run's whole training compute against the baseline's, with its best final-phase metric.
 
     Shown whatever the stopping rule, so that a run that never surpasses the baseline still shows what it
-    cost and how far it ended from the baseline (the demo's summary does the same).
+    cost and how far it ended from the baseline (the demo's summary does the same). Where a run averaged its
+    weights, a column gives the average's score, against the baseline's average when it has one (like with like).
     """
+    averaged = any(row.averaged is not None for row in rows)  # a column only where some run averaged
     lines = [f"| Setting | training FLOPs (whole run) | FLOPs save (%) | device-hours (whole run) | best {metric}, "
-             f"final phase |", "|---|---:|---:|---:|---:|"]
+             f"final phase |" + (f" weight-averaged {metric} |" if averaged else ""),
+             "|---|---:|---:|---:|---:|" + ("---:|" if averaged else "")]
     for row in rows:
         save = "-" if row.total_save is None else f"{row.total_save:.2f}"
         hours = "-" if row.device_hours is None else f"{row.device_hours:.3g}"
+        cell = "" if not averaged else \
+            " - |" if row.averaged is None else f" {_percent(row.averaged, row.averaged_delta)} |"
         lines.append(f"| {row.label} | {row.total_flops:.3g} | {save} | {hours} | "
-                     f"{_percent(row.best, row.best_delta)} |")
+                     f"{_percent(row.best, row.best_delta)} |" + cell)
     return "\n".join(lines) + "\n"
 
 
@@ -357,8 +399,8 @@ def figure(runs: Sequence[Run], rows: Sequence[Row], metric: str, title: str | N
     The y-range is that of the final phases and the baseline: a coarse phase's values (hollow markers,
     dashed line) are on another token grid and, for SSAST's masked-patch accuracy, on another scale; those
     outside the range sit on its edge as triangles. Each run's stop (the first final-phase evaluation
-    above the baseline's best, or ``--stop-epoch``) is a star; the legend, outside the axes, lists only
-    what is drawn.
+    above the baseline's best, or ``--stop-epoch``) is a star; a run's weight average, evaluated at its end,
+    is a diamond off its line (not an epoch); the legend, outside the axes, lists only what is drawn.
     """
     fig = Figure(figsize=(10, 5.2), dpi=120, layout="constrained")  # no pyplot: no display, no global backend
     ax = fig.subplots()
@@ -372,14 +414,19 @@ def figure(runs: Sequence[Run], rows: Sequence[Row], metric: str, title: str | N
     lo, hi = _limits(final_values)
     handles = []
     coarse_shown: dict[int, bool] = {}
-    stop_label = None
+    stop_label = averaged_shown = None
     colors = itertools.cycle(rcParams["axes.prop_cycle"].by_key()["color"])
     for run, row, (pts, final), color in zip(runs, rows, series, colors):
-        fine = [p for p in pts if p.phase == final]
+        fine = [p for p in pts if p.phase == final and not p.averaged]
+        averaged = [p for p in pts if p.averaged]
+        if averaged:
+            ax.scatter([p.flops for p in averaged], [min(max(100 * p.value, lo), hi) for p in averaged], marker="d",
+                       s=70, color=color, edgecolors="black", zorder=4)
+            averaged_shown = True
         line, = ax.plot([p.flops for p in fine], [100 * p.value for p in fine], color=color, marker="o",
                         markersize=4, label=run.label)
         handles.append(line)
-        coarse = [p for p in pts if p.phase != final]
+        coarse = [p for p in pts if p.phase != final and not p.averaged]
         if coarse:
             ax.plot([p.flops for p in coarse] + [fine[0].flops], [min(max(100 * p.value, lo), hi) for p in coarse]
                     + [100 * fine[0].value], color=color, linestyle="--", linewidth=0.8, alpha=0.6)
@@ -415,6 +462,9 @@ def figure(runs: Sequence[Run], rows: Sequence[Row], metric: str, title: str | N
     if stop_label:
         handles.append(Line2D([], [], color="gray", linestyle="", marker="*", markersize=12, markeredgecolor="black",
                               label=stop_label))
+    if averaged_shown:
+        handles.append(Line2D([], [], color="gray", linestyle="", marker="d", markersize=8, markeredgecolor="black",
+                              label="weight average (end of run)"))
     fig.legend(handles=handles, fontsize=8, loc="outside right upper")
     ax.set_xlabel("cumulative training compute (FLOPs)")
     ax.set_ylabel(f"validation {metric_name(runs, metric)} (%)")
@@ -443,8 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="finetune/report.py",
         description="Compare coarse-to-fine runs with a baseline as in the paper's Tables 2-5 (fine-tuning or\n"
                     "pretraining runs). Each run stops at the earliest evaluation of its final phase that\n"
-                    "surpasses the baseline's best; FLOPs and time savings are against the baseline's best\n"
-                    "evaluation. Prints the Markdown table and writes report.md and report.png.",
+                    "surpasses the baseline's best per-epoch evaluation (a weight average is compared only with\n"
+                    "a weight average); FLOPs and time savings are against the baseline's best evaluation.\n"
+                    "Prints the Markdown table and writes report.md and report.png.",
         epilog="example:\n  python finetune/report.py --baseline runs/esc50_base \\\n"
                "      --runs runs/esc50_fshift4 runs/esc50_fshift421 --names 'Fshift 4→1' 'Fshift 4→2→1' \\\n"
                "      --out reports/esc50",
@@ -465,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop every run at epoch N of its final phase instead of at the first evaluation that "
                              "surpasses the baseline (the paper's AudioSet rows: --stop-epoch 3)")
     parser.add_argument("--title", default=None, help="title of the plot (default: the task and the run directories)")
+    parser.add_argument("--accept-baseline-differences", action="store_true",
+                        help="compare runs validated on other manifests or with other evaluation settings than the "
+                             "baseline (refused otherwise); the differences are listed in report.md")
     return parser
 
 
@@ -481,19 +535,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         metric = resolve_metric([baseline, *runs], args.metric)
         if args.stop_epoch is not None and args.stop_epoch < 1:
             raise ReportError(f"--stop-epoch must be >= 1, got {args.stop_epoch}")
+        found = baseline_differences(baseline, runs)
+        if found and not args.accept_baseline_differences:
+            listed = "; ".join(f"{label}: {', '.join(d)}" for label, d in found.items())
+            raise ReportError(f"the runs' scores do not compare with the baseline's ({listed}); compare runs validated "
+                              f"alike, or pass --accept-baseline-differences (listed in report.md)")
         rows = compare(baseline, runs, metric, args.stop_epoch)
         table = markdown_table(rows, metric)
+        accepted = "".join(f"\nAccepted differences from the baseline (--accept-baseline-differences), {label}: "
+                           f"{'; '.join(d)}.\n" for label, d in found.items())
+        averaged = "" if all(row.averaged is None for row in rows) else \
+            (f" The weight-averaged {metric} is the score of each run's weight average, against the baseline's "
+             f"average where it has one; the tables above compare epochs with epochs only.")
         args.out.mkdir(parents=True, exist_ok=True)
         rule = (f"Each run stops at epoch {args.stop_epoch} of its final phase (a fixed stop, whatever its {metric})"
                 if args.stop_epoch is not None else
                 f"Each run stops at the earliest evaluation of its final phase whose {metric} surpasses the "
-                f"baseline's best")
+                f"baseline's best (epochs with epochs: a weight average is not an epoch)")
         (args.out / "report.md").write_text(
             f"# Coarse-to-fine report ({metric_name([baseline, *runs], metric)})\n\n{table}\n{rule}; savings are "
             f"against the baseline's best evaluation.\n\n## Whole runs\n\n{whole_run_table(rows, metric)}\n"
             f"All the training FLOPs of each run against all of the baseline's, the device time it held (training "
             f"and validation seconds times the ranks: GPU-hours on GPUs), and the best {metric} of the final "
-            f"phase (difference to the baseline's best).\n\n![{metric} against training FLOPs](report.png)\n",
+            f"phase (difference to the baseline's best).{averaged}\n{accepted}\n![{metric} against training FLOPs]"
+            f"(report.png)\n",
             encoding="utf-8")
         plot([baseline, *runs], rows, metric, args.out / "report.png", args.title)
     except (ReportError, OSError) as err:

@@ -113,17 +113,23 @@ def _cautions(recipe, audio) -> list[str]:
     return [caution] if caution else []
 
 
-def _surpass_targets(recipe, run_dirs: list[Path]) -> list[str | None]:
+def _surpass_targets(recipe, run_dirs: list[Path], restart: bool) -> list[str | None]:
     """``train.stop_when_surpassing`` per run (ESC-50's folds compare with the baseline's same fold), checked
-    before any compute: each baseline ledger must be there and hold the task's metric."""
-    from common.criteria import baseline_best
+    before any compute (``common.baseline.precheck``): each baseline must be there, finished and comparable,
+    unless its run resumes with the target it recorded."""
+    import os
+
+    from common.baseline import evaluation_settings, precheck
 
     target = recipe.train.stop_when_surpassing
     if not target:
         return [None] * len(run_dirs)
     targets = [str(Path(target) / d.name) if recipe.task.folds else target for d in run_dirs]
-    for path in targets:
-        baseline_best(path, recipe.task.metric)
+    evaluation = evaluation_settings(recipe.train, recipe.data, recipe.phases[-1].batch_size_or(recipe.data.batch_size),
+                                     int(os.environ.get("WORLD_SIZE", 1)))
+    for path, run_dir, (_, valid) in zip(targets, run_dirs, recipe.task.fold_splits()):
+        precheck(path, recipe.task.metric, run_dir, valid, evaluation,
+                 recipe.train.accept_baseline_differences, restart)
     return targets
 
 
@@ -219,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         splits = recipe.task.fold_splits()
         run_dirs = [run_root / f"fold{k + 1}" if recipe.task.folds else run_root for k in range(len(splits))]
         try:
-            targets = _surpass_targets(recipe, run_dirs)
+            targets = _surpass_targets(recipe, run_dirs, args.restart)
         except FileNotFoundError as err:
             if not args.dry_run:
                 raise

@@ -116,6 +116,19 @@ def print_plan(recipe, world_size: int, baseline=None, overrides: list[str] = ()
                   f"keeps its own {sum(p.steps for p in baseline.phases)} steps)")
 
 
+def check_baseline(recipe, run_dir: Path, restart: bool) -> None:
+    """``train.stop_when_surpassing``: the baseline run is there, finished and comparable (``common.baseline``)."""
+    import os
+
+    from common.baseline import evaluation_settings, precheck
+    from pretrain.ssast import SSASTObjective
+
+    evaluation = evaluation_settings(recipe.train, recipe.data, recipe.phases[-1].batch_size_or(recipe.data.batch_size),
+                                     int(os.environ.get("WORLD_SIZE", 1)))
+    precheck(recipe.train.stop_when_surpassing, SSASTObjective.score_name, run_dir, recipe.data.valid, evaluation,
+             recipe.train.accept_baseline_differences, restart)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -125,13 +138,13 @@ def main(argv: list[str] | None = None) -> int:
 
         recipe = load_recipe(args.recipe, args.overrides, args.coarse)
         baseline = load_baseline(recipe, args.overrides)
-        if recipe.train.stop_when_surpassing:  # before any compute: the baseline run must be there
-            from common.criteria import baseline_best
-            from pretrain.ssast import SSASTObjective
-
-            baseline_best(recipe.train.stop_when_surpassing, SSASTObjective.score_name)
         checks = [*data_checks(recipe.data), lambda: check_norm(recipe.audio.norm, "audio.norm")]
         caution = norm_mismatch(recipe.audio.norm, recipe.audio.target_frames, recipe.audio.num_mel_bins, "audio.norm")
+        from common.coarse import coarse_tag
+
+        name = args.recipe.stem + (f"-{coarse_tag(recipe.coarse)}" if args.coarse else "")
+        run_dir = args.run_dir or Path("runs/pretrain") / name
+        check_baseline(recipe, run_dir, args.restart)  # before any compute: the baseline must be there, comparable
         if args.dry_run:
             print_plan(recipe, 1, baseline, args.overrides)
             if caution:
@@ -143,13 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         for check in checks:  # every file the run reads, before a model or the run directory exists
             check()
-        from common.coarse import coarse_tag
         from common.run_spec import RunSpec
         from common.trainer import Trainer
         from pretrain.ssast import SSASTObjective
 
-        name = args.recipe.stem + (f"-{coarse_tag(recipe.coarse)}" if args.coarse else "")
-        run_dir = args.run_dir or Path("runs/pretrain") / name
         with training_session(run_dir, recipe, restart=args.restart,
                               accept_changed_data=args.accept_changed_data) as session:
             dist = session.dist

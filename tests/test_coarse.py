@@ -176,27 +176,50 @@ def scripted_epochs(monkeypatch, table: dict) -> None:
                         lambda self, model, index: {"acc": table.get((index, self.state.epoch_in_phase), 0.0)})
 
 
+def comparable_baseline(tmp_path: Path, corpus: Path, name: str = "base", finished: bool = True,
+                        averaged: float | None = None) -> Path:
+    """A finished baseline run of :func:`ft`'s task as the trainer writes it: 4 epochs at full resolution
+    (accuracy 0.3, 0.5, 0.4, 0.45), the same validation manifest and settings; ``averaged``: the score of its
+    weight average (above its best epoch)."""
+    from common.baseline import evaluation_settings
+    from common.data_fingerprint import run_fingerprints
+
+    data = tmp_path / "data" if (tmp_path / "data").is_dir() else _synth_root(tmp_path, corpus)
+    recipe = finetune_recipe("synth", overrides=[*TINY, "data.batch_size=8"], data_root=str(data))
+    (_, valid), = recipe.task.fold_splits()
+    evals = [{"phase": 0, "epoch": e + 1, "train_flops": 100.0 * (e + 1), "wall_seconds": 1.0 * (e + 1),
+              "metrics": {"acc": v}} for e, v in enumerate([0.3, 0.5, 0.4, 0.45])]
+    if averaged is not None:
+        evals.append({**evals[-1], "weight_averaged": [2, 4], "metrics": {"acc": averaged}})
+        del evals[-1]["epoch"]
+    baseline = tmp_path / name
+    baseline.mkdir()
+    (baseline / "ledger.json").write_text(json.dumps({
+        "score": "acc", "phases": [{"compression": "none", "factor": 1, "epochs": 4, "ended_by": "length"}],
+        "evals": evals, "data": run_fingerprints([], valid),
+        "evaluation": evaluation_settings(recipe.train, recipe.data, 8, 1)}))
+    if finished:
+        (baseline / "model.safetensors").write_bytes(b"weights")
+    return baseline
+
+
 @pytest.mark.parametrize("final,epochs,reason", [([0.4, 0.5, 0.45, 0.55, 0.6], 4, "surpassed"),
                                                  ([0.4, 0.5, 0.45, 0.5, 0.5, 0.5, 0.5], 5, "cap")])
 def test_stop_when_surpassing_ends_the_final_phase_live_and_may_run_past_its_plan_to_the_cap(
         tmp_path, synth_corpus, monkeypatch, final, epochs, reason):
     from finetune.report import main as report
 
-    baseline = tmp_path / "base"
-    baseline.mkdir()
-    (baseline / "ledger.json").write_text(json.dumps({"score": "acc", "phases": [
-        {"compression": "none", "factor": 1, "epochs": 4}], "evals": [
-        {"phase": 0, "epoch": e + 1, "train_flops": 100.0 * (e + 1), "wall_seconds": 1.0 * (e + 1),
-         "metrics": {"acc": v}} for e, v in enumerate([0.3, 0.5, 0.4, 0.45])]}))
+    baseline = comparable_baseline(tmp_path, synth_corpus, averaged=0.7)  # its average is not the target
     scripted_epochs(monkeypatch, {(0, 1): 0.2, **{(1, e + 1): v for e, v in enumerate(final)}})
     run_dir = tmp_path / "c2f"
-    # 1 + 3 epochs planned; the final phase may run to 5 until it beats the baseline's best (0.5, strictly)
+    # 1 + 3 epochs planned; the final phase may run to 5 until it beats the baseline's best epoch (0.5, strictly)
     assert ft(tmp_path, synth_corpus, run_dir, f"train.stop_when_surpassing={baseline}",
               "coarse.final_until={max: 5}") == 0
     ledger = json.loads((run_dir / "ledger.json").read_text())
     last = ledger["phases"][1]
     assert (last["epochs"], last["ended_by"], last["ended_at"]["epoch"]) == (epochs, reason, epochs)
-    assert ledger["stop_when_surpassing"] == {"run": str(baseline), "score": "acc", "best": 0.5}
+    assert ledger["stop_when_surpassing"] == {"run": str(baseline), "score": "acc", "best": 0.5,
+                                              "at": {"phase": 0, "epoch": 2}, "averaged": 0.7}
     assert [e["epoch"] for e in ledger["evals"] if e["phase"] == 1] == list(range(1, epochs + 1))
     assert report(["--baseline", str(baseline), "--runs", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
     table = (tmp_path / "rep" / "report.md").read_text()
@@ -205,6 +228,78 @@ def test_stop_when_surpassing_ends_the_final_phase_live_and_may_run_past_its_pla
     else:
         assert "the cap ended it (epoch 5 of the final phase) before it surpassed its baseline" in table
         assert "not surpassed" in table
+
+
+def test_a_baseline_that_is_not_comparable_is_refused_before_compute_or_accepted_and_recorded(
+        tmp_path, synth_corpus, monkeypatch, capsys):
+    unfinished = comparable_baseline(tmp_path, synth_corpus, finished=False)
+    run_dir = tmp_path / "c2f"
+    assert ft(tmp_path, synth_corpus, run_dir, f"train.stop_when_surpassing={unfinished}") == 1
+    err = capsys.readouterr().err
+    assert "train.stop_when_surpassing: the baseline" in err and "is not comparable with this run: not finished: no " \
+        "model.safetensors" in err and "train.accept_baseline_differences=true" in err
+    assert not run_dir.exists()
+    scripted_epochs(monkeypatch, {(0, 1): 0.2, (1, 1): 0.6})
+    assert ft(tmp_path, synth_corpus, run_dir, f"train.stop_when_surpassing={unfinished}",
+              "train.accept_baseline_differences=true") == 0
+    target = json.loads((run_dir / "ledger.json").read_text())["stop_when_surpassing"]
+    assert target["best"] == 0.5 and len(target["accepted_differences"]) == 1
+    assert target["accepted_differences"][0].startswith("not finished: no model.safetensors")
+
+
+def test_a_resumed_run_needs_no_baseline_directory(tmp_path, synth_corpus, monkeypatch):
+    import shutil
+
+    baseline = comparable_baseline(tmp_path, synth_corpus)
+    scripted_epochs(monkeypatch, {(0, 1): 0.2, (1, 1): 0.4, (1, 2): 0.55})
+    run_dir = tmp_path / "c2f"
+    assert ft(tmp_path, synth_corpus, run_dir, f"train.stop_when_surpassing={baseline}", stop=4) == 0  # in epoch 1
+    assert not (run_dir / "model.safetensors").exists()
+    shutil.rmtree(baseline)  # moved, deleted: the target is in the checkpoint
+    # (resumed validating on one batch: the ledger records that its validation now scores other clips)
+    assert ft(tmp_path, synth_corpus, run_dir, f"train.stop_when_surpassing={baseline}", "train.eval_batches=1") == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert ledger["stop_when_surpassing"]["best"] == 0.5
+    assert [i["changes"] for i in ledger["interventions"]] == [{"train.eval_batches": {"from": None, "to": 1}}]
+    assert ledger["evaluation"] == {"eval_batches": 1, "eval_batch_size": 8, "ranks": 1, "eval_crop": "start",
+                                    "pad": "zeros"}
+    assert (ledger["phases"][1]["ended_by"], ledger["phases"][1]["epochs"]) == ("surpassed", 2)
+    assert (run_dir / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("final,top,averaged", [
+    ([0.45, 0.4, 0.42, 0.55], 2, [1, 4]),  # the best 2 of the 4 that ran (one past the 3 planned)
+    ([0.45, 0.6], 3, [1, 2]),  # fewer than 3 ran: all of them
+])
+def test_weight_average_top_with_an_early_stop_averages_the_best_epochs_that_ran(
+        tmp_path, synth_corpus, monkeypatch, final, top, averaged):
+    from safetensors.torch import load_file
+
+    from common.weight_average import average_state_dicts
+
+    baseline = comparable_baseline(tmp_path, synth_corpus)
+    scripted_epochs(monkeypatch, {(0, 1): 0.2, **{(1, e + 1): v for e, v in enumerate(final)}})
+    run_dir = tmp_path / "c2f"
+    assert ft(tmp_path, synth_corpus, run_dir, f"train.stop_when_surpassing={baseline}", "coarse.final_until={max: 5}",
+              f"train.weight_average_top={top}") == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert (ledger["phases"][1]["ended_by"], ledger["phases"][1]["epochs"]) == ("surpassed", len(final))
+    assert ledger["evals"][-1]["weight_averaged"] == averaged
+    model = load_file(str(run_dir / "model.safetensors"))
+    expected = average_state_dicts(load_file(str(run_dir / "average" / f"epoch{e:03d}.safetensors")) for e in averaged)
+    assert model.keys() == expected.keys() and all(torch.equal(model[k], v) for k, v in expected.items())
+    assert ft(tmp_path, synth_corpus, run_dir, f"train.stop_when_surpassing={baseline}", "coarse.final_until={max: 5}",
+              f"train.weight_average_top={top}") == 0  # run again: complete
+
+
+def test_weight_averaging_with_an_adaptive_final_phase_is_checked_at_load():
+    recipe = finetune_recipe("audioset", ROOT / "recipes" / "ft_htsat_audioset_fshift4.yaml",
+                             overrides=["train.stop_when_surpassing=runs/base"])  # the recipe's own suggestion
+    assert recipe.train.weight_average_top == 15 and recipe.train.stop_when_surpassing == "runs/base"
+    with pytest.raises(RecipeError, match="train.weight_average_from: averaging a range of epochs needs the final "
+                                          "phase's length in advance.*train.weight_average_top can"):
+        finetune_recipe("audioset", ROOT / "recipes" / "ft_audioset_fshift4.yaml",
+                        overrides=["train.stop_when_surpassing=runs/base"])
 
 
 def test_a_fine_tuning_run_resumed_mid_epoch_ends_its_phase_at_the_same_epoch(tmp_path, synth_corpus, monkeypatch):

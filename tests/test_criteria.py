@@ -13,7 +13,6 @@ from common.criteria import (
     PhaseEnd,
     Plateau,
     UntilConfig,
-    baseline_best,
     check_schedule,
     describe_ends,
 )
@@ -151,16 +150,6 @@ def test_schedule_checks_span_phases_and_the_train_section():
     lines = describe_ends([coarse, capped], "runs/base")
     assert lines[0].startswith("phase1 (fshift x4): ends at efficiency (window 2, fraction 1.0), after 0 to 2 epochs")
     assert "the first evaluation above the best of runs/base, after 0 to 10 epochs (planned 6)" in lines[1]
-
-
-def test_the_baseline_best_is_read_from_its_ledger(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train.stop_when_surpassing: no ledger at"):
-        baseline_best(tmp_path / "missing", "acc")
-    (tmp_path / "ledger.json").write_text(json.dumps({"score": "acc", "evals": [
-        {"metrics": {"acc": 0.4}}, {"metrics": {"acc": 0.62}}, {"metrics": {"acc": 0.5}}]}))
-    assert baseline_best(tmp_path, "acc") == 0.62
-    with pytest.raises(ValueError, match="ranks runs by 'acc', this run by 'mAP'"):
-        baseline_best(tmp_path, "mAP")
 
 
 # ------------------------------------------------------------------------------ through the trainer

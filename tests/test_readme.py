@@ -103,7 +103,9 @@ def test_inline_set_examples_parse_as_numbers(capsys):
             key, value = item.split("=", 1)
             section, field = key.split(".", 1)
             got = getattr(getattr(recipe, section), field) if "." not in field else None
-            if got is not None and not value.startswith(("{", "[")):  # a mapping or list: it loaded, that is all
+            if value in ("true", "false"):  # a switch
+                assert got is (value == "true"), item
+            elif got is not None and not value.startswith(("{", "[")):  # a mapping or list: it loaded, that is all
                 try:
                     expected = float(value)
                 except ValueError:  # a word (e.g. head.pool=prefix)

@@ -316,6 +316,59 @@ def test_the_paper_audioset_row_is_a_fixed_stop_with_flops_from_common_flops(tmp
         compare(load_run(tmp_path / "b.json"), [load_run(tmp_path / "c.json")], "mAP", stop_epoch=4)
 
 
+# ------------------------------------- like with like: a weight average is compared only with a weight average
+def _with_average(run_dir: Path, value: float, **fields) -> Path:
+    """Append the evaluation of a weight average at the run's end, as the trainer does; ``fields``: ledger fields."""
+    ledger = Ledger.read(run_dir)
+    last = ledger.evals[-1]
+    ledger.evals.append({**{k: last[k] for k in ("phase", "train_flops", "wall_seconds", "samples")},
+                         "weight_averaged": [1, 2], "metrics": {"acc": value}})
+    for key, data in fields.items():
+        setattr(ledger, key, data)
+    ledger.write(run_dir / "ledger.json")
+    return run_dir
+
+
+def test_the_reference_is_the_best_epoch_and_averages_are_compared_apart(runs, tmp_path):
+    _with_average(runs["base"], 0.50)  # above every epoch of the baseline (0.45)
+    _with_average(runs["c2f"], 0.52)
+    _with_average(runs["never"], 0.47)  # above the baseline's best epoch, but an average is not an epoch
+    base, c2f, never = load_run(runs["base"], "Baseline"), load_run(runs["c2f"]), load_run(runs["never"])
+    rows = compare(base, [c2f, never], "acc")
+    assert rows[0].value == pytest.approx(0.45) and rows[0].averaged == pytest.approx(0.50)
+    assert rows[1].stop.flops == 75.0 and rows[1].best == pytest.approx(0.49)  # as without the averages
+    assert rows[1].averaged == pytest.approx(0.52) and rows[1].averaged_delta == pytest.approx(0.02)
+    assert rows[2].stop is None and rows[2].best == pytest.approx(0.44)  # its average does not stop it
+    table = whole_run_table(rows, "acc")
+    assert table.splitlines()[0].endswith("| best acc, final phase | weight-averaged acc |")
+    assert "| Baseline | 200 | - | - | 45.00 | 50.00 |" in table
+    assert "| Fshift 4→1 | 135 | 32.50 | - | 49.00 (+4.00) | 52.00 (+2.00) |" in table
+    plain = write_run(tmp_path, "plain", [("fshift", 4), ("none", 1)], C2F_EVALS)  # no average: no difference
+    assert compare(load_run(write_run(tmp_path, "b", [("none", 1)], BASE_EVALS)), [load_run(plain)],
+                   "acc")[1].averaged_delta is None
+    from finetune.report import figure
+
+    legend = _legend(figure([base, c2f], rows[:2], "acc"))
+    assert "weight average (end of run)" in legend and "baseline best (45.00)" in legend
+
+
+def test_runs_validated_otherwise_are_refused_or_accepted_and_listed(runs, tmp_path, capsys):
+    settings = {"eval_batches": None, "eval_batch_size": 8, "ranks": 1, "eval_crop": "start", "pad": "zeros"}
+    valid = {"train": {}, "valid": {"v.jsonl.gz": {"sha256": "ab" * 32, "bytes": 1}}}
+    other = {"train": {}, "valid": {"w.jsonl.gz": {"sha256": "cd" * 32, "bytes": 1}}}
+    _with_average(runs["base"], 0.5, data=valid, evaluation=settings)
+    _with_average(runs["c2f"], 0.5, data=other, evaluation={**settings, "eval_batches": 4})
+    argv = ["--baseline", str(runs["base"]), "--runs", str(runs["c2f"]), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "do not compare with the baseline's (Fshift 4→1: other validation manifests" in err
+    assert "train.eval_batches None (baseline) vs 4 (this run)" in err and "--accept-baseline-differences" in err
+    assert main([*argv, "--accept-baseline-differences"]) == 0
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "Accepted differences from the baseline (--accept-baseline-differences), Fshift 4→1: other validation" \
+           in report and "weight-averaged acc" in report
+
+
 def test_runs_with_the_same_phases_are_told_apart_by_their_directories(tmp_path, runs, capsys):
     """Without --names: two runs with the same phases whose last folders are both `run` (issue: the first hour)."""
     from finetune.report import distinct_names, report_title

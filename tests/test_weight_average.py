@@ -32,3 +32,16 @@ def test_the_top_epochs_by_validation_score(tmp_path):
     assert WeightAverage(tmp_path, [1, 2, 3, 4]).chosen(scores) == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="no validation score for epochs \\[3\\]"):
         average.chosen({1: 0.1, 2: 0.2, 4: 0.3})
+
+
+def test_an_early_end_averages_the_best_of_the_epochs_that_ran(tmp_path):
+    from common.criteria import UntilConfig
+
+    capped = [PhaseConfig("fshift", 4, epochs=1), PhaseConfig(epochs=3, until=UntilConfig(max=6))]
+    assert averaged_epochs(1, capped) == [1, 2, 3, 4, 5, 6]  # kept up to the cap: the phase may run past its plan
+    average = WeightAverage(tmp_path, averaged_epochs(1, capped), top=3)
+    scores = {1: 0.3, 2: 0.6, 3: 0.5, 4: 0.4, 5: 0.7}
+    assert average.chosen(scores, ran=5) == [2, 3, 5]  # the best 3 of the 5 that ran; epoch 6 never ran
+    assert average.chosen(scores, ran=2) == [1, 2]  # fewer than 3 ran: all of them
+    with pytest.raises(ValueError, match="ended after 2 epochs, before the first epoch to average \\(3\\)"):
+        WeightAverage(tmp_path, [3, 4, 5, 6]).chosen(scores, ran=2)

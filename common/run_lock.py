@@ -1,0 +1,139 @@
+"""One run per run directory: a lock that the kernel releases when its holder ends.
+
+``RUN/run.lock`` is locked with ``flock`` by the main process (rank 0) of the job that trains in ``RUN``,
+before the job writes anything there, and for as long as it runs; the other ranks of the job run under
+it. A second command on the same run directory stops at once with one line naming the process that holds
+it (pid, host, start time, command, recorded in the lock file). The kernel drops the lock when its process
+ends, however it ends: a killed run (even by SIGKILL) never blocks its own resume. The lock file itself
+stays (deleting it would let two processes lock two different files of the same name).
+
+Processes the holder forked (data-loader workers) share its lock and outlive it by a few seconds after a
+SIGKILL; a lock still held for a holder that has exited on this host is therefore waited for, briefly.
+
+``flock`` works on local file systems and on NFS (Linux emulates it with NFS byte-range locks); on a
+file system without lock support the run goes on with a warning, unprotected.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["LOCK_FILE", "RunDirBusy", "run_dir_lock", "job_lock"]
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "run.lock"
+# how long a lock whose recorded holder has exited (on this host) is waited for: its forked data-loader
+# workers notice their parent's death within 5 s (PyTorch's watchdog interval) and exit
+ORPHAN_WAIT_S = 30.0
+
+
+class RunDirBusy(RuntimeError):
+    """Another process is running in the run directory (or its lock cannot be taken at all)."""
+
+
+def _holder(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _exited(record: dict) -> bool:
+    """Whether the recorded holder is a process of this host that no longer exists."""
+    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+        return False
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, under another user
+        return False
+    return False
+
+
+def _describe(record: dict) -> str:
+    if not record:
+        return "a process that has not recorded itself yet"
+    text = f"pid {record.get('pid')} on {record.get('host')}, started {record.get('started')}"
+    command = str(record.get("command") or "")
+    return text + (f" ({command[:200]}{' ...' if len(command) > 200 else ''})" if command else "")
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+@contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir``'s lock while the block runs (this process only).
+
+    Raises:
+        RunDirBusy: another process holds it; the message names that process.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            locked = _try_lock(fd)
+        except OSError as err:  # ENOLCK, EOPNOTSUPP: a file system without locks
+            log.warning("cannot lock %s (%s): nothing stops a second run on %s from running at the same time",
+                        path, err, run_dir)
+            locked = None
+        if locked is None:
+            yield
+            return
+        deadline = time.monotonic() + ORPHAN_WAIT_S
+        while not locked and _exited(_holder(path)) and time.monotonic() < deadline:
+            time.sleep(0.2)  # the holder was killed; processes it forked still hold the lock for a moment
+            locked = _try_lock(fd)
+        if not locked:
+            record = _holder(path)
+            gone = " (it has exited, but processes it started still hold the lock)" if _exited(record) else ""
+            raise RunDirBusy(f"{run_dir} is in use by another run: {_describe(record)}{gone}; wait for it to end "
+                             f"(or stop it: running the same command again resumes it) or use another --run-dir")
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                  "command": " ".join([sys.executable, *sys.argv])}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # still locked: nobody reads a half-cleared record
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextmanager
+def job_lock(run_dir: Path, dist) -> Iterator[None]:
+    """Hold ``run_dir``'s lock for a whole job (collective): its main rank takes it, and every rank stops
+    with :class:`RunDirBusy` when it is taken by another job."""
+    with ExitStack() as stack:
+        refusal = None
+        if dist.is_main:
+            try:
+                stack.enter_context(run_dir_lock(run_dir))
+            except RunDirBusy as err:
+                refusal = str(err)
+            except OSError as err:  # every rank must learn of it, not only this one
+                refusal = f"cannot take the lock of run directory {run_dir} ({err})"
+        refusal = dist.broadcast_object(refusal)
+        if refusal is not None:
+            raise RunDirBusy(refusal)
+        yield
