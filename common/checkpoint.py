@@ -8,6 +8,9 @@
 - ImageNet ViT / DeiT weights saved by timm (``.pth`` or ``.safetensors``), the paper's AST start;
 - an official HTS-AT checkpoint (the Lightning ``.ckpt`` with ``sed_model.*`` keys), loaded with
   ``weights_only=True`` (:mod:`common.htsat.official`);
+- ImageNet Swin Transformer weights (Microsoft's layout, e.g. the official HTS-AT's start
+  ``swin_tiny_c24_patch4_window8_256.pth``, or timm's, ``.pth`` or ``.safetensors``): an HTS-AT backbone
+  (:mod:`common.htsat.imagenet`);
 
 and returns :class:`EncoderWeights`: the encoder config, its state dict and what is known of the source.
 Conversions of foreign layouts live in ``common.converters``. Training checkpoints (optimizer, schedule,
@@ -16,16 +19,20 @@ data position, RNG) are another thing: ``common.run_checkpoint``.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import NamedTuple
 
 import torch
 
 from common.converters import convert_official_state_dict, convert_timm_vit_state_dict, is_timm_vit
-from common.exports import is_export, read_weights, resolve_model_file
+from common.exports import is_export, read_weights, resolve_model_file, unreadable
+from common.htsat.imagenet import looks_imagenet_swin
 from common.model import ASTEncoder, EncoderConfig
 
 __all__ = ["EncoderWeights", "load_encoder_state", "load_encoder"]
+
+log = logging.getLogger(__name__)
 
 
 class EncoderWeights(NamedTuple):
@@ -35,10 +42,10 @@ class EncoderWeights(NamedTuple):
         config: the geometry and size the weights were trained with: an :class:`EncoderConfig` (AST family)
             or an :class:`~common.htsat.HTSATConfig`.
         state: the :class:`ASTEncoder` state dict.
-        meta: where they come from: ``source`` is ``export``, ``official`` (SSAST / AST) or ``imagenet``
-            (timm ViT / DeiT); ``objective`` is ``ssast`` for self-supervised pretraining weights (this
-            package's pretraining exports, SSAST's pretrained files) and ``classification`` for fine-tuned
-            ones; exports add their own metadata (front end, task, ...).
+        meta: where they come from: ``source`` is ``export``, ``official`` (SSAST / AST / HTS-AT) or
+            ``imagenet`` (timm ViT / DeiT; ImageNet Swin for HTS-AT); ``objective`` is ``ssast`` for
+            self-supervised pretraining weights (this package's pretraining exports, SSAST's pretrained files)
+            and ``classification`` for fine-tuned ones; exports add their own metadata (front end, task, ...).
     """
 
     config: object
@@ -59,13 +66,19 @@ def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWei
         return hf_encoder_state(path)
     file = resolve_model_file(path)
     if file.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         if not is_export(file):
-            state = load_file(str(file))
+            try:
+                state = load_file(str(file))
+            except SafetensorError as err:
+                raise unreadable(file, err) from err
+            if looks_imagenet_swin(state):
+                return _imagenet_swin(state, file)
             if not is_timm_vit(state):
-                raise ValueError(
-                    f"{file} is a safetensors file but neither an export of this package nor timm ViT weights")
+                raise ValueError(f"{file} is a safetensors file but neither an export of this package nor timm "
+                                 "ViT weights nor ImageNet Swin weights")
             cfg, enc = convert_timm_vit_state_dict(state, str(file))
             return EncoderWeights(cfg, enc, {"source": "imagenet", "file": str(file)})
         tensors, meta = read_weights(file)
@@ -91,6 +104,8 @@ def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWei
         return _official_htsat(state, file)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{file} does not hold a state dict of tensors")
+    if looks_imagenet_swin(state):
+        return _imagenet_swin(state, file)
     if is_timm_vit(state):
         cfg, enc = convert_timm_vit_state_dict(state, str(file))
         return EncoderWeights(cfg, enc, {"source": "imagenet", "file": str(file)})
@@ -115,6 +130,18 @@ def _official_htsat(state: dict, file) -> EncoderWeights:
     return EncoderWeights(cfg, converted, {"source": "official", "arch": "htsat", "file": str(file),
                                            "objective": "classification", "classes": classes,
                                            "class_names": names})
+
+
+def _imagenet_swin(state: dict, file) -> EncoderWeights:
+    """An ImageNet Swin's weights as the start of an HTS-AT (``source: imagenet``; no class head, no ``bn0``)."""
+    from common.htsat.imagenet import convert_imagenet_swin
+
+    cfg, converted, info = convert_imagenet_swin(state, str(file))
+    log.info("%s: ImageNet Swin (%s layout, windows %s, heads %s): patch kernel averaged over RGB, %d keys dropped "
+             "(the ImageNet head and buffers)", file, info["layout"], info["windows"], list(cfg.num_heads),
+             len(info["dropped"]))
+    return EncoderWeights(cfg, converted, {"source": "imagenet", "arch": "htsat", "file": str(file),
+                                           "swin_layout": info["layout"], "swin_windows": info["windows"]})
 
 
 def load_encoder(path: str | os.PathLike, **official_kwargs) -> ASTEncoder:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
+import tempfile
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,7 +18,8 @@ from common.recipe import RecipeError
 from common.run_lock import LOCK_FILE, RunDirBusy, job_lock
 from common.run_recipe import RunRecipe, prepare_run_dir
 
-__all__ = ["add_run_arguments", "discard_previous", "Session", "training_session", "run_main"]
+__all__ = ["add_run_arguments", "discard_previous", "check_run_dir", "UnusableRunDir", "Session", "training_session",
+           "describe_os_error", "run_main"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,39 @@ def discard_previous(run_dir: Path) -> Path | None:
     return target
 
 
+class UnusableRunDir(ValueError):
+    """``--run-dir`` names something this process cannot write a run into."""
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Make sure ``run_dir`` is a folder this process can write (it is created if missing), before any compute.
+
+    Raises:
+        UnusableRunDir: it is a file, cannot be created, or it (or a folder in it) is not writable; the
+            message names the folder and the cause.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UnusableRunDir(f"--run-dir {run_dir} is a file, not a directory; name a new folder or an existing run "
+                             f"directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=run_dir, prefix=".write-check.")  # what access() cannot tell (ACLs, ...)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        cause = (err.strerror or str(err)).lower()
+        named = err.filename is None or run_dir in (Path(err.filename), Path(err.filename).parent)  # it or the probe
+        raise UnusableRunDir(f"run directory {run_dir} cannot be written: {cause}"
+                             + ("" if named else f" ({err.filename})")) from err
+    for root, dirs, _ in os.walk(run_dir):
+        dirs[:] = [d for d in dirs if not d.startswith("discarded-")]
+        for name in dirs:
+            if not os.access(os.path.join(root, name), os.W_OK):
+                raise UnusableRunDir(f"run directory {run_dir} cannot be written: {os.path.join(root, name)} is not "
+                                     f"writable")
+
+
 @dataclass
 class Session:
     """A training process's session: its place in the job and its run directory's recipe."""
@@ -94,23 +131,68 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
         restart: start over: the earlier attempt's files are moved aside first (:func:`discard_previous`).
         accept_changed_data: resume although the manifests changed (``--accept-changed-data``).
     """
+    import torch
+
+    from common.cpu import loader_workers, set_cpu_threads
+    from common.atomic import remove_orphans
     from common.distributed import init_distributed
     from common.logger import setup_logging
 
+    check_run_dir(run_dir)
     dist = init_distributed()
+    threads = torch.get_num_threads()  # given back at the end (a notebook, the demo, the tests run on)
     try:
         with job_lock(run_dir, dist):
             setup_logging(run_dir, dist.rank)
+            set_cpu_threads(loader_workers(recipe.data.num_workers), recipe.train.cpu_threads)
             if restart and dist.is_main:
                 discard_previous(run_dir)
+            if dist.is_main:
+                orphans = remove_orphans(run_dir)
+                if orphans:
+                    log.warning("removed %d temporary file(s) that an interrupted write left: %s", len(orphans),
+                                ", ".join(str(p) for p in orphans[:5]) + (" ..." if len(orphans) > 5 else ""))
             dist.barrier()
             yield Session(dist, prepare_run_dir(run_dir, recipe, dist.is_main, accept_changed_data))
     finally:
         dist.teardown()
+        torch.set_num_threads(threads)
+
+
+def describe_os_error(err: OSError) -> str | None:
+    """One line for a file-system failure that names its file (a full disk, a read-only or unwritable
+    folder, a file where a folder belongs); None for other OS errors."""
+    from common.disk import NoSpace
+
+    if isinstance(err, NoSpace):
+        return str(err)
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return f"{err.filename or 'a write'}: no space left on device"
+    if err.errno is None:  # raised with a message of ours (FileNotFoundError("checkpoint ... does not exist"))
+        return str(err)
+    if err.filename is None:
+        return None
+    where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
+    return f"{where}: {(err.strerror or type(err).__name__).lower()}"
+
+
+# what a collective raises on the ranks left when another rank of the job exits (gloo, NCCL)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "remote process exited or there was a network error")
+
+
+def _lost_peer(err: BaseException) -> bool:
+    """A collective failed because another rank of the job stopped (that rank says why)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(word in str(err) for word in _PEER_GONE)
 
 
 def run_main(body: Callable[[], int]) -> int:
-    """Run an entry point; known failures end with one readable line (the traceback goes to the log)."""
+    """Run an entry point; known failures end with one readable line (the traceback goes to the log).
+
+    Exit status: 2 for bad input (recipe, missing file, changed data, an unusable run directory), 1 for a
+    run that stopped (non-finite loss, bad audio, no usable checkpoint, a full disk or another failing
+    file, another rank that stopped), 130 when interrupted.
+    """
     from common.data import TooMuchBadAudio
     from common.data_fingerprint import DataChanged
     from common.run_checkpoint import NoUsableCheckpoint
@@ -125,4 +207,19 @@ def run_main(body: Callable[[], int]) -> int:
             ValueError) as err:
         log.debug("%s", traceback.format_exc())
         print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, (RecipeError, FileNotFoundError, DataChanged)) else 1
+        return 2 if isinstance(err, (RecipeError, FileNotFoundError, DataChanged, UnusableRunDir)) else 1
+    except OSError as err:
+        message = describe_os_error(err)
+        if message is None:
+            raise
+        log.debug("%s", traceback.format_exc())
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    except Exception as err:  # noqa: BLE001 - re-raised unless another rank's failure caused it
+        if not _lost_peer(err):
+            raise
+        log.debug("%s", traceback.format_exc())
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        print(f"error: rank {os.environ.get('RANK', '?')}: another rank of the job stopped ({first[:200]}); its "
+              f"error says why", file=sys.stderr)
+        return 1

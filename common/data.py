@@ -1,7 +1,9 @@
 """Waveform batches from Lhotse manifests: sampling, decoding, cropping, bad-audio handling, exact resume.
 
-    manifests --(weighted mux)--> CutSet --Lhotse sampler (per-rank shard, seeded shuffle)--> cut batches
-      --DataLoader workers: decode, resample to 16 kHz, crop / pad--> Batch(waveforms [B, S], lengths, targets)
+    manifests --(weighted mux)--> CutSet --sampler (seeded shuffle)--> global batches
+      --equal_shards--> this rank's cut batches
+      --DataLoader workers: decode, resample to the model's rate, crop / pad--> Batch(waveforms [B, S], lengths,
+      targets)
 
 Shuffling. AST and SSAST shuffle the whole training set every epoch; so does this loader for every set
 held in memory (an eager CutSet: Lhotse's ``SimpleCutSampler`` permutes it with ``seed + epoch``).
@@ -13,6 +15,12 @@ SSAST) stream through Lhotse's 20,000-clip shuffle buffer (``DynamicCutSampler``
 because every corpus is written in a seeded shuffled order (``common.corpora.base.write_corpus``);
 source order is often sorted by class.
 
+Equal shards. Every rank gets the same number of batches in every epoch, whatever the sampler (in-memory
+shuffle, streaming buffer, balanced, Shar), so that all ranks enter the same collectives: one global
+stream of batches is dealt in rounds of ``world_size`` (:func:`equal_shards`); training drops an incomplete
+last round, evaluation splits its clips over the ranks and gives a rank left without one an empty batch,
+never a duplicate, so every clip is scored exactly once. ``ClipLoader`` checks the count at every epoch end.
+
 Features are made later, on the training device (``common.features``), so one loader serves every
 compression method.
 
@@ -21,12 +29,19 @@ the training loop, not as the sampler hands them to prefetching workers (whose s
 reference/ecosystem.md B7). Restoring makes a fresh sampler, sets the epoch and skips the consumed
 batches (metadata only, no audio), so the next batch is exactly the one an uninterrupted run would see.
 Random crops are drawn from ``(seed, epoch, cut id)``, so they are the same after a resume as well.
+The order of an epoch's clips depends on neither the number of ranks nor the batch size, so a position
+converted to clips of the epoch (:func:`reshard_index`) continues the same epoch on another number of ranks.
 
 Bad audio. A clip whose file is missing, cannot be decoded, is empty or truncated, or holds
 non-finite samples is left out of its batch, and named with its reason in ``Batch.bad``;
 :class:`BadAudioTracker` counts them per split (training and validation), lists each once in the run's
 ``bad_audio.tsv``, and stops the run with :class:`TooMuchBadAudio` past a configurable fraction or when
 no clip of a split can be used. Nothing is replaced with silence.
+
+Resampling up. A clip recorded below the model's rate (16 kHz VGGSound clips into HTS-AT's 32 kHz front end)
+holds nothing above its own Nyquist frequency, so the model's upper mel bins stay empty for it. Such clips
+are counted per batch (``Batch.upsampled``, in the loader workers); the tracker says so once per run, with
+the rates, and keeps the counts, which the trainer adds up over ranks into ``ledger.json`` (``upsampled``).
 """
 
 from __future__ import annotations
@@ -44,6 +59,7 @@ import torch
 
 from common.integrity import truncation
 from common.clip_cache import CacheMode, ClipCache, make_cache
+from common.cpu import loader_workers
 from common.prefetch import background
 
 __all__ = [
@@ -58,6 +74,9 @@ __all__ = [
     "LabelEncoder",
     "ClipDataset",
     "ClipLoader",
+    "equal_shards",
+    "shard_batches",
+    "reshard_index",
     "load_clip",
     "train_loader",
     "eval_loader",
@@ -103,7 +122,7 @@ class DataConfig:
         valid: validation manifests (empty: no validation).
         batch_size: clips per rank per micro-batch.
         eval_batch_size: clips per rank per validation batch (default: batch_size).
-        num_workers: decoding processes per rank.
+        num_workers: decoding processes per rank; a rank starts at most its cores minus one (``common.cpu``).
         max_bad_fraction: stop the run when more than this share of clips is unusable.
         balanced: AST's balanced sampling (weights 1000 / (label count + 0.01)).
         eval_crop: where validation clips longer than the clip length are cut: ``start`` (AST) or ``center``.
@@ -168,7 +187,10 @@ def _open_one(path: str | os.PathLike):
     problem = manifest_problem(path)
     if problem:
         raise ValueError(f"manifest {path}: {problem}")
-    return CutSet.from_file(path)  # lazy for .jsonl.gz
+    cuts = CutSet.from_file(path)  # lazy for .jsonl.gz
+    if cuts is None:  # what Lhotse returns for an empty file
+        raise ValueError(f"manifest {path} holds no clips (an empty file); prepare it again")
+    return cuts
 
 
 def manifest_problem(path: str | os.PathLike) -> str | None:
@@ -301,6 +323,29 @@ def _source_path(cut) -> str:
     return _file_source(cut) or cut.id
 
 
+def _unreadable(err: Exception) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    detail = next((line for line in lines if "Libsndfile" in line), lines[0] if lines else "")
+    return f"unreadable ({type(err).__name__}: {detail.split('>: ', 1)[-1][:200]})"
+
+
+def audio_file_problem(path: str) -> str | None:
+    """Why the audio file ``path`` cannot be used now (a reason as :func:`load_clip` gives it), None if it can."""
+    from lhotse import Recording
+
+    if not os.path.exists(path):
+        return "missing (no such file)"
+    try:
+        cut = Recording.from_file(path).to_cut()
+    except Exception as err:  # noqa: BLE001 - every decoder failure makes the file unusable
+        return truncation(path) or _unreadable(err)
+    try:
+        load_clip(cut, cut.sampling_rate)
+    except BadClip as err:
+        return str(err)
+    return None
+
+
 def load_clip(cut, sample_rate: int) -> np.ndarray:
     """Decode a cut's first channel at ``sample_rate`` (resampling if needed); raise :class:`BadClip`.
 
@@ -318,9 +363,7 @@ def load_clip(cut, sample_rate: int) -> np.ndarray:
         problem = truncation(source) if source is not None else None
         if problem:
             raise BadClip(problem) from None
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        detail = next((line for line in lines if "Libsndfile" in line), lines[0] if lines else "")
-        raise BadClip(f"unreadable ({type(err).__name__}: {detail.split('>: ', 1)[-1][:200]})") from None
+        raise BadClip(_unreadable(err)) from None
     if source is not None and source.lower().endswith(".wav"):
         problem = truncation(source)  # a few header bytes: the decoder pads a WAV that lost its end
         if problem:
@@ -348,6 +391,7 @@ class Batch:
         ids: cut ids.
         bad: ``(path, reason)`` of the clips of this batch that were left out.
         epoch, index: position of the batch in the stream (index within the epoch).
+        upsampled: ``{(clip rate, target rate): clips}`` for the clips resampled up to a higher rate.
     """
 
     waveforms: torch.Tensor
@@ -357,6 +401,7 @@ class Batch:
     bad: list[tuple[str, str]] = field(default_factory=list)
     epoch: int = 0
     index: int = 0
+    upsampled: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -414,7 +459,7 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item) -> Batch:
         epoch, index, cuts = item
-        waves, lengths, targets, ids, bad = [], [], [], [], []
+        waves, lengths, targets, ids, bad, upsampled = [], [], [], [], [], Counter()
         for cut in cuts:
             try:
                 wave = load_clip(cut, self.sample_rate) if self.cache is None else \
@@ -428,18 +473,21 @@ class ClipDataset(torch.utils.data.Dataset):
             waves.append(wave)
             lengths.append(wave.size)
             ids.append(cut.id)
+            if cut.sampling_rate < self.sample_rate:
+                upsampled[(int(cut.sampling_rate), int(self.sample_rate))] += 1
         out = torch.zeros(len(waves), self.clip_samples)
         for i, wave in enumerate(waves):
             out[i, : wave.size] = torch.from_numpy(wave)
         target = None
         if self.encoder is not None:
             target = torch.stack(targets) if targets else torch.zeros(0, len(self.encoder))
-        return Batch(out, torch.tensor(lengths, dtype=torch.long), target, ids, bad, epoch, index)
+        return Batch(out, torch.tensor(lengths, dtype=torch.long), target, ids, bad, epoch, index, dict(upsampled))
 
 
 class _BadAudioList:
     """A run's ``bad_audio.tsv``: one line per bad clip and split (``split, path, reason``), however many
-    epochs skip it. Clips already listed by an earlier invocation (a resumed run) are read back."""
+    epochs skip it. Clips already listed by an earlier invocation (a resumed run) are read back;
+    :meth:`recheck` drops those that read fine now."""
 
     HEADER = "split\tpath\treason"
 
@@ -447,15 +495,40 @@ class _BadAudioList:
         self.path = Path(path) if path else None
         self._listed: set[tuple[str, str]] | None = None
 
-    def _read(self) -> set[tuple[str, str]]:
-        listed: set[tuple[str, str]] = set()
+    def _rows(self) -> list[tuple[str, str, str]]:
+        rows = []
         if self.path is not None and self.path.is_file():
             for line in self.path.read_text().splitlines():
                 cols = line.split("\t")
                 if line == self.HEADER or len(cols) < 2:
                     continue
-                listed.add((cols[0], cols[1]) if len(cols) >= 3 else ("train", cols[0]))  # older 2-column files
-        return listed
+                rows.append((cols[0], cols[1], cols[2]) if len(cols) >= 3 else ("train", cols[0], cols[1]))  # older
+        return rows
+
+    def _read(self) -> set[tuple[str, str]]:
+        return {(split, path) for split, path, _ in self._rows()}
+
+    def recheck(self) -> tuple[list[str], int]:
+        """Check the listed files again and rewrite the list with those still bad (their reason of now);
+        a clip dropped here is listed again if it turns out bad later. Entries that name no file (a clip of a
+        Shar shard) stay. Returns the paths dropped and the number still listed."""
+        rows = self._rows()
+        if not rows:
+            return [], 0
+        from common.atomic import atomic_write_text
+
+        kept, dropped, problems = [], [], {}
+        for split, path, reason in rows:
+            if path not in problems:
+                problems[path] = audio_file_problem(path) if os.path.exists(path) or reason.startswith("missing") \
+                    else reason
+            if problems[path] is None:
+                dropped.append(path)
+            else:
+                kept.append(f"{split}\t{path}\t{problems[path]}")
+        atomic_write_text(self.path, "\n".join([self.HEADER, *kept]) + "\n")
+        self._listed = self._read()
+        return sorted(set(dropped)), len(kept)
 
     def add(self, split: str, path: str, reason: str) -> bool:
         """List a bad clip; False if it was listed before."""
@@ -477,6 +550,8 @@ class BadAudioTracker:
 
     Every skip is counted (a clip that is bad in every epoch counts in every epoch, so the share is that
     of the data); the console warning and the line in ``log_path`` come once per clip and split per run.
+    Clips resampled up to a higher rate (``Batch.upsampled``) are counted too, and said once per run (all
+    splits together): :meth:`take_upsampled` hands the new counts to the trainer's ledger.
 
     Args:
         max_fraction: largest tolerated share of bad clips.
@@ -502,16 +577,21 @@ class BadAudioTracker:
         self._list = _BadAudioList(self.log_path)
         self._splits: dict[str, BadAudioTracker] = {}
         self._saved_splits: dict[str, dict] = {}
+        self.upsampled: Counter = Counter()  # (clip rate, target rate) -> clips, this split, the whole run
+        self._untaken: Counter = Counter()  # what take_upsampled has not handed out yet
+        self._said = [False]  # the resampling warning, shared with the other splits' trackers
 
-    def for_split(self, split: str, source: Sequence[str] | str = ()) -> "BadAudioTracker":
-        """The tracker of another split (``valid``): same file and threshold, its own counts (kept in this
-        tracker's :meth:`state_dict`). The same object is returned for the same split."""
+    def for_split(self, split: str, source: Sequence[str] | str = (), max_fraction: float | None = None
+                  ) -> "BadAudioTracker":
+        """The tracker of another split (``valid``): same file and threshold (unless ``max_fraction``), its own
+        counts (kept in this tracker's :meth:`state_dict`). The same object is returned for the same split."""
         if split == self.split:
             return self
         tracker = self._splits.get(split)
         if tracker is None:
-            tracker = BadAudioTracker(self.max_fraction, self.min_clips, None, split, source)
-            tracker.log_path, tracker._list = self.log_path, self._list
+            tracker = BadAudioTracker(self.max_fraction if max_fraction is None else max_fraction, self.min_clips,
+                                      None, split, source)
+            tracker.log_path, tracker._list, tracker._said = self.log_path, self._list, self._said
             if split in self._saved_splits:
                 tracker.load_state_dict(self._saved_splits.pop(split))
             self._splits[split] = tracker
@@ -526,8 +606,39 @@ class BadAudioTracker:
             self.reasons[reason.split(" (")[0]] += 1
             if self._list.add(self.split, path, reason):
                 log.warning("skipped bad audio (%s) %s: %s", self.split, path, reason)
+        if batch.upsampled:
+            self.upsampled.update(batch.upsampled)
+            self._untaken.update(batch.upsampled)
+            if not self._said[0]:
+                self._said[0] = True
+                rates = ", ".join(f"{n} at {a} Hz" for (a, _), n in sorted(batch.upsampled.items()))
+                low = min(a for a, _ in batch.upsampled)
+                log.warning("resampling clips up to the model's %d Hz (%s of the first %d %s clips): they hold nothing "
+                            "above %g Hz, so the model's upper frequency bins stay empty for them; ledger.json counts "
+                            "them (upsampled)", next(iter(batch.upsampled))[1], rates, self.seen, self.split, low / 2)
         if self.seen >= self.min_clips:
             self.check()
+
+    def take_upsampled(self, dist=None) -> dict[str, dict[tuple[int, int], int]]:
+        """The clips resampled up since the last call, per split (this tracker's and its other splits'), and
+        forget them: ``{split: {(clip rate, target rate): clips}}``.
+
+        Args:
+            dist: a :class:`common.distributed.Dist`: the counts of every rank's tracker, summed (collective:
+                every rank calls it at the same point); None: this tracker's only.
+        """
+        out: dict[str, Counter] = {}
+        for tracker in (self, *self._splits.values()):
+            if tracker._untaken:
+                out[tracker.split] = Counter(tracker._untaken)
+                tracker._untaken.clear()
+        if dist is not None and dist.world_size > 1:
+            total: dict[str, Counter] = {}
+            for counts in dist.gather_objects({split: dict(c) for split, c in out.items()}):
+                for split, pairs in counts.items():
+                    total.setdefault(split, Counter()).update(pairs)
+            out = total
+        return {split: dict(pairs) for split, pairs in out.items()}
 
     def check(self) -> None:
         where = f"; the list is in {self.log_path}" if self.log_path else ""
@@ -540,15 +651,29 @@ class BadAudioTracker:
             split = "" if self.split == "train" else f" ({self.split})"
             raise TooMuchBadAudio(
                 f"{self.bad} of {self.seen} clips ({self.bad / self.seen:.1%}) could not be used{split}, more than "
-                f"max_bad_fraction={self.max_fraction:.1%} ({dict(self.reasons)}){where}"
+                f"max_bad_fraction={self.max_fraction:.1%} ({dict(self.reasons)}){where}. Restore the files and run "
+                f"the same command again, or tolerate more with --set data.max_bad_fraction=F (a resumed run may "
+                f"change it; recorded in ledger.json)"
             )
+
+    def recheck_listed(self) -> None:
+        """At the start of an invocation: the clips an earlier attempt listed that read fine now (files that
+        came back) leave ``bad_audio.tsv``, so that it lists what is bad now (the counts keep the run's history)."""
+        dropped, kept = self._list.recheck()
+        if dropped:
+            log.warning("%s: %d clip(s) listed by an earlier attempt read fine now and are no longer listed (%s%s); "
+                        "%d still are", self.log_path, len(dropped), ", ".join(dropped[:3]),
+                        ", ..." if len(dropped) > 3 else "", kept)
 
     def state_dict(self) -> dict:
         splits = {**self._saved_splits, **{name: t.state_dict() for name, t in self._splits.items()}}
-        return {"seen": self.seen, "bad": self.bad, "reasons": dict(self.reasons), "splits": splits}
+        return {"seen": self.seen, "bad": self.bad, "reasons": dict(self.reasons), "splits": splits,
+                "upsampled": [[a, b, n] for (a, b), n in sorted(self.upsampled.items())]}
 
     def load_state_dict(self, state: dict) -> None:
         self.seen, self.bad, self.reasons = state["seen"], state["bad"], Counter(state["reasons"])
+        self.upsampled = Counter({(a, b): n for a, b, n in state.get("upsampled", [])})
+        self._said[0] = self._said[0] or bool(self.upsampled)  # said when the run first met them
         self._saved_splits = dict(state.get("splits", {}))
         for name in list(self._saved_splits):
             if name in self._splits:
@@ -557,37 +682,71 @@ class BadAudioTracker:
 
 class WeightedCutSampler:
     """Balanced sampling as AST: each epoch draws ``len(cuts)`` clips *with replacement*, with
-    probability proportional to their weights, reproducibly from ``(seed, epoch)``; batch ``k`` of the
-    draw goes to rank ``k % world_size``.
+    probability proportional to their weights, reproducibly from ``(seed, epoch)``, in batches of
+    ``batch_size`` (the global stream: :func:`equal_shards` deals it to the ranks).
 
     (Lhotse's ``WeightedSimpleCutSampler`` draws without replacement from numpy's global random state,
     which neither matches AST nor can be resumed exactly.)
     """
 
-    def __init__(self, cuts, weights: Sequence[float], batch_size: int, *, drop_last: bool, seed: int,
-                 rank: int, world_size: int) -> None:
+    def __init__(self, cuts, weights: Sequence[float], batch_size: int, *, drop_last: bool, seed: int) -> None:
         self.cuts = cuts if not cuts.is_lazy else cuts.to_eager()
         w = np.asarray(weights, dtype=np.float64)
         if w.shape != (len(self.cuts),) or (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"need one non-negative weight per clip ({len(self.cuts)}), got {w.shape}")
         self.p = w / w.sum()
-        self.batch_size, self.drop_last = batch_size, drop_last
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.batch_size, self.drop_last, self.seed = batch_size, drop_last, seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
-        from lhotse import CutSet
-
         draw = np.random.default_rng([self.seed, self.epoch]).choice(len(self.p), size=len(self.p), p=self.p)
-        for k, start in enumerate(range(0, len(draw), self.batch_size)):
+        for start in range(0, len(draw), self.batch_size):
             chunk = draw[start : start + self.batch_size]
             if self.drop_last and len(chunk) < self.batch_size:
                 return
-            if k % self.world_size == self.rank:
-                yield CutSet.from_cuts(self.cuts[int(i)] for i in chunk)
+            yield [self.cuts[int(i)] for i in chunk]
+
+
+def shard_batches(clips: int, batch_size: int, world_size: int, drop_last: bool) -> int:
+    """Batches each rank gets from an epoch of ``clips`` clips (see :func:`equal_shards`)."""
+    if drop_last:
+        return clips // batch_size // world_size
+    batches = -(-clips // batch_size)
+    return -(-batches // world_size)
+
+
+def reshard_index(index: int, saved_batch: int, saved_ranks: int, batch: int, ranks: int) -> int:
+    """The batch to resume an epoch at on ``ranks`` ranks of ``batch`` clips, after ``index`` batches of
+    ``saved_batch`` clips on each of ``saved_ranks``: the clips of the epoch already consumed, in whole new
+    global batches (rounded down: nothing is skipped, less than one global batch is seen again). The global
+    stream's clip order does not depend on the ranks or the batch, so nothing changes when neither does."""
+    return index * saved_batch * saved_ranks // (batch * ranks)
+
+
+def equal_shards(batches: Iterable[Sequence], rank: int, world_size: int, drop_last: bool) -> Iterator[list]:
+    """This rank's share of a global stream of batches: the same number of batches on every rank.
+
+    The batches are dealt in rounds of ``world_size``, batch ``rank`` of each round to this rank. An
+    incomplete last round is dropped with ``drop_last``; without it, its clips are split into
+    ``world_size`` contiguous parts of near-equal size (as Lhotse does), and a rank left without a clip
+    gets an empty batch rather than Lhotse's duplicate, which evaluation would count twice.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not a rank of a world of {world_size}")
+    round_: list[Sequence] = []
+    for batch in batches:
+        round_.append(batch)
+        if len(round_) == world_size:
+            yield list(round_[rank])
+            round_ = []
+    if round_ and not drop_last:
+        clips = [cut for batch in round_ for cut in batch]
+        size, extra = divmod(len(clips), world_size)
+        start = rank * size + min(rank, extra)
+        yield clips[start : start + size + (rank < extra)]
 
 
 class _Stream:
@@ -601,7 +760,7 @@ class _Stream:
 
 
 class ClipLoader:
-    """Batches of clips from a CutSet, sharded over ranks, resumable to the exact next batch.
+    """Batches of clips from a CutSet, sharded over ranks in equal shares, resumable to the exact next batch.
 
     Args:
         cuts: the CutSet (lazy or eager).
@@ -610,9 +769,11 @@ class ClipLoader:
         shuffle: shuffle with ``seed`` and the epoch: an eager (in-memory) CutSet is permuted as a whole
             (Lhotse's ``SimpleCutSampler``), a lazy one streams through a 20k-cut shuffle buffer
             (``DynamicCutSampler``); see the module docstring.
-        drop_last: drop the last incomplete batch of an epoch.
+        drop_last: drop the last incomplete batch of an epoch, and an incomplete last round of batches over
+            the ranks (without it, a rank may get an empty last batch: see :func:`equal_shards`).
         seed: sampler seed, the same on every rank.
-        rank, world_size: this process's shard (default: from the environment, as Lhotse infers it).
+        rank, world_size: this process's shard (default: from the environment, as Lhotse infers it); every
+            rank gets the same number of batches per epoch (:meth:`batches_per_epoch`).
         num_workers: decoding processes (0: decode in this process).
         weights: per-cut sampling weights (balanced sampling, :class:`WeightedCutSampler`); an epoch
             then draws ``len(cuts)`` clips with replacement.
@@ -621,8 +782,8 @@ class ClipLoader:
         prefetch_factor: batches each worker prepares ahead.
         prefetch: without workers, batches a background thread of this process prepares ahead
             (``common.prefetch``; 0: decode inline).
-        epoch_clips: clips in one epoch of a streamed (lazy) set, estimated from its manifests, for
-            :meth:`batches_per_epoch` (an in-memory set counts its own); None: unknown.
+        epoch_clips: clips in one epoch of a streamed (lazy) set, counted from its manifests' lines, for
+            :meth:`estimated_batches_per_epoch` (an in-memory set counts its own); None: unknown.
     """
 
     def __init__(self, cuts, dataset: ClipDataset, batch_size: int, *, shuffle: bool, drop_last: bool,
@@ -640,7 +801,7 @@ class ClipLoader:
         self.seed = seed
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-        self.num_workers = num_workers
+        self.num_workers = loader_workers(num_workers)  # no more than the rank's cores (common.cpu)
         self.weights = list(weights) if weights is not None else None
         self.tracker = tracker or BadAudioTracker()
         self.pin_memory = pin_memory
@@ -648,56 +809,73 @@ class ClipLoader:
         self.prefetch = prefetch
         self.epoch_clips = epoch_clips
 
-    def batches_per_epoch(self) -> int | None:
-        """Batches of one epoch on this rank (exact for an in-memory set, an estimate for a streamed one, whose
-        shuffle buffer and rank shards may give a few more or fewer); None when unknown."""
-        clips = self.epoch_clips if self.cuts.is_lazy else len(self.cuts)
-        if clips is None:
-            return None
-        per_batch = self.batch_size * self.world_size
-        return clips // per_batch if self.drop_last else -(-clips // per_batch)
-
     def _sampler(self):
+        """The global stream of batches (every rank draws the same; :func:`equal_shards` deals it)."""
         from lhotse.dataset import DynamicCutSampler, SimpleCutSampler
 
         if self.weights is not None:
             return WeightedCutSampler(self.cuts, self.weights, self.batch_size, drop_last=self.drop_last,
-                                      seed=self.seed, rank=self.rank, world_size=self.world_size)
-        if not self.cuts.is_lazy:  # in memory: shuffled as a whole every epoch
-            return SimpleCutSampler(self.cuts, max_cuts=self.batch_size, shuffle=self.shuffle,
-                                    drop_last=self.drop_last, world_size=self.world_size, rank=self.rank,
-                                    seed=self.seed)
-        return DynamicCutSampler(self.cuts, max_cuts=self.batch_size, shuffle=self.shuffle,
-                                 drop_last=self.drop_last, world_size=self.world_size, rank=self.rank,
-                                 seed=self.seed)
+                                      seed=self.seed)
+        kind = DynamicCutSampler if self.cuts.is_lazy else SimpleCutSampler  # eager: shuffled as a whole
+        return kind(self.cuts, max_cuts=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last,
+                    world_size=1, rank=0, seed=self.seed)
+
+    def batches_per_epoch(self) -> int | None:
+        """Batches this rank (and every other) gets per epoch; None for a streamed set, whose size is not known
+        before it is read."""
+        if self.weights is not None:  # an epoch draws one clip per weight
+            return shard_batches(len(self.weights), self.batch_size, self.world_size, self.drop_last)
+        if self.cuts.is_lazy:
+            return None
+        return shard_batches(len(self.cuts), self.batch_size, self.world_size, self.drop_last)
+
+    def estimated_batches_per_epoch(self) -> int | None:
+        """For a progress bar: :meth:`batches_per_epoch`, or for a streamed set the batches its manifests' clips
+        (``epoch_clips``) would give; None when unknown."""
+        exact = self.batches_per_epoch()
+        if exact is not None or self.epoch_clips is None:
+            return exact
+        return shard_batches(self.epoch_clips, self.batch_size, self.world_size, self.drop_last)
 
     def _cut_batches(self, start_epoch: int, skip: int, epochs: int | None) -> Iterator:
+        from lhotse import CutSet
+
         sampler = self._sampler()
+        expected = self.batches_per_epoch()
+        if expected is not None and skip > expected:
+            raise ValueError(f"cannot resume at batch {skip} of epoch {start_epoch}: an epoch has {expected} batches "
+                             f"per rank (did the manifest change?)")
+
+        def stream():  # not `for`: a Lhotse sampler's __iter__ restarts the epoch
+            iterator = iter(sampler)
+            while True:
+                try:
+                    yield next(iterator)
+                except StopIteration:
+                    return
+
         epoch = start_epoch
         while epochs is None or epoch < start_epoch + epochs:
             sampler.set_epoch(epoch)
-            iterator = iter(sampler)
+            shard = equal_shards(stream(), self.rank, self.world_size, self.drop_last)
             index = 0
             for _ in range(skip):  # fast-forward over batches already trained on (metadata only)
-                try:
-                    next(iterator)
-                except StopIteration:
+                if next(shard, None) is None:
                     raise ValueError(f"cannot resume at batch {skip} of epoch {epoch}: the epoch has {index} "
-                                     f"batches (did the manifest change?)") from None
+                                     f"batches (did the manifest change?)")
                 index += 1
-            skip = 0
-            while True:  # not `for`: a Lhotse sampler's __iter__ restarts the epoch
-                try:
-                    cuts = next(iterator)
-                except StopIteration:
-                    break
-                yield epoch, index, cuts
+            for cuts in shard:
+                yield epoch, index, CutSet.from_cuts(cuts)
                 index += 1
             if index == 0:
                 raise ValueError(
                     f"the manifest gives no batch of {self.batch_size} clips on rank {self.rank} of "
                     f"{self.world_size} (too few clips{' with drop_last' if self.drop_last else ''})"
                 )
+            if expected is not None and index != expected:  # not with equal_shards; every rank would stop here
+                raise RuntimeError(f"rank {self.rank} of {self.world_size} got {index} batches in epoch {epoch}, "
+                                   f"not {expected}: the ranks would fall out of step")
+            skip = 0
             epoch += 1
 
     def cut_batches(self, start_epoch: int = 0, skip: int = 0, epochs: int | None = None) -> Iterator:
@@ -778,7 +956,8 @@ def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] 
                 sample_rate: int, batch_size: int, num_workers: int = 0, crop: str = "start", rank: int = 0,
                 world_size: int = 1, tracker: BadAudioTracker | None = None,
                 pin_memory: bool = False, pad: str = "zeros", cache: ClipCache | None = None) -> ClipLoader:
-    """One pass over evaluation manifests in their order, every clip kept (no shuffling, no dropped batch).
+    """One pass over evaluation manifests in their order, every clip kept once (no shuffling, no dropped batch;
+    over several ranks, the same number of batches on each, the last of which may be empty).
 
     Args:
         manifests: the evaluation manifests.
@@ -795,5 +974,6 @@ def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] 
     """
     dataset = ClipDataset(clip_samples, sample_rate, classes, crop=crop, pad=pad, cache=cache)
     return ClipLoader(open_cuts(list(manifests)), dataset, batch_size, shuffle=False, drop_last=False, rank=rank,
-                      world_size=world_size, num_workers=num_workers, tracker=tracker or BadAudioTracker(1.0),
+                      world_size=world_size, num_workers=num_workers,
+                      tracker=tracker or BadAudioTracker(1.0, split="eval"),
                       pin_memory=pin_memory)

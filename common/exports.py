@@ -18,7 +18,7 @@ from common.atomic import atomic_path
 from common.model import ASTEncoder
 
 __all__ = ["EXPORT_FORMAT", "RUN_EXPORT", "save_weights", "read_weights", "is_export", "save_encoder",
-           "resolve_model_file"]
+           "resolve_model_file", "unreadable"]
 
 EXPORT_FORMAT = "coarse2fine-ast/1"
 RUN_EXPORT = "model.safetensors"
@@ -30,17 +30,38 @@ def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {"format": EXPORT_FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
-    with atomic_path(path) as tmp:
+    size = sum(t.numel() * t.element_size() for t in tensors.values())  # the header adds a few KiB
+    with atomic_path(path, size=size) as tmp:
         save_file(tensors, tmp, metadata=metadata)
     return Path(path)
 
 
+def unreadable(path: str | os.PathLike, err: Exception) -> ValueError:
+    """The error for a ``.safetensors`` file that does not parse: a truncated copy or another kind of file."""
+    if isinstance(err, OSError):
+        return ValueError(f"{path} cannot be read ({err.strerror or err})")
+    try:
+        size = f"{os.path.getsize(path)} bytes"
+    except OSError:
+        size = "size unknown"
+    return ValueError(f"{path} is not a readable safetensors file ({size}; truncated, or not a safetensors file: "
+                      f"{str(err).strip() or type(err).__name__})")
+
+
 def is_export(path: str | os.PathLike) -> bool:
-    """Whether a safetensors file was written by :func:`save_weights` (reads the header only)."""
+    """Whether a safetensors file was written by :func:`save_weights` (reads the header only).
+
+    Raises:
+        ValueError: the file is not a readable safetensors file (naming it).
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        return (handle.metadata() or {}).get("format") == EXPORT_FORMAT
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format") == EXPORT_FORMAT
+    except (SafetensorError, OSError) as err:
+        raise unreadable(path, err) from err
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -54,7 +75,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             raw = handle.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+        raise unreadable(path, err) from err
     if raw.get("format") != EXPORT_FORMAT:
         raise ValueError(
             f"{path} is a safetensors file but not an export of this package (format={raw.get('format')!r}, "

@@ -46,6 +46,9 @@ from typing import Sequence
 
 import torch
 
+from common.atomic import file_mode
+from common.disk import NoSpace, ensure_space, free_bytes, out_of_space
+from common.exports import unreadable
 from common.frontend import NORM_STATS, NormStats, resolve_norm_stats
 from common.model import EncoderConfig
 
@@ -184,7 +187,7 @@ def _read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
             try:
                 return load_file(str(file))
             except Exception as err:  # noqa: BLE001 - SafetensorError, OSError
-                raise HFFormatError(f"{file} is not a readable safetensors file: {err}") from err
+                raise HFFormatError(str(unreadable(file, err))) from err
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - unpickling / zip errors
@@ -492,7 +495,7 @@ def read_ast(src: str | os.PathLike, norm: str | None = None) -> tuple[ASTWeight
             with safe_open(str(file), framework="pt") as handle:
                 own = (handle.metadata() or {}).get("format") == EXPORT_FORMAT
         except Exception as err:  # noqa: BLE001
-            raise HFFormatError(f"{file} is not a readable safetensors file: {err}") from err
+            raise HFFormatError(str(unreadable(file, err))) from err
     if not own:
         cfg, state, meta = load_encoder_state(file)
         if meta["source"] == "imagenet":
@@ -641,13 +644,21 @@ def write_hf_directory(model: ASTWeights, out: str | os.PathLike) -> Path:
     if stale:
         raise HFFormatError(f"{out} already holds other weights ({', '.join(stale)}); export into an empty folder")
     out.mkdir(parents=True, exist_ok=True)
+    state = _to_hf_state(model)
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    ensure_space(out / WEIGHTS_FILE, size)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".export."))
     try:
         ASTConfig(**fields).save_pretrained(tmp)
         extractor.save_pretrained(tmp)
-        save_file(_to_hf_state(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         for name in (CONFIG_FILE, PREPROCESSOR_FILE, WEIGHTS_FILE):
+            os.chmod(tmp / name, file_mode())  # safetensors creates its file 0600: readable as the umask allows
             os.replace(tmp / name, out / name)
+    except Exception as err:
+        if isinstance(err, NoSpace) or not out_of_space(err, out):
+            raise
+        raise NoSpace(out / WEIGHTS_FILE, size, free_bytes(out)) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -663,6 +674,9 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, norm: str | None =
     Raises:
         HFFormatError: naming everything the format cannot hold (see the module docstring).
     """
+    if Path(out).exists() and not Path(out).is_dir():
+        raise HFFormatError(f"--out {out} is a file, not a directory: an HF model is a folder (config.json, "
+                            f"model.safetensors, ...); name a new or an empty folder")
     model, problems = read_ast(src, norm)
     problems += _format_problems(model)
     if problems:
@@ -717,8 +731,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         out = export_hf(args.src, args.out, args.norm)
-    except (TransformersMissing, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (TransformersMissing, ValueError, OSError) as err:
+        from common.cli import describe_os_error
+
+        message = describe_os_error(err) if isinstance(err, OSError) else str(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     config = json.loads((out / CONFIG_FILE).read_text())
     kind = config["architectures"][0]

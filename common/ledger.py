@@ -9,7 +9,8 @@ the recipe names a baseline, that baseline's planned training FLOPs and the savi
 ``interventions``: recipe changes a resumed run was allowed (a lower learning rate after a non-finite
 loss; changed manifests with ``--accept-changed-data``), each with the step and phase from which it
 applies; ``data``: the SHA-256 and size of every training and validation manifest
-(``common.data_fingerprint``). A phase that has ended says why and when
+(``common.data_fingerprint``); ``upsampled``: the clips resampled up to the model's rate (all ranks, every time
+they were met), per split and pair of rates. A phase that has ended says why and when
 (``ended_by``: ``length``, ``cap``, a criterion or ``surpassed``; ``ended_at``: its step, epoch, total step
 and cumulative FLOPs; ``end_note``: in words), and a run stopped by ``train.stop_when_surpassing`` records
 the target it stopped at (``stop_when_surpassing``: the baseline's best per-epoch score, where it was, its
@@ -126,6 +127,7 @@ class Ledger:
         self.interventions: list[dict] = []
         self.stop_target: dict | None = None
         self.data: dict | None = None  # the manifests' fingerprints (common.data_fingerprint)
+        self.upsampled: dict[tuple[str, int, int], int] = {}  # (split, clip rate, model rate) -> clips
         self.evaluation: dict | None = None  # the validation settings (common.baseline.evaluation_settings)
 
     def start_phase(self, index: int, **info) -> PhaseRecord:
@@ -193,6 +195,13 @@ class Ledger:
         """
         self.interventions.append({"step": int(step), "phase": int(phase), "changes": dict(changes)})
 
+    def add_upsampled(self, counts: dict[str, dict[tuple[int, int], int]]) -> None:
+        """Add clips resampled up: ``{split: {(clip rate, model rate): clips}}`` (one rank's, or all ranks')."""
+        for split, pairs in counts.items():
+            for (low, high), clips in pairs.items():
+                key = (split, int(low), int(high))
+                self.upsampled[key] = self.upsampled.get(key, 0) + int(clips)
+
     def set_baseline(self, name: str, train_flops: float | None, flops_per_sample: int | None = None,
                      epochs: int | None = None) -> None:
         """The baseline's planned training FLOPs; for an epoch-based baseline (one phase) give
@@ -238,6 +247,9 @@ class Ledger:
             data["stop_when_surpassing"] = self.stop_target
         if self.data:
             data["data"] = self.data
+        if self.upsampled:
+            data["upsampled"] = [{"split": s, "from_hz": a, "to_hz": b, "clips": n}
+                                 for (s, a, b), n in sorted(self.upsampled.items())]
         if self.evaluation:
             data["evaluation"] = self.evaluation
         return data
@@ -251,6 +263,7 @@ class Ledger:
         ledger.interventions = [dict(i) for i in data.get("interventions", [])]
         ledger.stop_target = data.get("stop_when_surpassing")
         ledger.data = data.get("data")
+        ledger.upsampled = {(u["split"], u["from_hz"], u["to_hz"]): u["clips"] for u in data.get("upsampled", [])}
         ledger.evaluation = data.get("evaluation")
         return ledger
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["setup_logging", "BarSafeHandler", "Scalars", "progress"]
@@ -42,7 +43,7 @@ def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO
     root.setLevel(level if rank == 0 else logging.WARNING)
     if rank == 0 and run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(Path(run_dir) / "train.log")
+        file = _LogFile(Path(run_dir) / "train.log")
         file.setFormatter(logging.Formatter(FORMAT))
         file._c2f = True  # type: ignore[attr-defined]
         root.addHandler(file)
@@ -50,29 +51,62 @@ def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+class _LogFile(logging.FileHandler):
+    """``train.log``: a line that cannot be written (a full disk) is said once on the console, instead of a
+    traceback per log line; the console keeps every line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not getattr(self, "_failed", False):
+            self._failed = True
+            sys.stderr.write(f"warning: cannot write {self.baseFilename} ({sys.exc_info()[1]}); log lines go to the "
+                             f"console only\n")
+
+
 class Scalars:
     """TensorBoard scalars under ``run_dir/tb`` (rank 0; a no-op elsewhere)."""
 
     def __init__(self, run_dir: Path, enabled: bool) -> None:
         self.writer = None
+        self.folder = Path(run_dir) / "tb"
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
+            self.writer = SummaryWriter(str(self.folder))
+
+    @contextmanager
+    def _writing(self):
+        """TensorBoard's writer thread reports a failed write without the file's name: add it."""
+        from common.disk import NoSpace, free_bytes, out_of_space
+
+        try:
+            yield
+        except (OSError, RuntimeError) as err:
+            if isinstance(err, NoSpace) or not out_of_space(err, self.folder):
+                raise
+            raise NoSpace(self.folder, None, free_bytes(self.folder), "TensorBoard's event file") from err
 
     def log(self, values: dict[str, float], step: int) -> None:
         if self.writer is None:
             return
-        for key, value in values.items():
-            self.writer.add_scalar(key, value, step)
+        with self._writing():
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
 
     def flush(self) -> None:
         if self.writer is not None:
-            self.writer.flush()
+            with self._writing():
+                self.writer.flush()
 
     def close(self) -> None:
+        """Close the writer; a failure to flush it is raised only when no other error is on its way."""
         if self.writer is not None:
-            self.writer.close()
+            on_its_way = sys.exc_info()[1]  # called from a `finally` while an error propagates
+            try:
+                with self._writing():
+                    self.writer.close()
+            except OSError:
+                if on_its_way is None:
+                    raise
 
 
 def progress(total: int | None, initial: int, desc: str, enabled: bool, unit: str = "step"):

@@ -76,7 +76,8 @@ def check_manifest(path: str | os.PathLike, key: str) -> None:
     if problem:
         raise RecipeError(f"{key}: manifest {path}: {problem}")
     try:
-        first = next(iter(CutSet.from_file(path)), None)  # lazy for .jsonl(.gz): reads one line
+        cuts = CutSet.from_file(path)  # lazy for .jsonl(.gz): reads one line below; None for an empty file
+        first = next(iter(cuts), None) if cuts is not None else None
     except Exception as err:  # noqa: BLE001 - gzip, JSON and Lhotse errors all mean "not a manifest"
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RecipeError(f"{key}: {path} is not a readable Lhotse manifest ({detail[:200]})") from None

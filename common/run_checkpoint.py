@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 from common.atomic import atomic_write_text
+from common.disk import NoSpace, free_bytes, out_of_space, tree_size
 
 __all__ = ["RunCheckpoints", "NoUsableCheckpoint", "UnsafeCheckpointFile", "make_tag", "capture_rng",
            "restore_rng", "safe_load", "weights_only_loads"]
@@ -221,11 +222,41 @@ class RunCheckpoints:
         pointer = self.ckdir / LATEST
         return pointer.read_text().strip() if pointer.is_file() else None
 
+    def _ensure_space(self, tag: str) -> int | None:
+        """Refuse to start checkpoint ``tag`` where the newest one would not fit (collective; rank 0 measures).
+        Returns the bytes free before the save (None: unknown)."""
+        free, problem = free_bytes(self.ckdir), None
+        done = self._complete() if self.dist.is_main else []
+        if done:
+            needed = tree_size(done[-1])
+            if free is not None and free < needed:
+                problem = (needed, free, f"checkpoint {tag} needs about as much as {done[-1].name}; nothing of it "
+                           f"was written and {done[-1].name} is intact: free some space and run the same command to "
+                           f"resume")
+        problem = self.dist.broadcast_object(problem)
+        if problem is not None:
+            raise NoSpace(self.ckdir, *problem)
+        return free
+
     def save(self, engine, tag: str, trainer_state: dict, rng_state: dict) -> None:
-        """Save on every rank (collective); rank 0 publishes it and prunes to the newest ``keep``."""
+        """Save on every rank (collective); rank 0 publishes it and prunes to the newest ``keep``.
+
+        Raises:
+            NoSpace: the checkpoint does not fit (refused before writing when the newest checkpoint is larger
+                than the free space); the checkpoints published before are intact.
+        """
         tmp = self.ckdir / f"{TMP_PREFIX}{tag}"
-        engine.save_checkpoint(str(self.ckdir), tag=tmp.name, client_state={}, save_latest=False)
-        torch.save(rng_state, tmp / f"rng_rank{self.dist.rank}.pt")
+        free = self._ensure_space(tag)
+        try:
+            engine.save_checkpoint(str(self.ckdir), tag=tmp.name, client_state={}, save_latest=False)
+            torch.save(rng_state, tmp / f"rng_rank{self.dist.rank}.pt")
+        except (OSError, RuntimeError) as err:
+            if isinstance(err, NoSpace) or not out_of_space(err, self.ckdir):
+                raise
+            latest = self.latest_tag()
+            raise NoSpace(tmp, tree_size(tmp), free, (f"the last checkpoint {latest} is intact" if latest else
+                                                      "no checkpoint was published yet")
+                          + "; the partial checkpoint is removed at the next start", at_least=True) from err
         self.dist.barrier()
         # every rank hashes its share of the files
         names = self.dist.broadcast_object(sorted(p.name for p in tmp.iterdir() if p.is_file())

@@ -6,7 +6,8 @@ Re-running on a run directory that holds checkpoints resumes it, and the recipe 
 
 - settings that do not change what is computed (:data:`RESUMABLE_CHANGES`), and
 - the documented recovery after a non-finite loss: another learning rate or schedule
-  (:data:`RECOVERY_CHANGES`, ``phases.N.lr``), accepted and recorded in ``ledger.json`` as an
+  (:data:`RECOVERY_CHANGES`, ``phases.N.lr``), and after too much bad audio: another
+  ``data.max_bad_fraction`` (:data:`TOLERANCE_CHANGES`), accepted and recorded in ``ledger.json`` as an
   intervention by the trainer.
 """
 
@@ -21,17 +22,19 @@ import yaml
 
 from common.recipe import RecipeError, dump_yaml, parse_yaml, to_dict
 
-__all__ = ["RESUMABLE_CHANGES", "RECOVERY_CHANGES", "RunRecipe", "prepare_run_dir", "recipe_diff",
+__all__ = ["RESUMABLE_CHANGES", "RECOVERY_CHANGES", "TOLERANCE_CHANGES", "RunRecipe", "prepare_run_dir", "recipe_diff",
            "recovery_change"]
 
 log = logging.getLogger(__name__)
 
 # keys that may change between a run and its resumption (they do not change what is computed)
-RESUMABLE_CHANGES = ("data.num_workers", "train.log_every", "train.keep_checkpoints", "train.eval_batches",
-                     "data.eval_batch_size", "train.accept_baseline_differences")
+RESUMABLE_CHANGES = ("data.num_workers", "train.cpu_threads", "train.log_every", "train.keep_checkpoints",
+                     "train.eval_batches", "data.eval_batch_size", "train.accept_baseline_differences")
 # the documented recovery after a non-finite loss: resume with another learning rate or schedule
 RECOVERY_CHANGES = ("optim.lr", "optim.warmup_steps", "optim.schedule", "optim.patience", "optim.decay",
                     "optim.decay_start", "optim.decay_every", "optim.min_lr")
+# the documented recovery after too much bad audio (the error names it): tolerate a larger share
+TOLERANCE_CHANGES = ("data.max_bad_fraction",)
 _PHASE_LR = re.compile(r"phases\.\d+\.lr")
 
 
@@ -56,8 +59,9 @@ def recipe_diff(old: dict, new: dict) -> list[str]:
 
 
 def recovery_change(key: str) -> bool:
-    """Whether a resumed run may change ``key``: learning-rate and schedule settings (see RECOVERY_CHANGES)."""
-    return key in RECOVERY_CHANGES or bool(_PHASE_LR.fullmatch(key))
+    """Whether a resumed run may change ``key``: learning-rate and schedule settings (see RECOVERY_CHANGES) and
+    the bad-audio tolerance (TOLERANCE_CHANGES)."""
+    return key in RECOVERY_CHANGES or key in TOLERANCE_CHANGES or bool(_PHASE_LR.fullmatch(key))
 
 
 def _has_trained(run_dir: Path) -> bool:
@@ -108,9 +112,9 @@ def prepare_run_dir(run_dir: Path, recipe, is_main: bool, accept_changed_data: b
         if refused:
             raise RecipeError(
                 f"{run_dir} holds a run of a different recipe ({', '.join(refused[:6])} differ); a resumed run may "
-                f"change only its learning rate and schedule ({', '.join(RECOVERY_CHANGES)}, phases.N.lr) and "
-                f"{', '.join(RESUMABLE_CHANGES)}. Use a new --run-dir to start another run, or the same recipe "
-                f"and --set values to resume this one"
+                f"change only its learning rate and schedule ({', '.join(RECOVERY_CHANGES)}, phases.N.lr), "
+                f"{', '.join(TOLERANCE_CHANGES)} and {', '.join(RESUMABLE_CHANGES)}. Use a new --run-dir to start "
+                f"another run, or the same recipe and --set values to resume this one"
             )
         if not changed:
             return RunRecipe(path, accept_changed_data=accept_changed_data)

@@ -52,6 +52,8 @@ class TrainConfig:
         nonfinite_check: when a non-finite loss is looked for on the host: ``window`` (once per log window,
             before every checkpoint and at epoch ends; no host sync per step) or ``step`` (every micro-batch,
             before its update). See ``common.nonfinite``.
+        cpu_threads: intra-op threads of each rank's training process (None: cores per rank minus its loader
+            workers, or the environment's ``OMP_NUM_THREADS``; ``common.cpu``).
     """
 
     seed: int = 0
@@ -71,8 +73,11 @@ class TrainConfig:
     compile_backend: CompileBackend = "inductor"
     compile_mode: CompileMode = "default"
     nonfinite_check: NonFiniteCheck = "window"
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1 (or null: from the cores), got {self.cpu_threads}")
         if self.weight_average_from is not None and self.weight_average_from < 1:
             raise ValueError(f"weight_average_from must be >= 1, got {self.weight_average_from}")
         if self.weight_average_top is not None and self.weight_average_top < 1:

@@ -42,7 +42,7 @@ from common.augment import SpecAugmentConfig
 from common.compile import maybe_compile
 from common.baseline import evaluation_settings, setting_differences, stop_target
 from common.criteria import PhaseEnd
-from common.data import BadAudioTracker, Batch, eval_loader, make_cache, train_loader
+from common.data import BadAudioTracker, Batch, eval_loader, make_cache, reshard_index, train_loader
 from common.data_fingerprint import DataChanged, changes, run_fingerprints
 from common.distributed import Dist
 from common.ledger import Ledger, Window
@@ -69,15 +69,17 @@ class StepGroup(NamedTuple):
     epoch_end: int | None = None  # the epoch that just ended
 
 
-def step_groups(stream: Iterator[Batch], accum: int, epoch_based: bool) -> Iterator[StepGroup]:
+def step_groups(stream: Iterator[Batch], accum: int, epoch_based: bool,
+                start_epoch: int | None = None) -> Iterator[StepGroup]:
     """Group a batch stream into optimiser steps of ``accum`` micro-batches.
 
     Batches whose clips were all unusable are skipped. In epoch-based phases an epoch end is announced
     as a group of its own, and a partial group left at an epoch end is dropped (as a DataLoader with
-    ``drop_last``: a step never mixes two epochs).
+    ``drop_last``: a step never mixes two epochs). ``start_epoch``: the epoch the stream starts in, whose
+    end is announced even when the stream has no batch left of it (a resume at the end of an epoch).
     """
     group: list[Batch] = []
-    current = None
+    current = start_epoch
     for batch in stream:
         if epoch_based and current is not None and batch.epoch != current:
             group = []
@@ -150,6 +152,7 @@ class Trainer:
 
     def _run(self, stop_after: int | None) -> bool:
         model, resume_tag = self._resume()
+        self.tracker.recheck_listed()  # bad_audio.tsv lists what is bad now (files may have come back)
         last = len(self.spec.phases) - 1
         if self.state.phase == last and self.state.phase_done and (self.run_dir / "model.safetensors").is_file():
             log.info("run in %s is already complete: %s", self.run_dir, self.run_dir / "model.safetensors")
@@ -209,7 +212,7 @@ class Trainer:
         loader = self._train_loader(index)
         stream = loader.batches(st.data_epoch, st.data_index, epochs_left)
         self._start_phase(index)
-        batches = None if phase.iteration_based else loader.batches_per_epoch()  # epoch-based: epochs x steps
+        batches = None if phase.iteration_based else loader.estimated_batches_per_epoch()  # epochs x steps
         total = phase.steps if phase.iteration_based else \
             None if batches is None else phase.max_length * (batches // spec.optim.grad_accum)
         bar = progress(total, st.step, phase.label(index), self.dist.is_main)
@@ -217,7 +220,7 @@ class Trainer:
         self._pending.restart_clock()
         steps_done = 0
         try:
-            for group in step_groups(stream, spec.optim.grad_accum, not phase.iteration_based):
+            for group in step_groups(stream, spec.optim.grad_accum, not phase.iteration_based, st.data_epoch):
                 if group.epoch_end is not None:  # epoch-based phases: evaluate (and maybe finish) per epoch
                     self._check_finite(index)
                     st.epoch_in_phase += 1
@@ -432,6 +435,11 @@ class Trainer:
         self._pending.steps, self._pending.samples, self._pending.clock = 0, 0, now
         return window
 
+    def _count_upsampled(self) -> None:
+        """Add the clips every rank resampled up since the last call to the ledger (collective: before each
+        ledger write)."""
+        self.ledger.add_upsampled(self.tracker.take_upsampled(self.dist))
+
     def _log_window(self, engine, index: int, window: dict, bar) -> None:
         self._check_finite(index)
         trained = self._account(index)
@@ -490,6 +498,7 @@ class Trainer:
                                       phase_step=self.state.step, **where)
         self.scalars.log({f"eval/{k}": v for k, v in metrics.items()}, self.state.total_steps)
         self.scalars.flush()
+        self._count_upsampled()
         log.info("validation (%s, %s): %s", self.spec.phases[index].label(index),
                  f"epoch {epoch}" if epoch is not None else f"step {self.state.step}",
                  ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
@@ -516,8 +525,9 @@ class Trainer:
         st.pending_eval = pending_eval
         st.until = self._phase_end(index).state_dict()
         tag = make_tag(index, st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase)
+        self._count_upsampled()
         trainer_state = {"state": asdict(st), "ledger": self.ledger.to_dict(), "tracker": self.tracker.state_dict(),
-                         "world_size": self.dist.world_size}
+                         "world_size": self.dist.world_size, "batch_per_rank": self._batch_size(index)}
         if self.dist.is_main and self.spec.run_recipe is not None:
             self.spec.run_recipe.write_pending()  # the run's recipe.yaml appears with its first checkpoint
         self.checkpoints.save(engine, tag, trainer_state, capture_rng(self.generator, self.device))
@@ -578,19 +588,22 @@ class Trainer:
                         "train.accept_baseline_differences, recorded in ledger.json): %s", path, difference)
         self.ledger.set_stop_target(target)
 
-    def _reshard_position(self, saved_ranks: int) -> None:
-        """Resuming on another number of ranks: each rank's shard of an epoch changes, so the data position
-        keeps the share of the epoch already seen (batches consumed x old ranks / new ranks), and the run
-        continues close to, not exactly as, an uninterrupted one; the ledger records it."""
-        st, ranks = self.state, self.dist.world_size
-        index = st.data_index * saved_ranks // ranks
-        log.warning("resuming on %d rank(s) a run checkpointed on %d: each rank's share of the data changes, so the "
-                    "resumed run continues from the same share of epoch %d (batch %d instead of %d) and is close "
-                    "to, not bitwise equal to, an uninterrupted run; recorded in ledger.json", ranks, saved_ranks,
-                    st.data_epoch, index, st.data_index)
+    def _reshard_position(self, saved_ranks: int, saved_batch: int) -> None:
+        """Resuming on another number of ranks (or per-rank batch): each rank's shard of an epoch changes, so the
+        data position keeps the clips of the epoch already seen (batches consumed x per-rank batch x ranks, in
+        the new global batches), and the run continues close to, not exactly as, an uninterrupted one; the
+        ledger records it."""
+        st, ranks, batch = self.state, self.dist.world_size, self._batch_size(self.state.phase)
+        index = reshard_index(st.data_index, saved_batch, saved_ranks, batch, ranks)
+        log.warning("resuming on %d rank(s) x %d clips a run checkpointed on %d x %d: each rank's share of the data "
+                    "changes, so the resumed run continues from the same share of epoch %d (batch %d instead of %d) "
+                    "and is close to, not bitwise equal to, an uninterrupted run; recorded in ledger.json", ranks,
+                    batch, saved_ranks, saved_batch, st.data_epoch, index, st.data_index)
         st.data_index = index
-        self.ledger.add_intervention(step=st.total_steps, phase=st.phase,
-                                     changes={"world_size": {"from": saved_ranks, "to": ranks}})
+        changes = {"world_size": {"from": saved_ranks, "to": ranks}} if saved_ranks != ranks else {}
+        if saved_batch != batch:
+            changes["batch_per_rank"] = {"from": saved_batch, "to": batch}
+        self.ledger.add_intervention(step=st.total_steps, phase=st.phase, changes=changes)
 
     def _resume(self) -> tuple[nn.Module | None, str | None]:
         """Restore the newest intact checkpoint if there is one.
@@ -608,8 +621,9 @@ class Trainer:
         self.ledger.baseline = baseline or self.ledger.baseline
         self.tracker.load_state_dict(saved["tracker"])
         saved_ranks = self.checkpoints.saved_world_size(tag)
-        if saved_ranks != self.dist.world_size:
-            self._reshard_position(saved_ranks)
+        saved_batch = saved.get("batch_per_rank", self._batch_size(self.state.phase))  # absent before it was recorded
+        if (saved_ranks, saved_batch) != (self.dist.world_size, self._batch_size(self.state.phase)):
+            self._reshard_position(saved_ranks, saved_batch)
         if self.state.phase_done:
             model = self.objective.build_model(self.cfgs[self.state.phase])
             model.load_state_dict(self.checkpoints.module_state(tag))
@@ -627,6 +641,7 @@ class Trainer:
         final = self.run_dir / "export" / f"phase{last + 1}.safetensors"
         if self.average.epochs:
             final = self._weight_average(model, last)
+        self._count_upsampled()
         if self.dist.is_main:
             atomic_copy(final, self.run_dir / "model.safetensors")
             self.ledger.write(self.run_dir / "ledger.json")

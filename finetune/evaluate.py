@@ -48,14 +48,15 @@ def predict_scores(model: nn.Module, meta: dict, waveforms: torch.Tensor, length
 
 
 def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequence[str], batch_size: int = 32,
-                    num_workers: int = 2, device: str | torch.device = "cpu") -> dict[str, float]:
-    """mAP / accuracy of an exported classifier on ``manifests`` (one process)."""
+                    num_workers: int = 2, device: str | torch.device = "cpu", tracker=None) -> dict[str, float]:
+    """mAP / accuracy of an exported classifier on ``manifests`` (one process); ``tracker`` counts bad and
+    resampled clips (a run's :class:`~common.data.BadAudioTracker` split, or a fresh one without a limit)."""
     model, meta = load_classifier(path)
     if list(meta["classifier"]["classes"]) != list(classes):
         raise ValueError(f"{path} was trained on other classes than the task's class list")
     model.to(device)
     sample_rate, clip_samples = clip_for_export(meta)
-    loader = eval_loader(manifests, classes, clip_samples, sample_rate, batch_size, num_workers)
+    loader = eval_loader(manifests, classes, clip_samples, sample_rate, batch_size, num_workers, tracker=tracker)
     scores, targets = [], []
     for batch in loader.batches(epochs=1):
         if len(batch):

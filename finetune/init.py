@@ -30,8 +30,8 @@ from common.compression import Compression
 from common.model import ModelSpec
 from common.phases import TransferConfig
 
-__all__ = ["InitTransferConfig", "load_init", "task_encoder_config", "init_pos_mode", "init_pool", "resolve_pool",
-           "task_encoder"]
+__all__ = ["InitTransferConfig", "INIT_KINDS", "load_init", "task_encoder_config", "init_kind", "expected_init_note",
+           "init_pos_mode", "init_pool", "resolve_pool", "task_encoder"]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,12 @@ def task_encoder_config(init: EncoderWeights | None, model: ModelSpec, num_mel_b
         raise ValueError(f"model.arch: --init holds an {init.arch} model but the recipe trains {model.arch}; use a "
                          f"recipe for {init.arch} (e.g. --set model.arch={init.arch}, or recipes/ft_htsat_*.yaml)")
     if model.arch == "htsat":
-        return model.htsat_config if init is None else init.config.replace(**model.htsat)
+        if init is None:
+            return model.htsat_config
+        cfg = init.config.replace(**model.htsat)
+        if init.meta.get("source") == "imagenet":
+            _say_swin_start(init, cfg)
+        return cfg
     if init is None:
         return model.encoder_config(num_mel_bins, target_frames)
     cfg = init.config
@@ -82,6 +87,47 @@ def task_encoder_config(init: EncoderWeights | None, model: ModelSpec, num_mel_b
     mel = num_mel_bins if init.meta.get("source") == "imagenet" else cfg.num_mel_bins
     return cfg.replace(num_mel_bins=mel, input_tdim=target_frames, fstride=fstride, tstride=tstride,
                        drop_path_rate=model.drop_path_rate)
+
+
+def _say_swin_start(init: EncoderWeights, cfg) -> None:
+    """Warn when an ImageNet Swin is not the official HTS-AT's start (Swin-T/C24: heads 4-8-16-32, window 8)."""
+    from common.htsat import HTSATConfig
+    from common.htsat.imagenet import OFFICIAL_START
+
+    official = HTSATConfig()
+    windows = sorted(set(init.meta.get("swin_windows", [])))
+    if tuple(cfg.num_heads) != official.num_heads or windows != [official.window_size]:
+        log.warning("--init %s is a Swin with heads %s and window %s; the official HTS-AT (and the paper's "
+                    "Table 6) starts from Swin-T/C24 (%s: heads %s, window %d). The model takes the file's heads "
+                    "and HTS-AT's window %d (model.htsat.window_size; the tables are resized)", init.meta.get("file"),
+                    list(cfg.num_heads), "/".join(map(str, windows)), OFFICIAL_START, list(official.num_heads),
+                    official.window_size, cfg.window_size)
+
+
+INIT_KINDS = ("any", "none", "imagenet", "audio")
+
+
+def init_kind(init: EncoderWeights | None) -> str:
+    """What ``--init`` is, in the terms of a recipe's ``expected_init``: ``none`` (from scratch), ``imagenet``
+    (ImageNet ViT / DeiT / Swin weights) or ``audio`` (weights trained on audio: a run or export of this
+    package, an official SSAST / AST / HTS-AT checkpoint, a Hugging Face AST)."""
+    if init is None:
+        return "none"
+    return "imagenet" if init.meta.get("source") == "imagenet" else "audio"
+
+
+def expected_init_note(expected: str, init: EncoderWeights | None, init_arg: str) -> str | None:
+    """A warning when ``--init`` is not of the kind the recipe's ``expected_init`` names (None when it is,
+    or for ``any``)."""
+    kind = init_kind(init)
+    if expected == "any" or kind == expected:
+        return None
+    wanted = {"none": "no weights (--init none)",
+              "imagenet": "ImageNet weights (for HTS-AT the official Swin-T/C24, swin_tiny_c24_patch4_window8_256.pth)",
+              "audio": "weights trained on audio (e.g. an AudioSet checkpoint or run)"}[expected]
+    given = {"none": "no weights", "imagenet": "ImageNet weights", "audio": "weights trained on audio"}[kind]
+    return (f"expected_init: this recipe starts from {wanted}, as the paper's run did; --init {init_arg} is "
+            f"{given}, so this run does not start as the paper's (--set expected_init=any silences this)")
 
 
 def init_pos_mode(init: EncoderWeights | None, default: str, choice: str = "auto") -> str:

@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 from common.coarse import CoarseConfig, apply_coarse, baseline_name, build_derived
 from common.criteria import check_schedule
@@ -35,9 +35,14 @@ __all__ = ["FinetuneRecipe", "load_recipe", "task_source", "file_checks", "check
 
 @dataclass(frozen=True)
 class FinetuneRecipe:
+    """A fine-tuning run's recipe. ``init`` is ``--init``; ``expected_init`` says what the recipe was written
+    to start from (``any``, ``none``, ``imagenet`` or ``audio``: weights trained on audio), and a run whose
+    ``--init`` is of another kind is warned that it does not start as the recipe's source did."""
+
     task: TaskConfig
     phases: list[PhaseConfig]
     init: str = "none"
+    expected_init: Literal["any", "none", "imagenet", "audio"] = "any"
     model: ModelSpec = field(default_factory=ModelSpec)
     head: HeadConfig = field(default_factory=HeadConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -8,11 +8,11 @@
     deepspeed --num_gpus 4 finetune/run.py --init ... --task audioset                      # several GPUs
 
 ``--init`` takes a pretraining or fine-tuning run directory, an exported model, an official SSAST / AST
-``.pth``, timm ImageNet ViT / DeiT weights, a Hugging Face AST directory (``--keep-head`` keeps its
-classifier when the task's classes are its labels), or ``none``. The positional embedding and strides adapt to
-the task's input length. Each epoch is evaluated on the task's evaluation split; ESC-50 runs its five
-folds and reports the fold-averaged accuracy; tasks with a test split (SpeechCommands, VoxCeleb) are
-evaluated on it at the end with the best epoch's model.
+``.pth``, timm ImageNet ViT / DeiT weights, an official HTS-AT checkpoint or ImageNet Swin weights (HTS-AT),
+a Hugging Face AST directory (``--keep-head`` keeps its classifier when the task's classes are its labels),
+or ``none``. The positional embedding and strides adapt to the task's input length. Each epoch is evaluated
+on the task's evaluation split; ESC-50 runs its five folds and reports the fold-averaged accuracy; tasks with a
+test split (SpeechCommands, VoxCeleb) are evaluated on it at the end with the best epoch's model.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: python finetune/run.py --init runs/pretrain/ssast_fshift4 --task vggsound",
     )
     parser.add_argument("--init", help="where the encoder starts: a run directory, an exported model, an SSAST / "
-                                       "AST .pth, timm ImageNet ViT/DeiT weights, a Hugging Face AST directory, or "
-                                       "'none' (from scratch)")
+                                       "AST .pth, timm ImageNet ViT/DeiT weights, an official HTS-AT .ckpt or "
+                                       "ImageNet Swin weights (HTS-AT), a Hugging Face AST directory, or 'none' "
+                                       "(from scratch)")
     parser.add_argument("--task", help="a task name (see --list-tasks) or a task YAML file")
     parser.add_argument("--recipe", type=Path, default=None,
                         help="recipe overriding the task's defaults, e.g. recipes/ft_fshift4.yaml (coarse to fine)")
@@ -133,7 +134,7 @@ def _surpass_targets(recipe, run_dirs: list[Path], restart: bool) -> list[str | 
     return targets
 
 
-def _test(run_dir: Path, recipe, classes, dist) -> None:
+def _test(run_dir: Path, recipe, classes, dist, tracker) -> None:
     """Evaluate the best epoch's model (the weight average if there is one) on the task's test split."""
     from finetune.evaluate import evaluate_export
 
@@ -141,7 +142,7 @@ def _test(run_dir: Path, recipe, classes, dist) -> None:
     model = averaged if averaged.is_file() else run_dir / "export" / "best.safetensors"
     metrics = evaluate_export(model, [recipe.task.path(p) for p in recipe.task.test], classes,
                               recipe.data.eval_batch_size or recipe.data.batch_size, recipe.data.num_workers,
-                              dist.device)
+                              dist.device, tracker)
     (run_dir / "test_metrics.json").write_text(json.dumps({"model": str(model), **metrics}, indent=1))
     log.info("test split (%s): %s", model.name, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         from common.arch import architecture_for
         from common.arch.base import geometries
         from common.recipe import RecipeError
-        from finetune.init import init_pos_mode, load_init, resolve_pool, task_encoder_config
+        from finetune.init import expected_init_note, init_pos_mode, load_init, resolve_pool, task_encoder_config
         from finetune.recipe import check_files, file_checks, load_recipe
 
         notes: list[str] = []
@@ -190,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         classes, names = _classes(recipe, planning=args.dry_run)
         try:
             init = load_init(recipe.init)
+            mismatch = expected_init_note(recipe.expected_init, init, recipe.init)
         except FileNotFoundError as err:
             if not args.dry_run:
                 raise
-            init = None  # plan before the pretraining run (or the download) exists; a run needs it
+            init, mismatch = None, None  # plan before the pretraining run (or the download) exists; a run needs it
             missing.insert(0, f"--init: {err}{_init_hint(recipe.init)}")
             notes.append(f"--init {recipe.init} does not exist yet: planned with the recipe's model "
                          f"({_model_words(recipe.model)}) and the pooling of a model trained from scratch; a run "
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             missing.append(str(err))
             targets = [None] * len(run_dirs)
-        cautions = _cautions(recipe, audio)
+        cautions = ([mismatch] if mismatch else []) + _cautions(recipe, audio)
         if args.dry_run:
             print_plan(recipe, configs, objective, arch)
             for note in notes:
@@ -275,11 +277,12 @@ def main(argv: list[str] | None = None) -> int:
                                      **({"kept_head": True} if head_init is not None else {})})
                 log.info("fine-tuning on %s%s into %s (init: %s)", recipe.task.name,
                          f" fold {k + 1}/{len(splits)}" if recipe.task.folds else "", run_dir, recipe.init)
-                done = Trainer(spec, objective, dist).run(stop_after=args.stop_after_steps)
+                trainer = Trainer(spec, objective, dist)
+                done = trainer.run(stop_after=args.stop_after_steps)
                 if not done:
                     break
-                if recipe.task.test and dist.is_main:
-                    _test(run_dir, recipe, classes, dist)
+                if recipe.task.test and dist.is_main:  # the run's accounting of audio, without a limit
+                    _test(run_dir, recipe, classes, dist, trainer.tracker.for_split("test", max_fraction=1.0))
             if done and recipe.task.folds and dist.is_main:
                 _cross_validation(run_root, len(splits), recipe.task.metric)
         if dist.is_main and done:

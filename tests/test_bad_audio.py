@@ -169,3 +169,60 @@ def test_non_wav_and_whole_files_pass_the_integrity_check(tmp_path):
     data[40:44] = b"\xff\xff\xff\xff"
     stream.write_bytes(bytes(data))
     assert wav_data_extent(stream) is None and truncation(stream) is None
+
+
+def test_after_a_resume_bad_audio_tsv_lists_what_is_bad_now(tmp_path, synth_corpus, data_root, capsys):
+    """A file missing in the first attempt comes back before the resume: it leaves the list (the log says
+    so), a clip still bad stays with its reason of now, and the counts keep the run's history."""
+    valid = local_manifest(synth_corpus / "synth_valid.jsonl.gz", tmp_path / "v", "valid", 8, {})
+    train = local_manifest(synth_corpus / "synth_train.jsonl.gz", tmp_path / "t", "train", 12, {5: "garbage"})
+    missing, aside = tmp_path / "t" / "train-3.wav", tmp_path / "aside.wav"
+    missing.rename(aside)
+    run_dir = tmp_path / "run"
+    argv = ["--init", "none", "--task", "synth", "--data-root", str(data_root), "--run-dir", str(run_dir),
+            *sets(*TINY, f"task.valid=[{valid}]", f"task.train=[{train}]", "data.max_bad_fraction=0.3",
+                  "phases=[{compression: none, epochs: 2}]")]
+    assert finetune([*argv, "--stop-after-steps", "4"]) == 0  # the first epoch (3 steps): both bad clips met
+    rows = sorted(line.split("\t")[1:] for line in (run_dir / "bad_audio.tsv").read_text().splitlines()[1:])
+    assert rows == [[str(missing), "missing (no such file)"], [str(tmp_path / "t" / "train-5.wav"), rows[1][1]]]
+    aside.rename(missing)  # the file is back
+    capsys.readouterr()
+    assert finetune(argv) == 0
+    assert (f"1 clip(s) listed by an earlier attempt read fine now and are no longer listed ({missing}); 1 still are"
+            in capsys.readouterr().err)
+    header, *lines = (run_dir / "bad_audio.tsv").read_text().splitlines()
+    assert header == "split\tpath\treason" and len(lines) == 1
+    assert lines[0].startswith(f"train\t{tmp_path / 't' / 'train-5.wav'}\tunreadable (")
+    ckpt = sorted((run_dir / "checkpoints").glob("phase*"))[-1]
+    tracker = json.loads((ckpt / "trainer_state.json").read_text())["tracker"]
+    assert tracker["reasons"] == {"missing": 1, "unreadable": 2}  # the history: epoch 1 both, epoch 2 one
+
+
+def test_max_bad_fraction_may_change_on_resume_and_is_recorded(tmp_path, synth_corpus, data_root, capsys):
+    train = local_manifest(synth_corpus / "synth_train.jsonl.gz", tmp_path / "t", "train", 12, {5: "garbage"})
+    run_dir = tmp_path / "run"
+
+    def run(fraction: float, *extra: str) -> int:
+        return finetune(["--init", "none", "--task", "synth", "--data-root", str(data_root), "--run-dir",
+                         str(run_dir), *extra, *sets(*TINY, f"task.train=[{train}]", "phases=[{compression: none, "
+                                                     "epochs: 2}]", f"data.max_bad_fraction={fraction}")])
+
+    assert run(0.05, "--stop-after-steps", "1") == 0  # a checkpoint before the first epoch is judged
+    capsys.readouterr()
+    assert run(0.05) == 1  # 1 clip of 12 is bad: more than 5 %
+    err = capsys.readouterr().err
+    assert "more than max_bad_fraction=5.0%" in err and "--set data.max_bad_fraction=F" in err
+    assert run(0.1) == 0  # the error's advice: the resumed run tolerates more, and the ledger says so
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert ledger["interventions"] == [{"step": 1, "phase": 0, "changes": {
+        "data.max_bad_fraction": {"from": 0.05, "to": 0.1}}}]
+    assert "max_bad_fraction: 0.1" in (run_dir / "recipe.yaml").read_text()
+
+
+def test_the_recheck_keeps_what_it_cannot_check_and_what_is_still_bad(tmp_path):
+    log = tmp_path / "bad_audio.tsv"
+    text = ("split\tpath\treason\ntrain\tshar-cut-17\tunreadable (LibsndfileError: ...)\n"
+            f"valid\t{tmp_path / 'gone.wav'}\tmissing (no such file)\n")
+    log.write_text(text)
+    BadAudioTracker(log_path=str(log)).recheck_listed()
+    assert log.read_text() == text  # a Shar clip (no file to open) and a file still missing stay listed

@@ -109,7 +109,7 @@ def test_no_bar_when_stderr_is_not_a_terminal(capsys):
     assert "counting" not in capsys.readouterr().err
 
 
-def test_batches_per_epoch_in_memory_and_streamed(synth_corpus):
+def test_the_bar_total_in_memory_and_streamed(synth_corpus):
     """The bar's total: exact for a set in memory, from the manifest's lines for a streamed one; the batches an
     epoch really gives."""
     from common.corpora.base import read_classes
@@ -121,4 +121,4 @@ def test_batches_per_epoch_in_memory_and_streamed(synth_corpus):
         data = DataConfig(train=train, batch_size=5, num_workers=0, full_shuffle_max=shuffle_max)
         loader = train_loader(data, classes, 8000, 16000, 5, 0, 0, 1, BadAudioTracker())
         assert loader.cuts.is_lazy == (shuffle_max == 0)
-        assert loader.batches_per_epoch() == 4 == len(list(loader.cut_batches(epochs=1)))
+        assert loader.estimated_batches_per_epoch() == 4 == len(list(loader.cut_batches(epochs=1)))

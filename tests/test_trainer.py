@@ -29,6 +29,16 @@ def test_step_groups_drop_a_partial_accumulation_group_at_an_epoch_end():
     assert [g.position for g in groups] == [(0, 2), (1, 0), (1, 3), (2, 0)]
 
 
+def test_step_groups_announce_the_end_of_an_epoch_resumed_at_its_end():
+    """A run stopped after the last step of epoch 0 resumes at (0, all batches): the stream has no batch of
+    epoch 0 left, and its end must still be announced (validation, the epoch count)."""
+    stream = [batch(1, 0), batch(1, 1)]
+    groups = list(step_groups(iter(stream), accum=1, epoch_based=True, start_epoch=0))
+    assert [g.epoch_end for g in groups] == [0, None, None, 1]
+    assert [g.position for g in groups] == [(1, 0), (1, 1), (1, 2), (2, 0)]
+    assert [g.epoch_end for g in step_groups(iter([]), accum=1, epoch_based=True, start_epoch=3)] == [3]
+
+
 def test_step_groups_of_an_iteration_based_stream_ignore_epochs():
     stream = [batch(0, 0), batch(0, 1), batch(1, 0), batch(1, 1)]
     groups = list(step_groups(iter(stream), accum=3, epoch_based=False))

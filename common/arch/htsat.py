@@ -14,6 +14,7 @@ SSAST's masked-patch pretraining is defined for ViT encoders and is not availabl
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,9 +24,13 @@ from torch import nn
 from common.compression import Compression
 from common.htsat import HEAD_PREFIXES, HTSAT, HTSATConfig, HTSATFrontEnd, SpecAugmentStripes, adapt_state_dict
 from common.htsat import geometry as htsat_geometry
+from common.htsat.adapt import fit_tables
 from common.htsat.geometry import Geometry
+from common.htsat.imagenet import SWIN_FIELDS
 
 __all__ = ["HTSATArch", "HTSATPhase", "HTSATClassifier", "HTSATPipeline"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -140,26 +145,37 @@ class HTSATArch:
         """Load HTS-AT weights (full resolution unless the export says otherwise) into ``encoder``.
 
         The class-specific head (``tscam_conv``) is loaded only when it has the model's shape; otherwise it
-        starts afresh, as the official ESC-50 recipe does with its AudioSet checkpoint.
+        starts afresh, as the official ESC-50 recipe does with its AudioSet checkpoint. ImageNet Swin weights
+        (``source: imagenet``, :mod:`common.htsat.imagenet`) fix only the Swin's sizes: every relative-position
+        table is fitted to its block's window in ``geometry`` and ``bn0`` starts afresh with the head.
         """
         cfg = weights.config
         if not isinstance(cfg, HTSATConfig):
             raise ValueError(f"--init holds {type(cfg).__name__} weights (model.arch: ast); this run trains HTS-AT")
+        imagenet = weights.meta.get("source") == "imagenet"  # a Swin backbone: only its sizes are fixed
         size = {k: v for k, v in cfg.to_dict().items() if k != "num_classes"}
         want = {k: v for k, v in geometry.cfg.to_dict().items() if k != "num_classes"}
-        changed = sorted(k for k in size if size[k] != want[k] and k not in ("drop_path_rate", "drop_rate",
-                                                                             "attn_drop_rate"))
+        fixed = SWIN_FIELDS if imagenet else [k for k in size if k not in ("drop_path_rate", "drop_rate",
+                                                                             "attn_drop_rate")]
+        changed = sorted(k for k in fixed if size[k] != want[k])
         if changed:
             raise ValueError("--init: the HTS-AT weights were trained with another model config ("
                              + ", ".join(f"{k} {size[k]} -> {want[k]}" for k in changed) + ")")
-        source = HTSATArch(cfg).export_geometry(weights.meta).geom
-        state = adapt_state_dict(weights.state, cfg, source, geometry.geom, "timm", patch_mode)
+        fresh = HEAD_PREFIXES
+        if imagenet:  # every table fitted to its block's window here; bn0 and the head start afresh
+            state, changes = fit_tables(weights.state, geometry.cfg, geometry.geom, "timm", patch_mode)
+            fresh = HEAD_PREFIXES + ("bn0.",)
+            log.info("--init %s: ImageNet Swin backbone loaded%s; bn0 and the token-semantic head start afresh",
+                     weights.meta.get("file", ""), "".join(f"; {line}" for line in changes))
+        else:
+            source = HTSATArch(cfg).export_geometry(weights.meta).geom
+            state = adapt_state_dict(weights.state, cfg, source, geometry.geom, "timm", patch_mode)
         own = encoder.state_dict()
         heads = [k for k in state if k.startswith(HEAD_PREFIXES) and state[k].shape != own[k].shape]
         for key in heads:
             del state[key]
         result = encoder.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIXES)]
+        missing = [k for k in result.missing_keys if not k.startswith(fresh)]
         if missing or result.unexpected_keys:
             raise ValueError(f"--init: HTS-AT weights do not fit the model: missing {missing[:5]}, "
                              f"unexpected {result.unexpected_keys[:5]}")

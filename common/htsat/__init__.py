@@ -11,14 +11,17 @@ Everything the trainer asks an architecture, in one place (reference/htsat.md ha
 - :func:`adapt_state_dict` / :func:`adapt_model`: the weights carried to the next phase's geometry;
 - :func:`train_flops`: counted training FLOPs per clip;
 - :func:`load_official_checkpoint`: an official Lightning ``.ckpt`` -> config + our state dict;
+- :func:`convert_imagenet_swin`: ImageNet Swin weights (the official start, Swin-T/C24) -> the backbone's
+  start, whose tables :func:`fit_tables` fits to the model's windows;
 - :func:`class_names`: AudioSet's 527 names for an official AudioSet head, numbered labels otherwise.
 """
 
-from common.htsat.adapt import BIAS_TRANSFERS, adapt_model, adapt_state_dict, resize_bias_table
+from common.htsat.adapt import BIAS_TRANSFERS, adapt_model, adapt_state_dict, fit_tables, resize_bias_table
 from common.htsat.config import HTSATConfig
 from common.htsat.flops import train_flops
 from common.htsat.frontend import HTSATFrontEnd, SpecAugmentStripes, mel_filterbank
 from common.htsat.geometry import BlockLayout, Geometry, geometry, stage_layout
+from common.htsat.imagenet import convert_imagenet_swin, looks_imagenet_swin
 from common.htsat.labels import audioset_labels, class_names
 from common.htsat.model import HEAD_PREFIXES, HTSAT, fold, unfold
 from common.htsat.official import config_from_official, convert_official, load_official_checkpoint, looks_official
@@ -26,6 +29,6 @@ from common.htsat.official import config_from_official, convert_official, load_o
 __all__ = [
     "HTSATConfig", "Geometry", "BlockLayout", "geometry", "stage_layout", "HTSATFrontEnd", "SpecAugmentStripes",
     "mel_filterbank", "HTSAT", "HEAD_PREFIXES", "fold", "unfold", "BIAS_TRANSFERS", "resize_bias_table",
-    "adapt_state_dict", "adapt_model", "train_flops", "config_from_official", "convert_official",
+    "adapt_state_dict", "fit_tables", "adapt_model", "train_flops", "convert_imagenet_swin", "looks_imagenet_swin", "config_from_official", "convert_official",
     "load_official_checkpoint", "looks_official", "audioset_labels", "class_names",
 ]

@@ -17,12 +17,14 @@ same tensor. Table transfers (recipe switch ``bias_transfer``):
 - ``bicubic``: the same, bicubic (Microsoft Swin's ``load_pretrained``).
 
 The kernel goes through :func:`common.resize.resample_patch_kernel` (PI-resize or bilinear), as for AST.
+:func:`fit_tables` fits weights whose windows are not known from a geometry (an ImageNet Swin's) to one.
 Every function is tensor -> tensor, computes in float32 and returns the input dtype.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import typing
 import warnings
 from typing import Literal
@@ -33,7 +35,7 @@ from torch.nn import functional as F
 from common.htsat.config import HTSATConfig
 from common.htsat.geometry import Geometry, stage_layout
 
-__all__ = ["BiasTransfer", "BIAS_TRANSFERS", "resize_bias_table", "adapt_state_dict", "adapt_model"]
+__all__ = ["BiasTransfer", "BIAS_TRANSFERS", "resize_bias_table", "adapt_state_dict", "fit_tables", "adapt_model"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,37 @@ def adapt_state_dict(state: dict[str, torch.Tensor], cfg: HTSATConfig, old: Geom
             raise KeyError(f"state dict has no {key!r}")
         out[key] = resample_patch_kernel(out[key], new.patch, patch_transfer)
     return out
+
+
+def fit_tables(state: dict[str, torch.Tensor], cfg: HTSATConfig, geom: Geometry, bias_transfer: str = "timm",
+               patch_transfer: str = "pi") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A copy of ``state`` whose relative-position tables and patch kernel fit geometry ``geom``, whatever
+    windows the weights were trained with (an ImageNet Swin's: window 7 at 224 x 224, 8 at 256 x 256).
+
+    Unlike :func:`adapt_state_dict`, which knows both geometries, each table's window is read from its size
+    (``(2w - 1)^2`` rows: a square window). Returns the new dict and a line per kind of change made.
+    """
+    out, changes = dict(state), {}
+    for block in stage_layout(cfg, geom):
+        key = f"swin.layers.{block.stage}.blocks.{block.block}.attn.relative_position_bias_table"
+        if key not in out:
+            raise KeyError(f"state dict has no {key!r}")
+        side = math.isqrt(out[key].shape[0])
+        if side * side != out[key].shape[0]:
+            raise ValueError(f"{key} has shape {tuple(out[key].shape)}, not the table of a square window")
+        old = ((side + 1) // 2,) * 2
+        if old != tuple(block.window):
+            out[key] = resize_bias_table(out[key], old, block.window, bias_transfer)
+            what = f"{old[0]}x{old[1]} -> {block.window[0]}x{block.window[1]}"
+            changes[what] = changes.get(what, 0) + 1
+    lines = [f"{n} relative-position table(s) resized, windows {what} ({bias_transfer})" for what, n in changes.items()]
+    kernel = out.get("swin.patch_embed.proj.weight")
+    if kernel is not None and tuple(kernel.shape[-2:]) != tuple(geom.patch):
+        from common.resize import resample_patch_kernel
+
+        out["swin.patch_embed.proj.weight"] = resample_patch_kernel(kernel, geom.patch, patch_transfer)
+        lines.append(f"patch kernel resized {tuple(kernel.shape[-2:])} -> {tuple(geom.patch)} ({patch_transfer})")
+    return out, lines
 
 
 def adapt_model(model: torch.nn.Module, new: Geometry, bias_transfer: str = "timm",

@@ -1,0 +1,81 @@
+"""A rank's share of the CPU: its loader workers and the intra-op threads of its training process.
+
+A node's cores (``os.sched_getaffinity``: the cores this process may run on, which a container or a job
+scheduler may limit) are shared by the node's ranks (``LOCAL_WORLD_SIZE`` from torchrun, ``LOCAL_SIZE``
+from the deepspeed launcher; 1 without a launcher). Each rank runs its training process and
+``data.num_workers`` decoding processes (one thread each: PyTorch sets it in loader workers). The rule:
+
+- loader workers: ``min(data.num_workers, cores per rank - 1)`` (at least 0): one core stays with the
+  training process, and a machine is never asked for more workers than it has cores (PyTorch's DataLoader
+  warns past the core count: 4 workers on 2 cores). A lowered value is said once;
+- intra-op threads of the training process (``torch.set_num_threads``, once per run in
+  ``common.cli.training_session``): ``max(1, cores per rank - loader workers)``, where OpenMP's default is
+  every core of the machine, which 8 ranks with 8 workers each oversubscribe many times over.
+  ``train.cpu_threads: N`` sets it; without it an ``OMP_NUM_THREADS`` in the environment is respected
+  (torchrun sets 1, deepspeed's ``--bind_cores_to_rank`` the number of cores it binds).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+__all__ = ["machine_cores", "local_ranks", "cores_per_rank", "loader_workers", "intra_op_threads",
+           "set_cpu_threads"]
+
+log = logging.getLogger(__name__)
+
+_said: set = set()  # lowered worker counts already logged in this process
+
+
+def machine_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def local_ranks() -> int:
+    """Ranks on this node (the launcher's ``LOCAL_WORLD_SIZE`` / ``LOCAL_SIZE``; 1 without one)."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        value = os.environ.get(key, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def cores_per_rank() -> int:
+    return max(1, machine_cores() // local_ranks())
+
+
+def loader_workers(requested: int) -> int:
+    """The decoding processes a rank starts for ``data.num_workers = requested`` (see the module docstring)."""
+    granted = max(0, min(requested, cores_per_rank() - 1))
+    if granted < requested and (requested, granted) not in _said:
+        _said.add((requested, granted))
+        log.info("data.num_workers %d -> %d loader workers per rank: %d core(s) for %d rank(s) on this machine, one "
+                 "kept for the training process", requested, granted, machine_cores(), local_ranks())
+    return granted
+
+
+def intra_op_threads(workers: int, override: int | None = None) -> tuple[int | None, str]:
+    """``(threads, why)`` for a rank's training process with ``workers`` loader workers; ``threads`` is None
+    where the environment's ``OMP_NUM_THREADS`` decides."""
+    if override is not None:
+        return override, "train.cpu_threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None, f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    return max(1, cores_per_rank() - workers), (f"{machine_cores()} core(s) / {local_ranks()} rank(s) - {workers} "
+                                                f"loader worker(s)")
+
+
+def set_cpu_threads(workers: int, override: int | None = None) -> int:
+    """Set this process's intra-op threads by :func:`intra_op_threads`; returns the number in use."""
+    threads, why = intra_op_threads(workers, override)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    log.info("CPU threads of the training process: %d (%s)", torch.get_num_threads(), why)
+    return torch.get_num_threads()

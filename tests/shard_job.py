@@ -1,0 +1,55 @@
+"""One rank of a multi-process job of tests/test_shards.py: runs training commands one after another in this
+process (each joins its own process group), and records which batches this rank's loaders gave.
+
+    RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 python tests/shard_job.py JOB.json
+
+``JOB.json``: ``{"out": folder, "cases": [{"name", "entry": "finetune" | "pretrain", "argv", "port"}]}``.
+Writes ``out/rank{r}.json``: per case, the exit code, the seconds (and CPU seconds) it took and, per loader
+(``train`` / ``valid``), the ``[epoch, index, clip ids]`` of every batch handed to the training loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(job_file: str) -> int:
+    from common.data import ClipLoader
+    from finetune.run import main as finetune
+    from pretrain.run import main as pretrain
+
+    job = json.loads(Path(job_file).read_text())
+    rank = int(os.environ["RANK"])
+    seen: dict[str, list] = {}
+    batches = ClipLoader.batches
+
+    def recorded(self, *args, **kwargs):  # observes only: the same batches, in the same order
+        kind = seen.setdefault("train" if self.shuffle else "valid", [])
+        for batch in batches(self, *args, **kwargs):
+            kind.append([batch.epoch, batch.index, list(batch.ids)])
+            yield batch
+
+    ClipLoader.batches = recorded
+    report = {}
+    for case in job["cases"]:
+        os.environ["MASTER_PORT"] = str(case["port"])
+        seen = {}
+        entry = finetune if case["entry"] == "finetune" else pretrain
+        start, cpu = time.perf_counter(), time.process_time()
+        code = entry(case["argv"])
+        report[case["name"]] = {"code": code, "seconds": round(time.perf_counter() - start, 2),
+                                "cpu_seconds": round(time.process_time() - cpu, 2), **seen}
+        Path(job["out"], f"rank{rank}.json").write_text(json.dumps(report))
+        if code != 0:
+            return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,99 @@
+"""A rank's share of the CPU: loader workers that fit the cores, intra-op threads from the cores left, the
+environment's OMP_NUM_THREADS and the recipe's override respected; no DataLoader warning on a small machine."""
+
+import warnings
+
+import pytest
+import torch
+
+from common import cpu
+from common.data import ClipDataset, ClipLoader, open_cuts
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """A machine of N cores with L ranks on it and no OMP_NUM_THREADS: ``machine(N, L)``."""
+    def make(cores: int, ranks: int | None = None, launcher: str = "LOCAL_WORLD_SIZE"):
+        monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: set(range(cores)))
+        for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMP_NUM_THREADS"):
+            monkeypatch.delenv(key, raising=False)
+        if ranks is not None:
+            monkeypatch.setenv(launcher, str(ranks))
+    return make
+
+
+@pytest.mark.parametrize("cores, ranks, requested, workers, threads", [
+    (2, None, 4, 1, 1),    # the development machine: a task file's 4 workers would be more than its cores
+    (2, None, 0, 0, 2),    # decoding in the training process: both cores are its threads
+    (16, None, 4, 4, 12),  # one rank: the cores its 4 workers leave
+    (16, 8, 8, 1, 1),      # 8 ranks with 8 workers each: 2 cores a rank, OpenMP's default would take 16
+    (16, 2, 8, 7, 1),
+    (48, 3, 8, 8, 8),      # 3 ranks: 16 cores each
+])
+def test_workers_and_threads_follow_the_cores_of_a_rank(machine, cores, ranks, requested, workers, threads):
+    machine(cores, ranks)
+    assert cpu.cores_per_rank() == cores // (ranks or 1)
+    assert cpu.loader_workers(requested) == workers
+    assert cpu.intra_op_threads(workers) == (threads, f"{cores} core(s) / {ranks or 1} rank(s) - {workers} loader "
+                                                      f"worker(s)")
+
+
+def test_the_deepspeed_launchers_local_size_counts_too(machine):
+    machine(12, 3, launcher="LOCAL_SIZE")
+    assert cpu.local_ranks() == 3 and cpu.cores_per_rank() == 4 and cpu.loader_workers(4) == 3
+
+
+def test_omp_num_threads_and_the_recipe_decide_when_given(machine, monkeypatch):
+    machine(16, 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu.intra_op_threads(4) == (None, "OMP_NUM_THREADS=3")
+    assert cpu.intra_op_threads(4, override=5) == (5, "train.cpu_threads")
+    before = torch.get_num_threads()
+    try:
+        assert cpu.set_cpu_threads(4, override=2) == 2 == torch.get_num_threads()
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert cpu.set_cpu_threads(4) == 4  # 8 cores a rank, 4 of them decoding
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_cpu_threads_setting_is_checked_and_may_change_on_resume():
+    from common.run_recipe import recipe_diff
+    from common.run_spec import TrainConfig
+
+    with pytest.raises(ValueError, match="cpu_threads must be >= 1"):
+        TrainConfig(cpu_threads=0)
+    assert recipe_diff({"train": {"cpu_threads": None}}, {"train": {"cpu_threads": 4}}) == []
+
+
+def test_four_workers_on_two_cores_start_without_the_loaders_warning(machine, synth_corpus):
+    machine(2)
+    loader = ClipLoader(open_cuts([synth_corpus / "synth_train.jsonl.gz"]), ClipDataset(16000), 4, shuffle=False,
+                        drop_last=False, rank=0, world_size=1, num_workers=4)
+    assert loader.num_workers == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = loader.batches(epochs=1)
+        assert len(next(batches)) == 4
+        batches.close()
+    # PyTorch's "This DataLoader will create 4 worker processes in total. Our suggested max number of worker ..."
+    assert not [w for w in caught if "worker" in str(w.message)]
+
+
+def test_a_training_session_sets_the_threads_and_gives_them_back(machine, tmp_path, caplog):
+    import logging
+
+    from common.cli import training_session
+    from finetune.recipe import load_recipe
+
+    machine(2)
+    recipe = load_recipe("synth", overrides=["data.num_workers=4"])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with caplog.at_level(logging.INFO, logger="common.cpu"), training_session(tmp_path / "run", recipe):
+            assert torch.get_num_threads() == 1  # 2 cores: 1 loader worker, 1 thread
+        assert torch.get_num_threads() == 2
+        assert "CPU threads of the training process: 1 (2 core(s) / 1 rank(s) - 1 loader worker(s))" in caplog.text
+    finally:
+        torch.set_num_threads(before)
