@@ -209,9 +209,13 @@ class Trainer:
             return self._end_phase(engine, index), 0
         pipeline = self._frontend(index, self.objective.specaug)
         epochs_left = None if phase.iteration_based else phase.max_length - st.epoch_in_phase
-        stream = self._train_loader(index).batches(st.data_epoch, st.data_index, epochs_left)
+        loader = self._train_loader(index)
+        stream = loader.batches(st.data_epoch, st.data_index, epochs_left)
         self._start_phase(index)
-        bar = progress(phase.steps if phase.iteration_based else None, st.step, phase.label(index), self.dist.is_main)
+        batches = None if phase.iteration_based else loader.estimated_batches_per_epoch()  # epochs x steps
+        total = phase.steps if phase.iteration_based else \
+            None if batches is None else phase.max_length * (batches // spec.optim.grad_accum)
+        bar = progress(total, st.step, phase.label(index), self.dist.is_main)
         window: dict[str, float] = {}
         self._pending.restart_clock()
         steps_done = 0

@@ -133,12 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from common.preflight import check_norm, data_checks, problems
+        from common.preflight import check_norm, data_checks, norm_mismatch, problems
         from pretrain.recipe import load_baseline, load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides, args.coarse)
         baseline = load_baseline(recipe, args.overrides)
         checks = [*data_checks(recipe.data), lambda: check_norm(recipe.audio.norm, "audio.norm")]
+        caution = norm_mismatch(recipe.audio.norm, recipe.audio.target_frames, recipe.audio.num_mel_bins, "audio.norm")
         from common.coarse import coarse_tag
 
         name = args.recipe.stem + (f"-{coarse_tag(recipe.coarse)}" if args.coarse else "")
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         check_baseline(recipe, run_dir, args.restart)  # before any compute: the baseline must be there, comparable
         if args.dry_run:
             print_plan(recipe, 1, baseline, args.overrides)
+            if caution:
+                print(f"warning: {caution}")
             missing = problems(checks)
             if missing:
                 print("files a run needs and does not find (it would stop before any compute):")
@@ -166,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                            baseline=planned, run_recipe=session.run_recipe, meta={"recipe": args.recipe.name})
             log.info("pretraining %s into %s on %d rank(s) (%s)", args.recipe, run_dir, dist.world_size,
                      dist.device)
+            if caution:
+                log.warning("%s", caution)
             if planned is not None:
                 log.info("FLOPs saving is measured against %s planned with this run's geometry and batch: %.4g",
                          planned[0], planned[1])
