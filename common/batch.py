@@ -140,7 +140,7 @@ def plan_lines(splits: Sequence[BatchSplit], effective: int, stated: int | None,
     for split in distinct:
         phases = ", ".join(f"phase{i + 1}" for i, s in enumerate(splits) if s == split)
         lines.append(f"batch: {split.describe()}" + (f" ({phases})" if len(distinct) > 1 else ""))
-    lines[-1] += " (--world-size N plans another number of ranks: the global batch stays, the per-rank batch follows)"
+    lines[-1] += " (--world-size N plans N ranks)"
     if stated is not None and stated != effective:
         lines.append(f"global batch {effective} differs from the {stated} that {source} states (the source's batch); "
                      f"the learning rate and schedule are still the recipe's")

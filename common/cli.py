@@ -23,13 +23,26 @@ __all__ = ["add_run_arguments", "world_size_of", "discard_previous", "check_run_
 
 log = logging.getLogger(__name__)
 
+
+def _steps(text: str) -> int:
+    """``--stop-after-steps``: a whole number of steps >= 1 (0 or a negative count would train nothing, or
+    everything, without a word)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number of optimiser steps >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a number of optimiser steps >= 1, got {value}")
+    return value
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, default_run_root: str) -> None:
     parser.add_argument("--run-dir", type=Path, default=None,
                         help=f"where checkpoints, logs, exports and the ledger go (default: {default_run_root}/"
                              "<recipe name>); running again on an existing run directory resumes it")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe field, e.g. --set optim.lr=5e-5 --set phases.0.steps=1000 (repeatable)")
-    parser.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
+    parser.add_argument("--stop-after-steps", type=_steps, default=None, metavar="N",
                         help="checkpoint and exit after N optimiser steps in this invocation (run again to resume)")
     parser.add_argument("--restart", action="store_true",
                         help="start from step 0 although the run directory holds checkpoints; what the earlier "

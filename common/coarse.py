@@ -119,9 +119,10 @@ def parse_coarse(text: str) -> dict:
     method = parts[0].strip().lower()
     if method not in METHODS:
         raise bad(f"unknown method {parts[0]!r}; one of {', '.join(METHODS)}")
-    factors = [f for f in re.split(r"[,>\-\s]+", parts[1].strip()) if f]
-    if not factors or not all(f.isdigit() for f in factors):
-        raise bad(f"C must be a factor or factors like 4 or 4,2, got {parts[1]!r}")
+    raw_factors = parts[1].strip()
+    if not re.fullmatch(r"\d+((\s*(,|->|-|>)\s*|\s+)\d+)*", raw_factors):  # "-4" is no factor, not 4
+        raise bad(f"C must be a factor or factors like 4 or 4,2 (whole numbers >= 2), got {parts[1]!r}")
+    factors = re.findall(r"\d+", raw_factors)
     out = {"method": method, "factors": [int(f) for f in factors]}
     if len(parts) == 3:
         raw = parts[2].strip()

@@ -191,10 +191,42 @@ def _open_one(path: str | os.PathLike):
             f"manifest {path} does not exist; write it with `python -m common.corpora prepare NAME --src DIR "
             f"--out {path.parent}` (see `python -m common.corpora list`)"
         )
+    problem = manifest_problem(path)
+    if problem:
+        raise ValueError(f"manifest {path}: {problem}")
     cuts = CutSet.from_file(path)  # lazy for .jsonl.gz
     if cuts is None:  # what Lhotse returns for an empty file
         raise ValueError(f"manifest {path} holds no clips (an empty file); prepare it again")
     return cuts
+
+
+def manifest_problem(path: str | os.PathLike) -> str | None:
+    """Why a ``.jsonl(.gz)`` file is not a Lhotse manifest, judged from its first line (None: it may be one;
+    an empty file is left to the callers, which say that it holds no clips)."""
+    import gzip
+    import json
+
+    path = _manifest_path(path)
+    if not path.name.endswith((".jsonl", ".gz")):
+        return None
+    number, line = 0, b""
+    try:
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")) as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    break
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        return f"cannot be read as {'gzip' if path.name.endswith('.gz') else 'text'} ({err})"
+    if not line.strip():
+        return None
+    try:
+        cut = json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return (f"line {number} is not JSON ({line.strip()[:40]!r}); a Lhotse manifest holds one JSON cut per line, "
+                f"as `python -m common.corpora prepare` writes it")
+    if not isinstance(cut, dict) or "id" not in cut:
+        return f"line {number} is JSON but not a Lhotse cut (no 'id' field)"
+    return None
 
 
 def count_clips(path: str | os.PathLike, limit: int | None = None) -> int | None:
@@ -757,12 +789,15 @@ class ClipLoader:
         prefetch_factor: batches each worker prepares ahead.
         prefetch: without workers, batches a background thread of this process prepares ahead
             (``common.prefetch``; 0: decode inline).
+        epoch_clips: clips in one epoch of a streamed (lazy) set, counted from its manifests' lines, for
+            :meth:`estimated_batches_per_epoch` (an in-memory set counts its own); None: unknown.
     """
 
     def __init__(self, cuts, dataset: ClipDataset, batch_size: int, *, shuffle: bool, drop_last: bool,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
                  weights: Sequence[float] | None = None, tracker: BadAudioTracker | None = None,
-                 pin_memory: bool = False, prefetch_factor: int = 2, prefetch: int = 2) -> None:
+                 pin_memory: bool = False, prefetch_factor: int = 2, prefetch: int = 2,
+                 epoch_clips: int | None = None) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.cuts = cuts
@@ -779,6 +814,7 @@ class ClipLoader:
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
         self.prefetch = prefetch
+        self.epoch_clips = epoch_clips
 
     def _sampler(self):
         """The global stream of batches (every rank draws the same; :func:`equal_shards` deals it)."""
@@ -799,6 +835,14 @@ class ClipLoader:
         if self.cuts.is_lazy:
             return None
         return shard_batches(len(self.cuts), self.batch_size, self.world_size, self.drop_last)
+
+    def estimated_batches_per_epoch(self) -> int | None:
+        """For a progress bar: :meth:`batches_per_epoch`, or for a streamed set the batches its manifests' clips
+        (``epoch_clips``) would give; None when unknown."""
+        exact = self.batches_per_epoch()
+        if exact is not None or self.epoch_clips is None:
+            return exact
+        return shard_batches(self.epoch_clips, self.batch_size, self.world_size, self.drop_last)
 
     def _cut_batches(self, start_epoch: int, skip: int, epochs: int | None) -> Iterator:
         from lhotse import CutSet
@@ -904,11 +948,15 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
             weights = balanced_weights(cuts, classes or [])
         if memo is not None and not cuts.is_lazy:
             memo.update(cuts=cuts, weights=weights)
+    epoch_clips = None
+    if cuts.is_lazy:  # an estimate for the progress bar, from the manifests' lines (AudioSet-2M: a few seconds)
+        counts = [count_clips(spec.path) for spec in data.train]
+        epoch_clips = None if None in counts else sum(counts)
     dataset = ClipDataset(clip_samples, sample_rate, classes, crop=data.train_crop, seed=seed, pad=data.pad,
                           cache=cache)
     return ClipLoader(cuts, dataset, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rank,
                       world_size=world_size, num_workers=data.num_workers, weights=weights, tracker=tracker,
-                      pin_memory=pin_memory)
+                      pin_memory=pin_memory, epoch_clips=epoch_clips)
 
 
 def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] | None, clip_samples: int,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Dist", "init_distributed"]
+__all__ = ["Dist", "init_distributed", "quiet_deepspeed"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,25 @@ class Dist:
             cache.clear()
 
 
+class _Greetings(logging.Filter):
+    """Drops DeepSpeed's notices that greet every command and say nothing about this run: its accelerator
+    detection's "Setting accelerator to CPU ..." on a machine without a GPU (the run says its device
+    itself). Every other DeepSpeed message passes."""
+
+    GREETINGS = ("Setting accelerator to CPU",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.GREETINGS)
+
+
+def quiet_deepspeed() -> None:
+    """Install :class:`_Greetings` on DeepSpeed's logger (before ``import deepspeed``, which runs the detection;
+    DeepSpeed resets the logger's level and handlers when it makes it, not its filters). Idempotent."""
+    logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _Greetings) for f in logger.filters):
+        logger.addFilter(_Greetings())
+
+
 def init_distributed() -> Dist:
     """Initialise torch.distributed through DeepSpeed and pick this rank's device."""
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
@@ -97,6 +116,7 @@ def init_distributed() -> Dist:
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    quiet_deepspeed()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 

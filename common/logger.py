@@ -10,9 +10,23 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["setup_logging", "Scalars", "progress"]
+__all__ = ["setup_logging", "BarSafeHandler", "Scalars", "progress"]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class BarSafeHandler(logging.StreamHandler):
+    """A console handler that writes through ``tqdm.write``: a log line clears the progress bars on its
+    stream, is written on a line of its own, and the bars are drawn again below it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # noqa: BLE001 - logging must not raise
+            self.handleError(record)
 
 
 def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO) -> None:
@@ -22,7 +36,7 @@ def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO
         if getattr(handler, "_c2f", False):
             root.removeHandler(handler)
             handler.close()
-    console = logging.StreamHandler(sys.stderr)
+    console = BarSafeHandler(sys.stderr)
     console.setFormatter(logging.Formatter(f"[rank {rank}] {FORMAT}" if rank else FORMAT, "%H:%M:%S"))
     console._c2f = True  # type: ignore[attr-defined]
     root.addHandler(console)
@@ -95,9 +109,18 @@ class Scalars:
                     raise
 
 
-def progress(total: int | None, initial: int, desc: str, enabled: bool):
-    """A tqdm bar on rank 0 when stderr is a terminal (log lines carry the progress elsewhere)."""
+def progress(total: int | None, initial: int, desc: str, enabled: bool, unit: str = "step"):
+    """A tqdm bar (count, total, rate and the time left when ``total`` is known) on rank 0 when stderr is a
+    terminal; log lines carry the progress elsewhere, and :class:`BarSafeHandler` keeps them off the bar.
+
+    Args:
+        total: the count at the end (None: unknown; the bar then counts without a time left).
+        initial: the count already done (a resumed phase).
+        desc: what is counted, at the start of the bar.
+        enabled: False draws nothing (ranks other than 0).
+        unit: the name of one count.
+    """
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and sys.stderr.isatty()),
-                dynamic_ncols=True, leave=True, smoothing=0.1)
+                file=sys.stderr, dynamic_ncols=True, leave=True, smoothing=0.1, unit=unit)

@@ -5,6 +5,12 @@
   out of the mean (AST would average a meaningless value for them).
 - ``acc``: top-1 accuracy, ``accuracy_score(argmax(target), argmax(score))``.
 - ``mAUC``: mean ROC AUC over classes with both positives and negatives.
+
+:func:`standard_error` says how much the score would move on another draw of as many clips, the
+validation set's own noise (what the phase criteria of ``common.criteria`` compare changes with):
+accuracy is a proportion of the clips, so its binomial error (Agresti-Coull: never 0 on a finite set);
+mAP has no closed form, so a bootstrap over the clips (each clip weighted by a Poisson(1) count, seeded,
+so every rank and every run of the same scores gets the same value).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import warnings
 
 import numpy as np
 
-__all__ = ["METRICS", "mean_average_precision", "accuracy", "mean_auc", "compute_metrics"]
+__all__ = ["METRICS", "mean_average_precision", "accuracy", "mean_auc", "compute_metrics", "standard_error"]
 
 METRICS = ("mAP", "acc")
 
@@ -65,3 +71,54 @@ def compute_metrics(targets: np.ndarray, scores: np.ndarray) -> dict[str, float]
     """Every metric at once (what fine-tuning logs per epoch)."""
     return {"mAP": mean_average_precision(targets, scores), "acc": accuracy(targets, scores),
             "mAUC": mean_auc(targets, scores)}
+
+
+def _weighted_ap(targets: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Mean average precision of every row of clip ``weights`` [draws, clips] (sklearn's definition: the
+    precision at each threshold weighted by the recall gained there; tied scores form one threshold). A
+    class whose positives all weigh 0 in a draw is left out of that draw's mean.
+
+    Per class: ``AP = sum over positives i of w_i x precision(end of i's tie group) / sum of positive
+    weights``, so only the cumulative weights at the positives' tie-group ends are needed.
+    """
+    dtype = np.float32 if weights.shape[1] * 16 < 2 ** 24 else np.float64  # sums of small counts stay exact
+    weights = weights.astype(dtype)
+    draws = weights.shape[0]
+    total, used = np.zeros(draws), np.zeros(draws)
+    for k in np.flatnonzero((targets > 0.5).any(axis=0)):
+        order = np.argsort(-scores[:, k], kind="stable")
+        ranked = scores[order, k]
+        pos = np.flatnonzero(targets[order, k] > 0.5)
+        ends = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # the last index of each tie group
+        end = ends[np.searchsorted(ends, pos)]  # each positive's tie-group end
+        w = weights[:, order]
+        seen = np.cumsum(w, axis=1)[:, end]
+        wpos = w[:, pos]
+        tp = np.cumsum(wpos, axis=1)[:, np.searchsorted(pos, end, side="right") - 1]
+        precision = np.divide(tp, seen, out=np.zeros_like(tp), where=seen > 0)
+        positives = wpos.sum(axis=1, dtype=np.float64)
+        has = positives > 0
+        ap = np.divide((wpos * precision).sum(axis=1, dtype=np.float64), positives, out=np.zeros(draws), where=has)
+        total += ap
+        used += has
+    return total / np.maximum(used, 1)
+
+
+def standard_error(metric: str, targets: np.ndarray, scores: np.ndarray, draws: int = 50, seed: int = 0) -> float:
+    """The standard error of ``metric`` (``acc`` or ``mAP``) on these clips: how far the same model's score
+    would typically move on another set of as many clips.
+
+    Args:
+        metric: ``acc`` (binomial, Agresti-Coull) or ``mAP`` (Poisson bootstrap over the clips).
+        targets, scores: [clips, classes], as for :func:`compute_metrics`.
+        draws, seed: the bootstrap's resamples and seed (mAP).
+    """
+    targets, scores = _check(targets, scores)
+    n = len(targets)
+    if metric == "acc":
+        p = (accuracy(targets, scores) * n + 2) / (n + 4)
+        return float(np.sqrt(p * (1 - p) / (n + 4)))
+    if metric == "mAP":
+        weights = np.random.default_rng(seed).poisson(1.0, size=(draws, n)).astype(np.float64)
+        return float(np.std(_weighted_ap(targets, scores, weights), ddof=1))
+    raise ValueError(f"standard_error: no estimate for metric {metric!r} (known: {', '.join(METRICS)})")

@@ -16,13 +16,14 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from common.recipe import RecipeError
 
-__all__ = ["check_manifest", "check_norm", "check_classes", "data_checks", "check_data", "problems",
-           "count_clips"]
+__all__ = ["check_manifest", "check_norm", "norm_mismatch", "check_classes", "check_labels", "data_checks",
+           "check_data", "problems", "count_clips"]
 
 _PREPARE_HINT = "write it with `python -m common.corpora prepare NAME --out DIR` (see `python -m common.corpora list`)"
 
@@ -69,6 +70,11 @@ def check_manifest(path: str | os.PathLike, key: str) -> None:
         raise RecipeError(f"{key}: manifest {path} is not readable (permissions)")
     from lhotse import CutSet
 
+    from common.data import manifest_problem
+
+    problem = manifest_problem(path)
+    if problem:
+        raise RecipeError(f"{key}: manifest {path}: {problem}")
     try:
         cuts = CutSet.from_file(path)  # lazy for .jsonl(.gz): reads one line below; None for an empty file
         first = next(iter(cuts), None) if cuts is not None else None
@@ -93,6 +99,46 @@ def check_norm(spec: str, key: str) -> None:
         raise RecipeError(f"{key}: {err}") from None
 
 
+def norm_mismatch(spec: str, target_frames: int, num_mel_bins: int | None, key: str) -> str | None:
+    """A warning when a statistics file (``python -m common.corpora stats``) was computed for another clip
+    length or number of mel bins than the run's: zero padding to another length moves the mean and the std.
+    It may be intended (statistics of another corpus), so it is a warning, not an error.
+
+    Args:
+        spec: the recipe's statistics (a name of ``common.frontend.NORM_STATS`` or a file).
+        target_frames, num_mel_bins: the run's clip length in frames and mel bins (None: not checked).
+        key: the recipe key that names the statistics.
+
+    Returns:
+        The warning, or None (a named set, a file without those fields, or one :func:`check_norm` rejects).
+    """
+    from common.frontend import NORM_STATS
+
+    if not isinstance(spec, str) or spec in NORM_STATS:
+        return None
+    path = _expand(spec)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    frames, mels = data.get("target_frames"), data.get("num_mel_bins")
+    differ = []
+    if isinstance(frames, int) and frames != target_frames:
+        differ.append(f"{frames} frames per clip, this run cuts / pads clips to {target_frames}")
+    if isinstance(mels, int) and num_mel_bins is not None and mels != num_mel_bins:
+        differ.append(f"{mels} mel bins, this run uses {num_mel_bins}")
+    if not differ:
+        return None
+    manifest = data.get("manifest") or "MANIFEST"
+    options = f"--target-frames {target_frames}" + (f" --num-mel-bins {num_mel_bins}" if len(differ) > 1 or
+                                                     not isinstance(frames, int) or frames == target_frames else "")
+    return (f"{key}: {path} was computed at {' and '.join(differ)}; statistics of other clips are not this "
+            f"run's (zero padding moves the mean and the std): recompute them with "
+            f"`python -m common.corpora stats {manifest} {options}`")
+
+
 def check_classes(path: str | os.PathLike, key: str) -> None:
     """A class list written by the corpus preparation exists and holds unique class ids.
 
@@ -105,6 +151,41 @@ def check_classes(path: str | os.PathLike, key: str) -> None:
         read_classes(_expand(path))
     except (OSError, ValueError, AttributeError) as err:
         raise RecipeError(f"{key}: {err}") from None
+
+
+_NO_LABELS = re.compile(rb'"labels":\s*\[\s*\]')
+
+
+def check_labels(path: str | os.PathLike, key: str) -> None:
+    """Every clip of a ``.jsonl(.gz)`` manifest has a label, as a single-label task needs (accuracy counts an
+    unlabeled clip as class 0; cross-entropy learns nothing from it). Lines are searched, not parsed (about
+    a second per 100,000 clips); Shar folders and missing files are left to :func:`check_manifest`.
+
+    Raises:
+        RecipeError: naming the key, how many clips have no label and the first of them.
+    """
+    from common.data import manifest_problem
+
+    path = _expand(path)
+    if not path.is_file() or not path.name.endswith((".jsonl", ".jsonl.gz")) or manifest_problem(path):
+        return
+    count, first = 0, None
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as handle:
+            for line in handle:
+                if line.strip() and (b'"labels"' not in line or _NO_LABELS.search(line)):
+                    count += 1
+                    if first is None:
+                        try:
+                            first = json.loads(line).get("id")
+                        except (ValueError, AttributeError):
+                            first = "?"
+    except (OSError, EOFError):
+        return  # not a readable manifest: check_manifest says why
+    if count:
+        raise RecipeError(f"{key}: {count} clip(s) of {path} have no label (e.g. {first}); a single-label task "
+                          f"(metric acc or loss ce) needs one label per clip: give them their label, or prepare them "
+                          f"as unlabeled audio (--unlabeled, the pool split, for pretraining)")
 
 
 def data_checks(data, prefix: str = "data") -> list[Callable[[], None]]:

@@ -212,9 +212,13 @@ class Trainer:
             return self._end_phase(engine, index), 0
         pipeline = self._frontend(index, self.objective.specaug)
         epochs_left = None if phase.iteration_based else phase.max_length - st.epoch_in_phase
-        stream = self._train_loader(index).batches(st.data_epoch, st.data_index, epochs_left)
+        loader = self._train_loader(index)
+        stream = loader.batches(st.data_epoch, st.data_index, epochs_left)
         self._start_phase(index)
-        bar = progress(phase.steps if phase.iteration_based else None, st.step, phase.label(index), self.dist.is_main)
+        batches = None if phase.iteration_based else loader.estimated_batches_per_epoch()  # epochs x steps
+        total = phase.steps if phase.iteration_based else \
+            None if batches is None else phase.max_length * (batches // spec.optim.grad_accum)
+        bar = progress(total, st.step, phase.label(index), self.dist.is_main)
         window: dict[str, float] = {}
         self._pending.restart_clock()
         steps_done = 0
@@ -318,14 +322,20 @@ class Trainer:
         """What may end phase ``index`` (built on first use in the phase, from the checkpointed state)."""
         if self._end is None or self._end.index != index:
             self._end = PhaseEnd.for_phase(self.spec.phases, index, self.ledger.stop_target, self.state.until,
-                                           lambda i: self.objective.flops_per_sample(self.cfgs[i]))
+                                           lambda i: self.objective.flops_per_sample(self.cfgs[i]),
+                                           self.spec.optim.warmup_steps)
         return self._end
 
-    def _judge(self, index: int, score: float | None) -> None:
-        """A validation round of phase ``index`` ended (``score``: None without a validation set): may the
-        phase end here? Collective: every rank takes rank 0's decision."""
+    def _judge(self, index: int, score: float | None, score_se: float | None = None) -> None:
+        """A validation round of phase ``index`` ended (``score``: None without a validation set; ``score_se``:
+        its standard error, if the objective reports one): may the phase end here? Collective: every rank
+        takes rank 0's decision."""
         at = self.state.step if self.spec.phases[index].iteration_based else self.state.epoch_in_phase
-        decision = self._phase_end(index).check(self.dist, at, score, self.ledger.phases[index].train_flops)
+        end = self._phase_end(index)
+        decision = end.check(self.dist, at, score, self.ledger.phases[index].train_flops, score_se, self.state.step)
+        if end.learned is not None and end.learned == end.checks and end.criterion is not None:
+            log.info("%s has shown that it learns (two rounds beyond the noise past its first): its criterion "
+                     "may end it from here", self.spec.phases[index].label(index))
         if decision is not None:
             log.info("%s ends here (%s %d): %s", self.spec.phases[index].label(index),
                      "step" if self.spec.phases[index].iteration_based else "epoch", at, decision.note)
@@ -511,7 +521,7 @@ class Trainer:
                 self.objective.export(model, self.run_dir / "export" / "best.safetensors",
                                       self._export_meta(index, eval=record))
             self.ledger.write(self.run_dir / "ledger.json")
-        self._judge(index, score)
+        self._judge(index, score, metrics.get(f"{self.objective.score_name}_se"))
         self._pending.restart_clock()
 
     def _export_meta(self, index: int, **extra) -> dict:

@@ -29,7 +29,7 @@ from common.distributed import Dist
 from common.exports import read_weights, save_weights
 from common.flops import train_step_flops
 from common.memory import MemoryEstimate, estimate_training_memory
-from common.metrics import compute_metrics
+from common.metrics import compute_metrics, standard_error
 
 __all__ = ["HeadConfig", "AugmentConfig", "Classifier", "ClassifierObjective", "class_scores", "save_classifier",
            "load_classifier"]
@@ -208,6 +208,8 @@ class ClassifierObjective:
         all_scores = np.concatenate([s for p in parts for s in p[0]])
         all_targets = np.concatenate([t for p in parts for t in p[1]])
         metrics = compute_metrics(all_targets, all_scores)
+        # the score's own noise on this set (common.criteria: a change within it decides nothing)
+        metrics[f"{self.score_name}_se"] = standard_error(self.score_name, all_targets, all_scores)
         metrics["loss"] = float(sum(x for p in parts for x in p[2]) / len(all_targets))
         metrics["clips"] = float(len(all_targets))
         return metrics

@@ -74,15 +74,20 @@ def extract_features(encoder, arch, manifests: Sequence[str], classes: Sequence[
     ``manifests``; ``arch`` (``common.arch``) makes its front end and its embedding."""
     from common.augment import SpecAugmentConfig
     from common.compression import Compression
-    from common.data import eval_loader
+    from common.data import count_clips, eval_loader
+    from common.logger import progress
 
     geometry = arch.geometry(Compression())
     pipeline = arch.frontend(geometry, Compression(), SpecAugmentConfig()).to(device)
     loader = eval_loader(manifests, classes, arch.clip_samples, arch.sample_rate, batch_size, num_workers)
     encoder = encoder.to(device).eval()
     feats, targets = [], []
-    with torch.no_grad():
+    counts = [count_clips(m) for m in manifests]
+    bar = progress(None if None in counts else sum(counts), 0, f"features of {Path(manifests[0]).name}"
+                   + (f" (+{len(manifests) - 1})" if len(manifests) > 1 else ""), True, unit="clip")
+    with torch.no_grad(), bar:
         for batch in loader.batches(epochs=1):
+            bar.update(len(batch) + len(batch.bad))
             if not len(batch):
                 continue
             x = pipeline(batch.waveforms.to(device), batch.lengths.to(device))
@@ -138,6 +143,12 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
     pool = resolve_pool(recipe.pool, init, cfg)
     arch = architecture_for(cfg, AudioConfig(num_mel_bins=getattr(cfg, "num_mel_bins", 128),
                                              target_frames=task.target_frames, norm=task.norm))
+    if init is None or init.arch == "ast":  # HTS-AT normalises with its own BatchNorm
+        from common.preflight import norm_mismatch
+
+        caution = norm_mismatch(task.norm, task.target_frames, getattr(cfg, "num_mel_bins", None), "task.norm")
+        if caution:
+            log.warning("%s", caution)
     cache = Path(recipe.cache_dir)
 
     def features(manifests: list[str]) -> tuple[np.ndarray, np.ndarray]:

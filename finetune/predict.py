@@ -17,7 +17,9 @@ shorter file is one window, zero-padded as in training. A file's scores aggregat
 
 ``--windows`` also lists each window's start and end time with its top classes; ``--json`` prints, per
 file, every class's aggregated score and, per window, its start, end and every class's score (the output
-scripts and the Hugging Face exactness test read). A file that cannot be read (missing, not audio,
+scripts and the Hugging Face exactness test read). A file shorter than a tenth of the model's clip is
+scored, but with a warning (on stderr, and as ``warning`` in its JSON entry): the model then sees mostly
+zero padding and its scores are unreliable. A file that cannot be read (missing, not audio,
 corrupt) is reported with its full reason and the other files are still tagged; the exit status is then 1.
 """
 
@@ -34,10 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["AGGREGATIONS", "AudioReadError", "FilePrediction", "windows", "aggregate_rule", "load_audio",
-           "predict_file", "main"]
+__all__ = ["AGGREGATIONS", "SHORT_FRACTION", "AudioReadError", "FilePrediction", "windows", "aggregate_rule",
+           "short_warning", "load_audio", "predict_file", "main"]
 
 AGGREGATIONS = ("auto", "max", "mean")
+SHORT_FRACTION = 0.1  # a file shorter than this share of the model's clip is scored with a warning
 
 
 class AudioReadError(ValueError):
@@ -55,6 +58,7 @@ class FilePrediction:
         window_scores: ``[windows, classes]`` scores (sigmoid for BCE models, softmax otherwise).
         scores: ``[classes]``, the windows aggregated by ``aggregate``.
         aggregate: ``max`` or ``mean``.
+        warning: why the scores are unreliable (a file much shorter than the model's clip), or None.
     """
 
     file: str
@@ -64,6 +68,15 @@ class FilePrediction:
     window_scores: np.ndarray
     scores: np.ndarray
     aggregate: str
+    warning: str | None = None
+
+
+def short_warning(num_samples: int, clip: int, rate: int) -> str | None:
+    """The warning for a file of ``num_samples`` shorter than :data:`SHORT_FRACTION` of a ``clip``, or None."""
+    if num_samples >= SHORT_FRACTION * clip:
+        return None
+    return (f"{num_samples / rate:.3g} s of audio, shorter than {SHORT_FRACTION * clip / rate:.3g} s (a tenth of the "
+            f"model's {clip / rate:.3g} s clip): the model sees mostly zero padding and the scores are unreliable")
 
 
 def windows(num_samples: int, clip: int, hop: int) -> list[int]:
@@ -166,7 +179,8 @@ def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None 
     per_window = torch.cat(scores).numpy()
     combined = per_window.max(0) if rule == "max" else per_window.mean(0)
     return FilePrediction(str(path), wave.size / rate, [s / rate for s in starts],
-                          [min(s + clip, wave.size) / rate for s in starts], per_window, combined, rule)
+                          [min(s + clip, wave.size) / rate for s in starts], per_window, combined, rule,
+                          short_warning(wave.size, clip, rate))
 
 
 def _top(scores: np.ndarray, classes: list[str], names: dict, k: int) -> list[dict]:
@@ -176,6 +190,7 @@ def _top(scores: np.ndarray, classes: list[str], names: dict, k: int) -> list[di
 
 def _entry(pred: FilePrediction, classes: list[str], names: dict, top_k: int) -> dict:
     return {"file": pred.file, "duration": pred.duration, "aggregate": pred.aggregate,
+            **({"warning": pred.warning} if pred.warning else {}),
             "labels": _top(pred.scores, classes, names, top_k),
             "scores": {c: float(s) for c, s in zip(classes, pred.scores)},
             "windows": [{"start": start, "end": end, "scores": {c: float(s) for c, s in zip(classes, row)}}
@@ -241,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 count = len(r["windows"])
                 how = f"{count} windows, {r['aggregate']} over windows" if count > 1 else "1 window"
-                print(f"{r['file']}  ({r['duration']:.2f} s, {how})")
+                short = "; too short: unreliable scores" if "warning" in r else ""
+                print(f"{r['file']}  ({r['duration']:.2f} s, {how}{short})")
                 for item in r["labels"]:
                     print(f"  {item['score']:.3f}  {item['name']}")
                 if args.windows:
@@ -249,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                         top = _top(np.array(list(w["scores"].values())), classes, names, args.top_k)
                         print(f"    {w['start']:.2f}-{w['end']:.2f} s  "
                               + ", ".join(f"{t['score']:.3f} {t['name']}" for t in top))
+        for r in results:
+            if "warning" in r:
+                print(f"warning: {r['file']}: {r['warning']}", file=sys.stderr)
         failed = [r for r in results if "error" in r]
         for r in failed:
             print(f"error: {r['file']}: {r['error']}", file=sys.stderr)

@@ -23,7 +23,7 @@ from common.frontend import NORM_STATS
 from common.model import ModelSpec
 from common.optim import OptimConfig
 from common.phases import PhaseConfig
-from common.preflight import check_classes, check_manifest, check_norm, count_clips
+from common.preflight import check_classes, check_labels, check_manifest, check_norm, count_clips
 from common.recipe import RecipeError, apply_overrides, load_yaml, merge
 from common.run_spec import TrainConfig
 from finetune.classifier import AugmentConfig, HeadConfig
@@ -235,9 +235,12 @@ def file_checks(recipe: FinetuneRecipe) -> list:
     ``RecipeError`` naming the task key (``task.classes``, ``task.valid.0``, ``task.norm``, ...)."""
     task = recipe.task
     checks = [lambda: check_classes(task.path(task.classes), "task.classes")]
+    single_label = task.metric == "acc" or task.loss == "ce"
     for key in ("train", "valid", "test", "folds"):
         for i, manifest in enumerate(getattr(task, key)):
             checks.append(lambda m=manifest, k=f"task.{key}.{i}": check_manifest(task.path(m), k))
+            if single_label:  # after check_manifest: an unreadable manifest is reported as such first
+                checks.append(lambda m=manifest, k=f"task.{key}.{i}": check_labels(task.path(m), k))
     checks.append(lambda: check_norm(task.norm, "task.norm"))
     return checks
 

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -40,9 +42,9 @@ from matplotlib.lines import Line2D
 from common.baseline import differences, is_averaged
 from common.ledger import Ledger
 
-__all__ = ["ReportError", "Run", "Point", "Row", "load_run", "resolve_metric", "run_label", "points",
-           "compare", "baseline_differences", "end_note", "markdown_table", "whole_run_table", "metric_name", "report_title", "figure",
-           "plot", "main"]
+__all__ = ["ReportError", "Run", "Point", "Row", "load_run", "resolve_metric", "run_label", "distinct_names",
+           "points", "compare", "baseline_differences", "end_note", "markdown_table", "whole_run_table",
+           "metric_name", "report_title", "figure", "plot", "main"]
 
 METHOD_NAMES = {"fshift": "Fshift", "avgpool": "Avg Pool", "maxpool": "Max Pool", "patch": "Patch"}
 PATCH_TRANSFER_NAMES = {"pi": "PI", "bilinear": "BL"}  # the paper's labels
@@ -349,9 +351,30 @@ def _recipe_of(run: Run) -> dict:
     return {}
 
 
-def _run_name(run: Run) -> str:
-    path = Path(run.source)
-    return (path.parent if path.name == "ledger.json" else path).name or str(path)
+def _run_dir(source: str) -> Path:
+    path = Path(source)
+    return path.parent if path.name == "ledger.json" else path
+
+
+def distinct_names(sources: Sequence[str]) -> list[str]:
+    """The run directories' names, each the shortest path suffix that no other run shares
+    (``runs/a/fold1`` and ``runs/b/fold1`` give ``a/fold1`` and ``b/fold1``)."""
+    parts = [Path(os.path.abspath(_run_dir(s))).parts for s in sources]
+    names = []
+    for i, own in enumerate(parts):
+        n = 1
+        while n < len(own) and any(other[-n:] == own[-n:] for j, other in enumerate(parts) if j != i):
+            n += 1
+        names.append("/".join(own[-n:]))
+    return names
+
+
+def distinct_labels(runs: Sequence[Run]) -> list[Run]:
+    """``runs`` with every label that two of them share followed by the run directory's distinct name."""
+    names = distinct_names([run.source for run in runs])
+    counts = Counter(run.label for run in runs)
+    return [replace(run, label=f"{run.label} ({name})") if counts[run.label] > 1 else run
+            for run, name in zip(runs, names)]
 
 
 def report_title(runs: Sequence[Run], metric: str) -> str:
@@ -360,7 +383,7 @@ def report_title(runs: Sequence[Run], metric: str) -> str:
     task = recipe.get("task", {}).get("name") if isinstance(recipe.get("task"), dict) else None
     pretext = metric_name(runs, metric) == "masked-patch accuracy"
     what = f"{task} fine-tuning" if task else "SSAST pretraining" if pretext else "runs"
-    names = ", ".join(_run_name(run) for run in runs)
+    names = ", ".join(distinct_names([run.source for run in runs]))
     return f"{what}: {metric_name(runs, metric)} against training compute\n{names}"
 
 
@@ -483,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=Path, nargs="+", required=True, metavar="RUN_DIR",
                         help="coarse-to-fine run directories (or their ledger.json)")
     parser.add_argument("--names", nargs="+", metavar="NAME",
-                        help="row labels, one per --runs entry (default: from the phases, e.g. 'Fshift 4→1')")
+                        help="row labels, one per --runs entry (default: from the phases, e.g. 'Fshift 4→1', and the "
+                             "run directory's name after those that two runs share)")
     parser.add_argument("--metric", metavar="NAME",
                         help="the metric to compare, e.g. mAP (default: the 'score' the ledgers agree on)")
     parser.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
@@ -506,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ReportError(f"--names has {len(args.names)} labels for {len(args.runs)} --runs")
         baseline = load_run(args.baseline, "Baseline")
         runs = [load_run(path, name) for path, name in zip(args.runs, args.names or [None] * len(args.runs))]
+        if args.names is None:  # labels from the phases: runs with the same phases get their directories' names
+            runs = distinct_labels(runs)
         metric = resolve_metric([baseline, *runs], args.metric)
         if args.stop_epoch is not None and args.stop_epoch < 1:
             raise ReportError(f"--stop-epoch must be >= 1, got {args.stop_epoch}")

@@ -105,6 +105,31 @@ def _classes(recipe, planning: bool) -> tuple[list[str], dict[str, str]]:
     return [f"class_{i}" for i in range(recipe.task.num_classes)], {}
 
 
+def _init_hint(init: str) -> str:
+    """Where a missing ``--init`` comes from, when it names a pretraining run of a recipe in ``recipes/``."""
+    path = Path(init)
+    recipe = Path("recipes") / f"{path.name}.yaml"
+    if path.parent.name == "pretrain" and recipe.is_file():
+        return f" (the pretraining run `python pretrain/run.py --recipe {recipe.as_posix()}` writes it)"
+    return ""
+
+
+def _model_words(model) -> str:
+    if model.arch == "htsat":
+        return "HTS-AT"
+    return f"{model.size}, patch {model.patch[0]}x{model.patch[1]}"
+
+
+def _cautions(recipe, audio) -> list[str]:
+    """What may be intended but is probably not: statistics computed for another clip length."""
+    from common.preflight import norm_mismatch
+
+    if recipe.model.arch != "ast":  # HTS-AT normalises with its own BatchNorm, not these statistics
+        return []
+    caution = norm_mismatch(recipe.task.norm, audio.target_frames, audio.num_mel_bins, "task.norm")
+    return [caution] if caution else []
+
+
 def _surpass_targets(recipe, run_dirs: list[Path], restart: bool) -> list[str | None]:
     """``train.stop_when_surpassing`` per run (ESC-50's folds compare with the baseline's same fold), checked
     before any compute (``common.baseline.precheck``): each baseline must be there, finished and comparable,
@@ -185,8 +210,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             check_files(recipe)  # class list, manifests, statistics: before any compute or run directory
         classes, names = _classes(recipe, planning=args.dry_run)
-        init = load_init(recipe.init)
-        mismatch = expected_init_note(recipe.expected_init, init, recipe.init)
+        try:
+            init = load_init(recipe.init)
+            mismatch = expected_init_note(recipe.expected_init, init, recipe.init)
+        except FileNotFoundError as err:
+            if not args.dry_run:
+                raise
+            init, mismatch = None, None  # plan before the pretraining run (or the download) exists; a run needs it
+            missing.insert(0, f"--init: {err}{_init_hint(recipe.init)}")
+            notes.append(f"--init {recipe.init} does not exist yet: planned with the recipe's model "
+                         f"({_model_words(recipe.model)}) and the pooling of a model trained from scratch; a run "
+                         f"takes both from the init")
         head_init = None
         try:
             base = task_encoder_config(init, recipe.model, recipe.num_mel_bins, recipe.task.target_frames)
@@ -194,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             arch = architecture_for(base, audio)
             configs = geometries(arch, recipe.phases)
             head = replace(recipe.head, pool=resolve_pool(recipe.head.pool, init, base))
-            if args.keep_head:
+            if args.keep_head and init is not None:
                 from common.hf import kept_head
 
                 head_init = kept_head(recipe.init, classes, names, head.pool)
@@ -213,13 +247,20 @@ def main(argv: list[str] | None = None) -> int:
         run_root = args.run_dir or Path("runs/finetune") / name
         splits = recipe.task.fold_splits()
         run_dirs = [run_root / f"fold{k + 1}" if recipe.task.folds else run_root for k in range(len(splits))]
-        targets = _surpass_targets(recipe, run_dirs, args.restart)
+        try:
+            targets = _surpass_targets(recipe, run_dirs, args.restart)
+        except FileNotFoundError as err:
+            if not args.dry_run:
+                raise
+            missing.append(str(err))
+            targets = [None] * len(run_dirs)
+        cautions = ([mismatch] if mismatch else []) + _cautions(recipe, audio)
         if args.dry_run:
             print_plan(recipe, configs, objective, arch, world_size, *_stated_batch(args.task, args.recipe))
             for note in notes:
                 print(note)
-            if mismatch:
-                print(f"warning: {mismatch}")
+            for caution in cautions:
+                print(f"warning: {caution}")
             if missing:
                 print("files a run needs and does not find (it would stop before any compute):")
                 print("\n".join(f"  {problem}" for problem in missing))
@@ -239,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             dist = session.dist
             for note in notes:
                 log.info("%s", note)
-            if mismatch:
-                log.warning("%s", mismatch)
+            for caution in cautions:
+                log.warning("%s", caution)
             log.info("classifier pooling: %s (head.pool: %s)", head.pool, recipe.head.pool)
             for k, (train, valid) in enumerate(splits):
                 run_dir = run_dirs[k]

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from common.batch import phase_splits, stated_batch
         from common.cli import world_size_of
-        from common.preflight import check_norm, data_checks, problems
+        from common.preflight import check_norm, data_checks, norm_mismatch, problems
         from common.recipe import load_yaml
         from pretrain.recipe import load_baseline, load_recipe
 
@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)  # refuse an impossible split now
         baseline = load_baseline(recipe, args.overrides)
         checks = [*data_checks(recipe.data), lambda: check_norm(recipe.audio.norm, "audio.norm")]
+        caution = norm_mismatch(recipe.audio.norm, recipe.audio.target_frames, recipe.audio.num_mel_bins, "audio.norm")
         from common.coarse import coarse_tag
 
         name = args.recipe.stem + (f"-{coarse_tag(recipe.coarse)}" if args.coarse else "")
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print_plan(recipe, world_size, baseline, args.overrides, stated_batch(load_yaml(args.recipe)),
                        args.recipe.name)
+            if caution:
+                print(f"warning: {caution}")
             missing = problems(checks)
             if missing:
                 print("files a run needs and does not find (it would stop before any compute):")
@@ -178,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                            baseline=planned, run_recipe=session.run_recipe, meta={"recipe": args.recipe.name})
             log.info("pretraining %s into %s on %d rank(s) (%s)", args.recipe, run_dir, dist.world_size,
                      dist.device)
+            if caution:
+                log.warning("%s", caution)
             if planned is not None:
                 log.info("FLOPs saving is measured against %s planned with this run's geometry and batch: %.4g",
                          planned[0], planned[1])

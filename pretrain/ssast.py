@@ -212,20 +212,27 @@ class SSASTObjective:
 
     def evaluate(self, model, batches: Iterator[Batch], pipeline: FeaturePipeline, dist: Dist,
                  generator: torch.Generator) -> dict[str, float]:
-        sums = torch.zeros(4, dtype=torch.float64, device=dist.device)  # nce, mse, acc, clips
+        # nce, mse, acc (clip-weighted sums), clips; then per batch b of n_b clips and accuracy a_b: n_b^2,
+        # n_b^2 a_b, n_b^2 a_b^2 and the batch count (the accuracy's spread between batches: its noise)
+        sums = torch.zeros(8, dtype=torch.float64, device=dist.device)
         for batch in batches:
             if not len(batch):
                 continue
             x = pipeline(batch.waveforms.to(dist.device), batch.lengths.to(dist.device))
             out = model(x, generator)
-            n = len(batch)
-            sums += torch.tensor([out["nce"].item() * n, out["mse"].item() * n, out["acc"].item() * n, n],
-                                 dtype=torch.float64, device=dist.device)
+            n, a = len(batch), out["acc"].item()
+            sums += torch.tensor([out["nce"].item() * n, out["mse"].item() * n, a * n, n, n * n, n * n * a,
+                                  n * n * a * a, 1], dtype=torch.float64, device=dist.device)
         sums = dist.all_reduce_sum(sums)
         if sums[3] == 0:
             raise ValueError("validation produced no usable clip")
         nce, mse, acc = (sums[:3] / sums[3]).tolist()
-        return {"acc": acc, "nce": nce, "mse": mse, "loss": nce + self.cfg.mpg_weight * mse}
+        metrics = {"acc": acc, "nce": nce, "mse": mse, "loss": nce + self.cfg.mpg_weight * mse}
+        clips, n2, n2a, n2a2, count = sums[3:].tolist()
+        if count >= 2:  # the standard error of a mean over batches (clusters of clips), for common.criteria
+            spread = max(0.0, n2a2 - 2 * acc * n2a + acc * acc * n2)  # sum over batches of n_b^2 (a_b - acc)^2
+            metrics["acc_se"] = (count / (count - 1) * spread) ** 0.5 / clips
+        return metrics
 
     def _meta_step(self, cfg: EncoderConfig):
         def step(model: SSASTModel, n: int) -> torch.Tensor:

@@ -123,7 +123,7 @@ def test_dry_runs_print_the_derived_schedule_and_its_saving(tmp_path, synth_corp
     saving = 1 - (2 * f4 + 6 * f1) / (8 * f1)  # 2 + 6 epochs against 8 at full resolution
     assert f"saving {saving:.1%}" in out and "baseline synth-baseline (8 epochs)" in out
     assert f"between {1 - (4 * f4 + 6 * f1) / (8 * f1):.1%}" in out
-    assert "ends at plateau (patience 2, min_delta 0.0), after 0 to 4 epochs (planned 2)" in out
+    assert "ends at plateau (patience 2, min_delta 0.0, noise 2.0), after 0 to 4 epochs (planned 2)" in out
 
 
 def test_a_bad_coarse_value_fails_before_compute(tmp_path, synth_corpus, capsys):
@@ -305,16 +305,18 @@ def test_weight_averaging_with_an_adaptive_final_phase_is_checked_at_load():
 def test_a_fine_tuning_run_resumed_mid_epoch_ends_its_phase_at_the_same_epoch(tmp_path, synth_corpus, monkeypatch):
     from safetensors.torch import load_file
 
-    # the coarse phase may run 3 epochs; plateau after one check without a gain: epoch 2 (0.3, then 0.3)
-    scripted_epochs(monkeypatch, {(0, 1): 0.3, (0, 2): 0.3, (0, 3): 0.6, (1, 1): 0.5, (1, 2): 0.6})
-    sets_ = ("coarse.until={criterion: plateau, patience: 1, max: 3}", "train.deterministic=true")
+    # the coarse phase is planned for 3 epochs and may run 5; it shows learning at epoch 3 (.4 and .5 above
+    # the first check's .1), then plateaus after one check without a gain: epoch 4
+    scripted_epochs(monkeypatch, {(0, 1): 0.1, (0, 2): 0.4, (0, 3): 0.5, (0, 4): 0.5, (0, 5): 0.6, (1, 1): 0.5})
+    sets_ = ("coarse.until={criterion: plateau, patience: 1, max: 5}", "train.deterministic=true")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert ft(tmp_path, synth_corpus, straight, *sets_) == 0
-    assert ft(tmp_path, synth_corpus, resumed, *sets_, stop=4) == 0  # 3 steps per epoch: inside epoch 2
+    assert ft(tmp_path, synth_corpus, straight, *sets_, coarse="fshift:4:0.75") == 0
+    # 3 steps per epoch: inside epoch 3, while the evidence builds up (one check above the first)
+    assert ft(tmp_path, synth_corpus, resumed, *sets_, coarse="fshift:4:0.75", stop=7) == 0
     assert not (resumed / "model.safetensors").exists()
-    assert ft(tmp_path, synth_corpus, resumed, *sets_) == 0
+    assert ft(tmp_path, synth_corpus, resumed, *sets_, coarse="fshift:4:0.75") == 0
     for run_dir in (straight, resumed):
         phases = json.loads((run_dir / "ledger.json").read_text())["phases"]
-        assert [(p["epochs"], p["ended_by"]) for p in phases] == [(2, "plateau"), (3, "length")]
+        assert [(p["epochs"], p["ended_by"]) for p in phases] == [(4, "plateau"), (1, "length")]
     a, b = (load_file(str(d / "model.safetensors")) for d in (straight, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -26,3 +26,33 @@ def test_console_scripts_resolve():
     assert len(targets) == 7
     for module, function in targets:
         assert callable(getattr(importlib.import_module(module), function))
+
+
+def test_no_deepspeed_greeting_on_our_commands():
+    """DeepSpeed's "Setting accelerator to CPU" (its import on a machine without a GPU) and its install banners
+    ("[WARNING] ... async_io ...") greet no command: --help, --dry-run, or a run's DeepSpeed set-up."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = ("import sys\n"
+              "from pretrain.run import main\n"
+              "from common.distributed import init_distributed\n"
+              "dist = init_distributed()\n"  # what a run does first: import DeepSpeed, join the group
+              "dist.teardown()\n"
+              "code = main(['--recipe', 'recipes/synth_pretrain.yaml', '--dry-run'])\n"
+              "try:\n"
+              "    main(['--help'])\n"
+              "except SystemExit:\n"
+              "    pass\n"
+              "sys.exit(code)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                             "MASTER_PORT", "MASTER_ADDR")}
+    env["PYTHONPATH"] = str(root)
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "usage: pretrain/run.py" in output and "saving 34.5%" in output  # both commands ran
+    assert "Setting accelerator" not in output and "[WARNING]" not in output and "async_io" not in output, output

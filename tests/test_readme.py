@@ -1,6 +1,8 @@
-"""The README's example commands, run exactly as written (in a folder without data, in-process)."""
+"""The README's example commands, run exactly as written (in a folder without data, in-process), its sample
+outputs and numbers against what the commands print, and its first hour from a clone to a CPU result."""
 
 import argparse
+import json
 import re
 import shlex
 from pathlib import Path
@@ -15,11 +17,14 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 def _entry(program: list[str]):
     """The main() a README command line runs."""
     from common.corpora.__main__ import main as corpora
+    from finetune.linear_probe import main as probe
+    from finetune.predict import main as predict
     from finetune.report import main as report
     from finetune.run import main as finetune
     from pretrain.run import main as pretrain
 
-    scripts = {"pretrain/run.py": pretrain, "finetune/run.py": finetune, "finetune/report.py": report}
+    scripts = {"pretrain/run.py": pretrain, "finetune/run.py": finetune, "finetune/report.py": report,
+               "finetune/predict.py": predict, "finetune/linear_probe.py": probe}
     if program[:2] == ["-m", "common.corpora"]:
         return corpora, program[2:]
     return scripts[program[0]], program[1:]
@@ -133,3 +138,127 @@ def test_the_readme_task_file_works_relative_to_itself(tmp_path, monkeypatch, ca
         capsys.readouterr().err
     out = capsys.readouterr().out
     assert f"task {fields['name']}" in out and "warm-up" in out
+
+
+def _bash_lines() -> list[str]:
+    """Every line of the README's bash blocks, comments cut, continuation lines joined."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        lines += [re.split(r"\s+# ", line)[0].strip() for line in block.replace("\\\n", " ").splitlines()]
+    return [line for line in lines if line]
+
+
+def _run(line: str, capsys) -> tuple[int, str, str]:
+    argv = shlex.split(line)
+    assert argv[0] == "python", line
+    main, args = _entry(argv[1:])
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_readme_sample_outputs_are_what_the_commands_print(no_data, capsys):
+    """Each output block of the README (a ``` block without a language) is, line for line, part of what a
+    --dry-run command of the bash block before it prints."""
+    samples, commands = 0, []
+    for language, body in re.findall(r"```(\w*)\n(.*?)```", README, re.S):
+        if language == "bash":
+            commands = [re.split(r"\s+# ", line)[0].strip() for line in body.splitlines() if "--dry-run" in line]
+        elif language == "":
+            outputs = [_run(command, capsys)[1] for command in commands]
+            assert any(body in out for out in outputs), (body, outputs)
+            samples += 1
+    assert samples >= 1
+
+
+def test_readme_numbers_are_what_the_commands_print(capsys):
+    """The FLOPs per clip the README quotes, from the commands it names."""
+    from common.flops import main as flops
+    from common.htsat.__main__ import main as htsat
+
+    text = re.sub(r"\s+", " ", README)
+    flops([])
+    table = {line[:20].strip(): line.split()[-2] for line in capsys.readouterr().out.splitlines()}
+    quoted = re.search(r"`python -m common.flops`\): ([\d.]+) G at full resolution, ([\d.]+) G at C = 2, "
+                       r"([\d.]+) G at C = 4", text)
+    assert quoted and list(quoted.groups()) == [table["none"], table["fshift x2"], table["fshift x4"]]
+    htsat([])
+    table = {line[:16].strip(): line.split()[-2] for line in capsys.readouterr().out.splitlines()}
+    quoted = re.search(r"`python -m common.htsat`\): ([\d.]+) G at full resolution, ([\d.]+) G at x2, ([\d.]+) G at x4",
+                       text)
+    assert quoted and list(quoted.groups()) == [table["full resolution"], table["fshift x2"], table["fshift x4"]]
+    assert f"with {table['fshift x4']} / {table['full resolution']} GFLOPs per clip at x4 / x1" in text
+
+
+def test_htsat_schedules_in_the_readme_are_the_recipes(no_data, capsys):
+    text = re.sub(r"\s+", " ", README)
+    said = re.search(r"AudioSet (\d+) \+ (\d+) epochs, planned saving ([\d.]+) %.*?VGGSound (\d+) \+ (\d+) .*?planned "
+                     r"([\d.]+) %; ESC-50 (\d+) \+ (\d+)\.", text)
+    assert said
+    for task, epochs, saving in (("audioset", said.group(1, 2), said.group(3)),
+                                 ("vggsound", said.group(4, 5), said.group(6)), ("esc50", said.group(7, 8), None)):
+        code, out, err = _run(f"python finetune/run.py --init none --task {task} --recipe "
+                              f"recipes/ft_htsat_{task}_fshift4.yaml --dry-run", capsys)
+        assert code == 0, err
+        rows = [line.split() for line in out.splitlines() if line.startswith(("phase1 ", "phase2 "))]
+        assert [row[3] for row in rows] == list(epochs), out
+        assert saving is None or f"saving {saving}%" in out, out
+
+
+def _finetuning_lines() -> list[str]:
+    """The README's fine-tuning commands on registered tasks (a task file of one's own cannot be planned here),
+    as `python` lines (a `deepspeed --num_gpus N` launch plans as one process)."""
+    from finetune.tasks import TASKS
+
+    lines = [re.sub(r"^deepspeed (--num_gpus \d+ )?", "python ", line) for line in _bash_lines()]
+    lines = [line for line in lines if line.startswith("python finetune/run.py --init")]
+    return sorted({line for line in lines if shlex.split(line)[shlex.split(line).index("--task") + 1] in TASKS})
+
+
+def test_the_readme_has_the_fine_tuning_lines_that_name_a_pretraining_run():
+    assert "python finetune/run.py --init runs/pretrain/ssast_fshift4 --task vggsound" in _finetuning_lines()
+
+
+@pytest.mark.parametrize("line", _finetuning_lines())
+def test_readme_fine_tuning_lines_plan_before_their_init_exists(line, no_data, capsys):
+    """Planned with --dry-run before the pretraining run (or the checkpoint) they name exists: the plan, then
+    what is missing, the init first."""
+    code, out, err = _run(line if "--dry-run" in line else f"{line} --dry-run", capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert re.search(r"^phase1 \(", out, re.M), out  # the plan
+    missing = out.split("files a run needs and does not find (it would stop before any compute):\n")[1]
+    init = shlex.split(line)[shlex.split(line).index("--init") + 1]
+    if init != "none":
+        assert missing.startswith(f"  --init: checkpoint {init} does not exist"), missing
+    assert "does not exist" in missing.split("\n", 1)[1]  # and the data
+
+
+def test_the_first_hour_from_a_clone_to_a_cpu_result(tmp_path, monkeypatch, capsys):
+    """The README's first-hour commands, in order, as written; only sizes are cut (appended flags: the test-size
+    corpus, a few steps) so that the chain runs in seconds. It ends with a CPU result."""
+    block = README.split("### The first hour")[1].split("```bash\n")[1].split("```")[0]
+    lines = [re.split(r"\s+# ", line)[0].strip() for line in block.splitlines() if line.strip()]
+    makefile = (ROOT / "Makefile").read_text()
+    assert lines[:2] == ["make venv", ". .venv/bin/activate"]
+    assert re.search(r"^venv:", makefile, re.M) and "VENV   := .venv" in makefile  # what the activation needs
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    small = {"-m common.corpora prepare synth": ["--size", "test"],
+             "pretrain/run.py": ["--set", "phases.0.steps=1", "--set", "phases.1.steps=2", "--set", "data.batch_size=4",
+                                 "--set", "data.num_workers=0", "--set", "train.eval_every=2"],
+             "finetune/run.py": ["--set", "data.batch_size=4", "--set", "data.num_workers=0",
+                                 "--set", "phases=[{compression: none, epochs: 1}]"]}
+    outputs = []
+    for line in lines[2:]:
+        argv = shlex.split(line)
+        assert argv[0] == "python", line
+        extra = next((flags for key, flags in small.items() if line.startswith(f"python {key}")), [])
+        main, args = _entry(argv[1:])
+        code = main(args + extra)
+        out, err = capsys.readouterr()
+        assert code == 0, (line, err)
+        outputs.append(out)
+    assert (tmp_path / "runs" / "pretrain" / "synth_pretrain" / "model.safetensors").is_file()
+    assert "acc" in json.loads((tmp_path / "runs" / "finetune" / "synth-baseline" / "test_metrics.json").read_text())
+    assert re.search(r"synth-test-rain-0000.flac  \(\d\.\d\d s, .*\)\n  \d\.\d{3}  \w", outputs[3])  # predict.py
+    assert (tmp_path / "runs" / "finetune" / "synth-tiny" / "model.safetensors").is_file()

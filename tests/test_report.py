@@ -367,3 +367,25 @@ def test_runs_validated_otherwise_are_refused_or_accepted_and_listed(runs, tmp_p
     report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
     assert "Accepted differences from the baseline (--accept-baseline-differences), Fshift 4→1: other validation" \
            in report and "weight-averaged acc" in report
+
+
+def test_runs_with_the_same_phases_are_told_apart_by_their_directories(tmp_path, runs, capsys):
+    """Without --names: two runs with the same phases whose last folders are both `run` (issue: the first hour)."""
+    from finetune.report import distinct_names, report_title
+
+    (tmp_path / "lr1").mkdir()
+    (tmp_path / "lr2").mkdir()
+    one = write_run(tmp_path / "lr1", "run", [("fshift", 4), ("none", 1)], C2F_EVALS)
+    two = write_run(tmp_path / "lr2", "run", [("fshift", 4), ("none", 1)], NEVER_EVALS)
+    out = tmp_path / "out"
+    assert main(["--baseline", str(runs["base"]), "--runs", str(one), str(two / "ledger.json"),
+                 "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| Fshift 4→1 (lr1/run) | 46.00 (+1.00) |" in table and "| Fshift 4→1 (lr2/run) | 44.00 (-1.00)" in table
+    assert "| Avg Pool" not in table and "| Fshift 4→1 |" not in table
+    assert distinct_names([str(one), str(two), str(runs["c2f"])]) == ["lr1/run", "lr2/run", "c2f"]
+    title = report_title([load_run(runs["base"], "Baseline"), load_run(one), load_run(two)], "acc")
+    assert title.endswith("base, lr1/run, lr2/run")
+    assert main(["--baseline", str(runs["base"]), "--runs", str(one), str(runs["never"]), "--out", str(out)]) == 0
+    table = capsys.readouterr().out  # labels that differ stay as they are
+    assert "| Fshift 4→1 | 46.00" in table and "| Avg Pool 2→1 | 44.00" in table

@@ -60,7 +60,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; a failure ends with one ``error:`` line and exit status 2 (no traceback)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from common.logger import BarSafeHandler
+
+    console = BarSafeHandler(sys.stderr)  # log lines never land on the progress bars of prepare / stats
+    console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[console])
     args = _build_parser().parse_args(argv)
     try:
         return _run(args)
@@ -88,6 +92,10 @@ def _run(args: argparse.Namespace) -> int:
         print(report.summary())
         for split, path in sorted(report.manifests.items()):
             print(f"  {split:<12} {path}")
+        if not sum(report.clips.values()):
+            print(f"error: no clip was written; {args.out / (report.corpus + '_prepare.json')} lists what was "
+                  f"missing or unreadable", file=sys.stderr)
+            return 1
         return 0
     if args.command == "stats":
         from common.corpora.stats import compute_stats

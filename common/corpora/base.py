@@ -116,6 +116,10 @@ def classes_path(out_dir: str | os.PathLike, corpus: str) -> Path:
     return Path(out_dir) / f"{corpus}_classes.json"
 
 
+_CLASSES_FORMAT = ('a class list is an object {"classes": [class ids in target order], "names": {id: display name}}, '
+                   'as `python -m common.corpora prepare` writes it')
+
+
 def read_classes(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
     """``(class ids in target order, {id: display name})`` from a ``*_classes.json`` file."""
     path = Path(path)
@@ -123,11 +127,19 @@ def read_classes(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
         raise FileNotFoundError(
             f"class list {path} does not exist; it is written by `python -m common.corpora prepare`"
         )
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a JSON class list ({err}); {_CLASSES_FORMAT}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a class list; {_CLASSES_FORMAT}")
     classes = data.get("classes")
     if not isinstance(classes, list) or not classes or len(set(classes)) != len(classes):
         raise ValueError(f"{path}: 'classes' must be a non-empty list of unique class ids")
-    return [str(c) for c in classes], {str(k): str(v) for k, v in data.get("names", {}).items()}
+    names = data.get("names", {})
+    if not isinstance(names, dict):
+        raise ValueError(f"{path}: 'names' must map class ids to display names; {_CLASSES_FORMAT}")
+    return [str(c) for c in classes], {str(k): str(v) for k, v in names.items()}
 
 
 def require_file(path: Path, what: str) -> Path:
@@ -221,15 +233,20 @@ def write_corpus(
     """
     from lhotse import CutSet
 
+    from common.logger import progress
+
     if shuffle_seed is not None:
         entries = sorted(entries, key=lambda e: shuffled_order(e.cut_id, shuffle_seed))
+    entries = list(entries)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = PrepareReport(corpus=corpus, out_dir=out, notes=list(notes or []))
     known = set(classes or ())
     writers: dict = {}  # split -> (open writer, temporary path, final path)
+    bar = progress(len(entries), 0, f"{corpus}: reading audio headers", True, unit="clip")
     try:
         for entry, cut, problem in _ordered_map(lambda e: _read_cut(e, corpus), entries, num_jobs):
+            bar.update(1)
             if classes is not None:
                 unknown = [label for label in entry.labels if label not in known]
                 if unknown:
@@ -252,6 +269,8 @@ def write_corpus(
             writer.__exit__(None, None, None)
             tmp.unlink(missing_ok=True)
         raise
+    finally:
+        bar.close()
     for split, (writer, tmp, path) in writers.items():
         writer.__exit__(None, None, None)
         os.replace(tmp, path)  # a manifest appears only when complete

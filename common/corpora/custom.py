@@ -4,11 +4,14 @@ Labeled audio comes from either
 
 - a CSV (``--csv FILE``) with a header and the columns ``path,label`` and optionally ``split``; several
   labels of one clip are separated by ``;`` (multi-label); paths are relative to the CSV's folder unless
-  absolute; an empty label makes the clip unlabeled; or
+  absolute; an empty label makes the clip unlabeled (a warning names such rows when every other row has
+  one label: a single-label task refuses unlabeled clips); a CSV without rows is refused; or
 - a folder per class (``--src DIR``): ``DIR/<class>/**/*.wav`` (or .flac, .ogg, .mp3), optionally one
   level of split folders first: ``DIR/train/<class>/...``, ``DIR/valid/<class>/...``, ``DIR/test/...``.
 
-Clips without a split go to ``train``, unless ``--valid-fraction`` / ``--test-fraction`` carve valid and
+A CSV's ``split`` is ``train``, ``valid``, ``test`` or ``foldN`` (cross-validation folds); any other name
+(``training``, ``val``, ...) is refused, naming the line and the split it resembles. Clips without a split
+go to ``train``, unless ``--valid-fraction`` / ``--test-fraction`` carve valid and
 test sets out of them (deterministically, from a hash of the path and ``--seed``).
 
 Unlabeled audio for pretraining (``--unlabeled DIR_OR_LIST``): every audio file under a folder, or the
@@ -26,8 +29,11 @@ when every file lies inside it and otherwise the deepest folder holding all the 
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
+import logging
 import os
+import re
 from pathlib import Path
 
 from common.corpora.base import ClipEntry, PrepareReport, require_file, scan_audio, write_corpus
@@ -36,6 +42,11 @@ NAME = "custom"
 DESCRIPTION = "your own audio: a CSV (path,label[,split]) or a folder per class, plus unlabeled audio"
 NEEDS_SRC = False
 SPLIT_DIRS = ("train", "valid", "test")
+# split names people write for the ones above; a CSV split or a class folder so named is a typo, not a new split
+SPLIT_ALIASES = {"training": "train", "trn": "train", "val": "valid", "validation": "valid", "dev": "valid",
+                 "development": "valid", "testing": "test", "eval": "test", "evaluation": "test", "tst": "test"}
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser) -> None:
@@ -77,6 +88,24 @@ def _carve(key: str, valid: float, test: float, seed: int) -> str:
     return "valid" if u < valid else "test" if u < valid + test else "train"
 
 
+def _split_name(raw: str, where: str) -> str | None:
+    """A CSV row's split: ``train``, ``valid``, ``test`` or ``foldN``; None when empty.
+
+    Raises:
+        ValueError: any other name, with the split it probably means.
+    """
+    split = raw.strip()
+    if not split:
+        return None
+    if split in SPLIT_DIRS or re.fullmatch(r"fold\d+", split):
+        return split
+    guess = SPLIT_ALIASES.get(split.lower()) or next(iter(difflib.get_close_matches(split.lower(), SPLIT_DIRS, 1)),
+                                                      None)
+    hint = f"; did you mean {guess!r}?" if guess else ""
+    raise ValueError(f"{where}: split {split!r} is not one of train, valid, test, foldN (it would become a "
+                     f"manifest of its own that no task reads){hint}")
+
+
 def _from_csv(path: Path) -> list[tuple[Path, tuple[str, ...], str | None]]:
     require_file(path, "custom CSV")
     with path.open(newline="") as handle:
@@ -84,23 +113,38 @@ def _from_csv(path: Path) -> list[tuple[Path, tuple[str, ...], str | None]]:
         fields = reader.fieldnames or []
         if "path" not in fields or "label" not in fields:
             raise ValueError(f"{path}: needs a header with columns 'path' and 'label' (optional 'split'), got {fields}")
-        rows = []
+        rows, unlabeled = [], []
         for line, row in enumerate(reader, start=2):
             if not row["path"]:
                 raise ValueError(f"{path}, line {line}: empty path")
             audio = Path(row["path"])
             audio = audio if audio.is_absolute() else path.parent / audio
             labels = tuple(x.strip() for x in (row["label"] or "").split(";") if x.strip())
-            rows.append((audio, labels, (row.get("split") or "").strip() or None))
+            if not labels:
+                unlabeled.append((line, row["path"]))
+            rows.append((audio, labels, _split_name(row.get("split") or "", f"{path}, line {line}")))
+    if not rows:
+        raise ValueError(f"{path}: no rows under its header {','.join(fields)}: nothing to prepare")
+    if unlabeled and all(len(labels) == 1 for _, labels, _ in rows if labels) and len(unlabeled) < len(rows):
+        line, file = unlabeled[0]
+        log.warning("%s: %d of %d rows have no label (line %d: %s): they go to their split as unlabeled clips, while "
+                    "every other row has one label. A single-label task refuses unlabeled clips: give them their "
+                    "label, or list them with --unlabeled (the pool split, for pretraining)",
+                    path, len(unlabeled), len(rows), line, file)
     return rows
 
 
 def _from_tree(root: Path) -> list[tuple[Path, tuple[str, ...], str | None]]:
     if not root.is_dir():
         raise FileNotFoundError(f"custom audio folder not found: {root}")
-    split_roots = [(root / s, s) for s in SPLIT_DIRS if (root / s).is_dir()] or [(root, None)]
+    split_roots = [(root / s, s) for s in SPLIT_DIRS if (root / s).is_dir()]
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):  # "validation/<class>/": a split, misnamed
+        alias = SPLIT_ALIASES.get(folder.name.lower())
+        if alias and (split_roots or any(p.is_dir() for p in folder.iterdir())):
+            raise ValueError(f"{folder}: named like a split, but split folders are {', '.join(SPLIT_DIRS)} "
+                             f"(rename it {alias!r}); it would be {'ignored' if split_roots else 'a class'}")
     rows = []
-    for base, split in split_roots:
+    for base, split in split_roots or [(root, None)]:
         for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
             rows.extend((f, (class_dir.name,), split) for f in _audio_files(class_dir))
     if not rows:

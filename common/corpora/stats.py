@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from common.data import BadAudioTracker, ClipDataset, ClipLoader, open_cuts
+from common.data import BadAudioTracker, ClipDataset, ClipLoader, count_clips, open_cuts
 from common.frontend import Fbank, pad_or_crop, samples_for_frames
+from common.logger import progress
 
 __all__ = ["stats_path", "compute_stats"]
 
@@ -36,8 +37,13 @@ def compute_stats(manifest: str | Path, target_frames: int = 1024, num_mel_bins:
     loader = ClipLoader(cuts, dataset, batch_size, shuffle=False, drop_last=False, rank=0, world_size=1,
                         num_workers=workers, tracker=BadAudioTracker(max_fraction=1.0))
     total, total_sq, cells, clips = 0.0, 0.0, 0, 0
-    with torch.no_grad():
+    expected = count_clips(manifest)
+    if expected is not None and max_clips is not None:
+        expected = min(expected, max_clips)
+    bar = progress(expected, 0, f"statistics of {Path(manifest).name}", True, unit="clip")
+    with torch.no_grad(), bar:
         for batch in loader.batches(epochs=1):
+            bar.update(len(batch) + len(batch.bad))
             if not len(batch):
                 continue
             feats = pad_or_crop(fbank(batch.waveforms, batch.lengths), target_frames).double()

@@ -1,0 +1,124 @@
+"""Progress on a terminal: the fine-tuning bar has a total and the time left, log lines never land on a bar, and
+the long preparations (prepare, stats, the linear probe's feature extraction) show one. A fake terminal
+(a text buffer that says it is a TTY) stands in for stderr."""
+
+import io
+import logging
+import re
+import sys
+
+from tests.test_finetune import TINY, _synth_root, sets
+
+STAMP = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING) ")
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def fake_terminal(monkeypatch) -> Terminal:
+    """stderr is a terminal from here to the end of the test (set in the test itself: pytest's capture puts its
+    own stderr back between a fixture's setup and the test)."""
+    stream = Terminal()
+    monkeypatch.setattr(sys, "stderr", stream)
+    return stream
+
+
+def _segments(text: str) -> list[str]:
+    """What a terminal shows on each line or redraw: the text between carriage returns and newlines."""
+    return [s for s in re.split(r"[\r\n]", text) if s.strip()]
+
+
+def _bars(text: str, desc: str) -> list[str]:
+    return [s for s in _segments(text) if s.startswith(desc)]
+
+
+def test_the_fine_tuning_bar_has_a_total_and_a_time_left_and_log_lines_stay_off_it(tmp_path, synth_corpus,
+                                                                                    monkeypatch):
+    from finetune.run import main as finetune
+
+    terminal = fake_terminal(monkeypatch)
+    data = _synth_root(tmp_path, synth_corpus)  # 24 training clips: 6 steps of 4 per epoch
+    assert finetune(["--init", "none", "--task", "synth", "--data-root", str(data), "--run-dir", str(tmp_path / "r"),
+                     *sets(*TINY, "train.log_every=2", "phases=[{compression: none, epochs: 2}]")]) == 0
+    out = terminal.getvalue()
+    bars = _bars(out, "phase1 (full resolution):")
+    assert bars and all("/12 [" in bar for bar in bars)  # 2 epochs x 6 steps
+    assert any(re.search(r" \d+/12 \[\d\d:\d\d<\d\d:\d\d", bar) for bar in bars)  # elapsed < time left
+    assert re.search(r"100%\|.*\| 12/12 \[", out)
+    logs = [s for s in _segments(out) if " INFO " in s]
+    assert any("step 2 (phase1 (full resolution))" in s for s in logs)
+    assert all(STAMP.match(s) for s in logs), [s for s in logs if not STAMP.match(s)][:2]  # each on its own line
+
+
+def test_log_lines_are_written_above_an_open_bar(monkeypatch):
+    from common.logger import progress, setup_logging
+
+    terminal = fake_terminal(monkeypatch)
+    setup_logging(None)
+    log = logging.getLogger("somewhere")
+    bar = progress(10, 0, "counting", True, unit="clip")
+    for i in range(10):
+        bar.update(1)
+        if i == 4:
+            log.warning("half way")
+    bar.close()
+    segments = _segments(terminal.getvalue())
+    (line,) = [s for s in segments if "half way" in s]
+    assert STAMP.match(line) and line.endswith("WARNING somewhere: half way")
+    assert segments[-1].startswith("counting: 100%") and "10/10" in segments[-1]
+
+
+def test_prepare_and_stats_show_progress(tmp_path, monkeypatch):
+    from common.corpora.__main__ import main as corpora
+    from tests.layouts import write_clip
+
+    terminal = fake_terminal(monkeypatch)
+    for i in range(5):
+        write_clip(tmp_path / "audio" / ("dog" if i % 2 else "cat") / f"{i}.wav", seconds=0.3, seed=i)
+    assert corpora(["prepare", "custom", "--src", str(tmp_path / "audio"), "--out", str(tmp_path / "out")]) == 0
+    assert any("5/5" in s for s in _bars(terminal.getvalue(), "custom: reading audio headers: 100%"))
+    assert corpora(["stats", str(tmp_path / "out" / "custom_train.jsonl.gz"), "--target-frames", "64",
+                    "--workers", "0"]) == 0
+    assert any("5/5" in s for s in _bars(terminal.getvalue(), "statistics of custom_train.jsonl.gz: 100%"))
+
+
+def test_the_probe_feature_extraction_shows_progress(synth_corpus, monkeypatch):
+    from common.arch import architecture_for
+    from common.corpora.base import read_classes
+    from common.features import AudioConfig
+    from common.model import ASTEncoder, EncoderConfig
+    from finetune.linear_probe import extract_features
+
+    terminal = fake_terminal(monkeypatch)
+    cfg = EncoderConfig(embed_dim=32, depth=1, num_heads=2, num_mel_bins=128, input_tdim=128)
+    arch = architecture_for(cfg, AudioConfig(num_mel_bins=128, target_frames=128))
+    classes, _ = read_classes(synth_corpus / "synth_classes.json")
+    x, _ = extract_features(ASTEncoder(cfg), arch, [str(synth_corpus / "synth_valid.jsonl.gz")], classes,
+                            batch_size=5, num_workers=0)
+    assert any(f"{len(x)}/{len(x)}" in s for s in _bars(terminal.getvalue(), "features of synth_valid.jsonl.gz: 100%"))
+
+
+def test_no_bar_when_stderr_is_not_a_terminal(capsys):
+    from common.logger import progress
+
+    bar = progress(3, 0, "counting", True)
+    bar.update(3)
+    bar.close()
+    assert "counting" not in capsys.readouterr().err
+
+
+def test_the_bar_total_in_memory_and_streamed(synth_corpus):
+    """The bar's total: exact for a set in memory, from the manifest's lines for a streamed one; the batches an
+    epoch really gives."""
+    from common.corpora.base import read_classes
+    from common.data import BadAudioTracker, DataConfig, ManifestSpec, train_loader
+
+    classes, _ = read_classes(synth_corpus / "synth_classes.json")
+    train = [ManifestSpec(str(synth_corpus / "synth_train.jsonl.gz"))]  # 24 clips
+    for shuffle_max in (500_000, 0):  # in memory, streamed
+        data = DataConfig(train=train, batch_size=5, num_workers=0, full_shuffle_max=shuffle_max)
+        loader = train_loader(data, classes, 8000, 16000, 5, 0, 0, 1, BadAudioTracker())
+        assert loader.cuts.is_lazy == (shuffle_max == 0)
+        assert loader.estimated_batches_per_epoch() == 4 == len(list(loader.cut_batches(epochs=1)))
