@@ -217,7 +217,7 @@ class Trainer:
         self._start_phase(index)
         batches = None if phase.iteration_based else loader.estimated_batches_per_epoch()  # epochs x steps
         total = phase.steps if phase.iteration_based else \
-            None if batches is None else phase.max_length * (batches // spec.optim.grad_accum)
+            None if batches is None else phase.max_length * (batches // self.splits[index].grad_accum)
         bar = progress(total, st.step, phase.label(index), self.dist.is_main)
         window: dict[str, float] = {}
         self._pending.restart_clock()
