@@ -150,11 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         from common.arch.base import geometries
         from common.recipe import RecipeError
         from finetune.init import init_pos_mode, load_init, resolve_pool, task_encoder_config
-        from finetune.recipe import check_files, file_checks, load_recipe
+        from finetune.recipe import check_files, file_checks, is_task_file, load_recipe
 
         notes: list[str] = []
+        task_file = is_task_file(args.task)
+        early = load_init(args.init) if task_file else None  # a task file's defaults follow the init's family
         recipe = load_recipe(args.task, args.recipe, args.overrides, init=args.init, data_root=args.data_root,
-                             notes=notes, coarse=args.coarse)
+                             notes=notes, coarse=args.coarse, init_weights=early)
         missing: list[str] = []
         if args.dry_run:  # a plan needs no data: say what a run would not find
             from common.preflight import problems
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             check_files(recipe)  # class list, manifests, statistics: before any compute or run directory
         classes, names = _classes(recipe, planning=args.dry_run)
-        init = load_init(recipe.init)
+        init = early if task_file and recipe.init == args.init else load_init(recipe.init)
         head_init = None
         try:
             base = task_encoder_config(init, recipe.model, recipe.num_mel_bins, recipe.task.target_frames)
