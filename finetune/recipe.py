@@ -168,28 +168,6 @@ def auto_warmup(clips: int, batch: int) -> int:
     return max(1, min(MAX_AUTO_WARMUP, math.ceil(steps_per_epoch / 2)))
 
 
-def _warm_up(recipe: FinetuneRecipe, open_: bool) -> tuple[FinetuneRecipe, str | None]:
-    """A task file's warm-up scaled to its data where neither the user nor the followed recipe sets one; a batch
-    larger than the training set is refused."""
-    try:
-        clips = count_clips(recipe.task.fold_splits()[0][0])
-    except (OSError, EOFError, ValueError):
-        return recipe, None  # missing or broken manifests: check_files reports them
-    if not clips:
-        return recipe, None
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    batch = (recipe.phases[0].batch_size or recipe.data.batch_size) * recipe.optim.grad_accum * world
-    if clips < batch:
-        raise RecipeError(f"data.batch_size: a step takes {batch} clips ({world} rank(s)), but the training "
-                          f"set of {recipe.task.name} has {clips}; set a smaller data.batch_size")
-    if not open_:
-        return recipe, None
-    warmup = auto_warmup(clips, batch)
-    return (replace(recipe, optim=replace(recipe.optim, warmup_steps=warmup)),
-            f"warm-up {warmup} steps (the first half of the first epoch: {clips} clips at {batch} per step; at most "
-            f"{MAX_AUTO_WARMUP})")
-
-
 def _schedule(o: OptimConfig) -> str:
     if o.schedule == "plateau":
         return f"plateau schedule (x{o.decay:g} after more than {o.patience} epochs without improvement)"
@@ -208,53 +186,73 @@ def _augmentation(a: AugmentConfig) -> str:
     return ", ".join(parts)
 
 
-def _apply_task_file_defaults(recipe: FinetuneRecipe, stated: dict, warmup_open: bool, followed: str,
-                              said: list[str], notes: list[str] | None) -> FinetuneRecipe:
-    """Fill in what a task file leaves to the defaults (the warm-up scaled to the data) and say where the
-    defaults come from.
+def _followed(recipe: FinetuneRecipe, stated: dict, warmup: str | None) -> list[str]:
+    """What the run takes from the published recipe it follows (and what the user states on top)."""
+    o, t, run = recipe.optim, recipe.train, []
+    if "phases" not in stated:
+        run.append(f"{recipe.phases[-1].epochs} epochs")
+    run.append(f"optimiser {o.optimizer}, lr {o.lr:g}, {_schedule(o)}, "
+               + (warmup or ("no warm-up" if o.warmup_steps == 0 else f"warm-up {o.warmup_steps} steps")))
+    run.append(_augmentation(recipe.augment))
+    if "loss" not in stated["task"]:
+        run.append(f"{recipe.task.loss} loss")
+    if t.weight_average_from is not None or t.weight_average_top is not None:
+        best = f"best {t.weight_average_top} epochs" if t.weight_average_top else "epochs"
+        run.append(f"weight average of the {best} from epoch {t.weight_average_from or 1}")
+    return run
+
+
+def _apply_task_file_defaults(recipe: FinetuneRecipe, data: dict, notes: list[str] | None, stated: dict,
+                              followed: str, scaled: list[str]) -> FinetuneRecipe:
+    """Fill in what a task file leaves to the defaults: warm-up scaled to the data, and say which defaults apply.
 
     Args:
-        stated: the recipe data the task file, ``--recipe`` and ``--set`` state.
-        warmup_open: no warm-up is stated nor set by the followed recipe.
+        data: the recipe data with the defaults (before ``--coarse``).
+        stated: what the task file, ``--recipe`` and ``--set`` state.
         followed: ``package`` or the name of the published recipe followed (``finetune.task_recipes``).
-        said: what was fitted to the task (``SpecAugment time mask 96 -> 56 for 300 frames``).
+        scaled: what was fitted to the task (``SpecAugment time mask 96 -> 56 for 300 frames``).
     """
     given = {k for k in ("optim", "model", "augment", "head") if k in stated}
-    recipe, warmup = _warm_up(recipe, warmup_open)
-    o, run = recipe.optim, []
+    said = []
+    optim = data.get("optim") if isinstance(data.get("optim"), dict) else {}
+    warmup = None
+    try:
+        clips = count_clips(recipe.task.fold_splits()[0][0])
+    except (OSError, EOFError, ValueError):
+        clips = None  # missing or broken manifests: check_files reports them
+    if clips:
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        batch = (recipe.phases[0].batch_size or recipe.data.batch_size) * recipe.optim.grad_accum * world
+        if clips < batch:
+            raise RecipeError(f"data.batch_size: a step takes {batch} clips ({world} rank(s)), but the training "
+                              f"set of {recipe.task.name} has {clips}; set a smaller data.batch_size")
+        if "warmup_steps" not in optim:  # neither stated nor set by the followed recipe
+            warmup = auto_warmup(clips, batch)
+            recipe = replace(recipe, optim=replace(recipe.optim, warmup_steps=warmup))
+            warmup = (f"warm-up {warmup} steps (the first half of the first epoch: {clips} clips at {batch} per "
+                      f"step; at most {MAX_AUTO_WARMUP})")
+    o = recipe.optim
     if followed != PACKAGE:
-        if "phases" not in stated:
-            run.append(f"{recipe.phases[-1].epochs} epochs")
-        run.append(f"optimiser {o.optimizer}, lr {o.lr:g}, {_schedule(o)}, "
-                   + (warmup or ("no warm-up" if o.warmup_steps == 0 else f"warm-up {o.warmup_steps} steps")))
-        run.append(_augmentation(recipe.augment))
-        task = stated.get("task") if isinstance(stated.get("task"), dict) else {}
-        if "loss" not in task:
-            run.append(f"{recipe.task.loss} loss")
-        if recipe.train.weight_average_from is not None or recipe.train.weight_average_top is not None:
-            top = recipe.train.weight_average_top
-            run.append(f"weight average of the {f'best {top} epochs' if top else 'epochs'} from epoch "
-                       f"{recipe.train.weight_average_from or 1}")
+        said = _followed(recipe, stated, warmup)
     else:
-        run += [warmup] if warmup else []
+        said += [warmup] if warmup else []
         if "optim" not in given:
-            run.append(f"optimiser {o.optimizer}, lr {o.lr:g}, {_schedule(o)}")
+            said.append(f"optimiser {o.optimizer}, lr {o.lr:g}, {_schedule(o)}")
         if "augment" not in given:
-            run.append(_augmentation(recipe.augment))
+            said.append(_augmentation(recipe.augment))
     if "model" not in given and recipe.init == "none" and recipe.model.arch == "ast":
-        run.append(f"model size {recipe.model.size}, patch {recipe.model.patch[0]}x{recipe.model.patch[1]}")
+        said.append(f"model size {recipe.model.size}, patch {recipe.model.patch[0]}x{recipe.model.patch[1]}")
     if "head" not in given:
-        run.append(f"{recipe.head.pool} pooling")
+        said.append(f"{recipe.head.pool} pooling")
     if notes is None:
         return recipe
     if followed == PACKAGE:
-        notes.append(f"task file {recipe.task.name}: package defaults (defaults: package): {'; '.join(run)}; set any "
-                     f"of them in the task file (optim:, model:, augment:, head:) or with --set")
-        return recipe
-    scaled = "".join(f", {s}" for s in said)
-    notes.append(f"task file {recipe.task.name}: defaults: {RECIPES[followed].describe()}{scaled}; the run: "
-                 f"{'; '.join(run)}. What the task file, --recipe or --set states wins; 'defaults: package' in the "
-                 f"task file keeps the package's bare defaults")
+        notes.append(f"task file {recipe.task.name}: package defaults (defaults: package): {'; '.join(said)}; set "
+                     f"any of them in the task file (optim:, model:, augment:, head:) or with --set")
+    else:
+        notes.append(f"task file {recipe.task.name}: defaults: {RECIPES[followed].describe()}"
+                     f"{''.join(f', {s}' for s in scaled)}; the run: {'; '.join(said)}. What the task file, --recipe "
+                     f"or --set states wins; 'defaults: package' in the task file keeps the package's bare defaults")
     return recipe
 
 
@@ -329,11 +327,10 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
             raise RecipeError(f"defaults: only a task file chooses its defaults; the registered task {task} "
                               f"follows its own published recipe (finetune/tasks.py)")
     name = baseline_name(recipe_path) if recipe_path is not None else f"{data['task'].get('name', task)}-baseline"
-    warmup_open = "warmup_steps" not in (data.get("optim") if isinstance(data.get("optim"), dict) else {})
-    data, derived = apply_coarse(data, name, coarse)
+    full, (data, derived) = data, apply_coarse(data, name, coarse)
     recipe = build_derived(FinetuneRecipe, data, derived)
     if task_file:
-        recipe = _apply_task_file_defaults(recipe, stated, warmup_open, followed, said, notes)
+        recipe = _apply_task_file_defaults(recipe, full, notes, stated, followed, said)
     return recipe
 
 
