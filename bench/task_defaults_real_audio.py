@@ -63,7 +63,8 @@ def pretrain_recipe(data: Path, steps: int) -> dict:
 
 
 def task_file(data: Path, epochs: int | None, defaults: str) -> str:
-    text = (f"name: {CORPUS}\ntrain: [{data / f'{CORPUS}_train.jsonl.gz'}]\nvalid: [{data / f'{CORPUS}_valid.jsonl.gz'}]\n"
+    text = (f"name: {CORPUS}\ntrain: [{data / f'{CORPUS}_train.jsonl.gz'}]\n"
+            f"valid: [{data / f'{CORPUS}_valid.jsonl.gz'}]\n"
             f"test: [{data / f'{CORPUS}_test.jsonl.gz'}]\nclasses: {data / f'{CORPUS}_classes.json'}\n"
             f"target_frames: {FRAMES}\n")
     if epochs is not None:
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         if key in ("floor", "pretrain"):
             continue
         defaults, epochs, seed = key.split("-")
-        print(f"| {defaults} | {r['epochs']} | {seed[4:]} | {r['valid_best']:.4f} ({r['best_epoch']}) | {r['test']:.4f} |")
+        print(f"| {defaults} | {r['epochs']} | {seed[4:]} | {r['valid_best']:.4f} ({r['best_epoch']}) | "
+              f"{r['test']:.4f} |")
     return 0
 
 

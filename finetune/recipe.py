@@ -120,6 +120,9 @@ def task_source(task: str) -> tuple[dict, dict]:
         fields = data.pop("task")
         if not isinstance(fields, dict):
             raise RecipeError(f"task: expected the task's fields (name, train, valid, classes, ...) in {path}")
+        if "defaults" in fields:
+            raise RecipeError(f"task.defaults: not a task field; write defaults: at the top level of {path}, beside "
+                              f"task:")
         misplaced = sorted(k for k in fields if k in RECIPE_SECTIONS and (k != "train" or isinstance(fields[k], dict)))
         if misplaced:
             raise RecipeError(f"task.{misplaced[0]}: a recipe section, not a task field; write it at the top "

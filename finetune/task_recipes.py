@@ -87,7 +87,8 @@ _HTSAT_AUDIOSET = {
     "augment": {"freqm": 8, "timem": 64, "freq_stripes": 2, "time_stripes": 2, "mixup": 1.0, "mixup_alpha": 0.5,
                 "mixup_on": "spectrogram", "mixup_targets": "unmixed", "noise": False},
     "optim": {"optimizer": "adamw", "lr": 1.0e-3, "betas": [0.9, 0.999], "weight_decay": 0.05, "warmup_steps": 0,
-              "schedule": "piecewise", "piecewise": [[0, 0.02], [1, 0.05], [2, 0.1], [11, 0.05], [21, 0.02], [31, 0.03]],
+              "schedule": "piecewise",
+              "piecewise": [[0, 0.02], [1, 0.05], [2, 0.1], [11, 0.05], [21, 0.02], [31, 0.03]],
               "grad_clip": 1.0},
     "train": {"weight_average_from": None, "weight_average_top": 15},
 }

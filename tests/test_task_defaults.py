@@ -21,7 +21,8 @@ def task_file(folder: Path, corpus: Path, frames: int = 300, extra: str = "") ->
     """A task file over the test corpus's manifests (24 training clips) with a clip length of ``frames``."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "mine.yaml"
-    path.write_text(f"name: mine\ntrain: [{corpus / 'synth_train.jsonl.gz'}]\nvalid: [{corpus / 'synth_valid.jsonl.gz'}]\n"
+    path.write_text(f"name: mine\ntrain: [{corpus / 'synth_train.jsonl.gz'}]\n"
+                    f"valid: [{corpus / 'synth_valid.jsonl.gz'}]\n"
                     f"classes: {corpus / 'synth_classes.json'}\ntarget_frames: {frames}\n{extra}")
     return str(path)
 
@@ -69,7 +70,8 @@ def test_a_single_label_task_file_follows_esc50_with_its_time_mask_scaled(tmp_pa
     recipe = load_recipe(task_file(tmp_path, synth_corpus), overrides=["data.batch_size=4"], notes=notes)
     a, o = recipe.augment, recipe.optim
     assert (a.freqm, a.timem, a.mixup, a.noise) == (24, 56, 0.0, False)  # AST's ESC-50: 96 of 512 frames -> 56 of 300
-    assert (o.lr, o.schedule, o.decay_start, o.decay_every, o.decay, o.warmup_steps) == (1e-4, "multistep", 5, 1, 0.85, 0)
+    assert (o.lr, o.schedule, o.decay_start, o.decay_every, o.decay) == (1e-4, "multistep", 5, 1, 0.85)
+    assert o.warmup_steps == 0  # AST's ESC-50 recipe does not warm up
     assert [p.epochs for p in recipe.phases] == [25] and recipe.task.loss == "ce"
     assert "defaults: AST ESC-50 recipe (single-label, 512-frame clips, ImageNet init), chosen for a single-label " \
            "task of 300 frames, from scratch, SpecAugment time mask 96 -> 56 for 300 frames" in notes[0]
@@ -157,9 +159,18 @@ def test_the_package_defaults_stay_available(tmp_path, synth_corpus):
     assert via_set.augment.timem == 0 and via_set.optim.schedule == "plateau"
     named = load_recipe(task_file(tmp_path, synth_corpus, 300, "defaults: ssast_speechcommands\n"),
                         overrides=["data.batch_size=4"])
-    assert (named.optim.lr, named.augment.timem, named.augment.noise) == (2.5e-4, 112, True)  # 48 of 128 -> 112.5 of 300
+    # 48 of 128 frames -> 112.5 of 300
+    assert (named.optim.lr, named.augment.timem, named.augment.noise) == (2.5e-4, 112, True)
     with pytest.raises(RecipeError, match="defaults: expected auto .* got 'esc'"):
         load_recipe(task_file(tmp_path, synth_corpus, 300, "defaults: esc\n"))
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(f"defaults: package\ntask:\n  name: n\n  classes: {synth_corpus / 'synth_classes.json'}\n"
+                      f"  train: [{synth_corpus / 'synth_train.jsonl.gz'}]\n"
+                      f"  valid: [{synth_corpus / 'synth_valid.jsonl.gz'}]\n")
+    assert load_recipe(str(nested), overrides=["data.batch_size=4"]).optim.schedule == "plateau"
+    nested.write_text(nested.read_text().replace("defaults: package\n", "") + "  defaults: package\n")
+    with pytest.raises(RecipeError, match="task.defaults: not a task field; write defaults: at the top level"):
+        load_recipe(str(nested))
 
 
 def test_registered_tasks_keep_their_recipes(tmp_path):
