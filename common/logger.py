@@ -17,12 +17,21 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 class BarSafeHandler(logging.StreamHandler):
     """A console handler that writes through ``tqdm.write``: a log line clears the progress bars on its
-    stream, is written on a line of its own, and the bars are drawn again below it."""
+    stream, is written on a line of its own, and the bars are drawn again below it.
+
+    Without a stream it writes to whatever ``sys.stderr`` is when a line is logged (a redirection or a
+    capture that replaced it since the handler was made, as in a notebook or a test runner)."""
+
+    def __init__(self, stream=None) -> None:
+        super().__init__(stream)
+        self._follow = stream is None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             from tqdm import tqdm
 
+            if self._follow:
+                self.stream = sys.stderr
             tqdm.write(self.format(record), file=self.stream)
             self.flush()
         except Exception:  # noqa: BLE001 - logging must not raise
@@ -36,7 +45,7 @@ def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO
         if getattr(handler, "_c2f", False):
             root.removeHandler(handler)
             handler.close()
-    console = BarSafeHandler(sys.stderr)
+    console = BarSafeHandler()
     console.setFormatter(logging.Formatter(f"[rank {rank}] {FORMAT}" if rank else FORMAT, "%H:%M:%S"))
     console._c2f = True  # type: ignore[attr-defined]
     root.addHandler(console)

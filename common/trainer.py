@@ -17,7 +17,9 @@ the criterion's state is checkpointed); the ledger records why and when each pha
 
 Validation follows the checkpoint of the same step (the checkpoint remembers that it is pending), so an
 error in validation never loses training. A non-finite loss stops the run before the optimiser step,
-leaving the last checkpoint intact. Re-running on the same run directory resumes exactly. Compute and time
+leaving the last checkpoint intact. A micro-batch whose clips were all bad audio takes its step with a zero
+gradient, so that every rank takes the same steps; too much bad audio is judged on the counts of all ranks
+at the log windows and checkpoints (``common.data.BadAudioTracker``). Re-running on the same run directory resumes exactly. Compute and time
 go into the ledger (``common.ledger``), scalars into TensorBoard, and each phase's model into
 ``export/phaseN.safetensors``; the final model (or the weight average, ``common.weight_average``) becomes
 ``model.safetensors``.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -74,9 +77,11 @@ def step_groups(stream: Iterator[Batch], accum: int, epoch_based: bool,
                 start_epoch: int | None = None) -> Iterator[StepGroup]:
     """Group a batch stream into optimiser steps of ``accum`` micro-batches.
 
-    Batches whose clips were all unusable are skipped. In epoch-based phases an epoch end is announced
-    as a group of its own, and a partial group left at an epoch end is dropped (as a DataLoader with
-    ``drop_last``: a step never mixes two epochs). ``start_epoch``: the epoch the stream starts in, whose
+    Every batch takes its place, also one whose clips were all unusable (empty): the trainer runs it as a
+    micro-step that contributes nothing (``Trainer._micro_step``), so that every rank takes the same steps
+    whatever its clips and the accumulation groups follow the data positions. In epoch-based phases an
+    epoch end is announced as a group of its own, and a partial group left at an epoch end is dropped (as
+    a DataLoader with ``drop_last``: a step never mixes two epochs). ``start_epoch``: the epoch the stream starts in, whose
     end is announced even when the stream has no batch left of it (a resume at the end of an epoch).
     """
     group: list[Batch] = []
@@ -86,14 +91,26 @@ def step_groups(stream: Iterator[Batch], accum: int, epoch_based: bool,
             group = []
             yield StepGroup([], (current + 1, 0), epoch_end=current)
         current = batch.epoch
-        if not len(batch):
-            continue
         group.append(batch)
         if len(group) == accum:
             yield StepGroup(group, (batch.epoch, batch.index + 1))
             group = []
     if epoch_based and current is not None:
         yield StepGroup([], (current + 1, 0), epoch_end=current)
+
+
+@contextmanager
+def _norms_frozen(model: nn.Module, frozen: bool = True):
+    """BatchNorm layers of ``model`` in eval mode within (their running statistics stay as they are)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training] \
+        if frozen else []
+    for module in norms:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module in norms:
+            module.train()
 
 
 class _Pending:
@@ -130,8 +147,8 @@ class Trainer:
                                      averaged_epochs(spec.train.weight_average_from or
                                                      (1 if spec.train.weight_average_top else None), spec.phases),
                                      top=spec.train.weight_average_top)
-        self.tracker = BadAudioTracker(spec.data.max_bad_fraction, log_path=str(self.run_dir / "bad_audio.tsv")
-                                       if dist.is_main else None)
+        self.tracker = BadAudioTracker(spec.data.max_bad_fraction, log_path=str(self.run_dir / "bad_audio.tsv"),
+                                       dist=dist)  # judged on every rank's counts together; rank 0 writes the list
         self.generator = torch.Generator().manual_seed(spec.train.seed * 1000 + dist.rank)
         self.scalars = Scalars(self.run_dir, enabled=dist.is_main)
         self._flops: dict[int, int] = {}
@@ -241,11 +258,13 @@ class Trainer:
                     continue
                 for batch in group.batches:
                     logs = self._micro_step(engine, batch, pipeline, index)
+                    if not len(batch):  # no usable clip: a step that contributes nothing, logged as nothing
+                        continue
                     self._end.add_loss(logs["loss"])
                     for key, value in logs.items():  # summed on the device: no host sync per step
                         window[key] = window.get(key, 0.0) + value.detach().double()
                     self._pending.samples += len(batch)
-                window["_n"] = window.get("_n", 0) + len(group.batches)
+                    window["_n"] = window.get("_n", 0) + 1
                 st.step += 1
                 st.total_steps += 1
                 steps_done += 1
@@ -382,7 +401,7 @@ class Trainer:
         return eval_loader(spec.data.valid, self.objective.classes, self.arch.clip_samples, self.arch.sample_rate,
                            spec.data.eval_batch_size or self._batch_size(index), spec.data.num_workers,
                            spec.data.eval_crop, self.dist.rank, self.dist.world_size,
-                           tracker=self.tracker.for_split("valid", spec.data.valid),
+                           tracker=self.tracker.for_split("valid", spec.data.valid, dist=self.dist),
                            pin_memory=self.device.type == "cuda", pad=spec.data.pad, cache=self._clips)
 
     def _start_phase(self, index: int) -> None:
@@ -409,18 +428,49 @@ class Trainer:
                  estimate.describe())
 
     def _micro_step(self, engine, batch: Batch, pipeline: nn.Module, index: int) -> dict[str, torch.Tensor]:
+        """Forward, backward and (at the end of an accumulation group) the optimiser step of one micro-batch.
+
+        A micro-batch without a usable clip (all bad audio, left out and listed) still takes its micro-step
+        with a zero gradient, so that every rank takes the same steps and its gradients reach the step's
+        all-reduce: a stand-in clip (:meth:`_stand_in`) goes through the same objective, model and backward
+        with its loss multiplied by 0 (the same graph, because ZeRO-2 reduces the gradients in the order the
+        backward makes them); BatchNorm layers see it in eval mode, so their statistics learn nothing from
+        it; it counts as no sample and no logged loss. The step averages over the ``n`` micro-batches of all
+        ranks, so with ``e`` empty its gradient is the others' times ``(n - e) / n``. That is not rescaled:
+        rescaling needs ``e`` before the backward (a collective per micro-batch), a partly bad micro-batch
+        already weighs as much as a full one, and the event is rare (the run stops past
+        ``data.max_bad_fraction``). One rank alone does the same, so that the steps of a phase follow the data
+        positions on any number of ranks (a step whose micro-batches are all empty has a zero gradient, and
+        Adam still moves the weights by its momentum).
+        """
+        empty = not len(batch)
+        if empty:
+            log.warning("batch %d of epoch %d (rank %d) has no usable clip: it takes its step with a zero gradient",
+                        batch.index, batch.epoch, self.dist.rank)
+            batch = self._stand_in(batch)
         batch.waveforms = batch.waveforms.to(self.device, non_blocking=True)
         batch.lengths = batch.lengths.to(self.device, non_blocking=True)
         if batch.targets is not None:
             batch.targets = batch.targets.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+                            enabled=self.autocast_dtype is not None), _norms_frozen(engine.module, empty):
             loss, logs = self.objective.train_step(engine, batch, pipeline, self.generator)
+        if empty:
+            loss = loss * 0.0
         if self._finite.observe(loss):  # train.nonfinite_check: step
             raise self._nonfinite(index, self.state.step + 1, f"({loss.item()}) ", "stopped before the update")
         engine.backward(loss)
         engine.step()
         return {"loss": loss.detach(), **logs}
+
+    def _stand_in(self, batch: Batch) -> Batch:
+        """One clip of silence (and all-zero targets) in place of ``batch``, which has no usable clip; only its
+        graph matters (its loss is multiplied by 0)."""
+        samples = self.arch.clip_samples
+        classes = self.objective.classes
+        return Batch(torch.zeros(1, samples), torch.tensor([samples]),
+                     None if classes is None else torch.zeros(1, len(classes)), ["(stand-in)"],
+                     epoch=batch.epoch, index=batch.index)
 
     def _nonfinite(self, index: int, step: int, value: str, what: str) -> NonFiniteLoss:
         tag = self.checkpoints.latest_tag()
@@ -455,6 +505,7 @@ class Trainer:
 
     def _log_window(self, engine, index: int, window: dict, bar) -> None:
         self._check_finite(index)
+        self.tracker.check(whole=False)  # every rank's bad clips so far, judged together (collective)
         trained = self._account(index)
         n = window.pop("_n", 1)
         sums = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in window.values()]).tolist() \
@@ -488,9 +539,12 @@ class Trainer:
         try:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                                  enabled=self.autocast_dtype is not None):
-                return self.objective.evaluate(model, batches, pipeline, self.dist, generator)
+                metrics = self.objective.evaluate(model, batches, pipeline, self.dist, generator)
         finally:
             model.train()
+        # a whole pass was judged at its end (the loader); a partial one (train.eval_batches) here (collective)
+        self.tracker.for_split("valid").check(whole=False)
+        return metrics
 
     def _validate(self, model: nn.Module, index: int, scheduler) -> None:
         """Validate, record, let the LR schedule react (plateau / multistep), export the phase's best."""
@@ -534,6 +588,7 @@ class Trainer:
     def _save(self, engine, index: int, pending_eval: bool = False) -> None:
         self._check_finite(index)  # nothing after a non-finite loss is ever saved
         self._account(index)
+        self.tracker.check(whole=False)  # every rank's bad clips counted into the checkpoint, judged (collective)
         st = self.state
         st.pending_eval = pending_eval
         st.until = self._phase_end(index).state_dict()

@@ -30,8 +30,8 @@ from common.compression import Compression
 from common.model import ModelSpec
 from common.phases import TransferConfig
 
-__all__ = ["InitTransferConfig", "INIT_KINDS", "load_init", "task_encoder_config", "init_kind", "expected_init_note",
-           "init_pos_mode", "init_pool", "resolve_pool", "task_encoder"]
+__all__ = ["InitTransferConfig", "INIT_KINDS", "load_init", "init_family", "INIT_FAMILIES", "task_encoder_config",
+           "init_kind", "expected_init_note", "init_pos_mode", "init_pool", "resolve_pool", "task_encoder"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,37 @@ def load_init(init: str) -> EncoderWeights | None:
     from common.checkpoint import load_encoder_state
 
     return load_encoder_state(init)
+
+
+# what an encoder's weights were trained by: a task file's defaults follow the published recipe of the family
+INIT_FAMILIES = {
+    "ssast": "SSAST-pretrained init",
+    "ast": "supervised audio init",
+    "imagenet": "ImageNet init",
+    "none": "from scratch",
+    "htsat": "HTS-AT",
+}
+
+
+def init_family(init: EncoderWeights | None, arch: str = "ast") -> str:
+    """The family of ``--init`` (a key of :data:`INIT_FAMILIES`).
+
+    ``htsat`` for HTS-AT weights (or ``arch == "htsat"`` from scratch); ``ssast`` for self-supervised
+    pretraining weights (SSAST's pretrained files, this package's pretraining exports); ``imagenet`` for timm
+    ViT / DeiT weights; ``ast`` for weights already trained on labelled audio (official AST checkpoints, a
+    Hugging Face AST directory, this package's fine-tuned exports); ``none`` from scratch.
+
+    Args:
+        init: as returned by :func:`load_init`.
+        arch: the recipe's ``model.arch``, which tells a model from scratch.
+    """
+    if init is None:
+        return "htsat" if arch == "htsat" else "none"
+    if init.arch == "htsat":
+        return "htsat"
+    if init.meta.get("source") == "imagenet":
+        return "imagenet"
+    return "ssast" if init.meta.get("objective") == "ssast" else "ast"
 
 
 def task_encoder_config(init: EncoderWeights | None, model: ModelSpec, num_mel_bins: int,

@@ -1,10 +1,11 @@
 """The fine-tuning recipe: the task, the phases (epoch-based) and the training settings.
 
 Values come, from lowest to highest precedence, from the dataclass defaults, the task's default recipe
-(``finetune/tasks.py``), the ``--recipe`` file and ``--set`` overrides. Without a recipe file a task
-trains its published baseline recipe at full resolution; a coarse-to-fine recipe (``recipes/ft_*.yaml``)
-replaces the ``phases``; ``coarse`` (or ``--coarse``) derives a coarse-to-fine schedule from the
-full-resolution recipe (``common.coarse``).
+(``finetune/tasks.py``; for a task file the published recipe closest to it, ``finetune.task_recipes``),
+the ``--recipe`` file and ``--set`` overrides. Without a recipe file a task trains its published baseline
+recipe at full resolution; a coarse-to-fine recipe (``recipes/ft_*.yaml``) replaces the ``phases``;
+``coarse`` (or ``--coarse``) derives a coarse-to-fine schedule from the full-resolution recipe
+(``common.coarse``).
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from common.preflight import check_classes, check_labels, check_manifest, check_
 from common.recipe import RecipeError, apply_overrides, load_yaml, merge
 from common.run_spec import TrainConfig
 from finetune.classifier import AugmentConfig, HeadConfig
-from finetune.init import InitTransferConfig
-from finetune.tasks import TASKS, TaskConfig, task_defaults
+from finetune.init import INIT_FAMILIES, InitTransferConfig, init_family, load_init
+from finetune.task_recipes import AUTO, PACKAGE, PACKAGE_EPOCHS, RECIPES, choose, fit_averaging, recipe_defaults
+from finetune.tasks import TaskConfig, task_defaults
 
-__all__ = ["FinetuneRecipe", "load_recipe", "task_source", "file_checks", "check_files", "auto_warmup"]
+__all__ = ["FinetuneRecipe", "load_recipe", "task_source", "is_task_file", "file_checks", "check_files",
+           "auto_warmup"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,6 @@ class FinetuneRecipe:
 
 # the sections of a fine-tuning recipe that a task file may hold next to its task fields
 RECIPE_SECTIONS = ("phases", "model", "head", "augment", "data", "transfer", "optim", "train", "num_mel_bins")
-DEFAULT_EPOCHS = 10  # a task file without epochs: or phases:
 MAX_AUTO_WARMUP = 1000  # AST's warm-up, the most a task file's automatic warm-up takes
 
 
@@ -98,23 +100,34 @@ def _relative_to(path: Path, value):
     return expanded if os.path.isabs(expanded) else str((path.parent / expanded).resolve())
 
 
+def is_task_file(task: str) -> bool:
+    """Whether ``--task`` names a task YAML file rather than a registered task."""
+    path = Path(task)
+    return path.suffix in (".yaml", ".yml") or path.is_file()
+
+
 def task_source(task: str) -> tuple[dict, dict]:
     """``(task fields, default recipe)`` for a task name or a task YAML file.
 
     A task file holds the task's fields (flat, or under ``task:``) and may hold recipe sections beside
     them (``optim:``, ``model:``, ``phases:``, ...), which become its default recipe (in the flat layout
     ``train:`` is the task's manifests: the recipe's ``train:`` section needs the ``task:`` layout). ``epochs: N`` is
-    short for ``phases: [{compression: none, epochs: N}]``. Paths (manifests, class list, a ``norm``
-    statistics file) are relative to the file.
+    short for ``phases: [{compression: none, epochs: N}]``; ``defaults:`` (kept in the recipe, for
+    :func:`load_recipe`) says what the rest starts from (``finetune.task_recipes``). Paths (manifests, class
+    list, a ``norm`` statistics file) are relative to the file.
     """
-    path = Path(task)
-    if not (path.suffix in (".yaml", ".yml") or path.is_file()):
+    if not is_task_file(task):
         return task_defaults(task)
+    path = Path(task)
     data = load_yaml(path)
+    choice = data.pop("defaults", None)
     if "task" in data:
         fields = data.pop("task")
         if not isinstance(fields, dict):
             raise RecipeError(f"task: expected the task's fields (name, train, valid, classes, ...) in {path}")
+        if "defaults" in fields:
+            raise RecipeError(f"task.defaults: not a task field; write defaults: at the top level of {path}, beside "
+                              f"task:")
         misplaced = sorted(k for k in fields if k in RECIPE_SECTIONS and (k != "train" or isinstance(fields[k], dict)))
         if misplaced:
             raise RecipeError(f"task.{misplaced[0]}: a recipe section, not a task field; write it at the top "
@@ -145,9 +158,10 @@ def task_source(task: str) -> tuple[dict, dict]:
     if epochs is not None and "phases" in recipe:
         raise RecipeError(f"epochs: give epochs or phases in {path}, not both (epochs: N is short for "
                           f"phases: [{{compression: none, epochs: N}}])")
-    if "phases" not in recipe:
-        recipe["phases"] = [{"compression": "none",
-                             "epochs": DEFAULT_EPOCHS if epochs is None else _epochs(epochs, path)}]
+    if epochs is not None:
+        recipe["phases"] = [{"compression": "none", "epochs": _epochs(epochs, path)}]
+    if choice is not None:
+        recipe["defaults"] = choice
     return fields, recipe
 
 
@@ -162,11 +176,54 @@ def auto_warmup(clips: int, batch: int) -> int:
     return max(1, min(MAX_AUTO_WARMUP, math.ceil(steps_per_epoch / 2)))
 
 
-def _apply_task_file_defaults(recipe: FinetuneRecipe, data: dict, notes: list[str] | None) -> FinetuneRecipe:
-    """Fill in what a task file leaves to the package: warm-up scaled to the data, and say which defaults apply."""
-    given = {k for k in ("optim", "model", "augment", "head") if k in data}
+def _schedule(o: OptimConfig) -> str:
+    if o.schedule == "plateau":
+        return f"plateau schedule (x{o.decay:g} after more than {o.patience} epochs without improvement)"
+    if o.schedule == "multistep":
+        every = "every epoch" if o.decay_every == 1 else f"every {o.decay_every} epochs"
+        return f"multistep schedule (x{o.decay:g} {every} from epoch {o.decay_start})"
+    return f"{o.schedule} schedule"
+
+
+def _augmentation(a: AugmentConfig) -> str:
+    if not (a.freqm or a.timem or a.mixup or a.noise):
+        return "no augmentation (no SpecAugment, no mixup)"
+    parts = [f"SpecAugment {a.freqm} / {a.timem}" if a.freqm or a.timem else "no SpecAugment"]
+    parts += ["SSAST's noise"] if a.noise else []
+    parts.append(f"mixup {a.mixup:g}" if a.mixup else "no mixup")
+    return ", ".join(parts)
+
+
+def _followed(recipe: FinetuneRecipe, stated: dict, warmup: str | None) -> list[str]:
+    """What the run takes from the published recipe it follows (and what the user states on top)."""
+    o, t, run = recipe.optim, recipe.train, []
+    if "phases" not in stated:
+        run.append(f"{recipe.phases[-1].epochs} epochs")
+    run.append(f"optimiser {o.optimizer}, lr {o.lr:g}, {_schedule(o)}, "
+               + (warmup or ("no warm-up" if o.warmup_steps == 0 else f"warm-up {o.warmup_steps} steps")))
+    run.append(_augmentation(recipe.augment))
+    if "loss" not in stated["task"]:
+        run.append(f"{recipe.task.loss} loss")
+    if t.weight_average_from is not None or t.weight_average_top is not None:
+        best = f"best {t.weight_average_top} epochs" if t.weight_average_top else "epochs"
+        run.append(f"weight average of the {best} from epoch {t.weight_average_from or 1}")
+    return run
+
+
+def _apply_task_file_defaults(recipe: FinetuneRecipe, data: dict, notes: list[str] | None, stated: dict,
+                              followed: str, scaled: list[str]) -> FinetuneRecipe:
+    """Fill in what a task file leaves to the defaults: warm-up scaled to the data, and say which defaults apply.
+
+    Args:
+        data: the recipe data with the defaults (before ``--coarse``).
+        stated: what the task file, ``--recipe`` and ``--set`` state.
+        followed: ``package`` or the name of the published recipe followed (``finetune.task_recipes``).
+        scaled: what was fitted to the task (``SpecAugment time mask 96 -> 56 for 300 frames``).
+    """
+    given = {k for k in ("optim", "model", "augment", "head") if k in stated}
     said = []
     optim = data.get("optim") if isinstance(data.get("optim"), dict) else {}
+    warmup = None
     try:
         clips = count_clips(recipe.task.fold_splits()[0][0])
     except (OSError, EOFError, ValueError):
@@ -176,31 +233,82 @@ def _apply_task_file_defaults(recipe: FinetuneRecipe, data: dict, notes: list[st
         if clips < batch:
             raise RecipeError(f"data.batch_size: a step takes {batch} clips, but the training set of "
                               f"{recipe.task.name} has {clips}; set a smaller data.batch_size")
-        if "warmup_steps" not in optim:
+        if "warmup_steps" not in optim:  # neither stated nor set by the followed recipe
             warmup = auto_warmup(clips, batch)
             recipe = replace(recipe, optim=replace(recipe.optim, warmup_steps=warmup))
-            said.append(f"warm-up {warmup} steps (the first half of the first epoch: {clips} clips at {batch} per "
-                        f"step; at most {MAX_AUTO_WARMUP})")
+            warmup = (f"warm-up {warmup} steps (the first half of the first epoch: {clips} clips at {batch} per "
+                      f"step; at most {MAX_AUTO_WARMUP})")
     o = recipe.optim
-    if "optim" not in given:
-        plateau = f" (x{o.decay:g} after more than {o.patience} epochs without improvement)"
-        said.append(f"optimiser {o.optimizer}, lr {o.lr:g}, {o.schedule} schedule"
-                    + (plateau if o.schedule == "plateau" else ""))
-    if "model" not in given and recipe.init == "none":
+    if followed != PACKAGE:
+        said = _followed(recipe, stated, warmup)
+    else:
+        said += [warmup] if warmup else []
+        if "optim" not in given:
+            said.append(f"optimiser {o.optimizer}, lr {o.lr:g}, {_schedule(o)}")
+        if "augment" not in given:
+            said.append(_augmentation(recipe.augment))
+    if "model" not in given and recipe.init == "none" and recipe.model.arch == "ast":
         said.append(f"model size {recipe.model.size}, patch {recipe.model.patch[0]}x{recipe.model.patch[1]}")
-    if "augment" not in given:
-        said.append("no augmentation (no SpecAugment, no mixup)")
     if "head" not in given:
         said.append(f"{recipe.head.pool} pooling")
-    if said and notes is not None:
-        notes.append(f"task file {recipe.task.name}: package defaults: {'; '.join(said)}; set any of them in the "
-                     f"task file (optim:, model:, augment:, head:) or with --set")
+    if notes is None:
+        return recipe
+    if followed == PACKAGE:
+        notes.append(f"task file {recipe.task.name}: package defaults (defaults: package): {'; '.join(said)}; set "
+                     f"any of them in the task file (optim:, model:, augment:, head:) or with --set")
+    else:
+        notes.append(f"task file {recipe.task.name}: defaults: {RECIPES[followed].describe()}"
+                     f"{''.join(f', {s}' for s in scaled)}; the run: {'; '.join(said)}. What the task file, --recipe "
+                     f"or --set states wins; 'defaults: package' in the task file keeps the package's bare defaults")
     return recipe
+
+
+def _task_file_data(task: str, data: dict, overrides: Sequence[str], init_weights,
+                    planning: bool = False) -> tuple[dict, dict, str, list[str]]:
+    """A task file's recipe data on top of its defaults (``finetune.task_recipes``).
+
+    Args:
+        data: the task file's data, the ``--recipe`` file merged in, before ``--set``.
+        init_weights: the loaded ``--init`` (None: loaded here when the data names one).
+        planning: a plan (``--dry-run``): an init that does not exist yet is planned as a start from scratch
+            (the entry point lists it as missing).
+
+    Returns:
+        ``(data, stated, followed, said)``: the merged data with ``--set`` applied; what the user states;
+        ``package`` or the followed recipe's name; what was fitted to the task.
+    """
+    stated = apply_overrides(data, overrides)
+    choice = stated.pop("defaults", None)
+    fields = stated["task"]
+    model = stated.get("model") if isinstance(stated.get("model"), dict) else {}
+    frames = fields.get("target_frames")
+    if not isinstance(frames, int) or isinstance(frames, bool):
+        frames = TaskConfig.target_frames  # a bad value is reported when the task is built
+    if init_weights is None and stated["init"] != "none":
+        try:
+            init_weights = load_init(stated["init"])
+        except FileNotFoundError:
+            if not planning:
+                raise
+    family = init_family(init_weights, model.get("arch", "ast"))
+    followed = choose(choice, fields.get("metric") == "mAP", frames, family, fields.get("name", task))
+    if followed == PACKAGE:
+        defaults, said = {"phases": [{"compression": "none", "epochs": PACKAGE_EPOCHS}]}, []
+    else:
+        defaults, said = recipe_defaults(followed, frames, stated)
+    merged = apply_overrides(merge(defaults, data), overrides)
+    merged.pop("defaults", None)
+    if followed != PACKAGE:
+        said += fit_averaging(followed, merged, stated)
+    if followed != PACKAGE and choice in (None, AUTO):
+        multi = "multi" if fields.get("metric") == "mAP" else "single"
+        said.insert(0, f"chosen for a {multi}-label task of {frames} frames, {INIT_FAMILIES[family]}")
+    return merged, stated, followed, said
 
 
 def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Sequence[str] = (),
                 init: str = "none", data_root: str | None = None, notes: list[str] | None = None,
-                coarse: str | None = None) -> FinetuneRecipe:
+                coarse: str | None = None, init_weights=None, planning: bool = False) -> FinetuneRecipe:
     """Assemble and validate the recipe of a fine-tuning run.
 
     Args:
@@ -209,9 +317,13 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
         overrides: ``key=value`` strings (``--set``).
         init: what the encoder starts from.
         data_root: folder the task's relative manifest paths are under.
-        notes: if given, receives lines saying which package defaults a task file relies on.
+        notes: if given, receives lines saying which defaults a task file relies on.
         coarse: ``METHOD:C[:SHARE]`` (``--coarse``; or the recipe's ``coarse`` section): derive a
             coarse-to-fine schedule from the full-resolution recipe (``common.coarse``).
+        init_weights: ``init`` loaded (``finetune.init.load_init``), whose family picks a task file's
+            defaults; loaded here when needed and not given.
+        planning: for a plan (``--dry-run``): a task file's init that does not exist yet is planned as a start
+            from scratch.
     """
     fields, defaults = task_source(task)
     data = dict(defaults)
@@ -221,12 +333,19 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
     if data_root:
         data["task"]["data_root"] = data_root
     data["init"] = init
-    data = apply_overrides(data, overrides)
+    task_file = is_task_file(task)
+    if task_file:
+        data, stated, followed, said = _task_file_data(task, data, overrides, init_weights, planning)
+    else:
+        data = apply_overrides(data, overrides)
+        if "defaults" in data:
+            raise RecipeError(f"defaults: only a task file chooses its defaults; the registered task {task} "
+                              f"follows its own published recipe (finetune/tasks.py)")
     name = baseline_name(recipe_path) if recipe_path is not None else f"{data['task'].get('name', task)}-baseline"
-    data, derived = apply_coarse(data, name, coarse)
+    full, (data, derived) = data, apply_coarse(data, name, coarse)
     recipe = build_derived(FinetuneRecipe, data, derived)
-    if task not in TASKS:
-        recipe = _apply_task_file_defaults(recipe, data, notes)
+    if task_file:
+        recipe = _apply_task_file_defaults(recipe, full, notes, stated, followed, said)
     return recipe
 
 

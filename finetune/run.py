@@ -195,11 +195,19 @@ def main(argv: list[str] | None = None) -> int:
         from common.cli import world_size_of
         from common.recipe import RecipeError
         from finetune.init import expected_init_note, init_pos_mode, load_init, resolve_pool, task_encoder_config
-        from finetune.recipe import check_files, file_checks, load_recipe
+        from finetune.recipe import check_files, file_checks, is_task_file, load_recipe
 
         notes: list[str] = []
+        task_file = is_task_file(args.task)
+        early, have_early = None, False  # a task file's defaults follow the init's family
+        if task_file:
+            try:
+                early, have_early = load_init(args.init), True
+            except FileNotFoundError:
+                if not args.dry_run:
+                    raise  # a plan goes on (planned as from scratch) and lists the missing init below
         recipe = load_recipe(args.task, args.recipe, args.overrides, init=args.init, data_root=args.data_root,
-                             notes=notes, coarse=args.coarse)
+                             notes=notes, coarse=args.coarse, init_weights=early, planning=args.dry_run)
         world_size = world_size_of(args)
         phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)  # refuse an impossible split now
         missing: list[str] = []
@@ -211,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             check_files(recipe)  # class list, manifests, statistics: before any compute or run directory
         classes, names = _classes(recipe, planning=args.dry_run)
         try:
-            init = load_init(recipe.init)
+            init = early if have_early and recipe.init == args.init else load_init(recipe.init)
             mismatch = expected_init_note(recipe.expected_init, init, recipe.init)
         except FileNotFoundError as err:
             if not args.dry_run:

@@ -50,6 +50,21 @@ def tiny_cfg():
 
 
 @pytest.fixture(autouse=True)
+def _root_logging():
+    """Each test starts with the root logger as it found it: an entry point run in-process installs its
+    console handler and level (common.logger.setup_logging), which must not leak into the next test."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)

@@ -3,13 +3,17 @@ process (each joins its own process group), and records which batches this rank'
 
     RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 python tests/shard_job.py JOB.json
 
-``JOB.json``: ``{"out": folder, "cases": [{"name", "entry": "finetune" | "pretrain", "argv", "port"}]}``.
-Writes ``out/rank{r}.json``: per case, the exit code, the seconds (and CPU seconds) it took and, per loader
-(``train`` / ``valid``), the ``[epoch, index, clip ids]`` of every batch handed to the training loop.
+``JOB.json``: ``{"out": folder, "cases": [{"name", "entry": "finetune" | "pretrain", "argv", "port",
+"expect" (the exit code the case should end with; default 0)}]}``.
+Writes ``out/rank{r}.json``: per case, the exit code, the seconds (and CPU seconds) it took, the ``error:``
+lines it printed and, per loader (``train`` / ``valid``), the ``[epoch, index, clip ids]`` of every batch
+handed to the training loop. The job stops at the first case that ends otherwise than expected.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -17,6 +21,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class _Tee(io.StringIO):
+    """Writes through to ``stream`` and keeps a copy."""
+
+    def __init__(self, stream) -> None:
+        super().__init__()
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        return super().write(text)
 
 
 def main(job_file: str) -> int:
@@ -42,12 +58,14 @@ def main(job_file: str) -> int:
         seen = {}
         entry = finetune if case["entry"] == "finetune" else pretrain
         start, cpu = time.perf_counter(), time.process_time()
-        code = entry(case["argv"])
+        with contextlib.redirect_stderr(_Tee(sys.stderr)) as err:
+            code = entry(case["argv"])
         report[case["name"]] = {"code": code, "seconds": round(time.perf_counter() - start, 2),
-                                "cpu_seconds": round(time.process_time() - cpu, 2), **seen}
+                                "cpu_seconds": round(time.process_time() - cpu, 2), **seen,
+                                "errors": [line for line in err.getvalue().splitlines() if line.startswith("error:")]}
         Path(job["out"], f"rank{rank}.json").write_text(json.dumps(report))
-        if code != 0:
-            return code
+        if code != case.get("expect", 0):
+            return code or 1
     return 0
 
 

@@ -206,15 +206,16 @@ def _argv(odd, run_dir: Path, kind: str, path: str, stop: int | None, batch: int
     return kind, argv + (["--stop-after-steps", str(stop)] if stop else [])
 
 
-def _launch(world_size: int, cases: list[tuple[str, str, list[str]]], out: Path, timeout: float) -> dict[str, list]:
+def _launch(world_size: int, cases: list[tuple[str, str, list[str]]], out: Path, timeout: float,
+            expect: dict[str, int] | None = None) -> dict[str, list]:
     """Run ``cases`` (name, entry, argv) one after another in ``world_size`` processes on gloo, which get the
-    environment torchrun and the deepspeed launcher set. A rank that fails, or still runs after ``timeout``
-    seconds (a hang), fails the test; every rank is killed. Returns per case the ranks' reports
-    (tests/shard_job.py)."""
+    environment torchrun and the deepspeed launcher set. A rank that fails (a case ending with another exit
+    code than ``expect`` says, default 0), or still runs after ``timeout`` seconds (a hang), fails the test;
+    every rank is killed. Returns per case the ranks' reports (tests/shard_job.py)."""
     out.mkdir(parents=True)
     job = out / "job.json"
-    job.write_text(json.dumps({"out": str(out), "cases": [{"name": n, "entry": e, "argv": a, "port": _free_port()}
-                                                         for n, e, a in cases]}))
+    job.write_text(json.dumps({"out": str(out), "cases": [{"name": n, "entry": e, "argv": a, "port": _free_port(),
+                                                           "expect": (expect or {}).get(n, 0)} for n, e, a in cases]}))
     procs = []
     for rank in range(world_size):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),

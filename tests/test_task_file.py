@@ -61,8 +61,9 @@ def test_the_train_section_beside_a_task_section(tmp_path, synth_corpus):
 
 
 def test_warm_up_is_scaled_to_the_data_and_said(tmp_path, synth_corpus):
-    notes: list[str] = []
-    recipe = load_recipe(str(task_file(tmp_path, synth_corpus)), overrides=["data.batch_size=4"], notes=notes)
+    notes: list[str] = []  # the package's bare defaults (a published recipe's: tests/test_task_defaults.py)
+    recipe = load_recipe(str(task_file(tmp_path, synth_corpus, "defaults: package\n")), overrides=["data.batch_size=4"],
+                         notes=notes)
     assert recipe.optim.warmup_steps == 3  # 24 clips / 4 per step = 6 steps per epoch: the first half
     assert "warm-up 3 steps (the first half of the first epoch: 24 clips at 4 per step" in notes[0]
     assert "lr 0.0001" in notes[0] and "no augmentation" in notes[0] and "model size base" in notes[0]
@@ -82,9 +83,9 @@ def test_auto_warmup_rule():
 def test_dry_run_says_which_defaults_apply(tmp_path, synth_corpus, capsys):
     from finetune.run import main
 
-    assert main(["--init", "none", "--task", str(task_file(tmp_path, synth_corpus)), "--dry-run",
-                 "--set", "data.batch_size=8"]) == 0
+    assert main(["--init", "none", "--task", str(task_file(tmp_path, synth_corpus, "defaults: package\n")),
+                 "--dry-run", "--set", "data.batch_size=8"]) == 0
     out = capsys.readouterr().out
     assert "optimiser adam, lr 0.0001, warm-up 2 steps, plateau schedule" in out
     assert "batch: 8 clips per step = 8 per rank x 1 rank(s) x 1 accumulation" in out  # data.batch_size is global
-    assert "task file mine: package defaults: warm-up 2 steps" in out
+    assert "task file mine: package defaults (defaults: package): warm-up 2 steps" in out

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.data import Batch
+from common.data import Batch, DataConfig
 from common.trainer import step_groups
 from pretrain.run import main
 from tests.test_pretrain import RECIPE, run, tiny, weights
@@ -24,9 +24,9 @@ def test_step_groups_drop_a_partial_accumulation_group_at_an_epoch_end():
     groups = list(step_groups(iter(stream), accum=2, epoch_based=True))
     kinds = [("end", g.epoch_end) if g.epoch_end is not None else [b.index for b in g.batches] for g in groups]
     # epoch 0: batches 0+1 make a step, batch 2 is left alone at the epoch end and dropped;
-    # epoch 1: the empty batch 1 is skipped, 0+2 make a step, 3 is dropped at the end
-    assert kinds == [[0, 1], ("end", 0), [0, 2], ("end", 1)]
-    assert [g.position for g in groups] == [(0, 2), (1, 0), (1, 3), (2, 0)]
+    # epoch 1: the empty batch 1 (no usable clip) keeps its place, so 0+1 and 2+3 make the steps, as on any rank
+    assert kinds == [[0, 1], ("end", 0), [0, 1], [2, 3], ("end", 1)]
+    assert [g.position for g in groups] == [(0, 2), (1, 0), (1, 2), (1, 4), (2, 0)]
 
 
 def test_step_groups_announce_the_end_of_an_epoch_resumed_at_its_end():
@@ -192,3 +192,66 @@ def test_cross_validation_picks_its_epoch_in_the_final_phase():
     summary = cross_validation_summary([evals([0.9], [0.5, 0.7]), evals([0.8], [0.6, 0.6])], "acc")
     assert (summary["best"]["phase"], summary["best"]["epoch"]) == (1, 2)
     assert [r["phase"] for r in summary["per_epoch"]] == [1, 1]
+
+
+def _micro_step_trainer(tmp_path, kind: str, accum: int):
+    """A single-process trainer of a tiny model (``ast`` / ``htsat`` classifier or ``ssast``), its engine and
+    the phase's training front end."""
+    from common.distributed import init_distributed
+    from common.features import AudioConfig
+    from common.htsat import HTSATConfig
+    from common.model import EncoderConfig
+    from common.optim import OptimConfig
+    from common.phases import PhaseConfig, TransferConfig
+    from common.run_spec import RunSpec, TrainConfig
+    from common.trainer import Trainer
+    from finetune.classifier import AugmentConfig, ClassifierObjective
+    from pretrain.ssast import SSASTConfig, SSASTObjective
+
+    classes = ["a", "b", "c"]
+    if kind == "htsat":
+        base, audio = HTSATConfig(sample_rate=16000, clip_samples=16000, n_fft=512, hop_length=160, mel_bins=32,
+                                  fmax=8000, spec_size=64, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
+                                  window_size=4, drop_path_rate=0.0, num_classes=3), None
+    else:
+        base = EncoderConfig(embed_dim=32, depth=2, num_heads=2, num_mel_bins=32, input_tdim=64, fshape=8, tshape=8,
+                             fstride=8, tstride=8)
+        audio = AudioConfig(num_mel_bins=32, target_frames=64)
+    objective = SSASTObjective(SSASTConfig()) if kind == "ssast" else ClassifierObjective(
+        classes, "acc", "ce", AugmentConfig(freqm=8, timem=8, mixup=0.5))  # mixup and SpecAugment on
+    spec = RunSpec(run_dir=tmp_path, base=base, audio=audio, phases=[PhaseConfig(epochs=1)], transfer=TransferConfig(),
+                   optim=OptimConfig(grad_accum=accum, warmup_steps=0), train=TrainConfig(), data=DataConfig())
+    trainer = Trainer(spec, objective, init_distributed())
+    engine = trainer._engine(objective.build_model(trainer.cfgs[0]), 0)
+    return trainer, engine, trainer._frontend(0, objective.specaug)
+
+
+@pytest.mark.parametrize("kind", ["ast", "ssast", "htsat"])
+def test_a_micro_batch_without_a_usable_clip_steps_with_a_zero_gradient(tmp_path, kind):
+    """All of a micro-batch's clips were bad audio: it still takes its micro-step (so every rank enters the same
+    all-reduces), reaching every parameter with a zero gradient; the other micro-batches' gradients are left
+    exactly as they are, BatchNorm statistics (HTS-AT's bn0) do not move, and nothing is logged for it."""
+    from tests.conftest import real_looking_signals
+
+    trainer, engine, pipeline = _micro_step_trainer(tmp_path, kind, accum=4)
+    samples = trainer.arch.clip_samples
+    targets = None if kind == "ssast" else torch.eye(3)[[0, 2]]
+    good = Batch(real_looking_signals(2, samples / 16000), torch.full((2,), samples), targets, ["g0", "g1"])
+    empty = Batch(torch.zeros(0, samples), torch.zeros(0, dtype=torch.long),
+                  None if kind == "ssast" else torch.zeros(0, 3), [], bad=[("gone.wav", "missing (no such file)")])
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    buffers = {k: v.clone() for k, v in engine.module.named_buffers()}
+
+    logs = trainer._micro_step(engine, empty, pipeline, 0)  # the first of 4 micro-batches: no optimiser step
+    assert float(logs["loss"]) == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in params)  # every parameter, all zero
+    assert all(torch.equal(v, buffers[k]) for k, v in engine.module.named_buffers())
+    trainer._micro_step(engine, good, pipeline, 0)
+    grads = [p.grad.clone() for p in params]
+    assert any(g.any() for g in grads)
+    trainer._micro_step(engine, empty, pipeline, 0)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))  # nothing added
+    assert engine.global_steps == 0
+    trainer._micro_step(engine, empty, pipeline, 0)  # the 4th: the optimiser step, on the good clips' gradient
+    assert engine.global_steps == 1
+    trainer.scalars.close()

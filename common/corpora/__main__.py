@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; a failure ends with one ``error:`` line and exit status 2 (no traceback)."""
     from common.logger import BarSafeHandler
 
-    console = BarSafeHandler(sys.stderr)  # log lines never land on the progress bars of prepare / stats
+    console = BarSafeHandler()  # log lines never land on the progress bars of prepare / stats
     console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[console])
     args = _build_parser().parse_args(argv)
