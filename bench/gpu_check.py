@@ -76,7 +76,7 @@ class Settings:
 
     size: str = "base"
     model: tuple[str, ...] = ()  # more recipe overrides of the model
-    batch: int = 24  # ssast_fshift4.yaml: 6 per rank x 4 ranks
+    batch: int = 24  # ssast_fshift4.yaml's global batch (6 per rank on 4 GPUs)
     steps: int = 20
     warmup: int = 3
     agree_steps: int = 5

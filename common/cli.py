@@ -18,8 +18,8 @@ from common.recipe import RecipeError
 from common.run_lock import LOCK_FILE, RunDirBusy, job_lock
 from common.run_recipe import RunRecipe, prepare_run_dir
 
-__all__ = ["add_run_arguments", "discard_previous", "check_run_dir", "UnusableRunDir", "Session", "training_session",
-           "describe_os_error", "run_main"]
+__all__ = ["add_run_arguments", "world_size_of", "discard_previous", "check_run_dir", "UnusableRunDir", "Session",
+           "training_session", "describe_os_error", "run_main"]
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,33 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_run_root: str) ->
                              "saved data position then points at other clips; recorded in ledger.json)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the recipe, print the phase plan with tokens and FLOPs, and exit")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="with --dry-run: plan the launch on N ranks (the per-rank batch and accumulation of the "
+                             "recipe's global batch; default: the launcher's WORLD_SIZE, else 1)")
     parser.add_argument("--coarse", metavar="METHOD:C[:SHARE]", default=None,
                         help="derive the paper's coarse-to-fine schedule from this full-resolution recipe: SHARE of "
                              "its length at compression C, then full resolution (e.g. fshift:4, fshift:4,2 for "
                              "4->2->1, avgpool:2:0.3); the recipe is recorded as the baseline (common/coarse.py)")
     # the deepspeed launcher passes --local_rank=N before the script's own arguments
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def world_size_of(args: argparse.Namespace) -> int:
+    """The ranks this command runs (or, with ``--dry-run``, plans) on: ``--world-size``, else the launcher's
+    ``WORLD_SIZE``, else 1 (``common.batch.launch_world_size``).
+
+    Raises:
+        RecipeError: ``--world-size`` without ``--dry-run`` (a run's ranks are the launcher's), or below 1.
+    """
+    from common.batch import launch_world_size
+
+    if args.world_size is not None:
+        if not args.dry_run:
+            raise RecipeError(f"--world-size {args.world_size}: plans a --dry-run; a run trains on the ranks its "
+                              f"launcher starts (deepspeed --num_gpus N)")
+        if args.world_size < 1:
+            raise RecipeError(f"--world-size: expected a number of ranks >= 1, got {args.world_size}")
+    return launch_world_size(args.world_size)
 
 
 def discard_previous(run_dir: Path) -> Path | None:

@@ -270,10 +270,10 @@ def saving_lines(phases: Sequence[PhaseConfig], rows: Sequence[PhasePlan], basel
 
 
 def plan_lines(recipe, rows: Sequence[PhasePlan], setting: dict,
-               baseline_rows: Callable[[], Sequence[PhasePlan]]) -> list[str]:
-    """The phase plan both entry points' ``--dry-run`` prints: the table, the memory setting, how phases
-    end, and for a ``--coarse`` schedule its saving against the baseline (``baseline_rows`` plans the
-    baseline's phases; called only then)."""
+               baseline_rows: Callable[[], Sequence[PhasePlan]], batch: Sequence[str] = ()) -> list[str]:
+    """The phase plan both entry points' ``--dry-run`` prints: the table, the batch (``batch``: the lines of
+    ``common.batch.plan_lines``), the memory setting, how phases end, and for a ``--coarse`` schedule its
+    saving against the baseline (``baseline_rows`` plans the baseline's phases; called only then)."""
     from common.criteria import describe_ends
     from common.memory import describe_setting
     from common.phases import format_plan
@@ -281,7 +281,7 @@ def plan_lines(recipe, rows: Sequence[PhasePlan], setting: dict,
     lines = []
     if recipe.coarse is not None:
         lines.append(f"coarse to fine ({recipe.coarse.describe()}) derived from {recipe.coarse.baseline.name}:")
-    lines += [format_plan(rows), describe_setting(setting),
+    lines += [format_plan(rows), *batch, describe_setting(setting),
               *describe_ends(recipe.phases, recipe.train.stop_when_surpassing)]
     if recipe.coarse is not None:
         lines += saving_lines(recipe.phases, rows, recipe.coarse.baseline.name, baseline_rows())

@@ -122,8 +122,12 @@ class DataConfig:
     Args:
         train: training manifests; several are mixed by their weights (AudioSet + LibriSpeech in SSAST).
         valid: validation manifests (empty: no validation).
-        batch_size: clips per rank per micro-batch.
-        eval_batch_size: clips per rank per validation batch (default: batch_size).
+        batch_size: the global batch: clips per optimiser step over every rank and accumulated micro-batch
+            (the number the paper's sources state); each launch splits it (``common.batch``).
+        max_batch_per_rank: the most clips one rank takes in one forward / backward pass (None: no cap);
+            gradient accumulation grows until the per-rank micro-batch fits (``common.batch``).
+        eval_batch_size: clips per rank per validation batch (default: the phase's training micro-batch
+            per rank, which keeps a partial validation round's clip count on any launch).
         num_workers: decoding processes per rank; a rank starts at most its cores minus one (``common.cpu``).
         max_bad_fraction: stop the run when more than this share of clips is unusable.
         balanced: AST's balanced sampling (weights 1000 / (label count + 0.01)).
@@ -142,6 +146,7 @@ class DataConfig:
     train: list[ManifestSpec] = field(default_factory=list)
     valid: list[str] = field(default_factory=list)
     batch_size: int = 24
+    max_batch_per_rank: int | None = None
     eval_batch_size: int | None = None
     num_workers: int = 4
     max_bad_fraction: float = 0.02
@@ -158,6 +163,8 @@ class DataConfig:
             raise ValueError(f"full_shuffle_max must be >= 0, got {self.full_shuffle_max}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_batch_per_rank is not None and self.max_batch_per_rank < 1:
+            raise ValueError(f"max_batch_per_rank must be >= 1, got {self.max_batch_per_rank}")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if self.num_workers < 0:

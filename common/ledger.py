@@ -1,6 +1,8 @@
 """The run's account of compute: FLOPs, samples, steps and wall time per phase, and every evaluation.
 
 ``ledger.json`` in a run directory holds, per phase: ``compression``, ``factor``, ``steps``, ``samples``,
+the batch (``global_batch``: clips per optimiser step, the recipe's; ``batch_per_rank``, ``grad_accum``,
+``world_size``: how the launch that trained it last split it, ``common.batch``),
 ``flops_per_sample``, ``train_flops`` (= flops_per_sample x samples), ``wall_seconds`` (the training loop,
 data waits included, evaluation and checkpointing not), ``eval_seconds`` and the phase's memory (estimated
 and peak, ``common.memory``); totals; the evaluations
@@ -51,6 +53,8 @@ class PhaseRecord:
         device_seconds: the seconds of all ranks' devices held by the phase (training and validation, times
             the number of ranks at the time: what GPU-hours count); ``device``: what they were (the GPU's name,
             or ``cpu``).
+        global_batch, batch_per_rank, grad_accum, world_size: the phase's global batch and how it was split
+            (clips per rank per micro-batch, micro-batches per step, ranks) by the launch that trained it last.
         ended_by, ended_at, end_note: why and when the phase ended (None while it runs).
         memory_estimate_bytes: what ``common.memory`` estimated one rank needs for this phase.
         peak_memory_bytes, peak_memory_source: the measured peak on one rank while the phase trained (rank 0's
@@ -72,6 +76,10 @@ class PhaseRecord:
     eval_seconds: float = 0.0
     device_seconds: float = 0.0
     device: str | None = None
+    global_batch: int | None = None
+    batch_per_rank: int | None = None
+    grad_accum: int | None = None
+    world_size: int | None = None
     ended_by: str | None = None
     ended_at: dict | None = None
     end_note: str | None = None
@@ -83,20 +91,26 @@ class PhaseRecord:
     _COUNTERS = ("steps", "epochs", "samples", "train_flops", "wall_seconds", "eval_seconds", "device_seconds")
     _DESCRIPTION = ("name", "compression", "factor", "flops_per_sample", "tokens_per_sample", "patch_transfer",
                     "device")
+    _BATCH = ("global_batch", "batch_per_rank", "grad_accum", "world_size")
     _END = ("ended_by", "ended_at", "end_note")
     _MEMORY = ("memory_estimate_bytes", "peak_memory_bytes", "peak_memory_source")
 
     def to_dict(self) -> dict:
         """The record as ``ledger.json`` stores it (counters first, then the phase's description)."""
         out = {k: getattr(self, k) for k in self._COUNTERS}
-        out.update({k: getattr(self, k) for k in self._DESCRIPTION + self._END + self._MEMORY
+        out.update({k: getattr(self, k) for k in self._DESCRIPTION + self._BATCH + self._END + self._MEMORY
                     if getattr(self, k) is not None})
         out.update(self.extra)
         return out
 
+    def set_batch(self, split) -> None:
+        """Record the phase's global batch and its split (a :class:`common.batch.BatchSplit`)."""
+        self.global_batch, self.batch_per_rank = split.global_batch, split.per_rank
+        self.grad_accum, self.world_size = split.grad_accum, split.world_size
+
     @classmethod
     def from_dict(cls, data: dict) -> "PhaseRecord":
-        known = set(cls._COUNTERS) | set(cls._DESCRIPTION) | set(cls._END) | set(cls._MEMORY)
+        known = set(cls._COUNTERS) | set(cls._DESCRIPTION) | set(cls._BATCH) | set(cls._END) | set(cls._MEMORY)
         return cls(**{k: v for k, v in data.items() if k in known},
                    extra={k: v for k, v in data.items() if k not in known})
 

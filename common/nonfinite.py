@@ -48,8 +48,11 @@ class NonFiniteWatch:
         self._since = 0  # micro-batches since the last check
         self._from_step = 0  # optimiser steps done at the last check
 
-    def restart(self, step: int) -> None:
-        """Start watching at optimiser step ``step`` of a phase (done at a phase start or resume)."""
+    def restart(self, step: int, grad_accum: int | None = None) -> None:
+        """Start watching at optimiser step ``step`` of a phase (done at a phase start or resume; ``grad_accum``:
+        the phase's micro-batches per step, if it changes)."""
+        if grad_accum is not None:
+            self.grad_accum = grad_accum
         self._seen = self._clean = None
         self._since, self._from_step = 0, step
 

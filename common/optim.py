@@ -44,7 +44,8 @@ class OptimConfig:
             learning rate is ``lr * factor`` (HTS-AT's LambdaLR: ``[[0, 0.02], [1, 0.05], [2, 0.1], [11, 0.05],
             [21, 0.02], [31, 0.03]]``). The first entry must start at round 0.
         grad_clip: clip the global gradient norm to this value (0: off).
-        grad_accum: micro-batches per optimiser step.
+        grad_accum: micro-batches per rank per optimiser step (at least: ``data.max_batch_per_rank`` raises it;
+            ``common.batch`` splits the global batch ``data.batch_size`` by it and the ranks).
         head_lr_scale: learning-rate factor of the task head (AST's ``head_lr``; 1 in every released recipe).
     """
 
@@ -195,7 +196,8 @@ def param_groups(model: nn.Module, head_prefixes: tuple[str, ...] = (), head_lr_
 
 def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int, zero_stage: int,
                  device: torch.device, total_steps: int | None = None, head_prefixes: tuple[str, ...] = (),
-                 autocast_dtype: torch.dtype | None = None, load_universal: bool = False):
+                 autocast_dtype: torch.dtype | None = None, load_universal: bool = False,
+                 grad_accum: int | None = None):
     """A DeepSpeed engine around ``model`` with a fresh optimiser and LR schedule (one per phase).
 
     DeepSpeed's forward turns off an autocast that its own config does not name (``torch.autocast(...,
@@ -216,13 +218,15 @@ def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int,
         autocast_dtype: the run's autocast dtype (``train.precision``), or None for fp32.
         load_universal: the engine will load a checkpoint in DeepSpeed's universal format (a resume on
             another number of ranks, ``common.run_checkpoint``).
+        grad_accum: micro-batches per optimiser step (default ``cfg.grad_accum``; the trainer gives the phase's
+            split, ``common.batch``).
     """
     import deepspeed
 
     optimizer = build_optimizer(param_groups(model, head_prefixes, cfg.head_lr_scale), cfg, lr, device)
     config = {
         "train_micro_batch_size_per_gpu": batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_accumulation_steps": cfg.grad_accum if grad_accum is None else grad_accum,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": zero_stage},
         "steps_per_print": 2**62,

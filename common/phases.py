@@ -1,7 +1,7 @@
 """Training phases: what a recipe's ``phases:`` list holds, and how a phase sets up the model.
 
 A run is a list of phases, each with a compression method and factor, a length (``steps`` for
-iteration-based pretraining, ``epochs`` for fine-tuning) and optional batch-size / learning-rate
+iteration-based pretraining, ``epochs`` for fine-tuning) and optional global-batch / learning-rate
 overrides. The paper's SSAST schedule is two phases: Fshift x4 for 100K steps, then full resolution for
 500K; three-phase runs (4 -> 2 -> 1) are written the same way. At every phase change the grid-dependent
 weights are adapted (``common.resize``, ``common.transition``) and the optimiser and learning-rate schedule
@@ -32,7 +32,8 @@ class PhaseConfig:
         patch_transfer: ``pi`` or ``bilinear``: how the patch kernel is carried into / out of a patch phase.
         steps: length in optimiser steps (iteration-based runs).
         epochs: length in epochs (epoch-based runs).
-        batch_size: per-rank micro-batch size of this phase (default: the data section's).
+        batch_size: this phase's global batch, clips per optimiser step over every rank (default: the data
+            section's); each launch splits it over its ranks (``common.batch``).
         lr: peak learning rate of this phase (default: the optim section's).
         name: a label for logs and the ledger.
         until: end the phase by a criterion within bounds instead of at its planned length
@@ -86,7 +87,7 @@ class PhaseConfig:
         return self.length
 
     def batch_size_or(self, default: int) -> int:
-        """The phase's per-rank batch size, or ``default`` (the data section's) when it sets none."""
+        """The phase's global batch, or ``default`` (the data section's) when it sets none."""
         return self.batch_size or default
 
     def label(self, index: int) -> str:
@@ -130,6 +131,7 @@ class PhasePlan:
         label: the phase's label.
         length, unit: ``steps`` or ``epochs``.
         global_batch: clips per optimiser step over every rank and accumulation.
+        per_rank, grad_accum, world_size: how this launch splits it (``common.batch``).
         grid, tokens: the token grid ``(f, t)`` and its size (patch tokens, prefix tokens not counted).
         flops_per_sample: training FLOPs (forward + backward) per clip.
         train_flops: planned training FLOPs of the phase (iteration-based phases only: an epoch's size is
@@ -146,41 +148,46 @@ class PhasePlan:
     flops_per_sample: int
     train_flops: float | None
     memory: int | None = None
+    per_rank: int | None = None
+    grad_accum: int = 1
+    world_size: int = 1
 
 
 def plan_phases(phases: Sequence[PhaseConfig], configs: Sequence,
-                flops_per_sample: Callable[[object], int], batch_size: int, grad_accum: int = 1,
-                world_size: int = 1, memory: Callable[[object, int], int] | None = None) -> list[PhasePlan]:
+                flops_per_sample: Callable[[object], int], splits: Sequence,
+                memory: Callable[[object, int], int] | None = None) -> list[PhasePlan]:
     """The plan of every phase (what ``--dry-run`` prints and the baseline comparison sums).
 
     Args:
         phases: the recipe's phases.
         configs: their model geometries (:func:`common.arch.base.geometries`).
         flops_per_sample: the objective's training FLOPs per clip at a geometry.
-        batch_size: the data section's per-rank batch (a phase may override it).
-        grad_accum, world_size: micro-batches per step and ranks.
+        splits: each phase's :class:`common.batch.BatchSplit` (its global batch over this launch's ranks).
         memory: bytes per rank at a geometry and micro-batch (e.g. the objective's ``memory_estimate``), or None.
     """
     rows = []
-    for i, (phase, cfg) in enumerate(zip(phases, configs)):
-        batch = phase.batch_size_or(batch_size) * grad_accum * world_size
+    for i, (phase, cfg, split) in enumerate(zip(phases, configs, splits)):
+        batch = split.global_batch
         flops = flops_per_sample(cfg)
         rows.append(PhasePlan(phase.label(i), phase.length, "steps" if phase.iteration_based else "epochs", batch,
                               cfg.grid, cfg.num_patches, flops,
                               flops * phase.steps * batch if phase.iteration_based else None,
-                              memory(cfg, phase.batch_size_or(batch_size)) if memory is not None else None))
+                              memory(cfg, split.per_rank) if memory is not None else None,
+                              split.per_rank, split.grad_accum, split.world_size))
     return rows
 
 
 def format_plan(rows: Sequence[PhasePlan]) -> str:
-    """The plan as a table (planned FLOPs in PFLOPs where they are known; memory per rank in GiB if estimated)."""
+    """The plan as a table: the global batch and its split per rank (micro-batch x accumulation), planned
+    FLOPs in PFLOPs where they are known, memory per rank in GiB if estimated."""
     unit = rows[0].unit if rows else "steps"
     with_memory = any(r.memory is not None for r in rows)
-    lines = [f"{'phase':<32} {unit:>8} {'batch':>6} {'grid':>7} {'tokens':>6} {'GFLOPs/sample':>14} {'PFLOPs':>9}"
-             + (f" {'GiB/rank':>9}" if with_memory else "")]
+    lines = [f"{'phase':<32} {unit:>8} {'batch':>6} {'per rank':>9} {'grid':>7} {'tokens':>6} {'GFLOPs/sample':>14} "
+             f"{'PFLOPs':>9}" + (f" {'GiB/rank':>9}" if with_memory else "")]
     for r in rows:
         total = f"{r.train_flops / 1e15:>9.4g}" if r.train_flops is not None else f"{'-':>9}"
         memory = (f" {r.memory / 2**30:>9.3g}" if r.memory is not None else f" {'-':>9}") if with_memory else ""
-        lines.append(f"{r.label:<32} {r.length:>8} {r.global_batch:>6} {r.grid[0]:>3}x{r.grid[1]:<3} {r.tokens:>6} "
-                     f"{r.flops_per_sample / 1e9:>14.4g} {total}{memory}")
+        per_rank = "-" if r.per_rank is None else f"{r.per_rank}" + (f"x{r.grad_accum}" if r.grad_accum > 1 else "")
+        lines.append(f"{r.label:<32} {r.length:>8} {r.global_batch:>6} {per_rank:>9} {r.grid[0]:>3}x{r.grid[1]:<3} "
+                     f"{r.tokens:>6} {r.flops_per_sample / 1e9:>14.4g} {total}{memory}")
     return "\n".join(lines)

@@ -42,6 +42,7 @@ from common.arch import architecture_for
 from common.arch.base import geometries
 from common.atomic import atomic_copy
 from common.augment import SpecAugmentConfig
+from common.batch import phase_splits
 from common.compile import maybe_compile
 from common.baseline import evaluation_settings, setting_differences, stop_target
 from common.criteria import PhaseEnd
@@ -132,6 +133,8 @@ class Trainer:
         self.run_dir = Path(spec.run_dir)
         self.arch = architecture_for(spec.base, spec.audio)
         self.cfgs = geometries(self.arch, spec.phases)
+        # each phase's global batch over this launch's ranks (refused here, before any compute, if it does not split)
+        self.splits = phase_splits(spec.phases, spec.data, spec.optim, dist.world_size)
         self.device = dist.device
         bf16 = spec.train.precision == "bf16" or (spec.train.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if bf16 else None
@@ -154,7 +157,7 @@ class Trainer:
         self._memory = PeakMemory(self.device)
         self._clips = make_cache(spec.data.cache, spec.data.cache_dir)  # decoded clips, kept across phases
         self._train_cuts: dict = {}  # the training set once read into memory, kept across phases (train_loader)
-        self._finite = NonFiniteWatch(dist, spec.train.nonfinite_check, spec.optim.grad_accum)
+        self._finite = NonFiniteWatch(dist, spec.train.nonfinite_check, self.splits[0].grad_accum)
 
     # ------------------------------------------------------------------------------------- the run
     def run(self, stop_after: int | None = None) -> bool:
@@ -231,13 +234,14 @@ class Trainer:
         self._start_phase(index)
         batches = None if phase.iteration_based else loader.estimated_batches_per_epoch()  # epochs x steps
         total = phase.steps if phase.iteration_based else \
-            None if batches is None else phase.max_length * (batches // spec.optim.grad_accum)
+            None if batches is None else phase.max_length * (batches // self.splits[index].grad_accum)
         bar = progress(total, st.step, phase.label(index), self.dist.is_main)
         window: dict[str, float] = {}
         self._pending.restart_clock()
         steps_done = 0
         try:
-            for group in step_groups(stream, spec.optim.grad_accum, not phase.iteration_based, st.data_epoch):
+            for group in step_groups(stream, self.splits[index].grad_accum, not phase.iteration_based,
+                                     st.data_epoch):
                 if group.epoch_end is not None:  # epoch-based phases: evaluate (and maybe finish) per epoch
                     self._check_finite(index)
                     st.epoch_in_phase += 1
@@ -318,7 +322,7 @@ class Trainer:
         st, spec = self.state, self.spec
         prev, nxt = spec.phases[index], spec.phases[index + 1]
         data_epoch, data_index = st.data_epoch, st.data_index
-        if prev.batch_size_or(spec.data.batch_size) != nxt.batch_size_or(spec.data.batch_size) and data_index:
+        if self._batch_size(index) != self._batch_size(index + 1) and data_index:
             data_epoch, data_index = data_epoch + 1, 0  # positions count batches: a new batch size starts an epoch
         # the best score is per phase: "best" means the best of the final phase (the paper's reports)
         self.state = TrainState(phase=index + 1, data_epoch=data_epoch, data_index=data_index,
@@ -375,10 +379,12 @@ class Trainer:
         return build_engine(model, optim, phase.lr or optim.lr, self._batch_size(index), self.spec.train.zero_stage,
                             self.device, phase.steps if phase.iteration_based else None,
                             getattr(model, "head_prefixes", ()), self.autocast_dtype,
-                            load_universal=resume_tag is not None and self.checkpoints.resharded(resume_tag))
+                            load_universal=resume_tag is not None and self.checkpoints.resharded(resume_tag),
+                            grad_accum=self.splits[index].grad_accum)
 
     def _batch_size(self, index: int) -> int:
-        return self.spec.phases[index].batch_size_or(self.spec.data.batch_size)
+        """Phase ``index``'s micro-batch per rank (its global batch split over this launch, ``common.batch``)."""
+        return self.splits[index].per_rank
 
     def _frontend(self, index: int, specaug: SpecAugmentConfig) -> nn.Module:
         """The phase's front end on the device (training augmentation from ``specaug``)."""
@@ -410,15 +416,16 @@ class Trainer:
         estimate = self.objective.memory_estimate(cfg, self._batch_size(index), **training_setting(
             self.spec.train.precision, self.spec.train.zero_stage, self.dist.world_size, self.device))
         record.memory_estimate_bytes = estimate.total
+        record.set_batch(self.splits[index])  # this launch's split (a resume on other ranks records its own)
         record.device = record.device or (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
                                           else self.device.type)
         self._memory.reset()
-        self._finite.restart(self.state.step)
-        log.info("%s: %s, %s tokens per clip (grid %dx%d), %.3g GFLOPs per training sample, batch %d x %d "
-                 "rank(s) x %d accumulation; memory estimate %s", phase.label(index),
+        self._finite.restart(self.state.step, self.splits[index].grad_accum)
+        log.info("%s: %s, %s tokens per clip (grid %dx%d), %.3g GFLOPs per training sample, batch %s; memory "
+                 "estimate %s", phase.label(index),
                  f"{phase.steps} steps" if phase.iteration_based else f"{phase.epochs} epochs",
-                 cfg.num_patches, *cfg.grid, record.flops_per_sample / 1e9, self._batch_size(index),
-                 self.dist.world_size, self.spec.optim.grad_accum, estimate.describe())
+                 cfg.num_patches, *cfg.grid, record.flops_per_sample / 1e9, self.splits[index].describe(),
+                 estimate.describe())
 
     def _micro_step(self, engine, batch: Batch, pipeline: nn.Module, index: int) -> dict[str, torch.Tensor]:
         """Forward, backward and (at the end of an accumulation group) the optimiser step of one micro-batch.
@@ -624,11 +631,13 @@ class Trainer:
     def _check_evaluation(self, resumed: bool) -> None:
         """Record the validation settings (``common.baseline.evaluation_settings``); a resumed run whose
         ``train.eval_batches`` or ``data.eval_batch_size`` change which clips are scored records the change as
-        an intervention (a change of ranks has its own, ``_reshard_position``)."""
+        an intervention (a change of ranks has its own, ``_reshard_position``; the default validation batch, the
+        per-rank training batch, follows the ranks and keeps the clips a round scores: no change then)."""
         spec, last = self.spec, len(self.spec.phases) - 1
         current = evaluation_settings(spec.train, spec.data, self._batch_size(last), self.dist.world_size)
         old = self.ledger.evaluation
-        if resumed and old and setting_differences(old, {**current, "ranks": old.get("ranks")}):
+        compared = current if spec.data.eval_batch_size is None else {**current, "ranks": old and old.get("ranks")}
+        if resumed and old and setting_differences(old, compared):
             keys = {"eval_batches": "train.eval_batches"}
             self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase, changes={
                 keys.get(k, f"data.{k}"): {"from": old.get(k), "to": v} for k, v in current.items()
@@ -653,7 +662,8 @@ class Trainer:
         """Resuming on another number of ranks (or per-rank batch): each rank's shard of an epoch changes, so the
         data position keeps the clips of the epoch already seen (batches consumed x per-rank batch x ranks, in
         the new global batches), and the run continues close to, not exactly as, an uninterrupted one; the
-        ledger records it."""
+        ledger records it (the per-rank batch only where it changed otherwise than the global batch's split over
+        the new ranks, ``common.batch``)."""
         st, ranks, batch = self.state, self.dist.world_size, self._batch_size(self.state.phase)
         index = reshard_index(st.data_index, saved_batch, saved_ranks, batch, ranks)
         log.warning("resuming on %d rank(s) x %d clips a run checkpointed on %d x %d: each rank's share of the data "
@@ -662,7 +672,7 @@ class Trainer:
                     batch, saved_ranks, saved_batch, st.data_epoch, index, st.data_index)
         st.data_index = index
         changes = {"world_size": {"from": saved_ranks, "to": ranks}} if saved_ranks != ranks else {}
-        if saved_batch != batch:
+        if saved_batch != batch and saved_batch * saved_ranks != batch * ranks:
             changes["batch_per_rank"] = {"from": saved_batch, "to": batch}
         self.ledger.add_intervention(step=st.total_steps, phase=st.phase, changes=changes)
 

@@ -170,7 +170,7 @@ def auto_warmup(clips: int, batch: int) -> int:
 
     Args:
         clips: training clips per epoch.
-        batch: clips per optimiser step (per-rank batch x accumulation x ranks).
+        batch: the global batch (clips per optimiser step over every rank).
     """
     steps_per_epoch = max(1, clips // max(1, batch))
     return max(1, min(MAX_AUTO_WARMUP, math.ceil(steps_per_epoch / 2)))
@@ -229,11 +229,10 @@ def _apply_task_file_defaults(recipe: FinetuneRecipe, data: dict, notes: list[st
     except (OSError, EOFError, ValueError):
         clips = None  # missing or broken manifests: check_files reports them
     if clips:
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        batch = (recipe.phases[0].batch_size or recipe.data.batch_size) * recipe.optim.grad_accum * world
+        batch = recipe.phases[0].batch_size or recipe.data.batch_size  # the global batch: clips per step
         if clips < batch:
-            raise RecipeError(f"data.batch_size: a step takes {batch} clips ({world} rank(s)), but the training "
-                              f"set of {recipe.task.name} has {clips}; set a smaller data.batch_size")
+            raise RecipeError(f"data.batch_size: a step takes {batch} clips, but the training set of "
+                              f"{recipe.task.name} has {clips}; set a smaller data.batch_size")
         if "warmup_steps" not in optim:  # neither stated nor set by the followed recipe
             warmup = auto_warmup(clips, batch)
             recipe = replace(recipe, optim=replace(recipe.optim, warmup_steps=warmup))

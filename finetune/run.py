@@ -52,28 +52,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_plan(recipe, configs, objective, arch) -> None:
+def print_plan(recipe, configs, objective, arch, world_size: int = 1, stated: int | None = None,
+               source: str = "the recipe") -> None:
+    """The ``--dry-run`` plan on ``world_size`` ranks; ``stated``: the global batch the task's recipe and the
+    recipe file state (``source`` names them), to say when ``--set`` changed it."""
+    from common import batch
     from common.arch.base import geometries
     from common.coarse import plan_lines
     from common.memory import training_setting
     from common.phases import plan_phases
 
-    setting = training_setting(recipe.train.precision, recipe.train.zero_stage)
+    setting = training_setting(recipe.train.precision, recipe.train.zero_stage, world_size)
     print(f"task {recipe.task.name}: {recipe.task.description or ''}")
     print(f"pooling: {objective.head.pool}")
-    rows = plan_phases(recipe.phases, configs, objective.flops_per_sample, recipe.data.batch_size,
-                       recipe.optim.grad_accum,
-                       memory=lambda cfg, batch: objective.memory_estimate(cfg, batch, **setting).total)
+    splits = batch.phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)
+    rows = plan_phases(recipe.phases, configs, objective.flops_per_sample, splits,
+                       memory=lambda cfg, micro: objective.memory_estimate(cfg, micro, **setting).total)
 
     def baseline_rows():
         phases = recipe.coarse.baseline.phases
-        return plan_phases(phases, geometries(arch, phases), objective.flops_per_sample, recipe.data.batch_size,
-                           recipe.optim.grad_accum)
+        return plan_phases(phases, geometries(arch, phases), objective.flops_per_sample,
+                           batch.phase_splits(phases, recipe.data, recipe.optim, world_size))
 
-    print("\n".join(plan_lines(recipe, rows, setting, baseline_rows)))
+    print("\n".join(plan_lines(recipe, rows, setting, baseline_rows,
+                               batch.plan_lines(splits, recipe.data.batch_size, stated, source))))
     o = recipe.optim
-    print(f"optimiser {o.optimizer}, lr {o.lr:g}, warm-up {o.warmup_steps} steps, {o.schedule} schedule; batch "
-          f"{recipe.data.batch_size} per rank x {o.grad_accum} accumulation")
+    print(f"optimiser {o.optimizer}, lr {o.lr:g}, warm-up {o.warmup_steps} steps, {o.schedule} schedule")
+
+
+def _stated_batch(task: str, recipe_path: Path | None) -> tuple[int | None, str]:
+    """The global batch the task's default recipe and the recipe file state (before ``--set``), and whose."""
+    from common.batch import stated_batch
+    from common.recipe import load_yaml, merge
+    from finetune.recipe import task_source
+
+    _, defaults = task_source(task)
+    data = merge(defaults, load_yaml(recipe_path)) if recipe_path is not None else defaults
+    return stated_batch(data), (recipe_path.name if recipe_path is not None and stated_batch(load_yaml(recipe_path))
+                                else f"the {Path(task).stem} task's recipe")
 
 
 def _classes(recipe, planning: bool) -> tuple[list[str], dict[str, str]]:
@@ -118,16 +134,15 @@ def _surpass_targets(recipe, run_dirs: list[Path], restart: bool) -> list[str | 
     """``train.stop_when_surpassing`` per run (ESC-50's folds compare with the baseline's same fold), checked
     before any compute (``common.baseline.precheck``): each baseline must be there, finished and comparable,
     unless its run resumes with the target it recorded."""
-    import os
-
     from common.baseline import evaluation_settings, precheck
+    from common.batch import launch_world_size, phase_splits
 
     target = recipe.train.stop_when_surpassing
     if not target:
         return [None] * len(run_dirs)
     targets = [str(Path(target) / d.name) if recipe.task.folds else target for d in run_dirs]
-    evaluation = evaluation_settings(recipe.train, recipe.data, recipe.phases[-1].batch_size_or(recipe.data.batch_size),
-                                     int(os.environ.get("WORLD_SIZE", 1)))
+    split = phase_splits(recipe.phases, recipe.data, recipe.optim, launch_world_size())[-1]  # the final phase's
+    evaluation = evaluation_settings(recipe.train, recipe.data, split.per_rank, split.world_size)
     for path, run_dir, (_, valid) in zip(targets, run_dirs, recipe.task.fold_splits()):
         precheck(path, recipe.task.metric, run_dir, valid, evaluation,
                  recipe.train.accept_baseline_differences, restart)
@@ -136,13 +151,15 @@ def _surpass_targets(recipe, run_dirs: list[Path], restart: bool) -> list[str | 
 
 def _test(run_dir: Path, recipe, classes, dist, tracker) -> None:
     """Evaluate the best epoch's model (the weight average if there is one) on the task's test split."""
+    from common.batch import phase_splits
     from finetune.evaluate import evaluate_export
 
     averaged = run_dir / "export" / "weight_averaged.safetensors"
     model = averaged if averaged.is_file() else run_dir / "export" / "best.safetensors"
     metrics = evaluate_export(model, [recipe.task.path(p) for p in recipe.task.test], classes,
-                              recipe.data.eval_batch_size or recipe.data.batch_size, recipe.data.num_workers,
-                              dist.device, tracker)
+                              recipe.data.eval_batch_size or
+                              phase_splits(recipe.phases, recipe.data, recipe.optim, dist.world_size)[-1].per_rank,
+                              recipe.data.num_workers, dist.device, tracker)
     (run_dir / "test_metrics.json").write_text(json.dumps({"model": str(model), **metrics}, indent=1))
     log.info("test split (%s): %s", model.name, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
@@ -174,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from common.arch import architecture_for
         from common.arch.base import geometries
+        from common.batch import phase_splits
+        from common.cli import world_size_of
         from common.recipe import RecipeError
         from finetune.init import expected_init_note, init_pos_mode, load_init, resolve_pool, task_encoder_config
         from finetune.recipe import check_files, file_checks, is_task_file, load_recipe
@@ -189,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise  # a plan goes on (planned as from scratch) and lists the missing init below
         recipe = load_recipe(args.task, args.recipe, args.overrides, init=args.init, data_root=args.data_root,
                              notes=notes, coarse=args.coarse, init_weights=early, planning=args.dry_run)
+        world_size = world_size_of(args)
+        phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)  # refuse an impossible split now
         missing: list[str] = []
         if args.dry_run:  # a plan needs no data: say what a run would not find
             from common.preflight import problems
@@ -243,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             targets = [None] * len(run_dirs)
         cautions = ([mismatch] if mismatch else []) + _cautions(recipe, audio)
         if args.dry_run:
-            print_plan(recipe, configs, objective, arch)
+            print_plan(recipe, configs, objective, arch, world_size, *_stated_batch(args.task, args.recipe))
             for note in notes:
                 print(note)
             for caution in cautions:

@@ -21,7 +21,7 @@ that the same share of the clip is masked; the frequency mask (128 mel bins in e
 noise roll (10 frames in the 128- and the 512-frame recipes alike: a fixed stretch of audio) are kept.
 HTS-AT's input is its fixed 10 s image, so nothing is scaled for it. With fewer (or more) epochs than the
 recipe, weight averaging covers the same share of the final phase. The recipe's batch is not taken:
-``data.batch_size`` is the machine's.
+``data.batch_size`` (the global batch) is the task file's, or the package's 24 clips per step.
 
 ``defaults: package`` in a task file keeps the package's bare defaults (Adam at 1e-4 with a plateau
 schedule, no augmentation, 10 epochs); ``defaults: NAME`` follows one recipe of :data:`RECIPES`.

@@ -26,10 +26,10 @@ from pretrain.ssast import SSASTConfig
 
 __all__ = ["PretrainRecipe", "load_recipe", "load_baseline", "shared_with_baseline"]
 
-# --set keys that change what one training step computes (model and input geometry, the batch, the
-# pretext task): applied to the baseline recipe as well, so that the planned saving compares like with
-# like. Other keys (phases, optimiser schedule, data files, logging) belong to this run only.
-BASELINE_SHARED = ("model", "audio", "ssast", "data.batch_size", "optim.grad_accum")
+# --set keys that change what one training step computes (model and input geometry, the global batch and
+# its split, the pretext task): applied to the baseline recipe as well, so that the planned saving compares
+# like with like. Other keys (phases, optimiser schedule, data files, logging) belong to this run only.
+BASELINE_SHARED = ("model", "audio", "ssast", "data.batch_size", "data.max_batch_per_rank", "optim.grad_accum")
 
 
 @dataclass(frozen=True)

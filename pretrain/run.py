@@ -52,6 +52,7 @@ def plan(recipe, world_size: int = 1, phases=None, memory: dict | None = None):
     replace the recipe's (e.g. the baseline a coarse-to-fine schedule was derived from)."""
     from common.arch import architecture_for
     from common.arch.base import geometries
+    from common.batch import phase_splits
     from common.phases import plan_phases
     from pretrain.ssast import SSASTObjective
 
@@ -61,8 +62,8 @@ def plan(recipe, world_size: int = 1, phases=None, memory: dict | None = None):
     if memory is not None:
         objective = SSASTObjective(recipe.ssast)
         estimate = lambda cfg, batch: objective.memory_estimate(cfg, batch, **memory).total  # noqa: E731
-    return plan_phases(phases, configs, lambda cfg: _flops_per_sample(recipe.ssast, cfg), recipe.data.batch_size,
-                       recipe.optim.grad_accum, world_size, estimate)
+    return plan_phases(phases, configs, lambda cfg: _flops_per_sample(recipe.ssast, cfg),
+                       phase_splits(phases, recipe.data, recipe.optim, world_size), estimate)
 
 
 def planned_total(recipe, world_size: int) -> float:
@@ -89,14 +90,20 @@ def _phase_overrides(overrides: list[str]) -> list[str]:
     return [o.split("=", 1)[0].strip() for o in overrides if o.split("=", 1)[0].strip().startswith("phases")]
 
 
-def print_plan(recipe, world_size: int, baseline=None, overrides: list[str] = ()) -> None:
+def print_plan(recipe, world_size: int, baseline=None, overrides: list[str] = (), stated: int | None = None,
+               source: str = "the recipe") -> None:
+    """The ``--dry-run`` plan on ``world_size`` ranks; ``stated``: the global batch the recipe file states
+    (``source`` names it), to say when ``--set`` changed it."""
+    from common import batch
     from common.coarse import plan_lines
     from common.memory import training_setting
 
     setting = training_setting(recipe.train.precision, recipe.train.zero_stage, world_size)
     rows = plan(recipe, world_size, memory=setting)
+    splits = batch.phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)
     print("\n".join(plan_lines(recipe, rows, setting,
-                               lambda: plan(recipe, world_size, recipe.coarse.baseline.phases))))
+                               lambda: plan(recipe, world_size, recipe.coarse.baseline.phases),
+                               batch.plan_lines(splits, recipe.data.batch_size, stated, source))))
     if recipe.coarse is not None:
         return
     total = sum(r.train_flops for r in rows)
@@ -118,13 +125,12 @@ def print_plan(recipe, world_size: int, baseline=None, overrides: list[str] = ()
 
 def check_baseline(recipe, run_dir: Path, restart: bool) -> None:
     """``train.stop_when_surpassing``: the baseline run is there, finished and comparable (``common.baseline``)."""
-    import os
-
     from common.baseline import evaluation_settings, precheck
+    from common.batch import launch_world_size, phase_splits
     from pretrain.ssast import SSASTObjective
 
-    evaluation = evaluation_settings(recipe.train, recipe.data, recipe.phases[-1].batch_size_or(recipe.data.batch_size),
-                                     int(os.environ.get("WORLD_SIZE", 1)))
+    split = phase_splits(recipe.phases, recipe.data, recipe.optim, launch_world_size())[-1]  # the final phase's
+    evaluation = evaluation_settings(recipe.train, recipe.data, split.per_rank, split.world_size)
     precheck(recipe.train.stop_when_surpassing, SSASTObjective.score_name, run_dir, recipe.data.valid, evaluation,
              recipe.train.accept_baseline_differences, restart)
 
@@ -133,10 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
+        from common.batch import phase_splits, stated_batch
+        from common.cli import world_size_of
         from common.preflight import check_norm, data_checks, norm_mismatch, problems
+        from common.recipe import load_yaml
         from pretrain.recipe import load_baseline, load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides, args.coarse)
+        world_size = world_size_of(args)
+        phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)  # refuse an impossible split now
         baseline = load_baseline(recipe, args.overrides)
         checks = [*data_checks(recipe.data), lambda: check_norm(recipe.audio.norm, "audio.norm")]
         caution = norm_mismatch(recipe.audio.norm, recipe.audio.target_frames, recipe.audio.num_mel_bins, "audio.norm")
@@ -146,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = args.run_dir or Path("runs/pretrain") / name
         check_baseline(recipe, run_dir, args.restart)  # before any compute: the baseline must be there, comparable
         if args.dry_run:
-            print_plan(recipe, 1, baseline, args.overrides)
+            print_plan(recipe, world_size, baseline, args.overrides, stated_batch(load_yaml(args.recipe)),
+                       args.recipe.name)
             if caution:
                 print(f"warning: {caution}")
             missing = problems(checks)

@@ -14,9 +14,8 @@ from lhotse import CutSet
 from common.data import BadAudioTracker, DataConfig, ManifestSpec, train_loader
 from tests.test_shards import ROOT, _launch
 
-BATCH = 4
-TINY = ["model.size=custom", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", f"data.batch_size={BATCH}",
-        "data.num_workers=0", "train.log_every=1", "optim.warmup_steps=0", "train.deterministic=true", "train.seed=0"]
+BATCH = 4  # clips per rank: data.batch_size, the global batch, is BATCH x ranks (x accumulation)
+TINY = ["model.size=custom", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.num_workers=0", "train.log_every=1", "optim.warmup_steps=0", "train.deterministic=true", "train.seed=0"]
 
 
 def _corpus(synth_corpus: Path, out: Path, world_size: int) -> dict:
@@ -49,15 +48,16 @@ def _corpus(synth_corpus: Path, out: Path, world_size: int) -> dict:
             "first": [c.id for c in first], "n_train": n_train, "n_valid": n_valid}
 
 
-def _finetune(data: dict, run_dir: Path, fraction: float) -> tuple[str, list[str]]:
-    sets = TINY + ["phases=[{compression: none, epochs: 2}]", f"data.max_bad_fraction={fraction}"]
+def _finetune(data: dict, run_dir: Path, fraction: float, world_size: int) -> tuple[str, list[str]]:
+    sets = TINY + ["phases=[{compression: none, epochs: 2}]", f"data.max_bad_fraction={fraction}",
+                   f"data.batch_size={BATCH * world_size}"]
     return "finetune", ["--init", "none", "--task", str(data["task"]), "--run-dir", str(run_dir),
                         *[a for s in sets for a in ("--set", s)]]
 
 
-def _pretrain(data: dict, run_dir: Path) -> tuple[str, list[str]]:
+def _pretrain(data: dict, run_dir: Path, world_size: int) -> tuple[str, list[str]]:
     sets = TINY[1:] + ["phases=[{compression: none, steps: 2}]", "train.eval_every=2", "train.save_every=2",
-                       "baseline=null", "optim.grad_accum=2", "train.zero_stage=2", "data.max_bad_fraction=0.6",
+                       "baseline=null", "optim.grad_accum=2", f"data.batch_size={BATCH * world_size * 2}", "train.zero_stage=2", "data.max_bad_fraction=0.6",
                        f"data.train=[{{path: {data['train']}}}]", "data.valid=[]"]
     return "pretrain", ["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--run-dir", str(run_dir),
                         *[a for s in sets for a in ("--set", s)]]
@@ -78,11 +78,11 @@ def test_bad_audio_on_one_rank(synth_corpus, tmp_path, world_size):
     runs = tmp_path / "runs"
     valid_share, train_share = BATCH / data["n_valid"], BATCH / data["n_train"]  # 1/W and 1/(3 W) bad
     over_valid = round((valid_share + train_share) / 2, 2)  # tolerates the training set's share, not validation's
-    cases = [("tolerated", *_finetune(data, runs / "tolerated", 0.6)),
-             ("valid-over", *_finetune(data, runs / "valid-over", over_valid)),
-             ("train-over", *_finetune(data, runs / "train-over", round(train_share / 2, 2)))]
+    cases = [("tolerated", *_finetune(data, runs / "tolerated", 0.6, world_size)),
+             ("valid-over", *_finetune(data, runs / "valid-over", over_valid, world_size)),
+             ("train-over", *_finetune(data, runs / "train-over", round(train_share / 2, 2), world_size))]
     if world_size == 2:
-        cases.append(("pretrain", *_pretrain(data, runs / "pretrain")))
+        cases.append(("pretrain", *_pretrain(data, runs / "pretrain", world_size)))
     result = _launch(world_size, cases, tmp_path / "job", timeout=360, expect={"valid-over": 1, "train-over": 1})
 
     # every clip of the last rank's first batch was bad: it was handed over empty, and trained on as a step

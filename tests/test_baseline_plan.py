@@ -22,7 +22,7 @@ def _saving(capsys, *sets: str) -> float:
 
 
 @pytest.mark.parametrize("overrides", [["data.batch_size=24"], ["model.size=small", "audio.target_frames=512"],
-                                       ["model={size: tiny}", "optim.grad_accum=4", "data.batch_size=2"]])
+                                       ["model={size: tiny}", "optim.grad_accum=4", "data.batch_size=8"]])
 def test_geometry_and_batch_overrides_apply_to_the_baseline(capsys, overrides):
     recipe = load_recipe(PAPER, overrides)
     coarse, full = (_flops_per_sample(recipe.ssast, cfg) for cfg in recipe.encoder_configs())  # common.flops

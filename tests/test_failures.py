@@ -204,7 +204,7 @@ def test_a_full_file_system_under_the_deepspeed_launcher(tmp_path, synth_corpus,
     run_dir = mnt / "run"
     argv = ["timeout", "-k", "10", "300", str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
             "--master_port", str(_free_port()), str(ROOT / "pretrain" / "run.py"), "--recipe", str(RECIPE),
-            "--run-dir", str(run_dir), *tiny(synth_corpus)]
+            "--run-dir", str(run_dir), *tiny(synth_corpus, f"data.batch_size={4 * ranks}")]  # 4 clips per rank
     command = " ".join(f"'{a}'" for a in argv)
     stages = [("300k", "mid"), ("1000k", "full")] + ([("64m", "again")] if ranks == 2 else [])
     script = f"mount -t tmpfs -o size=300k tmpfs {mnt} || exit 99\n"

@@ -188,11 +188,15 @@ def test_two_processes_on_the_cpu_with_the_deepspeed_launcher(tmp_path, synth_co
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
            str(ROOT / "pretrain" / "run.py"), "--recipe", str(RECIPE), "--run-dir", str(run_dir),
-           *tiny(synth_corpus, "train.zero_stage=1", steps=(2, 2))]
+           *tiny(synth_corpus, "train.zero_stage=1", "data.batch_size=8", steps=(2, 2))]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ledger = json.loads((run_dir / "ledger.json").read_text())
-    assert [p["samples"] for p in ledger["phases"]] == [2 * 4 * 2, 2 * 4 * 2]  # steps x batch x 2 ranks
+    assert [p["samples"] for p in ledger["phases"]] == [2 * 8, 2 * 8]  # steps x the global batch
+    # data.batch_size is the global batch: 8 clips per step = 4 per rank on the 2 ranks
+    assert [(p["global_batch"], p["batch_per_rank"], p["grad_accum"], p["world_size"]) for p in ledger["phases"]] \
+        == [(8, 4, 1, 2)] * 2
+    assert "batch 8 clips per step = 4 per rank x 2 rank(s) x 1 accumulation" in (run_dir / "train.log").read_text()
     assert all(p["device_seconds"] == pytest.approx(2 * (p["wall_seconds"] + p["eval_seconds"]))
                for p in ledger["phases"])  # two ranks' devices
     assert load_encoder(run_dir).cfg.grid == (8, 8)
@@ -230,6 +234,11 @@ def test_a_zero_run_resumes_on_another_number_of_ranks(tmp_path, synth_corpus, m
     ledger = json.loads((run_dir / "ledger.json").read_text())
     assert [i["changes"] for i in ledger["interventions"]] == [{"world_size": {"from": 2, "to": 1}}]
     assert ledger["total"]["steps"] == 6 and (run_dir / "model.safetensors").is_file()
+    # the global batch stays 4 clips per step: 2 per rank on 2 ranks, then 4 on one; the data position is kept in
+    # clips (2 batches of 2 on each of 2 ranks = 2 batches of 4 on one)
+    assert [p["samples"] for p in ledger["phases"]] == [4 * 4, 2 * 4]
+    assert [(p["global_batch"], p["batch_per_rank"], p["world_size"]) for p in ledger["phases"]] == [(4, 4, 1)] * 2
+    assert "(batch 2 instead of 2)" in (run_dir / "train.log").read_text()
 
 
 def test_a_zero_run_resumes_on_more_ranks(tmp_path, synth_corpus):
@@ -244,7 +253,9 @@ def test_a_zero_run_resumes_on_more_ranks(tmp_path, synth_corpus):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ledger = json.loads((run_dir / "ledger.json").read_text())
     assert [i["changes"] for i in ledger["interventions"]] == [{"world_size": {"from": 1, "to": 2}}]
-    assert [p["samples"] for p in ledger["phases"]] == [2 * 4 + 2 * 4 * 2, 2 * 4 * 2]  # 1 rank, then 2
+    # the global batch stays 4 clips per step on 1 rank and on 2 (4 per rank, then 2): 4 + 2 steps
+    assert [p["samples"] for p in ledger["phases"]] == [4 * 4, 2 * 4]
+    assert [(p["global_batch"], p["batch_per_rank"], p["world_size"]) for p in ledger["phases"]] == [(4, 2, 2)] * 2
     assert (run_dir / "checkpoints" / "phase02-step000000002" / "rng_rank1.pt").is_file()
 
 
@@ -264,7 +275,8 @@ def test_every_compression_method_runs_coarse_to_fine(tmp_path, synth_corpus, me
 def test_gradient_accumulation_and_zero_stage_2(tmp_path, synth_corpus):
     run_dir = tmp_path / "accum"
     assert run(run_dir, synth_corpus, "optim.grad_accum=2", "train.zero_stage=2", "optim.grad_clip=1.0",
-               "train.eval_every=100", "train.save_every=100", steps=(2, 1)) == 0
+               "data.batch_size=8", "train.eval_every=100", "train.save_every=100", steps=(2, 1)) == 0
     ledger = json.loads((run_dir / "ledger.json").read_text())
-    assert [p["samples"] for p in ledger["phases"]] == [2 * 4 * 2, 1 * 4 * 2]  # steps x batch x accumulation
+    assert [p["samples"] for p in ledger["phases"]] == [2 * 8, 1 * 8]  # steps x the global batch (4 x 2 accumulation)
+    assert [(p["batch_per_rank"], p["grad_accum"]) for p in ledger["phases"]] == [(4, 2)] * 2
     assert [p["steps"] for p in ledger["phases"]] == [2, 1]

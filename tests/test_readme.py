@@ -53,7 +53,8 @@ def no_data(tmp_path, monkeypatch):
 def test_the_readme_has_the_commands_this_test_runs():
     lines = _command_lines()
     assert "python pretrain/run.py --recipe recipes/ssast_fshift4.yaml --dry-run" in lines
-    assert any("--set data.batch_size=24" in line for line in lines)
+    # one recipe for any number of GPUs (the global batch is the recipe's): the README plans 4 GPUs
+    assert "python pretrain/run.py --recipe recipes/ssast_fshift4.yaml --dry-run --world-size 4" in lines
     assert len(lines) >= 5
 
 
@@ -68,7 +69,8 @@ def test_readme_command_runs_as_written(line, no_data, capsys):
     if "--dry-run" in args or args[-1:] in (["list"], ["--list-tasks"]):
         assert code == 0, err
         if "ssast_fshift4.yaml" in line:
-            assert "saving 34.6%" in out  # the paper's 34.58 %, with or without --set data.batch_size=24
+            assert "saving 34.6%" in out  # the paper's 34.58 %, on one GPU or several
+            assert "batch: 24 clips per step = " in out  # SSAST's global batch, whatever the launch
     else:  # a real run: everything parses, and it stops before any compute because there is no data here
         missing = ("error: data.train.0.path: manifest data/", "error: task.classes: class list data/")
         assert code == 2 and err.startswith(missing) and "does not exist" in err, err

@@ -127,7 +127,8 @@ def test_the_ranks_of_one_job_share_its_lock(tmp_path, synth_corpus, ranks):
     run_dir = tmp_path / "ddp"
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
            str(_free_port()), str(ROOT / "pretrain" / "run.py"),
-           *args(run_dir, synth_corpus, "train.zero_stage=1", "train.eval_every=100", steps=(1, 1))]
+           *args(run_dir, synth_corpus, "train.zero_stage=1", "train.eval_every=100",
+                 f"data.batch_size={4 * ranks}", steps=(1, 1))]  # the global batch: 4 clips per rank
     with run_dir_lock(run_dir):
         proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode != 0

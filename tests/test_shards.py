@@ -30,6 +30,7 @@ from common.data import (
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIPS, VALID, BATCH = 41, 25, 4  # neither divides into batches of 4 on 2 or 3 ranks
+RESHARD_BATCH = 12  # a global batch that splits on 2 ranks (6 clips each) and on 3 (4 each): 3 steps per epoch
 
 
 @pytest.fixture(scope="module")
@@ -172,10 +173,10 @@ def test_a_resume_at_another_per_rank_batch_converts_the_position_in_clips(tmp_p
 
 
 # ------------------------------------------------------------------ real training in 2 and 3 processes
-FINETUNE = ["model.size=custom", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", f"data.batch_size={BATCH}",
+FINETUNE = ["model.size=custom", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
             "data.num_workers=0", "train.log_every=100", "optim.warmup_steps=0", "train.deterministic=true",
             "phases=[{compression: none, epochs: 2}]"]
-PRETRAIN = [f"data.batch_size={BATCH}", "data.num_workers=0", "model.embed_dim=32", "model.depth=2",
+PRETRAIN = ["data.num_workers=0", "model.embed_dim=32", "model.depth=2",
             "model.num_heads=2", "phases.0.steps=3", "phases.1.steps=3", "train.log_every=100", "train.eval_every=3",
             "train.save_every=3", "train.deterministic=true", "optim.warmup_steps=2", "baseline=null"]
 TRAIN_SETS = {"memory": "[{path: DIR/train.jsonl.gz}]", "stream": "[{path: DIR/train.jsonl.gz}]",
@@ -189,9 +190,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _argv(odd, run_dir: Path, kind: str, path: str, stop: int | None) -> tuple[str, list[str]]:
-    """``(entry, argv)`` of a fine-tuning (epoch-based) or pretraining (step-based) run on loader ``path``."""
-    sets = ["data.full_shuffle_max=0"] if path == "stream" else []
+def _argv(odd, run_dir: Path, kind: str, path: str, stop: int | None, batch: int) -> tuple[str, list[str]]:
+    """``(entry, argv)`` of a fine-tuning (epoch-based) or pretraining (step-based) run on loader ``path`` at the
+    global batch ``batch`` (``data.batch_size``: clips per step over every rank)."""
+    sets = [f"data.batch_size={batch}"] + (["data.full_shuffle_max=0"] if path == "stream" else [])
     if kind == "finetune":
         task = {"balanced": "task_balanced", "shar": "task_shar"}.get(path, "task")
         argv = ["--init", "none", "--task", str(odd / f"{task}.yaml")]
@@ -259,24 +261,25 @@ def _check_equal_shards(name: str, ranks: list[dict], valid_ids: set[str]) -> No
 def test_training_on_2_and_3_ranks_every_loader_path_resumed_and_resharded(odd, tmp_path):
     """Fine-tuning (epoch-based: every epoch end is collective) and pretraining (step-based) on every loader
     path in 2 processes, then in 3; a run stopped mid-epoch (or at an epoch's end) resumes on the same ranks,
-    and runs stopped on 2 ranks resume on 3. A hang fails after the launch's timeout."""
+    and runs stopped on 2 ranks resume on 3 (the same global batch, 6 clips per rank then 4). A hang fails after
+    the launch's timeout."""
     valid_ids = {c.id for c in CutSet.from_file(odd / "valid.jsonl.gz")}
     runs = tmp_path / "runs"
     paths = [("finetune", "memory", None), ("finetune", "stream", 2), ("finetune", "balanced", None),
              ("finetune", "shar", None), ("pretrain", "memory", None), ("pretrain", "mix", 2),  # mix: streamed
              ("pretrain", "shar", None)]
-    reshards = [("finetune", "memory", 3), ("finetune", "balanced", 5), ("pretrain", "memory", 4)]
+    reshards = [("finetune", "memory", 2), ("finetune", "balanced", 3), ("pretrain", "memory", 4)]
     for world_size in (2, 3):
         cases = []
         for kind, path, stop in paths:
             name = f"{kind}-{path}-{world_size}"
             if stop:  # stopped mid-epoch, then resumed
-                cases.append((f"{name}-stopped", *_argv(odd, runs / name, kind, path, stop)))
-            cases.append((name, *_argv(odd, runs / name, kind, path, None)))
+                cases.append((f"{name}-stopped", *_argv(odd, runs / name, kind, path, stop, BATCH * world_size)))
+            cases.append((name, *_argv(odd, runs / name, kind, path, None, BATCH * world_size)))
         for kind, path, stop in reshards:  # stopped on 2 ranks (balanced: at the epoch's end), resumed on 3
             name = f"{kind}-{path}-resharded"
             cases.append((name if world_size == 3 else f"{name}-stopped",
-                          *_argv(odd, runs / name, kind, path, None if world_size == 3 else stop)))
+                          *_argv(odd, runs / name, kind, path, None if world_size == 3 else stop, RESHARD_BATCH)))
         for name, ranks in _launch(world_size, cases, tmp_path / f"job{world_size}", timeout=240).items():
             _check_equal_shards(name, ranks, valid_ids)
             if name.endswith("-stopped"):

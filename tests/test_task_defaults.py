@@ -214,7 +214,8 @@ def test_the_plan_says_which_recipe(tmp_path, synth_corpus, capsys):
     assert main(["--init", "none", "--task", task_file(tmp_path, synth_corpus), "--dry-run",
                  "--set", "data.batch_size=8"]) == 0
     out = capsys.readouterr().out
-    assert "optimiser adam, lr 0.0001, warm-up 0 steps, multistep schedule; batch 8 per rank" in out
+    assert "optimiser adam, lr 0.0001, warm-up 0 steps, multistep schedule" in out
+    assert "batch: 8 clips per step = 8 per rank x 1 rank(s) x 1 accumulation" in out  # data.batch_size is global
     assert "task file mine: defaults: AST ESC-50 recipe" in out and "time mask 96 -> 56 for 300 frames" in out
     assert "phase1 (full resolution)               25" in out
 

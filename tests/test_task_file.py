@@ -86,5 +86,6 @@ def test_dry_run_says_which_defaults_apply(tmp_path, synth_corpus, capsys):
     assert main(["--init", "none", "--task", str(task_file(tmp_path, synth_corpus, "defaults: package\n")),
                  "--dry-run", "--set", "data.batch_size=8"]) == 0
     out = capsys.readouterr().out
-    assert "optimiser adam, lr 0.0001, warm-up 2 steps, plateau schedule; batch 8 per rank" in out
+    assert "optimiser adam, lr 0.0001, warm-up 2 steps, plateau schedule" in out
+    assert "batch: 8 clips per step = 8 per rank x 1 rank(s) x 1 accumulation" in out  # data.batch_size is global
     assert "task file mine: package defaults (defaults: package): warm-up 2 steps" in out
