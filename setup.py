@@ -18,7 +18,7 @@ setup(
     license="BSD-3-Clause",
     python_requires=">=3.10",
     packages=find_packages(include=["common", "common.*", "pretrain", "finetune"]),
-    package_data={"common.htsat": ["audioset_labels.csv"]},
+    package_data={"common.models.htsat": ["audioset_labels.csv"]},
     install_requires=[
         # torchaudio 2.11 only loads with the matching torch build: keep the three pinned together.
         "torch==2.11.0",
@@ -40,18 +40,18 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.2"],
-        # Hugging Face interop (common/hf.py): export to / classify with transformers' AST classes
+        # Hugging Face interop (common/models/hf.py, hf_export.py): export to / classify with transformers' AST classes
         "hf": ["transformers>=4.30"],
     },
     entry_points={
         "console_scripts": [
-            "c2f-corpora=common.corpora.__main__:main",
+            "c2f-corpora=common.data.corpora.__main__:main",
             "c2f-pretrain=pretrain.run:main",
             "c2f-finetune=finetune.run:main",
             "c2f-linear-probe=finetune.linear_probe:main",
-            "c2f-report=finetune.report:main",
+            "c2f-report=common.reports.report:main",
             "c2f-predict=finetune.predict:main",
-            "c2f-hf=common.hf:main",
+            "c2f-hf=common.models.hf_export:main",
         ]
     },
 )

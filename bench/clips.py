@@ -10,7 +10,7 @@ import soundfile as sf
 
 
 def _clip(rng: np.random.Generator, seconds: float, labels: list[str] | None, fixed: str | None) -> np.ndarray:
-    from common.corpora.synth import SAMPLE_RATE, generate_clip
+    from common.data.corpora.synth import SAMPLE_RATE, generate_clip
 
     parts, total = [], 0
     while total < seconds * SAMPLE_RATE:
@@ -28,7 +28,7 @@ def make_clips(out: Path, count: int, seconds: float = 10.0, rate: int = 16000, 
     """
     from lhotse import CutSet, MonoCut, Recording
 
-    from common.corpora.synth import CLASSES, SAMPLE_RATE
+    from common.data.corpora.synth import CLASSES, SAMPLE_RATE
 
     out.mkdir(parents=True, exist_ok=True)
     tag = f"{count}_{rate}" + ("" if seconds == 10.0 else f"_{seconds:g}s") + ("_labeled" if labeled else "")
@@ -56,7 +56,7 @@ def make_clips(out: Path, count: int, seconds: float = 10.0, rate: int = 16000, 
 def make_task(out: Path, count: int, seconds: float = 4.0) -> Path:
     """A fine-tuning task file (``finetune/run.py --task``) over ``count`` labeled clips of ``seconds``: the
     generator's classes, training and validation on the same clips (the benchmarks time, they do not score)."""
-    from common.corpora.synth import CLASSES
+    from common.data.corpora.synth import CLASSES
 
     manifest = make_clips(out, count, seconds=seconds, labeled=True)
     classes = out / "classes.json"

@@ -29,7 +29,7 @@ after the last one whose accuracy lies within 2 standard errors of the differenc
 that ends before it has ended on noise.
 
     python -m bench.real_audio --out /tmp/real_audio        # once (FluidSynth), then prepare it:
-    python -m common.corpora prepare custom --src /tmp/real_audio --unlabeled /tmp/real_audio/pool \\
+    python -m common.data.corpora prepare custom --src /tmp/real_audio --unlabeled /tmp/real_audio/pool \\
         --name instruments --out data/instruments
     python -m bench.criteria_real_audio --data data/instruments [--out runs/bench_criteria] [--seeds 0 1] \\
         [--before c043fff]
@@ -120,12 +120,12 @@ def landmarks(points: list[dict]) -> dict:
 
 
 def criteria_module(rev: str | None):
-    """``common.criteria`` as it stands, or as it stood at git revision ``rev``."""
+    """``common.phases.criteria`` as it stands, or as it stood at git revision ``rev``."""
     if rev is None:
-        import common.criteria as module
+        import common.phases.criteria as module
 
         return module
-    source = subprocess.run(["git", "show", f"{rev}:common/criteria.py"], cwd=ROOT, check=True,
+    source = subprocess.run(["git", "show", f"{rev}:common/phases/criteria.py"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp()) / f"criteria_{rev}.py"
     path.write_text(source)

@@ -23,7 +23,7 @@ import torch
 
 
 def loader_rate(manifest: Path, workers: int, batch: int, clip_samples: int, clips_to_time: int = 960) -> float:
-    from common.data import BadAudioTracker, ClipDataset, ClipLoader, open_cuts
+    from common.data.loader import BadAudioTracker, ClipDataset, ClipLoader, open_cuts
 
     loader = ClipLoader(open_cuts([manifest]), ClipDataset(clip_samples, 16000), batch, shuffle=True, drop_last=True,
                         rank=0, world_size=1, num_workers=workers, tracker=BadAudioTracker(1.0))
@@ -37,7 +37,7 @@ def loader_rate(manifest: Path, workers: int, batch: int, clip_samples: int, cli
 
 
 def fbank_rate(shift_ms: float, batch: int, clip_samples: int, device: torch.device, repeats: int = 20) -> float:
-    from common.frontend import Fbank
+    from common.audio.fbank import Fbank
 
     fb = Fbank(frame_shift_ms=shift_ms).to(device)
     waves = torch.randn(batch, clip_samples, device=device) * 0.1
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", type=Path, default=Path("runs/bench_clips"), help="where the clips go")
     args = parser.parse_args(argv)
     from bench.clips import make_clips
-    from common.features import AudioConfig
+    from common.audio.pipeline import AudioConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     clip_samples = AudioConfig().clip_samples

@@ -13,8 +13,8 @@ Sections (each one's failure is written into the results and the others still ru
 3. Per phase of ``recipes/ssast_fshift4.yaml`` with SSAST-base at the recipe's batch (24 clips: 6 per rank
    on 4 GPUs), eager, compiled (``train.compile``) and compiled with CUDA graphs (``train.compile_mode:
    reduce-overhead``): clips/s, tokens/s, model FLOPs utilisation (the
-   training FLOPs of ``common.flops`` per second over the GPU's bf16 dense peak, :data:`PEAK_BF16_DENSE`),
-   the first step (compilation), and the peak memory next to the estimate of ``common.memory``.
+   training FLOPs of ``common.models.flops`` per second over the GPU's bf16 dense peak, :data:`PEAK_BF16_DENSE`),
+   the first step (compilation), and the peak memory next to the estimate of ``common.models.memory``.
 4. The loader's clips/s (10 s FLAC clips, decoded, cropped, batched) at 4, 8 and 16 workers against what
    the cheapest phase consumes.
 5. A short coarse-to-fine pretraining run through the real trainer against its full-resolution baseline
@@ -154,8 +154,8 @@ def _fmt(x: float | None, spec: str = ".3g") -> str:
 
 # ------------------------------------------------------------------------------- 1. bf16 vs fp32
 def _losses(kind: str, s: Settings, device: torch.device, bf16: bool) -> list[float]:
-    from common.features import FeaturePipeline
-    from common.model import ASTEncoder
+    from common.audio.pipeline import FeaturePipeline
+    from common.models.ast.encoder import ASTEncoder
     from finetune.classifier import AugmentConfig, ClassifierObjective
     from pretrain.recipe import load_recipe
     from pretrain.ssast import SSASTModel
@@ -166,7 +166,7 @@ def _losses(kind: str, s: Settings, device: torch.device, bf16: bool) -> list[fl
     objective = ClassifierObjective([str(i) for i in range(10)], "acc", "ce", AugmentConfig())
     model = (SSASTModel(ASTEncoder(cfg), rec.ssast) if kind == "ssast" else objective.build_model(cfg))
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as common.optim builds it
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as common.training.optim builds it
     pipeline = FeaturePipeline(rec.audio).to(device)
     data = torch.Generator().manual_seed(1)
     waves = (torch.randn(s.agree_batch, rec.audio.clip_samples, generator=data) * 0.1).to(device)
@@ -210,8 +210,8 @@ def check_attention(report: Report, s: Settings, device: torch.device) -> None:
     from timm.layers import use_fused_attn
     from torch.profiler import ProfilerActivity, profile
 
-    from common.features import FeaturePipeline
-    from common.model import ASTEncoder
+    from common.audio.pipeline import FeaturePipeline
+    from common.models.ast.encoder import ASTEncoder
     from pretrain.recipe import load_recipe
     from pretrain.ssast import SSASTModel
 
@@ -253,7 +253,7 @@ def measure_phases(report: Report, s: Settings, device: torch.device, store: dic
                f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; {s.warmup} untimed step(s), then {s.steps} "
                f"timed. Compiled: the encoder blocks (`train.compile`, backend {s.backend}; on a GPU also with "
                f"`train.compile_mode: reduce-overhead`, CUDA graphs). MFU: training FLOPs "
-               f"(`common.flops`) per second over the bf16 dense peak "
+               f"(`common.models.flops`) per second over the bf16 dense peak "
                f"{f'{peak[0]:g} TFLOP/s ({peak[1]})' if peak else '(none for this device: MFU n/a)'}.", "",
                "| phase | tokens/clip | mode | clips/s | tokens/s | TFLOP/s | MFU | first step (s) | peak memory "
                "(GiB) | estimate (GiB) |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -293,13 +293,13 @@ def measure_loader(report: Report, s: Settings, device: torch.device, store: dic
     require("lhotse", "soundfile")
     from bench.clips import make_clips
     from bench.data_throughput import loader_rate
-    from common.features import AudioConfig
+    from common.audio.pipeline import AudioConfig
 
     clip_samples = AudioConfig(target_frames=int(s.clip_seconds * 100) // 16 * 16).clip_samples
     manifest = make_clips(work / "clips", s.loader_clips, seconds=s.clip_seconds, rate=16000)
     consumed = max((r["clips_per_s"] for r in store.get(0, {}).values()), default=None)
     report.add(f"{s.clip_seconds:g} s 16 kHz FLAC clips, batch {s.batch}, decode + random crop + batching "
-               f"(`common.data.ClipLoader`), {os.cpu_count()} CPU cores. The cheapest phase (Fshift x4) consumes "
+               f"(`common.data.loader.ClipLoader`), {os.cpu_count()} CPU cores. The cheapest phase (Fshift x4) consumes "
                f"{_fmt(consumed, '.1f')} clips/s (section 3, its fastest mode).", "",
                "| workers | clips/s | x what the cheapest phase consumes |", "|---:|---:|---:|")
     for workers in s.workers:
@@ -446,15 +446,15 @@ class SyncSites:
 
 def find_host_syncs(report: Report, s: Settings, device: torch.device, work: Path) -> None:
     require("deepspeed", "lhotse", "soundfile")
-    import common.trainer
+    import common.training.loop
     from bench.clips import make_clips
     from pretrain.run import main as pretrain
 
     steps = 4
     manifest = make_clips(work / "clips", max(s.loader_clips, 2 * s.batch), seconds=s.clip_seconds, rate=16000)
     sites = SyncSites()
-    real = common.trainer.Trainer._train_phase
-    common.trainer.Trainer._train_phase = sites.around(real)
+    real = common.training.loop.Trainer._train_phase
+    common.training.loop.Trainer._train_phase = sites.around(real)
     try:
         argv = ["--recipe", str(ROOT / "recipes" / "ssast_fshift4.yaml"), "--run-dir", str(work / "syncs")]
         for item in [f"data.train=[{{path: {manifest}}}]", "data.valid=[]", f"model.size={s.size}",
@@ -465,7 +465,7 @@ def find_host_syncs(report: Report, s: Settings, device: torch.device, work: Pat
         if pretrain(argv) != 0:
             raise RuntimeError("the pretraining run failed")
     finally:
-        common.trainer.Trainer._train_phase = real
+        common.training.loop.Trainer._train_phase = real
     report.add(f"`pretrain/run.py`, SSAST-{s.size}, batch {s.batch}: {steps} steps at Fshift x4 then {steps} at full "
                f"resolution, with CUDA's sync debug mode on and `torch.cuda.synchronize` counted inside the phases' "
                f"loops (the phase-end checkpoints and exports included, so a site counted about once per phase is "

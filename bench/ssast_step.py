@@ -28,7 +28,7 @@ def phase_step_rate(size: str, phase_index: int, batch: int, device: torch.devic
         device: where to run.
         steps: timed steps (after ``warmup`` untimed ones, which include any compilation).
         recipe: a pretraining recipe in ``recipes/``.
-        compile: ``torch.compile`` the encoder's blocks as ``train.compile`` does (``common.compile``).
+        compile: ``torch.compile`` the encoder's blocks as ``train.compile`` does (``common.training.compile``).
         backend: the compile backend.
         mode: the compile mode (``train.compile_mode``).
         bf16: bf16 autocast (default: on CUDA, as ``train.precision: auto``).
@@ -37,13 +37,13 @@ def phase_step_rate(size: str, phase_index: int, batch: int, device: torch.devic
 
     Returns:
         ``phase``, ``tokens`` (per clip, prefix included), ``clips_per_s``, ``tokens_per_s``, ``flops_per_clip``
-        (training FLOPs, ``common.flops``), ``first_step_s`` (the first warm-up step: allocation, compilation),
+        (training FLOPs, ``common.models.flops``), ``first_step_s`` (the first warm-up step: allocation, compilation),
         ``peak_memory`` (CUDA: ``max_memory_allocated`` over the timed steps; None on the CPU) and
-        ``memory_estimate`` (``common.memory``, bytes).
+        ``memory_estimate`` (``common.models.memory``, bytes).
     """
-    from common.compile import maybe_compile
-    from common.features import FeaturePipeline
-    from common.model import ASTEncoder
+    from common.training.compile import maybe_compile
+    from common.audio.pipeline import FeaturePipeline
+    from common.models.ast.encoder import ASTEncoder
     from pretrain.recipe import load_recipe
     from pretrain.ssast import SSASTModel, SSASTObjective
 
@@ -53,7 +53,7 @@ def phase_step_rate(size: str, phase_index: int, batch: int, device: torch.devic
     torch.manual_seed(0)
     model = SSASTModel(ASTEncoder(cfg), rec.ssast).to(device)
     maybe_compile(model, compile, backend, mode)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as common.optim builds it
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as common.training.optim builds it
     pipeline = FeaturePipeline(rec.audio, phase.as_compression()).to(device)
     waves = torch.randn(batch, rec.audio.clip_samples, device=device) * 0.1
     generator = torch.Generator().manual_seed(0)

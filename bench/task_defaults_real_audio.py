@@ -90,7 +90,7 @@ def pooled_logmel(manifest: Path, classes: list[str]) -> tuple[np.ndarray, np.nd
     import soundfile as sf
     import torch
 
-    from common.frontend import Fbank
+    from common.audio.fbank import Fbank
 
     fbank = Fbank()
     features, labels = [], []
@@ -110,7 +110,7 @@ def floor(data: Path) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from common.corpora.base import read_classes
+    from common.data.corpora.base import read_classes
 
     classes, _ = read_classes(str(data / f"{CORPUS}_classes.json"))
     split = {s: pooled_logmel(data / f"{CORPUS}_{s}.jsonl.gz", classes) for s in ("train", "valid", "test")}
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     encoder = out / "pretrain"
     if not (encoder / "model.safetensors").is_file():
-        from common.recipe import dump_yaml
+        from common.config.recipe import dump_yaml
 
         dump_yaml(pretrain_recipe(args.data, args.pretrain_steps), out / "pretrain.yaml")
         seconds = run(["pretrain/run.py", "--recipe", str(out / "pretrain.yaml"), "--run-dir", str(encoder)],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import sys
@@ -14,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from common.recipe import RecipeError
-from common.run_lock import LOCK_FILE, RunDirBusy, job_lock
-from common.run_recipe import RunRecipe, prepare_run_dir
+from common.config.recipe import RecipeError
+from common.system.disk import describe_os_error
+from common.system.lock import LOCK_FILE, RunDirBusy, job_lock
+from common.training.run_recipe import RunRecipe, prepare_run_dir
 
 __all__ = ["add_run_arguments", "world_size_of", "discard_previous", "check_run_dir", "UnusableRunDir", "Session",
            "training_session", "describe_os_error", "run_main"]
@@ -58,19 +58,19 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_run_root: str) ->
     parser.add_argument("--coarse", metavar="METHOD:C[:SHARE]", default=None,
                         help="derive the paper's coarse-to-fine schedule from this full-resolution recipe: SHARE of "
                              "its length at compression C, then full resolution (e.g. fshift:4, fshift:4,2 for "
-                             "4->2->1, avgpool:2:0.3); the recipe is recorded as the baseline (common/coarse.py)")
+                             "4->2->1, avgpool:2:0.3); the recipe is recorded as the baseline (common/phases/coarse.py)")
     # the deepspeed launcher passes --local_rank=N before the script's own arguments
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def world_size_of(args: argparse.Namespace) -> int:
     """The ranks this command runs (or, with ``--dry-run``, plans) on: ``--world-size``, else the launcher's
-    ``WORLD_SIZE``, else 1 (``common.batch.launch_world_size``).
+    ``WORLD_SIZE``, else 1 (``common.training.batch.launch_world_size``).
 
     Raises:
         RecipeError: ``--world-size`` without ``--dry-run`` (a run's ranks are the launcher's), or below 1.
     """
-    from common.batch import launch_world_size
+    from common.training.batch import launch_world_size
 
     if args.world_size is not None:
         if not args.dry_run:
@@ -136,15 +136,15 @@ def check_run_dir(run_dir: Path) -> None:
 class Session:
     """A training process's session: its place in the job and its run directory's recipe."""
 
-    dist: object  # common.distributed.Dist
+    dist: object  # common.system.distributed.Dist
     run_recipe: RunRecipe
 
 
 @contextmanager
 def training_session(run_dir: Path, recipe, restart: bool = False,
                      accept_changed_data: bool = False) -> Iterator[Session]:
-    """Join the process group, lock ``run_dir`` (``common.run_lock``: a second run on it stops at once), log
-    into it, check its recipe (``common.run_recipe``); tear down.
+    """Join the process group, lock ``run_dir`` (``common.system.lock``: a second run on it stops at once), log
+    into it, check its recipe (``common.training.run_recipe``); tear down.
 
     Args:
         run_dir: the run directory (resumed when it holds a run of the same recipe).
@@ -154,10 +154,10 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
     """
     import torch
 
-    from common.cpu import loader_workers, set_cpu_threads
-    from common.atomic import remove_orphans
-    from common.distributed import init_distributed
-    from common.logger import setup_logging
+    from common.system.cpu import loader_workers, set_cpu_threads
+    from common.system.atomic import remove_orphans
+    from common.system.distributed import init_distributed
+    from common.system.logger import setup_logging
 
     check_run_dir(run_dir)
     dist = init_distributed()
@@ -180,23 +180,6 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
         torch.set_num_threads(threads)
 
 
-def describe_os_error(err: OSError) -> str | None:
-    """One line for a file-system failure that names its file (a full disk, a read-only or unwritable
-    folder, a file where a folder belongs); None for other OS errors."""
-    from common.disk import NoSpace
-
-    if isinstance(err, NoSpace):
-        return str(err)
-    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return f"{err.filename or 'a write'}: no space left on device"
-    if err.errno is None:  # raised with a message of ours (FileNotFoundError("checkpoint ... does not exist"))
-        return str(err)
-    if err.filename is None:
-        return None
-    where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
-    return f"{where}: {(err.strerror or type(err).__name__).lower()}"
-
-
 # what a collective raises on the ranks left when another rank of the job exits (gloo, NCCL)
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
               "remote process exited or there was a network error")
@@ -214,10 +197,10 @@ def run_main(body: Callable[[], int]) -> int:
     run that stopped (non-finite loss, bad audio, no usable checkpoint, a full disk or another failing
     file, another rank that stopped), 130 when interrupted.
     """
-    from common.data import TooMuchBadAudio
-    from common.data_fingerprint import DataChanged
-    from common.run_checkpoint import NoUsableCheckpoint
-    from common.nonfinite import NonFiniteLoss
+    from common.data.loader import TooMuchBadAudio
+    from common.data.fingerprint import DataChanged
+    from common.training.checkpoints import NoUsableCheckpoint
+    from common.training.nonfinite import NonFiniteLoss
 
     try:
         return body()

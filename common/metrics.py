@@ -7,7 +7,7 @@
 - ``mAUC``: mean ROC AUC over classes with both positives and negatives.
 
 :func:`standard_error` says how much the score would move on another draw of as many clips, the
-validation set's own noise (what the phase criteria of ``common.criteria`` compare changes with):
+validation set's own noise (what the phase criteria of ``common.phases.criteria`` compare changes with):
 accuracy is a proportion of the clips, so its binomial error (Agresti-Coull: never 0 on a finite set);
 mAP has no closed form, so a bootstrap over the clips (each clip weighted by a Poisson(1) count, seeded,
 so every rank and every run of the same scores gets the same value).

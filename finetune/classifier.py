@@ -1,6 +1,6 @@
 """Supervised fine-tuning: the classification objective, and classifier exports.
 
-The classifier is the architecture's (``common.arch``): for the AST family the encoder's tokens pooled
+The classifier is the architecture's (``common.models.arch``): for the AST family the encoder's tokens pooled
 (mean of the patch tokens, SSAST's ``ft_avgtok``, or of the prefix tokens, AST's ``(cls + dist) / 2``, as
 the init's own code pools by default: ``finetune.init.init_pool``), then LayerNorm and Linear; for HTS-AT
 its token-semantic head. Training applies mixup (AST: waveforms, ``lam ~ Beta(10, 10)``, mixed targets;
@@ -21,14 +21,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.arch import architecture_for, architecture_from_meta
-from common.arch.ast import Classifier
-from common.augment import MixupConfig, NoiseConfig, SpecAugmentConfig, mixup, mixup_weights
-from common.data import Batch, TooMuchBadAudio
-from common.distributed import Dist
-from common.exports import read_weights, save_weights
-from common.flops import train_step_flops
-from common.memory import MemoryEstimate, estimate_training_memory
+from common.models.arch import architecture_for, architecture_from_meta
+from common.models.ast.arch import Classifier
+from common.audio.augment import MixupConfig, NoiseConfig, SpecAugmentConfig, mixup, mixup_weights
+from common.data.loader import Batch, TooMuchBadAudio
+from common.system.distributed import Dist
+from common.models.exports import read_weights, save_weights
+from common.models.flops import train_step_flops
+from common.models.memory import MemoryEstimate, estimate_training_memory
 from common.metrics import compute_metrics, standard_error
 
 __all__ = ["HeadConfig", "AugmentConfig", "Classifier", "ClassifierObjective", "class_scores", "save_classifier",
@@ -54,9 +54,9 @@ class AugmentConfig:
         freq_stripes, time_stripes: masks per clip and axis (AST: 1; HTS-AT: 2 of widths 8 and 64).
         mixup: probability that a clip is mixed with another.
         mixup_alpha: Beta(alpha, alpha) of the mixing weight (AST: 10; HTS-AT: 0.5).
-        mixup_on: ``waveform`` (AST) or ``spectrogram`` (HTS-AT; see :class:`common.augment.MixupConfig`).
+        mixup_on: ``waveform`` (AST) or ``spectrogram`` (HTS-AT; see :class:`common.audio.augment.MixupConfig`).
         mixup_targets: ``mixed`` (AST) or ``unmixed`` (HTS-AT).
-        noise: SSAST's fbank noise and roll of up to 10 frames (``common.augment.fbank_noise``; on in
+        noise: SSAST's fbank noise and roll of up to 10 frames (``common.audio.augment.fbank_noise``; on in
             SSAST's ESC-50 and SpeechCommands recipes).
     """
 
@@ -108,8 +108,8 @@ def save_classifier(model: nn.Module, path: Path, classes: Sequence[str], meta: 
 def _checkpoint_with_head(file: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """``(tensors, meta)`` as an export would hold them, for another project's checkpoint that has a
     classification head of its own (an official HTS-AT checkpoint: AudioSet's 527 classes)."""
-    from common.arch import architecture_for
-    from common.checkpoint import load_encoder_state
+    from common.models.arch import architecture_for
+    from common.models.weights import load_encoder_state
 
     weights = load_encoder_state(file)
     if "classes" not in weights.meta:
@@ -124,8 +124,8 @@ def _checkpoint_with_head(file: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
     """A classifier export, a fine-tuning run directory, or another project's checkpoint with a head of
     its own (an official HTS-AT ``.ckpt``), or a Hugging Face AST directory -> ``(classifier, metadata)``."""
-    from common.exports import is_export, resolve_model_file
-    from common.hf import hf_classifier_export, is_hf_directory
+    from common.models.exports import is_export, resolve_model_file
+    from common.models.hf import hf_classifier_export, is_hf_directory
 
     if is_hf_directory(path):
         file, (tensors, meta) = path, hf_classifier_export(path)
@@ -144,7 +144,7 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
 
 
 class ClassifierObjective:
-    """Supervised fine-tuning as a :class:`common.objective.Objective` (any architecture)."""
+    """Supervised fine-tuning as a :class:`common.training.objective.Objective` (any architecture)."""
 
     def __init__(self, classes: Sequence[str], metric: str, loss: str, augment: AugmentConfig,
                  head: HeadConfig = HeadConfig(), names: dict[str, str] | None = None,
@@ -208,7 +208,7 @@ class ClassifierObjective:
         all_scores = np.concatenate([s for p in parts for s in p[0]])
         all_targets = np.concatenate([t for p in parts for t in p[1]])
         metrics = compute_metrics(all_targets, all_scores)
-        # the score's own noise on this set (common.criteria: a change within it decides nothing)
+        # the score's own noise on this set (common.phases.criteria: a change within it decides nothing)
         metrics[f"{self.score_name}_se"] = standard_error(self.score_name, all_targets, all_scores)
         metrics["loss"] = float(sum(x for p in parts for x in p[2]) / len(all_targets))
         metrics["clips"] = float(len(all_targets))
@@ -228,7 +228,7 @@ class ClassifierObjective:
 
     def memory_estimate(self, geometry, batch: int, **setting) -> MemoryEstimate:
         """Bytes per rank to train at ``geometry`` and micro-batch ``batch`` (``setting``: see
-        :func:`common.memory.estimate_training_memory`)."""
+        :func:`common.models.memory.estimate_training_memory`)."""
         return estimate_training_memory(lambda: self.build_model(geometry), self._meta_step(geometry), batch,
                                         **setting)
 

@@ -43,9 +43,9 @@ def _step(title: str) -> float:
 
 def run(out: Path, quick: bool = False) -> dict:
     """Run the demo into ``out``; returns the paths of its results. ``quick``: tiny sizes (tests)."""
-    from common.corpora import get_corpus
+    from common.data.corpora import get_corpus
     from finetune.linear_probe import main as probe
-    from finetune.report import main as report
+    from common.reports.report import main as report
     from finetune.run import main as finetune
     from pretrain.run import main as pretrain
 
@@ -148,8 +148,9 @@ def export_to_hf(run: Path, data: Path, target: Path) -> dict:
     without ``transformers``)."""
     import soundfile as sf
 
-    from common.exports import read_weights
-    from common.hf import TransformersMissing, classify, export_hf
+    from common.models.exports import read_weights
+    from common.models.hf import TransformersMissing
+    from common.models.hf_export import classify, export_hf
 
     best = run / "export" / "best.safetensors"
     accuracy = read_weights(best)[1]["eval"]["metrics"]["acc"]
@@ -172,7 +173,7 @@ def export_to_hf(run: Path, data: Path, target: Path) -> dict:
 
 def summarise(out: Path, probes: dict) -> str:
     """What the coarse-to-fine encoder cost and what it is worth downstream, next to the baseline's."""
-    from common.ledger import Ledger
+    from common.training.ledger import Ledger
 
     rows = ["| pretraining | training FLOPs | training time (s) | linear probe acc (%) | fine-tuned acc (%, best "
             "epoch / test) |", "|---|---:|---:|---:|---:|"]

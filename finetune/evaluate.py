@@ -14,10 +14,10 @@ import torch
 
 from torch import nn
 
-from common.arch import architecture_from_meta
-from common.augment import SpecAugmentConfig
-from common.compression import Compression
-from common.data import eval_loader
+from common.models.arch import architecture_from_meta
+from common.audio.augment import SpecAugmentConfig
+from common.audio.compression import Compression
+from common.data.loader import eval_loader
 from common.metrics import compute_metrics
 from finetune.classifier import class_scores, load_classifier
 
@@ -50,7 +50,7 @@ def predict_scores(model: nn.Module, meta: dict, waveforms: torch.Tensor, length
 def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequence[str], batch_size: int = 32,
                     num_workers: int = 2, device: str | torch.device = "cpu", tracker=None) -> dict[str, float]:
     """mAP / accuracy of an exported classifier on ``manifests`` (one process); ``tracker`` counts bad and
-    resampled clips (a run's :class:`~common.data.BadAudioTracker` split, or a fresh one without a limit)."""
+    resampled clips (a run's :class:`~common.data.loader.BadAudioTracker` split, or a fresh one without a limit)."""
     model, meta = load_classifier(path)
     if list(meta["classifier"]["classes"]) != list(classes):
         raise ValueError(f"{path} was trained on other classes than the task's class list")

@@ -24,11 +24,11 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-from common.arch import architecture_for
-from common.checkpoint import EncoderWeights
-from common.compression import Compression
-from common.model import ModelSpec
-from common.phases import TransferConfig
+from common.models.arch import architecture_for
+from common.models.weights import EncoderWeights
+from common.audio.compression import Compression
+from common.models.ast.encoder import ModelSpec
+from common.phases.config import TransferConfig
 
 __all__ = ["InitTransferConfig", "INIT_KINDS", "load_init", "init_family", "INIT_FAMILIES", "task_encoder_config",
            "init_kind", "expected_init_note", "init_pos_mode", "init_pool", "resolve_pool", "task_encoder"]
@@ -41,7 +41,7 @@ class InitTransferConfig(TransferConfig):
     """The fine-tuning recipe's ``transfer`` section: the phase changes, and the init.
 
     Args:
-        pos_embed: see :class:`common.phases.TransferConfig` (phase changes).
+        pos_embed: see :class:`common.phases.config.TransferConfig` (phase changes).
         init_pos_embed: how ``--init``'s positional embedding is fitted to the first phase: ``auto``
             (follow the init, see the module docstring), ``bilinear`` or ``cut``.
     """
@@ -53,7 +53,7 @@ def load_init(init: str) -> EncoderWeights | None:
     """The encoder weights of ``--init``, or None for ``none``."""
     if init.lower() == "none":
         return None
-    from common.checkpoint import load_encoder_state
+    from common.models.weights import load_encoder_state
 
     return load_encoder_state(init)
 
@@ -122,8 +122,8 @@ def task_encoder_config(init: EncoderWeights | None, model: ModelSpec, num_mel_b
 
 def _say_swin_start(init: EncoderWeights, cfg) -> None:
     """Warn when an ImageNet Swin is not the official HTS-AT's start (Swin-T/C24: heads 4-8-16-32, window 8)."""
-    from common.htsat import HTSATConfig
-    from common.htsat.imagenet import OFFICIAL_START
+    from common.models.htsat import HTSATConfig
+    from common.models.htsat.imagenet import OFFICIAL_START
 
     official = HTSATConfig()
     windows = sorted(set(init.meta.get("swin_windows", [])))

@@ -56,8 +56,8 @@ class ProbeRecipe:
 
 
 def _cache_key(ckpt: str, manifests: Sequence[str], cfg, layer, pool) -> str:
-    from common.exports import resolve_model_file
-    from common.hf import is_hf_directory
+    from common.models.exports import resolve_model_file
+    from common.models.hf import is_hf_directory
 
     files = sorted(p for p in Path(ckpt).iterdir() if p.is_file()) if is_hf_directory(ckpt) \
         else [resolve_model_file(ckpt)]
@@ -71,11 +71,11 @@ def extract_features(encoder, arch, manifests: Sequence[str], classes: Sequence[
                      pool: str = "mean", batch_size: int = 32, num_workers: int = 2,
                      device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, np.ndarray]:
     """``(features [clips, D], targets [clips, classes])`` of a frozen full-resolution encoder over
-    ``manifests``; ``arch`` (``common.arch``) makes its front end and its embedding."""
-    from common.augment import SpecAugmentConfig
-    from common.compression import Compression
-    from common.data import count_clips, eval_loader
-    from common.logger import progress
+    ``manifests``; ``arch`` (``common.models.arch``) makes its front end and its embedding."""
+    from common.audio.augment import SpecAugmentConfig
+    from common.audio.compression import Compression
+    from common.data.loader import count_clips, eval_loader
+    from common.system.logger import progress
 
     geometry = arch.geometry(Compression())
     pipeline = arch.frontend(geometry, Compression(), SpecAugmentConfig()).to(device)
@@ -125,10 +125,10 @@ def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, 
 
 def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torch.device) -> dict:
     """Probe one task; returns ``{"task", "metric", "value", "folds"?, ...}``."""
-    from common.arch import architecture_for
-    from common.corpora.base import read_classes
-    from common.features import AudioConfig
-    from common.model import ModelSpec
+    from common.models.arch import architecture_for
+    from common.data.corpora.base import read_classes
+    from common.audio.pipeline import AudioConfig
+    from common.models.ast.encoder import ModelSpec
     from finetune.init import load_init, resolve_pool, task_encoder, task_encoder_config
     from finetune.recipe import task_source
     from finetune.tasks import TaskConfig
@@ -144,7 +144,7 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
     arch = architecture_for(cfg, AudioConfig(num_mel_bins=getattr(cfg, "num_mel_bins", 128),
                                              target_frames=task.target_frames, norm=task.norm))
     if init is None or init.arch == "ast":  # HTS-AT normalises with its own BatchNorm
-        from common.preflight import norm_mismatch
+        from common.data.preflight import norm_mismatch
 
         caution = norm_mismatch(task.norm, task.target_frames, getattr(cfg, "num_mel_bins", None), "task.norm")
         if caution:
@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from common.logger import setup_logging
-        from common.recipe import build, load_yaml
+        from common.system.logger import setup_logging
+        from common.config.recipe import build, load_yaml
 
         setup_logging(None)
         data = load_yaml(args.recipe) if args.recipe else {}

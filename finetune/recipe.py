@@ -5,7 +5,7 @@ Values come, from lowest to highest precedence, from the dataclass defaults, the
 the ``--recipe`` file and ``--set`` overrides. Without a recipe file a task trains its published baseline
 recipe at full resolution; a coarse-to-fine recipe (``recipes/ft_*.yaml``) replaces the ``phases``;
 ``coarse`` (or ``--coarse``) derives a coarse-to-fine schedule from the full-resolution recipe
-(``common.coarse``).
+(``common.phases.coarse``).
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
-from common.coarse import CoarseConfig, apply_coarse, baseline_name, build_derived
-from common.criteria import check_schedule
-from common.data import DataConfig
-from common.features import AudioConfig
-from common.frontend import NORM_STATS
-from common.model import ModelSpec
-from common.optim import OptimConfig
-from common.phases import PhaseConfig
-from common.preflight import check_classes, check_labels, check_manifest, check_norm, count_clips
-from common.recipe import RecipeError, apply_overrides, load_yaml, merge
-from common.run_spec import TrainConfig
+from common.phases.coarse import CoarseConfig, apply_coarse, baseline_name, build_derived
+from common.phases.criteria import check_schedule
+from common.data.loader import DataConfig
+from common.audio.pipeline import AudioConfig
+from common.audio.fbank import NORM_STATS
+from common.models.ast.encoder import ModelSpec
+from common.training.optim import OptimConfig
+from common.phases.config import PhaseConfig
+from common.data.preflight import check_classes, check_labels, check_manifest, check_norm, count_clips
+from common.config.recipe import RecipeError, apply_overrides, load_yaml, merge
+from common.training.spec import TrainConfig
 from finetune.classifier import AugmentConfig, HeadConfig
 from finetune.init import INIT_FAMILIES, InitTransferConfig, init_family, load_init
 from finetune.task_recipes import AUTO, PACKAGE, PACKAGE_EPOCHS, RECIPES, choose, fit_averaging, recipe_defaults
@@ -319,7 +319,7 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
         data_root: folder the task's relative manifest paths are under.
         notes: if given, receives lines saying which defaults a task file relies on.
         coarse: ``METHOD:C[:SHARE]`` (``--coarse``; or the recipe's ``coarse`` section): derive a
-            coarse-to-fine schedule from the full-resolution recipe (``common.coarse``).
+            coarse-to-fine schedule from the full-resolution recipe (``common.phases.coarse``).
         init_weights: ``init`` loaded (``finetune.init.load_init``), whose family picks a task file's
             defaults; loaded here when needed and not given.
         planning: for a plan (``--dry-run``): a task file's init that does not exist yet is planned as a start

@@ -56,11 +56,11 @@ def print_plan(recipe, configs, objective, arch, world_size: int = 1, stated: in
                source: str = "the recipe") -> None:
     """The ``--dry-run`` plan on ``world_size`` ranks; ``stated``: the global batch the task's recipe and the
     recipe file state (``source`` names them), to say when ``--set`` changed it."""
-    from common import batch
-    from common.arch.base import geometries
-    from common.coarse import plan_lines
-    from common.memory import training_setting
-    from common.phases import plan_phases
+    from common.training import batch
+    from common.models.arch import geometries
+    from common.phases.coarse import plan_lines
+    from common.models.memory import training_setting
+    from common.phases.config import plan_phases
 
     setting = training_setting(recipe.train.precision, recipe.train.zero_stage, world_size)
     print(f"task {recipe.task.name}: {recipe.task.description or ''}")
@@ -82,8 +82,8 @@ def print_plan(recipe, configs, objective, arch, world_size: int = 1, stated: in
 
 def _stated_batch(task: str, recipe_path: Path | None) -> tuple[int | None, str]:
     """The global batch the task's default recipe and the recipe file state (before ``--set``), and whose."""
-    from common.batch import stated_batch
-    from common.recipe import load_yaml, merge
+    from common.training.batch import stated_batch
+    from common.config.recipe import load_yaml, merge
     from finetune.recipe import task_source
 
     _, defaults = task_source(task)
@@ -94,7 +94,7 @@ def _stated_batch(task: str, recipe_path: Path | None) -> tuple[int | None, str]
 
 def _classes(recipe, planning: bool) -> tuple[list[str], dict[str, str]]:
     """The task's classes; a plan (``--dry-run``) without the class list counts them from the task."""
-    from common.corpora.base import read_classes
+    from common.data.corpora.base import read_classes
 
     path = recipe.task.path(recipe.task.classes)
     if Path(path).is_file() or not planning:
@@ -122,7 +122,7 @@ def _model_words(model) -> str:
 
 def _cautions(recipe, audio) -> list[str]:
     """What may be intended but is probably not: statistics computed for another clip length."""
-    from common.preflight import norm_mismatch
+    from common.data.preflight import norm_mismatch
 
     if recipe.model.arch != "ast":  # HTS-AT normalises with its own BatchNorm, not these statistics
         return []
@@ -132,10 +132,10 @@ def _cautions(recipe, audio) -> list[str]:
 
 def _surpass_targets(recipe, run_dirs: list[Path], restart: bool) -> list[str | None]:
     """``train.stop_when_surpassing`` per run (ESC-50's folds compare with the baseline's same fold), checked
-    before any compute (``common.baseline.precheck``): each baseline must be there, finished and comparable,
+    before any compute (``common.phases.baseline.precheck``): each baseline must be there, finished and comparable,
     unless its run resumes with the target it recorded."""
-    from common.baseline import evaluation_settings, precheck
-    from common.batch import launch_world_size, phase_splits
+    from common.phases.baseline import evaluation_settings, precheck
+    from common.training.batch import launch_world_size, phase_splits
 
     target = recipe.train.stop_when_surpassing
     if not target:
@@ -151,7 +151,7 @@ def _surpass_targets(recipe, run_dirs: list[Path], restart: bool) -> list[str | 
 
 def _test(run_dir: Path, recipe, classes, dist, tracker) -> None:
     """Evaluate the best epoch's model (the weight average if there is one) on the task's test split."""
-    from common.batch import phase_splits
+    from common.training.batch import phase_splits
     from finetune.evaluate import evaluate_export
 
     averaged = run_dir / "export" / "weight_averaged.safetensors"
@@ -165,7 +165,7 @@ def _test(run_dir: Path, recipe, classes, dist, tracker) -> None:
 
 
 def _cross_validation(run_root: Path, folds: int, metric: str) -> dict:
-    from common.ledger import Ledger
+    from common.training.ledger import Ledger
     from finetune.evaluate import cross_validation_summary
 
     summary = cross_validation_summary([Ledger.read(run_root / f"fold{k + 1}").evals for k in range(folds)], metric)
@@ -189,11 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     def body() -> int:
-        from common.arch import architecture_for
-        from common.arch.base import geometries
-        from common.batch import phase_splits
+        from common.models.arch import architecture_for
+        from common.models.arch import geometries
+        from common.training.batch import phase_splits
         from common.cli import world_size_of
-        from common.recipe import RecipeError
+        from common.config.recipe import RecipeError
         from finetune.init import expected_init_note, init_pos_mode, load_init, resolve_pool, task_encoder_config
         from finetune.recipe import check_files, file_checks, is_task_file, load_recipe
 
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)  # refuse an impossible split now
         missing: list[str] = []
         if args.dry_run:  # a plan needs no data: say what a run would not find
-            from common.preflight import problems
+            from common.data.preflight import problems
 
             missing = problems(file_checks(recipe))
         else:
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             configs = geometries(arch, recipe.phases)
             head = replace(recipe.head, pool=resolve_pool(recipe.head.pool, init, base))
             if args.keep_head and init is not None:
-                from common.hf import kept_head
+                from common.models.hf import kept_head
 
                 head_init = kept_head(recipe.init, classes, names, head.pool)
         except ValueError as err:
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
         objective = ClassifierObjective(classes, recipe.task.metric, recipe.task.loss, recipe.augment, head, names,
                                         head_init)
-        from common.coarse import coarse_tag
+        from common.phases.coarse import coarse_tag
 
         name = f"{recipe.task.name}-{args.recipe.stem if args.recipe else 'baseline'}"
         if args.coarse:
@@ -273,9 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                 print("files a run needs and does not find (it would stop before any compute):")
                 print("\n".join(f"  {problem}" for problem in missing))
             return 0
-        from common.data import ManifestSpec
-        from common.run_spec import RunSpec
-        from common.trainer import Trainer
+        from common.data.loader import ManifestSpec
+        from common.training.spec import RunSpec
+        from common.training.loop import Trainer
 
         baseline = None
         if recipe.coarse is not None:  # the recipe it was derived from: one full-resolution phase

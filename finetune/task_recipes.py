@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from common.recipe import RecipeError
+from common.config.recipe import RecipeError
 
 __all__ = ["PublishedRecipe", "RECIPES", "AUTO", "PACKAGE", "PACKAGE_EPOCHS", "SHORT_CLIP_FRAMES", "closest",
            "choose", "recipe_defaults", "fit_averaging"]

@@ -2,7 +2,7 @@
 
 ``--task NAME`` picks a registered task; ``--task my_task.yaml`` reads a user task (the ``task:`` fields
 below, e.g. the manifests of a ``custom`` corpus). Manifest and class-list paths are relative to
-``data_root`` (default ``data``), where ``python -m common.corpora prepare NAME --out data/NAME`` puts them.
+``data_root`` (default ``data``), where ``python -m common.data.corpora prepare NAME --out data/NAME`` puts them.
 
 Default recipes follow the published AST / SSAST recipes (reference/ssast_ast.md 3-4); a task file's
 defaults follow the closest of them (``finetune.task_recipes``). The paper's own
@@ -39,7 +39,7 @@ class TaskConfig:
             and the others the training set. Replaces ``train`` / ``valid``.
         classes: the class list (``*_classes.json`` written by the corpus preparation).
         target_frames: clip length in frames at 10 ms (1024 = 10.24 s in AST).
-        norm: normalisation statistics: a name in ``common.frontend.NORM_STATS`` or a stats JSON file.
+        norm: normalisation statistics: a name in ``common.audio.fbank.NORM_STATS`` or a stats JSON file.
         metric: ``mAP`` (multi-label) or ``acc``.
         loss: ``bce`` (sigmoid; AudioSet, and also the single-label SpeechCommands (SSAST), VGGSound
             (FlexiAST) and Kinetics-Sounds) or ``ce`` (softmax; ESC-50, VoxCeleb).
@@ -74,7 +74,7 @@ class TaskConfig:
             raise ValueError("train: give train and valid manifests (or folds)")
         if self.target_frames < 16:
             raise ValueError(f"target_frames must be >= 16, got {self.target_frames}")
-        from common.frontend import check_norm_name
+        from common.audio.fbank import check_norm_name
 
         check_norm_name(self.norm)
 

@@ -3,7 +3,7 @@
 A recipe file (YAML) has the sections ``model``, ``audio``, ``data``, ``phases``, ``transfer``, ``optim``,
 ``train``, ``ssast`` and optionally ``baseline`` (the path of the recipe whose FLOPs the ledger compares
 against, relative to this file) or ``coarse`` (derive the phases from this full-resolution recipe, which is
-then the baseline: ``common.coarse``). See ``recipes/ssast_fshift4.yaml`` for a commented example.
+then the baseline: ``common.phases.coarse``). See ``recipes/ssast_fshift4.yaml`` for a commented example.
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
-from common.coarse import CoarseConfig, apply_coarse, baseline_name, build_derived
-from common.criteria import check_schedule
-from common.data import DataConfig
-from common.features import AudioConfig
-from common.model import EncoderConfig, ModelSpec
-from common.optim import OptimConfig
-from common.phases import PhaseConfig, TransferConfig
-from common.recipe import RecipeError, apply_overrides, load_yaml
-from common.run_spec import TrainConfig
+from common.phases.coarse import CoarseConfig, apply_coarse, baseline_name, build_derived
+from common.phases.criteria import check_schedule
+from common.data.loader import DataConfig
+from common.audio.pipeline import AudioConfig
+from common.models.ast.encoder import EncoderConfig, ModelSpec
+from common.training.optim import OptimConfig
+from common.phases.config import PhaseConfig, TransferConfig
+from common.config.recipe import RecipeError, apply_overrides, load_yaml
+from common.training.spec import TrainConfig
 from pretrain.masking import mask_count
 from pretrain.ssast import SSASTConfig
 
@@ -74,15 +74,15 @@ class PretrainRecipe:
 
     def encoder_configs(self) -> list[EncoderConfig]:
         """The encoder geometry of every phase (``ValueError`` naming the phase if one is impossible)."""
-        from common.arch import architecture_for
-        from common.arch.base import geometries
+        from common.models.arch import architecture_for
+        from common.models.arch import geometries
 
         return geometries(architecture_for(self.base, self.audio), self.phases)
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = (), coarse: str | None = None) -> PretrainRecipe:
     """Read, override (``key=value``) and validate a pretraining recipe; ``coarse`` (``METHOD:C[:SHARE]``,
-    or the recipe's ``coarse`` section) derives a coarse-to-fine schedule from it (``common.coarse``)."""
+    or the recipe's ``coarse`` section) derives a coarse-to-fine schedule from it (``common.phases.coarse``)."""
     path = Path(path)
     data, derived = apply_coarse(apply_overrides(load_yaml(path), overrides), baseline_name(path), coarse)
     recipe = build_derived(PretrainRecipe, data, derived)

@@ -47,13 +47,13 @@ def _flops_per_sample(ssast, cfg) -> int:
 
 
 def plan(recipe, world_size: int = 1, phases=None, memory: dict | None = None):
-    """The recipe's :class:`common.phases.PhasePlan` per phase (geometry, tokens, planned FLOPs; the memory
-    estimate per rank too when ``memory`` gives its setting, ``common.memory.training_setting``); ``phases``
+    """The recipe's :class:`common.phases.config.PhasePlan` per phase (geometry, tokens, planned FLOPs; the memory
+    estimate per rank too when ``memory`` gives its setting, ``common.models.memory.training_setting``); ``phases``
     replace the recipe's (e.g. the baseline a coarse-to-fine schedule was derived from)."""
-    from common.arch import architecture_for
-    from common.arch.base import geometries
-    from common.batch import phase_splits
-    from common.phases import plan_phases
+    from common.models.arch import architecture_for
+    from common.models.arch import geometries
+    from common.training.batch import phase_splits
+    from common.phases.config import plan_phases
     from pretrain.ssast import SSASTObjective
 
     phases = recipe.phases if phases is None else phases
@@ -94,9 +94,9 @@ def print_plan(recipe, world_size: int, baseline=None, overrides: list[str] = ()
                source: str = "the recipe") -> None:
     """The ``--dry-run`` plan on ``world_size`` ranks; ``stated``: the global batch the recipe file states
     (``source`` names it), to say when ``--set`` changed it."""
-    from common import batch
-    from common.coarse import plan_lines
-    from common.memory import training_setting
+    from common.training import batch
+    from common.phases.coarse import plan_lines
+    from common.models.memory import training_setting
 
     setting = training_setting(recipe.train.precision, recipe.train.zero_stage, world_size)
     rows = plan(recipe, world_size, memory=setting)
@@ -124,9 +124,9 @@ def print_plan(recipe, world_size: int, baseline=None, overrides: list[str] = ()
 
 
 def check_baseline(recipe, run_dir: Path, restart: bool) -> None:
-    """``train.stop_when_surpassing``: the baseline run is there, finished and comparable (``common.baseline``)."""
-    from common.baseline import evaluation_settings, precheck
-    from common.batch import launch_world_size, phase_splits
+    """``train.stop_when_surpassing``: the baseline run is there, finished and comparable (``common.phases.baseline``)."""
+    from common.phases.baseline import evaluation_settings, precheck
+    from common.training.batch import launch_world_size, phase_splits
     from pretrain.ssast import SSASTObjective
 
     split = phase_splits(recipe.phases, recipe.data, recipe.optim, launch_world_size())[-1]  # the final phase's
@@ -139,10 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from common.batch import phase_splits, stated_batch
+        from common.training.batch import phase_splits, stated_batch
         from common.cli import world_size_of
-        from common.preflight import check_norm, data_checks, norm_mismatch, problems
-        from common.recipe import load_yaml
+        from common.data.preflight import check_norm, data_checks, norm_mismatch, problems
+        from common.config.recipe import load_yaml
         from pretrain.recipe import load_baseline, load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides, args.coarse)
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline = load_baseline(recipe, args.overrides)
         checks = [*data_checks(recipe.data), lambda: check_norm(recipe.audio.norm, "audio.norm")]
         caution = norm_mismatch(recipe.audio.norm, recipe.audio.target_frames, recipe.audio.num_mel_bins, "audio.norm")
-        from common.coarse import coarse_tag
+        from common.phases.coarse import coarse_tag
 
         name = args.recipe.stem + (f"-{coarse_tag(recipe.coarse)}" if args.coarse else "")
         run_dir = args.run_dir or Path("runs/pretrain") / name
@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         for check in checks:  # every file the run reads, before a model or the run directory exists
             check()
-        from common.run_spec import RunSpec
-        from common.trainer import Trainer
+        from common.training.spec import RunSpec
+        from common.training.loop import Trainer
         from pretrain.ssast import SSASTObjective
 
         with training_session(run_dir, recipe, restart=args.restart,

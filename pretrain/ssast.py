@@ -25,16 +25,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.arch import architecture_for
-from common.augment import SpecAugmentConfig
-from common.exports import save_encoder
-from common.data import Batch
-from common.distributed import Dist
-from common.features import FeaturePipeline
-from common.flops import train_step_flops
-from common.memory import MemoryEstimate, estimate_training_memory
-from common.model import ASTEncoder, EncoderConfig
-from common.resize import resample_patch_kernel
+from common.models.arch import architecture_for
+from common.audio.augment import SpecAugmentConfig
+from common.models.exports import save_encoder
+from common.data.loader import Batch
+from common.system.distributed import Dist
+from common.audio.pipeline import FeaturePipeline
+from common.models.flops import train_step_flops
+from common.models.memory import MemoryEstimate, estimate_training_memory
+from common.models.ast.encoder import ASTEncoder, EncoderConfig
+from common.models.ast.resize import resample_patch_kernel
 from pretrain.masking import MASKINGS, mask_count, sample_mask
 
 __all__ = ["SSASTConfig", "SSASTModel", "SSASTObjective"]
@@ -191,7 +191,7 @@ def adapt_heads(state: dict, old: EncoderConfig, new: EncoderConfig) -> dict:
 
 
 class SSASTObjective:
-    """SSAST pretraining as a :class:`common.objective.Objective`."""
+    """SSAST pretraining as a :class:`common.training.objective.Objective`."""
 
     specaug = SpecAugmentConfig()  # SSAST pretrains without SpecAugment or mixup
     score_name = "acc"
@@ -229,7 +229,7 @@ class SSASTObjective:
         nce, mse, acc = (sums[:3] / sums[3]).tolist()
         metrics = {"acc": acc, "nce": nce, "mse": mse, "loss": nce + self.cfg.mpg_weight * mse}
         clips, n2, n2a, n2a2, count = sums[3:].tolist()
-        if count >= 2:  # the standard error of a mean over batches (clusters of clips), for common.criteria
+        if count >= 2:  # the standard error of a mean over batches (clusters of clips), for common.phases.criteria
             spread = max(0.0, n2a2 - 2 * acc * n2a + acc * acc * n2)  # sum over batches of n_b^2 (a_b - acc)^2
             metrics["acc_se"] = (count / (count - 1) * spread) ** 0.5 / clips
         return metrics
@@ -245,7 +245,7 @@ class SSASTObjective:
 
     def memory_estimate(self, cfg: EncoderConfig, batch: int, **setting) -> MemoryEstimate:
         """Bytes per rank to train at geometry ``cfg`` and micro-batch ``batch`` (``setting``: see
-        :func:`common.memory.estimate_training_memory`)."""
+        :func:`common.models.memory.estimate_training_memory`)."""
         return estimate_training_memory(lambda: self.build_model(cfg), self._meta_step(cfg), batch, **setting)
 
     def export(self, model: SSASTModel, path: Path, meta: dict) -> None:

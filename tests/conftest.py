@@ -43,7 +43,7 @@ def signals() -> torch.Tensor:
 
 @pytest.fixture
 def tiny_cfg():
-    from common.model import EncoderConfig
+    from common.models.ast.encoder import EncoderConfig
 
     return EncoderConfig(embed_dim=32, depth=2, num_heads=2, num_mel_bins=32, input_tdim=64,
                          fshape=8, tshape=8, fstride=8, tstride=8)
@@ -52,7 +52,7 @@ def tiny_cfg():
 @pytest.fixture(autouse=True)
 def _root_logging():
     """Each test starts with the root logger as it found it: an entry point run in-process installs its
-    console handler and level (common.logger.setup_logging), which must not leak into the next test."""
+    console handler and level (common.system.logger.setup_logging), which must not leak into the next test."""
     import logging
 
     root = logging.getLogger()
@@ -73,7 +73,7 @@ def _seed():
 @pytest.fixture(scope="session")
 def synth_corpus(tmp_path_factory):
     """The built-in corpus at its test size (24 pool clips, 2/1/1 labeled clips per class)."""
-    from common.corpora import get_corpus
+    from common.data.corpora import get_corpus
 
     out = tmp_path_factory.mktemp("synth")
     get_corpus("synth").prepare(None, out, size="test", seed=0)

@@ -36,7 +36,7 @@ class _Tee(io.StringIO):
 
 
 def main(job_file: str) -> int:
-    from common.data import ClipLoader
+    from common.data.loader import ClipLoader
     from finetune.run import main as finetune
     from pretrain.run import main as pretrain
 

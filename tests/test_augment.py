@@ -1,6 +1,6 @@
 import torch
 
-from common.augment import MixupConfig, mixup, spec_augment
+from common.audio.augment import MixupConfig, mixup, spec_augment
 
 
 def test_mixup_off_is_identity():
@@ -57,7 +57,7 @@ def _rolls(out, base, max_shift):
 
 
 def test_fbank_noise_adds_bounded_noise_then_rolls_each_clip_as_ssast():
-    from common.augment import fbank_noise
+    from common.audio.augment import fbank_noise
 
     x = 100.0 * torch.arange(60.0)[None, :, None].expand(16, 60, 8).contiguous()  # time ramp
     out = fbank_noise(x, 0.1, 10, torch.Generator().manual_seed(0))
@@ -71,9 +71,9 @@ def test_fbank_noise_adds_bounded_noise_then_rolls_each_clip_as_ssast():
 
 
 def test_noise_comes_after_normalisation_and_its_roll_scales_with_fshift(signals):
-    from common.augment import NoiseConfig
-    from common.compression import Compression
-    from common.features import AudioConfig, FeaturePipeline
+    from common.audio.augment import NoiseConfig
+    from common.audio.compression import Compression
+    from common.audio.pipeline import AudioConfig, FeaturePipeline
     from finetune.classifier import AugmentConfig
     from finetune.tasks import TASKS
 

@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 from lhotse import CutSet
 
-from common.data import BadAudioTracker, BadClip, ClipDataset, ClipLoader, TooMuchBadAudio, load_clip, open_cuts
+from common.data.loader import BadAudioTracker, BadClip, ClipDataset, ClipLoader, TooMuchBadAudio, load_clip, open_cuts
 from finetune.run import main as finetune
 from tests.layouts import truncate, write_clip
 
@@ -54,7 +54,7 @@ def test_a_deleted_file_is_missing_and_a_truncated_one_truncated_at_load(tmp_pat
 
 
 def test_a_truncated_file_is_caught_at_preparation(tmp_path):
-    from common.corpora import get_corpus
+    from common.data.corpora import get_corpus
 
     src = tmp_path / "src"
     for label in ("a", "b"):
@@ -156,7 +156,7 @@ def test_all_bad_validation_clips_stop_with_a_clear_error(tmp_path, synth_corpus
 
 
 def test_non_wav_and_whole_files_pass_the_integrity_check(tmp_path):
-    from common.integrity import truncation, wav_data_extent
+    from common.data.integrity import truncation, wav_data_extent
 
     whole = write_clip(tmp_path / "a.wav", seconds=0.5)
     assert truncation(whole) is None and wav_data_extent(whole) == (16000, 16000, 2)

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 from lhotse import CutSet
 
-from common.data import BadAudioTracker, DataConfig, ManifestSpec, train_loader
+from common.data.loader import BadAudioTracker, DataConfig, ManifestSpec, train_loader
 from tests.test_shards import ROOT, _launch
 
 BATCH = 4  # clips per rank: data.batch_size, the global batch, is BATCH x ranks (x accumulation)

@@ -1,4 +1,4 @@
-"""The baseline a run compares with (``common.baseline``), on hand-written ledgers: the best per-epoch score
+"""The baseline a run compares with (``common.phases.baseline``), on hand-written ledgers: the best per-epoch score
 (never the weight average), and a baseline refused for each reason it is not comparable, or accepted and
 recorded."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common.baseline import differences, precheck, recorded_target, reference, stop_target
+from common.phases.baseline import differences, precheck, recorded_target, reference, stop_target
 
 VALID = {"train": {}, "valid": {"/d/valid.jsonl.gz": {"sha256": "ab" * 32, "bytes": 10}}}
 SETTINGS = {"eval_batches": None, "eval_batch_size": 8, "ranks": 1, "eval_crop": "start", "pad": "zeros"}

@@ -25,7 +25,7 @@ def _saving(capsys, *sets: str) -> float:
                                        ["model={size: tiny}", "optim.grad_accum=4", "data.batch_size=8"]])
 def test_geometry_and_batch_overrides_apply_to_the_baseline(capsys, overrides):
     recipe = load_recipe(PAPER, overrides)
-    coarse, full = (_flops_per_sample(recipe.ssast, cfg) for cfg in recipe.encoder_configs())  # common.flops
+    coarse, full = (_flops_per_sample(recipe.ssast, cfg) for cfg in recipe.encoder_configs())  # common.models.flops
     expected = 1 - (100_000 * coarse + 500_000 * full) / (800_000 * full)  # the baseline: 800K full steps
     assert _saving(capsys, *overrides) == pytest.approx(100 * expected, abs=0.05)
     assert 30 < 100 * expected < 40  # the paper's 34.58 % at SSAST-base

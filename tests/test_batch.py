@@ -1,13 +1,13 @@
-"""The global batch a recipe states, split over the ranks and accumulation of a launch (common/batch.py)."""
+"""The global batch a recipe states, split over the ranks and accumulation of a launch (common/training/batch.py)."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from common.batch import BatchSplit, phase_splits, split_batch
-from common.ledger import Ledger, PhaseRecord
-from common.recipe import RecipeError
+from common.training.batch import BatchSplit, phase_splits, split_batch
+from common.training.ledger import Ledger, PhaseRecord
+from common.config.recipe import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"

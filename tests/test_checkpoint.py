@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from common.checkpoint import load_encoder, load_encoder_state
-from common.exports import read_weights, save_encoder
-from common.model import ASTEncoder
+from common.models.weights import load_encoder, load_encoder_state
+from common.models.exports import read_weights, save_encoder
+from common.models.ast.encoder import ASTEncoder
 
 
 def test_export_round_trip(tmp_path, tiny_cfg):

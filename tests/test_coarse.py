@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.coarse import CoarseConfig, apply_coarse, parse_coarse
-from common.arch import architecture_for
-from common.arch.base import geometries
-from common.recipe import RecipeError, build, to_dict
-from common.trainer import Trainer
+from common.phases.coarse import CoarseConfig, apply_coarse, parse_coarse
+from common.models.arch import architecture_for
+from common.models.arch import geometries
+from common.config.recipe import RecipeError, build, to_dict
+from common.training.loop import Trainer
 from finetune.recipe import load_recipe as finetune_recipe
 from finetune.run import main as finetune
 from pretrain.recipe import load_recipe as pretrain_recipe
@@ -181,8 +181,8 @@ def comparable_baseline(tmp_path: Path, corpus: Path, name: str = "base", finish
     """A finished baseline run of :func:`ft`'s task as the trainer writes it: 4 epochs at full resolution
     (accuracy 0.3, 0.5, 0.4, 0.45), the same validation manifest and settings; ``averaged``: the score of its
     weight average (above its best epoch)."""
-    from common.baseline import evaluation_settings
-    from common.data_fingerprint import run_fingerprints
+    from common.phases.baseline import evaluation_settings
+    from common.data.fingerprint import run_fingerprints
 
     data = tmp_path / "data" if (tmp_path / "data").is_dir() else _synth_root(tmp_path, corpus)
     recipe = finetune_recipe("synth", overrides=[*TINY, "data.batch_size=8"], data_root=str(data))
@@ -207,7 +207,7 @@ def comparable_baseline(tmp_path: Path, corpus: Path, name: str = "base", finish
                                                  ([0.4, 0.5, 0.45, 0.5, 0.5, 0.5, 0.5], 5, "cap")])
 def test_stop_when_surpassing_ends_the_final_phase_live_and_may_run_past_its_plan_to_the_cap(
         tmp_path, synth_corpus, monkeypatch, final, epochs, reason):
-    from finetune.report import main as report
+    from common.reports.report import main as report
 
     baseline = comparable_baseline(tmp_path, synth_corpus, averaged=0.7)  # its average is not the target
     scripted_epochs(monkeypatch, {(0, 1): 0.2, **{(1, e + 1): v for e, v in enumerate(final)}})
@@ -275,7 +275,7 @@ def test_weight_average_top_with_an_early_stop_averages_the_best_epochs_that_ran
         tmp_path, synth_corpus, monkeypatch, final, top, averaged):
     from safetensors.torch import load_file
 
-    from common.weight_average import average_state_dicts
+    from common.training.weight_average import average_state_dicts
 
     baseline = comparable_baseline(tmp_path, synth_corpus)
     scripted_epochs(monkeypatch, {(0, 1): 0.2, **{(1, e + 1): v for e, v in enumerate(final)}})

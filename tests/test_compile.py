@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from common.compile import maybe_compile, repeated_blocks
-from common.model import ASTEncoder, EncoderConfig
+from common.training.compile import maybe_compile, repeated_blocks
+from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from pretrain.ssast import SSASTConfig, SSASTModel
 from tests.test_pretrain import run, weights
 
@@ -83,17 +83,17 @@ def test_compiled_ssast_steps_agree_with_eager_ones_and_keep_the_state_dict_keys
 
 
 def test_a_compiled_pretraining_run_compiles_every_phase_and_resumes_exactly(tmp_path, synth_corpus, monkeypatch):
-    import common.compile
+    import common.training.compile
 
     compiled_models = []
-    real = common.compile.maybe_compile
+    real = common.training.compile.maybe_compile
 
     def spy(model, enabled, backend="inductor", mode="default"):
         out = real(model, enabled, backend, mode)
         compiled_models.append(all(b._compiled_call_impl is not None for _, b in repeated_blocks(out)))
         return out
 
-    monkeypatch.setattr("common.trainer.maybe_compile", spy)
+    monkeypatch.setattr("common.training.loop.maybe_compile", spy)
     on = ("train.compile=true", "train.compile_backend=aot_eager", "train.save_every=100")
     straight, resumed, eager = tmp_path / "straight", tmp_path / "resumed", tmp_path / "eager"
     assert run(straight, synth_corpus, *on) == 0

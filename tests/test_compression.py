@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from common.compression import Compression
-from common.features import AudioConfig, FeaturePipeline
-from common.model import EncoderConfig, encoder_config
+from common.audio.compression import Compression
+from common.audio.pipeline import AudioConfig, FeaturePipeline
+from common.models.ast.encoder import EncoderConfig, encoder_config
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_check_rejects_impossible_phases(base):
 @pytest.mark.parametrize("method,factor", [("none", 1), ("fshift", 2), ("fshift", 4), ("avgpool", 4),
                                            ("maxpool", 3), ("patch", 2)])
 def test_feature_pipeline_feeds_the_phase_encoder(method, factor):
-    from common.model import ASTEncoder
+    from common.models.ast.encoder import ASTEncoder
 
     audio = AudioConfig(num_mel_bins=32, target_frames=96)
     base = EncoderConfig(embed_dim=16, depth=1, num_heads=2, num_mel_bins=32, input_tdim=96,

@@ -3,8 +3,8 @@ import json
 import pytest
 from lhotse import CutSet
 
-from common.corpora import get_corpus
-from common.corpora.base import read_classes
+from common.data.corpora import get_corpus
+from common.data.corpora.base import read_classes
 from tests.layouts import esc50 as layout
 
 

@@ -3,7 +3,7 @@ import json
 import pytest
 from lhotse import CutSet
 
-from common.corpora import get_corpus
+from common.data.corpora import get_corpus
 from tests.layouts import librispeech as layout
 
 
@@ -57,7 +57,7 @@ def test_prepare_librispeech_errors_name_what_is_missing(tmp_path):
 
 
 def test_librispeech_cli(tmp_path):
-    from common.corpora.__main__ import main
+    from common.data.corpora.__main__ import main
 
     src, out = tmp_path / "LibriSpeech", tmp_path / "manifests"
     layout.build(src, corrupt=False, missing=False)

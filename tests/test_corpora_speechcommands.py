@@ -3,8 +3,8 @@ import json
 import pytest
 from lhotse import CutSet
 
-from common.corpora import get_corpus
-from common.corpora.base import read_classes
+from common.data.corpora import get_corpus
+from common.data.corpora.base import read_classes
 from tests.layouts import speechcommands as layout
 
 
@@ -44,7 +44,7 @@ def test_prepare_speechcommands_errors_name_the_file(tmp_path):
 
 
 def test_speechcommands_cli(tmp_path):
-    from common.corpora.__main__ import main
+    from common.data.corpora.__main__ import main
 
     src, out = tmp_path / "speech_commands_v0.02", tmp_path / "manifests"
     layout.build(src, corrupt=False, missing=False)

@@ -3,9 +3,9 @@ import pytest
 import soundfile as sf
 from lhotse import CutSet
 
-from common.corpora import get_corpus
-from common.corpora.base import read_classes
-from common.corpora.synth import CLASSES, SIZES, generate_clip
+from common.data.corpora import get_corpus
+from common.data.corpora.base import read_classes
+from common.data.corpora.synth import CLASSES, SIZES, generate_clip
 from tests.layouts import write_clip, write_garbage
 
 

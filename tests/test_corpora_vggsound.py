@@ -3,8 +3,8 @@ import json
 import pytest
 from lhotse import CutSet
 
-from common.corpora import get_corpus
-from common.corpora.base import read_classes
+from common.data.corpora import get_corpus
+from common.data.corpora.base import read_classes
 from tests.layouts import vggsound as layout
 
 
@@ -42,7 +42,7 @@ def test_prepare_vggsound_metadata_errors_name_the_file(tmp_path):
 
 
 def test_prepare_vggsound_from_the_command_line(tmp_path):
-    from common.corpora.__main__ import main
+    from common.data.corpora.__main__ import main
 
     src, out = tmp_path / "vggsound", tmp_path / "manifests"
     built = layout.build(src, audio_dir="clips")

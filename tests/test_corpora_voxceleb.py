@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 from lhotse import CutSet
 
-from common.corpora import get_corpus
-from common.corpora.base import read_classes
+from common.data.corpora import get_corpus
+from common.data.corpora.base import read_classes
 from tests.layouts import voxceleb as layout
 
 
@@ -55,7 +55,7 @@ def test_prepare_voxceleb_errors_name_the_file(tmp_path):
 
 
 def test_voxceleb_cli(tmp_path):
-    from common.corpora.__main__ import main
+    from common.data.corpora.__main__ import main
 
     src, out = tmp_path / "VoxCeleb1", tmp_path / "manifests"
     layout.build(src, corrupt=False, missing=False)

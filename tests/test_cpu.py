@@ -6,8 +6,8 @@ import warnings
 import pytest
 import torch
 
-from common import cpu
-from common.data import ClipDataset, ClipLoader, open_cuts
+from common.system import cpu
+from common.data.loader import ClipDataset, ClipLoader, open_cuts
 
 
 @pytest.fixture
@@ -58,8 +58,8 @@ def test_omp_num_threads_and_the_recipe_decide_when_given(machine, monkeypatch):
 
 
 def test_a_cpu_threads_setting_is_checked_and_may_change_on_resume():
-    from common.run_recipe import recipe_diff
-    from common.run_spec import TrainConfig
+    from common.training.run_recipe import recipe_diff
+    from common.training.spec import TrainConfig
 
     with pytest.raises(ValueError, match="cpu_threads must be >= 1"):
         TrainConfig(cpu_threads=0)
@@ -91,7 +91,7 @@ def test_a_training_session_sets_the_threads_and_gives_them_back(machine, tmp_pa
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with caplog.at_level(logging.INFO, logger="common.cpu"), training_session(tmp_path / "run", recipe):
+        with caplog.at_level(logging.INFO, logger="common.system.cpu"), training_session(tmp_path / "run", recipe):
             assert torch.get_num_threads() == 1  # 2 cores: 1 loader worker, 1 thread
         assert torch.get_num_threads() == 2
         assert "CPU threads of the training process: 1 (2 core(s) / 1 rank(s) - 1 loader worker(s))" in caplog.text

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import common.run_checkpoint as rc
+import common.training.checkpoints as rc
 from pretrain.run import main
 from tests.test_pretrain import RECIPE, tiny
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.criteria import (
+from common.phases.criteria import (
     Decision,
     Efficiency,
     LossSlope,
@@ -21,9 +21,9 @@ from common.criteria import (
     describe_ends,
 )
 from common.metrics import mean_average_precision, standard_error
-from common.phases import PhaseConfig
-from common.recipe import RecipeError, build
-from common.trainer import Trainer
+from common.phases.config import PhaseConfig
+from common.config.recipe import RecipeError, build
+from common.training.loop import Trainer
 from pretrain.run import main
 from tests.test_pretrain import RECIPE, run, tiny, weights
 
@@ -463,7 +463,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 
     import torch.distributed as torch_dist
 
-    from common.distributed import Dist
+    from common.system.distributed import Dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch_dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -6,8 +6,8 @@ import soundfile as sf
 import torch
 from lhotse import CutSet
 
-from common.corpora.base import read_classes
-from common.data import (
+from common.data.corpora.base import read_classes
+from common.data.loader import (
     BadAudioTracker,
     ClipDataset,
     ClipLoader,
@@ -153,7 +153,7 @@ def test_too_much_bad_audio_stops_with_a_clear_error(damaged_manifest):
 
 
 def test_missing_manifest_says_how_to_prepare_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"python -m common.corpora prepare NAME"):
+    with pytest.raises(FileNotFoundError, match=r"python -m common.data.corpora prepare NAME"):
         open_cuts([tmp_path / "audioset_eval.jsonl.gz"])
 
 
@@ -192,9 +192,9 @@ def test_balanced_sampler_draws_rare_classes_more(synth_corpus):
 def test_stats_cli_and_shar_round_trip(synth_corpus, tmp_path):
     import json
 
-    from common.corpora.__main__ import main
-    from common.corpora.stats import compute_stats
-    from common.frontend import resolve_norm_stats
+    from common.data.corpora.__main__ import main
+    from common.data.corpora.stats import compute_stats
+    from common.audio.fbank import resolve_norm_stats
 
     manifest = tmp_path / "valid.jsonl.gz"
     shutil.copy(synth_corpus / "synth_valid.jsonl.gz", manifest)
@@ -203,7 +203,7 @@ def test_stats_cli_and_shar_round_trip(synth_corpus, tmp_path):
     assert saved["clips"] == 12 and saved["target_frames"] == 128
     stats = resolve_norm_stats(str(tmp_path / "valid.stats.json"))
     # the same numbers by hand
-    from common.frontend import Fbank, pad_or_crop
+    from common.audio.fbank import Fbank, pad_or_crop
     fb, feats = Fbank(), []
     for cut in CutSet.from_file(manifest):
         wave = torch.from_numpy(cut.load_audio()[0])[: fb.samples_for_frames(128)]
@@ -288,12 +288,12 @@ def test_training_crops_cut_from_the_start_unless_asked(synth_corpus):
 
 @pytest.mark.parametrize("train_crop", ["start", "random"])
 def test_the_trainer_crops_training_clips_as_the_data_config_says(tmp_path, synth_corpus, tiny_cfg, train_crop):
-    from common.distributed import Dist
-    from common.features import AudioConfig
-    from common.optim import OptimConfig
-    from common.phases import PhaseConfig, TransferConfig
-    from common.run_spec import RunSpec, TrainConfig
-    from common.trainer import Trainer
+    from common.system.distributed import Dist
+    from common.audio.pipeline import AudioConfig
+    from common.training.optim import OptimConfig
+    from common.phases.config import PhaseConfig, TransferConfig
+    from common.training.spec import RunSpec, TrainConfig
+    from common.training.loop import Trainer
     from finetune.classifier import AugmentConfig, ClassifierObjective
 
     classes, _ = read_classes(synth_corpus / "synth_classes.json")

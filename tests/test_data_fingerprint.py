@@ -5,7 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
-from common.data_fingerprint import changes, fingerprint, run_fingerprints
+from common.data.fingerprint import changes, fingerprint, run_fingerprints
 from pretrain.run import main
 from tests.test_pretrain import RECIPE, run, tiny
 

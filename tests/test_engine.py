@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from common.distributed import init_distributed
-from common.optim import OptimConfig, build_engine
+from common.system.distributed import init_distributed
+from common.training.optim import OptimConfig, build_engine
 from tests.test_finetune import TINY, _synth_root, sets
 
 
@@ -57,17 +57,17 @@ def test_the_engine_keeps_the_runs_autocast():
 
 
 def test_a_bf16_fine_tune_trains_in_bf16(tmp_path, synth_corpus, monkeypatch):
-    import common.trainer
+    import common.training.loop
     from finetune.run import main as finetune
 
     seen: list[torch.dtype] = []
-    real = common.trainer.build_engine
+    real = common.training.loop.build_engine
 
     def recording(model, *args, **kwargs):
         _linear_output_dtypes(model, seen)
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(common.trainer, "build_engine", recording)
+    monkeypatch.setattr(common.training.loop, "build_engine", recording)
     assert finetune(["--init", "none", "--task", "synth", "--data-root", str(_synth_root(tmp_path, synth_corpus)),
                      "--run-dir", str(tmp_path / "run"),
                      *sets(*TINY, "train.precision=bf16", "phases=[{compression: none, epochs: 1}]")]) == 0

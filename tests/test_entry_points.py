@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-ENTRY_POINTS = ["pretrain.run", "finetune.run", "finetune.linear_probe", "finetune.report", "finetune.predict",
-                "finetune.demo", "common.corpora.__main__", "common.flops", "common.hf", "bench.data_throughput",
+ENTRY_POINTS = ["pretrain.run", "finetune.run", "finetune.linear_probe", "common.reports.report", "finetune.predict",
+                "finetune.demo", "common.data.corpora.__main__", "common.models.flops", "common.models.hf_export", "bench.data_throughput",
                 "bench.train_throughput", "bench.gpu_check"]
 
 
@@ -38,7 +38,7 @@ def test_no_deepspeed_greeting_on_our_commands():
     root = Path(__file__).resolve().parents[1]
     script = ("import sys\n"
               "from pretrain.run import main\n"
-              "from common.distributed import init_distributed\n"
+              "from common.system.distributed import init_distributed\n"
               "dist = init_distributed()\n"  # what a run does first: import DeepSpeed, join the group
               "dist.teardown()\n"
               "code = main(['--recipe', 'recipes/synth_pretrain.yaml', '--dry-run'])\n"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.model import ASTEncoder, EncoderConfig
+from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from finetune.classifier import Classifier, save_classifier
 from tests.test_pretrain import RECIPE, ROOT, _free_port, tiny
 from tests.test_pretrain import run as pretrain
@@ -94,7 +94,7 @@ class FakeDisk:
         self.free = 1 << 40
         self.fill_at_next_save = False
         usage = namedtuple("usage", "total used free")
-        monkeypatch.setattr("common.disk.shutil.disk_usage", lambda path: usage(1 << 41, 1 << 40, self.free))
+        monkeypatch.setattr("common.system.disk.shutil.disk_usage", lambda path: usage(1 << 41, 1 << 40, self.free))
         real = torch.save
 
         def save(obj, f, *args, **kwargs):
@@ -109,7 +109,7 @@ class FakeDisk:
 
 def test_a_full_disk_at_a_checkpoint_is_named_and_the_last_checkpoint_stays(tmp_path, synth_corpus, monkeypatch,
                                                                            capsys):
-    from common.run_checkpoint import _damage
+    from common.training.checkpoints import _damage
 
     run_dir, ckdir = tmp_path / "run", tmp_path / "run" / "checkpoints"
     disk = FakeDisk(monkeypatch)
@@ -143,9 +143,9 @@ def test_a_full_disk_at_a_checkpoint_is_named_and_the_last_checkpoint_stays(tmp_
 def test_a_full_disk_during_an_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
     from safetensors import SafetensorError
 
-    from common.atomic import atomic_path, atomic_write_text
-    from common.disk import NoSpace
-    from common.exports import save_weights
+    from common.system.atomic import atomic_path, atomic_write_text
+    from common.system.disk import NoSpace
+    from common.models.exports import save_weights
 
     target = tmp_path / "ledger.json"
     atomic_write_text(target, "old")
@@ -174,7 +174,7 @@ def test_a_full_disk_during_an_atomic_write_keeps_the_old_file(tmp_path, monkeyp
     # known size, too little space: refused before writing
     usage = namedtuple("usage", "total used free")
     with monkeypatch.context() as patch:
-        patch.setattr("common.disk.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+        patch.setattr("common.system.disk.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
         with pytest.raises(NoSpace, match=r"\(4096 bytes needed, 1000 bytes free\)"):
             save_weights(export, {"w": torch.zeros(1024)}, {})
     assert export.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json",
@@ -308,7 +308,7 @@ def test_a_run_dir_that_is_a_file_is_refused(tmp_path, synth_corpus, data_root, 
 
 def test_hf_export_out_naming_a_file_is_refused(tmp_path, capsys):
     pytest.importorskip("transformers")
-    from common.hf import main as hf
+    from common.models.hf_export import main as hf
     from tests.test_hf import tiny_classifier
 
     model = tiny_classifier(tmp_path / "model.safetensors")
@@ -323,7 +323,7 @@ def test_hf_export_onto_a_full_disk(tmp_path, monkeypatch, capsys):
     pytest.importorskip("transformers")
     from safetensors import SafetensorError
 
-    from common.hf import main as hf
+    from common.models.hf_export import main as hf
     from tests.test_hf import tiny_classifier
 
     model = tiny_classifier(tmp_path / "model.safetensors")
@@ -347,7 +347,7 @@ def test_hf_export_onto_a_full_disk(tmp_path, monkeypatch, capsys):
 def test_corpora_stats_on_an_empty_manifest(tmp_path, content, capsys):
     import gzip
 
-    from common.corpora.__main__ import main as corpora
+    from common.data.corpora.__main__ import main as corpora
 
     manifest = tmp_path / "empty_train.jsonl.gz"
     if content == "gzip":
@@ -365,7 +365,7 @@ def test_corpora_stats_on_an_empty_manifest(tmp_path, content, capsys):
 def test_the_linear_probe_on_an_empty_manifest(tmp_path, synth_corpus, split, capsys):
     import gzip
 
-    from common.exports import save_encoder
+    from common.models.exports import save_encoder
     from finetune.linear_probe import main as probe
 
     empty = tmp_path / "empty.jsonl.gz"

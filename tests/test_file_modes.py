@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.atomic import ORPHAN, atomic_copy, atomic_write_text, file_mode
-from common.exports import save_weights
+from common.system.atomic import ORPHAN, atomic_copy, atomic_write_text, file_mode
+from common.models.exports import save_weights
 from tests.test_pretrain import ROOT
 from tests.test_pretrain import run as pretrain
 
@@ -54,7 +54,7 @@ def test_a_run_and_its_hf_export_are_as_readable_as_the_umask_allows(tmp_path, s
     except ImportError:
         transformers = None
     if transformers is not None:
-        from common.hf import main as hf
+        from common.models.hf_export import main as hf
 
         assert hf(["export", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
         files += list((tmp_path / "hf").iterdir())
@@ -67,7 +67,7 @@ def test_a_run_and_its_hf_export_are_as_readable_as_the_umask_allows(tmp_path, s
 
 def _killed_while_writing(target: Path) -> None:
     """A process killed inside ``atomic_path`` (after writing half of ``target``, before the rename)."""
-    code = ("import os\nfrom common.atomic import atomic_path\n"
+    code = ("import os\nfrom common.system.atomic import atomic_path\n"
             f"with atomic_path({str(target)!r}) as tmp:\n    tmp.write_text('half')\n    os._exit(9)\n")
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert proc.returncode == 9

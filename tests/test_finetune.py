@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.corpora import get_corpus
+from common.data.corpora import get_corpus
 from common.metrics import accuracy, mean_average_precision
 from finetune.evaluate import cross_validation_summary
 from finetune.run import main as finetune
@@ -57,7 +57,7 @@ def test_esc50_folds_and_cross_validation_on_known_inputs():
 
 def test_paper_tasks_use_the_authors_statistics_and_losses():
     """VoxCeleb / VGGSound as the authors' FlexiAST recipes; Kinetics-Sounds the AudioSet setup (item 5)."""
-    from common.frontend import NormStats, resolve_norm_stats
+    from common.audio.fbank import NormStats, resolve_norm_stats
     from finetune.recipe import load_recipe
 
     recipes = {name: load_recipe(name) for name in ("voxceleb", "vggsound", "kinetics_sounds", "audioset")}
@@ -155,8 +155,8 @@ def _synth_root(tmp_path: Path, corpus: Path) -> Path:
 
 
 def test_fine_tuning_from_an_official_ssast_checkpoint(tmp_path, synth_corpus):
-    from common.checkpoint import load_encoder_state
-    from common.model import ModelSpec
+    from common.models.weights import load_encoder_state
+    from common.models.ast.encoder import ModelSpec
     from finetune.init import task_encoder, task_encoder_config
     from tests.test_checkpoint import ssast_pretrained_state
 
@@ -186,8 +186,8 @@ def test_pooling_follows_the_init(tmp_path):
     """AST pools (cls + dist) / 2, SSAST the mean of the patch tokens, patch and frame models alike (item 2)."""
     import timm
 
-    from common.checkpoint import load_encoder_state
-    from common.model import ASTEncoder, EncoderConfig, ModelSpec
+    from common.models.weights import load_encoder_state
+    from common.models.ast.encoder import ASTEncoder, EncoderConfig, ModelSpec
     from finetune.classifier import Classifier, save_classifier
     from finetune.init import init_pool, resolve_pool, task_encoder_config
     from pretrain.ssast import SSASTConfig, SSASTModel, SSASTObjective
@@ -224,8 +224,8 @@ def test_pooling_follows_the_init(tmp_path):
 def test_imagenet_deit_weights_start_the_encoder_as_ast(tmp_path):
     import timm
 
-    from common.checkpoint import load_encoder_state
-    from common.model import ModelSpec
+    from common.models.weights import load_encoder_state
+    from common.models.ast.encoder import ModelSpec
     from finetune.init import task_encoder, task_encoder_config
 
     deit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
@@ -290,8 +290,8 @@ def test_logistic_regression_probe_on_known_features():
 
 
 def test_probe_task_esc50_is_the_mean_over_folds(tmp_path, monkeypatch):
-    from common.exports import save_encoder
-    from common.model import ASTEncoder, EncoderConfig
+    from common.models.exports import save_encoder
+    from common.models.ast.encoder import ASTEncoder, EncoderConfig
     from finetune import linear_probe
     from tests.layouts import esc50
 
@@ -317,7 +317,7 @@ def test_probe_task_esc50_is_the_mean_over_folds(tmp_path, monkeypatch):
 def test_predict_windows_and_top_k(tmp_path, capsys):
     import soundfile as sf
 
-    from common.model import ASTEncoder, EncoderConfig
+    from common.models.ast.encoder import ASTEncoder, EncoderConfig
     from finetune.classifier import Classifier, save_classifier
     from finetune.predict import main as predict
     from finetune.predict import windows
@@ -390,6 +390,6 @@ def test_three_phase_fine_tuning_with_patch_and_pooling(tmp_path, synth_corpus):
     assert [e["phase"] for e in ledger["evals"]] == [0, 1, 2]
     fps = [p["flops_per_sample"] for p in ledger["phases"]]
     assert fps[0] < fps[1] < fps[2]
-    from common.ledger import Ledger
-    from finetune.report import run_label
+    from common.training.ledger import Ledger
+    from common.reports.report import run_label
     assert run_label(Ledger.read(run_dir)) == "Patch BL/Avg Pool 4→2→1"

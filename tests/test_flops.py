@@ -1,8 +1,8 @@
 import torch
 
-from common.compression import Compression
-from common.flops import count_flops, encoder_train_flops
-from common.model import encoder_config
+from common.audio.compression import Compression
+from common.models.flops import count_flops, encoder_train_flops
+from common.models.ast.encoder import encoder_config
 
 
 def analytic_train_flops(cfg) -> float:

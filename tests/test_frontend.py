@@ -2,7 +2,7 @@ import pytest
 import torch
 import torchaudio
 
-from common.frontend import NORM_STATS, Fbank, NormStats, normalize, pad_or_crop, resolve_norm_stats
+from common.audio.fbank import NORM_STATS, Fbank, NormStats, normalize, pad_or_crop, resolve_norm_stats
 
 
 def reference_fbank(wave: torch.Tensor, shift_ms: float) -> torch.Tensor:
@@ -56,7 +56,7 @@ def test_normalisation_and_named_stats(tmp_path):
     assert resolve_norm_stats(str(path)) == NormStats(-5.0, 3.0)
     with pytest.raises(ValueError, match="unknown normalisation statistics 'nope'"):
         resolve_norm_stats("nope")
-    with pytest.raises(FileNotFoundError, match="common.corpora stats"):
+    with pytest.raises(FileNotFoundError, match="common.data.corpora stats"):
         resolve_norm_stats(str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="invalid"):
         NormStats(0.0, 0.0)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.hf import HFFormatError, export_hf, read_hf_directory
-from common.model import ASTEncoder, EncoderConfig
+from common.models.hf import HFFormatError, read_hf_directory
+from common.models.hf_export import export_hf
+from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from finetune.classifier import Classifier, load_classifier, save_classifier
 
 transformers = pytest.importorskip("transformers")
@@ -68,7 +69,7 @@ def test_exported_classifier_scores_equal_predict_through_transformers(tmp_path,
     import soundfile as sf
     from transformers import ASTFeatureExtractor, ASTForAudioClassification, pipeline
 
-    from common.hf import main as hf_main
+    from common.models.hf_export import main as hf_main
 
     src = tiny_classifier(tmp_path / "m.safetensors", loss=loss)
     out = tmp_path / "hf"
@@ -108,8 +109,8 @@ def test_exported_classifier_scores_equal_predict_through_transformers(tmp_path,
 
 
 def test_round_trip_export_import_export_is_bit_identical(tmp_path):
-    from common.checkpoint import load_encoder
-    from common.exports import save_encoder
+    from common.models.weights import load_encoder
+    from common.models.exports import save_encoder
 
     first = export_hf(tiny_classifier(tmp_path / "m.safetensors", loss="bce"), tmp_path / "first")
     model, meta = load_classifier(first)  # import: the HF directory as this package's classifier
@@ -138,7 +139,7 @@ def test_round_trip_export_import_export_is_bit_identical(tmp_path):
 def test_import_reads_bin_weights_and_transformers5_names(tmp_path):
     """``pytorch_model.bin`` (loaded with weights_only) under the in-memory names of transformers 5
     (``layers.N.attention.q_proj``) gives the same encoder as the saved names."""
-    from common.checkpoint import load_encoder_state
+    from common.models.weights import load_encoder_state
 
     first = export_hf(tiny_classifier(tmp_path / "m.safetensors"), tmp_path / "hf")
     reference = read_hf_directory(first)
@@ -168,7 +169,7 @@ def test_import_reads_bin_weights_and_transformers5_names(tmp_path):
     ("no_config", r"has no encoder_config"),
 ])
 def test_models_the_format_cannot_hold_are_refused_by_name(tmp_path, kind, match):
-    from common.exports import save_weights
+    from common.models.exports import save_weights
 
     path = tmp_path / "m.safetensors"
     if kind == "mean":
@@ -191,7 +192,7 @@ def test_models_the_format_cannot_hold_are_refused_by_name(tmp_path, kind, match
 def test_imagenet_weights_and_unknown_statistics_are_refused(tmp_path, capsys):
     import timm
 
-    from common.hf import main as hf_main
+    from common.models.hf_export import main as hf_main
     from tests.test_checkpoint import ssast_pretrained_state
 
     deit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
@@ -206,21 +207,21 @@ def test_imagenet_weights_and_unknown_statistics_are_refused(tmp_path, capsys):
 
 
 def test_without_transformers_common_hf_says_how_to_install(tmp_path, capsys, monkeypatch):
-    from common.hf import main as hf_main
+    from common.models.hf_export import main as hf_main
 
     src = tiny_classifier(tmp_path / "m.safetensors")
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     assert hf_main(["export", str(src), "--out", str(tmp_path / "o")]) == 2
     assert "pip install 'coarse2fine-ast[hf]'" in capsys.readouterr().err
-    # the package imports transformers only inside common.hf's functions
-    code = ("import sys, common.hf, common.checkpoint, finetune.run, finetune.predict, finetune.linear_probe, "
+    # the package imports transformers only inside common.models.hf(_export)'s functions
+    code = ("import sys, common.models.hf, common.models.hf_export, common.models.weights, finetune.run, finetune.predict, finetune.linear_probe, "
             "finetune.demo; assert 'transformers' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 # ------------------------------------------------------------------------------------------ --init DIR
 def test_fine_tuning_starts_from_an_hf_directory_and_keeps_its_head(tmp_path, synth_corpus, capsys):
-    from common.corpora.base import read_classes
+    from common.data.corpora.base import read_classes
     from finetune.run import main as finetune
     from tests.test_finetune import _synth_root, sets
 
@@ -259,8 +260,8 @@ def test_fine_tuning_starts_from_an_hf_directory_and_keeps_its_head(tmp_path, sy
 
 
 def test_linear_probe_and_predict_accept_an_hf_directory(tmp_path, capsys):
-    from common.exports import save_encoder
-    from common.model import ModelSpec
+    from common.models.exports import save_encoder
+    from common.models.ast.encoder import ModelSpec
     from finetune.init import load_init, task_encoder, task_encoder_config
     from finetune.linear_probe import _cache_key
     from finetune.predict import main as predict

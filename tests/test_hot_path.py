@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.clip_cache import ClipCache
-from common.data import ClipDataset, ClipLoader, DataConfig, load_clip, open_cuts
-from common.prefetch import background
+from common.data.cache import ClipCache
+from common.data.loader import ClipDataset, ClipLoader, DataConfig, load_clip, open_cuts
+from common.data.prefetch import background
 from tests.test_pretrain import poison_loss_at, run, weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def test_a_non_finite_loss_is_caught_at_the_next_checkpoint_without_a_sync_per_s
 
 
 def _count_host_reads_in_micro_steps(monkeypatch) -> dict:
-    from common.trainer import Trainer
+    from common.training.loop import Trainer
 
     counts = {"steps": 0, "reads": 0}
     inside = {"on": False}
@@ -79,10 +79,10 @@ def test_window_and_step_checks_train_the_same_weights(tmp_path, synth_corpus):
 
 @pytest.mark.parametrize("mode", ["memory", "disk"])
 def test_cached_clips_train_the_same_weights_and_are_decoded_once(tmp_path, synth_corpus, mode, monkeypatch):
-    import common.data
+    import common.data.loader
 
     decoded = []
-    real = common.data.load_clip
+    real = common.data.loader.load_clip
 
     def counting(cut, rate):
         decoded.append(cut.id)
@@ -90,7 +90,7 @@ def test_cached_clips_train_the_same_weights_and_are_decoded_once(tmp_path, synt
 
     straight = tmp_path / "plain"
     assert run(straight, synth_corpus, "train.save_every=100") == 0
-    monkeypatch.setattr(common.data, "load_clip", counting)
+    monkeypatch.setattr(common.data.loader, "load_clip", counting)
     cached = tmp_path / mode
     assert run(cached, synth_corpus, "train.save_every=100", f"data.cache={mode}",
                f"data.cache_dir={tmp_path / 'cache'}") == 0
@@ -161,8 +161,8 @@ def test_deepspeed_skips_the_gradient_all_reduce_of_a_single_rank(tmp_path, synt
 
 
 def test_the_watch_names_the_optimiser_step_of_the_first_bad_micro_batch():
-    from common.distributed import Dist
-    from common.nonfinite import NonFiniteWatch
+    from common.system.distributed import Dist
+    from common.training.nonfinite import NonFiniteWatch
 
     watch = NonFiniteWatch(Dist(0, 1, 0, torch.device("cpu")), "window", grad_accum=2)
     watch.restart(10)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.compression import Compression
-from common.htsat import HTSAT, HTSATConfig, HTSATFrontEnd, SpecAugmentStripes, fold, geometry, mel_filterbank
+from common.audio.compression import Compression
+from common.models.htsat import HTSAT, HTSATConfig, HTSATFrontEnd, SpecAugmentStripes, fold, geometry, mel_filterbank
 from tests.conftest import real_looking_signals
 
 CFG = HTSATConfig(clip_samples=64000, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), num_classes=3)

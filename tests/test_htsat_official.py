@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.htsat import (
+from common.models.htsat import (
     HEAD_PREFIXES,
     HTSAT,
     HTSATConfig,

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from common.compression import Compression
-from common.htsat import (
+from common.audio.compression import Compression
+from common.models.htsat import (
     HTSAT,
     HTSATConfig,
     HTSATFrontEnd,

@@ -23,7 +23,7 @@ TINY_HTSAT = ("model.arch=htsat", "model.htsat={sample_rate: 16000, clip_samples
 
 
 def test_a_two_phase_htsat_fine_tune_runs_end_to_end(tmp_path, synth_corpus, capsys):
-    from common.exports import read_weights
+    from common.models.exports import read_weights
     from finetune.classifier import load_classifier
 
     data = _synth_root(tmp_path, synth_corpus)
@@ -81,7 +81,7 @@ def test_hts_at_cannot_do_what_it_cannot_and_says_so(tmp_path, synth_corpus, cap
 
 @pytest.mark.parametrize("classes", [527, 5])
 def test_an_official_checkpoint_classifies_with_predict(tmp_path, capsys, classes):
-    from common.htsat import HTSAT, HTSATFrontEnd, audioset_labels, load_official_checkpoint
+    from common.models.htsat import HTSAT, HTSATFrontEnd, audioset_labels, load_official_checkpoint
     from finetune.predict import main as predict
 
     save_lightning(official_state(classes=classes), tmp_path / "HTSAT_AudioSet.ckpt")
@@ -109,9 +109,9 @@ def test_an_official_checkpoint_classifies_with_predict(tmp_path, capsys, classe
 
 
 def test_an_official_checkpoint_starts_a_fine_tune_on_other_classes(tmp_path):
-    from common.arch import architecture_for
-    from common.checkpoint import load_encoder_state
-    from common.compression import Compression
+    from common.models.arch import architecture_for
+    from common.models.weights import load_encoder_state
+    from common.audio.compression import Compression
 
     save_lightning(official_state(), tmp_path / "HTSAT_AudioSet.ckpt")
     init = load_encoder_state(tmp_path / "HTSAT_AudioSet.ckpt")

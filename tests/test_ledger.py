@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from common.ledger import Ledger, PhaseRecord
+from common.training.ledger import Ledger, PhaseRecord
 
 
 def two_phase_ledger() -> Ledger:

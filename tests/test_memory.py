@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.ledger import Ledger
-from common.memory import PeakMemory, estimate_training_memory, saved_activation_bytes
-from common.model import ASTEncoder, EncoderConfig
+from common.training.ledger import Ledger
+from common.models.memory import PeakMemory, estimate_training_memory, saved_activation_bytes
+from common.models.ast.encoder import ASTEncoder, EncoderConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Runs in a fresh process: the estimate, then the measured growth of the resident set over 2 Adam steps.
 MEASURE = """
 import json, sys, torch
-from common.memory import measure_training_peak
-from common.model import ASTEncoder, encoder_config
+from common.models.memory import measure_training_peak
+from common.models.ast.encoder import ASTEncoder, encoder_config
 from finetune.classifier import AugmentConfig, ClassifierObjective
 from pretrain.ssast import SSASTConfig, SSASTObjective
 torch.manual_seed(0)

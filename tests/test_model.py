@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from common.model import ASTEncoder, EncoderConfig, count_parameters, encoder_config
+from common.models.ast.encoder import ASTEncoder, EncoderConfig, count_parameters, encoder_config
 
 
 def test_grid_is_derived_from_the_config():

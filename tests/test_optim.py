@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from common.optim import LRSchedule, OptimConfig, param_groups
+from common.training.optim import LRSchedule, OptimConfig, param_groups
 
 
 def schedule(total=None, **cfg) -> LRSchedule:

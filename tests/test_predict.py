@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.model import ASTEncoder, EncoderConfig
+from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from finetune.classifier import Classifier, save_classifier
 from finetune.predict import main as predict
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.checkpoint import load_encoder
-from common.recipe import RecipeError
+from common.models.weights import load_encoder
+from common.config.recipe import RecipeError
 from pretrain.recipe import load_recipe
 from pretrain.run import main
 
@@ -119,7 +119,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, synth_corpus, sto
 
 
 def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(tmp_path, synth_corpus, monkeypatch):
-    import common.run_checkpoint as rc
+    import common.training.checkpoints as rc
 
     straight = tmp_path / "straight"
     assert run(straight, synth_corpus) == 0

@@ -53,7 +53,7 @@ def test_the_fine_tuning_bar_has_a_total_and_a_time_left_and_log_lines_stay_off_
 
 
 def test_log_lines_are_written_above_an_open_bar(monkeypatch):
-    from common.logger import progress, setup_logging
+    from common.system.logger import progress, setup_logging
 
     terminal = fake_terminal(monkeypatch)
     setup_logging(None)
@@ -71,7 +71,7 @@ def test_log_lines_are_written_above_an_open_bar(monkeypatch):
 
 
 def test_prepare_and_stats_show_progress(tmp_path, monkeypatch):
-    from common.corpora.__main__ import main as corpora
+    from common.data.corpora.__main__ import main as corpora
     from tests.layouts import write_clip
 
     terminal = fake_terminal(monkeypatch)
@@ -85,10 +85,10 @@ def test_prepare_and_stats_show_progress(tmp_path, monkeypatch):
 
 
 def test_the_probe_feature_extraction_shows_progress(synth_corpus, monkeypatch):
-    from common.arch import architecture_for
-    from common.corpora.base import read_classes
-    from common.features import AudioConfig
-    from common.model import ASTEncoder, EncoderConfig
+    from common.models.arch import architecture_for
+    from common.data.corpora.base import read_classes
+    from common.audio.pipeline import AudioConfig
+    from common.models.ast.encoder import ASTEncoder, EncoderConfig
     from finetune.linear_probe import extract_features
 
     terminal = fake_terminal(monkeypatch)
@@ -101,7 +101,7 @@ def test_the_probe_feature_extraction_shows_progress(synth_corpus, monkeypatch):
 
 
 def test_no_bar_when_stderr_is_not_a_terminal(capsys):
-    from common.logger import progress
+    from common.system.logger import progress
 
     bar = progress(3, 0, "counting", True)
     bar.update(3)
@@ -112,8 +112,8 @@ def test_no_bar_when_stderr_is_not_a_terminal(capsys):
 def test_the_bar_total_in_memory_and_streamed(synth_corpus):
     """The bar's total: exact for a set in memory, from the manifest's lines for a streamed one; the batches an
     epoch really gives."""
-    from common.corpora.base import read_classes
-    from common.data import BadAudioTracker, DataConfig, ManifestSpec, train_loader
+    from common.data.corpora.base import read_classes
+    from common.data.loader import BadAudioTracker, DataConfig, ManifestSpec, train_loader
 
     classes, _ = read_classes(synth_corpus / "synth_classes.json")
     train = [ManifestSpec(str(synth_corpus / "synth_train.jsonl.gz"))]  # 24 clips

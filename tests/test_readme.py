@@ -16,16 +16,16 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 def _entry(program: list[str]):
     """The main() a README command line runs."""
-    from common.corpora.__main__ import main as corpora
+    from common.data.corpora.__main__ import main as corpora
     from finetune.linear_probe import main as probe
     from finetune.predict import main as predict
-    from finetune.report import main as report
+    from common.reports.report import main as report
     from finetune.run import main as finetune
     from pretrain.run import main as pretrain
 
-    scripts = {"pretrain/run.py": pretrain, "finetune/run.py": finetune, "finetune/report.py": report,
+    scripts = {"pretrain/run.py": pretrain, "finetune/run.py": finetune, "common/reports/report.py": report,
                "finetune/predict.py": predict, "finetune/linear_probe.py": probe}
-    if program[:2] == ["-m", "common.corpora"]:
+    if program[:2] == ["-m", "common.data.corpora"]:
         return corpora, program[2:]
     return scripts[program[0]], program[1:]
 
@@ -118,8 +118,8 @@ def test_inline_set_examples_parse_as_numbers(capsys):
 
 def test_the_readme_task_file_works_relative_to_itself(tmp_path, monkeypatch, capsys):
     """The README's task YAML, as written, in a folder of its own; run from elsewhere."""
-    from common.corpora import get_corpus
-    from common.corpora.stats import compute_stats
+    from common.data.corpora import get_corpus
+    from common.data.corpora.stats import compute_stats
     from finetune.run import main as finetune
     from tests.layouts import write_clip
 
@@ -173,18 +173,18 @@ def test_readme_sample_outputs_are_what_the_commands_print(no_data, capsys):
 
 def test_readme_numbers_are_what_the_commands_print(capsys):
     """The FLOPs per clip the README quotes, from the commands it names."""
-    from common.flops import main as flops
-    from common.htsat.__main__ import main as htsat
+    from common.models.flops import main as flops
+    from common.models.htsat.__main__ import main as htsat
 
     text = re.sub(r"\s+", " ", README)
     flops([])
     table = {line[:20].strip(): line.split()[-2] for line in capsys.readouterr().out.splitlines()}
-    quoted = re.search(r"`python -m common.flops`\): ([\d.]+) G at full resolution, ([\d.]+) G at C = 2, "
+    quoted = re.search(r"`python -m common.models.flops`\): ([\d.]+) G at full resolution, ([\d.]+) G at C = 2, "
                        r"([\d.]+) G at C = 4", text)
     assert quoted and list(quoted.groups()) == [table["none"], table["fshift x2"], table["fshift x4"]]
     htsat([])
     table = {line[:16].strip(): line.split()[-2] for line in capsys.readouterr().out.splitlines()}
-    quoted = re.search(r"`python -m common.htsat`\): ([\d.]+) G at full resolution, ([\d.]+) G at x2, ([\d.]+) G at x4",
+    quoted = re.search(r"`python -m common.models.htsat`\): ([\d.]+) G at full resolution, ([\d.]+) G at x2, ([\d.]+) G at x4",
                        text)
     assert quoted and list(quoted.groups()) == [table["full resolution"], table["fshift x2"], table["fshift x4"]]
     assert f"with {table['fshift x4']} / {table['full resolution']} GFLOPs per clip at x4 / x1" in text
@@ -243,7 +243,7 @@ def test_the_first_hour_from_a_clone_to_a_cpu_result(tmp_path, monkeypatch, caps
     assert re.search(r"^venv:", makefile, re.M) and "VENV   := .venv" in makefile  # what the activation needs
     monkeypatch.chdir(tmp_path)
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
-    small = {"-m common.corpora prepare synth": ["--size", "test"],
+    small = {"-m common.data.corpora prepare synth": ["--size", "test"],
              "pretrain/run.py": ["--set", "phases.0.steps=1", "--set", "phases.1.steps=2", "--set", "data.batch_size=4",
                                  "--set", "data.num_workers=0", "--set", "train.eval_every=2"],
              "finetune/run.py": ["--set", "data.batch_size=4", "--set", "data.num_workers=0",

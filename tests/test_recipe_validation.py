@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from common.recipe import RecipeError, apply_overrides, load_yaml, parse_yaml
+from common.config.recipe import RecipeError, apply_overrides, load_yaml, parse_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "synth_pretrain.yaml"
@@ -50,7 +50,7 @@ def broken(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tripwire(monkeypatch):
-    from common import model
+    from common.models.ast import encoder as model
 
     def no_model(self, *args, **kwargs):
         raise AssertionError("a model was built before the recipe was rejected")
@@ -252,7 +252,7 @@ def test_numbers_in_recipe_files_and_set_values_alike(tmp_path):
     (["shar", "{tmp}/nowhere.jsonl.gz", "--out", "{tmp}/shar"], "nowhere.jsonl.gz does not exist"),
 ])
 def test_corpus_command_errors_are_one_line(tmp_path, capsys, argv, message):
-    from common.corpora.__main__ import main
+    from common.data.corpora.__main__ import main
 
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err

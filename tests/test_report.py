@@ -1,12 +1,12 @@
-"""finetune/report.py on hand-made ledgers: the paper's savings rule, labels, errors, the CLI's files."""
+"""common/reports/report.py on hand-made ledgers: the paper's savings rule, labels, errors, the CLI's files."""
 
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from common.ledger import Ledger
-from finetune.report import (ReportError, compare, load_run, main, markdown_table, resolve_metric, run_label,
+from common.training.ledger import Ledger
+from common.reports.report import (ReportError, compare, load_run, main, markdown_table, resolve_metric, run_label,
                              whole_run_table)
 
 # Baseline: 20 epochs at 10 FLOPs and 5 s each; accuracy climbs to 0.45 at epoch 15, then falls.
@@ -153,8 +153,8 @@ def test_cli_errors_exit_2(tmp_path, runs, capsys):
 
 
 def test_patch_runs_are_labelled_with_their_transfer():
-    from common.ledger import Ledger
-    from finetune.report import run_label
+    from common.training.ledger import Ledger
+    from common.reports.report import run_label
 
     ledger = Ledger.from_dict({"score": "acc", "phases": [
         {"compression": "patch", "factor": 4, "patch_transfer": "bilinear"}, {"compression": "none", "factor": 1}]})
@@ -194,7 +194,7 @@ def _stars(ax) -> list:
 def test_plot_puts_the_final_phases_on_one_scale_and_names_the_metric(pretraining):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from finetune.report import figure
+    from common.reports.report import figure
 
     base, c2f = load_run(pretraining[0], "Baseline"), load_run(pretraining[1])
     rows = compare(base, [c2f], "acc")
@@ -216,7 +216,7 @@ def test_plot_puts_the_final_phases_on_one_scale_and_names_the_metric(pretrainin
 
 
 def test_plot_draws_the_stop_the_legend_lists(runs):
-    from finetune.report import figure
+    from common.reports.report import figure
 
     base, c2f = load_run(runs["base"], "Baseline"), load_run(runs["c2f"])
     fig = figure([base, c2f], compare(base, [c2f], "acc"), "acc")
@@ -231,7 +231,7 @@ def test_plot_draws_the_stop_the_legend_lists(runs):
 
 
 def test_fine_tuning_plot_title_names_the_task(runs):
-    from finetune.report import report_title
+    from common.reports.report import report_title
 
     (runs["base"] / "recipe.yaml").write_text("task: {name: vggsound}\nphases: []\n")
     title = report_title([load_run(runs["base"], "Baseline"), load_run(runs["c2f"])], "acc")
@@ -280,9 +280,9 @@ def _ledger_of(phases, flops, clips: int, values: list[list[float]]) -> Ledger:
 
 
 def test_the_paper_audioset_row_is_a_fixed_stop_with_flops_from_common_flops(tmp_path, capsys):
-    from common.arch import architecture_for
-    from common.arch.base import geometries
-    from common.phases import PhaseConfig
+    from common.models.arch import architecture_for
+    from common.models.arch import geometries
+    from common.phases.config import PhaseConfig
     from finetune.classifier import ClassifierObjective
     from finetune.recipe import load_recipe
 
@@ -346,7 +346,7 @@ def test_the_reference_is_the_best_epoch_and_averages_are_compared_apart(runs, t
     plain = write_run(tmp_path, "plain", [("fshift", 4), ("none", 1)], C2F_EVALS)  # no average: no difference
     assert compare(load_run(write_run(tmp_path, "b", [("none", 1)], BASE_EVALS)), [load_run(plain)],
                    "acc")[1].averaged_delta is None
-    from finetune.report import figure
+    from common.reports.report import figure
 
     legend = _legend(figure([base, c2f], rows[:2], "acc"))
     assert "weight average (end of run)" in legend and "baseline best (45.00)" in legend
@@ -371,7 +371,7 @@ def test_runs_validated_otherwise_are_refused_or_accepted_and_listed(runs, tmp_p
 
 def test_runs_with_the_same_phases_are_told_apart_by_their_directories(tmp_path, runs, capsys):
     """Without --names: two runs with the same phases whose last folders are both `run` (issue: the first hour)."""
-    from finetune.report import distinct_names, report_title
+    from common.reports.report import distinct_names, report_title
 
     (tmp_path / "lr1").mkdir()
     (tmp_path / "lr2").mkdir()

@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from common.compression import Compression
-from common.model import ASTEncoder
-from common.resize import adapt_encoder, adapt_state_dict, resample_patch_kernel, resample_pos_embed
+from common.audio.compression import Compression
+from common.models.ast.encoder import ASTEncoder
+from common.models.ast.resize import adapt_encoder, adapt_state_dict, resample_patch_kernel, resample_pos_embed
 
 
 def test_same_size_resize_is_identity(tiny_cfg):
@@ -145,7 +145,7 @@ def test_growing_is_plain_bilinear_in_both_modes():
 
 
 def test_official_inits_follow_their_codes_rule_and_exports_the_recipe():
-    from common.checkpoint import EncoderWeights
+    from common.models.weights import EncoderWeights
     from finetune.init import init_pos_mode
     from finetune.recipe import load_recipe
 

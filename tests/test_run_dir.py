@@ -82,7 +82,7 @@ def test_resuming_with_a_lower_learning_rate_is_recorded(tmp_path, synth_corpus,
 
 
 def test_the_lr_schedule_takes_its_peak_from_the_recipe_on_resume():
-    from common.optim import LRSchedule, OptimConfig
+    from common.training.optim import LRSchedule, OptimConfig
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     old = LRSchedule(opt, OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"), 1e-3)
@@ -93,7 +93,7 @@ def test_the_lr_schedule_takes_its_peak_from_the_recipe_on_resume():
 
 
 def test_the_ledger_keeps_interventions_through_a_round_trip():
-    from common.ledger import Ledger
+    from common.training.ledger import Ledger
 
     ledger = Ledger("acc")
     ledger.add_intervention(step=40, phase=1, changes={"optim.lr": {"from": 1e-4, "to": 5e-5}})

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from common.cli import discard_previous
-from common.run_lock import LOCK_FILE, RunDirBusy, run_dir_lock
+from common.system.lock import LOCK_FILE, RunDirBusy, run_dir_lock
 from pretrain.run import main
 from tests.test_pretrain import RECIPE, ROOT, _free_port, tiny
 
@@ -32,7 +32,7 @@ def wait_for(condition, timeout: float, what: str) -> None:
 def holder(run_dir: Path, *then: str) -> subprocess.Popen:
     """Another process that takes ``run_dir``'s lock, says "locked", and runs the lines ``then`` (default:
     sleeps) while holding it."""
-    code = "\n".join(["import os, sys, time", "from common.run_lock import run_dir_lock",
+    code = "\n".join(["import os, sys, time", "from common.system.lock import run_dir_lock",
                       f"with run_dir_lock({str(run_dir)!r}):", "    print('locked', flush=True)",
                       *(f"    {line}" for line in then or ["time.sleep(600)"])])
     proc = subprocess.Popen([sys.executable, "-c", code], env=ENV, cwd=ROOT, stdout=subprocess.PIPE, text=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from lhotse import CutSet
 
-from common.data import (
+from common.data.loader import (
     ClipDataset,
     ClipLoader,
     ManifestSpec,

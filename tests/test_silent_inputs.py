@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from common.corpora.__main__ import main as corpora
+from common.data.corpora.__main__ import main as corpora
 from finetune.run import main as finetune
 from pretrain.run import main as pretrain
 from tests.layouts import write_clip
@@ -126,7 +126,7 @@ def test_a_very_short_clip_is_scored_with_a_warning(tmp_path, model_file, capsys
 
 
 def test_statistics_of_another_clip_length_are_warned_about(clips, capsys):
-    from common.corpora.stats import compute_stats
+    from common.data.corpora.stats import compute_stats
 
     (clips / "list.csv").write_text("path,label,split\n" + "".join(
         f"clips/c{i}.wav,{'dog' if i % 2 else 'cat'},{'valid' if i > 3 else 'train'}\n" for i in range(6)))
@@ -140,7 +140,7 @@ def test_statistics_of_another_clip_length_are_warned_about(clips, capsys):
     stats = clips / "out" / "mine_train.stats.json"
     assert (f"warning: task.norm: {stats} was computed at 1024 frames per clip, this run cuts / pads clips to 512"
             in out)
-    assert f"recompute them with `python -m common.corpora stats {clips / 'out' / 'mine_train.jsonl.gz'} " \
+    assert f"recompute them with `python -m common.data.corpora stats {clips / 'out' / 'mine_train.jsonl.gz'} " \
            f"--target-frames 512`" in out
     compute_stats(clips / "out" / "mine_train.jsonl.gz", target_frames=512, workers=0)
     assert finetune(["--init", "none", "--task", task, "--dry-run", *TINY]) == 0
@@ -157,7 +157,7 @@ def test_pretraining_statistics_of_another_clip_length_are_warned_about(tmp_path
                      "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert (f"warning: audio.norm: {stats} was computed at 1024 frames per clip, this run cuts / pads clips to 128; "
-            in out) and "`python -m common.corpora stats data/synth/synth_pool.jsonl.gz --target-frames 128`" in out
+            in out) and "`python -m common.data.corpora stats data/synth/synth_pool.jsonl.gz --target-frames 128`" in out
 
 
 @pytest.mark.parametrize("content, message", [

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from common.compression import Compression
-from common.model import ASTEncoder, EncoderConfig
+from common.audio.compression import Compression
+from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from pretrain.masking import mask_count, sample_mask
 from pretrain.ssast import SSASTConfig, SSASTModel, SSASTObjective, adapt_heads
 
@@ -143,7 +143,7 @@ def test_separate_passes_cost_one_more_encoder_pass(cfg):
     shared by the two passes (``encode_masked``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from common.flops import encoder_train_flops
+    from common.models.flops import encoder_train_flops
 
     one = SSASTObjective(SSASTConfig(separate_passes=False)).flops_per_sample(cfg)
     two = SSASTObjective(SSASTConfig()).flops_per_sample(cfg)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.recipe import RecipeError
+from common.config.recipe import RecipeError
 from finetune.recipe import auto_warmup, load_recipe
 
 
@@ -31,7 +31,7 @@ def test_norm_is_relative_to_the_task_file(tmp_path, synth_corpus, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the working directory has no data/mine.stats.json
     recipe = load_recipe(str(path))
     assert recipe.task.norm == str(tmp_path / "project" / "data" / "mine.stats.json")
-    from common.frontend import resolve_norm_stats
+    from common.audio.fbank import resolve_norm_stats
     assert resolve_norm_stats(recipe.audio().norm).mean == -5.0
     assert load_recipe(str(task_file(tmp_path / "p2", synth_corpus, "norm: esc50\n"))).task.norm == "esc50"
 

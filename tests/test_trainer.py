@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.data import Batch, DataConfig
-from common.trainer import step_groups
+from common.data.loader import Batch, DataConfig
+from common.training.loop import step_groups
 from pretrain.run import main
 from tests.test_pretrain import RECIPE, run, tiny, weights
 
@@ -139,12 +139,12 @@ def test_stop_after_steps_counts_every_phase_of_the_call(tmp_path, synth_corpus,
 
 
 def test_every_rank_draws_its_own_randomness_once_the_model_is_built(tmp_path):
-    from common.distributed import Dist
-    from common.trainer import Trainer
+    from common.system.distributed import Dist
+    from common.training.loop import Trainer
 
     from types import SimpleNamespace
 
-    from common.run_spec import TrainConfig
+    from common.training.spec import TrainConfig
 
     draws = {}
     for rank in (0, 1, 0):
@@ -159,7 +159,7 @@ def test_every_rank_draws_its_own_randomness_once_the_model_is_built(tmp_path):
 
 
 def test_best_is_the_best_epoch_of_the_final_phase(tmp_path, synth_corpus, monkeypatch):
-    from common.exports import read_weights
+    from common.models.exports import read_weights
     from finetune.classifier import ClassifierObjective
     from finetune.run import main as finetune
     from tests.test_finetune import TINY, _synth_root, sets
@@ -197,14 +197,14 @@ def test_cross_validation_picks_its_epoch_in_the_final_phase():
 def _micro_step_trainer(tmp_path, kind: str, accum: int):
     """A single-process trainer of a tiny model (``ast`` / ``htsat`` classifier or ``ssast``), its engine and
     the phase's training front end."""
-    from common.distributed import init_distributed
-    from common.features import AudioConfig
-    from common.htsat import HTSATConfig
-    from common.model import EncoderConfig
-    from common.optim import OptimConfig
-    from common.phases import PhaseConfig, TransferConfig
-    from common.run_spec import RunSpec, TrainConfig
-    from common.trainer import Trainer
+    from common.system.distributed import init_distributed
+    from common.audio.pipeline import AudioConfig
+    from common.models.htsat import HTSATConfig
+    from common.models.ast.encoder import EncoderConfig
+    from common.training.optim import OptimConfig
+    from common.phases.config import PhaseConfig, TransferConfig
+    from common.training.spec import RunSpec, TrainConfig
+    from common.training.loop import Trainer
     from finetune.classifier import AugmentConfig, ClassifierObjective
     from pretrain.ssast import SSASTConfig, SSASTObjective
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from lhotse import CutSet
 
-from common.data import Batch, BadAudioTracker, ClipDataset
-from common.ledger import Ledger
+from common.data.loader import Batch, BadAudioTracker, ClipDataset
+from common.training.ledger import Ledger
 from finetune.run import main as finetune
 from tests.test_finetune import _synth_root, sets
 
@@ -35,7 +35,7 @@ def test_the_loader_counts_the_clips_it_resamples_up(synth_corpus, rate, expecte
 def test_it_is_said_once_per_run_and_counted_per_split(caplog):
     tracker = BadAudioTracker(1.0)
     valid = tracker.for_split("valid")
-    with caplog.at_level(logging.WARNING, logger="common.data"):
+    with caplog.at_level(logging.WARNING, logger="common.data.loader"):
         tracker.update(batch({(16000, 32000): 3}))
         tracker.update(batch({(16000, 32000): 4, (22050, 32000): 1}, clips=5))
         valid.update(batch({(16000, 32000): 2}))
@@ -51,7 +51,7 @@ def test_it_is_said_once_per_run_and_counted_per_split(caplog):
     resumed.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
     assert resumed.upsampled == tracker.upsampled
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="common.data"):
+    with caplog.at_level(logging.WARNING, logger="common.data.loader"):
         resumed.update(batch({(16000, 32000): 1}))
     assert not caplog.records and resumed.take_upsampled() == {"train": {(16000, 32000): 1}}
 
@@ -73,7 +73,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 
     import torch.distributed as torch_dist
 
-    from common.distributed import Dist
+    from common.system.distributed import Dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch_dist.init_process_group("gloo", rank=rank, world_size=world)

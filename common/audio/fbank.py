@@ -1,0 +1,237 @@
+"""Kaldi-compatible log-mel filterbank front end, batched and device-agnostic.
+
+The features equal what AST and SSAST compute per clip on the CPU::
+
+    torchaudio.compliance.kaldi.fbank(w - w.mean(), htk_compat=True, sample_frequency=16000,
+        use_energy=False, window_type='hanning', num_mel_bins=128, dither=0.0, frame_shift=S)
+
+but for a whole batch at once, on whatever device the waveforms live on. The filterbank itself is
+Lhotse's ``Wav2LogFilterBank`` with ``snip_edges=True, high_freq=0.0`` (the two settings where Lhotse's
+defaults differ from Kaldi's); ``tests/test_frontend.py`` checks the match against torchaudio itself.
+
+Padded batches: when ``lengths`` is given, each waveform is centred on the mean of its own samples and
+every frame that reaches past its end is set to 0, exactly as if the clip had been featurised alone and
+then zero-padded along time (what the reference data loaders do).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Fbank",
+    "NormStats",
+    "NORM_STATS",
+    "resolve_norm_stats",
+    "check_norm_name",
+    "normalize",
+    "pad_or_crop",
+    "num_frames",
+    "samples_for_frames",
+]
+
+
+def num_frames(num_samples: int | torch.Tensor, frame_length: int, frame_shift: int):
+    """Frames a Kaldi front end with ``snip_edges=True`` makes from ``num_samples`` samples."""
+    if isinstance(num_samples, torch.Tensor):
+        return torch.where(
+            num_samples >= frame_length,
+            1 + torch.div(num_samples - frame_length, frame_shift, rounding_mode="floor"),
+            torch.zeros_like(num_samples),
+        )
+    return 0 if num_samples < frame_length else 1 + (num_samples - frame_length) // frame_shift
+
+
+def samples_for_frames(frames: int, frame_length: int, frame_shift: int) -> int:
+    """Fewest samples that give ``frames`` frames (inverse of :func:`num_frames`)."""
+    if frames <= 0:
+        raise ValueError(f"frames must be positive, got {frames}")
+    return frame_length + (frames - 1) * frame_shift
+
+
+class Fbank(nn.Module):
+    """Batched Kaldi log-mel filterbank: waveforms ``[B, S]`` -> features ``[B, T, F]``.
+
+    Args:
+        frame_shift_ms: hop between frames in milliseconds (10 in AST; ``10 * C`` for Fshift x C).
+        num_mel_bins: number of mel filters F.
+        sample_rate: sampling rate of the input waveforms in Hz.
+        frame_length_ms: analysis window length in milliseconds.
+    """
+
+    def __init__(
+        self,
+        frame_shift_ms: float = 10.0,
+        num_mel_bins: int = 128,
+        sample_rate: int = 16000,
+        frame_length_ms: float = 25.0,
+    ) -> None:
+        super().__init__()
+        from lhotse.features.kaldi.layers import Wav2LogFilterBank
+
+        self.frame_shift_ms = float(frame_shift_ms)
+        self.frame_length_ms = float(frame_length_ms)
+        self.num_mel_bins = int(num_mel_bins)
+        self.sample_rate = int(sample_rate)
+        # Kaldi rounds the window and hop to whole samples.
+        self.frame_shift = int(round(sample_rate * frame_shift_ms / 1000.0))
+        self.frame_length = int(round(sample_rate * frame_length_ms / 1000.0))
+        with warnings.catch_warnings():
+            # Lhotse warns that snip_edges=True may mismatch its own duration bookkeeping; we do our
+            # own bookkeeping (num_frames) and need Kaldi's framing.
+            warnings.filterwarnings("ignore", message=".*snip_edges.*")
+            self.layer = Wav2LogFilterBank(
+                sampling_rate=sample_rate,
+                frame_length=frame_length_ms / 1000.0,
+                frame_shift=frame_shift_ms / 1000.0,
+                window_type="hanning",
+                dither=0.0,
+                snip_edges=True,
+                high_freq=0.0,
+                low_freq=20.0,
+                num_filters=num_mel_bins,
+                use_energy=False,
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"frame_shift_ms={self.frame_shift_ms}, frame_length_ms={self.frame_length_ms}, "
+            f"num_mel_bins={self.num_mel_bins}, sample_rate={self.sample_rate}"
+        )
+
+    def num_frames(self, num_samples):
+        """Frames produced for ``num_samples`` samples (an int or a tensor of lengths)."""
+        return num_frames(num_samples, self.frame_length, self.frame_shift)
+
+    def samples_for_frames(self, frames: int) -> int:
+        """Fewest samples that give ``frames`` frames at this frame shift."""
+        return samples_for_frames(frames, self.frame_length, self.frame_shift)
+
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Compute features.
+
+        Args:
+            waveforms: ``[B, S]`` (or ``[S]``) float waveforms in [-1, 1] at ``sample_rate``.
+            lengths: optional ``[B]`` numbers of valid samples; samples past them are padding.
+
+        Returns:
+            ``[B, T, F]`` log-mel features, ``T = num_frames(S)``; frames past a clip's end are 0.
+        """
+        if waveforms.dim() == 1:
+            waveforms = waveforms.unsqueeze(0)
+        if waveforms.dim() != 2:
+            raise ValueError(f"Fbank expects waveforms [B, S], got shape {tuple(waveforms.shape)}")
+        waveforms = waveforms.float()
+        batch, samples = waveforms.shape
+        if lengths is None:
+            centred = waveforms - waveforms.mean(dim=1, keepdim=True)
+        else:
+            lengths = lengths.to(device=waveforms.device, dtype=torch.long)
+            if lengths.shape != (batch,):
+                raise ValueError(f"lengths must have shape [{batch}], got {tuple(lengths.shape)}")
+            valid = torch.arange(samples, device=waveforms.device)[None, :] < lengths[:, None]
+            mean = (waveforms * valid).sum(dim=1, keepdim=True) / lengths.clamp(min=1)[:, None]
+            centred = (waveforms - mean) * valid
+        if samples < self.frame_length:  # too short for one window: pad, then drop the frame below
+            centred = nn.functional.pad(centred, (0, self.frame_length - samples))
+            if lengths is None:
+                lengths = torch.full((batch,), samples, device=waveforms.device, dtype=torch.long)
+        with torch.autocast(device_type=centred.device.type, enabled=False):
+            feats = self.layer(centred)
+        if lengths is not None:
+            frames_ok = self.num_frames(lengths)
+            keep = torch.arange(feats.shape[1], device=feats.device)[None, :] < frames_ok[:, None]
+            feats = feats * keep[..., None]
+        return feats
+
+
+@dataclass(frozen=True)
+class NormStats:
+    """Dataset statistics of the fbank; inputs are normalised to ``(x - mean) / (2 * std)`` as in AST."""
+
+    mean: float
+    std: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.mean) and math.isfinite(self.std)) or self.std <= 0:
+            raise ValueError(f"invalid normalisation statistics: mean={self.mean}, std={self.std}")
+
+
+# Published statistics (AST / SSAST repositories; VGGSound and VoxCeleb from the paper authors' FlexiAST
+# recipes, egs/vggsound and egs/voxceleb). SSAST normalises LibriSpeech with the AudioSet statistics, so
+# "librispeech" is an alias. Corpora without a published value get theirs from
+# `python -m common.data.corpora stats MANIFEST`.
+NORM_STATS: dict[str, NormStats] = {
+    "audioset": NormStats(-4.2677393, 4.5689974),
+    "librispeech": NormStats(-4.2677393, 4.5689974),
+    "esc50": NormStats(-6.6268077, 5.358466),
+    "speechcommands": NormStats(-6.845978, 5.5654526),
+    "vggsound": NormStats(-5.0767093, 4.4533687),
+    "voxceleb": NormStats(-3.7614744, 4.2011642),
+}
+
+
+def resolve_norm_stats(spec: str | NormStats | dict) -> NormStats:
+    """Turn a recipe's ``norm`` entry into statistics.
+
+    Args:
+        spec: a name from :data:`NORM_STATS`, the path of a JSON file with ``mean`` and ``std`` (what
+            ``python -m common.data.corpora stats`` writes), a ``{"mean": .., "std": ..}`` mapping, or
+            ``NormStats``.
+    """
+    if isinstance(spec, NormStats):
+        return spec
+    if isinstance(spec, dict):
+        try:
+            return NormStats(float(spec["mean"]), float(spec["std"]))
+        except KeyError as err:
+            raise ValueError(f"normalisation statistics need 'mean' and 'std', got keys {sorted(spec)}") from err
+    if spec in NORM_STATS:
+        return NORM_STATS[spec]
+    path = Path(spec)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"normalisation statistics file {path} does not exist; compute it with "
+                f"`python -m common.data.corpora stats MANIFEST`"
+            )
+        data = json.loads(path.read_text())
+        return resolve_norm_stats({"mean": data.get("mean"), "std": data.get("std")})
+    raise ValueError(
+        f"unknown normalisation statistics {spec!r}: use one of {sorted(NORM_STATS)} or a stats JSON file"
+    )
+
+
+def check_norm_name(spec: str) -> None:
+    """Raise ``ValueError`` (starting with ``norm``) unless ``spec`` is a known name or names a file.
+
+    The cheap check a config makes when it loads; whether the file exists and holds statistics is
+    :func:`resolve_norm_stats`'s job (``common.data.preflight`` calls it before a run starts).
+    """
+    path = Path(spec)
+    if spec in NORM_STATS or path.suffix == ".json" or len(path.parts) > 1 or path.exists():
+        return
+    raise ValueError(f"norm {spec!r} is neither a known name ({', '.join(sorted(NORM_STATS))}) nor a stats "
+                     f"JSON file (`python -m common.data.corpora stats MANIFEST` writes one)")
+
+
+def normalize(fbank: torch.Tensor, stats: NormStats) -> torch.Tensor:
+    """``(fbank - mean) / (2 * std)``: roughly zero mean and standard deviation 0.5."""
+    return (fbank - stats.mean) / (2.0 * stats.std)
+
+
+def pad_or_crop(fbank: torch.Tensor, target_frames: int, pad_value: float = 0.0) -> torch.Tensor:
+    """Zero-pad or cut ``[B, T, F]`` features along time to ``target_frames`` (cut keeps the start)."""
+    frames = fbank.shape[-2]
+    if frames == target_frames:
+        return fbank
+    if frames > target_frames:
+        return fbank[..., :target_frames, :]
+    return nn.functional.pad(fbank, (0, 0, 0, target_frames - frames), value=pad_value)

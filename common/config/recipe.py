@@ -1,0 +1,262 @@
+"""Recipes as validated data: YAML -> typed, frozen dataclasses, with errors that name the key.
+
+``build(cls, data)`` checks every key against the dataclass fields (recursively: nested dataclasses,
+``list[...]``, ``tuple[...]``, ``Optional``, ``Literal`` choices) before anything runs, and re-raises
+the dataclasses' own ``__post_init__`` checks with the key path in front. ``--set a.b=value`` overrides
+any field (``phases.0.steps=10`` indexes lists); values are parsed as YAML.
+
+Numbers are read as people write them, in recipe files and in ``--set`` alike: YAML 1.1 (PyYAML's
+``safe_load``) reads ``5e-5``, ``1e9`` and ``1.0e9`` as strings, :data:`RecipeLoader` as floats.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Sequence, Union
+
+import yaml
+
+__all__ = ["RecipeError", "RecipeLoader", "parse_yaml", "build", "to_dict", "merge", "load_yaml", "apply_overrides",
+           "dump_yaml"]
+
+
+class RecipeError(ValueError):
+    """An invalid recipe; the message starts with the offending key."""
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with floats as YAML 1.2 and Python write them.
+
+    YAML 1.1 needs a dot and a signed exponent (``5.0e-05``); here ``5e-5``, ``1e9``, ``1.0e9``, ``.5``
+    and ``1.5`` are all floats. Everything else (ints, booleans, nulls, strings) is as in ``safe_load``.
+    """
+
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_FLOAT = re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+# the same resolvers in the same order, the float one replaced (the int one still sees "10" first: it
+# does not match the float pattern, which needs a dot or an exponent)
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, _FLOAT if tag == _FLOAT_TAG else regexp) for tag, regexp in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _first in "-+0123456789.":
+    if not any(tag == _FLOAT_TAG for tag, _ in RecipeLoader.yaml_implicit_resolvers.setdefault(_first, [])):
+        RecipeLoader.yaml_implicit_resolvers[_first].insert(0, (_FLOAT_TAG, _FLOAT))
+
+
+def parse_yaml(text: str):
+    """YAML text -> data, with :class:`RecipeLoader` (``5e-5`` is a number)."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own message
+            return _convert(value, options[0], key)
+        for arg in options:
+            try:
+                return _convert(value, arg, key)
+            except RecipeError:
+                continue
+        raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return build(tp, value, key)
+    if origin in (list, Sequence, typing.Sequence) or tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_convert(v, inner, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}.{i}") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise RecipeError(f"{key}: expected {len(args)} values, got {len(value)} ({value!r})")
+        return tuple(_convert(v, a, f"{key}.{i}") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = args or (Any, Any)
+        return {_convert(k, kt, key): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():  # 1e5 steps is 100000 steps
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise RecipeError(f"{key}: unsupported field type {tp!r}")
+
+
+def build(cls, data: dict | None, prefix: str = ""):
+    """Make a ``cls`` dataclass from a mapping, validating every key and value."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise RecipeError(f"{prefix or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise RecipeError(f"{where}{unknown[0]}: unknown key (known keys here: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, field in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], key)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{key}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except RecipeError:
+        raise
+    except (ValueError, TypeError) as err:
+        message = str(err)
+        head = message.split(" ", 1)[0].rstrip(":,").split(".")[0]
+        if head in fields:  # "lr must be positive" -> "optim.lr must be positive": the key, in full
+            raise RecipeError(f"{prefix}.{message}" if prefix else message) from None
+        raise RecipeError(f"{prefix or cls.__name__}: {message}") from None
+
+
+def to_dict(obj) -> Any:
+    """Plain YAML-able data (lists, dicts, scalars) of a dataclass tree."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: mappings are merged key by key, everything else (lists too) replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """Read a recipe file. ``extends: other.yaml`` (relative to the file) starts from another recipe:
+    mappings are merged key by key, everything else (lists included) is replaced."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    try:
+        data = parse_yaml(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: cannot be read ({err})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise RecipeError(f"{path}: extends: expected the path of another recipe, got {parent!r}")
+    parent_path = (path.parent / parent).resolve()
+    if parent_path in _seen:
+        raise RecipeError(f"{path}: extends {parent} in a cycle")
+    try:
+        base = load_yaml(parent_path, _seen + (path.resolve(),))
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: extends {parent}, but {parent_path} does not exist") from None
+    except RecipeError as err:
+        message = str(err)
+        raise RecipeError(message if message.startswith(f"{path}:") else f"{path}: extends {parent}: {message}") \
+            from None
+    return merge(base, data)
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``key.path=value`` overrides (value parsed as YAML) to a copy of ``data``."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise RecipeError(f"--set {item!r}: expected key=value with a dotted key such as optim.lr")
+        try:
+            value = parse_yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise RecipeError(f"--set {key.strip()}: the value {raw!r} is not valid YAML ({problem})") from None
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError(f"--set {key}: {where} is not an index of a list of {len(node)}")
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, (dict, list)):
+                    raise RecipeError(f"--set {key}: {where} is not a section")
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise RecipeError(f"--set {key}: {last} is not an index of a list of {len(node)}")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def dump_yaml(obj, path: str | Path) -> None:
+    """Write a dataclass tree (a resolved recipe) as YAML, atomically."""
+    from common.system.atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))

@@ -1,0 +1,116 @@
+"""Command line for corpus preparation and statistics.
+
+    python -m common.data.corpora list
+    python -m common.data.corpora prepare NAME --src DIR --out DIR [corpus options]
+    python -m common.data.corpora stats MANIFEST [--target-frames 1024]
+    python -m common.data.corpora shar MANIFEST --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from common.data.corpora import CORPORA, get_corpus
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m common.data.corpora",
+        description="Prepare Lhotse manifests for the supported corpora and compute normalisation statistics.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the corpora that can be prepared")
+
+    prep = sub.add_parser("prepare", help="write Lhotse manifests for a downloaded corpus",
+                          description="Write Lhotse manifests (NAME_SPLIT.jsonl.gz), the class list and a report.")
+    corpora = prep.add_subparsers(dest="corpus", required=True, metavar="NAME")
+    for name in CORPORA:
+        module = get_corpus(name)
+        p = corpora.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION)
+        needs_src = getattr(module, "NEEDS_SRC", True)
+        p.add_argument("--src", type=Path, required=needs_src,
+                       help="the corpus as downloaded" + ("" if needs_src else " (not needed)"))
+        p.add_argument("--out", type=Path, required=True, help="folder for the manifests")
+        p.add_argument("--jobs", type=int, default=4, help="threads reading audio headers (default 4)")
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(p)
+
+    stats = sub.add_parser("stats", help="fbank mean/std of a manifest (as AST's get_norm_stats)",
+                           description="Compute the fbank mean and std of a manifest's clips and write them "
+                                       "to MANIFEST_STEM.stats.json beside it; recipes name that file as `norm`.")
+    stats.add_argument("manifest", type=Path)
+    stats.add_argument("--target-frames", type=int, default=1024,
+                       help="frames per clip at 10 ms (clips are cut / zero-padded as in training)")
+    stats.add_argument("--max-clips", type=int, default=None, help="use at most this many clips (the first ones)")
+    stats.add_argument("--num-mel-bins", type=int, default=128)
+    stats.add_argument("--workers", type=int, default=2, help="decoding worker processes")
+
+    shar = sub.add_parser("shar", help="export a manifest and its audio as Lhotse Shar shards",
+                          description="Export a manifest with its audio as Lhotse Shar shards, for sets of "
+                                      "millions of clips; recipes then name the Shar folder instead of the manifest.")
+    shar.add_argument("manifest", type=Path)
+    shar.add_argument("--out", type=Path, required=True)
+    shar.add_argument("--shard-size", type=int, default=1000)
+    shar.add_argument("--jobs", type=int, default=2)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; a failure ends with one ``error:`` line and exit status 2 (no traceback)."""
+    from common.system.logger import BarSafeHandler
+
+    console = BarSafeHandler()  # log lines never land on the progress bars of prepare / stats
+    console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[console])
+    args = _build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("interrupted; nothing was published (manifests appear only when complete)", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        # missing folders / metadata, malformed CSVs, unknown corpora, Lhotse errors: all name their file
+        message = str(err) or type(err).__name__
+        if isinstance(err, KeyError):
+            message = f"missing key {message}"
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "list":
+        for name in CORPORA:
+            print(f"{name:<16} {get_corpus(name).DESCRIPTION}")
+        return 0
+    if args.command == "prepare":
+        module = get_corpus(args.corpus)
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "corpus", "src", "out", "jobs")}
+        report = module.prepare(args.src, args.out, num_jobs=args.jobs, **options)
+        print(report.summary())
+        for split, path in sorted(report.manifests.items()):
+            print(f"  {split:<12} {path}")
+        if not sum(report.clips.values()):
+            print(f"error: no clip was written; {args.out / (report.corpus + '_prepare.json')} lists what was "
+                  f"missing or unreadable", file=sys.stderr)
+            return 1
+        return 0
+    if args.command == "stats":
+        from common.data.corpora.stats import compute_stats
+
+        result = compute_stats(args.manifest, target_frames=args.target_frames, max_clips=args.max_clips,
+                               num_mel_bins=args.num_mel_bins, workers=args.workers)
+        print(f"mean={result['mean']:.7f} std={result['std']:.7f} over {result['clips']} clips -> {result['path']}")
+        return 0
+    if args.command == "shar":
+        from common.data.corpora.shar import export_shar
+
+        print(export_shar(args.manifest, args.out, shard_size=args.shard_size, num_jobs=args.jobs))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""AudioSet: ~2M ten-second YouTube segments, 527 classes, multi-label (Gemmeke et al. 2017).
+
+Layout (Google's segment CSVs plus the clips a downloader fetched)::
+
+    SRC/balanced_train_segments.csv    3 '#' header lines, then rows
+    SRC/unbalanced_train_segments.csv      YTID, start_seconds, end_seconds, "mid,mid,..."
+    SRC/eval_segments.csv
+    SRC/class_labels_indices.csv       index,mid,display_name
+    SRC/audio/**                       clips named by YouTube id (option --audio-dir)
+
+A clip belongs to YTID when its stem is ``YTID``, ``Y``+YTID (PANNs) or starts with ``YTID_``
+(``YTID_30.000.flac``, ``YTID_30000_40000.wav``); the audio folder is searched recursively for
+.wav/.flac/.ogg/.mp3. Writes ``audioset_balanced_train``, ``audioset_unbalanced_train`` and
+``audioset_eval`` (cut id = YTID, labels = mids, classes in ``index`` order); a clip with no file is
+reported missing as ``AUDIO/YTID`` (no suffix: any accepted name would do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from common.data.corpora.base import ClipEntry, PrepareReport, require_dir, require_file, scan_audio, write_corpus
+
+NAME = "audioset"
+DESCRIPTION = "AudioSet: *_segments.csv + class_labels_indices.csv + audio/, 527 classes, multi-label"
+
+SPLITS = {
+    "balanced_train": "balanced_train_segments.csv",
+    "unbalanced_train": "unbalanced_train_segments.csv",
+    "eval": "eval_segments.csv",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--audio-dir", type=Path, default=None, help="downloaded clips (default SRC/audio)")
+    parser.add_argument("--splits", default=None,
+                        help=f"comma list of {', '.join(SPLITS)} (default: every split whose CSV exists)")
+
+
+def read_classes_csv(path: Path) -> tuple[list[str], dict[str, str]]:
+    """``(mids in index order, {mid: display_name})`` from ``class_labels_indices.csv``."""
+    with require_file(path, "AudioSet class list (class_labels_indices.csv)").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    needed = {"index", "mid", "display_name"}
+    if not rows or not needed <= set(rows[0]):
+        raise ValueError(f"{path}: expected columns {sorted(needed)}, got {sorted(rows[0]) if rows else 'no rows'}")
+    by_index = {int(r["index"]) if r["index"].strip().isdigit() else -1: r for r in rows}
+    if sorted(by_index) != list(range(len(rows))):
+        raise ValueError(f"{path}: indices are not 0..{len(rows) - 1} without repeats")
+    classes = [by_index[i]["mid"] for i in range(len(rows))]
+    return classes, {by_index[i]["mid"]: by_index[i]["display_name"] for i in range(len(rows))}
+
+
+def read_segments(path: Path) -> Iterator[tuple[str, float, float, tuple[str, ...]]]:
+    """``(YTID, start_seconds, end_seconds, mids)`` for every row of a ``*_segments.csv``."""
+    with path.open(newline="") as handle:
+        reader = csv.reader(handle, skipinitialspace=True)
+        for row in reader:
+            if not row or row[0].startswith("#"):
+                continue
+            try:
+                ytid, start, end, labels = row
+                segment = (ytid, float(start), float(end))
+            except ValueError:
+                raise ValueError(f"{path}:{reader.line_num}: expected 'YTID, start_seconds, end_seconds, "
+                                 f"\"mid,...\"', got {row}") from None
+            yield *segment, tuple(mid.strip() for mid in labels.split(",") if mid.strip())
+
+
+def index_audio(folder: Path) -> dict[str, str]:
+    """``{YTID candidate: file path}`` for every audio file under ``folder`` (exact stems win)."""
+    exact = scan_audio(folder)
+    derived: dict[str, str] = {}
+    for stem, path in exact.items():
+        if stem.startswith("Y"):
+            derived.setdefault(stem[1:], path)
+        for i, char in enumerate(stem):
+            if char == "_":
+                derived.setdefault(stem[:i], path)
+    return {**derived, **exact}
+
+
+def prepare(src: Path, out: Path, num_jobs: int = 4, audio_dir: Path | None = None,
+            splits: str | Sequence[str] | None = None) -> PrepareReport:
+    """Write the manifests of the chosen splits (default: every split whose segment CSV is in SRC)."""
+    src = Path(src)
+    classes, names = read_classes_csv(src / "class_labels_indices.csv")
+    if splits is None:
+        chosen = [s for s, csv_name in SPLITS.items() if (src / csv_name).is_file()]
+        if not chosen:
+            raise FileNotFoundError(f"no AudioSet segment CSV in {src} (expected {', '.join(SPLITS.values())})")
+    else:
+        chosen = [s.strip() for s in (splits.split(",") if isinstance(splits, str) else splits) if s.strip()]
+        if not chosen or not set(chosen) <= set(SPLITS):
+            raise ValueError(f"AudioSet splits must be a comma list of {', '.join(SPLITS)}, got {splits!r}")
+    segment_csvs = {s: require_file(src / SPLITS[s], f"AudioSet {s} segments ({SPLITS[s]})") for s in chosen}
+    audio = require_dir(Path(audio_dir) if audio_dir else src / "audio", "AudioSet audio folder")
+    found = index_audio(audio)
+
+    def entries() -> Iterator[ClipEntry]:
+        for split, path in segment_csvs.items():
+            for ytid, start, end, labels in read_segments(path):
+                yield ClipEntry(cut_id=ytid, path=Path(found.get(ytid) or audio / ytid), split=split,
+                                labels=labels, custom={"start_seconds": start, "end_seconds": end})
+
+    return write_corpus(NAME, entries(), out, classes=classes, names=names, num_jobs=num_jobs)

@@ -1,0 +1,285 @@
+"""What every corpus preparer shares: file scanning, manifest writing, class lists and the report.
+
+A prepared corpus ``NAME`` in ``OUT`` is:
+
+- ``OUT/NAME_SPLIT.jsonl.gz``: one Lhotse ``CutSet`` per split, one ``MonoCut`` per clip (channel 0 of
+  the file, whole duration). ``cut.custom`` holds ``labels`` (list of class ids, empty for unlabeled
+  audio), ``split``, ``dataset`` and corpus-specific fields (``fold`` for ESC-50, ...).
+- ``OUT/NAME_classes.json``: ``{"classes": [id, ...], "names": {id: display name}}``; a class's index in
+  the target vector is its position in ``classes``.
+- ``OUT/NAME_prepare.json``: what was written, and every missing or unreadable file with the reason.
+
+Files that are missing, unreadable or truncated (the header claims more audio than the file holds,
+``common.data.integrity``) are counted and reported, never fatal: real corpora downloaded from YouTube always
+miss some clips.
+
+Order. Source order is usually sorted by class (VoxCeleb's ``iden_split.txt`` by speaker, SpeechCommands
+by word folder, LibriSpeech by speaker, Kinetics-Sounds by label, a custom folder per class), and a
+training set too large to be shuffled in memory is only shuffled through a streaming buffer
+(``common.data.loader``). Every manifest is therefore written in a seeded shuffled order: clips sorted by a hash
+of ``(seed, clip id)``, the same on every run and whatever order the preparer listed them in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from common.data.integrity import truncation
+
+__all__ = [
+    "ClipEntry",
+    "PrepareReport",
+    "write_corpus",
+    "manifest_path",
+    "classes_path",
+    "read_classes",
+    "require_file",
+    "require_dir",
+    "AUDIO_SUFFIXES",
+    "scan_audio",
+    "shuffled_order",
+]
+
+log = logging.getLogger(__name__)
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus")
+
+
+@dataclass(frozen=True)
+class ClipEntry:
+    """One clip of a corpus before its header is read.
+
+    Args:
+        cut_id: unique id of the clip within the corpus.
+        path: the audio file.
+        split: the manifest it goes to (``train``, ``eval``, ``fold1`` ...).
+        labels: class ids (empty for unlabeled audio).
+        custom: extra fields stored in ``cut.custom``.
+    """
+
+    cut_id: str
+    path: Path
+    split: str
+    labels: tuple[str, ...] = ()
+    custom: dict = field(default_factory=dict)
+
+
+@dataclass
+class PrepareReport:
+    """Outcome of preparing a corpus."""
+
+    corpus: str
+    out_dir: Path
+    manifests: dict[str, Path] = field(default_factory=dict)
+    clips: Counter = field(default_factory=Counter)
+    missing: list[str] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    classes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"{split}: {n}" for split, n in sorted(self.clips.items())]
+        text = f"{self.corpus}: {sum(self.clips.values())} clips ({', '.join(parts) or 'none'})"
+        if self.classes:
+            text += f", {self.classes} classes"
+        if self.missing:
+            text += f"; {len(self.missing)} missing on disk (e.g. {self.missing[0]})"
+        if self.unreadable:
+            text += f"; {len(self.unreadable)} unreadable (e.g. {self.unreadable[0][0]}: {self.unreadable[0][1]})"
+        return text
+
+    def to_dict(self) -> dict:
+        return {
+            "corpus": self.corpus,
+            "manifests": {k: str(v) for k, v in self.manifests.items()},
+            "clips": dict(self.clips),
+            "classes": self.classes,
+            "missing": self.missing,
+            "unreadable": [{"path": p, "reason": r} for p, r in self.unreadable],
+            "notes": self.notes,
+        }
+
+
+def manifest_path(out_dir: str | os.PathLike, corpus: str, split: str) -> Path:
+    return Path(out_dir) / f"{corpus}_{split}.jsonl.gz"
+
+
+def classes_path(out_dir: str | os.PathLike, corpus: str) -> Path:
+    return Path(out_dir) / f"{corpus}_classes.json"
+
+
+_CLASSES_FORMAT = ('a class list is an object {"classes": [class ids in target order], "names": {id: display name}}, '
+                   'as `python -m common.data.corpora prepare` writes it')
+
+
+def read_classes(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
+    """``(class ids in target order, {id: display name})`` from a ``*_classes.json`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"class list {path} does not exist; it is written by `python -m common.data.corpora prepare`"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a JSON class list ({err}); {_CLASSES_FORMAT}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a class list; {_CLASSES_FORMAT}")
+    classes = data.get("classes")
+    if not isinstance(classes, list) or not classes or len(set(classes)) != len(classes):
+        raise ValueError(f"{path}: 'classes' must be a non-empty list of unique class ids")
+    names = data.get("names", {})
+    if not isinstance(names, dict):
+        raise ValueError(f"{path}: 'names' must map class ids to display names; {_CLASSES_FORMAT}")
+    return [str(c) for c in classes], {str(k): str(v) for k, v in names.items()}
+
+
+def require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def scan_audio(folder: Path) -> dict[str, str]:
+    """``{stem: path}`` of every audio file under ``folder``, recursively; the first in sorted order wins.
+
+    One walk of the tree, paths kept as strings: AudioSet's unbalanced set has ~2M files.
+    """
+    found: dict[str, str] = {}
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            stem, suffix = os.path.splitext(name)
+            if suffix.lower() in AUDIO_SUFFIXES:
+                found.setdefault(stem, os.path.join(root, name))
+    return found
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    # Lhotse lists every backend it tried; the first backend's line is the informative one
+    detail = next((line for line in text if "LibsndfileBackend" in line), text[0] if text else "")
+    return f"{type(err).__name__}: {detail.split('>: ', 1)[-1]}"[:300]
+
+
+def shuffled_order(cut_id: str, seed: int = 0) -> bytes:
+    """Sort key of a clip in the shuffled manifest order: a hash of ``(seed, clip id)``."""
+    return hashlib.blake2b(f"{seed}:{cut_id}".encode(), digest_size=8).digest()
+
+
+def _read_cut(entry: ClipEntry, dataset: str):
+    from lhotse import MonoCut, Recording
+
+    if not entry.path.is_file():
+        return entry, None, "missing"
+    try:
+        rec = Recording.from_file(entry.path.resolve(), recording_id=entry.cut_id)
+        if rec.num_samples <= 0:
+            return entry, None, "empty file (0 samples)"
+    except Exception as err:  # noqa: BLE001 - any decoder error makes the file unreadable
+        return entry, None, _reason(err)
+    problem = truncation(entry.path)  # an interrupted download keeps its header (WAV, FLAC: cheap checks)
+    if problem:
+        return entry, None, problem
+    custom = {"labels": list(entry.labels), "split": entry.split, "dataset": dataset, **entry.custom}
+    cut = MonoCut(id=entry.cut_id, start=0.0, duration=rec.duration, channel=0, recording=rec, custom=custom)
+    return entry, cut, None
+
+
+def _ordered_map(fn, items: Iterable, num_jobs: int) -> Iterator:
+    if num_jobs <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(num_jobs) as pool:  # header reads are I/O bound
+        yield from pool.map(fn, items, chunksize=64)
+
+
+def write_corpus(
+    corpus: str,
+    entries: Iterable[ClipEntry],
+    out_dir: str | os.PathLike,
+    classes: list[str] | None = None,
+    names: dict[str, str] | None = None,
+    num_jobs: int = 4,
+    notes: list[str] | None = None,
+    shuffle_seed: int | None = 0,
+) -> PrepareReport:
+    """Read every entry's header and write the per-split manifests, the class list and the report.
+
+    Args:
+        corpus: corpus name, the prefix of every file written.
+        entries: the clips (any order).
+        out_dir: where to write.
+        classes: class ids in target order (None for unlabeled corpora); every label must be one of them.
+        names: display names of the classes.
+        num_jobs: threads reading headers.
+        notes: remarks stored in the report (e.g. rows skipped in a metadata file).
+        shuffle_seed: the manifests list the clips in the order of :func:`shuffled_order` with this seed
+            (None: in the order of ``entries``).
+    """
+    from lhotse import CutSet
+
+    from common.system.logger import progress
+
+    if shuffle_seed is not None:
+        entries = sorted(entries, key=lambda e: shuffled_order(e.cut_id, shuffle_seed))
+    entries = list(entries)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = PrepareReport(corpus=corpus, out_dir=out, notes=list(notes or []))
+    known = set(classes or ())
+    writers: dict = {}  # split -> (open writer, temporary path, final path)
+    bar = progress(len(entries), 0, f"{corpus}: reading audio headers", True, unit="clip")
+    try:
+        for entry, cut, problem in _ordered_map(lambda e: _read_cut(e, corpus), entries, num_jobs):
+            bar.update(1)
+            if classes is not None:
+                unknown = [label for label in entry.labels if label not in known]
+                if unknown:
+                    raise ValueError(f"{corpus}: clip {entry.cut_id} has labels {unknown} not in the class list")
+            if problem == "missing":
+                report.missing.append(str(entry.path))
+                continue
+            if problem:
+                report.unreadable.append((str(entry.path), problem))
+                continue
+            if entry.split not in writers:
+                path = manifest_path(out, corpus, entry.split)
+                tmp = path.with_name(f".{path.name}.tmp.jsonl.gz")
+                writers[entry.split] = (CutSet.open_writer(tmp), tmp, path)
+                writers[entry.split][0].__enter__()
+            writers[entry.split][0].write(cut)
+            report.clips[entry.split] += 1
+    except BaseException:
+        for writer, tmp, _ in writers.values():
+            writer.__exit__(None, None, None)
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+    for split, (writer, tmp, path) in writers.items():
+        writer.__exit__(None, None, None)
+        os.replace(tmp, path)  # a manifest appears only when complete
+        report.manifests[split] = path
+    if classes is not None:
+        report.classes = len(classes)
+        classes_path(out, corpus).write_text(
+            json.dumps({"classes": list(classes), "names": dict(names or {})}, indent=1)
+        )
+    (out / f"{corpus}_prepare.json").write_text(json.dumps(report.to_dict(), indent=1))
+    log.info("%s", report.summary())
+    return report

@@ -1,0 +1,194 @@
+"""``custom``: your own audio, labeled for fine-tuning and / or unlabeled for pretraining.
+
+Labeled audio comes from either
+
+- a CSV (``--csv FILE``) with a header and the columns ``path,label`` and optionally ``split``; several
+  labels of one clip are separated by ``;`` (multi-label); paths are relative to the CSV's folder unless
+  absolute; an empty label makes the clip unlabeled (a warning names such rows when every other row has
+  one label: a single-label task refuses unlabeled clips); a CSV without rows is refused; or
+- a folder per class (``--src DIR``): ``DIR/<class>/**/*.wav`` (or .flac, .ogg, .mp3), optionally one
+  level of split folders first: ``DIR/train/<class>/...``, ``DIR/valid/<class>/...``, ``DIR/test/...``.
+
+A CSV's ``split`` is ``train``, ``valid``, ``test`` or ``foldN`` (cross-validation folds); any other name
+(``training``, ``val``, ...) is refused, naming the line and the split it resembles. Clips without a split
+go to ``train``, unless ``--valid-fraction`` / ``--test-fraction`` carve valid and
+test sets out of them (deterministically, from a hash of the path and ``--seed``).
+
+Unlabeled audio for pretraining (``--unlabeled DIR_OR_LIST``): every audio file under a folder, or the
+paths listed one per line in a text file; it goes to the ``pool`` split.
+
+Manifests are ``NAME_train``, ``NAME_valid``, ``NAME_test``, ``NAME_pool`` (``--name``, default custom).
+
+Clip ids are the file's path without its suffix, relative to a root folder, ``/`` replaced by ``-``: the
+class tree (``--src``), the unlabeled folder, or, for the CSV and an unlabeled list, their own folder
+when every file lies inside it and otherwise the deepest folder holding all the listed files (so
+``/data/set/train/000000.wav`` and ``/data/set/valid/000000.wav`` become ``train-000000`` and
+``valid-000000``). Two distinct files never share an id; a file listed twice is an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+
+from common.data.corpora.base import ClipEntry, PrepareReport, require_file, scan_audio, write_corpus
+
+NAME = "custom"
+DESCRIPTION = "your own audio: a CSV (path,label[,split]) or a folder per class, plus unlabeled audio"
+NEEDS_SRC = False
+SPLIT_DIRS = ("train", "valid", "test")
+# split names people write for the ones above; a CSV split or a class folder so named is a typo, not a new split
+SPLIT_ALIASES = {"training": "train", "trn": "train", "val": "valid", "validation": "valid", "dev": "valid",
+                 "development": "valid", "testing": "test", "eval": "test", "evaluation": "test", "tst": "test"}
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--csv", type=Path, default=None, help="CSV with columns path,label[,split]")
+    parser.add_argument("--unlabeled", type=Path, default=None,
+                        help="folder of unlabeled audio, or a text file listing one path per line")
+    parser.add_argument("--name", default="custom", help="corpus name, the prefix of the manifests")
+    parser.add_argument("--valid-fraction", type=float, default=0.0,
+                        help="share of clips without a split that go to valid")
+    parser.add_argument("--test-fraction", type=float, default=0.0,
+                        help="share of clips without a split that go to test")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the valid/test carve-out")
+
+
+def _audio_files(folder: Path) -> list[Path]:
+    return sorted(Path(p) for p in scan_audio(folder).values())
+
+
+def _id_root(paths: list[Path], home: Path) -> Path:
+    """``home`` if every path lies inside it, else the deepest folder holding all of them."""
+    home = _absolute(home)
+    absolute = [_absolute(p) for p in paths]
+    if all(p.is_relative_to(home) for p in absolute):
+        return home
+    return Path(os.path.commonpath([str(p.parent) for p in absolute]))
+
+
+def _absolute(path: Path) -> Path:
+    return Path(os.path.abspath(path))  # symbolic links are not followed: the listed path names the clip
+
+
+def _clip_id(path: Path, root: Path) -> str:
+    rel = _absolute(path).relative_to(_absolute(root))
+    return "-".join(rel.with_suffix("").parts).replace(" ", "_")
+
+
+def _carve(key: str, valid: float, test: float, seed: int) -> str:
+    u = int(hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "valid" if u < valid else "test" if u < valid + test else "train"
+
+
+def _split_name(raw: str, where: str) -> str | None:
+    """A CSV row's split: ``train``, ``valid``, ``test`` or ``foldN``; None when empty.
+
+    Raises:
+        ValueError: any other name, with the split it probably means.
+    """
+    split = raw.strip()
+    if not split:
+        return None
+    if split in SPLIT_DIRS or re.fullmatch(r"fold\d+", split):
+        return split
+    guess = SPLIT_ALIASES.get(split.lower()) or next(iter(difflib.get_close_matches(split.lower(), SPLIT_DIRS, 1)),
+                                                      None)
+    hint = f"; did you mean {guess!r}?" if guess else ""
+    raise ValueError(f"{where}: split {split!r} is not one of train, valid, test, foldN (it would become a "
+                     f"manifest of its own that no task reads){hint}")
+
+
+def _from_csv(path: Path) -> list[tuple[Path, tuple[str, ...], str | None]]:
+    require_file(path, "custom CSV")
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields = reader.fieldnames or []
+        if "path" not in fields or "label" not in fields:
+            raise ValueError(f"{path}: needs a header with columns 'path' and 'label' (optional 'split'), got {fields}")
+        rows, unlabeled = [], []
+        for line, row in enumerate(reader, start=2):
+            if not row["path"]:
+                raise ValueError(f"{path}, line {line}: empty path")
+            audio = Path(row["path"])
+            audio = audio if audio.is_absolute() else path.parent / audio
+            labels = tuple(x.strip() for x in (row["label"] or "").split(";") if x.strip())
+            if not labels:
+                unlabeled.append((line, row["path"]))
+            rows.append((audio, labels, _split_name(row.get("split") or "", f"{path}, line {line}")))
+    if not rows:
+        raise ValueError(f"{path}: no rows under its header {','.join(fields)}: nothing to prepare")
+    if unlabeled and all(len(labels) == 1 for _, labels, _ in rows if labels) and len(unlabeled) < len(rows):
+        line, file = unlabeled[0]
+        log.warning("%s: %d of %d rows have no label (line %d: %s): they go to their split as unlabeled clips, while "
+                    "every other row has one label. A single-label task refuses unlabeled clips: give them their "
+                    "label, or list them with --unlabeled (the pool split, for pretraining)",
+                    path, len(unlabeled), len(rows), line, file)
+    return rows
+
+
+def _from_tree(root: Path) -> list[tuple[Path, tuple[str, ...], str | None]]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"custom audio folder not found: {root}")
+    split_roots = [(root / s, s) for s in SPLIT_DIRS if (root / s).is_dir()]
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):  # "validation/<class>/": a split, misnamed
+        alias = SPLIT_ALIASES.get(folder.name.lower())
+        if alias and (split_roots or any(p.is_dir() for p in folder.iterdir())):
+            raise ValueError(f"{folder}: named like a split, but split folders are {', '.join(SPLIT_DIRS)} "
+                             f"(rename it {alias!r}); it would be {'ignored' if split_roots else 'a class'}")
+    rows = []
+    for base, split in split_roots or [(root, None)]:
+        for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+            rows.extend((f, (class_dir.name,), split) for f in _audio_files(class_dir))
+    if not rows:
+        raise ValueError(f"{root}: no audio files in class folders ({root}/<class>/*.wav)")
+    return rows
+
+
+def _unlabeled(spec: Path) -> list[Path]:
+    if spec.is_dir():
+        return _audio_files(spec)
+    require_file(spec, "unlabeled audio folder or list")
+    return [Path(line.strip()) if Path(line.strip()).is_absolute() else spec.parent / line.strip()
+            for line in spec.read_text().splitlines() if line.strip()]
+
+
+def prepare(src: Path | None, out: Path, num_jobs: int = 4, csv: Path | None = None, unlabeled: Path | None = None,
+            name: str = "custom", valid_fraction: float = 0.0, test_fraction: float = 0.0,
+            seed: int = 0) -> PrepareReport:
+    """Write manifests for labeled (``src`` tree or ``csv``) and / or unlabeled audio."""
+    if src is None and csv is None and unlabeled is None:
+        raise ValueError("custom corpus: give --src (folder per class), --csv, and / or --unlabeled")
+    if src is not None and csv is not None:
+        raise ValueError("custom corpus: give either --src or --csv for the labeled audio, not both")
+    if not (0 <= valid_fraction and 0 <= test_fraction and valid_fraction + test_fraction < 1):
+        raise ValueError("--valid-fraction and --test-fraction must be >= 0 and sum to less than 1")
+    labeled = _from_csv(Path(csv)) if csv is not None else _from_tree(Path(src)) if src is not None else []
+    root = _id_root([p for p, _, _ in labeled], Path(csv).parent) if csv is not None else Path(src or ".")
+    entries, seen = [], {}
+
+    def add(cut_id: str, path: Path, split: str, labels: tuple[str, ...] = ()) -> None:
+        if cut_id in seen:
+            same = _absolute(seen[cut_id]) == _absolute(path)
+            raise ValueError(f"custom corpus: {path} is listed twice" if same else
+                             f"custom corpus: {path} and {seen[cut_id]} would both be clip {cut_id!r}")
+        seen[cut_id] = path
+        entries.append(ClipEntry(cut_id, path, split, labels))
+
+    for path, labels, split in labeled:
+        cut_id = _clip_id(path, root)
+        add(cut_id, path, split or _carve(cut_id, valid_fraction, test_fraction, seed), labels)
+    if unlabeled is not None:
+        pool = _unlabeled(Path(unlabeled))
+        pool_root = Path(unlabeled) if Path(unlabeled).is_dir() else _id_root(pool, Path(unlabeled).parent)
+        for path in pool:
+            add(f"pool-{_clip_id(path, pool_root)}", path, "pool")
+    classes = sorted({label for e in entries for label in e.labels})
+    return write_corpus(name, entries, out, classes=classes or None, num_jobs=num_jobs)

@@ -1,0 +1,97 @@
+"""Kinetics-Sounds: the Kinetics classes that can be heard (Arandjelovic & Zisserman 2017), ~20K train /
+~2.7K test clips of up to ten seconds, one label each.
+
+Layout (Kinetics annotations plus the audio extracted from the downloaded videos)::
+
+    SRC/kinetics_sounds_classes.txt        one Kinetics class name per line (option --classes)
+    SRC/annotations/train.csv              label,youtube_id,time_start,time_end,split[,is_cc]
+    SRC/annotations/validate.csv
+    SRC/annotations/test.csv               only read with --test-from test (its labels are usually withheld)
+    SRC/audio/<split>/<label>/<youtube_id>_<time_start:06d>_<time_end:06d>.wav   (option --audio-dir)
+
+Clips are found by stem anywhere under the audio folder (.wav/.flac/.ogg/.mp3), so a flat folder works
+too. Only rows whose label is in the class list are kept. Writes ``kinetics_sounds_train`` (train.csv)
+and ``kinetics_sounds_test`` (validate.csv by default), classes in the class file's order; a clip with no
+file is reported missing as ``AUDIO/<split>/<label>/<stem>`` (no suffix: any accepted one would do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+from common.data.corpora.base import ClipEntry, PrepareReport, require_dir, require_file, scan_audio, write_corpus
+
+NAME = "kinetics_sounds"
+DESCRIPTION = "Kinetics-Sounds: class list + Kinetics annotations/*.csv + audio/, train/test"
+
+COLUMNS = ("label", "youtube_id", "time_start", "time_end")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--classes", type=Path, default=None,
+                        help="class list, one Kinetics class per line (default SRC/kinetics_sounds_classes.txt)")
+    parser.add_argument("--audio-dir", type=Path, default=None, help="extracted audio (default SRC/audio)")
+    parser.add_argument("--test-from", choices=("validate", "test"), default="validate",
+                        help="annotations of the test split (default validate: Kinetics test labels are withheld)")
+
+
+def read_class_file(path: Path) -> list[str]:
+    """The class names of ``path``, one per line, in file order (blank lines ignored)."""
+    classes = [line.strip() for line in require_file(path, "Kinetics-Sounds class list").read_text().splitlines()]
+    classes = [c for c in classes if c]
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if not classes or repeated:
+        raise ValueError(f"{path}: expected one unique class name per line, "
+                         f"{'repeated: ' + ', '.join(repeated) if repeated else 'got none'}")
+    return classes
+
+
+def read_annotations(path: Path) -> list[tuple[str, str, int, int, str]]:
+    """``(label, youtube_id, time_start, time_end, split)`` for every row of a Kinetics annotation CSV."""
+    with require_file(path, f"Kinetics annotations ({path.name})").open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        absent = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
+        if absent:
+            hint = " (Kinetics test labels are withheld: use --test-from validate)" if absent == ["label"] else ""
+            raise ValueError(f"{path}: missing columns {absent}, got {reader.fieldnames}{hint}")
+        rows = []
+        for row in reader:
+            try:
+                start, end = int(float(row["time_start"])), int(float(row["time_end"]))
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}:{reader.line_num}: time_start / time_end must be seconds, "
+                                 f"got {row}") from None
+            split = (row.get("split") or "").strip()
+            rows.append((row["label"].strip(), row["youtube_id"].strip(), start, end, split))
+    return rows
+
+
+def prepare(src: Path, out: Path, num_jobs: int = 4, classes: Path | None = None, audio_dir: Path | None = None,
+            test_from: str = "validate") -> PrepareReport:
+    """Write ``kinetics_sounds_train`` / ``kinetics_sounds_test`` from the Kinetics annotations."""
+    src = Path(src)
+    if test_from not in ("validate", "test"):
+        raise ValueError(f"test_from must be 'validate' or 'test', got {test_from!r}")
+    class_list = read_class_file(Path(classes) if classes else src / "kinetics_sounds_classes.txt")
+    sources = {"train": "train", "test": test_from}
+    annotations = {split: read_annotations(src / "annotations" / f"{name}.csv") for split, name in sources.items()}
+    audio = require_dir(Path(audio_dir) if audio_dir else src / "audio", "Kinetics-Sounds audio folder")
+    found = scan_audio(audio)
+    wanted = set(class_list)
+    entries, used, notes = [], set(), [f"test split from annotations/{test_from}.csv"]
+    for split, rows in annotations.items():
+        kept = [row for row in rows if row[0] in wanted]
+        if not kept:
+            notes.append(f"no row of annotations/{sources[split]}.csv has a class of the class list")
+        for label, ytid, start, end, kinetics_split in kept:
+            used.add(label)
+            stem = f"{ytid}_{start:06d}_{end:06d}"
+            path = found.get(stem) or audio / (kinetics_split or sources[split]) / label / stem
+            entries.append(ClipEntry(cut_id=stem, path=Path(path), split=split, labels=(label,),
+                                     custom={"youtube_id": ytid, "time_start": start, "time_end": end}))
+    unused = [c for c in class_list if c not in used]
+    if unused:
+        notes.append(f"classes with no clip in the annotations: {', '.join(unused)}")
+    return write_corpus(NAME, entries, out, classes=class_list, num_jobs=num_jobs, notes=notes)

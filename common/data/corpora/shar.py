@@ -1,0 +1,24 @@
+"""Export a manifest and its audio as Lhotse Shar shards (sequential reads for sets of millions of clips)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.data.loader import open_cuts
+
+__all__ = ["export_shar"]
+
+
+def export_shar(manifest: str | Path, out_dir: str | Path, shard_size: int = 1000, num_jobs: int = 2) -> str:
+    """Write ``cuts.NNNNNN.jsonl.gz`` + ``recording.NNNNNN.tar`` shards (FLAC audio) into ``out_dir``.
+
+    Unreadable clips are left out (Lhotse's ``fault_tolerant``); a recipe names ``out_dir`` where it would
+    name the manifest.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # to_shar does not create it
+    cuts = open_cuts([manifest])
+    shards = cuts.to_shar(out_dir, fields={"recording": "flac"}, shard_size=shard_size, num_jobs=num_jobs,
+                          fault_tolerant=True)
+    count = len(shards.get("cuts", []))
+    return f"wrote {count} shard(s) of up to {shard_size} clips to {out_dir}"

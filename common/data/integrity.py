@@ -1,0 +1,101 @@
+"""Is an audio file whole? Cheap checks that a file holds as much audio as its header claims.
+
+An interrupted download keeps its header and loses data. Decoders then disagree about what to do:
+libsndfile shortens a WAV to the bytes that remain (the clip passes as a shorter one), and reports a
+FLAC's full length from its STREAMINFO block until decoding reaches the missing part. Two checks, cheap
+enough for a corpus of two million files:
+
+- WAV (RIFF / WAVE): the ``data`` chunk's declared size against the bytes that follow it in the file
+  (a few header bytes read, nothing decoded);
+- FLAC: the last 4096 frames are decoded after a seek to the end; a truncated stream fails there.
+
+Other formats (Ogg, MP3, Opus) record no length that a truncation contradicts; they are left to the
+decoder. Used when a corpus is prepared (``common.data.corpora.base``) and when a clip is loaded
+(``common.data.loader.load_clip``).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+__all__ = ["truncation", "wav_data_extent"]
+
+TAIL_FRAMES = 4096
+_UNKNOWN_SIZES = (0, 0xFFFFFFFF)  # streamed WAVs (and RF64) write placeholders instead of the size
+
+
+def wav_data_extent(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """``(declared data bytes, data bytes present, bytes per frame)`` of a WAV file, or None.
+
+    None when the file is not a RIFF/WAVE file or does not declare its data size (streamed files).
+    """
+    with open(path, "rb") as handle:
+        riff = handle.read(12)
+        if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+            return None
+        block_align = None
+        while True:
+            header = handle.read(8)
+            if len(header) < 8:
+                return None  # no data chunk: not ours to judge (the decoder will fail)
+            chunk, size = header[:4], struct.unpack("<I", header[4:])[0]
+            if chunk == b"fmt ":
+                fmt = handle.read(min(size, 16))
+                if len(fmt) >= 14:
+                    block_align = struct.unpack("<H", fmt[12:14])[0]
+                handle.seek(size - len(fmt) + (size & 1), os.SEEK_CUR)
+            elif chunk == b"data":
+                if size in _UNKNOWN_SIZES or not block_align:
+                    return None
+                present = os.fstat(handle.fileno()).st_size - handle.tell()
+                return size, present, block_align
+            else:
+                handle.seek(size + (size & 1), os.SEEK_CUR)
+
+
+def _flac_tail(path: str | os.PathLike) -> str | None:
+    import soundfile as sf
+
+    try:
+        audio = sf.SoundFile(str(path))
+    except (RuntimeError, sf.LibsndfileError):
+        return None  # does not open at all: the decoder says why
+    with audio:
+        frames = audio.frames
+        if frames <= 0:
+            return None
+        n = min(frames, TAIL_FRAMES)
+        try:
+            audio.seek(frames - n)
+            got = len(audio.read(n, dtype="float32"))
+        except (RuntimeError, sf.LibsndfileError) as err:
+            return f"truncated or corrupt (header: {frames} samples; decoding the end fails: {str(err)[:120]})"
+    if got < n:
+        return f"truncated (header: {frames} samples, the stream ends {n - got} samples early)"
+    return None
+
+
+def truncation(path: str | os.PathLike) -> str | None:
+    """Why ``path`` holds less audio than its header claims, or None (whole, or a format not checked).
+
+    Args:
+        path: an audio file.
+
+    Returns:
+        A reason such as ``truncated (header: 160000 samples, file holds 64000)``.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix == ".flac":
+        return _flac_tail(path)
+    try:
+        extent = wav_data_extent(path)
+    except OSError:
+        return None  # unreadable: the decoder says why
+    if extent is None:
+        return None
+    declared, present, frame = extent
+    if declared - present > frame:  # one missing frame is tolerated (writers that forget the padding)
+        return f"truncated (header: {declared // frame} samples, file holds {max(0, present) // frame})"
+    return None

@@ -1,0 +1,233 @@
+"""What a run needs on disk, checked before any compute: manifests, normalisation statistics, class lists.
+
+A recipe's values are checked when it loads (the dataclasses' ``__post_init__``); the files it names
+are checked here, right after loading and before a model, an engine or a run directory is made, so that
+a missing validation manifest is not found 4000 steps into a run. The checks are cheap enough for
+AudioSet-2M: a manifest is opened and its first cut read (no audio is decoded), a statistics file or a
+class list is parsed. Every error is a :class:`common.config.recipe.RecipeError` whose message starts with the
+recipe key that names the file.
+
+Audio files themselves are not opened here: a clip that cannot be decoded is skipped and counted at
+training time (``common.data.loader.BadAudioTracker``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from common.config.recipe import RecipeError
+
+__all__ = ["check_manifest", "check_norm", "norm_mismatch", "check_classes", "check_labels", "data_checks",
+           "check_data", "problems", "count_clips"]
+
+_PREPARE_HINT = "write it with `python -m common.data.corpora prepare NAME --out DIR` (see `python -m common.data.corpora list`)"
+
+
+def _expand(path: str | os.PathLike) -> Path:
+    return Path(os.path.expandvars(os.path.expanduser(str(path))))
+
+
+def _shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob("cuts.*.jsonl*"))
+
+
+def check_manifest(path: str | os.PathLike, key: str) -> None:
+    """A Lhotse manifest (``*.jsonl.gz`` CutSet or Shar folder) exists and its first cut can be read.
+
+    Args:
+        path: the manifest.
+        key: the recipe key that names it (``data.valid.0``), the start of any error message.
+
+    Raises:
+        RecipeError: missing, empty, or not a readable manifest.
+    """
+    path = _expand(path)
+    if path.is_dir():
+        shards = _shards(path)
+        if not shards:
+            raise RecipeError(f"{key}: {path} is a folder but not a Lhotse Shar folder (no cuts.*.jsonl.gz shards)")
+        try:
+            opener = gzip.open if shards[0].suffix == ".gz" else open
+            with opener(shards[0], "rt") as handle:
+                first = handle.readline()
+            if not first.strip():
+                raise RecipeError(f"{key}: Shar folder {path} holds no clips ({shards[0].name} is empty)")
+            if "id" not in json.loads(first):
+                raise ValueError("the first line is not a cut")
+        except RecipeError:
+            raise
+        except (OSError, EOFError, ValueError, UnicodeDecodeError) as err:
+            raise RecipeError(f"{key}: {shards[0]} is not a readable Lhotse Shar shard ({err})") from None
+        return
+    if not path.exists():
+        raise RecipeError(f"{key}: manifest {path} does not exist; {_PREPARE_HINT}")
+    if not os.access(path, os.R_OK):
+        raise RecipeError(f"{key}: manifest {path} is not readable (permissions)")
+    from lhotse import CutSet
+
+    from common.data.loader import manifest_problem
+
+    problem = manifest_problem(path)
+    if problem:
+        raise RecipeError(f"{key}: manifest {path}: {problem}")
+    try:
+        cuts = CutSet.from_file(path)  # lazy for .jsonl(.gz): reads one line below; None for an empty file
+        first = next(iter(cuts), None) if cuts is not None else None
+    except Exception as err:  # noqa: BLE001 - gzip, JSON and Lhotse errors all mean "not a manifest"
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RecipeError(f"{key}: {path} is not a readable Lhotse manifest ({detail[:200]})") from None
+    if first is None:
+        raise RecipeError(f"{key}: manifest {path} holds no clips")
+
+
+def check_norm(spec: str, key: str) -> None:
+    """Normalisation statistics resolve: a known name, or a stats JSON file with a finite mean and std.
+
+    Raises:
+        RecipeError: unknown name, missing file, or a file without usable ``mean`` / ``std``.
+    """
+    from common.audio.fbank import resolve_norm_stats
+
+    try:
+        resolve_norm_stats(spec)
+    except (OSError, ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise RecipeError(f"{key}: {err}") from None
+
+
+def norm_mismatch(spec: str, target_frames: int, num_mel_bins: int | None, key: str) -> str | None:
+    """A warning when a statistics file (``python -m common.data.corpora stats``) was computed for another clip
+    length or number of mel bins than the run's: zero padding to another length moves the mean and the std.
+    It may be intended (statistics of another corpus), so it is a warning, not an error.
+
+    Args:
+        spec: the recipe's statistics (a name of ``common.audio.fbank.NORM_STATS`` or a file).
+        target_frames, num_mel_bins: the run's clip length in frames and mel bins (None: not checked).
+        key: the recipe key that names the statistics.
+
+    Returns:
+        The warning, or None (a named set, a file without those fields, or one :func:`check_norm` rejects).
+    """
+    from common.audio.fbank import NORM_STATS
+
+    if not isinstance(spec, str) or spec in NORM_STATS:
+        return None
+    path = _expand(spec)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    frames, mels = data.get("target_frames"), data.get("num_mel_bins")
+    differ = []
+    if isinstance(frames, int) and frames != target_frames:
+        differ.append(f"{frames} frames per clip, this run cuts / pads clips to {target_frames}")
+    if isinstance(mels, int) and num_mel_bins is not None and mels != num_mel_bins:
+        differ.append(f"{mels} mel bins, this run uses {num_mel_bins}")
+    if not differ:
+        return None
+    manifest = data.get("manifest") or "MANIFEST"
+    options = f"--target-frames {target_frames}" + (f" --num-mel-bins {num_mel_bins}" if len(differ) > 1 or
+                                                     not isinstance(frames, int) or frames == target_frames else "")
+    return (f"{key}: {path} was computed at {' and '.join(differ)}; statistics of other clips are not this "
+            f"run's (zero padding moves the mean and the std): recompute them with "
+            f"`python -m common.data.corpora stats {manifest} {options}`")
+
+
+def check_classes(path: str | os.PathLike, key: str) -> None:
+    """A class list written by the corpus preparation exists and holds unique class ids.
+
+    Raises:
+        RecipeError: missing or malformed.
+    """
+    from common.data.corpora.base import read_classes
+
+    try:
+        read_classes(_expand(path))
+    except (OSError, ValueError, AttributeError) as err:
+        raise RecipeError(f"{key}: {err}") from None
+
+
+_NO_LABELS = re.compile(rb'"labels":\s*\[\s*\]')
+
+
+def check_labels(path: str | os.PathLike, key: str) -> None:
+    """Every clip of a ``.jsonl(.gz)`` manifest has a label, as a single-label task needs (accuracy counts an
+    unlabeled clip as class 0; cross-entropy learns nothing from it). Lines are searched, not parsed (about
+    a second per 100,000 clips); Shar folders and missing files are left to :func:`check_manifest`.
+
+    Raises:
+        RecipeError: naming the key, how many clips have no label and the first of them.
+    """
+    from common.data.loader import manifest_problem
+
+    path = _expand(path)
+    if not path.is_file() or not path.name.endswith((".jsonl", ".jsonl.gz")) or manifest_problem(path):
+        return
+    count, first = 0, None
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as handle:
+            for line in handle:
+                if line.strip() and (b'"labels"' not in line or _NO_LABELS.search(line)):
+                    count += 1
+                    if first is None:
+                        try:
+                            first = json.loads(line).get("id")
+                        except (ValueError, AttributeError):
+                            first = "?"
+    except (OSError, EOFError):
+        return  # not a readable manifest: check_manifest says why
+    if count:
+        raise RecipeError(f"{key}: {count} clip(s) of {path} have no label (e.g. {first}); a single-label task "
+                          f"(metric acc or loss ce) needs one label per clip: give them their label, or prepare them "
+                          f"as unlabeled audio (--unlabeled, the pool split, for pretraining)")
+
+
+def data_checks(data, prefix: str = "data") -> list[Callable[[], None]]:
+    """One check per training and validation manifest of a :class:`common.data.loader.DataConfig`."""
+    keyed = [(spec.path, f"{prefix}.train.{i}.path") for i, spec in enumerate(data.train)]
+    keyed += [(path, f"{prefix}.valid.{i}") for i, path in enumerate(data.valid)]
+    return [lambda path=path, key=key: check_manifest(path, key) for path, key in keyed]
+
+
+def check_data(data, prefix: str = "data") -> None:
+    """Every training and validation manifest of a :class:`common.data.loader.DataConfig`.
+
+    Raises:
+        RecipeError: naming ``data.train.N.path`` or ``data.valid.N``.
+    """
+    for check in data_checks(data, prefix):
+        check()
+
+
+def problems(checks: Iterable[Callable[[], None]]) -> list[str]:
+    """Run every check; the messages of those that failed (for ``--dry-run``, which plans without data)."""
+    found = []
+    for check in checks:
+        try:
+            check()
+        except RecipeError as err:
+            found.append(str(err))
+    return found
+
+
+def count_clips(paths: Sequence[str | os.PathLike]) -> int:
+    """Clips in manifests, counted from their lines (no cut is parsed; a few seconds per million clips)."""
+    total = 0
+    for path in map(_expand, paths):
+        files = _shards(path) if path.is_dir() else [path]
+        for file in files:
+            opener = gzip.open if file.suffix == ".gz" else open
+            if file.suffix in (".gz", ".jsonl"):
+                with opener(file, "rb") as handle:
+                    total += sum(1 for line in handle if line.strip())
+            else:
+                from lhotse import CutSet
+
+                total += len(CutSet.from_file(file))
+    return total

@@ -1,0 +1,336 @@
+"""The audio spectrogram transformer encoder shared by pretraining and fine-tuning.
+
+Structure as AST / SSAST (reference/ssast_ast.md 1.1-1.2): a Conv2d patch embedding over the
+``[1, F, T]`` spectrogram, prefix tokens (cls + dist by default), a learned positional embedding, timm
+transformer blocks (fused scaled-dot-product attention, LayerNorm eps 1e-6) and a final norm.
+
+Token order is frequency-major, ``index = f * t_dim + t``, with frequency row 0 holding the lowest mel
+bins, as in SSAST. The token grid is derived from the config, never written down twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from einops import rearrange
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["EncoderConfig", "ModelSpec", "MODEL_SIZES", "POOLINGS", "encoder_config", "ASTEncoder", "check_pooling", "pool_tokens",
+           "count_parameters"]
+
+# SSAST's sizes (DeiT tiny / small / base: 12 blocks each).
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Everything needed to rebuild an :class:`ASTEncoder` (stored in every checkpoint).
+
+    Args:
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: transformer size.
+        num_mel_bins: F, the frequency size of the input.
+        input_tdim: T, the number of input frames the positional embedding is laid out for.
+        fshape, tshape: patch (kernel) size along frequency and time.
+        fstride, tstride: patch stride along frequency and time (equal to the shape: no overlap).
+        num_prefix_tokens: 2 (cls + dist, as SSAST/AST and the Hugging Face AST format), 1 or 0.
+        drop_path_rate: stochastic depth at the last block (linearly increasing), 0 in SSAST/AST.
+    """
+
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    num_mel_bins: int = 128
+    input_tdim: int = 1024
+    fshape: int = 16
+    tshape: int = 16
+    fstride: int = 16
+    tstride: int = 16
+    num_prefix_tokens: int = 2
+    drop_path_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("embed_dim", "depth", "num_heads", "num_mel_bins", "input_tdim", "fshape", "tshape",
+                     "fstride", "tstride"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"EncoderConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.num_prefix_tokens not in (0, 1, 2):
+            raise ValueError(f"num_prefix_tokens must be 0, 1 or 2, got {self.num_prefix_tokens}")
+        if self.fshape > self.num_mel_bins:
+            raise ValueError(f"patch height fshape={self.fshape} exceeds num_mel_bins={self.num_mel_bins}")
+        if self.tshape > self.input_tdim:
+            raise ValueError(
+                f"patch width tshape={self.tshape} exceeds the input length input_tdim={self.input_tdim} frames"
+            )
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Token grid ``(f_dim, t_dim)``: what a Conv2d with this kernel and stride makes of ``[F, T]``."""
+        return (
+            (self.num_mel_bins - self.fshape) // self.fstride + 1,
+            (self.input_tdim - self.tshape) // self.tstride + 1,
+        )
+
+    @property
+    def num_patches(self) -> int:
+        f_dim, t_dim = self.grid
+        return f_dim * t_dim
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the transformer sees: the prefix tokens and the patch tokens."""
+        return self.num_prefix_tokens + self.num_patches
+
+    @property
+    def patch_area(self) -> int:
+        """Spectrogram cells per patch: the size of a patch's raw target in SSAST pretraining."""
+        return self.fshape * self.tshape
+
+    def replace(self, **changes) -> "EncoderConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EncoderConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown EncoderConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+
+def encoder_config(size: str = "base", **overrides) -> EncoderConfig:
+    """Config for a named size (``tiny`` / ``small`` / ``base``) or ``custom`` (all sizes in overrides)."""
+    if size == "custom":
+        missing = [k for k in ("embed_dim", "depth", "num_heads") if k not in overrides]
+        if missing:
+            raise ValueError(f"model size 'custom' needs {', '.join(missing)}")
+        return EncoderConfig(**overrides)
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)} or 'custom'")
+    return EncoderConfig(**{**MODEL_SIZES[size], **overrides})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A recipe's ``model:`` section: the architecture, and its size and patch geometry.
+
+    For the AST family (``arch: ast``) a named size (or ``custom``) and the patch geometry; the input
+    geometry (mel bins, frames) comes from the audio section, so the grid is derived once. For HTS-AT
+    (``arch: htsat``) every setting is under ``htsat`` (:class:`common.models.htsat.HTSATConfig`: its front end,
+    Swin size and classes; the official AudioSet model by default).
+
+    Args:
+        arch: ``ast`` (AST / SSAST ViTs) or ``htsat``.
+        size: ``tiny``, ``small``, ``base`` or ``custom``.
+        embed_dim, depth, num_heads: override the size's values (all three needed for ``custom``).
+        patch: ``[fshape, tshape]`` at full resolution.
+        stride: ``[fstride, tstride]`` (default: the patch, no overlap; AST fine-tuning uses [10, 10]).
+        num_prefix_tokens, drop_path_rate: see :class:`EncoderConfig`.
+        htsat: HTS-AT's config (``arch: htsat`` only).
+    """
+
+    arch: Literal["ast", "htsat"] = "ast"
+    size: Literal["tiny", "small", "base", "custom"] = "base"
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    patch: tuple[int, int] = (16, 16)
+    stride: tuple[int, int] | None = None
+    num_prefix_tokens: int = 2
+    drop_path_rate: float = 0.0
+    htsat: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.arch == "htsat":
+            defaults = {f.name: f.default for f in dataclasses.fields(ModelSpec) if f.name not in ("arch", "htsat")}
+            for name, default in defaults.items():
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name}: an AST-family setting; HTS-AT's settings go under model.htsat")
+            self.htsat_config  # validates model.htsat
+        elif self.htsat:
+            raise ValueError("htsat: settings of model.arch htsat (this model is arch ast)")
+        if self.size == "custom" and None in (self.embed_dim, self.depth, self.num_heads):
+            raise ValueError("size 'custom' needs embed_dim, depth and num_heads")
+        for name in ("embed_dim", "depth", "num_heads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("patch", "stride"):
+            if getattr(self, name) is not None and min(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be positive, got {list(getattr(self, name))}")
+        if self.num_prefix_tokens not in (0, 1, 2):
+            raise ValueError(f"num_prefix_tokens must be 0, 1 or 2, got {self.num_prefix_tokens}")
+        if not 0 <= self.drop_path_rate < 1:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+    @property
+    def htsat_config(self):
+        """``model.htsat`` as an :class:`~common.models.htsat.HTSATConfig` (the official model's values by default)."""
+        from common.models.htsat.config import HTSATConfig
+
+        return HTSATConfig.from_dict(self.htsat, prefix="model.htsat")
+
+    def base_config(self, num_mel_bins: int, input_tdim: int):
+        """The full-resolution model config: an :class:`EncoderConfig` (AST family) or the ``HTSATConfig``."""
+        return self.htsat_config if self.arch == "htsat" else self.encoder_config(num_mel_bins, input_tdim)
+
+    def encoder_config(self, num_mel_bins: int, input_tdim: int) -> EncoderConfig:
+        if self.arch != "ast":
+            raise ValueError(f"model.arch {self.arch!r} has no ViT encoder config")
+        dims = {k: v for k, v in (("embed_dim", self.embed_dim), ("depth", self.depth),
+                                  ("num_heads", self.num_heads)) if v is not None}
+        stride = self.stride or self.patch
+        return encoder_config(self.size, **dims, num_mel_bins=num_mel_bins, input_tdim=input_tdim,
+                              fshape=self.patch[0], tshape=self.patch[1], fstride=stride[0], tstride=stride[1],
+                              num_prefix_tokens=self.num_prefix_tokens, drop_path_rate=self.drop_path_rate)
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d patch embedding of a ``[B, 1, F, T]`` spectrogram (any kernel, any stride)."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(1, cfg.embed_dim, kernel_size=(cfg.fshape, cfg.tshape),
+                              stride=(cfg.fstride, cfg.tstride))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rearrange(self.proj(x), "b d f t -> b (f t) d")
+
+
+class ASTEncoder(nn.Module):
+    """Audio spectrogram transformer encoder.
+
+    Input: normalised fbank ``[B, T, F]`` with ``T = cfg.input_tdim`` and ``F = cfg.num_mel_bins``.
+    Output of :meth:`forward_features`: every token after the final norm, prefix tokens first,
+    ``[B, num_prefix_tokens + N, D]``.
+    """
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        from timm.models.vision_transformer import Block
+
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.prefix_tokens = nn.Parameter(torch.zeros(1, cfg.num_prefix_tokens, cfg.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_prefix_tokens + cfg.num_patches, cfg.embed_dim))
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        dpr = [cfg.drop_path_rate * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(
+            Block(cfg.embed_dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+                  drop_path=dpr[i], norm_layer=norm_layer)
+            for i in range(cfg.depth)
+        )
+        self.norm = norm_layer(cfg.embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """SSAST/DeiT initialisation: trunc-normal(0.02) tokens and linears, zero biases."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.prefix_tokens, std=0.02)
+        for module in self.blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.cfg.num_prefix_tokens
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Accept ``[B, T, F]`` whose token grid is this encoder's (T may exceed ``input_tdim`` by frames
+        that no patch covers, as AST's 1024 frames at stride 10, whose last 8 frames are unused)."""
+        cfg = self.cfg
+        ok = x.dim() == 3 and x.shape[2] == cfg.num_mel_bins and x.shape[1] >= cfg.tshape and (
+            (x.shape[1] - cfg.tshape) // cfg.tstride + 1 == cfg.grid[1])
+        if not ok:
+            raise ValueError(
+                f"ASTEncoder expects fbank [B, T={cfg.input_tdim}, F={cfg.num_mel_bins}], got {tuple(x.shape)}; "
+                f"resize the encoder to the new input with common.models.ast.resize.adapt_encoder"
+            )
+
+    def unfold_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw spectrogram patches ``[B, N, fshape * tshape]`` in token order, cells frequency-major
+        (the Conv2d weight layout): SSAST's pretraining targets."""
+        self.check_input(x)
+        cfg = self.cfg
+        patches = F.unfold(rearrange(x, "b t f -> b 1 f t"), kernel_size=(cfg.fshape, cfg.tshape),
+                           stride=(cfg.fstride, cfg.tstride))  # [B, fshape * tshape, N]
+        return rearrange(patches, "b cells n -> b n cells")
+
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens ``[B, N, D]`` (no prefix tokens, no positions) of an fbank ``[B, T, F]``."""
+        self.check_input(x)
+        return self.patch_embed(rearrange(x, "b t f -> b 1 f t"))
+
+    def forward_tokens(self, tokens: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Prefix tokens + positions + blocks + final norm on patch tokens ``[B, N, D]``.
+
+        Args:
+            tokens: patch tokens, possibly with some replaced by a mask embedding.
+            layer: stop after this block (1-based; negative counts from the end) and return its
+                output without the final norm; ``None`` runs every block and the final norm.
+        """
+        batch = tokens.shape[0]
+        x = torch.cat([self.prefix_tokens.expand(batch, -1, -1), tokens], dim=1) + self.pos_embed
+        depth = len(self.blocks)
+        stop = depth if layer is None else (layer if layer > 0 else depth + 1 + layer)
+        if not 1 <= stop <= depth:
+            raise ValueError(f"layer must be in 1..{depth} or -{depth}..-1, got {layer}")
+        for block in self.blocks[:stop]:
+            x = block(x)
+        return self.norm(x) if layer is None else x
+
+    def forward_features(self, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Every token ``[B, num_prefix_tokens + N, D]`` of a normalised fbank ``[B, T, F]``."""
+        return self.forward_tokens(self.embed_patches(x), layer=layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
+
+    def extra_repr(self) -> str:
+        f_dim, t_dim = self.cfg.grid
+        return f"grid={f_dim}x{t_dim}, tokens={self.cfg.num_patches}+{self.cfg.num_prefix_tokens}"
+
+
+POOLINGS = ("mean", "prefix")
+
+
+def check_pooling(pool: str, num_prefix_tokens: int) -> None:
+    """Raise ``ValueError`` if ``pool`` is unknown or cannot pool an encoder with ``num_prefix_tokens``."""
+    if pool not in POOLINGS:
+        raise ValueError(f"unknown pooling {pool!r}; choose one of {list(POOLINGS)}")
+    if pool == "prefix" and num_prefix_tokens == 0:
+        raise ValueError("prefix pooling needs prefix tokens; this encoder has none")
+
+
+def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, pool: str) -> torch.Tensor:
+    """One vector per clip from :meth:`ASTEncoder.forward_features` tokens ``[B, P + N, D]`` -> ``[B, D]``.
+
+    Args:
+        tokens: prefix tokens first, then the patch tokens.
+        num_prefix_tokens: P.
+        pool: ``mean`` over the patch tokens (SSAST's ``ft_avgtok``) or over the ``prefix`` tokens (AST:
+            ``(cls + dist) / 2``).
+    """
+    check_pooling(pool, num_prefix_tokens)
+    return tokens[:, num_prefix_tokens:].mean(1) if pool == "mean" else tokens[:, :num_prefix_tokens].mean(1)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

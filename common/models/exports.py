@@ -1,0 +1,107 @@
+"""This package's model files: one safetensors file per model, its config in the metadata.
+
+An export holds the weights and, in its metadata, the JSON config needed to rebuild the model
+(``encoder_config``) plus whatever the writer adds (front end, labels, head, phase). Pretraining writes
+encoders (:func:`save_encoder`), fine-tuning writes classifiers (``finetune.classifier.save_classifier``);
+both are written atomically. A run directory's final model is ``RUN/model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from common.system.atomic import atomic_path
+from common.models.ast.encoder import ASTEncoder
+
+__all__ = ["EXPORT_FORMAT", "RUN_EXPORT", "save_weights", "read_weights", "is_export", "save_encoder",
+           "resolve_model_file", "unreadable"]
+
+EXPORT_FORMAT = "coarse2fine-ast/1"
+RUN_EXPORT = "model.safetensors"
+
+
+def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Atomically write ``tensors`` and JSON-serialisable ``meta`` into one safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    metadata = {"format": EXPORT_FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
+    size = sum(t.numel() * t.element_size() for t in tensors.values())  # the header adds a few KiB
+    with atomic_path(path, size=size) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    return Path(path)
+
+
+def unreadable(path: str | os.PathLike, err: Exception) -> ValueError:
+    """The error for a ``.safetensors`` file that does not parse: a truncated copy or another kind of file."""
+    if isinstance(err, OSError):
+        return ValueError(f"{path} cannot be read ({err.strerror or err})")
+    try:
+        size = f"{os.path.getsize(path)} bytes"
+    except OSError:
+        size = "size unknown"
+    return ValueError(f"{path} is not a readable safetensors file ({size}; truncated, or not a safetensors file: "
+                      f"{str(err).strip() or type(err).__name__})")
+
+
+def is_export(path: str | os.PathLike) -> bool:
+    """Whether a safetensors file was written by :func:`save_weights` (reads the header only).
+
+    Raises:
+        ValueError: the file is not a readable safetensors file (naming it).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format") == EXPORT_FORMAT
+    except (SafetensorError, OSError) as err:
+        raise unreadable(path, err) from err
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a file written by :func:`save_weights`: ``(tensors, meta)``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise unreadable(path, err) from err
+    if raw.get("format") != EXPORT_FORMAT:
+        raise ValueError(
+            f"{path} is a safetensors file but not an export of this package (format={raw.get('format')!r}, "
+            f"expected {EXPORT_FORMAT!r})"
+        )
+    meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
+    return tensors, meta
+
+
+def save_encoder(encoder: ASTEncoder, path: str | os.PathLike, meta: dict | None = None) -> Path:
+    """Export an encoder: weights + its config (+ ``meta``, e.g. the front end) in one safetensors file."""
+    return save_weights(path, encoder.state_dict(), {"encoder_config": encoder.cfg.to_dict(),
+                                                     "encoder_prefix": "", **(meta or {})})
+
+
+def resolve_model_file(path: str | os.PathLike) -> Path:
+    """The model file behind ``path``: the file itself, or a run directory's final export."""
+    path = Path(path)
+    if path.is_dir():
+        final = path / RUN_EXPORT
+        if final.is_file():
+            return final
+        exports = sorted((path / "export").glob("*.safetensors")) if (path / "export").is_dir() else []
+        hint = (f"; phase exports present: {', '.join(str(p) for p in exports)}" if exports
+                else "; it holds no exports (is it a run directory?)")
+        raise FileNotFoundError(f"run directory {path} has no final export {RUN_EXPORT} (run not finished?){hint}")
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path

@@ -1,0 +1,174 @@
+"""Loading a model checkpoint of any kind: what ``--init`` (and ``load_encoder``) take.
+
+``load_encoder_state(CKPT)`` accepts
+
+- an export of this package (``common.models.exports``: pretraining encoders, fine-tuned classifiers);
+- a run directory (its final export, ``model.safetensors``);
+- an official SSAST or AST ``.pth`` (``module.v.*`` keys), loaded with ``weights_only=True``;
+- ImageNet ViT / DeiT weights saved by timm (``.pth`` or ``.safetensors``), the paper's AST start;
+- an official HTS-AT checkpoint (the Lightning ``.ckpt`` with ``sed_model.*`` keys), loaded with
+  ``weights_only=True`` (:mod:`common.models.htsat.official`);
+- ImageNet Swin Transformer weights (Microsoft's layout, e.g. the official HTS-AT's start
+  ``swin_tiny_c24_patch4_window8_256.pth``, or timm's, ``.pth`` or ``.safetensors``): an HTS-AT backbone
+  (:mod:`common.models.htsat.imagenet`);
+
+and returns :class:`EncoderWeights`: the encoder config, its state dict and what is known of the source.
+Conversions of foreign layouts live in ``common.models.official``. Training checkpoints (optimizer, schedule,
+data position, RNG) are another thing: ``common.training.checkpoints``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict
+from typing import NamedTuple
+
+import torch
+
+from common.models.official import convert_official_state_dict, convert_timm_vit_state_dict, is_timm_vit
+from common.models.exports import is_export, read_weights, resolve_model_file, unreadable
+from common.models.htsat.imagenet import looks_imagenet_swin
+from common.models.ast.encoder import ASTEncoder, EncoderConfig
+from common.models.hf import is_hf_directory, read_hf_directory
+
+__all__ = ["EncoderWeights", "load_encoder_state", "load_encoder"]
+
+log = logging.getLogger(__name__)
+
+
+class EncoderWeights(NamedTuple):
+    """An encoder's weights as loaded from a checkpoint.
+
+    Attributes:
+        config: the geometry and size the weights were trained with: an :class:`EncoderConfig` (AST family)
+            or an :class:`~common.models.htsat.HTSATConfig`.
+        state: the :class:`ASTEncoder` state dict.
+        meta: where they come from: ``source`` is ``export``, ``official`` (SSAST / AST / HTS-AT) or
+            ``imagenet`` (timm ViT / DeiT; ImageNet Swin for HTS-AT); ``objective`` is ``ssast`` for
+            self-supervised pretraining weights (this package's pretraining exports, SSAST's pretrained files)
+            and ``classification`` for fine-tuned ones; exports add their own metadata (front end, task, ...).
+    """
+
+    config: object
+    state: dict[str, torch.Tensor]
+    meta: dict
+
+    @property
+    def arch(self) -> str:
+        """``ast`` or ``htsat``."""
+        return self.meta.get("arch", "ast")
+
+
+def _hf_encoder_state(path: str | os.PathLike):
+    """The :class:`EncoderWeights` of an HF AST directory (``meta["source"] == "hf"``)."""
+    model = read_hf_directory(path)
+    return EncoderWeights(model.cfg, model.encoder, {
+        "source": "hf", "file": str(path), "labels": model.labels,
+        "front_end": None if model.front_end is None else asdict(model.front_end)})
+
+
+def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWeights:
+    """The encoder weights of any supported checkpoint (see the module docstring)."""
+    if is_hf_directory(path):
+        return _hf_encoder_state(path)
+    file = resolve_model_file(path)
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not is_export(file):
+            try:
+                state = load_file(str(file))
+            except SafetensorError as err:
+                raise unreadable(file, err) from err
+            if looks_imagenet_swin(state):
+                return _imagenet_swin(state, file)
+            if not is_timm_vit(state):
+                raise ValueError(f"{file} is a safetensors file but neither an export of this package nor timm "
+                                 "ViT weights nor ImageNet Swin weights")
+            cfg, enc = convert_timm_vit_state_dict(state, str(file))
+            return EncoderWeights(cfg, enc, {"source": "imagenet", "file": str(file)})
+        tensors, meta = read_weights(file)
+        if "encoder_config" not in meta:
+            raise ValueError(f"{file} has no encoder_config in its metadata")
+        prefix = meta.get("encoder_prefix", "")
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        from common.models.arch import architecture_from_meta
+
+        return EncoderWeights(architecture_from_meta(meta).base, state, {"source": "export", **meta})
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, zip errors, unsafe globals ...
+        raise ValueError(
+            f"{file} is neither an export of this package (.safetensors) nor a loadable SSAST/AST .pth: {err}"
+        ) from err
+    for wrapper in ("state_dict", "model"):  # {"model": ...} is how timm / DeiT training scripts save
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    from common.models.htsat.official import looks_official
+
+    if isinstance(state, dict) and looks_official(state):
+        return _official_htsat(state, file)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{file} does not hold a state dict of tensors")
+    if looks_imagenet_swin(state):
+        return _imagenet_swin(state, file)
+    if is_timm_vit(state):
+        cfg, enc = convert_timm_vit_state_dict(state, str(file))
+        return EncoderWeights(cfg, enc, {"source": "imagenet", "file": str(file)})
+    cfg, enc = convert_official_state_dict(state, source=str(file), **official_kwargs)
+    pretrained = any(k.split(".")[-1] == "p_input_fdim" for k in state)  # SSAST pretraining files store it
+    objective = "ssast" if pretrained else "classification"
+    return EncoderWeights(cfg, enc, {"source": "official", "file": str(file), "objective": objective})
+
+
+def _official_htsat(state: dict, file) -> EncoderWeights:
+    """An official HTS-AT checkpoint's weights; its classes are AudioSet's for 527 outputs, numbered otherwise."""
+    from common.models.htsat import class_names
+    from common.models.htsat.official import config_from_official, convert_official, unwrap_official
+
+    tensors = unwrap_official(state)
+    try:
+        cfg = config_from_official(tensors)
+        converted = convert_official(tensors, cfg)
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}") from None
+    classes, names = class_names(cfg.num_classes)
+    return EncoderWeights(cfg, converted, {"source": "official", "arch": "htsat", "file": str(file),
+                                           "objective": "classification", "classes": classes,
+                                           "class_names": names})
+
+
+def _imagenet_swin(state: dict, file) -> EncoderWeights:
+    """An ImageNet Swin's weights as the start of an HTS-AT (``source: imagenet``; no class head, no ``bn0``)."""
+    from common.models.htsat.imagenet import convert_imagenet_swin
+
+    cfg, converted, info = convert_imagenet_swin(state, str(file))
+    log.info("%s: ImageNet Swin (%s layout, windows %s, heads %s): patch kernel averaged over RGB, %d keys dropped "
+             "(the ImageNet head and buffers)", file, info["layout"], info["windows"], list(cfg.num_heads),
+             len(info["dropped"]))
+    return EncoderWeights(cfg, converted, {"source": "imagenet", "arch": "htsat", "file": str(file),
+                                           "swin_layout": info["layout"], "swin_windows": info["windows"]})
+
+
+def load_encoder(path: str | os.PathLike, **official_kwargs) -> ASTEncoder:
+    """Rebuild an :class:`ASTEncoder` from any supported checkpoint, on the CPU, in float32.
+
+    Args:
+        path: an export, a run directory, or an official SSAST / AST ``.pth``.
+        official_kwargs: ``input_fdim``, ``fstride``, ``tstride``, ``input_tdim`` for official files that do
+            not store them.
+    """
+    cfg, state, meta = load_encoder_state(path, **official_kwargs)
+    if not isinstance(cfg, EncoderConfig):
+        raise ValueError(f"{path} holds an {meta.get('arch', '?')} model, not an AST-family encoder; load it with "
+                         f"finetune.classifier.load_classifier (or as --init / --ckpt)")
+    encoder = ASTEncoder(cfg)
+    result = encoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{path}: weights do not match the encoder config: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return encoder

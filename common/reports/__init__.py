@@ -1,0 +1,1 @@
+"""Reports of runs, pretraining and fine-tuning alike (python -m common.reports RUN ...)."""

@@ -1,0 +1,119 @@
+"""Atomic file writes: readers see the old file or the new one, never a mix, and a crash leaves no half file.
+
+Every file this package writes that something later reads back (exports, checkpoint metadata, ledgers,
+resolved recipes) goes through :func:`atomic_path`: the content is written to a temporary file in the
+same folder (``.NAME.XXXXXXXX.tmp``), flushed, and renamed over the target. The file is created as
+``open()`` creates one (mode ``0o666`` less the umask), so a colleague can read an export wherever the
+umask lets them. A write that does not fit fails naming the file and the space it needed
+(:class:`common.system.disk.NoSpace`); a process killed while writing leaves its temporary file, which the next
+run in that folder removes (:func:`remove_orphans`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from common.system.disk import NoSpace, ensure_space, free_bytes, out_of_space
+
+__all__ = ["atomic_path", "atomic_write_text", "atomic_copy", "file_mode", "remove_orphans", "ORPHAN"]
+
+# the temporary files atomic_path makes (mkstemp's 8 characters in earlier versions, 8 hex digits now)
+ORPHAN = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file: ``0o666`` less the process's umask."""
+    try:  # Linux says it without changing it
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting it (briefly)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _create(path: Path) -> Path:
+    """A new empty file next to ``path``, created with the umask's mode (mkstemp's would be 0600)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name next to {path}")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path``, on failure it is removed.
+
+    Args:
+        path: the file to write.
+        size: the bytes it will take, if known: a file system with less free space is refused before
+            anything is written.
+
+    Raises:
+        NoSpace: the file does not fit (the target is untouched).
+
+    Example::
+
+        with atomic_path("model.safetensors") as tmp:
+            save_file(tensors, tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if size is not None:
+        ensure_space(path, size)
+    tmp = _create(path)
+    try:
+        yield tmp
+        os.chmod(tmp, file_mode())  # writers that replace the file (safetensors) create it 0600
+        os.replace(tmp, path)
+    except BaseException as err:
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, Exception) and not isinstance(err, NoSpace) and out_of_space(err, path.parent):
+            raise NoSpace(path, size if size is not None else written, free_bytes(path.parent),
+                          at_least=size is None) from err
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (flushed to disk before the rename)."""
+    data = text.encode()
+    with atomic_path(path, size=len(data)) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy ``src`` to ``dst`` atomically."""
+    with atomic_path(dst, size=os.path.getsize(src)) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def remove_orphans(folder: str | os.PathLike, skip: tuple[str, ...] = ("discarded-",)) -> list[Path]:
+    """Remove the temporary files (:data:`ORPHAN`) that processes killed in :func:`atomic_path` left under
+    ``folder``; sub-folders whose names start with ``skip`` are left alone. Returns what was removed."""
+    removed = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(skip)]
+        for name in files:
+            if ORPHAN.fullmatch(name):
+                path = Path(root) / name
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return sorted(removed)

@@ -1,0 +1,135 @@
+"""Rank-aware logging: console + ``train.log`` on rank 0, TensorBoard scalars, a progress bar.
+
+Only rank 0 writes files and draws the bar; other ranks log warnings and errors only.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["setup_logging", "BarSafeHandler", "Scalars", "progress"]
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class BarSafeHandler(logging.StreamHandler):
+    """A console handler that writes through ``tqdm.write``: a log line clears the progress bars on its
+    stream, is written on a line of its own, and the bars are drawn again below it.
+
+    Without a stream it writes to whatever ``sys.stderr`` is when a line is logged (a redirection or a
+    capture that replaced it since the handler was made, as in a notebook or a test runner)."""
+
+    def __init__(self, stream=None) -> None:
+        super().__init__(stream)
+        self._follow = stream is None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            if self._follow:
+                self.stream = sys.stderr
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # noqa: BLE001 - logging must not raise
+            self.handleError(record)
+
+
+def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO) -> None:
+    """Console logging for every rank (warnings only off rank 0) and ``run_dir/train.log`` on rank 0."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_c2f", False):
+            root.removeHandler(handler)
+            handler.close()
+    console = BarSafeHandler()
+    console.setFormatter(logging.Formatter(f"[rank {rank}] {FORMAT}" if rank else FORMAT, "%H:%M:%S"))
+    console._c2f = True  # type: ignore[attr-defined]
+    root.addHandler(console)
+    root.setLevel(level if rank == 0 else logging.WARNING)
+    if rank == 0 and run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        file = _LogFile(Path(run_dir) / "train.log")
+        file.setFormatter(logging.Formatter(FORMAT))
+        file._c2f = True  # type: ignore[attr-defined]
+        root.addHandler(file)
+    for noisy in ("DeepSpeed", "lhotse", "torch.distributed", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _LogFile(logging.FileHandler):
+    """``train.log``: a line that cannot be written (a full disk) is said once on the console, instead of a
+    traceback per log line; the console keeps every line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not getattr(self, "_failed", False):
+            self._failed = True
+            sys.stderr.write(f"warning: cannot write {self.baseFilename} ({sys.exc_info()[1]}); log lines go to the "
+                             f"console only\n")
+
+
+class Scalars:
+    """TensorBoard scalars under ``run_dir/tb`` (rank 0; a no-op elsewhere)."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.writer = None
+        self.folder = Path(run_dir) / "tb"
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.folder))
+
+    @contextmanager
+    def _writing(self):
+        """TensorBoard's writer thread reports a failed write without the file's name: add it."""
+        from common.system.disk import NoSpace, free_bytes, out_of_space
+
+        try:
+            yield
+        except (OSError, RuntimeError) as err:
+            if isinstance(err, NoSpace) or not out_of_space(err, self.folder):
+                raise
+            raise NoSpace(self.folder, None, free_bytes(self.folder), "TensorBoard's event file") from err
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            return
+        with self._writing():
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            with self._writing():
+                self.writer.flush()
+
+    def close(self) -> None:
+        """Close the writer; a failure to flush it is raised only when no other error is on its way."""
+        if self.writer is not None:
+            on_its_way = sys.exc_info()[1]  # called from a `finally` while an error propagates
+            try:
+                with self._writing():
+                    self.writer.close()
+            except OSError:
+                if on_its_way is None:
+                    raise
+
+
+def progress(total: int | None, initial: int, desc: str, enabled: bool, unit: str = "step"):
+    """A tqdm bar (count, total, rate and the time left when ``total`` is known) on rank 0 when stderr is a
+    terminal; log lines carry the progress elsewhere, and :class:`BarSafeHandler` keeps them off the bar.
+
+    Args:
+        total: the count at the end (None: unknown; the bar then counts without a time left).
+        initial: the count already done (a resumed phase).
+        desc: what is counted, at the start of the bar.
+        enabled: False draws nothing (ranks other than 0).
+        unit: the name of one count.
+    """
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and sys.stderr.isatty()),
+                file=sys.stderr, dynamic_ncols=True, leave=True, smoothing=0.1, unit=unit)

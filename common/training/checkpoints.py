@@ -1,0 +1,398 @@
+"""Training checkpoints of a run: DeepSpeed's checkpoint plus the trainer's own state, written atomically.
+
+Layout under ``RUN/checkpoints``::
+
+    LATEST                        the tag of the newest complete checkpoint (replaced atomically)
+    phase01-step000004000/        DeepSpeed files (module, optimizer, LR schedule) +
+        trainer_state.json        phase, step, data position, ledger, ... and the size and SHA-256 of every
+                                  file (rank 0)
+        rng_rank{r}.pt            every rank's random-number generator states
+
+A checkpoint is written into ``.tmp-TAG`` and renamed into place only when every rank has finished,
+then ``LATEST`` moves to it: a run killed while saving resumes from the previous checkpoint. The run
+directory must be on a file system all ranks share.
+
+Resuming verifies the checkpoint it picks (its state file parses, every file has the size and SHA-256
+it was written with, every ``.pt`` file unpickles with ``weights_only=True``) and falls back to the newest
+intact one, with a warning naming what was skipped and why; without ``LATEST`` it looks for the newest
+intact checkpoint on disk. When checkpoints exist but none is usable, it refuses to start from scratch
+(:class:`NoUsableCheckpoint`).
+
+Nothing a resume loads can run code: DeepSpeed's loaders (its checkpoint engine, the ZeRO optimizer
+states, the universal conversion and loading) call ``torch.load(weights_only=False)``; while this module
+loads a checkpoint into an engine, every ``torch.load`` of the process is made ``weights_only=True``, with
+only the few DeepSpeed classes its files hold allowed besides tensors (:func:`weights_only_loads`). A file
+that needs anything else is refused (:class:`UnsafeCheckpointFile`), before and during loading. The
+digests detect a file damaged or replaced behind the state file's back; they are no defence against
+someone who can write the run directory (they can rewrite ``trainer_state.json`` too): ``weights_only`` is.
+
+Another number of ranks: DeepSpeed cannot load ZeRO-partitioned optimizer state (stage >= 1) into another
+number of ranks; such a checkpoint is converted once into DeepSpeed's universal format
+(``deepspeed.checkpoint.ds_to_universal``, into ``.universal-TAG``, removed once loaded) and loaded from
+there (:meth:`RunCheckpoints.resharded`). Stage 0 checkpoints hold the whole optimizer state and load as
+they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import pickle
+import shutil
+import zipfile
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+
+from common.system.atomic import atomic_write_text
+from common.system.disk import NoSpace, free_bytes, out_of_space, tree_size
+
+__all__ = ["RunCheckpoints", "NoUsableCheckpoint", "UnsafeCheckpointFile", "make_tag", "capture_rng",
+           "restore_rng", "safe_load", "weights_only_loads"]
+
+log = logging.getLogger(__name__)
+
+LATEST = "LATEST"
+TMP_PREFIX = ".tmp-"
+UNIVERSAL_PREFIX = ".universal-"
+STATE_FILE = "trainer_state.json"
+DIGESTS = "sha256"  # trainer_state.json's {file name: SHA-256} (checkpoints written before it have sizes only)
+# DeepSpeed's file with the module weights (ZeRO stage <= 2 keeps the whole module in rank 0's file)
+MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+class NoUsableCheckpoint(RuntimeError):
+    """Checkpoints exist but none can be resumed from."""
+
+
+class UnsafeCheckpointFile(NoUsableCheckpoint):
+    """A checkpoint file that does not unpickle with ``weights_only=True`` (nothing in it was run).
+
+    Attributes:
+        reason: which file, and what torch refused in it.
+    """
+
+    def __init__(self, path, err: Exception) -> None:
+        self.reason = f"{path} cannot be loaded with weights_only=True ({_unpickling_reason(err)})"
+        super().__init__(f"{self.reason}: it was not written by this package's training (replaced?), and nothing "
+                         f"in it was run. Move its checkpoint folder aside to resume from an older one, or start over "
+                         f"with --restart")
+
+
+def _deepspeed_globals() -> list:
+    """The classes DeepSpeed pickles into this package's checkpoints besides tensors and containers (the
+    ZeRO optimizer states: the loss scaler, the ZeRO stage, parameter fragment addresses)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _unpickling_reason(err: Exception) -> str:
+    """The line of torch's (long) weights_only error that says what was refused."""
+    for line in str(err).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(" was not an allowed global")[0].strip()
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def safe_load(path, *args, **kwargs):
+    """``torch.load(path, ..., weights_only=True)`` allowing DeepSpeed's checkpoint classes, whatever
+    ``weights_only`` the caller passes.
+
+    Raises:
+        UnsafeCheckpointFile: the file needs other globals (a crafted or foreign file).
+    """
+    with torch.serialization.safe_globals(_deepspeed_globals()):
+        try:
+            return torch.serialization.load(path, *args, **{**kwargs, "weights_only": True})
+        except pickle.UnpicklingError as err:
+            raise UnsafeCheckpointFile(path, err) from None
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Within the block, every ``torch.load`` of this process is :func:`safe_load`, whatever its caller asks
+    (DeepSpeed's checkpoint loaders pass ``weights_only=False``)."""
+    previous, torch.load = torch.load, safe_load
+    try:
+        yield
+    finally:
+        torch.load = previous
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_tag(phase: int, step: int) -> str:
+    """The checkpoint name of 0-based ``phase`` at ``step`` (steps, or epochs in epoch-based runs)."""
+    return f"phase{phase + 1:02d}-step{step:09d}"
+
+
+def capture_rng(generator: torch.Generator, device: torch.device) -> dict:
+    """This process's random states: torch's global one, the trainer's generator, CUDA's."""
+    rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def restore_rng(rng: dict, generator: torch.Generator, device: torch.device) -> None:
+    """Undo :func:`capture_rng`."""
+    torch.set_rng_state(rng["torch"])
+    generator.set_state(rng["generator"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def _damage(folder: Path) -> str | None:
+    """Why the checkpoint in ``folder`` cannot be resumed from, or None if it is intact."""
+    state_file = folder / STATE_FILE
+    if not state_file.is_file():
+        return f"{state_file.name} is missing"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as err:
+        return f"{state_file} is unreadable ({err})"
+    if not isinstance(state, dict) or "state" not in state:
+        return f"{state_file} holds no trainer state"
+    files, digests = state.get("files", {}), state.get(DIGESTS)
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, {size} were written"
+        if digests is not None and digests.get(name) != _sha256(path):
+            return f"{path} is not the file that was written (its SHA-256 differs: damaged or replaced)"
+    if not (folder / MODEL_FILE).is_file():
+        return f"{folder / MODEL_FILE} is missing"
+    for path in sorted(folder.glob("*.pt")):
+        if digests is not None and path.name not in files:
+            return f"{path} was not written with the checkpoint"
+        if digests is None:  # written before digests: the archive's own checksums
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+            except (OSError, zipfile.BadZipFile) as err:
+                return f"{path} is damaged ({err})"
+            if bad is not None:
+                return f"{path} is damaged (entry {bad} fails its checksum)"
+        try:
+            safe_load(path, map_location="cpu", mmap=True)  # unpickles; the tensors stay on disk
+        except UnsafeCheckpointFile as err:
+            return err.reason
+        except Exception as err:  # noqa: BLE001 - zip, mmap and unpickling errors: the file is unusable
+            return f"{path} cannot be loaded ({type(err).__name__}: {err})"
+    return None
+
+
+class RunCheckpoints:
+    """The training checkpoints of one run directory.
+
+    Args:
+        ckdir: the checkpoint folder (``RUN/checkpoints``).
+        dist: this process's :class:`common.system.distributed.Dist` (saving and resuming are collective).
+        keep: how many of the newest checkpoints to keep.
+    """
+
+    def __init__(self, ckdir: Path, dist, keep: int) -> None:
+        self.ckdir = Path(ckdir)
+        self.dist = dist
+        self.keep = keep
+
+    def _complete(self) -> list[Path]:
+        """Published checkpoint folders, oldest first."""
+        if not self.ckdir.is_dir():
+            return []
+        return sorted(p for p in self.ckdir.iterdir() if p.is_dir() and p.name.startswith("phase"))
+
+    def latest_tag(self) -> str | None:
+        """The tag ``LATEST`` names (None: no checkpoint published yet)."""
+        pointer = self.ckdir / LATEST
+        return pointer.read_text().strip() if pointer.is_file() else None
+
+    def _ensure_space(self, tag: str) -> int | None:
+        """Refuse to start checkpoint ``tag`` where the newest one would not fit (collective; rank 0 measures).
+        Returns the bytes free before the save (None: unknown)."""
+        free, problem = free_bytes(self.ckdir), None
+        done = self._complete() if self.dist.is_main else []
+        if done:
+            needed = tree_size(done[-1])
+            if free is not None and free < needed:
+                problem = (needed, free, f"checkpoint {tag} needs about as much as {done[-1].name}; nothing of it "
+                           f"was written and {done[-1].name} is intact: free some space and run the same command to "
+                           f"resume")
+        problem = self.dist.broadcast_object(problem)
+        if problem is not None:
+            raise NoSpace(self.ckdir, *problem)
+        return free
+
+    def save(self, engine, tag: str, trainer_state: dict, rng_state: dict) -> None:
+        """Save on every rank (collective); rank 0 publishes it and prunes to the newest ``keep``.
+
+        Raises:
+            NoSpace: the checkpoint does not fit (refused before writing when the newest checkpoint is larger
+                than the free space); the checkpoints published before are intact.
+        """
+        tmp = self.ckdir / f"{TMP_PREFIX}{tag}"
+        free = self._ensure_space(tag)
+        try:
+            engine.save_checkpoint(str(self.ckdir), tag=tmp.name, client_state={}, save_latest=False)
+            torch.save(rng_state, tmp / f"rng_rank{self.dist.rank}.pt")
+        except (OSError, RuntimeError) as err:
+            if isinstance(err, NoSpace) or not out_of_space(err, self.ckdir):
+                raise
+            latest = self.latest_tag()
+            raise NoSpace(tmp, tree_size(tmp), free, (f"the last checkpoint {latest} is intact" if latest else
+                                                      "no checkpoint was published yet")
+                          + "; the partial checkpoint is removed at the next start", at_least=True) from err
+        self.dist.barrier()
+        # every rank hashes its share of the files
+        names = self.dist.broadcast_object(sorted(p.name for p in tmp.iterdir() if p.is_file())
+                                           if self.dist.is_main else None)
+        share = {name: _sha256(tmp / name) for name in names[self.dist.rank::self.dist.world_size]}
+        digests = {name: digest for part in self.dist.gather_objects(share) for name, digest in part.items()}
+        if self.dist.is_main:
+            files = {name: (tmp / name).stat().st_size for name in names}
+            atomic_write_text(tmp / STATE_FILE, json.dumps({**trainer_state, "files": files,
+                                                            DIGESTS: dict(sorted(digests.items()))}))
+            final = self.ckdir / tag
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            atomic_write_text(self.ckdir / LATEST, tag)
+            done = self._complete()
+            for old in done[: max(0, len(done) - self.keep)]:
+                shutil.rmtree(old, ignore_errors=True)
+            log.info("saved checkpoint %s", final)
+        self.dist.barrier()
+
+    def _pick(self) -> tuple[str | None, list[str]]:
+        """Rank 0: the newest intact checkpoint's tag, and what was skipped on the way (and why)."""
+        for tmp in self.ckdir.glob(f"{TMP_PREFIX}*"):
+            log.warning("removing interrupted checkpoint %s", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = self.latest_tag()
+        candidates = [p.name for p in reversed(self._complete())]
+        if latest is None and candidates:
+            log.warning("%s is missing; looking for the newest intact checkpoint in %s", self.ckdir / LATEST,
+                        self.ckdir)
+        elif latest is not None and latest not in candidates:
+            log.warning("%s names checkpoint %s, which does not exist", self.ckdir / LATEST, latest)
+        elif latest is not None:
+            candidates.remove(latest)
+            candidates.insert(0, latest)
+        skipped = []
+        for tag in candidates:
+            reason = _damage(self.ckdir / tag)
+            if reason is None:
+                return tag, skipped
+            skipped.append(f"{tag}: {reason}")
+            log.warning("cannot resume from checkpoint %s: %s; trying an older one", tag, reason)
+        return None, skipped
+
+    def find_resume(self) -> str | None:
+        """The tag to resume from, the same on every rank (collective); None when there is no checkpoint.
+
+        Raises:
+            NoUsableCheckpoint: checkpoints exist but none is intact.
+        """
+        tag, skipped = (self._pick() if self.dist.is_main and self.ckdir.is_dir() else (None, []))
+        tag, skipped = self.dist.broadcast_object((tag, skipped))
+        if tag is None and skipped:
+            raise NoUsableCheckpoint(
+                f"no checkpoint in {self.ckdir} can be resumed from ({'; '.join(skipped)}); run with --restart to "
+                f"start from step 0 (the damaged checkpoints are kept aside)")
+        return tag
+
+    def trainer_state(self, tag: str) -> dict:
+        return json.loads((self.ckdir / tag / STATE_FILE).read_text())
+
+    def rng_state(self, tag: str) -> dict | None:
+        path = self.ckdir / tag / f"rng_rank{self.dist.rank}.pt"
+        if not path.is_file():
+            log.warning("%s missing (resuming with another number of ranks?): random state not restored", path)
+            return None
+        return safe_load(path)
+
+    def module_state(self, tag: str) -> dict[str, torch.Tensor]:
+        """The model weights of a checkpoint."""
+        return safe_load(self.ckdir / tag / MODEL_FILE, map_location="cpu")["module"]
+
+    def saved_world_size(self, tag: str) -> int:
+        """The number of ranks that wrote checkpoint ``tag``."""
+        state = self.trainer_state(tag)
+        if "world_size" in state:
+            return int(state["world_size"])
+        return len(list((self.ckdir / tag).glob("rng_rank*.pt"))) or 1  # written before the field existed
+
+    def resharded(self, tag: str) -> bool:
+        """Whether checkpoint ``tag`` holds ZeRO-partitioned optimizer state of another number of ranks than
+        this run's (then the engine must be built to load DeepSpeed's universal format)."""
+        return (self.saved_world_size(tag) != self.dist.world_size
+                and any((self.ckdir / tag).glob("zero_pp_rank_*_optim_states.pt")))
+
+    def _universal(self, tag: str) -> Path:
+        """Checkpoint ``tag`` in DeepSpeed's universal format (rank 0 converts; collective)."""
+        out = self.ckdir / f"{UNIVERSAL_PREFIX}{tag}"
+        failure = None
+        if self.dist.is_main:  # always afresh: a copy left by an earlier attempt is not covered by the digests
+            from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+            tmp = self.ckdir / f"{TMP_PREFIX}universal-{tag}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+            log.info("converting checkpoint %s (%d ranks) to DeepSpeed's universal format for %d rank(s)", tag,
+                     self.saved_world_size(tag), self.dist.world_size)
+            printed = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(printed):
+                    to_universal(Namespace(input_folder=str(self.ckdir / tag), output_folder=str(tmp),
+                                           num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                           strict=True, inject_missing_state=True))
+                tmp.rename(out)
+            except Exception as err:  # noqa: BLE001 - every rank must learn of it, not only this one
+                log.debug("the conversion of %s failed", tag, exc_info=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                failure = f"{type(err).__name__}: {err}"
+            log.debug("%s", printed.getvalue())
+        failure = self.dist.broadcast_object(failure)
+        if failure is not None:
+            raise NoUsableCheckpoint(
+                f"checkpoint {self.ckdir / tag} was written by {self.saved_world_size(tag)} rank(s) with ZeRO-"
+                f"partitioned optimizer state and could not be converted for {self.dist.world_size} ({failure}); "
+                f"resume with {self.saved_world_size(tag)} rank(s), or start over with --restart")
+        return out
+
+    def load_engine(self, engine, tag: str) -> None:
+        """Weights, optimizer and LR schedule of checkpoint ``tag`` into ``engine`` (collective); an engine
+        built to load the universal format (:meth:`resharded`) gets the checkpoint converted to it. Every
+        file is unpickled with ``weights_only=True`` (:func:`weights_only_loads`).
+
+        Raises:
+            UnsafeCheckpointFile: a file needs more than weights_only allows (replaced since it was verified).
+        """
+        with weights_only_loads():
+            if not engine.load_universal_checkpoint():
+                engine.load_checkpoint(str(self.ckdir), tag=tag)
+                return
+            folder = self._universal(tag)
+            try:
+                engine.load_checkpoint(str(self.ckdir), tag=folder.name)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)  # converted again by the next attempt
+                raise
+        self.dist.barrier()
+        if self.dist.is_main:
+            shutil.rmtree(folder, ignore_errors=True)

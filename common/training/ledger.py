@@ -1,0 +1,294 @@
+"""The run's account of compute: FLOPs, samples, steps and wall time per phase, and every evaluation.
+
+``ledger.json`` in a run directory holds, per phase: ``compression``, ``factor``, ``steps``, ``samples``,
+the batch (``global_batch``: clips per optimiser step, the recipe's; ``batch_per_rank``, ``grad_accum``,
+``world_size``: how the launch that trained it last split it, ``common.training.batch``),
+``flops_per_sample``, ``train_flops`` (= flops_per_sample x samples), ``wall_seconds`` (the training loop,
+data waits included, evaluation and checkpointing not), ``eval_seconds`` and the phase's memory (estimated
+and peak, ``common.models.memory``); totals; the evaluations
+with the cumulative FLOPs and time at which they happened (what ``common/reports/report.py`` plots); and, when
+the recipe names a baseline, that baseline's planned training FLOPs and the saving against it; the
+``interventions``: recipe changes a resumed run was allowed (a lower learning rate after a non-finite
+loss; changed manifests with ``--accept-changed-data``), each with the step and phase from which it
+applies; ``data``: the SHA-256 and size of every training and validation manifest
+(``common.data.fingerprint``); ``upsampled``: the clips resampled up to the model's rate (all ranks, every time
+they were met), per split and pair of rates. A phase that has ended says why and when
+(``ended_by``: ``length``, ``cap``, a criterion or ``surpassed``; ``ended_at``: its step, epoch, total step
+and cumulative FLOPs; ``end_note``: in words), and a run stopped by ``train.stop_when_surpassing`` records
+the target it stopped at (``stop_when_surpassing``: the baseline's best per-epoch score, where it was, its
+weight-averaged score and the differences accepted, ``common.phases.baseline``); ``evaluation``: what decides the
+clips a validation round scores (``common.phases.baseline.evaluation_settings``), so that another run can tell
+whether its scores compare with these. An evaluation of a weight average carries ``weight_averaged`` (the
+epochs averaged).
+
+The trainer talks to the ledger through methods (:meth:`Ledger.start_phase`, :meth:`Ledger.add_training`,
+:meth:`Ledger.add_eval_time`, :meth:`Ledger.add_eval`); readers use :meth:`Ledger.read` and
+:meth:`Ledger.to_dict`, whose layout is the file's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from common.system.atomic import atomic_write_text
+
+__all__ = ["Ledger", "PhaseRecord", "Window"]
+
+
+@dataclass
+class PhaseRecord:
+    """What one phase cost so far.
+
+    Attributes:
+        name, compression, factor: the phase (``patch_transfer`` too for ``patch`` phases). A ledger read
+            from a file may lack them (None).
+        flops_per_sample, tokens_per_sample: the cost of one training clip at this phase's geometry.
+        steps, epochs, samples: optimiser steps, completed epochs and clips trained on (all ranks).
+        train_flops: ``flops_per_sample * samples``.
+        wall_seconds: time in the training loop (data waits included, evaluation and checkpoints not).
+        eval_seconds: time spent validating.
+        device_seconds: the seconds of all ranks' devices held by the phase (training and validation, times
+            the number of ranks at the time: what GPU-hours count); ``device``: what they were (the GPU's name,
+            or ``cpu``).
+        global_batch, batch_per_rank, grad_accum, world_size: the phase's global batch and how it was split
+            (clips per rank per micro-batch, micro-batches per step, ranks) by the launch that trained it last.
+        ended_by, ended_at, end_note: why and when the phase ended (None while it runs).
+        memory_estimate_bytes: what ``common.models.memory`` estimated one rank needs for this phase.
+        peak_memory_bytes, peak_memory_source: the measured peak on one rank while the phase trained (rank 0's
+            on several) and how it was measured (``common.models.memory.PeakMemory``).
+        extra: fields of a ledger file this version does not know, kept as they are.
+    """
+
+    name: str | None = None
+    compression: str | None = None
+    factor: int | None = None
+    flops_per_sample: int = 0
+    tokens_per_sample: int | None = None
+    patch_transfer: str | None = None
+    steps: int = 0
+    epochs: int = 0
+    samples: int = 0
+    train_flops: int = 0
+    wall_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    device_seconds: float = 0.0
+    device: str | None = None
+    global_batch: int | None = None
+    batch_per_rank: int | None = None
+    grad_accum: int | None = None
+    world_size: int | None = None
+    ended_by: str | None = None
+    ended_at: dict | None = None
+    end_note: str | None = None
+    memory_estimate_bytes: int | None = None
+    peak_memory_bytes: int | None = None
+    peak_memory_source: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    _COUNTERS = ("steps", "epochs", "samples", "train_flops", "wall_seconds", "eval_seconds", "device_seconds")
+    _DESCRIPTION = ("name", "compression", "factor", "flops_per_sample", "tokens_per_sample", "patch_transfer",
+                    "device")
+    _BATCH = ("global_batch", "batch_per_rank", "grad_accum", "world_size")
+    _END = ("ended_by", "ended_at", "end_note")
+    _MEMORY = ("memory_estimate_bytes", "peak_memory_bytes", "peak_memory_source")
+
+    def to_dict(self) -> dict:
+        """The record as ``ledger.json`` stores it (counters first, then the phase's description)."""
+        out = {k: getattr(self, k) for k in self._COUNTERS}
+        out.update({k: getattr(self, k) for k in self._DESCRIPTION + self._BATCH + self._END + self._MEMORY
+                    if getattr(self, k) is not None})
+        out.update(self.extra)
+        return out
+
+    def set_batch(self, split) -> None:
+        """Record the phase's global batch and its split (a :class:`common.training.batch.BatchSplit`)."""
+        self.global_batch, self.batch_per_rank = split.global_batch, split.per_rank
+        self.grad_accum, self.world_size = split.grad_accum, split.world_size
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PhaseRecord":
+        known = set(cls._COUNTERS) | set(cls._DESCRIPTION) | set(cls._BATCH) | set(cls._END) | set(cls._MEMORY)
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   extra={k: v for k, v in data.items() if k not in known})
+
+
+class Window(NamedTuple):
+    """Training accounted by one :meth:`Ledger.add_training` call: clips (all ranks) and seconds."""
+
+    samples: int
+    seconds: float
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / max(self.seconds, 1e-9)
+
+
+class Ledger:
+    """Per-phase compute records, evaluations and the baseline to compare against.
+
+    Args:
+        score: the validation metric that ranks evaluations (higher is better).
+    """
+
+    def __init__(self, score: str | None = None) -> None:
+        self.score = score
+        self.phases: list[PhaseRecord] = []
+        self.evals: list[dict] = []
+        self.baseline: dict | None = None
+        self.interventions: list[dict] = []
+        self.stop_target: dict | None = None
+        self.data: dict | None = None  # the manifests' fingerprints (common.data.fingerprint)
+        self.upsampled: dict[tuple[str, int, int], int] = {}  # (split, clip rate, model rate) -> clips
+        self.evaluation: dict | None = None  # the validation settings (common.phases.baseline.evaluation_settings)
+
+    def start_phase(self, index: int, **info) -> PhaseRecord:
+        """The record of phase ``index``, created from ``info`` (:class:`PhaseRecord` fields) on first use;
+        a resumed phase keeps its counters."""
+        if index < len(self.phases):
+            return self.phases[index]
+        if index != len(self.phases):
+            raise ValueError(f"phase {index} started before phase {len(self.phases)}")
+        self.phases.append(PhaseRecord(**info))
+        return self.phases[index]
+
+    def add_training(self, index: int, steps: int, samples: int, seconds: float, ranks: int = 1) -> Window:
+        """Add trained steps, clips (all ranks) and seconds to phase ``index``, with ``ranks`` devices busy;
+        returns what was added."""
+        record = self.phases[index]
+        record.steps += steps
+        record.samples += samples
+        record.train_flops = record.samples * record.flops_per_sample
+        record.wall_seconds += seconds
+        record.device_seconds += seconds * ranks
+        return Window(samples, seconds)
+
+    def set_epochs(self, index: int, epochs: int) -> None:
+        """Phase ``index`` has completed ``epochs`` epochs."""
+        self.phases[index].epochs = epochs
+
+    def end_phase(self, index: int, ended_by: str, note: str, **at) -> None:
+        """Phase ``index`` ended because of ``ended_by`` (``note`` in words); ``at`` says when (``step``,
+        ``epoch``, ``total_step``); the cumulative training FLOPs are added."""
+        record = self.phases[index]
+        record.ended_by, record.end_note = ended_by, note
+        record.ended_at = {**at, "train_flops": self.totals()["train_flops"]}
+
+    def set_peak_memory(self, index: int, nbytes: int, source: str) -> None:
+        """Phase ``index`` peaked at ``nbytes`` (the larger of this and what was recorded: a resumed phase)."""
+        record = self.phases[index]
+        record.peak_memory_bytes = max(record.peak_memory_bytes or 0, int(nbytes))
+        record.peak_memory_source = source
+
+    def add_eval_time(self, index: int, seconds: float, ranks: int = 1) -> None:
+        self.phases[index].eval_seconds += seconds
+        self.phases[index].device_seconds += seconds * ranks
+
+    def totals(self) -> dict:
+        keys = ("steps", "samples", "train_flops", "wall_seconds", "eval_seconds", "device_seconds")
+        return {k: sum(getattr(p, k) for p in self.phases) for k in keys}
+
+    def add_eval(self, phase: int, metrics: dict, **where) -> dict:
+        """Record an evaluation of ``phase`` with the cumulative cost so far; ``where`` says when
+        (``total_step``, ``phase_step``, ``epoch``, ...)."""
+        totals = self.totals()
+        record = {"phase": phase, **where, "train_flops": totals["train_flops"],
+                  "wall_seconds": totals["wall_seconds"], "samples": totals["samples"], "metrics": metrics}
+        self.evals.append(record)
+        return record
+
+    def add_intervention(self, step: int, phase: int, changes: dict) -> None:
+        """Record recipe changes a resumed run applies from optimiser step ``step`` (of the whole run) on.
+
+        Args:
+            step: optimiser steps done in the run when the change takes effect.
+            phase: the 0-based phase the run resumes in.
+            changes: ``{recipe key: {"from": old value, "to": new value}}``.
+        """
+        self.interventions.append({"step": int(step), "phase": int(phase), "changes": dict(changes)})
+
+    def add_upsampled(self, counts: dict[str, dict[tuple[int, int], int]]) -> None:
+        """Add clips resampled up: ``{split: {(clip rate, model rate): clips}}`` (one rank's, or all ranks')."""
+        for split, pairs in counts.items():
+            for (low, high), clips in pairs.items():
+                key = (split, int(low), int(high))
+                self.upsampled[key] = self.upsampled.get(key, 0) + int(clips)
+
+    def set_baseline(self, name: str, train_flops: float | None, flops_per_sample: int | None = None,
+                     epochs: int | None = None) -> None:
+        """The baseline's planned training FLOPs; for an epoch-based baseline (one phase) give
+        ``flops_per_sample`` and ``epochs`` instead: its FLOPs are then counted with the clips per epoch
+        of this run's first finished phase."""
+        self.baseline = {"recipe": name, "train_flops": train_flops}
+        if train_flops is None:
+            self.baseline.update(flops_per_sample=flops_per_sample, epochs=epochs)
+
+    def baseline_flops(self) -> float | None:
+        """The baseline's planned training FLOPs (None when unknown: an epoch-based baseline's before this
+        run's first phase has ended)."""
+        if not self.baseline:
+            return None
+        if self.baseline.get("train_flops") is None and self.baseline.get("epochs"):
+            done = next((p for p in self.phases if p.ended_by is not None and p.epochs), None)
+            if done is None:
+                return None
+            return self.baseline["flops_per_sample"] * self.baseline["epochs"] * (done.samples // done.epochs)
+        return self.baseline.get("train_flops")
+
+    def flops_saving(self) -> float | None:
+        """``1 - train FLOPs / baseline's planned FLOPs``, or None without a baseline."""
+        planned = self.baseline_flops()
+        if not planned:
+            return None
+        return 1 - self.totals()["train_flops"] / planned
+
+    def set_stop_target(self, target: dict) -> None:
+        """``train.stop_when_surpassing``: the baseline run and the best score the final phase must beat
+        (``common.phases.baseline.stop_target``: ``run``, ``score``, ``best``, ...)."""
+        self.stop_target = dict(target)
+
+    def to_dict(self) -> dict:
+        data = {"score": self.score, "phases": [p.to_dict() for p in self.phases], "total": self.totals(),
+                "evals": self.evals}
+        if self.baseline:
+            data["baseline"] = {**self.baseline, "train_flops": self.baseline_flops()}
+            data["flops_saving"] = self.flops_saving()
+        if self.interventions:
+            data["interventions"] = self.interventions
+        if self.stop_target:
+            data["stop_when_surpassing"] = self.stop_target
+        if self.data:
+            data["data"] = self.data
+        if self.upsampled:
+            data["upsampled"] = [{"split": s, "from_hz": a, "to_hz": b, "clips": n}
+                                 for (s, a, b), n in sorted(self.upsampled.items())]
+        if self.evaluation:
+            data["evaluation"] = self.evaluation
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Ledger":
+        ledger = cls(data.get("score"))
+        ledger.phases = [PhaseRecord.from_dict(p) for p in data.get("phases", [])]
+        ledger.evals = [dict(e) for e in data.get("evals", [])]
+        ledger.baseline = data.get("baseline")
+        ledger.interventions = [dict(i) for i in data.get("interventions", [])]
+        ledger.stop_target = data.get("stop_when_surpassing")
+        ledger.data = data.get("data")
+        ledger.upsampled = {(u["split"], u["from_hz"], u["to_hz"]): u["clips"] for u in data.get("upsampled", [])}
+        ledger.evaluation = data.get("evaluation")
+        return ledger
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Ledger":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "ledger.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no ledger at {path}")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def write(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))

@@ -1,0 +1,247 @@
+"""Optimiser and learning-rate schedule (SSAST / AST settings), restarted at every phase.
+
+The schedule is a linear warm-up followed by one of
+
+- ``plateau``: multiply by ``decay`` when the validation score has not improved for ``patience``
+  validation rounds (SSAST pretraining: 0.5 after 2 rounds of 4,000 steps);
+- ``multistep``: multiply by ``decay`` after validation round ``decay_start`` and every ``decay_every``
+  rounds after it (AST fine-tuning's epoch-wise MultiStepLR; a round is an epoch there);
+- ``cosine``: cosine decay to ``min_lr`` over the phase;
+- ``piecewise``: a factor per validation round (epoch), from a table (HTS-AT's epoch-wise LambdaLR);
+- ``constant``.
+
+It is handed to DeepSpeed as its LR scheduler, so DeepSpeed steps it after every optimiser step and
+saves / restores it with each checkpoint. Param groups may carry an ``lr_scale`` (AST's head lr factor).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+__all__ = ["OptimConfig", "build_optimizer", "LRSchedule", "param_groups", "build_engine"]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimisation settings (defaults: SSAST pretraining, base model).
+
+    Args:
+        optimizer: ``adam`` (SSAST / AST) or ``adamw``.
+        lr: peak learning rate.
+        betas, weight_decay: Adam settings (SSAST: (0.95, 0.999), 5e-7).
+        warmup_steps: linear warm-up from ``lr / warmup_steps`` to ``lr`` (0: none).
+        schedule: ``plateau``, ``multistep``, ``cosine``, ``piecewise`` or ``constant`` (module docstring).
+        patience: plateau: validation rounds without improvement before a decay.
+        decay: plateau / multistep factor.
+        decay_start, decay_every: multistep: the first decaying round and the period after it.
+        min_lr: cosine: the final learning rate.
+        piecewise: piecewise: ``[[round, factor], ...]``: from validation round (epoch) ``round`` on, the
+            learning rate is ``lr * factor`` (HTS-AT's LambdaLR: ``[[0, 0.02], [1, 0.05], [2, 0.1], [11, 0.05],
+            [21, 0.02], [31, 0.03]]``). The first entry must start at round 0.
+        grad_clip: clip the global gradient norm to this value (0: off).
+        grad_accum: micro-batches per rank per optimiser step (at least: ``data.max_batch_per_rank`` raises it;
+            ``common.training.batch`` splits the global batch ``data.batch_size`` by it and the ranks).
+        head_lr_scale: learning-rate factor of the task head (AST's ``head_lr``; 1 in every released recipe).
+    """
+
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.95, 0.999)
+    weight_decay: float = 5e-7
+    warmup_steps: int = 1000
+    schedule: Literal["plateau", "multistep", "cosine", "piecewise", "constant"] = "plateau"
+    patience: int = 2
+    decay: float = 0.5
+    decay_start: int = 10
+    decay_every: int = 5
+    min_lr: float = 0.0
+    piecewise: tuple[tuple[int, float], ...] = ()
+    grad_clip: float = 0.0
+    grad_accum: int = 1
+    head_lr_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0 or self.patience < 0 or self.decay_every < 1 or self.decay_start < 1:
+            raise ValueError("warmup_steps and patience must be >= 0, decay_start and decay_every >= 1")
+        if not 0 < self.decay <= 1:
+            raise ValueError(f"decay must be in (0, 1], got {self.decay}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must both be in [0, 1), got {list(self.betas)}")
+        for name in ("weight_decay", "head_lr_scale", "min_lr"):
+            if not getattr(self, name) >= 0:  # also catches NaN
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.schedule == "piecewise" or self.piecewise:
+            rounds = [r for r, _ in self.piecewise]
+            if self.schedule != "piecewise":
+                raise ValueError(f"piecewise: a table for schedule 'piecewise', but schedule is {self.schedule!r}")
+            if not rounds or rounds[0] != 0 or any(b <= a for a, b in zip(rounds, rounds[1:])):
+                raise ValueError(f"piecewise: needs [[round, factor], ...] from round 0 in increasing rounds, got "
+                                 f"{[list(x) for x in self.piecewise]}")
+            if any(not f > 0 for _, f in self.piecewise):
+                raise ValueError("piecewise: factors must be positive")
+
+
+def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """Adam / AdamW over param groups (``{"params": [...], "lr_scale": s}``), fused on CUDA and on the CPU (one
+    pass over the weights: on the CPU a third of the time of the multi-tensor version, a cost per step that
+    does not shrink with the phase's token count)."""
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    extra = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
+    return cls(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **extra)
+
+
+class LRSchedule:
+    """Warm-up + plateau / multistep / cosine / constant; stepped once per optimiser step.
+
+    Args:
+        optimizer: the optimiser whose param groups get the learning rate.
+        cfg: the settings.
+        lr: the peak learning rate of this phase.
+        total_steps: the phase length in optimiser steps (cosine needs it).
+    """
+
+    def __init__(self, optimizer, cfg: OptimConfig, lr: float, total_steps: int | None = None) -> None:
+        self.optimizer = optimizer
+        self.cfg = cfg
+        self.base_lr = lr
+        self.total_steps = total_steps
+        self.steps = 0
+        self.factor = 1.0  # accumulated plateau / multistep decay
+        self.best: float | None = None
+        self.bad_rounds = 0
+        self.rounds = 0
+        self._apply()
+
+    def lr(self) -> float:
+        """Learning rate of the next optimiser step."""
+        cfg, s = self.cfg, self.steps
+        if cfg.warmup_steps and s < cfg.warmup_steps:
+            return self.base_lr * (s + 1) / cfg.warmup_steps
+        if cfg.schedule == "piecewise":
+            return self.base_lr * next(f for r, f in reversed(cfg.piecewise) if self.rounds >= r)
+        if cfg.schedule == "cosine" and self.total_steps:
+            span = max(1, self.total_steps - cfg.warmup_steps)
+            progress = min(1.0, (s - cfg.warmup_steps) / span)
+            return cfg.min_lr + (self.base_lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.base_lr * self.factor
+
+    def _apply(self) -> None:
+        lr = self.lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def step(self, *args, **kwargs) -> None:
+        """After an optimiser step (DeepSpeed calls this)."""
+        self.steps += 1
+        self._apply()
+
+    def report(self, score: float) -> bool:
+        """A validation round ended with ``score`` (higher is better); returns True if the LR decayed."""
+        self.rounds += 1
+        decayed = False
+        if self.cfg.schedule == "plateau":
+            if self.best is None or score > self.best:
+                self.best, self.bad_rounds = score, 0
+            else:
+                self.bad_rounds += 1
+                if self.bad_rounds > self.cfg.patience:
+                    self.factor *= self.cfg.decay
+                    self.bad_rounds, decayed = 0, True
+        elif self.cfg.schedule == "multistep":
+            start, every = self.cfg.decay_start, self.cfg.decay_every
+            if self.rounds >= start and (self.rounds - start) % every == 0:
+                self.factor *= self.cfg.decay
+                decayed = True
+        self._apply()
+        return decayed
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("steps", "factor", "best", "bad_rounds", "rounds", "base_lr",
+                                              "total_steps")}
+
+    def load_state_dict(self, state: dict) -> None:
+        # the peak LR and the phase length come from the recipe, not the checkpoint: a resumed run may
+        # lower its learning rate (the recovery from a non-finite loss)
+        for key, value in state.items():
+            if key not in ("base_lr", "total_steps"):
+                setattr(self, key, value)
+        self._apply()
+
+
+def param_groups(model: nn.Module, head_prefixes: tuple[str, ...] = (), head_lr_scale: float = 1.0) -> list[dict]:
+    """Trainable parameters in one group, or two when a head gets its own learning-rate factor."""
+    body, head = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (head if head_prefixes and name.startswith(head_prefixes) else body).append(param)
+    groups = [{"params": body, "lr_scale": 1.0}]
+    if head:
+        groups.append({"params": head, "lr_scale": head_lr_scale})
+    return groups
+
+
+def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int, zero_stage: int,
+                 device: torch.device, total_steps: int | None = None, head_prefixes: tuple[str, ...] = (),
+                 autocast_dtype: torch.dtype | None = None, load_universal: bool = False,
+                 grad_accum: int | None = None):
+    """A DeepSpeed engine around ``model`` with a fresh optimiser and LR schedule (one per phase).
+
+    DeepSpeed's forward turns off an autocast that its own config does not name (``torch.autocast(...,
+    enabled=False)`` around the module, with a one-time warning): a bf16 run whose autocast is set only
+    around the engine trains in fp32 (on an H200, SSAST-base ran 6x slower with 1.6x the memory). So the
+    run's autocast is named in the engine's ``torch_autocast`` section too, with no module on DeepSpeed's
+    "lower precision safe" list: gradients stay fp32 and are all-reduced in fp32, as without DeepSpeed.
+
+    Args:
+        model: the phase's model.
+        cfg: the optimiser settings.
+        lr: the phase's peak learning rate.
+        batch_size: micro-batch size per rank.
+        zero_stage: DeepSpeed ZeRO stage.
+        device: where training runs (fused Adam on CUDA and the CPU).
+        total_steps: the phase length in optimiser steps (cosine schedules need it).
+        head_prefixes: parameter-name prefixes that get ``cfg.head_lr_scale``.
+        autocast_dtype: the run's autocast dtype (``train.precision``), or None for fp32.
+        load_universal: the engine will load a checkpoint in DeepSpeed's universal format (a resume on
+            another number of ranks, ``common.training.checkpoints``).
+        grad_accum: micro-batches per optimiser step (default ``cfg.grad_accum``; the trainer gives the phase's
+            split, ``common.training.batch``).
+    """
+    import deepspeed
+
+    optimizer = build_optimizer(param_groups(model, head_prefixes, cfg.head_lr_scale), cfg, lr, device)
+    config = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum if grad_accum is None else grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer (on by default) waits for the device at the start and the end of every
+        # step, so the host never queues a step ahead; the run's own ledger times the steps instead.
+        "timers": {"throughput": {"enabled": False}},
+    }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    if autocast_dtype is not None:
+        config["torch_autocast"] = {"enabled": True, "dtype": str(autocast_dtype).removeprefix("torch."),
+                                    "lower_precision_safe_modules": []}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False,
+                                      lr_scheduler=lambda opt: LRSchedule(opt, cfg, lr, total_steps))
+    if zero_stage == 0 and engine.dp_world_size == 1:
+        engine.enable_backward_allreduce = False  # on one rank the "all-reduce" flattens and copies every gradient
+    return engine

@@ -1,0 +1,128 @@
+"""A run directory's recipe: checked when a run resumes, written when the run has trained.
+
+``RUN/recipe.yaml`` is the resolved recipe of the run in ``RUN``. It is written with the run's first
+checkpoint, not before: a run that fails before it leaves nothing that would refuse the corrected command.
+Re-running on a run directory that holds checkpoints resumes it, and the recipe must be the same, except
+
+- settings that do not change what is computed (:data:`RESUMABLE_CHANGES`), and
+- the documented recovery after a non-finite loss: another learning rate or schedule
+  (:data:`RECOVERY_CHANGES`, ``phases.N.lr``), and after too much bad audio: another
+  ``data.max_bad_fraction`` (:data:`TOLERANCE_CHANGES`), accepted and recorded in ``ledger.json`` as an
+  intervention by the trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from common.config.recipe import RecipeError, dump_yaml, parse_yaml, to_dict
+
+__all__ = ["RESUMABLE_CHANGES", "RECOVERY_CHANGES", "TOLERANCE_CHANGES", "RunRecipe", "prepare_run_dir", "recipe_diff",
+           "recovery_change"]
+
+log = logging.getLogger(__name__)
+
+# keys that may change between a run and its resumption (they do not change what is computed)
+RESUMABLE_CHANGES = ("data.num_workers", "train.cpu_threads", "train.log_every", "train.keep_checkpoints",
+                     "train.eval_batches", "data.eval_batch_size", "train.accept_baseline_differences")
+# the documented recovery after a non-finite loss: resume with another learning rate or schedule
+RECOVERY_CHANGES = ("optim.lr", "optim.warmup_steps", "optim.schedule", "optim.patience", "optim.decay",
+                    "optim.decay_start", "optim.decay_every", "optim.min_lr")
+# the documented recovery after too much bad audio (the error names it): tolerate a larger share
+TOLERANCE_CHANGES = ("data.max_bad_fraction",)
+_PHASE_LR = re.compile(r"phases\.\d+\.lr")
+
+
+def _flatten(data, prefix: str = "") -> dict:
+    if isinstance(data, dict):
+        out = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(data, list) and any(isinstance(v, (dict, list)) for v in data):
+        out = {}
+        for i, value in enumerate(data):
+            out.update(_flatten(value, f"{prefix}.{i}"))
+        return out
+    return {prefix: data}
+
+
+def recipe_diff(old: dict, new: dict) -> list[str]:
+    """Keys whose values differ between two resolved recipes (ignoring harmless ones)."""
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES))
+
+
+def recovery_change(key: str) -> bool:
+    """Whether a resumed run may change ``key``: learning-rate and schedule settings (see RECOVERY_CHANGES) and
+    the bad-audio tolerance (TOLERANCE_CHANGES)."""
+    return key in RECOVERY_CHANGES or key in TOLERANCE_CHANGES or bool(_PHASE_LR.fullmatch(key))
+
+
+def _has_trained(run_dir: Path) -> bool:
+    """A checkpoint (of the run or of one of its folds) or a finished model is there to resume or protect."""
+    if (run_dir / "model.safetensors").is_file():
+        return True
+    return any(p.is_dir() and not p.name.startswith(".")
+               for pattern in ("checkpoints/*", "*/checkpoints/*") for p in run_dir.glob(pattern))
+
+
+@dataclass
+class RunRecipe:
+    """What the trainer does with the run directory's recipe.
+
+    Attributes:
+        path: ``RUN/recipe.yaml`` (a fold's trainer writes its run's, one folder up).
+        pending: the recipe to write with the next checkpoint (None: the file is up to date).
+        changes: accepted recovery changes, ``{key: {"from": old, "to": new}}``, for the ledger.
+        accept_changed_data: resume although the manifests changed since the run started
+            (``--accept-changed-data``; ``common.data.fingerprint``).
+    """
+
+    path: Path
+    pending: object | None = None
+    changes: dict[str, dict] = field(default_factory=dict)
+    accept_changed_data: bool = False
+
+    def write_pending(self) -> None:
+        """Write the held-back recipe (rank 0, with a checkpoint); later calls do nothing."""
+        if self.pending is not None:
+            dump_yaml(self.pending, self.path)
+            self.pending = None
+
+
+def prepare_run_dir(run_dir: Path, recipe, is_main: bool, accept_changed_data: bool = False) -> RunRecipe:
+    """Check a resumed run's recipe against its ``recipe.yaml``; hold a new (or changed) run's recipe back
+    until its next checkpoint. ``accept_changed_data``: see :class:`RunRecipe`.
+
+    Raises:
+        RecipeError: the run directory holds a run of a different recipe.
+    """
+    path = Path(run_dir) / "recipe.yaml"
+    new = parse_yaml(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    if path.is_file() and _has_trained(Path(run_dir)):
+        old = parse_yaml(path.read_text())
+        changed = recipe_diff(old, new)
+        refused = [k for k in changed if not recovery_change(k)]
+        if refused:
+            raise RecipeError(
+                f"{run_dir} holds a run of a different recipe ({', '.join(refused[:6])} differ); a resumed run may "
+                f"change only its learning rate and schedule ({', '.join(RECOVERY_CHANGES)}, phases.N.lr), "
+                f"{', '.join(TOLERANCE_CHANGES)} and {', '.join(RESUMABLE_CHANGES)}. Use a new --run-dir to start "
+                f"another run, or the same recipe and --set values to resume this one"
+            )
+        if not changed:
+            return RunRecipe(path, accept_changed_data=accept_changed_data)
+        a, b = _flatten(old), _flatten(new)
+        changes = {k: {"from": a.get(k), "to": b.get(k)} for k in changed}
+        log.warning("resuming %s with changed %s; recorded in ledger.json as an intervention", run_dir,
+                    ", ".join(f"{k} {v['from']} -> {v['to']}" for k, v in changes.items()))
+        return RunRecipe(path, recipe if is_main else None, changes, accept_changed_data)
+    if path.is_file():
+        log.info("%s is from a run that stopped before its first checkpoint; it will be replaced", path)
+    return RunRecipe(path, recipe if is_main else None, accept_changed_data=accept_changed_data)

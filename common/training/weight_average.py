@@ -1,0 +1,104 @@
+"""Weight averaging (AST's "WA"): the mean of the final phase's epoch weights, from a chosen epoch on.
+
+AST averages the state dicts of epochs ``wa_start..wa_end`` of a run (reference/ssast_ast.md 4.3); HTS-AT
+averages its best checkpoints by validation mAP (the paper: the top 15). Here the epochs of the final phase
+from ``train.weight_average_from`` on are kept as they end (one safetensors file each, under
+``RUN/average/``) and averaged (in float64) when the run ends, all of them or the ``weight_average_top``
+best by validation score; the trainer then evaluates and exports the average as the run's model.
+
+A final phase that may end early (an ``until`` section, ``train.stop_when_surpassing``) takes
+``weight_average_top``: the best K of the epochs that ran (all of them if fewer than K ran), every epoch up to
+the phase's cap being kept. A range from ``weight_average_from`` on needs the phase's length in advance and
+is refused there (``common.phases.criteria.check_schedule``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from common.models.exports import read_weights, save_weights
+from common.phases.config import PhaseConfig
+
+__all__ = ["averaged_epochs", "average_state_dicts", "WeightAverage"]
+
+
+def averaged_epochs(start: int | None, phases: Sequence[PhaseConfig]) -> list[int]:
+    """The final phase's epochs (1-based) that weight averaging may use: ``start`` to its last epoch (its cap,
+    ``until.max``, when it may run past its planned length).
+
+    Empty when averaging is off (``start`` None) or the run is iteration-based.
+    """
+    last = phases[-1]
+    if start is None or last.iteration_based:
+        return []
+    return list(range(start, last.max_length + 1))
+
+
+def average_state_dicts(states: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of state dicts with the same keys, computed in float64, returned in float32."""
+    total, count = None, 0
+    for state in states:
+        if total is not None and state.keys() != total.keys():
+            raise ValueError(f"cannot average state dicts with different keys: {sorted(state.keys() ^ total.keys())[:5]}")
+        total = {k: v.double() for k, v in state.items()} if total is None else \
+            {k: total[k] + state[k].double() for k in total}
+        count += 1
+    if total is None:
+        raise ValueError("no state dicts to average")
+    return {k: (v / count).float() for k, v in total.items()}
+
+
+class WeightAverage:
+    """Keeps the epoch weights weight averaging needs and averages them.
+
+    Args:
+        folder: where the epoch weights go (``RUN/average``).
+        epochs: the final phase's epochs to keep (:func:`averaged_epochs`).
+        top: average only the ``top`` best of them by validation score (None: all).
+    """
+
+    def __init__(self, folder: Path, epochs: Sequence[int], top: int | None = None) -> None:
+        self.folder = Path(folder)
+        self.epochs = list(epochs)
+        self.top = top
+
+    def _file(self, epoch: int) -> Path:
+        return self.folder / f"epoch{epoch:03d}.safetensors"
+
+    def keep(self, model: nn.Module, epoch: int) -> None:
+        """Save the final phase's ``epoch`` weights if the average uses them (call on one rank)."""
+        if epoch in self.epochs:
+            save_weights(self._file(epoch), model.state_dict(), {})
+
+    def chosen(self, scores: dict[int, float], ran: int | None = None) -> list[int]:
+        """The epochs to average: all kept ones, or the ``top`` best by ``scores`` (epoch -> validation score;
+        the earlier epoch wins a tie), in epoch order.
+
+        Args:
+            scores: the final phase's validation score per epoch.
+            ran: the epochs the final phase ran (None: all of :attr:`epochs`); an early end averages the best
+                ``top`` of those, or all of them when fewer ran.
+        """
+        epochs = [e for e in self.epochs if ran is None or e <= ran]
+        if not epochs:
+            raise ValueError(f"weight averaging: the final phase ended after {ran} epochs, before the first epoch "
+                             f"to average ({self.epochs[0]})")
+        if self.top is None:
+            return epochs
+        missing = [e for e in epochs if e not in scores]
+        if missing:
+            raise ValueError(f"weight averaging of the top {self.top} epochs: no validation score for epochs {missing}")
+        ranked = sorted(epochs, key=lambda e: (-scores[e], e))
+        return sorted(ranked[: self.top])
+
+    def average(self, epochs: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """The mean of the kept weights of ``epochs`` (default: every kept epoch)."""
+        files = [self._file(e) for e in (self.epochs if epochs is None else epochs)]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"weight averaging: epoch weights missing: {', '.join(missing)}")
+        return average_state_dicts(read_weights(f)[0] for f in files)
