@@ -2,38 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
 import pytest
 import torch
+from tests.helpers import real_looking_signals, tiny_classifier_file  # noqa: F401
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 torch.set_num_threads(2)
-
-
-def real_looking_signals(batch: int = 3, seconds: float = 2.0, sr: int = 16000, seed: int = 0) -> torch.Tensor:
-    """Different signals per row: a harmonic tone with vibrato, noise bursts, a chirp, speech-like AM noise."""
-    g = torch.Generator().manual_seed(seed)
-    n = int(seconds * sr)
-    t = torch.arange(n) / sr
-    out = []
-    for i in range(batch):
-        kind = i % 4
-        if kind == 0:
-            f0 = 220 + 30 * torch.sin(2 * math.pi * 5 * t)
-            phase = 2 * math.pi * torch.cumsum(f0, 0) / sr
-            x = sum(0.3 / k * torch.sin(k * phase) for k in range(1, 6))
-        elif kind == 1:
-            env = (torch.sin(2 * math.pi * 3 * t) > 0.3).float()
-            x = 0.2 * env * torch.randn(n, generator=g)
-        elif kind == 2:
-            x = 0.4 * torch.sin(2 * math.pi * (100 + 1500 * t / seconds) * t)
-        else:
-            x = 0.3 * torch.randn(n, generator=g) * (0.5 + 0.5 * torch.sin(2 * math.pi * 4 * t))
-        out.append(x + 0.01 * torch.randn(n, generator=g))
-    return torch.stack(out).float()
 
 
 @pytest.fixture
@@ -78,3 +55,9 @@ def synth_corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     get_corpus("synth").prepare(None, out, size="test", seed=0)
     return out
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    """``model_file(loss)``: a tiny AST classifier export with 3 classes."""
+    return lambda loss: tiny_classifier_file(tmp_path, loss)

@@ -1,4 +1,4 @@
-"""One rank of a multi-process job of tests/test_shards.py: runs training commands one after another in this
+"""One rank of a multi-process job of tests/data/test_shards.py: runs training commands one after another in this
 process (each joins its own process group), and records which batches this rank's loaders gave.
 
     RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 python tests/shard_job.py JOB.json

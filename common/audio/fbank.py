@@ -7,7 +7,7 @@ The features equal what AST and SSAST compute per clip on the CPU::
 
 but for a whole batch at once, on whatever device the waveforms live on. The filterbank itself is
 Lhotse's ``Wav2LogFilterBank`` with ``snip_edges=True, high_freq=0.0`` (the two settings where Lhotse's
-defaults differ from Kaldi's); ``tests/test_frontend.py`` checks the match against torchaudio itself.
+defaults differ from Kaldi's); ``tests/audio/test_frontend.py`` checks the match against torchaudio itself.
 
 Padded batches: when ``lengths`` is given, each waveform is centred on the mean of its own samples and
 every frame that reaches past its end is set to 0, exactly as if the clip had been featurised alone and

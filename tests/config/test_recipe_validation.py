@@ -1,0 +1,259 @@
+"""Broken recipes, task files and --set values: all rejected before any compute, naming the key (or file).
+
+"Before any compute" is checked three ways for every case: the entry point returns 2, the run directory is
+never created, and no encoder is ever constructed (ASTEncoder.__init__ is replaced by a tripwire).
+"""
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from common.config.recipe import RecipeError, apply_overrides, load_yaml, parse_yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "recipes" / "synth_pretrain.yaml"
+TINY_FT = ["model.size=custom", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.batch_size=4",
+           "data.num_workers=0", "optim.warmup_steps=0"]
+
+
+def sets(*items: str) -> list[str]:
+    return [a for s in items for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory) -> Path:
+    """Files a recipe can point at, broken in the ways real ones are."""
+    d = tmp_path_factory.mktemp("broken")
+    (d / "garbage.jsonl.gz").write_bytes(b"\x00\xffnot gzip at all" * 8)
+    (d / "text.jsonl.gz").write_text("just some text\n")
+    with gzip.open(d / "empty.jsonl.gz", "wt"):
+        pass
+    with gzip.open(d / "notcuts.jsonl.gz", "wt") as handle:
+        handle.write('{"hello": "world"}\n')
+    (d / "shar_without_shards").mkdir()
+    (d / "invalid.json").write_text("{mean: ")
+    (d / "nomean.json").write_text(json.dumps({"std": 4.5}))
+    (d / "badclasses.json").write_text(json.dumps({"classes": ["a", "a"]}))
+    (d / "broken.yaml").write_text("phases: [\n")
+    (d / "extends_missing.yaml").write_text("extends: nowhere.yaml\n")
+    (d / "extends_broken.yaml").write_text("extends: broken.yaml\n")
+    (d / "cycle_a.yaml").write_text("extends: cycle_b.yaml\n")
+    (d / "cycle_b.yaml").write_text("extends: cycle_a.yaml\n")
+    (d / "a_list.yaml").write_text("- phases\n- model\n")
+    (d / "unknown_key_baseline.yaml").write_text(f"extends: {RECIPE}\nbaseline: null\nmodel: {{sise: tiny}}\n")
+    (d / "baseline_missing.yaml").write_text(f"extends: {RECIPE}\nbaseline: nowhere_baseline.yaml\n")
+    (d / "baseline_broken.yaml").write_text(f"extends: {RECIPE}\nbaseline: unknown_key_baseline.yaml\n")
+    return d
+
+
+@pytest.fixture
+def tripwire(monkeypatch):
+    from common.models.ast import encoder as model
+
+    def no_model(self, *args, **kwargs):
+        raise AssertionError("a model was built before the recipe was rejected")
+
+    monkeypatch.setattr(model.ASTEncoder, "__init__", no_model)
+
+
+# (id, recipe file or None, --set values, what the error must name)
+PRETRAIN_CASES = [
+    ("valid manifest missing", None, ["data.valid=[/nonexistent/valid.jsonl.gz]"], "data.valid.0"),
+    ("valid manifest not gzip", None, ["data.valid=[{broken}/garbage.jsonl.gz]"], "data.valid.0"),
+    ("valid manifest plain text", None, ["data.valid=[{broken}/text.jsonl.gz]"], "data.valid.0"),
+    ("valid manifest empty", None, ["data.valid=[{broken}/empty.jsonl.gz]"], "data.valid.0"),
+    ("valid manifest not cuts", None, ["data.valid=[{broken}/notcuts.jsonl.gz]"], "data.valid.0"),
+    ("train manifest missing", None, ["data.train=[{{path: /nonexistent/train.jsonl.gz}}]"], "data.train.0.path"),
+    ("train manifest not gzip", None, ["data.train=[{{path: {broken}/garbage.jsonl.gz}}]"], "data.train.0.path"),
+    ("train Shar folder empty", None, ["data.train=[{{path: {broken}/shar_without_shards}}]"], "data.train.0.path"),
+    ("eval_batches 0", None, ["train.eval_batches=0"], "train.eval_batches"),
+    ("eval_batches negative", None, ["train.eval_batches=-2"], "train.eval_batches"),
+    ("beta1 = 1", None, ["optim.betas=[1.0, 0.999]"], "optim.betas"),
+    ("beta2 > 1", None, ["optim.betas=[0.9, 1.5]"], "optim.betas"),
+    ("beta negative", None, ["optim.betas=[-0.1, 0.999]"], "optim.betas"),
+    ("weight_decay negative", None, ["optim.weight_decay=-0.0001"], "optim.weight_decay"),
+    ("head_lr_scale negative", None, ["optim.head_lr_scale=-1"], "optim.head_lr_scale"),
+    ("min_lr negative", None, ["optim.min_lr=-0.000001"], "optim.min_lr"),
+    ("drop_path_rate 1", None, ["model.drop_path_rate=1.0"], "model.drop_path_rate"),
+    ("drop_path_rate negative", None, ["model.drop_path_rate=-0.1"], "model.drop_path_rate"),
+    ("norm unknown name", None, ["audio.norm=audioseet"], "audio.norm"),
+    ("norm file missing", None, ["audio.norm=/nonexistent/stats.json"], "audio.norm"),
+    ("norm file not JSON", None, ["audio.norm={broken}/invalid.json"], "audio.norm"),
+    ("norm file without mean", None, ["audio.norm={broken}/nomean.json"], "audio.norm"),
+    ("--set unparseable", None, ["optim.lr=[1,"], "--set optim.lr"),
+    ("--set without =", None, ["optim.lr"], "--set 'optim.lr'"),
+    ("--set without key", None, ["=3"], "--set '=3'"),
+    ("--set a string for a number", None, ["optim.lr=abc"], "optim.lr"),
+    ("--set past a list", None, ["phases.5.steps=3"], "phases.5"),
+    ("unknown key", None, ["model.sise=tiny"], "model.sise"),
+    ("lr zero", None, ["optim.lr=0"], "optim.lr"),
+    ("decay zero", None, ["optim.decay=0"], "optim.decay"),
+    ("grad_clip negative", None, ["optim.grad_clip=-1"], "optim.grad_clip"),
+    ("batch_size zero", None, ["data.batch_size=0"], "data.batch_size"),
+    ("eval_batch_size zero", None, ["data.eval_batch_size=0"], "data.eval_batch_size"),
+    ("max_bad_fraction above 1", None, ["data.max_bad_fraction=1.5"], "data.max_bad_fraction"),
+    ("manifest weight negative", None, ["data.train.0.weight=-1"], "data.train.0"),
+    ("factor does not divide the grid", None, ["phases.0.factor=3"], "phases.0"),
+    ("phase batch size zero", None, ["phases.0.batch_size=0"], "phases.0"),
+    ("mask ratio above 1", None, ["ssast.mask_ratio=1.5"], "ssast.mask_ratio"),
+    ("patch of one number", None, ["model.patch=[16]"], "model.patch"),
+    ("num_heads zero", None, ["model.num_heads=0"], "model.num_heads"),
+    ("zero stage 3", None, ["train.zero_stage=3"], "train.zero_stage"),
+    ("precision fp16", None, ["train.precision=fp16"], "train.precision"),
+    ("prefix tokens 3", None, ["model.num_prefix_tokens=3"], "model.num_prefix_tokens"),
+    ("epochs in pretraining", None, ["phases.0.epochs=2"], "phases.0"),
+    ("recipe: extends a missing file", "extends_missing.yaml", [], "extends_missing.yaml: extends nowhere.yaml"),
+    ("recipe: extends broken YAML", "extends_broken.yaml", [], "broken.yaml: not valid YAML"),
+    ("recipe: extends in a cycle", "cycle_a.yaml", [], "in a cycle"),
+    ("recipe: invalid YAML", "broken.yaml", [], "broken.yaml: not valid YAML"),
+    ("recipe: a list", "a_list.yaml", [], "a_list.yaml: a recipe is a mapping"),
+    ("recipe: missing", "nowhere.yaml", [], "nowhere.yaml"),
+    ("baseline recipe missing", "baseline_missing.yaml", [], "baseline: recipe nowhere_baseline.yaml not found"),
+    ("baseline recipe broken", "baseline_broken.yaml", [], "unknown_key_baseline.yaml: model.sise: unknown key"),
+]
+
+
+@pytest.mark.parametrize("case", PRETRAIN_CASES, ids=[c[0] for c in PRETRAIN_CASES])
+def test_pretraining_rejects_before_compute(case, broken, synth_corpus, tmp_path, tripwire, capsys):
+    from pretrain.run import main
+
+    _, recipe, overrides, key = case
+    base = [f"data.train=[{{path: {synth_corpus / 'synth_pool.jsonl.gz'}}}]",
+            f"data.valid=[{synth_corpus / 'synth_valid.jsonl.gz'}]", "data.num_workers=0"]
+    if recipe is None:
+        base.append("baseline=null")
+    argv = ["--recipe", str(broken / recipe if recipe else RECIPE), "--run-dir", str(tmp_path / "run"),
+            *sets(*base, *(o.format(broken=broken) for o in overrides))]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and key in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def ft_data(tmp_path, synth_corpus) -> Path:
+    data = tmp_path / "data"
+    (data / "synth").mkdir(parents=True)
+    for f in synth_corpus.glob("synth_*.json*"):
+        (data / "synth" / f.name).symlink_to(f)
+    return data
+
+
+def _task_file(tmp_path: Path, synth_corpus: Path, extra: str) -> str:
+    path = tmp_path / "task" / "mine.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(f"name: mine\ntrain: [{synth_corpus / 'synth_train.jsonl.gz'}]\n"
+                    f"valid: [{synth_corpus / 'synth_valid.jsonl.gz'}]\n"
+                    f"classes: {synth_corpus / 'synth_classes.json'}\ntarget_frames: 64\n{extra}")
+    return str(path)
+
+
+# (id, task file body after the fields (None: the registered synth task), --recipe, --set, what the error names)
+FINETUNE_CASES = [
+    ("valid manifest missing", None, None, ["task.valid=[/nonexistent/valid.jsonl.gz]"], "task.valid.0"),
+    ("valid manifest not gzip", None, None, ["task.valid=[{broken}/garbage.jsonl.gz]"], "task.valid.0"),
+    ("valid manifest empty", None, None, ["task.valid=[{broken}/empty.jsonl.gz]"], "task.valid.0"),
+    ("train manifest missing", None, None, ["task.train=[/nonexistent/train.jsonl.gz]"], "task.train.0"),
+    ("test manifest missing", None, None, ["task.test=[/nonexistent/test.jsonl.gz]"], "task.test.0"),
+    ("class list missing", None, None, ["task.classes=/nonexistent/classes.json"], "task.classes"),
+    ("class list with duplicates", None, None, ["task.classes={broken}/badclasses.json"], "task.classes"),
+    ("norm unknown name", None, None, ["task.norm=audiosett"], "task.norm"),
+    ("norm file missing", None, None, ["task.norm=/nonexistent/stats.json"], "task.norm"),
+    ("norm file not JSON", None, None, ["task.norm={broken}/invalid.json"], "task.norm"),
+    ("eval_batches 0", None, None, ["train.eval_batches=0"], "train.eval_batches"),
+    ("beta2 = 1", None, None, ["optim.betas=[0.9, 1.0]"], "optim.betas"),
+    ("weight_decay negative", None, None, ["optim.weight_decay=-1"], "optim.weight_decay"),
+    ("head_lr_scale negative", None, None, ["optim.head_lr_scale=-0.5"], "optim.head_lr_scale"),
+    ("min_lr negative", None, None, ["optim.min_lr=-1"], "optim.min_lr"),
+    ("drop_path_rate 1.5", None, None, ["model.drop_path_rate=1.5"], "model.drop_path_rate"),
+    ("--set unparseable", None, None, ["optim.lr=[1,"], "--set optim.lr"),
+    ("mixup above 1", None, None, ["augment.mixup=1.5"], "augment.mixup"),
+    ("freqm negative", None, None, ["augment.freqm=-1"], "augment.freqm"),
+    ("unknown pooling", None, None, ["head.pool=max"], "head.pool"),
+    ("steps in fine-tuning", None, None, ["phases=[{{compression: none, steps: 10}}]"], "phases.0.steps"),
+    ("weight average from 0", None, None, ["train.weight_average_from=0"], "train.weight_average_from"),
+    ("target_frames 8", None, None, ["task.target_frames=8"], "task.target_frames"),
+    ("batch_size zero", None, None, ["data.batch_size=0"], "data.batch_size"),
+    ("manifests in the data section", None, None, ["data.valid=[x.jsonl.gz]"], "data.train / data.valid"),
+    ("recipe: extends a missing file", None, "extends_missing.yaml", [], "extends_missing.yaml: extends nowhere"),
+    ("recipe: invalid YAML", None, "broken.yaml", [], "broken.yaml: not valid YAML"),
+    ("task file: epochs abc", "epochs: abc\n", None, [], "epochs: expected a whole number"),
+    ("task file: epochs 2.7", "epochs: 2.7\n", None, [], "got 2.7"),
+    ("task file: epochs 0", "epochs: 0\n", None, [], "epochs: expected a whole number"),
+    ("task file: epochs and phases", "epochs: 2\nphases: [{compression: none, epochs: 2}]\n", None, [],
+     "epochs: give epochs or phases"),
+    ("task file: unknown key", "optimiser: {lr: 1.0e-3}\n", None, [], "task.optimiser: unknown key"),
+    ("task file: section in the task", None, None, [], "task.optim: a recipe section"),
+    ("task file: bad optim value", "optim: {lr: -1}\n", None, [], "optim.lr must be positive"),
+    ("task file: bad model value", "model: {drop_path_rate: 2}\n", None, [], "model.drop_path_rate"),
+    ("task file: norm next to it missing", "norm: stats/mine.stats.json\n", None, [], "task.norm"),
+    ("task file: batch above its clips", "", None, ["data.batch_size=4000"], "data.batch_size"),
+]
+
+
+@pytest.mark.parametrize("case", FINETUNE_CASES, ids=[c[0] for c in FINETUNE_CASES])
+def test_fine_tuning_rejects_before_compute(case, broken, synth_corpus, ft_data, tmp_path, tripwire, capsys):
+    from finetune.run import main
+
+    name, body, recipe, overrides, key = case
+    if name == "task file: section in the task":
+        task = tmp_path / "nested.yaml"
+        task.write_text(f"task:\n  name: nested\n  classes: {synth_corpus / 'synth_classes.json'}\n"
+                        f"  optim: {{lr: 1.0e-3}}\n")
+        task = str(task)
+    else:
+        task = "synth" if body is None else _task_file(tmp_path, synth_corpus, body)
+    argv = ["--init", "none", "--task", task, "--data-root", str(ft_data), "--run-dir", str(tmp_path / "run"),
+            *sets(*TINY_FT, *(o.format(broken=broken) for o in overrides))]
+    if recipe:
+        argv += ["--recipe", str(broken / recipe)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and key in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_at_least_the_issue_cases_are_covered():
+    assert len(PRETRAIN_CASES) >= 40 and len(FINETUNE_CASES) >= 30
+
+
+# ------------------------------------------------------------------------------------ numbers (item 1)
+@pytest.mark.parametrize("text, value", [("5e-5", 5e-5), ("1e-3", 1e-3), ("1e9", 1e9), ("1.0e9", 1e9),
+                                         ("1.0e+9", 1e9), ("-2.5E-4", -2.5e-4), (".5", 0.5), ("1_000.5", 1000.5),
+                                         ("10", 10), ("0x10", 16), ("true", True), ("5e", "5e"), ("e5", "e5")])
+def test_numbers_parse_as_written(text, value):
+    assert parse_yaml(text) == value and type(parse_yaml(text)) is type(value)
+
+
+def test_numbers_in_recipe_files_and_set_values_alike(tmp_path):
+    from pretrain.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(f"extends: {RECIPE}\nbaseline: null\noptim: {{lr: 5e-5, weight_decay: 1e-7}}\nphases:\n"
+                    f"  - {{compression: fshift, factor: 4, steps: 1e2}}\n  - {{compression: none, steps: 1.0e3}}\n")
+    assert load_yaml(path)["optim"] == {**load_yaml(RECIPE)["optim"], "lr": 5e-5, "weight_decay": 1e-7}
+    recipe = load_recipe(path, ["optim.min_lr=1e-9", "phases.0.lr=3e-4"])
+    assert (recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.min_lr) == (5e-5, 1e-7, 1e-9)
+    assert [p.steps for p in recipe.phases] == [100, 1000] and recipe.phases[0].lr == 3e-4
+    with pytest.raises(RecipeError, match=r"phases.0.steps: expected an integer, got 2.5"):
+        load_recipe(path, ["phases.0.steps=2.5"])
+    assert apply_overrides({}, ["a.b=1e9"]) == {"a": {"b": 1e9}}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prepare", "esc50", "--src", "{tmp}/nowhere", "--out", "{tmp}/out"], "meta/esc50.csv"),
+    (["prepare", "custom", "--out", "{tmp}/out"], "give --src"),
+    (["prepare", "custom", "--csv", "{tmp}/clips.csv", "--out", "{tmp}/out"], "clips.csv"),
+    (["stats", "{tmp}/nowhere.jsonl.gz"], "nowhere.jsonl.gz does not exist"),
+    (["shar", "{tmp}/nowhere.jsonl.gz", "--out", "{tmp}/shar"], "nowhere.jsonl.gz does not exist"),
+])
+def test_corpus_command_errors_are_one_line(tmp_path, capsys, argv, message):
+    from common.data.corpora.__main__ import main
+
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err

@@ -1,0 +1,68 @@
+"""The manifests' fingerprints: recorded in ledger.json, and a resume refused when they changed."""
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+from common.data.fingerprint import changes, fingerprint, run_fingerprints
+from pretrain.run import main
+from tests.tests.helpers import RECIPE, run, tiny
+
+
+def test_a_fingerprint_follows_the_content(tmp_path):
+    a = tmp_path / "a.jsonl"
+    a.write_text('{"id": "x"}\n')
+    first = fingerprint(a)
+    a.write_text('{"id": "x"}\n')  # rewritten, same bytes
+    assert fingerprint(a) == first and first["bytes"] == 12
+    a.write_text('{"id": "y"}\n')
+    assert fingerprint(a)["sha256"] != first["sha256"]
+
+    shar = tmp_path / "shar"
+    shar.mkdir()
+    (shar / "cuts.000000.jsonl.gz").write_bytes(gzip.compress(b'{"id": "x"}\n'))
+    (shar / "recording.000000.tar").write_bytes(b"\0" * 100)
+    before = fingerprint(shar)
+    (shar / "recording.000000.tar").write_bytes(b"\1" * 100)  # audio shards: names and sizes only
+    assert fingerprint(shar) == before
+    (shar / "cuts.000000.jsonl.gz").write_bytes(gzip.compress(b'{"id": "y"}\n'))
+    assert fingerprint(shar)["sha256"] != before["sha256"]
+
+
+def test_changes_name_the_role_and_the_path(tmp_path):
+    train, valid = tmp_path / "t.jsonl", tmp_path / "v.jsonl"
+    train.write_text("1")
+    valid.write_text("2")
+    old = run_fingerprints([train], [valid])
+    assert changes(old, run_fingerprints([train], [valid])) == {}
+    assert changes(None, old) == {}  # a run recorded before fingerprints: nothing to compare
+    valid.write_text("3")
+    changed = changes(old, run_fingerprints([train], [valid]))
+    assert list(changed) == [f"valid: {valid}"] and changed[f"valid: {valid}"]["from"] == old["valid"][str(valid)]["sha256"]
+
+
+def test_a_resume_on_changed_manifests_is_refused_unless_accepted(tmp_path, synth_corpus, capsys):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(synth_corpus, corpus)
+    run_dir = tmp_path / "run"
+    assert run(run_dir, corpus, stop=2) == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    pool = str(corpus / "synth_pool.jsonl.gz")
+    assert ledger["data"]["train"][pool] == fingerprint(pool)
+    assert list(ledger["data"]["valid"]) == [str(corpus / "synth_valid.jsonl.gz")]
+
+    lines = gzip.decompress(Path(pool).read_bytes()).decode().splitlines()
+    Path(pool).write_bytes(gzip.compress(("\n".join(reversed(lines)) + "\n").encode()))  # same clips, other order
+    capsys.readouterr()
+    assert run(run_dir, corpus) == 2
+    err = capsys.readouterr().err
+    assert "manifests changed since the run started" in err and f"train: {pool}" in err
+    assert "--accept-changed-data" in err
+
+    assert main(["--recipe", str(RECIPE), "--run-dir", str(run_dir), *tiny(corpus), "--accept-changed-data"]) == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    (intervention,) = ledger["interventions"]
+    assert list(intervention["changes"]) == [f"manifest train: {pool}"] and intervention["step"] == 2
+    assert ledger["data"]["train"][pool] == fingerprint(pool)  # the manifests the run went on with
+    assert (run_dir / "model.safetensors").is_file()

@@ -1,0 +1,255 @@
+"""Equal shards: every rank gets the same number of batches from every loader path (in-memory shuffle,
+streaming buffer, weighted mix, Shar, balanced sampling, evaluation), resumed or not and after a change of
+world size, at 2 and 3 ranks; validation scores every clip once. First the samplers in this process, then
+real training (epoch-based fine-tuning and step-based pretraining) in 2 and 3 processes on gloo."""
+
+import json
+import shutil
+import socket
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from lhotse import CutSet
+
+from common.data.loader import (
+    ClipDataset,
+    ClipLoader,
+    ManifestSpec,
+    balanced_weights,
+    equal_shards,
+    eval_loader,
+    open_cuts,
+    reshard_index,
+    shard_batches,
+)
+from tests.helpers import _launch
+
+ROOT = Path(__file__).resolve().parents[2]
+CLIPS, VALID, BATCH = 41, 25, 4  # neither divides into batches of 4 on 2 or 3 ranks
+RESHARD_BATCH = 12  # a global batch that splits on 2 ranks (6 clips each) and on 3 (4 each): 3 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def odd(synth_corpus, tmp_path_factory):
+    """The built-in corpus's clips regrouped: 41 labeled training clips (also as two manifests of 24 + 17,
+    and as a Shar folder), 25 validation clips, a task file for each."""
+    out = tmp_path_factory.mktemp("odd")
+    cuts = [c for split in ("train", "test", "valid")
+            for c in CutSet.from_file(synth_corpus / f"synth_{split}.jsonl.gz")]
+    train, valid = cuts[:CLIPS], cuts[-VALID:]
+    CutSet.from_cuts(train).to_file(out / "train.jsonl.gz")
+    CutSet.from_cuts(train[:24]).to_file(out / "part_a.jsonl.gz")
+    CutSet.from_cuts(train[24:]).to_file(out / "part_b.jsonl.gz")
+    CutSet.from_cuts(valid).to_file(out / "valid.jsonl.gz")
+    (out / "shar").mkdir()
+    CutSet.from_cuts(train).to_shar(out / "shar", fields={"recording": "flac"}, shard_size=16, num_jobs=1)
+    shutil.copy(synth_corpus / "synth_classes.json", out / "classes.json")
+    for name, manifest, balanced in (("task", "train.jsonl.gz", False), ("task_shar", "shar", False),
+                                     ("task_balanced", "train.jsonl.gz", True)):
+        (out / f"{name}.yaml").write_text(
+            f"name: odd\ntrain: [{manifest}]\nvalid: [valid.jsonl.gz]\nclasses: classes.json\ntarget_frames: 128\n"
+            f"norm: audioset\nmetric: acc\nloss: ce\nbalanced: {str(balanced).lower()}\n")
+    return out
+
+
+def _loader(odd, path: str, rank: int, world_size: int, batch: int = BATCH, drop_last: bool = True) -> ClipLoader:
+    """The loader of one path, as ``train_loader`` / ``eval_loader`` build them (metadata only here)."""
+    if path == "eval":
+        return eval_loader([odd / "valid.jsonl.gz"], None, 16000, 16000, batch, rank=rank, world_size=world_size)
+    one = [ManifestSpec(str(odd / "train.jsonl.gz"))]
+    specs = {"memory": one, "stream": one, "balanced": one, "shar": [ManifestSpec(str(odd / "shar"))],
+             "mix": [ManifestSpec(str(odd / "part_a.jsonl.gz"), 2.0), ManifestSpec(str(odd / "part_b.jsonl.gz"), 1.0)]}
+    cuts = open_cuts(specs[path], seed=3, in_memory_max=1000 if path in ("memory", "balanced", "mix") else None)
+    weights = balanced_weights(cuts, []) if path == "balanced" else None
+    return ClipLoader(cuts, ClipDataset(16000), batch, shuffle=True, drop_last=drop_last, seed=3, rank=rank,
+                      world_size=world_size, weights=weights)
+
+
+def _epochs(loader: ClipLoader, epochs: int = 2, skip: int = 0) -> list[list[list[str]]]:
+    """Per epoch, the clip ids of each of this rank's batches."""
+    out: list[list[list[str]]] = [[] for _ in range(epochs)]
+    for epoch, _, cuts in loader.cut_batches(0, skip, epochs):
+        out[epoch].append([c.id for c in cuts])
+    return out
+
+
+def test_equal_shards_deals_rounds_and_splits_an_incomplete_last_round():
+    stream = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11], [12, 13, 14], [15]]
+    assert [list(equal_shards(iter(stream), r, 2, drop_last=True)) for r in (0, 1)] == [
+        [[0, 1, 2], [6, 7, 8], [12, 13, 14]], [[3, 4, 5], [9, 10, 11], [15]]]
+    assert [list(equal_shards(iter(stream), r, 4, drop_last=True)) for r in range(4)] == [
+        [[0, 1, 2]], [[3, 4, 5]], [[6, 7, 8]], [[9, 10, 11]]]
+    # without drop_last the last round's clips (12..15) are split; ranks left without a clip get an empty batch
+    assert [list(equal_shards(iter(stream), r, 4, drop_last=False))[-1] for r in range(4)] == [[12], [13], [14], [15]]
+    assert [list(equal_shards(iter(stream[:5]), r, 3, drop_last=False))[-1] for r in range(3)] == [[9, 10], [11, 12],
+                                                                                                   [13, 14]]
+    assert [list(equal_shards(iter(stream[:3] + [[9]]), r, 3, drop_last=False)) for r in range(3)] == [
+        [[0, 1, 2], [9]], [[3, 4, 5], []], [[6, 7, 8], []]]
+    assert shard_batches(41, 4, 3, drop_last=True) == 3 and shard_batches(41, 4, 3, drop_last=False) == 4
+    assert shard_batches(41, 4, 2, drop_last=True) == 5 and shard_batches(41, 4, 2, drop_last=False) == 6
+
+
+PATHS = [("memory", True), ("stream", True), ("mix", True), ("shar", True), ("balanced", True),
+         ("memory", False), ("stream", False), ("balanced", False), ("eval", False)]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("path,drop_last", PATHS)
+def test_every_loader_path_gives_every_rank_the_same_batches(odd, path, drop_last, world_size):
+    loaders = [_loader(odd, path, r, world_size, drop_last=drop_last) for r in range(world_size)]
+    shards = [_epochs(loader) for loader in loaders]
+    known = loaders[0].batches_per_epoch()
+    assert known == (None if path in ("stream", "mix", "shar", "eval") else
+                     shard_batches(CLIPS, BATCH, world_size, drop_last))
+    clips = VALID if path == "eval" else CLIPS
+    for epoch in range(2):
+        counts = [len(shard[epoch]) for shard in shards]
+        assert counts == [shard_batches(clips, BATCH, world_size, drop_last)] * world_size, (epoch, counts)
+        ids = [i for shard in shards for batch in shard[epoch] for i in batch]
+        if drop_last:  # full batches only
+            assert all(len(b) == BATCH for shard in shards for b in shard[epoch])
+        if path == "balanced":  # drawn with replacement: only the counts are the sampler's promise
+            continue
+        assert len(ids) == len(set(ids)) and not any("_dup" in i for i in ids)  # no clip twice, no padding clip
+        if not drop_last:
+            assert len(ids) == clips  # every clip once
+    # a resume mid-epoch and one at the end of an epoch continue every rank exactly
+    for loader, shard in zip(loaders, shards):
+        for skip in (1, len(shard[0])):
+            resumed = _epochs(loader, skip=skip)
+            assert resumed[0] == shard[0][skip:] and resumed[1] == shard[1]
+
+
+def _global(odd, path: str, world_size: int, batch: int, skip: int = 0) -> list[str]:
+    """The clips of epoch 0 in the order the ranks' batches take them (round by round, rank by rank)."""
+    shards = [_epochs(_loader(odd, path, r, world_size, batch), epochs=1, skip=skip)[0] for r in range(world_size)]
+    return [i for batches in zip(*shards) for b in batches for i in b]
+
+
+@pytest.mark.parametrize("path", ["memory", "stream", "mix", "shar", "balanced"])
+@pytest.mark.parametrize("before,after", [((2, 4), (3, 4)), ((3, 4), (2, 4)), ((2, 6), (3, 4)), ((3, 4), (2, 6))])
+def test_a_resume_on_another_number_of_ranks_continues_the_epoch(odd, path, before, after):
+    """(ranks, per-rank batch) before and after: the same batch, or the same global batch of 12 clips (a recipe's
+    global ``data.batch_size``). The epoch's clip order is the same; the resumed ranks take it up at most one
+    global batch before where the others stopped, never after."""
+    (ranks0, batch0), (ranks1, batch1) = before, after
+    first = _global(odd, path, ranks0, batch0)
+    order = _global(odd, path, ranks1, batch1)
+    consumed = 2  # batches per rank before the stop
+    seen = consumed * batch0 * ranks0
+    assert first[:seen] == order[:seen]  # the clip order does not depend on the ranks or the batch
+    index = reshard_index(consumed, batch0, ranks0, batch1, ranks1)
+    start = index * batch1 * ranks1
+    assert seen - batch1 * ranks1 < start <= seen
+    assert _global(odd, path, ranks1, batch1, skip=index) == order[start:]
+    assert reshard_index(consumed, batch0, ranks0, batch0, ranks0) == consumed  # nothing changes: exact
+
+
+def test_a_resume_at_another_per_rank_batch_converts_the_position_in_clips(tmp_path, synth_corpus):
+    """A checkpoint written at 2 clips per rank (a global batch over twice the ranks) resumes at 4 clips per
+    rank from the same clips of the epoch: 4 batches of 2 are 2 batches of 4, so the run ends exactly as an
+    uninterrupted one."""
+    from safetensors.torch import load_file
+
+    from tests.tests.helpers import run
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run(straight, synth_corpus, "train.save_every=100") == 0
+    assert run(resumed, synth_corpus, "train.save_every=100", stop=2) == 0
+    saved = resumed / "checkpoints" / (resumed / "checkpoints" / "LATEST").read_text() / "trainer_state.json"
+    state = json.loads(saved.read_text())
+    assert (state["batch_per_rank"], state["world_size"], state["state"]["data_index"]) == (4, 1, 2)
+    state["batch_per_rank"], state["state"]["data_index"] = 2, 4
+    saved.write_text(json.dumps(state))
+    assert run(resumed, synth_corpus, "train.save_every=100") == 0
+    ledger = json.loads((resumed / "ledger.json").read_text())
+    assert [i["changes"] for i in ledger["interventions"]] == [{"batch_per_rank": {"from": 2, "to": 4}}]
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+# ------------------------------------------------------------------ real training in 2 and 3 processes
+FINETUNE = ["model.size=custom", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+            "data.num_workers=0", "train.log_every=100", "optim.warmup_steps=0", "train.deterministic=true",
+            "phases=[{compression: none, epochs: 2}]"]
+PRETRAIN = ["data.num_workers=0", "model.embed_dim=32", "model.depth=2",
+            "model.num_heads=2", "phases.0.steps=3", "phases.1.steps=3", "train.log_every=100", "train.eval_every=3",
+            "train.save_every=3", "train.deterministic=true", "optim.warmup_steps=2", "baseline=null"]
+TRAIN_SETS = {"memory": "[{path: DIR/train.jsonl.gz}]", "stream": "[{path: DIR/train.jsonl.gz}]",
+              "shar": "[{path: DIR/shar}]",
+              "mix": "[{path: DIR/part_a.jsonl.gz, weight: 2}, {path: DIR/part_b.jsonl.gz, weight: 1}]"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _argv(odd, run_dir: Path, kind: str, path: str, stop: int | None, batch: int) -> tuple[str, list[str]]:
+    """``(entry, argv)`` of a fine-tuning (epoch-based) or pretraining (step-based) run on loader ``path`` at the
+    global batch ``batch`` (``data.batch_size``: clips per step over every rank)."""
+    sets = [f"data.batch_size={batch}"] + (["data.full_shuffle_max=0"] if path == "stream" else [])
+    if kind == "finetune":
+        task = {"balanced": "task_balanced", "shar": "task_shar"}.get(path, "task")
+        argv = ["--init", "none", "--task", str(odd / f"{task}.yaml")]
+        sets = FINETUNE + sets
+    else:
+        argv = ["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml")]
+        sets = PRETRAIN + sets + [f"data.valid=[{odd / 'valid.jsonl.gz'}]",
+                                  "data.train=" + TRAIN_SETS[path].replace("DIR", str(odd))]
+    argv += ["--run-dir", str(run_dir), *[a for s in sets for a in ("--set", s)]]
+    return kind, argv + (["--stop-after-steps", str(stop)] if stop else [])
+
+
+def _check_equal_shards(name: str, ranks: list[dict], valid_ids: set[str]) -> None:
+    """Every rank trained on the same number of batches in each epoch, and validated on the same number of
+    batches, which together scored every validation clip the same number of times (once per round)."""
+    epochs = [sorted({e for e, _, _ in r["train"]}) for r in ranks]
+    assert all(e == epochs[0] for e in epochs), (name, epochs)
+    for epoch in epochs[0]:
+        counts = [sum(e == epoch for e, _, _ in r["train"]) for r in ranks]
+        assert len(set(counts)) == 1, (name, epoch, counts)
+    valid = [r.get("valid", []) for r in ranks]
+    assert len({len(v) for v in valid}) == 1, (name, [len(v) for v in valid])
+    scored = [i for v in valid for _, _, ids in v for i in ids]
+    rounds = sum(index == 0 for _, index, _ in valid[0])
+    assert Counter(scored) == (dict.fromkeys(valid_ids, rounds) if rounds else {}), (name, rounds, len(scored))
+
+
+@pytest.mark.timeout(600)
+def test_training_on_2_and_3_ranks_every_loader_path_resumed_and_resharded(odd, tmp_path):
+    """Fine-tuning (epoch-based: every epoch end is collective) and pretraining (step-based) on every loader
+    path in 2 processes, then in 3; a run stopped mid-epoch (or at an epoch's end) resumes on the same ranks,
+    and runs stopped on 2 ranks resume on 3 (the same global batch, 6 clips per rank then 4). A hang fails after
+    the launch's timeout."""
+    valid_ids = {c.id for c in CutSet.from_file(odd / "valid.jsonl.gz")}
+    runs = tmp_path / "runs"
+    paths = [("finetune", "memory", None), ("finetune", "stream", 2), ("finetune", "balanced", None),
+             ("finetune", "shar", None), ("pretrain", "memory", None), ("pretrain", "mix", 2),  # mix: streamed
+             ("pretrain", "shar", None)]
+    reshards = [("finetune", "memory", 2), ("finetune", "balanced", 3), ("pretrain", "memory", 4)]
+    for world_size in (2, 3):
+        cases = []
+        for kind, path, stop in paths:
+            name = f"{kind}-{path}-{world_size}"
+            if stop:  # stopped mid-epoch, then resumed
+                cases.append((f"{name}-stopped", *_argv(odd, runs / name, kind, path, stop, BATCH * world_size)))
+            cases.append((name, *_argv(odd, runs / name, kind, path, None, BATCH * world_size)))
+        for kind, path, stop in reshards:  # stopped on 2 ranks (balanced: at the epoch's end), resumed on 3
+            name = f"{kind}-{path}-resharded"
+            cases.append((name if world_size == 3 else f"{name}-stopped",
+                          *_argv(odd, runs / name, kind, path, None if world_size == 3 else stop, RESHARD_BATCH)))
+        for name, ranks in _launch(world_size, cases, tmp_path / f"job{world_size}", timeout=240).items():
+            _check_equal_shards(name, ranks, valid_ids)
+            if name.endswith("-stopped"):
+                continue
+            ledger = json.loads((runs / name / "ledger.json").read_text())
+            if name.startswith("finetune"):  # each epoch validated on all 25 clips, none counted twice
+                assert [(e["epoch"], e["metrics"]["clips"]) for e in ledger["evals"]] == [(1, VALID), (2, VALID)], name
+            else:
+                assert ledger["total"]["steps"] == 6, name
+    for kind, path, _ in reshards:
+        ledger = json.loads((runs / f"{kind}-{path}-resharded" / "ledger.json").read_text())
+        assert [i["changes"] for i in ledger["interventions"]] == [{"world_size": {"from": 2, "to": 3}}]

@@ -1,0 +1,381 @@
+"""Fine-tuning, linear probing and prediction on miniature corpora."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.data.corpora import get_corpus
+from common.metrics import accuracy, mean_average_precision
+from finetune.evaluate import cross_validation_summary
+from finetune.run import main as finetune
+from finetune.tasks import TASKS, TaskConfig
+from tests.helpers import TINY, _synth_root, sets
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def test_map_and_accuracy_on_known_inputs():
+    targets = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 0], [0, 0, 0]])
+    scores = np.array([[0.9, 0.1, 0.2], [0.8, 0.7, 0.1], [0.3, 0.2, 0.4], [0.1, 0.6, 0.9]])
+    # class 0: ranking .9(+) .8(-) .3(+) .1(-): AP = (1/1 + 2/3) / 2 = 0.8333
+    # class 1: ranking .7(+) .6 .2 .1: AP = 1; class 2: ranking .9(-) .4 .2(+) .1: AP = 1/3
+    assert mean_average_precision(targets, scores) == pytest.approx((5 / 6 + 1 + 1 / 3) / 3)
+    assert accuracy(targets[:3], scores[:3]) == pytest.approx(1 / 3)  # row 0 right; rows 1 (.8 > .7), 2 wrong
+    # a class without any positive clip has no AP and is left out
+    assert mean_average_precision(targets[:, :2], scores[:, :2]) == pytest.approx((5 / 6 + 1) / 2)
+    with pytest.raises(ValueError, match="must both be"):
+        accuracy(targets, scores[:, :2])
+
+
+def test_esc50_folds_and_cross_validation_on_known_inputs():
+    task = TaskConfig(**TASKS["esc50"][0], data_root="/d")
+    splits = task.fold_splits()
+    assert len(splits) == 5
+    train, test = splits[2]
+    assert test == ["/d/esc50/esc50_fold3.jsonl.gz"] and len(train) == 4 and test[0] not in train
+
+    def evals(values):
+        return [{"phase": 0, "epoch": e + 1, "metrics": {"acc": v}} for e, v in enumerate(values)] + [
+            {"phase": 0, "weight_averaged": [1, 2], "metrics": {"acc": 1.0}}]  # no epoch: ignored
+
+    folds = [evals([0.5, 0.7, 0.6]), evals([0.6, 0.6, 0.9]), evals([0.4, 0.8, 0.5])]
+    summary = cross_validation_summary(folds, "acc")
+    assert [round(r["mean"], 4) for r in summary["per_epoch"]] == [0.5, 0.7, 0.6667]
+    assert summary["best"]["epoch"] == 2 and summary["best"]["folds"] == [0.7, 0.6, 0.8]
+    tie = cross_validation_summary([evals([0.5, 0.75]), evals([0.75, 0.5])], "acc")
+    assert tie["best"]["epoch"] == 1  # the earliest of equal means
+
+
+def test_paper_tasks_use_the_authors_statistics_and_losses():
+    """VoxCeleb / VGGSound as the authors' FlexiAST recipes; Kinetics-Sounds the AudioSet setup (item 5)."""
+    from common.audio.fbank import NormStats, resolve_norm_stats
+    from finetune.recipe import load_recipe
+
+    recipes = {name: load_recipe(name) for name in ("voxceleb", "vggsound", "kinetics_sounds", "audioset")}
+    assert resolve_norm_stats(recipes["voxceleb"].audio().norm) == NormStats(-3.7614744, 4.2011642)
+    assert resolve_norm_stats(recipes["vggsound"].audio().norm) == NormStats(-5.0767093, 4.4533687)
+    assert {name: r.task.loss for name, r in recipes.items()} == {
+        "voxceleb": "ce", "vggsound": "bce", "kinetics_sounds": "bce", "audioset": "bce"}
+    for name in ("voxceleb", "vggsound", "kinetics_sounds"):
+        assert recipes[name].task.loss.upper() in recipes[name].task.description
+
+
+def test_unknown_task_lists_the_known_ones(capsys):
+    assert finetune(["--init", "none", "--task", "vgg"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown task 'vgg'" in err and "esc50" in err and "speechcommands" in err
+
+
+# ------------------------------------------------------------------- every task on its miniature corpus
+def _prepare(name: str, root: Path) -> None:
+    from tests import layouts
+
+    src = root / "src" / name
+    __import__(f"tests.layouts.{name}")
+    getattr(layouts, name).build(src)
+    get_corpus(name).prepare(src, root / name)
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_every_task_fine_tunes_one_epoch_on_its_miniature_corpus(tmp_path, task, synth_corpus):
+    corpus = {"audioset20k": "audioset"}.get(task, task)
+    data = tmp_path / "data"
+    if corpus == "synth":
+        data = _synth_root(tmp_path, synth_corpus)
+    else:
+        _prepare(corpus, data)
+    run_dir = tmp_path / "run"
+    spec, defaults = TASKS[task]
+    averaged = defaults.get("train", {}).get("weight_average_from") is not None
+    assert finetune(["--init", "none", "--task", task, "--data-root", str(data), "--run-dir", str(run_dir),
+                     *sets(*TINY, "phases=[{compression: none, epochs: 1}]", "data.batch_size=2",
+                           *(["train.weight_average_from=1"] if averaged else []))]) == 0
+    fold_dirs = [run_dir / f"fold{k}" for k in range(1, 6)] if spec.get("folds") else [run_dir]
+    for d in fold_dirs:
+        ledger = json.loads((d / "ledger.json").read_text())
+        assert ledger["score"] == spec["metric"] and ledger["evals"][0]["epoch"] == 1
+        assert 0.0 <= ledger["evals"][0]["metrics"][spec["metric"]] <= 1.0
+    from finetune.classifier import load_classifier
+    model, meta = load_classifier(fold_dirs[0])
+    classes = json.loads((data / corpus / f"{corpus}_classes.json").read_text())["classes"]
+    assert meta["classifier"]["classes"] == classes and meta["audio"]["target_frames"] == spec["target_frames"]
+    if spec.get("folds"):
+        summary = json.loads((run_dir / "cv_summary.json").read_text())
+        assert len(summary["best"]["folds"]) == 5
+    if spec.get("test"):
+        assert "acc" in json.loads((run_dir / "test_metrics.json").read_text())
+    if averaged:  # AudioSet: the weight average of the epochs is the model
+        assert (run_dir / "export" / "weight_averaged.safetensors").is_file()
+        assert json.loads((run_dir / "ledger.json").read_text())["evals"][-1]["weight_averaged"] == [1]
+
+
+# -------------------------------------------------------------------------------- initialisation
+@pytest.fixture(scope="module")
+def small_synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "synth"
+    get_corpus("synth").prepare(None, out, size="small", seed=1)
+    return out.parent
+
+
+def test_fine_tuning_a_pretrained_run_beats_chance_clearly(tmp_path, small_synth):
+    from pretrain.run import main as pretrain
+
+    pre = tmp_path / "pre"
+    assert pretrain(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--run-dir", str(pre),
+                     *sets(f"data.train=[{{path: {small_synth / 'synth' / 'synth_pool.jsonl.gz'}}}]",
+                           f"data.valid=[{small_synth / 'synth' / 'synth_valid.jsonl.gz'}]", "data.num_workers=0",
+                           "phases.0.steps=10", "phases.1.steps=30", "train.eval_every=100", "baseline=null")]) == 0
+    ft = tmp_path / "ft"
+    assert finetune(["--init", str(pre), "--task", "synth", "--data-root", str(small_synth),
+                     "--recipe", str(ROOT / "recipes" / "ft_synth_fshift4.yaml"), "--run-dir", str(ft),
+                     *sets("data.num_workers=0", "data.batch_size=16")]) == 0
+    ledger = json.loads((ft / "ledger.json").read_text())
+    best = max(e["metrics"]["acc"] for e in ledger["evals"])
+    assert best > 3 / 12  # chance is 1/12
+    assert [p["compression"] for p in ledger["phases"]] == ["fshift", "none"]
+    assert json.loads((ft / "test_metrics.json").read_text())["acc"] > 2 / 12
+
+
+def test_fine_tuning_from_an_official_ssast_checkpoint(tmp_path, synth_corpus):
+    from common.models.weights import load_encoder_state
+    from common.models.ast.encoder import ModelSpec
+    from finetune.init import task_encoder, task_encoder_config
+    from tests.tests.helpers import ssast_pretrained_state
+
+    sd = ssast_pretrained_state(dim=64, depth=2, tdim=256)  # pretrained on 256 frames: grid 8 x 16
+    pth = tmp_path / "SSAST-Tiny-Patch-400.pth"
+    torch.save(sd, pth)
+    # the task's 128 frames take the centre 8 of the 16 pretrained time columns (cut) ...
+    init = load_encoder_state(pth)
+    enc = task_encoder(init, task_encoder_config(init, ModelSpec(), 128, 128), pos_mode="cut")
+    grid = sd["module.v.pos_embed"][:, 2:].reshape(1, 8, 16, 64)[:, :, 4:12]
+    assert torch.equal(enc.pos_embed[:, 2:], grid.reshape(1, 64, 64))
+    assert torch.equal(enc.pos_embed[:, :2], sd["module.v.pos_embed"][:, :2])
+    # ... and fine-tuning runs from it
+    run_dir = tmp_path / "ft"
+    data = _synth_root(tmp_path, synth_corpus)
+    assert finetune(["--init", str(pth), "--task", "synth", "--data-root", str(data), "--run-dir", str(run_dir),
+                     *sets("data.num_workers=0", "data.batch_size=4", "head.pool=prefix",
+                           "phases=[{compression: none, epochs: 1}]")]) == 0
+    from finetune.classifier import load_classifier
+    model, meta = load_classifier(run_dir)
+    assert model.encoder.cfg.embed_dim == 64 and model.encoder.cfg.grid == (8, 8)
+    assert meta["init"] == str(pth)
+    assert model.pool == meta["classifier"]["pool"] == "prefix"  # overridden; SSAST's own would be mean
+
+
+def test_pooling_follows_the_init(tmp_path):
+    """AST pools (cls + dist) / 2, SSAST the mean of the patch tokens, patch and frame models alike (item 2)."""
+    import timm
+
+    from common.models.weights import load_encoder_state
+    from common.models.ast.encoder import ASTEncoder, EncoderConfig, ModelSpec
+    from finetune.classifier import Classifier, save_classifier
+    from finetune.init import init_pool, resolve_pool, task_encoder_config
+    from pretrain.ssast import SSASTConfig, SSASTModel, SSASTObjective
+    from tests.tests.helpers import ssast_pretrained_state
+
+    def pool_of(path, **kw):
+        init = load_encoder_state(path, **kw)
+        return init_pool(init, task_encoder_config(init, ModelSpec(), 128, 128))
+
+    torch.save(ssast_pretrained_state(dim=32, depth=1), tmp_path / "SSAST-Patch.pth")
+    torch.save(ssast_pretrained_state(dim=32, depth=1, fshape=128, tshape=2), tmp_path / "SSAST-Frame.pth")
+    assert pool_of(tmp_path / "SSAST-Patch.pth") == pool_of(tmp_path / "SSAST-Frame.pth") == "mean"
+    ast = {k: v for k, v in ssast_pretrained_state(dim=32, depth=1).items()
+           if not k.split(".")[1].startswith(("p_input", "mask_embed", "cpred", "gpred"))}
+    ast.update({"module.mlp_head.0.weight": torch.ones(32), "module.mlp_head.1.weight": torch.zeros(527, 32)})
+    torch.save(ast, tmp_path / "audioset_16_16.pth")  # an official fine-tuned AST checkpoint
+    assert pool_of(tmp_path / "audioset_16_16.pth", fstride=16, tstride=16) == "prefix"
+    torch.save(timm.create_model("deit_tiny_distilled_patch16_224").state_dict(), tmp_path / "deit.pth")
+    assert pool_of(tmp_path / "deit.pth") == "prefix"  # AST's ImageNet start
+    cfg = EncoderConfig(embed_dim=32, depth=1, num_heads=2, num_mel_bins=128, input_tdim=128)
+    SSASTObjective(SSASTConfig()).export(SSASTModel(ASTEncoder(cfg), SSASTConfig()), tmp_path / "pre.safetensors",
+                                         {})
+    assert pool_of(tmp_path / "pre.safetensors") == "mean"  # this package's SSAST pretraining
+    for pool in ("mean", "prefix"):
+        save_classifier(Classifier(ASTEncoder(cfg), 3, pool), tmp_path / f"{pool}.safetensors", "abc", {})
+        assert pool_of(tmp_path / f"{pool}.safetensors") == pool  # a fine-tuned export keeps its own
+    assert init_pool(None, cfg) == "prefix"  # from scratch: AST's head
+    no_prefix = cfg.replace(num_prefix_tokens=0)
+    assert init_pool(None, no_prefix) == "mean" and resolve_pool("mean", None, cfg) == "mean"
+    with pytest.raises(ValueError, match="head.pool: 'prefix' pooling needs prefix tokens"):
+        resolve_pool("prefix", None, no_prefix)
+
+
+def test_imagenet_deit_weights_start_the_encoder_as_ast(tmp_path):
+    import timm
+
+    from common.models.weights import load_encoder_state
+    from common.models.ast.encoder import ModelSpec
+    from finetune.init import task_encoder, task_encoder_config
+
+    deit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
+    torch.save(deit.state_dict(), tmp_path / "deit.pth")
+    init = load_encoder_state(tmp_path / "deit.pth")
+    assert init[2]["source"] == "imagenet" and init[0].grid == (14, 14) and init[0].num_prefix_tokens == 2
+    cfg = task_encoder_config(init, ModelSpec(stride=(10, 10)), 128, 1024)
+    assert cfg.grid == (12, 101) and cfg.embed_dim == 192
+    enc = task_encoder(init, cfg)
+    sd = deit.state_dict()
+    assert torch.allclose(enc.patch_embed.proj.weight, sd["patch_embed.proj.weight"].sum(1, keepdim=True))
+    # AST: frequency rows cut from the centre of the 14 ImageNet rows (14 // 2 - 12 // 2 = 1 -> rows 1..12),
+    # time interpolated bilinearly from 14 to 101 columns; cls and dist rows kept
+    grid = sd["pos_embed"][:, 2:].reshape(1, 14, 14, 192).permute(0, 3, 1, 2)[:, :, 1:13]
+    ref = torch.nn.functional.interpolate(grid, size=(12, 101), mode="bilinear", align_corners=False)
+    assert torch.allclose(enc.pos_embed[:, 2:], ref.permute(0, 2, 3, 1).reshape(1, 1212, 192), atol=1e-6)
+    assert torch.equal(enc.prefix_tokens[:, 0], sd["cls_token"][:, 0])
+
+
+# ------------------------------------------------------------------------- custom task, probe, predict
+def test_a_custom_task_file_fine_tunes_and_probes(tmp_path):
+    from finetune.linear_probe import main as probe
+    from tests.layouts import write_clip
+
+    for label in ("kick", "snare", "hat"):
+        for i in range(4):
+            write_clip(tmp_path / "drums" / label / f"{label}{i}.wav", seconds=0.6, seed=hash(label) % 100 + i)
+    get_corpus("custom").prepare(tmp_path / "drums", tmp_path / "manifests", name="drums", valid_fraction=0.3)
+    (tmp_path / "drums.yaml").write_text(
+        "name: drums\ntrain: [manifests/drums_train.jsonl.gz]\nvalid: [manifests/drums_valid.jsonl.gz]\n"
+        "classes: manifests/drums_classes.json\ntarget_frames: 64\nnorm: audioset\nmetric: acc\nloss: ce\nepochs: 2\n")
+    run_dir = tmp_path / "run"
+    assert finetune(["--init", "none", "--task", str(tmp_path / "drums.yaml"), "--run-dir", str(run_dir),
+                     *sets(*TINY)]) == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert len(ledger["evals"]) == 2 and ledger["phases"][0]["epochs"] == 2
+    from finetune.classifier import load_classifier
+    model, meta = load_classifier(run_dir)
+    assert meta["classifier"]["classes"] == ["hat", "kick", "snare"]
+    assert model.pool == meta["classifier"]["pool"] == "prefix"  # --init none: AST's (cls + dist) / 2
+    out = tmp_path / "probe.json"
+    assert probe(["--init", str(run_dir), "--task", str(tmp_path / "drums.yaml"), "--cache-dir",
+                  str(tmp_path / "cache"), "--workers", "0", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())[0]
+    assert result["task"] == "drums" and 0 <= result["value"] <= 1
+    assert result["pool"] == "prefix"  # the probe pools as the model it reads
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # train and valid features cached
+
+
+def test_logistic_regression_probe_on_known_features():
+    from finetune.linear_probe import fit_and_score
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 8)) * 5
+    labels = rng.integers(0, 3, size=90)
+    x = centers[labels] + rng.normal(size=(90, 8))
+    y = np.eye(3)[labels]
+    assert fit_and_score(x[:60], y[:60], x[60:], y[60:], "acc", multilabel=False) == 1.0
+    multi = (rng.random((90, 4)) < 0.5).astype(float)
+    xm = multi @ rng.normal(size=(4, 8)) * 3 + 0.1 * rng.normal(size=(90, 8))
+    assert fit_and_score(xm[:60], multi[:60], xm[60:], multi[60:], "mAP", multilabel=True) > 0.95
+
+
+def test_probe_task_esc50_is_the_mean_over_folds(tmp_path, monkeypatch):
+    from common.models.exports import save_encoder
+    from common.models.ast.encoder import ASTEncoder, EncoderConfig
+    from finetune import linear_probe
+    from tests.layouts import esc50
+
+    esc50.build(tmp_path / "src", corrupt=False, missing=False)
+    get_corpus("esc50").prepare(tmp_path / "src", tmp_path / "data" / "esc50")
+    encoder = ASTEncoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, input_tdim=512))
+    save_encoder(encoder, tmp_path / "e.safetensors")
+    seen = []
+    real = linear_probe.fit_and_score
+
+    def spy(*args, **kw):
+        value = real(*args, **kw)
+        seen.append(value)
+        return value
+
+    monkeypatch.setattr(linear_probe, "fit_and_score", spy)
+    recipe = linear_probe.ProbeRecipe(tasks=["esc50"], data_root=str(tmp_path / "data"), num_workers=0,
+                                      cache_dir=str(tmp_path / "cache"))
+    result = linear_probe.probe_task(str(tmp_path / "e.safetensors"), "esc50", recipe, torch.device("cpu"))
+    assert len(seen) == 5 and result["folds"] == seen and result["value"] == pytest.approx(np.mean(seen))
+
+
+def test_predict_windows_and_top_k(tmp_path, capsys):
+    import soundfile as sf
+
+    from common.models.ast.encoder import ASTEncoder, EncoderConfig
+    from finetune.classifier import Classifier, save_classifier
+    from finetune.predict import main as predict
+    from finetune.predict import windows
+
+    assert windows(100, 150, 50) == [0]
+    assert windows(400, 150, 100) == [0, 100, 200, 250]  # the last window ends with the file
+    cfg = EncoderConfig(embed_dim=32, depth=1, num_heads=2, input_tdim=64)
+    model = Classifier(ASTEncoder(cfg), 3)
+    save_classifier(model, tmp_path / "m.safetensors", ["a", "b", "c"],
+                    {"audio": {"sample_rate": 16000, "num_mel_bins": 128, "frame_shift_ms": 10.0,
+                               "frame_length_ms": 25.0, "target_frames": 64, "norm": "audioset"},
+                     "phase": {"compression": "none", "factor": 1}, "loss": "ce", "class_names": {"a": "Alpha"}})
+    long = 0.1 * np.random.default_rng(0).standard_normal(44100 * 3).astype(np.float32)
+    sf.write(tmp_path / "long.wav", long, 44100)
+    assert predict(["--ckpt", str(tmp_path / "m.safetensors"), str(tmp_path / "long.wav"), "--top-k", "2",
+                    "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    labels = out[0]["labels"]
+    assert len(labels) == 2 and labels[0]["score"] >= labels[1]["score"]
+    assert all(0 <= item["score"] <= 1 for item in labels) and {"Alpha", "b", "c"} >= {x["name"] for x in labels}
+    assert predict(["--ckpt", str(tmp_path / "m.safetensors"), str(tmp_path / "missing.wav")]) == 1
+    assert "missing.wav: no such file" in capsys.readouterr().err
+
+
+def test_fine_tuning_recipes_in_the_repo_are_valid(capsys):
+    from finetune.recipe import load_recipe
+
+    for path in sorted((ROOT / "recipes").glob("ft_*.yaml")):
+        task = "audioset" if "audioset" in path.name else "synth" if "synth" in path.name else "vggsound"
+        recipe = load_recipe(task, path)
+        assert recipe.description and len(recipe.phases) >= 2, path
+    # no prepared data: the plan is printed (a registered task knows its class count) with the missing files
+    assert finetune(["--init", "none", "--task", "vggsound", "--recipe", str(ROOT / "recipes" / "ft_fshift421.yaml"),
+                     "--dry-run", "--data-root", str(ROOT / "tests")]) == 0
+    out = capsys.readouterr().out
+    assert "fshift x4" in out and "files a run needs and does not find" in out and "vggsound_classes.json" in out
+    assert finetune(["--init", "none", "--task", "vggsound", "--recipe", str(ROOT / "recipes" / "ft_fshift421.yaml"),
+                     "--data-root", str(ROOT / "tests")]) == 2  # a real run stops before compute, naming the file
+    assert "vggsound_classes.json" in capsys.readouterr().err
+    assert finetune(["--list-tasks"]) == 0 and "esc50" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="weight_average_from: epoch 6 is after"):
+        load_recipe("audioset20k", None, ["phases=[{compression: none, epochs: 2}]"])
+
+
+def test_the_demo_writes_its_reports_and_plots(tmp_path):
+    from finetune.demo import run
+
+    results = run(tmp_path / "demo", quick=True)
+    for path in results["reports"] + results["plots"] + [results["summary"]]:
+        assert Path(path).is_file() and Path(path).stat().st_size > 0
+    assert Path(results["plots"][0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| Baseline |" in Path(results["reports"][1]).read_text()
+    assert "coarse to fine, Fshift 4→1" in Path(results["summary"]).read_text()
+    assert set(results["probes"]) == {"baseline", "c2f"}
+    hf = results["hf"]  # a prefix-pooled fine-tune of the c2f encoder, exported and run through transformers
+    assert (Path(hf["dir"]) / "config.json").is_file() and (Path(hf["dir"]) / "preprocessor_config.json").is_file()
+    assert len(hf["top"]) == 3 and hf["top"][0]["score"] >= hf["top"][1]["score"]
+    names = json.loads((tmp_path / "demo" / "data" / "synth" / "synth_classes.json").read_text())["names"]
+    assert {t["label"] for t in hf["top"]} <= set(names.values())
+
+
+def test_three_phase_fine_tuning_with_patch_and_pooling(tmp_path, synth_corpus):
+    run_dir = tmp_path / "three"
+    phases = ("phases=[{compression: patch, factor: 4, patch_transfer: bilinear, epochs: 1}, "
+              "{compression: avgpool, factor: 2, epochs: 1}, {compression: none, epochs: 1}]")
+    assert finetune(["--init", "none", "--task", "synth", "--data-root", str(_synth_root(tmp_path, synth_corpus)),
+                     "--run-dir", str(run_dir), *sets(*TINY, phases, "augment.mixup=0.5")]) == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert [(p["compression"], p["factor"]) for p in ledger["phases"]] == [("patch", 4), ("avgpool", 2), ("none", 1)]
+    assert [e["phase"] for e in ledger["evals"]] == [0, 1, 2]
+    fps = [p["flops_per_sample"] for p in ledger["phases"]]
+    assert fps[0] < fps[1] < fps[2]
+    from common.training.ledger import Ledger
+    from common.reports.report import run_label
+    assert run_label(Ledger.read(run_dir)) == "Patch BL/Avg Pool 4→2→1"

@@ -1,0 +1,67 @@
+"""finetune/predict.py: windows of long files, their aggregation, JSON output, and files that cannot be read."""
+
+import json
+
+import numpy as np
+import pytest
+
+from finetune.predict import main as predict
+from tests.helpers import PREDICT_AUDIO, _write
+
+AUDIO = PREDICT_AUDIO
+CLIP = 0.025 + 63 * 0.010  # seconds in one window of 64 frames
+
+
+def test_long_file_windows_and_aggregation_rules(tmp_path, model_file, capsys):
+    bce, ce = model_file("bce"), model_file("ce")
+    long = _write(tmp_path / "long.wav", 3.5)
+    assert predict(["--ckpt", str(bce), str(long), "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out)[0]
+    wins = entry["windows"]
+    assert entry["duration"] == pytest.approx(3.5) and entry["aggregate"] == "max"
+    assert wins[0]["start"] == 0 and wins[-1]["end"] == pytest.approx(3.5)  # the last window ends with the file
+    assert all(w["end"] - w["start"] == pytest.approx(CLIP) for w in wins)
+    assert [w["start"] for w in wins[:3]] == pytest.approx([0, CLIP / 2, CLIP])  # default hop: half a clip
+    table = np.array([[w["scores"][c] for c in "abc"] for w in wins])
+    scores = np.array([entry["scores"][c] for c in "abc"])
+    assert np.array_equal(scores, table.max(0)) and (scores > table.mean(0)).any()  # BCE: max over windows
+    assert [x["label"] for x in entry["labels"]] == list(np.array(list("abc"))[np.argsort(-scores)][:5])
+    # --aggregate overrides; softmax models average by default (scores stay a distribution)
+    assert predict(["--ckpt", str(bce), str(long), "--json", "--aggregate", "mean", "--hop", "1.0"]) == 0
+    entry = json.loads(capsys.readouterr().out)[0]
+    table = np.array([[w["scores"][c] for c in "abc"] for w in entry["windows"]])
+    assert [w["start"] for w in entry["windows"]] == pytest.approx([0, 1, 2, 3.5 - CLIP])
+    assert np.allclose([entry["scores"][c] for c in "abc"], table.mean(0), atol=1e-6)
+    assert predict(["--ckpt", str(ce), str(long), "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out)[0]
+    assert entry["aggregate"] == "mean" and sum(entry["scores"].values()) == pytest.approx(1, abs=1e-5)
+    # the table lists every window with its times
+    assert predict(["--ckpt", str(ce), str(long), "--windows", "--top-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "(3.50 s, 10 windows, mean over windows)" in out
+    lines = out.splitlines()
+    assert lines[3].strip().startswith("0.00-0.66 s  ") and lines[-1].strip().startswith("2.85-3.50 s  ")
+    assert len([line for line in out.splitlines() if line.strip().endswith(("Alpha", "b", "c"))]) == 2 + 10
+
+
+def test_an_unreadable_file_is_reported_and_the_others_are_tagged(tmp_path, model_file, capsys):
+    model = model_file("ce")
+    good = _write(tmp_path / "good.wav", 0.5)
+    other = _write(tmp_path / "other.flac", 1.0, rate=44100, seed=1)  # another rate: resampled
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"RIFF not really a wave file" * 10)
+    files = [good, tmp_path / "deleted.wav", garbage, tmp_path, other]
+    assert predict(["--ckpt", str(model), "--json", *map(str, files)]) == 1
+    captured = capsys.readouterr()
+    entries = json.loads(captured.out)
+    assert [e["file"] for e in entries] == list(map(str, files))
+    assert entries[1] == {"file": str(tmp_path / "deleted.wav"), "error": "no such file"}
+    assert "Format not recognised" in entries[2]["error"] and "Details" not in entries[2]["error"]
+    assert entries[3]["error"] == "is a directory, not an audio file"
+    assert {"labels", "scores", "windows"} <= set(entries[0]) and {"labels", "scores"} <= set(entries[4])
+    assert "error: 3 of 5 files could not be read" in captured.err
+    assert f"error: {tmp_path / 'deleted.wav'}: no such file" in captured.err
+    # the table says the same, in place
+    assert predict(["--ckpt", str(model), str(good), str(garbage)]) == 1
+    out = capsys.readouterr().out
+    assert "good.wav  (0.50 s, 1 window)" in out and "garbage.wav\n  error: cannot decode it: " in out

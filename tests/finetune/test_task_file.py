@@ -1,0 +1,91 @@
+"""A user's task file behaves as written: paths relative to it, recipe sections beside the task fields,
+validated epochs, and defaults (warm-up) that suit the user's data and are said."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from common.config.recipe import RecipeError
+from finetune.recipe import auto_warmup, load_recipe
+
+
+def task_file(folder: Path, corpus: Path, extra: str = "", nested: bool = False) -> Path:
+    """A task file in ``folder`` whose manifests are those of the test corpus (24 train clips), copied next to it."""
+    data = folder / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for name in ("synth_train.jsonl.gz", "synth_valid.jsonl.gz", "synth_classes.json"):
+        (data / name).write_bytes((corpus / name).read_bytes())
+    fields = ("name: mine\ntrain: [data/synth_train.jsonl.gz]\nvalid: [data/synth_valid.jsonl.gz]\n"
+              "classes: data/synth_classes.json\ntarget_frames: 128\n")
+    if nested:
+        fields = "task:\n" + "".join(f"  {line}\n" for line in fields.splitlines())
+    path = folder / "mine.yaml"
+    path.write_text(fields + extra)
+    return path
+
+
+def test_norm_is_relative_to_the_task_file(tmp_path, synth_corpus, monkeypatch):
+    path = task_file(tmp_path / "project", synth_corpus, "norm: data/mine.stats.json\n")
+    (tmp_path / "project" / "data" / "mine.stats.json").write_text(json.dumps({"mean": -5.0, "std": 4.0}))
+    monkeypatch.chdir(tmp_path)  # the working directory has no data/mine.stats.json
+    recipe = load_recipe(str(path))
+    assert recipe.task.norm == str(tmp_path / "project" / "data" / "mine.stats.json")
+    from common.audio.fbank import resolve_norm_stats
+    assert resolve_norm_stats(recipe.audio().norm).mean == -5.0
+    assert load_recipe(str(task_file(tmp_path / "p2", synth_corpus, "norm: esc50\n"))).task.norm == "esc50"
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_recipe_sections_beside_the_task_fields_are_honoured(tmp_path, synth_corpus, nested):
+    extra = ("optim: {lr: 3.0e-4, warmup_steps: 5, schedule: cosine}\nmodel: {size: tiny}\n"
+             "augment: {freqm: 8, timem: 16}\ndata: {batch_size: 6}\nepochs: 3\n")
+    recipe = load_recipe(str(task_file(tmp_path, synth_corpus, extra, nested=nested)))
+    assert (recipe.optim.lr, recipe.optim.warmup_steps, recipe.optim.schedule) == (3e-4, 5, "cosine")
+    assert recipe.model.size == "tiny" and (recipe.augment.freqm, recipe.augment.timem) == (8, 16)
+    assert recipe.data.batch_size == 6 and [p.epochs for p in recipe.phases] == [3]
+    # a --recipe file and --set still come on top
+    over = tmp_path / "over.yaml"
+    over.write_text("optim: {lr: 1.0e-4}\n")
+    recipe = load_recipe(str(task_file(tmp_path, synth_corpus, extra, nested=nested)), over, ["data.batch_size=2"])
+    assert (recipe.optim.lr, recipe.optim.schedule, recipe.data.batch_size) == (1e-4, "cosine", 2)
+
+
+def test_the_train_section_beside_a_task_section(tmp_path, synth_corpus):
+    recipe = load_recipe(str(task_file(tmp_path, synth_corpus, "train: {seed: 7}\n", nested=True)))
+    assert recipe.train.seed == 7 and recipe.task.train == [str(tmp_path / "data" / "synth_train.jsonl.gz")]
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("name: x\nclasses: c.json\ntrain: {seed: 7}\n")
+    with pytest.raises(RecipeError, match="train: in a flat task file, train: lists the training manifests"):
+        load_recipe(str(flat))
+
+
+def test_warm_up_is_scaled_to_the_data_and_said(tmp_path, synth_corpus):
+    notes: list[str] = []  # the package's bare defaults (a published recipe's: tests/finetune/test_task_defaults.py)
+    recipe = load_recipe(str(task_file(tmp_path, synth_corpus, "defaults: package\n")), overrides=["data.batch_size=4"],
+                         notes=notes)
+    assert recipe.optim.warmup_steps == 3  # 24 clips / 4 per step = 6 steps per epoch: the first half
+    assert "warm-up 3 steps (the first half of the first epoch: 24 clips at 4 per step" in notes[0]
+    assert "lr 0.0001" in notes[0] and "no augmentation" in notes[0] and "model size base" in notes[0]
+    # a warm-up given anywhere is kept
+    assert load_recipe(str(task_file(tmp_path, synth_corpus, "optim: {warmup_steps: 50}\n"))).optim.warmup_steps == 50
+    given = load_recipe(str(task_file(tmp_path, synth_corpus)), overrides=["data.batch_size=4", "optim.warmup_steps=0"])
+    assert given.optim.warmup_steps == 0
+    # the registered tasks keep their published recipes
+    assert load_recipe("vggsound").optim.warmup_steps == 1000
+
+
+def test_auto_warmup_rule():
+    assert auto_warmup(24, 4) == 3 and auto_warmup(25, 4) == 3 and auto_warmup(2, 24) == 1
+    assert auto_warmup(2_000_000, 12) == 1000  # AST's 1000 steps at most
+
+
+def test_dry_run_says_which_defaults_apply(tmp_path, synth_corpus, capsys):
+    from finetune.run import main
+
+    assert main(["--init", "none", "--task", str(task_file(tmp_path, synth_corpus, "defaults: package\n")),
+                 "--dry-run", "--set", "data.batch_size=8"]) == 0
+    out = capsys.readouterr().out
+    assert "optimiser adam, lr 0.0001, warm-up 2 steps, plateau schedule" in out
+    assert "batch: 8 clips per step = 8 per rank x 1 rank(s) x 1 accumulation" in out  # data.batch_size is global
+    assert "task file mine: package defaults (defaults: package): warm-up 2 steps" in out

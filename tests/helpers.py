@@ -1,0 +1,311 @@
+"""Helpers the test modules share: tiny recipes and runs, corpora, checkpoints in official layouts, signals."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from common.models.ast.encoder import ASTEncoder, EncoderConfig
+from finetune.classifier import Classifier, save_classifier
+from pretrain.run import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+RECIPE = ROOT / "recipes" / "synth_pretrain.yaml"
+
+
+def tiny(corpus: Path, *extra: str, steps=(3, 3)) -> list[str]:
+    """Overrides that make recipes/synth_pretrain.yaml a seconds-long run on the test corpus."""
+    sets = [
+        f"data.train=[{{path: {corpus / 'synth_pool.jsonl.gz'}}}]",
+        f"data.valid=[{corpus / 'synth_valid.jsonl.gz'}]",
+        "data.batch_size=4", "data.num_workers=0",
+        "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+        f"phases.0.steps={steps[0]}", f"phases.1.steps={steps[1]}",
+        "train.log_every=1", "train.eval_every=2", "train.save_every=2", "train.eval_batches=1",
+        "train.deterministic=true", "optim.warmup_steps=2", "baseline=null", *extra,
+    ]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def run(run_dir: Path, corpus: Path, *extra: str, steps=(3, 3), stop=None) -> int:
+    argv = ["--recipe", str(RECIPE), "--run-dir", str(run_dir), *tiny(corpus, *extra, steps=steps)]
+    if stop is not None:
+        argv += ["--stop-after-steps", str(stop)]
+    return main(argv)
+
+
+def weights(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def poison_loss_at(monkeypatch, micro_batch: int) -> None:
+    """Make the SSAST loss of the ``micro_batch``-th micro-batch (1-based) NaN."""
+    from pretrain.ssast import SSASTObjective
+
+    real = SSASTObjective.train_step
+    calls = {"n": 0}
+
+    def poisoned(self, model, batch, pipeline, generator):
+        loss, logs = real(self, model, batch, pipeline, generator)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == micro_batch else loss), logs
+
+    monkeypatch.setattr(SSASTObjective, "train_step", poisoned)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+TINY = ["model.size=custom", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.batch_size=4",
+        "data.num_workers=0", "train.log_every=1", "optim.warmup_steps=0"]
+
+
+def sets(*items: str) -> list[str]:
+    return [a for s in items for a in ("--set", s)]
+
+
+def _synth_root(tmp_path: Path, corpus: Path) -> Path:
+    """A data root holding the session's test-size synth corpus as data/synth/."""
+    data = tmp_path / "data"
+    (data / "synth").mkdir(parents=True)
+    for f in corpus.glob("synth_*.json*"):
+        (data / "synth" / f.name).symlink_to(f)
+    return data
+
+
+def ssast_pretrained_state(dim=64, depth=2, fshape=16, tshape=16, fdim=128, tdim=256):
+    """An SSAST pretraining checkpoint with the documented key names and shapes (DataParallel prefix)."""
+    n = (fdim // fshape) * (tdim // tshape)
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    sd = {
+        "module.p_input_fdim": torch.tensor(fdim), "module.p_input_tdim": torch.tensor(tdim),
+        "module.mask_embed": r(1, 1, dim),
+        "module.cpredlayer.0.weight": r(dim, dim), "module.cpredlayer.0.bias": r(dim),
+        "module.cpredlayer.2.weight": r(256, dim), "module.cpredlayer.2.bias": r(256),
+        "module.gpredlayer.0.weight": r(dim, dim), "module.gpredlayer.0.bias": r(dim),
+        "module.gpredlayer.2.weight": r(256, dim), "module.gpredlayer.2.bias": r(256),
+        "module.v.cls_token": r(1, 1, dim), "module.v.dist_token": r(1, 1, dim),
+        "module.v.pos_embed": r(1, n + 2, dim),
+        "module.v.patch_embed.proj.weight": r(dim, 1, fshape, tshape), "module.v.patch_embed.proj.bias": r(dim),
+        "module.v.norm.weight": r(dim), "module.v.norm.bias": r(dim),
+        "module.v.head.weight": r(1000, dim), "module.v.head.bias": r(1000),
+        "module.v.head_dist.weight": r(1000, dim), "module.v.head_dist.bias": r(1000),
+    }
+    for i in range(depth):
+        p = f"module.v.blocks.{i}."
+        sd.update({
+            p + "norm1.weight": r(dim), p + "norm1.bias": r(dim),
+            p + "attn.qkv.weight": r(3 * dim, dim), p + "attn.qkv.bias": r(3 * dim),
+            p + "attn.proj.weight": r(dim, dim), p + "attn.proj.bias": r(dim),
+            p + "norm2.weight": r(dim), p + "norm2.bias": r(dim),
+            p + "mlp.fc1.weight": r(4 * dim, dim), p + "mlp.fc1.bias": r(4 * dim),
+            p + "mlp.fc2.weight": r(dim, 4 * dim), p + "mlp.fc2.bias": r(dim),
+        })
+    return sd
+
+
+CLASSES = ["a", "b", "c", "d"]
+
+
+AUDIO = {"sample_rate": 16000, "num_mel_bins": 64, "frame_shift_ms": 10.0, "frame_length_ms": 25.0,
+         "target_frames": 100, "norm": "esc50"}
+
+
+FULL = {"compression": "none", "factor": 1}
+
+
+def tiny_cfg(**changes) -> EncoderConfig:
+    # overlapping patches with different strides, as AST's 10x10: the grid mapping must hold for both axes
+    base = dict(embed_dim=32, depth=2, num_heads=2, num_mel_bins=64, input_tdim=100, fshape=16, tshape=16,
+                fstride=10, tstride=12)
+    return EncoderConfig(**{**base, **changes})
+
+
+def tiny_classifier(path: Path, loss: str = "ce", pool: str = "prefix", cfg: EncoderConfig | None = None,
+                    phase: dict = FULL, **meta) -> Path:
+    torch.manual_seed(1)
+    model = Classifier(ASTEncoder(cfg or tiny_cfg()), len(CLASSES), pool)
+    torch.nn.init.normal_(model.head[1].weight, std=1.0)  # spread the scores: a flat output would prove nothing
+    return save_classifier(model, path, CLASSES, {"audio": AUDIO, "phase": phase, "loss": loss,
+                                                  "class_names": {"a": "Alpha", "c": "Gamma"}, **meta})
+
+
+def _write(path, seconds: float, rate: int = 16000, seed: int = 0):
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.05 * rng.standard_normal(t.size) + 0.3 * np.sin(2 * np.pi * 440 * t) * (t > seconds / 2)
+    sf.write(path, wave.astype(np.float32), rate)
+    return path
+
+
+def slaney_mel_numpy(sr: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
+    """Slaney-scale, slaney-normalised triangular filters ``[n_fft // 2 + 1, n_mels]`` (the librosa formula)."""
+    f_sp, min_log_hz = 200.0 / 3, 1000.0
+    min_log_mel, logstep = min_log_hz / f_sp, np.log(6.4) / 27.0
+
+    def hz_to_mel(f):
+        f = np.asarray(f, dtype=np.float64)
+        return np.where(f >= min_log_hz, min_log_mel + np.log(np.maximum(f, 1e-12) / min_log_hz) / logstep, f / f_sp)
+
+    def mel_to_hz(m):
+        return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
+
+    hz = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
+    freqs = np.linspace(0, sr / 2, n_fft // 2 + 1)
+    lower = (freqs[None, :] - hz[:-2, None]) / (hz[1:-1] - hz[:-2])[:, None]
+    upper = (hz[2:, None] - freqs[None, :]) / (hz[2:] - hz[1:-1])[:, None]
+    weights = np.maximum(0, np.minimum(lower, upper)) * (2.0 / (hz[2:] - hz[:-2]))[:, None]
+    return weights.T
+
+
+HTSAT_DEPTHS, HTSAT_HEADS, HTSAT_DIM, HTSAT_CLASSES, HTSAT_WINDOW, HTSAT_PATCH = (2, 2, 2, 2), (1, 1, 2, 2), 8, 5, 8, 4
+
+
+def relative_position_index(w: int) -> torch.Tensor:
+    coords = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (w - 1)
+    return rel[..., 0] * (2 * w - 1) + rel[..., 1]
+
+
+def official_state(spec_size: int = 256, fmax: float = 14000.0, seed: int = 0,
+                   classes: int = HTSAT_CLASSES) -> dict[str, torch.Tensor]:
+    """The state dict the official HTSAT_Swin_Transformer writes (reference/htsat.md 1.3-1.4), random values."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    n, k = torch.arange(1024, dtype=torch.float64), torch.arange(513, dtype=torch.float64)
+    window = 0.5 - 0.5 * torch.cos(2 * math.pi * n / 1024)
+    phase = 2 * math.pi * k[:, None] * n[None, :] / 1024
+    s = {  # torchlibrosa's frozen extractors: a DFT basis times a periodic Hann window, librosa's mel filters
+        "spectrogram_extractor.stft.conv_real.weight": (torch.cos(phase) * window).float()[:, None],
+        "spectrogram_extractor.stft.conv_imag.weight": (-torch.sin(phase) * window).float()[:, None],
+        "logmel_extractor.melW": torch.from_numpy(slaney_mel_numpy(32000, 1024, 64, 50.0, fmax)).float(),
+        "bn0.weight": 1 + rnd(64), "bn0.bias": rnd(64), "bn0.running_mean": -40 + 10 * rnd(64),
+        "bn0.running_var": 100 + 50 * rnd(64).abs(), "bn0.num_batches_tracked": torch.tensor(1234),
+        "patch_embed.proj.weight": rnd(HTSAT_DIM, 1, HTSAT_PATCH, HTSAT_PATCH), "patch_embed.proj.bias": rnd(HTSAT_DIM),
+        "patch_embed.norm.weight": 1 + rnd(HTSAT_DIM), "patch_embed.norm.bias": rnd(HTSAT_DIM),
+    }
+    grid = spec_size // HTSAT_PATCH
+    for i, (depth, heads) in enumerate(zip(HTSAT_DEPTHS, HTSAT_HEADS)):
+        dim, res = HTSAT_DIM * 2**i, grid // 2**i
+        w = min(res, HTSAT_WINDOW)
+        for j in range(depth):
+            p = f"layers.{i}.blocks.{j}."
+            if j % 2 and res > HTSAT_WINDOW:  # shifted blocks keep their window mask ([windows, w^2, w^2], -100 / 0)
+                s[p + "attn_mask"] = torch.where(rnd((res // w) ** 2, w * w, w * w) > 0, 0.0, -100.0)
+            s.update({p + "norm1.weight": 1 + rnd(dim), p + "norm1.bias": rnd(dim),
+                      p + "attn.relative_position_bias_table": rnd((2 * w - 1) ** 2, heads),
+                      p + "attn.relative_position_index": relative_position_index(w),
+                      p + "attn.qkv.weight": rnd(3 * dim, dim), p + "attn.qkv.bias": rnd(3 * dim),
+                      p + "attn.proj.weight": rnd(dim, dim), p + "attn.proj.bias": rnd(dim),
+                      p + "norm2.weight": 1 + rnd(dim), p + "norm2.bias": rnd(dim),
+                      p + "mlp.fc1.weight": rnd(4 * dim, dim), p + "mlp.fc1.bias": rnd(4 * dim),
+                      p + "mlp.fc2.weight": rnd(dim, 4 * dim), p + "mlp.fc2.bias": rnd(dim)})
+        if i < len(HTSAT_DEPTHS) - 1:  # the official model merges patches at the end of a stage
+            s.update({f"layers.{i}.downsample.reduction.weight": rnd(2 * dim, 4 * dim),
+                      f"layers.{i}.downsample.norm.weight": 1 + rnd(4 * dim),
+                      f"layers.{i}.downsample.norm.bias": rnd(4 * dim)})
+    last = HTSAT_DIM * 2 ** (len(HTSAT_DEPTHS) - 1)
+    s.update({"norm.weight": 1 + rnd(last), "norm.bias": rnd(last),
+              "tscam_conv.weight": rnd(classes, last, 2, 3), "tscam_conv.bias": rnd(classes),
+              "head.weight": rnd(classes, classes), "head.bias": rnd(classes)})
+    return s
+
+
+def save_lightning(state: dict, path, **extra) -> None:
+    torch.save({"epoch": 7, "global_step": 7000, "pytorch-lightning_version": "1.5.9",
+                "state_dict": {f"sed_model.{k}": v for k, v in state.items()}, **extra}, path)
+
+
+def _launch(world_size: int, cases: list[tuple[str, str, list[str]]], out: Path, timeout: float,
+            expect: dict[str, int] | None = None) -> dict[str, list]:
+    """Run ``cases`` (name, entry, argv) one after another in ``world_size`` processes on gloo, which get the
+    environment torchrun and the deepspeed launcher set. A rank that fails (a case ending with another exit
+    code than ``expect`` says, default 0), or still runs after ``timeout`` seconds (a hang), fails the test;
+    every rank is killed. Returns per case the ranks' reports (tests/shard_job.py)."""
+    out.mkdir(parents=True)
+    job = out / "job.json"
+    job.write_text(json.dumps({"out": str(out), "cases": [{"name": n, "entry": e, "argv": a, "port": _free_port(),
+                                                           "expect": (expect or {}).get(n, 0)} for n, e, a in cases]}))
+    procs = []
+    for rank in range(world_size):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+               "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+               "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+        with open(out / f"rank{rank}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "shard_job.py"), str(job)], env=env,
+                                          stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True))
+    hung = procs
+    try:
+        for proc in procs:
+            proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        hung = [p for p in procs if p.poll() is None]
+        for proc in hung:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    tails = "\n".join(f"--- rank {r}:\n" + (out / f"rank{r}.log").read_text()[-2500:] for r in range(world_size))
+    assert not hung, f"{len(hung)} of {world_size} ranks still running after {timeout:.0f} s (a hang)\n{tails}"
+    assert all(p.returncode == 0 for p in procs), f"exit codes {[p.returncode for p in procs]}\n{tails}"
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
+    return {name: [report[name] for report in reports] for name, _, _ in cases}
+
+
+# from conftest.py
+def real_looking_signals(batch: int = 3, seconds: float = 2.0, sr: int = 16000, seed: int = 0) -> torch.Tensor:
+    """Different signals per row: a harmonic tone with vibrato, noise bursts, a chirp, speech-like AM noise."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(seconds * sr)
+    t = torch.arange(n) / sr
+    out = []
+    for i in range(batch):
+        kind = i % 4
+        if kind == 0:
+            f0 = 220 + 30 * torch.sin(2 * math.pi * 5 * t)
+            phase = 2 * math.pi * torch.cumsum(f0, 0) / sr
+            x = sum(0.3 / k * torch.sin(k * phase) for k in range(1, 6))
+        elif kind == 1:
+            env = (torch.sin(2 * math.pi * 3 * t) > 0.3).float()
+            x = 0.2 * env * torch.randn(n, generator=g)
+        elif kind == 2:
+            x = 0.4 * torch.sin(2 * math.pi * (100 + 1500 * t / seconds) * t)
+        else:
+            x = 0.3 * torch.randn(n, generator=g) * (0.5 + 0.5 * torch.sin(2 * math.pi * 4 * t))
+        out.append(x + 0.01 * torch.randn(n, generator=g))
+    return torch.stack(out).float()
+
+
+PREDICT_AUDIO = {"sample_rate": 16000, "num_mel_bins": 128, "frame_shift_ms": 10.0, "frame_length_ms": 25.0,
+                 "target_frames": 64, "norm": "audioset"}
+
+
+def tiny_classifier_file(tmp_path: Path, loss: str) -> Path:
+    """A tiny AST classifier export (3 classes) for prediction tests."""
+    torch.manual_seed(0)
+    model = Classifier(ASTEncoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, input_tdim=64)), 3)
+    torch.nn.init.normal_(model.head[1].weight, std=1.0)
+    return save_classifier(model, tmp_path / f"{loss}.safetensors", ["a", "b", "c"],
+                           {"audio": PREDICT_AUDIO, "phase": {"compression": "none", "factor": 1}, "loss": loss,
+                            "class_names": {"a": "Alpha"}})

@@ -1,0 +1,262 @@
+"""Hugging Face interop: export to transformers' AST classes, exactness against predict.py, import, round trip."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.models.hf import HFFormatError, read_hf_directory
+from common.models.hf_export import export_hf
+from common.models.ast.encoder import ASTEncoder
+from finetune.classifier import Classifier, load_classifier, save_classifier
+from tests.helpers import AUDIO, CLASSES, FULL, tiny_cfg, tiny_classifier
+
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_clips(folder: Path) -> list[Path]:
+    """A full clip (1.0 s: more than the model's 1.0 s window of 100 frames is cut by both sides alike),
+    a short one (zero-padded) and one with silence at the end, as float WAV (no quantisation)."""
+    import soundfile as sf
+
+    from tests.tests.helpers import real_looking_signals
+
+    sig = real_looking_signals(3, seconds=1.0, seed=3).numpy()
+    sig[2, 9000:] = 0.0
+    clips = [sig[0][:16240], sig[1][:9000], sig[2][:16240]]
+    paths = []
+    for i, clip in enumerate(clips):
+        paths.append(folder / f"clip{i}.wav")
+        sf.write(paths[-1], clip, 16000, subtype="FLOAT")
+    return paths
+
+
+def predict_json(ckpt, files, capsys) -> list[dict]:
+    from finetune.predict import main as predict
+
+    assert predict(["--ckpt", str(ckpt), "--json", *map(str, files)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+# ------------------------------------------------------------------------------------------ export + exactness
+@pytest.mark.parametrize("loss", ["ce", "bce"])
+def test_exported_classifier_scores_equal_predict_through_transformers(tmp_path, capsys, loss):
+    import soundfile as sf
+    from transformers import ASTFeatureExtractor, ASTForAudioClassification, pipeline
+
+    from common.models.hf_export import main as hf_main
+
+    src = tiny_classifier(tmp_path / "m.safetensors", loss=loss)
+    out = tmp_path / "hf"
+    assert hf_main(["export", str(src), "--out", str(out)]) == 0
+    assert "ASTForAudioClassification with 4 labels" in capsys.readouterr().out
+    model, info = ASTForAudioClassification.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    extractor = ASTFeatureExtractor.from_pretrained(out)
+    config = model.config
+    assert config.id2label == {0: "Alpha", 1: "b", 2: "Gamma", 3: "d"} and config.layer_norm_eps == 1e-6
+    assert (config.patch_size, config.frequency_stride, config.time_stride, config.max_length) == (16, 10, 12, 100)
+    assert config.problem_type == ("multi_label_classification" if loss == "bce" else "single_label_classification")
+    assert (extractor.mean, extractor.std) == (-6.6268077, 5.358466)  # the run's statistics, exactly
+    assert (extractor.sampling_rate, extractor.num_mel_bins, extractor.max_length) == (16000, 64, 100)
+
+    files = write_clips(tmp_path)
+    ours = predict_json(src, files, capsys)
+    waves = [sf.read(f, dtype="float32")[0] for f in files]
+    with torch.no_grad():
+        logits = model(**extractor(waves, sampling_rate=16000, return_tensors="pt")).logits
+    theirs = torch.sigmoid(logits) if loss == "bce" else torch.softmax(logits, dim=-1)
+    for entry, row in zip(ours, theirs.numpy()):
+        assert len(entry["windows"]) == 1
+        mine = np.array([entry["scores"][c] for c in CLASSES])
+        assert np.abs(mine - row).max() < 1e-4, (mine, row)
+        assert mine.max() - mine.min() > 0.05  # not a flat, trivially equal output
+    classify = pipeline("audio-classification", model=str(out), device="cpu")
+    for entry, wave in zip(ours, waves):
+        top = classify({"raw": wave, "sampling_rate": 16000}, top_k=4)
+        assert top[0]["label"] == entry["labels"][0]["name"]
+        assert top[0]["score"] == pytest.approx(entry["labels"][0]["score"], abs=1e-4)
+    # and the same directory predicts through this package (--ckpt DIR) with the same scores
+    again = predict_json(out, files, capsys)
+    for a, b in zip(ours, again):
+        assert [x["label"] for x in a["labels"]] == [x["label"] for x in b["labels"]]
+        assert max(abs(a["scores"][c] - b["scores"][c]) for c in CLASSES) < 1e-5
+
+
+def test_round_trip_export_import_export_is_bit_identical(tmp_path):
+    from common.models.weights import load_encoder
+    from common.models.exports import save_encoder
+
+    first = export_hf(tiny_classifier(tmp_path / "m.safetensors", loss="bce"), tmp_path / "first")
+    model, meta = load_classifier(first)  # import: the HF directory as this package's classifier
+    assert meta["classifier"] == {"classes": CLASSES, "pool": "prefix"} and meta["loss"] == "bce"
+    assert meta["audio"]["norm"] == "esc50" and meta["class_names"]["a"] == "Alpha"
+    save_classifier(model, tmp_path / "back.safetensors", meta["classifier"]["classes"], meta)
+    second = export_hf(tmp_path / "back.safetensors", tmp_path / "second")
+    for name in ("config.json", "preprocessor_config.json", "model.safetensors"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    # an encoder (a pretraining export) becomes an ASTModel and comes back the same way
+    torch.manual_seed(2)
+    encoder = ASTEncoder(tiny_cfg())
+    save_encoder(encoder, tmp_path / "enc.safetensors", {"audio": AUDIO, "phase": FULL, "objective": "ssast"})
+    hf_dir = export_hf(tmp_path / "enc.safetensors", tmp_path / "enc_hf")
+    assert json.loads((hf_dir / "config.json").read_text())["architectures"] == ["ASTModel"]
+    assert transformers.ASTModel.from_pretrained(hf_dir).config.max_length == 100
+    loaded = load_encoder(hf_dir)
+    assert loaded.cfg == encoder.cfg
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in encoder.state_dict().items())
+    save_encoder(loaded, tmp_path / "enc_back.safetensors", {"audio": AUDIO, "phase": FULL})
+    again = export_hf(tmp_path / "enc_back.safetensors", tmp_path / "enc_hf2")
+    for name in ("config.json", "preprocessor_config.json", "model.safetensors"):
+        assert (hf_dir / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_import_reads_bin_weights_and_transformers5_names(tmp_path):
+    """``pytorch_model.bin`` (loaded with weights_only) under the in-memory names of transformers 5
+    (``layers.N.attention.q_proj``) gives the same encoder as the saved names."""
+    from common.models.weights import load_encoder_state
+
+    first = export_hf(tiny_classifier(tmp_path / "m.safetensors"), tmp_path / "hf")
+    reference = read_hf_directory(first)
+    hf_model = transformers.ASTForAudioClassification.from_pretrained(first)
+    other = tmp_path / "bin"
+    other.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        (other / name).write_bytes((first / name).read_bytes())
+    state = hf_model.state_dict()
+    torch.save(state, other / "pytorch_model.bin")
+    cfg, enc, meta = load_encoder_state(other)
+    assert meta["source"] == "hf" and meta["labels"] == ["Alpha", "b", "Gamma", "d"] and cfg == reference.cfg
+    assert all(torch.equal(enc[k], reference.encoder[k]) for k in reference.encoder)
+    # a state dict that is not an AST is refused naming the foreign tensors
+    torch.save({**state, "extra.weight": torch.zeros(1)}, other / "pytorch_model.bin")
+    with pytest.raises(HFFormatError, match="extra.weight"):
+        load_encoder_state(other)
+
+
+# ------------------------------------------------------------------------------------------ refusals
+@pytest.mark.parametrize("kind, match", [
+    ("mean", r"mean-pooled classifier.*--set head\.pool=prefix"),
+    ("rect", r"patches are 16x32.*square"),
+    ("one_prefix", r"1 prefix token\(s\).*exactly 2"),
+    ("fshift", r"phase 1/2 \(fshift x4\).*front end"),
+    ("htsat", r"'htsat' model \(HTS-AT"),
+    ("no_config", r"has no encoder_config"),
+])
+def test_models_the_format_cannot_hold_are_refused_by_name(tmp_path, kind, match):
+    from common.models.exports import save_weights
+
+    path = tmp_path / "m.safetensors"
+    if kind == "mean":
+        tiny_classifier(path, pool="mean")
+    elif kind == "rect":
+        tiny_classifier(path, cfg=tiny_cfg(tshape=32, tstride=32))
+    elif kind == "one_prefix":
+        tiny_classifier(path, pool="mean", cfg=tiny_cfg(num_prefix_tokens=1))
+    elif kind == "fshift":
+        tiny_classifier(path, phase={"index": 1, "of": 2, "compression": "fshift", "factor": 4})
+    elif kind == "htsat":
+        tiny_classifier(path, arch="htsat")
+    else:
+        save_weights(path, {"w": torch.zeros(2)}, {"arch": "ast", "audio": AUDIO})
+    with pytest.raises(HFFormatError, match=match):
+        export_hf(path, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_imagenet_weights_and_unknown_statistics_are_refused(tmp_path, capsys):
+    import timm
+
+    from common.models.hf_export import main as hf_main
+    from tests.tests.helpers import ssast_pretrained_state
+
+    deit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
+    torch.save(deit.state_dict(), tmp_path / "deit.pth")
+    assert hf_main(["export", str(tmp_path / "deit.pth"), "--out", str(tmp_path / "o")]) == 2
+    assert "ImageNet ViT/DeiT weights, not an audio model" in capsys.readouterr().err
+    torch.save(ssast_pretrained_state(dim=64, depth=2, tdim=256), tmp_path / "ssast.pth")
+    assert hf_main(["export", str(tmp_path / "ssast.pth"), "--out", str(tmp_path / "o")]) == 2
+    assert "pass --norm" in capsys.readouterr().err
+    assert hf_main(["export", str(tmp_path / "ssast.pth"), "--out", str(tmp_path / "o"), "--norm", "audioset"]) == 0
+    assert json.loads((tmp_path / "o" / "preprocessor_config.json").read_text())["mean"] == -4.2677393
+
+
+def test_without_transformers_common_hf_says_how_to_install(tmp_path, capsys, monkeypatch):
+    from common.models.hf_export import main as hf_main
+
+    src = tiny_classifier(tmp_path / "m.safetensors")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    assert hf_main(["export", str(src), "--out", str(tmp_path / "o")]) == 2
+    assert "pip install 'coarse2fine-ast[hf]'" in capsys.readouterr().err
+    # the package imports transformers only inside common.models.hf(_export)'s functions
+    code = ("import sys, common.models.hf, common.models.hf_export, common.models.weights, finetune.run, finetune.predict, finetune.linear_probe, "
+            "finetune.demo; assert 'transformers' not in sys.modules, 'imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# ------------------------------------------------------------------------------------------ --init DIR
+def test_fine_tuning_starts_from_an_hf_directory_and_keeps_its_head(tmp_path, synth_corpus, capsys):
+    from common.data.corpora.base import read_classes
+    from finetune.run import main as finetune
+    from tests.tests.helpers import _synth_root, sets
+
+    data = _synth_root(tmp_path, synth_corpus)
+    classes, names = read_classes(data / "synth" / "synth_classes.json")
+    torch.manual_seed(3)
+    cfg = tiny_cfg(num_mel_bins=128, input_tdim=128, fstride=16, tstride=16)
+    model = Classifier(ASTEncoder(cfg), len(classes), "prefix")
+    save_classifier(model, tmp_path / "m.safetensors", classes,
+                    {"audio": {**AUDIO, "num_mel_bins": 128, "target_frames": 128}, "phase": FULL, "loss": "ce",
+                     "class_names": names})
+    hf_dir = export_hf(tmp_path / "m.safetensors", tmp_path / "hf")
+    common = ["--init", str(hf_dir), "--task", "synth", "--data-root", str(data)]
+    tiny = ["data.num_workers=0", "data.batch_size=4", "phases=[{compression: none, epochs: 1}]"]
+    # the head is kept only with prefix pooling (head.pool: auto follows the HF init: prefix) and equal labels,
+    # both checked before compute
+    assert finetune([*common, "--keep-head", "--run-dir", str(tmp_path / "x"), *sets(*tiny, "head.pool=mean")]) == 2
+    assert "--set head.pool=prefix" in capsys.readouterr().err
+    save_classifier(Classifier(ASTEncoder(cfg), 3, "prefix"), tmp_path / "m3.safetensors", ["a", "b", "c"],
+                    {"audio": {**AUDIO, "num_mel_bins": 128, "target_frames": 128}, "phase": FULL, "loss": "ce"})
+    other = export_hf(tmp_path / "m3.safetensors", tmp_path / "hf3")
+    assert finetune(["--init", str(other), *common[2:], "--keep-head", "--run-dir", str(tmp_path / "y"),
+                     *sets(*tiny, "head.pool=prefix")]) == 2
+    err = capsys.readouterr().err
+    assert "12 task classes are not model labels" in err and "3 model labels are not task classes (a, b, c)" in err
+    assert not (tmp_path / "y").exists()
+    # with a learning rate far below float32's resolution the run ends on the imported weights: encoder and head
+    run = tmp_path / "ft"
+    assert finetune([*common, "--keep-head", "--run-dir", str(run),
+                     *sets(*tiny, "head.pool=prefix", "optim.lr=1.0e-20", "optim.warmup_steps=0",
+                           "augment.mixup=0.0")]) == 0
+    tuned, meta = load_classifier(run)
+    assert meta["kept_head"] and meta["init"] == str(hf_dir) and tuned.encoder.cfg.grid == cfg.grid
+    for key, value in model.state_dict().items():
+        assert torch.allclose(tuned.state_dict()[key], value, atol=1e-6), key
+
+
+def test_linear_probe_and_predict_accept_an_hf_directory(tmp_path, capsys):
+    from common.models.exports import save_encoder
+    from common.models.ast.encoder import ModelSpec
+    from finetune.init import load_init, task_encoder, task_encoder_config
+    from finetune.linear_probe import _cache_key
+    from finetune.predict import main as predict
+
+    hf_dir = export_hf(tiny_classifier(tmp_path / "m.safetensors"), tmp_path / "hf")
+    init = load_init(str(hf_dir))
+    cfg = task_encoder_config(init, ModelSpec(stride=(10, 12)), 64, 100)
+    assert cfg == tiny_cfg()  # geometry mapped: mel bins, strides, frames
+    encoder = task_encoder(init, cfg)
+    assert torch.equal(encoder.pos_embed, init[1]["pos_embed"])
+    assert len(_cache_key(str(hf_dir), [], cfg, None, "mean")) == 16
+    # an ASTModel directory has no head: predict says so
+    torch.manual_seed(0)
+    save_encoder(ASTEncoder(tiny_cfg()), tmp_path / "e.safetensors", {"audio": AUDIO, "phase": FULL})
+    enc_dir = export_hf(tmp_path / "e.safetensors", tmp_path / "enc")
+    assert predict(["--ckpt", str(enc_dir), str(tmp_path / "x.wav")]) == 1
+    assert "without a classification head" in capsys.readouterr().err

@@ -1,0 +1,234 @@
+"""Pretraining end to end on the built-in corpus: recipes, phases, resume, atomic checkpoints, 2 ranks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.models.weights import load_encoder
+from common.config.recipe import RecipeError
+from pretrain.recipe import load_recipe
+from pretrain.run import main
+from tests.helpers import RECIPE, _free_port, poison_loss_at, run, tiny, weights
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_recipes_in_the_repo_are_valid():
+    for path in sorted((ROOT / "recipes").glob("ssast_*.yaml")) + [RECIPE]:
+        recipe = load_recipe(path)
+        assert recipe.phases and recipe.description, path
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.sise=tiny", "model.sise: unknown key"),
+    ("phases.0.steps=abc", "phases.0.steps: expected an integer"),
+    ("phases.0.factor=3", "phases.0: compression factor 3 does not divide the time grid of 8"),
+    ("ssast.mask_ratio=0.999", "ssast.mask_ratio: mask ratio 0.999 masks 16 of 16 patches"),
+    ("phases.0.epochs=2", "exactly one of steps"),
+    ("optim.lr=-1", "lr must be positive"),
+    ("phases.3.steps=1", "phases.3 is not an index of a list of 2"),
+])
+def test_invalid_recipes_fail_before_any_compute(tmp_path, capsys, override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(RECIPE, [override])
+    assert main(["--recipe", str(RECIPE), "--run-dir", str(tmp_path / "r"), "--set", override]) == 2
+    assert message.split(":")[0] in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_dry_run_prints_the_plan_and_the_saving(capsys):
+    assert main(["--recipe", str(ROOT / "recipes" / "ssast_fshift4.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "fshift x4" in out and "100000" in out and "500000" in out
+    assert "saving 34.6%" in out  # the paper's SSAST row: 34.58 %
+
+
+def test_two_phase_run(tmp_path, synth_corpus):
+    run_dir = tmp_path / "run"
+    assert run(run_dir, synth_corpus) == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    p1, p2 = ledger["phases"]
+    assert (p1["compression"], p1["factor"], p1["steps"], p1["samples"]) == ("fshift", 4, 3, 12)
+    assert (p2["compression"], p2["factor"], p2["steps"], p2["samples"]) == ("none", 1, 3, 12)
+    assert p1["train_flops"] == 12 * p1["flops_per_sample"] and p1["flops_per_sample"] < p2["flops_per_sample"] / 3
+    assert ledger["total"]["train_flops"] == p1["train_flops"] + p2["train_flops"]
+    assert p1["wall_seconds"] > 0 and [e["phase"] for e in ledger["evals"]] == [0, 0, 1, 1]
+    assert p1["device"] == "cpu" and p1["device_seconds"] == pytest.approx(p1["wall_seconds"] + p1["eval_seconds"])
+    enc = load_encoder(run_dir)  # what finetune --init consumes
+    assert enc.cfg.input_tdim == 128 and enc.cfg.grid == (8, 8)
+    assert load_encoder(run_dir / "export" / "phase1.safetensors").cfg.grid == (8, 2)
+    assert (run_dir / "recipe.yaml").is_file() and list((run_dir / "tb").glob("events.*"))
+    # TensorBoard has the scalars the issue asks for
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/nce", "train/mse", "train/acc", "train/lr", "perf/samples_per_s", "perf/tokens_per_s",
+            "perf/train_flops", "phase", "eval/acc"} <= tags
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert lrs[3] == pytest.approx(lrs[0])  # warm-up restarts with the phase: step 1 of phase 2 = step 1 of phase 1
+    # running the same command again finds the run complete
+    assert run(run_dir, synth_corpus) == 0
+    assert json.loads((run_dir / "ledger.json").read_text())["total"]["steps"] == 6
+
+
+@pytest.mark.parametrize("stop", [2, 4])
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, synth_corpus, stop):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run(straight, synth_corpus, "train.save_every=100") == 0
+    assert run(resumed, synth_corpus, "train.save_every=100", stop=stop) == 0
+    assert not (resumed / "model.safetensors").exists()
+    assert run(resumed, synth_corpus, "train.save_every=100") == 0
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    la, lb = (json.loads((d / "ledger.json").read_text()) for d in (straight, resumed))
+    assert [p["samples"] for p in la["phases"]] == [p["samples"] for p in lb["phases"]]
+    assert [e["metrics"] for e in la["evals"]] == [e["metrics"] for e in lb["evals"]]
+
+
+def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(tmp_path, synth_corpus, monkeypatch):
+    import common.training.checkpoints as rc
+
+    straight = tmp_path / "straight"
+    assert run(straight, synth_corpus) == 0
+    run_dir = tmp_path / "crash"
+    real = rc.atomic_write_text
+    calls = {"n": 0}
+
+    def dying(path, text):
+        if Path(path).name == "trainer_state.json":
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second checkpoint: DeepSpeed files written, state not yet
+                raise KeyboardInterrupt("killed")
+        return real(path, text)
+
+    monkeypatch.setattr(rc, "atomic_write_text", dying)
+    from pretrain import run as entry
+
+    monkeypatch.setattr(entry, "run_main", lambda body: body())  # let the "kill" propagate
+    with pytest.raises(KeyboardInterrupt):
+        entry.main(["--recipe", str(RECIPE), "--run-dir", str(run_dir), *tiny(synth_corpus)])
+    ckdir = run_dir / "checkpoints"
+    assert (ckdir / "LATEST").read_text() == "phase01-step000000002"
+    assert list(ckdir.glob(".tmp-*"))  # the half-written checkpoint is there, but not published
+    monkeypatch.setattr(rc, "atomic_write_text", real)
+    assert run(run_dir, synth_corpus) == 0
+    assert not list(ckdir.glob(".tmp-*"))
+    a, b = weights(straight), weights(run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, synth_corpus, monkeypatch, capsys):
+    poison_loss_at(monkeypatch, 3)
+    run_dir = tmp_path / "nan"
+    assert run(run_dir, synth_corpus, "train.nonfinite_check=step") == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "phase01-step000000002" in err and "stopped before the update" in err
+    ckdir = run_dir / "checkpoints"
+    assert (ckdir / "LATEST").read_text() == "phase01-step000000002"
+    saved = torch.load(ckdir / "phase01-step000000002" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+def test_two_processes_on_the_cpu_with_the_deepspeed_launcher(tmp_path, synth_corpus):
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(ROOT / "pretrain" / "run.py"), "--recipe", str(RECIPE), "--run-dir", str(run_dir),
+           *tiny(synth_corpus, "train.zero_stage=1", "data.batch_size=8", steps=(2, 2))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert [p["samples"] for p in ledger["phases"]] == [2 * 8, 2 * 8]  # steps x the global batch
+    # data.batch_size is the global batch: 8 clips per step = 4 per rank on the 2 ranks
+    assert [(p["global_batch"], p["batch_per_rank"], p["grad_accum"], p["world_size"]) for p in ledger["phases"]] \
+        == [(8, 4, 1, 2)] * 2
+    assert "batch 8 clips per step = 4 per rank x 2 rank(s) x 1 accumulation" in (run_dir / "train.log").read_text()
+    assert all(p["device_seconds"] == pytest.approx(2 * (p["wall_seconds"] + p["eval_seconds"]))
+               for p in ledger["phases"])  # two ranks' devices
+    assert load_encoder(run_dir).cfg.grid == (8, 8)
+    assert (run_dir / "checkpoints" / "phase02-step000000002" / "rng_rank1.pt").is_file()
+
+
+def test_a_zero_run_resumes_on_another_number_of_ranks(tmp_path, synth_corpus, monkeypatch, capsys):
+    """Two ranks with ZeRO stage 1 stop at step 2; one rank resumes: the partitioned optimizer state goes
+    through DeepSpeed's universal checkpoint, Adam continues from its saved step, the ledger says so."""
+    run_dir = tmp_path / "elastic"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    sets = tiny(synth_corpus, "train.zero_stage=1", steps=(4, 2))
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(ROOT / "pretrain" / "run.py"), "--recipe", str(RECIPE), "--run-dir", str(run_dir), *sets,
+           "--stop-after-steps", "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def broken(args):
+        raise RuntimeError("no space left on device")
+
+    with monkeypatch.context() as patch:  # a conversion that fails is one readable error, and nothing is lost
+        patch.setattr("deepspeed.checkpoint.ds_to_universal.main", broken)
+        capsys.readouterr()
+        assert main(["--recipe", str(RECIPE), "--run-dir", str(run_dir), *sets]) == 1
+        err = capsys.readouterr().err
+        assert "written by 2 rank(s)" in err and "could not be converted for 1" in err and "no space left" in err
+    assert not list((run_dir / "checkpoints").glob(".*universal-*"))
+    assert main(["--recipe", str(RECIPE), "--run-dir", str(run_dir), *sets, "--stop-after-steps", "1"]) == 0
+    optim = torch.load(run_dir / "checkpoints" / "phase01-step000000003" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                       map_location="cpu", weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
+    assert float(optim["state"][0]["step"]) == 3  # 2 restored + 1, not a fresh optimiser
+    assert not list((run_dir / "checkpoints").glob(".universal-*"))  # the converted copy is removed once loaded
+    assert main(["--recipe", str(RECIPE), "--run-dir", str(run_dir), *sets]) == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert [i["changes"] for i in ledger["interventions"]] == [{"world_size": {"from": 2, "to": 1}}]
+    assert ledger["total"]["steps"] == 6 and (run_dir / "model.safetensors").is_file()
+    # the global batch stays 4 clips per step: 2 per rank on 2 ranks, then 4 on one; the data position is kept in
+    # clips (2 batches of 2 on each of 2 ranks = 2 batches of 4 on one)
+    assert [p["samples"] for p in ledger["phases"]] == [4 * 4, 2 * 4]
+    assert [(p["global_batch"], p["batch_per_rank"], p["world_size"]) for p in ledger["phases"]] == [(4, 4, 1)] * 2
+    assert "(batch 2 instead of 2)" in (run_dir / "train.log").read_text()
+
+
+def test_a_zero_run_resumes_on_more_ranks(tmp_path, synth_corpus):
+    """One rank with ZeRO stage 2 stops at step 2; two ranks resume from the universal checkpoint and finish."""
+    run_dir = tmp_path / "grow"
+    sets = tiny(synth_corpus, "train.zero_stage=2", steps=(4, 2))
+    assert main(["--recipe", str(RECIPE), "--run-dir", str(run_dir), *sets, "--stop-after-steps", "2"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(ROOT / "pretrain" / "run.py"), "--recipe", str(RECIPE), "--run-dir", str(run_dir), *sets]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert [i["changes"] for i in ledger["interventions"]] == [{"world_size": {"from": 1, "to": 2}}]
+    # the global batch stays 4 clips per step on 1 rank and on 2 (4 per rank, then 2): 4 + 2 steps
+    assert [p["samples"] for p in ledger["phases"]] == [4 * 4, 2 * 4]
+    assert [(p["global_batch"], p["batch_per_rank"], p["world_size"]) for p in ledger["phases"]] == [(4, 2, 2)] * 2
+    assert (run_dir / "checkpoints" / "phase02-step000000002" / "rng_rank1.pt").is_file()
+
+
+@pytest.mark.parametrize("method,transfer", [("patch", "pi"), ("patch", "bilinear"), ("avgpool", "pi"),
+                                             ("maxpool", "pi")])
+def test_every_compression_method_runs_coarse_to_fine(tmp_path, synth_corpus, method, transfer):
+    run_dir = tmp_path / method
+    assert run(run_dir, synth_corpus, f"phases.0.compression={method}", f"phases.0.patch_transfer={transfer}",
+               "phases.0.factor=2", "train.eval_every=100", "train.save_every=100", steps=(2, 1)) == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert ledger["phases"][0]["compression"] == method
+    coarse = load_encoder(run_dir / "export" / "phase1.safetensors").cfg
+    assert coarse.grid == (8, 4) and (coarse.tshape == 32) == (method == "patch")
+    assert load_encoder(run_dir).cfg.tshape == 16
+
+
+def test_gradient_accumulation_and_zero_stage_2(tmp_path, synth_corpus):
+    run_dir = tmp_path / "accum"
+    assert run(run_dir, synth_corpus, "optim.grad_accum=2", "train.zero_stage=2", "optim.grad_clip=1.0",
+               "data.batch_size=8", "train.eval_every=100", "train.save_every=100", steps=(2, 1)) == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert [p["samples"] for p in ledger["phases"]] == [2 * 8, 1 * 8]  # steps x the global batch (4 x 2 accumulation)
+    assert [(p["batch_per_rank"], p["grad_accum"]) for p in ledger["phases"]] == [(4, 2)] * 2
+    assert [p["steps"] for p in ledger["phases"]] == [2, 1]

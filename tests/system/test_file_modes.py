@@ -1,0 +1,101 @@
+"""Files others can read, and no leftovers: what the package writes gets the mode ``open()`` would give
+(``0o666`` less the umask), and the temporary files of a write that was killed are removed at the next start."""
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.system.atomic import ORPHAN, atomic_copy, atomic_write_text, file_mode
+from common.models.exports import save_weights
+from tests.tests.helpers import ROOT
+from tests.tests.helpers import run as pretrain
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def umask():
+    """Set the process's umask for one test."""
+    before = os.umask(0o022)
+    yield os.umask
+    os.umask(before)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_atomic_files_get_the_mode_open_would_give(tmp_path, umask, mask):
+    umask(mask)
+    with open(tmp_path / "plain.txt", "w"):
+        pass
+    atomic_write_text(tmp_path / "ledger.json", "{}")
+    atomic_copy(tmp_path / "ledger.json", tmp_path / "copy.json")
+    save_weights(tmp_path / "model.safetensors", {"w": torch.zeros(2)}, {})  # safetensors itself creates 0600
+    assert file_mode() == 0o666 & ~mask and os.umask(mask) == mask  # read without changing it
+    assert {p.name: mode(p) for p in tmp_path.iterdir()} == dict.fromkeys(
+        ["plain.txt", "ledger.json", "copy.json", "model.safetensors"], 0o666 & ~mask)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_a_run_and_its_hf_export_are_as_readable_as_the_umask_allows(tmp_path, synth_corpus, umask, mask):
+    umask(mask)
+    run_dir = tmp_path / "run"
+    assert pretrain(run_dir, synth_corpus, steps=(2, 1)) == 0
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert {"model.safetensors", "ledger.json", "recipe.yaml", "LATEST", "trainer_state.json", "phase1.safetensors",
+            "mp_rank_00_model_states.pt", "train.log"} <= {p.name for p in files}
+    try:
+        import transformers  # noqa: F401 - the hf extra
+    except ImportError:
+        transformers = None
+    if transformers is not None:
+        from common.models.hf_export import main as hf
+
+        assert hf(["export", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
+        files += list((tmp_path / "hf").iterdir())
+    assert mode(run_dir / "model.safetensors") == 0o666 & ~mask
+    if mask == 0o022:  # a colleague can read every file of the run and of the export
+        assert all(mode(p) & 0o044 == 0o044 for p in files), [(str(p), oct(mode(p))) for p in files]
+    else:  # and nobody else can under 077
+        assert all(mode(p) & 0o077 == 0 for p in files), [(str(p), oct(mode(p))) for p in files]
+
+
+def _killed_while_writing(target: Path) -> None:
+    """A process killed inside ``atomic_path`` (after writing half of ``target``, before the rename)."""
+    code = ("import os\nfrom common.system.atomic import atomic_path\n"
+            f"with atomic_path({str(target)!r}) as tmp:\n    tmp.write_text('half')\n    os._exit(9)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert proc.returncode == 9
+
+
+def test_temporary_files_of_a_killed_write_are_removed_at_the_next_start(tmp_path, synth_corpus):
+    run_dir = tmp_path / "run"
+    assert pretrain(run_dir, synth_corpus, stop=2) == 0
+    latest = (run_dir / "checkpoints" / "LATEST").read_text()
+    ledger = (run_dir / "ledger.json").read_text()
+    for target in (run_dir / "model.safetensors", run_dir / "ledger.json", run_dir / "checkpoints" / "LATEST",
+                   run_dir / "export" / "best.safetensors"):
+        _killed_while_writing(target)
+    orphans = sorted(p for p in run_dir.rglob("*.tmp"))
+    assert len(orphans) == 4 and all(ORPHAN.fullmatch(p.name) for p in orphans)
+    (run_dir / ".recipe.yaml.k2_hq9x1.tmp").write_text("left by mkstemp (earlier versions)")
+    # the killed writes lost nothing: the targets are as they were
+    assert (run_dir / "checkpoints" / "LATEST").read_text() == latest
+    assert (run_dir / "ledger.json").read_text() == ledger
+    assert not (run_dir / "model.safetensors").exists()
+    # files that are not ours stay
+    decoys = [run_dir / ".notes.tmp", run_dir / "keep.abcd1234.tmp", run_dir / ".ledger.json.abc.tmp",
+              run_dir / "discarded-20260101-000000" / ".ledger.json.abcd1234.tmp"]
+    for decoy in decoys:
+        decoy.parent.mkdir(exist_ok=True)
+        decoy.write_text("mine")
+    assert pretrain(run_dir, synth_corpus, stop=1) == 0  # resumes from the intact checkpoint
+    assert not any(p.exists() for p in orphans) and not (run_dir / ".recipe.yaml.k2_hq9x1.tmp").exists()
+    assert all(p.read_text() == "mine" for p in decoys)
+    assert "removed 5 temporary file(s) that an interrupted write left: " in (run_dir / "train.log").read_text()
+    assert (run_dir / "checkpoints" / "LATEST").read_text() == "phase02-step000000001"  # resumed at step 2

@@ -1,0 +1,85 @@
+"""The package's layers, checked from its imports: no cycle, nothing pointing back up a layer, and the
+entry points above everything in ``common/``."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.helpers import ROOT
+
+# lowest first: a module may import its own layer or one below it
+LAYERS = ["metrics", "system", "config", "audio", "data", "models", "phases", "training", "reports", "cli"]
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, module)`` of every import of the package's own modules, at any depth (in functions too),
+    leaving out what only type checkers read (``if TYPE_CHECKING:``)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree)
+                   if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.lineno, node.module))
+        elif isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+    return [(line, m) for line, m in out if m.split(".")[0] in ("common", "pretrain", "finetune", "bench")]
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if parts[0] == "common" and len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def _package_files() -> list[Path]:
+    return sorted(p for d in ("common", "pretrain", "finetune") for p in (ROOT / d).rglob("*.py"))
+
+
+def test_every_module_of_common_sits_in_a_layer():
+    loose = [_module(p) for p in (ROOT / "common").rglob("*.py")
+             if _module(p) != "common" and _layer(_module(p)) is None]
+    assert loose == []
+
+
+def test_no_import_points_back_up_a_layer():
+    upward = []
+    for path in _package_files():
+        here = _module(path)
+        for line, target in _imports(path):
+            if here.startswith("common") and target.split(".")[0] in ("pretrain", "finetune", "bench"):
+                upward.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
+            a, b = _layer(here), _layer(target)
+            if a is not None and b is not None and b > a:
+                upward.append(f"{path.relative_to(ROOT)}:{line} ({LAYERS[a]}) imports {target} ({LAYERS[b]})")
+    assert upward == []
+
+
+def test_no_import_cycle():
+    graph: dict[str, set[str]] = {}
+    for path in _package_files():
+        graph[_module(path)] = {m for _, m in _imports(path)}
+    cycles, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in graph:
+                continue
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []

@@ -1,0 +1,387 @@
+"""Failures that name their cause: one ``error:`` line naming the file and why, a non-zero exit status, and
+nothing lost (the inputs, the run directory and its last checkpoint as they were).
+
+Cases: an unreadable ``.safetensors`` model (``--init`` / ``--ckpt``), a full disk (a checkpoint, an atomic
+write; on a real tiny file system under the DeepSpeed launcher at 2 and 3 ranks), a read-only run
+directory, ``--run-dir`` or ``hf export --out`` naming a file, an empty manifest for ``corpora stats`` and
+the linear probe.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.models.ast.encoder import ASTEncoder, EncoderConfig
+from finetune.classifier import Classifier, save_classifier
+from tests.tests.helpers import RECIPE, ROOT, _free_port, tiny
+from tests.tests.helpers import run as pretrain
+
+AUDIO = {"sample_rate": 16000, "num_mel_bins": 128, "frame_shift_ms": 10.0, "frame_length_ms": 25.0,
+         "target_frames": 64, "norm": "audioset"}
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with the SHA-256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error(err: str) -> str:
+    """The single ``error:`` line of a failed command (and no traceback)."""
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+@pytest.fixture
+def data_root(tmp_path, synth_corpus) -> Path:
+    data = tmp_path / "data"
+    (data / "synth").mkdir(parents=True)
+    for f in synth_corpus.glob("synth_*.json*"):
+        (data / "synth" / f.name).symlink_to(f)
+    return data
+
+
+# ------------------------------------------------------------------------------- unreadable model files
+@pytest.mark.parametrize("damage", ["truncated", "random"])
+def test_an_unreadable_safetensors_model_is_named_by_every_entry_point(tmp_path, data_root, damage, capsys):
+    from finetune.linear_probe import main as probe
+    from finetune.predict import main as predict
+    from finetune.run import main as finetune
+    from tests.tests.helpers import _write
+
+    torch.manual_seed(0)
+    good = save_classifier(Classifier(ASTEncoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, input_tdim=64)), 3),
+                           tmp_path / "good.safetensors", ["a", "b", "c"],
+                           {"audio": AUDIO, "phase": {"compression": "none", "factor": 1}, "loss": "ce"})
+    bad = tmp_path / "model.safetensors"
+    data = good.read_bytes()
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else os.urandom(4096))
+    before = bad.read_bytes()
+    clip = _write(tmp_path / "clip.wav", 1.0)
+    commands = {
+        "finetune": lambda: finetune(["--init", str(bad), "--task", "synth", "--data-root", str(data_root),
+                                      "--run-dir", str(tmp_path / "run")]),
+        "predict": lambda: predict(["--ckpt", str(bad), str(clip)]),
+        "probe": lambda: probe(["--init", str(bad), "--task", "synth", "--data-root", str(data_root),
+                                "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "probe.json")]),
+    }
+    for name, command in commands.items():
+        capsys.readouterr()
+        assert command() == 1, name
+        line = one_error(capsys.readouterr().err)
+        assert f"{bad} is not a readable safetensors file ({len(before)} bytes; truncated, or not a safetensors" \
+            in line, (name, line)
+    assert bad.read_bytes() == before  # nothing lost, nothing started
+    assert not (tmp_path / "run").exists() and not (tmp_path / "probe.json").exists()
+
+
+# ------------------------------------------------------------------------------------------ a full disk
+class FakeDisk:
+    """``shutil.disk_usage`` of every file system as this disk's, and ``torch.save`` failing as torch's zip
+    writer fails on a full disk (a partial file, then ``unexpected pos``, no errno)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.free = 1 << 40
+        self.fill_at_next_save = False
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr("common.system.disk.shutil.disk_usage", lambda path: usage(1 << 41, 1 << 40, self.free))
+        real = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if not self.fill_at_next_save:
+                return real(obj, f, *args, **kwargs)
+            Path(f).write_bytes(b"PK" + b"\0" * 4094)
+            self.free = 0
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 3980")
+
+        monkeypatch.setattr(torch, "save", save)
+
+
+def test_a_full_disk_at_a_checkpoint_is_named_and_the_last_checkpoint_stays(tmp_path, synth_corpus, monkeypatch,
+                                                                           capsys):
+    from common.training.checkpoints import _damage
+
+    run_dir, ckdir = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    disk = FakeDisk(monkeypatch)
+    assert pretrain(run_dir, synth_corpus, stop=2) == 0
+    kept = snapshot(ckdir / "phase01-step000000002")
+    # the disk fills while DeepSpeed writes the next checkpoint
+    disk.fill_at_next_save = True
+    capsys.readouterr()
+    assert pretrain(run_dir, synth_corpus) == 1
+    line = one_error(capsys.readouterr().err)
+    assert line.startswith(f"error: {ckdir / '.tmp-phase01-step000000003'}: no space left on device (more than ")
+    assert "needed, " in line and " free)" in line and "the last checkpoint phase01-step000000002 is intact" in line
+    assert (ckdir / "LATEST").read_text() == "phase01-step000000002"
+    assert snapshot(ckdir / "phase01-step000000002") == kept and _damage(ckdir / "phase01-step000000002") is None
+    # less free space than the last checkpoint takes: refused before anything of the next one is written
+    disk.fill_at_next_save = False
+    size = sum(p.stat().st_size for p in (ckdir / "phase01-step000000002").iterdir())
+    disk.free = size - 1
+    assert pretrain(run_dir, synth_corpus) == 1
+    line = one_error(capsys.readouterr().err)
+    assert line.startswith(f"error: {ckdir}: no space left on device (") and " needed, " in line
+    assert "nothing of it was written and phase01-step000000002 is intact" in line
+    assert not list(ckdir.glob(".tmp-*")) and (ckdir / "LATEST").read_text() == "phase01-step000000002"
+    # space again: the same command resumes from the intact checkpoint and finishes the run
+    disk.free = 1 << 40
+    assert pretrain(run_dir, synth_corpus) == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert ledger["total"]["steps"] == 6 and (run_dir / "model.safetensors").is_file()
+
+
+def test_a_full_disk_during_an_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from common.system.atomic import atomic_path, atomic_write_text
+    from common.system.disk import NoSpace
+    from common.models.exports import save_weights
+
+    target = tmp_path / "ledger.json"
+    atomic_write_text(target, "old")
+
+    def fills(tmp):
+        tmp.write_bytes(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(NoSpace, match=rf"^{target}: no space left on device \(more than 100 bytes needed, "):
+        with atomic_path(target) as tmp:
+            fills(tmp)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["ledger.json"]
+    # safetensors reports the errno inside its own message
+    export = tmp_path / "model.safetensors"
+    save_weights(export, {"w": torch.zeros(4)}, {})
+    before = export.read_bytes()
+
+    def serialising_fails(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                              'space left on device" })')
+
+    with monkeypatch.context() as patch:
+        patch.setattr("safetensors.torch.save_file", serialising_fails)
+        with pytest.raises(NoSpace, match=rf"^{export}: no space left on device \(4096 bytes needed"):
+            save_weights(export, {"w": torch.zeros(1024)}, {})
+    # known size, too little space: refused before writing
+    usage = namedtuple("usage", "total used free")
+    with monkeypatch.context() as patch:
+        patch.setattr("common.system.disk.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+        with pytest.raises(NoSpace, match=r"\(4096 bytes needed, 1000 bytes free\)"):
+            save_weights(export, {"w": torch.zeros(1024)}, {})
+    assert export.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json",
+                                                                                             "model.safetensors"]
+
+
+def _can_mount() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+mounts = pytest.mark.skipif(not _can_mount(), reason="needs `unshare -m` and mount (root): a real tiny file system")
+
+
+@mounts
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_a_full_file_system_under_the_deepspeed_launcher(tmp_path, synth_corpus, ranks):
+    """A real tmpfs, first of 300 KiB: the first checkpoint fills it while DeepSpeed writes; then of 1000 KiB:
+    the first checkpoint fits, the second is refused. Each time one line per rank at most and no traceback
+    (the rank that hit the disk says it, the others that their peer stopped), no checkpoint is lost, and with
+    space again the run resumes and finishes (at 2 ranks; the resume itself is not what differs at 3)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run_dir = mnt / "run"
+    argv = ["timeout", "-k", "10", "300", str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
+            "--master_port", str(_free_port()), str(ROOT / "pretrain" / "run.py"), "--recipe", str(RECIPE),
+            "--run-dir", str(run_dir), *tiny(synth_corpus, f"data.batch_size={4 * ranks}")]  # 4 clips per rank
+    command = " ".join(f"'{a}'" for a in argv)
+    stages = [("300k", "mid"), ("1000k", "full")] + ([("64m", "again")] if ranks == 2 else [])
+    script = f"mount -t tmpfs -o size=300k tmpfs {mnt} || exit 99\n"
+    for size, name in stages:
+        script += (f"mount -o remount,size={size} {mnt}\n{command} > {tmp_path}/{name}.out 2>&1; "
+                   f"echo $? > {tmp_path}/{name}.rc\ncp -r {run_dir}/checkpoints {tmp_path}/{name}_checkpoints\n")
+    script += f"cp {run_dir}/ledger.json {tmp_path}/ledger.json\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=1000, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+    def failed(name: str) -> list[str]:
+        out = (tmp_path / f"{name}.out").read_text()
+        assert (tmp_path / f"{name}.rc").read_text().strip() not in ("0", "124", "137"), out[-3000:]
+        errors = [line for line in out.splitlines() if "error:" in line and "launch.py" not in line]
+        assert 1 <= len(errors) <= ranks and "Traceback" not in out and "]:   File " not in out, out[-5000:]
+        others = [line for line in errors if "no space left on device" not in line]
+        assert all(" another rank of the job stopped " in line for line in others), errors
+        return [line for line in errors if line not in others]
+
+    # the first checkpoint does not fit: the rank writing when the disk filled says where and how much
+    lines = failed("mid")
+    assert len(lines) >= 1 and all(f"{run_dir}/checkpoints/.tmp-phase01-step000000002: no space left on device "
+                                   f"(more than " in line and "no checkpoint was published yet" in line
+                                   for line in lines), lines
+    assert not (tmp_path / "mid_checkpoints" / "LATEST").exists()
+    # larger: the partial checkpoint is gone, the first fits, the second is refused by every rank before writing
+    # (each says so, unless the launcher killed it first: it stops every rank once one has exited)
+    lines = failed("full")
+    assert len(lines) >= 1 and all(f"{run_dir}/checkpoints: no space left on device (" in line
+                                       and "phase01-step000000002 is intact" in line for line in lines), lines
+    assert (tmp_path / "full_checkpoints" / "LATEST").read_text() == "phase01-step000000002"
+    assert sorted(p.name for p in (tmp_path / "full_checkpoints").iterdir() if p.name.startswith(("phase", ".tmp"))) \
+        == ["phase01-step000000002"]
+    if ranks != 2:
+        return
+    again = (tmp_path / "again.out").read_text()
+    assert (tmp_path / "again.rc").read_text().strip() == "0", again[-3000:]
+    assert json.loads((tmp_path / "ledger.json").read_text())["total"]["steps"] == 6
+
+
+# ------------------------------------------------------------------------------ the run directory itself
+def _read_only_run(folder: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """Run ``argv`` (a Python entry point) with ``folder`` read-only: a read-only bind mount for root, whom
+    permissions do not stop, or the permissions taken away for other users."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, *argv]
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in [folder, *folder.rglob("*")] if p.is_dir()}
+        for path in modes:
+            path.chmod(0o555)
+        try:
+            return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        finally:
+            for path, mode in modes.items():
+                path.chmod(mode)
+    if not _can_mount():
+        pytest.skip("running as root without `unshare -m`: a read-only folder cannot be made")
+    script = f"mount --bind -o ro '{folder}' '{folder}' && exec " + " ".join(f"'{a}'" for a in command)
+    return subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
+def test_a_read_only_run_directory_is_refused_before_any_compute(tmp_path, synth_corpus):
+    run_dir = tmp_path / "run"
+    assert pretrain(run_dir, synth_corpus, stop=2) == 0
+    before = snapshot(run_dir)
+    args = ["pretrain/run.py", "--recipe", str(RECIPE), "--run-dir", str(run_dir), *tiny(synth_corpus)]
+    proc = _read_only_run(run_dir, args)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = one_error(proc.stderr)
+    assert line.startswith(f"error: run directory {run_dir} cannot be written: ")
+    assert line.endswith(("read-only file system", "permission denied")), line
+    assert snapshot(run_dir) == before
+    # a new run directory inside a read-only folder
+    new = tmp_path / "ro" / "run"
+    new.parent.mkdir()
+    args = ["pretrain/run.py", "--recipe", str(RECIPE), "--run-dir", str(new), *tiny(synth_corpus)]
+    proc = _read_only_run(new.parent, args)
+    assert proc.returncode == 2 and one_error(proc.stderr).startswith(f"error: run directory {new} cannot be "
+                                                                      f"written: ")
+    assert not new.exists()
+
+
+def test_a_run_dir_that_is_a_file_is_refused(tmp_path, synth_corpus, data_root, capsys):
+    from finetune.run import main as finetune
+
+    afile = tmp_path / "notes.txt"
+    afile.write_text("my notes\n")
+    assert pretrain(afile, synth_corpus) == 2
+    assert one_error(capsys.readouterr().err) == (f"error: --run-dir {afile} is a file, not a directory; name a new "
+                                                  f"folder or an existing run directory")
+    assert finetune(["--init", "none", "--task", "synth", "--data-root", str(data_root), "--run-dir", str(afile)]) == 2
+    assert f"--run-dir {afile} is a file, not a directory" in one_error(capsys.readouterr().err)
+    assert pretrain(afile / "run", synth_corpus) == 2  # a file on the way
+    assert one_error(capsys.readouterr().err) == (f"error: run directory {afile / 'run'} cannot be written: not a "
+                                                  f"directory")
+    assert afile.read_text() == "my notes\n" and sorted(p.name for p in tmp_path.iterdir()) == ["data", "notes.txt"]
+
+
+def test_hf_export_out_naming_a_file_is_refused(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from common.models.hf_export import main as hf
+    from tests.tests.helpers import tiny_classifier
+
+    model = tiny_classifier(tmp_path / "model.safetensors")
+    out = tmp_path / "esc50_hf"
+    out.write_text("not a folder\n")
+    assert hf(["export", str(model), "--out", str(out)]) == 2
+    assert one_error(capsys.readouterr().err).startswith(f"error: --out {out} is a file, not a directory")
+    assert out.read_text() == "not a folder\n"
+
+
+def test_hf_export_onto_a_full_disk(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    from safetensors import SafetensorError
+
+    from common.models.hf_export import main as hf
+    from tests.tests.helpers import tiny_classifier
+
+    model = tiny_classifier(tmp_path / "model.safetensors")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "README.md").write_text("mine\n")
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                              'space left on device" })')
+
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    assert hf(["export", str(model), "--out", str(out)]) == 2
+    line = one_error(capsys.readouterr().err)
+    assert line.startswith(f"error: {out / 'model.safetensors'}: no space left on device (") and " needed, " in line
+    assert [p.name for p in out.iterdir()] == ["README.md"]  # nothing half written, nothing of the user's lost
+
+
+# ---------------------------------------------------------------------------------------- empty manifests
+@pytest.mark.parametrize("content", [b"", "gzip"])
+def test_corpora_stats_on_an_empty_manifest(tmp_path, content, capsys):
+    import gzip
+
+    from common.data.corpora.__main__ import main as corpora
+
+    manifest = tmp_path / "empty_train.jsonl.gz"
+    if content == "gzip":
+        with gzip.open(manifest, "wt"):
+            pass
+    else:
+        manifest.write_bytes(content)
+    assert corpora(["stats", str(manifest)]) == 2
+    line = one_error(capsys.readouterr().err)
+    assert line == f"error: manifest {manifest} holds no clips (an empty file); prepare it again"
+    assert [p.name for p in tmp_path.iterdir()] == [manifest.name]  # no statistics written
+
+
+@pytest.mark.parametrize("split", ["train", "valid"])
+def test_the_linear_probe_on_an_empty_manifest(tmp_path, synth_corpus, split, capsys):
+    import gzip
+
+    from common.models.exports import save_encoder
+    from finetune.linear_probe import main as probe
+
+    empty = tmp_path / "empty.jsonl.gz"
+    with gzip.open(empty, "wt"):
+        pass
+    manifests = {"train": synth_corpus / "synth_train.jsonl.gz", "valid": synth_corpus / "synth_valid.jsonl.gz",
+                 split: empty}
+    task = tmp_path / "task.yaml"
+    task.write_text(f"name: mine\ntrain: [{manifests['train']}]\nvalid: [{manifests['valid']}]\n"
+                    f"classes: {synth_corpus / 'synth_classes.json'}\ntarget_frames: 128\nnorm: audioset\n"
+                    f"metric: acc\nloss: ce\n")
+    encoder = save_encoder(ASTEncoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, input_tdim=128)),
+                           tmp_path / "encoder.safetensors")
+    out = tmp_path / "probe.json"
+    assert probe(["--init", str(encoder), "--task", str(task), "--cache-dir", str(tmp_path / "cache"),
+                  "--out", str(out), "--workers", "0"]) == 1
+    line = one_error(capsys.readouterr().err)
+    assert line == f"error: manifest {empty} holds no clips (an empty file); prepare it again"
+    assert not out.exists()

@@ -1,0 +1,174 @@
+"""What keeps costs that do not shrink with C out of the step: the non-finite check read once per window,
+decoded clips kept (``data.cache``), batches prepared by a background thread, and DeepSpeed's gradient
+all-reduce skipped on a single rank. None of them may change what is trained."""
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.data.cache import ClipCache
+from common.data.loader import ClipDataset, ClipLoader, DataConfig, load_clip, open_cuts
+from common.data.prefetch import background
+from tests.tests.helpers import poison_loss_at, run, weights
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_non_finite_loss_is_caught_at_the_next_checkpoint_without_a_sync_per_step(tmp_path, synth_corpus,
+                                                                                      monkeypatch, capsys):
+    poison_loss_at(monkeypatch, 3)
+    reads = _count_host_reads_in_micro_steps(monkeypatch)
+    run_dir = tmp_path / "nan"
+    # log window of 100 steps: the check happens when phase 1 ends (step 3) and saves
+    assert run(run_dir, synth_corpus, "train.log_every=100", "train.save_every=2") == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss in phase1 (fshift x4) at step 3" in err and "phase01-step000000002" in err
+    ckdir = run_dir / "checkpoints"
+    assert (ckdir / "LATEST").read_text() == "phase01-step000000002"  # phase 1's end was never saved
+    saved = torch.load(ckdir / "phase01-step000000002" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    assert reads == {"steps": 3, "reads": 0}  # no device value read on the host inside a training step
+
+
+def _count_host_reads_in_micro_steps(monkeypatch) -> dict:
+    from common.training.loop import Trainer
+
+    counts = {"steps": 0, "reads": 0}
+    inside = {"on": False}
+    real_step = Trainer._micro_step
+
+    def micro_step(self, *args, **kwargs):
+        counts["steps"] += 1
+        inside["on"] = True
+        try:
+            return real_step(self, *args, **kwargs)
+        finally:
+            inside["on"] = False
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args):  # a read by this package's own code (the CPU optimiser reads its step counts)
+            if inside["on"] and sys._getframe(1).f_code.co_filename.startswith(str(ROOT)):
+                counts["reads"] += 1
+            return real(self, *args)
+
+        return read
+
+    monkeypatch.setattr(Trainer, "_micro_step", micro_step)
+    for name in ("item", "__bool__", "__float__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    return counts
+
+
+def test_window_and_step_checks_train_the_same_weights(tmp_path, synth_corpus):
+    a, b = tmp_path / "window", tmp_path / "step"
+    assert run(a, synth_corpus, "train.save_every=100") == 0
+    assert run(b, synth_corpus, "train.save_every=100", "train.nonfinite_check=step") == 0
+    wa, wb = weights(a), weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    la, lb = (json.loads((d / "ledger.json").read_text()) for d in (a, b))
+    assert [e["metrics"] for e in la["evals"]] == [e["metrics"] for e in lb["evals"]]
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_cached_clips_train_the_same_weights_and_are_decoded_once(tmp_path, synth_corpus, mode, monkeypatch):
+    import common.data.loader
+
+    decoded = []
+    real = common.data.loader.load_clip
+
+    def counting(cut, rate):
+        decoded.append(cut.id)
+        return real(cut, rate)
+
+    straight = tmp_path / "plain"
+    assert run(straight, synth_corpus, "train.save_every=100") == 0
+    monkeypatch.setattr(common.data.loader, "load_clip", counting)
+    cached = tmp_path / mode
+    assert run(cached, synth_corpus, "train.save_every=100", f"data.cache={mode}",
+               f"data.cache_dir={tmp_path / 'cache'}") == 0
+    a, b = weights(straight), weights(cached)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert decoded and len(decoded) == len(set(decoded))  # 6 steps x 4 clips + validation, each decoded once
+    if mode == "disk":
+        assert len(list((tmp_path / "cache").rglob("*.npy"))) == len(decoded)
+
+
+def test_the_disk_cache_survives_damage_and_source_changes(tmp_path, synth_corpus):
+    cuts = list(open_cuts([synth_corpus / "synth_valid.jsonl.gz"]))[:2]
+    cache = ClipCache("disk", tmp_path / "c")
+    first = [cache.load(c, 16000, load_clip) for c in cuts]
+    files = sorted((tmp_path / "c").rglob("*.npy"))
+    assert len(files) == 2 and cache.misses == 2
+    files[0].write_bytes(files[0].read_bytes()[:50])  # truncated: decoded again and rewritten
+    again = [cache.load(c, 16000, load_clip) for c in cuts]
+    assert all(np.array_equal(x, y) for x, y in zip(first, again)) and cache.misses == 3 and cache.hits == 1
+    assert ClipCache("memory", max_bytes=first[0].nbytes).load(cuts[0], 16000, load_clip) is not None
+    with pytest.raises(ValueError, match="cache: 'memory' .* needs num_workers: 0"):
+        DataConfig(cache="memory", num_workers=2)
+
+
+def test_background_batches_keep_their_order_and_raise_where_the_producer_failed():
+    assert list(background(iter(range(10)), depth=3)) == list(range(10))
+
+    def failing():
+        yield 1
+        raise RuntimeError("decoder broke")
+
+    out = background(failing())
+    assert next(out) == 1
+    with pytest.raises(RuntimeError, match="decoder broke"):
+        next(out)
+    started = threading.active_count()
+    stream = background(iter(range(1000)), depth=2)
+    next(stream)
+    stream.close()  # the consumer stops: the producer thread ends
+    time.sleep(0.3)
+    assert threading.active_count() <= started
+
+
+def test_a_loader_without_workers_prepares_batches_ahead(tmp_path, synth_corpus):
+    cuts = open_cuts([synth_corpus / "synth_pool.jsonl.gz"])
+
+    def ids(prefetch):
+        loader = ClipLoader(cuts, ClipDataset(16000), 4, shuffle=True, drop_last=True, seed=3, rank=0,
+                            world_size=1, prefetch=prefetch)
+        return [(b.epoch, b.index, b.ids) for b in loader.batches(start_epoch=1, skip=2, epochs=2)]
+
+    assert ids(2) == ids(0)
+
+
+def test_deepspeed_skips_the_gradient_all_reduce_of_a_single_rank(tmp_path, synth_corpus, monkeypatch):
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    calls = {"n": 0}
+    real = DeepSpeedEngine.allreduce_gradients
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeepSpeedEngine, "allreduce_gradients", counting)
+    assert run(tmp_path / "r", synth_corpus, "train.save_every=100") == 0
+    assert calls["n"] == 0
+
+
+def test_the_watch_names_the_optimiser_step_of_the_first_bad_micro_batch():
+    from common.system.distributed import Dist
+    from common.training.nonfinite import NonFiniteWatch
+
+    watch = NonFiniteWatch(Dist(0, 1, 0, torch.device("cpu")), "window", grad_accum=2)
+    watch.restart(10)
+    for loss in [1.0, 2.0, 3.0, 4.0, 5.0, float("nan"), 7.0, float("inf")]:
+        assert watch.observe(torch.tensor(loss)) is False  # nothing read on the host
+    assert watch.check(14) == 13  # micro-batch 6 of the window is in its 3rd step: 10 + 3
+    assert watch.check(15) is None  # a fresh window
+    strict = NonFiniteWatch(Dist(0, 1, 0, torch.device("cpu")), "step")
+    assert strict.observe(torch.tensor(float("nan"))) is True and strict.observe(torch.tensor(1.0)) is False

@@ -1,0 +1,102 @@
+"""A run directory after a failed start, and the documented recovery from a non-finite loss."""
+
+import json
+
+import pytest
+import torch
+
+from pretrain.run import main
+from tests.tests.helpers import RECIPE, tiny
+
+
+def _poison(monkeypatch, at_call: int) -> None:
+    """The SSAST loss becomes NaN at the ``at_call``-th training micro-step of this process."""
+    from pretrain.ssast import SSASTObjective
+
+    real = SSASTObjective.train_step
+    calls = {"n": 0}
+
+    def poisoned(self, model, batch, pipeline, generator):
+        loss, logs = real(self, model, batch, pipeline, generator)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == at_call else loss), logs
+
+    monkeypatch.setattr(SSASTObjective, "train_step", poisoned)
+
+
+def _run(run_dir, corpus, *extra, stop=None) -> int:
+    argv = ["--recipe", str(RECIPE), "--run-dir", str(run_dir), *tiny(corpus, *extra)]
+    return main(argv + (["--stop-after-steps", str(stop)] if stop else []))
+
+
+def test_a_failed_start_leaves_no_recipe_behind(tmp_path, synth_corpus, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    _poison(monkeypatch, at_call=1)  # fails at the very first step: nothing was trained
+    assert _run(run_dir, synth_corpus) == 1
+    assert "non-finite loss" in capsys.readouterr().err
+    assert not (run_dir / "recipe.yaml").exists() and not list(run_dir.glob("checkpoints/phase*"))
+    monkeypatch.undo()
+    # the corrected command (here: another model) starts the run; nothing refuses it
+    assert _run(run_dir, synth_corpus, "model.depth=1", stop=2) == 0
+    assert "depth: 1" in (run_dir / "recipe.yaml").read_text()  # written with the first checkpoint
+    assert _run(run_dir, synth_corpus, "model.depth=2") == 2  # from now on the run is protected
+    assert "model.depth" in capsys.readouterr().err
+
+
+def test_a_recipe_yaml_without_any_checkpoint_is_replaced(tmp_path, synth_corpus):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text("model: {depth: 7}\n")  # left by an older version's failed start
+    assert _run(run_dir, synth_corpus, stop=1) == 0
+    assert "depth: 7" not in (run_dir / "recipe.yaml").read_text()
+
+
+def test_resuming_with_a_lower_learning_rate_is_recorded(tmp_path, synth_corpus, monkeypatch, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    _poison(monkeypatch, at_call=3)  # after the checkpoint at step 2
+    assert _run(run_dir, synth_corpus) == 1
+    err = capsys.readouterr().err
+    assert "--set optim.lr=" in err and "phase01-step000000002" in err
+    monkeypatch.undo()
+    # anything but learning-rate and schedule settings is still refused, and the message says what may change
+    assert _run(run_dir, synth_corpus, "optim.lr=5e-4", "model.depth=1") == 2
+    err = capsys.readouterr().err
+    assert "model.depth" in err and "optim.lr" in err and "phases.N.lr" in err and "optim.warmup_steps" in err
+    # the documented recovery: the same command with a lower learning rate resumes
+    assert _run(run_dir, synth_corpus, "optim.lr=5e-4", "optim.patience=5") == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert ledger["interventions"] == [{"step": 2, "phase": 0, "changes": {
+        "optim.lr": {"from": 1e-3, "to": 5e-4}, "optim.patience": {"from": 2, "to": 5}}}]
+    assert ledger["total"]["steps"] == 6
+    assert "lr: 0.0005" in (run_dir / "recipe.yaml").read_text()
+    # the new learning rate is the one used from step 3 on (warm-up is 2 steps), not the checkpoint's
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    lr = {e.step: e.value for e in events.Scalars("train/lr")}
+    assert lr[2] == pytest.approx(1e-3, rel=1e-6) and lr[3] == pytest.approx(5e-4, rel=1e-3)
+    # the same command again: the run is complete and no second intervention is recorded
+    assert _run(run_dir, synth_corpus, "optim.lr=5e-4", "optim.patience=5") == 0
+    assert len(json.loads((run_dir / "ledger.json").read_text())["interventions"]) == 1
+
+
+def test_the_lr_schedule_takes_its_peak_from_the_recipe_on_resume():
+    from common.training.optim import LRSchedule, OptimConfig
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    old = LRSchedule(opt, OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"), 1e-3)
+    old.step()
+    new = LRSchedule(opt, OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"), 1e-4)
+    new.load_state_dict(old.state_dict())
+    assert new.steps == 1 and new.get_last_lr() == [pytest.approx(1e-4)]
+
+
+def test_the_ledger_keeps_interventions_through_a_round_trip():
+    from common.training.ledger import Ledger
+
+    ledger = Ledger("acc")
+    ledger.add_intervention(step=40, phase=1, changes={"optim.lr": {"from": 1e-4, "to": 5e-5}})
+    again = Ledger.from_dict(json.loads(json.dumps(ledger.to_dict())))
+    assert again.interventions == [{"step": 40, "phase": 1, "changes": {"optim.lr": {"from": 1e-4, "to": 5e-5}}}]
+    assert "interventions" not in Ledger("acc").to_dict()
