@@ -21,7 +21,7 @@ feature-extraction code (``modeling_audio_spectrogram_transformer.py`` and
 - one LayerNorm epsilon (``layer_norm_eps``). The exported config says 1e-6, this package's transformer
   blocks' value; the classification head's LayerNorm uses PyTorch's default 1e-5 here, so HF's head
   normalises with 1e-6 instead: a relative difference of about 5e-6 / variance, far below the 1e-4 that
-  the exactness test allows (README, "Faithfulness and choices"). Imported models keep this package's
+  the exactness test allows (docs/faithfulness.md). Imported models keep this package's
   1e-6 in the blocks (published MIT models say 1e-12).
 
 Weights are written under the key names that ``save_pretrained`` writes (``encoder.layer.N.attention.
