@@ -245,8 +245,8 @@ def test_htsat_schedules_in_the_docs_are_the_recipes(no_data, capsys):
 
 
 def _finetuning_lines() -> list[str]:
-    """The README's and docs/'s fine-tuning commands on registered tasks (a task file of one's own cannot be planned here),
-    as `python` lines (a `deepspeed --num_gpus N` launch plans as one process)."""
+    """The README's and docs/'s fine-tuning commands on registered tasks (a task file of one's own cannot be
+    planned here), as `python` lines (a `deepspeed --num_gpus N` launch plans as one process)."""
     from finetune.tasks import TASKS
 
     lines = [re.sub(r"^deepspeed (--num_gpus \d+ )?", "python ", line) for line in _bash_lines()]
@@ -420,7 +420,8 @@ def test_every_relative_link_points_to_a_file(page):
         assert path.exists(), f"{page.relative_to(ROOT)}: link {link} -> {path} does not exist"
         assert ROOT in path.parents or path == ROOT, f"{page.relative_to(ROOT)}: link {link} leaves the repository"
         if anchor and path.suffix == ".md":
-            assert anchor in _anchors(path.read_text(encoding="utf-8")), f"{page.relative_to(ROOT)}: no #{anchor} in {target}"
+            assert anchor in _anchors(path.read_text(encoding="utf-8")), \
+                f"{page.relative_to(ROOT)}: no #{anchor} in {target}"
         checked += 1
     if page.parent == ROOT / "docs":
         assert checked >= 1  # every page links back to the README
@@ -449,7 +450,8 @@ def _repository_files() -> list[Path]:
 OUTSIDE = re.compile(r"(?<![\w.-])(?:shared/|reference/[\w.-]|DESIGN\.md|paper\.md|style_anchors\.md|peers\.md|"
                      r"ecosystem\.md|ssast_ast\.md|(?<![\w/])htsat\.md)")
 # a path into the repository's own folders (placeholders such as <gpu>, NAME, * are not files)
-REPO_PATH = re.compile(r"(?<![\w./-])((?:common|pretrain|finetune|bench|tests|recipes|docs)/[\w./-]*\w\.(?:py|md|yaml|json|sh|png))")
+REPO_PATH = re.compile(r"(?<![\w./-])((?:common|pretrain|finetune|bench|tests|recipes|docs)/[\w./-]*\w"
+                       r"\.(?:py|md|yaml|json|sh|png))")
 
 
 def test_no_file_cites_a_file_the_repository_does_not_have():
