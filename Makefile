@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# DeepSpeed JIT-compiles ops into this folder; keep it per virtualenv (reference/ecosystem.md A3).
+# DeepSpeed JIT-compiles ops into this folder; keep it per virtualenv (another virtualenv's include paths
+# invalidate the cache and every op is built again).
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export PYTHONUNBUFFERED := 1
 

@@ -145,7 +145,7 @@ def require(*modules: str) -> None:
         raise MissingPackage(
             f"cannot import {', '.join(missing)}; install it first, e.g. `pip install deepspeed==0.19.8 "
             f"lhotse==1.33.0` (on a machine without network: `pip install --no-index --find-links WHEELS deepspeed "
-            f"lhotse` from wheels built elsewhere, shared/reference/ecosystem.md A8)")
+            f"lhotse` from wheels built elsewhere: `make gpu-wheels`)")
 
 
 def _fmt(x: float | None, spec: str = ".3g") -> str:

@@ -4,7 +4,8 @@
 below, e.g. the manifests of a ``custom`` corpus). Manifest and class-list paths are relative to
 ``data_root`` (default ``data``), where ``python -m common.data.corpora prepare NAME --out data/NAME`` puts them.
 
-Default recipes follow the published AST / SSAST recipes (reference/ssast_ast.md 3-4); a task file's
+Default recipes follow the published AST / SSAST recipes (SSAST's
+``src/finetune`` run scripts, AST's ``egs/*`` run scripts); a task file's
 defaults follow the closest of them (``finetune.task_recipes``). The paper's own
 setup (section 3.2) differs for VGGSound, VoxCeleb and Kinetics-Sounds: 20 epochs, "the setup of the
 AudioSet training" (AST's full-AudioSet learning rate, batch, SpecAugment and epoch-wise decay), no mixup

@@ -5,7 +5,8 @@
   after the other until M patches are covered; the last cluster is covered partly, at random. Cluster
   corners range over positions that let a cluster hang over every edge, so every patch is equally likely
   to be masked (SSAST's patch models use clustered masking).
-- ``cluster_ssast``: SSAST's own generator, biases included (reference/ssast_ast.md 1.4): clusters grow
+- ``cluster_ssast``: SSAST's own generator, biases included (``gen_maskid_patch`` in its
+  ``src/models/ast_models.py``): clusters grow
   right and down from a random token id and wrap across rows, id 0 is never masked, clusters are added
   until more than M ids are covered, and the M *lowest* ids are kept (so low mel bins are masked about
   half as often). For reproducing the official numbers only.

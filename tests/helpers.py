@@ -187,7 +187,7 @@ def relative_position_index(w: int) -> torch.Tensor:
 
 def official_state(spec_size: int = 256, fmax: float = 14000.0, seed: int = 0,
                    classes: int = HTSAT_CLASSES) -> dict[str, torch.Tensor]:
-    """The state dict the official HTSAT_Swin_Transformer writes (reference/htsat.md 1.3-1.4), random values."""
+    """The state dict the official HTSAT_Swin_Transformer writes (``model/htsat.py``), random values."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):

@@ -7,7 +7,7 @@ import logging
 import re
 import sys
 
-from tests.tests.helpers import TINY, _synth_root, sets
+from tests.helpers import TINY, _synth_root, sets
 
 STAMP = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING) ")
 

@@ -88,7 +88,7 @@ def test_a_split_folder_with_a_mistyped_name_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize("value", ["fshift:-4", "fshift:4,-2", "fshift:4-"])
 def test_a_negative_or_broken_coarse_factor_is_refused(value, capsys):
-    from tests.tests.helpers import ROOT
+    from tests.helpers import ROOT
 
     assert pretrain(["--recipe", str(ROOT / "recipes" / "ssast_baseline.yaml"), "--coarse", value, "--dry-run"]) == 2
     err = capsys.readouterr().err
@@ -109,7 +109,7 @@ def test_stop_after_steps_must_be_a_positive_count(entry, args, value, capsys):
 
 def test_a_very_short_clip_is_scored_with_a_warning(tmp_path, model_file, capsys):
     from finetune.predict import main as predict
-    from tests.tests.helpers import _write
+    from tests.helpers import _write
 
     model = model_file("ce")
     short, normal = _write(tmp_path / "short.wav", 0.05), _write(tmp_path / "normal.wav", 0.6)
@@ -147,7 +147,7 @@ def test_statistics_of_another_clip_length_are_warned_about(clips, capsys):
 
 
 def test_pretraining_statistics_of_another_clip_length_are_warned_about(tmp_path, capsys):
-    from tests.tests.helpers import ROOT
+    from tests.helpers import ROOT
 
     stats = tmp_path / "pool.stats.json"
     stats.write_text(json.dumps({"mean": -4.2, "std": 4.5, "clips": 10, "target_frames": 1024, "num_mel_bins": 128,

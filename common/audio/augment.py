@@ -1,6 +1,6 @@
 """Training-time augmentation on the device: waveform mixup, SpecAugment and fbank noise.
 
-They follow AST's data loader (reference/ssast_ast.md 4.2) but act on whole batches:
+They follow AST's data loader (``src/dataloader.py``, SSAST's ``AudioDataset`` is the same) but act on whole batches:
 
 - mixup pairs each selected clip with another clip of the same batch (AST draws the partner from the
   whole data set; within-batch pairing needs no second decode) and mixes waveforms with

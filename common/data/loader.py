@@ -25,9 +25,10 @@ Features are made later, on the training device (``common.audio.pipeline``), so 
 compression method.
 
 Resume. The loader's position is ``(epoch, batches consumed in that epoch)``, counted as batches reach
-the training loop, not as the sampler hands them to prefetching workers (whose state runs ahead;
-reference/ecosystem.md B7). Restoring makes a fresh sampler, sets the epoch and skips the consumed
-batches (metadata only, no audio), so the next batch is exactly the one an uninterrupted run would see.
+the training loop, not as the sampler hands them to prefetching workers (whose state runs ahead: with
+2 workers prefetching 2 batches each, a sampler state taken after 10 trained batches records 14).
+Restoring makes a fresh sampler, sets the epoch and skips the consumed batches (metadata only, no audio),
+so the next batch is exactly the one an uninterrupted run would see.
 Random crops are drawn from ``(seed, epoch, cut id)``, so they are the same after a resume as well.
 The order of an epoch's clips depends on neither the number of ranks nor the batch size, so a position
 converted to clips of the epoch (:func:`reshard_index`) continues the same epoch on another number of ranks.

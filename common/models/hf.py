@@ -9,7 +9,8 @@ Writing one (and classifying with ``transformers``) is :mod:`common.models.hf_ex
 An HF AST directory holds ``config.json`` (an ``ASTConfig``), the weights (``model.safetensors``, or
 ``pytorch_model.bin``, possibly sharded with an index) and ``preprocessor_config.json`` (an
 ``ASTFeatureExtractor``). What the format can hold, from the ``transformers`` AST modelling and
-feature-extraction code (reference/peers.md 4):
+feature-extraction code (``modeling_audio_spectrogram_transformer.py`` and
+``feature_extraction_audio_spectrogram_transformer.py``):
 
 - exactly two prefix tokens (cls + distillation) and a pooled output ``(cls + dist) / 2`` after the final
   LayerNorm: this package's ``prefix`` pooling; a mean-pooled classifier cannot be written exactly;
@@ -22,7 +23,7 @@ feature-extraction code (reference/peers.md 4):
 - one LayerNorm epsilon (``layer_norm_eps``). The exported config says 1e-6, this package's transformer
   blocks' value; the classification head's LayerNorm uses PyTorch's default 1e-5 here, so HF's head
   normalises with 1e-6 instead: a relative difference of about 5e-6 / variance, far below the 1e-4 that
-  the exactness test allows (README, "Faithfulness and choices"). Imported models keep this package's
+  the exactness test allows (docs/faithfulness.md). Imported models keep this package's
   1e-6 in the blocks (published MIT models say 1e-12).
 
 Weights are written under the key names that ``save_pretrained`` writes (``encoder.layer.N.attention.
@@ -71,7 +72,7 @@ BASE_PREFIX = "audio_spectrogram_transformer."
 LAYER_NORM_EPS = 1e-6  # timm's transformer blocks, as built by common.models.ast.encoder.ASTEncoder
 HF_FRAME_SHIFT_MS = 10.0  # ASTFeatureExtractor calls torchaudio's kaldi.fbank with its default framing
 HF_FRAME_LENGTH_MS = 25.0
-# ASTConfig's defaults, for config.json files that leave a field out (reference/peers.md 4.1)
+# ASTConfig's defaults, for config.json files that leave a field out (transformers' ASTConfig)
 CONFIG_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
                    "hidden_act": "gelu", "layer_norm_eps": 1e-12, "patch_size": 16, "qkv_bias": True,
                    "frequency_stride": 10, "time_stride": 10, "max_length": 1024, "num_mel_bins": 128}

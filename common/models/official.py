@@ -1,6 +1,7 @@
 """Converters from other projects' weights to this package's encoder: official SSAST / AST, timm ImageNet ViTs.
 
-- Official SSAST and AST checkpoints (``module.v.*`` keys; reference/ssast_ast.md 1.5). SSAST pretrained
+- Official SSAST and AST checkpoints (``module.v.*`` keys, as their trainers save a
+  ``DataParallel`` model). SSAST pretrained
   files carry their input size (``p_input_fdim/tdim``); for fine-tuned SSAST and AST files the strides are
   not stored, so AST's defaults are assumed (stride 10 for 16x16 patches, time stride 1 for 128x2
   frames) unless given.

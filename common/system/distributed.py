@@ -2,9 +2,10 @@
 
 Works under every launcher: ``deepspeed`` (which passes ``--local_rank`` and sets RANK / WORLD_SIZE /
 MASTER_*), ``torchrun``, and plain ``python`` for one process, for which the environment DeepSpeed
-requires is filled in here (reference/ecosystem.md A2, A9). On the CPU DeepSpeed would JIT-compile its
-shared-memory allreduce op on first use (20-110 s); gloo's allreduce is used instead (A3). Teardown is
-explicit: without it 2-rank runs abort at exit now and then (A9.2).
+requires is filled in here (without RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT it looks
+for MPI and fails). On the CPU DeepSpeed would JIT-compile its shared-memory allreduce op on first use
+(20-110 s); gloo's allreduce is used instead. Teardown is explicit: without it 2-rank runs abort at exit
+now and then (SIGABRT, "terminate called without an active exception", 5 of 40 runs).
 """
 
 from __future__ import annotations

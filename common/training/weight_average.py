@@ -1,6 +1,6 @@
 """Weight averaging (AST's "WA"): the mean of the final phase's epoch weights, from a chosen epoch on.
 
-AST averages the state dicts of epochs ``wa_start..wa_end`` of a run (reference/ssast_ast.md 4.3); HTS-AT
+AST averages the state dicts of epochs ``wa_start..wa_end`` of a run (its ``src/traintest.py``); HTS-AT
 averages its best checkpoints by validation mAP (the paper: the top 15). Here the epochs of the final phase
 from ``train.weight_average_from`` on are kept as they end (one safetensors file each, under
 ``RUN/average/``) and averaged (in float64) when the run ends, all of them or the ``weight_average_top``

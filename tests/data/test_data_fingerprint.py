@@ -7,7 +7,7 @@ from pathlib import Path
 
 from common.data.fingerprint import changes, fingerprint, run_fingerprints
 from pretrain.run import main
-from tests.tests.helpers import RECIPE, run, tiny
+from tests.helpers import RECIPE, run, tiny
 
 
 def test_a_fingerprint_follows_the_content(tmp_path):

@@ -152,7 +152,7 @@ def test_a_resume_at_another_per_rank_batch_converts_the_position_in_clips(tmp_p
     uninterrupted one."""
     from safetensors.torch import load_file
 
-    from tests.tests.helpers import run
+    from tests.helpers import run
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run(straight, synth_corpus, "train.save_every=100") == 0

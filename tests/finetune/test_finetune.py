@@ -144,7 +144,7 @@ def test_fine_tuning_from_an_official_ssast_checkpoint(tmp_path, synth_corpus):
     from common.models.weights import load_encoder_state
     from common.models.ast.encoder import ModelSpec
     from finetune.init import task_encoder, task_encoder_config
-    from tests.tests.helpers import ssast_pretrained_state
+    from tests.helpers import ssast_pretrained_state
 
     sd = ssast_pretrained_state(dim=64, depth=2, tdim=256)  # pretrained on 256 frames: grid 8 x 16
     pth = tmp_path / "SSAST-Tiny-Patch-400.pth"
@@ -177,7 +177,7 @@ def test_pooling_follows_the_init(tmp_path):
     from finetune.classifier import Classifier, save_classifier
     from finetune.init import init_pool, resolve_pool, task_encoder_config
     from pretrain.ssast import SSASTConfig, SSASTModel, SSASTObjective
-    from tests.tests.helpers import ssast_pretrained_state
+    from tests.helpers import ssast_pretrained_state
 
     def pool_of(path, **kw):
         init = load_encoder_state(path, **kw)

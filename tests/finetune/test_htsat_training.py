@@ -10,8 +10,8 @@ import soundfile as sf
 import torch
 
 from finetune.run import main as finetune
-from tests.tests.helpers import _synth_root, sets
-from tests.tests.helpers import official_state, save_lightning
+from tests.helpers import _synth_root, sets
+from tests.helpers import official_state, save_lightning
 
 ROOT = Path(__file__).resolve().parents[2]
 # a tiny HTS-AT for the 1.27 s, 16 kHz clips of the built-in corpus: 32 mel bins, a 64 x 64 image of 2 chunks

@@ -13,7 +13,7 @@ from lhotse import CutSet
 from common.data.loader import Batch, BadAudioTracker, ClipDataset
 from common.training.ledger import Ledger
 from finetune.run import main as finetune
-from tests.tests.helpers import _synth_root, sets
+from tests.helpers import _synth_root, sets
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,7 +94,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 def test_every_ranks_counts_are_summed(tmp_path, world):
     import torch.multiprocessing as mp
 
-    from tests.tests.helpers import _free_port
+    from tests.helpers import _free_port
 
     context = mp.spawn(_rank, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False)
     deadline = time.monotonic() + 120

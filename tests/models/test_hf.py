@@ -25,7 +25,7 @@ def write_clips(folder: Path) -> list[Path]:
     a short one (zero-padded) and one with silence at the end, as float WAV (no quantisation)."""
     import soundfile as sf
 
-    from tests.tests.helpers import real_looking_signals
+    from tests.helpers import real_looking_signals
 
     sig = real_looking_signals(3, seconds=1.0, seed=3).numpy()
     sig[2, 9000:] = 0.0
@@ -174,7 +174,7 @@ def test_imagenet_weights_and_unknown_statistics_are_refused(tmp_path, capsys):
     import timm
 
     from common.models.hf_export import main as hf_main
-    from tests.tests.helpers import ssast_pretrained_state
+    from tests.helpers import ssast_pretrained_state
 
     deit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
     torch.save(deit.state_dict(), tmp_path / "deit.pth")
@@ -204,7 +204,7 @@ def test_without_transformers_common_hf_says_how_to_install(tmp_path, capsys, mo
 def test_fine_tuning_starts_from_an_hf_directory_and_keeps_its_head(tmp_path, synth_corpus, capsys):
     from common.data.corpora.base import read_classes
     from finetune.run import main as finetune
-    from tests.tests.helpers import _synth_root, sets
+    from tests.helpers import _synth_root, sets
 
     data = _synth_root(tmp_path, synth_corpus)
     classes, names = read_classes(data / "synth" / "synth_classes.json")

@@ -19,7 +19,7 @@ from common.models.htsat import HTSAT, HTSATConfig, resize_bias_table
 from common.models.htsat.imagenet import convert_imagenet_swin
 from finetune.init import expected_init_note, init_kind, task_encoder_config
 from finetune.run import main as finetune
-from tests.tests.helpers import _synth_root, sets
+from tests.helpers import _synth_root, sets
 
 ROOT = Path(__file__).resolve().parents[2]
 # a tiny Swin (HTS-AT's layout: 4 stages, patch 4) whose ImageNet windows (3) differ from the run's (4)

@@ -16,7 +16,7 @@ from common.models.htsat import (
     load_official_checkpoint,
     looks_official,
 )
-from tests.tests.helpers import real_looking_signals
+from tests.helpers import real_looking_signals
 from tests.helpers import HTSAT_CLASSES as CLASSES
 from tests.helpers import HTSAT_DEPTHS as DEPTHS
 from tests.helpers import HTSAT_DIM as DIM

@@ -111,7 +111,7 @@ def test_a_run_records_peak_memory_per_phase(tmp_path, synth_corpus, caplog):
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tests.tests.helpers import run
+    from tests.helpers import run
 
     with caplog.at_level(logging.INFO):
         assert run(tmp_path / "run", synth_corpus, "train.save_every=100") == 0

@@ -9,7 +9,7 @@ import pytest
 from pretrain.recipe import load_baseline, load_recipe, shared_with_baseline
 from pretrain.run import _flops_per_sample, main, planned_total
 from pretrain.ssast import SSASTObjective
-from tests.tests.helpers import RECIPE, tiny
+from tests.helpers import RECIPE, tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER = ROOT / "recipes" / "ssast_fshift4.yaml"

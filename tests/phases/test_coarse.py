@@ -16,7 +16,7 @@ from finetune.recipe import load_recipe as finetune_recipe
 from finetune.run import main as finetune
 from pretrain.recipe import load_recipe as pretrain_recipe
 from pretrain.run import main as pretrain
-from tests.tests.helpers import TINY, _synth_root, sets
+from tests.helpers import TINY, _synth_root, sets
 
 ROOT = Path(__file__).resolve().parents[2]
 

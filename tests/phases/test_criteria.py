@@ -25,7 +25,7 @@ from common.phases.config import PhaseConfig
 from common.config.recipe import RecipeError, build
 from common.training.loop import Trainer
 from pretrain.run import main
-from tests.tests.helpers import RECIPE, run, tiny, weights
+from tests.helpers import RECIPE, run, tiny, weights
 
 
 def first_true(criterion, values) -> int | None:
@@ -489,7 +489,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 def test_every_rank_takes_rank_0s_decision_on_the_losses_of_all_ranks(tmp_path, world):
     import torch.multiprocessing as mp
 
-    from tests.tests.helpers import _free_port
+    from tests.helpers import _free_port
 
     mp.spawn(_rank, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]

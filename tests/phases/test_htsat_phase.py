@@ -16,7 +16,7 @@ from common.models.htsat import (
     resize_bias_table,
     train_flops,
 )
-from tests.tests.helpers import real_looking_signals
+from tests.helpers import real_looking_signals
 
 TINY = HTSATConfig(clip_samples=64000, embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), num_classes=5)
 

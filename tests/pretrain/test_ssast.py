@@ -48,7 +48,7 @@ def test_cluster_masking_is_clustered_and_unbiased():
     assert neighbour_rate("cluster") > neighbour_rate("uniform") + 0.15
     rows = _mask(sample_mask(3000, grid, 400, "cluster", g), n).view(-1, *grid).float().mean((0, 2))
     assert (rows - 400 / 512).abs().max() < 0.02  # every frequency row masked equally often
-    # the official generator's bias (reference/ssast_ast.md 1.4): low mel bins masked ~half as often
+    # the official generator's bias (SSAST's gen_maskid_patch): low mel bins masked ~half as often
     official = _mask(sample_mask(3000, grid, 400, "cluster_ssast", g), n).view(-1, *grid).float().mean((0, 2))
     assert official[0] == pytest.approx(0.415, abs=0.03) and official[4] == pytest.approx(0.89, abs=0.03)
     assert not _mask(sample_mask(200, grid, 400, "cluster_ssast", g), n)[:, 0].any()  # id 0 never masked

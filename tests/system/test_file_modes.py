@@ -12,8 +12,8 @@ import torch
 
 from common.system.atomic import ORPHAN, atomic_copy, atomic_write_text, file_mode
 from common.models.exports import save_weights
-from tests.tests.helpers import ROOT
-from tests.tests.helpers import run as pretrain
+from tests.helpers import ROOT
+from tests.helpers import run as pretrain
 
 
 def mode(path: Path) -> int:

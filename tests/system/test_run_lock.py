@@ -16,7 +16,7 @@ import pytest
 from common.cli import discard_previous
 from common.system.lock import LOCK_FILE, RunDirBusy, run_dir_lock
 from pretrain.run import main
-from tests.tests.helpers import RECIPE, ROOT, _free_port, tiny
+from tests.helpers import RECIPE, ROOT, _free_port, tiny
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
 

@@ -158,7 +158,7 @@ def test_world_size_plans_a_dry_run_only(capsys, tmp_path):
 
 def test_a_launch_that_cannot_split_the_batch_stops_before_any_compute(tmp_path, synth_corpus, monkeypatch, capsys):
     """The launcher's WORLD_SIZE (3 ranks here) is read before the process group, data or model."""
-    from tests.tests.helpers import run
+    from tests.helpers import run
 
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert run(tmp_path / "run", synth_corpus) == 2  # the tiny recipe's global batch of 4
@@ -169,7 +169,7 @@ def test_a_launch_that_cannot_split_the_batch_stops_before_any_compute(tmp_path,
 
 def test_a_run_records_the_split_in_its_log_and_ledger(tmp_path, synth_corpus):
     """A per-rank cap of 2 clips on the tiny recipe's global batch of 4: 2 micro-batches of 2 per step."""
-    from tests.tests.helpers import run
+    from tests.helpers import run
 
     run_dir = tmp_path / "capped"
     assert run(run_dir, synth_corpus, "data.max_batch_per_rank=2", "train.eval_every=100", "train.save_every=100",

@@ -15,7 +15,7 @@ import torch
 from common.training.compile import maybe_compile, repeated_blocks
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from pretrain.ssast import SSASTConfig, SSASTModel
-from tests.tests.helpers import run, weights
+from tests.helpers import run, weights
 
 CFG = EncoderConfig(embed_dim=32, depth=2, num_heads=2, num_mel_bins=32, input_tdim=64, fshape=8, tshape=8,
                     fstride=8, tstride=8)
@@ -112,7 +112,7 @@ def test_a_compiled_pretraining_run_compiles_every_phase_and_resumes_exactly(tmp
 
 def test_compiled_fine_tuning_runs_coarse_to_fine(tmp_path, synth_corpus):
     from finetune.run import main as finetune
-    from tests.tests.helpers import TINY, _synth_root, sets
+    from tests.helpers import TINY, _synth_root, sets
 
     run_dir = tmp_path / "ft"
     assert finetune(["--init", "none", "--task", "synth", "--data-root", str(_synth_root(tmp_path, synth_corpus)),

@@ -12,7 +12,7 @@ import torch
 
 import common.training.checkpoints as rc
 from pretrain.run import main
-from tests.tests.helpers import RECIPE, tiny
+from tests.helpers import RECIPE, tiny
 
 MODEL = "mp_rank_00_model_states.pt"
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"

@@ -16,7 +16,7 @@ from torch import nn
 
 from common.system.distributed import init_distributed
 from common.training.optim import OptimConfig, build_engine
-from tests.tests.helpers import TINY, _synth_root, sets
+from tests.helpers import TINY, _synth_root, sets
 
 
 @pytest.fixture(autouse=True)

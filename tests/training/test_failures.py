@@ -22,8 +22,8 @@ import torch
 
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from finetune.classifier import Classifier, save_classifier
-from tests.tests.helpers import RECIPE, ROOT, _free_port, tiny
-from tests.tests.helpers import run as pretrain
+from tests.helpers import RECIPE, ROOT, _free_port, tiny
+from tests.helpers import run as pretrain
 
 AUDIO = {"sample_rate": 16000, "num_mel_bins": 128, "frame_shift_ms": 10.0, "frame_length_ms": 25.0,
          "target_frames": 64, "norm": "audioset"}
@@ -57,7 +57,7 @@ def test_an_unreadable_safetensors_model_is_named_by_every_entry_point(tmp_path,
     from finetune.linear_probe import main as probe
     from finetune.predict import main as predict
     from finetune.run import main as finetune
-    from tests.tests.helpers import _write
+    from tests.helpers import _write
 
     torch.manual_seed(0)
     good = save_classifier(Classifier(ASTEncoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, input_tdim=64)), 3),
@@ -309,7 +309,7 @@ def test_a_run_dir_that_is_a_file_is_refused(tmp_path, synth_corpus, data_root, 
 def test_hf_export_out_naming_a_file_is_refused(tmp_path, capsys):
     pytest.importorskip("transformers")
     from common.models.hf_export import main as hf
-    from tests.tests.helpers import tiny_classifier
+    from tests.helpers import tiny_classifier
 
     model = tiny_classifier(tmp_path / "model.safetensors")
     out = tmp_path / "esc50_hf"
@@ -324,7 +324,7 @@ def test_hf_export_onto_a_full_disk(tmp_path, monkeypatch, capsys):
     from safetensors import SafetensorError
 
     from common.models.hf_export import main as hf
-    from tests.tests.helpers import tiny_classifier
+    from tests.helpers import tiny_classifier
 
     model = tiny_classifier(tmp_path / "model.safetensors")
     out = tmp_path / "hf"

@@ -15,7 +15,7 @@ import torch
 from common.data.cache import ClipCache
 from common.data.loader import ClipDataset, ClipLoader, DataConfig, load_clip, open_cuts
 from common.data.prefetch import background
-from tests.tests.helpers import poison_loss_at, run, weights
+from tests.helpers import poison_loss_at, run, weights
 
 ROOT = Path(__file__).resolve().parents[2]
 

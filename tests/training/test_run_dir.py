@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pretrain.run import main
-from tests.tests.helpers import RECIPE, tiny
+from tests.helpers import RECIPE, tiny
 
 
 def _poison(monkeypatch, at_call: int) -> None:

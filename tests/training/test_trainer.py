@@ -11,7 +11,7 @@ import torch
 from common.data.loader import Batch, DataConfig
 from common.training.loop import step_groups
 from pretrain.run import main
-from tests.tests.helpers import RECIPE, run, tiny, weights
+from tests.helpers import RECIPE, run, tiny, weights
 
 
 def batch(epoch: int, index: int, size: int = 2) -> Batch:
@@ -162,7 +162,7 @@ def test_best_is_the_best_epoch_of_the_final_phase(tmp_path, synth_corpus, monke
     from common.models.exports import read_weights
     from finetune.classifier import ClassifierObjective
     from finetune.run import main as finetune
-    from tests.tests.helpers import TINY, _synth_root, sets
+    from tests.helpers import TINY, _synth_root, sets
 
     scores = iter([0.9, 0.4, 0.6, 0.5])  # the coarse phase's epoch scores best, but it is not the final phase
     real = ClassifierObjective.evaluate
@@ -231,7 +231,7 @@ def test_a_micro_batch_without_a_usable_clip_steps_with_a_zero_gradient(tmp_path
     """All of a micro-batch's clips were bad audio: it still takes its micro-step (so every rank enters the same
     all-reduces), reaching every parameter with a zero gradient; the other micro-batches' gradients are left
     exactly as they are, BatchNorm statistics (HTS-AT's bn0) do not move, and nothing is logged for it."""
-    from tests.tests.helpers import real_looking_signals
+    from tests.helpers import real_looking_signals
 
     trainer, engine, pipeline = _micro_step_trainer(tmp_path, kind, accum=4)
     samples = trainer.arch.clip_samples

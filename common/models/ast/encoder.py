@@ -1,6 +1,6 @@
 """The audio spectrogram transformer encoder shared by pretraining and fine-tuning.
 
-Structure as AST / SSAST (reference/ssast_ast.md 1.1-1.2): a Conv2d patch embedding over the
+Structure as AST / SSAST (their ``src/models/ast_models.py``): a Conv2d patch embedding over the
 ``[1, F, T]`` spectrogram, prefix tokens (cls + dist by default), a learned positional embedding, timm
 transformer blocks (fused scaled-dot-product attention, LayerNorm eps 1e-6) and a final norm.
 

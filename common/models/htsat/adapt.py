@@ -11,7 +11,7 @@ Everything else (patch norm, every linear and norm, ``bn0``, ``tscam_conv``) is 
 same tensor. Table transfers (recipe switch ``bias_transfer``):
 
 - ``timm`` (default): timm's ``resize_rel_pos_bias_table``, the route ``SwinTransformer.set_input_size``
-  takes (reference/htsat.md 2.4, option c), so an adapted model equals a timm model resized in place;
+  takes, so an adapted model equals a timm model resized in place;
 - ``bilinear``: the table as a ``(2 wh - 1) x (2 ww - 1)`` image, bilinearly resized (the paper's
   operator for AST's positional embedding);
 - ``bicubic``: the same, bicubic (Microsoft Swin's ``load_pretrained``).

@@ -1,6 +1,6 @@
 """The HTS-AT model configuration: front end, Swin backbone and token-semantic head in one frozen record.
 
-Defaults are the official HTS-AT AudioSet model (reference/htsat.md 1.1-1.4; RetroCirce/HTS-Audio-Transformer
+Defaults are the official HTS-AT AudioSet model (RetroCirce/HTS-Audio-Transformer
 ``config.py`` and ``model/htsat.py``): 32 kHz, STFT 1024 / hop 320, 64 slaney mel bins 50-14000 Hz, a
 256 x 256 image of 4 time chunks, a Swin-T (patch 4, dims 96-768, depths 2-2-6-2, heads 4-8-16-32,
 window 8, no absolute position embedding) and the TS-CAM head over 527 classes.

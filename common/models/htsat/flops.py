@@ -3,7 +3,7 @@
 A training step is the model on a log-mel batch and a BCE loss on the clipwise logits. Counted are the
 matmuls and convolutions (the Swin, the patch embedding, the token-semantic head); the STFT, the
 bicubic stretch and element-wise work are not, as is usual (and as the reference count of 35.9 GFLOPs
-per 10 s clip at 256 x 256, 9.0 at 128 x 128, reference/htsat.md 2.6).
+per 10 s clip at 256 x 256, 9.0 at 128 x 128, counted with ``torch.utils.flop_counter``).
 
 ``python -m common.models.htsat`` prints the geometry and training FLOPs of every compression method.
 """

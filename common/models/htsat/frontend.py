@@ -1,6 +1,6 @@
 """HTS-AT's front end on the training device: waveforms at 32 kHz -> log-mel in dB (+ SpecAugment stripes).
 
-As the official model's torchlibrosa extractors (reference/htsat.md 1.1), batched on any device::
+As the official model's torchlibrosa extractors (``model/htsat.py``), batched on any device::
 
     waveform [B, S] --zero-pad to clip_samples--> torch.stft(n_fft 1024, hop, periodic Hann, center, reflect)
       --|.|^2--> @ slaney mel [513, 64] (torchaudio) --> 10 log10(max(., 1e-10)) --> [B, 1, T, 64]

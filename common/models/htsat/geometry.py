@@ -2,7 +2,7 @@
 
 HTS-AT folds its log-mel into an image: ``chunks`` consecutive time chunks are stacked along frequency,
 so ``[T, F]`` becomes ``[F * chunks, T / chunks]`` (1024 x 64 -> 256 x 256). A compression by C shrinks
-T to ``T / C`` and the fold is chosen again (reference/htsat.md 2.4-2.5):
+T to ``T / C`` and the fold is chosen again:
 
 - design D1 (square): where ``T / C / F`` is a square number r^2, the image is ``(F r) x (F r)``:
   Fshift x4 is a hop of 1280 (251 frames, stretched to 256), 2 chunks, a 128 x 128 image. This is

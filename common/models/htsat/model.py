@@ -1,7 +1,7 @@
 """The HTS-AT model: per-mel BatchNorm, the fold into an image, a timm Swin and the token-semantic head.
 
-Structure as the official ``HTSAT_Swin_Transformer`` (reference/htsat.md 1.2-1.4; RetroCirce/HTS-Audio-
-Transformer ``model/htsat.py``), for any phase :class:`~common.models.htsat.geometry.Geometry`::
+Structure as the official ``HTSAT_Swin_Transformer`` (RetroCirce/HTS-Audio-Transformer
+``model/htsat.py``), for any phase :class:`~common.models.htsat.geometry.Geometry`::
 
     log-mel [B, 1|2, T, F] --bn0 (per mel bin)--> --SpecAugment stripes (keep plane)--> --mixup (optional)-->
       --bicubic stretch to the phase's frames--> --avg/max pool (pool phases)--> --fold--> image [B, 1, H, W]
@@ -32,7 +32,7 @@ from common.models.htsat.geometry import Geometry, geometry
 __all__ = ["HTSAT", "HEAD_PREFIXES", "fold", "unfold"]
 
 # The class-specific weights: dropped when fine-tuning on other classes (the official ESC-50 recipe pops
-# ``tscam_conv`` and the unused ``head`` from the AudioSet checkpoint, reference/htsat.md 1.8).
+# ``tscam_conv`` and the unused ``head`` from the AudioSet checkpoint: ``main.py`` under ``esc_config.py``).
 HEAD_PREFIXES = ("tscam_conv.",)
 
 

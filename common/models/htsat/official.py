@@ -1,8 +1,7 @@
 """Official HTS-AT checkpoints -> :class:`~common.models.htsat.config.HTSATConfig` + a state dict of our model.
 
 The official code (RetroCirce/HTS-Audio-Transformer) saves PyTorch Lightning checkpoints,
-``{"state_dict": {"sed_model.<key>": tensor, ...}, ...}``. The key map to :class:`~common.models.htsat.model.HTSAT`
-(reference/htsat.md 2.3, 3):
+``{"state_dict": {"sed_model.<key>": tensor, ...}, ...}``. The key map to :class:`~common.models.htsat.model.HTSAT`:
 
 - ``patch_embed.*``, ``layers.*``, ``norm.*`` -> ``swin.*``, except that the official model merges
   patches at the end of stages 0-2 and timm at the start of stages 1-3:
