@@ -42,6 +42,8 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.2"],
         # Hugging Face interop (common/hf.py): export to / classify with transformers' AST classes
         "hf": ["transformers>=4.30"],
+        # ONNX export (common/onnx_export.py) and the torch-free example (examples/onnx_classify.py)
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2"],
     },
     entry_points={
         "console_scripts": [
@@ -52,6 +54,7 @@ setup(
             "c2f-report=finetune.report:main",
             "c2f-predict=finetune.predict:main",
             "c2f-hf=common.hf:main",
+            "c2f-onnx=common.onnx_export:main",
         ]
     },
 )
