@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 ENTRY_POINTS = ["pretrain.run", "finetune.run", "finetune.linear_probe", "finetune.report", "finetune.predict",
-                "finetune.demo", "common.corpora.__main__", "common.flops", "common.hf", "common.onnx_export", "bench.data_throughput",
-                "bench.train_throughput", "bench.gpu_check"]
+                "finetune.demo", "common.corpora.__main__", "common.flops", "common.hf", "common.onnx_export",
+                "bench.data_throughput", "bench.train_throughput", "bench.gpu_check"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
