@@ -107,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         result = classify(session, info, wave)
         top = np.argsort(-result["scores"], kind="stable")[: args.top_k]
-        results.append({"file": path, "duration": result["duration"], "aggregate": result["aggregate"],
+        warning = {}
+        if wave.size < 0.1 * info["clip_samples"]:  # as predict.py: mostly zero padding
+            warning = {"warning": f"{result['duration']:.3g} s of audio, shorter than a tenth of the model's "
+                                  f"{info['clip_samples'] / info['sample_rate']:.3g} s clip: unreliable scores"}
+            print(f"warning: {path}: {warning['warning']}", file=sys.stderr)
+        results.append({"file": path, "duration": result["duration"], "aggregate": result["aggregate"], **warning,
                         "labels": [{"label": classes[i], "name": names.get(classes[i], classes[i]),
                                     "score": float(result["scores"][i])} for i in top],
                         "scores": {c: float(s) for c, s in zip(classes, result["scores"])},

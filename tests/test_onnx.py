@@ -186,9 +186,11 @@ def test_the_example_reads_pcm_wav_without_soundfile_and_refuses_other_rates(exp
     assert with_sf.returncode == without.returncode == 0, with_sf.stderr + without.stderr
     a, b = json.loads(with_sf.stdout)[0], json.loads(without.stdout)[0]
     assert max(abs(a["scores"][c] - b["scores"][c]) for c in CLASSES) < 1e-6
-    done = run_example(out, tmp_path / "cd.wav", tmp_path / "pcm.wav", cwd=tmp_path)
-    assert done.returncode == 1 and "pcm.wav" in done.stdout  # the other file is still classified
+    sf.write(tmp_path / "blip.wav", wave[:800], 16000, subtype="PCM_16")  # 0.05 s: mostly padding, as predict says
+    done = run_example(out, tmp_path / "cd.wav", tmp_path / "pcm.wav", tmp_path / "blip.wav", cwd=tmp_path)
+    assert done.returncode == 1 and "pcm.wav" in done.stdout  # the other files are still classified
     assert f"error: {tmp_path / 'cd.wav'}: 44100 Hz audio; the model takes 16000 Hz" in done.stderr
+    assert f"warning: {tmp_path / 'blip.wav'}: 0.05 s of audio, shorter than a tenth" in done.stderr
 
 
 def test_what_cannot_be_exported_is_refused_in_one_line(tmp_path, capsys):
