@@ -22,13 +22,17 @@ encoders with their pooled LayerNorm + Linear head) and HTS-AT (its token-semant
   normalisation statistics), so a reader needs nothing else (``examples/onnx_classify.py``).
 
 The exporter is ``torch.onnx.export(dynamo=True)`` (``torch.export`` + onnxscript): the TorchScript exporter
-(``dynamo=False``) has no translation of ``aten::fft_rfft`` / ``aten::stft`` at any opset, so with it the
-front end could not be in the graph; the dynamo graph gives the same scores as PyTorch to about 1e-7.
-Before anything is written the graph is run with onnxruntime (when installed) on a batch of two clips,
-one of them padded, and refused if a score differs from PyTorch's by more than :data:`TOLERANCE`; the
-file is written atomically. What cannot be exported (an encoder without a classification head, a model
-the exporter cannot trace) is refused with the reason in one line. Needs ``pip install
-'coarse2fine-ast[onnx]'`` (onnx, onnxruntime, onnxscript).
+(``dynamo=False``) stops at both front ends (no translation of ``aten::fft_rfft``, the Kaldi fbank's FFT; its
+``stft`` rejects the complex STFT HTS-AT takes), so with it the front end could not be in the graph; the dynamo
+graph gives the same scores as PyTorch to about 1e-7. Before anything is written the graph is run with
+onnxruntime (when installed) on a batch of two clips, one of them padded, and refused if a score differs from
+PyTorch's by more than :data:`TOLERANCE`; the file is written atomically. What cannot be exported (an encoder
+without a classification head, a model the exporter cannot trace) is refused with the reason in one line.
+Needs ``pip install 'coarse2fine-ast[onnx]'`` (onnx, onnxruntime, onnxscript).
+
+Measured on 2 shared CPU cores (torch 2.11, onnxruntime 1.32): the AudioSet-size AST (527 classes, 1024
+frames) exports in about 2 minutes to 332 MiB, the official-size HTS-AT in about 3 minutes to 120 MiB, both
+with onnxruntime = PyTorch within 3e-7 on the check.
 """
 
 from __future__ import annotations
@@ -145,6 +149,7 @@ def _one_line(err: BaseException) -> str:
 
 def _trace(graph: ScoringGraph, example: tuple[torch.Tensor, torch.Tensor], opset: int):
     """The ONNX ModelProto of ``graph`` with a dynamic batch axis (the exporter's chatter silenced)."""
+    # dynamo=True: the TorchScript exporter cannot translate the front ends' FFT / complex STFT (module docstring)
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
