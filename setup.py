@@ -42,6 +42,8 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.2"],
         # Hugging Face interop (common/models/hf.py, hf_export.py): export to / classify with transformers' AST classes
         "hf": ["transformers>=4.30"],
+        # ONNX export (finetune/onnx_export.py) and the torch-free example (examples/onnx_classify.py)
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2"],
     },
     entry_points={
         "console_scripts": [
@@ -52,6 +54,7 @@ setup(
             "c2f-report=common.reports.report:main",
             "c2f-predict=finetune.predict:main",
             "c2f-hf=common.models.hf_export:main",
+            "c2f-onnx=finetune.onnx_export:main",
         ]
     },
 )
