@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test demo bench gpu-check gpu-wheels venv clean
+.PHONY: test test-quick demo bench gpu-check gpu-wheels venv clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The unit tests alone (under a minute): everything but the end-to-end runs marked `slow`.
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 # The whole job on the built-in corpus (a few minutes on 2 CPU cores); results in demo_out/.
 demo: $(STAMP)
