@@ -27,7 +27,6 @@ go into the ledger (``common.ledger``), scalars into TensorBoard, and each phase
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from contextlib import contextmanager
@@ -55,6 +54,7 @@ from common.memory import PeakMemory, gib, training_setting
 from common.nonfinite import NonFiniteLoss, NonFiniteWatch
 from common.objective import Objective
 from common.optim import build_engine
+from common.release import collect, release_engine
 from common.run_checkpoint import RunCheckpoints, capture_rng, make_tag, restore_rng
 from common.run_spec import RunSpec, TrainState
 from common.transition import initial_model, next_phase_model
@@ -193,6 +193,7 @@ class Trainer:
                 if index == last:
                     break
                 model = self._next_phase(model, index)
+                collect()  # the previous phase's model is gone now: free its cycles (common.release)
                 continue
             if model is None:  # the phase's model from scratch or the initial weights (a resume loads its own)
                 init = self.spec.init if index == 0 and resume_tag is None else None
@@ -212,9 +213,8 @@ class Trainer:
             budget = None if stop_after is None else stop_after - steps_this_call
             finished, steps = self._train_phase(engine, index, budget)
             steps_this_call += steps
-            model = engine.module
+            model = release_engine(engine)  # the bare model: the engine's hooks, optimizer state, gradients released
             del engine
-            gc.collect()
             if not finished:
                 log.info("stopped after %d steps as asked; run the same command again to resume", steps_this_call)
                 return False
