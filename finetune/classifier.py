@@ -185,7 +185,7 @@ class ClassifierObjective:
         x = pipeline(waves, lengths, generator, noise=self.augment.noise_config)
         lam = mixup_weights(len(batch), cfg, generator) if cfg.on == "spectrogram" else None
         if lam is not None:
-            lam = lam.to(x.device)
+            lam = lam.to(x.device, non_blocking=True)
             if cfg.targets == "mixed":
                 targets = lam[:, None] * targets + (1 - lam[:, None]) * targets.flip(0)
         return self.criterion(model(x, mixup_lambda=lam), targets), {}

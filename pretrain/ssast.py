@@ -35,6 +35,7 @@ from common.models.flops import train_step_flops
 from common.models.memory import MemoryEstimate, estimate_training_memory
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from common.models.ast.resize import resample_patch_kernel
+from pretrain.mask_draws import MaskDraws
 from pretrain.masking import MASKINGS, mask_count, sample_mask
 
 __all__ = ["SSASTConfig", "SSASTModel", "SSASTObjective"]
@@ -157,12 +158,15 @@ class SSASTModel(nn.Module):
         with _fp32(hidden.device):
             return F.mse_loss(pred.float(), targets.float())
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Joint SSAST loss of a normalised fbank batch ``[B, T, F]``."""
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                masks: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Joint SSAST loss of a normalised fbank batch ``[B, T, F]``; ``masks``: the mask indices already drawn
+        (one per pass, on the device: ``pretrain.mask_draws``), else drawn here from ``generator``."""
         patches = self.encoder.unfold_patches(x).detach()  # raw targets [B, N, fshape * tshape]
-        idx = self.sample_mask(x.shape[0], generator, x.device)
+        masks = list(masks) if masks is not None else []
+        idx = masks.pop(0) if masks else self.sample_mask(x.shape[0], generator, x.device)
         if self.cfg.separate_passes:  # a mask per objective, both passes batched into one (encode_masked)
-            idx_g = self.sample_mask(x.shape[0], generator, x.device)
+            idx_g = masks.pop(0) if masks else self.sample_mask(x.shape[0], generator, x.device)
             hidden, hidden_g = self.encode_masked(x, idx, idx_g)
         else:
             idx_g, hidden = idx, self.encode_masked(x, idx)
@@ -207,8 +211,26 @@ class SSASTObjective:
         return adapt_heads(state, old, new)
 
     def train_step(self, model, batch: Batch, pipeline: FeaturePipeline, generator: torch.Generator):
-        out = model(pipeline(batch.waveforms, batch.lengths), generator)
+        """One training forward; the masks come from :class:`pretrain.mask_draws.MaskDraws` (drawn a batch ahead,
+        seeded by the batch's position and ``generator``'s seed, the run's seed and rank)."""
+        x = pipeline(batch.waveforms, batch.lengths)
+        masks = self._draws(getattr(model, "module", model), generator).take(batch.epoch, batch.index, len(x),
+                                                                             x.device)
+        out = model(x, generator, masks=masks)
         return out["loss"], {k: out[k] for k in ("nce", "mse", "acc")}
+
+    def _draws(self, model: SSASTModel, generator: torch.Generator) -> MaskDraws:
+        """The mask draws of ``model``'s grid (a phase change starts new ones)."""
+        cfg, grid = self.cfg, tuple(model.encoder.cfg.grid)
+        key = (grid, model.mask_count, generator.initial_seed())
+        if getattr(self, "_mask_key", None) != key:
+            if getattr(self, "_mask_draws", None) is not None:
+                self._mask_draws.close()
+            pin = torch.cuda.is_available() and next(model.parameters()).is_cuda
+            self._mask_draws = MaskDraws(grid, model.mask_count, cfg.masking, (cfg.cluster_min, cfg.cluster_max),
+                                         2 if cfg.separate_passes else 1, generator.initial_seed(), pin)
+            self._mask_key = key
+        return self._mask_draws
 
     def evaluate(self, model, batches: Iterator[Batch], pipeline: FeaturePipeline, dist: Dist,
                  generator: torch.Generator) -> dict[str, float]:

@@ -133,7 +133,7 @@ class Fbank(nn.Module):
         if lengths is None:
             centred = waveforms - waveforms.mean(dim=1, keepdim=True)
         else:
-            lengths = lengths.to(device=waveforms.device, dtype=torch.long)
+            lengths = lengths.to(device=waveforms.device, dtype=torch.long, non_blocking=True)
             if lengths.shape != (batch,):
                 raise ValueError(f"lengths must have shape [{batch}], got {tuple(lengths.shape)}")
             valid = torch.arange(samples, device=waveforms.device)[None, :] < lengths[:, None]

@@ -20,8 +20,9 @@ fused kernels store it (query, key, value, output and the log-sum-exp rows; the 
 recomputed in the backward pass), which is what runs on the CPU and on the GPU. Under bf16 autocast the
 activations are counted at 2 bytes and autocast's bf16 copy of the weights is added. With ZeRO stage 1
 or 2, DeepSpeed adds an fp32 master copy of this rank's share of the weights and a gradient bucket of
-``reduce_bucket_size`` (5e8) fp32 elements, which the GPU allocator reserves whole and the CPU only
-touches as far as the gradients fill it.
+``reduce_bucket_size`` fp32 elements (the engine's 5e7, ``common.training.engine_config``; two of them where the
+reduction overlaps the backward pass, on several ranks), which the GPU allocator reserves whole and the CPU
+only touches as far as the gradients fill it.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from common.training.engine_config import ZERO_BUCKET, resolve_zero_stage
+
 __all__ = ["PeakMemory", "MemoryEstimate", "estimate_training_memory", "saved_activation_bytes",
            "measure_training_peak", "training_setting", "describe_setting", "rss_bytes", "gib"]
 
-DEEPSPEED_REDUCE_BUCKET = int(5e8)  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
+DEEPSPEED_REDUCE_BUCKET = ZERO_BUCKET  # the engine's zero_optimization.reduce_bucket_size (elements)
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32, per parameter
 
 
@@ -171,14 +174,15 @@ def saved_activation_bytes(model: nn.Module, step: Callable[[nn.Module, int], to
     return sum(storages.values())
 
 
-def training_setting(precision: str, zero_stage: int, world_size: int = 1,
+def training_setting(precision: str, zero_stage: int | str, world_size: int = 1,
                      device: torch.device | None = None) -> dict:
     """The keyword arguments of :func:`estimate_training_memory` (and the objectives' ``memory_estimate``)
     for a recipe's ``train.precision`` and ``train.zero_stage`` on ``device`` (default: CUDA when present,
     as a run would pick)."""
     cuda = (device.type == "cuda") if device is not None else torch.cuda.is_available()
     bf16 = precision == "bf16" or (precision == "auto" and cuda)
-    return {"bf16": bf16, "zero_stage": zero_stage, "world_size": world_size, "cuda": cuda}
+    return {"bf16": bf16, "zero_stage": resolve_zero_stage(zero_stage, world_size), "world_size": world_size,
+            "cuda": cuda}
 
 
 def describe_setting(setting: dict) -> str:
@@ -216,7 +220,7 @@ def estimate_training_memory(build: Callable[[], nn.Module], step: Callable[[nn.
     zero = 0
     if zero_stage >= 1:
         bucket = DEEPSPEED_REDUCE_BUCKET if cuda else min(DEEPSPEED_REDUCE_BUCKET, trainable)
-        zero = 4 * (trainable // world_size + bucket)
+        zero = 4 * (trainable // world_size + bucket * (2 if world_size > 1 else 1))  # overlap_comm: double buffer
     return MemoryEstimate(weights=weight_bytes, gradients=4 * trainable, optimizer=4 * ADAM_STATES * trainable,
                           activations=activations, zero_buffers=zero)
 

@@ -27,7 +27,6 @@ go into the ledger (``common.training.ledger``), scalars into TensorBoard, and e
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from contextlib import contextmanager
@@ -49,12 +48,14 @@ from common.phases.criteria import PhaseEnd
 from common.data.loader import BadAudioTracker, Batch, eval_loader, make_cache, reshard_index, train_loader
 from common.data.fingerprint import DataChanged, changes, run_fingerprints
 from common.system.distributed import Dist
+from common.training.engine_config import resolve_zero_stage
 from common.training.ledger import Ledger, Window
 from common.system.logger import Scalars, progress
 from common.models.memory import PeakMemory, gib, training_setting
 from common.training.nonfinite import NonFiniteLoss, NonFiniteWatch
 from common.training.objective import Objective
 from common.training.optim import build_engine
+from common.training.release import collect, release_engine
 from common.training.checkpoints import RunCheckpoints, capture_rng, make_tag, restore_rng
 from common.training.spec import RunSpec, TrainState
 from common.phases.transition import initial_model, next_phase_model
@@ -136,6 +137,7 @@ class Trainer:
         # each phase's global batch over this launch's ranks (refused here, before any compute, if it does not split)
         self.splits = phase_splits(spec.phases, spec.data, spec.optim, dist.world_size)
         self.device = dist.device
+        self.zero_stage = resolve_zero_stage(spec.train.zero_stage, dist.world_size)  # a resume keeps its own
         bf16 = spec.train.precision == "bf16" or (spec.train.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if bf16 else None
         self.state = TrainState()
@@ -193,6 +195,7 @@ class Trainer:
                 if index == last:
                     break
                 model = self._next_phase(model, index)
+                collect()  # the previous phase's model is gone now: free its cycles (common.training.release)
                 continue
             if model is None:  # the phase's model from scratch or the initial weights (a resume loads its own)
                 init = self.spec.init if index == 0 and resume_tag is None else None
@@ -212,9 +215,8 @@ class Trainer:
             budget = None if stop_after is None else stop_after - steps_this_call
             finished, steps = self._train_phase(engine, index, budget)
             steps_this_call += steps
-            model = engine.module
+            model = release_engine(engine)  # the bare model: the engine's hooks, optimizer state, gradients released
             del engine
-            gc.collect()
             if not finished:
                 log.info("stopped after %d steps as asked; run the same command again to resume", steps_this_call)
                 return False
@@ -376,11 +378,13 @@ class Trainer:
         phase, optim = self.spec.phases[index], self.spec.optim
         model = maybe_compile(model, self.spec.train.compile, self.spec.train.compile_backend,
                               self.spec.train.compile_mode)
-        return build_engine(model, optim, phase.lr or optim.lr, self._batch_size(index), self.spec.train.zero_stage,
-                            self.device, phase.steps if phase.iteration_based else None,
+        return build_engine(model, optim, phase.lr or optim.lr, self._batch_size(index), self.zero_stage, self.device,
+                            phase.steps if phase.iteration_based else None,
                             getattr(model, "head_prefixes", ()), self.autocast_dtype,
                             load_universal=resume_tag is not None and self.checkpoints.resharded(resume_tag),
-                            grad_accum=self.splits[index].grad_accum)
+                            grad_accum=self.splits[index].grad_accum,
+                            zero_overlap_comm=self.spec.train.zero_overlap_comm,
+                            zero_bucket_size=self.spec.train.zero_bucket_size)
 
     def _batch_size(self, index: int) -> int:
         """Phase ``index``'s micro-batch per rank (its global batch split over this launch, ``common.training.batch``)."""
@@ -414,7 +418,7 @@ class Trainer:
             flops_per_sample=self._flops[index], tokens_per_sample=cfg.num_tokens,
             patch_transfer=phase.patch_transfer if phase.compression == "patch" else None)
         estimate = self.objective.memory_estimate(cfg, self._batch_size(index), **training_setting(
-            self.spec.train.precision, self.spec.train.zero_stage, self.dist.world_size, self.device))
+            self.spec.train.precision, self.zero_stage, self.dist.world_size, self.device))
         record.memory_estimate_bytes = estimate.total
         record.set_batch(self.splits[index])  # this launch's split (a resume on other ranks records its own)
         record.device = record.device or (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
@@ -595,7 +599,8 @@ class Trainer:
         tag = make_tag(index, st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase)
         self._count_upsampled()
         trainer_state = {"state": asdict(st), "ledger": self.ledger.to_dict(), "tracker": self.tracker.state_dict(),
-                         "world_size": self.dist.world_size, "batch_per_rank": self._batch_size(index)}
+                         "world_size": self.dist.world_size, "batch_per_rank": self._batch_size(index),
+                         "zero_stage": self.zero_stage}
         if self.dist.is_main and self.spec.run_recipe is not None:
             self.spec.run_recipe.write_pending()  # the run's recipe.yaml appears with its first checkpoint
         self.checkpoints.save(engine, tag, trainer_state, capture_rng(self.generator, self.device))
@@ -692,6 +697,9 @@ class Trainer:
         self.ledger.baseline = baseline or self.ledger.baseline
         self.tracker.load_state_dict(saved["tracker"])
         saved_ranks = self.checkpoints.saved_world_size(tag)
+        stage = saved.get("zero_stage")  # absent before it was recorded: ZeRO if the optimizer state is partitioned
+        stage = stage if stage is not None else int(any(self.checkpoints.ckdir.joinpath(tag).glob("zero_pp_rank_*")))
+        self.zero_stage = resolve_zero_stage(self.spec.train.zero_stage, self.dist.world_size, stage)
         saved_batch = saved.get("batch_per_rank", self._batch_size(self.state.phase))  # absent before it was recorded
         if (saved_ranks, saved_batch) != (self.dist.world_size, self._batch_size(self.state.phase)):
             self._reshard_position(saved_ranks, saved_batch)

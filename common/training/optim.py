@@ -23,6 +23,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from common.training.engine_config import zero_config
+
 __all__ = ["OptimConfig", "build_optimizer", "LRSchedule", "param_groups", "build_engine"]
 
 
@@ -194,10 +196,18 @@ def param_groups(model: nn.Module, head_prefixes: tuple[str, ...] = (), head_lr_
     return groups
 
 
+def _world_size() -> int:
+    """The ranks the engine will data-parallelise over (the initialised process group's)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int, zero_stage: int,
                  device: torch.device, total_steps: int | None = None, head_prefixes: tuple[str, ...] = (),
                  autocast_dtype: torch.dtype | None = None, load_universal: bool = False,
-                 grad_accum: int | None = None):
+                 grad_accum: int | None = None, zero_overlap_comm: bool | None = None,
+                 zero_bucket_size: int | None = None):
     """A DeepSpeed engine around ``model`` with a fresh optimiser and LR schedule (one per phase).
 
     DeepSpeed's forward turns off an autocast that its own config does not name (``torch.autocast(...,
@@ -211,7 +221,7 @@ def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int,
         cfg: the optimiser settings.
         lr: the phase's peak learning rate.
         batch_size: micro-batch size per rank.
-        zero_stage: DeepSpeed ZeRO stage.
+        zero_stage: DeepSpeed ZeRO stage (resolved: ``common.training.engine_config.resolve_zero_stage``).
         device: where training runs (fused Adam on CUDA and the CPU).
         total_steps: the phase length in optimiser steps (cosine schedules need it).
         head_prefixes: parameter-name prefixes that get ``cfg.head_lr_scale``.
@@ -220,6 +230,7 @@ def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int,
             another number of ranks, ``common.training.checkpoints``).
         grad_accum: micro-batches per optimiser step (default ``cfg.grad_accum``; the trainer gives the phase's
             split, ``common.training.batch``).
+        zero_overlap_comm, zero_bucket_size: the recipe's overrides of the ZeRO defaults (``common.training.engine_config``).
     """
     import deepspeed
 
@@ -228,7 +239,7 @@ def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int,
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": cfg.grad_accum if grad_accum is None else grad_accum,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": zero_config(zero_stage, _world_size(), zero_overlap_comm, zero_bucket_size),
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
         # DeepSpeed's throughput timer (on by default) waits for the device at the start and the end of every

@@ -11,6 +11,7 @@ from typing import Literal
 from common.models.weights import EncoderWeights
 from common.training.compile import CompileBackend, CompileMode, check_mode
 from common.data.loader import DataConfig
+from common.training.engine_config import ZeroStage
 from common.audio.pipeline import AudioConfig
 from common.training.nonfinite import NonFiniteCheck
 from common.training.optim import OptimConfig
@@ -27,7 +28,10 @@ class TrainConfig:
     Args:
         seed: seeds model init, data order, crops, masks and augmentation.
         precision: ``auto`` (bf16 autocast on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
-        zero_stage: DeepSpeed ZeRO stage (0, 1 or 2).
+        zero_stage: DeepSpeed ZeRO stage (0, 1 or 2), or ``auto``: 0 on one rank, 1 on several, a resumed run's
+            from its checkpoint (``common.training.engine_config``).
+        zero_overlap_comm: ZeRO: reduce the gradients while the backward pass runs (None: on several ranks).
+        zero_bucket_size: ZeRO: elements per reduce / all-gather bucket (None: 5e7, ``common.training.engine_config``).
         log_every: optimiser steps between log lines / TensorBoard points.
         eval_every: optimiser steps between validations in iteration-based phases (epoch-based phases
             validate after every epoch).
@@ -58,7 +62,9 @@ class TrainConfig:
 
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    zero_stage: int = 0
+    zero_stage: ZeroStage = "auto"
+    zero_overlap_comm: bool | None = None
+    zero_bucket_size: int | None = None
     log_every: int = 50
     eval_every: int = 4000
     save_every: int = 4000
@@ -82,8 +88,10 @@ class TrainConfig:
             raise ValueError(f"weight_average_from must be >= 1, got {self.weight_average_from}")
         if self.weight_average_top is not None and self.weight_average_top < 1:
             raise ValueError(f"weight_average_top must be >= 1, got {self.weight_average_top}")
-        if self.zero_stage not in (0, 1, 2):
-            raise ValueError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        if self.zero_stage not in ("auto", 0, 1, 2):
+            raise ValueError(f"zero_stage must be auto, 0, 1 or 2, got {self.zero_stage}")
+        if self.zero_bucket_size is not None and self.zero_bucket_size < 1:
+            raise ValueError(f"zero_bucket_size must be >= 1 (or null: the default), got {self.zero_bucket_size}")
         for name in ("log_every", "eval_every", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

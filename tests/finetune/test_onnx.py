@@ -27,7 +27,7 @@ EXAMPLE = ROOT / "examples" / "onnx_classify.py"
 CLASSES = ["a", "b", "c", "d"]
 NAMES = {"a": "Alpha", "c": "Gamma"}
 AUDIO = AudioConfig(num_mel_bins=64, target_frames=100, norm="esc50")  # 1.015 s clips at 16 kHz
-# a tiny HTS-AT for the built-in corpus's 16 kHz clips (as tests/test_htsat_training.py's, with two stages:
+# a tiny HTS-AT for the built-in corpus's 16 kHz clips (as tests/finetune/test_htsat_training.py's, with two stages:
 # the export's time grows with the graph)
 HTSAT = dict(sample_rate=16000, clip_samples=20320, n_fft=512, hop_length=160, mel_bins=32, fmax=8000, spec_size=64,
              embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4, drop_path_rate=0.0)

@@ -1,7 +1,7 @@
 """HTS-AT (Chen et al., ICASSP 2022) as a second architecture for coarse-to-fine training.
 
 Everything the trainer asks an architecture, in one place (the official code is
-RetroCirce/HTS-Audio-Transformer; :mod:`common.htsat.official` loads its checkpoints):
+RetroCirce/HTS-Audio-Transformer; :mod:`common.models.htsat.official` loads its checkpoints):
 
 - :class:`HTSATConfig`: the typed, frozen model config (``to_dict`` / ``from_dict``, errors name the key);
 - :func:`geometry`: how a :class:`~common.audio.compression.Compression` maps onto HTS-AT's folded image and

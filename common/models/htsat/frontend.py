@@ -110,7 +110,7 @@ class HTSATFrontEnd(nn.Module):
                 f"{self.cfg.sample_rate} Hz), got {samples}: cut longer audio into windows")
         x = waveforms.float()
         if lengths is not None:
-            lengths = lengths.to(device=x.device, dtype=torch.long)
+            lengths = lengths.to(device=x.device, dtype=torch.long, non_blocking=True)
             if lengths.shape != (batch,):
                 raise ValueError(f"lengths must have shape [{batch}], got {tuple(lengths.shape)}")
             x = x * (torch.arange(samples, device=x.device)[None, :] < lengths[:, None])
@@ -140,6 +140,7 @@ class HTSATFrontEnd(nn.Module):
         batch, _, frames, bins = x.shape
         keep_t = _keep_mask(batch, frames, self.time_width, self.stripes.time_stripes, generator)
         keep_f = _keep_mask(batch, bins, self.stripes.freq_width, self.stripes.freq_stripes, generator)
-        keep_t, keep_f = keep_t.to(x.device), keep_f.to(x.device)  # [B, T] and [B, F]; the product on the device
+        # [B, T] and [B, F]; the product on the device
+        keep_t, keep_f = keep_t.to(x.device, non_blocking=True), keep_f.to(x.device, non_blocking=True)
         keep = (keep_t[:, :, None] & keep_f[:, None, :]).to(dtype=x.dtype)
         return torch.cat([x, keep.unsqueeze(1)], dim=1)

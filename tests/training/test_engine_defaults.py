@@ -1,0 +1,92 @@
+"""The engine's ZeRO defaults (``common.training.engine_config``): none on one rank; on several, ZeRO-1 with the
+reduction overlapped with the backward pass and 5e7-element buckets; a recipe's explicit values win. Checked
+on the engine DeepSpeed actually built, at 1 rank in-process and at 2 and 3 ranks on gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.training.engine_config import ZERO_BUCKET, resolve_zero_stage, zero_config
+from tests.training.test_trainer import _micro_step_trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+CASES = {
+    "default": {},
+    "stage0": {"zero_stage": 0},
+    "stage2 no overlap": {"zero_stage": 2, "zero_overlap_comm": False, "zero_bucket_size": 1_000_000},
+}
+
+
+def test_resolution_and_the_section():
+    assert [resolve_zero_stage("auto", n) for n in (1, 2, 3)] == [0, 1, 1]
+    assert resolve_zero_stage("auto", 2, saved=0) == 0 and resolve_zero_stage("auto", 1, saved=1) == 1  # a resume
+    assert resolve_zero_stage(2, 1, saved=1) == 2  # an explicit value wins
+    assert zero_config(0, 4) == {"stage": 0}
+    assert zero_config(1, 2) == {"stage": 1, "overlap_comm": True, "reduce_bucket_size": ZERO_BUCKET,
+                                 "allgather_bucket_size": ZERO_BUCKET, "contiguous_gradients": True}
+    assert zero_config(1, 1)["overlap_comm"] is False and zero_config(2, 3, False, 7)["reduce_bucket_size"] == 7
+
+
+def test_one_rank_runs_without_zero_unless_the_recipe_asks(tmp_path):
+    trainer, engine, _ = _micro_step_trainer(tmp_path, "ssast", accum=1)
+    assert (trainer.zero_stage, engine.zero_optimization_stage()) == (0, 0)
+    assert not engine.enable_backward_allreduce  # nothing to reduce on one rank
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(world_size: int, out: Path, timeout: float = 180) -> list[dict]:
+    out.mkdir(parents=True)
+    job = out / "job.json"
+    job.write_text(json.dumps({"out": str(out), "cases": {k: {"train": v} for k, v in CASES.items()}}))
+    port, procs = _free_port(), []
+    for rank in range(world_size):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+        with open(out / f"rank{rank}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "engine_job.py"), str(job)], env=env,
+                                          stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True))
+    try:
+        for proc in procs:
+            proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        hung = [p for p in procs if p.poll() is None]
+        for proc in hung:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    tails = "\n".join(f"--- rank {r}:\n" + (out / f"rank{r}.log").read_text()[-2500:] for r in range(world_size))
+    assert not hung, f"{len(hung)} of {world_size} ranks still running after {timeout:.0f} s (a hang)\n{tails}"
+    assert all(p.returncode == 0 for p in procs), f"exit codes {[p.returncode for p in procs]}\n{tails}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_several_ranks_overlap_the_reduction_in_model_sized_buckets(tmp_path, world_size):
+    ranks = _launch(world_size, tmp_path / "job")
+    for name in CASES:  # every rank built the same engine and took the same step
+        assert len({json.dumps(r[name], sort_keys=True) for r in ranks}) == 1, (name, ranks)
+    got = ranks[0]
+    assert {k: got["default"][k] for k in ("stage", "trainer_stage", "overlap_comm", "optimizer_overlaps",
+                                           "reduce_bucket_size", "allgather_bucket_size")} == {
+        "stage": 1, "trainer_stage": 1, "overlap_comm": True, "optimizer_overlaps": True,
+        "reduce_bucket_size": int(5e7), "allgather_bucket_size": int(5e7)}
+    assert (got["stage0"]["stage"], got["stage0"]["trainer_stage"]) == (0, 0)
+    assert {k: got["stage2 no overlap"][k] for k in ("stage", "overlap_comm", "optimizer_overlaps",
+                                                     "reduce_bucket_size")} == {
+        "stage": 2, "overlap_comm": False, "optimizer_overlaps": False, "reduce_bucket_size": 1_000_000}
