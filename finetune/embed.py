@@ -421,7 +421,9 @@ def embed_files(init: str | os.PathLike | Embedder, inputs: Sequence[str | os.Pa
     _check_settings(out, settings)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     remove_orphans(out)
-    atomic_write_text(out / "embeddings.json", json.dumps(settings, indent=1) + "\n")
+    text = json.dumps(settings, indent=1) + "\n"
+    if not (out / "embeddings.json").is_file() or (out / "embeddings.json").read_text() != text:
+        atomic_write_text(out / "embeddings.json", text)
     done_rows = _done_rows(out)
     done = {r["clip_id"] for r in done_rows}
     summary = EmbedSummary(out)
