@@ -51,6 +51,7 @@ setup(
             "c2f-linear-probe=finetune.linear_probe:main",
             "c2f-report=finetune.report:main",
             "c2f-predict=finetune.predict:main",
+            "c2f-embed=finetune.embed:main",
             "c2f-hf=common.hf:main",
         ]
     },

@@ -128,6 +128,11 @@ def test_frame_times_of_a_long_file_in_windows(tmp_path):
         direct = embedder.embed(piece)
         assert np.allclose(shard["clip"][row], direct.clip[0], atol=1e-5)
         assert np.allclose(shard["frames"][row], direct.frames[0], atol=1e-5)
+    # a frame is its time column's tokens averaged over the frequency rows (tokens are frequency-major)
+    with torch.no_grad():
+        tokens = embedder.encoder.forward_features(embedder.pipeline(piece))[0, 2:]  # [8 x 4 patches, 32]
+    assert np.allclose(direct.frames[0], tokens.reshape(8, 4, 32).mean(0).numpy(), atol=1e-5)
+    assert not np.allclose(direct.frames[0], tokens.reshape(4, 8, 32).mean(1).numpy(), atol=1e-3)
     # a Fshift x2 phase's export: 20 ms frames, 32 of them, two columns of 16
     embed_files(coarse, [wave_file], tmp_path / "coarse", frames=True, workers=0)
     rows = read_index(tmp_path / "coarse")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 ENTRY_POINTS = ["pretrain.run", "finetune.run", "finetune.linear_probe", "finetune.report", "finetune.predict",
+                "finetune.embed",
                 "finetune.demo", "common.corpora.__main__", "common.flops", "common.hf", "bench.data_throughput",
                 "bench.train_throughput", "bench.gpu_check"]
 
@@ -23,7 +24,7 @@ def test_help(module, capsys):
 def test_console_scripts_resolve():
     setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
     targets = re.findall(r'"c2f-[\w-]+=([\w.]+):(\w+)"', setup)
-    assert len(targets) == 7
+    assert len(targets) == 8
     for module, function in targets:
         assert callable(getattr(importlib.import_module(module), function))
 
