@@ -120,7 +120,7 @@ def list_clips(inputs: Sequence[str | os.PathLike]) -> tuple[Iterator[Clip], int
     Raises:
         FileNotFoundError: an input that does not exist, or a folder with neither audio nor a manifest.
     """
-    from common.data import count_clips
+    from common.data import count_clips, manifest_problem
 
     plan: list[tuple[str, Path, list[Path] | None]] = []
     total: int | None = 0
@@ -129,6 +129,9 @@ def list_clips(inputs: Sequence[str | os.PathLike]) -> tuple[Iterator[Clip], int
         if _is_manifest(path):
             if not path.exists():
                 raise FileNotFoundError(f"--inputs: manifest {path} does not exist")
+            problem = manifest_problem(path) if path.is_file() else None
+            if problem:
+                raise ValueError(f"--inputs: manifest {path}: {problem}")
             count = count_clips(path)
             total = None if total is None or count is None else total + count
             plan.append(("manifest", path, None))
@@ -476,16 +479,23 @@ def _write_index(out: Path, fmt: str, has_clip: bool) -> None:
     if index.is_file() and index.read_text() == text and (clips_file.is_file() or not has_clip):
         return
     if has_clip and rows:
-        parts = [read_shard(out / "shards" / shard, ["clip"])["clip"] for shard in dict.fromkeys(r["shard"] for r in rows)]
-        clip = np.concatenate(parts)
-        if fmt == "npy":
+        shards = list(dict.fromkeys(r["shard"] for r in rows))
+        if fmt == "npy":  # filled shard by shard: the whole corpus need not fit in memory
             from common.atomic import atomic_path
 
-            with atomic_path(clips_file, size=clip.nbytes + 4096) as tmp:
-                with open(tmp, "wb") as handle:
-                    np.save(handle, clip)
+            first = read_shard(out / "shards" / shards[0], ["clip"])["clip"]
+            with atomic_path(clips_file, size=len(rows) * first.shape[1] * 4 + 4096) as tmp:
+                clip = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(rows), first.shape[1]))
+                at = 0
+                for shard in shards:
+                    part = read_shard(out / "shards" / shard, ["clip"])["clip"]
+                    clip[at : at + len(part)] = part
+                    at += len(part)
+                clip.flush()
+                del clip
         else:
-            _write_tensors(clips_file, {"clip": clip}, fmt)
+            parts = [read_shard(out / "shards" / shard, ["clip"])["clip"] for shard in shards]
+            _write_tensors(clips_file, {"clip": np.concatenate(parts)}, fmt)
     atomic_write_text(index, text)
 
 
@@ -533,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
 
         setup_logging(None)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
         summary = embed_files(args.init, args.inputs, args.out, layer=args.layer, pool=args.pool,
                               frames=args.frames, fmt=args.format, batch_size=args.batch_size, hop_seconds=args.hop,
                               shard_size=args.shard_size, device=device, workers=args.workers, norm=args.norm)

@@ -259,6 +259,10 @@ def test_bad_settings_end_in_one_line_naming_them(tmp_path, capsys):
     (tmp_path / "nothing").mkdir()
     assert main(["--init", str(init), "--inputs", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert "holds no audio files" in capsys.readouterr().err
+    (tmp_path / "list.jsonl").write_text("a.wav\n")
+    assert main(["--init", str(init), "--inputs", str(tmp_path / "list.jsonl"), "--out", str(tmp_path / "o")]) == 1
+    assert "list.jsonl: line 1 is not JSON" in capsys.readouterr().err
+    assert main([*base, "--device", "cuda:0"]) == (0 if torch.cuda.is_available() else 1)
 
 
 @pytest.mark.parametrize("layer", [None, 1])
