@@ -295,3 +295,21 @@ def test_the_linear_probe_features_are_the_embed_commands(tmp_path, synth_corpus
 
     assert [r["clip_id"] for r in rows if r["window"] == 0] == [c.id for m in manifests for c in
                                                                CutSet.from_file(m)]
+
+
+def test_the_bar_counts_clips_against_their_total_skipped_ones_included(tmp_path, monkeypatch):
+    from tests.test_progress import _bars, fake_terminal
+
+    init = _export(tmp_path / "e.safetensors")
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    for i in range(3):
+        _write(folder / f"c{i}.wav", 0.3, seed=i)
+    terminal = fake_terminal(monkeypatch)
+    embed_files(init, [folder], tmp_path / "emb", workers=0)
+    assert any("3/3" in s for s in _bars(terminal.getvalue(), f"embedding into {tmp_path / 'emb'}: 100%"))
+    _write(folder / "c3.wav", 0.3, seed=3)
+    terminal.seek(0)
+    terminal.truncate()
+    assert embed_files(init, [folder], tmp_path / "emb", workers=0).skipped == 3
+    assert any("4/4" in s for s in _bars(terminal.getvalue(), f"embedding into {tmp_path / 'emb'}: 100%"))
