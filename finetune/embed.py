@@ -295,6 +295,7 @@ class _Writer:
         from finetune.predict import windows
 
         size, rate = self.embedder.clip_samples, self.embedder.sample_rate
+        _tsv(clip.clip_id), _tsv(clip.source)  # before any compute
         for k, start in enumerate(windows(wave.size, size, hop)):
             piece = wave[start : start + size]
             self.queue.append((piece, piece.size))
@@ -338,7 +339,7 @@ class _Writer:
         from common.atomic import atomic_write_text
 
         lines = ["\t".join(INDEX_COLUMNS)] + [
-            f"{_tsv(cid)}\t{_tsv(src)}\t{k}\t{start:.6f}\t{end:.6f}\t{name}\t{i}"
+            f"{cid}\t{src}\t{k}\t{start:.6f}\t{end:.6f}\t{name}\t{i}"
             for i, (cid, src, k, start, end) in enumerate(self.rows)]
         atomic_write_text(self.out / "shards" / f"{self.number:05d}.tsv", "\n".join(lines) + "\n")
         self.summary.windows += len(self.rows)
