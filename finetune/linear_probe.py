@@ -6,7 +6,8 @@
 
 Features: the tokens of one block (default: the last, after the final norm), mean-pooled over the patch
 tokens or the prefix tokens (default: as the init's code pools, ``finetune.init.init_pool``), for every
-clip at full resolution. They are cached per (checkpoint,
+clip at full resolution, computed by ``finetune.embedder.Embedder`` as ``finetune/embed.py`` computes its
+clip embeddings. They are cached per (checkpoint,
 task split, layer, pooling), so probing again with another ``C`` is instant. The classifier is a
 standardised logistic regression (one-vs-rest for multi-label tasks); the task's metric is computed on
 its test split (the evaluation split if it has none; ESC-50: the mean over its five folds).
@@ -71,27 +72,25 @@ def extract_features(encoder, arch, manifests: Sequence[str], classes: Sequence[
                      pool: str = "mean", batch_size: int = 32, num_workers: int = 2,
                      device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, np.ndarray]:
     """``(features [clips, D], targets [clips, classes])`` of a frozen full-resolution encoder over
-    ``manifests``; ``arch`` (``common.models.arch``) makes its front end and its embedding."""
-    from common.audio.augment import SpecAugmentConfig
-    from common.audio.compression import Compression
+    ``manifests``: each clip's first window, embedded by :class:`finetune.embedder.Embedder` (the code
+    ``finetune/embed.py`` writes embeddings with) around ``encoder`` and the front end of ``arch``
+    (``common.models.arch``)."""
     from common.data.loader import count_clips, eval_loader
     from common.system.logger import progress
+    from finetune.embedder import Embedder
 
-    geometry = arch.geometry(Compression())
-    pipeline = arch.frontend(geometry, Compression(), SpecAugmentConfig()).to(device)
+    embedder = Embedder.from_arch(encoder, arch, layer=layer, pool=pool, device=device)
     loader = eval_loader(manifests, classes, arch.clip_samples, arch.sample_rate, batch_size, num_workers)
-    encoder = encoder.to(device).eval()
     feats, targets = [], []
     counts = [count_clips(m) for m in manifests]
     bar = progress(None if None in counts else sum(counts), 0, f"features of {Path(manifests[0]).name}"
                    + (f" (+{len(manifests) - 1})" if len(manifests) > 1 else ""), True, unit="clip")
-    with torch.no_grad(), bar:
+    with bar:
         for batch in loader.batches(epochs=1):
             bar.update(len(batch) + len(batch.bad))
             if not len(batch):
                 continue
-            x = pipeline(batch.waveforms.to(device), batch.lengths.to(device))
-            feats.append(arch.features(encoder, x, pool, layer).float().cpu().numpy())
+            feats.append(embedder.embed(batch.waveforms, batch.lengths).clip)
             targets.append(batch.targets.numpy())
     if not feats:
         raise ValueError(f"no usable clip in {', '.join(map(str, manifests))}")

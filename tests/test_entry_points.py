@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 ENTRY_POINTS = ["pretrain.run", "finetune.run", "finetune.linear_probe", "common.reports.report", "finetune.predict",
-                "finetune.demo", "common.data.corpora.__main__", "common.models.flops", "common.models.hf_export",
-                "finetune.onnx_export", "bench.data_throughput", "bench.train_throughput", "bench.gpu_check"]
+                "finetune.embed", "finetune.demo", "common.data.corpora.__main__", "common.models.flops",
+                "common.models.hf_export", "finetune.onnx_export", "bench.data_throughput", "bench.train_throughput",
+                "bench.gpu_check"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
@@ -23,7 +24,7 @@ def test_help(module, capsys):
 def test_console_scripts_resolve():
     setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
     targets = re.findall(r'"c2f-[\w-]+=([\w.]+):(\w+)"', setup)
-    assert len(targets) == 8
+    assert len(targets) == 9
     for module, function in targets:
         assert callable(getattr(importlib.import_module(module), function))
 
