@@ -29,6 +29,7 @@ def test_console_scripts_resolve():
         assert callable(getattr(importlib.import_module(module), function))
 
 
+@pytest.mark.slow
 def test_no_deepspeed_greeting_on_our_commands():
     """DeepSpeed's "Setting accelerator to CPU" (its import on a machine without a GPU) and its install banners
     ("[WARNING] ... async_io ...") greet no command: --help, --dry-run, or a run's DeepSpeed set-up."""

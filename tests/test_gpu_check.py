@@ -14,6 +14,7 @@ from bench.gpu_check import SyncSites, main, peak_bf16
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_smoke_run_goes_through_every_section(tmp_path, capsys):
     assert main(["--smoke", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "cpu-smoke.md").read_text()
@@ -28,6 +29,7 @@ def test_the_smoke_run_goes_through_every_section(tmp_path, capsys):
     assert "ratio **" in text
 
 
+@pytest.mark.slow
 def test_a_machine_without_lhotse_and_deepspeed_is_told_what_to_install(tmp_path):
     code = ("import sys; sys.modules['deepspeed'] = None; sys.modules['lhotse'] = None; "
             "from bench.gpu_check import main; sys.exit(main(['--smoke', '--out', sys.argv[1]]))")

@@ -1,3 +1,4 @@
+import pytest
 """Progress on a terminal: the fine-tuning bar has a total and the time left, log lines never land on a bar, and
 the long preparations (prepare, stats, the linear probe's feature extraction) show one. A fake terminal
 (a text buffer that says it is a TTY) stands in for stderr."""
@@ -34,6 +35,7 @@ def _bars(text: str, desc: str) -> list[str]:
     return [s for s in _segments(text) if s.startswith(desc)]
 
 
+@pytest.mark.slow
 def test_the_fine_tuning_bar_has_a_total_and_a_time_left_and_log_lines_stay_off_it(tmp_path, synth_corpus,
                                                                                     monkeypatch):
     from finetune.run import main as finetune
@@ -84,6 +86,7 @@ def test_prepare_and_stats_show_progress(tmp_path, monkeypatch):
     assert any("5/5" in s for s in _bars(terminal.getvalue(), "statistics of custom_train.jsonl.gz: 100%"))
 
 
+@pytest.mark.slow
 def test_the_probe_feature_extraction_shows_progress(synth_corpus, monkeypatch):
     from common.models.arch import architecture_for
     from common.data.corpora.base import read_classes

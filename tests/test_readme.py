@@ -89,6 +89,7 @@ def test_the_readme_has_the_commands_this_test_runs():
     assert len(lines) >= 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line", _command_lines())
 def test_readme_command_runs_as_written(line, no_data, capsys):
     argv = shlex.split(line)
@@ -147,6 +148,7 @@ def test_inline_set_examples_parse_as_numbers(capsys):
                     assert got == pytest.approx(expected), item
 
 
+@pytest.mark.slow
 def test_the_readme_task_file_works_relative_to_itself(tmp_path, monkeypatch, capsys):
     """The documented task YAML, as written, in a folder of its own; run from elsewhere."""
     from common.data.corpora import get_corpus
@@ -210,6 +212,7 @@ def test_readme_sample_outputs_are_what_the_commands_print(no_data, capsys):
     assert samples >= 2  # the README's plan on 4 GPUs, docs/schedules.md's derived schedule
 
 
+@pytest.mark.slow
 def test_readme_numbers_are_what_the_commands_print(capsys):
     """The FLOPs per clip the README and docs/ quote, from the commands they name."""
     from common.models.flops import main as flops
@@ -258,6 +261,7 @@ def test_the_readme_has_the_fine_tuning_lines_that_name_a_pretraining_run():
     assert "python finetune/run.py --init runs/pretrain/ssast_fshift4 --task vggsound" in _finetuning_lines()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line", _finetuning_lines())
 def test_readme_fine_tuning_lines_plan_before_their_init_exists(line, no_data, capsys):
     """Planned with --dry-run before the pretraining run (or the checkpoint) they name exists: the plan, then
@@ -272,6 +276,7 @@ def test_readme_fine_tuning_lines_plan_before_their_init_exists(line, no_data, c
     assert "does not exist" in missing.split("\n", 1)[1]  # and the data
 
 
+@pytest.mark.slow
 def test_the_first_hour_from_a_clone_to_a_cpu_result(tmp_path, monkeypatch, capsys):
     """The README's first-hour commands, in order, as written; only sizes are cut (appended flags: the test-size
     corpus, a few steps) so that the chain runs in seconds. It ends with a CPU result."""

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from common.audio.augment import MixupConfig, mixup, spec_augment
@@ -70,6 +71,7 @@ def test_fbank_noise_adds_bounded_noise_then_rolls_each_clip_as_ssast():
     assert torch.equal(again, out)  # all from the generator: a resumed run adds the same noise
 
 
+@pytest.mark.slow
 def test_noise_comes_after_normalisation_and_its_roll_scales_with_fshift(signals):
     from common.audio.augment import NoiseConfig
     from common.audio.compression import Compression

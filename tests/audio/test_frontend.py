@@ -11,6 +11,7 @@ def reference_fbank(wave: torch.Tensor, shift_ms: float) -> torch.Tensor:
         window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=shift_ms)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shift_ms", [10, 20, 30, 40])
 def test_fbank_matches_torchaudio_kaldi(signals, shift_ms):
     feats = Fbank(frame_shift_ms=shift_ms)(signals)
@@ -20,6 +21,7 @@ def test_fbank_matches_torchaudio_kaldi(signals, shift_ms):
         assert (feats[i] - ref).abs().max().item() <= 1e-3
 
 
+@pytest.mark.slow
 def test_fbank_lengths_equal_unpadded_clip_then_zero_padding(signals):
     fb = Fbank()
     lengths = torch.tensor([32000, 20000, 9000])

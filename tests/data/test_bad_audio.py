@@ -120,6 +120,7 @@ def data_root(tmp_path, synth_corpus) -> Path:
     return data
 
 
+@pytest.mark.slow
 def test_fine_tuning_lists_and_counts_bad_validation_clips(tmp_path, synth_corpus, data_root):
     valid = local_manifest(synth_corpus / "synth_valid.jsonl.gz", tmp_path / "v", "valid", 8, {1: "delete"})
     train = local_manifest(synth_corpus / "synth_train.jsonl.gz", tmp_path / "t", "train", 12, {5: "garbage"})
@@ -139,6 +140,7 @@ def test_fine_tuning_lists_and_counts_bad_validation_clips(tmp_path, synth_corpu
     assert tracker["bad"] == 2 and tracker["reasons"] == {"unreadable": 2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eval_batches", [None, 1])
 def test_all_bad_validation_clips_stop_with_a_clear_error(tmp_path, synth_corpus, data_root, eval_batches, capsys):
     valid = local_manifest(synth_corpus / "synth_valid.jsonl.gz", tmp_path / "v", "valid", 4,
@@ -171,6 +173,7 @@ def test_non_wav_and_whole_files_pass_the_integrity_check(tmp_path):
     assert wav_data_extent(stream) is None and truncation(stream) is None
 
 
+@pytest.mark.slow
 def test_after_a_resume_bad_audio_tsv_lists_what_is_bad_now(tmp_path, synth_corpus, data_root, capsys):
     """A file missing in the first attempt comes back before the resume: it leaves the list (the log says
     so), a clip still bad stays with its reason of now, and the counts keep the run's history."""
@@ -198,6 +201,7 @@ def test_after_a_resume_bad_audio_tsv_lists_what_is_bad_now(tmp_path, synth_corp
     assert tracker["reasons"] == {"missing": 1, "unreadable": 2}  # the history: epoch 1 both, epoch 2 one
 
 
+@pytest.mark.slow
 def test_max_bad_fraction_may_change_on_resume_and_is_recorded(tmp_path, synth_corpus, data_root, capsys):
     train = local_manifest(synth_corpus / "synth_train.jsonl.gz", tmp_path / "t", "train", 12, {5: "garbage"})
     run_dir = tmp_path / "run"

@@ -9,6 +9,7 @@ from common.data.corpora.synth import CLASSES, SIZES, generate_clip
 from tests.layouts import write_clip, write_garbage
 
 
+@pytest.mark.slow
 def test_synth_is_deterministic_and_complete(tmp_path):
     report = get_corpus("synth").prepare(None, tmp_path / "a", size="test", seed=3)
     sizes = SIZES["test"]

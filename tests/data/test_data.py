@@ -35,6 +35,7 @@ def take(iterator, n):
     return [next(iterator) for _ in range(n)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers,in_memory", [(0, None), (2, None), (0, 1000), (2, 1000)])
 def test_resume_yields_exactly_the_uninterrupted_batches(synth_corpus, workers, in_memory):
     manifest = synth_corpus / "synth_train.jsonl.gz"  # 24 clips -> 6 batches per epoch
@@ -189,6 +190,7 @@ def test_balanced_sampler_draws_rare_classes_more(synth_corpus):
     assert rain == pytest.approx(1 / 12, abs=0.03)  # its one clip is drawn as often as two of any other class
 
 
+@pytest.mark.slow
 def test_stats_cli_and_shar_round_trip(synth_corpus, tmp_path):
     import json
 
@@ -241,6 +243,7 @@ def _mixing(loader, epoch=0):
     return float(np.mean([len(set(b)) for b in labels])), float(np.corrcoef(np.arange(flat.size), flat)[0, 1])
 
 
+@pytest.mark.slow
 def test_training_epochs_are_a_shuffle_of_the_whole_set(class_sorted_manifest):
     path, classes, per_class = class_sorted_manifest
     batch = 128

@@ -1,3 +1,4 @@
+import pytest
 """The manifests' fingerprints: recorded in ledger.json, and a resume refused when they changed."""
 
 import gzip
@@ -42,6 +43,7 @@ def test_changes_name_the_role_and_the_path(tmp_path):
     assert list(changed) == [f"valid: {valid}"] and changed[f"valid: {valid}"]["from"] == old["valid"][str(valid)]["sha256"]
 
 
+@pytest.mark.slow
 def test_a_resume_on_changed_manifests_is_refused_unless_accepted(tmp_path, synth_corpus, capsys):
     corpus = tmp_path / "corpus"
     shutil.copytree(synth_corpus, corpus)

@@ -146,6 +146,7 @@ def test_a_resume_on_another_number_of_ranks_continues_the_epoch(odd, path, befo
     assert reshard_index(consumed, batch0, ranks0, batch0, ranks0) == consumed  # nothing changes: exact
 
 
+@pytest.mark.slow
 def test_a_resume_at_another_per_rank_batch_converts_the_position_in_clips(tmp_path, synth_corpus):
     """A checkpoint written at 2 clips per rank (a global batch over twice the ranks) resumes at 4 clips per
     rank from the same clips of the epoch: 4 batches of 2 are 2 batches of 4, so the run ends exactly as an
@@ -218,6 +219,7 @@ def _check_equal_shards(name: str, ranks: list[dict], valid_ids: set[str]) -> No
     assert Counter(scored) == (dict.fromkeys(valid_ids, rounds) if rounds else {}), (name, rounds, len(scored))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_training_on_2_and_3_ranks_every_loader_path_resumed_and_resharded(odd, tmp_path):
     """Fine-tuning (epoch-based: every epoch end is collective) and pretraining (step-based) on every loader

@@ -12,6 +12,8 @@ from finetune.embed import embed_files, main, read_clips, read_index, read_shard
 from finetune.embedder import load_embedder
 from tests.finetune.test_predict import _write
 
+pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
+
 AUDIO = {"sample_rate": 16000, "num_mel_bins": 128, "frame_shift_ms": 10.0, "frame_length_ms": 25.0,
          "target_frames": 64, "norm": "audioset"}
 FULL = {"compression": "none", "factor": 1}

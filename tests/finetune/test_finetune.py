@@ -80,6 +80,7 @@ def _prepare(name: str, root: Path) -> None:
     get_corpus(name).prepare(src, root / name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_every_task_fine_tunes_one_epoch_on_its_miniature_corpus(tmp_path, task, synth_corpus):
     corpus = {"audioset20k": "audioset"}.get(task, task)
@@ -121,6 +122,7 @@ def small_synth(tmp_path_factory):
     return out.parent
 
 
+@pytest.mark.slow
 def test_fine_tuning_a_pretrained_run_beats_chance_clearly(tmp_path, small_synth):
     from pretrain.run import main as pretrain
 
@@ -140,6 +142,7 @@ def test_fine_tuning_a_pretrained_run_beats_chance_clearly(tmp_path, small_synth
     assert json.loads((ft / "test_metrics.json").read_text())["acc"] > 2 / 12
 
 
+@pytest.mark.slow
 def test_fine_tuning_from_an_official_ssast_checkpoint(tmp_path, synth_corpus):
     from common.models.weights import load_encoder_state
     from common.models.ast.encoder import ModelSpec
@@ -168,6 +171,7 @@ def test_fine_tuning_from_an_official_ssast_checkpoint(tmp_path, synth_corpus):
     assert model.pool == meta["classifier"]["pool"] == "prefix"  # overridden; SSAST's own would be mean
 
 
+@pytest.mark.slow
 def test_pooling_follows_the_init(tmp_path):
     """AST pools (cls + dist) / 2, SSAST the mean of the patch tokens, patch and frame models alike (item 2)."""
     import timm
@@ -207,6 +211,7 @@ def test_pooling_follows_the_init(tmp_path):
         resolve_pool("prefix", None, no_prefix)
 
 
+@pytest.mark.slow
 def test_imagenet_deit_weights_start_the_encoder_as_ast(tmp_path):
     import timm
 
@@ -232,6 +237,7 @@ def test_imagenet_deit_weights_start_the_encoder_as_ast(tmp_path):
 
 
 # ------------------------------------------------------------------------- custom task, probe, predict
+@pytest.mark.slow
 def test_a_custom_task_file_fine_tunes_and_probes(tmp_path):
     from finetune.linear_probe import main as probe
     from tests.layouts import write_clip
@@ -275,6 +281,7 @@ def test_logistic_regression_probe_on_known_features():
     assert fit_and_score(xm[:60], multi[:60], xm[60:], multi[60:], "mAP", multilabel=True) > 0.95
 
 
+@pytest.mark.slow
 def test_probe_task_esc50_is_the_mean_over_folds(tmp_path, monkeypatch):
     from common.models.exports import save_encoder
     from common.models.ast.encoder import ASTEncoder, EncoderConfig
@@ -328,6 +335,7 @@ def test_predict_windows_and_top_k(tmp_path, capsys):
     assert "missing.wav: no such file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_fine_tuning_recipes_in_the_repo_are_valid(capsys):
     from finetune.recipe import load_recipe
 
@@ -348,6 +356,7 @@ def test_fine_tuning_recipes_in_the_repo_are_valid(capsys):
         load_recipe("audioset20k", None, ["phases=[{compression: none, epochs: 2}]"])
 
 
+@pytest.mark.slow
 def test_the_demo_writes_its_reports_and_plots(tmp_path):
     from finetune.demo import run
 
@@ -365,6 +374,7 @@ def test_the_demo_writes_its_reports_and_plots(tmp_path):
     assert {t["label"] for t in hf["top"]} <= set(names.values())
 
 
+@pytest.mark.slow
 def test_three_phase_fine_tuning_with_patch_and_pooling(tmp_path, synth_corpus):
     run_dir = tmp_path / "three"
     phases = ("phases=[{compression: patch, factor: 4, patch_transfer: bilinear, epochs: 1}, "

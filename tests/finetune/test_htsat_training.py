@@ -22,6 +22,7 @@ TINY_HTSAT = ("model.arch=htsat", "model.htsat={sample_rate: 16000, clip_samples
               "train.weight_average_top=null")
 
 
+@pytest.mark.slow
 def test_a_two_phase_htsat_fine_tune_runs_end_to_end(tmp_path, synth_corpus, capsys):
     from common.models.exports import read_weights
     from finetune.classifier import load_classifier
@@ -79,6 +80,7 @@ def test_hts_at_cannot_do_what_it_cannot_and_says_so(tmp_path, synth_corpus, cap
                                                               "model.num_heads=null"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("classes", [527, 5])
 def test_an_official_checkpoint_classifies_with_predict(tmp_path, capsys, classes):
     from common.models.htsat import HTSAT, HTSATFrontEnd, audioset_labels, load_official_checkpoint
@@ -108,6 +110,7 @@ def test_an_official_checkpoint_classifies_with_predict(tmp_path, capsys, classe
     assert [item["score"] for item in labels] == pytest.approx(top.values.tolist(), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_an_official_checkpoint_starts_a_fine_tune_on_other_classes(tmp_path):
     from common.models.arch import architecture_for
     from common.models.weights import load_encoder_state
@@ -141,6 +144,7 @@ def test_the_htsat_recipes_load_and_plan(capsys):
         ("spectrogram", 0.5, 15)
 
 
+@pytest.mark.slow
 def test_the_audioset_pair_plans_the_papers_saving(capsys):
     """Table 6: Fshift 4->1 saves 21.13 % of HTS-AT's training FLOPs on AudioSet-2M; per clip 35.9 GFLOPs at full
     resolution and 9.0 at C = 4 (reference count). The plan needs no data."""
@@ -159,6 +163,7 @@ def test_the_audioset_pair_plans_the_papers_saving(capsys):
     assert saving == pytest.approx(21.13, abs=0.5)
 
 
+@pytest.mark.slow
 def test_the_vggsound_pair_plans_the_same_saving(capsys):
     """Table 6 has one FLOPs saving, 21.13 %, for AudioSet and VGGSound: VGGSound's 50 epochs with the AudioSet
     recipe's 0.28 share are 14 + 36 and plan 21.0 % (the default 25 % would plan 19.5 %)."""

@@ -19,6 +19,8 @@ from common.audio.pipeline import AudioConfig
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from finetune.classifier import save_classifier
 
+pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
+
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 

@@ -12,6 +12,7 @@ AUDIO = PREDICT_AUDIO
 CLIP = 0.025 + 63 * 0.010  # seconds in one window of 64 frames
 
 
+@pytest.mark.slow
 def test_long_file_windows_and_aggregation_rules(tmp_path, model_file, capsys):
     bce, ce = model_file("bce"), model_file("ce")
     long = _write(tmp_path / "long.wav", 3.5)

@@ -220,6 +220,7 @@ def test_the_plan_says_which_recipe(tmp_path, synth_corpus, capsys):
     assert "phase1 (full resolution)               25" in out
 
 
+@pytest.mark.slow
 def test_a_task_file_trains_with_its_recipe(tmp_path, synth_corpus):
     """A short run logs the followed recipe and records it in the run's recipe."""
     import json

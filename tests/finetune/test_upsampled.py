@@ -89,6 +89,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     torch_dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_ranks_counts_are_summed(tmp_path, world):
@@ -110,6 +111,7 @@ def test_every_ranks_counts_are_summed(tmp_path, world):
     assert results[0] == {"first": {"train": train, "valid": [[16000, 32000, world]]}, "second": {}}
 
 
+@pytest.mark.slow
 def test_a_run_at_32_khz_on_16_khz_clips_says_so_once_and_counts_them(tmp_path, synth_corpus):
     """A tiny HTS-AT with the official 32 kHz front end on the built-in corpus's 16 kHz clips."""
     data = _synth_root(tmp_path, synth_corpus)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from common.audio.compression import Compression
@@ -19,6 +20,7 @@ def test_counter_sees_matmuls():
     assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
 
 
+@pytest.mark.slow
 def test_encoder_training_flops_match_the_analytic_count():
     cfg = encoder_config("base")
     counted = encoder_train_flops(cfg)
@@ -26,6 +28,7 @@ def test_encoder_training_flops_match_the_analytic_count():
     assert 280e9 < counted < 300e9  # SSAST-base, 512 + 2 tokens
 
 
+@pytest.mark.slow
 def test_compression_cuts_flops_by_at_least_the_factor():
     base = encoder_config("tiny")
     full = encoder_train_flops(base)

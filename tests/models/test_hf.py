@@ -45,6 +45,7 @@ def predict_json(ckpt, files, capsys) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ export + exactness
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["ce", "bce"])
 def test_exported_classifier_scores_equal_predict_through_transformers(tmp_path, capsys, loss):
     import soundfile as sf
@@ -170,6 +171,7 @@ def test_models_the_format_cannot_hold_are_refused_by_name(tmp_path, kind, match
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_imagenet_weights_and_unknown_statistics_are_refused(tmp_path, capsys):
     import timm
 
@@ -187,6 +189,7 @@ def test_imagenet_weights_and_unknown_statistics_are_refused(tmp_path, capsys):
     assert json.loads((tmp_path / "o" / "preprocessor_config.json").read_text())["mean"] == -4.2677393
 
 
+@pytest.mark.slow
 def test_without_transformers_common_hf_says_how_to_install(tmp_path, capsys, monkeypatch):
     from common.models.hf_export import main as hf_main
 
@@ -201,6 +204,7 @@ def test_without_transformers_common_hf_says_how_to_install(tmp_path, capsys, mo
 
 
 # ------------------------------------------------------------------------------------------ --init DIR
+@pytest.mark.slow
 def test_fine_tuning_starts_from_an_hf_directory_and_keeps_its_head(tmp_path, synth_corpus, capsys):
     from common.data.corpora.base import read_classes
     from finetune.run import main as finetune

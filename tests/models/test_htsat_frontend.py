@@ -84,6 +84,7 @@ def test_stripes_only_with_a_generator_and_reproducible():
     assert torch.equal(masked, stripes)  # nothing but whole time and frequency stripes
 
 
+@pytest.mark.slow
 def test_time_stripe_scales_with_the_frame_rate():
     cfg = HTSATConfig()
     assert HTSATFrontEnd(cfg).time_width == 64
@@ -97,6 +98,7 @@ def test_time_stripe_scales_with_the_frame_rate():
     assert not (~keep).all(dim=1).any()  # no frequency stripes
 
 
+@pytest.mark.slow
 def test_model_zeroes_the_stripes_right_after_bn0():
     cfg = CFG.replace(clip_samples=320 * 1023)  # exactly 1024 frames: no stretch, so image cells are frames
     front, model = HTSATFrontEnd(cfg), HTSAT(cfg).eval()

@@ -79,6 +79,7 @@ def run_arch(init, **overrides):
     return architecture_for(init.config.replace(**{**RUN, **overrides}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["timm", "timm.safetensors", "microsoft"])
 def test_an_imagenet_swin_loads_every_weight_where_it_belongs(tmp_path, layout):
     swin = timm_swin(window=3)
@@ -117,6 +118,7 @@ def test_an_imagenet_swin_loads_every_weight_where_it_belongs(tmp_path, layout):
     assert all(torch.equal(model.encoder.bn0.state_dict()[k], v) for k, v in bn0.items())  # bn0 starts afresh
 
 
+@pytest.mark.slow
 def test_the_loaded_backbone_computes_what_the_imagenet_network_computes(tmp_path):
     """A mono image x through the loaded Swin equals the ImageNet network on x / 3 in each RGB channel (the mean
     kernel), once timm's own set_input_size gives the ImageNet model the run's windows."""
@@ -192,6 +194,7 @@ def test_a_swin_that_is_not_the_official_start_is_said(caplog):
     assert "heads [3, 6, 12, 24] and window 7" in caplog.text and "swin_tiny_c24_patch4_window8_256.pth" in caplog.text
 
 
+@pytest.mark.slow
 def test_swin_files_it_cannot_use_are_refused_with_the_reason(tmp_path):
     state = timm_swin().state_dict()
     v2 = {**state, "layers.0.blocks.0.attn.logit_scale": torch.zeros(1, 1, 1)}
@@ -212,6 +215,7 @@ def test_swin_files_it_cannot_use_are_refused_with_the_reason(tmp_path):
         arch.load_weights(HTSAT(geometry.cfg, geometry.geom), init, geometry, "cut", "pi")
 
 
+@pytest.mark.slow
 def test_expected_init_says_when_a_run_does_not_start_as_the_paper(tmp_path, capsys):
     assert expected_init_note("any", None, "none") is None
     assert expected_init_note("none", None, "none") is None
@@ -234,6 +238,7 @@ def test_expected_init_says_when_a_run_does_not_start_as_the_paper(tmp_path, cap
         assert load_recipe(task, ROOT / "recipes" / f"{name}.yaml").expected_init == "imagenet", name
 
 
+@pytest.mark.slow
 def test_a_coarse_to_fine_fine_tune_starts_from_an_imagenet_swin(tmp_path, synth_corpus):
     data = _synth_root(tmp_path, synth_corpus)
     swin = save(timm_swin(window=3, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)), tmp_path / "swin.pth", "microsoft")

@@ -44,6 +44,7 @@ def test_unfold_by_hand():
     assert torch.equal(back, x.transpose(2, 3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("comp, frames", [(Compression(), 1024), (Compression("fshift", 4), 256),
                                           (Compression("fshift", 2), 512), (Compression("maxpool", 4), 256)])
 def test_outputs(comp, frames):
@@ -63,6 +64,7 @@ def test_outputs(comp, frames):
     assert torch.equal(out["framewise_output"], steps.repeat_interleave(model.frames_per_step, dim=1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("comp", [Compression(), Compression("fshift", 4), Compression("fshift", 2),
                                   Compression("patch", 4), Compression("avgpool", 16)])
 def test_windows_follow_the_stage_layout(comp):
@@ -84,6 +86,7 @@ def test_d1_geometry_changes_only_the_last_stage_windows():
     assert [b.grid for b in coarse[::2]][:1] == [(32, 32)]
 
 
+@pytest.mark.slow
 def test_training_step_reaches_every_parameter_and_mixup_pairs_with_the_flipped_clip():
     model = HTSAT(TINY)
     front = HTSATFrontEnd(TINY)

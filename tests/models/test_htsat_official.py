@@ -35,6 +35,7 @@ def our_key(official: str) -> str | None:
     return official if official.startswith(("bn0.", "tscam_conv.")) else f"swin.{official}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec_size", [256, 128])
 def test_official_checkpoint_loads_every_weight_where_it_belongs(tmp_path, spec_size):
     state = official_state(spec_size)

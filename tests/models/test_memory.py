@@ -40,6 +40,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_the_estimate_is_within_10_percent_of_the_measured_cpu_peak():
     # the coarse (Fshift x4: 256 frames, 130 tokens) and the full (1024 frames, 514 tokens) phase of both objectives
@@ -57,6 +58,7 @@ def test_the_estimate_is_within_10_percent_of_the_measured_cpu_peak():
     assert coarse[3] < full[3]
 
 
+@pytest.mark.slow
 def test_the_estimate_counts_activations_from_the_token_count():
     cfg = EncoderConfig(embed_dim=64, depth=2, num_heads=2, num_mel_bins=32, input_tdim=64, fshape=8, tshape=8,
                         fstride=8, tstride=8)
@@ -108,6 +110,7 @@ def test_ledger_keeps_the_larger_peak_and_its_old_keys():
     assert Ledger.from_dict(ledger.to_dict()).phases[0].peak_memory_bytes == 300
 
 
+@pytest.mark.slow
 def test_a_run_records_peak_memory_per_phase(tmp_path, synth_corpus, caplog):
     import logging
 

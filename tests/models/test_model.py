@@ -11,6 +11,7 @@ def test_grid_is_derived_from_the_config():
     assert encoder_config("base", fshape=128, tshape=2, fstride=128, tstride=1, input_tdim=128).grid == (1, 127)
 
 
+@pytest.mark.slow
 def test_sizes_match_ssast():
     tiny = ASTEncoder(encoder_config("tiny", input_tdim=64))
     assert tiny.cfg.embed_dim == 192 and len(tiny.blocks) == 12 and tiny.blocks[0].attn.num_heads == 3
@@ -19,6 +20,7 @@ def test_sizes_match_ssast():
         encoder_config("huge")
 
 
+@pytest.mark.slow
 def test_forward_features_shapes_and_layers(tiny_cfg):
     enc = ASTEncoder(tiny_cfg)
     x = torch.randn(3, 64, 32)

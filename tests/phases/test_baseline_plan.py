@@ -21,6 +21,7 @@ def _saving(capsys, *sets: str) -> float:
     return float(re.search(r"saving (-?[\d.]+)%", out).group(1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [["data.batch_size=24"], ["model.size=small", "audio.target_frames=512"],
                                        ["model={size: tiny}", "optim.grad_accum=4", "data.batch_size=8"]])
 def test_geometry_and_batch_overrides_apply_to_the_baseline(capsys, overrides):

@@ -47,6 +47,7 @@ def test_bad_coarse_values_fail_naming_the_flag(text, message):
     assert err.match(message)
 
 
+@pytest.mark.slow
 def test_pretraining_schedules_are_the_papers_lengths_and_flops():
     from pretrain.run import plan
 
@@ -102,6 +103,7 @@ def test_until_sections_reach_the_derived_phases_and_a_derived_recipe_is_not_der
     assert isinstance(recipe.coarse, CoarseConfig)
 
 
+@pytest.mark.slow
 def test_dry_runs_print_the_derived_schedule_and_its_saving(tmp_path, synth_corpus, capsys):
     assert pretrain(["--recipe", str(ROOT / "recipes" / "ssast_baseline.yaml"), "--coarse", "fshift:4",
                      "--dry-run"]) == 0
@@ -153,6 +155,7 @@ def ft(tmp_path: Path, corpus: Path, run_dir: Path, *extra: str, coarse: str | N
     return finetune(argv + (["--stop-after-steps", str(stop)] if stop else []))
 
 
+@pytest.mark.slow
 def test_the_ledger_saving_is_against_the_recipe_it_was_derived_from(tmp_path, synth_corpus):
     run_dir = tmp_path / "c2f"
     assert ft(tmp_path, synth_corpus, run_dir) == 0
@@ -203,6 +206,7 @@ def comparable_baseline(tmp_path: Path, corpus: Path, name: str = "base", finish
     return baseline
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("final,epochs,reason", [([0.4, 0.5, 0.45, 0.55, 0.6], 4, "surpassed"),
                                                  ([0.4, 0.5, 0.45, 0.5, 0.5, 0.5, 0.5], 5, "cap")])
 def test_stop_when_surpassing_ends_the_final_phase_live_and_may_run_past_its_plan_to_the_cap(
@@ -230,6 +234,7 @@ def test_stop_when_surpassing_ends_the_final_phase_live_and_may_run_past_its_pla
         assert "not surpassed" in table
 
 
+@pytest.mark.slow
 def test_a_baseline_that_is_not_comparable_is_refused_before_compute_or_accepted_and_recorded(
         tmp_path, synth_corpus, monkeypatch, capsys):
     unfinished = comparable_baseline(tmp_path, synth_corpus, finished=False)
@@ -247,6 +252,7 @@ def test_a_baseline_that_is_not_comparable_is_refused_before_compute_or_accepted
     assert target["accepted_differences"][0].startswith("not finished: no model.safetensors")
 
 
+@pytest.mark.slow
 def test_a_resumed_run_needs_no_baseline_directory(tmp_path, synth_corpus, monkeypatch):
     import shutil
 
@@ -267,6 +273,7 @@ def test_a_resumed_run_needs_no_baseline_directory(tmp_path, synth_corpus, monke
     assert (run_dir / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("final,top,averaged", [
     ([0.45, 0.4, 0.42, 0.55], 2, [1, 4]),  # the best 2 of the 4 that ran (one past the 3 planned)
     ([0.45, 0.6], 3, [1, 2]),  # fewer than 3 ran: all of them
@@ -302,6 +309,7 @@ def test_weight_averaging_with_an_adaptive_final_phase_is_checked_at_load():
                         overrides=["train.stop_when_surpassing=runs/base"])
 
 
+@pytest.mark.slow
 def test_a_fine_tuning_run_resumed_mid_epoch_ends_its_phase_at_the_same_epoch(tmp_path, synth_corpus, monkeypatch):
     from safetensors.torch import load_file
 

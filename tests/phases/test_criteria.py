@@ -361,6 +361,7 @@ def ledger(run_dir: Path) -> dict:
     return json.loads((run_dir / "ledger.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bounds,step,reason", [("max: 8", 4, "plateau"), ("min: 5, max: 8", 7, "plateau"),
                                                 ("min: 5, max: 6", 6, "cap")])
 def test_a_plateau_ends_the_coarse_phase_at_the_step_the_scores_imply(tmp_path, synth_corpus, monkeypatch,
@@ -375,6 +376,7 @@ def test_a_plateau_ends_the_coarse_phase_at_the_step_the_scores_imply(tmp_path, 
     assert (p2["steps"], p2["ended_by"]) == (2, "length")
 
 
+@pytest.mark.slow
 def test_a_run_interrupted_while_a_criterion_is_pending_resumes_to_the_same_switch_and_weights(
         tmp_path, synth_corpus, monkeypatch):
     sets = (PLATEAU, "train.eval_every=1", "train.save_every=100")
@@ -404,6 +406,7 @@ def test_a_run_interrupted_while_a_criterion_is_pending_resumes_to_the_same_swit
     assert [e["metrics"] for e in ledger(straight)["evals"]] == [e["metrics"] for e in ledger(crashed)["evals"]]
 
 
+@pytest.mark.slow
 def test_the_trainer_holds_decisions_through_the_warm_up_and_judges_with_the_scores_error(
         tmp_path, synth_corpus, monkeypatch):
     sets = (PLATEAU, "train.eval_every=1", "train.save_every=100")
@@ -420,6 +423,7 @@ def test_the_trainer_holds_decisions_through_the_warm_up_and_judges_with_the_sco
     assert (p1["steps"], p1["ended_by"]) == (6, "length") and "no evidence of learning" in p1["end_note"]
 
 
+@pytest.mark.slow
 def test_pretraining_reports_its_accuracys_error_when_it_has_batches_to_compare(tmp_path, synth_corpus):
     assert run(tmp_path / "r", synth_corpus, "train.eval_batches=2", steps=(2, 2)) == 0
     evals = ledger(tmp_path / "r")["evals"]
@@ -429,6 +433,7 @@ def test_pretraining_reports_its_accuracys_error_when_it_has_batches_to_compare(
     assert all("acc_se" not in e["metrics"] for e in ledger(tmp_path / "one")["evals"])
 
 
+@pytest.mark.slow
 def test_efficiency_switches_where_the_scripted_gain_flattens(tmp_path, synth_corpus, monkeypatch):
     # slopes per step over 3 checks: .1 (peak) at step 3, .05 at 4, 0 at 5; the bar is .1 x F4/F1 < .05
     scripted(monkeypatch, {(0, s): v for s, v in enumerate([0.1, 0.2, 0.3, 0.3, 0.3, 0.3], 1)})
@@ -438,6 +443,7 @@ def test_efficiency_switches_where_the_scripted_gain_flattens(tmp_path, synth_co
     assert (p1["steps"], p1["ended_by"]) == (5, "efficiency") and "FLOPs ratio" in p1["end_note"]
 
 
+@pytest.mark.slow
 def test_the_loss_criterion_ends_a_phase_of_a_run_without_validation_set(tmp_path, synth_corpus):
     # a threshold no loss can meet: flat from the first full window on, but the criterion decides only once
     # the loss has shown learning: below the first check's (5.59) at two checks in a row. Losses 5.59, 6.28,
@@ -484,6 +490,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     torch_dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_rank_takes_rank_0s_decision_on_the_losses_of_all_ranks(tmp_path, world):

@@ -39,6 +39,7 @@ def outputs(model: HTSAT, cfg: HTSATConfig = TINY) -> dict:
         return model(x)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*(non-contiguous|non-tuple sequence):UserWarning")  # inside timm's resize
 @pytest.mark.parametrize("path", [[("fshift", 4), ("none", 1)],                 # D1: 128x128 -> 256x256
                                   [("fshift", 4), ("fshift", 2), ("none", 1)]])  # 4 -> 2 -> 1 through D2
@@ -66,6 +67,7 @@ def test_adapted_model_equals_timm_in_place_resize_and_a_fresh_model(path):
     assert got["framewise_output"].shape == (2, 1024, 5)
 
 
+@pytest.mark.slow
 def test_d1_tables_grow_7x7_to_15x15_keeping_the_centre():
     coarse, full = geometry(TINY, Compression("fshift", 4)), geometry(TINY)
     model = trained_looking(HTSAT(TINY, coarse))
@@ -89,6 +91,7 @@ def test_bias_table_transfers_keep_dtype_and_shape(mode):
         resize_bias_table(torch.ones(50, 2), (4, 4), (8, 8), mode)
 
 
+@pytest.mark.slow
 def test_patch_phase_resizes_the_kernel_and_the_clamped_tables():
     coarse, full = geometry(TINY, Compression("patch", 4)), geometry(TINY)
     assert coarse.patch == (4, 16) and coarse.image == (256, 256)
@@ -107,6 +110,7 @@ def test_patch_phase_resizes_the_kernel_and_the_clamped_tables():
     assert torch.isfinite(outputs(fresh)["clipwise_output"]).all()
 
 
+@pytest.mark.slow
 def test_training_flops_of_the_full_model():
     cfg = HTSATConfig()
     full = train_flops(cfg)

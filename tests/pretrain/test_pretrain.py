@@ -41,6 +41,7 @@ def test_invalid_recipes_fail_before_any_compute(tmp_path, capsys, override, mes
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan_and_the_saving(capsys):
     assert main(["--recipe", str(ROOT / "recipes" / "ssast_fshift4.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -48,6 +49,7 @@ def test_dry_run_prints_the_plan_and_the_saving(capsys):
     assert "saving 34.6%" in out  # the paper's SSAST row: 34.58 %
 
 
+@pytest.mark.slow
 def test_two_phase_run(tmp_path, synth_corpus):
     run_dir = tmp_path / "run"
     assert run(run_dir, synth_corpus) == 0
@@ -77,6 +79,7 @@ def test_two_phase_run(tmp_path, synth_corpus):
     assert json.loads((run_dir / "ledger.json").read_text())["total"]["steps"] == 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [2, 4])
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, synth_corpus, stop):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -91,6 +94,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, synth_corpus, sto
     assert [e["metrics"] for e in la["evals"]] == [e["metrics"] for e in lb["evals"]]
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(tmp_path, synth_corpus, monkeypatch):
     import common.training.checkpoints as rc
 
@@ -135,6 +139,7 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, synth_c
     assert all(torch.isfinite(v).all() for v in saved.values())
 
 
+@pytest.mark.slow
 def test_two_processes_on_the_cpu_with_the_deepspeed_launcher(tmp_path, synth_corpus):
     run_dir = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -155,6 +160,7 @@ def test_two_processes_on_the_cpu_with_the_deepspeed_launcher(tmp_path, synth_co
     assert (run_dir / "checkpoints" / "phase02-step000000002" / "rng_rank1.pt").is_file()
 
 
+@pytest.mark.slow
 def test_a_zero_run_resumes_on_another_number_of_ranks(tmp_path, synth_corpus, monkeypatch, capsys):
     """Two ranks with ZeRO stage 1 stop at step 2; one rank resumes: the partitioned optimizer state goes
     through DeepSpeed's universal checkpoint, Adam continues from its saved step, the ledger says so."""
@@ -193,6 +199,7 @@ def test_a_zero_run_resumes_on_another_number_of_ranks(tmp_path, synth_corpus, m
     assert "(batch 2 instead of 2)" in (run_dir / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_zero_run_resumes_on_more_ranks(tmp_path, synth_corpus):
     """One rank with ZeRO stage 2 stops at step 2; two ranks resume from the universal checkpoint and finish."""
     run_dir = tmp_path / "grow"
@@ -211,6 +218,7 @@ def test_a_zero_run_resumes_on_more_ranks(tmp_path, synth_corpus):
     assert (run_dir / "checkpoints" / "phase02-step000000002" / "rng_rank1.pt").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,transfer", [("patch", "pi"), ("patch", "bilinear"), ("avgpool", "pi"),
                                              ("maxpool", "pi")])
 def test_every_compression_method_runs_coarse_to_fine(tmp_path, synth_corpus, method, transfer):
@@ -224,6 +232,7 @@ def test_every_compression_method_runs_coarse_to_fine(tmp_path, synth_corpus, me
     assert load_encoder(run_dir).cfg.tshape == 16
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_and_zero_stage_2(tmp_path, synth_corpus):
     run_dir = tmp_path / "accum"
     assert run(run_dir, synth_corpus, "optim.grad_accum=2", "train.zero_stage=2", "optim.grad_clip=1.0",

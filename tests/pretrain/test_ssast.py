@@ -36,6 +36,7 @@ def _mask(idx, n):
     return torch.zeros(idx.shape[0], n, dtype=torch.bool).scatter_(1, idx, True)
 
 
+@pytest.mark.slow
 def test_cluster_masking_is_clustered_and_unbiased():
     g = torch.Generator().manual_seed(1)
     grid, n, m = (8, 64), 512, 250

@@ -5,6 +5,8 @@ resume draws what an uninterrupted run draws."""
 
 from __future__ import annotations
 
+import pytest
+
 import sys
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pretrain.mask_draws import MaskDraws, position_seed
 from pretrain.masking import sample_mask
 from tests.pretrain.test_pretrain import run
+
+pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
 
 ROOT = Path(__file__).resolve().parents[2]
 

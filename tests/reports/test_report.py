@@ -279,6 +279,7 @@ def _ledger_of(phases, flops, clips: int, values: list[list[float]]) -> Ledger:
     return ledger
 
 
+@pytest.mark.slow
 def test_the_paper_audioset_row_is_a_fixed_stop_with_flops_from_common_flops(tmp_path, capsys):
     from common.models.arch import architecture_for
     from common.models.arch import geometries

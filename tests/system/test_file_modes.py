@@ -41,6 +41,7 @@ def test_atomic_files_get_the_mode_open_would_give(tmp_path, umask, mask):
         ["plain.txt", "ledger.json", "copy.json", "model.safetensors"], 0o666 & ~mask)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mask", [0o022, 0o077])
 def test_a_run_and_its_hf_export_are_as_readable_as_the_umask_allows(tmp_path, synth_corpus, umask, mask):
     umask(mask)
@@ -73,6 +74,7 @@ def _killed_while_writing(target: Path) -> None:
     assert proc.returncode == 9
 
 
+@pytest.mark.slow
 def test_temporary_files_of_a_killed_write_are_removed_at_the_next_start(tmp_path, synth_corpus):
     run_dir = tmp_path / "run"
     assert pretrain(run_dir, synth_corpus, stop=2) == 0

@@ -59,6 +59,7 @@ def test_the_lock_names_its_holder_and_goes_with_it(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_a_lock_held_by_what_a_killed_holder_forked_is_waited_for(tmp_path):
     """A killed run's data-loader workers (forked, so sharing its lock) outlive it by a few seconds."""
     proc = holder(tmp_path, "child = os.fork()", "if not child: time.sleep(3); os._exit(0)",
@@ -96,6 +97,7 @@ def test_a_second_command_stops_at_once_and_a_dry_run_takes_no_lock(tmp_path, sy
         assert main([*args(run_dir, synth_corpus), "--dry-run"]) == 0
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_directory_and_a_killed_run_resumes(tmp_path, synth_corpus, capsys, caplog):
     run_dir = tmp_path / "run"
     long_run = args(run_dir, synth_corpus, "train.save_every=1", "data.num_workers=1", steps=(10_000, 1))
@@ -119,6 +121,7 @@ def test_two_runs_on_one_directory_and_a_killed_run_resumes(tmp_path, synth_corp
     assert any("resuming" in r.message for r in caplog.records)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_the_ranks_of_one_job_share_its_lock(tmp_path, synth_corpus, ranks):
     """A job of several ranks is refused as a whole when another process holds the lock (every rank stops,

@@ -14,6 +14,8 @@ from lhotse import CutSet
 from common.data.loader import BadAudioTracker, DataConfig, ManifestSpec, train_loader
 from tests.helpers import ROOT, _launch
 
+pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
+
 BATCH = 4  # clips per rank: data.batch_size, the global batch, is BATCH x ranks (x accumulation)
 TINY = ["model.size=custom", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.num_workers=0", "train.log_every=1", "optim.warmup_steps=0", "train.deterministic=true", "train.seed=0"]
 

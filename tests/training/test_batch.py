@@ -132,6 +132,7 @@ def test_the_plan_prints_the_global_and_the_per_rank_batch(capsys):
     assert out.splitlines()[1].split()[4:6] == ["48", "8x3"]
 
 
+@pytest.mark.slow
 def test_the_finetuning_plan_prints_both_batches_and_refuses_a_split_that_cannot_be_made(capsys):
     from finetune.run import main
 
@@ -167,6 +168,7 @@ def test_a_launch_that_cannot_split_the_batch_stops_before_any_compute(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_run_records_the_split_in_its_log_and_ledger(tmp_path, synth_corpus):
     """A per-rank cap of 2 clips on the tiny recipe's global batch of 4: 2 micro-batches of 2 per step."""
     from tests.helpers import run

@@ -66,6 +66,7 @@ def test_a_recipe_with_a_mode_its_backend_lacks_fails_before_compute(tmp_path, s
     assert "train.compile_mode" in capsys.readouterr().err and not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_compiled_ssast_steps_agree_with_eager_ones_and_keep_the_state_dict_keys():
     torch.manual_seed(0)
     eager = SSASTModel(ASTEncoder(CFG), SSASTConfig())
@@ -82,6 +83,7 @@ def test_compiled_ssast_steps_agree_with_eager_ones_and_keep_the_state_dict_keys
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in compiled.state_dict().items())
 
 
+@pytest.mark.slow
 def test_a_compiled_pretraining_run_compiles_every_phase_and_resumes_exactly(tmp_path, synth_corpus, monkeypatch):
     import common.training.compile
 
@@ -110,6 +112,7 @@ def test_a_compiled_pretraining_run_compiles_every_phase_and_resumes_exactly(tmp
     assert [p["steps"] for p in ledger["phases"]] == [3, 3]
 
 
+@pytest.mark.slow
 def test_compiled_fine_tuning_runs_coarse_to_fine(tmp_path, synth_corpus):
     from finetune.run import main as finetune
     from tests.helpers import TINY, _synth_root, sets

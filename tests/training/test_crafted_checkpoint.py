@@ -14,6 +14,8 @@ import common.training.checkpoints as rc
 from pretrain.run import main
 from tests.helpers import RECIPE, tiny
 
+pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
+
 MODEL = "mp_rank_00_model_states.pt"
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 

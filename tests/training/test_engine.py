@@ -56,6 +56,7 @@ def test_the_engine_keeps_the_runs_autocast():
     assert seen == [torch.float32]
 
 
+@pytest.mark.slow
 def test_a_bf16_fine_tune_trains_in_bf16(tmp_path, synth_corpus, monkeypatch):
     import common.training.loop
     from finetune.run import main as finetune

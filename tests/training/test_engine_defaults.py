@@ -17,6 +17,8 @@ import pytest
 from common.training.engine_config import ZERO_BUCKET, resolve_zero_stage, zero_config
 from tests.training.test_trainer import _micro_step_trainer
 
+pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
+
 ROOT = Path(__file__).resolve().parents[2]
 CASES = {
     "default": {},

@@ -107,6 +107,7 @@ class FakeDisk:
         monkeypatch.setattr(torch, "save", save)
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_a_checkpoint_is_named_and_the_last_checkpoint_stays(tmp_path, synth_corpus, monkeypatch,
                                                                            capsys):
     from common.training.checkpoints import _damage
@@ -192,6 +193,7 @@ def _can_mount() -> bool:
 mounts = pytest.mark.skipif(not _can_mount(), reason="needs `unshare -m` and mount (root): a real tiny file system")
 
 
+@pytest.mark.slow
 @mounts
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_a_full_file_system_under_the_deepspeed_launcher(tmp_path, synth_corpus, ranks):
@@ -269,6 +271,7 @@ def _read_only_run(folder: Path, argv: list[str]) -> subprocess.CompletedProcess
                           timeout=300, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_a_read_only_run_directory_is_refused_before_any_compute(tmp_path, synth_corpus):
     run_dir = tmp_path / "run"
     assert pretrain(run_dir, synth_corpus, stop=2) == 0

@@ -67,6 +67,7 @@ def _count_host_reads_in_micro_steps(monkeypatch) -> dict:
     return counts
 
 
+@pytest.mark.slow
 def test_window_and_step_checks_train_the_same_weights(tmp_path, synth_corpus):
     a, b = tmp_path / "window", tmp_path / "step"
     assert run(a, synth_corpus, "train.save_every=100") == 0
@@ -77,6 +78,7 @@ def test_window_and_step_checks_train_the_same_weights(tmp_path, synth_corpus):
     assert [e["metrics"] for e in la["evals"]] == [e["metrics"] for e in lb["evals"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["memory", "disk"])
 def test_cached_clips_train_the_same_weights_and_are_decoded_once(tmp_path, synth_corpus, mode, monkeypatch):
     import common.data.loader
@@ -145,6 +147,7 @@ def test_a_loader_without_workers_prepares_batches_ahead(tmp_path, synth_corpus)
     assert ids(2) == ids(0)
 
 
+@pytest.mark.slow
 def test_deepspeed_skips_the_gradient_all_reduce_of_a_single_rank(tmp_path, synth_corpus, monkeypatch):
     from deepspeed.runtime.engine import DeepSpeedEngine
 

@@ -12,6 +12,8 @@ from common.training.release import _optimizers
 from common.training.loop import Trainer
 from tests.pretrain.test_pretrain import run
 
+pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
+
 
 def _state_tensors(engine) -> list[torch.Tensor]:
     found = []

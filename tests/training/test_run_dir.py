@@ -29,6 +29,7 @@ def _run(run_dir, corpus, *extra, stop=None) -> int:
     return main(argv + (["--stop-after-steps", str(stop)] if stop else []))
 
 
+@pytest.mark.slow
 def test_a_failed_start_leaves_no_recipe_behind(tmp_path, synth_corpus, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     _poison(monkeypatch, at_call=1)  # fails at the very first step: nothing was trained
@@ -51,6 +52,7 @@ def test_a_recipe_yaml_without_any_checkpoint_is_replaced(tmp_path, synth_corpus
     assert "depth: 7" not in (run_dir / "recipe.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_resuming_with_a_lower_learning_rate_is_recorded(tmp_path, synth_corpus, monkeypatch, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

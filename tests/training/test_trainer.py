@@ -46,6 +46,7 @@ def test_step_groups_of_an_iteration_based_stream_ignore_epochs():
     assert groups[0].position == (1, 1)
 
 
+@pytest.mark.slow
 def test_a_batch_size_change_between_phases_trains_and_resumes_exactly(tmp_path, synth_corpus):
     sizes = ("phases.0.batch_size=4", "phases.1.batch_size=2", "train.save_every=100")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -58,6 +59,7 @@ def test_a_batch_size_change_between_phases_trains_and_resumes_exactly(tmp_path,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_is_taken_before_validation_so_a_failing_validation_loses_no_training(
         tmp_path, synth_corpus, monkeypatch):
     from pretrain.ssast import SSASTObjective
@@ -95,6 +97,7 @@ def _stopped_run(tmp_path: Path, corpus: Path) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate_model", "truncate_rng", "truncate_state", "delete_latest"])
 def test_a_damaged_newest_checkpoint_falls_back_to_an_intact_one(tmp_path, synth_corpus, damage, caplog):
     straight = tmp_path / "straight"
@@ -117,6 +120,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_an_intact_one(tmp_path, synth
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_no_intact_checkpoint_refuses_to_start_over_unless_asked(tmp_path, synth_corpus, capsys):
     run_dir = _stopped_run(tmp_path, synth_corpus)
     for folder in (run_dir / "checkpoints").glob("phase*"):
@@ -132,6 +136,7 @@ def test_no_intact_checkpoint_refuses_to_start_over_unless_asked(tmp_path, synth
     assert json.loads((run_dir / "ledger.json").read_text())["total"]["steps"] == 6
 
 
+@pytest.mark.slow
 def test_stop_after_steps_counts_every_phase_of_the_call(tmp_path, synth_corpus, caplog):
     with caplog.at_level(logging.INFO):
         assert run(tmp_path / "r", synth_corpus, "train.save_every=100", stop=5) == 0
@@ -158,6 +163,7 @@ def test_every_rank_draws_its_own_randomness_once_the_model_is_built(tmp_path):
     assert torch.equal(draws[0][0], draws[0][1])  # reproducible per rank
 
 
+@pytest.mark.slow
 def test_best_is_the_best_epoch_of_the_final_phase(tmp_path, synth_corpus, monkeypatch):
     from common.models.exports import read_weights
     from finetune.classifier import ClassifierObjective
