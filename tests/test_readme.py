@@ -52,7 +52,14 @@ def _entry(program: list[str]):
         return getattr(importlib.import_module(module), function), program[1:]
     if program[0] == "-m":
         return importlib.import_module(program[1]).main, program[2:]
-    return scripts[program[0]], program[1:]
+    if program[0] in scripts:
+        return scripts[program[0]], program[1:]
+    if (ROOT / program[0]).with_name("__init__.py").is_file():  # a script of the package: its module
+        return importlib.import_module(program[0][:-3].replace("/", ".")).main, program[1:]
+    spec = importlib.util.spec_from_file_location(Path(program[0]).stem, ROOT / program[0])  # a stand-alone script
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main, program[1:]
 
 
 def _fenced(text: str, languages=("bash",)) -> list[str]:

@@ -20,7 +20,7 @@ fused kernels store it (query, key, value, output and the log-sum-exp rows; the 
 recomputed in the backward pass), which is what runs on the CPU and on the GPU. Under bf16 autocast the
 activations are counted at 2 bytes and autocast's bf16 copy of the weights is added. With ZeRO stage 1
 or 2, DeepSpeed adds an fp32 master copy of this rank's share of the weights and a gradient bucket of
-``reduce_bucket_size`` fp32 elements (the engine's 5e7, ``common.training.engine_config``; two of them where the
+``reduce_bucket_size`` fp32 elements (the engine's 5e7, ``common.system.engine_config``; two of them where the
 reduction overlaps the backward pass, on several ranks), which the GPU allocator reserves whole and the CPU
 only touches as far as the gradients fill it.
 """
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.training.engine_config import ZERO_BUCKET, resolve_zero_stage
+from common.system.engine_config import ZERO_BUCKET, resolve_zero_stage
 
 __all__ = ["PeakMemory", "MemoryEstimate", "estimate_training_memory", "saved_activation_bytes",
            "measure_training_peak", "training_setting", "describe_setting", "rss_bytes", "gib"]

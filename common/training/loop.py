@@ -48,7 +48,7 @@ from common.phases.criteria import PhaseEnd
 from common.data.loader import BadAudioTracker, Batch, eval_loader, make_cache, reshard_index, train_loader
 from common.data.fingerprint import DataChanged, changes, run_fingerprints
 from common.system.distributed import Dist
-from common.training.engine_config import resolve_zero_stage
+from common.system.engine_config import resolve_zero_stage
 from common.training.ledger import Ledger, Window
 from common.system.logger import Scalars, progress
 from common.models.memory import PeakMemory, gib, training_setting

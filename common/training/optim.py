@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from common.training.engine_config import zero_config
+from common.system.engine_config import zero_config
 
 __all__ = ["OptimConfig", "build_optimizer", "LRSchedule", "param_groups", "build_engine"]
 
@@ -221,7 +221,7 @@ def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int,
         cfg: the optimiser settings.
         lr: the phase's peak learning rate.
         batch_size: micro-batch size per rank.
-        zero_stage: DeepSpeed ZeRO stage (resolved: ``common.training.engine_config.resolve_zero_stage``).
+        zero_stage: DeepSpeed ZeRO stage (resolved: ``common.system.engine_config.resolve_zero_stage``).
         device: where training runs (fused Adam on CUDA and the CPU).
         total_steps: the phase length in optimiser steps (cosine schedules need it).
         head_prefixes: parameter-name prefixes that get ``cfg.head_lr_scale``.
@@ -230,7 +230,7 @@ def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int,
             another number of ranks, ``common.training.checkpoints``).
         grad_accum: micro-batches per optimiser step (default ``cfg.grad_accum``; the trainer gives the phase's
             split, ``common.training.batch``).
-        zero_overlap_comm, zero_bucket_size: the recipe's overrides of the ZeRO defaults (``common.training.engine_config``).
+        zero_overlap_comm, zero_bucket_size: the recipe's overrides of the ZeRO defaults (``common.system.engine_config``).
     """
     import deepspeed
 

@@ -11,7 +11,7 @@ from typing import Literal
 from common.models.weights import EncoderWeights
 from common.training.compile import CompileBackend, CompileMode, check_mode
 from common.data.loader import DataConfig
-from common.training.engine_config import ZeroStage
+from common.system.engine_config import ZeroStage
 from common.audio.pipeline import AudioConfig
 from common.training.nonfinite import NonFiniteCheck
 from common.training.optim import OptimConfig
@@ -29,9 +29,9 @@ class TrainConfig:
         seed: seeds model init, data order, crops, masks and augmentation.
         precision: ``auto`` (bf16 autocast on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
         zero_stage: DeepSpeed ZeRO stage (0, 1 or 2), or ``auto``: 0 on one rank, 1 on several, a resumed run's
-            from its checkpoint (``common.training.engine_config``).
+            from its checkpoint (``common.system.engine_config``).
         zero_overlap_comm: ZeRO: reduce the gradients while the backward pass runs (None: on several ranks).
-        zero_bucket_size: ZeRO: elements per reduce / all-gather bucket (None: 5e7, ``common.training.engine_config``).
+        zero_bucket_size: ZeRO: elements per reduce / all-gather bucket (None: 5e7, ``common.system.engine_config``).
         log_every: optimiser steps between log lines / TensorBoard points.
         eval_every: optimiser steps between validations in iteration-based phases (epoch-based phases
             validate after every epoch).

@@ -1,4 +1,4 @@
-"""The engine's ZeRO defaults (``common.training.engine_config``): none on one rank; on several, ZeRO-1 with the
+"""The engine's ZeRO defaults (``common.system.engine_config``): none on one rank; on several, ZeRO-1 with the
 reduction overlapped with the backward pass and 5e7-element buckets; a recipe's explicit values win. Checked
 on the engine DeepSpeed actually built, at 1 rank in-process and at 2 and 3 ranks on gloo."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from common.training.engine_config import ZERO_BUCKET, resolve_zero_stage, zero_config
+from common.system.engine_config import ZERO_BUCKET, resolve_zero_stage, zero_config
 from tests.training.test_trainer import _micro_step_trainer
 
 pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
