@@ -144,9 +144,10 @@ def _fit_heads(heads: dict[str, torch.Tensor], src: EncoderConfig, first: Encode
             lines.append(f"init: {part} ({words}) starts afresh: the file's does not fit the first phase's "
                          f"{src.fshape}x{src.tshape} patches of width {dim}: {'; '.join(wrong[:2])}")
             continue
-        kept.update({k: tensors[k].detach().float() for k in expected})
+        mine = {k: tensors[k].detach().float() for k in expected}
+        kept.update(mine)
         if part != "mask_embed" and (src.fshape, src.tshape) != (first.fshape, first.tshape):
-            kept.update({k: v for k, v in adapt_heads(kept, src, first).items() if k.startswith(part + ".")})
+            kept.update(adapt_heads(mine, src, first))
             decisions[part] = f"kept, resized {src.fshape}x{src.tshape} -> {first.fshape}x{first.tshape}"
             lines.append(f"init: {part} ({words}) kept from the file, its outputs resized from {src.fshape}x"
                          f"{src.tshape} to {first.fshape}x{first.tshape} patches as at a patch-phase change")
@@ -170,7 +171,8 @@ def load_start(arg: str, recipe) -> PretrainStart:
     try:
         init = load_init(arg)
     except ValueError as err:
-        raise RecipeError(f"--init {arg}: not a usable start: {err}") from None
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise RecipeError(f"--init {arg}: not a usable start: {first}") from None
     if init is None:
         raise RecipeError("--init none: leave --init out to pretrain from scratch")
     file = _file(init, arg)

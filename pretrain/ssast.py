@@ -182,6 +182,8 @@ def adapt_heads(state: dict, old: EncoderConfig, new: EncoderConfig) -> dict:
         return state
     out = dict(state)
     for head in ("cpredlayer", "gpredlayer"):
+        if f"{head}.2.weight" not in out:  # a state with one head (an init that has only that one)
+            continue
         weight, bias = out[f"{head}.2.weight"], out[f"{head}.2.bias"]  # [P, D], [P]
         as_kernel = weight.T.reshape(weight.shape[1], 1, *shape_old)
         out[f"{head}.2.weight"] = resample_patch_kernel(as_kernel, shape_new, "bilinear").reshape(
