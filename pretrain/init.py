@@ -94,7 +94,7 @@ def _check_transformer(init: EncoderWeights, base: EncoderConfig, file: str) -> 
         RecipeError: naming the file and what differs, with the ``--set`` that matches the recipe to it.
     """
     if init.arch != "ast" or not isinstance(init.config, EncoderConfig):
-        raise RecipeError(f"--init {file}: holds an {init.arch} model (HTS-AT, a Swin transformer); SSAST "
+        raise RecipeError(f"--init {file}: not a usable start: it holds an {init.arch} model (HTS-AT, a Swin transformer); SSAST "
                           f"pretraining continues a ViT encoder (an SSAST / AST checkpoint, ImageNet ViT / DeiT "
                           f"weights, or this package's pretraining run or export)")
     cfg = init.config
@@ -131,9 +131,9 @@ def _fit_heads(heads: dict[str, torch.Tensor], src: EncoderConfig, first: Encode
                     {f"{part}.0.weight": (dim, dim), f"{part}.0.bias": (dim,), f"{part}.2.weight": (area, dim),
                      f"{part}.2.bias": (area,)})
         if not tensors:
-            why = ("an ImageNet start has no pretext task" if kind == "imagenet" else
-                   "the file holds no pretext heads (a supervised or fine-tuned model, or an export written before "
-                   "pretraining exports carried them)" if kind != "ssast" else "the file holds none")
+            why = {"imagenet": "an ImageNet start has no pretext task",
+                   "ast": "a model trained on labelled audio has no pretext heads"}.get(
+                kind, "the file holds none (an export written before pretraining exports carried them)")
             decisions[part] = "fresh"
             lines.append(f"init: {part} ({words}) starts afresh: {why}")
             continue
@@ -141,8 +141,8 @@ def _fit_heads(heads: dict[str, torch.Tensor], src: EncoderConfig, first: Encode
                  for k, s in expected.items() if k not in tensors or tuple(tensors[k].shape) != s]
         if wrong:
             decisions[part] = "fresh"
-            lines.append(f"init: {part} ({words}) starts afresh: the file's does not fit the first phase's "
-                         f"{src.fshape}x{src.tshape} patches of width {dim}: {'; '.join(wrong[:2])}")
+            lines.append(f"init: {part} ({words}) starts afresh: the file's does not fit its {src.fshape}x"
+                         f"{src.tshape} patches and width {dim}: {'; '.join(wrong[:2])}")
             continue
         mine = {k: tensors[k].detach().float() for k in expected}
         kept.update(mine)

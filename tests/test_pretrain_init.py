@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from common.exports import read_weights
-from common.phases import patch_mode_between
 from common.recipe import RecipeError
 from common.transition import initial_model
 from pretrain.init import load_start
@@ -249,3 +248,25 @@ def test_a_plan_before_the_init_exists_lists_it(tmp_path, synth_corpus, capsys):
     assert "files a run needs and does not find" in out and f"--init: checkpoint {missing} does not exist" in out
     assert pretrain(tmp_path / "run", synth_corpus, missing) == 2
     assert f"checkpoint {missing} does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_every_rank_starts_from_the_file_with_the_deepspeed_launcher(tmp_path, synth_corpus, ranks):
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_pretrain import ROOT, _free_port
+
+    path, _ = official_ssast(tmp_path)
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+           str(_free_port()), str(ROOT / "pretrain" / "run.py"), "--recipe", str(RECIPE), "--run-dir", str(run_dir),
+           "--init", str(path), *overrides(synth_corpus, "data.batch_size=6", steps=(1, 1))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = ledger(run_dir)["init"]
+    assert record["kept"] == ["cpredlayer", "gpredlayer", "mask_embed"]
+    assert [p["world_size"] for p in ledger(run_dir)["phases"]] == [ranks, ranks]
+    assert (run_dir / "train.log").read_text().count("init: cpredlayer (the MPC head) kept from the file") == 1
