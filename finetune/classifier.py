@@ -2,7 +2,7 @@
 
 The classifier is the architecture's (``common.models.arch``): for the AST family the encoder's tokens pooled
 (mean of the patch tokens, SSAST's ``ft_avgtok``, or of the prefix tokens, AST's ``(cls + dist) / 2``, as
-the init's own code pools by default: ``finetune.init.init_pool``), then LayerNorm and Linear; for HTS-AT
+the init's own code pools by default: ``common.phases.init.init_pool``), then LayerNorm and Linear; for HTS-AT
 its token-semantic head. Training applies mixup (AST: waveforms, ``lam ~ Beta(10, 10)``, mixed targets;
 HTS-AT: spectrograms inside the model, ``Beta(0.5, 0.5)``, unmixed targets), SpecAugment and (if asked)
 SSAST's fbank noise on the device; the loss is BCE on sigmoid outputs (multi-label, and SSAST's
@@ -40,7 +40,7 @@ class HeadConfig:
     """Args:
         pool: ``mean`` of the patch tokens (SSAST's ``ft_avgtok``), ``prefix``: mean of the prefix tokens
             (AST's ``(cls + dist) / 2``; the cls token when there is one), ``tscam`` (HTS-AT's
-            token-semantic head, its only one), or ``auto``: follow the init (``finetune.init.init_pool``)."""
+            token-semantic head, its only one), or ``auto``: follow the init (``common.phases.init.init_pool``)."""
 
     pool: Literal["auto", "mean", "prefix", "tscam"] = "auto"
 

@@ -277,7 +277,7 @@ def load_embedder(init: str | Path, *, layer: int | None = None, pool: str = "au
     Args:
         init: the model.
         layer: see the module docstring.
-        pool: ``auto`` (as the init's own code pools: ``finetune.init.init_pool``), ``mean``, ``prefix``,
+        pool: ``auto`` (as the init's own code pools: ``common.phases.init.init_pool``), ``mean``, ``prefix``,
             ``cls`` or ``none``.
         frames: compute frame embeddings too.
         norm: the AST family's normalisation statistics (a ``NORM_STATS`` name or a stats JSON file) instead of
@@ -290,7 +290,7 @@ def load_embedder(init: str | Path, *, layer: int | None = None, pool: str = "au
     from common.models.arch import architecture_for, architecture_from_meta
     from common.audio.pipeline import AudioConfig, FeaturePipeline
     from common.models.ast.encoder import ModelSpec
-    from finetune.init import init_pos_mode, load_init, task_encoder_config
+    from common.phases.init import init_pos_mode, load_init, task_encoder_config
 
     weights = load_init(str(init))
     if weights is None:

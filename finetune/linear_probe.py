@@ -5,7 +5,7 @@
     python finetune/linear_probe.py --init MODEL --recipe recipes/linear_probe.yaml
 
 Features: the tokens of one block (default: the last, after the final norm), mean-pooled over the patch
-tokens or the prefix tokens (default: as the init's code pools, ``finetune.init.init_pool``), for every
+tokens or the prefix tokens (default: as the init's code pools, ``common.phases.init.init_pool``), for every
 clip at full resolution, computed by ``finetune.embedder.Embedder`` as ``finetune/embed.py`` computes its
 clip embeddings. They are cached per (checkpoint,
 task split, layer, pooling), so probing again with another ``C`` is instant. The classifier is a
@@ -128,7 +128,7 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
     from common.data.corpora.base import read_classes
     from common.audio.pipeline import AudioConfig
     from common.models.ast.encoder import ModelSpec
-    from finetune.init import load_init, resolve_pool, task_encoder, task_encoder_config
+    from common.phases.init import load_init, resolve_pool, task_encoder, task_encoder_config
     from finetune.recipe import task_source
     from finetune.tasks import TaskConfig
 

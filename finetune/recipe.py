@@ -28,7 +28,7 @@ from common.data.preflight import check_classes, check_labels, check_manifest, c
 from common.config.recipe import RecipeError, apply_overrides, load_yaml, merge
 from common.training.spec import TrainConfig
 from finetune.classifier import AugmentConfig, HeadConfig
-from finetune.init import INIT_FAMILIES, InitTransferConfig, init_family, load_init
+from common.phases.init import INIT_FAMILIES, InitTransferConfig, init_family, load_init
 from finetune.task_recipes import AUTO, PACKAGE, PACKAGE_EPOCHS, RECIPES, choose, fit_averaging, recipe_defaults
 from finetune.tasks import TaskConfig, task_defaults
 
@@ -320,7 +320,7 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
         notes: if given, receives lines saying which defaults a task file relies on.
         coarse: ``METHOD:C[:SHARE]`` (``--coarse``; or the recipe's ``coarse`` section): derive a
             coarse-to-fine schedule from the full-resolution recipe (``common.phases.coarse``).
-        init_weights: ``init`` loaded (``finetune.init.load_init``), whose family picks a task file's
+        init_weights: ``init`` loaded (``common.phases.init.load_init``), whose family picks a task file's
             defaults; loaded here when needed and not given.
         planning: for a plan (``--dry-run``): a task file's init that does not exist yet is planned as a start
             from scratch.

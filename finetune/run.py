@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         from common.training.batch import phase_splits
         from common.cli import world_size_of
         from common.config.recipe import RecipeError
-        from finetune.init import expected_init_note, init_pos_mode, load_init, resolve_pool, task_encoder_config
+        from common.phases.init import expected_init_note, init_pos_mode, load_init, resolve_pool, task_encoder_config
         from finetune.recipe import check_files, file_checks, is_task_file, load_recipe
 
         notes: list[str] = []

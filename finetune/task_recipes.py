@@ -7,7 +7,7 @@ out, the published recipe closest to it (``defaults: auto``, the default), chose
   multi-label set (AudioSet-2M's 5 epochs at lr 1e-5 are for two million clips);
 - single-label: the SpeechCommands recipe (128-frame clips) for clips shorter than 256 frames (2.56 s, the
   geometric middle of 128 and 512), the ESC-50 recipe (512 frames) otherwise;
-- the init's family (``finetune.init.init_family``) picks whose: SSAST's recipes for SSAST-pretrained
+- the init's family (``common.phases.init.init_family``) picks whose: SSAST's recipes for SSAST-pretrained
   weights; AST's for ImageNet weights, and for a model from scratch (AST's model: no recipe trains it from
   scratch, ImageNet is the nearest published start); AST's recipes with its AudioSet-pretrained ESC-50
   learning rate (1e-5) for weights already trained on labelled audio; HTS-AT's AudioSet / ESC-50 recipes
@@ -51,7 +51,7 @@ class PublishedRecipe:
         multi_label: whether it trains a multi-label task.
         frames: its clip length (10 ms frames), which SpecAugment's time mask is relative to; None: HTS-AT's
             fixed input.
-        init: what it starts from (a value of ``finetune.init.INIT_FAMILIES``).
+        init: what it starts from (a value of ``common.phases.init.INIT_FAMILIES``).
         loss: its loss, for a task file that does not say.
         sections: the recipe sections it sets (``phases``, ``augment``, ``optim``, ``train``, ...); without
             ``optim.warmup_steps`` it warms up (the task file's rule).
@@ -136,7 +136,7 @@ def closest(multi_label: bool, frames: int, family: str) -> str:
     Args:
         multi_label: the task's metric is mAP.
         frames: the task's clip length (``target_frames``).
-        family: the init's family (``finetune.init.init_family``).
+        family: the init's family (``common.phases.init.init_family``).
     """
     if family == "htsat":
         return "htsat_audioset" if multi_label else "htsat_esc50"

@@ -18,9 +18,10 @@ from common.data.loader import DataConfig
 from common.audio.pipeline import AudioConfig
 from common.models.ast.encoder import EncoderConfig, ModelSpec
 from common.training.optim import OptimConfig
-from common.phases.config import PhaseConfig, TransferConfig
+from common.phases.config import PhaseConfig
 from common.config.recipe import RecipeError, apply_overrides, load_yaml
 from common.training.spec import TrainConfig
+from common.phases.init import InitTransferConfig
 from pretrain.masking import mask_count
 from pretrain.ssast import SSASTConfig
 
@@ -38,7 +39,7 @@ class PretrainRecipe:
     model: ModelSpec = field(default_factory=ModelSpec)
     audio: AudioConfig = field(default_factory=AudioConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    transfer: TransferConfig = field(default_factory=TransferConfig)
+    transfer: InitTransferConfig = field(default_factory=InitTransferConfig)  # init_pos_embed: for --init
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ssast: SSASTConfig = field(default_factory=SSASTConfig)

@@ -5,11 +5,17 @@
     deepspeed --hostfile hosts pretrain/run.py --recipe ...      # several nodes
     python pretrain/run.py --recipe recipes/synth_pretrain.yaml  # one process, no launcher
     python pretrain/run.py --recipe recipes/ssast_baseline.yaml --coarse fshift:4 --dry-run   # derived schedule
+    python pretrain/run.py --recipe my_corpus.yaml --init SSAST-Base-Patch-400.pth     # continue a released model
 
 Running the same command on an existing run directory resumes where it stopped. The run directory
 receives the resolved recipe, TensorBoard events (``tb/``), checkpoints, ``export/phaseN.safetensors``
 at each phase end, the final ``model.safetensors`` (what ``finetune/run.py --init`` takes) and
 ``ledger.json`` (FLOPs and time per phase, saving against the recipe's baseline).
+
+``--init`` continues pretraining from an official SSAST checkpoint (its pretext heads too), this package's
+pretraining run or export, an official AST checkpoint or timm ImageNet ViT / DeiT weights: the file's
+grid-dependent weights are fitted to the first phase, the heads kept where it has them (``pretrain.init``;
+the decisions are logged and recorded in ``ledger.json``'s ``init``). A resumed run does not read it again.
 """
 
 from __future__ import annotations
@@ -34,8 +40,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--recipe", type=Path, required=True, help="a pretraining recipe (YAML), e.g. "
                         "recipes/ssast_fshift4.yaml")
+    parser.add_argument("--init", default=None,
+                        help="continue pretraining from these weights: an official SSAST .pth (with its pretext "
+                             "heads), a pretraining run directory or export of this package, an official AST .pth "
+                             "or timm ImageNet ViT/DeiT weights (default: from scratch)")
     add_run_arguments(parser, "runs/pretrain")
     return parser
+
+
+def _resumes(run_dir: Path, restart: bool) -> bool:
+    """Whether the run in ``run_dir`` continues from its own checkpoints (then ``--init`` is not read)."""
+    checkpoints = run_dir / "checkpoints"
+    return not restart and ((run_dir / "model.safetensors").is_file() or
+                            (checkpoints.is_dir() and any(p.is_dir() for p in checkpoints.iterdir())))
+
+
+def _started_from(run_dir: Path) -> str:
+    """Where a resumed run started, as its ledger says."""
+    import json
+
+    try:
+        init = json.loads((run_dir / "ledger.json").read_text()).get("init")
+    except (OSError, ValueError):
+        return "as its ledger says"
+    return f"it started from {init['source']}" if isinstance(init, dict) else "it started from scratch"
 
 
 @functools.lru_cache(maxsize=64)
@@ -156,18 +184,35 @@ def main(argv: list[str] | None = None) -> int:
         name = args.recipe.stem + (f"-{coarse_tag(recipe.coarse)}" if args.coarse else "")
         run_dir = args.run_dir or Path("runs/pretrain") / name
         check_baseline(recipe, run_dir, args.restart)  # before any compute: the baseline must be there, comparable
+        start = None
         if args.dry_run:
             print_plan(recipe, world_size, baseline, args.overrides, stated_batch(load_yaml(args.recipe)),
                        args.recipe.name)
+            from pretrain.clips import clip_lines
+
+            print("\n".join(clip_lines(recipe)))
             if caution:
                 print(f"warning: {caution}")
             missing = problems(checks)
+            if args.init is not None and _resumes(run_dir, args.restart):
+                print(f"init: --init {args.init} is not read: {run_dir} resumes from its checkpoints")
+            elif args.init is not None:
+                from pretrain.init import load_start, missing_line
+
+                try:
+                    print("\n".join(load_start(args.init, recipe).lines))
+                except FileNotFoundError as err:
+                    missing.insert(0, missing_line(args.init, err))
             if missing:
                 print("files a run needs and does not find (it would stop before any compute):")
                 print("\n".join(f"  {problem}" for problem in missing))
             return 0
         for check in checks:  # every file the run reads, before a model or the run directory exists
             check()
+        if args.init is not None and not _resumes(run_dir, args.restart):
+            from pretrain.init import load_start
+
+            start = load_start(args.init, recipe)  # a file that is not a usable start: refused before any compute
         from common.training.spec import RunSpec
         from common.training.loop import Trainer
         from pretrain.ssast import SSASTObjective
@@ -178,15 +223,25 @@ def main(argv: list[str] | None = None) -> int:
             planned = baseline_of(recipe, baseline, dist.world_size)
             spec = RunSpec(run_dir=run_dir, base=recipe.base, audio=recipe.audio, phases=recipe.phases,
                            transfer=recipe.transfer, optim=recipe.optim, train=recipe.train, data=recipe.data,
-                           baseline=planned, run_recipe=session.run_recipe, meta={"recipe": args.recipe.name})
+                           baseline=planned, run_recipe=session.run_recipe, meta={"recipe": args.recipe.name},
+                           **({} if start is None else dict(init=start.weights, init_pos_embed=start.pos_mode,
+                                                            init_record=start.record)))
+            if start is not None:
+                spec.meta["init"] = args.init
             log.info("pretraining %s into %s on %d rank(s) (%s)", args.recipe, run_dir, dist.world_size,
                      dist.device)
+            for line in start.lines if start is not None else ():
+                log.info("%s", line)
+            if args.init is not None and start is None:
+                log.info("--init %s is not read: the run resumes from its checkpoints (%s)", args.init,
+                         _started_from(run_dir))
             if caution:
                 log.warning("%s", caution)
             if planned is not None:
                 log.info("FLOPs saving is measured against %s planned with this run's geometry and batch: %.4g",
                          planned[0], planned[1])
-            done = Trainer(spec, SSASTObjective(recipe.ssast), dist).run(stop_after=args.stop_after_steps)
+            objective = SSASTObjective(recipe.ssast, None if start is None else start.heads)
+            done = Trainer(spec, objective, dist).run(stop_after=args.stop_after_steps)
         if dist.is_main and done:
             print(f"done: {run_dir / 'model.safetensors'} (ledger: {run_dir / 'ledger.json'})")
         return 0

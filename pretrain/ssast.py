@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from common.models.arch import architecture_for
 from common.audio.augment import SpecAugmentConfig
-from common.models.exports import save_encoder
+from common.models.exports import save_weights
 from common.data.loader import Batch
 from common.system.distributed import Dist
 from common.audio.pipeline import FeaturePipeline
@@ -186,6 +186,8 @@ def adapt_heads(state: dict, old: EncoderConfig, new: EncoderConfig) -> dict:
         return state
     out = dict(state)
     for head in ("cpredlayer", "gpredlayer"):
+        if f"{head}.2.weight" not in out:  # a state with one head (an init that has only that one)
+            continue
         weight, bias = out[f"{head}.2.weight"], out[f"{head}.2.bias"]  # [P, D], [P]
         as_kernel = weight.T.reshape(weight.shape[1], 1, *shape_old)
         out[f"{head}.2.weight"] = resample_patch_kernel(as_kernel, shape_new, "bilinear").reshape(
@@ -201,8 +203,20 @@ class SSASTObjective:
     score_name = "acc"
     classes = None
 
-    def __init__(self, cfg: SSASTConfig) -> None:
+    def __init__(self, cfg: SSASTConfig, initial_heads: dict[str, torch.Tensor] | None = None) -> None:
         self.cfg = cfg
+        self.initial_heads = dict(initial_heads or {})  # pretext parts of --init, fitted to the first phase
+
+    def load_initial_heads(self, model: SSASTModel) -> None:
+        """Put the pretext parts ``--init`` brought (``pretrain.init``) into the first phase's model; the
+        others keep their fresh initialisation."""
+        if not self.initial_heads:
+            return
+        own = model.state_dict()
+        wrong = [k for k, v in self.initial_heads.items() if k not in own or own[k].shape != v.shape]
+        if wrong:
+            raise ValueError(f"the initial pretext heads do not fit the first phase's model: {wrong[:3]}")
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in self.initial_heads.items()}, strict=False)
 
     def build_model(self, geometry: EncoderConfig) -> SSASTModel:
         return SSASTModel(architecture_for(geometry).build_encoder(geometry), self.cfg)
@@ -271,4 +285,7 @@ class SSASTObjective:
         return estimate_training_memory(lambda: self.build_model(cfg), self._meta_step(cfg), batch, **setting)
 
     def export(self, model: SSASTModel, path: Path, meta: dict) -> None:
-        save_encoder(model.encoder, path, meta={**meta, "objective": "ssast"})
+        """The encoder (under ``encoder.``, which every reader of an export takes) with the pretext heads and
+        the mask embedding beside it, so that pretraining can continue from the file (``--init``)."""
+        save_weights(path, model.state_dict(), {"encoder_config": model.encoder.cfg.to_dict(),
+                                                "encoder_prefix": "encoder.", **meta, "objective": "ssast"})

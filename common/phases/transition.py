@@ -22,7 +22,8 @@ __all__ = ["initial_model", "next_phase_model"]
 
 def initial_model(arch: Architecture, objective, geometry, phase: PhaseConfig, seed: int,
                   init: EncoderWeights | None = None, pos_mode: str = "bilinear") -> nn.Module:
-    """The first phase's model (``objective.build_model``), its encoder from ``init`` if given.
+    """The first phase's model (``objective.build_model``), its encoder from ``init`` if given (and, where the
+    objective has ``load_initial_heads(model)``, what it keeps of the init beside the encoder).
 
     Args:
         arch: the run's architecture (it fits the initial weights to the phase's geometry).
@@ -37,6 +38,9 @@ def initial_model(arch: Architecture, objective, geometry, phase: PhaseConfig, s
     model = objective.build_model(geometry)
     if init is not None:
         arch.load_weights(model.encoder, init, geometry, pos_mode, patch_mode_between(None, phase))
+        load_heads = getattr(objective, "load_initial_heads", None)  # an objective's own parts of the init
+        if load_heads is not None:
+            load_heads(model)
     return model
 
 

@@ -18,8 +18,9 @@ and cumulative FLOPs; ``end_note``: in words), and a run stopped by ``train.stop
 the target it stopped at (``stop_when_surpassing``: the baseline's best per-epoch score, where it was, its
 weight-averaged score and the differences accepted, ``common.phases.baseline``); ``evaluation``: what decides the
 clips a validation round scores (``common.phases.baseline.evaluation_settings``), so that another run can tell
-whether its scores compare with these. An evaluation of a weight average carries ``weight_averaged`` (the
-epochs averaged).
+whether its scores compare with these; ``init``: where a pretraining run started (``pretrain/run.py --init``:
+the file, its kind, and which weights were fitted, kept or started afresh, ``pretrain.init``). An evaluation
+of a weight average carries ``weight_averaged`` (the epochs averaged).
 
 The trainer talks to the ledger through methods (:meth:`Ledger.start_phase`, :meth:`Ledger.add_training`,
 :meth:`Ledger.add_eval_time`, :meth:`Ledger.add_eval`); readers use :meth:`Ledger.read` and
@@ -143,6 +144,7 @@ class Ledger:
         self.data: dict | None = None  # the manifests' fingerprints (common.data.fingerprint)
         self.upsampled: dict[tuple[str, int, int], int] = {}  # (split, clip rate, model rate) -> clips
         self.evaluation: dict | None = None  # the validation settings (common.phases.baseline.evaluation_settings)
+        self.init: dict | None = None  # where the run started: its --init and what was kept of it
 
     def start_phase(self, index: int, **info) -> PhaseRecord:
         """The record of phase ``index``, created from ``info`` (:class:`PhaseRecord` fields) on first use;
@@ -266,6 +268,8 @@ class Ledger:
                                  for (s, a, b), n in sorted(self.upsampled.items())]
         if self.evaluation:
             data["evaluation"] = self.evaluation
+        if self.init:
+            data["init"] = self.init
         return data
 
     @classmethod
@@ -279,6 +283,7 @@ class Ledger:
         ledger.data = data.get("data")
         ledger.upsampled = {(u["split"], u["from_hz"], u["to_hz"]): u["clips"] for u in data.get("upsampled", [])}
         ledger.evaluation = data.get("evaluation")
+        ledger.init = data.get("init")
         return ledger
 
     @classmethod

@@ -144,6 +144,7 @@ class Trainer:
         self.ledger = Ledger(objective.score_name)
         if spec.baseline is not None:
             self.ledger.set_baseline(*spec.baseline)
+        self.ledger.init = spec.init_record  # a resumed run's comes back with its ledger
         self.checkpoints = RunCheckpoints(self.run_dir / "checkpoints", dist, spec.train.keep_checkpoints)
         self.average = WeightAverage(self.run_dir / "average",
                                      averaged_epochs(spec.train.weight_average_from or

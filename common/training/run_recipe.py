@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 # keys that may change between a run and its resumption (they do not change what is computed)
 RESUMABLE_CHANGES = ("data.num_workers", "train.cpu_threads", "train.log_every", "train.keep_checkpoints",
-                     "train.eval_batches", "data.eval_batch_size", "train.accept_baseline_differences")
+                     "train.eval_batches", "data.eval_batch_size", "train.accept_baseline_differences",
+                     "transfer.init_pos_embed")  # the last: how --init is fitted, read only when a run starts
 # the documented recovery after a non-finite loss: resume with another learning rate or schedule
 RECOVERY_CHANGES = ("optim.lr", "optim.warmup_steps", "optim.schedule", "optim.patience", "optim.decay",
                     "optim.decay_start", "optim.decay_every", "optim.min_lr")

@@ -111,6 +111,7 @@ class RunSpec:
         init: the encoder weights the first phase starts from (None: from scratch).
         init_pos_embed: how the initial positional embedding is fitted to the first phase (default: the
             transfer setting; ImageNet weights use ``cut``, AST's rule).
+        init_record: the ledger's ``init`` entry (where the run started and what was kept of it), or None.
         baseline: ``(name, planned training FLOPs)`` of the baseline recipe, for the ledger, or ``(name, None,
             FLOPs per sample, epochs)`` for an epoch-based one (:meth:`common.training.ledger.Ledger.set_baseline`).
         run_recipe: the run directory's recipe (``common.training.run_recipe``): written with the first checkpoint;
@@ -128,6 +129,7 @@ class RunSpec:
     data: DataConfig
     init: EncoderWeights | None = None
     init_pos_embed: str | None = None
+    init_record: dict | None = None
     baseline: tuple[str, float] | None = None
     run_recipe: RunRecipe | None = None
     meta: dict = field(default_factory=dict)

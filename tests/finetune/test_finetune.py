@@ -146,7 +146,7 @@ def test_fine_tuning_a_pretrained_run_beats_chance_clearly(tmp_path, small_synth
 def test_fine_tuning_from_an_official_ssast_checkpoint(tmp_path, synth_corpus):
     from common.models.weights import load_encoder_state
     from common.models.ast.encoder import ModelSpec
-    from finetune.init import task_encoder, task_encoder_config
+    from common.phases.init import task_encoder, task_encoder_config
     from tests.helpers import ssast_pretrained_state
 
     sd = ssast_pretrained_state(dim=64, depth=2, tdim=256)  # pretrained on 256 frames: grid 8 x 16
@@ -179,7 +179,7 @@ def test_pooling_follows_the_init(tmp_path):
     from common.models.weights import load_encoder_state
     from common.models.ast.encoder import ASTEncoder, EncoderConfig, ModelSpec
     from finetune.classifier import Classifier, save_classifier
-    from finetune.init import init_pool, resolve_pool, task_encoder_config
+    from common.phases.init import init_pool, resolve_pool, task_encoder_config
     from pretrain.ssast import SSASTConfig, SSASTModel, SSASTObjective
     from tests.helpers import ssast_pretrained_state
 
@@ -217,7 +217,7 @@ def test_imagenet_deit_weights_start_the_encoder_as_ast(tmp_path):
 
     from common.models.weights import load_encoder_state
     from common.models.ast.encoder import ModelSpec
-    from finetune.init import task_encoder, task_encoder_config
+    from common.phases.init import task_encoder, task_encoder_config
 
     deit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
     torch.save(deit.state_dict(), tmp_path / "deit.pth")

@@ -9,7 +9,7 @@ import torch
 
 from common.models.weights import EncoderWeights
 from common.config.recipe import RecipeError, load_yaml
-from finetune.init import init_family
+from common.phases.init import init_family
 from finetune.recipe import load_recipe
 from finetune.task_recipes import RECIPES, closest
 from finetune.tasks import TASKS

@@ -17,7 +17,7 @@ from common.models.weights import load_encoder_state
 from common.audio.compression import Compression
 from common.models.htsat import HTSAT, HTSATConfig, resize_bias_table
 from common.models.htsat.imagenet import convert_imagenet_swin
-from finetune.init import expected_init_note, init_kind, task_encoder_config
+from common.phases.init import expected_init_note, init_kind, task_encoder_config
 from finetune.run import main as finetune
 from tests.helpers import _synth_root, sets
 

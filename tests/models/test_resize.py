@@ -146,7 +146,7 @@ def test_growing_is_plain_bilinear_in_both_modes():
 
 def test_official_inits_follow_their_codes_rule_and_exports_the_recipe():
     from common.models.weights import EncoderWeights
-    from finetune.init import init_pos_mode
+    from common.phases.init import init_pos_mode
     from finetune.recipe import load_recipe
 
     official, imagenet, export = EncoderWeights(None, None, {"source": "official"}), \

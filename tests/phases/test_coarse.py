@@ -117,7 +117,7 @@ def test_dry_runs_print_the_derived_schedule_and_its_saving(tmp_path, synth_corp
                      "--dry-run", *sets("coarse.until={criterion: plateau, max: 4}")]) == 0
     out = capsys.readouterr().out
     recipe = finetune_recipe("synth", coarse="fshift:4")
-    from finetune.init import task_encoder_config
+    from common.phases.init import task_encoder_config
 
     base = task_encoder_config(None, recipe.model, recipe.num_mel_bins, recipe.task.target_frames)
     objective = ClassifierObjective([str(i) for i in range(12)], "acc", "ce", recipe.augment, recipe.head)

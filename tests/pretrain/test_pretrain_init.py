@@ -1,0 +1,274 @@
+"""Continued pretraining (``pretrain/run.py --init``): from an official SSAST checkpoint with its pretext heads,
+from this package's run and export, from an ImageNet ViT; short clips; refusals; a resume without the file."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.models.exports import read_weights
+from common.config.recipe import RecipeError
+from common.phases.transition import initial_model
+from pretrain.init import load_start
+from pretrain.recipe import load_recipe
+from pretrain.run import main
+from pretrain.ssast import SSASTObjective
+from tests.helpers import ssast_pretrained_state
+from tests.helpers import RECIPE, tiny
+
+pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
+
+HEAD_KEYS = [f"{h}.{i}.{p}" for h in ("cpredlayer", "gpredlayer") for i in (0, 2) for p in ("weight", "bias")]
+
+
+def official_ssast(tmp_path: Path, dim: int = 32) -> tuple[Path, dict]:
+    """A tiny SSAST pretraining checkpoint in the official layout (16 x 16 patches, 128 x 256 input: 8 x 16 grid)."""
+    sd = ssast_pretrained_state(dim=dim, depth=2, tdim=256)
+    path = tmp_path / "SSAST-Tiny-Patch-400.pth"
+    torch.save(sd, path)
+    return path, sd
+
+
+def overrides(corpus: Path, *extra: str, steps=(2, 2)) -> list[str]:
+    return tiny(corpus, "train.deterministic=false", *extra, steps=steps)
+
+
+def pretrain(run_dir: Path, corpus: Path, init: Path | None, *extra: str, stop=None, dry=False) -> int:
+    argv = ["--recipe", str(RECIPE), "--run-dir", str(run_dir), *overrides(corpus, *extra)]
+    argv += ["--init", str(init)] if init is not None else []
+    argv += ["--stop-after-steps", str(stop)] if stop is not None else []
+    return main(argv + (["--dry-run"] if dry else []))
+
+
+def recipe_of(corpus: Path, *extra: str):
+    sets = overrides(corpus, *extra)
+    return load_recipe(RECIPE, [s for s in sets if s != "--set"])
+
+
+def first_model(start, recipe):
+    """The first phase's model exactly as the trainer builds it at step 0."""
+    objective = SSASTObjective(recipe.ssast, start.heads)
+    from common.models.arch import architecture_for
+
+    arch = architecture_for(recipe.base, recipe.audio)
+    return initial_model(arch, objective, recipe.encoder_configs()[0], recipe.phases[0], recipe.train.seed,
+                         start.weights, start.pos_mode)
+
+
+def ledger(run_dir: Path) -> dict:
+    return json.loads((run_dir / "ledger.json").read_text())
+
+
+def test_an_official_ssast_checkpoint_continues_coarse_to_fine_with_its_heads(tmp_path, synth_corpus, capsys):
+    path, sd = official_ssast(tmp_path)
+    recipe = recipe_of(synth_corpus)
+    start = load_start(str(path), recipe)
+    model = first_model(start, recipe)
+    state = model.state_dict()
+    # at step 0 the heads and the mask embedding are the file's, the positional embedding its centre columns
+    for key in HEAD_KEYS + ["mask_embed"]:
+        assert torch.equal(state[key], sd[f"module.{key}"]), key
+    grid = sd["module.v.pos_embed"][:, 2:].reshape(1, 8, 16, 32)[:, :, 7:9]  # 16 -> 2 time columns (phase 1, x4)
+    assert torch.equal(state["encoder.pos_embed"][:, 2:], grid.reshape(1, 16, 32))
+    assert torch.equal(state["encoder.blocks.1.mlp.fc2.weight"], sd["module.v.blocks.1.mlp.fc2.weight"])
+    # the plan says every decision, one line each
+    assert pretrain(tmp_path / "plan", synth_corpus, path, dry=True) == 0
+    out = capsys.readouterr().out
+    assert "init: positional embedding 8x16 -> 8x2 for the first phase (cut" in out
+    assert "init: cpredlayer (the MPC head) kept from the file" in out and "mask_embed (the mask embedding) kept" in out
+    assert not (tmp_path / "plan").exists()
+    # the run: stopped after one step, the file removed, resumed: the run needs its checkpoints only
+    run_dir = tmp_path / "run"
+    assert pretrain(run_dir, synth_corpus, path, stop=1) == 0
+    moved = tmp_path / "elsewhere.pth"
+    shutil.move(path, moved)
+    assert pretrain(run_dir, synth_corpus, path) == 0
+    assert (run_dir / "model.safetensors").is_file()
+    record = ledger(run_dir)["init"]
+    assert (record["source"], record["kind"], record["format"]) == (str(path), "ssast", "official")
+    assert record["kept"] == ["cpredlayer", "gpredlayer", "mask_embed"] and record["fresh"] == []
+    assert record["pos_embed"] == {"from": [8, 16], "to": [8, 2], "mode": "cut"}
+    log = (run_dir / "train.log").read_text()
+    assert "init: gpredlayer (the MPG head) kept from the file" in log
+    assert f"--init {path} is not read: the run resumes from its checkpoints (it started from {path})" in log
+    assert [p["steps"] for p in ledger(run_dir)["phases"]] == [2, 2]
+
+
+@pytest.fixture(scope="module")
+def own_run(tmp_path_factory, synth_corpus):
+    """This package's pretraining run from scratch (2 + 2 steps)."""
+    run_dir = tmp_path_factory.mktemp("own") / "run"
+    assert pretrain(run_dir, synth_corpus, None) == 0
+    return run_dir
+
+
+def test_own_exports_carry_the_pretext_heads(own_run):
+    tensors, meta = read_weights(own_run / "model.safetensors")
+    assert meta["encoder_prefix"] == "encoder." and meta["objective"] == "ssast"
+    assert set(HEAD_KEYS + ["mask_embed"]) <= set(tensors)
+    from common.models.weights import load_encoder
+
+    assert load_encoder(own_run).cfg.grid == (8, 8)  # what fine-tuning's --init reads is unchanged
+
+
+def test_continuing_from_this_packages_run_and_its_export(tmp_path, synth_corpus, own_run):
+    recipe = recipe_of(synth_corpus)
+    # the phase-1 export: the same 8 x 2 grid as the first phase, every part kept as it was
+    export = own_run / "export" / "phase1.safetensors"
+    tensors, _ = read_weights(export)
+    start = load_start(str(export), recipe)
+    state = first_model(start, recipe).state_dict()
+    assert all(torch.equal(state[k], tensors[k]) for k in tensors), "a phase-1 export starts phase 1 unchanged"
+    assert start.record["pos_embed"]["mode"] is None and start.record["kept"] == ["cpredlayer", "gpredlayer",
+                                                                                    "mask_embed"]
+    # the run directory (its final 8 x 8 model, fitted to 8 x 2 with transfer.pos_embed), end to end
+    run_dir = tmp_path / "again"
+    assert pretrain(run_dir, synth_corpus, own_run) == 0
+    record = ledger(run_dir)["init"]
+    assert (record["kind"], record["format"], record["kept"]) == ("ssast", "export",
+                                                                  ["cpredlayer", "gpredlayer", "mask_embed"])
+    assert record["pos_embed"] == {"from": [8, 8], "to": [8, 2], "mode": "bilinear"}
+    start = load_start(str(own_run), recipe)
+    final, _ = read_weights(own_run / "model.safetensors")
+    assert all(torch.equal(start.heads[k], final[k]) for k in HEAD_KEYS)
+
+
+def test_an_imagenet_vit_starts_with_fresh_heads(tmp_path, synth_corpus):
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    path = tmp_path / "vit_tiny_imagenet.pth"
+    torch.save(vit.state_dict(), path)
+    # one prefix token (no distillation token): the recipe must say so, and the refusal says how
+    with pytest.raises(RecipeError, match=r"num_prefix_tokens 1.*--set model.num_prefix_tokens=1"):
+        load_start(str(path), recipe_of(synth_corpus))
+    run_dir = tmp_path / "run"
+    assert pretrain(run_dir, synth_corpus, path, "model.num_prefix_tokens=1") == 0
+    record = ledger(run_dir)["init"]
+    assert (record["kind"], record["format"]) == ("imagenet", "imagenet")
+    assert record["fresh"] == ["cpredlayer", "gpredlayer", "mask_embed"] and record["kept"] == []
+    assert record["pos_embed"] == {"from": [4, 4], "to": [8, 2], "mode": "cut"}
+    assert "init: cpredlayer (the MPC head) starts afresh: an ImageNet start" in (run_dir / "train.log").read_text()
+
+
+def test_an_official_ast_checkpoint_has_no_heads_to_keep(tmp_path, synth_corpus):
+    sd = ssast_pretrained_state(dim=32, depth=2)
+    for key in [k for k in sd if "pred" in k or "p_input" in k or "mask_embed" in k]:
+        del sd[key]
+    sd["module.v.pos_embed"] = torch.randn(1, 12 * 12 + 2, 32)  # AST: stride 10, 12 x 12 grid
+    sd["module.mlp_head.1.weight"] = torch.randn(527, 32)
+    torch.save(sd, tmp_path / "audioset_10_10.pth")
+    recipe = recipe_of(synth_corpus)
+    start = load_start(str(tmp_path / "audioset_10_10.pth"), recipe)
+    assert (start.record["kind"], start.record["fresh"], start.heads) == \
+        ("ast", ["cpredlayer", "gpredlayer", "mask_embed"], {})
+    model = first_model(start, recipe)
+    torch.manual_seed(recipe.train.seed)  # the seed initial_model builds the first phase's model with
+    fresh = SSASTObjective(recipe.ssast).build_model(recipe.encoder_configs()[0])
+    assert torch.equal(model.cpredlayer[2].weight, fresh.cpredlayer[2].weight)  # the seeded fresh init
+
+
+def test_heads_follow_a_patch_phase_and_a_changed_input(tmp_path, synth_corpus):
+    path, sd = official_ssast(tmp_path)
+    # a first phase with 16 x 64 patches (patch compression x4): the kernel resized as the phase's patch_transfer
+    # says, the heads' outputs resized as at a patch-phase change
+    recipe = recipe_of(synth_corpus, "phases.0.compression=patch", "phases.0.patch_transfer=pi")
+    start = load_start(str(path), recipe)
+    assert start.record["patch_embed"] == {"from": [16, 16], "to": [16, 64], "mode": "pi"}
+    assert start.record["heads"]["cpredlayer"] == "kept, resized 16x16 -> 16x64"
+    model = first_model(start, recipe)
+    assert model.cpredlayer[2].weight.shape == (16 * 64, 32)
+    assert torch.equal(model.cpredlayer[0].weight, sd["module.cpredlayer.0.weight"])
+    assert torch.equal(model.mask_embed, sd["module.mask_embed"])
+
+
+def test_short_clips_plan_and_run_with_the_models_input_length(tmp_path, synth_corpus, capsys):
+    """The built-in corpus's 0.8-2 s clips under SSAST's 10.24 s input: the plan says so and names the setting;
+    with it, continued pretraining from the official checkpoint runs."""
+    path, _ = official_ssast(tmp_path)
+    assert pretrain(tmp_path / "plan", synth_corpus, path, "audio.target_frames=1024", dry=True) == 0
+    out = capsys.readouterr().out
+    assert "clips: the model's input is 10.26 s (audio.target_frames 1024); shorter clips are zero-padded" in out
+    assert "clips: data.train.0 (synth_pool.jsonl.gz): 0.95-1.94 s, median 1.39 s (first 24 clips)" in out
+    line = next(line for line in out.splitlines() if line.startswith("warning: data.train.0"))
+    frames = int(line.split("audio.target_frames=")[1].split()[0])
+    assert "most of each input is padding" in line and "data.pad=repeat" in line
+    assert frames == 192  # 1.39 s needs 138 frames; 144 and 160 give 9 and 10 time columns, which x4 does not divide
+    # the plan with that setting has nothing to warn about, and the run works from the official checkpoint
+    assert pretrain(tmp_path / "plan", synth_corpus, path, f"audio.target_frames={frames}", dry=True) == 0
+    out = capsys.readouterr().out
+    assert "warning: data.train.0" not in out and "positional embedding 8x16 -> 8x3 for the first phase (cut" in out
+    run_dir = tmp_path / "run"
+    assert pretrain(run_dir, synth_corpus, path, f"audio.target_frames={frames}") == 0
+    assert ledger(run_dir)["init"]["pos_embed"] == {"from": [8, 16], "to": [8, 3], "mode": "cut"}
+    from common.models.weights import load_encoder
+
+    assert load_encoder(run_dir).cfg.grid == (8, 12)
+    # repeating the clips is the other setting: the plan says it
+    assert pretrain(tmp_path / "plan", synth_corpus, None, "audio.target_frames=1024", "data.pad=repeat",
+                    dry=True) == 0
+    out = capsys.readouterr().out
+    assert "shorter clips are repeated to it (data.pad: repeat)" in out and "warning: data.train.0" not in out
+
+
+def _htsat_checkpoint(tmp_path: Path) -> Path:
+    from tests.helpers import official_state, save_lightning
+
+    path = tmp_path / "HTSAT_AudioSet_Saved_1.ckpt"
+    save_lightning(official_state(), path)
+    return path
+
+
+@pytest.mark.parametrize("case,message", [
+    ("htsat", "holds an htsat model (HTS-AT, a Swin transformer); SSAST pretraining continues a ViT encoder"),
+    ("dim", "the file's encoder has embed_dim 64, the recipe's model embed_dim 32; train the file's transformer "
+            "with --set model.embed_dim=64 --set model.depth=2 --set model.num_heads=1"),
+    ("junk", "not a usable start"),
+])
+def test_a_file_that_is_not_a_usable_start_is_refused_in_one_line(tmp_path, synth_corpus, capsys, case, message):
+    if case == "htsat":
+        path = _htsat_checkpoint(tmp_path)
+    elif case == "dim":
+        path, _ = official_ssast(tmp_path, dim=64)
+    else:
+        path = tmp_path / "notes.pth"
+        path.write_text("not a checkpoint")
+    for dry in (True, False):
+        run_dir = tmp_path / f"run{dry}"
+        assert pretrain(run_dir, synth_corpus, path, dry=dry) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --init {path}") and message in err and len(err.splitlines()) == 1, err
+        assert not run_dir.exists()
+
+
+def test_a_plan_before_the_init_exists_lists_it(tmp_path, synth_corpus, capsys):
+    missing = tmp_path / "not_yet.pth"
+    assert pretrain(tmp_path / "plan", synth_corpus, missing, dry=True) == 0
+    out = capsys.readouterr().out
+    assert "files a run needs and does not find" in out and f"--init: checkpoint {missing} does not exist" in out
+    assert pretrain(tmp_path / "run", synth_corpus, missing) == 2
+    assert f"checkpoint {missing} does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_every_rank_starts_from_the_file_with_the_deepspeed_launcher(tmp_path, synth_corpus, ranks):
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, _free_port
+
+    path, _ = official_ssast(tmp_path)
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+           str(_free_port()), str(ROOT / "pretrain" / "run.py"), "--recipe", str(RECIPE), "--run-dir", str(run_dir),
+           "--init", str(path), *overrides(synth_corpus, "data.batch_size=6", steps=(1, 1))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = ledger(run_dir)["init"]
+    assert record["kept"] == ["cpredlayer", "gpredlayer", "mask_embed"]
+    assert [p["world_size"] for p in ledger(run_dir)["phases"]] == [ranks, ranks]
+    assert (run_dir / "train.log").read_text().count("init: cpredlayer (the MPC head) kept from the file") == 1
