@@ -32,7 +32,7 @@ from typing import Literal
 
 from common.phases.criteria import UntilConfig
 from common.phases.config import PhaseConfig
-from common.config.recipe import RecipeError, build, merge, to_dict
+from common.config.recipe import RecipeError, build, merge
 from common.models.ast.resize import PatchResize
 
 __all__ = ["CoarseConfig", "CoarseBaseline", "baseline_name", "parse_coarse", "derive_phases", "apply_coarse", "build_derived",
@@ -200,8 +200,10 @@ def apply_coarse(data: dict, name: str, flag: str | None = None) -> tuple[dict, 
         flag: the ``--coarse`` value (overrides the recipe's ``coarse`` method, factors and share).
 
     Returns:
-        ``(data, label)``: the mapping with derived ``phases`` and the ``coarse.baseline`` record, and the
-        label to prefix errors of the derived recipe with (None when nothing was derived).
+        ``(data, label)``: the mapping with the derived ``phases`` (:class:`PhaseConfig` objects) and the
+        ``coarse`` section with its ``baseline`` record (a :class:`CoarseConfig`), which the recipe's ``build``
+        takes as they are, and the label to prefix errors of the derived recipe with (None when nothing was
+        derived).
 
     Raises:
         RecipeError: a bad ``--coarse`` / ``coarse`` value, or a recipe that is not one full-resolution phase.
@@ -230,8 +232,8 @@ def apply_coarse(data: dict, name: str, flag: str | None = None) -> tuple[dict, 
         derived = derive_phases(phases[0], cfg)
     except ValueError as err:
         raise RecipeError(f"{label}: {err}") from None
-    record = to_dict(replace(cfg, baseline=CoarseBaseline(name, phases)))
-    return {**data, "phases": to_dict(derived), "coarse": record}, label
+    # built once: the recipe takes the derived phases and the record as they are (no round trip through a mapping)
+    return {**data, "phases": derived, "coarse": replace(cfg, baseline=CoarseBaseline(name, phases))}, label
 
 
 def build_derived(cls, data: dict, label: str | None):
