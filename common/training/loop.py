@@ -35,7 +35,9 @@ from common.phases.criteria import PhaseEnd
 from common.phases.transition import initial_model, next_phase_model
 from common.system.distributed import Dist
 from common.system.logger import progress
+from common.training.compile import maybe_compile
 from common.training.objective import Objective
+from common.training.optim import build_engine
 from common.training.phase import PhaseMachinery
 from common.training.plan import RunPlan, build_plan
 from common.training.record import RunRecord
@@ -223,6 +225,16 @@ class Trainer(PhaseMachinery):
         self.scalars.log({"phase": index + 2}, self.state.total_steps)
         self._seed_rank(index + 1)
         return fresh
+
+    def _engine(self, model: nn.Module, index: int, resume_tag: str | None = None):
+        phase, optim = self.spec.phases[index], self.spec.optim
+        model = maybe_compile(model, self.spec.train.compile, self.spec.train.compile_backend,
+                              self.spec.train.compile_mode)
+        return build_engine(model, optim, phase.lr or optim.lr, self.splits[index].per_rank,
+                            self.spec.train.zero_stage, self.device, phase.steps if phase.iteration_based else None,
+                            getattr(model, "head_prefixes", ()), self.autocast_dtype,
+                            load_universal=resume_tag is not None and self.record.checkpoints.resharded(resume_tag),
+                            grad_accum=self.splits[index].grad_accum)
 
     def _finish(self, model: nn.Module) -> None:
         """Weight-average if asked, and make the final phase's model (or the average) the run's model."""

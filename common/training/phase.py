@@ -1,7 +1,7 @@
-"""What one phase trains with: its model's random streams, its DeepSpeed engine (``common.training.optim``),
-its front end, its training and validation loaders (``common.data.loader``), the micro-step
-(``common.training.steps``) and the validation pass. The loop (``common.training.loop.Trainer``) builds on it
-and decides when each is used.
+"""What one phase trains with: its model's random streams, its front end, its training and validation
+loaders (``common.data.loader``), the micro-step (``common.training.steps``) and the validation pass. The loop
+(``common.training.loop.Trainer``, which also builds the phase's engine) builds on it and decides when each is
+used.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ from torch import nn
 from common.audio.augment import SpecAugmentConfig
 from common.data.loader import Batch, eval_loader, make_cache, train_loader
 from common.system.distributed import Dist
-from common.training.compile import maybe_compile
 from common.training.nonfinite import NonFiniteWatch
 from common.training.objective import Objective
-from common.training.optim import build_engine
 from common.training.plan import RunPlan
 from common.training.record import RunRecord
 from common.training.spec import RunSpec
@@ -67,16 +65,6 @@ class PhaseMachinery:
         """After a phase's model is built (identically on every rank): a different random stream per rank
         and phase, so that stochastic depth and dropout differ between ranks."""
         torch.manual_seed((self.spec.train.seed * 1_000 + index) * 1_000 + self.dist.rank)
-
-    def _engine(self, model: nn.Module, index: int, resume_tag: str | None = None):
-        phase, optim = self.spec.phases[index], self.spec.optim
-        model = maybe_compile(model, self.spec.train.compile, self.spec.train.compile_backend,
-                              self.spec.train.compile_mode)
-        return build_engine(model, optim, phase.lr or optim.lr, self.splits[index].per_rank,
-                            self.spec.train.zero_stage, self.device, phase.steps if phase.iteration_based else None,
-                            getattr(model, "head_prefixes", ()), self.autocast_dtype,
-                            load_universal=resume_tag is not None and self.record.checkpoints.resharded(resume_tag),
-                            grad_accum=self.splits[index].grad_accum)
 
     def _frontend(self, index: int, specaug: SpecAugmentConfig) -> nn.Module:
         """The phase's front end on the device (training augmentation from ``specaug``)."""
