@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from common.training.batch import stated_batch
+        from common.training.batch import phase_splits, stated_batch
         from common.cli import world_size_of
         from common.data.preflight import check_norm, data_checks, norm_mismatch, problems
         from common.config.recipe import load_yaml
@@ -119,20 +119,23 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.recipe import load_baseline, load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides, args.coarse)
+        world_size = world_size_of(args)
+        phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)  # refuse an impossible split now
         baseline = load_baseline(recipe, args.overrides)
         name = args.recipe.stem + (f"-{coarse_tag(recipe.coarse)}" if args.coarse else "")
+        run_dir = args.run_dir or Path("runs/pretrain") / name
         checks = [*data_checks(recipe.data), lambda: check_norm(recipe.audio.norm, "audio.norm")]
-        run = plan(recipe, world_size_of(args), baseline, memory=args.dry_run,
-                   run_dir=args.run_dir or Path("runs/pretrain") / name, checks=checks)
         caution = norm_mismatch(recipe.audio.norm, recipe.audio.target_frames, recipe.audio.num_mel_bins, "audio.norm")
-        check_baseline(recipe, run.run_dir, args.restart)  # before any compute: the baseline must be there, comparable
+        check_baseline(recipe, run_dir, args.restart)  # before any compute: the baseline must be there, comparable
+        if not args.dry_run:
+            for check in checks:  # every file the run reads, before a model or the run directory exists
+                check()
+        run = plan(recipe, world_size, baseline, memory=args.dry_run, run_dir=run_dir, checks=checks)
         if args.dry_run:
             print(format_plan(run, stated_batch(load_yaml(args.recipe)), args.recipe.name,
                               notes=_baseline_notes(recipe, baseline, args.overrides),
                               cautions=[caution] if caution else [], missing=problems(run.checks)))
             return 0
-        for check in run.checks:  # every file the run reads, before a model or the run directory exists
-            check()
         from common.training.spec import RunSpec
         from common.training.loop import Trainer
         from pretrain.ssast import SSASTObjective
