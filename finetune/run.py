@@ -52,34 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_plan(recipe, configs, objective, arch, world_size: int = 1, stated: int | None = None,
-               source: str = "the recipe") -> None:
-    """The ``--dry-run`` plan on ``world_size`` ranks; ``stated``: the global batch the task's recipe and the
-    recipe file state (``source`` names them), to say when ``--set`` changed it."""
-    from common.training import batch
-    from common.models.arch import geometries
-    from common.phases.coarse import plan_lines
-    from common.models.memory import training_setting
-    from common.phases.config import plan_phases
-
-    setting = training_setting(recipe.train.precision, recipe.train.zero_stage, world_size)
-    print(f"task {recipe.task.name}: {recipe.task.description or ''}")
-    print(f"pooling: {objective.head.pool}")
-    splits = batch.phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)
-    rows = plan_phases(recipe.phases, configs, objective.flops_per_sample, splits,
-                       memory=lambda cfg, micro: objective.memory_estimate(cfg, micro, **setting).total)
-
-    def baseline_rows():
-        phases = recipe.coarse.baseline.phases
-        return plan_phases(phases, geometries(arch, phases), objective.flops_per_sample,
-                           batch.phase_splits(phases, recipe.data, recipe.optim, world_size))
-
-    print("\n".join(plan_lines(recipe, rows, setting, baseline_rows,
-                               batch.plan_lines(splits, recipe.data.batch_size, stated, source))))
-    o = recipe.optim
-    print(f"optimiser {o.optimizer}, lr {o.lr:g}, warm-up {o.warmup_steps} steps, {o.schedule} schedule")
-
-
 def _stated_batch(task: str, recipe_path: Path | None) -> tuple[int | None, str]:
     """The global batch the task's default recipe and the recipe file state (before ``--set``), and whose."""
     from common.training.batch import stated_batch
@@ -189,9 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     def body() -> int:
-        from common.models.arch import architecture_for
-        from common.models.arch import geometries
         from common.training.batch import phase_splits
+        from common.training.plan import build_plan, format_plan
         from common.cli import world_size_of
         from common.config.recipe import RecipeError
         from common.phases.init import expected_init_note, init_pos_mode, load_init, resolve_pool, task_encoder_config
@@ -233,8 +204,6 @@ def main(argv: list[str] | None = None) -> int:
         try:
             base = task_encoder_config(init, recipe.model, recipe.num_mel_bins, recipe.task.target_frames)
             audio = recipe.audio(getattr(base, "num_mel_bins", None))  # the AST family's front end
-            arch = architecture_for(base, audio)
-            configs = geometries(arch, recipe.phases)
             head = replace(recipe.head, pool=resolve_pool(recipe.head.pool, init, base))
             if args.keep_head and init is not None:
                 from common.models.hf import kept_head
@@ -252,7 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{recipe.task.name}-{args.recipe.stem if args.recipe else 'baseline'}"
         if args.coarse:
             name += f"-{coarse_tag(recipe.coarse)}"
-        run_root = args.run_dir or Path("runs/finetune") / name
+        try:
+            run = build_plan(recipe, objective, world_size, base=base, audio=audio, memory=args.dry_run,
+                             run_dir=args.run_dir or Path("runs/finetune") / name, checks=file_checks(recipe))
+        except ValueError as err:
+            derived = f"--coarse {args.coarse}: the derived schedule is invalid: " if args.coarse else ""
+            raise RecipeError(f"{derived}{err}") from None
+        run_root = run.run_dir
         splits = recipe.task.fold_splits()
         run_dirs = [run_root / f"fold{k + 1}" if recipe.task.folds else run_root for k in range(len(splits))]
         try:
@@ -264,24 +239,17 @@ def main(argv: list[str] | None = None) -> int:
             targets = [None] * len(run_dirs)
         cautions = ([mismatch] if mismatch else []) + _cautions(recipe, audio)
         if args.dry_run:
-            print_plan(recipe, configs, objective, arch, world_size, *_stated_batch(args.task, args.recipe))
-            for note in notes:
-                print(note)
-            for caution in cautions:
-                print(f"warning: {caution}")
-            if missing:
-                print("files a run needs and does not find (it would stop before any compute):")
-                print("\n".join(f"  {problem}" for problem in missing))
+            o = recipe.optim
+            print(format_plan(run, *_stated_batch(args.task, args.recipe),
+                              header=[f"task {recipe.task.name}: {recipe.task.description or ''}",
+                                      f"pooling: {objective.head.pool}"],
+                              notes=[f"optimiser {o.optimizer}, lr {o.lr:g}, warm-up {o.warmup_steps} steps, "
+                                     f"{o.schedule} schedule", *notes], cautions=cautions, missing=missing))
             return 0
         from common.data.loader import ManifestSpec
         from common.training.spec import RunSpec
         from common.training.loop import Trainer
 
-        baseline = None
-        if recipe.coarse is not None:  # the recipe it was derived from: one full-resolution phase
-            baseline = (recipe.coarse.baseline.name, None,
-                        objective.flops_per_sample(geometries(arch, recipe.coarse.baseline.phases)[0]),
-                        recipe.coarse.baseline.phases[0].epochs)
         done = True
         with training_session(run_root, recipe, restart=args.restart,
                               accept_changed_data=args.accept_changed_data) as session:
@@ -297,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                                balanced=recipe.task.balanced)
                 spec = RunSpec(run_dir=run_dir, base=base, audio=audio,
                                phases=recipe.phases, transfer=recipe.transfer, optim=recipe.optim,
-                               train=replace(recipe.train, stop_when_surpassing=targets[k]), baseline=baseline,
+                               train=replace(recipe.train, stop_when_surpassing=targets[k]),
                                data=data, init=init,
                                init_pos_embed=init_pos_mode(init, recipe.transfer.pos_embed,
                                                             recipe.transfer.init_pos_embed),
@@ -306,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                                      **({"kept_head": True} if head_init is not None else {})})
                 log.info("fine-tuning on %s%s into %s (init: %s)", recipe.task.name,
                          f" fold {k + 1}/{len(splits)}" if recipe.task.folds else "", run_dir, recipe.init)
-                trainer = Trainer(spec, objective, dist)
+                trainer = Trainer(spec, objective, dist, run)
                 done = trainer.run(stop_after=args.stop_after_steps)
                 if not done:
                     break

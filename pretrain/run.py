@@ -74,81 +74,52 @@ def _flops_per_sample(ssast, cfg) -> int:
     return SSASTObjective(ssast).flops_per_sample(cfg)
 
 
-def plan(recipe, world_size: int = 1, phases=None, memory: dict | None = None):
-    """The recipe's :class:`common.phases.config.PhasePlan` per phase (geometry, tokens, planned FLOPs; the memory
-    estimate per rank too when ``memory`` gives its setting, ``common.models.memory.training_setting``); ``phases``
-    replace the recipe's (e.g. the baseline a coarse-to-fine schedule was derived from)."""
-    from common.models.arch import architecture_for
-    from common.models.arch import geometries
-    from common.training.batch import phase_splits
-    from common.phases.config import plan_phases
-    from pretrain.ssast import SSASTObjective
+class _Planned:
+    """What the plan asks of the SSAST objective (FLOPs cached across a plan and its baseline)."""
 
-    phases = recipe.phases if phases is None else phases
-    configs = geometries(architecture_for(recipe.base, recipe.audio), phases)
-    estimate = None
-    if memory is not None:
-        objective = SSASTObjective(recipe.ssast)
-        estimate = lambda cfg, batch: objective.memory_estimate(cfg, batch, **memory).total  # noqa: E731
-    return plan_phases(phases, configs, lambda cfg: _flops_per_sample(recipe.ssast, cfg),
-                       phase_splits(phases, recipe.data, recipe.optim, world_size), estimate)
+    def __init__(self, ssast) -> None:
+        from pretrain.ssast import SSASTObjective
+
+        self.ssast, self.objective = ssast, SSASTObjective(ssast)
+
+    def flops_per_sample(self, cfg) -> int:
+        return _flops_per_sample(self.ssast, cfg)
+
+    def memory_estimate(self, cfg, batch: int, **setting):
+        return self.objective.memory_estimate(cfg, batch, **setting)
+
+
+def plan(recipe, world_size: int = 1, baseline=None, memory: bool = False, run_dir: Path | None = None,
+         checks=()):
+    """The :class:`common.training.plan.RunPlan` of a pretraining recipe on ``world_size`` ranks; ``baseline``:
+    its ``baseline:`` recipe loaded with this run's geometry and batch (``pretrain.recipe.load_baseline``)."""
+    from common.training.plan import build_plan, recipe_baseline
+
+    planned = None if baseline is None else recipe_baseline(recipe.baseline, plan(baseline, world_size))
+    return build_plan(recipe, _Planned(recipe.ssast), world_size, baseline=planned, memory=memory,
+                      run_dir=run_dir, checks=checks)
 
 
 def planned_total(recipe, world_size: int) -> float:
     """Planned training FLOPs of a whole recipe (all phases)."""
-    return sum(r.train_flops for r in plan(recipe, world_size))
+    return plan(recipe, world_size).cost()
 
 
-def baseline_of(recipe, baseline, world_size: int) -> tuple[str, float] | None:
-    """``(name, planned training FLOPs)`` of the run's baseline: the recipe a ``coarse`` schedule was derived
-    from, or the ``baseline`` recipe (loaded with this run's geometry and batch: ``load_baseline``)."""
-    if recipe.coarse is not None:
-        return recipe.coarse.baseline.name, planned_total_of(recipe, recipe.coarse.baseline.phases, world_size)
-    if baseline is not None:  # named with its schedule: a shortened run is compared with the full plan
-        steps = sum(p.steps for p in baseline.phases)
-        return f"{Path(recipe.baseline).stem} (planned, {steps} steps)", planned_total(baseline, world_size)
-    return None
+def _baseline_notes(recipe, baseline, overrides: list[str]) -> list[str]:
+    """Which ``--set`` overrides the ``baseline:`` recipe shares, and which stay with this run."""
+    from pretrain.recipe import shared_with_baseline
 
-
-def planned_total_of(recipe, phases, world_size: int) -> float:
-    return sum(r.train_flops for r in plan(recipe, world_size, phases))
-
-
-def _phase_overrides(overrides: list[str]) -> list[str]:
-    return [o.split("=", 1)[0].strip() for o in overrides if o.split("=", 1)[0].strip().startswith("phases")]
-
-
-def print_plan(recipe, world_size: int, baseline=None, overrides: list[str] = (), stated: int | None = None,
-               source: str = "the recipe") -> None:
-    """The ``--dry-run`` plan on ``world_size`` ranks; ``stated``: the global batch the recipe file states
-    (``source`` names it), to say when ``--set`` changed it."""
-    from common.training import batch
-    from common.phases.coarse import plan_lines
-    from common.models.memory import training_setting
-
-    setting = training_setting(recipe.train.precision, recipe.train.zero_stage, world_size)
-    rows = plan(recipe, world_size, memory=setting)
-    splits = batch.phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)
-    print("\n".join(plan_lines(recipe, rows, setting,
-                               lambda: plan(recipe, world_size, recipe.coarse.baseline.phases),
-                               batch.plan_lines(splits, recipe.data.batch_size, stated, source))))
-    if recipe.coarse is not None:
-        return
-    total = sum(r.train_flops for r in rows)
-    line = f"total planned training FLOPs: {total:.4g}"
-    if baseline is not None:
-        base = planned_total(baseline, world_size)
-        line += f"; baseline {Path(recipe.baseline).name}: {base:.4g} -> saving {1 - total / base:.1%}"
-    print(line)
-    if baseline is not None:
-        from pretrain.recipe import shared_with_baseline
-
-        shared = shared_with_baseline(overrides)
-        if shared:
-            print(f"(the baseline is planned with the same {', '.join(o.split('=', 1)[0] for o in shared)})")
-        if _phase_overrides(overrides):
-            print(f"(--set {', '.join(_phase_overrides(overrides))} changes this run's schedule only; the baseline "
-                  f"keeps its own {sum(p.steps for p in baseline.phases)} steps)")
+    if baseline is None:
+        return []
+    notes = []
+    shared = shared_with_baseline(overrides)
+    if shared:
+        notes.append(f"(the baseline is planned with the same {', '.join(o.split('=', 1)[0] for o in shared)})")
+    phased = [o.split("=", 1)[0].strip() for o in overrides if o.split("=", 1)[0].strip().startswith("phases")]
+    if phased:
+        notes.append(f"(--set {', '.join(phased)} changes this run's schedule only; the baseline keeps its own "
+                     f"{sum(p.steps for p in baseline.phases)} steps)")
+    return notes
 
 
 def check_baseline(recipe, run_dir: Path, restart: bool) -> None:
@@ -171,64 +142,60 @@ def main(argv: list[str] | None = None) -> int:
         from common.cli import world_size_of
         from common.data.preflight import check_norm, data_checks, norm_mismatch, problems
         from common.config.recipe import load_yaml
+        from common.phases.coarse import coarse_tag
+        from common.training.plan import format_plan
         from pretrain.recipe import load_baseline, load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides, args.coarse)
         world_size = world_size_of(args)
         phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)  # refuse an impossible split now
         baseline = load_baseline(recipe, args.overrides)
-        checks = [*data_checks(recipe.data), lambda: check_norm(recipe.audio.norm, "audio.norm")]
-        caution = norm_mismatch(recipe.audio.norm, recipe.audio.target_frames, recipe.audio.num_mel_bins, "audio.norm")
-        from common.phases.coarse import coarse_tag
-
         name = args.recipe.stem + (f"-{coarse_tag(recipe.coarse)}" if args.coarse else "")
         run_dir = args.run_dir or Path("runs/pretrain") / name
+        checks = [*data_checks(recipe.data), lambda: check_norm(recipe.audio.norm, "audio.norm")]
+        caution = norm_mismatch(recipe.audio.norm, recipe.audio.target_frames, recipe.audio.num_mel_bins, "audio.norm")
         check_baseline(recipe, run_dir, args.restart)  # before any compute: the baseline must be there, comparable
-        start = None
+        start, init_lines, missing_init = None, [], []
+        if args.init is not None and _resumes(run_dir, args.restart):
+            if args.dry_run:
+                init_lines = [f"init: --init {args.init} is not read: {run_dir} resumes from its checkpoints"]
+        elif args.init is not None:
+            from pretrain.init import load_start, missing_line
+
+            try:  # a file that is not a usable start: refused before any compute
+                start = load_start(args.init, recipe)
+                init_lines = list(start.lines)
+            except FileNotFoundError as err:
+                if not args.dry_run:
+                    raise
+                missing_init = [missing_line(args.init, err)]
+        if not args.dry_run:
+            for check in checks:  # every file the run reads, before a model or the run directory exists
+                check()
+        run = plan(recipe, world_size, baseline, memory=args.dry_run, run_dir=run_dir, checks=checks)
         if args.dry_run:
-            print_plan(recipe, world_size, baseline, args.overrides, stated_batch(load_yaml(args.recipe)),
-                       args.recipe.name)
             from pretrain.clips import clip_lines
 
-            print("\n".join(clip_lines(recipe)))
-            if caution:
-                print(f"warning: {caution}")
-            missing = problems(checks)
-            if args.init is not None and _resumes(run_dir, args.restart):
-                print(f"init: --init {args.init} is not read: {run_dir} resumes from its checkpoints")
-            elif args.init is not None:
-                from pretrain.init import load_start, missing_line
-
-                try:
-                    print("\n".join(load_start(args.init, recipe).lines))
-                except FileNotFoundError as err:
-                    missing.insert(0, missing_line(args.init, err))
-            if missing:
-                print("files a run needs and does not find (it would stop before any compute):")
-                print("\n".join(f"  {problem}" for problem in missing))
+            print(format_plan(run, stated_batch(load_yaml(args.recipe)), args.recipe.name,
+                              notes=[*_baseline_notes(recipe, baseline, args.overrides), *clip_lines(recipe),
+                                     *init_lines],
+                              cautions=[caution] if caution else [], missing=[*missing_init, *problems(run.checks)]))
             return 0
-        for check in checks:  # every file the run reads, before a model or the run directory exists
-            check()
-        if args.init is not None and not _resumes(run_dir, args.restart):
-            from pretrain.init import load_start
-
-            start = load_start(args.init, recipe)  # a file that is not a usable start: refused before any compute
         from common.training.spec import RunSpec
         from common.training.loop import Trainer
         from pretrain.ssast import SSASTObjective
 
-        with training_session(run_dir, recipe, restart=args.restart,
+        with training_session(run.run_dir, recipe, restart=args.restart,
                               accept_changed_data=args.accept_changed_data) as session:
             dist = session.dist
-            planned = baseline_of(recipe, baseline, dist.world_size)
-            spec = RunSpec(run_dir=run_dir, base=recipe.base, audio=recipe.audio, phases=recipe.phases,
+            spec = RunSpec(run_dir=run.run_dir, base=recipe.base, audio=recipe.audio, phases=recipe.phases,
                            transfer=recipe.transfer, optim=recipe.optim, train=recipe.train, data=recipe.data,
-                           baseline=planned, run_recipe=session.run_recipe, meta={"recipe": args.recipe.name},
+                           run_recipe=session.run_recipe, meta={"recipe": args.recipe.name},
                            **({} if start is None else dict(init=start.weights, init_pos_embed=start.pos_mode,
                                                             init_record=start.record)))
             if start is not None:
                 spec.meta["init"] = args.init
-            log.info("pretraining %s into %s on %d rank(s) (%s)", args.recipe, run_dir, dist.world_size,
+            log.info("pretraining %s into %s on %d rank(s) (%s)", args.recipe, run.run_dir, dist.world_size,
                      dist.device)
             for line in start.lines if start is not None else ():
                 log.info("%s", line)
@@ -237,13 +204,13 @@ def main(argv: list[str] | None = None) -> int:
                          _started_from(run_dir))
             if caution:
                 log.warning("%s", caution)
-            if planned is not None:
+            if run.baseline is not None:
                 log.info("FLOPs saving is measured against %s planned with this run's geometry and batch: %.4g",
-                         planned[0], planned[1])
+                         run.baseline.name, run.baseline.ledger_fields()["train_flops"])
             objective = SSASTObjective(recipe.ssast, None if start is None else start.heads)
-            done = Trainer(spec, objective, dist).run(stop_after=args.stop_after_steps)
+            done = Trainer(spec, objective, dist, run).run(stop_after=args.stop_after_steps)
         if dist.is_main and done:
-            print(f"done: {run_dir / 'model.safetensors'} (ledger: {run_dir / 'ledger.json'})")
+            print(f"done: {run.run_dir / 'model.safetensors'} (ledger: {run.run_dir / 'ledger.json'})")
         return 0
 
     return run_main(body)

@@ -18,9 +18,9 @@ the coarse phases) and ``final_until:`` (for the final one) let criteria end the
 phase's batch size and learning rate.
 
 The baseline is recorded in the resolved recipe (``coarse.baseline``: its name and phases, which also
-marks the recipe as derived, so a resolved ``recipe.yaml`` is not derived twice); the entry points give
-its planned FLOPs to the ledger, so the run's saving is against the recipe it came from, and
-``--dry-run`` prints the derived schedule with its planned saving.
+marks the recipe as derived, so a resolved ``recipe.yaml`` is not derived twice); the run's plan
+(``common.training.plan``) plans it beside the schedule, so the ledger's saving is against the recipe it came
+from, and ``--dry-run`` prints the derived schedule with its planned saving.
 """
 
 from __future__ import annotations
@@ -28,16 +28,15 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 from common.phases.criteria import UntilConfig
-from common.phases.config import PhaseConfig, PhasePlan
-from common.config.recipe import RecipeError, build, merge, to_dict
+from common.phases.config import PhaseConfig
+from common.config.recipe import RecipeError, build, merge
 from common.models.ast.resize import PatchResize
 
 __all__ = ["CoarseConfig", "CoarseBaseline", "baseline_name", "parse_coarse", "derive_phases", "apply_coarse", "build_derived",
-           "plan_lines",
-           "coarse_tag", "planned_cost", "saving_lines"]
+           "coarse_tag"]
 
 METHODS = ("fshift", "avgpool", "maxpool", "patch")
 
@@ -201,8 +200,10 @@ def apply_coarse(data: dict, name: str, flag: str | None = None) -> tuple[dict, 
         flag: the ``--coarse`` value (overrides the recipe's ``coarse`` method, factors and share).
 
     Returns:
-        ``(data, label)``: the mapping with derived ``phases`` and the ``coarse.baseline`` record, and the
-        label to prefix errors of the derived recipe with (None when nothing was derived).
+        ``(data, label)``: the mapping with the derived ``phases`` (:class:`PhaseConfig` objects) and the
+        ``coarse`` section with its ``baseline`` record (a :class:`CoarseConfig`), which the recipe's ``build``
+        takes as they are, and the label to prefix errors of the derived recipe with (None when nothing was
+        derived).
 
     Raises:
         RecipeError: a bad ``--coarse`` / ``coarse`` value, or a recipe that is not one full-resolution phase.
@@ -231,8 +232,8 @@ def apply_coarse(data: dict, name: str, flag: str | None = None) -> tuple[dict, 
         derived = derive_phases(phases[0], cfg)
     except ValueError as err:
         raise RecipeError(f"{label}: {err}") from None
-    record = to_dict(replace(cfg, baseline=CoarseBaseline(name, phases)))
-    return {**data, "phases": to_dict(derived), "coarse": record}, label
+    # built once: the recipe takes the derived phases and the record as they are (no round trip through a mapping)
+    return {**data, "phases": derived, "coarse": replace(cfg, baseline=CoarseBaseline(name, phases))}, label
 
 
 def build_derived(cls, data: dict, label: str | None):
@@ -243,46 +244,3 @@ def build_derived(cls, data: dict, label: str | None):
         if label is None:
             raise
         raise RecipeError(f"{label}: the derived schedule is invalid: {err}") from None
-
-
-def planned_cost(rows: Sequence[PhasePlan], lengths: Sequence[int] | None = None) -> float:
-    """Planned training FLOPs of a plan (iteration-based), or FLOPs per clip of the training set summed
-    over every epoch (epoch-based: the data's size cancels in a saving). ``lengths`` replace the phases'."""
-    lengths = lengths or [r.length for r in rows]
-    return float(sum(r.flops_per_sample * n * (r.global_batch if r.unit == "steps" else 1)
-                     for r, n in zip(rows, lengths)))
-
-
-def saving_lines(phases: Sequence[PhaseConfig], rows: Sequence[PhasePlan], baseline: str,
-                 base_rows: Sequence[PhasePlan]) -> list[str]:
-    """What ``--dry-run`` says about a schedule against its baseline: planned FLOPs and saving, and the
-    range of the saving when phases end by a criterion."""
-    cost, base = planned_cost(rows), planned_cost(base_rows)
-    unit = "training FLOPs" if rows[0].unit == "steps" else "training FLOPs per clip of the training set"
-    lines = [f"planned {unit}: {cost:.4g}; baseline {baseline} ({' + '.join(str(r.length) for r in base_rows)} "
-             f"{base_rows[0].unit}): {base:.4g} -> saving {1 - cost / base:.1%}"]
-    if any(p.until is not None for p in phases):
-        low = planned_cost(rows, [max(p.until.min, 1) if p.until else p.length for p in phases])
-        high = planned_cost(rows, [p.max_length for p in phases])
-        lines.append(f"phases ending by a criterion: the saving lies between {1 - high / base:.1%} (every such phase "
-                     f"at its max) and {1 - low / base:.1%} (at its min)")
-    return lines
-
-
-def plan_lines(recipe, rows: Sequence[PhasePlan], setting: dict,
-               baseline_rows: Callable[[], Sequence[PhasePlan]], batch: Sequence[str] = ()) -> list[str]:
-    """The phase plan both entry points' ``--dry-run`` prints: the table, the batch (``batch``: the lines of
-    ``common.training.batch.plan_lines``), the memory setting, how phases end, and for a ``--coarse`` schedule its
-    saving against the baseline (``baseline_rows`` plans the baseline's phases; called only then)."""
-    from common.phases.criteria import describe_ends
-    from common.models.memory import describe_setting
-    from common.phases.config import format_plan
-
-    lines = []
-    if recipe.coarse is not None:
-        lines.append(f"coarse to fine ({recipe.coarse.describe()}) derived from {recipe.coarse.baseline.name}:")
-    lines += [format_plan(rows), *batch, describe_setting(setting),
-              *describe_ends(recipe.phases, recipe.train.stop_when_surpassing)]
-    if recipe.coarse is not None:
-        lines += saving_lines(recipe.phases, rows, recipe.coarse.baseline.name, baseline_rows())
-    return lines

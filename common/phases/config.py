@@ -11,15 +11,13 @@ restart.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from common.audio.compression import Compression
 from common.phases.criteria import UntilConfig
 from common.models.htsat.adapt import BiasTransfer
 from common.models.ast.resize import PatchResize, PosResize
 
-__all__ = ["PhaseConfig", "TransferConfig", "PhasePlan", "patch_mode_between",
-           "plan_phases", "format_plan"]
+__all__ = ["PhaseConfig", "TransferConfig", "patch_mode_between"]
 
 
 @dataclass(frozen=True)
@@ -121,73 +119,3 @@ def patch_mode_between(old: PhaseConfig | None, new: PhaseConfig) -> str:
     if old is not None and old.compression == "patch":
         return old.patch_transfer
     return "pi"
-
-
-@dataclass(frozen=True)
-class PhasePlan:
-    """What a phase will cost, before it runs.
-
-    Attributes:
-        label: the phase's label.
-        length, unit: ``steps`` or ``epochs``.
-        global_batch: clips per optimiser step over every rank and accumulation.
-        per_rank, grad_accum, world_size: how this launch splits it (``common.training.batch``).
-        grid, tokens: the token grid ``(f, t)`` and its size (patch tokens, prefix tokens not counted).
-        flops_per_sample: training FLOPs (forward + backward) per clip.
-        train_flops: planned training FLOPs of the phase (iteration-based phases only: an epoch's size is
-            the data's).
-        memory: estimated bytes per rank at the phase's micro-batch (``common.models.memory``), if asked for.
-    """
-
-    label: str
-    length: int
-    unit: str
-    global_batch: int
-    grid: tuple[int, int]
-    tokens: int
-    flops_per_sample: int
-    train_flops: float | None
-    memory: int | None = None
-    per_rank: int | None = None
-    grad_accum: int = 1
-    world_size: int = 1
-
-
-def plan_phases(phases: Sequence[PhaseConfig], configs: Sequence,
-                flops_per_sample: Callable[[object], int], splits: Sequence,
-                memory: Callable[[object, int], int] | None = None) -> list[PhasePlan]:
-    """The plan of every phase (what ``--dry-run`` prints and the baseline comparison sums).
-
-    Args:
-        phases: the recipe's phases.
-        configs: their model geometries (:func:`common.models.arch.geometries`).
-        flops_per_sample: the objective's training FLOPs per clip at a geometry.
-        splits: each phase's :class:`common.training.batch.BatchSplit` (its global batch over this launch's ranks).
-        memory: bytes per rank at a geometry and micro-batch (e.g. the objective's ``memory_estimate``), or None.
-    """
-    rows = []
-    for i, (phase, cfg, split) in enumerate(zip(phases, configs, splits)):
-        batch = split.global_batch
-        flops = flops_per_sample(cfg)
-        rows.append(PhasePlan(phase.label(i), phase.length, "steps" if phase.iteration_based else "epochs", batch,
-                              cfg.grid, cfg.num_patches, flops,
-                              flops * phase.steps * batch if phase.iteration_based else None,
-                              memory(cfg, split.per_rank) if memory is not None else None,
-                              split.per_rank, split.grad_accum, split.world_size))
-    return rows
-
-
-def format_plan(rows: Sequence[PhasePlan]) -> str:
-    """The plan as a table: the global batch and its split per rank (micro-batch x accumulation), planned
-    FLOPs in PFLOPs where they are known, memory per rank in GiB if estimated."""
-    unit = rows[0].unit if rows else "steps"
-    with_memory = any(r.memory is not None for r in rows)
-    lines = [f"{'phase':<32} {unit:>8} {'batch':>6} {'per rank':>9} {'grid':>7} {'tokens':>6} {'GFLOPs/sample':>14} "
-             f"{'PFLOPs':>9}" + (f" {'GiB/rank':>9}" if with_memory else "")]
-    for r in rows:
-        total = f"{r.train_flops / 1e15:>9.4g}" if r.train_flops is not None else f"{'-':>9}"
-        memory = (f" {r.memory / 2**30:>9.3g}" if r.memory is not None else f" {'-':>9}") if with_memory else ""
-        per_rank = "-" if r.per_rank is None else f"{r.per_rank}" + (f"x{r.grad_accum}" if r.grad_accum > 1 else "")
-        lines.append(f"{r.label:<32} {r.length:>8} {r.global_batch:>6} {per_rank:>9} {r.grid[0]:>3}x{r.grid[1]:<3} "
-                     f"{r.tokens:>6} {r.flops_per_sample / 1e9:>14.4g} {total}{memory}")
-    return "\n".join(lines)

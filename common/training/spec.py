@@ -1,6 +1,6 @@
 """What a run is: its settings (:class:`TrainConfig`), everything the trainer needs besides the objective
-(:class:`RunSpec`, built by the entry points from a recipe) and where it is (:class:`TrainState`, saved in
-every checkpoint)."""
+and the plan (:class:`RunSpec`, built by the entry points from a recipe; what the phases cost and the baseline
+are the plan's, ``common.training.plan``) and where it is (:class:`TrainState`, saved in every checkpoint)."""
 
 from __future__ import annotations
 
@@ -112,8 +112,6 @@ class RunSpec:
         init_pos_embed: how the initial positional embedding is fitted to the first phase (default: the
             transfer setting; ImageNet weights use ``cut``, AST's rule).
         init_record: the ledger's ``init`` entry (where the run started and what was kept of it), or None.
-        baseline: ``(name, planned training FLOPs)`` of the baseline recipe, for the ledger, or ``(name, None,
-            FLOPs per sample, epochs)`` for an epoch-based one (:meth:`common.training.ledger.Ledger.set_baseline`).
         run_recipe: the run directory's recipe (``common.training.run_recipe``): written with the first checkpoint;
             accepted recovery changes are recorded in the ledger when the run resumes.
         meta: extra metadata stored in exports (e.g. the front end, the task).
@@ -130,7 +128,6 @@ class RunSpec:
     init: EncoderWeights | None = None
     init_pos_embed: str | None = None
     init_record: dict | None = None
-    baseline: tuple[str, float] | None = None
     run_recipe: RunRecipe | None = None
     meta: dict = field(default_factory=dict)
 

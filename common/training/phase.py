@@ -1,0 +1,104 @@
+"""What one phase trains with: its model's random streams, its front end, its training and validation
+loaders (``common.data.loader``), the micro-step (``common.training.steps``) and the validation pass. The loop
+(``common.training.loop.Trainer``, which also builds the phase's engine) builds on it and decides when each is
+used.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.audio.augment import SpecAugmentConfig
+from common.data.loader import Batch, eval_loader, make_cache, train_loader
+from common.system.distributed import Dist
+from common.training.nonfinite import NonFiniteWatch
+from common.training.objective import Objective
+from common.training.plan import RunPlan
+from common.training.record import RunRecord
+from common.training.spec import RunSpec
+from common.training.steps import micro_step
+
+__all__ = ["PhaseMachinery"]
+
+
+class PhaseMachinery:
+    """The objects of the phases of ``spec`` planned as ``plan``, trained with ``objective`` on ``dist`` and
+    recorded by ``record``."""
+
+    def __init__(self, spec: RunSpec, objective: Objective, dist: Dist, plan: RunPlan, record: RunRecord) -> None:
+        self.spec, self.objective, self.dist, self.plan, self.record = spec, objective, dist, plan, record
+        self.arch, self.cfgs, self.splits = plan.arch, plan.configs, plan.splits
+        self.device = dist.device
+        bf16 = spec.train.precision == "bf16" or (spec.train.precision == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        self.tracker = record.tracker
+        self._clips = make_cache(spec.data.cache, spec.data.cache_dir)  # decoded clips, kept across phases
+        self._train_cuts: dict = {}  # the training set once read into memory, kept across phases (train_loader)
+        self._finite = NonFiniteWatch(dist, spec.train.nonfinite_check, self.splits[0].grad_accum)
+
+    @property
+    def state(self):
+        """Where the run is (the record's)."""
+        return self.record.state
+
+    def _evaluate(self, model: nn.Module, index: int) -> dict[str, float]:
+        """The objective's validation metrics of ``model`` (on the device) at phase ``index``'s resolution."""
+        spec = self.spec
+        pipeline = self._frontend(index, SpecAugmentConfig())
+        batches = self._eval_loader(index).batches(epochs=1)
+        if spec.train.eval_batches is not None:
+            batches = (b for _, b in zip(range(spec.train.eval_batches), batches))
+        model.eval()
+        generator = torch.Generator().manual_seed(spec.train.seed + 7919)  # the same masks every time
+        try:
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                                 enabled=self.autocast_dtype is not None):
+                metrics = self.objective.evaluate(model, batches, pipeline, self.dist, generator)
+        finally:
+            model.train()
+        # a whole pass was judged at its end (the loader); a partial one (train.eval_batches) here (collective)
+        self.tracker.for_split("valid").check(whole=False)
+        return metrics
+
+    def _seed_rank(self, index: int) -> None:
+        """After a phase's model is built (identically on every rank): a different random stream per rank
+        and phase, so that stochastic depth and dropout differ between ranks."""
+        torch.manual_seed((self.spec.train.seed * 1_000 + index) * 1_000 + self.dist.rank)
+
+    def _frontend(self, index: int, specaug: SpecAugmentConfig) -> nn.Module:
+        """The phase's front end on the device (training augmentation from ``specaug``)."""
+        return self.arch.frontend(self.cfgs[index], self.spec.phases[index].as_compression(), specaug).to(self.device)
+
+    def _train_loader(self, index: int):
+        return train_loader(self.spec.data, self.objective.classes, self.arch.clip_samples, self.arch.sample_rate,
+                            self.splits[index].per_rank, self.spec.train.seed, self.dist.rank, self.dist.world_size,
+                            self.tracker, pin_memory=self.device.type == "cuda", cache=self._clips,
+                            memo=self._train_cuts)
+
+    def _eval_loader(self, index: int):
+        data = self.spec.data
+        return eval_loader(data.valid, self.objective.classes, self.arch.clip_samples, self.arch.sample_rate,
+                           data.eval_batch_size or self.splits[index].per_rank, data.num_workers, data.eval_crop,
+                           self.dist.rank, self.dist.world_size,
+                           tracker=self.tracker.for_split("valid", data.valid, dist=self.dist),
+                           pin_memory=self.device.type == "cuda", pad=data.pad, cache=self._clips)
+
+    def _micro_step(self, engine, batch: Batch, pipeline: nn.Module, index: int) -> dict[str, torch.Tensor]:
+        """Forward, backward and (at the end of an accumulation group) the optimiser step of one micro-batch
+        (``common.training.steps.micro_step``: one without a usable clip steps with a zero gradient)."""
+        def nonfinite(loss):  # train.nonfinite_check: step
+            if self._finite.observe(loss):
+                raise self.record.nonfinite(self.spec.phases[index].label(index), self.state.step + 1,
+                                            f"({loss.item()}) ", "stopped before the update")
+
+        return micro_step(engine, batch, pipeline, self.objective, self.record.generator, self.device,
+                          self.autocast_dtype, self.arch.clip_samples, nonfinite, self.dist.rank)
+
+    def _check_finite(self, index: int) -> None:
+        """Raise :class:`NonFiniteLoss` if a loss since the last check was not finite (collective)."""
+        step = self.state.step
+        first = self._finite.check(step)
+        if first is not None:
+            raise self.record.nonfinite(self.spec.phases[index].label(index), first, "",
+                                        f"stopped at step {step}, before saving anything after it")

@@ -1,0 +1,405 @@
+"""A run's record: everything the run directory holds, and the bookkeeping that keeps it.
+
+:class:`RunRecord` owns the run directory: where the run is (:class:`common.training.spec.TrainState`), the
+ledger (``ledger.json``, ``common.training.ledger``), the bad-audio list (``bad_audio.tsv``), the RNG, the
+run's ``recipe.yaml`` (``common.training.run_recipe``), the checkpoints (``common.training.checkpoints``) and
+resuming from them, on other ranks too (resharding the data position), the interventions a resumed run is
+allowed, the manifests' fingerprints (``common.data.fingerprint``), the exports (``export/phaseN``,
+``export/best``, ``export/weight_averaged``, ``model.safetensors``), weight averaging's files
+(``common.training.weight_average``) and TensorBoard's scalars. The loop (``common.training.loop``) calls it
+when a phase starts, at a save, after a validation and at a phase end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common.data.fingerprint import DataChanged, changes, run_fingerprints
+from common.system.engine_config import resolve_zero_stage
+from common.data.loader import BadAudioTracker, reshard_index
+from common.models.memory import PeakMemory, gib, training_setting
+from common.phases.baseline import evaluation_settings, setting_differences, stop_target
+from common.phases.criteria import Decision
+from common.system.atomic import atomic_copy
+from common.system.distributed import Dist
+from common.system.logger import Scalars
+from common.training.checkpoints import RunCheckpoints, capture_rng, make_tag, restore_rng
+from common.training.ledger import Ledger, Window
+from common.training.nonfinite import NonFiniteLoss
+from common.training.objective import Objective
+from common.training.plan import RunPlan
+from common.training.spec import RunSpec, TrainState
+from common.training.weight_average import WeightAverage, averaged_epochs
+
+__all__ = ["RunRecord"]
+
+log = logging.getLogger(__name__)
+
+
+class _Pending:
+    """Training not yet moved into the ledger: steps and clips (this rank) since ``clock``."""
+
+    def __init__(self) -> None:
+        self.steps, self.samples, self.clock = 0, 0, time.perf_counter()
+
+    def restart_clock(self) -> None:
+        self.clock = time.perf_counter()
+
+
+class RunRecord:
+    """The run directory of ``spec`` planned as ``plan`` and trained with ``objective`` on ``dist``.
+
+    Attributes:
+        state: where the run is (saved in every checkpoint).
+        ledger: its account of compute and evaluations.
+        stop_target: what ``train.stop_when_surpassing`` makes the final phase surpass (None: nothing).
+        pending: training not yet in the ledger (the loop counts steps and clips into it).
+    """
+
+    def __init__(self, spec: RunSpec, plan: RunPlan, objective: Objective, dist: Dist) -> None:
+        self.spec, self.plan, self.objective, self.dist = spec, plan, objective, dist
+        self.run_dir = Path(spec.run_dir)
+        self.device = dist.device
+        self.state = TrainState()
+        self.ledger = Ledger(objective.score_name)
+        if plan.baseline is not None:
+            self.ledger.set_baseline(**plan.baseline.ledger_fields())
+        self.ledger.init = spec.init_record  # a resumed run's comes back with its ledger
+        self.zero_stage = resolve_zero_stage(spec.train.zero_stage, dist.world_size)  # a resume keeps its own
+        self.stop_target: dict | None = None
+        self.checkpoints = RunCheckpoints(self.run_dir / "checkpoints", dist, spec.train.keep_checkpoints)
+        self.average = WeightAverage(self.run_dir / "average",
+                                     averaged_epochs(spec.train.weight_average_from or
+                                                     (1 if spec.train.weight_average_top else None), spec.phases),
+                                     top=spec.train.weight_average_top)
+        self.tracker = BadAudioTracker(spec.data.max_bad_fraction, log_path=str(self.run_dir / "bad_audio.tsv"),
+                                       dist=dist)  # judged on every rank's counts together; rank 0 writes the list
+        self.generator = torch.Generator().manual_seed(spec.train.seed * 1000 + dist.rank)
+        self.scalars = Scalars(self.run_dir, enabled=dist.is_main)
+        self.pending = _Pending()
+        self._memory = PeakMemory(self.device)
+
+    def _batch_size(self, index: int) -> int:
+        return self.plan.splits[index].per_rank
+
+    # ---------------------------------------------------------------------------------- the start
+    def resume(self) -> tuple[nn.Module | None, str | None]:
+        """Restore the newest intact checkpoint if there is one.
+
+        Returns ``(model, None)`` for a checkpoint taken at the end of a phase, ``(None, tag)`` for one
+        taken within a phase (the engine loads it, :meth:`load`), ``(None, None)`` without a checkpoint.
+        """
+        tag = self.checkpoints.find_resume()
+        if tag is None:
+            return None, None
+        saved = self.checkpoints.trainer_state(tag)
+        self.state = TrainState(**saved["state"])
+        baseline = self.ledger.baseline
+        self.ledger = Ledger.from_dict(saved["ledger"])  # with the stop target the run started with
+        self.ledger.baseline = baseline or self.ledger.baseline
+        self.stop_target = self.ledger.stop_target
+        self.tracker.load_state_dict(saved["tracker"])
+        saved_ranks = self.checkpoints.saved_world_size(tag)
+        stage = saved.get("zero_stage")  # absent before it was recorded: ZeRO if the optimizer state is partitioned
+        stage = stage if stage is not None else int(any(self.checkpoints.ckdir.joinpath(tag).glob("zero_pp_rank_*")))
+        self.zero_stage = resolve_zero_stage(self.spec.train.zero_stage, self.dist.world_size, stage)
+        saved_batch = saved.get("batch_per_rank", self._batch_size(self.state.phase))  # absent before it was recorded
+        if (saved_ranks, saved_batch) != (self.dist.world_size, self._batch_size(self.state.phase)):
+            self._reshard_position(saved_ranks, saved_batch)
+        if self.state.phase_done:
+            model = self.objective.build_model(self.plan.configs[self.state.phase])
+            model.load_state_dict(self.checkpoints.module_state(tag))
+            self._restore_rng(tag)
+            log.info("resuming after the end of phase %d (checkpoint %s)", self.state.phase + 1, tag)
+            return model, None
+        log.info("resuming %s at step %d (checkpoint %s)", self.spec.phases[self.state.phase].label(self.state.phase),
+                 self.state.step, tag)
+        return None, tag
+
+    def complete(self) -> bool:
+        """The run has finished already (its final phase is done and its model is there)."""
+        last = len(self.spec.phases) - 1
+        if self.state.phase == last and self.state.phase_done and (self.run_dir / "model.safetensors").is_file():
+            log.info("run in %s is already complete: %s", self.run_dir, self.run_dir / "model.safetensors")
+            return True
+        return False
+
+    def open(self, resumed: bool) -> None:
+        """Before the first step of this call: the recipe changes a resumed run was allowed, the manifests'
+        fingerprints, the validation settings and the stop target."""
+        self.tracker.recheck_listed()  # bad_audio.tsv lists what is bad now (files may have come back)
+        if resumed and self.spec.run_recipe is not None and self.spec.run_recipe.changes:
+            self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase,
+                                         changes=self.spec.run_recipe.changes)
+        self._check_data(resumed)
+        self._check_evaluation(resumed)
+        self._read_stop_target()
+
+    def load(self, engine, tag: str) -> None:
+        """A resume within a phase: weights, optimiser, schedule and RNG from checkpoint ``tag``."""
+        self.checkpoints.load_engine(engine, tag)
+        self._restore_rng(tag)
+
+    def _restore_rng(self, tag: str) -> None:
+        rng = self.checkpoints.rng_state(tag)
+        if rng is not None:
+            restore_rng(rng, self.generator, self.device)
+
+    def _check_data(self, resumed: bool) -> None:
+        """Record the manifests' fingerprints; a resumed run's must be those it trained on
+        (``common.data.fingerprint``), unless ``--accept-changed-data`` (then recorded as an intervention)."""
+        current = run_fingerprints([m.path for m in self.spec.data.train], self.spec.data.valid)
+        changed = changes(self.ledger.data, current) if resumed else {}
+        if changed:
+            listed = "; ".join(f"{k} (sha256 {(v['from'] or 'none')[:12]} -> {(v['to'] or 'none')[:12]})"
+                               for k, v in changed.items())
+            if not (self.spec.run_recipe is not None and self.spec.run_recipe.accept_changed_data):
+                raise DataChanged(
+                    f"{self.run_dir}: manifests changed since the run started: {listed}. The saved data position "
+                    f"(epoch {self.state.data_epoch}, batch {self.state.data_index}) would now point at other clips, "
+                    f"so the resumed run would not continue the one it resumes. Restore the manifests, start a new "
+                    f"run (--run-dir), or resume anyway with --accept-changed-data (recorded in ledger.json)")
+            log.warning("resuming with changed manifests (--accept-changed-data): %s; recorded in ledger.json as an "
+                        "intervention", listed)
+            self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase,
+                                         changes={f"manifest {k}": v for k, v in changed.items()})
+        self.ledger.data = current
+
+    def _check_evaluation(self, resumed: bool) -> None:
+        """Record the validation settings (``common.phases.baseline.evaluation_settings``); a resumed run whose
+        ``train.eval_batches`` or ``data.eval_batch_size`` change which clips are scored records the change as
+        an intervention (a change of ranks has its own, ``_reshard_position``; the default validation batch, the
+        per-rank training batch, follows the ranks and keeps the clips a round scores: no change then)."""
+        spec, last = self.spec, len(self.spec.phases) - 1
+        current = evaluation_settings(spec.train, spec.data, self._batch_size(last), self.dist.world_size)
+        old = self.ledger.evaluation
+        compared = current if spec.data.eval_batch_size is None else {**current, "ranks": old and old.get("ranks")}
+        if resumed and old and setting_differences(old, compared):
+            keys = {"eval_batches": "train.eval_batches"}
+            self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase, changes={
+                keys.get(k, f"data.{k}"): {"from": old.get(k), "to": v} for k, v in current.items()
+                if k != "ranks" and old.get(k) != v})
+        self.ledger.evaluation = current
+
+    def _read_stop_target(self) -> None:
+        """``train.stop_when_surpassing``: the baseline's best per-epoch score, read once when the run starts
+        (``common.phases.baseline``: a baseline that is not comparable is refused, or accepted and recorded); a
+        resumed run keeps the target of its checkpoint and needs no baseline directory."""
+        path = self.spec.train.stop_when_surpassing
+        if not path or self.stop_target is not None:
+            return
+        target = stop_target(path, self.objective.score_name, self.ledger.data, self.ledger.evaluation,
+                             self.spec.train.accept_baseline_differences)
+        for difference in target.get("accepted_differences", []):
+            log.warning("train.stop_when_surpassing: comparing with %s although it differs (accepted by "
+                        "train.accept_baseline_differences, recorded in ledger.json): %s", path, difference)
+        self.stop_target = dict(target)
+        self.ledger.set_stop_target(target)
+
+    def _reshard_position(self, saved_ranks: int, saved_batch: int) -> None:
+        """Resuming on another number of ranks (or per-rank batch): each rank's shard of an epoch changes, so the
+        data position keeps the clips of the epoch already seen (batches consumed x per-rank batch x ranks, in
+        the new global batches), and the run continues close to, not exactly as, an uninterrupted one; the
+        ledger records it (the per-rank batch only where it changed otherwise than the global batch's split over
+        the new ranks, ``common.training.batch``)."""
+        st, ranks, batch = self.state, self.dist.world_size, self._batch_size(self.state.phase)
+        index = reshard_index(st.data_index, saved_batch, saved_ranks, batch, ranks)
+        log.warning("resuming on %d rank(s) x %d clips a run checkpointed on %d x %d: each rank's share of the data "
+                    "changes, so the resumed run continues from the same share of epoch %d (batch %d instead of %d) "
+                    "and is close to, not bitwise equal to, an uninterrupted run; recorded in ledger.json", ranks,
+                    batch, saved_ranks, saved_batch, st.data_epoch, index, st.data_index)
+        st.data_index = index
+        changed = {"world_size": {"from": saved_ranks, "to": ranks}} if saved_ranks != ranks else {}
+        if saved_batch != batch and saved_batch * saved_ranks != batch * ranks:
+            changed["batch_per_rank"] = {"from": saved_batch, "to": batch}
+        self.ledger.add_intervention(step=st.total_steps, phase=st.phase, changes=changed)
+
+    # ---------------------------------------------------------------------------------- the phases
+    def start_phase(self, index: int) -> None:
+        """Open (or, resumed, find) the phase's ledger record and say what the phase costs."""
+        phase, cfg, row, split = (self.spec.phases[index], self.plan.configs[index], self.plan.rows[index],
+                                  self.plan.splits[index])
+        record = self.ledger.start_phase(
+            index, name=phase.label(index), compression=phase.compression, factor=phase.factor,
+            flops_per_sample=row.flops_per_sample, tokens_per_sample=cfg.num_tokens,
+            patch_transfer=phase.patch_transfer if phase.compression == "patch" else None)
+        estimate = self.objective.memory_estimate(cfg, split.per_rank, **training_setting(
+            self.spec.train.precision, self.zero_stage, self.dist.world_size, self.device))
+        record.memory_estimate_bytes = estimate.total
+        record.set_batch(split)  # this launch's split (a resume on other ranks records its own)
+        record.device = record.device or (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                                          else self.device.type)
+        self._memory.reset()
+        self.pending.restart_clock()
+        log.info("%s: %s, %s tokens per clip (grid %dx%d), %.3g GFLOPs per training sample, batch %s; memory "
+                 "estimate %s", phase.label(index),
+                 f"{phase.steps} steps" if phase.iteration_based else f"{phase.epochs} epochs",
+                 cfg.num_patches, *cfg.grid, record.flops_per_sample / 1e9, split.describe(), estimate.describe())
+
+    def account(self, index: int) -> Window:
+        """Move the steps / clips / seconds trained since the last call into the ledger (collective)."""
+        now = time.perf_counter()
+        samples = int(self.dist.all_reduce_sum(torch.tensor([self.pending.samples], device=self.device)).item())
+        window = self.ledger.add_training(index, self.pending.steps, samples, now - self.pending.clock,
+                                          self.dist.world_size)
+        self.ledger.set_peak_memory(index, self._memory.peak(), self._memory.source)
+        self.pending.steps, self.pending.samples, self.pending.clock = 0, 0, now
+        return window
+
+    def _count_upsampled(self) -> None:
+        """Add the clips every rank resampled up since the last call to the ledger (collective: before each
+        ledger write)."""
+        self.ledger.add_upsampled(self.tracker.take_upsampled(self.dist))
+
+    def save(self, engine, index: int, pending_eval: bool, until: dict) -> None:
+        """Checkpoint the run (``until``: the phase end criterion's state), with its ledger (and, the first
+        time, its recipe.yaml)."""
+        self.account(index)
+        self.tracker.check(whole=False)  # every rank's bad clips counted into the checkpoint, judged (collective)
+        st = self.state
+        st.pending_eval, st.until = pending_eval, until
+        tag = make_tag(index, st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase)
+        self._count_upsampled()
+        trainer_state = {"state": asdict(st), "ledger": self.ledger.to_dict(), "tracker": self.tracker.state_dict(),
+                         "world_size": self.dist.world_size, "batch_per_rank": self._batch_size(index),
+                         "zero_stage": self.zero_stage}
+        if self.dist.is_main and self.spec.run_recipe is not None:
+            self.spec.run_recipe.write_pending()  # the run's recipe.yaml appears with its first checkpoint
+        self.checkpoints.save(engine, tag, trainer_state, capture_rng(self.generator, self.device))
+        if self.dist.is_main:
+            self.ledger.write(self.run_dir / "ledger.json")
+        self.pending.restart_clock()
+
+    def validated(self, model: nn.Module, index: int, metrics: dict, seconds: float) -> None:
+        """After a validation of phase ``index``: the ledger, TensorBoard, and the best model's export."""
+        epoch = None if self.spec.phases[index].iteration_based else self.state.epoch_in_phase
+        self.ledger.add_eval_time(index, seconds, self.dist.world_size)
+        where = {"epoch": epoch} if epoch is not None else {}
+        record = self.ledger.add_eval(index, metrics, total_step=self.state.total_steps,
+                                      phase_step=self.state.step, **where)
+        self.scalars.log({f"eval/{k}": v for k, v in metrics.items()}, self.state.total_steps)
+        self.scalars.flush()
+        self._count_upsampled()
+        log.info("validation (%s, %s): %s", self.spec.phases[index].label(index),
+                 f"epoch {epoch}" if epoch is not None else f"step {self.state.step}",
+                 ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        if self.dist.is_main:
+            score = metrics[self.objective.score_name]
+            if self.state.best_score is None or score > self.state.best_score:
+                self.state.best_score = score
+                self.objective.export(model, self.run_dir / "export" / "best.safetensors",
+                                      self._export_meta(index, eval=record))
+            self.ledger.write(self.run_dir / "ledger.json")
+
+    def end_phase(self, model: nn.Module, index: int, decision: Decision) -> None:
+        """Phase ``index`` ended (``decision``: why): the ledger's record of it, and the phase's export."""
+        st, phase = self.state, self.spec.phases[index]
+        where = {} if phase.iteration_based else {"epoch": st.epoch_in_phase}
+        self.ledger.end_phase(index, decision.reason, decision.note, step=st.step, total_step=st.total_steps, **where)
+        log.info("%s ended (%s): %s", phase.label(index), decision.reason, decision.note)
+        if self.dist.is_main:
+            path = self.run_dir / "export" / f"phase{index + 1}.safetensors"
+            self.objective.export(model, path, self._export_meta(index))
+            record = self.ledger.phases[index]
+            log.info("%s done; exported %s; %.3g %s-hours (training and validation, all ranks); peak memory "
+                     "%.3g GiB (%s; estimate %.3g GiB)", phase.label(index), path,
+                     record.device_seconds / 3600, "GPU" if self.device.type == "cuda" else self.device.type.upper(),
+                     gib(record.peak_memory_bytes or 0), record.peak_memory_source,
+                     gib(record.memory_estimate_bytes or 0))
+
+    def next_phase(self, index: int) -> None:
+        """Where the run is at the start of phase ``index + 1``; the best score is per phase ("best" means the
+        best of the final phase, the paper's reports)."""
+        st = self.state
+        data_epoch, data_index = st.data_epoch, st.data_index
+        if self._batch_size(index) != self._batch_size(index + 1) and data_index:
+            data_epoch, data_index = data_epoch + 1, 0  # positions count batches: a new batch size starts an epoch
+        self.state = TrainState(phase=index + 1, data_epoch=data_epoch, data_index=data_index,
+                                total_steps=st.total_steps)
+
+    def nonfinite(self, label: str, step: int, value: str, what: str) -> NonFiniteLoss:
+        """The error of a non-finite loss in phase ``label`` at ``step``, naming the last good checkpoint."""
+        tag = self.checkpoints.latest_tag()
+        return NonFiniteLoss(
+            f"non-finite loss {value}in {label} at step {step}; {what}. The last good checkpoint is "
+            f"{self.checkpoints.ckdir / tag if tag else 'none (no checkpoint yet)'}; check the data, or lower the "
+            f"learning rate (e.g. --set optim.lr=...: a resumed run accepts learning-rate and schedule changes and "
+            f"records them in ledger.json), then run the command again to resume from it")
+
+    def log_window(self, index: int, window: dict, lr: float, bar) -> None:
+        """A log window's mean losses (``window``: their sums on the device, and ``_n``; it empties) and the
+        throughput since the last account, to TensorBoard, the progress bar and the log (collective)."""
+        trained = self.account(index)
+        n = window.pop("_n", 1)
+        sums = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in window.values()]).tolist() \
+            if window else []  # one host read for the window
+        values = {f"train/{k}": v / n for k, v in zip(window, sums)}
+        window.clear()
+        values.update({
+            "train/lr": lr,
+            "perf/samples_per_s": trained.samples_per_second,
+            "perf/tokens_per_s": trained.samples_per_second * self.ledger.phases[index].tokens_per_sample,
+            "perf/train_flops": self.ledger.totals()["train_flops"],
+            "perf/peak_memory_gib": gib(self.ledger.phases[index].peak_memory_bytes),
+            "phase": index + 1,
+        })
+        self.scalars.log(values, self.state.total_steps)
+        bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in values.items()
+                         if k.startswith("train/") and k != "train/lr"} | {"lr": f"{values['train/lr']:.2e}"})
+        log.info("step %d (%s): %s | %.1f samples/s", self.state.step, self.spec.phases[index].label(index),
+                 ", ".join(f"{k[6:]}={v:.4g}" for k, v in values.items() if k.startswith("train/")),
+                 values["perf/samples_per_s"])
+
+    def _export_meta(self, index: int, **extra) -> dict:
+        phase = self.spec.phases[index]
+        return {**self.spec.meta, **self.plan.arch.export_meta(self.plan.configs[index]),
+                "phase": {"index": index + 1, "of": len(self.spec.phases), "compression": phase.compression,
+                          "factor": phase.factor, "patch_transfer": phase.patch_transfer}, **extra}
+
+    # ------------------------------------------------------------------------------------- the end
+    def average_into(self, model: nn.Module, index: int) -> list[int]:
+        """Load the average of the kept epochs' weights (the best ``weight_average_top``, if set) into
+        ``model``; returns the epochs averaged (AST's weight averaging)."""
+        scores = {e["epoch"]: e["metrics"][self.objective.score_name] for e in self.ledger.evals
+                  if e["phase"] == index and "epoch" in e and self.objective.score_name in e.get("metrics", {})}
+        epochs = self.average.chosen(scores, ran=self.state.epoch_in_phase)
+        top = self.average.top
+        if top is not None and len(epochs) < top:
+            log.warning("train.weight_average_top: the final phase ended after %d epochs, fewer than the %d to "
+                        "average; averaging all %d", self.state.epoch_in_phase, top, len(epochs))
+        model.load_state_dict(self.average.average(epochs))
+        model.to(self.device)
+        return epochs
+
+    def averaged(self, model: nn.Module, index: int, epochs: list[int], metrics: dict) -> Path:
+        """Record the average's evaluation and export it; returns its export."""
+        self.ledger.add_eval(index, metrics, total_step=self.state.total_steps, phase_step=self.state.step,
+                             weight_averaged=epochs)
+        target = self.stop_target or {}
+        versus = "" if target.get("averaged") is None else \
+            f" (the baseline's weight average: {target['score']}={target['averaged']:.4f})"  # like with like
+        log.info("weight average of epochs %s: %s%s", ", ".join(map(str, epochs)),
+                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), versus)
+        path = self.run_dir / "export" / "weight_averaged.safetensors"
+        if self.dist.is_main:
+            self.objective.export(model, path, self._export_meta(index, weight_averaged=epochs, eval=metrics))
+        return path
+
+    def finish(self, final: Path) -> None:
+        """The run is done: ``final`` (the final phase's export or the weight average) becomes its model."""
+        self._count_upsampled()
+        if self.dist.is_main:
+            atomic_copy(final, self.run_dir / "model.safetensors")
+            self.ledger.write(self.run_dir / "ledger.json")
+            totals, saving = self.ledger.totals(), self.ledger.flops_saving()
+            log.info("run complete: %d steps, %.3g training FLOPs, %.0f s training%s; model: %s",
+                     totals["steps"], totals["train_flops"], totals["wall_seconds"],
+                     f", {saving:.1%} fewer FLOPs than {self.ledger.baseline['recipe']}" if saving is not None
+                     else "", self.run_dir / "model.safetensors")
+        self.state.phase = len(self.spec.phases)
