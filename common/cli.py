@@ -7,15 +7,27 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import torch
+
 from common.config.recipe import RecipeError
+from common.data.fingerprint import DataChanged
+from common.data.loader import TooMuchBadAudio
+from common.system.atomic import remove_orphans
+from common.system.cpu import loader_workers, set_cpu_threads
 from common.system.disk import describe_os_error
+from common.system.distributed import init_distributed
 from common.system.lock import LOCK_FILE, RunDirBusy, job_lock
+from common.system.logger import setup_logging
+from common.training.batch import launch_world_size
+from common.training.checkpoints import NoUsableCheckpoint
+from common.training.nonfinite import NonFiniteLoss
 from common.training.run_recipe import RunRecipe, prepare_run_dir
 
 __all__ = ["add_run_arguments", "world_size_of", "discard_previous", "check_run_dir", "UnusableRunDir", "Session",
@@ -70,8 +82,6 @@ def world_size_of(args: argparse.Namespace) -> int:
     Raises:
         RecipeError: ``--world-size`` without ``--dry-run`` (a run's ranks are the launcher's), or below 1.
     """
-    from common.training.batch import launch_world_size
-
     if args.world_size is not None:
         if not args.dry_run:
             raise RecipeError(f"--world-size {args.world_size}: plans a --dry-run; a run trains on the ranks its "
@@ -84,8 +94,6 @@ def world_size_of(args: argparse.Namespace) -> int:
 def discard_previous(run_dir: Path) -> Path | None:
     """Move everything an earlier attempt left in ``run_dir`` (but its log and its lock) into
     ``run_dir/discarded-TIME``."""
-    import time
-
     leftovers = [p for p in run_dir.iterdir()
                  if p.name not in ("train.log", LOCK_FILE) and not p.name.startswith("discarded-")] \
         if run_dir.is_dir() else []
@@ -135,7 +143,6 @@ def check_run_dir(run_dir: Path) -> None:
 @dataclass
 class Session:
     """A training process's session: its place in the job and its run directory's recipe."""
-
     dist: object  # common.system.distributed.Dist
     run_recipe: RunRecipe
 
@@ -152,12 +159,7 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
         restart: start over: the earlier attempt's files are moved aside first (:func:`discard_previous`).
         accept_changed_data: resume although the manifests changed (``--accept-changed-data``).
     """
-    import torch
 
-    from common.system.cpu import loader_workers, set_cpu_threads
-    from common.system.atomic import remove_orphans
-    from common.system.distributed import init_distributed
-    from common.system.logger import setup_logging
 
     check_run_dir(run_dir)
     dist = init_distributed()
@@ -197,11 +199,6 @@ def run_main(body: Callable[[], int]) -> int:
     run that stopped (non-finite loss, bad audio, no usable checkpoint, a full disk or another failing
     file, another rank that stopped), 130 when interrupted.
     """
-    from common.data.loader import TooMuchBadAudio
-    from common.data.fingerprint import DataChanged
-    from common.training.checkpoints import NoUsableCheckpoint
-    from common.training.nonfinite import NonFiniteLoss
-
     try:
         return body()
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
 __all__ = ["METRICS", "mean_average_precision", "accuracy", "mean_auc", "compute_metrics", "standard_error"]
 
@@ -35,8 +36,6 @@ def _check(targets: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 def mean_average_precision(targets: np.ndarray, scores: np.ndarray) -> float:
     """Mean average precision over the classes that have at least one positive clip."""
-    from sklearn.metrics import average_precision_score
-
     targets, scores = _check(targets, scores)
     positive = (targets > 0.5).any(axis=0)
     if not positive.any():
@@ -47,16 +46,12 @@ def mean_average_precision(targets: np.ndarray, scores: np.ndarray) -> float:
 
 def accuracy(targets: np.ndarray, scores: np.ndarray) -> float:
     """Top-1 accuracy: the highest-scoring class against the (first) highest target."""
-    from sklearn.metrics import accuracy_score
-
     targets, scores = _check(targets, scores)
     return float(accuracy_score(targets.argmax(axis=1), scores.argmax(axis=1)))
 
 
 def mean_auc(targets: np.ndarray, scores: np.ndarray) -> float:
     """Mean ROC AUC over classes with positives and negatives (NaN if there is none)."""
-    from sklearn.metrics import roc_auc_score
-
     targets, scores = _check(targets, scores)
     binary = targets > 0.5
     usable = [k for k in range(targets.shape[1]) if 0 < binary[:, k].sum() < len(binary)]

@@ -21,15 +21,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.models.arch import architecture_for, architecture_from_meta
-from common.models.ast.arch import Classifier
 from common.audio.augment import MixupConfig, NoiseConfig, SpecAugmentConfig, mixup, mixup_weights
 from common.data.loader import Batch, TooMuchBadAudio
-from common.system.distributed import Dist
-from common.models.exports import read_weights, save_weights
-from common.models.flops import train_step_flops
-from common.models.memory import MemoryEstimate, estimate_training_memory
 from common.metrics import compute_metrics, standard_error
+from common.models.arch import architecture_for, architecture_from_meta
+from common.models.ast.arch import Classifier
+from common.models.exports import is_export, read_weights, resolve_model_file, save_weights
+from common.models.flops import train_step_flops
+from common.models.hf import hf_classifier_export, is_hf_directory
+from common.models.memory import MemoryEstimate, estimate_training_memory
+from common.models.weights import load_encoder_state
+from common.system.distributed import Dist
 
 __all__ = ["HeadConfig", "AugmentConfig", "Classifier", "ClassifierObjective", "class_scores", "save_classifier",
            "load_classifier"]
@@ -108,9 +110,6 @@ def save_classifier(model: nn.Module, path: Path, classes: Sequence[str], meta: 
 def _checkpoint_with_head(file: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """``(tensors, meta)`` as an export would hold them, for another project's checkpoint that has a
     classification head of its own (an official HTS-AT checkpoint: AudioSet's 527 classes)."""
-    from common.models.arch import architecture_for
-    from common.models.weights import load_encoder_state
-
     weights = load_encoder_state(file)
     if "classes" not in weights.meta:
         raise ValueError(f"{file} holds an encoder without a classification head; fine-tune it first: "
@@ -124,9 +123,6 @@ def _checkpoint_with_head(file: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
     """A classifier export, a fine-tuning run directory, or another project's checkpoint with a head of
     its own (an official HTS-AT ``.ckpt``), or a Hugging Face AST directory -> ``(classifier, metadata)``."""
-    from common.models.exports import is_export, resolve_model_file
-    from common.models.hf import hf_classifier_export, is_hf_directory
-
     if is_hf_directory(path):
         file, (tensors, meta) = path, hf_classifier_export(path)
     else:

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+# Imports the command alone needs are inside its functions: --help answers without loading torch.
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 
@@ -44,8 +46,8 @@ def _step(title: str) -> float:
 def run(out: Path, quick: bool = False) -> dict:
     """Run the demo into ``out``; returns the paths of its results. ``quick``: tiny sizes (tests)."""
     from common.data.corpora import get_corpus
-    from finetune.linear_probe import main as probe
     from common.reports.report import main as report
+    from finetune.linear_probe import main as probe
     from finetune.run import main as finetune
     from pretrain.run import main as pretrain
 

@@ -60,6 +60,8 @@ import torch
 
 from finetune.embedder import POOLS, Embedder, load_embedder, parse_layer
 
+# Imports the command alone needs are inside its functions: --help answers without loading torch.
+
 __all__ = ["FORMATS", "INDEX_COLUMNS", "EmbedSummary", "embed_files", "list_clips", "read_index", "read_shard",
            "read_clips", "main"]
 

@@ -38,6 +38,15 @@ from torch import nn
 
 from common.audio.augment import SpecAugmentConfig
 from common.audio.compression import Compression
+from common.audio.fbank import NORM_STATS, NormStats, resolve_norm_stats
+from common.audio.pipeline import AudioConfig, FeaturePipeline
+from common.models.arch import architecture_for, architecture_from_meta
+from common.models.ast.encoder import ModelSpec
+from common.models.exports import resolve_model_file
+from common.models.hf import is_hf_directory
+from common.models.htsat import HTSAT
+from common.models.htsat.model import unfold
+from common.phases.init import init_pos_mode, load_init, task_encoder_config
 
 __all__ = ["POOLS", "EmbedOutput", "Embedder", "load_embedder", "model_digest", "parse_layer"]
 
@@ -69,7 +78,6 @@ class EmbedOutput:
         clip: ``[B, D]``, or None with pooling ``none``.
         frames: ``[B, T, D]``, or None without frames.
     """
-
     clip: np.ndarray | None
     frames: np.ndarray | None
 
@@ -92,7 +100,6 @@ class Embedder:
     def __init__(self, encoder: nn.Module, pipeline: nn.Module, sample_rate: int, clip_samples: int, *,
                  layer: int | None = None, pool: str = "mean", frames: bool = False,
                  device: str | torch.device = "cpu", info: dict | None = None) -> None:
-        from common.models.htsat import HTSAT
 
         self.htsat = isinstance(encoder, HTSAT)
         self.device = torch.device(device)
@@ -220,7 +227,6 @@ class Embedder:
         return clip, frames
 
     def _htsat(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        from common.models.htsat.model import unfold
 
         model = self.encoder
         tokens = model.swin.forward_features(model.to_image(x))  # [B, h, w, D] after the final norm
@@ -233,9 +239,6 @@ class Embedder:
 def model_digest(init: str | Path) -> str:
     """SHA-256 over the model file(s) of ``init`` (a file, a run directory's export, an HF directory's files):
     which model a set of embeddings came from, wherever it has moved since."""
-    from common.models.exports import resolve_model_file
-    from common.models.hf import is_hf_directory
-
     files = sorted(p for p in Path(init).iterdir() if p.is_file()) if is_hf_directory(init) \
         else [resolve_model_file(init)]
     digest = hashlib.sha256()
@@ -249,13 +252,10 @@ def model_digest(init: str | Path) -> str:
 
 def _norm_for(weights, norm: str | None, recorded: str | None) -> tuple:
     """``(NormStats, label)``: ``--norm``, else what the init records, else AudioSet's (AST's and SSAST's own)."""
-    from common.audio.fbank import NORM_STATS, resolve_norm_stats
-
     if norm is not None:
         return resolve_norm_stats(norm), norm
     front = weights.meta.get("front_end")  # a Hugging Face directory's preprocessor_config.json
     if isinstance(front, dict):
-        from common.audio.fbank import NormStats
 
         return NormStats(float(front["mean"]), float(front["std"])), str(front.get("norm") or "preprocessor")
     if recorded is not None:
@@ -287,10 +287,6 @@ def load_embedder(init: str | Path, *, layer: int | None = None, pool: str = "au
     Raises:
         ValueError: ``none`` or an unreadable model, a layer or a pooling the model does not have.
     """
-    from common.models.arch import architecture_for, architecture_from_meta
-    from common.audio.pipeline import AudioConfig, FeaturePipeline
-    from common.models.ast.encoder import ModelSpec
-    from common.phases.init import init_pos_mode, load_init, task_encoder_config
 
     weights = load_init(str(init))
     if weights is None:

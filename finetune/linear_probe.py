@@ -27,6 +27,8 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+# Imports the command alone needs are inside its functions: --help answers without loading torch.
+
 log = logging.getLogger("linear_probe")
 
 __all__ = ["ProbeRecipe", "extract_features", "fit_and_score", "probe_task", "main"]
@@ -124,9 +126,9 @@ def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, 
 
 def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torch.device) -> dict:
     """Probe one task; returns ``{"task", "metric", "value", "folds"?, ...}``."""
-    from common.models.arch import architecture_for
-    from common.data.corpora.base import read_classes
     from common.audio.pipeline import AudioConfig
+    from common.data.corpora.base import read_classes
+    from common.models.arch import architecture_for
     from common.models.ast.encoder import ModelSpec
     from common.phases.init import load_init, resolve_pool, task_encoder, task_encoder_config
     from finetune.recipe import task_source
@@ -205,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from common.system.logger import setup_logging
         from common.config.recipe import build, load_yaml
+        from common.system.logger import setup_logging
 
         setup_logging(None)
         data = load_yaml(args.recipe) if args.recipe else {}

@@ -50,6 +50,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+# Imports the command alone needs are inside its functions: --help answers without loading torch.
+
 __all__ = ["INSTALL_HINT", "META_KEY", "META_FORMAT", "OPSET", "TOLERANCE", "OnnxExportError", "ScoringGraph",
            "onnx_metadata", "export_onnx", "read_onnx_metadata", "main"]
 

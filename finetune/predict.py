@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# Imports the command alone needs are inside its functions: --help answers without loading torch.
+
 __all__ = ["AGGREGATIONS", "SHORT_FRACTION", "AudioReadError", "FilePrediction", "windows", "aggregate_rule",
            "short_warning", "load_audio", "predict_file", "main"]
 

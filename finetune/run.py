@@ -26,6 +26,8 @@ from pathlib import Path
 
 from common.cli import add_run_arguments, run_main, training_session
 
+# Imports the command alone needs are inside its functions: --help answers without loading torch.
+
 log = logging.getLogger("finetune")
 
 
@@ -54,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _stated_batch(task: str, recipe_path: Path | None) -> tuple[int | None, str]:
     """The global batch the task's default recipe and the recipe file state (before ``--set``), and whose."""
-    from common.training.batch import stated_batch
     from common.config.recipe import load_yaml, merge
+    from common.training.batch import stated_batch
     from finetune.recipe import task_source
 
     _, defaults = task_source(task)
@@ -161,11 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     def body() -> int:
-        from common.training.batch import phase_splits
-        from common.training.plan import build_plan, format_plan
         from common.cli import world_size_of
         from common.config.recipe import RecipeError
         from common.phases.init import expected_init_note, init_pos_mode, load_init, resolve_pool, task_encoder_config
+        from common.training.batch import phase_splits
+        from common.training.plan import build_plan, format_plan
         from finetune.recipe import check_files, file_checks, is_task_file, load_recipe
 
         notes: list[str] = []
@@ -247,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                                      f"{o.schedule} schedule", *notes], cautions=cautions, missing=missing))
             return 0
         from common.data.loader import ManifestSpec
-        from common.training.spec import RunSpec
         from common.training.loop import Trainer
+        from common.training.spec import RunSpec
 
         done = True
         with training_session(run_root, recipe, restart=args.restart,

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from common.audio.fbank import check_norm_name
+
 __all__ = ["TaskConfig", "TASKS", "PAPER_20_EPOCHS", "task_defaults", "known_tasks"]
 
 
@@ -75,7 +77,6 @@ class TaskConfig:
             raise ValueError("train: give train and valid manifests (or folds)")
         if self.target_frames < 16:
             raise ValueError(f"target_frames must be >= 16, got {self.target_frames}")
-        from common.audio.fbank import check_norm_name
 
         check_norm_name(self.norm)
 

@@ -25,9 +25,13 @@ from pathlib import Path
 
 import torch
 
-from common.models.weights import EncoderWeights
-from common.models.ast.encoder import EncoderConfig
 from common.config.recipe import RecipeError
+from common.models.ast.encoder import EncoderConfig
+from common.models.exports import read_weights, resolve_model_file
+from common.models.weights import EncoderWeights
+from common.phases.config import patch_mode_between
+from common.phases.init import init_family, init_pos_mode, load_init
+from pretrain.ssast import adapt_heads
 
 __all__ = ["PretrainStart", "HEADS", "load_start", "pretext_heads"]
 
@@ -68,8 +72,6 @@ def pretext_heads(path: str, init: EncoderWeights) -> dict[str, torch.Tensor]:
     """The pretext parts a file holds (``SSASTModel`` names; empty when it has none): an official SSAST
     ``.pth``'s ``module.cpredlayer.*`` / ``module.gpredlayer.*`` / ``module.mask_embed``, or the tensors
     beside the encoder in this package's pretraining export."""
-    from common.models.exports import read_weights, resolve_model_file
-
     source = init.meta.get("source")
     if source == "export":
         prefix = init.meta.get("encoder_prefix", "")
@@ -120,8 +122,6 @@ def _check_transformer(init: EncoderWeights, base: EncoderConfig, file: str) -> 
 def _fit_heads(heads: dict[str, torch.Tensor], src: EncoderConfig, first: EncoderConfig, kind: str,
                ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
     """Keep, resize or drop each pretext part: ``(kept tensors, {part: decision}, log lines)``."""
-    from pretrain.ssast import adapt_heads
-
     dim, area = first.embed_dim, src.patch_area
     kept: dict[str, torch.Tensor] = {}
     decisions, lines = {}, []
@@ -165,9 +165,6 @@ def load_start(arg: str, recipe) -> PretrainStart:
         FileNotFoundError: the file (or the run's final export) is not there.
         RecipeError: it is not a usable start (one line naming the file and the reason).
     """
-    from common.phases.config import patch_mode_between
-    from common.phases.init import init_family, init_pos_mode, load_init
-
     try:
         init = load_init(arg)
     except ValueError as err:

@@ -12,16 +12,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
-from common.phases.coarse import CoarseConfig, apply_coarse, baseline_name, build_derived
-from common.phases.criteria import check_schedule
-from common.data.loader import DataConfig
 from common.audio.pipeline import AudioConfig
-from common.models.ast.encoder import EncoderConfig, ModelSpec
-from common.training.optim import OptimConfig
-from common.phases.config import PhaseConfig
 from common.config.recipe import RecipeError, apply_overrides, load_yaml
-from common.training.spec import TrainConfig
+from common.data.loader import DataConfig
+from common.models.arch import architecture_for, geometries
+from common.models.ast.encoder import EncoderConfig, ModelSpec
+from common.phases.coarse import CoarseConfig, apply_coarse, baseline_name, build_derived
+from common.phases.config import PhaseConfig
+from common.phases.criteria import check_schedule
 from common.phases.init import InitTransferConfig
+from common.training.optim import OptimConfig
+from common.training.spec import TrainConfig
 from pretrain.masking import mask_count
 from pretrain.ssast import SSASTConfig
 
@@ -75,9 +76,6 @@ class PretrainRecipe:
 
     def encoder_configs(self) -> list[EncoderConfig]:
         """The encoder geometry of every phase (``ValueError`` naming the phase if one is impossible)."""
-        from common.models.arch import architecture_for
-        from common.models.arch import geometries
-
         return geometries(architecture_for(self.base, self.audio), self.phases)
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 from common.cli import add_run_arguments, run_main, training_session
 
+# Imports the command alone needs are inside its functions: --help answers without loading torch.
+
 log = logging.getLogger("pretrain")
 
 
@@ -138,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from common.training.batch import phase_splits, stated_batch
         from common.cli import world_size_of
-        from common.data.preflight import check_norm, data_checks, norm_mismatch, problems
         from common.config.recipe import load_yaml
+        from common.data.preflight import check_norm, data_checks, norm_mismatch, problems
         from common.phases.coarse import coarse_tag
+        from common.training.batch import phase_splits, stated_batch
         from common.training.plan import format_plan
         from pretrain.recipe import load_baseline, load_recipe
 
@@ -181,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                                      *init_lines],
                               cautions=[caution] if caution else [], missing=[*missing_init, *problems(run.checks)]))
             return 0
-        from common.training.spec import RunSpec
         from common.training.loop import Trainer
+        from common.training.spec import RunSpec
         from pretrain.ssast import SSASTObjective
 
         with training_session(run.run_dir, recipe, restart=args.restart,

@@ -83,3 +83,25 @@ def test_no_import_cycle():
         if node not in state:
             visit(node, [node])
     assert cycles == []
+
+
+ENTRY_NOTE = "--help answers without loading torch"
+
+
+def test_imports_sit_at_the_top_unless_a_lazy_one_says_why():
+    """An import inside a function is deliberate: a ``# lazy: why`` comment on its line or the one above, or a
+    command's module (``__main__`` or a ``__name__ == "__main__"`` guard) whose note says why its own imports
+    wait (``--help`` answers without loading torch)."""
+    bare = []
+    for path in _package_files():
+        src = path.read_text()
+        lines = src.splitlines()
+        if path.name == "__main__.py" or 'if __name__ == "__main__":' in src:
+            assert ENTRY_NOTE in src, f"{path.relative_to(ROOT)}: a command without the note on its imports"
+            continue
+        functions = [n for n in ast.walk(ast.parse(src)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        for node in {x for f in functions for x in ast.walk(f) if isinstance(x, (ast.Import, ast.ImportFrom))}:
+            i = node.lineno - 1
+            if "# lazy:" not in lines[i] and not (i and "# lazy:" in lines[i - 1]):
+                bare.append(f"{path.relative_to(ROOT)}:{node.lineno}: {lines[i].strip()}")
+    assert sorted(bare) == []

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from lhotse.features.kaldi.layers import Wav2LogFilterBank
 from torch import nn
 
 __all__ = [
@@ -65,7 +66,6 @@ class Fbank(nn.Module):
         sample_rate: sampling rate of the input waveforms in Hz.
         frame_length_ms: analysis window length in milliseconds.
     """
-
     def __init__(
         self,
         frame_shift_ms: float = 10.0,
@@ -74,7 +74,6 @@ class Fbank(nn.Module):
         frame_length_ms: float = 25.0,
     ) -> None:
         super().__init__()
-        from lhotse.features.kaldi.layers import Wav2LogFilterBank
 
         self.frame_shift_ms = float(frame_shift_ms)
         self.frame_length_ms = float(frame_length_ms)
@@ -155,7 +154,6 @@ class Fbank(nn.Module):
 @dataclass(frozen=True)
 class NormStats:
     """Dataset statistics of the fbank; inputs are normalised to ``(x - mean) / (2 * std)`` as in AST."""
-
     mean: float
     std: float
 

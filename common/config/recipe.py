@@ -21,6 +21,8 @@ from typing import Any, Literal, Sequence, Union
 
 import yaml
 
+from common.system.atomic import atomic_write_text
+
 __all__ = ["RecipeError", "RecipeLoader", "parse_yaml", "build", "to_dict", "merge", "load_yaml", "apply_overrides",
            "dump_yaml"]
 
@@ -257,6 +259,4 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
 
 def dump_yaml(obj, path: str | Path) -> None:
     """Write a dataclass tree (a resolved recipe) as YAML, atomically."""
-    from common.system.atomic import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))

@@ -20,6 +20,8 @@ import os
 import struct
 from pathlib import Path
 
+import soundfile as sf
+
 __all__ = ["truncation", "wav_data_extent"]
 
 TAIL_FRAMES = 4096
@@ -56,8 +58,6 @@ def wav_data_extent(path: str | os.PathLike) -> tuple[int, int, int] | None:
 
 
 def _flac_tail(path: str | os.PathLike) -> str | None:
-    import soundfile as sf
-
     try:
         audio = sf.SoundFile(str(path))
     except (RuntimeError, sf.LibsndfileError):

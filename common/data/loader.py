@@ -49,6 +49,8 @@ the rates, and keeps the counts, which the trainer adds up over ranks into ``led
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import os
 import zlib
@@ -59,11 +61,15 @@ from typing import Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
+from lhotse import CutSet, Recording
+from lhotse.dataset import DynamicCutSampler, SimpleCutSampler
+from torch.utils.data import DataLoader
 
-from common.data.integrity import truncation
 from common.data.cache import CacheMode, ClipCache, make_cache
-from common.system.cpu import loader_workers
+from common.data.integrity import truncation
 from common.data.prefetch import background
+from common.system.atomic import atomic_write_text
+from common.system.cpu import loader_workers
 
 __all__ = [
     "ManifestSpec",
@@ -182,8 +188,6 @@ def _manifest_path(path: str | os.PathLike) -> Path:
 
 
 def _open_one(path: str | os.PathLike):
-    from lhotse import CutSet
-
     path = _manifest_path(path)
     if path.is_dir():
         if not list(path.glob("cuts.*.jsonl*")):
@@ -206,9 +210,6 @@ def _open_one(path: str | os.PathLike):
 def manifest_problem(path: str | os.PathLike) -> str | None:
     """Why a ``.jsonl(.gz)`` file is not a Lhotse manifest, judged from its first line (None: it may be one;
     an empty file is left to the callers, which say that it holds no clips)."""
-    import gzip
-    import json
-
     path = _manifest_path(path)
     if not path.name.endswith((".jsonl", ".gz")):
         return None
@@ -238,8 +239,6 @@ def count_clips(path: str | os.PathLike, limit: int | None = None) -> int | None
     Returns None for what cannot be counted this way (a Shar folder, another format), and ``limit + 1``
     as soon as the count exceeds ``limit``.
     """
-    import gzip
-
     path = _manifest_path(path)
     if not path.is_file() or not path.name.endswith((".jsonl", ".jsonl.gz")):
         return None
@@ -263,8 +262,6 @@ def open_cuts(specs: Sequence[ManifestSpec | str], seed: int = 0, in_memory_max:
             files and their weights are equal (a mix with unequal weights stays a weighted stream).
             None: always lazy.
     """
-    from lhotse import CutSet
-
     specs = [s if isinstance(s, ManifestSpec) else ManifestSpec(str(s)) for s in specs]
     if not specs:
         raise ValueError("no manifests given")
@@ -341,8 +338,6 @@ def _unreadable(err: Exception) -> str:
 
 def audio_file_problem(path: str) -> str | None:
     """Why the audio file ``path`` cannot be used now (a reason as :func:`load_clip` gives it), None if it can."""
-    from lhotse import Recording
-
     if not os.path.exists(path):
         return "missing (no such file)"
     try:
@@ -403,7 +398,6 @@ class Batch:
         epoch, index: position of the batch in the stream (index within the epoch).
         upsampled: ``{(clip rate, target rate): clips}`` for the clips resampled up to a higher rate.
     """
-
     waveforms: torch.Tensor
     lengths: torch.Tensor
     targets: torch.Tensor | None
@@ -526,7 +520,6 @@ class _BadAudioList:
         rows = self._rows()
         if not rows:
             return [], 0
-        from common.system.atomic import atomic_write_text
 
         kept, dropped, problems = [], [], {}
         for split, path, reason in rows:
@@ -584,7 +577,6 @@ class BadAudioTracker:
     rank's clips are counted but not judged (no collective per batch). Rank 0 writes ``bad_audio.tsv``
     (``log_path``) and lists the other ranks' bad clips there when it learns of them.
     """
-
     def __init__(self, max_fraction: float = 0.02, min_clips: int = 200, log_path: str | None = None,
                  split: str = "train", source: Sequence[str] | str = (), dist=None) -> None:
         if not 0 <= max_fraction <= 1:
@@ -770,7 +762,6 @@ class WeightedCutSampler:
     (Lhotse's ``WeightedSimpleCutSampler`` draws without replacement from numpy's global random state,
     which neither matches AST nor can be resumed exactly.)
     """
-
     def __init__(self, cuts, weights: Sequence[float], batch_size: int, *, drop_last: bool, seed: int) -> None:
         self.cuts = cuts if not cuts.is_lazy else cuts.to_eager()
         w = np.asarray(weights, dtype=np.float64)
@@ -833,7 +824,6 @@ def equal_shards(batches: Iterable[Sequence], rank: int, world_size: int, drop_l
 
 class _Stream:
     """The iterable DataLoader draws cut batches from (in the main process)."""
-
     def __init__(self, generator) -> None:
         self.generator = generator
 
@@ -893,8 +883,6 @@ class ClipLoader:
 
     def _sampler(self):
         """The global stream of batches (every rank draws the same; :func:`equal_shards` deals it)."""
-        from lhotse.dataset import DynamicCutSampler, SimpleCutSampler
-
         if self.weights is not None:
             return WeightedCutSampler(self.cuts, self.weights, self.batch_size, drop_last=self.drop_last,
                                       seed=self.seed)
@@ -920,7 +908,6 @@ class ClipLoader:
         return shard_batches(self.epoch_clips, self.batch_size, self.world_size, self.drop_last)
 
     def _cut_batches(self, start_epoch: int, skip: int, epochs: int | None) -> Iterator:
-        from lhotse import CutSet
 
         sampler = self._sampler()
         expected = self.batches_per_epoch()
@@ -971,8 +958,6 @@ class ClipLoader:
         Every batch carries its ``epoch`` and ``index``: after training on it, the position to save is
         ``(batch.epoch, batch.index + 1)``.
         """
-        from torch.utils.data import DataLoader
-
         loader = DataLoader(
             self.dataset,
             sampler=_Stream(self._cut_batches(start_epoch, skip, epochs)),

@@ -20,7 +20,12 @@ import re
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from lhotse import CutSet
+
+from common.audio.fbank import NORM_STATS, resolve_norm_stats
 from common.config.recipe import RecipeError
+from common.data.corpora.base import read_classes
+from common.data.loader import manifest_problem
 
 __all__ = ["check_manifest", "check_norm", "norm_mismatch", "check_classes", "check_labels", "data_checks",
            "check_data", "problems", "count_clips"]
@@ -68,9 +73,7 @@ def check_manifest(path: str | os.PathLike, key: str) -> None:
         raise RecipeError(f"{key}: manifest {path} does not exist; {_PREPARE_HINT}")
     if not os.access(path, os.R_OK):
         raise RecipeError(f"{key}: manifest {path} is not readable (permissions)")
-    from lhotse import CutSet
 
-    from common.data.loader import manifest_problem
 
     problem = manifest_problem(path)
     if problem:
@@ -91,8 +94,6 @@ def check_norm(spec: str, key: str) -> None:
     Raises:
         RecipeError: unknown name, missing file, or a file without usable ``mean`` / ``std``.
     """
-    from common.audio.fbank import resolve_norm_stats
-
     try:
         resolve_norm_stats(spec)
     except (OSError, ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
@@ -112,8 +113,6 @@ def norm_mismatch(spec: str, target_frames: int, num_mel_bins: int | None, key: 
     Returns:
         The warning, or None (a named set, a file without those fields, or one :func:`check_norm` rejects).
     """
-    from common.audio.fbank import NORM_STATS
-
     if not isinstance(spec, str) or spec in NORM_STATS:
         return None
     path = _expand(spec)
@@ -145,8 +144,6 @@ def check_classes(path: str | os.PathLike, key: str) -> None:
     Raises:
         RecipeError: missing or malformed.
     """
-    from common.data.corpora.base import read_classes
-
     try:
         read_classes(_expand(path))
     except (OSError, ValueError, AttributeError) as err:
@@ -164,8 +161,6 @@ def check_labels(path: str | os.PathLike, key: str) -> None:
     Raises:
         RecipeError: naming the key, how many clips have no label and the first of them.
     """
-    from common.data.loader import manifest_problem
-
     path = _expand(path)
     if not path.is_file() or not path.name.endswith((".jsonl", ".jsonl.gz")) or manifest_problem(path):
         return
@@ -227,7 +222,6 @@ def count_clips(paths: Sequence[str | os.PathLike]) -> int:
                 with opener(file, "rb") as handle:
                     total += sum(1 for line in handle if line.strip())
             else:
-                from lhotse import CutSet
 
                 total += len(CutSet.from_file(file))
     return total

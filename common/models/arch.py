@@ -13,6 +13,11 @@ import torch
 from torch import nn
 
 from common.audio.compression import Compression
+from common.audio.pipeline import AudioConfig
+from common.models.ast.arch import ASTArch
+from common.models.ast.encoder import EncoderConfig
+from common.models.htsat import HTSATConfig
+from common.models.htsat.arch import HTSATArch
 
 __all__ = ["ARCHS", "Architecture", "architecture_for", "architecture_from_meta"]
 
@@ -36,13 +41,11 @@ class Architecture(Protocol):
 
     def geometry(self, compression: Compression) -> Any:
         """The model geometry of a phase compressed by ``compression`` (``ValueError`` if impossible)."""
-
     def frontend(self, geometry: Any, compression: Compression, specaug) -> nn.Module:
         """Waveforms ``[B, S]`` (+ lengths, + a generator for training augmentation) -> model input."""
 
     def build_encoder(self, geometry: Any) -> nn.Module:
         """The encoder of a geometry (the AST family's ViT, what SSAST pretrains; HTS-AT's whole model)."""
-
     def features(self, encoder: nn.Module, x: torch.Tensor, pool: str, layer: int | None = None) -> torch.Tensor:
         """A frozen encoder's clip embedding ``[B, D]`` of model input ``x`` (linear probing)."""
 
@@ -50,19 +53,16 @@ class Architecture(Protocol):
         """A classifier: ``model(x, mixup_lambda=None) -> logits``, ``model.embedding(x) -> [B, D]``, the
         encoder as ``model.encoder``, its pooling as ``model.pool`` and its task head's parameter prefixes as
         ``model.head_prefixes``."""
-
     def resolve_pool(self, pool: str, init) -> str:
         """The classifier's pooling: ``pool`` checked, or for ``auto`` the one the init's code uses."""
 
     def adapt_state(self, state: dict, old: Any, new: Any, transfer, patch_mode: str, prefix: str = "") -> dict:
         """Encoder weights (under ``prefix``) carried from geometry ``old`` to ``new`` at a phase change."""
-
     def load_weights(self, encoder: nn.Module, weights, geometry: Any, pos_mode: str, patch_mode: str) -> None:
         """Load initial weights (a :class:`~common.models.weights.EncoderWeights`) into ``encoder``."""
 
     def example_input(self, geometry: Any, batch: int) -> torch.Tensor:
         """A random model input of ``batch`` clips (for counting FLOPs on the meta device)."""
-
     def export_meta(self, geometry: Any) -> dict:
         """What an export records besides the weights to rebuild the model and its front end."""
 
@@ -88,18 +88,12 @@ def geometries(arch: Architecture, phases: Sequence) -> list:
 def architecture_for(base, audio=None) -> Architecture:
     """The architecture of a model config or geometry (``EncoderConfig``: AST family; ``HTSATConfig`` or a
     phase's ``HTSATPhase``: HTS-AT); ``audio`` is the AST family's front end (default: derived)."""
-    from common.models.htsat import HTSATConfig
-    from common.models.ast.encoder import EncoderConfig
-
     if hasattr(base, "cfg") and isinstance(base.cfg, HTSATConfig):  # an HTS-AT phase geometry
         base = base.cfg
     if isinstance(base, HTSATConfig):
-        from common.models.htsat.arch import HTSATArch
 
         return HTSATArch(base)
     if isinstance(base, EncoderConfig):
-        from common.models.ast.arch import ASTArch
-        from common.audio.pipeline import AudioConfig
 
         return ASTArch(base, audio or AudioConfig(num_mel_bins=base.num_mel_bins, target_frames=base.input_tdim))
     raise TypeError(f"no architecture for a model config of type {type(base).__name__}")
@@ -109,12 +103,9 @@ def architecture_from_meta(meta: dict) -> Architecture:
     """The architecture an export was trained with (``meta["arch"]``; exports without it are AST family)."""
     name = meta.get("arch", "ast")
     if name == "htsat":
-        from common.models.htsat import HTSATConfig
 
         return architecture_for(HTSATConfig.from_dict(meta["encoder_config"], prefix="encoder_config"))
     if name == "ast":
-        from common.audio.pipeline import AudioConfig
-        from common.models.ast.encoder import EncoderConfig
 
         audio = AudioConfig(**meta["audio"]) if "audio" in meta else None
         return architecture_for(EncoderConfig.from_dict(meta["encoder_config"]), audio)

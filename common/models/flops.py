@@ -19,6 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 
+# Imports the command alone needs are inside its functions: --help answers without loading torch.
+
 __all__ = ["count_flops", "train_step_flops", "encoder_train_flops"]
 
 

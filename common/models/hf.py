@@ -44,10 +44,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors.torch import load_file
 
-from common.models.exports import unreadable
 from common.audio.fbank import NORM_STATS, NormStats
-from common.models.ast.encoder import EncoderConfig
+from common.models.ast.encoder import ASTEncoder, EncoderConfig
+from common.models.exports import unreadable
 
 __all__ = [
     "INSTALL_HINT",
@@ -91,6 +92,7 @@ class HFFormatError(ValueError):
 
 def _transformers():
     try:
+        # lazy: transformers is the optional [hf] extra
         import transformers
     except ImportError as err:
         raise TransformersMissing(f"this needs Hugging Face transformers, which is not installed: {INSTALL_HINT}") \
@@ -169,8 +171,6 @@ def _read_json(path: Path) -> dict:
 
 def _read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of an HF directory: safetensors or ``pytorch_model.bin`` (``weights_only``), sharded or not."""
-    from safetensors.torch import load_file
-
     def load(file: Path) -> dict[str, torch.Tensor]:
         if not file.is_file():
             raise HFFormatError(f"{path}: weight file {file.name} is missing")
@@ -252,7 +252,6 @@ def _from_hf_state(state: dict[str, torch.Tensor], cfg: EncoderConfig, source: s
         if set(parts) != {"q", "k", "v"}:
             raise HFFormatError(f"{source}: layer {layer} has attention {kind} for {sorted(parts)} only")
         encoder[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    from common.models.ast.encoder import ASTEncoder
 
     with torch.device("meta"):  # shapes only, no memory
         expected = {k: tuple(v.shape) for k, v in ASTEncoder(cfg).state_dict().items()}

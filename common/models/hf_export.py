@@ -21,17 +21,32 @@ from pathlib import Path
 
 import torch
 
-from common.system.atomic import file_mode
-from common.system.disk import NoSpace, ensure_space, free_bytes, out_of_space
-from common.models.exports import unreadable
 from common.audio.fbank import resolve_norm_stats
 from common.models.ast.encoder import EncoderConfig
+from common.models.exports import unreadable
 from common.models.hf import (
-    _HEAD_NAMES, _TOP_NAMES, BASE_PREFIX, CONFIG_FILE, HF_FRAME_LENGTH_MS, HF_FRAME_SHIFT_MS, LAYER_NORM_EPS,
-    PREPROCESSOR_FILE, WEIGHTS_FILE, ASTWeights, FrontEnd, HFFormatError, TransformersMissing, _transformers,
-    is_hf_directory, read_hf_directory,
+    _HEAD_NAMES,
+    _TOP_NAMES,
+    BASE_PREFIX,
+    CONFIG_FILE,
+    HF_FRAME_LENGTH_MS,
+    HF_FRAME_SHIFT_MS,
+    LAYER_NORM_EPS,
+    PREPROCESSOR_FILE,
+    WEIGHTS_FILE,
+    ASTWeights,
+    FrontEnd,
+    HFFormatError,
+    TransformersMissing,
+    _transformers,
+    is_hf_directory,
+    read_hf_directory,
 )
 from common.models.weights import load_encoder_state
+from common.system.atomic import file_mode
+from common.system.disk import NoSpace, ensure_space, free_bytes, out_of_space
+
+# Imports the command alone needs are inside its functions: --help answers without loading torch.
 
 __all__ = [
     "read_ast",

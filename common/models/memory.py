@@ -28,6 +28,7 @@ only touches as far as the gradients fill it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import re
 import resource
 from dataclasses import dataclass
@@ -71,7 +72,6 @@ class PeakMemory:
     Args:
         device: the training device.
     """
-
     def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)
         self._sampled = 0
@@ -113,7 +113,6 @@ class PeakMemory:
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes a rank needs to train one phase (see the module docstring for what each term counts)."""
-
     weights: int
     gradients: int
     optimizer: int
@@ -252,8 +251,6 @@ def measure_training_peak(build: Callable[[], nn.Module], step: Callable[[nn.Mod
         device: where to measure.
         steps: optimiser steps measured.
     """
-    import gc
-
     def train(model: nn.Module, n: int) -> None:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, fused=True)  # as common.training.optim builds it
         for _ in range(n):

@@ -25,12 +25,17 @@ from dataclasses import asdict
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from common.models.official import convert_official_state_dict, convert_timm_vit_state_dict, is_timm_vit
-from common.models.exports import is_export, read_weights, resolve_model_file, unreadable
-from common.models.htsat.imagenet import looks_imagenet_swin
+from common.models.arch import architecture_from_meta
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
+from common.models.exports import is_export, read_weights, resolve_model_file, unreadable
 from common.models.hf import is_hf_directory, read_hf_directory
+from common.models.htsat import class_names
+from common.models.htsat.imagenet import convert_imagenet_swin, looks_imagenet_swin
+from common.models.htsat.official import config_from_official, convert_official, looks_official, unwrap_official
+from common.models.official import convert_official_state_dict, convert_timm_vit_state_dict, is_timm_vit
 
 __all__ = ["EncoderWeights", "load_encoder_state", "load_encoder"]
 
@@ -74,8 +79,6 @@ def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWei
         return _hf_encoder_state(path)
     file = resolve_model_file(path)
     if file.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
         if not is_export(file):
             try:
@@ -94,7 +97,6 @@ def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWei
             raise ValueError(f"{file} has no encoder_config in its metadata")
         prefix = meta.get("encoder_prefix", "")
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        from common.models.arch import architecture_from_meta
 
         return EncoderWeights(architecture_from_meta(meta).base, state, {"source": "export", **meta})
     try:
@@ -106,7 +108,6 @@ def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWei
     for wrapper in ("state_dict", "model"):  # {"model": ...} is how timm / DeiT training scripts save
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
-    from common.models.htsat.official import looks_official
 
     if isinstance(state, dict) and looks_official(state):
         return _official_htsat(state, file)
@@ -125,9 +126,6 @@ def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWei
 
 def _official_htsat(state: dict, file) -> EncoderWeights:
     """An official HTS-AT checkpoint's weights; its classes are AudioSet's for 527 outputs, numbered otherwise."""
-    from common.models.htsat import class_names
-    from common.models.htsat.official import config_from_official, convert_official, unwrap_official
-
     tensors = unwrap_official(state)
     try:
         cfg = config_from_official(tensors)
@@ -142,8 +140,6 @@ def _official_htsat(state: dict, file) -> EncoderWeights:
 
 def _imagenet_swin(state: dict, file) -> EncoderWeights:
     """An ImageNet Swin's weights as the start of an HTS-AT (``source: imagenet``; no class head, no ``bn0``)."""
-    from common.models.htsat.imagenet import convert_imagenet_swin
-
     cfg, converted, info = convert_imagenet_swin(state, str(file))
     log.info("%s: ImageNet Swin (%s layout, windows %s, heads %s): patch kernel averaged over RGB, %d keys dropped "
              "(the ImageNet head and buffers)", file, info["layout"], info["windows"], list(cfg.num_heads),

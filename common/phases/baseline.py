@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from common.data.fingerprint import run_fingerprints
+
 __all__ = ["Reference", "is_averaged", "reference", "averaged_score", "evaluation_settings",
            "setting_differences", "differences", "stop_target", "recorded_target", "precheck"]
 
@@ -238,7 +240,6 @@ def precheck(path: str | None, score: str, run_dir: Path, valid: Sequence[str], 
     """
     if not path or (not restart and recorded_target(run_dir) is not None):
         return
-    from common.data.fingerprint import run_fingerprints
 
     try:
         fingerprints = run_fingerprints([], valid)

@@ -28,12 +28,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
-from common.phases.criteria import UntilConfig
-from common.phases.config import PhaseConfig
-from common.config.recipe import RecipeError, build, merge
+from common.config.recipe import RecipeError, build, merge, parse_yaml
 from common.models.ast.resize import PatchResize
+from common.phases.config import PhaseConfig
+from common.phases.criteria import UntilConfig
 
 __all__ = ["CoarseConfig", "CoarseBaseline", "baseline_name", "parse_coarse", "derive_phases", "apply_coarse", "build_derived",
            "coarse_tag"]
@@ -180,9 +181,7 @@ def baseline_name(recipe_path) -> str:
     """The name a schedule derived from the recipe file ``recipe_path`` records as its baseline: the file's
     own, or, for a file that extends another and asks for ``coarse:`` itself, the recipe it extends (the
     full-resolution recipe the schedule came from)."""
-    from pathlib import Path
 
-    from common.config.recipe import parse_yaml
 
     path = Path(recipe_path)
     raw = parse_yaml(path.read_text()) if path.is_file() else None

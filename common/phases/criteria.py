@@ -72,6 +72,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Callable, Literal, Sequence
 
+import torch
+
 __all__ = ["UntilConfig", "Plateau", "Efficiency", "LossSlope", "Surpass", "PhaseEnd", "Decision",
            "make_criterion", "check_schedule", "describe_ends", "END_REASONS", "EVIDENCE_CHECKS"]
 
@@ -170,7 +172,6 @@ class Plateau:
         noise: a gain must also exceed this many standard errors of the difference between the new score
             and the best (so neither a lucky check raises the best nor an unlucky one resets the count).
     """
-
     needs_score, needs_loss = True, False
 
     def __init__(self, patience: int, min_delta: float = 0.0, noise: float = 2.0) -> None:
@@ -228,7 +229,6 @@ class Efficiency:
         cost_ratio: ``F_cur / F_next``, training FLOPs per clip of this phase over the next one's.
         noise: standard errors of the slope a peak must exceed.
     """
-
     needs_score, needs_loss = True, False
 
     def __init__(self, window: int, fraction: float, cost_ratio: float, noise: float = 2.0) -> None:
@@ -278,7 +278,6 @@ class LossSlope:
         smoothing: weight of the past in the exponential moving average.
         patience: flat checks in a row before the phase ends.
     """
-
     needs_score, needs_loss = False, True
 
     def __init__(self, window: int, threshold: float, smoothing: float, patience: int = 1) -> None:
@@ -311,7 +310,6 @@ class LossSlope:
 
 class Surpass:
     """The paper's stop (section 3.3): the first score strictly above the baseline run's best."""
-
     def __init__(self, target: float, source: str = "the baseline") -> None:
         self.target, self.source = target, source
 
@@ -352,7 +350,6 @@ def make_criterion(until: UntilConfig, cost_ratio: float | None = None):
 class Decision:
     """Why and where a phase ended: ``reason`` (one of :data:`END_REASONS`), a sentence, and the count
     (steps or epochs of the phase) at which it ended."""
-
     reason: str
     note: str
     at: int
@@ -427,7 +424,6 @@ class PhaseEnd:
             return None
         loss = loss_se = None
         if self.needs_loss:
-            import torch
 
             moments = dist.all_reduce_sum(torch.tensor(self.pending_moments(), dtype=torch.float64,
                                                        device=dist.device)).tolist()

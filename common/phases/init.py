@@ -24,10 +24,12 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-from common.models.arch import architecture_for
-from common.models.weights import EncoderWeights
 from common.audio.compression import Compression
+from common.models.arch import architecture_for
 from common.models.ast.encoder import ModelSpec
+from common.models.htsat import HTSATConfig
+from common.models.htsat.imagenet import OFFICIAL_START
+from common.models.weights import EncoderWeights, load_encoder_state
 from common.phases.config import TransferConfig
 
 __all__ = ["InitTransferConfig", "INIT_KINDS", "load_init", "init_family", "INIT_FAMILIES", "task_encoder_config",
@@ -53,7 +55,6 @@ def load_init(init: str) -> EncoderWeights | None:
     """The encoder weights of ``--init``, or None for ``none``."""
     if init.lower() == "none":
         return None
-    from common.models.weights import load_encoder_state
 
     return load_encoder_state(init)
 
@@ -122,9 +123,6 @@ def task_encoder_config(init: EncoderWeights | None, model: ModelSpec, num_mel_b
 
 def _say_swin_start(init: EncoderWeights, cfg) -> None:
     """Warn when an ImageNet Swin is not the official HTS-AT's start (Swin-T/C24: heads 4-8-16-32, window 8)."""
-    from common.models.htsat import HTSATConfig
-    from common.models.htsat.imagenet import OFFICIAL_START
-
     official = HTSATConfig()
     windows = sorted(set(init.meta.get("swin_windows", [])))
     if tuple(cfg.num_heads) != official.num_heads or windows != [official.window_size]:

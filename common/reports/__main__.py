@@ -2,5 +2,7 @@
 
 from common.reports.report import main
 
+# Imports the command alone needs are inside its functions: --help answers without loading torch.
+
 if __name__ == "__main__":
     main()

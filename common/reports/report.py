@@ -42,6 +42,8 @@ from matplotlib.lines import Line2D
 from common.phases.baseline import differences, is_averaged
 from common.training.ledger import Ledger
 
+# Imports the command alone needs are inside its functions: --help answers without loading torch.
+
 __all__ = ["ReportError", "Run", "Point", "Row", "load_run", "resolve_metric", "run_label", "distinct_names",
            "points", "compare", "baseline_differences", "end_note", "markdown_table", "whole_run_table",
            "metric_name", "report_title", "figure", "plot", "main"]

@@ -80,7 +80,10 @@ class Dist:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+        # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
         import deepspeed.comm.comm as ds_comm
+
+        # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
         import deepspeed.utils.groups as ds_groups
 
         ds_comm.cdb = None
@@ -95,7 +98,6 @@ class _Greetings(logging.Filter):
     """Drops DeepSpeed's notices that greet every command and say nothing about this run: its accelerator
     detection's "Setting accelerator to CPU ..." on a machine without a GPU (the run says its device
     itself). Every other DeepSpeed message passes."""
-
     GREETINGS = ("Setting accelerator to CPU",)
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -118,7 +120,10 @@ def init_distributed() -> Dist:
         os.environ["MASTER_PORT"] = str(_free_port())
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     quiet_deepspeed()
+    # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
     import deepspeed
+
+    # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
     from deepspeed.accelerator import get_accelerator
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

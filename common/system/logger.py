@@ -10,6 +10,11 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from common.system.disk import NoSpace, free_bytes, out_of_space
+
 __all__ = ["setup_logging", "BarSafeHandler", "Scalars", "progress"]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -28,6 +33,7 @@ class BarSafeHandler(logging.StreamHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            # lazy: its failure is handled here
             from tqdm import tqdm
 
             if self._follow:
@@ -63,7 +69,6 @@ def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO
 class _LogFile(logging.FileHandler):
     """``train.log``: a line that cannot be written (a full disk) is said once on the console, instead of a
     traceback per log line; the console keeps every line."""
-
     def handleError(self, record: logging.LogRecord) -> None:
         if not getattr(self, "_failed", False):
             self._failed = True
@@ -78,15 +83,12 @@ class Scalars:
         self.writer = None
         self.folder = Path(run_dir) / "tb"
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.folder))
 
     @contextmanager
     def _writing(self):
         """TensorBoard's writer thread reports a failed write without the file's name: add it."""
-        from common.system.disk import NoSpace, free_bytes, out_of_space
-
         try:
             yield
         except (OSError, RuntimeError) as err:
@@ -129,7 +131,5 @@ def progress(total: int | None, initial: int, desc: str, enabled: bool, unit: st
         enabled: False draws nothing (ranks other than 0).
         unit: the name of one count.
     """
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and sys.stderr.isatty()),
                 file=sys.stderr, dynamic_ncols=True, leave=True, smoothing=0.1, unit=unit)

@@ -86,8 +86,13 @@ class UnsafeCheckpointFile(NoUsableCheckpoint):
 def _deepspeed_globals() -> list:
     """The classes DeepSpeed pickles into this package's checkpoints besides tensors and containers (the
     ZeRO optimizer states: the loss scaler, the ZeRO stage, parameter fragment addresses)."""
+    # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
     from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, ZeroStageEnum, fragment_address]
@@ -205,7 +210,6 @@ class RunCheckpoints:
         dist: this process's :class:`common.system.distributed.Dist` (saving and resuming are collective).
         keep: how many of the newest checkpoints to keep.
     """
-
     def __init__(self, ckdir: Path, dist, keep: int) -> None:
         self.ckdir = Path(ckdir)
         self.dist = dist
@@ -348,6 +352,7 @@ class RunCheckpoints:
         out = self.ckdir / f"{UNIVERSAL_PREFIX}{tag}"
         failure = None
         if self.dist.is_main:  # always afresh: a copy left by an earlier attempt is not covered by the digests
+            # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
             from deepspeed.checkpoint.ds_to_universal import main as to_universal
 
             tmp = self.ckdir / f"{TMP_PREFIX}universal-{tag}"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
+import torch._dynamo
 from torch import nn
 
 __all__ = ["CompileBackend", "COMPILE_BACKENDS", "CompileMode", "COMPILE_MODES", "repeated_blocks", "maybe_compile",
@@ -88,7 +89,6 @@ def maybe_compile(model: nn.Module, enabled: bool, backend: str = "inductor", mo
     if not blocks:
         raise ValueError(f"train.compile: {type(model).__name__} has no repeated blocks (an nn.ModuleList of one "
                          f"module class) to compile")
-    import torch._dynamo
 
     torch._dynamo.reset()  # the previous phase's graphs are never used again
     for _, block in blocks:

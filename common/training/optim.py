@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from common.system.engine_config import zero_config
@@ -112,7 +113,6 @@ class LRSchedule:
         lr: the peak learning rate of this phase.
         total_steps: the phase length in optimiser steps (cosine needs it).
     """
-
     def __init__(self, optimizer, cfg: OptimConfig, lr: float, total_steps: int | None = None) -> None:
         self.optimizer = optimizer
         self.cfg = cfg
@@ -198,8 +198,6 @@ def param_groups(model: nn.Module, head_prefixes: tuple[str, ...] = (), head_lr_
 
 def _world_size() -> int:
     """The ranks the engine will data-parallelise over (the initialised process group's)."""
-    import torch.distributed as dist
-
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -232,6 +230,7 @@ def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int,
             split, ``common.training.batch``).
         zero_overlap_comm, zero_bucket_size: the recipe's overrides of the ZeRO defaults (``common.system.engine_config``).
     """
+    # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
     import deepspeed
 
     optimizer = build_optimizer(param_groups(model, head_prefixes, cfg.head_lr_scale), cfg, lr, device)

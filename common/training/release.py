@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 
+import torch
 from torch import nn
 
 __all__ = ["release_engine", "collect"]
@@ -49,6 +50,7 @@ def release_engine(engine) -> nn.Module:
         if hasattr(opt, "unregister_grad_acc_post_hooks"):
             opt.unregister_grad_acc_post_hooks()
     engine.destroy()  # ZeRO's per-parameter gradient hooks, DeepSpeed's debug name table
+    # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
     from deepspeed.utils.debug import debug_clear_module_and_param_names
 
     debug_clear_module_and_param_names()  # (also where destroy() did not get that far)
@@ -67,8 +69,6 @@ def release_engine(engine) -> nn.Module:
 def collect() -> None:
     """Free what the released phase left in reference cycles (after its last reference is gone), and give the
     device's cached blocks of it back."""
-    import torch
-
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from common.data.corpora import CORPORA, get_corpus
 
+# Imports the command alone needs are inside its functions: --help answers without loading torch.
+
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

@@ -32,7 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from lhotse import CutSet, MonoCut, Recording
+
 from common.data.integrity import truncation
+from common.system.logger import progress
 
 __all__ = [
     "ClipEntry",
@@ -182,8 +185,6 @@ def shuffled_order(cut_id: str, seed: int = 0) -> bytes:
 
 
 def _read_cut(entry: ClipEntry, dataset: str):
-    from lhotse import MonoCut, Recording
-
     if not entry.path.is_file():
         return entry, None, "missing"
     try:
@@ -231,9 +232,7 @@ def write_corpus(
         shuffle_seed: the manifests list the clips in the order of :func:`shuffled_order` with this seed
             (None: in the order of ``entries``).
     """
-    from lhotse import CutSet
 
-    from common.system.logger import progress
 
     if shuffle_seed is not None:
         entries = sorted(entries, key=lambda e: shuffled_order(e.cut_id, shuffle_seed))

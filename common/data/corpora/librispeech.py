@@ -22,6 +22,8 @@ import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from lhotse import CutSet
+
 from common.data.corpora.base import ClipEntry, PrepareReport, manifest_path, require_dir, shuffled_order, write_corpus
 
 NAME = "librispeech"
@@ -54,8 +56,6 @@ def _entries(part_dir: Path) -> Iterator[ClipEntry]:
 def _combine(report: PrepareReport, parts: list[str]) -> None:
     """Merge the written manifests of ``parts`` into ``librispeech_train960`` (no header is re-read), in
     the shuffled order of every manifest (``shuffled_order``), not part after part."""
-    from lhotse import CutSet
-
     path = manifest_path(report.out_dir, NAME, COMBINED)
     tmp = path.with_name(f".{path.name}.tmp.jsonl.gz")
     cuts = sorted((cut for part in parts for cut in CutSet.from_file(report.manifests[part])),

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 from einops import rearrange
+from timm.models.vision_transformer import Block
 from torch import nn
 from torch.nn import functional as F
 
@@ -143,7 +144,6 @@ class ModelSpec:
         num_prefix_tokens, drop_path_rate: see :class:`EncoderConfig`.
         htsat: HTS-AT's config (``arch: htsat`` only).
     """
-
     arch: Literal["ast", "htsat"] = "ast"
     size: Literal["tiny", "small", "base", "custom"] = "base"
     embed_dim: int | None = None
@@ -180,6 +180,7 @@ class ModelSpec:
     @property
     def htsat_config(self):
         """``model.htsat`` as an :class:`~common.models.htsat.HTSATConfig` (the official model's values by default)."""
+        # lazy: common.models.htsat imports this module: a cycle at import time
         from common.models.htsat.config import HTSATConfig
 
         return HTSATConfig.from_dict(self.htsat, prefix="model.htsat")
@@ -201,7 +202,6 @@ class ModelSpec:
 
 class PatchEmbed(nn.Module):
     """Conv2d patch embedding of a ``[B, 1, F, T]`` spectrogram (any kernel, any stride)."""
-
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.proj = nn.Conv2d(1, cfg.embed_dim, kernel_size=(cfg.fshape, cfg.tshape),
@@ -221,7 +221,6 @@ class ASTEncoder(nn.Module):
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
-        from timm.models.vision_transformer import Block
 
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)

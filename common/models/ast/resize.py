@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 from einops import rearrange
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from torch import nn
 from torch.nn import functional as F
 
@@ -74,7 +75,6 @@ def resample_pos_embed(
     if old_grid == new_grid:
         return pos_embed
     if mode == "bilinear":
-        from timm.layers import resample_abs_pos_embed
 
         shrinks = any(n < o for n, o in zip(new_grid, old_grid))  # growing is the same with or without
         out = resample_abs_pos_embed(pos_embed, new_size=list(new_grid), old_size=list(old_grid),
@@ -113,7 +113,6 @@ def resample_patch_kernel(weight: torch.Tensor, new_shape: tuple[int, int], mode
     if old_shape == new_shape:
         return weight
     if mode == "pi":
-        from timm.layers import resample_patch_embed
 
         out = resample_patch_embed(weight, list(new_shape), interpolation="bilinear", antialias=False)
     else:

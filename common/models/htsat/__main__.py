@@ -9,6 +9,8 @@ from common.models.htsat.config import HTSATConfig
 from common.models.htsat.flops import train_flops
 from common.models.htsat.geometry import geometry
 
+# Imports the command alone needs are inside its functions: --help answers without loading torch.
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(

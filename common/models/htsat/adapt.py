@@ -30,8 +30,10 @@ import warnings
 from typing import Literal
 
 import torch
+from timm.layers import resize_rel_pos_bias_table
 from torch.nn import functional as F
 
+from common.models.ast.resize import resample_patch_kernel
 from common.models.htsat.config import HTSATConfig
 from common.models.htsat.geometry import Geometry, stage_layout
 
@@ -63,7 +65,6 @@ def resize_bias_table(table: torch.Tensor, old_window: tuple[int, int], new_wind
         return table
     heads = table.shape[1]
     if mode == "timm":
-        from timm.layers import resize_rel_pos_bias_table
 
         with warnings.catch_warnings():  # timm's grid interpolator trips two torch deprecation warnings
             warnings.filterwarnings("ignore", message=".*(non-contiguous|non-tuple sequence).*")
@@ -102,7 +103,6 @@ def adapt_state_dict(state: dict[str, torch.Tensor], cfg: HTSATConfig, old: Geom
         out[key] = resize_bias_table(out[key], before.window, after.window, bias_transfer)
         log.info("resized %s: window %dx%d -> %dx%d (%s)", key, *before.window, *after.window, bias_transfer)
     if old.patch != new.patch:
-        from common.models.ast.resize import resample_patch_kernel
 
         key = f"{prefix}swin.patch_embed.proj.weight"
         if key not in out:
@@ -135,7 +135,6 @@ def fit_tables(state: dict[str, torch.Tensor], cfg: HTSATConfig, geom: Geometry,
     lines = [f"{n} relative-position table(s) resized, windows {what} ({bias_transfer})" for what, n in changes.items()]
     kernel = out.get("swin.patch_embed.proj.weight")
     if kernel is not None and tuple(kernel.shape[-2:]) != tuple(geom.patch):
-        from common.models.ast.resize import resample_patch_kernel
 
         out["swin.patch_embed.proj.weight"] = resample_patch_kernel(kernel, geom.patch, patch_transfer)
         lines.append(f"patch kernel resized {tuple(kernel.shape[-2:])} -> {tuple(geom.patch)} ({patch_transfer})")
@@ -146,6 +145,7 @@ def adapt_model(model: torch.nn.Module, new: Geometry, bias_transfer: str = "tim
                 patch_transfer: str = "pi") -> torch.nn.Module:
     """A new :class:`~common.models.htsat.model.HTSAT` for geometry ``new`` with ``model``'s weights, same device
     and dtype."""
+    # lazy: common.models.htsat imports this module: a cycle at import time
     from common.models.htsat.model import HTSAT
 
     param = next(model.parameters())

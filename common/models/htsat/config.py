@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from common.config.recipe import build
+
 __all__ = ["HTSATConfig"]
 
 
@@ -150,6 +152,4 @@ class HTSATConfig:
             data: field values (missing ones take the official defaults).
             prefix: key path put in front of error messages (``model.depths: ...``).
         """
-        from common.config.recipe import build
-
         return build(cls, dict(data), prefix)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torchaudio.functional import melscale_fbanks
 
 from common.models.htsat.config import HTSATConfig
 from common.models.htsat.geometry import Geometry, geometry
@@ -55,8 +56,6 @@ class SpecAugmentStripes:
 
 def mel_filterbank(cfg: HTSATConfig) -> torch.Tensor:
     """The ``[n_fft // 2 + 1, mel_bins]`` slaney-scale, slaney-normalised filterbank (= librosa's default)."""
-    from torchaudio.functional import melscale_fbanks
-
     return melscale_fbanks(cfg.n_fft // 2 + 1, cfg.fmin, cfg.fmax, cfg.mel_bins, cfg.sample_rate,
                            norm="slaney", mel_scale="slaney")
 
@@ -82,7 +81,6 @@ class HTSATFrontEnd(nn.Module):
         stripes: SpecAugment widths at full resolution; stripes are drawn only when ``forward`` gets a
             generator.
     """
-
     def __init__(self, cfg: HTSATConfig, geom: Geometry | None = None,
                  stripes: SpecAugmentStripes = SpecAugmentStripes()) -> None:
         super().__init__()

@@ -12,6 +12,8 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from common.data.corpora.audioset import read_classes_csv
+
 __all__ = ["AUDIOSET_LABELS_CSV", "audioset_labels", "class_names"]
 
 AUDIOSET_LABELS_CSV = Path(__file__).with_name("audioset_labels.csv")
@@ -20,8 +22,6 @@ AUDIOSET_LABELS_CSV = Path(__file__).with_name("audioset_labels.csv")
 @lru_cache(maxsize=1)
 def audioset_labels() -> tuple[tuple[str, str], ...]:
     """AudioSet's classes in output order: ``((mid, display_name), ...)``, 527 entries."""
-    from common.data.corpora.audioset import read_classes_csv
-
     mids, names = read_classes_csv(AUDIOSET_LABELS_CSV)
     return tuple((mid, names[mid]) for mid in mids)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 from einops import rearrange, repeat
+from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 from torch.nn import functional as F
 
@@ -59,10 +60,8 @@ class HTSAT(nn.Module):
         cfg: the model configuration.
         geom: the phase's input geometry (:func:`common.models.htsat.geometry.geometry`); default full resolution.
     """
-
     def __init__(self, cfg: HTSATConfig, geom: Geometry | None = None) -> None:
         super().__init__()
-        from timm.models.swin_transformer import SwinTransformer
 
         self.cfg = cfg
         self.geom = geom if geom is not None else geometry(cfg)

@@ -179,6 +179,7 @@ def convert_official(state: dict[str, torch.Tensor], cfg: HTSATConfig) -> dict[s
 
 def _check_against_model(state: dict[str, torch.Tensor], cfg: HTSATConfig) -> None:
     """Every key and shape of the model built for ``cfg`` (on the meta device: no memory, no time)."""
+    # lazy: common.models.htsat imports this module: a cycle at import time
     from common.models.htsat.model import HTSAT
 
     with torch.device("meta"):
