@@ -164,6 +164,7 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
     check_run_dir(run_dir)
     dist = init_distributed()
     threads = torch.get_num_threads()  # given back at the end (a notebook, the demo, the tests run on)
+    finished = False
     try:
         with job_lock(run_dir, dist):
             setup_logging(run_dir, dist.rank)
@@ -177,8 +178,9 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
                                 ", ".join(str(p) for p in orphans[:5]) + (" ..." if len(orphans) > 5 else ""))
             dist.barrier()
             yield Session(dist, prepare_run_dir(run_dir, recipe, dist.is_main, accept_changed_data))
+        finished = True
     finally:
-        dist.teardown()
+        dist.teardown(synchronise=finished)  # a rank leaving on an error does not wait for the others
         torch.set_num_threads(threads)
 
 

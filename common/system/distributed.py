@@ -74,11 +74,16 @@ class Dist:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def teardown(self) -> None:
+    def teardown(self, synchronise: bool = True) -> None:
         """Barrier, destroy the process group, and make DeepSpeed forget it, so that a later run in the same
-        process (a notebook, the demo, the tests) initialises afresh."""
+        process (a notebook, the demo, the tests) initialises afresh.
+
+        ``synchronise=False`` (this rank is leaving on an error) skips the barrier: the other ranks may be inside
+        another collective (a gradient all-reduce), which a barrier would meet and wait in for ever; leaving
+        closes their connections instead, so they stop and say that a peer stopped."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+            if synchronise:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
         # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
         import deepspeed.comm.comm as ds_comm

@@ -54,7 +54,7 @@ def make_init(kind: str, tmp_path):
         torch.save(state, tmp_path / "audioset_10_10.pth")
         return tmp_path / "audioset_10_10.pth", 32, 8, "prefix"
     if kind == "hf_dir":
-        from common.models.hf import export_hf
+        from common.models.hf_export import export_hf
 
         return export_hf(_export(tmp_path / "h.safetensors"), tmp_path / "hf"), 32, 4, "prefix"
     if kind == "htsat_official":  # 10 s at 32 kHz, a 256 x 256 image, 32 steps of its last stage

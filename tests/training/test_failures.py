@@ -206,7 +206,8 @@ def test_a_full_file_system_under_the_deepspeed_launcher(tmp_path, synth_corpus,
     run_dir = mnt / "run"
     argv = ["timeout", "-k", "10", "300", str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
             "--master_port", str(_free_port()), str(ROOT / "pretrain" / "run.py"), "--recipe", str(RECIPE),
-            "--run-dir", str(run_dir), *tiny(synth_corpus, f"data.batch_size={4 * ranks}")]  # 4 clips per rank
+            "--run-dir", str(run_dir), *tiny(synth_corpus, f"data.batch_size={4 * ranks}",  # 4 clips per rank
+                                             "train.zero_stage=0")]  # the sizes above are stage-0 checkpoints
     command = " ".join(f"'{a}'" for a in argv)
     stages = [("300k", "mid"), ("1000k", "full")] + ([("64m", "again")] if ranks == 2 else [])
     script = f"mount -t tmpfs -o size=300k tmpfs {mnt} || exit 99\n"
@@ -247,6 +248,31 @@ def test_a_full_file_system_under_the_deepspeed_launcher(tmp_path, synth_corpus,
     again = (tmp_path / "again.out").read_text()
     assert (tmp_path / "again.rc").read_text().strip() == "0", again[-3000:]
     assert json.loads((tmp_path / "ledger.json").read_text())["total"]["steps"] == 6
+
+
+@pytest.mark.slow
+@mounts
+def test_a_rank_that_stops_on_a_full_disk_does_not_hang_the_others_in_a_gradient_reduction(tmp_path, synth_corpus):
+    """ZeRO-1 on 2 ranks (the default on several): the first checkpoint fits, then rank 0's export of the best
+    model does not, while rank 1 is already in the next step's gradient all-reduce. Rank 0 leaves without the
+    barrier that rank 1 would never meet: rank 1 stops too, saying its peer stopped, and nothing hangs."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    argv = ["timeout", "-k", "10", "300", str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
+            "--master_port", str(_free_port()), str(ROOT / "pretrain" / "run.py"), "--recipe", str(RECIPE),
+            "--run-dir", str(mnt / "run"), *tiny(synth_corpus, "data.batch_size=8", "train.zero_stage=1")]
+    script = (f"mount -t tmpfs -o size=1000k tmpfs {mnt} || exit 99\n" + " ".join(f"'{a}'" for a in argv)
+              + f" > {tmp_path}/out 2>&1; echo $? > {tmp_path}/rc\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=400, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    out = (tmp_path / "out").read_text()
+    assert (tmp_path / "rc").read_text().strip() not in ("0", "124", "137"), out[-3000:]  # stopped, not hung
+    errors = [line for line in out.splitlines() if "error:" in line and "launch.py" not in line]
+    assert any("no space left on device" in line for line in errors), out[-3000:]
+    assert all("no space left on device" in line or " another rank of the job stopped " in line for line in errors)
+    assert "Traceback" not in out
 
 
 # ------------------------------------------------------------------------------ the run directory itself
