@@ -10,7 +10,6 @@ per case, the engine's ZeRO stage, ``overlap_comm``, bucket sizes and a checksum
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 

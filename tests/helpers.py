@@ -237,25 +237,18 @@ def save_lightning(state: dict, path, **extra) -> None:
                 "state_dict": {f"sed_model.{k}": v for k, v in state.items()}, **extra}, path)
 
 
-def _launch(world_size: int, cases: list[tuple[str, str, list[str]]], out: Path, timeout: float,
-            expect: dict[str, int] | None = None) -> dict[str, list]:
-    """Run ``cases`` (name, entry, argv) one after another in ``world_size`` processes on gloo, which get the
-    environment torchrun and the deepspeed launcher set. A rank that fails (a case ending with another exit
-    code than ``expect`` says, default 0), or still runs after ``timeout`` seconds (a hang), fails the test;
-    every rank is killed. Returns per case the ranks' reports (tests/shard_job.py)."""
-    out.mkdir(parents=True)
-    job = out / "job.json"
-    job.write_text(json.dumps({"out": str(out), "cases": [{"name": n, "entry": e, "argv": a, "port": _free_port(),
-                                                           "expect": (expect or {}).get(n, 0)} for n, e, a in cases]}))
+def launch_ranks(world_size: int, script: str, job: Path, out: Path, timeout: float, **env_extra: str) -> None:
+    """Run ``tests/SCRIPT JOB`` in ``world_size`` processes on gloo, with the environment torchrun and the
+    deepspeed launcher set (and ``env_extra``). A rank that fails, or still runs after ``timeout`` seconds (a
+    hang), fails the test; every rank is killed. Each rank logs to ``out/rankN.log``."""
     procs = []
     for rank in range(world_size):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-               "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+               "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), **env_extra}
         with open(out / f"rank{rank}.log", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "shard_job.py"), str(job)], env=env,
+            procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / script), str(job)], env=env,
                                           stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True))
-    hung = procs
     try:
         for proc in procs:
             proc.wait(timeout=timeout)
@@ -269,6 +262,18 @@ def _launch(world_size: int, cases: list[tuple[str, str, list[str]]], out: Path,
     tails = "\n".join(f"--- rank {r}:\n" + (out / f"rank{r}.log").read_text()[-2500:] for r in range(world_size))
     assert not hung, f"{len(hung)} of {world_size} ranks still running after {timeout:.0f} s (a hang)\n{tails}"
     assert all(p.returncode == 0 for p in procs), f"exit codes {[p.returncode for p in procs]}\n{tails}"
+
+
+def _launch(world_size: int, cases: list[tuple[str, str, list[str]]], out: Path, timeout: float,
+            expect: dict[str, int] | None = None) -> dict[str, list]:
+    """Run ``cases`` (name, entry, argv) one after another in ``world_size`` processes on gloo
+    (:func:`launch_ranks`); a case ending with another exit code than ``expect`` says (default 0) fails the test.
+    Returns per case the ranks' reports (tests/shard_job.py)."""
+    out.mkdir(parents=True)
+    job = out / "job.json"
+    job.write_text(json.dumps({"out": str(out), "cases": [{"name": n, "entry": e, "argv": a, "port": _free_port(),
+                                                           "expect": (expect or {}).get(n, 0)} for n, e, a in cases]}))
+    launch_ranks(world_size, "shard_job.py", job, out, timeout)
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
     return {name: [report[name] for report in reports] for name, _, _ in cases}
 

@@ -42,6 +42,11 @@ class PhaseMachinery:
         """Where the run is (the record's)."""
         return self.record.state
 
+    @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage of this launch's engines (the record's: a resumed run keeps its checkpoint's)."""
+        return self.record.zero_stage
+
     def _evaluate(self, model: nn.Module, index: int) -> dict[str, float]:
         """The objective's validation metrics of ``model`` (on the device) at phase ``index``'s resolution."""
         spec = self.spec

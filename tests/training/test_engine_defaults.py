@@ -5,16 +5,12 @@ on the engine DeepSpeed actually built, at 1 rank in-process and at 2 and 3 rank
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from common.system.engine_config import ZERO_BUCKET, resolve_zero_stage, zero_config
+from tests.helpers import _free_port, launch_ranks
 from tests.training.test_trainer import _micro_step_trainer
 
 pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
@@ -43,37 +39,11 @@ def test_one_rank_runs_without_zero_unless_the_recipe_asks(tmp_path):
     assert not engine.enable_backward_allreduce  # nothing to reduce on one rank
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(world_size: int, out: Path, timeout: float = 180) -> list[dict]:
     out.mkdir(parents=True)
     job = out / "job.json"
     job.write_text(json.dumps({"out": str(out), "cases": {k: {"train": v} for k, v in CASES.items()}}))
-    port, procs = _free_port(), []
-    for rank in range(world_size):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-               "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
-        with open(out / f"rank{rank}.log", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "engine_job.py"), str(job)], env=env,
-                                          stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True))
-    try:
-        for proc in procs:
-            proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        hung = [p for p in procs if p.poll() is None]
-        for proc in hung:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    tails = "\n".join(f"--- rank {r}:\n" + (out / f"rank{r}.log").read_text()[-2500:] for r in range(world_size))
-    assert not hung, f"{len(hung)} of {world_size} ranks still running after {timeout:.0f} s (a hang)\n{tails}"
-    assert all(p.returncode == 0 for p in procs), f"exit codes {[p.returncode for p in procs]}\n{tails}"
+    launch_ranks(world_size, "engine_job.py", job, out, timeout, MASTER_PORT=str(_free_port()))
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
 
 
