@@ -43,13 +43,22 @@ log = logging.getLogger(__name__)
 
 
 class _Pending:
-    """Training not yet moved into the ledger: steps and clips (this rank) since ``clock``."""
+    """Training not yet moved into the ledger: steps and clips (this rank) since ``clock``.
 
-    def __init__(self) -> None:
-        self.steps, self.samples, self.clock = 0, 0, time.perf_counter()
+    The clock is read after the device has finished the work queued so far (a CUDA device runs behind the
+    host): the seconds between two readings are the device's, not the host's queueing."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.steps, self.samples, self.clock = 0, 0, self.now()
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def restart_clock(self) -> None:
-        self.clock = time.perf_counter()
+        self.clock = self.now()
 
 
 class RunRecord:
@@ -82,7 +91,7 @@ class RunRecord:
                                        dist=dist)  # judged on every rank's counts together; rank 0 writes the list
         self.generator = torch.Generator().manual_seed(spec.train.seed * 1000 + dist.rank)
         self.scalars = Scalars(self.run_dir, enabled=dist.is_main)
-        self.pending = _Pending()
+        self.pending = _Pending(self.device)
         self._memory = PeakMemory(self.device)
 
     def _batch_size(self, index: int) -> int:
@@ -244,7 +253,7 @@ class RunRecord:
 
     def account(self, index: int) -> Window:
         """Move the steps / clips / seconds trained since the last call into the ledger (collective)."""
-        now = time.perf_counter()
+        now = self.pending.now()
         samples = int(self.dist.all_reduce_sum(torch.tensor([self.pending.samples], device=self.device)).item())
         window = self.ledger.add_training(index, self.pending.steps, samples, now - self.pending.clock,
                                           self.dist.world_size)
