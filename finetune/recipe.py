@@ -21,7 +21,7 @@ from common.phases.criteria import check_schedule
 from common.data.loader import DataConfig
 from common.audio.pipeline import AudioConfig
 from common.audio.fbank import NORM_STATS
-from common.models.ast.encoder import ModelSpec
+from common.models.spec import ModelSpec
 from common.training.optim import OptimConfig
 from common.phases.config import PhaseConfig
 from common.data.preflight import check_classes, check_labels, check_manifest, check_norm, count_clips

@@ -16,7 +16,8 @@ from common.audio.pipeline import AudioConfig
 from common.config.recipe import RecipeError, apply_overrides, load_yaml
 from common.data.loader import DataConfig
 from common.models.arch import architecture_for, geometries
-from common.models.ast.encoder import EncoderConfig, ModelSpec
+from common.models.ast.encoder import EncoderConfig
+from common.models.spec import ModelSpec
 from common.phases.coarse import CoarseConfig, apply_coarse, baseline_name, build_derived
 from common.phases.config import PhaseConfig
 from common.phases.criteria import check_schedule

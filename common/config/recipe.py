@@ -170,9 +170,12 @@ def build(cls, data: dict | None, prefix: str = ""):
 
 
 def to_dict(obj) -> Any:
-    """Plain YAML-able data (lists, dicts, scalars) of a dataclass tree."""
+    """Plain YAML-able data (lists, dicts, scalars) of a dataclass tree. A dataclass whose fields say "not given"
+    with None (``RECIPE_SPARSE``, e.g. HTS-AT's settings) writes only the fields given."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        sparse = getattr(obj, "RECIPE_SPARSE", False)
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (sparse and getattr(obj, f.name) is None)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

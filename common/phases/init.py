@@ -26,7 +26,7 @@ from typing import Literal
 
 from common.audio.compression import Compression
 from common.models.arch import architecture_for
-from common.models.ast.encoder import ModelSpec
+from common.models.spec import ModelSpec
 from common.models.htsat import HTSATConfig
 from common.models.htsat.imagenet import OFFICIAL_START
 from common.models.weights import EncoderWeights, load_encoder_state
@@ -104,7 +104,7 @@ def task_encoder_config(init: EncoderWeights | None, model: ModelSpec, num_mel_b
     if model.arch == "htsat":
         if init is None:
             return model.htsat_config
-        cfg = init.config.replace(**model.htsat)
+        cfg = init.config.replace(**model.htsat.given())
         if init.meta.get("source") == "imagenet":
             _say_swin_start(init, cfg)
         return cfg

@@ -145,7 +145,7 @@ def test_fine_tuning_a_pretrained_run_beats_chance_clearly(tmp_path, small_synth
 @pytest.mark.slow
 def test_fine_tuning_from_an_official_ssast_checkpoint(tmp_path, synth_corpus):
     from common.models.weights import load_encoder_state
-    from common.models.ast.encoder import ModelSpec
+    from common.models.spec import ModelSpec
     from common.phases.init import task_encoder, task_encoder_config
     from tests.helpers import ssast_pretrained_state
 
@@ -177,7 +177,8 @@ def test_pooling_follows_the_init(tmp_path):
     import timm
 
     from common.models.weights import load_encoder_state
-    from common.models.ast.encoder import ASTEncoder, EncoderConfig, ModelSpec
+    from common.models.ast.encoder import ASTEncoder, EncoderConfig
+    from common.models.spec import ModelSpec
     from finetune.classifier import Classifier, save_classifier
     from common.phases.init import init_pool, resolve_pool, task_encoder_config
     from pretrain.ssast import SSASTConfig, SSASTModel, SSASTObjective
@@ -216,7 +217,7 @@ def test_imagenet_deit_weights_start_the_encoder_as_ast(tmp_path):
     import timm
 
     from common.models.weights import load_encoder_state
-    from common.models.ast.encoder import ModelSpec
+    from common.models.spec import ModelSpec
     from common.phases.init import task_encoder, task_encoder_config
 
     deit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)

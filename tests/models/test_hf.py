@@ -246,7 +246,7 @@ def test_fine_tuning_starts_from_an_hf_directory_and_keeps_its_head(tmp_path, sy
 
 def test_linear_probe_and_predict_accept_an_hf_directory(tmp_path, capsys):
     from common.models.exports import save_encoder
-    from common.models.ast.encoder import ModelSpec
+    from common.models.spec import ModelSpec
     from common.phases.init import load_init, task_encoder, task_encoder_config
     from finetune.linear_probe import _cache_key
     from finetune.predict import main as predict

@@ -178,7 +178,7 @@ def test_the_official_start_fits_the_official_model_exactly():
 
 def test_a_swin_that_is_not_the_official_start_is_said(caplog):
     from common.models.weights import EncoderWeights
-    from common.models.ast.encoder import ModelSpec
+    from common.models.spec import ModelSpec
 
     spec = ModelSpec(arch="htsat")
     c24 = EncoderWeights(HTSATConfig(), {}, {"source": "imagenet", "arch": "htsat", "file": "c24.pth",

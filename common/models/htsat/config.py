@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from common.config.recipe import build
 
-__all__ = ["HTSATConfig"]
+__all__ = ["HTSATConfig", "HTSATSettings"]
 
 
 @dataclass(frozen=True)
@@ -153,3 +153,21 @@ class HTSATConfig:
             prefix: key path put in front of error messages (``model.depths: ...``).
         """
         return build(cls, dict(data), prefix)
+
+
+def _given(settings) -> dict:
+    """The settings given (not None), as :class:`HTSATConfig` fields."""
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
+            if getattr(settings, f.name) is not None}
+
+
+# A recipe's ``model.htsat``: every HTSATConfig field, typed as there, None where the recipe gives none (those take
+# the init's value, or the official model's: ``ModelSpec.htsat_config``). Derived from HTSATConfig, so that the two
+# never disagree; a recipe writes back only what it gave (``RECIPE_SPARSE``).
+HTSATSettings = dataclasses.make_dataclass(
+    "HTSATSettings",
+    [(f.name, f"{f.type} | None", dataclasses.field(default=None)) for f in dataclasses.fields(HTSATConfig)],
+    frozen=True,
+    namespace={"__doc__": "HTS-AT's settings a recipe gives (``model.htsat``); None: not given.",
+               "RECIPE_SPARSE": True, "given": _given, "__bool__": lambda self: bool(_given(self))})
+HTSATSettings.__module__ = __name__
