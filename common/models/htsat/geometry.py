@@ -21,6 +21,7 @@ which, and :mod:`common.models.htsat.adapt` resizes exactly those relative-posit
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from common.audio.compression import Compression
@@ -165,3 +166,23 @@ def stage_layout(cfg: HTSATConfig, geom: Geometry) -> list[BlockLayout]:
             shift = tuple(0 if block % 2 == 0 or g <= cfg.window_size else cfg.window_size // 2 for g in grid)
             out.append(BlockLayout(stage, block, grid, window, shift))
     return out
+
+
+_BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
+
+
+def swin_depths(state: dict, source: str) -> tuple[int, ...]:
+    """The blocks per stage of a Swin state dict with timm's / the official key names (``layers.S.blocks.B.``).
+
+    Raises:
+        ValueError: no stage, or stages that are not ``layers.0..N`` (naming ``source``).
+    """
+    blocks: dict[int, set[int]] = {}
+    for key in state:
+        m = _BLOCK.match(key)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    stages = sorted(blocks)
+    if not stages or stages != list(range(len(stages))):
+        raise ValueError(f"{source}: Swin stages must be layers.0..N, found {stages}")
+    return tuple(len(blocks[i]) for i in stages)

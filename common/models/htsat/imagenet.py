@@ -31,6 +31,7 @@ import re
 import torch
 
 from common.models.htsat.config import HTSATConfig
+from common.models.htsat.geometry import swin_depths
 
 __all__ = ["SWIN_FIELDS", "OFFICIAL_START", "looks_imagenet_swin", "swin_layout", "convert_imagenet_swin"]
 
@@ -41,7 +42,6 @@ SWIN_FIELDS = ("patch_size", "embed_dim", "depths", "num_heads", "mlp_ratio", "q
 # the file the official HTS-AT starts from (config.py swin_pretrain_path), Microsoft's Swin-T/C24
 OFFICIAL_START = "swin_tiny_c24_patch4_window8_256.pth"
 
-_BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
 _DOWNSAMPLE = re.compile(r"layers\.(\d+)\.downsample\.(.+)")
 _TABLE = "attn.relative_position_bias_table"
 
@@ -92,15 +92,8 @@ def convert_imagenet_swin(state: dict[str, torch.Tensor], source: str = "checkpo
     if kernel.dim() != 4 or kernel.shape[2] != kernel.shape[3]:
         raise ValueError(f"{source}: patch_embed.proj.weight has shape {tuple(kernel.shape)}; expected "
                          "[D, channels, p, p]")
-    blocks: dict[int, set[int]] = {}
-    for key in state:
-        m = _BLOCK.match(key)
-        if m:
-            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    stages = sorted(blocks)
-    if stages != list(range(len(stages))):
-        raise ValueError(f"{source}: Swin stages must be layers.0..N, found {stages}")
-    depths = tuple(len(blocks[i]) for i in stages)
+    depths = swin_depths(state, source)
+    stages = range(len(depths))
     tables = [state[f"layers.{i}.blocks.0.{_TABLE}"] for i in stages]
     heads = tuple(int(t.shape[1]) for t in tables)
     windows = tuple(_window(t, f"layers.{i}.blocks.0.{_TABLE}", source) for i, t in enumerate(tables))

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from common.models.htsat.config import HTSATConfig
+from common.models.htsat.geometry import swin_depths
 from common.models.htsat.frontend import mel_filterbank
 
 __all__ = ["OFFICIAL_PREFIX", "looks_official", "unwrap_official", "config_from_official", "convert_official",
@@ -33,7 +34,6 @@ __all__ = ["OFFICIAL_PREFIX", "looks_official", "unwrap_official", "config_from_
 
 OFFICIAL_PREFIX = "sed_model."
 _EXTRACTORS = ("spectrogram_extractor.", "logmel_extractor.")
-_BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
 _DOWNSAMPLE = re.compile(r"layers\.(\d+)\.downsample\.(.+)")
 
 
@@ -98,15 +98,8 @@ def config_from_official(state: dict[str, torch.Tensor], **overrides) -> HTSATCo
     embed = _require(state, "patch_embed.proj.weight")  # [D, 1, p, p]
     if embed.shape[1] != 1 or embed.shape[2] != embed.shape[3]:
         raise ValueError(f"patch_embed.proj.weight has shape {tuple(embed.shape)}; expected [D, 1, p, p]")
-    blocks: dict[int, set[int]] = {}
-    for key in state:
-        m = _BLOCK.match(key)
-        if m:
-            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    stages = sorted(blocks)
-    if stages != list(range(len(stages))) or not stages:
-        raise ValueError(f"official HTS-AT stages must be layers.0..N, found {stages}")
-    depths = tuple(len(blocks[i]) for i in stages)
+    depths = swin_depths(state, "official HTS-AT")
+    stages = range(len(depths))
     heads = tuple(int(_require(state, f"layers.{i}.blocks.0.attn.relative_position_bias_table").shape[1])
                   for i in stages)
     rows = _require(state, "layers.0.blocks.0.attn.relative_position_bias_table").shape[0]
