@@ -150,6 +150,8 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
         caution = norm_mismatch(task.norm, task.target_frames, getattr(cfg, "num_mel_bins", None), "task.norm")
         if caution:
             log.warning("%s", caution)
+    from common.system.atomic import atomic_path
+
     cache = Path(recipe.cache_dir)
 
     def features(manifests: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -160,7 +162,8 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
         x, y = extract_features(encoder, arch, manifests, classes, recipe.layer, pool, recipe.batch_size,
                                 recipe.num_workers, device)
         cache.mkdir(parents=True, exist_ok=True)
-        np.savez(path, x=x, y=y)
+        with atomic_path(path, x.nbytes + y.nbytes) as tmp, open(tmp, "wb") as handle:  # a killed run leaves none
+            np.savez(handle, x=x, y=y)
         return x, y
 
     multilabel = task.metric == "mAP"

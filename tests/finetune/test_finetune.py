@@ -306,6 +306,15 @@ def test_probe_task_esc50_is_the_mean_over_folds(tmp_path, monkeypatch):
                                       cache_dir=str(tmp_path / "cache"))
     result = linear_probe.probe_task(str(tmp_path / "e.safetensors"), "esc50", recipe, torch.device("cpu"))
     assert len(seen) == 5 and result["folds"] == seen and result["value"] == pytest.approx(np.mean(seen))
+    # the features are cached, one complete file per fold and nothing half-written; a second probe reads them
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".npz"] * 5
+
+    def no_extraction(*args, **kw):
+        raise AssertionError("the cached features were computed again")
+
+    monkeypatch.setattr(linear_probe, "extract_features", no_extraction)
+    again = linear_probe.probe_task(str(tmp_path / "e.safetensors"), "esc50", recipe, torch.device("cpu"))
+    assert again["folds"] == result["folds"]
 
 
 def test_predict_windows_and_top_k(tmp_path, capsys):
