@@ -15,6 +15,7 @@ import torch
 
 from common.data.loader import BadAudioTracker, ClipDataset, ClipLoader, count_clips, open_cuts
 from common.audio.fbank import Fbank, pad_or_crop, samples_for_frames
+from common.system.atomic import atomic_write_text
 from common.system.logger import progress
 
 __all__ = ["stats_path", "compute_stats"]
@@ -58,5 +59,5 @@ def compute_stats(manifest: str | Path, target_frames: int = 1024, num_mel_bins:
     out = stats_path(manifest)
     result = {"mean": mean, "std": std, "clips": clips, "bad_clips": loader.tracker.bad,
               "target_frames": target_frames, "num_mel_bins": num_mel_bins, "manifest": str(manifest)}
-    out.write_text(json.dumps(result, indent=1))
+    atomic_write_text(out, json.dumps(result, indent=1))  # a killed run leaves the old file or none
     return {**result, "path": str(out)}
