@@ -256,6 +256,9 @@ def write_hf_directory(model: ASTWeights, out: str | os.PathLike) -> Path:
     if stale:
         raise HFFormatError(f"{out} already holds other weights ({', '.join(stale)}); export into an empty folder")
     out.mkdir(parents=True, exist_ok=True)
+    for leftover in out.glob(".export.*"):  # what an interrupted export into this folder left
+        log.info("removing %s, left by an interrupted export", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
     state = _to_hf_state(model)
     size = sum(t.numel() * t.element_size() for t in state.values())
     ensure_space(out / WEIGHTS_FILE, size)

@@ -90,6 +90,15 @@ def test_exported_classifier_scores_equal_predict_through_transformers(tmp_path,
         assert max(abs(a["scores"][c] - b["scores"][c]) for c in CLASSES) < 1e-5
 
 
+def test_an_export_clears_what_an_interrupted_one_left(tmp_path):
+    leftover = tmp_path / "out" / ".export.abc123"
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"half a file")
+    out = export_hf(tiny_classifier(tmp_path / "m.safetensors"), tmp_path / "out")
+    assert not leftover.exists() and sorted(p.name for p in out.iterdir()) == [
+        "config.json", "model.safetensors", "preprocessor_config.json"]
+
+
 def test_round_trip_export_import_export_is_bit_identical(tmp_path):
     from common.models.weights import load_encoder
     from common.models.exports import save_encoder
