@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -314,3 +316,58 @@ def tiny_classifier_file(tmp_path: Path, loss: str) -> Path:
     return save_classifier(model, tmp_path / f"{loss}.safetensors", ["a", "b", "c"],
                            {"audio": PREDICT_AUDIO, "phase": {"compression": "none", "factor": 1}, "loss": loss,
                             "class_names": {"a": "Alpha"}})
+
+
+def _micro_step_trainer(tmp_path, kind: str, accum: int):
+    """A single-process trainer of a tiny model (``ast`` / ``htsat`` classifier or ``ssast``), its engine and
+    the phase's training front end."""
+    from common.audio.pipeline import AudioConfig
+    from common.data.loader import DataConfig
+    from common.models.ast.encoder import EncoderConfig
+    from common.models.htsat import HTSATConfig
+    from common.phases.config import PhaseConfig, TransferConfig
+    from common.system.distributed import init_distributed
+    from common.training.loop import Trainer
+    from common.training.optim import OptimConfig
+    from common.training.spec import RunSpec, TrainConfig
+    from finetune.classifier import AugmentConfig, ClassifierObjective
+    from pretrain.ssast import SSASTConfig, SSASTObjective
+
+    classes = ["a", "b", "c"]
+    if kind == "htsat":
+        base, audio = HTSATConfig(sample_rate=16000, clip_samples=16000, n_fft=512, hop_length=160, mel_bins=32,
+                                  fmax=8000, spec_size=64, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
+                                  window_size=4, drop_path_rate=0.0, num_classes=3), None
+    else:
+        base = EncoderConfig(embed_dim=32, depth=2, num_heads=2, num_mel_bins=32, input_tdim=64, fshape=8, tshape=8,
+                             fstride=8, tstride=8)
+        audio = AudioConfig(num_mel_bins=32, target_frames=64)
+    objective = SSASTObjective(SSASTConfig()) if kind == "ssast" else ClassifierObjective(
+        classes, "acc", "ce", AugmentConfig(freqm=8, timem=8, mixup=0.5))  # mixup and SpecAugment on
+    spec = RunSpec(run_dir=tmp_path, base=base, audio=audio, phases=[PhaseConfig(epochs=1)], transfer=TransferConfig(),
+                   optim=OptimConfig(grad_accum=accum, warmup_steps=0), train=TrainConfig(), data=DataConfig())
+    trainer = Trainer(spec, objective, init_distributed())
+    engine = trainer._engine(objective.build_model(trainer.cfgs[0]), 0)
+    return trainer, engine, trainer._frontend(0, objective.specaug)
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def fake_terminal(monkeypatch) -> Terminal:
+    """stderr is a terminal from here to the end of the test (set in the test itself: pytest's capture puts its
+    own stderr back between a fixture's setup and the test)."""
+    stream = Terminal()
+    monkeypatch.setattr(sys, "stderr", stream)
+    return stream
+
+
+def _segments(text: str) -> list[str]:
+    """What a terminal shows on each line or redraw: the text between carriage returns and newlines."""
+    return [s for s in re.split(r"[\r\n]", text) if s.strip()]
+
+
+def _bars(text: str, desc: str) -> list[str]:
+    return [s for s in _segments(text) if s.startswith(desc)]

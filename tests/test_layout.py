@@ -105,3 +105,14 @@ def test_imports_sit_at_the_top_unless_a_lazy_one_says_why():
             if "# lazy:" not in lines[i] and not (i and "# lazy:" in lines[i - 1]):
                 bare.append(f"{path.relative_to(ROOT)}:{node.lineno}: {lines[i].strip()}")
     assert sorted(bare) == []
+
+
+def test_test_modules_share_helpers_through_the_helper_module_only():
+    """What several test modules use lives in ``tests/helpers.py``, ``tests/conftest.py`` or ``tests/layouts/``:
+    no test module imports from another test module."""
+    crossing = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[-1].startswith("test_"):
+                crossing.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}")
+    assert crossing == []

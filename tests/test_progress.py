@@ -1,38 +1,15 @@
-import pytest
 """Progress on a terminal: the fine-tuning bar has a total and the time left, log lines never land on a bar, and
 the long preparations (prepare, stats, the linear probe's feature extraction) show one. A fake terminal
 (a text buffer that says it is a TTY) stands in for stderr."""
 
-import io
 import logging
 import re
-import sys
 
-from tests.helpers import TINY, _synth_root, sets
+import pytest
+
+from tests.helpers import TINY, _bars, _segments, _synth_root, fake_terminal, sets
 
 STAMP = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING) ")
-
-
-class Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def fake_terminal(monkeypatch) -> Terminal:
-    """stderr is a terminal from here to the end of the test (set in the test itself: pytest's capture puts its
-    own stderr back between a fixture's setup and the test)."""
-    stream = Terminal()
-    monkeypatch.setattr(sys, "stderr", stream)
-    return stream
-
-
-def _segments(text: str) -> list[str]:
-    """What a terminal shows on each line or redraw: the text between carriage returns and newlines."""
-    return [s for s in re.split(r"[\r\n]", text) if s.strip()]
-
-
-def _bars(text: str, desc: str) -> list[str]:
-    return [s for s in _segments(text) if s.startswith(desc)]
 
 
 @pytest.mark.slow
@@ -88,9 +65,9 @@ def test_prepare_and_stats_show_progress(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_the_probe_feature_extraction_shows_progress(synth_corpus, monkeypatch):
-    from common.models.arch import architecture_for
-    from common.data.corpora.base import read_classes
     from common.audio.pipeline import AudioConfig
+    from common.data.corpora.base import read_classes
+    from common.models.arch import architecture_for
     from common.models.ast.encoder import ASTEncoder, EncoderConfig
     from finetune.linear_probe import extract_features
 

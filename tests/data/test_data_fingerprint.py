@@ -1,10 +1,11 @@
-import pytest
 """The manifests' fingerprints: recorded in ledger.json, and a resume refused when they changed."""
 
 import gzip
 import json
 import shutil
 from pathlib import Path
+
+import pytest
 
 from common.data.fingerprint import changes, fingerprint, run_fingerprints
 from pretrain.run import main

@@ -2,15 +2,16 @@
 unreadable files, both formats, and the linear probe's features being the embed command's."""
 
 import json
+
 import numpy as np
 import pytest
 import torch
 
-from common.models.exports import RUN_EXPORT, save_encoder
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
+from common.models.exports import RUN_EXPORT, save_encoder
 from finetune.embed import embed_files, main, read_clips, read_index, read_shard
 from finetune.embedder import load_embedder
-from tests.finetune.test_predict import _write
+from tests.helpers import _write
 
 pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
 
@@ -30,7 +31,7 @@ def _export(path, phase=FULL, input_tdim=64, depth=2):
 
 def make_init(kind: str, tmp_path):
     """``(init path, embedding width, time steps per window, auto pooling)`` of a tiny model of each kind."""
-    from tests.models.test_checkpoint import ssast_pretrained_state
+    from tests.helpers import ssast_pretrained_state
 
     if kind == "export":
         return _export(tmp_path / "e.safetensors"), 32, 4, "prefix"
@@ -58,13 +59,13 @@ def make_init(kind: str, tmp_path):
 
         return export_hf(_export(tmp_path / "h.safetensors"), tmp_path / "hf"), 32, 4, "prefix"
     if kind == "htsat_official":  # 10 s at 32 kHz, a 256 x 256 image, 32 steps of its last stage
-        from tests.models.test_htsat_official import official_state, save_lightning
+        from tests.helpers import official_state, save_lightning
 
         save_lightning(official_state(256), tmp_path / "HTSAT.ckpt")
         return tmp_path / "HTSAT.ckpt", 64, 32, "mean"
     if kind == "htsat_export":
-        from common.models.htsat.arch import HTSATClassifier
         from common.models.htsat import HTSAT, HTSATConfig
+        from common.models.htsat.arch import HTSATClassifier
         from finetune.classifier import save_classifier
 
         cfg = HTSATConfig(clip_samples=64000, embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2),
@@ -300,7 +301,7 @@ def test_the_linear_probe_features_are_the_embed_commands(tmp_path, synth_corpus
 
 
 def test_the_bar_counts_clips_against_their_total_skipped_ones_included(tmp_path, monkeypatch):
-    from tests.test_progress import _bars, fake_terminal
+    from tests.helpers import _bars, fake_terminal
 
     init = _export(tmp_path / "e.safetensors")
     folder = tmp_path / "audio"

@@ -5,17 +5,16 @@ resume draws what an uninterrupted run draws."""
 
 from __future__ import annotations
 
-import pytest
-
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pretrain.mask_draws import MaskDraws, position_seed
 from pretrain.masking import sample_mask
-from tests.pretrain.test_pretrain import run
+from tests.helpers import run
 
 pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from common.system.engine_config import ZERO_BUCKET, resolve_zero_stage, zero_config
-from tests.helpers import _free_port, launch_ranks
-from tests.training.test_trainer import _micro_step_trainer
+from tests.helpers import _free_port, _micro_step_trainer, launch_ranks
 
 pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
 

@@ -8,9 +8,9 @@ import weakref
 import pytest
 import torch
 
-from common.training.release import _optimizers
 from common.training.loop import Trainer
-from tests.pretrain.test_pretrain import run
+from common.training.release import _optimizers
+from tests.helpers import run
 
 pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
 
@@ -52,10 +52,11 @@ def test_a_phase_change_frees_the_old_engine_parameters_and_optimizer_state(tmp_
 
 
 def test_the_released_model_keeps_its_weights_and_no_hook(tmp_path):
+    from deepspeed.utils import debug
+
     from common.system.distributed import init_distributed
     from common.training.optim import OptimConfig, build_engine
     from common.training.release import release_engine
-    from deepspeed.utils import debug
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
     engine = build_engine(model, OptimConfig(warmup_steps=0), 1e-2, 4, 0, init_distributed().device)

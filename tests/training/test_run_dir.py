@@ -6,22 +6,7 @@ import pytest
 import torch
 
 from pretrain.run import main
-from tests.helpers import RECIPE, tiny
-
-
-def _poison(monkeypatch, at_call: int) -> None:
-    """The SSAST loss becomes NaN at the ``at_call``-th training micro-step of this process."""
-    from pretrain.ssast import SSASTObjective
-
-    real = SSASTObjective.train_step
-    calls = {"n": 0}
-
-    def poisoned(self, model, batch, pipeline, generator):
-        loss, logs = real(self, model, batch, pipeline, generator)
-        calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == at_call else loss), logs
-
-    monkeypatch.setattr(SSASTObjective, "train_step", poisoned)
+from tests.helpers import RECIPE, poison_loss_at, tiny
 
 
 def _run(run_dir, corpus, *extra, stop=None) -> int:
@@ -32,7 +17,7 @@ def _run(run_dir, corpus, *extra, stop=None) -> int:
 @pytest.mark.slow
 def test_a_failed_start_leaves_no_recipe_behind(tmp_path, synth_corpus, monkeypatch, capsys):
     run_dir = tmp_path / "run"
-    _poison(monkeypatch, at_call=1)  # fails at the very first step: nothing was trained
+    poison_loss_at(monkeypatch, 1)  # fails at the very first step: nothing was trained
     assert _run(run_dir, synth_corpus) == 1
     assert "non-finite loss" in capsys.readouterr().err
     assert not (run_dir / "recipe.yaml").exists() and not list(run_dir.glob("checkpoints/phase*"))
@@ -57,7 +42,7 @@ def test_resuming_with_a_lower_learning_rate_is_recorded(tmp_path, synth_corpus,
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"
-    _poison(monkeypatch, at_call=3)  # after the checkpoint at step 2
+    poison_loss_at(monkeypatch, 3)  # after the checkpoint at step 2
     assert _run(run_dir, synth_corpus) == 1
     err = capsys.readouterr().err
     assert "--set optim.lr=" in err and "phase01-step000000002" in err

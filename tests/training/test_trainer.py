@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.data.loader import Batch, DataConfig
+from common.data.loader import Batch
 from common.training.loop import step_groups
 from pretrain.run import main
-from tests.helpers import RECIPE, run, tiny, weights
+from tests.helpers import RECIPE, _micro_step_trainer, run, tiny, weights
 
 
 def batch(epoch: int, index: int, size: int = 2) -> Batch:
@@ -144,11 +144,10 @@ def test_stop_after_steps_counts_every_phase_of_the_call(tmp_path, synth_corpus,
 
 
 def test_every_rank_draws_its_own_randomness_once_the_model_is_built(tmp_path):
-    from common.system.distributed import Dist
-    from common.training.loop import Trainer
-
     from types import SimpleNamespace
 
+    from common.system.distributed import Dist
+    from common.training.loop import Trainer
     from common.training.spec import TrainConfig
 
     draws = {}
@@ -198,38 +197,6 @@ def test_cross_validation_picks_its_epoch_in_the_final_phase():
     summary = cross_validation_summary([evals([0.9], [0.5, 0.7]), evals([0.8], [0.6, 0.6])], "acc")
     assert (summary["best"]["phase"], summary["best"]["epoch"]) == (1, 2)
     assert [r["phase"] for r in summary["per_epoch"]] == [1, 1]
-
-
-def _micro_step_trainer(tmp_path, kind: str, accum: int):
-    """A single-process trainer of a tiny model (``ast`` / ``htsat`` classifier or ``ssast``), its engine and
-    the phase's training front end."""
-    from common.system.distributed import init_distributed
-    from common.audio.pipeline import AudioConfig
-    from common.models.htsat import HTSATConfig
-    from common.models.ast.encoder import EncoderConfig
-    from common.training.optim import OptimConfig
-    from common.phases.config import PhaseConfig, TransferConfig
-    from common.training.spec import RunSpec, TrainConfig
-    from common.training.loop import Trainer
-    from finetune.classifier import AugmentConfig, ClassifierObjective
-    from pretrain.ssast import SSASTConfig, SSASTObjective
-
-    classes = ["a", "b", "c"]
-    if kind == "htsat":
-        base, audio = HTSATConfig(sample_rate=16000, clip_samples=16000, n_fft=512, hop_length=160, mel_bins=32,
-                                  fmax=8000, spec_size=64, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
-                                  window_size=4, drop_path_rate=0.0, num_classes=3), None
-    else:
-        base = EncoderConfig(embed_dim=32, depth=2, num_heads=2, num_mel_bins=32, input_tdim=64, fshape=8, tshape=8,
-                             fstride=8, tstride=8)
-        audio = AudioConfig(num_mel_bins=32, target_frames=64)
-    objective = SSASTObjective(SSASTConfig()) if kind == "ssast" else ClassifierObjective(
-        classes, "acc", "ce", AugmentConfig(freqm=8, timem=8, mixup=0.5))  # mixup and SpecAugment on
-    spec = RunSpec(run_dir=tmp_path, base=base, audio=audio, phases=[PhaseConfig(epochs=1)], transfer=TransferConfig(),
-                   optim=OptimConfig(grad_accum=accum, warmup_steps=0), train=TrainConfig(), data=DataConfig())
-    trainer = Trainer(spec, objective, init_distributed())
-    engine = trainer._engine(objective.build_model(trainer.cfgs[0]), 0)
-    return trainer, engine, trainer._frontend(0, objective.specaug)
 
 
 @pytest.mark.parametrize("kind", ["ast", "ssast", "htsat"])
