@@ -252,15 +252,18 @@ def test_a_full_file_system_under_the_deepspeed_launcher(tmp_path, synth_corpus,
 
 @pytest.mark.slow
 @mounts
-def test_a_rank_that_stops_on_a_full_disk_does_not_hang_the_others_in_a_gradient_reduction(tmp_path, synth_corpus):
-    """ZeRO-1 on 2 ranks (the default on several): the first checkpoint fits, then rank 0's export of the best
-    model does not, while rank 1 is already in the next step's gradient all-reduce. Rank 0 leaves without the
-    barrier that rank 1 would never meet: rank 1 stops too, saying its peer stopped, and nothing hangs."""
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_a_rank_that_stops_on_a_full_disk_does_not_hang_the_others_in_a_gradient_reduction(tmp_path, synth_corpus,
+                                                                                         ranks):
+    """ZeRO-1 on several ranks (the default there) and a small disk: a rank stops on the full disk (at a checkpoint
+    or at rank 0's export of the best model) while the others may already be in the next step's gradient
+    all-reduce. It leaves without the barrier they would never meet: they stop too, saying a peer stopped, and
+    nothing hangs."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    argv = ["timeout", "-k", "10", "300", str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
+    argv = ["timeout", "-k", "10", "300", str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
             "--master_port", str(_free_port()), str(ROOT / "pretrain" / "run.py"), "--recipe", str(RECIPE),
-            "--run-dir", str(mnt / "run"), *tiny(synth_corpus, "data.batch_size=8", "train.zero_stage=1")]
+            "--run-dir", str(mnt / "run"), *tiny(synth_corpus, f"data.batch_size={4 * ranks}", "train.zero_stage=1")]
     script = (f"mount -t tmpfs -o size=1000k tmpfs {mnt} || exit 99\n" + " ".join(f"'{a}'" for a in argv)
               + f" > {tmp_path}/out 2>&1; echo $? > {tmp_path}/rc\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
