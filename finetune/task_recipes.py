@@ -183,6 +183,9 @@ def recipe_defaults(name: str, target_frames: int, stated: dict) -> tuple[dict, 
     sections = copy.deepcopy(recipe.sections)
     sections["task"] = {"loss": recipe.loss}
     scaled = []
+    optim = stated.get("optim") if isinstance(stated.get("optim"), dict) else {}
+    if optim.get("schedule", "piecewise") != "piecewise":  # another schedule stated: the recipe's table is not its
+        sections["optim"].pop("piecewise", None)
     augment = stated.get("augment") if isinstance(stated.get("augment"), dict) else {}
     timem = sections["augment"].get("timem", 0)
     if recipe.frames is not None and timem and "timem" not in augment and target_frames != recipe.frames:

@@ -239,3 +239,15 @@ def test_a_task_file_trains_with_its_recipe(tmp_path, synth_corpus):
     assert "defaults: AST SpeechCommands recipe" in (run_dir / "train.log").read_text()
     ledger = json.loads((run_dir / "ledger.json").read_text())
     assert len(ledger["evals"]) == 1 and torch.isfinite(torch.tensor(ledger["evals"][0]["metrics"]["acc"]))
+
+
+def test_another_schedule_stated_drops_the_recipes_table(tmp_path, synth_corpus):
+    """HTS-AT's recipe brings a piecewise table; a recipe that states another schedule does not inherit it."""
+    over = tmp_path / "over.yaml"
+    over.write_text("optim: {schedule: multistep, decay_start: 3}\n")
+    recipe = load_recipe(task_file(tmp_path, synth_corpus, 300, "model: {arch: htsat}\n"), over,
+                         ["data.batch_size=4"])
+    assert (recipe.optim.schedule, recipe.optim.decay_start, tuple(recipe.optim.piecewise)) == ("multistep", 3, ())
+    stated = load_recipe(task_file(tmp_path, synth_corpus, 300, "model: {arch: htsat}\n"),
+                         overrides=["data.batch_size=4", "optim.schedule=piecewise"])
+    assert stated.optim.piecewise  # the same schedule stated: the recipe's table stays
