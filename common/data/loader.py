@@ -823,7 +823,8 @@ def equal_shards(batches: Iterable[Sequence], rank: int, world_size: int, drop_l
 
 
 class _Stream:
-    """The iterable DataLoader draws cut batches from (in the main process)."""
+    """The iterable DataLoader draws cut batches from (in the main process); a kept loader's next iteration
+    swaps in its own generator (:meth:`ClipLoader.batches`)."""
     def __init__(self, generator) -> None:
         self.generator = generator
 
@@ -856,13 +857,19 @@ class ClipLoader:
             (``common.data.prefetch``; 0: decode inline).
         epoch_clips: clips in one epoch of a streamed (lazy) set, counted from its manifests' lines, for
             :meth:`estimated_batches_per_epoch` (an in-memory set counts its own); None: unknown.
+        keep_workers: keep the worker processes between calls of :meth:`batches` (a training run's phases:
+            the clips are the same, only the batch size and the position change), until :meth:`close`; the
+            batches are the same as with workers started per call.
+
+    ``batch_size`` may be changed between calls of :meth:`batches` (the next phase's): the sampler, in this
+    process, reads it; the workers only decode the clips they are handed.
     """
 
     def __init__(self, cuts, dataset: ClipDataset, batch_size: int, *, shuffle: bool, drop_last: bool,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
                  weights: Sequence[float] | None = None, tracker: BadAudioTracker | None = None,
                  pin_memory: bool = False, prefetch_factor: int = 2, prefetch: int = 2,
-                 epoch_clips: int | None = None) -> None:
+                 epoch_clips: int | None = None, keep_workers: bool = False) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.cuts = cuts
@@ -880,6 +887,9 @@ class ClipLoader:
         self.prefetch_factor = prefetch_factor
         self.prefetch = prefetch
         self.epoch_clips = epoch_clips
+        self.keep_workers = keep_workers
+        self._kept: tuple[DataLoader, _Stream] | None = None  # keep_workers: the loader and its swappable stream
+        self._iteration = 0  # the latest call of batches(): an older iteration of a kept loader may not go on
 
     def _sampler(self):
         """The global stream of batches (every rank draws the same; :func:`equal_shards` deals it)."""
@@ -952,23 +962,52 @@ class ClipLoader:
         order :meth:`batches` decodes them."""
         return self._cut_batches(start_epoch, skip, epochs)
 
+    def _loader(self, stream: _Stream, keep: bool) -> DataLoader:
+        return DataLoader(self.dataset, sampler=stream, batch_size=None, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory,
+                          prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+                          persistent_workers=keep)
+
     def batches(self, start_epoch: int = 0, skip: int = 0, epochs: int | None = None) -> Iterator[Batch]:
         """Iterate batches from ``(start_epoch, skip)``; forever when ``epochs`` is None.
 
         Every batch carries its ``epoch`` and ``index``: after training on it, the position to save is
-        ``(batch.epoch, batch.index + 1)``.
+        ``(batch.epoch, batch.index + 1)``. The worker processes start (or, kept, resume) and begin decoding
+        here, not at the first batch: a caller timing its steps calls this before its clock. With
+        ``keep_workers``, a new call ends the previous iteration (which then raises if drawn from again).
         """
-        loader = DataLoader(
-            self.dataset,
-            sampler=_Stream(self._cut_batches(start_epoch, skip, epochs)),
-            batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
-            persistent_workers=False,
-        )
+        source = self._cut_batches(start_epoch, skip, epochs)
+        self._iteration += 1
+        if self.keep_workers and self.num_workers > 0:
+            if self._kept is None:
+                stream = _Stream(source)
+                self._kept = (self._loader(stream, keep=True), stream)
+            else:  # the workers stay; what they were still decoding for the last iteration is dropped
+                self._kept[1].generator.close()
+                self._kept[1].generator = source
+            iterator = iter(self._kept[0])
+        else:
+            iterator = iter(self._loader(_Stream(source), keep=False))
+        if self.num_workers == 0 and self.prefetch:
+            iterator = background(iterator, self.prefetch)
+        return self._tracked(iterator, start_epoch, self._iteration)
+
+    def close(self) -> None:
+        """Stop the kept worker processes (nothing to do without ``keep_workers``); :meth:`batches` may start
+        new ones afterwards."""
+        if self._kept is not None:
+            self._kept[1].generator.close()
+            self._kept = None  # the DataLoader's iterator goes with it and shuts its workers down
+            self._iteration += 1
+
+    def _tracked(self, iterator, start_epoch: int, iteration: int) -> Iterator[Batch]:
         last_epoch = start_epoch
-        for batch in (background(iter(loader), self.prefetch) if self.num_workers == 0 and self.prefetch else loader):
+        while True:
+            if iteration != self._iteration:  # before drawing: the batch would be the newer iteration's
+                raise RuntimeError("this iteration of the loader was ended by a newer call of batches() or close()")
+            batch = next(iterator, None)
+            if batch is None:
+                break
             if batch.epoch != last_epoch:
                 self.tracker.check()  # a whole epoch was seen: judge it even if it is small
                 last_epoch = batch.epoch
@@ -979,35 +1018,31 @@ class ClipLoader:
 
 def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: int, sample_rate: int,
                  batch_size: int, seed: int, rank: int, world_size: int, tracker: BadAudioTracker,
-                 pin_memory: bool = False, cache: ClipCache | None = None, memo: dict | None = None) -> ClipLoader:
+                 pin_memory: bool = False, cache: ClipCache | None = None, keep_workers: bool = False) -> ClipLoader:
     """The training stream of a run: ``data.train`` mixed by weight, shuffled per epoch (the whole set when it
     fits ``data.full_shuffle_max``, or AST's balanced sampling when ``data.balanced``), cropped as
     ``data.train_crop`` says, incomplete last batches dropped.
+
+    A run keeps one for all its phases (``keep_workers``, setting each phase's ``batch_size``): the training
+    set is read and weighed once (AudioSet-2M: about a minute) and the worker processes start once.
 
     Args:
         data: the recipe's data section.
         classes: the task's classes (None: unlabeled data).
         clip_samples, sample_rate: every clip is resampled and cropped / padded to this.
-        batch_size: clips per rank per batch (the phase's).
+        batch_size: clips per rank per batch (the first phase's).
         seed: sampler, crop and mix seed.
         rank, world_size: this process's shard.
         tracker: counts and logs bad audio.
         pin_memory: pin batches for host-to-GPU copies.
         cache: decoded clips kept between epochs and phases (``data.cache``; made by the caller, which keeps it).
-        memo: a run's training set once read into memory, with its balanced-sampling weights, kept here
-            between the phases' loaders (reading AudioSet-2M and weighing it takes about a minute); a
-            streamed set is reopened.
+        keep_workers: keep the worker processes between calls of ``batches`` (:class:`ClipLoader`).
     """
-    if memo is not None and "cuts" in memo:
-        cuts, weights = memo["cuts"], memo["weights"]
-    else:
-        cuts = open_cuts(data.train, seed=seed, in_memory_max=data.full_shuffle_max)
-        weights = None
-        if data.balanced:
-            cuts = cuts.to_eager()
-            weights = balanced_weights(cuts, classes or [])
-        if memo is not None and not cuts.is_lazy:
-            memo.update(cuts=cuts, weights=weights)
+    cuts = open_cuts(data.train, seed=seed, in_memory_max=data.full_shuffle_max)
+    weights = None
+    if data.balanced:
+        cuts = cuts.to_eager()
+        weights = balanced_weights(cuts, classes or [])
     epoch_clips = None
     if cuts.is_lazy:  # an estimate for the progress bar, from the manifests' lines (AudioSet-2M: a few seconds)
         counts = [count_clips(spec.path) for spec in data.train]
@@ -1016,7 +1051,7 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
                           cache=cache)
     return ClipLoader(cuts, dataset, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rank,
                       world_size=world_size, num_workers=data.num_workers, weights=weights, tracker=tracker,
-                      pin_memory=pin_memory, epoch_clips=epoch_clips)
+                      pin_memory=pin_memory, epoch_clips=epoch_clips, keep_workers=keep_workers)
 
 
 def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] | None, clip_samples: int,

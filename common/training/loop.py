@@ -69,6 +69,7 @@ class Trainer(PhaseMachinery):
             return self._run(stop_after)
         finally:
             torch.use_deterministic_algorithms(deterministic)
+            self._close_loaders()
             self.scalars.close()
 
     def _run(self, stop_after: int | None) -> bool:
@@ -114,13 +115,14 @@ class Trainer(PhaseMachinery):
     def _train_phase(self, engine, index: int, budget: int | None) -> tuple[bool, int]:
         """Train phase ``index`` to its end (True) or until ``budget`` steps (False); returns the steps done."""
         st, phase = self.state, self.spec.phases[index]
-        self.record.start_phase(index)
-        self._finite.restart(st.step, self.splits[index].grad_accum)
         ended, steps = self._phase_end(index).decision is not None, 0  # decided by the validation a resume re-ran
-        if not ended:
+        if not ended:  # the workers start (or resume) and decode before the phase's clock starts
             loader = self._train_loader(index)
             stream = loader.batches(st.data_epoch, st.data_index,
                                     None if phase.iteration_based else phase.max_length - st.epoch_in_phase)
+        self.record.start_phase(index)
+        self._finite.restart(st.step, self.splits[index].grad_accum)
+        if not ended:
             batches = None if phase.iteration_based else loader.estimated_batches_per_epoch()  # epochs x steps
             total = phase.steps if phase.iteration_based else \
                 None if batches is None else phase.max_length * (batches // self.splits[index].grad_accum)

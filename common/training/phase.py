@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from common.audio.augment import SpecAugmentConfig
-from common.data.loader import Batch, eval_loader, make_cache, train_loader
+from common.data.loader import Batch, ClipLoader, eval_loader, make_cache, train_loader
 from common.system.distributed import Dist
 from common.training.nonfinite import NonFiniteWatch
 from common.training.objective import Objective
@@ -34,7 +34,7 @@ class PhaseMachinery:
         self.autocast_dtype = torch.bfloat16 if bf16 else None
         self.tracker = record.tracker
         self._clips = make_cache(spec.data.cache, spec.data.cache_dir)  # decoded clips, kept across phases
-        self._train_cuts: dict = {}  # the training set once read into memory, kept across phases (train_loader)
+        self._train: ClipLoader | None = None  # one training loader for every phase (its workers kept)
         self._finite = NonFiniteWatch(dist, spec.train.nonfinite_check, self.splits[0].grad_accum)
 
     @property
@@ -75,11 +75,23 @@ class PhaseMachinery:
         """The phase's front end on the device (training augmentation from ``specaug``)."""
         return self.arch.frontend(self.cfgs[index], self.spec.phases[index].as_compression(), specaug).to(self.device)
 
-    def _train_loader(self, index: int):
-        return train_loader(self.spec.data, self.objective.classes, self.arch.clip_samples, self.arch.sample_rate,
-                            self.splits[index].per_rank, self.spec.train.seed, self.dist.rank, self.dist.world_size,
-                            self.tracker, pin_memory=self.device.type == "cuda", cache=self._clips,
-                            memo=self._train_cuts)
+    def _train_loader(self, index: int) -> ClipLoader:
+        """The run's training loader at phase ``index``'s batch size: made once, its workers kept across the
+        phases (the clips are the same in every phase; the front end on the device makes each phase's
+        resolution) until :meth:`_close_loaders`."""
+        if self._train is None:
+            self._train = train_loader(self.spec.data, self.objective.classes, self.arch.clip_samples,
+                                       self.arch.sample_rate, self.splits[index].per_rank, self.spec.train.seed,
+                                       self.dist.rank, self.dist.world_size, self.tracker,
+                                       pin_memory=self.device.type == "cuda", cache=self._clips, keep_workers=True)
+        self._train.batch_size = self.splits[index].per_rank
+        return self._train
+
+    def _close_loaders(self) -> None:
+        """Stop the training loader's worker processes (the run ends, or stops)."""
+        if self._train is not None:
+            self._train.close()
+            self._train = None
 
     def _eval_loader(self, index: int):
         data = self.spec.data

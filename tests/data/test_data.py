@@ -314,27 +314,54 @@ def test_the_trainer_crops_training_clips_as_the_data_config_says(tmp_path, synt
     trainer.scalars.close()
 
 
-def test_a_training_set_in_memory_is_read_once_per_run(synth_corpus):
-    """The phases' loaders share the set read into memory (and its balanced weights); their batches are those
-    of a loader that reads it afresh. A streamed set is reopened."""
+def _ids_and_audio(batches) -> list:
+    return [(b.epoch, b.index, list(b.ids), b.waveforms.clone()) for b in batches]
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x[:3] == y[:3] and torch.equal(x[3], y[3]) for x, y in zip(a, b))
+
+
+@pytest.mark.timeout(120)
+def test_a_kept_loader_serves_every_phase_with_the_same_workers(synth_corpus):
+    """One loader for a run's phases: its worker processes start once and stay (another batch size, another
+    position: the next phase), its batches are those of a loader made afresh per phase, an iteration a newer
+    call ended refuses to go on, and close() stops the workers."""
+    import dataclasses
+    import itertools
+    import multiprocessing
+
     classes, _ = read_classes(synth_corpus / "synth_classes.json")
     data = DataConfig(train=[ManifestSpec(str(synth_corpus / "synth_train.jsonl.gz"))], batch_size=4,
-                      num_workers=0, balanced=True)
-    memo: dict = {}
+                      num_workers=1, train_crop="random")
 
-    def loader(config, batch, memo):
-        return train_loader(config, classes, 8000, 16000, batch, 0, 0, 1, BadAudioTracker(), memo=memo)
+    def loader(batch, workers, keep):
+        return train_loader(dataclasses.replace(data, num_workers=workers), classes, 8000, 16000, batch, 0, 0, 1,
+                            BadAudioTracker(), keep_workers=keep)
 
-    first = loader(data, 4, memo)
-    second = loader(data, 2, memo)  # the next phase, another batch size
-    assert second.cuts is first.cuts and second.weights == first.weights and memo["weights"] is not None
-    fresh = loader(data, 2, None)
-    assert fresh.cuts is not first.cuts
-    a, b = (list(x.cut_batches(epochs=2)) for x in (second, fresh))
-    assert [(e, i, [c.id for c in cuts]) for e, i, cuts in a] == [(e, i, [c.id for c in cuts]) for e, i, cuts in b]
-    streamed: dict = {}
-    loader(DataConfig(train=data.train, batch_size=4, num_workers=0, full_shuffle_max=0), 4, streamed)
-    assert streamed == {}
+    before = set(multiprocessing.active_children())
+    kept = loader(4, 1, True)
+    first = kept.batches()
+    phase1 = _ids_and_audio(itertools.islice(first, 3))
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 1
+    kept.batch_size = 2  # the next phase: another batch size, from where the first stopped
+    second = kept.batches(phase1[-1][0], phase1[-1][1] + 1)
+    with pytest.raises(RuntimeError, match="ended by a newer call"):
+        next(first)
+    phase2 = _ids_and_audio(itertools.islice(second, 5))
+    assert set(multiprocessing.active_children()) - before == workers  # the same process
+    assert len(phase2[0][2]) == 2
+
+    fresh1 = _ids_and_audio(itertools.islice(loader(4, 0, False).batches(), 3))
+    fresh2 = _ids_and_audio(itertools.islice(loader(2, 0, False).batches(phase1[-1][0], phase1[-1][1] + 1), 5))
+    assert _same(phase1, fresh1) and _same(phase2, fresh2)
+
+    kept.close()
+    second.close()
+    worker = next(iter(workers))
+    worker.join(timeout=30)
+    assert not worker.is_alive()
 
 
 def test_repeat_padding_fills_a_short_clip_with_itself():
