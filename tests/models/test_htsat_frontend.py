@@ -43,6 +43,25 @@ def test_logmel_matches_an_independent_computation(method, frames):
     assert ours[:, -3:].max() == pytest.approx(-100.0)  # padded silence sits at the 1e-10 floor
 
 
+@pytest.mark.parametrize("seconds", [2.0, 1.5])
+@pytest.mark.parametrize("method", ["none", "fshift"])
+def test_one_buffer_gives_the_centred_stft_bit_for_bit(method, seconds):
+    """The front end writes the zero-padded clip into one reflect-padded buffer and runs the STFT without
+    centring: the official way (mask, zero-pad, ``torch.stft(center=True)``) gives the same bits."""
+    geom = geometry(CFG, Compression(method, 4 if method == "fshift" else 1))
+    front = HTSATFrontEnd(CFG, geom)
+    wave = real_looking_signals(batch=3, seconds=seconds, sr=32000)
+    lengths = torch.tensor([wave.shape[1], 20000, 1])
+    x = wave * (torch.arange(wave.shape[1])[None, :] < lengths[:, None])
+    x = torch.nn.functional.pad(x, (0, CFG.clip_samples - wave.shape[1]))
+    spec = torch.stft(x, CFG.n_fft, hop_length=geom.hop_length, win_length=CFG.n_fft, window=front.window,
+                      center=True, pad_mode="reflect", return_complex=True)
+    power = spec.real.square() + spec.imag.square()
+    official = 10.0 * torch.log10(torch.matmul(power.transpose(1, 2), front.melW).clamp(min=1e-10))
+    assert torch.equal(front.logmel(wave, lengths), official)
+    assert torch.equal(wave, real_looking_signals(batch=3, seconds=seconds, sr=32000))  # the input is untouched
+
+
 def test_official_frame_counts():
     cfg = HTSATConfig()
     assert geometry(cfg).stft_frames == 1001 and geometry(cfg).stretch_frames == 1024
