@@ -25,6 +25,11 @@ Sections (each one's failure is written into the results and the others still ru
    mode on and ``torch.cuda.synchronize`` counted, each site named with its count per step.
 7. Fine-tuning through ``finetune/run.py`` (SpecAugment, mixup, validation per epoch) on 4 s clips: the wall-time
    saving of a short coarse-to-fine run next to its FLOPs saving, as section 5 for pretraining.
+8. Where the trainer's step spends its time: ``torch.profiler`` over a few steps of each phase through
+   ``pretrain/run.py``, the top operators by self device time (CPU time on the CPU), per step.
+9. Issue 21's targets, from sections 3, 5 and 6: host syncs per step, trainer / bare per phase, the bare
+   coarse step's clips/s, r (the coarse step's time over the full step's; section 3 gives it per mode and
+   next to the FLOPs ratio), the short run's wall / FLOPs ratio, phase 2's peak over the baseline's.
 
 Every section needs Lhotse (the front end is its batched fbank), sections 5 to 7 DeepSpeed too; where one is
 missing, the section says so and how to install it, and the others still run.
@@ -91,13 +96,16 @@ class Settings:
     ft_clips: int = 480  # 4 s labeled clips of section 7's fine-tuning runs
     ft_epochs: int = 8
     ft_batch: int = 48
+    profile_skip: int = 3  # section 8: steps of each phase before the profile records
+    profile_steps: int = 5  # section 8: steps of each phase it records
 
 
 FULL = Settings()
 SMOKE = Settings(size="custom", model=("model.embed_dim=32", "model.depth=2", "model.num_heads=2"), batch=2, steps=2,
                  warmup=1, agree_steps=2, agree_batch=2, backend="aot_eager", workers=(0, 1), loader_clips=8,
                  clip_seconds=2.0, run_steps=8, run_workers=0,
-                 run_overrides=("audio.target_frames=128",), ft_clips=8, ft_epochs=4, ft_batch=4)
+                 run_overrides=("audio.target_frames=128",), ft_clips=8, ft_epochs=4, ft_batch=4,
+                 profile_skip=1, profile_steps=2)
 
 
 class Report:
@@ -286,6 +294,13 @@ def measure_phases(report: Report, s: Settings, device: torch.device, store: dic
             speed = [store[i][label]["clips_per_s"] / store[i]["eager"]["clips_per_s"] for i in (0, 1)]
             report.add("", f"{label.capitalize()} / eager: {speed[0]:.2f}x in the coarse phase, {speed[1]:.2f}x at "
                            f"full resolution.")
+    flops_r = store[0]["eager"]["flops_per_clip"] / store[1]["eager"]["flops_per_clip"]
+    rs = {label: store[1][label]["clips_per_s"] / store[0][label]["clips_per_s"]
+          for label in [m[0] for m in modes] if all(label in store[i] for i in (0, 1))}
+    store["bare_r"] = rs
+    report.add("", "r = the coarse step's time over the full step's (bare): "
+               + ", ".join(f"{label} {r:.3f}" for label, r in rs.items())
+               + f"; the FLOPs ratio is {flops_r:.3f} (r at the FLOPs ratio: equal MFU in both phases).")
 
 
 # ------------------------------------------------------------------------------------ 4. the loader
@@ -340,12 +355,17 @@ def measure_short_runs(report: Report, s: Settings, device: torch.device, work: 
     peaks = [b["phase_peak_bytes"][0], c["phase_peak_bytes"][0], c["phase_peak_bytes"][1]]
     report.add("", "| phase | clips/s through the trainer | bare step (section 3, eager) | trainer / bare | peak memory "
                    "(GiB) | bare step's peak (GiB) |", "|---|---:|---:|---:|---:|---:|")
+    rates = [steps * s.batch / seconds for _, steps, seconds, _ in phases]
+    store["runs"] = {"ratio": result["ratio"], "trainer_rates": rates, "trainer_r": rates[2] / rates[1],
+                     "peak_over_baseline": peaks[2] - peaks[0] if peaks[2] and peaks[0] else None}
     for (label, steps, seconds, index), peak in zip(phases, peaks):
         rate = steps * s.batch / seconds
         bare = store.get(index, {}).get("eager", {})
         report.add(f"| {label} | {rate:.1f} | {_fmt(bare.get('clips_per_s'), '.1f')} | "
                    f"{_fmt(bare.get('clips_per_s') and rate / bare['clips_per_s'], '.2f')} | "
                    f"{_fmt(peak and peak / 2**30)} | {_fmt(bare.get('peak_memory') and bare['peak_memory'] / 2**30)} |")
+    report.add("", f"r through the trainer (coarse step's time over the full step's after the change): "
+                   f"{store['runs']['trainer_r']:.3f}.")
     report.add("", "On the CPU the peak is the process's resident set (the interpreter and libraries included); on "
                    "a GPU `max_memory_allocated` per phase: a full-resolution phase after the change that peaks "
                    "above the baseline's keeps something of the coarse phase alive.")
@@ -444,7 +464,7 @@ class SyncSites:
         return traced
 
 
-def find_host_syncs(report: Report, s: Settings, device: torch.device, work: Path) -> None:
+def find_host_syncs(report: Report, s: Settings, device: torch.device, work: Path, store: dict) -> None:
     require("deepspeed", "lhotse", "soundfile")
     import common.training.loop
     from bench.clips import make_clips
@@ -456,12 +476,7 @@ def find_host_syncs(report: Report, s: Settings, device: torch.device, work: Pat
     real = common.training.loop.Trainer._train_phase
     common.training.loop.Trainer._train_phase = sites.around(real)
     try:
-        argv = ["--recipe", str(ROOT / "recipes" / "ssast_fshift4.yaml"), "--run-dir", str(work / "syncs")]
-        for item in [f"data.train=[{{path: {manifest}}}]", "data.valid=[]", f"model.size={s.size}",
-                     f"data.batch_size={s.batch}", f"data.num_workers={s.run_workers}", "train.log_every=100000",
-                     "train.save_every=100000", "train.eval_every=100000", "baseline=null", "train.zero_stage=0",
-                     f"phases.0.steps={steps}", f"phases.1.steps={steps}", *s.model, *s.run_overrides]:
-            argv += ["--set", item]
+        argv = _pretrain_argv(s, work / "syncs", manifest, steps, "train.zero_stage=0")
         if pretrain(argv) != 0:
             raise RuntimeError("the pretraining run failed")
     finally:
@@ -470,6 +485,7 @@ def find_host_syncs(report: Report, s: Settings, device: torch.device, work: Pat
                f"resolution, with CUDA's sync debug mode on and `torch.cuda.synchronize` counted inside the phases' "
                f"loops (the phase-end checkpoints and exports included, so a site counted about once per phase is "
                f"not per step).", "")
+    store["syncs_per_step"] = sum(n for n in sites.counts.values() if n >= 2 * steps) / (2 * steps)
     if not sites.counts:
         report.add("Result: no host synchronisation inside the training loop"
                    + (" (on the CPU there is no device to wait for: the smoke test only runs the code path)."
@@ -480,6 +496,123 @@ def find_host_syncs(report: Report, s: Settings, device: torch.device, work: Pat
         report.add(f"| `{ours}` | {what} | {n} | {n / (2 * steps):.2f} |")
     report.add("", f"Result: {sum(n for n in sites.counts.values() if n >= 2 * steps)} synchronisations at sites "
                    f"reached at least once per step.")
+
+
+# ------------------------------------------------------------------ 8. profile of the trainer's step
+def _pretrain_argv(s: Settings, run_dir: Path, manifest: Path, steps: int, *extra: str) -> list[str]:
+    """``pretrain/run.py`` on ``ssast_fshift4.yaml`` for ``steps`` steps per phase, no logging window, no
+    validation, checkpoint or baseline inside the phases (sections 6 and 8)."""
+    argv = ["--recipe", str(ROOT / "recipes" / "ssast_fshift4.yaml"), "--run-dir", str(run_dir)]
+    for item in [f"data.train=[{{path: {manifest}}}]", "data.valid=[]", f"model.size={s.size}",
+                 f"data.batch_size={s.batch}", f"data.num_workers={s.run_workers}", "train.log_every=100000",
+                 "train.save_every=100000", "train.eval_every=100000", "baseline=null",
+                 f"phases.0.steps={steps}", f"phases.1.steps={steps}", *s.model, *s.run_overrides, *extra]:
+        argv += ["--set", item]
+    return argv
+
+
+def _self_us(event, device: bool) -> float:
+    if device:
+        return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+    return float(event.self_cpu_time_total)
+
+
+def profile_trainer_step(report: Report, s: Settings, device: torch.device, work: Path, store: dict) -> None:
+    require("deepspeed", "lhotse", "soundfile")
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from bench.clips import make_clips
+    from common.training.loop import Trainer
+    from pretrain.run import main as pretrain
+
+    skip, active, top = s.profile_skip, s.profile_steps, 12
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    manifest = make_clips(work / "clips", max(s.loader_clips, 2 * s.batch), seconds=s.clip_seconds, rate=16000)
+    tables: dict[int, list] = {}
+    current: dict = {}
+    real_phase, real_step = Trainer._train_phase, Trainer._step
+
+    def phase(self, engine, index, budget):  # one profile per phase: `skip` steps unrecorded, then `active`
+        prof = profile(activities=activities, schedule=schedule(wait=0, warmup=skip, active=active, repeat=1),
+                       acc_events=True)
+        with prof:
+            current["prof"] = prof
+            try:
+                return real_phase(self, engine, index, budget)
+            finally:
+                current.pop("prof", None)
+                tables[index] = list(prof.key_averages()) if prof.profiler is not None else []
+
+    def step(self, *args, **kwargs):
+        ended = real_step(self, *args, **kwargs)
+        if "prof" in current:
+            current["prof"].step()
+        return ended
+
+    Trainer._train_phase, Trainer._step = phase, step
+    try:
+        if pretrain(_pretrain_argv(s, work / "profile", manifest, skip + active)) != 0:
+            raise RuntimeError("the pretraining run failed")
+    finally:
+        Trainer._train_phase, Trainer._step = real_phase, real_step
+    clock = "device" if cuda else "CPU"
+    report.add(f"`pretrain/run.py`, SSAST-{s.size}, batch {s.batch}, {s.run_workers} loader workers: "
+               f"`torch.profiler` over {active} steps of each phase after {skip} unrecorded ones (the trainer's "
+               f"whole step: loader wait, front end, masks, forward, backward, optimizer step, bookkeeping). The "
+               f"top {top} operators by self {clock} time, per step.")
+    store["profile"] = {}
+    for index in sorted(tables):
+        events = sorted(tables[index], key=lambda e: _self_us(e, cuda), reverse=True)
+        total = sum(_self_us(e, cuda) for e in events) / active / 1e3
+        store["profile"][index] = total
+        report.add("", f"Phase {index + 1} ({'Fshift x4' if index == 0 else 'full resolution'}): self {clock} time "
+                       f"{total:.2f} ms per step in all.", "",
+                   f"| operator | calls / step | self {clock} ms / step | share |" + (" self CPU ms / step |" if cuda
+                                                                                      else ""),
+                   "|---|---:|---:|---:|" + ("---:|" if cuda else ""))
+        for e in events[:top]:
+            ms = _self_us(e, cuda) / active / 1e3
+            outside = e.key.startswith("ProfilerStep")  # the profiler's step marker: time between operators
+            name = "(the step outside operators: Python, waits)" if outside else f"`{e.key[:60]}`"
+            report.add(f"| {name} | {e.count / active:.1f} | {ms:.3f} | {100 * ms / max(total, 1e-9):.1f} % |"
+                       + (f" {e.self_cpu_time_total / active / 1e3:.3f} |" if cuda else ""))
+
+
+# ------------------------------------------------------------------------- 9. issue 21's targets
+TARGETS = [  # (measure, target text, test on the measured value)
+    ("host syncs per step outside the log window", "0", lambda v: v == 0),
+    ("trainer / bare step, full resolution", ">= 0.95", lambda v: v >= 0.95),
+    ("trainer / bare step, Fshift x4", ">= 0.90", lambda v: v >= 0.90),
+    ("bare step, Fshift x4 (clips/s, its fastest mode)", ">= 1,200", lambda v: v >= 1200),
+    ("r = coarse step time / full step time (bare, eager)", "<= 0.35", lambda v: v <= 0.35),
+    ("r through the trainer", "<= 0.35", lambda v: v <= 0.35),
+    ("wall-time saving / FLOPs saving, short c2f run", ">= 0.95", lambda v: v >= 0.95),
+    ("phase-2 peak memory over the baseline's (GiB)", "<= +0.05", lambda v: v <= 0.05),
+]
+
+
+def targets(report: Report, s: Settings, device: torch.device, store: dict) -> None:
+    runs = store.get("runs", {})
+    rates = runs.get("trainer_rates")
+    eager = [store.get(i, {}).get("eager", {}).get("clips_per_s") for i in (0, 1)]
+    measured = [
+        store.get("syncs_per_step"),
+        rates and eager[1] and rates[2] / eager[1],
+        rates and eager[0] and rates[1] / eager[0],
+        max((r["clips_per_s"] for r in store.get(0, {}).values()), default=None),
+        store.get("bare_r", {}).get("eager"),
+        runs.get("trainer_r"),
+        runs.get("ratio"),
+        runs.get("peak_over_baseline") is not None and runs["peak_over_baseline"] / 2**30 or None,
+    ]
+    smoke = "; this CPU smoke run says nothing about them: it runs the code" if device.type != "cuda" else ""
+    report.add(f"SSAST-{s.size}, batch {s.batch} (the targets are for SSAST-base at batch 24 in bf16 on one "
+               f"H200{smoke}). From sections 3, 5 and 6; empty where a section was skipped or failed.", "",
+               "| measure | measured | target | met |", "|---|---:|---:|---|")
+    for (what, goal, test), value in zip(TARGETS, measured):
+        met = "" if value is None else ("yes" if test(value) else "**no**")
+        report.add(f"| {what} | {_fmt(value)} | {goal} | {met} |")
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -512,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"run trains N/8 + 5N/8); fewer fit a tight time budget, more average the phases' start-up "
                              f"out")
     parser.add_argument("--skip", default="", help="comma-separated sections to leave out: bf16, attention, phases, "
-                                                    "loader, runs, syncs, finetune")
+                                                    "loader, runs, syncs, finetune, profile, targets")
     args = parser.parse_args(argv)
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
     if args.smoke:
@@ -545,9 +678,12 @@ def main(argv: list[str] | None = None) -> int:
                     ("runs", "5. Wall-time saving against FLOPs saving of a short run",
                      lambda: measure_short_runs(report, s, device, work, store)),
                     ("syncs", "6. Host synchronisations in the training loop",
-                     lambda: find_host_syncs(report, s, device, work)),
+                     lambda: find_host_syncs(report, s, device, work, store)),
                     ("finetune", "7. Fine-tuning: wall-time saving against FLOPs saving of a short run",
-                     lambda: measure_finetune_runs(report, s, device, work))]
+                     lambda: measure_finetune_runs(report, s, device, work)),
+                    ("profile", "8. Where the trainer's step spends its time",
+                     lambda: profile_trainer_step(report, s, device, work, store)),
+                    ("targets", "9. Issue 21's targets", lambda: targets(report, s, device, store))]
         out.mkdir(parents=True, exist_ok=True)
         path = out / results_name(device)
         for key, title, body in sections:

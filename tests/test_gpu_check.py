@@ -20,13 +20,19 @@ def test_the_smoke_run_goes_through_every_section(tmp_path, capsys):
     text = (tmp_path / "cpu-smoke.md").read_text()
     assert text.strip() in capsys.readouterr().out  # printed too
     for title in ("1. bf16 against fp32", "2. Fused attention", "3. Throughput per phase", "4. The loader",
-                  "5. Wall-time saving", "6. Host synchronisations", "7. Fine-tuning"):
+                  "5. Wall-time saving", "6. Host synchronisations", "7. Fine-tuning", "8. Where the trainer's step",
+                  "9. Issue 21's targets"):
         assert f"## {title}" in text
     assert "FAILED" not in text and "Skipped" not in text
     assert "ssast: agrees" in text and "fine-tuning (cross-entropy): agrees" in text
     assert "fused scaled-dot-product attention is in use" in text
     assert text.count("| phase1 (fshift x4) | 130 |") == 2 and text.count("| phase2 (full resolution) | 514 |") == 2
     assert "ratio **" in text
+    assert "r = the coarse step's time over the full step's (bare): eager" in text and "r through the trainer" in text
+    assert "Phase 1 (Fshift x4): self CPU time" in text and "Phase 2 (full resolution)" in text
+    assert "| `aten::" in text  # the profile's operators
+    targets = text.split("## 9. Issue 21's targets")[1]
+    assert targets.count("| yes |") + targets.count("| **no** |") == 8  # every target measured
 
 
 @pytest.mark.slow
@@ -37,7 +43,7 @@ def test_a_machine_without_lhotse_and_deepspeed_is_told_what_to_install(tmp_path
                           cwd=ROOT, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = (tmp_path / "cpu-smoke.md").read_text()
-    assert text.count("Skipped: cannot import") == 7 and "pip install" in text and "deepspeed" in text
+    assert text.count("Skipped: cannot import") == 8 and "pip install" in text and "deepspeed" in text
 
 
 @pytest.mark.parametrize("name,tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
