@@ -20,7 +20,7 @@ from common.config.recipe import RecipeError
 from common.data.fingerprint import DataChanged
 from common.data.loader import TooMuchBadAudio
 from common.system.atomic import remove_orphans
-from common.system.cpu import loader_workers, set_cpu_threads
+from common.system.cpu import keep_freed_memory, loader_workers, set_cpu_threads
 from common.system.disk import describe_os_error
 from common.system.distributed import init_distributed
 from common.system.lock import LOCK_FILE, RunDirBusy, job_lock
@@ -169,6 +169,8 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
         with job_lock(run_dir, dist):
             setup_logging(run_dir, dist.rank)
             set_cpu_threads(loader_workers(recipe.data.num_workers), recipe.train.cpu_threads)
+            if dist.device.type == "cpu":
+                keep_freed_memory()  # a step reuses the last step's memory, not fresh pages (common.system.cpu)
             if restart and dist.is_main:
                 discard_previous(run_dir)
             if dist.is_main:

@@ -1,6 +1,7 @@
 """A rank's share of the CPU: loader workers that fit the cores, intra-op threads from the cores left, the
 environment's OMP_NUM_THREADS and the recipe's override respected; no DataLoader warning on a small machine."""
 
+import os
 import warnings
 
 import pytest
@@ -97,3 +98,44 @@ def test_a_training_session_sets_the_threads_and_gives_them_back(machine, tmp_pa
         assert "CPU threads of the training process: 1 (2 core(s) / 1 rank(s) - 1 loader worker(s))" in caplog.text
     finally:
         torch.set_num_threads(before)
+
+
+_PAGE_FAULTS = """
+import resource, sys
+import torch
+from common.system.cpu import keep_freed_memory
+torch.set_num_threads(1)
+if sys.argv[1] == "keep":
+    assert keep_freed_memory() and keep_freed_memory()  # once per process; asked again, the same answer
+SIZES = [(i % 7 + 1) * 300_000 for i in range(24)]  # 1.2 to 8.4 MB blocks
+def step():  # the forward keeps its activations, the backward frees them out of order making gradients
+    held = [torch.empty(n).fill_(1) for n in SIZES]
+    for i in range(0, len(held), 2):
+        held[i] = None
+        held.append(torch.empty(SIZES[i] // 2).fill_(1))
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+start = faults()
+for _ in range(20):
+    step()
+print((faults() - start) / 20)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "confstr") or "glibc" not in (os.confstr("CS_GNU_LIBC_VERSION") or ""),
+                    reason="glibc's malloc only")
+def test_a_cpu_run_reuses_the_memory_it_frees():
+    """With glibc's defaults a step's blocks of a few MB are largely fresh pages each step (measured: 3,700 page
+    faults a step here); kept, a step reuses the memory the last one freed (measured: 120)."""
+    import subprocess
+    import sys
+
+    def faults(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS, mode], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
+        return float(out.stdout.strip())
+
+    default, kept = faults("default"), faults("keep")
+    assert default > 1000 and kept < default / 10
