@@ -26,7 +26,7 @@ from torch import nn
 
 from common.system.engine_config import zero_config
 
-__all__ = ["OptimConfig", "build_optimizer", "LRSchedule", "param_groups", "build_engine"]
+__all__ = ["OptimConfig", "build_optimizer", "LRSchedule", "param_groups", "build_engine", "step_engine"]
 
 
 @dataclass(frozen=True)
@@ -237,7 +237,8 @@ def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int,
     config = {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": cfg.grad_accum if grad_accum is None else grad_accum,
-        "gradient_clipping": cfg.grad_clip,
+        # without ZeRO, step_engine clips (DeepSpeed would, one tensor at a time); ZeRO's optimizer clips its own
+        "gradient_clipping": cfg.grad_clip if zero_stage > 0 else 0.0,
         "zero_optimization": zero_config(zero_stage, _world_size(), zero_overlap_comm, zero_bucket_size),
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
@@ -254,4 +255,20 @@ def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int,
                                       lr_scheduler=lambda opt: LRSchedule(opt, cfg, lr, total_steps))
     if zero_stage == 0 and engine.dp_world_size == 1:
         engine.enable_backward_allreduce = False  # on one rank the "all-reduce" flattens and copies every gradient
+    engine.c2f_grad_clip = cfg.grad_clip if zero_stage == 0 else 0.0  # step_engine's
     return engine
+
+
+def step_engine(engine) -> None:
+    """``engine.step()``; on an engine without ZeRO, the gradients clipped first (``optim.grad_clip``).
+
+    DeepSpeed clips an engine without ZeRO in a Python loop over the parameters, a norm and a multiply per
+    tensor (2.4 ms of a 54 ms HTS-AT step at Fshift x4 on the CPU; two kernel launches per tensor on a GPU,
+    where the coarse phase is launch-bound). Here ``torch.nn.utils.clip_grad_norm_`` does it with its
+    multi-tensor kernels and the same rule: the gradients, already summed over the ranks, scaled by
+    ``min(1, max_norm / (norm + 1e-6))`` once per optimiser step (at the accumulation boundary).
+    """
+    clip = getattr(engine, "c2f_grad_clip", 0.0)
+    if clip > 0 and engine.is_gradient_accumulation_boundary():
+        torch.nn.utils.clip_grad_norm_([p for p in engine.module.parameters() if p.grad is not None], clip)
+    engine.step()

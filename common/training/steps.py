@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from common.data.loader import Batch
+from common.training.optim import step_engine
 
 __all__ = ["StepGroup", "step_groups", "micro_step", "norms_frozen", "stand_in"]
 
@@ -109,5 +110,5 @@ def micro_step(engine, batch: Batch, pipeline: nn.Module, objective, generator: 
         loss = loss * 0.0
     check(loss)
     engine.backward(loss)
-    engine.step()
+    step_engine(engine)
     return {"loss": loss.detach(), **logs}

@@ -90,3 +90,36 @@ def test_a_step_does_not_wait_for_the_device(monkeypatch):
         engine.backward(loss)
         engine.step()
     assert waits == []
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_without_zero_the_gradients_are_clipped_by_torchs_rule_and_not_by_deepspeeds(monkeypatch, accum):
+    """An engine without ZeRO clips with torch's multi-tensor clip_grad_norm_ (DeepSpeed's loops over the
+    tensors), once per optimiser step: the update is that of Adam on the clipped sum of the micro-batches."""
+    import deepspeed.runtime.engine
+
+    from common.training.optim import step_engine
+
+    def refused(*args, **kwargs):
+        raise AssertionError("DeepSpeed clipped")
+
+    monkeypatch.setattr(deepspeed.runtime.engine, "clip_grad_norm_", refused)
+    dist = init_distributed()
+    torch.manual_seed(0)
+    model, twin = nn.Linear(8, 2), nn.Linear(8, 2)
+    twin.load_state_dict(model.state_dict())
+    cfg = OptimConfig(grad_clip=0.05, warmup_steps=0, grad_accum=accum)
+    engine = build_engine(model, cfg, 1e-2, 4, 0, dist.device)
+    reference = torch.optim.Adam(twin.parameters(), lr=1e-2, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    data = [torch.randn(4, 8) for _ in range(2 * accum)]
+    for start in range(0, len(data), accum):
+        for x in data[start:start + accum]:
+            engine.backward(engine(x).square().mean())
+            step_engine(engine)
+            (twin(x).square().mean() / accum).backward()
+        norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.05)
+        assert norm > 0.05  # the clip bites
+        reference.step()
+        reference.zero_grad()
+    for ours, theirs in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
