@@ -255,7 +255,8 @@ def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int,
                                       lr_scheduler=lambda opt: LRSchedule(opt, cfg, lr, total_steps))
     if zero_stage == 0 and engine.dp_world_size == 1:
         engine.enable_backward_allreduce = False  # on one rank the "all-reduce" flattens and copies every gradient
-    engine.c2f_grad_clip = cfg.grad_clip if zero_stage == 0 else 0.0  # step_engine's
+    engine.c2f_grad_clip = cfg.grad_clip if zero_stage == 0 else 0.0  # step_engine's, over these parameters
+    engine.c2f_clip_parameters = list(model.parameters()) if engine.c2f_grad_clip > 0 else []
     return engine
 
 
@@ -270,5 +271,5 @@ def step_engine(engine) -> None:
     """
     clip = getattr(engine, "c2f_grad_clip", 0.0)
     if clip > 0 and engine.is_gradient_accumulation_boundary():
-        torch.nn.utils.clip_grad_norm_([p for p in engine.module.parameters() if p.grad is not None], clip)
+        torch.nn.utils.clip_grad_norm_([p for p in engine.c2f_clip_parameters if p.grad is not None], clip)
     engine.step()
