@@ -29,6 +29,8 @@ Output (``--out``)::
     shards/NNNNN.tsv         the shard's rows of the index (written after its tensors: a shard is done
                              when its .tsv exists)
     bad_audio.tsv            files that could not be read: source, reason
+    run.lock                 held while a command writes here (a second command on the same --out stops
+                             at once, naming the first; ``common.system.lock``)
 
 With ``--pool none`` only frames are written (no ``clip`` tensors, no ``clips.*``). Frame ``t`` of a
 window covers ``frame_times[.., t]``; frames past the window's ``end`` cover the zero padding of a short
@@ -403,6 +405,7 @@ def embed_files(init: str | os.PathLike | Embedder, inputs: Sequence[str | os.Pa
         FileNotFoundError: an input folder or manifest that does not exist.
     """
     from common.system.atomic import atomic_write_text, remove_orphans
+    from common.system.lock import run_dir_lock
     from common.system.logger import progress
 
     if fmt not in FORMATS:
@@ -424,49 +427,50 @@ def embed_files(init: str | os.PathLike | Embedder, inputs: Sequence[str | os.Pa
     settings = {**embedder.describe(), "format": fmt, "hop_seconds": hop / rate,
                 "window_seconds": size / rate, "step_offsets": [[float(s), float(e)] for s, e in zip(starts, ends)]}
     settings = json.loads(json.dumps(settings))  # as it reads back (tuples are lists)
-    _check_settings(out, settings)
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    remove_orphans(out)
-    text = json.dumps(settings, indent=1) + "\n"
-    if not (out / "embeddings.json").is_file() or (out / "embeddings.json").read_text() != text:
-        atomic_write_text(out / "embeddings.json", text)
-    done_rows = _done_rows(out)
-    done = {r["clip_id"] for r in done_rows}
-    summary = EmbedSummary(out)
-    writer = _Writer(embedder, out, fmt, batch_size, shard_size, summary)
-    seen: set[str] = set()
+    with run_dir_lock(out):  # one command per --out: a second one stops at once, naming the first
+        _check_settings(out, settings)
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        remove_orphans(out)
+        text = json.dumps(settings, indent=1) + "\n"
+        if not (out / "embeddings.json").is_file() or (out / "embeddings.json").read_text() != text:
+            atomic_write_text(out / "embeddings.json", text)
+        done_rows = _done_rows(out)
+        done = {r["clip_id"] for r in done_rows}
+        summary = EmbedSummary(out)
+        writer = _Writer(embedder, out, fmt, batch_size, shard_size, summary)
+        seen: set[str] = set()
 
-    def todo() -> Iterator[Clip]:
-        for clip in clips:
-            if clip.clip_id in seen:
-                summary.duplicates += 1
-                continue
-            seen.add(clip.clip_id)
-            if clip.clip_id in done:
-                summary.skipped += 1
+        def todo() -> Iterator[Clip]:
+            for clip in clips:
+                if clip.clip_id in seen:
+                    summary.duplicates += 1
+                    continue
+                seen.add(clip.clip_id)
+                if clip.clip_id in done:
+                    summary.skipped += 1
+                    bar.update(1)
+                    continue
+                yield clip
+
+        bar = progress(total, 0, f"embedding into {out}", show_progress, unit="clip")
+        with bar:
+            for clip, wave in _prefetch(todo(), rate, workers):
+                if isinstance(wave, str):
+                    summary.bad.append((clip.source, wave))
+                    log.warning("%s: %s; skipped", clip.source, wave)
+                else:
+                    writer.add(clip, wave, hop)
                 bar.update(1)
-                continue
-            yield clip
-
-    bar = progress(total, 0, f"embedding into {out}", show_progress, unit="clip")
-    with bar:
-        for clip, wave in _prefetch(todo(), rate, workers):
-            if isinstance(wave, str):
-                summary.bad.append((clip.source, wave))
-                log.warning("%s: %s; skipped", clip.source, wave)
-            else:
-                writer.add(clip, wave, hop)
-            bar.update(1)
-        writer.flush()
-    if summary.skipped:
-        log.info("%d clips were embedded by an earlier run and are skipped", summary.skipped)
-    bad_file = out / "bad_audio.tsv"
-    if summary.bad:
-        atomic_write_text(bad_file, "source\treason\n" + "".join(f"{s}\t{r}\n" for s, r in summary.bad))
-    elif bad_file.is_file():
-        bad_file.unlink()
-    _write_index(out, fmt, embedder.pool != "none")
-    return summary
+            writer.flush()
+        if summary.skipped:
+            log.info("%d clips were embedded by an earlier run and are skipped", summary.skipped)
+        bad_file = out / "bad_audio.tsv"
+        if summary.bad:
+            atomic_write_text(bad_file, "source\treason\n" + "".join(f"{s}\t{r}\n" for s, r in summary.bad))
+        elif bad_file.is_file():
+            bad_file.unlink()
+        _write_index(out, fmt, embedder.pool != "none")
+        return summary
 
 
 def _write_index(out: Path, fmt: str, has_clip: bool) -> None:

@@ -163,7 +163,7 @@ def test_a_rerun_skips_what_was_written_and_computes_nothing(tmp_path, monkeypat
     out = tmp_path / "emb"
     first = embed_files(init, files, out, pool="mean", frames=True, shard_size=1, workers=0)
     assert (first.clips, first.skipped) == (3, 0)
-    written = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    written = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "run.lock"}
     index = (out / "index.tsv").read_text()
     embedder = load_embedder(init, pool="mean", frames=True)
     calls = []
@@ -171,7 +171,8 @@ def test_a_rerun_skips_what_was_written_and_computes_nothing(tmp_path, monkeypat
     monkeypatch.setattr(embedder, "embed", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     again = embed_files(embedder, files, out, shard_size=1, workers=0)
     assert (again.clips, again.skipped, again.batches, calls) == (0, 3, 0, [])
-    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == written  # nothing rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")  # nothing rewritten (the lock names its holder)
+            if p.is_file() and p.name != "run.lock"} == written
     assert (out / "index.tsv").read_text() == index
     # one more file: only it is computed
     files.append(_write(tmp_path / "c3.wav", 0.5, seed=3))
@@ -316,3 +317,20 @@ def test_the_bar_counts_clips_against_their_total_skipped_ones_included(tmp_path
     terminal.truncate()
     assert embed_files(init, [folder], tmp_path / "emb", workers=0).skipped == 3
     assert any("4/4" in s for s in _bars(terminal.getvalue(), f"embedding into {tmp_path / 'emb'}: 100%"))
+
+
+def test_a_second_command_on_one_out_stops_at_once_naming_the_first(tmp_path, capsys):
+    """Two commands writing one --out would interleave their shards: the second stops before it writes."""
+    import os
+
+    from common.system.lock import run_dir_lock
+
+    init = _export(tmp_path / "e.safetensors")
+    clip = _write(tmp_path / "a.wav", 0.5)
+    argv = ["--init", str(init), "--inputs", str(clip), "--out", str(tmp_path / "o")]
+    with run_dir_lock(tmp_path / "o"):  # what a running command holds
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and f"pid {os.getpid()}" in err[-1], err
+        assert not (tmp_path / "o" / "shards").exists()
+    assert main(argv) == 0 and len(read_index(tmp_path / "o")) == 1  # once the first has ended
