@@ -539,10 +539,11 @@ def profile_trainer_step(report: Report, s: Settings, device: torch.device, work
         with prof:
             current["prof"] = prof
             try:
-                return real_phase(self, engine, index, budget)
+                result = real_phase(self, engine, index, budget)
             finally:
                 current.pop("prof", None)
-                tables[index] = list(prof.key_averages()) if prof.profiler is not None else []
+        tables[index] = list(prof.key_averages())
+        return result
 
     def step(self, *args, **kwargs):
         ended = real_step(self, *args, **kwargs)
@@ -604,7 +605,7 @@ def targets(report: Report, s: Settings, device: torch.device, store: dict) -> N
         store.get("bare_r", {}).get("eager"),
         runs.get("trainer_r"),
         runs.get("ratio"),
-        runs.get("peak_over_baseline") is not None and runs["peak_over_baseline"] / 2**30 or None,
+        None if runs.get("peak_over_baseline") is None else runs["peak_over_baseline"] / 2**30,
     ]
     smoke = "; this CPU smoke run says nothing about them: it runs the code" if device.type != "cuda" else ""
     report.add(f"SSAST-{s.size}, batch {s.batch} (the targets are for SSAST-base at batch 24 in bf16 on one "

@@ -27,15 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = "instruments"
+from bench.task_defaults_real_audio import CORPUS, ROOT, run, task_file
 
 RECIPE = """description: small HTS-AT on {corpus}, full resolution ({epochs} epochs)
 model:
@@ -54,23 +50,6 @@ C2F = """description: small HTS-AT on {corpus}, Fshift x4 then full resolution
 extends: baseline.yaml
 coarse: {{method: fshift, factors: [4]}}
 """
-
-
-def task_file(data: Path) -> str:
-    return (f"name: {CORPUS}\ntrain: [{data / f'{CORPUS}_train.jsonl.gz'}]\n"
-            f"valid: [{data / f'{CORPUS}_valid.jsonl.gz'}]\ntest: [{data / f'{CORPUS}_test.jsonl.gz'}]\n"
-            f"classes: {data / f'{CORPUS}_classes.json'}\ntarget_frames: 300\ndefaults: package\n")
-
-
-def run(code: Path, argv: list[str], log: Path) -> float:
-    """Run ``code``'s entry point with one thread, its output into ``log``; returns the wall time in seconds."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(code)}
-    start = time.time()
-    with open(log, "w") as out:
-        code_ = subprocess.call([sys.executable, *argv], cwd=code, env=env, stdout=out, stderr=subprocess.STDOUT)
-    if code_:
-        raise SystemExit(f"failed ({code_}): {' '.join(argv)}; see {log}")
-    return time.time() - start
 
 
 def ledger_numbers(run_dir: Path) -> dict:
@@ -106,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "task.yaml").write_text(task_file(args.data.resolve()))
+    (out / "task.yaml").write_text(task_file(args.data.resolve(), None, "package"))  # the package's bare defaults
     (out / "baseline.yaml").write_text(RECIPE.format(corpus=CORPUS, epochs=args.epochs))
     (out / "c2f.yaml").write_text(C2F.format(corpus=CORPUS))
     results_file = out / "results.json"
@@ -124,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resume
             for item in args.overrides:
                 cmd += ["--set", item]
-            seconds = run(args.code.resolve(), cmd, out / f"{label}_{name}_{seed}.log")
+            seconds = run(cmd, out / f"{label}_{name}_{seed}.log", args.code.resolve())
             numbers[name] = {**ledger_numbers(run_dir), "process_seconds": seconds}
         base, c2f = numbers["baseline"], numbers["c2f"]
         wall, flops = 1 - c2f["wall"] / base["wall"], 1 - c2f["flops"] / base["flops"]

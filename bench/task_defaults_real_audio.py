@@ -72,14 +72,15 @@ def task_file(data: Path, epochs: int | None, defaults: str) -> str:
     return text + ("defaults: package\n" if defaults == "package" else "")  # recipe*: the defaults now
 
 
-def run(argv: list[str], log: Path) -> float:
-    """Run a command with one thread; its output goes to ``log``. Returns the wall time in seconds."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def run(argv: list[str], log: Path, code: Path = ROOT) -> float:
+    """Run a command of checkout ``code`` (this one by default) with one thread; its output goes to ``log``.
+    Returns the wall time in seconds."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(code)}
     start = time.time()
     with open(log, "w") as out:
-        code = subprocess.call([sys.executable, *argv], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    if code:
-        raise SystemExit(f"failed ({code}): {' '.join(argv)}; see {log}")
+        status = subprocess.call([sys.executable, *argv], cwd=code, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if status:
+        raise SystemExit(f"failed ({status}): {' '.join(argv)}; see {log}")
     return time.time() - start
 
 
