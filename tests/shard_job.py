@@ -6,7 +6,7 @@ process (each joins its own process group), and records which batches this rank'
 ``JOB.json``: ``{"out": folder, "cases": [{"name", "entry": "finetune" | "pretrain", "argv", "port",
 "expect" (the exit code the case should end with; default 0)}]}``.
 Writes ``out/rank{r}.json``: per case, the exit code, the seconds (and CPU seconds) it took, the ``error:``
-lines it printed and, per loader (``train`` / ``valid``), the ``[epoch, index, clip ids]`` of every batch
+lines it printed, the child processes (loader workers) still alive after it and, per loader (``train`` / ``valid``), the ``[epoch, index, clip ids]`` of every batch
 handed to the training loop. The job stops at the first case that ends otherwise than expected.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -62,6 +63,7 @@ def main(job_file: str) -> int:
             code = entry(case["argv"])
         report[case["name"]] = {"code": code, "seconds": round(time.perf_counter() - start, 2),
                                 "cpu_seconds": round(time.process_time() - cpu, 2), **seen,
+                                "children": len(multiprocessing.active_children()),
                                 "errors": [line for line in err.getvalue().splitlines() if line.startswith("error:")]}
         Path(job["out"], f"rank{rank}.json").write_text(json.dumps(report))
         if code != case.get("expect", 0):

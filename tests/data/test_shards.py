@@ -10,7 +10,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from lhotse import CutSet
+from safetensors.torch import load_file
 
 from common.data.loader import (
     ClipDataset,
@@ -151,7 +153,6 @@ def test_a_resume_at_another_per_rank_batch_converts_the_position_in_clips(tmp_p
     """A checkpoint written at 2 clips per rank (a global batch over twice the ranks) resumes at 4 clips per
     rank from the same clips of the epoch: 4 batches of 2 are 2 batches of 4, so the run ends exactly as an
     uninterrupted one."""
-    from safetensors.torch import load_file
 
     from tests.helpers import run
 
@@ -179,7 +180,8 @@ PRETRAIN = ["data.num_workers=0", "model.embed_dim=32", "model.depth=2",
             "train.save_every=3", "train.deterministic=true", "optim.warmup_steps=2", "baseline=null"]
 TRAIN_SETS = {"memory": "[{path: DIR/train.jsonl.gz}]", "stream": "[{path: DIR/train.jsonl.gz}]",
               "shar": "[{path: DIR/shar}]",
-              "mix": "[{path: DIR/part_a.jsonl.gz, weight: 2}, {path: DIR/part_b.jsonl.gz, weight: 1}]"}
+              "mix": "[{path: DIR/part_a.jsonl.gz, weight: 2}, {path: DIR/part_b.jsonl.gz, weight: 1}]",
+              "workers": "[{path: DIR/train.jsonl.gz}]"}
 
 
 def _free_port() -> int:
@@ -200,6 +202,8 @@ def _argv(odd, run_dir: Path, kind: str, path: str, stop: int | None, batch: int
         argv = ["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml")]
         sets = PRETRAIN + sets + [f"data.valid=[{odd / 'valid.jsonl.gz'}]",
                                   "data.train=" + TRAIN_SETS[path].replace("DIR", str(odd))]
+        if path == "workers":  # the memory path read by a worker process the run keeps across its phases
+            sets.append("data.num_workers=1")
     argv += ["--run-dir", str(run_dir), *[a for s in sets for a in ("--set", s)]]
     return kind, argv + (["--stop-after-steps", str(stop)] if stop else [])
 
@@ -230,7 +234,7 @@ def test_training_on_2_and_3_ranks_every_loader_path_resumed_and_resharded(odd, 
     runs = tmp_path / "runs"
     paths = [("finetune", "memory", None), ("finetune", "stream", 2), ("finetune", "balanced", None),
              ("finetune", "shar", None), ("pretrain", "memory", None), ("pretrain", "mix", 2),  # mix: streamed
-             ("pretrain", "shar", None)]
+             ("pretrain", "shar", None), ("pretrain", "workers", 2)]
     reshards = [("finetune", "memory", 2), ("finetune", "balanced", 3), ("pretrain", "memory", 4)]
     for world_size in (2, 3):
         cases = []
@@ -245,6 +249,7 @@ def test_training_on_2_and_3_ranks_every_loader_path_resumed_and_resharded(odd, 
                           *_argv(odd, runs / name, kind, path, None if world_size == 3 else stop, RESHARD_BATCH)))
         for name, ranks in _launch(world_size, cases, tmp_path / f"job{world_size}", timeout=240).items():
             _check_equal_shards(name, ranks, valid_ids)
+            assert [r["children"] for r in ranks] == [0] * world_size, name  # no loader worker outlives its run
             if name.endswith("-stopped"):
                 continue
             ledger = json.loads((runs / name / "ledger.json").read_text())
@@ -252,6 +257,9 @@ def test_training_on_2_and_3_ranks_every_loader_path_resumed_and_resharded(odd, 
                 assert [(e["epoch"], e["metrics"]["clips"]) for e in ledger["evals"]] == [(1, VALID), (2, VALID)], name
             else:
                 assert ledger["total"]["steps"] == 6, name
+        # a worker process kept across both phases, stopped and resumed, trains the weights of the inline loader
+        a, b = (load_file(str(runs / f"pretrain-{p}-{world_size}" / "model.safetensors")) for p in ("memory", "workers"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for kind, path, _ in reshards:
         ledger = json.loads((runs / f"{kind}-{path}-resharded" / "ledger.json").read_text())
         assert [i["changes"] for i in ledger["interventions"]] == [{"world_size": {"from": 2, "to": 3}}]

@@ -19,7 +19,9 @@ CASES = {
     "default": {},
     "stage0": {"zero_stage": 0},
     "stage2 no overlap": {"zero_stage": 2, "zero_overlap_comm": False, "zero_bucket_size": 1_000_000},
+    "stage0 clip": {"zero_stage": 0},
 }
+OPTIM = {"stage0 clip": {"grad_clip": 1e-3}}  # far below the gradient's norm: the clip acts
 
 
 def test_resolution_and_the_section():
@@ -41,7 +43,8 @@ def test_one_rank_runs_without_zero_unless_the_recipe_asks(tmp_path):
 def _launch(world_size: int, out: Path, timeout: float = 180) -> list[dict]:
     out.mkdir(parents=True)
     job = out / "job.json"
-    job.write_text(json.dumps({"out": str(out), "cases": {k: {"train": v} for k, v in CASES.items()}}))
+    job.write_text(json.dumps({"out": str(out), "cases": {k: {"train": v, "optim": OPTIM.get(k, {})}
+                                                            for k, v in CASES.items()}}))
     launch_ranks(world_size, "engine_job.py", job, out, timeout, MASTER_PORT=str(_free_port()))
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
 
@@ -61,3 +64,8 @@ def test_several_ranks_overlap_the_reduction_in_model_sized_buckets(tmp_path, wo
     assert {k: got["stage2 no overlap"][k] for k in ("stage", "overlap_comm", "optimizer_overlaps",
                                                      "reduce_bucket_size")} == {
         "stage": 2, "overlap_comm": False, "optimizer_overlaps": False, "reduce_bucket_size": 1_000_000}
+    # without ZeRO, step_engine clips the gradient the ranks averaged, once, before the optimiser steps
+    clip = got["stage0 clip"]
+    assert (clip["stage"], clip["reduced_is_mean"], clip["reduced_over_clip"], clip["stepped_is_clipped"]) == \
+        (0, True, True, True), clip
+    assert clip["stepped_norm"] == pytest.approx(1.0, abs=1e-3)
