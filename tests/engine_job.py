@@ -65,7 +65,7 @@ def main(job_file: str) -> int:
     return 0
 
 
-def _flat(params) -> "torch.Tensor":
+def _flat(params):
     import torch
 
     return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for p in params]).clone()
