@@ -39,7 +39,7 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.2"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "pytest-xdist>=3.5"],
         # Hugging Face interop (common/models/hf.py, hf_export.py): export to / classify with transformers' AST classes
         "hf": ["transformers>=4.30"],
         # ONNX export (finetune/onnx_export.py) and the torch-free example (examples/onnx_classify.py)

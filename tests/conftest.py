@@ -9,8 +9,11 @@ import pytest
 import torch
 from tests.helpers import real_looking_signals, tiny_classifier_file  # noqa: F401
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-torch.set_num_threads(2)
+# `make test` runs two pytest workers (pytest-xdist) on the 2-core machine: one thread each, or their OpenMP
+# threads spin against each other; a single pytest process uses both cores.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture
