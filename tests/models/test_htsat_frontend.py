@@ -83,6 +83,20 @@ def test_lengths_mark_padding_and_long_clips_are_refused():
         front(wave, torch.tensor([3]))
 
 
+def test_the_accelerator_branch_zeroes_the_padding_as_the_host_branch(monkeypatch):
+    """On a GPU (and in a traced graph) the lengths are applied with a mask on the device, never read on the
+    host: the same input, bit for bit, as the CPU branch's per-row zeroing (run here on the CPU by making the
+    front end see a trace)."""
+    front = HTSATFrontEnd(CFG)
+    wave = real_looking_signals(batch=3, seconds=1.5, sr=32000)
+    lengths = torch.tensor([48000, 20000, 1])
+    host = front.logmel(wave, lengths)
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    device = front.logmel(wave, lengths)
+    assert torch.equal(host, device)
+    assert not torch.equal(device, front.logmel(wave))  # the lengths did zero something
+
+
 def test_stripes_only_with_a_generator_and_reproducible():
     front = HTSATFrontEnd(CFG)
     wave = real_looking_signals(batch=4, seconds=2.0, sr=32000)
