@@ -138,6 +138,31 @@ def _test(run_dir: Path, recipe, classes, dist, tracker) -> None:
     log.info("test split (%s): %s", model.name, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 
+def _run_root(args, recipe) -> Path:
+    """The run directory: ``--run-dir``, or one named after the task, the recipe and ``--coarse``."""
+    from common.phases.coarse import coarse_tag
+
+    if args.run_dir:
+        return Path(args.run_dir)
+    name = f"{recipe.task.name}-{args.recipe.stem if args.recipe else 'baseline'}"
+    return Path("runs/finetune") / (f"{name}-{coarse_tag(recipe.coarse)}" if args.coarse else name)
+
+
+def _recorded_init(run_root: Path, init: str, restart: bool):
+    """What a run that resumes in ``run_root`` recorded of ``--init init`` (``common.phases.init.recorded_init``),
+    when the file is gone; None for a run that starts (or restarts) or has no such record."""
+    from common.phases.init import recorded_init
+    from common.training.run_recipe import has_trained
+
+    if restart or not has_trained(run_root):
+        return None
+    weights = recorded_init(run_root, init)
+    if weights is not None:
+        log.warning("--init %s does not exist: %s resumes from its checkpoints with what it recorded of it (%s)",
+                    init, run_root, weights.meta["recorded"])
+    return weights
+
+
 def _cross_validation(run_root: Path, folds: int, metric: str) -> dict:
     from common.training.ledger import Ledger
     from finetune.evaluate import cross_validation_summary
@@ -165,22 +190,30 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from common.cli import world_size_of
         from common.config.recipe import RecipeError
-        from common.phases.init import expected_init_note, init_pos_mode, load_init, resolve_pool, task_encoder_config
+        from common.phases.init import (expected_init_note, init_pos_mode, load_init, record_init, resolve_pool,
+                                        task_encoder_config)
         from common.training.batch import phase_splits
         from common.training.plan import build_plan, format_plan
         from finetune.recipe import check_files, file_checks, is_task_file, load_recipe
 
         notes: list[str] = []
         task_file = is_task_file(args.task)
+
+        def recipe_with(init_weights, planning=args.dry_run, notes=notes):
+            return load_recipe(args.task, args.recipe, args.overrides, init=args.init, data_root=args.data_root,
+                               notes=notes, coarse=args.coarse, init_weights=init_weights, planning=planning)
+
         early, have_early = None, False  # a task file's defaults follow the init's family
         if task_file:
             try:
                 early, have_early = load_init(args.init), True
-            except FileNotFoundError:
-                if not args.dry_run:
+            except FileNotFoundError:  # a resumed run's record of it, found in the run directory's place
+                early = _recorded_init(_run_root(args, recipe_with(None, planning=True, notes=[])), args.init,
+                                       args.restart)
+                have_early = early is not None
+                if not have_early and not args.dry_run:
                     raise  # a plan goes on (planned as from scratch) and lists the missing init below
-        recipe = load_recipe(args.task, args.recipe, args.overrides, init=args.init, data_root=args.data_root,
-                             notes=notes, coarse=args.coarse, init_weights=early, planning=args.dry_run)
+        recipe = recipe_with(early)
         world_size = world_size_of(args)
         phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)  # refuse an impossible split now
         missing: list[str] = []
@@ -192,7 +225,12 @@ def main(argv: list[str] | None = None) -> int:
             check_files(recipe)  # class list, manifests, statistics: before any compute or run directory
         classes, names = _classes(recipe, planning=args.dry_run)
         try:
-            init = early if have_early and recipe.init == args.init else load_init(recipe.init)
+            try:
+                init = early if have_early and recipe.init == args.init else load_init(recipe.init)
+            except FileNotFoundError:
+                init = _recorded_init(_run_root(args, recipe), recipe.init, args.restart)
+                if init is None:
+                    raise
             mismatch = expected_init_note(recipe.expected_init, init, recipe.init)
         except FileNotFoundError as err:
             if not args.dry_run:
@@ -207,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             base = task_encoder_config(init, recipe.model, recipe.num_mel_bins, recipe.task.target_frames)
             audio = recipe.audio(getattr(base, "num_mel_bins", None))  # the AST family's front end
             head = replace(recipe.head, pool=resolve_pool(recipe.head.pool, init, base))
-            if args.keep_head and init is not None:
+            if args.keep_head and init is not None and "recorded" not in init.meta:  # (resumed: the checkpoint's)
                 from common.models.hf import kept_head
 
                 head_init = kept_head(recipe.init, classes, names, head.pool)
@@ -218,14 +256,9 @@ def main(argv: list[str] | None = None) -> int:
 
         objective = ClassifierObjective(classes, recipe.task.metric, recipe.task.loss, recipe.augment, head, names,
                                         head_init)
-        from common.phases.coarse import coarse_tag
-
-        name = f"{recipe.task.name}-{args.recipe.stem if args.recipe else 'baseline'}"
-        if args.coarse:
-            name += f"-{coarse_tag(recipe.coarse)}"
         try:
             run = build_plan(recipe, objective, world_size, base=base, audio=audio, memory=args.dry_run,
-                             run_dir=args.run_dir or Path("runs/finetune") / name, checks=file_checks(recipe))
+                             run_dir=_run_root(args, recipe), checks=file_checks(recipe))
         except ValueError as err:
             derived = f"--coarse {args.coarse}: the derived schedule is invalid: " if args.coarse else ""
             raise RecipeError(f"{derived}{err}") from None
@@ -256,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         with training_session(run_root, recipe, restart=args.restart,
                               accept_changed_data=args.accept_changed_data) as session:
             dist = session.dist
+            if dist.is_main:  # so that a resume goes on when the init's file has gone since
+                record_init(run_root, recipe.init, init)
             for note in notes:
                 log.info("%s", note)
             for caution in cautions:
@@ -273,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             recipe.transfer.init_pos_embed),
                                run_recipe=session.run_recipe,
                                meta={"task": recipe.task.name, "init": recipe.init,
-                                     **({"kept_head": True} if head_init is not None else {})})
+                                     **({"kept_head": True} if args.keep_head and init is not None else {})})
                 log.info("fine-tuning on %s%s into %s (init: %s)", recipe.task.name,
                          f" fold {k + 1}/{len(splits)}" if recipe.task.folds else "", run_dir, recipe.init)
                 trainer = Trainer(spec, objective, dist, run)

@@ -16,24 +16,34 @@ pretraining exports) the mean of the patch tokens, ``ft_avgtok``, which SSAST's 
 for patch and frame models alike; a fine-tuned export keeps the pooling it was trained with; a model
 trained from scratch (``--init none``) pools as AST, the paper's model, whose head does not depend on
 its initialisation.
+
+A fine-tuning run records what it took from ``--init`` besides the weights (:func:`record_init`:
+``RUN/init.json``, the config and the metadata that pick the defaults, the model's shape and the pooling),
+so that the run resumes from its checkpoints when the init's file has gone since (:func:`recorded_init`); a
+model that starts from the init (a new run, a fold not started yet) still needs the file.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from common.audio.compression import Compression
 from common.models.arch import architecture_for
 from common.models.spec import ModelSpec
 from common.models.htsat import HTSATConfig
+from common.models.ast.encoder import EncoderConfig
 from common.models.htsat.imagenet import OFFICIAL_START
+from common.system.atomic import atomic_write_text
 from common.models.weights import EncoderWeights, load_encoder_state
 from common.phases.config import TransferConfig
 
 __all__ = ["InitTransferConfig", "INIT_KINDS", "load_init", "init_family", "INIT_FAMILIES", "task_encoder_config",
-           "init_kind", "expected_init_note", "init_pos_mode", "init_pool", "resolve_pool", "task_encoder"]
+           "init_kind", "expected_init_note", "init_pos_mode", "init_pool", "resolve_pool", "task_encoder", "INIT_RECORD",
+           "record_init", "recorded_init"]
 
 log = logging.getLogger(__name__)
 
@@ -194,3 +204,36 @@ def task_encoder(init: EncoderWeights | None, cfg, pos_mode: str = "bilinear"):
     encoder = arch.build_encoder(geometry)
     arch.load_weights(encoder, init, geometry, init_pos_mode(init, pos_mode), "pi")
     return encoder.eval()
+
+
+INIT_RECORD = "init.json"
+
+
+def record_init(run_dir: Path, init_arg: str, init: EncoderWeights | None) -> None:
+    """Write ``RUN/init.json``: what the run took from ``--init init_arg`` besides its weights (nothing for
+    ``--init none``, which needs no file)."""
+    if init is None or "recorded" in init.meta:  # from scratch, or already a record
+        return
+    atomic_write_text(Path(run_dir) / INIT_RECORD, json.dumps(
+        {"init": init_arg, "arch": init.arch, "config": init.config.to_dict(), "meta": init.meta}, indent=1))
+
+
+def recorded_init(run_dir: Path, init_arg: str) -> EncoderWeights | None:
+    """The init ``run_dir`` recorded (:func:`record_init`) as an :class:`EncoderWeights` without weights, or
+    None when it recorded none or another init. Read only for a run that resumes: its model comes from its
+    checkpoints; a model that would start from it stops, naming the missing file
+    (``common.training.loop``)."""
+    path = Path(run_dir) / INIT_RECORD
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data["init"] != init_arg:
+            return None
+        config = (HTSATConfig.from_dict(data["config"], prefix="init.json config") if data["arch"] == "htsat"
+                  else EncoderConfig.from_dict(data["config"]))
+        meta = dict(data["meta"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a readable init record ({type(err).__name__}: {err}); the run needs "
+                         f"--init {init_arg} itself") from None
+    return EncoderWeights(config, {}, {**meta, "recorded": str(path)})

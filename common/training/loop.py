@@ -89,6 +89,10 @@ class Trainer(PhaseMachinery):
                 continue
             if model is None:  # the phase's model from scratch or the initial weights (a resume loads its own)
                 init = self.spec.init if index == 0 and resume_tag is None else None
+                if init is not None and "recorded" in init.meta:  # the init's settings only (a resume without it)
+                    raise FileNotFoundError(
+                        f"{init.meta.get('file', 'the --init file')} does not exist, and {self.record.run_dir} starts "
+                        f"a model from it here (only a run that resumes from its checkpoints goes on without it)")
                 model = initial_model(self.arch, self.objective, self.cfgs[index], self.spec.phases[index],
                                       self.spec.train.seed + index, init,
                                       self.spec.init_pos_embed or self.spec.transfer.pos_embed)

@@ -22,8 +22,8 @@ import yaml
 
 from common.config.recipe import RecipeError, dump_yaml, parse_yaml, to_dict
 
-__all__ = ["RESUMABLE_CHANGES", "RECOVERY_CHANGES", "TOLERANCE_CHANGES", "RunRecipe", "prepare_run_dir", "recipe_diff",
-           "recovery_change"]
+__all__ = ["RESUMABLE_CHANGES", "RECOVERY_CHANGES", "TOLERANCE_CHANGES", "RunRecipe", "has_trained", "prepare_run_dir",
+           "recipe_diff", "recovery_change"]
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def recovery_change(key: str) -> bool:
     return key in RECOVERY_CHANGES or key in TOLERANCE_CHANGES or bool(_PHASE_LR.fullmatch(key))
 
 
-def _has_trained(run_dir: Path) -> bool:
+def has_trained(run_dir: Path) -> bool:
     """A checkpoint (of the run or of one of its folds) or a finished model is there to resume or protect."""
     if (run_dir / "model.safetensors").is_file():
         return True
@@ -106,7 +106,7 @@ def prepare_run_dir(run_dir: Path, recipe, is_main: bool, accept_changed_data: b
     """
     path = Path(run_dir) / "recipe.yaml"
     new = parse_yaml(yaml.safe_dump(to_dict(recipe), sort_keys=False))
-    if path.is_file() and _has_trained(Path(run_dir)):
+    if path.is_file() and has_trained(Path(run_dir)):
         old = parse_yaml(path.read_text())
         changed = recipe_diff(old, new)
         refused = [k for k in changed if not recovery_change(k)]
