@@ -963,10 +963,14 @@ class ClipLoader:
         return self._cut_batches(start_epoch, skip, epochs)
 
     def _loader(self, stream: _Stream, keep: bool) -> DataLoader:
+        # A DataLoader draws its workers' base seed from its generator at every iteration it starts; without
+        # one, from the global torch RNG, which training's dropout and stochastic depth draw from and a
+        # checkpoint saves: a resumed run would start its loader at another point of that stream than an
+        # uninterrupted one. Nothing in the workers draws from torch's RNG (crops: ``ClipDataset``).
         return DataLoader(self.dataset, sampler=stream, batch_size=None, num_workers=self.num_workers,
                           pin_memory=self.pin_memory,
                           prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
-                          persistent_workers=keep)
+                          persistent_workers=keep, generator=torch.Generator().manual_seed(self.seed))
 
     def batches(self, start_epoch: int = 0, skip: int = 0, epochs: int | None = None) -> Iterator[Batch]:
         """Iterate batches from ``(start_epoch, skip)``; forever when ``epochs`` is None.

@@ -371,3 +371,25 @@ def test_repeat_padding_fills_a_short_clip_with_itself():
     assert ClipDataset(8)._crop(wave, "c", 0).tolist() == [1, 2, 3]  # zeros: padded later, in the batch
     with pytest.raises(ValueError, match="unknown pad"):
         ClipDataset(8, pad="mirror")
+
+
+@pytest.mark.parametrize("workers,keep", [(0, False), (1, False), (1, True)])
+def test_iterating_a_loader_leaves_the_global_rng_alone(synth_corpus, workers, keep):
+    """Dropout and stochastic depth draw from torch's global RNG, which checkpoints save; a loader starting an
+    iteration (a DataLoader draws its workers' seed) must not move it, or a resumed run drops other units."""
+    import itertools
+
+    classes, _ = read_classes(synth_corpus / "synth_classes.json")
+    data = DataConfig(train=[ManifestSpec(str(synth_corpus / "synth_train.jsonl.gz"))], batch_size=4,
+                      num_workers=workers)
+    loader = train_loader(data, classes, 8000, 16000, 4, 0, 0, 1, BadAudioTracker(), keep_workers=keep)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    try:
+        for start in (0, 1):  # a first iteration, and another (a kept loader's workers go on)
+            batches = loader.batches(0, start)
+            list(itertools.islice(batches, 2))
+            assert torch.equal(torch.get_rng_state(), state)
+    finally:
+        batches.close()
+        loader.close()

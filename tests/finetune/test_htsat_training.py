@@ -62,6 +62,31 @@ def test_a_two_phase_htsat_fine_tune_runs_end_to_end(tmp_path, synth_corpus, cap
     assert 0.0 <= json.loads((tmp_path / "probe.json").read_text())[0]["value"] <= 1.0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_resumed_run_with_stochastic_depth_trains_the_uninterrupted_weights(tmp_path, synth_corpus, workers):
+    """HTS-AT's stochastic depth (``drop_path_rate`` 0.1, the official default) draws from the global torch RNG,
+    which a checkpoint saves: nothing else may draw from it (a data loader starting its iteration did), or a
+    run stopped mid-phase and resumed drops other paths than an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    data = _synth_root(tmp_path, synth_corpus)
+    tiny = [s.replace("drop_path_rate: 0.0", "drop_path_rate: 0.1") for s in TINY_HTSAT]
+
+    def argv(run_dir):
+        return ["--init", "none", "--task", "synth", "--data-root", str(data), "--run-dir", str(run_dir),
+                "--recipe", str(ROOT / "recipes" / "htsat_audioset.yaml"),
+                *sets(*tiny, f"data.num_workers={workers}", "train.deterministic=true",
+                      "phases=[{compression: fshift, factor: 4, epochs: 1}, {compression: none, epochs: 2}]")]
+
+    assert finetune(argv(tmp_path / "straight")) == 0
+    for stop in (1, 2):  # mid-phase, then in the next phase
+        assert finetune([*argv(tmp_path / "resumed"), "--stop-after-steps", str(stop)]) == 0
+    assert finetune(argv(tmp_path / "resumed")) == 0
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "resumed"))
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
 def test_hts_at_cannot_do_what_it_cannot_and_says_so(tmp_path, synth_corpus, capsys):
     data = _synth_root(tmp_path, synth_corpus)
     base = ["--init", "none", "--task", "synth", "--data-root", str(data), "--run-dir", str(tmp_path / "r"),
