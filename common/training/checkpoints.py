@@ -9,8 +9,15 @@ Layout under ``RUN/checkpoints``::
         rng_rank{r}.pt            every rank's random-number generator states
 
 A checkpoint is written into ``.tmp-TAG`` and renamed into place only when every rank has finished,
-then ``LATEST`` moves to it: a run killed while saving resumes from the previous checkpoint. The run
-directory must be on a file system all ranks share.
+then ``LATEST`` moves to it: a run killed while saving resumes from the previous checkpoint. A tag saved
+again (a phase's end after its validation's save, an epoch-based run stopped within an epoch) replaces the
+folder only after moving the old one aside (``.old-TAG``, put back at the next start if the new one never
+took its place). The run directory must be on a file system all ranks share.
+
+Tags sort in the order a run saves them (phase, then step or epoch), and only the newest ``keep`` are kept.
+A resume from an older checkpoint than the newest on disk (the newer ones damaged, or ``LATEST`` behind)
+moves the newer folders aside (``.aside-TAG``, for inspection; the run saves those tags again), so that
+pruning never takes the checkpoints the resumed run writes.
 
 Resuming verifies the checkpoint it picks (its state file parses, every file has the size and SHA-256
 it was written with, every ``.pt`` file unpickles with ``weights_only=True``) and falls back to the newest
@@ -58,6 +65,8 @@ log = logging.getLogger(__name__)
 
 LATEST = "LATEST"
 TMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"  # a published checkpoint while a new one of its tag replaces it
+ASIDE_PREFIX = ".aside-"  # a checkpoint newer than the one a run resumed from
 UNIVERSAL_PREFIX = ".universal-"
 STATE_FILE = "trainer_state.json"
 DIGESTS = "sha256"  # trainer_state.json's {file name: SHA-256} (checkpoints written before it have sizes only)
@@ -271,13 +280,15 @@ class RunCheckpoints:
             files = {name: (tmp / name).stat().st_size for name in names}
             atomic_write_text(tmp / STATE_FILE, json.dumps({**trainer_state, "files": files,
                                                             DIGESTS: dict(sorted(digests.items()))}))
-            final = self.ckdir / tag
-            if final.exists():
-                shutil.rmtree(final)
+            final, previous = self.ckdir / tag, self.ckdir / f"{OLD_PREFIX}{tag}"
+            if final.exists():  # the same tag again: the old one stays whole until the new one is in place
+                shutil.rmtree(previous, ignore_errors=True)
+                final.rename(previous)
             tmp.rename(final)
             atomic_write_text(self.ckdir / LATEST, tag)
-            done = self._complete()
-            for old in done[: max(0, len(done) - self.keep)]:
+            shutil.rmtree(previous, ignore_errors=True)
+            done = [p for p in self._complete() if p.name != tag]
+            for old in done[: max(0, len(done) - (self.keep - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
             log.info("saved checkpoint %s", final)
         self.dist.barrier()
@@ -287,6 +298,14 @@ class RunCheckpoints:
         for tmp in self.ckdir.glob(f"{TMP_PREFIX}*"):
             log.warning("removing interrupted checkpoint %s", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
+        for previous in self.ckdir.glob(f"{OLD_PREFIX}*"):  # a save of the same tag was interrupted
+            final = self.ckdir / previous.name[len(OLD_PREFIX):]
+            if final.exists():
+                shutil.rmtree(previous, ignore_errors=True)
+            else:
+                log.warning("checkpoint %s was being replaced when the run stopped: the previous one is back",
+                            final.name)
+                previous.rename(final)
         latest = self.latest_tag()
         candidates = [p.name for p in reversed(self._complete())]
         if latest is None and candidates:
@@ -301,10 +320,22 @@ class RunCheckpoints:
         for tag in candidates:
             reason = _damage(self.ckdir / tag)
             if reason is None:
+                self._set_aside_after(tag)
                 return tag, skipped
             skipped.append(f"{tag}: {reason}")
             log.warning("cannot resume from checkpoint %s: %s; trying an older one", tag, reason)
         return None, skipped
+
+    def _set_aside_after(self, tag: str) -> None:
+        """Move the checkpoints that sort after ``tag``, the one a run resumes from, to ``.aside-TAG``: the run
+        saves those tags again, and pruning (by tag order) must not take its new checkpoints for older."""
+        for folder in self._complete():
+            if folder.name > tag:
+                aside = self.ckdir / f"{ASIDE_PREFIX}{folder.name}"
+                shutil.rmtree(aside, ignore_errors=True)
+                folder.rename(aside)
+                log.warning("checkpoint %s is newer than %s, which the run resumes from: moved to %s", folder.name,
+                            tag, aside)
 
     def find_resume(self) -> str | None:
         """The tag to resume from, the same on every rank (collective); None when there is no checkpoint.

@@ -1,0 +1,78 @@
+"""The checkpoint folder's bookkeeping (``common.training.checkpoints.RunCheckpoints``) with a stand-in engine: a
+tag saved again replaces its folder only once the new one is whole, and a resume from an older checkpoint than
+the newest on disk keeps the checkpoints it writes from being pruned."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.system.distributed import Dist
+from common.training.checkpoints import LATEST, MODEL_FILE, RunCheckpoints, make_tag
+
+ONE = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+class Engine:
+    """Writes what DeepSpeed's ``save_checkpoint`` writes for a model of one weight, ``value``."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"module": {"w": torch.tensor([self.value])}}, folder / MODEL_FILE)
+
+
+def _save(checkpoints: RunCheckpoints, step: int, value: float | None = None) -> str:
+    tag = make_tag(0, step)
+    checkpoints.save(Engine(step if value is None else value), tag, {"state": {"step": step}},
+                     {"torch": torch.get_rng_state()})
+    return tag
+
+
+def _published(ckdir: Path) -> list[str]:
+    return sorted(p.name for p in ckdir.iterdir() if p.is_dir())
+
+
+def test_a_tag_saved_again_replaces_its_folder_only_when_the_new_one_is_whole(tmp_path, monkeypatch):
+    ckdir = tmp_path / "checkpoints"
+    checkpoints = RunCheckpoints(ckdir, ONE, keep=1)
+    tag = _save(checkpoints, 3)
+    _save(checkpoints, 3, value=30.0)  # the same tag again: the new weights, nothing left aside
+    assert _published(ckdir) == [tag] and checkpoints.module_state(tag)["w"].item() == 30.0
+
+    # killed after the old folder moved aside, before the new one took its place: the old one comes back
+    rename = Path.rename
+
+    def killed(self, target):
+        if self.name.startswith(".tmp-"):
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _save(checkpoints, 3, value=300.0)
+    monkeypatch.setattr(Path, "rename", rename)
+    assert tag not in _published(ckdir) and (ckdir / LATEST).read_text() == tag
+    assert RunCheckpoints(ckdir, ONE, keep=1).find_resume() == tag
+    assert _published(ckdir) == [tag] and checkpoints.module_state(tag)["w"].item() == 30.0
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_a_resume_behind_the_newest_checkpoint_keeps_what_it_saves(tmp_path, keep):
+    """The newest checkpoint is damaged; the run resumes from the one before and saves tags that sort before the
+    damaged one: pruning keeps them (it used to take them for older and delete them, LATEST included)."""
+    ckdir = tmp_path / "checkpoints"
+    checkpoints = RunCheckpoints(ckdir, ONE, keep=2)
+    resumed, damaged = _save(checkpoints, 2), _save(checkpoints, 10)
+    (ckdir / damaged / "trainer_state.json").write_text("{")
+
+    checkpoints = RunCheckpoints(ckdir, ONE, keep=keep)
+    assert checkpoints.find_resume() == resumed
+    assert (ckdir / f".aside-{damaged}").is_dir() and damaged not in _published(ckdir)  # kept for inspection
+    saved = [_save(checkpoints, 3), _save(checkpoints, 4)]
+    assert (ckdir / LATEST).read_text() == saved[-1]
+    assert [n for n in _published(ckdir) if not n.startswith(".")] == ([resumed] + saved)[-keep:]
+    assert RunCheckpoints(ckdir, ONE, keep=keep).find_resume() == saved[-1]
