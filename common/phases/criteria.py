@@ -386,16 +386,19 @@ class PhaseEnd:
 
     @classmethod
     def for_phase(cls, phases: Sequence, index: int, stop_target: dict | None, state: dict,
-                  flops_per_sample: Callable[[int], float], warmup_steps: int = 0) -> "PhaseEnd":
+                  flops_per_sample: Callable[[int], float], warmup_steps: int = 0,
+                  pending_losses: bool = True) -> "PhaseEnd":
         """The :class:`PhaseEnd` of phase ``index`` of a run.
 
         Args:
             phases: the run's :class:`common.phases.config.PhaseConfig` list.
             index: the phase.
             stop_target: the ledger's ``stop_when_surpassing`` record (``run``, ``best``), for the final phase.
-            state: the checkpointed :meth:`state_dict` (empty for a fresh phase).
+            state: the checkpointed state (:meth:`saved_state`; empty for a fresh phase).
             flops_per_sample: training FLOPs per clip of phase ``i`` (asked only for ``efficiency``).
             warmup_steps: as for the constructor.
+            pending_losses: take the state's pending training losses (rank 0: they are every rank's, summed
+                by :meth:`saved_state`); the other ranks start from none.
         """
         phase, last = phases[index], len(phases) - 1
         ratio = None
@@ -405,7 +408,7 @@ class PhaseEnd:
         end = cls(phase.until, phase.length, "steps" if phase.iteration_based else "epochs", ratio,
                   target["best"] if target else None, target["run"] if target else "the baseline", index,
                   warmup_steps)
-        end.load_state_dict(state)
+        end.load_state_dict(state, pending_losses)
         return end
 
     def check(self, dist, at: int, score: float | None, flops: float, score_se: float | None = None,
@@ -549,11 +552,27 @@ class PhaseEnd:
                 "decision": None if self.decision is None else [self.decision.reason, self.decision.note,
                                                                  self.decision.at]}
 
-    def load_state_dict(self, state: dict) -> None:
+    def saved_state(self, dist) -> dict:
+        """:meth:`state_dict` for a checkpoint, with the pending training losses of every rank summed (collective
+        where the ``loss`` criterion counts them): only rank 0's state is saved, and a resumed run's rank 0
+        carries the sums (``for_phase(..., pending_losses=dist.is_main)``), so that the next check judges the
+        losses of all ranks as an uninterrupted run does."""
+        state = self.state_dict()
+        if self.needs_loss and self.decision is None:
+            total, squares, count = dist.all_reduce_sum(torch.tensor(self.pending_moments(), dtype=torch.float64,
+                                                                     device=dist.device)).tolist()
+            state.update(loss_sum=total, loss_sq=squares, loss_count=int(round(count)))
+        return state
+
+    def load_state_dict(self, state: dict, pending_losses: bool = True) -> None:
+        """Take ``state``; ``pending_losses=False`` leaves out its losses since the last check (see
+        :meth:`saved_state`)."""
         if not state:  # a fresh phase
             return
         self.checks, self.loss_sum, self.loss_count = state["checks"], state["loss_sum"], state["loss_count"]
         self.loss_sq, self.start = state.get("loss_sq", 0.0), state.get("start")
+        if not pending_losses:
+            self.loss_sum, self.loss_sq, self.loss_count = 0.0, 0.0, 0
         self.above, self.learned = state.get("above", 0), state.get("learned")
         if self.criterion is not None and state.get("criterion") is not None:
             self.criterion.load_state_dict(state["criterion"])

@@ -256,7 +256,7 @@ class Trainer(PhaseMachinery):
     # ------------------------------------------------------------------------ checkpoints, validation
     def _save(self, engine, index: int, pending_eval: bool = False) -> None:
         self._check_finite(index)  # nothing after a non-finite loss is ever saved
-        self.record.save(engine, index, pending_eval, self._phase_end(index).state_dict())
+        self.record.save(engine, index, pending_eval, self._phase_end(index).saved_state(self.dist))
 
     def _validate(self, model: nn.Module, index: int, scheduler) -> None:
         """Validate, record, let the LR schedule react (plateau / multistep), and judge the phase's end."""
@@ -278,7 +278,8 @@ class Trainer(PhaseMachinery):
         """What may end phase ``index`` (built on first use in the phase, from the checkpointed state)."""
         if self._end is None or self._end.index != index:
             self._end = PhaseEnd.for_phase(self.spec.phases, index, self.record.stop_target, self.state.until,
-                                           lambda i: self.plan.rows[i].flops_per_sample, self.spec.optim.warmup_steps)
+                                           lambda i: self.plan.rows[i].flops_per_sample, self.spec.optim.warmup_steps,
+                                           pending_losses=self.dist.is_main)
         return self._end
 
     def _judge(self, index: int, score: float | None, score_se: float | None = None) -> None:

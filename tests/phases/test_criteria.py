@@ -477,11 +477,22 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     dist = Dist(rank, world, rank, torch.device("cpu"))
     pattern = torch.linspace(-1, 1, world, dtype=torch.float64)
     z = (pattern * world ** 0.5 / pattern.std()).tolist()  # sums to 0; makes the mean's standard error = the error
-    end = PhaseEnd(UntilConfig(criterion="loss", window=1, threshold=0.1, smoothing=0.0, patience=1), 10, "steps")
-    decided = []
+    until = UntilConfig(criterion="loss", window=1, threshold=0.1, smoothing=0.0, patience=1)
+    end = PhaseEnd(until, 10, "steps")
+    decided, resumed, saved = [], [], {}
     for step, (mean, error) in enumerate(zip(MEANS, ERRORS), 1):
         end.add_loss(mean + error * z[rank])
         decided.append(end.check(dist, step, None, 0.0, step=step) is not None)
+        # the same run resumed before every check from a checkpoint written there (rank 0's state is saved)
+        again = PhaseEnd(until, 10, "steps")
+        again.load_state_dict(saved, pending_losses=dist.is_main)
+        again.add_loss(mean + error * z[rank])
+        saved = dist.broadcast_object(again.saved_state(dist))  # rank 0's checkpoint, read back by every rank
+        again = PhaseEnd(until, 10, "steps")
+        again.load_state_dict(saved, pending_losses=dist.is_main)
+        resumed.append(again.check(dist, step, None, 0.0, step=step) is not None)
+        saved = dist.broadcast_object(again.saved_state(dist))
+    assert resumed == decided and again.state_dict() == end.state_dict(), (resumed, decided)
     scores = [0.1, 0.4, 0.5, 0.5, 0.5] if rank == 0 else [0.0] * 5
     plateau = PhaseEnd(UntilConfig(criterion="plateau", patience=2), 10, "steps", warmup_steps=3)
     followed = [plateau.check(dist, step, score, 0.0, score_se=0.01, step=step) is not None
