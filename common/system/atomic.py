@@ -56,7 +56,8 @@ def _create(path: Path) -> Path:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path``, on failure it is removed.
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` (flushed to disk first, then the
+    rename), on failure it is removed.
 
     Args:
         path: the file to write.
@@ -79,7 +80,9 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
     try:
         yield tmp
         os.chmod(tmp, file_mode())  # writers that replace the file (safetensors) create it 0600
+        _fsync(tmp)  # on disk before its name is: a crash leaves the old file or the whole new one
         os.replace(tmp, path)
+        _fsync(path.parent)  # and the rename itself
     except BaseException as err:
         written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
@@ -89,14 +92,25 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
         raise
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') writes to disk; a file system that cannot is left as it is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # e.g. a folder on a file system without directory fsync
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (flushed to disk before the rename)."""
+    """Write a text file atomically."""
     data = text.encode()
     with atomic_path(path, size=len(data)) as tmp:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        tmp.write_bytes(data)
 
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:

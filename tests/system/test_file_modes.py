@@ -101,3 +101,28 @@ def test_temporary_files_of_a_killed_write_are_removed_at_the_next_start(tmp_pat
     assert all(p.read_text() == "mine" for p in decoys)
     assert "removed 5 temporary file(s) that an interrupted write left: " in (run_dir / "train.log").read_text()
     assert (run_dir / "checkpoints" / "LATEST").read_text() == "phase02-step000000001"  # resumed at step 2
+
+
+def test_an_atomic_write_reaches_the_disk_before_its_name_does(tmp_path, monkeypatch):
+    """The new file is flushed before the rename and the folder after it: a crash (power loss) leaves the old
+    file or the whole new one under the name, never an empty one (an export a finished run is judged by)."""
+    from common.system import atomic
+
+    events = []
+    fsync, replace, fstat = os.fsync, os.replace, os.fstat
+
+    def record_fsync(fd):
+        events.append(("fsync", "dir" if stat.S_ISDIR(fstat(fd).st_mode) else fstat(fd).st_size))
+        return fsync(fd)
+
+    def record_replace(src, dst):
+        events.append(("replace", Path(dst).name))
+        return replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "fsync", record_fsync)
+    monkeypatch.setattr(atomic.os, "replace", record_replace)
+    atomic.atomic_write_text(tmp_path / "a.txt", "hello")
+    with atomic.atomic_path(tmp_path / "b.bin") as tmp:
+        tmp.write_bytes(b"x" * 1000)
+    assert events == [("fsync", 5), ("replace", "a.txt"), ("fsync", "dir"),
+                      ("fsync", 1000), ("replace", "b.bin"), ("fsync", "dir")]
