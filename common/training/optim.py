@@ -2,8 +2,9 @@
 
 The schedule is a linear warm-up followed by one of
 
-- ``plateau``: multiply by ``decay`` when the validation score has not improved for ``patience``
-  validation rounds (SSAST pretraining: 0.5 after 2 rounds of 4,000 steps);
+- ``plateau``: multiply by ``decay`` when the validation score has not improved (by more than 1e-4 of
+  the best, relatively, as torch's ``ReduceLROnPlateau``) for ``patience`` validation rounds (SSAST
+  pretraining: 0.5 after 2 rounds of 4,000 steps);
 - ``multistep``: multiply by ``decay`` after validation round ``decay_start`` and every ``decay_every``
   rounds after it (AST fine-tuning's epoch-wise MultiStepLR; a round is an epoch there);
 - ``cosine``: cosine decay to ``min_lr`` over the phase;
@@ -25,6 +26,9 @@ import torch.distributed as dist
 from torch import nn
 
 from common.system.engine_config import zero_config
+
+# a round improves on the best when it beats it by this share (ReduceLROnPlateau's default relative threshold)
+PLATEAU_THRESHOLD = 1e-4
 
 __all__ = ["OptimConfig", "build_optimizer", "LRSchedule", "param_groups", "build_engine", "step_engine"]
 
@@ -152,8 +156,8 @@ class LRSchedule:
         """A validation round ended with ``score`` (higher is better); returns True if the LR decayed."""
         self.rounds += 1
         decayed = False
-        if self.cfg.schedule == "plateau":
-            if self.best is None or score > self.best:
+        if self.cfg.schedule == "plateau":  # torch's ReduceLROnPlateau(mode="max") as SSAST runs it
+            if self.best is None or score > self.best * (1 + PLATEAU_THRESHOLD):
                 self.best, self.bad_rounds = score, 0
             else:
                 self.bad_rounds += 1

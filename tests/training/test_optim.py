@@ -37,6 +37,22 @@ def test_plateau_halves_after_patience_rounds_without_improvement():
     assert s.get_last_lr()[0] == pytest.approx(2.5e-4)
 
 
+def test_plateau_decides_as_torchs_reduce_lr_on_plateau():
+    """SSAST steps torch's ReduceLROnPlateau(mode="max", factor=0.5, patience=2) on its validation score: the
+    same rounds decay here, also where a score beats the best by less than its relative threshold (1e-4)."""
+    scores = [0.5, 0.50001, 0.50002, 0.50003, 0.6, 0.6, 0.60001, 0.6, 0.7, 0.50004, 0.69, 0.7001]
+    s = schedule(warmup_steps=0, schedule="plateau", patience=2, decay=0.5)
+    ours = [s.report(score) for score in scores]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
+    theirs = []
+    for score in scores:
+        before = optimizer.param_groups[0]["lr"]
+        reference.step(score)
+        theirs.append(optimizer.param_groups[0]["lr"] < before)
+    assert ours == theirs and sum(ours) >= 2
+
+
 def test_multistep_decays_from_decay_start_every_decay_every_rounds():
     s = schedule(warmup_steps=0, schedule="multistep", decay_start=2, decay_every=2, decay=0.5)
     decays = [s.report(0.0) for _ in range(6)]
