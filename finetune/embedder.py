@@ -250,14 +250,17 @@ def model_digest(init: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _norm_for(weights, norm: str | None, recorded: str | None) -> tuple:
-    """``(NormStats, label)``: ``--norm``, else what the init records, else AudioSet's (AST's and SSAST's own)."""
+def _norm_for(weights, norm: str | None, recorded: str | None, recorded_stats: NormStats | None = None) -> tuple:
+    """``(NormStats, label)``: ``--norm``, else what the init records (its statistics by value, else by name),
+    else AudioSet's (AST's and SSAST's own)."""
     if norm is not None:
         return resolve_norm_stats(norm), norm
     front = weights.meta.get("front_end")  # a Hugging Face directory's preprocessor_config.json
     if isinstance(front, dict):
 
         return NormStats(float(front["mean"]), float(front["std"])), str(front.get("norm") or "preprocessor")
+    if recorded_stats is not None:
+        return recorded_stats, recorded or "recorded"
     if recorded is not None:
         return resolve_norm_stats(recorded), recorded
     log.warning("--init %s does not record its normalisation statistics: using AudioSet's (mean %.4f, std %.4f), "
@@ -318,7 +321,7 @@ def load_embedder(init: str | Path, *, layer: int | None = None, pool: str = "au
         pipeline = arch.frontend(geometry, compression, SpecAugmentConfig())
     else:
         recorded = meta["audio"].get("norm") if isinstance(meta.get("audio"), dict) else None
-        stats, label = _norm_for(weights, norm, recorded)
+        stats, label = _norm_for(weights, norm, recorded, getattr(arch, "norm_stats", None))
         audio = getattr(arch, "audio", None) if isinstance(meta.get("audio"), dict) else None
         if audio is None:
             front = meta.get("front_end") if isinstance(meta.get("front_end"), dict) else {}

@@ -7,19 +7,21 @@ geometry has ``grid`` (the token grid of the first stage), ``num_patches`` and `
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from common.audio.compression import Compression
+from common.audio.fbank import NormStats, resolve_norm_stats
 from common.audio.pipeline import AudioConfig
 from common.models.ast.arch import ASTArch
 from common.models.ast.encoder import EncoderConfig
 from common.models.htsat import HTSATConfig
 from common.models.htsat.arch import HTSATArch
 
-__all__ = ["ARCHS", "Architecture", "architecture_for", "architecture_from_meta"]
+__all__ = ["ARCHS", "Architecture", "architecture_for", "architecture_from_meta", "export_norm_stats"]
 
 ARCHS = ("ast", "htsat")
 
@@ -99,6 +101,13 @@ def architecture_for(base, audio=None) -> Architecture:
     raise TypeError(f"no architecture for a model config of type {type(base).__name__}")
 
 
+def export_norm_stats(meta: dict) -> NormStats | None:
+    """The normalisation statistics an AST-family export recorded by value (None: an older export, whose
+    ``audio.norm`` names them)."""
+    stats = meta.get("norm_stats")
+    return None if stats is None else resolve_norm_stats(stats)
+
+
 def architecture_from_meta(meta: dict) -> Architecture:
     """The architecture an export was trained with (``meta["arch"]``; exports without it are AST family)."""
     name = meta.get("arch", "ast")
@@ -108,5 +117,7 @@ def architecture_from_meta(meta: dict) -> Architecture:
     if name == "ast":
 
         audio = AudioConfig(**meta["audio"]) if "audio" in meta else None
-        return architecture_for(EncoderConfig.from_dict(meta["encoder_config"]), audio)
+        arch = architecture_for(EncoderConfig.from_dict(meta["encoder_config"]), audio)
+        stats = export_norm_stats(meta)
+        return arch if stats is None else replace(arch, norm_stats=stats)
     raise ValueError(f"unknown architecture {name!r} in the export's metadata; known: {list(ARCHS)}")

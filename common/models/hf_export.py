@@ -60,13 +60,15 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- exporting
-def _front_end_from_audio(audio: dict, norm: str | None):
-    """``(FrontEnd, AudioConfig)`` of an export's ``audio`` metadata (``norm`` replaces its statistics)."""
+def _front_end_from_audio(meta: dict, norm: str | None):
+    """``(FrontEnd, AudioConfig)`` of an export's ``audio`` metadata and the statistics it recorded (``norm``
+    replaces them)."""
     from common.audio.pipeline import AudioConfig
+    from common.models.arch import export_norm_stats
 
-    a = AudioConfig(**audio)
+    a = AudioConfig(**meta["audio"])
     spec = norm or a.norm
-    stats = resolve_norm_stats(spec)
+    stats = resolve_norm_stats(norm) if norm else export_norm_stats(meta) or resolve_norm_stats(a.norm)
     return FrontEnd(a.sample_rate, a.num_mel_bins, a.target_frames, stats.mean, stats.std, spec), a
 
 
@@ -137,7 +139,7 @@ def read_ast(src: str | os.PathLike, norm: str | None = None) -> tuple[ASTWeight
                         f"full-resolution fbank; export the final full-resolution phase (the run's model.safetensors)")
     fe = None
     if "audio" in meta:
-        fe, audio = _front_end_from_audio(meta["audio"], norm)
+        fe, audio = _front_end_from_audio(meta, norm)
         if (audio.frame_shift_ms, audio.frame_length_ms) != (HF_FRAME_SHIFT_MS, HF_FRAME_LENGTH_MS):
             problems.append(f"its fbank uses {audio.frame_length_ms:g} ms windows every {audio.frame_shift_ms:g} ms; "
                             f"ASTFeatureExtractor computes 25 ms every 10 ms")

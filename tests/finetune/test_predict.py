@@ -66,3 +66,42 @@ def test_an_unreadable_file_is_reported_and_the_others_are_tagged(tmp_path, mode
     assert predict(["--ckpt", str(model), str(good), str(garbage)]) == 1
     out = capsys.readouterr().out
     assert "good.wav  (0.50 s, 1 window)" in out and "garbage.wav\n  error: cannot decode it: " in out
+
+
+@pytest.mark.slow
+def test_an_export_keeps_its_normalisation_statistics_by_value(tmp_path, capsys):
+    """A task normalised with its own stats file: the exports record the statistics themselves, so the model
+    predicts the same after the file changed or went (another machine), and the predictions still use them."""
+    from common.data.corpora import get_corpus
+    from common.models.exports import read_weights
+    from finetune.run import main as finetune
+    from tests.helpers import TINY, sets
+    from tests.layouts import write_clip
+
+    for label in ("kick", "snare"):
+        for i in range(3):
+            write_clip(tmp_path / "drums" / label / f"{label}{i}.wav", seconds=0.6, seed=hash(label) % 100 + i)
+    get_corpus("custom").prepare(tmp_path / "drums", tmp_path / "manifests", name="drums", valid_fraction=0.5)
+    stats = tmp_path / "manifests" / "drums.stats.json"
+    stats.write_text(json.dumps({"mean": -9.0, "std": 2.0}))
+    (tmp_path / "drums.yaml").write_text(
+        "name: drums\ntrain: [manifests/drums_train.jsonl.gz]\nvalid: [manifests/drums_valid.jsonl.gz]\n"
+        f"classes: manifests/drums_classes.json\ntarget_frames: 64\nnorm: {stats}\nmetric: acc\nloss: ce\n"
+        "epochs: 1\n")
+    run_dir = tmp_path / "run"
+    assert finetune(["--init", "none", "--task", str(tmp_path / "drums.yaml"), "--run-dir", str(run_dir),
+                     *sets(*TINY, "data.batch_size=2")]) == 0
+    _, meta = read_weights(run_dir / "model.safetensors")
+    assert meta["norm_stats"] == {"mean": -9.0, "std": 2.0}
+    clip = next((tmp_path / "drums").rglob("*.wav"))
+
+    def scores():
+        capsys.readouterr()
+        assert predict(["--ckpt", str(run_dir), "--json", str(clip)]) == 0
+        return json.loads(capsys.readouterr().out)[0]["scores"]
+
+    before = scores()
+    stats.write_text(json.dumps({"mean": 0.0, "std": 9.0}))  # recomputed after adding data
+    assert scores() == before
+    stats.unlink()  # the model copied to another machine
+    assert scores() == before

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from common.audio.compression import Compression
+from common.audio.fbank import NormStats, resolve_norm_stats
 from common.audio.pipeline import AudioConfig, FeaturePipeline
 from common.models.ast.encoder import ASTEncoder, EncoderConfig, check_pooling, pool_tokens
 from common.models.ast.resize import adapt_state_dict, load_adapted
@@ -70,10 +71,12 @@ class ASTArch:
     Args:
         base: the full-resolution encoder geometry.
         audio: the full-resolution front end (sample rate, frames, normalisation).
+        norm_stats: the statistics ``audio.norm`` resolved to when the model was exported (None: resolve it).
     """
 
     base: EncoderConfig
     audio: AudioConfig
+    norm_stats: NormStats | None = None
 
     name: ClassVar[str] = "ast"
 
@@ -90,7 +93,7 @@ class ASTArch:
         return compression.encoder_config(self.base)
 
     def frontend(self, geometry: EncoderConfig, compression: Compression, specaug) -> FeaturePipeline:
-        return FeaturePipeline(self.audio, compression, specaug)
+        return FeaturePipeline(self.audio, compression, specaug, norm=self.norm_stats)
 
     def resolve_pool(self, pool: str, init) -> str:
         """``pool``, or for ``auto`` the pooling of the code the init comes from.
@@ -138,7 +141,9 @@ class ASTArch:
         return torch.randn(batch, geometry.input_tdim, geometry.num_mel_bins)
 
     def export_meta(self, geometry: EncoderConfig) -> dict:
-        return {"arch": self.name, "audio": asdict(self.audio)}
+        # the statistics by value: a stats file named in audio.norm may change or be absent where the model goes
+        stats = self.norm_stats or resolve_norm_stats(self.audio.norm)
+        return {"arch": self.name, "audio": asdict(self.audio), "norm_stats": asdict(stats)}
 
     def export_geometry(self, meta: dict) -> EncoderConfig:
         return EncoderConfig.from_dict(meta["encoder_config"])  # an export's config is its phase's geometry
