@@ -317,6 +317,24 @@ def balanced_weights(cuts, classes: Sequence[str]) -> list[float]:
             for cut in cuts]
 
 
+# Lhotse audio sources this package reads: a file, bytes in the manifest or a Shar tar. Lhotse would also run a
+# ``command`` source through the shell and fetch a ``url`` one; nothing a user loads may run code or reach out.
+SAFE_SOURCES = ("file", "memory", "shar")
+
+
+def refused_source(cut) -> str | None:
+    """Why a cut's audio is not read (a ``command`` or ``url`` source: the reason, as :class:`BadClip` gives it),
+    or None."""
+    recordings = [getattr(cut, "recording", None)] + [getattr(getattr(t, "cut", None), "recording", None)
+                                                      for t in getattr(cut, "tracks", None) or ()]
+    for recording in recordings:
+        for source in getattr(recording, "sources", None) or ():
+            if source.type not in SAFE_SOURCES:
+                return (f"refused (a Lhotse {source.type!r} audio source: this package runs no command and fetches "
+                        f"no URL named in a manifest; give the audio as files)")
+    return None
+
+
 def _file_source(cut) -> str | None:
     """The audio file a cut reads, or None (in-memory or Shar audio)."""
     try:
@@ -355,8 +373,12 @@ def load_clip(cut, sample_rate: int) -> np.ndarray:
     """Decode a cut's first channel at ``sample_rate`` (resampling if needed); raise :class:`BadClip`.
 
     The reason names what is wrong: ``missing (no such file)``, ``truncated (...)`` (the file holds less
-    than its header claims, see ``common.data.integrity``), ``unreadable (...)``, ``empty``, ``non-finite``.
+    than its header claims, see ``common.data.integrity``), ``unreadable (...)``, ``empty``, ``non-finite``,
+    ``refused (...)`` (a source that would run a command or fetch a URL: :func:`refused_source`).
     """
+    refused = refused_source(cut)
+    if refused:
+        raise BadClip(refused)
     source = _file_source(cut)
     try:
         if cut.sampling_rate != sample_rate:

@@ -25,7 +25,7 @@ from lhotse import CutSet
 from common.audio.fbank import NORM_STATS, resolve_norm_stats
 from common.config.recipe import RecipeError
 from common.data.corpora.base import read_classes
-from common.data.loader import manifest_problem
+from common.data.loader import manifest_problem, refused_source
 
 __all__ = ["check_manifest", "check_norm", "norm_mismatch", "check_classes", "check_labels", "data_checks",
            "check_data", "problems", "count_clips"]
@@ -86,6 +86,9 @@ def check_manifest(path: str | os.PathLike, key: str) -> None:
         raise RecipeError(f"{key}: {path} is not a readable Lhotse manifest ({detail[:200]})") from None
     if first is None:
         raise RecipeError(f"{key}: manifest {path} holds no clips")
+    refused = refused_source(first)
+    if refused:
+        raise RecipeError(f"{key}: manifest {path}: clip {first.id}: {refused}")
 
 
 def check_norm(spec: str, key: str) -> None:

@@ -230,3 +230,32 @@ def test_the_recheck_keeps_what_it_cannot_check_and_what_is_still_bad(tmp_path):
     log.write_text(text)
     BadAudioTracker(log_path=str(log)).recheck_listed()
     assert log.read_text() == text  # a Shar clip (no file to open) and a file still missing stay listed
+
+
+def test_a_manifest_that_would_run_a_command_or_fetch_a_url_is_refused(tmp_path):
+    """Lhotse runs a ``command`` audio source through the shell and fetches a ``url`` one: nothing a user loads
+    may run code, so such a clip is refused (named and counted as bad audio, the command never run), and the
+    checks before a run refuse a manifest that starts with one."""
+    from lhotse import MonoCut, Recording
+    from lhotse.audio import AudioSource
+
+    from common.config.recipe import RecipeError
+    from common.data.preflight import check_manifest
+
+    wav = write_clip(tmp_path / "a.wav", seconds=0.5)
+    marker = tmp_path / "ran"
+    good = Recording.from_file(wav)
+    cuts = []
+    for kind, source in (("command", f"touch {marker}; cat {wav}"), ("url", "http://127.0.0.1:9/a.wav")):
+        recording = Recording(id=kind, sources=[AudioSource(type=kind, channels=[0], source=source)],
+                              sampling_rate=good.sampling_rate, num_samples=good.num_samples, duration=good.duration)
+        cuts.append(MonoCut(id=kind, start=0.0, duration=good.duration, channel=0, recording=recording))
+        with pytest.raises(BadClip, match=f"refused .*'{kind}' audio source"):
+            load_clip(cuts[-1], 16000)
+    assert not marker.exists()
+    manifest = tmp_path / "cuts.jsonl.gz"
+    CutSet.from_cuts(cuts).to_file(manifest)
+    with pytest.raises(RecipeError, match=r"data.train.0: manifest .*cuts.jsonl.gz: clip command: refused"):
+        check_manifest(manifest, "data.train.0")
+    assert not marker.exists()
+    assert load_clip(good.to_cut(), 16000).size == good.num_samples  # a file source reads as before
