@@ -79,6 +79,21 @@ def test_custom_folder_per_class_with_splits_and_unlabeled(tmp_path):
         get_corpus("custom").prepare(None, tmp_path / "out", csv=tmp_path / "bad.csv")
 
 
+def test_custom_folders_keep_every_file_of_a_shared_name(tmp_path):
+    """Files named alike in different sub-folders are different clips (a class folder of recording sessions, an
+    unlabeled pool split in folders): none is dropped."""
+    for session in ("a", "b"):
+        write_clip(tmp_path / "tree" / "dog" / session / "001.wav", seconds=0.3)
+        write_clip(tmp_path / "raw" / session / "000000.wav", seconds=0.3)
+    write_clip(tmp_path / "tree" / "cat" / "001.wav", seconds=0.3)
+    report = get_corpus("custom").prepare(tmp_path / "tree", tmp_path / "out", unlabeled=tmp_path / "raw")
+    assert dict(report.clips) == {"train": 3, "pool": 2}
+    train = CutSet.from_file(report.manifests["train"]).to_eager()
+    assert sorted(c.id for c in train) == ["cat-001", "dog-a-001", "dog-b-001"]
+    pool = CutSet.from_file(report.manifests["pool"]).to_eager()
+    assert sorted(c.id for c in pool) == ["pool-a-000000", "pool-b-000000"]
+
+
 def test_custom_csv_ids_are_unique_for_files_outside_its_folder(tmp_path):
     """Absolute paths elsewhere whose file names repeat (issue 10 item 11)."""
     data = tmp_path / "data" / "set"

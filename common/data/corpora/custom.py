@@ -36,7 +36,7 @@ import os
 import re
 from pathlib import Path
 
-from common.data.corpora.base import ClipEntry, PrepareReport, require_file, scan_audio, write_corpus
+from common.data.corpora.base import AUDIO_SUFFIXES, ClipEntry, PrepareReport, require_file, write_corpus
 
 NAME = "custom"
 DESCRIPTION = "your own audio: a CSV (path,label[,split]) or a folder per class, plus unlabeled audio"
@@ -62,7 +62,9 @@ def add_arguments(parser) -> None:
 
 
 def _audio_files(folder: Path) -> list[Path]:
-    return sorted(Path(p) for p in scan_audio(folder).values())
+    """Every audio file under ``folder``, sorted (two files of one name in different folders are two clips)."""
+    return sorted(Path(root) / name for root, _, files in os.walk(folder) for name in files
+                  if os.path.splitext(name)[1].lower() in AUDIO_SUFFIXES)
 
 
 def _id_root(paths: list[Path], home: Path) -> Path:
