@@ -13,6 +13,7 @@ shards (``cuts.*``: the manifest part) and the names and sizes of its other shar
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -37,7 +38,7 @@ def fingerprint(path: str | Path) -> dict:
     Raises:
         FileNotFoundError: ``path`` does not exist.
     """
-    path = Path(path)
+    path = Path(os.path.expandvars(os.path.expanduser(str(path))))  # as the loader reads it
     if path.is_file():
         return {"sha256": _file_sha256(path).hexdigest(), "bytes": path.stat().st_size}
     if path.is_dir():

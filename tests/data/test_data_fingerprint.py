@@ -32,6 +32,14 @@ def test_a_fingerprint_follows_the_content(tmp_path):
     assert fingerprint(shar)["sha256"] != before["sha256"]
 
 
+def test_a_manifest_named_with_home_or_a_variable_is_fingerprinted_where_the_loader_reads_it(tmp_path,
+                                                                                              monkeypatch):
+    (tmp_path / "a.jsonl").write_text('{"id": "x"}\n')
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("C2F_DATA", str(tmp_path))
+    assert fingerprint("~/a.jsonl") == fingerprint("$C2F_DATA/a.jsonl") == fingerprint(tmp_path / "a.jsonl")
+
+
 def test_changes_name_the_role_and_the_path(tmp_path):
     train, valid = tmp_path / "t.jsonl", tmp_path / "v.jsonl"
     train.write_text("1")
