@@ -21,7 +21,7 @@ from common.data.loader import eval_loader
 from common.metrics import compute_metrics
 from finetune.classifier import class_scores, load_classifier
 
-__all__ = ["pipeline_for_export", "clip_for_export", "evaluate_export", "cross_validation_summary"]
+__all__ = ["pipeline_for_export", "clip_for_export", "clip_handling", "evaluate_export", "cross_validation_summary"]
 
 
 def pipeline_for_export(meta: dict) -> nn.Module:
@@ -47,6 +47,13 @@ def predict_scores(model: nn.Module, meta: dict, waveforms: torch.Tensor, length
     return class_scores(logits, meta.get("loss", "ce"))
 
 
+def clip_handling(meta: dict) -> dict:
+    """How the export's validation filled a short clip (``pad``: ``zeros`` or ``repeat``) and cut a long one
+    (``crop``: ``start`` or ``center``); exports without the record did as AST: zeros, from the start."""
+    clips = meta.get("clips") if isinstance(meta.get("clips"), dict) else {}
+    return {"pad": clips.get("pad", "zeros"), "crop": clips.get("crop", "start")}
+
+
 def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequence[str], batch_size: int = 32,
                     num_workers: int = 2, device: str | torch.device = "cpu", tracker=None) -> dict[str, float]:
     """mAP / accuracy of an exported classifier on ``manifests`` (one process); ``tracker`` counts bad and
@@ -56,7 +63,9 @@ def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequenc
         raise ValueError(f"{path} was trained on other classes than the task's class list")
     model.to(device)
     sample_rate, clip_samples = clip_for_export(meta)
-    loader = eval_loader(manifests, classes, clip_samples, sample_rate, batch_size, num_workers, tracker=tracker)
+    clips = clip_handling(meta)
+    loader = eval_loader(manifests, classes, clip_samples, sample_rate, batch_size, num_workers, crop=clips["crop"],
+                         pad=clips["pad"], tracker=tracker)
     scores, targets = [], []
     for batch in loader.batches(epochs=1):
         if len(batch):

@@ -113,16 +113,19 @@ def _front_end(meta: dict, pipeline: nn.Module) -> dict:
 
 def onnx_metadata(meta: dict, graph: ScoringGraph, source: str) -> dict:
     """The JSON object stored under :data:`META_KEY`: labels, audio settings, aggregation, front end."""
-    from finetune.evaluate import clip_for_export
+    from finetune.evaluate import clip_for_export, clip_handling
     from finetune.predict import aggregate_rule
 
     rate, clip = clip_for_export(meta)
     loss = meta.get("loss", "ce")
+    pad = clip_handling(meta)["pad"]
     return {"format": META_FORMAT, "source": source, "arch": meta.get("arch", "ast"),
             "classes": list(meta["classifier"]["classes"]), "class_names": dict(meta.get("class_names", {})),
             "sample_rate": rate, "clip_samples": clip, "loss": loss,
-            "scores": "sigmoid" if loss == "bce" else "softmax", "aggregate": aggregate_rule(meta),
-            "inputs": {"waveforms": f"[batch, {clip}] float32 at {rate} Hz, each row zero-padded to {clip} samples",
+            "scores": "sigmoid" if loss == "bce" else "softmax", "aggregate": aggregate_rule(meta), "pad": pad,
+            "inputs": {"waveforms": f"[batch, {clip}] float32 at {rate} Hz, each row zero-padded to {clip} samples"
+                                    + (" (a clip shorter than that repeated to it first, as the model was "
+                                       "validated: pad 'repeat')" if pad == "repeat" else ""),
                        "lengths": "[batch] int64, the valid samples of each row"},
             "outputs": {"scores": f"[batch, {len(meta['classifier']['classes'])}] float32, one column per class"},
             "front_end": _front_end(meta, graph.pipeline)}

@@ -159,9 +159,10 @@ def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None 
     Raises:
         AudioReadError: the file cannot be read.
     """
-    from finetune.evaluate import clip_for_export, predict_scores
+    from finetune.evaluate import clip_for_export, clip_handling, predict_scores
 
     rate, clip = clip_for_export(meta)
+    repeat = clip_handling(meta)["pad"] == "repeat"  # a file shorter than the clip, repeated as in validation
     rule = aggregate_rule(meta, aggregate)
     wave = load_audio(path, rate)
     if hop_seconds is not None and hop_seconds <= 0:
@@ -175,6 +176,8 @@ def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None 
         lengths = torch.zeros(len(chunk), dtype=torch.long)
         for j, start in enumerate(chunk):
             piece = wave[start : start + clip]
+            if repeat and 0 < piece.size < clip:
+                piece = np.tile(piece, -(-clip // piece.size))[:clip]
             batch[j, : piece.size] = torch.from_numpy(piece)
             lengths[j] = piece.size
         scores.append(predict_scores(model, meta, batch.to(device), lengths.to(device)).cpu())

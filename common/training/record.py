@@ -369,7 +369,9 @@ class RunRecord:
         phase = self.spec.phases[index]
         return {**self.spec.meta, **self.plan.arch.export_meta(self.plan.configs[index]),
                 "phase": {"index": index + 1, "of": len(self.spec.phases), "compression": phase.compression,
-                          "factor": phase.factor, "patch_transfer": phase.patch_transfer}, **extra}
+                          "factor": phase.factor, "patch_transfer": phase.patch_transfer},
+                # how validation filled and cut its clips: evaluation and prediction of the export do the same
+                "clips": {"pad": self.spec.data.pad, "crop": self.spec.data.eval_crop}, **extra}
 
     # ------------------------------------------------------------------------------------- the end
     def average_into(self, model: nn.Module, index: int) -> list[int]:

@@ -93,6 +93,7 @@ def test_an_export_keeps_its_normalisation_statistics_by_value(tmp_path, capsys)
                      *sets(*TINY, "data.batch_size=2")]) == 0
     _, meta = read_weights(run_dir / "model.safetensors")
     assert meta["norm_stats"] == {"mean": -9.0, "std": 2.0}
+    assert meta["clips"] == {"pad": "zeros", "crop": "start"}  # how validation filled and cut its clips
     clip = next((tmp_path / "drums").rglob("*.wav"))
 
     def scores():
@@ -105,3 +106,46 @@ def test_an_export_keeps_its_normalisation_statistics_by_value(tmp_path, capsys)
     assert scores() == before
     stats.unlink()  # the model copied to another machine
     assert scores() == before
+
+
+def test_a_model_validated_on_repeated_clips_is_evaluated_and_predicts_on_them(tmp_path, capsys, monkeypatch):
+    """``data.pad: repeat`` (HTS-AT's ESC-50 recipe) and ``data.eval_crop`` travel with the export: a file shorter
+    than the clip is repeated to it by predict.py, and the test split / evaluate_export read clips as the
+    run's validation did."""
+    import soundfile as sf
+    import torch
+
+    from common.models.exports import read_weights, save_weights
+    from finetune import evaluate
+    from finetune.classifier import load_classifier
+    from tests.helpers import tiny_classifier_file
+
+    zeros = tiny_classifier_file(tmp_path, "ce")
+    tensors, meta = read_weights(zeros)
+    repeat = save_weights(tmp_path / "repeat.safetensors", tensors,
+                          {**meta, "clips": {"pad": "repeat", "crop": "center"}})
+    short = _write(tmp_path / "short.wav", 0.3)
+    scores = {}
+    for name, path in (("zeros", zeros), ("repeat", repeat)):
+        assert predict(["--ckpt", str(path), str(short), "--json"]) == 0
+        entry = json.loads(capsys.readouterr().out)[0]
+        assert entry["duration"] == pytest.approx(0.3) and entry["windows"][0]["end"] == pytest.approx(0.3)
+        scores[name] = np.array([entry["scores"][c] for c in "abc"])
+    model, meta = load_classifier(repeat)
+    rate, clip = evaluate.clip_for_export(meta)
+    wave = sf.read(short, dtype="float32")[0]
+    tiled = torch.from_numpy(np.tile(wave, -(-clip // wave.size))[:clip])[None]
+    expected = evaluate.predict_scores(model, meta, tiled, torch.tensor([clip]))[0].numpy()
+    assert np.allclose(scores["repeat"], expected, atol=1e-6) and not np.allclose(scores["zeros"], expected)
+
+    seen = {}
+
+    def loader(*args, **kwargs):
+        seen.update(crop=kwargs.get("crop"), pad=kwargs.get("pad"))
+        raise RuntimeError("enough")
+
+    monkeypatch.setattr(evaluate, "eval_loader", loader)
+    for path, expect in ((zeros, {"crop": "start", "pad": "zeros"}), (repeat, {"crop": "center", "pad": "repeat"})):
+        with pytest.raises(RuntimeError, match="enough"):
+            evaluate.evaluate_export(path, ["unused.jsonl.gz"], ["a", "b", "c"])
+        assert seen == expect
