@@ -111,7 +111,11 @@ class ManifestSpec:
 
     Args:
         path: a ``*.jsonl.gz`` CutSet or a Lhotse Shar folder.
-        weight: relative sampling weight in a mix (``CutSet.mux``).
+        weight: relative weight in a streamed mix (``CutSet.mux``): at each draw a manifest is picked with
+            probability proportional to its weight among those not yet used up, and every clip still comes
+            once per epoch. So the weights shape the interleaving, not the epoch's content: equal weights on
+            manifests of unequal sizes use up the small one early in each epoch; weights proportional to the
+            clip counts interleave them evenly (SSAST's AudioSet + LibriSpeech recipe does that).
     """
 
     path: str
@@ -1084,8 +1088,9 @@ def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] 
                 sample_rate: int, batch_size: int, num_workers: int = 0, crop: str = "start", rank: int = 0,
                 world_size: int = 1, tracker: BadAudioTracker | None = None,
                 pin_memory: bool = False, pad: str = "zeros", cache: ClipCache | None = None) -> ClipLoader:
-    """One pass over evaluation manifests in their order, every clip kept once (no shuffling, no dropped batch;
-    over several ranks, the same number of batches on each, the last of which may be empty).
+    """One pass over evaluation manifests, every clip kept once (no shuffling within a manifest, several mixed
+    with a fixed seed; no dropped batch; over several ranks, the same number of batches on each, the last of
+    which may be empty).
 
     Args:
         manifests: the evaluation manifests.
