@@ -58,14 +58,17 @@ class ProbeRecipe:
     cache_dir: str = "runs/probe_cache"
 
 
-def _cache_key(ckpt: str, manifests: Sequence[str], cfg, layer, pool) -> str:
+def _cache_key(ckpt: str, manifests: Sequence[str], cfg, layer, pool, front_end: str = "",
+               classes: Sequence[str] = ()) -> str:
+    """The features' identity: the model file, its config, layer and pooling, the front end (the statistics the
+    features were normalised with, the sample rate and frames), the class list (the targets) and the manifests."""
     from common.models.exports import resolve_model_file
     from common.models.hf import is_hf_directory
 
     files = sorted(p for p in Path(ckpt).iterdir() if p.is_file()) if is_hf_directory(ckpt) \
         else [resolve_model_file(ckpt)]
     parts = [str(x) for f in files for x in (f.resolve(), f.stat().st_mtime_ns)] + [str(cfg.to_dict()), str(layer),
-                                                                                    pool]
+                                                                                    pool, front_end, repr(list(classes))]
     parts += [f"{Path(m).resolve()}:{Path(m).stat().st_mtime_ns if Path(m).exists() else 0}" for m in manifests]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
@@ -126,6 +129,8 @@ def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, 
 
 def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torch.device) -> dict:
     """Probe one task; returns ``{"task", "metric", "value", "folds"?, ...}``."""
+    from common.audio.augment import SpecAugmentConfig
+    from common.audio.compression import Compression
     from common.audio.pipeline import AudioConfig
     from common.data.corpora.base import read_classes
     from common.models.arch import architecture_for
@@ -153,9 +158,11 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
     from common.system.atomic import atomic_path
 
     cache = Path(recipe.cache_dir)
+    pipeline = arch.frontend(arch.geometry(Compression()), Compression(), SpecAugmentConfig())
+    front_end = f"{getattr(arch, 'audio', None)}|{getattr(pipeline, 'stats', None)}|{arch.clip_samples}"
 
     def features(manifests: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        path = cache / f"{_cache_key(init_path, manifests, cfg, recipe.layer, pool)}.npz"
+        path = cache / f"{_cache_key(init_path, manifests, cfg, recipe.layer, pool, front_end, classes)}.npz"
         if path.is_file():
             data = np.load(path)
             return data["x"], data["y"]

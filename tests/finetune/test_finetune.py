@@ -266,6 +266,13 @@ def test_a_custom_task_file_fine_tunes_and_probes(tmp_path):
     assert result["task"] == "drums" and 0 <= result["value"] <= 1
     assert result["pool"] == "prefix"  # the probe pools as the model it reads
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # train and valid features cached
+    stats = tmp_path / "drums.stats.json"  # the statistics corrected: other features, not the cached ones
+    stats.write_text(json.dumps({"mean": -2.0, "std": 3.0}))
+    task = tmp_path / "drums.yaml"
+    task.write_text(task.read_text().replace("norm: audioset", f"norm: {stats}"))
+    assert probe(["--init", str(run_dir), "--task", str(task), "--cache-dir", str(tmp_path / "cache"), "--workers",
+                  "0", "--out", str(out)]) == 0
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 4
 
 
 def test_logistic_regression_probe_on_known_features():
