@@ -359,8 +359,26 @@ def read_hf_directory(path: str | os.PathLike) -> ASTWeights:
         ids = (config.get("coarse2fine") or {}).get("classes")
         classes = [str(c) for c in ids] if isinstance(ids, list) and len(ids) == n else labels
         names = dict(zip(classes, labels))
-    loss = "bce" if config.get("problem_type") == "multi_label_classification" else "ce"
+    loss = _hf_loss(config.get("problem_type"), None if head is None else len(classes), path)
     return ASTWeights(cfg, encoder, head, "prefix", classes, names, loss, _read_front_end(path), str(path))
+
+
+AUDIOSET_CLASSES = 527
+
+
+def _hf_loss(problem_type: str | None, outputs: int | None, path) -> str:
+    """``bce`` (sigmoid scores, multi-label) or ``ce`` (softmax) for an HF classifier. A config without
+    ``problem_type`` (the MIT AST AudioSet checkpoints have none) is read as multi-label when it has AudioSet's
+    527 outputs, which AST trains with BCE and scores with sigmoids (softmax scores would change every class's
+    ranking of the clips, and so the mAP), else as single-label."""
+    if problem_type is not None or outputs is None:
+        return "bce" if problem_type == "multi_label_classification" else "ce"
+    if outputs == AUDIOSET_CLASSES:
+        log.info("%s: config.json has no problem_type; its %d outputs are AudioSet's classes, trained multi-label: "
+                 "scored with sigmoids (BCE)", path, outputs)
+        return "bce"
+    log.info("%s: config.json has no problem_type: scored as single-label (softmax)", path)
+    return "ce"
 
 
 def hf_classifier_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

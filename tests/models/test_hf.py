@@ -127,6 +127,21 @@ def test_round_trip_export_import_export_is_bit_identical(tmp_path):
         assert (hf_dir / name).read_bytes() == (again / name).read_bytes(), name
 
 
+@pytest.mark.parametrize("outputs,loss", [(4, "ce"), (527, "bce")])
+def test_a_config_without_problem_type_is_multi_label_for_audiosets_classes(tmp_path, outputs, loss):
+    """The MIT AST AudioSet checkpoints carry no problem_type: their 527 outputs are scored with sigmoids, as AST
+    trained them (softmax scores would change the mAP); another head without one is single-label."""
+    torch.manual_seed(0)
+    classes = CLASSES if outputs == len(CLASSES) else [f"/m/{i:05d}" for i in range(outputs)]
+    src = save_classifier(Classifier(ASTEncoder(tiny_cfg()), outputs, "prefix"), tmp_path / "m.safetensors", classes,
+                          {"audio": AUDIO, "phase": FULL, "loss": "bce" if loss == "ce" else "ce"})
+    out = export_hf(src, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    del config["problem_type"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert read_hf_directory(out).loss == loss
+
+
 def test_import_reads_bin_weights_and_transformers5_names(tmp_path):
     """``pytorch_model.bin`` (loaded with weights_only) under the in-memory names of transformers 5
     (``layers.N.attention.q_proj``) gives the same encoder as the saved names."""
