@@ -221,22 +221,28 @@ def read_shard(path: str | os.PathLike, keys: Sequence[str] | None = None) -> di
         return {k: data[k] for k in data.files if keys is None or k in keys}
 
 
-def _rows_of(text: str) -> list[dict]:
-    lines = text.splitlines()
+def _rows_of(path: Path) -> list[dict]:
+    """The typed rows of an index file (``index.tsv`` or a shard's ``NNNNN.tsv``); ``ValueError`` naming the
+    file and line when it is not one (damaged, cut short)."""
+    lines = path.read_text().splitlines()
     if not lines or tuple(lines[0].split("\t")) != INDEX_COLUMNS:
-        raise ValueError(f"not an embedding index (header {lines[0] if lines else 'missing'!r})")
+        raise ValueError(f"{path} is not an embedding index (header {lines[0] if lines else 'missing'!r}, expected "
+                         f"{chr(9).join(INDEX_COLUMNS)!r})")
     rows = []
-    for line in lines[1:]:
+    for number, line in enumerate(lines[1:], start=2):
         cols = line.split("\t")
-        rows.append({"clip_id": cols[0], "source": cols[1], "window": int(cols[2]), "start": float(cols[3]),
-                     "end": float(cols[4]), "shard": cols[5], "row": int(cols[6])})
+        try:
+            rows.append({"clip_id": cols[0], "source": cols[1], "window": int(cols[2]), "start": float(cols[3]),
+                         "end": float(cols[4]), "shard": cols[5], "row": int(cols[6])})
+        except (IndexError, ValueError):
+            raise ValueError(f"{path}: line {number} is not an index row ({len(cols)} of {len(INDEX_COLUMNS)} "
+                             f"columns: {line[:120]!r}); the file is damaged") from None
     return rows
 
 
 def read_index(out: str | os.PathLike) -> list[dict]:
     """The rows of ``OUT/index.tsv`` (see the module docstring), typed."""
-    path = Path(out) / "index.tsv"
-    return _rows_of(path.read_text())
+    return _rows_of(Path(out) / "index.tsv")
 
 
 def read_clips(out: str | os.PathLike) -> np.ndarray:
@@ -355,7 +361,7 @@ def _done_rows(out: Path) -> list[dict]:
     """The rows of every finished shard, in shard order (a shard whose tensors are missing is not finished)."""
     rows = []
     for tsv in sorted((out / "shards").glob("*.tsv")):
-        part = _rows_of(tsv.read_text())
+        part = _rows_of(tsv)
         if part and not (out / "shards" / part[0]["shard"]).is_file():
             log.warning("%s: its tensors %s are missing; its clips are embedded again", tsv, part[0]["shard"])
             tsv.unlink()

@@ -334,3 +334,15 @@ def test_a_second_command_on_one_out_stops_at_once_naming_the_first(tmp_path, ca
         assert err[-1].startswith("error: ") and f"pid {os.getpid()}" in err[-1], err
         assert not (tmp_path / "o" / "shards").exists()
     assert main(argv) == 0 and len(read_index(tmp_path / "o")) == 1  # once the first has ended
+
+
+def test_a_damaged_index_is_named_with_its_line(tmp_path):
+    from finetune.embed import INDEX_COLUMNS
+
+    index = tmp_path / "index.tsv"
+    index.write_text("\t".join(INDEX_COLUMNS) + "\nclip\tsrc.wav\t0\t0.000000\t1.000000\t00000.npz\t0\nclip2\tsrc2")
+    with pytest.raises(ValueError, match=r"index.tsv: line 3 is not an index row \(2 of 7 columns"):
+        read_index(tmp_path)
+    index.write_text("id\tpath\n")
+    with pytest.raises(ValueError, match=r"index.tsv is not an embedding index"):
+        read_index(tmp_path)
