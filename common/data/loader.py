@@ -53,6 +53,7 @@ import gzip
 import json
 import logging
 import os
+import warnings
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -60,8 +61,10 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal, Sequence
 
 import numpy as np
+import soundfile as sf
 import torch
 from lhotse import CutSet, Recording
+from lhotse.audio.utils import set_audio_duration_mismatch_tolerance
 from lhotse.dataset import DynamicCutSampler, SimpleCutSampler
 from torch.utils.data import DataLoader
 
@@ -321,6 +324,14 @@ def balanced_weights(cuts, classes: Sequence[str]) -> list[float]:
             for cut in cuts]
 
 
+# Lhotse pads a decoded clip that falls short of its manifest's length by up to 0.5 s by default (mirroring its
+# end), which hides a clip that lost a fifth of itself or more when it is under 2.5 s; a few compressed-audio
+# frames of difference are all this package lets through (a shorter clip is then bad audio, named).
+AUDIO_LENGTH_TOLERANCE = 0.1
+with warnings.catch_warnings():  # its warning is about Lhotse's augmentation transforms, which are not used here
+    warnings.simplefilter("ignore")
+    set_audio_duration_mismatch_tolerance(AUDIO_LENGTH_TOLERANCE)
+
 # Lhotse audio sources this package reads: a file, bytes in the manifest or a Shar tar. Lhotse would also run a
 # ``command`` source through the shell and fetch a ``url`` one; nothing a user loads may run code or reach out.
 SAFE_SOURCES = ("file", "memory", "shar")
@@ -373,17 +384,38 @@ def audio_file_problem(path: str) -> str | None:
     return None
 
 
+def _rate_changed(source: str | None, cut) -> str | None:
+    """Why a file no longer matches its manifest's sampling rate (re-encoded in place), or None. Lhotse would read
+    it at the recorded rate: a clip at half the rate would play an octave up, its second half padded."""
+    if source is None:
+        return None
+    try:
+        rate = sf.info(source).samplerate
+    except Exception:  # noqa: BLE001 - a format libsndfile does not read: left to the decoder
+        return None
+    recorded = cut.recording.sampling_rate
+    if rate != recorded:
+        return (f"changed since its manifest was written (the file is {rate} Hz, the manifest says {recorded} Hz): "
+                f"prepare the manifest again")
+    return None
+
+
 def load_clip(cut, sample_rate: int) -> np.ndarray:
     """Decode a cut's first channel at ``sample_rate`` (resampling if needed); raise :class:`BadClip`.
 
     The reason names what is wrong: ``missing (no such file)``, ``truncated (...)`` (the file holds less
-    than its header claims, see ``common.data.integrity``), ``unreadable (...)``, ``empty``, ``non-finite``,
+    than its header claims, see ``common.data.integrity``), ``unreadable (...)`` (also a clip more than
+    :data:`AUDIO_LENGTH_TOLERANCE` shorter than its manifest says), ``changed since its manifest was written``
+    (another sampling rate), ``empty``, ``non-finite``,
     ``refused (...)`` (a source that would run a command or fetch a URL: :func:`refused_source`).
     """
     refused = refused_source(cut)
     if refused:
         raise BadClip(refused)
     source = _file_source(cut)
+    changed = _rate_changed(source, cut)
+    if changed:
+        raise BadClip(changed)
     try:
         if cut.sampling_rate != sample_rate:
             cut = cut.resample(sample_rate)

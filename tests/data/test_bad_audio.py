@@ -259,3 +259,25 @@ def test_a_manifest_that_would_run_a_command_or_fetch_a_url_is_refused(tmp_path)
         check_manifest(manifest, "data.train.0")
     assert not marker.exists()
     assert load_clip(good.to_cut(), 16000).size == good.num_samples  # a file source reads as before
+
+
+def test_a_clip_changed_after_its_manifest_is_bad_audio_not_padded(tmp_path):
+    """Lhotse reads a file at its manifest's rate and pads a shortfall of up to half a second with the clip's own
+    mirrored end: a clip re-encoded at half the rate, or cut short, would train as something it is not."""
+    from lhotse import Recording
+
+    halved = write_clip(tmp_path / "a.wav", seconds=1.0)
+    cut = Recording.from_file(halved).to_cut()
+    data, rate = sf.read(halved, dtype="float32")
+    sf.write(halved, data[::2], rate // 2)  # re-encoded in place at 8 kHz
+    with pytest.raises(BadClip, match=r"changed since its manifest was written \(the file is 8000 Hz, the manifest "
+                                      r"says 16000 Hz\)"):
+        load_clip(cut, 16000)
+    short = write_clip(tmp_path / "b.flac", seconds=1.0)
+    cut = Recording.from_file(short).to_cut()
+    data, rate = sf.read(short, dtype="float32")
+    sf.write(short, data[: int(0.7 * rate)], rate)  # edited: 0.3 s shorter
+    with pytest.raises(BadClip, match="unreadable"):
+        load_clip(cut, 16000)
+    unchanged = write_clip(tmp_path / "c.flac", seconds=1.0)
+    assert load_clip(Recording.from_file(unchanged).to_cut(), 32000).size == 32000  # resampled as before
