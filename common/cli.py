@@ -25,6 +25,7 @@ from common.system.disk import describe_os_error
 from common.system.distributed import init_distributed
 from common.system.lock import LOCK_FILE, RunDirBusy, job_lock
 from common.system.logger import setup_logging
+from common.system.signals import StoppedBySignal, stop_on_signals
 from common.training.batch import launch_world_size
 from common.training.checkpoints import NoUsableCheckpoint
 from common.training.nonfinite import NonFiniteLoss
@@ -166,7 +167,7 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
     threads = torch.get_num_threads()  # given back at the end (a notebook, the demo, the tests run on)
     finished = False
     try:
-        with job_lock(run_dir, dist):
+        with job_lock(run_dir, dist), stop_on_signals():  # SIGTERM / SIGUSR1: checkpoint, then stop
             setup_logging(run_dir, dist.rank)
             set_cpu_threads(loader_workers(recipe.data.num_workers), recipe.train.cpu_threads)
             if dist.device.type == "cpu":
@@ -201,13 +202,18 @@ def run_main(body: Callable[[], int]) -> int:
 
     Exit status: 2 for bad input (recipe, missing file, changed data, an unusable run directory), 1 for a
     run that stopped (non-finite loss, bad audio, no usable checkpoint, a full disk or another failing
-    file, another rank that stopped), 130 when interrupted.
+    file, another rank that stopped), 130 when interrupted, 128 + the signal's number when SIGTERM or SIGUSR1
+    stopped it (checkpointed: ``common.system.signals``).
     """
     try:
         return body()
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
+    except StoppedBySignal as stop:
+        log.info("%s", stop)
+        print(f"{stop}", file=sys.stderr)
+        return 128 + stop.signum
     except (RecipeError, FileNotFoundError, NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, RunDirBusy,
             ValueError) as err:
         log.debug("%s", traceback.format_exc())

@@ -34,6 +34,7 @@ from common.phases.criteria import PhaseEnd
 from common.phases.transition import initial_model, next_phase_model
 from common.system.distributed import Dist
 from common.system.logger import progress
+from common.system.signals import StoppedBySignal, stop_requested
 from common.training.compile import maybe_compile
 from common.training.objective import Objective
 from common.training.optim import build_engine
@@ -59,6 +60,7 @@ class Trainer(PhaseMachinery):
         super().__init__(spec, objective, dist, plan, RunRecord(spec, plan, objective, dist))
         self.scalars = self.record.scalars
         self._end: PhaseEnd | None = None  # what may end the current phase (see _phase_end)
+        self._stopped_by: int | None = None  # the signal that stopped this call (common.system.signals)
 
     # ------------------------------------------------------------------------------------- the run
     def run(self, stop_after: int | None = None) -> bool:
@@ -84,6 +86,8 @@ class Trainer(PhaseMachinery):
         while not (record.state.phase_done and record.state.phase == last):
             index = record.state.phase
             if record.state.phase_done:
+                if self._signalled(at_sync=True):  # the phase's end is checkpointed: stop before the next one
+                    raise StoppedBySignal(self._stopped_by, f"at the end of {self.spec.phases[index].label(index)}")
                 model = self._next_phase(model, index)
                 collect()  # the previous phase's model is gone now: free its cycles (common.training.release)
                 continue
@@ -111,6 +115,9 @@ class Trainer(PhaseMachinery):
             model = release_engine(engine)  # the bare model: the engine's hooks, optimizer state, gradients released
             del engine
             if not finished:
+                if self._stopped_by is not None:
+                    raise StoppedBySignal(self._stopped_by, f"after step {record.state.step} of "
+                                                            f"{self.spec.phases[index].label(index)}")
                 log.info("stopped after %d steps as asked; run the same command again to resume", steps_this_call)
                 return False
         self._finish(model)
@@ -140,7 +147,8 @@ class Trainer(PhaseMachinery):
                         ended = self._epoch_end(engine, index, group)
                     else:
                         steps += 1
-                        out_of_budget = budget is not None and steps >= budget
+                        out_of_budget = (budget is not None and steps >= budget) or \
+                            self._signalled(at_sync=(st.step + 1) % self.spec.train.log_every == 0)
                         ended = self._step(engine, index, group, pipeline, window, bar, out_of_budget)
                     if ended or out_of_budget:
                         break
@@ -153,6 +161,24 @@ class Trainer(PhaseMachinery):
         if ended:
             self._end_phase(engine, index)
         return ended, steps
+
+    def _signalled(self, at_sync: bool) -> bool:
+        """Whether a stop signal ends this call after the step about to be taken (or at this phase end).
+
+        One process decides on its own flag at every step. Several ranks decide together, only where they
+        synchronise anyway (``at_sync``: a log window's end, a phase's end; a collective per step would make
+        the host wait for the device), so that every rank checkpoints the same step."""
+        if self.dist.world_size == 1:
+            signum = stop_requested()
+        elif at_sync:  # any rank's signal (the highest number where ranks got different ones), on every rank
+            flag = torch.tensor([float(stop_requested() or 0)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            signum = int(flag.item()) or None
+        else:
+            return False
+        if signum:
+            self._stopped_by = signum
+        return bool(signum)
 
     def _step(self, engine, index: int, group: StepGroup, pipeline: nn.Module, window: dict, bar,
               last: bool) -> bool:

@@ -1,0 +1,68 @@
+"""Stopping on a signal: a scheduler's notice (SIGTERM, or SIGUSR1 ahead of time: SLURM's ``--signal``) ends a
+training run with a checkpoint instead of losing the steps since the last one.
+
+While a run trains (:func:`stop_on_signals`, entered by ``common.cli.training_session``), SIGTERM and SIGUSR1
+only record that a stop was asked for; the trainer checkpoints after the step it is taking and stops
+(:class:`StoppedBySignal`, exit status 128 + the signal's number, as a shell reports a process the signal
+ended). On several ranks the ranks agree at the end of a log window (``train.log_every`` steps, where they
+synchronise anyway), so that every rank saves the same step; one process stops after its current step. A
+second signal ends the process at once, as without this module.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+__all__ = ["STOP_SIGNALS", "StoppedBySignal", "stop_on_signals", "stop_requested", "request_stop"]
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+_received: list[int] = []  # the signal that asked for a stop (empty: none)
+
+
+class StoppedBySignal(Exception):
+    """The run stopped, checkpointed, because a signal asked it to."""
+
+    def __init__(self, signum: int, where: str) -> None:
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}; the checkpoint is saved: run the same "
+                         f"command again to resume")
+
+
+def stop_requested() -> int | None:
+    """The signal that asked this process to stop, or None."""
+    return _received[0] if _received else None
+
+
+def request_stop(signum: int = signal.SIGTERM) -> None:
+    """Record a stop request as the signal handler does (the handler, and tests that stand for a scheduler)."""
+    if not _received:
+        _received.append(signum)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within: :data:`STOP_SIGNALS` ask for a stop (:func:`stop_requested`); the first one only records it, a second
+    one of the same kind takes its default action. Outside the main thread (where Python cannot handle
+    signals) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+
+    def handler(signum, frame) -> None:
+        request_stop(signum)
+        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+
+    _received.clear()
+    for s in STOP_SIGNALS:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _received.clear()

@@ -1,0 +1,69 @@
+"""A scheduler's notice (SIGTERM, SIGUSR1) ends a training run with a checkpoint of the step it was taking, and the
+same command resumes it exactly (``common.system.signals``); on several ranks every rank stops at the same step."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common.training.loop import Trainer
+from tests.helpers import _free_port, launch_ranks, run
+
+pytestmark = pytest.mark.slow  # every test here trains
+
+
+def _signal_during_micro_step(monkeypatch, number: int, signum: int) -> None:
+    """The process receives ``signum`` (a real signal, as from a scheduler) during its ``number``-th micro-step."""
+    micro, count = Trainer._micro_step, [0]
+
+    def signalled(self, *args, **kwargs):
+        count[0] += 1
+        if count[0] == number:
+            os.kill(os.getpid(), signum)
+        return micro(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_micro_step", signalled)
+
+
+@pytest.mark.parametrize("number,signum,where,tag", [
+    (1, signal.SIGTERM, "after step 2 of phase1", "phase01-step000000002"),  # mid-phase: the next step saved
+    (3, signal.SIGUSR1, "at the end of phase1", "phase01-step000000003"),  # the phase's end is its checkpoint
+])
+def test_a_signal_checkpoints_and_the_same_command_resumes_exactly(tmp_path, synth_corpus, monkeypatch, capsys,
+                                                                  number, signum, where, tag):
+    assert run(tmp_path / "straight", synth_corpus, "train.save_every=100") == 0
+    before = signal.getsignal(signum)
+    _signal_during_micro_step(monkeypatch, number, signum)
+    run_dir = tmp_path / "run"
+    capsys.readouterr()
+    assert run(run_dir, synth_corpus, "train.save_every=100") == 128 + signum
+    err = capsys.readouterr().err
+    assert f"stopped by {signal.Signals(signum).name} {where}" in err and "run the same command again" in err
+    assert (run_dir / "checkpoints" / "LATEST").read_text() == tag
+    assert signal.getsignal(signum) == before  # the handler is the run's only
+    monkeypatch.undo()
+    assert run(run_dir, synth_corpus, "train.save_every=100") == 0
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "run"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_on_several_ranks_one_ranks_signal_stops_every_rank_at_the_same_step(tmp_path, synth_corpus, world_size):
+    """Rank 1 alone gets SIGTERM during step 1; the ranks agree at the end of the log window (2 steps) and every
+    one of them checkpoints step 2 and exits with 143; the same command resumes to the uninterrupted weights."""
+    out = tmp_path / "job"
+    out.mkdir()
+    job = out / "job.json"
+    job.write_text(json.dumps({"out": str(out), "corpus": str(synth_corpus), "signal_rank": 1,
+                               "ports": [_free_port() for _ in range(3)]}))
+    launch_ranks(world_size, "signal_job.py", job, out, 240)
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
+    assert [r["codes"] for r in reports] == [[0, 128 + signal.SIGTERM, 0]] * world_size, reports
+    assert reports[0]["latest"] == "phase01-step000000002"
+    a, b = (load_file(str(Path(out) / d / "model.safetensors")) for d in ("straight", "stopped"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
