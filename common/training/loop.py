@@ -88,6 +88,9 @@ class Trainer(PhaseMachinery):
             if record.state.phase_done:
                 if self._signalled(at_sync=True):  # the phase's end is checkpointed: stop before the next one
                     raise StoppedBySignal(self._stopped_by, f"at the end of {self.spec.phases[index].label(index)}")
+                if stop_after is not None and steps_this_call >= stop_after:  # not a step of the next phase more
+                    log.info("stopped after %d steps as asked; run the same command again to resume", steps_this_call)
+                    return False
                 model = self._next_phase(model, index)
                 collect()  # the previous phase's model is gone now: free its cycles (common.training.release)
                 continue

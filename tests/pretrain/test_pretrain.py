@@ -80,12 +80,13 @@ def test_two_phase_run(tmp_path, synth_corpus):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", [2, 4])
+@pytest.mark.parametrize("stop", [2, 3, 4])  # 3: the first phase's end, where the call stops (no step more)
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, synth_corpus, stop):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run(straight, synth_corpus, "train.save_every=100") == 0
     assert run(resumed, synth_corpus, "train.save_every=100", stop=stop) == 0
     assert not (resumed / "model.safetensors").exists()
+    assert json.loads((resumed / "ledger.json").read_text())["total"]["steps"] == stop
     assert run(resumed, synth_corpus, "train.save_every=100") == 0
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
