@@ -116,3 +116,14 @@ def test_test_modules_share_helpers_through_the_helper_module_only():
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[-1].startswith("test_"):
                 crossing.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}")
     assert crossing == []
+
+
+def test_every_folder_of_the_package_is_installed():
+    """A folder of modules without ``__init__.py`` is left out of a wheel by ``find_packages`` (an editable install
+    hides it: every console script then fails on import)."""
+    from setuptools import find_packages
+
+    installed = set(find_packages(where=str(ROOT), include=["common", "common.*", "pretrain", "finetune"]))
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for d in ("common", "pretrain", "finetune")
+               for p in (ROOT / d).rglob("*.py") if "__pycache__" not in p.parts}
+    assert folders - installed == set()
