@@ -30,6 +30,20 @@ def test_console_scripts_resolve():
 
 
 @pytest.mark.slow
+def test_importing_the_package_installs_no_logging_handler():
+    """No import may configure logging (a library's root-level ``logging.info`` installs logging's default
+    console handler): each command's own handlers then print every line once, around the progress bars."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = ("import logging, common.cli, common.data.loader, pretrain.run, finetune.run, finetune.embed\n"
+              "print(logging.getLogger().handlers)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
 def test_no_deepspeed_greeting_on_our_commands():
     """DeepSpeed's "Setting accelerator to CPU" (its import on a machine without a GPU) and its install banners
     ("[WARNING] ... async_io ...") greet no command: --help, --dry-run, or a run's DeepSpeed set-up."""

@@ -328,9 +328,22 @@ def balanced_weights(cuts, classes: Sequence[str]) -> list[float]:
 # end), which hides a clip that lost a fifth of itself or more when it is under 2.5 s; a few compressed-audio
 # frames of difference are all this package lets through (a shorter clip is then bad audio, named).
 AUDIO_LENGTH_TOLERANCE = 0.1
-with warnings.catch_warnings():  # its warning is about Lhotse's augmentation transforms, which are not used here
-    warnings.simplefilter("ignore")
-    set_audio_duration_mismatch_tolerance(AUDIO_LENGTH_TOLERANCE)
+
+
+def _set_length_tolerance(seconds: float) -> None:
+    # Lhotse says so with logging.info on the root logger, which would install logging's default console handler
+    # (every line printed twice); its warning is about Lhotse's augmentation transforms, which are not used here
+    root, guard = logging.getLogger(), logging.NullHandler()
+    root.addHandler(guard)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            set_audio_duration_mismatch_tolerance(seconds)
+    finally:
+        root.removeHandler(guard)
+
+
+_set_length_tolerance(AUDIO_LENGTH_TOLERANCE)
 
 # Lhotse audio sources this package reads: a file, bytes in the manifest or a Shar tar. Lhotse would also run a
 # ``command`` source through the shell and fetch a ``url`` one; nothing a user loads may run code or reach out.

@@ -5,8 +5,10 @@ While a run trains (:func:`stop_on_signals`, entered by ``common.cli.training_se
 only record that a stop was asked for; the trainer checkpoints after the step it is taking and stops
 (:class:`StoppedBySignal`, exit status 128 + the signal's number, as a shell reports a process the signal
 ended). On several ranks the ranks agree at the end of a log window (``train.log_every`` steps, where they
-synchronise anyway), so that every rank saves the same step; one process stops after its current step. A
-second signal ends the process at once, as without this module.
+synchronise anyway), so that every rank saves the same step; one process stops after its current step. More
+signals change nothing (a scheduler signals every process of a job, and the ``deepspeed`` launcher signals its
+ranks again): the run still checkpoints, within the grace period the sender gives before SIGKILL (the launcher's
+is 30 s).
 """
 
 from __future__ import annotations
@@ -45,9 +47,8 @@ def request_stop(signum: int = signal.SIGTERM) -> None:
 
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """Within: :data:`STOP_SIGNALS` ask for a stop (:func:`stop_requested`); the first one only records it, a second
-    one of the same kind takes its default action. Outside the main thread (where Python cannot handle
-    signals) nothing changes."""
+    """Within: :data:`STOP_SIGNALS` ask for a stop (:func:`stop_requested`), the first one recorded. Outside the main
+    thread (where Python cannot handle signals) nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -55,7 +56,6 @@ def stop_on_signals() -> Iterator[None]:
 
     def handler(signum, frame) -> None:
         request_stop(signum)
-        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
 
     _received.clear()
     for s in STOP_SIGNALS:

@@ -17,12 +17,14 @@ pytestmark = pytest.mark.slow  # every test here trains
 
 
 def _signal_during_micro_step(monkeypatch, number: int, signum: int) -> None:
-    """The process receives ``signum`` (a real signal, as from a scheduler) during its ``number``-th micro-step."""
+    """The process receives ``signum`` (a real signal, as from a scheduler) during its ``number``-th micro-step, and
+    again (a scheduler signals every process of a job, and the deepspeed launcher its ranks once more)."""
     micro, count = Trainer._micro_step, [0]
 
     def signalled(self, *args, **kwargs):
         count[0] += 1
         if count[0] == number:
+            os.kill(os.getpid(), signum)
             os.kill(os.getpid(), signum)
         return micro(self, *args, **kwargs)
 
