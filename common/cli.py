@@ -24,7 +24,7 @@ from common.system.cpu import keep_freed_memory, loader_workers, set_cpu_threads
 from common.system.disk import describe_os_error
 from common.system.distributed import init_distributed
 from common.system.lock import LOCK_FILE, RunDirBusy, job_lock
-from common.system.logger import setup_logging
+from common.system.logger import log_traceback, setup_logging
 from common.system.signals import StoppedBySignal, stop_on_signals
 from common.training.batch import launch_world_size
 from common.training.checkpoints import NoUsableCheckpoint
@@ -216,20 +216,20 @@ def run_main(body: Callable[[], int]) -> int:
         return 128 + stop.signum
     except (RecipeError, FileNotFoundError, NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, RunDirBusy,
             ValueError) as err:
-        log.debug("%s", traceback.format_exc())
+        log_traceback(traceback.format_exc())
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, (RecipeError, FileNotFoundError, DataChanged, UnusableRunDir)) else 1
     except OSError as err:
         message = describe_os_error(err)
         if message is None:
             raise
-        log.debug("%s", traceback.format_exc())
+        log_traceback(traceback.format_exc())
         print(f"error: {message}", file=sys.stderr)
         return 1
     except Exception as err:  # noqa: BLE001 - re-raised unless another rank's failure caused it
         if not _lost_peer(err):
             raise
-        log.debug("%s", traceback.format_exc())
+        log_traceback(traceback.format_exc())
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         print(f"error: rank {os.environ.get('RANK', '?')}: another rank of the job stopped ({first[:200]}); its "
               f"error says why", file=sys.stderr)

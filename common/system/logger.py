@@ -15,9 +15,18 @@ from tqdm.auto import tqdm
 
 from common.system.disk import NoSpace, free_bytes, out_of_space
 
-__all__ = ["setup_logging", "BarSafeHandler", "Scalars", "progress"]
+__all__ = ["setup_logging", "BarSafeHandler", "Scalars", "progress", "log_traceback"]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# the tracebacks of the errors a command reports in one line: into train.log only (not the console)
+_TRACEBACKS = logging.getLogger("c2f.tracebacks")
+_TRACEBACKS.propagate = False
+_TRACEBACKS.setLevel(logging.DEBUG)
+
+
+def log_traceback(text: str) -> None:
+    """Write an error's traceback into the run's ``train.log`` (rank 0; dropped where there is none)."""
+    _TRACEBACKS.debug("%s", text)
 
 
 class BarSafeHandler(logging.StreamHandler):
@@ -47,10 +56,13 @@ class BarSafeHandler(logging.StreamHandler):
 def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO) -> None:
     """Console logging for every rank (warnings only off rank 0) and ``run_dir/train.log`` on rank 0."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_c2f", False):
-            root.removeHandler(handler)
-            handler.close()
+    for logger in (root, _TRACEBACKS):
+        for handler in list(logger.handlers):
+            if getattr(handler, "_c2f", False):
+                logger.removeHandler(handler)
+                handler.close()
+    if not _TRACEBACKS.handlers:
+        _TRACEBACKS.addHandler(logging.NullHandler())  # no run directory: dropped (not logging's last resort)
     console = BarSafeHandler()
     console.setFormatter(logging.Formatter(f"[rank {rank}] {FORMAT}" if rank else FORMAT, "%H:%M:%S"))
     console._c2f = True  # type: ignore[attr-defined]
@@ -62,6 +74,7 @@ def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO
         file.setFormatter(logging.Formatter(FORMAT))
         file._c2f = True  # type: ignore[attr-defined]
         root.addHandler(file)
+        _TRACEBACKS.addHandler(file)
     for noisy in ("DeepSpeed", "lhotse", "torch.distributed", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -417,3 +417,19 @@ def test_the_linear_probe_on_an_empty_manifest(tmp_path, synth_corpus, split, ca
     line = one_error(capsys.readouterr().err)
     assert line == f"error: manifest {empty} holds no clips (an empty file); prepare it again"
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_an_error_reported_in_one_line_keeps_its_traceback_in_train_log(tmp_path, synth_corpus, monkeypatch, capsys):
+    from common.training.loop import Trainer
+
+    def broken(self, stop_after=None):
+        raise ValueError("an unforeseen value")
+
+    monkeypatch.setattr(Trainer, "run", broken)
+    run_dir = tmp_path / "run"
+    assert pretrain(run_dir, synth_corpus) == 1
+    err = capsys.readouterr().err
+    assert "error: an unforeseen value" in err and "Traceback" not in err  # one line on the console ...
+    log = (run_dir / "train.log").read_text()
+    assert "Traceback (most recent call last)" in log and "in broken" in log  # ... the traceback in the log
