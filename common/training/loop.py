@@ -81,6 +81,7 @@ class Trainer(PhaseMachinery):
             return True
         record.open(resumed=model is not None or resume_tag is not None)
         if record.state.phase_done:  # resumed at the end of a phase: finish what follows its checkpoint
+            record.restart_clock()  # reading the checkpoint and building the model are no training time
             self._complete_phase(model, record.state.phase, scheduler=None)
         steps_this_call = 0
         while not (record.state.phase_done and record.state.phase == last):
@@ -110,6 +111,7 @@ class Trainer(PhaseMachinery):
             if resume_tag is not None:  # mid-phase: weights, optimiser and schedule from the checkpoint
                 record.load(engine, resume_tag)
                 resume_tag = None
+                record.restart_clock()  # reading the checkpoint and building the engine are no training time
                 if record.state.pending_eval:
                     self._validate(engine.module, index, engine.lr_scheduler)
             budget = None if stop_after is None else stop_after - steps_this_call

@@ -251,6 +251,12 @@ class RunRecord:
                  f"{phase.steps} steps" if phase.iteration_based else f"{phase.epochs} epochs",
                  cfg.num_patches, *cfg.grid, record.flops_per_sample / 1e9, split.describe(), estimate.describe())
 
+    def restart_clock(self) -> None:
+        """Training time and peak memory count from now (after a resume's set-up: the checkpoint read, the model and
+        engine built, which are no training and would otherwise be timed with the next window)."""
+        self._memory.reset()
+        self.pending.restart_clock()
+
     def account(self, index: int) -> Window:
         """Move the steps / clips / seconds trained since the last call into the ledger (collective)."""
         now = self.pending.now()

@@ -80,6 +80,30 @@ def test_two_phase_run(tmp_path, synth_corpus):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stop", [2, 3])  # a resume within a phase, and at a phase's end
+def test_a_resumes_set_up_is_not_counted_as_training_time(tmp_path, synth_corpus, monkeypatch, stop):
+    """The seconds a resume spends reading its checkpoint (and building its model) are no training: the wall
+    time the ledger gives the phase, which the reported time saving divides, leaves them out."""
+    import time
+
+    from common.training.record import RunRecord
+
+    run_dir = tmp_path / "run"
+    assert run(run_dir, synth_corpus, "train.save_every=1", "train.eval_every=1", stop=stop) == 0
+    load = RunRecord.load
+
+    def slow_load(self, *args, **kwargs):
+        time.sleep(3.0)  # a checkpoint on a slow shared file system
+        return load(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunRecord, "load", slow_load)
+    monkeypatch.setattr(RunRecord, "resume", lambda self, _r=RunRecord.resume: (time.sleep(3.0), _r(self))[1])
+    assert run(run_dir, synth_corpus, "train.save_every=1", "train.eval_every=1") == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert all(p["wall_seconds"] < 3.0 for p in ledger["phases"]), [p["wall_seconds"] for p in ledger["phases"]]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [2, 3, 4])  # 3: the first phase's end, where the call stops (no step more)
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, synth_corpus, stop):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
