@@ -218,6 +218,30 @@ def end_note(run: Run) -> str | None:
     return None
 
 
+def unfinished(run: Run) -> str | None:
+    """Why ``run`` may not have finished, so that its last phase in the ledger need not be its final one (None: it
+    finished). A run directory finished when it holds ``model.safetensors`` (written after the final phase); a
+    ledger file on its own when its last phase ended."""
+    source = Path(run.source)
+    folder = source if source.is_dir() else source.parent
+    if (folder / "model.safetensors").is_file():
+        return None
+    last = run.ledger.phases[-1] if run.ledger.phases else None
+    if last is None or last.ended_by is None:
+        name = last.name if last is not None and last.name else f"phase {len(run.ledger.phases)}"
+        return f"its last phase in the ledger ({name}) has not ended"
+    if source.is_dir():
+        return "it has no model.safetensors, the export a finished run writes after its final phase"
+    return None
+
+
+def _finished(run: Run) -> None:
+    reason = unfinished(run)
+    if reason:
+        raise ReportError(f"{run.source}: the run has not finished ({reason}); its scores so far may be of a coarse "
+                          f"phase, not of its final one: report it once it has finished")
+
+
 def compare(baseline: Run, runs: Sequence[Run], metric: str, stop_epoch: int | None = None) -> list[Row]:
     """The Table 2/3 rows (Tables 4/5 for 3-phase runs): the baseline's row, then one per run.
 
@@ -229,8 +253,11 @@ def compare(baseline: Run, runs: Sequence[Run], metric: str, stop_epoch: int | N
             evaluation that surpasses the baseline (the paper's AudioSet rows).
 
     Raises:
-        ReportError: as :func:`points`, a run has no evaluation in its final phase, or none at ``stop_epoch``.
+        ReportError: as :func:`points`, a run has not finished (:func:`unfinished`), has no evaluation in its
+            final phase, or none at ``stop_epoch``.
     """
+    for run in (baseline, *runs):
+        _finished(run)
     base_points = points(baseline, metric)
     epochs = [p for p in base_points if not p.averaged]  # a weight average is not an epoch: like with like
     if not epochs:

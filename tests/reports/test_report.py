@@ -39,6 +39,7 @@ def write_run(root: Path, name: str, phases, evals, score="acc", metric="acc", e
                     "train_flops": 0, "wall_seconds": 0.0, "eval_seconds": 0.0} for i, (c, f) in enumerate(phases)],
     })
     ledger.write(run_dir / "ledger.json")
+    (run_dir / "model.safetensors").write_bytes(b"")  # a finished run (what the report checks for)
     return run_dir
 
 
@@ -256,6 +257,7 @@ def test_the_whole_run_table_has_each_runs_device_hours(tmp_path):
         ledger.add_training(0, steps=10, samples=100, seconds=seconds, ranks=ranks)
         ledger.add_eval_time(0, 180.0, ranks=ranks)
         ledger.add_eval(0, {"acc": 0.5 if name == "base" else 0.6}, epoch=1)
+        ledger.end_phase(0, "length", "planned length")
         ledger.write(tmp_path / f"{name}.json")
         runs.append(load_run(tmp_path / f"{name}.json", name))
     rows = compare(runs[0], runs[1:], "acc")
@@ -276,6 +278,7 @@ def _ledger_of(phases, flops, clips: int, values: list[list[float]]) -> Ledger:
             ledger.add_training(i, clips // 12, clips, per_clip * clips / 1e12)  # time follows FLOPs here
             ledger.set_epochs(i, epoch)
             ledger.add_eval(i, {"mAP": value}, epoch=epoch)
+        ledger.end_phase(i, "length", "planned length")
     return ledger
 
 
@@ -368,6 +371,25 @@ def test_runs_validated_otherwise_are_refused_or_accepted_and_listed(runs, tmp_p
     report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
     assert "Accepted differences from the baseline (--accept-baseline-differences), Fshift 4→1: other validation" \
            in report and "weight-averaged acc" in report
+
+
+def test_a_run_that_has_not_finished_is_refused(tmp_path):
+    """A stopped or running run's ledger ends with the phase it reached: its scores may be a coarse phase's (on
+    another scale for SSAST), not its final phase's, so it is not compared."""
+    base = write_run(tmp_path, "base", [("none", 1)], BASE_EVALS)
+    running = write_run(tmp_path, "running", [("fshift", 4)], [(0, 5.0, 3.0, 0.9)])
+    (running / "model.safetensors").unlink()
+    with pytest.raises(ReportError, match=r"running: the run has not finished \(its last phase in the ledger "
+                                          r"\(phase1\) has not ended\)"):
+        compare(load_run(base), [load_run(running)], "acc")
+    ledger = Ledger.read(running)  # stopped at the coarse phase's end: ended, but the run has no final export
+    ledger.end_phase(0, "length", "planned length")
+    ledger.write(running / "ledger.json")
+    with pytest.raises(ReportError, match="it has no model.safetensors"):
+        compare(load_run(base), [load_run(running)], "acc")
+    (base / "model.safetensors").unlink()
+    with pytest.raises(ReportError, match="base: the run has not finished"):  # the baseline too
+        compare(load_run(base), [], "acc")
 
 
 def test_runs_with_the_same_phases_are_told_apart_by_their_directories(tmp_path, runs, capsys):
