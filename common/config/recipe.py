@@ -90,8 +90,8 @@ def _convert(value: Any, tp, key: str):
             except RecipeError:
                 continue
         raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
+    if origin is Literal:  # the value of the type given (true == 1 and 1.0 == 1 in Python, not in a recipe)
+        if not any(value == a and type(value) is type(a) for a in args):
             raise RecipeError(f"{key}: expected one of {list(args)}, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
@@ -146,7 +146,7 @@ def build(cls, data: dict | None, prefix: str = ""):
         raise RecipeError(f"{prefix or cls.__name__}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted((k for k in data if k not in fields), key=str)  # a key may be a number in YAML
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise RecipeError(f"{where}{unknown[0]}: unknown key (known keys here: {', '.join(sorted(fields))})")

@@ -101,6 +101,9 @@ PRETRAIN_CASES = [
     ("patch of one number", None, ["model.patch=[16]"], "model.patch"),
     ("num_heads zero", None, ["model.num_heads=0"], "model.num_heads"),
     ("zero stage 3", None, ["train.zero_stage=3"], "train.zero_stage"),
+    ("zero stage true", None, ["train.zero_stage=true"], "train.zero_stage"),  # true == 1 in Python
+    ("zero stage 1.0", None, ["train.zero_stage=1.0"], "train.zero_stage"),
+    ("a section with a number for a key", None, ["model={{1: a, size: tiny}}"], "model.1"),
     ("precision fp16", None, ["train.precision=fp16"], "train.precision"),
     ("prefix tokens 3", None, ["model.num_prefix_tokens=3"], "model.num_prefix_tokens"),
     ("epochs in pretraining", None, ["phases.0.epochs=2"], "phases.0"),
