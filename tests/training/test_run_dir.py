@@ -87,3 +87,15 @@ def test_the_ledger_keeps_interventions_through_a_round_trip():
     again = Ledger.from_dict(json.loads(json.dumps(ledger.to_dict())))
     assert again.interventions == [{"step": 40, "phase": 1, "changes": {"optim.lr": {"from": 1e-4, "to": 5e-5}}}]
     assert "interventions" not in Ledger("acc").to_dict()
+
+
+@pytest.mark.slow
+def test_a_resume_that_validates_on_another_share_is_recorded(tmp_path, synth_corpus):
+    """Which validation clips are scored (``train.eval_batches`` x ``data.eval_batch_size``) may change on resume,
+    but the schedule, the criteria and the best epoch then compare scores of two sets: the ledger says so."""
+    run_dir = tmp_path / "run"
+    assert _run(run_dir, synth_corpus, stop=2) == 0
+    assert _run(run_dir, synth_corpus, "train.eval_batches=2") == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert ledger["interventions"] == [{"step": 2, "phase": 0, "changes": {
+        "train.eval_batches": {"from": 1, "to": 2}}}]
