@@ -92,7 +92,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), coarse: str | N
             baseline = path.parent / baseline
         if not baseline.is_file():
             raise FileNotFoundError(f"baseline: recipe {recipe.baseline} not found (next to {path} or here)")
-        recipe = replace(recipe, baseline=str(baseline))
+        recipe = replace(recipe, baseline=str(baseline.resolve()))  # one spelling: the run's recipe.yaml holds it
     return recipe
 
 

@@ -99,3 +99,17 @@ def test_a_resume_that_validates_on_another_share_is_recorded(tmp_path, synth_co
     ledger = json.loads((run_dir / "ledger.json").read_text())
     assert ledger["interventions"] == [{"step": 2, "phase": 0, "changes": {
         "train.eval_batches": {"from": 1, "to": 2}}}]
+
+
+@pytest.mark.slow
+def test_a_resume_naming_the_recipe_otherwise_is_the_same_run(tmp_path, synth_corpus, monkeypatch):
+    """``--recipe recipes/x.yaml`` from the repository and the same file by its absolute path are one recipe (its
+    baseline recipe's path was stored as spelled, and the resume refused as "a different recipe")."""
+    from tests.helpers import ROOT
+
+    monkeypatch.chdir(ROOT)
+    run_dir = tmp_path / "run"
+    sets = tiny(synth_corpus, "baseline=synth_pretrain_baseline.yaml")
+    assert main(["--recipe", "recipes/synth_pretrain.yaml", "--run-dir", str(run_dir), *sets,
+                 "--stop-after-steps", "2"]) == 0
+    assert main(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--run-dir", str(run_dir), *sets]) == 0
