@@ -14,6 +14,7 @@ Re-running on a run directory that holds checkpoints resumes it, and the recipe 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,10 +54,22 @@ def _flatten(data, prefix: str = "") -> dict:
     return {prefix: data}
 
 
+# keys that name a file: the same file by another spelling (relative, absolute; a recipe.yaml of an older version
+# stored the path as typed) is no change
+_PATHS = ("baseline",)
+
+
+def _same(key: str, a, b) -> bool:
+    if key in _PATHS and isinstance(a, str) and isinstance(b, str):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
+
+
 def recipe_diff(old: dict, new: dict) -> list[str]:
     """Keys whose values differ between two resolved recipes (ignoring harmless ones)."""
     a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    return sorted(k for k in set(a) | set(b) if not _same(k, a.get(k), b.get(k))
+                  and not k.startswith(RESUMABLE_CHANGES))
 
 
 def recovery_change(key: str) -> bool:

@@ -113,3 +113,9 @@ def test_a_resume_naming_the_recipe_otherwise_is_the_same_run(tmp_path, synth_co
     assert main(["--recipe", "recipes/synth_pretrain.yaml", "--run-dir", str(run_dir), *sets,
                  "--stop-after-steps", "2"]) == 0
     assert main(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--run-dir", str(run_dir), *sets]) == 0
+    from common.training.run_recipe import recipe_diff  # a recipe.yaml of an older version: the path as typed
+
+    assert recipe_diff({"baseline": "recipes/synth_pretrain_baseline.yaml"},
+                       {"baseline": str(ROOT / "recipes" / "synth_pretrain_baseline.yaml")}) == []
+    assert recipe_diff({"baseline": "recipes/synth_pretrain_baseline.yaml"},
+                       {"baseline": str(ROOT / "recipes" / "ssast_baseline.yaml")}) == ["baseline"]
