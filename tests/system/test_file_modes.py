@@ -100,7 +100,7 @@ def test_temporary_files_of_a_killed_write_are_removed_at_the_next_start(tmp_pat
     assert not any(p.exists() for p in orphans) and not (run_dir / ".recipe.yaml.k2_hq9x1.tmp").exists()
     assert all(p.read_text() == "mine" for p in decoys)
     assert "removed 5 temporary file(s) that an interrupted write left: " in (run_dir / "train.log").read_text()
-    assert (run_dir / "checkpoints" / "LATEST").read_text() == "phase02-step000000001"  # resumed at step 2
+    assert (run_dir / "checkpoints" / "LATEST").read_text() == "phase01-step000000003"  # resumed at step 2
 
 
 def test_an_atomic_write_reaches_the_disk_before_its_name_does(tmp_path, monkeypatch):

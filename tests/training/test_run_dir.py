@@ -103,8 +103,8 @@ def test_a_resume_that_validates_on_another_share_is_recorded(tmp_path, synth_co
 
 @pytest.mark.slow
 def test_a_resume_naming_the_recipe_otherwise_is_the_same_run(tmp_path, synth_corpus, monkeypatch):
-    """``--recipe recipes/x.yaml`` from the repository and the same file by its absolute path are one recipe (its
-    baseline recipe's path was stored as spelled, and the resume refused as "a different recipe")."""
+    """``--recipe`` relative to the repository and the same file by its absolute path are one recipe (its baseline
+    recipe's path was stored as spelled, and the resume refused as "a different recipe")."""
     from tests.helpers import ROOT
 
     monkeypatch.chdir(ROOT)
