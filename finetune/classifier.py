@@ -228,6 +228,10 @@ class ClassifierObjective:
         return estimate_training_memory(lambda: self.build_model(geometry), self._meta_step(geometry), batch,
                                         **setting)
 
+    def score_settings(self, geometry) -> dict:
+        """Nothing: mAP and accuracy on the same clips compare whatever the model's resolution."""
+        return {}
+
     def export(self, model: nn.Module, path: Path, meta: dict) -> None:
         save_classifier(model, path, self.classes, {**meta, "objective": "classification", "loss": self.loss,
                                                     "metric": self.score_name, "class_names": self.names})

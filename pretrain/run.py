@@ -131,7 +131,8 @@ def check_baseline(recipe, run_dir: Path, restart: bool) -> None:
     from pretrain.ssast import SSASTObjective
 
     split = phase_splits(recipe.phases, recipe.data, recipe.optim, launch_world_size())[-1]  # the final phase's
-    evaluation = evaluation_settings(recipe.train, recipe.data, split.per_rank, split.world_size)
+    evaluation = evaluation_settings(recipe.train, recipe.data, split.per_rank, split.world_size,
+                                     SSASTObjective(recipe.ssast).score_settings(recipe.encoder_configs()[-1]))
     precheck(recipe.train.stop_when_surpassing, SSASTObjective.score_name, run_dir, recipe.data.valid, evaluation,
              recipe.train.accept_baseline_differences, restart)
 

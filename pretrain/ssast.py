@@ -284,6 +284,13 @@ class SSASTObjective:
         :func:`common.models.memory.estimate_training_memory`)."""
         return estimate_training_memory(lambda: self.build_model(cfg), self._meta_step(cfg), batch, **setting)
 
+    def score_settings(self, cfg: EncoderConfig) -> dict:
+        """The masked-patch accuracy is an argmax over the masked patches (chance 1 / their number): how many are
+        masked of how many, and how they are drawn, set its scale."""
+        c = self.cfg
+        return {"masked": mask_count(cfg.num_patches, c.mask_ratio), "patches": cfg.num_patches,
+                "masking": c.masking, "cluster": [c.cluster_min, c.cluster_max]}
+
     def export(self, model: SSASTModel, path: Path, meta: dict) -> None:
         """The encoder (under ``encoder.``, which every reader of an export takes) with the pretext heads and
         the mask embedding beside it, so that pretraining can continue from the file (``--init``)."""

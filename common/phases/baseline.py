@@ -79,7 +79,7 @@ def averaged_score(evals: Iterable[dict], score: str) -> float | None:
     return values[-1] if values else None
 
 
-def evaluation_settings(train, data, batch_size: int, ranks: int) -> dict:
+def evaluation_settings(train, data, batch_size: int, ranks: int, score: dict | None = None) -> dict:
     """What decides the clips a validation round scores and how (the ledger's ``evaluation`` record).
 
     Args:
@@ -87,9 +87,13 @@ def evaluation_settings(train, data, batch_size: int, ranks: int) -> dict:
         data: its ``DataConfig`` (``eval_batch_size``, ``eval_crop``, ``pad``).
         batch_size: the final phase's batch size per rank (the validation batch without ``eval_batch_size``).
         ranks: the processes that share a validation round.
+        score: what sets the score's scale besides the clips, at the final phase (the objective's
+            ``score_settings``: SSAST's masked-patch accuracy depends on how many patches are masked, and how);
+            None: nothing (a classifier's mAP or accuracy).
     """
-    return {"eval_batches": train.eval_batches, "eval_batch_size": data.eval_batch_size or batch_size,
-            "ranks": ranks, "eval_crop": data.eval_crop, "pad": data.pad}
+    settings = {"eval_batches": train.eval_batches, "eval_batch_size": data.eval_batch_size or batch_size,
+                "ranks": ranks, "eval_crop": data.eval_crop, "pad": data.pad}
+    return {**settings, "score": score} if score else settings
 
 
 def setting_differences(base: dict, run: dict) -> list[str]:
@@ -105,6 +109,11 @@ def setting_differences(base: dict, run: dict) -> list[str]:
     for key in ("eval_crop", "pad"):
         if base.get(key) != run.get(key):
             out.append(f"data.{key} {base.get(key)} (baseline) vs {run.get(key)} (this run)")
+    mine, theirs = run.get("score"), base.get("score")
+    if mine is not None and theirs is not None and mine != theirs:  # (a ledger from before: not compared)
+        keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        out.append("the score's scale: " + ", ".join(f"{k} {theirs.get(k)} (baseline) vs {mine.get(k)} (this run)"
+                                                      for k in keys))
     return out
 
 

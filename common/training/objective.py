@@ -51,3 +51,7 @@ class Objective(Protocol):
 
     def export(self, model: nn.Module, path: Path, meta: dict) -> None:
         """Write the deliverable of a phase (rank 0 only)."""
+
+    def score_settings(self, geometry) -> dict:
+        """What sets the validation score's scale at a phase geometry besides the clips scored (empty: nothing),
+        so that runs are compared only on like scores (``common.phases.baseline.evaluation_settings``)."""

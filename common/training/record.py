@@ -186,14 +186,15 @@ class RunRecord:
         an intervention (a change of ranks has its own, ``_reshard_position``; the default validation batch, the
         per-rank training batch, follows the ranks and keeps the clips a round scores: no change then)."""
         spec, last = self.spec, len(self.spec.phases) - 1
-        current = evaluation_settings(spec.train, spec.data, self._batch_size(last), self.dist.world_size)
+        current = evaluation_settings(spec.train, spec.data, self._batch_size(last), self.dist.world_size,
+                                      self.objective.score_settings(self.plan.configs[last]))
         old = self.ledger.evaluation
         compared = current if spec.data.eval_batch_size is None else {**current, "ranks": old and old.get("ranks")}
         if resumed and old and setting_differences(old, compared):
             keys = {"eval_batches": "train.eval_batches"}
             self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase, changes={
                 keys.get(k, f"data.{k}"): {"from": old.get(k), "to": v} for k, v in current.items()
-                if k != "ranks" and old.get(k) != v})
+                if k not in ("ranks", "score") and old.get(k) != v})
         self.ledger.evaluation = current
 
     def _read_stop_target(self) -> None:

@@ -96,6 +96,33 @@ def test_partial_validation_rounds_must_score_the_same_clips():
     assert differences({"score": "acc"}, "acc", VALID, SETTINGS, strict=False) == []
 
 
+def test_ssast_scores_compare_only_at_the_same_masking():
+    """SSAST's masked-patch accuracy is an argmax over the masked patches: a run masking fewer (an easier task,
+    chance 1/256 against 1/400) would "surpass" its baseline on another scale; such baselines are refused."""
+    from common.models.ast.encoder import EncoderConfig
+    from common.phases.baseline import evaluation_settings
+    from common.training.spec import TrainConfig
+    from common.data.loader import DataConfig
+    from finetune.classifier import AugmentConfig, ClassifierObjective
+    from pretrain.ssast import SSASTConfig, SSASTObjective
+
+    grid = EncoderConfig(embed_dim=32, depth=1, num_heads=2, num_mel_bins=128, input_tdim=1024)  # 8 x 64 patches
+
+    def settings(**ssast):
+        score = SSASTObjective(SSASTConfig(**ssast)).score_settings(grid)
+        return evaluation_settings(TrainConfig(), DataConfig(), 8, 1, score)
+
+    base = settings()
+    assert base["score"] == {"masked": 400, "patches": 512, "masking": "auto", "cluster": [3, 5]}
+    assert differences({"score": "acc", "data": VALID, "evaluation": base}, "acc", VALID, settings()) == []
+    assert differences({"score": "acc", "data": VALID, "evaluation": base}, "acc", VALID, settings(mask_ratio=0.5)) \
+        == ["the score's scale: masked 400 (baseline) vs 256 (this run)"]
+    assert differences({"score": "acc", "data": VALID, "evaluation": base}, "acc", VALID,
+                       settings(masking="uniform")) == ["the score's scale: masking auto (baseline) vs uniform (this run)"]
+    assert differences({"score": "acc", "data": VALID, "evaluation": SETTINGS}, "acc", VALID, base) == []  # older
+    assert ClassifierObjective(["a", "b"], "acc", "ce", AugmentConfig()).score_settings(grid) == {}  # a classifier's scores need nothing more
+
+
 def test_a_run_that_resumes_with_its_target_needs_no_baseline(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints" / "phase2-epoch1").mkdir(parents=True)
