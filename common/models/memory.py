@@ -19,7 +19,8 @@ autograd saves, counting each storage once and leaving out the parameters. Atten
 fused kernels store it (query, key, value, output and the log-sum-exp rows; the ``[N, N]`` weights are
 recomputed in the backward pass), which is what runs on the CPU and on the GPU. Under bf16 autocast the
 activations are counted at 2 bytes and autocast's bf16 copy of the weights is added. With ZeRO stage 1
-or 2, DeepSpeed adds an fp32 master copy of this rank's share of the weights and a gradient bucket of
+or 2, Adam's moments are this rank's share of them, and DeepSpeed adds an fp32 master copy of that share of
+the weights and a gradient bucket of
 ``reduce_bucket_size`` fp32 elements (the engine's 5e7, ``common.system.engine_config``; two of them where the
 reduction overlaps the backward pass, on several ranks), which the GPU allocator reserves whole and the CPU
 only touches as far as the gradients fill it.
@@ -220,7 +221,8 @@ def estimate_training_memory(build: Callable[[], nn.Module], step: Callable[[nn.
     if zero_stage >= 1:
         bucket = DEEPSPEED_REDUCE_BUCKET if cuda else min(DEEPSPEED_REDUCE_BUCKET, trainable)
         zero = 4 * (trainable // world_size + bucket * (2 if world_size > 1 else 1))  # overlap_comm: double buffer
-    return MemoryEstimate(weights=weight_bytes, gradients=4 * trainable, optimizer=4 * ADAM_STATES * trainable,
+    stepped = trainable // world_size if zero_stage >= 1 else trainable  # ZeRO partitions Adam's moments
+    return MemoryEstimate(weights=weight_bytes, gradients=4 * trainable, optimizer=4 * ADAM_STATES * stepped,
                           activations=activations, zero_buffers=zero)
 
 

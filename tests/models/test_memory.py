@@ -82,6 +82,7 @@ def test_the_estimate_counts_activations_from_the_token_count():
     assert zero.zero_buffers == 4 * (params + int(5e7))  # fp32 master copy + the engine's whole reduce bucket
     two = estimate_training_memory(lambda: ASTEncoder(cfg), step, 4, zero_stage=1, world_size=2, cuda=True)
     assert two.zero_buffers == 4 * (params // 2 + 2 * int(5e7))  # half the master copy, double-buffered buckets
+    assert (zero.optimizer, two.optimizer) == (8 * params, 8 * (params // 2))  # each rank steps its share
     bf16 = estimate_training_memory(lambda: ASTEncoder(cfg), step, 4, bf16=True)
     assert bf16.activations < estimate.activations
 
