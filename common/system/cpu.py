@@ -58,7 +58,14 @@ def local_ranks() -> int:
 
 
 def cores_per_rank() -> int:
-    return max(1, machine_cores() // local_ranks())
+    """This rank's share of the cores: those it may run on over the ranks on the node, or all of them where the
+    launcher bound each rank to its own (``deepspeed --bind_cores_to_rank`` narrows the affinity to the rank's
+    cores and sets ``OMP_NUM_THREADS`` to their number: dividing again would leave a rank a fraction)."""
+    cores, ranks = machine_cores(), local_ranks()
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if ranks > 1 and threads.isdigit() and int(threads) == cores:
+        return cores
+    return max(1, cores // ranks)
 
 
 def loader_workers(requested: int) -> int:

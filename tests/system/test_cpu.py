@@ -44,6 +44,16 @@ def test_the_deepspeed_launchers_local_size_counts_too(machine):
     assert cpu.local_ranks() == 3 and cpu.cores_per_rank() == 4 and cpu.loader_workers(4) == 3
 
 
+def test_a_rank_the_launcher_bound_to_its_cores_has_them_all(machine, monkeypatch):
+    """``deepspeed --bind_cores_to_rank`` runs each of 8 ranks of a 64-core node on its own 8 cores and sets
+    OMP_NUM_THREADS=8: those 8 are the rank's (not 8 / 8 ranks = 1, which left no loader worker)."""
+    machine(8, 8)
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert cpu.cores_per_rank() == 8 and cpu.loader_workers(4) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # a node-wide affinity shared by the ranks: divided as before
+    assert cpu.cores_per_rank() == 1 and cpu.loader_workers(4) == 0
+
+
 def test_omp_num_threads_and_the_recipe_decide_when_given(machine, monkeypatch):
     machine(16, 2)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
