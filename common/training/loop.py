@@ -280,8 +280,9 @@ class Trainer(PhaseMachinery):
         final = self.record.run_dir / "export" / f"phase{last + 1}.safetensors"
         if self.record.average.epochs:
             epochs = self.record.average_into(model, last)
+            start = time.perf_counter()
             metrics = self._evaluate(model, last) if self.spec.data.valid else {}
-            final = self.record.averaged(model, last, epochs, metrics)
+            final = self.record.averaged(model, last, epochs, metrics, time.perf_counter() - start)
         self.record.finish(final)
 
     # ------------------------------------------------------------------------ checkpoints, validation

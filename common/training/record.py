@@ -395,8 +395,10 @@ class RunRecord:
         model.to(self.device)
         return epochs
 
-    def averaged(self, model: nn.Module, index: int, epochs: list[int], metrics: dict) -> Path:
-        """Record the average's evaluation and export it; returns its export."""
+    def averaged(self, model: nn.Module, index: int, epochs: list[int], metrics: dict, seconds: float = 0.0) -> Path:
+        """Record the average's evaluation (``seconds`` it took: device time as every validation's) and export it;
+        returns its export."""
+        self.ledger.add_eval_time(index, seconds, self.dist.world_size)
         self.ledger.add_eval(index, metrics, total_step=self.state.total_steps, phase_step=self.state.step,
                              weight_averaged=epochs)
         target = self.stop_target or {}

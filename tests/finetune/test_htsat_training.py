@@ -23,10 +23,24 @@ TINY_HTSAT = ("model.arch=htsat", "model.htsat={sample_rate: 16000, clip_samples
 
 
 @pytest.mark.slow
-def test_a_two_phase_htsat_fine_tune_runs_end_to_end(tmp_path, synth_corpus, capsys):
+def test_a_two_phase_htsat_fine_tune_runs_end_to_end(tmp_path, synth_corpus, capsys, monkeypatch):
     from common.models.exports import read_weights
     from finetune.classifier import load_classifier
 
+    import time
+
+    from common.training.loop import Trainer
+    from common.training.record import RunRecord
+
+    averaging, evaluate, average_into = [], Trainer._evaluate, RunRecord.average_into
+
+    def timed(self, *args, **kwargs):
+        if averaging:
+            time.sleep(1.0)  # the weight average's evaluation: a second
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_evaluate", timed)
+    monkeypatch.setattr(RunRecord, "average_into", lambda *a, **k: (averaging.append(1), average_into(*a, **k))[1])
     data = _synth_root(tmp_path, synth_corpus)
     run_dir = tmp_path / "run"
     argv = ["--init", "none", "--task", "synth", "--data-root", str(data), "--run-dir", str(run_dir),
@@ -41,6 +55,7 @@ def test_a_two_phase_htsat_fine_tune_runs_end_to_end(tmp_path, synth_corpus, cap
     assert p1["flops_per_sample"] / p2["flops_per_sample"] == pytest.approx(0.25, abs=0.01)
     assert [e["phase"] for e in ledger["evals"] if "epoch" in e] == [0, 1, 1]
     assert ledger["evals"][-1]["weight_averaged"] == [1, 2]  # the top 2 of the final phase's 2 epochs
+    assert p2["eval_seconds"] >= 1.0  # the average's evaluation (1 s here) is device time too
     _, meta = read_weights(run_dir / "model.safetensors")
     assert meta["arch"] == "htsat" and meta["classifier"]["pool"] == "tscam"
     model, meta = load_classifier(run_dir)
