@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import os
@@ -67,10 +68,31 @@ def poison_loss_at(monkeypatch, micro_batch: int) -> None:
     monkeypatch.setattr(SSASTObjective, "train_step", poisoned)
 
 
+_PORTS_TAKEN = itertools.count()
+_PORTS_PER_WORKER = 2000
+
+
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port for a multi-rank test's rendezvous, below the range the kernel hands out for connections
+    (``ip_local_port_range``) and in a share of it of this pytest-xdist worker's own: a port found free with
+    ``bind(0)`` could become another test's connection before rank 0's store listened on it (EADDRINUSE)."""
+    try:
+        lowest = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        lowest = 32768
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    base = 10000 + worker * _PORTS_PER_WORKER
+    if base + _PORTS_PER_WORKER > lowest:
+        base = max(1024, lowest - _PORTS_PER_WORKER * (worker + 1))
+    for _ in range(_PORTS_PER_WORKER):
+        port = base + (os.getpid() + next(_PORTS_TAKEN)) % _PORTS_PER_WORKER
+        with socket.socket() as sock:  # no SO_REUSEADDR: a port still in TIME_WAIT is passed over
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {base}-{base + _PORTS_PER_WORKER - 1}")
 
 
 TINY = ["model.size=custom", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.batch_size=4",

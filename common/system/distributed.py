@@ -121,8 +121,6 @@ def init_distributed() -> Dist:
     """Initialise torch.distributed through DeepSpeed and pick this rank's device."""
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     quiet_deepspeed()
     # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
@@ -142,6 +140,13 @@ def init_distributed() -> Dist:
         device = torch.device(accelerator, local_rank)
         get_accelerator().set_device(local_rank)
     if not torch.distributed.is_initialized():
+        if backend == "gloo" and os.environ["WORLD_SIZE"] == "1" and "MASTER_PORT" not in os.environ:
+            # one process on the CPU: the group's store lives in this process and no port is opened (a port
+            # picked free could be taken by another program's connection before the store listened on it);
+            # DeepSpeed then adopts the group
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        else:
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return Dist(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
                 local_rank=local_rank, device=device)

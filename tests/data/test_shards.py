@@ -5,7 +5,6 @@ real training (epoch-based fine-tuning and step-based pretraining) in 2 and 3 pr
 
 import json
 import shutil
-import socket
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from common.data.loader import (
     reshard_index,
     shard_batches,
 )
-from tests.helpers import _launch
+from tests.helpers import _free_port, _launch
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIPS, VALID, BATCH = 41, 25, 4  # neither divides into batches of 4 on 2 or 3 ranks
@@ -182,12 +181,6 @@ TRAIN_SETS = {"memory": "[{path: DIR/train.jsonl.gz}]", "stream": "[{path: DIR/t
               "shar": "[{path: DIR/shar}]",
               "mix": "[{path: DIR/part_a.jsonl.gz, weight: 2}, {path: DIR/part_b.jsonl.gz, weight: 1}]",
               "workers": "[{path: DIR/train.jsonl.gz}]"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _argv(odd, run_dir: Path, kind: str, path: str, stop: int | None, batch: int) -> tuple[str, list[str]]:
