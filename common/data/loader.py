@@ -1043,13 +1043,19 @@ class ClipLoader:
                           prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
                           persistent_workers=keep, generator=torch.Generator().manual_seed(self.seed))
 
-    def batches(self, start_epoch: int = 0, skip: int = 0, epochs: int | None = None) -> Iterator[Batch]:
+    def batches(self, start_epoch: int = 0, skip: int = 0, epochs: int | None = None,
+                count: bool = True) -> Iterator[Batch]:
         """Iterate batches from ``(start_epoch, skip)``; forever when ``epochs`` is None.
 
         Every batch carries its ``epoch`` and ``index``: after training on it, the position to save is
         ``(batch.epoch, batch.index + 1)``. The worker processes start (or, kept, resume) and begin decoding
         here, not at the first batch: a caller timing its steps calls this before its clock. With
         ``keep_workers``, a new call ends the previous iteration (which then raises if drawn from again).
+
+        ``count``: the tracker counts each batch as it is drawn; False: the caller counts the batches it uses
+        (``tracker.update``), as the trainer does, which draws the next epoch's first batch to see an epoch end and
+        checkpoints there (counted at the draw, that batch would be counted again by a run resumed from there).
+        Each epoch is judged when the next one's first batch is drawn, and the pass at its end, either way.
         """
         source = self._cut_batches(start_epoch, skip, epochs)
         self._iteration += 1
@@ -1065,7 +1071,7 @@ class ClipLoader:
             iterator = iter(self._loader(_Stream(source), keep=False))
         if self.num_workers == 0 and self.prefetch:
             iterator = background(iterator, self.prefetch)
-        return self._tracked(iterator, start_epoch, self._iteration)
+        return self._tracked(iterator, start_epoch, self._iteration, count)
 
     def close(self) -> None:
         """Stop the kept worker processes (nothing to do without ``keep_workers``); :meth:`batches` may start
@@ -1075,7 +1081,7 @@ class ClipLoader:
             self._kept = None  # the DataLoader's iterator goes with it and shuts its workers down
             self._iteration += 1
 
-    def _tracked(self, iterator, start_epoch: int, iteration: int) -> Iterator[Batch]:
+    def _tracked(self, iterator, start_epoch: int, iteration: int, count: bool = True) -> Iterator[Batch]:
         last_epoch = start_epoch
         while True:
             if iteration != self._iteration:  # before drawing: the batch would be the newer iteration's
@@ -1086,7 +1092,8 @@ class ClipLoader:
             if batch.epoch != last_epoch:
                 self.tracker.check()  # a whole epoch was seen: judge it even if it is small
                 last_epoch = batch.epoch
-            self.tracker.update(batch)
+            if count:
+                self.tracker.update(batch)
             yield batch
         self.tracker.check()
 

@@ -135,7 +135,8 @@ class Trainer(PhaseMachinery):
         if not ended:  # the workers start (or resume) and decode before the phase's clock starts
             loader = self._train_loader(index)
             stream = loader.batches(st.data_epoch, st.data_index,
-                                    None if phase.iteration_based else phase.max_length - st.epoch_in_phase)
+                                    None if phase.iteration_based else phase.max_length - st.epoch_in_phase,
+                                    count=False)  # counted as trained on (_step): a checkpoint counts what it holds
         self.record.start_phase(index)
         self._finite.restart(st.step, self.splits[index].grad_accum)
         if not ended:
@@ -191,6 +192,7 @@ class Trainer(PhaseMachinery):
         it); True when the phase ends here."""
         st, phase, train = self.state, self.spec.phases[index], self.spec.train
         for batch in group.batches:
+            self.tracker.update(batch)  # its clips and bad clips, counted as trained on
             logs = self._micro_step(engine, batch, pipeline, index)
             if not len(batch):  # no usable clip: a step that contributes nothing, logged as nothing
                 continue
