@@ -3,8 +3,10 @@
 - ``uniform``: M patches drawn uniformly without replacement (SSAST's frame models).
 - ``cluster``: square clusters of 3x3 to 5x5 patches (size drawn per clip) are laid on the token grid one
   after the other until M patches are covered; the last cluster is covered partly, at random. Cluster
-  corners range over positions that let a cluster hang over every edge, so every patch is equally likely
-  to be masked (SSAST's patch models use clustered masking).
+  corners range over positions that let a cluster hang over every edge, so every patch is about equally
+  likely to be masked (edge rows and columns within about 1.5 % of the others, as the partly covered last
+  cluster falls; the official generator's rows range from 0.41 to 0.89); SSAST's patch models use clustered
+  masking.
 - ``cluster_ssast``: SSAST's own generator, biases included (``gen_maskid_patch`` in its
   ``src/models/ast_models.py``): clusters grow
   right and down from a random token id and wrap across rows, id 0 is never masked, clusters are added

@@ -7,7 +7,8 @@ are added (so masked tokens still know where they are); the encoder runs over al
 - MPC (discriminative): logits ``[M targets x M predictions]`` between the raw normalised patches of the
   same clip and the predictions; InfoNCE over the diagonal. ``nce_softmax: targets`` normalises over the
   targets for each prediction (SSAST paper Eq. 1); ``predictions`` over the predictions for each target
-  (what the official code does, SSAST issue #13). Accuracy = argmax over targets (official), chance 1/M.
+  (what the official code does, SSAST issue #13). Accuracy: for each prediction, the argmax over targets of
+  the softmax the NCE takes (the official code's, which normalises each target's row first), chance 1/M.
 - MPG (generative): MSE between predicted and raw patches.
 
 Joint loss ``nce + mpg_weight * mse`` (10 in SSAST), by default with two forward passes and two masks as
@@ -149,7 +150,10 @@ class SSASTModel(nn.Module):
             dim = 1 if self.cfg.nce_softmax == "targets" else 2
             nce = -torch.diagonal(F.log_softmax(logits, dim=dim), dim1=1, dim2=2).mean()
             labels = torch.arange(logits.shape[1], device=logits.device)
-            acc = (logits.argmax(dim=1) == labels).float().mean()
+            # the official accuracy: argmax over targets of the softmax over predictions when the NCE normalises
+            # over predictions (a different argmax than the raw logits'); over targets the softmax changes none
+            scores = F.softmax(logits, dim=2) if dim == 2 else logits
+            acc = (scores.argmax(dim=1) == labels).float().mean()
         return nce, acc
 
     def mpg(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -286,10 +290,10 @@ class SSASTObjective:
 
     def score_settings(self, cfg: EncoderConfig) -> dict:
         """The masked-patch accuracy is an argmax over the masked patches (chance 1 / their number): how many are
-        masked of how many, and how they are drawn, set its scale."""
+        masked of how many, how they are drawn, and which softmax it takes the argmax of set its scale."""
         c = self.cfg
         return {"masked": mask_count(cfg.num_patches, c.mask_ratio), "patches": cfg.num_patches,
-                "masking": c.masking, "cluster": [c.cluster_min, c.cluster_max]}
+                "masking": c.masking, "cluster": [c.cluster_min, c.cluster_max], "nce_softmax": c.nce_softmax}
 
     def export(self, model: SSASTModel, path: Path, meta: dict) -> None:
         """The encoder (under ``encoder.``, which every reader of an export takes) with the pretext heads and

@@ -113,12 +113,16 @@ def test_ssast_scores_compare_only_at_the_same_masking():
         return evaluation_settings(TrainConfig(), DataConfig(), 8, 1, score)
 
     base = settings()
-    assert base["score"] == {"masked": 400, "patches": 512, "masking": "auto", "cluster": [3, 5]}
+    assert base["score"] == {"masked": 400, "patches": 512, "masking": "auto", "cluster": [3, 5],
+                             "nce_softmax": "targets"}
     assert differences({"score": "acc", "data": VALID, "evaluation": base}, "acc", VALID, settings()) == []
     assert differences({"score": "acc", "data": VALID, "evaluation": base}, "acc", VALID, settings(mask_ratio=0.5)) \
         == ["the score's scale: masked 400 (baseline) vs 256 (this run)"]
     assert differences({"score": "acc", "data": VALID, "evaluation": base}, "acc", VALID,
                        settings(masking="uniform")) == ["the score's scale: masking auto (baseline) vs uniform (this run)"]
+    assert differences({"score": "acc", "data": VALID, "evaluation": base}, "acc", VALID,
+                       settings(nce_softmax="predictions")) == [
+        "the score's scale: nce_softmax targets (baseline) vs predictions (this run)"]
     assert differences({"score": "acc", "data": VALID, "evaluation": SETTINGS}, "acc", VALID, base) == []  # older
     assert ClassifierObjective(["a", "b"], "acc", "ce", AugmentConfig()).score_settings(grid) == {}  # a classifier's scores need nothing more
 

@@ -122,10 +122,27 @@ def test_nce_softmax_dimension_and_accuracy(cfg):
     by_preds = -torch.stack([torch.diagonal(F.log_softmax(lg, dim=1)) for lg in logits]).mean()
     assert torch.allclose(nce_t, by_targets, atol=1e-5)
     model.cfg = SSASTConfig(nce_softmax="predictions")  # the official code's choice
-    nce_p, _ = model.mpc(hidden, targets)
+    nce_p, acc_p = model.mpc(hidden, targets)
     assert torch.allclose(nce_p, by_preds, atol=1e-5) and not torch.allclose(nce_p, nce_t)
     expected = torch.stack([(lg.argmax(dim=0) == torch.arange(5)).float().mean() for lg in logits]).mean()
     assert acc == pytest.approx(expected.item())
+    # the official accuracy with its softmax: argmax(softmax(total, dim=-1), dim=0), total = targets x predictions
+    official = torch.stack([(F.softmax(lg, dim=-1).argmax(dim=0) == torch.arange(5)).float().mean() for lg in logits])
+    assert acc_p == pytest.approx(official.mean().item())
+
+
+def test_the_official_accuracy_differs_from_the_raw_argmax_where_rows_are_scaled_apart(cfg):
+    """Targets of very different norms: the raw logits' argmax over targets picks the loudest target for every
+    prediction; the official accuracy, normalising each target's row over the predictions first, does not."""
+    torch.manual_seed(0)
+    model = SSASTModel(ASTEncoder(cfg), SSASTConfig(nce_softmax="predictions"))
+    hidden = torch.randn(1, 6, 32)
+    pred = model.cpredlayer(hidden).detach()
+    targets = (pred + 0.01 * torch.randn_like(pred)) * torch.tensor([8.0, 1, 1, 1, 1, 1]).view(1, 6, 1)
+    _, acc = model.mpc(hidden, targets)
+    raw = (targets @ pred.transpose(1, 2)).argmax(dim=1)
+    assert (raw == 0).float().mean() > 0.5  # the loud target wins most predictions' raw argmax
+    assert acc.item() > (raw[0] == torch.arange(6)).float().mean().item()
 
 
 def test_joint_loss_and_gradients(cfg):
