@@ -4,7 +4,8 @@ step on gloo, and records the ZeRO settings the engine actually got.
     RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tests/engine_job.py JOB.json
 
 ``JOB.json``: ``{"out": folder, "cases": {name: {"train": {TrainConfig keys}}}}``. Writes ``out/rank{r}.json``:
-per case, the engine's ZeRO stage, ``overlap_comm``, bucket sizes and a checksum of the weights after the step.
+per case, the engine's ZeRO stage, ``overlap_comm``, bucket sizes, a checksum of the weights after the step and
+the places where the backward pass and the optimiser step read a tensor on the host (a wait for a GPU).
 A case may carry ``"optim"`` (OptimConfig keys); one with ``grad_clip`` also records, from the step itself, whether
 the gradient the backward all-reduced is the mean of the ranks' gradients and whether the optimiser stepped with
 that mean scaled by ``min(1, grad_clip / (norm + 1e-6))`` (``common.training.optim.step_engine``).
@@ -12,6 +13,7 @@ that mean scaled by ``min(1, grad_clip / (norm + 1e-6))`` (``common.training.opt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -50,19 +52,47 @@ def main(job_file: str) -> int:
         batch = Batch(torch.randn(2, samples), torch.full((2,), samples), None, ["a", "b"])
         loss, _ = objective.train_step(engine, batch, trainer._frontend(0, objective.specaug),
                                        torch.Generator().manual_seed(dist.rank))
-        probe = _probe(engine) if spec.optim.grad_clip else {}
-        engine.backward(loss)
-        step_engine(engine)
+        probe = _probe(engine) if spec.optim.grad_clip and engine.zero_optimization_stage() == 0 else {}
+        with _host_reads() as reads:
+            engine.backward(loss)
+            step_engine(engine)
         zero = engine._config.zero_config
         report[name] = {"stage": engine.zero_optimization_stage(), "overlap_comm": engine.zero_overlap_comm(),
                         "reduce_bucket_size": int(zero.reduce_bucket_size),
                         "allgather_bucket_size": int(zero.allgather_bucket_size),
                         "optimizer_overlaps": bool(getattr(engine.optimizer, "overlap_comm", False)),
                         "checksum": float(sum(p.double().sum() for p in engine.module.parameters())),
-                        "trainer_stage": trainer.zero_stage, **_clip_report(probe, spec.optim.grad_clip)}
+                        "trainer_stage": trainer.zero_stage, "host_reads": sorted(reads),
+                        **_clip_report(probe, spec.optim.grad_clip)}
         trainer.scalars.close()
     (Path(job["out"]) / f"rank{dist.rank}.json").write_text(json.dumps(report))
     return 0
+
+
+@contextlib.contextmanager
+def _host_reads():
+    """The places (file:line outside torch) where a tensor was read on the host within (``item``, ``bool``,
+    ``float``, ``tolist``, ``cpu``: each makes the host wait for a GPU): appended to the list yielded."""
+    import torch
+
+    found: list[str] = []
+    names = ("item", "__bool__", "__float__", "__int__", "tolist", "cpu")
+    real = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counting(name):
+        def read(self, *args, **kwargs):
+            frame = sys._getframe(1)
+            found.append(f"{name} {frame.f_code.co_filename.split('site-packages/')[-1]}:{frame.f_lineno}")
+            return real[name](self, *args, **kwargs)
+        return read
+
+    for name in names:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        yield found
+    finally:
+        for name in names:
+            setattr(torch.Tensor, name, real[name])
 
 
 def _flat(params):
@@ -92,7 +122,7 @@ def _probe(engine) -> dict:
 def _clip_report(probe: dict, clip: float) -> dict:
     """Whether the reduced gradient is the ranks' mean and the stepped one that mean clipped (the same on every
     rank: only rank-independent values)."""
-    if not clip:
+    if not clip or not probe:
         return {}
     import torch
     import torch.distributed as dist

@@ -38,12 +38,19 @@ def resolve_zero_stage(stage: ZeroStage, world_size: int, saved: int | None = No
 
 
 def zero_config(stage: int, world_size: int, overlap_comm: bool | None = None,
-                bucket_size: int | None = None) -> dict:
+                bucket_size: int | None = None, grad_clip: float = 0.0) -> dict:
     """DeepSpeed's ``zero_optimization`` section for ``stage`` on ``world_size`` ranks; ``overlap_comm`` and
-    ``bucket_size`` (elements) override the defaults (module docstring) where given."""
+    ``bucket_size`` (elements) override the defaults (module docstring) where given.
+
+    Without gradient clipping (``grad_clip`` 0) ZeRO-1/2 computes no gradient norm: with fp32 weights (the
+    autocast runs keep them) DeepSpeed read that norm on the host at every step to skip a step on a non-finite
+    gradient, a wait for the device per step; the run's own non-finite check (``train.nonfinite_check``) stops
+    on a non-finite loss instead, as it does without ZeRO. With clipping the norm is needed and read."""
     section: dict = {"stage": stage}
     if stage >= 1:
         bucket = ZERO_BUCKET if bucket_size is None else bucket_size
         section.update(overlap_comm=(world_size > 1) if overlap_comm is None else overlap_comm,
                        reduce_bucket_size=bucket, allgather_bucket_size=bucket, contiguous_gradients=True)
+        if stage in (1, 2) and not grad_clip:
+            section["compute_grad_norm"] = False
     return section

@@ -243,7 +243,7 @@ def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int,
         "gradient_accumulation_steps": cfg.grad_accum if grad_accum is None else grad_accum,
         # without ZeRO, step_engine clips (DeepSpeed would, one tensor at a time); ZeRO's optimizer clips its own
         "gradient_clipping": cfg.grad_clip if zero_stage > 0 else 0.0,
-        "zero_optimization": zero_config(zero_stage, _world_size(), zero_overlap_comm, zero_bucket_size),
+        "zero_optimization": zero_config(zero_stage, _world_size(), zero_overlap_comm, zero_bucket_size, cfg.grad_clip),
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
         # DeepSpeed's throughput timer (on by default) waits for the device at the start and the end of every

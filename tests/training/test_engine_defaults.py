@@ -20,8 +20,9 @@ CASES = {
     "stage0": {"zero_stage": 0},
     "stage2 no overlap": {"zero_stage": 2, "zero_overlap_comm": False, "zero_bucket_size": 1_000_000},
     "stage0 clip": {"zero_stage": 0},
+    "stage1 clip": {"zero_stage": 1},
 }
-OPTIM = {"stage0 clip": {"grad_clip": 1e-3}}  # far below the gradient's norm: the clip acts
+OPTIM = {"stage0 clip": {"grad_clip": 1e-3}, "stage1 clip": {"grad_clip": 1e-3}}  # far below the norm: the clip acts
 
 
 def test_resolution_and_the_section():
@@ -30,8 +31,11 @@ def test_resolution_and_the_section():
     assert resolve_zero_stage(2, 1, saved=1) == 2  # an explicit value wins
     assert zero_config(0, 4) == {"stage": 0}
     assert zero_config(1, 2) == {"stage": 1, "overlap_comm": True, "reduce_bucket_size": ZERO_BUCKET,
-                                 "allgather_bucket_size": ZERO_BUCKET, "contiguous_gradients": True}
+                                 "allgather_bucket_size": ZERO_BUCKET, "contiguous_gradients": True,
+                                 "compute_grad_norm": False}
     assert zero_config(1, 1)["overlap_comm"] is False and zero_config(2, 3, False, 7)["reduce_bucket_size"] == 7
+    # no gradient norm (read on the host every step) unless clipping needs it
+    assert zero_config(1, 2)["compute_grad_norm"] is False and "compute_grad_norm" not in zero_config(1, 2, grad_clip=1)
 
 
 def test_one_rank_runs_without_zero_unless_the_recipe_asks(tmp_path):
@@ -69,3 +73,8 @@ def test_several_ranks_overlap_the_reduction_in_model_sized_buckets(tmp_path, wo
     assert (clip["stage"], clip["reduced_is_mean"], clip["reduced_over_clip"], clip["stepped_is_clipped"]) == \
         (0, True, True, True), clip
     assert clip["stepped_norm"] == pytest.approx(1.0, abs=1e-3)
+    # no step waits for the device: no tensor read on the host in the backward pass or the optimiser step, with
+    # ZeRO-1 / 2 too (no gradient norm computed); only ZeRO's own clip reads its norm (documented)
+    assert {name: got[name]["host_reads"] for name in ("default", "stage0", "stage2 no overlap", "stage0 clip")} == \
+        dict.fromkeys(("default", "stage0", "stage2 no overlap", "stage0 clip"), [])
+    assert got["stage1 clip"]["stage"] == 1 and got["stage1 clip"]["host_reads"]
