@@ -6,7 +6,8 @@ process (each joins its own process group), and records which batches this rank'
 ``JOB.json``: ``{"out": folder, "cases": [{"name", "entry": "finetune" | "pretrain", "argv", "port",
 "expect" (the exit code the case should end with; default 0)}]}``.
 Writes ``out/rank{r}.json``: per case, the exit code, the seconds (and CPU seconds) it took, the ``error:``
-lines it printed, the child processes (loader workers) still alive after it and, per loader (``train`` / ``valid``), the ``[epoch, index, clip ids]`` of every batch
+lines it printed, the child processes (loader workers) still alive after it, a checksum of the final model's
+floating-point buffers (``buffers``, for a run that finished) and, per loader (``train`` / ``valid``), the ``[epoch, index, clip ids]`` of every batch
 handed to the training loop. The job stops at the first case that ends otherwise than expected.
 """
 
@@ -38,6 +39,7 @@ class _Tee(io.StringIO):
 
 def main(job_file: str) -> int:
     from common.data.loader import ClipLoader
+    from common.training.loop import Trainer
     from finetune.run import main as finetune
     from pretrain.run import main as pretrain
 
@@ -53,16 +55,25 @@ def main(job_file: str) -> int:
             yield batch
 
     ClipLoader.batches = recorded
+    finished: dict[str, float] = {}
+    finish = Trainer._finish
+
+    def recorded_finish(self, model):  # observes only: the final model's buffers (BatchNorm statistics)
+        finished["buffers"] = float(sum(b.double().sum() for b in model.buffers() if b.is_floating_point()))
+        return finish(self, model)
+
+    Trainer._finish = recorded_finish
     report = {}
     for case in job["cases"]:
         os.environ["MASTER_PORT"] = str(case["port"])
         seen = {}
+        finished.clear()
         entry = finetune if case["entry"] == "finetune" else pretrain
         start, cpu = time.perf_counter(), time.process_time()
         with contextlib.redirect_stderr(_Tee(sys.stderr)) as err:
             code = entry(case["argv"])
         report[case["name"]] = {"code": code, "seconds": round(time.perf_counter() - start, 2),
-                                "cpu_seconds": round(time.process_time() - cpu, 2), **seen,
+                                "cpu_seconds": round(time.process_time() - cpu, 2), **seen, **finished,
                                 "children": len(multiprocessing.active_children()),
                                 "errors": [line for line in err.getvalue().splitlines() if line.startswith("error:")]}
         Path(job["out"], f"rank{rank}.json").write_text(json.dumps(report))

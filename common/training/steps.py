@@ -1,6 +1,7 @@
 """How a phase's batch stream becomes optimiser steps: micro-batches grouped by accumulation
 (:func:`step_groups`), each micro-batch's forward, backward and step (:func:`micro_step`), and what a
-micro-batch without a usable clip steps with (:func:`stand_in`, :func:`norms_frozen`)."""
+micro-batch without a usable clip steps with (:func:`stand_in`, :func:`norms_frozen`), and the running statistics
+every rank takes from rank 0 after a step (:func:`broadcast_statistics`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from torch import nn
 from common.data.loader import Batch
 from common.training.optim import step_engine
 
-__all__ = ["StepGroup", "step_groups", "micro_step", "norms_frozen", "stand_in"]
+__all__ = ["StepGroup", "step_groups", "micro_step", "norms_frozen", "stand_in", "running_statistics",
+           "broadcast_statistics"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,25 @@ def step_groups(stream: Iterator[Batch], accum: int, epoch_based: bool,
             group = []
     if epoch_based and current is not None:
         yield StepGroup([], (current + 1, 0), epoch_end=current)
+
+
+def running_statistics(model: nn.Module) -> list[torch.Tensor]:
+    """The buffers a training forward changes: BatchNorm's running mean, variance and batch count (HTS-AT's
+    ``bn0``; an AST has none)."""
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+
+
+def broadcast_statistics(buffers: list[torch.Tensor], dist) -> None:
+    """Rank 0's running statistics on every rank (collective; nothing on one rank).
+
+    Each rank's BatchNorm follows its own clips, and DeepSpeed, unlike DDP (``broadcast_buffers``, which the
+    official HTS-AT trainer used), never synchronises buffers: validation would score each rank's share with
+    other statistics, and checkpoints and exports, which rank 0 writes, would hold rank 0's alone. Called after
+    every optimiser step: no host wait (the broadcasts queue on the device)."""
+    if dist.world_size > 1:
+        for buffer in buffers:
+            torch.distributed.broadcast(buffer, src=0)
 
 
 @contextmanager

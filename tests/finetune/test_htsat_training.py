@@ -215,3 +215,27 @@ def test_the_vggsound_pair_plans_the_same_saving(capsys):
     rows = re.findall(r"^phase\d \((.+?)\)\s+(\d+)\s", out, re.M)
     assert [(name, int(epochs)) for name, epochs in rows] == [("fshift x4", 14), ("full resolution", 36)]
     assert float(re.search(r"saving ([\d.]+)%", out).group(1)) == pytest.approx(21.13, abs=0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", [2, 3])
+def test_on_several_ranks_every_rank_ends_with_rank_0s_batchnorm_statistics(tmp_path, synth_corpus, world):
+    """HTS-AT's bn0 follows each rank's own clips; DeepSpeed synchronises no buffers (DDP, which the official
+    trainer used, broadcasts them): after every step each rank takes rank 0's, so validation, checkpoints and
+    exports describe one model."""
+    from tests.helpers import _launch
+
+    data = _synth_root(tmp_path, synth_corpus)
+    argv = ["--init", "none", "--task", "synth", "--data-root", str(data), "--run-dir", str(tmp_path / "run"),
+            "--recipe", str(ROOT / "recipes" / "htsat_audioset.yaml"),
+            *sets(*TINY_HTSAT, f"data.batch_size={2 * world}", "train.deterministic=true",
+                  "phases=[{compression: fshift, factor: 4, epochs: 1}, {compression: none, epochs: 1}]")]
+    ranks = _launch(world, [("htsat", "finetune", argv)], tmp_path / "job", timeout=240)["htsat"]
+    assert all(r["code"] == 0 for r in ranks)
+    assert len({r["buffers"] for r in ranks}) == 1, [r["buffers"] for r in ranks]
+    from common.models.exports import read_weights
+
+    weights, _ = read_weights(tmp_path / "run" / "model.safetensors")
+    stats = [v for k, v in weights.items() if "bn0.running" in k]
+    assert stats and all(torch.isfinite(v).all() for v in stats)
