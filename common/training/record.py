@@ -349,13 +349,18 @@ class RunRecord:
             f"records them in ledger.json), then run the command again to resume from it")
 
     def log_window(self, index: int, window: dict, lr: float, bar) -> None:
-        """A log window's mean losses (``window``: their sums on the device, and ``_n``; it empties) and the
-        throughput since the last account, to TensorBoard, the progress bar and the log (collective)."""
+        """A log window's mean losses over every rank's micro-batches (``window``: this rank's sums on the device,
+        and ``_n``; it empties) and the throughput since the last account, to TensorBoard, the progress bar and
+        the log (collective)."""
         trained = self.account(index)
-        n = window.pop("_n", 1)
-        sums = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in window.values()]).tolist() \
-            if window else []  # one host read for the window
-        values = {f"train/{k}": v / n for k, v in zip(window, sums)}
+        n = window.pop("_n", 0)
+        keys = sorted(window)
+        if self.dist.world_size > 1:  # every rank's micro-batches (a rank whose were all empty has no keys)
+            keys = sorted(set().union(*self.dist.gather_objects(keys)))
+        sums = torch.stack([torch.as_tensor(window.get(k, 0.0), dtype=torch.float64, device=self.device)
+                            for k in keys] + [torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+        *sums, n = self.dist.all_reduce_sum(sums).tolist()  # one host read for the window
+        values = {f"train/{k}": v / max(n, 1) for k, v in zip(keys, sums)}
         window.clear()
         values.update({
             "train/lr": lr,
