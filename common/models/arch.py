@@ -60,8 +60,10 @@ class Architecture(Protocol):
 
     def adapt_state(self, state: dict, old: Any, new: Any, transfer, patch_mode: str, prefix: str = "") -> dict:
         """Encoder weights (under ``prefix``) carried from geometry ``old`` to ``new`` at a phase change."""
-    def load_weights(self, encoder: nn.Module, weights, geometry: Any, pos_mode: str, patch_mode: str) -> None:
-        """Load initial weights (a :class:`~common.models.weights.EncoderWeights`) into ``encoder``."""
+    def load_weights(self, encoder: nn.Module, weights, geometry: Any, pos_mode: str, patch_mode: str,
+                     table_mode: str = "timm") -> None:
+        """Load initial weights (a :class:`~common.models.weights.EncoderWeights`) into ``encoder``; ``table_mode``:
+        how relative-position tables are fitted (``transfer.rel_pos_bias``; architectures that have them)."""
 
     def example_input(self, geometry: Any, batch: int) -> torch.Tensor:
         """A random model input of ``batch`` clips (for counting FLOPs on the meta device)."""

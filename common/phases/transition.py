@@ -21,7 +21,8 @@ __all__ = ["initial_model", "next_phase_model"]
 
 
 def initial_model(arch: Architecture, objective, geometry, phase: PhaseConfig, seed: int,
-                  init: EncoderWeights | None = None, pos_mode: str = "bilinear") -> nn.Module:
+                  init: EncoderWeights | None = None, pos_mode: str = "bilinear",
+                  table_mode: str = "timm") -> nn.Module:
     """The first phase's model (``objective.build_model``), its encoder from ``init`` if given (and, where the
     objective has ``load_initial_heads(model)``, what it keeps of the init beside the encoder).
 
@@ -33,11 +34,13 @@ def initial_model(arch: Architecture, objective, geometry, phase: PhaseConfig, s
         seed: seeds the initialisation of everything the weights do not cover.
         init: initial encoder weights (None: from scratch).
         pos_mode: how an initial positional embedding is fitted to the phase's grid (AST family).
+        table_mode: how initial relative-position tables are fitted to the phase's windows (HTS-AT:
+            ``transfer.rel_pos_bias``).
     """
     torch.manual_seed(seed)
     model = objective.build_model(geometry)
     if init is not None:
-        arch.load_weights(model.encoder, init, geometry, pos_mode, patch_mode_between(None, phase))
+        arch.load_weights(model.encoder, init, geometry, pos_mode, patch_mode_between(None, phase), table_mode)
         load_heads = getattr(objective, "load_initial_heads", None)  # an objective's own parts of the init
         if load_heads is not None:
             load_heads(model)

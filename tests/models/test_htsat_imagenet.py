@@ -152,6 +152,23 @@ def test_a_coarse_first_phase_takes_the_imagenet_start_too(tmp_path):
     assert own["swin.layers.3.blocks.0.attn.relative_position_bias_table"].shape == (1, 4)  # a 1 x 1 window
 
 
+def test_the_initial_tables_are_fitted_as_the_recipe_says(tmp_path):
+    """``transfer.rel_pos_bias`` applies to the init's tables as to a phase change's (it was always timm's)."""
+    from common.models.htsat.adapt import resize_bias_table
+
+    init = load_encoder_state(save(timm_swin(window=4), tmp_path / "swin4.pth", "timm"))
+    arch = run_arch(init)
+    geometry = arch.geometry(Compression("fshift", 4))  # windows 4, 4, 2, 1: stage 2's 7 x 7 tables become 3 x 3
+    key = "swin.layers.2.blocks.0.attn.relative_position_bias_table"
+    got = {}
+    for mode in ("timm", "bicubic"):
+        model = arch.build_classifier(geometry, 12, "tscam")
+        arch.load_weights(model.encoder, init, geometry, "cut", "pi", mode)
+        got[mode] = model.encoder.state_dict()[key]
+        assert torch.allclose(got[mode], resize_bias_table(init.state[key], (4, 4), (2, 2), mode)), mode
+    assert not torch.allclose(got["timm"], got["bicubic"])
+
+
 def test_the_official_start_fits_the_official_model_exactly():
     """Swin-T/C24 (swin_tiny_c24_patch4_window8_256.pth: 256 x 256, window 8, heads 4-8-16-32) in Microsoft's
     layout gives the official HTS-AT config and every backbone key and shape of the default model, no table

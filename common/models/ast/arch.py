@@ -134,7 +134,7 @@ class ASTArch:
         return adapt_state_dict(state, old, new, transfer.pos_embed, patch_mode, prefix)
 
     def load_weights(self, encoder: ASTEncoder, weights, geometry: EncoderConfig, pos_mode: str,
-                     patch_mode: str) -> None:
+                     patch_mode: str, table_mode: str = "timm") -> None:  # no relative-position tables
         load_adapted(encoder, weights.state, weights.config, geometry, pos_mode, patch_mode)
 
     def example_input(self, geometry: EncoderConfig, batch: int) -> torch.Tensor:

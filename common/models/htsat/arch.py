@@ -141,13 +141,15 @@ class HTSATArch:
                     prefix: str = "") -> dict:
         return adapt_state_dict(state, self.base, old.geom, new.geom, transfer.rel_pos_bias, patch_mode, prefix)
 
-    def load_weights(self, encoder: HTSAT, weights, geometry: HTSATPhase, pos_mode: str, patch_mode: str) -> None:
+    def load_weights(self, encoder: HTSAT, weights, geometry: HTSATPhase, pos_mode: str, patch_mode: str,
+                     table_mode: str = "timm") -> None:
         """Load HTS-AT weights (full resolution unless the export says otherwise) into ``encoder``.
 
         The class-specific head (``tscam_conv``) is loaded only when it has the model's shape; otherwise it
         starts afresh, as the official ESC-50 recipe does with its AudioSet checkpoint. ImageNet Swin weights
         (``source: imagenet``, :mod:`common.models.htsat.imagenet`) fix only the Swin's sizes: every relative-position
-        table is fitted to its block's window in ``geometry`` and ``bn0`` starts afresh with the head.
+        table is fitted to its block's window in ``geometry`` and ``bn0`` starts afresh with the head. Tables are
+        resized as ``table_mode`` says (the recipe's ``transfer.rel_pos_bias``, as at its phase changes).
         """
         cfg = weights.config
         if not isinstance(cfg, HTSATConfig):
@@ -163,13 +165,13 @@ class HTSATArch:
                              + ", ".join(f"{k} {size[k]} -> {want[k]}" for k in changed) + ")")
         fresh = HEAD_PREFIXES
         if imagenet:  # every table fitted to its block's window here; bn0 and the head start afresh
-            state, changes = fit_tables(weights.state, geometry.cfg, geometry.geom, "timm", patch_mode)
+            state, changes = fit_tables(weights.state, geometry.cfg, geometry.geom, table_mode, patch_mode)
             fresh = HEAD_PREFIXES + ("bn0.",)
             log.info("--init %s: ImageNet Swin backbone loaded%s; bn0 and the token-semantic head start afresh",
                      weights.meta.get("file", ""), "".join(f"; {line}" for line in changes))
         else:
             source = HTSATArch(cfg).export_geometry(weights.meta).geom
-            state = adapt_state_dict(weights.state, cfg, source, geometry.geom, "timm", patch_mode)
+            state = adapt_state_dict(weights.state, cfg, source, geometry.geom, table_mode, patch_mode)
         own = encoder.state_dict()
         heads = [k for k in state if k.startswith(HEAD_PREFIXES) and state[k].shape != own[k].shape]
         for key in heads:
