@@ -134,6 +134,8 @@ class ASTWeights:
         loss: ``bce`` (sigmoid scores, multi-label) or ``ce`` (softmax).
         front_end: the features the model expects, None where unknown.
         source: where it was read from, for messages.
+        own_export: written by this package (:func:`export_hf`: its ``config.json`` has a ``coarse2fine`` key),
+            not, e.g., MIT's AST checkpoints converted by Hugging Face.
     """
 
     cfg: EncoderConfig
@@ -145,6 +147,7 @@ class ASTWeights:
     loss: str = "ce"
     front_end: FrontEnd | None = None
     source: str = ""
+    own_export: bool = False
 
     @property
     def labels(self) -> list[str] | None:
@@ -360,7 +363,8 @@ def read_hf_directory(path: str | os.PathLike) -> ASTWeights:
         classes = [str(c) for c in ids] if isinstance(ids, list) and len(ids) == n else labels
         names = dict(zip(classes, labels))
     loss = _hf_loss(config.get("problem_type"), None if head is None else len(classes), path)
-    return ASTWeights(cfg, encoder, head, "prefix", classes, names, loss, _read_front_end(path), str(path))
+    return ASTWeights(cfg, encoder, head, "prefix", classes, names, loss, _read_front_end(path), str(path),
+                      "coarse2fine" in config)
 
 
 AUDIOSET_CLASSES = 527

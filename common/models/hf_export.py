@@ -248,7 +248,7 @@ def write_hf_directory(model: ASTWeights, out: str | os.PathLike) -> Path:
                       problem_type="multi_label_classification" if model.loss == "bce"
                       else "single_label_classification", coarse2fine={"classes": list(model.classes)})
     else:
-        fields.update(architectures=["ASTModel"])
+        fields.update(architectures=["ASTModel"], coarse2fine={})  # the key marks this package's export
     extractor = ASTFeatureExtractor(sampling_rate=fe.sample_rate, num_mel_bins=fe.num_mel_bins,
                                     max_length=fe.max_length, mean=fe.mean, std=fe.std, do_normalize=True,
                                     padding_value=0.0, return_attention_mask=False)

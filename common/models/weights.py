@@ -69,7 +69,7 @@ def _hf_encoder_state(path: str | os.PathLike):
     """The :class:`EncoderWeights` of an HF AST directory (``meta["source"] == "hf"``)."""
     model = read_hf_directory(path)
     return EncoderWeights(model.cfg, model.encoder, {
-        "source": "hf", "file": str(path), "labels": model.labels,
+        "source": "hf", "file": str(path), "labels": model.labels, "own_export": model.own_export,
         "front_end": None if model.front_end is None else asdict(model.front_end)})
 
 

@@ -175,12 +175,17 @@ def init_pos_mode(init: EncoderWeights | None, default: str, choice: str = "auto
     Args:
         init: as returned by :func:`load_init`.
         default: the mode for this package's exports (``transfer.pos_embed``).
-        choice: ``auto`` (official SSAST / AST checkpoints and ImageNet weights: ``cut``, the rule of
-            SSAST's and AST's fine-tuning code; exports: ``default``), or the mode to use.
+        choice: ``auto`` (official SSAST / AST checkpoints, in their own files or as Hugging Face directories
+            such as MIT's AST, and ImageNet weights: ``cut``, the rule of SSAST's and AST's fine-tuning code; this
+            package's exports, its Hugging Face exports included: ``default``), or the mode to use.
     """
     if choice != "auto":
         return choice
-    return "cut" if init is not None and init.meta.get("source") in ("official", "imagenet") else default
+    if init is None:
+        return default
+    source = init.meta.get("source")
+    official = source in ("official", "imagenet") or (source == "hf" and not init.meta.get("own_export"))
+    return "cut" if official else default
 
 
 def init_pool(init: EncoderWeights | None, cfg) -> str:

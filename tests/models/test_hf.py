@@ -142,6 +142,30 @@ def test_a_config_without_problem_type_is_multi_label_for_audiosets_classes(tmp_
     assert read_hf_directory(out).loss == loss
 
 
+@pytest.mark.parametrize("head", [True, False])
+def test_an_hf_directory_of_official_ast_weights_is_cut_to_the_grid_as_ast_does(tmp_path, head):
+    """MIT's AST checkpoints on the Hugging Face hub are the official AST weights: their positional embedding is
+    cut to a smaller grid as AST's fine-tuning code does (``cut``); this package's own HF exports (their config
+    carries a ``coarse2fine`` key) are fitted as the recipe's ``transfer.pos_embed`` says, as its exports are."""
+    from common.models.exports import save_encoder
+    from common.models.weights import load_encoder_state
+    from common.phases.init import init_pos_mode
+
+    torch.manual_seed(0)
+    if head:
+        src = tiny_classifier(tmp_path / "m.safetensors")
+    else:
+        src = tmp_path / "e.safetensors"
+        save_encoder(ASTEncoder(tiny_cfg()), src, {"audio": AUDIO, "phase": FULL, "objective": "ssast"})
+    out = export_hf(src, tmp_path / "hf")
+    assert init_pos_mode(load_encoder_state(out), "bilinear") == "bilinear"  # this package's export
+    config = json.loads((out / "config.json").read_text())
+    del config["coarse2fine"]  # as the hub's configs are
+    (out / "config.json").write_text(json.dumps(config))
+    assert init_pos_mode(load_encoder_state(out), "bilinear") == "cut"
+    assert init_pos_mode(load_encoder_state(out), "bilinear", choice="bilinear") == "bilinear"
+
+
 def test_import_reads_bin_weights_and_transformers5_names(tmp_path):
     """``pytorch_model.bin`` (loaded with weights_only) under the in-memory names of transformers 5
     (``layers.N.attention.q_proj``) gives the same encoder as the saved names."""
