@@ -110,10 +110,12 @@ def setting_differences(base: dict, run: dict) -> list[str]:
         if base.get(key) != run.get(key):
             out.append(f"data.{key} {base.get(key)} (baseline) vs {run.get(key)} (this run)")
     mine, theirs = run.get("score"), base.get("score")
-    if mine is not None and theirs is not None and mine != theirs:  # (a ledger from before: not compared)
-        keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        out.append("the score's scale: " + ", ".join(f"{k} {theirs.get(k)} (baseline) vs {mine.get(k)} (this run)"
-                                                      for k in keys))
+    if mine is not None and theirs is not None:  # (a ledger from before any: not compared)
+        # a setting one ledger lacks was recorded only by later code: not compared either
+        keys = sorted(k for k in set(mine) & set(theirs) if mine[k] != theirs[k])
+        if keys:
+            out.append("the score's scale: " + ", ".join(f"{k} {theirs[k]} (baseline) vs {mine[k]} (this run)"
+                                                          for k in keys))
     return out
 
 

@@ -124,6 +124,9 @@ def test_ssast_scores_compare_only_at_the_same_masking():
                        settings(nce_softmax="predictions")) == [
         "the score's scale: nce_softmax targets (baseline) vs predictions (this run)"]
     assert differences({"score": "acc", "data": VALID, "evaluation": SETTINGS}, "acc", VALID, base) == []  # older
+    older = {**base, "score": {k: v for k, v in base["score"].items() if k != "nce_softmax"}}  # before the key
+    assert differences({"score": "acc", "data": VALID, "evaluation": older}, "acc", VALID,
+                       settings(nce_softmax="predictions")) == []
     assert ClassifierObjective(["a", "b"], "acc", "ce", AugmentConfig()).score_settings(grid) == {}  # a classifier's scores need nothing more
 
 
