@@ -21,6 +21,33 @@ def test_help(module, capsys):
     assert out.startswith("usage:") and len(out.splitlines()) > 3
 
 
+def test_every_usage_names_a_command_that_runs_it(capsys):
+    """Each console script's usage line names a command that runs it: the script, ``python -m MODULE`` of a
+    module that runs its ``main`` when so run, or a script file that does (a usage naming ``python -m
+    common.models.hf``, which did nothing, left a user with an export that never happened)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    setup = (root / "setup.py").read_text()
+    for script, module in re.findall(r'"(c2f-[\w-]+)=([\w.]+):main"', setup):
+        with pytest.raises(SystemExit):
+            importlib.import_module(module).main(["--help"])
+        prog = re.match(r"usage: (.+?) \[-h\]", capsys.readouterr().out).group(1)
+        if prog.startswith("python -m "):
+            named = importlib.import_module(prog.split()[-1])
+            if hasattr(named, "__path__"):  # a package runs its __main__ module
+                named = importlib.import_module(named.__name__ + ".__main__")
+            source = Path(named.__file__).read_text()
+        else:
+            assert prog == script or prog.endswith(".py"), (script, prog)
+            source = (root / prog).read_text() if prog.endswith(".py") else '__name__ == "__main__"'
+        assert '__name__ == "__main__"' in source, f"{script}: its usage names {prog}, which would do nothing"
+    done = subprocess.run([sys.executable, "-m", "common.models.hf", "--help"], cwd=root, capture_output=True,
+                          text=True, timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0 and done.stdout.startswith("usage: c2f-hf"), done.stdout + done.stderr
+
+
 def test_console_scripts_resolve():
     setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
     targets = re.findall(r'"c2f-[\w-]+=([\w.]+):(\w+)"', setup)

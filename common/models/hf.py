@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -446,3 +447,9 @@ def kept_head(init: str | os.PathLike, classes: Sequence[str], names: dict[str, 
         detail = f"same labels in another order (position {i}: task {ours[i]!r}, model {theirs[i]!r})"
     raise ValueError(f"--keep-head: the task's classes differ from {init}'s labels: {detail}; drop --keep-head to "
                      f"train a new head")
+
+
+if __name__ == "__main__":  # the command line lives in hf_export (c2f-hf); this module reads directories
+    from common.models.hf_export import main
+
+    sys.exit(main())

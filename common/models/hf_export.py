@@ -324,8 +324,9 @@ def classify(model_dir: str | os.PathLike, waveform, sample_rate: int, top_k: in
 # ------------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m common.models.hf", description="Hugging Face transformers interop for AST models.",
-        epilog="example: python -m common.models.hf export runs/finetune/esc50-baseline --out esc50_ast_hf  "
+        prog="c2f-hf", description="Hugging Face transformers interop for AST models (also: python -m "
+                                   "common.models.hf_export).",
+        epilog="example: c2f-hf export runs/finetune/esc50-baseline --out esc50_ast_hf  "
                "(start from an HF directory with: python finetune/run.py --init DIR --task NAME)")
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser(
