@@ -137,10 +137,11 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
     from common.models.spec import ModelSpec
     from common.phases.init import load_init, resolve_pool, task_encoder, task_encoder_config
     from finetune.recipe import task_source
+    from common.config.recipe import build
     from finetune.tasks import TaskConfig
 
     fields, _ = task_source(task_name)
-    task = TaskConfig(**{**fields, "data_root": recipe.data_root})
+    task = build(TaskConfig, {**fields, "data_root": recipe.data_root}, "task")  # bad values named, not raised
     classes, _ = read_classes(task.path(task.classes))
     init = load_init(init_path)
     cfg = task_encoder_config(init, ModelSpec(arch=init.arch if init is not None else "ast"), 128,

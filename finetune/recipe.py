@@ -10,6 +10,8 @@ recipe at full resolution; a coarse-to-fine recipe (``recipes/ft_*.yaml``) repla
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -140,6 +142,13 @@ def task_source(task: str) -> tuple[dict, dict]:
         sections = {k: data.pop(k) for k in RECIPE_SECTIONS if k in data and k != "train"}
         fields = data
     fields = dict(fields)
+    known = {f.name for f in dataclasses.fields(TaskConfig) if f.init} | ({"epochs"} if "task" not in data else set())
+    typo = sorted((k for k in fields if k not in known), key=str)
+    if typo:
+        where = "task." if "task" in data else ""
+        also = "" if "task" in data else f"; beside them: epochs and the recipe sections {', '.join(RECIPE_SECTIONS)}"
+        raise RecipeError(f"{where}{typo[0]}: unknown key in {path} (task fields: {', '.join(sorted(known - {'epochs'}))}"
+                          f"{also})")
     unknown = sorted(set(sections) - set(RECIPE_SECTIONS) - {"epochs"})
     if unknown:
         raise RecipeError(f"{unknown[0]}: unknown key in {path} (task fields go under task:; recipe sections are "

@@ -89,3 +89,15 @@ def test_dry_run_says_which_defaults_apply(tmp_path, synth_corpus, capsys):
     assert "optimiser adam, lr 0.0001, warm-up 2 steps, plateau schedule" in out
     assert "batch: 8 clips per step = 8 per rank x 1 rank(s) x 1 accumulation" in out  # data.batch_size is global
     assert "task file mine: package defaults (defaults: package): warm-up 2 steps" in out
+
+
+def test_the_linear_probe_names_a_task_files_unknown_key_in_one_line(tmp_path, capsys):
+    """A typo in a task file (``epoch:``) is one line naming the key and what the file may hold, in the linear
+    probe as in fine-tuning (the probe raised a TypeError traceback)."""
+    from finetune.linear_probe import main as probe
+
+    task = tmp_path / "mine.yaml"
+    task.write_text("name: mine\ntrain: [a.jsonl.gz]\nvalid: [b.jsonl.gz]\nclasses: c.json\nepoch: 2\n")
+    assert probe(["--init", "none", "--task", str(task)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: epoch: unknown key in {task}") and "epochs" in err[0], err
