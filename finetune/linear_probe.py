@@ -203,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a run directory, an export, an SSAST/AST .pth, a Hugging Face AST directory, ...")
     parser.add_argument("--task", nargs="+", default=None, help="task name(s) or task YAML file(s)")
     parser.add_argument("--recipe", type=Path, default=None, help="a probe recipe (YAML: tasks, layer, pool, C, ...)")
-    parser.add_argument("--layer", type=int, default=None, help="block to read (1-based; default: the last)")
+    parser.add_argument("--layer", default=None,
+                        help="final (the default: every block and the final norm) or a block to read (1-based, "
+                             "negative from the end: -1 is the last block, before the final norm)")
     parser.add_argument("--pool", choices=["auto", "mean", "prefix"], default=None,
                         help="pooling (default auto: as the init's code, e.g. prefix for AST, mean for SSAST)")
     parser.add_argument("--C", type=float, default=None, help="inverse regularisation (default 1.0)")
@@ -222,8 +224,15 @@ def main(argv: list[str] | None = None) -> int:
         from common.system.logger import setup_logging
 
         setup_logging(None)
+        from finetune.embedder import parse_layer
+
         data = load_yaml(args.recipe) if args.recipe else {}
-        for key, value in (("tasks", args.task), ("layer", args.layer), ("pool", args.pool), ("C", args.C),
+        if isinstance(data.get("layer"), str):  # layer: final in a recipe
+            data["layer"] = parse_layer(data["layer"])
+        layer = parse_layer(args.layer) if args.layer is not None else None
+        if args.layer is not None:
+            data["layer"] = layer
+        for key, value in (("tasks", args.task), ("pool", args.pool), ("C", args.C),
                            ("data_root", args.data_root), ("cache_dir", args.cache_dir),
                            ("num_workers", args.workers)):
             if value is not None:
@@ -234,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         results = [probe_task(args.init, task, recipe, device) for task in recipe.tasks]
         pools = sorted({r["pool"] for r in results})
-        print(f"linear probe of {args.init} (layer {recipe.layer or 'last'}, {'/'.join(pools)} pooling, C={recipe.C})")
+        layer = "final" if recipe.layer is None else f"block {recipe.layer}"
+        print(f"linear probe of {args.init} (layer {layer}, {'/'.join(pools)} pooling, C={recipe.C})")
         print(f"| {'task':<16} | {'metric':<6} | {'value':>7} |")
         print(f"|{'-' * 18}|{'-' * 8}|{'-' * 9}|")
         for r in results:

@@ -346,3 +346,29 @@ def test_a_damaged_index_is_named_with_its_line(tmp_path):
     index.write_text("id\tpath\n")
     with pytest.raises(ValueError, match=r"index.tsv is not an embedding index"):
         read_index(tmp_path)
+
+
+def test_the_linear_probes_layer_takes_final_or_a_block_as_embed_does(tmp_path, synth_corpus, capsys):
+    """``--layer final`` (the default: every block and the final norm) and block numbers, as ``c2f-embed`` takes
+    them, also in a probe recipe; the table's header says which; a bad value is one line."""
+    from finetune.linear_probe import main as probe
+
+    data = tmp_path / "data"
+    (data / "synth").mkdir(parents=True)
+    for f in synth_corpus.glob("synth_*.json*"):
+        (data / "synth" / f.name).symlink_to(f)
+    init = _export(tmp_path / "e.safetensors", input_tdim=128)
+    base = ["--init", str(init), "--task", "synth", "--data-root", str(data), "--workers", "0", "--pool", "mean",
+            "--cache-dir", str(tmp_path / "cache")]
+    values = {}
+    for layer, header in (("final", "layer final"), ("-1", "layer block -1"), (None, "layer final")):
+        out = tmp_path / f"probe_{layer}.json"
+        assert probe([*base, "--out", str(out), *(["--layer", layer] if layer else [])]) == 0
+        assert header in capsys.readouterr().out
+        values[layer] = json.loads(out.read_text())[0]["value"]
+    assert values["final"] == values[None]
+    recipe = tmp_path / "probe.yaml"
+    recipe.write_text("layer: final\n")
+    assert probe([*base, "--recipe", str(recipe)]) == 0 and "layer final" in capsys.readouterr().out
+    assert probe([*base, "--layer", "zero"]) != 0
+    assert "--layer: 'final' or a block number" in capsys.readouterr().err
