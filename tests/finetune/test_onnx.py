@@ -217,3 +217,7 @@ def test_what_cannot_be_exported_is_refused_in_one_line(tmp_path, capsys):
     assert "is a directory; name the .onnx file" in capsys.readouterr().err
     assert onnx_main([str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # an opset the exporter cannot write (it warned, wrote opset 18 and said it had exported)
+    assert onnx_main([str(encoder), "--out", str(out), "--opset", "5"]) == 2
+    assert "--opset 5: the exporter writes these graphs at opset 18 or higher" in capsys.readouterr().err
+    assert not out.exists()
