@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -102,9 +103,9 @@ def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWei
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, zip errors, unsafe globals ...
-        raise ValueError(
-            f"{file} is neither an export of this package (.safetensors) nor a loadable SSAST/AST .pth: {err}"
-        ) from err
+        raise ValueError(f"{file} is neither an export of this package (.safetensors) nor a loadable checkpoint "
+                         f"(an SSAST / AST / HTS-AT .pth, a Hugging Face AST directory): {_load_failure(file, err)}") \
+            from err
     for wrapper in ("state_dict", "model"):  # {"model": ...} is how timm / DeiT training scripts save
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -122,6 +123,23 @@ def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWei
     pretrained = any(k.split(".")[-1] == "p_input_fdim" for k in state)  # SSAST pretraining files store it
     objective = "ssast" if pretrained else "classification"
     return EncoderWeights(cfg, enc, {"source": "official", "file": str(file), "objective": objective})
+
+
+def _load_failure(file: Path, err: Exception) -> str:
+    """Why ``torch.load`` could not read ``file``, in words (its own message may be empty or say nothing, such as
+    "pop from empty list" for a file that is not a PyTorch checkpoint at all)."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            head = handle.read(4)
+    except OSError as os_err:
+        return f"it cannot be read ({os_err.strerror or os_err})"
+    if size == 0:
+        return "the file is empty"
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch's zip format nor a legacy pickle
+        return f"not a PyTorch checkpoint ({size} bytes that are neither torch's zip format nor a pickle)"
+    text = " ".join(str(err).split())
+    return text[:300] if text else type(err).__name__
 
 
 def _official_htsat(state: dict, file) -> EncoderWeights:

@@ -73,8 +73,11 @@ def test_official_ast_finetuned_pth(tmp_path):
 def test_neither_format_is_a_clear_error(tmp_path):
     bad = tmp_path / "notes.pth"
     bad.write_text("hello")
-    with pytest.raises(ValueError, match="neither an export of this package"):
+    with pytest.raises(ValueError, match="neither an export of this package.*: not a PyTorch checkpoint \\(5 bytes"):
         load_encoder(bad)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="HTS-AT .pth, a Hugging Face AST directory\\): the file is empty$"):
+        load_encoder(tmp_path / "empty.pth")
     torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match=r"not an SSAST/AST checkpoint: missing \['v.pos_embed'"):
         load_encoder(tmp_path / "other.pth")
