@@ -112,6 +112,24 @@ class UnusableRunDir(ValueError):
     """``--run-dir`` names something this process cannot write a run into."""
 
 
+def run_dir_check(run_dir: Path) -> Callable[[], None]:
+    """A check (for ``--dry-run``'s list of what a run would miss) of what :func:`check_run_dir` would refuse, with
+    nothing created: ``--run-dir`` or a folder on its way that is a file, or a first existing folder on its way
+    that this process cannot write. Raises ``RecipeError`` naming the problem."""
+    def check() -> None:
+        path = Path(run_dir)
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            where = "" if existing == path else f" ({existing} on its way is a file)"
+            raise RecipeError(f"--run-dir {run_dir} is not a directory{where}; name a new folder or an existing run "
+                              f"directory")
+        if not os.access(existing, os.W_OK):
+            raise RecipeError(f"run directory {run_dir} cannot be written: {existing} is not writable")
+    return check
+
+
 def check_run_dir(run_dir: Path) -> None:
     """Make sure ``run_dir`` is a folder this process can write (it is created if missing), before any compute.
 

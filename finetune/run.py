@@ -24,7 +24,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from common.cli import add_run_arguments, run_main, training_session
+from common.cli import add_run_arguments, run_dir_check, run_main, training_session
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:  # a plan needs no data: say what a run would not find
             from common.data.preflight import problems
 
-            missing = problems(file_checks(recipe))
+            missing = problems([*file_checks(recipe), run_dir_check(_run_root(args, recipe))])
         else:
             check_files(recipe)  # class list, manifests, statistics: before any compute or run directory
         classes, names = _classes(recipe, planning=args.dry_run)

@@ -26,7 +26,7 @@ import logging
 import sys
 from pathlib import Path
 
-from common.cli import add_run_arguments, run_main, training_session
+from common.cli import add_run_arguments, run_dir_check, run_main, training_session
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline = load_baseline(recipe, args.overrides)
         name = args.recipe.stem + (f"-{coarse_tag(recipe.coarse)}" if args.coarse else "")
         run_dir = args.run_dir or Path("runs/pretrain") / name
-        checks = [*data_checks(recipe.data), lambda: check_norm(recipe.audio.norm, "audio.norm")]
+        checks = [*data_checks(recipe.data), lambda: check_norm(recipe.audio.norm, "audio.norm"), run_dir_check(run_dir)]
         caution = norm_mismatch(recipe.audio.norm, recipe.audio.target_frames, recipe.audio.num_mel_bins, "audio.norm")
         check_baseline(recipe, run_dir, args.restart)  # before any compute: the baseline must be there, comparable
         start, init_lines, missing_init = None, [], []

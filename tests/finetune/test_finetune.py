@@ -373,6 +373,23 @@ def test_fine_tuning_recipes_in_the_repo_are_valid(capsys):
         load_recipe("audioset20k", None, ["phases=[{compression: none, epochs: 2}]"])
 
 
+def test_a_dry_run_lists_a_run_dir_the_run_would_refuse(tmp_path, capsys):
+    """--dry-run lists what a run would miss; a --run-dir that is a file (or lies under one) is among it, as the
+    run refuses it; nothing is created."""
+    from pretrain.run import main as pretrain
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for run_dir, where in ((afile, ""), (afile / "run", f" ({afile} on its way is a file)")):
+        assert pretrain(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--run-dir", str(run_dir),
+                         "--dry-run"]) == 0
+        assert f"--run-dir {run_dir} is not a directory{where}" in capsys.readouterr().out
+        assert finetune(["--init", "none", "--task", "synth", "--run-dir", str(run_dir), "--dry-run",
+                         "--data-root", str(tmp_path)]) == 0
+        assert f"--run-dir {run_dir} is not a directory{where}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 @pytest.mark.slow
 def test_the_demo_writes_its_reports_and_plots(tmp_path):
     from finetune.demo import run
