@@ -337,7 +337,12 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
     fields, defaults = task_source(task)
     data = dict(defaults)
     if recipe_path is not None:
-        data = merge(data, load_yaml(recipe_path))
+        given = load_yaml(recipe_path)
+        other = sorted(k for k in given if k in ("audio", "ssast", "baseline"))
+        if other:
+            raise RecipeError(f"{recipe_path} is a pretraining recipe (its {other[0]}: section is pretraining's); run "
+                              f"it with pretrain/run.py --recipe {recipe_path}")
+        data = merge(data, given)
     data["task"] = merge(fields, data.get("task", {}) if isinstance(data.get("task"), dict) else {})
     if data_root:
         data["task"]["data_root"] = data_root

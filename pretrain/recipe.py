@@ -84,7 +84,13 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), coarse: str | N
     """Read, override (``key=value``) and validate a pretraining recipe; ``coarse`` (``METHOD:C[:SHARE]``,
     or the recipe's ``coarse`` section) derives a coarse-to-fine schedule from it (``common.phases.coarse``)."""
     path = Path(path)
-    data, derived = apply_coarse(apply_overrides(load_yaml(path), overrides), baseline_name(path), coarse)
+    given = load_yaml(path)
+    other = sorted(k for k in given if k in ("task", "head", "augment", "expected_init", "init", "num_mel_bins"))
+    if other or "data" not in given and not any(item.strip().startswith("data") for item in overrides):
+        why = f"its {other[0]}: section is fine-tuning's" if other else "it names no data to pretrain on"
+        raise RecipeError(f"{path} reads as a fine-tuning recipe ({why}); run it with finetune/run.py --task NAME "
+                          f"--recipe {path}, or give a pretraining recipe its data.train manifests")
+    data, derived = apply_coarse(apply_overrides(given, overrides), baseline_name(path), coarse)
     recipe = build_derived(PretrainRecipe, data, derived)
     if recipe.baseline is not None:
         baseline = Path(recipe.baseline)

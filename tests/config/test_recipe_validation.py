@@ -261,3 +261,24 @@ def test_corpus_command_errors_are_one_line(tmp_path, capsys, argv, message):
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_a_recipe_of_the_other_kind_is_named_as_such(tmp_path, capsys):
+    """A fine-tuning recipe given to the pretrainer, or a pretraining recipe to fine-tuning, says so and which
+    command runs it (instead of 'data.train: at least one training manifest is needed' or 'audio: unknown key')."""
+    from finetune.run import main as finetune
+    from pretrain.run import main as pretrain
+
+    recipes = Path(__file__).resolve().parents[2] / "recipes"
+    for name, why in (("ft_fshift4.yaml", "it names no data to pretrain on"),
+                      ("htsat_audioset.yaml", "its augment: section is fine-tuning's")):
+        assert pretrain(["--recipe", str(recipes / name), "--run-dir", str(tmp_path / "p"), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {recipes / name} reads as a fine-tuning recipe ({why}); run it with "
+                              f"finetune/run.py --task NAME --recipe"), err
+    assert finetune(["--task", "synth", "--init", "none", "--recipe", str(recipes / "synth_pretrain.yaml"),
+                     "--run-dir", str(tmp_path / "f"), "--dry-run"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: {recipes / 'synth_pretrain.yaml'} is a pretraining recipe (its audio: section is pretraining's); run "
+        f"it with pretrain/run.py --recipe")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "f").exists()
