@@ -85,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print every class's score per file and window")
     args = parser.parse_args(argv)
 
-    session = onnxruntime.InferenceSession(args.model, providers=["CPUExecutionProvider"])
+    try:
+        session = onnxruntime.InferenceSession(args.model, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for a missing or broken file
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        print(f"error: {args.model}: cannot be loaded as an ONNX model ({reason})", file=sys.stderr)
+        return 2
     meta = session.get_modelmeta().custom_metadata_map
     if META_KEY not in meta:
         print(f"error: {args.model} has no {META_KEY!r} metadata: export it with python -m finetune.onnx_export",

@@ -193,6 +193,9 @@ def test_the_example_reads_pcm_wav_without_soundfile_and_refuses_other_rates(exp
     assert done.returncode == 1 and "pcm.wav" in done.stdout  # the other files are still classified
     assert f"error: {tmp_path / 'cd.wav'}: 44100 Hz audio; the model takes 16000 Hz" in done.stderr
     assert f"warning: {tmp_path / 'blip.wav'}: 0.05 s of audio, shorter than a tenth" in done.stderr
+    done = run_example(tmp_path / "nosuch.onnx", tmp_path / "pcm.wav", cwd=tmp_path)  # a model file that is not there
+    assert done.returncode == 2 and done.stderr.startswith(f"error: {tmp_path / 'nosuch.onnx'}: cannot be loaded as "
+                                                           f"an ONNX model") and "Traceback" not in done.stderr
 
 
 def test_what_cannot_be_exported_is_refused_in_one_line(tmp_path, capsys):
