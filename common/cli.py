@@ -122,9 +122,9 @@ def run_dir_check(run_dir: Path) -> Callable[[], None]:
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
         if not existing.is_dir():
-            where = "" if existing == path else f" ({existing} on its way is a file)"
-            raise RecipeError(f"--run-dir {run_dir} is not a directory{where}; name a new folder or an existing run "
-                              f"directory")
+            what = "is a file, not a directory" if existing == path else f"is not a directory ({existing} on its way " \
+                                                                          f"is a file)"
+            raise RecipeError(f"--run-dir {run_dir} {what}; name a new folder or an existing run directory")
         if not os.access(existing, os.W_OK):
             raise RecipeError(f"run directory {run_dir} cannot be written: {existing} is not writable")
     return check

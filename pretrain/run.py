@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         baseline = load_baseline(recipe, args.overrides)
         name = args.recipe.stem + (f"-{coarse_tag(recipe.coarse)}" if args.coarse else "")
         run_dir = args.run_dir or Path("runs/pretrain") / name
-        checks = [*data_checks(recipe.data), lambda: check_norm(recipe.audio.norm, "audio.norm"), run_dir_check(run_dir)]
+        checks = [*data_checks(recipe.data), lambda: check_norm(recipe.audio.norm, "audio.norm")]
+        if args.dry_run:  # a run checks (and makes) its run directory itself, before any compute
+            checks.append(run_dir_check(run_dir))
         caution = norm_mismatch(recipe.audio.norm, recipe.audio.target_frames, recipe.audio.num_mel_bins, "audio.norm")
         check_baseline(recipe, run_dir, args.restart)  # before any compute: the baseline must be there, comparable
         start, init_lines, missing_init = None, [], []

@@ -25,9 +25,6 @@ def test_every_usage_names_a_command_that_runs_it(capsys):
     """Each console script's usage line names a command that runs it: the script, ``python -m MODULE`` of a
     module that runs its ``main`` when so run, or a script file that does (a usage naming ``python -m
     common.models.hf``, which did nothing, left a user with an export that never happened)."""
-    import subprocess
-    import sys
-
     root = Path(__file__).resolve().parents[1]
     setup = (root / "setup.py").read_text()
     for script, module in re.findall(r'"(c2f-[\w-]+)=([\w.]+):main"', setup):
@@ -43,9 +40,6 @@ def test_every_usage_names_a_command_that_runs_it(capsys):
             assert prog == script or prog.endswith(".py"), (script, prog)
             source = (root / prog).read_text() if prog.endswith(".py") else '__name__ == "__main__"'
         assert '__name__ == "__main__"' in source, f"{script}: its usage names {prog}, which would do nothing"
-    done = subprocess.run([sys.executable, "-m", "common.models.hf", "--help"], cwd=root, capture_output=True,
-                          text=True, timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(root)})
-    assert done.returncode == 0 and done.stdout.startswith("usage: c2f-hf"), done.stdout + done.stderr
 
 
 def test_console_scripts_resolve():

@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -448,8 +447,3 @@ def kept_head(init: str | os.PathLike, classes: Sequence[str], names: dict[str, 
     raise ValueError(f"--keep-head: the task's classes differ from {init}'s labels: {detail}; drop --keep-head to "
                      f"train a new head")
 
-
-if __name__ == "__main__":  # the command line lives in hf_export (c2f-hf); this module reads directories
-    from common.models.hf_export import main
-
-    sys.exit(main())

@@ -380,13 +380,14 @@ def test_a_dry_run_lists_a_run_dir_the_run_would_refuse(tmp_path, capsys):
 
     afile = tmp_path / "afile"
     afile.write_text("")
-    for run_dir, where in ((afile, ""), (afile / "run", f" ({afile} on its way is a file)")):
+    for run_dir, what in ((afile, "is a file, not a directory"),
+                          (afile / "run", f"is not a directory ({afile} on its way is a file)")):
         assert pretrain(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--run-dir", str(run_dir),
                          "--dry-run"]) == 0
-        assert f"--run-dir {run_dir} is not a directory{where}" in capsys.readouterr().out
+        assert f"--run-dir {run_dir} {what}" in capsys.readouterr().out
         assert finetune(["--init", "none", "--task", "synth", "--run-dir", str(run_dir), "--dry-run",
                          "--data-root", str(tmp_path)]) == 0
-        assert f"--run-dir {run_dir} is not a directory{where}" in capsys.readouterr().out
+        assert f"--run-dir {run_dir} {what}" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
