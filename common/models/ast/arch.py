@@ -19,6 +19,7 @@ from torch import nn
 from common.audio.compression import Compression
 from common.audio.fbank import NormStats, resolve_norm_stats
 from common.audio.pipeline import AudioConfig, FeaturePipeline
+from common.models.heads import scored_head
 from common.models.ast.encoder import ASTEncoder, EncoderConfig, check_pooling, pool_tokens
 from common.models.ast.resize import adapt_state_dict, load_adapted
 
@@ -61,7 +62,7 @@ class Classifier(nn.Module):
         return self.embedding(x)
 
     def forward(self, x: torch.Tensor, mixup_lambda: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.embedding(x, mixup_lambda))
+        return scored_head(self.head, self.embedding(x, mixup_lambda), self.training)  # fp32 scores in evaluation
 
 
 @dataclass(frozen=True)

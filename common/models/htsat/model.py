@@ -27,6 +27,7 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 from torch.nn import functional as F
 
+from common.models.heads import scored_head
 from common.models.htsat.config import HTSATConfig
 from common.models.htsat.geometry import Geometry, geometry
 
@@ -116,7 +117,7 @@ class HTSAT(nn.Module):
         tokens = self.swin.forward_features(image)  # [B, h, w, D], after the final norm
         x = unfold(tokens, self.geom.chunks)  # [B, D, f, t]
         latent = x.flatten(2).mean(dim=2)  # [B, D]
-        steps = self.tscam_conv(x).flatten(2)  # [B, K, 1, t] -> [B, K, t]
+        steps = scored_head(self.tscam_conv, x, self.training).flatten(2)  # [B, K, 1, t] -> [B, K, t]; fp32 in eval
         return {
             "clipwise_output": steps.mean(dim=2),
             "framewise_output": repeat(steps, "b k t -> b (t r) k", r=self.frames_per_step),
