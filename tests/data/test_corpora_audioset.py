@@ -35,7 +35,7 @@ def test_prepare_audioset_miniature(tmp_path):
     assert unreadable[str(built["truncated"][layout.TRUNCATED])] == \
         f"truncated (header: 16000 samples, file holds {held})"
     saved = json.loads((out / "audioset_prepare.json").read_text())
-    assert saved["clips"] == {"balanced_train": 3, "unbalanced_train": 1, "eval": 1}
+    assert saved["clips"] == {"balanced_train": 3, "unbalanced_train": 1, "eval": 2}
 
 
 def test_prepare_audioset_chosen_splits_and_audio_dir(tmp_path):

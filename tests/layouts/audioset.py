@@ -1,5 +1,6 @@
 """Miniature AudioSet: the three segment CSVs and class_labels_indices.csv in Google's exact format, and
-clips named the ways different downloaders name them (plain, PANNs ``Y`` prefix, ``YTID_start``)."""
+clips named the ways different downloaders name them (plain, PANNs ``Y`` prefix, ``YTID_start``, DCASE's
+``Y<YTID>_<start>_<end>``)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ SEGMENTS = {
     "eval": [
         ("--4gqARaEJE", 0.0, ["/m/09x0r", "/m/0ytgt", "/m/04rlf"], "eval/--4gqARaEJE.wav"),
         ("-1nilez17Dg", 30.0, ["/m/04rlf"], "eval/-1nilez17Dg.ogg"),
+        ("-5vpdDAJ9vQ", 20.0, ["/m/0ytgt"], "eval/Y-5vpdDAJ9vQ_20.000_30.000.wav"),  # DCASE: Y<YTID>_<start>_<end>
     ],
 }
 CORRUPT = "0BCd5ef6G7h"  # a failed download: an audio suffix, no audio

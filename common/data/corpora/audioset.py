@@ -71,15 +71,17 @@ def read_segments(path: Path) -> Iterator[tuple[str, float, float, tuple[str, ..
 
 
 def index_audio(folder: Path) -> dict[str, str]:
-    """``{YTID candidate: file path}`` for every audio file under ``folder`` (exact stems win)."""
+    """``{YTID candidate: file path}`` for every audio file under ``folder`` (exact stems win): the stem, the stem
+    without a leading ``Y`` (PANNs' ``Y<YTID>``), and each of those cut at an ``_`` (``<YTID>_<start>_<end>``, and
+    DCASE's ``Y<YTID>_<start>_<end>``)."""
     exact = scan_audio(folder)
     derived: dict[str, str] = {}
     for stem, path in exact.items():
-        if stem.startswith("Y"):
-            derived.setdefault(stem[1:], path)
-        for i, char in enumerate(stem):
-            if char == "_":
-                derived.setdefault(stem[:i], path)
+        for base in (stem, stem[1:]) if stem.startswith("Y") else (stem,):
+            derived.setdefault(base, path)
+            for i, char in enumerate(base):
+                if char == "_":
+                    derived.setdefault(base[:i], path)
     return {**derived, **exact}
 
 
