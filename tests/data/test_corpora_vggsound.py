@@ -50,3 +50,26 @@ def test_prepare_vggsound_from_the_command_line(tmp_path):
                  "--audio-dir", str(src / "clips")]) == 0
     ids = [i for split in ("train", "test") for i in CutSet.from_file(out / f"vggsound_{split}.jsonl.gz").ids]
     assert sorted(ids) == sorted(built["clips"])
+
+
+def test_clips_that_are_still_videos_are_named_as_such_not_missing(tmp_path):
+    """The authors' copy of VGGSound is <YTID>_<start:06d>.mp4 videos: a clip found only as a video no decoder here
+    reads is unreadable with what to do (extract the audio), not 'missing on disk'; its extracted .wav wins."""
+    import numpy as np
+    import soundfile as sf
+
+    src = tmp_path / "vggsound"
+    (src / "audio").mkdir(parents=True)
+    (src / "vggsound.csv").write_text('glLQrEijrKg,300,"dog barking",test\n--0PQM4-hqg,30,"cat purring",train\n'
+                                      'a1b2c3d4e5f,10,"cat purring",train\n')
+    (src / "audio" / "glLQrEijrKg_000300.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    (src / "audio" / "--0PQM4-hqg_000030.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    sf.write(src / "audio" / "--0PQM4-hqg_000030.wav", np.zeros(16000, dtype="float32"), 16000)
+    report = get_corpus("vggsound").prepare(src, tmp_path / "out", num_jobs=1)
+    assert report.missing == [str(src / "audio" / "a1b2c3d4e5f_000010")]
+    (path, reason), = report.unreadable
+    assert path == str(src / "audio" / "glLQrEijrKg_000300.mp4")
+    assert reason.startswith("a .mp4 file no installed decoder reads: extract its audio first (e.g. ffmpeg -i "
+                             "glLQrEijrKg_000300.mp4 -vn -ac 1 -ar 16000 glLQrEijrKg_000300.wav")
+    assert [c.recording.sources[0].source for c in CutSet.from_file(tmp_path / "out" / "vggsound_train.jsonl.gz")] \
+        == [str((src / "audio" / "--0PQM4-hqg_000030.wav").resolve())]

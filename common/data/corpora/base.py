@@ -54,6 +54,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus")
+# what video corpora come as (VGGSound's and Kinetics' own copies): found, and named as needing their audio extracted
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4a")
 
 
 @dataclass(frozen=True)
@@ -158,18 +160,23 @@ def require_dir(path: Path, what: str) -> Path:
 
 
 def scan_audio(folder: Path) -> dict[str, str]:
-    """``{stem: path}`` of every audio file under ``folder``, recursively; the first in sorted order wins.
+    """``{stem: path}`` of every audio file under ``folder``, recursively; the first in sorted order wins, an audio
+    file over a video file of the same stem (video files are listed so that a clip only there is reported as
+    needing its audio extracted, not as missing).
 
     One walk of the tree, paths kept as strings: AudioSet's unbalanced set has ~2M files.
     """
     found: dict[str, str] = {}
+    videos: dict[str, str] = {}
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         for name in sorted(files):
             stem, suffix = os.path.splitext(name)
             if suffix.lower() in AUDIO_SUFFIXES:
                 found.setdefault(stem, os.path.join(root, name))
-    return found
+            elif suffix.lower() in VIDEO_SUFFIXES:
+                videos.setdefault(stem, os.path.join(root, name))
+    return {**videos, **found}
 
 
 def _reason(err: BaseException) -> str:
@@ -192,6 +199,10 @@ def _read_cut(entry: ClipEntry, dataset: str):
         if rec.num_samples <= 0:
             return entry, None, "empty file (0 samples)"
     except Exception as err:  # noqa: BLE001 - any decoder error makes the file unreadable
+        if entry.path.suffix.lower() in VIDEO_SUFFIXES:  # no decoder for the container here
+            return entry, None, (f"a {entry.path.suffix.lower()} file no installed decoder reads: extract its audio "
+                                 f"first (e.g. ffmpeg -i {entry.path.name} -vn -ac 1 -ar 16000 {entry.path.stem}.wav; "
+                                 f"the .wav is then taken)")
         return entry, None, _reason(err)
     problem = truncation(entry.path)  # an interrupted download keeps its header (WAV, FLAC: cheap checks)
     if problem:
