@@ -89,7 +89,10 @@ def cross_validation_summary(fold_evals: Sequence[Sequence[dict]], metric: str) 
         metric: the metric to average.
 
     Returns:
-        ``{"metric", "per_epoch": [{"phase", "epoch", "mean", "folds"}], "best": {...}}``.
+        ``{"metric", "per_epoch": [{"phase", "epoch", "mean", "folds"}], "best": {...}}``, and ``"left_out"``
+        (``[{"phase", "epoch", "folds": [fold numbers that scored it]}]``) where some folds scored epochs the others
+        did not (a fold that stopped early, ``train.stop_when_surpassing``): only epochs every fold scored are
+        averaged.
     """
     if not fold_evals:
         raise ValueError("no folds to summarise")
@@ -102,4 +105,9 @@ def cross_validation_summary(fold_evals: Sequence[Sequence[dict]], metric: str) 
     per_epoch = [{"phase": p, "epoch": e, "folds": [t[(p, e)] for t in tables],
                   "mean": float(np.mean([t[(p, e)] for t in tables]))} for p, e in common]
     best = max(per_epoch, key=lambda row: row["mean"])
-    return {"metric": metric, "per_epoch": per_epoch, "best": best}
+    summary = {"metric": metric, "per_epoch": per_epoch, "best": best}
+    partial = sorted(set.union(*(set(t) for t in tables)) - set(common))
+    if partial:
+        summary["left_out"] = [{"phase": p, "epoch": e, "folds": [k + 1 for k, t in enumerate(tables) if (p, e) in t]}
+                               for p, e in partial]
+    return summary

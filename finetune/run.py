@@ -172,6 +172,10 @@ def _cross_validation(run_root: Path, folds: int, metric: str) -> dict:
     best = summary["best"]
     log.info("%d-fold cross-validation: best mean %s %.4f (phase %d, epoch %d; folds %s)", folds, metric,
              best["mean"], best["phase"] + 1, best["epoch"], ", ".join(f"{v:.4f}" for v in best["folds"]))
+    if "left_out" in summary:
+        log.warning("%d-fold cross-validation: epoch(s) %s not scored by every fold (a fold stopped early) are left out "
+                    "of the mean; cv_summary.json lists them (left_out)", folds,
+                    ", ".join(str(r["epoch"]) for r in summary["left_out"]))
     return summary
 
 

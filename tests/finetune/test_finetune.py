@@ -48,6 +48,10 @@ def test_esc50_folds_and_cross_validation_on_known_inputs():
     assert summary["best"]["epoch"] == 2 and summary["best"]["folds"] == [0.7, 0.6, 0.8]
     tie = cross_validation_summary([evals([0.5, 0.75]), evals([0.75, 0.5])], "acc")
     assert tie["best"]["epoch"] == 1  # the earliest of equal means
+    assert "left_out" not in summary and "left_out" not in tie
+    # a fold that stopped early (stop_when_surpassing): the epochs it lacks are averaged over no fold, and said
+    short = cross_validation_summary([evals([0.5, 0.9]), evals([0.6, 0.8]), evals([0.7])], "acc")
+    assert short["best"]["epoch"] == 1 and short["left_out"] == [{"phase": 0, "epoch": 2, "folds": [1, 2]}]
 
 
 def test_paper_tasks_use_the_authors_statistics_and_losses():
