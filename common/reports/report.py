@@ -121,6 +121,10 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     try:
         ledger = Ledger.read(path)
     except FileNotFoundError as err:
+        folds = sorted(Path(path).glob("fold*/ledger.json")) if Path(path).is_dir() else []
+        if folds:  # a cross-validation run: one ledger per fold, no report over their mean here
+            raise ReportError(f"{err}: {path} is a cross-validation run of {len(folds)} folds; report one fold "
+                              f"({folds[0].parent}), its folds' mean is in {Path(path) / 'cv_summary.json'}") from None
         raise ReportError(str(err)) from None
     except ValueError as err:
         raise ReportError(f"{path}: ledger is not valid JSON ({err})") from None

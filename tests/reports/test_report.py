@@ -116,6 +116,14 @@ def test_bad_inputs_name_the_file(tmp_path):
     unfinished = load_run(write_run(tmp_path, "unfinished", [("fshift", 4), ("none", 1)], C2F_EVALS[:5]))
     with pytest.raises(ReportError, match="unfinished: no evaluation in the final phase"):
         compare(base, [unfinished], "acc")
+    # a cross-validation run's root holds a ledger per fold: named as such, with where its folds' mean is
+    cv = tmp_path / "cv"
+    cv.mkdir()
+    for k in (1, 2):
+        write_run(cv, f"fold{k}", [("none", 1)], BASE_EVALS)
+    with pytest.raises(ReportError, match=r"is a cross-validation run of 2 folds; report one fold \(.*fold1\), its "
+                                          r"folds' mean is in .*cv_summary.json"):
+        load_run(cv)
 
 
 def test_pretraining_ledgers(tmp_path):
