@@ -229,9 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         data = load_yaml(args.recipe) if args.recipe else {}
         if isinstance(data.get("layer"), str):  # layer: final in a recipe
             data["layer"] = parse_layer(data["layer"])
-        layer = parse_layer(args.layer) if args.layer is not None else None
         if args.layer is not None:
-            data["layer"] = layer
+            data["layer"] = parse_layer(args.layer)
         for key, value in (("tasks", args.task), ("pool", args.pool), ("C", args.C),
                            ("data_root", args.data_root), ("cache_dir", args.cache_dir),
                            ("num_workers", args.workers)):

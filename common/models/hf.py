@@ -446,4 +446,3 @@ def kept_head(init: str | os.PathLike, classes: Sequence[str], names: dict[str, 
         detail = f"same labels in another order (position {i}: task {ours[i]!r}, model {theirs[i]!r})"
     raise ValueError(f"--keep-head: the task's classes differ from {init}'s labels: {detail}; drop --keep-head to "
                      f"train a new head")
-

@@ -43,7 +43,7 @@ from common.training.phase import PhaseMachinery
 from common.training.plan import RunPlan, build_plan
 from common.training.record import RunRecord
 from common.training.spec import RunSpec
-from common.training.steps import StepGroup, broadcast_statistics, running_statistics, step_groups
+from common.training.steps import StepGroup, broadcast_statistics, step_groups
 
 __all__ = ["Trainer", "step_groups"]
 
@@ -202,8 +202,7 @@ class Trainer(PhaseMachinery):
                 window[key] = window.get(key, 0.0) + value.detach().double()
             self.record.pending.samples += len(batch)
             window["_n"] = window.get("_n", 0) + 1
-        if self.dist.world_size > 1:  # rank 0's BatchNorm statistics on every rank, as DDP (HTS-AT's bn0)
-            broadcast_statistics(running_statistics(engine.module), self.dist)
+        broadcast_statistics(engine.module, self.dist)  # rank 0's BatchNorm statistics on every rank (HTS-AT's bn0)
         st.step += 1
         st.total_steps += 1
         self.record.pending.steps += 1

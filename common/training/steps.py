@@ -62,15 +62,15 @@ def running_statistics(model: nn.Module) -> list[torch.Tensor]:
             for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
 
 
-def broadcast_statistics(buffers: list[torch.Tensor], dist) -> None:
-    """Rank 0's running statistics on every rank (collective; nothing on one rank).
+def broadcast_statistics(model: nn.Module, dist) -> None:
+    """Rank 0's running statistics of ``model`` on every rank (collective; nothing on one rank).
 
     Each rank's BatchNorm follows its own clips, and DeepSpeed, unlike DDP (``broadcast_buffers``, which the
     official HTS-AT trainer used), never synchronises buffers: validation would score each rank's share with
     other statistics, and checkpoints and exports, which rank 0 writes, would hold rank 0's alone. Called after
     every optimiser step: no host wait (the broadcasts queue on the device)."""
     if dist.world_size > 1:
-        for buffer in buffers:
+        for buffer in running_statistics(model):
             torch.distributed.broadcast(buffer, src=0)
 
 
