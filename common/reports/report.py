@@ -16,6 +16,8 @@ its end is never compared with epochs; where runs averaged, the whole-run table 
 the baseline's average. Runs validated on other manifests or with other evaluation settings than the
 baseline (what both ledgers record) are refused, naming the difference, unless
 ``--accept-baseline-differences`` (then listed in ``report.md``).
+A cross-validation run's root (``fold1/`` ... ``foldK/``, ESC-50) is one run, the mean of its folds
+(``common.reports.folds``), compared with a baseline of as many folds, fold by fold for the validation settings.
 Runs that applied the rule live (``train.stop_when_surpassing``) are marked, and so are those whose cap
 ended the final phase before it surpassed (:func:`end_note`).
 
@@ -40,6 +42,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from common.phases.baseline import differences, is_averaged
+from common.reports.folds import FoldError, fold_dirs, fold_mean
 from common.training.ledger import Ledger
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
@@ -59,11 +62,15 @@ class ReportError(ValueError):
 
 @dataclass(frozen=True)
 class Run:
-    """A run to report: where its ledger came from, its row label and the ledger."""
+    """A run to report: where its ledger came from, its row label and the ledger; a cross-validation run's
+    ledger is its folds' mean (``common.reports.folds``), ``folds`` its folds and ``left_out`` the evaluations
+    that only some folds made."""
 
     source: str
     label: str
     ledger: Ledger
+    folds: tuple["Run", ...] = ()
+    left_out: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -109,22 +116,27 @@ class Row:
 
 
 def load_run(path: str | Path, label: str | None = None) -> Run:
-    """Reads ``ledger.json`` from a run directory (or the file itself).
+    """Reads ``ledger.json`` from a run directory (or the file itself); a cross-validation run's root (a
+    ``foldN/ledger.json`` per fold) is read as the mean of its folds (``common.reports.folds``).
 
     Args:
         path: the run directory or its ``ledger.json``.
-        label: the row label; default :func:`run_label` of the ledger.
+        label: the row label; default :func:`run_label` of the ledger (with ``K-fold mean`` for folds).
 
     Raises:
-        ReportError: the ledger is missing or is not valid JSON.
+        ReportError: the ledger is missing or is not valid JSON; the folds do not make one run.
     """
+    folds = [] if (Path(path) / "ledger.json").is_file() else fold_dirs(path)
+    if folds:
+        runs = tuple(load_run(fold) for fold in folds)
+        try:
+            ledger, left_out = fold_mean([run.ledger for run in runs], [str(fold) for fold in folds])
+        except FoldError as err:
+            raise ReportError(f"{path}: {err}") from None
+        return Run(str(path), f"{label or run_label(ledger)} ({len(folds)}-fold mean)", ledger, runs, tuple(left_out))
     try:
         ledger = Ledger.read(path)
     except FileNotFoundError as err:
-        folds = sorted(Path(path).glob("fold*/ledger.json")) if Path(path).is_dir() else []
-        if folds:  # a cross-validation run: one ledger per fold, no report over their mean here
-            raise ReportError(f"{err}: {path} is a cross-validation run of {len(folds)} folds; report one fold "
-                              f"({folds[0].parent}), its folds' mean is in {Path(path) / 'cv_summary.json'}") from None
         raise ReportError(str(err)) from None
     except ValueError as err:
         raise ReportError(f"{path}: ledger is not valid JSON ({err})") from None
@@ -207,7 +219,14 @@ def _device_hours(run: Run) -> float | None:
 
 def end_note(run: Run) -> str | None:
     """How the run's final phase ended when a rule ended it: stopped live on surpassing its baseline
-    (``train.stop_when_surpassing``), by a criterion, or by its cap before it surpassed; None otherwise."""
+    (``train.stop_when_surpassing``), by a criterion, or by its cap before it surpassed; None otherwise. A
+    cross-validation run's folds that ended alike share one note; otherwise each fold's is named."""
+    if run.folds:
+        notes = [end_note(fold) for fold in run.folds]
+        if len(set(notes)) == 1:
+            return notes[0]
+        return "; ".join(f"{Path(fold.source).name}: {note or 'its planned length'}"
+                         for fold, note in zip(run.folds, notes))
     if not run.ledger.phases:
         return None
     final = run.ledger.phases[-1]
@@ -225,7 +244,10 @@ def end_note(run: Run) -> str | None:
 def unfinished(run: Run) -> str | None:
     """Why ``run`` may not have finished, so that its last phase in the ledger need not be its final one (None: it
     finished). A run directory finished when it holds ``model.safetensors`` (written after the final phase); a
-    ledger file on its own when its last phase ended."""
+    ledger file on its own when its last phase ended; a cross-validation run when every fold finished."""
+    if run.folds:
+        reasons = [f"{fold.source}: {reason}" for fold in run.folds if (reason := unfinished(fold))]
+        return "; ".join(reasons) or None
     source = Path(run.source)
     folder = source if source.is_dir() else source.parent
     if (folder / "model.safetensors").is_file():
@@ -307,15 +329,40 @@ def _averaged(pts: Sequence[Point]) -> float | None:
 
 def baseline_differences(baseline: Run, runs: Sequence[Run]) -> dict[str, list[str]]:
     """Per run label, why its scores do not compare with the baseline's: other validation manifests or
-    evaluation settings (``common.phases.baseline.differences``, on what both ledgers record); empty when all compare."""
-    base = baseline.ledger.to_dict()
+    evaluation settings (``common.phases.baseline.differences``, on what both ledgers record; fold k with fold k
+    for cross-validation runs), or another number of folds; empty when all compare."""
     out = {}
     for run in runs:
-        found = differences(base, base.get("score"), run.ledger.data, run.ledger.evaluation, strict=False)  # the
-        # metric is compared alike on both sides (resolve_metric)
+        if len(run.folds) != len(baseline.folds):
+            found = [f"{_folds(baseline)} (baseline) vs {_folds(run)} (this run)"]
+        else:  # fold k with fold k: each fold validates on its own held-out part
+            found = [f"{Path(mine.source).name}: {text}" if run.folds else text
+                     for theirs, mine in (zip(baseline.folds, run.folds) if run.folds else [(baseline, run)])
+                     for text in _differences(theirs, mine)]
         if found:
             out[run.label] = found
     return out
+
+
+def _fold_text(run: Run) -> str:
+    """report.md's paragraph on a cross-validation run: what its numbers are, and what was left out."""
+    if not run.folds:
+        return ""
+    text = (f"\n{run.label}: a cross-validation run ({run.source}); each evaluation is the mean over its "
+            f"{len(run.folds)} folds (metric, cumulative FLOPs and time), the whole-run columns are the sums over "
+            f"the folds.")
+    if run.left_out:
+        text += f" Left out (not scored by every fold): {'; '.join(run.left_out)}."
+    return text + "\n"
+
+
+def _folds(run: Run) -> str:
+    return f"a mean of {len(run.folds)} folds" if run.folds else "a single run"
+
+
+def _differences(baseline: Run, run: Run) -> list[str]:
+    base = baseline.ledger.to_dict()  # the metric is compared alike on both sides (resolve_metric)
+    return differences(base, base.get("score"), run.ledger.data, run.ledger.evaluation, strict=False)
 
 
 def _percent(value: float, delta: float | None) -> str:
@@ -535,9 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--baseline", type=Path, required=True, metavar="RUN_DIR",
-                        help="the baseline's run directory (or its ledger.json)")
+                        help="the baseline's run directory (or its ledger.json); a cross-validation run's root "
+                             "(fold1/ ... foldK/) is the mean of its folds")
     parser.add_argument("--runs", type=Path, nargs="+", required=True, metavar="RUN_DIR",
-                        help="coarse-to-fine run directories (or their ledger.json)")
+                        help="coarse-to-fine run directories (or their ledger.json), cross-validation roots as "
+                             "for --baseline")
     parser.add_argument("--names", nargs="+", metavar="NAME",
                         help="row labels, one per --runs entry (default: from the phases, e.g. 'Fshift 4→1', and the "
                              "run directory's name after those that two runs share)")
@@ -580,6 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         averaged = "" if all(row.averaged is None for row in rows) else \
             (f" The weight-averaged {metric} is the score of each run's weight average, against the baseline's "
              f"average where it has one; the tables above compare epochs with epochs only.")
+        folds = "".join(_fold_text(run) for run in (baseline, *runs))
         args.out.mkdir(parents=True, exist_ok=True)
         rule = (f"Each run stops at epoch {args.stop_epoch} of its final phase (a fixed stop, whatever its {metric})"
                 if args.stop_epoch is not None else
@@ -590,8 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"against the baseline's best evaluation.\n\n## Whole runs\n\n{whole_run_table(rows, metric)}\n"
             f"All the training FLOPs of each run against all of the baseline's, the device time it held (training "
             f"and validation seconds times the ranks: GPU-hours on GPUs), and the best {metric} of the final "
-            f"phase (difference to the baseline's best).{averaged}\n{accepted}\n![{metric} against training FLOPs]"
-            f"(report.png)\n",
+            f"phase (difference to the baseline's best).{averaged}\n{folds}{accepted}\n"
+            f"![{metric} against training FLOPs](report.png)\n",
             encoding="utf-8")
         plot([baseline, *runs], rows, metric, args.out / "report.png", args.title)
     except (ReportError, OSError) as err:

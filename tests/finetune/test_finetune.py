@@ -111,6 +111,9 @@ def test_every_task_fine_tunes_one_epoch_on_its_miniature_corpus(tmp_path, task,
     if spec.get("folds"):
         summary = json.loads((run_dir / "cv_summary.json").read_text())
         assert len(summary["best"]["folds"]) == 5
+        from common.reports.report import load_run  # the report reads the root as the folds' mean
+        mean = load_run(run_dir).ledger.evals[0]
+        assert mean["metrics"][spec["metric"]] == pytest.approx(summary["best"]["mean"])
     if spec.get("test"):
         assert "acc" in json.loads((run_dir / "test_metrics.json").read_text())
     if averaged:  # AudioSet: the weight average of the epochs is the model

@@ -116,14 +116,6 @@ def test_bad_inputs_name_the_file(tmp_path):
     unfinished = load_run(write_run(tmp_path, "unfinished", [("fshift", 4), ("none", 1)], C2F_EVALS[:5]))
     with pytest.raises(ReportError, match="unfinished: no evaluation in the final phase"):
         compare(base, [unfinished], "acc")
-    # a cross-validation run's root holds a ledger per fold: named as such, with where its folds' mean is
-    cv = tmp_path / "cv"
-    cv.mkdir()
-    for k in (1, 2):
-        write_run(cv, f"fold{k}", [("none", 1)], BASE_EVALS)
-    with pytest.raises(ReportError, match=r"is a cross-validation run of 2 folds; report one fold \(.*fold1\), its "
-                                          r"folds' mean is in .*cv_summary.json"):
-        load_run(cv)
 
 
 def test_pretraining_ledgers(tmp_path):
@@ -420,3 +412,83 @@ def test_runs_with_the_same_phases_are_told_apart_by_their_directories(tmp_path,
     assert main(["--baseline", str(runs["base"]), "--runs", str(one), str(runs["never"]), "--out", str(out)]) == 0
     table = capsys.readouterr().out  # labels that differ stay as they are
     assert "| Fshift 4→1 | 46.00" in table and "| Avg Pool 2→1 | 44.00" in table
+
+
+def _cv_run(root: Path, name: str, phases, fold_evals, train_flops: float = 0.0) -> Path:
+    """A cross-validation root ``root/name`` with ``fold1`` ... one run per entry of ``fold_evals``; each fold's
+    phases count ``train_flops`` in all."""
+    cv = root / name
+    cv.mkdir()
+    for k, evals in enumerate(fold_evals, 1):
+        fold = write_run(cv, f"fold{k}", phases, evals)
+        ledger = Ledger.read(fold)
+        ledger.phases[-1].train_flops = train_flops
+        ledger.phases[-1].device_seconds = 3600.0
+        ledger.write(fold / "ledger.json")
+    return cv
+
+
+def _shift(evals, by: float):
+    return [(phase, flops, seconds, value + by) for phase, flops, seconds, value in evals]
+
+
+def test_a_cross_validation_run_is_the_mean_of_its_folds(tmp_path, capsys):
+    """ESC-50's protocol: a k-fold root reports as one run whose curve is the folds' mean (the paper's rule on the
+    mean: the baseline's best mean epoch, the first final-phase epoch whose mean surpasses it); whole-run FLOPs
+    and device-hours are the sums over the folds."""
+    # Baseline folds straddle the single-run curve: their mean is BASE_ACC (best 0.45 at epoch 15, 150 FLOPs).
+    base = _cv_run(tmp_path, "base", [("none", 1)], [_shift(BASE_EVALS, d) for d in (-0.02, 0.0, 0.02)], 200.0)
+    # The folds' mean is the single run's curve (0.40, 0.44, then 0.43 for its tie, 0.46, ...): it first surpasses
+    # 0.45 at the fourth final epoch (75 FLOPs, 38 s); fold 2 alone would at the first (0.40 + 0.10).
+    curve = [(phase, flops, seconds, 0.43 if value == 0.45 else value) for phase, flops, seconds, value in C2F_EVALS]
+    folds = [_shift(curve, d) for d in (-0.05, 0.10, -0.05)]
+    c2f = _cv_run(tmp_path, "c2f", [("fshift", 4), ("none", 1)], folds, 100.0)
+    baseline, run = load_run(base, "Baseline"), load_run(c2f)
+    assert (baseline.label, run.label) == ("Baseline (3-fold mean)", "Fshift 4→1 (3-fold mean)")
+    rows = compare(baseline, [run], resolve_metric([baseline, run]))
+    assert rows[0].value == pytest.approx(0.45)
+    row = rows[1]
+    assert (row.stop.phase, row.stop.epoch, row.stop.flops, row.stop.seconds) == (1, 9, 75.0, 38.0)
+    assert row.value == pytest.approx(0.46) and row.flops_save == pytest.approx(50.0)
+    assert row.time_save == pytest.approx(100 * (1 - 38 / 75))
+    assert (rows[0].total_flops, row.total_flops) == (600.0, 300.0) and row.total_save == pytest.approx(50.0)
+    assert row.device_hours == pytest.approx(3.0)
+    assert main(["--baseline", str(base), "--runs", str(c2f), "--out", str(tmp_path / "out")]) == 0
+    assert "| Fshift 4→1 (3-fold mean) | 46.00 (+1.00) | 50.00 |" in capsys.readouterr().out
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "each evaluation is the mean over its 3 folds" in report and "Left out" not in report
+
+
+def test_folds_that_differ_are_named(tmp_path, capsys):
+    base = _cv_run(tmp_path, "base", [("none", 1)], [BASE_EVALS, BASE_EVALS])
+    # a fold that stopped early: its missing epochs are left out of the mean, and listed
+    short = _cv_run(tmp_path, "short", [("fshift", 4), ("none", 1)], [C2F_EVALS, C2F_EVALS[:-2]])
+    out = tmp_path / "out"
+    assert main(["--baseline", str(base), "--runs", str(short), "--out", str(out)]) == 0
+    assert "Left out (not scored by every fold): phase 2 epoch 12 (only fold1); phase 2 epoch 13 (only fold1)." \
+        in (out / "report.md").read_text(encoding="utf-8")
+    # folds of other phases are not one run
+    mixed = _cv_run(tmp_path, "mixed", [("fshift", 4), ("none", 1)], [C2F_EVALS])
+    write_run(mixed, "fold2", [("avgpool", 4), ("none", 1)], C2F_EVALS)
+    with pytest.raises(ReportError, match=r"mixed: .*fold2's phases .* are not .*fold1's .*not one cross-validation"):
+        load_run(mixed)
+    # a mean of folds against a single run, or another number of folds, is refused (and listed if accepted)
+    single = write_run(tmp_path, "single", [("fshift", 4), ("none", 1)], C2F_EVALS)
+    assert main(["--baseline", str(base), "--runs", str(single), "--out", str(out)]) == 2
+    assert "a mean of 2 folds (baseline) vs a single run (this run)" in capsys.readouterr().err
+    three = _cv_run(tmp_path, "three", [("fshift", 4), ("none", 1)], [C2F_EVALS] * 3)
+    assert main(["--baseline", str(base), "--runs", str(three), "--out", str(out)]) == 2
+    assert "a mean of 2 folds (baseline) vs a mean of 3 folds (this run)" in capsys.readouterr().err
+    # validation settings are compared fold by fold
+    for fold, sha in (("fold1", "ab"), ("fold2", "cd")):
+        for root, other in ((base, sha), (short, "ef" if fold == "fold2" else sha)):
+            ledger = Ledger.read(root / fold)
+            ledger.data = {"train": {}, "valid": {f"{fold}.jsonl.gz": {"sha256": other * 32, "bytes": 1}}}
+            ledger.write(root / fold / "ledger.json")
+    assert main(["--baseline", str(base), "--runs", str(short), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "fold2: other validation manifests" in err and "fold1:" not in err
+    # a fold that has not finished makes the run unfinished, named
+    (short / "fold2" / "model.safetensors").unlink()
+    with pytest.raises(ReportError, match=r"short: the run has not finished \(.*short/fold2: its last phase .* has not ended\)"):
+        compare(load_run(base), [load_run(short)], "acc")

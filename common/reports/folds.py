@@ -1,0 +1,109 @@
+"""A cross-validation run as one run to report: the mean of its folds' ledgers.
+
+``finetune/run.py`` trains a k-fold task (ESC-50) in ``<run>/fold1`` ... ``<run>/foldK``, one ledger each; AST's
+protocol scores the epoch whose accuracy *averaged over the folds* is best (``cv_summary.json``). The report reads
+such a root as one run whose evaluations are the folds' means: per evaluation (phase, epoch; a weight average
+apart) every metric and the cumulative training FLOPs, seconds and clips averaged over the folds, so that the
+paper's rule (the first final-phase epoch above the baseline's best) runs on the mean curve. An epoch that only
+some folds scored (a fold that stopped early) is left out and listed. The phases' counters (what the whole-run
+table and device-hours show) are the sums over the folds: the whole cross-validation's cost.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from common.phases.baseline import is_averaged
+from common.training.ledger import Ledger, PhaseRecord
+
+__all__ = ["fold_dirs", "fold_mean", "FoldError"]
+
+_FOLD = re.compile(r"fold(\d+)")
+
+
+class FoldError(ValueError):
+    """The folds do not make one run (other phases, no common evaluation); the message names the fold."""
+
+
+def fold_dirs(path: str | Path) -> list[Path]:
+    """The fold directories with a ledger under a cross-validation root, in fold order (``fold10`` after
+    ``fold9``); empty for anything else."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    found = [(int(m.group(1)), d) for d in path.iterdir()
+             if (m := _FOLD.fullmatch(d.name)) and (d / "ledger.json").is_file()]
+    return [d for _, d in sorted(found)]
+
+
+def _describe(record: PhaseRecord) -> tuple:
+    return record.name, record.compression, record.factor, record.patch_transfer
+
+
+def _key(ev: dict) -> tuple:
+    """What makes two folds' evaluations the same one: the phase, and the epoch (the step where a run counts
+    no epochs); a weight average (one per run, at its end) apart."""
+    if is_averaged(ev):
+        return int(ev["phase"]), "averaged"
+    where = ev.get("epoch", ev.get("total_step"))
+    return int(ev["phase"]), "epoch" if "epoch" in ev else "step", where
+
+
+def _mean_eval(evs: Sequence[dict]) -> dict:
+    first = evs[0]
+    shared = set.intersection(*(set(ev.get("metrics", {})) for ev in evs))
+    out = {k: v for k, v in first.items() if k not in ("train_flops", "wall_seconds", "samples", "metrics")}
+    for k in ("train_flops", "wall_seconds", "samples"):
+        if all(k in ev for ev in evs):
+            out[k] = float(np.mean([float(ev[k]) for ev in evs]))
+    out["metrics"] = {m: float(np.mean([float(ev["metrics"][m]) for ev in evs])) for m in sorted(shared)
+                      if all(isinstance(ev["metrics"][m], (int, float)) for ev in evs)}
+    out["folds"] = len(evs)
+    return out
+
+
+def fold_mean(ledgers: Sequence[Ledger], names: Sequence[str]) -> tuple[Ledger, list[str]]:
+    """The folds' mean as one ledger, and the evaluations left out (``phase 2 epoch 7 (only fold1, fold3)``).
+
+    Args:
+        ledgers: one per fold, in fold order.
+        names: what to call each fold in messages (its directory).
+
+    Raises:
+        FoldError: no folds, folds with other phases or scores than the first's, or no evaluation all folds share.
+    """
+    if not ledgers:
+        raise FoldError("no folds to average")
+    first, name = ledgers[0], names[0]
+    for ledger, other in zip(ledgers[1:], names[1:]):
+        if ledger.score != first.score:
+            raise FoldError(f"{other} ranks by {ledger.score!r}, {name} by {first.score!r}: not one cross-validation")
+        if [_describe(p) for p in ledger.phases] != [_describe(p) for p in first.phases]:
+            raise FoldError(f"{other}'s phases ({', '.join(str(p.name) for p in ledger.phases)}) are not {name}'s "
+                            f"({', '.join(str(p.name) for p in first.phases)}): not one cross-validation")
+    mean = Ledger(first.score)
+    for i, record in enumerate(first.phases):
+        records = [ledger.phases[i] for ledger in ledgers]
+        summed = PhaseRecord(**{k: getattr(record, k) for k in PhaseRecord._DESCRIPTION})
+        for k in PhaseRecord._COUNTERS:
+            setattr(summed, k, sum(getattr(r, k) for r in records))
+        ends = {r.ended_by for r in records}
+        summed.ended_by = ends.pop() if len(ends) == 1 else "folds differ"
+        mean.phases.append(summed)
+    tables = [{_key(ev): ev for ev in ledger.evals} for ledger in ledgers]
+    common = set.intersection(*(set(t) for t in tables))
+    if not common:
+        raise FoldError(f"the folds ({', '.join(names)}) share no evaluation to average")
+    mean.evals = [_mean_eval([t[key] for t in tables]) for key in tables[0] if key in common]
+    left_out = []
+    for key in sorted(set.union(*(set(t) for t in tables)) - common, key=str):
+        which = ", ".join(Path(n).name for n, t in zip(names, tables) if key in t)
+        what = "weight average" if key[1] == "averaged" else f"{key[1]} {key[2]}"
+        left_out.append(f"phase {key[0] + 1} {what} (only {which})")
+    evaluations = [ledger.evaluation for ledger in ledgers]
+    mean.evaluation = first.evaluation if all(e == first.evaluation for e in evaluations) else None
+    return mean, left_out
