@@ -13,7 +13,6 @@ that mean scaled by ``min(1, grad_clip / (norm + 1e-6))`` (``common.training.opt
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ def main(job_file: str) -> int:
     from common.training.spec import RunSpec, TrainConfig
     from common.training.loop import Trainer
     from pretrain.ssast import SSASTConfig, SSASTObjective
+    from tests.helpers import host_reads
 
     job = json.loads(Path(job_file).read_text())
     dist = init_distributed()
@@ -53,7 +53,7 @@ def main(job_file: str) -> int:
         loss, _ = objective.train_step(engine, batch, trainer._frontend(0, objective.specaug),
                                        torch.Generator().manual_seed(dist.rank))
         probe = _probe(engine) if spec.optim.grad_clip and engine.zero_optimization_stage() == 0 else {}
-        with _host_reads() as reads:
+        with host_reads() as reads:
             engine.backward(loss)
             step_engine(engine)
         zero = engine._config.zero_config
@@ -67,32 +67,6 @@ def main(job_file: str) -> int:
         trainer.scalars.close()
     (Path(job["out"]) / f"rank{dist.rank}.json").write_text(json.dumps(report))
     return 0
-
-
-@contextlib.contextmanager
-def _host_reads():
-    """The places (file:line outside torch) where a tensor was read on the host within (``item``, ``bool``,
-    ``float``, ``tolist``, ``cpu``: each makes the host wait for a GPU): appended to the list yielded."""
-    import torch
-
-    found: list[str] = []
-    names = ("item", "__bool__", "__float__", "__int__", "tolist", "cpu")
-    real = {name: getattr(torch.Tensor, name) for name in names}
-
-    def counting(name):
-        def read(self, *args, **kwargs):
-            frame = sys._getframe(1)
-            found.append(f"{name} {frame.f_code.co_filename.split('site-packages/')[-1]}:{frame.f_lineno}")
-            return real[name](self, *args, **kwargs)
-        return read
-
-    for name in names:
-        setattr(torch.Tensor, name, counting(name))
-    try:
-        yield found
-    finally:
-        for name in names:
-            setattr(torch.Tensor, name, real[name])
 
 
 def _flat(params):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -66,6 +68,35 @@ def poison_loss_at(monkeypatch, micro_batch: int) -> None:
         return (loss * float("nan") if calls["n"] == micro_batch else loss), logs
 
     monkeypatch.setattr(SSASTObjective, "train_step", poisoned)
+
+
+HOST_READS = ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy")
+
+
+@contextlib.contextmanager
+def host_reads(keep: Callable[[str], bool] = lambda path: True, names: tuple[str, ...] = HOST_READS):
+    """Every read of a tensor's value by the host while the context holds (``item``, ``bool``, ``float``,
+    ``tolist``, ``cpu``: on a GPU each waits for the device), as ``"name file:line"`` of the code that read
+    (``site-packages/`` cut), in the list yielded; ``keep(file)`` chooses the readers to count (e.g. the
+    package's own files, or only while a step runs)."""
+    found: list[str] = []
+    real = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counting(name):
+        def read(self, *args, **kwargs):
+            code, line = sys._getframe(1).f_code, sys._getframe(1).f_lineno
+            if keep(code.co_filename):
+                found.append(f"{name} {code.co_filename.split('site-packages/')[-1]}:{line}")
+            return real[name](self, *args, **kwargs)
+        return read
+
+    for name in names:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        yield found
+    finally:
+        for name in names:
+            setattr(torch.Tensor, name, real[name])
 
 
 _PORTS_TAKEN = itertools.count()

@@ -15,7 +15,7 @@ import torch
 from common.data.cache import ClipCache
 from common.data.loader import ClipDataset, ClipLoader, DataConfig, load_clip, open_cuts
 from common.data.prefetch import background
-from tests.helpers import poison_loss_at, run, weights
+from tests.helpers import host_reads, poison_loss_at, run, weights
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,33 +37,22 @@ def test_a_non_finite_loss_is_caught_at_the_next_checkpoint_without_a_sync_per_s
 
 
 def _count_host_reads_in_micro_steps(monkeypatch) -> dict:
+    """``{"steps", "reads"}``: the training steps taken and the host reads by this package's own code within
+    them (the CPU optimiser reads its step counts), counted while the test runs."""
     from common.training.loop import Trainer
 
     counts = {"steps": 0, "reads": 0}
-    inside = {"on": False}
     real_step = Trainer._micro_step
 
     def micro_step(self, *args, **kwargs):
         counts["steps"] += 1
-        inside["on"] = True
-        try:
-            return real_step(self, *args, **kwargs)
-        finally:
-            inside["on"] = False
-
-    def counting(name):
-        real = getattr(torch.Tensor, name)
-
-        def read(self, *args):  # a read by this package's own code (the CPU optimiser reads its step counts)
-            if inside["on"] and sys._getframe(1).f_code.co_filename.startswith(str(ROOT)):
-                counts["reads"] += 1
-            return real(self, *args)
-
-        return read
+        with host_reads(lambda path: path.startswith(str(ROOT))) as reads:
+            try:
+                return real_step(self, *args, **kwargs)
+            finally:
+                counts["reads"] += len(reads)
 
     monkeypatch.setattr(Trainer, "_micro_step", micro_step)
-    for name in ("item", "__bool__", "__float__", "tolist"):
-        monkeypatch.setattr(torch.Tensor, name, counting(name))
     return counts
 
 
