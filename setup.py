@@ -53,6 +53,7 @@ setup(
             "c2f-linear-probe=finetune.linear_probe:main",
             "c2f-report=common.reports.report:main",
             "c2f-predict=finetune.predict:main",
+            "c2f-evaluate=finetune.evaluate:main",
             "c2f-embed=finetune.embed:main",
             "c2f-hf=common.models.hf_export:main",
             "c2f-onnx=finetune.onnx_export:main",

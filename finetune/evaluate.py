@@ -1,11 +1,23 @@
-"""Evaluating exported classifiers, and the cross-validation summary.
+"""Evaluating exported classifiers, and the cross-validation summary; as a command, a model's scores on
+labelled manifests.
 
 An export carries its architecture and the front end it was trained with (audio settings and the
-compression of its last phase), so the features are made exactly as in training.
+compression of its last phase), so the features are made exactly as in training: the same clips, crop and
+padding as its validation, every clip once, in float32.
+
+    python finetune/evaluate.py --ckpt runs/finetune/voxceleb-baseline data/voxceleb/voxceleb_test.jsonl.gz
+    python finetune/evaluate.py --ckpt runs/finetune/esc50-baseline/fold1 data/esc50/esc50_fold1.jsonl.gz --json
+
+It prints ``acc``, ``mAP`` and ``mAUC`` and the clips scored; unreadable clips are skipped, named and counted
+(exit status 1 when some were). The library functions need torch, so this command's --help loads it, unlike the
+other commands, whose --help answers without loading torch.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -17,8 +29,10 @@ from torch import nn
 from common.models.arch import architecture_from_meta
 from common.audio.augment import SpecAugmentConfig
 from common.audio.compression import Compression
-from common.data.loader import eval_loader
+from common.cli import run_main
+from common.data.loader import BadAudioTracker, eval_loader
 from common.metrics import compute_metrics
+from common.system.logger import progress, setup_logging
 from finetune.classifier import class_scores, load_classifier
 
 __all__ = ["pipeline_for_export", "clip_for_export", "clip_handling", "evaluate_export", "cross_validation_summary"]
@@ -54,11 +68,14 @@ def clip_handling(meta: dict) -> dict:
     return {"pad": clips.get("pad", "zeros"), "crop": clips.get("crop", "start")}
 
 
-def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequence[str], batch_size: int = 32,
-                    num_workers: int = 2, device: str | torch.device = "cpu", tracker=None) -> dict[str, float]:
-    """mAP / accuracy of an exported classifier on ``manifests`` (one process); ``tracker`` counts bad and
-    resampled clips (a run's :class:`~common.data.loader.BadAudioTracker` split, or a fresh one without a limit)."""
+def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequence[str] | None = None,
+                    batch_size: int = 32, num_workers: int = 2, device: str | torch.device = "cpu", tracker=None,
+                    show_progress: bool = False) -> dict[str, float]:
+    """mAP / accuracy of an exported classifier on ``manifests`` (one process); ``classes``: the task's class
+    list, which must be the export's (None: the export's own); ``tracker`` counts bad and resampled clips (a
+    run's :class:`~common.data.loader.BadAudioTracker` split, or a fresh one without a limit)."""
     model, meta = load_classifier(path)
+    classes = list(meta["classifier"]["classes"]) if classes is None else classes
     if list(meta["classifier"]["classes"]) != list(classes):
         raise ValueError(f"{path} was trained on other classes than the task's class list")
     model.to(device)
@@ -67,10 +84,14 @@ def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequenc
     loader = eval_loader(manifests, classes, clip_samples, sample_rate, batch_size, num_workers, crop=clips["crop"],
                          pad=clips["pad"], tracker=tracker)
     scores, targets = [], []
+    bar = progress(loader.estimated_batches_per_epoch(), 0, f"scoring {Path(manifests[0]).name}", show_progress,
+                   unit="batch")
     for batch in loader.batches(epochs=1):
+        bar.update(1)
         if len(batch):
             scores.append(predict_scores(model, meta, batch.waveforms.to(device), batch.lengths.to(device)).cpu())
             targets.append(batch.targets)
+    bar.close()
     if not scores:
         raise ValueError(f"no usable clip in {', '.join(map(str, manifests))}")
     metrics = compute_metrics(torch.cat(targets).numpy(), torch.cat(scores).numpy())
@@ -111,3 +132,58 @@ def cross_validation_summary(fold_evals: Sequence[Sequence[dict]], metric: str) 
         summary["left_out"] = [{"phase": p, "epoch": e, "folds": [k + 1 for k, t in enumerate(tables) if (p, e) in t]}
                                for p, e in partial]
     return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finetune/evaluate.py",
+        description="Score a fine-tuned model on labelled manifests (the clips, crop and padding of its own "
+                    "validation; every clip once): accuracy, mAP and mAUC. Unreadable clips are skipped and "
+                    "named; the exit status is then 1.",
+        epilog="example: python finetune/evaluate.py --ckpt runs/finetune/synth-baseline "
+               "data/synth/synth_test.jsonl.gz")
+    parser.add_argument("--ckpt", required=True,
+                        help="a fine-tuning run directory, a classifier export, or a Hugging Face AST directory")
+    parser.add_argument("manifests", nargs="+", metavar="MANIFEST",
+                        help="Lhotse cut manifests whose clips carry labels of the model's classes "
+                             "(c2f-corpora prepare writes them)")
+    parser.add_argument("--batch-size", type=int, default=32, help="clips per forward pass (default 32)")
+    parser.add_argument("--workers", type=int, default=2, help="decoding processes (default 2; 0: this one)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        build_parser().error("--batch-size must be at least 1")
+    if args.workers < 0:
+        build_parser().error("--workers must be at least 0")
+
+    def body() -> int:
+        setup_logging(None)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+        for manifest in args.manifests:
+            if not Path(manifest).is_file():
+                raise FileNotFoundError(f"no manifest at {manifest}")
+        tracker = BadAudioTracker(1.0, split="eval", source=args.manifests)
+        metrics = evaluate_export(args.ckpt, args.manifests, None, args.batch_size, args.workers, device, tracker,
+                                  show_progress=True)
+        metrics["bad_clips"] = float(tracker.bad)
+        if args.json:
+            print(json.dumps({"model": str(args.ckpt), "manifests": list(args.manifests), **metrics}, indent=1))
+        else:
+            print(f"{args.ckpt} on {', '.join(args.manifests)}: acc={metrics['acc']:.4f} mAP={metrics['mAP']:.4f} "
+                  f"mAUC={metrics['mAUC']:.4f} ({int(metrics['clips'])} clips)")
+        if tracker.bad:  # each one was named as it was skipped
+            print(f"error: {tracker.bad} clips could not be read and were skipped", file=sys.stderr)
+        return 1 if tracker.bad else 0
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 ENTRY_POINTS = ["pretrain.run", "finetune.run", "finetune.linear_probe", "common.reports.report", "finetune.predict",
-                "finetune.embed", "finetune.demo", "common.data.corpora.__main__", "common.models.flops",
-                "common.models.hf_export", "finetune.onnx_export", "bench.data_throughput", "bench.train_throughput",
+                "finetune.evaluate", "finetune.embed", "finetune.demo", "common.data.corpora.__main__",
+                "common.models.flops", "common.models.hf_export", "finetune.onnx_export", "bench.data_throughput", "bench.train_throughput",
                 "bench.gpu_check"]
 
 
@@ -45,7 +45,7 @@ def test_every_usage_names_a_command_that_runs_it(capsys):
 def test_console_scripts_resolve():
     setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
     targets = re.findall(r'"c2f-[\w-]+=([\w.]+):(\w+)"', setup)
-    assert len(targets) == 9
+    assert len(targets) == 10
     for module, function in targets:
         assert callable(getattr(importlib.import_module(module), function))
 

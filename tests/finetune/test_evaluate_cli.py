@@ -1,0 +1,82 @@
+"""finetune/evaluate.py as a command: a model's scores on labelled manifests, computed as its validation did,
+with unreadable clips skipped and counted and bad input in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from lhotse import CutSet
+
+from common.metrics import compute_metrics
+from common.models.ast.encoder import ASTEncoder, EncoderConfig
+from finetune.classifier import Classifier, load_classifier, save_classifier
+from finetune.evaluate import clip_for_export, main, predict_scores
+from tests.helpers import PREDICT_AUDIO
+
+
+@pytest.fixture
+def synth_model(tmp_path, synth_corpus):
+    """A tiny AST classifier (random weights, a sharp head) on the synth corpus's classes."""
+    classes = json.loads((synth_corpus / "synth_classes.json").read_text())["classes"]
+    torch.manual_seed(0)
+    model = Classifier(ASTEncoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, input_tdim=64)), len(classes))
+    torch.nn.init.normal_(model.head[1].weight, std=1.0)
+    return save_classifier(model, tmp_path / "model.safetensors", classes,
+                           {"audio": PREDICT_AUDIO, "phase": {"compression": "none", "factor": 1}, "loss": "ce"})
+
+
+def _by_hand(path, manifest) -> dict:
+    """The metrics from each clip read with soundfile, cut from its start or zero-padded to the model's clip."""
+    model, meta = load_classifier(path)
+    rate, size = clip_for_export(meta)
+    classes = meta["classifier"]["classes"]
+    scores, targets = [], []
+    for cut in CutSet.from_file(manifest):
+        wave, sr = sf.read(cut.recording.sources[0].source, dtype="float32")
+        assert sr == rate
+        clip = np.zeros(size, np.float32)
+        clip[:min(size, wave.size)] = wave[:size]
+        scores.append(predict_scores(model, meta, torch.from_numpy(clip)[None], torch.tensor([size]))[0].numpy())
+        targets.append(np.isin(classes, cut.custom["labels"]).astype(np.float32))
+    return compute_metrics(np.stack(targets), np.stack(scores))
+
+
+def test_the_scores_are_the_clips_scored_one_by_one(synth_model, synth_corpus, capsys):
+    manifest = synth_corpus / "synth_test.jsonl.gz"
+    assert main(["--ckpt", str(synth_model), str(manifest), "--json", "--workers", "0", "--batch-size", "5"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    expected = _by_hand(synth_model, manifest)
+    assert got["clips"] == 12 and got["bad_clips"] == 0 and got["manifests"] == [str(manifest)]
+    assert {k: got[k] for k in expected} == pytest.approx(expected, abs=1e-5)
+    assert main(["--ckpt", str(synth_model), str(manifest), "--workers", "0"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line == f"{synth_model} on {manifest}: acc={expected['acc']:.4f} mAP={expected['mAP']:.4f} " \
+                   f"mAUC={expected['mAUC']:.4f} (12 clips)"
+
+
+def test_unreadable_clips_are_skipped_and_counted_and_bad_input_is_one_line(synth_model, synth_corpus, tmp_path,
+                                                                            capsys):
+    cuts = CutSet.from_file(synth_corpus / "synth_test.jsonl.gz").to_eager()
+    broken = tmp_path / "broken.flac"
+    broken.write_bytes(b"fLaC not audio")
+    first = cuts[0]
+    first.recording.sources[0].source = str(broken)
+    damaged = tmp_path / "damaged.jsonl.gz"
+    CutSet.from_cuts([first, *list(cuts)[1:]]).to_file(damaged)
+    assert main(["--ckpt", str(synth_model), str(damaged), "--json", "--workers", "0"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["clips"] == 11 and json.loads(captured.out)["bad_clips"] == 1
+    assert "error: 1 clips could not be read and were skipped" in captured.err
+    assert main(["--ckpt", str(synth_model), str(tmp_path / "nowhere.jsonl.gz")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: no manifest at {tmp_path / 'nowhere.jsonl.gz'}"
+    other = tmp_path / "other.jsonl.gz"  # a label the model does not know, named with its clip
+    unknown = list(cuts)[1]
+    unknown.custom["labels"] = ["thunder"]
+    CutSet.from_cuts([unknown]).to_file(other)
+    assert main(["--ckpt", str(synth_model), str(other), "--workers", "0"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "'thunder', which is not in the task's class list" in err
