@@ -1,1 +1,1 @@
-"""Reports of runs, pretraining and fine-tuning alike (python -m common.reports RUN ...)."""
+"""Reports of runs, pretraining and fine-tuning alike (``python -m common.reports --baseline RUN --runs RUN ...``)."""

@@ -492,3 +492,14 @@ def test_folds_that_differ_are_named(tmp_path, capsys):
     (short / "fold2" / "model.safetensors").unlink()
     with pytest.raises(ReportError, match=r"short: the run has not finished \(.*short/fold2: its last phase .* has not ended\)"):
         compare(load_run(base), [load_run(short)], "acc")
+
+
+def test_the_module_command_exits_with_the_reports_status(tmp_path):
+    """``python -m common.reports`` ends with the command's exit status (2 on bad input), as ``c2f-report``."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "common.reports", "--baseline", str(tmp_path / "none"), "--runs",
+                           str(tmp_path / "none")], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == f"error: no ledger at {tmp_path / 'none'}"
