@@ -49,7 +49,7 @@ from common.training.ledger import Ledger
 
 __all__ = ["ReportError", "Run", "Point", "Row", "load_run", "resolve_metric", "run_label", "distinct_names",
            "points", "compare", "baseline_differences", "end_note", "markdown_table", "whole_run_table",
-           "metric_name", "report_title", "figure", "plot", "main"]
+           "metric_name", "report_title", "figure", "plot", "main", "hardware", "other_hardware"]
 
 METHOD_NAMES = {"fshift": "Fshift", "avgpool": "Avg Pool", "maxpool": "Max Pool", "patch": "Patch"}
 PATCH_TRANSFER_NAMES = {"pi": "PI", "bilinear": "BL"}  # the paper's labels
@@ -95,7 +95,8 @@ class Row:
     seconds times the ranks, :func:`_device_hours`); ``fixed`` marks a stop at a given epoch (``--stop-epoch``); ``note``:
     how the run's final phase ended, when a rule ended it (:func:`end_note`); ``averaged``: the score of the run's
     weight average (None without one) and ``averaged_delta`` its difference to the baseline's weight average
-    (None unless both averaged).
+    (None unless both averaged); ``hardware``: where the run trained when that is not where the baseline did
+    (:func:`other_hardware`; its time saving is then None).
     """
 
     label: str
@@ -113,6 +114,7 @@ class Row:
     device_hours: float | None = None
     averaged: float | None = None
     averaged_delta: float | None = None
+    hardware: str | None = None
 
 
 def load_run(path: str | Path, label: str | None = None) -> Run:
@@ -217,6 +219,28 @@ def _device_hours(run: Run) -> float | None:
     return seconds / 3600 if seconds > 0 else None
 
 
+def hardware(run: Run) -> frozenset[tuple[str, int]] | None:
+    """Where the run trained: ``(device, ranks)`` of its phases (a cross-validation run's folds together); None
+    when its ledger does not record it."""
+    ledgers = [fold.ledger for fold in run.folds] or [run.ledger]
+    found = frozenset((p.device, int(p.world_size)) for ledger in ledgers for p in ledger.phases
+                      if p.device and p.world_size)
+    return found or None
+
+
+def describe_hardware(found: frozenset[tuple[str, int]]) -> str:
+    return " and ".join(f"{ranks} x {device}" for device, ranks in sorted(found))
+
+
+def other_hardware(baseline: Run, run: Run) -> str | None:
+    """How ``run`` trained on other devices or another number of ranks than ``baseline`` (their wall times do not
+    compare: no time saving), e.g. ``8 x NVIDIA H100 (baseline: 1 x cpu)``; None when alike or not recorded."""
+    mine, theirs = hardware(run), hardware(baseline)
+    if mine is None or theirs is None or mine == theirs:
+        return None
+    return f"{describe_hardware(mine)} (baseline: {describe_hardware(theirs)})"
+
+
 def end_note(run: Run) -> str | None:
     """How the run's final phase ended when a rule ended it: stopped live on surpassing its baseline
     (``train.stop_when_surpassing``), by a criterion, or by its cap before it surpassed; None otherwise. A
@@ -313,12 +337,13 @@ def compare(baseline: Run, runs: Sequence[Run], metric: str, stop_epoch: int | N
         value = stop.value if stop else best
         total = _total_flops(run, pts)
         averaged = _averaged(pts)
+        elsewhere = other_hardware(baseline, run)
         rows.append(Row(run.label, value, value - base.value,
                         _saving(stop.flops, base.flops) if stop else None,
-                        _saving(stop.seconds, base.seconds) if stop else None,
+                        _saving(stop.seconds, base.seconds) if stop and not elsewhere else None,
                         best, best - base.value, stop, total, _saving(total, base_total), stop_epoch is not None,
                         end_note(run), _device_hours(run), averaged,
-                        averaged - base_avg if averaged is not None and base_avg is not None else None))
+                        averaged - base_avg if averaged is not None and base_avg is not None else None, elsewhere))
     return rows
 
 
@@ -384,6 +409,8 @@ def markdown_table(rows: Sequence[Row], metric: str) -> str:
         elif row.fixed and row.stop is not None:
             value += f", epoch {row.stop.epoch}"
         saves = ["-" if s is None else f"{s:.2f}" for s in (row.flops_save, row.time_save)]
+        if row.hardware and row.stop is not None:
+            saves[1] = "- (other devices)"
         label = f"{row.label} ({row.note})" if row.note else row.label
         lines.append(f"| {label} | {value} | {saves[0]} | {saves[1]} | {_percent(row.best, row.best_delta)} |")
     return "\n".join(lines) + "\n"
@@ -488,7 +515,8 @@ def figure(runs: Sequence[Run], rows: Sequence[Row], metric: str, title: str | N
     series = []
     for run in runs:
         pts = points(run, metric)
-        final = len(run.ledger.phases) - 1
+        final = len(run.ledger.phases) - 1 if run.ledger.phases else max(p.phase for p in pts)  # a hand-written
+        # baseline's ledger may list evaluations only
         series.append((pts, final))
         final_values += [100 * p.value for p in pts if p.phase == final]
     lo, hi = _limits(final_values)
@@ -630,6 +658,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             (f" The weight-averaged {metric} is the score of each run's weight average, against the baseline's "
              f"average where it has one; the tables above compare epochs with epochs only.")
         folds = "".join(_fold_text(run) for run in (baseline, *runs))
+        folds += "".join(f"\n{row.label} trained on {row.hardware}: its time saving is not computed (wall times on "
+                         f"other devices or another number of ranks do not compare); its FLOPs saving is.\n"
+                         for row in rows if row.hardware)
         args.out.mkdir(parents=True, exist_ok=True)
         rule = (f"Each run stops at epoch {args.stop_epoch} of its final phase (a fixed stop, whatever its {metric})"
                 if args.stop_epoch is not None else

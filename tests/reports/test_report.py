@@ -1,5 +1,6 @@
 """common/reports/report.py on hand-made ledgers: the paper's savings rule, labels, errors, the CLI's files."""
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -503,3 +504,31 @@ def test_the_module_command_exits_with_the_reports_status(tmp_path):
     done = subprocess.run([sys.executable, "-m", "common.reports", "--baseline", str(tmp_path / "none"), "--runs",
                            str(tmp_path / "none")], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip() == f"error: no ledger at {tmp_path / 'none'}"
+
+
+def test_time_is_not_compared_across_devices_and_a_bare_baseline_plots(tmp_path, runs, capsys):
+    """FLOPs savings hold anywhere; a wall-time saving only on the baseline's devices and number of ranks."""
+    from common.reports.report import other_hardware
+
+    for name, device, ranks in (("base", "cpu", 1), ("c2f", "NVIDIA H100 80GB HBM3", 8)):
+        ledger = Ledger.read(runs[name])
+        for phase in ledger.phases:
+            phase.device, phase.world_size = device, ranks
+        ledger.write(runs[name] / "ledger.json")
+    base, c2f, never = load_run(runs["base"], "Baseline"), load_run(runs["c2f"]), load_run(runs["never"])
+    assert other_hardware(base, c2f) == "8 x NVIDIA H100 80GB HBM3 (baseline: 1 x cpu)"
+    assert other_hardware(base, never) is None  # its ledger does not say: compared as before
+    row = compare(base, [c2f], "acc")[1]
+    assert row.flops_save == pytest.approx(50.0) and row.time_save is None and row.hardware
+    out = tmp_path / "out"
+    assert main(["--baseline", str(runs["base"]), "--runs", str(runs["c2f"]), "--out", str(out)]) == 0
+    assert "| Fshift 4→1 | 46.00 (+1.00) | 50.00 | - (other devices) |" in capsys.readouterr().out
+    assert "Fshift 4→1 trained on 8 x NVIDIA H100 80GB HBM3 (baseline: 1 x cpu): its time saving is not computed" \
+        in (out / "report.md").read_text(encoding="utf-8")
+    # a hand-written baseline: evaluations without phases; the table and the plot are made
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "ledger.json").write_text(json.dumps({"score": "acc", "evals": Ledger.read(runs["base"]).evals}))
+    (bare / "model.safetensors").write_bytes(b"")
+    assert main(["--baseline", str(bare), "--runs", str(runs["never"]), "--out", str(out)]) == 0
+    assert (out / "report.png").stat().st_size > 0
