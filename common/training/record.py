@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -258,6 +259,16 @@ class RunRecord:
         self._memory.reset()
         self.pending.restart_clock()
 
+    @contextmanager
+    def untimed(self):
+        """What runs inside is no training time (the weights kept for averaging at an epoch's end: a write to
+        disk, like a checkpoint): the clock moves on by what it took."""
+        start = self.pending.now()
+        try:
+            yield
+        finally:
+            self.pending.clock += self.pending.now() - start
+
     def account(self, index: int) -> Window:
         """Move the steps / clips / seconds trained since the last call into the ledger (collective)."""
         now = self.pending.now()
@@ -320,6 +331,7 @@ class RunRecord:
         self.ledger.end_phase(index, decision.reason, decision.note, step=st.step, total_step=st.total_steps, **where)
         log.info("%s ended (%s): %s", phase.label(index), decision.reason, decision.note)
         if self.dist.is_main:
+            self.ledger.write(self.run_dir / "ledger.json")  # why it ended, on disk before a stop at this point
             path = self.run_dir / "export" / f"phase{index + 1}.safetensors"
             self.objective.export(model, path, self._export_meta(index))
             record = self.ledger.phases[index]

@@ -431,3 +431,38 @@ def test_three_phase_fine_tuning_with_patch_and_pooling(tmp_path, synth_corpus):
     from common.training.ledger import Ledger
     from common.reports.report import run_label
     assert run_label(Ledger.read(run_dir)) == "Patch BL/Avg Pool 4→2→1"
+
+
+@pytest.mark.slow
+def test_keeping_the_weights_to_average_is_no_training_time(tmp_path, synth_corpus, monkeypatch):
+    """The final phase's epochs kept for the weight average are written to disk at each epoch's end, as a
+    checkpoint is: the phase's wall time, which the reported time saving divides, leaves the writes out; and
+    the ledger on disk says why each phase ended as soon as it ends."""
+    import time
+
+    from common.training.weight_average import WeightAverage
+
+    keep = WeightAverage.keep
+    monkeypatch.setattr(WeightAverage, "keep", lambda self, *a: (time.sleep(3.0), keep(self, *a))[1])
+    run_dir, data = tmp_path / "run", _synth_root(tmp_path, synth_corpus)
+    assert finetune(["--init", "none", "--task", "synth", "--data-root", str(data),
+                     "--run-dir", str(run_dir), *sets(*TINY, "phases=[{compression: none, epochs: 2}]",
+                                                      "train.weight_average_from=1")]) == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert ledger["evals"][-1]["weight_averaged"] == [1, 2]
+    assert ledger["phases"][0]["wall_seconds"] < 3.0, ledger["phases"][0]["wall_seconds"]
+    written = []  # each phase's end, seen through the ledger file as written then
+    from common.training.record import RunRecord
+
+    end_phase = RunRecord.end_phase
+
+    def spy(self, model, index, decision):
+        end_phase(self, model, index, decision)
+        written.append(json.loads((self.run_dir / "ledger.json").read_text())["phases"][index].get("ended_by"))
+
+    monkeypatch.setattr(RunRecord, "end_phase", spy)
+    monkeypatch.setattr(WeightAverage, "keep", keep)
+    assert finetune(["--init", "none", "--task", "synth", "--data-root", str(data),
+                     "--run-dir", str(tmp_path / "two"), *sets(*TINY, "phases=[{compression: fshift, factor: 4, "
+                                                                      "epochs: 1}, {compression: none, epochs: 1}]")]) == 0
+    assert written == ["length", "length"]
