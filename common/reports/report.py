@@ -268,9 +268,12 @@ def end_note(run: Run) -> str | None:
 def unfinished(run: Run) -> str | None:
     """Why ``run`` may not have finished, so that its last phase in the ledger need not be its final one (None: it
     finished). A run directory finished when it holds ``model.safetensors`` (written after the final phase); a
-    ledger file on its own when its last phase ended; a cross-validation run when every fold finished."""
+    ledger file on its own when its last phase ended; a cross-validation run when every fold finished and it wrote
+    its summary (a fold not started yet has no ledger to show it is missing)."""
     if run.folds:
         reasons = [f"{fold.source}: {reason}" for fold in run.folds if (reason := unfinished(fold))]
+        if not (Path(run.source) / "cv_summary.json").is_file():
+            reasons.append(f"{run.source} has no cv_summary.json, which the run writes after its last fold")
         return "; ".join(reasons) or None
     source = Path(run.source)
     folder = source if source.is_dir() else source.parent

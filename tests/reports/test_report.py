@@ -426,6 +426,7 @@ def _cv_run(root: Path, name: str, phases, fold_evals, train_flops: float = 0.0)
         ledger.phases[-1].train_flops = train_flops
         ledger.phases[-1].device_seconds = 3600.0
         ledger.write(fold / "ledger.json")
+    (cv / "cv_summary.json").write_text("{}")  # written after the last fold
     return cv
 
 
@@ -489,7 +490,11 @@ def test_folds_that_differ_are_named(tmp_path, capsys):
     assert main(["--baseline", str(base), "--runs", str(short), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "fold2: other validation manifests" in err and "fold1:" not in err
-    # a fold that has not finished makes the run unfinished, named
+    # a fold that has not finished makes the run unfinished, named; so does a run whose later folds have not started
+    (base / "cv_summary.json").unlink()
+    with pytest.raises(ReportError, match=r"base: the run has not finished \(.*base has no cv_summary.json"):
+        compare(load_run(base), [load_run(short)], "acc")
+    (base / "cv_summary.json").write_text("{}")
     (short / "fold2" / "model.safetensors").unlink()
     with pytest.raises(ReportError, match=r"short: the run has not finished \(.*short/fold2: its last phase .* has not ended\)"):
         compare(load_run(base), [load_run(short)], "acc")
