@@ -89,16 +89,17 @@ def test_no_bar_when_stderr_is_not_a_terminal(capsys):
     assert "counting" not in capsys.readouterr().err
 
 
-def test_the_bar_total_in_memory_and_streamed(synth_corpus):
-    """The bar's total: exact for a set in memory, from the manifest's lines for a streamed one; the batches an
-    epoch really gives."""
+def test_the_bar_total_in_memory_and_streamed(synth_corpus, tmp_path):
+    """The bar's total: exact for a set in memory or indexed, from the manifest's lines for a streamed one; the
+    batches an epoch really gives."""
     from common.data.corpora.base import read_classes
     from common.data.loader import BadAudioTracker, DataConfig, ManifestSpec, train_loader
 
     classes, _ = read_classes(synth_corpus / "synth_classes.json")
     train = [ManifestSpec(str(synth_corpus / "synth_train.jsonl.gz"))]  # 24 clips
-    for shuffle_max in (500_000, 0):  # in memory, streamed
-        data = DataConfig(train=train, batch_size=5, num_workers=0, full_shuffle_max=shuffle_max)
+    for shuffle_max, shuffle in ((500_000, "full"), (0, "full"), (0, "buffer")):  # in memory, indexed, streamed
+        data = DataConfig(train=train, batch_size=5, num_workers=0, full_shuffle_max=shuffle_max, shuffle=shuffle,
+                          index_dir=str(tmp_path))
         loader = train_loader(data, classes, 8000, 16000, 5, 0, 0, 1, BadAudioTracker())
-        assert loader.cuts.is_lazy == (shuffle_max == 0)
+        assert loader.cuts.is_lazy == (shuffle == "buffer")
         assert loader.estimated_batches_per_epoch() == 4 == len(list(loader.cut_batches(epochs=1)))

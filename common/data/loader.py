@@ -5,15 +5,16 @@
       --DataLoader workers: decode, resample to the model's rate, crop / pad--> Batch(waveforms [B, S], lengths,
       targets)
 
-Shuffling. AST and SSAST shuffle the whole training set every epoch; so does this loader for every set
-held in memory (an eager CutSet: Lhotse's ``SimpleCutSampler`` permutes it with ``seed + epoch``).
-``open_cuts(..., in_memory_max=N)`` reads a training manifest eagerly when it holds at most N clips
-(counted from its lines, without parsing them) and it is one manifest or an equal-weight mix: every
-task set of the paper (VGGSound, VoxCeleb, Kinetics-Sounds, SpeechCommands, AudioSet-20K, ESC-50)
-fits. Larger sets, Lhotse Shar folders and mixes with unequal weights (AudioSet-2M + LibriSpeech for
-SSAST) stream through Lhotse's 20,000-clip shuffle buffer (``DynamicCutSampler``), which mixes well only
-because every corpus is written in a seeded shuffled order (``common.data.corpora.base.write_corpus``);
-source order is often sorted by class.
+Shuffling. AST and SSAST shuffle the whole training set every epoch; so does this loader. A set of at most
+``data.full_shuffle_max`` clips (counted from the manifests' lines, without parsing them) that is one manifest
+or an equal-weight mix is read into memory (an eager CutSet: Lhotse's ``SimpleCutSampler`` permutes it with
+``seed + epoch``): every task set of the paper (VGGSound, VoxCeleb, Kinetics-Sounds, SpeechCommands,
+AudioSet-20K, ESC-50) fits. A larger one (AudioSet-2M; SSAST's AudioSet-2M + LibriSpeech, concatenated as the
+official code does) is indexed on disk and permuted with ``(seed, epoch)`` (``common.data.manifest_index``,
+``data.shuffle: full``). Lhotse Shar folders, mixes with unequal weights and ``data.shuffle: buffer`` stream
+through Lhotse's 20,000-clip shuffle buffer (``DynamicCutSampler``), which mixes within the buffer only because
+every corpus is written in a seeded shuffled order (``common.data.corpora.base.write_corpus``; source order is
+often sorted by class), and keeps a clip near the same place in every epoch.
 
 Equal shards. Every rank gets the same number of batches in every epoch, whatever the sampler (in-memory
 shuffle, streaming buffer, balanced, Shar), so that all ranks enter the same collectives: one global
@@ -70,6 +71,7 @@ from torch.utils.data import DataLoader
 
 from common.data.cache import CacheMode, ClipCache, make_cache
 from common.data.integrity import truncation
+from common.data.manifest_index import DEFAULT_INDEX_DIR, IndexShuffleSampler, ManifestIndex
 from common.data.prefetch import background
 from common.system.atomic import atomic_write_text
 from common.system.cpu import loader_workers
@@ -117,8 +119,9 @@ class ManifestSpec:
         weight: relative weight in a streamed mix (``CutSet.mux``): at each draw a manifest is picked with
             probability proportional to its weight among those not yet used up, and every clip still comes
             once per epoch. So the weights shape the interleaving, not the epoch's content: equal weights on
-            manifests of unequal sizes use up the small one early in each epoch; weights proportional to the
-            clip counts interleave them evenly (SSAST's AudioSet + LibriSpeech recipe does that).
+            manifests of unequal sizes use up the small one early in each epoch when streamed. Manifests of
+            equal weights are concatenated and shuffled as a whole (in memory or through an index), which
+            interleaves them evenly (SSAST's AudioSet + LibriSpeech, as the official code).
     """
 
     path: str
@@ -149,8 +152,14 @@ class DataConfig:
         train_crop: where training clips longer than the clip length are cut: ``start`` (AST and SSAST
             always cut from the start) or ``random`` (a random window per clip and epoch).
         full_shuffle_max: a training set of at most this many clips is read into memory and shuffled as
-            a whole every epoch (AST / SSAST); a larger one streams through Lhotse's 20k-clip shuffle
-            buffer. 0 streams every set.
+            a whole every epoch (AST / SSAST); a larger one is shuffled as a whole through an index of its
+            manifests on disk (``shuffle: full``, ``common.data.manifest_index``) or streamed through
+            Lhotse's 20k-clip shuffle buffer (``shuffle: buffer``). 0: never in memory.
+        shuffle: how a training set larger than ``full_shuffle_max`` is shuffled: ``full`` (the whole set
+            every epoch, as AST and SSAST; ``.jsonl(.gz)`` manifests of equal weights) or ``buffer`` (streamed;
+            also Shar folders and mixes of unequal weights, which are always streamed).
+        index_dir: the folder of the ``full`` shuffle's manifest index (default
+            ``~/.cache/coarse2fine/manifests``; about the manifests' uncompressed size).
         pad: how a clip shorter than the clip length is filled: ``zeros`` (AST / SSAST) or ``repeat`` (the
             clip again, as HTS-AT's ESC-50 preparation concatenates each 5 s clip twice to 10 s).
         cache: keep decoded clips (``none``, ``memory`` or ``disk``; ``common.data.cache`` says when each fits).
@@ -168,6 +177,8 @@ class DataConfig:
     eval_crop: Literal["start", "center"] = "start"
     train_crop: Literal["start", "random"] = "start"
     full_shuffle_max: int = 500_000
+    shuffle: Literal["full", "buffer"] = "full"
+    index_dir: str | None = None
     pad: Literal["zeros", "repeat"] = "zeros"
     cache: CacheMode = "none"
     cache_dir: str | None = None
@@ -258,8 +269,10 @@ def count_clips(path: str | os.PathLike, limit: int | None = None) -> int | None
     return count
 
 
-def open_cuts(specs: Sequence[ManifestSpec | str], seed: int = 0, in_memory_max: int | None = None):
-    """A CutSet over one manifest, or a weighted mix of several (``CutSet.mux``).
+def open_cuts(specs: Sequence[ManifestSpec | str], seed: int = 0, in_memory_max: int | None = None,
+              index_dir: str | None = None):
+    """A CutSet over one manifest, or a weighted mix of several (``CutSet.mux``); or the manifests indexed on
+    disk for a whole-set shuffle (:class:`~common.data.manifest_index.ManifestIndex`, ``index_dir`` given).
 
     Args:
         specs: manifests (paths or :class:`ManifestSpec`).
@@ -284,10 +297,16 @@ def open_cuts(specs: Sequence[ManifestSpec | str], seed: int = 0, in_memory_max:
             cuts = [cut for one in sets for cut in one]
             log.info("read %d clips into memory: every epoch is a shuffle of the whole set", len(cuts))
             return CutSet.from_cuts(cuts)
-        log.info("training set larger than data.full_shuffle_max=%d clips (or not countable): streamed through "
-                 "Lhotse's shuffle buffer", in_memory_max)
-    elif in_memory_max:
-        log.info("a mix of manifests with unequal weights: streamed through Lhotse's shuffle buffer")
+    if index_dir is not None and len({s.weight for s in specs}) == 1 and \
+            all(count_clips(s.path, 0) is not None for s in specs):  # .jsonl(.gz) files of equal weights
+        index = ManifestIndex([_manifest_path(s.path) for s in specs], index_dir)
+        log.info("%d clips indexed on disk (%s): every epoch is a shuffle of the whole set", len(index), index_dir)
+        return index
+    if in_memory_max is not None:
+        log.info("training set %s: streamed through Lhotse's shuffle buffer",
+                 "a mix of manifests with unequal weights" if len({s.weight for s in specs}) > 1 else
+                 f"larger than data.full_shuffle_max={in_memory_max} clips" + (
+                     " (data.shuffle: buffer)" if index_dir is None else " and not indexable (a Shar folder)"))
     if len(sets) == 1:
         return sets[0]
     return CutSet.mux(*sets, weights=[s.weight for s in specs], seed=seed)
@@ -967,6 +986,9 @@ class ClipLoader:
         if self.weights is not None:
             return WeightedCutSampler(self.cuts, self.weights, self.batch_size, drop_last=self.drop_last,
                                       seed=self.seed)
+        if isinstance(self.cuts, ManifestIndex):  # batches of clip numbers: read as they are kept (_cut_batches)
+            return IndexShuffleSampler(len(self.cuts), self.batch_size, drop_last=self.drop_last, seed=self.seed,
+                                       shuffle=self.shuffle)
         kind = DynamicCutSampler if self.cuts.is_lazy else SimpleCutSampler  # eager: shuffled as a whole
         return kind(self.cuts, max_cuts=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last,
                     world_size=1, rank=0, seed=self.seed)
@@ -991,6 +1013,7 @@ class ClipLoader:
     def _cut_batches(self, start_epoch: int, skip: int, epochs: int | None) -> Iterator:
 
         sampler = self._sampler()
+        indexed = isinstance(sampler, IndexShuffleSampler)  # clip numbers, read only for the batches kept
         expected = self.batches_per_epoch()
         if expected is not None and skip > expected:
             raise ValueError(f"cannot resume at batch {skip} of epoch {start_epoch}: an epoch has {expected} batches "
@@ -1015,7 +1038,7 @@ class ClipLoader:
                                      f"batches (did the manifest change?)")
                 index += 1
             for cuts in shard:
-                yield epoch, index, CutSet.from_cuts(cuts)
+                yield epoch, index, CutSet.from_cuts([self.cuts[i] for i in cuts] if indexed else cuts)
                 index += 1
             if index == 0:
                 raise ValueError(
@@ -1120,9 +1143,10 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
         cache: decoded clips kept between epochs and phases (``data.cache``; made by the caller, which keeps it).
         keep_workers: keep the worker processes between calls of ``batches`` (:class:`ClipLoader`).
     """
-    cuts = open_cuts(data.train, seed=seed, in_memory_max=data.full_shuffle_max)
+    cuts = open_cuts(data.train, seed=seed, in_memory_max=data.full_shuffle_max,
+                     index_dir=(data.index_dir or DEFAULT_INDEX_DIR) if data.shuffle == "full" else None)
     weights = None
-    if data.balanced:
+    if data.balanced and cuts.is_lazy:
         cuts = cuts.to_eager()
         weights = balanced_weights(cuts, classes or [])
     epoch_clips = None

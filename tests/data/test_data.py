@@ -244,14 +244,20 @@ def _mixing(loader, epoch=0):
 
 
 @pytest.mark.slow
-def test_training_epochs_are_a_shuffle_of_the_whole_set(class_sorted_manifest):
+@pytest.mark.parametrize("where", ["memory", "index"])
+def test_training_epochs_are_a_shuffle_of_the_whole_set(class_sorted_manifest, where, tmp_path):
+    """In memory (up to data.full_shuffle_max clips) or through a manifest index on disk (larger sets: SSAST's
+    AudioSet-2M + LibriSpeech), every epoch is a shuffle of the whole set, drawn from (seed, epoch)."""
     path, classes, per_class = class_sorted_manifest
     batch = 128
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(classes), per_class)
     uniform = np.mean([len(set(p[i:i + batch])) for p in (labels[rng.permutation(labels.size)] for _ in range(3))
                        for i in range(0, p.size - batch + 1, batch)])  # about 113 of 128
-    cuts = open_cuts([path], in_memory_max=DataConfig().full_shuffle_max)  # the trainer's default
+    if where == "memory":
+        cuts = open_cuts([path], in_memory_max=DataConfig().full_shuffle_max)  # the trainer's default
+    else:  # a set larger than full_shuffle_max with the default data.shuffle: full
+        cuts = open_cuts([path], in_memory_max=classes * per_class - 1, index_dir=str(tmp_path))
     assert not cuts.is_lazy and len(cuts) == classes * per_class
     loader = ClipLoader(cuts, ClipDataset(16000), batch, shuffle=True, drop_last=True, seed=3, rank=0,
                         world_size=1)
@@ -261,10 +267,45 @@ def test_training_epochs_are_a_shuffle_of_the_whole_set(class_sorted_manifest):
         assert abs(corr) < 0.05  # the buffer leaves position and class correlated (0.38)
     first = [c.id for _, _, b in loader.cut_batches(0, 0, 1) for c in b]
     assert first == [c.id for _, _, b in loader.cut_batches(0, 0, 1) for c in b]  # from (seed, epoch)
-    assert first != [c.id for _, _, b in loader.cut_batches(1, 0, 1) for c in b]
+    second = [c.id for _, _, b in loader.cut_batches(1, 0, 1) for c in b]
+    assert first != second
+    assert abs(_position_correlation(first, second)) < 0.05  # a clip's place in one epoch says nothing of the next
     ranks = [[c.id for _, _, b in ClipLoader(cuts, ClipDataset(16000), batch, shuffle=True, drop_last=True, seed=3,
                                              rank=r, world_size=2).cut_batches(0, 0, 1) for c in b] for r in (0, 1)]
     assert not set(ranks[0]) & set(ranks[1]) and set(ranks[0]) | set(ranks[1]) <= set(first)
+
+
+def _position_correlation(first: list[str], second: list[str]) -> float:
+    """The correlation of the clips' positions in two epochs (over the clips both hold)."""
+    where = {cid: i for i, cid in enumerate(second)}
+    both = [(i, where[cid]) for i, cid in enumerate(first) if cid in where]
+    return float(np.corrcoef(*zip(*both))[0, 1])
+
+
+def test_a_manifest_index_reads_every_clip_and_is_built_once(synth_corpus, tmp_path, monkeypatch):
+    import common.data.manifest_index as manifest_index
+    from common.data.manifest_index import ManifestIndex
+
+    pool, train = synth_corpus / "synth_pool.jsonl.gz", synth_corpus / "synth_train.jsonl.gz"
+    builds = []
+    build = manifest_index._build
+    monkeypatch.setattr(manifest_index, "_build", lambda *a: (builds.append(a[0].name), build(*a)))
+    index = ManifestIndex([pool, train], tmp_path / "index")
+    expected = [c.to_dict() for m in (pool, train) for c in CutSet.from_file(m)]
+    assert len(index) == len(expected) == 48 and [c.to_dict() for c in index] == expected
+    assert index[30].to_dict() == expected[30] and builds == [pool.name, train.name]
+    with pytest.raises(IndexError):
+        index[48]
+    ManifestIndex([train], tmp_path / "index")  # indexed already: read as it is
+    assert builds == [pool.name, train.name]
+    copy = tmp_path / "train.jsonl.gz"  # an edited manifest (another size or time) is indexed again
+    CutSet.from_cuts(list(CutSet.from_file(train))[:5]).to_file(copy)
+    assert len(ManifestIndex([copy], tmp_path / "index")) == 5
+    CutSet.from_cuts(list(CutSet.from_file(train))[:7]).to_file(copy)
+    assert len(ManifestIndex([copy], tmp_path / "index")) == 7 and builds[-2:] == [copy.name] * 2
+    assert not list((tmp_path / "index").glob("*.tmp*"))  # written atomically: no temporary left
+    with pytest.raises(ValueError, match="only a .jsonl\\(.gz\\) manifest can be indexed"):
+        ManifestIndex([tmp_path], tmp_path / "index")
 
 
 def test_only_small_equal_weight_sets_are_read_into_memory(class_sorted_manifest, synth_corpus):

@@ -1,5 +1,6 @@
 """Equal shards: every rank gets the same number of batches from every loader path (in-memory shuffle,
-streaming buffer, weighted mix, Shar, balanced sampling, evaluation), resumed or not and after a change of
+streaming buffer, weighted mix, Shar, balanced sampling, the whole-set shuffle through a manifest index,
+evaluation), resumed or not and after a change of
 world size, at 2 and 3 ranks; validation scores every clip once. First the samplers in this process, then
 real training (epoch-based fine-tuning and step-based pretraining) in 2 and 3 processes on gloo."""
 
@@ -60,8 +61,10 @@ def _loader(odd, path: str, rank: int, world_size: int, batch: int = BATCH, drop
         return eval_loader([odd / "valid.jsonl.gz"], None, 16000, 16000, batch, rank=rank, world_size=world_size)
     one = [ManifestSpec(str(odd / "train.jsonl.gz"))]
     specs = {"memory": one, "stream": one, "balanced": one, "shar": [ManifestSpec(str(odd / "shar"))],
-             "mix": [ManifestSpec(str(odd / "part_a.jsonl.gz"), 2.0), ManifestSpec(str(odd / "part_b.jsonl.gz"), 1.0)]}
-    cuts = open_cuts(specs[path], seed=3, in_memory_max=1000 if path in ("memory", "balanced", "mix") else None)
+             "mix": [ManifestSpec(str(odd / "part_a.jsonl.gz"), 2.0), ManifestSpec(str(odd / "part_b.jsonl.gz"), 1.0)],
+             "index": [ManifestSpec(str(odd / "part_a.jsonl.gz")), ManifestSpec(str(odd / "part_b.jsonl.gz"))]}
+    cuts = open_cuts(specs[path], seed=3, in_memory_max=1000 if path in ("memory", "balanced", "mix") else
+                     0 if path == "index" else None, index_dir=str(odd / "index") if path == "index" else None)
     weights = balanced_weights(cuts, []) if path == "balanced" else None
     return ClipLoader(cuts, ClipDataset(16000), batch, shuffle=True, drop_last=drop_last, seed=3, rank=rank,
                       world_size=world_size, weights=weights)
@@ -91,8 +94,8 @@ def test_equal_shards_deals_rounds_and_splits_an_incomplete_last_round():
     assert shard_batches(41, 4, 2, drop_last=True) == 5 and shard_batches(41, 4, 2, drop_last=False) == 6
 
 
-PATHS = [("memory", True), ("stream", True), ("mix", True), ("shar", True), ("balanced", True),
-         ("memory", False), ("stream", False), ("balanced", False), ("eval", False)]
+PATHS = [("memory", True), ("stream", True), ("mix", True), ("shar", True), ("balanced", True), ("index", True),
+         ("memory", False), ("stream", False), ("balanced", False), ("index", False), ("eval", False)]
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -128,7 +131,7 @@ def _global(odd, path: str, world_size: int, batch: int, skip: int = 0) -> list[
     return [i for batches in zip(*shards) for b in batches for i in b]
 
 
-@pytest.mark.parametrize("path", ["memory", "stream", "mix", "shar", "balanced"])
+@pytest.mark.parametrize("path", ["memory", "stream", "mix", "shar", "balanced", "index"])
 @pytest.mark.parametrize("before,after", [((2, 4), (3, 4)), ((3, 4), (2, 4)), ((2, 6), (3, 4)), ((3, 4), (2, 6))])
 def test_a_resume_on_another_number_of_ranks_continues_the_epoch(odd, path, before, after):
     """(ranks, per-rank batch) before and after: the same batch, or the same global batch of 12 clips (a recipe's
@@ -178,6 +181,7 @@ PRETRAIN = ["data.num_workers=0", "model.embed_dim=32", "model.depth=2",
             "model.num_heads=2", "phases.0.steps=3", "phases.1.steps=3", "train.log_every=100", "train.eval_every=3",
             "train.save_every=3", "train.deterministic=true", "optim.warmup_steps=2", "baseline=null"]
 TRAIN_SETS = {"memory": "[{path: DIR/train.jsonl.gz}]", "stream": "[{path: DIR/train.jsonl.gz}]",
+              "index": "[{path: DIR/part_a.jsonl.gz}, {path: DIR/part_b.jsonl.gz}]",
               "shar": "[{path: DIR/shar}]",
               "mix": "[{path: DIR/part_a.jsonl.gz, weight: 2}, {path: DIR/part_b.jsonl.gz, weight: 1}]",
               "workers": "[{path: DIR/train.jsonl.gz}]"}
@@ -186,7 +190,9 @@ TRAIN_SETS = {"memory": "[{path: DIR/train.jsonl.gz}]", "stream": "[{path: DIR/t
 def _argv(odd, run_dir: Path, kind: str, path: str, stop: int | None, batch: int) -> tuple[str, list[str]]:
     """``(entry, argv)`` of a fine-tuning (epoch-based) or pretraining (step-based) run on loader ``path`` at the
     global batch ``batch`` (``data.batch_size``: clips per step over every rank)."""
-    sets = [f"data.batch_size={batch}"] + (["data.full_shuffle_max=0"] if path == "stream" else [])
+    sets = [f"data.batch_size={batch}"] + {"stream": ["data.full_shuffle_max=0", "data.shuffle=buffer"],
+                                           "index": ["data.full_shuffle_max=0", f"data.index_dir={odd / 'index'}"]
+                                           }.get(path, [])
     if kind == "finetune":
         task = {"balanced": "task_balanced", "shar": "task_shar"}.get(path, "task")
         argv = ["--init", "none", "--task", str(odd / f"{task}.yaml")]
@@ -227,7 +233,7 @@ def test_training_on_2_and_3_ranks_every_loader_path_resumed_and_resharded(odd, 
     runs = tmp_path / "runs"
     paths = [("finetune", "memory", None), ("finetune", "stream", 2), ("finetune", "balanced", None),
              ("finetune", "shar", None), ("pretrain", "memory", None), ("pretrain", "mix", 2),  # mix: streamed
-             ("pretrain", "shar", None), ("pretrain", "workers", 2)]
+             ("pretrain", "shar", None), ("pretrain", "workers", 2), ("pretrain", "index", 2)]
     reshards = [("finetune", "memory", 2), ("finetune", "balanced", 3), ("pretrain", "memory", 4)]
     for world_size in (2, 3):
         cases = []

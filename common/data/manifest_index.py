@@ -1,0 +1,143 @@
+"""A whole-set shuffle of manifests too large to hold in memory: their lines indexed on disk.
+
+AST and SSAST shuffle their whole training set every epoch (a PyTorch ``DataLoader(shuffle=True)`` over the
+concatenated json lists; SSAST's AudioSet-2M + LibriSpeech: 2.3 million clips). Held in memory as Lhotse
+cuts that set takes about 1.2 KB a clip, 2.7 GB on every rank, before the loader's worker processes copy the
+pages Python's garbage collector touches. A streaming shuffle buffer holds little but keeps the manifests'
+order from epoch to epoch (a clip sits near the same place in every epoch). Here each manifest is written
+once, uncompressed, into a cache folder (``data.index_dir``) with the byte offset of every line (8 bytes a
+clip: 18 MB for SSAST's set); the copy is memory-mapped, so the operating system's page cache holds it once
+for every rank and process of a machine, and any clip is read by its number. An epoch is then a permutation
+of the numbers drawn from ``(seed, epoch)`` (:class:`IndexShuffleSampler`): the whole set shuffled, the same
+on every rank and after a resume.
+
+A cached copy is named by the manifest's absolute path, size and modification time (an edited manifest is
+indexed again) and written atomically, so ranks and runs sharing the folder build it at most once each and
+never read a partial one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import mmap
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from lhotse.serialization import deserialize_item
+
+__all__ = ["DEFAULT_INDEX_DIR", "ManifestIndex", "IndexShuffleSampler"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INDEX_DIR = "~/.cache/coarse2fine/manifests"
+
+
+def _key(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+
+
+def _build(path: Path, lines: Path, offsets: Path) -> None:
+    """Write ``path``'s non-empty lines uncompressed to ``lines`` and their start offsets to ``offsets``
+    (atomically: the offsets file, written last, marks a complete copy)."""
+    tmp_lines = lines.with_name(f"{lines.name}.{os.getpid()}.tmp")
+    tmp_offsets = offsets.with_name(f"{offsets.stem}.{os.getpid()}.tmp.npy")
+    starts, position = [], 0
+    with (gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")) as src, \
+            tmp_lines.open("wb") as out:
+        for line in src:
+            if not line.strip():
+                continue
+            line = line if line.endswith(b"\n") else line + b"\n"
+            starts.append(position)
+            out.write(line)
+            position += len(line)
+    starts.append(position)  # the end of the last line
+    np.save(tmp_offsets, np.asarray(starts, dtype=np.int64))
+    os.replace(tmp_lines, lines)
+    os.replace(tmp_offsets, offsets)
+
+
+class ManifestIndex:
+    """The clips of ``.jsonl(.gz)`` manifests, concatenated in order, each read by its number.
+
+    Args:
+        paths: the manifests.
+        index_dir: the cache folder of their uncompressed copies and offsets (created).
+
+    Raises:
+        ValueError: a manifest that is not a ``.jsonl(.gz)`` file (a Shar folder cannot be indexed), or one
+            without a clip.
+    """
+
+    is_lazy = False  # len() and any clip at once, as an eager CutSet
+
+    def __init__(self, paths: Sequence[str | os.PathLike], index_dir: str | os.PathLike = DEFAULT_INDEX_DIR) -> None:
+        folder = Path(os.path.expanduser(str(index_dir)))
+        folder.mkdir(parents=True, exist_ok=True)
+        self.paths = [Path(p) for p in paths]
+        self._maps: list[mmap.mmap] = []
+        self._offsets: list[np.ndarray] = []
+        for path in self.paths:
+            if not path.is_file() or not path.name.endswith((".jsonl", ".jsonl.gz")):
+                raise ValueError(f"{path}: only a .jsonl(.gz) manifest can be indexed for a whole-set shuffle")
+            key = f"{path.name.split('.')[0]}-{_key(path)}"
+            lines, offsets = folder / f"{key}.jsonl", folder / f"{key}.offsets.npy"
+            if not offsets.is_file():
+                log.info("indexing %s for a whole-set shuffle into %s (once per manifest)", path, folder)
+                _build(path, lines, offsets)
+            starts = np.load(offsets)
+            if len(starts) < 2:
+                raise ValueError(f"manifest {path} holds no clips")
+            self._offsets.append(starts)
+            with lines.open("rb") as handle:
+                self._maps.append(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+        self._ends = np.cumsum([len(o) - 1 for o in self._offsets])
+
+    def __len__(self) -> int:
+        return int(self._ends[-1])
+
+    def __getitem__(self, number: int):
+        """Clip ``number`` of the concatenation, as a Lhotse cut."""
+        if not 0 <= number < len(self):
+            raise IndexError(f"clip {number} of {len(self)}")
+        which = int(np.searchsorted(self._ends, number, side="right"))
+        local = number - (int(self._ends[which - 1]) if which else 0)
+        starts = self._offsets[which]
+        return deserialize_item(json.loads(self._maps[which][int(starts[local]):int(starts[local + 1])]))
+
+    def __iter__(self) -> Iterator:
+        return (self[i] for i in range(len(self)))
+
+    def close(self) -> None:
+        for handle in self._maps:
+            handle.close()
+        self._maps = []
+
+
+class IndexShuffleSampler:
+    """Every clip of a :class:`ManifestIndex` once per epoch, in a permutation drawn from ``(seed, epoch)``, in
+    batches of clip numbers (the global stream: ``equal_shards`` deals it to the ranks; the loader reads the
+    cuts of the batches it keeps, so a resume skips batches without reading them)."""
+
+    def __init__(self, size: int, batch_size: int, *, drop_last: bool, seed: int, shuffle: bool = True) -> None:
+        self.size, self.batch_size, self.drop_last, self.seed = size, batch_size, drop_last, seed
+        self.shuffle = shuffle  # False: the clips in their order (an evaluation pass)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = np.random.default_rng([self.seed, self.epoch, 1]).permutation(self.size) if self.shuffle \
+            else np.arange(self.size)
+        for start in range(0, self.size, self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            if self.drop_last and len(chunk) < self.batch_size:
+                return
+            yield chunk.tolist()
