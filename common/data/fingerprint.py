@@ -7,17 +7,22 @@ change is recorded in the ledger as an intervention). The ledger's record also s
 result came from, the first thing to compare when results differ between sites (AST issues #85, #108).
 
 A manifest file is fingerprinted by its SHA-256 and size; a Lhotse Shar folder by the SHA-256 of its cut
-shards (``cuts.*``: the manifest part) and the names and sizes of its other shards (the audio).
+shards (``cuts.*``: the manifest part) and the names and sizes of its other shards (the audio). Each also
+gets a ``content_sha256``, of the decompressed text of its gzipped parts: a gzip header holds the time it was
+written, so the same clips prepared again (or on another machine's disk) give other bytes but the same
+content. Two fingerprints are compared by their content where both have one (:func:`key_for`), by their
+bytes otherwise (ledgers written before the content was recorded).
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["fingerprint", "run_fingerprints", "changes", "DataChanged"]
+__all__ = ["fingerprint", "run_fingerprints", "changes", "key_for", "DataChanged"]
 
 
 class DataChanged(ValueError):
@@ -32,25 +37,47 @@ def _file_sha256(path: Path, into=None):
     return digest
 
 
+def _content_sha256(path: Path, into=None):
+    """The SHA-256 of a file's text, decompressed where it is gzipped."""
+    if not path.name.endswith(".gz"):
+        return _file_sha256(path, into)
+    digest = into or hashlib.sha256()
+    with gzip.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
 def fingerprint(path: str | Path) -> dict:
-    """``{"sha256": ..., "bytes": ...}`` of a manifest file or a Shar folder (see the module's text).
+    """``{"sha256", "content_sha256", "bytes"}`` of a manifest file or a Shar folder (see the module's text).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
     """
     path = Path(os.path.expandvars(os.path.expanduser(str(path))))  # as the loader reads it
     if path.is_file():
-        return {"sha256": _file_sha256(path).hexdigest(), "bytes": path.stat().st_size}
+        return {"sha256": _file_sha256(path).hexdigest(), "content_sha256": _content_sha256(path).hexdigest(),
+                "bytes": path.stat().st_size}
     if path.is_dir():
-        digest, size = hashlib.sha256(), 0
+        digest, content, size = hashlib.sha256(), hashlib.sha256(), 0
         for shard in sorted(p for p in path.rglob("*") if p.is_file()):
             rel, nbytes = shard.relative_to(path).as_posix(), shard.stat().st_size
             digest.update(f"{rel}\0{nbytes}\0".encode())
             if shard.name.startswith("cuts."):
                 _file_sha256(shard, digest)
+                content.update(f"{rel}\0".encode())
+                _content_sha256(shard, content)
+            else:  # audio shards: their names and sizes, as in the byte digest
+                content.update(f"{rel}\0{nbytes}\0".encode())
             size += nbytes
-        return {"sha256": digest.hexdigest(), "bytes": size}
+        return {"sha256": digest.hexdigest(), "content_sha256": content.hexdigest(), "bytes": size}
     raise FileNotFoundError(f"manifest {path} does not exist")
+
+
+def key_for(*records: dict) -> str:
+    """The field that compares fingerprints ``records``: ``content_sha256`` when every one has it, else
+    ``sha256``."""
+    return "content_sha256" if all("content_sha256" in r for r in records) else "sha256"
 
 
 def run_fingerprints(train: Iterable[str], valid: Iterable[str]) -> dict[str, dict[str, dict]]:
@@ -67,7 +94,9 @@ def changes(old: dict | None, new: dict) -> dict[str, dict]:
     for role in ("train", "valid"):
         before, after = old.get(role, {}), new.get(role, {})
         for path in sorted(set(before) | set(after)):
-            a, b = before.get(path, {}).get("sha256"), after.get(path, {}).get("sha256")
+            old_fp, new_fp = before.get(path, {}), after.get(path, {})
+            key = key_for(old_fp, new_fp)
+            a, b = old_fp.get(key), new_fp.get(key)
             if a != b:
-                out[f"{role}: {path}"] = {"from": a, "to": b}
+                out[f"{role}: {path}"] = {"from": old_fp.get("sha256"), "to": new_fp.get("sha256")}
     return out

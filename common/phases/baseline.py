@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from common.data.fingerprint import run_fingerprints
+from common.data.fingerprint import key_for, run_fingerprints
 
 __all__ = ["Reference", "is_averaged", "reference", "averaged_score", "evaluation_settings",
            "setting_differences", "differences", "stop_target", "recorded_target", "precheck"]
@@ -119,10 +119,15 @@ def setting_differences(base: dict, run: dict) -> list[str]:
     return out
 
 
-def _valid_sha(fingerprints: dict | None) -> list[str] | None:
+def _valid_sha(fingerprints: dict | None, key: str = "sha256") -> list[str] | None:
     if not fingerprints or "valid" not in fingerprints:
         return None
-    return sorted(v.get("sha256") or "" for v in fingerprints["valid"].values())
+    return sorted(v.get(key) or "" for v in fingerprints["valid"].values())
+
+
+def _valid_key(*sides: dict | None) -> str:
+    """The fingerprint field both sides' validation manifests compare by (``common.data.fingerprint.key_for``)."""
+    return key_for(*(v for side in sides if side and "valid" in side for v in side["valid"].values()))
 
 
 def differences(baseline: dict, score: str, valid: dict | None, evaluation: dict | None,
@@ -140,7 +145,8 @@ def differences(baseline: dict, score: str, valid: dict | None, evaluation: dict
     out = []
     if baseline.get("score") not in (None, score):
         out.append(f"metric {baseline['score']} (baseline) vs {score} (this run)")
-    mine, theirs = _valid_sha(valid), _valid_sha(baseline.get("data"))
+    key = _valid_key(valid, baseline.get("data"))
+    mine, theirs = _valid_sha(valid, key), _valid_sha(baseline.get("data"), key)
     if theirs is None and strict and mine is not None:
         out.append("its ledger does not record its validation manifests (a run from before they were recorded)")
     elif theirs is not None and mine is not None and theirs != mine:

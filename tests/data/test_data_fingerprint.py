@@ -32,6 +32,34 @@ def test_a_fingerprint_follows_the_content(tmp_path):
     assert fingerprint(shar)["sha256"] != before["sha256"]
 
 
+def test_the_same_clips_gzipped_again_are_the_same_manifest(tmp_path):
+    """A gzip header holds the time of writing: a corpus prepared again (or on another machine) gives other bytes
+    of the same clips. Resumes and baselines compare the content; ledgers that recorded only the bytes still
+    compare by the bytes."""
+    from common.phases.baseline import differences
+
+    lines = b'{"id": "x"}\n{"id": "y"}\n'
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, mtime in ((a, 1_000_000), (b, 2_000_000)):
+        folder.mkdir()
+        (folder / "v.jsonl.gz").write_bytes(gzip.compress(lines, mtime=mtime))
+        shar = folder / "shar"
+        shar.mkdir()
+        (shar / "cuts.000000.jsonl.gz").write_bytes(gzip.compress(lines, mtime=mtime))
+    first, again = fingerprint(a / "v.jsonl.gz"), fingerprint(b / "v.jsonl.gz")
+    assert first["sha256"] != again["sha256"] and first["content_sha256"] == again["content_sha256"]
+    assert fingerprint(a / "shar")["content_sha256"] == fingerprint(b / "shar")["content_sha256"]
+    old = {"train": {}, "valid": {"v.jsonl.gz": first}}
+    assert changes(old, {"train": {}, "valid": {"v.jsonl.gz": again}}) == {}
+    assert differences({"data": old}, "acc", {"train": {}, "valid": {"w.jsonl.gz": again}}, None) == []
+    bytes_only = {"train": {}, "valid": {"v.jsonl.gz": {"sha256": first["sha256"], "bytes": first["bytes"]}}}
+    assert changes(bytes_only, {"train": {}, "valid": {"v.jsonl.gz": first}}) == {}  # an older ledger: same file
+    assert list(changes(bytes_only, {"train": {}, "valid": {"v.jsonl.gz": again}})) == ["valid: v.jsonl.gz"]
+    (b / "v.jsonl.gz").write_bytes(gzip.compress(b'{"id": "z"}\n'))
+    assert list(changes(old, {"train": {}, "valid": {"v.jsonl.gz": fingerprint(b / "v.jsonl.gz")}})) == \
+        ["valid: v.jsonl.gz"]
+
+
 def test_a_manifest_named_with_home_or_a_variable_is_fingerprinted_where_the_loader_reads_it(tmp_path,
                                                                                               monkeypatch):
     (tmp_path / "a.jsonl").write_text('{"id": "x"}\n')
