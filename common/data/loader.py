@@ -54,6 +54,7 @@ import gzip
 import json
 import logging
 import os
+import signal
 import warnings
 import zlib
 from collections import Counter
@@ -75,6 +76,7 @@ from common.data.manifest_index import DEFAULT_INDEX_DIR, IndexShuffleSampler, M
 from common.data.prefetch import background
 from common.system.atomic import atomic_write_text
 from common.system.cpu import loader_workers
+from common.system.signals import STOP_SIGNALS
 
 __all__ = [
     "ManifestSpec",
@@ -1062,7 +1064,7 @@ class ClipLoader:
         # checkpoint saves: a resumed run would start its loader at another point of that stream than an
         # uninterrupted one. Nothing in the workers draws from torch's RNG (crops: ``ClipDataset``).
         return DataLoader(self.dataset, sampler=stream, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory,
+                          pin_memory=self.pin_memory, worker_init_fn=ignore_stop_signals,
                           prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
                           persistent_workers=keep, generator=torch.Generator().manual_seed(self.seed))
 
@@ -1119,6 +1121,16 @@ class ClipLoader:
                 self.tracker.update(batch)
             yield batch
         self.tracker.check()
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """In a loader worker process: a scheduler's SIGTERM or SIGUSR1 is not for it. SLURM, torchrun and the deepspeed
+    launcher signal every process of a job; PyTorch's workers die of a SIGTERM that their parent did not send, and
+    the training process would then fail on the lost worker (while it saves its stop checkpoint) instead of
+    checkpointing and stopping (``common.system.signals``). The workers end when their loader shuts them down, or
+    when their parent is gone."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: int, sample_rate: int,

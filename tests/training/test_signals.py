@@ -53,6 +53,38 @@ def test_a_signal_checkpoints_and_the_same_command_resumes_exactly(tmp_path, syn
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_to_every_process_of_the_job_with_loader_workers_still_checkpoints(tmp_path, synth_corpus,
+                                                                                   monkeypatch, capsys, signum):
+    """SLURM, torchrun and the deepspeed launcher signal every process of a job, the loader's workers too: the
+    run still checkpoints the step it was taking and stops (a worker that died of it failed the run, with no
+    checkpoint), and the same command resumes it to the weights of an uninterrupted run."""
+    import multiprocessing
+
+    straight, run_dir = tmp_path / "straight", tmp_path / "run"
+    assert run(straight, synth_corpus, "train.save_every=100", "data.num_workers=1") == 0
+    micro, count = Trainer._micro_step, [0]
+
+    def signalled(self, *args, **kwargs):
+        count[0] += 1
+        if count[0] == 1:  # the step after this one is checkpointed (as the test above)
+            workers = multiprocessing.active_children()
+            assert workers  # the loader's worker process
+            for process in workers:
+                os.kill(process.pid, signum)
+            os.kill(os.getpid(), signum)
+        return micro(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_micro_step", signalled)
+    assert run(run_dir, synth_corpus, "train.save_every=100", "data.num_workers=1") == 128 + signum
+    assert (run_dir / "checkpoints" / "LATEST").read_text() == "phase01-step000000002"
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    monkeypatch.undo()
+    assert run(run_dir, synth_corpus, "train.save_every=100", "data.num_workers=1") == 0
+    a, b = (load_file(str(d / "model.safetensors")) for d in (straight, run_dir))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_on_several_ranks_one_ranks_signal_stops_every_rank_at_the_same_step(tmp_path, synth_corpus, world_size):
