@@ -16,7 +16,8 @@ from it afterwards, so they stay exactly those of an uncached run).
   (the operating system's page cache keeps the hot files in memory, shared by all processes) and across
   runs; a file is named by a hash of the recording, its source file (path, size, modification time),
   the cut's offset and duration and the rate, so an edited source is decoded again. Files are written
-  atomically, so concurrent workers and ranks may share the folder.
+  atomically under random temporary names, so concurrent workers, ranks and hosts may share the folder. A
+  write that fails (a full disk, a quota) is said once and the run goes on decoding every clip.
 
 Clips that cannot be decoded are never cached (they fail again, with their reason, every time).
 """
@@ -27,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -86,6 +88,7 @@ class ClipCache:
         self.bytes = 0
         self.hits = self.misses = 0
         self._full_warned = False
+        self._write_failed = False
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
 
@@ -122,13 +125,25 @@ class ClipCache:
                 self._full_warned = True
                 log.warning("clip cache: %.1f GB in memory, its limit; further clips are decoded every time "
                             "(data.cache: disk keeps them all)", self.bytes / 1e9)
-        else:
+        elif not self._write_failed:
+            self._write(path, wave)
+        return wave
+
+    def _write(self, path: Path, wave: np.ndarray) -> None:
+        """Keep a decoded clip on disk, atomically (a temporary name no other process or host can share). The cache
+        only saves time: a write that fails (a full disk, a quota) leaves nothing behind, is said once, and the
+        clips are decoded every time from then on; the run goes on."""
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             with open(tmp, "wb") as handle:
                 np.save(handle, wave)
             os.replace(tmp, path)
-        return wave
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            self._write_failed = True
+            log.warning("clip cache: cannot write to %s (%s); clips are decoded every time from now on",
+                        self.folder, os.strerror(err.errno) if err.errno else err)
 
 
 def make_cache(mode: CacheMode, folder: str | None = None) -> ClipCache | None:

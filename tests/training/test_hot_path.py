@@ -106,6 +106,37 @@ def test_the_disk_cache_survives_damage_and_source_changes(tmp_path, synth_corpu
         DataConfig(cache="memory", num_workers=2)
 
 
+def test_a_disk_cache_that_cannot_write_is_said_once_and_the_clips_are_still_decoded(tmp_path, synth_corpus,
+                                                                                        monkeypatch, caplog):
+    """The cache saves time only: a full disk or a quota under data.cache_dir leaves no temporary file and does
+    not stop the run; concurrent writers (other hosts may have the same process ids) never share a temporary."""
+    import common.data.cache as cache_module
+
+    cuts = list(open_cuts([synth_corpus / "synth_valid.jsonl.gz"]))[:3]
+    cache = ClipCache("disk", tmp_path / "c")
+    real_save, saves = np.save, []
+
+    def full(handle, wave):
+        saves.append(handle.name)
+        real_save(handle, wave[:10])  # part of the clip written, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_module.np, "save", full)
+    waves = [cache.load(c, 16000, load_clip) for c in cuts]
+    assert all(np.array_equal(w, load_clip(c, 16000)) for w, c in zip(waves, cuts))
+    assert len(saves) == 1 and not list((tmp_path / "c").rglob("*.tmp")) and not list((tmp_path / "c").rglob("*.npy"))
+    assert [r.getMessage() for r in caplog.records if "cannot write" in r.getMessage()] == [
+        f"clip cache: cannot write to {tmp_path / 'c'} (No space left on device); clips are decoded every time from "
+        f"now on"]
+    monkeypatch.setattr(cache_module.np, "save", lambda handle, wave: (saves.append(handle.name),
+                                                                       real_save(handle, wave))[1])
+    monkeypatch.setattr(cache_module.os, "getpid", lambda: 7)  # the same pid in two containers
+    other = ClipCache("disk", tmp_path / "c")
+    other.load(cuts[0], 16000, load_clip)
+    ClipCache("disk", tmp_path / "c")._write(tmp_path / "c" / "x.npy", waves[0])
+    assert len(set(saves[1:])) == 2 and all(".7." not in Path(name).name for name in saves[1:])
+
+
 def test_background_batches_keep_their_order_and_raise_where_the_producer_failed():
     assert list(background(iter(range(10)), depth=3)) == list(range(10))
 
