@@ -118,9 +118,19 @@ def quiet_deepspeed() -> None:
 
 
 def init_distributed() -> Dist:
-    """Initialise torch.distributed through DeepSpeed and pick this rank's device."""
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+    """Initialise torch.distributed through DeepSpeed and pick this rank's device.
+
+    One process fills in what a launcher would set. Several ranks need the launcher's rendezvous: without
+    ``MASTER_ADDR`` and ``MASTER_PORT`` each rank would pick its own and wait for the others until the
+    process group's timeout, so that is refused at once (a ``ValueError`` naming the variables).
+    """
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
+    missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if key not in os.environ]
+    if os.environ["WORLD_SIZE"] != "1" and missing:
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {' and '.join(missing)} not set: start several "
+                         f"ranks with a launcher (deepspeed, torchrun, srun with both exported), which sets them")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     quiet_deepspeed()
     # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it

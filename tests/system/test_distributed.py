@@ -48,3 +48,20 @@ def test_a_given_master_port_is_used(monkeypatch):
         assert store.port == int(os.environ["MASTER_PORT"])
     finally:
         dist.teardown()
+
+
+def test_several_ranks_without_a_rendezvous_are_refused_at_once(monkeypatch):
+    """Each rank would pick a port of its own and wait for the others until the group's timeout (30 minutes)."""
+    import pytest
+
+    for key in ("MASTER_PORT", "MASTER_ADDR", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 but MASTER_ADDR and MASTER_PORT not set: start several ranks "
+                                         "with a launcher"):
+        init_distributed()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 but MASTER_PORT not set"):
+        init_distributed()
+    assert not torch.distributed.is_initialized()
