@@ -428,6 +428,13 @@ def _rate_changed(source: str | None, cut) -> str | None:
     except Exception:  # noqa: BLE001 - a format libsndfile does not read: left to the decoder
         return None
     recorded = cut.recording.sampling_rate
+    for transform in cut.recording.transforms or ():  # a manifest that resamples on load (Lhotse's resample()):
+        source_rate = getattr(transform, "source_sampling_rate", None)  # the file's rate is the first one's source
+        if source_rate is None and isinstance(transform, dict):
+            source_rate = transform.get("kwargs", {}).get("source_sampling_rate")
+        if source_rate is not None:
+            recorded = int(source_rate)
+            break
     if rate != recorded:
         return (f"changed since its manifest was written (the file is {rate} Hz, the manifest says {recorded} Hz): "
                 f"prepare the manifest again")

@@ -281,3 +281,13 @@ def test_a_clip_changed_after_its_manifest_is_bad_audio_not_padded(tmp_path):
         load_clip(cut, 16000)
     unchanged = write_clip(tmp_path / "c.flac", seconds=1.0)
     assert load_clip(Recording.from_file(unchanged).to_cut(), 32000).size == 32000  # resampled as before
+    # a manifest that resamples on load (Lhotse's resample(), written into the manifest): the file's rate is the
+    # transform's source rate, as prepared; re-encoded after that, it is changed
+    resampled = Recording.from_file(unchanged).to_cut().resample(8000)
+    again = CutSet.from_dicts([resampled.to_dict()])[0]  # as read back from a manifest file
+    for cut in (resampled, again):
+        assert load_clip(cut, 8000).size == 8000 and load_clip(cut, 16000).size == 16000
+    data, rate = sf.read(unchanged, dtype="float32")
+    sf.write(unchanged, data[::2], rate // 2)
+    with pytest.raises(BadClip, match=r"changed since .*\(the file is 8000 Hz, the manifest says 16000 Hz\)"):
+        load_clip(again, 8000)
