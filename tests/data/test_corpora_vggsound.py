@@ -70,6 +70,6 @@ def test_clips_that_are_still_videos_are_named_as_such_not_missing(tmp_path):
     (path, reason), = report.unreadable
     assert path == str(src / "audio" / "glLQrEijrKg_000300.mp4")
     assert reason.startswith("a .mp4 file no installed decoder reads: extract its audio first (e.g. ffmpeg -i "
-                             "glLQrEijrKg_000300.mp4 -vn -ac 1 -ar 16000 glLQrEijrKg_000300.wav")
+                             "glLQrEijrKg_000300.mp4 -vn -ac 1 -ar 32000 glLQrEijrKg_000300.wav")
     assert [c.recording.sources[0].source for c in CutSet.from_file(tmp_path / "out" / "vggsound_train.jsonl.gz")] \
         == [str((src / "audio" / "--0PQM4-hqg_000030.wav").resolve())]

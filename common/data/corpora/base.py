@@ -201,8 +201,9 @@ def _read_cut(entry: ClipEntry, dataset: str):
     except Exception as err:  # noqa: BLE001 - any decoder error makes the file unreadable
         if entry.path.suffix.lower() in VIDEO_SUFFIXES:  # no decoder for the container here
             return entry, None, (f"a {entry.path.suffix.lower()} file no installed decoder reads: extract its audio "
-                                 f"first (e.g. ffmpeg -i {entry.path.name} -vn -ac 1 -ar 16000 {entry.path.stem}.wav; "
-                                 f"the .wav is then taken)")
+                                 f"first (e.g. ffmpeg -i {entry.path.name} -vn -ac 1 -ar 32000 {entry.path.stem}.wav: "
+                                 f"32 kHz serves AST's 16 kHz and HTS-AT's 32 kHz front ends; the .wav is then "
+                                 f"taken)")
         return entry, None, _reason(err)
     problem = truncation(entry.path)  # an interrupted download keeps its header (WAV, FLAC: cheap checks)
     if problem:
