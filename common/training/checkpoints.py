@@ -47,6 +47,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import pickle
 import shutil
 import zipfile
@@ -141,11 +142,17 @@ def weights_only_loads():
 
 
 def _sha256(path: Path) -> str:
+    return _measure(path)[1]
+
+
+def _measure(path: Path) -> tuple[int, str]:
+    """A file's size and SHA-256, both read through one open handle (``fstat``: the size of what is read)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
-    return digest.hexdigest()
+    return size, digest.hexdigest()
 
 
 def make_tag(phase: int, step: int) -> str:
@@ -271,15 +278,17 @@ class RunCheckpoints:
                                                       "no checkpoint was published yet")
                           + "; the partial checkpoint is removed at the next start", at_least=True) from err
         self.dist.barrier()
-        # every rank hashes its share of the files
-        names = self.dist.broadcast_object(sorted(p.name for p in tmp.iterdir() if p.is_file())
-                                           if self.dist.is_main else None)
-        share = {name: _sha256(tmp / name) for name in names[self.dist.rank::self.dist.world_size]}
-        digests = {name: digest for part in self.dist.gather_objects(share) for name, digest in part.items()}
+        # The files are the union of what every rank sees (on a shared file system one host's listing of another's
+        # new files may lag; each rank sees its own), and every rank measures and hashes its share of them from the
+        # open file (a cached stat of a file another host wrote may give an old size).
+        seen = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        names = sorted(set().union(*self.dist.gather_objects(seen)))
+        share = {name: _measure(tmp / name) for name in names[self.dist.rank::self.dist.world_size]}
+        measured = {name: value for part in self.dist.gather_objects(share) for name, value in part.items()}
         if self.dist.is_main:
-            files = {name: (tmp / name).stat().st_size for name in names}
-            atomic_write_text(tmp / STATE_FILE, json.dumps({**trainer_state, "files": files,
-                                                            DIGESTS: dict(sorted(digests.items()))}))
+            files = {name: measured[name][0] for name in names}
+            digests = {name: measured[name][1] for name in names}
+            atomic_write_text(tmp / STATE_FILE, json.dumps({**trainer_state, "files": files, DIGESTS: digests}))
             final, previous = self.ckdir / tag, self.ckdir / f"{OLD_PREFIX}{tag}"
             if final.exists():  # the same tag again: the old one stays whole until the new one is in place
                 shutil.rmtree(previous, ignore_errors=True)

@@ -2,6 +2,8 @@
 tag saved again replaces its folder only once the new one is whole, and a resume from an older checkpoint than
 the newest on disk keeps the checkpoints it writes from being pruned."""
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,67 @@ def test_a_resume_behind_the_newest_checkpoint_keeps_what_it_saves(tmp_path, kee
     assert (ckdir / LATEST).read_text() == saved[-1]
     assert [n for n in _published(ckdir) if not n.startswith(".")] == ([resumed] + saved)[-keep:]
     assert RunCheckpoints(ckdir, ONE, keep=keep).find_resume() == saved[-1]
+
+
+_ITERDIR = Path.iterdir  # what rank 1 sees: every file
+
+
+class _TwoHosts:
+    """Rank 0 of 2 on a shared file system, with rank 1 played here: rank 1 lists every file (it sees its own) and
+    measures its share of the names itself."""
+
+    rank, world_size, local_rank, device, is_main = 0, 2, 0, torch.device("cpu"), True
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def barrier(self) -> None:
+        pass
+
+    def broadcast_object(self, obj, src: int = 0):
+        return obj
+
+    def gather_objects(self, obj) -> list:
+        from common.training.checkpoints import _measure
+
+        tmp = next(self.folder.glob(".tmp-*"))
+        names = sorted(p.name for p in _ITERDIR(tmp))
+        if isinstance(obj, list):  # the listing
+            return [obj, names]
+        union = sorted(set(names) | set(obj))
+        return [obj, {name: _measure(tmp / name) for name in union[1::2]}]
+
+
+def test_a_checkpoint_lists_the_files_every_rank_wrote_as_written(tmp_path, monkeypatch):
+    """On a shared file system rank 0's listing of another host's new file may lag, and its cached size may be
+    old: the checkpoint's record of its files (which a resume checks) comes from every rank's own view."""
+    ckdir = tmp_path / "checkpoints"
+    other = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+
+    class ShardedEngine(Engine):
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+            super().save_checkpoint(save_dir, tag, client_state, save_latest)
+            torch.save({"state": torch.arange(100)}, Path(save_dir) / tag / other)  # rank 1's shard
+
+    iterdir, stat = Path.iterdir, Path.stat
+    hidden = {"on": True}
+
+    def lagging(self):  # rank 0 does not see rank 1's file yet
+        return (p for p in iterdir(self) if not (hidden["on"] and p.name == other))
+
+    def stale(self, **kw):  # and its cached size of that file is old
+        st = stat(self, **kw)
+        if hidden["on"] and self.name == other:
+            return os.stat_result((*st[:6], st.st_size - 1, *st[7:]))
+        return st
+
+    monkeypatch.setattr(Path, "iterdir", lagging)
+    monkeypatch.setattr(Path, "stat", stale)
+    checkpoints = RunCheckpoints(ckdir, _TwoHosts(ckdir), keep=1)
+    tag = make_tag(0, 1)
+    checkpoints.save(ShardedEngine(1.0), tag, {"state": {"step": 1}}, {"torch": torch.get_rng_state()})
+    hidden["on"] = False
+
+    files = json.loads((ckdir / tag / "trainer_state.json").read_text())["files"]
+    assert files[other] == (ckdir / tag / other).stat().st_size
+    assert RunCheckpoints(ckdir, ONE, keep=1).find_resume() == tag
