@@ -16,8 +16,8 @@ took its place). The run directory must be on a file system all ranks share.
 
 Tags sort in the order a run saves them (phase, then step or epoch), and only the newest ``keep`` are kept.
 A resume from an older checkpoint than the newest on disk (the newer ones damaged, or ``LATEST`` behind)
-moves the newer folders aside (``.aside-TAG``, for inspection; the run saves those tags again), so that
-pruning never takes the checkpoints the resumed run writes.
+moves the newer folders aside (``.aside-TAG``, for inspection until the run saves that tag again, which removes
+it), so that pruning never takes the checkpoints the resumed run writes.
 
 Resuming verifies the checkpoint it picks (its state file parses, every file has the size and SHA-256
 it was written with, every ``.pt`` file unpickles with ``weights_only=True``) and falls back to the newest
@@ -296,6 +296,10 @@ class RunCheckpoints:
             tmp.rename(final)
             atomic_write_text(self.ckdir / LATEST, tag)
             shutil.rmtree(previous, ignore_errors=True)
+            aside = self.ckdir / f"{ASIDE_PREFIX}{tag}"
+            if aside.exists():  # the tag a resume set aside is saved again: the new one replaces it
+                shutil.rmtree(aside, ignore_errors=True)
+                log.info("removed %s: the run saved %s again", aside, tag)
             done = [p for p in self._complete() if p.name != tag]
             for old in done[: max(0, len(done) - (self.keep - 1))]:
                 shutil.rmtree(old, ignore_errors=True)

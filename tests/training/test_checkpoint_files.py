@@ -78,6 +78,9 @@ def test_a_resume_behind_the_newest_checkpoint_keeps_what_it_saves(tmp_path, kee
     assert (ckdir / LATEST).read_text() == saved[-1]
     assert [n for n in _published(ckdir) if not n.startswith(".")] == ([resumed] + saved)[-keep:]
     assert RunCheckpoints(ckdir, ONE, keep=keep).find_resume() == saved[-1]
+    assert (ckdir / f".aside-{damaged}").is_dir()
+    _save(checkpoints, 10)  # the set-aside tag saved again: the new checkpoint replaces it
+    assert not (ckdir / f".aside-{damaged}").exists() and (ckdir / LATEST).read_text() == damaged
 
 
 _ITERDIR = Path.iterdir  # what rank 1 sees: every file
