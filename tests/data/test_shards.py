@@ -62,10 +62,12 @@ def _loader(odd, path: str, rank: int, world_size: int, batch: int = BATCH, drop
     one = [ManifestSpec(str(odd / "train.jsonl.gz"))]
     specs = {"memory": one, "stream": one, "balanced": one, "shar": [ManifestSpec(str(odd / "shar"))],
              "mix": [ManifestSpec(str(odd / "part_a.jsonl.gz"), 2.0), ManifestSpec(str(odd / "part_b.jsonl.gz"), 1.0)],
-             "index": [ManifestSpec(str(odd / "part_a.jsonl.gz")), ManifestSpec(str(odd / "part_b.jsonl.gz"))]}
+             "index": [ManifestSpec(str(odd / "part_a.jsonl.gz")), ManifestSpec(str(odd / "part_b.jsonl.gz"))],
+             "balanced_index": one}  # AudioSet-2M's balanced sampling, over an index
+    indexed = path in ("index", "balanced_index")
     cuts = open_cuts(specs[path], seed=3, in_memory_max=1000 if path in ("memory", "balanced", "mix") else
-                     0 if path == "index" else None, index_dir=str(odd / "index") if path == "index" else None)
-    weights = balanced_weights(cuts, []) if path == "balanced" else None
+                     0 if indexed else None, index_dir=str(odd / "index") if indexed else None)
+    weights = balanced_weights(cuts, []) if path.startswith("balanced") else None
     return ClipLoader(cuts, ClipDataset(16000), batch, shuffle=True, drop_last=drop_last, seed=3, rank=rank,
                       world_size=world_size, weights=weights)
 
@@ -95,6 +97,7 @@ def test_equal_shards_deals_rounds_and_splits_an_incomplete_last_round():
 
 
 PATHS = [("memory", True), ("stream", True), ("mix", True), ("shar", True), ("balanced", True), ("index", True),
+         ("balanced_index", True),
          ("memory", False), ("stream", False), ("balanced", False), ("index", False), ("eval", False)]
 
 
@@ -113,7 +116,7 @@ def test_every_loader_path_gives_every_rank_the_same_batches(odd, path, drop_las
         ids = [i for shard in shards for batch in shard[epoch] for i in batch]
         if drop_last:  # full batches only
             assert all(len(b) == BATCH for shard in shards for b in shard[epoch])
-        if path == "balanced":  # drawn with replacement: only the counts are the sampler's promise
+        if path.startswith("balanced"):  # drawn with replacement: only the counts are the sampler's promise
             continue
         assert len(ids) == len(set(ids)) and not any("_dup" in i for i in ids)  # no clip twice, no padding clip
         if not drop_last:
@@ -123,6 +126,13 @@ def test_every_loader_path_gives_every_rank_the_same_batches(odd, path, drop_las
         for skip in (1, len(shard[0])):
             resumed = _epochs(loader, skip=skip)
             assert resumed[0] == shard[0][skip:] and resumed[1] == shard[1]
+
+
+def test_balanced_sampling_over_an_index_draws_what_it_draws_in_memory(odd):
+    """AudioSet-2M (larger than data.full_shuffle_max) is balanced-sampled over the manifest index instead of 2
+    million cuts in memory: the same weights and draws, so the same clips."""
+    for rank in (0, 1):
+        assert _epochs(_loader(odd, "balanced_index", rank, 2)) == _epochs(_loader(odd, "balanced", rank, 2))
 
 
 def _global(odd, path: str, world_size: int, batch: int, skip: int = 0) -> list[str]:
