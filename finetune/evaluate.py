@@ -31,7 +31,10 @@ from common.audio.augment import SpecAugmentConfig
 from common.audio.compression import Compression
 from common.cli import run_main
 from common.data.loader import BadAudioTracker, eval_loader
+from common.data.preflight import check_labels
 from common.metrics import compute_metrics
+from common.models.exports import resolve_model_file
+from common.models.hf import is_hf_directory
 from common.system.logger import progress, setup_logging
 from finetune.classifier import class_scores, load_classifier
 
@@ -70,11 +73,12 @@ def clip_handling(meta: dict) -> dict:
 
 def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequence[str] | None = None,
                     batch_size: int = 32, num_workers: int = 2, device: str | torch.device = "cpu", tracker=None,
-                    show_progress: bool = False) -> dict[str, float]:
+                    show_progress: bool = False, loaded: tuple[nn.Module, dict] | None = None) -> dict[str, float]:
     """mAP / accuracy of an exported classifier on ``manifests`` (one process); ``classes``: the task's class
     list, which must be the export's (None: the export's own); ``tracker`` counts bad and resampled clips (a
-    run's :class:`~common.data.loader.BadAudioTracker` split, or a fresh one without a limit)."""
-    model, meta = load_classifier(path)
+    run's :class:`~common.data.loader.BadAudioTracker` split, or a fresh one without a limit); ``loaded``: what
+    :func:`~finetune.classifier.load_classifier` gave for ``path`` (not read again)."""
+    model, meta = loaded or load_classifier(path)
     classes = list(meta["classifier"]["classes"]) if classes is None else classes
     if list(meta["classifier"]["classes"]) != list(classes):
         raise ValueError(f"{path} was trained on other classes than the task's class list")
@@ -143,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: python finetune/evaluate.py --ckpt runs/finetune/synth-baseline "
                "data/synth/synth_test.jsonl.gz")
     parser.add_argument("--ckpt", required=True,
-                        help="a fine-tuning run directory, a classifier export, or a Hugging Face AST directory")
+                        help="a fine-tuning run directory (its model.safetensors: the final or weight-averaged "
+                             "model; RUN/export/best.safetensors is the best epoch), a classifier export, or a "
+                             "Hugging Face AST directory")
     parser.add_argument("manifests", nargs="+", metavar="MANIFEST",
                         help="Lhotse cut manifests whose clips carry labels of the model's classes "
                              "(c2f-corpora prepare writes them)")
@@ -166,17 +172,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
-        for manifest in args.manifests:
+        model = args.ckpt if is_hf_directory(args.ckpt) else resolve_model_file(args.ckpt)
+        loaded = load_classifier(model)
+        meta = loaded[1]
+        for manifest in args.manifests:  # every clip's labels among the model's classes, before any decoding
             if not Path(manifest).is_file():
                 raise FileNotFoundError(f"no manifest at {manifest}")
+            check_labels(manifest, manifest, list(meta["classifier"]["classes"]), meta.get("loss", "ce") == "ce")
         tracker = BadAudioTracker(1.0, split="eval", source=args.manifests)
-        metrics = evaluate_export(args.ckpt, args.manifests, None, args.batch_size, args.workers, device, tracker,
-                                  show_progress=True)
+        metrics = evaluate_export(model, args.manifests, None, args.batch_size, args.workers, device, tracker,
+                                  show_progress=True, loaded=loaded)
         metrics["bad_clips"] = float(tracker.bad)
         if args.json:
-            print(json.dumps({"model": str(args.ckpt), "manifests": list(args.manifests), **metrics}, indent=1))
+            print(json.dumps({"model": str(model), "manifests": list(args.manifests), **metrics}, indent=1))
         else:
-            print(f"{args.ckpt} on {', '.join(args.manifests)}: acc={metrics['acc']:.4f} mAP={metrics['mAP']:.4f} "
+            print(f"{model} on {', '.join(args.manifests)}: acc={metrics['acc']:.4f} mAP={metrics['mAP']:.4f} "
                   f"mAUC={metrics['mAUC']:.4f} ({int(metrics['clips'])} clips)")
         if tracker.bad:  # each one was named as it was skipped
             print(f"error: {tracker.bad} clips could not be read and were skipped", file=sys.stderr)

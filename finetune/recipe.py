@@ -372,8 +372,9 @@ def file_checks(recipe: FinetuneRecipe) -> list:
     for key in ("train", "valid", "test", "folds"):
         for i, manifest in enumerate(getattr(task, key)):
             checks.append(lambda m=manifest, k=f"task.{key}.{i}": check_manifest(task.path(m), k))
-            if single_label:  # after check_manifest: an unreadable manifest is reported as such first
-                checks.append(lambda m=manifest, k=f"task.{key}.{i}": check_labels(task.path(m), k))
+            # after check_manifest: an unreadable manifest is reported as such first
+            checks.append(lambda m=manifest, k=f"task.{key}.{i}": check_labels(
+                task.path(m), k, task.path(task.classes), single_label))
     checks.append(lambda: check_norm(task.norm, "task.norm"))
     return checks
 

@@ -153,37 +153,72 @@ def check_classes(path: str | os.PathLike, key: str) -> None:
         raise RecipeError(f"{key}: {err}") from None
 
 
-_NO_LABELS = re.compile(rb'"labels":\s*\[\s*\]')
+_LABELS = re.compile(rb'"labels":\s*(\[[^\]]*\])')
 
 
-def check_labels(path: str | os.PathLike, key: str) -> None:
-    """Every clip of a ``.jsonl(.gz)`` manifest has a label, as a single-label task needs (accuracy counts an
-    unlabeled clip as class 0; cross-entropy learns nothing from it). Lines are searched, not parsed (about
-    a second per 100,000 clips); Shar folders and missing files are left to :func:`check_manifest`.
+def check_labels(path: str | os.PathLike, key: str, classes: str | os.PathLike | Sequence[str] | None = None,
+                 single_label: bool = True) -> None:
+    """The clips' labels of a ``.jsonl(.gz)`` manifest, before any compute: every clip has one where a
+    single-label task needs it (accuracy counts an unlabeled clip as class 0; cross-entropy learns nothing
+    from it), and every label is in the class list ``classes`` (its file, or the classes themselves; a clip with
+    another would stop the run when its batch is drawn). Only each line's label list is parsed (about a second per 100,000 clips); Shar
+    folders, missing files and an unreadable class list are left to the other checks.
 
     Raises:
-        RecipeError: naming the key, how many clips have no label and the first of them.
+        RecipeError: naming the key, how many clips fail and the first of them.
     """
     path = _expand(path)
     if not path.is_file() or not path.name.endswith((".jsonl", ".jsonl.gz")) or manifest_problem(path):
         return
-    count, first = 0, None
+    known = None
+    if isinstance(classes, (list, tuple, set)):
+        known, classes = set(classes), "of the model"
+    elif classes is not None:
+        try:
+            known = set(read_classes(_expand(classes))[0])
+        except (OSError, ValueError, AttributeError):
+            known = None  # check_classes says why
+    unlabeled, unknown = [0, None], [0, None, None]
     try:
         with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as handle:
             for line in handle:
-                if line.strip() and (b'"labels"' not in line or _NO_LABELS.search(line)):
-                    count += 1
-                    if first is None:
-                        try:
-                            first = json.loads(line).get("id")
-                        except (ValueError, AttributeError):
-                            first = "?"
+                if not line.strip():
+                    continue
+                found = _LABELS.search(line)
+                try:
+                    labels = json.loads(found.group(1)) if found else []
+                except ValueError:  # a label holding "]": the whole line
+                    labels = _parsed(line).get("custom", {}).get("labels", [])
+                if single_label and not labels:
+                    unlabeled[0] += 1
+                    unlabeled[1] = unlabeled[1] or _clip_id(line)
+                strange = [label for label in labels if known is not None and label not in known]
+                if strange:
+                    unknown[0] += 1
+                    if unknown[1] is None:
+                        unknown[1], unknown[2] = _clip_id(line), strange[0]
     except (OSError, EOFError):
         return  # not a readable manifest: check_manifest says why
-    if count:
-        raise RecipeError(f"{key}: {count} clip(s) of {path} have no label (e.g. {first}); a single-label task "
-                          f"(metric acc or loss ce) needs one label per clip: give them their label, or prepare them "
-                          f"as unlabeled audio (--unlabeled, the pool split, for pretraining)")
+    if unlabeled[0]:
+        raise RecipeError(f"{key}: {unlabeled[0]} clip(s) of {path} have no label (e.g. {unlabeled[1]}); a "
+                          f"single-label task (metric acc or loss ce) needs one label per clip: give them their label, "
+                          f"or prepare them as unlabeled audio (--unlabeled, the pool split, for pretraining)")
+    if unknown[0]:
+        raise RecipeError(f"{key}: {unknown[0]} clip(s) of {path} have labels that are not in the class list "
+                          f"{classes} (e.g. clip {unknown[1]}: {unknown[2]!r}); prepare the manifest and its class "
+                          f"list together")
+
+
+def _parsed(line: bytes) -> dict:
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _clip_id(line: bytes) -> str:
+    return str(_parsed(line).get("id", "?"))
 
 
 def data_checks(data, prefix: str = "data") -> list[Callable[[], None]]:

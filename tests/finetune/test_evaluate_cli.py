@@ -4,6 +4,7 @@ with unreadable clips skipped and counted and bad input in one line."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -56,6 +57,11 @@ def test_the_scores_are_the_clips_scored_one_by_one(synth_model, synth_corpus, c
     line = capsys.readouterr().out.strip()
     assert line == f"{synth_model} on {manifest}: acc={expected['acc']:.4f} mAP={expected['mAP']:.4f} " \
                    f"mAUC={expected['mAUC']:.4f} (12 clips)"
+    run_dir = synth_model.parent / "run"  # a run directory: named by the model file it scores
+    run_dir.mkdir()
+    shutil.copy(synth_model, run_dir / "model.safetensors")
+    assert main(["--ckpt", str(run_dir), str(manifest), "--workers", "0"]) == 0
+    assert capsys.readouterr().out.startswith(f"{run_dir / 'model.safetensors'} on {manifest}: acc=")
 
 
 def test_unreadable_clips_are_skipped_and_counted_and_bad_input_is_one_line(synth_model, synth_corpus, tmp_path,
@@ -77,6 +83,13 @@ def test_unreadable_clips_are_skipped_and_counted_and_bad_input_is_one_line(synt
     unknown = list(cuts)[1]
     unknown.custom["labels"] = ["thunder"]
     CutSet.from_cuts([unknown]).to_file(other)
-    assert main(["--ckpt", str(synth_model), str(other), "--workers", "0"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "'thunder', which is not in the task's class list" in err
+    for workers in ("0", "2"):  # named in one line before any decoding (a worker's error carried its traceback)
+        assert main(["--ckpt", str(synth_model), str(other), "--workers", workers]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: {other}: 1 clip(s) of {other} have labels that are not in the class list of the " \
+                      f"model (e.g. clip {unknown.id}: 'thunder'); prepare the manifest and its class list together"
+    unlabeled = tmp_path / "unlabeled.jsonl.gz"  # the pool split: audio without labels
+    CutSet.from_cuts([unknown.with_custom("labels", [])]).to_file(unlabeled)
+    assert main(["--ckpt", str(synth_model), str(unlabeled)]) == 2
+    err = capsys.readouterr().err
+    assert "1 clip(s) of " in err and "have no label" in err
