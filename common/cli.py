@@ -49,10 +49,11 @@ def _steps(text: str) -> int:
     return value
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, default_run_root: str) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, default_run_dir: str) -> None:
+    """The training commands' shared options; ``default_run_dir``: what ``--run-dir`` defaults to, in words."""
     parser.add_argument("--run-dir", type=Path, default=None,
-                        help=f"where checkpoints, logs, exports and the ledger go (default: {default_run_root}/"
-                             "<recipe name>); running again on an existing run directory resumes it")
+                        help=f"where checkpoints, logs, exports and the ledger go (default: {default_run_dir}); "
+                             "running again on an existing run directory resumes it")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe field, e.g. --set optim.lr=5e-5 --set phases.0.steps=1000 (repeatable)")
     parser.add_argument("--stop-after-steps", type=_steps, default=None, metavar="N",

@@ -32,7 +32,7 @@ from common.training.spec import TrainConfig
 from finetune.classifier import AugmentConfig, HeadConfig
 from common.phases.init import INIT_FAMILIES, InitTransferConfig, init_family, load_init
 from finetune.task_recipes import AUTO, PACKAGE, PACKAGE_EPOCHS, RECIPES, choose, fit_averaging, recipe_defaults
-from finetune.tasks import TaskConfig, task_defaults
+from finetune.tasks import TaskConfig, known_tasks, task_defaults
 
 __all__ = ["FinetuneRecipe", "load_recipe", "task_source", "is_task_file", "file_checks", "check_files",
            "auto_warmup"]
@@ -119,8 +119,14 @@ def task_source(task: str) -> tuple[dict, dict]:
     list, a ``norm`` statistics file) are relative to the file.
     """
     if not is_task_file(task):
-        return task_defaults(task)
+        try:
+            return task_defaults(task)
+        except ValueError as err:  # bad input: exit status 2, as every failed check before compute
+            raise RecipeError(f"--task: {err}") from None
     path = Path(task)
+    if not path.is_file():
+        raise RecipeError(f"--task: task file {path} does not exist (a registered task is named without .yaml: "
+                          f"{known_tasks()})")
     data = load_yaml(path)
     choice = data.pop("defaults", None)
     if "task" in data:

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue pretraining from these weights: an official SSAST .pth (with its pretext "
                              "heads), a pretraining run directory or export of this package, an official AST .pth "
                              "or timm ImageNet ViT/DeiT weights (default: from scratch)")
-    add_run_arguments(parser, "runs/pretrain")
+    add_run_arguments(parser, "runs/pretrain/<recipe name>, with -<method><C> (e.g. -fshift4) after --coarse")
     return parser
 
 

@@ -68,10 +68,13 @@ def test_paper_tasks_use_the_authors_statistics_and_losses():
         assert recipes[name].task.loss.upper() in recipes[name].task.description
 
 
-def test_unknown_task_lists_the_known_ones(capsys):
-    assert finetune(["--init", "none", "--task", "vgg"]) == 1
+def test_unknown_task_lists_the_known_ones(capsys, tmp_path):
+    assert finetune(["--init", "none", "--task", "vgg"]) == 2  # bad input, as every check before compute
     err = capsys.readouterr().err
     assert "unknown task 'vgg'" in err and "esc50" in err and "speechcommands" in err
+    missing = tmp_path / "synht.yaml"  # a task file, not a recipe
+    assert finetune(["--init", "none", "--task", str(missing)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --task: task file {missing} does not exist (a registered task")
 
 
 # ------------------------------------------------------------------- every task on its miniature corpus
