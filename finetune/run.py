@@ -136,7 +136,8 @@ def _test(run_dir: Path, recipe, classes, dist, tracker) -> None:
                               phase_splits(recipe.phases, recipe.data, recipe.optim, dist.world_size)[-1].per_rank,
                               recipe.data.num_workers, dist.device, tracker)
     (run_dir / "test_metrics.json").write_text(json.dumps({"model": str(model), **metrics}, indent=1))
-    log.info("test split (%s): %s", model.name, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    log.info("test split (%s): %s", model.name, ", ".join(f"{k}={int(v)}" if k == "clips" else f"{k}={v:.4f}"
+                                                          for k, v in metrics.items()))
 
 
 def _run_root(args, recipe) -> Path:

@@ -49,6 +49,22 @@ def test_log_lines_are_written_above_an_open_bar(monkeypatch):
     assert segments[-1].startswith("counting: 100%") and "10/10" in segments[-1]
 
 
+def test_libraries_root_notices_stay_off_the_console(monkeypatch):
+    """Lhotse sends notices to the root logger at INFO ("Using audioread ...", "The user overrided tolerance ...")
+    that a command's console printed between its own lines; the package's lines and every warning still show."""
+    from common.system.logger import setup_logging
+
+    terminal = fake_terminal(monkeypatch)
+    setup_logging(None)
+    root = logging.getLogger()
+    for name, pathname, level, text in (("root", "/x/site-packages/lhotse/audio/backend.py", logging.INFO, "chatter"),
+                                        ("root", "/x/site-packages/lhotse/audio/backend.py", logging.WARNING, "alarm"),
+                                        ("common.data", "/x/common/data/loader.py", logging.INFO, "ours")):
+        root.handle(logging.LogRecord(name, level, pathname, 1, text, None, None))
+    out = terminal.getvalue()
+    assert "chatter" not in out and "alarm" in out and "ours" in out
+
+
 def test_prepare_and_stats_show_progress(tmp_path, monkeypatch):
     from common.data.corpora.__main__ import main as corpora
     from tests.layouts import write_clip

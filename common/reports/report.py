@@ -448,6 +448,11 @@ def metric_name(runs: Sequence[Run], metric: str) -> str:
     return metric
 
 
+def _kind(run: Run) -> str:
+    """``pretraining`` (SSAST's evaluations carry its InfoNCE loss) or ``fine-tuning``."""
+    return "pretraining" if any("nce" in ev.get("metrics", {}) for ev in run.ledger.evals) else "fine-tuning"
+
+
 def _recipe_of(run: Run) -> dict:
     folder = Path(run.source)
     folder = folder if folder.is_dir() else folder.parent
@@ -645,6 +650,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = [load_run(path, name) for path, name in zip(args.runs, args.names or [None] * len(args.runs))]
         if args.names is None:  # labels from the phases: runs with the same phases get their directories' names
             runs = distinct_labels(runs)
+        for run in runs:  # SSAST pretraining's masked-patch accuracy is no fine-tuning accuracy
+            if _kind(run) != _kind(baseline):
+                raise ReportError(f"{run.source} is a {_kind(run)} run and the baseline {baseline.source} a "
+                                  f"{_kind(baseline)} run: compare runs of one kind")
         metric = resolve_metric([baseline, *runs], args.metric)
         if args.stop_epoch is not None and args.stop_epoch < 1:
             raise ReportError(f"--stop-epoch must be >= 1, got {args.stop_epoch}")

@@ -53,6 +53,13 @@ class BarSafeHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+def _library_chatter(record: logging.LogRecord) -> bool:
+    """False for the notices libraries send to the root logger below a warning (Lhotse's "Using audioread",
+    "The user overrided tolerance ..."), which a console at INFO would print in the middle of a command's own
+    lines; their warnings pass."""
+    return record.levelno >= logging.WARNING or record.name != "root" or "site-packages" not in record.pathname
+
+
 def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO) -> None:
     """Console logging for every rank (warnings only off rank 0) and ``run_dir/train.log`` on rank 0."""
     root = logging.getLogger()
@@ -66,6 +73,7 @@ def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO
     console = BarSafeHandler()
     console.setFormatter(logging.Formatter(f"[rank {rank}] {FORMAT}" if rank else FORMAT, "%H:%M:%S"))
     console._c2f = True  # type: ignore[attr-defined]
+    console.addFilter(_library_chatter)
     root.addHandler(console)
     root.setLevel(level if rank == 0 else logging.WARNING)
     if rank == 0 and run_dir is not None:

@@ -537,3 +537,10 @@ def test_time_is_not_compared_across_devices_and_a_bare_baseline_plots(tmp_path,
     (bare / "model.safetensors").write_bytes(b"")
     assert main(["--baseline", str(bare), "--runs", str(runs["never"]), "--out", str(out)]) == 0
     assert (out / "report.png").stat().st_size > 0
+
+
+def test_a_pretraining_baseline_with_fine_tuning_runs_is_refused_as_such(pretraining, runs, tmp_path, capsys):
+    base, _ = pretraining
+    assert main(["--baseline", str(base), "--runs", str(runs["c2f"]), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {runs['c2f']} is a fine-tuning run and the baseline {base} a "
+                                               f"pretraining run: compare runs of one kind")
