@@ -24,7 +24,7 @@ from common.system.cpu import keep_freed_memory, loader_workers, set_cpu_threads
 from common.system.disk import describe_os_error
 from common.system.distributed import init_distributed
 from common.system.lock import LOCK_FILE, RunDirBusy, job_lock
-from common.system.logger import log_traceback, setup_logging
+from common.system.logger import detach_run_logs, log_traceback, setup_logging
 from common.system.signals import StoppedBySignal, stop_on_signals
 from common.training.batch import launch_world_size
 from common.training.checkpoints import NoUsableCheckpoint
@@ -181,6 +181,7 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
     """
 
 
+    detach_run_logs()  # an earlier run of this process (the demo, a notebook) keeps its train.log to itself
     check_run_dir(run_dir)
     dist = init_distributed()
     threads = torch.get_num_threads()  # given back at the end (a notebook, the demo, the tests run on)

@@ -35,12 +35,13 @@ def _root_logging():
     console handler and level (common.system.logger.setup_logging), which must not leak into the next test."""
     import logging
 
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    root, tracebacks = logging.getLogger(), logging.getLogger("c2f.tracebacks")
+    handlers, level = {logger: list(logger.handlers) for logger in (root, tracebacks)}, root.level
     yield
-    for handler in [h for h in root.handlers if h not in handlers]:
-        root.removeHandler(handler)
-        handler.close()
+    for logger, before in handlers.items():  # the run's train.log hangs on both
+        for handler in [h for h in logger.handlers if h not in before]:
+            logger.removeHandler(handler)
+            handler.close()
     root.setLevel(level)
 
 

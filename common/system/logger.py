@@ -87,9 +87,24 @@ def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def detach_run_logs() -> None:
+    """Stop writing into the last run's ``train.log`` (a process that runs several, as the demo or a notebook does:
+    a run that fails before it logs into its own directory must not log into the previous one's)."""
+    for logger in (logging.getLogger(), _TRACEBACKS):
+        for handler in [h for h in logger.handlers if isinstance(h, _LogFile)]:
+            logger.removeHandler(handler)
+            handler.close()
+
+
 class _LogFile(logging.FileHandler):
-    """``train.log``: a line that cannot be written (a full disk) is said once on the console, instead of a
-    traceback per log line; the console keeps every line."""
+    """``train.log``: a line that cannot be written (a full disk, a folder that is gone) is said once on the
+    console, instead of a traceback per log line; the console keeps every line."""
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            super().emit(record)
+        except OSError:  # reopening a closed file whose folder is gone: FileHandler.emit raises it unhandled
+            self.handleError(record)
+
     def handleError(self, record: logging.LogRecord) -> None:
         if not getattr(self, "_failed", False):
             self._failed = True

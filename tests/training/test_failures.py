@@ -433,3 +433,23 @@ def test_an_error_reported_in_one_line_keeps_its_traceback_in_train_log(tmp_path
     assert "error: an unforeseen value" in err and "Traceback" not in err  # one line on the console ...
     log = (run_dir / "train.log").read_text()
     assert "Traceback (most recent call last)" in log and "in broken" in log  # ... the traceback in the log
+
+
+def test_a_later_run_in_the_same_process_keeps_its_errors_out_of_the_earlier_runs_log(tmp_path, synth_corpus,
+                                                                                      capsys):
+    """The demo and a notebook run several runs in one process: a run that fails before it logs into its own
+    directory (its directory is busy) wrote its traceback into the previous run's train.log, and failed with a
+    FileNotFoundError where that directory was gone."""
+    from common.system.lock import run_dir_lock
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert pretrain(first, synth_corpus, steps=(1, 1)) == 0
+    before = (first / "train.log").read_text()
+    with run_dir_lock(second):
+        assert pretrain(second, synth_corpus, steps=(1, 1)) == 1
+    assert "is in use by another run" in capsys.readouterr().err
+    assert (first / "train.log").read_text() == before
+    shutil.rmtree(first)  # the earlier run's folder is gone
+    with run_dir_lock(second):
+        assert pretrain(second, synth_corpus, steps=(1, 1)) == 1
+    assert capsys.readouterr().err.strip().startswith("error: ")
