@@ -138,7 +138,9 @@ print((faults() - start) / 20)
                     reason="glibc's malloc only")
 def test_a_cpu_run_reuses_the_memory_it_frees():
     """With glibc's defaults a step's blocks of a few MB are largely fresh pages each step (measured: 3,700 page
-    faults a step here); kept, a step reuses the memory the last one freed (measured: 120)."""
+    faults a step here, though glibc's self-adjusting mmap threshold sometimes settles lower: 124 once, in a full
+    test run); kept, a step reuses the memory the last one freed (measured: 120). Asserted: the kept figure,
+    which the settings guarantee whatever the defaults did."""
     import subprocess
     import sys
 
@@ -148,4 +150,4 @@ def test_a_cpu_run_reuses_the_memory_it_frees():
         return float(out.stdout.strip())
 
     default, kept = faults("default"), faults("keep")
-    assert default > 1000 and kept < default / 10
+    assert kept < 400, (default, kept)  # a fresh 1.2-8.4 MB block a step would be thousands
