@@ -442,7 +442,7 @@ def whole_run_table(rows: Sequence[Row], metric: str) -> str:
 
 def metric_name(runs: Sequence[Run], metric: str) -> str:
     """What the metric is, for axis labels: SSAST pretraining's ``acc`` is the masked-patch accuracy."""
-    pretext = any("nce" in ev.get("metrics", {}) for run in runs for ev in run.ledger.evals)
+    pretext = any(_kind(run) == "pretraining" for run in runs)
     if metric == "acc":
         return "masked-patch accuracy" if pretext else "accuracy"
     return metric
