@@ -217,6 +217,19 @@ def _lost_peer(err: BaseException) -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(word in str(err) for word in _PEER_GONE)
 
 
+def command_device(given: str | None) -> str:
+    """A command's ``--device``: the one given (a CUDA device on a machine without one is refused), else CUDA where
+    there is one, else the CPU.
+
+    Raises:
+        ValueError: ``given`` names a CUDA device and this machine has none.
+    """
+    device = given or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+    return device
+
+
 def run_main(body: Callable[[], int]) -> int:
     """Run an entry point; known failures end with one readable line (the traceback goes to the log).
 

@@ -552,12 +552,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
+        from common.cli import command_device
         from common.system.logger import setup_logging
 
         setup_logging(None)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+        device = command_device(args.device)
         summary = embed_files(args.init, args.inputs, args.out, layer=args.layer, pool=args.pool,
                               frames=args.frames, fmt=args.format, batch_size=args.batch_size, hop_seconds=args.hop,
                               shard_size=args.shard_size, device=device, workers=args.workers, norm=args.norm)

@@ -29,7 +29,7 @@ from torch import nn
 from common.models.arch import architecture_from_meta
 from common.audio.augment import SpecAugmentConfig
 from common.audio.compression import Compression
-from common.cli import run_main
+from common.cli import command_device, run_main
 from common.data.loader import BadAudioTracker, eval_loader
 from common.data.preflight import check_labels
 from common.metrics import compute_metrics
@@ -169,9 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         setup_logging(None)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+        device = command_device(args.device)
         model = args.ckpt if is_hf_directory(args.ckpt) else resolve_model_file(args.ckpt)
         loaded = load_classifier(model)
         meta = loaded[1]

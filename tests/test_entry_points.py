@@ -93,3 +93,19 @@ def test_no_deepspeed_greeting_on_our_commands():
     assert done.returncode == 0, output
     assert "usage: pretrain/run.py" in output and "saving 34.5%" in output  # both commands ran
     assert "Setting accelerator" not in output and "[WARNING]" not in output and "async_io" not in output, output
+
+
+@pytest.mark.parametrize("module", ["finetune.evaluate", "finetune.embed"])
+def test_a_cuda_device_on_a_machine_without_one_is_refused_in_one_line(module, monkeypatch, tmp_path, capsys):
+    """The commands with --device choose it alike (common.cli.command_device): CUDA where there is one, else the
+    CPU; a CUDA device named on a machine without one is refused before anything is read."""
+    import torch
+
+    from common.cli import command_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert command_device(None) == "cpu" and command_device("cpu") == "cpu"
+    args = {"finetune.evaluate": ["--ckpt", str(tmp_path / "m"), str(tmp_path / "x.jsonl.gz")],
+            "finetune.embed": ["--init", str(tmp_path / "m"), "--inputs", str(tmp_path), "--out", str(tmp_path / "o")]}
+    assert importlib.import_module(module).main([*args[module], "--device", "cuda:1"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --device cuda:1: this machine has no CUDA device; use --device cpu"
