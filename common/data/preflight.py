@@ -161,8 +161,8 @@ def check_labels(path: str | os.PathLike, key: str, classes: str | os.PathLike |
     """The clips' labels of a ``.jsonl(.gz)`` manifest, before any compute: every clip has one where a
     single-label task needs it (accuracy counts an unlabeled clip as class 0; cross-entropy learns nothing
     from it), and every label is in the class list ``classes`` (its file, or the classes themselves; a clip with
-    another would stop the run when its batch is drawn). Only each line's label list is parsed (about a second per 100,000 clips); Shar
-    folders, missing files and an unreadable class list are left to the other checks.
+    another would stop the run when its batch is drawn). Only each line's label list is parsed (about a second
+    per 100,000 clips); Shar folders, missing files and an unreadable class list are left to the other checks.
 
     Raises:
         RecipeError: naming the key, how many clips fail and the first of them.
@@ -170,9 +170,9 @@ def check_labels(path: str | os.PathLike, key: str, classes: str | os.PathLike |
     path = _expand(path)
     if not path.is_file() or not path.name.endswith((".jsonl", ".jsonl.gz")) or manifest_problem(path):
         return
-    known = None
+    known, named = None, classes  # the labels allowed, and how the message names where they come from
     if isinstance(classes, (list, tuple, set)):
-        known, classes = set(classes), "of the model"
+        known, named = set(classes), "of the model"
     elif classes is not None:
         try:
             known = set(read_classes(_expand(classes))[0])
@@ -205,7 +205,7 @@ def check_labels(path: str | os.PathLike, key: str, classes: str | os.PathLike |
                           f"or prepare them as unlabeled audio (--unlabeled, the pool split, for pretraining)")
     if unknown[0]:
         raise RecipeError(f"{key}: {unknown[0]} clip(s) of {path} have labels that are not in the class list "
-                          f"{classes} (e.g. clip {unknown[1]}: {unknown[2]!r}); prepare the manifest and its class "
+                          f"{named} (e.g. clip {unknown[1]}: {unknown[2]!r}); prepare the manifest and its class "
                           f"list together")
 
 
