@@ -32,6 +32,25 @@ def test_prepare_kinetics_sounds_miniature(tmp_path):
                               f"classes with no clip in the annotations: {', '.join(layout.UNUSED)}"]
 
 
+def test_prepare_kinetics_sounds_reads_the_cvdf_copys_val_csv(tmp_path):
+    """The CVDF copy of Kinetics (cvdfoundation/kinetics-dataset) names the validation annotations val.csv: they are
+    the default test split as validate.csv is, and `--test-from val` names the same choice."""
+    prepare = get_corpus("kinetics_sounds").prepare
+    src = tmp_path / "cvdf"
+    built = layout.build(src, validation_file="val.csv")
+    assert not (src / "annotations" / "validate.csv").exists()
+    for choice in ("validate", "val"):
+        report = prepare(src, tmp_path / choice, test_from=choice)
+        assert _labels(report.manifests["test"]) == built["clips"]["validate"]
+        saved = json.loads((tmp_path / choice / "kinetics_sounds_prepare.json").read_text())
+        assert saved["notes"][0] == "test split from annotations/val.csv"
+    (src / "annotations" / "val.csv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"annotations/validate.csv \(or val.csv\)"):
+        prepare(src, tmp_path / "none")
+    with pytest.raises(ValueError, match="test_from"):
+        prepare(src, tmp_path / "none", test_from="valid")
+
+
 def test_prepare_kinetics_sounds_test_from_test_csv(tmp_path):
     prepare = get_corpus("kinetics_sounds").prepare
     src = tmp_path / "withheld"

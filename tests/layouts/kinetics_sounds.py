@@ -38,8 +38,9 @@ MISSING = "-1Dp9Yx4QJo_000023_000033"
 OUTPUT_SPLIT = {"train": "train", "validate": "test", "test": "test"}
 
 
-def build(root: Path, test_labels: bool = False) -> dict:
-    """Write the layout; test.csv has a label column only if ``test_labels``. Returns ``clips``
+def build(root: Path, test_labels: bool = False, validation_file: str = "validate.csv") -> dict:
+    """Write the layout; test.csv has a label column only if ``test_labels``; the validation annotations are
+    ``validation_file`` (Kinetics' ``validate.csv``, or ``val.csv`` as the CVDF copy names it). Returns ``clips``
     {annotation file: {cut id: label}} of the Kinetics-Sounds clips that should be prepared, ``missing`` /
     ``corrupt`` (cut id -> path under audio/) and ``classes``."""
     (root / "annotations").mkdir(parents=True, exist_ok=True)
@@ -51,7 +52,8 @@ def build(root: Path, test_labels: bool = False) -> dict:
         columns = ["label", "youtube_id", "time_start", "time_end", "split", "is_cc"]
         if name == "test" and not test_labels:
             columns = columns[1:5]
-        with (root / "annotations" / f"{name}.csv").open("w", newline="") as handle:
+        file = validation_file if name == "validate" else f"{name}.csv"
+        with (root / "annotations" / file).open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(dict(label=label, youtube_id=ytid, time_start=start, time_end=end, split=split, is_cc=0)
