@@ -94,6 +94,34 @@ def test_custom_folders_keep_every_file_of_a_shared_name(tmp_path):
     assert sorted(c.id for c in pool) == ["pool-a-000000", "pool-b-000000"]
 
 
+def test_custom_tree_with_a_class_named_like_a_split_is_refused_not_read_as_splits(tmp_path):
+    """ESC-50 has a class `train`: in a `<class>/` tree it would make the tree a split layout, dropping every other
+    class (or, its files in sub-folders, making those sub-folders classes). Refused, naming both kinds of folder;
+    a split layout with a folder of no audio beside it (notes) is still read."""
+    for label in ("dog", "siren", "train"):
+        write_clip(tmp_path / "flat" / label / "x0.wav", seconds=0.3)
+        write_clip(tmp_path / "nested" / label / "rec1" / "x0.wav", seconds=0.3)
+    for tree in ("flat", "nested"):
+        with pytest.raises(ValueError, match=r"holds split folders \(train\) and folders of audio beside them "
+                                             r"\(dog, siren\).*train is a class, list the clips in a --csv"):
+            get_corpus("custom").prepare(tmp_path / tree, tmp_path / "out")
+    for split in ("train", "valid"):
+        write_clip(tmp_path / "splits" / split / "dog" / "x0.wav", seconds=0.3)
+    (tmp_path / "splits" / "notes").mkdir()
+    (tmp_path / "splits" / "notes" / "README.txt").write_text("recorded in 2019\n")
+    report = get_corpus("custom").prepare(tmp_path / "splits", tmp_path / "out")
+    assert dict(report.clips) == {"train": 1, "valid": 1}
+
+
+def test_custom_csv_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Spreadsheets save "CSV UTF-8" with a byte-order mark before the header."""
+    write_clip(tmp_path / "clips" / "ä-clip_é.wav", seconds=0.3)
+    (tmp_path / "list.csv").write_text("\ufeffpath,label\nclips/ä-clip_é.wav,dog\n", encoding="utf-8")
+    report = get_corpus("custom").prepare(None, tmp_path / "out", csv=tmp_path / "list.csv")
+    assert dict(report.clips) == {"train": 1}
+    assert read_classes(tmp_path / "out" / "custom_classes.json")[0] == ["dog"]
+
+
 def test_custom_csv_ids_are_unique_for_files_outside_its_folder(tmp_path):
     """Absolute paths elsewhere whose file names repeat (issue 10 item 11)."""
     data = tmp_path / "data" / "set"

@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_classes_csv(path: Path) -> tuple[list[str], dict[str, str]]:
     """``(mids in index order, {mid: display_name})`` from ``class_labels_indices.csv``."""
-    with require_file(path, "AudioSet class list (class_labels_indices.csv)").open(newline="") as handle:
+    with require_file(path, "AudioSet class list (class_labels_indices.csv)").open(newline="", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
     needed = {"index", "mid", "display_name"}
     if not rows or not needed <= set(rows[0]):
@@ -56,7 +56,7 @@ def read_classes_csv(path: Path) -> tuple[list[str], dict[str, str]]:
 
 def read_segments(path: Path) -> Iterator[tuple[str, float, float, tuple[str, ...]]]:
     """``(YTID, start_seconds, end_seconds, mids)`` for every row of a ``*_segments.csv``."""
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle, skipinitialspace=True)
         for row in reader:
             if not row or row[0].startswith("#"):

@@ -7,7 +7,9 @@ Labeled audio comes from either
   absolute; an empty label makes the clip unlabeled (a warning names such rows when every other row has
   one label: a single-label task refuses unlabeled clips); a CSV without rows is refused; or
 - a folder per class (``--src DIR``): ``DIR/<class>/**/*.wav`` (or .flac, .ogg, .mp3), optionally one
-  level of split folders first: ``DIR/train/<class>/...``, ``DIR/valid/<class>/...``, ``DIR/test/...``.
+  level of split folders first: ``DIR/train/<class>/...``, ``DIR/valid/<class>/...``, ``DIR/test/...``
+  (a tree with both split folders and other folders of audio is refused: a class named ``train``, as ESC-50
+  has, goes in a CSV).
 
 A CSV's ``split`` is ``train``, ``valid``, ``test`` or ``foldN`` (cross-validation folds); any other name
 (``training``, ``val``, ...) is refused, naming the line and the split it resembles. Clips without a split
@@ -110,7 +112,7 @@ def _split_name(raw: str, where: str) -> str | None:
 
 def _from_csv(path: Path) -> list[tuple[Path, tuple[str, ...], str | None]]:
     require_file(path, "custom CSV")
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         fields = reader.fieldnames or []
         if "path" not in fields or "label" not in fields:
@@ -145,6 +147,15 @@ def _from_tree(root: Path) -> list[tuple[Path, tuple[str, ...], str | None]]:
         if alias and (split_roots or any(p.is_dir() for p in folder.iterdir())):
             raise ValueError(f"{folder}: named like a split, but split folders are {', '.join(SPLIT_DIRS)} "
                              f"(rename it {alias!r}); it would be {'ignored' if split_roots else 'a class'}")
+    if split_roots:  # a split layout; a class folder beside its split folders would be dropped without a word
+        beside = [p.name for p in sorted(root.iterdir())
+                  if p.is_dir() and p.name not in SPLIT_DIRS and _audio_files(p)]
+        if beside:
+            splits = ", ".join(s for _, s in split_roots)
+            raise ValueError(f"{root}: holds split folders ({splits}) and folders of audio beside them "
+                             f"({', '.join(beside)}): a tree is either <split>/<class>/ or <class>/. If {splits} "
+                             f"{'is a class' if len(split_roots) == 1 else 'are classes'}, list the clips in a --csv "
+                             f"(path,label) instead")
     rows = []
     for base, split in split_roots or [(root, None)]:
         for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
@@ -159,7 +170,7 @@ def _unlabeled(spec: Path) -> list[Path]:
         return _audio_files(spec)
     require_file(spec, "unlabeled audio folder or list")
     return [Path(line.strip()) if Path(line.strip()).is_absolute() else spec.parent / line.strip()
-            for line in spec.read_text().splitlines() if line.strip()]
+            for line in spec.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
 
 
 def prepare(src: Path | None, out: Path, num_jobs: int = 4, csv: Path | None = None, unlabeled: Path | None = None,

@@ -24,7 +24,7 @@ def prepare(src: Path, out: Path, num_jobs: int = 4) -> PrepareReport:
     src = Path(src)
     meta = require_file(src / "meta" / "esc50.csv", "ESC-50 metadata (meta/esc50.csv)")
     audio = require_dir(src / "audio", "ESC-50 audio folder")
-    with meta.open(newline="") as handle:
+    with meta.open(newline="", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
     needed = {"filename", "fold", "target", "category"}
     if not rows or not needed <= set(rows[0]):

@@ -58,7 +58,7 @@ def annotation_file(src: Path, test_from: str) -> Path:
 
 def read_class_file(path: Path) -> list[str]:
     """The class names of ``path``, one per line, in file order (blank lines ignored)."""
-    classes = [line.strip() for line in require_file(path, "Kinetics-Sounds class list").read_text().splitlines()]
+    classes = [line.strip() for line in require_file(path, "Kinetics-Sounds class list").read_text(encoding="utf-8-sig").splitlines()]
     classes = [c for c in classes if c]
     repeated = sorted({c for c in classes if classes.count(c) > 1})
     if not classes or repeated:
@@ -69,7 +69,7 @@ def read_class_file(path: Path) -> list[str]:
 
 def read_annotations(path: Path) -> list[tuple[str, str, int, int, str]]:
     """``(label, youtube_id, time_start, time_end, split)`` for every row of a Kinetics annotation CSV."""
-    with require_file(path, f"Kinetics annotations ({path.name})").open(newline="") as handle:
+    with require_file(path, f"Kinetics annotations ({path.name})").open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         absent = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
         if absent:

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _entries(part_dir: Path) -> Iterator[ClipEntry]:
     for trans in sorted(part_dir.rglob("*.trans.txt")):
-        for line in trans.read_text().splitlines():
+        for line in trans.read_text(encoding="utf-8-sig").splitlines():
             if not line.strip():
                 continue
             utt, _, text = line.strip().partition(" ")

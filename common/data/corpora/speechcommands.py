@@ -26,7 +26,7 @@ DESCRIPTION = "Speech Commands v2: <word>/*.wav + validation_list.txt/testing_li
 def _read_list(path: Path) -> list[str]:
     """The ``<word>/<file>.wav`` entries of a split list, in file order."""
     entries = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         rel = line.strip()
         if not rel:
             continue

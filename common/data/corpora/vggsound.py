@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_rows(path: Path) -> list[tuple[str, int, str, str]]:
     """``(YTID, start_seconds, label, split)`` for every row of ``vggsound.csv``."""
     rows = []
-    with require_file(path, "VGGSound metadata (vggsound.csv)").open(newline="") as handle:
+    with require_file(path, "VGGSound metadata (vggsound.csv)").open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         for row in reader:
             if not row:

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _read_split(path: Path) -> list[tuple[str, str]]:
     """``[(split, "<speaker>/<video>/<utt>.wav"), ...]`` from ``iden_split.txt``."""
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.split()
