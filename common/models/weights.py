@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from common.audio.compression import Compression
 from common.models.arch import architecture_from_meta
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from common.models.exports import is_export, read_weights, resolve_model_file, unreadable
@@ -64,6 +65,14 @@ class EncoderWeights(NamedTuple):
     def arch(self) -> str:
         """``ast`` or ``htsat``."""
         return self.meta.get("arch", "ast")
+
+    @property
+    def written_in(self) -> Compression:
+        """The compression of the phase the weights were written in (an export's ``meta["phase"]``; full
+        resolution for every other file). An AST-family export of a ``patch`` phase holds p x Cp kernels."""
+        phase = self.meta.get("phase") or {}
+        return Compression(phase.get("compression", "none"), phase.get("factor", 1),
+                           phase.get("patch_transfer", "pi"))
 
 
 def _hf_encoder_state(path: str | os.PathLike):

@@ -121,6 +121,9 @@ def task_encoder_config(init: EncoderWeights | None, model: ModelSpec, num_mel_b
     if init is None:
         return model.encoder_config(num_mel_bins, target_frames)
     cfg = init.config
+    written = init.written_in
+    if written.method == "patch":  # an export of a p x Cp phase: full resolution is its p x p (paper section 2.3)
+        cfg = cfg.replace(tshape=cfg.tshape // written.factor, tstride=cfg.tstride // written.factor)
     fstride, tstride = model.stride or (cfg.fshape, cfg.tshape)
     if init.meta.get("source") in ("hf", "export") and (fstride, tstride) != (cfg.fstride, cfg.tstride):
         log.warning("the init was trained with patch stride %dx%d; this run uses %dx%d (model.stride; default: the "

@@ -40,7 +40,10 @@ def initial_model(arch: Architecture, objective, geometry, phase: PhaseConfig, s
     torch.manual_seed(seed)
     model = objective.build_model(geometry)
     if init is not None:
-        arch.load_weights(model.encoder, init, geometry, pos_mode, patch_mode_between(None, phase), table_mode)
+        written = init.written_in  # an export of a patch phase leaves it as that phase would have
+        leaving = PhaseConfig(written.method, written.factor, written.patch_transfer, epochs=1) \
+            if written.method == "patch" else None
+        arch.load_weights(model.encoder, init, geometry, pos_mode, patch_mode_between(leaving, phase), table_mode)
         load_heads = getattr(objective, "load_initial_heads", None)  # an objective's own parts of the init
         if load_heads is not None:
             load_heads(model)

@@ -159,3 +159,37 @@ def test_official_inits_follow_their_codes_rule_and_exports_the_recipe():
     assert (recipe.transfer.pos_embed, recipe.transfer.init_pos_embed) == ("bilinear", "bilinear")
     with pytest.raises(ValueError, match="transfer.init_pos_embed"):
         load_recipe("esc50", overrides=["transfer.init_pos_embed=nearest"])
+
+
+@pytest.mark.parametrize("transfer", ["pi", "bilinear"])
+def test_an_export_of_a_patch_phase_starts_a_task_at_full_resolution(transfer):
+    """An export written in a p x Cp phase (`export/phase1.safetensors` of a `patch` run) used as --init: the task's
+    full resolution is p x p patches (not the export's p x Cp), and its kernel leaves the patch phase by that phase's
+    transfer, as the run's own phase change would have."""
+    from common.models.arch import architecture_for
+    from common.models.weights import EncoderWeights
+    from common.phases.config import PhaseConfig
+    from common.phases.init import task_encoder_config
+    from common.phases.transition import initial_model
+    from finetune.classifier import AugmentConfig, ClassifierObjective
+    from finetune.recipe import load_recipe
+
+    recipe = load_recipe("synth", overrides=["model.size=custom", "model.embed_dim=32", "model.depth=2",
+                                             "model.num_heads=2"])
+    full = task_encoder_config(None, recipe.model, recipe.num_mel_bins, recipe.task.target_frames)
+    coarse = Compression("patch", 4, transfer).encoder_config(full)
+    torch.manual_seed(0)
+    state = ASTEncoder(coarse).state_dict()
+    init = EncoderWeights(coarse, state, {"source": "export", "objective": "ssast",
+                                          "phase": {"index": 1, "of": 2, "compression": "patch", "factor": 4,
+                                                    "patch_transfer": transfer}})
+    assert init.written_in == Compression("patch", 4, transfer)
+    cfg = task_encoder_config(init, recipe.model, recipe.num_mel_bins, recipe.task.target_frames)
+    assert (cfg.fshape, cfg.tshape, cfg.fstride, cfg.tstride, cfg.grid) == \
+        (full.fshape, full.tshape, full.fstride, full.tstride, full.grid)
+    objective = ClassifierObjective(["a", "b"], "acc", "ce", AugmentConfig())
+    model = initial_model(architecture_for(cfg), objective, cfg, PhaseConfig(epochs=1), 0, init)
+    expected = adapt_state_dict(state, coarse, cfg, "bilinear", transfer)["patch_embed.proj.weight"]
+    other = adapt_state_dict(state, coarse, cfg, "bilinear", "bilinear" if transfer == "pi" else "pi")
+    assert torch.equal(model.encoder.patch_embed.proj.weight.detach(), expected)
+    assert not torch.allclose(expected, other["patch_embed.proj.weight"])
