@@ -17,7 +17,6 @@ from typing import Callable, Iterator
 import torch
 
 from common.config.recipe import RecipeError
-from common.data.fingerprint import DataChanged
 from common.data.loader import TooMuchBadAudio
 from common.system.atomic import remove_orphans
 from common.system.cpu import keep_freed_memory, loader_workers, set_cpu_threads
@@ -230,13 +229,18 @@ def command_device(given: str | None) -> str:
     return device
 
 
+# what ends a run that started with good input (exit status 1); every other known failure is bad input (2)
+_STOPPED = (NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, RunDirBusy)
+
+
 def run_main(body: Callable[[], int]) -> int:
     """Run an entry point; known failures end with one readable line (the traceback goes to the log).
 
-    Exit status: 2 for bad input (recipe, missing file, changed data, an unusable run directory), 1 for a
-    run that stopped (non-finite loss, bad audio, no usable checkpoint, a full disk or another failing
-    file, another rank that stopped), 130 when interrupted, 128 + the signal's number when SIGTERM or SIGUSR1
-    stopped it (checkpointed: ``common.system.signals``).
+    Exit status: 2 for bad input (a recipe or a flag, a file or a model that is missing or not what the command
+    needs, changed data, an unusable run directory: every ``ValueError``), 1 for a run that stopped (non-finite
+    loss, bad audio, no usable checkpoint, a run directory in use, a full disk or another failing file, another
+    rank that stopped), 130 when interrupted, 128 + the signal's number when SIGTERM or SIGUSR1 stopped it
+    (checkpointed: ``common.system.signals``).
     """
     try:
         return body()
@@ -251,7 +255,7 @@ def run_main(body: Callable[[], int]) -> int:
             ValueError) as err:
         log_traceback(traceback.format_exc())
         print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, (RecipeError, FileNotFoundError, DataChanged, UnusableRunDir)) else 1
+        return 1 if isinstance(err, _STOPPED) else 2
     except OSError as err:
         message = describe_os_error(err)
         if message is None:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections import deque
@@ -61,6 +62,7 @@ import numpy as np
 import torch
 
 from finetune.embedder import POOLS, Embedder, load_embedder, parse_layer
+from finetune.predict import hop_seconds
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
@@ -122,7 +124,9 @@ def list_clips(inputs: Sequence[str | os.PathLike]) -> tuple[Iterator[Clip], int
     cannot be counted without reading it).
 
     Raises:
-        FileNotFoundError: an input that does not exist, or a folder with neither audio nor a manifest.
+        FileNotFoundError: a manifest or a folder that does not exist (a missing path without an audio suffix,
+            or ending in ``/``), or a folder with no audio file. A missing audio file is a clip that cannot be
+            read (listed, the others embedded).
     """
     from common.data.loader import count_clips, manifest_problem
 
@@ -146,6 +150,8 @@ def list_clips(inputs: Sequence[str | os.PathLike]) -> tuple[Iterator[Clip], int
             total = None if total is None else total + len(files)
             plan.append(("folder", path, files))
         else:  # a file, even a missing one: it is listed as unreadable, the others are embedded
+            if not path.exists() and (str(item).endswith(("/", os.sep)) or path.suffix.lower() not in AUDIO_SUFFIXES):
+                raise FileNotFoundError(f"--inputs {item}: no such file or folder")  # a folder, by its name
             total = None if total is None else total + 1
             plan.append(("file", path, [path]))
 
@@ -411,6 +417,7 @@ def embed_files(init: str | os.PathLike | Embedder, inputs: Sequence[str | os.Pa
         FileNotFoundError: an input folder or manifest that does not exist.
     """
     from common.system.atomic import atomic_write_text, remove_orphans
+    from common.system.disk import output_folder
     from common.system.lock import run_dir_lock
     from common.system.logger import progress
 
@@ -419,8 +426,8 @@ def embed_files(init: str | os.PathLike | Embedder, inputs: Sequence[str | os.Pa
     for name, value in (("--batch-size", batch_size), ("--shard-size", shard_size)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
-    if hop_seconds is not None and hop_seconds <= 0:
-        raise ValueError(f"--hop must be positive, got {hop_seconds}")
+    if hop_seconds is not None and not (math.isfinite(hop_seconds) and hop_seconds > 0):
+        raise ValueError(f"--hop must be a finite number of seconds above 0, got {hop_seconds}")
     if not inputs:
         raise ValueError("--inputs: give audio files, folders or manifests")
     clips, total = list_clips(inputs)
@@ -433,7 +440,7 @@ def embed_files(init: str | os.PathLike | Embedder, inputs: Sequence[str | os.Pa
     settings = {**embedder.describe(), "format": fmt, "hop_seconds": hop / rate,
                 "window_seconds": size / rate, "step_offsets": [[float(s), float(e)] for s, e in zip(starts, ends)]}
     settings = json.loads(json.dumps(settings))  # as it reads back (tuples are lists)
-    with run_dir_lock(out):  # one command per --out: a second one stops at once, naming the first
+    with run_dir_lock(output_folder(out), "--out"):  # one command per --out: a second one stops at once
         _check_settings(out, settings)
         (out / "shards").mkdir(parents=True, exist_ok=True)
         remove_orphans(out)
@@ -536,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--frames", action="store_true", help="also write frame embeddings (one per time step)")
     parser.add_argument("--format", choices=FORMATS, default="npy", help="npy (.npy/.npz, default) or safetensors")
     parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
-    parser.add_argument("--hop", type=float, default=None,
+    parser.add_argument("--hop", type=hop_seconds, default=None,
                         help="seconds between the windows of a long clip (default: one clip, no overlap)")
     parser.add_argument("--shard-size", type=int, default=512, help="windows per shard (default 512)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")

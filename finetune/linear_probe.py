@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,13 @@ class ProbeRecipe:
     num_workers: int = 2
     data_root: str = "data"
     cache_dir: str = "runs/probe_cache"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.C) and self.C > 0):
+            raise ValueError(f"C: the inverse regularisation must be a finite number above 0, got {self.C}")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size} and "
+                             f"{self.num_workers}")
 
 
 def _cache_key(ckpt: str, manifests: Sequence[str], cfg, layer, pool, front_end: str = "",
@@ -221,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         from common.config.recipe import build, load_yaml
+        from common.system.atomic import atomic_write_text
+        from common.system.disk import output_folder
         from common.system.logger import setup_logging
 
         setup_logging(None)
@@ -239,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         recipe = build(ProbeRecipe, data)
         if not recipe.tasks:
             raise ValueError("give --task NAME [NAME ...] or a --recipe listing tasks")
+        if args.out is not None:  # refused before hours of features, not after
+            if args.out.is_dir():
+                raise ValueError(f"--out {args.out} is a folder; name the JSON file to write the results to")
+            output_folder(args.out.parent, f"--out {args.out}: the folder")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         results = [probe_task(args.init, task, recipe, device) for task in recipe.tasks]
         pools = sorted({r["pool"] for r in results})
@@ -249,8 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             print(f"| {r['task']:<16} | {r['metric']:<6} | {100 * r['value']:>7.2f} |")
         if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=1))
+            atomic_write_text(args.out, json.dumps(results, indent=1))
         return 0
 
     from common.cli import run_main

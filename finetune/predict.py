@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -81,6 +82,17 @@ def short_warning(num_samples: int, clip: int, rate: int) -> str | None:
             f"model's {clip / rate:.3g} s clip): the model sees mostly zero padding and the scores are unreliable")
 
 
+def hop_seconds(text: str) -> float:
+    """``--hop``: seconds between windows, a finite number above 0 (infinity or NaN would make no sample count)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seconds between windows, a number above 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"seconds between windows, a finite number above 0, got {text!r}")
+    return value
+
+
 def windows(num_samples: int, clip: int, hop: int) -> list[int]:
     """Start offsets of the windows covering ``num_samples`` samples (one window if it fits)."""
     if num_samples <= clip:
@@ -125,10 +137,13 @@ def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     """First channel of ``path`` at ``sample_rate`` (Lhotse decodes and resamples).
 
     Raises:
-        AudioReadError: with the reason: ``no such file``, ``is a directory``, ``permission denied``, every
-            decoder's message, ``empty`` or ``non-finite samples``.
+        AudioReadError: with the reason: ``no such file``, ``is a directory``, ``permission denied``,
+            ``truncated (...)`` (less audio than the header claims, ``common.data.integrity``: a decoder would
+            read the rest as a shorter clip), every decoder's message, ``empty`` or ``non-finite samples``.
     """
     from lhotse import Recording
+
+    from common.data.integrity import truncation
 
     path = Path(path)
     if not path.exists():
@@ -137,6 +152,9 @@ def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
         raise AudioReadError("is a directory, not an audio file")
     if not os.access(path, os.R_OK):
         raise AudioReadError("permission denied")
+    problem = truncation(path)
+    if problem:
+        raise AudioReadError(problem)
     try:
         rec = Recording.from_file(path)
         if rec.sampling_rate != sample_rate:
@@ -165,8 +183,8 @@ def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None 
     repeat = clip_handling(meta)["pad"] == "repeat"  # a file shorter than the clip, repeated as in validation
     rule = aggregate_rule(meta, aggregate)
     wave = load_audio(path, rate)
-    if hop_seconds is not None and hop_seconds <= 0:
-        raise ValueError(f"--hop must be positive, got {hop_seconds}")
+    if hop_seconds is not None and not (math.isfinite(hop_seconds) and hop_seconds > 0):
+        raise ValueError(f"--hop must be a finite number of seconds above 0, got {hop_seconds}")
     hop = max(1, int(round(hop_seconds * rate))) if hop_seconds else max(1, clip // 2)
     starts = windows(wave.size, clip, hop)
     scores = []
@@ -216,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a fine-tuning run directory, a classifier export, or a Hugging Face AST directory")
     parser.add_argument("audio", nargs="+", help="audio files (any format libsndfile reads, any sampling rate)")
     parser.add_argument("--top-k", type=int, default=5, help="labels to show per file and window (default 5)")
-    parser.add_argument("--hop", type=float, default=None, help="seconds between windows (default: half a clip)")
+    parser.add_argument("--hop", type=hop_seconds, default=None, help="seconds between windows (default: half a clip)")
     parser.add_argument("--aggregate", choices=AGGREGATIONS, default="auto",
                         help="how a file's windows combine: max, mean, or auto (default: max for BCE / multi-label "
                              "models, mean for softmax models)")
@@ -233,8 +251,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.top_k < 1:
         build_parser().error("--top-k must be at least 1")
-    if args.hop is not None and args.hop <= 0:
-        build_parser().error("--hop must be positive")
 
     def body() -> int:
         from finetune.classifier import load_classifier

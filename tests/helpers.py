@@ -130,6 +130,13 @@ TINY = ["model.size=custom", "model.embed_dim=32", "model.depth=2", "model.num_h
         "data.num_workers=0", "train.log_every=1", "optim.warmup_steps=0"]
 
 
+def one_error(err: str) -> str:
+    """The single ``error:`` line of a failed command (and no traceback)."""
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
 def sets(*items: str) -> list[str]:
     return [a for s in items for a in ("--set", s)]
 

@@ -107,5 +107,47 @@ def test_a_cuda_device_on_a_machine_without_one_is_refused_in_one_line(module, m
     assert command_device(None) == "cpu" and command_device("cpu") == "cpu"
     args = {"finetune.evaluate": ["--ckpt", str(tmp_path / "m"), str(tmp_path / "x.jsonl.gz")],
             "finetune.embed": ["--init", str(tmp_path / "m"), "--inputs", str(tmp_path), "--out", str(tmp_path / "o")]}
-    assert importlib.import_module(module).main([*args[module], "--device", "cuda:1"]) == 1
+    assert importlib.import_module(module).main([*args[module], "--device", "cuda:1"]) == 2
     assert capsys.readouterr().err.strip() == "error: --device cuda:1: this machine has no CUDA device; use --device cpu"
+
+
+def test_bad_input_to_a_command_ends_in_one_line_with_exit_status_2_before_any_compute(tmp_path, model_file,
+                                                                                         capsys):
+    """Bad input is exit status 2 (common.cli.run_main), said in one line naming the flag or file, refused before
+    the compute it would waste: a --hop that is no finite number of seconds, an --out that is a file (a folder is
+    written), a --C the regression refuses and a linear probe's --out that is a folder (both found after hours of
+    features before)."""
+    from common.data.corpora.__main__ import main as corpora
+    from finetune.embed import main as embed
+    from finetune.linear_probe import main as probe
+    from finetune.predict import main as predict
+    from tests.helpers import _write, one_error
+
+    model, clip = model_file("ce"), _write(tmp_path / "a.wav", 0.5)
+    for hop in ("inf", "nan", "0"):
+        for command, argv in ((predict, ["--ckpt", str(model), str(clip)]),
+                              (embed, ["--init", str(model), "--inputs", str(clip), "--out", str(tmp_path / "e")])):
+            with pytest.raises(SystemExit) as exit_info:
+                command([*argv, "--hop", hop])
+            assert exit_info.value.code == 2
+            assert f"--hop: seconds between windows, a finite number above 0, got '{hop}'" in capsys.readouterr().err
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine\n")
+    assert embed(["--init", str(model), "--inputs", str(clip), "--out", str(taken)]) == 2
+    assert one_error(capsys.readouterr().err) == f"error: --out {taken} is a file, not a folder; name a new folder or " \
+                                                 f"an existing one"
+    (tmp_path / "list.csv").write_text(f"path,label\n{clip},dog\n")
+    assert corpora(["prepare", "custom", "--csv", str(tmp_path / "list.csv"), "--out", str(taken)]) == 2
+    assert one_error(capsys.readouterr().err) == f"error: --out {taken} is a file, not a folder; name a new folder or " \
+                                                 f"an existing one"
+    assert taken.read_text() == "mine\n"
+    nowhere = str(tmp_path / "no-such-model")  # read only after the checks
+    assert probe(["--init", nowhere, "--task", "synth", "--C", "0"]) == 2
+    assert one_error(capsys.readouterr().err) == "error: C: the inverse regularisation must be a finite number " \
+                                                 "above 0, got 0.0"
+    assert probe(["--init", nowhere, "--task", "synth", "--out", str(tmp_path)]) == 2
+    assert one_error(capsys.readouterr().err) == f"error: --out {tmp_path} is a folder; name the JSON file to write " \
+                                                 f"the results to"
+    assert probe(["--init", nowhere, "--task", "synth", "--out", str(taken / "probe.json")]) == 2
+    assert one_error(capsys.readouterr().err) == f"error: --out {taken / 'probe.json'}: the folder {taken} is a file, " \
+                                                 f"not a folder; name a new folder or an existing one"

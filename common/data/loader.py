@@ -746,9 +746,10 @@ class BadAudioTracker:
                 self._said[0] = True
                 rates = ", ".join(f"{n} at {a} Hz" for (a, _), n in sorted(batch.upsampled.items()))
                 low = min(a for a, _ in batch.upsampled)
+                counted = "; ledger.json counts them (upsampled)" if self.log_path is not None else ""  # a run's
                 log.warning("resampling clips up to the model's %d Hz (%s of the first %d %s clips): they hold nothing "
-                            "above %g Hz, so the model's upper frequency bins stay empty for them; ledger.json counts "
-                            "them (upsampled)", next(iter(batch.upsampled))[1], rates, self.seen, self.split, low / 2)
+                            "above %g Hz, so the model's upper frequency bins stay empty for them%s",
+                            next(iter(batch.upsampled))[1], rates, self.seen, self.split, low / 2, counted)
         if not self.collective and self.seen >= self.min_clips:
             self.check()
 

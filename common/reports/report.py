@@ -43,6 +43,7 @@ from matplotlib.lines import Line2D
 
 from common.phases.baseline import differences, is_averaged
 from common.reports.folds import FoldError, fold_dirs, fold_mean
+from common.system.disk import output_folder
 from common.training.ledger import Ledger
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
@@ -673,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         folds += "".join(f"\n{row.label} trained on {row.hardware}: its time saving is not computed (wall times on "
                          f"other devices or another number of ranks do not compare); its FLOPs saving is.\n"
                          for row in rows if row.hardware)
-        args.out.mkdir(parents=True, exist_ok=True)
+        output_folder(args.out)
         rule = (f"Each run stops at epoch {args.stop_epoch} of its final phase (a fixed stop, whatever its {metric})"
                 if args.stop_epoch is not None else
                 f"Each run stops at the earliest evaluation of its final phase whose {metric} surpasses the "
@@ -687,7 +688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"![{metric} against training FLOPs](report.png)\n",
             encoding="utf-8")
         plot([baseline, *runs], rows, metric, args.out / "report.png", args.title)
-    except (ReportError, OSError) as err:
+    except (ReportError, OSError, ValueError) as err:  # ValueError: --out names a file (output_folder)
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(table, end="")

@@ -5,7 +5,8 @@ wrapping ``os error 28``, and from torch's zip writer (``torch.save``, DeepSpeed
 ``unexpected pos 128 vs 0`` or ``iostream error``, with no errno at all. :func:`out_of_space` recognises
 them (the last by the free space left on the file system after the failure), and :class:`NoSpace` is the
 one-line error the entry points print (``common.cli.run_main``). :func:`ensure_space` refuses a write
-whose size is known before it starts, so that nothing is half written.
+whose size is known before it starts, so that nothing is half written. :func:`output_folder` makes a command's
+output folder, refusing a file in its place by name (``mkdir`` would say only "File exists").
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["NoSpace", "out_of_space", "ensure_space", "free_bytes", "tree_size", "human_size", "describe_os_error"]
+__all__ = ["NoSpace", "out_of_space", "ensure_space", "free_bytes", "tree_size", "human_size", "describe_os_error",
+           "output_folder"]
 
 # below this many free bytes after a failed write, a write error without an errno is taken for a full disk
 NEARLY_FULL = 1 << 20
@@ -124,3 +126,20 @@ def describe_os_error(err: OSError) -> str | None:
         return None
     where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
     return f"{where}: {(err.strerror or type(err).__name__).lower()}"
+
+
+def output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` as a folder to write into, made if missing (with the folders on its way); returns it.
+
+    Raises:
+        ValueError: ``path``, or a folder on its way, is a file: named, with the option ``flag`` that gave it.
+    """
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file, not a folder" if existing == path else f"is not a folder ({existing} on its way is a file)"
+        raise ValueError(f"{flag} {path} {where}; name a new folder or an existing one")
+    path.mkdir(parents=True, exist_ok=True)
+    return path

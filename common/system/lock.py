@@ -79,8 +79,9 @@ def _try_lock(fd: int) -> bool:
 
 
 @contextmanager
-def run_dir_lock(run_dir: Path) -> Iterator[None]:
-    """Hold ``run_dir``'s lock while the block runs (this process only).
+def run_dir_lock(run_dir: Path, flag: str = "--run-dir") -> Iterator[None]:
+    """Hold ``run_dir``'s lock while the block runs (this process only); ``flag``: the option that named the folder
+    (said in the refusal).
 
     Raises:
         RunDirBusy: another process holds it; the message names that process.
@@ -107,7 +108,7 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
             record = _holder(path)
             gone = " (it has exited, but processes it started still hold the lock)" if _exited(record) else ""
             raise RunDirBusy(f"{run_dir} is in use by another run: {_describe(record)}{gone}; wait for it to end "
-                             f"(or stop it: running the same command again resumes it) or use another --run-dir")
+                             f"(or stop it: running the same command again resumes it) or use another {flag}")
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                   "command": " ".join([sys.executable, *sys.argv])}
         os.ftruncate(fd, 0)

@@ -11,7 +11,7 @@ from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from common.models.exports import RUN_EXPORT, save_encoder
 from finetune.embed import embed_files, main, read_clips, read_index, read_shard
 from finetune.embedder import load_embedder
-from tests.helpers import _write
+from tests.helpers import _write, one_error
 
 pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
 
@@ -259,14 +259,17 @@ def test_bad_settings_end_in_one_line_naming_them(tmp_path, capsys):
         assert main([*base, *extra]) != 0
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and message in err[-1], err
-    assert main(["--init", str(init), "--inputs", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 1
+    for missing in (f"{tmp_path}/nothing", f"{tmp_path}/nothing/"):  # a folder that is not there: no output made
+        assert main(["--init", str(init), "--inputs", missing, "--out", str(tmp_path / "o")]) == 2
+        assert one_error(capsys.readouterr().err) == f"error: --inputs {missing}: no such file or folder"
+        assert not (tmp_path / "o").exists()
     (tmp_path / "nothing").mkdir()
     assert main(["--init", str(init), "--inputs", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert "holds no audio files" in capsys.readouterr().err
     (tmp_path / "list.jsonl").write_text("a.wav\n")
-    assert main(["--init", str(init), "--inputs", str(tmp_path / "list.jsonl"), "--out", str(tmp_path / "o")]) == 1
+    assert main(["--init", str(init), "--inputs", str(tmp_path / "list.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert "list.jsonl: line 1 is not JSON" in capsys.readouterr().err
-    assert main([*base, "--device", "cuda:0"]) == (0 if torch.cuda.is_available() else 1)
+    assert main([*base, "--device", "cuda:0"]) == (0 if torch.cuda.is_available() else 2)
 
 
 @pytest.mark.parametrize("layer", [None, 1])
@@ -331,7 +334,7 @@ def test_a_second_command_on_one_out_stops_at_once_naming_the_first(tmp_path, ca
     with run_dir_lock(tmp_path / "o"):  # what a running command holds
         assert main(argv) == 1
         err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1].startswith("error: ") and f"pid {os.getpid()}" in err[-1], err
+        assert err[-1].startswith("error: ") and f"pid {os.getpid()}" in err[-1] and "another --out" in err[-1], err
         assert not (tmp_path / "o" / "shards").exists()
     assert main(argv) == 0 and len(read_index(tmp_path / "o")) == 1  # once the first has ended
 

@@ -62,6 +62,12 @@ def test_an_unreadable_file_is_reported_and_the_others_are_tagged(tmp_path, mode
     assert {"labels", "scores", "windows"} <= set(entries[0]) and {"labels", "scores"} <= set(entries[4])
     assert "error: 3 of 5 files could not be read" in captured.err
     assert f"error: {tmp_path / 'deleted.wav'}: no such file" in captured.err
+    # a WAV that lost its end (an interrupted copy) is no shorter clip: named as truncated, as the loader names it
+    cut = tmp_path / "cut.wav"
+    whole = _write(tmp_path / "whole.wav", 1.0).read_bytes()
+    cut.write_bytes(whole[: len(whole) // 2])
+    assert predict(["--ckpt", str(model), "--json", str(cut)]) == 1
+    assert json.loads(capsys.readouterr().out)[0]["error"].startswith("truncated (header: 16000 samples, file holds ")
     # the table says the same, in place
     assert predict(["--ckpt", str(model), str(good), str(garbage)]) == 1
     out = capsys.readouterr().out

@@ -32,8 +32,8 @@ def test_the_loader_counts_the_clips_it_resamples_up(synth_corpus, rate, expecte
     assert out.waveforms.shape == (5, int(1.27 * rate))
 
 
-def test_it_is_said_once_per_run_and_counted_per_split(caplog):
-    tracker = BadAudioTracker(1.0)
+def test_it_is_said_once_per_run_and_counted_per_split(caplog, tmp_path):
+    tracker = BadAudioTracker(1.0, log_path=str(tmp_path / "bad_audio.tsv"))  # a run's (common.training.record)
     valid = tracker.for_split("valid")
     with caplog.at_level(logging.WARNING, logger="common.data.loader"):
         tracker.update(batch({(16000, 32000): 3}))
@@ -46,6 +46,11 @@ def test_it_is_said_once_per_run_and_counted_per_split(caplog):
     assert tracker.take_upsampled() == {"train": {(16000, 32000): 7, (22050, 32000): 1},
                                         "valid": {(16000, 32000): 2}}
     assert tracker.take_upsampled() == {}  # handed out once
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="common.data.loader"):  # a command's (evaluate, stats): no ledger
+        BadAudioTracker(1.0, split="esc50_test").update(batch({(16000, 32000): 3}))
+    assert caplog.records[0].getMessage().endswith("of the first 4 esc50_test clips): they hold nothing above 8000 "
+                                                    "Hz, so the model's upper frequency bins stay empty for them")
     # a resumed run keeps the counts and does not say it again
     resumed = BadAudioTracker(1.0)
     resumed.load_state_dict(json.loads(json.dumps(tracker.state_dict())))

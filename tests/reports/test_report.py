@@ -152,6 +152,12 @@ def test_cli_errors_exit_2(tmp_path, runs, capsys):
     assert err.startswith("error: ") and "nowhere" in err and "Traceback" not in err
     assert main(["--baseline", str(runs["base"]), "--runs", str(runs["c2f"]), "--names", "a", "b"]) == 2
     assert "--names has 2 labels for 1 --runs" in capsys.readouterr().err
+    (tmp_path / "notes.md").write_text("mine\n")
+    for out, said in ((tmp_path / "notes.md", "is a file, not a folder"),
+                      (tmp_path / "notes.md" / "report", f"is not a folder ({tmp_path / 'notes.md'} on its way is a file)")):
+        assert main(["--baseline", str(runs["base"]), "--runs", str(runs["c2f"]), "--out", str(out)]) == 2
+        assert capsys.readouterr().err == f"error: --out {out} {said}; name a new folder or an existing one\n"
+    assert (tmp_path / "notes.md").read_text() == "mine\n"
 
 
 def test_patch_runs_are_labelled_with_their_transfer():

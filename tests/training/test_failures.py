@@ -22,7 +22,7 @@ import torch
 
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from finetune.classifier import Classifier, save_classifier
-from tests.helpers import RECIPE, ROOT, _free_port, tiny
+from tests.helpers import RECIPE, ROOT, _free_port, one_error, tiny
 from tests.helpers import run as pretrain
 
 AUDIO = {"sample_rate": 16000, "num_mel_bins": 128, "frame_shift_ms": 10.0, "frame_length_ms": 25.0,
@@ -33,13 +33,6 @@ def snapshot(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` with the SHA-256 of its bytes."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def one_error(err: str) -> str:
-    """The single ``error:`` line of a failed command (and no traceback)."""
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    return lines[0]
 
 
 @pytest.fixture
@@ -77,7 +70,7 @@ def test_an_unreadable_safetensors_model_is_named_by_every_entry_point(tmp_path,
     }
     for name, command in commands.items():
         capsys.readouterr()
-        assert command() == 1, name
+        assert command() == 2, name  # bad input: the file given is no model
         line = one_error(capsys.readouterr().err)
         assert f"{bad} is not a readable safetensors file ({len(before)} bytes; truncated, or not a safetensors" \
             in line, (name, line)
@@ -413,7 +406,7 @@ def test_the_linear_probe_on_an_empty_manifest(tmp_path, synth_corpus, split, ca
                            tmp_path / "encoder.safetensors")
     out = tmp_path / "probe.json"
     assert probe(["--init", str(encoder), "--task", str(task), "--cache-dir", str(tmp_path / "cache"),
-                  "--out", str(out), "--workers", "0"]) == 1
+                  "--out", str(out), "--workers", "0"]) == 2  # bad input
     line = one_error(capsys.readouterr().err)
     assert line == f"error: manifest {empty} holds no clips (an empty file); prepare it again"
     assert not out.exists()
@@ -428,7 +421,7 @@ def test_an_error_reported_in_one_line_keeps_its_traceback_in_train_log(tmp_path
 
     monkeypatch.setattr(Trainer, "run", broken)
     run_dir = tmp_path / "run"
-    assert pretrain(run_dir, synth_corpus) == 1
+    assert pretrain(run_dir, synth_corpus) == 2  # a ValueError is bad input (common.cli.run_main)
     err = capsys.readouterr().err
     assert "error: an unforeseen value" in err and "Traceback" not in err  # one line on the console ...
     log = (run_dir / "train.log").read_text()

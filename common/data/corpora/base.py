@@ -35,6 +35,7 @@ from typing import Iterable, Iterator
 from lhotse import CutSet, MonoCut, Recording
 
 from common.data.integrity import truncation
+from common.system.disk import output_folder
 from common.system.logger import progress
 
 __all__ = [
@@ -249,8 +250,7 @@ def write_corpus(
     if shuffle_seed is not None:
         entries = sorted(entries, key=lambda e: shuffled_order(e.cut_id, shuffle_seed))
     entries = list(entries)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir)
     report = PrepareReport(corpus=corpus, out_dir=out, notes=list(notes or []))
     known = set(classes or ())
     writers: dict = {}  # split -> (open writer, temporary path, final path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.data.loader import open_cuts
+from common.system.disk import output_folder
 
 __all__ = ["export_shar"]
 
@@ -15,8 +16,7 @@ def export_shar(manifest: str | Path, out_dir: str | Path, shard_size: int = 100
     Unreadable clips are left out (Lhotse's ``fault_tolerant``); a recipe names ``out_dir`` where it would
     name the manifest.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)  # to_shar does not create it
+    out_dir = output_folder(out_dir)  # to_shar does not create it
     cuts = open_cuts([manifest])
     shards = cuts.to_shar(out_dir, fields={"recording": "flac"}, shard_size=shard_size, num_jobs=num_jobs,
                           fault_tolerant=True)

@@ -35,8 +35,9 @@ def compute_stats(manifest: str | Path, target_frames: int = 1024, num_mel_bins:
     if max_clips is not None:
         cuts = cuts.subset(first=max_clips)
     dataset = ClipDataset(samples_for_frames(target_frames, fbank.frame_length, fbank.frame_shift), crop="start")
+    tracker = BadAudioTracker(max_fraction=1.0, split=Path(manifest).name.split(".jsonl")[0])  # said in its warnings
     loader = ClipLoader(cuts, dataset, batch_size, shuffle=False, drop_last=False, rank=0, world_size=1,
-                        num_workers=workers, tracker=BadAudioTracker(max_fraction=1.0))
+                        num_workers=workers, tracker=tracker)
     total, total_sq, cells, clips = 0.0, 0.0, 0, 0
     expected = count_clips(manifest)
     if expected is not None and max_clips is not None:
