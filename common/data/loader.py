@@ -1183,7 +1183,8 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
 def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] | None, clip_samples: int,
                 sample_rate: int, batch_size: int, num_workers: int = 0, crop: str = "start", rank: int = 0,
                 world_size: int = 1, tracker: BadAudioTracker | None = None,
-                pin_memory: bool = False, pad: str = "zeros", cache: ClipCache | None = None) -> ClipLoader:
+                pin_memory: bool = False, pad: str = "zeros", cache: ClipCache | None = None,
+                keep_workers: bool = False) -> ClipLoader:
     """One pass over evaluation manifests, every clip kept once (no shuffling within a manifest, several mixed
     with a fixed seed; no dropped batch; over several ranks, the same number of batches on each, the last of
     which may be empty).
@@ -1200,9 +1201,10 @@ def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] 
         pin_memory: pin batches for host-to-GPU copies.
         pad: how shorter clips are filled (``zeros`` or ``repeat``).
         cache: decoded clips kept between validation rounds (``data.cache``), or None.
+        keep_workers: keep the worker processes between passes (a run's validation rounds: :class:`ClipLoader`).
     """
     dataset = ClipDataset(clip_samples, sample_rate, classes, crop=crop, pad=pad, cache=cache)
     return ClipLoader(open_cuts(list(manifests)), dataset, batch_size, shuffle=False, drop_last=False, rank=rank,
                       world_size=world_size, num_workers=num_workers,
                       tracker=tracker or BadAudioTracker(1.0, split="eval"),
-                      pin_memory=pin_memory)
+                      pin_memory=pin_memory, keep_workers=keep_workers)

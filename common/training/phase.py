@@ -35,6 +35,7 @@ class PhaseMachinery:
         self.tracker = record.tracker
         self._clips = make_cache(spec.data.cache, spec.data.cache_dir)  # decoded clips, kept across phases
         self._train: ClipLoader | None = None  # one training loader for every phase (its workers kept)
+        self._valid: ClipLoader | None = None  # one validation loader for every round (its workers kept)
         self._finite = NonFiniteWatch(dist, spec.train.nonfinite_check, self.splits[0].grad_accum)
 
     @property
@@ -88,18 +89,28 @@ class PhaseMachinery:
         return self._train
 
     def _close_loaders(self) -> None:
-        """Stop the training loader's worker processes (the run ends, or stops)."""
-        if self._train is not None:
-            self._train.close()
-            self._train = None
+        """Stop the loaders' worker processes (the run ends, or stops)."""
+        for loader in (self._train, self._valid):
+            if loader is not None:
+                loader.close()
+        self._train = self._valid = None
 
-    def _eval_loader(self, index: int):
+    def _eval_loader(self, index: int) -> ClipLoader:
+        """The run's validation loader at phase ``index``'s batch size: made at the first validation, its workers
+        kept for every later round and phase (the clips and their crops are the same each time) until
+        :meth:`_close_loaders`. Workers forked afresh each round cost their start-up every round, and forking a
+        process that runs threads (TensorBoard's writer, the pin-memory thread) is where a worker's rare crash
+        at start-up comes from."""
         data = self.spec.data
-        return eval_loader(data.valid, self.objective.classes, self.arch.clip_samples, self.arch.sample_rate,
-                           data.eval_batch_size or self.splits[index].per_rank, data.num_workers, data.eval_crop,
-                           self.dist.rank, self.dist.world_size,
-                           tracker=self.tracker.for_split("valid", data.valid, dist=self.dist),
-                           pin_memory=self.device.type == "cuda", pad=data.pad, cache=self._clips)
+        if self._valid is None:
+            self._valid = eval_loader(data.valid, self.objective.classes, self.arch.clip_samples,
+                                      self.arch.sample_rate, data.eval_batch_size or self.splits[index].per_rank,
+                                      data.num_workers, data.eval_crop, self.dist.rank, self.dist.world_size,
+                                      tracker=self.tracker.for_split("valid", data.valid, dist=self.dist),
+                                      pin_memory=self.device.type == "cuda", pad=data.pad, cache=self._clips,
+                                      keep_workers=True)
+        self._valid.batch_size = data.eval_batch_size or self.splits[index].per_rank
+        return self._valid
 
     def _micro_step(self, engine, batch: Batch, pipeline: nn.Module, index: int) -> dict[str, torch.Tensor]:
         """Forward, backward and (at the end of an accumulation group) the optimiser step of one micro-batch

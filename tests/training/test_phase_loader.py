@@ -1,9 +1,11 @@
 """One training loader across a run's phases: its worker processes start once, before the first phase's clock,
 serve every phase (the clips are the same; the front end on the device makes each phase's resolution) and
-stop when the run does; the run trains on exactly the batches a run without workers trains on."""
+stop when the run does; the run trains on exactly the batches a run without workers trains on. Validation's
+loader likewise starts its workers once, at the first round."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 
 import pytest
@@ -27,8 +29,13 @@ def test_a_run_starts_its_loader_workers_once_and_stops_them(tmp_path, synth_cor
 
     monkeypatch.setattr(DataLoader, "_get_iterator", counted)
     before = set(multiprocessing.active_children())
-    assert run(tmp_path / "workers", synth_corpus, "data.num_workers=1", steps=(3, 3)) == 0
-    assert started.count(True) == 1  # one start for both phases (validation's loader starts its own)
+    assert run(tmp_path / "workers", synth_corpus, "data.num_workers=1", "train.eval_every=2", steps=(3, 3)) == 0
+    rounds = json.loads((tmp_path / "workers" / "ledger.json").read_text())["evals"]
+    assert len(rounds) >= 3 and {e["phase"] for e in rounds} == {0, 1}
+    # training's loader and validation's, each started once for every phase and round (validation's workers
+    # forked afresh each round cost their start-up every time, and a fork of a process running threads is where
+    # a worker's rare start-up crash comes from)
+    assert started == [True, True]
     assert not set(multiprocessing.active_children()) - before
     assert run(tmp_path / "inline", synth_corpus, "data.num_workers=0", steps=(3, 3)) == 0
     a, b = weights(tmp_path / "workers"), weights(tmp_path / "inline")
