@@ -310,5 +310,5 @@ def test_linear_probe_and_predict_accept_an_hf_directory(tmp_path, capsys):
     torch.manual_seed(0)
     save_encoder(ASTEncoder(tiny_cfg()), tmp_path / "e.safetensors", {"audio": AUDIO, "phase": FULL})
     enc_dir = export_hf(tmp_path / "e.safetensors", tmp_path / "enc")
-    assert predict(["--ckpt", str(enc_dir), str(tmp_path / "x.wav")]) == 1
+    assert predict(["--ckpt", str(enc_dir), str(tmp_path / "x.wav")]) == 2  # bad input: no classifier
     assert "without a classification head" in capsys.readouterr().err

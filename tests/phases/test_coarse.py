@@ -239,7 +239,7 @@ def test_a_baseline_that_is_not_comparable_is_refused_before_compute_or_accepted
         tmp_path, synth_corpus, monkeypatch, capsys):
     unfinished = comparable_baseline(tmp_path, synth_corpus, finished=False)
     run_dir = tmp_path / "c2f"
-    assert ft(tmp_path, synth_corpus, run_dir, f"train.stop_when_surpassing={unfinished}") == 1
+    assert ft(tmp_path, synth_corpus, run_dir, f"train.stop_when_surpassing={unfinished}") == 2  # bad input
     err = capsys.readouterr().err
     assert "train.stop_when_surpassing: the baseline" in err and "is not comparable with this run: not finished: no " \
         "model.safetensors" in err and "train.accept_baseline_differences=true" in err
