@@ -226,7 +226,7 @@ def _followed(recipe: FinetuneRecipe, stated: dict, warmup: str | None) -> list[
 
 
 def _apply_task_file_defaults(recipe: FinetuneRecipe, data: dict, notes: list[str] | None, stated: dict,
-                              followed: str, scaled: list[str]) -> FinetuneRecipe:
+                              followed: str, scaled: list[str], source: str = "task file") -> FinetuneRecipe:
     """Fill in what a task file leaves to the defaults: warm-up scaled to the data, and say which defaults apply.
 
     Args:
@@ -234,6 +234,7 @@ def _apply_task_file_defaults(recipe: FinetuneRecipe, data: dict, notes: list[st
         stated: what the task file, ``--recipe`` and ``--set`` state.
         followed: ``package`` or the name of the published recipe followed (``finetune.task_recipes``).
         scaled: what was fitted to the task (``SpecAugment time mask 96 -> 56 for 300 frames``).
+        source: what the notes call the task (``task file``; ``task`` for a registered one given ``defaults``).
     """
     given = {k for k in ("optim", "model", "augment", "head") if k in stated}
     said = []
@@ -269,10 +270,10 @@ def _apply_task_file_defaults(recipe: FinetuneRecipe, data: dict, notes: list[st
     if notes is None:
         return recipe
     if followed == PACKAGE:
-        notes.append(f"task file {recipe.task.name}: package defaults (defaults: package): {'; '.join(said)}; set "
+        notes.append(f"{source} {recipe.task.name}: package defaults (defaults: package): {'; '.join(said)}; set "
                      f"any of them in the task file (optim:, model:, augment:, head:) or with --set")
     else:
-        notes.append(f"task file {recipe.task.name}: defaults: {RECIPES[followed].describe()}"
+        notes.append(f"{source} {recipe.task.name}: defaults: {RECIPES[followed].describe()}"
                      f"{''.join(f', {s}' for s in scaled)}; the run: {'; '.join(said)}. What the task file, --recipe "
                      f"or --set states wins; 'defaults: package' in the task file keeps the package's bare defaults")
     return recipe
@@ -341,31 +342,38 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
             from scratch.
     """
     fields, defaults = task_source(task)
-    data = dict(defaults)
+    given = {}
     if recipe_path is not None:
         given = load_yaml(recipe_path)
         other = sorted(k for k in given if k in ("audio", "ssast", "baseline"))
         if other:
             raise RecipeError(f"{recipe_path} is a pretraining recipe (its {other[0]}: section is pretraining's); run "
                               f"it with pretrain/run.py --recipe {recipe_path}")
-        data = merge(data, given)
-    data["task"] = merge(fields, data.get("task", {}) if isinstance(data.get("task"), dict) else {})
-    if data_root:
-        data["task"]["data_root"] = data_root
-    data["init"] = init
+
+    def assembled(own: dict) -> dict:  # the task's fields and the init over ``own`` defaults and the --recipe file
+        data = merge(dict(own), given)
+        data["task"] = merge(fields, data.get("task", {}) if isinstance(data.get("task"), dict) else {})
+        if data_root:
+            data["task"]["data_root"] = data_root
+        data["init"] = init
+        return data
+
+    data = assembled(defaults)
     task_file = is_task_file(task)
+    if not task_file and "defaults" in apply_overrides(data, overrides):
+        # a registered task follows its own published recipe (finetune/tasks.py) unless defaults: names another
+        # (or auto: the one closest to the init, as for a task file): its own defaults give way to that recipe's
+        data, task_file = assembled({}), True
     if task_file:
         data, stated, followed, said = _task_file_data(task, data, overrides, init_weights, planning)
     else:
         data = apply_overrides(data, overrides)
-        if "defaults" in data:
-            raise RecipeError(f"defaults: only a task file chooses its defaults; the registered task {task} "
-                              f"follows its own published recipe (finetune/tasks.py)")
     name = baseline_name(recipe_path) if recipe_path is not None else f"{data['task'].get('name', task)}-baseline"
     full, (data, derived) = data, apply_coarse(data, name, coarse)
     recipe = build_derived(FinetuneRecipe, data, derived)
     if task_file:
-        recipe = _apply_task_file_defaults(recipe, full, notes, stated, followed, said)
+        recipe = _apply_task_file_defaults(recipe, full, notes, stated, followed, said,
+                                           "task file" if is_task_file(task) else "task")
     return recipe
 
 

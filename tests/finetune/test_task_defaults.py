@@ -177,8 +177,32 @@ def test_registered_tasks_keep_their_recipes(tmp_path):
     esc = load_recipe("esc50", overrides=["task.target_frames=300"])  # no scaling: the task's own recipe
     assert (esc.augment.freqm, esc.augment.timem, esc.augment.noise, esc.phases[0].epochs) == (24, 96, True, 50)
     assert load_recipe("speechcommands").optim.warmup_steps == 1000 and load_recipe("vggsound").optim.lr == 1e-5
-    with pytest.raises(RecipeError, match="defaults: only a task file chooses its defaults"):
-        load_recipe("esc50", overrides=["defaults=package"])
+
+
+
+def test_a_registered_task_follows_another_published_recipe_when_defaults_names_one():
+    """The registered esc50 follows SSAST's recipe whatever the start; AST's official ESC-50 recipe for an AudioSet
+    checkpoint (egs/esc50/run_esc.sh: lr 1e-5, 25 epochs, no noise, decay from epoch 5) is a switch away: defaults
+    names it, or auto picks the published recipe closest to the init, as for a task file."""
+    from common.models.weights import EncoderWeights
+
+    notes: list[str] = []
+    ast = load_recipe("esc50", overrides=["defaults=ast_esc50_audioset"], notes=notes)
+    assert (ast.optim.lr, ast.phases[0].epochs, ast.augment.noise, ast.optim.decay_start, ast.task.loss) == \
+        (1e-5, 25, False, 5, "ce")
+    assert ast.task.folds == load_recipe("esc50").task.folds  # the task itself is the registered one
+    assert notes and notes[0].startswith("task esc50: defaults: AST ESC-50")
+    audio = EncoderWeights(None, {}, {"source": "official"})  # an AST AudioSet checkpoint: supervised audio
+    assert load_recipe("esc50", overrides=["defaults=auto"], init_weights=audio, init="ast.pth").optim.lr == 1e-5
+    ssast = EncoderWeights(None, {}, {"source": "official", "objective": "ssast"})
+    own = load_recipe("esc50")
+    chosen = load_recipe("esc50", overrides=["defaults=auto"], init_weights=ssast, init="ssast.pth")
+    assert (chosen.optim.lr, chosen.phases[0].epochs, chosen.augment.noise) == \
+        (own.optim.lr, own.phases[0].epochs, own.augment.noise) == (1e-4, 50, True)
+    assert load_recipe("esc50", overrides=["defaults=package"]).optim.schedule == "plateau"
+    assert load_recipe("esc50", overrides=["defaults=ast_esc50_audioset", "optim.lr=2e-5"]).optim.lr == 2e-5
+    with pytest.raises(RecipeError, match="defaults: expected auto"):
+        load_recipe("esc50", overrides=["defaults=ast"])
 
 
 def _flat(recipe: dict) -> dict:

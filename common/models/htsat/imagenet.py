@@ -1,7 +1,8 @@
 """ImageNet Swin Transformer weights -> the start of an HTS-AT (its backbone), as the official HTS-AT loads them.
 
-The official code (RetroCirce/HTS-Audio-Transformer ``main.py``, ``swin_pretrain_path``) starts its AudioSet
-model from Microsoft's ImageNet-1K Swin-T/C24 (``swin_tiny_c24_patch4_window8_256.pth``: 256 x 256 images,
+The official code (RetroCirce/HTS-Audio-Transformer ``main.py``, ``swin_pretrain_path``: an option, ``None`` in its
+``config.py``) starts its pretrained AudioSet model (HTS-AT^HCP) from Microsoft's ImageNet-1K Swin-T/C24
+(``swin_tiny_c24_patch4_window8_256.pth``: 256 x 256 images,
 window 8, heads 4-8-16-32, exactly HTS-AT's Swin): every key of the file's ``model`` dict that the model has
 is loaded, the patch kernel averaged over the RGB channels, the ImageNet classifier ``head.*`` dropped. What
 the file lacks (the per-mel ``bn0``, the token-semantic head) starts afresh.
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 # the config fields an ImageNet Swin's weights fix (the rest is the run's)
 SWIN_FIELDS = ("patch_size", "embed_dim", "depths", "num_heads", "mlp_ratio", "qkv_bias")
-# the file the official HTS-AT starts from (config.py swin_pretrain_path), Microsoft's Swin-T/C24
+# the file the official HTS-AT starts from when config.py's swin_pretrain_path names it, Microsoft's Swin-T/C24
 OFFICIAL_START = "swin_tiny_c24_patch4_window8_256.pth"
 
 _DOWNSAMPLE = re.compile(r"layers\.(\d+)\.downsample\.(.+)")
