@@ -25,7 +25,7 @@ from common.data.loader import (
     reshard_index,
     shard_batches,
 )
-from tests.helpers import _free_port, _launch
+from tests.helpers import _launch
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIPS, VALID, BATCH = 41, 25, 4  # neither divides into batches of 4 on 2 or 3 ranks

@@ -3,7 +3,6 @@ decoded clips kept (``data.cache``), batches prepared by a background thread, an
 all-reduce skipped on a single rank. None of them may change what is trained."""
 
 import json
-import sys
 import threading
 import time
 from pathlib import Path

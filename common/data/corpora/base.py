@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +51,6 @@ __all__ = [
     "shuffled_order",
 ]
 
-log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus")
 # what video corpora come as (VGGSound's and Kinetics' own copies): found, and named as needing their audio extracted
@@ -292,5 +290,4 @@ def write_corpus(
             json.dumps({"classes": list(classes), "names": dict(names or {})}, indent=1)
         )
     (out / f"{corpus}_prepare.json").write_text(json.dumps(report.to_dict(), indent=1))
-    log.info("%s", report.summary())
-    return report
+    return report  # its summary() is the command's to say (it was said twice: logged here and printed there)
