@@ -42,8 +42,8 @@ from common.models.weights import EncoderWeights, load_encoder_state
 from common.phases.config import TransferConfig
 
 __all__ = ["InitTransferConfig", "INIT_KINDS", "load_init", "init_family", "INIT_FAMILIES", "task_encoder_config",
-           "init_kind", "expected_init_note", "init_pos_mode", "init_pool", "resolve_pool", "task_encoder", "INIT_RECORD",
-           "record_init", "recorded_init"]
+           "init_kind", "expected_init_note", "init_pos_mode", "init_patch_mode", "init_pool", "resolve_pool",
+           "task_encoder", "INIT_RECORD", "record_init", "recorded_init"]
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,16 @@ def resolve_pool(pool: str, init: EncoderWeights | None, cfg) -> str:
     return architecture_for(cfg).resolve_pool(pool, init)
 
 
+def init_patch_mode(init: EncoderWeights | None, phase=None) -> str:
+    """How ``init``'s patch kernel is fitted to a first phase ``phase`` (a :class:`PhaseConfig`; None: full
+    resolution): a patch phase's own transfer; else, for weights written in a patch phase, that phase's transfer
+    (the kernel leaves it as the run's own phase change would have); else PI-resize."""
+    if phase is not None and phase.compression == "patch":
+        return phase.patch_transfer
+    written = init.written_in if init is not None else Compression()
+    return written.patch_transfer if written.method == "patch" else "pi"
+
+
 def task_encoder(init: EncoderWeights | None, cfg, pos_mode: str = "bilinear"):
     """An encoder laid out as ``cfg`` (full resolution) carrying ``init``'s weights, for a frozen use such as
     probing (AST family: an :class:`ASTEncoder`; HTS-AT: the model with its head)."""
@@ -210,7 +220,7 @@ def task_encoder(init: EncoderWeights | None, cfg, pos_mode: str = "bilinear"):
     arch = architecture_for(cfg)
     geometry = arch.geometry(Compression())
     encoder = arch.build_encoder(geometry)
-    arch.load_weights(encoder, init, geometry, init_pos_mode(init, pos_mode), "pi")
+    arch.load_weights(encoder, init, geometry, init_pos_mode(init, pos_mode), init_patch_mode(init))
     return encoder.eval()
 
 

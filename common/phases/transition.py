@@ -16,6 +16,7 @@ from torch import nn
 from common.models.arch import Architecture
 from common.models.weights import EncoderWeights
 from common.phases.config import PhaseConfig, TransferConfig, patch_mode_between
+from common.phases.init import init_patch_mode
 
 __all__ = ["initial_model", "next_phase_model"]
 
@@ -40,10 +41,7 @@ def initial_model(arch: Architecture, objective, geometry, phase: PhaseConfig, s
     torch.manual_seed(seed)
     model = objective.build_model(geometry)
     if init is not None:
-        written = init.written_in  # an export of a patch phase leaves it as that phase would have
-        leaving = PhaseConfig(written.method, written.factor, written.patch_transfer, epochs=1) \
-            if written.method == "patch" else None
-        arch.load_weights(model.encoder, init, geometry, pos_mode, patch_mode_between(leaving, phase), table_mode)
+        arch.load_weights(model.encoder, init, geometry, pos_mode, init_patch_mode(init, phase), table_mode)
         load_heads = getattr(objective, "load_initial_heads", None)  # an objective's own parts of the init
         if load_heads is not None:
             load_heads(model)

@@ -169,7 +169,7 @@ def test_an_export_of_a_patch_phase_starts_a_task_at_full_resolution(transfer):
     from common.models.arch import architecture_for
     from common.models.weights import EncoderWeights
     from common.phases.config import PhaseConfig
-    from common.phases.init import task_encoder_config
+    from common.phases.init import task_encoder, task_encoder_config
     from common.phases.transition import initial_model
     from finetune.classifier import AugmentConfig, ClassifierObjective
     from finetune.recipe import load_recipe
@@ -193,3 +193,5 @@ def test_an_export_of_a_patch_phase_starts_a_task_at_full_resolution(transfer):
     other = adapt_state_dict(state, coarse, cfg, "bilinear", "bilinear" if transfer == "pi" else "pi")
     assert torch.equal(model.encoder.patch_embed.proj.weight.detach(), expected)
     assert not torch.allclose(expected, other["patch_embed.proj.weight"])
+    frozen = task_encoder(init, cfg)  # a linear probe's encoder: the same kernel as fine-tuning's start
+    assert torch.equal(frozen.patch_embed.proj.weight.detach(), expected)
