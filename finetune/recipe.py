@@ -269,13 +269,15 @@ def _apply_task_file_defaults(recipe: FinetuneRecipe, data: dict, notes: list[st
         said.append(f"{recipe.head.pool} pooling")
     if notes is None:
         return recipe
+    where = "the task file, --recipe or --set" if source == "task file" else "--recipe or --set"
+    package = "'defaults: package' in the task file" if source == "task file" else "--set defaults=package"
     if followed == PACKAGE:
         notes.append(f"{source} {recipe.task.name}: package defaults (defaults: package): {'; '.join(said)}; set "
-                     f"any of them in the task file (optim:, model:, augment:, head:) or with --set")
+                     f"any of them in {where} (optim:, model:, augment:, head:)")
     else:
         notes.append(f"{source} {recipe.task.name}: defaults: {RECIPES[followed].describe()}"
-                     f"{''.join(f', {s}' for s in scaled)}; the run: {'; '.join(said)}. What the task file, --recipe "
-                     f"or --set states wins; 'defaults: package' in the task file keeps the package's bare defaults")
+                     f"{''.join(f', {s}' for s in scaled)}; the run: {'; '.join(said)}. What {where} states wins; "
+                     f"{package} keeps the package's bare defaults")
     return recipe
 
 
@@ -362,8 +364,9 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
     task_file = is_task_file(task)
     if not task_file and "defaults" in apply_overrides(data, overrides):
         # a registered task follows its own published recipe (finetune/tasks.py) unless defaults: names another
-        # (or auto: the one closest to the init, as for a task file): its own defaults give way to that recipe's
-        data, task_file = assembled({}), True
+        # (or auto: the one closest to the init, as for a task file): its own defaults give way to that recipe's,
+        # but for its data section (the batch: a published recipe leaves it to the task, as to a task file)
+        data, task_file = assembled({k: v for k, v in defaults.items() if k == "data"}), True
     if task_file:
         data, stated, followed, said = _task_file_data(task, data, overrides, init_weights, planning)
     else:

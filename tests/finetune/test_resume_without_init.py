@@ -56,6 +56,21 @@ def test_a_run_resumes_when_its_init_has_gone_and_trains_the_uninterrupted_weigh
     assert not (tmp_path / "new" / "checkpoints").exists()
 
 
+def test_a_registered_task_following_the_inits_recipe_resumes_when_its_init_has_gone(tmp_path, synth_corpus,
+                                                                                      official_init, capsys):
+    """`--set defaults=auto` makes a registered task's defaults follow the init's family, as a task file's: the
+    family is read from RUN/init.json when the file has gone, and the run resumes to its end."""
+    data = _synth_root(tmp_path, synth_corpus)
+    run_dir = tmp_path / "run"
+    command = ["--init", str(official_init), "--task", "synth", "--data-root", str(data), "--run-dir", str(run_dir),
+               *sets(*RUN, "defaults=auto", "phases=[{compression: none, epochs: 2}]")]
+    assert finetune([*command, "--stop-after-steps", "1"]) == 0
+    official_init.unlink()
+    assert finetune(command) == 0, capsys.readouterr().err
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert [e["epoch"] for e in ledger["evals"]] == [1, 2]
+
+
 def test_a_fold_that_would_start_from_a_gone_init_stops_naming_it(tmp_path, official_init, capsys):
     """A task file (its defaults follow the init's family, read from the record): the first fold resumes and
     finishes; the second, which starts from the init's weights, stops with one line naming the file."""

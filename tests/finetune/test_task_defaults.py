@@ -190,8 +190,10 @@ def test_a_registered_task_follows_another_published_recipe_when_defaults_names_
     ast = load_recipe("esc50", overrides=["defaults=ast_esc50_audioset"], notes=notes)
     assert (ast.optim.lr, ast.phases[0].epochs, ast.augment.noise, ast.optim.decay_start, ast.task.loss) == \
         (1e-5, 25, False, 5, "ce")
+    assert ast.data.batch_size == load_recipe("esc50").data.batch_size == 48  # the task's batch (AST's too)
     assert ast.task.folds == load_recipe("esc50").task.folds  # the task itself is the registered one
     assert notes and notes[0].startswith("task esc50: defaults: AST ESC-50")
+    assert "What --recipe or --set states wins; --set defaults=package keeps" in notes[0]
     audio = EncoderWeights(None, {}, {"source": "official"})  # an AST AudioSet checkpoint: supervised audio
     assert load_recipe("esc50", overrides=["defaults=auto"], init_weights=audio, init="ast.pth").optim.lr == 1e-5
     ssast = EncoderWeights(None, {}, {"source": "official", "objective": "ssast"})
