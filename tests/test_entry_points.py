@@ -141,6 +141,12 @@ def test_bad_input_to_a_command_ends_in_one_line_with_exit_status_2_before_any_c
     assert one_error(capsys.readouterr().err) == f"error: --out {taken} is a file, not a folder; name a new folder or " \
                                                  f"an existing one"
     assert taken.read_text() == "mine\n"
+    dangling = tmp_path / "gone"
+    dangling.symlink_to(tmp_path / "scratch" / "out")  # a link to a folder on a disk that is not there
+    assert corpora(["prepare", "custom", "--csv", str(tmp_path / "list.csv"), "--out", str(dangling / "x")]) == 2
+    assert one_error(capsys.readouterr().err) == f"error: --out {dangling / 'x'} is not a folder ({dangling} on its " \
+                                                 f"way is a link to {tmp_path / 'scratch' / 'out'}, which does not " \
+                                                 f"exist); name a new folder or an existing one"
     nowhere = str(tmp_path / "no-such-model")  # read only after the checks
     assert probe(["--init", nowhere, "--task", "synth", "--C", "0"]) == 2
     assert one_error(capsys.readouterr().err) == "error: C: the inverse regularisation must be a finite number " \

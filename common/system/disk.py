@@ -136,10 +136,12 @@ def output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
     """
     path = Path(path)
     existing = path
-    while not existing.exists() and existing != existing.parent:
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        where = "is a file, not a folder" if existing == path else f"is not a folder ({existing} on its way is a file)"
+        what = f"a link to {os.readlink(existing)}, which does not exist" if existing.is_symlink() and \
+            not existing.exists() else "a file"
+        where = f"is {what}, not a folder" if existing == path else f"is not a folder ({existing} on its way is {what})"
         raise ValueError(f"{flag} {path} {where}; name a new folder or an existing one")
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -109,8 +109,14 @@ def test_custom_tree_with_a_class_named_like_a_split_is_refused_not_read_as_spli
         write_clip(tmp_path / "splits" / split / "dog" / "x0.wav", seconds=0.3)
     (tmp_path / "splits" / "notes").mkdir()
     (tmp_path / "splits" / "notes" / "README.txt").write_text("recorded in 2019\n")
+    # what unzipping a Mac archive and a desktop's trash leave: no classes, no clips
+    (tmp_path / "splits" / "__MACOSX" / "train" / "dog").mkdir(parents=True)
+    (tmp_path / "splits" / "__MACOSX" / "train" / "dog" / "._x0.wav").write_bytes(b"\x00\x05\x16\x07" * 20)
+    (tmp_path / "splits" / "train" / "dog" / "._x0.wav").write_bytes(b"\x00\x05\x16\x07" * 20)
+    write_clip(tmp_path / "splits" / ".Trash-0" / "files" / "old.wav", seconds=0.3)
+    write_clip(tmp_path / "splits" / "train" / ".cat" / "x1.wav", seconds=0.3)
     report = get_corpus("custom").prepare(tmp_path / "splits", tmp_path / "out")
-    assert dict(report.clips) == {"train": 1, "valid": 1}
+    assert dict(report.clips) == {"train": 1, "valid": 1} and not report.unreadable
 
 
 def test_custom_csv_saved_with_a_byte_order_mark_is_read(tmp_path):

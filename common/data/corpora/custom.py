@@ -9,7 +9,8 @@ Labeled audio comes from either
 - a folder per class (``--src DIR``): ``DIR/<class>/**/*.wav`` (or .flac, .ogg, .mp3), optionally one
   level of split folders first: ``DIR/train/<class>/...``, ``DIR/valid/<class>/...``, ``DIR/test/...``
   (a tree with both split folders and other folders of audio is refused: a class named ``train``, as ESC-50
-  has, goes in a CSV).
+  has, goes in a CSV). Hidden files and folders (a leading dot: ``.Trash-0``, macOS's ``._x.wav``) and
+  ``__MACOSX`` are skipped, here and in ``--unlabeled`` folders.
 
 A CSV's ``split`` is ``train``, ``valid``, ``test`` or ``foldN`` (cross-validation folds); any other name
 (``training``, ``val``, ...) is refused, naming the line and the split it resembles. Clips without a split
@@ -63,10 +64,26 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the valid/test carve-out")
 
 
+def _skipped(name: str) -> bool:
+    """A hidden file or folder (``.Trash-0``, macOS's ``._x.wav`` resource forks) or an unzipped Mac archive's
+    ``__MACOSX``: never audio of the corpus."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _folders(base: Path) -> list[Path]:
+    """The folders of ``base`` that may hold the corpus's audio, sorted."""
+    return sorted(p for p in base.iterdir() if p.is_dir() and not _skipped(p.name))
+
+
 def _audio_files(folder: Path) -> list[Path]:
-    """Every audio file under ``folder``, sorted (two files of one name in different folders are two clips)."""
-    return sorted(Path(root) / name for root, _, files in os.walk(folder) for name in files
-                  if os.path.splitext(name)[1].lower() in AUDIO_SUFFIXES)
+    """Every audio file under ``folder``, sorted (two files of one name in different folders are two clips), but
+    what :func:`_skipped` leaves out."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not _skipped(d)]
+        found += [Path(root) / name for name in files
+                  if not _skipped(name) and os.path.splitext(name)[1].lower() in AUDIO_SUFFIXES]
+    return sorted(found)
 
 
 def _id_root(paths: list[Path], home: Path) -> Path:
@@ -142,14 +159,13 @@ def _from_tree(root: Path) -> list[tuple[Path, tuple[str, ...], str | None]]:
     if not root.is_dir():
         raise FileNotFoundError(f"custom audio folder not found: {root}")
     split_roots = [(root / s, s) for s in SPLIT_DIRS if (root / s).is_dir()]
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):  # "validation/<class>/": a split, misnamed
+    for folder in _folders(root):  # "validation/<class>/": a split, misnamed
         alias = SPLIT_ALIASES.get(folder.name.lower())
         if alias and (split_roots or any(p.is_dir() for p in folder.iterdir())):
             raise ValueError(f"{folder}: named like a split, but split folders are {', '.join(SPLIT_DIRS)} "
                              f"(rename it {alias!r}); it would be {'ignored' if split_roots else 'a class'}")
     if split_roots:  # a split layout; a class folder beside its split folders would be dropped without a word
-        beside = [p.name for p in sorted(root.iterdir())
-                  if p.is_dir() and p.name not in SPLIT_DIRS and _audio_files(p)]
+        beside = [p.name for p in _folders(root) if p.name not in SPLIT_DIRS and _audio_files(p)]
         if beside:
             splits = ", ".join(s for _, s in split_roots)
             raise ValueError(f"{root}: holds split folders ({splits}) and folders of audio beside them "
@@ -158,7 +174,7 @@ def _from_tree(root: Path) -> list[tuple[Path, tuple[str, ...], str | None]]:
                              f"(path,label) instead")
     rows = []
     for base, split in split_roots or [(root, None)]:
-        for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+        for class_dir in _folders(base):
             rows.extend((f, (class_dir.name,), split) for f in _audio_files(class_dir))
     if not rows:
         raise ValueError(f"{root}: no audio files in class folders ({root}/<class>/*.wav)")
