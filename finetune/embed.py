@@ -1,6 +1,6 @@
 """Write clip-level and frame-level embeddings of audio files, folders and manifests with a frozen model.
 
-    python finetune/embed.py --init runs/pretrain/ssast_fshift4 --inputs a.wav folder/ data/esc50/esc50_all.jsonl.gz \\
+    python finetune/embed.py --init runs/pretrain/ssast_fshift4 --inputs a.wav folder/ data/esc50/esc50_fold1.jsonl.gz \\
         --out emb/ --layer final --pool mean --frames --format npy --batch-size 32
     python finetune/embed.py --init HTSAT_AudioSet_Saved_1.ckpt --inputs recordings/ --out emb_htsat/ --frames
 
@@ -527,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "frozen model of any --init. Long clips are cut into windows; what an earlier run wrote into "
                     "--out is skipped; unreadable files are listed in OUT/bad_audio.tsv (exit status 1).",
         epilog="example: python finetune/embed.py --init runs/pretrain/ssast_fshift4 --inputs clips/ "
-               "data/esc50/esc50_all.jsonl.gz --out emb/ --frames")
+               "data/esc50/esc50_fold1.jsonl.gz --out emb/ --frames")
     parser.add_argument("--init", required=True,
                         help="a run directory, an export, an official SSAST / AST .pth, a Hugging Face AST "
                              "directory, an official HTS-AT checkpoint")
