@@ -324,6 +324,15 @@ def _task_file_data(task: str, data: dict, overrides: Sequence[str], init_weight
     return merged, stated, followed, said
 
 
+def defaults_follow_init(task: str, recipe_path: str | Path | None = None, overrides: Sequence[str] = ()) -> bool:
+    """Whether the recipe's defaults may depend on ``--init``'s family (:func:`load_recipe` then reads the init):
+    a task file's, or a registered task's given ``defaults:`` in ``--recipe`` or ``--set``."""
+    if is_task_file(task):
+        return True
+    given = load_yaml(recipe_path) if recipe_path is not None else {}
+    return "defaults" in given or any(item.split("=", 1)[0].strip() == "defaults" for item in overrides)
+
+
 def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Sequence[str] = (),
                 init: str = "none", data_root: str | None = None, notes: list[str] | None = None,
                 coarse: str | None = None, init_weights=None, planning: bool = False) -> FinetuneRecipe:

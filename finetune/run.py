@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                                         task_encoder_config)
         from common.training.batch import phase_splits
         from common.training.plan import build_plan, format_plan
-        from finetune.recipe import check_files, file_checks, load_recipe
+        from finetune.recipe import check_files, defaults_follow_init, file_checks, load_recipe
 
         notes: list[str] = []
 
@@ -208,16 +208,16 @@ def main(argv: list[str] | None = None) -> int:
             return load_recipe(args.task, args.recipe, args.overrides, init=args.init, data_root=args.data_root,
                                notes=notes, coarse=args.coarse, init_weights=init_weights, planning=planning)
 
-        # loaded once, before the recipe: a task file's defaults (or a registered task's --set defaults=) follow
-        # the init's family
-        try:
-            early, have_early = load_init(args.init), True
-        except FileNotFoundError:  # a resumed run's record of it, found in the run directory's place
-            early = _recorded_init(_run_root(args, recipe_with(None, planning=True, notes=[])), args.init,
-                                   args.restart)
-            have_early = early is not None
-            if not have_early and not args.dry_run:
-                raise  # a plan goes on (planned as from scratch) and lists the missing init below
+        early, have_early = None, False  # a task file's defaults (or a registered task's --set defaults=) follow
+        if defaults_follow_init(args.task, args.recipe, args.overrides):  # the init's family: read it first
+            try:
+                early, have_early = load_init(args.init), True
+            except FileNotFoundError:  # a resumed run's record of it, found in the run directory's place
+                early = _recorded_init(_run_root(args, recipe_with(None, planning=True, notes=[])), args.init,
+                                       args.restart)
+                have_early = early is not None
+                if not have_early and not args.dry_run:
+                    raise  # a plan goes on (planned as from scratch) and lists the missing init below
         recipe = recipe_with(early)
         world_size = world_size_of(args)
         phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)  # refuse an impossible split now
