@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_classes_csv(path: Path) -> tuple[list[str], dict[str, str]]:
     """``(mids in index order, {mid: display_name})`` from ``class_labels_indices.csv``."""
-    with require_file(path, "AudioSet class list (class_labels_indices.csv)").open(newline="", encoding="utf-8-sig") as handle:
+    listing = require_file(path, "AudioSet class list (class_labels_indices.csv)")
+    with listing.open(newline="", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
     needed = {"index", "mid", "display_name"}
     if not rows or not needed <= set(rows[0]):

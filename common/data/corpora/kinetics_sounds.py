@@ -34,9 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="class list, one Kinetics class per line (default SRC/kinetics_sounds_classes.txt)")
     parser.add_argument("--audio-dir", type=Path, default=None, help="extracted audio (default SRC/audio)")
     parser.add_argument("--test-from", choices=("validate", "val", "test"), default="validate",
-                        help="annotations of the test split: validate (the default; annotations/validate.csv, or "
-                             "val.csv as the CVDF copy names it; val is the same choice) or test (annotations/test.csv, "
-                             "where it has labels: Kinetics-700-2020 withholds them)")
+                        help="annotations of the test split: validate (the default; annotations/validate.csv, "
+                             "or val.csv as the CVDF copy names it; val is the same choice) or test "
+                             "(annotations/test.csv, where it has labels: Kinetics-700-2020 withholds them)")
 
 
 # the validation annotations' file names: Kinetics' own release, then the CVDF copy's (cvdfoundation/kinetics-dataset)
@@ -58,7 +58,8 @@ def annotation_file(src: Path, test_from: str) -> Path:
 
 def read_class_file(path: Path) -> list[str]:
     """The class names of ``path``, one per line, in file order (blank lines ignored)."""
-    classes = [line.strip() for line in require_file(path, "Kinetics-Sounds class list").read_text(encoding="utf-8-sig").splitlines()]
+    text = require_file(path, "Kinetics-Sounds class list").read_text(encoding="utf-8-sig")
+    classes = [line.strip() for line in text.splitlines()]
     classes = [c for c in classes if c]
     repeated = sorted({c for c in classes if classes.count(c) > 1})
     if not classes or repeated:
