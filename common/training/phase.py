@@ -99,8 +99,8 @@ class PhaseMachinery:
         """The run's validation loader at phase ``index``'s batch size: made at the first validation, its workers
         kept for every later round and phase (the clips and their crops are the same each time) until
         :meth:`_close_loaders`. Workers forked afresh each round cost their start-up every round, and forking a
-        process that runs threads (TensorBoard's writer, the pin-memory thread) is where a worker's rare crash
-        at start-up comes from."""
+        process that runs threads (TensorBoard's writer, the pin-memory thread) is a known source of rare crashes
+        of a worker at start-up."""
         data = self.spec.data
         if self._valid is None:
             self._valid = eval_loader(data.valid, self.objective.classes, self.arch.clip_samples,

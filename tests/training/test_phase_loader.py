@@ -33,8 +33,8 @@ def test_a_run_starts_its_loader_workers_once_and_stops_them(tmp_path, synth_cor
     rounds = json.loads((tmp_path / "workers" / "ledger.json").read_text())["evals"]
     assert len(rounds) >= 3 and {e["phase"] for e in rounds} == {0, 1}
     # training's loader and validation's, each started once for every phase and round (validation's workers
-    # forked afresh each round cost their start-up every time, and a fork of a process running threads is where
-    # a worker's rare start-up crash comes from)
+    # forked afresh each round cost their start-up every time, and each fork of a process running threads risks
+    # a worker's rare crash at start-up)
     assert started == [True, True]
     assert not set(multiprocessing.active_children()) - before
     assert run(tmp_path / "inline", synth_corpus, "data.num_workers=0", steps=(3, 3)) == 0
