@@ -80,7 +80,8 @@ MANIFEST_SUFFIXES = (".jsonl", ".jsonl.gz")
 # ---------------------------------------------------------------------------------------------- inputs
 @dataclass(frozen=True)
 class Clip:
-    """One clip to embed: its id, the file it is read from, and how (``load(sample_rate) -> waveform``)."""
+    """One clip to embed: its id, the file it is read from, and how (``load(sample_rate, channels) -> waveform``:
+    ``channels`` ``first`` or ``mean`` of a multi-channel file)."""
 
     clip_id: str
     source: str
@@ -92,11 +93,11 @@ class Unreadable(Exception):
 
 
 def _file_clip(path: Path) -> Clip:
-    def load(rate: int) -> np.ndarray:
+    def load(rate: int, channels: str = "first") -> np.ndarray:
         from finetune.predict import AudioReadError, load_audio
 
         try:
-            return load_audio(path, rate)
+            return load_audio(path, rate, channels)
         except AudioReadError as err:
             raise Unreadable(str(err)) from None
 
@@ -106,9 +107,9 @@ def _file_clip(path: Path) -> Clip:
 def _cut_clip(cut) -> Clip:
     from common.data.loader import BadClip, _source_path, load_clip
 
-    def load(rate: int) -> np.ndarray:
+    def load(rate: int, channels: str = "first") -> np.ndarray:
         try:
-            return load_clip(cut, rate)
+            return load_clip(cut, rate, channels)
         except BadClip as err:
             raise Unreadable(str(err)) from None
 
@@ -169,12 +170,13 @@ def list_clips(inputs: Sequence[str | os.PathLike]) -> tuple[Iterator[Clip], int
     return clips(), total
 
 
-def _prefetch(clips: Iterable[Clip], rate: int, workers: int) -> Iterator[tuple[Clip, np.ndarray | str]]:
+def _prefetch(clips: Iterable[Clip], rate: int, workers: int,
+              channels: str = "first") -> Iterator[tuple[Clip, np.ndarray | str]]:
     """``(clip, waveform or the reason it cannot be read)`` in order, decoded by ``workers`` threads."""
 
     def read(clip: Clip) -> np.ndarray | str:
         try:
-            return clip.load(rate)
+            return clip.load(rate, channels)
         except Unreadable as err:
             return str(err)
 
@@ -467,7 +469,7 @@ def embed_files(init: str | os.PathLike | Embedder, inputs: Sequence[str | os.Pa
 
         bar = progress(total, 0, f"embedding into {out}", show_progress, unit="clip")
         with bar:
-            for clip, wave in _prefetch(todo(), rate, workers):
+            for clip, wave in _prefetch(todo(), rate, workers, embedder.channels):
                 if isinstance(wave, str):
                     summary.bad.append((clip.source, wave))
                     log.warning("%s: %s; skipped", clip.source, wave)

@@ -95,11 +95,13 @@ class Embedder:
         frames: also compute frame embeddings.
         device: where the model runs.
         info: what :meth:`describe` adds (the init, the front end's statistics).
+        channels: how a multi-channel file is read for it: ``first`` or ``mean`` (as the model was trained).
     """
 
     def __init__(self, encoder: nn.Module, pipeline: nn.Module, sample_rate: int, clip_samples: int, *,
                  layer: int | None = None, pool: str = "mean", frames: bool = False,
-                 device: str | torch.device = "cpu", info: dict | None = None) -> None:
+                 device: str | torch.device = "cpu", info: dict | None = None, channels: str = "first") -> None:
+        self.channels = channels
 
         self.htsat = isinstance(encoder, HTSAT)
         self.device = torch.device(device)
@@ -332,5 +334,8 @@ def load_embedder(init: str | Path, *, layer: int | None = None, pool: str = "au
         info["norm"] = label
         arch = architecture_for(arch.base, audio)
     pool = arch.resolve_pool("auto", weights) if pool == "auto" and weights.arch == "ast" else pool
+    from finetune.evaluate import clip_handling
+
+    channels = clip_handling(meta)["channels"]  # as the model was trained (an export's record; official HTS-AT: mean)
     return Embedder(encoder, pipeline, arch.sample_rate, arch.clip_samples, layer=layer, pool=pool, frames=frames,
-                    device=device, info=info)
+                    device=device, info=info, channels=channels)

@@ -65,10 +65,14 @@ def predict_scores(model: nn.Module, meta: dict, waveforms: torch.Tensor, length
 
 
 def clip_handling(meta: dict) -> dict:
-    """How the export's validation filled a short clip (``pad``: ``zeros`` or ``repeat``) and cut a long one
-    (``crop``: ``start`` or ``center``); exports without the record did as AST: zeros, from the start."""
+    """How the export's validation filled a short clip (``pad``: ``zeros`` or ``repeat``), cut a long one
+    (``crop``: ``start`` or ``center``) and read a multi-channel file (``channels``: ``first`` or ``mean``);
+    exports without the record did as AST: zeros, from the start, the first channel. An official HTS-AT checkpoint
+    hears the channels' mean, as its code read its data."""
     clips = meta.get("clips") if isinstance(meta.get("clips"), dict) else {}
-    return {"pad": clips.get("pad", "zeros"), "crop": clips.get("crop", "start")}
+    official = "mean" if meta.get("source") == "official" and meta.get("arch") == "htsat" else "first"
+    return {"pad": clips.get("pad", "zeros"), "crop": clips.get("crop", "start"),
+            "channels": clips.get("channels", official)}
 
 
 def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequence[str] | None = None,
@@ -86,7 +90,7 @@ def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequenc
     sample_rate, clip_samples = clip_for_export(meta)
     clips = clip_handling(meta)
     loader = eval_loader(manifests, classes, clip_samples, sample_rate, batch_size, num_workers, crop=clips["crop"],
-                         pad=clips["pad"], tracker=tracker)
+                         pad=clips["pad"], tracker=tracker, channels=clips["channels"])
     scores, targets = [], []
     bar = progress(loader.estimated_batches_per_epoch(), 0, f"scoring {Path(manifests[0]).name}", show_progress,
                    unit="batch")

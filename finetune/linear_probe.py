@@ -83,17 +83,19 @@ def _cache_key(ckpt: str, manifests: Sequence[str], cfg, layer, pool, front_end:
 
 def extract_features(encoder, arch, manifests: Sequence[str], classes: Sequence[str], layer: int | None = None,
                      pool: str = "mean", batch_size: int = 32, num_workers: int = 2,
-                     device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, np.ndarray]:
+                     device: torch.device = torch.device("cpu"),
+                     channels: str = "first") -> tuple[np.ndarray, np.ndarray]:
     """``(features [clips, D], targets [clips, classes])`` of a frozen full-resolution encoder over
     ``manifests``: each clip's first window, embedded by :class:`finetune.embedder.Embedder` (the code
     ``finetune/embed.py`` writes embeddings with) around ``encoder`` and the front end of ``arch``
-    (``common.models.arch``)."""
+    (``common.models.arch``); ``channels``: how a multi-channel file is read (as the encoder was trained)."""
     from common.data.loader import count_clips, eval_loader
     from common.system.logger import progress
     from finetune.embedder import Embedder
 
     embedder = Embedder.from_arch(encoder, arch, layer=layer, pool=pool, device=device)
-    loader = eval_loader(manifests, classes, arch.clip_samples, arch.sample_rate, batch_size, num_workers)
+    loader = eval_loader(manifests, classes, arch.clip_samples, arch.sample_rate, batch_size, num_workers,
+                         channels=channels)
     feats, targets = [], []
     counts = [count_clips(m) for m in manifests]
     bar = progress(None if None in counts else sum(counts), 0, f"features of {Path(manifests[0]).name}"
@@ -169,6 +171,10 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
     cache = Path(recipe.cache_dir)
     pipeline = arch.frontend(arch.geometry(Compression()), Compression(), SpecAugmentConfig())
     front_end = f"{getattr(arch, 'audio', None)}|{getattr(pipeline, 'stats', None)}|{arch.clip_samples}"
+    from finetune.evaluate import clip_handling
+
+    channels = clip_handling(init.meta)["channels"] if init is not None else "first"  # as the encoder was trained
+    front_end += "" if channels == "first" else f"|channels={channels}"  # the features of older caches stay valid
 
     def features(manifests: list[str]) -> tuple[np.ndarray, np.ndarray]:
         path = cache / f"{_cache_key(init_path, manifests, cfg, recipe.layer, pool, front_end, classes)}.npz"
@@ -176,7 +182,7 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
             data = np.load(path)
             return data["x"], data["y"]
         x, y = extract_features(encoder, arch, manifests, classes, recipe.layer, pool, recipe.batch_size,
-                                recipe.num_workers, device)
+                                recipe.num_workers, device, channels)
         cache.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, x.nbytes + y.nbytes) as tmp, open(tmp, "wb") as handle:  # a killed run leaves none
             np.savez(handle, x=x, y=y)

@@ -133,8 +133,9 @@ def _decoder_reason(err: Exception) -> str:
     return "cannot decode it: " + " ".join(lines)
 
 
-def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
-    """First channel of ``path`` at ``sample_rate`` (Lhotse decodes and resamples).
+def load_audio(path: str | Path, sample_rate: int, channels: str = "first") -> np.ndarray:
+    """``path`` at ``sample_rate`` (Lhotse decodes and resamples): its first channel, or (``channels="mean"``) the
+    mean of its channels.
 
     Raises:
         AudioReadError: with the reason: ``no such file``, ``is a directory``, ``permission denied``,
@@ -162,7 +163,7 @@ def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
         audio = rec.load_audio()
     except Exception as err:  # noqa: BLE001 - any decoder failure
         raise AudioReadError(_decoder_reason(err)) from None
-    wave = np.asarray(audio[0], dtype=np.float32)
+    wave = np.asarray(audio.mean(axis=0) if channels == "mean" else audio[0], dtype=np.float32)
     if wave.size == 0:
         raise AudioReadError("empty audio (0 samples)")
     if not np.isfinite(wave).all():
@@ -180,9 +181,10 @@ def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None 
     from finetune.evaluate import clip_for_export, clip_handling, predict_scores
 
     rate, clip = clip_for_export(meta)
-    repeat = clip_handling(meta)["pad"] == "repeat"  # a file shorter than the clip, repeated as in validation
+    handling = clip_handling(meta)
+    repeat = handling["pad"] == "repeat"  # a file shorter than the clip, repeated as in validation
     rule = aggregate_rule(meta, aggregate)
-    wave = load_audio(path, rate)
+    wave = load_audio(path, rate, handling["channels"])
     if hop_seconds is not None and not (math.isfinite(hop_seconds) and hop_seconds > 0):
         raise ValueError(f"--hop must be a finite number of seconds above 0, got {hop_seconds}")
     hop = max(1, int(round(hop_seconds * rate))) if hop_seconds else max(1, clip // 2)

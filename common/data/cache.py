@@ -42,7 +42,7 @@ CacheMode = Literal["none", "memory", "disk"]
 DEFAULT_CACHE_DIR = "~/.cache/coarse2fine/clips"
 
 
-def _cut_key(cut, sample_rate: int) -> str:
+def _cut_key(cut, sample_rate: int, variant: str = "") -> str:
     """What identifies a cut's decoded samples: recording, source files (with size and mtime), span, rate."""
     recording = cut.recording
     sources = []
@@ -58,7 +58,8 @@ def _cut_key(cut, sample_rate: int) -> str:
         sources.append(entry)
     channel = getattr(cut, "channel", None)
     ident = [recording.id, sources, round(cut.start, 6), round(cut.duration, 6),
-             channel if isinstance(channel, (int, type(None))) else list(channel), sample_rate]
+             channel if isinstance(channel, (int, type(None))) else list(channel), sample_rate] + \
+        ([variant] if variant else [])  # the channels' mean of a multi-channel file, not its first
     return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -97,9 +98,10 @@ class ClipCache:
         state.update(clips={}, bytes=0)
         return state
 
-    def load(self, cut, sample_rate: int, decode: Callable) -> np.ndarray:
-        """The cut's samples at ``sample_rate``: from the cache, or ``decode(cut, sample_rate)`` (then kept)."""
-        key = _cut_key(cut, sample_rate)
+    def load(self, cut, sample_rate: int, decode: Callable, variant: str = "") -> np.ndarray:
+        """The cut's samples at ``sample_rate``: from the cache, or ``decode(cut, sample_rate)`` (then kept);
+        ``variant`` names another decoding of the same samples (``mean``: the channels mixed down)."""
+        key = _cut_key(cut, sample_rate, variant)
         if self.mode == "memory":
             wave = self.clips.get(key)
             if wave is not None:

@@ -59,6 +59,7 @@ import warnings
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Sequence
 
@@ -164,6 +165,9 @@ class DataConfig:
             ``~/.cache/coarse2fine/manifests``; about the manifests' uncompressed size).
         pad: how a clip shorter than the clip length is filled: ``zeros`` (AST / SSAST) or ``repeat`` (the
             clip again, as HTS-AT's ESC-50 preparation concatenates each 5 s clip twice to 10 s).
+        channels: how a multi-channel file becomes one: ``first`` (AST's and SSAST's ``kaldi.fbank`` reads the
+            first channel), ``mean`` (HTS-AT's ``librosa.load(mono=True)`` mixes them down) or ``auto``: the
+            official code's of the run's architecture (``Architecture.channels``).
         cache: keep decoded clips (``none``, ``memory`` or ``disk``; ``common.data.cache`` says when each fits).
         cache_dir: the folder of a ``disk`` cache (default ``~/.cache/coarse2fine/clips``).
     """
@@ -182,6 +186,7 @@ class DataConfig:
     shuffle: Literal["full", "buffer"] = "full"
     index_dir: str | None = None
     pad: Literal["zeros", "repeat"] = "zeros"
+    channels: Literal["auto", "first", "mean"] = "auto"
     cache: CacheMode = "none"
     cache_dir: str | None = None
 
@@ -201,6 +206,10 @@ class DataConfig:
         if self.cache == "memory" and self.num_workers > 0:
             raise ValueError("cache: 'memory' keeps clips in the training process and needs num_workers: 0; "
                              "use cache: disk with loader workers")
+
+    def channels_for(self, arch) -> str:
+        """``channels`` for a run of architecture ``arch`` (``auto``: its ``channels``, its official code's)."""
+        return arch.channels if self.channels == "auto" else self.channels
 
 
 def _manifest_path(path: str | os.PathLike) -> Path:
@@ -441,8 +450,12 @@ def _rate_changed(source: str | None, cut) -> str | None:
     return None
 
 
-def load_clip(cut, sample_rate: int) -> np.ndarray:
-    """Decode a cut's first channel at ``sample_rate`` (resampling if needed); raise :class:`BadClip`.
+CHANNELS = ("first", "mean")  # how a multi-channel file becomes the model's one channel (DataConfig.channels)
+
+
+def load_clip(cut, sample_rate: int, channels: str = "first") -> np.ndarray:
+    """Decode a cut at ``sample_rate`` (resampling if needed), its first channel or (``channels="mean"``) the mean
+    of its recording's channels; raise :class:`BadClip`.
 
     The reason names what is wrong: ``missing (no such file)``, ``truncated (...)`` (the file holds less
     than its header claims, see ``common.data.integrity``), ``unreadable (...)`` (also a clip more than
@@ -460,7 +473,10 @@ def load_clip(cut, sample_rate: int) -> np.ndarray:
     try:
         if cut.sampling_rate != sample_rate:
             cut = cut.resample(sample_rate)
-        audio = cut.load_audio()
+        if channels == "mean" and len(cut.recording.channel_ids) > 1:  # a mono cut reads its one channel
+            audio = cut.recording.load_audio(offset=cut.start, duration=cut.duration).mean(axis=0, keepdims=True)
+        else:
+            audio = cut.load_audio()
     except Exception as err:  # noqa: BLE001 - every decoder failure is a bad clip
         if source is not None and not os.path.exists(source):
             raise BadClip("missing (no such file)") from None
@@ -529,14 +545,19 @@ class ClipDataset(torch.utils.data.Dataset):
         seed: seed of the random crops.
         pad: ``zeros`` (a shorter clip is zero-padded) or ``repeat`` (it is repeated to the clip length).
         cache: decoded clips kept between epochs (``common.data.cache``), or None.
+        channels: ``first`` or ``mean`` (:func:`load_clip`).
     """
 
     def __init__(self, clip_samples: int, sample_rate: int = 16000, classes: Sequence[str] | None = None,
-                 crop: str = "start", seed: int = 0, pad: str = "zeros", cache: ClipCache | None = None) -> None:
+                 crop: str = "start", seed: int = 0, pad: str = "zeros", cache: ClipCache | None = None,
+                 channels: str = "first") -> None:
         if crop not in CROPS:
             raise ValueError(f"unknown crop {crop!r}; choose one of {list(CROPS)}")
         if pad not in ("zeros", "repeat"):
             raise ValueError(f"unknown pad {pad!r}; choose 'zeros' or 'repeat'")
+        if channels not in CHANNELS:
+            raise ValueError(f"unknown channels {channels!r}; choose one of {list(CHANNELS)}")
+        self.channels = channels
         self.pad = pad
         self.clip_samples = clip_samples
         self.sample_rate = sample_rate
@@ -565,8 +586,9 @@ class ClipDataset(torch.utils.data.Dataset):
         waves, lengths, targets, ids, bad, upsampled = [], [], [], [], [], Counter()
         for cut in cuts:
             try:
-                wave = load_clip(cut, self.sample_rate) if self.cache is None else \
-                    self.cache.load(cut, self.sample_rate, load_clip)
+                decode = partial(load_clip, channels=self.channels)
+                wave = decode(cut, self.sample_rate) if self.cache is None else \
+                    self.cache.load(cut, self.sample_rate, decode, "" if self.channels == "first" else self.channels)
                 wave = self._crop(wave, cut.id, epoch)
             except BadClip as err:
                 bad.append((_source_path(cut), str(err)))
@@ -1143,7 +1165,8 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: int, sample_rate: int,
                  batch_size: int, seed: int, rank: int, world_size: int, tracker: BadAudioTracker,
-                 pin_memory: bool = False, cache: ClipCache | None = None, keep_workers: bool = False) -> ClipLoader:
+                 pin_memory: bool = False, cache: ClipCache | None = None, keep_workers: bool = False,
+                 channels: str = "first") -> ClipLoader:
     """The training stream of a run: ``data.train`` mixed by weight, shuffled per epoch (the whole set when it
     fits ``data.full_shuffle_max``, or AST's balanced sampling when ``data.balanced``), cropped as
     ``data.train_crop`` says, incomplete last batches dropped.
@@ -1162,6 +1185,7 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
         pin_memory: pin batches for host-to-GPU copies.
         cache: decoded clips kept between epochs and phases (``data.cache``; made by the caller, which keeps it).
         keep_workers: keep the worker processes between calls of ``batches`` (:class:`ClipLoader`).
+        channels: ``first`` or ``mean`` of a multi-channel file (``data.channels`` resolved for the architecture).
     """
     cuts = open_cuts(data.train, seed=seed, in_memory_max=data.full_shuffle_max,
                      index_dir=(data.index_dir or DEFAULT_INDEX_DIR) if data.shuffle == "full" else None)
@@ -1174,7 +1198,7 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
         counts = [count_clips(spec.path) for spec in data.train]
         epoch_clips = None if None in counts else sum(counts)
     dataset = ClipDataset(clip_samples, sample_rate, classes, crop=data.train_crop, seed=seed, pad=data.pad,
-                          cache=cache)
+                          cache=cache, channels=channels)
     return ClipLoader(cuts, dataset, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rank,
                       world_size=world_size, num_workers=data.num_workers, weights=weights, tracker=tracker,
                       pin_memory=pin_memory, epoch_clips=epoch_clips, keep_workers=keep_workers)
@@ -1184,7 +1208,7 @@ def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] 
                 sample_rate: int, batch_size: int, num_workers: int = 0, crop: str = "start", rank: int = 0,
                 world_size: int = 1, tracker: BadAudioTracker | None = None,
                 pin_memory: bool = False, pad: str = "zeros", cache: ClipCache | None = None,
-                keep_workers: bool = False) -> ClipLoader:
+                keep_workers: bool = False, channels: str = "first") -> ClipLoader:
     """One pass over evaluation manifests, every clip kept once (no shuffling within a manifest, several mixed
     with a fixed seed; no dropped batch; over several ranks, the same number of batches on each, the last of
     which may be empty).
@@ -1202,8 +1226,9 @@ def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] 
         pad: how shorter clips are filled (``zeros`` or ``repeat``).
         cache: decoded clips kept between validation rounds (``data.cache``), or None.
         keep_workers: keep the worker processes between passes (a run's validation rounds: :class:`ClipLoader`).
+        channels: ``first`` or ``mean`` of a multi-channel file (:func:`load_clip`).
     """
-    dataset = ClipDataset(clip_samples, sample_rate, classes, crop=crop, pad=pad, cache=cache)
+    dataset = ClipDataset(clip_samples, sample_rate, classes, crop=crop, pad=pad, cache=cache, channels=channels)
     return ClipLoader(open_cuts(list(manifests)), dataset, batch_size, shuffle=False, drop_last=False, rank=rank,
                       world_size=world_size, num_workers=num_workers,
                       tracker=tracker or BadAudioTracker(1.0, split="eval"),

@@ -34,9 +34,12 @@ class Architecture(Protocol):
         base: the full-resolution model config.
         sample_rate: clips are resampled to this.
         clip_samples: clips are cropped / zero-padded to this many samples.
+        channels: how the family's official code reads a multi-channel file: ``first`` or ``mean``
+            (``data.channels: auto``).
     """
 
     name: str
+    channels: str
     base: Any
     sample_rate: int
     clip_samples: int

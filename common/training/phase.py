@@ -44,6 +44,12 @@ class PhaseMachinery:
         return self.record.state
 
     @property
+    def channels(self) -> str:
+        """How a multi-channel file becomes one: ``data.channels``, or for ``auto`` the architecture's official
+        code's."""
+        return self.spec.data.channels_for(self.arch)
+
+    @property
     def zero_stage(self) -> int:
         """The ZeRO stage of this launch's engines (the record's: a resumed run keeps its checkpoint's)."""
         return self.record.zero_stage
@@ -84,7 +90,8 @@ class PhaseMachinery:
             self._train = train_loader(self.spec.data, self.objective.classes, self.arch.clip_samples,
                                        self.arch.sample_rate, self.splits[index].per_rank, self.spec.train.seed,
                                        self.dist.rank, self.dist.world_size, self.tracker,
-                                       pin_memory=self.device.type == "cuda", cache=self._clips, keep_workers=True)
+                                       pin_memory=self.device.type == "cuda", cache=self._clips, keep_workers=True,
+                                       channels=self.channels)
         self._train.batch_size = self.splits[index].per_rank
         return self._train
 
@@ -108,7 +115,7 @@ class PhaseMachinery:
                                       data.num_workers, data.eval_crop, self.dist.rank, self.dist.world_size,
                                       tracker=self.tracker.for_split("valid", data.valid, dist=self.dist),
                                       pin_memory=self.device.type == "cuda", pad=data.pad, cache=self._clips,
-                                      keep_workers=True)
+                                      keep_workers=True, channels=self.channels)
         self._valid.batch_size = data.eval_batch_size or self.splits[index].per_rank
         return self._valid
 

@@ -395,7 +395,8 @@ class RunRecord:
                 "phase": {"index": index + 1, "of": len(self.spec.phases), "compression": phase.compression,
                           "factor": phase.factor, "patch_transfer": phase.patch_transfer},
                 # how validation filled and cut its clips: evaluation and prediction of the export do the same
-                "clips": {"pad": self.spec.data.pad, "crop": self.spec.data.eval_crop}, **extra}
+                "clips": {"pad": self.spec.data.pad, "crop": self.spec.data.eval_crop,
+                          "channels": self.spec.data.channels_for(self.plan.arch)}, **extra}
 
     # ------------------------------------------------------------------------------------- the end
     def average_into(self, model: nn.Module, index: int) -> list[int]:

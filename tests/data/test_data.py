@@ -434,3 +434,47 @@ def test_iterating_a_loader_leaves_the_global_rng_alone(synth_corpus, workers, k
     finally:
         batches.close()
         loader.close()
+
+
+def test_a_stereo_file_is_read_as_each_familys_official_code_reads_it(tmp_path):
+    """`data.channels`: the AST family's kaldi.fbank reads the first channel, HTS-AT's official packing the mean
+    (`librosa.load(mono=True)`); `auto` picks the architecture's; the clip cache keeps the two apart; predict reads
+    a file the same way."""
+    from lhotse import MonoCut, Recording
+
+    from common.data.cache import make_cache
+    from common.data.loader import load_clip
+    from common.models.arch import architecture_for
+    from common.models.ast.encoder import EncoderConfig
+    from common.models.htsat import HTSATConfig
+    from finetune.evaluate import clip_handling
+    from finetune.predict import load_audio
+
+    left = 0.3 * np.sin(2 * np.pi * 440 * np.arange(8000) / 16000)
+    path = tmp_path / "stereo.wav"
+    sf.write(str(path), np.stack([left, 0.5 * np.ones_like(left)], axis=1).astype(np.float32), 16000)
+    rec = Recording.from_file(path)
+    cut = MonoCut(id="s", start=0.0, duration=rec.duration, channel=0, recording=rec)  # as prepare writes them
+    first, mean = load_clip(cut, 16000), load_clip(cut, 16000, "mean")
+    assert np.allclose(first, left, atol=1e-4) and np.allclose(mean, (left + 0.5) / 2, atol=1e-4)
+    resampled = load_clip(cut, 8000, "mean"), load_clip(cut, 8000)  # the filter's edges aside, the same mixdown
+    assert np.allclose(resampled[0][200:-200], (resampled[1][200:-200] + 0.5) / 2, atol=2e-3)
+    assert np.allclose(load_audio(path, 16000, "mean"), mean) and np.allclose(load_audio(path, 16000), first)
+    mono = MonoCut(id="m", start=0.0, duration=rec.duration, channel=0,
+                   recording=Recording.from_file(sf.write(str(tmp_path / "m.wav"), left, 16000) or tmp_path / "m.wav"))
+    assert np.array_equal(load_clip(mono, 16000, "mean"), load_clip(mono, 16000))  # one channel: itself
+
+    cache = make_cache("memory")
+    for channels in ("first", "mean", "first"):
+        wave = ClipDataset(8000, channels=channels, cache=cache)[(0, 0, [cut])].waveforms[0].numpy()
+        assert np.allclose(wave, first if channels == "first" else mean, atol=1e-4)
+    assert (cache.misses, cache.hits) == (2, 1)  # the mean is no hit for the first channel
+    with pytest.raises(ValueError, match="unknown channels"):
+        ClipDataset(8000, channels="left")
+
+    ast, htsat = architecture_for(EncoderConfig()), architecture_for(HTSATConfig())
+    assert (DataConfig().channels_for(ast), DataConfig().channels_for(htsat)) == ("first", "mean")
+    assert DataConfig(channels="first").channels_for(htsat) == "first"
+    assert clip_handling({"clips": {"channels": "mean"}})["channels"] == "mean"  # an export's record
+    assert clip_handling({"source": "export", "arch": "htsat"})["channels"] == "first"  # trained before the record
+    assert clip_handling({"source": "official", "arch": "htsat"})["channels"] == "mean"

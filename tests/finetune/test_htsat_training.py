@@ -58,6 +58,7 @@ def test_a_two_phase_htsat_fine_tune_runs_end_to_end(tmp_path, synth_corpus, cap
     assert p2["eval_seconds"] >= 1.0  # the average's evaluation (1 s here) is device time too
     _, meta = read_weights(run_dir / "model.safetensors")
     assert meta["arch"] == "htsat" and meta["classifier"]["pool"] == "tscam"
+    assert meta["clips"]["channels"] == "mean"  # data.channels: auto, the official packing's mixdown
     model, meta = load_classifier(run_dir)
     assert type(model).__name__ == "HTSATClassifier" and model.encoder.geom.image == (64, 64)
     coarse, _ = load_classifier(run_dir / "export" / "phase1.safetensors")

@@ -99,7 +99,7 @@ def test_an_export_keeps_its_normalisation_statistics_by_value(tmp_path, capsys)
                      *sets(*TINY, "data.batch_size=2")]) == 0
     _, meta = read_weights(run_dir / "model.safetensors")
     assert meta["norm_stats"] == {"mean": -9.0, "std": 2.0}
-    assert meta["clips"] == {"pad": "zeros", "crop": "start"}  # how validation filled and cut its clips
+    assert meta["clips"] == {"pad": "zeros", "crop": "start", "channels": "first"}  # how validation read its clips
     clip = next((tmp_path / "drums").rglob("*.wav"))
 
     def scores():

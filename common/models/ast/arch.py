@@ -80,6 +80,7 @@ class ASTArch:
     norm_stats: NormStats | None = None
 
     name: ClassVar[str] = "ast"
+    channels: ClassVar[str] = "first"  # kaldi.fbank(channel=-1) reads the first channel (AST, SSAST)
 
     @property
     def sample_rate(self) -> int:

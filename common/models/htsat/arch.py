@@ -99,6 +99,7 @@ class HTSATArch:
     base: HTSATConfig
 
     name: ClassVar[str] = "htsat"
+    channels: ClassVar[str] = "mean"  # librosa.load(mono=True) in the official data preparation
 
     @property
     def sample_rate(self) -> int:
