@@ -25,8 +25,9 @@ import onnxruntime
 META_KEY = "coarse2fine_ast"
 
 
-def read_audio(path: str) -> tuple[np.ndarray, int]:
-    """The first channel of ``path`` as float32 in [-1, 1], and its sample rate."""
+def read_audio(path: str, mix: str = "first") -> tuple[np.ndarray, int]:
+    """``path`` as float32 in [-1, 1], its first channel or (``mix="mean"``: the model's metadata ``channels`` says
+    which) the mean of its channels, and its sample rate."""
     try:
         import soundfile
     except ImportError:  # the standard library reads PCM WAV
@@ -37,10 +38,11 @@ def read_audio(path: str) -> tuple[np.ndarray, int]:
             raw = handle.readframes(handle.getnframes())
         if width not in (2, 4):
             raise ValueError(f"{path}: {8 * width}-bit WAV; install soundfile to read it")
-        ints = np.frombuffer(raw, dtype=np.int16 if width == 2 else np.int32).reshape(-1, channels)
-        return (ints[:, 0] / float(2 ** (8 * width - 1))).astype(np.float32), rate
-    data, rate = soundfile.read(path, dtype="float32", always_2d=True)
-    return data[:, 0], rate
+        data = np.frombuffer(raw, dtype=np.int16 if width == 2 else np.int32).reshape(-1, channels)
+        data = (data / float(2 ** (8 * width - 1))).astype(np.float32)
+    else:
+        data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    return (data.mean(axis=1) if mix == "mean" else data[:, 0]).astype(np.float32), rate
 
 
 def windows(num_samples: int, clip: int, hop: int) -> list[int]:
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     results, failed = [], 0
     for path in args.audio:
         try:
-            wave, rate = read_audio(path)
+            wave, rate = read_audio(path, info.get("channels", "first"))
             if rate != info["sample_rate"]:
                 raise ValueError(f"{rate} Hz audio; the model takes {info['sample_rate']} Hz: resample it first "
                                  f"(e.g. sox {path} -r {info['sample_rate']} out.wav)")

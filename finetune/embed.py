@@ -386,7 +386,7 @@ def _check_settings(out: Path, settings: dict) -> None:
         before = json.loads(path.read_text())
     except ValueError as err:
         raise ValueError(f"{path} is not JSON ({err}); give a new --out") from None
-    keys = ("model_sha256", "layer", "pool", "frames", "format", "hop_seconds", "front_end", "model")
+    keys = ("model_sha256", "layer", "pool", "frames", "format", "hop_seconds", "front_end", "model", "channels")
     changed = [k for k in keys if before.get(k) != settings.get(k)]
     if changed:
         what = ", ".join(f"{k} {before.get(k)!r} -> {settings.get(k)!r}" if k not in ("front_end", "model")
@@ -439,7 +439,8 @@ def embed_files(init: str | os.PathLike | Embedder, inputs: Sequence[str | os.Pa
     hop = max(1, int(round(hop_seconds * rate))) if hop_seconds else size
     out = Path(out)
     starts, ends = embedder.step_times()
-    settings = {**embedder.describe(), "format": fmt, "hop_seconds": hop / rate,
+    settings = {**embedder.describe(), **({"channels": "mean"} if embedder.channels == "mean" else {}),
+                "format": fmt, "hop_seconds": hop / rate,
                 "window_seconds": size / rate, "step_offsets": [[float(s), float(e)] for s, e in zip(starts, ends)]}
     settings = json.loads(json.dumps(settings))  # as it reads back (tuples are lists)
     with run_dir_lock(output_folder(out), "--out"):  # one command per --out: a second one stops at once

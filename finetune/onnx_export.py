@@ -118,11 +118,13 @@ def onnx_metadata(meta: dict, graph: ScoringGraph, source: str) -> dict:
 
     rate, clip = clip_for_export(meta)
     loss = meta.get("loss", "ce")
-    pad = clip_handling(meta)["pad"]
+    handling = clip_handling(meta)
+    pad = handling["pad"]
     return {"format": META_FORMAT, "source": source, "arch": meta.get("arch", "ast"),
             "classes": list(meta["classifier"]["classes"]), "class_names": dict(meta.get("class_names", {})),
             "sample_rate": rate, "clip_samples": clip, "loss": loss,
             "scores": "sigmoid" if loss == "bce" else "softmax", "aggregate": aggregate_rule(meta), "pad": pad,
+            "channels": handling["channels"],
             "inputs": {"waveforms": f"[batch, {clip}] float32 at {rate} Hz, each row zero-padded to {clip} samples"
                                     + (" (a clip shorter than that repeated to it first, as the model was "
                                        "validated: pad 'repeat')" if pad == "repeat" else ""),

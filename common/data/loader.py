@@ -453,6 +453,22 @@ def _rate_changed(source: str | None, cut) -> str | None:
 CHANNELS = ("first", "mean")  # how a multi-channel file becomes the model's one channel (DataConfig.channels)
 
 
+def _mixed_down(cut) -> np.ndarray:
+    """``[1, samples]``: the mean of the channels a cut stands for. A cut of a whole file's first channel (what
+    ``prepare`` writes for every file) stands for the file: the mean of all its channels; a cut of several channels
+    (a ``MultiCut``) for those; a cut of another single channel (one chosen) for that one; a padded or mixed cut
+    (no recording of its own) is read as Lhotse mixes it."""
+    recording = getattr(cut, "recording", None)
+    chosen = getattr(cut, "channel", None)
+    if recording is None or len(recording.channel_ids) < 2:
+        return cut.load_audio()
+    if isinstance(chosen, (list, tuple)):
+        return np.asarray(cut.load_audio()).mean(axis=0, keepdims=True)
+    if chosen == recording.channel_ids[0]:
+        return recording.load_audio(offset=cut.start, duration=cut.duration).mean(axis=0, keepdims=True)
+    return cut.load_audio()
+
+
 def load_clip(cut, sample_rate: int, channels: str = "first") -> np.ndarray:
     """Decode a cut at ``sample_rate`` (resampling if needed), its first channel or (``channels="mean"``) the mean
     of its recording's channels; raise :class:`BadClip`.
@@ -473,10 +489,7 @@ def load_clip(cut, sample_rate: int, channels: str = "first") -> np.ndarray:
     try:
         if cut.sampling_rate != sample_rate:
             cut = cut.resample(sample_rate)
-        if channels == "mean" and len(cut.recording.channel_ids) > 1:  # a mono cut reads its one channel
-            audio = cut.recording.load_audio(offset=cut.start, duration=cut.duration).mean(axis=0, keepdims=True)
-        else:
-            audio = cut.load_audio()
+        audio = _mixed_down(cut) if channels == "mean" else cut.load_audio()
     except Exception as err:  # noqa: BLE001 - every decoder failure is a bad clip
         if source is not None and not os.path.exists(source):
             raise BadClip("missing (no such file)") from None

@@ -65,9 +65,19 @@ def _same(key: str, a, b) -> bool:
     return a == b
 
 
+def _behaviour(flat: dict) -> dict:
+    """A flattened recipe with what a setting does in place of how it is written: ``data.channels: auto`` is the
+    architecture's (HTS-AT: ``mean``, the AST family: ``first``), and a recipe written before the key existed read
+    the first channel."""
+    channels = flat.get("data.channels", "first")
+    if channels == "auto":
+        channels = "mean" if flat.get("model.arch", "ast") == "htsat" else "first"
+    return {**flat, "data.channels": channels}
+
+
 def recipe_diff(old: dict, new: dict) -> list[str]:
-    """Keys whose values differ between two resolved recipes (ignoring harmless ones)."""
-    a, b = _flatten(old), _flatten(new)
+    """Keys whose values differ between two resolved recipes (ignoring harmless ones; a key by what it does)."""
+    a, b = _behaviour(_flatten(old)), _behaviour(_flatten(new))
     return sorted(k for k in set(a) | set(b) if not _same(k, a.get(k), b.get(k))
                   and not k.startswith(RESUMABLE_CHANGES))
 

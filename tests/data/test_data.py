@@ -478,3 +478,33 @@ def test_a_stereo_file_is_read_as_each_familys_official_code_reads_it(tmp_path):
     assert clip_handling({"clips": {"channels": "mean"}})["channels"] == "mean"  # an export's record
     assert clip_handling({"source": "export", "arch": "htsat"})["channels"] == "first"  # trained before the record
     assert clip_handling({"source": "official", "arch": "htsat"})["channels"] == "mean"
+
+
+def test_the_mean_takes_the_channels_a_cut_stands_for_and_old_recipes_resume(tmp_path):
+    """A whole file's cut (prepare's first channel) mixes down every channel; a cut of chosen channels those; a cut
+    of another single channel that one; a padded cut (no recording of its own) is read, not dropped. A run whose
+    recipe.yaml predates data.channels resumes where `auto` reads as it did (the AST family), and an HTS-AT one is
+    told what changed (`--set data.channels=first` keeps the old)."""
+    from lhotse import MonoCut, MultiCut, Recording
+
+    from common.data.loader import load_clip
+    from common.training.run_recipe import recipe_diff
+
+    rows = np.stack([np.full(4000, v, dtype=np.float32) for v in (0.1, 0.2, 0.3, 0.6)], axis=1)
+    sf.write(str(tmp_path / "four.wav"), rows, 16000, subtype="FLOAT")
+    rec = Recording.from_file(tmp_path / "four.wav")
+    whole = MonoCut(id="w", start=0.0, duration=rec.duration, channel=0, recording=rec)
+    assert np.allclose(load_clip(whole, 16000, "mean"), 0.3) and np.allclose(load_clip(whole, 16000), 0.1)
+    two = MultiCut(id="t", start=0.0, duration=rec.duration, channel=[0, 1], recording=rec)
+    assert np.allclose(load_clip(two, 16000, "mean"), 0.15)
+    third = MonoCut(id="c", start=0.0, duration=rec.duration, channel=2, recording=rec)
+    assert np.allclose(load_clip(third, 16000, "mean"), 0.3) and np.allclose(load_clip(third, 16000), 0.3)
+    padded = whole.pad(duration=0.5)
+    assert load_clip(padded, 16000, "mean").size == 8000  # read as Lhotse mixes it, not a bad clip
+
+    old = {"model": {"arch": "ast"}, "data": {"pad": "zeros"}}
+    assert recipe_diff(old, {"model": {"arch": "ast"}, "data": {"pad": "zeros", "channels": "auto"}}) == []
+    htsat = {"model": {"arch": "htsat"}, "data": {"pad": "zeros"}}
+    assert recipe_diff(htsat, {"model": {"arch": "htsat"}, "data": {"pad": "zeros", "channels": "auto"}}) == \
+        ["data.channels"]
+    assert recipe_diff(htsat, {"model": {"arch": "htsat"}, "data": {"pad": "zeros", "channels": "first"}}) == []

@@ -194,6 +194,9 @@ def test_a_rerun_skips_what_was_written_and_computes_nothing(tmp_path, monkeypat
         embed_files(init, files, out, frames=True, pool="prefix", workers=0)
     with pytest.raises(ValueError, match="format 'npy' -> 'safetensors'"):
         embed_files(init, files, out, pool="mean", frames=True, fmt="safetensors", workers=0)
+    embedder.channels = "mean"  # another mixdown of the same model (an official HTS-AT checkpoint's, now)
+    with pytest.raises(ValueError, match="other settings \\(channels None -> 'mean'\\)"):
+        embed_files(embedder, files, out, shard_size=1, workers=0)
 
 
 def test_unreadable_files_are_named_listed_and_skipped(tmp_path, capsys):

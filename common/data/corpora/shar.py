@@ -14,7 +14,9 @@ def export_shar(manifest: str | Path, out_dir: str | Path, shard_size: int = 100
     """Write ``cuts.NNNNNN.jsonl.gz`` + ``recording.NNNNNN.tar`` shards (FLAC audio) into ``out_dir``.
 
     Unreadable clips are left out (Lhotse's ``fault_tolerant``); a recipe names ``out_dir`` where it would
-    name the manifest.
+    name the manifest. A shard holds each cut's own channel (the first of a multi-channel file, as ``prepare``
+    writes the cuts): ``data.channels: mean`` (HTS-AT's default) has nothing to mix down there, so mix a
+    multi-channel corpus down before (``ffmpeg -ac 1``) where the mean matters.
     """
     out_dir = output_folder(out_dir)  # to_shar does not create it
     cuts = open_cuts([manifest])
