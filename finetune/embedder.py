@@ -334,7 +334,7 @@ def load_embedder(init: str | Path, *, layer: int | None = None, pool: str = "au
         info["norm"] = label
         arch = architecture_for(arch.base, audio)
     pool = arch.resolve_pool("auto", weights) if pool == "auto" and weights.arch == "ast" else pool
-    from finetune.evaluate import clip_handling
+    from finetune.evaluate import clip_handling  # lazy: it loads the training stack (common.cli), not for --help
 
     channels = clip_handling(meta)["channels"]  # as the model was trained (an export's record; official HTS-AT: mean)
     return Embedder(encoder, pipeline, arch.sample_rate, arch.clip_samples, layer=layer, pool=pool, frames=frames,
