@@ -26,7 +26,7 @@ import torch
 
 from torch import nn
 
-from common.models.arch import architecture_from_meta
+from common.models.arch import architecture_from_meta, official_channels
 from common.audio.augment import SpecAugmentConfig
 from common.audio.compression import Compression
 from common.cli import command_device, run_main
@@ -70,7 +70,7 @@ def clip_handling(meta: dict) -> dict:
     exports without the record did as AST: zeros, from the start, the first channel. An official HTS-AT checkpoint
     hears the channels' mean, as its code read its data."""
     clips = meta.get("clips") if isinstance(meta.get("clips"), dict) else {}
-    official = "mean" if meta.get("source") == "official" and meta.get("arch") == "htsat" else "first"
+    official = official_channels(meta.get("arch", "ast")) if meta.get("source") == "official" else "first"
     return {"pad": clips.get("pad", "zeros"), "crop": clips.get("crop", "start"),
             "channels": clips.get("channels", official)}
 

@@ -471,7 +471,7 @@ def _mixed_down(cut) -> np.ndarray:
 
 def load_clip(cut, sample_rate: int, channels: str = "first") -> np.ndarray:
     """Decode a cut at ``sample_rate`` (resampling if needed), its first channel or (``channels="mean"``) the mean
-    of its recording's channels; raise :class:`BadClip`.
+    of the channels it stands for (:func:`_mixed_down`); raise :class:`BadClip`.
 
     The reason names what is wrong: ``missing (no such file)``, ``truncated (...)`` (the file holds less
     than its header claims, see ``common.data.integrity``), ``unreadable (...)`` (also a clip more than
@@ -571,6 +571,8 @@ class ClipDataset(torch.utils.data.Dataset):
         if channels not in CHANNELS:
             raise ValueError(f"unknown channels {channels!r}; choose one of {list(CHANNELS)}")
         self.channels = channels
+        self._decode = partial(load_clip, channels=channels)  # and the clip cache's name for it (first: none)
+        self._variant = "" if channels == "first" else channels
         self.pad = pad
         self.clip_samples = clip_samples
         self.sample_rate = sample_rate
@@ -599,9 +601,8 @@ class ClipDataset(torch.utils.data.Dataset):
         waves, lengths, targets, ids, bad, upsampled = [], [], [], [], [], Counter()
         for cut in cuts:
             try:
-                decode = partial(load_clip, channels=self.channels)
-                wave = decode(cut, self.sample_rate) if self.cache is None else \
-                    self.cache.load(cut, self.sample_rate, decode, "" if self.channels == "first" else self.channels)
+                wave = self._decode(cut, self.sample_rate) if self.cache is None else \
+                    self.cache.load(cut, self.sample_rate, self._decode, self._variant)
                 wave = self._crop(wave, cut.id, epoch)
             except BadClip as err:
                 bad.append((_source_path(cut), str(err)))

@@ -21,7 +21,8 @@ from common.models.ast.encoder import EncoderConfig
 from common.models.htsat import HTSATConfig
 from common.models.htsat.arch import HTSATArch
 
-__all__ = ["ARCHS", "Architecture", "architecture_for", "architecture_from_meta", "export_norm_stats"]
+__all__ = ["ARCHS", "Architecture", "architecture_for", "architecture_from_meta", "export_norm_stats",
+           "official_channels"]
 
 ARCHS = ("ast", "htsat")
 
@@ -104,6 +105,13 @@ def architecture_for(base, audio=None) -> Architecture:
 
         return ASTArch(base, audio or AudioConfig(num_mel_bins=base.num_mel_bins, target_frames=base.input_tdim))
     raise TypeError(f"no architecture for a model config of type {type(base).__name__}")
+
+
+def official_channels(name: str) -> str:
+    """How the official code of architecture ``name`` (``ast``, ``htsat``) reads a multi-channel file
+    (``Architecture.channels``: ``first`` or ``mean``), without a model config at hand (a recipe, an export's
+    metadata)."""
+    return {ASTArch.name: ASTArch, HTSATArch.name: HTSATArch}[name].channels
 
 
 def export_norm_stats(meta: dict) -> NormStats | None:

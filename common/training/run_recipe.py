@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from common.config.recipe import RecipeError, dump_yaml, parse_yaml, to_dict
+from common.models.arch import official_channels
 
 __all__ = ["RESUMABLE_CHANGES", "RECOVERY_CHANGES", "TOLERANCE_CHANGES", "RunRecipe", "has_trained", "prepare_run_dir",
            "recipe_diff", "recovery_change"]
@@ -71,7 +72,7 @@ def _behaviour(flat: dict) -> dict:
     the first channel."""
     channels = flat.get("data.channels", "first")
     if channels == "auto":
-        channels = "mean" if flat.get("model.arch", "ast") == "htsat" else "first"
+        channels = official_channels(flat.get("model.arch", "ast"))
     return {**flat, "data.channels": channels}
 
 
