@@ -367,6 +367,13 @@ class RunCheckpoints:
     def trainer_state(self, tag: str) -> dict:
         return json.loads((self.ckdir / tag / STATE_FILE).read_text())
 
+    def restate(self, tag: str, **changes) -> None:
+        """Rank 0: replace keys of published checkpoint ``tag``'s trainer state (atomically; its files and their
+        digests stay as saved). Where a checkpoint was taken before work whose outcome a resume need not redo."""
+        if self.dist.is_main:
+            path = self.ckdir / tag / STATE_FILE
+            atomic_write_text(path, json.dumps({**json.loads(path.read_text()), **changes}))
+
     def rng_state(self, tag: str) -> dict | None:
         path = self.ckdir / tag / f"rng_rank{self.dist.rank}.pt"
         if not path.is_file():

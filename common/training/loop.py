@@ -80,7 +80,7 @@ class Trainer(PhaseMachinery):
         if record.complete():
             return True
         record.open(resumed=model is not None or resume_tag is not None)
-        if record.state.phase_done:  # resumed at the end of a phase: finish what follows its checkpoint
+        if record.state.phase_done and not record.state.phase_closed:  # resumed at a phase end: what follows it
             record.restart_clock()  # reading the checkpoint and building the model are no training time
             self._complete_phase(model, record.state.phase, scheduler=None)
         steps_this_call = 0
@@ -252,6 +252,7 @@ class Trainer(PhaseMachinery):
             self._validate(model, index, scheduler)
         at = st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase
         self.record.end_phase(model, index, self._phase_end(index).end_reason(at))
+        self.record.close_phase(index)
 
     def _next_phase(self, model: nn.Module, index: int) -> nn.Module:
         """After phase ``index``: the model of phase ``index + 1``, its weights adapted to the new grid."""

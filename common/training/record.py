@@ -341,6 +341,14 @@ class RunRecord:
                      gib(record.peak_memory_bytes or 0), record.peak_memory_source,
                      gib(record.memory_estimate_bytes or 0))
 
+    def close_phase(self, index: int) -> None:
+        """Phase ``index``'s end work (its validation, record and export) is done: its checkpoint, taken before
+        that work, says so, so that a resume from it goes straight on to what follows (it redid the validation)."""
+        st = self.state
+        st.phase_closed, st.pending_eval = True, False
+        tag = make_tag(index, st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase)
+        self.checkpoints.restate(tag, state=asdict(st), ledger=self.ledger.to_dict())
+
     def next_phase(self, index: int) -> None:
         """Where the run is at the start of phase ``index + 1``; the best score is per phase ("best" means the
         best of the final phase, the paper's reports)."""

@@ -90,6 +90,31 @@ def test_a_checkpoint_is_taken_before_validation_so_a_failing_validation_loses_n
     assert [e["metrics"] for e in la["evals"]] == [e["metrics"] for e in lb["evals"]]
 
 
+@pytest.mark.slow
+def test_a_resume_after_a_closed_phase_end_does_not_validate_it_again(tmp_path, synth_corpus, monkeypatch):
+    from pretrain.ssast import SSASTObjective
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run(straight, synth_corpus) == 0
+    assert run(stopped, synth_corpus, stop=3) == 0  # phase 1's three steps, its validation and export
+    state = json.loads((stopped / "checkpoints" / "phase01-step000000003" / "trainer_state.json").read_text())
+    assert state["state"]["phase_closed"] and not state["state"]["pending_eval"]
+    assert len(state["ledger"]["evals"]) == 2 and state["ledger"]["phases"][0]["ended_by"] == "length"
+    real, calls = SSASTObjective.evaluate, []
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SSASTObjective, "evaluate", counted)
+    assert run(stopped, synth_corpus) == 0
+    la, lb = (json.loads((d / "ledger.json").read_text()) for d in (straight, stopped))
+    assert len(calls) == len(la["evals"]) - 2  # phase 2's validations only
+    assert [e["metrics"] for e in la["evals"]] == [e["metrics"] for e in lb["evals"]]
+    a, b = weights(straight), weights(stopped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _stopped_run(tmp_path: Path, corpus: Path) -> Path:
     run_dir = tmp_path / "run"
     assert run(run_dir, corpus, "train.save_every=1", "train.keep_checkpoints=3", stop=4) == 0
