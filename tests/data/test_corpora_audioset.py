@@ -74,3 +74,19 @@ def test_prepare_audioset_from_the_command_line(tmp_path):
     assert main(["prepare", "audioset", "--src", str(src), "--out", str(out), "--jobs", "1",
                  "--audio-dir", str(src / "wavs"), "--splits", "eval"]) == 0
     assert sorted(CutSet.from_file(out / "audioset_eval.jsonl.gz").ids) == sorted(built["clips"]["eval"])
+
+
+def test_prepare_audioset_keeps_a_clip_listed_in_two_splits_once_and_names_it(tmp_path):
+    src, out = tmp_path / "audioset", tmp_path / "manifests"
+    layout.build(src, splits=("balanced_train", "eval"))
+    ytid, start, _, _ = layout.SEGMENTS["balanced_train"][0]
+    with (src / "eval_segments.csv").open("a") as handle:  # the same clip again, in the evaluation set
+        handle.write(f'{ytid}, {start:.3f}, {start + 10:.3f}, "/m/04rlf"\n')
+    report = get_corpus("audioset").prepare(src, out, num_jobs=1)
+    assert ytid in {c.id for c in CutSet.from_file(out / "audioset_balanced_train.jsonl.gz")}
+    assert ytid not in {c.id for c in CutSet.from_file(out / "audioset_eval.jsonl.gz")}
+    assert [(c["id"], c["kept"]["split"], c["dropped"]["split"]) for c in report.conflicts] == \
+        [(ytid, "balanced_train", "eval")]
+    assert f"1 listed twice with another split, labels or file, the first listing kept (e.g. {ytid}: " in \
+        report.summary()
+    assert json.loads((out / "audioset_prepare.json").read_text())["conflicts"] == report.conflicts

@@ -26,7 +26,14 @@ def test_prepare_vggsound_miniature(tmp_path):
     assert report.missing == [str(p) for p in built["missing"].values()]
     assert [p for p, _ in report.unreadable] == [str(p) for p in built["corrupt"].values()]
     saved = json.loads((out / "vggsound_prepare.json").read_text())
-    assert saved["notes"] == ["1 duplicate rows of vggsound.csv skipped"]
+    assert saved["notes"] == ["1 clips listed twice alike: kept once"]
+    kept = layout.ROWS[1]  # its first row kept, the other named in the report and its summary
+    assert saved["conflicts"] == [{"id": f"{kept[0]}_{kept[1]:06d}",
+                                   "kept": {"split": "train", "labels": [kept[2]], "path": str(src / "audio" / kept[4])},
+                                   "dropped": {"split": "test", "labels": ["people marching"],
+                                               "path": str(src / "audio" / kept[4])}}]
+    assert f"1 listed twice with another split, labels or file, the first listing kept (e.g. {kept[0]}_000030: " \
+           f"train waterfall burbling, not test people marching)" in report.summary()
 
 
 def test_prepare_vggsound_metadata_errors_name_the_file(tmp_path):

@@ -9,6 +9,9 @@ A prepared corpus ``NAME`` in ``OUT`` is:
   the target vector is its position in ``classes``.
 - ``OUT/NAME_prepare.json``: what was written, and every missing or unreadable file with the reason.
 
+A clip listed twice is written once, its first listing kept (:func:`unique_entries`; one listed again with another
+split, labels or file is named in the report's ``conflicts``).
+
 Files that are missing, unreadable or truncated (the header claims more audio than the file holds,
 ``common.data.integrity``) are counted and reported, never fatal: real corpora downloaded from YouTube always
 miss some clips.
@@ -49,6 +52,7 @@ __all__ = [
     "AUDIO_SUFFIXES",
     "scan_audio",
     "shuffled_order",
+    "unique_entries",
 ]
 
 
@@ -88,6 +92,7 @@ class PrepareReport:
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     classes: int = 0
     notes: list[str] = field(default_factory=list)
+    conflicts: list[dict] = field(default_factory=list)  # a clip listed again otherwise: the first listing kept
 
     def summary(self) -> str:
         parts = [f"{split}: {n}" for split, n in sorted(self.clips.items())]
@@ -98,6 +103,10 @@ class PrepareReport:
             text += f"; {len(self.missing)} missing on disk (e.g. {self.missing[0]})"
         if self.unreadable:
             text += f"; {len(self.unreadable)} unreadable (e.g. {self.unreadable[0][0]}: {self.unreadable[0][1]})"
+        if self.conflicts:
+            first = self.conflicts[0]
+            text += (f"; {len(self.conflicts)} listed twice with another split, labels or file, the first listing "
+                     f"kept (e.g. {first['id']}: {_listing(first['kept'])}, not {_listing(first['dropped'])})")
         return text
 
     def to_dict(self) -> dict:
@@ -109,7 +118,34 @@ class PrepareReport:
             "missing": self.missing,
             "unreadable": [{"path": p, "reason": r} for p, r in self.unreadable],
             "notes": self.notes,
+            "conflicts": self.conflicts,
         }
+
+
+def _listing(entry: dict) -> str:
+    return f"{entry['split']} {'/'.join(entry['labels']) or 'unlabeled'}"
+
+
+def _listed(entry: ClipEntry) -> dict:
+    return {"split": entry.split, "labels": list(entry.labels), "path": str(entry.path)}
+
+
+def unique_entries(entries: Iterable[ClipEntry]) -> tuple[list[ClipEntry], int, list[dict]]:
+    """The entries with each clip id once, in order: a clip listed again alike (split, labels and file) is
+    dropped and counted; one listed again otherwise keeps its first listing, and the other is recorded
+    (``{"id", "kept", "dropped"}``): a manifest's cut ids are unique, and a clip in two splits or with two
+    labelings is the metadata's to settle."""
+    kept: dict[str, ClipEntry] = {}
+    repeated, conflicts = 0, []
+    for entry in entries:
+        first = kept.setdefault(entry.cut_id, entry)
+        if first is entry:
+            continue
+        if (first.split, first.labels, Path(first.path)) == (entry.split, entry.labels, Path(entry.path)):
+            repeated += 1
+        else:
+            conflicts.append({"id": entry.cut_id, "kept": _listed(first), "dropped": _listed(entry)})
+    return list(kept.values()), repeated, conflicts
 
 
 def manifest_path(out_dir: str | os.PathLike, corpus: str, split: str) -> Path:
@@ -234,7 +270,7 @@ def write_corpus(
 
     Args:
         corpus: corpus name, the prefix of every file written.
-        entries: the clips (any order).
+        entries: the clips (any order; a clip listed twice is kept once, :func:`unique_entries`).
         out_dir: where to write.
         classes: class ids in target order (None for unlabeled corpora); every label must be one of them.
         names: display names of the classes.
@@ -245,11 +281,13 @@ def write_corpus(
     """
 
 
+    entries, repeated, conflicts = unique_entries(entries)
     if shuffle_seed is not None:
         entries = sorted(entries, key=lambda e: shuffled_order(e.cut_id, shuffle_seed))
-    entries = list(entries)
     out = output_folder(out_dir)
-    report = PrepareReport(corpus=corpus, out_dir=out, notes=list(notes or []))
+    report = PrepareReport(corpus=corpus, out_dir=out, notes=list(notes or []), conflicts=conflicts)
+    if repeated:
+        report.notes.append(f"{repeated} clips listed twice alike: kept once")
     known = set(classes or ())
     writers: dict = {}  # split -> (open writer, temporary path, final path)
     bar = progress(len(entries), 0, f"{corpus}: reading audio headers", True, unit="clip")

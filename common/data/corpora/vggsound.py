@@ -52,21 +52,17 @@ def read_rows(path: Path) -> list[tuple[str, int, str, str]]:
 
 
 def prepare(src: Path, out: Path, num_jobs: int = 4, audio_dir: Path | None = None) -> PrepareReport:
-    """Write ``vggsound_train`` / ``vggsound_test``; duplicate rows of the CSV are kept once."""
+    """Write ``vggsound_train`` / ``vggsound_test``; a clip listed twice keeps its first row (one listed with
+    another label or split is named in the report)."""
     src = Path(src)
     rows = read_rows(src / "vggsound.csv")
     audio = require_dir(Path(audio_dir) if audio_dir else src / "audio", "VGGSound audio folder")
     found = scan_audio(audio)
-    entries, seen = [], set()
+    entries = []
     for ytid, start, label, split in rows:
         cut_id = f"{ytid}_{start:06d}"
-        if cut_id in seen:
-            continue
-        seen.add(cut_id)
         path = found.get(cut_id) or found.get(f"{ytid}_{start}") or found.get(ytid) or audio / cut_id
         entries.append(ClipEntry(cut_id=cut_id, path=Path(path), split=split, labels=(label,),
                                  custom={"youtube_id": ytid, "start_seconds": start}))
-    duplicates = len(rows) - len(entries)
-    notes = [f"{duplicates} duplicate rows of vggsound.csv skipped"] if duplicates else []
     classes = sorted({label for _, _, label, _ in rows})
-    return write_corpus(NAME, entries, out, classes=classes, num_jobs=num_jobs, notes=notes)
+    return write_corpus(NAME, entries, out, classes=classes, num_jobs=num_jobs)
