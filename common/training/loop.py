@@ -214,7 +214,9 @@ class Trainer(PhaseMachinery):
             return True
         eval_due = phase.iteration_based and st.step % train.eval_every == 0
         if (phase.iteration_based and st.step % train.save_every == 0) or last:
-            self._save(engine, index, pending_eval=eval_due)
+            self._save(engine, index, pending_eval=eval_due)  # checks the losses first
+        elif eval_due:
+            self._check_finite(index)  # no validation (nor best.safetensors) of weights a non-finite loss broke
         if eval_due:
             self._validate(engine.module, index, engine.lr_scheduler)
         return self._end.decision is not None

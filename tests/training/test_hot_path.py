@@ -35,6 +35,17 @@ def test_a_non_finite_loss_is_caught_at_the_next_checkpoint_without_a_sync_per_s
     assert reads == {"steps": 3, "reads": 0}  # no device value read on the host inside a training step
 
 
+def test_a_non_finite_loss_is_caught_before_a_validation_between_checkpoints(tmp_path, synth_corpus, monkeypatch,
+                                                                             capsys):
+    """Validating falls due (step 2) inside a log window and between checkpoints: weights a NaN broke at step 1
+    are never validated, nor exported as best.safetensors."""
+    poison_loss_at(monkeypatch, 1)
+    run_dir = tmp_path / "nan"
+    assert run(run_dir, synth_corpus, "train.log_every=100", "train.save_every=100", steps=(4, 3)) == 1
+    assert "non-finite loss in phase1 (fshift x4) at step 1; stopped at step 2" in capsys.readouterr().err
+    assert not (run_dir / "export" / "best.safetensors").exists()
+
+
 def _count_host_reads_in_micro_steps(monkeypatch) -> dict:
     """``{"steps", "reads"}``: the training steps taken and the host reads by this package's own code within
     them (the CPU optimiser reads its step counts), counted while the test runs."""
