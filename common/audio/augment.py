@@ -125,7 +125,7 @@ def mixup(
 
     Returns:
         ``(waveforms, lengths, targets)``; a mixed clip keeps its own length (AST cuts or pads the
-        partner to it).
+        partner to it), and its targets are mixed with the same weight unless ``cfg.targets`` is ``unmixed``.
     """
     batch = waveforms.shape[0]
     if cfg.prob <= 0 or batch < 2:
@@ -142,8 +142,9 @@ def mixup(
     valid = torch.arange(waveforms.shape[1], device=device)[None, :] < lengths[:, None]
     other = waveforms[partner] * valid  # cut the partner to this clip's length
     mixed = lam[:, None] * waveforms + (1 - lam[:, None]) * other
-    mixed_targets = lam[:, None] * targets + (1 - lam[:, None]) * targets[partner]
-    return mixed, lengths, mixed_targets
+    if cfg.targets == "unmixed":  # each clip keeps its own targets (HTS-AT's choice)
+        return mixed, lengths, targets
+    return mixed, lengths, lam[:, None] * targets + (1 - lam[:, None]) * targets[partner]
 
 
 def mixup_weights(batch: int, cfg: MixupConfig, generator: torch.Generator) -> torch.Tensor | None:

@@ -28,6 +28,8 @@ def test_mixup_mixes_waveforms_and_labels_with_the_same_weight():
         assert torch.all(mixed[i, lengths[i]:] == 0)  # partner cut to this clip's length
     again = mixup(w, lengths, y, MixupConfig(prob=1.0), torch.Generator().manual_seed(1))
     assert torch.equal(again[0], mixed)
+    kept = mixup(w, lengths, y, MixupConfig(prob=1.0, targets="unmixed"), torch.Generator().manual_seed(1))
+    assert torch.equal(kept[0], mixed) and torch.equal(kept[2], y)  # the same clips, each with its own targets
 
 
 def test_spec_augment_masks_one_band_and_one_span_per_clip():
