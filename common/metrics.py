@@ -5,6 +5,9 @@
   out of the mean (AST would average a meaningless value for them).
 - ``acc``: top-1 accuracy, ``accuracy_score(argmax(target), argmax(score))``.
 - ``mAUC``: mean ROC AUC over classes with both positives and negatives.
+- ``dprime``: the sensitivity index of that AUC, ``sqrt(2) * Phi^-1(mAUC)`` (AST's and HTS-AT's d').
+
+The scores are what validation gives them (``finetune.classifier.metric_scores``: sigmoids, as AST's).
 
 :func:`standard_error` says how much the score would move on another draw of as many clips, the
 validation set's own noise (what the phase criteria of ``common.phases.criteria`` compare changes with):
@@ -17,10 +20,12 @@ from __future__ import annotations
 
 import warnings
 
+from statistics import NormalDist
+
 import numpy as np
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
-__all__ = ["METRICS", "mean_average_precision", "accuracy", "mean_auc", "compute_metrics", "standard_error"]
+__all__ = ["METRICS", "mean_average_precision", "accuracy", "mean_auc", "d_prime", "compute_metrics", "standard_error"]
 
 METRICS = ("mAP", "acc")
 
@@ -62,10 +67,19 @@ def mean_auc(targets: np.ndarray, scores: np.ndarray) -> float:
         return float(np.mean([roc_auc_score(binary[:, k], scores[:, k]) for k in usable]))
 
 
+def d_prime(auc: float) -> float:
+    """The sensitivity index d' of a ROC AUC: ``sqrt(2) * Phi^-1(auc)`` (NaN stays NaN; an AUC of 0 or 1 gives
+    an infinite d')."""
+    if not 0.0 < auc < 1.0:
+        return float("nan") if np.isnan(auc) else float(np.copysign(np.inf, auc - 0.5))
+    return float(np.sqrt(2.0) * NormalDist().inv_cdf(auc))
+
+
 def compute_metrics(targets: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     """Every metric at once (what fine-tuning logs per epoch)."""
+    auc = mean_auc(targets, scores)
     return {"mAP": mean_average_precision(targets, scores), "acc": accuracy(targets, scores),
-            "mAUC": mean_auc(targets, scores)}
+            "mAUC": auc, "dprime": d_prime(auc)}
 
 
 def _weighted_ap(targets: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -33,7 +33,8 @@ from common.models.memory import MemoryEstimate, estimate_training_memory
 from common.models.weights import load_encoder_state
 from common.system.distributed import Dist
 
-__all__ = ["HeadConfig", "AugmentConfig", "Classifier", "ClassifierObjective", "class_scores", "save_classifier",
+__all__ = ["HeadConfig", "AugmentConfig", "Classifier", "ClassifierObjective", "class_scores", "metric_scores",
+           "save_classifier",
            "load_classifier"]
 
 
@@ -97,6 +98,13 @@ class AugmentConfig:
 def class_scores(logits: torch.Tensor, loss: str) -> torch.Tensor:
     """Per-class scores from logits: sigmoid for models trained with BCE, softmax for cross-entropy."""
     return torch.sigmoid(logits.float()) if loss == "bce" else torch.softmax(logits.float(), dim=-1)
+
+
+def metric_scores(logits: torch.Tensor) -> torch.Tensor:
+    """The scores the metrics rank: every class's sigmoid whatever the loss, as AST's validation scores its
+    predictions (cross-entropy tasks too). A class's ranking of the clips is its logit's, as HTS-AT's raw
+    ``clip_ce`` outputs rank them; the argmax, and so the accuracy, is the softmax's."""
+    return torch.sigmoid(logits.float())
 
 
 def save_classifier(model: nn.Module, path: Path, classes: Sequence[str], meta: dict) -> Path:
@@ -195,7 +203,7 @@ class ClassifierObjective:
             logits = model(pipeline(batch.waveforms.to(dist.device), batch.lengths.to(dist.device)))
             target = batch.targets.to(dist.device)
             losses.append(self.criterion(logits, target).item() * len(batch))
-            scores.append(class_scores(logits, self.loss).cpu().numpy())
+            scores.append(metric_scores(logits).cpu().numpy())
             targets.append(target.cpu().numpy())
         parts = dist.gather_objects((scores, targets, losses))
         if not any(len(t) for p in parts for t in p[1]):  # every clip read was bad (or none was read)

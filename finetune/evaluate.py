@@ -36,7 +36,7 @@ from common.metrics import compute_metrics
 from common.models.exports import resolve_model_file
 from common.models.hf import is_hf_directory
 from common.system.logger import progress, setup_logging
-from finetune.classifier import class_scores, load_classifier
+from finetune.classifier import class_scores, load_classifier, metric_scores
 
 __all__ = ["pipeline_for_export", "clip_for_export", "clip_handling", "evaluate_export", "cross_validation_summary"]
 
@@ -56,12 +56,16 @@ def clip_for_export(meta: dict) -> tuple[int, int]:
     return arch.sample_rate, arch.clip_samples
 
 
-def predict_scores(model: nn.Module, meta: dict, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Per-class scores (sigmoid for BCE-trained models, softmax otherwise) of a waveform batch."""
+def predict_logits(model: nn.Module, meta: dict, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The classifier's logits of a waveform batch, through the export's front end."""
     pipeline = pipeline_for_export(meta).to(waveforms.device)
     with torch.no_grad():
-        logits = model(pipeline(waveforms, lengths))
-    return class_scores(logits, meta.get("loss", "ce"))
+        return model(pipeline(waveforms, lengths))
+
+
+def predict_scores(model: nn.Module, meta: dict, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-class scores (sigmoid for BCE-trained models, softmax otherwise) of a waveform batch."""
+    return class_scores(predict_logits(model, meta, waveforms, lengths), meta.get("loss", "ce"))
 
 
 def clip_handling(meta: dict) -> dict:
@@ -97,7 +101,8 @@ def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequenc
     for batch in loader.batches(epochs=1):
         bar.update(1)
         if len(batch):
-            scores.append(predict_scores(model, meta, batch.waveforms.to(device), batch.lengths.to(device)).cpu())
+            logits = predict_logits(model, meta, batch.waveforms.to(device), batch.lengths.to(device))
+            scores.append(metric_scores(logits).cpu())  # as validation scores them
             targets.append(batch.targets)
     bar.close()
     if not scores:

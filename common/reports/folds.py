@@ -60,8 +60,9 @@ def _mean_eval(evs: Sequence[dict]) -> dict:
     for k in ("train_flops", "wall_seconds", "samples"):
         if all(k in ev for ev in evs):
             out[k] = float(np.mean([float(ev[k]) for ev in evs]))
-    out["metrics"] = {m: float(np.mean([float(ev["metrics"][m]) for ev in evs])) for m in sorted(shared)
-                      if all(isinstance(ev["metrics"][m], (int, float)) for ev in evs)}
+    with np.errstate(invalid="ignore"):  # a perfect fold's d' is infinite, one of each sign has no mean (NaN)
+        out["metrics"] = {m: float(np.mean([float(ev["metrics"][m]) for ev in evs])) for m in sorted(shared)
+                          if all(isinstance(ev["metrics"][m], (int, float)) for ev in evs)}
     out["folds"] = len(evs)
     return out
 

@@ -15,7 +15,7 @@ from lhotse import CutSet
 from common.metrics import compute_metrics
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from finetune.classifier import Classifier, load_classifier, save_classifier
-from finetune.evaluate import clip_for_export, main, predict_scores
+from finetune.evaluate import clip_for_export, main, predict_logits
 from tests.helpers import PREDICT_AUDIO
 
 
@@ -31,7 +31,8 @@ def synth_model(tmp_path, synth_corpus):
 
 
 def _by_hand(path, manifest) -> dict:
-    """The metrics from each clip read with soundfile, cut from its start or zero-padded to the model's clip."""
+    """The metrics from each clip read with soundfile, cut from its start or zero-padded to the model's clip, on
+    each class's sigmoid."""
     model, meta = load_classifier(path)
     rate, size = clip_for_export(meta)
     classes = meta["classifier"]["classes"]
@@ -41,7 +42,8 @@ def _by_hand(path, manifest) -> dict:
         assert sr == rate
         clip = np.zeros(size, np.float32)
         clip[:min(size, wave.size)] = wave[:size]
-        scores.append(predict_scores(model, meta, torch.from_numpy(clip)[None], torch.tensor([size]))[0].numpy())
+        logits = predict_logits(model, meta, torch.from_numpy(clip)[None], torch.tensor([size]))[0]
+        scores.append(torch.sigmoid(logits).numpy())  # AST's validation scores sigmoids, a softmax model's too
         targets.append(np.isin(classes, cut.custom["labels"]).astype(np.float32))
     return compute_metrics(np.stack(targets), np.stack(scores))
 

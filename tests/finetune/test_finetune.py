@@ -31,6 +31,21 @@ def test_map_and_accuracy_on_known_inputs():
         accuracy(targets, scores[:, :2])
 
 
+def test_d_prime_and_the_scores_validation_ranks():
+    from common.metrics import compute_metrics, d_prime
+    from finetune.classifier import metric_scores
+
+    assert d_prime(0.5) == 0.0 and d_prime(0.9) == pytest.approx(1.812388, abs=1e-6)  # sqrt(2) * Phi^-1(0.9)
+    assert d_prime(1.0) == float("inf") and np.isnan(d_prime(float("nan")))
+    targets = np.array([[1, 0], [0, 1], [1, 0], [0, 1]], dtype=float)
+    metrics = compute_metrics(targets, np.array([[0.9, 0.1], [0.4, 0.6], [0.7, 0.3], [0.2, 0.8]]))
+    assert metrics["mAUC"] == 1.0 and metrics["dprime"] == float("inf")
+    # a cross-entropy model's classes are ranked by their logits, as AST's validation (sigmoids) ranks them,
+    # not by softmax shares: clip 1's class 0 logit is the lower, its softmax share the higher
+    logits = torch.tensor([[2.0, 1.9], [1.0, -5.0]])
+    assert metric_scores(logits)[:, 0].argmax() == 0 and torch.softmax(logits, -1)[:, 0].argmax() == 1
+
+
 def test_esc50_folds_and_cross_validation_on_known_inputs():
     task = TaskConfig(**TASKS["esc50"][0], data_root="/d")
     splits = task.fold_splits()
