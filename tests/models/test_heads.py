@@ -36,3 +36,16 @@ def test_htsats_token_semantic_head_scores_in_float32_under_bf16_autocast():
     geom = geometry(cfg, Compression())
     x = HTSATFrontEnd(cfg, geom)(real_looking_signals(2, 1.27, 16000))
     assert _dtypes(HTSAT(cfg, geom), x, lambda y: y["clipwise_output"]) == (torch.float32, torch.bfloat16)
+
+
+def test_an_ast_classifier_head_starts_as_asts_mlp_head():
+    """AST's and SSAST's ``mlp_head`` (LayerNorm, Linear) keeps PyTorch's initialisation: the Linear's weights and
+    bias uniform within 1/sqrt(dim) (not a truncated normal with a zero bias)."""
+    torch.manual_seed(0)
+    encoder = ASTEncoder(EncoderConfig(embed_dim=64, depth=1, num_heads=2, num_mel_bins=32, input_tdim=32,
+                                       fshape=8, tshape=8, fstride=8, tstride=8))
+    linear = Classifier(encoder, 300, "mean").head[1]
+    bound = 64 ** -0.5
+    for values in (linear.weight, linear.bias):
+        assert values.abs().max() <= bound and values.abs().max() > 0.9 * bound  # uniform over the whole range
+        assert values.std().item() > 0.5 * bound / 3 ** 0.5

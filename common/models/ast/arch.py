@@ -43,9 +43,7 @@ class Classifier(nn.Module):
         self.encoder = encoder
         self.pool = pool
         dim = encoder.cfg.embed_dim
-        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
-        nn.init.trunc_normal_(self.head[1].weight, std=0.02)
-        nn.init.zeros_(self.head[1].bias)
+        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))  # PyTorch's init, as AST's mlp_head
 
     def embedding(self, x: torch.Tensor, mixup_lambda: torch.Tensor | None = None) -> torch.Tensor:
         """The pooled clip embedding ``[B, D]`` of a normalised fbank ``[B, T, F]``.
