@@ -556,12 +556,16 @@ class PhaseEnd:
         """:meth:`state_dict` for a checkpoint, with the pending training losses of every rank summed (collective
         where the ``loss`` criterion counts them): only rank 0's state is saved, and a resumed run's rank 0
         carries the sums (``for_phase(..., pending_losses=dist.is_main)``), so that the next check judges the
-        losses of all ranks as an uninterrupted run does."""
+        losses of all ranks as an uninterrupted run does. The running run takes the same sums (rank 0 all of
+        them, the others none), so that its next check adds the same numbers in the same order as a resumed
+        one: the two judge bitwise the same."""
         state = self.state_dict()
         if self.needs_loss and self.decision is None:
             total, squares, count = dist.all_reduce_sum(torch.tensor(self.pending_moments(), dtype=torch.float64,
                                                                      device=dist.device)).tolist()
             state.update(loss_sum=total, loss_sq=squares, loss_count=int(round(count)))
+            self.loss_sum, self.loss_sq, self.loss_count = \
+                (total, squares, state["loss_count"]) if dist.is_main else (0.0, 0.0, 0)
         return state
 
     def load_state_dict(self, state: dict, pending_losses: bool = True) -> None:

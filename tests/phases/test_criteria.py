@@ -493,11 +493,26 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         resumed.append(again.check(dist, step, None, 0.0, step=step) is not None)
         saved = dist.broadcast_object(again.saved_state(dist))
     assert resumed == decided and again.state_dict() == end.state_dict(), (resumed, decided)
+    # a checkpoint between two micro-batches of a check: the running run and the one resumed there add the same
+    # numbers in the same order (sums of another order round otherwise), so they judge bitwise alike
+    live, states = PhaseEnd(until, 10, "steps"), {}
+    for step, mean in enumerate(MEANS[:3], 1):
+        first, second = (mean + sign * 0.1 * (rank + 1) / 3 for sign in (1, -1))
+        live.add_loss(first)
+        saved = dist.broadcast_object(live.saved_state(dist))
+        later = PhaseEnd(until, 10, "steps")
+        later.load_state_dict(saved, pending_losses=dist.is_main)
+        for run in (live, later):
+            run.add_loss(second)
+            run.check(dist, step, None, 0.0, step=step)
+        states[step] = [live.state_dict(), later.state_dict()]
+    bitwise = all(a == b for a, b in states.values())
     scores = [0.1, 0.4, 0.5, 0.5, 0.5] if rank == 0 else [0.0] * 5
     plateau = PhaseEnd(UntilConfig(criterion="plateau", patience=2), 10, "steps", warmup_steps=3)
     followed = [plateau.check(dist, step, score, 0.0, score_se=0.01, step=step) is not None
                 for step, score in enumerate(scores, 1)]
     Path(out, f"rank{rank}.json").write_text(json.dumps({"decided": decided, "state": end.state_dict(),
+                                                          "bitwise": bitwise,
                                                           "followed": followed, "plateau": plateau.state_dict()}))
     torch_dist.destroy_process_group()
 
@@ -513,6 +528,7 @@ def test_every_rank_takes_rank_0s_decision_on_the_losses_of_all_ranks(tmp_path, 
     mp.spawn(_rank, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     assert all(r == results[0] for r in results[1:])
+    assert results[0]["bitwise"]
     state = results[0]["state"]
     assert state["criterion"]["smoothed"] == pytest.approx([1.4, 1.39])  # the means over all ranks
     assert state["start"] == pytest.approx([2.0, 0.0])
