@@ -61,6 +61,7 @@ class Trainer(PhaseMachinery):
         self.scalars = self.record.scalars
         self._end: PhaseEnd | None = None  # what may end the current phase (see _phase_end)
         self._stopped_by: int | None = None  # the signal that stopped this call (common.system.signals)
+        self._window: dict = {}  # the open log window's loss sums on this rank, and "_n" (see RunRecord.log_window)
 
     # ------------------------------------------------------------------------------------- the run
     def run(self, stop_after: int | None = None) -> bool:
@@ -133,6 +134,7 @@ class Trainer(PhaseMachinery):
         """Train phase ``index`` to its end (True) or until ``budget`` steps (False); returns the steps done."""
         st, phase = self.state, self.spec.phases[index]
         ended, steps = self._phase_end(index).decision is not None, 0  # decided by the validation a resume re-ran
+        self._window = {}
         if not ended:  # the workers start (or resume) and decode before the phase's clock starts
             loader = self._train_loader(index)
             stream = loader.batches(st.data_epoch, st.data_index,
@@ -145,7 +147,8 @@ class Trainer(PhaseMachinery):
             total = phase.steps if phase.iteration_based else \
                 None if batches is None else phase.max_length * (batches // self.splits[index].grad_accum)
             bar = progress(total, st.step, phase.label(index), self.dist.is_main)
-            pipeline, window = self._frontend(index, self.objective.specaug), {}
+            pipeline = self._frontend(index, self.objective.specaug)
+            window = self._window = self.record.open_window()  # a resumed window goes on where it was saved
             try:
                 for group in step_groups(stream, self.splits[index].grad_accum, not phase.iteration_based,
                                          st.data_epoch):
@@ -296,7 +299,7 @@ class Trainer(PhaseMachinery):
     # ------------------------------------------------------------------------ checkpoints, validation
     def _save(self, engine, index: int, pending_eval: bool = False) -> None:
         self._check_finite(index)  # nothing after a non-finite loss is ever saved
-        self.record.save(engine, index, pending_eval, self._phase_end(index).saved_state(self.dist))
+        self.record.save(engine, index, pending_eval, self._phase_end(index).saved_state(self.dist), self._window)
 
     def _validate(self, model: nn.Module, index: int, scheduler) -> None:
         """Validate, record, let the LR schedule react (plateau / multistep), and judge the phase's end."""

@@ -147,3 +147,4 @@ class TrainState:
     pending_eval: bool = False  # the checkpoint was taken before the validation of its step
     phase_closed: bool = False  # after phase_done: its validation, record and export are done (a resume goes on)
     until: dict = field(default_factory=dict)  # the phase's end criterion (common.phases.criteria.PhaseEnd state)
+    window: dict = field(default_factory=dict)  # the open log window's loss sums over every rank, and "_n"

@@ -115,6 +115,30 @@ def test_a_resume_after_a_closed_phase_end_does_not_validate_it_again(tmp_path, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_a_run_resumed_inside_a_log_window_logs_the_same_losses(tmp_path, synth_corpus):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def logged(run_dir: Path) -> dict:
+        scalars = {}
+        for events_file in sorted((run_dir / "tb").glob("events.*")):  # one file per invocation
+            events = EventAccumulator(str(events_file))
+            events.Reload()
+            for tag in ("train/loss", "train/nce", "train/mse"):
+                scalars.update({(tag, e.step): e.value for e in events.Scalars(tag)})
+        return scalars
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    sets = ("train.log_every=2", "train.save_every=100")
+    assert run(straight, synth_corpus, *sets, steps=(5, 3)) == 0
+    assert run(stopped, synth_corpus, *sets, steps=(5, 3), stop=3) == 0  # checkpointed half way through a window
+    state = json.loads((stopped / "checkpoints" / "phase01-step000000003" / "trainer_state.json").read_text())
+    assert state["state"]["window"]["_n"] == 1  # step 3's micro-batch, saved with the checkpoint
+    assert run(stopped, synth_corpus, *sets, steps=(5, 3)) == 0
+    a, b = logged(straight), logged(stopped)
+    assert ("train/loss", 4) in a and a == b  # the window of steps 3 and 4, resumed between them: bitwise
+
+
 def _stopped_run(tmp_path: Path, corpus: Path) -> Path:
     run_dir = tmp_path / "run"
     assert run(run_dir, corpus, "train.save_every=1", "train.keep_checkpoints=3", stop=4) == 0
