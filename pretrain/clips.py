@@ -11,13 +11,14 @@ clip fills less than half of the zero-padded input with audio, names the setting
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
 import statistics
 from dataclasses import replace
 from pathlib import Path
+
+from common.data.manifest_index import open_lines
 
 __all__ = ["first_durations", "clip_lines", "fitting_frames"]
 
@@ -33,9 +34,8 @@ def first_durations(path: str | os.PathLike, limit: int = SAMPLED) -> list[float
     for file in files:
         if not file.is_file() or not file.name.endswith((".jsonl", ".jsonl.gz")):
             continue
-        opener = gzip.open if file.suffix == ".gz" else open
         try:
-            with opener(file, "rt") as handle:
+            with open_lines(file) as handle:
                 for line in handle:
                     if len(out) >= limit:
                         return out

@@ -50,7 +50,6 @@ the rates, and keeps the counts, which the trainer adds up over ranks into ``led
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import os
@@ -73,7 +72,7 @@ from torch.utils.data import DataLoader
 
 from common.data.cache import CacheMode, ClipCache, make_cache
 from common.data.integrity import truncation
-from common.data.manifest_index import DEFAULT_INDEX_DIR, IndexShuffleSampler, ManifestIndex
+from common.data.manifest_index import DEFAULT_INDEX_DIR, IndexShuffleSampler, ManifestIndex, open_lines
 from common.data.prefetch import background
 from common.system.atomic import atomic_write_text
 from common.system.cpu import loader_workers
@@ -244,7 +243,7 @@ def manifest_problem(path: str | os.PathLike) -> str | None:
         return None
     number, line = 0, b""
     try:
-        with (gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")) as handle:
+        with open_lines(path) as handle:
             for number, line in enumerate(handle, start=1):
                 if line.strip():
                     break
@@ -272,7 +271,7 @@ def count_clips(path: str | os.PathLike, limit: int | None = None) -> int | None
     if not path.is_file() or not path.name.endswith((".jsonl", ".jsonl.gz")):
         return None
     count = 0
-    with (gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")) as handle:
+    with open_lines(path) as handle:
         for line in handle:
             count += bool(line.strip())
             if limit is not None and count > limit:

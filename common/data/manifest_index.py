@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from lhotse.serialization import deserialize_item
 
-__all__ = ["DEFAULT_INDEX_DIR", "ManifestIndex", "IndexShuffleSampler"]
+__all__ = ["DEFAULT_INDEX_DIR", "ManifestIndex", "IndexShuffleSampler", "open_lines"]
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,19 @@ def _key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:20]
 
 
+def open_lines(path: Path):
+    """A ``.jsonl`` or ``.jsonl.gz`` manifest (or Shar shard) opened for its lines, as bytes."""
+    path = Path(path)
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
+
+
 def _build(path: Path, lines: Path, offsets: Path) -> None:
     """Write ``path``'s non-empty lines uncompressed to ``lines`` and their start offsets to ``offsets``
     (atomically: the offsets file, written last, marks a complete copy)."""
     tmp_lines = lines.with_name(f"{lines.name}.{os.getpid()}.tmp")
     tmp_offsets = offsets.with_name(f"{offsets.stem}.{os.getpid()}.tmp.npy")
     starts, position = [], 0
-    with (gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")) as src, \
-            tmp_lines.open("wb") as out:
+    with open_lines(path) as src, tmp_lines.open("wb") as out:
         for line in src:
             if not line.strip():
                 continue

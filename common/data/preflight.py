@@ -13,7 +13,6 @@ training time (``common.data.loader.BadAudioTracker``).
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
@@ -25,7 +24,9 @@ from lhotse import CutSet
 from common.audio.fbank import NORM_STATS, resolve_norm_stats
 from common.config.recipe import RecipeError
 from common.data.corpora.base import read_classes
+from common.data.loader import count_clips as count_lines
 from common.data.loader import manifest_problem, refused_source
+from common.data.manifest_index import open_lines
 
 __all__ = ["check_manifest", "check_norm", "norm_mismatch", "check_classes", "check_labels", "data_checks",
            "check_data", "problems", "count_clips"]
@@ -57,8 +58,7 @@ def check_manifest(path: str | os.PathLike, key: str) -> None:
         if not shards:
             raise RecipeError(f"{key}: {path} is a folder but not a Lhotse Shar folder (no cuts.*.jsonl.gz shards)")
         try:
-            opener = gzip.open if shards[0].suffix == ".gz" else open
-            with opener(shards[0], "rt") as handle:
+            with open_lines(shards[0]) as handle:
                 first = handle.readline()
             if not first.strip():
                 raise RecipeError(f"{key}: Shar folder {path} holds no clips ({shards[0].name} is empty)")
@@ -180,7 +180,7 @@ def check_labels(path: str | os.PathLike, key: str, classes: str | os.PathLike |
             known = None  # check_classes says why
     unlabeled, unknown = [0, None], [0, None, None]
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as handle:
+        with open_lines(path) as handle:
             for line in handle:
                 if not line.strip():
                     continue
@@ -253,13 +253,7 @@ def count_clips(paths: Sequence[str | os.PathLike]) -> int:
     """Clips in manifests, counted from their lines (no cut is parsed; a few seconds per million clips)."""
     total = 0
     for path in map(_expand, paths):
-        files = _shards(path) if path.is_dir() else [path]
-        for file in files:
-            opener = gzip.open if file.suffix == ".gz" else open
-            if file.suffix in (".gz", ".jsonl"):
-                with opener(file, "rb") as handle:
-                    total += sum(1 for line in handle if line.strip())
-            else:
-
-                total += len(CutSet.from_file(file))
+        for file in _shards(path) if path.is_dir() else [path]:
+            lines = count_lines(file)
+            total += len(CutSet.from_file(file)) if lines is None else lines
     return total
