@@ -25,12 +25,12 @@ CLASSES = [f"c{i}" for i in range(10)]
 def build(tmp: str):
     """``(objective, [(label, geometry, front end, model), ...])`` for Fshift x4 and full resolution."""
     from common.data.loader import DataConfig
-    from common.system.distributed import init_distributed
     from common.models.htsat import HTSATConfig
-    from common.training.optim import OptimConfig
     from common.phases.config import PhaseConfig, TransferConfig
-    from common.training.spec import RunSpec, TrainConfig
+    from common.system.distributed import init_distributed
     from common.training.loop import Trainer
+    from common.training.optim import OptimConfig
+    from common.training.spec import RunSpec, TrainConfig
     from finetune.classifier import AugmentConfig, ClassifierObjective
 
     base = HTSATConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.1,

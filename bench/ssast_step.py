@@ -41,9 +41,9 @@ def phase_step_rate(size: str, phase_index: int, batch: int, device: torch.devic
         ``peak_memory`` (CUDA: ``max_memory_allocated`` over the timed steps; None on the CPU) and
         ``memory_estimate`` (``common.models.memory``, bytes).
     """
-    from common.training.compile import maybe_compile
     from common.audio.pipeline import FeaturePipeline
     from common.models.ast.encoder import ASTEncoder
+    from common.training.compile import maybe_compile
     from pretrain.recipe import load_recipe
     from pretrain.ssast import SSASTModel, SSASTObjective
 

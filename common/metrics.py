@@ -19,7 +19,6 @@ so every rank and every run of the same scores gets the same value).
 from __future__ import annotations
 
 import warnings
-
 from statistics import NormalDist
 
 import numpy as np

@@ -41,11 +41,11 @@ from common.audio.compression import Compression
 from common.audio.fbank import NORM_STATS, NormStats, resolve_norm_stats
 from common.audio.pipeline import AudioConfig, FeaturePipeline
 from common.models.arch import architecture_for, architecture_from_meta
-from common.models.spec import ModelSpec
 from common.models.exports import resolve_model_file
 from common.models.hf import is_hf_directory
 from common.models.htsat import HTSAT
 from common.models.htsat.model import unfold
+from common.models.spec import ModelSpec
 from common.phases.init import init_pos_mode, load_init, task_encoder_config
 
 __all__ = ["POOLS", "EmbedOutput", "Embedder", "load_embedder", "model_digest", "parse_layer"]

@@ -23,16 +23,15 @@ from typing import Sequence
 
 import numpy as np
 import torch
-
 from torch import nn
 
-from common.models.arch import architecture_from_meta, official_channels
 from common.audio.augment import SpecAugmentConfig
 from common.audio.compression import Compression
 from common.cli import command_device, run_main
 from common.data.loader import BadAudioTracker, eval_loader
 from common.data.preflight import check_labels
 from common.metrics import compute_metrics
+from common.models.arch import architecture_from_meta, official_channels
 from common.models.exports import resolve_model_file
 from common.models.hf import is_hf_directory
 from common.system.logger import progress, setup_logging

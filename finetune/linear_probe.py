@@ -142,12 +142,12 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
     from common.audio.augment import SpecAugmentConfig
     from common.audio.compression import Compression
     from common.audio.pipeline import AudioConfig
+    from common.config.recipe import build
     from common.data.corpora.base import read_classes
     from common.models.arch import architecture_for
     from common.models.spec import ModelSpec
     from common.phases.init import load_init, resolve_pool, task_encoder, task_encoder_config
     from finetune.recipe import task_source
-    from common.config.recipe import build
     from finetune.tasks import TaskConfig
 
     fields, _ = task_source(task_name)

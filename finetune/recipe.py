@@ -11,26 +11,25 @@ recipe at full resolution; a coarse-to-fine recipe (``recipes/ft_*.yaml``) repla
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
-from common.phases.coarse import CoarseConfig, apply_coarse, baseline_name, build_derived
-from common.phases.criteria import check_schedule
-from common.data.loader import DataConfig
-from common.audio.pipeline import AudioConfig
 from common.audio.fbank import NORM_STATS
-from common.models.spec import ModelSpec
-from common.training.optim import OptimConfig
-from common.phases.config import PhaseConfig
-from common.data.preflight import check_classes, check_labels, check_manifest, check_norm, count_clips
+from common.audio.pipeline import AudioConfig
 from common.config.recipe import RecipeError, apply_overrides, load_yaml, merge
+from common.data.loader import DataConfig
+from common.data.preflight import check_classes, check_labels, check_manifest, check_norm, count_clips
+from common.models.spec import ModelSpec
+from common.phases.coarse import CoarseConfig, apply_coarse, baseline_name, build_derived
+from common.phases.config import PhaseConfig
+from common.phases.criteria import check_schedule
+from common.phases.init import INIT_FAMILIES, InitTransferConfig, init_family, load_init
+from common.training.optim import OptimConfig
 from common.training.spec import TrainConfig
 from finetune.classifier import AugmentConfig, HeadConfig
-from common.phases.init import INIT_FAMILIES, InitTransferConfig, init_family, load_init
 from finetune.task_recipes import AUTO, PACKAGE, PACKAGE_EPOCHS, RECIPES, choose, fit_averaging, recipe_defaults
 from finetune.tasks import TaskConfig, known_tasks, task_defaults
 

@@ -196,8 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from common.cli import world_size_of
         from common.config.recipe import RecipeError
-        from common.phases.init import (expected_init_note, init_pos_mode, load_init, record_init, resolve_pool,
-                                        task_encoder_config)
+        from common.phases.init import (
+            expected_init_note,
+            init_pos_mode,
+            load_init,
+            record_init,
+            resolve_pool,
+            task_encoder_config,
+        )
         from common.training.batch import phase_splits
         from common.training.plan import build_plan, format_plan
         from finetune.recipe import check_files, defaults_follow_init, file_checks, load_recipe

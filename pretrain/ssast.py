@@ -26,16 +26,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.models.arch import architecture_for
 from common.audio.augment import SpecAugmentConfig
-from common.models.exports import save_weights
-from common.data.loader import Batch
-from common.system.distributed import Dist
 from common.audio.pipeline import FeaturePipeline
-from common.models.flops import train_step_flops
-from common.models.memory import MemoryEstimate, estimate_training_memory
+from common.data.loader import Batch
+from common.models.arch import architecture_for
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from common.models.ast.resize import resample_patch_kernel
+from common.models.exports import save_weights
+from common.models.flops import train_step_flops
+from common.models.memory import MemoryEstimate, estimate_training_memory
+from common.system.distributed import Dist
 from pretrain.mask_draws import MaskDraws
 from pretrain.masking import MASKINGS, mask_count, sample_mask
 

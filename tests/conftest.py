@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+
 from tests.helpers import real_looking_signals, tiny_classifier_file  # noqa: F401
 
 # `make test` runs two pytest workers (pytest-xdist) on the 2-core machine: one thread each, or their OpenMP

@@ -23,14 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(job_file: str) -> int:
     import torch
 
-    from common.data.loader import Batch, DataConfig
-    from common.system.distributed import init_distributed
     from common.audio.pipeline import AudioConfig
+    from common.data.loader import Batch, DataConfig
     from common.models.ast.encoder import EncoderConfig
-    from common.training.optim import OptimConfig, step_engine
     from common.phases.config import PhaseConfig, TransferConfig
-    from common.training.spec import RunSpec, TrainConfig
+    from common.system.distributed import init_distributed
     from common.training.loop import Trainer
+    from common.training.optim import OptimConfig, step_engine
+    from common.training.spec import RunSpec, TrainConfig
     from pretrain.ssast import SSASTConfig, SSASTObjective
     from tests.helpers import host_reads
 

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import torch
 
 from bench.gpu_check import SyncSites, main, peak_bf16

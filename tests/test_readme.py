@@ -37,9 +37,9 @@ def _entry(program: list[str]):
     """The main() a documented command line runs: `python SCRIPT`, `python -m MODULE` or a `c2f-*` console
     script (its program words without the leading `python`)."""
     from common.data.corpora.__main__ import main as corpora
+    from common.reports.report import main as report
     from finetune.linear_probe import main as probe
     from finetune.predict import main as predict
-    from common.reports.report import main as report
     from finetune.run import main as finetune
     from pretrain.run import main as pretrain
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.audio.compression import Compression
-from common.phases.criteria import UntilConfig
-from common.models.htsat.adapt import BiasTransfer
 from common.models.ast.resize import PatchResize, PosResize
+from common.models.htsat.adapt import BiasTransfer
+from common.phases.criteria import UntilConfig
 
 __all__ = ["PhaseConfig", "TransferConfig", "patch_mode_between"]
 

@@ -33,13 +33,13 @@ from typing import Literal
 
 from common.audio.compression import Compression
 from common.models.arch import architecture_for
-from common.models.spec import ModelSpec
-from common.models.htsat import HTSATConfig
 from common.models.ast.encoder import EncoderConfig
+from common.models.htsat import HTSATConfig
 from common.models.htsat.imagenet import OFFICIAL_START
-from common.system.atomic import atomic_write_text
+from common.models.spec import ModelSpec
 from common.models.weights import EncoderWeights, load_encoder_state
 from common.phases.config import TransferConfig
+from common.system.atomic import atomic_write_text
 
 __all__ = ["InitTransferConfig", "INIT_KINDS", "load_init", "init_family", "INIT_FAMILIES", "task_encoder_config",
            "init_kind", "expected_init_note", "init_pos_mode", "init_patch_mode", "init_pool", "resolve_pool",

@@ -38,10 +38,10 @@ from common.system.signals import StoppedBySignal, stop_requested
 from common.training.compile import maybe_compile
 from common.training.objective import Objective
 from common.training.optim import build_engine
-from common.training.release import collect, release_engine
 from common.training.phase import PhaseMachinery
 from common.training.plan import RunPlan, build_plan
 from common.training.record import RunRecord
+from common.training.release import collect, release_engine
 from common.training.spec import RunSpec
 from common.training.steps import StepGroup, broadcast_statistics, step_groups
 

@@ -10,8 +10,8 @@ from torch import nn
 
 from common.audio.augment import SpecAugmentConfig
 from common.data.loader import Batch
-from common.system.distributed import Dist
 from common.models.memory import MemoryEstimate
+from common.system.distributed import Dist
 
 __all__ = ["Objective"]
 

@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from common.data.fingerprint import DataChanged, changes, run_fingerprints
-from common.system.engine_config import resolve_zero_stage
 from common.data.loader import BadAudioTracker, reshard_index
 from common.models.memory import PeakMemory, gib, training_setting
 from common.phases.baseline import evaluation_settings, setting_differences, stop_target
 from common.phases.criteria import Decision
 from common.system.atomic import atomic_copy
 from common.system.distributed import Dist
+from common.system.engine_config import resolve_zero_stage
 from common.system.logger import Scalars
 from common.training.checkpoints import RunCheckpoints, capture_rng, make_tag, restore_rng
 from common.training.ledger import Ledger, Window

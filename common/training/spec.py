@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from common.models.weights import EncoderWeights
-from common.training.compile import CompileBackend, CompileMode, check_mode
-from common.data.loader import DataConfig
-from common.system.engine_config import ZeroStage
 from common.audio.pipeline import AudioConfig
+from common.data.loader import DataConfig
+from common.models.weights import EncoderWeights
+from common.phases.config import PhaseConfig, TransferConfig
+from common.system.engine_config import ZeroStage
+from common.training.compile import CompileBackend, CompileMode, check_mode
 from common.training.nonfinite import NonFiniteCheck
 from common.training.optim import OptimConfig
-from common.phases.config import PhaseConfig, TransferConfig
 from common.training.run_recipe import RunRecipe
 
 __all__ = ["TrainConfig", "RunSpec", "TrainState"]

@@ -194,9 +194,9 @@ def test_balanced_sampler_draws_rare_classes_more(synth_corpus):
 def test_stats_cli_and_shar_round_trip(synth_corpus, tmp_path):
     import json
 
+    from common.audio.fbank import resolve_norm_stats
     from common.data.corpora.__main__ import main
     from common.data.corpora.stats import compute_stats
-    from common.audio.fbank import resolve_norm_stats
 
     manifest = tmp_path / "valid.jsonl.gz"
     shutil.copy(synth_corpus / "synth_valid.jsonl.gz", manifest)
@@ -332,12 +332,12 @@ def test_training_crops_cut_from_the_start_unless_asked(synth_corpus):
 
 @pytest.mark.parametrize("train_crop", ["start", "random"])
 def test_the_trainer_crops_training_clips_as_the_data_config_says(tmp_path, synth_corpus, tiny_cfg, train_crop):
-    from common.system.distributed import Dist
     from common.audio.pipeline import AudioConfig
-    from common.training.optim import OptimConfig
     from common.phases.config import PhaseConfig, TransferConfig
-    from common.training.spec import RunSpec, TrainConfig
+    from common.system.distributed import Dist
     from common.training.loop import Trainer
+    from common.training.optim import OptimConfig
+    from common.training.spec import RunSpec, TrainConfig
     from finetune.classifier import AugmentConfig, ClassifierObjective
 
     classes, _ = read_classes(synth_corpus / "synth_classes.json")

@@ -169,8 +169,8 @@ def test_fine_tuning_a_pretrained_run_beats_chance_clearly(tmp_path, small_synth
 
 @pytest.mark.slow
 def test_fine_tuning_from_an_official_ssast_checkpoint(tmp_path, synth_corpus):
-    from common.models.weights import load_encoder_state
     from common.models.spec import ModelSpec
+    from common.models.weights import load_encoder_state
     from common.phases.init import task_encoder, task_encoder_config
     from tests.helpers import ssast_pretrained_state
 
@@ -201,11 +201,11 @@ def test_pooling_follows_the_init(tmp_path):
     """AST pools (cls + dist) / 2, SSAST the mean of the patch tokens, patch and frame models alike (item 2)."""
     import timm
 
-    from common.models.weights import load_encoder_state
     from common.models.ast.encoder import ASTEncoder, EncoderConfig
     from common.models.spec import ModelSpec
-    from finetune.classifier import Classifier, save_classifier
+    from common.models.weights import load_encoder_state
     from common.phases.init import init_pool, resolve_pool, task_encoder_config
+    from finetune.classifier import Classifier, save_classifier
     from pretrain.ssast import SSASTConfig, SSASTModel, SSASTObjective
     from tests.helpers import ssast_pretrained_state
 
@@ -241,8 +241,8 @@ def test_pooling_follows_the_init(tmp_path):
 def test_imagenet_deit_weights_start_the_encoder_as_ast(tmp_path):
     import timm
 
-    from common.models.weights import load_encoder_state
     from common.models.spec import ModelSpec
+    from common.models.weights import load_encoder_state
     from common.phases.init import task_encoder, task_encoder_config
 
     deit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
@@ -316,8 +316,8 @@ def test_logistic_regression_probe_on_known_features():
 
 @pytest.mark.slow
 def test_probe_task_esc50_is_the_mean_over_folds(tmp_path, monkeypatch):
-    from common.models.exports import save_encoder
     from common.models.ast.encoder import ASTEncoder, EncoderConfig
+    from common.models.exports import save_encoder
     from finetune import linear_probe
     from tests.layouts import esc50
 
@@ -446,8 +446,8 @@ def test_three_phase_fine_tuning_with_patch_and_pooling(tmp_path, synth_corpus):
     assert [e["phase"] for e in ledger["evals"]] == [0, 1, 2]
     fps = [p["flops_per_sample"] for p in ledger["phases"]]
     assert fps[0] < fps[1] < fps[2]
-    from common.training.ledger import Ledger
     from common.reports.report import run_label
+    from common.training.ledger import Ledger
     assert run_label(Ledger.read(run_dir)) == "Patch BL/Avg Pool 4→2→1"
 
 

@@ -10,8 +10,7 @@ import soundfile as sf
 import torch
 
 from finetune.run import main as finetune
-from tests.helpers import _synth_root, sets
-from tests.helpers import official_state, save_lightning
+from tests.helpers import _synth_root, official_state, save_lightning, sets
 
 ROOT = Path(__file__).resolve().parents[2]
 # a tiny HTS-AT for the 1.27 s, 16 kHz clips of the built-in corpus: 32 mel bins, a 64 x 64 image of 2 chunks
@@ -24,13 +23,12 @@ TINY_HTSAT = ("model.arch=htsat", "model.htsat={sample_rate: 16000, clip_samples
 
 @pytest.mark.slow
 def test_a_two_phase_htsat_fine_tune_runs_end_to_end(tmp_path, synth_corpus, capsys, monkeypatch):
-    from common.models.exports import read_weights
-    from finetune.classifier import load_classifier
-
     import time
 
+    from common.models.exports import read_weights
     from common.training.loop import Trainer
     from common.training.record import RunRecord
+    from finetune.classifier import load_classifier
 
     averaging, evaluate, average_into = [], Trainer._evaluate, RunRecord.average_into
 
@@ -153,9 +151,9 @@ def test_an_official_checkpoint_classifies_with_predict(tmp_path, capsys, classe
 
 @pytest.mark.slow
 def test_an_official_checkpoint_starts_a_fine_tune_on_other_classes(tmp_path):
+    from common.audio.compression import Compression
     from common.models.arch import architecture_for
     from common.models.weights import load_encoder_state
-    from common.audio.compression import Compression
 
     save_lightning(official_state(), tmp_path / "HTSAT_AudioSet.ckpt")
     init = load_encoder_state(tmp_path / "HTSAT_AudioSet.ckpt")

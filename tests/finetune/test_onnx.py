@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.models.arch import architecture_for
 from common.audio.compression import Compression
 from common.audio.pipeline import AudioConfig
+from common.models.arch import architecture_for
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from finetune.classifier import save_classifier
 
@@ -142,9 +142,9 @@ def test_onnxruntime_scores_equal_predict_and_the_torch_free_example_agrees(expo
 
 
 def test_one_graph_takes_a_batch_of_one_and_of_three(exported, clips):
-    from finetune.onnx_export import read_onnx_metadata
     from finetune.classifier import load_classifier
     from finetune.evaluate import predict_scores
+    from finetune.onnx_export import read_onnx_metadata
     from finetune.predict import load_audio
 
     kind, src, out, _ = exported

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.models.weights import EncoderWeights
 from common.config.recipe import RecipeError, load_yaml
+from common.models.weights import EncoderWeights
 from common.phases.init import init_family
 from finetune.recipe import load_recipe
 from finetune.task_recipes import RECIPES, closest
@@ -109,8 +109,8 @@ def test_a_multi_label_task_file_follows_audioset20k(tmp_path, synth_corpus):
 
 
 def test_an_ssast_init_follows_ssasts_recipe(tmp_path, synth_corpus, tiny_cfg):
-    from common.models.exports import save_encoder
     from common.models.ast.encoder import ASTEncoder
+    from common.models.exports import save_encoder
 
     init = save_encoder(ASTEncoder(tiny_cfg), tmp_path / "ssast.safetensors", {"objective": "ssast"})
     notes: list[str] = []

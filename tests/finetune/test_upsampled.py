@@ -10,7 +10,7 @@ import pytest
 import torch
 from lhotse import CutSet
 
-from common.data.loader import Batch, BadAudioTracker, ClipDataset
+from common.data.loader import BadAudioTracker, Batch, ClipDataset
 from common.training.ledger import Ledger
 from finetune.run import main as finetune
 from tests.helpers import _synth_root, sets

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from common.models.weights import load_encoder, load_encoder_state
-from common.models.exports import read_weights, save_encoder
 from common.models.ast.encoder import ASTEncoder
+from common.models.exports import read_weights, save_encoder
+from common.models.weights import load_encoder, load_encoder_state
 from tests.helpers import ssast_pretrained_state
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from common.audio.compression import Compression
-from common.models.flops import count_flops, encoder_train_flops
 from common.models.ast.encoder import encoder_config
+from common.models.flops import count_flops, encoder_train_flops
 
 
 def analytic_train_flops(cfg) -> float:

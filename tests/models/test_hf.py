@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from common.models.ast.encoder import ASTEncoder
 from common.models.hf import HFFormatError, read_hf_directory
 from common.models.hf_export import export_hf
-from common.models.ast.encoder import ASTEncoder
 from finetune.classifier import Classifier, load_classifier, save_classifier
 from tests.helpers import AUDIO, CLASSES, FULL, tiny_cfg, tiny_classifier
 
@@ -100,8 +100,8 @@ def test_an_export_clears_what_an_interrupted_one_left(tmp_path):
 
 
 def test_round_trip_export_import_export_is_bit_identical(tmp_path):
-    from common.models.weights import load_encoder
     from common.models.exports import save_encoder
+    from common.models.weights import load_encoder
 
     first = export_hf(tiny_classifier(tmp_path / "m.safetensors", loss="bce"), tmp_path / "first")
     model, meta = load_classifier(first)  # import: the HF directory as this package's classifier

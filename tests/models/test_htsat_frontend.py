@@ -6,8 +6,7 @@ import torch
 
 from common.audio.compression import Compression
 from common.models.htsat import HTSAT, HTSATConfig, HTSATFrontEnd, SpecAugmentStripes, fold, geometry, mel_filterbank
-from tests.helpers import real_looking_signals
-from tests.helpers import slaney_mel_numpy
+from tests.helpers import real_looking_signals, slaney_mel_numpy
 
 CFG = HTSATConfig(clip_samples=64000, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), num_classes=3)
 

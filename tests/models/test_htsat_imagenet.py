@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.models.arch import architecture_for
-from common.models.weights import load_encoder_state
 from common.audio.compression import Compression
+from common.models.arch import architecture_for
 from common.models.htsat import HTSAT, HTSATConfig, resize_bias_table
 from common.models.htsat.imagenet import convert_imagenet_swin
+from common.models.weights import load_encoder_state
 from common.phases.init import expected_init_note, init_kind, task_encoder_config
 from finetune.run import main as finetune
 from tests.helpers import _synth_root, sets
@@ -194,8 +194,8 @@ def test_the_official_start_fits_the_official_model_exactly():
 
 
 def test_a_swin_that_is_not_the_official_start_is_said(caplog):
-    from common.models.weights import EncoderWeights
     from common.models.spec import ModelSpec
+    from common.models.weights import EncoderWeights
 
     spec = ModelSpec(arch="htsat")
     c24 = EncoderWeights(HTSATConfig(), {}, {"source": "imagenet", "arch": "htsat", "file": "c24.pth",

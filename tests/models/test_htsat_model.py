@@ -5,8 +5,8 @@ import torch
 from einops import rearrange
 
 from common.audio.compression import Compression
-from common.models.htsat import HTSAT, HTSATConfig, HTSATFrontEnd, fold, geometry, stage_layout, unfold
 from common.config.recipe import RecipeError
+from common.models.htsat import HTSAT, HTSATConfig, HTSATFrontEnd, fold, geometry, stage_layout, unfold
 from tests.helpers import real_looking_signals
 
 TINY = HTSATConfig(clip_samples=64000, embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), num_classes=5)

@@ -16,12 +16,11 @@ from common.models.htsat import (
     load_official_checkpoint,
     looks_official,
 )
-from tests.helpers import real_looking_signals
 from tests.helpers import HTSAT_CLASSES as CLASSES
 from tests.helpers import HTSAT_DEPTHS as DEPTHS
 from tests.helpers import HTSAT_DIM as DIM
 from tests.helpers import HTSAT_HEADS as HEADS
-from tests.helpers import official_state, save_lightning
+from tests.helpers import official_state, real_looking_signals, save_lightning
 
 
 def our_key(official: str) -> str | None:

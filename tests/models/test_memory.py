@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.training.ledger import Ledger
-from common.models.memory import PeakMemory, estimate_training_memory, saved_activation_bytes
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
+from common.models.memory import PeakMemory, estimate_training_memory, saved_activation_bytes
+from common.training.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.phases.coarse import CoarseConfig, apply_coarse, parse_coarse
-from common.models.arch import architecture_for
-from common.models.arch import geometries
 from common.config.recipe import RecipeError, build, to_dict
+from common.models.arch import architecture_for, geometries
+from common.phases.coarse import CoarseConfig, apply_coarse, parse_coarse
 from common.training.loop import Trainer
 from finetune.recipe import load_recipe as finetune_recipe
 from finetune.run import main as finetune
@@ -184,8 +183,8 @@ def comparable_baseline(tmp_path: Path, corpus: Path, name: str = "base", finish
     """A finished baseline run of :func:`ft`'s task as the trainer writes it: 4 epochs at full resolution
     (accuracy 0.3, 0.5, 0.4, 0.45), the same validation manifest and settings; ``averaged``: the score of its
     weight average (above its best epoch)."""
-    from common.phases.baseline import evaluation_settings
     from common.data.fingerprint import run_fingerprints
+    from common.phases.baseline import evaluation_settings
 
     data = tmp_path / "data" if (tmp_path / "data").is_dir() else _synth_root(tmp_path, corpus)
     recipe = finetune_recipe("synth", overrides=[*TINY, "data.batch_size=8"], data_root=str(data))

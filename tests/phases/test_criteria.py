@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from common.config.recipe import RecipeError, build
+from common.metrics import mean_average_precision, standard_error
+from common.phases.config import PhaseConfig
 from common.phases.criteria import (
     Decision,
     Efficiency,
@@ -20,9 +23,6 @@ from common.phases.criteria import (
     check_schedule,
     describe_ends,
 )
-from common.metrics import mean_average_precision, standard_error
-from common.phases.config import PhaseConfig
-from common.config.recipe import RecipeError, build
 from common.training.loop import Trainer
 from pretrain.run import main
 from tests.helpers import RECIPE, run, tiny, weights

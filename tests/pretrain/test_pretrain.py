@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.models.weights import load_encoder
 from common.config.recipe import RecipeError
+from common.models.weights import load_encoder
 from pretrain.recipe import load_recipe
 from pretrain.run import main
 from tests.helpers import RECIPE, _free_port, poison_loss_at, run, tiny, weights

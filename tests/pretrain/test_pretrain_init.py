@@ -8,15 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.models.exports import read_weights
 from common.config.recipe import RecipeError
+from common.models.exports import read_weights
 from common.phases.transition import initial_model
 from pretrain.init import load_start
 from pretrain.recipe import load_recipe
 from pretrain.run import main
 from pretrain.ssast import SSASTObjective
-from tests.helpers import ssast_pretrained_state
-from tests.helpers import RECIPE, tiny
+from tests.helpers import RECIPE, ssast_pretrained_state, tiny
 
 pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
 

@@ -6,9 +6,17 @@ from pathlib import Path
 
 import pytest
 
+from common.reports.report import (
+    ReportError,
+    compare,
+    load_run,
+    main,
+    markdown_table,
+    resolve_metric,
+    run_label,
+    whole_run_table,
+)
 from common.training.ledger import Ledger
-from common.reports.report import (ReportError, compare, load_run, main, markdown_table, resolve_metric, run_label,
-                             whole_run_table)
 
 # Baseline: 20 epochs at 10 FLOPs and 5 s each; accuracy climbs to 0.45 at epoch 15, then falls.
 # Reference: F_base = 150, T_base = 75.
@@ -161,8 +169,8 @@ def test_cli_errors_exit_2(tmp_path, runs, capsys):
 
 
 def test_patch_runs_are_labelled_with_their_transfer():
-    from common.training.ledger import Ledger
     from common.reports.report import run_label
+    from common.training.ledger import Ledger
 
     ledger = Ledger.from_dict({"score": "acc", "phases": [
         {"compression": "patch", "factor": 4, "patch_transfer": "bilinear"}, {"compression": "none", "factor": 1}]})
@@ -291,8 +299,7 @@ def _ledger_of(phases, flops, clips: int, values: list[list[float]]) -> Ledger:
 
 @pytest.mark.slow
 def test_the_paper_audioset_row_is_a_fixed_stop_with_flops_from_common_flops(tmp_path, capsys):
-    from common.models.arch import architecture_for
-    from common.models.arch import geometries
+    from common.models.arch import architecture_for, geometries
     from common.phases.config import PhaseConfig
     from finetune.classifier import ClassifierObjective
     from finetune.recipe import load_recipe

@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-from common.system import cpu
 from common.data.loader import ClipDataset, ClipLoader, open_cuts
+from common.system import cpu
 
 
 @pytest.fixture

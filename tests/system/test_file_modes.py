@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.system.atomic import ORPHAN, atomic_copy, atomic_write_text, file_mode
 from common.models.exports import save_weights
+from common.system.atomic import ORPHAN, atomic_copy, atomic_write_text, file_mode
 from tests.helpers import ROOT
 from tests.helpers import run as pretrain
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from common.config.recipe import RecipeError
 from common.training.batch import BatchSplit, phase_splits, split_batch
 from common.training.ledger import Ledger, PhaseRecord
-from common.config.recipe import RecipeError
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"

@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from common.training.compile import maybe_compile, repeated_blocks
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
+from common.training.compile import maybe_compile, repeated_blocks
 from pretrain.ssast import SSASTConfig, SSASTModel
 from tests.helpers import run, weights
 

@@ -137,9 +137,9 @@ def test_a_full_disk_at_a_checkpoint_is_named_and_the_last_checkpoint_stays(tmp_
 def test_a_full_disk_during_an_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
     from safetensors import SafetensorError
 
+    from common.models.exports import save_weights
     from common.system.atomic import atomic_path, atomic_write_text
     from common.system.disk import NoSpace
-    from common.models.exports import save_weights
 
     target = tmp_path / "ledger.json"
     atomic_write_text(target, "old")

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.phases.init import task_encoder_config
 from common.system.distributed import Dist
 from common.training.ledger import Ledger
 from common.training.loop import Trainer
 from common.training.plan import BaselinePlan, PhasePlan, RunPlan, build_plan, planned_cost
 from common.training.spec import RunSpec
 from finetune.classifier import AugmentConfig, ClassifierObjective
-from common.phases.init import task_encoder_config
 from finetune.recipe import load_recipe as finetune_recipe
 from pretrain.recipe import load_recipe as pretrain_recipe
 from pretrain.run import main as pretrain

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from common.data.loader import BadAudioTracker, ClipDataset, ClipLoader, count_clips, open_cuts
 from common.audio.fbank import Fbank, pad_or_crop, samples_for_frames
+from common.data.loader import BadAudioTracker, ClipDataset, ClipLoader, count_clips, open_cuts
 from common.system.atomic import atomic_write_text
 from common.system.logger import progress
 

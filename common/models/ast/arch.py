@@ -19,9 +19,9 @@ from torch import nn
 from common.audio.compression import Compression
 from common.audio.fbank import NormStats, resolve_norm_stats
 from common.audio.pipeline import AudioConfig, FeaturePipeline
-from common.models.heads import scored_head
 from common.models.ast.encoder import ASTEncoder, EncoderConfig, check_pooling, pool_tokens
 from common.models.ast.resize import adapt_state_dict, load_adapted
+from common.models.heads import scored_head
 
 __all__ = ["ASTArch", "Classifier"]
 

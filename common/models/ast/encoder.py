@@ -14,7 +14,6 @@ import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
-
 import torch
 from einops import rearrange
 from timm.models.vision_transformer import Block

@@ -25,7 +25,12 @@ from common.models.htsat.geometry import BlockLayout, Geometry, geometry, stage_
 from common.models.htsat.imagenet import convert_imagenet_swin, looks_imagenet_swin
 from common.models.htsat.labels import audioset_labels, class_names
 from common.models.htsat.model import HEAD_PREFIXES, HTSAT, fold, unfold
-from common.models.htsat.official import config_from_official, convert_official, load_official_checkpoint, looks_official
+from common.models.htsat.official import (
+    config_from_official,
+    convert_official,
+    load_official_checkpoint,
+    looks_official,
+)
 
 __all__ = [
     "HTSATConfig", "Geometry", "BlockLayout", "geometry", "stage_layout", "HTSATFrontEnd", "SpecAugmentStripes",

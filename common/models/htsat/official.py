@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from common.models.htsat.config import HTSATConfig
-from common.models.htsat.geometry import swin_depths
 from common.models.htsat.frontend import mel_filterbank
+from common.models.htsat.geometry import swin_depths
 
 __all__ = ["OFFICIAL_PREFIX", "looks_official", "unwrap_official", "config_from_official", "convert_official",
            "load_official_checkpoint"]
