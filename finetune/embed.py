@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 from collections import deque
@@ -62,7 +61,7 @@ import numpy as np
 import torch
 
 from finetune.embedder import POOLS, Embedder, load_embedder, parse_layer
-from finetune.predict import hop_seconds
+from finetune.predict import hop_samples, hop_seconds
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
@@ -428,15 +427,13 @@ def embed_files(init: str | os.PathLike | Embedder, inputs: Sequence[str | os.Pa
     for name, value in (("--batch-size", batch_size), ("--shard-size", shard_size)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
-    if hop_seconds is not None and not (math.isfinite(hop_seconds) and hop_seconds > 0):
-        raise ValueError(f"--hop must be a finite number of seconds above 0, got {hop_seconds}")
     if not inputs:
         raise ValueError("--inputs: give audio files, folders or manifests")
     clips, total = list_clips(inputs)
     embedder = init if isinstance(init, Embedder) else load_embedder(
         init, layer=parse_layer(layer), pool=pool, frames=frames, norm=norm, device=device)
     rate, size = embedder.sample_rate, embedder.clip_samples
-    hop = max(1, int(round(hop_seconds * rate))) if hop_seconds else size
+    hop = hop_samples(hop_seconds, rate, size)
     out = Path(out)
     starts, ends = embedder.step_times()
     settings = {**embedder.describe(), **({"channels": "mean"} if embedder.channels == "mean" else {}),

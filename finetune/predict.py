@@ -93,6 +93,15 @@ def hop_seconds(text: str) -> float:
     return value
 
 
+def hop_samples(seconds: float | None, rate: int, default: int) -> int:
+    """Samples between windows: ``seconds`` (a finite number above 0) at ``rate`` Hz, ``default`` for None."""
+    if seconds is None:
+        return default
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"--hop must be a finite number of seconds above 0, got {seconds}")
+    return max(1, int(round(seconds * rate)))
+
+
 def windows(num_samples: int, clip: int, hop: int) -> list[int]:
     """Start offsets of the windows covering ``num_samples`` samples (one window if it fits)."""
     if num_samples <= clip:
@@ -185,9 +194,7 @@ def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None 
     repeat = handling["pad"] == "repeat"  # a file shorter than the clip, repeated as in validation
     rule = aggregate_rule(meta, aggregate)
     wave = load_audio(path, rate, handling["channels"])
-    if hop_seconds is not None and not (math.isfinite(hop_seconds) and hop_seconds > 0):
-        raise ValueError(f"--hop must be a finite number of seconds above 0, got {hop_seconds}")
-    hop = max(1, int(round(hop_seconds * rate))) if hop_seconds else max(1, clip // 2)
+    hop = hop_samples(hop_seconds, rate, max(1, clip // 2))
     starts = windows(wave.size, clip, hop)
     scores = []
     for i in range(0, len(starts), batch_size):
