@@ -87,8 +87,6 @@ class Dist:
             torch.distributed.destroy_process_group()
         # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
         import deepspeed.comm.comm as ds_comm
-
-        # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
         import deepspeed.utils.groups as ds_groups
 
         ds_comm.cdb = None
@@ -135,8 +133,6 @@ def init_distributed() -> Dist:
     quiet_deepspeed()
     # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
     import deepspeed
-
-    # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
     from deepspeed.accelerator import get_accelerator
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

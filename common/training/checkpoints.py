@@ -98,11 +98,7 @@ def _deepspeed_globals() -> list:
     ZeRO optimizer states: the loss scaler, the ZeRO stage, parameter fragment addresses)."""
     # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
-
-    # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
     from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, ZeroStageEnum, fragment_address]

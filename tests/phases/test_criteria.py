@@ -502,9 +502,9 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         saved = dist.broadcast_object(live.saved_state(dist))
         later = PhaseEnd(until, 10, "steps")
         later.load_state_dict(saved, pending_losses=dist.is_main)
-        for run in (live, later):
-            run.add_loss(second)
-            run.check(dist, step, None, 0.0, step=step)
+        for end_ in (live, later):
+            end_.add_loss(second)
+            end_.check(dist, step, None, 0.0, step=step)
         states[step] = [live.state_dict(), later.state_dict()]
     bitwise = all(a == b for a, b in states.values())
     scores = [0.1, 0.4, 0.5, 0.5, 0.5] if rank == 0 else [0.0] * 5
