@@ -117,13 +117,13 @@ def save_classifier(model: nn.Module, path: Path, classes: Sequence[str], meta: 
 
 def _checkpoint_with_head(file: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """``(tensors, meta)`` as an export would hold them, for another project's checkpoint that has a
-    classification head of its own (an official HTS-AT checkpoint: AudioSet's 527 classes)."""
+    classification head of its own (an official HTS-AT checkpoint: AudioSet's 527 classes, ESC-50's 50)."""
     weights = load_encoder_state(file)
     if "classes" not in weights.meta:
         raise ValueError(f"{file} holds an encoder without a classification head; fine-tune it first: "
                          f"python finetune/run.py --init {file} --task NAME")
     pool = architecture_for(weights.config).resolve_pool("auto", weights)
-    meta = {**weights.meta, "encoder_config": weights.config.to_dict(), "loss": "bce",
+    meta = {**weights.meta, "encoder_config": weights.config.to_dict(), "loss": weights.meta.get("loss", "bce"),
             "classifier": {"classes": weights.meta["classes"], "pool": pool}}
     return {f"encoder.{k}": v for k, v in weights.state.items()}, meta
 

@@ -231,7 +231,7 @@ class Embedder:
     def _htsat(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
 
         model = self.encoder
-        tokens = model.swin.forward_features(model.to_image(x))  # [B, h, w, D] after the final norm
+        tokens = model.tokens(model.to_image(x))  # [B, h, w, D] after the final norm
         grid = unfold(tokens, model.geom.chunks)  # [B, D, f, t]: what the token-semantic head reads
         clip = grid.flatten(2).mean(dim=2) if self.pool == "mean" else None  # = latent_output
         frames = grid.mean(2).transpose(1, 2) if self.frames else None  # [B, t, D]

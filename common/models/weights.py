@@ -152,7 +152,9 @@ def _load_failure(file: Path, err: Exception) -> str:
 
 
 def _official_htsat(state: dict, file) -> EncoderWeights:
-    """An official HTS-AT checkpoint's weights; its classes are AudioSet's for 527 outputs, numbered otherwise."""
+    """An official HTS-AT checkpoint's weights; its classes are AudioSet's for 527 outputs, numbered otherwise.
+    Its loss is the official configs' for its head: ``clip_ce`` (``ce``) for ESC-50's 50 classes, ``clip_bce``
+    otherwise (AudioSet, Speech Commands V2): the weights do not record it."""
     tensors = unwrap_official(state)
     try:
         cfg = config_from_official(tensors)
@@ -162,7 +164,7 @@ def _official_htsat(state: dict, file) -> EncoderWeights:
     classes, names = class_names(cfg.num_classes)
     return EncoderWeights(cfg, converted, {"source": "official", "arch": "htsat", "file": str(file),
                                            "objective": "classification", "classes": classes,
-                                           "class_names": names})
+                                           "class_names": names, "loss": "ce" if cfg.num_classes == 50 else "bce"})
 
 
 def _imagenet_swin(state: dict, file) -> EncoderWeights:

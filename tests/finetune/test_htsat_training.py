@@ -120,7 +120,7 @@ def test_hts_at_cannot_do_what_it_cannot_and_says_so(tmp_path, synth_corpus, cap
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("classes", [527, 5])
+@pytest.mark.parametrize("classes", [527, 50, 5])
 def test_an_official_checkpoint_classifies_with_predict(tmp_path, capsys, classes):
     from common.models.htsat import HTSAT, HTSATFrontEnd, audioset_labels, load_official_checkpoint
     from finetune.predict import main as predict
@@ -138,13 +138,15 @@ def test_an_official_checkpoint_classifies_with_predict(tmp_path, capsys, classe
         assert set(names) <= {name for _, name in audioset_labels()}
     else:
         assert all(name.startswith("class_") for name in names)
-    # the scores are the official model's sigmoid(clipwise) on the zero-padded 10 s clip
+    # the scores are the official model's sigmoid(clipwise) on the zero-padded 10 s clip (clip_bce), a softmax
+    # for ESC-50's 50 classes (its official models are trained with clip_ce)
     cfg, state = load_official_checkpoint(tmp_path / "HTSAT_AudioSet.ckpt")
     model = HTSAT(cfg).eval()
     model.load_state_dict(state)
     with torch.no_grad():
         x = HTSATFrontEnd(cfg)(torch.from_numpy(wave)[None])
-        expected = torch.sigmoid(model(x)["clipwise_output"])[0]
+        logits = model(x)["clipwise_output"]
+        expected = (torch.softmax(logits, -1) if classes == 50 else torch.sigmoid(logits))[0]
     top = torch.topk(expected, 3)
     assert [item["score"] for item in labels] == pytest.approx(top.values.tolist(), abs=1e-5)
 
@@ -166,6 +168,11 @@ def test_an_official_checkpoint_starts_a_fine_tune_on_other_classes(tmp_path):
     kept = [k for k in init.state if not k.startswith("tscam_conv.") and "relative_position_bias_table" not in k]
     assert all(torch.equal(own[k], init.state[k]) for k in kept)  # every size-independent weight as it was
     assert own["tscam_conv.weight"].shape[0] == 3  # the 5-class head was not loaded into the 3-class model
+    same = arch.build_classifier(arch.geometry(Compression()), 5, "tscam")  # a head of the init's size: afresh too
+    fresh = same.encoder.state_dict()["tscam_conv.weight"].clone()
+    arch.load_weights(same.encoder, init, arch.geometry(Compression()), "bilinear", "pi")
+    assert torch.equal(same.encoder.state_dict()["tscam_conv.weight"], fresh)  # as the official code pops it
+    assert not torch.equal(fresh, init.state["tscam_conv.weight"])
     changed = [k for k in init.state if "relative_position_bias_table" in k and own[k].shape != init.state[k].shape]
     assert changed and all(k.startswith("swin.layers.3.") for k in changed)  # only stage 4 changes at x4
 

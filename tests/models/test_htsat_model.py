@@ -103,6 +103,19 @@ def test_training_step_reaches_every_parameter_and_mixup_pairs_with_the_flipped_
     torch.testing.assert_close(same, plain)
 
 
+def test_drop_rate_drops_where_the_official_model_does():
+    """``drop_rate`` is the official dropout after the patch embedding, on each attention's output projection and
+    in each MLP (timm's ``drop_rate`` alone only reaches its unused classifier)."""
+    model = HTSAT(TINY.replace(drop_rate=0.5, drop_path_rate=0.0))
+    rates = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0}
+    assert "pos_drop" in rates and any(".attn.proj_drop" in n for n in rates) and any(".mlp.drop" in n for n in rates)
+    x = HTSATFrontEnd(TINY)(real_looking_signals(2, 2.0, 32000), generator=torch.Generator().manual_seed(0))
+    model.train()
+    assert not torch.equal(model(x)["clipwise_output"], model(x)["clipwise_output"])  # dropped differently
+    model.eval()
+    assert torch.equal(model(x)["clipwise_output"], model(x)["clipwise_output"])
+
+
 def test_input_shape_errors():
     model = HTSAT(TINY)
     with pytest.raises(ValueError, match=r"\[B, 1 or 2, T, 64\]"):

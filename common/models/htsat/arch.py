@@ -146,8 +146,8 @@ class HTSATArch:
                      table_mode: str = "timm") -> None:
         """Load HTS-AT weights (full resolution unless the export says otherwise) into ``encoder``.
 
-        The class-specific head (``tscam_conv``) is loaded only when it has the model's shape; otherwise it
-        starts afresh, as the official ESC-50 recipe does with its AudioSet checkpoint. ImageNet Swin weights
+        The class-specific head (``tscam_conv``) always starts afresh, as the official code drops it from any
+        checkpoint it fine-tunes (``main.py``; a head of the same size may hold other classes). ImageNet Swin weights
         (``source: imagenet``, :mod:`common.models.htsat.imagenet`) fix only the Swin's sizes: every relative-position
         table is fitted to its block's window in ``geometry`` and ``bn0`` starts afresh with the head. Tables are
         resized as ``table_mode`` says (the recipe's ``transfer.rel_pos_bias``, as at its phase changes).
@@ -174,9 +174,7 @@ class HTSATArch:
             source = HTSATArch(cfg).export_geometry(weights.meta).geom
             state = adapt_state_dict(weights.state, cfg, source, geometry.geom, table_mode, patch_mode)
         own = encoder.state_dict()
-        heads = [k for k in state if k.startswith(HEAD_PREFIXES) and state[k].shape != own[k].shape]
-        for key in heads:
-            del state[key]
+        state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
         result = encoder.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
         missing = [k for k in result.missing_keys if not k.startswith(fresh)]
         if missing or result.unexpected_keys:

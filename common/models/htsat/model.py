@@ -70,9 +70,10 @@ class HTSAT(nn.Module):
         self.swin = SwinTransformer(
             img_size=self.geom.image, patch_size=self.geom.patch, in_chans=1, num_classes=0, global_pool="",
             embed_dim=cfg.embed_dim, depths=cfg.depths, num_heads=cfg.num_heads, window_size=cfg.window_size,
-            mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, drop_rate=cfg.drop_rate,
+            mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, proj_drop_rate=cfg.drop_rate,
             attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate,
         )
+        self.pos_drop = nn.Dropout(cfg.drop_rate)  # the official one after the patch embedding (timm's Swin has none)
         self.freq_rows = cfg.mel_bins // (self.geom.patch[0] * 2 ** (cfg.num_stages - 1))
         self.tscam_conv = nn.Conv2d(cfg.num_features, cfg.num_classes, kernel_size=(self.freq_rows, 3),
                                     padding=(0, 1))
@@ -112,9 +113,15 @@ class HTSAT(nn.Module):
             x = pool(x, kernel_size=(self.geom.pool_factor, 1))
         return fold(x, self.geom.chunks)
 
+    def tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """The Swin's last-stage tokens ``[B, h, w, D]`` of an image ``[B, 1, H, W]``, after its final norm (timm's
+        ``forward_features`` with the official dropout after the patch embedding)."""
+        swin = self.swin
+        return swin.norm(swin.layers(self.pos_drop(swin.patch_embed(image))))
+
     def forward_image(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Swin + token-semantic head on an image ``[B, 1, H, W]``; see the module docstring for the outputs."""
-        tokens = self.swin.forward_features(image)  # [B, h, w, D], after the final norm
+        tokens = self.tokens(image)  # [B, h, w, D]
         x = unfold(tokens, self.geom.chunks)  # [B, D, f, t]
         latent = x.flatten(2).mean(dim=2)  # [B, D]
         steps = scored_head(self.tscam_conv, x, self.training).flatten(2)  # [B, K, 1, t] -> [B, K, t]; fp32 in eval
