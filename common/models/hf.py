@@ -136,6 +136,9 @@ class ASTWeights:
         source: where it was read from, for messages.
         own_export: written by this package (:func:`export_hf`: its ``config.json`` has a ``coarse2fine`` key),
             not, e.g., MIT's AST checkpoints converted by Hugging Face.
+        provenance: what the weights were before the format (``objective: ssast`` for an SSAST encoder,
+            ``source: official`` for an official SSAST / AST checkpoint), kept under ``coarse2fine`` so that an
+            ``--init`` from the directory is fitted, pooled and given recipes as its origin is.
     """
 
     cfg: EncoderConfig
@@ -148,6 +151,7 @@ class ASTWeights:
     front_end: FrontEnd | None = None
     source: str = ""
     own_export: bool = False
+    provenance: dict = field(default_factory=dict)
 
     @property
     def labels(self) -> list[str] | None:
@@ -363,11 +367,14 @@ def read_hf_directory(path: str | os.PathLike) -> ASTWeights:
         classes = [str(c) for c in ids] if isinstance(ids, list) and len(ids) == n else labels
         names = dict(zip(classes, labels))
     loss = _hf_loss(config.get("problem_type"), None if head is None else len(classes), path)
+    ours = config.get("coarse2fine") if isinstance(config.get("coarse2fine"), dict) else {}
+    provenance = {k: str(ours[k]) for k in PROVENANCE if isinstance(ours.get(k), str)}
     return ASTWeights(cfg, encoder, head, "prefix", classes, names, loss, _read_front_end(path), str(path),
-                      "coarse2fine" in config)
+                      "coarse2fine" in config, provenance)
 
 
 AUDIOSET_CLASSES = 527
+PROVENANCE = ("objective", "source")  # ASTWeights.provenance's keys
 
 
 def _hf_loss(problem_type: str | None, outputs: int | None, path) -> str:

@@ -34,6 +34,7 @@ from common.models.hf import (
     LAYER_NORM_EPS,
     PREPROCESSOR_FILE,
     WEIGHTS_FILE,
+    PROVENANCE,
     ASTWeights,
     FrontEnd,
     HFFormatError,
@@ -122,7 +123,7 @@ def read_ast(src: str | os.PathLike, norm: str | None = None) -> tuple[ASTWeight
         else:
             stats = resolve_norm_stats(norm)
             fe = FrontEnd(16000, cfg.num_mel_bins, cfg.input_tdim, stats.mean, stats.std, norm)
-        return ASTWeights(cfg, state, front_end=fe, source=str(file)), problems
+        return ASTWeights(cfg, state, front_end=fe, source=str(file), provenance=_provenance(meta)), problems
     tensors, meta = read_weights(file)
     arch = meta.get("arch", "ast")
     if arch != "ast":
@@ -150,12 +151,21 @@ def read_ast(src: str | os.PathLike, norm: str | None = None) -> tuple[ASTWeight
         problems.append("it records no front end (audio settings): pass --norm NAME|FILE")
     prefix = meta.get("encoder_prefix", "")
     encoder = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    provenance = _provenance(meta)
     if "classifier" not in meta:
-        return ASTWeights(cfg, encoder, front_end=fe, source=str(file)), problems
+        return ASTWeights(cfg, encoder, front_end=fe, source=str(file), provenance=provenance), problems
     info = meta["classifier"]
     head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
     return ASTWeights(cfg, encoder, head, info.get("pool", "mean"), list(info["classes"]),
-                      dict(meta.get("class_names") or {}), meta.get("loss", "ce"), fe, str(file)), problems
+                      dict(meta.get("class_names") or {}), meta.get("loss", "ce"), fe, str(file),
+                      provenance=provenance), problems
+
+
+def _provenance(meta: dict) -> dict:
+    """What :attr:`ASTWeights.provenance` keeps of a file's metadata: what changes how an ``--init`` is used (an
+    SSAST encoder's objective, an official checkpoint's source)."""
+    kept = {"objective": meta.get("objective") == "ssast", "source": meta.get("source") == "official"}
+    return {k: str(meta[k]) for k in PROVENANCE if kept[k]}
 
 
 def _format_problems(model: ASTWeights) -> list[str]:
@@ -246,9 +256,10 @@ def write_hf_directory(model: ASTWeights, out: str | os.PathLike) -> Path:
         fields.update(architectures=["ASTForAudioClassification"], id2label=dict(enumerate(labels)),
                       label2id={label: i for i, label in enumerate(labels)},
                       problem_type="multi_label_classification" if model.loss == "bce"
-                      else "single_label_classification", coarse2fine={"classes": list(model.classes)})
-    else:
-        fields.update(architectures=["ASTModel"], coarse2fine={})  # the key marks this package's export
+                      else "single_label_classification",
+                      coarse2fine={**model.provenance, "classes": list(model.classes)})
+    else:  # the key marks this package's export
+        fields.update(architectures=["ASTModel"], coarse2fine=dict(model.provenance))
     extractor = ASTFeatureExtractor(sampling_rate=fe.sample_rate, num_mel_bins=fe.num_mel_bins,
                                     max_length=fe.max_length, mean=fe.mean, std=fe.std, do_normalize=True,
                                     padding_value=0.0, return_attention_mask=False)

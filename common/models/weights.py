@@ -78,9 +78,12 @@ class EncoderWeights(NamedTuple):
 def _hf_encoder_state(path: str | os.PathLike):
     """The :class:`EncoderWeights` of an HF AST directory (``meta["source"] == "hf"``)."""
     model = read_hf_directory(path)
+    origin = model.provenance  # what this package exported into the directory (an SSAST encoder: its objective)
     return EncoderWeights(model.cfg, model.encoder, {
         "source": "hf", "file": str(path), "labels": model.labels, "own_export": model.own_export,
-        "front_end": None if model.front_end is None else asdict(model.front_end)})
+        "front_end": None if model.front_end is None else asdict(model.front_end),
+        **({"objective": origin["objective"]} if "objective" in origin else {}),
+        **({"origin": origin["source"]} if "source" in origin else {})})
 
 
 def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWeights:

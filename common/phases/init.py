@@ -179,15 +179,17 @@ def init_pos_mode(init: EncoderWeights | None, default: str, choice: str = "auto
         init: as returned by :func:`load_init`.
         default: the mode for this package's exports (``transfer.pos_embed``).
         choice: ``auto`` (official SSAST / AST checkpoints, in their own files or as Hugging Face directories
-            such as MIT's AST, and ImageNet weights: ``cut``, the rule of SSAST's and AST's fine-tuning code; this
-            package's exports, its Hugging Face exports included: ``default``), or the mode to use.
+            such as MIT's AST or an official checkpoint this package exported, and ImageNet weights: ``cut``, the
+            rule of SSAST's and AST's fine-tuning code; this package's exports, its Hugging Face exports of them
+            included: ``default``), or the mode to use.
     """
     if choice != "auto":
         return choice
     if init is None:
         return default
     source = init.meta.get("source")
-    official = source in ("official", "imagenet") or (source == "hf" and not init.meta.get("own_export"))
+    official = source in ("official", "imagenet") or (source == "hf" and (
+        not init.meta.get("own_export") or init.meta.get("origin") == "official"))
     return "cut" if official else default
 
 

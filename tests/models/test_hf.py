@@ -121,7 +121,7 @@ def test_round_trip_export_import_export_is_bit_identical(tmp_path):
     loaded = load_encoder(hf_dir)
     assert loaded.cfg == encoder.cfg
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in encoder.state_dict().items())
-    save_encoder(loaded, tmp_path / "enc_back.safetensors", {"audio": AUDIO, "phase": FULL})
+    save_encoder(loaded, tmp_path / "enc_back.safetensors", {"audio": AUDIO, "phase": FULL, "objective": "ssast"})
     again = export_hf(tmp_path / "enc_back.safetensors", tmp_path / "enc_hf2")
     for name in ("config.json", "preprocessor_config.json", "model.safetensors"):
         assert (hf_dir / name).read_bytes() == (again / name).read_bytes(), name
@@ -164,6 +164,29 @@ def test_an_hf_directory_of_official_ast_weights_is_cut_to_the_grid_as_ast_does(
     (out / "config.json").write_text(json.dumps(config))
     assert init_pos_mode(load_encoder_state(out), "bilinear") == "cut"
     assert init_pos_mode(load_encoder_state(out), "bilinear", choice="bilinear") == "bilinear"
+
+
+def test_an_ssast_encoder_through_hugging_face_is_still_an_ssast_init(tmp_path):
+    """An SSAST encoder (a pretraining export, or an official SSAST .pth) exported to Hugging Face and taken back as
+    --init is the same kind of init: SSAST's recipes, its mean pooling, and an official checkpoint's ``cut``."""
+    from common.models.exports import save_encoder
+    from common.models.weights import load_encoder_state
+    from common.phases.init import init_family, init_pool, init_pos_mode
+    from tests.helpers import ssast_pretrained_state
+
+    torch.manual_seed(0)
+    pretrained = tmp_path / "e.safetensors"
+    save_encoder(ASTEncoder(tiny_cfg()), pretrained, {"audio": AUDIO, "phase": FULL, "objective": "ssast"})
+    official = tmp_path / "SSAST-Tiny-Patch-400.pth"
+    torch.save(ssast_pretrained_state(), official)
+    for src, folder, pos in ((pretrained, "hf", "bilinear"), (official, "hf_official", "cut")):
+        before = load_encoder_state(src)
+        after = load_encoder_state(export_hf(src, tmp_path / folder, norm="audioset"))
+        for init in (before, after):
+            assert (init_family(init, "ast"), init_pool(init, init.config), init_pos_mode(init, "bilinear")) == \
+                ("ssast", "mean", pos), src
+    classifier = load_encoder_state(export_hf(tiny_classifier(tmp_path / "m.safetensors"), tmp_path / "hf_cls"))
+    assert init_family(classifier, "ast") == "ast" and init_pos_mode(classifier, "bilinear") == "bilinear"
 
 
 def test_import_reads_bin_weights_and_transformers5_names(tmp_path):
