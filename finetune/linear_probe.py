@@ -155,7 +155,7 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
     classes, _ = read_classes(task.path(task.classes))
     init = load_init(init_path)
     cfg = task_encoder_config(init, ModelSpec(arch=init.arch if init is not None else "ast"), 128,
-                              task.target_frames)
+                              task.target_frames, keep_stride=True)  # the encoder as it was trained (as embed)
     encoder = task_encoder(init, cfg)
     pool = resolve_pool(recipe.pool, init, cfg)
     arch = architecture_for(cfg, AudioConfig(num_mel_bins=getattr(cfg, "num_mel_bins", 128),

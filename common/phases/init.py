@@ -101,9 +101,11 @@ def init_family(init: EncoderWeights | None, arch: str = "ast") -> str:
 
 
 def task_encoder_config(init: EncoderWeights | None, model: ModelSpec, num_mel_bins: int,
-                        target_frames: int):
+                        target_frames: int, keep_stride: bool = False):
     """The full-resolution model config for a task: an :class:`EncoderConfig` (AST family) or an
     ``HTSATConfig`` (``model.arch: htsat``; the init's, with the recipe's ``model.htsat`` settings on top).
+    ``keep_stride``: the init's own patch stride (a frozen encoder's features, the linear probe), not
+    ``model.stride``'s.
 
     Raises:
         ValueError: naming ``model.arch`` when the init holds the other architecture.
@@ -124,7 +126,7 @@ def task_encoder_config(init: EncoderWeights | None, model: ModelSpec, num_mel_b
     written = init.written_in
     if written.method == "patch":  # an export of a p x Cp phase: full resolution is its p x p (paper section 2.3)
         cfg = cfg.replace(tshape=cfg.tshape // written.factor, tstride=cfg.tstride // written.factor)
-    fstride, tstride = model.stride or (cfg.fshape, cfg.tshape)
+    fstride, tstride = (cfg.fstride, cfg.tstride) if keep_stride else model.stride or (cfg.fshape, cfg.tshape)
     if init.meta.get("source") in ("hf", "export") and (fstride, tstride) != (cfg.fstride, cfg.tstride):
         log.warning("the init was trained with patch stride %dx%d; this run uses %dx%d (model.stride; default: the "
                     "patch, no overlap); --set model.stride=[%d,%d] keeps it", cfg.fstride, cfg.tstride, fstride,

@@ -323,21 +323,27 @@ def test_probe_task_esc50_is_the_mean_over_folds(tmp_path, monkeypatch):
 
     esc50.build(tmp_path / "src", corrupt=False, missing=False)
     get_corpus("esc50").prepare(tmp_path / "src", tmp_path / "data" / "esc50")
-    encoder = ASTEncoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, input_tdim=512))
+    encoder = ASTEncoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, input_tdim=512, fstride=10, tstride=10))
     save_encoder(encoder, tmp_path / "e.safetensors")
-    seen = []
-    real = linear_probe.fit_and_score
+    seen, strides = [], set()
+    real, extract = linear_probe.fit_and_score, linear_probe.extract_features
 
     def spy(*args, **kw):
         value = real(*args, **kw)
         seen.append(value)
         return value
 
+    def extraction(encoder, *args, **kw):
+        strides.add((encoder.cfg.fstride, encoder.cfg.tstride))
+        return extract(encoder, *args, **kw)
+
     monkeypatch.setattr(linear_probe, "fit_and_score", spy)
+    monkeypatch.setattr(linear_probe, "extract_features", extraction)
     recipe = linear_probe.ProbeRecipe(tasks=["esc50"], data_root=str(tmp_path / "data"), num_workers=0,
                                       cache_dir=str(tmp_path / "cache"))
     result = linear_probe.probe_task(str(tmp_path / "e.safetensors"), "esc50", recipe, torch.device("cpu"))
     assert len(seen) == 5 and result["folds"] == seen and result["value"] == pytest.approx(np.mean(seen))
+    assert strides == {(10, 10)}  # the frozen encoder's features as it was trained (overlapping), as embed's
     # the features are cached, one complete file per fold and nothing half-written; a second probe reads them
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".npz"] * 5
 
