@@ -134,6 +134,10 @@ def read_ast(src: str | os.PathLike, norm: str | None = None) -> tuple[ASTWeight
                             f"exported to the Hugging Face AST format)")
     cfg = EncoderConfig.from_dict(meta["encoder_config"])
     phase = meta.get("phase") or {}
+    clips = meta.get("clips") if isinstance(meta.get("clips"), dict) else {}
+    if clips.get("pad", "zeros") != "zeros":
+        problems.append(f"it fills a short clip by {clips['pad']} (data.pad), and ASTFeatureExtractor pads with "
+                        f"zeros: its scores would differ from predict.py's; fine-tune with data.pad: zeros to export")
     if phase.get("compression", "none") != "none" or phase.get("factor", 1) != 1:
         problems.append(f"it was exported at phase {phase.get('index', '?')}/{phase.get('of', '?')} "
                         f"({phase.get('compression')} x{phase.get('factor')}), whose front end is not HF's "

@@ -220,6 +220,7 @@ def test_import_reads_bin_weights_and_transformers5_names(tmp_path):
     ("fshift", r"phase 1/2 \(fshift x4\).*front end"),
     ("htsat", r"'htsat' model \(HTS-AT"),
     ("no_config", r"has no encoder_config"),
+    ("repeat", r"fills a short clip by repeat \(data.pad\), and ASTFeatureExtractor pads with zeros"),
 ])
 def test_models_the_format_cannot_hold_are_refused_by_name(tmp_path, kind, match):
     from common.models.exports import save_weights
@@ -235,6 +236,8 @@ def test_models_the_format_cannot_hold_are_refused_by_name(tmp_path, kind, match
         tiny_classifier(path, phase={"index": 1, "of": 2, "compression": "fshift", "factor": 4})
     elif kind == "htsat":
         tiny_classifier(path, arch="htsat")
+    elif kind == "repeat":
+        tiny_classifier(path, clips={"pad": "repeat", "crop": "start", "channels": "first"})
     else:
         save_weights(path, {"w": torch.zeros(2)}, {"arch": "ast", "audio": AUDIO})
     with pytest.raises(HFFormatError, match=match):
