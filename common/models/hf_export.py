@@ -328,10 +328,17 @@ def classify(model_dir: str | os.PathLike, waveform, sample_rate: int, top_k: in
     Returns:
         ``[{"label": ..., "score": ...}]``, best first (the pipeline's answer).
     """
+    import inspect
+
     import numpy as np
 
     transformers = _transformers()
     classifier = transformers.pipeline("audio-classification", model=str(model_dir), device="cpu")
+    multi_label = classifier.model.config.problem_type == "multi_label_classification"
+    if multi_label and "function_to_apply" not in inspect.signature(classifier.postprocess).parameters:
+        raise TransformersMissing(f"transformers {transformers.__version__}'s audio-classification pipeline scores "
+                                  f"every model with a softmax; {model_dir} is multi-label (sigmoid scores): "
+                                  f"pip install -U transformers")
     return classifier({"raw": np.asarray(waveform, dtype=np.float32), "sampling_rate": int(sample_rate)},
                       top_k=top_k)
 

@@ -338,3 +338,24 @@ def test_linear_probe_and_predict_accept_an_hf_directory(tmp_path, capsys):
     enc_dir = export_hf(tmp_path / "e.safetensors", tmp_path / "enc")
     assert predict(["--ckpt", str(enc_dir), str(tmp_path / "x.wav")]) == 2  # bad input: no classifier
     assert "without a classification head" in capsys.readouterr().err
+
+
+def test_classify_refuses_a_transformers_whose_pipeline_cannot_score_a_multi_label_model(tmp_path, monkeypatch):
+    from transformers.pipelines.audio_classification import AudioClassificationPipeline
+
+    from common.models.hf import TransformersMissing
+    from common.models.hf_export import classify
+
+    wave = np.zeros(16000, np.float32)
+    multi = export_hf(tiny_classifier(tmp_path / "m.safetensors", loss="bce"), tmp_path / "multi")
+    single = export_hf(tiny_classifier(tmp_path / "s.safetensors"), tmp_path / "single")
+    assert len(classify(multi, wave, 16000, top_k=2)) == 2
+    real = AudioClassificationPipeline.postprocess
+
+    def older(self, model_outputs, top_k=5):  # the softmax-only pipelines of older releases
+        return real(self, model_outputs, top_k=top_k, function_to_apply="softmax")
+
+    monkeypatch.setattr(AudioClassificationPipeline, "postprocess", older)
+    with pytest.raises(TransformersMissing, match="scores every model with a softmax.*pip install -U transformers"):
+        classify(multi, wave, 16000)
+    assert len(classify(single, wave, 16000, top_k=2)) == 2  # a softmax is right for a single-label model
