@@ -343,14 +343,24 @@ class LabelEncoder:
         return target
 
 
+def clip_labels(cuts) -> list[tuple[str, ...]]:
+    """Each clip's labels, in order, read once: from the records of an on-disk index (no cut is built: AudioSet-2M
+    in about a minute), the cuts otherwise; equal labels share one string."""
+    shared: dict[str, str] = {}
+    records = (r.get("custom") or {} for r in cuts.records()) if isinstance(cuts, ManifestIndex) else \
+        (cut.custom or {} for cut in cuts)
+    return [tuple(shared.setdefault(label, label) for label in custom.get("labels", [])) for custom in records]
+
+
 def balanced_weights(cuts, classes: Sequence[str]) -> list[float]:
-    """AST's balanced-sampling weights: a clip weighs ``sum(1000 / (count(label) + 0.01))`` over its labels."""
-    counts = Counter(label for cut in cuts for label in cut.custom.get("labels", []))
+    """AST's balanced-sampling weights: a clip weighs ``sum(1000 / (count(label) + 0.01))`` over its labels
+    (``cuts``: a CutSet held in memory or a :class:`~common.data.manifest_index.ManifestIndex`)."""
+    labels = clip_labels(cuts)
+    counts = Counter(label for row in labels for label in row)
     missing = [c for c in classes if c not in counts]
     if missing:
         log.info("balanced sampler: %d classes have no clip (e.g. %s)", len(missing), missing[0])
-    return [sum(1000.0 / (counts[label] + 0.01) for label in cut.custom.get("labels", [])) or 1e-3
-            for cut in cuts]
+    return [sum(1000.0 / (counts[label] + 0.01) for label in row) or 1e-3 for row in labels]
 
 
 # Lhotse pads a decoded clip that falls short of its manifest's length by up to 0.5 s by default (mirroring its
@@ -1203,8 +1213,8 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
     cuts = open_cuts(data.train, seed=seed, in_memory_max=data.full_shuffle_max,
                      index_dir=(data.index_dir or DEFAULT_INDEX_DIR) if data.shuffle == "full" else None)
     weights = None
-    if data.balanced and cuts.is_lazy:
-        cuts = cuts.to_eager()
+    if data.balanced:  # weighed once a run (each clip by its labels); a stream is read into memory first
+        cuts = cuts.to_eager() if cuts.is_lazy else cuts
         weights = balanced_weights(cuts, classes or [])
     epoch_clips = None
     if cuts.is_lazy:  # an estimate for the progress bar, from the manifests' lines (AudioSet-2M: a few seconds)

@@ -508,3 +508,24 @@ def test_the_mean_takes_the_channels_a_cut_stands_for_and_old_recipes_resume(tmp
     assert recipe_diff(htsat, {"model": {"arch": "htsat"}, "data": {"pad": "zeros", "channels": "auto"}}) == \
         ["data.channels"]
     assert recipe_diff(htsat, {"model": {"arch": "htsat"}, "data": {"pad": "zeros", "channels": "first"}}) == []
+
+
+@pytest.mark.parametrize("where", ["memory", "index", "buffer"])
+def test_balanced_sampling_reaches_every_way_a_training_set_is_read(tmp_path, where):
+    """AST's balanced sampling (data.balanced) weighs the clips whether the set is held in memory, indexed on disk
+    (AudioSet-2M's default) or streamed: a class of 5 clips among 95 is drawn about as often as the other."""
+    from lhotse import MonoCut
+
+    from common.data.loader import BadAudioTracker, DataConfig, ManifestSpec, train_loader
+
+    cuts = CutSet.from_cuts(MonoCut(f"c{i:03d}", 0, 1.0, 0, custom={"labels": ["rare" if i < 5 else "common"]})
+                            for i in range(100))
+    path = tmp_path / "train.jsonl.gz"
+    cuts.to_file(path)
+    data = DataConfig(train=[ManifestSpec(str(path))], balanced=True, shuffle="buffer" if where == "buffer" else "full",
+                      full_shuffle_max=1000 if where == "memory" else 50, index_dir=str(tmp_path / "index"))
+    loader = train_loader(data, ["common", "rare"], 16000, 16000, 10, seed=0, rank=0, world_size=1,
+                          tracker=BadAudioTracker(1.0))
+    drawn = [c.custom["labels"][0] for epoch in range(10) for _, _, batch in loader.cut_batches(epoch, 0, 1)
+             for c in batch]
+    assert drawn.count("rare") / len(drawn) == pytest.approx(0.5, abs=0.1)  # unweighted: 0.05
