@@ -115,7 +115,7 @@ class ClipCache:
                 return wave
             except FileNotFoundError:
                 pass
-            except (OSError, ValueError) as err:  # a damaged file: decode again and rewrite it
+            except (OSError, ValueError, EOFError) as err:  # damaged (a crash can leave it empty): decode, rewrite
                 log.warning("clip cache: %s is unreadable (%s); decoding %s again", path, err, cut.id)
         self.misses += 1
         wave = decode(cut, sample_rate)

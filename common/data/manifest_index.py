@@ -24,11 +24,14 @@ import json
 import logging
 import mmap
 import os
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 from lhotse.serialization import deserialize_item
+
+from common.system.atomic import ORPHAN, atomic_path
 
 __all__ = ["DEFAULT_INDEX_DIR", "ManifestIndex", "IndexShuffleSampler", "open_lines"]
 
@@ -49,12 +52,11 @@ def open_lines(path: Path):
 
 
 def _build(path: Path, lines: Path, offsets: Path) -> None:
-    """Write ``path``'s non-empty lines uncompressed to ``lines`` and their start offsets to ``offsets``
-    (atomically: the offsets file, written last, marks a complete copy)."""
-    tmp_lines = lines.with_name(f"{lines.name}.{os.getpid()}.tmp")
-    tmp_offsets = offsets.with_name(f"{offsets.stem}.{os.getpid()}.tmp.npy")
+    """Write ``path``'s non-empty lines uncompressed to ``lines`` and their start offsets to ``offsets``, each
+    atomically (a temporary name no other process or host shares, on disk before its rename); the offsets file,
+    written last, marks a complete copy."""
     starts, position = [], 0
-    with open_lines(path) as src, tmp_lines.open("wb") as out:
+    with atomic_path(lines) as tmp_lines, open_lines(path) as src, tmp_lines.open("wb") as out:
         for line in src:
             if not line.strip():
                 continue
@@ -63,9 +65,30 @@ def _build(path: Path, lines: Path, offsets: Path) -> None:
             out.write(line)
             position += len(line)
     starts.append(position)  # the end of the last line
-    np.save(tmp_offsets, np.asarray(starts, dtype=np.int64))
-    os.replace(tmp_lines, lines)
-    os.replace(tmp_offsets, offsets)
+    with atomic_path(offsets) as tmp_offsets, tmp_offsets.open("wb") as out:
+        np.save(out, np.asarray(starts, dtype=np.int64))
+
+
+def _open(lines: Path, offsets: Path) -> tuple[np.ndarray, mmap.mmap]:
+    """An index's offsets and its memory-mapped lines (raises what a damaged pair raises)."""
+    starts = np.load(offsets)
+    if starts.ndim != 1 or len(starts) < 1 or int(starts[-1]) != lines.stat().st_size:
+        raise ValueError(f"{offsets.name} does not describe {lines.name}")
+    with lines.open("rb") as handle:
+        return starts, (mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if starts[-1] else None)
+
+
+def _remove_stale(folder: Path, hours: float = 6.0) -> None:
+    """Remove the temporary files of builds killed part-way (a manifest's uncompressed size each) that nothing
+    has written for ``hours`` (a build writes its file from start to end in minutes)."""
+    now = time.time()
+    for tmp in folder.glob(".*.tmp"):
+        try:
+            if ORPHAN.fullmatch(tmp.name) and now - tmp.stat().st_mtime > hours * 3600:
+                tmp.unlink()
+                log.info("removed %s, left by an index build that did not finish", tmp)
+        except OSError:
+            pass
 
 
 class ManifestIndex:
@@ -85,6 +108,7 @@ class ManifestIndex:
     def __init__(self, paths: Sequence[str | os.PathLike], index_dir: str | os.PathLike = DEFAULT_INDEX_DIR) -> None:
         folder = Path(os.path.expanduser(str(index_dir)))
         folder.mkdir(parents=True, exist_ok=True)
+        _remove_stale(folder)
         self.paths = [Path(p) for p in paths]
         self._maps: list[mmap.mmap] = []
         self._offsets: list[np.ndarray] = []
@@ -96,12 +120,16 @@ class ManifestIndex:
             if not offsets.is_file():
                 log.info("indexing %s for a whole-set shuffle into %s (once per manifest)", path, folder)
                 _build(path, lines, offsets)
-            starts = np.load(offsets)
+            try:
+                starts, lines_map = _open(lines, offsets)
+            except (OSError, ValueError, EOFError) as err:  # e.g. emptied by a crash: index the manifest again
+                log.warning("the index of %s in %s is damaged (%s); indexing it again", path, folder, err)
+                _build(path, lines, offsets)
+                starts, lines_map = _open(lines, offsets)
             if len(starts) < 2:
                 raise ValueError(f"manifest {path} holds no clips")
             self._offsets.append(starts)
-            with lines.open("rb") as handle:
-                self._maps.append(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+            self._maps.append(lines_map)
         self._ends = np.cumsum([len(o) - 1 for o in self._offsets])
 
     def __len__(self) -> int:

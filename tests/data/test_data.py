@@ -308,6 +308,29 @@ def test_a_manifest_index_reads_every_clip_and_is_built_once(synth_corpus, tmp_p
         ManifestIndex([tmp_path], tmp_path / "index")
 
 
+@pytest.mark.parametrize("damage", ["empty_offsets", "empty_lines", "short_lines"])
+def test_a_damaged_manifest_index_is_built_again_and_stale_temporaries_go(synth_corpus, tmp_path, damage):
+    """A crash can leave an index's files empty or short under their final names: the next run indexes the manifest
+    again (it crashed in every run). A temporary file of a build killed hours ago is removed."""
+    import os
+    import time
+
+    from common.data.manifest_index import ManifestIndex
+
+    train = synth_corpus / "synth_train.jsonl.gz"
+    expected = [c.id for c in ManifestIndex([train], tmp_path)]
+    offsets = next(tmp_path.glob("*.offsets.npy"))
+    lines = offsets.with_name(offsets.name.replace(".offsets.npy", ".jsonl"))
+    target = offsets if damage == "empty_offsets" else lines
+    target.write_bytes(b"" if damage.startswith("empty") else target.read_bytes()[:100])
+    stale, fresh = tmp_path / ".x.jsonl.0a1b2c3d.tmp", tmp_path / ".y.jsonl.4e5f6a7b.tmp"
+    for tmp in (stale, fresh):
+        tmp.write_bytes(b"partial")
+    os.utime(stale, (time.time() - 7 * 3600,) * 2)
+    assert [c.id for c in ManifestIndex([train], tmp_path)] == expected
+    assert not stale.exists() and fresh.exists()  # another host's build may still be writing a recent one
+
+
 def test_only_small_equal_weight_sets_are_read_into_memory(class_sorted_manifest, synth_corpus):
     path, classes, per_class = class_sorted_manifest
     assert count_clips(path) == classes * per_class and count_clips(path, limit=100) == 101
