@@ -53,6 +53,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import warnings
 import zlib
@@ -638,6 +639,10 @@ class _BadAudioList:
     :meth:`recheck` drops those that read fine now."""
 
     HEADER = "split\tpath\treason"
+    # reasons that compare a file with its manifest (another sampling rate, fewer samples than it says): a file
+    # read alone cannot show them gone, so they stay listed (the clip is still read whenever it is met)
+    AGAINST_MANIFEST = re.compile(r"changed since its manifest was written|truncated \(\d+ of \d+ samples\)|"
+                                  r"unreadable \(AudioLoadingError: The number of declared samples")
 
     def __init__(self, path: str | os.PathLike | None, write: bool = True) -> None:
         self.path = Path(path) if path else None
@@ -670,10 +675,13 @@ class _BadAudioList:
             if path not in problems:
                 problems[path] = audio_file_problem(path) if os.path.exists(path) or reason.startswith("missing") \
                     else reason
-            if problems[path] is None:
+            problem = problems[path]
+            if problem is None and self.AGAINST_MANIFEST.match(reason):  # only its manifest could clear it
+                problem = reason
+            if problem is None:
                 dropped.append(path)
             else:
-                kept.append(f"{split}\t{path}\t{problems[path]}")
+                kept.append(f"{split}\t{path}\t{problem}")
         atomic_write_text(self.path, "\n".join([self.HEADER, *kept]) + "\n")
         self._listed = self._read()
         return sorted(set(dropped)), len(kept)

@@ -230,6 +230,16 @@ def test_the_recheck_keeps_what_it_cannot_check_and_what_is_still_bad(tmp_path):
     log.write_text(text)
     BadAudioTracker(log_path=str(log)).recheck_listed()
     assert log.read_text() == text  # a Shar clip (no file to open) and a file still missing stay listed
+    # files that read fine alone, bad against their manifests: only a manifest could clear them, so they stay;
+    # a file whose header promised more than it held and that reads fine now (downloaded again) leaves
+    good = [str(write_clip(tmp_path / f"{name}.wav", seconds=0.5)) for name in ("rate", "short", "lost", "back")]
+    against = ("changed since its manifest was written (the file is 8000 Hz, the manifest says 16000 Hz): prepare "
+               "the manifest again", "truncated (4000 of 8000 samples)",
+               "unreadable (AudioLoadingError: The number of declared samples in the recording diverged ...)")
+    rows = [*zip(good, against), (good[3], "truncated (header: 8000 samples, file holds 100)")]
+    log.write_text("split\tpath\treason\n" + "".join(f"train\t{path}\t{reason}\n" for path, reason in rows))
+    BadAudioTracker(log_path=str(log)).recheck_listed()
+    assert log.read_text() == "split\tpath\treason\n" + "".join(f"train\t{p}\t{r}\n" for p, r in rows[:3])
 
 
 def test_a_manifest_that_would_run_a_command_or_fetch_a_url_is_refused(tmp_path):
