@@ -314,10 +314,11 @@ def open_cuts(specs: Sequence[ManifestSpec | str], seed: int = 0, in_memory_max:
         log.info("%d clips indexed on disk (%s): every epoch is a shuffle of the whole set", len(index), index_dir)
         return index
     if in_memory_max is not None:
+        shar = [s.path for s in specs if count_clips(s.path, 0) is None]
         log.info("training set %s: streamed through Lhotse's shuffle buffer",
                  "a mix of manifests with unequal weights" if len({s.weight for s in specs}) > 1 else
-                 f"larger than data.full_shuffle_max={in_memory_max} clips" + (
-                     " (data.shuffle: buffer)" if index_dir is None else " and not indexable (a Shar folder)"))
+                 f"{shar[0]}, a Lhotse Shar folder (neither counted nor indexed)" if shar else
+                 f"larger than data.full_shuffle_max={in_memory_max} clips (data.shuffle: buffer)")
     if len(sets) == 1:
         return sets[0]
     return CutSet.mux(*sets, weights=[s.weight for s in specs], seed=seed)

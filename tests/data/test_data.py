@@ -1,3 +1,4 @@
+import logging
 import shutil
 
 import numpy as np
@@ -191,7 +192,7 @@ def test_balanced_sampler_draws_rare_classes_more(synth_corpus):
 
 
 @pytest.mark.slow
-def test_stats_cli_and_shar_round_trip(synth_corpus, tmp_path):
+def test_stats_cli_and_shar_round_trip(synth_corpus, tmp_path, caplog):
     import json
 
     from common.audio.fbank import resolve_norm_stats
@@ -217,6 +218,10 @@ def test_stats_cli_and_shar_round_trip(synth_corpus, tmp_path):
 
     assert main(["shar", str(manifest), "--out", str(tmp_path / "shar"), "--shard-size", "5"]) == 0
     shar = open_cuts([str(tmp_path / "shar")])
+    with caplog.at_level(logging.INFO, logger="common.data.loader"):
+        open_cuts([str(tmp_path / "shar")], in_memory_max=500000, index_dir=str(tmp_path / "index"))
+    assert f"training set {tmp_path / 'shar'}, a Lhotse Shar folder (neither counted nor indexed): streamed" in \
+        caplog.text and "larger than" not in caplog.text  # 12 clips: its size is not why
     loader = ClipLoader(shar, ClipDataset(16000), 4, shuffle=False, drop_last=False, rank=0, world_size=1)
     expected = sorted(c.id for c in CutSet.from_file(manifest))
     assert sorted(i for b in loader.batches(epochs=1) for i in b.ids) == expected
