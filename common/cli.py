@@ -24,7 +24,7 @@ from common.system.disk import describe_os_error
 from common.system.distributed import init_distributed
 from common.system.lock import LOCK_FILE, RunDirBusy, job_lock
 from common.system.logger import detach_run_logs, log_traceback, setup_logging
-from common.system.signals import StoppedBySignal, stop_on_signals
+from common.system.signals import StoppedBySignal, reader_gone, stop_on_signals
 from common.training.batch import launch_world_size
 from common.training.checkpoints import NoUsableCheckpoint
 from common.training.nonfinite import NonFiniteLoss
@@ -243,7 +243,9 @@ def run_main(body: Callable[[], int]) -> int:
     (checkpointed: ``common.system.signals``).
     """
     try:
-        return body()
+        code = body()
+        sys.stdout.flush()  # a reader that went away is met here, not in the interpreter's last flush
+        return code
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
@@ -251,6 +253,8 @@ def run_main(body: Callable[[], int]) -> int:
         log.info("%s", stop)
         print(f"{stop}", file=sys.stderr)
         return 128 + stop.signum
+    except BrokenPipeError:  # `... | head`: the output is no longer read
+        return reader_gone()
     except (RecipeError, FileNotFoundError, NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, RunDirBusy,
             ValueError) as err:
         log_traceback(traceback.format_exc())

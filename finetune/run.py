@@ -189,9 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_tasks:
         from finetune.tasks import TASKS
 
-        for name, (fields, _) in TASKS.items():
-            print(f"{name:<16} {fields.get('description', '')}")
-        return 0
+        def listing() -> int:
+            for name, (fields, _) in TASKS.items():
+                print(f"{name:<16} {fields.get('description', '')}")
+            return 0
+
+        return run_main(listing)
 
     def body() -> int:
         from common.cli import world_size_of

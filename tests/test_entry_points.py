@@ -65,6 +65,22 @@ def test_importing_the_package_installs_no_logging_handler():
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
+@pytest.mark.parametrize("argv", [["-m", "common.data.corpora", "list"], ["finetune/run.py", "--list-tasks"]])
+def test_a_reader_that_goes_away_ends_a_command_quietly(argv):
+    """``command | head``: the reader closes the pipe; the command ends as a process killed by SIGPIPE would (141),
+    with no traceback nor "error: [Errno 32] Broken pipe"."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, *argv], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    proc.stdout.close()  # gone before the command writes
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
+
+
 def test_no_deepspeed_greeting_on_our_commands():
     """DeepSpeed's "Setting accelerator to CPU" (its import on a machine without a GPU) and its install banners
     ("[WARNING] ... async_io ...") greet no command: --help, --dry-run, or a run's DeepSpeed set-up."""
@@ -140,6 +156,13 @@ def test_bad_input_to_a_command_ends_in_one_line_with_exit_status_2_before_any_c
     assert corpora(["prepare", "custom", "--csv", str(tmp_path / "list.csv"), "--out", str(taken)]) == 2
     assert one_error(capsys.readouterr().err) == f"error: --out {taken} is a file, not a folder; name a new folder or " \
                                                  f"an existing one"
+    assert corpora(["prepare", "synth", "--out", str(taken)]) == 2  # before writing any clip under it
+    assert one_error(capsys.readouterr().err) == f"error: --out {taken} is a file, not a folder; name a new folder or " \
+                                                 f"an existing one"
+    with pytest.raises(SystemExit) as exit_info:
+        corpora(["stats", str(clip), "--target-frames", "0"])
+    assert exit_info.value.code == 2
+    assert "argument --target-frames: a whole number above 0, got '0'" in capsys.readouterr().err
     assert taken.read_text() == "mine\n"
     dangling = tmp_path / "gone"
     dangling.symlink_to(tmp_path / "scratch" / "out")  # a link to a folder on a disk that is not there

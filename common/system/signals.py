@@ -13,12 +13,14 @@ is 30 s).
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-__all__ = ["STOP_SIGNALS", "StoppedBySignal", "stop_on_signals", "stop_requested", "request_stop"]
+__all__ = ["STOP_SIGNALS", "StoppedBySignal", "stop_on_signals", "stop_requested", "request_stop", "reader_gone"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -66,3 +68,15 @@ def stop_on_signals() -> Iterator[None]:
         for s, h in previous.items():
             signal.signal(s, h)
         _received.clear()
+
+
+def reader_gone() -> int:
+    """The reader of standard output went away (``command | head``): nothing more is said; standard output is
+    pointed at /dev/null so that the interpreter's last flush does not fail again. Returns the shell's status for
+    a process ended by SIGPIPE (141)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor to point elsewhere
+        pass
+    return 128 + signal.SIGPIPE

@@ -18,6 +18,17 @@ from common.data.corpora import CORPORA, get_corpus
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
 
+def _count(text: str) -> int:
+    """A whole number above 0 (argparse names the option it was given to)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number above 0, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number above 0, got {text!r}")
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m common.data.corpora",
@@ -36,27 +47,31 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--src", type=Path, required=needs_src,
                        help="the corpus as downloaded" + ("" if needs_src else " (not needed)"))
         p.add_argument("--out", type=Path, required=True, help="folder for the manifests")
-        p.add_argument("--jobs", type=int, default=4, help="threads reading audio headers (default 4)")
+        p.add_argument("--jobs", type=_count, default=4, help="threads reading audio headers (default 4)")
         if hasattr(module, "add_arguments"):
             module.add_arguments(p)
 
     stats = sub.add_parser("stats", help="fbank mean/std of a manifest (as AST's get_norm_stats)",
                            description="Compute the fbank mean and std of a manifest's clips and write them "
                                        "to MANIFEST_STEM.stats.json beside it; recipes name that file as `norm`.")
-    stats.add_argument("manifest", type=Path)
-    stats.add_argument("--target-frames", type=int, default=1024,
-                       help="frames per clip at 10 ms (clips are cut / zero-padded as in training)")
-    stats.add_argument("--max-clips", type=int, default=None, help="use at most this many clips (the first ones)")
-    stats.add_argument("--num-mel-bins", type=int, default=128)
-    stats.add_argument("--workers", type=int, default=2, help="decoding worker processes")
+    stats.add_argument("manifest", type=Path, help="a Lhotse manifest (.jsonl.gz)")
+    stats.add_argument("--target-frames", type=_count, default=1024,
+                       help="frames per clip at 10 ms, as the task's clip length (default 1024: AudioSet's 10 s; "
+                            "clips are cut / zero-padded as in training, so a longer length than the clips counts "
+                            "padding)")
+    stats.add_argument("--max-clips", type=_count, default=None,
+                       help="use at most this many clips (the first ones; default: all)")
+    stats.add_argument("--num-mel-bins", type=_count, default=128, help="mel bins of the fbank (default 128)")
+    stats.add_argument("--workers", type=int, default=2,
+                       help="decoding worker processes (default 2; 0: decode in this process)")
 
     shar = sub.add_parser("shar", help="export a manifest and its audio as Lhotse Shar shards",
                           description="Export a manifest with its audio as Lhotse Shar shards, for sets of "
                                       "millions of clips; recipes then name the Shar folder instead of the manifest.")
-    shar.add_argument("manifest", type=Path)
-    shar.add_argument("--out", type=Path, required=True)
-    shar.add_argument("--shard-size", type=int, default=1000)
-    shar.add_argument("--jobs", type=int, default=2)
+    shar.add_argument("manifest", type=Path, help="a Lhotse manifest (.jsonl.gz)")
+    shar.add_argument("--out", type=Path, required=True, help="folder for the shards (cuts.*.jsonl.gz, recording.*.tar)")
+    shar.add_argument("--shard-size", type=_count, default=1000, help="clips per shard (default 1000)")
+    shar.add_argument("--jobs", type=_count, default=2, help="processes writing shards (default 2)")
     return parser
 
 
@@ -69,10 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[console])
     args = _build_parser().parse_args(argv)
     try:
-        return _run(args)
+        code = _run(args)
+        sys.stdout.flush()  # a reader that went away is met here, not in the interpreter's last flush
+        return code
     except KeyboardInterrupt:
         print("interrupted; nothing was published (manifests appear only when complete)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `... | head`: what was asked is done, its output no longer read
+        from common.system.signals import reader_gone
+
+        return reader_gone()
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         # missing folders / metadata, malformed CSVs, unknown corpora, Lhotse errors: all name their file
         message = str(err) or type(err).__name__

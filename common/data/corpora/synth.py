@@ -21,6 +21,7 @@ import numpy as np
 import soundfile as sf
 
 from common.data.corpora.base import ClipEntry, PrepareReport, write_corpus
+from common.system.disk import output_folder
 
 NAME = "synth"
 DESCRIPTION = "built-in generated corpus (12 classes, unlabeled pool + train/valid/test), no download"
@@ -166,7 +167,7 @@ def prepare(src: Path | None, out: Path, num_jobs: int = 4, seed: int = 0, size:
     """
     if size not in SIZES:
         raise ValueError(f"unknown synth size {size!r}; choose one of {sorted(SIZES)}")
-    out = Path(out)
+    out = output_folder(out)  # a file or a dangling link named before any clip is written
     labels = list(CLASSES)
     entries = []
     for split_index, (split, count) in enumerate(SIZES[size].items()):
