@@ -381,9 +381,9 @@ class RunCheckpoints:
         """The model weights of a checkpoint."""
         return safe_load(self.ckdir / tag / MODEL_FILE, map_location="cpu")["module"]
 
-    def saved_world_size(self, tag: str) -> int:
-        """The number of ranks that wrote checkpoint ``tag``."""
-        state = self.trainer_state(tag)
+    def saved_world_size(self, tag: str, state: dict | None = None) -> int:
+        """The number of ranks that wrote checkpoint ``tag`` (``state``: its trainer state, if read already)."""
+        state = self.trainer_state(tag) if state is None else state
         if "world_size" in state:
             return int(state["world_size"])
         return len(list((self.ckdir / tag).glob("rng_rank*.pt"))) or 1  # written before the field existed

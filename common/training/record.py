@@ -108,14 +108,23 @@ class RunRecord:
         tag = self.checkpoints.find_resume()
         if tag is None:
             return None, None
-        saved = self.checkpoints.trainer_state(tag)
+        # rank 0's reading for every rank: the file can be rewritten in place (a phase's close, RunCheckpoints.restate)
+        # and another host's cached view of it may lag
+        saved = self.dist.broadcast_object(self.checkpoints.trainer_state(tag) if self.dist.is_main else None)
         self.state = TrainState(**saved["state"])
         baseline = self.ledger.baseline
         self.ledger = Ledger.from_dict(saved["ledger"])  # with the stop target the run started with
         self.ledger.baseline = baseline or self.ledger.baseline
         self.stop_target = self.ledger.stop_target
         self.tracker.load_state_dict(saved["tracker"])
-        saved_ranks = self.checkpoints.saved_world_size(tag)
+        if "sampler" not in saved and self.spec.data.balanced:
+            log.warning("data.balanced: %s was written before balanced sampling reached training sets held in memory "
+                        "or indexed on disk (data.shuffle: full, the default); if this run's set is one, its epochs "
+                        "so far were plain shuffles, and from here on they are balanced (recorded in ledger.json)",
+                        tag)
+            self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase, changes={
+                "data.balanced": {"from": "a plain shuffle, unless streamed (data.shuffle: buffer)", "to": "applied"}})
+        saved_ranks = self.checkpoints.saved_world_size(tag, saved)
         stage = saved.get("zero_stage")  # absent before it was recorded: ZeRO if the optimizer state is partitioned
         stage = stage if stage is not None else int(any(self.checkpoints.ckdir.joinpath(tag).glob("zero_pp_rank_*")))
         self.zero_stage = resolve_zero_stage(self.spec.train.zero_stage, self.dist.world_size, stage)
@@ -293,12 +302,9 @@ class RunRecord:
         st.pending_eval, st.until, st.window = pending_eval, until, self.fold_window(window)
         tag = make_tag(index, st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase)
         self._count_upsampled()
-        trainer_state = {"state": asdict(st), "ledger": self.ledger.to_dict(), "tracker": self.tracker.state_dict(),
-                         "world_size": self.dist.world_size, "batch_per_rank": self._batch_size(index),
-                         "zero_stage": self.zero_stage}
         if self.dist.is_main and self.spec.run_recipe is not None:
             self.spec.run_recipe.write_pending()  # the run's recipe.yaml appears with its first checkpoint
-        self.checkpoints.save(engine, tag, trainer_state, capture_rng(self.generator, self.device))
+        self.checkpoints.save(engine, tag, self._trainer_state(index), capture_rng(self.generator, self.device))
         if self.dist.is_main:
             self.ledger.write(self.run_dir / "ledger.json")
         self.pending.restart_clock()
@@ -341,13 +347,22 @@ class RunRecord:
                      gib(record.peak_memory_bytes or 0), record.peak_memory_source,
                      gib(record.memory_estimate_bytes or 0))
 
+    def _trainer_state(self, index: int) -> dict:
+        """What a checkpoint of phase ``index`` records besides the engine's files: where the run is, its ledger
+        and bad-audio counts, and the layout its data position counts in (ranks, clips per rank)."""
+        return {"state": asdict(self.state), "ledger": self.ledger.to_dict(), "tracker": self.tracker.state_dict(),
+                "world_size": self.dist.world_size, "batch_per_rank": self._batch_size(index),
+                "zero_stage": self.zero_stage, "sampler": "balanced" if self.spec.data.balanced else "shuffle"}
+
     def close_phase(self, index: int) -> None:
         """Phase ``index``'s end work (its validation, record and export) is done: its checkpoint, taken before
-        that work, says so, so that a resume from it goes straight on to what follows (it redid the validation)."""
+        that work, says so, so that a resume from it goes straight on to what follows (it redid the validation).
+        The whole trainer state is written again, as of now: a run resumed there on another layout holds its data
+        position in this layout's terms, not the checkpoint's."""
         st = self.state
         st.phase_closed, st.pending_eval = True, False
         tag = make_tag(index, st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase)
-        self.checkpoints.restate(tag, state=asdict(st), ledger=self.ledger.to_dict())
+        self.checkpoints.restate(tag, **self._trainer_state(index))
 
     def next_phase(self, index: int) -> None:
         """Where the run is at the start of phase ``index + 1``; the best score is per phase ("best" means the

@@ -183,6 +183,39 @@ def test_a_resume_at_another_per_rank_batch_converts_the_position_in_clips(tmp_p
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
+@pytest.mark.slow
+def test_a_phase_closed_on_another_layout_is_not_converted_twice(tmp_path, synth_corpus, monkeypatch):
+    """A phase-end checkpoint written at 2 clips per rank (before its close was recorded) resumes at 4: the run
+    converts its data position, closes the phase and writes the state again, in its own layout's terms; stopped
+    right after, the next start does not convert the position a second time."""
+    from common.training.loop import Trainer
+    from tests.helpers import run
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run(straight, synth_corpus, "train.save_every=100") == 0
+    assert run(resumed, synth_corpus, "train.save_every=100", stop=3) == 0  # phase 1 (3 steps), closed
+    saved = resumed / "checkpoints" / "phase01-step000000003" / "trainer_state.json"
+    state = json.loads(saved.read_text())
+    assert state["state"]["phase_closed"] and (state["batch_per_rank"], state["state"]["data_index"]) == (4, 3)
+    del state["state"]["phase_closed"]  # as written before the close was recorded, by 2 clips per rank
+    state["batch_per_rank"], state["state"]["data_index"] = 2, 6
+    saved.write_text(json.dumps(state))
+
+    def killed(self, model, index):
+        raise KeyboardInterrupt  # the job ends right after the phase was closed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_next_phase", killed)
+        assert run(resumed, synth_corpus, "train.save_every=100") == 130
+    state = json.loads(saved.read_text())
+    assert (state["batch_per_rank"], state["state"]["data_index"], state["state"]["phase_closed"]) == (4, 3, True)
+    assert run(resumed, synth_corpus, "train.save_every=100") == 0
+    ledger = json.loads((resumed / "ledger.json").read_text())
+    assert [i["changes"] for i in ledger["interventions"]] == [{"batch_per_rank": {"from": 2, "to": 4}}]
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
 # ------------------------------------------------------------------ real training in 2 and 3 processes
 FINETUNE = ["model.size=custom", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
             "data.num_workers=0", "train.log_every=100", "optim.warmup_steps=0", "train.deterministic=true",

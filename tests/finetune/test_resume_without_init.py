@@ -94,3 +94,24 @@ def test_a_fold_that_would_start_from_a_gone_init_stops_naming_it(tmp_path, offi
     err = capsys.readouterr().err
     assert f"{official_init} does not exist" in err and "fold2" in err and "starts a model from it" in err
     assert (run_dir / "fold1" / "model.safetensors").is_file() and not (run_dir / "fold2" / "checkpoints").exists()
+
+
+def test_a_checkpoint_from_before_balanced_sampling_reached_held_sets_says_so_when_resumed(tmp_path, synth_corpus,
+                                                                                           caplog):
+    """A balanced run checkpointed before balanced sampling reached sets held in memory or indexed trained on plain
+    shuffles so far: its resume says that from here the epochs are balanced, and records it in ledger.json."""
+    data = _synth_root(tmp_path, synth_corpus)
+    command = ["--init", "none", "--task", "synth", "--data-root", str(data), "--run-dir", str(tmp_path / "run"),
+               *sets(*RUN, "model.size=custom", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
+                     "task.balanced=true", "phases=[{compression: none, epochs: 2}]")]
+    assert finetune([*command, "--stop-after-steps", "1"]) == 0
+    for saved in (tmp_path / "run" / "checkpoints").glob("phase*/trainer_state.json"):
+        state = json.loads(saved.read_text())
+        assert state["sampler"] == "balanced"
+        del state["sampler"]  # as written before the record
+        saved.write_text(json.dumps(state))
+    with caplog.at_level(logging.WARNING):
+        assert finetune(command) == 0
+    assert any("written before balanced sampling reached" in r.getMessage() for r in caplog.records)
+    ledger = json.loads((tmp_path / "run" / "ledger.json").read_text())
+    assert [list(i["changes"]) for i in ledger["interventions"]] == [["data.balanced"]]
