@@ -914,10 +914,12 @@ class WeightedCutSampler:
     ``batch_size`` (the global stream: :func:`equal_shards` deals it to the ranks).
 
     (Lhotse's ``WeightedSimpleCutSampler`` draws without replacement from numpy's global random state,
-    which neither matches AST nor can be resumed exactly.)
+    which neither matches AST nor can be resumed exactly.) From an on-disk index its batches are clip numbers
+    (``yields_numbers``), read only for the batches a rank keeps, as :class:`IndexShuffleSampler`'s.
     """
     def __init__(self, cuts, weights: Sequence[float], batch_size: int, *, drop_last: bool, seed: int) -> None:
         self.cuts = cuts if not cuts.is_lazy else cuts.to_eager()
+        self.yields_numbers = isinstance(self.cuts, ManifestIndex)
         w = np.asarray(weights, dtype=np.float64)
         if w.shape != (len(self.cuts),) or (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"need one non-negative weight per clip ({len(self.cuts)}), got {w.shape}")
@@ -934,7 +936,7 @@ class WeightedCutSampler:
             chunk = draw[start : start + self.batch_size]
             if self.drop_last and len(chunk) < self.batch_size:
                 return
-            yield [self.cuts[int(i)] for i in chunk]
+            yield chunk.tolist() if self.yields_numbers else [self.cuts[int(i)] for i in chunk]
 
 
 def shard_batches(clips: int, batch_size: int, world_size: int, drop_last: bool) -> int:
@@ -1077,7 +1079,7 @@ class ClipLoader:
     def _cut_batches(self, start_epoch: int, skip: int, epochs: int | None) -> Iterator:
 
         sampler = self._sampler()
-        indexed = isinstance(sampler, IndexShuffleSampler)  # clip numbers, read only for the batches kept
+        indexed = getattr(sampler, "yields_numbers", False)  # clip numbers, read only for the batches kept
         expected = self.batches_per_epoch()
         if expected is not None and skip > expected:
             raise ValueError(f"cannot resume at batch {skip} of epoch {start_epoch}: an epoch has {expected} batches "

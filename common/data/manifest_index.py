@@ -164,6 +164,8 @@ class IndexShuffleSampler:
     batches of clip numbers (the global stream: ``equal_shards`` deals it to the ranks; the loader reads the
     cuts of the batches it keeps, so a resume skips batches without reading them)."""
 
+    yields_numbers = True  # batches of clip numbers (ClipLoader reads the cuts of the batches a rank keeps)
+
     def __init__(self, size: int, batch_size: int, *, drop_last: bool, seed: int, shuffle: bool = True) -> None:
         self.size, self.batch_size, self.drop_last, self.seed = size, batch_size, drop_last, seed
         self.shuffle = shuffle  # False: the clips in their order (an evaluation pass)

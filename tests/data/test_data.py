@@ -557,3 +557,25 @@ def test_balanced_sampling_reaches_every_way_a_training_set_is_read(tmp_path, wh
     drawn = [c.custom["labels"][0] for epoch in range(10) for _, _, batch in loader.cut_batches(epoch, 0, 1)
              for c in batch]
     assert drawn.count("rare") / len(drawn) == pytest.approx(0.5, abs=0.1)  # unweighted: 0.05
+
+
+def test_balanced_batches_of_an_index_are_read_only_on_the_rank_that_keeps_them(tmp_path, monkeypatch):
+    """Balanced draws from an on-disk index (AudioSet-2M's path) are clip numbers: a rank builds the cuts of its own
+    batches only, not every rank's (a JSON parse per clip: about a minute an epoch per rank at 2 million)."""
+    from lhotse import MonoCut
+
+    from common.data.manifest_index import ManifestIndex
+
+    path = tmp_path / "train.jsonl.gz"
+    CutSet.from_cuts(MonoCut(f"c{i:03d}", 0, 1.0, 0, custom={"labels": [f"k{i % 4}"]}) for i in range(96)).to_file(path)
+    index = ManifestIndex([path], tmp_path / "index")
+    weights = balanced_weights(index, [])
+    reads = []
+    real = ManifestIndex.__getitem__
+    monkeypatch.setattr(ManifestIndex, "__getitem__", lambda self, i: (reads.append(i), real(self, i))[1])
+    loader = ClipLoader(index, ClipDataset(16000), 8, shuffle=True, drop_last=True, seed=0, rank=1, world_size=2,
+                        weights=weights)
+    kept = [c.id for _, _, batch in loader.cut_batches(0, 0, 1) for c in batch]
+    assert len(kept) == 48 and len(reads) == 48  # its 6 batches of 8, of the 12 drawn
+    reads.clear()
+    assert len([c for _, _, batch in loader.cut_batches(0, 3, 1) for c in batch]) == 24 and len(reads) == 24
