@@ -24,7 +24,7 @@ from common.system.disk import describe_os_error
 from common.system.distributed import init_distributed
 from common.system.lock import LOCK_FILE, RunDirBusy, job_lock
 from common.system.logger import detach_run_logs, log_traceback, setup_logging
-from common.system.signals import StoppedBySignal, reader_gone, stop_on_signals
+from common.system.signals import StoppedBySignal, reader_gone, stdout_closed, stop_on_signals
 from common.training.batch import launch_world_size
 from common.training.checkpoints import NoUsableCheckpoint
 from common.training.nonfinite import NonFiniteLoss
@@ -253,8 +253,10 @@ def run_main(body: Callable[[], int]) -> int:
         log.info("%s", stop)
         print(f"{stop}", file=sys.stderr)
         return 128 + stop.signum
-    except BrokenPipeError:  # `... | head`: the output is no longer read
-        return reader_gone()
+    except BrokenPipeError:
+        if not stdout_closed():  # another pipe than the output's: a failure like any other
+            raise
+        return reader_gone()  # `... | head`: the output is no longer read
     except (RecipeError, FileNotFoundError, NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, RunDirBusy,
             ValueError) as err:
         log_traceback(traceback.format_exc())

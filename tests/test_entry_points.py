@@ -81,6 +81,18 @@ def test_a_reader_that_goes_away_ends_a_command_quietly(argv):
     assert proc.wait(timeout=120) == 141 and err == "", err
 
 
+def test_a_broken_pipe_that_is_not_the_output_is_an_error_like_any_other():
+    """Only standard output's reader going away ends a command quietly: another pipe that breaks (a child
+    process's, a socket's) is raised as before."""
+    from common.cli import run_main
+
+    def body() -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):
+        run_main(body)
+
+
 def test_no_deepspeed_greeting_on_our_commands():
     """DeepSpeed's "Setting accelerator to CPU" (its import on a machine without a GPU) and its install banners
     ("[WARNING] ... async_io ...") greet no command: --help, --dry-run, or a run's DeepSpeed set-up."""

@@ -14,13 +14,15 @@ is 30 s).
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-__all__ = ["STOP_SIGNALS", "StoppedBySignal", "stop_on_signals", "stop_requested", "request_stop", "reader_gone"]
+__all__ = ["STOP_SIGNALS", "StoppedBySignal", "stop_on_signals", "stop_requested", "request_stop", "stdout_closed",
+           "reader_gone"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -70,8 +72,19 @@ def stop_on_signals() -> Iterator[None]:
         _received.clear()
 
 
+def stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader went away (``command | head``; another pipe that broke, a
+    socket's or a child process's, is not this): polling its end reports an error."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no file descriptor, or no poll on this system
+        return False
+
+
 def reader_gone() -> int:
-    """The reader of standard output went away (``command | head``): nothing more is said; standard output is
+    """The reader of standard output went away (:func:`stdout_closed`): nothing more is said; standard output is
     pointed at /dev/null so that the interpreter's last flush does not fail again. Returns the shell's status for
     a process ended by SIGPIPE (141)."""
     try:

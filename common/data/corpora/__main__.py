@@ -90,10 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was published (manifests appear only when complete)", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `... | head`: what was asked is done, its output no longer read
-        from common.system.signals import reader_gone
+    except BrokenPipeError as err:
+        from common.system.signals import reader_gone, stdout_closed
 
-        return reader_gone()
+        if stdout_closed():  # `... | head`: what was asked is done, its output no longer read
+            return reader_gone()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         # missing folders / metadata, malformed CSVs, unknown corpora, Lhotse errors: all name their file
         message = str(err) or type(err).__name__
