@@ -6,8 +6,8 @@ works. On a GPU that wait is paid at every step, and it weighs most where the st
 coarse phases). So the check runs on the device:
 
 - ``window`` (default): each micro-batch's ``isfinite(loss)`` is folded into a flag on the device; the
-  host reads it (and all ranks agree on it) once per log window, before every checkpoint and at every
-  epoch end. A non-finite loss stops the run at the next of those points with the step where it first
+  host reads it (and all ranks agree on it) once per log window, before every checkpoint and every
+  validation, and at every epoch end. A non-finite loss stops the run at the next of those points with the step where it first
   appeared; the updates since the last check were applied in memory but nothing after the non-finite
   loss is ever saved, so the last good checkpoint is intact.
 - ``step``: read at every micro-batch, before the update, so the run stops before applying it (one host
