@@ -89,9 +89,9 @@ ENTRY_NOTE = "--help answers without loading torch"
 
 
 def test_imports_sit_at_the_top_unless_a_lazy_one_says_why():
-    """An import inside a function is deliberate: a ``# lazy: why`` comment on its line or the one above, or a
-    command's module (``__main__`` or a ``__name__ == "__main__"`` guard) whose note says why its own imports
-    wait (``--help`` answers without loading torch)."""
+    """An import inside a function is deliberate: a ``# lazy: why`` comment on its line or above the block of
+    imports it is in, or a command's module (``__main__`` or a ``__name__ == "__main__"`` guard) whose note says
+    why its own imports wait (``--help`` answers without loading torch)."""
     bare = []
     for path in _package_files():
         src = path.read_text()
@@ -101,8 +101,10 @@ def test_imports_sit_at_the_top_unless_a_lazy_one_says_why():
             continue
         functions = [n for n in ast.walk(ast.parse(src)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
         for node in {x for f in functions for x in ast.walk(f) if isinstance(x, (ast.Import, ast.ImportFrom))}:
-            i = node.lineno - 1
-            if "# lazy:" not in lines[i] and not (i and "# lazy:" in lines[i - 1]):
+            i = above = node.lineno - 1
+            while above and lines[above - 1].strip().startswith(("import ", "from ")):  # the block's first import
+                above -= 1
+            if "# lazy:" not in lines[i] and not (above and "# lazy:" in lines[above - 1]):
                 bare.append(f"{path.relative_to(ROOT)}:{node.lineno}: {lines[i].strip()}")
     assert sorted(bare) == []
 
