@@ -24,14 +24,13 @@ import json
 import logging
 import mmap
 import os
-import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 from lhotse.serialization import deserialize_item
 
-from common.system.atomic import ORPHAN, atomic_path
+from common.system.atomic import atomic_path, remove_orphans
 
 __all__ = ["DEFAULT_INDEX_DIR", "ManifestIndex", "IndexShuffleSampler", "open_lines"]
 
@@ -69,8 +68,9 @@ def _build(path: Path, lines: Path, offsets: Path) -> None:
         np.save(out, np.asarray(starts, dtype=np.int64))
 
 
-def _open(lines: Path, offsets: Path) -> tuple[np.ndarray, mmap.mmap]:
-    """An index's offsets and its memory-mapped lines (raises what a damaged pair raises)."""
+def _open(lines: Path, offsets: Path) -> tuple[np.ndarray, mmap.mmap | None]:
+    """An index's offsets and its memory-mapped lines (None for an empty manifest; raises what a damaged pair
+    raises)."""
     starts = np.load(offsets)
     if starts.ndim != 1 or len(starts) < 1 or int(starts[-1]) != lines.stat().st_size:
         raise ValueError(f"{offsets.name} does not describe {lines.name}")
@@ -78,17 +78,7 @@ def _open(lines: Path, offsets: Path) -> tuple[np.ndarray, mmap.mmap]:
         return starts, (mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if starts[-1] else None)
 
 
-def _remove_stale(folder: Path, hours: float = 6.0) -> None:
-    """Remove the temporary files of builds killed part-way (a manifest's uncompressed size each) that nothing
-    has written for ``hours`` (a build writes its file from start to end in minutes)."""
-    now = time.time()
-    for tmp in folder.glob(".*.tmp"):
-        try:
-            if ORPHAN.fullmatch(tmp.name) and now - tmp.stat().st_mtime > hours * 3600:
-                tmp.unlink()
-                log.info("removed %s, left by an index build that did not finish", tmp)
-        except OSError:
-            pass
+STALE_SECONDS = 6 * 3600  # a build writes its temporary files from start to end in minutes
 
 
 class ManifestIndex:
@@ -108,7 +98,8 @@ class ManifestIndex:
     def __init__(self, paths: Sequence[str | os.PathLike], index_dir: str | os.PathLike = DEFAULT_INDEX_DIR) -> None:
         folder = Path(os.path.expanduser(str(index_dir)))
         folder.mkdir(parents=True, exist_ok=True)
-        _remove_stale(folder)
+        for tmp in remove_orphans(folder, older_than=STALE_SECONDS):  # builds killed part-way (a manifest's size)
+            log.info("removed %s, left by an index build that did not finish", tmp)
         self.paths = [Path(p) for p in paths]
         self._maps: list[mmap.mmap] = []
         self._offsets: list[np.ndarray] = []

@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -119,15 +120,26 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copyfile(src, tmp)
 
 
-def remove_orphans(folder: str | os.PathLike, skip: tuple[str, ...] = ("discarded-",)) -> list[Path]:
+def remove_orphans(folder: str | os.PathLike, skip: tuple[str, ...] = ("discarded-",),
+                   older_than: float | None = None) -> list[Path]:
     """Remove the temporary files (:data:`ORPHAN`) that processes killed in :func:`atomic_path` left under
-    ``folder``; sub-folders whose names start with ``skip`` are left alone. Returns what was removed."""
-    removed = []
+    ``folder``; sub-folders whose names start with ``skip`` are left alone. ``older_than``: only files nothing has
+    written for that many seconds, in a folder others may be writing into without a lock (a shared cache): a file
+    that goes meanwhile, or is not ours to remove, is left. Returns what was removed."""
+    removed, now = [], time.time()
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(skip)]
         for name in files:
             if ORPHAN.fullmatch(name):
                 path = Path(root) / name
-                path.unlink(missing_ok=True)
+                if older_than is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    try:
+                        if now - path.stat().st_mtime <= older_than:
+                            continue
+                        path.unlink()
+                    except OSError:
+                        continue
                 removed.append(path)
     return sorted(removed)
