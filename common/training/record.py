@@ -300,7 +300,7 @@ class RunRecord:
         self.tracker.check(whole=False)  # every rank's bad clips counted into the checkpoint, judged (collective)
         st = self.state
         st.pending_eval, st.until, st.window = pending_eval, until, self.fold_window(window)
-        tag = make_tag(index, st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase)
+        tag = self._tag(index)
         self._count_upsampled()
         if self.dist.is_main and self.spec.run_recipe is not None:
             self.spec.run_recipe.write_pending()  # the run's recipe.yaml appears with its first checkpoint
@@ -347,6 +347,11 @@ class RunRecord:
                      gib(record.peak_memory_bytes or 0), record.peak_memory_source,
                      gib(record.memory_estimate_bytes or 0))
 
+    def _tag(self, index: int) -> str:
+        """The tag of a checkpoint of phase ``index`` where the run is (its step, or epoch in an epoch phase)."""
+        st = self.state
+        return make_tag(index, st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase)
+
     def _trainer_state(self, index: int) -> dict:
         """What a checkpoint of phase ``index`` records besides the engine's files: where the run is, its ledger
         and bad-audio counts, and the layout its data position counts in (ranks, clips per rank)."""
@@ -359,10 +364,8 @@ class RunRecord:
         that work, says so, so that a resume from it goes straight on to what follows (it redid the validation).
         The whole trainer state is written again, as of now: a run resumed there on another layout holds its data
         position in this layout's terms, not the checkpoint's."""
-        st = self.state
-        st.phase_closed, st.pending_eval = True, False
-        tag = make_tag(index, st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase)
-        self.checkpoints.restate(tag, **self._trainer_state(index))
+        self.state.phase_closed, self.state.pending_eval = True, False
+        self.checkpoints.restate(self._tag(index), **self._trainer_state(index))
 
     def next_phase(self, index: int) -> None:
         """Where the run is at the start of phase ``index + 1``; the best score is per phase ("best" means the
