@@ -368,13 +368,18 @@ def read_hf_directory(path: str | os.PathLike) -> ASTWeights:
         names = dict(zip(classes, labels))
     loss = _hf_loss(config.get("problem_type"), None if head is None else len(classes), path)
     ours = config.get("coarse2fine") if isinstance(config.get("coarse2fine"), dict) else {}
-    provenance = {k: str(ours[k]) for k in PROVENANCE if isinstance(ours.get(k), str)}
     return ASTWeights(cfg, encoder, head, "prefix", classes, names, loss, _read_front_end(path), str(path),
-                      "coarse2fine" in config, provenance)
+                      "coarse2fine" in config, provenance(ours))
 
 
 AUDIOSET_CLASSES = 527
-PROVENANCE = ("objective", "source")  # ASTWeights.provenance's keys
+
+
+def provenance(meta: dict) -> dict:
+    """What :attr:`ASTWeights.provenance` keeps of a file's metadata (or of a directory's ``coarse2fine``): what
+    changes how an ``--init`` is used, an SSAST encoder's objective and an official checkpoint's source."""
+    kept = {"objective": "ssast", "source": "official"}
+    return {key: value for key, value in kept.items() if meta.get(key) == value}
 
 
 def _hf_loss(problem_type: str | None, outputs: int | None, path) -> str:

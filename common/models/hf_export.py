@@ -33,7 +33,6 @@ from common.models.hf import (
     HF_FRAME_SHIFT_MS,
     LAYER_NORM_EPS,
     PREPROCESSOR_FILE,
-    PROVENANCE,
     WEIGHTS_FILE,
     ASTWeights,
     FrontEnd,
@@ -41,6 +40,7 @@ from common.models.hf import (
     TransformersMissing,
     _transformers,
     is_hf_directory,
+    provenance,
     read_hf_directory,
 )
 from common.models.weights import load_encoder_state
@@ -123,7 +123,7 @@ def read_ast(src: str | os.PathLike, norm: str | None = None) -> tuple[ASTWeight
         else:
             stats = resolve_norm_stats(norm)
             fe = FrontEnd(16000, cfg.num_mel_bins, cfg.input_tdim, stats.mean, stats.std, norm)
-        return ASTWeights(cfg, state, front_end=fe, source=str(file), provenance=_provenance(meta)), problems
+        return ASTWeights(cfg, state, front_end=fe, source=str(file), provenance=provenance(meta)), problems
     tensors, meta = read_weights(file)
     arch = meta.get("arch", "ast")
     if arch != "ast":
@@ -155,21 +155,15 @@ def read_ast(src: str | os.PathLike, norm: str | None = None) -> tuple[ASTWeight
         problems.append("it records no front end (audio settings): pass --norm NAME|FILE")
     prefix = meta.get("encoder_prefix", "")
     encoder = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    provenance = _provenance(meta)
+    origin = provenance(meta)
     if "classifier" not in meta:
-        return ASTWeights(cfg, encoder, front_end=fe, source=str(file), provenance=provenance), problems
+        return ASTWeights(cfg, encoder, front_end=fe, source=str(file), provenance=origin), problems
     info = meta["classifier"]
     head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
     return ASTWeights(cfg, encoder, head, info.get("pool", "mean"), list(info["classes"]),
                       dict(meta.get("class_names") or {}), meta.get("loss", "ce"), fe, str(file),
-                      provenance=provenance), problems
+                      provenance=origin), problems
 
-
-def _provenance(meta: dict) -> dict:
-    """What :attr:`ASTWeights.provenance` keeps of a file's metadata: what changes how an ``--init`` is used (an
-    SSAST encoder's objective, an official checkpoint's source)."""
-    kept = {"objective": meta.get("objective") == "ssast", "source": meta.get("source") == "official"}
-    return {k: str(meta[k]) for k in PROVENANCE if kept[k]}
 
 
 def _format_problems(model: ASTWeights) -> list[str]:
