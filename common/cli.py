@@ -24,7 +24,7 @@ from common.system.disk import describe_os_error
 from common.system.distributed import init_distributed
 from common.system.lock import LOCK_FILE, RunDirBusy, job_lock
 from common.system.logger import detach_run_logs, log_traceback, setup_logging
-from common.system.signals import StoppedBySignal, reader_gone, stdout_closed, stop_on_signals
+from common.system.signals import StoppedBySignal, piped, stop_on_signals
 from common.training.batch import launch_world_size
 from common.training.checkpoints import NoUsableCheckpoint
 from common.training.nonfinite import NonFiniteLoss
@@ -243,9 +243,7 @@ def run_main(body: Callable[[], int]) -> int:
     (checkpointed: ``common.system.signals``).
     """
     try:
-        code = body()
-        sys.stdout.flush()  # a reader that went away is met here, not in the interpreter's last flush
-        return code
+        return piped(body)  # `... | head`: the output is no longer read; status 141, nothing said
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
@@ -253,10 +251,6 @@ def run_main(body: Callable[[], int]) -> int:
         log.info("%s", stop)
         print(f"{stop}", file=sys.stderr)
         return 128 + stop.signum
-    except BrokenPipeError:
-        if not stdout_closed():  # another pipe than the output's: a failure like any other
-            raise
-        return reader_gone()  # `... | head`: the output is no longer read
     except (RecipeError, FileNotFoundError, NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, RunDirBusy,
             ValueError) as err:
         log_traceback(traceback.format_exc())

@@ -50,6 +50,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.system.signals import piped
+
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
 __all__ = ["INSTALL_HINT", "META_KEY", "META_FORMAT", "OPSET", "TOLERANCE", "OnnxExportError", "ScoringGraph",
@@ -274,7 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (2 on bad input, 141 when the output's reader went away)."""
     args = build_parser().parse_args(argv)
+    return piped(lambda: _export(args))
+
+
+def _export(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         out, info = export_onnx(args.src, args.out, args.opset)

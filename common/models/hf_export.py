@@ -46,6 +46,7 @@ from common.models.hf import (
 from common.models.weights import load_encoder_state
 from common.system.atomic import file_mode
 from common.system.disk import NoSpace, ensure_space, free_bytes, out_of_space
+from common.system.signals import piped
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
@@ -361,7 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (2 on bad input, 141 when the output's reader went away)."""
     args = build_parser().parse_args(argv)
+    return piped(lambda: _export(args))
+
+
+def _export(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         out = export_hf(args.src, args.out, args.norm)

@@ -44,6 +44,7 @@ from matplotlib.lines import Line2D
 from common.phases.baseline import differences, is_averaged
 from common.reports.folds import FoldError, fold_dirs, fold_mean
 from common.system.disk import output_folder
+from common.system.signals import piped
 from common.training.ledger import Ledger
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
@@ -642,8 +643,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command line; returns the exit status (2 on bad input)."""
+    """Runs the command line; returns the exit status (2 on bad input, 141 when the output's reader went away)."""
     args = build_parser().parse_args(argv)
+    return piped(lambda: _report(args))
+
+
+def _report(args: argparse.Namespace) -> int:
     try:
         if args.names is not None and len(args.names) != len(args.runs):
             raise ReportError(f"--names has {len(args.names)} labels for {len(args.runs)} --runs")

@@ -19,10 +19,10 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 __all__ = ["STOP_SIGNALS", "StoppedBySignal", "stop_on_signals", "stop_requested", "request_stop", "stdout_closed",
-           "reader_gone"]
+           "reader_gone", "piped"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -93,3 +93,17 @@ def reader_gone() -> int:
     except (OSError, ValueError):  # no file descriptor to point elsewhere
         pass
     return 128 + signal.SIGPIPE
+
+
+def piped(body: Callable[[], int]) -> int:
+    """Run a command's body and flush its output; a reader of standard output that went away (``command | head``)
+    ends it quietly with :func:`reader_gone`'s status. Another broken pipe (a socket's, a child's) is raised: a
+    failure like any other."""
+    try:
+        code = body()
+        sys.stdout.flush()  # a reader that went away is met here, not in the interpreter's last flush
+        return code
+    except BrokenPipeError:
+        if not stdout_closed():
+            raise
+        return reader_gone()

@@ -154,6 +154,24 @@ def test_cli_writes_report_files(tmp_path, runs, capsys):
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_reader_that_goes_away_ends_the_report_quietly(tmp_path, runs):
+    """``c2f-report ... | head``: the files are written, then the table meets a closed pipe: status 141 as for a
+    process SIGPIPE ended, nothing on stderr (the training commands' rule, ``common.system.signals.piped``)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "common.reports", "--baseline", str(runs["base"]), "--runs",
+                             str(runs["c2f"]), "--out", str(out)], cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(root)})
+    proc.stdout.close()  # gone before the command writes
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
+    assert (out / "report.md").is_file()
+
+
 def test_cli_errors_exit_2(tmp_path, runs, capsys):
     assert main(["--baseline", str(runs["base"]), "--runs", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err

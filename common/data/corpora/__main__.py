@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from common.data.corpora import CORPORA, get_corpus
+from common.system.signals import piped
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
@@ -84,19 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[console])
     args = _build_parser().parse_args(argv)
     try:
-        code = _run(args)
-        sys.stdout.flush()  # a reader that went away is met here, not in the interpreter's last flush
-        return code
+        return piped(lambda: _run(args))  # `... | head`: what was asked is done, its output no longer read
     except KeyboardInterrupt:
         print("interrupted; nothing was published (manifests appear only when complete)", file=sys.stderr)
         return 130
-    except BrokenPipeError as err:
-        from common.system.signals import reader_gone, stdout_closed
-
-        if stdout_closed():  # `... | head`: what was asked is done, its output no longer read
-            return reader_gone()
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         # missing folders / metadata, malformed CSVs, unknown corpora, Lhotse errors: all name their file
         message = str(err) or type(err).__name__
