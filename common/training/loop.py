@@ -255,7 +255,7 @@ class Trainer(PhaseMachinery):
         model.to(self.device)
         if st.pending_eval:
             self._validate(model, index, scheduler)
-        at = st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase
+        at = st.progress(self.spec.phases[index].iteration_based)
         self.record.end_phase(model, index, self._phase_end(index).end_reason(at))
         self.record.close_phase(index)
 
@@ -330,7 +330,7 @@ class Trainer(PhaseMachinery):
         its standard error, if the objective reports one): may the phase end here? Collective: every rank
         takes rank 0's decision."""
         phase, st = self.spec.phases[index], self.state
-        at = st.step if phase.iteration_based else st.epoch_in_phase
+        at = st.progress(phase.iteration_based)
         end = self._phase_end(index)
         decision = end.check(self.dist, at, score, self.record.ledger.phases[index].train_flops, score_se, st.step)
         if end.learned is not None and end.learned == end.checks and end.criterion is not None:

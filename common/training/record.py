@@ -349,8 +349,7 @@ class RunRecord:
 
     def _tag(self, index: int) -> str:
         """The tag of a checkpoint of phase ``index`` where the run is (its step, or epoch in an epoch phase)."""
-        st = self.state
-        return make_tag(index, st.step if self.spec.phases[index].iteration_based else st.epoch_in_phase)
+        return make_tag(index, self.state.progress(self.spec.phases[index].iteration_based))
 
     def _trainer_state(self, index: int) -> dict:
         """What a checkpoint of phase ``index`` records besides the engine's files: where the run is, its ledger

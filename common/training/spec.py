@@ -148,3 +148,8 @@ class TrainState:
     phase_closed: bool = False  # after phase_done: its validation, record and export are done (a resume goes on)
     until: dict = field(default_factory=dict)  # the phase's end criterion (common.phases.criteria.PhaseEnd state)
     window: dict = field(default_factory=dict)  # the open log window's loss sums over every rank, and "_n"
+
+    def progress(self, iteration_based: bool) -> int:
+        """How far the phase is in its own unit: optimiser steps in an iteration-based phase, epochs otherwise
+        (what its end criteria count and its checkpoints' tags hold)."""
+        return self.step if iteration_based else self.epoch_in_phase
