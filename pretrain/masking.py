@@ -2,7 +2,8 @@
 
 - ``uniform``: M patches drawn uniformly without replacement (SSAST's frame models).
 - ``cluster``: square clusters of 3x3 to 5x5 patches (size drawn per clip) are laid on the token grid one
-  after the other until M patches are covered; the last cluster is covered partly, at random. Cluster
+  after the other until M patches are covered; the last cluster is covered partly, at random (the patches of
+  one cluster are taken in random order). Cluster
   corners range over positions that let a cluster hang over every edge, so every patch is about equally
   likely to be masked (edge rows and columns within about 1.5 % of the others, as the partly covered last
   cluster falls; the official generator's rows range from 0.41 to 0.89); SSAST's patch models use clustered
@@ -50,19 +51,35 @@ def _uniform(batch: int, n: int, count: int, generator) -> torch.Tensor:
     return _rand((batch, n), generator).topk(count, dim=1, largest=False).indices
 
 
-def _cluster(batch: int, grid: tuple[int, int], count: int, generator, sizes: tuple[int, int]) -> torch.Tensor:
+_MAX_ROUNDS = 1000  # rounds of clusters before a clip still short is filled at random (never seen: 1 is nearly always)
+
+
+def _cluster_cover(batch: int, grid: tuple[int, int], count: int, generator, sizes: tuple[int, int]) -> torch.Tensor:
+    """``[B, N]``: for each patch, the first of the clip's clusters that covers it. Clusters are laid until every
+    clip has at least ``count`` patches covered (a round of clusters more when a clip falls short)."""
     f_dim, t_dim = grid
     n = f_dim * t_dim
-    k = 3 * math.ceil(count / sizes[0] ** 2) + 8  # enough clusters to cover M patches with overlaps
+    k = 3 * math.ceil(count / sizes[0] ** 2) + 8  # enough clusters to cover M patches with overlaps, nearly always
     c = _randint(sizes[0], sizes[1] + 1, (batch, 1), generator)  # cluster side per clip
-    f0 = (_rand((batch, k), generator) * (f_dim + c - 1)).floor().long() - (c - 1)
-    t0 = (_rand((batch, k), generator) * (t_dim + c - 1)).floor().long() - (c - 1)
     fi = torch.arange(n) // t_dim
     ti = torch.arange(n) % t_dim
-    covered = ((fi >= f0[..., None]) & (fi < (f0 + c)[..., None]) &
-               (ti >= t0[..., None]) & (ti < (t0 + c)[..., None]))  # [B, k, N]
-    first = torch.where(covered.any(1), covered.float().argmax(1), torch.full((batch, n), k))
-    score = first + 0.5 * _rand((batch, n), generator)  # random order inside a cluster; uncovered last
+    none = _MAX_ROUNDS * k  # "no cluster covers this patch": after every cluster that may be laid
+    first = torch.full((batch, n), none, dtype=torch.long)
+    for laid in range(0, none, k):
+        f0 = (_rand((batch, k), generator) * (f_dim + c - 1)).floor().long() - (c - 1)
+        t0 = (_rand((batch, k), generator) * (t_dim + c - 1)).floor().long() - (c - 1)
+        covered = ((fi >= f0[..., None]) & (fi < (f0 + c)[..., None]) &
+                   (ti >= t0[..., None]) & (ti < (t0 + c)[..., None]))  # [B, k, N]
+        here = torch.where(covered.any(1), laid + covered.float().argmax(1), torch.full_like(first, none))
+        first = torch.minimum(first, here)
+        if first.is_meta or bool(((first < none).sum(1) >= count).all()):  # meta: FLOPs counted, nothing drawn
+            break
+    return first
+
+
+def _cluster(batch: int, grid: tuple[int, int], count: int, generator, sizes: tuple[int, int]) -> torch.Tensor:
+    first = _cluster_cover(batch, grid, count, generator, sizes)
+    score = first + 0.5 * _rand((batch, grid[0] * grid[1]), generator)  # random order inside a cluster
     return score.topk(count, dim=1, largest=False).indices
 
 
