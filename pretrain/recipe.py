@@ -60,10 +60,12 @@ class PretrainRecipe:
             if not phase.iteration_based:
                 raise ValueError(f"phases.{i}.epochs: pretraining phases are iteration-based; give steps")
         for i, cfg in enumerate(self.encoder_configs()):
-            try:
-                mask_count(cfg.num_patches, self.ssast.mask_ratio)
-            except ValueError as err:
-                raise ValueError(f"ssast.mask_ratio: {err} (phases.{i})") from None
+            for key in ("mask_ratio", "eval_mask_ratio"):
+                ratio = getattr(self.ssast, key)
+                try:
+                    mask_count(cfg.num_patches, ratio if ratio is not None else self.ssast.mask_ratio)
+                except ValueError as err:
+                    raise ValueError(f"ssast.{key}: {err} (phases.{i})") from None
         if self.coarse is not None and self.baseline is not None:
             raise ValueError(f"baseline: a recipe derived by coarse is compared with the recipe it came from; this "
                              f"one also names {self.baseline} (set baseline: null)")

@@ -48,6 +48,9 @@ class SSASTConfig:
 
     Args:
         mask_ratio: share of patches masked, constant across phases (400 / 512 in SSAST).
+        eval_mask_ratio: share of patches the validation masks (its accuracy's scale: chance is one over their
+            number); the official validation masks 400 of 512 whatever the training mask (``validatemask``),
+            the same share of a coarse phase's grid here; None: the training ratio.
         masking: ``auto``, ``uniform``, ``cluster`` or ``cluster_ssast`` (see ``pretrain.masking``).
         cluster_min, cluster_max: cluster sides for ``cluster`` (SSAST: 3 to 5).
         nce_softmax: ``targets`` (paper Eq. 1) or ``predictions`` (the official code).
@@ -56,6 +59,7 @@ class SSASTConfig:
     """
 
     mask_ratio: float = 400 / 512
+    eval_mask_ratio: float | None = 400 / 512
     masking: Literal["auto", "uniform", "cluster", "cluster_ssast"] = "auto"
     cluster_min: int = 3
     cluster_max: int = 5
@@ -66,6 +70,9 @@ class SSASTConfig:
     def __post_init__(self) -> None:
         if not 0 < self.mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.eval_mask_ratio is not None and not 0 < self.eval_mask_ratio < 1:
+            raise ValueError(f"eval_mask_ratio must be in (0, 1) or null (the training ratio), got "
+                             f"{self.eval_mask_ratio}")
         if self.masking not in MASKINGS:
             raise ValueError(f"unknown masking {self.masking!r}")
         if not 1 <= self.cluster_min <= self.cluster_max:
@@ -107,12 +114,20 @@ class SSASTModel(nn.Module):
         self.cpredlayer = _head(dim, area)
         self.gpredlayer = _head(dim, area)
         self.mask_count = mask_count(encoder.cfg.num_patches, cfg.mask_ratio)
+        self.eval_mask_count = mask_count(encoder.cfg.num_patches, cfg.eval_mask_ratio or cfg.mask_ratio)
 
-    def sample_mask(self, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    def sample_mask(self, batch: int, generator: torch.Generator | None, device, count: int | None = None
+                    ) -> torch.Tensor:
+        """Sorted indices ``[batch, count]`` (default: the training mask's count) of patches to mask."""
         cfg = self.cfg
-        idx = sample_mask(batch, self.encoder.cfg.grid, self.mask_count, cfg.masking, generator,
+        idx = sample_mask(batch, self.encoder.cfg.grid, count or self.mask_count, cfg.masking, generator,
                           (cfg.cluster_min, cfg.cluster_max))
         return idx.to(device)
+
+    def validation_masks(self, batch: int, generator: torch.Generator, device) -> list[torch.Tensor]:
+        """The masks of a validation batch (one per pass), of ``eval_mask_count`` patches each."""
+        passes = 2 if self.cfg.separate_passes else 1
+        return [self.sample_mask(batch, generator, device, self.eval_mask_count) for _ in range(passes)]
 
     def encode_masked(self, x: torch.Tensor, idx: torch.Tensor, *more: torch.Tensor):
         """Encoder outputs ``[B, M, D]`` at the masked positions ``idx`` (mask embedding in their place).
@@ -259,7 +274,8 @@ class SSASTObjective:
             if not len(batch):
                 continue
             x = pipeline(batch.waveforms.to(dist.device), batch.lengths.to(dist.device))
-            out = model(x, generator)
+            inner = getattr(model, "module", model)
+            out = model(x, masks=inner.validation_masks(len(x), generator, x.device))
             n, a = len(batch), out["acc"].item()
             sums += torch.tensor([out["nce"].item() * n, out["mse"].item() * n, a * n, n, n * n, n * n * a,
                                   n * n * a * a, 1], dtype=torch.float64, device=dist.device)
@@ -292,7 +308,7 @@ class SSASTObjective:
         """The masked-patch accuracy is an argmax over the masked patches (chance 1 / their number): how many are
         masked of how many, how they are drawn, and which softmax it takes the argmax of set its scale."""
         c = self.cfg
-        return {"masked": mask_count(cfg.num_patches, c.mask_ratio), "patches": cfg.num_patches,
+        return {"masked": mask_count(cfg.num_patches, c.eval_mask_ratio or c.mask_ratio), "patches": cfg.num_patches,
                 "masking": c.masking, "cluster": [c.cluster_min, c.cluster_max], "nce_softmax": c.nce_softmax}
 
     def export(self, model: SSASTModel, path: Path, meta: dict) -> None:

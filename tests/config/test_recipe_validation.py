@@ -98,6 +98,7 @@ PRETRAIN_CASES = [
     ("factor does not divide the grid", None, ["phases.0.factor=3"], "phases.0"),
     ("phase batch size zero", None, ["phases.0.batch_size=0"], "phases.0"),
     ("mask ratio above 1", None, ["ssast.mask_ratio=1.5"], "ssast.mask_ratio"),
+    ("validation mask ratio zero", None, ["ssast.eval_mask_ratio=0"], "ssast.eval_mask_ratio"),
     ("patch of one number", None, ["model.patch=[16]"], "model.patch"),
     ("num_heads zero", None, ["model.num_heads=0"], "model.num_heads"),
     ("zero stage 3", None, ["train.zero_stage=3"], "train.zero_stage"),

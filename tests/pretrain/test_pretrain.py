@@ -29,6 +29,7 @@ def test_recipes_in_the_repo_are_valid():
     ("phases.0.steps=abc", "phases.0.steps: expected an integer"),
     ("phases.0.factor=3", "phases.0: compression factor 3 does not divide the time grid of 8"),
     ("ssast.mask_ratio=0.999", "ssast.mask_ratio: mask ratio 0.999 masks 16 of 16 patches"),
+    ("ssast.eval_mask_ratio=0.999", "ssast.eval_mask_ratio: mask ratio 0.999 masks 16 of 16 patches"),
     ("phases.0.epochs=2", "exactly one of steps"),
     ("optim.lr=-1", "lr must be positive"),
     ("phases.3.steps=1", "phases.3 is not an index of a list of 2"),

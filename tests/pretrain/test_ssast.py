@@ -55,6 +55,22 @@ def test_cluster_masking_is_clustered_and_unbiased():
     assert not _mask(sample_mask(200, grid, 400, "cluster_ssast", g), n)[:, 0].any()  # id 0 never masked
 
 
+def test_cluster_masking_masks_clusters_only_even_when_the_first_clusters_fall_short():
+    """Every masked patch lies in one of the clip's clusters: when a clip's first clusters overlap so much that
+    they cover fewer than M patches (about 0.65 % of clips at 100 of 128), more are laid, where the patches
+    still missing were drawn uniformly (unclustered) before."""
+    from pretrain.masking import _MAX_ROUNDS, _cluster_cover
+
+    grid, count = (8, 16), 100
+    for seed in range(4):
+        cover = _cluster_cover(1000, grid, count, torch.Generator().manual_seed(seed), (3, 5))
+        idx = sample_mask(1000, grid, count, "cluster", torch.Generator().manual_seed(seed))
+        laid = cover.max().item()  # the "uncovered" mark (some patch of some clip is uncovered)
+        assert laid >= _MAX_ROUNDS
+        assert ((cover < laid).sum(1) >= count).all()
+        assert (cover.gather(1, idx) < laid).all()
+
+
 def test_auto_masking_follows_ssast_rule():
     # frame models (one frequency row) use uniform masking: no spatial structure to cluster on
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
@@ -206,3 +222,29 @@ def test_infonce_logits_softmax_and_accuracy_are_fp32_under_autocast(cfg):
     assert nce.item() == pytest.approx(expected_nce.item(), abs=1e-5)
     assert acc.item() == (expected.argmax(dim=1) == torch.arange(100)).float().mean().item()
     assert mse.item() == pytest.approx(F.mse_loss(gen.float(), targets).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("eval_ratio, masked", [(400 / 512, 25), (None, 16)])
+def test_the_validation_masks_400_of_512_whatever_the_training_mask(cfg, eval_ratio, masked):
+    """The official ``validatemask`` always masks 400 patches (of 512), so the masked-patch accuracy keeps its scale
+    (chance 1 / 400) when a run trains with another mask: here 25 of the 4 x 8 grid while training masks 16;
+    ``eval_mask_ratio: null`` validates with the training mask."""
+    from common.data.loader import Batch
+    from common.system.distributed import Dist
+
+    ssast = SSASTConfig(mask_ratio=0.5, eval_mask_ratio=eval_ratio)
+    model = SSASTModel(ASTEncoder(cfg), ssast)
+    seen = []
+    real = model.forward
+
+    def forward(x, generator=None, masks=None):
+        seen.append([m.shape[1] for m in masks])
+        return real(x, generator, masks=masks)
+
+    model.forward = forward
+    x = torch.randn(3, cfg.input_tdim, cfg.num_mel_bins)
+    batch = Batch(torch.zeros(3, 16), torch.full((3,), 16), None, ["a", "b", "c"])
+    metrics = SSASTObjective(ssast).evaluate(model, iter([batch]), lambda w, n: x, Dist(0, 1, 0, torch.device("cpu")),
+                                             torch.Generator().manual_seed(0))
+    assert seen == [[masked, masked]] and model.mask_count == 16 and 0 <= metrics["acc"] <= 1
+    assert SSASTObjective(ssast).score_settings(cfg)["masked"] == masked
