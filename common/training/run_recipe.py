@@ -69,11 +69,16 @@ def _same(key: str, a, b) -> bool:
 def _behaviour(flat: dict) -> dict:
     """A flattened recipe with what a setting does in place of how it is written: ``data.channels: auto`` is the
     architecture's (HTS-AT: ``mean``, the AST family: ``first``), and a recipe written before the key existed read
-    the first channel."""
+    the first channel; SSAST's ``ssast.eval_mask_ratio`` is the ratio it masks (``null``, or a recipe written
+    before the key existed: the training ratio)."""
     channels = flat.get("data.channels", "first")
     if channels == "auto":
         channels = official_channels(flat.get("model.arch", "ast"))
-    return {**flat, "data.channels": channels}
+    out = {**flat, "data.channels": channels}
+    if "ssast.mask_ratio" in flat:
+        masked = flat.get("ssast.eval_mask_ratio")
+        out["ssast.eval_mask_ratio"] = masked if masked is not None else flat["ssast.mask_ratio"]
+    return out
 
 
 def recipe_diff(old: dict, new: dict) -> list[str]:

@@ -248,3 +248,15 @@ def test_the_validation_masks_400_of_512_whatever_the_training_mask(cfg, eval_ra
                                              torch.Generator().manual_seed(0))
     assert seen == [[masked, masked]] and model.mask_count == 16 and 0 <= metrics["acc"] <= 1
     assert SSASTObjective(ssast).score_settings(cfg)["masked"] == masked
+
+
+def test_a_run_recorded_before_the_validation_mask_key_resumes_unless_it_validates_otherwise_now():
+    """A recipe.yaml written before ``ssast.eval_mask_ratio`` existed validated with the training mask: the same as
+    today's 400 / 512 when it trained with 400 / 512 (the run resumes), not when it trained with another."""
+    from common.training.run_recipe import recipe_diff
+
+    old = {"ssast": {"mask_ratio": 0.78125}}
+    assert recipe_diff(old, {"ssast": {"mask_ratio": 0.78125, "eval_mask_ratio": 0.78125}}) == []
+    assert recipe_diff(old, {"ssast": {"mask_ratio": 0.78125, "eval_mask_ratio": None}}) == []
+    assert recipe_diff({"ssast": {"mask_ratio": 0.5}},
+                       {"ssast": {"mask_ratio": 0.5, "eval_mask_ratio": 0.78125}}) == ["ssast.eval_mask_ratio"]
