@@ -222,12 +222,17 @@ def _device_hours(run: Run) -> float | None:
 
 
 def hardware(run: Run) -> frozenset[tuple[str, int]] | None:
-    """Where the run trained: ``(device, ranks)`` of its phases (a cross-validation run's folds together); None
-    when its ledger does not record it."""
+    """Where the run trained: ``(device, ranks)`` of every launch of its phases (a cross-validation run's folds
+    together); None when its ledger does not record it."""
     ledgers = [fold.ledger for fold in run.folds] or [run.ledger]
-    found = frozenset((p.device, int(p.world_size)) for ledger in ledgers for p in ledger.phases
-                      if p.device and p.world_size)
+    found = frozenset(pair for ledger in ledgers for p in ledger.phases for pair in _phase_hardware(p))
     return found or None
+
+
+def _phase_hardware(phase) -> set[tuple[str, int]]:
+    if phase.hardware:
+        return {(str(device), int(ranks)) for device, ranks in phase.hardware}
+    return {(phase.device, int(phase.world_size))} if phase.device and phase.world_size else set()  # older ledgers
 
 
 def describe_hardware(found: frozenset[tuple[str, int]]) -> str:
@@ -235,10 +240,11 @@ def describe_hardware(found: frozenset[tuple[str, int]]) -> str:
 
 
 def other_hardware(baseline: Run, run: Run) -> str | None:
-    """How ``run`` trained on other devices or another number of ranks than ``baseline`` (their wall times do not
-    compare: no time saving), e.g. ``8 x NVIDIA H100 (baseline: 1 x cpu)``; None when alike or not recorded."""
+    """How ``run`` trained on other devices or another number of ranks than ``baseline``, or either on a mix of
+    them (their wall times do not compare: no time saving), e.g. ``8 x NVIDIA H100 (baseline: 1 x cpu)``; None
+    when alike or not recorded."""
     mine, theirs = hardware(run), hardware(baseline)
-    if mine is None or theirs is None or mine == theirs:
+    if mine is None or theirs is None or (mine == theirs and len(mine) == 1):
         return None
     return f"{describe_hardware(mine)} (baseline: {describe_hardware(theirs)})"
 
@@ -677,7 +683,8 @@ def _report(args: argparse.Namespace) -> int:
              f"average where it has one; the tables above compare epochs with epochs only.")
         folds = "".join(_fold_text(run) for run in (baseline, *runs))
         folds += "".join(f"\n{row.label} trained on {row.hardware}: its time saving is not computed (wall times on "
-                         f"other devices or another number of ranks do not compare); its FLOPs saving is.\n"
+                         f"other devices, another number of ranks or a mix of them do not compare); its FLOPs saving "
+                         f"is.\n"
                          for row in rows if row.hardware)
         output_folder(args.out)
         rule = (f"Each run stops at epoch {args.stop_epoch} of its final phase (a fixed stop, whatever its {metric})"

@@ -53,7 +53,8 @@ class PhaseRecord:
         eval_seconds: time spent validating.
         device_seconds: the seconds of all ranks' devices held by the phase (training and validation, times
             the number of ranks at the time: what GPU-hours count); ``device``: what they were (the GPU's name,
-            or ``cpu``).
+            or ``cpu``) when the phase started; ``hardware``: every ``[device, ranks]`` a launch trained it on (a
+            phase resumed elsewhere has two: its wall time then compares with no other's).
         global_batch, batch_per_rank, grad_accum, world_size: the phase's global batch and how it was split
             (clips per rank per micro-batch, micro-batches per step, ranks) by the launch that trained it last.
         ended_by, ended_at, end_note: why and when the phase ended (None while it runs).
@@ -77,6 +78,7 @@ class PhaseRecord:
     eval_seconds: float = 0.0
     device_seconds: float = 0.0
     device: str | None = None
+    hardware: list | None = None
     global_batch: int | None = None
     batch_per_rank: int | None = None
     grad_accum: int | None = None
@@ -91,7 +93,7 @@ class PhaseRecord:
 
     _COUNTERS = ("steps", "epochs", "samples", "train_flops", "wall_seconds", "eval_seconds", "device_seconds")
     _DESCRIPTION = ("name", "compression", "factor", "flops_per_sample", "tokens_per_sample", "patch_transfer",
-                    "device")
+                    "device", "hardware")
     _BATCH = ("global_batch", "batch_per_rank", "grad_accum", "world_size")
     _END = ("ended_by", "ended_at", "end_note")
     _MEMORY = ("memory_estimate_bytes", "peak_memory_bytes", "peak_memory_source")
@@ -103,6 +105,12 @@ class PhaseRecord:
                     if getattr(self, k) is not None})
         out.update(self.extra)
         return out
+
+    def trained_on(self, device: str, ranks: int) -> None:
+        """A launch trains the phase on ``ranks`` devices named ``device``."""
+        self.device = self.device or device
+        if [device, ranks] not in (self.hardware or []):
+            self.hardware = [*(self.hardware or []), [device, ranks]]
 
     def set_batch(self, split) -> None:
         """Record the phase's global batch and its split (a :class:`common.training.batch.BatchSplit`)."""

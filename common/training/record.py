@@ -253,8 +253,8 @@ class RunRecord:
             self.spec.train.precision, self.zero_stage, self.dist.world_size, self.device))
         record.memory_estimate_bytes = estimate.total
         record.set_batch(split)  # this launch's split (a resume on other ranks records its own)
-        record.device = record.device or (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
-                                          else self.device.type)
+        record.trained_on(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type,
+                          split.world_size)
         self._memory.reset()
         self.pending.restart_clock()
         log.info("%s: %s, %s tokens per clip (grid %dx%d), %.3g GFLOPs per training sample, batch %s; memory "

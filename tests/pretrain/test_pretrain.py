@@ -61,7 +61,8 @@ def test_two_phase_run(tmp_path, synth_corpus):
     assert p1["train_flops"] == 12 * p1["flops_per_sample"] and p1["flops_per_sample"] < p2["flops_per_sample"] / 3
     assert ledger["total"]["train_flops"] == p1["train_flops"] + p2["train_flops"]
     assert p1["wall_seconds"] > 0 and [e["phase"] for e in ledger["evals"]] == [0, 0, 1, 1]
-    assert p1["device"] == "cpu" and p1["device_seconds"] == pytest.approx(p1["wall_seconds"] + p1["eval_seconds"])
+    assert p1["device"] == "cpu" and p1["hardware"] == [["cpu", 1]]
+    assert p1["device_seconds"] == pytest.approx(p1["wall_seconds"] + p1["eval_seconds"])
     enc = load_encoder(run_dir)  # what finetune --init consumes
     assert enc.cfg.input_tdim == 128 and enc.cfg.grid == (8, 8)
     assert load_encoder(run_dir / "export" / "phase1.safetensors").cfg.grid == (8, 2)

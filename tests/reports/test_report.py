@@ -561,6 +561,21 @@ def test_time_is_not_compared_across_devices_and_a_bare_baseline_plots(tmp_path,
     assert "| Fshift 4→1 | 46.00 (+1.00) | 50.00 | - (other devices) |" in capsys.readouterr().out
     assert "Fshift 4→1 trained on 8 x NVIDIA H100 80GB HBM3 (baseline: 1 x cpu): its time saving is not computed" \
         in (out / "report.md").read_text(encoding="utf-8")
+    # a phase resumed on other hardware: the launches' devices are all recorded, and a mix compares with nothing
+    for name in ("base", "c2f"):
+        ledger = Ledger.read(runs[name])
+        for phase in ledger.phases:
+            phase.device, phase.world_size, phase.hardware = "cpu", 1, None
+            phase.trained_on("cpu", 1)
+        ledger.write(runs[name] / "ledger.json")
+    assert other_hardware(load_run(runs["base"]), load_run(runs["c2f"])) is None
+    ledger = Ledger.read(runs["c2f"])
+    ledger.phases[-1].trained_on("NVIDIA H100 80GB HBM3", 8)  # resumed there
+    ledger.write(runs["c2f"] / "ledger.json")
+    assert Ledger.read(runs["c2f"]).phases[-1].device == "cpu"  # where it started
+    assert other_hardware(load_run(runs["base"]), load_run(runs["c2f"])) == \
+        "8 x NVIDIA H100 80GB HBM3 and 1 x cpu (baseline: 1 x cpu)"
+    assert other_hardware(load_run(runs["c2f"]), load_run(runs["c2f"])) is not None  # a mix, even against itself
     # a hand-written baseline: evaluations without phases; the table and the plot are made
     bare = tmp_path / "bare"
     bare.mkdir()
