@@ -49,7 +49,8 @@ class PhaseRecord:
         flops_per_sample, tokens_per_sample: the cost of one training clip at this phase's geometry.
         steps, epochs, samples: optimiser steps, completed epochs and clips trained on (all ranks).
         train_flops: ``flops_per_sample * samples``.
-        wall_seconds: time in the training loop (data waits included, evaluation and checkpoints not).
+        wall_seconds: time in the training loop (data waits included, and with ``train.compile`` the compilation
+            in the first steps of each phase and launch; evaluation and checkpoints not).
         eval_seconds: time spent validating.
         device_seconds: the seconds of all ranks' devices held by the phase (training and validation, times
             the number of ranks at the time: what GPU-hours count); ``device``: what they were (the GPU's name,
