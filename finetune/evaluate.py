@@ -16,7 +16,6 @@ other commands, whose --help answers without loading torch.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -34,6 +33,7 @@ from common.metrics import compute_metrics
 from common.models.arch import architecture_from_meta, official_channels
 from common.models.exports import resolve_model_file
 from common.models.hf import is_hf_directory
+from common.system import jsonfile
 from common.system.logger import progress, setup_logging
 from finetune.classifier import class_scores, load_classifier, metric_scores
 
@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   show_progress=True, loaded=loaded)
         metrics["bad_clips"] = float(tracker.bad)
         if args.json:
-            print(json.dumps({"model": str(model), "manifests": list(args.manifests), **metrics}, indent=1))
+            print(jsonfile.dumps({"model": str(model), "manifests": list(args.manifests), **metrics}, indent=1))
         else:
             print(f"{model} on {', '.join(args.manifests)}: acc={metrics['acc']:.4f} mAP={metrics['mAP']:.4f} "
                   f"mAUC={metrics['mAUC']:.4f} ({int(metrics['clips'])} clips)")

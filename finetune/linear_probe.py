@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import math
 import sys
@@ -235,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         from common.config.recipe import build, load_yaml
+        from common.system import jsonfile
         from common.system.atomic import atomic_write_text
         from common.system.disk import output_folder
         from common.system.logger import setup_logging
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             print(f"| {r['task']:<16} | {r['metric']:<6} | {100 * r['value']:>7.2f} |")
         if args.out:
-            atomic_write_text(args.out, json.dumps(results, indent=1))
+            atomic_write_text(args.out, jsonfile.dumps(results, indent=1))
         return 0
 
     from common.cli import run_main

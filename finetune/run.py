@@ -18,13 +18,13 @@ test split (SpeechCommands, VoxCeleb) are evaluated on it at the end with the be
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 from common.cli import add_run_arguments, run_dir_check, run_main, training_session
+from common.system import jsonfile
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
@@ -135,7 +135,7 @@ def _test(run_dir: Path, recipe, classes, dist, tracker) -> None:
                               recipe.data.eval_batch_size or
                               phase_splits(recipe.phases, recipe.data, recipe.optim, dist.world_size)[-1].per_rank,
                               recipe.data.num_workers, dist.device, tracker)
-    (run_dir / "test_metrics.json").write_text(json.dumps({"model": str(model), **metrics}, indent=1))
+    (run_dir / "test_metrics.json").write_text(jsonfile.dumps({"model": str(model), **metrics}, indent=1))
     log.info("test split (%s): %s", model.name, ", ".join(f"{k}={int(v)}" if k == "clips" else f"{k}={v:.4f}"
                                                           for k, v in metrics.items()))
 
@@ -170,7 +170,7 @@ def _cross_validation(run_root: Path, folds: int, metric: str) -> dict:
     from finetune.evaluate import cross_validation_summary
 
     summary = cross_validation_summary([Ledger.read(run_root / f"fold{k + 1}").evals for k in range(folds)], metric)
-    (run_root / "cv_summary.json").write_text(json.dumps(summary, indent=1))
+    (run_root / "cv_summary.json").write_text(jsonfile.dumps(summary, indent=1))
     best = summary["best"]
     log.info("%d-fold cross-validation: best mean %s %.4f (phase %d, epoch %d; folds %s)", folds, metric,
              best["mean"], best["phase"] + 1, best["epoch"], ", ".join(f"{v:.4f}" for v in best["folds"]))

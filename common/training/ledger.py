@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from common.system import jsonfile
 from common.system.atomic import atomic_write_text
+from common.system.jsonfile import undefined_as_nan
 
 __all__ = ["Ledger", "PhaseRecord", "Window"]
 
@@ -285,7 +287,8 @@ class Ledger:
     def from_dict(cls, data: dict) -> "Ledger":
         ledger = cls(data.get("score"))
         ledger.phases = [PhaseRecord.from_dict(p) for p in data.get("phases", [])]
-        ledger.evals = [dict(e) for e in data.get("evals", [])]
+        ledger.evals = [{**e, "metrics": undefined_as_nan(e["metrics"])} if "metrics" in e else dict(e)
+                        for e in data.get("evals", [])]  # ledger.json: an undefined metric is null
         ledger.baseline = data.get("baseline")
         ledger.interventions = [dict(i) for i in data.get("interventions", [])]
         ledger.stop_target = data.get("stop_when_surpassing")
@@ -305,4 +308,4 @@ class Ledger:
         return cls.from_dict(json.loads(path.read_text()))
 
     def write(self, path: str | Path) -> None:
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+        atomic_write_text(path, jsonfile.dumps(self.to_dict(), indent=1))

@@ -66,6 +66,21 @@ def test_the_scores_are_the_clips_scored_one_by_one(synth_model, synth_corpus, c
     assert capsys.readouterr().out.startswith(f"{run_dir / 'model.safetensors'} on {manifest}: acc=")
 
 
+def test_json_output_is_json_when_a_metric_is_undefined(synth_model, synth_corpus, tmp_path, capsys):
+    """One clip: no class has both positives and negatives, so the mAUC (and its d') is undefined: null in the
+    output, which JSON readers other than Python's accept (NaN is not JSON)."""
+    cuts = CutSet.from_file(synth_corpus / "synth_test.jsonl.gz").to_eager()
+    one = tmp_path / "one.jsonl.gz"
+    cuts.subset(first=1).to_file(one)
+    assert main(["--ckpt", str(synth_model), str(one), "--json", "--workers", "0"]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    got = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert got["clips"] == 1 and got["mAUC"] is None and got["acc"] in (0.0, 1.0)
+
+
 def test_unreadable_clips_are_skipped_and_counted_and_bad_input_is_one_line(synth_model, synth_corpus, tmp_path,
                                                                             capsys):
     cuts = CutSet.from_file(synth_corpus / "synth_test.jsonl.gz").to_eager()
