@@ -113,14 +113,28 @@ class _LogFile(logging.FileHandler):
 
 
 class Scalars:
-    """TensorBoard scalars under ``run_dir/tb`` (rank 0; a no-op elsewhere)."""
+    """TensorBoard scalars under ``run_dir/tb`` (rank 0; a no-op elsewhere). The writer opens at the first
+    scalar: a resumed run first says where it resumes (:meth:`resumed_at`)."""
 
     def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
         self.writer = None
         self.folder = Path(run_dir) / "tb"
-        if enabled:
+        self.purge_step: int | None = None
 
-            self.writer = SummaryWriter(str(self.folder))
+    def resumed_at(self, step: int) -> None:
+        """The run resumes after step ``step`` (a checkpoint's): what an earlier launch logged past it (steps a
+        crash or a non-finite loss undid, trained again from here) is hidden from TensorBoard, so each curve
+        is the run's one history."""
+        self.purge_step = step + 1
+        if self.writer is not None:  # opened already: open again, purging
+            self.close()
+            self.writer = None
+
+    def _open(self):
+        if self.writer is None and self.enabled:
+            self.writer = SummaryWriter(str(self.folder), purge_step=self.purge_step)
+        return self.writer
 
     @contextmanager
     def _writing(self):
@@ -133,7 +147,7 @@ class Scalars:
             raise NoSpace(self.folder, None, free_bytes(self.folder), "TensorBoard's event file") from err
 
     def log(self, values: dict[str, float], step: int) -> None:
-        if self.writer is None:
+        if self._open() is None:
             return
         with self._writing():
             for key, value in values.items():

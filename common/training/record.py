@@ -112,6 +112,7 @@ class RunRecord:
         # and another host's cached view of it may lag
         saved = self.dist.broadcast_object(self.checkpoints.trainer_state(tag) if self.dist.is_main else None)
         self.state = TrainState(**saved["state"])
+        self.scalars.resumed_at(self.state.total_steps)
         baseline = self.ledger.baseline
         self.ledger = Ledger.from_dict(saved["ledger"])  # with the stop target the run started with
         self.ledger.baseline = baseline or self.ledger.baseline

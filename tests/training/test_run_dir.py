@@ -119,3 +119,31 @@ def test_a_resume_naming_the_recipe_otherwise_is_the_same_run(tmp_path, synth_co
                        {"baseline": str(ROOT / "recipes" / "synth_pretrain_baseline.yaml")}) == []
     assert recipe_diff({"baseline": "recipes/synth_pretrain_baseline.yaml"},
                        {"baseline": str(ROOT / "recipes" / "ssast_baseline.yaml")}) == ["baseline"]
+
+
+@pytest.mark.slow
+def test_tensorboard_keeps_one_history_when_a_crash_undid_logged_steps(tmp_path, synth_corpus, monkeypatch):
+    """A crash after step 5 (checkpoints at 2 and 4): steps 5 was logged, then trained again from step 4's
+    checkpoint. TensorBoard shows each step once, the resumed run's (the earlier launch's step 5 is purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pretrain.ssast import SSASTObjective
+
+    real, calls = SSASTObjective.train_step, {"n": 0}
+
+    def crashing(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("the node went away")
+        return real(self, *args)
+
+    monkeypatch.setattr(SSASTObjective, "train_step", crashing)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="the node went away"):
+        _run(run_dir, synth_corpus, "phases.0.steps=6", "train.eval_every=100")
+    monkeypatch.undo()
+    assert _run(run_dir, synth_corpus, "phases.0.steps=6", "train.eval_every=100") == 0
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == sorted(set(steps)) and steps[:6] == [1, 2, 3, 4, 5, 6], steps
