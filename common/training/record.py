@@ -38,9 +38,15 @@ from common.training.plan import RunPlan
 from common.training.spec import RunSpec, TrainState
 from common.training.weight_average import WeightAverage, averaged_epochs
 
-__all__ = ["RunRecord"]
+__all__ = ["RunRecord", "saving_words"]
 
 log = logging.getLogger(__name__)
+
+
+
+def saving_words(saving: float) -> str:
+    """A FLOPs saving (a fraction of the baseline's) in words: ``34.6% fewer FLOPs``, ``5.0% more FLOPs``."""
+    return f"{abs(saving):.1%} {'fewer' if saving >= 0 else 'more'} FLOPs"
 
 
 class _Pending:
@@ -486,6 +492,6 @@ class RunRecord:
             totals, saving = self.ledger.totals(), self.ledger.flops_saving()
             log.info("run complete: %d steps, %.3g training FLOPs, %.0f s training%s; model: %s",
                      totals["steps"], totals["train_flops"], totals["wall_seconds"],
-                     f", {saving:.1%} fewer FLOPs than {self.ledger.baseline['recipe']}" if saving is not None
-                     else "", self.run_dir / "model.safetensors")
+                     "" if saving is None else f", {saving_words(saving)} than {self.ledger.baseline['recipe']}",
+                     self.run_dir / "model.safetensors")
         self.state.phase = len(self.spec.phases)

@@ -78,3 +78,10 @@ def test_file_round_trip_keeps_the_layout_and_unknown_fields(tmp_path):
     assert again.to_dict() == data
     assert PhaseRecord.from_dict({"compression": "none"}).factor is None  # partial records (reports) load
     assert Ledger.read(tmp_path).totals() == ledger.totals()
+
+
+def test_a_run_longer_than_its_baseline_is_said_to_cost_more_not_minus_fewer():
+    from common.training.record import saving_words
+
+    assert saving_words(0.3458) == "34.6% fewer FLOPs"
+    assert saving_words(-5.006) == "500.6% more FLOPs"
