@@ -62,6 +62,7 @@ class Trainer(PhaseMachinery):
         self._end: PhaseEnd | None = None  # what may end the current phase (see _phase_end)
         self._stopped_by: int | None = None  # the signal that stopped this call (common.system.signals)
         self._window: dict = {}  # the open log window's loss sums on this rank, and "_n" (see RunRecord.log_window)
+        self._saved_at: tuple[int, int] | None = None  # (phase, total steps) of this call's last checkpoint
 
     # ------------------------------------------------------------------------------------- the run
     def run(self, stop_after: int | None = None) -> bool:
@@ -245,7 +246,10 @@ class Trainer(PhaseMachinery):
         """The phase's last step is done: checkpoint it as done, validate (unless a criterion just decided
         on this step's validation), export."""
         self.state.phase_done = True
-        self._save(engine, index, pending_eval=self._end.decision is None)
+        if self._saved_at != (index, self.state.total_steps):
+            self._save(engine, index, pending_eval=self._end.decision is None)
+        # else checkpointed at this step already (a save step whose validation ended the phase): the phase's close
+        # (RunRecord.close_phase) rewrites that checkpoint's state as done, instead of a second save of one tag
         self._complete_phase(engine.module, index, engine.lr_scheduler)
 
     def _complete_phase(self, model: nn.Module, index: int, scheduler) -> None:
@@ -300,6 +304,7 @@ class Trainer(PhaseMachinery):
     def _save(self, engine, index: int, pending_eval: bool = False) -> None:
         self._check_finite(index)  # nothing after a non-finite loss is ever saved
         self.record.save(engine, index, pending_eval, self._phase_end(index).saved_state(self.dist), self._window)
+        self._saved_at = (index, self.state.total_steps)
 
     def _validate(self, model: nn.Module, index: int, scheduler) -> None:
         """Validate, record, let the LR schedule react (plateau / multistep), and judge the phase's end."""

@@ -458,6 +458,31 @@ def test_the_loss_criterion_ends_a_phase_of_a_run_without_validation_set(tmp_pat
 
 
 
+
+@pytest.mark.slow
+def test_a_phase_a_criterion_ends_on_a_save_step_is_checkpointed_once(tmp_path, synth_corpus, monkeypatch):
+    """The step-4 checkpoint (save_every 2) is taken before the check that ends the phase there: the phase's
+    close marks that checkpoint done, where a second save of the same tag doubled the I/O and the disk headroom."""
+    from common.training.checkpoints import RunCheckpoints
+
+    saved, real = [], RunCheckpoints.save
+
+    def save(self, engine, tag, *args, **kwargs):
+        saved.append(tag)
+        return real(self, engine, tag, *args, **kwargs)
+
+    monkeypatch.setattr(RunCheckpoints, "save", save)
+    assert run(tmp_path / "r", synth_corpus, "data.valid=[]", "train.eval_every=1", "train.save_every=2",
+               "phases.0.until={criterion: loss, window: 1, patience: 1, threshold: 1.0, max: 10}",
+               steps=(8, 1)) == 0
+    data = ledger(tmp_path / "r")
+    assert [(p["steps"], p["ended_by"]) for p in data["phases"]] == [(4, "loss"), (1, "length")]
+    assert saved.count("phase01-step000000004") == 1 and len(saved) == len(set(saved)), saved
+    state = json.loads((tmp_path / "r" / "checkpoints" / "phase01-step000000004" / "trainer_state.json").read_text())
+    assert state["state"]["phase_done"] and state["state"]["phase_closed"] and not state["state"]["pending_eval"]
+    assert state["ledger"]["phases"][0]["ended_by"] == "loss"
+
+
 # per check: the mean loss over ranks, and (as each rank's deviation from it) its standard error
 MEANS, ERRORS = [2.0, 1.5, 1.4, 1.39], [0.0, 0.3, 0.05, 0.05]
 
