@@ -59,7 +59,7 @@ import torch
 from common.system.atomic import atomic_write_text
 from common.system.disk import NoSpace, free_bytes, out_of_space, tree_size
 
-__all__ = ["RunCheckpoints", "NoUsableCheckpoint", "UnsafeCheckpointFile", "make_tag", "capture_rng",
+__all__ = ["RunCheckpoints", "expected_size", "NoUsableCheckpoint", "UnsafeCheckpointFile", "make_tag", "capture_rng",
            "restore_rng", "safe_load", "weights_only_loads"]
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,22 @@ def _damage(folder: Path) -> str | None:
     return None
 
 
+def expected_size(engine, world_size: int = 1) -> int:
+    """At least how many bytes a checkpoint of ``engine`` holds, every rank's files together: the module's weights
+    and the optimiser's state (its tensors once it has them, every rank's partition under ZeRO; before its first
+    step, two moments per trained weight, as Adam keeps)."""
+    weights = sum(t.numel() * t.element_size() for t in engine.module.state_dict().values() if torch.is_tensor(t))
+    inner = getattr(engine, "optimizer", None)
+    while inner is not None and not isinstance(inner, torch.optim.Optimizer):  # DeepSpeed's wrappers hold it
+        inner = getattr(inner, "optimizer", None)
+    state = 0 if inner is None else sum(v.numel() * v.element_size() for s in inner.state.values()
+                                        for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+    sharded = getattr(engine, "zero_optimization_stage", lambda: 0)() > 0
+    if state:
+        return weights + state * (world_size if sharded else 1)
+    return weights + 2 * sum(p.numel() * 4 for p in engine.module.parameters() if p.requires_grad)
+
+
 class RunCheckpoints:
     """The training checkpoints of one run directory.
 
@@ -238,21 +254,31 @@ class RunCheckpoints:
         pointer = self.ckdir / LATEST
         return pointer.read_text().strip() if pointer.is_file() else None
 
-    def _ensure_space(self, tag: str) -> int | None:
-        """Refuse to start checkpoint ``tag`` where the newest one would not fit (collective; rank 0 measures).
-        Returns the bytes free before the save (None: unknown)."""
+    def _ensure_space(self, tag: str | None, engine) -> int | None:
+        """Refuse to start checkpoint ``tag`` where the newest one would not fit, or the first where what it will
+        hold (:func:`expected_size`) does not (collective; rank 0 measures). Returns the bytes free before the
+        save (None: unknown)."""
         free, problem = free_bytes(self.ckdir), None
         done = self._complete() if self.dist.is_main else []
-        if done:
-            needed = tree_size(done[-1])
-            if free is not None and free < needed:
-                problem = (needed, free, f"checkpoint {tag} needs about as much as {done[-1].name}; nothing of it "
-                           f"was written and {done[-1].name} is intact: free some space and run the same command to "
-                           f"resume")
+        if self.dist.is_main and free is not None:
+            if done and free < tree_size(done[-1]):
+                problem = (tree_size(done[-1]), free, f"checkpoint {tag} needs about as much as {done[-1].name}; "
+                           f"nothing of it was written and {done[-1].name} is intact: free some space and run the same "
+                           f"command to resume")
+            elif not done and free < expected_size(engine, self.dist.world_size):
+                problem = (expected_size(engine, self.dist.world_size), free,
+                           f"the run's first checkpoint{f' ({tag})' if tag else ''} needs at least its weights and "
+                           f"optimiser state: free some space (or name another --run-dir)")
         problem = self.dist.broadcast_object(problem)
         if problem is not None:
             raise NoSpace(self.ckdir, *problem)
         return free
+
+    def ensure_room(self, engine) -> None:
+        """Before a run trains: refuse where no checkpoint is published yet and the first would not fit (steps
+        trained up to a save that fails would be lost). Collective."""
+        if self.dist.broadcast_object(self.latest_tag() if self.dist.is_main else None) is None:
+            self._ensure_space(None, engine)
 
     def save(self, engine, tag: str, trainer_state: dict, rng_state: dict) -> None:
         """Save on every rank (collective); rank 0 publishes it and prunes to the newest ``keep``.
@@ -262,17 +288,18 @@ class RunCheckpoints:
                 than the free space); the checkpoints published before are intact.
         """
         tmp = self.ckdir / f"{TMP_PREFIX}{tag}"
-        free = self._ensure_space(tag)
+        free = self._ensure_space(tag, engine)
         try:
             engine.save_checkpoint(str(self.ckdir), tag=tmp.name, client_state={}, save_latest=False)
             torch.save(rng_state, tmp / f"rng_rank{self.dist.rank}.pt")
         except (OSError, RuntimeError) as err:
             if isinstance(err, NoSpace) or not out_of_space(err, self.ckdir):
                 raise
-            latest = self.latest_tag()
-            raise NoSpace(tmp, tree_size(tmp), free, (f"the last checkpoint {latest} is intact" if latest else
-                                                      "no checkpoint was published yet")
-                          + "; the partial checkpoint is removed at the next start", at_least=True) from err
+            latest, written = self.latest_tag(), tree_size(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)  # the disk is not left full (another rank's share: at the next start)
+            raise NoSpace(tmp, written, free, (f"the last checkpoint {latest} is intact" if latest else
+                                               "no checkpoint was published yet")
+                          + "; the partial checkpoint was removed", at_least=True) from err
         self.dist.barrier()
         # The files are the union of what every rank sees (on a shared file system one host's listing of another's
         # new files may lag; each rank sees its own), and every rank measures and hashes its share of them from the

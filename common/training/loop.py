@@ -111,6 +111,7 @@ class Trainer(PhaseMachinery):
                     log.info("initialised the encoder from %s", self.spec.meta.get("init", "the given weights"))
                 self._seed_rank(index)
             engine = self._engine(model, index, resume_tag)
+            record.checkpoints.ensure_room(engine)  # the first checkpoint fits, or nothing is trained to be lost
             if resume_tag is not None:  # mid-phase: weights, optimiser and schedule from the checkpoint
                 record.load(engine, resume_tag)
                 resume_tag = None

@@ -116,6 +116,7 @@ def test_a_full_disk_at_a_checkpoint_is_named_and_the_last_checkpoint_stays(tmp_
     line = one_error(capsys.readouterr().err)
     assert line.startswith(f"error: {ckdir / '.tmp-phase01-step000000003'}: no space left on device (more than ")
     assert "needed, " in line and " free)" in line and "the last checkpoint phase01-step000000002 is intact" in line
+    assert "the partial checkpoint was removed" in line and not list(ckdir.glob(".tmp-*"))  # the disk not left full
     assert (ckdir / "LATEST").read_text() == "phase01-step000000002"
     assert snapshot(ckdir / "phase01-step000000002") == kept and _damage(ckdir / "phase01-step000000002") is None
     # less free space than the last checkpoint takes: refused before anything of the next one is written
@@ -132,6 +133,14 @@ def test_a_full_disk_at_a_checkpoint_is_named_and_the_last_checkpoint_stays(tmp_
     assert pretrain(run_dir, synth_corpus) == 0
     ledger = json.loads((run_dir / "ledger.json").read_text())
     assert ledger["total"]["steps"] == 6 and (run_dir / "model.safetensors").is_file()
+    # a new run where its first checkpoint cannot fit: refused before a step is trained (which would be lost)
+    disk.free = 1000
+    other = tmp_path / "other"
+    assert pretrain(other, synth_corpus) == 1
+    line = one_error(capsys.readouterr().err)
+    assert line.startswith(f"error: {other / 'checkpoints'}: no space left on device (") and "1000 bytes free" in line
+    assert "the run's first checkpoint needs at least its weights and optimiser state" in line
+    assert not (other / "ledger.json").exists() and not list(other.glob("checkpoints/*"))
 
 
 def test_a_full_disk_during_an_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
@@ -190,7 +199,8 @@ mounts = pytest.mark.skipif(not _can_mount(), reason="needs `unshare -m` and mou
 @mounts
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_a_full_file_system_under_the_deepspeed_launcher(tmp_path, synth_corpus, ranks):
-    """A real tmpfs, first of 300 KiB: the first checkpoint fills it while DeepSpeed writes; then of 1000 KiB:
+    """A real tmpfs, first of 300 KiB: less than the first checkpoint's weights and optimiser state, refused before
+    a step is trained; then of 660 KiB: the first checkpoint fills it while DeepSpeed writes; then of 1000 KiB:
     the first checkpoint fits, the second is refused. Each time one line per rank at most and no traceback
     (the rank that hit the disk says it, the others that their peer stopped), no checkpoint is lost, and with
     space again the run resumes and finishes (at 2 ranks; the resume itself is not what differs at 3)."""
@@ -202,7 +212,7 @@ def test_a_full_file_system_under_the_deepspeed_launcher(tmp_path, synth_corpus,
             "--run-dir", str(run_dir), *tiny(synth_corpus, f"data.batch_size={4 * ranks}",  # 4 clips per rank
                                              "train.zero_stage=0")]  # the sizes above are stage-0 checkpoints
     command = " ".join(f"'{a}'" for a in argv)
-    stages = [("300k", "mid"), ("1000k", "full")] + ([("64m", "again")] if ranks == 2 else [])
+    stages = [("300k", "start"), ("660k", "mid"), ("1000k", "full")] + ([("64m", "again")] if ranks == 2 else [])
     script = f"mount -t tmpfs -o size=300k tmpfs {mnt} || exit 99\n"
     for size, name in stages:
         script += (f"mount -o remount,size={size} {mnt}\n{command} > {tmp_path}/{name}.out 2>&1; "
@@ -222,7 +232,16 @@ def test_a_full_file_system_under_the_deepspeed_launcher(tmp_path, synth_corpus,
         assert all(" another rank of the job stopped " in line for line in others), errors
         return [line for line in errors if line not in others]
 
-    # the first checkpoint does not fit: the rank writing when the disk filled says where and how much
+    # too small for any checkpoint (about 626 KiB of weights and Adam moments at least; 704 KiB written): refused
+    # before training, nothing written
+    lines = failed("start")
+    assert len(lines) >= 1 and all(f"{run_dir}/checkpoints: no space left on device (" in line and
+                                   "the run's first checkpoint needs at least its weights and optimiser state" in line
+                                   for line in lines), lines
+    start = tmp_path / "start_checkpoints"  # the copy of the run's checkpoints folder, if there was one
+    assert not start.exists() or not [p for p in start.iterdir() if p.name.startswith(("phase", ".tmp", "LATEST"))]
+    assert "step 1 (" not in (tmp_path / "start.out").read_text()
+    # the first checkpoint does not fit after all: the rank writing when the disk filled says where and how much
     lines = failed("mid")
     assert len(lines) >= 1 and all(f"{run_dir}/checkpoints/.tmp-phase01-step000000002: no space left on device "
                                    f"(more than " in line and "no checkpoint was published yet" in line
