@@ -47,6 +47,13 @@ def _root_logging():
 
 
 @pytest.fixture(autouse=True)
+def _clip_cache_without_reserve(monkeypatch):
+    """The disk clip cache leaves 10 % of its file system free (common.data.cache); a test machine whose disk is
+    fuller would otherwise cache nothing. The test of the reserve sets it again."""
+    monkeypatch.setattr("common.data.cache.RESERVE_MAX", 0)
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)

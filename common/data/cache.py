@@ -17,7 +17,10 @@ from it afterwards, so they stay exactly those of an uncached run).
   runs; a file is named by a hash of the recording, its source file (path, size, modification time),
   the cut's offset and duration and the rate, so an edited source is decoded again. Files are written
   atomically under random temporary names, so concurrent workers, ranks and hosts may share the folder. A
-  write that fails (a full disk, a quota) is said once and the run goes on decoding every clip.
+  write that fails (a full disk, a quota) is said once and the run goes on decoding every clip. The cache
+  stops growing while its file system has less than 10 % of its size (at most 50 GiB) free: the rest is
+  kept for checkpoints, and for the others on the disk. Temporaries of writers killed part-way are removed
+  when a process first writes next to them, once nothing has written them for an hour.
 
 Clips that cannot be decoded are never cached (they fail again, with their reason, every time).
 """
@@ -29,10 +32,13 @@ import json
 import logging
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
+
+from common.system.atomic import remove_orphans
 
 __all__ = ["CacheMode", "ClipCache", "DEFAULT_CACHE_DIR", "make_cache"]
 
@@ -40,6 +46,8 @@ log = logging.getLogger(__name__)
 
 CacheMode = Literal["none", "memory", "disk"]
 DEFAULT_CACHE_DIR = "~/.cache/coarse2fine/clips"
+RESERVE_FRACTION, RESERVE_MAX = 0.10, 50 * 2**30  # free space the cache leaves on its file system
+STALE_SECONDS = 3600  # a temporary nothing has written for this long belongs to a writer that was killed
 
 
 def _cut_key(cut, sample_rate: int, variant: str = "") -> str:
@@ -90,12 +98,13 @@ class ClipCache:
         self.hits = self.misses = 0
         self._full_warned = False
         self._write_failed = False
+        self._swept: set[str] = set()  # sub-folders this process cleared of stale temporaries
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
 
     def __getstate__(self) -> dict:  # a worker process gets the settings, not the parent's clips
         state = dict(self.__dict__)
-        state.update(clips={}, bytes=0)
+        state.update(clips={}, bytes=0, _swept=set())
         return state
 
     def load(self, cut, sample_rate: int, decode: Callable, variant: str = "") -> np.ndarray:
@@ -135,17 +144,38 @@ class ClipCache:
         """Keep a decoded clip on disk, atomically (a temporary name no other process or host can share). The cache
         only saves time: a write that fails (a full disk, a quota) leaves nothing behind, is said once, and the
         clips are decoded every time from then on; the run goes on."""
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # common.system.atomic.ORPHAN's names
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as handle:
+            if not self._room(wave.nbytes):
+                return
+            if path.parent.name not in self._swept:
+                self._swept.add(path.parent.name)
+                remove_orphans(path.parent, older_than=STALE_SECONDS)
+            with open(tmp, "xb") as handle:  # exclusive: a name another writer drew is never shared
                 np.save(handle, wave)
             os.replace(tmp, path)
+        except FileExistsError:
+            return  # the same clip's same temporary name drawn elsewhere (one in four billion): that writer keeps it
         except OSError as err:
             tmp.unlink(missing_ok=True)
             self._write_failed = True
             log.warning("clip cache: cannot write to %s (%s); clips are decoded every time from now on",
                         self.folder, os.strerror(err.errno) if err.errno else err)
+
+
+    def _room(self, nbytes: int) -> bool:
+        """Whether a clip of ``nbytes`` leaves the cache's file system its reserve free; once it does not, said once
+        and no clip is written from then on."""
+        usage = shutil.disk_usage(self.folder)
+        reserve = min(RESERVE_FRACTION * usage.total, RESERVE_MAX)
+        if usage.free - nbytes >= reserve:
+            return True
+        self._write_failed = True
+        log.warning("clip cache: %.1f GiB free under %s, the reserve the cache leaves (10 %% of the disk, at most "
+                    "50 GiB: checkpoints need room); clips not cached yet are decoded every time from now on",
+                    usage.free / 2**30, self.folder)
+        return False
 
 
 def make_cache(mode: CacheMode, folder: str | None = None) -> ClipCache | None:

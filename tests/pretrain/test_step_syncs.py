@@ -14,20 +14,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pretrain.mask_draws import MaskDraws, position_seed
 from pretrain.masking import sample_mask
-from tests.helpers import host_reads, run
+from tests.helpers import MASK_DRAWER, host_reads, package_reader, run
 
 pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
 
 ROOT = Path(__file__).resolve().parents[2]
-# The mask drawer works on the host's own tensors (CPU, a CPU generator: ``pretrain.masking``): its reads of them
-# (how many patches its clusters cover) wait for no device.
-DRAWER = str(ROOT / "pretrain" / "masking.py")
 
 
 def _in_drawer() -> bool:
     frame = sys._getframe(2)
     while frame is not None:
-        if frame.f_code.co_filename == DRAWER:
+        if frame.f_code.co_filename == MASK_DRAWER:
             return True
         frame = frame.f_back
     return False
@@ -59,7 +56,7 @@ def test_a_training_step_has_no_blocking_copy_and_no_host_read(tmp_path, synth_c
         inside["on"] = True
         mode = _ScalarReads()
         try:
-            with mode, host_reads(lambda path: path.startswith(str(ROOT)) and path != DRAWER) as reads:
+            with mode, host_reads(package_reader) as reads:
                 return real_step(self, *args, **kwargs)
         finally:
             inside["on"] = False

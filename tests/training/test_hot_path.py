@@ -14,9 +14,7 @@ import torch
 from common.data.cache import ClipCache
 from common.data.loader import ClipDataset, ClipLoader, DataConfig, load_clip, open_cuts
 from common.data.prefetch import background
-from tests.helpers import host_reads, poison_loss_at, run, weights
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import host_reads, package_reader, poison_loss_at, run, weights
 
 
 def test_a_non_finite_loss_is_caught_at_the_next_checkpoint_without_a_sync_per_step(tmp_path, synth_corpus,
@@ -56,7 +54,7 @@ def _count_host_reads_in_micro_steps(monkeypatch) -> dict:
 
     def micro_step(self, *args, **kwargs):
         counts["steps"] += 1
-        with host_reads(lambda path: path.startswith(str(ROOT))) as reads:
+        with host_reads(package_reader) as reads:
             try:
                 return real_step(self, *args, **kwargs)
             finally:
@@ -149,6 +147,37 @@ def test_a_disk_cache_that_cannot_write_is_said_once_and_the_clips_are_still_dec
     other.load(cuts[0], 16000, load_clip)
     ClipCache("disk", tmp_path / "c")._write(tmp_path / "c" / "x.npy", waves[0])
     assert len(set(saves[1:])) == 2 and all(".7." not in Path(name).name for name in saves[1:])
+
+
+def test_the_disk_cache_leaves_its_reserve_free_and_clears_stale_temporaries(tmp_path, synth_corpus, monkeypatch,
+                                                                             caplog):
+    """The cache stops growing while its file system has less than 10 % free (at most 50 GiB), said once; a
+    temporary a killed writer left is removed when a process first writes beside it, once an hour old."""
+    import os
+    from collections import namedtuple
+
+    import common.data.cache as cache_module
+
+    cuts = list(open_cuts([synth_corpus / "synth_valid.jsonl.gz"]))[:3]
+    monkeypatch.setattr(cache_module, "RESERVE_MAX", 50 * 2**30)
+    usage = namedtuple("usage", "total used free")
+    free = {"bytes": 10 * 2**30 + 2**20}
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: usage(100 * 2**30, 0, free["bytes"]))
+    cache = ClipCache("disk", tmp_path / "c")
+    key = cache_module._cut_key(cuts[0], 16000)
+    sub = tmp_path / "c" / key[:2]
+    sub.mkdir(parents=True)
+    stale, fresh = sub / ".old.npy.0123abcd.tmp", sub / ".new.npy.4567cdef.tmp"
+    for tmp in (stale, fresh):
+        tmp.write_bytes(b"partial")
+    os.utime(stale, (0, 0))
+    cache.load(cuts[0], 16000, load_clip)  # 10 GiB of 100 free after it: the reserve is met
+    assert (sub / f"{key}.npy").is_file() and not stale.exists() and fresh.exists()
+    free["bytes"] = 10 * 2**30  # a clip more would go below it: nothing more is written, said once; clips still load
+    waves = [cache.load(c, 16000, load_clip) for c in cuts[1:]]
+    assert all(np.array_equal(w, load_clip(c, 16000)) for w, c in zip(waves, cuts[1:]))
+    assert len(list((tmp_path / "c").rglob("*.npy"))) == 1
+    assert len([r for r in caplog.records if "the reserve the cache leaves" in r.getMessage()]) == 1
 
 
 def test_background_batches_keep_their_order_and_raise_where_the_producer_failed():
