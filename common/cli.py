@@ -248,7 +248,7 @@ def run_main(body: Callable[[], int]) -> int:
         print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
     except StoppedBySignal as stop:
-        log.info("%s", stop)
+        log_traceback(str(stop))  # train.log keeps it; the console gets it once, below
         print(f"{stop}", file=sys.stderr)
         return 128 + stop.signum
     except (RecipeError, FileNotFoundError, NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, RunDirBusy,

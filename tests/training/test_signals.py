@@ -45,6 +45,8 @@ def test_a_signal_checkpoints_and_the_same_command_resumes_exactly(tmp_path, syn
     assert run(run_dir, synth_corpus, "train.save_every=100") == 128 + signum
     err = capsys.readouterr().err
     assert f"stopped by {signal.Signals(signum).name} {where}" in err and "run the same command again" in err
+    assert err.count(f"stopped by {signal.Signals(signum).name}") == 1  # said once on the console ...
+    assert f"stopped by {signal.Signals(signum).name} {where}" in (run_dir / "train.log").read_text()  # ... kept there
     assert (run_dir / "checkpoints" / "LATEST").read_text() == tag
     assert signal.getsignal(signum) == before  # the handler is the run's only
     monkeypatch.undo()
