@@ -11,7 +11,10 @@ Processes the holder forked (data-loader workers) share its lock and outlive it 
 SIGKILL; a lock still held for a holder that has exited on this host is therefore waited for, briefly.
 
 ``flock`` works on local file systems and on NFS (Linux emulates it with NFS byte-range locks); on a
-file system without lock support the run goes on with a warning, unprotected.
+file system without lock support the run goes on with a warning, unprotected. On NFS the server releases the
+lock of a host that died when its lease ends (NFSv4), or when the host comes back (NFSv3): a lock whose host is
+gone for good is cleared by deleting the file (docs/pretraining.md). A ``local_lock=flock`` mount keeps locks
+per host, so hosts do not see each other's.
 """
 
 from __future__ import annotations
