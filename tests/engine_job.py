@@ -32,7 +32,7 @@ def main(job_file: str) -> int:
     from common.training.optim import OptimConfig, step_engine
     from common.training.spec import RunSpec, TrainConfig
     from pretrain.ssast import SSASTConfig, SSASTObjective
-    from tests.helpers import host_reads
+    from tests.helpers import MASK_DRAWER, host_reads
 
     job = json.loads(Path(job_file).read_text())
     dist = init_distributed()
@@ -53,7 +53,7 @@ def main(job_file: str) -> int:
         loss, _ = objective.train_step(engine, batch, trainer._frontend(0, objective.specaug),
                                        torch.Generator().manual_seed(dist.rank))
         probe = _probe(engine) if spec.optim.grad_clip and engine.zero_optimization_stage() == 0 else {}
-        with host_reads() as reads:
+        with host_reads(lambda path: path != MASK_DRAWER) as reads:  # the drawer's CPU reads: host work, in a thread
             engine.backward(loss)
             step_engine(engine)
         zero = engine._config.zero_config

@@ -218,7 +218,10 @@ def expected_size(engine, world_size: int = 1) -> int:
     """At least how many bytes a checkpoint of ``engine`` holds, every rank's files together: the module's weights
     and the optimiser's state (its tensors once it has them, every rank's partition under ZeRO; before its first
     step, two moments per trained weight, as Adam keeps)."""
-    weights = sum(t.numel() * t.element_size() for t in engine.module.state_dict().values() if torch.is_tensor(t))
+    module = getattr(engine, "module", None)
+    if module is None:  # not a DeepSpeed engine: nothing to estimate from
+        return 0
+    weights = sum(t.numel() * t.element_size() for t in module.state_dict().values() if torch.is_tensor(t))
     inner = getattr(engine, "optimizer", None)
     while inner is not None and not isinstance(inner, torch.optim.Optimizer):  # DeepSpeed's wrappers hold it
         inner = getattr(inner, "optimizer", None)
@@ -227,7 +230,7 @@ def expected_size(engine, world_size: int = 1) -> int:
     sharded = getattr(engine, "zero_optimization_stage", lambda: 0)() > 0
     if state:
         return weights + state * (world_size if sharded else 1)
-    return weights + 2 * sum(p.numel() * 4 for p in engine.module.parameters() if p.requires_grad)
+    return weights + 2 * sum(p.numel() * 4 for p in module.parameters() if p.requires_grad)
 
 
 class RunCheckpoints:
