@@ -359,6 +359,9 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
         if other:
             raise RecipeError(f"{recipe_path} is a pretraining recipe (its {other[0]}: section is pretraining's); run "
                               f"it with pretrain/run.py --recipe {recipe_path}")
+        if "task" in given and not isinstance(given["task"], dict):
+            raise RecipeError(f"task: expected a mapping of task fields (e.g. task: {{valid: [...]}}), got "
+                              f"{given['task']!r} (in {recipe_path}); the task itself is --task's")
 
     def assembled(own: dict) -> dict:  # the task's fields and the init over ``own`` defaults and the --recipe file
         data = merge(dict(own), given)
@@ -375,6 +378,7 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
         # (or auto: the one closest to the init, as for a task file): its own defaults give way to that recipe's,
         # but for its data section (the batch: a published recipe leaves it to the task, as to a task file)
         data, task_file = assembled({k: v for k, v in defaults.items() if k == "data"}), True
+    _check_sections(apply_overrides(data, overrides))
     if task_file:
         data, stated, followed, said = _task_file_data(task, data, overrides, init_weights, planning)
     else:
@@ -386,6 +390,16 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
         recipe = _apply_task_file_defaults(recipe, full, notes, stated, followed, said,
                                            "task file" if is_task_file(task) else "task")
     return recipe
+
+
+def _check_sections(data: dict) -> None:
+    """What a fine-tuning recipe cannot say, with ``--set`` applied: a task that is not a mapping of its fields, or a
+    ``data.balanced`` (the task says how it is sampled: ``task.balanced``)."""
+    if not isinstance(data.get("task"), dict):
+        raise RecipeError(f"task: expected a mapping of the task's fields (e.g. --set task.valid=[...]), got "
+                          f"{data.get('task')!r}")
+    if isinstance(data.get("data"), dict) and "balanced" in data["data"]:
+        raise RecipeError("data.balanced: a fine-tuning run samples as its task says; set task.balanced instead")
 
 
 def file_checks(recipe: FinetuneRecipe) -> list:

@@ -198,6 +198,8 @@ def fit_averaging(name: str, data: dict, stated: dict) -> list[str]:
     """Move recipe ``name``'s weight averaging in ``data`` (the merged recipe data) to the final phase's
     epochs where they differ from the recipe's, unless ``stated`` gives it; says what moved."""
     averaging = RECIPES[name].sections.get("train", {})
+    if not isinstance(data.get("train"), dict):  # `train: null` or a scalar: the recipe's build says what is wrong
+        return []
     train = stated.get("train") if isinstance(stated.get("train"), dict) else {}
     phases = data.get("phases")
     last = phases[-1] if isinstance(phases, list) and phases and isinstance(phases[-1], dict) else {}

@@ -10,6 +10,7 @@ restart.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from common.audio.compression import Compression
@@ -58,8 +59,8 @@ class PhaseConfig:
             raise ValueError(f"phase length must be >= 1, got {length}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"phase batch_size must be >= 1, got {self.batch_size}")
-        if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"phase lr must be positive, got {self.lr}")
+        if self.lr is not None and not 0 < self.lr < math.inf:  # also NaN
+            raise ValueError(f"phase lr must be positive and finite, got {self.lr}")
         if self.until is not None and not self.until.min <= length <= self.max_length:
             raise ValueError(f"until: the planned length ({length}) must lie within until.min ({self.until.min}) "
                              f"and until.max ({self.max_length})")

@@ -73,21 +73,21 @@ class OptimConfig:
     head_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:  # also NaN
+            raise ValueError(f"lr must be positive and finite, got {self.lr}")
         if self.warmup_steps < 0 or self.patience < 0 or self.decay_every < 1 or self.decay_start < 1:
             raise ValueError("warmup_steps and patience must be >= 0, decay_start and decay_every >= 1")
         if not 0 < self.decay <= 1:
             raise ValueError(f"decay must be in (0, 1], got {self.decay}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        if not 0 <= self.grad_clip < math.inf:  # NaN would clip nothing, silently
+            raise ValueError(f"grad_clip must be >= 0 and finite (0: no clipping), got {self.grad_clip}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must both be in [0, 1), got {list(self.betas)}")
         for name in ("weight_decay", "head_lr_scale", "min_lr"):
-            if not getattr(self, name) >= 0:  # also catches NaN
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:  # also catches NaN
+                raise ValueError(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
         if self.schedule == "piecewise" or self.piecewise:
             rounds = [r for r, _ in self.piecewise]
             if self.schedule != "piecewise":

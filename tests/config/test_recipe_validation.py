@@ -45,6 +45,7 @@ def broken(tmp_path_factory) -> Path:
     (d / "unknown_key_baseline.yaml").write_text(f"extends: {RECIPE}\nbaseline: null\nmodel: {{sise: tiny}}\n")
     (d / "baseline_missing.yaml").write_text(f"extends: {RECIPE}\nbaseline: nowhere_baseline.yaml\n")
     (d / "baseline_broken.yaml").write_text(f"extends: {RECIPE}\nbaseline: unknown_key_baseline.yaml\n")
+    (d / "task_scalar.yaml").write_text("task: vggsound\nphases: [{compression: none, epochs: 2}]\n")
     return d
 
 
@@ -196,6 +197,17 @@ FINETUNE_CASES = [
     ("task file: bad model value", "model: {drop_path_rate: 2}\n", None, [], "model.drop_path_rate"),
     ("task file: norm next to it missing", "norm: stats/mine.stats.json\n", None, [], "task.norm"),
     ("task file: batch above its clips", "", None, ["data.batch_size=4000"], "data.batch_size"),
+    ("task null", None, None, ["task=null"], "task: expected a mapping of the task's fields"),
+    ("task a number", None, None, ["task=3"], "task: expected a mapping of the task's fields"),
+    ("task file: task null", "epochs: 2\n", None, ["task=null"], "task: expected a mapping of the task's fields"),
+    ("recipe: task not a mapping", None, "task_scalar.yaml", [], "task_scalar.yaml); the task itself is --task's"),
+    ("task file: train null where averaging moves", "metric: mAP\nepochs: 10\n", None, ["train=null"], "train"),
+    ("data.balanced (the task's)", None, None, ["data.balanced=true"], "set task.balanced instead"),
+    ("lr NaN", None, None, ["optim.lr=.nan"], "optim.lr"),
+    ("lr infinite", None, None, ["optim.lr=.inf"], "optim.lr"),
+    ("grad_clip NaN", None, None, ["optim.grad_clip=.nan"], "optim.grad_clip"),
+    ("weight_decay infinite", None, None, ["optim.weight_decay=.inf"], "optim.weight_decay"),
+    ("phase lr NaN", None, None, ["phases=[{{compression: none, epochs: 2, lr: .nan}}]"], "phases.0"),
 ]
 
 
