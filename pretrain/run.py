@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             print(format_plan(run, stated_batch(load_yaml(args.recipe)), args.recipe.name,
                               notes=[*_baseline_notes(recipe, baseline, args.overrides), *clip_lines(recipe),
                                      *init_lines],
-                              cautions=[caution] if caution else [], missing=[*missing_init, *problems(run.checks)]))
+                              cautions=[*([caution] if caution else []), *run.warmup_cautions(recipe.optim.warmup_steps)],
+                              missing=[*missing_init, *problems(run.checks)]))
             return 0
         from common.training.loop import Trainer
         from common.training.spec import RunSpec
@@ -207,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.init is not None and start is None:
                 log.info("--init %s is not read: the run resumes from its checkpoints (%s)", args.init,
                          _started_from(run_dir))
-            if caution:
-                log.warning("%s", caution)
+            for warning in [*([caution] if caution else []), *run.warmup_cautions(recipe.optim.warmup_steps)]:
+                log.warning("%s", warning)
             if run.baseline is not None:
                 log.info("FLOPs saving is measured against %s planned with this run's geometry and batch: %.4g",
                          run.baseline.name, run.baseline.ledger_fields()["train_flops"])

@@ -50,6 +50,18 @@ def test_dry_run_prints_the_plan_and_the_saving(capsys):
     assert "saving 34.6%" in out  # the paper's SSAST row: 34.58 %
 
 
+def test_a_phase_that_ends_inside_its_warm_up_is_named_in_the_plan(capsys):
+    """The warm-up starts again with each phase (the paper resets the optimiser and schedule): a 50-step phase under
+    a 100-step warm-up never trains at the recipe's learning rate; the plan says which phase, the shipped recipes
+    do not."""
+    assert main(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--dry-run",
+                 "--set", "optim.warmup_steps=100"]) == 0
+    warned = [line for line in capsys.readouterr().out.splitlines() if "learning-rate warm-up" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: phases.0 (phase1 (fshift x4)): its 50 steps end")
+    assert main(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--dry-run"]) == 0
+    assert "learning-rate warm-up" not in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_two_phase_run(tmp_path, synth_corpus):
     run_dir = tmp_path / "run"
