@@ -373,7 +373,7 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
 
     data = assembled(defaults)
     task_file = is_task_file(task)
-    if not task_file and "defaults" in apply_overrides(data, overrides):
+    if not task_file and apply_overrides(data, overrides).get("defaults") is not None:
         # a registered task follows its own published recipe (finetune/tasks.py) unless defaults: names another
         # (or auto: the one closest to the init, as for a task file): its own defaults give way to that recipe's,
         # but for its data section (the batch: a published recipe leaves it to the task, as to a task file)
@@ -383,6 +383,7 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
         data, stated, followed, said = _task_file_data(task, data, overrides, init_weights, planning)
     else:
         data = apply_overrides(data, overrides)
+        data.pop("defaults", None)  # `--set defaults=null`: the task's own recipe, as without it
     name = baseline_name(recipe_path) if recipe_path is not None else f"{data['task'].get('name', task)}-baseline"
     full, (data, derived) = data, apply_coarse(data, name, coarse)
     recipe = build_derived(FinetuneRecipe, data, derived)

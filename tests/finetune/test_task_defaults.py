@@ -202,6 +202,7 @@ def test_a_registered_task_follows_another_published_recipe_when_defaults_names_
     assert (chosen.optim.lr, chosen.phases[0].epochs, chosen.augment.noise) == \
         (own.optim.lr, own.phases[0].epochs, own.augment.noise) == (1e-4, 50, True)
     assert load_recipe("esc50", overrides=["defaults=package"]).optim.schedule == "plateau"
+    assert load_recipe("synth", overrides=["defaults=null"]) == load_recipe("synth")  # null: its own, not auto
     assert load_recipe("esc50", overrides=["defaults=ast_esc50_audioset", "optim.lr=2e-5"]).optim.lr == 2e-5
     with pytest.raises(RecipeError, match="defaults: expected auto"):
         load_recipe("esc50", overrides=["defaults=ast"])
