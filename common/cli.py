@@ -48,13 +48,15 @@ def _steps(text: str) -> int:
     return value
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, default_run_dir: str) -> None:
-    """The training commands' shared options; ``default_run_dir``: what ``--run-dir`` defaults to, in words."""
+def add_run_arguments(parser: argparse.ArgumentParser, default_run_dir: str, phase_length: str = "steps") -> None:
+    """The training commands' shared options; ``default_run_dir``: what ``--run-dir`` defaults to, in words;
+    ``phase_length``: what the command's phases count (``steps`` or ``epochs``, for the ``--set`` example)."""
     parser.add_argument("--run-dir", type=Path, default=None,
                         help=f"where checkpoints, logs, exports and the ledger go (default: {default_run_dir}); "
                              "running again on an existing run directory resumes it")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe field, e.g. --set optim.lr=5e-5 --set phases.0.steps=1000 (repeatable)")
+                        help=f"override a recipe field, e.g. --set optim.lr=5e-5 --set phases.0.{phase_length}="
+                             f"{1000 if phase_length == 'steps' else 5} (repeatable)")
     parser.add_argument("--stop-after-steps", type=_steps, default=None, metavar="N",
                         help="checkpoint and exit after N optimiser steps in this invocation (run again to resume)")
     parser.add_argument("--restart", action="store_true",

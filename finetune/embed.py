@@ -424,9 +424,9 @@ def embed_files(init: str | os.PathLike | Embedder, inputs: Sequence[str | os.Pa
 
     if fmt not in FORMATS:
         raise ValueError(f"--format: choose one of {', '.join(FORMATS)}, got {fmt!r}")
-    for name, value in (("--batch-size", batch_size), ("--shard-size", shard_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+    for name, value, least in (("--batch-size", batch_size, 1), ("--shard-size", shard_size, 1), ("--workers", workers, 0)):
+        if value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
     if not inputs:
         raise ValueError("--inputs: give audio files, folders or manifests")
     clips, total = list_clips(inputs)

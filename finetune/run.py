@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --init a Hugging Face ASTForAudioClassification directory: start from its "
                              "classifier head (the task's classes must equal its labels; needs --set head.pool=prefix)")
     add_run_arguments(parser, "runs/finetune/<task>-<recipe name, or baseline without --recipe>, with "
-                              "-<method><C> (e.g. -fshift4) after --coarse")
+                              "-<method><C> (e.g. -fshift4) after --coarse", phase_length="epochs")
     return parser
 
 

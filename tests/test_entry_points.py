@@ -175,6 +175,9 @@ def test_bad_input_to_a_command_ends_in_one_line_with_exit_status_2_before_any_c
         corpora(["stats", str(clip), "--target-frames", "0"])
     assert exit_info.value.code == 2
     assert "argument --target-frames: a whole number above 0, got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        corpora(["stats", str(clip), "--workers", "-1"])
+    assert exit_info.value.code == 2 and "argument --workers: a whole number >= 0, got '-1'" in capsys.readouterr().err
     assert taken.read_text() == "mine\n"
     dangling = tmp_path / "gone"
     dangling.symlink_to(tmp_path / "scratch" / "out")  # a link to a folder on a disk that is not there
@@ -192,3 +195,21 @@ def test_bad_input_to_a_command_ends_in_one_line_with_exit_status_2_before_any_c
     assert probe(["--init", nowhere, "--task", "synth", "--out", str(taken / "probe.json")]) == 2
     assert one_error(capsys.readouterr().err) == f"error: --out {taken / 'probe.json'}: the folder {taken} is a file, " \
                                                  f"not a folder; name a new folder or an existing one"
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_the_set_examples_of_a_commands_help_work_on_it(command, capsys):
+    """`--help` shows `--set` with a phase length the command's phases count (fine-tuning's are epochs: the
+    pretraining example, phases.0.steps, is refused there)."""
+    from finetune.run import build_parser as finetune_parser
+    from finetune.run import main as finetune_main
+    from pretrain.run import build_parser as pretrain_parser
+    from pretrain.run import main as pretrain_main
+
+    parser, main, base = {
+        "pretrain": (pretrain_parser, pretrain_main, ["--recipe", str(Path(__file__).resolve().parents[1] / "recipes" / "synth_pretrain.yaml")]),
+        "finetune": (finetune_parser, finetune_main, ["--init", "none", "--task", "synth"]),
+    }[command]
+    examples = re.findall(r"--set ([a-z_][\w.]*=[^\s\])]+)", " ".join(parser().format_help().split()))
+    assert len(examples) >= 2, examples
+    assert main([*base, "--dry-run", *(a for e in examples for a in ("--set", e))]) == 0, capsys.readouterr().err

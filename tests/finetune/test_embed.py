@@ -258,7 +258,8 @@ def test_bad_settings_end_in_one_line_naming_them(tmp_path, capsys):
     for extra, message in ((["--pool", "none"], "--pool none writes no clip embedding"),
                            (["--layer", "0"], "--layer: block numbers are 1-based"),
                            (["--layer", "3"], "--layer 3: this encoder has 2 blocks"),
-                           (["--batch-size", "0"], "--batch-size must be at least 1")):
+                           (["--batch-size", "0"], "--batch-size must be at least 1"),
+                           (["--workers", "-1"], "--workers must be at least 0")):
         assert main([*base, *extra]) != 0
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and message in err[-1], err

@@ -30,6 +30,17 @@ def _count(text: str) -> int:
     return value
 
 
+def _count_or_none(text: str) -> int:
+    """A whole number >= 0 (0: none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a whole number >= 0, got {text!r}")
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m common.data.corpora",
@@ -63,7 +74,7 @@ def _build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--max-clips", type=_count, default=None,
                        help="use at most this many clips (the first ones; default: all)")
     stats.add_argument("--num-mel-bins", type=_count, default=128, help="mel bins of the fbank (default 128)")
-    stats.add_argument("--workers", type=int, default=2,
+    stats.add_argument("--workers", type=_count_or_none, default=2,
                        help="decoding worker processes (default 2; 0: decode in this process)")
 
     shar = sub.add_parser("shar", help="export a manifest and its audio as Lhotse Shar shards",
