@@ -195,6 +195,8 @@ def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     """Read a recipe file. ``extends: other.yaml`` (relative to the file) starts from another recipe:
     mappings are merged key by key, everything else (lists included) is replaced."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a folder; name a recipe file (.yaml)")
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
     try:

@@ -185,6 +185,7 @@ FINETUNE_CASES = [
     ("manifests in the data section", None, None, ["data.valid=[x.jsonl.gz]"], "data.train / data.valid"),
     ("recipe: extends a missing file", None, "extends_missing.yaml", [], "extends_missing.yaml: extends nowhere"),
     ("recipe: invalid YAML", None, "broken.yaml", [], "broken.yaml: not valid YAML"),
+    ("recipe: a folder", None, ".", [], "is a folder; name a recipe file"),
     ("task file: epochs abc", "epochs: abc\n", None, [], "epochs: expected a whole number"),
     ("task file: epochs 2.7", "epochs: 2.7\n", None, [], "got 2.7"),
     ("task file: epochs 0", "epochs: 0\n", None, [], "epochs: expected a whole number"),
