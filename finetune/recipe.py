@@ -19,7 +19,7 @@ from typing import Literal, Sequence
 
 from common.audio.fbank import NORM_STATS
 from common.audio.pipeline import AudioConfig
-from common.config.recipe import RecipeError, apply_overrides, load_yaml, merge
+from common.config.recipe import RecipeError, apply_overrides, load_yaml, merge, recipe_files, with_source
 from common.data.loader import DataConfig
 from common.data.preflight import check_classes, check_labels, check_manifest, check_norm, count_clips
 from common.models.spec import ModelSpec
@@ -386,11 +386,29 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
         data.pop("defaults", None)  # `--set defaults=null`: the task's own recipe, as without it
     name = baseline_name(recipe_path) if recipe_path is not None else f"{data['task'].get('name', task)}-baseline"
     full, (data, derived) = data, apply_coarse(data, name, coarse)
-    recipe = build_derived(FinetuneRecipe, data, derived)
+    try:
+        recipe = build_derived(FinetuneRecipe, data, derived)
+    except RecipeError as err:  # the key named, and where its value was written: --set, --recipe, the task file
+        files = [*(recipe_files(recipe_path) if recipe_path is not None else []),
+                 *([(task, _as_recipe(task))] if is_task_file(task) else [])]
+        raise with_source(err, overrides, files) from None
     if task_file:
         recipe = _apply_task_file_defaults(recipe, full, notes, stated, followed, said,
                                            "task file" if is_task_file(task) else "task")
     return recipe
+
+
+def _as_recipe(task: str) -> dict:
+    """What a task file writes, laid out as a recipe (the flat layout's fields under ``task``, ``epochs`` as the
+    phases), for naming it in an error about one of its keys."""
+    data = {k: v for path, part in reversed(recipe_files(task)) for k, v in part.items()}  # its extends: under it
+    if isinstance(data.get("task"), dict):
+        return data
+    sections = {k: data.pop(k) for k in RECIPE_SECTIONS if k in data and k != "train"}
+    if "epochs" in data:
+        sections["phases"] = [{"epochs": data.pop("epochs")}]
+    data.pop("defaults", None)
+    return {**sections, "task": data}
 
 
 def _check_sections(data: dict) -> None:

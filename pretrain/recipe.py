@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from common.audio.pipeline import AudioConfig
-from common.config.recipe import RecipeError, apply_overrides, load_yaml
+from common.config.recipe import RecipeError, apply_overrides, load_yaml, recipe_files, with_source
 from common.data.loader import DataConfig
 from common.models.arch import architecture_for, geometries
 from common.models.ast.encoder import EncoderConfig
@@ -93,7 +93,10 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), coarse: str | N
         raise RecipeError(f"{path} reads as a fine-tuning recipe ({why}); run it with finetune/run.py --task NAME "
                           f"--recipe {path}, or give a pretraining recipe its data.train manifests")
     data, derived = apply_coarse(apply_overrides(given, overrides), baseline_name(path), coarse)
-    recipe = build_derived(PretrainRecipe, data, derived)
+    try:
+        recipe = build_derived(PretrainRecipe, data, derived)
+    except RecipeError as err:  # the key named, and where its value was written
+        raise with_source(err, overrides, recipe_files(path)) from None
     if recipe.baseline is not None:
         baseline = Path(recipe.baseline)
         if not baseline.is_absolute() and not baseline.exists():

@@ -24,6 +24,7 @@ import yaml
 from common.system.atomic import atomic_write_text
 
 __all__ = ["RecipeError", "RecipeLoader", "parse_yaml", "build", "to_dict", "merge", "load_yaml", "apply_overrides",
+           "recipe_files", "with_source",
            "dump_yaml"]
 
 
@@ -224,6 +225,55 @@ def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
         raise RecipeError(message if message.startswith(f"{path}:") else f"{path}: extends {parent}: {message}") \
             from None
     return merge(base, data)
+
+
+def recipe_files(path: str | Path) -> list[tuple[str, dict]]:
+    """The files recipe ``path`` reads, itself first, then the recipes it ``extends`` (nearest first), each with
+    what it writes itself: where :func:`with_source` looks a key up. Read after :func:`load_yaml` succeeded."""
+    files, path = [], Path(path)
+    while path.is_file() and len(files) < 64:
+        data = parse_yaml(path.read_text())
+        if not isinstance(data, dict):
+            break
+        parent = data.pop("extends", None)
+        files.append((str(path), data))
+        if not isinstance(parent, str) or not parent:
+            break
+        path = (path.parent / parent).resolve()
+    return files
+
+
+_KEY = re.compile(r"([A-Za-z_]\w*(?:\.\w+)*)[: ]")  # the dotted key a recipe error starts with
+
+
+def with_source(err: RecipeError, overrides: Sequence[str], files: Sequence[tuple[str, dict]]) -> RecipeError:
+    """``err`` with where the value of the key it names was written: ``(--set KEY=VALUE)`` when an override writes
+    it (or a section above it, or a key inside it), else ``(in FILE)``, the first of ``files`` (label, data: the
+    one that wins first) that writes it; as it is when the message names no key or the key kept its default."""
+    match = _KEY.match(str(err))
+    if match is None:
+        return err
+    key = match.group(1)
+    for item in reversed(list(overrides)):  # the last --set wins
+        given = item.split("=", 1)[0].strip()
+        if given == key or key.startswith(given + ".") or given.startswith(key + "."):
+            return RecipeError(f"{err} (--set {item})")
+    for label, data in files:
+        if _writes(data, key.split(".")):
+            return RecipeError(f"{err} (in {label})")
+    return err
+
+
+def _writes(data: Any, parts: list[str]) -> bool:
+    node = data
+    for part in parts:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:

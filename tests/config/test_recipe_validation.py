@@ -296,3 +296,33 @@ def test_a_recipe_of_the_other_kind_is_named_as_such(tmp_path, capsys):
         f"error: {recipes / 'synth_pretrain.yaml'} is a pretraining recipe (its audio: section is pretraining's); run "
         f"it with pretrain/run.py --recipe")
     assert not (tmp_path / "p").exists() and not (tmp_path / "f").exists()
+
+
+def test_a_bad_value_is_named_with_where_it_was_written(tmp_path, synth_corpus, ft_data, capsys):
+    """A fine-tuning value can come from the task file, the --recipe file (or one it extends) or --set: the error
+    names the key and that source."""
+    from finetune.run import main as finetune
+    from pretrain.recipe import load_recipe
+
+    parent = tmp_path / "parent.yaml"
+    parent.write_text(f"extends: {RECIPE}\noptim: {{lrr: 1.0e-3}}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: parent.yaml\nmodel: {depth: 2}\n")
+    with pytest.raises(RecipeError, match=r"^optim.lrr: unknown key .*\(in .*parent.yaml\)$"):
+        load_recipe(child)
+    with pytest.raises(RecipeError, match=r"^optim.lr must be positive and finite, got -1.0 \(--set optim.lr=-1\)$"):
+        load_recipe(RECIPE, ["optim.lr=-1"])
+    with pytest.raises(RecipeError, match=r"^model.depth must be >= 1, got 0 \(--set model={depth: 0}\)$"):
+        load_recipe(RECIPE, ["model={depth: 0}"])  # a section set whole: the key inside it came from there
+    task = _task_file(tmp_path, synth_corpus, "optim: {lr: -1}\n")
+    base = ["--init", "none", "--data-root", str(ft_data), "--run-dir", str(tmp_path / "run"), *sets(*TINY_FT)]
+    assert finetune([*base, "--task", task]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"optim.lr must be positive and finite, got -1.0 (in {task})")
+    ft_recipe = tmp_path / "ft.yaml"
+    ft_recipe.write_text("optim: {lr: -2}\n")
+    assert finetune([*base, "--task", task, "--recipe", str(ft_recipe)]) == 2  # the recipe file wins the task file
+    assert capsys.readouterr().err.strip().endswith(f"got -2.0 (in {ft_recipe})")
+    assert finetune([*base, "--task", task, "--recipe", str(ft_recipe), "--set", "optim.lr=-3"]) == 2
+    assert capsys.readouterr().err.strip().endswith("got -3.0 (--set optim.lr=-3)")
+    assert finetune([*base, "--task", "synth", "--set", "model.drop_path_rate=2"]) == 2
+    assert "(--set model.drop_path_rate=2)" in capsys.readouterr().err
