@@ -73,7 +73,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_run_dir: str, pha
     parser.add_argument("--coarse", metavar="METHOD:C[:SHARE]", default=None,
                         help="derive the paper's coarse-to-fine schedule from this full-resolution recipe: SHARE of "
                              "its length at compression C, then full resolution (e.g. fshift:4, fshift:4,2 for "
-                             "4->2->1, avgpool:2:0.3); the recipe is recorded as the baseline (common/phases/coarse.py)")
+                             "4->2->1, avgpool:2:0.3; SHARE by default: 1/8 then 5/8 full for step-based recipes, "
+                             "the paper's SSAST schedule, and 0.25 (0.30 with several factors) of the epochs for "
+                             "epoch-based ones); the recipe is recorded as the baseline (common/phases/coarse.py)")
     # the deepspeed launcher passes --local_rank=N before the script's own arguments
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 

@@ -56,12 +56,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--csv", type=Path, default=None, help="CSV with columns path,label[,split]")
     parser.add_argument("--unlabeled", type=Path, default=None,
                         help="folder of unlabeled audio, or a text file listing one path per line")
-    parser.add_argument("--name", default="custom", help="corpus name, the prefix of the manifests")
+    parser.add_argument("--name", default="custom", help="corpus name, the prefix of the manifests (default custom)")
     parser.add_argument("--valid-fraction", type=float, default=0.0,
-                        help="share of clips without a split that go to valid")
+                        help="share of clips without a split that go to valid (default 0)")
     parser.add_argument("--test-fraction", type=float, default=0.0,
-                        help="share of clips without a split that go to test")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the valid/test carve-out")
+                        help="share of clips without a split that go to test (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the valid/test carve-out (default 0)")
 
 
 def _skipped(name: str) -> bool:
