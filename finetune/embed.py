@@ -424,7 +424,8 @@ def embed_files(init: str | os.PathLike | Embedder, inputs: Sequence[str | os.Pa
 
     if fmt not in FORMATS:
         raise ValueError(f"--format: choose one of {', '.join(FORMATS)}, got {fmt!r}")
-    for name, value, least in (("--batch-size", batch_size, 1), ("--shard-size", shard_size, 1), ("--workers", workers, 0)):
+    for name, value, least in (("--batch-size", batch_size, 1), ("--shard-size", shard_size, 1),
+                               ("--workers", workers, 0)):
         if value < least:
             raise ValueError(f"{name} must be at least {least}, got {value}")
     if not inputs:

@@ -412,12 +412,13 @@ def _as_recipe(task: str) -> dict:
 
 
 def _check_sections(data: dict) -> None:
-    """What a fine-tuning recipe cannot say, with ``--set`` applied: a task that is not a mapping of its fields, or a
-    ``data.balanced`` (the task says how it is sampled: ``task.balanced``)."""
+    """What a fine-tuning recipe cannot say, with ``--set`` applied: a task that is not a mapping of its fields, or
+    ``data.balanced: true`` (the task says how it is sampled: ``task.balanced``; the ``false`` of a run's resolved
+    recipe.yaml, the default, says nothing)."""
     if not isinstance(data.get("task"), dict):
         raise RecipeError(f"task: expected a mapping of the task's fields (e.g. --set task.valid=[...]), got "
                           f"{data.get('task')!r}")
-    if isinstance(data.get("data"), dict) and "balanced" in data["data"]:
+    if isinstance(data.get("data"), dict) and data["data"].get("balanced") not in (None, False):
         raise RecipeError("data.balanced: a fine-tuning run samples as its task says; set task.balanced instead")
 
 

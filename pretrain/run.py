@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             print(format_plan(run, stated_batch(load_yaml(args.recipe)), args.recipe.name,
                               notes=[*_baseline_notes(recipe, baseline, args.overrides), *clip_lines(recipe),
                                      *init_lines],
-                              cautions=[*([caution] if caution else []), *run.warmup_cautions(recipe.optim.warmup_steps)],
+                              cautions=[*([caution] if caution else []),
+                                        *run.warmup_cautions(recipe.optim.warmup_steps)],
                               missing=[*missing_init, *problems(run.checks)]))
             return 0
         from common.training.loop import Trainer

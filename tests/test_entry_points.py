@@ -206,8 +206,9 @@ def test_the_set_examples_of_a_commands_help_work_on_it(command, capsys):
     from pretrain.run import build_parser as pretrain_parser
     from pretrain.run import main as pretrain_main
 
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "synth_pretrain.yaml"
     parser, main, base = {
-        "pretrain": (pretrain_parser, pretrain_main, ["--recipe", str(Path(__file__).resolve().parents[1] / "recipes" / "synth_pretrain.yaml")]),
+        "pretrain": (pretrain_parser, pretrain_main, ["--recipe", str(recipe)]),
         "finetune": (finetune_parser, finetune_main, ["--init", "none", "--task", "synth"]),
     }[command]
     examples = re.findall(r"--set ([a-z_][\w.]*=[^\s\])]+)", " ".join(parser().format_help().split()))

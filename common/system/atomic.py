@@ -24,8 +24,9 @@ from common.system.disk import NoSpace, ensure_space, free_bytes, out_of_space
 
 __all__ = ["atomic_path", "atomic_write_text", "atomic_copy", "file_mode", "remove_orphans", "ORPHAN"]
 
-# the temporary files atomic_path makes (mkstemp's 8 characters in earlier versions, 8 hex digits now)
-ORPHAN = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+# the temporary files atomic_path and the clip cache make (mkstemp's 8 characters in earlier versions, 8 hex digits
+# now; the clip cache's were 16 hex digits before)
+ORPHAN = re.compile(r"\..+\.(?:[a-z0-9_]{8}|[0-9a-f]{16})\.tmp")
 
 
 def file_mode() -> int:

@@ -265,7 +265,8 @@ class RunCheckpoints:
         done = self._complete() if self.dist.is_main else []
         if self.dist.is_main and free is not None:
             if done and free < tree_size(done[-1]):
-                problem = (tree_size(done[-1]), free, f"checkpoint {tag} needs about as much as {done[-1].name}; "
+                which = f"checkpoint {tag}" if tag else "the next checkpoint"
+                problem = (tree_size(done[-1]), free, f"{which} needs about as much as {done[-1].name}; "
                            f"nothing of it was written and {done[-1].name} is intact: free some space and run the same "
                            f"command to resume")
             elif not done and free < expected_size(engine, self.dist.world_size):
@@ -299,7 +300,7 @@ class RunCheckpoints:
             if isinstance(err, NoSpace) or not out_of_space(err, self.ckdir):
                 raise
             latest, written = self.latest_tag(), tree_size(tmp)
-            shutil.rmtree(tmp, ignore_errors=True)  # the disk is not left full (another rank's share: at the next start)
+            shutil.rmtree(tmp, ignore_errors=True)  # the disk not left full (another rank's share: at the next start)
             raise NoSpace(tmp, written, free, (f"the last checkpoint {latest} is intact" if latest else
                                                "no checkpoint was published yet")
                           + "; the partial checkpoint was removed", at_least=True) from err

@@ -110,7 +110,10 @@ class PhaseRecord:
         return out
 
     def trained_on(self, device: str, ranks: int) -> None:
-        """A launch trains the phase on ``ranks`` devices named ``device``."""
+        """A launch trains the phase on ``ranks`` devices named ``device`` (call before :meth:`set_batch`: a phase
+        from a ledger written before ``hardware`` existed says its last launch's by ``device`` and ``world_size``)."""
+        if self.hardware is None and self.device and self.world_size:
+            self.hardware = [[self.device, int(self.world_size)]]
         self.device = self.device or device
         if [device, ranks] not in (self.hardware or []):
             self.hardware = [*(self.hardware or []), [device, ranks]]

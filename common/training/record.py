@@ -112,7 +112,8 @@ class RunRecord:
         taken within a phase (the engine loads it, :meth:`load`), ``(None, None)`` without a checkpoint.
         """
         tag = self.checkpoints.find_resume()
-        if tag is None:
+        if tag is None:  # from step 0: what a launch that stopped before its first checkpoint logged is hidden
+            self.scalars.resumed_at(-1)
             return None, None
         # rank 0's reading for every rank: the file can be rewritten in place (a phase's close, RunCheckpoints.restate)
         # and another host's cached view of it may lag
@@ -259,9 +260,9 @@ class RunRecord:
         estimate = self.objective.memory_estimate(cfg, split.per_rank, **training_setting(
             self.spec.train.precision, self.zero_stage, self.dist.world_size, self.device))
         record.memory_estimate_bytes = estimate.total
-        record.set_batch(split)  # this launch's split (a resume on other ranks records its own)
         record.trained_on(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type,
-                          split.world_size)
+                          split.world_size)  # before set_batch: a ledger older than `hardware` holds the last ranks
+        record.set_batch(split)  # this launch's split (a resume on other ranks records its own)
         self._memory.reset()
         self.pending.restart_clock()
         log.info("%s: %s, %s tokens per clip (grid %dx%d), %.3g GFLOPs per training sample, batch %s; memory "

@@ -278,3 +278,17 @@ def test_another_schedule_stated_drops_the_recipes_table(tmp_path, synth_corpus)
     stated = load_recipe(task_file(tmp_path, synth_corpus, 300, "model: {arch: htsat}\n"),
                          overrides=["data.batch_size=4", "optim.schedule=piecewise"])
     assert stated.optim.piecewise  # the same schedule stated: the recipe's table stays
+
+
+
+def test_a_runs_resolved_recipe_yaml_loads_again_as_its_recipe(tmp_path):
+    """RUN/recipe.yaml is the whole resolved recipe (data.balanced: false among its defaults): given back as
+    --recipe it plans the same run; only a data.balanced: true is refused (the task says how it is sampled)."""
+    from common.config.recipe import RecipeError, dump_yaml
+
+    for task in ("esc50", "audioset"):
+        recipe = load_recipe(task)
+        dump_yaml(recipe, tmp_path / f"{task}.yaml")
+        assert load_recipe(task, tmp_path / f"{task}.yaml") == recipe
+    with pytest.raises(RecipeError, match="data.balanced: a fine-tuning run samples as its task says"):
+        load_recipe("esc50", overrides=["data.balanced=true"])

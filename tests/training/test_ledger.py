@@ -85,3 +85,19 @@ def test_a_run_longer_than_its_baseline_is_said_to_cost_more_not_minus_fewer():
 
     assert saving_words(0.3458) == "34.6% fewer FLOPs"
     assert saving_words(-5.006) == "500.6% more FLOPs"
+
+
+
+def test_a_phase_from_a_ledger_older_than_hardware_keeps_its_first_launch_when_resumed_elsewhere():
+    """A ledger written before ``hardware`` existed says its launch by ``device`` and ``world_size``: a resume on
+    other devices or ranks adds to that, so the report sees the mix (and computes no time saving)."""
+    from common.training.batch import BatchSplit
+    from common.training.ledger import PhaseRecord
+
+    old = PhaseRecord.from_dict({"name": "p1", "device": "NVIDIA A100", "world_size": 8, "steps": 10})
+    old.trained_on("NVIDIA H100", 2)
+    old.set_batch(BatchSplit(global_batch=64, per_rank=32, grad_accum=1, world_size=2))
+    assert old.hardware == [["NVIDIA A100", 8], ["NVIDIA H100", 2]] and old.device == "NVIDIA A100"
+    again = PhaseRecord.from_dict(old.to_dict())
+    again.trained_on("NVIDIA H100", 2)  # the same launch again: nothing new
+    assert again.hardware == [["NVIDIA A100", 8], ["NVIDIA H100", 2]]

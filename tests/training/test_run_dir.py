@@ -147,3 +147,15 @@ def test_tensorboard_keeps_one_history_when_a_crash_undid_logged_steps(tmp_path,
     events.Reload()
     steps = [e.step for e in events.Scalars("train/loss")]
     assert steps == sorted(set(steps)) and steps[:6] == [1, 2, 3, 4, 5, 6], steps
+    # a crash before the first checkpoint: the run starts again from step 0, and so does its history
+    calls["n"] = 0
+    monkeypatch.setattr(SSASTObjective, "train_step", crashing)
+    early = tmp_path / "early"
+    with pytest.raises(RuntimeError, match="the node went away"):
+        _run(early, synth_corpus, "phases.0.steps=6", "train.eval_every=100", "train.save_every=100")
+    monkeypatch.undo()
+    assert _run(early, synth_corpus, "phases.0.steps=6", "train.eval_every=100", "train.save_every=100") == 0
+    events = EventAccumulator(str(early / "tb"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == sorted(set(steps)) and steps[:6] == [1, 2, 3, 4, 5, 6], steps

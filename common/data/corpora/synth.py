@@ -157,7 +157,8 @@ def generate_clip(label: str, rng: np.random.Generator) -> np.ndarray:
 def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
     parser.add_argument("--size", choices=sorted(SIZES), default="demo",
-                        help="demo (the default): 960 pool + 40/10/10 clips per class; small: 192 + 12/4/4; test: 24 + 2/1/1")
+                        help="demo (the default): 960 pool + 40/10/10 clips per class; small: 192 + 12/4/4; "
+                             "test: 24 + 2/1/1")
 
 
 def prepare(src: Path | None, out: Path, num_jobs: int = 4, seed: int = 0, size: str = "demo") -> PrepareReport:
