@@ -19,26 +19,22 @@ from common.system.signals import piped
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
 
-def _count(text: str) -> int:
-    """A whole number above 0 (argparse names the option it was given to)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a whole number above 0, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a whole number above 0, got {text!r}")
-    return value
+def _whole(least: int, said: str):
+    """An argparse type: a whole number >= ``least``, ``said`` so in its error (argparse names the option)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"a whole number {said}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _count_or_none(text: str) -> int:
-    """A whole number >= 0 (0: none)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a whole number >= 0, got {text!r}")
-    return value
+_count = _whole(1, "above 0")
+_count_or_none = _whole(0, ">= 0")  # 0: none
 
 
 def _build_parser() -> argparse.ArgumentParser:
