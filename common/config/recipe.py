@@ -299,6 +299,9 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
                     raise RecipeError(f"--set {key}: {where} is not an index of a list of {len(node)}")
                 node = node[int(part)]
             else:
+                if part not in node and parts[i + 1].isdigit():  # an index into a list nothing has written here
+                    raise RecipeError(f"--set {key}: the recipe does not write {where}; set the whole list "
+                                      f"(--set {where}=[...])")
                 node = node.setdefault(part, {})
                 if not isinstance(node, (dict, list)):
                     raise RecipeError(f"--set {key}: {where} is not a section")
