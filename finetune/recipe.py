@@ -41,7 +41,25 @@ __all__ = ["FinetuneRecipe", "load_recipe", "task_source", "is_task_file", "file
 class FinetuneRecipe:
     """A fine-tuning run's recipe. ``init`` is ``--init``; ``expected_init`` says what the recipe was written
     to start from (``any``, ``none``, ``imagenet`` or ``audio``: weights trained on audio), and a run whose
-    ``--init`` is of another kind is warned that it does not start as the recipe's source did."""
+    ``--init`` is of another kind is warned that it does not start as the recipe's source did.
+
+    Args:
+        task: the task (``--task``: a registered one or a task file); its fields can be changed with ``--set``.
+        phases: the schedule, compressed phases first (epoch-based: ``epochs``).
+        init: the weights to start from (``--init``: a run directory, an export, an official checkpoint, an HF
+            directory, or ``none``).
+        expected_init: what the recipe was written to start from (``any``, ``none``, ``imagenet``, ``audio``).
+        model: the encoder (architecture, size, patches, stride).
+        head: the classifier head (pooling).
+        augment: SpecAugment, mixup, noise.
+        data: the batch and the loader (the manifests are the task's).
+        transfer: how weights move at a phase change and how ``--init`` is fitted.
+        optim: optimiser and learning-rate schedule (restarted at every phase).
+        train: precision, logging, validation, checkpoints, weight averaging, seeds.
+        num_mel_bins: mel bins of the fbank (128 in AST / SSAST).
+        coarse: derive the coarse-to-fine schedule from this (full-resolution) recipe (``--coarse``).
+        description: one line on the recipe.
+    """
 
     task: TaskConfig
     phases: list[PhaseConfig]

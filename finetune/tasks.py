@@ -50,6 +50,7 @@ class TaskConfig:
         data_root: folder the relative manifest paths are under.
         num_classes: how many classes the task has, for planning (``--dry-run``) before the class list
             exists (a run takes its classes from the class list).
+        description: one line on the task, for ``--list-tasks``.
     """
 
     name: str = "custom"

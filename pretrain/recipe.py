@@ -37,6 +37,23 @@ BASELINE_SHARED = ("model", "audio", "ssast", "data.batch_size", "data.max_batch
 
 @dataclass(frozen=True)
 class PretrainRecipe:
+    """An SSAST pretraining run's recipe (``recipes/ssast_*.yaml``).
+
+    Args:
+        phases: the schedule, compressed phases first (iteration-based: ``steps``).
+        model: the encoder (architecture, size, patches).
+        audio: the front end (fbank, clip length, normalisation).
+        data: the manifests to pretrain on and validate with, the batch, the loader.
+        transfer: how weights move at a phase change and how an ``--init`` is fitted.
+        optim: optimiser and learning-rate schedule (restarted at every phase).
+        train: precision, logging, validation, checkpoints, seeds.
+        ssast: the masked-patch pretext tasks.
+        baseline: the full-resolution recipe whose planned FLOPs the saving is measured against (a path, next
+            to this recipe or from here; null: none).
+        coarse: derive the coarse-to-fine schedule from this (full-resolution) recipe (``--coarse``).
+        description: one line on the recipe.
+    """
+
     phases: list[PhaseConfig]
     model: ModelSpec = field(default_factory=ModelSpec)
     audio: AudioConfig = field(default_factory=AudioConfig)

@@ -150,7 +150,8 @@ class DataConfig:
             per rank, which keeps a partial validation round's clip count on any launch).
         num_workers: decoding processes per rank; a rank starts at most its cores minus one (``common.system.cpu``).
         max_bad_fraction: stop the run when more than this share of clips is unusable.
-        balanced: AST's balanced sampling (weights 1000 / (label count + 0.01)).
+        balanced: AST's balanced sampling (weights 1000 / (label count + 0.01)); a fine-tuning run's is its task's
+            (``task.balanced``).
         eval_crop: where validation clips longer than the clip length are cut: ``start`` (AST) or ``center``.
         train_crop: where training clips longer than the clip length are cut: ``start`` (AST and SSAST
             always cut from the start) or ``random`` (a random window per clip and epoch).

@@ -168,6 +168,7 @@ HTSATSettings = dataclasses.make_dataclass(
     "HTSATSettings",
     [(f.name, f"{f.type} | None", dataclasses.field(default=None)) for f in dataclasses.fields(HTSATConfig)],
     frozen=True,
-    namespace={"__doc__": "HTS-AT's settings a recipe gives (``model.htsat``); None: not given.",
+    namespace={"__doc__": "HTS-AT's settings a recipe gives (``model.htsat``); None: not given (the init's, or the "
+                          "official model's value).\n" + (HTSATConfig.__doc__ or "").split("\n", 1)[-1],
                "RECIPE_SPARSE": True, "given": _given, "__bool__": lambda self: bool(_given(self))})
 HTSATSettings.__module__ = __name__

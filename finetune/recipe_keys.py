@@ -1,0 +1,32 @@
+"""``python -m finetune.recipe_keys > docs/recipe_keys.md``: every key of the pretraining and the fine-tuning
+recipes, their types, defaults and meanings (``common.config.reference``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# Imports the command alone needs are inside its functions: --help answers without loading torch.
+
+
+
+def recipe_classes() -> list[tuple[str, type]]:
+    """``(which runs read it, recipe dataclass)`` of both trainers."""
+    from finetune.recipe import FinetuneRecipe
+    from pretrain.recipe import PretrainRecipe
+
+    return [("pretraining", PretrainRecipe), ("fine-tuning", FinetuneRecipe)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.recipe_keys",
+                                     description="Print the recipe key reference (docs/recipe_keys.md) as Markdown.")
+    parser.parse_args(argv)
+    from common.config.reference import markdown
+
+    sys.stdout.write(markdown(recipe_classes()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

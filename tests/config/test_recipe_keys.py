@@ -1,0 +1,29 @@
+"""docs/recipe_keys.md is the reference the recipe dataclasses give (common.config.reference): current, and
+every key a recipe can set is in it, described."""
+
+from pathlib import Path
+
+from common.config.reference import keys, markdown
+from finetune.recipe import FinetuneRecipe
+from finetune.recipe_keys import recipe_classes
+from pretrain.recipe import PretrainRecipe
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "recipe_keys.md"
+
+
+def test_the_recipe_key_reference_is_current():
+    assert DOC.read_text(encoding="utf-8") == markdown(recipe_classes()), \
+        "docs/recipe_keys.md is out of date: python -m finetune.recipe_keys > docs/recipe_keys.md"
+
+
+def test_every_key_is_described_and_settable():
+    from common.config.recipe import apply_overrides
+
+    rows = [*keys(PretrainRecipe), *keys(FinetuneRecipe)]
+    assert len(rows) > 150
+    leaves = [key for key, kind, _, text in rows if "section" not in kind]
+    assert [key for key, kind, _, text in rows if "section" not in kind and not text] == []
+    # each key is one --set can reach (a list of sections is indexed: phases.0.epochs)
+    data = {"phases": [{}], "data": {"train": [{}]}, "task": {}}
+    for key in leaves:
+        apply_overrides(data, [f"{key.replace('.N.', '.0.')}=1"])
