@@ -31,14 +31,13 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
 from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
 
-from common.system.atomic import remove_orphans
+from common.system.atomic import remove_orphans, temporary_file
 
 __all__ = ["CacheMode", "ClipCache", "DEFAULT_CACHE_DIR", "make_cache"]
 
@@ -144,7 +143,7 @@ class ClipCache:
         """Keep a decoded clip on disk, atomically (a temporary name no other process or host can share). The cache
         only saves time: a write that fails (a full disk, a quota) leaves nothing behind, is said once, and the
         clips are decoded every time from then on; the run goes on."""
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # common.system.atomic.ORPHAN's names
+        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if not self._room(wave.nbytes):
@@ -152,17 +151,16 @@ class ClipCache:
             if path.parent.name not in self._swept:
                 self._swept.add(path.parent.name)
                 remove_orphans(path.parent, older_than=STALE_SECONDS)
-            with open(tmp, "xb") as handle:  # exclusive: a name another writer drew is never shared
+            tmp = temporary_file(path)
+            with open(tmp, "wb") as handle:
                 np.save(handle, wave)
             os.replace(tmp, path)
-        except FileExistsError:
-            return  # the same clip's same temporary name drawn elsewhere (one in four billion): that writer keeps it
         except OSError as err:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
             self._write_failed = True
             log.warning("clip cache: cannot write to %s (%s); clips are decoded every time from now on",
                         self.folder, os.strerror(err.errno) if err.errno else err)
-
 
     def _room(self, nbytes: int) -> bool:
         """Whether a clip of ``nbytes`` leaves the cache's file system its reserve free; once it does not, said once

@@ -22,7 +22,8 @@ from typing import Iterator
 
 from common.system.disk import NoSpace, ensure_space, free_bytes, out_of_space
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_copy", "file_mode", "remove_orphans", "ORPHAN"]
+__all__ = ["atomic_path", "atomic_write_text", "atomic_copy", "file_mode", "remove_orphans", "temporary_file",
+           "ORPHAN"]
 
 # the temporary files atomic_path and the clip cache make (mkstemp's 8 characters in earlier versions, 8 hex digits
 # now; the clip cache's were 16 hex digits before)
@@ -43,8 +44,9 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
-def _create(path: Path) -> Path:
-    """A new empty file next to ``path``, created with the umask's mode (mkstemp's would be 0600)."""
+def temporary_file(path: Path) -> Path:
+    """A new empty file next to ``path`` under a name no other process or host shares (an :data:`ORPHAN` name),
+    created with the umask's mode (mkstemp's would be 0600)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
@@ -78,7 +80,7 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     if size is not None:
         ensure_space(path, size)
-    tmp = _create(path)
+    tmp = temporary_file(path)
     try:
         yield tmp
         os.chmod(tmp, file_mode())  # writers that replace the file (safetensors) create it 0600

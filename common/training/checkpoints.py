@@ -264,15 +264,14 @@ class RunCheckpoints:
         free, problem = free_bytes(self.ckdir), None
         done = self._complete() if self.dist.is_main else []
         if self.dist.is_main and free is not None:
-            if done and free < tree_size(done[-1]):
+            needed = tree_size(done[-1]) if done else expected_size(engine, self.dist.world_size)
+            if done and free < needed:
                 which = f"checkpoint {tag}" if tag else "the next checkpoint"
-                problem = (tree_size(done[-1]), free, f"{which} needs about as much as {done[-1].name}; "
-                           f"nothing of it was written and {done[-1].name} is intact: free some space and run the same "
-                           f"command to resume")
-            elif not done and free < expected_size(engine, self.dist.world_size):
-                problem = (expected_size(engine, self.dist.world_size), free,
-                           f"the run's first checkpoint{f' ({tag})' if tag else ''} needs at least its weights and "
-                           f"optimiser state: free some space (or name another --run-dir)")
+                problem = (needed, free, f"{which} needs about as much as {done[-1].name}; nothing of it was written "
+                           f"and {done[-1].name} is intact: free some space and run the same command to resume")
+            elif not done and free < needed:
+                problem = (needed, free, f"the run's first checkpoint{f' ({tag})' if tag else ''} needs at least its "
+                           f"weights and optimiser state: free some space (or name another --run-dir)")
         problem = self.dist.broadcast_object(problem)
         if problem is not None:
             raise NoSpace(self.ckdir, *problem)

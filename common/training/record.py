@@ -43,7 +43,6 @@ __all__ = ["RunRecord", "saving_words"]
 log = logging.getLogger(__name__)
 
 
-
 def saving_words(saving: float) -> str:
     """A FLOPs saving (a fraction of the baseline's) in words: ``34.6% fewer FLOPs``, ``5.0% more FLOPs``."""
     return f"{abs(saving):.1%} {'fewer' if saving >= 0 else 'more'} FLOPs"
