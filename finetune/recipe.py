@@ -391,16 +391,18 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
 
     data = assembled(defaults)
     task_file = is_task_file(task)
-    if not task_file and apply_overrides(data, overrides).get("defaults") is not None:
+    applied = apply_overrides(data, overrides)
+    if not task_file and applied.get("defaults") is not None:
         # a registered task follows its own published recipe (finetune/tasks.py) unless defaults: names another
         # (or auto: the one closest to the init, as for a task file): its own defaults give way to that recipe's,
         # but for its data section (the batch: a published recipe leaves it to the task, as to a task file)
         data, task_file = assembled({k: v for k, v in defaults.items() if k == "data"}), True
-    _check_sections(apply_overrides(data, overrides))
+        applied = apply_overrides(data, overrides)
+    _check_sections(applied)
     if task_file:
         data, stated, followed, said = _task_file_data(task, data, overrides, init_weights, planning)
     else:
-        data = apply_overrides(data, overrides)
+        data = applied
         data.pop("defaults", None)  # `--set defaults=null`: the task's own recipe, as without it
     name = baseline_name(recipe_path) if recipe_path is not None else f"{data['task'].get('name', task)}-baseline"
     full, (data, derived) = data, apply_coarse(data, name, coarse)
@@ -408,25 +410,12 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
         recipe = build_derived(FinetuneRecipe, data, derived)
     except RecipeError as err:  # the key named, and where its value was written: --set, --recipe, the task file
         files = [*(recipe_files(recipe_path) if recipe_path is not None else []),
-                 *([(task, _as_recipe(task))] if is_task_file(task) else [])]
+                 *([(task, {**defaults, "task": fields})] if is_task_file(task) else [])]  # what the task file says
         raise with_source(err, overrides, files) from None
     if task_file:
         recipe = _apply_task_file_defaults(recipe, full, notes, stated, followed, said,
                                            "task file" if is_task_file(task) else "task")
     return recipe
-
-
-def _as_recipe(task: str) -> dict:
-    """What a task file writes, laid out as a recipe (the flat layout's fields under ``task``, ``epochs`` as the
-    phases), for naming it in an error about one of its keys."""
-    data = {k: v for path, part in reversed(recipe_files(task)) for k, v in part.items()}  # its extends: under it
-    if isinstance(data.get("task"), dict):
-        return data
-    sections = {k: data.pop(k) for k in RECIPE_SECTIONS if k in data and k != "train"}
-    if "epochs" in data:
-        sections["phases"] = [{"epochs": data.pop("epochs")}]
-    data.pop("defaults", None)
-    return {**sections, "task": data}
 
 
 def _check_sections(data: dict) -> None:
