@@ -77,10 +77,9 @@ class PretrainRecipe:
             if not phase.iteration_based:
                 raise ValueError(f"phases.{i}.epochs: pretraining phases are iteration-based; give steps")
         for i, cfg in enumerate(self.encoder_configs()):
-            for key in ("mask_ratio", "eval_mask_ratio"):
-                ratio = getattr(self.ssast, key)
+            for key, ratio in (("mask_ratio", self.ssast.mask_ratio), ("eval_mask_ratio", self.ssast.eval_ratio)):
                 try:
-                    mask_count(cfg.num_patches, ratio if ratio is not None else self.ssast.mask_ratio)
+                    mask_count(cfg.num_patches, ratio)
                 except ValueError as err:
                     raise ValueError(f"ssast.{key}: {err} (phases.{i})") from None
         if self.coarse is not None and self.baseline is not None:

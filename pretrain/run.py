@@ -178,14 +178,14 @@ def main(argv: list[str] | None = None) -> int:
             for check in checks:  # every file the run reads, before a model or the run directory exists
                 check()
         run = plan(recipe, world_size, baseline, memory=args.dry_run, run_dir=run_dir, checks=checks)
+        cautions = [*([caution] if caution else []), *run.warmup_cautions(recipe.optim.warmup_steps)]
         if args.dry_run:
             from pretrain.clips import clip_lines
 
             print(format_plan(run, stated_batch(load_yaml(args.recipe)), args.recipe.name,
                               notes=[*_baseline_notes(recipe, baseline, args.overrides), *clip_lines(recipe),
                                      *init_lines],
-                              cautions=[*([caution] if caution else []),
-                                        *run.warmup_cautions(recipe.optim.warmup_steps)],
+                              cautions=cautions,
                               missing=[*missing_init, *problems(run.checks)]))
             return 0
         from common.training.loop import Trainer
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.init is not None and start is None:
                 log.info("--init %s is not read: the run resumes from its checkpoints (%s)", args.init,
                          _started_from(run_dir))
-            for warning in [*([caution] if caution else []), *run.warmup_cautions(recipe.optim.warmup_steps)]:
+            for warning in cautions:
                 log.warning("%s", warning)
             if run.baseline is not None:
                 log.info("FLOPs saving is measured against %s planned with this run's geometry and batch: %.4g",

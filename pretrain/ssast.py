@@ -80,6 +80,11 @@ class SSASTConfig:
         if self.mpg_weight < 0:
             raise ValueError(f"mpg_weight must be >= 0, got {self.mpg_weight}")
 
+    @property
+    def eval_ratio(self) -> float:
+        """The share of patches the validation masks (``eval_mask_ratio``, or the training ratio)."""
+        return self.eval_mask_ratio if self.eval_mask_ratio is not None else self.mask_ratio
+
 
 def _head(dim: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, out))
@@ -114,7 +119,7 @@ class SSASTModel(nn.Module):
         self.cpredlayer = _head(dim, area)
         self.gpredlayer = _head(dim, area)
         self.mask_count = mask_count(encoder.cfg.num_patches, cfg.mask_ratio)
-        self.eval_mask_count = mask_count(encoder.cfg.num_patches, cfg.eval_mask_ratio or cfg.mask_ratio)
+        self.eval_mask_count = mask_count(encoder.cfg.num_patches, cfg.eval_ratio)
 
     def sample_mask(self, batch: int, generator: torch.Generator | None, device, count: int | None = None
                     ) -> torch.Tensor:
@@ -308,7 +313,7 @@ class SSASTObjective:
         """The masked-patch accuracy is an argmax over the masked patches (chance 1 / their number): how many are
         masked of how many, how they are drawn, and which softmax it takes the argmax of set its scale."""
         c = self.cfg
-        return {"masked": mask_count(cfg.num_patches, c.eval_mask_ratio or c.mask_ratio), "patches": cfg.num_patches,
+        return {"masked": mask_count(cfg.num_patches, c.eval_ratio), "patches": cfg.num_patches,
                 "masking": c.masking, "cluster": [c.cluster_min, c.cluster_max], "nce_softmax": c.nce_softmax}
 
     def export(self, model: SSASTModel, path: Path, meta: dict) -> None:
