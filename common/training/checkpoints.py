@@ -8,8 +8,9 @@ Layout under ``RUN/checkpoints``::
                                   file (rank 0)
         rng_rank{r}.pt            every rank's random-number generator states
 
-A checkpoint is written into ``.tmp-TAG`` and renamed into place only when every rank has finished,
-then ``LATEST`` moves to it: a run killed while saving resumes from the previous checkpoint. A tag saved
+A checkpoint is written into ``.tmp-TAG`` and renamed into place only when every rank has finished and its
+files are on disk (``fsync``), then ``LATEST`` moves to it: a run killed while saving, or a host that crashed
+after, resumes from the previous checkpoint or this whole one. A tag saved
 again (a phase's end after its validation's save, an epoch-based run stopped within an epoch) replaces the
 folder only after moving the old one aside (``.old-TAG``, put back at the next start if the new one never
 took its place). The run directory must be on a file system all ranks share.
@@ -141,10 +142,17 @@ def _sha256(path: Path) -> str:
     return _measure(path)[1]
 
 
-def _measure(path: Path) -> tuple[int, str]:
-    """A file's size and SHA-256, both read through one open handle (``fstat``: the size of what is read)."""
+def _measure(path: Path, flush: bool = False) -> tuple[int, str]:
+    """A file's size and SHA-256, both read through one open handle (``fstat``: the size of what is read);
+    ``flush``: its data forced to disk first (``fsync``), so that the digest a checkpoint publishes is of what a
+    host crash leaves on disk."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
+        if flush:
+            try:
+                os.fsync(handle.fileno())
+            except OSError:  # a file system that cannot: as written
+                pass
         size = os.fstat(handle.fileno()).st_size
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
@@ -306,10 +314,12 @@ class RunCheckpoints:
         self.dist.barrier()
         # The files are the union of what every rank sees (on a shared file system one host's listing of another's
         # new files may lag; each rank sees its own), and every rank measures and hashes its share of them from the
-        # open file (a cached stat of a file another host wrote may give an old size).
+        # open file (a cached stat of a file another host wrote may give an old size), after forcing it to disk: the
+        # checkpoint is published (renamed, LATEST) only once its data would survive a host crash (on NFS a writer's
+        # close already sent it to the server).
         seen = sorted(p.name for p in tmp.iterdir() if p.is_file())
         names = sorted(set().union(*self.dist.gather_objects(seen)))
-        share = {name: _measure(tmp / name) for name in names[self.dist.rank::self.dist.world_size]}
+        share = {name: _measure(tmp / name, flush=True) for name in names[self.dist.rank::self.dist.world_size]}
         measured = {name: value for part in self.dist.gather_objects(share) for name, value in part.items()}
         if self.dist.is_main:
             files = {name: measured[name][0] for name in names}

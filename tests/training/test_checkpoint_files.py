@@ -145,3 +145,31 @@ def test_a_checkpoint_lists_the_files_every_rank_wrote_as_written(tmp_path, monk
     files = json.loads((ckdir / tag / "trainer_state.json").read_text())["files"]
     assert files[other] == (ckdir / tag / other).stat().st_size
     assert RunCheckpoints(ckdir, ONE, keep=1).find_resume() == tag
+
+
+def test_a_checkpoint_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
+    """Every file of a checkpoint is forced to disk before ``LATEST`` names it: after a host crash the checkpoint
+    ``LATEST`` names holds what its digests say (without it a crash could leave the newest checkpoint's data
+    unwritten, and the resume fell back to the one before)."""
+    ckdir = tmp_path / "checkpoints"
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recording(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    write_bytes = Path.write_bytes
+
+    def latest_after_files(self, data):
+        if LATEST in self.name:  # LATEST's temporary: every file of the checkpoint synced by now
+            assert {MODEL_FILE, "rng_rank0.pt"} <= set(synced), synced
+            assert any(name.startswith(".trainer_state.json") for name in synced), synced
+            written.append(self.name)
+        return write_bytes(self, data)
+
+    written: list[str] = []
+    monkeypatch.setattr(Path, "write_bytes", latest_after_files)
+    tag = _save(RunCheckpoints(ckdir, ONE, keep=1), 1)
+    assert (ckdir / LATEST).read_text() == tag and written
