@@ -40,10 +40,12 @@ class ProbeRecipe:
 
     Args:
         tasks: task names (or task YAML files).
-        layer: block whose tokens are the features (1-based, negative from the end; None: last + final norm).
+        layer: block whose tokens are the features (1-based, negative from the end: -1 is the last block, before
+            the final norm); ``final`` or null: every block and the final norm.
         pool: ``mean`` over patch tokens, over ``prefix`` tokens, or ``auto``: as the init's code pools.
         C: inverse L2 regularisation of the logistic regression.
-        batch_size, num_workers: feature extraction.
+        batch_size: clips per forward pass of the feature extraction.
+        num_workers: decoding processes of the feature extraction (0: in the probe's own process).
         data_root: folder the tasks' manifests are under.
         cache_dir: where features are cached.
     """
@@ -60,9 +62,10 @@ class ProbeRecipe:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.C) and self.C > 0):
             raise ValueError(f"C: the inverse regularisation must be a finite number above 0, got {self.C}")
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size} and "
-                             f"{self.num_workers}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be 1 or more, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers: must be 0 (decode in this process) or more, got {self.num_workers}")
 
 
 def _cache_key(ckpt: str, manifests: Sequence[str], cfg, layer, pool, front_end: str = "",
@@ -233,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from common.config.recipe import build, load_yaml
+        from common.config.recipe import RecipeError, build, load_yaml, recipe_files, with_source
         from common.system import jsonfile
         from common.system.atomic import atomic_write_text
         from common.system.disk import output_folder
@@ -247,12 +250,21 @@ def main(argv: list[str] | None = None) -> int:
             data["layer"] = parse_layer(data["layer"])
         if args.layer is not None:
             data["layer"] = parse_layer(args.layer)
-        for key, value in (("tasks", args.task), ("pool", args.pool), ("C", args.C),
-                           ("data_root", args.data_root), ("cache_dir", args.cache_dir),
-                           ("num_workers", args.workers)):
+        flags = {}  # recipe key -> the option that set it
+        for key, flag, value in (("tasks", "--task", args.task), ("pool", "--pool", args.pool), ("C", "--C", args.C),
+                                 ("data_root", "--data-root", args.data_root),
+                                 ("cache_dir", "--cache-dir", args.cache_dir), ("num_workers", "--workers", args.workers)):
             if value is not None:
-                data[key] = value
-        recipe = build(ProbeRecipe, data)
+                data[key], flags[key] = value, flag
+        if args.layer is not None:
+            flags["layer"] = "--layer"
+        try:
+            recipe = build(ProbeRecipe, data)
+        except RecipeError as err:  # named where the value was written: the option, or the recipe file
+            key = str(err).split(":", 1)[0]
+            if key in flags:
+                raise RecipeError(f"{flags[key]}: {str(err).split(':', 1)[1].strip()}") from None
+            raise with_source(err, (), recipe_files(args.recipe) if args.recipe else ()) from None
         if not recipe.tasks:
             raise ValueError("give --task NAME [NAME ...] or a --recipe listing tasks")
         if args.out is not None:  # refused before hours of features, not after

@@ -1,5 +1,5 @@
-"""``python -m finetune.recipe_keys > docs/recipe_keys.md``: every key of the pretraining and the fine-tuning
-recipes, their types, defaults and meanings (``common.config.reference``)."""
+"""``python -m finetune.recipe_keys > docs/recipe_keys.md``: every key of the pretraining, fine-tuning and
+linear-probe recipes, their types, defaults and meanings (``common.config.reference``)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,21 @@ def recipe_classes() -> list[tuple[str, type]]:
     return [("pretraining", PretrainRecipe), ("fine-tuning", FinetuneRecipe)]
 
 
+def other_recipes() -> list[tuple[str, str, type]]:
+    """``(heading, what reads it, recipe dataclass)`` of the recipes with keys of their own."""
+    from finetune.linear_probe import ProbeRecipe
+
+    return [("Linear-probe recipes", "Read by ``python finetune/linear_probe.py --recipe FILE`` "
+             "(``recipes/linear_probe.yaml``); its options replace the recipe's values.", ProbeRecipe)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.recipe_keys",
                                      description="Print the recipe key reference (docs/recipe_keys.md) as Markdown.")
     parser.parse_args(argv)
     from common.config.reference import markdown
 
-    sys.stdout.write(markdown(recipe_classes()))
+    sys.stdout.write(markdown(recipe_classes(), other_recipes()))
     return 0
 
 

@@ -187,8 +187,14 @@ def test_bad_input_to_a_command_ends_in_one_line_with_exit_status_2_before_any_c
                                                  f"exist); name a new folder or an existing one"
     nowhere = str(tmp_path / "no-such-model")  # read only after the checks
     assert probe(["--init", nowhere, "--task", "synth", "--C", "0"]) == 2
-    assert one_error(capsys.readouterr().err) == "error: C: the inverse regularisation must be a finite number " \
+    assert one_error(capsys.readouterr().err) == "error: --C: the inverse regularisation must be a finite number " \
                                                  "above 0, got 0.0"
+    assert probe(["--init", nowhere, "--task", "synth", "--workers", "-1"]) == 2  # the option, not the recipe key
+    assert one_error(capsys.readouterr().err) == "error: --workers: must be 0 (decode in this process) or more, got -1"
+    probe_recipe = tmp_path / "probe.yaml"
+    probe_recipe.write_text("tasks: [synth]\nbatch_size: 0\n")
+    assert probe(["--init", nowhere, "--recipe", str(probe_recipe)]) == 2
+    assert one_error(capsys.readouterr().err) == f"error: batch_size: must be 1 or more, got 0 (in {probe_recipe})"
     assert probe(["--init", nowhere, "--task", "synth", "--out", str(tmp_path)]) == 2
     assert one_error(capsys.readouterr().err) == f"error: --out {tmp_path} is a folder; name the JSON file to write " \
                                                  f"the results to"

@@ -115,8 +115,9 @@ def keys(cls, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
             yield key, _type_name(hint), _default(field), described.get(field.name, "")
 
 
-def markdown(recipes: Sequence[tuple[str, type]]) -> str:
-    """The reference page of ``recipes``: ``(which runs read it, recipe dataclass)``, a table per section."""
+def markdown(recipes: Sequence[tuple[str, type]], others: Sequence[tuple[str, str, type]] = ()) -> str:
+    """The reference page of ``recipes``: ``(which runs read it, recipe dataclass)``, a table per section; then
+    ``others``, recipes of their own (``(heading, what reads it, dataclass)``), a table each."""
     rows: dict[str, dict[str, tuple]] = {}  # section -> key -> row, in first-seen order
     used: dict[str, set[str]] = {}  # section or key -> the recipes that have it
     for name, cls in recipes:
@@ -139,6 +140,11 @@ def markdown(recipes: Sequence[tuple[str, type]]) -> str:
         for key, (kind, default, text) in entries.items():
             only = f" ({next(iter(used[key]))} only)" if used[key] != used[section] else ""
             out.append(f"| `{key}` | {kind} | {default} | {_markdown(text)}{only} |")
+        out.append("")
+    for heading, reader, cls in others:
+        out += [f"## {heading}", "", f"{_markdown(reader)}", "", "| key | type | default | meaning |",
+                "|---|---|---|---|"]
+        out += [f"| `{key}` | {kind} | {default} | {_markdown(text)} |" for key, kind, default, text in keys(cls)]
         out.append("")
     return "\n".join(out)
 

@@ -5,14 +5,15 @@ from pathlib import Path
 
 from common.config.reference import keys, markdown
 from finetune.recipe import FinetuneRecipe
-from finetune.recipe_keys import recipe_classes
+from finetune.linear_probe import ProbeRecipe
+from finetune.recipe_keys import other_recipes, recipe_classes
 from pretrain.recipe import PretrainRecipe
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "recipe_keys.md"
 
 
 def test_the_recipe_key_reference_is_current():
-    assert DOC.read_text(encoding="utf-8") == markdown(recipe_classes()), \
+    assert DOC.read_text(encoding="utf-8") == markdown(recipe_classes(), other_recipes()), \
         "docs/recipe_keys.md is out of date: python -m finetune.recipe_keys > docs/recipe_keys.md"
 
 
@@ -21,6 +22,7 @@ def test_every_key_is_described_and_settable():
 
     rows = [*keys(PretrainRecipe), *keys(FinetuneRecipe)]
     assert len(rows) > 150
+    assert [key for key, kind, _, text in keys(ProbeRecipe) if not text] == []
     leaves = [key for key, kind, _, text in rows if "section" not in kind]
     assert [key for key, kind, _, text in rows if "section" not in kind and not text] == []
     # each key is one --set can reach (a list of sections is indexed: phases.0.epochs)
