@@ -4,8 +4,8 @@ every key a recipe can set is in it, described."""
 from pathlib import Path
 
 from common.config.reference import keys, markdown
-from finetune.recipe import FinetuneRecipe
 from finetune.linear_probe import ProbeRecipe
+from finetune.recipe import FinetuneRecipe
 from finetune.recipe_keys import other_recipes, recipe_classes
 from pretrain.recipe import PretrainRecipe
 
