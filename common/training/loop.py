@@ -284,11 +284,27 @@ class Trainer(PhaseMachinery):
         model = maybe_compile(model, self.spec.train.compile, self.spec.train.compile_backend,
                               self.spec.train.compile_mode)
         return build_engine(model, optim, phase.lr or optim.lr, self.splits[index].per_rank,
-                            self.record.zero_stage, self.device, phase.steps if phase.iteration_based else None,
+                            self.record.zero_stage, self.device, self._schedule_steps(index),
                             getattr(model, "head_prefixes", ()), self.autocast_dtype,
                             load_universal=resume_tag is not None and self.record.checkpoints.resharded(resume_tag),
                             grad_accum=self.splits[index].grad_accum, zero_overlap_comm=self.spec.train.zero_overlap_comm,
                             zero_bucket_size=self.spec.train.zero_bucket_size)
+
+    def _schedule_steps(self, index: int) -> int | None:
+        """Phase ``index``'s planned length in optimiser steps, what a cosine schedule decays over: its ``steps``, or
+        for an epoch-based phase its planned ``epochs`` x the optimiser steps of an epoch (None: a schedule that
+        does not need it)."""
+        phase = self.spec.phases[index]
+        if phase.iteration_based:
+            return phase.steps
+        if self.spec.optim.schedule != "cosine":
+            return None
+        batches = self._train_loader(index).estimated_batches_per_epoch()
+        if batches is None:
+            raise ValueError(f"optim.schedule: cosine decays over the phase's steps, and the steps of an epoch of "
+                             f"{phase.label(index)} are unknown (a streamed training set whose size is not known "
+                             f"before it is read); give the phase steps instead of epochs, or another schedule")
+        return phase.length * max(1, batches // self.splits[index].grad_accum)
 
     def _finish(self, model: nn.Module) -> None:
         """Weight-average if asked, and make the final phase's model (or the average) the run's model."""

@@ -7,7 +7,8 @@ The schedule is a linear warm-up followed by one of
   pretraining: 0.5 after 2 rounds of 4,000 steps);
 - ``multistep``: multiply by ``decay`` after validation round ``decay_start`` and every ``decay_every``
   rounds after it (AST fine-tuning's epoch-wise MultiStepLR; a round is an epoch there);
-- ``cosine``: cosine decay to ``min_lr`` over the phase;
+- ``cosine``: cosine decay to ``min_lr`` over the phase's planned length in optimiser steps (an epoch-based
+  phase: its ``epochs`` x the steps of an epoch; ``until`` criteria do not change it);
 - ``piecewise``: a factor per validation round (epoch), from a table (HTS-AT's epoch-wise LambdaLR);
 - ``constant``.
 

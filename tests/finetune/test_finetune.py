@@ -490,3 +490,28 @@ def test_keeping_the_weights_to_average_is_no_training_time(tmp_path, synth_corp
                      "--run-dir", str(tmp_path / "two"), *sets(*TINY, "phases=[{compression: fshift, factor: 4, "
                                                                       "epochs: 1}, {compression: none, epochs: 1}]")]) == 0
     assert written == ["length", "length"]
+
+
+def test_a_cosine_schedule_decays_over_an_epoch_based_phase(tmp_path, synth_corpus, monkeypatch):
+    """``optim.schedule: cosine`` in fine-tuning (epoch-based phases) decays each phase from its peak to ``min_lr``
+    over its planned epochs' optimiser steps, and restarts at a phase change (the LR stayed at its peak before)."""
+    from common.training.optim import LRSchedule
+
+    rates: list[tuple[int | None, float]] = []
+    step = LRSchedule.step
+
+    def spy(self, *args, **kwargs):
+        step(self, *args, **kwargs)
+        rates.append((self.total_steps, self.lr()))
+
+    monkeypatch.setattr(LRSchedule, "step", spy)
+    assert finetune(["--init", "none", "--task", "synth", "--data-root", str(_synth_root(tmp_path, synth_corpus)),
+                     "--run-dir", str(tmp_path / "run"),
+                     *sets(*TINY, "phases=[{compression: fshift, factor: 4, epochs: 1}, {compression: none, epochs: 2}]",
+                           "optim.schedule=cosine", "optim.min_lr=1e-6", "optim.lr=1e-3")]) == 0
+    first = [lr for total, lr in rates if total == rates[0][0]]
+    second = [lr for total, lr in rates[len(first):]]
+    assert rates[0][0] == len(first) and rates[-1][0] == len(second) == 2 * len(first), rates
+    for lrs in (first, second):  # down to min_lr at the phase's last step, falling all the way
+        assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(1e-6), lrs
+    assert second[0] > first[-1] * 10  # the phase change restarts the schedule
