@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             derived = f"--coarse {args.coarse}: the derived schedule is invalid: " if args.coarse else ""
             raise RecipeError(f"{derived}{err}") from None
         run_root = run.run_dir
+        compressed = not recipe.phases[0].as_compression().is_full_resolution  # how an --init is fitted to it
         splits = recipe.task.fold_splits()
         run_dirs = [run_root / f"fold{k + 1}" if recipe.task.folds else run_root for k in range(len(splits))]
         try:
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                                train=replace(recipe.train, stop_when_surpassing=targets[k]),
                                data=data, init=init,
                                init_pos_embed=init_pos_mode(init, recipe.transfer.pos_embed,
-                                                            recipe.transfer.init_pos_embed),
+                                                            recipe.transfer.init_pos_embed, compressed),
                                run_recipe=session.run_recipe,
                                meta={"task": recipe.task.name, "init": recipe.init,
                                      **({"kept_head": True} if args.keep_head and init is not None else {})})

@@ -9,8 +9,9 @@ read as fine-tuning reads ``--init`` (:func:`common.phases.init.load_init`).
 The recipe's ``model`` section says which transformer is trained; the init must hold the same one (width,
 depth, MLP width, qkv bias, prefix tokens; an official ``.pth`` does not store its attention heads, so the
 recipe's are used). Its grid-dependent weights are fitted to the first phase as fine-tuning fits them
-(:func:`common.phases.transition.initial_model`): the positional embedding to the phase's grid (official files and
-ImageNet weights by their code's rule, ``cut``; this package's exports by ``transfer.pos_embed``;
+(:func:`common.phases.transition.initial_model`): the positional embedding to the phase's grid (official files by
+their code's rule, ``cut``, at full resolution and then as a phase change to a compressed first phase; ImageNet
+weights by that rule on the phase's grid; this package's exports by ``transfer.pos_embed``;
 ``transfer.init_pos_embed`` overrides), the patch kernel PI-resized where the patch shape differs. The
 pretext heads are kept where the file has them and their sizes fit (resized like a patch-phase change where
 the patch shape differs), started afresh otherwise. Every decision is one log line and goes into the
@@ -29,8 +30,7 @@ from common.config.recipe import RecipeError
 from common.models.ast.encoder import EncoderConfig
 from common.models.exports import read_weights, resolve_model_file
 from common.models.weights import EncoderWeights
-from common.phases.config import patch_mode_between
-from common.phases.init import init_family, init_pos_mode, load_init
+from common.phases.init import CUT_AT_FULL, init_family, init_patch_mode, init_pos_mode, load_init
 from pretrain.ssast import adapt_heads
 
 __all__ = ["PretrainStart", "HEADS", "load_start", "pretext_heads"]
@@ -179,18 +179,24 @@ def load_start(arg: str, recipe) -> PretrainStart:
     init = init._replace(config=cfg)
     kind = init_family(init)
     fmt = init.meta.get("source", "?")
-    pos_mode = init_pos_mode(init, recipe.transfer.pos_embed, recipe.transfer.init_pos_embed)
-    patch_mode = patch_mode_between(None, recipe.phases[0])
+    pos_mode = init_pos_mode(init, recipe.transfer.pos_embed, recipe.transfer.init_pos_embed,
+                             not recipe.phases[0].as_compression().is_full_resolution)
+    patch_mode = init_patch_mode(init, recipe.phases[0])
     lines = [f"init: {file} ({_KINDS.get(kind, kind)}, {_FORMATS.get(fmt, fmt)}): the encoder starts from its "
              f"weights"]
     if fmt not in ("export", "hf") and guessed != base.num_heads:
         lines.append(f"init: the file does not store its number of attention heads; the recipe's {base.num_heads} "
                      f"are used")
-    rule = "the rule of the file's code" if recipe.transfer.init_pos_embed == "auto" and pos_mode == "cut" else \
-        "transfer.init_pos_embed" if recipe.transfer.init_pos_embed != "auto" else "transfer.pos_embed"
+    rule = "transfer.init_pos_embed" if recipe.transfer.init_pos_embed != "auto" else \
+        "the rule of the file's code" if pos_mode in ("cut", CUT_AT_FULL) else "transfer.pos_embed"
     if cfg.grid == first.grid:
         lines.append(f"init: positional embedding kept: the file's grid {cfg.grid[0]}x{cfg.grid[1]} is the first "
                      f"phase's")
+    elif pos_mode == CUT_AT_FULL:
+        full = base.grid
+        lines.append(f"init: positional embedding {cfg.grid[0]}x{cfg.grid[1]} -> {full[0]}x{full[1]} at full "
+                     f"resolution (cut: {rule}), then -> {first.grid[0]}x{first.grid[1]} for the first phase "
+                     f"({recipe.transfer.pos_embed}, as a phase change)")
     else:
         lines.append(f"init: positional embedding {cfg.grid[0]}x{cfg.grid[1]} -> {first.grid[0]}x{first.grid[1]} "
                      f"for the first phase ({pos_mode}: {rule})")

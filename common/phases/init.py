@@ -5,9 +5,15 @@ the input length from the task; the stride from the recipe (default: the patch, 
 
 The positional embedding of the init is fitted to the first phase's grid as the code the weights come
 from would fit it: official SSAST / AST checkpoints and ImageNet weights with their rule (``cut``: the
-centre of the grid where the task's is smaller, e.g. ESC-50's 512 frames or any coarse phase, bilinear
-where it is larger); this package's exports with ``transfer.pos_embed`` (the paper's bilinear,
-antialiased when it shrinks). ``transfer.init_pos_embed`` overrides the choice.
+centre of the grid where the task's is smaller, e.g. ESC-50's 512 frames, bilinear where it is larger);
+this package's exports with ``transfer.pos_embed`` (the paper's bilinear, antialiased when it shrinks).
+Official weights trained on audio entering a time-compressed first phase (``cut_at_full``) are fitted so to
+the task's full-resolution grid and then carried to the phase's grid as a phase change carries them
+(``transfer.pos_embed``): a compressed phase sees the whole clip at a lower frame rate, not a shorter clip,
+and its positions are the file's positions resampled (a cut would keep the middle quarter of them at x4, which
+the next phase change would stretch over the whole clip). ImageNet weights, whose positions are no time, take
+the rule on the phase's grid, as AST's code given the compressed input. ``transfer.init_pos_embed`` overrides
+the choice.
 
 The classifier pools the tokens as the init's code does (``head.pool: auto``, :func:`init_pool`): AST
 (ImageNet / DeiT weights, official AST checkpoints) takes the mean of the prefix tokens, ``(cls + dist)
@@ -41,7 +47,8 @@ from common.models.weights import EncoderWeights, load_encoder_state
 from common.phases.config import TransferConfig
 from common.system.atomic import atomic_write_text
 
-__all__ = ["InitTransferConfig", "INIT_KINDS", "load_init", "init_family", "INIT_FAMILIES", "task_encoder_config",
+__all__ = ["InitTransferConfig", "CUT_AT_FULL", "INIT_KINDS", "load_init", "init_family", "INIT_FAMILIES",
+           "task_encoder_config",
            "init_kind", "expected_init_note", "init_pos_mode", "init_patch_mode", "init_pool", "resolve_pool",
            "task_encoder", "INIT_RECORD", "record_init", "recorded_init"]
 
@@ -55,10 +62,12 @@ class InitTransferConfig(TransferConfig):
     Args:
         pos_embed: see :class:`common.phases.config.TransferConfig` (phase changes).
         init_pos_embed: how ``--init``'s positional embedding is fitted to the first phase: ``auto``
-            (follow the init, see the module docstring), ``bilinear`` or ``cut``.
+            (follow the init, see the module docstring), ``bilinear``, ``cut`` (the rule of SSAST's and AST's
+            code, on the first phase's grid), or ``cut_at_full`` (that rule on the task's full-resolution grid,
+            then ``pos_embed`` to a compressed first phase's; what ``auto`` takes for official audio weights).
     """
 
-    init_pos_embed: Literal["auto", "bilinear", "cut"] = "auto"
+    init_pos_embed: Literal["auto", "bilinear", "cut", "cut_at_full"] = "auto"
 
 
 def load_init(init: str) -> EncoderWeights | None:
@@ -174,25 +183,29 @@ def expected_init_note(expected: str, init: EncoderWeights | None, init_arg: str
             f"{given}, so this run does not start as the paper's (--set expected_init=any silences this)")
 
 
-def init_pos_mode(init: EncoderWeights | None, default: str, choice: str = "auto") -> str:
+CUT_AT_FULL = "cut_at_full"  # the file's rule on the full-resolution grid, then the phase change's transfer
+
+
+def init_pos_mode(init: EncoderWeights | None, default: str, choice: str = "auto", compressed: bool = False) -> str:
     """How ``init``'s positional embedding is fitted to the task's grid.
 
     Args:
         init: as returned by :func:`load_init`.
         default: the mode for this package's exports (``transfer.pos_embed``).
         choice: ``auto`` (official SSAST / AST checkpoints, in their own files or as Hugging Face directories
-            such as MIT's AST or an official checkpoint this package exported, and ImageNet weights: ``cut``, the
-            rule of SSAST's and AST's fine-tuning code; this package's exports, its Hugging Face exports of them
-            included: ``default``), or the mode to use.
+            such as MIT's AST or an official checkpoint this package exported: ``cut``, the rule of SSAST's and
+            AST's fine-tuning code, applied at full resolution (:data:`CUT_AT_FULL` for a compressed first
+            phase); ImageNet weights: ``cut`` on the first phase's grid; this package's exports, its Hugging Face
+            exports of them included: ``default``), or the mode to use.
+        compressed: whether the first phase is time-compressed (else :data:`CUT_AT_FULL` is plain ``cut``).
     """
-    if choice != "auto":
-        return choice
-    if init is None:
-        return default
-    source = init.meta.get("source")
-    official = source in ("official", "imagenet") or (source == "hf" and (
-        not init.meta.get("own_export") or init.meta.get("origin") == "official"))
-    return "cut" if official else default
+    mode = choice
+    if choice == "auto":
+        source = init.meta.get("source") if init is not None else None
+        official = source == "official" or (source == "hf" and (
+            not init.meta.get("own_export") or init.meta.get("origin") == "official"))
+        mode = CUT_AT_FULL if official else "cut" if source == "imagenet" else default
+    return mode if mode != CUT_AT_FULL or compressed else "cut"
 
 
 def init_pool(init: EncoderWeights | None, cfg) -> str:

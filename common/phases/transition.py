@@ -13,17 +13,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from common.audio.compression import Compression
 from common.models.arch import Architecture
 from common.models.weights import EncoderWeights
 from common.phases.config import PhaseConfig, TransferConfig, patch_mode_between
-from common.phases.init import init_patch_mode
+from common.phases.init import CUT_AT_FULL, init_patch_mode
 
 __all__ = ["initial_model", "next_phase_model"]
 
 
 def initial_model(arch: Architecture, objective, geometry, phase: PhaseConfig, seed: int,
                   init: EncoderWeights | None = None, pos_mode: str = "bilinear",
-                  table_mode: str = "timm") -> nn.Module:
+                  transfer: TransferConfig = TransferConfig()) -> nn.Module:
     """The first phase's model (``objective.build_model``), its encoder from ``init`` if given (and, where the
     objective has ``load_initial_heads(model)``, what it keeps of the init beside the encoder).
 
@@ -34,14 +35,24 @@ def initial_model(arch: Architecture, objective, geometry, phase: PhaseConfig, s
         phase: the phase (its patch transfer applies when the initial kernel shape differs).
         seed: seeds the initialisation of everything the weights do not cover.
         init: initial encoder weights (None: from scratch).
-        pos_mode: how an initial positional embedding is fitted to the phase's grid (AST family).
-        table_mode: how initial relative-position tables are fitted to the phase's windows (HTS-AT:
-            ``transfer.rel_pos_bias``).
+        pos_mode: how an initial positional embedding is fitted to the phase's grid (AST family):
+            ``bilinear``, ``cut``, or ``cut_at_full`` (``common.phases.init.CUT_AT_FULL``: cut to the
+            full-resolution grid, then carried to a compressed phase's as a phase change carries weights).
+        transfer: the recipe's transfer settings (HTS-AT: ``rel_pos_bias`` fits initial relative-position
+            tables to the phase's windows; the second step of ``cut_at_full``).
     """
     torch.manual_seed(seed)
     model = objective.build_model(geometry)
     if init is not None:
-        arch.load_weights(model.encoder, init, geometry, pos_mode, init_patch_mode(init, phase), table_mode)
+        full = arch.geometry(Compression())
+        if pos_mode == CUT_AT_FULL and geometry != full:  # as a full-resolution start, then a phase change
+            encoder = arch.build_encoder(full)
+            arch.load_weights(encoder, init, full, "cut", init_patch_mode(init), transfer.rel_pos_bias)
+            state = arch.adapt_state(encoder.state_dict(), full, geometry, transfer, patch_mode_between(None, phase))
+            model.encoder.load_state_dict(state)
+        else:
+            arch.load_weights(model.encoder, init, geometry, "cut" if pos_mode == CUT_AT_FULL else pos_mode,
+                              init_patch_mode(init, phase), transfer.rel_pos_bias)
         load_heads = getattr(objective, "load_initial_heads", None)  # an objective's own parts of the init
         if load_heads is not None:
             load_heads(model)

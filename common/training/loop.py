@@ -105,8 +105,7 @@ class Trainer(PhaseMachinery):
                         f"a model from it here (only a run that resumes from its checkpoints goes on without it)")
                 model = initial_model(self.arch, self.objective, self.cfgs[index], self.spec.phases[index],
                                       self.spec.train.seed + index, init,
-                                      self.spec.init_pos_embed or self.spec.transfer.pos_embed,
-                                      self.spec.transfer.rel_pos_bias)
+                                      self.spec.init_pos_embed or self.spec.transfer.pos_embed, self.spec.transfer)
                 if init is not None:
                     log.info("initialised the encoder from %s", self.spec.meta.get("init", "the given weights"))
                 self._seed_rank(index)

@@ -153,8 +153,14 @@ def test_official_inits_follow_their_codes_rule_and_exports_the_recipe():
         EncoderWeights(None, None, {"source": "imagenet"}), \
         EncoderWeights(None, None, {"source": "export", "objective": "ssast"})
     assert init_pos_mode(official, "bilinear") == init_pos_mode(imagenet, "bilinear") == "cut"  # SSAST / AST
+    # a compressed first phase: official audio weights cut at full resolution, then carried as a phase change;
+    # ImageNet weights (no time axis) by AST's rule on the phase's grid
+    assert init_pos_mode(official, "bilinear", compressed=True) == "cut_at_full"
+    assert init_pos_mode(imagenet, "bilinear", compressed=True) == "cut"
     assert init_pos_mode(export, "bilinear") == "bilinear" and init_pos_mode(None, "cut") == "cut"
     assert init_pos_mode(official, "bilinear", "bilinear") == "bilinear"  # transfer.init_pos_embed
+    assert init_pos_mode(imagenet, "bilinear", "cut_at_full", compressed=True) == "cut_at_full"
+    assert init_pos_mode(official, "bilinear", "cut", compressed=True) == "cut"  # the former default, on request
     recipe = load_recipe("esc50", overrides=["transfer.init_pos_embed=bilinear"])
     assert (recipe.transfer.pos_embed, recipe.transfer.init_pos_embed) == ("bilinear", "bilinear")
     with pytest.raises(ValueError, match="transfer.init_pos_embed"):
@@ -195,3 +201,39 @@ def test_an_export_of_a_patch_phase_starts_a_task_at_full_resolution(transfer):
     assert not torch.allclose(expected, other["patch_embed.proj.weight"])
     frozen = task_encoder(init, cfg)  # a linear probe's encoder: the same kernel as fine-tuning's start
     assert torch.equal(frozen.patch_embed.proj.weight.detach(), expected)
+
+
+@pytest.mark.parametrize("compression", [Compression("fshift", 4), Compression("patch", 4, "bilinear")])
+def test_official_weights_enter_a_compressed_phase_as_a_full_resolution_start_then_a_phase_change(tmp_path,
+                                                                                                      compression):
+    """An official SSAST checkpoint fine-tuned with a compressed first phase: its positional embedding is fitted to
+    the task's full-resolution grid by SSAST's rule (here the same grid: kept), then carried to the phase's grid as
+    a phase change carries it (bilinear over the whole clip), not centre-cut to the phase's grid (the middle
+    quarter of the positions at x4, which the next phase change would stretch over the clip)."""
+    from common.models.arch import architecture_for
+    from common.models.weights import load_encoder_state
+    from common.phases.config import PhaseConfig, TransferConfig
+    from common.phases.init import init_pos_mode
+    from common.phases.transition import initial_model
+    from finetune.classifier import AugmentConfig, ClassifierObjective
+    from tests.helpers import ssast_pretrained_state
+
+    path = tmp_path / "SSAST-Tiny-Patch-400.pth"
+    torch.save(ssast_pretrained_state(dim=32, fdim=64, tdim=128), path)
+    init = load_encoder_state(str(path))
+    full = init.config.replace(num_heads=2)
+    init = init._replace(config=full)
+    phase = PhaseConfig(compression=compression.method, factor=4, patch_transfer=compression.patch_transfer or "pi",
+                        epochs=1)
+    coarse = compression.encoder_config(full)
+    mode = init_pos_mode(init, "bilinear", compressed=True)
+    objective = ClassifierObjective(["a", "b"], "acc", "ce", AugmentConfig())
+    model = initial_model(architecture_for(full), objective, coarse, phase, 0, init, mode, TransferConfig())
+    expected = resample_pos_embed(init.state["pos_embed"], full.grid, coarse.grid, 2, "bilinear")
+    centre = resample_pos_embed(init.state["pos_embed"], full.grid, coarse.grid, 2, "cut")
+    assert mode == "cut_at_full" and full.grid == (4, 8) and coarse.grid == (4, 2)
+    assert torch.allclose(model.encoder.pos_embed.detach(), expected, atol=1e-6)
+    assert not torch.allclose(expected, centre)
+    direct = initial_model(architecture_for(full), objective, coarse, phase, 0, init, "cut", TransferConfig())
+    assert torch.equal(direct.encoder.pos_embed.detach(), centre)  # transfer.init_pos_embed: cut, as before
+    assert torch.equal(direct.encoder.patch_embed.proj.weight, model.encoder.patch_embed.proj.weight)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from common.config.recipe import RecipeError
+from common.models.ast.resize import resample_pos_embed
 from common.models.exports import read_weights
 from common.phases.transition import initial_model
 from pretrain.init import load_start
@@ -66,16 +67,21 @@ def test_an_official_ssast_checkpoint_continues_coarse_to_fine_with_its_heads(tm
     start = load_start(str(path), recipe)
     model = first_model(start, recipe)
     state = model.state_dict()
-    # at step 0 the heads and the mask embedding are the file's, the positional embedding its centre columns
+    # at step 0 the heads and the mask embedding are the file's; the positional embedding is the file's centre
+    # columns for the full-resolution grid (SSAST's rule for a shorter input, 16 -> 8 time columns), carried to the
+    # x4 phase's 2 columns as a phase change carries it (bilinear), not the centre 2 of the file's 16
     for key in HEAD_KEYS + ["mask_embed"]:
         assert torch.equal(state[key], sd[f"module.{key}"]), key
-    grid = sd["module.v.pos_embed"][:, 2:].reshape(1, 8, 16, 32)[:, :, 7:9]  # 16 -> 2 time columns (phase 1, x4)
-    assert torch.equal(state["encoder.pos_embed"][:, 2:], grid.reshape(1, 16, 32))
+    full = sd["module.v.pos_embed"][:, 2:].reshape(1, 8, 16, 32)[:, :, 4:12]
+    expected = resample_pos_embed(torch.cat([sd["module.v.pos_embed"][:, :2], full.reshape(1, 64, 32)], 1), (8, 8),
+                                  (8, 2), 2, "bilinear")
+    assert torch.allclose(state["encoder.pos_embed"], expected, atol=1e-6)
     assert torch.equal(state["encoder.blocks.1.mlp.fc2.weight"], sd["module.v.blocks.1.mlp.fc2.weight"])
     # the plan says every decision, one line each
     assert pretrain(tmp_path / "plan", synth_corpus, path, dry=True) == 0
     out = capsys.readouterr().out
-    assert "init: positional embedding 8x16 -> 8x2 for the first phase (cut" in out
+    assert "init: positional embedding 8x16 -> 8x8 at full resolution (cut: the rule of the file's code), then -> " \
+           "8x2 for the first phase (bilinear, as a phase change)" in out
     assert "init: cpredlayer (the MPC head) kept from the file" in out and "mask_embed (the mask embedding) kept" in out
     assert not (tmp_path / "plan").exists()
     # the run: stopped after one step, the file removed, resumed: the run needs its checkpoints only
@@ -88,7 +94,7 @@ def test_an_official_ssast_checkpoint_continues_coarse_to_fine_with_its_heads(tm
     record = ledger(run_dir)["init"]
     assert (record["source"], record["kind"], record["format"]) == (str(path), "ssast", "official")
     assert record["kept"] == ["cpredlayer", "gpredlayer", "mask_embed"] and record["fresh"] == []
-    assert record["pos_embed"] == {"from": [8, 16], "to": [8, 2], "mode": "cut"}
+    assert record["pos_embed"] == {"from": [8, 16], "to": [8, 2], "mode": "cut_at_full"}
     log = (run_dir / "train.log").read_text()
     assert "init: gpredlayer (the MPG head) kept from the file" in log
     assert f"--init {path} is not read: the run resumes from its checkpoints (it started from {path})" in log
@@ -198,10 +204,10 @@ def test_short_clips_plan_and_run_with_the_models_input_length(tmp_path, synth_c
     # the plan with that setting has nothing to warn about, and the run works from the official checkpoint
     assert pretrain(tmp_path / "plan", synth_corpus, path, f"audio.target_frames={frames}", dry=True) == 0
     out = capsys.readouterr().out
-    assert "warning: data.train.0" not in out and "positional embedding 8x16 -> 8x3 for the first phase (cut" in out
+    assert "warning: data.train.0" not in out and "positional embedding 8x16 -> 8x12 at full resolution (cut" in out
     run_dir = tmp_path / "run"
     assert pretrain(run_dir, synth_corpus, path, f"audio.target_frames={frames}") == 0
-    assert ledger(run_dir)["init"]["pos_embed"] == {"from": [8, 16], "to": [8, 3], "mode": "cut"}
+    assert ledger(run_dir)["init"]["pos_embed"] == {"from": [8, 16], "to": [8, 3], "mode": "cut_at_full"}
     from common.models.weights import load_encoder
 
     assert load_encoder(run_dir).cfg.grid == (8, 12)
@@ -271,3 +277,29 @@ def test_every_rank_starts_from_the_file_with_the_deepspeed_launcher(tmp_path, s
     assert record["kept"] == ["cpredlayer", "gpredlayer", "mask_embed"]
     assert [p["world_size"] for p in ledger(run_dir)["phases"]] == [ranks, ranks]
     assert (run_dir / "train.log").read_text().count("init: cpredlayer (the MPC head) kept from the file") == 1
+
+
+def test_an_export_of_a_bilinear_patch_phase_leaves_it_by_that_transfer_and_says_so(synth_corpus, monkeypatch):
+    """A p x Cp export of a ``patch_transfer: bilinear`` phase continued into a frame-shift phase: its kernel leaves
+    the patch phase by bilinear resizing, as the run's own phase change would have, and the plan line and the
+    ledger's ``init.patch_embed.mode`` say bilinear (they said pi, the default, while the kernel was resized
+    bilinearly)."""
+    from common.audio.compression import Compression
+    from common.models.ast.encoder import ASTEncoder
+    from common.models.ast.resize import resample_patch_kernel
+    from common.models.weights import EncoderWeights
+    from pretrain import init as init_module
+
+    recipe = recipe_of(synth_corpus)
+    coarse = Compression("patch", 4, "bilinear").encoder_config(recipe.base)
+    torch.manual_seed(0)
+    state = ASTEncoder(coarse).state_dict()
+    weights = EncoderWeights(coarse, state, {"source": "export", "objective": "ssast", "file": "phase1.safetensors",
+                                             "phase": {"index": 1, "of": 2, "compression": "patch", "factor": 4,
+                                                       "patch_transfer": "bilinear"}})
+    monkeypatch.setattr(init_module, "load_init", lambda arg: weights)
+    start = load_start("phase1.safetensors", recipe)
+    assert start.record["patch_embed"] == {"from": [16, 64], "to": [16, 16], "mode": "bilinear"}
+    assert any("(bilinear-resized" in line for line in start.lines), start.lines
+    kernel = first_model(start, recipe).encoder.patch_embed.proj.weight.detach()
+    assert torch.equal(kernel, resample_patch_kernel(state["patch_embed.proj.weight"], (16, 16), "bilinear"))
