@@ -95,14 +95,25 @@ def _model_words(model) -> str:
     return f"{model.size}, patch {model.patch[0]}x{model.patch[1]}"
 
 
-def _cautions(recipe, audio) -> list[str]:
-    """What may be intended but is probably not: statistics computed for another clip length."""
+def _cautions(recipe, audio, world_size: int) -> list[str]:
+    """What may be intended but is probably not: statistics computed for another clip length; mixup that cannot
+    mix (a micro-batch of one clip)."""
     from common.data.preflight import norm_mismatch
+    from common.training.batch import phase_splits
 
-    if recipe.model.arch != "ast":  # HTS-AT normalises with its own BatchNorm, not these statistics
-        return []
-    caution = norm_mismatch(recipe.task.norm, audio.target_frames, audio.num_mel_bins, "task.norm")
-    return [caution] if caution else []
+    cautions = []
+    if recipe.model.arch == "ast":  # HTS-AT normalises with its own BatchNorm, not these statistics
+        caution = norm_mismatch(recipe.task.norm, audio.target_frames, audio.num_mel_bins, "task.norm")
+        cautions += [caution] if caution else []
+    if recipe.augment.mixup > 0:
+        splits = phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)
+        alone = [phase.label(i) for i, (phase, split) in enumerate(zip(recipe.phases, splits)) if split.per_rank < 2]
+        if alone:
+            cautions.append(f"augment.mixup: {', '.join(alone)} {'has' if len(alone) == 1 else 'have'} one clip "
+                            f"per micro-batch on {world_size} rank(s), and mixup takes each clip's partner from its "
+                            f"own micro-batch: no clip is mixed there; give each rank 2 or more clips per "
+                            f"micro-batch (fewer ranks, a larger data.max_batch_per_rank, a smaller optim.grad_accum)")
+    return cautions
 
 
 def _surpass_targets(recipe, run_dirs: list[Path], restart: bool) -> list[str | None]:
@@ -287,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             missing.append(str(err))
             targets = [None] * len(run_dirs)
-        cautions = ([mismatch] if mismatch else []) + _cautions(recipe, audio)
+        cautions = ([mismatch] if mismatch else []) + _cautions(recipe, audio, world_size)
         if args.dry_run:
             o = recipe.optim
             print(format_plan(run, *_stated_batch(args.task, args.recipe),

@@ -422,6 +422,17 @@ def test_a_dry_run_lists_a_run_dir_the_run_would_refuse(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+def test_a_plan_says_when_mixup_cannot_mix(tmp_path, capsys):
+    """Mixup takes a clip's partner from its own micro-batch: AudioSet's batch of 12 on 12 ranks (one clip per rank)
+    mixes nothing, and the plan says so; on 6 ranks (two clips each) it mixes, and the plan is quiet."""
+    for ranks, said in ((12, True), (6, False)):
+        assert finetune(["--init", "none", "--task", "audioset", "--dry-run", "--world-size", str(ranks),
+                         "--data-root", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert ("warning: augment.mixup: phase1 (full resolution) has one clip per micro-batch on 12 rank(s)" in out) \
+            is said, out
+
+
 @pytest.mark.slow
 def test_the_demo_writes_its_reports_and_plots(tmp_path):
     from finetune.demo import run
