@@ -49,6 +49,20 @@ def test_a_csv_row_without_a_label_is_warned_about_and_a_single_label_task_refus
     assert "single-label task" in err and not (clips / "run").exists()
 
 
+def test_a_clip_with_several_labels_is_refused_by_a_single_label_task(clips, capsys):
+    """A multi-label CSV (``dog;cat``) under a task file that trains with cross-entropy: each of a clip's labels
+    counted as a whole target (a loss twice AST's); now one line names the clip and its labels, before the run."""
+    rows = ["clips/c0.wav,dog,train", "clips/c1.wav,dog;cat,train", "clips/c4.wav,dog,valid", "clips/c5.wav,cat,valid"]
+    (clips / "list.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    assert corpora(["prepare", "custom", "--csv", str(clips / "list.csv"), "--out", str(clips / "out"),
+                    "--name", "mine"]) == 0
+    capsys.readouterr()
+    assert finetune(["--init", "none", "--task", _task_file(clips), "--run-dir", str(clips / "run"), *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: task.train.0: 1 clip(s) of ") and "(e.g. clip clips-c1: 'dog', 'cat')" in err
+    assert "task.loss: bce, task.metric: map" in err and len(err.splitlines()) == 1 and not (clips / "run").exists()
+
+
 def test_a_label_outside_the_class_list_is_refused_before_any_compute(clips, capsys):
     """A manifest and a class list from different preparations: the run stopped with a worker's traceback when
     the clip's batch was drawn; now one line names the key, the clip and the label, before the run starts."""

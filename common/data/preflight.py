@@ -158,9 +158,9 @@ _LABELS = re.compile(rb'"labels":\s*(\[[^\]]*\])')
 
 def check_labels(path: str | os.PathLike, key: str, classes: str | os.PathLike | Sequence[str] | None = None,
                  single_label: bool = True) -> None:
-    """The clips' labels of a ``.jsonl(.gz)`` manifest, before any compute: every clip has one where a
-    single-label task needs it (accuracy counts an unlabeled clip as class 0; cross-entropy learns nothing
-    from it), and every label is in the class list ``classes`` (its file, or the classes themselves; a clip with
+    """The clips' labels of a ``.jsonl(.gz)`` manifest, before any compute: every clip has one, and only one, where
+    a single-label task needs it (accuracy counts an unlabeled clip as class 0; cross-entropy learns nothing
+    from it, and counts each of several labels as a whole target), and every label is in the class list ``classes`` (its file, or the classes themselves; a clip with
     another would stop the run when its batch is drawn). Only each line's label list is parsed (about a second
     per 100,000 clips); Shar folders, missing files and an unreadable class list are left to the other checks.
 
@@ -178,7 +178,7 @@ def check_labels(path: str | os.PathLike, key: str, classes: str | os.PathLike |
             known = set(read_classes(_expand(classes))[0])
         except (OSError, ValueError, AttributeError):
             known = None  # check_classes says why
-    unlabeled, unknown = [0, None], [0, None, None]
+    unlabeled, unknown, several = [0, None], [0, None, None], [0, None, None]
     try:
         with open_lines(path) as handle:
             for line in handle:
@@ -192,6 +192,10 @@ def check_labels(path: str | os.PathLike, key: str, classes: str | os.PathLike |
                 if single_label and not labels:
                     unlabeled[0] += 1
                     unlabeled[1] = unlabeled[1] or _clip_id(line)
+                if single_label and len(set(labels)) > 1:
+                    several[0] += 1
+                    if several[1] is None:
+                        several[1], several[2] = _clip_id(line), labels
                 strange = [label for label in labels if known is not None and label not in known]
                 if strange:
                     unknown[0] += 1
@@ -203,6 +207,11 @@ def check_labels(path: str | os.PathLike, key: str, classes: str | os.PathLike |
         raise RecipeError(f"{key}: {unlabeled[0]} clip(s) of {path} have no label (e.g. {unlabeled[1]}); a "
                           f"single-label task (metric acc or loss ce) needs one label per clip: give them their label, "
                           f"or prepare them as unlabeled audio (--unlabeled, the pool split, for pretraining)")
+    if several[0]:
+        raise RecipeError(f"{key}: {several[0]} clip(s) of {path} have several labels (e.g. clip {several[1]}: "
+                          f"{', '.join(map(repr, several[2]))}); a single-label task (metric acc or loss ce) needs one "
+                          f"label per clip (cross-entropy would count each label as a whole target): give each clip "
+                          f"one, or train the task as multi-label (task.loss: bce, task.metric: map)")
     if unknown[0]:
         raise RecipeError(f"{key}: {unknown[0]} clip(s) of {path} have labels that are not in the class list "
                           f"{named} (e.g. clip {unknown[1]}: {unknown[2]!r}); prepare the manifest and its class "
