@@ -91,6 +91,10 @@ class FinetuneRecipe:
                              f"{last - (start or 1) + 1} (epochs {start or 1}-{last})")
         if self.data.train or self.data.valid:
             raise ValueError("data.train / data.valid: fine-tuning takes its manifests from the task section")
+        if self.model.arch == "htsat" and self.augment.noise:
+            raise ValueError("augment.noise: SSAST's fbank noise belongs to the AST family (model.arch: ast); HTS-AT "
+                             "has none: --set augment.noise=false, or HTS-AT's published recipe (--set defaults=auto "
+                             "with an HTS-AT init, recipes/htsat_*.yaml)")
         check_schedule(self.phases, self.train.stop_when_surpassing, True, self.train.weight_average_from)
 
     def audio(self, num_mel_bins: int | None = None) -> AudioConfig:

@@ -95,13 +95,22 @@ def _model_words(model) -> str:
     return f"{model.size}, patch {model.patch[0]}x{model.patch[1]}"
 
 
-def _cautions(recipe, audio, world_size: int) -> list[str]:
+def _cautions(recipe, audio, world_size: int, args) -> list[str]:
     """What may be intended but is probably not: statistics computed for another clip length; mixup that cannot
-    mix (a micro-batch of one clip)."""
+    mix (a micro-batch of one clip); HTS-AT trained with a registered task's own recipe, which is the AST family's."""
     from common.data.preflight import norm_mismatch
     from common.training.batch import phase_splits
+    from finetune.recipe import is_task_file
 
     cautions = []
+    keys = [item.split("=", 1)[0].strip() for item in args.overrides]
+    if recipe.model.arch == "htsat" and not is_task_file(args.task) and args.recipe is None and \
+            "defaults" not in keys and any(key in ("model", "model.arch") for key in keys):
+        o = recipe.optim
+        cautions.append(f"model.arch: htsat trains with task {recipe.task.name}'s own recipe, the AST family's "
+                        f"({o.optimizer}, lr {o.lr:g}, {o.schedule} schedule, SpecAugment {recipe.augment.freqm} / "
+                        f"{recipe.augment.timem}); HTS-AT's published settings: --set defaults=auto with an HTS-AT "
+                        f"init, or --recipe recipes/htsat_*.yaml")
     if recipe.model.arch == "ast":  # HTS-AT normalises with its own BatchNorm, not these statistics
         caution = norm_mismatch(recipe.task.norm, audio.target_frames, audio.num_mel_bins, "task.norm")
         cautions += [caution] if caution else []
@@ -298,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             missing.append(str(err))
             targets = [None] * len(run_dirs)
-        cautions = ([mismatch] if mismatch else []) + _cautions(recipe, audio, world_size)
+        cautions = ([mismatch] if mismatch else []) + _cautions(recipe, audio, world_size, args)
         if args.dry_run:
             o = recipe.optim
             print(format_plan(run, *_stated_batch(args.task, args.recipe),

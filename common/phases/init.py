@@ -120,8 +120,12 @@ def task_encoder_config(init: EncoderWeights | None, model: ModelSpec, num_mel_b
         ValueError: naming ``model.arch`` when the init holds the other architecture.
     """
     if init is not None and init.arch != model.arch:
-        raise ValueError(f"model.arch: --init holds an {init.arch} model but the recipe trains {model.arch}; use a "
-                         f"recipe for {init.arch} (e.g. --set model.arch={init.arch}, or recipes/ft_htsat_*.yaml)")
+        if init.arch == "htsat":
+            raise ValueError("model.arch: --init holds an HTS-AT model but the recipe trains the AST family; use "
+                             "HTS-AT's published recipe: --set defaults=auto (a registered task then follows the "
+                             "init), or --recipe recipes/htsat_<task>.yaml / recipes/ft_htsat_<task>_fshift4.yaml")
+        raise ValueError(f"model.arch: --init holds an {init.arch} model (the AST family) but the recipe trains "
+                         f"{model.arch}; leave out the HTS-AT recipe or --set model.arch={model.arch}")
     if model.arch == "htsat":
         if init is None:
             return model.htsat_config

@@ -119,6 +119,26 @@ def test_hts_at_cannot_do_what_it_cannot_and_says_so(tmp_path, synth_corpus, cap
                                                               "model.num_heads=null"])
 
 
+def test_an_htsat_init_on_an_ast_recipe_is_pointed_at_htsats_recipe(tmp_path, capsys):
+    """An HTS-AT checkpoint on a registered task, whose own recipe is the AST family's: the refusal points at HTS-AT's
+    published recipe (--set defaults=auto), which plans; --set model.arch=htsat alone is refused before the run where
+    the task's recipe has SSAST's fbank noise (it stopped at step 1), and warned about where it has not (the
+    optimiser, schedule and SpecAugment stay AST's)."""
+    init = tmp_path / "HTSAT_AudioSet.ckpt"
+    save_lightning(official_state(), init)
+    base = ["--init", str(init), "--dry-run", "--data-root", str(tmp_path)]
+    assert finetune([*base, "--task", "esc50"]) == 2
+    err = capsys.readouterr().err
+    assert "--init holds an HTS-AT model but the recipe trains the AST family" in err and "defaults=auto" in err
+    assert finetune([*base, "--task", "esc50", "--set", "defaults=auto"]) == 0
+    assert "HTS-AT ESC-50 recipe" in capsys.readouterr().out
+    assert finetune([*base, "--task", "esc50", "--set", "model.arch=htsat"]) == 2
+    assert "error: augment.noise: SSAST's fbank noise belongs to the AST family" in capsys.readouterr().err
+    assert finetune([*base, "--task", "vggsound", "--set", "model.arch=htsat"]) == 0
+    assert "warning: model.arch: htsat trains with task vggsound's own recipe, the AST family's (adam, lr 1e-05" \
+        in capsys.readouterr().out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("classes", [527, 50, 5])
 def test_an_official_checkpoint_classifies_with_predict(tmp_path, capsys, classes):
