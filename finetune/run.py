@@ -67,17 +67,23 @@ def _stated_batch(task: str, recipe_path: Path | None) -> tuple[int | None, str]
                                 else f"the {Path(task).stem} task's recipe")
 
 
-def _classes(recipe, planning: bool) -> tuple[list[str], dict[str, str]]:
-    """The task's classes; a plan (``--dry-run``) without the class list counts them from the task."""
+PLANNED_CLASSES = 32  # a plan's head where neither the class list nor task.num_classes says (it barely moves a plan)
+
+
+def _classes(recipe, planning: bool, notes: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The task's classes; a plan (``--dry-run``) without the class list counts them from the task (``num_classes``),
+    or plans a head of :data:`PLANNED_CLASSES` and says so (a task whose classes are the user's list)."""
     from common.data.corpora.base import read_classes
 
     path = recipe.task.path(recipe.task.classes)
     if Path(path).is_file() or not planning:
         return read_classes(path)
-    if recipe.task.num_classes is None:
-        raise FileNotFoundError(f"task.classes: {path} does not exist, and the task does not say how many classes "
-                                f"it has (task.num_classes): the plan needs one or the other")
-    return [f"class_{i}" for i in range(recipe.task.num_classes)], {}
+    count = recipe.task.num_classes
+    if count is None:
+        count = PLANNED_CLASSES
+        notes.append(f"classes: {path} does not exist yet and the task does not say how many it has "
+                     f"(task.num_classes); planned with a head of {count} (a run reads the list)")
+    return [f"class_{i}" for i in range(count)], {}
 
 
 def _init_hint(init: str) -> str:
@@ -257,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             missing = problems([*file_checks(recipe), run_dir_check(_run_root(args, recipe))])
         else:
             check_files(recipe)  # class list, manifests, statistics: before any compute or run directory
-        classes, names = _classes(recipe, planning=args.dry_run)
+        classes, names = _classes(recipe, planning=args.dry_run, notes=notes)
         try:
             try:
                 init = early if have_early and recipe.init == args.init else load_init(recipe.init)

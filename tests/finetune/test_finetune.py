@@ -422,6 +422,18 @@ def test_a_dry_run_lists_a_run_dir_the_run_would_refuse(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+def test_every_registered_task_plans_before_its_data_exist(tmp_path, capsys):
+    """--dry-run plans a registered task before its corpus is prepared, Kinetics-Sounds too, whose classes are the
+    user's list (its head planned at a stated size); what a run would miss is listed."""
+    for name in TASKS:
+        if name == "synth":
+            continue
+        assert finetune(["--init", "none", "--task", name, "--dry-run", "--data-root", str(tmp_path)]) == 0, name
+        out = capsys.readouterr().out
+        assert "files a run needs and does not find" in out and "task.classes: class list" in out, name
+        assert ("planned with a head of 32" in out) is (name == "kinetics_sounds"), name
+
+
 def test_a_plan_says_when_mixup_cannot_mix(tmp_path, capsys):
     """Mixup takes a clip's partner from its own micro-batch: AudioSet's batch of 12 on 12 ranks (one clip per rank)
     mixes nothing, and the plan says so; on 6 ranks (two clips each) it mixes, and the plan is quiet."""
