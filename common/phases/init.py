@@ -140,7 +140,7 @@ def task_encoder_config(init: EncoderWeights | None, model: ModelSpec, num_mel_b
     if written.method == "patch":  # an export of a p x Cp phase: full resolution is its p x p (paper section 2.3)
         cfg = cfg.replace(tshape=cfg.tshape // written.factor, tstride=cfg.tstride // written.factor)
     fstride, tstride = (cfg.fstride, cfg.tstride) if keep_stride else model.stride or (cfg.fshape, cfg.tshape)
-    if init.meta.get("source") in ("hf", "export") and (fstride, tstride) != (cfg.fstride, cfg.tstride):
+    if init.meta.get("source") in ("hf", "export", "official") and (fstride, tstride) != (cfg.fstride, cfg.tstride):
         log.warning("the init was trained with patch stride %dx%d; this run uses %dx%d (model.stride; default: the "
                     "patch, no overlap); --set model.stride=[%d,%d] keeps it", cfg.fstride, cfg.tstride, fstride,
                     tstride, cfg.fstride, cfg.tstride)

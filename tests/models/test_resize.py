@@ -237,3 +237,23 @@ def test_official_weights_enter_a_compressed_phase_as_a_full_resolution_start_th
     direct = initial_model(architecture_for(full), objective, coarse, phase, 0, init, "cut", TransferConfig())
     assert torch.equal(direct.encoder.pos_embed.detach(), centre)  # transfer.init_pos_embed: cut, as before
     assert torch.equal(direct.encoder.patch_embed.proj.weight, model.encoder.patch_embed.proj.weight)
+
+
+@pytest.mark.parametrize("source", ["official", "hf", "export", "imagenet"])
+def test_a_changed_patch_stride_of_an_audio_init_is_said(source, caplog):
+    """An init trained on audio with overlapping patches (AST's AudioSet checkpoints: stride 10, a 12 x 101 grid)
+    re-strided to the recipe's non-overlapping patches is a warning naming the setting that keeps it; ImageNet
+    weights have no audio stride to keep."""
+    import logging
+
+    from common.models.ast.encoder import EncoderConfig
+    from common.models.spec import ModelSpec
+    from common.models.weights import EncoderWeights
+    from common.phases.init import task_encoder_config
+
+    init = EncoderWeights(EncoderConfig(fstride=10, tstride=10, input_tdim=1024), None, {"source": source})
+    with caplog.at_level(logging.WARNING):
+        cfg = task_encoder_config(init, ModelSpec(), 128, 1024)
+    assert (cfg.fstride, cfg.tstride) == (16, 16)
+    said = [r.getMessage() for r in caplog.records if "trained with patch stride 10x10" in r.getMessage()]
+    assert bool(said) is (source != "imagenet") and all("--set model.stride=[10,10] keeps it" in m for m in said)
