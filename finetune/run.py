@@ -337,8 +337,14 @@ def main(argv: list[str] | None = None) -> int:
             for caution in cautions:
                 log.warning("%s", caution)
             log.info("classifier pooling: %s (head.pool: %s)", head.pool, recipe.head.pool)
+            used = 0  # --stop-after-steps counts the steps of the whole command, every fold's
             for k, (train, valid) in enumerate(splits):
                 run_dir = run_dirs[k]
+                budget = None if args.stop_after_steps is None else args.stop_after_steps - used
+                if budget is not None and budget <= 0:
+                    log.info("stopped after %d steps as asked; run the same command again to resume", used)
+                    done = False
+                    break
                 data = replace(recipe.data, train=[ManifestSpec(p) for p in train], valid=valid,
                                balanced=recipe.task.balanced)
                 spec = RunSpec(run_dir=run_dir, base=base, audio=audio,
@@ -353,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("fine-tuning on %s%s into %s (init: %s)", recipe.task.name,
                          f" fold {k + 1}/{len(splits)}" if recipe.task.folds else "", run_dir, recipe.init)
                 trainer = Trainer(spec, objective, dist, run)
-                done = trainer.run(stop_after=args.stop_after_steps)
+                done = trainer.run(stop_after=budget)
+                used += trainer.steps_taken
                 if not done:
                     break
                 if recipe.task.test and dist.is_main:  # the run's accounting of audio, without a limit

@@ -63,6 +63,7 @@ class Trainer(PhaseMachinery):
         self._stopped_by: int | None = None  # the signal that stopped this call (common.system.signals)
         self._window: dict = {}  # the open log window's loss sums on this rank, and "_n" (see RunRecord.log_window)
         self._saved_at: tuple[int, int] | None = None  # (phase, total steps) of this call's last checkpoint
+        self.steps_taken = 0  # optimiser steps of the last call of run() (a command's budget spans several runs)
 
     # ------------------------------------------------------------------------------------- the run
     def run(self, stop_after: int | None = None) -> bool:
@@ -85,7 +86,7 @@ class Trainer(PhaseMachinery):
         if record.state.phase_done and not record.state.phase_closed:  # resumed at a phase end: what follows it
             record.restart_clock()  # reading the checkpoint and building the model are no training time
             self._complete_phase(model, record.state.phase, scheduler=None)
-        steps_this_call = 0
+        steps_this_call = self.steps_taken = 0
         while not (record.state.phase_done and record.state.phase == last):
             index = record.state.phase
             if record.state.phase_done:
@@ -120,6 +121,7 @@ class Trainer(PhaseMachinery):
             budget = None if stop_after is None else stop_after - steps_this_call
             finished, steps = self._train_phase(engine, index, budget)
             steps_this_call += steps
+            self.steps_taken = steps_this_call
             model = release_engine(engine)  # the bare model: the engine's hooks, optimizer state, gradients released
             del engine
             if not finished:

@@ -538,3 +538,33 @@ def test_a_cosine_schedule_decays_over_an_epoch_based_phase(tmp_path, synth_corp
     for lrs in (first, second):  # down to min_lr at the phase's last step, falling all the way
         assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(1e-6), lrs
     assert second[0] > first[-1] * 10  # the phase change restarts the schedule
+
+
+@pytest.mark.slow
+def test_stop_after_steps_counts_the_steps_of_every_fold(tmp_path, synth_corpus, caplog):
+    """``--stop-after-steps N`` is N optimiser steps of the command, across the folds of a cross-validation (each
+    fold got the whole budget, so a 5-fold run took up to 5 N steps); the command run again goes on."""
+    import logging
+
+    data = _synth_root(tmp_path, synth_corpus)
+    folds = "task.folds=[synth/synth_train.jsonl.gz, synth/synth_valid.jsonl.gz, synth/synth_test.jsonl.gz]"
+    command = ["--init", "none", "--task", "synth", "--data-root", str(data), "--run-dir", str(tmp_path / "cv"),
+               *sets(*TINY, "phases=[{compression: none, epochs: 1}]", folds, "task.train=[]", "task.valid=[]",
+                     "task.test=[]")]
+
+    def steps() -> list[int]:  # each fold's steps, as its newest checkpoint holds them
+        out = []
+        for k in (1, 2, 3):
+            latest = tmp_path / "cv" / f"fold{k}" / "checkpoints" / "LATEST"
+            state = latest.parent / latest.read_text().strip() / "trainer_state.json" if latest.is_file() else None
+            out.append(json.loads(state.read_text())["state"]["total_steps"] if state else 0)
+        return out
+
+    with caplog.at_level(logging.INFO):
+        assert finetune([*command, "--stop-after-steps", "8"]) == 0
+    per_fold = steps()
+    assert per_fold == [6, 2, 0], per_fold  # fold 1 whole (6 steps), 2 of fold 2, none of fold 3
+    assert not (tmp_path / "cv" / "cv_summary.json").exists()
+    assert any("stopped after 2 steps as asked" in r.getMessage() for r in caplog.records)
+    assert finetune(command) == 0  # resumed: fold 2 from its checkpoint, then fold 3, then the summary
+    assert (tmp_path / "cv" / "cv_summary.json").is_file() and steps() == [6, 9, 9]  # each fold to its end
