@@ -1224,6 +1224,12 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
     """
     cuts = open_cuts(data.train, seed=seed, in_memory_max=data.full_shuffle_max,
                      index_dir=(data.index_dir or DEFAULT_INDEX_DIR) if data.shuffle == "full" else None)
+    shar = [str(spec.path) for spec in data.train if _manifest_path(spec.path).is_dir()]
+    if shar and world_size > 1 and rank == 0:
+        log.warning("data.train: %s is a Lhotse Shar folder: each of the %d ranks reads all of it every epoch (audio "
+                    "included, through its shuffle buffer) and keeps its share of the batches, so the reading grows "
+                    "with the ranks; a .jsonl.gz manifest of audio files (indexed, data.shuffle: full) has each rank "
+                    "read only its own clips", shar[0], world_size)
     weights = None
     if data.balanced:  # weighed once a run (each clip by its labels); a stream is read into memory first
         cuts = cuts.to_eager() if cuts.is_lazy else cuts

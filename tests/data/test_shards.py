@@ -101,6 +101,24 @@ PATHS = [("memory", True), ("stream", True), ("mix", True), ("shar", True), ("ba
          ("memory", False), ("stream", False), ("balanced", False), ("index", False), ("eval", False)]
 
 
+def test_a_shar_folder_on_several_ranks_is_said_to_be_read_by_every_rank(odd, caplog):
+    """Every rank streams the whole Shar folder (audio included) and keeps its share: rank 0 says so once on
+    several ranks, and names the input that reads each clip on its own rank only; one rank is quiet."""
+    import logging
+
+    from common.data.loader import BadAudioTracker, DataConfig, train_loader
+
+    data = DataConfig(train=[ManifestSpec(str(odd / "shar"))], num_workers=0)
+    for rank, world_size, said in ((0, 2, True), (1, 2, False), (0, 1, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            train_loader(data, None, 16000, 16000, 2, 0, rank, world_size, BadAudioTracker())
+        lines = [r.getMessage() for r in caplog.records if "is a Lhotse Shar folder" in r.getMessage()]
+        assert len(lines) == int(said), (rank, world_size, lines)
+        assert all("each of the 2 ranks reads all of it every epoch" in line and "data.shuffle: full" in line
+                   for line in lines)
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("path,drop_last", PATHS)
 def test_every_loader_path_gives_every_rank_the_same_batches(odd, path, drop_last, world_size):
