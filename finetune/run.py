@@ -101,6 +101,38 @@ def _model_words(model) -> str:
     return f"{model.size}, patch {model.patch[0]}x{model.patch[1]}"
 
 
+def _model_cautions(recipe, base, init, args) -> list[str]:
+    """The recipe's model size settings an ``--init`` replaces (the encoder is the init's), where the command or
+    its recipe file wrote them: each said, with where it was written, instead of dropped without a word."""
+    from common.config.recipe import RecipeError, recipe_files, with_source
+
+    if init is None or recipe.model.arch != "ast":
+        return []
+    model = recipe.model
+    got = {"size": (base.embed_dim, base.depth, base.num_heads), "embed_dim": base.embed_dim, "depth": base.depth,
+           "num_heads": base.num_heads, "patch": (base.fshape, base.tshape), "num_prefix_tokens": base.num_prefix_tokens}
+    try:
+        asked = model.encoder_config(base.num_mel_bins, base.input_tdim)
+        wanted = {"size": (asked.embed_dim, asked.depth, asked.num_heads), "embed_dim": asked.embed_dim,
+                  "depth": asked.depth, "num_heads": asked.num_heads, "patch": (asked.fshape, asked.tshape),
+                  "num_prefix_tokens": asked.num_prefix_tokens}
+    except ValueError:  # a model the recipe could not even build (e.g. a width its size's heads do not divide)
+        wanted = {key: getattr(model, key) if key != "patch" else tuple(model.patch) for key in got}
+    files = recipe_files(args.recipe) if args.recipe is not None else []
+    unused = []
+    for key in got:
+        value = getattr(model, key)
+        said = RecipeError(f"model.{key}: {list(value) if isinstance(value, tuple) else value}")
+        placed = with_source(said, args.overrides, files)
+        if wanted[key] != got[key] and str(placed) != str(said):  # written by the user, and not what is trained
+            unused.append(str(placed))
+    if not unused:
+        return []
+    return [f"{'; '.join(unused)}: not used, the encoder is --init's ({base.embed_dim} wide, {base.depth} blocks, "
+            f"{base.num_heads} heads, {base.fshape}x{base.tshape} patches); another model starts from scratch "
+            f"(--init none)"]
+
+
 def _cautions(recipe, audio, world_size: int, args) -> list[str]:
     """What may be intended but is probably not: statistics computed for another clip length; mixup that cannot
     mix (a micro-batch of one clip); HTS-AT trained with a registered task's own recipe, which is the AST family's."""
@@ -313,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             missing.append(str(err))
             targets = [None] * len(run_dirs)
-        cautions = ([mismatch] if mismatch else []) + _cautions(recipe, audio, world_size, args)
+        cautions = ([mismatch] if mismatch else []) + _model_cautions(recipe, base, init, args) + \
+            _cautions(recipe, audio, world_size, args)
         if args.dry_run:
             o = recipe.optim
             print(format_plan(run, *_stated_batch(args.task, args.recipe),

@@ -1,7 +1,10 @@
 """Where a task's encoder starts: loading ``--init`` and fitting its geometry to the task.
 
-Shared by fine-tuning and linear probing. The transformer and the patch shape come from the checkpoint;
-the input length from the task; the stride from the recipe (default: the patch, no overlap, as the paper).
+Shared by fine-tuning and linear probing. The transformer and the patch shape come from the checkpoint (the
+attention heads too, but where the file does not store them, an official ``.pth`` or ImageNet weights:
+``model.num_heads`` when the recipe gives it, else a guess from the width); the input length from the task; the
+stride from the recipe (default: the patch, no overlap, as the paper). Model sizes a recipe writes beside an init
+are a caution in the plan, not a model.
 
 The positional embedding of the init is fitted to the first phase's grid as the code the weights come
 from would fit it: official SSAST / AST checkpoints and ImageNet weights with their rule (``cut``: the
@@ -136,6 +139,8 @@ def task_encoder_config(init: EncoderWeights | None, model: ModelSpec, num_mel_b
     if init is None:
         return model.encoder_config(num_mel_bins, target_frames)
     cfg = init.config
+    if model.num_heads is not None and init.meta.get("source") not in ("export", "hf"):
+        cfg = cfg.replace(num_heads=model.num_heads)  # the file does not store its heads (a guess): the recipe's
     written = init.written_in
     if written.method == "patch":  # an export of a p x Cp phase: full resolution is its p x p (paper section 2.3)
         cfg = cfg.replace(tshape=cfg.tshape // written.factor, tstride=cfg.tstride // written.factor)

@@ -568,3 +568,25 @@ def test_stop_after_steps_counts_the_steps_of_every_fold(tmp_path, synth_corpus,
     assert any("stopped after 2 steps as asked" in r.getMessage() for r in caplog.records)
     assert finetune(command) == 0  # resumed: fold 2 from its checkpoint, then fold 3, then the summary
     assert (tmp_path / "cv" / "cv_summary.json").is_file() and steps() == [6, 9, 9]  # each fold to its end
+
+
+def test_model_settings_an_init_replaces_are_said_and_heads_a_file_does_not_store_are_the_recipes(tmp_path, capsys):
+    """Fine-tuning trains --init's encoder: a model size or patch the command writes is a caution naming where it was
+    written (it was dropped without a word, and RUN/recipe.yaml showed a model never trained); the attention heads
+    an official file does not store are the recipe's, as continued pretraining takes them."""
+    from common.models.spec import ModelSpec
+    from common.models.weights import load_encoder_state
+    from common.phases.init import task_encoder_config
+    from tests.helpers import ssast_pretrained_state
+
+    init = tmp_path / "SSAST-Tiny-Patch-400.pth"
+    torch.save(ssast_pretrained_state(dim=32, depth=2), init)
+    base = ["--init", str(init), "--task", "esc50", "--dry-run", "--data-root", str(tmp_path)]
+    assert finetune([*base, "--set", "model.embed_dim=64", "--set", "model.patch=[16,8]"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: model.embed_dim: 64 (--set model.embed_dim=64); model.patch: [16, 8] (--set model.patch=[16,8]): " \
+           "not used, the encoder is --init's (32 wide, 2 blocks, " in out
+    assert finetune(base) == 0 and "not used, the encoder is --init's" not in capsys.readouterr().out
+    weights = load_encoder_state(str(init))
+    assert task_encoder_config(weights, ModelSpec(), 128, 512).num_heads == weights.config.num_heads
+    assert task_encoder_config(weights, ModelSpec(num_heads=4), 128, 512).num_heads == 4
