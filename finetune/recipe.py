@@ -267,10 +267,7 @@ def _apply_task_file_defaults(recipe: FinetuneRecipe, data: dict, notes: list[st
         clips = None  # missing or broken manifests: check_files reports them
     if clips:
         batch = recipe.phases[0].batch_size or recipe.data.batch_size  # the global batch: clips per step
-        if clips < batch:
-            raise RecipeError(f"data.batch_size: a step takes {batch} clips, but the training set of "
-                              f"{recipe.task.name} has {clips}; set a smaller data.batch_size")
-        if "warmup_steps" not in optim:  # neither stated nor set by the followed recipe
+        if clips >= batch and "warmup_steps" not in optim:  # (a larger batch: check_batch_fits says so)  # neither stated nor set by the followed recipe
             warmup = auto_warmup(clips, batch)
             recipe = replace(recipe, optim=replace(recipe.optim, warmup_steps=warmup))
             warmup = (f"warm-up {warmup} steps (the first half of the first epoch: {clips} clips at {batch} per "
@@ -431,6 +428,30 @@ def _check_sections(data: dict) -> None:
                           f"{data.get('task')!r}")
     if isinstance(data.get("data"), dict) and data["data"].get("balanced") not in (None, False):
         raise RecipeError("data.balanced: a fine-tuning run samples as its task says; set task.balanced instead")
+
+
+def check_batch_fits(recipe: FinetuneRecipe) -> None:
+    """Every phase's step (its global batch) has the clips of a step in every training split (each fold's), in a
+    plan too: the run would stop at its first epoch with no whole batch. Splits whose manifests are missing or
+    cannot be counted are left to :func:`file_checks`.
+
+    Raises:
+        RecipeError: naming the batch key, the step's clips and the split's.
+    """
+    sizes = [(phase.batch_size or recipe.data.batch_size,
+              f"phases.{i}.batch_size" if phase.batch_size else "data.batch_size")
+             for i, phase in enumerate(recipe.phases)]
+    batch, key = max(sizes)
+    splits = recipe.task.fold_splits()
+    for k, (train, _) in enumerate(splits):
+        try:
+            clips = count_clips(train)
+        except (OSError, EOFError, ValueError):
+            return  # missing or broken manifests: file_checks reports them
+        if clips < batch:
+            fold = f" (fold {k + 1}'s)" if len(splits) > 1 else ""
+            raise RecipeError(f"{key}: a step takes {batch} clips, but the training set{fold} of {recipe.task.name} "
+                              f"has {clips}; set a smaller {key}")
 
 
 def file_checks(recipe: FinetuneRecipe) -> list:

@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         from common.training.batch import phase_splits
         from common.training.plan import build_plan, format_plan
-        from finetune.recipe import check_files, defaults_follow_init, file_checks, load_recipe
+        from finetune.recipe import check_batch_fits, check_files, defaults_follow_init, file_checks, load_recipe
 
         notes: list[str] = []
 
@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = recipe_with(early)
         world_size = world_size_of(args)
         phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)  # refuse an impossible split now
+        check_batch_fits(recipe)  # a step's clips against the training set's (where its manifests are there)
         missing: list[str] = []
         if args.dry_run:  # a plan needs no data: say what a run would not find
             from common.data.preflight import problems

@@ -590,3 +590,18 @@ def test_model_settings_an_init_replaces_are_said_and_heads_a_file_does_not_stor
     weights = load_encoder_state(str(init))
     assert task_encoder_config(weights, ModelSpec(), 128, 512).num_heads == weights.config.num_heads
     assert task_encoder_config(weights, ModelSpec(num_heads=4), 128, 512).num_heads == 4
+
+
+def test_a_step_larger_than_the_training_set_is_refused_in_the_plan(tmp_path, synth_corpus, capsys):
+    """A registered task's batch above its training set's clips: one line naming the key and both counts, in the
+    plan as before a run (the run stopped at its first epoch, 'the manifest gives no batch of ...'); a phase's own
+    batch is named as such."""
+    data = _synth_root(tmp_path, synth_corpus)
+    base = ["--init", "none", "--task", "synth", "--data-root", str(data), "--dry-run"]
+    assert finetune([*base, "--set", "data.batch_size=1000"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: data.batch_size: a step takes 1000 clips, but the training "
+                                               "set of synth has 24; set a smaller data.batch_size")
+    assert finetune([*base, *sets("phases=[{compression: fshift, factor: 4, epochs: 1, batch_size: 48}, "
+                                  "{compression: none, epochs: 1}]")]) == 2
+    assert "error: phases.0.batch_size: a step takes 48 clips" in capsys.readouterr().err
+    assert finetune([*base, "--set", "data.batch_size=24"]) == 0
