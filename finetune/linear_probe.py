@@ -31,7 +31,7 @@ import torch
 
 log = logging.getLogger("linear_probe")
 
-__all__ = ["ProbeRecipe", "extract_features", "fit_and_score", "probe_task", "main"]
+__all__ = ["ProbeRecipe", "check_tasks", "extract_features", "fit_and_score", "probe_task", "main"]
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,26 @@ def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, 
         clf.fit(x_train, labels)
         scores[:, clf.classes_] = clf.predict_proba(x_test)  # classes absent from training score 0
     return mean_average_precision(y_test, scores) if metric == "mAP" else accuracy(y_test, scores)
+
+
+def check_tasks(recipe: ProbeRecipe) -> None:
+    """The files every task of the suite reads (class list, manifests, labels, statistics), before any features.
+
+    Raises:
+        RecipeError: naming the task and the first problem (the task key and the file).
+    """
+    from common.config.recipe import RecipeError, build
+    from finetune.recipe import task_checks, task_source
+    from finetune.tasks import TaskConfig
+
+    for name in recipe.tasks:
+        fields, _ = task_source(name)
+        task = build(TaskConfig, {**fields, "data_root": recipe.data_root}, "task")
+        for check in task_checks(task):
+            try:
+                check()
+            except RecipeError as err:
+                raise RecipeError(f"task {name}: {err}") from None
 
 
 def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torch.device) -> dict:
@@ -271,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.out.is_dir():
                 raise ValueError(f"--out {args.out} is a folder; name the JSON file to write the results to")
             output_folder(args.out.parent, f"--out {args.out}: the folder")
+        check_tasks(recipe)  # every task's data before the first task's features (hours, on a large corpus)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         results = [probe_task(args.init, task, recipe, device) for task in recipe.tasks]
         pools = sorted({r["pool"] for r in results})

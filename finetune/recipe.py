@@ -457,7 +457,12 @@ def check_batch_fits(recipe: FinetuneRecipe) -> None:
 def file_checks(recipe: FinetuneRecipe) -> list:
     """One check per file a fine-tuning run reads (class list, manifests, statistics); each raises a
     ``RecipeError`` naming the task key (``task.classes``, ``task.valid.0``, ``task.norm``, ...)."""
-    task = recipe.task
+    return task_checks(recipe.task)
+
+
+def task_checks(task: TaskConfig) -> list:
+    """:func:`file_checks` of a task alone (the linear probe checks every task of a suite before the first's
+    features)."""
     checks = [lambda: check_classes(task.path(task.classes), "task.classes")]
     single_label = task.metric == "acc" or task.loss == "ce"
     for key in ("train", "valid", "test", "folds"):

@@ -379,3 +379,22 @@ def test_the_linear_probes_layer_takes_final_or_a_block_as_embed_does(tmp_path, 
     assert probe([*base, "--recipe", str(recipe)]) == 0 and "layer final" in capsys.readouterr().out
     assert probe([*base, "--layer", "zero"]) != 0
     assert "--layer: 'final' or a block number" in capsys.readouterr().err
+
+
+def test_the_linear_probe_checks_every_tasks_data_before_the_first_features(tmp_path, synth_corpus, capsys):
+    """A suite whose second task is not prepared stops before the first task's features (hours on a large corpus,
+    all lost when the second failed), in one line naming the task and the file."""
+    from finetune.linear_probe import main as probe
+
+    data = tmp_path / "data"
+    (data / "synth").mkdir(parents=True)
+    for f in synth_corpus.glob("synth_*.json*"):
+        (data / "synth" / f.name).symlink_to(f)
+    init = _export(tmp_path / "e.safetensors", input_tdim=128)
+    cache = tmp_path / "cache"
+    assert probe(["--init", str(init), "--task", "synth", "esc50", "--data-root", str(data), "--workers", "0",
+                  "--cache-dir", str(cache)]) == 2
+    assert one_error(capsys.readouterr().err) == (f"error: task esc50: task.classes: class list {data}/esc50/"
+                                                  f"esc50_classes.json does not exist; it is written by `python -m "
+                                                  f"common.data.corpora prepare`")
+    assert not cache.exists()
