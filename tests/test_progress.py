@@ -119,3 +119,16 @@ def test_the_bar_total_in_memory_and_streamed(synth_corpus, tmp_path):
         loader = train_loader(data, classes, 8000, 16000, 5, 0, 0, 1, BadAudioTracker())
         assert loader.cuts.is_lazy == (shuffle == "buffer")
         assert loader.estimated_batches_per_epoch() == 4 == len(list(loader.cut_batches(epochs=1)))
+
+
+def test_the_evaluation_bar_has_a_total(synth_corpus):
+    """``c2f-evaluate`` / ``predict --json``'s scoring bar: its total from the manifests' lines (it had none), the
+    batches a pass really gives, on one rank and dealt over three."""
+    from common.data.loader import eval_loader
+
+    for world_size in (1, 3):
+        loaders = [eval_loader([synth_corpus / "synth_valid.jsonl.gz"], None, 8000, 16000, 5, rank=rank,
+                               world_size=world_size) for rank in range(world_size)]
+        for loader in loaders:
+            assert loader.estimated_batches_per_epoch() == len(list(loader.cut_batches(epochs=1)))
+        assert loaders[0].estimated_batches_per_epoch() == (3 if world_size == 1 else 1)

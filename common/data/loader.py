@@ -1270,7 +1270,10 @@ def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] 
         channels: ``first`` or ``mean`` of a multi-channel file (:func:`load_clip`).
     """
     dataset = ClipDataset(clip_samples, sample_rate, classes, crop=crop, pad=pad, cache=cache, channels=channels)
-    return ClipLoader(open_cuts(list(manifests)), dataset, batch_size, shuffle=False, drop_last=False, rank=rank,
+    specs = [m if isinstance(m, ManifestSpec) else ManifestSpec(str(m)) for m in manifests]
+    counts = [count_clips(spec.path) for spec in specs]  # the progress bar's total (lines: no clip parsed)
+    return ClipLoader(open_cuts(specs), dataset, batch_size, shuffle=False, drop_last=False, rank=rank,
                       world_size=world_size, num_workers=num_workers,
                       tracker=tracker or BadAudioTracker(1.0, split="eval"),
-                      pin_memory=pin_memory, keep_workers=keep_workers)
+                      pin_memory=pin_memory, keep_workers=keep_workers,
+                      epoch_clips=None if None in counts else sum(counts))
