@@ -247,19 +247,21 @@ def command_device(given: str | None) -> str:
 _STOPPED = (NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, RunDirBusy)
 
 
-def run_main(body: Callable[[], int]) -> int:
+def run_main(body: Callable[[], int], resumable: bool = False) -> int:
     """Run an entry point; known failures end with one readable line (the traceback goes to the log).
 
     Exit status: 2 for bad input (a recipe or a flag, a file or a model that is missing or not what the command
     needs, changed data, an unusable run directory: every ``ValueError``), 1 for a run that stopped (non-finite
     loss, bad audio, no usable checkpoint, a run directory in use, a full disk or another failing file, another
     rank that stopped), 130 when interrupted, 128 + the signal's number when SIGTERM or SIGUSR1 stopped it
-    (checkpointed: ``common.system.signals``).
+    (checkpointed: ``common.system.signals``). ``resumable``: a training command (an interruption says that the
+    same command resumes from the last checkpoint).
     """
     try:
         return piped(body)  # `... | head`: the output is no longer read; status 141, nothing said
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        print("interrupted; run the same command again to resume from the last checkpoint" if resumable else
+              "interrupted", file=sys.stderr)
         return 130
     except StoppedBySignal as stop:
         log_traceback(str(stop))  # train.log keeps it; the console gets it once, below

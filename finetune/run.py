@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done: {run_root} (model: model.safetensors, per-epoch metrics: ledger.json)")
         return 0
 
-    return run_main(body)
+    return run_main(body, resumable=True)
 
 
 if __name__ == "__main__":

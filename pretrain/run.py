@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done: {run.run_dir / 'model.safetensors'} (ledger: {run.run_dir / 'ledger.json'})")
         return 0
 
-    return run_main(body)
+    return run_main(body, resumable=True)
 
 
 if __name__ == "__main__":

@@ -220,3 +220,17 @@ def test_the_set_examples_of_a_commands_help_work_on_it(command, capsys):
     examples = re.findall(r"--set ([a-z_][\w.]*=[^\s\])]+)", " ".join(parser().format_help().split()))
     assert len(examples) >= 2, examples
     assert main([*base, "--dry-run", *(a for e in examples for a in ("--set", e))]) == 0, capsys.readouterr().err
+
+
+def test_ctrl_c_promises_a_resume_only_where_there_are_checkpoints(capsys):
+    """Ctrl-C ends a command with status 130; a training command says that the same command resumes, a command
+    without checkpoints (predict, evaluate, the probe, embed) only that it was interrupted."""
+    from common.cli import run_main
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    assert run_main(interrupted, resumable=True) == 130
+    assert capsys.readouterr().err.strip() == "interrupted; run the same command again to resume from the last " \
+                                              "checkpoint"
+    assert run_main(interrupted) == 130 and capsys.readouterr().err.strip() == "interrupted"
