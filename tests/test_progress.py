@@ -65,6 +65,29 @@ def test_libraries_root_notices_stay_off_the_console(monkeypatch):
     assert "chatter" not in out and "alarm" in out and "ours" in out
 
 
+def test_the_corpora_command_keeps_libraries_notices_off_the_console_too(tmp_path, monkeypatch, capsys):
+    """``c2f-corpora`` sets up its own console: Lhotse's root-logger notices stay off it as off the others'."""
+    from common.data.corpora.__main__ import main as corpora
+
+    terminal = fake_terminal(monkeypatch)
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        def chatty(args):
+            for level, text in ((logging.INFO, "chatter"), (logging.WARNING, "alarm")):
+                root.handle(logging.LogRecord("root", level, "/x/site-packages/lhotse/audio/backend.py", 1, text,
+                                              None, None))
+            return 0
+
+        monkeypatch.setattr("common.data.corpora.__main__._run", chatty)
+        assert corpora(["list"]) == 0
+        out = terminal.getvalue() + capsys.readouterr().err
+        assert "chatter" not in out and "alarm" in out
+    finally:
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
+
+
 def test_prepare_and_stats_show_progress(tmp_path, monkeypatch):
     from common.data.corpora.__main__ import main as corpora
     from tests.layouts import write_clip

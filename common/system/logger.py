@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from common.system.disk import NoSpace, free_bytes, out_of_space
 
-__all__ = ["setup_logging", "BarSafeHandler", "Scalars", "progress", "log_traceback"]
+__all__ = ["setup_logging", "BarSafeHandler", "Scalars", "progress", "log_traceback", "library_chatter"]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # the tracebacks of the errors a command reports in one line: into train.log only (not the console)
@@ -53,7 +53,7 @@ class BarSafeHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def _library_chatter(record: logging.LogRecord) -> bool:
+def library_chatter(record: logging.LogRecord) -> bool:
     """False for the notices libraries send to the root logger below a warning (Lhotse's "Using audioread",
     "The user overrided tolerance ..."), which a console at INFO would print in the middle of a command's own
     lines; their warnings pass."""
@@ -73,7 +73,7 @@ def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO
     console = BarSafeHandler()
     console.setFormatter(logging.Formatter(f"[rank {rank}] {FORMAT}" if rank else FORMAT, "%H:%M:%S"))
     console._c2f = True  # type: ignore[attr-defined]
-    console.addFilter(_library_chatter)
+    console.addFilter(library_chatter)
     root.addHandler(console)
     root.setLevel(level if rank == 0 else logging.WARNING)
     if rank == 0 and run_dir is not None:

@@ -53,7 +53,7 @@ def _build_parser() -> argparse.ArgumentParser:
         p = corpora.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION)
         needs_src = getattr(module, "NEEDS_SRC", True)
         p.add_argument("--src", type=Path, required=needs_src,
-                       help="the corpus as downloaded" + ("" if needs_src else " (not needed)"))
+                       help=getattr(module, "SRC_HELP", "the corpus as downloaded"))
         p.add_argument("--out", type=Path, required=True, help="folder for the manifests")
         p.add_argument("--jobs", type=_count, default=4, help="threads reading audio headers (default 4)")
         if hasattr(module, "add_arguments"):
@@ -85,11 +85,17 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; a failure ends with one ``error:`` line and exit status 2 (no traceback)."""
-    from common.system.logger import BarSafeHandler
+    from common.system.logger import BarSafeHandler, library_chatter
 
     console = BarSafeHandler()  # log lines never land on the progress bars of prepare / stats
     console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[console])
+    console.addFilter(library_chatter)  # Lhotse's notices to the root logger ("Using audioread ...")
+    console._c2f = True  # replaced by the next command's console in this process (common.system.logger)
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_c2f", False)]:
+        root.removeHandler(handler)
+    root.addHandler(console)
+    root.setLevel(logging.INFO)
     args = _build_parser().parse_args(argv)
     try:
         return piped(lambda: _run(args))  # `... | head`: what was asked is done, its output no longer read

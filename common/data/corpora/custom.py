@@ -44,6 +44,8 @@ from common.data.corpora.base import AUDIO_SUFFIXES, ClipEntry, PrepareReport, r
 NAME = "custom"
 DESCRIPTION = "your own audio: a CSV (path,label[,split]) or a folder per class, plus unlabeled audio"
 NEEDS_SRC = False
+SRC_HELP = ("a folder per class: DIR/<class>/**/*.wav, optionally under DIR/train, DIR/valid, DIR/test (or give "
+            "--csv, and / or --unlabeled)")
 SPLIT_DIRS = ("train", "valid", "test")
 # split names people write for the ones above; a CSV split or a class folder so named is a typo, not a new split
 SPLIT_ALIASES = {"training": "train", "trn": "train", "val": "valid", "validation": "valid", "dev": "valid",

@@ -26,6 +26,7 @@ from common.system.disk import output_folder
 NAME = "synth"
 DESCRIPTION = "built-in generated corpus (12 classes, unlabeled pool + train/valid/test), no download"
 NEEDS_SRC = False
+SRC_HELP = "not needed: the corpus is generated"
 SAMPLE_RATE = 16000
 
 # clips per split (pool: total, unlabeled; the others: per class)
