@@ -489,3 +489,13 @@ def test_no_file_cites_a_file_the_repository_does_not_have():
                 if "NAME" not in cited and not (ROOT / cited).exists():  # NAME: a placeholder
                     problems.append(f"{name}:{n}: names {cited}, which does not exist")
     assert not problems, "\n".join(problems)
+
+
+def test_the_resume_rules_in_the_docs_are_the_codes():
+    """docs/pretraining.md lists every setting a resume accepts, freely or as a recorded recovery."""
+    from common.training.run_recipe import RECOVERY_CHANGES, RESUMABLE_CHANGES, TOLERANCE_CHANGES
+
+    text = DOCS["docs/pretraining.md"].replace("\n", " ")
+    missing = [key for key in (*RESUMABLE_CHANGES, *TOLERANCE_CHANGES, *RECOVERY_CHANGES)
+               if f"`{key}`" not in text and not (key.startswith("optim.decay") and "`optim.decay*`" in text)]
+    assert missing == []
