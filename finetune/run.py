@@ -402,7 +402,11 @@ def main(argv: list[str] | None = None) -> int:
             if done and recipe.task.folds and dist.is_main:
                 _cross_validation(run_root, len(splits), recipe.task.metric)
         if dist.is_main and done:
-            print(f"done: {run_root} (model: model.safetensors, per-epoch metrics: ledger.json)")
+            if recipe.task.folds:
+                print(f"done: {run_root} (cross-validation: cv_summary.json; each fold in fold1..fold{len(splits)}: "
+                      f"model.safetensors, per-epoch metrics ledger.json)")
+            else:
+                print(f"done: {run_root} (model: model.safetensors, per-epoch metrics: ledger.json)")
         return 0
 
     return run_main(body, resumable=True)

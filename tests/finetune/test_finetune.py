@@ -541,7 +541,7 @@ def test_a_cosine_schedule_decays_over_an_epoch_based_phase(tmp_path, synth_corp
 
 
 @pytest.mark.slow
-def test_stop_after_steps_counts_the_steps_of_every_fold(tmp_path, synth_corpus, caplog):
+def test_stop_after_steps_counts_the_steps_of_every_fold(tmp_path, synth_corpus, caplog, capsys):
     """``--stop-after-steps N`` is N optimiser steps of the command, across the folds of a cross-validation (each
     fold got the whole budget, so a 5-fold run took up to 5 N steps); the command run again goes on."""
     import logging
@@ -566,7 +566,10 @@ def test_stop_after_steps_counts_the_steps_of_every_fold(tmp_path, synth_corpus,
     assert per_fold == [6, 2, 0], per_fold  # fold 1 whole (6 steps), 2 of fold 2, none of fold 3
     assert not (tmp_path / "cv" / "cv_summary.json").exists()
     assert any("stopped after 2 steps as asked" in r.getMessage() for r in caplog.records)
+    capsys.readouterr()
     assert finetune(command) == 0  # resumed: fold 2 from its checkpoint, then fold 3, then the summary
+    assert f"done: {tmp_path / 'cv'} (cross-validation: cv_summary.json; each fold in fold1..fold3:" \
+        in capsys.readouterr().out  # the files there (the root holds no model.safetensors)
     assert (tmp_path / "cv" / "cv_summary.json").is_file() and steps() == [6, 9, 9]  # each fold to its end
 
 
