@@ -304,6 +304,10 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, norm: str | None =
     if Path(out).exists() and not Path(out).is_dir():
         raise HFFormatError(f"--out {out} is a file, not a directory: an HF model is a folder (config.json, "
                             f"model.safetensors, ...); name a new or an empty folder")
+    if (Path(out) / WEIGHTS_FILE).exists() and not is_hf_directory(out):  # e.g. --out the run directory itself
+        raise HFFormatError(f"--out {out} holds a {WEIGHTS_FILE} that is no Hugging Face model's (a run's or an "
+                            f"export's of this package), which the export would replace; name a new or an empty "
+                            f"folder")
     model, problems = read_ast(src, norm)
     problems += _format_problems(model)
     if problems:

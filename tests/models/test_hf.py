@@ -99,6 +99,20 @@ def test_an_export_clears_what_an_interrupted_one_left(tmp_path):
         "config.json", "model.safetensors", "preprocessor_config.json"]
 
 
+def test_an_export_into_a_folder_holding_a_package_model_is_refused(tmp_path):
+    """``c2f-hf export RUN --out RUN``: the run's own model.safetensors would be replaced by the HF weights; refused,
+    the file untouched. A Hugging Face folder exported before is replaced, as an export again."""
+    run = tmp_path / "run"
+    run.mkdir()
+    model = tiny_classifier(run / "model.safetensors")
+    before = model.read_bytes()
+    with pytest.raises(HFFormatError, match="holds a model.safetensors that is no Hugging Face model's"):
+        export_hf(model, run)
+    assert model.read_bytes() == before and not (run / "config.json").exists()
+    out = export_hf(model, tmp_path / "hf")
+    assert export_hf(model, out) == out
+
+
 def test_round_trip_export_import_export_is_bit_identical(tmp_path):
     from common.models.exports import save_encoder
     from common.models.weights import load_encoder
