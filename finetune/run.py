@@ -349,10 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         cautions = ([mismatch] if mismatch else []) + _model_cautions(recipe, base, init, args) + \
             _cautions(recipe, audio, world_size, args)
         if args.dry_run:
-            o = recipe.optim
+            o, about = recipe.optim, f": {recipe.task.description}" if recipe.task.description else ""
             print(format_plan(run, *_stated_batch(args.task, args.recipe),
-                              header=[f"task {recipe.task.name}: {recipe.task.description or ''}",
-                                      f"pooling: {objective.head.pool}"],
+                              header=[f"task {recipe.task.name}{about}", f"pooling: {objective.head.pool}"],
                               notes=[f"optimiser {o.optimizer}, lr {o.lr:g}, warm-up {o.warmup_steps} steps, "
                                      f"{o.schedule} schedule", *notes], cautions=cautions, missing=missing))
             return 0

@@ -238,9 +238,13 @@ def _open_one(path: str | os.PathLike):
 
 
 def manifest_problem(path: str | os.PathLike) -> str | None:
-    """Why a ``.jsonl(.gz)`` file is not a Lhotse manifest, judged from its first line (None: it may be one;
-    an empty file is left to the callers, which say that it holds no clips)."""
+    """Why a file is not a Lhotse manifest: a name no Lhotse manifest has, or for a ``.jsonl(.gz)`` its first line
+    (None: it may be one; an empty file is left to the callers, which say that it holds no clips)."""
     path = _manifest_path(path)
+    if not any(ext in path.name for ext in (".jsonl", ".json", ".yaml", ".yml")):  # what Lhotse reads
+        audio = path.suffix.lower() in (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac")
+        return ("is not a Lhotse manifest (a .jsonl.gz of cuts, as `python -m common.data.corpora prepare` writes "
+                "it)" + ("; to score audio files use predict.py" if audio else ""))
     if not path.name.endswith((".jsonl", ".gz")):
         return None
     number, line = 0, b""

@@ -73,8 +73,8 @@ def loader_workers(requested: int) -> int:
     granted = max(0, min(requested, cores_per_rank() - 1))
     if granted < requested and (requested, granted) not in _said:
         _said.add((requested, granted))
-        log.info("data.num_workers %d -> %d loader workers per rank: %d core(s) for %d rank(s) on this machine, one "
-                 "kept for the training process", requested, granted, machine_cores(), local_ranks())
+        log.info("decoding workers: %d asked, %d per rank: %d core(s) for %d rank(s) on this machine, one kept for "
+                 "the main process", requested, granted, machine_cores(), local_ranks())
     return granted
 
 

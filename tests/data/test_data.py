@@ -579,3 +579,16 @@ def test_balanced_batches_of_an_index_are_read_only_on_the_rank_that_keeps_them(
     assert len(kept) == 48 and len(reads) == 48  # its 6 batches of 8, of the 12 drawn
     reads.clear()
     assert len([c for _, _, batch in loader.cut_batches(0, 3, 1) for c in batch]) == 24 and len(reads) == 24
+
+
+def test_a_file_that_is_no_manifest_by_its_name_is_named_so(tmp_path):
+    """An audio file or a README given where a manifest goes: said as such (Lhotse's 'does the path exist?' was
+    printed for a path that exists), with the command that scores audio files for audio."""
+    from common.data.loader import manifest_problem, open_cuts
+
+    (tmp_path / "dog.wav").write_bytes(b"RIFF")
+    (tmp_path / "README.md").write_text("# notes\n")
+    assert manifest_problem(tmp_path / "dog.wav").endswith("; to score audio files use predict.py")
+    assert manifest_problem(tmp_path / "README.md").startswith("is not a Lhotse manifest (a .jsonl.gz of cuts")
+    with pytest.raises(ValueError, match=r"README.md: is not a Lhotse manifest"):
+        open_cuts([tmp_path / "README.md"])

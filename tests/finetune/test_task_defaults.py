@@ -245,6 +245,7 @@ def test_the_plan_says_which_recipe(tmp_path, synth_corpus, capsys):
     assert "batch: 8 clips per step = 8 per rank x 1 rank(s) x 1 accumulation" in out  # data.batch_size is global
     assert "task file mine: defaults: AST ESC-50 recipe" in out and "time mask 96 -> 56 for 300 frames" in out
     assert "phase1 (full resolution)               25" in out
+    assert out.splitlines()[0] == "task mine"  # a task file without a description: its name alone, no dangling colon
 
 
 @pytest.mark.slow
