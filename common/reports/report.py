@@ -663,9 +663,14 @@ def _report(args: argparse.Namespace) -> int:
         if args.names is None:  # labels from the phases: runs with the same phases get their directories' names
             runs = distinct_labels(runs)
         for run in runs:  # SSAST pretraining's masked-patch accuracy is no fine-tuning accuracy
+            if Path(run.source).resolve() == Path(baseline.source).resolve():
+                raise ReportError(f"--runs {run.source} is the baseline itself; --runs names the runs compared "
+                                  f"with it")
             if _kind(run) != _kind(baseline):
                 raise ReportError(f"{run.source} is a {_kind(run)} run and the baseline {baseline.source} a "
                                   f"{_kind(baseline)} run: compare runs of one kind")
+        for run in (baseline, *runs):  # before the differences, which an unfinished run's may only seem to have
+            _finished(run)
         metric = resolve_metric([baseline, *runs], args.metric)
         if args.stop_epoch is not None and args.stop_epoch < 1:
             raise ReportError(f"--stop-epoch must be >= 1, got {args.stop_epoch}")

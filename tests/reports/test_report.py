@@ -424,6 +424,24 @@ def test_a_run_that_has_not_finished_is_refused(tmp_path):
         compare(load_run(base), [], "acc")
 
 
+def test_the_command_says_a_run_is_unfinished_or_the_baseline_before_anything_else(tmp_path, capsys):
+    """An unfinished run is refused as such first (the differences from the baseline an unfinished run seems to
+    have, and the flag that accepts them, helped nothing); a baseline listed among --runs is refused."""
+    base = write_run(tmp_path, "base", [("none", 1)], BASE_EVALS)
+    running = write_run(tmp_path, "running", [("fshift", 4)], [(0, 5.0, 3.0, 0.9)])
+    (running / "model.safetensors").unlink()
+    settings = {"eval_batches": None, "eval_batch_size": 8, "ranks": 1, "eval_crop": "start", "pad": "zeros"}
+    for run, evaluation in ((base, settings), (running, {**settings, "eval_batches": 4})):
+        ledger = Ledger.read(run)  # validated otherwise so far: not what the report should lead with
+        ledger.evaluation = evaluation
+        ledger.write(run / "ledger.json")
+    assert main(["--baseline", str(base), "--runs", str(running), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "running: the run has not finished" in err and "--accept-baseline-differences" not in err
+    assert main(["--baseline", str(base), "--runs", str(base), "--out", str(tmp_path / "out")]) == 2
+    assert f"--runs {base} is the baseline itself" in capsys.readouterr().err
+
+
 def test_runs_with_the_same_phases_are_told_apart_by_their_directories(tmp_path, runs, capsys):
     """Without --names: two runs with the same phases whose last folders are both `run` (issue: the first hour)."""
     from common.reports.report import distinct_names, report_title
