@@ -60,6 +60,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from common.system.prog import prog
 from finetune.embedder import POOLS, Embedder, load_embedder, parse_layer
 from finetune.predict import hop_samples, hop_seconds
 
@@ -523,7 +524,7 @@ def _write_index(out: Path, fmt: str, has_clip: bool) -> None:
 # ---------------------------------------------------------------------------------------------- command
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="finetune/embed.py",
+        prog=prog("finetune/embed.py"),
         description="Write clip-level and frame-level embeddings of audio files, folders and manifests with a "
                     "frozen model of any --init. Long clips are cut into windows; what an earlier run wrote into "
                     "--out is skipped; unreadable files are listed in OUT/bad_audio.tsv (exit status 1).",

@@ -35,6 +35,7 @@ from common.models.exports import resolve_model_file
 from common.models.hf import is_hf_directory
 from common.system import jsonfile
 from common.system.logger import progress, setup_logging
+from common.system.prog import prog
 from finetune.classifier import class_scores, load_classifier, metric_scores
 
 __all__ = ["pipeline_for_export", "clip_for_export", "clip_handling", "evaluate_export", "cross_validation_summary"]
@@ -148,7 +149,7 @@ def cross_validation_summary(fold_evals: Sequence[Sequence[dict]], metric: str) 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="finetune/evaluate.py",
+        prog=prog("finetune/evaluate.py"),
         description="Score a fine-tuned model on labelled manifests (the clips, crop and padding of its own "
                     "validation; every clip once): accuracy, mAP and mAUC. Unreadable clips are skipped and "
                     "named; the exit status is then 1.",

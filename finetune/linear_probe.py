@@ -27,6 +27,8 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from common.system.prog import prog
+
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
 log = logging.getLogger("linear_probe")
@@ -230,7 +232,7 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="finetune/linear_probe.py",
+        prog=prog("finetune/linear_probe.py"),
         description="Linear-probe a frozen encoder on one or several tasks and print one table.",
         epilog="example: python finetune/linear_probe.py --init runs/pretrain/ssast_fshift4 --task esc50 "
                "speechcommands",

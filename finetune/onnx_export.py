@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.system.prog import prog
 from common.system.signals import piped
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
@@ -261,7 +262,7 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
 # ------------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m finetune.onnx_export",
+        prog=prog("python -m finetune.onnx_export"),
         description="Write a fine-tuned classifier (AST / SSAST with their head, or HTS-AT) as one ONNX file: "
                     "waveforms [batch, clip samples] + lengths [batch] -> class scores [batch, classes], the front "
                     "end inside the graph, a dynamic batch axis, the labels and audio settings in its metadata. "

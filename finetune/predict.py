@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.system.prog import prog
+
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
 __all__ = ["AGGREGATIONS", "SHORT_FRACTION", "AudioReadError", "FilePrediction", "windows", "aggregate_rule",
@@ -231,7 +233,7 @@ def _entry(pred: FilePrediction, classes: list[str], names: dict, top_k: int) ->
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="finetune/predict.py",
+        prog=prog("finetune/predict.py"),
         description="Top-k labels with scores for audio files, from a fine-tuned model. Files longer than the "
                     "model's clip are cut into windows; a file's score per class is the MAX over its windows for "
                     "models trained with BCE (multi-label: an event in one window stays visible) and the MEAN "

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from common.cli import add_run_arguments, run_dir_check, run_main, training_session
 from common.system import jsonfile
+from common.system.prog import prog
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
@@ -33,7 +34,7 @@ log = logging.getLogger("finetune")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="finetune/run.py",
+        prog=prog("finetune/run.py"),
         description="Fine-tune an audio spectrogram transformer on a task, optionally coarse to fine. Re-running "
                     "on an existing run directory resumes it.",
         epilog="example: python finetune/run.py --init runs/pretrain/ssast_fshift4 --task vggsound",

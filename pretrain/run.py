@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from common.cli import add_run_arguments, run_dir_check, run_main, training_session
+from common.system.prog import prog
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
@@ -35,7 +36,7 @@ log = logging.getLogger("pretrain")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pretrain/run.py",
+        prog=prog("pretrain/run.py"),
         description="SSAST masked-patch pretraining with coarse-to-fine phases (DeepSpeed; also runs as plain "
                     "python for one process). Re-running on an existing run directory resumes it.",
         epilog="example: deepspeed pretrain/run.py --recipe recipes/ssast_fshift4.yaml",

@@ -42,6 +42,18 @@ def test_every_usage_names_a_command_that_runs_it(capsys):
         assert '__name__ == "__main__"' in source, f"{script}: its usage names {prog}, which would do nothing"
 
 
+def test_a_console_script_shows_its_own_name(capsys, monkeypatch):
+    """Launched as ``c2f-pretrain`` the usage says ``c2f-pretrain`` (it said pretrain/run.py); from a checkout it
+    names the file that runs it."""
+    from pretrain.run import main
+
+    for argv0, name in (("/venv/bin/c2f-pretrain", "c2f-pretrain"), ("pretrain/run.py", "pretrain/run.py")):
+        monkeypatch.setattr("sys.argv", [argv0, "--help"])
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        assert capsys.readouterr().out.startswith(f"usage: {name} [-h]")
+
+
 def test_console_scripts_resolve():
     setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
     targets = re.findall(r'"c2f-[\w-]+=([\w.]+):(\w+)"', setup)

@@ -46,6 +46,7 @@ from common.models.hf import (
 from common.models.weights import load_encoder_state
 from common.system.atomic import file_mode
 from common.system.disk import NoSpace, ensure_space, free_bytes, out_of_space
+from common.system.prog import prog
 from common.system.signals import piped
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
@@ -345,7 +346,7 @@ def classify(model_dir: str | os.PathLike, waveform, sample_rate: int, top_k: in
 # ------------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="c2f-hf", description="Hugging Face transformers interop for AST models (also: python -m "
+        prog=prog("c2f-hf"), description="Hugging Face transformers interop for AST models (also: python -m "
                                    "common.models.hf_export).",
         epilog="example: c2f-hf export runs/finetune/esc50-baseline --out esc50_ast_hf  "
                "(start from an HF directory with: python finetune/run.py --init DIR --task NAME)")

@@ -44,6 +44,7 @@ from matplotlib.lines import Line2D
 from common.phases.baseline import differences, is_averaged
 from common.reports.folds import FoldError, fold_dirs, fold_mean
 from common.system.disk import output_folder
+from common.system.prog import prog
 from common.system.signals import piped
 from common.training.ledger import Ledger
 
@@ -614,7 +615,7 @@ def plot(runs: Sequence[Run], rows: Sequence[Row], metric: str, path: str | Path
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="common/reports/report.py",
+        prog=prog("common/reports/report.py"),
         description="Compare coarse-to-fine runs with a baseline as in the paper's Tables 2-5 (fine-tuning or\n"
                     "pretraining runs). Each run stops at the earliest evaluation of its final phase that\n"
                     "surpasses the baseline's best per-epoch evaluation (a weight average is compared only with\n"

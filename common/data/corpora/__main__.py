@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from common.data.corpora import CORPORA, get_corpus
+from common.system.prog import prog
 from common.system.signals import piped
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
@@ -39,7 +40,7 @@ _count_or_none = _whole(0, ">= 0")  # 0: none
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m common.data.corpora",
+        prog=prog("python -m common.data.corpora"),
         description="Prepare Lhotse manifests for the supported corpora and compute normalisation statistics.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
