@@ -206,7 +206,8 @@ def init_pos_mode(init: EncoderWeights | None, default: str, choice: str = "auto
             AST's fine-tuning code, applied at full resolution (:data:`CUT_AT_FULL` for a compressed first
             phase); ImageNet weights: ``cut`` on the first phase's grid; this package's exports, its Hugging Face
             exports of them included: ``default``), or the mode to use.
-        compressed: whether the first phase is time-compressed (else :data:`CUT_AT_FULL` is plain ``cut``).
+        compressed: whether the first phase is time-compressed (else :data:`CUT_AT_FULL` is plain ``cut``, as for
+            HTS-AT, which has no absolute positional embedding: its tables are fitted to the phase's windows).
     """
     mode = choice
     if choice == "auto":
@@ -214,7 +215,8 @@ def init_pos_mode(init: EncoderWeights | None, default: str, choice: str = "auto
         official = source == "official" or (source == "hf" and (
             not init.meta.get("own_export") or init.meta.get("origin") == "official"))
         mode = CUT_AT_FULL if official else "cut" if source == "imagenet" else default
-    return mode if mode != CUT_AT_FULL or compressed else "cut"
+    positional = init is None or init.arch == "ast"  # HTS-AT has no positional embedding to fit in two steps
+    return mode if mode != CUT_AT_FULL or (compressed and positional) else "cut"
 
 
 def init_pool(init: EncoderWeights | None, cfg) -> str:

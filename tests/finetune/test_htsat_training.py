@@ -195,6 +195,19 @@ def test_an_official_checkpoint_starts_a_fine_tune_on_other_classes(tmp_path):
     assert not torch.equal(fresh, init.state["tscam_conv.weight"])
     changed = [k for k in init.state if "relative_position_bias_table" in k and own[k].shape != init.state[k].shape]
     assert changed and all(k.startswith("swin.layers.3.") for k in changed)  # only stage 4 changes at x4
+    # the trainer's route into a compressed first phase: the official file's mode is a plain fit (HTS-AT has no
+    # positional embedding to cut at full resolution first; that route loaded the 5-class head strictly and failed)
+    from common.phases.config import PhaseConfig, TransferConfig
+    from common.phases.init import init_pos_mode
+    from common.phases.transition import initial_model
+    from finetune.classifier import AugmentConfig, ClassifierObjective
+
+    mode = init_pos_mode(init, "bilinear", compressed=True)
+    objective = ClassifierObjective(["a", "b", "c"], "acc", "ce", AugmentConfig())
+    first = initial_model(arch, objective, geometry, PhaseConfig(compression="fshift", factor=4, epochs=1), 0, init,
+                          mode, TransferConfig())
+    assert mode == "cut" and first.encoder.state_dict()["tscam_conv.weight"].shape[0] == 3
+    assert all(torch.equal(first.encoder.state_dict()[k], own[k]) for k in kept)
 
 
 def test_the_htsat_recipes_load_and_plan(capsys):
