@@ -186,21 +186,11 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
 
     detach_run_logs()  # an earlier run of this process (the demo, a notebook) keeps its train.log to itself
     check_run_dir(run_dir)
-    # SIGTERM / SIGUSR1: checkpoint, then stop; from before the ranks meet: a rank signalled while it waits for the
-    # others stops with them at the first step they share, instead of dying and leaving them waiting
-    with stop_on_signals():
-        dist = init_distributed()
-        with _session(run_dir, recipe, restart, accept_changed_data, dist) as session:
-            yield session
-
-
-@contextmanager
-def _session(run_dir: Path, recipe, restart: bool, accept_changed_data: bool, dist) -> Iterator[Session]:
-    """:func:`training_session` once the process group is joined."""
+    dist = init_distributed()
     threads = torch.get_num_threads()  # given back at the end (a notebook, the demo, the tests run on)
     finished = False
     try:
-        with job_lock(run_dir, dist):
+        with job_lock(run_dir, dist), stop_on_signals():  # SIGTERM / SIGUSR1: checkpoint, then stop
             setup_logging(run_dir, dist.rank)
             set_cpu_threads(loader_workers(recipe.data.num_workers), recipe.train.cpu_threads)
             if dist.device.type == "cpu":
