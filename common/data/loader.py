@@ -87,6 +87,7 @@ __all__ = [
     "TooMuchBadAudio",
     "open_cuts",
     "count_clips",
+    "epoch_clips",
     "balanced_weights",
     "LabelEncoder",
     "ClipDataset",
@@ -283,6 +284,16 @@ def count_clips(path: str | os.PathLike, limit: int | None = None) -> int | None
             if limit is not None and count > limit:
                 break
     return count
+
+
+def epoch_clips(path: str | os.PathLike) -> int | None:
+    """Clips in a ``.jsonl(.gz)`` manifest or a Lhotse Shar folder (its ``cuts.*`` shards' lines), counted without
+    parsing them; None for what cannot be counted so."""
+    path = _manifest_path(path)
+    if path.is_dir():
+        counts = [count_clips(shard) for shard in sorted(path.glob("cuts.*.jsonl*"))]
+        return None if not counts or None in counts else sum(counts)
+    return count_clips(path)
 
 
 def open_cuts(specs: Sequence[ManifestSpec | str], seed: int = 0, in_memory_max: int | None = None,
@@ -1238,15 +1249,15 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
     if data.balanced:  # weighed once a run (each clip by its labels); a stream is read into memory first
         cuts = cuts.to_eager() if cuts.is_lazy else cuts
         weights = balanced_weights(cuts, classes or [])
-    epoch_clips = None
-    if cuts.is_lazy:  # an estimate for the progress bar, from the manifests' lines (AudioSet-2M: a few seconds)
-        counts = [count_clips(spec.path) for spec in data.train]
-        epoch_clips = None if None in counts else sum(counts)
+    clips = None
+    if cuts.is_lazy:  # the progress bar's, and an epoch-based cosine schedule's, from the manifests' lines
+        counts = [epoch_clips(spec.path) for spec in data.train]  # (AudioSet-2M: a few seconds)
+        clips = None if None in counts else sum(counts)
     dataset = ClipDataset(clip_samples, sample_rate, classes, crop=data.train_crop, seed=seed, pad=data.pad,
                           cache=cache, channels=channels)
     return ClipLoader(cuts, dataset, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rank,
                       world_size=world_size, num_workers=data.num_workers, weights=weights, tracker=tracker,
-                      pin_memory=pin_memory, epoch_clips=epoch_clips, keep_workers=keep_workers)
+                      pin_memory=pin_memory, epoch_clips=clips, keep_workers=keep_workers)
 
 
 def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] | None, clip_samples: int,
@@ -1275,7 +1286,7 @@ def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] 
     """
     dataset = ClipDataset(clip_samples, sample_rate, classes, crop=crop, pad=pad, cache=cache, channels=channels)
     specs = [m if isinstance(m, ManifestSpec) else ManifestSpec(str(m)) for m in manifests]
-    counts = [count_clips(spec.path) for spec in specs]  # the progress bar's total (lines: no clip parsed)
+    counts = [epoch_clips(spec.path) for spec in specs]  # the progress bar's total (lines: no clip parsed)
     return ClipLoader(open_cuts(specs), dataset, batch_size, shuffle=False, drop_last=False, rank=rank,
                       world_size=world_size, num_workers=num_workers,
                       tracker=tracker or BadAudioTracker(1.0, split="eval"),

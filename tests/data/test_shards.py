@@ -119,6 +119,18 @@ def test_a_shar_folder_on_several_ranks_is_said_to_be_read_by_every_rank(odd, ca
                    for line in lines)
 
 
+def test_a_shar_folders_epoch_is_counted_from_its_shards(odd):
+    """A Shar training folder's epoch, counted from its cuts shards' lines: the progress bar's total and the steps an
+    epoch-based cosine schedule decays over (a Shar run with cosine stopped at its start, 'unknown')."""
+    from common.data.loader import BadAudioTracker, DataConfig, epoch_clips, train_loader
+
+    assert epoch_clips(odd / "shar") == CLIPS
+    data = DataConfig(train=[ManifestSpec(str(odd / "shar"))], num_workers=0)
+    for world_size in (1, 2):
+        loader = train_loader(data, None, 16000, 16000, BATCH, 0, 0, world_size, BadAudioTracker())
+        assert loader.estimated_batches_per_epoch() == len(list(loader.cut_batches(epochs=1)))
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("path,drop_last", PATHS)
 def test_every_loader_path_gives_every_rank_the_same_batches(odd, path, drop_last, world_size):
