@@ -153,7 +153,7 @@ def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(tmp_path
     monkeypatch.setattr(rc, "atomic_write_text", dying)
     from pretrain import run as entry
 
-    monkeypatch.setattr(entry, "run_main", lambda body: body())  # let the "kill" propagate
+    monkeypatch.setattr(entry, "run_main", lambda body, **_: body())  # let the "kill" propagate
     with pytest.raises(KeyboardInterrupt):
         entry.main(["--recipe", str(RECIPE), "--run-dir", str(run_dir), *tiny(synth_corpus)])
     ckdir = run_dir / "checkpoints"

@@ -426,9 +426,9 @@ def test_the_linear_probe_on_an_empty_manifest(tmp_path, synth_corpus, split, ca
     out = tmp_path / "probe.json"
     assert probe(["--init", str(encoder), "--task", str(task), "--cache-dir", str(tmp_path / "cache"),
                   "--out", str(out), "--workers", "0"]) == 2  # bad input
-    line = one_error(capsys.readouterr().err)
-    assert line == f"error: manifest {empty} holds no clips (an empty file); prepare it again"
-    assert not out.exists()
+    line = one_error(capsys.readouterr().err)  # checked with every task's files, before any features
+    assert line == f"error: task {task}: task.{split}.0: manifest {empty} holds no clips"
+    assert not out.exists() and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.slow
