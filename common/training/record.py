@@ -144,8 +144,9 @@ class RunRecord:
             self._restore_rng(tag)
             log.info("resuming after the end of phase %d (checkpoint %s)", self.state.phase + 1, tag)
             return model, None
-        log.info("resuming %s at step %d (checkpoint %s)", self.spec.phases[self.state.phase].label(self.state.phase),
-                 self.state.step, tag)
+        phase = self.spec.phases[self.state.phase]
+        log.info("resuming %s at step %d%s (checkpoint %s)", phase.label(self.state.phase), self.state.step,
+                 "" if phase.iteration_based else f", {self.state.epoch_in_phase} epoch(s) done", tag)
         return None, tag
 
     def complete(self) -> bool:

@@ -567,7 +567,12 @@ def test_stop_after_steps_counts_the_steps_of_every_fold(tmp_path, synth_corpus,
     assert not (tmp_path / "cv" / "cv_summary.json").exists()
     assert any("stopped after 2 steps as asked" in r.getMessage() for r in caplog.records)
     capsys.readouterr()
-    assert finetune(command) == 0  # resumed: fold 2 from its checkpoint, then fold 3, then the summary
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert finetune(command) == 0  # resumed: fold 2 from its checkpoint, then fold 3, then the summary
+    # an epoch-based tag counts epochs: the line says both, so that 'step 2' beside 'step000000000' reads right
+    assert any("at step 2, 0 epoch(s) done (checkpoint phase01-step000000000)" in r.getMessage()
+               for r in caplog.records)
     assert f"done: {tmp_path / 'cv'} (cross-validation: cv_summary.json; each fold in fold1..fold3:" \
         in capsys.readouterr().out  # the files there (the root holds no model.safetensors)
     assert (tmp_path / "cv" / "cv_summary.json").is_file() and steps() == [6, 9, 9]  # each fold to its end
