@@ -561,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
+        from common.system.distributed import single_process
+
+        single_process("c2f-embed")
         from common.cli import command_device
         from common.system.logger import setup_logging
 

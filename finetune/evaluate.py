@@ -177,6 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().error("--workers must be at least 0")
 
     def body() -> int:
+        from common.system.distributed import single_process
+
+        single_process("c2f-evaluate")
         setup_logging(None)
         device = command_device(args.device)
         model = args.ckpt if is_hf_directory(args.ckpt) else resolve_model_file(args.ckpt)

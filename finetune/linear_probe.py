@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
+        from common.system.distributed import single_process
+
+        single_process("the linear probe")
         from common.config.recipe import RecipeError, build, load_yaml, recipe_files, with_source
         from common.system import jsonfile
         from common.system.atomic import atomic_write_text

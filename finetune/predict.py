@@ -264,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("--top-k must be at least 1")
 
     def body() -> int:
+        from common.system.distributed import single_process
+
+        single_process("c2f-predict")
         from finetune.classifier import load_classifier
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

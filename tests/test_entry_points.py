@@ -246,3 +246,25 @@ def test_ctrl_c_promises_a_resume_only_where_there_are_checkpoints(capsys):
     assert capsys.readouterr().err.strip() == "interrupted; run the same command again to resume from the last " \
                                               "checkpoint"
     assert run_main(interrupted) == 130 and capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_one_process_commands_refuse_to_run_as_several_ranks(tmp_path, model_file, monkeypatch, capsys):
+    """Under a launcher's several ranks, prediction, evaluation, the probe and embedding would each repeat the
+    whole work and write the same files: one line says to run them with python, before any work."""
+    from finetune.embed import main as embed
+    from finetune.evaluate import main as evaluate
+    from finetune.linear_probe import main as probe
+    from finetune.predict import main as predict
+    from tests.helpers import _write, one_error
+
+    model, clip = model_file("ce"), _write(tmp_path / "a.wav", 0.5)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for command, argv, name in (
+            (predict, ["--ckpt", str(model), str(clip)], "c2f-predict"),
+            (evaluate, ["--ckpt", str(model), str(tmp_path / "m.jsonl.gz")], "c2f-evaluate"),
+            (probe, ["--init", str(model), "--task", "synth"], "the linear probe"),
+            (embed, ["--init", str(model), "--inputs", str(clip), "--out", str(tmp_path / "e")], "c2f-embed")):
+        assert command(argv) == 2
+        assert one_error(capsys.readouterr().err).startswith(f"error: {name} runs in one process, and this is one "
+                                                             f"of WORLD_SIZE=2 ranks")
+    assert not (tmp_path / "e").exists()

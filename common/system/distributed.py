@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Dist", "init_distributed", "quiet_deepspeed"]
+__all__ = ["Dist", "init_distributed", "quiet_deepspeed", "single_process"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,19 @@ def quiet_deepspeed() -> None:
     logger = logging.getLogger("DeepSpeed")
     if not any(isinstance(f, _Greetings) for f in logger.filters):
         logger.addFilter(_Greetings())
+
+
+def single_process(command: str) -> None:
+    """Refuse to run one-process ``command`` (prediction, evaluation, the probe, embedding) as several ranks of a
+    launcher: each would repeat the whole work and write the same files.
+
+    Raises:
+        ValueError: naming the command and ``WORLD_SIZE``.
+    """
+    ranks = os.environ.get("WORLD_SIZE", "1").strip()
+    if ranks not in ("", "1"):
+        raise ValueError(f"{command} runs in one process, and this is one of WORLD_SIZE={ranks} ranks (each would "
+                         f"repeat the whole work and write the same files): run it with python, not a launcher")
 
 
 def init_distributed() -> Dist:
