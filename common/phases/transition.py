@@ -44,9 +44,9 @@ def initial_model(arch: Architecture, objective, geometry, phase: PhaseConfig, s
     torch.manual_seed(seed)
     model = objective.build_model(geometry)
     if init is not None:
-        full = arch.geometry(Compression())
-        if pos_mode == CUT_AT_FULL and geometry != full:  # as a full-resolution start, then a phase change (AST family:
-            # the spare encoder's state loads strictly into the phase's, heads apart: init_pos_mode gives HTS-AT cut)
+        if pos_mode == CUT_AT_FULL and geometry != (full := arch.geometry(Compression())):
+            # as a full-resolution start, then a phase change (the AST family: the spare encoder's state loads
+            # strictly into the phase's, heads apart; init_pos_mode gives HTS-AT plain cut)
             encoder = arch.build_encoder(full)
             arch.load_weights(encoder, init, full, "cut", init_patch_mode(init), transfer.rel_pos_bias)
             state = arch.adapt_state(encoder.state_dict(), full, geometry, transfer, patch_mode_between(None, phase))

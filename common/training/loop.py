@@ -86,14 +86,14 @@ class Trainer(PhaseMachinery):
         if record.state.phase_done and not record.state.phase_closed:  # resumed at a phase end: what follows it
             record.restart_clock()  # reading the checkpoint and building the model are no training time
             self._complete_phase(model, record.state.phase, scheduler=None)
-        steps_this_call = self.steps_taken = 0
+        self.steps_taken = 0
         while not (record.state.phase_done and record.state.phase == last):
             index = record.state.phase
             if record.state.phase_done:
                 if self._signalled(at_sync=True):  # the phase's end is checkpointed: stop before the next one
                     raise StoppedBySignal(self._stopped_by, f"at the end of {self.spec.phases[index].label(index)}")
-                if stop_after is not None and steps_this_call >= stop_after:  # not a step of the next phase more
-                    log.info("stopped after %d steps as asked; run the same command again to resume", steps_this_call)
+                if stop_after is not None and self.steps_taken >= stop_after:  # not a step of the next phase more
+                    log.info("stopped after %d steps as asked; run the same command again to resume", self.steps_taken)
                     return False
                 model = self._next_phase(model, index)
                 collect()  # the previous phase's model is gone now: free its cycles (common.training.release)
@@ -118,17 +118,16 @@ class Trainer(PhaseMachinery):
                 record.restart_clock()  # reading the checkpoint and building the engine are no training time
                 if record.state.pending_eval:
                     self._validate(engine.module, index, engine.lr_scheduler)
-            budget = None if stop_after is None else stop_after - steps_this_call
+            budget = None if stop_after is None else stop_after - self.steps_taken
             finished, steps = self._train_phase(engine, index, budget)
-            steps_this_call += steps
-            self.steps_taken = steps_this_call
+            self.steps_taken += steps
             model = release_engine(engine)  # the bare model: the engine's hooks, optimizer state, gradients released
             del engine
             if not finished:
                 if self._stopped_by is not None:
                     raise StoppedBySignal(self._stopped_by, f"after step {record.state.step} of "
                                                             f"{self.spec.phases[index].label(index)}")
-                log.info("stopped after %d steps as asked; run the same command again to resume", steps_this_call)
+                log.info("stopped after %d steps as asked; run the same command again to resume", self.steps_taken)
                 return False
         self._finish(model)
         return True
@@ -146,9 +145,9 @@ class Trainer(PhaseMachinery):
         self.record.start_phase(index)
         self._finite.restart(st.step, self.splits[index].grad_accum)
         if not ended:
-            batches = None if phase.iteration_based else loader.estimated_batches_per_epoch()  # epochs x steps
+            per_epoch = None if phase.iteration_based else self._epoch_steps(index)  # epochs x steps
             total = phase.steps if phase.iteration_based else \
-                None if batches is None else phase.max_length * (batches // self.splits[index].grad_accum)
+                None if per_epoch is None else phase.max_length * per_epoch
             bar = progress(total, st.step, phase.label(index), self.dist.is_main)
             pipeline = self._frontend(index, self.objective.specaug)
             window = self._window = self.record.open_window()  # a resumed window goes on where it was saved
@@ -300,12 +299,18 @@ class Trainer(PhaseMachinery):
             return phase.steps
         if self.spec.optim.schedule != "cosine":
             return None
-        batches = self._train_loader(index).estimated_batches_per_epoch()
-        if batches is None:
+        per_epoch = self._epoch_steps(index)
+        if per_epoch is None:
             raise ValueError(f"optim.schedule: cosine decays over the phase's steps, and the steps of an epoch of "
                              f"{phase.label(index)} are unknown (a streamed training set whose size is not known "
                              f"before it is read); give the phase steps instead of epochs, or another schedule")
-        return phase.length * max(1, batches // self.splits[index].grad_accum)
+        return phase.length * max(1, per_epoch)
+
+    def _epoch_steps(self, index: int) -> int | None:
+        """Optimiser steps in an epoch of phase ``index`` (its training set's batches, as the loader counts or
+        estimates them, per accumulation group); None when its size is unknown."""
+        batches = self._train_loader(index).estimated_batches_per_epoch()
+        return None if batches is None else batches // self.splits[index].grad_accum
 
     def _finish(self, model: nn.Module) -> None:
         """Weight-average if asked, and make the final phase's model (or the average) the run's model."""
