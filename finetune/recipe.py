@@ -267,7 +267,8 @@ def _apply_task_file_defaults(recipe: FinetuneRecipe, data: dict, notes: list[st
         clips = None  # missing or broken manifests: check_files reports them
     if clips:
         batch = recipe.phases[0].batch_size or recipe.data.batch_size  # the global batch: clips per step
-        if clips >= batch and "warmup_steps" not in optim:  # (a larger batch: check_batch_fits says so)  # neither stated nor set by the followed recipe
+        # neither stated nor set by the followed recipe (a batch above the set's clips: check_batch_fits refuses it)
+        if clips >= batch and "warmup_steps" not in optim:
             warmup = auto_warmup(clips, batch)
             recipe = replace(recipe, optim=replace(recipe.optim, warmup_steps=warmup))
             warmup = (f"warm-up {warmup} steps (the first half of the first epoch: {clips} clips at {batch} per "

@@ -109,14 +109,14 @@ def _model_cautions(recipe, base, init, args) -> list[str]:
 
     if init is None or recipe.model.arch != "ast":
         return []
-    model = recipe.model
-    got = {"size": (base.embed_dim, base.depth, base.num_heads), "embed_dim": base.embed_dim, "depth": base.depth,
-           "num_heads": base.num_heads, "patch": (base.fshape, base.tshape), "num_prefix_tokens": base.num_prefix_tokens}
+    def settings(cfg) -> dict:  # the model keys a recipe may write, as an encoder config has them
+        return {"size": (cfg.embed_dim, cfg.depth, cfg.num_heads), "embed_dim": cfg.embed_dim, "depth": cfg.depth,
+                "num_heads": cfg.num_heads, "patch": (cfg.fshape, cfg.tshape),
+                "num_prefix_tokens": cfg.num_prefix_tokens}
+
+    model, got = recipe.model, settings(base)
     try:
-        asked = model.encoder_config(base.num_mel_bins, base.input_tdim)
-        wanted = {"size": (asked.embed_dim, asked.depth, asked.num_heads), "embed_dim": asked.embed_dim,
-                  "depth": asked.depth, "num_heads": asked.num_heads, "patch": (asked.fshape, asked.tshape),
-                  "num_prefix_tokens": asked.num_prefix_tokens}
+        wanted = settings(model.encoder_config(base.num_mel_bins, base.input_tdim))
     except ValueError:  # a model the recipe could not even build (e.g. a width its size's heads do not divide)
         wanted = {key: getattr(model, key) if key != "patch" else tuple(model.patch) for key in got}
     files = recipe_files(args.recipe) if args.recipe is not None else []
