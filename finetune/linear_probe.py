@@ -147,18 +147,25 @@ def check_tasks(recipe: ProbeRecipe) -> None:
     Raises:
         RecipeError: naming the task and the first problem (the task key and the file).
     """
-    from common.config.recipe import RecipeError, build
-    from finetune.recipe import task_checks, task_source
-    from finetune.tasks import TaskConfig
+    from common.config.recipe import RecipeError
+    from finetune.recipe import task_checks
 
     for name in recipe.tasks:
-        fields, _ = task_source(name)
-        task = build(TaskConfig, {**fields, "data_root": recipe.data_root}, "task")
-        for check in task_checks(task):
+        for check in task_checks(_task(name, recipe)):
             try:
                 check()
             except RecipeError as err:
                 raise RecipeError(f"task {name}: {err}") from None
+
+
+def _task(name: str, recipe: ProbeRecipe):
+    """Task ``name`` (registered, or a task file) with its manifests under the suite's ``data_root``."""
+    from common.config.recipe import build
+    from finetune.recipe import task_source
+    from finetune.tasks import TaskConfig
+
+    fields, _ = task_source(name)
+    return build(TaskConfig, {**fields, "data_root": recipe.data_root}, "task")  # bad values named, not raised
 
 
 def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torch.device) -> dict:
@@ -166,16 +173,12 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
     from common.audio.augment import SpecAugmentConfig
     from common.audio.compression import Compression
     from common.audio.pipeline import AudioConfig
-    from common.config.recipe import build
     from common.data.corpora.base import read_classes
     from common.models.arch import architecture_for
     from common.models.spec import ModelSpec
     from common.phases.init import load_init, resolve_pool, task_encoder, task_encoder_config
-    from finetune.recipe import task_source
-    from finetune.tasks import TaskConfig
 
-    fields, _ = task_source(task_name)
-    task = build(TaskConfig, {**fields, "data_root": recipe.data_root}, "task")  # bad values named, not raised
+    task = _task(task_name, recipe)
     classes, _ = read_classes(task.path(task.classes))
     init = load_init(init_path)
     cfg = task_encoder_config(init, ModelSpec(arch=init.arch if init is not None else "ast"), 128,
