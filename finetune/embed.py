@@ -73,7 +73,6 @@ log = logging.getLogger("embed")
 
 FORMATS = ("npy", "safetensors")
 INDEX_COLUMNS = ("clip_id", "source", "window", "start", "end", "shard", "row")
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus")
 MANIFEST_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 
@@ -129,6 +128,7 @@ def list_clips(inputs: Sequence[str | os.PathLike]) -> tuple[Iterator[Clip], int
             or ending in ``/``), or a folder with no audio file. A missing audio file is a clip that cannot be
             read (listed, the others embedded).
     """
+    from common.data.corpora.base import AUDIO_SUFFIXES
     from common.data.loader import count_clips, manifest_problem
 
     plan: list[tuple[str, Path, list[Path] | None]] = []

@@ -72,6 +72,7 @@ from lhotse.dataset import DynamicCutSampler, SimpleCutSampler
 from torch.utils.data import DataLoader
 
 from common.data.cache import CacheMode, ClipCache, make_cache
+from common.data.corpora.base import AUDIO_SUFFIXES
 from common.data.integrity import truncation
 from common.data.manifest_index import DEFAULT_INDEX_DIR, IndexShuffleSampler, ManifestIndex, open_lines
 from common.data.prefetch import background
@@ -243,7 +244,7 @@ def manifest_problem(path: str | os.PathLike) -> str | None:
     (None: it may be one; an empty file is left to the callers, which say that it holds no clips)."""
     path = _manifest_path(path)
     if not any(ext in path.name for ext in (".jsonl", ".json", ".yaml", ".yml")):  # what Lhotse reads
-        audio = path.suffix.lower() in (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac")
+        audio = path.suffix.lower() in AUDIO_SUFFIXES
         return ("is not a Lhotse manifest (a .jsonl.gz of cuts, as `python -m common.data.corpora prepare` writes "
                 "it)" + ("; to score audio files use predict.py" if audio else ""))
     if not path.name.endswith((".jsonl", ".gz")):

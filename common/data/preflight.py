@@ -24,8 +24,7 @@ from lhotse import CutSet
 from common.audio.fbank import NORM_STATS, resolve_norm_stats
 from common.config.recipe import RecipeError
 from common.data.corpora.base import read_classes
-from common.data.loader import count_clips as count_lines
-from common.data.loader import manifest_problem, refused_source
+from common.data.loader import epoch_clips, manifest_problem, refused_source
 from common.data.manifest_index import open_lines
 
 __all__ = ["check_manifest", "check_norm", "norm_mismatch", "check_classes", "check_labels", "data_checks",
@@ -259,10 +258,12 @@ def problems(checks: Iterable[Callable[[], None]]) -> list[str]:
 
 
 def count_clips(paths: Sequence[str | os.PathLike]) -> int:
-    """Clips in manifests, counted from their lines (no cut is parsed; a few seconds per million clips)."""
+    """Clips in manifests, counted from their lines (no cut is parsed; a few seconds per million clips), a Shar
+    folder's from its shards (``common.data.loader.epoch_clips``); another format is read."""
     total = 0
     for path in map(_expand, paths):
-        for file in _shards(path) if path.is_dir() else [path]:
-            lines = count_lines(file)
-            total += len(CutSet.from_file(file)) if lines is None else lines
+        lines = epoch_clips(path)
+        if lines is None and not path.is_dir():
+            lines = len(CutSet.from_file(path))
+        total += lines or 0
     return total
