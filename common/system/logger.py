@@ -60,8 +60,10 @@ def library_chatter(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or record.name != "root" or "site-packages" not in record.pathname
 
 
-def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO) -> None:
-    """Console logging for every rank (warnings only off rank 0) and ``run_dir/train.log`` on rank 0."""
+def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO, console_format: str | None = None
+                  ) -> None:
+    """Console logging for every rank (warnings only off rank 0) and ``run_dir/train.log`` on rank 0;
+    ``console_format``: the console's line format (default: time, level, logger and message)."""
     root = logging.getLogger()
     for logger in (root, _TRACEBACKS):
         for handler in list(logger.handlers):
@@ -71,7 +73,8 @@ def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO
     if not _TRACEBACKS.handlers:
         _TRACEBACKS.addHandler(logging.NullHandler())  # no run directory: dropped (not logging's last resort)
     console = BarSafeHandler()
-    console.setFormatter(logging.Formatter(f"[rank {rank}] {FORMAT}" if rank else FORMAT, "%H:%M:%S"))
+    fmt = console_format or FORMAT
+    console.setFormatter(logging.Formatter(f"[rank {rank}] {fmt}" if rank else fmt, "%H:%M:%S"))
     console._c2f = True  # type: ignore[attr-defined]
     console.addFilter(library_chatter)
     root.addHandler(console)

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -86,17 +85,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; a failure ends with one ``error:`` line and exit status 2 (no traceback)."""
-    from common.system.logger import BarSafeHandler, library_chatter
+    from common.system.logger import setup_logging
 
-    console = BarSafeHandler()  # log lines never land on the progress bars of prepare / stats
-    console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    console.addFilter(library_chatter)  # Lhotse's notices to the root logger ("Using audioread ...")
-    console._c2f = True  # replaced by the next command's console in this process (common.system.logger)
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if getattr(h, "_c2f", False)]:
-        root.removeHandler(handler)
-    root.addHandler(console)
-    root.setLevel(logging.INFO)
+    # the package's console: lines never land on the progress bars of prepare / stats, Lhotse's notices stay off it
+    setup_logging(None, console_format="%(levelname)s %(message)s")
     args = _build_parser().parse_args(argv)
     try:
         return piped(lambda: _run(args))  # `... | head`: what was asked is done, its output no longer read
