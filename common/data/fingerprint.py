@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 from pathlib import Path
 from typing import Iterable
+
+from common.data.manifest_index import manifest_path
 
 __all__ = ["fingerprint", "run_fingerprints", "changes", "key_for", "DataChanged"]
 
@@ -54,7 +55,7 @@ def fingerprint(path: str | Path) -> dict:
     Raises:
         FileNotFoundError: ``path`` does not exist.
     """
-    path = Path(os.path.expandvars(os.path.expanduser(str(path))))  # as the loader reads it
+    path = manifest_path(path)  # as the loader reads it
     if path.is_file():
         return {"sha256": _file_sha256(path).hexdigest(), "content_sha256": _content_sha256(path).hexdigest(),
                 "bytes": path.stat().st_size}

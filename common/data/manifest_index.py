@@ -32,7 +32,7 @@ from lhotse.serialization import deserialize_item
 
 from common.system.atomic import atomic_path, remove_orphans
 
-__all__ = ["DEFAULT_INDEX_DIR", "ManifestIndex", "IndexShuffleSampler", "open_lines"]
+__all__ = ["DEFAULT_INDEX_DIR", "ManifestIndex", "IndexShuffleSampler", "open_lines", "manifest_path"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,11 @@ DEFAULT_INDEX_DIR = "~/.cache/coarse2fine/manifests"
 def _key(path: Path) -> str:
     stat = path.stat()
     return hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+
+
+def manifest_path(path: str | os.PathLike) -> Path:
+    """A manifest or Shar folder as a recipe names it, ``~`` and ``$VARS`` expanded (as every reader reads it)."""
+    return Path(os.path.expandvars(os.path.expanduser(str(path))))
 
 
 def open_lines(path: Path):

@@ -25,16 +25,12 @@ from common.audio.fbank import NORM_STATS, resolve_norm_stats
 from common.config.recipe import RecipeError
 from common.data.corpora.base import read_classes
 from common.data.loader import epoch_clips, manifest_problem, refused_source
-from common.data.manifest_index import open_lines
+from common.data.manifest_index import manifest_path, open_lines
 
 __all__ = ["check_manifest", "check_norm", "norm_mismatch", "check_classes", "check_labels", "data_checks",
            "check_data", "problems", "count_clips"]
 
 _PREPARE_HINT = "write it with `python -m common.data.corpora prepare NAME --out DIR` (see `python -m common.data.corpora list`)"
-
-
-def _expand(path: str | os.PathLike) -> Path:
-    return Path(os.path.expandvars(os.path.expanduser(str(path))))
 
 
 def _shards(folder: Path) -> list[Path]:
@@ -51,7 +47,7 @@ def check_manifest(path: str | os.PathLike, key: str) -> None:
     Raises:
         RecipeError: missing, empty, or not a readable manifest.
     """
-    path = _expand(path)
+    path = manifest_path(path)
     if path.is_dir():
         shards = _shards(path)
         if not shards:
@@ -117,7 +113,7 @@ def norm_mismatch(spec: str, target_frames: int, num_mel_bins: int | None, key: 
     """
     if not isinstance(spec, str) or spec in NORM_STATS:
         return None
-    path = _expand(spec)
+    path = manifest_path(spec)
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -147,7 +143,7 @@ def check_classes(path: str | os.PathLike, key: str) -> None:
         RecipeError: missing or malformed.
     """
     try:
-        read_classes(_expand(path))
+        read_classes(manifest_path(path))
     except (OSError, ValueError, AttributeError) as err:
         raise RecipeError(f"{key}: {err}") from None
 
@@ -166,7 +162,7 @@ def check_labels(path: str | os.PathLike, key: str, classes: str | os.PathLike |
     Raises:
         RecipeError: naming the key, how many clips fail and the first of them.
     """
-    path = _expand(path)
+    path = manifest_path(path)
     if not path.is_file() or not path.name.endswith((".jsonl", ".jsonl.gz")) or manifest_problem(path):
         return
     known, named = None, classes  # the labels allowed, and how the message names where they come from
@@ -174,7 +170,7 @@ def check_labels(path: str | os.PathLike, key: str, classes: str | os.PathLike |
         known, named = set(classes), "of the model"
     elif classes is not None:
         try:
-            known = set(read_classes(_expand(classes))[0])
+            known = set(read_classes(manifest_path(classes))[0])
         except (OSError, ValueError, AttributeError):
             known = None  # check_classes says why
     unlabeled, unknown, several = [0, None], [0, None, None], [0, None, None]
@@ -261,7 +257,7 @@ def count_clips(paths: Sequence[str | os.PathLike]) -> int:
     """Clips in manifests, counted from their lines (no cut is parsed; a few seconds per million clips), a Shar
     folder's from its shards (``common.data.loader.epoch_clips``); another format is read."""
     total = 0
-    for path in map(_expand, paths):
+    for path in map(manifest_path, paths):
         lines = epoch_clips(path)
         if lines is None and not path.is_dir():
             lines = len(CutSet.from_file(path))
