@@ -11,14 +11,16 @@ or an equal-weight mix is read into memory (an eager CutSet: Lhotse's ``SimpleCu
 ``seed + epoch``): every task set of the paper (VGGSound, VoxCeleb, Kinetics-Sounds, SpeechCommands,
 AudioSet-20K, ESC-50) fits. A larger one (AudioSet-2M; SSAST's AudioSet-2M + LibriSpeech, concatenated as the
 official code does) is indexed on disk and permuted with ``(seed, epoch)`` (``common.data.manifest_index``,
-``data.shuffle: full``). Lhotse Shar folders, mixes with unequal weights and ``data.shuffle: buffer`` stream
+``data.shuffle: full``). Lhotse Shar folders (alone: one part per rank, ``common.data.shar_stream``), mixes with
+unequal weights and ``data.shuffle: buffer`` stream
 through Lhotse's 20,000-clip shuffle buffer (``DynamicCutSampler``), which mixes within the buffer only because
 every corpus is written in a seeded shuffled order (``common.data.corpora.base.write_corpus``; source order is
 often sorted by class), and keeps a clip near the same place in every epoch.
 
 Equal shards. Every rank gets the same number of batches in every epoch, whatever the sampler (in-memory
 shuffle, streaming buffer, balanced, Shar), so that all ranks enter the same collectives: one global
-stream of batches is dealt in rounds of ``world_size`` (:func:`equal_shards`); training drops an incomplete
+stream of batches is dealt in rounds of ``world_size`` (:func:`equal_shards`; Shar folders alone are dealt in
+equal parts of clips instead, each rank reading only its own); training drops an incomplete
 last round, evaluation splits its clips over the ranks and gives a rank left without one an empty batch,
 never a duplicate, so every clip is scored exactly once. ``ClipLoader`` checks the count at every epoch end.
 
@@ -32,7 +34,8 @@ Restoring makes a fresh sampler, sets the epoch and skips the consumed batches (
 so the next batch is exactly the one an uninterrupted run would see.
 Random crops are drawn from ``(seed, epoch, cut id)``, so they are the same after a resume as well.
 The order of an epoch's clips depends on neither the number of ranks nor the batch size, so a position
-converted to clips of the epoch (:func:`reshard_index`) continues the same epoch on another number of ranks.
+converted to clips of the epoch (:func:`reshard_index`) continues the same epoch on another number of ranks
+(Shar folders alone: close to it, as ``common.data.shar_stream`` says).
 
 Bad audio. A clip whose file is missing, cannot be decoded, is empty or truncated, or holds
 non-finite samples is left out of its batch, and named with its reason in ``Batch.bad``;
@@ -74,8 +77,15 @@ from torch.utils.data import DataLoader
 from common.data.cache import CacheMode, ClipCache, make_cache
 from common.data.corpora.base import AUDIO_SUFFIXES
 from common.data.integrity import truncation
-from common.data.manifest_index import DEFAULT_INDEX_DIR, IndexShuffleSampler, ManifestIndex, open_lines
+from common.data.manifest_index import (
+    DEFAULT_INDEX_DIR,
+    IndexShuffleSampler,
+    ManifestIndex,
+    manifest_path,
+    open_lines,
+)
 from common.data.prefetch import background
+from common.data.shar_stream import RankShardSampler, SharSet, is_shar_folder, reads_per_rank
 from common.system.atomic import atomic_write_text
 from common.system.cpu import loader_workers
 from common.system.signals import STOP_SIGNALS
@@ -215,12 +225,8 @@ class DataConfig:
         return arch.channels if self.channels == "auto" else self.channels
 
 
-def _manifest_path(path: str | os.PathLike) -> Path:
-    return Path(os.path.expandvars(os.path.expanduser(str(path))))
-
-
 def _open_one(path: str | os.PathLike):
-    path = _manifest_path(path)
+    path = manifest_path(path)
     if path.is_dir():
         if not list(path.glob("cuts.*.jsonl*")):
             raise FileNotFoundError(f"{path} is a folder but not a Lhotse Shar folder (no cuts.*.jsonl.gz shards)")
@@ -242,7 +248,7 @@ def _open_one(path: str | os.PathLike):
 def manifest_problem(path: str | os.PathLike) -> str | None:
     """Why a file is not a Lhotse manifest: a name no Lhotse manifest has, or for a ``.jsonl(.gz)`` its first line
     (None: it may be one; an empty file is left to the callers, which say that it holds no clips)."""
-    path = _manifest_path(path)
+    path = manifest_path(path)
     if not any(ext in path.name for ext in (".jsonl", ".json", ".yaml", ".yml")):  # what Lhotse reads
         audio = path.suffix.lower() in AUDIO_SUFFIXES
         return ("is not a Lhotse manifest (a .jsonl.gz of cuts, as `python -m common.data.corpora prepare` writes "
@@ -275,7 +281,7 @@ def count_clips(path: str | os.PathLike, limit: int | None = None) -> int | None
     Returns None for what cannot be counted this way (a Shar folder, another format), and ``limit + 1``
     as soon as the count exceeds ``limit``.
     """
-    path = _manifest_path(path)
+    path = manifest_path(path)
     if not path.is_file() or not path.name.endswith((".jsonl", ".jsonl.gz")):
         return None
     count = 0
@@ -290,7 +296,7 @@ def count_clips(path: str | os.PathLike, limit: int | None = None) -> int | None
 def epoch_clips(path: str | os.PathLike) -> int | None:
     """Clips in a ``.jsonl(.gz)`` manifest or a Lhotse Shar folder (its ``cuts.*`` shards' lines), counted without
     parsing them; None for what cannot be counted so."""
-    path = _manifest_path(path)
+    path = manifest_path(path)
     if path.is_dir():
         counts = [count_clips(shard) for shard in sorted(path.glob("cuts.*.jsonl*"))]
         return None if not counts or None in counts else sum(counts)
@@ -327,7 +333,7 @@ def open_cuts(specs: Sequence[ManifestSpec | str], seed: int = 0, in_memory_max:
             return CutSet.from_cuts(cuts)
     if index_dir is not None and len({s.weight for s in specs}) == 1 and \
             all(count_clips(s.path, 0) is not None for s in specs):  # .jsonl(.gz) files of equal weights
-        index = ManifestIndex([_manifest_path(s.path) for s in specs], index_dir)
+        index = ManifestIndex([manifest_path(s.path) for s in specs], index_dir)
         log.info("%d clips indexed on disk (%s): every epoch is a shuffle of the whole set", len(index), index_dir)
         return index
     if in_memory_max is not None:
@@ -1045,6 +1051,9 @@ class ClipLoader:
                  epoch_clips: int | None = None, keep_workers: bool = False) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if isinstance(cuts, SharSet) and not drop_last:
+            raise ValueError("a SharSet is a training set, read in parts of equal size per rank: drop_last must be "
+                             "True (an evaluation pass reads its folder with open_cuts)")
         self.cuts = cuts
         self.dataset = dataset
         self.batch_size = batch_size
@@ -1069,6 +1078,9 @@ class ClipLoader:
         if self.weights is not None:
             return WeightedCutSampler(self.cuts, self.weights, self.batch_size, drop_last=self.drop_last,
                                       seed=self.seed)
+        if isinstance(self.cuts, SharSet):  # this rank's part of the epoch only (common.data.shar_stream)
+            return RankShardSampler(self.cuts, self.batch_size, rank=self.rank, world_size=self.world_size,
+                                    seed=self.seed, shuffle=self.shuffle)
         if isinstance(self.cuts, ManifestIndex):  # batches of clip numbers: read as they are kept (_cut_batches)
             return IndexShuffleSampler(len(self.cuts), self.batch_size, drop_last=self.drop_last, seed=self.seed,
                                        shuffle=self.shuffle)
@@ -1081,6 +1093,8 @@ class ClipLoader:
         before it is read."""
         if self.weights is not None:  # an epoch draws one clip per weight
             return shard_batches(len(self.weights), self.batch_size, self.world_size, self.drop_last)
+        if isinstance(self.cuts, SharSet):  # clips // ranks // batch per rank: what dealing rounds of batches gives
+            return shard_batches(len(self.cuts), self.batch_size, self.world_size, drop_last=True)
         if self.cuts.is_lazy:
             return None
         return shard_batches(len(self.cuts), self.batch_size, self.world_size, self.drop_last)
@@ -1113,7 +1127,8 @@ class ClipLoader:
         epoch = start_epoch
         while epochs is None or epoch < start_epoch + epochs:
             sampler.set_epoch(epoch)
-            shard = equal_shards(stream(), self.rank, self.world_size, self.drop_last)
+            shard = stream() if getattr(sampler, "per_rank", False) else \
+                equal_shards(stream(), self.rank, self.world_size, self.drop_last)
             index = 0
             for _ in range(skip):  # fast-forward over batches already trained on (metadata only)
                 if next(shard, None) is None:
@@ -1238,21 +1253,31 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
         keep_workers: keep the worker processes between calls of ``batches`` (:class:`ClipLoader`).
         channels: ``first`` or ``mean`` of a multi-channel file (``data.channels`` resolved for the architecture).
     """
-    cuts = open_cuts(data.train, seed=seed, in_memory_max=data.full_shuffle_max,
-                     index_dir=(data.index_dir or DEFAULT_INDEX_DIR) if data.shuffle == "full" else None)
-    shar = [str(spec.path) for spec in data.train if _manifest_path(spec.path).is_dir()]
-    if shar and world_size > 1 and rank == 0:
-        log.warning("data.train: %s is a Lhotse Shar folder: each of the %d ranks reads all of it every epoch (audio "
-                    "included, through its shuffle buffer) and keeps its share of the batches, so the reading grows "
-                    "with the ranks; a .jsonl.gz manifest of audio files (indexed, data.shuffle: full) has each rank "
-                    "read only its own clips", shar[0], world_size)
+    shar = [str(spec.path) for spec in data.train if is_shar_folder(spec.path)]
+    if reads_per_rank(data):  # each rank reads its own part of every epoch (common.data.shar_stream)
+        cuts = SharSet([spec.path for spec in data.train])
+        log.info("training set %s: %d clips in %d Shar shard(s), dealt to the ranks in a new order every epoch",
+                 ", ".join(shar), len(cuts), len(cuts.shards))
+    else:
+        cuts = open_cuts(data.train, seed=seed, in_memory_max=data.full_shuffle_max,
+                         index_dir=(data.index_dir or DEFAULT_INDEX_DIR) if data.shuffle == "full" else None)
+    if shar and data.balanced and rank == 0:
+        log.warning("data.train: %s is a Lhotse Shar folder and data.balanced draws clips from the whole set: it is "
+                    "read into memory, audio included; a .jsonl.gz manifest of audio files keeps only the clips' "
+                    "metadata there", shar[0])
+    elif shar and not reads_per_rank(data) and world_size > 1 and rank == 0:
+        log.warning("data.train: %s is a Lhotse Shar folder mixed with %s: each of the %d ranks reads the whole mix "
+                    "every epoch (audio included) and keeps its share of the batches, so the reading grows with the "
+                    "ranks; Shar folders of equal weights alone are read in parts, one per rank", shar[0],
+                    "manifests of other weights" if len({s.weight for s in data.train}) > 1 else "manifest files",
+                    world_size)
     weights = None
     if data.balanced:  # weighed once a run (each clip by its labels); a stream is read into memory first
         cuts = cuts.to_eager() if cuts.is_lazy else cuts
         weights = balanced_weights(cuts, classes or [])
     clips = None
-    if cuts.is_lazy:  # the progress bar's, and an epoch-based cosine schedule's, from the manifests' lines
-        counts = [epoch_clips(spec.path) for spec in data.train]  # (AudioSet-2M: a few seconds)
+    if cuts.is_lazy and not isinstance(cuts, SharSet):  # the progress bar's, and an epoch-based cosine schedule's
+        counts = [epoch_clips(spec.path) for spec in data.train]  # from the manifests' lines (AudioSet-2M: seconds)
         clips = None if None in counts else sum(counts)
     dataset = ClipDataset(clip_samples, sample_rate, classes, crop=data.train_crop, seed=seed, pad=data.pad,
                           cache=cache, channels=channels)

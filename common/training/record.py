@@ -23,6 +23,7 @@ from torch import nn
 
 from common.data.fingerprint import DataChanged, changes, run_fingerprints
 from common.data.loader import BadAudioTracker, reshard_index
+from common.data.shar_stream import reads_per_rank
 from common.models.memory import PeakMemory, gib, training_setting
 from common.phases.baseline import evaluation_settings, setting_differences, stop_target
 from common.phases.criteria import Decision
@@ -131,6 +132,13 @@ class RunRecord:
                         tag)
             self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase, changes={
                 "data.balanced": {"from": "a plain shuffle, unless streamed (data.shuffle: buffer)", "to": "applied"}})
+        if self._sampler() == "shar-per-rank" and saved.get("sampler") != "shar-per-rank" and self.state.data_index:
+            log.warning("data.train: %s was written while every rank read the whole Shar folder and kept its share; "
+                        "its folders are now read in one part per rank, in another order: the rest of epoch %d is the "
+                        "new order's (some of its clips seen again, some left for the next epoch; recorded in "
+                        "ledger.json)", tag, self.state.data_epoch)
+            self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase, changes={
+                "sampler": {"from": saved.get("sampler", "shuffle"), "to": "shar-per-rank"}})
         saved_ranks = self.checkpoints.saved_world_size(tag, saved)
         stage = saved.get("zero_stage")  # absent before it was recorded: ZeRO if the optimizer state is partitioned
         stage = stage if stage is not None else int(any(self.checkpoints.ckdir.joinpath(tag).glob("zero_pp_rank_*")))
@@ -238,10 +246,13 @@ class RunRecord:
         the new ranks, ``common.training.batch``)."""
         st, ranks, batch = self.state, self.dist.world_size, self._batch_size(self.state.phase)
         index = reshard_index(st.data_index, saved_batch, saved_ranks, batch, ranks)
+        shar = saved_ranks != ranks and reads_per_rank(self.spec.data)  # each rank reads its own part of the epoch
         log.warning("resuming on %d rank(s) x %d clips a run checkpointed on %d x %d: each rank's share of the data "
                     "changes, so the resumed run continues from the same share of epoch %d (batch %d instead of %d) "
-                    "and is close to, not bitwise equal to, an uninterrupted run; recorded in ledger.json", ranks,
-                    batch, saved_ranks, saved_batch, st.data_epoch, index, st.data_index)
+                    "and is close to, not bitwise equal to, an uninterrupted run%s; recorded in ledger.json", ranks,
+                    batch, saved_ranks, saved_batch, st.data_epoch, index, st.data_index,
+                    " (its Shar folders are read in one part per rank: the rest of the epoch is the rest of the new "
+                    "ranks' parts, some of its clips seen again, some left for the next epoch)" if shar else "")
         st.data_index = index
         changed = {"world_size": {"from": saved_ranks, "to": ranks}} if saved_ranks != ranks else {}
         if saved_batch != batch and saved_batch * saved_ranks != batch * ranks:
@@ -364,7 +375,12 @@ class RunRecord:
         and bad-audio counts, and the layout its data position counts in (ranks, clips per rank)."""
         return {"state": asdict(self.state), "ledger": self.ledger.to_dict(), "tracker": self.tracker.state_dict(),
                 "world_size": self.dist.world_size, "batch_per_rank": self._batch_size(index),
-                "zero_stage": self.zero_stage, "sampler": "balanced" if self.spec.data.balanced else "shuffle"}
+                "zero_stage": self.zero_stage, "sampler": self._sampler()}
+
+    def _sampler(self) -> str:
+        """How the run draws its training clips, as its checkpoints record it (a resume says what changed)."""
+        return "balanced" if self.spec.data.balanced else "shar-per-rank" if reads_per_rank(self.spec.data) else \
+            "shuffle"
 
     def close_phase(self, index: int) -> None:
         """Phase ``index``'s end work (its validation, record and export) is done: its checkpoint, taken before

@@ -25,6 +25,7 @@ from common.data.loader import (
     reshard_index,
     shard_batches,
 )
+from common.data.shar_stream import SharSet
 from tests.helpers import _launch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,6 +66,9 @@ def _loader(odd, path: str, rank: int, world_size: int, batch: int = BATCH, drop
              "index": [ManifestSpec(str(odd / "part_a.jsonl.gz")), ManifestSpec(str(odd / "part_b.jsonl.gz"))],
              "balanced_index": one}  # AudioSet-2M's balanced sampling, over an index
     indexed = path in ("index", "balanced_index")
+    if path == "shar":  # Shar folders alone: each rank reads its own part of every epoch
+        return ClipLoader(SharSet([odd / "shar"]), ClipDataset(16000), batch, shuffle=True, drop_last=drop_last, seed=3,
+                          rank=rank, world_size=world_size)
     cuts = open_cuts(specs[path], seed=3, in_memory_max=1000 if path in ("memory", "balanced", "mix") else
                      0 if indexed else None, index_dir=str(odd / "index") if indexed else None)
     weights = balanced_weights(cuts, []) if path.startswith("balanced") else None
@@ -101,22 +105,88 @@ PATHS = [("memory", True), ("stream", True), ("mix", True), ("shar", True), ("ba
          ("memory", False), ("stream", False), ("balanced", False), ("index", False), ("eval", False)]
 
 
-def test_a_shar_folder_on_several_ranks_is_said_to_be_read_by_every_rank(odd, caplog):
-    """Every rank streams the whole Shar folder (audio included) and keeps its share: rank 0 says so once on
-    several ranks, and names the input that reads each clip on its own rank only; one rank is quiet."""
+def test_a_shar_folder_mixed_with_a_manifest_file_is_said_to_be_read_by_every_rank(odd, caplog):
+    """Shar folders alone are read in one part per rank (quiet); mixed with a manifest file every rank streams the
+    whole mix (audio included) and keeps its share: rank 0 says so once on several ranks, one rank is quiet; balanced
+    sampling reads the folder into memory, audio included, which rank 0 says on any number of ranks."""
     import logging
 
     from common.data.loader import BadAudioTracker, DataConfig, train_loader
+    from common.data.shar_stream import SharSet
 
-    data = DataConfig(train=[ManifestSpec(str(odd / "shar"))], num_workers=0)
-    for rank, world_size, said in ((0, 2, True), (1, 2, False), (0, 1, False)):
+    alone = [ManifestSpec(str(odd / "shar"))]
+    mixed = alone + [ManifestSpec(str(odd / "valid.jsonl.gz"))]
+    for train, balanced, rank, world_size, said in ((alone, False, 0, 2, None), (mixed, False, 0, 2, "every epoch"),
+                                                     (mixed, False, 1, 2, None), (mixed, False, 0, 1, None),
+                                                     (alone, True, 0, 1, "into memory, audio included")):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            train_loader(data, None, 16000, 16000, 2, 0, rank, world_size, BadAudioTracker())
+            loader = train_loader(DataConfig(train=train, balanced=balanced, num_workers=0), None, 16000, 16000, 2, 0,
+                                  rank, world_size, BadAudioTracker())
+        assert isinstance(loader.cuts, SharSet) == (train is alone and not balanced)
         lines = [r.getMessage() for r in caplog.records if "is a Lhotse Shar folder" in r.getMessage()]
-        assert len(lines) == int(said), (rank, world_size, lines)
-        assert all("each of the 2 ranks reads all of it every epoch" in line and "data.shuffle: full" in line
-                   for line in lines)
+        assert len(lines) == (said is not None) and all(said in line for line in lines), (rank, world_size, lines)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_shar_folders_are_read_in_one_part_per_rank(odd, world_size, monkeypatch):
+    """Each rank reads its own part of an epoch (its clips, and the clips of its first shard before them), not the
+    whole folder: together the ranks read the folder about once; the shards are dealt in a new order every epoch."""
+    from lhotse.shar.readers.lazy import LazySharIterator
+
+    from common.data import shar_stream
+
+    read = Counter()
+
+    class Counted(LazySharIterator):
+        def __iter__(self):
+            for cut in super().__iter__():
+                read[rank] += 1
+                yield cut
+
+    monkeypatch.setattr(shar_stream, "LazySharIterator", Counted)
+    parts = {}
+    for rank in range(world_size):
+        parts[rank] = _epochs(_loader(odd, "shar", rank, world_size))
+    share, shard = CLIPS // world_size, 16  # the fixture's shards: 16, 16 and 9 clips; two epochs read
+    assert all(2 * share <= read[r] < 2 * (share + shard) for r in range(world_size)), read
+    assert sum(read.values()) < 2 * (CLIPS + (world_size - 1) * shard)  # all of it on every rank: world_size * CLIPS
+    for rank, epochs in parts.items():  # another order of shards, so (here) another part of the clips per rank
+        assert {i for b in epochs[0] for i in b} != {i for b in epochs[1] for i in b}, rank
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_shar_resume_at_another_per_rank_batch_continues_exactly(odd, world_size):
+    """A rank's part of a Shar epoch comes in the same clip order whatever its batch, so a position converted to
+    clips (the same ranks, another per-rank batch) continues exactly."""
+    for rank in range(world_size):
+        by4, by6 = ([i for b in _epochs(_loader(odd, "shar", rank, world_size, batch), epochs=1)[0] for i in b]
+                    for batch in (4, 6))
+        common = min(len(by4), len(by6))
+        assert common >= 12 and by4[:common] == by6[:common]
+        index = reshard_index(2, 4, world_size, 6, world_size)  # 8 clips: one batch of 6, two clips seen again
+        resumed = [i for b in _epochs(_loader(odd, "shar", rank, world_size, 6), epochs=1, skip=index)[0] for i in b]
+        assert index == 1 and resumed == by6[6:]
+
+
+@pytest.mark.slow
+def test_a_shar_run_checkpointed_before_the_parts_per_rank_says_its_order_changed(tmp_path, synth_corpus, odd):
+    """A Shar run whose checkpoint was written when every rank read the whole folder (its ``sampler``: shuffle)
+    resumes mid-epoch in the per-rank order: said and recorded in the ledger; a checkpoint of this version is not."""
+    from tests.helpers import run
+
+    shar = f"data.train=[{{path: {odd / 'shar'}}}]"
+    run_dir = tmp_path / "run"
+    assert run(run_dir, synth_corpus, shar, "train.save_every=100", stop=2) == 0
+    saved = run_dir / "checkpoints" / (run_dir / "checkpoints" / "LATEST").read_text() / "trainer_state.json"
+    state = json.loads(saved.read_text())
+    assert state["sampler"] == "shar-per-rank" and state["state"]["data_index"] == 2
+    state["sampler"] = "shuffle"
+    saved.write_text(json.dumps(state))
+    assert run(run_dir, synth_corpus, shar, "train.save_every=100") == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert [i["changes"] for i in ledger["interventions"]] == [{"sampler": {"from": "shuffle", "to": "shar-per-rank"}}]
+    assert "read in one part per rank, in another order" in (run_dir / "train.log").read_text()
 
 
 def test_a_shar_folders_epoch_is_counted_from_its_shards(odd):
@@ -137,7 +207,7 @@ def test_every_loader_path_gives_every_rank_the_same_batches(odd, path, drop_las
     loaders = [_loader(odd, path, r, world_size, drop_last=drop_last) for r in range(world_size)]
     shards = [_epochs(loader) for loader in loaders]
     known = loaders[0].batches_per_epoch()
-    assert known == (None if path in ("stream", "mix", "shar", "eval") else
+    assert known == (None if path in ("stream", "mix", "eval") else
                      shard_batches(CLIPS, BATCH, world_size, drop_last))
     clips = VALID if path == "eval" else CLIPS
     for epoch in range(2):
@@ -171,7 +241,7 @@ def _global(odd, path: str, world_size: int, batch: int, skip: int = 0) -> list[
     return [i for batches in zip(*shards) for b in batches for i in b]
 
 
-@pytest.mark.parametrize("path", ["memory", "stream", "mix", "shar", "balanced", "index"])
+@pytest.mark.parametrize("path", ["memory", "stream", "mix", "balanced", "index"])
 @pytest.mark.parametrize("before,after", [((2, 4), (3, 4)), ((3, 4), (2, 4)), ((2, 6), (3, 4)), ((3, 4), (2, 6))])
 def test_a_resume_on_another_number_of_ranks_continues_the_epoch(odd, path, before, after):
     """(ranks, per-rank batch) before and after: the same batch, or the same global batch of 12 clips (a recipe's
@@ -306,8 +376,9 @@ def test_training_on_2_and_3_ranks_every_loader_path_resumed_and_resharded(odd, 
     runs = tmp_path / "runs"
     paths = [("finetune", "memory", None), ("finetune", "stream", 2), ("finetune", "balanced", None),
              ("finetune", "shar", None), ("pretrain", "memory", None), ("pretrain", "mix", 2),  # mix: streamed
-             ("pretrain", "shar", None), ("pretrain", "workers", 2), ("pretrain", "index", 2)]
-    reshards = [("finetune", "memory", 2), ("finetune", "balanced", 3), ("pretrain", "memory", 4)]
+             ("pretrain", "shar", 2), ("pretrain", "workers", 2), ("pretrain", "index", 2)]
+    reshards = [("finetune", "memory", 2), ("finetune", "balanced", 3), ("pretrain", "memory", 4),
+                ("pretrain", "shar", 4)]
     for world_size in (2, 3):
         cases = []
         for kind, path, stop in paths:
@@ -335,3 +406,5 @@ def test_training_on_2_and_3_ranks_every_loader_path_resumed_and_resharded(odd, 
     for kind, path, _ in reshards:
         ledger = json.loads((runs / f"{kind}-{path}-resharded" / "ledger.json").read_text())
         assert [i["changes"] for i in ledger["interventions"]] == [{"world_size": {"from": 2, "to": 3}}]
+        log = (runs / f"{kind}-{path}-resharded" / "train.log").read_text()
+        assert ("(its Shar folders are read in one part per rank" in log) == (path == "shar"), (kind, path)
