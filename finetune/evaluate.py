@@ -34,6 +34,7 @@ from common.models.arch import architecture_from_meta, official_channels
 from common.models.exports import resolve_model_file
 from common.models.hf import is_hf_directory
 from common.system import jsonfile
+from common.system.distributed import Dist
 from common.system.logger import progress, setup_logging
 from common.system.prog import prog
 from finetune.classifier import class_scores, load_classifier, metric_scores
@@ -81,11 +82,14 @@ def clip_handling(meta: dict) -> dict:
 
 def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequence[str] | None = None,
                     batch_size: int = 32, num_workers: int = 2, device: str | torch.device = "cpu", tracker=None,
-                    show_progress: bool = False, loaded: tuple[nn.Module, dict] | None = None) -> dict[str, float]:
-    """mAP / accuracy of an exported classifier on ``manifests`` (one process); ``classes``: the task's class
-    list, which must be the export's (None: the export's own); ``tracker`` counts bad and resampled clips (a
-    run's :class:`~common.data.loader.BadAudioTracker` split, or a fresh one without a limit); ``loaded``: what
-    :func:`~finetune.classifier.load_classifier` gave for ``path`` (not read again)."""
+                    show_progress: bool = False, loaded: tuple[nn.Module, dict] | None = None,
+                    dist: Dist | None = None) -> dict[str, float]:
+    """mAP / accuracy of an exported classifier on ``manifests``; ``classes``: the task's class list, which must be
+    the export's (None: the export's own); ``tracker`` counts bad and resampled clips (a run's
+    :class:`~common.data.loader.BadAudioTracker` split, or a fresh one without a limit); ``loaded``: what
+    :func:`~finetune.classifier.load_classifier` gave for ``path`` (not read again); ``dist``: the ranks of a
+    training job, which score a share of the clips each (every clip once, as validation spreads them) and all
+    return the metrics of the whole set (None: this process alone)."""
     model, meta = loaded or load_classifier(path)
     classes = list(meta["classifier"]["classes"]) if classes is None else classes
     if list(meta["classifier"]["classes"]) != list(classes):
@@ -93,8 +97,10 @@ def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequenc
     model.to(device)
     sample_rate, clip_samples = clip_for_export(meta)
     clips = clip_handling(meta)
+    rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     loader = eval_loader(manifests, classes, clip_samples, sample_rate, batch_size, num_workers, crop=clips["crop"],
-                         pad=clips["pad"], tracker=tracker, channels=clips["channels"])
+                         pad=clips["pad"], tracker=tracker, channels=clips["channels"], rank=rank,
+                         world_size=world_size)
     scores, targets = [], []
     bar = progress(loader.estimated_batches_per_epoch(), 0, f"scoring {Path(manifests[0]).name}", show_progress,
                    unit="batch")
@@ -105,6 +111,8 @@ def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequenc
             scores.append(metric_scores(logits).cpu())  # as validation scores them
             targets.append(batch.targets)
     bar.close()
+    parts = dist.gather_objects((scores, targets)) if dist is not None else [(scores, targets)]
+    scores, targets = [s for p in parts for s in p[0]], [t for p in parts for t in p[1]]
     if not scores:
         raise ValueError(f"no usable clip in {', '.join(map(str, manifests))}")
     metrics = compute_metrics(torch.cat(targets).numpy(), torch.cat(scores).numpy())

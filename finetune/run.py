@@ -184,7 +184,8 @@ def _surpass_targets(recipe, run_dirs: list[Path], restart: bool) -> list[str | 
 
 
 def _test(run_dir: Path, recipe, classes, dist, tracker) -> None:
-    """Evaluate the best epoch's model (the weight average if there is one) on the task's test split."""
+    """Evaluate the best epoch's model (the weight average if there is one) on the task's test split: every rank
+    scores its share of the clips (a rank does not wait for rank 0 to score them all), rank 0 writes the result."""
     from common.training.batch import phase_splits
     from finetune.evaluate import evaluate_export
 
@@ -193,7 +194,9 @@ def _test(run_dir: Path, recipe, classes, dist, tracker) -> None:
     metrics = evaluate_export(model, [recipe.task.path(p) for p in recipe.task.test], classes,
                               recipe.data.eval_batch_size or
                               phase_splits(recipe.phases, recipe.data, recipe.optim, dist.world_size)[-1].per_rank,
-                              recipe.data.num_workers, dist.device, tracker)
+                              recipe.data.num_workers, dist.device, tracker, dist=dist)
+    if not dist.is_main:
+        return
     (run_dir / "test_metrics.json").write_text(jsonfile.dumps({"model": str(model), **metrics}, indent=1))
     log.info("test split (%s): %s", model.name, ", ".join(f"{k}={int(v)}" if k == "clips" else f"{k}={v:.4f}"
                                                           for k, v in metrics.items()))
@@ -397,8 +400,9 @@ def main(argv: list[str] | None = None) -> int:
                 used += trainer.steps_taken
                 if not done:
                     break
-                if recipe.task.test and dist.is_main:  # the run's accounting of audio, without a limit
-                    _test(run_dir, recipe, classes, dist, trainer.tracker.for_split("test", max_fraction=1.0))
+                if recipe.task.test:  # the run's accounting of audio, without a limit, over every rank
+                    _test(run_dir, recipe, classes, dist, trainer.tracker.for_split("test", max_fraction=1.0,
+                                                                                    dist=dist))
             if done and recipe.task.folds and dist.is_main:
                 _cross_validation(run_root, len(splits), recipe.task.metric)
         if dist.is_main and done:

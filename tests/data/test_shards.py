@@ -49,10 +49,11 @@ def odd(synth_corpus, tmp_path_factory):
     CutSet.from_cuts(train).to_shar(out / "shar", fields={"recording": "flac"}, shard_size=16, num_jobs=1)
     shutil.copy(synth_corpus / "synth_classes.json", out / "classes.json")
     for name, manifest, balanced in (("task", "train.jsonl.gz", False), ("task_shar", "shar", False),
-                                     ("task_balanced", "train.jsonl.gz", True)):
+                                     ("task_balanced", "train.jsonl.gz", True), ("task_test", "train.jsonl.gz", False)):
         (out / f"{name}.yaml").write_text(
             f"name: odd\ntrain: [{manifest}]\nvalid: [valid.jsonl.gz]\nclasses: classes.json\ntarget_frames: 128\n"
-            f"norm: audioset\nmetric: acc\nloss: ce\nbalanced: {str(balanced).lower()}\n")
+            f"norm: audioset\nmetric: acc\nloss: ce\nbalanced: {str(balanced).lower()}\n" +
+            ("test: [valid.jsonl.gz]\n" if name == "task_test" else ""))
     return out
 
 
@@ -337,7 +338,7 @@ def _argv(odd, run_dir: Path, kind: str, path: str, stop: int | None, batch: int
                                            "index": ["data.full_shuffle_max=0", f"data.index_dir={odd / 'index'}"]
                                            }.get(path, [])
     if kind == "finetune":
-        task = {"balanced": "task_balanced", "shar": "task_shar"}.get(path, "task")
+        task = {"balanced": "task_balanced", "shar": "task_shar", "memory": "task_test"}.get(path, "task")
         argv = ["--init", "none", "--task", str(odd / f"{task}.yaml")]
         sets = FINETUNE + sets
     else:
@@ -370,8 +371,8 @@ def _check_equal_shards(name: str, ranks: list[dict], valid_ids: set[str]) -> No
 def test_training_on_2_and_3_ranks_every_loader_path_resumed_and_resharded(odd, tmp_path):
     """Fine-tuning (epoch-based: every epoch end is collective) and pretraining (step-based) on every loader
     path in 2 processes, then in 3; a run stopped mid-epoch (or at an epoch's end) resumes on the same ranks,
-    and runs stopped on 2 ranks resume on 3 (the same global batch, 6 clips per rank then 4). A hang fails after
-    the launch's timeout."""
+    and runs stopped on 2 ranks resume on 3 (the same global batch, 6 clips per rank then 4). A task's test split is
+    scored by every rank, each clip once. A hang fails after the launch's timeout."""
     valid_ids = {c.id for c in CutSet.from_file(odd / "valid.jsonl.gz")}
     runs = tmp_path / "runs"
     paths = [("finetune", "memory", None), ("finetune", "stream", 2), ("finetune", "balanced", None),
@@ -398,6 +399,8 @@ def test_training_on_2_and_3_ranks_every_loader_path_resumed_and_resharded(odd, 
             ledger = json.loads((runs / name / "ledger.json").read_text())
             if name.startswith("finetune"):  # each epoch validated on all 25 clips, none counted twice
                 assert [(e["epoch"], e["metrics"]["clips"]) for e in ledger["evals"]] == [(1, VALID), (2, VALID)], name
+                tested = runs / name / "test_metrics.json"  # its test split (here the 25 clips) scored by every rank
+                assert json.loads(tested.read_text())["clips"] == VALID if "memory" in name else not tested.exists()
             else:
                 assert ledger["total"]["steps"] == 6, name
         # a worker process kept across both phases, stopped and resumed, trains the weights of the inline loader
