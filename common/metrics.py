@@ -22,7 +22,6 @@ import warnings
 from statistics import NormalDist
 
 import numpy as np
-from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
 __all__ = ["METRICS", "mean_average_precision", "accuracy", "mean_auc", "d_prime", "compute_metrics", "standard_error"]
 
@@ -44,12 +43,16 @@ def mean_average_precision(targets: np.ndarray, scores: np.ndarray) -> float:
     positive = (targets > 0.5).any(axis=0)
     if not positive.any():
         raise ValueError("mAP is undefined: no class has a positive clip")
+    from sklearn.metrics import average_precision_score  # here: scikit-learn's import takes 0.7 s (predict.py)
+
     aps = [average_precision_score(targets[:, k] > 0.5, scores[:, k]) for k in np.flatnonzero(positive)]
     return float(np.mean(aps))
 
 
 def accuracy(targets: np.ndarray, scores: np.ndarray) -> float:
     """Top-1 accuracy: the highest-scoring class against the (first) highest target."""
+    from sklearn.metrics import accuracy_score
+
     targets, scores = _check(targets, scores)
     return float(accuracy_score(targets.argmax(axis=1), scores.argmax(axis=1)))
 
@@ -61,6 +64,8 @@ def mean_auc(targets: np.ndarray, scores: np.ndarray) -> float:
     usable = [k for k in range(targets.shape[1]) if 0 < binary[:, k].sum() < len(binary)]
     if not usable:
         return float("nan")
+    from sklearn.metrics import roc_auc_score
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(np.mean([roc_auc_score(binary[:, k], scores[:, k]) for k in usable]))
