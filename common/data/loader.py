@@ -174,6 +174,9 @@ class DataConfig:
         shuffle: how a training set larger than ``full_shuffle_max`` is shuffled: ``full`` (the whole set
             every epoch, as AST and SSAST; ``.jsonl(.gz)`` manifests of equal weights) or ``buffer`` (streamed;
             also Shar folders and mixes of unequal weights, which are always streamed).
+        shuffle_buffer: clips a streamed training set's shuffle buffer holds (Lhotse's default, 20,000); a clip
+            of a Shar folder holds its audio there (AudioSet's 10 s FLAC clips: 3 to 5 GB per rank at 20,000),
+            whose shards are put in a new order every epoch as well (``common.data.shar_stream``).
         index_dir: the folder of the ``full`` shuffle's manifest index (default
             ``~/.cache/coarse2fine/manifests``; about the manifests' uncompressed size).
         pad: how a clip shorter than the clip length is filled: ``zeros`` (AST / SSAST) or ``repeat`` (the
@@ -197,6 +200,7 @@ class DataConfig:
     train_crop: Literal["start", "random"] = "start"
     full_shuffle_max: int = 500_000
     shuffle: Literal["full", "buffer"] = "full"
+    shuffle_buffer: int = 20_000
     index_dir: str | None = None
     pad: Literal["zeros", "repeat"] = "zeros"
     channels: Literal["auto", "first", "mean"] = "auto"
@@ -208,6 +212,8 @@ class DataConfig:
             raise ValueError(f"full_shuffle_max must be >= 0, got {self.full_shuffle_max}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         if self.max_batch_per_rank is not None and self.max_batch_per_rank < 1:
             raise ValueError(f"max_batch_per_rank must be >= 1, got {self.max_batch_per_rank}")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
@@ -1036,6 +1042,7 @@ class ClipLoader:
             (``common.data.prefetch``; 0: decode inline).
         epoch_clips: clips in one epoch of a streamed (lazy) set, counted from its manifests' lines, for
             :meth:`estimated_batches_per_epoch` (an in-memory set counts its own); None: unknown.
+        shuffle_buffer: clips in the shuffle buffer of a streamed (lazy) set.
         keep_workers: keep the worker processes between calls of :meth:`batches` (a training run's phases:
             the clips are the same, only the batch size and the position change), until :meth:`close`; the
             batches are the same as with workers started per call.
@@ -1048,7 +1055,7 @@ class ClipLoader:
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
                  weights: Sequence[float] | None = None, tracker: BadAudioTracker | None = None,
                  pin_memory: bool = False, prefetch_factor: int = 2, prefetch: int = 2,
-                 epoch_clips: int | None = None, keep_workers: bool = False) -> None:
+                 epoch_clips: int | None = None, keep_workers: bool = False, shuffle_buffer: int = 20_000) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if isinstance(cuts, SharSet) and not drop_last:
@@ -1069,6 +1076,7 @@ class ClipLoader:
         self.prefetch_factor = prefetch_factor
         self.prefetch = prefetch
         self.epoch_clips = epoch_clips
+        self.shuffle_buffer = shuffle_buffer
         self.keep_workers = keep_workers
         self._kept: tuple[DataLoader, _Stream] | None = None  # keep_workers: the loader and its swappable stream
         self._iteration = 0  # the latest call of batches(): an older iteration of a kept loader may not go on
@@ -1080,13 +1088,15 @@ class ClipLoader:
                                       seed=self.seed)
         if isinstance(self.cuts, SharSet):  # this rank's part of the epoch only (common.data.shar_stream)
             return RankShardSampler(self.cuts, self.batch_size, rank=self.rank, world_size=self.world_size,
-                                    seed=self.seed, shuffle=self.shuffle)
+                                    seed=self.seed, shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer)
         if isinstance(self.cuts, ManifestIndex):  # batches of clip numbers: read as they are kept (_cut_batches)
             return IndexShuffleSampler(len(self.cuts), self.batch_size, drop_last=self.drop_last, seed=self.seed,
                                        shuffle=self.shuffle)
-        kind = DynamicCutSampler if self.cuts.is_lazy else SimpleCutSampler  # eager: shuffled as a whole
-        return kind(self.cuts, max_cuts=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last,
-                    world_size=1, rank=0, seed=self.seed)
+        if not self.cuts.is_lazy:  # eager: shuffled as a whole
+            return SimpleCutSampler(self.cuts, max_cuts=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last,
+                                    world_size=1, rank=0, seed=self.seed)
+        return DynamicCutSampler(self.cuts, max_cuts=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last,
+                                 world_size=1, rank=0, seed=self.seed, shuffle_buffer_size=self.shuffle_buffer)
 
     def batches_per_epoch(self) -> int | None:
         """Batches this rank (and every other) gets per epoch; None for a streamed set, whose size is not known
@@ -1283,7 +1293,8 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
                           cache=cache, channels=channels)
     return ClipLoader(cuts, dataset, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rank,
                       world_size=world_size, num_workers=data.num_workers, weights=weights, tracker=tracker,
-                      pin_memory=pin_memory, epoch_clips=clips, keep_workers=keep_workers)
+                      pin_memory=pin_memory, epoch_clips=clips, keep_workers=keep_workers,
+                      shuffle_buffer=data.shuffle_buffer)
 
 
 def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] | None, clip_samples: int,

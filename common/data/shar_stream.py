@@ -2,7 +2,7 @@
 
     the shards of every folder --permuted with (seed, epoch)--> the epoch's sequence of clips
       --rank r of R: clips [r * n, (r + 1) * n), n = clips // R--> the shards holding them, read in order
-      --Lhotse's shuffle buffer (seed + epoch)--> this rank's batches
+      --Lhotse's shuffle buffer (seed + epoch, ``data.shuffle_buffer`` clips)--> this rank's batches
 
 Every rank computes the same split from the shards' line counts (``cuts.*.jsonl.gz``, no audio read), so each
 reads about 1/R of the audio, plus the part of its first shard before its range, instead of all of it (a
@@ -140,9 +140,9 @@ class RankShardSampler:
     yields_numbers = False
 
     def __init__(self, shar: SharSet, batch_size: int, *, rank: int, world_size: int, seed: int,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, shuffle_buffer: int = 20_000) -> None:
         self.shar, self.batch_size, self.rank, self.world_size = shar, batch_size, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -151,6 +151,6 @@ class RankShardSampler:
     def __iter__(self) -> Iterator[CutSet]:
         part = self.shar.part(self.epoch, self.seed, self.rank, self.world_size, self.shuffle)
         sampler = DynamicCutSampler(part, max_cuts=self.batch_size, shuffle=self.shuffle, drop_last=True,
-                                    world_size=1, rank=0, seed=self.seed)
+                                    world_size=1, rank=0, seed=self.seed, shuffle_buffer_size=self.shuffle_buffer)
         sampler.set_epoch(self.epoch)  # the shuffle buffer's draws: seed + epoch
         yield from sampler

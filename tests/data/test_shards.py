@@ -190,6 +190,31 @@ def test_a_shar_run_checkpointed_before_the_parts_per_rank_says_its_order_change
     assert "read in one part per rank, in another order" in (run_dir / "train.log").read_text()
 
 
+def test_a_streamed_sets_shuffle_buffer_is_the_recipes(odd):
+    """data.shuffle_buffer: a buffer of one clip passes a streamed set nearly in its own order (a Shar folder's: its
+    shards in the epoch's order), the default one mixes it."""
+    from dataclasses import replace
+
+    from common.data.loader import BadAudioTracker, DataConfig, train_loader
+
+    def ids(data: DataConfig) -> list[str]:
+        loader = train_loader(data, None, 16000, 16000, BATCH, 0, 0, 1, BadAudioTracker())
+        return [c.id for _, _, cuts in loader.cut_batches(epochs=1) for c in cuts]
+
+    stream = DataConfig(train=[ManifestSpec(str(odd / "train.jsonl.gz"))], full_shuffle_max=0, shuffle="buffer",
+                        shuffle_buffer=1, num_workers=0)
+    shar = replace(stream, train=[ManifestSpec(str(odd / "shar"))])
+    in_file = [c.id for c in CutSet.from_file(odd / "train.jsonl.gz")]
+    in_shards = [c.id for shard in SharSet([odd / "shar"]).order(0, 0) for c in CutSet.from_file(shard.fields["cuts"])]
+    assert in_shards != in_file and sorted(in_shards) == sorted(in_file)
+    for data, order in ((stream, in_file), (shar, in_shards)):
+        moved = [abs(order.index(i) - k) for k, i in enumerate(ids(data))]  # Lhotse's buffer of 1 swaps neighbours
+        mixed = [abs(order.index(i) - k) for k, i in enumerate(ids(replace(data, shuffle_buffer=20_000)))]
+        assert len(moved) == CLIPS // BATCH * BATCH and max(moved) <= 1 and max(mixed) > 10
+    with pytest.raises(ValueError, match="shuffle_buffer must be >= 1"):
+        DataConfig(shuffle_buffer=0)
+
+
 def test_a_shar_folders_epoch_is_counted_from_its_shards(odd):
     """A Shar training folder's epoch, counted from its cuts shards' lines: the progress bar's total and the steps an
     epoch-based cosine schedule decays over (a Shar run with cosine stopped at its start, 'unknown')."""
