@@ -13,6 +13,7 @@ Re-running on a run directory that holds checkpoints resumes it, and the recipe 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -25,7 +26,7 @@ from common.config.recipe import RecipeError, dump_yaml, parse_yaml, to_dict
 from common.models.arch import official_channels
 
 __all__ = ["RESUMABLE_CHANGES", "RECOVERY_CHANGES", "TOLERANCE_CHANGES", "RunRecipe", "has_trained", "prepare_run_dir",
-           "recipe_diff", "recovery_change"]
+           "field_defaults", "recipe_diff", "recovery_change"]
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,30 @@ def _behaviour(flat: dict) -> dict:
     return out
 
 
-def recipe_diff(old: dict, new: dict) -> list[str]:
-    """Keys whose values differ between two resolved recipes (ignoring harmless ones; a key by what it does)."""
-    a, b = _behaviour(_flatten(old)), _behaviour(_flatten(new))
+def field_defaults(recipe, prefix: str = "") -> dict:
+    """The flattened keys of a recipe's dataclass tree with the default each field gives (lists of sections, such
+    as ``phases``, have none)."""
+    out = {}
+    for f in dataclasses.fields(recipe):
+        value = getattr(recipe, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(field_defaults(value, f"{prefix}{f.name}."))
+        elif f.default is not dataclasses.MISSING:
+            out[prefix + f.name] = to_dict(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[prefix + f.name] = to_dict(f.default_factory())
+    return out
+
+
+def recipe_diff(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
+    """Keys whose values differ between two resolved recipes (ignoring harmless ones; a key by what it does).
+
+    ``defaults`` (:func:`field_defaults`): a key that a ``recipe.yaml`` written before the key existed lacks is
+    the same when the new recipe gives it its default, as every new key's default keeps the behaviour from
+    before it (a key whose absence means something else is read in :func:`_behaviour`, ``data.channels``)."""
+    a, b, defaults = _behaviour(_flatten(old)), _behaviour(_flatten(new)), defaults or {}
     return sorted(k for k in set(a) | set(b) if not _same(k, a.get(k), b.get(k))
+                  and not (k not in a and k in defaults and _same(k, defaults[k], b.get(k)))
                   and not k.startswith(RESUMABLE_CHANGES))
 
 
@@ -137,7 +158,7 @@ def prepare_run_dir(run_dir: Path, recipe, is_main: bool, accept_changed_data: b
     new = parse_yaml(yaml.safe_dump(to_dict(recipe), sort_keys=False))
     if path.is_file() and has_trained(Path(run_dir)):
         old = parse_yaml(path.read_text())
-        changed = recipe_diff(old, new)
+        changed = recipe_diff(old, new, field_defaults(recipe))
         refused = [k for k in changed if not recovery_change(k)]
         if refused:
             raise RecipeError(

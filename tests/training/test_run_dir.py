@@ -159,3 +159,39 @@ def test_tensorboard_keeps_one_history_when_a_crash_undid_logged_steps(tmp_path,
     events.Reload()
     steps = [e.step for e in events.Scalars("train/loss")]
     assert steps == sorted(set(steps)) and steps[:6] == [1, 2, 3, 4, 5, 6], steps
+
+
+def _without(data: dict, key: str) -> dict:
+    """``data`` (a nested recipe dict) without the flattened ``key``."""
+    head, _, rest = key.partition(".")
+    if not rest:
+        return {k: v for k, v in data.items() if k != head}
+    return {**data, head: _without(data[head], rest)}
+
+
+def test_a_recipe_yaml_written_before_a_key_existed_resumes():
+    """A run's recipe.yaml lacks every key added after it started: the resume reads each as its default, which keeps
+    the behaviour from before the key (``data.shuffle_buffer``, added later, refused every older run); a value other
+    than the default is a change."""
+    import yaml
+
+    from common.config.recipe import parse_yaml, to_dict
+    from common.training.run_recipe import _flatten, field_defaults, recipe_diff
+    from finetune.recipe import load_recipe as finetuning
+    from pretrain.recipe import load_recipe as pretraining
+    from tests.helpers import ROOT
+
+    for recipe in (pretraining(ROOT / "recipes" / "ssast_fshift4.yaml"), finetuning("vggsound"),
+                   finetuning("esc50", ROOT / "recipes" / "htsat_esc50.yaml")):
+        new, defaults = parse_yaml(yaml.safe_dump(to_dict(recipe), sort_keys=False)), field_defaults(recipe)
+        flat = _flatten(new)
+        keys = [k for k in flat if k in defaults and flat[k] == defaults[k]]  # what a new key holds in a run
+        assert "data.shuffle_buffer" in keys and len(keys) > 40
+        for key in keys:  # data.channels: before the key, the first channel was read, not HTS-AT's mean (`auto`)
+            expected = ["data.channels"] if key == "data.channels" and recipe.model.arch == "htsat" else []
+            assert recipe_diff(_without(new, key), new, defaults) == expected, key
+        other = next(k for k in flat if k in defaults and flat[k] != defaults[k] and not k.startswith("data.train"))
+        assert recipe_diff(_without(new, other), new, defaults) == [other]  # the run had the default then
+        changed = parse_yaml(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+        changed["data"]["shuffle_buffer"] = 1000
+        assert recipe_diff(_without(new, "data.shuffle_buffer"), changed, defaults) == ["data.shuffle_buffer"]
