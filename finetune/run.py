@@ -190,7 +190,8 @@ def _test(run_dir: Path, recipe, classes, dist, tracker) -> None:
     from finetune.evaluate import evaluate_export
 
     averaged = run_dir / "export" / "weight_averaged.safetensors"
-    model = averaged if averaged.is_file() else run_dir / "export" / "best.safetensors"
+    chosen = averaged if averaged.is_file() else run_dir / "export" / "best.safetensors"  # rank 0 wrote them
+    model = Path(dist.broadcast_object(str(chosen) if dist.is_main else None))  # one model, whatever a rank sees
     metrics = evaluate_export(model, [recipe.task.path(p) for p in recipe.task.test], classes,
                               recipe.data.eval_batch_size or
                               phase_splits(recipe.phases, recipe.data, recipe.optim, dist.world_size)[-1].per_rank,
