@@ -13,7 +13,7 @@ AudioSet-20K, ESC-50) fits. A larger one (AudioSet-2M; SSAST's AudioSet-2M + Lib
 official code does) is indexed on disk and permuted with ``(seed, epoch)`` (``common.data.manifest_index``,
 ``data.shuffle: full``). Lhotse Shar folders (alone: one part per rank, ``common.data.shar_stream``), mixes with
 unequal weights and ``data.shuffle: buffer`` stream
-through Lhotse's 20,000-clip shuffle buffer (``DynamicCutSampler``), which mixes within the buffer only because
+through Lhotse's shuffle buffer (``DynamicCutSampler``, ``data.shuffle_buffer`` clips), which mixes within the buffer only because
 every corpus is written in a seeded shuffled order (``common.data.corpora.base.write_corpus``; source order is
 often sorted by class), and keeps a clip near the same place in every epoch.
 
@@ -1025,7 +1025,7 @@ class ClipLoader:
         dataset: decodes and crops (see :class:`ClipDataset`).
         batch_size: clips per batch on this rank.
         shuffle: shuffle with ``seed`` and the epoch: an eager (in-memory) CutSet is permuted as a whole
-            (Lhotse's ``SimpleCutSampler``), a lazy one streams through a 20k-cut shuffle buffer
+            (Lhotse's ``SimpleCutSampler``), a lazy one streams through a shuffle buffer of ``shuffle_buffer`` clips
             (``DynamicCutSampler``); see the module docstring.
         drop_last: drop the last incomplete batch of an epoch, and an incomplete last round of batches over
             the ranks (without it, a rank may get an empty last batch: see :func:`equal_shards`).
@@ -1276,11 +1276,11 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
                     "read into memory, audio included; a .jsonl.gz manifest of audio files keeps only the clips' "
                     "metadata there", shar[0])
     elif shar and not reads_per_rank(data) and world_size > 1 and rank == 0:
-        log.warning("data.train: %s is a Lhotse Shar folder mixed with %s: each of the %d ranks reads the whole mix "
-                    "every epoch (audio included) and keeps its share of the batches, so the reading grows with the "
-                    "ranks; Shar folders of equal weights alone are read in parts, one per rank", shar[0],
-                    "manifests of other weights" if len({s.weight for s in data.train}) > 1 else "manifest files",
-                    world_size)
+        log.warning("data.train: %s is a Lhotse Shar folder %s: each of the %d ranks reads the whole mix every epoch "
+                    "(audio included) and keeps its share of the batches, so the reading grows with the ranks; Shar "
+                    "folders of equal weights alone are read in parts, one per rank", shar[0],
+                    "in a mix of unequal weights" if len({s.weight for s in data.train}) > 1 else
+                    "mixed with manifest files", world_size)
     weights = None
     if data.balanced:  # weighed once a run (each clip by its labels); a stream is read into memory first
         cuts = cuts.to_eager() if cuts.is_lazy else cuts

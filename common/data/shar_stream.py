@@ -58,9 +58,22 @@ class SharShard:
 
     def cuts(self, first: int, stop: int) -> Iterator:
         """Clips ``first`` to ``stop`` of the shard, their audio attached (the tar entries before ``first`` are read
-        and passed over: the shard is a sequential file)."""
+        and passed over: the shard is a sequential file).
+
+        Raises:
+            ValueError: the shard's other files hold fewer clips than its cuts file lists (Lhotse stops at the
+                shorter one without a word, and this rank would fall out of step with the others).
+        """
         reader = LazySharIterator(fields={name: [path] for name, path in self.fields.items()})
-        return islice(iter(reader), first, stop)
+        got = 0
+        for cut in islice(iter(reader), first, stop):
+            got += 1
+            yield cut
+        if got < stop - first:
+            others = ", ".join(Path(path).name for name, path in self.fields.items() if name != "cuts")
+            raise ValueError(f"Shar shard {self.fields['cuts']} lists {self.clips} clips but {others or 'its data'} "
+                             f"ended after {first + got}: the folder is damaged (write it again with `c2f-corpora "
+                             f"shar`)")
 
 
 def _lines(path: str) -> int:

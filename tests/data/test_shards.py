@@ -190,6 +190,24 @@ def test_a_shar_run_checkpointed_before_the_parts_per_rank_says_its_order_change
     assert "read in one part per rank, in another order" in (run_dir / "train.log").read_text()
 
 
+def test_a_shar_shard_whose_audio_ends_early_is_named(odd, tmp_path):
+    """A shard whose tar holds fewer clips than its cuts file lists (Lhotse stops at the shorter without a word): the
+    rank reading it names the shard, rather than falling out of step with the others at the epoch's end."""
+    import tarfile
+
+    damaged = tmp_path / "shar"
+    shutil.copytree(odd / "shar", damaged)
+    tar = damaged / "recording.000000.tar"
+    with tarfile.open(odd / "shar" / "recording.000000.tar") as src, tarfile.open(tar, "w") as out:
+        members = src.getmembers()
+        assert len(members) == 2 * 16  # a clip's audio and its metadata
+        for member in members[:-4]:
+            out.addfile(member, src.extractfile(member))
+    shar = SharSet([damaged])
+    with pytest.raises(ValueError, match=r"recording.000000.tar ended after 14: the folder is damaged"):
+        list(shar.part(0, 0, 0, 1, shuffle=False))
+
+
 def test_a_streamed_sets_shuffle_buffer_is_the_recipes(odd):
     """data.shuffle_buffer: a buffer of one clip passes a streamed set nearly in its own order (a Shar folder's: its
     shards in the epoch's order), the default one mixes it."""
