@@ -26,6 +26,7 @@ from common.config.recipe import RecipeError
 from common.data.corpora.base import read_classes
 from common.data.loader import epoch_clips, manifest_problem, refused_source
 from common.data.manifest_index import manifest_path, open_lines
+from common.data.shar_stream import folder_shards
 
 __all__ = ["check_manifest", "check_norm", "norm_mismatch", "check_classes", "check_labels", "data_checks",
            "check_data", "problems", "count_clips"]
@@ -63,6 +64,10 @@ def check_manifest(path: str | os.PathLike, key: str) -> None:
             raise
         except (OSError, EOFError, ValueError, UnicodeDecodeError) as err:
             raise RecipeError(f"{key}: {shards[0]} is not a readable Lhotse Shar shard ({err})") from None
+        try:
+            folder_shards(path)
+        except ValueError as err:
+            raise RecipeError(f"{key}: {err}") from None
         return
     if not path.exists():
         raise RecipeError(f"{key}: manifest {path} does not exist; {_PREPARE_HINT}")

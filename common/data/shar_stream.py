@@ -34,12 +34,29 @@ from lhotse.shar.readers.lazy import LazySharIterator
 
 from common.data.manifest_index import manifest_path, open_lines
 
-__all__ = ["SharShard", "SharSet", "RankShardSampler", "is_shar_folder", "reads_per_rank"]
+__all__ = ["SharShard", "SharSet", "RankShardSampler", "is_shar_folder", "folder_shards", "reads_per_rank"]
 
 
 def is_shar_folder(path: str | os.PathLike) -> bool:
     """A folder, which a training set names only as a Lhotse Shar folder (``common.data.loader`` checks its shards)."""
     return manifest_path(path).is_dir()
+
+
+def folder_shards(folder: str | os.PathLike) -> list[dict]:
+    """A Shar folder's shards, each its files by field (``cuts``, ``recording``, ...), as Lhotse reads the folder.
+
+    Raises:
+        FileNotFoundError: no ``cuts.*.jsonl.gz`` shard in the folder.
+        ValueError: a field without a file per cuts shard (a missing tar, or another file in the folder).
+    """
+    folder = manifest_path(folder)
+    if not list(folder.glob("cuts.*.jsonl*")):
+        raise FileNotFoundError(f"{folder} is a folder but not a Lhotse Shar folder (no cuts.*.jsonl.gz shards)")
+    try:
+        return LazySharIterator(in_dir=folder).shards
+    except AssertionError as err:  # Lhotse checks that every field has a file per cuts shard
+        raise ValueError(f"Shar folder {folder}: its files do not pair up with its cuts shards ({err}; a Shar "
+                         f"folder holds its shards only)") from None
 
 
 def reads_per_rank(data) -> bool:
@@ -95,15 +112,8 @@ class SharSet:
         self.folders = [manifest_path(f) for f in folders]
         shards = []
         for folder in self.folders:
-            if not list(folder.glob("cuts.*.jsonl*")):
-                raise FileNotFoundError(f"{folder} is a folder but not a Lhotse Shar folder (no cuts.*.jsonl.gz "
-                                        f"shards)")
-            try:
-                found = LazySharIterator(in_dir=folder).shards
-            except AssertionError as err:  # Lhotse checks that every field has a file per cuts shard
-                raise ValueError(f"Shar folder {folder}: its shards do not match ({err})") from None
             shards += [SharShard({name: str(path) for name, path in shard.items()}, _lines(str(shard["cuts"])))
-                       for shard in found]
+                       for shard in folder_shards(folder)]
         self.shards = [s for s in shards if s.clips]
         if not self.shards:
             raise ValueError(f"Shar folder(s) {', '.join(map(str, self.folders))} hold no clips")

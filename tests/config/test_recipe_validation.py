@@ -33,6 +33,11 @@ def broken(tmp_path_factory) -> Path:
     with gzip.open(d / "notcuts.jsonl.gz", "wt") as handle:
         handle.write('{"hello": "world"}\n')
     (d / "shar_without_shards").mkdir()
+    (d / "shar_missing_tar").mkdir()  # two cuts shards, one audio tar
+    for n in range(2):
+        with gzip.open(d / "shar_missing_tar" / f"cuts.00000{n}.jsonl.gz", "wt") as handle:
+            handle.write('{"id": "clip", "start": 0, "duration": 1, "channel": 0}\n')
+    (d / "shar_missing_tar" / "recording.000000.tar").write_bytes(b"")
     (d / "invalid.json").write_text("{mean: ")
     (d / "nomean.json").write_text(json.dumps({"std": 4.5}))
     (d / "badclasses.json").write_text(json.dumps({"classes": ["a", "a"]}))
@@ -69,6 +74,8 @@ PRETRAIN_CASES = [
     ("train manifest missing", None, ["data.train=[{{path: /nonexistent/train.jsonl.gz}}]"], "data.train.0.path"),
     ("train manifest not gzip", None, ["data.train=[{{path: {broken}/garbage.jsonl.gz}}]"], "data.train.0.path"),
     ("train Shar folder empty", None, ["data.train=[{{path: {broken}/shar_without_shards}}]"], "data.train.0.path"),
+    ("train Shar folder missing a tar", None, ["data.train=[{{path: {broken}/shar_missing_tar}}]"],
+     "data.train.0.path: Shar folder"),
     ("eval_batches 0", None, ["train.eval_batches=0"], "train.eval_batches"),
     ("eval_batches negative", None, ["train.eval_batches=-2"], "train.eval_batches"),
     ("beta1 = 1", None, ["optim.betas=[1.0, 0.999]"], "optim.betas"),
