@@ -43,7 +43,7 @@ def mean_average_precision(targets: np.ndarray, scores: np.ndarray) -> float:
     positive = (targets > 0.5).any(axis=0)
     if not positive.any():
         raise ValueError("mAP is undefined: no class has a positive clip")
-    from sklearn.metrics import average_precision_score  # here: scikit-learn's import takes 0.7 s (predict.py)
+    from sklearn.metrics import average_precision_score  # lazy: scikit-learn takes 0.7 s; predict.py needs none
 
     aps = [average_precision_score(targets[:, k] > 0.5, scores[:, k]) for k in np.flatnonzero(positive)]
     return float(np.mean(aps))
@@ -51,7 +51,7 @@ def mean_average_precision(targets: np.ndarray, scores: np.ndarray) -> float:
 
 def accuracy(targets: np.ndarray, scores: np.ndarray) -> float:
     """Top-1 accuracy: the highest-scoring class against the (first) highest target."""
-    from sklearn.metrics import accuracy_score
+    from sklearn.metrics import accuracy_score  # lazy: as above
 
     targets, scores = _check(targets, scores)
     return float(accuracy_score(targets.argmax(axis=1), scores.argmax(axis=1)))
@@ -64,7 +64,7 @@ def mean_auc(targets: np.ndarray, scores: np.ndarray) -> float:
     usable = [k for k in range(targets.shape[1]) if 0 < binary[:, k].sum() < len(binary)]
     if not usable:
         return float("nan")
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # lazy: as above
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
