@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) -m bench.data_throughput
 	$(PY) -m bench.train_throughput
 	$(PY) -m bench.schedules
+	$(PY) -m bench.shar_ranks
 
 # Every GPU-only check and measurement (a machine with a CUDA GPU; a few minutes): bench/results/<gpu>.md.
 gpu-check: $(STAMP)

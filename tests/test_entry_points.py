@@ -9,7 +9,7 @@ import pytest
 ENTRY_POINTS = ["pretrain.run", "finetune.run", "finetune.linear_probe", "common.reports.report", "finetune.predict",
                 "finetune.evaluate", "finetune.embed", "finetune.demo", "common.data.corpora.__main__",
                 "common.models.flops", "common.models.hf_export", "finetune.onnx_export", "bench.data_throughput", "bench.train_throughput",
-                "bench.gpu_check"]
+                "bench.gpu_check", "bench.shar_ranks"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
