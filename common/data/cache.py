@@ -38,6 +38,7 @@ from typing import Callable, Literal
 import numpy as np
 
 from common.system.atomic import remove_orphans, temporary_file
+from common.system.cpu import available_memory
 
 __all__ = ["CacheMode", "ClipCache", "DEFAULT_CACHE_DIR", "make_cache"]
 
@@ -70,13 +71,6 @@ def _cut_key(cut, sample_rate: int, variant: str = "") -> str:
     return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _available_memory() -> int:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30
-
-
 class ClipCache:
     """Decoded clips by cut (see the module docstring).
 
@@ -91,7 +85,7 @@ class ClipCache:
             raise ValueError(f"data.cache: a ClipCache is 'memory' or 'disk', got {mode!r}")
         self.mode = mode
         self.folder = Path(os.path.expanduser(str(folder or DEFAULT_CACHE_DIR))) if mode == "disk" else None
-        self.max_bytes = max_bytes if max_bytes is not None else _available_memory() // 2
+        self.max_bytes = max_bytes if max_bytes is not None else available_memory() // 2
         self.clips: dict[str, np.ndarray] = {}
         self.bytes = 0
         self.hits = self.misses = 0

@@ -87,7 +87,7 @@ from common.data.manifest_index import (
 from common.data.prefetch import background
 from common.data.shar_stream import RankShardSampler, SharSet, is_shar_folder, reads_per_rank
 from common.system.atomic import atomic_write_text
-from common.system.cpu import loader_workers
+from common.system.cpu import available_memory, loader_workers, local_ranks
 from common.system.signals import STOP_SIGNALS
 
 __all__ = [
@@ -1271,10 +1271,19 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
     else:
         cuts = open_cuts(data.train, seed=seed, in_memory_max=data.full_shuffle_max,
                          index_dir=(data.index_dir or DEFAULT_INDEX_DIR) if data.shuffle == "full" else None)
-    if shar and data.balanced and rank == 0:
-        log.warning("data.train: %s is a Lhotse Shar folder and data.balanced draws clips from the whole set: it is "
-                    "read into memory, audio included; a .jsonl.gz manifest of audio files keeps only the clips' "
-                    "metadata there", shar[0])
+    if shar and data.balanced:  # drawn at random from the whole set: a sequential Shar stream is held in memory
+        need = sum(f.stat().st_size for path in shar for f in manifest_path(path).iterdir()
+                   if f.is_file() and not f.name.startswith("cuts.")) * local_ranks()
+        if need > available_memory():
+            raise ValueError(f"data.balanced draws clips at random from the whole training set, so the Lhotse Shar "
+                             f"folder {shar[0]} would be read into memory, audio included: {need / 2**30:.1f} GiB on "
+                             f"this machine ({local_ranks()} rank(s)) against {available_memory() / 2**30:.1f} GiB "
+                             f"free; give a .jsonl.gz manifest of audio files (`c2f-corpora prepare`), whose clips "
+                             f"are read as they are drawn")
+        if rank == 0:
+            log.warning("data.train: %s is a Lhotse Shar folder and data.balanced draws clips from the whole set: it "
+                        "is read into memory, audio included (%.1f GiB on this machine); a .jsonl.gz manifest of audio "
+                        "files keeps only the clips' metadata there", shar[0], need / 2**30)
     elif shar and not reads_per_rank(data) and world_size > 1 and rank == 0:
         log.warning("data.train: %s is a Lhotse Shar folder %s: each of the %d ranks reads the whole mix every epoch "
                     "(audio included) and keeps its share of the batches, so the reading grows with the ranks; Shar "

@@ -33,7 +33,7 @@ import os
 import torch
 
 __all__ = ["machine_cores", "local_ranks", "cores_per_rank", "loader_workers", "intra_op_threads",
-           "set_cpu_threads", "keep_freed_memory"]
+           "set_cpu_threads", "keep_freed_memory", "available_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,14 @@ def machine_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def available_memory() -> int:
+    """Bytes of memory free on this machine now (8 GiB where the system does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
 
 
 def local_ranks() -> int:

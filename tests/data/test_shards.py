@@ -129,6 +129,22 @@ def test_a_shar_folder_mixed_with_a_manifest_file_is_said_to_be_read_by_every_ra
         assert len(lines) == (said is not None) and all(said in line for line in lines), (rank, world_size, lines)
 
 
+def test_balanced_sampling_refuses_a_shar_folder_that_does_not_fit_in_memory(odd, monkeypatch):
+    """Balanced sampling draws from the whole set at random, so a Shar folder is read into memory with its audio:
+    refused, with the sizes, when its tars are larger than the memory free (per machine: every local rank reads it)."""
+    from common.data import loader
+    from common.data.loader import BadAudioTracker, DataConfig, train_loader
+
+    tars = sum(f.stat().st_size for f in (odd / "shar").glob("recording.*"))
+    data = DataConfig(train=[ManifestSpec(str(odd / "shar"))], balanced=True, num_workers=0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(loader, "available_memory", lambda: 2 * tars - 1)
+    with pytest.raises(ValueError, match=r"would be read into memory, audio included: .* on this machine \(2 rank"):
+        train_loader(data, None, 16000, 16000, 2, 0, 0, 2, BadAudioTracker())
+    monkeypatch.setattr(loader, "available_memory", lambda: 2 * tars)
+    assert train_loader(data, None, 16000, 16000, 2, 0, 0, 2, BadAudioTracker()).weights is not None
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_shar_folders_are_read_in_one_part_per_rank(odd, world_size, monkeypatch):
     """Each rank reads its own part of an epoch (its clips, and the clips of its first shard before them), not the
