@@ -67,15 +67,20 @@ def _same(key: str, a, b) -> bool:
     return a == b
 
 
+# keys added with a default other than what the code did before them: a recipe.yaml written before a key existed
+# did this (every training set streamed through the shuffle buffer; training clips cropped at random)
+BEFORE_KEY = {"data.shuffle": "buffer", "data.full_shuffle_max": 0, "data.train_crop": "random"}
+
+
 def _behaviour(flat: dict) -> dict:
     """A flattened recipe with what a setting does in place of how it is written: ``data.channels: auto`` is the
     architecture's (HTS-AT: ``mean``, the AST family: ``first``), and a recipe written before the key existed read
     the first channel; SSAST's ``ssast.eval_mask_ratio`` is the ratio it masks (``null``, or a recipe written
-    before the key existed: the training ratio)."""
+    before the key existed: the training ratio); the keys of :data:`BEFORE_KEY`, absent, are what they say."""
     channels = flat.get("data.channels", "first")
     if channels == "auto":
         channels = official_channels(flat.get("model.arch", "ast"))
-    out = {**flat, "data.channels": channels}
+    out = {**BEFORE_KEY, **flat, "data.channels": channels}
     if "ssast.mask_ratio" in flat:
         masked = flat.get("ssast.eval_mask_ratio")
         out["ssast.eval_mask_ratio"] = masked if masked is not None else flat["ssast.mask_ratio"]
@@ -101,8 +106,9 @@ def recipe_diff(old: dict, new: dict, defaults: dict | None = None) -> list[str]
     """Keys whose values differ between two resolved recipes (ignoring harmless ones; a key by what it does).
 
     ``defaults`` (:func:`field_defaults`): a key that a ``recipe.yaml`` written before the key existed lacks is
-    the same when the new recipe gives it its default, as every new key's default keeps the behaviour from
-    before it (a key whose absence means something else is read in :func:`_behaviour`, ``data.channels``)."""
+    the same when the new recipe gives it its default, as a new key's default keeps the behaviour from before it;
+    the keys whose absence means something else are read in :func:`_behaviour` (``data.channels``,
+    :data:`BEFORE_KEY`): such a run is refused unless ``--set`` gives them the old behaviour."""
     a, b, defaults = _behaviour(_flatten(old)), _behaviour(_flatten(new)), defaults or {}
     return sorted(k for k in set(a) | set(b) if not _same(k, a.get(k), b.get(k))
                   and not (k not in a and k in defaults and _same(k, defaults[k], b.get(k)))

@@ -171,12 +171,13 @@ def _without(data: dict, key: str) -> dict:
 
 def test_a_recipe_yaml_written_before_a_key_existed_resumes():
     """A run's recipe.yaml lacks every key added after it started: the resume reads each as its default, which keeps
-    the behaviour from before the key (``data.shuffle_buffer``, added later, refused every older run); a value other
-    than the default is a change."""
+    the behaviour from before the key (``data.shuffle_buffer``, added later, refused every older run), or as the
+    behaviour from before it where the default is another (``BEFORE_KEY``, ``data.channels``: refused unless the
+    recipe says that behaviour, as ``--set`` can); a value other than the default is a change."""
     import yaml
 
     from common.config.recipe import parse_yaml, to_dict
-    from common.training.run_recipe import _flatten, field_defaults, recipe_diff
+    from common.training.run_recipe import BEFORE_KEY, _flatten, field_defaults, recipe_diff
     from finetune.recipe import load_recipe as finetuning
     from pretrain.recipe import load_recipe as pretraining
     from tests.helpers import ROOT
@@ -188,8 +189,16 @@ def test_a_recipe_yaml_written_before_a_key_existed_resumes():
         keys = [k for k in flat if k in defaults and flat[k] == defaults[k]]  # what a new key holds in a run
         assert "data.shuffle_buffer" in keys and len(keys) > 40
         for key in keys:  # data.channels: before the key, the first channel was read, not HTS-AT's mean (`auto`)
-            expected = ["data.channels"] if key == "data.channels" and recipe.model.arch == "htsat" else []
-            assert recipe_diff(_without(new, key), new, defaults) == expected, key
+            changed = (key == "data.channels" and recipe.model.arch == "htsat"
+                       or BEFORE_KEY.get(key, flat[key]) != flat[key])
+            assert recipe_diff(_without(new, key), new, defaults) == ([key] if changed else []), key
+        assert {"data.shuffle", "data.full_shuffle_max", "data.train_crop"} <= set(keys)
+        before = parse_yaml(yaml.safe_dump(to_dict(recipe), sort_keys=False))  # --set to the old behaviour: resumes
+        before["data"].update(shuffle="buffer", full_shuffle_max=0, train_crop="random")
+        old = new
+        for key in BEFORE_KEY:
+            old = _without(old, key)
+        assert recipe_diff(old, before, defaults) == []
         other = next(k for k in flat if k in defaults and flat[k] != defaults[k] and not k.startswith("data.train"))
         assert recipe_diff(_without(new, other), new, defaults) == [other]  # the run had the default then
         changed = parse_yaml(yaml.safe_dump(to_dict(recipe), sort_keys=False))
