@@ -12,17 +12,17 @@ or an equal-weight mix is read into memory (an eager CutSet: Lhotse's ``SimpleCu
 AudioSet-20K, ESC-50) fits. A larger one (AudioSet-2M; SSAST's AudioSet-2M + LibriSpeech, concatenated as the
 official code does) is indexed on disk and permuted with ``(seed, epoch)`` (``common.data.manifest_index``,
 ``data.shuffle: full``). Lhotse Shar folders (alone: one part per rank, ``common.data.shar_stream``), mixes with
-unequal weights and ``data.shuffle: buffer`` stream
-through Lhotse's shuffle buffer (``DynamicCutSampler``, ``data.shuffle_buffer`` clips), which mixes within the buffer only because
-every corpus is written in a seeded shuffled order (``common.data.corpora.base.write_corpus``; source order is
-often sorted by class), and keeps a clip near the same place in every epoch.
+unequal weights and ``data.shuffle: buffer`` stream through Lhotse's shuffle buffer (``DynamicCutSampler``,
+``data.shuffle_buffer`` clips), which mixes within the buffer only because every corpus is written in a seeded
+shuffled order (``common.data.corpora.base.write_corpus``; source order is often sorted by class), and keeps a
+clip near the same place in every epoch.
 
 Equal shards. Every rank gets the same number of batches in every epoch, whatever the sampler (in-memory
 shuffle, streaming buffer, balanced, Shar), so that all ranks enter the same collectives: one global
 stream of batches is dealt in rounds of ``world_size`` (:func:`equal_shards`; Shar folders alone are dealt in
-equal parts of clips instead, each rank reading only its own); training drops an incomplete
-last round, evaluation splits its clips over the ranks and gives a rank left without one an empty batch,
-never a duplicate, so every clip is scored exactly once. ``ClipLoader`` checks the count at every epoch end.
+equal parts of clips instead, each rank reading only its own); training drops an incomplete last round,
+evaluation splits its clips over the ranks and gives a rank left without one an empty batch, never a
+duplicate, so every clip is scored exactly once. ``ClipLoader`` checks the count at every epoch end.
 
 Features are made later, on the training device (``common.audio.pipeline``), so one loader serves every
 compression method.
@@ -85,7 +85,7 @@ from common.data.manifest_index import (
     open_lines,
 )
 from common.data.prefetch import background
-from common.data.shar_stream import RankShardSampler, SharSet, is_shar_folder, reads_per_rank
+from common.data.shar_stream import RankShardSampler, SharSet, folder_shards, is_shar_folder, reads_per_rank
 from common.system.atomic import atomic_write_text
 from common.system.cpu import available_memory, loader_workers, local_ranks
 from common.system.signals import STOP_SIGNALS
@@ -234,8 +234,7 @@ class DataConfig:
 def _open_one(path: str | os.PathLike):
     path = manifest_path(path)
     if path.is_dir():
-        if not list(path.glob("cuts.*.jsonl*")):
-            raise FileNotFoundError(f"{path} is a folder but not a Lhotse Shar folder (no cuts.*.jsonl.gz shards)")
+        folder_shards(path)  # its shards pair up, or an error that names the folder
         return CutSet.from_shar(in_dir=path)
     if not path.is_file():
         raise FileNotFoundError(
