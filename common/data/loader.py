@@ -1283,7 +1283,11 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
             log.warning("data.train: %s is a Lhotse Shar folder and data.balanced draws clips from the whole set: it "
                         "is read into memory, audio included (%.1f GiB on this machine); a .jsonl.gz manifest of audio "
                         "files keeps only the clips' metadata there", shar[0], need / 2**30)
-    elif shar and not reads_per_rank(data) and world_size > 1 and rank == 0:
+    if shar and channels == "mean" and rank == 0:
+        log.warning("data.channels: mean (HTS-AT's mix-down) has one channel to mix in Lhotse Shar folder %s: its "
+                    "shards hold the channel the export kept (the first of a multi-channel file); mix such a corpus "
+                    "down (ffmpeg -ac 1) before exporting it where the mean matters", shar[0])
+    if shar and not data.balanced and not reads_per_rank(data) and world_size > 1 and rank == 0:
         log.warning("data.train: %s is a Lhotse Shar folder %s: each of the %d ranks reads the whole mix every epoch "
                     "(audio included) and keeps its share of the batches, so the reading grows with the ranks; Shar "
                     "folders of equal weights alone are read in parts, one per rank", shar[0],

@@ -129,6 +129,20 @@ def test_a_shar_folder_mixed_with_a_manifest_file_is_said_to_be_read_by_every_ra
         assert len(lines) == (said is not None) and all(said in line for line in lines), (rank, world_size, lines)
 
 
+def test_a_shar_folder_read_for_a_mean_of_channels_says_it_holds_one(odd, caplog):
+    """HTS-AT mixes a file's channels down (data.channels: mean); a Shar export kept one channel: said on rank 0."""
+    import logging
+
+    from common.data.loader import BadAudioTracker, DataConfig, train_loader
+
+    data = DataConfig(train=[ManifestSpec(str(odd / "shar"))], num_workers=0)
+    for channels, rank, said in (("mean", 0, 1), ("mean", 1, 0), ("first", 0, 0)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            train_loader(data, None, 16000, 16000, 2, 0, rank, 2, BadAudioTracker(), channels=channels)
+        assert sum("has one channel to mix" in r.getMessage() for r in caplog.records) == said, (channels, rank)
+
+
 def test_balanced_sampling_refuses_a_shar_folder_that_does_not_fit_in_memory(odd, monkeypatch):
     """Balanced sampling draws from the whole set at random, so a Shar folder is read into memory with its audio:
     refused, with the sizes, when its tars are larger than the memory free (per machine: every local rank reads it)."""
