@@ -167,11 +167,15 @@ def prepare_run_dir(run_dir: Path, recipe, is_main: bool, accept_changed_data: b
         changed = recipe_diff(old, new, field_defaults(recipe))
         refused = [k for k in changed if not recovery_change(k)]
         if refused:
+            written, then = _flatten(old), _behaviour(_flatten(old))
+            older = {k: then[k] for k in refused if k not in written and k in then}  # keys the file predates
             raise RecipeError(
                 f"{run_dir} holds a run of a different recipe ({', '.join(refused[:6])} differ); a resumed run may "
                 f"change only its learning rate and schedule ({', '.join(RECOVERY_CHANGES)}, phases.N.lr), "
                 f"{', '.join(TOLERANCE_CHANGES)} and {', '.join(RESUMABLE_CHANGES)}. Use a new --run-dir to start "
-                f"another run, or the same recipe and --set values to resume this one"
+                f"another run, or the same recipe and --set values to resume this one" +
+                (f" ({path.name} predates {', '.join(older)}: the run had "
+                 f"{' '.join(f'--set {k}={v}' for k, v in older.items())})" if older else "")
             )
         if not changed:
             return RunRecipe(path, accept_changed_data=accept_changed_data)

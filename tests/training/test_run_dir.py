@@ -204,3 +204,26 @@ def test_a_recipe_yaml_written_before_a_key_existed_resumes():
         changed = parse_yaml(yaml.safe_dump(to_dict(recipe), sort_keys=False))
         changed["data"]["shuffle_buffer"] = 1000
         assert recipe_diff(_without(new, "data.shuffle_buffer"), changed, defaults) == ["data.shuffle_buffer"]
+
+
+def test_a_run_whose_recipe_yaml_predates_a_key_is_told_the_value_it_had(tmp_path):
+    """Refused for a key whose default is not what the run did (``BEFORE_KEY``), the error gives the ``--set`` that
+    resumes it; with it, the resume goes on."""
+    from dataclasses import replace
+
+    import yaml
+
+    from common.config.recipe import RecipeError, to_dict
+    from common.training.run_recipe import prepare_run_dir
+    from finetune.recipe import load_recipe
+
+    recipe = load_recipe("esc50")
+    old = to_dict(recipe)
+    del old["data"]["shuffle"]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    (tmp_path / "checkpoints" / "phase01-step000000001").mkdir(parents=True)
+    with pytest.raises(RecipeError, match=r"data.shuffle differ.*recipe.yaml predates data.shuffle: the run had "
+                                          r"--set data.shuffle=buffer\)"):
+        prepare_run_dir(tmp_path, recipe, True)
+    resumed = prepare_run_dir(tmp_path, replace(recipe, data=replace(recipe.data, shuffle="buffer")), True)
+    assert resumed.changes == {}
