@@ -87,7 +87,7 @@ from common.data.manifest_index import (
 from common.data.prefetch import background
 from common.data.shar_stream import RankShardSampler, SharSet, folder_shards, is_shar_folder, reads_per_rank
 from common.system.atomic import atomic_write_text
-from common.system.cpu import available_memory, loader_workers, local_ranks
+from common.system.cpu import available_memory, loader_workers, local_ranks, total_memory
 from common.system.signals import STOP_SIGNALS
 
 __all__ = [
@@ -1273,16 +1273,17 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
     if shar and data.balanced:  # drawn at random from the whole set: a sequential Shar stream is held in memory
         need = sum(f.stat().st_size for path in shar for f in manifest_path(path).iterdir()
                    if f.is_file() and not f.name.startswith("cuts.")) * local_ranks()
-        if need > available_memory():
+        if need > total_memory():  # never fits (the same answer on every rank of the machine)
             raise ValueError(f"data.balanced draws clips at random from the whole training set, so the Lhotse Shar "
                              f"folder {shar[0]} would be read into memory, audio included: {need / 2**30:.1f} GiB on "
-                             f"this machine ({local_ranks()} rank(s)) against {available_memory() / 2**30:.1f} GiB "
-                             f"free; give a .jsonl.gz manifest of audio files (`c2f-corpora prepare`), whose clips "
-                             f"are read as they are drawn")
+                             f"this machine ({local_ranks()} rank(s)), which has {total_memory() / 2**30:.1f} GiB; "
+                             f"give a .jsonl.gz manifest of audio files (`c2f-corpora prepare`), whose clips are read "
+                             f"as they are drawn")
         if rank == 0:
             log.warning("data.train: %s is a Lhotse Shar folder and data.balanced draws clips from the whole set: it "
-                        "is read into memory, audio included (%.1f GiB on this machine); a .jsonl.gz manifest of audio "
-                        "files keeps only the clips' metadata there", shar[0], need / 2**30)
+                        "is read into memory, audio included (%.1f GiB on this machine, %.1f GiB available now); a "
+                        ".jsonl.gz manifest of audio files keeps only the clips' metadata there", shar[0],
+                        need / 2**30, available_memory() / 2**30)
     if shar and channels == "mean" and rank == 0:
         log.warning("data.channels: mean (HTS-AT's mix-down) has one channel to mix in Lhotse Shar folder %s: its "
                     "shards hold the channel the export kept (the first of a multi-channel file); mix such a corpus "

@@ -33,7 +33,7 @@ import os
 import torch
 
 __all__ = ["machine_cores", "local_ranks", "cores_per_rank", "loader_workers", "intra_op_threads",
-           "set_cpu_threads", "keep_freed_memory", "available_memory"]
+           "set_cpu_threads", "keep_freed_memory", "available_memory", "total_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,36 @@ def machine_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _meminfo(key: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def available_memory() -> int:
-    """Bytes of memory free on this machine now (8 GiB where the system does not say)."""
+    """Bytes of memory a process could take on this machine now: Linux's ``MemAvailable`` (free memory and the page
+    cache the kernel gives back on demand), else the free pages; 8 GiB where the system says neither."""
+    found = _meminfo("MemAvailable")
+    if found is not None:
+        return found
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def total_memory() -> int:
+    """Bytes of memory this machine has (``MemTotal``; 8 GiB where the system does not say)."""
+    found = _meminfo("MemTotal")
+    if found is not None:
+        return found
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 8 * 2**30
 

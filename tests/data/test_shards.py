@@ -145,17 +145,17 @@ def test_a_shar_folder_read_for_a_mean_of_channels_says_it_holds_one(odd, caplog
 
 def test_balanced_sampling_refuses_a_shar_folder_that_does_not_fit_in_memory(odd, monkeypatch):
     """Balanced sampling draws from the whole set at random, so a Shar folder is read into memory with its audio:
-    refused, with the sizes, when its tars are larger than the memory free (per machine: every local rank reads it)."""
+    refused, with the sizes, when its tars are larger than the machine's memory (every local rank reads them)."""
     from common.data import loader
     from common.data.loader import BadAudioTracker, DataConfig, train_loader
 
     tars = sum(f.stat().st_size for f in (odd / "shar").glob("recording.*"))
     data = DataConfig(train=[ManifestSpec(str(odd / "shar"))], balanced=True, num_workers=0)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    monkeypatch.setattr(loader, "available_memory", lambda: 2 * tars - 1)
+    monkeypatch.setattr(loader, "total_memory", lambda: 2 * tars - 1)
     with pytest.raises(ValueError, match=r"would be read into memory, audio included: .* on this machine \(2 rank"):
         train_loader(data, None, 16000, 16000, 2, 0, 0, 2, BadAudioTracker())
-    monkeypatch.setattr(loader, "available_memory", lambda: 2 * tars)
+    monkeypatch.setattr(loader, "total_memory", lambda: 2 * tars)
     assert train_loader(data, None, 16000, 16000, 2, 0, 0, 2, BadAudioTracker()).weights is not None
 
 

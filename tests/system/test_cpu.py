@@ -151,3 +151,28 @@ def test_a_cpu_run_reuses_the_memory_it_frees():
 
     default, kept = faults("default"), faults("keep")
     assert kept < 400, (default, kept)  # a fresh 1.2-8.4 MB block a step would be thousands
+
+
+def test_memory_is_read_as_linux_gives_it(monkeypatch):
+    """``available_memory`` is ``MemAvailable`` (the page cache counts: the kernel gives it back), not the free pages,
+    and never more than ``total_memory``; without /proc/meminfo the system's page counts stand in."""
+    import builtins
+    from pathlib import Path
+
+    from common.system import cpu
+
+    info = Path("/proc/meminfo")
+    if info.is_file():
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in info.read_text().splitlines()}
+        assert abs(cpu.available_memory() - fields["MemAvailable"]) < 2**28  # moments apart
+        assert cpu.total_memory() == fields["MemTotal"]
+    assert 0 < cpu.available_memory() <= cpu.total_memory()
+    real_open = builtins.open
+
+    def no_meminfo(path, *args, **kwargs):
+        if str(path) == "/proc/meminfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_meminfo)
+    assert 0 < cpu.available_memory() <= cpu.total_memory()
