@@ -48,7 +48,8 @@ def machine_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _meminfo(key: str) -> int | None:
+def _memory(key: str, pages: str) -> int:
+    """``/proc/meminfo``'s ``key`` in bytes, else the system's count of ``pages``; 8 GiB where neither says."""
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:
@@ -56,30 +57,21 @@ def _meminfo(key: str) -> int | None:
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    try:
+        return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
 
 
 def available_memory() -> int:
     """Bytes of memory a process could take on this machine now: Linux's ``MemAvailable`` (free memory and the page
-    cache the kernel gives back on demand), else the free pages; 8 GiB where the system says neither."""
-    found = _meminfo("MemAvailable")
-    if found is not None:
-        return found
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30
+    cache the kernel gives back on demand), else the free pages."""
+    return _memory("MemAvailable", "SC_AVPHYS_PAGES")
 
 
 def total_memory() -> int:
-    """Bytes of memory this machine has (``MemTotal``; 8 GiB where the system does not say)."""
-    found = _meminfo("MemTotal")
-    if found is not None:
-        return found
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30
+    """Bytes of memory this machine has (``MemTotal``, else the physical pages)."""
+    return _memory("MemTotal", "SC_PHYS_PAGES")
 
 
 def local_ranks() -> int:
