@@ -81,6 +81,7 @@ from common.data.manifest_index import (
     DEFAULT_INDEX_DIR,
     IndexShuffleSampler,
     ManifestIndex,
+    count_lines,
     manifest_path,
     open_lines,
 )
@@ -289,13 +290,7 @@ def count_clips(path: str | os.PathLike, limit: int | None = None) -> int | None
     path = manifest_path(path)
     if not path.is_file() or not path.name.endswith((".jsonl", ".jsonl.gz")):
         return None
-    count = 0
-    with open_lines(path) as handle:
-        for line in handle:
-            count += bool(line.strip())
-            if limit is not None and count > limit:
-                break
-    return count
+    return count_lines(path, limit)
 
 
 def epoch_clips(path: str | os.PathLike) -> int | None:
@@ -1263,7 +1258,8 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
         channels: ``first`` or ``mean`` of a multi-channel file (``data.channels`` resolved for the architecture).
     """
     shar = [str(spec.path) for spec in data.train if is_shar_folder(spec.path)]
-    if reads_per_rank(data):  # each rank reads its own part of every epoch (common.data.shar_stream)
+    per_rank = reads_per_rank(data)
+    if per_rank:  # each rank reads its own part of every epoch (common.data.shar_stream)
         cuts = SharSet([spec.path for spec in data.train])
         log.info("training set %s: %d clips in %d Shar shard(s), dealt to the ranks in a new order every epoch",
                  ", ".join(shar), len(cuts), len(cuts.shards))
@@ -1288,7 +1284,7 @@ def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: 
         log.warning("data.channels: mean (HTS-AT's mix-down) has one channel to mix in Lhotse Shar folder %s: its "
                     "shards hold the channel the export kept (the first of a multi-channel file); mix such a corpus "
                     "down (ffmpeg -ac 1) before exporting it where the mean matters", shar[0])
-    if shar and not data.balanced and not reads_per_rank(data) and world_size > 1 and rank == 0:
+    if shar and not data.balanced and not per_rank and world_size > 1 and rank == 0:
         log.warning("data.train: %s is a Lhotse Shar folder %s: each of the %d ranks reads the whole mix every epoch "
                     "(audio included) and keeps its share of the batches, so the reading grows with the ranks; Shar "
                     "folders of equal weights alone are read in parts, one per rank", shar[0],

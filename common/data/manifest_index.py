@@ -32,7 +32,7 @@ from lhotse.serialization import deserialize_item
 
 from common.system.atomic import atomic_path, remove_orphans
 
-__all__ = ["DEFAULT_INDEX_DIR", "ManifestIndex", "IndexShuffleSampler", "open_lines", "manifest_path"]
+__all__ = ["DEFAULT_INDEX_DIR", "ManifestIndex", "IndexShuffleSampler", "open_lines", "count_lines", "manifest_path"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,18 @@ def open_lines(path: Path):
     """A ``.jsonl`` or ``.jsonl.gz`` manifest (or Shar shard) opened for its lines, as bytes."""
     path = Path(path)
     return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
+
+
+def count_lines(path: Path, limit: int | None = None) -> int:
+    """The non-empty lines (clips) of a ``.jsonl(.gz)`` manifest or Shar cuts shard, none parsed; ``limit + 1`` as
+    soon as the count exceeds ``limit``."""
+    count = 0
+    with open_lines(path) as handle:
+        for line in handle:
+            count += bool(line.strip())
+            if limit is not None and count > limit:
+                break
+    return count
 
 
 def _build(path: Path, lines: Path, offsets: Path) -> None:

@@ -34,10 +34,6 @@ __all__ = ["check_manifest", "check_norm", "norm_mismatch", "check_classes", "ch
 _PREPARE_HINT = "write it with `python -m common.data.corpora prepare NAME --out DIR` (see `python -m common.data.corpora list`)"
 
 
-def _shards(folder: Path) -> list[Path]:
-    return sorted(folder.glob("cuts.*.jsonl*"))
-
-
 def check_manifest(path: str | os.PathLike, key: str) -> None:
     """A Lhotse manifest (``*.jsonl.gz`` CutSet or Shar folder) exists and its first cut can be read.
 
@@ -50,24 +46,21 @@ def check_manifest(path: str | os.PathLike, key: str) -> None:
     """
     path = manifest_path(path)
     if path.is_dir():
-        shards = _shards(path)
-        if not shards:
-            raise RecipeError(f"{key}: {path} is a folder but not a Lhotse Shar folder (no cuts.*.jsonl.gz shards)")
         try:
-            with open_lines(shards[0]) as handle:
+            cuts = Path(folder_shards(path)[0]["cuts"])  # no cuts shard, or files that do not pair up: said
+        except (FileNotFoundError, ValueError) as err:
+            raise RecipeError(f"{key}: {err}") from None
+        try:
+            with open_lines(cuts) as handle:
                 first = handle.readline()
             if not first.strip():
-                raise RecipeError(f"{key}: Shar folder {path} holds no clips ({shards[0].name} is empty)")
+                raise RecipeError(f"{key}: Shar folder {path} holds no clips ({cuts.name} is empty)")
             if "id" not in json.loads(first):
                 raise ValueError("the first line is not a cut")
         except RecipeError:
             raise
         except (OSError, EOFError, ValueError, UnicodeDecodeError) as err:
-            raise RecipeError(f"{key}: {shards[0]} is not a readable Lhotse Shar shard ({err})") from None
-        try:
-            folder_shards(path)
-        except ValueError as err:
-            raise RecipeError(f"{key}: {err}") from None
+            raise RecipeError(f"{key}: {cuts} is not a readable Lhotse Shar shard ({err})") from None
         return
     if not path.exists():
         raise RecipeError(f"{key}: manifest {path} does not exist; {_PREPARE_HINT}")

@@ -32,7 +32,7 @@ from lhotse import CutSet
 from lhotse.dataset import DynamicCutSampler
 from lhotse.shar.readers.lazy import LazySharIterator
 
-from common.data.manifest_index import manifest_path, open_lines
+from common.data.manifest_index import count_lines, manifest_path
 
 __all__ = ["SharShard", "SharSet", "RankShardSampler", "is_shar_folder", "folder_shards", "reads_per_rank"]
 
@@ -93,11 +93,6 @@ class SharShard:
                              f"shar`)")
 
 
-def _lines(path: str) -> int:
-    with open_lines(Path(path)) as handle:
-        return sum(1 for line in handle if line.strip())
-
-
 class SharSet:
     """The shards of one or more Shar folders (equal weights: pooled, as manifests of equal weights are
     concatenated), with each rank's part of an epoch (see the module's text).
@@ -112,7 +107,7 @@ class SharSet:
         self.folders = [manifest_path(f) for f in folders]
         shards = []
         for folder in self.folders:
-            shards += [SharShard({name: str(path) for name, path in shard.items()}, _lines(str(shard["cuts"])))
+            shards += [SharShard({name: str(path) for name, path in shard.items()}, count_lines(Path(shard["cuts"])))
                        for shard in folder_shards(folder)]
         self.shards = [s for s in shards if s.clips]
         if not self.shards:
