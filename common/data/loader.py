@@ -57,7 +57,6 @@ import json
 import logging
 import os
 import re
-import signal
 import warnings
 import zlib
 from collections import Counter
@@ -87,9 +86,9 @@ from common.data.manifest_index import (
 )
 from common.data.prefetch import background
 from common.data.shar_stream import RankShardSampler, SharSet, folder_shards, is_shar_folder, reads_per_rank
+from common.data.workers import end_with, end_workers, start_worker, start_workers
 from common.system.atomic import atomic_write_text
 from common.system.cpu import available_memory, loader_workers, local_ranks, total_memory
-from common.system.signals import STOP_SIGNALS
 
 __all__ = [
     "ManifestSpec",
@@ -1164,7 +1163,7 @@ class ClipLoader:
         # checkpoint saves: a resumed run would start its loader at another point of that stream than an
         # uninterrupted one. Nothing in the workers draws from torch's RNG (crops: ``ClipDataset``).
         return DataLoader(self.dataset, sampler=stream, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, worker_init_fn=ignore_stop_signals,
+                          pin_memory=self.pin_memory, worker_init_fn=start_worker,
                           prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
                           persistent_workers=keep, generator=torch.Generator().manual_seed(self.seed))
 
@@ -1191,19 +1190,23 @@ class ClipLoader:
             else:  # the workers stay; what they were still decoding for the last iteration is dropped
                 self._kept[1].generator.close()
                 self._kept[1].generator = source
-            iterator = iter(self._kept[0])
-        else:
-            iterator = iter(self._loader(_Stream(source), keep=False))
+            iterator = start_workers(self._kept[0])  # forks the workers the first time; ended by close()
+            return self._tracked(iterator, start_epoch, self._iteration, count)
+        iterator = start_workers(self._loader(_Stream(source), keep=False))
         if self.num_workers == 0 and self.prefetch:
             iterator = background(iterator, self.prefetch)
-        return self._tracked(iterator, start_epoch, self._iteration, count)
+        tracked = self._tracked(iterator, start_epoch, self._iteration, count)
+        end_with(tracked, iterator)  # its workers end with this iteration (the loader is reachable from them)
+        return tracked
 
     def close(self) -> None:
         """Stop the kept worker processes (nothing to do without ``keep_workers``); :meth:`batches` may start
-        new ones afterwards."""
+        new ones afterwards. Without it they live until the process exits (``common.data.workers``)."""
         if self._kept is not None:
             self._kept[1].generator.close()
-            self._kept = None  # the DataLoader's iterator goes with it and shuts its workers down
+            if self._kept[0]._iterator is not None:
+                end_workers(self._kept[0]._iterator)
+            self._kept = None
             self._iteration += 1
 
     def _tracked(self, iterator, start_epoch: int, iteration: int, count: bool = True) -> Iterator[Batch]:
@@ -1221,16 +1224,6 @@ class ClipLoader:
                 self.tracker.update(batch)
             yield batch
         self.tracker.check()
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """In a loader worker process: a scheduler's SIGTERM or SIGUSR1 is not for it. SLURM, torchrun and the deepspeed
-    launcher signal every process of a job; PyTorch's workers die of a SIGTERM that their parent did not send, and
-    the training process would then fail on the lost worker (while it saves its stop checkpoint) instead of
-    checkpointing and stopping (``common.system.signals``). The workers end when their loader shuts them down, or
-    when their parent is gone."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
 
 
 def train_loader(data: DataConfig, classes: Sequence[str] | None, clip_samples: int, sample_rate: int,

@@ -1,0 +1,99 @@
+"""What the training loader's worker processes do at start, how the parent forks them, and how they end.
+
+A forked worker inherits a copy of everything its parent held, garbage included: objects in reference cycles that
+the parent's collector has not reached yet. The worker's own collector would then destroy them in the worker,
+where the threads their destructors wait for do not exist. A gloo process group left in a cycle by a finished run
+(a notebook, the tests) hung a worker for ever that way: ``~ProcessGroupGloo`` waits on a condition variable for
+threads that only the parent has. So the parent's collector is paused while it forks its workers (they inherit
+it paused), and each worker freezes what it inherited (``gc.freeze``: never collected in the worker; the parent
+collects its own garbage) before it resumes collecting. Freezing also keeps the worker from touching the inherited objects' pages (less
+copy-on-write memory per worker).
+
+Ending them is explicit, not left to the collector. PyTorch's iterator shuts its workers down in its ``__del__``;
+when the iterator is in a reference cycle (a kept loader's is: through the stream of cut batches back to its
+``ClipLoader``), the collector first runs the weakref callbacks of the cycle, closing the iterator's queues'
+feeder threads, then ``__del__``, whose stop sentinels then never reach the workers, which wait for ever. And the
+workers ignore the stop signals (:func:`ignore_stop_signals`), the SIGTERM included that ``multiprocessing`` sends
+its daemonic children when the parent exits before it joins them: a script that ended while a loader's iterator
+was alive (a module-level ``batches = loader.batches()``, kept workers) waited for ever. So every iterator with
+workers is held here from :func:`start_workers` until :func:`end_workers` (a kept loader's ``close``, an
+iteration's owner going: :func:`end_with`, or the process's exit).
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import gc
+import signal
+import weakref
+from typing import Iterator
+
+from torch.utils.data import DataLoader
+
+from common.system.signals import STOP_SIGNALS
+
+_LIVE: dict[int, Iterator] = {}  # iterators whose workers have not been ended, by id
+
+
+def start_workers(loader: DataLoader) -> Iterator:
+    """``iter(loader)``, its workers forked with the collector paused (:func:`forking`) and held until
+    :func:`end_workers` (a kept loader's iterator is the same object each time)."""
+    with forking():
+        iterator = iter(loader)
+    if hasattr(iterator, "_shutdown_workers"):
+        _LIVE[id(iterator)] = iterator
+    return iterator
+
+
+def end_workers(iterator: Iterator) -> None:
+    """Shut ``iterator``'s workers down now (PyTorch's own shutdown: a stop sentinel to every worker, then
+    join) and let it go. Idempotent."""
+    if _LIVE.pop(id(iterator), None) is not None:
+        iterator._shutdown_workers()
+
+
+def end_with(owner: object, iterator: Iterator) -> None:
+    """:func:`end_workers` when ``owner`` is collected (by reference count or in a cycle: ``iterator`` is held
+    here, so its queues still work then). ``owner`` must not be reachable from ``iterator``."""
+    if id(iterator) in _LIVE:
+        weakref.finalize(owner, end_workers, iterator).atexit = False  # at exit: _end_all, before multiprocessing
+
+
+@atexit.register
+def _end_all() -> None:
+    """At exit, before ``multiprocessing`` terminates and joins its children (its hook was registered before this
+    one; hooks run last-registered first), and before PyTorch's own hook marks the interpreter as exiting (also
+    registered before: ``torch.utils.data`` is imported above), after which its shutdown does nothing."""
+    for iterator in list(_LIVE.values()):
+        end_workers(iterator)
+
+
+@contextlib.contextmanager
+def forking() -> Iterator[None]:
+    """Pause the parent's garbage collector while worker processes are forked (``iter(DataLoader)``); the
+    workers inherit it paused and resume it in :func:`start_worker`, after freezing what they inherited."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def start_worker(worker_id: int) -> None:
+    """A loader worker's ``worker_init_fn``: freeze the parent's objects (see the module's docstring), then
+    collect the worker's own garbage as usual; ignore the stop signals (:func:`ignore_stop_signals`)."""
+    gc.freeze()
+    gc.enable()
+    ignore_stop_signals()
+
+
+def ignore_stop_signals() -> None:
+    """In a loader worker process: a scheduler's SIGTERM or SIGUSR1 is not for it. SLURM, torchrun and the deepspeed
+    launcher signal every process of a job; PyTorch's workers die of a SIGTERM that their parent did not send, and
+    the training process would then fail on the lost worker (while it saves its stop checkpoint) instead of
+    checkpointing and stopping (``common.system.signals``). The workers end when their loader shuts them down, or
+    when their parent is gone."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)

@@ -1,0 +1,112 @@
+"""Loader workers: they never collect their parent's garbage, and they end when their iteration, their kept loader
+or the process does (``common.data.workers``)."""
+import gc
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common.data.loader import ClipDataset, ClipLoader, open_cuts
+from common.data.workers import forking
+
+
+def loader(corpus, keep):
+    return ClipLoader(open_cuts([corpus / "synth_train.jsonl.gz"]), ClipDataset(16000, seed=1), 4, seed=7, rank=0,
+                      world_size=1, num_workers=2, keep_workers=keep, shuffle=True, drop_last=True)
+
+
+def children_end(timeout=15.0):
+    end = time.monotonic() + timeout
+    while multiprocessing.active_children() and time.monotonic() < end:
+        time.sleep(0.1)
+    return not multiprocessing.active_children()
+
+
+class _Cycle:
+    """Garbage in a reference cycle whose destructor notes the process it runs in (a gloo process group's
+    destructor hangs in a forked worker)."""
+
+    def __init__(self, note):
+        self.note, self.me = note, self
+
+    def __del__(self):
+        if os.getpid() != self.note[1]:
+            self.note[0].write_text(str(os.getpid()))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("keep", [False, True])
+def test_workers_do_not_destroy_their_parents_garbage(synth_corpus, tmp_path, monkeypatch, keep):
+    collect_first = ClipDataset.__getitem__
+
+    def getitem(self, item):  # a worker's collector runs (as it does under a worker's own allocations)
+        gc.collect()
+        return collect_first(self, item)
+
+    monkeypatch.setattr(ClipDataset, "__getitem__", getitem)
+    note = tmp_path / "destroyed_in_a_worker"
+    garbage = _Cycle((note, os.getpid()))
+    gc.collect()  # it survives into the oldest generation, which the parent seldom collects
+    del garbage
+    clips = loader(synth_corpus, keep)
+    for _, batch in zip(range(4), clips.batches(epochs=1)):
+        assert batch.waveforms.shape == (4, 16000)
+    clips.close()
+    assert not note.exists(), f"a worker (pid {note.read_text()}) destroyed an object its parent left as garbage"
+    gc.collect()  # the parent does, in the parent
+    assert gc.isenabled()
+    assert children_end()
+
+
+def test_the_parent_collects_again_after_forking():
+    with forking():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+
+
+@pytest.mark.timeout(120)
+def test_kept_workers_end_when_the_loader_is_closed(synth_corpus):
+    clips = loader(synth_corpus, keep=True)
+    for phase in range(2):  # the same workers serve both iterations
+        next(clips.batches())
+        assert len(multiprocessing.active_children()) == clips.num_workers
+    clips.close()
+    assert children_end()
+
+
+@pytest.mark.timeout(120)
+def test_an_iterations_workers_end_when_it_is_dropped_in_a_cycle(synth_corpus):
+    batches = loader(synth_corpus, keep=False).batches()
+    next(batches)
+    cycle = [batches]
+    cycle.append(cycle)  # only the collector can free it: PyTorch's own shutdown then reached no worker
+    assert multiprocessing.active_children()
+    del batches, cycle
+    gc.collect()
+    assert children_end()
+
+
+EXIT_SCRIPT = """
+import sys
+from common.data.loader import ClipDataset, ClipLoader, open_cuts
+loader = ClipLoader(open_cuts([sys.argv[1]]), ClipDataset(16000, seed=1), 4, seed=7, rank=0, world_size=1,
+                    num_workers=2, keep_workers=sys.argv[2] == "keep", shuffle=True, drop_last=True)
+batches = loader.batches()  # alive at exit, its workers too
+print(tuple(next(batches).waveforms.shape), flush=True)
+"""
+
+
+@pytest.mark.parametrize("keep", ["keep", "new"])
+def test_a_script_ends_while_its_loader_is_alive(synth_corpus, tmp_path, keep):
+    # the workers ignore the SIGTERM that multiprocessing sends them at exit: the script waited for ever
+    script = tmp_path / "script.py"
+    script.write_text(EXIT_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), str(synth_corpus / "synth_train.jsonl.gz"), keep],
+                          env=env, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "(4, 16000)"
