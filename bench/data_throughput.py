@@ -23,7 +23,10 @@ import torch
 
 
 def loader_rate(manifest: Path, workers: int, batch: int, clip_samples: int, clips_to_time: int = 960) -> float:
-    from common.data.loader import BadAudioTracker, ClipDataset, ClipLoader, open_cuts
+    from common.data.bad_audio import BadAudioTracker
+    from common.data.clips import ClipDataset
+    from common.data.loader import ClipLoader
+    from common.data.manifests import open_cuts
 
     loader = ClipLoader(open_cuts([manifest]), ClipDataset(clip_samples, 16000), batch, shuffle=True, drop_last=True,
                         rank=0, world_size=1, num_workers=workers, tracker=BadAudioTracker(1.0))

@@ -24,7 +24,7 @@ CLASSES = [f"c{i}" for i in range(10)]
 
 def build(tmp: str):
     """``(objective, [(label, geometry, front end, model), ...])`` for Fshift x4 and full resolution."""
-    from common.data.loader import DataConfig
+    from common.data.config import DataConfig
     from common.models.htsat import HTSATConfig
     from common.phases.config import PhaseConfig, TransferConfig
     from common.system.distributed import init_distributed
@@ -51,7 +51,7 @@ def build(tmp: str):
 
 def step_time(objective, samples: int, pipeline, model, batch: int, steps: int) -> float:
     """Seconds per bare training step (median of ``steps`` after one warm-up)."""
-    from common.data.loader import Batch
+    from common.data.clips import Batch
     from tests.conftest import real_looking_signals  # (its import sets 2 threads: main sets them back first)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)

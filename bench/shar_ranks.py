@@ -36,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     from lhotse.shar.readers.lazy import LazySharIterator
 
     from common.data import shar_stream
+    from common.data.clips import ClipDataset
     from common.data.corpora import get_corpus
-    from common.data.loader import ClipDataset, ClipLoader, open_cuts
+    from common.data.loader import ClipLoader
+    from common.data.manifests import open_cuts
 
     manifest = Path(args.data) / "synth" / "synth_train.jsonl.gz"
     if not manifest.is_file():

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from pathlib import Path
 
-    from common.data.loader import Batch
+    from common.data.clips import Batch
     from tests.conftest import real_looking_signals
     from tests.training.test_trainer import _micro_step_trainer
 

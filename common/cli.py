@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import torch
 
 from common.config.recipe import RecipeError
-from common.data.loader import TooMuchBadAudio
+from common.data.bad_audio import TooMuchBadAudio
 from common.system.atomic import remove_orphans
 from common.system.cpu import keep_freed_memory, loader_workers, set_cpu_threads
 from common.system.disk import describe_os_error

@@ -22,7 +22,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.audio.augment import MixupConfig, NoiseConfig, SpecAugmentConfig, mixup, mixup_weights
-from common.data.loader import Batch, TooMuchBadAudio
+from common.data.bad_audio import TooMuchBadAudio
+from common.data.clips import Batch
 from common.metrics import compute_metrics, standard_error
 from common.models.arch import architecture_for, architecture_from_meta
 from common.models.ast.arch import Classifier

@@ -104,7 +104,7 @@ def _file_clip(path: Path) -> Clip:
 
 
 def _cut_clip(cut) -> Clip:
-    from common.data.loader import BadClip, _source_path, load_clip
+    from common.data.decode import BadClip, load_clip, source_path
 
     def load(rate: int, channels: str = "first") -> np.ndarray:
         try:
@@ -112,7 +112,7 @@ def _cut_clip(cut) -> Clip:
         except BadClip as err:
             raise Unreadable(str(err)) from None
 
-    return Clip(cut.id, _source_path(cut), load)
+    return Clip(cut.id, source_path(cut), load)
 
 
 def _is_manifest(path: Path) -> bool:
@@ -129,7 +129,7 @@ def list_clips(inputs: Sequence[str | os.PathLike]) -> tuple[Iterator[Clip], int
             read (listed, the others embedded).
     """
     from common.data.corpora.base import AUDIO_SUFFIXES
-    from common.data.loader import count_clips, manifest_problem
+    from common.data.manifests import count_clips, manifest_problem
 
     plan: list[tuple[str, Path, list[Path] | None]] = []
     total: int | None = 0
@@ -157,7 +157,7 @@ def list_clips(inputs: Sequence[str | os.PathLike]) -> tuple[Iterator[Clip], int
             plan.append(("file", path, [path]))
 
     def clips() -> Iterator[Clip]:
-        from common.data.loader import open_cuts
+        from common.data.manifests import open_cuts
 
         for kind, path, files in plan:
             if kind == "manifest":

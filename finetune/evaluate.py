@@ -27,7 +27,8 @@ from torch import nn
 from common.audio.augment import SpecAugmentConfig
 from common.audio.compression import Compression
 from common.cli import command_device, run_main
-from common.data.loader import BadAudioTracker, eval_loader
+from common.data.bad_audio import BadAudioTracker
+from common.data.loader import eval_loader
 from common.data.preflight import check_labels
 from common.metrics import compute_metrics
 from common.models.arch import architecture_from_meta, official_channels
@@ -86,7 +87,7 @@ def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequenc
                     dist: Dist | None = None) -> dict[str, float]:
     """mAP / accuracy of an exported classifier on ``manifests``; ``classes``: the task's class list, which must be
     the export's (None: the export's own); ``tracker`` counts bad and resampled clips (a run's
-    :class:`~common.data.loader.BadAudioTracker` split, or a fresh one without a limit); ``loaded``: what
+    :class:`~common.data.bad_audio.BadAudioTracker` split, or a fresh one without a limit); ``loaded``: what
     :func:`~finetune.classifier.load_classifier` gave for ``path`` (not read again); ``dist``: the ranks of a
     training job, which score a share of the clips each (every clip once, as validation spreads them) and all
     return the metrics of the whole set (None: this process alone)."""

@@ -93,7 +93,8 @@ def extract_features(encoder, arch, manifests: Sequence[str], classes: Sequence[
     ``manifests``: each clip's first window, embedded by :class:`finetune.embedder.Embedder` (the code
     ``finetune/embed.py`` writes embeddings with) around ``encoder`` and the front end of ``arch``
     (``common.models.arch``); ``channels``: how a multi-channel file is read (as the encoder was trained)."""
-    from common.data.loader import count_clips, eval_loader
+    from common.data.loader import eval_loader
+    from common.data.manifests import count_clips
     from common.system.logger import progress
     from finetune.embedder import Embedder
 

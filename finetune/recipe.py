@@ -20,7 +20,7 @@ from typing import Literal, Sequence
 from common.audio.fbank import NORM_STATS
 from common.audio.pipeline import AudioConfig
 from common.config.recipe import RecipeError, apply_overrides, load_yaml, merge, recipe_files, with_source
-from common.data.loader import DataConfig
+from common.data.config import DataConfig
 from common.data.preflight import check_classes, check_labels, check_manifest, check_norm, count_clips
 from common.models.spec import ModelSpec
 from common.phases.coarse import CoarseConfig, apply_coarse, baseline_name, build_derived

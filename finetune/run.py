@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                               notes=[f"optimiser {o.optimizer}, lr {o.lr:g}, warm-up {o.warmup_steps} steps, "
                                      f"{o.schedule} schedule", *notes], cautions=cautions, missing=missing))
             return 0
-        from common.data.loader import ManifestSpec
+        from common.data.config import ManifestSpec
         from common.training.loop import Trainer
         from common.training.spec import RunSpec
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from common.audio.pipeline import AudioConfig
 from common.config.recipe import RecipeError, apply_overrides, load_yaml, recipe_files, with_source
-from common.data.loader import DataConfig
+from common.data.config import DataConfig
 from common.models.arch import architecture_for, geometries
 from common.models.ast.encoder import EncoderConfig
 from common.models.spec import ModelSpec

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from common.audio.augment import SpecAugmentConfig
 from common.audio.pipeline import FeaturePipeline
-from common.data.loader import Batch
+from common.data.clips import Batch
 from common.models.arch import architecture_for
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from common.models.ast.resize import resample_patch_kernel

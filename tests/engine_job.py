@@ -24,7 +24,8 @@ def main(job_file: str) -> int:
     import torch
 
     from common.audio.pipeline import AudioConfig
-    from common.data.loader import Batch, DataConfig
+    from common.data.clips import Batch
+    from common.data.config import DataConfig
     from common.models.ast.encoder import EncoderConfig
     from common.phases.config import PhaseConfig, TransferConfig
     from common.system.distributed import init_distributed

@@ -391,7 +391,7 @@ def _micro_step_trainer(tmp_path, kind: str, accum: int):
     """A single-process trainer of a tiny model (``ast`` / ``htsat`` classifier or ``ssast``), its engine and
     the phase's training front end."""
     from common.audio.pipeline import AudioConfig
-    from common.data.loader import DataConfig
+    from common.data.config import DataConfig
     from common.models.ast.encoder import EncoderConfig
     from common.models.htsat import HTSATConfig
     from common.phases.config import PhaseConfig, TransferConfig

@@ -131,8 +131,10 @@ def test_no_bar_when_stderr_is_not_a_terminal(capsys):
 def test_the_bar_total_in_memory_and_streamed(synth_corpus, tmp_path):
     """The bar's total: exact for a set in memory or indexed, from the manifest's lines for a streamed one; the
     batches an epoch really gives."""
+    from common.data.bad_audio import BadAudioTracker
+    from common.data.config import DataConfig, ManifestSpec
     from common.data.corpora.base import read_classes
-    from common.data.loader import BadAudioTracker, DataConfig, ManifestSpec, train_loader
+    from common.data.loader import train_loader
 
     classes, _ = read_classes(synth_corpus / "synth_classes.json")
     train = [ManifestSpec(str(synth_corpus / "synth_train.jsonl.gz"))]  # 24 clips

@@ -11,7 +11,7 @@ enough for a corpus of two million files:
 
 Other formats (Ogg, MP3, Opus) record no length that a truncation contradicts; they are left to the
 decoder. Used when a corpus is prepared (``common.data.corpora.base``) and when a clip is loaded
-(``common.data.loader.load_clip``).
+(``common.data.decode.load_clip``).
 """
 
 from __future__ import annotations

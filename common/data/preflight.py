@@ -8,7 +8,7 @@ class list is parsed. Every error is a :class:`common.config.recipe.RecipeError`
 recipe key that names the file.
 
 Audio files themselves are not opened here: a clip that cannot be decoded is skipped and counted at
-training time (``common.data.loader.BadAudioTracker``).
+training time (``common.data.bad_audio.BadAudioTracker``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from lhotse import CutSet
 from common.audio.fbank import NORM_STATS, resolve_norm_stats
 from common.config.recipe import RecipeError
 from common.data.corpora.base import read_classes
-from common.data.loader import epoch_clips, manifest_problem, refused_source
+from common.data.decode import refused_source
 from common.data.manifest_index import manifest_path, open_lines
+from common.data.manifests import epoch_clips, manifest_problem
 from common.data.shar_stream import folder_shards
 
 __all__ = ["check_manifest", "check_norm", "norm_mismatch", "check_classes", "check_labels", "data_checks",
@@ -224,14 +225,14 @@ def _clip_id(line: bytes) -> str:
 
 
 def data_checks(data, prefix: str = "data") -> list[Callable[[], None]]:
-    """One check per training and validation manifest of a :class:`common.data.loader.DataConfig`."""
+    """One check per training and validation manifest of a :class:`common.data.config.DataConfig`."""
     keyed = [(spec.path, f"{prefix}.train.{i}.path") for i, spec in enumerate(data.train)]
     keyed += [(path, f"{prefix}.valid.{i}") for i, path in enumerate(data.valid)]
     return [lambda path=path, key=key: check_manifest(path, key) for path, key in keyed]
 
 
 def check_data(data, prefix: str = "data") -> None:
-    """Every training and validation manifest of a :class:`common.data.loader.DataConfig`.
+    """Every training and validation manifest of a :class:`common.data.config.DataConfig`.
 
     Raises:
         RecipeError: naming ``data.train.N.path`` or ``data.valid.N``.
@@ -253,7 +254,7 @@ def problems(checks: Iterable[Callable[[], None]]) -> list[str]:
 
 def count_clips(paths: Sequence[str | os.PathLike]) -> int:
     """Clips in manifests, counted from their lines (no cut is parsed; a few seconds per million clips), a Shar
-    folder's from its shards (``common.data.loader.epoch_clips``); another format is read."""
+    folder's from its shards (``common.data.manifests.epoch_clips``); another format is read."""
     total = 0
     for path in map(manifest_path, paths):
         lines = epoch_clips(path)

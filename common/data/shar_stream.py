@@ -6,14 +6,14 @@
 
 Every rank computes the same split from the shards' line counts (``cuts.*.jsonl.gz``, no audio read), so each
 reads about 1/R of the audio, plus the part of its first shard before its range, instead of all of it (a
-whole folder streamed by every rank and dealt in rounds, :func:`common.data.loader.equal_shards`, grows the
+whole folder streamed by every rank and dealt in rounds, :func:`common.data.shards.equal_shards`, grows the
 reading with the ranks). Every rank gets ``n`` clips and so the same number of batches; the last ``clips % R``
 clips of an epoch's sequence (fewer than the ranks, other clips every epoch) wait for another epoch, and each
 rank drops its incomplete last batch as training always does.
 
 Resume. A rank's stream depends on (seed, epoch, rank, ranks) alone and its clip order not on the batch size:
 ``(epoch, batches consumed)`` continues exactly (the batches skipped are read again, this rank's only), and a
-position converted to clips (:func:`common.data.loader.reshard_index`) continues exactly at another per-rank
+position converted to clips (:func:`common.data.shards.reshard_index`) continues exactly at another per-rank
 batch. On another number of ranks every rank's part of the epoch changes: the converted position keeps the
 share of the epoch consumed and the epoch's length, and the rest of that epoch is the new parts' rest (some
 clips seen again, some left for the next epoch); the trainer says so when it resumes.
@@ -38,7 +38,7 @@ __all__ = ["SharShard", "SharSet", "RankShardSampler", "is_shar_folder", "folder
 
 
 def is_shar_folder(path: str | os.PathLike) -> bool:
-    """A folder, which a training set names only as a Lhotse Shar folder (``common.data.loader`` checks its shards)."""
+    """A folder, which a training set names only as a Lhotse Shar folder (``common.data.manifests`` checks its shards)."""
     return manifest_path(path).is_dir()
 
 

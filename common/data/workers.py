@@ -6,8 +6,8 @@ where the threads their destructors wait for do not exist. A gloo process group 
 (a notebook, the tests) hung a worker for ever that way: ``~ProcessGroupGloo`` waits on a condition variable for
 threads that only the parent has. So the parent's collector is paused while it forks its workers (they inherit
 it paused), and each worker freezes what it inherited (``gc.freeze``: never collected in the worker; the parent
-collects its own garbage) before it resumes collecting. Freezing also keeps the worker from touching the inherited objects' pages (less
-copy-on-write memory per worker).
+collects its own garbage) before it resumes collecting. Freezing also keeps the worker from touching the
+inherited objects' pages (less copy-on-write memory per worker).
 
 Ending them is explicit, not left to the collector. PyTorch's iterator shuts its workers down in its ``__del__``;
 when the iterator is in a reference cycle (a kept loader's is: through the stream of cut batches back to its

@@ -18,7 +18,7 @@ the criterion's state is checkpointed). Validation follows the checkpoint of the
 remembers that it is pending), so an error in validation never loses training. A non-finite loss stops the run
 before the optimiser step, leaving the last checkpoint intact. A micro-batch whose clips were all bad audio
 takes its step with a zero gradient, so that every rank takes the same steps; too much bad audio is judged on
-the counts of all ranks at the log windows and checkpoints (``common.data.loader.BadAudioTracker``).
+the counts of all ranks at the log windows and checkpoints (``common.data.bad_audio.BadAudioTracker``).
 Re-running on the same run directory resumes exactly.
 """
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from common.audio.augment import SpecAugmentConfig
-from common.data.loader import Batch
+from common.data.clips import Batch
 from common.models.memory import MemoryEstimate
 from common.system.distributed import Dist
 

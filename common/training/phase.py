@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from common.audio.augment import SpecAugmentConfig
-from common.data.loader import Batch, ClipLoader, eval_loader, make_cache, train_loader
+from common.data.cache import make_cache
+from common.data.clips import Batch
+from common.data.loader import ClipLoader, eval_loader, train_loader
 from common.system.distributed import Dist
 from common.training.nonfinite import NonFiniteWatch
 from common.training.objective import Objective

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.data.bad_audio import BadAudioTracker
 from common.data.fingerprint import DataChanged, changes, run_fingerprints
-from common.data.loader import BadAudioTracker, reshard_index
 from common.data.shar_stream import reads_per_rank
+from common.data.shards import reshard_index
 from common.models.memory import PeakMemory, gib, training_setting
 from common.phases.baseline import evaluation_settings, setting_differences, stop_target
 from common.phases.criteria import Decision

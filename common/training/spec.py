@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from common.audio.pipeline import AudioConfig
-from common.data.loader import DataConfig
+from common.data.config import DataConfig
 from common.models.weights import EncoderWeights
 from common.phases.config import PhaseConfig, TransferConfig
 from common.system.engine_config import ZeroStage

@@ -12,7 +12,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 from torch import nn
 
-from common.data.loader import Batch
+from common.data.clips import Batch
 from common.training.optim import step_engine
 
 __all__ = ["StepGroup", "step_groups", "micro_step", "norms_frozen", "stand_in", "running_statistics",

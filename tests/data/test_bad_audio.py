@@ -8,7 +8,11 @@ import pytest
 import soundfile as sf
 from lhotse import CutSet
 
-from common.data.loader import BadAudioTracker, BadClip, ClipDataset, ClipLoader, TooMuchBadAudio, load_clip, open_cuts
+from common.data.bad_audio import BadAudioTracker, TooMuchBadAudio
+from common.data.clips import ClipDataset
+from common.data.decode import BadClip, load_clip
+from common.data.loader import ClipLoader
+from common.data.manifests import open_cuts
 from finetune.run import main as finetune
 from tests.layouts import truncate, write_clip
 

@@ -7,19 +7,13 @@ import soundfile as sf
 import torch
 from lhotse import CutSet
 
+from common.data.bad_audio import BadAudioTracker, TooMuchBadAudio
+from common.data.balanced import balanced_weights
+from common.data.clips import ClipDataset
+from common.data.config import DataConfig, ManifestSpec
 from common.data.corpora.base import read_classes
-from common.data.loader import (
-    BadAudioTracker,
-    ClipDataset,
-    ClipLoader,
-    DataConfig,
-    ManifestSpec,
-    TooMuchBadAudio,
-    balanced_weights,
-    count_clips,
-    open_cuts,
-    train_loader,
-)
+from common.data.loader import ClipLoader, train_loader
+from common.data.manifests import count_clips, open_cuts
 
 
 def make_loader(manifest, batch_size=4, **kw):
@@ -218,7 +212,7 @@ def test_stats_cli_and_shar_round_trip(synth_corpus, tmp_path, caplog):
 
     assert main(["shar", str(manifest), "--out", str(tmp_path / "shar"), "--shard-size", "5"]) == 0
     shar = open_cuts([str(tmp_path / "shar")])
-    with caplog.at_level(logging.INFO, logger="common.data.loader"):
+    with caplog.at_level(logging.INFO, logger="common.data.manifests"):
         open_cuts([str(tmp_path / "shar")], in_memory_max=500000, index_dir=str(tmp_path / "index"))
     assert f"training set {tmp_path / 'shar'}, a Lhotse Shar folder (neither counted nor indexed): streamed" in \
         caplog.text and "larger than" not in caplog.text  # 12 clips: its size is not why
@@ -471,7 +465,7 @@ def test_a_stereo_file_is_read_as_each_familys_official_code_reads_it(tmp_path):
     from lhotse import MonoCut, Recording
 
     from common.data.cache import make_cache
-    from common.data.loader import load_clip
+    from common.data.decode import load_clip
     from common.models.arch import architecture_for
     from common.models.ast.encoder import EncoderConfig
     from common.models.htsat import HTSATConfig
@@ -515,7 +509,7 @@ def test_the_mean_takes_the_channels_a_cut_stands_for_and_old_recipes_resume(tmp
     told what changed (`--set data.channels=first` keeps the old)."""
     from lhotse import MonoCut, MultiCut, Recording
 
-    from common.data.loader import load_clip
+    from common.data.decode import load_clip
     from common.training.run_recipe import recipe_diff
 
     rows = np.stack([np.full(4000, v, dtype=np.float32) for v in (0.1, 0.2, 0.3, 0.6)], axis=1)
@@ -544,7 +538,9 @@ def test_balanced_sampling_reaches_every_way_a_training_set_is_read(tmp_path, wh
     (AudioSet-2M's default) or streamed: a class of 5 clips among 95 is drawn about as often as the other."""
     from lhotse import MonoCut
 
-    from common.data.loader import BadAudioTracker, DataConfig, ManifestSpec, train_loader
+    from common.data.bad_audio import BadAudioTracker
+    from common.data.config import DataConfig, ManifestSpec
+    from common.data.loader import train_loader
 
     cuts = CutSet.from_cuts(MonoCut(f"c{i:03d}", 0, 1.0, 0, custom={"labels": ["rare" if i < 5 else "common"]})
                             for i in range(100))
@@ -584,7 +580,7 @@ def test_balanced_batches_of_an_index_are_read_only_on_the_rank_that_keeps_them(
 def test_a_file_that_is_no_manifest_by_its_name_is_named_so(tmp_path):
     """An audio file or a README given where a manifest goes: said as such (Lhotse's 'does the path exist?' was
     printed for a path that exists), with the command that scores audio files for audio."""
-    from common.data.loader import manifest_problem, open_cuts
+    from common.data.manifests import manifest_problem, open_cuts
 
     (tmp_path / "dog.wav").write_bytes(b"RIFF")
     (tmp_path / "README.md").write_text("# notes\n")

@@ -14,18 +14,13 @@ import torch
 from lhotse import CutSet
 from safetensors.torch import load_file
 
-from common.data.loader import (
-    ClipDataset,
-    ClipLoader,
-    ManifestSpec,
-    balanced_weights,
-    equal_shards,
-    eval_loader,
-    open_cuts,
-    reshard_index,
-    shard_batches,
-)
+from common.data.balanced import balanced_weights
+from common.data.clips import ClipDataset
+from common.data.config import ManifestSpec
+from common.data.loader import ClipLoader, eval_loader
+from common.data.manifests import open_cuts
 from common.data.shar_stream import SharSet
+from common.data.shards import equal_shards, reshard_index, shard_batches
 from tests.helpers import _launch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,7 +107,9 @@ def test_a_shar_folder_mixed_with_a_manifest_file_is_said_to_be_read_by_every_ra
     sampling reads the folder into memory, audio included, which rank 0 says on any number of ranks."""
     import logging
 
-    from common.data.loader import BadAudioTracker, DataConfig, train_loader
+    from common.data.bad_audio import BadAudioTracker
+    from common.data.config import DataConfig
+    from common.data.loader import train_loader
     from common.data.shar_stream import SharSet
 
     alone = [ManifestSpec(str(odd / "shar"))]
@@ -133,7 +130,9 @@ def test_a_shar_folder_read_for_a_mean_of_channels_says_it_holds_one(odd, caplog
     """HTS-AT mixes a file's channels down (data.channels: mean); a Shar export kept one channel: said on rank 0."""
     import logging
 
-    from common.data.loader import BadAudioTracker, DataConfig, train_loader
+    from common.data.bad_audio import BadAudioTracker
+    from common.data.config import DataConfig
+    from common.data.loader import train_loader
 
     data = DataConfig(train=[ManifestSpec(str(odd / "shar"))], num_workers=0)
     for channels, rank, said in (("mean", 0, 1), ("mean", 1, 0), ("first", 0, 0)):
@@ -147,7 +146,9 @@ def test_balanced_sampling_refuses_a_shar_folder_that_does_not_fit_in_memory(odd
     """Balanced sampling draws from the whole set at random, so a Shar folder is read into memory with its audio:
     refused, with the sizes, when its tars are larger than the machine's memory (every local rank reads them)."""
     from common.data import loader
-    from common.data.loader import BadAudioTracker, DataConfig, train_loader
+    from common.data.bad_audio import BadAudioTracker
+    from common.data.config import DataConfig
+    from common.data.loader import train_loader
 
     tars = sum(f.stat().st_size for f in (odd / "shar").glob("recording.*"))
     data = DataConfig(train=[ManifestSpec(str(odd / "shar"))], balanced=True, num_workers=0)
@@ -243,7 +244,9 @@ def test_a_streamed_sets_shuffle_buffer_is_the_recipes(odd):
     shards in the epoch's order), the default one mixes it."""
     from dataclasses import replace
 
-    from common.data.loader import BadAudioTracker, DataConfig, train_loader
+    from common.data.bad_audio import BadAudioTracker
+    from common.data.config import DataConfig
+    from common.data.loader import train_loader
 
     def ids(data: DataConfig) -> list[str]:
         loader = train_loader(data, None, 16000, 16000, BATCH, 0, 0, 1, BadAudioTracker())
@@ -266,7 +269,10 @@ def test_a_streamed_sets_shuffle_buffer_is_the_recipes(odd):
 def test_a_shar_folders_epoch_is_counted_from_its_shards(odd):
     """A Shar training folder's epoch, counted from its cuts shards' lines: the progress bar's total and the steps an
     epoch-based cosine schedule decays over (a Shar run with cosine stopped at its start, 'unknown')."""
-    from common.data.loader import BadAudioTracker, DataConfig, epoch_clips, train_loader
+    from common.data.bad_audio import BadAudioTracker
+    from common.data.config import DataConfig
+    from common.data.loader import train_loader
+    from common.data.manifests import epoch_clips
 
     assert epoch_clips(odd / "shar") == CLIPS
     data = DataConfig(train=[ManifestSpec(str(odd / "shar"))], num_workers=0)

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from common.data.loader import ClipDataset, ClipLoader, open_cuts
+from common.data.clips import ClipDataset
+from common.data.loader import ClipLoader
+from common.data.manifests import open_cuts
 from common.data.workers import forking
 
 
@@ -92,7 +94,9 @@ def test_an_iterations_workers_end_when_it_is_dropped_in_a_cycle(synth_corpus):
 
 EXIT_SCRIPT = """
 import sys
-from common.data.loader import ClipDataset, ClipLoader, open_cuts
+from common.data.clips import ClipDataset
+from common.data.loader import ClipLoader
+from common.data.manifests import open_cuts
 loader = ClipLoader(open_cuts([sys.argv[1]]), ClipDataset(16000, seed=1), 4, seed=7, rank=0, world_size=1,
                     num_workers=2, keep_workers=sys.argv[2] == "keep", shuffle=True, drop_last=True)
 batches = loader.batches()  # alive at exit, its workers too

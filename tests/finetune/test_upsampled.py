@@ -10,7 +10,8 @@ import pytest
 import torch
 from lhotse import CutSet
 
-from common.data.loader import BadAudioTracker, Batch, ClipDataset
+from common.data.bad_audio import BadAudioTracker
+from common.data.clips import Batch, ClipDataset
 from common.training.ledger import Ledger
 from finetune.run import main as finetune
 from tests.helpers import _synth_root, sets
@@ -35,7 +36,7 @@ def test_the_loader_counts_the_clips_it_resamples_up(synth_corpus, rate, expecte
 def test_it_is_said_once_per_run_and_counted_per_split(caplog, tmp_path):
     tracker = BadAudioTracker(1.0, log_path=str(tmp_path / "bad_audio.tsv"))  # a run's (common.training.record)
     valid = tracker.for_split("valid")
-    with caplog.at_level(logging.WARNING, logger="common.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="common.data.bad_audio"):
         tracker.update(batch({(16000, 32000): 3}))
         tracker.update(batch({(16000, 32000): 4, (22050, 32000): 1}, clips=5))
         valid.update(batch({(16000, 32000): 2}))
@@ -47,7 +48,7 @@ def test_it_is_said_once_per_run_and_counted_per_split(caplog, tmp_path):
                                         "valid": {(16000, 32000): 2}}
     assert tracker.take_upsampled() == {}  # handed out once
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="common.data.loader"):  # a command's (evaluate, stats): no ledger
+    with caplog.at_level(logging.WARNING, logger="common.data.bad_audio"):  # a command's (evaluate, stats): no ledger
         BadAudioTracker(1.0, split="esc50_test").update(batch({(16000, 32000): 3}))
     assert caplog.records[0].getMessage().endswith("of the first 4 esc50_test clips): they hold nothing above 8000 "
                                                     "Hz, so the model's upper frequency bins stay empty for them")
@@ -56,7 +57,7 @@ def test_it_is_said_once_per_run_and_counted_per_split(caplog, tmp_path):
     resumed.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
     assert resumed.upsampled == tracker.upsampled
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="common.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="common.data.bad_audio"):
         resumed.update(batch({(16000, 32000): 1}))
     assert not caplog.records and resumed.take_upsampled() == {"train": {(16000, 32000): 1}}
 

@@ -99,7 +99,7 @@ def test_partial_validation_rounds_must_score_the_same_clips():
 def test_ssast_scores_compare_only_at_the_same_masking():
     """SSAST's masked-patch accuracy is an argmax over the masked patches: a run masking fewer (an easier task,
     chance 1/256 against 1/400) would "surpass" its baseline on another scale; such baselines are refused."""
-    from common.data.loader import DataConfig
+    from common.data.config import DataConfig
     from common.models.ast.encoder import EncoderConfig
     from common.phases.baseline import evaluation_settings
     from common.training.spec import TrainConfig

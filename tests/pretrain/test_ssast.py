@@ -229,7 +229,7 @@ def test_the_validation_masks_400_of_512_whatever_the_training_mask(cfg, eval_ra
     """The official ``validatemask`` always masks 400 patches (of 512), so the masked-patch accuracy keeps its scale
     (chance 1 / 400) when a run trains with another mask: here 25 of the 4 x 8 grid while training masks 16;
     ``eval_mask_ratio: null`` validates with the training mask."""
-    from common.data.loader import Batch
+    from common.data.clips import Batch
     from common.system.distributed import Dist
 
     ssast = SSASTConfig(mask_ratio=0.5, eval_mask_ratio=eval_ratio)

@@ -7,7 +7,9 @@ import warnings
 import pytest
 import torch
 
-from common.data.loader import ClipDataset, ClipLoader, open_cuts
+from common.data.clips import ClipDataset
+from common.data.loader import ClipLoader
+from common.data.manifests import open_cuts
 from common.system import cpu
 
 

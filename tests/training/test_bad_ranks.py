@@ -11,7 +11,9 @@ import pytest
 import soundfile as sf
 from lhotse import CutSet
 
-from common.data.loader import BadAudioTracker, DataConfig, ManifestSpec, train_loader
+from common.data.bad_audio import BadAudioTracker
+from common.data.config import DataConfig, ManifestSpec
+from common.data.loader import train_loader
 from tests.helpers import ROOT, _launch
 
 pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports

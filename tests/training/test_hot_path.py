@@ -12,7 +12,11 @@ import pytest
 import torch
 
 from common.data.cache import ClipCache
-from common.data.loader import ClipDataset, ClipLoader, DataConfig, load_clip, open_cuts
+from common.data.clips import ClipDataset
+from common.data.config import DataConfig
+from common.data.decode import load_clip
+from common.data.loader import ClipLoader
+from common.data.manifests import open_cuts
 from common.data.prefetch import background
 from tests.helpers import host_reads, package_reader, poison_loss_at, run, weights
 
@@ -78,10 +82,10 @@ def test_window_and_step_checks_train_the_same_weights(tmp_path, synth_corpus):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["memory", "disk"])
 def test_cached_clips_train_the_same_weights_and_are_decoded_once(tmp_path, synth_corpus, mode, monkeypatch):
-    import common.data.loader
+    import common.data.clips
 
     decoded = []
-    real = common.data.loader.load_clip
+    real = common.data.clips.load_clip
 
     def counting(cut, rate, channels="first"):
         decoded.append(cut.id)
@@ -89,7 +93,7 @@ def test_cached_clips_train_the_same_weights_and_are_decoded_once(tmp_path, synt
 
     straight = tmp_path / "plain"
     assert run(straight, synth_corpus, "train.save_every=100") == 0
-    monkeypatch.setattr(common.data.loader, "load_clip", counting)
+    monkeypatch.setattr(common.data.clips, "load_clip", counting)
     cached = tmp_path / mode
     assert run(cached, synth_corpus, "train.save_every=100", f"data.cache={mode}",
                f"data.cache_dir={tmp_path / 'cache'}") == 0

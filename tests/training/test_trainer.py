@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.data.loader import Batch
+from common.data.clips import Batch
 from common.training.loop import step_groups
 from pretrain.run import main
 from tests.helpers import RECIPE, _micro_step_trainer, run, tiny, weights

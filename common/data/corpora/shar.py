@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.data.loader import open_cuts
+from common.data.manifests import open_cuts
 from common.system.disk import output_folder
 
 __all__ = ["export_shar"]

@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 
 from common.audio.fbank import Fbank, pad_or_crop, samples_for_frames
-from common.data.loader import BadAudioTracker, ClipDataset, ClipLoader, count_clips, open_cuts
+from common.data.bad_audio import BadAudioTracker
+from common.data.clips import ClipDataset
+from common.data.loader import ClipLoader
+from common.data.manifests import count_clips, open_cuts
 from common.system.atomic import atomic_write_text
 from common.system.logger import progress
 

@@ -1,0 +1,141 @@
+"""Opening a split's manifests: Lhotse cut manifests (``.jsonl.gz``) and Shar folders, checked before anything is
+read, counted from their lines without parsing them, and mixed by weight into one CutSet (:func:`open_cuts`).
+
+A set of at most ``data.full_shuffle_max`` clips that is one manifest or an equal-weight mix is read into memory
+(an eager CutSet, shuffled as a whole by the loader); a larger one is indexed on disk
+(``common.data.manifest_index``); Shar folders alone are read in one part per rank
+(``common.data.shar_stream``); the rest is streamed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Sequence
+
+from lhotse import CutSet
+
+from common.data.config import ManifestSpec
+from common.data.corpora.base import AUDIO_SUFFIXES
+from common.data.manifest_index import ManifestIndex, count_lines, manifest_path, open_lines
+from common.data.shar_stream import folder_shards
+
+__all__ = ["manifest_problem", "count_clips", "epoch_clips", "open_cuts"]
+
+log = logging.getLogger(__name__)
+
+
+def _open_one(path: str | os.PathLike):
+    path = manifest_path(path)
+    if path.is_dir():
+        folder_shards(path)  # its shards pair up, or an error that names the folder
+        return CutSet.from_shar(in_dir=path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"manifest {path} does not exist; write it with `python -m common.data.corpora prepare NAME --src DIR "
+            f"--out {path.parent}` (see `python -m common.data.corpora list`)"
+        )
+    problem = manifest_problem(path)
+    if problem:
+        raise ValueError(f"manifest {path}: {problem}")
+    cuts = CutSet.from_file(path)  # lazy for .jsonl.gz
+    if cuts is None:  # what Lhotse returns for an empty file
+        raise ValueError(f"manifest {path} holds no clips (an empty file); prepare it again")
+    return cuts
+
+
+def manifest_problem(path: str | os.PathLike) -> str | None:
+    """Why a file is not a Lhotse manifest: a name no Lhotse manifest has, or for a ``.jsonl(.gz)`` its first line
+    (None: it may be one; an empty file is left to the callers, which say that it holds no clips)."""
+    path = manifest_path(path)
+    if not any(ext in path.name for ext in (".jsonl", ".json", ".yaml", ".yml")):  # what Lhotse reads
+        audio = path.suffix.lower() in AUDIO_SUFFIXES
+        return ("is not a Lhotse manifest (a .jsonl.gz of cuts, as `python -m common.data.corpora prepare` writes "
+                "it)" + ("; to score audio files use predict.py" if audio else ""))
+    if not path.name.endswith((".jsonl", ".gz")):
+        return None
+    number, line = 0, b""
+    try:
+        with open_lines(path) as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    break
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        return f"cannot be read as {'gzip' if path.name.endswith('.gz') else 'text'} ({err})"
+    if not line.strip():
+        return None
+    try:
+        cut = json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return (f"line {number} is not JSON ({line.strip()[:40]!r}); a Lhotse manifest holds one JSON cut per line, "
+                f"as `python -m common.data.corpora prepare` writes it")
+    if not isinstance(cut, dict) or "id" not in cut:
+        return f"line {number} is JSON but not a Lhotse cut (no 'id' field)"
+    return None
+
+
+def count_clips(path: str | os.PathLike, limit: int | None = None) -> int | None:
+    """Clips in a ``.jsonl(.gz)`` manifest, counted from its lines without parsing them.
+
+    Returns None for what cannot be counted this way (a Shar folder, another format), and ``limit + 1``
+    as soon as the count exceeds ``limit``.
+    """
+    path = manifest_path(path)
+    if not path.is_file() or not path.name.endswith((".jsonl", ".jsonl.gz")):
+        return None
+    return count_lines(path, limit)
+
+
+def epoch_clips(path: str | os.PathLike) -> int | None:
+    """Clips in a ``.jsonl(.gz)`` manifest or a Lhotse Shar folder (its ``cuts.*`` shards' lines), counted without
+    parsing them; None for what cannot be counted so."""
+    path = manifest_path(path)
+    if path.is_dir():
+        counts = [count_clips(shard) for shard in sorted(path.glob("cuts.*.jsonl*"))]
+        return None if not counts or None in counts else sum(counts)
+    return count_clips(path)
+
+
+def open_cuts(specs: Sequence[ManifestSpec | str], seed: int = 0, in_memory_max: int | None = None,
+              index_dir: str | None = None):
+    """A CutSet over one manifest, or a weighted mix of several (``CutSet.mux``); or the manifests indexed on
+    disk for a whole-set shuffle (:class:`~common.data.manifest_index.ManifestIndex`, ``index_dir`` given).
+
+    Args:
+        specs: manifests (paths or :class:`ManifestSpec`).
+        seed: seed of the mix.
+        in_memory_max: read the clips into memory (an eager CutSet, which :class:`ClipLoader` shuffles as
+            a whole every epoch) when there are at most this many, the manifests are ``.jsonl(.gz)``
+            files and their weights are equal (a mix with unequal weights stays a weighted stream).
+            None: always lazy.
+    """
+    specs = [s if isinstance(s, ManifestSpec) else ManifestSpec(str(s)) for s in specs]
+    if not specs:
+        raise ValueError("no manifests given")
+    sets = [_open_one(s.path) for s in specs]
+    if in_memory_max and len({s.weight for s in specs}) == 1:
+        total = 0
+        for spec in specs:
+            count = count_clips(spec.path, in_memory_max - total)
+            total = in_memory_max + 1 if count is None else total + count
+            if total > in_memory_max:
+                break
+        if total <= in_memory_max:
+            cuts = [cut for one in sets for cut in one]
+            log.info("read %d clips into memory: every epoch is a shuffle of the whole set", len(cuts))
+            return CutSet.from_cuts(cuts)
+    if index_dir is not None and len({s.weight for s in specs}) == 1 and \
+            all(count_clips(s.path, 0) is not None for s in specs):  # .jsonl(.gz) files of equal weights
+        index = ManifestIndex([manifest_path(s.path) for s in specs], index_dir)
+        log.info("%d clips indexed on disk (%s): every epoch is a shuffle of the whole set", len(index), index_dir)
+        return index
+    if in_memory_max is not None:
+        shar = [s.path for s in specs if count_clips(s.path, 0) is None]
+        log.info("training set %s: streamed through Lhotse's shuffle buffer",
+                 "a mix of manifests with unequal weights" if len({s.weight for s in specs}) > 1 else
+                 f"{shar[0]}, a Lhotse Shar folder (neither counted nor indexed)" if shar else
+                 f"larger than data.full_shuffle_max={in_memory_max} clips (data.shuffle: buffer)")
+    if len(sets) == 1:
+        return sets[0]
+    return CutSet.mux(*sets, weights=[s.weight for s in specs], seed=seed)
