@@ -112,9 +112,6 @@ class ClipLoader:
                  epoch_clips: int | None = None, keep_workers: bool = False, shuffle_buffer: int = 20_000) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if isinstance(cuts, SharSet) and not drop_last:
-            raise ValueError("a SharSet is a training set, read in parts of equal size per rank: drop_last must be "
-                             "True (an evaluation pass reads its folder with open_cuts)")
         self.cuts = cuts
         self.dataset = dataset
         self.batch_size = batch_size
@@ -142,7 +139,8 @@ class ClipLoader:
                                       seed=self.seed)
         if isinstance(self.cuts, SharSet):  # this rank's part of the epoch only (common.data.shar_stream)
             return RankShardSampler(self.cuts, self.batch_size, rank=self.rank, world_size=self.world_size,
-                                    seed=self.seed, shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer)
+                                    seed=self.seed, shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer,
+                                    drop_last=self.drop_last)
         if isinstance(self.cuts, ManifestIndex):  # batches of clip numbers: read as they are kept (_cut_batches)
             return IndexShuffleSampler(len(self.cuts), self.batch_size, drop_last=self.drop_last, seed=self.seed,
                                        shuffle=self.shuffle)
@@ -157,8 +155,8 @@ class ClipLoader:
         before it is read."""
         if self.weights is not None:  # an epoch draws one clip per weight
             return shard_batches(len(self.weights), self.batch_size, self.world_size, self.drop_last)
-        if isinstance(self.cuts, SharSet):  # clips // ranks // batch per rank: what dealing rounds of batches gives
-            return shard_batches(len(self.cuts), self.batch_size, self.world_size, drop_last=True)
+        if isinstance(self.cuts, SharSet):  # what dealing rounds of batches gives (common.data.shar_stream)
+            return shard_batches(len(self.cuts), self.batch_size, self.world_size, self.drop_last)
         if self.cuts.is_lazy:
             return None
         return shard_batches(len(self.cuts), self.batch_size, self.world_size, self.drop_last)
@@ -367,7 +365,8 @@ def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] 
                 keep_workers: bool = False, channels: str = "first") -> ClipLoader:
     """One pass over evaluation manifests, every clip kept once (no shuffling within a manifest, several mixed
     with a fixed seed; no dropped batch; over several ranks, the same number of batches on each, the last of
-    which may be empty).
+    which may be empty). Shar folders alone are read in one part per rank, in their order: each rank reads the
+    audio of the clips it scores (and of its first shard's clips before them), not the whole set.
 
     Args:
         manifests: the evaluation manifests.
@@ -387,7 +386,10 @@ def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] 
     dataset = ClipDataset(clip_samples, sample_rate, classes, crop=crop, pad=pad, cache=cache, channels=channels)
     specs = [m if isinstance(m, ManifestSpec) else ManifestSpec(str(m)) for m in manifests]
     counts = [epoch_clips(spec.path) for spec in specs]  # the progress bar's total (lines: no clip parsed)
-    return ClipLoader(open_cuts(specs), dataset, batch_size, shuffle=False, drop_last=False, rank=rank,
+    # Shar folders alone: each rank reads only the clips it scores (common.data.shar_stream), in the folders' order
+    shar = bool(specs) and all(is_shar_folder(spec.path) for spec in specs)
+    cuts = SharSet([spec.path for spec in specs]) if shar else open_cuts(specs)
+    return ClipLoader(cuts, dataset, batch_size, shuffle=False, drop_last=False, rank=rank,
                       world_size=world_size, num_workers=num_workers,
                       tracker=tracker or BadAudioTracker(1.0, split="eval"),
                       pin_memory=pin_memory, keep_workers=keep_workers,

@@ -38,7 +38,7 @@ __all__ = ["SharShard", "SharSet", "RankShardSampler", "is_shar_folder", "folder
 
 
 def is_shar_folder(path: str | os.PathLike) -> bool:
-    """A folder, which a training set names only as a Lhotse Shar folder (``common.data.manifests`` checks its shards)."""
+    """A folder, which a split names only as a Lhotse Shar folder (``common.data.manifests`` checks its shards)."""
     return manifest_path(path).is_dir()
 
 
@@ -123,13 +123,18 @@ class SharSet:
             return list(self.shards)
         return [self.shards[i] for i in np.random.default_rng([seed, epoch]).permutation(len(self.shards))]
 
-    def part(self, epoch: int, seed: int, rank: int, world_size: int, shuffle: bool = True) -> CutSet:
-        """Rank ``rank``'s clips of the epoch (``len(self) // world_size`` of them), a lazy CutSet that reads the
-        shards holding them when iterated."""
+    def part(self, epoch: int, seed: int, rank: int, world_size: int, shuffle: bool = True,
+             whole: bool = False) -> CutSet:
+        """Rank ``rank``'s clips of the epoch, a lazy CutSet that reads the shards holding them when iterated:
+        ``len(self) // world_size`` of them (training), or with ``whole`` every clip once over the ranks, the first
+        ``len(self) % world_size`` ranks one more (evaluation)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not a rank of a world of {world_size}")
-        share = len(self) // world_size
-        return CutSet(_Range(self.order(epoch, seed, shuffle), rank * share, (rank + 1) * share))
+        share, extra = divmod(len(self), world_size)
+        if not whole:
+            extra = 0
+        start = rank * share + min(rank, extra)
+        return CutSet(_Range(self.order(epoch, seed, shuffle), start, start + share + (rank < extra)))
 
 
 class _Range:
@@ -152,23 +157,33 @@ class _Range:
 class RankShardSampler:
     """Batches of this rank's part of each epoch of a :class:`SharSet`: the sampler of
     :class:`common.data.loader.ClipLoader` for such a set, whose stream is this rank's already (``per_rank``: not
-    dealt again over the ranks). Incomplete last batches are dropped."""
+    dealt again over the ranks). Training (``drop_last``) drops an incomplete last batch; evaluation reads every
+    clip once over the ranks and pads a rank's batches with empty ones up to the count of the rank with most
+    clips, so that every rank gets the same number (:func:`common.data.shards.shard_batches`)."""
 
     per_rank = True
     yields_numbers = False
 
     def __init__(self, shar: SharSet, batch_size: int, *, rank: int, world_size: int, seed: int,
-                 shuffle: bool = True, shuffle_buffer: int = 20_000) -> None:
+                 shuffle: bool = True, shuffle_buffer: int = 20_000, drop_last: bool = True) -> None:
         self.shar, self.batch_size, self.rank, self.world_size = shar, batch_size, rank, world_size
-        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        self.seed, self.shuffle, self.shuffle_buffer, self.drop_last = seed, shuffle, shuffle_buffer, drop_last
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[CutSet]:
-        part = self.shar.part(self.epoch, self.seed, self.rank, self.world_size, self.shuffle)
-        sampler = DynamicCutSampler(part, max_cuts=self.batch_size, shuffle=self.shuffle, drop_last=True,
+        part = self.shar.part(self.epoch, self.seed, self.rank, self.world_size, self.shuffle,
+                              whole=not self.drop_last)
+        sampler = DynamicCutSampler(part, max_cuts=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last,
                                     world_size=1, rank=0, seed=self.seed, shuffle_buffer_size=self.shuffle_buffer)
         sampler.set_epoch(self.epoch)  # the shuffle buffer's draws: seed + epoch
-        yield from sampler
+        batches = 0
+        for batch in sampler:
+            batches += 1
+            yield batch
+        if not self.drop_last:  # a rank with fewer clips (or none) than the first: empty batches, never a duplicate
+            most = -(-len(self.shar) // self.world_size)
+            for _ in range(-(-most // self.batch_size) - batches):
+                yield CutSet.from_cuts([])

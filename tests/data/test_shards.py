@@ -31,7 +31,7 @@ RESHARD_BATCH = 12  # a global batch that splits on 2 ranks (6 clips each) and o
 @pytest.fixture(scope="module")
 def odd(synth_corpus, tmp_path_factory):
     """The built-in corpus's clips regrouped: 41 labeled training clips (also as two manifests of 24 + 17,
-    and as a Shar folder), 25 validation clips, a task file for each."""
+    and as a Shar folder), 25 validation clips (also as a Shar folder: the Shar task's), a task file for each."""
     out = tmp_path_factory.mktemp("odd")
     cuts = [c for split in ("train", "test", "valid")
             for c in CutSet.from_file(synth_corpus / f"synth_{split}.jsonl.gz")]
@@ -42,11 +42,14 @@ def odd(synth_corpus, tmp_path_factory):
     CutSet.from_cuts(valid).to_file(out / "valid.jsonl.gz")
     (out / "shar").mkdir()
     CutSet.from_cuts(train).to_shar(out / "shar", fields={"recording": "flac"}, shard_size=16, num_jobs=1)
+    (out / "valid_shar").mkdir()
+    CutSet.from_cuts(valid).to_shar(out / "valid_shar", fields={"recording": "flac"}, shard_size=8, num_jobs=1)
     shutil.copy(synth_corpus / "synth_classes.json", out / "classes.json")
     for name, manifest, balanced in (("task", "train.jsonl.gz", False), ("task_shar", "shar", False),
                                      ("task_balanced", "train.jsonl.gz", True), ("task_test", "train.jsonl.gz", False)):
         (out / f"{name}.yaml").write_text(
-            f"name: odd\ntrain: [{manifest}]\nvalid: [valid.jsonl.gz]\nclasses: classes.json\ntarget_frames: 128\n"
+            f"name: odd\ntrain: [{manifest}]\nvalid: [{'valid_shar' if manifest == 'shar' else 'valid.jsonl.gz'}]\n"
+            f"classes: classes.json\ntarget_frames: 128\n"
             f"norm: audioset\nmetric: acc\nloss: ce\nbalanced: {str(balanced).lower()}\n" +
             ("test: [valid.jsonl.gz]\n" if name == "task_test" else ""))
     return out
@@ -54,8 +57,9 @@ def odd(synth_corpus, tmp_path_factory):
 
 def _loader(odd, path: str, rank: int, world_size: int, batch: int = BATCH, drop_last: bool = True) -> ClipLoader:
     """The loader of one path, as ``train_loader`` / ``eval_loader`` build them (metadata only here)."""
-    if path == "eval":
-        return eval_loader([odd / "valid.jsonl.gz"], None, 16000, 16000, batch, rank=rank, world_size=world_size)
+    if path.startswith("eval"):  # eval_shar: a Shar folder of the 41 training clips, each rank reading its part
+        return eval_loader([odd / ("valid.jsonl.gz" if path == "eval" else "shar")], None, 16000, 16000, batch,
+                           rank=rank, world_size=world_size)
     one = [ManifestSpec(str(odd / "train.jsonl.gz"))]
     specs = {"memory": one, "stream": one, "balanced": one, "shar": [ManifestSpec(str(odd / "shar"))],
              "mix": [ManifestSpec(str(odd / "part_a.jsonl.gz"), 2.0), ManifestSpec(str(odd / "part_b.jsonl.gz"), 1.0)],
@@ -98,7 +102,8 @@ def test_equal_shards_deals_rounds_and_splits_an_incomplete_last_round():
 
 PATHS = [("memory", True), ("stream", True), ("mix", True), ("shar", True), ("balanced", True), ("index", True),
          ("balanced_index", True),
-         ("memory", False), ("stream", False), ("balanced", False), ("index", False), ("eval", False)]
+         ("memory", False), ("stream", False), ("balanced", False), ("index", False), ("eval", False),
+         ("eval_shar", False)]
 
 
 def test_a_shar_folder_mixed_with_a_manifest_file_is_said_to_be_read_by_every_rank(odd, caplog):
@@ -185,6 +190,34 @@ def test_shar_folders_are_read_in_one_part_per_rank(odd, world_size, monkeypatch
     assert sum(read.values()) < 2 * (CLIPS + (world_size - 1) * shard)  # all of it on every rank: world_size * CLIPS
     for rank, epochs in parts.items():  # another order of shards, so (here) another part of the clips per rank
         assert {i for b in epochs[0] for i in b} != {i for b in epochs[1] for i in b}, rank
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_shar_evaluation_set_is_read_in_one_part_per_rank(odd, world_size, monkeypatch):
+    """Evaluating Shar folders, each rank reads the clips it scores (and its first shard's clips before them), not
+    the whole set; between them the ranks score every clip once, in the folder's order."""
+    from lhotse.shar.readers.lazy import LazySharIterator
+
+    from common.data import shar_stream
+
+    read = Counter()
+
+    class Counted(LazySharIterator):
+        def __iter__(self):
+            for cut in super().__iter__():
+                read[rank] += 1
+                yield cut
+
+    monkeypatch.setattr(shar_stream, "LazySharIterator", Counted)
+    scored = []
+    for rank in range(world_size):
+        batches = _epochs(_loader(odd, "eval_shar", rank, world_size), epochs=1)[0]
+        assert len(batches) == shard_batches(CLIPS, BATCH, world_size, drop_last=False)
+        scored += [i for b in batches for i in b]
+    assert scored == [c.id for c in CutSet.from_file(odd / "train.jsonl.gz")]  # the folder's order, each once
+    most, shard = -(-CLIPS // world_size), 16  # the fixture's shards: 16, 16 and 9 clips
+    assert all(read[r] < most + shard for r in range(world_size)), read
+    assert sum(read.values()) < CLIPS + (world_size - 1) * shard  # all of it on every rank: world_size * CLIPS
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
