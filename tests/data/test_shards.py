@@ -165,25 +165,36 @@ def test_balanced_sampling_refuses_a_shar_folder_that_does_not_fit_in_memory(odd
     assert train_loader(data, None, 16000, 16000, 2, 0, 0, 2, BadAudioTracker()).weights is not None
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_shar_folders_are_read_in_one_part_per_rank(odd, world_size, monkeypatch):
-    """Each rank reads its own part of an epoch (its clips, and the clips of its first shard before them), not the
-    whole folder: together the ranks read the folder about once; the shards are dealt in a new order every epoch."""
+class _Reads(Counter):
+    """Clips read from Shar tars, per rank (``rank``: the rank reading now)."""
+    rank = 0
+
+
+def _count_reads(monkeypatch) -> _Reads:
     from lhotse.shar.readers.lazy import LazySharIterator
 
     from common.data import shar_stream
 
-    read = Counter()
+    read = _Reads()
 
     class Counted(LazySharIterator):
         def __iter__(self):
             for cut in super().__iter__():
-                read[rank] += 1
+                read[read.rank] += 1
                 yield cut
 
     monkeypatch.setattr(shar_stream, "LazySharIterator", Counted)
+    return read
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_shar_folders_are_read_in_one_part_per_rank(odd, world_size, monkeypatch):
+    """Each rank reads its own part of an epoch (its clips, and the clips of its first shard before them), not the
+    whole folder: together the ranks read the folder about once; the shards are dealt in a new order every epoch."""
+    read = _count_reads(monkeypatch)
     parts = {}
     for rank in range(world_size):
+        read.rank = rank
         parts[rank] = _epochs(_loader(odd, "shar", rank, world_size))
     share, shard = CLIPS // world_size, 16  # the fixture's shards: 16, 16 and 9 clips; two epochs read
     assert all(2 * share <= read[r] < 2 * (share + shard) for r in range(world_size)), read
@@ -196,21 +207,10 @@ def test_shar_folders_are_read_in_one_part_per_rank(odd, world_size, monkeypatch
 def test_a_shar_evaluation_set_is_read_in_one_part_per_rank(odd, world_size, monkeypatch):
     """Evaluating Shar folders, each rank reads the clips it scores (and its first shard's clips before them), not
     the whole set; between them the ranks score every clip once, in the folder's order."""
-    from lhotse.shar.readers.lazy import LazySharIterator
-
-    from common.data import shar_stream
-
-    read = Counter()
-
-    class Counted(LazySharIterator):
-        def __iter__(self):
-            for cut in super().__iter__():
-                read[rank] += 1
-                yield cut
-
-    monkeypatch.setattr(shar_stream, "LazySharIterator", Counted)
+    read = _count_reads(monkeypatch)
     scored = []
     for rank in range(world_size):
+        read.rank = rank
         batches = _epochs(_loader(odd, "eval_shar", rank, world_size), epochs=1)[0]
         assert len(batches) == shard_batches(CLIPS, BATCH, world_size, drop_last=False)
         scored += [i for b in batches for i in b]
