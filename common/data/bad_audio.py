@@ -123,8 +123,8 @@ class BadAudioTracker:
     every rank, so that all ranks stop together with the same message instead of one rank stopping while
     the others wait for it in a collective. The counts are summed (:meth:`settle`) only where every rank
     takes the decision at the same point: :meth:`check`, which the loader calls at each epoch end and at the
-    end of a pass (every rank has the same number of batches: :func:`equal_shards`), and which the trainer
-    calls at its log windows, before each checkpoint and after each validation; between those points a
+    end of a pass (every rank has the same number of batches: :func:`common.data.shards.equal_shards`), and which
+    the trainer calls at its log windows, before each checkpoint and after each validation; between those points a
     rank's clips are counted but not judged (no collective per batch). Rank 0 writes ``bad_audio.tsv``
     (``log_path``) and lists the other ranks' bad clips there when it learns of them.
     """

@@ -40,11 +40,12 @@ def balanced_weights(cuts, classes: Sequence[str]) -> list[float]:
 class WeightedCutSampler:
     """Balanced sampling as AST: each epoch draws ``len(cuts)`` clips *with replacement*, with
     probability proportional to their weights, reproducibly from ``(seed, epoch)``, in batches of
-    ``batch_size`` (the global stream: :func:`equal_shards` deals it to the ranks).
+    ``batch_size`` (the global stream: :func:`common.data.shards.equal_shards` deals it to the ranks).
 
     (Lhotse's ``WeightedSimpleCutSampler`` draws without replacement from numpy's global random state,
     which neither matches AST nor can be resumed exactly.) From an on-disk index its batches are clip numbers
-    (``yields_numbers``), read only for the batches a rank keeps, as :class:`IndexShuffleSampler`'s.
+    (``yields_numbers``), read only for the batches a rank keeps, as
+    :class:`common.data.manifest_index.IndexShuffleSampler`'s.
     """
     def __init__(self, cuts, weights: Sequence[float], batch_size: int, *, drop_last: bool, seed: int) -> None:
         self.cuts = cuts if not cuts.is_lazy else cuts.to_eager()

@@ -19,8 +19,8 @@ from lhotse.audio.utils import set_audio_duration_mismatch_tolerance
 
 from common.data.integrity import truncation
 
-__all__ = ["BadClip", "AUDIO_LENGTH_TOLERANCE", "SAFE_SOURCES", "CHANNELS", "refused_source", "source_path",
-           "audio_file_problem", "load_clip"]
+__all__ = ["BadClip", "AUDIO_LENGTH_TOLERANCE", "SAFE_SOURCES", "CHANNELS", "narrow_length_tolerance",
+           "refused_source", "source_path", "audio_file_problem", "load_clip"]
 
 
 class BadClip(Exception):
@@ -33,7 +33,10 @@ class BadClip(Exception):
 AUDIO_LENGTH_TOLERANCE = 0.1
 
 
-def _set_length_tolerance(seconds: float) -> None:
+def narrow_length_tolerance() -> None:
+    """Set Lhotse's tolerance (a process-wide setting) to :data:`AUDIO_LENGTH_TOLERANCE`: done when this module is
+    imported (the loader's worker processes decode through it) and whenever cuts are opened
+    (``common.data.manifests.open_cuts``: Lhotse itself reads their audio in a Shar export)."""
     # Lhotse says so with logging.info on the root logger, which would install logging's default console handler
     # (every line printed twice); its warning is about Lhotse's augmentation transforms, which are not used here
     root, guard = logging.getLogger(), logging.NullHandler()
@@ -41,12 +44,12 @@ def _set_length_tolerance(seconds: float) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            set_audio_duration_mismatch_tolerance(seconds)
+            set_audio_duration_mismatch_tolerance(AUDIO_LENGTH_TOLERANCE)
     finally:
         root.removeHandler(guard)
 
 
-_set_length_tolerance(AUDIO_LENGTH_TOLERANCE)
+narrow_length_tolerance()
 
 # Lhotse audio sources this package reads: a file, bytes in the manifest or a Shar tar. Lhotse would also run a
 # ``command`` source through the shell and fetch a ``url`` one; nothing a user loads may run code or reach out.

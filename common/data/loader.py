@@ -381,7 +381,7 @@ def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] 
         pad: how shorter clips are filled (``zeros`` or ``repeat``).
         cache: decoded clips kept between validation rounds (``data.cache``), or None.
         keep_workers: keep the worker processes between passes (a run's validation rounds: :class:`ClipLoader`).
-        channels: ``first`` or ``mean`` of a multi-channel file (:func:`load_clip`).
+        channels: ``first`` or ``mean`` of a multi-channel file (:func:`common.data.decode.load_clip`).
     """
     dataset = ClipDataset(clip_samples, sample_rate, classes, crop=crop, pad=pad, cache=cache, channels=channels)
     specs = [m if isinstance(m, ManifestSpec) else ManifestSpec(str(m)) for m in manifests]

@@ -18,6 +18,7 @@ from lhotse import CutSet
 
 from common.data.config import ManifestSpec
 from common.data.corpora.base import AUDIO_SUFFIXES
+from common.data.decode import narrow_length_tolerance
 from common.data.manifest_index import ManifestIndex, count_lines, manifest_path, open_lines
 from common.data.shar_stream import folder_shards
 
@@ -105,14 +106,15 @@ def open_cuts(specs: Sequence[ManifestSpec | str], seed: int = 0, in_memory_max:
     Args:
         specs: manifests (paths or :class:`ManifestSpec`).
         seed: seed of the mix.
-        in_memory_max: read the clips into memory (an eager CutSet, which :class:`ClipLoader` shuffles as
-            a whole every epoch) when there are at most this many, the manifests are ``.jsonl(.gz)``
+        in_memory_max: read the clips into memory (an eager CutSet, which :class:`~common.data.loader.ClipLoader`
+            shuffles as a whole every epoch) when there are at most this many, the manifests are ``.jsonl(.gz)``
             files and their weights are equal (a mix with unequal weights stays a weighted stream).
             None: always lazy.
     """
     specs = [s if isinstance(s, ManifestSpec) else ManifestSpec(str(s)) for s in specs]
     if not specs:
         raise ValueError("no manifests given")
+    narrow_length_tolerance()  # a clip shorter than its manifest says is bad audio, also where Lhotse reads it
     sets = [_open_one(s.path) for s in specs]
     if in_memory_max and len({s.weight for s in specs}) == 1:
         total = 0

@@ -24,15 +24,19 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import os
 import signal
 import weakref
+from multiprocessing import util
 from typing import Iterator
 
 from torch.utils.data import DataLoader
 
 from common.system.signals import STOP_SIGNALS
 
-_LIVE: dict[int, Iterator] = {}  # iterators whose workers have not been ended, by id
+_LIVE: dict[int, Iterator] = {}  # this process's iterators whose workers have not been ended, by id
+_EXIT_HOOKED: set[int] = set()  # the processes (pids) whose multiprocessing exit runs _end_all (start_workers)
+os.register_at_fork(after_in_child=_LIVE.clear)  # a forked process does not own its parent's workers
 
 
 def start_workers(loader: DataLoader) -> Iterator:
@@ -42,14 +46,25 @@ def start_workers(loader: DataLoader) -> Iterator:
         iterator = iter(loader)
     if hasattr(iterator, "_shutdown_workers"):
         _LIVE[id(iterator)] = iterator
+        if os.getpid() not in _EXIT_HOOKED:
+            # a process that multiprocessing started (a Pool's, a Process's) ends without the atexit hooks, through
+            # multiprocessing's own exit, which runs its finalizers of priority >= 0 before it terminates and joins
+            # its children; the registry is per process (a child starts with it empty)
+            _EXIT_HOOKED.add(os.getpid())
+            util.Finalize(None, _end_all, exitpriority=100)
     return iterator
 
 
 def end_workers(iterator: Iterator) -> None:
-    """Shut ``iterator``'s workers down now (PyTorch's own shutdown: a stop sentinel to every worker, then
-    join) and let it go. Idempotent."""
+    """Shut ``iterator``'s workers down now and let it go (idempotent): PyTorch's own shutdown (a stop sentinel to
+    every worker, a join of up to 5 s each), then a worker still alive (a decode stuck on a dead network mount) is
+    killed: PyTorch's last resort, SIGTERM, is one the workers ignore (:func:`ignore_stop_signals`)."""
     if _LIVE.pop(id(iterator), None) is not None:
         iterator._shutdown_workers()
+        for worker in getattr(iterator, "_workers", ()):
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
 
 
 def end_with(owner: object, iterator: Iterator) -> None:
@@ -63,7 +78,8 @@ def end_with(owner: object, iterator: Iterator) -> None:
 def _end_all() -> None:
     """At exit, before ``multiprocessing`` terminates and joins its children (its hook was registered before this
     one; hooks run last-registered first), and before PyTorch's own hook marks the interpreter as exiting (also
-    registered before: ``torch.utils.data`` is imported above), after which its shutdown does nothing."""
+    registered before: ``torch.utils.data`` is imported above), after which its shutdown does nothing. In a process
+    that ``multiprocessing`` started: its exit's finalizer (:func:`start_workers`)."""
     for iterator in list(_LIVE.values()):
         end_workers(iterator)
 

@@ -305,3 +305,27 @@ def test_a_clip_changed_after_its_manifest_is_bad_audio_not_padded(tmp_path):
     sf.write(unchanged, data[::2], rate // 2)
     with pytest.raises(BadClip, match=r"changed since .*\(the file is 8000 Hz, the manifest says 16000 Hz\)"):
         load_clip(again, 8000)
+
+
+def test_a_shar_export_leaves_out_a_clip_shorter_than_its_manifest_says(tmp_path):
+    """``c2f-corpora shar`` alone (a fresh process: nothing else narrowed Lhotse's process-wide tolerance) treats
+    a clip 0.3 s shorter than its manifest as unreadable, as training does, instead of padding it (Lhotse's 0.5 s)."""
+    import gzip
+    import os
+    import subprocess
+    import sys
+
+    from lhotse import Recording
+
+    files = [write_clip(tmp_path / f"{name}.flac", seconds=1.0) for name in "abcd"]
+    CutSet.from_cuts(Recording.from_file(f).to_cut() for f in files).to_file(tmp_path / "m.jsonl.gz")
+    data, rate = sf.read(files[1], dtype="float32")
+    sf.write(files[1], data[: int(0.7 * rate)], rate)  # edited after the manifest: 0.3 s shorter
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "common.data.corpora", "shar", str(tmp_path / "m.jsonl.gz"),
+                           "--out", str(tmp_path / "shar"), "--shard-size", "10"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    exported = [line for shard in sorted((tmp_path / "shar").glob("cuts.*.jsonl.gz"))
+                for line in gzip.open(shard, "rt") if line.strip()]
+    assert len(exported) == 3 and not any(Path(files[1]).stem in line for line in exported)

@@ -93,24 +93,58 @@ def test_an_iterations_workers_end_when_it_is_dropped_in_a_cycle(synth_corpus):
 
 
 EXIT_SCRIPT = """
-import sys
+import multiprocessing, os, sys, time
 from common.data.clips import ClipDataset
 from common.data.loader import ClipLoader
 from common.data.manifests import open_cuts
-loader = ClipLoader(open_cuts([sys.argv[1]]), ClipDataset(16000, seed=1), 4, seed=7, rank=0, world_size=1,
-                    num_workers=2, keep_workers=sys.argv[2] == "keep", shuffle=True, drop_last=True)
-batches = loader.batches()  # alive at exit, its workers too
-print(tuple(next(batches).waveforms.shape), flush=True)
+manifest, mode = sys.argv[1], sys.argv[2]
+
+
+class Stuck(ClipDataset):  # every batch after the first decodes for ever (a dead network mount)
+    def __getitem__(self, item):
+        if item[1] > 0:
+            time.sleep(1000)
+        return super().__getitem__(item)
+
+
+def loader(keep=False, dataset=ClipDataset):
+    return ClipLoader(open_cuts([manifest]), dataset(16000, seed=1), 4, seed=7, rank=0, world_size=1, num_workers=2,
+                      keep_workers=keep, shuffle=True, drop_last=True)
+
+
+def alive_at_exit():
+    global batches  # alive at exit, its workers too
+    batches = loader(keep=mode == "keep", dataset=Stuck if mode == "stuck" else ClipDataset).batches()
+    print(tuple(next(batches).waveforms.shape), flush=True)
+
+
+if mode == "child":  # a process multiprocessing started ends through multiprocessing's exit, not atexit
+    child = multiprocessing.get_context("fork").Process(target=alive_at_exit)
+    child.start()
+    child.join(60)
+    sys.exit(child.exitcode if child.exitcode is not None else 3)
+elif mode == "fork":  # a plain fork of the loader's owner leaves the owner's workers alone when it exits
+    batches = loader().batches(epochs=1)
+    next(batches)
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(0)  # atexit hooks run here
+    os.waitpid(pid, 0)
+    print(1 + sum(1 for _ in batches), flush=True)  # the rest of the epoch: 6 batches in all
+else:
+    alive_at_exit()
 """
 
 
-@pytest.mark.parametrize("keep", ["keep", "new"])
-def test_a_script_ends_while_its_loader_is_alive(synth_corpus, tmp_path, keep):
-    # the workers ignore the SIGTERM that multiprocessing sends them at exit: the script waited for ever
+@pytest.mark.parametrize("mode,out", [("keep", "(4, 16000)"), ("new", "(4, 16000)"), ("stuck", "(4, 16000)"),
+                                      ("child", "(4, 16000)"), ("fork", "6")])
+def test_a_script_ends_while_its_loader_is_alive(synth_corpus, tmp_path, mode, out):
+    # the workers ignore the SIGTERM that multiprocessing sends them at exit (and PyTorch's last resort too): the
+    # script, or a process multiprocessing started, waited for ever; a worker stuck in a decode as well
     script = tmp_path / "script.py"
     script.write_text(EXIT_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(script), str(synth_corpus / "synth_train.jsonl.gz"), keep],
+    done = subprocess.run([sys.executable, str(script), str(synth_corpus / "synth_train.jsonl.gz"), mode],
                           env=env, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "(4, 16000)"
+    assert done.stdout.strip() == out
