@@ -51,7 +51,7 @@ from common.data.config import DataConfig, ManifestSpec
 from common.data.manifest_index import DEFAULT_INDEX_DIR, IndexShuffleSampler, ManifestIndex, manifest_path
 from common.data.manifests import epoch_clips, open_cuts
 from common.data.prefetch import background
-from common.data.shar_stream import RankShardSampler, SharSet, is_shar_folder, reads_per_rank
+from common.data.shar_stream import RankShardSampler, SharSet, is_shar_folder, reads_per_rank, shar_only
 from common.data.shards import equal_shards, shard_batches
 from common.data.workers import end_with, end_workers, start_worker, start_workers
 from common.system.cpu import available_memory, loader_workers, local_ranks, total_memory
@@ -387,8 +387,7 @@ def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] 
     specs = [m if isinstance(m, ManifestSpec) else ManifestSpec(str(m)) for m in manifests]
     counts = [epoch_clips(spec.path) for spec in specs]  # the progress bar's total (lines: no clip parsed)
     # Shar folders alone: each rank reads only the clips it scores (common.data.shar_stream), in the folders' order
-    shar = bool(specs) and all(is_shar_folder(spec.path) for spec in specs)
-    cuts = SharSet([spec.path for spec in specs]) if shar else open_cuts(specs)
+    cuts = SharSet([spec.path for spec in specs]) if shar_only(specs) else open_cuts(specs)
     return ClipLoader(cuts, dataset, batch_size, shuffle=False, drop_last=False, rank=rank,
                       world_size=world_size, num_workers=num_workers,
                       tracker=tracker or BadAudioTracker(1.0, split="eval"),

@@ -33,8 +33,9 @@ from lhotse.dataset import DynamicCutSampler
 from lhotse.shar.readers.lazy import LazySharIterator
 
 from common.data.manifest_index import count_lines, manifest_path
+from common.data.shards import shard_batches
 
-__all__ = ["SharShard", "SharSet", "RankShardSampler", "is_shar_folder", "folder_shards", "reads_per_rank"]
+__all__ = ["SharShard", "SharSet", "RankShardSampler", "is_shar_folder", "folder_shards", "shar_only", "reads_per_rank"]
 
 
 def is_shar_folder(path: str | os.PathLike) -> bool:
@@ -59,11 +60,15 @@ def folder_shards(folder: str | os.PathLike) -> list[dict]:
                          f"folder holds its shards only)") from None
 
 
+def shar_only(specs: Sequence) -> bool:
+    """Whether manifests (``ManifestSpec`` objects) are Lhotse Shar folders alone (and at least one)."""
+    return bool(specs) and all(is_shar_folder(s.path) for s in specs)
+
+
 def reads_per_rank(data) -> bool:
     """Whether a run's ``data`` (a ``DataConfig``) trains through a :class:`SharSet`: only Shar folders, of equal
     weights, without balanced sampling (which draws from the whole set with replacement: read into memory)."""
-    return bool(data.train) and all(is_shar_folder(s.path) for s in data.train) and \
-        len({s.weight for s in data.train}) == 1 and not data.balanced
+    return shar_only(data.train) and len({s.weight for s in data.train}) == 1 and not data.balanced
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,5 @@ class RankShardSampler:
             batches += 1
             yield batch
         if not self.drop_last:  # a rank with fewer clips (or none) than the first: empty batches, never a duplicate
-            most = -(-len(self.shar) // self.world_size)
-            for _ in range(-(-most // self.batch_size) - batches):
+            for _ in range(shard_batches(len(self.shar), self.batch_size, self.world_size, drop_last=False) - batches):
                 yield CutSet.from_cuts([])
