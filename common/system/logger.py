@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -138,6 +139,7 @@ class Scalars:
 
     def _open(self):
         if self.writer is None and self.enabled:
+            _after_newest_event_file(self.folder)
             self.writer = SummaryWriter(str(self.folder), purge_step=self.purge_step)
         return self.writer
 
@@ -173,6 +175,20 @@ class Scalars:
             except OSError:
                 if on_its_way is None:
                     raise
+
+
+def _after_newest_event_file(folder: Path) -> None:
+    """Wait, if need be, for the second after the newest event file's in ``folder``. TensorBoard reads a folder's
+    event files in the order of their names, ``events.out.tfevents.<second>.<host>.<pid>.<count>``: a writer that
+    the same process opened within the same second (a run resumed at once, in a notebook or the tests) could sort
+    before the one it follows (its count going from 99 to 100), and TensorBoard then dropped the earlier file's
+    events as out of order."""
+    seconds = [int(part[3]) for part in (p.name.split(".") for p in folder.glob("events.out.tfevents.*"))
+               if len(part) > 3 and part[3].isdigit()]
+    if seconds:
+        wait = max(seconds) + 1 - time.time()
+        if wait > 0:
+            time.sleep(wait)
 
 
 def progress(total: int | None, initial: int, desc: str, enabled: bool, unit: str = "step"):

@@ -227,3 +227,22 @@ def test_a_run_whose_recipe_yaml_predates_a_key_is_told_the_value_it_had(tmp_pat
         prepare_run_dir(tmp_path, recipe, True)
     resumed = prepare_run_dir(tmp_path, replace(recipe, data=replace(recipe.data, shuffle="buffer")), True)
     assert resumed.changes == {}
+
+
+def test_a_tensorboard_file_opened_in_the_same_second_sorts_after_the_last(tmp_path):
+    """TensorBoard reads event files in name order (second, host, pid, a counter): a writer opened in the second of
+    an earlier one of the same process (a resume at once) could sort before it, and its events were dropped."""
+    import os
+    import socket
+    import time
+
+    from common.system.logger import Scalars
+
+    (tmp_path / "tb").mkdir()
+    name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.99999"
+    earlier = tmp_path / "tb" / name
+    earlier.write_bytes(b"")
+    scalars = Scalars(tmp_path, enabled=True)
+    scalars.log({"train/loss": 1.0}, 0)
+    scalars.close()
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir())[-1] != earlier.name
