@@ -13,7 +13,9 @@ the linear probe extracts its features with. ``--inputs`` takes audio files, fol
 
 A clip longer than the model's clip is cut into windows of one clip, ``--hop`` seconds apart (default:
 one clip, no overlap), the last one ending with the clip; a shorter one is one window, zero-padded as in
-training. Windows are embedded in batches of ``--batch-size`` on ``--device``.
+training. Windows are embedded in batches of ``--batch-size`` on ``--device``. A file longer than two
+minutes is read a window at a time (WAV, FLAC, AIFF, W64, RF64, CAF; ``common.data.audio_file``), so a
+recording of hours takes no more memory than its windows' embeddings.
 
 Output (``--out``)::
 
@@ -60,9 +62,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from common.data.audio_file import AudioFile, AudioReadError, Samples
 from common.system.prog import prog
 from finetune.embedder import POOLS, Embedder, load_embedder, parse_layer
-from finetune.predict import hop_samples, hop_seconds
+from finetune.predict import hop_samples, hop_seconds, windows
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
@@ -74,43 +77,33 @@ log = logging.getLogger("embed")
 FORMATS = ("npy", "safetensors")
 INDEX_COLUMNS = ("clip_id", "source", "window", "start", "end", "shard", "row")
 MANIFEST_SUFFIXES = (".jsonl", ".jsonl.gz")
+WHOLE_SECONDS = 120.0  # a clip up to this long is decoded whole by a prefetch thread; a longer one window by window
 
 
 # ---------------------------------------------------------------------------------------------- inputs
 @dataclass(frozen=True)
 class Clip:
-    """One clip to embed: its id, the file it is read from, and how (``load(sample_rate, channels) -> waveform``:
-    ``channels`` ``first`` or ``mean`` of a multi-channel file)."""
+    """One clip to embed: its id, the file it is read from, and how (``open(sample_rate, channels)`` -> an
+    :class:`~common.data.audio_file.AudioFile` or :class:`~common.data.audio_file.Samples`; ``channels``
+    ``first`` or ``mean`` of a multi-channel file)."""
 
     clip_id: str
     source: str
-    load: Callable[[int], np.ndarray]
-
-
-class Unreadable(Exception):
-    """A clip that cannot be read; the message is the reason."""
+    open: Callable[[int, str], AudioFile | Samples]
 
 
 def _file_clip(path: Path) -> Clip:
-    def load(rate: int, channels: str = "first") -> np.ndarray:
-        from finetune.predict import AudioReadError, load_audio
-
-        try:
-            return load_audio(path, rate, channels)
-        except AudioReadError as err:
-            raise Unreadable(str(err)) from None
-
-    return Clip(str(path), str(path), load)
+    return Clip(str(path), str(path), lambda rate, channels="first": AudioFile(path, rate, channels))
 
 
 def _cut_clip(cut) -> Clip:
     from common.data.decode import BadClip, load_clip, source_path
 
-    def load(rate: int, channels: str = "first") -> np.ndarray:
+    def load(rate: int, channels: str = "first") -> Samples:
         try:
-            return load_clip(cut, rate, channels)
+            return Samples(load_clip(cut, rate, channels), rate)
         except BadClip as err:
-            raise Unreadable(str(err)) from None
+            raise AudioReadError(str(err)) from None
 
     return Clip(cut.id, source_path(cut), load)
 
@@ -171,13 +164,19 @@ def list_clips(inputs: Sequence[str | os.PathLike]) -> tuple[Iterator[Clip], int
 
 
 def _prefetch(clips: Iterable[Clip], rate: int, workers: int,
-              channels: str = "first") -> Iterator[tuple[Clip, np.ndarray | str]]:
-    """``(clip, waveform or the reason it cannot be read)`` in order, decoded by ``workers`` threads."""
+              channels: str = "first") -> Iterator[tuple[Clip, AudioFile | Samples | str]]:
+    """``(clip, its audio or the reason it cannot be read)`` in order, opened by ``workers`` threads; a clip of up
+    to :data:`WHOLE_SECONDS` is decoded there too, a longer file is read a window at a time by whoever embeds it."""
+    whole_seconds = WHOLE_SECONDS
 
-    def read(clip: Clip) -> np.ndarray | str:
+    def read(clip: Clip) -> AudioFile | Samples | str:
         try:
-            return clip.load(rate, channels)
-        except Unreadable as err:
+            audio = clip.open(rate, channels)
+            if audio.streamed and audio.num_samples <= whole_seconds * rate:
+                with audio:
+                    return Samples(audio.read(0, audio.num_samples), rate)
+            return audio
+        except AudioReadError as err:
             return str(err)
 
     if workers <= 0:
@@ -309,20 +308,38 @@ class _Writer:
         self.clip: list[np.ndarray] = []
         self.frames: list[np.ndarray] = []
 
-    def add(self, clip: Clip, wave: np.ndarray, hop: int) -> None:
-        from finetune.predict import windows
+    def add(self, clip: Clip, audio: AudioFile | Samples, hop: int) -> None:
+        """Queue every window of ``clip`` (read from ``audio`` a window at a time, which this closes).
 
+        Raises:
+            AudioReadError: a window cannot be read; none of the clip's windows is kept.
+        """
         size, rate = self.embedder.clip_samples, self.embedder.sample_rate
         _tsv(clip.clip_id), _tsv(clip.source)  # before any compute
-        for k, start in enumerate(windows(wave.size, size, hop)):
-            piece = wave[start : start + size]
-            self.queue.append((piece, piece.size))
-            self.rows.append((clip.clip_id, clip.source, k, start / rate, (start + piece.size) / rate))
-            if len(self.queue) >= self.batch_size:
-                self._compute()
+        first = len(self.rows)
+        with audio:
+            try:
+                for k, start in enumerate(windows(audio.num_samples, size, hop)):
+                    piece = audio.read(start, size)
+                    self.queue.append((piece, piece.size))
+                    self.rows.append((clip.clip_id, clip.source, k, start / rate, (start + piece.size) / rate))
+                    if len(self.queue) >= self.batch_size:
+                        self._compute()
+            except AudioReadError:
+                self._drop_from(first)
+                raise
         self.summary.clips += 1
         if len(self.rows) >= self.shard_size:
             self.flush()
+
+    def _drop_from(self, row: int) -> None:
+        """Forget the windows from ``row`` on (a clip that failed midway; the shard holds whole clips)."""
+        self._compute()
+        self.rows = self.rows[:row]
+        for name in ("clip", "frames"):
+            kept = getattr(self, name)
+            if kept:
+                setattr(self, name, [np.concatenate(kept)[:row]])
 
     def _compute(self) -> None:
         if not self.queue:
@@ -470,11 +487,14 @@ def embed_files(init: str | os.PathLike | Embedder, inputs: Sequence[str | os.Pa
         bar = progress(total, 0, f"embedding into {out}", show_progress, unit="clip")
         with bar:
             for clip, wave in _prefetch(todo(), rate, workers, embedder.channels):
+                if not isinstance(wave, str):
+                    try:
+                        writer.add(clip, wave, hop)
+                    except AudioReadError as err:
+                        wave = str(err)
                 if isinstance(wave, str):
                     summary.bad.append((clip.source, wave))
                     log.warning("%s: %s; skipped", clip.source, wave)
-                else:
-                    writer.add(clip, wave, hop)
                 bar.update(1)
             writer.flush()
         if summary.skipped:

@@ -7,7 +7,9 @@
 
 Audio of any sampling rate is resampled to the model's. A file longer than the model's clip is cut into
 windows of one clip, ``--hop`` seconds apart (default: half a clip), the last one ending with the file; a
-shorter file is one window, zero-padded as in training. A file's scores aggregate its windows'
+shorter file is one window, zero-padded as in training. A WAV, FLAC, AIFF, W64, RF64 or CAF file is read a
+window at a time (``common.data.audio_file``): a recording of hours takes no more memory than a few windows;
+other formats are decoded whole. A file's scores aggregate its windows'
 (``--aggregate``):
 
 - ``max`` (the default for models trained with BCE, i.e. multi-label tasks): each class's highest window
@@ -28,8 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,19 +37,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.data.audio_file import AudioFile, AudioReadError
 from common.system.prog import prog
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
-__all__ = ["AGGREGATIONS", "SHORT_FRACTION", "AudioReadError", "FilePrediction", "windows", "aggregate_rule",
-           "short_warning", "load_audio", "predict_file", "main"]
+__all__ = ["AGGREGATIONS", "SHORT_FRACTION", "FilePrediction", "windows", "aggregate_rule", "short_warning",
+           "predict_file", "main"]
 
 AGGREGATIONS = ("auto", "max", "mean")
 SHORT_FRACTION = 0.1  # a file shorter than this share of the model's clip is scored with a warning
-
-
-class AudioReadError(ValueError):
-    """A file that cannot be tagged; the message is the reason, without the path."""
 
 
 @dataclass(frozen=True)
@@ -124,64 +121,6 @@ def aggregate_rule(meta: dict, choice: str = "auto") -> str:
     return "max" if meta.get("loss") == "bce" else "mean"
 
 
-_BACKEND_FAILURE = re.compile(r"^Exception #\d+ \(<class '[\w.]*?(\w+)'>\): <class '[\w.]*?(\w+)'>: (.*)$")
-# backends that failed because they are not available here, not because of the file
-_UNAVAILABLE = ("AttributeError", "ImportError", "ModuleNotFoundError", "NoBackendError")
-
-
-def _decoder_reason(err: Exception) -> str:
-    """The whole reason of a Lhotse decoding failure: each backend's own message (Lhotse's text says only
-    "... failed. Details:" on its first line)."""
-    text = str(err) or type(err).__name__
-    reasons = []
-    for line in text.splitlines():
-        m = _BACKEND_FAILURE.match(line.strip())
-        if m and m.group(3).strip() and m.group(2) not in _UNAVAILABLE:
-            reasons.append(f"{m.group(3).strip()} ({m.group(1)})")
-    if reasons:
-        return "cannot decode it: " + "; ".join(dict.fromkeys(reasons))
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("Set LHOTSE_")]
-    return "cannot decode it: " + " ".join(lines)
-
-
-def load_audio(path: str | Path, sample_rate: int, channels: str = "first") -> np.ndarray:
-    """``path`` at ``sample_rate`` (Lhotse decodes and resamples): its first channel, or (``channels="mean"``) the
-    mean of its channels.
-
-    Raises:
-        AudioReadError: with the reason: ``no such file``, ``is a directory``, ``permission denied``,
-            ``truncated (...)`` (less audio than the header claims, ``common.data.integrity``: a decoder would
-            read the rest as a shorter clip), every decoder's message, ``empty`` or ``non-finite samples``.
-    """
-    from lhotse import Recording
-
-    from common.data.integrity import truncation
-
-    path = Path(path)
-    if not path.exists():
-        raise AudioReadError("no such file")
-    if path.is_dir():
-        raise AudioReadError("is a directory, not an audio file")
-    if not os.access(path, os.R_OK):
-        raise AudioReadError("permission denied")
-    problem = truncation(path)
-    if problem:
-        raise AudioReadError(problem)
-    try:
-        rec = Recording.from_file(path)
-        if rec.sampling_rate != sample_rate:
-            rec = rec.resample(sample_rate)
-        audio = rec.load_audio()
-    except Exception as err:  # noqa: BLE001 - any decoder failure
-        raise AudioReadError(_decoder_reason(err)) from None
-    wave = np.asarray(audio.mean(axis=0) if channels == "mean" else audio[0], dtype=np.float32)
-    if wave.size == 0:
-        raise AudioReadError("empty audio (0 samples)")
-    if not np.isfinite(wave).all():
-        raise AudioReadError("holds non-finite samples (NaN or infinity)")
-    return wave
-
-
 def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None = None, batch_size: int = 16,
                  device: torch.device = torch.device("cpu"), aggregate: str = "auto") -> FilePrediction:
     """Score every window of one file and aggregate them (see the module docstring).
@@ -195,26 +134,27 @@ def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None 
     handling = clip_handling(meta)
     repeat = handling["pad"] == "repeat"  # a file shorter than the clip, repeated as in validation
     rule = aggregate_rule(meta, aggregate)
-    wave = load_audio(path, rate, handling["channels"])
     hop = hop_samples(hop_seconds, rate, max(1, clip // 2))
-    starts = windows(wave.size, clip, hop)
     scores = []
-    for i in range(0, len(starts), batch_size):
-        chunk = starts[i : i + batch_size]
-        batch = torch.zeros(len(chunk), clip)
-        lengths = torch.zeros(len(chunk), dtype=torch.long)
-        for j, start in enumerate(chunk):
-            piece = wave[start : start + clip]
-            if repeat and 0 < piece.size < clip:
-                piece = np.tile(piece, -(-clip // piece.size))[:clip]
-            batch[j, : piece.size] = torch.from_numpy(piece)
-            lengths[j] = piece.size
-        scores.append(predict_scores(model, meta, batch.to(device), lengths.to(device)).cpu())
+    with AudioFile(path, rate, handling["channels"]) as audio:  # a window at a time: a long file is never whole
+        size = audio.num_samples
+        starts = windows(size, clip, hop)
+        for i in range(0, len(starts), batch_size):
+            chunk = starts[i : i + batch_size]
+            batch = torch.zeros(len(chunk), clip)
+            lengths = torch.zeros(len(chunk), dtype=torch.long)
+            for j, start in enumerate(chunk):
+                piece = audio.read(start, clip)
+                if repeat and 0 < piece.size < clip:
+                    piece = np.tile(piece, -(-clip // piece.size))[:clip]
+                batch[j, : piece.size] = torch.from_numpy(piece)
+                lengths[j] = piece.size
+            scores.append(predict_scores(model, meta, batch.to(device), lengths.to(device)).cpu())
     per_window = torch.cat(scores).numpy()
     combined = per_window.max(0) if rule == "max" else per_window.mean(0)
-    return FilePrediction(str(path), wave.size / rate, [s / rate for s in starts],
-                          [min(s + clip, wave.size) / rate for s in starts], per_window, combined, rule,
-                          short_warning(wave.size, clip, rate))
+    return FilePrediction(str(path), size / rate, [s / rate for s in starts],
+                          [min(s + clip, size) / rate for s in starts], per_window, combined, rule,
+                          short_warning(size, clip, rate))
 
 
 def _top(scores: np.ndarray, classes: list[str], names: dict, k: int) -> list[dict]:

@@ -470,7 +470,7 @@ def test_a_stereo_file_is_read_as_each_familys_official_code_reads_it(tmp_path):
     from common.models.ast.encoder import EncoderConfig
     from common.models.htsat import HTSATConfig
     from finetune.evaluate import clip_handling
-    from finetune.predict import load_audio
+    from common.data.audio_file import load_audio
 
     left = 0.3 * np.sin(2 * np.pi * 440 * np.arange(8000) / 16000)
     path = tmp_path / "stereo.wav"

@@ -122,7 +122,7 @@ def test_frame_times_of_a_long_file_in_windows(tmp_path):
     expected = np.stack([k * 0.16, k * 0.16 + 15 * 0.010 + 0.025], axis=1)
     assert np.allclose(shard["frame_times"], np.array(starts)[:, None, None] + expected[None])
     # each window is what the model computes on that piece of the file
-    from finetune.predict import load_audio
+    from common.data.audio_file import load_audio
 
     wave = load_audio(wave_file, 16000)
     embedder = load_embedder(full, frames=True)
@@ -185,7 +185,7 @@ def test_a_rerun_skips_what_was_written_and_computes_nothing(tmp_path, monkeypat
     assert (resumed.clips, resumed.skipped) == (1, 3)
     rows = read_index(out)
     assert [r["clip_id"] for r in rows] == [str(f) for f in files] and read_clips(out).shape == (4, 32)
-    from finetune.predict import load_audio
+    from common.data.audio_file import load_audio
 
     for i, f in enumerate(files):  # the rows read back in order are the clips' own embeddings
         assert np.allclose(read_clips(out)[i], real(torch.from_numpy(load_audio(f, 16000))[None]).clip[0], atol=1e-5)
@@ -227,6 +227,36 @@ def test_unreadable_files_are_named_listed_and_skipped(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert (summary["clips"], summary["skipped"], summary["bad"]) == (0, 1, [])
     assert not (out / "bad_audio.tsv").exists()
+
+
+def test_a_long_file_is_embedded_window_by_window_and_one_failing_midway_leaves_no_row(tmp_path, monkeypatch):
+    """Files longer than WHOLE_SECONDS are read a window at a time: the same embeddings as decoded whole; one whose
+    audio turns non-finite after some windows were embedded is listed as bad and none of its rows is kept, while
+    the clips before and after it in the same shard are."""
+    import soundfile as sf
+
+    import common.data.audio_file as audio_file
+    import finetune.embed as embed
+
+    init = _export(tmp_path / "e.safetensors")
+    before = _write(tmp_path / "before.wav", 1.5, seed=1)
+    wave = (0.1 * np.random.default_rng(2).standard_normal(48000 * 3)).astype(np.float32)
+    sf.write(tmp_path / "long.flac", wave, 48000)  # resampled to 16 kHz block by block
+    wave[48000 * 2 + 3] = np.nan
+    sf.write(tmp_path / "nan.wav", wave, 48000, subtype="FLOAT")
+    after = _write(tmp_path / "after.wav", 1.2, seed=3)
+    files = [before, tmp_path / "long.flac", tmp_path / "nan.wav", after]
+    whole = embed_files(init, files, tmp_path / "whole", batch_size=2, shard_size=1000, workers=1)
+    monkeypatch.setattr(embed, "WHOLE_SECONDS", 0.5)
+    monkeypatch.setattr(audio_file, "BLOCK_SECONDS", 0.7)  # the NaN is read after two batches were embedded
+    streamed = embed_files(init, files, tmp_path / "streamed", batch_size=2, shard_size=1000, workers=1)
+    for summary in (whole, streamed):
+        assert summary.clips == 3 and [s for s, _ in summary.bad] == [str(tmp_path / "nan.wav")]
+        assert "non-finite" in summary.bad[0][1]
+    rows = read_index(tmp_path / "streamed")
+    assert rows == read_index(tmp_path / "whole") and len({r["shard"] for r in rows}) == 1
+    assert [r["clip_id"] for r in rows if r["window"] == 0] == [str(before), str(tmp_path / "long.flac"), str(after)]
+    assert np.allclose(read_clips(tmp_path / "streamed"), read_clips(tmp_path / "whole"), atol=1e-5)
 
 
 def test_npy_and_safetensors_hold_the_same_embeddings(tmp_path):

@@ -145,7 +145,7 @@ def test_one_graph_takes_a_batch_of_one_and_of_three(exported, clips):
     from finetune.classifier import load_classifier
     from finetune.evaluate import predict_scores
     from finetune.onnx_export import read_onnx_metadata
-    from finetune.predict import load_audio
+    from common.data.audio_file import load_audio
 
     kind, src, out, _ = exported
     info = read_onnx_metadata(out)

@@ -1,0 +1,222 @@
+"""One audio file a user hands to an inference command, read a window at a time at the model's sampling rate.
+
+``finetune/predict.py`` and ``finetune/embed.py`` take files of any length: a three-hour 48 kHz stereo
+recording decoded whole is about 4 GB of float32 before it is resampled. :class:`AudioFile` opens the file,
+checks it (missing, a folder, unreadable, truncated, empty) and then reads only the samples asked for:
+
+- **streamed**: uncompressed and FLAC files (WAV, FLAC, AIFF, W64, RF64, CAF: libsndfile seeks to a sample
+  exactly) are read in blocks of :data:`BLOCK_SECONDS` around the window asked for. A file at another sampling
+  rate is resampled block by block with Lhotse's resampler, from a block start on the resampler's period with a
+  margin of the filter's width on each side, so every sample is the one that resampling the whole file gives
+  (up to float rounding);
+- **whole**: other formats (MP3, Ogg, Opus, anything only Lhotse's other backends decode) are decoded whole by
+  Lhotse, as before.
+
+Both give the samples and the length (``compute_num_samples`` of the file's duration, Lhotse's count) that
+``Recording.from_file(path).resample(rate).load_audio()`` gives. ``channels="mean"`` averages the channels before
+resampling when streamed (the same up to float rounding: both are linear).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from lhotse import Recording
+from lhotse.augmentation.torchaudio import Resample
+from lhotse.utils import compute_num_samples
+
+from common.data.integrity import truncation
+
+__all__ = ["AudioReadError", "AudioFile", "Samples", "load_audio", "BLOCK_SECONDS", "STREAMED_FORMATS"]
+
+BLOCK_SECONDS = 30.0  # samples read (and resampled) at once around a window of a streamed file
+STREAMED_FORMATS = ("WAV", "WAVEX", "FLAC", "AIFF", "W64", "RF64", "CAF")  # libsndfile seeks these exactly
+
+
+class AudioReadError(ValueError):
+    """A file that cannot be read; the message is the reason, without the path."""
+
+
+_BACKEND_FAILURE = re.compile(r"^Exception #\d+ \(<class '[\w.]*?(\w+)'>\): <class '[\w.]*?(\w+)'>: (.*)$")
+# backends that failed because they are not available here, not because of the file
+_UNAVAILABLE = ("AttributeError", "ImportError", "ModuleNotFoundError", "NoBackendError")
+
+
+def _decoder_reason(err: Exception) -> str:
+    """The whole reason of a Lhotse decoding failure: each backend's own message (Lhotse's text says only
+    "... failed. Details:" on its first line)."""
+    text = str(err) or type(err).__name__
+    reasons = []
+    for line in text.splitlines():
+        m = _BACKEND_FAILURE.match(line.strip())
+        if m and m.group(3).strip() and m.group(2) not in _UNAVAILABLE:
+            reasons.append(f"{m.group(3).strip()} ({m.group(1)})")
+    if reasons:
+        return "cannot decode it: " + "; ".join(dict.fromkeys(reasons))
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("Set LHOTSE_")]
+    return "cannot decode it: " + " ".join(lines)
+
+
+def _checked(samples: np.ndarray) -> np.ndarray:
+    if not np.isfinite(samples).all():
+        raise AudioReadError("holds non-finite samples (NaN or infinity)")
+    return samples
+
+
+class AudioFile:
+    """``path`` at ``sample_rate``, its first channel or (``channels="mean"``) the mean of its channels.
+
+    ``num_samples`` is its length at ``sample_rate``; :meth:`read` returns samples ``[start, start + length)``
+    (fewer at the end of the file), reading ``block_seconds`` (default :data:`BLOCK_SECONDS`) or the window if
+    longer. Use it as a context manager, or :meth:`close` it.
+
+    Raises:
+        AudioReadError: with the reason, when opened: ``no such file``, ``is a directory``, ``permission
+            denied``, ``truncated (...)`` (less audio than the header claims, ``common.data.integrity``), every
+            decoder's message, ``empty``; when read: ``non-finite samples`` (of a whole file when opened).
+    """
+
+    def __init__(self, path: str | os.PathLike, sample_rate: int, channels: str = "first",
+                 block_seconds: float | None = None) -> None:
+        path = Path(path)
+        if not path.exists():
+            raise AudioReadError("no such file")
+        if path.is_dir():
+            raise AudioReadError("is a directory, not an audio file")
+        if not os.access(path, os.R_OK):
+            raise AudioReadError("permission denied")
+        problem = truncation(path)
+        if problem:
+            raise AudioReadError(problem)
+        self.path, self.sample_rate, self.channels = path, int(sample_rate), channels
+        self._sound: sf.SoundFile | None = None
+        self.streamed = False  # True: read a block at a time; False: decoded whole when opened
+        self._whole: np.ndarray | None = None
+        self._block: tuple[int, np.ndarray] = (0, np.zeros(0, np.float32))  # (first sample, samples) last read
+        try:
+            sound = sf.SoundFile(path)
+        except Exception:  # noqa: BLE001 - not a libsndfile format: Lhotse's other backends decode it
+            sound = None
+        if sound is not None and sound.format in STREAMED_FORMATS and sound.seekable():
+            self._open_streamed(sound, BLOCK_SECONDS if block_seconds is None else block_seconds)
+        else:
+            if sound is not None:
+                sound.close()
+            self._whole = _checked(self._decode_whole())
+            self.num_samples = self._whole.size
+        if self.num_samples == 0:
+            self.close()
+            raise AudioReadError("empty audio (0 samples)")
+
+    def _open_streamed(self, sound: sf.SoundFile, block_seconds: float) -> None:
+        self._sound, self._frames, self._rate, self.streamed = sound, sound.frames, sound.samplerate, True
+        self.num_samples = compute_num_samples(self._frames / self._rate, self.sample_rate)
+        self._resampler = None
+        self._period_in = self._period_out = 1  # input and output samples of one resampling period
+        self._margin = 0  # periods read on each side of a block so that its samples are the whole file's
+        if self._rate != self.sample_rate:
+            self._resampler = Resample(self._rate, self.sample_rate)
+            gcd = math.gcd(self._rate, self.sample_rate)
+            self._period_in, self._period_out = self._rate // gcd, self.sample_rate // gcd
+            kernel = self._resampler.resampler
+            width = kernel.width if kernel is not None else 64 * self._period_in  # sox: a generous margin
+            self._margin = -(-(width + self._period_in) // self._period_in) + 1
+        self._block_samples = max(1, int(block_seconds * self.sample_rate))
+
+    def _decode_whole(self) -> np.ndarray:
+        try:
+            rec = Recording.from_file(self.path)
+            if rec.sampling_rate != self.sample_rate:
+                rec = rec.resample(self.sample_rate)
+            audio = rec.load_audio()
+        except Exception as err:  # noqa: BLE001 - any decoder failure
+            raise AudioReadError(_decoder_reason(err)) from None
+        return np.asarray(audio.mean(axis=0) if self.channels == "mean" else audio[0], dtype=np.float32)
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Samples ``[start, start + length)`` at ``sample_rate`` (float32; fewer at the end of the file)."""
+        start, end = max(0, int(start)), min(self.num_samples, int(start) + int(length))
+        if end <= start:
+            return np.zeros(0, np.float32)
+        if self._whole is not None:
+            return self._whole[start:end]
+        first, block = self._block
+        if not (first <= start and end <= first + block.size):
+            first = start - start % self._period_out
+            block = self._read_block(first, max(end, first + self._block_samples))
+            self._block = (first, block)
+        return block[start - first : end - first]
+
+    def _read_block(self, first: int, end: int) -> np.ndarray:
+        """Samples ``[first, end)`` at ``sample_rate`` (``first`` on a resampling period); reads the file."""
+        end = min(end, self.num_samples)
+        if self._resampler is None:
+            return self._read_frames(first, end)
+        period = first // self._period_out
+        lead = min(period, self._margin)  # periods read before the block (none at the file's start)
+        begin = (period - lead) * self._period_in
+        stop = min(self._frames, (-(-end // self._period_out) + self._margin) * self._period_in)
+        resampled = self._resampler(self._read_frames(begin, stop)[None])[0]
+        samples = resampled[lead * self._period_out :][: end - first]
+        if samples.size < end - first:  # Lhotse's count rounds the whole file's length, at most a sample over
+            samples = np.pad(samples, (0, end - first - samples.size), mode="reflect")
+        return np.ascontiguousarray(samples, dtype=np.float32)
+
+    def _read_frames(self, begin: int, stop: int) -> np.ndarray:
+        """The file's own samples ``[begin, stop)``, one channel (the first or the mean)."""
+        assert self._sound is not None
+        try:
+            self._sound.seek(begin)
+            frames = self._sound.read(stop - begin, dtype="float32", always_2d=True)
+        except Exception as err:  # noqa: BLE001 - a decoder failure mid-file
+            raise AudioReadError(f"cannot decode it at {begin / self._rate:.2f} s: {err}") from None
+        if len(frames) < stop - begin:
+            raise AudioReadError(f"cannot decode it: {stop - begin - len(frames)} samples missing from "
+                                 f"{begin / self._rate:.2f} s")
+        wave = frames.mean(axis=1) if self.channels == "mean" else frames[:, 0]
+        return _checked(np.ascontiguousarray(wave, dtype=np.float32))
+
+    def close(self) -> None:
+        if self._sound is not None:
+            self._sound.close()
+            self._sound = None
+        self._block = (0, np.zeros(0, np.float32))
+
+    def __enter__(self) -> "AudioFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Samples:
+    """Samples already in memory, read as an :class:`AudioFile` is (``num_samples``, :meth:`read`, :meth:`close`)."""
+
+    streamed = False
+
+    def __init__(self, samples: np.ndarray, sample_rate: int) -> None:
+        self.samples, self.sample_rate, self.num_samples = samples, int(sample_rate), samples.size
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        start = max(0, int(start))
+        return self.samples[start : start + max(0, int(length))]
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Samples":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int, channels: str = "first") -> np.ndarray:
+    """The whole of ``path`` at ``sample_rate`` (see :class:`AudioFile`; raises :class:`AudioReadError`)."""
+    with AudioFile(path, sample_rate, channels) as audio:
+        return audio.read(0, audio.num_samples)
