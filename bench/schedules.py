@@ -16,7 +16,7 @@ the ``synth`` task (480 training clips, 120 validation clips, 12 classes; the ta
 Both adaptive schedules can switch as early as the fixed one (after epoch 2) or as late as epoch 4.
 
 Every run trains to its end; "FLOPs to the baseline's best" applies the paper's rule offline
-(``common/reports/report.py``): the cumulative training FLOPs at the first final-phase epoch whose accuracy
+(``common/reports/compare.py``): the cumulative training FLOPs at the first final-phase epoch whose accuracy
 strictly surpasses the best epoch of the baseline of the same seed (what ``train.stop_when_surpassing``
 would have spent). FLOPs are counted, not timed, so the figures do not depend on the shared machine.
 
@@ -80,7 +80,8 @@ def train(out: Path, data: Path, init: Path, name: str, seed: int) -> Path:
 def summarise(runs: dict[tuple[str, int], Path]) -> list[dict]:
     """Per run: final and best accuracy, training FLOPs, where the coarse phase ended, FLOPs to the
     baseline's best (same seed, the paper's rule)."""
-    from common.reports.report import compare, load_run
+    from common.reports.compare import compare
+    from common.reports.runs import load_run
 
     rows = []
     for (name, seed), run_dir in runs.items():

@@ -7,7 +7,7 @@ that comparison are scores of a model as it stood at the end of a training round
 average of several such models (``weight_averaged`` in its ledger): another kind of model, usually a
 better one. So the scores are compared like with like:
 
-- the live stop (``train.stop_when_surpassing``) and ``common/reports/report.py`` compare this run's per-round
+- the live stop (``train.stop_when_surpassing``) and ``common/reports/compare.py`` compare this run's per-round
   evaluations with the best of the baseline's *per-round* evaluations (:func:`reference`); the baseline's
   averaged score is never the target;
 - averaged scores are compared with averaged scores, only where both runs averaged, after the fact: the

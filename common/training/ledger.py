@@ -6,7 +6,7 @@ the batch (``global_batch``: clips per optimiser step, the recipe's; ``batch_per
 ``flops_per_sample``, ``train_flops`` (= flops_per_sample x samples), ``wall_seconds`` (the training loop,
 data waits included, evaluation and checkpointing not), ``eval_seconds`` and the phase's memory (estimated
 and peak, ``common.models.memory``); totals; the evaluations
-with the cumulative FLOPs and time at which they happened (what ``common/reports/report.py`` plots); and, when
+with the cumulative FLOPs and time at which they happened (what ``common/reports/figure.py`` plots); and, when
 the recipe names a baseline, that baseline's planned training FLOPs and the saving against it; the
 ``interventions``: recipe changes a resumed run was allowed (a lower learning rate after a non-finite
 loss; changed manifests with ``--accept-changed-data``), each with the step and phase from which it

@@ -129,7 +129,7 @@ def test_every_task_fine_tunes_one_epoch_on_its_miniature_corpus(tmp_path, task,
     if spec.get("folds"):
         summary = json.loads((run_dir / "cv_summary.json").read_text())
         assert len(summary["best"]["folds"]) == 5
-        from common.reports.report import load_run  # the report reads the root as the folds' mean
+        from common.reports.runs import load_run  # the report reads the root as the folds' mean
         mean = load_run(run_dir).ledger.evals[0]
         assert mean["metrics"][spec["metric"]] == pytest.approx(summary["best"]["mean"])
     if spec.get("test"):
@@ -475,7 +475,7 @@ def test_three_phase_fine_tuning_with_patch_and_pooling(tmp_path, synth_corpus):
     assert [e["phase"] for e in ledger["evals"]] == [0, 1, 2]
     fps = [p["flops_per_sample"] for p in ledger["phases"]]
     assert fps[0] < fps[1] < fps[2]
-    from common.reports.report import run_label
+    from common.reports.runs import run_label
     from common.training.ledger import Ledger
     assert run_label(Ledger.read(run_dir)) == "Patch BL/Avg Pool 4→2→1"
 

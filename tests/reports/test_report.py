@@ -1,4 +1,4 @@
-"""common/reports/report.py on hand-made ledgers: the paper's savings rule, labels, errors, the CLI's files."""
+"""The report (common/reports/) on hand-made ledgers: the paper's savings rule, labels, errors, the CLI's files."""
 
 import json
 from dataclasses import replace
@@ -6,16 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from common.reports.report import (
-    ReportError,
-    compare,
-    load_run,
-    main,
-    markdown_table,
-    resolve_metric,
-    run_label,
-    whole_run_table,
-)
+from common.reports.compare import compare
+from common.reports.report import main
+from common.reports.runs import ReportError, load_run, resolve_metric, run_label
+from common.reports.tables import markdown_table, whole_run_table
 from common.training.ledger import Ledger
 
 # Baseline: 20 epochs at 10 FLOPs and 5 s each; accuracy climbs to 0.45 at epoch 15, then falls.
@@ -187,7 +181,7 @@ def test_cli_errors_exit_2(tmp_path, runs, capsys):
 
 
 def test_patch_runs_are_labelled_with_their_transfer():
-    from common.reports.report import run_label
+    from common.reports.runs import run_label
     from common.training.ledger import Ledger
 
     ledger = Ledger.from_dict({"score": "acc", "phases": [
@@ -228,7 +222,7 @@ def _stars(ax) -> list:
 def test_plot_puts_the_final_phases_on_one_scale_and_names_the_metric(pretraining):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from common.reports.report import figure
+    from common.reports.figure import figure
 
     base, c2f = load_run(pretraining[0], "Baseline"), load_run(pretraining[1])
     rows = compare(base, [c2f], "acc")
@@ -250,7 +244,7 @@ def test_plot_puts_the_final_phases_on_one_scale_and_names_the_metric(pretrainin
 
 
 def test_plot_draws_the_stop_the_legend_lists(runs):
-    from common.reports.report import figure
+    from common.reports.figure import figure
 
     base, c2f = load_run(runs["base"], "Baseline"), load_run(runs["c2f"])
     fig = figure([base, c2f], compare(base, [c2f], "acc"), "acc")
@@ -265,7 +259,7 @@ def test_plot_draws_the_stop_the_legend_lists(runs):
 
 
 def test_fine_tuning_plot_title_names_the_task(runs):
-    from common.reports.report import report_title
+    from common.reports.tables import report_title
 
     (runs["base"] / "recipe.yaml").write_text("task: {name: vggsound}\nphases: []\n")
     title = report_title([load_run(runs["base"], "Baseline"), load_run(runs["c2f"])], "acc")
@@ -382,7 +376,7 @@ def test_the_reference_is_the_best_epoch_and_averages_are_compared_apart(runs, t
     plain = write_run(tmp_path, "plain", [("fshift", 4), ("none", 1)], C2F_EVALS)  # no average: no difference
     assert compare(load_run(write_run(tmp_path, "b", [("none", 1)], BASE_EVALS)), [load_run(plain)],
                    "acc")[1].averaged_delta is None
-    from common.reports.report import figure
+    from common.reports.figure import figure
 
     legend = _legend(figure([base, c2f], rows[:2], "acc"))
     assert "weight average (end of run)" in legend and "baseline best (45.00)" in legend
@@ -444,7 +438,8 @@ def test_the_command_says_a_run_is_unfinished_or_the_baseline_before_anything_el
 
 def test_runs_with_the_same_phases_are_told_apart_by_their_directories(tmp_path, runs, capsys):
     """Without --names: two runs with the same phases whose last folders are both `run` (issue: the first hour)."""
-    from common.reports.report import distinct_names, report_title
+    from common.reports.runs import distinct_names
+    from common.reports.tables import report_title
 
     (tmp_path / "lr1").mkdir()
     (tmp_path / "lr2").mkdir()
@@ -562,7 +557,7 @@ def test_the_module_command_exits_with_the_reports_status(tmp_path):
 
 def test_time_is_not_compared_across_devices_and_a_bare_baseline_plots(tmp_path, runs, capsys):
     """FLOPs savings hold anywhere; a wall-time saving only on the baseline's devices and number of ranks."""
-    from common.reports.report import other_hardware
+    from common.reports.runs import other_hardware
 
     for name, device, ranks in (("base", "cpu", 1), ("c2f", "NVIDIA H100 80GB HBM3", 8)):
         ledger = Ledger.read(runs[name])
