@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,21 +120,43 @@ def landmarks(points: list[dict]) -> dict:
             "plateau_level": level, "error": error}
 
 
-def criteria_module(rev: str | None):
-    """``common.phases.criteria`` as it stands, or as it stood at git revision ``rev``."""
-    if rev is None:
-        import common.phases.criteria as module
+# the modules that end a phase, lowest first (before they were split, common/phases/criteria.py held them all)
+PHASE_END_MODULES = ("until", "criteria", "phase_end")
 
-        return module
-    source = subprocess.run(["git", "show", f"{rev}:common/phases/criteria.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / f"criteria_{rev}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(f"criteria_{rev}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (dataclasses look their module up)
-    spec.loader.exec_module(module)
-    return module
+
+def criteria_module(rev: str | None) -> SimpleNamespace:
+    """``UntilConfig`` and ``PhaseEnd`` as they stand, or as they stood at git revision ``rev``."""
+    if rev is None:
+        from common.phases.phase_end import PhaseEnd
+        from common.phases.until import UntilConfig
+
+        return SimpleNamespace(UntilConfig=UntilConfig, PhaseEnd=PhaseEnd)
+    loaded = {}
+    for name in PHASE_END_MODULES:
+        shown = subprocess.run(["git", "show", f"{rev}:common/phases/{name}.py"], cwd=ROOT, capture_output=True,
+                               text=True)
+        if shown.returncode != 0:  # not at that revision
+            continue
+        path = Path(tempfile.mkdtemp()) / f"{name}_{rev}.py"
+        path.write_text(shown.stdout)
+        spec = importlib.util.spec_from_file_location(f"{name}_{rev}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # (dataclasses look their module up)
+        own = {f"common.phases.{done}": m for done, m in loaded.items()}  # its imports of the others: the rev's
+        saved = {key: sys.modules.get(key) for key in own}
+        sys.modules.update(own)
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            for key, was in saved.items():
+                if was is None:
+                    del sys.modules[key]
+                else:
+                    sys.modules[key] = was
+        loaded[name] = module
+    found = {attr: getattr(module, attr) for module in loaded.values() for attr in ("UntilConfig", "PhaseEnd")
+             if hasattr(module, attr)}
+    return SimpleNamespace(**found)
 
 
 # the score criteria replayed on the coarse-only curves: the defaults, and a longer patience / window

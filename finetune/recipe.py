@@ -25,8 +25,8 @@ from common.data.preflight import check_classes, check_labels, check_manifest, c
 from common.models.spec import ModelSpec
 from common.phases.coarse import CoarseConfig, apply_coarse, baseline_name, build_derived
 from common.phases.config import PhaseConfig
-from common.phases.criteria import check_schedule
 from common.phases.init import INIT_FAMILIES, InitTransferConfig, init_family, load_init
+from common.phases.until import check_schedule
 from common.training.optim import OptimConfig
 from common.training.spec import TrainConfig
 from finetune.classifier import AugmentConfig, HeadConfig

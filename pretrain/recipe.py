@@ -20,8 +20,8 @@ from common.models.ast.encoder import EncoderConfig
 from common.models.spec import ModelSpec
 from common.phases.coarse import CoarseConfig, apply_coarse, baseline_name, build_derived
 from common.phases.config import PhaseConfig
-from common.phases.criteria import check_schedule
 from common.phases.init import InitTransferConfig
+from common.phases.until import check_schedule
 from common.training.optim import OptimConfig
 from common.training.spec import TrainConfig
 from pretrain.masking import mask_count

@@ -14,7 +14,7 @@ full-resolution phase of length ``L`` (steps or epochs) and derives the phases (
 Several factors (``fshift:4,2``, also written ``4-2`` or ``4->2``) give ``4 -> 2 -> 1``: the initial share
 is split evenly between the coarse phases. Lengths are rounded half up, each at least 1. ``until:`` (for
 the coarse phases) and ``final_until:`` (for the final one) let criteria end them instead
-(``common.phases.criteria``); their ``max`` defaults to the derived length. The phases keep the baseline
+(``common.phases.until``); their ``max`` defaults to the derived length. The phases keep the baseline
 phase's batch size and learning rate.
 
 The baseline is recorded in the resolved recipe (``coarse.baseline``: its name and phases, which also
@@ -34,7 +34,7 @@ from typing import Literal
 from common.config.recipe import RecipeError, build, merge, parse_yaml
 from common.models.ast.resize import PatchResize
 from common.phases.config import PhaseConfig
-from common.phases.criteria import UntilConfig
+from common.phases.until import UntilConfig
 
 __all__ = ["CoarseConfig", "CoarseBaseline", "baseline_name", "parse_coarse", "derive_phases", "apply_coarse", "build_derived",
            "coarse_tag"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from common.audio.compression import Compression
 from common.models.ast.resize import PatchResize, PosResize
 from common.models.htsat.adapt import BiasTransfer
-from common.phases.criteria import UntilConfig
+from common.phases.until import UntilConfig
 
 __all__ = ["PhaseConfig", "TransferConfig", "patch_mode_between"]
 
@@ -36,7 +36,7 @@ class PhaseConfig:
         lr: peak learning rate of this phase (default: the optim section's).
         name: a label for logs and the ledger.
         until: end the phase by a criterion within bounds instead of at its planned length
-            (``common.phases.criteria``); ``steps`` / ``epochs`` stay the planned length (the plan, the cosine
+            (``common.phases.until``); ``steps`` / ``epochs`` stay the planned length (the plan, the cosine
             schedule) and the default ``until.max``.
     """
 

@@ -13,7 +13,7 @@ section 2.2), streams waveform batches (``common.data.loader``) through the phas
         checkpoint, validate; then the phase change
 
 A phase ends at its planned length, or, with an ``until`` section or ``train.stop_when_surpassing``, at the
-validation round where its criterion decides so (``common.phases.criteria``: rank 0 decides, every rank follows;
+validation round where its criterion decides so (``common.phases.phase_end``: rank 0 decides, every rank follows;
 the criterion's state is checkpointed). Validation follows the checkpoint of the same step (the checkpoint
 remembers that it is pending), so an error in validation never loses training. A non-finite loss stops the run
 before the optimiser step, leaving the last checkpoint intact. A micro-batch whose clips were all bad audio
@@ -30,7 +30,7 @@ import time
 import torch
 from torch import nn
 
-from common.phases.criteria import PhaseEnd
+from common.phases.phase_end import PhaseEnd
 from common.phases.transition import initial_model, next_phase_model
 from common.system.distributed import Dist
 from common.system.logger import progress

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 from common.models.arch import Architecture, architecture_for, geometries
 from common.models.memory import describe_setting, training_setting
 from common.phases.config import PhaseConfig
-from common.phases.criteria import describe_ends
+from common.phases.until import describe_ends
 from common.training import batch as batching
 from common.training.batch import BatchSplit, phase_splits
 

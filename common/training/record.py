@@ -27,7 +27,7 @@ from common.data.shar_stream import reads_per_rank
 from common.data.shards import reshard_index
 from common.models.memory import PeakMemory, gib, training_setting
 from common.phases.baseline import evaluation_settings, setting_differences, stop_target
-from common.phases.criteria import Decision
+from common.phases.phase_end import Decision
 from common.system.atomic import atomic_copy
 from common.system.distributed import Dist
 from common.system.engine_config import resolve_zero_stage

@@ -146,7 +146,7 @@ class TrainState:
     best_score: float | None = None  # the best validation score of the current phase
     pending_eval: bool = False  # the checkpoint was taken before the validation of its step
     phase_closed: bool = False  # after phase_done: its validation, record and export are done (a resume goes on)
-    until: dict = field(default_factory=dict)  # the phase's end criterion (common.phases.criteria.PhaseEnd state)
+    until: dict = field(default_factory=dict)  # the phase's end criterion (common.phases.phase_end.PhaseEnd state)
     window: dict = field(default_factory=dict)  # the open log window's loss sums over every rank, and "_n"
 
     def progress(self, iteration_based: bool) -> int:

@@ -13,16 +13,9 @@ import torch
 from common.config.recipe import RecipeError, build
 from common.metrics import mean_average_precision, standard_error
 from common.phases.config import PhaseConfig
-from common.phases.criteria import (
-    Decision,
-    Efficiency,
-    LossSlope,
-    PhaseEnd,
-    Plateau,
-    UntilConfig,
-    check_schedule,
-    describe_ends,
-)
+from common.phases.criteria import Efficiency, LossSlope, Plateau
+from common.phases.phase_end import Decision, PhaseEnd
+from common.phases.until import UntilConfig, check_schedule, describe_ends
 from common.training.loop import Trainer
 from pretrain.run import main
 from tests.helpers import RECIPE, run, tiny, weights

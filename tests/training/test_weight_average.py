@@ -35,7 +35,7 @@ def test_the_top_epochs_by_validation_score(tmp_path):
 
 
 def test_an_early_end_averages_the_best_of_the_epochs_that_ran(tmp_path):
-    from common.phases.criteria import UntilConfig
+    from common.phases.until import UntilConfig
 
     capped = [PhaseConfig("fshift", 4, epochs=1), PhaseConfig(epochs=3, until=UntilConfig(max=6))]
     assert averaged_epochs(1, capped) == [1, 2, 3, 4, 5, 6]  # kept up to the cap: the phase may run past its plan
