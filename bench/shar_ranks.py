@@ -3,7 +3,9 @@ own part (``common.data.shar_stream``).
 
 Exports the built-in corpus's training clips as Shar shards, then for each rank of ``--ranks`` draws one epoch of
 batches both ways (the sampler's work: the shards read, their audio attached to the cuts, nothing decoded) and
-reports the clips each rank read from the tars and the seconds it took (median over ``--repeats``).
+reports the clips each rank read from the tars and the seconds it took (median over ``--repeats``); then the
+second half of an epoch, resumed halfway, with the skipped batches' audio read (as before
+``RankShardSampler.resume_at``) and passed over.
 
     python -m bench.shar_ranks [--ranks 4] [--shard-size 32] [--batch 8] [--repeats 3] [--data demo_out/data]
 """
@@ -18,8 +20,8 @@ from collections import Counter
 from pathlib import Path
 
 
-def _epoch(loader) -> int:
-    return sum(len(cuts) for _, _, cuts in loader.cut_batches(0, 0, 1))
+def _epoch(loader, skip: int = 0) -> int:
+    return sum(len(cuts) for _, _, cuts in loader.cut_batches(0, skip, 1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
                 read["clips"] += 1
                 yield cut
 
+    real_next = shar_stream._TarPairs.next
+
+    def counted_next(self, wanted: bool):  # the part reader's tars, read pair by pair (audio attached if wanted)
+        read["clips"] += bool(wanted)
+        return real_next(self, wanted)
+
+    shar_stream._TarPairs.next = counted_next
+    resume_at = shar_stream.RankShardSampler.resume_at
     with tempfile.TemporaryDirectory() as tmp:
         shar = Path(tmp) / "shar"
         shar.mkdir()
@@ -63,8 +73,15 @@ def main(argv: list[str] | None = None) -> int:
         shar_stream.LazySharIterator = Counted  # the part reader's
         lhotse.shar.LazySharIterator = Counted  # CutSet.from_shar's, which imports it from there when called
         rows = []
-        for name, make in (("whole folder, dealt", lambda: open_cuts([shar])),
-                           ("own part", lambda: shar_stream.SharSet([shar]))):
+        half = total // args.ranks // args.batch // 2
+        for name, make, skip, passed_over in (
+                ("whole folder, dealt", lambda: open_cuts([shar]), 0, True),
+                ("own part", lambda: shar_stream.SharSet([shar]), 0, True),
+                (f"own part, resumed {half} batches in, their audio read", lambda: shar_stream.SharSet([shar]),
+                 half, False),
+                (f"own part, resumed {half} batches in, their audio passed over", lambda: shar_stream.SharSet([shar]),
+                 half, True)):
+            shar_stream.RankShardSampler.resume_at = resume_at if passed_over else (lambda self, batches: None)
             clips, seconds, batches = [], [], []
             for rank in range(args.ranks):
                 loader = ClipLoader(make(), ClipDataset(16000), args.batch, shuffle=True, drop_last=True, seed=0,
@@ -73,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.repeats):
                     read.clear()
                     start = time.perf_counter()
-                    batches.append(_epoch(loader) // args.batch)
+                    batches.append(_epoch(loader, skip) // args.batch)
                     times.append(time.perf_counter() - start)
                 clips.append(read["clips"])
                 seconds.append(statistics.median(times))

@@ -189,6 +189,8 @@ class ClipLoader:
         epoch = start_epoch
         while epochs is None or epoch < start_epoch + epochs:
             sampler.set_epoch(epoch)
+            if skip and hasattr(sampler, "resume_at"):  # a Shar part: the skipped batches' audio is not read
+                sampler.resume_at(skip)
             shard = stream() if getattr(sampler, "per_rank", False) else \
                 equal_shards(stream(), self.rank, self.world_size, self.drop_last)
             index = 0
@@ -366,7 +368,7 @@ def eval_loader(manifests: Sequence[ManifestSpec | str], classes: Sequence[str] 
     """One pass over evaluation manifests, every clip kept once (no shuffling within a manifest, several mixed
     with a fixed seed; no dropped batch; over several ranks, the same number of batches on each, the last of
     which may be empty). Shar folders alone are read in one part per rank, in their order: each rank reads the
-    audio of the clips it scores (and of its first shard's clips before them), not the whole set.
+    audio of the clips it scores, not the whole set.
 
     Args:
         manifests: the evaluation manifests.
