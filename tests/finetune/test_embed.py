@@ -9,7 +9,8 @@ import torch
 
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from common.models.exports import RUN_EXPORT, save_encoder
-from finetune.embed import embed_files, main, read_clips, read_index, read_shard
+from finetune.embed import embed_files, main
+from finetune.embed_store import read_clips, read_index, read_shard
 from finetune.embedder import load_embedder
 from tests.helpers import _write, one_error
 
@@ -236,7 +237,7 @@ def test_a_long_file_is_embedded_window_by_window_and_one_failing_midway_leaves_
     import soundfile as sf
 
     import common.data.audio_file as audio_file
-    import finetune.embed as embed
+    import finetune.embed_inputs as embed_inputs
 
     init = _export(tmp_path / "e.safetensors")
     before = _write(tmp_path / "before.wav", 1.5, seed=1)
@@ -247,7 +248,7 @@ def test_a_long_file_is_embedded_window_by_window_and_one_failing_midway_leaves_
     after = _write(tmp_path / "after.wav", 1.2, seed=3)
     files = [before, tmp_path / "long.flac", tmp_path / "nan.wav", after]
     whole = embed_files(init, files, tmp_path / "whole", batch_size=2, shard_size=1000, workers=1)
-    monkeypatch.setattr(embed, "WHOLE_SECONDS", 0.5)
+    monkeypatch.setattr(embed_inputs, "WHOLE_SECONDS", 0.5)
     monkeypatch.setattr(audio_file, "BLOCK_SECONDS", 0.7)  # the NaN is read after two batches were embedded
     streamed = embed_files(init, files, tmp_path / "streamed", batch_size=2, shard_size=1000, workers=1)
     for summary in (whole, streamed):
@@ -374,7 +375,7 @@ def test_a_second_command_on_one_out_stops_at_once_naming_the_first(tmp_path, ca
 
 
 def test_a_damaged_index_is_named_with_its_line(tmp_path):
-    from finetune.embed import INDEX_COLUMNS
+    from finetune.embed_store import INDEX_COLUMNS
 
     index = tmp_path / "index.tsv"
     index.write_text("\t".join(INDEX_COLUMNS) + "\nclip\tsrc.wav\t0\t0.000000\t1.000000\t00000.npz\t0\nclip2\tsrc2")
