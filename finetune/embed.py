@@ -37,7 +37,9 @@ Output (``--out``)::
 With ``--pool none`` only frames are written (no ``clip`` tensors, no ``clips.*``). Frame ``t`` of a
 window covers ``frame_times[.., t]``; frames past the window's ``end`` cover the zero padding of a short
 clip. Ids: a manifest's cut id, else the path as given (a folder's files: the folder joined with the
-file's path under it).
+file's path under it); ``source`` is the file read, an audio file's absolute path. A clip already embedded is
+known by its cut id, or for an audio file by that absolute path: a run continued from another folder, or
+naming a file otherwise (``./a.wav``, ``dir/../a.wav``), skips it, and a file given twice is embedded once.
 
 Shards are written atomically (:mod:`common.system.atomic`); running the same command again skips every clip
 already in a shard and says how many, so a large corpus is embedded over several runs, and a finished
@@ -58,7 +60,7 @@ from typing import Iterator, Sequence
 
 from common.data.audio_file import AudioReadError
 from common.system.prog import prog
-from finetune.embed_inputs import Clip, list_clips, prefetch
+from finetune.embed_inputs import Clip, clip_key, list_clips, prefetch
 from finetune.embed_store import FORMATS, EmbedSummary, ShardWriter, done_rows, write_index
 from finetune.embedder import POOLS, Embedder, load_embedder, parse_layer
 from finetune.predict import hop_samples, hop_seconds
@@ -141,18 +143,18 @@ def embed_files(init: str | os.PathLike | Embedder, inputs: Sequence[str | os.Pa
         text = json.dumps(settings, indent=1) + "\n"
         if not (out / "embeddings.json").is_file() or (out / "embeddings.json").read_text() != text:
             atomic_write_text(out / "embeddings.json", text)
-        done = {r["clip_id"] for r in done_rows(out)}
+        done = {clip_key(r["clip_id"], r["source"]) for r in done_rows(out)}
         summary = EmbedSummary(out)
         writer = ShardWriter(embedder, out, fmt, batch_size, shard_size, summary)
-        seen: set[str] = set()
+        seen: set[tuple[str, str]] = set()
 
         def todo() -> Iterator[Clip]:
             for clip in clips:
-                if clip.clip_id in seen:
+                if clip.key in seen:
                     summary.duplicates += 1
                     continue
-                seen.add(clip.clip_id)
-                if clip.clip_id in done:
+                seen.add(clip.key)
+                if clip.key in done:
                     summary.skipped += 1
                     bar.update(1)
                     continue

@@ -15,7 +15,7 @@ from common.data.corpora.base import AUDIO_SUFFIXES
 from common.data.decode import BadClip, load_clip, source_path
 from common.data.manifests import count_clips, manifest_problem, open_cuts
 
-__all__ = ["Clip", "MANIFEST_SUFFIXES", "WHOLE_SECONDS", "list_clips", "prefetch"]
+__all__ = ["Clip", "MANIFEST_SUFFIXES", "WHOLE_SECONDS", "clip_key", "list_clips", "prefetch"]
 
 MANIFEST_SUFFIXES = (".jsonl", ".jsonl.gz")
 WHOLE_SECONDS = 120.0  # a clip up to this long is decoded whole by a prefetch thread; a longer one window by window
@@ -23,17 +23,42 @@ WHOLE_SECONDS = 120.0  # a clip up to this long is decoded whole by a prefetch t
 
 @dataclass(frozen=True)
 class Clip:
-    """One clip to embed: its id, the file it is read from, and how (``open(sample_rate, channels)`` -> an
-    :class:`~common.data.audio_file.AudioFile` or :class:`~common.data.audio_file.Samples`; ``channels``
-    ``first`` or ``mean`` of a multi-channel file)."""
+    """One clip to embed: its id, the file it is read from (an audio file's absolute path), how
+    (``open(sample_rate, channels)`` -> an :class:`~common.data.audio_file.AudioFile` or
+    :class:`~common.data.audio_file.Samples`; ``channels`` ``first`` or ``mean`` of a multi-channel file), and what
+    makes it the same clip in another run (:func:`clip_key`)."""
 
     clip_id: str
     source: str
     open: Callable[[int, str], AudioFile | Samples]
+    key: tuple[str, str]
+
+
+def clip_key(clip_id: str, source: str) -> tuple[str, str]:
+    """What identifies a clip across runs, from its index row: an audio file by its absolute path (a row of a file
+    holds the path as given and, since the paths became absolute, the absolute path, whose end it is: the same file
+    given from another folder or spelled otherwise, ``./a.wav``, ``dir/../a.wav``, is the same clip), a manifest's
+    cut by its id (cuts of one file are different clips)."""
+    if clip_id == source or (os.path.isabs(source) and _ends_with(source, clip_id)):
+        return "file", os.path.normpath(os.path.abspath(source))
+    return "cut", clip_id
+
+
+def _ends_with(path: str, given: str) -> bool:
+    """Whether absolute ``path`` is what ``given`` (absolute, or relative to some folder) names."""
+    given = os.path.normpath(given)
+    if os.path.isabs(given):
+        return path == given
+    parts = given.split(os.sep)
+    while parts and parts[0] == os.pardir:  # ../a.wav: a file named a.wav in the folder above some folder
+        parts.pop(0)
+    return bool(parts) and path.endswith(os.sep + os.sep.join(parts))
 
 
 def _file_clip(path: Path) -> Clip:
-    return Clip(str(path), str(path), lambda rate, channels="first": AudioFile(path, rate, channels))
+    source = os.path.normpath(os.path.abspath(path))
+    return Clip(str(path), source, lambda rate, channels="first": AudioFile(path, rate, channels),
+                ("file", source))
 
 
 def _cut_clip(cut) -> Clip:
@@ -43,7 +68,7 @@ def _cut_clip(cut) -> Clip:
         except BadClip as err:
             raise AudioReadError(str(err)) from None
 
-    return Clip(cut.id, source_path(cut), load)
+    return Clip(cut.id, source_path(cut), load, ("cut", cut.id))
 
 
 def _is_manifest(path: Path) -> bool:

@@ -260,6 +260,49 @@ def test_a_long_file_is_embedded_window_by_window_and_one_failing_midway_leaves_
     assert np.allclose(read_clips(tmp_path / "streamed"), read_clips(tmp_path / "whole"), atol=1e-5)
 
 
+def test_a_file_is_one_clip_whatever_folder_the_command_runs_from_and_however_it_is_spelled(tmp_path, monkeypatch):
+    """An audio file is known by its absolute path: continued from another folder, or named ``./a.wav`` or
+    ``../audio/a.wav``, the files embedded already are skipped, and a file given twice in one run is embedded once;
+    a folder written before sources were absolute (source = the id as given) is continued from its folder. Cuts of
+    one file are separate clips."""
+    init = _export(tmp_path / "e.safetensors")
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for i, name in enumerate(("a", "b", "c")):
+        _write(audio / f"{name}.wav", 0.4, seed=i)
+    out = tmp_path / "emb"
+    monkeypatch.chdir(tmp_path)
+    first = embed_files(init, ["audio/a.wav", "./audio/b.wav", "audio/../audio/b.wav"], out, workers=0)
+    assert (first.clips, first.duplicates) == (2, 1)
+    rows = read_index(out)
+    assert [(r["clip_id"], r["source"]) for r in rows] == [("audio/a.wav", str(audio / "a.wav")),
+                                                          ("audio/b.wav", str(audio / "b.wav"))]
+    monkeypatch.chdir(audio)
+    again = embed_files(init, ["a.wav", "./b.wav", "../audio/c.wav", str(audio / "a.wav")], out, workers=0)
+    assert (again.clips, again.skipped, again.duplicates) == (1, 2, 1)
+    assert [r["clip_id"] for r in read_index(out)] == ["audio/a.wav", "audio/b.wav", "../audio/c.wav"]
+    # a folder of the earlier layout: every source the id as given, relative to the folder it ran from
+    for tsv in (out / "shards").glob("*.tsv"):
+        lines = tsv.read_text().splitlines()
+        tsv.write_text("\n".join([lines[0]] + ["\t".join([c[0], c[0], *c[2:]]) for c in
+                                               (line.split("\t") for line in lines[1:])]) + "\n")
+    monkeypatch.chdir(tmp_path)
+    old = embed_files(init, ["audio/a.wav", "audio/b.wav"], out, workers=0)
+    assert (old.clips, old.skipped) == (0, 2)
+    # two cuts of one file and the file itself: three clips
+    from lhotse import CutSet, Recording
+
+    recording = Recording.from_file(audio / "a.wav")
+    cuts = CutSet.from_cuts([recording.to_cut().truncate(offset=o, duration=0.2).with_id(f"a-{o}")
+                             for o in (0.0, 0.2)])
+    cuts.to_file(tmp_path / "cuts.jsonl.gz")
+    mixed = embed_files(init, ["cuts.jsonl.gz", "audio/a.wav"], tmp_path / "mixed", workers=0)
+    assert mixed.clips == 3 and [r["clip_id"] for r in read_index(tmp_path / "mixed")] == ["a-0.0", "a-0.2",
+                                                                                           "audio/a.wav"]
+    rerun = embed_files(init, ["cuts.jsonl.gz", str(audio / "a.wav")], tmp_path / "mixed", workers=0)
+    assert (rerun.clips, rerun.skipped) == (0, 3)
+
+
 def test_npy_and_safetensors_hold_the_same_embeddings(tmp_path):
     from safetensors.numpy import load_file
 
