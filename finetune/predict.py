@@ -2,9 +2,11 @@
 
     python finetune/predict.py --ckpt runs/finetune/vggsound-baseline dog.wav street.flac
     python finetune/predict.py --ckpt runs/finetune/vggsound-baseline --windows long_recording.flac
+    python finetune/predict.py --ckpt runs/finetune/vggsound-baseline --json recordings/ > scores.json
     python finetune/predict.py --ckpt model.safetensors --json *.wav > scores.json
     python finetune/predict.py --ckpt my_hf_ast_dir clip.wav          # a Hugging Face AST directory
 
+A folder stands for its audio files (``.wav``, ``.flac``, ``.ogg``, ``.mp3``, ``.opus``, at any depth, sorted).
 Audio of any sampling rate is resampled to the model's. A file longer than the model's clip is cut into
 windows of one clip, ``--hop`` seconds apart (default: half a clip), the last one ending with the file; a
 shorter file is one window, zero-padded as in training. A WAV, FLAC, AIFF, W64, RF64 or CAF file is read a
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 
 from common.data.audio_file import AudioFile, AudioReadError
+from common.data.corpora.base import AUDIO_SUFFIXES
 from common.system.prog import prog
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
@@ -157,6 +160,17 @@ def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None 
                           short_warning(size, clip, rate))
 
 
+def expand_folders(paths: list[str]) -> list[str]:
+    """The files to tag: each path as given, a folder's audio files (any depth, sorted) in its place (a folder
+    without any stays, to be reported)."""
+    files = []
+    for path in paths:
+        found = sorted(str(p) for p in Path(path).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()) \
+            if Path(path).is_dir() else []
+        files += found or [path]
+    return files
+
+
 def _top(scores: np.ndarray, classes: list[str], names: dict, k: int) -> list[dict]:
     return [{"label": classes[i], "name": names.get(classes[i], classes[i]), "score": float(scores[i])}
             for i in np.argsort(-scores, kind="stable")[:k]]
@@ -183,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                "data/synth/synth_audio/test/*.flac")
     parser.add_argument("--ckpt", required=True,
                         help="a fine-tuning run directory, a classifier export, or a Hugging Face AST directory")
-    parser.add_argument("audio", nargs="+", help="audio files (any format libsndfile reads, any sampling rate)")
+    parser.add_argument("audio", nargs="+", help="audio files (any format libsndfile reads, any sampling rate) or "
+                                                 "folders (their .wav, .flac, .ogg, .mp3 and .opus files, any depth)")
     parser.add_argument("--top-k", type=int, default=5, help="labels to show per file and window (default 5)")
     parser.add_argument("--hop", type=hop_seconds, default=None, help="seconds between windows (default: half a clip)")
     parser.add_argument("--aggregate", choices=AGGREGATIONS, default="auto",
@@ -215,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         classes = list(meta["classifier"]["classes"])
         names = meta.get("class_names", {})
         results = []
-        for path in args.audio:
+        for path in expand_folders(args.audio):
+            if Path(path).is_dir():
+                suffixes = ", ".join(AUDIO_SUFFIXES)
+                results.append({"file": path, "error": f"a folder holding no audio files ({suffixes})"})
+                continue
             try:
                 pred = predict_file(model, meta, path, args.hop, device=device, aggregate=args.aggregate)
             except AudioReadError as err:

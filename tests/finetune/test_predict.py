@@ -51,16 +51,27 @@ def test_an_unreadable_file_is_reported_and_the_others_are_tagged(tmp_path, mode
     other = _write(tmp_path / "other.flac", 1.0, rate=44100, seed=1)  # another rate: resampled
     garbage = tmp_path / "garbage.wav"
     garbage.write_bytes(b"RIFF not really a wave file" * 10)
-    files = [good, tmp_path / "deleted.wav", garbage, tmp_path, other]
+    (tmp_path / "empty").mkdir()
+    files = [good, tmp_path / "deleted.wav", garbage, tmp_path / "empty", other]
     assert predict(["--ckpt", str(model), "--json", *map(str, files)]) == 1
     captured = capsys.readouterr()
     entries = json.loads(captured.out)
     assert [e["file"] for e in entries] == list(map(str, files))
     assert entries[1] == {"file": str(tmp_path / "deleted.wav"), "error": "no such file"}
     assert "Format not recognised" in entries[2]["error"] and "Details" not in entries[2]["error"]
-    assert entries[3]["error"] == "is a directory, not an audio file"
+    assert entries[3]["error"] == "a folder holding no audio files (.wav, .flac, .ogg, .mp3, .opus)"
     assert {"labels", "scores", "windows"} <= set(entries[0]) and {"labels", "scores"} <= set(entries[4])
     assert "error: 3 of 5 files could not be read" in captured.err
+    # a folder stands for its audio files, at any depth, in sorted order
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    inner = [_write(folder / "b.wav", 0.5, seed=2), _write(folder / "sub" / "a.flac", 0.5, seed=3)]
+    (folder / "notes.txt").write_text("not audio")
+    assert predict(["--ckpt", str(model), "--json", str(folder), str(good)]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [e["file"] for e in listed] == [str(folder / "b.wav"), str(folder / "sub" / "a.flac"), str(good)]
+    assert predict(["--ckpt", str(model), "--json", *map(str, inner)]) == 0
+    assert json.loads(capsys.readouterr().out) == listed[:2]
     assert f"error: {tmp_path / 'deleted.wav'}: no such file" in captured.err
     # a WAV that lost its end (an interrupted copy) is no shorter clip: named as truncated, as the loader names it
     cut = tmp_path / "cut.wav"
