@@ -142,9 +142,9 @@ class ShardWriter:
             AudioReadError: a window cannot be read; none of the clip's windows is kept.
         """
         size, rate = self.embedder.clip_samples, self.embedder.sample_rate
-        _tsv(clip.clip_id), _tsv(clip.source)  # before any compute
         first = len(self.rows)
         with audio:
+            _tsv(clip.clip_id), _tsv(clip.source)  # before any compute
             try:
                 for k, start in enumerate(windows(audio.num_samples, size, hop)):
                     piece = audio.read(start, size)

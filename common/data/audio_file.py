@@ -9,7 +9,8 @@ checks it (missing, a folder, unreadable, truncated, empty) and then reads only 
   rate is resampled block by block with Lhotse's resampler, from a block start on the resampler's period with a
   margin of the filter's width on each side, so every sample is the one that resampling the whole file gives
   (up to float rounding);
-- **whole**: other formats (MP3, Ogg, Opus, anything only Lhotse's other backends decode) are decoded whole by
+- **whole**: other formats (MP3, Ogg, Opus, anything only Lhotse's other backends decode), and files to resample
+  under Lhotse's ``sox`` resampling backend (whose stages do not line up with blocks), are decoded whole by
   Lhotse, as before.
 
 Both give the samples and the length (``compute_num_samples`` of the file's duration, Lhotse's count) that
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 from lhotse import Recording
+from lhotse.audio.resampling_backend import get_current_resampling_backend
 from lhotse.augmentation.torchaudio import Resample
 from lhotse.utils import compute_num_samples
 
@@ -102,9 +104,15 @@ class AudioFile:
             sound = sf.SoundFile(path)
         except Exception:  # noqa: BLE001 - not a libsndfile format: Lhotse's other backends decode it
             sound = None
-        if sound is not None and sound.format in STREAMED_FORMATS and sound.seekable():
-            self._open_streamed(sound, BLOCK_SECONDS if block_seconds is None else block_seconds)
-        else:
+        if sound is not None and sound.format in STREAMED_FORMATS and sound.seekable() and (
+                sound.samplerate == self.sample_rate or get_current_resampling_backend() != "sox"):
+            try:
+                self._open_streamed(sound, BLOCK_SECONDS if block_seconds is None else block_seconds)
+            except Exception as err:  # noqa: BLE001 - a rate the resampler cannot take: this file, not the run
+                sound.close()
+                raise AudioReadError(f"cannot resample it from {sound.samplerate} Hz to {self.sample_rate} Hz: "
+                                     f"{err}") from None
+        else:  # not streamed (sox resamples in stages that do not line up with blocks: the whole file at once)
             if sound is not None:
                 sound.close()
             self._whole = _checked(self._decode_whole())
@@ -124,8 +132,7 @@ class AudioFile:
             gcd = math.gcd(self._rate, self.sample_rate)
             self._period_in, self._period_out = self._rate // gcd, self.sample_rate // gcd
             kernel = self._resampler.resampler
-            width = kernel.width if kernel is not None else 64 * self._period_in  # sox: a generous margin
-            self._margin = -(-(width + self._period_in) // self._period_in) + 1
+            self._margin = -(-(kernel.width + self._period_in) // self._period_in) + 1
         self._block_samples = max(1, int(block_seconds * self.sample_rate))
 
     def _decode_whole(self) -> np.ndarray:
@@ -161,7 +168,11 @@ class AudioFile:
         lead = min(period, self._margin)  # periods read before the block (none at the file's start)
         begin = (period - lead) * self._period_in
         stop = min(self._frames, (-(-end // self._period_out) + self._margin) * self._period_in)
-        resampled = self._resampler(self._read_frames(begin, stop)[None])[0]
+        frames = self._read_frames(begin, stop)[None]
+        try:
+            resampled = self._resampler(frames)[0]
+        except Exception as err:  # noqa: BLE001 - e.g. no memory for the kernel: this file, not the run
+            raise AudioReadError(f"cannot resample it from {self._rate} Hz to {self.sample_rate} Hz: {err}") from None
         samples = resampled[lead * self._period_out :][: end - first]
         if samples.size < end - first:  # Lhotse's count rounds the whole file's length, at most a sample over
             samples = np.pad(samples, (0, end - first - samples.size), mode="reflect")

@@ -24,6 +24,7 @@ clips seen again, some left for the next epoch); the trainer says so when it res
 
 from __future__ import annotations
 
+import functools
 import os
 import tarfile
 from dataclasses import dataclass
@@ -218,6 +219,12 @@ class SharSet:
     def __len__(self) -> int:
         return sum(s.clips for s in self.shards)
 
+    @functools.cached_property
+    def seekable(self) -> bool:
+        """Whether every shard's data is read pair by pair (local uncompressed tars, JSON lines), so that clips
+        are passed over without reading their audio (a resume's skipped batches)."""
+        return all(_seekable(path) for shard in self.shards for name, path in shard.fields.items() if name != "cuts")
+
     def order(self, epoch: int, seed: int, shuffle: bool = True) -> list[SharShard]:
         """The shards in epoch ``epoch``'s order: a permutation drawn from ``(seed, epoch)``, the same on every rank
         (``shuffle`` False: as found)."""
@@ -304,7 +311,10 @@ class RankShardSampler:
         buffered ones and of every clip after them is read; the skipped batches' clips come without it. The second
         pass draws the same clips in the same order (the sampler's draws depend on the seed and the clip count
         alone), so the batches after the skipped ones are those of an uninterrupted epoch, audio attached. None
-        (read everything) when the part repeats a clip id."""
+        (read everything, once) when the part repeats a clip id, or when its tars cannot be sought (compressed,
+        remote: the replay would read the skipped audio too)."""
+        if not self.shar.seekable:
+            return None
         drawn: list[str] = []
 
         def recorded():

@@ -103,3 +103,47 @@ def test_non_finite_samples_are_found_in_the_window_that_holds_them(tmp_path):
             audio.read(16000 * 3, 16000)
     with pytest.raises(AudioReadError, match="non-finite"):
         load_audio(tmp_path / "nan.wav", 16000)
+
+
+def test_a_rate_the_resampler_cannot_take_is_this_files_problem(tmp_path, monkeypatch):
+    """The resampler failing (a rate whose kernel does not fit in memory) names the file's problem as any unreadable
+    file's is, and leaves no file open; under Lhotse's sox resampling, whose stages do not line up with blocks, a
+    file to resample is decoded whole."""
+    import common.data.audio_file as audio_file
+
+    path = _write(tmp_path / "a.wav", 22050, 1.0)
+    opened = []
+    real_soundfile = sf.SoundFile
+
+    def tracked(*args, **kwargs):
+        opened.append(real_soundfile(*args, **kwargs))
+        return opened[-1]
+
+    class Refusing:
+        def __init__(self, *args):
+            raise RuntimeError("can't allocate memory")
+
+    monkeypatch.setattr(audio_file.sf, "SoundFile", tracked)
+    monkeypatch.setattr(audio_file, "Resample", Refusing)
+    with pytest.raises(AudioReadError, match=r"cannot resample it from 22050 Hz to 16000 Hz: can't allocate memory"):
+        AudioFile(path, 16000)
+    assert opened and all(f.closed for f in opened)
+    monkeypatch.undo()
+
+    class Failing:
+        resampler = type("Kernel", (), {"width": 8})()
+
+        def __init__(self, *args):
+            pass
+
+        def __call__(self, samples):
+            raise RuntimeError("no memory")
+
+    monkeypatch.setattr(audio_file, "Resample", Failing)
+    with AudioFile(path, 16000) as audio, pytest.raises(AudioReadError, match="cannot resample it .*: no memory"):
+        audio.read(0, 100)
+    monkeypatch.undo()
+    monkeypatch.setattr(audio_file, "get_current_resampling_backend", lambda: "sox")
+    with AudioFile(path, 16000) as resampled, AudioFile(path, 22050) as native:
+        assert not resampled.streamed and native.streamed
+        assert np.array_equal(resampled.read(0, resampled.num_samples), _lhotse_whole(path, 16000, "first"))

@@ -312,6 +312,41 @@ def test_a_shar_shard_that_cannot_be_sought_is_read_through_lhotse(odd, tmp_path
         assert a.id == b.id and np.array_equal(a.load_audio(), b.load_audio())
 
 
+def test_a_resume_over_tars_that_cannot_be_sought_reads_each_clip_once(odd, tmp_path, monkeypatch):
+    """Compressed tars are read through Lhotse, entry by entry: a resume reads the epoch's clips once, as before
+    (no replay, which would read the skipped clips' audio a second time), and its batches are the same."""
+    import gzip
+
+    from lhotse.shar.readers.lazy import LazySharIterator
+
+    from common.data import shar_stream
+
+    packed = tmp_path / "shar"
+    shutil.copytree(odd / "shar", packed)
+    for tar in packed.glob("recording.*.tar"):
+        tar.with_name(tar.name + ".gz").write_bytes(gzip.compress(tar.read_bytes()))
+        tar.unlink()
+    read = Counter()
+
+    class Counted(LazySharIterator):
+        def __iter__(self):
+            for cut in super().__iter__():
+                read["clips"] += 1
+                yield cut
+
+    monkeypatch.setattr(shar_stream, "LazySharIterator", Counted)
+
+    def loader(folder):
+        return ClipLoader(SharSet([folder]), ClipDataset(16000), BATCH, shuffle=True, drop_last=True, seed=3,
+                          rank=0, world_size=1, shuffle_buffer=6)
+
+    assert not SharSet([packed]).seekable and SharSet([odd / "shar"]).seekable
+    whole = [b.ids for b in loader(odd / "shar").batches(0, 0, 1)]
+    read.clear()
+    resumed = [b.ids for b in loader(packed).batches(0, 4, 1)]
+    assert resumed == whole[4:] and read["clips"] <= CLIPS
+
+
 def test_a_streamed_sets_shuffle_buffer_is_the_recipes(odd):
     """data.shuffle_buffer: a buffer of one clip passes a streamed set nearly in its own order (a Shar folder's: its
     shards in the epoch's order), the default one mixes it."""
