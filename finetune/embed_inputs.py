@@ -35,10 +35,10 @@ class Clip:
 
 
 def clip_key(clip_id: str, source: str) -> tuple[str, str]:
-    """What identifies a clip across runs, from its index row: an audio file by its absolute path (a row of a file
-    holds the path as given and, since the paths became absolute, the absolute path, whose end it is: the same file
-    given from another folder or spelled otherwise, ``./a.wav``, ``dir/../a.wav``, is the same clip), a manifest's
-    cut by its id (cuts of one file are different clips)."""
+    """What makes an index row's clip the same clip in another run: a manifest's cut is known by its id (cuts of one
+    file are different clips), an audio file by its absolute path. A file's row holds the path as given and the
+    absolute path (in folders written before, the path as given twice: relative to the folder that run started in),
+    so the same file given from another folder or spelled otherwise (``./a.wav``, ``dir/../a.wav``) is one clip."""
     if clip_id == source or (os.path.isabs(source) and _ends_with(source, clip_id)):
         return "file", os.path.normpath(os.path.abspath(source))
     return "cut", clip_id

@@ -18,12 +18,13 @@ log = logging.getLogger(__name__)
 
 
 def clip_labels(cuts) -> list[tuple[str, ...]]:
-    """Each clip's labels, in order, read once: from the records of an on-disk index (no cut is built: AudioSet-2M
-    in about a minute), the cuts otherwise; equal labels share one string."""
+    """Each clip's labels, in order, read once: from an on-disk index's cache of them (:meth:`ManifestIndex.labels`:
+    AudioSet-2M's records are read once per manifest, about a minute), the cuts otherwise; equal labels share one
+    string."""
+    if isinstance(cuts, ManifestIndex):
+        return cuts.labels()
     shared: dict[str, str] = {}
-    records = (r.get("custom") or {} for r in cuts.records()) if isinstance(cuts, ManifestIndex) else \
-        (cut.custom or {} for cut in cuts)
-    return [tuple(shared.setdefault(label, label) for label in custom.get("labels", [])) for custom in records]
+    return [tuple(shared.setdefault(label, label) for label in (cut.custom or {}).get("labels", [])) for cut in cuts]
 
 
 def balanced_weights(cuts, classes: Sequence[str]) -> list[float]:

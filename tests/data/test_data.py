@@ -464,13 +464,13 @@ def test_a_stereo_file_is_read_as_each_familys_official_code_reads_it(tmp_path):
     a file the same way."""
     from lhotse import MonoCut, Recording
 
+    from common.data.audio_file import load_audio
     from common.data.cache import make_cache
     from common.data.decode import load_clip
     from common.models.arch import architecture_for
     from common.models.ast.encoder import EncoderConfig
     from common.models.htsat import HTSATConfig
     from finetune.evaluate import clip_handling
-    from common.data.audio_file import load_audio
 
     left = 0.3 * np.sin(2 * np.pi * 440 * np.arange(8000) / 16000)
     path = tmp_path / "stereo.wav"
@@ -575,6 +575,45 @@ def test_balanced_batches_of_an_index_are_read_only_on_the_rank_that_keeps_them(
     assert len(kept) == 48 and len(reads) == 48  # its 6 batches of 8, of the 12 drawn
     reads.clear()
     assert len([c for _, _, batch in loader.cut_batches(0, 3, 1) for c in batch]) == 24 and len(reads) == 24
+
+
+def test_balanced_weights_of_an_index_are_read_from_its_labels_cache_after_the_first_start(tmp_path, monkeypatch,
+                                                                                           caplog):
+    """The labels of an indexed manifest are read from its records once, then from ``<manifest>.labels.npz`` in the
+    index folder (every rank at every start read AudioSet-2M's 2 million records, about a minute): the same weights;
+    an edited manifest is read again, a damaged cache is said and read again."""
+    import json as json_module
+
+    from lhotse import MonoCut
+
+    from common.data import manifest_index
+    from common.data.manifest_index import ManifestIndex
+
+    def write(count: int) -> None:
+        CutSet.from_cuts(MonoCut(f"c{i:03d}", 0, 1.0, 0, custom={"labels": [f"k{i % 3}", "all"][: 1 + (i % 2)]}
+                                 if i % 5 else {}) for i in range(count)).to_file(path)
+
+    path, folder = tmp_path / "train.jsonl.gz", tmp_path / "index"
+    write(40)
+    expected = balanced_weights(CutSet.from_file(path), [])
+    assert balanced_weights(ManifestIndex([path], folder), []) == expected
+    (cache,) = folder.glob("train-*.labels.npz")
+    parsed = []
+    real_loads = json_module.loads
+    monkeypatch.setattr(manifest_index.json, "loads", lambda text: parsed.append(1) or real_loads(text))
+    assert balanced_weights(ManifestIndex([path], folder), []) == expected and parsed == []
+    write(30)  # edited: another index, its own labels
+    edited = balanced_weights(CutSet.from_file(path), [])
+    assert balanced_weights(ManifestIndex([path], folder), []) == edited
+    assert len(parsed) == 30 and len(list(folder.glob("train-*.labels.npz"))) == 2
+    (newest,) = set(folder.glob("train-*.labels.npz")) - {cache}
+    newest.write_bytes(b"not a cache")
+    parsed.clear()
+    with caplog.at_level("WARNING"):
+        assert balanced_weights(ManifestIndex([path], folder), []) == edited
+    assert len(parsed) == 30 and f"the cached labels {newest} are damaged" in caplog.text
+    parsed.clear()
+    assert balanced_weights(ManifestIndex([path], folder), []) == edited and parsed == []  # written again
 
 
 def test_a_file_that_is_no_manifest_by_its_name_is_named_so(tmp_path):
