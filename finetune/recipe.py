@@ -328,7 +328,8 @@ def _task_file_data(task: str, data: dict, overrides: Sequence[str], init_weight
             if not planning:
                 raise
     family = init_family(init_weights, model.get("arch", "ast"))
-    followed = choose(choice, fields.get("metric") == "mAP", frames, family, fields.get("name", task))
+    balanced = fields.get("balanced") is True
+    followed = choose(choice, fields.get("metric") == "mAP", frames, family, fields.get("name", task), balanced)
     if followed == PACKAGE:
         defaults, said = {"phases": [{"compression": "none", "epochs": PACKAGE_EPOCHS}]}, []
     else:
@@ -339,7 +340,8 @@ def _task_file_data(task: str, data: dict, overrides: Sequence[str], init_weight
         said += fit_averaging(followed, merged, stated)
     if followed != PACKAGE and choice in (None, AUTO):
         multi = "multi" if fields.get("metric") == "mAP" else "single"
-        said.insert(0, f"chosen for a {multi}-label task of {frames} frames, {INIT_FAMILIES[family]}")
+        sampled = ", balanced sampling" if balanced and fields.get("metric") == "mAP" and family != "htsat" else ""
+        said.insert(0, f"chosen for a {multi}-label task of {frames} frames{sampled}, {INIT_FAMILIES[family]}")
     return merged, stated, followed, said
 
 

@@ -4,7 +4,9 @@ A registered task (``finetune.tasks``) carries its published recipe; a task file
 out, the published recipe closest to it (``defaults: auto``, the default), chosen from what the file says:
 
 - multi-label (``metric: mAP``): the AudioSet-20K recipe, the one published fine-tuning on a small
-  multi-label set (AudioSet-2M's 5 epochs at lr 1e-5 are for two million clips);
+  multi-label set; with balanced sampling (``balanced: true``, which AST uses for AudioSet-2M alone) AST's
+  AudioSet-2M recipe (5 epochs at lr 1e-5, halved every epoch from the 2nd, weight averaging from the 1st: 25
+  epochs of the 20K recipe over two million clips would be five times its compute);
 - single-label: the SpeechCommands recipe (128-frame clips) for clips shorter than 256 frames (2.56 s, the
   geometric middle of 128 and 512), the ESC-50 recipe (512 frames) otherwise;
 - the init's family (``common.phases.init.init_family``) picks whose: SSAST's recipes for SSAST-pretrained
@@ -121,6 +123,10 @@ RECIPES: dict[str, PublishedRecipe] = {
         "AST AudioSet-20K", True, 1024, "ImageNet init", "bce",
         {"phases": _phases(25), "augment": dict(_AS_AUG), "optim": _multistep(5.0e-5, 10, 5, 0.5, warmup=True),
          "train": {"weight_average_from": 6}}),
+    "ast_audioset2m": PublishedRecipe(
+        "AST AudioSet-2M", True, 1024, "ImageNet init", "bce",
+        {"phases": _phases(5), "augment": dict(_AS_AUG), "optim": _multistep(1.0e-5, 2, 1, 0.5, warmup=True),
+         "train": {"weight_average_from": 1}}),
     "htsat_audioset": PublishedRecipe("HTS-AT AudioSet", True, None, "HTS-AT", "bce", _HTSAT_AUDIOSET),
     "htsat_esc50": PublishedRecipe(
         "HTS-AT ESC-50", False, None, "HTS-AT", "ce",
@@ -130,32 +136,33 @@ RECIPES: dict[str, PublishedRecipe] = {
 }
 
 
-def closest(multi_label: bool, frames: int, family: str) -> str:
+def closest(multi_label: bool, frames: int, family: str, balanced: bool = False) -> str:
     """The name of the published recipe closest to a task.
 
     Args:
         multi_label: the task's metric is mAP.
         frames: the task's clip length (``target_frames``).
         family: the init's family (``common.phases.init.init_family``).
+        balanced: the task samples its clips balanced (AST's AudioSet-2M).
     """
     if family == "htsat":
         return "htsat_audioset" if multi_label else "htsat_esc50"
     whose = "ssast" if family == "ssast" else "ast"
     if multi_label:
-        return f"{whose}_audioset20k"
+        return "ast_audioset2m" if balanced else f"{whose}_audioset20k"
     if frames < SHORT_CLIP_FRAMES:
         return f"{whose}_speechcommands"
     return "ast_esc50_audioset" if family == "ast" else f"{whose}_esc50"
 
 
-def choose(choice, multi_label: bool, frames: int, family: str, where: str) -> str:
+def choose(choice, multi_label: bool, frames: int, family: str, where: str, balanced: bool = False) -> str:
     """``defaults:`` as written (None: ``auto``) -> ``package`` or a name of :data:`RECIPES`.
 
     Raises:
         RecipeError: naming ``defaults`` and ``where`` for an unknown choice.
     """
     if choice is None or choice == AUTO:
-        return closest(multi_label, frames, family)
+        return closest(multi_label, frames, family, balanced)
     if choice == PACKAGE or choice in RECIPES:
         return choice
     raise RecipeError(f"defaults: expected {AUTO} (the published recipe closest to the task), {PACKAGE} (the "

@@ -108,6 +108,27 @@ def test_a_multi_label_task_file_follows_audioset20k(tmp_path, synth_corpus):
     assert kept.train.weight_average_from == 9
 
 
+@pytest.mark.parametrize("family, name", [("none", "ast_audioset2m"), ("ssast", "ast_audioset2m"),
+                                          ("ast", "ast_audioset2m"), ("htsat", "htsat_audioset")])
+def test_a_multi_label_task_with_balanced_sampling_is_closest_to_audioset2m(family, name):
+    assert closest(True, 1024, family, balanced=True) == name
+    assert closest(False, 512, family, balanced=True) == closest(False, 512, family)  # single-label: as before
+
+
+def test_a_balanced_multi_label_task_file_follows_audioset2m(tmp_path, synth_corpus):
+    """AST samples balanced for AudioSet-2M alone: a task file that does is a two-million-clip set, and the 20K
+    recipe's 25 epochs would be five times AST's compute there."""
+    notes: list[str] = []
+    recipe = load_recipe(task_file(tmp_path, synth_corpus, 1024, "metric: mAP\nbalanced: true\n"),
+                         overrides=["data.batch_size=4"], notes=notes)
+    o = recipe.optim
+    assert recipe.phases[0].epochs == 5 and recipe.train.weight_average_from == 1 and recipe.task.balanced
+    assert (o.lr, o.schedule, o.decay_start, o.decay_every, o.decay) == (1e-5, "multistep", 2, 1, 0.5)
+    assert "AST AudioSet-2M recipe (multi-label, 1024-frame clips, ImageNet init), chosen for a multi-label task of " \
+           "1024 frames, balanced sampling, from scratch" in notes[0]
+    assert load_recipe("audioset", overrides=["defaults=auto"]).phases[0].epochs == 5  # the registered AudioSet-2M
+
+
 def test_an_ssast_init_follows_ssasts_recipe(tmp_path, synth_corpus, tiny_cfg):
     from common.models.ast.encoder import ASTEncoder
     from common.models.exports import save_encoder
@@ -214,7 +235,7 @@ def _flat(recipe: dict) -> dict:
 
 
 @pytest.mark.parametrize("name, task", [("ssast_esc50", "esc50"), ("ssast_speechcommands", "speechcommands"),
-                                        ("ssast_audioset20k", "audioset20k")])
+                                        ("ssast_audioset20k", "audioset20k"), ("ast_audioset2m", "audioset")])
 def test_the_published_recipes_are_those_of_the_registered_tasks(name, task):
     ours, theirs = RECIPES[name].sections, TASKS[task][1]
     assert ours["phases"][0]["epochs"] == theirs["phases"][0]["epochs"]
