@@ -129,9 +129,9 @@ class Scalars:
     def resumed_at(self, step: int) -> None:
         """The run resumes after step ``step`` (a checkpoint's; -1: it starts from nothing): what an earlier launch
         logged past it (steps a crash or a non-finite loss undid, trained again from here) is hidden from
-        TensorBoard, so each curve is the run's one history. A validation taken at the checkpoint's own step
-        is logged again at that step by the resumed run, with the same values (validation draws nothing new):
-        the same point twice."""
+        TensorBoard, so each curve is the run's one history. A validation taken at the checkpoint's own step is
+        logged again at that step only where the resumed run does it again (it was cut short, or the checkpoint was
+        written before checkpoints recorded a finished validation): the same values, the same point twice."""
         self.purge_step = step + 1
         if self.writer is not None:  # opened already: open again, purging
             self.close()

@@ -9,13 +9,14 @@ section 2.2), streams waveform batches (``common.data.loader``) through the phas
 
     for each phase: for each optimiser step (``common.training.steps``): micro-batches -> loss -> backward -> step
         every log_every steps: log the window's losses and throughput
-        at a save point: checkpoint, then validate if due; at an epoch end: keep weights for averaging,
-        checkpoint, validate; then the phase change
+        at a save point: checkpoint, then validate if due (the checkpoint then says it was done); at an epoch end:
+        keep weights for averaging, checkpoint, validate; then the phase change
 
 A phase ends at its planned length, or, with an ``until`` section or ``train.stop_when_surpassing``, at the
 validation round where its criterion decides so (``common.phases.phase_end``: rank 0 decides, every rank follows;
 the criterion's state is checkpointed). Validation follows the checkpoint of the same step (the checkpoint
-remembers that it is pending), so an error in validation never loses training. A non-finite loss stops the run
+remembers that it is pending), so an error in validation never loses training; a validation done is restated into
+that checkpoint (``RunRecord.close_validation``), so a resume there does not run it again. A non-finite loss stops the run
 before the optimiser step, leaving the last checkpoint intact. A micro-batch whose clips were all bad audio
 takes its step with a zero gradient, so that every rank takes the same steps; too much bad audio is judged on
 the counts of all ranks at the log windows and checkpoints (``common.data.bad_audio.BadAudioTracker``).
@@ -224,6 +225,7 @@ class Trainer(PhaseMachinery):
             self._check_finite(index)  # no validation (nor best.safetensors) of weights a non-finite loss broke
         if eval_due:
             self._validate(engine.module, index, engine.lr_scheduler)
+            self._validated(engine, index)
         return self._end.decision is not None
 
     def _epoch_end(self, engine, index: int, group: StepGroup) -> bool:
@@ -241,6 +243,7 @@ class Trainer(PhaseMachinery):
             return True
         self._save(engine, index, pending_eval=True)
         self._validate(engine.module, index, engine.lr_scheduler)
+        self._validated(engine, index)
         return self._end.decision is not None
 
     def _end_phase(self, engine, index: int) -> None:
@@ -344,6 +347,13 @@ class Trainer(PhaseMachinery):
         self._judge(index, score, se)
         if self.spec.data.valid:
             self.record.pending.restart_clock()
+
+    def _validated(self, engine, index: int) -> None:
+        """A validation after this step's checkpoint is done and the phase goes on: the checkpoint says so
+        (:meth:`RunRecord.close_validation`), so that a resume from it trains on instead of validating again. A
+        phase that ends here is closed by its end's work (:meth:`RunRecord.close_phase`)."""
+        if self._saved_at == (index, self.state.total_steps) and self._phase_end(index).decision is None:
+            self.record.close_validation(index, self._phase_end(index).saved_state(self.dist), engine.lr_scheduler)
 
     def _phase_end(self, index: int) -> PhaseEnd:
         """What may end phase ``index`` (built on first use in the phase, from the checkpointed state)."""

@@ -100,6 +100,7 @@ class RunRecord:
         self.generator = torch.Generator().manual_seed(spec.train.seed * 1000 + dist.rank)
         self.scalars = Scalars(self.run_dir, enabled=dist.is_main)
         self.pending = _Pending(self.device)
+        self._schedule: dict | None = None  # a resumed checkpoint's schedule after its validation (close_validation)
         self._memory = PeakMemory(self.device)
 
     def _batch_size(self, index: int) -> int:
@@ -120,6 +121,7 @@ class RunRecord:
         # and another host's cached view of it may lag
         saved = self.dist.broadcast_object(self.checkpoints.trainer_state(tag) if self.dist.is_main else None)
         self.state = TrainState(**saved["state"])
+        self._schedule = saved.get("schedule") if not self.state.pending_eval else None
         self.scalars.resumed_at(self.state.total_steps)
         baseline = self.ledger.baseline
         self.ledger = Ledger.from_dict(saved["ledger"])  # with the stop target the run started with
@@ -178,8 +180,11 @@ class RunRecord:
         self._read_stop_target()
 
     def load(self, engine, tag: str) -> None:
-        """A resume within a phase: weights, optimiser, schedule and RNG from checkpoint ``tag``."""
+        """A resume within a phase: weights, optimiser, schedule and RNG from checkpoint ``tag``; the schedule as
+        the checkpoint's validation left it where that validation was done (:meth:`close_validation`)."""
         self.checkpoints.load_engine(engine, tag)
+        if self._schedule is not None and engine.lr_scheduler is not None:
+            engine.lr_scheduler.load_state_dict(self._schedule)
         self._restore_rng(tag)
 
     def _restore_rng(self, tag: str) -> None:
@@ -382,6 +387,15 @@ class RunRecord:
         """How the run draws its training clips, as its checkpoints record it (a resume says what changed)."""
         return "balanced" if self.spec.data.balanced else "shar-per-rank" if reads_per_rank(self.spec.data) else \
             "shuffle"
+
+    def close_validation(self, index: int, until: dict, scheduler) -> None:
+        """The validation that this step's checkpoint left pending is done and the phase goes on: the checkpoint
+        says so, with the ledger, the phase end criterion's state (``until``) and the learning-rate schedule as
+        that validation left them (its reaction to the score: the engine's files were written before it), so that
+        a resume from it trains on instead of validating again. Rank 0 writes; every rank calls."""
+        self.state.until = until
+        schedule = scheduler.state_dict() if scheduler is not None else None
+        self.checkpoints.restate(self._tag(index), **self._trainer_state(index), schedule=schedule)
 
     def close_phase(self, index: int) -> None:
         """Phase ``index``'s end work (its validation, record and export) is done: its checkpoint, taken before

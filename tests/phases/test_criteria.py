@@ -370,17 +370,43 @@ def test_a_plateau_ends_the_coarse_phase_at_the_step_the_scores_imply(tmp_path, 
 
 
 @pytest.mark.slow
+def test_a_resume_after_a_finished_validation_trains_on_at_the_rate_that_validation_set(tmp_path, synth_corpus,
+                                                                                       monkeypatch):
+    """A plateau schedule decays the learning rate in the validation after step 3's checkpoint: resumed there,
+    the run does not validate again and trains on at the decayed rate (the schedule as the validation left it,
+    restated into the checkpoint), to the uninterrupted run's weights, validations and rates."""
+    sets = ("optim.schedule=plateau", "optim.patience=0", "optim.decay=0.5", "optim.warmup_steps=0",
+            "train.eval_every=1", "train.save_every=100", "train.log_every=1")
+    scripted(monkeypatch, SCORES)
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run(straight, synth_corpus, *sets, steps=(6, 2)) == 0
+    assert run(stopped, synth_corpus, *sets, steps=(6, 2), stop=3) == 0
+    state = json.loads((stopped / "checkpoints" / "phase01-step000000003" / "trainer_state.json").read_text())
+    assert not state["state"]["pending_eval"] and state["schedule"]["factor"] == 0.5  # decayed at step 3's score
+    calls = []
+    real = Trainer._evaluate
+    monkeypatch.setattr(Trainer, "_evaluate", lambda self, *a: calls.append(self.state.step) or real(self, *a))
+    assert run(stopped, synth_corpus, *sets, steps=(6, 2)) == 0
+    assert calls == [4, 5, 6, 1, 2]  # phase 1 from step 4 on, then phase 2: step 3 is not validated again
+    assert [e["metrics"] for e in ledger(straight)["evals"]] == [e["metrics"] for e in ledger(stopped)["evals"]]
+    a, b = weights(straight), weights(stopped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_a_run_interrupted_while_a_criterion_is_pending_resumes_to_the_same_switch_and_weights(
         tmp_path, synth_corpus, monkeypatch):
     sets = (PLATEAU, "train.eval_every=1", "train.save_every=100")
     scripted(monkeypatch, SCORES)
     straight = tmp_path / "straight"
     assert run(straight, synth_corpus, *sets, steps=(6, 2)) == 0
-    # stopped at step 3, before its check (the first without a gain): the criterion's state is checkpointed
+    # stopped at step 3, after its check (the first without a gain): the checkpoint, taken before that check, then
+    # says it was done, with the criterion's state as it left it, and the resume does not check again
     stopped = tmp_path / "stopped"
     assert run(stopped, synth_corpus, *sets, steps=(6, 2), stop=3) == 0
     state = json.loads((stopped / "checkpoints" / "phase01-step000000003" / "trainer_state.json").read_text())
-    assert state["state"]["until"]["criterion"] == {"best": 0.3, "bad": 0, "best_se": None, "bar": 0.0}  # before step 3
+    assert state["state"]["until"]["criterion"] == {"best": 0.3, "bad": 1, "best_se": None, "bar": 0.0}
+    assert not state["state"]["pending_eval"] and len(state["ledger"]["evals"]) == 3
     assert run(stopped, synth_corpus, *sets, steps=(6, 2)) == 0
     # crashed in the validation that decides (step 4): the resume re-runs it and ends the phase there
     scripted(monkeypatch, SCORES, fail_at=(0, 4))
@@ -396,7 +422,8 @@ def test_a_run_interrupted_while_a_criterion_is_pending_resumes_to_the_same_swit
         assert [(p["steps"], p["ended_by"]) for p in ledger(other)["phases"]] == [(4, "plateau"), (2, "length")]
         b = weights(other)
         assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [e["metrics"] for e in ledger(straight)["evals"]] == [e["metrics"] for e in ledger(crashed)["evals"]]
+    for other in (stopped, crashed):  # every validation once
+        assert [e["metrics"] for e in ledger(straight)["evals"]] == [e["metrics"] for e in ledger(other)["evals"]]
 
 
 @pytest.mark.slow
