@@ -101,21 +101,22 @@ def _read_labels(path: Path, clips: int) -> list[tuple[str, ...]] | None:
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
-            names, flat, ends = data["names"].tolist(), data["flat"].tolist(), data["ends"].tolist()
+            names, flat, ends = json.loads(str(data["names"])), data["flat"].tolist(), data["ends"].tolist()
         if len(ends) != clips + 1 or ends[0] != 0 or ends[-1] != len(flat):
             raise ValueError(f"{len(ends) - 1} clips, the manifest {clips}")
         return [tuple(names[i] for i in flat[a:b]) for a, b in zip(ends[:-1], ends[1:])]
-    except (OSError, ValueError, KeyError, IndexError) as err:
-        log.warning("the cached labels %s are damaged (%s); reading them from the manifest again", path, err)
+    except Exception as err:  # noqa: BLE001 - cut short, emptied, bit-flipped (zip, npy, JSON errors alike)
+        log.warning("the cached labels %s are damaged (%s); reading them from the manifest again", path,
+                    f"{type(err).__name__}: {err}")
         return None
 
 
 def _write_labels(path: Path, rows: Sequence[tuple[str, ...]]) -> None:
-    """Cache per-clip labels (a name table, each clip's name numbers, their ends), atomically."""
+    """Cache per-clip labels (a name table as JSON, each clip's name numbers, their ends), atomically."""
     numbers: dict[str, int] = {}
     flat = [numbers.setdefault(label, len(numbers)) for row in rows for label in row]
     ends = np.cumsum([0] + [len(row) for row in rows], dtype=np.int64)
-    names = np.array(list(numbers), dtype=str) if numbers else np.zeros(0, dtype="<U1")
+    names = np.array(json.dumps(list(numbers)))  # JSON: every label as the manifest has it (numbers, NULs)
     with atomic_path(path) as tmp, tmp.open("wb") as out:
         np.savez(out, names=names, flat=np.asarray(flat, dtype=np.int32), ends=ends)
 

@@ -600,20 +600,32 @@ def test_balanced_weights_of_an_index_are_read_from_its_labels_cache_after_the_f
     (cache,) = folder.glob("train-*.labels.npz")
     parsed = []
     real_loads = json_module.loads
-    monkeypatch.setattr(manifest_index.json, "loads", lambda text: parsed.append(1) or real_loads(text))
+    monkeypatch.setattr(manifest_index.json, "loads",  # a manifest's records (bytes), not the cache's name table
+                        lambda text: (isinstance(text, bytes) and parsed.append(1)) or real_loads(text))
     assert balanced_weights(ManifestIndex([path], folder), []) == expected and parsed == []
     write(30)  # edited: another index, its own labels
     edited = balanced_weights(CutSet.from_file(path), [])
     assert balanced_weights(ManifestIndex([path], folder), []) == edited
     assert len(parsed) == 30 and len(list(folder.glob("train-*.labels.npz"))) == 2
     (newest,) = set(folder.glob("train-*.labels.npz")) - {cache}
-    newest.write_bytes(b"not a cache")
-    parsed.clear()
-    with caplog.at_level("WARNING"):
-        assert balanced_weights(ManifestIndex([path], folder), []) == edited
-    assert len(parsed) == 30 and f"the cached labels {newest} are damaged" in caplog.text
-    parsed.clear()
-    assert balanced_weights(ManifestIndex([path], folder), []) == edited and parsed == []  # written again
+    whole = newest.read_bytes()
+    mid = len(whole) // 2  # inside an array's bytes: the zip's CRC says so
+    for damaged in (b"not a cache", b"", whole[:mid], whole[:mid] + bytes([whole[mid] ^ 0xFF]) + whole[mid + 1:]):
+        newest.write_bytes(damaged)
+        parsed.clear()
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert balanced_weights(ManifestIndex([path], folder), []) == edited
+        assert len(parsed) >= 30 and f"the cached labels {newest} are damaged" in caplog.text
+        parsed.clear()
+        assert balanced_weights(ManifestIndex([path], folder), []) == edited and parsed == []  # written again
+    # labels as the manifest has them, whatever they are
+    from lhotse import MonoCut as Cut
+
+    CutSet.from_cuts(Cut(f"d{i}", 0, 1.0, 0, custom={"labels": [["x\x00", 7, "7", "é\tz"][i % 4]]})
+                     for i in range(8)).to_file(path)
+    first = ManifestIndex([path], folder).labels()
+    assert first == ManifestIndex([path], folder).labels() == [(["x\x00", 7, "7", "é\tz"][i % 4],) for i in range(8)]
 
 
 def test_a_file_that_is_no_manifest_by_its_name_is_named_so(tmp_path):
