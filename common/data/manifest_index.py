@@ -12,8 +12,8 @@ of the numbers drawn from ``(seed, epoch)`` (:class:`IndexShuffleSampler`): the 
 on every rank and after a resume.
 
 A cached copy is named by the manifest's absolute path, size and modification time (an edited manifest is
-indexed again) and written atomically, so ranks and runs sharing the folder build it at most once each and
-never read a partial one.
+indexed again, and the copy of its earlier version removed) and written atomically, so ranks and runs sharing the
+folder build it at most once each and never read a partial one.
 """
 
 from __future__ import annotations
@@ -121,6 +121,33 @@ def _write_labels(path: Path, rows: Sequence[tuple[str, ...]]) -> None:
         np.savez(out, names=names, flat=np.asarray(flat, dtype=np.int32), ends=ends)
 
 
+_INDEX_FILES = (".jsonl", ".offsets.npy", ".labels.npz", ".source")
+
+
+def _forget_earlier_versions(folder: Path, path: Path, key: str) -> None:
+    """Record that index ``key`` is manifest ``path``'s (``<key>.source``) and remove the copies of its earlier
+    versions (the same manifest edited or prepared again: each about the manifest's uncompressed size, never read
+    again, since its key names the size and time). A process still reading one keeps its mapping (the file goes
+    when it closes it); a copy of another manifest of the same name elsewhere is another path's, kept."""
+    source = str(path.resolve())
+    mine = folder / f"{key}.source"
+    if not mine.is_file() or mine.read_text() != source:
+        with atomic_path(mine) as tmp:
+            tmp.write_text(source)
+    for other in folder.glob(f"{path.name.split('.')[0]}-*.source"):
+        if other == mine:
+            continue
+        try:
+            if other.read_text() != source:
+                continue
+        except OSError:  # removed meanwhile by another rank doing the same
+            continue
+        stem = other.name[: -len(".source")]
+        for suffix in _INDEX_FILES:
+            (folder / f"{stem}{suffix}").unlink(missing_ok=True)
+        log.info("removed %s's index %s in %s: the manifest has changed since", path, stem, folder)
+
+
 STALE_SECONDS = 6 * 3600  # a build writes its temporary files from start to end in minutes
 
 
@@ -155,6 +182,7 @@ class ManifestIndex:
             if not offsets.is_file():
                 log.info("indexing %s for a whole-set shuffle into %s (once per manifest)", path, folder)
                 _build(path, lines, offsets)
+            _forget_earlier_versions(folder, path, key)
             try:
                 starts, lines_map = _open(lines, offsets)
             except (OSError, ValueError, EOFError) as err:  # e.g. emptied by a crash: index the manifest again
