@@ -12,8 +12,8 @@ of the numbers drawn from ``(seed, epoch)`` (:class:`IndexShuffleSampler`): the 
 on every rank and after a resume.
 
 A cached copy is named by the manifest's absolute path, size and modification time (an edited manifest is
-indexed again, and the copy of its earlier version removed) and written atomically, so ranks and runs sharing the
-folder build it at most once each and never read a partial one.
+indexed again, and the copy of its earlier version removed once no run opened it for a week) and written
+atomically, so ranks and runs sharing the folder build it at most once each and never read a partial one.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import json
 import logging
 import mmap
 import os
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -124,28 +125,36 @@ def _write_labels(path: Path, rows: Sequence[tuple[str, ...]]) -> None:
 _INDEX_FILES = (".jsonl", ".offsets.npy", ".labels.npz", ".source")
 
 
+UNUSED_SECONDS = 7 * 24 * 3600  # an earlier version's copy unopened this long is removed
+
+
 def _forget_earlier_versions(folder: Path, path: Path, key: str) -> None:
-    """Record that index ``key`` is manifest ``path``'s (``<key>.source``) and remove the copies of its earlier
-    versions (the same manifest edited or prepared again: each about the manifest's uncompressed size, never read
-    again, since its key names the size and time). A process still reading one keeps its mapping (the file goes
-    when it closes it); a copy of another manifest of the same name elsewhere is another path's, kept."""
+    """Record that index ``key`` is manifest ``path``'s and when it was last opened (``<key>.source``, touched at
+    every open), and remove the copies of its earlier versions (the same manifest edited or prepared again: each
+    about the manifest's uncompressed size, never read again since its key names the size and time) that nothing
+    opened for :data:`UNUSED_SECONDS`: a run still on an earlier version (started before the manifest changed) keeps
+    its copy, on a local disk or a host that maps it over NFS. A copy of another manifest of the same name
+    elsewhere is another path's, kept."""
     source = str(path.resolve())
     mine = folder / f"{key}.source"
     if not mine.is_file() or mine.read_text() != source:
         with atomic_path(mine) as tmp:
             tmp.write_text(source)
+    else:
+        os.utime(mine)
     for other in folder.glob(f"{path.name.split('.')[0]}-*.source"):
         if other == mine:
             continue
         try:
-            if other.read_text() != source:
+            if other.read_text() != source or time.time() - other.stat().st_mtime < UNUSED_SECONDS:
                 continue
         except OSError:  # removed meanwhile by another rank doing the same
             continue
         stem = other.name[: -len(".source")]
         for suffix in _INDEX_FILES:
             (folder / f"{stem}{suffix}").unlink(missing_ok=True)
-        log.info("removed %s's index %s in %s: the manifest has changed since", path, stem, folder)
+        log.info("removed %s's index %s in %s: the manifest has changed since, and no run opened it for %d days",
+                 path, stem, folder, UNUSED_SECONDS // 86400)
 
 
 STALE_SECONDS = 6 * 3600  # a build writes its temporary files from start to end in minutes
