@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from common.data.audio_file import AudioFile, AudioReadError, Samples
+from common.data.audio_file import AudioFile, AudioReadError, Samples, folder_audio
 from common.data.corpora.base import AUDIO_SUFFIXES
 from common.data.decode import BadClip, load_clip, source_path
 from common.data.manifests import count_clips, manifest_problem, open_cuts
@@ -98,7 +98,7 @@ def list_clips(inputs: Sequence[str | os.PathLike]) -> tuple[Iterator[Clip], int
             total = None if total is None or count is None else total + count
             plan.append(("manifest", path, None))
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+            files = folder_audio(path)
             if not files:
                 raise FileNotFoundError(f"--inputs: folder {path} holds no audio files ({', '.join(AUDIO_SUFFIXES)})")
             total = None if total is None else total + len(files)
@@ -122,15 +122,13 @@ def list_clips(inputs: Sequence[str | os.PathLike]) -> tuple[Iterator[Clip], int
 
 
 def prefetch(clips: Iterable[Clip], rate: int, workers: int,
-              channels: str = "first") -> Iterator[tuple[Clip, AudioFile | Samples | str]]:
+             channels: str = "first") -> Iterator[tuple[Clip, AudioFile | Samples | str]]:
     """``(clip, its audio or the reason it cannot be read)`` in order, opened by ``workers`` threads; a clip of up
     to :data:`WHOLE_SECONDS` is decoded there too, a longer file is read a window at a time by whoever embeds it."""
-    whole_seconds = WHOLE_SECONDS
-
     def read(clip: Clip) -> AudioFile | Samples | str:
         try:
             audio = clip.open(rate, channels)
-            if audio.streamed and audio.num_samples <= whole_seconds * rate:
+            if audio.streamed and audio.num_samples <= WHOLE_SECONDS * rate:
                 with audio:
                     return Samples(audio.read(0, audio.num_samples), rate)
             return audio

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.data.audio_file import AudioFile, AudioReadError
+from common.data.audio_file import AudioFile, AudioReadError, folder_audio
 from common.data.corpora.base import AUDIO_SUFFIXES
 from common.system.prog import prog
 
@@ -165,8 +165,7 @@ def expand_folders(paths: list[str]) -> list[str]:
     without any stays, to be reported)."""
     files = []
     for path in paths:
-        found = sorted(str(p) for p in Path(path).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()) \
-            if Path(path).is_dir() else []
+        found = [str(p) for p in folder_audio(path)] if Path(path).is_dir() else []
         files += found or [path]
     return files
 

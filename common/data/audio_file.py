@@ -32,9 +32,11 @@ from lhotse.audio.resampling_backend import get_current_resampling_backend
 from lhotse.augmentation.torchaudio import Resample
 from lhotse.utils import compute_num_samples
 
+from common.data.corpora.base import AUDIO_SUFFIXES
 from common.data.integrity import truncation
 
-__all__ = ["AudioReadError", "AudioFile", "Samples", "load_audio", "BLOCK_SECONDS", "STREAMED_FORMATS"]
+__all__ = ["AudioReadError", "AudioFile", "Samples", "load_audio", "folder_audio", "BLOCK_SECONDS",
+           "STREAMED_FORMATS"]
 
 BLOCK_SECONDS = 30.0  # samples read (and resampled) at once around a window of a streamed file
 STREAMED_FORMATS = ("WAV", "WAVEX", "FLAC", "AIFF", "W64", "RF64", "CAF")  # libsndfile seeks these exactly
@@ -231,3 +233,9 @@ def load_audio(path: str | os.PathLike, sample_rate: int, channels: str = "first
     """The whole of ``path`` at ``sample_rate`` (see :class:`AudioFile`; raises :class:`AudioReadError`)."""
     with AudioFile(path, sample_rate, channels) as audio:
         return audio.read(0, audio.num_samples)
+
+
+def folder_audio(folder: str | os.PathLike) -> list[Path]:
+    """What a folder given to ``predict.py`` or ``embed.py`` stands for: its audio files (:data:`AUDIO_SUFFIXES`)
+    at any depth, sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())

@@ -226,7 +226,7 @@ class ManifestIndex:
         record: about a minute for AudioSet-2M, once per manifest instead of on every rank at every start)."""
         shared: dict[str, str] = {}
         rows: list[tuple[str, ...]] = []
-        for number, (lines, starts, cache) in enumerate(zip(self._maps, self._offsets, self._labels_files)):
+        for lines, starts, cache in zip(self._maps, self._offsets, self._labels_files):
             part = _read_labels(cache, len(starts) - 1)
             if part is None:
                 records = (json.loads(lines[a:b]) for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()))

@@ -142,6 +142,12 @@ class SharShard:
     fields: Mapping[str, str]
     clips: int
 
+    @functools.cached_property
+    def seekable(self) -> bool:
+        """Whether its data is read pair by pair (local uncompressed tars, JSON lines): clips passed over without
+        reading their audio."""
+        return all(_seekable(path) for name, path in self.fields.items() if name != "cuts")
+
     def cuts(self, first: int, stop: int, audio: Callable[[int], bool] | None = None) -> Iterator:
         """Clips ``first`` to ``stop`` of the shard, their audio attached; ``audio(i)`` False: clip ``i`` comes
         without it (its metadata only). Local tars are read pair by pair and a clip without audio, or before
@@ -152,7 +158,7 @@ class SharShard:
                 shorter one without a word, and this rank would fall out of step with the others).
         """
         others = {name: path for name, path in self.fields.items() if name != "cuts"}
-        if all(_seekable(path) for path in others.values()):
+        if self.seekable:
             got = yield from self._paired(first, stop, others, audio)
         else:
             got = 0
@@ -223,7 +229,7 @@ class SharSet:
     def seekable(self) -> bool:
         """Whether every shard's data is read pair by pair (local uncompressed tars, JSON lines), so that clips
         are passed over without reading their audio (a resume's skipped batches)."""
-        return all(_seekable(path) for shard in self.shards for name, path in shard.fields.items() if name != "cuts")
+        return all(shard.seekable for shard in self.shards)
 
     def order(self, epoch: int, seed: int, shuffle: bool = True) -> list[SharShard]:
         """The shards in epoch ``epoch``'s order: a permutation drawn from ``(seed, epoch)``, the same on every rank

@@ -16,8 +16,8 @@ A phase ends at its planned length, or, with an ``until`` section or ``train.sto
 validation round where its criterion decides so (``common.phases.phase_end``: rank 0 decides, every rank follows;
 the criterion's state is checkpointed). Validation follows the checkpoint of the same step (the checkpoint
 remembers that it is pending), so an error in validation never loses training; a validation done is restated into
-that checkpoint (``RunRecord.close_validation``), so a resume there does not run it again. A non-finite loss stops the run
-before the optimiser step, leaving the last checkpoint intact. A micro-batch whose clips were all bad audio
+that checkpoint (``RunRecord.close_validation``), so a resume there does not run it again. A non-finite loss stops
+the run before the optimiser step, leaving the last checkpoint intact. A micro-batch whose clips were all bad audio
 takes its step with a zero gradient, so that every rank takes the same steps; too much bad audio is judged on
 the counts of all ranks at the log windows and checkpoints (``common.data.bad_audio.BadAudioTracker``).
 Re-running on the same run directory resumes exactly.
