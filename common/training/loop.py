@@ -37,6 +37,7 @@ from common.system.distributed import Dist
 from common.system.logger import progress
 from common.system.signals import StoppedBySignal, stop_requested
 from common.training.compile import maybe_compile
+from common.training.log_window import LogWindow
 from common.training.objective import Objective
 from common.training.optim import build_engine
 from common.training.phase import PhaseMachinery
@@ -62,7 +63,7 @@ class Trainer(PhaseMachinery):
         self.scalars = self.record.scalars
         self._end: PhaseEnd | None = None  # what may end the current phase (see _phase_end)
         self._stopped_by: int | None = None  # the signal that stopped this call (common.system.signals)
-        self._window: dict = {}  # the open log window's loss sums on this rank, and "_n" (see RunRecord.log_window)
+        self._window = LogWindow(dist)  # the open log window's loss sums on this rank
         self._saved_at: tuple[int, int] | None = None  # (phase, total steps) of this call's last checkpoint
         self.steps_taken = 0  # optimiser steps of the last call of run() (a command's budget spans several runs)
 
@@ -137,7 +138,7 @@ class Trainer(PhaseMachinery):
         """Train phase ``index`` to its end (True) or until ``budget`` steps (False); returns the steps done."""
         st, phase = self.state, self.spec.phases[index]
         ended, steps = self._phase_end(index).decision is not None, 0  # decided by the validation a resume re-ran
-        self._window = {}
+        self._window = LogWindow(self.dist)
         if not ended:  # the workers start (or resume) and decode before the phase's clock starts
             loader = self._train_loader(index)
             stream = loader.batches(st.data_epoch, st.data_index,
@@ -151,7 +152,7 @@ class Trainer(PhaseMachinery):
                 None if per_epoch is None else phase.max_length * per_epoch
             bar = progress(total, st.step, phase.label(index), self.dist.is_main)
             pipeline = self._frontend(index, self.objective.specaug)
-            window = self._window = self.record.open_window()  # a resumed window goes on where it was saved
+            window = self._window = LogWindow(self.dist, st.window)  # a resumed window goes on where it was saved
             try:
                 for group in step_groups(stream, self.splits[index].grad_accum, not phase.iteration_based,
                                          st.data_epoch):
@@ -193,7 +194,7 @@ class Trainer(PhaseMachinery):
             self._stopped_by = signum
         return bool(signum)
 
-    def _step(self, engine, index: int, group: StepGroup, pipeline: nn.Module, window: dict, bar,
+    def _step(self, engine, index: int, group: StepGroup, pipeline: nn.Module, window: LogWindow, bar,
               last: bool) -> bool:
         """One optimiser step, then what falls due after it (``last``: the last of this call's budget: checkpoint
         it); True when the phase ends here."""
@@ -204,10 +205,8 @@ class Trainer(PhaseMachinery):
             if not len(batch):  # no usable clip: a step that contributes nothing, logged as nothing
                 continue
             self._end.add_loss(logs["loss"])
-            for key, value in logs.items():  # summed on the device: no host sync per step
-                window[key] = window.get(key, 0.0) + value.detach().double()
+            window.add(logs)  # summed on the device: no host sync per step
             self.record.pending.samples += len(batch)
-            window["_n"] = window.get("_n", 0) + 1
         broadcast_statistics(engine.module, self.dist)  # rank 0's BatchNorm statistics on every rank (HTS-AT's bn0)
         st.step += 1
         st.total_steps += 1
@@ -378,7 +377,7 @@ class Trainer(PhaseMachinery):
             log.info("%s ends here (%s %d): %s", phase.label(index), "step" if phase.iteration_based else "epoch",
                      at, decision.note)
 
-    def _log_window(self, engine, index: int, window: dict, bar) -> None:
+    def _log_window(self, engine, index: int, window: LogWindow, bar) -> None:
         self._check_finite(index)
         self.tracker.check(whole=False)  # every rank's bad clips so far, judged together (collective)
         self.record.log_window(index, window, engine.lr_scheduler.get_last_lr()[0], bar)

@@ -34,6 +34,7 @@ from common.system.engine_config import resolve_zero_stage
 from common.system.logger import Scalars
 from common.training.checkpoints import RunCheckpoints, capture_rng, make_tag, restore_rng
 from common.training.ledger import Ledger, Window
+from common.training.log_window import LogWindow
 from common.training.nonfinite import NonFiniteLoss
 from common.training.objective import Objective
 from common.training.plan import RunPlan
@@ -318,13 +319,13 @@ class RunRecord:
         ledger write)."""
         self.ledger.add_upsampled(self.tracker.take_upsampled(self.dist))
 
-    def save(self, engine, index: int, pending_eval: bool, until: dict, window: dict) -> None:
-        """Checkpoint the run (``until``: the phase end criterion's state; ``window``: the open log window, see
-        :meth:`fold_window`), with its ledger (and, the first time, its recipe.yaml)."""
+    def save(self, engine, index: int, pending_eval: bool, until: dict, window: LogWindow) -> None:
+        """Checkpoint the run (``until``: the phase end criterion's state; ``window``: the open log window, saved
+        folded over the ranks: :meth:`LogWindow.fold`), with its ledger (and, the first time, its recipe.yaml)."""
         self.account(index)
         self.tracker.check(whole=False)  # every rank's bad clips counted into the checkpoint, judged (collective)
         st = self.state
-        st.pending_eval, st.until, st.window = pending_eval, until, self.fold_window(window)
+        st.pending_eval, st.until, st.window = pending_eval, until, window.fold()
         tag = self._tag(index)
         self._count_upsampled()
         if self.dist.is_main and self.spec.run_recipe is not None:
@@ -424,42 +425,11 @@ class RunRecord:
             f"learning rate (e.g. --set optim.lr=...: a resumed run accepts learning-rate and schedule changes and "
             f"records them in ledger.json), then run the command again to resume from it")
 
-    def _window_sums(self, window: dict) -> tuple[list[str], list[float]]:
-        """The keys of every rank's window and their sums over the ranks, ``_n`` last (collective)."""
-        n = window.get("_n", 0)
-        keys = sorted(k for k in window if k != "_n")
-        if self.dist.world_size > 1:  # every rank's micro-batches (a rank whose were all empty has no keys)
-            keys = sorted(set().union(*self.dist.gather_objects(keys)))
-        sums = torch.stack([torch.as_tensor(window.get(k, 0.0), dtype=torch.float64, device=self.device)
-                            for k in keys] + [torch.tensor(float(n), dtype=torch.float64, device=self.device)])
-        return keys, self.dist.all_reduce_sum(sums).tolist()  # one host read for the window
-
-    def fold_window(self, window: dict) -> dict:
-        """At a checkpoint: the open log window's sums over every rank (saved with it), which rank 0's window
-        now holds and the others' no longer do (collective). A run resumed there starts its window from them on
-        rank 0 (:meth:`open_window`), so its next log adds the same numbers in the same order as this run's."""
-        keys, sums = self._window_sums(window)
-        saved = dict(zip([*keys, "_n"], sums))
-        window.clear()
-        window.update(self.open_window(saved))
-        return saved
-
-    def open_window(self, saved: dict | None = None) -> dict:
-        """A phase's log window as it stands in ``saved`` (default: the state's), on rank 0; empty elsewhere."""
-        saved = self.state.window if saved is None else saved
-        if not self.dist.is_main or not saved.get("_n"):
-            return {}
-        return {k: int(round(v)) if k == "_n" else torch.tensor(v, dtype=torch.float64, device=self.device)
-                for k, v in saved.items()}
-
-    def log_window(self, index: int, window: dict, lr: float, bar) -> None:
-        """A log window's mean losses over every rank's micro-batches (``window``: this rank's sums on the device,
-        and ``_n``; it empties) and the throughput since the last account, to TensorBoard, the progress bar and
-        the log (collective)."""
+    def log_window(self, index: int, window: LogWindow, lr: float, bar) -> None:
+        """A log window's mean losses over every rank's micro-batches (``window`` empties) and the throughput
+        since the last account, to TensorBoard, the progress bar and the log (collective)."""
         trained = self.account(index)
-        keys, (*sums, n) = self._window_sums(window)
-        values = {f"train/{k}": v / max(n, 1) for k, v in zip(keys, sums)}
-        window.clear()
+        values = {f"train/{k}": v for k, v in window.means().items()}
         values.update({
             "train/lr": lr,
             "perf/samples_per_s": trained.samples_per_second,
