@@ -26,7 +26,7 @@ from common.system.lock import LOCK_FILE, RunDirBusy, job_lock
 from common.system.logger import detach_run_logs, log_traceback, setup_logging
 from common.system.signals import StoppedBySignal, piped, stop_on_signals
 from common.training.batch import launch_world_size
-from common.training.checkpoints import NoUsableCheckpoint
+from common.training.checkpoint_files import NoUsableCheckpoint
 from common.training.nonfinite import NonFiniteLoss
 from common.training.run_recipe import RunRecipe, prepare_run_dir
 

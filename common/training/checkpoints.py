@@ -20,19 +20,12 @@ A resume from an older checkpoint than the newest on disk (the newer ones damage
 moves the newer folders aside (``.aside-TAG``, for inspection until the run saves that tag again, which removes
 it), so that pruning never takes the checkpoints the resumed run writes.
 
-Resuming verifies the checkpoint it picks (its state file parses, every file has the size and SHA-256
-it was written with, every ``.pt`` file unpickles with ``weights_only=True``) and falls back to the newest
-intact one, with a warning naming what was skipped and why; without ``LATEST`` it looks for the newest
-intact checkpoint on disk. When checkpoints exist but none is usable, it refuses to start from scratch
-(:class:`NoUsableCheckpoint`).
-
-Nothing a resume loads can run code: DeepSpeed's loaders (its checkpoint engine, the ZeRO optimizer
-states, the universal conversion and loading) call ``torch.load(weights_only=False)``; while this module
-loads a checkpoint into an engine, every ``torch.load`` of the process is made ``weights_only=True``, with
-only the few DeepSpeed classes its files hold allowed besides tensors (:func:`weights_only_loads`). A file
-that needs anything else is refused (:class:`UnsafeCheckpointFile`), before and during loading. The
-digests detect a file damaged or replaced behind the state file's back; they are no defence against
-someone who can write the run directory (they can rewrite ``trainer_state.json`` too): ``weights_only`` is.
+Resuming verifies the checkpoint it picks (``common.training.checkpoint_files``: sizes, SHA-256 digests, every
+``.pt`` file unpickled with ``weights_only=True``) and falls back to the newest intact one, with a warning naming
+what was skipped and why; without ``LATEST`` it looks for the newest intact checkpoint on disk. When checkpoints
+exist but none is usable, it refuses to start from scratch (:class:`NoUsableCheckpoint`). Loading into an engine
+runs DeepSpeed's loaders under :func:`common.training.checkpoint_files.weights_only_loads`: nothing a resume loads
+can run code.
 
 Another number of ranks: DeepSpeed cannot load ZeRO-partitioned optimizer state (stage >= 1) into another
 number of ranks; such a checkpoint is converted once into DeepSpeed's universal format
@@ -44,14 +37,10 @@ they are.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
-import os
-import pickle
 import shutil
-import zipfile
 from argparse import Namespace
 from pathlib import Path
 
@@ -59,9 +48,18 @@ import torch
 
 from common.system.atomic import atomic_write_text
 from common.system.disk import NoSpace, free_bytes, out_of_space, tree_size
+from common.training.checkpoint_files import (
+    DIGESTS,
+    MODEL_FILE,
+    STATE_FILE,
+    NoUsableCheckpoint,
+    damage,
+    measure,
+    safe_load,
+    weights_only_loads,
+)
 
-__all__ = ["RunCheckpoints", "expected_size", "NoUsableCheckpoint", "UnsafeCheckpointFile", "make_tag", "capture_rng",
-           "restore_rng", "safe_load", "weights_only_loads"]
+__all__ = ["RunCheckpoints", "expected_size", "make_tag", "capture_rng", "restore_rng"]
 
 log = logging.getLogger(__name__)
 
@@ -70,93 +68,6 @@ TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"  # a published checkpoint while a new one of its tag replaces it
 ASIDE_PREFIX = ".aside-"  # a checkpoint newer than the one a run resumed from
 UNIVERSAL_PREFIX = ".universal-"
-STATE_FILE = "trainer_state.json"
-DIGESTS = "sha256"  # trainer_state.json's {file name: SHA-256} (checkpoints written before it have sizes only)
-# DeepSpeed's file with the module weights (ZeRO stage <= 2 keeps the whole module in rank 0's file)
-MODEL_FILE = "mp_rank_00_model_states.pt"
-
-
-class NoUsableCheckpoint(RuntimeError):
-    """Checkpoints exist but none can be resumed from."""
-
-
-class UnsafeCheckpointFile(NoUsableCheckpoint):
-    """A checkpoint file that does not unpickle with ``weights_only=True`` (nothing in it was run).
-
-    Attributes:
-        reason: which file, and what torch refused in it.
-    """
-
-    def __init__(self, path, err: Exception) -> None:
-        self.reason = f"{path} cannot be loaded with weights_only=True ({_unpickling_reason(err)})"
-        super().__init__(f"{self.reason}: it was not written by this package's training (replaced?), and nothing "
-                         f"in it was run. Move its checkpoint folder aside to resume from an older one, or start over "
-                         f"with --restart")
-
-
-def _deepspeed_globals() -> list:
-    """The classes DeepSpeed pickles into this package's checkpoints besides tensors and containers (the
-    ZeRO optimizer states: the loss scaler, the ZeRO stage, parameter fragment addresses)."""
-    # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def _unpickling_reason(err: Exception) -> str:
-    """The line of torch's (long) weights_only error that says what was refused."""
-    for line in str(err).splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].split(" was not an allowed global")[0].strip()
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
-
-
-def safe_load(path, *args, **kwargs):
-    """``torch.load(path, ..., weights_only=True)`` allowing DeepSpeed's checkpoint classes, whatever
-    ``weights_only`` the caller passes.
-
-    Raises:
-        UnsafeCheckpointFile: the file needs other globals (a crafted or foreign file).
-    """
-    with torch.serialization.safe_globals(_deepspeed_globals()):
-        try:
-            return torch.serialization.load(path, *args, **{**kwargs, "weights_only": True})
-        except pickle.UnpicklingError as err:
-            raise UnsafeCheckpointFile(path, err) from None
-
-
-@contextlib.contextmanager
-def weights_only_loads():
-    """Within the block, every ``torch.load`` of this process is :func:`safe_load`, whatever its caller asks
-    (DeepSpeed's checkpoint loaders pass ``weights_only=False``)."""
-    previous, torch.load = torch.load, safe_load
-    try:
-        yield
-    finally:
-        torch.load = previous
-
-
-def _sha256(path: Path) -> str:
-    return _measure(path)[1]
-
-
-def _measure(path: Path, flush: bool = False) -> tuple[int, str]:
-    """A file's size and SHA-256, both read through one open handle (``fstat``: the size of what is read);
-    ``flush``: its data forced to disk first (``fsync``), so that the digest a checkpoint publishes is of what a
-    host crash leaves on disk."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        if flush:
-            try:
-                os.fsync(handle.fileno())
-            except OSError:  # a file system that cannot: as written
-                pass
-        size = os.fstat(handle.fileno()).st_size
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return size, digest.hexdigest()
 
 
 def make_tag(phase: int, step: int) -> str:
@@ -178,48 +89,6 @@ def restore_rng(rng: dict, generator: torch.Generator, device: torch.device) -> 
     generator.set_state(rng["generator"])
     if "cuda" in rng and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], device)
-
-
-def _damage(folder: Path) -> str | None:
-    """Why the checkpoint in ``folder`` cannot be resumed from, or None if it is intact."""
-    state_file = folder / STATE_FILE
-    if not state_file.is_file():
-        return f"{state_file.name} is missing"
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, ValueError) as err:
-        return f"{state_file} is unreadable ({err})"
-    if not isinstance(state, dict) or "state" not in state:
-        return f"{state_file} holds no trainer state"
-    files, digests = state.get("files", {}), state.get(DIGESTS)
-    for name, size in files.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{path} is missing"
-        if path.stat().st_size != size:
-            return f"{path} has {path.stat().st_size} bytes, {size} were written"
-        if digests is not None and digests.get(name) != _sha256(path):
-            return f"{path} is not the file that was written (its SHA-256 differs: damaged or replaced)"
-    if not (folder / MODEL_FILE).is_file():
-        return f"{folder / MODEL_FILE} is missing"
-    for path in sorted(folder.glob("*.pt")):
-        if digests is not None and path.name not in files:
-            return f"{path} was not written with the checkpoint"
-        if digests is None:  # written before digests: the archive's own checksums
-            try:
-                with zipfile.ZipFile(path) as archive:
-                    bad = archive.testzip()
-            except (OSError, zipfile.BadZipFile) as err:
-                return f"{path} is damaged ({err})"
-            if bad is not None:
-                return f"{path} is damaged (entry {bad} fails its checksum)"
-        try:
-            safe_load(path, map_location="cpu", mmap=True)  # unpickles; the tensors stay on disk
-        except UnsafeCheckpointFile as err:
-            return err.reason
-        except Exception as err:  # noqa: BLE001 - zip, mmap and unpickling errors: the file is unusable
-            return f"{path} cannot be loaded ({type(err).__name__}: {err})"
-    return None
 
 
 def expected_size(engine, world_size: int = 1) -> int:
@@ -319,7 +188,7 @@ class RunCheckpoints:
         # close already sent it to the server).
         seen = sorted(p.name for p in tmp.iterdir() if p.is_file())
         names = sorted(set().union(*self.dist.gather_objects(seen)))
-        share = {name: _measure(tmp / name, flush=True) for name in names[self.dist.rank::self.dist.world_size]}
+        share = {name: measure(tmp / name, flush=True) for name in names[self.dist.rank::self.dist.world_size]}
         measured = {name: value for part in self.dist.gather_objects(share) for name, value in part.items()}
         if self.dist.is_main:
             files = {name: measured[name][0] for name in names}
@@ -367,7 +236,7 @@ class RunCheckpoints:
             candidates.insert(0, latest)
         skipped = []
         for tag in candidates:
-            reason = _damage(self.ckdir / tag)
+            reason = damage(self.ckdir / tag)
             if reason is None:
                 self._set_aside_after(tag)
                 return tag, skipped

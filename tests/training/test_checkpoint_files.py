@@ -102,14 +102,14 @@ class _TwoHosts:
         return obj
 
     def gather_objects(self, obj) -> list:
-        from common.training.checkpoints import _measure
+        from common.training.checkpoint_files import measure
 
         tmp = next(self.folder.glob(".tmp-*"))
         names = sorted(p.name for p in _ITERDIR(tmp))
         if isinstance(obj, list):  # the listing
             return [obj, names]
         union = sorted(set(names) | set(obj))
-        return [obj, {name: _measure(tmp / name) for name in union[1::2]}]
+        return [obj, {name: measure(tmp / name) for name in union[1::2]}]
 
 
 def test_a_checkpoint_lists_the_files_every_rank_wrote_as_written(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common.training.checkpoints as rc
+from common.training.checkpoint_files import safe_load
 from pretrain.run import main
 from tests.helpers import RECIPE, tiny
 
@@ -33,7 +34,7 @@ class Payload:
 def craft(path: Path, marker: Path) -> None:
     """Replace checkpoint file ``path`` by a working copy of itself that runs code when unpickled, and fix up
     its recorded size and SHA-256."""
-    state = rc.safe_load(path, map_location="cpu")
+    state = safe_load(path, map_location="cpu")
     state["extra"] = Payload(marker)
     torch.save(state, path)
     torch.load(path, weights_only=False)  # the file is a real attack: unpickled as DeepSpeed does, it runs
@@ -91,7 +92,7 @@ def test_a_file_replaced_after_verification_is_refused_by_the_load_itself(stoppe
     which asks torch.load for weights_only=False, unpickles with weights_only=True too."""
     marker = tmp_path / "marker"
     craft(stopped / "checkpoints" / "phase01-step000000002" / name, marker)
-    monkeypatch.setattr(rc, "_damage", lambda folder: None)
+    monkeypatch.setattr(rc, "damage", lambda folder: None)
     assert main(args(stopped, synth_corpus)) == 1
     err = capsys.readouterr().err
     assert not marker.exists()
@@ -112,7 +113,7 @@ def test_the_universal_conversion_unpickles_with_weights_only(stopped, synth_cor
     marker = tmp_path / "marker"
     craft(stopped / "checkpoints" / "phase01-step000000002" / OPTIM, marker)
     _as_if_written_by_two_ranks(stopped)
-    monkeypatch.setattr(rc, "_damage", lambda folder: None)
+    monkeypatch.setattr(rc, "damage", lambda folder: None)
     assert main(args(stopped, synth_corpus)) == 1
     err = capsys.readouterr().err
     assert not marker.exists()

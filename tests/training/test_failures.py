@@ -103,7 +103,7 @@ class FakeDisk:
 @pytest.mark.slow
 def test_a_full_disk_at_a_checkpoint_is_named_and_the_last_checkpoint_stays(tmp_path, synth_corpus, monkeypatch,
                                                                            capsys):
-    from common.training.checkpoints import _damage
+    from common.training.checkpoint_files import damage
 
     run_dir, ckdir = tmp_path / "run", tmp_path / "run" / "checkpoints"
     disk = FakeDisk(monkeypatch)
@@ -118,7 +118,7 @@ def test_a_full_disk_at_a_checkpoint_is_named_and_the_last_checkpoint_stays(tmp_
     assert "needed, " in line and " free)" in line and "the last checkpoint phase01-step000000002 is intact" in line
     assert "the partial checkpoint was removed" in line and not list(ckdir.glob(".tmp-*"))  # the disk not left full
     assert (ckdir / "LATEST").read_text() == "phase01-step000000002"
-    assert snapshot(ckdir / "phase01-step000000002") == kept and _damage(ckdir / "phase01-step000000002") is None
+    assert snapshot(ckdir / "phase01-step000000002") == kept and damage(ckdir / "phase01-step000000002") is None
     # less free space than the last checkpoint takes: refused before anything of the next one is written
     disk.fill_at_next_save = False
     size = sum(p.stat().st_size for p in (ckdir / "phase01-step000000002").iterdir())
