@@ -162,7 +162,7 @@ def check_tasks(recipe: ProbeRecipe) -> None:
 def _task(name: str, recipe: ProbeRecipe):
     """Task ``name`` (registered, or a task file) with its manifests under the suite's ``data_root``."""
     from common.config.recipe import build
-    from finetune.recipe import task_source
+    from finetune.task_file import task_source
     from finetune.tasks import TaskConfig
 
     fields, _ = task_source(name)

@@ -60,7 +60,7 @@ def _stated_batch(task: str, recipe_path: Path | None) -> tuple[int | None, str]
     """The global batch the task's default recipe and the recipe file state (before ``--set``), and whose."""
     from common.config.recipe import load_yaml, merge
     from common.training.batch import stated_batch
-    from finetune.recipe import task_source
+    from finetune.task_file import task_source
 
     _, defaults = task_source(task)
     data = merge(defaults, load_yaml(recipe_path)) if recipe_path is not None else defaults
@@ -139,7 +139,7 @@ def _cautions(recipe, audio, world_size: int, args) -> list[str]:
     mix (a micro-batch of one clip); HTS-AT trained with a registered task's own recipe, which is the AST family's."""
     from common.data.preflight import norm_mismatch
     from common.training.batch import phase_splits
-    from finetune.recipe import is_task_file
+    from finetune.task_file import is_task_file
 
     cautions = []
     keys = [item.split("=", 1)[0].strip() for item in args.overrides]
@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         from common.training.batch import phase_splits
         from common.training.plan import build_plan, format_plan
-        from finetune.recipe import check_batch_fits, check_files, defaults_follow_init, file_checks, load_recipe
+        from finetune.recipe import check_batch_fits, check_files, file_checks, load_recipe
+        from finetune.task_file import defaults_follow_init
 
         notes: list[str] = []
 

@@ -17,7 +17,7 @@ out, the published recipe closest to it (``defaults: auto``, the default), chose
 
 What the recipe gives, unless the task file, ``--recipe`` or ``--set`` states it: its epochs, optimiser,
 learning rate and schedule, warm-up (none where the recipe has none; the task file's warm-up rule,
-``finetune.recipe.auto_warmup``, where it warms up), augmentation, weight averaging and loss. SpecAugment's
+``finetune.task_file.auto_warmup``, where it warms up), augmentation, weight averaging and loss. SpecAugment's
 time mask is scaled to the clip length against the recipe's (ESC-50's 96 of 512 frames -> 56 of 300), so
 that the same share of the clip is masked; the frequency mask (128 mel bins in every recipe) and SSAST's
 noise roll (10 frames in the 128- and the 512-frame recipes alike: a fixed stretch of audio) are kept.

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from common.config.recipe import RecipeError
-from finetune.recipe import auto_warmup, load_recipe
+from finetune.recipe import load_recipe
+from finetune.task_file import auto_warmup
 
 
 def task_file(folder: Path, corpus: Path, extra: str = "", nested: bool = False) -> Path:
