@@ -24,9 +24,11 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import soundfile as sf
+import torch
 from lhotse import Recording
 from lhotse.audio.resampling_backend import get_current_resampling_backend
 from lhotse.augmentation.torchaudio import Resample
@@ -35,7 +37,7 @@ from lhotse.utils import compute_num_samples
 from common.data.corpora.base import AUDIO_SUFFIXES
 from common.data.integrity import truncation
 
-__all__ = ["AudioReadError", "AudioFile", "Samples", "load_audio", "folder_audio", "BLOCK_SECONDS",
+__all__ = ["AudioReadError", "AudioFile", "Samples", "load_audio", "folder_audio", "pad_windows", "BLOCK_SECONDS",
            "STREAMED_FORMATS"]
 
 BLOCK_SECONDS = 30.0  # samples read (and resampled) at once around a window of a streamed file
@@ -239,3 +241,15 @@ def folder_audio(folder: str | os.PathLike) -> list[Path]:
     """What a folder given to ``predict.py`` or ``embed.py`` stands for: its audio files (:data:`AUDIO_SUFFIXES`)
     at any depth, sorted."""
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+
+
+def pad_windows(pieces: Sequence[np.ndarray], clip: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows read from files as one batch for a model, as ``predict.py`` and ``embed.py`` give it: ``[N, clip]``
+    float32, each window's samples first and zeros after (a window shorter than the clip is zero-padded as in
+    training), and ``[N]`` each window's length in samples."""
+    batch = torch.zeros(len(pieces), clip)
+    lengths = torch.zeros(len(pieces), dtype=torch.long)
+    for i, piece in enumerate(pieces):
+        batch[i, : piece.size] = torch.from_numpy(piece)
+        lengths[i] = piece.size
+    return batch, lengths
