@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -35,7 +34,7 @@ from lhotse.augmentation.torchaudio import Resample
 from lhotse.utils import compute_num_samples
 
 from common.data.corpora.base import AUDIO_SUFFIXES
-from common.data.integrity import truncation
+from common.data.integrity import decoder_reason, truncation
 
 __all__ = ["AudioReadError", "AudioFile", "Samples", "load_audio", "folder_audio", "pad_windows", "BLOCK_SECONDS",
            "STREAMED_FORMATS"]
@@ -46,26 +45,6 @@ STREAMED_FORMATS = ("WAV", "WAVEX", "FLAC", "AIFF", "W64", "RF64", "CAF")  # lib
 
 class AudioReadError(ValueError):
     """A file that cannot be read; the message is the reason, without the path."""
-
-
-_BACKEND_FAILURE = re.compile(r"^Exception #\d+ \(<class '[\w.]*?(\w+)'>\): <class '[\w.]*?(\w+)'>: (.*)$")
-# backends that failed because they are not available here, not because of the file
-_UNAVAILABLE = ("AttributeError", "ImportError", "ModuleNotFoundError", "NoBackendError")
-
-
-def _decoder_reason(err: Exception) -> str:
-    """The whole reason of a Lhotse decoding failure: each backend's own message (Lhotse's text says only
-    "... failed. Details:" on its first line)."""
-    text = str(err) or type(err).__name__
-    reasons = []
-    for line in text.splitlines():
-        m = _BACKEND_FAILURE.match(line.strip())
-        if m and m.group(3).strip() and m.group(2) not in _UNAVAILABLE:
-            reasons.append(f"{m.group(3).strip()} ({m.group(1)})")
-    if reasons:
-        return "cannot decode it: " + "; ".join(dict.fromkeys(reasons))
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("Set LHOTSE_")]
-    return "cannot decode it: " + " ".join(lines)
 
 
 def _checked(samples: np.ndarray) -> np.ndarray:
@@ -146,7 +125,7 @@ class AudioFile:
                 rec = rec.resample(self.sample_rate)
             audio = rec.load_audio()
         except Exception as err:  # noqa: BLE001 - any decoder failure
-            raise AudioReadError(_decoder_reason(err)) from None
+            raise AudioReadError(f"cannot decode it: {decoder_reason(err) or type(err).__name__}") from None
         return np.asarray(audio.mean(axis=0) if self.channels == "mean" else audio[0], dtype=np.float32)
 
     def read(self, start: int, length: int) -> np.ndarray:
