@@ -24,6 +24,7 @@ from common.system.disk import describe_os_error
 from common.system.distributed import init_distributed
 from common.system.lock import LOCK_FILE, RunDirBusy, job_lock
 from common.system.logger import detach_run_logs, log_traceback, setup_logging
+from common.system.prog import whole_number
 from common.system.signals import StoppedBySignal, piped, stop_on_signals
 from common.training.batch import launch_world_size
 from common.training.checkpoint_files import NoUsableCheckpoint
@@ -36,16 +37,8 @@ __all__ = ["add_run_arguments", "world_size_of", "discard_previous", "check_run_
 log = logging.getLogger(__name__)
 
 
-def _steps(text: str) -> int:
-    """``--stop-after-steps``: a whole number of steps >= 1 (0 or a negative count would train nothing, or
-    everything, without a word)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a whole number of optimiser steps >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a number of optimiser steps >= 1, got {value}")
-    return value
+# --stop-after-steps: 0 or a negative count would train nothing, or everything, without a word
+_steps = whole_number(1, "of optimiser steps >= 1")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, default_run_dir: str, phase_length: str = "steps") -> None:

@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from common.data.audio_file import AudioFile, AudioReadError, Samples
+from common.data.audio_file import AudioFile, AudioReadError, Samples, pad_windows
 from common.system.atomic import atomic_path, atomic_write_text
 from finetune.embed_inputs import Clip
 from finetune.embedder import Embedder
@@ -130,7 +129,7 @@ class ShardWriter:
         self.number = max(numbers, default=-1) + 1
         offsets, ends = embedder.step_times()
         self.offsets = np.stack([offsets, ends], axis=1)  # [T, 2]
-        self.queue: list[tuple[np.ndarray, int]] = []  # windows not embedded yet
+        self.queue: list[np.ndarray] = []  # windows not embedded yet
         self.rows: list[tuple] = []  # (clip_id, source, window, start, end) of the shard's windows
         self.clip: list[np.ndarray] = []
         self.frames: list[np.ndarray] = []
@@ -148,7 +147,7 @@ class ShardWriter:
             try:
                 for k, start in enumerate(windows(audio.num_samples, size, hop)):
                     piece = audio.read(start, size)
-                    self.queue.append((piece, piece.size))
+                    self.queue.append(piece)
                     self.rows.append((clip.clip_id, clip.source, k, start / rate, (start + piece.size) / rate))
                     if len(self.queue) >= self.batch_size:
                         self._compute()
@@ -171,11 +170,7 @@ class ShardWriter:
     def _compute(self) -> None:
         if not self.queue:
             return
-        batch = torch.zeros(len(self.queue), self.embedder.clip_samples)
-        lengths = torch.zeros(len(self.queue), dtype=torch.long)
-        for i, (piece, length) in enumerate(self.queue):
-            batch[i, :length] = torch.from_numpy(piece)
-            lengths[i] = length
+        batch, lengths = pad_windows(self.queue, self.embedder.clip_samples)
         out = self.embedder.embed(batch, lengths)
         self.summary.batches += 1
         if out.clip is not None:

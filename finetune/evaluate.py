@@ -34,6 +34,7 @@ from common.metrics import compute_metrics
 from common.models.arch import architecture_from_meta, official_channels
 from common.models.exports import resolve_model_file
 from common.models.hf import is_hf_directory
+from common.reports.folds import across_folds
 from common.system import jsonfile
 from common.system.distributed import Dist
 from common.system.logger import progress, setup_logging
@@ -142,17 +143,16 @@ def cross_validation_summary(fold_evals: Sequence[Sequence[dict]], metric: str) 
     final = max((e["phase"] for evals in fold_evals for e in evals), default=0)
     tables = [{(e["phase"], e["epoch"]): e["metrics"][metric] for e in evals if "epoch" in e and e["phase"] == final}
               for evals in fold_evals]
-    common = sorted(set.intersection(*(set(t) for t in tables)))
-    if not common:
+    shared, partial = across_folds(tables)
+    if not shared:
         raise ValueError("the folds share no evaluated epoch")
     per_epoch = [{"phase": p, "epoch": e, "folds": [t[(p, e)] for t in tables],
-                  "mean": float(np.mean([t[(p, e)] for t in tables]))} for p, e in common]
+                  "mean": float(np.mean([t[(p, e)] for t in tables]))} for p, e in sorted(shared)]
     best = max(per_epoch, key=lambda row: row["mean"])
     summary = {"metric": metric, "per_epoch": per_epoch, "best": best}
-    partial = sorted(set.union(*(set(t) for t in tables)) - set(common))
     if partial:
-        summary["left_out"] = [{"phase": p, "epoch": e, "folds": [k + 1 for k, t in enumerate(tables) if (p, e) in t]}
-                               for p, e in partial]
+        summary["left_out"] = [{"phase": p, "epoch": e, "folds": [k + 1 for k in partial[(p, e)]]}
+                               for p, e in sorted(partial)]
     return summary
 
 

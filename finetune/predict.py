@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.data.audio_file import AudioFile, AudioReadError, folder_audio
+from common.data.audio_file import AudioFile, AudioReadError, folder_audio, pad_windows
 from common.data.corpora.base import AUDIO_SUFFIXES
 from common.system.prog import prog
 
@@ -143,15 +143,13 @@ def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None 
         size = audio.num_samples
         starts = windows(size, clip, hop)
         for i in range(0, len(starts), batch_size):
-            chunk = starts[i : i + batch_size]
-            batch = torch.zeros(len(chunk), clip)
-            lengths = torch.zeros(len(chunk), dtype=torch.long)
-            for j, start in enumerate(chunk):
+            pieces = []
+            for start in starts[i : i + batch_size]:
                 piece = audio.read(start, clip)
                 if repeat and 0 < piece.size < clip:
                     piece = np.tile(piece, -(-clip // piece.size))[:clip]
-                batch[j, : piece.size] = torch.from_numpy(piece)
-                lengths[j] = piece.size
+                pieces.append(piece)
+            batch, lengths = pad_windows(pieces, clip)
             scores.append(predict_scores(model, meta, batch.to(device), lengths.to(device)).cpu())
     per_window = torch.cat(scores).numpy()
     combined = per_window.max(0) if rule == "max" else per_window.mean(0)

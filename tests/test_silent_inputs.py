@@ -134,7 +134,7 @@ def test_stop_after_steps_must_be_a_positive_count(entry, args, value, capsys):
         entry([*args, "--stop-after-steps", value])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert f"argument --stop-after-steps: a number of optimiser steps >= 1, got {value}" in err
+    assert f"argument --stop-after-steps: a whole number of optimiser steps >= 1, got {value!r}" in err
 
 
 def test_a_very_short_clip_is_scored_with_a_warning(tmp_path, model_file, capsys):

@@ -22,20 +22,21 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import soundfile as sf
+import torch
 from lhotse import Recording
 from lhotse.audio.resampling_backend import get_current_resampling_backend
 from lhotse.augmentation.torchaudio import Resample
 from lhotse.utils import compute_num_samples
 
 from common.data.corpora.base import AUDIO_SUFFIXES
-from common.data.integrity import truncation
+from common.data.integrity import decoder_reason, truncation
 
-__all__ = ["AudioReadError", "AudioFile", "Samples", "load_audio", "folder_audio", "BLOCK_SECONDS",
+__all__ = ["AudioReadError", "AudioFile", "Samples", "load_audio", "folder_audio", "pad_windows", "BLOCK_SECONDS",
            "STREAMED_FORMATS"]
 
 BLOCK_SECONDS = 30.0  # samples read (and resampled) at once around a window of a streamed file
@@ -44,26 +45,6 @@ STREAMED_FORMATS = ("WAV", "WAVEX", "FLAC", "AIFF", "W64", "RF64", "CAF")  # lib
 
 class AudioReadError(ValueError):
     """A file that cannot be read; the message is the reason, without the path."""
-
-
-_BACKEND_FAILURE = re.compile(r"^Exception #\d+ \(<class '[\w.]*?(\w+)'>\): <class '[\w.]*?(\w+)'>: (.*)$")
-# backends that failed because they are not available here, not because of the file
-_UNAVAILABLE = ("AttributeError", "ImportError", "ModuleNotFoundError", "NoBackendError")
-
-
-def _decoder_reason(err: Exception) -> str:
-    """The whole reason of a Lhotse decoding failure: each backend's own message (Lhotse's text says only
-    "... failed. Details:" on its first line)."""
-    text = str(err) or type(err).__name__
-    reasons = []
-    for line in text.splitlines():
-        m = _BACKEND_FAILURE.match(line.strip())
-        if m and m.group(3).strip() and m.group(2) not in _UNAVAILABLE:
-            reasons.append(f"{m.group(3).strip()} ({m.group(1)})")
-    if reasons:
-        return "cannot decode it: " + "; ".join(dict.fromkeys(reasons))
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("Set LHOTSE_")]
-    return "cannot decode it: " + " ".join(lines)
 
 
 def _checked(samples: np.ndarray) -> np.ndarray:
@@ -144,7 +125,7 @@ class AudioFile:
                 rec = rec.resample(self.sample_rate)
             audio = rec.load_audio()
         except Exception as err:  # noqa: BLE001 - any decoder failure
-            raise AudioReadError(_decoder_reason(err)) from None
+            raise AudioReadError(f"cannot decode it: {decoder_reason(err) or type(err).__name__}") from None
         return np.asarray(audio.mean(axis=0) if self.channels == "mean" else audio[0], dtype=np.float32)
 
     def read(self, start: int, length: int) -> np.ndarray:
@@ -239,3 +220,15 @@ def folder_audio(folder: str | os.PathLike) -> list[Path]:
     """What a folder given to ``predict.py`` or ``embed.py`` stands for: its audio files (:data:`AUDIO_SUFFIXES`)
     at any depth, sorted."""
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+
+
+def pad_windows(pieces: Sequence[np.ndarray], clip: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows read from files as one batch for a model, as ``predict.py`` and ``embed.py`` give it: ``[N, clip]``
+    float32, each window's samples first and zeros after (a window shorter than the clip is zero-padded as in
+    training), and ``[N]`` each window's length in samples."""
+    batch = torch.zeros(len(pieces), clip)
+    lengths = torch.zeros(len(pieces), dtype=torch.long)
+    for i, piece in enumerate(pieces):
+        batch[i, : piece.size] = torch.from_numpy(piece)
+        lengths[i] = piece.size
+    return batch, lengths

@@ -17,7 +17,7 @@ import soundfile as sf
 from lhotse import Recording
 from lhotse.audio.utils import set_audio_duration_mismatch_tolerance
 
-from common.data.integrity import truncation
+from common.data.integrity import decoder_reason, truncation
 
 __all__ = ["BadClip", "AUDIO_LENGTH_TOLERANCE", "SAFE_SOURCES", "CHANNELS", "narrow_length_tolerance",
            "refused_source", "source_path", "audio_file_problem", "load_clip"]
@@ -83,9 +83,7 @@ def source_path(cut) -> str:
 
 
 def _unreadable(err: Exception) -> str:
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    detail = next((line for line in lines if "Libsndfile" in line), lines[0] if lines else "")
-    return f"unreadable ({type(err).__name__}: {detail.split('>: ', 1)[-1][:200]})"
+    return f"unreadable ({type(err).__name__}: {decoder_reason(err)[:200]})"
 
 
 def audio_file_problem(path: str) -> str | None:

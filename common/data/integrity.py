@@ -12,17 +12,21 @@ enough for a corpus of two million files:
 Other formats (Ogg, MP3, Opus) record no length that a truncation contradicts; they are left to the
 decoder. Used when a corpus is prepared (``common.data.corpora.base``) and when a clip is loaded
 (``common.data.decode.load_clip``).
+
+A file the decoder refuses is named with :func:`decoder_reason`: Lhotse's error in one line (the corpus report,
+``bad_audio.tsv`` and the inference commands each put it in their own words around it).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import struct
 from pathlib import Path
 
 import soundfile as sf
 
-__all__ = ["truncation", "wav_data_extent"]
+__all__ = ["truncation", "wav_data_extent", "decoder_reason"]
 
 TAIL_FRAMES = 4096
 _UNKNOWN_SIZES = (0, 0xFFFFFFFF)  # streamed WAVs (and RF64) write placeholders instead of the size
@@ -99,3 +103,32 @@ def truncation(path: str | os.PathLike) -> str | None:
     if declared - present > frame:  # one missing frame is tolerated (writers that forget the padding)
         return f"truncated (header: {declared // frame} samples, file holds {max(0, present) // frame})"
     return None
+
+
+# a line of Lhotse's error per backend it tried: "Exception #0 (<class '...Backend'>): <class '...Error'>: message"
+_BACKEND_FAILURE = re.compile(r"^Exception #\d+ \(<class '[\w.]*?(\w+)'>\): <class '[\w.]*?(\w+)'>: (.*)$")
+# the error when Lhotse tried a single backend: "Reading audio from '...' failed. Details: <class '...'>: message"
+_ONE_BACKEND = re.compile(r"^(?:Reading audio|Fetching info about audio) from .* failed\. Details: "
+                          r"<class '[\w.]*'>: (.*)$")
+# backends that failed because they are not available here, not because of the file
+_UNAVAILABLE = ("AttributeError", "ImportError", "ModuleNotFoundError", "NoBackendError")
+
+
+def decoder_reason(err: BaseException) -> str:
+    """Why the decoder could not read a file, in one line ("" when ``err`` says nothing): each backend's own
+    message with the backend's name, ``Format not recognised. (LibsndfileBackend)``, several joined by ``; ``
+    (Lhotse's first line says only "... failed. Details:"; backends not installed here are left out); a single
+    backend's message alone; otherwise the error's lines joined (Lhotse's hint about ``LHOTSE_`` variables left
+    out). Callers say what failed around it, and cut it short where it lands in a table."""
+    lines = [ln for ln in str(err).splitlines() if ln.strip() and not ln.startswith("Set LHOTSE_")]
+    reasons = []
+    for line in lines:
+        m = _BACKEND_FAILURE.match(line.strip())
+        if m and m.group(3).strip() and m.group(2) not in _UNAVAILABLE:
+            reasons.append(f"{m.group(3).strip()} ({m.group(1)})")
+    if reasons:
+        return "; ".join(dict.fromkeys(reasons))
+    m = _ONE_BACKEND.match(lines[0]) if lines else None
+    if m:
+        lines[0] = m.group(1)
+    return " ".join(ln for ln in lines if ln.strip())

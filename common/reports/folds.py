@@ -20,7 +20,7 @@ import numpy as np
 from common.phases.baseline import is_averaged
 from common.training.ledger import Ledger, PhaseRecord
 
-__all__ = ["fold_dirs", "fold_mean", "FoldError"]
+__all__ = ["fold_dirs", "fold_mean", "across_folds", "FoldError"]
 
 _FOLD = re.compile(r"fold(\d+)")
 
@@ -51,6 +51,18 @@ def _key(ev: dict) -> tuple:
         return int(ev["phase"]), "averaged"
     where = ev.get("epoch", ev.get("total_step"))
     return int(ev["phase"]), "epoch" if "epoch" in ev else "step", where
+
+
+def across_folds(tables: Sequence[dict]) -> tuple[list, dict]:
+    """Which evaluations the folds share: ``tables`` holds per fold its evaluations by key (phase and epoch, ...).
+    Returns the keys every fold has, in the first fold's order, and every other key with the folds that have it
+    (their indices, in fold order): a fold that stopped early leaves its missing epochs out of the mean, and they
+    are listed. ``fold_mean`` (this report) and ``finetune.evaluate.cross_validation_summary`` (``cv_summary.json``)
+    average over the folds what it shares."""
+    shared = set.intersection(*(set(t) for t in tables))
+    partial = {key: [i for i, t in enumerate(tables) if key in t]
+               for key in set.union(*(set(t) for t in tables)) - shared}
+    return [key for key in tables[0] if key in shared], partial
 
 
 def _mean_eval(evs: Sequence[dict]) -> dict:
@@ -96,13 +108,13 @@ def fold_mean(ledgers: Sequence[Ledger], names: Sequence[str]) -> tuple[Ledger, 
         summed.ended_by = ends.pop() if len(ends) == 1 else "folds differ"
         mean.phases.append(summed)
     tables = [{_key(ev): ev for ev in ledger.evals} for ledger in ledgers]
-    common = set.intersection(*(set(t) for t in tables))
-    if not common:
+    shared, partial = across_folds(tables)
+    if not shared:
         raise FoldError(f"the folds ({', '.join(names)}) share no evaluation to average")
-    mean.evals = [_mean_eval([t[key] for t in tables]) for key in tables[0] if key in common]
+    mean.evals = [_mean_eval([t[key] for t in tables]) for key in shared]
     left_out = []
-    for key in sorted(set.union(*(set(t) for t in tables)) - common, key=str):
-        which = ", ".join(Path(n).name for n, t in zip(names, tables) if key in t)
+    for key in sorted(partial, key=str):
+        which = ", ".join(Path(names[i]).name for i in partial[key])
         what = "weight average" if key[1] == "averaged" else f"{key[1]} {key[2]}"
         left_out.append(f"phase {key[0] + 1} {what} (only {which})")
     evaluations = [ledger.evaluation for ledger in ledgers]

@@ -1,15 +1,33 @@
-"""The program name a command's usage and errors show: the console script's (``c2f-pretrain``) when it was
-launched as one, else the command that runs it from a checkout (``pretrain/run.py``, ``python -m ...``)."""
+"""What a command's usage and errors show: the program name, the console script's (``c2f-pretrain``) when it was
+launched as one, else the command that runs it from a checkout (``pretrain/run.py``, ``python -m ...``); and the
+whole numbers its options take (:func:`whole_number`), said the same way by every command."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["prog"]
+__all__ = ["prog", "whole_number"]
 
 
 def prog(default: str) -> str:
     """``c2f-NAME`` when the process runs that console script, else ``default``."""
     name = Path(sys.argv[0] if sys.argv and sys.argv[0] else "").name
     return name if name.startswith("c2f-") else default
+
+
+def whole_number(least: int, said: str) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``least``; text that is not one, or a number below ``least``, is
+    refused as ``a whole number <said>, got '<text>'`` (argparse puts the option before it)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"a whole number {said}, got {text!r}")
+        return value
+
+    return parse

@@ -13,28 +13,14 @@ import sys
 from pathlib import Path
 
 from common.data.corpora import CORPORA, get_corpus
-from common.system.prog import prog
+from common.system.prog import prog, whole_number
 from common.system.signals import piped
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
 
-def _whole(least: int, said: str):
-    """An argparse type: a whole number >= ``least``, ``said`` so in its error (argparse names the option)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < least:
-            raise argparse.ArgumentTypeError(f"a whole number {said}, got {text!r}")
-        return value
-
-    return parse
-
-
-_count = _whole(1, "above 0")
-_count_or_none = _whole(0, ">= 0")  # 0: none
+_count = whole_number(1, "above 0")
+_count_or_none = whole_number(0, ">= 0")  # 0: none
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -36,7 +36,7 @@ from typing import Iterable, Iterator
 
 from lhotse import CutSet, MonoCut, Recording
 
-from common.data.integrity import truncation
+from common.data.integrity import decoder_reason, truncation
 from common.system.disk import output_folder
 from common.system.logger import progress
 
@@ -214,13 +214,6 @@ def scan_audio(folder: Path) -> dict[str, str]:
     return {**videos, **found}
 
 
-def _reason(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    # Lhotse lists every backend it tried; the first backend's line is the informative one
-    detail = next((line for line in text if "LibsndfileBackend" in line), text[0] if text else "")
-    return f"{type(err).__name__}: {detail.split('>: ', 1)[-1]}"[:300]
-
-
 def shuffled_order(cut_id: str, seed: int = 0) -> bytes:
     """Sort key of a clip in the shuffled manifest order: a hash of ``(seed, clip id)``."""
     return hashlib.blake2b(f"{seed}:{cut_id}".encode(), digest_size=8).digest()
@@ -239,7 +232,7 @@ def _read_cut(entry: ClipEntry, dataset: str):
                                  f"first (e.g. ffmpeg -i {entry.path.name} -vn -ac 1 -ar 32000 {entry.path.stem}.wav: "
                                  f"32 kHz serves AST's 16 kHz and HTS-AT's 32 kHz front ends; the .wav is then "
                                  f"taken)")
-        return entry, None, _reason(err)
+        return entry, None, f"{type(err).__name__}: {decoder_reason(err)}"[:300]
     problem = truncation(entry.path)  # an interrupted download keeps its header (WAV, FLAC: cheap checks)
     if problem:
         return entry, None, problem
