@@ -3,7 +3,10 @@
 Works under every launcher: ``deepspeed`` (which passes ``--local_rank`` and sets RANK / WORLD_SIZE /
 MASTER_*), ``torchrun``, and plain ``python`` for one process, for which the environment DeepSpeed
 requires is filled in here (without RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT it looks
-for MPI and fails). On the CPU DeepSpeed would JIT-compile its shared-memory allreduce op on first use
+for MPI and fails). One process opens no port: its group's store lives in the process, so any number of
+one-process jobs run side by side on a machine, also under launchers that give every job the same port
+(``deepspeed --num_gpus 1``: 29500). Several ranks meet at MASTER_ADDR:MASTER_PORT; a port another job holds, or
+a rank 0 that cannot be reached, ends the rank with :class:`RendezvousFailed`, which says how to launch. On the CPU DeepSpeed would JIT-compile its shared-memory allreduce op on first use
 (20-110 s); gloo's allreduce is used instead. Teardown is explicit: without it 2-rank runs abort at exit
 now and then (SIGABRT, "terminate called without an active exception", 5 of 40 runs).
 """
@@ -12,21 +15,35 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Dist", "init_distributed", "quiet_deepspeed", "single_process"]
+__all__ = ["Dist", "RendezvousFailed", "init_distributed", "quiet_deepspeed", "single_process"]
 
 log = logging.getLogger(__name__)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+class RendezvousFailed(ValueError):
+    """The ranks could not meet: rank 0 could not listen on ``MASTER_PORT`` (another job's), or a rank could not
+    reach rank 0 there. Says which, and how to launch so that they do."""
+
+    def __init__(self, err: Exception) -> None:
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        rank, text = os.environ.get("RANK", "?"), str(err)
+        if "EADDRINUSE" in text or "address already in use" in text.lower():
+            message = (f"rank 0 cannot open the job's rendezvous on {where} (MASTER_ADDR:MASTER_PORT): the port is in "
+                       f"use, by another job on this machine? Launch with a free port: deepspeed --master_port PORT "
+                       f"(torchrun --master-port PORT; ranks started by hand: MASTER_PORT=PORT for every rank)")
+        elif "timed out" in text or "timeout" in text.lower():
+            message = (f"rank {rank} could not reach rank 0's rendezvous at {where} (MASTER_ADDR:MASTER_PORT) in "
+                       f"time: is rank 0 running, and is MASTER_ADDR an address this host reaches? "
+                       f"({text.splitlines()[0] if text else type(err).__name__})")
+        else:
+            first = text.splitlines()[0] if text else type(err).__name__
+            message = f"rank {rank}: the job's rendezvous at {where} (MASTER_ADDR:MASTER_PORT) failed: {first}"
+        super().__init__(message)
 
 
 @dataclass
@@ -159,13 +176,15 @@ def init_distributed() -> Dist:
         device = torch.device(accelerator, local_rank)
         get_accelerator().set_device(local_rank)
     if not torch.distributed.is_initialized():
-        if backend == "gloo" and os.environ["WORLD_SIZE"] == "1" and "MASTER_PORT" not in os.environ:
-            # one process on the CPU: the group's store lives in this process and no port is opened (a port
-            # picked free could be taken by another program's connection before the store listened on it);
-            # DeepSpeed then adopts the group
+        if os.environ["WORLD_SIZE"] == "1":
+            # one process: the group's store lives in this process and no port is opened, also where a launcher
+            # named one (`deepspeed --num_gpus 1` passes 29500 to every job: two on one machine would collide, and a
+            # port picked free could be taken by another program before the store listened on it); DeepSpeed then
+            # adopts the group
             torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
-        else:
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        try:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        except torch.distributed.DistNetworkError as err:
+            raise RendezvousFailed(err) from None
     return Dist(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
                 local_rank=local_rank, device=device)

@@ -1,13 +1,17 @@
-"""A one-process run joins its process group without a port picked ahead (the store lives in the process);
-several processes still meet at MASTER_ADDR:MASTER_PORT."""
+"""A one-process run joins its process group without a port (the store lives in the process), also where a
+launcher named one; several processes meet at MASTER_ADDR:MASTER_PORT, and say so when they cannot."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import time
 
+import pytest
 import torch
 
-from common.system.distributed import init_distributed
+from common.system.distributed import RendezvousFailed, init_distributed
 
 
 def _store():
@@ -35,25 +39,62 @@ def test_one_process_on_the_cpu_uses_a_store_in_the_process_and_no_master_port(m
         assert not torch.distributed.is_initialized()
 
 
-def test_a_given_master_port_is_used(monkeypatch):
-    from tests.helpers import _free_port
+@contextlib.contextmanager
+def _port_held():
+    """A port another program (another job's rendezvous) listens on."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        yield held.getsockname()[1]
 
+
+def test_one_process_opens_no_port_even_where_a_launcher_names_one_that_another_job_holds(monkeypatch):
+    """`deepspeed --num_gpus 1` gives every job MASTER_PORT=29500: two such jobs on one machine both run."""
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    dist = init_distributed()
-    try:
-        store = _store()
-        assert isinstance(store, torch.distributed.TCPStore), type(store)
-        assert store.port == int(os.environ["MASTER_PORT"])
-    finally:
-        dist.teardown()
+    with _port_held() as port:
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        dist = init_distributed()
+        try:
+            assert isinstance(_store(), torch.distributed.HashStore), type(_store())
+            assert dist.all_reduce_sum(torch.ones(2)).tolist() == [1.0, 1.0]
+        finally:
+            dist.teardown()
+
+
+def test_rank_0_of_several_on_a_port_another_job_holds_says_so_at_once(monkeypatch):
+    with _port_held() as port:
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        start = time.monotonic()
+        with pytest.raises(RendezvousFailed) as caught:
+            init_distributed()
+    assert time.monotonic() - start < 60
+    message = str(caught.value)
+    assert f"127.0.0.1:{port}" in message and "in use" in message and "deepspeed --master_port PORT" in message
+    assert "\n" not in message
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("text, said", [
+    ("The client socket has timed out after 1800000ms while trying to connect to (10.0.0.1, 29500).",
+     "rank 1 could not reach rank 0's rendezvous at 10.0.0.1:29500"),
+    ("something else\nand more", "rank 1: the job's rendezvous at 10.0.0.1:29500 (MASTER_ADDR:MASTER_PORT) failed: "
+                                 "something else"),
+])
+def test_a_rank_that_cannot_reach_rank_0_is_told_where_it_looked(monkeypatch, text, said):
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("RANK", "1")
+    message = str(RendezvousFailed(torch.distributed.DistNetworkError(text)))
+    assert message.startswith(said) and "\n" not in message
 
 
 def test_several_ranks_without_a_rendezvous_are_refused_at_once(monkeypatch):
     """Each rank would pick a port of its own and wait for the others until the group's timeout (30 minutes)."""
-    import pytest
-
     for key in ("MASTER_PORT", "MASTER_ADDR", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("RANK", "1")
