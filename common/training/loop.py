@@ -118,8 +118,11 @@ class Trainer(PhaseMachinery):
                 record.load(engine, resume_tag)
                 resume_tag = None
                 record.restart_clock()  # reading the checkpoint and building the engine are no training time
-                if record.state.pending_eval:
+                if record.state.pending_eval:  # the checkpoint's validation was cut short: run again
                     self._validate(engine.module, index, engine.lr_scheduler)
+                    if self._phase_end(index).decision is None:  # the phase goes on: the checkpoint says it is done
+                        record.close_resumed_validation(index, self._phase_end(index).saved_state(self.dist),
+                                                        engine.lr_scheduler)
             budget = None if stop_after is None else stop_after - self.steps_taken
             finished, steps = self._train_phase(engine, index, budget)
             self.steps_taken += steps

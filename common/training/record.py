@@ -102,6 +102,8 @@ class RunRecord:
         self.scalars = Scalars(self.run_dir, enabled=dist.is_main)
         self.pending = _Pending(self.device)
         self._schedule: dict | None = None  # a resumed checkpoint's schedule after its validation (close_validation)
+        # a resume within a phase on its checkpoint's layout: (its tag, the interventions its ledger held)
+        self._resumed_as_saved: tuple[str, int] | None = None
         self._memory = PeakMemory(self.device)
 
     def _batch_size(self, index: int) -> int:
@@ -156,6 +158,8 @@ class RunRecord:
             self._restore_rng(tag)
             log.info("resuming after the end of phase %d (checkpoint %s)", self.state.phase + 1, tag)
             return model, None
+        if (saved_ranks, saved_batch) == (self.dist.world_size, self._batch_size(self.state.phase)):
+            self._resumed_as_saved = (tag, len(saved["ledger"].get("interventions", [])))
         phase = self.spec.phases[self.state.phase]
         log.info("resuming %s at step %d%s (checkpoint %s)", phase.label(self.state.phase), self.state.step,
                  "" if phase.iteration_based else f", {self.state.epoch_in_phase} epoch(s) done", tag)
@@ -397,6 +401,19 @@ class RunRecord:
         self.state.until = until
         schedule = scheduler.state_dict() if scheduler is not None else None
         self.checkpoints.restate(self._tag(index), **self._trainer_state(index), schedule=schedule)
+
+    def close_resumed_validation(self, index: int, until: dict, scheduler) -> None:
+        """The validation that the checkpoint this run resumed from left pending (cut short) is done again and the
+        phase goes on: the checkpoint says so as :meth:`close_validation` does, so that a later resume from it
+        (this launch ending before its next checkpoint) does not validate a third time. Only where the trainer
+        state restated is the checkpoint's own plus that validation: the run resumed on the checkpoint's layout
+        (ranks, clips per rank: its engine files and data position stay theirs) and nothing was changed at the
+        resume (no intervention recorded: a later resume records its own changes once). Otherwise the checkpoint
+        stays as it was saved. Collective: rank 0 decides."""
+        resumed, self._resumed_as_saved = self._resumed_as_saved, None
+        as_saved = resumed is not None and resumed == (self._tag(index), len(self.ledger.interventions))
+        if self.dist.broadcast_object(as_saved if self.dist.is_main else None):
+            self.close_validation(index, until, scheduler)
 
     def close_phase(self, index: int) -> None:
         """Phase ``index``'s end work (its validation, record and export) is done: its checkpoint, taken before

@@ -426,6 +426,86 @@ def test_a_run_interrupted_while_a_criterion_is_pending_resumes_to_the_same_swit
         assert [e["metrics"] for e in ledger(straight)["evals"]] == [e["metrics"] for e in ledger(other)["evals"]]
 
 
+def _killed_once_at(monkeypatch, step: int) -> None:
+    """The training step after phase step ``step`` fails once, as a launch killed before its next checkpoint."""
+    real, killed = Trainer._micro_step, []
+
+    def micro_step(self, *args, **kwargs):
+        if self.state.step == step and not killed:
+            killed.append(step)
+            raise RuntimeError("killed")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_micro_step", micro_step)
+
+
+@pytest.mark.slow
+def test_a_validation_cut_short_and_run_again_by_a_resume_is_not_run_a_third_time(tmp_path, synth_corpus,
+                                                                                   monkeypatch):
+    """Step 2's validation breaks; the resume runs it again, then the launch dies before its next checkpoint: the
+    checkpoint of step 2 says its validation is done (restated by the resume), and the next resume trains on
+    without validating step 2 again, to the uninterrupted run's weights and validations. A resume that changed
+    something (a lower learning rate, recorded as an intervention) leaves the checkpoint as saved."""
+    sets = ("train.eval_every=2", "train.save_every=2", "optim.schedule=plateau", "optim.patience=0",
+            "optim.decay=0.5", "optim.warmup_steps=0")
+    scripted(monkeypatch, SCORES)
+    straight = tmp_path / "straight"
+    assert run(straight, synth_corpus, *sets, steps=(6, 2)) == 0
+    for crashed, resumed_with in ((tmp_path / "crashed", ()), (tmp_path / "changed", ("optim.lr=1e-4",))):
+        state_file = crashed / "checkpoints" / "phase01-step000000002" / "trainer_state.json"
+        scripted(monkeypatch, SCORES, fail_at=(0, 2))
+        with pytest.raises(RuntimeError, match="validation broke"):
+            main(["--recipe", str(RECIPE), "--run-dir", str(crashed), *tiny(synth_corpus, *sets, steps=(6, 2))])
+        assert json.loads(state_file.read_text())["state"]["pending_eval"]
+        calls = []
+        real = Trainer._evaluate
+        monkeypatch.setattr(Trainer, "_evaluate", lambda self, *a: calls.append(self.state.step) or real(self, *a))
+        _killed_once_at(monkeypatch, 2)
+        with pytest.raises(RuntimeError, match="killed"):
+            main(["--recipe", str(RECIPE), "--run-dir", str(crashed),
+                  *tiny(synth_corpus, *sets, *resumed_with, steps=(6, 2))])
+        assert calls == [2]  # step 2 validated again by the resume
+        state = json.loads(state_file.read_text())
+        if resumed_with:  # changed at the resume: the checkpoint as saved (its next resume validates once more)
+            assert state["state"]["pending_eval"] and len(state["ledger"]["evals"]) == 0
+            continue
+        assert not state["state"]["pending_eval"] and [e["phase_step"] for e in state["ledger"]["evals"]] == [2]
+        assert state["schedule"]["factor"] == 1.0 and state["world_size"] == 1
+        calls.clear()
+        assert run(crashed, synth_corpus, *sets, steps=(6, 2)) == 0
+        assert calls == [4, 6, 2]  # phase 1 from step 3 on, then phase 2: step 2 is not validated a third time
+        assert [e["metrics"] for e in ledger(straight)["evals"]] == [e["metrics"] for e in ledger(crashed)["evals"]]
+        a, b = weights(straight), weights(crashed)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_on_several_ranks_a_validation_run_again_by_a_resume_is_restated_once(tmp_path, synth_corpus, world_size):
+    """The test above on 2 and 3 gloo ranks (tests/restate_job.py): rank 0 decides and writes the restate, every
+    rank trains on from it without validating step 2 a third time, to the uninterrupted run's weights."""
+    from tests.helpers import _free_port, launch_ranks
+
+    out = tmp_path / "job"
+    out.mkdir()
+    job = out / "job.json"
+    ports = [_free_port() for _ in range(4)]
+    job.write_text(json.dumps({"out": str(out), "corpus": str(synth_corpus), "ports": ports}))
+    launch_ranks(world_size, "restate_job.py", job, out, 340)
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
+    assert all(r == reports[0] for r in reports), reports
+    report = reports[0]
+    assert report["straight"] == {"status": 0, "validated": [2, 4, 1]}
+    assert report["broken"] == {"status": "validation broke", "validated": [2], "pending_eval": True,
+                                "world_size": world_size}
+    assert report["revalidated"] == {"status": "killed", "validated": [2], "pending_eval": False,  # restated
+                                     "world_size": world_size}
+    assert report["resumed"] == {"status": 0, "validated": [4, 1]}  # step 2 not a third time
+    a, b = weights(out / "straight"), weights(out / "crashed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.slow
 def test_the_trainer_holds_decisions_through_the_warm_up_and_judges_with_the_scores_error(
         tmp_path, synth_corpus, monkeypatch):
