@@ -142,6 +142,14 @@ def test_stop_after_steps_must_be_a_positive_count(entry, args, value, capsys):
 WHOLE_NUMBER_OPTIONS = [
     ("pretrain.run", ["--recipe", "recipes/synth_pretrain.yaml", "--dry-run"], "--world-size", 1, "of ranks >= 1"),
     ("finetune.run", ["--init", "none", "--task", "synth", "--dry-run"], "--world-size", 1, "of ranks >= 1"),
+    ("finetune.predict", ["--ckpt", "m", "a.wav"], "--top-k", 1, "of labels >= 1"),
+    ("finetune.evaluate", ["--ckpt", "m", "x.jsonl.gz"], "--batch-size", 1, "of clips >= 1"),
+    ("finetune.evaluate", ["--ckpt", "m", "x.jsonl.gz"], "--workers", 0, ">= 0 (0: decode in this process)"),
+    ("finetune.embed", ["--init", "m", "--inputs", "a.wav", "--out", "o"], "--batch-size", 1, "of windows >= 1"),
+    ("finetune.embed", ["--init", "m", "--inputs", "a.wav", "--out", "o"], "--shard-size", 1, "of windows >= 1"),
+    ("finetune.embed", ["--init", "m", "--inputs", "a.wav", "--out", "o"], "--workers", 0,
+     ">= 0 (0: decode in this thread)"),
+    ("finetune.linear_probe", ["--init", "m", "--task", "synth"], "--workers", 0, ">= 0 (0: decode in this process)"),
 ]
 
 
