@@ -150,6 +150,8 @@ WHOLE_NUMBER_OPTIONS = [
     ("finetune.embed", ["--init", "m", "--inputs", "a.wav", "--out", "o"], "--workers", 0,
      ">= 0 (0: decode in this thread)"),
     ("finetune.linear_probe", ["--init", "m", "--task", "synth"], "--workers", 0, ">= 0 (0: decode in this process)"),
+    ("finetune.onnx_export", ["m", "--out", "m.onnx"], "--opset", 18,
+     ">= 18, the lowest opset the exporter writes these graphs at"),
 ]
 
 
