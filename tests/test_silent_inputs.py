@@ -152,6 +152,7 @@ WHOLE_NUMBER_OPTIONS = [
     ("finetune.linear_probe", ["--init", "m", "--task", "synth"], "--workers", 0, ">= 0 (0: decode in this process)"),
     ("finetune.onnx_export", ["m", "--out", "m.onnx"], "--opset", 18,
      ">= 18, the lowest opset the exporter writes these graphs at"),
+    ("common.reports.report", ["--baseline", "b", "--runs", "r"], "--stop-epoch", 1, ">= 1 (epochs count from 1)"),
 ]
 
 
