@@ -189,7 +189,8 @@ def test_bad_input_to_a_command_ends_in_one_line_with_exit_status_2_before_any_c
     assert "argument --target-frames: a whole number above 0, got '0'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         corpora(["stats", str(clip), "--workers", "-1"])
-    assert exit_info.value.code == 2 and "argument --workers: a whole number >= 0, got '-1'" in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "argument --workers: a whole number >= 0 (0: decode in this process), got '-1'" in capsys.readouterr().err
     assert taken.read_text() == "mine\n"
     dangling = tmp_path / "gone"
     dangling.symlink_to(tmp_path / "scratch" / "out")  # a link to a folder on a disk that is not there

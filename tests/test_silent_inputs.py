@@ -154,6 +154,7 @@ WHOLE_NUMBER_OPTIONS = [
      ">= 18, the lowest opset the exporter writes these graphs at"),
     ("common.reports.report", ["--baseline", "b", "--runs", "r"], "--stop-epoch", 1, ">= 1 (epochs count from 1)"),
     ("common.data.corpora.__main__", ["prepare", "synth", "--out", "o"], "--seed", 0, ">= 0"),
+    ("common.data.corpora.__main__", ["stats", "m.jsonl.gz"], "--workers", 0, ">= 0 (0: decode in this process)"),
     ("common.data.corpora.__main__", ["prepare", "custom", "--csv", "l.csv", "--out", "o"], "--seed", 0, ">= 0"),
 ]
 
