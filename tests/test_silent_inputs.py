@@ -178,6 +178,22 @@ def test_an_option_taking_a_whole_number_refuses_anything_else_in_one_line(modul
                                                        f"{value!r}"), errors
 
 
+@pytest.mark.parametrize("module", ["common.models.flops", "common.models.htsat.__main__"])
+def test_compression_factors_are_whole_numbers_from_2(module, capsys):
+    """The FLOPs tables' --factors: 'x' or '4,' ended in int()'s traceback, 0 in Compression's, 1 repeated the
+    full-resolution row under every method."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    for value in ("1", "0", "-2", "x", "4,1.5", "4,"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--factors", value])
+        assert exit_info.value.code == 2, value
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and errors[0].endswith(f": error: argument --factors: comma-separated whole numbers "
+                                                       f">= 2 (1, full resolution, is the 'none' row), got {value!r}")
+
+
 def test_a_very_short_clip_is_scored_with_a_warning(tmp_path, model_file, capsys):
     from finetune.predict import main as predict
     from tests.helpers import _write
