@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 # --stop-after-steps: 0 or a negative count would train nothing, or everything, without a word
 _steps = whole_number(1, "of optimiser steps >= 1")
+_ranks = whole_number(1, "of ranks >= 1")  # --world-size
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, default_run_dir: str, phase_length: str = "steps") -> None:
@@ -60,7 +61,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_run_dir: str, pha
                              "saved data position then points at other clips; recorded in ledger.json)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the recipe, print the phase plan with tokens and FLOPs, and exit")
-    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+    parser.add_argument("--world-size", type=_ranks, default=None, metavar="N",
                         help="with --dry-run: plan the launch on N ranks (the per-rank batch and accumulation of the "
                              "recipe's global batch; default: the launcher's WORLD_SIZE, else 1)")
     parser.add_argument("--coarse", metavar="METHOD:C[:SHARE]", default=None,
@@ -78,14 +79,12 @@ def world_size_of(args: argparse.Namespace) -> int:
     ``WORLD_SIZE``, else 1 (``common.training.batch.launch_world_size``).
 
     Raises:
-        RecipeError: ``--world-size`` without ``--dry-run`` (a run's ranks are the launcher's), or below 1.
+        RecipeError: ``--world-size`` without ``--dry-run`` (a run's ranks are the launcher's); a number below 1 is
+            refused when the options are parsed.
     """
-    if args.world_size is not None:
-        if not args.dry_run:
-            raise RecipeError(f"--world-size {args.world_size}: plans a --dry-run; a run trains on the ranks its "
-                              f"launcher starts (deepspeed --num_gpus N)")
-        if args.world_size < 1:
-            raise RecipeError(f"--world-size: expected a number of ranks >= 1, got {args.world_size}")
+    if args.world_size is not None and not args.dry_run:
+        raise RecipeError(f"--world-size {args.world_size}: plans a --dry-run; a run trains on the ranks its "
+                          f"launcher starts (deepspeed --num_gpus N)")
     return launch_world_size(args.world_size)
 
 

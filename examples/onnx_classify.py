@@ -78,12 +78,24 @@ def classify(session: onnxruntime.InferenceSession, info: dict, wave: np.ndarray
             "windows": [(s / rate, min(s + clip, wave.size) / rate, row) for s, row in zip(starts, per_window)]}
 
 
+def labels_to_show(text: str) -> int:
+    """``--top-k``: a whole number >= 1, refused in the words of the package's commands
+    (``common.system.prog.whole_number``; this script imports nothing of the package)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of labels >= 1, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Top-k labels of audio files with an ONNX model exported by "
                                                  "python -m finetune.onnx_export (no PyTorch needed).")
     parser.add_argument("model", help="the .onnx file")
     parser.add_argument("audio", nargs="+", help="audio files at the model's sample rate")
-    parser.add_argument("--top-k", type=int, default=5, help="labels per file (default 5)")
+    parser.add_argument("--top-k", type=labels_to_show, default=5, help="labels per file (default 5)")
     parser.add_argument("--json", action="store_true", help="print every class's score per file and window")
     args = parser.parse_args(argv)
 

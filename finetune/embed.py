@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from common.data.audio_file import AudioReadError
-from common.system.prog import prog
+from common.system.prog import prog, whole_number
 from finetune.embed_inputs import Clip, clip_key, list_clips, prefetch
 from finetune.embed_store import FORMATS, EmbedSummary, ShardWriter, done_rows, write_index
 from finetune.embedder import POOLS, Embedder, load_embedder, parse_layer
@@ -207,12 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "none (frames only), or auto: as the init's code pools (default)")
     parser.add_argument("--frames", action="store_true", help="also write frame embeddings (one per time step)")
     parser.add_argument("--format", choices=FORMATS, default="npy", help="npy (.npy/.npz, default) or safetensors")
-    parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
+    parser.add_argument("--batch-size", type=whole_number(1, "of windows >= 1"), default=16,
+                        help="windows per forward pass (default 16)")
     parser.add_argument("--hop", type=hop_seconds, default=None,
                         help="seconds between the windows of a long clip (default: one clip, no overlap)")
-    parser.add_argument("--shard-size", type=int, default=512, help="windows per shard (default 512)")
+    parser.add_argument("--shard-size", type=whole_number(1, "of windows >= 1"), default=512,
+                        help="windows per shard (default 512)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--workers", type=int, default=2, help="decoding threads (default 2)")
+    parser.add_argument("--workers", type=whole_number(0, ">= 0 (0: decode in this thread)"), default=2,
+                        help="decoding threads (default 2)")
     parser.add_argument("--norm", default=None,
                         help="AST family: normalisation statistics (a name such as audioset, or a stats JSON) "
                              "instead of what the init records")

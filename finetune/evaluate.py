@@ -38,7 +38,7 @@ from common.reports.folds import across_folds
 from common.system import jsonfile
 from common.system.distributed import Dist
 from common.system.logger import progress, setup_logging
-from common.system.prog import prog
+from common.system.prog import prog, whole_number
 from finetune.classifier import class_scores, load_classifier, metric_scores
 
 __all__ = ["pipeline_for_export", "clip_for_export", "clip_handling", "evaluate_export", "cross_validation_summary"]
@@ -171,8 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("manifests", nargs="+", metavar="MANIFEST",
                         help="Lhotse cut manifests whose clips carry labels of the model's classes "
                              "(c2f-corpora prepare writes them)")
-    parser.add_argument("--batch-size", type=int, default=32, help="clips per forward pass (default 32)")
-    parser.add_argument("--workers", type=int, default=2, help="decoding processes (default 2; 0: this one)")
+    parser.add_argument("--batch-size", type=whole_number(1, "of clips >= 1"), default=32,
+                        help="clips per forward pass (default 32)")
+    parser.add_argument("--workers", type=whole_number(0, ">= 0 (0: decode in this process)"), default=2,
+                        help="decoding processes (default 2; 0: this one)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     return parser
@@ -180,10 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        build_parser().error("--batch-size must be at least 1")
-    if args.workers < 0:
-        build_parser().error("--workers must be at least 0")
 
     def body() -> int:
         from common.system.distributed import single_process

@@ -27,7 +27,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from common.system.prog import prog
+from common.system.prog import prog, whole_number
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--C", type=float, default=None, help="inverse regularisation (default 1.0)")
     parser.add_argument("--data-root", default=None, help="folder the manifests are under (default data)")
     parser.add_argument("--cache-dir", default=None, help="feature cache (default runs/probe_cache)")
-    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default 2)")
+    parser.add_argument("--workers", type=whole_number(0, ">= 0 (0: decode in this process)"), default=None,
+                        help="decoding processes (default 2; 0: this one)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     return parser
 

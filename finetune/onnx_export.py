@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.system.prog import prog
+from common.system.prog import prog, whole_number
 from common.system.signals import piped
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("src", help="a fine-tuning run directory, a classifier export, an official HTS-AT "
                                     "checkpoint or a Hugging Face AST directory")
     parser.add_argument("--out", required=True, type=Path, help="the .onnx file to write")
-    parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset, {OPSET} or higher (default {OPSET})")
+    opset = whole_number(OPSET, f">= {OPSET}, the lowest opset the exporter writes these graphs at")
+    parser.add_argument("--opset", type=opset, default=OPSET, help=f"ONNX opset, {OPSET} or higher (default {OPSET})")
     return parser
 
 

@@ -41,7 +41,7 @@ import torch
 
 from common.data.audio_file import AudioFile, AudioReadError, folder_audio, pad_windows
 from common.data.corpora.base import AUDIO_SUFFIXES
-from common.system.prog import prog
+from common.system.prog import prog, whole_number
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a fine-tuning run directory, a classifier export, or a Hugging Face AST directory")
     parser.add_argument("audio", nargs="+", help="audio files (any format libsndfile reads, any sampling rate) or "
                                                  "folders (their .wav, .flac, .ogg, .mp3 and .opus files, any depth)")
-    parser.add_argument("--top-k", type=int, default=5, help="labels to show per file and window (default 5)")
+    parser.add_argument("--top-k", type=whole_number(1, "of labels >= 1"), default=5,
+                        help="labels to show per file and window (default 5)")
     parser.add_argument("--hop", type=hop_seconds, default=None, help="seconds between windows (default: half a clip)")
     parser.add_argument("--aggregate", choices=AGGREGATIONS, default="auto",
                         help="how a file's windows combine: max, mean, or auto (default: max for BCE / multi-label "
@@ -212,8 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.top_k < 1:
-        build_parser().error("--top-k must be at least 1")
 
     def body() -> int:
         from common.system.distributed import single_process

@@ -137,6 +137,63 @@ def test_stop_after_steps_must_be_a_positive_count(entry, args, value, capsys):
     assert f"argument --stop-after-steps: a whole number of optimiser steps >= 1, got {value!r}" in err
 
 
+# every option that takes a whole number (common.system.prog.whole_number): module, the command's other arguments
+# (nothing they name is read: the option is refused first), the option, its least value, how the bound is said
+WHOLE_NUMBER_OPTIONS = [
+    ("pretrain.run", ["--recipe", "recipes/synth_pretrain.yaml", "--dry-run"], "--world-size", 1, "of ranks >= 1"),
+    ("finetune.run", ["--init", "none", "--task", "synth", "--dry-run"], "--world-size", 1, "of ranks >= 1"),
+    ("finetune.predict", ["--ckpt", "m", "a.wav"], "--top-k", 1, "of labels >= 1"),
+    ("finetune.evaluate", ["--ckpt", "m", "x.jsonl.gz"], "--batch-size", 1, "of clips >= 1"),
+    ("finetune.evaluate", ["--ckpt", "m", "x.jsonl.gz"], "--workers", 0, ">= 0 (0: decode in this process)"),
+    ("finetune.embed", ["--init", "m", "--inputs", "a.wav", "--out", "o"], "--batch-size", 1, "of windows >= 1"),
+    ("finetune.embed", ["--init", "m", "--inputs", "a.wav", "--out", "o"], "--shard-size", 1, "of windows >= 1"),
+    ("finetune.embed", ["--init", "m", "--inputs", "a.wav", "--out", "o"], "--workers", 0,
+     ">= 0 (0: decode in this thread)"),
+    ("finetune.linear_probe", ["--init", "m", "--task", "synth"], "--workers", 0, ">= 0 (0: decode in this process)"),
+    ("finetune.onnx_export", ["m", "--out", "m.onnx"], "--opset", 18,
+     ">= 18, the lowest opset the exporter writes these graphs at"),
+    ("common.reports.report", ["--baseline", "b", "--runs", "r"], "--stop-epoch", 1, ">= 1 (epochs count from 1)"),
+    ("common.data.corpora.__main__", ["prepare", "synth", "--out", "o"], "--seed", 0, ">= 0"),
+    ("common.data.corpora.__main__", ["stats", "m.jsonl.gz"], "--workers", 0, ">= 0 (0: decode in this process)"),
+    ("common.data.corpora.__main__", ["prepare", "custom", "--csv", "l.csv", "--out", "o"], "--seed", 0, ">= 0"),
+]
+
+
+@pytest.mark.parametrize("module, args, option, least, said", WHOLE_NUMBER_OPTIONS,
+                         ids=[f"{m}{o}" for m, _, o, _, _ in WHOLE_NUMBER_OPTIONS])
+def test_an_option_taking_a_whole_number_refuses_anything_else_in_one_line(module, args, option, least, said,
+                                                                            capsys):
+    """A number below the option's bound, a negative one, text and a fraction: exit status 2 and one error line
+    naming the option, the bound and what was typed (0 ranks, labels or clips passed without a word, or failed
+    later with another message or a traceback)."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    for value in dict.fromkeys([str(least - 1), "-1", "x", "1.5"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, option, value])
+        assert exit_info.value.code == 2, value
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and errors[0].endswith(f": error: argument {option}: a whole number {said}, got "
+                                                       f"{value!r}"), errors
+
+
+@pytest.mark.parametrize("module", ["common.models.flops", "common.models.htsat.__main__"])
+def test_compression_factors_are_whole_numbers_from_2(module, capsys):
+    """The FLOPs tables' --factors: 'x' or '4,' ended in int()'s traceback, 0 in Compression's, 1 repeated the
+    full-resolution row under every method."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    for value in ("1", "0", "-2", "x", "4,1.5", "4,"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--factors", value])
+        assert exit_info.value.code == 2, value
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and errors[0].endswith(f": error: argument --factors: comma-separated whole numbers "
+                                                       f">= 2 (1, full resolution, is the 'none' row), got {value!r}")
+
+
 def test_a_very_short_clip_is_scored_with_a_warning(tmp_path, model_file, capsys):
     from finetune.predict import main as predict
     from tests.helpers import _write

@@ -112,6 +112,9 @@ _ONE_BACKEND = re.compile(r"^(?:Reading audio|Fetching info about audio) from .*
                           r"<class '[\w.]*'>: (.*)$")
 # backends that failed because they are not available here, not because of the file
 _UNAVAILABLE = ("AttributeError", "ImportError", "ModuleNotFoundError", "NoBackendError")
+# libsndfile's message begins with the file it opened, as Python writes the name ("Error opening '/x.wav': "): the
+# callers name the file themselves, and a long path would push the reason past where they cut it
+_OPENING = re.compile(r"""^Error opening (?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"): """)
 
 
 def decoder_reason(err: BaseException) -> str:
@@ -119,16 +122,17 @@ def decoder_reason(err: BaseException) -> str:
     message with the backend's name, ``Format not recognised. (LibsndfileBackend)``, several joined by ``; ``
     (Lhotse's first line says only "... failed. Details:"; backends not installed here are left out); a single
     backend's message alone; otherwise the error's lines joined (Lhotse's hint about ``LHOTSE_`` variables left
-    out). Callers say what failed around it, and cut it short where it lands in a table."""
+    out). libsndfile's ``Error opening '<path>': `` before its message is left out: callers name the file, say
+    what failed around the reason, and cut it short where it lands in a table."""
     lines = [ln for ln in str(err).splitlines() if ln.strip() and not ln.startswith("Set LHOTSE_")]
     reasons = []
     for line in lines:
         m = _BACKEND_FAILURE.match(line.strip())
         if m and m.group(3).strip() and m.group(2) not in _UNAVAILABLE:
-            reasons.append(f"{m.group(3).strip()} ({m.group(1)})")
+            reasons.append(f"{_OPENING.sub('', m.group(3).strip())} ({m.group(1)})")
     if reasons:
         return "; ".join(dict.fromkeys(reasons))
     m = _ONE_BACKEND.match(lines[0]) if lines else None
     if m:
         lines[0] = m.group(1)
-    return " ".join(ln for ln in lines if ln.strip())
+    return " ".join(_OPENING.sub("", ln) for ln in lines if ln.strip())

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
+from common.system.prog import whole_numbers
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
@@ -115,14 +116,15 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m common.models.flops",
         description="Print the token grid and training FLOPs per clip of every compression method.")
     parser.add_argument("--size", default="base", choices=["tiny", "small", "base"], help="encoder size")
-    parser.add_argument("--factors", default="2,4", help="comma-separated compression factors (default 2,4)")
+    factors = whole_numbers(2, ">= 2 (1, full resolution, is the 'none' row)")
+    parser.add_argument("--factors", type=factors, default="2,4",
+                        help="comma-separated compression factors (default 2,4)")
     parser.add_argument("--pipeline", action="store_true",
                         help="also run a generated clip through fbank -> compression -> encoder")
     args = parser.parse_args(argv)
-    factors = tuple(int(f) for f in args.factors.split(","))
-    print_table(args.size, factors)
+    print_table(args.size, args.factors)
     if args.pipeline:
-        run_pipeline_on_a_clip(factors)
+        run_pipeline_on_a_clip(args.factors)
 
 
 if __name__ == "__main__":

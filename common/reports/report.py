@@ -33,7 +33,7 @@ from common.reports.runs import (
 )
 from common.reports.tables import markdown_table, metric_name, whole_run_table
 from common.system.disk import output_folder
-from common.system.prog import prog
+from common.system.prog import prog, whole_number
 from common.system.signals import piped
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the metric to compare, e.g. mAP (default: the 'score' the ledgers agree on)")
     parser.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
                         help="where report.md and report.png go (default: the current directory)")
-    parser.add_argument("--stop-epoch", type=int, default=None, metavar="N",
+    parser.add_argument("--stop-epoch", type=whole_number(1, ">= 1 (epochs count from 1)"), default=None,
+                        metavar="N",
                         help="stop every run at epoch N of its final phase instead of at the first evaluation that "
                              "surpasses the baseline (the paper's AudioSet rows: --stop-epoch 3)")
     parser.add_argument("--title", default=None, help="title of the plot (default: the task and the run directories)")
@@ -113,8 +114,6 @@ def _report(args: argparse.Namespace) -> int:
         for run in (baseline, *runs):  # before the differences, which an unfinished run's may only seem to have
             require_finished(run)
         metric = resolve_metric([baseline, *runs], args.metric)
-        if args.stop_epoch is not None and args.stop_epoch < 1:
-            raise ReportError(f"--stop-epoch must be >= 1, got {args.stop_epoch}")
         found = baseline_differences(baseline, runs)
         if found and not args.accept_baseline_differences:
             listed = "; ".join(f"{label}: {', '.join(d)}" for label, d in found.items())

@@ -1,6 +1,7 @@
 """What a command's usage and errors show: the program name, the console script's (``c2f-pretrain``) when it was
 launched as one, else the command that runs it from a checkout (``pretrain/run.py``, ``python -m ...``); and the
-whole numbers its options take (:func:`whole_number`), said the same way by every command."""
+whole numbers its options take (:func:`whole_number`, :func:`whole_numbers` for a comma-separated list), said the
+same way by every command."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["prog", "whole_number"]
+__all__ = ["prog", "whole_number", "whole_numbers"]
 
 
 def prog(default: str) -> str:
@@ -29,5 +30,19 @@ def whole_number(least: int, said: str) -> Callable[[str], int]:
         if value is None or value < least:
             raise argparse.ArgumentTypeError(f"a whole number {said}, got {text!r}")
         return value
+
+    return parse
+
+
+def whole_numbers(least: int, said: str) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type: comma-separated whole numbers, each >= ``least`` (``4,2``), as a tuple; a list with a part
+    that is not one, or is below ``least``, is refused as ``comma-separated whole numbers <said>, got '<text>'``."""
+    one = whole_number(least, said)
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(one(part) for part in text.split(","))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"comma-separated whole numbers {said}, got {text!r}") from None
 
     return parse

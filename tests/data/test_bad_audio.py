@@ -74,6 +74,35 @@ def test_a_truncated_file_is_caught_at_preparation(tmp_path):
     assert report.clips["train"] == 4
 
 
+def test_a_long_path_leaves_the_decoder_s_reason_whole_at_preparation_and_at_load(tmp_path):
+    """libsndfile's message begins with the file's path ("Error opening '<path>': ..."); the corpus report and
+    bad_audio.tsv, which name the file beside it, cut the reason at 300 and 200 characters: under a path of 300 or
+    more only the path was left. The reason is now libsndfile's message without that beginning."""
+    from lhotse import Recording
+
+    from common.data.corpora import get_corpus
+    from common.data.integrity import decoder_reason
+    from tests.layouts import write_garbage
+
+    src = tmp_path / "src"
+    broken = src.joinpath("dog", *[f"folder-{i}-" + "x" * 40 for i in range(7)], "broken.wav")
+    assert len(str(broken)) > 300
+    write_clip(broken, seconds=0.3)
+    cut = Recording.from_file(broken).to_cut()
+    write_garbage(broken)  # a failed download, found at preparation and, of a clip prepared before, at load
+    write_clip(src / "dog" / "a.wav", seconds=0.3)
+    write_clip(src / "cat" / "b.wav", seconds=0.3)
+    reason = "Error in WAV file. No 'data' chunk marker. (LibsndfileBackend)"
+    report = get_corpus("custom").prepare(src, tmp_path / "out", name="mine")
+    assert dict(report.unreadable)[str(broken)] == f"AudioLoadingError: {reason}"
+    with pytest.raises(BadClip) as info:
+        load_clip(cut, 16000)
+    assert str(info.value) == f"unreadable (AudioLoadingError: {reason})"
+    for name in ("/a/it's.wav", "/a/b': c.wav", "/a/both'\".wav"):  # as Python writes the name, quotes and all
+        assert decoder_reason(RuntimeError(f"Error opening {name!r}: Format not recognised.")) == \
+            "Format not recognised."
+
+
 def test_each_bad_clip_is_listed_once_per_run_and_counted_every_time(tmp_path, synth_corpus):
     manifest = local_manifest(synth_corpus / "synth_train.jsonl.gz", tmp_path, "m", 8, {2: "garbage"})
     log = tmp_path / "bad_audio.tsv"

@@ -331,12 +331,14 @@ def test_bad_settings_end_in_one_line_naming_them(tmp_path, capsys):
     base = ["--init", str(init), "--inputs", str(clip), "--out", str(tmp_path / "o")]
     for extra, message in ((["--pool", "none"], "--pool none writes no clip embedding"),
                            (["--layer", "0"], "--layer: block numbers are 1-based"),
-                           (["--layer", "3"], "--layer 3: this encoder has 2 blocks"),
-                           (["--batch-size", "0"], "--batch-size must be at least 1"),
-                           (["--workers", "-1"], "--workers must be at least 0")):
+                           (["--layer", "3"], "--layer 3: this encoder has 2 blocks")):
         assert main([*base, *extra]) != 0
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and message in err[-1], err
+    for setting, message in (({"batch_size": 0}, "--batch-size must be at least 1, got 0"),  # the command's options
+                             ({"workers": -1}, "--workers must be at least 0, got -1")):  # refuse these when parsed
+        with pytest.raises(ValueError, match=message):
+            embed_files(init, [str(clip)], tmp_path / "o", **setting)
     for missing in (f"{tmp_path}/nothing", f"{tmp_path}/nothing/"):  # a folder that is not there: no output made
         assert main(["--init", str(init), "--inputs", missing, "--out", str(tmp_path / "o")]) == 2
         assert one_error(capsys.readouterr().err) == f"error: --inputs {missing}: no such file or folder"

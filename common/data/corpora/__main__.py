@@ -20,7 +20,7 @@ from common.system.signals import piped
 
 
 _count = whole_number(1, "above 0")
-_count_or_none = whole_number(0, ">= 0")  # 0: none
+_workers = whole_number(0, ">= 0 (0: decode in this process)")  # as evaluate's and the probe's
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -56,7 +56,7 @@ def _build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--max-clips", type=_count, default=None,
                        help="use at most this many clips (the first ones; default: all)")
     stats.add_argument("--num-mel-bins", type=_count, default=128, help="mel bins of the fbank (default 128)")
-    stats.add_argument("--workers", type=_count_or_none, default=2,
+    stats.add_argument("--workers", type=_workers, default=2,
                        help="decoding worker processes (default 2; 0: decode in this process)")
 
     shar = sub.add_parser("shar", help="export a manifest and its audio as Lhotse Shar shards",

@@ -40,6 +40,7 @@ import re
 from pathlib import Path
 
 from common.data.corpora.base import AUDIO_SUFFIXES, ClipEntry, PrepareReport, require_file, write_corpus
+from common.system.prog import whole_number
 
 NAME = "custom"
 DESCRIPTION = "your own audio: a CSV (path,label[,split]) or a folder per class, plus unlabeled audio"
@@ -63,7 +64,8 @@ def add_arguments(parser) -> None:
                         help="share of clips without a split that go to valid (default 0)")
     parser.add_argument("--test-fraction", type=float, default=0.0,
                         help="share of clips without a split that go to test (default 0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the valid/test carve-out (default 0)")
+    parser.add_argument("--seed", type=whole_number(0, ">= 0"), default=0,
+                        help="seed of the valid/test carve-out (default 0)")
 
 
 def _skipped(name: str) -> bool:

@@ -22,6 +22,7 @@ import soundfile as sf
 
 from common.data.corpora.base import ClipEntry, PrepareReport, write_corpus
 from common.system.disk import output_folder
+from common.system.prog import whole_number
 
 NAME = "synth"
 DESCRIPTION = "built-in generated corpus (12 classes, unlabeled pool + train/valid/test), no download"
@@ -156,7 +157,7 @@ def generate_clip(label: str, rng: np.random.Generator) -> np.ndarray:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
+    parser.add_argument("--seed", type=whole_number(0, ">= 0"), default=0, help="generation seed (default 0)")
     parser.add_argument("--size", choices=sorted(SIZES), default="demo",
                         help="demo (the default): 960 pool + 40/10/10 clips per class; small: 192 + 12/4/4; "
                              "test: 24 + 2/1/1")

@@ -8,6 +8,7 @@ from common.audio.compression import METHODS, Compression
 from common.models.htsat.config import HTSATConfig
 from common.models.htsat.flops import train_flops
 from common.models.htsat.geometry import geometry
+from common.system.prog import whole_numbers
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
@@ -16,14 +17,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m common.models.htsat",
         description="Training FLOPs per clip of the official-size HTS-AT for every compression method.")
-    parser.add_argument("--factors", default="2,4", help="comma-separated compression factors (default 2,4)")
+    factors = whole_numbers(2, ">= 2 (1, full resolution, is the 'none' row)")
+    parser.add_argument("--factors", type=factors, default="2,4",
+                        help="comma-separated compression factors (default 2,4)")
     args = parser.parse_args(argv)
     cfg = HTSATConfig()
     full = train_flops(cfg)
     print("HTS-AT training FLOPs per 10 s clip (forward + backward), Swin-T, 64 mel bins")
     print(f"{'method':<16} {'hop':>5} {'frames':>6} {'image':>8} {'patch':>5} {'tokens':>6} {'GFLOPs':>7} {'ratio':>6}")
     for method in METHODS:
-        for factor in [1] if method == "none" else [int(f) for f in args.factors.split(",")]:
+        for factor in [1] if method == "none" else args.factors:
             comp = Compression(method, factor)
             try:
                 geom = geometry(cfg, comp)
