@@ -1,11 +1,12 @@
 """HTS-AT's coarse (Fshift x4) step against its full-resolution step on the CPU: time ratio r and FLOPs ratio.
 
-    OMP_NUM_THREADS=1 python -m bench.htsat_coarse [--repeats 5] [--steps 3] [--profile]
+    OMP_NUM_THREADS=1 python -m bench.htsat_coarse [--repeats 5] [--steps 3] [--profile] [--size official]
 
 A tiny-but-realistic HTS-AT (the official front end and geometry: 10 s at 32 kHz, 64 mel bins, a 256 x 256
-image, window 8, four stages; a narrower, shallower Swin so that a CPU step takes a fraction of a second),
-batch 4, the classifier objective with its SpecAugment and mixup. A bare step (front end, forward, loss,
-backward, fused AdamW step; no DeepSpeed) is timed per phase, ``--repeats`` times, medians reported.
+image, window 8, four stages; a narrower, shallower Swin so that a CPU step takes a fraction of a second;
+``--size official``: HTS-AT's own Swin-T), batch 4, the classifier objective with its SpecAugment and mixup.
+A bare step (front end, forward, loss, backward, fused AdamW step; no DeepSpeed) is timed per phase,
+``--repeats`` times, medians reported.
 ``r = coarse step time / full step time`` against ``flops = coarse FLOPs / full FLOPs``: ``r / flops`` is 1 when
 the coarse step is as cheap as its FLOPs. ``--profile`` prints the top ops by self CPU time per phase
 (``torch.profiler``).
@@ -22,7 +23,13 @@ import torch
 CLASSES = [f"c{i}" for i in range(10)]
 
 
-def build(tmp: str):
+SIZES = {  # Swin widths and depths: the CPU-sized model, and the official HTS-AT's Swin-T
+    "tiny": dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)),
+    "official": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(4, 8, 16, 32)),
+}
+
+
+def build(tmp: str, size: str = "tiny"):
     """``(objective, [(label, geometry, front end, model), ...])`` for Fshift x4 and full resolution."""
     from common.data.config import DataConfig
     from common.models.htsat import HTSATConfig
@@ -33,8 +40,7 @@ def build(tmp: str):
     from common.training.spec import RunSpec, TrainConfig
     from finetune.classifier import AugmentConfig, ClassifierObjective
 
-    base = HTSATConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.1,
-                       num_classes=len(CLASSES))
+    base = HTSATConfig(**SIZES[size], drop_path_rate=0.1, num_classes=len(CLASSES))
     objective = ClassifierObjective(CLASSES, "mAP", "bce", AugmentConfig(freqm=16, timem=64, mixup=0.5))
     phases = [PhaseConfig(compression="fshift", factor=4, epochs=1), PhaseConfig(epochs=1)]
     spec = RunSpec(run_dir=tmp, base=base, audio=None, phases=phases, transfer=TransferConfig(),
@@ -75,6 +81,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny",
+                        help="tiny (embed 32, depths 1-1-2-1) or official (HTS-AT's Swin-T: embed 96, depths 2-2-6-2)")
     args = parser.parse_args(argv)
     import os
     import tempfile
@@ -84,7 +92,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # tests.conftest sets 2 on import
 
     with tempfile.TemporaryDirectory() as tmp:
-        objective, samples, phases = build(tmp)
+        objective, samples, phases = build(tmp, args.size)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     flops = {label: objective.flops_per_sample(cfg) for label, cfg, _, _ in phases}
     times: dict[str, list[float]] = {label: [] for label, *_ in phases}
