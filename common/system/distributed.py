@@ -5,10 +5,11 @@ MASTER_*), ``torchrun``, and plain ``python`` for one process, for which the env
 requires is filled in here (without RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT it looks
 for MPI and fails). One process opens no port: its group's store lives in the process, so any number of
 one-process jobs run side by side on a machine, also under launchers that give every job the same port
-(``deepspeed --num_gpus 1``: 29500). Several ranks meet at MASTER_ADDR:MASTER_PORT; a port another job holds, or
-a rank 0 that cannot be reached, ends the rank with :class:`RendezvousFailed`, which says how to launch. On the CPU DeepSpeed would JIT-compile its shared-memory allreduce op on first use
-(20-110 s); gloo's allreduce is used instead. Teardown is explicit: without it 2-rank runs abort at exit
-now and then (SIGABRT, "terminate called without an active exception", 5 of 40 runs).
+(``deepspeed --num_gpus 1``: 29500). Several ranks meet at MASTER_ADDR:MASTER_PORT; a port another job holds, a
+rank 0 that cannot be reached, or ranks that never come end the rank with :class:`RendezvousFailed`, which says
+how to launch. On the CPU DeepSpeed would JIT-compile its shared-memory allreduce op on first use (20-110 s);
+gloo's allreduce is used instead. Teardown is explicit: without it 2-rank runs abort at exit now and then
+(SIGABRT, "terminate called without an active exception", 5 of 40 runs).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ class RendezvousFailed(ValueError):
             message = (f"rank 0 cannot open the job's rendezvous on {where} (MASTER_ADDR:MASTER_PORT): the port is in "
                        f"use, by another job on this machine? Launch with a free port: deepspeed --master_port PORT "
                        f"(torchrun --master-port PORT; ranks started by hand: MASTER_PORT=PORT for every rank)")
+        elif "waiting for clients" in text:  # rank 0: the others did not all come
+            joined = text.split("waiting for clients.", 1)[1].strip().rstrip(".") if "clients." in text else ""
+            message = (f"rank 0 waited at {where} (MASTER_ADDR:MASTER_PORT) for the other ranks in vain"
+                       f"{f' ({joined})' if joined else ''}: were they all started, with this MASTER_ADDR, "
+                       f"MASTER_PORT and WORLD_SIZE={os.environ.get('WORLD_SIZE', '?')}?")
         elif "timed out" in text or "timeout" in text.lower():
             message = (f"rank {rank} could not reach rank 0's rendezvous at {where} (MASTER_ADDR:MASTER_PORT) in "
                        f"time: is rank 0 running, and is MASTER_ADDR an address this host reaches? "
@@ -184,7 +190,7 @@ def init_distributed() -> Dist:
             torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
         try:
             deepspeed.init_distributed(dist_backend=backend, verbose=False)
-        except torch.distributed.DistNetworkError as err:
+        except (torch.distributed.DistNetworkError, torch.distributed.DistStoreError) as err:
             raise RendezvousFailed(err) from None
     return Dist(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
                 local_rank=local_rank, device=device)

@@ -84,13 +84,27 @@ def test_rank_0_of_several_on_a_port_another_job_holds_says_so_at_once(monkeypat
      "rank 1 could not reach rank 0's rendezvous at 10.0.0.1:29500"),
     ("something else\nand more", "rank 1: the job's rendezvous at 10.0.0.1:29500 (MASTER_ADDR:MASTER_PORT) failed: "
                                  "something else"),
+    ("Timed out after 1801 seconds waiting for clients. 1/2 clients joined.",
+     "rank 0 waited at 10.0.0.1:29500 (MASTER_ADDR:MASTER_PORT) for the other ranks in vain (1/2 clients joined): "
+     "were they all started"),
 ])
-def test_a_rank_that_cannot_reach_rank_0_is_told_where_it_looked(monkeypatch, text, said):
-    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29500")
-    monkeypatch.setenv("RANK", "1")
-    message = str(RendezvousFailed(torch.distributed.DistNetworkError(text)))
-    assert message.startswith(said) and "\n" not in message
+def test_a_rank_whose_rendezvous_fails_is_told_where_it_looked(monkeypatch, text, said):
+    """What the client (a rank that cannot reach rank 0: DistNetworkError) and the server (rank 0, whose peers
+    never came: DistStoreError) raise after the group's timeout, as one line from init_distributed."""
+    import deepspeed
+
+    for key, value in (("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "29500"), ("RANK", "1"), ("LOCAL_RANK", "1"),
+                       ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(key, value)
+    error = torch.distributed.DistStoreError if "clients" in text else torch.distributed.DistNetworkError
+
+    def timed_out(**kwargs):
+        raise error(text)
+
+    monkeypatch.setattr(deepspeed, "init_distributed", timed_out)
+    with pytest.raises(RendezvousFailed) as caught:
+        init_distributed()
+    assert str(caught.value).startswith(said) and "\n" not in str(caught.value)
 
 
 def test_several_ranks_without_a_rendezvous_are_refused_at_once(monkeypatch):
