@@ -4,12 +4,14 @@ Works under every launcher: ``deepspeed`` (which passes ``--local_rank`` and set
 MASTER_*), ``torchrun``, and plain ``python`` for one process, for which the environment DeepSpeed
 requires is filled in here (without RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT it looks
 for MPI and fails). One process opens no port: its group's store lives in the process, so any number of
-one-process jobs run side by side on a machine, also under launchers that give every job the same port
-(``deepspeed --num_gpus 1``: 29500). Several ranks meet at MASTER_ADDR:MASTER_PORT; a port another job holds, a
-rank 0 that cannot be reached, or ranks that never come end the rank with :class:`RendezvousFailed`, which says
-how to launch. On the CPU DeepSpeed would JIT-compile its shared-memory allreduce op on first use (20-110 s);
-gloo's allreduce is used instead. Teardown is explicit: without it 2-rank runs abort at exit now and then
-(SIGABRT, "terminate called without an active exception", 5 of 40 runs).
+one-process jobs run side by side on a machine, also under ``deepspeed --num_gpus 1``, which gives every job
+port 29500 (``torchrun`` binds its own store on its port first: ``torchrun --standalone`` picks a free one).
+Several ranks meet at MASTER_ADDR:MASTER_PORT; a port another job holds, a rank 0 that cannot be reached, or
+ranks that never come end the rank with :class:`RendezvousFailed`, which says how to launch (c10d's own C++
+log lines about the failed connection may come before it). On the CPU DeepSpeed would JIT-compile its
+shared-memory allreduce op on first use (20-110 s); gloo's allreduce is used instead. Teardown is explicit:
+without it 2-rank runs abort at exit now and then (SIGABRT, "terminate called without an active exception",
+5 of 40 runs).
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ class RendezvousFailed(ValueError):
             message = (f"rank 0 waited at {where} (MASTER_ADDR:MASTER_PORT) for the other ranks in vain"
                        f"{f' ({joined})' if joined else ''}: were they all started, with this MASTER_ADDR, "
                        f"MASTER_PORT and WORLD_SIZE={os.environ.get('WORLD_SIZE', '?')}?")
-        elif "timed out" in text or "timeout" in text.lower():
-            message = (f"rank {rank} could not reach rank 0's rendezvous at {where} (MASTER_ADDR:MASTER_PORT) in "
-                       f"time: is rank 0 running, and is MASTER_ADDR an address this host reaches? "
-                       f"({text.splitlines()[0] if text else type(err).__name__})")
+        elif "timed out" in text.lower() or "timeout" in text.lower():
+            message = (f"rank {rank} could not meet rank 0 at {where} (MASTER_ADDR:MASTER_PORT) in time: is rank 0 "
+                       f"running, is MASTER_ADDR an address this host reaches, and is the port this job's (not another "
+                       f"job's)? ({text.splitlines()[0] if text else type(err).__name__})")
         else:
             first = text.splitlines()[0] if text else type(err).__name__
             message = f"rank {rank}: the job's rendezvous at {where} (MASTER_ADDR:MASTER_PORT) failed: {first}"
@@ -170,6 +172,7 @@ def init_distributed() -> Dist:
     # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
     import deepspeed
     from deepspeed.accelerator import get_accelerator
+    from deepspeed.constants import default_pg_timeout
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     accelerator = get_accelerator().device_name()
@@ -187,7 +190,8 @@ def init_distributed() -> Dist:
             # named one (`deepspeed --num_gpus 1` passes 29500 to every job: two on one machine would collide, and a
             # port picked free could be taken by another program before the store listened on it); DeepSpeed then
             # adopts the group
-            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
+                                                 timeout=default_pg_timeout)  # DeepSpeed's (DEEPSPEED_TIMEOUT)
         try:
             deepspeed.init_distributed(dist_backend=backend, verbose=False)
         except (torch.distributed.DistNetworkError, torch.distributed.DistStoreError) as err:

@@ -81,7 +81,9 @@ def test_rank_0_of_several_on_a_port_another_job_holds_says_so_at_once(monkeypat
 
 @pytest.mark.parametrize("text, said", [
     ("The client socket has timed out after 1800000ms while trying to connect to (10.0.0.1, 29500).",
-     "rank 1 could not reach rank 0's rendezvous at 10.0.0.1:29500"),
+     "rank 1 could not meet rank 0 at 10.0.0.1:29500"),
+    ("wait timeout after 60000ms, keys: /default_pg/0//cpu//0/0",  # another job's store on the port
+     "rank 1 could not meet rank 0 at 10.0.0.1:29500 (MASTER_ADDR:MASTER_PORT) in time: is rank 0 running"),
     ("something else\nand more", "rank 1: the job's rendezvous at 10.0.0.1:29500 (MASTER_ADDR:MASTER_PORT) failed: "
                                  "something else"),
     ("Timed out after 1801 seconds waiting for clients. 1/2 clients joined.",
@@ -96,7 +98,7 @@ def test_a_rank_whose_rendezvous_fails_is_told_where_it_looked(monkeypatch, text
     for key, value in (("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "29500"), ("RANK", "1"), ("LOCAL_RANK", "1"),
                        ("WORLD_SIZE", "2")):
         monkeypatch.setenv(key, value)
-    error = torch.distributed.DistStoreError if "clients" in text else torch.distributed.DistNetworkError
+    error = torch.distributed.DistNetworkError if "client socket" in text else torch.distributed.DistStoreError
 
     def timed_out(**kwargs):
         raise error(text)
