@@ -13,10 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -306,6 +308,21 @@ def official_state(spec_size: int = 256, fmax: float = 14000.0, seed: int = 0,
 def save_lightning(state: dict, path, **extra) -> None:
     torch.save({"epoch": 7, "global_step": 7000, "pytorch-lightning_version": "1.5.9",
                 "state_dict": {f"sed_model.{k}": v for k, v in state.items()}, **extra}, path)
+
+
+def spawn_ranks(target: Callable, world_size: int, out: Path, timeout: float = 120) -> None:
+    """Run ``target(rank, world_size, port, str(out))`` in ``world_size`` processes (``torch.multiprocessing``; a
+    module-level function, which makes its own gloo group on ``port``). A rank that fails fails the test; ranks
+    still running after ``timeout`` seconds (a hang) are killed and fail it."""
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(target, args=(world_size, _free_port(), str(out)), nprocs=world_size, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{world_size} gloo ranks did not finish in {timeout:.0f} s")
 
 
 def launch_ranks(world_size: int, script: str, job: Path, out: Path, timeout: float, **env_extra: str) -> None:

@@ -3,7 +3,6 @@ the loader, said once per run, summed over ranks (2 and 3 on gloo) into ledger.j
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -99,17 +98,9 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_ranks_counts_are_summed(tmp_path, world):
-    import torch.multiprocessing as mp
+    from tests.helpers import spawn_ranks
 
-    from tests.helpers import _free_port
-
-    context = mp.spawn(_rank, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world} gloo ranks did not finish in 120 s")
+    spawn_ranks(_rank, world, tmp_path)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     assert all(r == results[0] for r in results)  # every rank gets the sum
     clips = 2 * sum(r + 1 for r in range(world))

@@ -646,11 +646,9 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_rank_takes_rank_0s_decision_on_the_losses_of_all_ranks(tmp_path, world):
-    import torch.multiprocessing as mp
+    from tests.helpers import spawn_ranks
 
-    from tests.helpers import _free_port
-
-    mp.spawn(_rank, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    spawn_ranks(_rank, world, tmp_path)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     assert all(r == results[0] for r in results[1:])
     assert results[0]["bitwise"]

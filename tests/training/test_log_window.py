@@ -3,7 +3,6 @@ where rank 0 keeps the folded sums that a resumed run starts from."""
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -67,17 +66,9 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_ranks_micro_batches_are_reduced_and_only_rank_0_keeps_the_fold(tmp_path, world):
-    import torch.multiprocessing as mp
+    from tests.helpers import spawn_ranks
 
-    from tests.helpers import _free_port
-
-    context = mp.spawn(_rank, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world} gloo ranks did not finish in 120 s")
+    spawn_ranks(_rank, world, tmp_path)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     # ranks 0 and 1 add 2 micro-batches each: losses 1, 2 and 2, 3; rank 1 also logs mpg 20 once
     assert all(r["saved"] == {"loss": 8.0, "mpg": 20.0, "_n": 4.0} for r in results)
