@@ -114,7 +114,10 @@ _ONE_BACKEND = re.compile(r"^(?:Reading audio|Fetching info about audio) from .*
 _UNAVAILABLE = ("AttributeError", "ImportError", "ModuleNotFoundError", "NoBackendError")
 # libsndfile's message begins with the file it opened, as Python writes the name ("Error opening '/x.wav': "): the
 # callers name the file themselves, and a long path would push the reason past where they cut it
-_OPENING = re.compile(r"""^Error opening (?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"): """)
+# (an in-memory source, a Shar clip's, is named by its object: "Error opening <_io.BytesIO object at 0x...>: ")
+_OPENING = re.compile(r"""^Error opening (?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|<[^<>]*>): """)
+# what Lhotse appends to an error it passes on: the call and its arguments (a clip's whole manifest entry)
+_EXTRA_INFO = "[extra info]"
 
 
 def decoder_reason(err: BaseException) -> str:
@@ -124,7 +127,8 @@ def decoder_reason(err: BaseException) -> str:
     backend's message alone; otherwise the error's lines joined (Lhotse's hint about ``LHOTSE_`` variables left
     out). libsndfile's ``Error opening '<path>': `` before its message is left out: callers name the file, say
     what failed around the reason, and cut it short where it lands in a table."""
-    lines = [ln for ln in str(err).splitlines() if ln.strip() and not ln.startswith("Set LHOTSE_")]
+    text = str(err).split(_EXTRA_INFO, 1)[0]
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("Set LHOTSE_")]
     reasons = []
     for line in lines:
         m = _BACKEND_FAILURE.match(line.strip())

@@ -71,9 +71,14 @@ def _table(size: str, factors: list[int]) -> list[dict]:
     for method in METHODS:
         for factor in ([1] if method == "none" else factors):
             comp = Compression(method, factor)
-            cfg = comp.encoder_config(base)
+            name = comp.describe() if method != "none" else "none"
+            try:
+                cfg = comp.encoder_config(base)
+            except ValueError as err:  # a factor the clip cannot take (its grid would be empty)
+                rows.append(dict(method=name, impossible=str(err)))
+                continue
             flops = encoder_train_flops(cfg)
-            rows.append(dict(method=comp.describe() if method != "none" else "none", frames=cfg.input_tdim,
+            rows.append(dict(method=name, frames=cfg.input_tdim,
                              patch=f"{cfg.fshape}x{cfg.tshape}", grid=f"{cfg.grid[0]}x{cfg.grid[1]}",
                              tokens=cfg.num_patches, gflops=flops / 1e9, saving=1 - flops / full))
     return rows
@@ -84,6 +89,9 @@ def print_table(size: str = "base", factors: tuple[int, ...] = (2, 4)) -> None:
     print(f"Training FLOPs per 10.24 s clip, ASTEncoder-{size}, 128 mel bins, patch 16x16 (forward + backward)")
     print(f"{'method':<20} {'frames':>6} {'patch':>6} {'grid':>6} {'tokens':>6} {'GFLOPs':>9} {'saving':>7}")
     for r in rows:
+        if "impossible" in r:
+            print(f"{r['method']:<20} impossible: {r['impossible']}")
+            continue
         print(f"{r['method']:<20} {r['frames']:>6} {r['patch']:>6} {r['grid']:>6} {r['tokens']:>6} "
               f"{r['gflops']:>9.1f} {r['saving']:>7.1%}")
 
@@ -104,7 +112,11 @@ def run_pipeline_on_a_clip(factors: tuple[int, ...]) -> None:
     for method in METHODS:
         for factor in ([1] if method == "none" else factors):
             comp = Compression(method, factor)
-            cfg = comp.encoder_config(base)
+            try:
+                cfg = comp.encoder_config(base)
+            except ValueError as err:
+                print(f"  {comp.describe():<20} impossible: {err}")
+                continue
             feats = FeaturePipeline(audio, comp)(clip[None])
             with torch.no_grad():
                 tokens = ASTEncoder(cfg).forward_features(feats)

@@ -103,6 +103,18 @@ def test_a_long_path_leaves_the_decoder_s_reason_whole_at_preparation_and_at_loa
             "Format not recognised."
 
 
+def test_an_in_memory_clip_s_reason_is_the_same_at_every_run():
+    """A Shar clip's audio is read from memory: libsndfile names it by its object (an address that changes at
+    every run) and Lhotse appends the call with the clip's whole manifest entry; bad_audio.tsv gets the reason."""
+    from lhotse import AudioSource, Recording
+
+    recording = Recording(id="r", sources=[AudioSource(type="memory", channels=[0], source=b"RIFF" + bytes(200))],
+                          sampling_rate=16000, num_samples=16000, duration=1.0)
+    with pytest.raises(BadClip) as info:
+        load_clip(recording.to_cut(), 16000)
+    assert str(info.value) == "unreadable (AudioLoadingError: Format not recognised.)"
+
+
 def test_each_bad_clip_is_listed_once_per_run_and_counted_every_time(tmp_path, synth_corpus):
     manifest = local_manifest(synth_corpus / "synth_train.jsonl.gz", tmp_path, "m", 8, {2: "garbage"})
     log = tmp_path / "bad_audio.tsv"

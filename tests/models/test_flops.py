@@ -37,3 +37,13 @@ def test_compression_cuts_flops_by_at_least_the_factor():
         quarter = encoder_train_flops(cfg)
         assert abs(quarter - analytic_train_flops(cfg)) / quarter < 0.01
         assert quarter < full / 4 * 1.05  # attention shrinks quadratically, the rest linearly
+
+
+def test_the_table_names_a_factor_the_clip_cannot_take(capsys):
+    from common.models.flops import main
+
+    main(["--size", "tiny", "--factors", "2,1024"])
+    out = capsys.readouterr().out
+    rows = {line.split("  ")[0]: line for line in out.splitlines()}
+    assert "impossible" not in rows["fshift x2"]
+    assert rows["fshift x1024"].split(None, 2)[2].startswith("impossible: patch width tshape=16 exceeds")
