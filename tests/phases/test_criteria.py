@@ -446,14 +446,21 @@ def test_a_validation_cut_short_and_run_again_by_a_resume_is_not_run_a_third_tim
     checkpoint of step 2 says its validation is done (restated by the resume), and the next resume trains on
     without validating step 2 again, to the uninterrupted run's weights and validations. A resume that changed
     something (a lower learning rate, recorded as an intervention) leaves the checkpoint as saved."""
-    sets = ("train.eval_every=2", "train.save_every=2", "optim.schedule=plateau", "optim.patience=0",
+    # validated every step, checkpointed every other: step 2's score falls below step 1's, so the plateau schedule
+    # halves the rate in step 2's validation, which the restated checkpoint must carry
+    sets = ("train.eval_every=1", "train.save_every=2", "optim.schedule=plateau", "optim.patience=0",
             "optim.decay=0.5", "optim.warmup_steps=0")
-    scripted(monkeypatch, SCORES)
+    scores = {(0, 1): 0.5, (0, 2): 0.3, (0, 3): 0.6, (0, 4): 0.6, (0, 5): 0.7, (0, 6): 0.7}
+    scripted(monkeypatch, scores)
+    calls = []
+    real = Trainer._evaluate
+    monkeypatch.setattr(Trainer, "_evaluate", lambda self, *a: calls.append(self.state.step) or real(self, *a))
     straight = tmp_path / "straight"
     assert run(straight, synth_corpus, *sets, steps=(6, 2)) == 0
+    after_step_2 = calls[2:]  # what the uninterrupted run validated after step 2
     for crashed, resumed_with in ((tmp_path / "crashed", ()), (tmp_path / "changed", ("optim.lr=1e-4",))):
         state_file = crashed / "checkpoints" / "phase01-step000000002" / "trainer_state.json"
-        scripted(monkeypatch, SCORES, fail_at=(0, 2))
+        scripted(monkeypatch, scores, fail_at=(0, 2))
         with pytest.raises(RuntimeError, match="validation broke"):
             main(["--recipe", str(RECIPE), "--run-dir", str(crashed), *tiny(synth_corpus, *sets, steps=(6, 2))])
         assert json.loads(state_file.read_text())["state"]["pending_eval"]
@@ -467,13 +474,13 @@ def test_a_validation_cut_short_and_run_again_by_a_resume_is_not_run_a_third_tim
         assert calls == [2]  # step 2 validated again by the resume
         state = json.loads(state_file.read_text())
         if resumed_with:  # changed at the resume: the checkpoint as saved (its next resume validates once more)
-            assert state["state"]["pending_eval"] and len(state["ledger"]["evals"]) == 0
+            assert state["state"]["pending_eval"] and len(state["ledger"]["evals"]) == 1
             continue
-        assert not state["state"]["pending_eval"] and [e["phase_step"] for e in state["ledger"]["evals"]] == [2]
-        assert state["schedule"]["factor"] == 1.0 and state["world_size"] == 1
+        assert not state["state"]["pending_eval"] and [e["phase_step"] for e in state["ledger"]["evals"]] == [1, 2]
+        assert state["schedule"]["factor"] == 0.5 and state["world_size"] == 1  # halved by step 2's score
         calls.clear()
         assert run(crashed, synth_corpus, *sets, steps=(6, 2)) == 0
-        assert calls == [4, 6, 2]  # phase 1 from step 3 on, then phase 2: step 2 is not validated a third time
+        assert calls == after_step_2  # step 2 is not validated a third time
         assert [e["metrics"] for e in ledger(straight)["evals"]] == [e["metrics"] for e in ledger(crashed)["evals"]]
         a, b = weights(straight), weights(crashed)
         assert all(torch.equal(a[k], b[k]) for k in a)
