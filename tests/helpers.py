@@ -310,19 +310,34 @@ def save_lightning(state: dict, path, **extra) -> None:
                 "state_dict": {f"sed_model.{k}": v for k, v in state.items()}, **extra}, path)
 
 
-def spawn_ranks(target: Callable, world_size: int, out: Path, timeout: float = 120) -> None:
-    """Run ``target(rank, world_size, port, str(out))`` in ``world_size`` processes (``torch.multiprocessing``; a
-    module-level function, which makes its own gloo group on ``port``). A rank that fails fails the test; ranks
-    still running after ``timeout`` seconds (a hang) are killed and fail it."""
+def _spawned(rank: int, target: Callable, world_size: int, port: int, out: str) -> None:
+    """One rank of :func:`spawn_ranks`: its gloo group, ``target(dist)``, and what it returned in ``out``."""
+    import torch.distributed as torch_dist
+
+    from common.system.distributed import Dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch_dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    result = target(Dist(rank, world_size, rank, torch.device("cpu")))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    torch_dist.destroy_process_group()
+
+
+def spawn_ranks(target: Callable, world_size: int, out: Path, timeout: float = 120) -> list:
+    """Run ``target(dist)`` (a module-level function returning JSON-able data) on ``world_size`` gloo ranks in
+    spawned processes (``torch.multiprocessing``); returns what each rank returned, in rank order (kept in
+    ``out``). A rank that fails fails the test; ranks still running after ``timeout`` seconds (a hang) are killed
+    and fail it."""
     import torch.multiprocessing as mp
 
-    context = mp.spawn(target, args=(world_size, _free_port(), str(out)), nprocs=world_size, join=False)
+    context = mp.spawn(_spawned, args=(target, world_size, _free_port(), str(out)), nprocs=world_size, join=False)
     deadline = time.monotonic() + timeout
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"{world_size} gloo ranks did not finish in {timeout:.0f} s")
+    return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(world_size)]
 
 
 def launch_ranks(world_size: int, script: str, job: Path, out: Path, timeout: float, **env_extra: str) -> None:

@@ -72,26 +72,16 @@ def test_the_ledger_keeps_the_counts_through_its_file():
     assert "upsampled" not in Ledger("acc").to_dict()
 
 
-def _rank(rank: int, world: int, port: int, out: str) -> None:
+def _rank(dist) -> dict:
     """Rank r resamples up r + 1 clips per batch of 2 batches, at 16 kHz, and rank 2 also one at 22.05 kHz."""
-    import os
-
-    import torch.distributed as torch_dist
-
-    from common.system.distributed import Dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch_dist.init_process_group("gloo", rank=rank, world_size=world)
-    dist = Dist(rank, world, rank, torch.device("cpu"))
+    rank = dist.rank
     tracker = BadAudioTracker(1.0)
     for _ in range(2):
         tracker.update(batch({(16000, 32000): rank + 1, **({(22050, 32000): 1} if rank == 2 else {})}))
     tracker.for_split("valid").update(batch({(16000, 32000): 1}))
     first = tracker.take_upsampled(dist)
     second = tracker.take_upsampled(dist)  # nothing new on any rank
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"first": {s: sorted([*k, n] for k, n in v.items())
-                                                                   for s, v in first.items()}, "second": second}))
-    torch_dist.destroy_process_group()
+    return {"first": {s: sorted([*k, n] for k, n in v.items()) for s, v in first.items()}, "second": second}
 
 
 @pytest.mark.slow
@@ -100,8 +90,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 def test_every_ranks_counts_are_summed(tmp_path, world):
     from tests.helpers import spawn_ranks
 
-    spawn_ranks(_rank, world, tmp_path)
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    results = spawn_ranks(_rank, world, tmp_path)
     assert all(r == results[0] for r in results)  # every rank gets the sum
     clips = 2 * sum(r + 1 for r in range(world))
     train = [[16000, 32000, clips]] + ([[22050, 32000, 2]] if world == 3 else [])

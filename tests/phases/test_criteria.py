@@ -594,19 +594,11 @@ def test_a_phase_a_criterion_ends_on_a_save_step_is_checkpointed_once(tmp_path, 
 MEANS, ERRORS = [2.0, 1.5, 1.4, 1.39], [0.0, 0.3, 0.05, 0.05]
 
 
-def _rank(rank: int, world: int, port: int, out: str) -> None:
-    """One of ``world`` gloo processes. Loss criterion: each rank sees its own losses, whose mean over the
-    ranks is ``MEANS`` and whose spread makes that mean's standard error ``ERRORS``; a rank alone would
-    decide differently. Plateau criterion: only rank 0 is given the scores; the others follow it."""
-    import os
-
-    import torch.distributed as torch_dist
-
-    from common.system.distributed import Dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch_dist.init_process_group("gloo", rank=rank, world_size=world)
-    dist = Dist(rank, world, rank, torch.device("cpu"))
+def _rank(dist) -> dict:
+    """One of the gloo ranks. Loss criterion: each rank sees its own losses, whose mean over the ranks is
+    ``MEANS`` and whose spread makes that mean's standard error ``ERRORS``; a rank alone would decide
+    differently. Plateau criterion: only rank 0 is given the scores; the others follow it."""
+    rank, world = dist.rank, dist.world_size
     pattern = torch.linspace(-1, 1, world, dtype=torch.float64)
     z = (pattern * world ** 0.5 / pattern.std()).tolist()  # sums to 0; makes the mean's standard error = the error
     until = UntilConfig(criterion="loss", window=1, threshold=0.1, smoothing=0.0, patience=1)
@@ -643,10 +635,8 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     plateau = PhaseEnd(UntilConfig(criterion="plateau", patience=2), 10, "steps", warmup_steps=3)
     followed = [plateau.check(dist, step, score, 0.0, score_se=0.01, step=step) is not None
                 for step, score in enumerate(scores, 1)]
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"decided": decided, "state": end.state_dict(),
-                                                          "bitwise": bitwise,
-                                                          "followed": followed, "plateau": plateau.state_dict()}))
-    torch_dist.destroy_process_group()
+    return {"decided": decided, "state": end.state_dict(), "bitwise": bitwise, "followed": followed,
+            "plateau": plateau.state_dict()}
 
 
 @pytest.mark.slow
@@ -655,8 +645,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 def test_every_rank_takes_rank_0s_decision_on_the_losses_of_all_ranks(tmp_path, world):
     from tests.helpers import spawn_ranks
 
-    spawn_ranks(_rank, world, tmp_path)
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    results = spawn_ranks(_rank, world, tmp_path)
     assert all(r == results[0] for r in results[1:])
     assert results[0]["bitwise"]
     state = results[0]["state"]
