@@ -3,7 +3,8 @@
 Layout under ``RUN/checkpoints``::
 
     LATEST                        the tag of the newest complete checkpoint (replaced atomically)
-    phase01-step000004000/        DeepSpeed files (module, optimizer, LR schedule) +
+    phase01-step000004000/        DeepSpeed files (module, optimizer, LR schedule) + (phase01-epoch0003/ in an
+                                  epoch-based phase: 3 epochs done)
         trainer_state.json        phase, step, data position, ledger, ... and the size and SHA-256 of every
                                   file (rank 0)
         rng_rank{r}.pt            every rank's random-number generator states
@@ -15,7 +16,9 @@ again (a phase's end after its validation's save, an epoch-based run stopped wit
 folder only after moving the old one aside (``.old-TAG``, put back at the next start if the new one never
 took its place). The run directory must be on a file system all ranks share.
 
-Tags sort in the order a run saves them (phase, then step or epoch), and only the newest ``keep`` are kept.
+Tags are ordered as a run saves them (phase, then step or epoch: :func:`tag_order`), and only the newest ``keep``
+are kept. Runs of earlier versions named epoch-based checkpoints ``phaseNN-stepNNNNNNNNN`` too (the number
+counting epochs): such a run resumed goes on with epoch tags, ordered with its old ones by their numbers.
 A resume from an older checkpoint than the newest on disk (the newer ones damaged, or ``LATEST`` behind)
 moves the newer folders aside (``.aside-TAG``, for inspection until the run saves that tag again, which removes
 it), so that pruning never takes the checkpoints the resumed run writes.
@@ -40,6 +43,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import shutil
 from argparse import Namespace
 from pathlib import Path
@@ -59,7 +63,7 @@ from common.training.checkpoint_files import (
     weights_only_loads,
 )
 
-__all__ = ["RunCheckpoints", "expected_size", "make_tag", "capture_rng", "restore_rng"]
+__all__ = ["RunCheckpoints", "expected_size", "make_tag", "tag_order", "capture_rng", "restore_rng"]
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +74,20 @@ ASIDE_PREFIX = ".aside-"  # a checkpoint newer than the one a run resumed from
 UNIVERSAL_PREFIX = ".universal-"
 
 
-def make_tag(phase: int, step: int) -> str:
-    """The checkpoint name of 0-based ``phase`` at ``step`` (steps, or epochs in epoch-based runs)."""
-    return f"phase{phase + 1:02d}-step{step:09d}"
+_TAG = re.compile(r"phase(\d+)-(step|epoch)(\d+)")
+
+
+def make_tag(phase: int, progress: int, epochs: bool = False) -> str:
+    """The checkpoint name of 0-based ``phase`` after ``progress`` optimiser steps, or ``progress`` epochs where
+    ``epochs`` (an epoch-based phase)."""
+    return f"phase{phase + 1:02d}-epoch{progress:04d}" if epochs else f"phase{phase + 1:02d}-step{progress:09d}"
+
+
+def tag_order(tag: str) -> tuple[int, int, int] | None:
+    """Where checkpoint ``tag`` comes in its run: (phase, steps or epochs, 1 for an epoch tag: after an earlier
+    version's step tag that counted the same epochs); None for a name that is not a tag."""
+    match = _TAG.fullmatch(tag)
+    return (int(match[1]), int(match[3]), int(match[2] == "epoch")) if match else None
 
 
 def capture_rng(generator: torch.Generator, device: torch.device) -> dict:
@@ -124,10 +139,11 @@ class RunCheckpoints:
         self.keep = keep
 
     def _complete(self) -> list[Path]:
-        """Published checkpoint folders, oldest first."""
+        """Published checkpoint folders, oldest first (folders whose names are not tags are left alone)."""
         if not self.ckdir.is_dir():
             return []
-        return sorted(p for p in self.ckdir.iterdir() if p.is_dir() and p.name.startswith("phase"))
+        return sorted((p for p in self.ckdir.iterdir() if p.is_dir() and tag_order(p.name) is not None),
+                      key=lambda p: tag_order(p.name))
 
     def latest_tag(self) -> str | None:
         """The tag ``LATEST`` names (None: no checkpoint published yet)."""
@@ -206,7 +222,9 @@ class RunCheckpoints:
                 shutil.rmtree(aside, ignore_errors=True)
                 log.info("removed %s: the run saved %s again", aside, tag)
             done = [p for p in self._complete() if p.name != tag]
-            for old in done[: max(0, len(done) - (self.keep - 1))]:
+            superseded = [p for p in done if tag_order(p.name)[:2] == tag_order(tag)[:2]]  # an old name, same place
+            done = [p for p in done if p not in superseded]
+            for old in superseded + done[: max(0, len(done) - (self.keep - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
             log.info("saved checkpoint %s", final)
         self.dist.barrier()
@@ -248,7 +266,7 @@ class RunCheckpoints:
         """Move the checkpoints that sort after ``tag``, the one a run resumes from, to ``.aside-TAG``: the run
         saves those tags again, and pruning (by tag order) must not take its new checkpoints for older."""
         for folder in self._complete():
-            if folder.name > tag:
+            if tag_order(folder.name) > tag_order(tag):
                 aside = self.ckdir / f"{ASIDE_PREFIX}{folder.name}"
                 shutil.rmtree(aside, ignore_errors=True)
                 folder.rename(aside)
@@ -269,6 +287,14 @@ class RunCheckpoints:
                 f"start from step 0 (the damaged checkpoints are kept aside)")
         return tag
 
+    def _published(self, tag: str) -> Path:
+        """The folder of checkpoint ``tag``: an earlier version's name for the same place if that is what is on disk
+        (an epoch-based run resumed from its step tag, whose end of phase is recorded into it)."""
+        folder = self.ckdir / tag
+        if not folder.is_dir():
+            folder = next((p for p in self._complete() if tag_order(p.name)[:2] == tag_order(tag)[:2]), folder)
+        return folder
+
     def trainer_state(self, tag: str) -> dict:
         return json.loads((self.ckdir / tag / STATE_FILE).read_text())
 
@@ -276,7 +302,7 @@ class RunCheckpoints:
         """Rank 0: replace keys of published checkpoint ``tag``'s trainer state (atomically; its files and their
         digests stay as saved). Where a checkpoint was taken before work whose outcome a resume need not redo."""
         if self.dist.is_main:
-            path = self.ckdir / tag / STATE_FILE
+            path = self._published(tag) / STATE_FILE
             atomic_write_text(path, json.dumps({**json.loads(path.read_text()), **changes}))
 
     def rng_state(self, tag: str) -> dict | None:

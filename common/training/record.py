@@ -32,7 +32,7 @@ from common.system.atomic import atomic_copy
 from common.system.distributed import Dist
 from common.system.engine_config import resolve_zero_stage
 from common.system.logger import Scalars
-from common.training.checkpoints import RunCheckpoints, capture_rng, make_tag, restore_rng
+from common.training.checkpoints import RunCheckpoints, capture_rng, make_tag, restore_rng, tag_order
 from common.training.ledger import Ledger, Window
 from common.training.log_window import LogWindow
 from common.training.nonfinite import NonFiniteLoss
@@ -103,7 +103,7 @@ class RunRecord:
         self.pending = _Pending(self.device)
         self._schedule: dict | None = None  # a resumed checkpoint's schedule after its validation (close_validation)
         # a resume within a phase on its checkpoint's layout: (its tag, the interventions its ledger held)
-        self._resumed_as_saved: tuple[str, int] | None = None
+        self._resumed_as_saved: tuple[tuple, int] | None = None  # (the checkpoint's place, its interventions)
         self._memory = PeakMemory(self.device)
 
     def _batch_size(self, index: int) -> int:
@@ -159,7 +159,7 @@ class RunRecord:
             log.info("resuming after the end of phase %d (checkpoint %s)", self.state.phase + 1, tag)
             return model, None
         if (saved_ranks, saved_batch) == (self.dist.world_size, self._batch_size(self.state.phase)):
-            self._resumed_as_saved = (tag, len(saved["ledger"].get("interventions", [])))
+            self._resumed_as_saved = (tag_order(tag)[:2], len(saved["ledger"].get("interventions", [])))
         phase = self.spec.phases[self.state.phase]
         log.info("resuming %s at step %d%s (checkpoint %s)", phase.label(self.state.phase), self.state.step,
                  "" if phase.iteration_based else f", {self.state.epoch_in_phase} epoch(s) done", tag)
@@ -379,7 +379,8 @@ class RunRecord:
 
     def _tag(self, index: int) -> str:
         """The tag of a checkpoint of phase ``index`` where the run is (its step, or epoch in an epoch phase)."""
-        return make_tag(index, self.state.progress(self.spec.phases[index].iteration_based))
+        iteration_based = self.spec.phases[index].iteration_based
+        return make_tag(index, self.state.progress(iteration_based), epochs=not iteration_based)
 
     def _trainer_state(self, index: int) -> dict:
         """What a checkpoint of phase ``index`` records besides the engine's files: where the run is, its ledger
@@ -411,7 +412,7 @@ class RunRecord:
         resume (no intervention recorded: a later resume records its own changes once). Otherwise the checkpoint
         stays as it was saved. Collective: rank 0 decides."""
         resumed, self._resumed_as_saved = self._resumed_as_saved, None
-        as_saved = resumed is not None and resumed == (self._tag(index), len(self.ledger.interventions))
+        as_saved = resumed is not None and resumed == (tag_order(self._tag(index))[:2], len(self.ledger.interventions))
         if self.dist.broadcast_object(as_saved if self.dist.is_main else None):
             self.close_validation(index, until, scheduler)
 

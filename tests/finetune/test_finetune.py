@@ -570,8 +570,8 @@ def test_stop_after_steps_counts_the_steps_of_every_fold(tmp_path, synth_corpus,
     caplog.clear()
     with caplog.at_level(logging.INFO):
         assert finetune(command) == 0  # resumed: fold 2 from its checkpoint, then fold 3, then the summary
-    # an epoch-based tag counts epochs: the line says both, so that 'step 2' beside 'step000000000' reads right
-    assert any("at step 2, 0 epoch(s) done (checkpoint phase01-step000000000)" in r.getMessage()
+    # an epoch-based checkpoint is named by the epochs done, and the line says both
+    assert any("at step 2, 0 epoch(s) done (checkpoint phase01-epoch0000)" in r.getMessage()
                for r in caplog.records)
     assert f"done: {tmp_path / 'cv'} (cross-validation: cv_summary.json; each fold in fold1..fold3:" \
         in capsys.readouterr().out  # the files there (the root holds no model.safetensors)
@@ -613,3 +613,51 @@ def test_a_step_larger_than_the_training_set_is_refused_in_the_plan(tmp_path, sy
                                   "{compression: none, epochs: 1}]")]) == 2
     assert "error: phases.0.batch_size: a step takes 48 clips" in capsys.readouterr().err
     assert finetune([*base, "--set", "data.batch_size=24"]) == 0
+
+
+@pytest.mark.slow
+def test_an_epoch_based_run_of_an_earlier_version_resumes_from_its_step_named_checkpoints(tmp_path, synth_corpus):
+    """Earlier versions named an epoch-based phase's checkpoints phaseNN-stepNNNNNNNNN (counting epochs). Such a
+    run resumes (mid-phase; at a phase end whose end work was cut short, which records its close into the old
+    folder), names its new checkpoints by epochs, and trains the weights of an uninterrupted run."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from common.training.checkpoints import LATEST
+
+    data = _synth_root(tmp_path, synth_corpus)
+
+    def argv(run_dir):
+        return ["--init", "none", "--task", "synth", "--data-root", str(data), "--run-dir", str(run_dir),
+                *sets(*TINY, "train.deterministic=true",
+                      "phases=[{compression: fshift, factor: 4, epochs: 2}, {compression: none, epochs: 1}]")]
+
+    def as_earlier_version(ckdir):  # the earlier name of every checkpoint; the state as written before its close
+        for folder in [p for p in ckdir.iterdir() if p.name.startswith("phase")]:
+            phase, epochs = folder.name.split("-epoch")
+            state_file = folder / "trainer_state.json"
+            state = json.loads(state_file.read_text())
+            if state["state"].pop("phase_closed", False):
+                state["state"]["pending_eval"] = True
+            state_file.write_text(json.dumps(state))
+            folder.rename(ckdir / f"{phase}-step{int(epochs):09d}")
+        (ckdir / LATEST).write_text((ckdir / LATEST).read_text().replace("-epoch", "-step00000"))
+
+    assert finetune(argv(tmp_path / "straight")) == 0
+    per_epoch = json.loads((tmp_path / "straight" / "ledger.json").read_text())["phases"][1]["steps"]  # 1 epoch
+    ckdir = tmp_path / "resumed" / "checkpoints"
+    assert finetune([*argv(tmp_path / "resumed"), "--stop-after-steps", str(per_epoch + 1)]) == 0
+    assert (ckdir / LATEST).read_text() == "phase01-epoch0001"  # within the second epoch: one done
+    as_earlier_version(ckdir)
+    assert finetune([*argv(tmp_path / "resumed"), "--stop-after-steps", str(per_epoch)]) == 0  # into phase 2
+    assert (ckdir / LATEST).read_text() == "phase02-epoch0000"
+    shutil.rmtree(ckdir / "phase02-epoch0000")  # stopped in phase 1's end work, as an earlier version left it
+    (ckdir / LATEST).write_text("phase01-epoch0002")
+    as_earlier_version(ckdir)
+    assert sorted(p.name for p in ckdir.iterdir() if p.name.startswith("phase")) == ["phase01-step000000002"]
+    assert finetune(argv(tmp_path / "resumed")) == 0
+    assert json.loads((ckdir / "phase01-step000000002" / "trainer_state.json").read_text())["state"]["phase_closed"]
+    assert (ckdir / LATEST).read_text() == "phase02-epoch0001"
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "resumed"))
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from common.system.distributed import Dist
-from common.training.checkpoints import LATEST, MODEL_FILE, RunCheckpoints, make_tag
+from common.training.checkpoints import LATEST, MODEL_FILE, RunCheckpoints, make_tag, tag_order
 
 ONE = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -27,8 +27,8 @@ class Engine:
         torch.save({"module": {"w": torch.tensor([self.value])}}, folder / MODEL_FILE)
 
 
-def _save(checkpoints: RunCheckpoints, step: int, value: float | None = None) -> str:
-    tag = make_tag(0, step)
+def _save(checkpoints: RunCheckpoints, step: int, value: float | None = None, epochs: bool = False) -> str:
+    tag = make_tag(0, step, epochs=epochs)
     checkpoints.save(Engine(step if value is None else value), tag, {"state": {"step": step}},
                      {"torch": torch.get_rng_state()})
     return tag
@@ -81,6 +81,37 @@ def test_a_resume_behind_the_newest_checkpoint_keeps_what_it_saves(tmp_path, kee
     assert (ckdir / f".aside-{damaged}").is_dir()
     _save(checkpoints, 10)  # the set-aside tag saved again: the new checkpoint replaces it
     assert not (ckdir / f".aside-{damaged}").exists() and (ckdir / LATEST).read_text() == damaged
+
+
+def test_epoch_tags_count_epochs_and_go_on_from_an_earlier_versions_step_tags(tmp_path):
+    """An epoch-based phase's tags say epochs (3 done: phase01-epoch0003). A run of an earlier version named them
+    phase01-step000000003 (counting epochs): resumed, its new epoch tags come after the old ones by their
+    numbers, not by name (where 'epoch' < 'step' would have pruning take the new ones for older), and a new
+    tag of the same place supersedes the old name. Folders whose names are not tags are left alone."""
+    assert make_tag(0, 3, epochs=True) == "phase01-epoch0003" and make_tag(1, 4000) == "phase02-step000004000"
+    assert tag_order("phase01-epoch0012") > tag_order("phase01-step000000011")
+    assert tag_order("phase02-epoch0000") > tag_order("phase01-step000000011")
+    assert tag_order("phase01-step000000003") < tag_order("phase01-epoch0003")
+    assert tag_order("phase01-step000000003-copy") is None and tag_order("phase-backup") is None
+    ckdir = tmp_path / "checkpoints"
+    old = RunCheckpoints(ckdir, ONE, keep=2)
+    _save(old, 1), _save(old, 2)  # an earlier version's epoch-based run: 1 and 2 epochs done
+    (ckdir / "phase01-step000000002-copy").mkdir()  # a user's copy: not a checkpoint of the run
+    checkpoints = RunCheckpoints(ckdir, ONE, keep=2)
+    assert checkpoints.find_resume() == "phase01-step000000002"
+    assert not list(ckdir.glob(".aside-*"))  # nothing taken for newer than the checkpoint resumed from
+    checkpoints.restate("phase01-epoch0002", pending_eval=False)  # the resumed phase's end recorded into it
+    assert checkpoints.trainer_state("phase01-step000000002")["pending_eval"] is False
+    third = _save(checkpoints, 3, epochs=True)
+    assert (ckdir / LATEST).read_text() == third == "phase01-epoch0003"
+    assert _published(ckdir) == ["phase01-epoch0003", "phase01-step000000002", "phase01-step000000002-copy"]
+    # stopped within epoch 3 and saved again: the same place under the new name replaces the old name
+    (ckdir / "phase01-step000000003").mkdir()
+    _save(checkpoints, 3, value=30.0, epochs=True)
+    assert _published(ckdir) == ["phase01-epoch0003", "phase01-step000000002", "phase01-step000000002-copy"]
+    _save(checkpoints, 4, epochs=True)
+    assert _published(ckdir) == ["phase01-epoch0003", "phase01-epoch0004", "phase01-step000000002-copy"]
+    assert RunCheckpoints(ckdir, ONE, keep=2).find_resume() == "phase01-epoch0004"
 
 
 _ITERDIR = Path.iterdir  # what rank 1 sees: every file
