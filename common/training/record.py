@@ -3,8 +3,8 @@
 :class:`RunRecord` owns the run directory: where the run is (:class:`common.training.spec.TrainState`), the
 ledger (``ledger.json``, ``common.training.ledger``), the bad-audio list (``bad_audio.tsv``), the RNG, the
 run's ``recipe.yaml`` (``common.training.run_recipe``), the checkpoints (``common.training.checkpoints``) and
-resuming from them, on other ranks too (resharding the data position), the interventions a resumed run is
-allowed, the manifests' fingerprints (``common.data.fingerprint``), the exports (``export/phaseN``,
+resuming from them, on other ranks too, with what a resumed run finds changed (the manifests, the validation
+settings, the ranks: ``common.training.interventions``), the exports (``export/phaseN``,
 ``export/best``, ``export/weight_averaged``, ``model.safetensors``), weight averaging's files
 (``common.training.weight_average``) and TensorBoard's scalars. The loop (``common.training.loop``) calls it
 when a phase starts, at a save, after a validation and at a phase end.
@@ -22,17 +22,15 @@ import torch
 from torch import nn
 
 from common.data.bad_audio import BadAudioTracker
-from common.data.fingerprint import DataChanged, changes, run_fingerprints
-from common.data.shar_stream import reads_per_rank
-from common.data.shards import reshard_index
 from common.models.memory import PeakMemory, gib, training_setting
-from common.phases.baseline import evaluation_settings, setting_differences, stop_target
+from common.phases.baseline import stop_target
 from common.phases.phase_end import Decision
 from common.system.atomic import atomic_copy
 from common.system.distributed import Dist
 from common.system.engine_config import resolve_zero_stage
 from common.system.logger import Scalars
 from common.training.checkpoints import RunCheckpoints, capture_rng, make_tag, restore_rng, tag_order
+from common.training.interventions import check_data, check_evaluation, check_sampler, reshard_position, sampler
 from common.training.ledger import Ledger, Window
 from common.training.log_window import LogWindow
 from common.training.nonfinite import NonFiniteLoss
@@ -102,8 +100,9 @@ class RunRecord:
         self.scalars = Scalars(self.run_dir, enabled=dist.is_main)
         self.pending = _Pending(self.device)
         self._schedule: dict | None = None  # a resumed checkpoint's schedule after its validation (close_validation)
-        # a resume within a phase on its checkpoint's layout: (its tag, the interventions its ledger held)
-        self._resumed_as_saved: tuple[tuple, int] | None = None  # (the checkpoint's place, its interventions)
+        # a resume within a phase on its checkpoint's layout: the checkpoint's place (phase and count, tag_order)
+        # and how many interventions its ledger held
+        self._resumed_as_saved: tuple[tuple, int] | None = None
         self._memory = PeakMemory(self.device)
 
     def _batch_size(self, index: int) -> int:
@@ -131,27 +130,15 @@ class RunRecord:
         self.ledger.baseline = baseline or self.ledger.baseline
         self.stop_target = self.ledger.stop_target
         self.tracker.load_state_dict(saved["tracker"])
-        if "sampler" not in saved and self.spec.data.balanced:
-            log.warning("data.balanced: %s was written before balanced sampling reached training sets held in memory "
-                        "or indexed on disk (data.shuffle: full, the default); if this run's set is one, its epochs "
-                        "so far were plain shuffles, and from here on they are balanced (recorded in ledger.json)",
-                        tag)
-            self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase, changes={
-                "data.balanced": {"from": "a plain shuffle, unless streamed (data.shuffle: buffer)", "to": "applied"}})
-        if self._sampler() == "shar-per-rank" and saved.get("sampler") != "shar-per-rank" and self.state.data_index:
-            log.warning("data.train: %s was written while every rank read the whole Shar folder and kept its share; "
-                        "its folders are now read in one part per rank, in another order: the rest of epoch %d is the "
-                        "new order's (some of its clips seen again, some left for the next epoch; recorded in "
-                        "ledger.json)", tag, self.state.data_epoch)
-            self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase, changes={
-                "sampler": {"from": saved.get("sampler", "shuffle"), "to": "shar-per-rank"}})
+        check_sampler(self.ledger, self.spec, self.state, saved, tag)
         saved_ranks = self.checkpoints.saved_world_size(tag, saved)
         stage = saved.get("zero_stage")  # absent before it was recorded: ZeRO if the optimizer state is partitioned
         stage = stage if stage is not None else int(any(self.checkpoints.ckdir.joinpath(tag).glob("zero_pp_rank_*")))
         self.zero_stage = resolve_zero_stage(self.spec.train.zero_stage, self.dist.world_size, stage)
         saved_batch = saved.get("batch_per_rank", self._batch_size(self.state.phase))  # absent before it was recorded
         if (saved_ranks, saved_batch) != (self.dist.world_size, self._batch_size(self.state.phase)):
-            self._reshard_position(saved_ranks, saved_batch)
+            reshard_position(self.ledger, self.spec, self.state, saved_ranks, saved_batch, self.dist.world_size,
+                             self._batch_size(self.state.phase))
         if self.state.phase_done:
             model = self.objective.build_model(self.plan.configs[self.state.phase])
             model.load_state_dict(self.checkpoints.module_state(tag))
@@ -180,8 +167,10 @@ class RunRecord:
         if resumed and self.spec.run_recipe is not None and self.spec.run_recipe.changes:
             self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase,
                                          changes=self.spec.run_recipe.changes)
-        self._check_data(resumed)
-        self._check_evaluation(resumed)
+        check_data(self.ledger, self.spec, self.state, resumed)
+        last = len(self.spec.phases) - 1
+        check_evaluation(self.ledger, self.spec, self.state, self._batch_size(last), self.dist.world_size,
+                         self.objective.score_settings(self.plan.configs[last]), resumed)
         self._read_stop_target()
 
     def load(self, engine, tag: str) -> None:
@@ -197,43 +186,6 @@ class RunRecord:
         if rng is not None:
             restore_rng(rng, self.generator, self.device)
 
-    def _check_data(self, resumed: bool) -> None:
-        """Record the manifests' fingerprints; a resumed run's must be those it trained on
-        (``common.data.fingerprint``), unless ``--accept-changed-data`` (then recorded as an intervention)."""
-        current = run_fingerprints([m.path for m in self.spec.data.train], self.spec.data.valid)
-        changed = changes(self.ledger.data, current) if resumed else {}
-        if changed:
-            listed = "; ".join(f"{k} (sha256 {(v['from'] or 'none')[:12]} -> {(v['to'] or 'none')[:12]})"
-                               for k, v in changed.items())
-            if not (self.spec.run_recipe is not None and self.spec.run_recipe.accept_changed_data):
-                raise DataChanged(
-                    f"{self.run_dir}: manifests changed since the run started: {listed}. The saved data position "
-                    f"(epoch {self.state.data_epoch}, batch {self.state.data_index}) would now point at other clips, "
-                    f"so the resumed run would not continue the one it resumes. Restore the manifests, start a new "
-                    f"run (--run-dir), or resume anyway with --accept-changed-data (recorded in ledger.json)")
-            log.warning("resuming with changed manifests (--accept-changed-data): %s; recorded in ledger.json as an "
-                        "intervention", listed)
-            self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase,
-                                         changes={f"manifest {k}": v for k, v in changed.items()})
-        self.ledger.data = current
-
-    def _check_evaluation(self, resumed: bool) -> None:
-        """Record the validation settings (``common.phases.baseline.evaluation_settings``); a resumed run whose
-        ``train.eval_batches`` or ``data.eval_batch_size`` change which clips are scored records the change as
-        an intervention (a change of ranks has its own, ``_reshard_position``; the default validation batch, the
-        per-rank training batch, follows the ranks and keeps the clips a round scores: no change then)."""
-        spec, last = self.spec, len(self.spec.phases) - 1
-        current = evaluation_settings(spec.train, spec.data, self._batch_size(last), self.dist.world_size,
-                                      self.objective.score_settings(self.plan.configs[last]))
-        old = self.ledger.evaluation
-        compared = current if spec.data.eval_batch_size is None else {**current, "ranks": old and old.get("ranks")}
-        if resumed and old and setting_differences(old, compared):
-            keys = {"eval_batches": "train.eval_batches"}
-            self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase, changes={
-                keys.get(k, f"data.{k}"): {"from": old.get(k), "to": v} for k, v in current.items()
-                if k not in ("ranks", "score") and old.get(k) != v})
-        self.ledger.evaluation = current
-
     def _read_stop_target(self) -> None:
         """``train.stop_when_surpassing``: the baseline's best per-epoch score, read once when the run starts
         (``common.phases.baseline``: a baseline that is not comparable is refused, or accepted and recorded); a
@@ -248,27 +200,6 @@ class RunRecord:
                         "train.accept_baseline_differences, recorded in ledger.json): %s", path, difference)
         self.stop_target = dict(target)
         self.ledger.set_stop_target(target)
-
-    def _reshard_position(self, saved_ranks: int, saved_batch: int) -> None:
-        """Resuming on another number of ranks (or per-rank batch): each rank's shard of an epoch changes, so the
-        data position keeps the clips of the epoch already seen (batches consumed x per-rank batch x ranks, in
-        the new global batches), and the run continues close to, not exactly as, an uninterrupted one; the
-        ledger records it (the per-rank batch only where it changed otherwise than the global batch's split over
-        the new ranks, ``common.training.batch``)."""
-        st, ranks, batch = self.state, self.dist.world_size, self._batch_size(self.state.phase)
-        index = reshard_index(st.data_index, saved_batch, saved_ranks, batch, ranks)
-        shar = saved_ranks != ranks and reads_per_rank(self.spec.data)  # each rank reads its own part of the epoch
-        log.warning("resuming on %d rank(s) x %d clips a run checkpointed on %d x %d: each rank's share of the data "
-                    "changes, so the resumed run continues from the same share of epoch %d (batch %d instead of %d) "
-                    "and is close to, not bitwise equal to, an uninterrupted run%s; recorded in ledger.json", ranks,
-                    batch, saved_ranks, saved_batch, st.data_epoch, index, st.data_index,
-                    " (its Shar folders are read in one part per rank: the rest of the epoch is the rest of the new "
-                    "ranks' parts, some of its clips seen again, some left for the next epoch)" if shar else "")
-        st.data_index = index
-        changed = {"world_size": {"from": saved_ranks, "to": ranks}} if saved_ranks != ranks else {}
-        if saved_batch != batch and saved_batch * saved_ranks != batch * ranks:
-            changed["batch_per_rank"] = {"from": saved_batch, "to": batch}
-        self.ledger.add_intervention(step=st.total_steps, phase=st.phase, changes=changed)
 
     # ---------------------------------------------------------------------------------- the phases
     def start_phase(self, index: int) -> None:
@@ -387,12 +318,7 @@ class RunRecord:
         and bad-audio counts, and the layout its data position counts in (ranks, clips per rank)."""
         return {"state": asdict(self.state), "ledger": self.ledger.to_dict(), "tracker": self.tracker.state_dict(),
                 "world_size": self.dist.world_size, "batch_per_rank": self._batch_size(index),
-                "zero_stage": self.zero_stage, "sampler": self._sampler()}
-
-    def _sampler(self) -> str:
-        """How the run draws its training clips, as its checkpoints record it (a resume says what changed)."""
-        return "balanced" if self.spec.data.balanced else "shar-per-rank" if reads_per_rank(self.spec.data) else \
-            "shuffle"
+                "zero_stage": self.zero_stage, "sampler": sampler(self.spec)}
 
     def close_validation(self, index: int, until: dict, scheduler) -> None:
         """The validation that this step's checkpoint left pending is done and the phase goes on: the checkpoint
