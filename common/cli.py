@@ -18,6 +18,7 @@ import torch
 
 from common.config.recipe import RecipeError
 from common.data.bad_audio import TooMuchBadAudio
+from common.data.workers import describe_worker_failure
 from common.system.atomic import remove_orphans
 from common.system.cpu import keep_freed_memory, loader_workers, set_cpu_threads
 from common.system.disk import describe_os_error
@@ -261,7 +262,13 @@ def run_main(body: Callable[[], int], resumable: bool = False) -> int:
         log_traceback(traceback.format_exc())
         print(f"error: {message}", file=sys.stderr)
         return 1
-    except Exception as err:  # noqa: BLE001 - re-raised unless another rank's failure caused it
+    except Exception as err:  # noqa: BLE001 - re-raised unless a loader worker's or another rank's failure caused it
+        worker = describe_worker_failure(err)
+        if worker is not None:
+            log_traceback(traceback.format_exc())
+            print(f"error: {worker}" + ("; then run the same command again to resume from the last checkpoint"
+                                        if resumable else ""), file=sys.stderr)
+            return 1
         if not _lost_peer(err):
             raise
         log_traceback(traceback.format_exc())

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import itertools
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -139,6 +141,17 @@ def _free_port() -> int:
 
 TINY = ["model.size=custom", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.batch_size=4",
         "data.num_workers=0", "train.log_every=1", "optim.warmup_steps=0"]
+
+
+@functools.cache
+def can_mount() -> bool:
+    """Whether this process may mount file systems in a namespace of its own (``unshare -m``, as root): a real
+    tiny tmpfs for a full disk or a small /dev/shm."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
 
 
 def one_error(err: str) -> str:

@@ -25,6 +25,7 @@ import torch
 
 from common.data.cache import ClipCache
 from common.data.decode import CHANNELS, BadClip, load_clip, source_path
+from common.data.shared_memory import share
 
 __all__ = ["CROPS", "LabelEncoder", "Batch", "ClipDataset"]
 
@@ -160,4 +161,12 @@ class ClipDataset(torch.utils.data.Dataset):
         target = None
         if self.encoder is not None:
             target = torch.stack(targets) if targets else torch.zeros(0, len(self.encoder))
-        return Batch(out, torch.tensor(lengths, dtype=torch.long), target, ids, bad, epoch, index, dict(upsampled))
+        lengths = torch.tensor(lengths, dtype=torch.long)
+        if torch.utils.data.get_worker_info() is not None:  # a full /dev/shm is this worker's error, not a hang
+            share(out, lengths, target)
+        return Batch(out, lengths, target, ids, bad, epoch, index, dict(upsampled))
+
+    def batch_bytes(self, batch_size: int) -> int:
+        """The tensors of a batch of ``batch_size`` clips, in bytes (what a worker hands over in shared memory)."""
+        per_clip = self.clip_samples * 4 + 8 + (len(self.encoder) * 4 if self.encoder is not None else 0)
+        return batch_size * per_clip

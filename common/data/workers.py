@@ -18,6 +18,10 @@ its daemonic children when the parent exits before it joins them: a script that 
 was alive (a module-level ``batches = loader.batches()``, kept workers) waited for ever. So every iterator with
 workers is held here from :func:`start_workers` until :func:`end_workers` (a kept loader's ``close``, an
 iteration's owner going: :func:`end_with`, or the process's exit).
+
+A worker that dies (the out-of-memory killer, a bus error, no room in shared memory) stops the run with one line
+that names it and the likely cause (:func:`describe_worker_failure`, from the signal PyTorch reports or the
+held worker's exit status).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import atexit
 import contextlib
 import gc
 import os
+import re
 import signal
 import weakref
 from multiprocessing import util
@@ -32,6 +37,7 @@ from typing import Iterator
 
 from torch.utils.data import DataLoader
 
+from common.data.shared_memory import ADVICE, SharedMemoryFull, shm_words
 from common.system.signals import STOP_SIGNALS
 
 _LIVE: dict[int, Iterator] = {}  # this process's iterators whose workers have not been ended, by id
@@ -113,3 +119,42 @@ def ignore_stop_signals() -> None:
     when their parent is gone."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (?:is killed by signal: ([^.]+)|exited "
+                          r"unexpectedly)")
+
+
+def _exit_signal(pids: list[int]) -> str | None:
+    """The signal that ended one of the workers ``pids`` of an iteration held here (None: unknown)."""
+    for iterator in _LIVE.values():
+        for worker in getattr(iterator, "_workers", ()):
+            if worker.pid in pids and worker.exitcode is not None and worker.exitcode < 0:
+                return signal.Signals(-worker.exitcode).name
+    return None
+
+
+def describe_worker_failure(err: BaseException) -> str | None:
+    """One line for a loader worker's failure that stops a run (the training process learns of it from the
+    loader): no room in shared memory (``common.data.shared_memory``), a worker killed (the out-of-memory killer's
+    SIGKILL, a bus error) or gone; None for anything else."""
+    text = str(err)
+    if isinstance(err, SharedMemoryFull):
+        lines = [line for line in text.splitlines() if line.strip()]
+        return lines[-1].split("SharedMemoryFull: ", 1)[-1]  # the worker's own message, after its traceback
+    if "unable to allocate shared memory" in text or "unable to write to file </torch_" in text:
+        return f"the loader's workers ran out of shared memory ({shm_words()}): {ADVICE}"
+    died = _WORKER_DIED.search(text)
+    if died is None:
+        return None
+    pids = [int(pid) for pid in died[1].replace(",", " ").split()]
+    name = died[2] or _exit_signal(pids)  # PyTorch's words (Killed, Bus error) or the signal's (SIGKILL, SIGBUS)
+    which = f"a data loader worker (pid {', '.join(map(str, pids))})"
+    if name is None:
+        return f"{which} exited unexpectedly; the output above may say why ({shm_words()})"
+    if name.strip() in ("Killed", "SIGKILL"):
+        return (f"{which} was killed (signal {name.strip()}): by the kernel's out-of-memory killer? The machine's "
+                f"memory, not the GPU's, ran out: lower data.num_workers or the batch")
+    if name.strip() in ("Bus error", "SIGBUS"):
+        return f"{which} was killed (signal {name.strip()}): shared memory full? ({shm_words()}): {ADVICE}"
+    return f"{which} was killed by signal {name.strip()}"

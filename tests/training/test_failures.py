@@ -22,7 +22,7 @@ import torch
 
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from finetune.classifier import Classifier, save_classifier
-from tests.helpers import RECIPE, ROOT, _free_port, one_error, tiny
+from tests.helpers import RECIPE, ROOT, _free_port, can_mount, one_error, tiny
 from tests.helpers import run as pretrain
 
 AUDIO = {"sample_rate": 16000, "num_mel_bins": 128, "frame_shift_ms": 10.0, "frame_length_ms": 25.0,
@@ -184,15 +184,7 @@ def test_a_full_disk_during_an_atomic_write_keeps_the_old_file(tmp_path, monkeyp
                                                                                              "model.safetensors"]
 
 
-def _can_mount() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                           capture_output=True, timeout=30)
-    return probe.returncode == 0
-
-
-mounts = pytest.mark.skipif(not _can_mount(), reason="needs `unshare -m` and mount (root): a real tiny file system")
+mounts = pytest.mark.skipif(not can_mount(), reason="needs `unshare -m` and mount (root): a real tiny file system")
 
 
 @pytest.mark.slow
@@ -305,7 +297,7 @@ def _read_only_run(folder: Path, argv: list[str]) -> subprocess.CompletedProcess
         finally:
             for path, mode in modes.items():
                 path.chmod(mode)
-    if not _can_mount():
+    if not can_mount():
         pytest.skip("running as root without `unshare -m`: a read-only folder cannot be made")
     script = f"mount --bind -o ro '{folder}' '{folder}' && exec " + " ".join(f"'{a}'" for a in command)
     return subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True, text=True,
