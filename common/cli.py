@@ -30,6 +30,7 @@ from common.system.signals import StoppedBySignal, piped, stop_on_signals
 from common.training.batch import launch_world_size
 from common.training.checkpoint_files import NoUsableCheckpoint
 from common.training.nonfinite import NonFiniteLoss
+from common.training.out_of_memory import OutOfDeviceMemory, describe_out_of_memory
 from common.training.run_recipe import RunRecipe, prepare_run_dir
 
 __all__ = ["add_run_arguments", "world_size_of", "discard_previous", "check_run_dir", "UnusableRunDir", "Session",
@@ -227,7 +228,7 @@ def command_device(given: str | None) -> str:
 
 
 # what ends a run that started with good input (exit status 1); every other known failure is bad input (2)
-_STOPPED = (NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, RunDirBusy)
+_STOPPED = (NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, RunDirBusy, OutOfDeviceMemory)
 
 
 def run_main(body: Callable[[], int], resumable: bool = False) -> int:
@@ -236,9 +237,9 @@ def run_main(body: Callable[[], int], resumable: bool = False) -> int:
     Exit status: 2 for bad input (a recipe or a flag, a file or a model that is missing or not what the command
     needs, changed data, an unusable run directory: every ``ValueError``), 1 for a run that stopped (non-finite
     loss, bad audio, no usable checkpoint, a run directory in use, a full disk or another failing file, another
-    rank that stopped), 130 when interrupted, 128 + the signal's number when SIGTERM or SIGUSR1 stopped it
-    (checkpointed: ``common.system.signals``). ``resumable``: a training command (an interruption says that the
-    same command resumes from the last checkpoint).
+    rank that stopped, the device out of memory), 130 when interrupted, 128 + the signal's number when SIGTERM or
+    SIGUSR1 stopped it (checkpointed: ``common.system.signals``). ``resumable``: a training command (an
+    interruption says that the same command resumes from the last checkpoint).
     """
     try:
         return piped(body)  # `... | head`: the output is no longer read; status 141, nothing said
@@ -251,7 +252,7 @@ def run_main(body: Callable[[], int], resumable: bool = False) -> int:
         print(f"{stop}", file=sys.stderr)
         return 128 + stop.signum
     except (RecipeError, FileNotFoundError, NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, RunDirBusy,
-            ValueError) as err:
+            OutOfDeviceMemory, ValueError) as err:
         log_traceback(traceback.format_exc())
         print(f"error: {err}", file=sys.stderr)
         return 1 if isinstance(err, _STOPPED) else 2
@@ -262,12 +263,17 @@ def run_main(body: Callable[[], int], resumable: bool = False) -> int:
         log_traceback(traceback.format_exc())
         print(f"error: {message}", file=sys.stderr)
         return 1
-    except Exception as err:  # noqa: BLE001 - re-raised unless a loader worker's or another rank's failure caused it
+    except Exception as err:  # noqa: BLE001 - re-raised unless known: a loader worker, memory, another rank
         worker = describe_worker_failure(err)
         if worker is not None:
             log_traceback(traceback.format_exc())
             print(f"error: {worker}" + ("; then run the same command again to resume from the last checkpoint"
                                         if resumable else ""), file=sys.stderr)
+            return 1
+        memory = describe_out_of_memory(err)  # a command that does not train (a run says more: OutOfDeviceMemory)
+        if memory is not None:
+            log_traceback(traceback.format_exc())
+            print(f"error: {memory}", file=sys.stderr)
             return 1
         if not _lost_peer(err):
             raise

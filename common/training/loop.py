@@ -40,6 +40,7 @@ from common.training.compile import maybe_compile
 from common.training.log_window import LogWindow
 from common.training.objective import Objective
 from common.training.optim import build_engine
+from common.training.out_of_memory import OutOfDeviceMemory, is_out_of_memory, out_of_memory
 from common.training.phase import PhaseMachinery
 from common.training.plan import RunPlan, build_plan
 from common.training.record import RunRecord
@@ -74,6 +75,10 @@ class Trainer(PhaseMachinery):
         torch.use_deterministic_algorithms(deterministic or self.spec.train.deterministic)
         try:
             return self._run(stop_after)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not is_out_of_memory(err):
+                raise
+            raise self._out_of_memory(err) from err
         finally:
             torch.use_deterministic_algorithms(deterministic)
             self._close_loaders()
@@ -136,6 +141,19 @@ class Trainer(PhaseMachinery):
                 return False
         self._finish(model)
         return True
+
+    def _out_of_memory(self, err: BaseException) -> OutOfDeviceMemory:
+        """``err`` (the device out of memory) said with where the run was, its micro-batch and the plan's estimate
+        (``common.training.out_of_memory``)."""
+        index = self.state.phase
+        label = self.spec.phases[index].label(index)
+        validating = self._validating
+        batch = (self.spec.data.eval_batch_size or self.splits[index].per_rank) if validating else \
+            self.splits[index].per_rank
+        where = f"{'the validation of ' if validating else ''}{label} at step {self.state.step}"
+        phases = self.record.ledger.phases
+        estimate = phases[index].memory_estimate_bytes if index < len(phases) and not validating else None
+        return out_of_memory(err, self.device, where, batch, estimate)
 
     def _train_phase(self, engine, index: int, budget: int | None) -> tuple[bool, int]:
         """Train phase ``index`` to its end (True) or until ``budget`` steps (False); returns the steps done."""

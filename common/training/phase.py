@@ -39,6 +39,7 @@ class PhaseMachinery:
         self._train: ClipLoader | None = None  # one training loader for every phase (its workers kept)
         self._valid: ClipLoader | None = None  # one validation loader for every round (its workers kept)
         self._finite = NonFiniteWatch(dist, spec.train.nonfinite_check, self.splits[0].grad_accum)
+        self._validating = False  # in a validation pass (until it returns: what an error raised in it says)
 
     @property
     def state(self):
@@ -64,6 +65,7 @@ class PhaseMachinery:
         if spec.train.eval_batches is not None:
             batches = (b for _, b in zip(range(spec.train.eval_batches), batches))
         model.eval()
+        self._validating = True
         generator = torch.Generator().manual_seed(spec.train.seed + 7919)  # the same masks every time
         try:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
@@ -73,6 +75,7 @@ class PhaseMachinery:
             model.train()
         # a whole pass was judged at its end (the loader); a partial one (train.eval_batches) here (collective)
         self.tracker.for_split("valid").check(whole=False)
+        self._validating = False
         return metrics
 
     def _seed_rank(self, index: int) -> None:

@@ -1,0 +1,71 @@
+"""A run that runs out of device memory: one line that says where, how much, who else holds the device, and
+what to change.
+
+PyTorch's error (``torch.OutOfMemoryError`` on a GPU; a ``RuntimeError`` of the CPU allocator) is a traceback
+and a paragraph of allocator statistics. On a shared machine the usual cause is another process on the same
+GPU, which PyTorch's message names ("Process 4321 has 30.00 GiB memory in use"); otherwise the micro-batch is
+too large for the phase, which ``data.max_batch_per_rank`` lowers while keeping the global batch (more gradient
+accumulation: the same optimisation, ``common.training.batch``). Nothing is lost: the run resumes from its
+last checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+__all__ = ["OutOfDeviceMemory", "is_out_of_memory", "out_of_memory", "describe_out_of_memory"]
+
+
+class OutOfDeviceMemory(RuntimeError):
+    """The device ran out of memory (a run that stopped: exit status 1, resumable)."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A GPU's out-of-memory error, or the CPU allocator's."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(err))
+
+
+def _torch_words(err: BaseException) -> str:
+    """The sentences of PyTorch's message that say what was asked and who holds the device (not its allocator
+    statistics and advice)."""
+    text = " ".join(str(err).split())
+    keep = [s.strip() for s in re.split(r"(?<=\.) (?=[A-Z])", text)
+            if re.search(r"Tried to allocate|total capacity|Process \d+ has|this process has|you tried to allocate",
+                         s)]
+    return " ".join(keep) or text[:300]
+
+
+def out_of_memory(err: BaseException, device: torch.device, where: str, micro_batch: int,
+                  estimate_bytes: int | None) -> OutOfDeviceMemory:
+    """The error to raise for ``err`` (:func:`is_out_of_memory`), raised on ``device`` in ``where`` (``phase2
+    (full resolution) at step 1200``) with ``micro_batch`` clips per rank per forward pass, of which the plan
+    estimated ``estimate_bytes``."""
+    words = _torch_words(err)
+    planned = f", planned at {estimate_bytes / 2**30:.3g} GiB" if estimate_bytes else ""
+    others = re.findall(r"Process (\d+) has ([\d.]+ [KMGT]iB) memory in use", words)
+    advice = []
+    if others:
+        held = ", ".join(f"pid {pid}: {size}" for pid, size in others)
+        advice.append(f"other processes hold memory on this device ({held}): run where they are not "
+                      f"(CUDA_VISIBLE_DEVICES) or when they are done")
+    if micro_batch > 1:
+        advice.append(f"lower the micro-batch: --set data.max_batch_per_rank={micro_batch // 2} keeps the global "
+                      f"batch (more gradient accumulation)")
+    else:
+        advice.append("one clip per pass does not fit: a smaller model, or train.precision bf16 where it is fp32")
+    advice = "; or ".join(advice)
+    return OutOfDeviceMemory(
+        f"{device} ran out of memory in {where} ({micro_batch} clip(s) per rank per forward pass{planned}): {words} "
+        f"{advice[0].upper()}{advice[1:]}; then run the same command again to resume from the last checkpoint")
+
+
+def describe_out_of_memory(err: BaseException) -> str | None:
+    """One line for an out-of-memory error outside training (prediction, evaluation, embedding: their
+    ``--batch-size``); None for another error."""
+    if not is_out_of_memory(err):
+        return None
+    return (f"out of memory: {_torch_words(err)} Lower the command's --batch-size (evaluate, embed, the linear "
+            f"probe), or run where more memory is free")
