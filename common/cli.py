@@ -31,10 +31,10 @@ from common.training.batch import launch_world_size
 from common.training.checkpoint_files import NoUsableCheckpoint
 from common.training.nonfinite import NonFiniteLoss
 from common.training.out_of_memory import OutOfDeviceMemory, describe_out_of_memory
-from common.training.run_recipe import RunRecipe, prepare_run_dir
+from common.training.run_recipe import RunRecipe, has_trained, prepare_run_dir
 
-__all__ = ["add_run_arguments", "world_size_of", "discard_previous", "check_run_dir", "UnusableRunDir", "Session",
-           "training_session", "describe_os_error", "run_main"]
+__all__ = ["add_run_arguments", "world_size_of", "discard_previous", "check_run_dir", "resume_check", "UnusableRunDir",
+           "Session", "training_session", "describe_os_error", "run_main"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,20 @@ def run_dir_check(run_dir: Path) -> Callable[[], None]:
         if not os.access(existing, os.W_OK):
             raise RecipeError(f"run directory {run_dir} cannot be written: {existing} is not writable")
     return check
+
+
+def resume_check(run_dir: Path, recipe, restart: bool = False) -> tuple[Callable[[], None], list[str]]:
+    """For ``--dry-run`` on a run directory that holds a run: a check of what the run would refuse (a different
+    recipe: ``common.training.run_recipe.prepare_run_dir``, which writes nothing), and the note that the command
+    resumes that run (nothing to check or say with ``--restart``, or without a run there)."""
+    run_dir = Path(run_dir)
+    if restart or not run_dir.is_dir() or not has_trained(run_dir):
+        return (lambda: None), []
+    latest = run_dir / "checkpoints" / "LATEST"
+    where = (f"from checkpoint {latest.read_text().strip()}" if latest.is_file() else
+             "(it has finished)" if (run_dir / "model.safetensors").is_file() else "from its folds' checkpoints")
+    return (lambda: prepare_run_dir(run_dir, recipe, is_main=False)), [
+        f"run directory: {run_dir} holds a run; this command resumes it {where} (--restart starts over)"]
 
 
 def check_run_dir(run_dir: Path) -> None:

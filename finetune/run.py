@@ -355,11 +355,16 @@ def main(argv: list[str] | None = None) -> int:
         cautions = ([mismatch] if mismatch else []) + _model_cautions(recipe, base, init, args) + \
             _cautions(recipe, audio, world_size, args)
         if args.dry_run:
+            from common.cli import resume_check
+            from common.data.preflight import problems
+
             o, about = recipe.optim, f": {recipe.task.description}" if recipe.task.description else ""
+            refused, resumes = resume_check(run_root, recipe, args.restart)
             print(format_plan(run, *_stated_batch(args.task, args.recipe),
                               header=[f"task {recipe.task.name}{about}", f"pooling: {objective.head.pool}"],
                               notes=[f"optimiser {o.optimizer}, lr {o.lr:g}, warm-up {o.warmup_steps} steps, "
-                                     f"{o.schedule} schedule", *notes], cautions=cautions, missing=missing))
+                                     f"{o.schedule} schedule", *notes, *resumes], cautions=cautions,
+                              missing=[*missing, *problems([refused])]))
             return 0
         from common.data.config import ManifestSpec
         from common.training.loop import Trainer

@@ -181,13 +181,15 @@ def main(argv: list[str] | None = None) -> int:
         run = plan(recipe, world_size, baseline, memory=args.dry_run, run_dir=run_dir, checks=checks)
         cautions = [*([caution] if caution else []), *run.warmup_cautions(recipe.optim.warmup_steps)]
         if args.dry_run:
+            from common.cli import resume_check
             from pretrain.clips import clip_lines
 
+            refused, resumes = resume_check(run_dir, recipe, args.restart)
             print(format_plan(run, stated_batch(load_yaml(args.recipe)), args.recipe.name,
                               notes=[*_baseline_notes(recipe, baseline, args.overrides), *clip_lines(recipe),
-                                     *init_lines],
+                                     *init_lines, *resumes],
                               cautions=cautions,
-                              missing=[*missing_init, *problems(run.checks)]))
+                              missing=[*missing_init, *problems([*run.checks, refused])]))
             return 0
         from common.training.loop import Trainer
         from common.training.spec import RunSpec

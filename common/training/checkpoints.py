@@ -20,8 +20,8 @@ Tags are ordered as a run saves them (phase, then step or epoch: :func:`tag_orde
 are kept. Runs of earlier versions named epoch-based checkpoints ``phaseNN-stepNNNNNNNNN`` too (the number
 counting epochs): such a run resumed goes on with epoch tags, ordered with its old ones by their numbers.
 A resume from an older checkpoint than the newest on disk (the newer ones damaged, or ``LATEST`` behind)
-moves the newer folders aside (``.aside-TAG``, for inspection until the run saves that tag again, which removes
-it), so that pruning never takes the checkpoints the resumed run writes.
+moves the newer folders aside (``.aside-TAG``, for inspection until the run saves that tag again or prunes past
+its place, which removes it), so that pruning never takes the checkpoints the resumed run writes.
 
 Resuming verifies the checkpoint it picks (``common.training.checkpoint_files``: sizes, SHA-256 digests, every
 ``.pt`` file unpickled with ``weights_only=True``) and falls back to the newest intact one, with a warning naming
@@ -72,6 +72,7 @@ TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"  # a published checkpoint while a new one of its tag replaces it
 ASIDE_PREFIX = ".aside-"  # a checkpoint newer than the one a run resumed from
 UNIVERSAL_PREFIX = ".universal-"
+UNIVERSAL_LATEST = "latest_universal"  # DeepSpeed's conversion names its output there (a tag is always passed here)
 
 
 _TAG = re.compile(r"phase(\d+)-(step|epoch)(\d+)")
@@ -226,14 +227,35 @@ class RunCheckpoints:
             done = [p for p in done if p not in superseded]
             for old in superseded + done[: max(0, len(done) - (self.keep - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
+            self._drop_passed_asides()
             log.info("saved checkpoint %s", final)
         self.dist.barrier()
+
+    def _drop_passed_asides(self) -> None:
+        """Rank 0, after pruning: remove the set-aside checkpoints (:meth:`_set_aside_after`) that come before every
+        checkpoint kept: the run has saved past their place, and no resume would go back there."""
+        kept = self._complete()
+        if not kept:
+            return
+        for aside in self.ckdir.glob(f"{ASIDE_PREFIX}*"):
+            place = tag_order(aside.name[len(ASIDE_PREFIX):])
+            if place is not None and place < tag_order(kept[0].name):
+                shutil.rmtree(aside, ignore_errors=True)
+                log.info("removed %s: the run has saved past it (the oldest checkpoint kept is %s)", aside,
+                         kept[0].name)
 
     def _pick(self) -> tuple[str | None, list[str]]:
         """Rank 0: the newest intact checkpoint's tag, and what was skipped on the way (and why)."""
         for tmp in self.ckdir.glob(f"{TMP_PREFIX}*"):
             log.warning("removing interrupted checkpoint %s", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
+        # a conversion for another number of ranks whose load never finished (killed): never reused (its files are
+        # not covered by the digests), converted afresh if needed; DeepSpeed's pointer to its temporary name
+        for universal in self.ckdir.glob(f"{UNIVERSAL_PREFIX}*"):
+            log.info("removing %s, left by a resume on another number of ranks that stopped while loading it",
+                     universal)
+            shutil.rmtree(universal, ignore_errors=True)
+        (self.ckdir / UNIVERSAL_LATEST).unlink(missing_ok=True)
         for previous in self.ckdir.glob(f"{OLD_PREFIX}*"):  # a save of the same tag was interrupted
             final = self.ckdir / previous.name[len(OLD_PREFIX):]
             if final.exists():
@@ -349,6 +371,7 @@ class RunCheckpoints:
                                            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                            strict=True, inject_missing_state=True))
                 tmp.rename(out)
+                (self.ckdir / UNIVERSAL_LATEST).unlink(missing_ok=True)  # names the temporary folder, gone now
             except Exception as err:  # noqa: BLE001 - every rank must learn of it, not only this one
                 log.debug("the conversion of %s failed", tag, exc_info=True)
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -50,7 +50,8 @@ def check_data(ledger: Ledger, spec: RunSpec, state: TrainState, resumed: bool) 
         if not (spec.run_recipe is not None and spec.run_recipe.accept_changed_data):
             raise DataChanged(
                 f"{Path(spec.run_dir)}: manifests changed since the run started: {listed}. The saved data position "
-                f"(epoch {state.data_epoch}, batch {state.data_index}) would now point at other clips, "
+                f"(pass {state.data_epoch + 1} over the training set, batch {state.data_index}) would now point at "
+                f"other clips, "
                 f"so the resumed run would not continue the one it resumes. Restore the manifests, start a new "
                 f"run (--run-dir), or resume anyway with --accept-changed-data (recorded in ledger.json)")
         log.warning("resuming with changed manifests (--accept-changed-data): %s; recorded in ledger.json as an "
@@ -105,10 +106,12 @@ def reshard_position(ledger: Ledger, spec: RunSpec, state: TrainState, saved_ran
     batch's split over the new ranks, ``common.training.batch``)."""
     index = reshard_index(state.data_index, saved_batch, saved_ranks, batch, ranks)
     shar = saved_ranks != ranks and reads_per_rank(spec.data)  # each rank reads its own part of the epoch
+    where = ("at the start of a pass over the training set" if index == 0 else
+             f"after the same share of this pass over the training set ({index} batches of {batch} clips per rank"
+             + (f"; {state.data_index} of {saved_batch} before)" if index != state.data_index else ")"))
     log.warning("resuming on %d rank(s) x %d clips a run checkpointed on %d x %d: each rank's share of the data "
-                "changes, so the resumed run continues from the same share of epoch %d (batch %d instead of %d) "
-                "and is close to, not bitwise equal to, an uninterrupted run%s; recorded in ledger.json", ranks,
-                batch, saved_ranks, saved_batch, state.data_epoch, index, state.data_index,
+                "changes, so the resumed run goes on %s and is close to, not bitwise equal to, an uninterrupted "
+                "run%s; recorded in ledger.json", ranks, batch, saved_ranks, saved_batch, where,
                 " (its Shar folders are read in one part per rank: the rest of the epoch is the rest of the new "
                 "ranks' parts, some of its clips seen again, some left for the next epoch)" if shar else "")
     state.data_index = index

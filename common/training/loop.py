@@ -65,7 +65,9 @@ class Trainer(PhaseMachinery):
         self._end: PhaseEnd | None = None  # what may end the current phase (see _phase_end)
         self._stopped_by: int | None = None  # the signal that stopped this call (common.system.signals)
         self._window = LogWindow(dist)  # the open log window's loss sums on this rank
-        self._saved_at: tuple[int, int] | None = None  # (phase, total steps) of this call's last checkpoint
+        # (phase, total steps, epochs done) of this call's last checkpoint: where it is, and its tag
+        self._saved_at: tuple[int, int, int] | None = None
+        self._per_epoch: int | None = None  # optimiser steps per epoch of an epoch-based phase (None: unknown)
         self.steps_taken = 0  # optimiser steps of the last call of run() (a command's budget spans several runs)
 
     # ------------------------------------------------------------------------------------- the run
@@ -168,7 +170,7 @@ class Trainer(PhaseMachinery):
         self.record.start_phase(index)
         self._finite.restart(st.step, self.splits[index].grad_accum)
         if not ended:
-            per_epoch = None if phase.iteration_based else self._epoch_steps(index)  # epochs x steps
+            per_epoch = self._per_epoch = None if phase.iteration_based else self._epoch_steps(index)
             total = phase.steps if phase.iteration_based else \
                 None if per_epoch is None else phase.max_length * per_epoch
             bar = progress(total, st.step, phase.label(index), self.dist.is_main)
@@ -185,6 +187,8 @@ class Trainer(PhaseMachinery):
                         out_of_budget = (budget is not None and steps >= budget) or \
                             self._signalled(at_sync=(st.step + 1) % self.spec.train.log_every == 0)
                         ended = self._step(engine, index, group, pipeline, window, bar, out_of_budget)
+                    if ended and st.step % self.spec.train.log_every:  # the phase's last, partial window
+                        self._log_window(engine, index, window, bar)
                     if ended or out_of_budget:
                         break
                 else:
@@ -239,7 +243,9 @@ class Trainer(PhaseMachinery):
         if phase.iteration_based and st.step == phase.max_length:
             return True
         eval_due = phase.iteration_based and st.step % train.eval_every == 0
-        if (phase.iteration_based and st.step % train.save_every == 0) or last:
+        # within an epoch too, but not at its last step: the epoch's end, checkpointed besides, follows at this step
+        epoch_ends = not phase.iteration_based and bool(self._per_epoch) and st.step % self._per_epoch == 0
+        if (st.step % train.save_every == 0 and not epoch_ends) or last:
             self._save(engine, index, pending_eval=eval_due)  # checks the losses first
         elif eval_due:
             self._check_finite(index)  # no validation (nor best.safetensors) of weights a non-finite loss broke
@@ -270,7 +276,7 @@ class Trainer(PhaseMachinery):
         """The phase's last step is done: checkpoint it as done, validate (unless a criterion just decided
         on this step's validation), export."""
         self.state.phase_done = True
-        if self._saved_at != (index, self.state.total_steps):
+        if self._saved_at != self._here(index):
             self._save(engine, index, pending_eval=self._end.decision is None)
         # else checkpointed at this step already (a save step whose validation ended the phase): the phase's close
         # (RunRecord.close_phase) rewrites that checkpoint's state as done, instead of a second save of one tag
@@ -350,7 +356,7 @@ class Trainer(PhaseMachinery):
     def _save(self, engine, index: int, pending_eval: bool = False) -> None:
         self._check_finite(index)  # nothing after a non-finite loss is ever saved
         self.record.save(engine, index, pending_eval, self._phase_end(index).saved_state(self.dist), self._window)
-        self._saved_at = (index, self.state.total_steps)
+        self._saved_at = self._here(index)
 
     def _validate(self, model: nn.Module, index: int, scheduler) -> None:
         """Validate, record, let the LR schedule react (plateau / multistep), and judge the phase's end."""
@@ -368,11 +374,16 @@ class Trainer(PhaseMachinery):
         if self.spec.data.valid:
             self.record.pending.restart_clock()
 
+    def _here(self, index: int) -> tuple[int, int, int]:
+        """Where the run is, as a checkpoint would record it: (phase, total steps, epochs done). A checkpoint taken
+        at an epoch's last step (``train.save_every``) is not the epoch end's, which is taken at the same step."""
+        return index, self.state.total_steps, self.state.epoch_in_phase
+
     def _validated(self, engine, index: int) -> None:
         """A validation after this step's checkpoint is done and the phase goes on: the checkpoint says so
         (:meth:`RunRecord.close_validation`), so that a resume from it trains on instead of validating again. A
         phase that ends here is closed by its end's work (:meth:`RunRecord.close_phase`)."""
-        if self._saved_at == (index, self.state.total_steps) and self._phase_end(index).decision is None:
+        if self._saved_at == self._here(index) and self._phase_end(index).decision is None:
             self.record.close_validation(index, self._phase_end(index).saved_state(self.dist), engine.lr_scheduler)
 
     def _phase_end(self, index: int) -> PhaseEnd:

@@ -35,7 +35,8 @@ class TrainConfig:
         log_every: optimiser steps between log lines / TensorBoard points.
         eval_every: optimiser steps between validations in iteration-based phases (epoch-based phases
             validate after every epoch).
-        save_every: optimiser steps between checkpoints in iteration-based phases.
+        save_every: optimiser steps between checkpoints (in an epoch-based phase also within its epochs, besides
+            the checkpoint at every epoch's end: an AudioSet-2M epoch is many hours).
         keep_checkpoints: how many of the newest checkpoints to keep.
         eval_batches: validate on at most this many batches per rank (None: the whole set).
         deterministic: ``torch.use_deterministic_algorithms`` (for exact-resume tests; slower).

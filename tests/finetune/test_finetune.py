@@ -661,3 +661,53 @@ def test_an_epoch_based_run_of_an_earlier_version_resumes_from_its_step_named_ch
     assert (ckdir / LATEST).read_text() == "phase02-epoch0001"
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "resumed"))
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+@pytest.mark.slow
+def test_an_epoch_based_run_checkpoints_every_save_every_steps_within_its_epochs(tmp_path, synth_corpus,
+                                                                                monkeypatch, capsys):
+    """``train.save_every`` applies within an epoch-based phase's epochs too (an AudioSet-2M epoch is many hours):
+    a run killed mid-epoch resumes from its last such checkpoint, not the epoch's start, and trains the
+    uninterrupted weights."""
+    from safetensors.torch import load_file
+
+    from common.training.checkpoints import RunCheckpoints
+    from finetune.classifier import ClassifierObjective
+
+    data = _synth_root(tmp_path, synth_corpus)
+
+    def argv(run_dir):
+        return ["--init", "none", "--task", "synth", "--data-root", str(data), "--run-dir", str(run_dir),
+                *sets(*TINY, "train.deterministic=true", "train.save_every=4", "phases=[{compression: none, epochs: 2}]")]
+
+    saved, save = [], RunCheckpoints.save
+    monkeypatch.setattr(RunCheckpoints, "save", lambda self, engine, tag, state, rng: (
+        saved.append((tag, state["state"]["step"])), save(self, engine, tag, state, rng))[1])
+    assert finetune(argv(tmp_path / "straight")) == 0
+    per_epoch = json.loads((tmp_path / "straight" / "ledger.json").read_text())["phases"][0]["steps"] // 2
+    assert per_epoch == 6, per_epoch
+    # steps 4 and 8 within the epochs; the first epoch's end (its last step, 6); the second's is the phase's end
+    assert saved == [("phase01-epoch0000", 4), ("phase01-epoch0001", 6), ("phase01-epoch0001", 8),
+                     ("phase01-epoch0002", 12)], saved
+    saved.clear()
+    train_step, calls = ClassifierObjective.train_step, {"n": 0}
+
+    def killed(self, *args, **kwargs):  # the process dies in step 11 (no checkpoint of its own, as SIGKILL)
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise SystemExit(137)
+        return train_step(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ClassifierObjective, "train_step", killed)
+        with pytest.raises(SystemExit):
+            finetune(argv(tmp_path / "resumed"))
+    assert saved[-1] == ("phase01-epoch0001", 8)
+    assert finetune([*argv(tmp_path / "resumed"), "--dry-run"]) == 0  # the plan says what the command does
+    assert f"{tmp_path / 'resumed'} holds a run; this command resumes it from checkpoint phase01-epoch0001" in \
+        capsys.readouterr().out
+    assert finetune(argv(tmp_path / "resumed")) == 0
+    assert "resuming phase1 (full resolution) at step 8, 1 epoch(s) done (checkpoint phase01-epoch0001)" in \
+        (tmp_path / "resumed" / "train.log").read_text()
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "resumed"))
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -114,6 +114,34 @@ def test_epoch_tags_count_epochs_and_go_on_from_an_earlier_versions_step_tags(tm
     assert RunCheckpoints(ckdir, ONE, keep=2).find_resume() == "phase01-epoch0004"
 
 
+def test_what_a_resume_set_aside_goes_once_the_run_has_saved_past_it(tmp_path):
+    """A set-aside checkpoint (newer than the one a run resumed from, damaged) whose tag the run never saves again
+    (an epoch-based run's mid-epoch tag) is removed once every checkpoint kept is past its place."""
+    ckdir = tmp_path / "checkpoints"
+    checkpoints = RunCheckpoints(ckdir, ONE, keep=2)
+    resumed, damaged = _save(checkpoints, 2), _save(checkpoints, 5)
+    (ckdir / damaged / "trainer_state.json").write_text("{")
+    checkpoints = RunCheckpoints(ckdir, ONE, keep=2)
+    assert checkpoints.find_resume() == resumed
+    _save(checkpoints, 3), _save(checkpoints, 4), _save(checkpoints, 6)
+    assert (ckdir / f".aside-{damaged}").is_dir()  # step 4 is kept: not yet past it
+    _save(checkpoints, 7)
+    assert not (ckdir / f".aside-{damaged}").exists() and _published(ckdir) == [make_tag(0, 6), make_tag(0, 7)]
+
+
+def test_a_conversion_left_by_a_killed_resume_on_other_ranks_is_removed_at_the_next_start(tmp_path):
+    """A resume on another number of ranks converts the checkpoint to DeepSpeed's universal format (``.universal-TAG``,
+    and DeepSpeed's ``latest_universal`` naming it); killed while loading it, the run leaves both. The next start
+    removes them (never reused: the digests do not cover them; converted afresh where needed)."""
+    ckdir = tmp_path / "checkpoints"
+    tag = _save(RunCheckpoints(ckdir, ONE, keep=1), 2)
+    (ckdir / f".universal-{tag}").mkdir()
+    (ckdir / f".universal-{tag}" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+    (ckdir / "latest_universal").write_text(f".tmp-universal-{tag}")
+    assert RunCheckpoints(ckdir, ONE, keep=1).find_resume() == tag
+    assert sorted(p.name for p in ckdir.iterdir()) == [LATEST, tag]
+
+
 _ITERDIR = Path.iterdir  # what rank 1 sees: every file
 
 

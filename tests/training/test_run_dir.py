@@ -27,6 +27,18 @@ def test_a_failed_start_leaves_no_recipe_behind(tmp_path, synth_corpus, monkeypa
     assert "depth: 1" in (run_dir / "recipe.yaml").read_text()  # written with the first checkpoint
     assert _run(run_dir, synth_corpus, "model.depth=2") == 2  # from now on the run is protected
     assert "model.depth" in capsys.readouterr().err
+    # a plan of the same command says it resumes the run; one the run would refuse lists the refusal, as a run
+    # would miss a file, and writes nothing
+    files = sorted(p.name for p in run_dir.rglob("*"))
+    for depth, refused in ((1, False), (2, True)):
+        argv = ["--recipe", str(RECIPE), "--run-dir", str(run_dir), *tiny(synth_corpus, f"model.depth={depth}")]
+        assert main([*argv, "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert f"{run_dir} holds a run; this command resumes it from checkpoint phase01-step000000002" in out, out
+        assert (f"{run_dir} holds a run of a different recipe (model.depth differ)" in out) == refused, out
+        assert main([*argv, "--dry-run", "--restart"]) == 0
+        assert "holds a run" not in capsys.readouterr().out  # --restart starts over: nothing resumed or refused
+    assert sorted(p.name for p in run_dir.rglob("*")) == files
 
 
 def test_a_recipe_yaml_without_any_checkpoint_is_replaced(tmp_path, synth_corpus):

@@ -137,6 +137,10 @@ def test_a_run_resumed_inside_a_log_window_logs_the_same_losses(tmp_path, synth_
     assert run(stopped, synth_corpus, *sets, steps=(5, 3)) == 0
     a, b = logged(straight), logged(stopped)
     assert ("train/loss", 4) in a and a == b  # the window of steps 3 and 4, resumed between them: bitwise
+    # each phase's last, partial window is logged at the phase's end (phase 1's step 5; phase 2's step 3, total 8)
+    assert sorted(step for tag, step in a if tag == "train/loss") == [2, 4, 5, 7, 8]
+    log = (straight / "train.log").read_text()
+    assert "step 5 (phase1 (fshift x4)): acc=" in log and "step 3 (phase2 (full resolution)): acc=" in log
 
 
 def _stopped_run(tmp_path: Path, corpus: Path) -> Path:
