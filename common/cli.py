@@ -136,10 +136,11 @@ def resume_check(run_dir: Path, recipe, restart: bool = False) -> tuple[Callable
     if restart or not run_dir.is_dir() or not has_trained(run_dir):
         return (lambda: None), []
     latest = run_dir / "checkpoints" / "LATEST"
-    where = (f"from checkpoint {latest.read_text().strip()}" if latest.is_file() else
-             "(it has finished)" if (run_dir / "model.safetensors").is_file() else "from its folds' checkpoints")
+    does = ("holds a finished run; this command has nothing left to train" if (run_dir / "model.safetensors").is_file()
+            else f"holds a run; this command resumes it from checkpoint {latest.read_text().strip()}"
+            if latest.is_file() else "holds a run; this command resumes it from its folds' checkpoints")
     return (lambda: prepare_run_dir(run_dir, recipe, is_main=False)), [
-        f"run directory: {run_dir} holds a run; this command resumes it {where} (--restart starts over)"]
+        f"run directory: {run_dir} {does} (--restart starts over)"]
 
 
 def check_run_dir(run_dir: Path) -> None:

@@ -155,7 +155,7 @@ class Trainer(PhaseMachinery):
         where = f"{'the validation of ' if validating else ''}{label} at step {self.state.step}"
         phases = self.record.ledger.phases
         estimate = phases[index].memory_estimate_bytes if index < len(phases) and not validating else None
-        return out_of_memory(err, self.device, where, batch, estimate)
+        return out_of_memory(err, self.device, where, batch, estimate, validating)
 
     def _train_phase(self, engine, index: int, budget: int | None) -> tuple[bool, int]:
         """Train phase ``index`` to its end (True) or until ``budget`` steps (False); returns the steps done."""

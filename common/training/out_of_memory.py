@@ -39,27 +39,37 @@ def _torch_words(err: BaseException) -> str:
 
 
 def out_of_memory(err: BaseException, device: torch.device, where: str, micro_batch: int,
-                  estimate_bytes: int | None) -> OutOfDeviceMemory:
+                  estimate_bytes: int | None, validating: bool = False) -> OutOfDeviceMemory:
     """The error to raise for ``err`` (:func:`is_out_of_memory`), raised on ``device`` in ``where`` (``phase2
     (full resolution) at step 1200``) with ``micro_batch`` clips per rank per forward pass, of which the plan
-    estimated ``estimate_bytes``."""
+    estimated ``estimate_bytes``; ``validating``: in a validation pass (its batch is ``data.eval_batch_size``)."""
     words = _torch_words(err)
-    planned = f", planned at {estimate_bytes / 2**30:.3g} GiB" if estimate_bytes else ""
+    text = str(err)
+    resume = "then run the same command again to resume from the last checkpoint"
+    if "DataLoader worker process" in text:  # a loader worker's allocation, re-raised here
+        return OutOfDeviceMemory(f"a data loader worker ran out of host memory in {where}: {words} Lower "
+                                 f"data.num_workers (each decodes batches ahead), or run where more memory is free; "
+                                 f"{resume}")
+    host = "DefaultCPUAllocator" in text
+    what = f"{device}" if not host or device.type == "cpu" else f"the host's memory (not {device}'s)"
+    planned = f", planned at {estimate_bytes / 2**30:.3g} GiB" if estimate_bytes and not host else ""
     others = re.findall(r"Process (\d+) has ([\d.]+ [KMGT]iB) memory in use", words)
     advice = []
     if others:
         held = ", ".join(f"pid {pid}: {size}" for pid, size in others)
         advice.append(f"other processes hold memory on this device ({held}): run where they are not "
                       f"(CUDA_VISIBLE_DEVICES) or when they are done")
-    if micro_batch > 1:
+    if validating and micro_batch > 1:
+        advice.append(f"lower the validation batch: --set data.eval_batch_size={micro_batch // 2}")
+    elif micro_batch > 1:
         advice.append(f"lower the micro-batch: --set data.max_batch_per_rank={micro_batch // 2} keeps the global "
                       f"batch (more gradient accumulation)")
     else:
         advice.append("one clip per pass does not fit: a smaller model, or train.precision bf16 where it is fp32")
     advice = "; or ".join(advice)
     return OutOfDeviceMemory(
-        f"{device} ran out of memory in {where} ({micro_batch} clip(s) per rank per forward pass{planned}): {words} "
-        f"{advice[0].upper()}{advice[1:]}; then run the same command again to resume from the last checkpoint")
+        f"{what} ran out of memory in {where} ({micro_batch} clip(s) per rank per forward pass{planned}): {words} "
+        f"{advice[0].upper()}{advice[1:]}; {resume}")
 
 
 def describe_out_of_memory(err: BaseException) -> str | None:
@@ -67,5 +77,5 @@ def describe_out_of_memory(err: BaseException) -> str | None:
     ``--batch-size``); None for another error."""
     if not is_out_of_memory(err):
         return None
-    return (f"out of memory: {_torch_words(err)} Lower the command's --batch-size (evaluate, embed, the linear "
-            f"probe), or run where more memory is free")
+    return (f"out of memory: {_torch_words(err)} Lower the batch (evaluate and embed: --batch-size; a training "
+            f"command: data.eval_batch_size, data.max_batch_per_rank), or run where more memory is free")

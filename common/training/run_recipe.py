@@ -7,8 +7,10 @@ Re-running on a run directory that holds checkpoints resumes it, and the recipe 
 - settings that do not change what is computed (:data:`RESUMABLE_CHANGES`), and
 - the documented recovery after a non-finite loss: another learning rate or schedule
   (:data:`RECOVERY_CHANGES`, ``phases.N.lr``), and after too much bad audio: another
-  ``data.max_bad_fraction`` (:data:`TOLERANCE_CHANGES`), accepted and recorded in ``ledger.json`` as an
-  intervention by the trainer.
+  ``data.max_bad_fraction`` (:data:`TOLERANCE_CHANGES`), and after running out of device memory: a smaller
+  micro-batch, ``data.max_batch_per_rank`` (:data:`MEMORY_CHANGES`: the same global batch in more accumulated
+  micro-batches; the data position is converted), accepted and recorded in ``ledger.json`` as an intervention by
+  the trainer.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import yaml
 from common.config.recipe import RecipeError, dump_yaml, parse_yaml, to_dict
 from common.models.arch import official_channels
 
-__all__ = ["RESUMABLE_CHANGES", "RECOVERY_CHANGES", "TOLERANCE_CHANGES", "RunRecipe", "has_trained", "prepare_run_dir",
-           "field_defaults", "recipe_diff", "recovery_change"]
+__all__ = ["RESUMABLE_CHANGES", "RECOVERY_CHANGES", "TOLERANCE_CHANGES", "MEMORY_CHANGES", "RunRecipe", "has_trained",
+           "prepare_run_dir", "field_defaults", "recipe_diff", "recovery_change"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ RECOVERY_CHANGES = ("optim.lr", "optim.warmup_steps", "optim.schedule", "optim.p
                     "optim.decay_start", "optim.decay_every", "optim.min_lr")
 # the documented recovery after too much bad audio (the error names it): tolerate a larger share
 TOLERANCE_CHANGES = ("data.max_bad_fraction",)
+# the documented recovery after the device ran out of memory (the error names it): a smaller micro-batch
+MEMORY_CHANGES = ("data.max_batch_per_rank",)
 _PHASE_LR = re.compile(r"phases\.\d+\.lr")
 
 
@@ -116,9 +120,10 @@ def recipe_diff(old: dict, new: dict, defaults: dict | None = None) -> list[str]
 
 
 def recovery_change(key: str) -> bool:
-    """Whether a resumed run may change ``key``: learning-rate and schedule settings (see RECOVERY_CHANGES) and
-    the bad-audio tolerance (TOLERANCE_CHANGES)."""
-    return key in RECOVERY_CHANGES or key in TOLERANCE_CHANGES or bool(_PHASE_LR.fullmatch(key))
+    """Whether a resumed run may change ``key``: learning-rate and schedule settings (see RECOVERY_CHANGES), the
+    bad-audio tolerance (TOLERANCE_CHANGES) and the micro-batch cap (MEMORY_CHANGES)."""
+    return key in RECOVERY_CHANGES or key in TOLERANCE_CHANGES or key in MEMORY_CHANGES or \
+        bool(_PHASE_LR.fullmatch(key))
 
 
 def has_trained(run_dir: Path) -> bool:
@@ -172,8 +177,8 @@ def prepare_run_dir(run_dir: Path, recipe, is_main: bool, accept_changed_data: b
             raise RecipeError(
                 f"{run_dir} holds a run of a different recipe ({', '.join(refused[:6])} differ); a resumed run may "
                 f"change only its learning rate and schedule ({', '.join(RECOVERY_CHANGES)}, phases.N.lr), "
-                f"{', '.join(TOLERANCE_CHANGES)} and {', '.join(RESUMABLE_CHANGES)}. Use a new --run-dir to start "
-                f"another run, or the same recipe and --set values to resume this one" +
+                f"{', '.join(TOLERANCE_CHANGES + MEMORY_CHANGES)} and {', '.join(RESUMABLE_CHANGES)}. Use a new "
+                f"--run-dir to start another run, or the same recipe and --set values to resume this one" +
                 (f" ({path.name} predates {', '.join(older)}: the run had "
                  f"{' '.join(f'--set {k}={v}' for k, v in older.items())})" if older else "")
             )

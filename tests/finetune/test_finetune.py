@@ -709,5 +709,9 @@ def test_an_epoch_based_run_checkpoints_every_save_every_steps_within_its_epochs
     assert finetune(argv(tmp_path / "resumed")) == 0
     assert "resuming phase1 (full resolution) at step 8, 1 epoch(s) done (checkpoint phase01-epoch0001)" in \
         (tmp_path / "resumed" / "train.log").read_text()
+    capsys.readouterr()
+    assert finetune([*argv(tmp_path / "resumed"), "--dry-run"]) == 0
+    assert f"{tmp_path / 'resumed'} holds a finished run; this command has nothing left to train" in \
+        capsys.readouterr().out
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "resumed"))
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []

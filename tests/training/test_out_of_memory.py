@@ -1,5 +1,7 @@
 """A run that runs out of device memory stops with one line that says where, how much, who else holds the
 device and what to change, and resumes from its last checkpoint (``common.training.out_of_memory``)."""
+import json
+
 import pytest
 import torch
 
@@ -30,6 +32,23 @@ def test_a_gpu_out_of_memory_names_the_other_processes_and_the_micro_batch():
     assert "ther processes" not in alone and "One clip per pass does not fit" in alone and "planned" not in alone
     assert describe_out_of_memory(err).startswith("out of memory: Tried to allocate 2.00 GiB. GPU 0 has a total")
     assert describe_out_of_memory(ValueError("x")) is None
+    valid = str(out_of_memory(err, torch.device("cuda", 0), "the validation of x", 32, None, validating=True))
+    assert "or lower the validation batch: --set data.eval_batch_size=16;" in valid and "max_batch" not in valid
+
+
+def test_host_memory_is_not_said_to_be_the_gpus():
+    """The CPU allocator's error on a GPU run is the host's memory; a loader worker's names the workers."""
+    host = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                        "you tried to allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)")
+    assert is_out_of_memory(host)
+    line = str(out_of_memory(host, torch.device("cuda", 0), "phase1 at step 3", 8, 2**30))
+    assert line.startswith("the host's memory (not cuda:0's) ran out of memory in phase1 at step 3 (8 clip(s) per "
+                           "rank per forward pass): DefaultCPUAllocator"), line
+    worker = RuntimeError(f"Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                          f"call last):\n  File \"x.py\", line 1, in f\nRuntimeError: {host}")
+    line = str(out_of_memory(worker, torch.device("cuda", 0), "phase1 at step 3", 8, 2**30))
+    assert line.startswith("a data loader worker ran out of host memory in phase1 at step 3:") and \
+        "Lower data.num_workers" in line and "max_batch_per_rank" not in line, line
 
 
 @pytest.mark.slow
@@ -56,8 +75,16 @@ def test_a_run_out_of_memory_stops_with_one_line_and_resumes(tmp_path, synth_cor
     line = one_error(capsys.readouterr().err)
     at = "phase1 (fshift x4) at step 2" if where == "step" else "the validation of phase1 (fshift x4) at step 2"
     assert line.startswith(f"error: cpu ran out of memory in {at} (4 clip(s) per rank per forward pass"), line
-    assert "you tried to allocate 40000000000000 bytes" in line and "data.max_batch_per_rank=2" in line
-    assert ("planned at " in line) == (where == "step") and "run the same command again to resume" in line
-    assert run(tmp_path / "r", synth_corpus) == 0
-    a, b = weights(tmp_path / "straight"), weights(tmp_path / "r")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "you tried to allocate 40000000000000 bytes" in line and "run the same command again to resume" in line
+    assert ("data.max_batch_per_rank=2" if where == "step" else "data.eval_batch_size=2") in line
+    if where == "validation":  # the same command: the uninterrupted weights
+        assert run(tmp_path / "r", synth_corpus) == 0
+        a, b = weights(tmp_path / "straight"), weights(tmp_path / "r")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        return
+    # the same command with the smaller micro-batch it advises: accepted, the same global batch, recorded
+    assert run(tmp_path / "r", synth_corpus, "data.max_batch_per_rank=2") == 0
+    ledger = json.loads((tmp_path / "r" / "ledger.json").read_text())
+    assert ledger["total"]["steps"] == 6 and [p["samples"] for p in ledger["phases"]] == [3 * 4, 3 * 4]
+    assert [(p["batch_per_rank"], p["grad_accum"]) for p in ledger["phases"]] == [(2, 2)] * 2
+    assert {"data.max_batch_per_rank": {"from": None, "to": 2}} in [i["changes"] for i in ledger["interventions"]]
