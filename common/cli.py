@@ -224,6 +224,21 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken p
               "remote process exited or there was a network error")
 
 
+def _stopped_by(err: BaseException, resumable: bool) -> str | None:
+    """The line for a failure that stopped a command although its input was good: a loader worker's, the memory's
+    (a command that does not train: a run raises :class:`OutOfDeviceMemory`), another rank's; None otherwise."""
+    worker = describe_worker_failure(err)
+    if worker is not None:
+        return worker + ("; then run the same command again to resume from the last checkpoint" if resumable else "")
+    memory = describe_out_of_memory(err)
+    if memory is not None:
+        return memory
+    if not _lost_peer(err):
+        return None
+    first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return f"rank {os.environ.get('RANK', '?')}: another rank of the job stopped ({first[:200]}); its error says why"
+
+
 def _lost_peer(err: BaseException) -> bool:
     """A collective failed because another rank of the job stopped (that rank says why)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(word in str(err) for word in _PEER_GONE)
@@ -279,21 +294,9 @@ def run_main(body: Callable[[], int], resumable: bool = False) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 1
     except Exception as err:  # noqa: BLE001 - re-raised unless known: a loader worker, memory, another rank
-        worker = describe_worker_failure(err)
-        if worker is not None:
-            log_traceback(traceback.format_exc())
-            print(f"error: {worker}" + ("; then run the same command again to resume from the last checkpoint"
-                                        if resumable else ""), file=sys.stderr)
-            return 1
-        memory = describe_out_of_memory(err)  # a command that does not train (a run says more: OutOfDeviceMemory)
-        if memory is not None:
-            log_traceback(traceback.format_exc())
-            print(f"error: {memory}", file=sys.stderr)
-            return 1
-        if not _lost_peer(err):
+        message = _stopped_by(err, resumable)
+        if message is None:
             raise
         log_traceback(traceback.format_exc())
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        print(f"error: rank {os.environ.get('RANK', '?')}: another rank of the job stopped ({first[:200]}); its "
-              f"error says why", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 1

@@ -356,7 +356,6 @@ def main(argv: list[str] | None = None) -> int:
             _cautions(recipe, audio, world_size, args)
         if args.dry_run:
             from common.cli import resume_check
-            from common.data.preflight import problems
 
             o, about = recipe.optim, f": {recipe.task.description}" if recipe.task.description else ""
             refused, resumes = resume_check(run_root, recipe, args.restart)

@@ -148,13 +148,14 @@ def describe_worker_failure(err: BaseException) -> str | None:
     if died is None:
         return None
     pids = [int(pid) for pid in died[1].replace(",", " ").split()]
-    name = died[2] or _exit_signal(pids)  # PyTorch's words (Killed, Bus error) or the signal's (SIGKILL, SIGBUS)
+    # PyTorch's words (Killed, Bus error) or the signal's (SIGKILL, SIGBUS)
+    name = died[2].strip() if died[2] else _exit_signal(pids)
     which = f"a data loader worker (pid {', '.join(map(str, pids))})"
     if name is None:
         return f"{which} exited unexpectedly; the output above may say why ({shm_words()})"
-    if name.strip() in ("Killed", "SIGKILL"):
-        return (f"{which} was killed (signal {name.strip()}): by the kernel's out-of-memory killer? The machine's "
+    if name in ("Killed", "SIGKILL"):
+        return (f"{which} was killed (signal {name}): by the kernel's out-of-memory killer? The machine's "
                 f"memory, not the GPU's, ran out: lower data.num_workers or the batch")
-    if name.strip() in ("Bus error", "SIGBUS"):
-        return f"{which} was killed (signal {name.strip()}): shared memory full? ({shm_words()}): {ADVICE}"
-    return f"{which} was killed by signal {name.strip()}"
+    if name in ("Bus error", "SIGBUS"):
+        return f"{which} was killed (signal {name}): shared memory full? ({shm_words()}): {ADVICE}"
+    return f"{which} was killed by signal {name}"

@@ -63,7 +63,7 @@ from common.training.checkpoint_files import (
     weights_only_loads,
 )
 
-__all__ = ["RunCheckpoints", "expected_size", "make_tag", "tag_order", "capture_rng", "restore_rng"]
+__all__ = ["RunCheckpoints", "expected_size", "make_tag", "tag_order", "tag_place", "capture_rng", "restore_rng"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,11 @@ def tag_order(tag: str) -> tuple[int, int, int] | None:
     version's step tag that counted the same epochs); None for a name that is not a tag."""
     match = _TAG.fullmatch(tag)
     return (int(match[1]), int(match[3]), int(match[2] == "epoch")) if match else None
+
+
+def tag_place(tag: str) -> tuple[int, int]:
+    """Where in its run checkpoint ``tag`` was taken, whatever version named it: (phase, steps or epochs)."""
+    return tag_order(tag)[:2]
 
 
 def capture_rng(generator: torch.Generator, device: torch.device) -> dict:
@@ -223,7 +228,7 @@ class RunCheckpoints:
                 shutil.rmtree(aside, ignore_errors=True)
                 log.info("removed %s: the run saved %s again", aside, tag)
             done = [p for p in self._complete() if p.name != tag]
-            superseded = [p for p in done if tag_order(p.name)[:2] == tag_order(tag)[:2]]  # an old name, same place
+            superseded = [p for p in done if tag_place(p.name) == tag_place(tag)]  # an old name, same place
             done = [p for p in done if p not in superseded]
             for old in superseded + done[: max(0, len(done) - (self.keep - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -314,7 +319,7 @@ class RunCheckpoints:
         (an epoch-based run resumed from its step tag, whose end of phase is recorded into it)."""
         folder = self.ckdir / tag
         if not folder.is_dir():
-            folder = next((p for p in self._complete() if tag_order(p.name)[:2] == tag_order(tag)[:2]), folder)
+            folder = next((p for p in self._complete() if tag_place(p.name) == tag_place(tag)), folder)
         return folder
 
     def trainer_state(self, tag: str) -> dict:

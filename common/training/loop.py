@@ -77,7 +77,7 @@ class Trainer(PhaseMachinery):
         torch.use_deterministic_algorithms(deterministic or self.spec.train.deterministic)
         try:
             return self._run(stop_after)
-        except (torch.OutOfMemoryError, RuntimeError) as err:
+        except RuntimeError as err:  # torch.OutOfMemoryError is one
             if not is_out_of_memory(err):
                 raise
             raise self._out_of_memory(err) from err
@@ -150,8 +150,7 @@ class Trainer(PhaseMachinery):
         index = self.state.phase
         label = self.spec.phases[index].label(index)
         validating = self._validating
-        batch = (self.spec.data.eval_batch_size or self.splits[index].per_rank) if validating else \
-            self.splits[index].per_rank
+        batch = self._eval_batch(index) if validating else self.splits[index].per_rank
         where = f"{'the validation of ' if validating else ''}{label} at step {self.state.step}"
         phases = self.record.ledger.phases
         estimate = phases[index].memory_estimate_bytes if index < len(phases) and not validating else None

@@ -116,13 +116,18 @@ class PhaseMachinery:
         data = self.spec.data
         if self._valid is None:
             self._valid = eval_loader(data.valid, self.objective.classes, self.arch.clip_samples,
-                                      self.arch.sample_rate, data.eval_batch_size or self.splits[index].per_rank,
+                                      self.arch.sample_rate, self._eval_batch(index),
                                       data.num_workers, data.eval_crop, self.dist.rank, self.dist.world_size,
                                       tracker=self.tracker.for_split("valid", data.valid, dist=self.dist),
                                       pin_memory=self.device.type == "cuda", pad=data.pad, cache=self._clips,
                                       keep_workers=True, channels=self.channels)
-        self._valid.batch_size = data.eval_batch_size or self.splits[index].per_rank
+        self._valid.batch_size = self._eval_batch(index)
         return self._valid
+
+    def _eval_batch(self, index: int) -> int:
+        """Clips per rank per validation batch at phase ``index``: ``data.eval_batch_size``, by default the phase's
+        training micro-batch."""
+        return self.spec.data.eval_batch_size or self.splits[index].per_rank
 
     def _micro_step(self, engine, batch: Batch, pipeline: nn.Module, index: int) -> dict[str, torch.Tensor]:
         """Forward, backward and (at the end of an accumulation group) the optimiser step of one micro-batch

@@ -29,7 +29,7 @@ from common.system.atomic import atomic_copy
 from common.system.distributed import Dist
 from common.system.engine_config import resolve_zero_stage
 from common.system.logger import Scalars
-from common.training.checkpoints import RunCheckpoints, capture_rng, make_tag, restore_rng, tag_order
+from common.training.checkpoints import RunCheckpoints, capture_rng, make_tag, restore_rng, tag_place
 from common.training.interventions import check_data, check_evaluation, check_sampler, reshard_position, sampler
 from common.training.ledger import Ledger, Window
 from common.training.log_window import LogWindow
@@ -100,8 +100,8 @@ class RunRecord:
         self.scalars = Scalars(self.run_dir, enabled=dist.is_main)
         self.pending = _Pending(self.device)
         self._schedule: dict | None = None  # a resumed checkpoint's schedule after its validation (close_validation)
-        # a resume within a phase on its checkpoint's layout: the checkpoint's place (phase and count, tag_order)
-        # and how many interventions its ledger held
+        # a resume within a phase on its checkpoint's layout: the checkpoint's place (tag_place) and how many
+        # interventions its ledger held
         self._resumed_as_saved: tuple[tuple, int] | None = None
         self._memory = PeakMemory(self.device)
 
@@ -146,7 +146,7 @@ class RunRecord:
             log.info("resuming after the end of phase %d (checkpoint %s)", self.state.phase + 1, tag)
             return model, None
         if (saved_ranks, saved_batch) == (self.dist.world_size, self._batch_size(self.state.phase)):
-            self._resumed_as_saved = (tag_order(tag)[:2], len(saved["ledger"].get("interventions", [])))
+            self._resumed_as_saved = (tag_place(tag), len(saved["ledger"].get("interventions", [])))
         phase = self.spec.phases[self.state.phase]
         log.info("resuming %s at step %d%s (checkpoint %s)", phase.label(self.state.phase), self.state.step,
                  "" if phase.iteration_based else f", {self.state.epoch_in_phase} epoch(s) done", tag)
@@ -338,7 +338,7 @@ class RunRecord:
         resume (no intervention recorded: a later resume records its own changes once). Otherwise the checkpoint
         stays as it was saved. Collective: rank 0 decides."""
         resumed, self._resumed_as_saved = self._resumed_as_saved, None
-        as_saved = resumed is not None and resumed == (tag_order(self._tag(index))[:2], len(self.ledger.interventions))
+        as_saved = resumed is not None and resumed == (tag_place(self._tag(index)), len(self.ledger.interventions))
         if self.dist.broadcast_object(as_saved if self.dist.is_main else None):
             self.close_validation(index, until, scheduler)
 
