@@ -35,6 +35,7 @@ class RendezvousFailed(ValueError):
     def __init__(self, err: Exception) -> None:
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         rank, text = os.environ.get("RANK", "?"), str(err)
+        first = text.splitlines()[0] if text else type(err).__name__
         if "EADDRINUSE" in text or "address already in use" in text.lower():
             message = (f"rank 0 cannot open the job's rendezvous on {where} (MASTER_ADDR:MASTER_PORT): the port is in "
                        f"use, by another job on this machine? Launch with a free port: deepspeed --master_port PORT "
@@ -47,9 +48,8 @@ class RendezvousFailed(ValueError):
         elif "timed out" in text.lower() or "timeout" in text.lower():
             message = (f"rank {rank} could not meet rank 0 at {where} (MASTER_ADDR:MASTER_PORT) in time: is rank 0 "
                        f"running, is MASTER_ADDR an address this host reaches, and is the port this job's (not another "
-                       f"job's)? ({text.splitlines()[0] if text else type(err).__name__})")
+                       f"job's)? ({first})")
         else:
-            first = text.splitlines()[0] if text else type(err).__name__
             message = f"rank {rank}: the job's rendezvous at {where} (MASTER_ADDR:MASTER_PORT) failed: {first}"
         super().__init__(message)
 
