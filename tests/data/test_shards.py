@@ -507,7 +507,8 @@ def test_a_phase_closed_on_another_layout_is_not_converted_twice(tmp_path, synth
 # ------------------------------------------------------------------ real training in 2 and 3 processes
 FINETUNE = ["model.size=custom", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
             "data.num_workers=0", "train.log_every=100", "optim.warmup_steps=0", "train.deterministic=true",
-            "phases=[{compression: none, epochs: 2}]"]
+            "phases=[{compression: none, epochs: 2}]",
+            "train.save_every=2"]  # checkpoints within the epochs too, on every rank (an epoch's end is one besides)
 PRETRAIN = ["data.num_workers=0", "model.embed_dim=32", "model.depth=2",
             "model.num_heads=2", "phases.0.steps=3", "phases.1.steps=3", "train.log_every=100", "train.eval_every=3",
             "train.save_every=3", "train.deterministic=true", "optim.warmup_steps=2", "baseline=null"]
