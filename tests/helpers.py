@@ -6,21 +6,17 @@ import contextlib
 import functools
 import io
 import itertools
-import json
 import math
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -321,77 +317,6 @@ def official_state(spec_size: int = 256, fmax: float = 14000.0, seed: int = 0,
 def save_lightning(state: dict, path, **extra) -> None:
     torch.save({"epoch": 7, "global_step": 7000, "pytorch-lightning_version": "1.5.9",
                 "state_dict": {f"sed_model.{k}": v for k, v in state.items()}, **extra}, path)
-
-
-def _spawned(rank: int, target: Callable, world_size: int, port: int, out: str) -> None:
-    """One rank of :func:`spawn_ranks`: its gloo group, ``target(dist)``, and what it returned in ``out``."""
-    import torch.distributed as torch_dist
-
-    from common.system.distributed import Dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch_dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    result = target(Dist(rank, world_size, rank, torch.device("cpu")))
-    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-    torch_dist.destroy_process_group()
-
-
-def spawn_ranks(target: Callable, world_size: int, out: Path, timeout: float = 120) -> list:
-    """Run ``target(dist)`` (a module-level function returning JSON-able data) on ``world_size`` gloo ranks in
-    spawned processes (``torch.multiprocessing``); returns what each rank returned, in rank order (kept in
-    ``out``). A rank that fails fails the test; ranks still running after ``timeout`` seconds (a hang) are killed
-    and fail it."""
-    import torch.multiprocessing as mp
-
-    context = mp.spawn(_spawned, args=(target, world_size, _free_port(), str(out)), nprocs=world_size, join=False)
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world_size} gloo ranks did not finish in {timeout:.0f} s")
-    return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(world_size)]
-
-
-def launch_ranks(world_size: int, script: str, job: Path, out: Path, timeout: float, **env_extra: str) -> None:
-    """Run ``tests/SCRIPT JOB`` in ``world_size`` processes on gloo, with the environment torchrun and the
-    deepspeed launcher set (and ``env_extra``). A rank that fails, or still runs after ``timeout`` seconds (a
-    hang), fails the test; every rank is killed. Each rank logs to ``out/rankN.log``."""
-    procs = []
-    for rank in range(world_size):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-               "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-               "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), **env_extra}
-        with open(out / f"rank{rank}.log", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / script), str(job)], env=env,
-                                          stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True))
-    try:
-        for proc in procs:
-            proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        hung = [p for p in procs if p.poll() is None]
-        for proc in hung:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    tails = "\n".join(f"--- rank {r}:\n" + (out / f"rank{r}.log").read_text()[-2500:] for r in range(world_size))
-    assert not hung, f"{len(hung)} of {world_size} ranks still running after {timeout:.0f} s (a hang)\n{tails}"
-    assert all(p.returncode == 0 for p in procs), f"exit codes {[p.returncode for p in procs]}\n{tails}"
-
-
-def _launch(world_size: int, cases: list[tuple[str, str, list[str]]], out: Path, timeout: float,
-            expect: dict[str, int] | None = None) -> dict[str, list]:
-    """Run ``cases`` (name, entry, argv) one after another in ``world_size`` processes on gloo
-    (:func:`launch_ranks`); a case ending with another exit code than ``expect`` says (default 0) fails the test.
-    Returns per case the ranks' reports (tests/shard_job.py)."""
-    out.mkdir(parents=True)
-    job = out / "job.json"
-    job.write_text(json.dumps({"out": str(out), "cases": [{"name": n, "entry": e, "argv": a, "port": _free_port(),
-                                                           "expect": (expect or {}).get(n, 0)} for n, e, a in cases]}))
-    launch_ranks(world_size, "shard_job.py", job, out, timeout)
-    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
-    return {name: [report[name] for report in reports] for name, _, _ in cases}
 
 
 # from conftest.py

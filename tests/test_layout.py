@@ -110,8 +110,8 @@ def test_imports_sit_at_the_top_unless_a_lazy_one_says_why():
 
 
 def test_test_modules_share_helpers_through_the_helper_module_only():
-    """What several test modules use lives in ``tests/helpers.py``, ``tests/conftest.py`` or ``tests/layouts/``:
-    no test module imports from another test module."""
+    """What several test modules use lives in ``tests/helpers.py``, ``tests/ranks.py``, ``tests/conftest.py`` or
+    ``tests/layouts/``: no test module imports from another test module."""
     crossing = []
     for path in sorted((ROOT / "tests").rglob("test_*.py")):
         for node in ast.walk(ast.parse(path.read_text())):

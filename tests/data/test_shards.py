@@ -22,7 +22,7 @@ from common.data.loader import ClipLoader, eval_loader
 from common.data.manifests import open_cuts
 from common.data.shar_stream import SharSet
 from common.data.shards import equal_shards, reshard_index, shard_batches
-from tests.helpers import _launch
+from tests.ranks import launch_cases
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIPS, VALID, BATCH = 41, 25, 4  # neither divides into batches of 4 on 2 or 3 ranks
@@ -579,7 +579,7 @@ def test_training_on_2_and_3_ranks_every_loader_path_resumed_and_resharded(odd, 
             name = f"{kind}-{path}-resharded"
             cases.append((name if world_size == 3 else f"{name}-stopped",
                           *_argv(odd, runs / name, kind, path, None if world_size == 3 else stop, RESHARD_BATCH)))
-        for name, ranks in _launch(world_size, cases, tmp_path / f"job{world_size}", timeout=240).items():
+        for name, ranks in launch_cases(world_size, cases, tmp_path / f"job{world_size}", timeout=240).items():
             _check_equal_shards(name, ranks, valid_ids)
             assert [r["children"] for r in ranks] == [0] * world_size, name  # no loader worker outlives its run
             if name.endswith("-stopped"):

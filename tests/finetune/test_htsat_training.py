@@ -263,14 +263,14 @@ def test_on_several_ranks_every_rank_ends_with_rank_0s_batchnorm_statistics(tmp_
     """HTS-AT's bn0 follows each rank's own clips; DeepSpeed synchronises no buffers (DDP, which the official
     trainer used, broadcasts them): after every step each rank takes rank 0's, so validation, checkpoints and
     exports describe one model."""
-    from tests.helpers import _launch
+    from tests.ranks import launch_cases
 
     data = _synth_root(tmp_path, synth_corpus)
     argv = ["--init", "none", "--task", "synth", "--data-root", str(data), "--run-dir", str(tmp_path / "run"),
             "--recipe", str(ROOT / "recipes" / "htsat_audioset.yaml"),
             *sets(*TINY_HTSAT, f"data.batch_size={2 * world}", "train.deterministic=true",
                   "phases=[{compression: fshift, factor: 4, epochs: 1}, {compression: none, epochs: 1}]")]
-    ranks = _launch(world, [("htsat", "finetune", argv)], tmp_path / "job", timeout=240)["htsat"]
+    ranks = launch_cases(world, [("htsat", "finetune", argv)], tmp_path / "job", timeout=240)["htsat"]
     assert all(r["code"] == 0 for r in ranks)
     assert len({r["buffers"] for r in ranks}) == 1, [r["buffers"] for r in ranks]
     from common.models.exports import read_weights

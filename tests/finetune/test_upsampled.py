@@ -88,7 +88,7 @@ def _rank(dist) -> dict:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_ranks_counts_are_summed(tmp_path, world):
-    from tests.helpers import spawn_ranks
+    from tests.ranks import spawn_ranks
 
     results = spawn_ranks(_rank, world, tmp_path)
     assert all(r == results[0] for r in results)  # every rank gets the sum

@@ -492,7 +492,8 @@ def test_a_validation_cut_short_and_run_again_by_a_resume_is_not_run_a_third_tim
 def test_on_several_ranks_a_validation_run_again_by_a_resume_is_restated_once(tmp_path, synth_corpus, world_size):
     """The test above on 2 and 3 gloo ranks (tests/restate_job.py): rank 0 decides and writes the restate, every
     rank trains on from it without validating step 2 a third time, to the uninterrupted run's weights."""
-    from tests.helpers import _free_port, launch_ranks
+    from tests.helpers import _free_port
+    from tests.ranks import launch_ranks
 
     out = tmp_path / "job"
     out.mkdir()
@@ -643,7 +644,7 @@ def _rank(dist) -> dict:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_rank_takes_rank_0s_decision_on_the_losses_of_all_ranks(tmp_path, world):
-    from tests.helpers import spawn_ranks
+    from tests.ranks import spawn_ranks
 
     results = spawn_ranks(_rank, world, tmp_path)
     assert all(r == results[0] for r in results[1:])

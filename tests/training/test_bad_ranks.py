@@ -14,7 +14,8 @@ from lhotse import CutSet
 from common.data.bad_audio import BadAudioTracker
 from common.data.config import DataConfig, ManifestSpec
 from common.data.loader import train_loader
-from tests.helpers import ROOT, _launch
+from tests.helpers import ROOT
+from tests.ranks import launch_cases
 
 pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
 
@@ -87,7 +88,7 @@ def test_bad_audio_on_one_rank(synth_corpus, tmp_path, world_size):
              ("train-over", *_finetune(data, runs / "train-over", round(train_share / 2, 2), world_size))]
     if world_size == 2:
         cases.append(("pretrain", *_pretrain(data, runs / "pretrain", world_size)))
-    result = _launch(world_size, cases, tmp_path / "job", timeout=360, expect={"valid-over": 1, "train-over": 1})
+    result = launch_cases(world_size, cases, tmp_path / "job", timeout=360, expect={"valid-over": 1, "train-over": 1})
 
     # every clip of the last rank's first batch was bad: it was handed over empty, and trained on as a step
     ranks = result["tolerated"]

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from common.system.engine_config import ZERO_BUCKET, resolve_zero_stage, zero_config
-from tests.helpers import _free_port, _micro_step_trainer, launch_ranks
+from tests.helpers import _free_port, _micro_step_trainer
+from tests.ranks import launch_ranks
 
 pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
 
@@ -44,7 +45,7 @@ def test_one_rank_runs_without_zero_unless_the_recipe_asks(tmp_path):
     assert not engine.enable_backward_allreduce  # nothing to reduce on one rank
 
 
-def _launch(world_size: int, out: Path, timeout: float = 180) -> list[dict]:
+def launch_cases(world_size: int, out: Path, timeout: float = 180) -> list[dict]:
     out.mkdir(parents=True)
     job = out / "job.json"
     job.write_text(json.dumps({"out": str(out), "cases": {k: {"train": v, "optim": OPTIM.get(k, {})}
@@ -56,7 +57,7 @@ def _launch(world_size: int, out: Path, timeout: float = 180) -> list[dict]:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_several_ranks_overlap_the_reduction_in_model_sized_buckets(tmp_path, world_size):
-    ranks = _launch(world_size, tmp_path / "job")
+    ranks = launch_cases(world_size, tmp_path / "job")
     for name in CASES:  # every rank built the same engine and took the same step
         assert len({json.dumps(r[name], sort_keys=True) for r in ranks}) == 1, (name, ranks)
     got = ranks[0]

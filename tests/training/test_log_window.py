@@ -59,7 +59,7 @@ def _rank(dist: Dist) -> dict:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_ranks_micro_batches_are_reduced_and_only_rank_0_keeps_the_fold(tmp_path, world):
-    from tests.helpers import spawn_ranks
+    from tests.ranks import spawn_ranks
 
     results = spawn_ranks(_rank, world, tmp_path)
     # ranks 0 and 1 add 2 micro-batches each: losses 1, 2 and 2, 3; rank 1 also logs mpg 20 once

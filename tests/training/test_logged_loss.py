@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import _launch, _synth_root, sets
+from tests.helpers import _synth_root, sets
+from tests.ranks import launch_cases
 
 pytestmark = pytest.mark.slow  # every test here launches ranks
 
@@ -29,9 +30,9 @@ def test_the_logged_loss_is_the_mean_over_every_rank(tmp_path, synth_corpus):
                       "train.deterministic=true", "optim.lr=1e-12", "phases=[{compression: none, epochs: 1}]",
                       "augment.freqm=0", "augment.timem=0", "augment.mixup=0", "augment.noise=false")]
 
-    one = _launch(1, [("one", "finetune", argv(tmp_path / "one"))], tmp_path / "job1", timeout=240)
+    one = launch_cases(1, [("one", "finetune", argv(tmp_path / "one"))], tmp_path / "job1", timeout=240)
     # with a loader worker per rank and loader: training's and validation's kept workers on two ranks
-    two = _launch(2, [("two", "finetune", argv(tmp_path / "two", workers=1))], tmp_path / "job2", timeout=240)
+    two = launch_cases(2, [("two", "finetune", argv(tmp_path / "two", workers=1))], tmp_path / "job2", timeout=240)
     assert one["one"][0]["code"] == 0 and all(r["code"] == 0 for r in two["two"])
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(a) == len(b) >= 3 and len(set(a)) > 1  # several steps, different batches

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from common.training.loop import Trainer
-from tests.helpers import _free_port, launch_ranks, run
+from tests.helpers import _free_port, run
+from tests.ranks import launch_ranks
 
 pytestmark = pytest.mark.slow  # every test here trains
 
