@@ -15,7 +15,9 @@ Labeled audio comes from either
 A CSV's ``split`` is ``train``, ``valid``, ``test`` or ``foldN`` (cross-validation folds); any other name
 (``training``, ``val``, ...) is refused, naming the line and the split it resembles. Clips without a split
 go to ``train``, unless ``--valid-fraction`` / ``--test-fraction`` carve valid and
-test sets out of them (deterministically, from a hash of the path and ``--seed``).
+test sets out of them: per class (a multi-label clip by its first label), so that every class with enough clips
+is in each carved set, ``round(fraction x clips)`` clips in all, each class keeping a clip in ``train``; which
+clips is drawn from the clip ids and ``--seed``. A carved set that misses a class is warned about.
 
 Unlabeled audio for pretraining (``--unlabeled DIR_OR_LIST``): every audio file under a folder, or the
 paths listed one per line in a text file; it goes to the ``pool`` split.
@@ -61,9 +63,9 @@ def add_arguments(parser) -> None:
                         help="folder of unlabeled audio, or a text file listing one path per line")
     parser.add_argument("--name", default="custom", help="corpus name, the prefix of the manifests (default custom)")
     parser.add_argument("--valid-fraction", type=float, default=0.0,
-                        help="share of clips without a split that go to valid (default 0)")
+                        help="share of clips without a split that go to valid, carved per class (default 0)")
     parser.add_argument("--test-fraction", type=float, default=0.0,
-                        help="share of clips without a split that go to test (default 0)")
+                        help="share of clips without a split that go to test, carved per class (default 0)")
     parser.add_argument("--seed", type=whole_number(0, ">= 0"), default=0,
                         help="seed of the valid/test carve-out (default 0)")
 
@@ -108,9 +110,31 @@ def _clip_id(path: Path, root: Path) -> str:
     return "-".join(rel.with_suffix("").parts).replace(" ", "_")
 
 
-def _carve(key: str, valid: float, test: float, seed: int) -> str:
-    u = int(hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "valid" if u < valid else "test" if u < valid + test else "train"
+def _drawn(seed: int, key: str) -> bytes:
+    return hashlib.sha1(f"{seed}:{key}".encode()).digest()
+
+
+def _carve(strata: dict[str, list[str]], fractions: dict[str, float], seed: int) -> dict[str, str]:
+    """Clip id -> split for the clips without one, carved per class (``strata``: the class, or a multi-label
+    clip's first label -> its clip ids; an order drawn from ``seed`` within each): each split of ``fractions`` gets
+    ``round(fraction x clips)`` clips in all, every class its share of them rounded down, and the clips left over
+    go to the classes with the largest remainders; a class keeps at least one clip in ``train``."""
+    order = {s: sorted(ids, key=lambda i: _drawn(seed, i)) for s, ids in strata.items()}
+    taken = dict.fromkeys(strata, 0)
+    split_of = {}
+    clips = sum(len(ids) for ids in strata.values())
+    for split, fraction in fractions.items():
+        share = {s: fraction * len(ids) for s, ids in strata.items()}
+        room = {s: len(ids) - 1 - taken[s] for s, ids in strata.items()}
+        take = {s: max(0, min(int(share[s]), room[s])) for s in strata}
+        left = round(fraction * clips) - sum(take.values())
+        for s in sorted((s for s in strata if take[s] < room[s]),
+                        key=lambda s: (take[s] - share[s], _drawn(seed, f"{split}:{s}")))[:max(0, left)]:
+            take[s] += 1
+        for s, n in take.items():
+            split_of.update((i, split) for i in order[s][taken[s]:taken[s] + n])
+            taken[s] += n
+    return split_of
 
 
 def _split_name(raw: str, where: str) -> str | None:
@@ -215,9 +239,21 @@ def prepare(src: Path | None, out: Path, num_jobs: int = 4, csv: Path | None = N
         seen[cut_id] = path
         entries.append(ClipEntry(cut_id, path, split, labels))
 
-    for path, labels, split in labeled:
-        cut_id = _clip_id(path, root)
-        add(cut_id, path, split or _carve(cut_id, valid_fraction, test_fraction, seed), labels)
+    ids = [_clip_id(path, root) for path, _, _ in labeled]
+    strata: dict[str, list[str]] = {}
+    for cut_id, (_, labels, split) in zip(ids, labeled):
+        if split is None:
+            strata.setdefault(labels[0] if labels else "", []).append(cut_id)
+    fractions = {split: f for split, f in (("valid", valid_fraction), ("test", test_fraction)) if f > 0}
+    carved = _carve(strata, fractions, seed)
+    for cut_id, (path, labels, split) in zip(ids, labeled):
+        add(cut_id, path, split or carved.get(cut_id, "train"), labels)
+    for into in fractions:
+        short = sorted(s for s, members in strata.items() if s and all(carved.get(i) != into for i in members))
+        if short:
+            log.warning("custom corpus: %s holds no clip of %d class(es) (%s%s): too few clips without a split for "
+                        "--%s-fraction; give them a split in the CSV or folder tree, or a larger fraction", into,
+                        len(short), ", ".join(short[:5]), ", ..." if len(short) > 5 else "", into)
     if unlabeled is not None:
         pool = _unlabeled(Path(unlabeled))
         pool_root = Path(unlabeled) if Path(unlabeled).is_dir() else _id_root(pool, Path(unlabeled).parent)
