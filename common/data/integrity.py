@@ -82,7 +82,8 @@ def _flac_tail(path: str | os.PathLike) -> str | None:
 
 
 def truncation(path: str | os.PathLike) -> str | None:
-    """Why ``path`` holds less audio than its header claims, or None (whole, or a format not checked).
+    """Why ``path`` holds less audio than its header claims, or None (whole, or a format not checked). A file of
+    0 bytes (a download or copy that never started) is ``empty file (0 bytes)``, whatever its format.
 
     Args:
         path: an audio file.
@@ -90,6 +91,11 @@ def truncation(path: str | os.PathLike) -> str | None:
     Returns:
         A reason such as ``truncated (header: 160000 samples, file holds 64000)``.
     """
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+    except OSError:
+        return None  # not there or not readable: the caller says why
     suffix = Path(path).suffix.lower()
     if suffix == ".flac":
         return _flac_tail(path)

@@ -166,3 +166,33 @@ def test_manifests_are_written_in_a_seeded_shuffled_order(tmp_path):
     changes = sum(x != y for x, y in zip(labels, labels[1:]))
     assert changes > 25  # class order has 2 changes; a random order about 39
     assert orders[0] == orders[1] and sorted(orders[0]) != orders[0]  # deterministic, not source order
+
+
+def test_the_carve_out_takes_every_class_its_share(tmp_path, caplog):
+    """--valid-fraction / --test-fraction carve per class: the totals are round(fraction x clips), every class with
+    enough clips is in both carved sets, each keeps a training clip, the draw follows the seed; a class too small
+    to be carved is warned about by name. A file listed again as unlabeled counts once when it is unreadable, and
+    a 0-byte file is said to be empty."""
+    sizes = {"kick": 6, "snare": 6, "tom": 3, "bell": 1}
+    for label, n in sizes.items():
+        for i in range(n):
+            write_clip(tmp_path / "tree" / label / f"{label}{i}.wav", seconds=0.2, seed=i)
+    splits = {}
+    for seed in (0, 0, 1):
+        out = tmp_path / f"out{len(splits)}"
+        with caplog.at_level("WARNING"):
+            report = get_corpus("custom").prepare(tmp_path / "tree", out, unlabeled=tmp_path / "tree",
+                                                  valid_fraction=0.25, test_fraction=0.25, seed=seed)
+        cuts = [c for s in ("train", "valid", "test") for c in CutSet.from_file(report.manifests[s])]
+        splits[len(splits)] = {c.id: c.custom["split"] for c in cuts}
+        assert {s: report.clips[s] for s in ("train", "valid", "test")} == {"valid": 4, "test": 4, "train": 8}
+        per_class = {label: {c.custom["split"] for c in cuts if c.custom["labels"] == [label]} for label in sizes}
+        assert per_class["kick"] == per_class["snare"] == {"train", "valid", "test"}
+        assert "train" in per_class["tom"] and per_class["bell"] == {"train"}
+        assert "valid holds no clip of 1 class(es) (bell)" in caplog.text
+        caplog.clear()
+    assert splits[0] == splits[1] and splits[0] != splits[2]
+    (tmp_path / "tree" / "kick" / "empty.wav").write_bytes(b"")  # a 0-byte file, in the tree and the pool
+    report = get_corpus("custom").prepare(tmp_path / "tree", tmp_path / "again", unlabeled=tmp_path / "tree")
+    assert report.unreadable == [(str(tmp_path / "tree" / "kick" / "empty.wav"), "empty file (0 bytes)")]
+    assert "; 1 unreadable" in report.summary() and report.clips["pool"] == sum(sizes.values())

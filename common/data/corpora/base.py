@@ -227,6 +227,9 @@ def _read_cut(entry: ClipEntry, dataset: str):
         if rec.num_samples <= 0:
             return entry, None, "empty file (0 samples)"
     except Exception as err:  # noqa: BLE001 - any decoder error makes the file unreadable
+        problem = truncation(entry.path)  # an empty file, or a header that promises more than the file holds
+        if problem:
+            return entry, None, problem
         if entry.path.suffix.lower() in VIDEO_SUFFIXES:  # no decoder for the container here
             return entry, None, (f"a {entry.path.suffix.lower()} file no installed decoder reads: extract its audio "
                                  f"first (e.g. ffmpeg -i {entry.path.name} -vn -ac 1 -ar 32000 {entry.path.stem}.wav: "
@@ -283,6 +286,7 @@ def write_corpus(
         report.notes.append(f"{repeated} clips listed twice alike: kept once")
     known = set(classes or ())
     writers: dict = {}  # split -> (open writer, temporary path, final path)
+    reported: set[str] = set()  # files already counted missing or unreadable
     bar = progress(len(entries), 0, f"{corpus}: reading audio headers", True, unit="clip")
     try:
         for entry, cut, problem in _ordered_map(lambda e: _read_cut(e, corpus), entries, num_jobs):
@@ -291,11 +295,13 @@ def write_corpus(
                 unknown = [label for label in entry.labels if label not in known]
                 if unknown:
                     raise ValueError(f"{corpus}: clip {entry.cut_id} has labels {unknown} not in the class list")
-            if problem == "missing":
-                report.missing.append(str(entry.path))
-                continue
-            if problem:
-                report.unreadable.append((str(entry.path), problem))
+            if problem:  # a file listed in several splits (--unlabeled over the labelled tree) is one file
+                if str(entry.path) not in reported:
+                    reported.add(str(entry.path))
+                    if problem == "missing":
+                        report.missing.append(str(entry.path))
+                    else:
+                        report.unreadable.append((str(entry.path), problem))
                 continue
             if entry.split not in writers:
                 path = manifest_path(out, corpus, entry.split)
