@@ -50,7 +50,7 @@ def test_pool_keeps_odd_frame_counts():
 
 
 def test_invalid_compressions_are_named():
-    with pytest.raises(ValueError, match="unknown compression method 'zip'"):
+    with pytest.raises(ValueError, match="compression: unknown method 'zip'"):
         Compression("zip", 2)
     with pytest.raises(ValueError, match="positive integer"):
         Compression("fshift", 0)
@@ -58,7 +58,7 @@ def test_invalid_compressions_are_named():
         Compression("fshift", 1.5)
     with pytest.raises(ValueError, match="'none' takes factor 1"):
         Compression("none", 2)
-    with pytest.raises(ValueError, match="patch transfer"):
+    with pytest.raises(ValueError, match="patch_transfer: unknown"):
         Compression("patch", 2, patch_transfer="nearest")
 
 

@@ -323,6 +323,12 @@ def test_a_bad_value_is_named_with_where_it_was_written(tmp_path, synth_corpus, 
         load_recipe(RECIPE, ["optim.lr=-1"])
     with pytest.raises(RecipeError, match=r"^model.depth must be >= 1, got 0 \(--set model={depth: 0}\)$"):
         load_recipe(RECIPE, ["model={depth: 0}"])  # a section set whole: the key inside it came from there
+    # a phase's factor: named by its key, not by the method written in the file beside it
+    with pytest.raises(RecipeError, match=r"^phases.1.factor: compression 'none' takes factor 1, got 2 "
+                                          r"\(--set phases.1.factor=2\)$"):
+        load_recipe(RECIPE, ["phases.1.factor=2"])
+    with pytest.raises(RecipeError, match=r"^phases.0.compression: unknown method 'zip'; .* \(--set "):
+        load_recipe(RECIPE, ["phases.0.compression=zip"])
     task = _task_file(tmp_path, synth_corpus, "optim: {lr: -1}\n")
     base = ["--init", "none", "--data-root", str(ft_data), "--run-dir", str(tmp_path / "run"), *sets(*TINY_FT)]
     assert finetune([*base, "--task", task]) == 2
