@@ -44,6 +44,11 @@ __all__ = ["RunRecord", "saving_words"]
 log = logging.getLogger(__name__)
 
 
+def _changes(changes: dict) -> str:
+    """``optim.lr 0.001 -> 0.0005, ...``: a resume's recipe changes (``RunRecipe.changes``) in one line."""
+    return ", ".join(f"{k} {v['from']} -> {v['to']}" for k, v in changes.items())
+
+
 def saving_words(saving: float) -> str:
     """A FLOPs saving (a fraction of the baseline's) in words: ``34.6% fewer FLOPs``, ``5.0% more FLOPs``."""
     return f"{abs(saving):.1%} {'fewer' if saving >= 0 else 'more'} FLOPs"
@@ -157,6 +162,9 @@ class RunRecord:
         last = len(self.spec.phases) - 1
         if self.state.phase == last and self.state.phase_done and (self.run_dir / "model.safetensors").is_file():
             log.info("run in %s is already complete: %s", self.run_dir, self.run_dir / "model.safetensors")
+            if self.spec.run_recipe is not None and self.spec.run_recipe.changes:
+                log.warning("the run is complete: changed %s trains nothing (nothing recorded; a new --run-dir "
+                            "starts a run with them)", _changes(self.spec.run_recipe.changes))
             return True
         return False
 
@@ -165,6 +173,8 @@ class RunRecord:
         fingerprints, the validation settings and the stop target."""
         self.tracker.recheck_listed()  # bad_audio.tsv lists what is bad now (files may have come back)
         if resumed and self.spec.run_recipe is not None and self.spec.run_recipe.changes:
+            log.warning("resuming %s with changed %s; recorded in ledger.json as an intervention", self.run_dir,
+                        _changes(self.spec.run_recipe.changes))
             self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase,
                                          changes=self.spec.run_recipe.changes)
         check_data(self.ledger, self.spec, self.state, resumed)

@@ -185,9 +185,7 @@ def prepare_run_dir(run_dir: Path, recipe, is_main: bool, accept_changed_data: b
         if not changed:
             return RunRecipe(path, accept_changed_data=accept_changed_data)
         a, b = _flatten(old), _flatten(new)
-        changes = {k: {"from": a.get(k), "to": b.get(k)} for k in changed}
-        log.warning("resuming %s with changed %s; recorded in ledger.json as an intervention", run_dir,
-                    ", ".join(f"{k} {v['from']} -> {v['to']}" for k, v in changes.items()))
+        changes = {k: {"from": a.get(k), "to": b.get(k)} for k in changed}  # said where the resume records them
         return RunRecipe(path, recipe if is_main else None, changes, accept_changed_data)
     if path.is_file():
         log.info("%s is from a run that stopped before its first checkpoint; it will be replaced", path)

@@ -65,6 +65,8 @@ def test_resuming_with_a_lower_learning_rate_is_recorded(tmp_path, synth_corpus,
     assert "model.depth" in err and "optim.lr" in err and "phases.N.lr" in err and "optim.warmup_steps" in err
     # the documented recovery: the same command with a lower learning rate resumes
     assert _run(run_dir, synth_corpus, "optim.lr=5e-4", "optim.patience=5") == 0
+    assert "with changed optim.lr 0.001 -> 0.0005, optim.patience 2 -> 5; recorded in ledger.json" in \
+        capsys.readouterr().err
     ledger = json.loads((run_dir / "ledger.json").read_text())
     assert ledger["interventions"] == [{"step": 2, "phase": 0, "changes": {
         "optim.lr": {"from": 1e-3, "to": 5e-4}, "optim.patience": {"from": 2, "to": 5}}}]
@@ -77,6 +79,11 @@ def test_resuming_with_a_lower_learning_rate_is_recorded(tmp_path, synth_corpus,
     assert lr[2] == pytest.approx(1e-3, rel=1e-6) and lr[3] == pytest.approx(5e-4, rel=1e-3)
     # the same command again: the run is complete and no second intervention is recorded
     assert _run(run_dir, synth_corpus, "optim.lr=5e-4", "optim.patience=5") == 0
+    assert len(json.loads((run_dir / "ledger.json").read_text())["interventions"]) == 1
+    # a change to a complete run trains nothing and is not said to be recorded
+    assert _run(run_dir, synth_corpus, "optim.lr=1e-4", "optim.patience=5") == 0
+    err = capsys.readouterr().err
+    assert "the run is complete: changed optim.lr 0.0005 -> 0.0001 trains nothing" in err and "recorded in" not in err
     assert len(json.loads((run_dir / "ledger.json").read_text())["interventions"]) == 1
 
 
