@@ -216,7 +216,7 @@ class ClassifierObjective:
         # the score's own noise on this set (common.phases.criteria: a change within it decides nothing)
         metrics[f"{self.score_name}_se"] = standard_error(self.score_name, all_targets, all_scores)
         metrics["loss"] = float(sum(x for p in parts for x in p[2]) / len(all_targets))
-        metrics["clips"] = float(len(all_targets))
+        metrics["clips"] = len(all_targets)
         return metrics
 
     def _meta_step(self, geometry):

@@ -118,7 +118,7 @@ def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequenc
     if not scores:
         raise ValueError(f"no usable clip in {', '.join(map(str, manifests))}")
     metrics = compute_metrics(torch.cat(targets).numpy(), torch.cat(scores).numpy())
-    metrics["clips"] = float(sum(len(t) for t in targets))
+    metrics["clips"] = sum(len(t) for t in targets)
     return metrics
 
 
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tracker = BadAudioTracker(1.0, split="eval", source=args.manifests)
         metrics = evaluate_export(model, args.manifests, None, args.batch_size, args.workers, device, tracker,
                                   show_progress=True, loaded=loaded)
-        metrics["bad_clips"] = float(tracker.bad)
+        metrics["bad_clips"] = tracker.bad
         if args.json:
             print(jsonfile.dumps({"model": str(model), "manifests": list(args.manifests), **metrics}, indent=1))
         else:

@@ -31,6 +31,8 @@ from finetune.tasks import TaskConfig
 
 __all__ = ["FinetuneRecipe", "load_recipe", "file_checks", "check_files", "check_batch_fits", "task_checks"]
 
+LEFT_OUT = 0.1  # the share of a training set an epoch may leave out (its last, partial step) without a warning
+
 
 @dataclass(frozen=True)
 class FinetuneRecipe:
@@ -176,10 +178,11 @@ def _check_sections(data: dict) -> None:
         raise RecipeError("data.balanced: a fine-tuning run samples as its task says; set task.balanced instead")
 
 
-def check_batch_fits(recipe: FinetuneRecipe) -> None:
+def check_batch_fits(recipe: FinetuneRecipe) -> list[str]:
     """Every phase's step (its global batch) has the clips of a step in every training split (each fold's), in a
-    plan too: the run would stop at its first epoch with no whole batch. Splits whose manifests are missing or
-    cannot be counted are left to :func:`file_checks`.
+    plan too: the run would stop at its first epoch with no whole batch. Returns a caution where an epoch's last,
+    partial step leaves out more than :data:`LEFT_OUT` of the clips (a small set at a large batch). Splits whose
+    manifests are missing or cannot be counted are left to :func:`file_checks`.
 
     Raises:
         RecipeError: naming the batch key, the step's clips and the split's.
@@ -188,16 +191,27 @@ def check_batch_fits(recipe: FinetuneRecipe) -> None:
               f"phases.{i}.batch_size" if phase.batch_size else "data.batch_size")
              for i, phase in enumerate(recipe.phases)]
     batch, key = max(sizes)
-    splits = recipe.task.fold_splits()
+    splits, cautions = recipe.task.fold_splits(), []
     for k, (train, _) in enumerate(splits):
         try:
             clips = count_clips(train)
         except (OSError, EOFError, ValueError):
-            return  # missing or broken manifests: file_checks reports them
+            return cautions  # missing or broken manifests: file_checks reports them
+        fold = f" (fold {k + 1}'s)" if len(splits) > 1 else ""
         if clips < batch:
-            fold = f" (fold {k + 1}'s)" if len(splits) > 1 else ""
             raise RecipeError(f"{key}: a step takes {batch} clips, but the training set{fold} of {recipe.task.name} "
                               f"has {clips}; set a smaller {key}")
+        if recipe.task.balanced:  # drawn with replacement: an epoch is a number of draws, none left over
+            continue
+        for size, size_key in sorted(set(sizes)):
+            left = clips % size
+            if left > LEFT_OUT * clips:  # an epoch ends with its last whole step (drop_last)
+                better = max(b for b in range(1, size + 1) if clips % b <= LEFT_OUT * clips)
+                cautions.append(f"{size_key}: a step takes {size} clips of the {clips} in the training set{fold} of "
+                                f"{recipe.task.name}: {left} ({100 * left / clips:.0f}%) are left out of every epoch "
+                                f"(other clips each epoch: the shuffle's last); {size_key}={better} would leave out "
+                                f"{clips % better}")
+    return cautions
 
 
 def file_checks(recipe: FinetuneRecipe) -> list:

@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = recipe_with(early)
         world_size = world_size_of(args)
         phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)  # refuse an impossible split now
-        check_batch_fits(recipe)  # a step's clips against the training set's (where its manifests are there)
+        left_out = check_batch_fits(recipe)  # a step's clips against the training set's (where its manifests are)
         missing: list[str] = []
         if args.dry_run:  # a plan needs no data: say what a run would not find
             from common.data.preflight import problems
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             missing.append(str(err))
             targets = [None] * len(run_dirs)
         cautions = ([mismatch] if mismatch else []) + _model_cautions(recipe, base, init, args) + \
-            _cautions(recipe, audio, world_size, args)
+            _cautions(recipe, audio, world_size, args) + left_out
         if args.dry_run:
             from common.cli import resume_check
 

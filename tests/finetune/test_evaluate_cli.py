@@ -54,6 +54,7 @@ def test_the_scores_are_the_clips_scored_one_by_one(synth_model, synth_corpus, c
     got = json.loads(capsys.readouterr().out)
     expected = _by_hand(synth_model, manifest)
     assert got["clips"] == 12 and got["bad_clips"] == 0 and got["manifests"] == [str(manifest)]
+    assert '"clips": 12,' in json.dumps(got) and '"bad_clips": 0' in json.dumps(got)  # counts, not 12.0
     assert {k: got[k] for k in expected} == pytest.approx(expected, abs=1e-5)
     assert main(["--ckpt", str(synth_model), str(manifest), "--workers", "0"]) == 0
     line = capsys.readouterr().out.strip()

@@ -133,7 +133,8 @@ def test_every_task_fine_tunes_one_epoch_on_its_miniature_corpus(tmp_path, task,
         mean = load_run(run_dir).ledger.evals[0]
         assert mean["metrics"][spec["metric"]] == pytest.approx(summary["best"]["mean"])
     if spec.get("test"):
-        assert "acc" in json.loads((run_dir / "test_metrics.json").read_text())
+        tested = json.loads((run_dir / "test_metrics.json").read_text())
+        assert "acc" in tested and isinstance(tested["clips"], int)
     if averaged:  # AudioSet: the weight average of the epochs is the model
         assert (run_dir / "export" / "weight_averaged.safetensors").is_file()
         assert json.loads((run_dir / "ledger.json").read_text())["evals"][-1]["weight_averaged"] == [1]
@@ -613,6 +614,12 @@ def test_a_step_larger_than_the_training_set_is_refused_in_the_plan(tmp_path, sy
                                   "{compression: none, epochs: 1}]")]) == 2
     assert "error: phases.0.batch_size: a step takes 48 clips" in capsys.readouterr().err
     assert finetune([*base, "--set", "data.batch_size=24"]) == 0
+    assert "left out of every epoch" not in capsys.readouterr().out
+    # a step that leaves more than a tenth of the set out of each epoch (its last, partial step) is warned about
+    assert finetune([*base, "--set", "data.batch_size=10"]) == 0
+    assert ("warning: data.batch_size: a step takes 10 clips of the 24 in the training set of synth: 4 (17%) are "
+            "left out of every epoch (other clips each epoch: the shuffle's last); data.batch_size=8 would leave out "
+            "0") in capsys.readouterr().out
 
 
 @pytest.mark.slow
