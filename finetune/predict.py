@@ -17,7 +17,8 @@ other formats are decoded whole. A file's scores aggregate its windows'
 - ``max`` (the default for models trained with BCE, i.e. multi-label tasks): each class's highest window
   score, so an event heard in one window of a long recording keeps its score instead of being averaged away;
 - ``mean`` (the default for softmax / cross-entropy models, one class per clip): the mean of the windows'
-  class probabilities, which is still a distribution over the classes.
+  class probabilities, which is still a distribution over the classes; the last window, placed to end with the
+  file, counts for the share of a hop it moves on (10 ms of new audio is not a whole window more).
 
 ``--windows`` also lists each window's start and end time with its top classes; ``--json`` prints, per
 file, every class's aggregated score and, per window, its start, end and every class's score (the output
@@ -114,6 +115,15 @@ def windows(num_samples: int, clip: int, hop: int) -> list[int]:
     return starts
 
 
+def window_weights(starts: list[int], hop: int) -> np.ndarray:
+    """Each window's weight in a ``mean``: 1, but the last window where :func:`windows` placed it closer than a hop
+    to the one before (to end with the file): the share of a hop it moves on."""
+    weights = np.ones(len(starts))
+    if len(starts) > 1 and starts[-1] - starts[-2] < hop:
+        weights[-1] = (starts[-1] - starts[-2]) / hop
+    return weights
+
+
 def aggregate_rule(meta: dict, choice: str = "auto") -> str:
     """The rule combining a file's windows: ``choice``, or for ``auto`` ``max`` for BCE (multi-label) models
     and ``mean`` for softmax models."""
@@ -152,7 +162,7 @@ def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None 
             batch, lengths = pad_windows(pieces, clip)
             scores.append(predict_scores(model, meta, batch.to(device), lengths.to(device)).cpu())
     per_window = torch.cat(scores).numpy()
-    combined = per_window.max(0) if rule == "max" else per_window.mean(0)
+    combined = per_window.max(0) if rule == "max" else np.average(per_window, 0, window_weights(starts, hop))
     return FilePrediction(str(path), size / rate, [s / rate for s in starts],
                           [min(s + clip, size) / rate for s in starts], per_window, combined, rule,
                           short_warning(size, clip, rate))
