@@ -172,12 +172,13 @@ def check_labels(path: str | os.PathLike, key: str, classes: str | os.PathLike |
             known = set(read_classes(manifest_path(classes))[0])
         except (OSError, ValueError, AttributeError):
             known = None  # check_classes says why
-    unlabeled, unknown, several = [0, None], [0, None, None], [0, None, None]
+    unlabeled, unknown, several, clips = [0, None], [0, None, None], [0, None, None], 0
     try:
         with open_lines(path) as handle:
             for line in handle:
                 if not line.strip():
                     continue
+                clips += 1
                 found = _LABELS.search(line)
                 try:
                     labels = json.loads(found.group(1)) if found else []
@@ -197,6 +198,9 @@ def check_labels(path: str | os.PathLike, key: str, classes: str | os.PathLike |
                         unknown[1], unknown[2] = _clip_id(line), strange[0]
     except (OSError, EOFError):
         return  # not a readable manifest: check_manifest says why
+    if unlabeled[0] and unlabeled[0] == clips:
+        raise RecipeError(f"{key}: {path} is a manifest of unlabeled audio (none of its {clips} clip(s) has a label: "
+                          f"the pool split, for pretraining); give a labelled split (train, valid, test)")
     if unlabeled[0]:
         raise RecipeError(f"{key}: {unlabeled[0]} clip(s) of {path} have no label (e.g. {unlabeled[1]}); a "
                           f"single-label task (metric acc or loss ce) needs one label per clip: give them their label, "

@@ -110,4 +110,10 @@ def test_unreadable_clips_are_skipped_and_counted_and_bad_input_is_one_line(synt
     CutSet.from_cuts([unknown.with_custom("labels", [])]).to_file(unlabeled)
     assert main(["--ckpt", str(synth_model), str(unlabeled)]) == 2
     err = capsys.readouterr().err
+    assert err.strip() == f"error: {unlabeled}: {unlabeled} is a manifest of unlabeled audio (none of its 1 clip(s) " \
+                          f"has a label: the pool split, for pretraining); give a labelled split (train, valid, test)"
+    partly = tmp_path / "partly.jsonl.gz"  # some clips without a label: named, with the first of them
+    CutSet.from_cuts([unknown.with_custom("labels", []), list(cuts)[2]]).to_file(partly)
+    assert main(["--ckpt", str(synth_model), str(partly)]) == 2
+    err = capsys.readouterr().err
     assert "1 clip(s) of " in err and "have no label" in err
