@@ -14,6 +14,7 @@ from common.models.weights import load_encoder
 from pretrain.recipe import load_recipe
 from pretrain.run import main
 from tests.helpers import RECIPE, _free_port, poison_loss_at, run, tiny, weights
+from tests.ranks import launch_cases
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -204,13 +205,9 @@ def test_a_zero_run_resumes_on_another_number_of_ranks(tmp_path, synth_corpus, m
     """Two ranks with ZeRO stage 1 stop at step 2; one rank resumes: the partitioned optimizer state goes
     through DeepSpeed's universal checkpoint, Adam continues from its saved step, the ledger says so."""
     run_dir = tmp_path / "elastic"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     sets = tiny(synth_corpus, "train.zero_stage=1", steps=(4, 2))
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
-           str(ROOT / "pretrain" / "run.py"), "--recipe", str(RECIPE), "--run-dir", str(run_dir), *sets,
-           "--stop-after-steps", "2"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch_cases(2, [("stopped", "pretrain", ["--recipe", str(RECIPE), "--run-dir", str(run_dir), *sets,
+                                              "--stop-after-steps", "2"])], tmp_path / "job", timeout=240)
 
     def broken(args):
         raise RuntimeError("no space left on device")
@@ -246,11 +243,8 @@ def test_a_zero_run_resumes_on_more_ranks(tmp_path, synth_corpus):
     run_dir = tmp_path / "grow"
     sets = tiny(synth_corpus, "train.zero_stage=2", steps=(4, 2))
     assert main(["--recipe", str(RECIPE), "--run-dir", str(run_dir), *sets, "--stop-after-steps", "2"]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
-           str(ROOT / "pretrain" / "run.py"), "--recipe", str(RECIPE), "--run-dir", str(run_dir), *sets]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch_cases(2, [("resumed", "pretrain", ["--recipe", str(RECIPE), "--run-dir", str(run_dir), *sets])],
+                 tmp_path / "job", timeout=240)
     ledger = json.loads((run_dir / "ledger.json").read_text())
     assert [i["changes"] for i in ledger["interventions"]] == [{"world_size": {"from": 1, "to": 2}}]
     # the global batch stays 4 clips per step on 1 rank and on 2 (4 per rank, then 2): 4 + 2 steps

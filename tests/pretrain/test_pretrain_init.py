@@ -258,21 +258,14 @@ def test_a_plan_before_the_init_exists_lists_it(tmp_path, synth_corpus, capsys):
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_every_rank_starts_from_the_file_with_the_deepspeed_launcher(tmp_path, synth_corpus, ranks):
-    import os
-    import subprocess
-    import sys
-
-    from tests.helpers import ROOT, _free_port
+def test_every_rank_starts_from_the_file(tmp_path, synth_corpus, ranks):
+    from tests.ranks import launch_cases
 
     path, _ = official_ssast(tmp_path)
     run_dir = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
-           str(_free_port()), str(ROOT / "pretrain" / "run.py"), "--recipe", str(RECIPE), "--run-dir", str(run_dir),
-           "--init", str(path), *overrides(synth_corpus, "data.batch_size=6", steps=(1, 1))]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    argv = ["--recipe", str(RECIPE), "--run-dir", str(run_dir), "--init", str(path),
+            *overrides(synth_corpus, "data.batch_size=6", steps=(1, 1))]
+    launch_cases(ranks, [("init", "pretrain", argv)], tmp_path / "job", timeout=240)
     record = ledger(run_dir)["init"]
     assert record["kept"] == ["cpredlayer", "gpredlayer", "mask_embed"]
     assert [p["world_size"] for p in ledger(run_dir)["phases"]] == [ranks, ranks]
