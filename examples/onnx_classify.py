@@ -10,7 +10,8 @@ model's sample rate, each row zero-padded to ``clip_samples``, with the valid sa
 ``coarse2fine_ast``): the labels, the sample rate, the clip length and how windows aggregate. As in
 ``finetune/predict.py``, a file longer than one clip is cut into windows half a clip apart (the last one
 ending with the file), and its score per class is the max over windows (BCE / multi-label models) or the
-mean (softmax models). Files must already be at the model's sample rate (this script does not resample).
+mean (softmax models; the last window weighted by the share of a hop it moves on). Files must already be at the
+model's sample rate (this script does not resample).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def windows(num_samples: int, clip: int, hop: int) -> list[int]:
 def classify(session: onnxruntime.InferenceSession, info: dict, wave: np.ndarray, batch_size: int = 16) -> dict:
     """Scores of one waveform at the model's rate: per window and aggregated."""
     clip = info["clip_samples"]
-    starts = windows(wave.size, clip, max(1, clip // 2))
+    hop = max(1, clip // 2)
+    starts = windows(wave.size, clip, hop)
     rows = []
     for i in range(0, len(starts), batch_size):
         chunk = starts[i : i + batch_size]
@@ -72,7 +74,10 @@ def classify(session: onnxruntime.InferenceSession, info: dict, wave: np.ndarray
             lengths[j] = piece.size
         rows.append(session.run(["scores"], {"waveforms": waves, "lengths": lengths})[0])
     per_window = np.concatenate(rows)
-    scores = per_window.max(0) if info["aggregate"] == "max" else per_window.mean(0)
+    weights = np.ones(len(starts))
+    if len(starts) > 1 and starts[-1] - starts[-2] < hop:  # the last window moves on less than a hop: it counts
+        weights[-1] = (starts[-1] - starts[-2]) / hop  # for that share in a mean
+    scores = per_window.max(0) if info["aggregate"] == "max" else np.average(per_window, 0, weights)
     rate = info["sample_rate"]
     return {"duration": wave.size / rate, "aggregate": info["aggregate"], "scores": scores,
             "windows": [(s / rate, min(s + clip, wave.size) / rate, row) for s, row in zip(starts, per_window)]}
