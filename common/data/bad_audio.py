@@ -281,12 +281,16 @@ class BadAudioTracker:
 
     def recheck_listed(self) -> None:
         """At the start of an invocation: the clips an earlier attempt listed that read fine now (files that
-        came back) leave ``bad_audio.tsv``, so that it lists what is bad now (the counts keep the run's history)."""
+        came back) leave ``bad_audio.tsv``, so that it lists what is bad now (the counts keep the run's history);
+        the log says how many are still listed."""
         dropped, kept = self._list.recheck()
         if dropped:
             log.warning("%s: %d clip(s) listed by an earlier attempt read fine now and are no longer listed (%s%s); "
                         "%d still are", self.log_path, len(dropped), ", ".join(dropped[:3]),
                         ", ..." if len(dropped) > 3 else "", kept)
+        elif kept:  # skipped again without a line each (said when first met): this invocation's log says it once
+            log.info("%s: %d clip(s) an earlier attempt could not read are listed there; each is skipped again "
+                     "when met", self.log_path, kept)
 
     def state_dict(self) -> dict:
         """The counts (on several ranks, the totals of all as of the last :meth:`settle`: the trainer settles

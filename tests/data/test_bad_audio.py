@@ -266,6 +266,9 @@ def test_max_bad_fraction_may_change_on_resume_and_is_recorded(tmp_path, synth_c
     assert ledger["interventions"] == [{"step": 1, "phase": 0, "changes": {
         "data.max_bad_fraction": {"from": 0.05, "to": 0.1}}}]
     assert "max_bad_fraction: 0.1" in (run_dir / "recipe.yaml").read_text()
+    # the launch that trained on says once that the clip listed by the one that stopped is skipped again
+    assert f"{run_dir / 'bad_audio.tsv'}: 1 clip(s) an earlier attempt could not read are listed there; each is " \
+           f"skipped again when met" in capsys.readouterr().err
 
 
 def test_the_recheck_keeps_what_it_cannot_check_and_what_is_still_bad(tmp_path):
