@@ -43,18 +43,17 @@ def _context() -> multiprocessing.context.BaseContext:
     from multiprocessing import forkserver
 
     context = multiprocessing.get_context("forkserver")
-    if forkserver._forkserver._forkserver_pid is None:  # not started yet: its preload can be set
-        context.set_forkserver_preload(PRELOAD)
-        saved = {key: os.environ.get(key) for key in SERVER_ENV}
-        os.environ.update(SERVER_ENV)
-        try:
-            forkserver.ensure_running()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    context.set_forkserver_preload(PRELOAD)  # read when the server starts; nothing once it runs
+    saved = {key: os.environ.get(key) for key in SERVER_ENV}
+    os.environ.update(SERVER_ENV)
+    try:
+        forkserver.ensure_running()  # starts it in this environment the first time, else checks it is alive
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return context
 
 
