@@ -196,3 +196,29 @@ def test_the_carve_out_takes_every_class_its_share(tmp_path, caplog):
     report = get_corpus("custom").prepare(tmp_path / "tree", tmp_path / "again", unlabeled=tmp_path / "tree")
     assert report.unreadable == [(str(tmp_path / "tree" / "kick" / "empty.wav"), "empty file (0 bytes)")]
     assert "; 1 unreadable" in report.summary() and report.clips["pool"] == sum(sizes.values())
+
+
+def test_the_carve_out_of_a_multi_label_csv_keeps_every_label_in_train(tmp_path, caplog):
+    """A label seen only after a clip's first one (``a;b``) keeps a training clip; the warning names the labels
+    a carved split holds no clip of, counting every label of every clip and the splits the CSV gives; clips left
+    over by classes too small to give any go to the large class, round after round, up to the total asked for."""
+    rows = [f"clips/a{i}.wav,a,\n" for i in range(4)] + ["clips/ab.wav,a;b,\n"]
+    rows += [f"clips/x{i}.wav,x,valid\n" for i in range(2)] + [f"clips/y{i}.wav,{'a;y' if i else 'y'},\n"
+                                                              for i in range(2)]
+    rows += [f"clips/big{i}.wav,big,\n" for i in range(30)] + [f"clips/one{i}.wav,one{i},\n" for i in range(10)]
+    for row in rows:
+        write_clip(tmp_path / row.split(",")[0], seconds=0.2)
+    (tmp_path / "list.csv").write_text("path,label,split\n" + "".join(rows))
+    for seed in range(4):
+        with caplog.at_level("WARNING"):
+            report = get_corpus("custom").prepare(None, tmp_path / f"out{seed}", csv=tmp_path / "list.csv",
+                                                  valid_fraction=0.5, seed=seed)
+        cuts = [c for s in ("train", "valid") for c in CutSet.from_file(report.manifests[s])]
+        train = {label for c in cuts if c.custom["split"] == "train" for label in c.custom["labels"]}
+        valid = {label for c in cuts if c.custom["split"] == "valid" for label in c.custom["labels"]}
+        assert {"a", "b", "x", "y", "big"} <= train | {"x"} and "b" in train  # x is all valid, as the CSV says
+        assert report.clips["valid"] >= 2 + 23  # the CSV's 2, and about half of the 47 others (big makes it up)
+        short = sorted({"a", "b", "x", "y", "big", *(f"one{i}" for i in range(10))} - valid)
+        assert f"valid holds no clip of {len(short)} class(es) ({', '.join(short[:5])}" in caplog.text
+        assert "x" not in short and "one0" in short
+        caplog.clear()

@@ -296,8 +296,8 @@ def write_corpus(
                 if unknown:
                     raise ValueError(f"{corpus}: clip {entry.cut_id} has labels {unknown} not in the class list")
             if problem:  # a file listed in several splits (--unlabeled over the labelled tree) is one file
-                if str(entry.path) not in reported:
-                    reported.add(str(entry.path))
+                if os.path.realpath(entry.path) not in reported:  # however the listings spell it
+                    reported.add(os.path.realpath(entry.path))
                     if problem == "missing":
                         report.missing.append(str(entry.path))
                     else:

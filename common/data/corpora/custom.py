@@ -118,7 +118,8 @@ def _carve(strata: dict[str, list[str]], fractions: dict[str, float], seed: int)
     """Clip id -> split for the clips without one, carved per class (``strata``: the class, or a multi-label
     clip's first label -> its clip ids; an order drawn from ``seed`` within each): each split of ``fractions`` gets
     ``round(fraction x clips)`` clips in all, every class its share of them rounded down, and the clips left over
-    go to the classes with the largest remainders; a class keeps at least one clip in ``train``."""
+    go one at a time to the classes with the largest remainders (round after round while a class has room); a
+    class keeps at least one clip in ``train``."""
     order = {s: sorted(ids, key=lambda i: _drawn(seed, i)) for s, ids in strata.items()}
     taken = dict.fromkeys(strata, 0)
     split_of = {}
@@ -128,13 +129,31 @@ def _carve(strata: dict[str, list[str]], fractions: dict[str, float], seed: int)
         room = {s: len(ids) - 1 - taken[s] for s, ids in strata.items()}
         take = {s: max(0, min(int(share[s]), room[s])) for s in strata}
         left = round(fraction * clips) - sum(take.values())
-        for s in sorted((s for s in strata if take[s] < room[s]),
-                        key=lambda s: (take[s] - share[s], _drawn(seed, f"{split}:{s}")))[:max(0, left)]:
-            take[s] += 1
+        while left > 0:
+            open_ = sorted((s for s in strata if take[s] < room[s]),
+                           key=lambda s: (take[s] - share[s], _drawn(seed, f"{split}:{s}")))[:left]
+            if not open_:
+                break
+            for s in open_:
+                take[s] += 1
+            left -= len(open_)
         for s, n in take.items():
             split_of.update((i, split) for i in order[s][taken[s]:taken[s] + n])
             taken[s] += n
     return split_of
+
+
+def _train_for_every_label(splits: dict[str, str], labels: dict[str, tuple[str, ...]], carved: dict[str, str],
+                           seed: int) -> None:
+    """Where a label has no training clip left (a multi-label clip's other labels are not its stratum), one of
+    its carved clips goes back to ``train`` (in ``splits``, the clip id -> split of every labelled clip)."""
+    in_train = {label for i, split in splits.items() if split == "train" for label in labels[i]}
+    for label in sorted({label for ls in labels.values() for label in ls} - in_train):
+        back = sorted((i for i in carved if label in labels[i] and splits[i] != "train"),
+                      key=lambda i: _drawn(seed, i))
+        if back:
+            splits[back[-1]] = "train"
+            in_train.update(labels[back[-1]])
 
 
 def _split_name(raw: str, where: str) -> str | None:
@@ -246,10 +265,14 @@ def prepare(src: Path | None, out: Path, num_jobs: int = 4, csv: Path | None = N
             strata.setdefault(labels[0] if labels else "", []).append(cut_id)
     fractions = {split: f for split, f in (("valid", valid_fraction), ("test", test_fraction)) if f > 0}
     carved = _carve(strata, fractions, seed)
-    for cut_id, (path, labels, split) in zip(ids, labeled):
-        add(cut_id, path, split or carved.get(cut_id, "train"), labels)
-    for into in fractions:
-        short = sorted(s for s, members in strata.items() if s and all(carved.get(i) != into for i in members))
+    splits = {cut_id: split or carved.get(cut_id, "train") for cut_id, (_, _, split) in zip(ids, labeled)}
+    of = {cut_id: labels for cut_id, (_, labels, _) in zip(ids, labeled)}
+    _train_for_every_label(splits, of, carved, seed)
+    for cut_id, (path, labels, _) in zip(ids, labeled):
+        add(cut_id, path, splits[cut_id], labels)
+    for into in fractions:  # a label that the carved split holds no clip of, whatever gave the clips their split
+        held = {label for i, split in splits.items() if split == into for label in of[i]}
+        short = sorted({label for ls in of.values() for label in ls} - held)
         if short:
             log.warning("custom corpus: %s holds no clip of %d class(es) (%s%s): too few clips without a split for "
                         "--%s-fraction; give them a split in the CSV or folder tree, or a larger fraction", into,
