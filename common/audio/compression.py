@@ -49,11 +49,12 @@ class Compression:
         if self.method not in METHODS:
             raise ValueError(f"compression: unknown method {self.method!r}; choose one of {list(METHODS)}")
         if isinstance(self.factor, bool) or not isinstance(self.factor, int) or self.factor < 1:
-            raise ValueError(f"factor: must be a positive integer, got {self.factor!r}")
+            raise ValueError(f"factor: a compression factor must be a positive integer, got {self.factor!r}")
         if self.method == "none" and self.factor != 1:
             raise ValueError(f"factor: compression 'none' takes factor 1, got {self.factor}")
         if self.patch_transfer not in PATCH_MODES:
-            raise ValueError(f"patch_transfer: unknown {self.patch_transfer!r}; choose one of {list(PATCH_MODES)}")
+            raise ValueError(f"patch_transfer: unknown patch transfer {self.patch_transfer!r}; choose one of "
+                             f"{list(PATCH_MODES)}")
 
     @property
     def is_full_resolution(self) -> bool:

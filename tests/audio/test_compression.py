@@ -58,7 +58,7 @@ def test_invalid_compressions_are_named():
         Compression("fshift", 1.5)
     with pytest.raises(ValueError, match="'none' takes factor 1"):
         Compression("none", 2)
-    with pytest.raises(ValueError, match="patch_transfer: unknown"):
+    with pytest.raises(ValueError, match="patch_transfer: unknown patch transfer"):
         Compression("patch", 2, patch_transfer="nearest")
 
 
