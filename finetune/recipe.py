@@ -23,6 +23,7 @@ from common.phases.coarse import CoarseConfig, apply_coarse, baseline_name, buil
 from common.phases.config import PhaseConfig
 from common.phases.init import InitTransferConfig
 from common.phases.until import check_schedule
+from common.training.batch import split_batch
 from common.training.optim import OptimConfig
 from common.training.spec import TrainConfig
 from finetune.classifier import AugmentConfig, HeadConfig
@@ -178,11 +179,21 @@ def _check_sections(data: dict) -> None:
         raise RecipeError("data.balanced: a fine-tuning run samples as its task says; set task.balanced instead")
 
 
-def check_batch_fits(recipe: FinetuneRecipe) -> list[str]:
+def _splits(batch: int, world_size: int, recipe: FinetuneRecipe) -> bool:
+    """Whether a global batch of ``batch`` clips splits over ``world_size`` ranks as the recipe's would."""
+    try:
+        split_batch(batch, world_size, recipe.optim.grad_accum, recipe.data.max_batch_per_rank)
+    except RecipeError:
+        return False
+    return True
+
+
+def check_batch_fits(recipe: FinetuneRecipe, world_size: int = 1) -> list[str]:
     """Every phase's step (its global batch) has the clips of a step in every training split (each fold's), in a
     plan too: the run would stop at its first epoch with no whole batch. Returns a caution where an epoch's last,
     partial step leaves out more than :data:`LEFT_OUT` of the clips (a small set at a large batch). Splits whose
-    manifests are missing or cannot be counted are left to :func:`file_checks`.
+    manifests are missing or cannot be counted are left to :func:`file_checks`. The batch a caution suggests
+    instead splits over ``world_size`` ranks.
 
     Raises:
         RecipeError: naming the batch key, the step's clips and the split's.
@@ -206,11 +217,12 @@ def check_batch_fits(recipe: FinetuneRecipe) -> list[str]:
         for size, size_key in sorted(set(sizes)):
             left = clips % size
             if left > LEFT_OUT * clips:  # an epoch ends with its last whole step (drop_last)
-                better = max(b for b in range(1, size + 1) if clips % b <= LEFT_OUT * clips)
+                better = next((b for b in range(size, 0, -1) if clips % b <= LEFT_OUT * clips
+                               and _splits(b, world_size, recipe)), None)
                 cautions.append(f"{size_key}: a step takes {size} clips of the {clips} in the training set{fold} of "
                                 f"{recipe.task.name}: {left} ({100 * left / clips:.0f}%) are left out of every epoch "
-                                f"(other clips each epoch: the shuffle's last); {size_key}={better} would leave out "
-                                f"{clips % better}")
+                                f"(other clips each epoch: the shuffle's last)" +
+                                (f"; {size_key}={better} would leave out {clips % better}" if better else ""))
     return cautions
 
 

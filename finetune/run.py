@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = recipe_with(early)
         world_size = world_size_of(args)
         phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)  # refuse an impossible split now
-        left_out = check_batch_fits(recipe)  # a step's clips against the training set's (where its manifests are)
+        left_out = check_batch_fits(recipe, world_size)  # a step's clips against the training set's
         missing: list[str] = []
         if args.dry_run:  # a plan needs no data: say what a run would not find
             from common.data.preflight import problems

@@ -620,6 +620,10 @@ def test_a_step_larger_than_the_training_set_is_refused_in_the_plan(tmp_path, sy
     assert ("warning: data.batch_size: a step takes 10 clips of the 24 in the training set of synth: 4 (17%) are "
             "left out of every epoch (other clips each epoch: the shuffle's last); data.batch_size=8 would leave out "
             "0") in capsys.readouterr().out
+    # the batch suggested splits over the ranks planned (a multiple of 4 here)
+    assert finetune([*base, "--world-size", "4", "--set", "data.batch_size=20"]) == 0
+    assert "4 (17%) are left out of every epoch (other clips each epoch: the shuffle's last); data.batch_size=12 " \
+           "would leave out 0" in capsys.readouterr().out
 
 
 @pytest.mark.slow
