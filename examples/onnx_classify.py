@@ -76,7 +76,7 @@ def classify(session: onnxruntime.InferenceSession, info: dict, wave: np.ndarray
     per_window = np.concatenate(rows)
     weights = np.ones(len(starts))
     if len(starts) > 1 and starts[-1] - starts[-2] < hop:  # the last window moves on less than a hop: it counts
-        weights[-1] = (starts[-1] - starts[-2]) / hop  # for that share in a mean
+        weights[-1] = min(starts[-1] - starts[-2], clip) / min(hop, clip)  # for the new audio it covers
     scores = per_window.max(0) if info["aggregate"] == "max" else np.average(per_window, 0, weights)
     rate = info["sample_rate"]
     return {"duration": wave.size / rate, "aggregate": info["aggregate"], "scores": scores,

@@ -115,12 +115,13 @@ def windows(num_samples: int, clip: int, hop: int) -> list[int]:
     return starts
 
 
-def window_weights(starts: list[int], hop: int) -> np.ndarray:
+def window_weights(starts: list[int], hop: int, clip: int) -> np.ndarray:
     """Each window's weight in a ``mean``: 1, but the last window where :func:`windows` placed it closer than a hop
-    to the one before (to end with the file): the share of a hop it moves on."""
+    to the one before (to end with the file): the new audio it covers, as a share of what a hop's window covers
+    (``min(hop, clip)``: windows more than a clip apart leave gaps)."""
     weights = np.ones(len(starts))
     if len(starts) > 1 and starts[-1] - starts[-2] < hop:
-        weights[-1] = (starts[-1] - starts[-2]) / hop
+        weights[-1] = min(starts[-1] - starts[-2], clip) / min(hop, clip)
     return weights
 
 
@@ -162,7 +163,7 @@ def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None 
             batch, lengths = pad_windows(pieces, clip)
             scores.append(predict_scores(model, meta, batch.to(device), lengths.to(device)).cpu())
     per_window = torch.cat(scores).numpy()
-    combined = per_window.max(0) if rule == "max" else np.average(per_window, 0, window_weights(starts, hop))
+    combined = per_window.max(0) if rule == "max" else np.average(per_window, 0, window_weights(starts, hop, clip))
     return FilePrediction(str(path), size / rate, [s / rate for s in starts],
                           [min(s + clip, size) / rate for s in starts], per_window, combined, rule,
                           short_warning(size, clip, rate))

@@ -32,8 +32,14 @@ def test_long_file_windows_and_aggregation_rules(tmp_path, model_file, capsys):
     entry = json.loads(capsys.readouterr().out)[0]
     table = np.array([[w["scores"][c] for c in "abc"] for w in entry["windows"]])
     assert [w["start"] for w in entry["windows"]] == pytest.approx([0, 1, 2, 3.5 - CLIP])
-    # the last window, placed to end with the file, counts for the share of a hop it moves on
-    weights = np.array([1, 1, 1, 1.5 - CLIP])
+    # windows a hop longer than a clip apart leave gaps: the last one, placed to end with the file, is all new audio
+    assert np.allclose([entry["scores"][c] for c in "abc"], table.mean(0), atol=1e-6)
+    # at the default hop (half a clip) it counts for the share of a hop it moves on: 3600 samples of 5240
+    assert predict(["--ckpt", str(bce), str(long), "--json", "--aggregate", "mean"]) == 0
+    entry = json.loads(capsys.readouterr().out)[0]
+    table = np.array([[w["scores"][c] for c in "abc"] for w in entry["windows"]])
+    assert [round(w["start"] * 16000) for w in entry["windows"][-2:]] == [8 * 5240, 56000 - 10480]
+    weights = np.array([1] * 9 + [3600 / 5240])
     assert np.allclose([entry["scores"][c] for c in "abc"], (table * weights[:, None]).sum(0) / weights.sum(),
                        atol=1e-6)
     assert not np.allclose([entry["scores"][c] for c in "abc"], table.mean(0), atol=1e-6)
