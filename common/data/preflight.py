@@ -156,7 +156,8 @@ def check_labels(path: str | os.PathLike, key: str, classes: str | os.PathLike |
     a single-label task needs it (accuracy counts an unlabeled clip as class 0; cross-entropy learns nothing
     from it, and counts each of several labels as a whole target), and every label is in the class list ``classes`` (its file, or the classes themselves; a clip with
     another would stop the run when its batch is drawn). Only each line's label list is parsed (about a second
-    per 100,000 clips); Shar folders, missing files and an unreadable class list are left to the other checks.
+    per 100,000 clips); Shar folders, missing files and an unreadable class list are left to the other checks. A
+    manifest where no clip has a label (the pool split of unlabeled audio) is refused by any task.
 
     Raises:
         RecipeError: naming the key, how many clips fail and the first of them.
@@ -184,7 +185,7 @@ def check_labels(path: str | os.PathLike, key: str, classes: str | os.PathLike |
                     labels = json.loads(found.group(1)) if found else []
                 except ValueError:  # a label holding "]": the whole line
                     labels = _parsed(line).get("custom", {}).get("labels", [])
-                if single_label and not labels:
+                if not labels:  # refused by a single-label task; a multi-label one, where every clip is so
                     unlabeled[0] += 1
                     unlabeled[1] = unlabeled[1] or _clip_id(line)
                 if single_label and len(set(labels)) > 1:
@@ -201,7 +202,7 @@ def check_labels(path: str | os.PathLike, key: str, classes: str | os.PathLike |
     if unlabeled[0] and unlabeled[0] == clips:
         raise RecipeError(f"{key}: {path} is a manifest of unlabeled audio (none of its {clips} clip(s) has a label: "
                           f"the pool split, for pretraining); give a labelled split (train, valid, test)")
-    if unlabeled[0]:
+    if unlabeled[0] and single_label:
         raise RecipeError(f"{key}: {unlabeled[0]} clip(s) of {path} have no label (e.g. {unlabeled[1]}); a "
                           f"single-label task (metric acc or loss ce) needs one label per clip: give them their label, "
                           f"or prepare them as unlabeled audio (--unlabeled, the pool split, for pretraining)")

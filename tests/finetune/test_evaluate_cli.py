@@ -12,6 +12,8 @@ import soundfile as sf
 import torch
 from lhotse import CutSet
 
+from common.config.recipe import RecipeError
+from common.data.preflight import check_labels
 from common.metrics import compute_metrics
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from finetune.classifier import Classifier, load_classifier, save_classifier
@@ -112,6 +114,8 @@ def test_unreadable_clips_are_skipped_and_counted_and_bad_input_is_one_line(synt
     err = capsys.readouterr().err
     assert err.strip() == f"error: {unlabeled}: {unlabeled} is a manifest of unlabeled audio (none of its 1 clip(s) " \
                           f"has a label: the pool split, for pretraining); give a labelled split (train, valid, test)"
+    with pytest.raises(RecipeError, match="is a manifest of unlabeled audio"):  # a multi-label task's split too
+        check_labels(unlabeled, "task.train.0", ["thunder"], single_label=False)
     partly = tmp_path / "partly.jsonl.gz"  # some clips without a label: named, with the first of them
     CutSet.from_cuts([unknown.with_custom("labels", []), list(cuts)[2]]).to_file(partly)
     assert main(["--ckpt", str(synth_model), str(partly)]) == 2
