@@ -1,22 +1,25 @@
 """Several gloo ranks for one test: functions (:func:`spawn_ranks`) or the job scripts ``tests/*_job.py``
 (:func:`launch_ranks`, :func:`launch_cases`), each rank in a process of its own, a hang turned into a failure.
 
-The ranks are forked from a fork server that has imported torch, DeepSpeed, timm, Lhotse, scikit-learn and the
-package once (``multiprocessing``'s ``forkserver``, one per pytest worker): a rank then starts in milliseconds
-instead of the 5-8 s of CPU that those imports take in a fresh interpreter, the largest cost of the multi-rank
-tests on the 2-core machine. The server imports and runs nothing else (no thread pool, no process group, no
-device), so each rank begins as a fresh process would, with its own environment (the launchers' variables),
-session, log file and exit code. One difference is kept in mind: a fresh interpreter draws its own string-hash
-seed, and ranks forked from one server share theirs (it still differs between test sessions). The tests that start
+The ranks are forked from a fork server that has imported torch, DeepSpeed, timm, Lhotse and scikit-learn once
+(``multiprocessing``'s ``forkserver``, one per pytest worker): a rank then starts in about a second (it imports
+the package) instead of the 5-8 s of CPU that those imports take in a fresh interpreter, the largest cost of the
+multi-rank tests on the 2-core machine. The server imports and runs nothing else (no thread pool, no process group,
+no device), so each rank begins as a fresh process would, with its own environment (the launchers' variables),
+session, log file, exit code, exit hooks (run as an interpreter's exit runs them) and Python and numpy generators
+seeded from the system. One difference is kept in mind: a fresh interpreter draws its own string-hash seed, and
+ranks forked from one server share theirs (it still differs between test sessions). The tests that start
 ranks through the deepspeed launcher (tests/training/test_failures.py, tests/pretrain/, tests/system/test_run_lock.py)
 keep fresh interpreters.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import multiprocessing
 import os
+import random
 import runpy
 import signal
 import sys
@@ -28,10 +31,11 @@ import pytest
 
 from tests.helpers import ROOT, _free_port
 
-# What a rank needs, imported once by the fork server (a module that fails to import is imported by the rank).
-PRELOAD = ["torch", "deepspeed", "deepspeed.runtime.zero.muon.original_muon", "timm", "lhotse", "sklearn.metrics",
-           "safetensors.torch", "common.cli",
-           "common.training.loop", "pretrain.run", "finetune.run", "tests.helpers"]
+# The libraries a rank needs, imported once by the fork server (a module that fails to import is imported by the
+# rank). Not the package: a rank imports it itself (a second or less once these are loaded), so that the exit hooks
+# it registers at import (common.data.workers) are the rank's: a forked process starts without the server's.
+PRELOAD = ["torch", "torchaudio", "deepspeed", "deepspeed.runtime.zero.muon.original_muon", "timm", "lhotse",
+           "sklearn.metrics", "safetensors.torch", "torch.utils.tensorboard"]
 # Every rank runs on the CPU, one thread: OpenMP reads its thread count when torch loads, in the server.
 SERVER_ENV = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu",
               "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
@@ -65,6 +69,7 @@ def _spawned(rank: int, target: Callable, world_size: int, port: int, out: str) 
     from common.system.distributed import Dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _fresh_draws()
     torch_dist.init_process_group("gloo", rank=rank, world_size=world_size)
     result = target(Dist(rank, world_size, rank, torch.device("cpu")))
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
@@ -99,8 +104,21 @@ def _script_rank(script: str, argv: list[str], env: dict[str, str], log: str) ->
     os.close(fd)
     os.environ.clear()
     os.environ.update(env)
+    _fresh_draws()
     sys.argv = [script, *argv]
-    runpy.run_path(script, run_name="__main__")  # its sys.exit(code) is the process's exit code
+    try:
+        runpy.run_path(script, run_name="__main__")  # its sys.exit(code) is the process's exit code
+    finally:
+        atexit._run_exitfuncs()  # what an interpreter's exit runs (multiprocessing's own exit does not)
+
+
+def _fresh_draws() -> None:
+    """Seed Python's and numpy's global generators from the system, as a fresh interpreter does: forked from one
+    server, every rank of every launch would otherwise draw the same numbers."""
+    import numpy as np
+
+    random.seed()
+    np.random.seed()
 
 
 def launch_ranks(world_size: int, script: str, job: Path, out: Path, timeout: float, **env_extra: str) -> None:
@@ -109,18 +127,18 @@ def launch_ranks(world_size: int, script: str, job: Path, out: Path, timeout: fl
     hang), fails the test; every rank is killed, with the processes it started. Each rank logs to
     ``out/rankN.log``."""
     context, procs = _context(), []
-    for rank in range(world_size):
-        env = {**os.environ, **SERVER_ENV, "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", **env_extra}
-        proc = context.Process(target=_script_rank, args=(str(ROOT / "tests" / script), [str(job)], env,
-                                                           str(out / f"rank{rank}.log")), daemon=False)
-        proc.start()
-        procs.append(proc)
     deadline = time.monotonic() + timeout
     try:
+        for rank in range(world_size):
+            env = {**os.environ, **SERVER_ENV, "RANK": str(rank), "LOCAL_RANK": str(rank),
+                   "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", **env_extra}
+            proc = context.Process(target=_script_rank, args=(str(ROOT / "tests" / script), [str(job)], env,
+                                                               str(out / f"rank{rank}.log")), daemon=False)
+            proc.start()
+            procs.append(proc)
         for proc in procs:
             proc.join(timeout=max(0.0, deadline - time.monotonic()))
-    finally:
+    finally:  # (a rank that could not start leaves the started ones to this too)
         hung = [p for p in procs if p.exitcode is None]
         for proc in hung:
             try:
