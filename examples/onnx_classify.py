@@ -1,6 +1,6 @@
 """Classify audio files with an exported ONNX model: numpy, onnxruntime and soundfile (or the wave module), no PyTorch.
 
-    python -m finetune.onnx_export runs/finetune/esc50-baseline --out esc50.onnx
+    python -m finetune.onnx_export runs/finetune/esc50-baseline/fold1 --out esc50.onnx
     python examples/onnx_classify.py esc50.onnx dog.wav street.flac
     python examples/onnx_classify.py esc50.onnx --json long_recording.wav > scores.json
 

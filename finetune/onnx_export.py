@@ -1,6 +1,6 @@
 """ONNX export of a fine-tuned classifier: waveforms in, class scores out, runnable without PyTorch.
 
-    python -m finetune.onnx_export runs/finetune/esc50-baseline --out esc50.onnx    # (or: c2f-onnx ...)
+    python -m finetune.onnx_export runs/finetune/esc50-baseline/fold1 --out esc50.onnx    # (or: c2f-onnx ...)
     python examples/onnx_classify.py esc50.onnx dog.wav                          # numpy + onnxruntime only
 
 Any classifier that ``finetune/predict.py --ckpt`` loads is exported (a run directory, a classifier export
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "waveforms [batch, clip samples] + lengths [batch] -> class scores [batch, classes], the front "
                     "end inside the graph, a dynamic batch axis, the labels and audio settings in its metadata. "
                     "The graph is checked against PyTorch with onnxruntime before it is written.",
-        epilog="example: python -m finetune.onnx_export runs/finetune/esc50-baseline --out esc50.onnx && "
+        epilog="example: python -m finetune.onnx_export runs/finetune/esc50-baseline/fold1 --out esc50.onnx && "
                "python examples/onnx_classify.py esc50.onnx dog.wav")
     parser.add_argument("src", help="a fine-tuning run directory, a classifier export, an official HTS-AT "
                                     "checkpoint or a Hugging Face AST directory")

@@ -93,6 +93,11 @@ def resolve_model_file(path: str | os.PathLike) -> Path:
         final = path / RUN_EXPORT
         if final.is_file():
             return final
+        folds = sorted((p for p in path.glob("fold*") if p.is_dir() and p.name[4:].isdigit()),
+                       key=lambda p: int(p.name[4:]))
+        if folds:  # a cross-validation run: a model per fold, none for the whole
+            raise FileNotFoundError(f"{path} is a {len(folds)}-fold cross-validation run, with a model per fold: "
+                                    f"name one fold's directory ({folds[0]} ... {folds[-1].name})")
         exports = sorted((path / "export").glob("*.safetensors")) if (path / "export").is_dir() else []
         hint = (f"; phase exports present: {', '.join(str(p) for p in exports)}" if exports
                 else "; it holds no exports (is it a run directory?)")

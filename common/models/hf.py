@@ -2,8 +2,8 @@
 
 Writing one (and classifying with ``transformers``) is :mod:`common.models.hf_export`.
 
-    python -m common.models.hf_export export runs/finetune/esc50-baseline --out esc50_ast_hf     # -> ASTForAudioClassification
-    python -m common.models.hf_export export runs/pretrain/ssast_fshift4 --out ssast_hf           # -> ASTModel (encoder)
+    c2f-hf export runs/finetune/esc50-baseline/fold1 --out esc50_ast_hf     # -> ASTForAudioClassification
+    c2f-hf export runs/pretrain/ssast_fshift4 --out ssast_hf                # -> ASTModel (encoder)
     python finetune/run.py --init esc50_ast_hf --task esc50                          # start from an HF directory
 
 An HF AST directory holds ``config.json`` (an ``ASTConfig``), the weights (``model.safetensors``, or

@@ -1,7 +1,8 @@
 """Hugging Face ``transformers`` interop, written: export this package's AST models as HF directories and
 classify with ``transformers``' AST classes (reading a directory is :mod:`common.models.hf`).
 
-    python -m common.models.hf_export export runs/finetune/esc50-baseline --out esc50_ast_hf  # -> ASTForAudioClassification
+    python -m common.models.hf_export export runs/finetune/esc50-baseline/fold1 --out esc50_ast_hf
+        # -> ASTForAudioClassification (a cross-validation run: one fold's model)
     python -m common.models.hf_export export runs/pretrain/ssast_fshift4 --out ssast_hf        # -> ASTModel (encoder)
 
 What the format holds, and how this package's models map onto it, is described in :mod:`common.models.hf`.
@@ -75,6 +76,11 @@ def _front_end_from_audio(meta: dict, norm: str | None):
     return FrontEnd(a.sample_rate, a.num_mel_bins, a.target_frames, stats.mean, stats.std, spec), a
 
 
+def _not_ast(file: Path, arch: str) -> str:
+    return (f"{file} holds a {arch!r} model{' (HTS-AT, a Swin transformer)' if arch == 'htsat' else ''}: the "
+            f"Hugging Face AST format holds only ViT-style audio spectrogram transformers")
+
+
 def read_ast(src: str | os.PathLike, norm: str | None = None) -> tuple[ASTWeights, list[str]]:
     """Read anything ``--init`` takes that holds an AST-family model, for export.
 
@@ -115,6 +121,8 @@ def read_ast(src: str | os.PathLike, norm: str | None = None) -> tuple[ASTWeight
             raise HFFormatError(str(unreadable(file, err))) from err
     if not own:
         cfg, state, meta = load_encoder_state(file)
+        if meta.get("arch", "ast") != "ast":  # an official HTS-AT checkpoint, an ImageNet Swin
+            raise HFFormatError(_not_ast(file, meta["arch"]))
         if meta["source"] == "imagenet":
             raise HFFormatError(f"{file} holds ImageNet ViT/DeiT weights, not an audio model: fine-tune it first "
                                 f"(python finetune/run.py --init {src} --task NAME) and export the result")
@@ -129,8 +137,7 @@ def read_ast(src: str | os.PathLike, norm: str | None = None) -> tuple[ASTWeight
     tensors, meta = read_weights(file)
     arch = meta.get("arch", "ast")
     if arch != "ast":
-        raise HFFormatError(f"{file} holds a {arch!r} model{' (HTS-AT, a Swin transformer)' if arch == 'htsat' else ''}"
-                            f": the Hugging Face AST format holds only ViT-style audio spectrogram transformers")
+        raise HFFormatError(_not_ast(file, arch))
     if "encoder_config" not in meta:
         raise HFFormatError(f"{file} has no encoder_config: not an AST-family model (HTS-AT models cannot be "
                             f"exported to the Hugging Face AST format)")
@@ -348,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog("c2f-hf"), description="Hugging Face transformers interop for AST models (also: python -m "
                                    "common.models.hf_export).",
-        epilog="example: c2f-hf export runs/finetune/esc50-baseline --out esc50_ast_hf  "
+        epilog="example: c2f-hf export runs/finetune/esc50-baseline/fold1 --out esc50_ast_hf  "
                "(start from an HF directory with: python finetune/run.py --init DIR --task NAME)")
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser(

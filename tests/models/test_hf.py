@@ -275,6 +275,21 @@ def test_imagenet_weights_and_unknown_statistics_are_refused(tmp_path, capsys):
     assert "pass --norm" in capsys.readouterr().err
     assert hf_main(["export", str(tmp_path / "ssast.pth"), "--out", str(tmp_path / "o"), "--norm", "audioset"]) == 0
     assert json.loads((tmp_path / "o" / "preprocessor_config.json").read_text())["mean"] == -4.2677393
+    # an official HTS-AT checkpoint is refused as HTS-AT (it reached AST-only attributes: a traceback)
+    from tests.helpers import official_state, save_lightning
+
+    save_lightning(official_state(), tmp_path / "HTSAT_AudioSet_Saved_1.ckpt")
+    for norm in ([], ["--norm", "audioset"]):
+        assert hf_main(["export", str(tmp_path / "HTSAT_AudioSet_Saved_1.ckpt"), "--out", str(tmp_path / "h"),
+                        *norm]) == 2
+        err = capsys.readouterr().err
+        assert "holds a 'htsat' model (HTS-AT, a Swin transformer)" in err and "Traceback" not in err
+    # a cross-validation run directory: a model per fold, the command says to name one
+    (tmp_path / "cv" / "fold1").mkdir(parents=True)
+    (tmp_path / "cv" / "fold2").mkdir()
+    assert hf_main(["export", str(tmp_path / "cv"), "--out", str(tmp_path / "c")]) == 2
+    assert f"{tmp_path / 'cv'} is a 2-fold cross-validation run, with a model per fold: name one fold's directory " \
+           f"({tmp_path / 'cv' / 'fold1'} ... fold2)" in capsys.readouterr().err
 
 
 @pytest.mark.slow
