@@ -236,10 +236,14 @@ def apply_coarse(data: dict, name: str, flag: str | None = None) -> tuple[dict, 
 
 
 def build_derived(cls, data: dict, label: str | None):
-    """``build(cls, data)``, with errors of a derived recipe prefixed by what derived it."""
+    """``build(cls, data)``, with errors of a derived recipe saying what derived it: first for the derived phases
+    (what wrote them is ``label``), after the key they start with for any other key (which
+    :func:`common.config.recipe.with_source` then finds where it was written)."""
     try:
         return build(cls, data)
     except RecipeError as err:
         if label is None:
             raise
-        raise RecipeError(f"{label}: the derived schedule is invalid: {err}") from None
+        if str(err).startswith("phases"):
+            raise RecipeError(f"{label}: the derived schedule is invalid: {err}") from None
+        raise RecipeError(f"{err} (in the schedule {label} derived)") from None

@@ -138,6 +138,11 @@ def test_a_bad_coarse_value_fails_before_compute(tmp_path, synth_corpus, capsys)
     assert pretrain(["--recipe", str(ROOT / "recipes" / "synth_pretrain_baseline.yaml"), "--run-dir", str(run_dir),
                      "--coarse", "fshift:3"]) == 2
     assert "--coarse fshift:3: the derived schedule is invalid" in capsys.readouterr().err
+    # a recipe's coarse: section derives the schedule; a bad --set under it is still named as that --set
+    assert finetune(["--init", "none", "--task", "synth", "--data-root", str(data), "--run-dir", str(run_dir),
+                     "--recipe", str(ROOT / "recipes" / "ft_synth_htsat_fshift4.yaml"), "--dry-run",
+                     "--set", "model.size=custom"]) == 2
+    assert capsys.readouterr().err.strip().endswith("(in the schedule coarse derived) (--set model.size=custom)")
     assert finetune(["--init", "none", "--task", "synth", "--data-root", str(data), "--run-dir", str(run_dir),
                      "--coarse", "fshift:4", *sets(*TINY, f"train.stop_when_surpassing={tmp_path / 'nobase'}")]) == 2
     assert "train.stop_when_surpassing: no ledger at" in capsys.readouterr().err
