@@ -155,14 +155,16 @@ def task_encoder_config(init: EncoderWeights | None, model: ModelSpec, num_mel_b
 
 
 def _say_swin_start(init: EncoderWeights, cfg) -> None:
-    """Warn when an ImageNet Swin is not the official HTS-AT's start (Swin-T/C24: heads 4-8-16-32, window 8)."""
+    """Warn when an ImageNet Swin is not the official HTS-AT's start (Swin-T/C24: heads 4-8-16-32, window 8): the
+    file's heads (``init.config``), not the run's (``cfg``, with the recipe's ``model.htsat`` on top)."""
     official = HTSATConfig()
     windows = sorted(set(init.meta.get("swin_windows", [])))
-    if tuple(cfg.num_heads) != official.num_heads or windows != [official.window_size]:
+    heads = init.config.num_heads
+    if tuple(heads) != official.num_heads or windows != [official.window_size]:
         log.warning("--init %s is a Swin with heads %s and window %s; the official HTS-AT (and the paper's "
                     "Table 6) starts from Swin-T/C24 (%s: heads %s, window %d). The model takes the file's heads "
                     "and HTS-AT's window %d (model.htsat.window_size; the tables are resized)", init.meta.get("file"),
-                    list(cfg.num_heads), "/".join(map(str, windows)), OFFICIAL_START, list(official.num_heads),
+                    list(heads), "/".join(map(str, windows)), OFFICIAL_START, list(official.num_heads),
                     official.window_size, cfg.window_size)
 
 

@@ -209,6 +209,16 @@ def test_a_swin_that_is_not_the_official_start_is_said(caplog):
         cfg = task_encoder_config(standard, spec, 128, 1024)
     assert cfg.num_heads == (3, 6, 12, 24) and cfg.window_size == 8
     assert "heads [3, 6, 12, 24] and window 7" in caplog.text and "swin_tiny_c24_patch4_window8_256.pth" in caplog.text
+    # the heads said are the file's, also where the recipe's model.htsat sets others (and then no warning is
+    # given for the official start itself)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        task_encoder_config(standard, ModelSpec(arch="htsat", htsat={"num_heads": [1, 2, 4, 8]}), 128, 1024)
+    assert "heads [3, 6, 12, 24] and window 7" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        task_encoder_config(c24, ModelSpec(arch="htsat", htsat={"num_heads": [1, 2, 4, 8]}), 128, 1024)
+    assert "is a Swin with heads" not in caplog.text
 
 
 @pytest.mark.slow
