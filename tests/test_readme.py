@@ -137,6 +137,10 @@ def test_inline_set_examples_parse_as_numbers(capsys):
             from finetune.recipe import load_recipe as load_finetuning
 
             recipe = load_finetuning("esc50", None, sets)
+        elif any(s.startswith("model.htsat.") for s in sets):  # HTS-AT's sizes, on an HTS-AT recipe
+            from finetune.recipe import load_recipe as load_finetuning
+
+            recipe = load_finetuning("synth", ROOT / "recipes" / "synth_htsat.yaml", sets)
         elif any(s.startswith("coarse.") for s in sets):  # settings of a --coarse derivation (fine-tuning)
             from finetune.recipe import load_recipe as load_finetuning
 
