@@ -77,12 +77,14 @@ class FilePrediction:
     warning: str | None = None
 
 
-def short_warning(num_samples: int, clip: int, rate: int) -> str | None:
-    """The warning for a file of ``num_samples`` shorter than :data:`SHORT_FRACTION` of a ``clip``, or None."""
+def short_warning(num_samples: int, clip: int, rate: int, repeat: bool = False) -> str | None:
+    """The warning for a file of ``num_samples`` shorter than :data:`SHORT_FRACTION` of a ``clip``, or None
+    (``repeat``: the model fills a short clip by repeating it, ``data.pad: repeat``)."""
     if num_samples >= SHORT_FRACTION * clip:
         return None
+    sees = "the file repeated more than ten times" if repeat else "mostly zero padding"
     return (f"{num_samples / rate:.3g} s of audio, shorter than {SHORT_FRACTION * clip / rate:.3g} s (a tenth of the "
-            f"model's {clip / rate:.3g} s clip): the model sees mostly zero padding and the scores are unreliable")
+            f"model's {clip / rate:.3g} s clip): the model sees {sees} and the scores are unreliable")
 
 
 def hop_seconds(text: str) -> float:
@@ -166,7 +168,7 @@ def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None 
     combined = per_window.max(0) if rule == "max" else np.average(per_window, 0, window_weights(starts, hop, clip))
     return FilePrediction(str(path), size / rate, [s / rate for s in starts],
                           [min(s + clip, size) / rate for s in starts], per_window, combined, rule,
-                          short_warning(size, clip, rate))
+                          short_warning(size, clip, rate, repeat))
 
 
 def expand_folders(paths: list[str]) -> list[str]:

@@ -209,6 +209,10 @@ def test_a_very_short_clip_is_scored_with_a_warning(tmp_path, model_file, capsys
     assert captured.err == f"warning: {short}: {warning}\n"
     assert predict(["--ckpt", str(model), str(short)]) == 0
     assert "(0.05 s, 1 window; too short: unreliable scores)" in capsys.readouterr().out
+    from finetune.predict import short_warning  # a model that fills a short clip by repeating it says so
+
+    assert short_warning(800, 10480, 16000, repeat=True).endswith(
+        "the model sees the file repeated more than ten times and the scores are unreliable")
 
 
 def test_statistics_of_another_clip_length_are_warned_about(clips, capsys):
