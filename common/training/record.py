@@ -433,7 +433,7 @@ class RunRecord:
         versus = "" if target.get("averaged") is None else \
             f" (the baseline's weight average: {target['score']}={target['averaged']:.4f})"  # like with like
         log.info("weight average of epochs %s: %s%s", ", ".join(map(str, epochs)),
-                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), versus)
+                 ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), versus)
         path = self.run_dir / "export" / "weight_averaged.safetensors"
         if self.dist.is_main:
             self.objective.export(model, path, self._export_meta(index, weight_averaged=epochs, eval=metrics))
