@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import safetensors.torch
@@ -21,10 +22,11 @@ from common.models.ast.encoder import ASTEncoder
 from common.system.atomic import atomic_path
 
 __all__ = ["EXPORT_FORMAT", "RUN_EXPORT", "save_weights", "read_weights", "is_export", "save_encoder",
-           "resolve_model_file", "unreadable"]
+           "resolve_model_file", "fold_dirs", "unreadable"]
 
 EXPORT_FORMAT = "coarse2fine-ast/1"
 RUN_EXPORT = "model.safetensors"
+_FOLD = re.compile(r"fold(\d+)")
 
 
 def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
@@ -86,6 +88,18 @@ def save_encoder(encoder: ASTEncoder, path: str | os.PathLike, meta: dict | None
                                                      "encoder_prefix": "", **(meta or {})})
 
 
+def fold_dirs(path: str | os.PathLike) -> list[Path]:
+    """The fold directories with a ledger under a cross-validation run's root (``finetune/run.py`` trains a k-fold
+    task in ``<run>/fold1`` ... ``<run>/foldK``), in fold order (``fold10`` after ``fold9``); empty for anything
+    else."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    found = [(int(m.group(1)), d) for d in path.iterdir()
+             if (m := _FOLD.fullmatch(d.name)) and (d / "ledger.json").is_file()]
+    return [d for _, d in sorted(found)]
+
+
 def resolve_model_file(path: str | os.PathLike) -> Path:
     """The model file behind ``path``: the file itself, or a run directory's final export."""
     path = Path(path)
@@ -93,8 +107,7 @@ def resolve_model_file(path: str | os.PathLike) -> Path:
         final = path / RUN_EXPORT
         if final.is_file():
             return final
-        folds = sorted((p for p in path.glob("fold*") if p.is_dir() and p.name[4:].isdigit()),
-                       key=lambda p: int(p.name[4:]))
+        folds = fold_dirs(path)
         if folds:  # a cross-validation run: a model per fold, none for the whole
             raise FileNotFoundError(f"{path} is a {len(folds)}-fold cross-validation run, with a model per fold: "
                                     f"name one fold's directory ({folds[0]} ... {folds[-1].name})")

@@ -11,7 +11,6 @@ table and device-hours show) are the sums over the folds: the whole cross-valida
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -20,24 +19,11 @@ import numpy as np
 from common.phases.baseline import is_averaged
 from common.training.ledger import Ledger, PhaseRecord
 
-__all__ = ["fold_dirs", "fold_mean", "across_folds", "FoldError"]
-
-_FOLD = re.compile(r"fold(\d+)")
+__all__ = ["fold_mean", "across_folds", "FoldError"]
 
 
 class FoldError(ValueError):
     """The folds do not make one run (other phases, no common evaluation); the message names the fold."""
-
-
-def fold_dirs(path: str | Path) -> list[Path]:
-    """The fold directories with a ledger under a cross-validation root, in fold order (``fold10`` after
-    ``fold9``); empty for anything else."""
-    path = Path(path)
-    if not path.is_dir():
-        return []
-    found = [(int(m.group(1)), d) for d in path.iterdir()
-             if (m := _FOLD.fullmatch(d.name)) and (d / "ledger.json").is_file()]
-    return [d for _, d in sorted(found)]
 
 
 def _describe(record: PhaseRecord) -> tuple:

@@ -13,8 +13,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+from common.models.exports import fold_dirs
 from common.phases.baseline import is_averaged
-from common.reports.folds import FoldError, fold_dirs, fold_mean
+from common.reports.folds import FoldError, fold_mean
 from common.training.ledger import Ledger
 
 __all__ = ["ReportError", "Run", "Point", "load_run", "resolve_metric", "run_label", "distinct_names",

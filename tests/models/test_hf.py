@@ -285,8 +285,9 @@ def test_imagenet_weights_and_unknown_statistics_are_refused(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "holds a 'htsat' model (HTS-AT, a Swin transformer)" in err and "Traceback" not in err
     # a cross-validation run directory: a model per fold, the command says to name one
-    (tmp_path / "cv" / "fold1").mkdir(parents=True)
-    (tmp_path / "cv" / "fold2").mkdir()
+    for fold in ("fold1", "fold2"):  # each fold with its ledger, as a run writes it
+        (tmp_path / "cv" / fold).mkdir(parents=True)
+        (tmp_path / "cv" / fold / "ledger.json").write_text("{}")
     assert hf_main(["export", str(tmp_path / "cv"), "--out", str(tmp_path / "c")]) == 2
     assert f"{tmp_path / 'cv'} is a 2-fold cross-validation run, with a model per fold: name one fold's directory " \
            f"({tmp_path / 'cv' / 'fold1'} ... fold2)" in capsys.readouterr().err
