@@ -35,13 +35,19 @@ from __future__ import annotations
 
 import csv
 import difflib
-import hashlib
 import logging
 import os
 import re
 from pathlib import Path
 
-from common.data.corpora.base import AUDIO_SUFFIXES, ClipEntry, PrepareReport, require_file, write_corpus
+from common.data.corpora.base import (
+    AUDIO_SUFFIXES,
+    ClipEntry,
+    PrepareReport,
+    require_file,
+    shuffled_order,
+    write_corpus,
+)
 from common.system.prog import whole_number
 
 NAME = "custom"
@@ -110,17 +116,13 @@ def _clip_id(path: Path, root: Path) -> str:
     return "-".join(rel.with_suffix("").parts).replace(" ", "_")
 
 
-def _drawn(seed: int, key: str) -> bytes:
-    return hashlib.sha1(f"{seed}:{key}".encode()).digest()
-
-
 def _carve(strata: dict[str, list[str]], fractions: dict[str, float], seed: int) -> dict[str, str]:
     """Clip id -> split for the clips without one, carved per class (``strata``: the class, or a multi-label
     clip's first label -> its clip ids; an order drawn from ``seed`` within each): each split of ``fractions`` gets
     ``round(fraction x clips)`` clips in all, every class its share of them rounded down, and the clips left over
     go one at a time to the classes with the largest remainders (round after round while a class has room); a
     class keeps at least one clip in ``train``."""
-    order = {s: sorted(ids, key=lambda i: _drawn(seed, i)) for s, ids in strata.items()}
+    order = {s: sorted(ids, key=lambda i: shuffled_order(i, seed)) for s, ids in strata.items()}
     taken = dict.fromkeys(strata, 0)
     split_of = {}
     clips = sum(len(ids) for ids in strata.values())
@@ -131,7 +133,7 @@ def _carve(strata: dict[str, list[str]], fractions: dict[str, float], seed: int)
         left = round(fraction * clips) - sum(take.values())
         while left > 0:
             open_ = sorted((s for s in strata if take[s] < room[s]),
-                           key=lambda s: (take[s] - share[s], _drawn(seed, f"{split}:{s}")))[:left]
+                           key=lambda s: (take[s] - share[s], shuffled_order(f"{split}:{s}", seed)))[:left]
             if not open_:
                 break
             for s in open_:
@@ -150,7 +152,7 @@ def _train_for_every_label(splits: dict[str, str], labels: dict[str, tuple[str, 
     in_train = {label for i, split in splits.items() if split == "train" for label in labels[i]}
     for label in sorted({label for ls in labels.values() for label in ls} - in_train):
         back = sorted((i for i in carved if label in labels[i] and splits[i] != "train"),
-                      key=lambda i: _drawn(seed, i))
+                      key=lambda i: shuffled_order(i, seed))
         if back:
             splits[back[-1]] = "train"
             in_train.update(labels[back[-1]])
