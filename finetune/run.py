@@ -87,6 +87,14 @@ def _classes(recipe, planning: bool, notes: list[str]) -> tuple[list[str], dict[
     return [f"class_{i}" for i in range(count)], {}
 
 
+def _recipe_line(recipe_path: str | None, recipe) -> list[str]:
+    """The plan's line on a ``--recipe`` (the task's line describes the task's own defaults, which it overrides)."""
+    if recipe_path is None:
+        return []
+    about = f": {recipe.description}" if recipe.description else ""
+    return [f"recipe {recipe_path}, over the task's defaults{about}"]
+
+
 def _init_hint(init: str) -> str:
     """Where a missing ``--init`` comes from, when it names a pretraining run of a recipe in ``recipes/``."""
     path = Path(init)
@@ -360,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             o, about = recipe.optim, f": {recipe.task.description}" if recipe.task.description else ""
             refused, resumes = resume_check(run_root, recipe, args.restart)
             print(format_plan(run, *_stated_batch(args.task, args.recipe),
-                              header=[f"task {recipe.task.name}{about}", f"pooling: {objective.head.pool}"],
+                              header=[f"task {recipe.task.name}{about}", *_recipe_line(args.recipe, recipe),
+                                      f"pooling: {objective.head.pool}"],
                               notes=[f"optimiser {o.optimizer}, lr {o.lr:g}, warm-up {o.warmup_steps} steps, "
                                      f"{o.schedule} schedule", *notes, *resumes], cautions=cautions,
                               missing=[*missing, *problems([refused])]))

@@ -397,6 +397,10 @@ def test_fine_tuning_recipes_in_the_repo_are_valid(capsys):
                      "--dry-run", "--data-root", str(ROOT / "tests")]) == 0
     out = capsys.readouterr().out
     assert "fshift x4" in out and "files a run needs and does not find" in out and "vggsound_classes.json" in out
+    # the header says the task (its own defaults described) and the recipe over them
+    recipe = load_recipe("vggsound", ROOT / "recipes" / "ft_fshift421.yaml")
+    assert out.splitlines()[1] == (f"recipe {ROOT / 'recipes' / 'ft_fshift421.yaml'}, over the task's defaults: "
+                                   f"{recipe.description}")
     assert finetune(["--init", "none", "--task", "vggsound", "--recipe", str(ROOT / "recipes" / "ft_fshift421.yaml"),
                      "--data-root", str(ROOT / "tests")]) == 2  # a real run stops before compute, naming the file
     assert "vggsound_classes.json" in capsys.readouterr().err
