@@ -32,6 +32,7 @@ from common.models.flops import train_step_flops
 from common.models.hf import hf_classifier_export, is_hf_directory
 from common.models.memory import MemoryEstimate, estimate_training_memory
 from common.models.weights import load_encoder_state
+from common.system.device import to_device
 from common.system.distributed import Dist
 
 __all__ = ["HeadConfig", "AugmentConfig", "Classifier", "ClassifierObjective", "class_scores", "metric_scores",
@@ -190,7 +191,7 @@ class ClassifierObjective:
         x = pipeline(waves, lengths, generator, noise=self.augment.noise_config)
         lam = mixup_weights(len(batch), cfg, generator) if cfg.on == "spectrogram" else None
         if lam is not None:
-            lam = lam.to(x.device, non_blocking=True)
+            lam = to_device(lam, x.device)
             if cfg.targets == "mixed":
                 targets = lam[:, None] * targets + (1 - lam[:, None]) * targets.flip(0)
         return self.criterion(model(x, mixup_lambda=lam), targets), {}

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -80,6 +80,37 @@ def package_reader(path: str) -> bool:
     """Whether a host read from the file ``path`` is this package's own reading of a value a device may hold (its
     code, less the mask drawer): a ``keep`` for :func:`host_reads`."""
     return path.startswith(str(ROOT)) and path != MASK_DRAWER
+
+
+@contextlib.contextmanager
+def blocking_copies(monkeypatch, within) -> Iterator[dict]:
+    """Count, while the method ``within`` (e.g. ``Trainer._micro_step``) runs, this package's ``.to(device)`` calls
+    without ``non_blocking=True``: on a GPU each such copy of host data waits for the device. Yields
+    ``{"calls": n, "copies": ["file:line", ...]}``."""
+    owner, name = within
+    real_call, real_to = getattr(owner, name), torch.Tensor.to
+    found: dict = {"calls": 0, "copies": []}
+    inside = {"on": False}
+
+    def call(self, *args, **kwargs):
+        found["calls"] += 1
+        inside["on"] = True
+        try:
+            return real_call(self, *args, **kwargs)
+        finally:
+            inside["on"] = False
+
+    def to(self, *args, **kwargs):
+        moves = any(isinstance(a, (torch.device, str)) for a in args) or "device" in kwargs
+        caller = sys._getframe(1)
+        if moves and not kwargs.get("non_blocking", False) and inside["on"] and \
+                caller.f_code.co_filename.startswith(str(ROOT)):
+            found["copies"].append(f"{Path(caller.f_code.co_filename).relative_to(ROOT)}:{caller.f_lineno}")
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, call)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    yield found
 
 
 @contextlib.contextmanager
@@ -155,6 +186,14 @@ def one_error(err: str) -> str:
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
     return lines[0]
+
+
+# a tiny HTS-AT for the 1.27 s, 16 kHz clips of the built-in corpus: 32 mel bins, a 64 x 64 image of 2 chunks
+TINY_HTSAT = ("model.arch=htsat", "model.htsat={sample_rate: 16000, clip_samples: 20320, n_fft: 512, hop_length: 160, "
+              "mel_bins: 32, fmax: 8000, spec_size: 64, embed_dim: 16, depths: [1, 1, 1, 1], "
+              "num_heads: [1, 2, 4, 8], window_size: 4, drop_path_rate: 0.0}",
+              "data.batch_size=4", "data.num_workers=0", "train.log_every=1", "train.weight_average_from=null",
+              "train.weight_average_top=null")
 
 
 def sets(*items: str) -> list[str]:

@@ -25,6 +25,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from common.system.device import to_device
+
 __all__ = ["mixup_weights", "MixupConfig", "SpecAugmentConfig", "NoiseConfig", "mixup", "spec_augment", "fbank_noise"]
 
 
@@ -131,13 +133,13 @@ def mixup(
     if cfg.prob <= 0 or batch < 2:
         return waveforms, lengths, targets
     device = waveforms.device
-    chosen = (torch.rand(batch, generator=generator) < cfg.prob).to(device)
+    chosen = to_device(torch.rand(batch, generator=generator) < cfg.prob, device)
     # partner = a random other clip: shift by 1..B-1 positions in a random permutation cycle
     perm = torch.randperm(batch, generator=generator)
     partner = torch.empty_like(perm)
     partner[perm] = perm.roll(1)
-    partner = partner.to(device)
-    lam = _beta(cfg.alpha, batch, generator).to(device)
+    partner = to_device(partner, device)
+    lam = to_device(_beta(cfg.alpha, batch, generator), device)
     lam = torch.where(chosen, lam, torch.ones_like(lam))
     valid = torch.arange(waveforms.shape[1], device=device)[None, :] < lengths[:, None]
     other = waveforms[partner] * valid  # cut the partner to this clip's length
@@ -183,7 +185,7 @@ def spec_augment(
         for _ in range(stripes):
             width = (torch.rand(batch, generator=generator) * min(width_max, size)).long()
             start = (torch.rand(batch, generator=generator) * (size - width)).long()
-            width, start = width.to(device), start.to(device)
+            width, start = to_device(width, device), to_device(start, device)
             pos = torch.arange(size, device=device)[None, :]
             band = (pos >= start[:, None]) & (pos < (start + width)[:, None])  # [B, size]
             keep &= ~(band[:, None, :] if axis == 2 else band[:, :, None])
@@ -206,9 +208,9 @@ def fbank_noise(fbank: torch.Tensor, scale: float, max_shift: int, generator: to
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     device_generator = torch.Generator(device=fbank.device).manual_seed(seed)
     field = torch.rand(fbank.shape, generator=device_generator, device=fbank.device, dtype=fbank.dtype)
-    out = fbank + field * amplitude.to(fbank.device, fbank.dtype)[:, None, None]
+    out = fbank + field * to_device(amplitude, fbank.device, fbank.dtype)[:, None, None]
     if shift is None:
         return out
     # torch.roll(x, s, dims=time) per clip: out[t] = x[(t - s) mod T]
     source = (torch.arange(frames)[None, :] - shift[:, None]) % frames
-    return torch.gather(out, 1, source.to(fbank.device)[:, :, None].expand_as(out))
+    return torch.gather(out, 1, to_device(source, fbank.device)[:, :, None].expand_as(out))

@@ -10,15 +10,9 @@ import soundfile as sf
 import torch
 
 from finetune.run import main as finetune
-from tests.helpers import _synth_root, official_state, save_lightning, sets
+from tests.helpers import TINY_HTSAT, _synth_root, official_state, save_lightning, sets
 
 ROOT = Path(__file__).resolve().parents[2]
-# a tiny HTS-AT for the 1.27 s, 16 kHz clips of the built-in corpus: 32 mel bins, a 64 x 64 image of 2 chunks
-TINY_HTSAT = ("model.arch=htsat", "model.htsat={sample_rate: 16000, clip_samples: 20320, n_fft: 512, hop_length: 160, "
-              "mel_bins: 32, fmax: 8000, spec_size: 64, embed_dim: 16, depths: [1, 1, 1, 1], "
-              "num_heads: [1, 2, 4, 8], window_size: 4, drop_path_rate: 0.0}",
-              "data.batch_size=4", "data.num_workers=0", "train.log_every=1", "train.weight_average_from=null",
-              "train.weight_average_top=null")
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ resume draws what an uninterrupted run draws."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,12 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pretrain.mask_draws import MaskDraws, position_seed
 from pretrain.masking import sample_mask
-from tests.helpers import MASK_DRAWER, host_reads, package_reader, run
+from tests.helpers import MASK_DRAWER, blocking_copies, host_reads, package_reader, run
 
 pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
-
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def _in_drawer() -> bool:
     frame = sys._getframe(2)
@@ -47,33 +43,22 @@ class _ScalarReads(TorchDispatchMode):
 def test_a_training_step_has_no_blocking_copy_and_no_host_read(tmp_path, synth_corpus, monkeypatch):
     from common.training.loop import Trainer
 
-    counts = {"steps": 0, "blocking copies": 0, "package reads": 0, "scalar reads": 0}
-    inside = {"on": False}
-    real_step, real_to = Trainer._micro_step, torch.Tensor.to
+    counts = {"package reads": 0, "scalar reads": 0}
+    real_step = Trainer._micro_step
 
     def micro_step(self, *args, **kwargs):
-        counts["steps"] += 1
-        inside["on"] = True
         mode = _ScalarReads()
         try:
             with mode, host_reads(package_reader) as reads:
                 return real_step(self, *args, **kwargs)
         finally:
-            inside["on"] = False
             counts["scalar reads"] += mode.reads
             counts["package reads"] += len(reads)
 
-    def to(self, *args, **kwargs):  # a copy to a device that waits for it: any .to(device) without non_blocking
-        moves = any(isinstance(a, (torch.device, str)) for a in args) or "device" in kwargs
-        if moves and not kwargs.get("non_blocking", False) and inside["on"] and \
-                sys._getframe(1).f_code.co_filename.startswith(str(ROOT)):
-            counts["blocking copies"] += 1
-        return real_to(self, *args, **kwargs)
-
     monkeypatch.setattr(Trainer, "_micro_step", micro_step)
-    monkeypatch.setattr(torch.Tensor, "to", to)
-    assert run(tmp_path / "r", synth_corpus, "train.log_every=100", "train.save_every=100") == 0
-    assert counts == {"steps": 6, "blocking copies": 0, "package reads": 0, "scalar reads": 0}
+    with blocking_copies(monkeypatch, (Trainer, "_micro_step")) as found:
+        assert run(tmp_path / "r", synth_corpus, "train.log_every=100", "train.save_every=100") == 0
+    assert found == {"calls": 6, "copies": []} and counts == {"package reads": 0, "scalar reads": 0}
 
 
 def test_masks_are_drawn_by_batch_position_with_ssasts_algorithm():

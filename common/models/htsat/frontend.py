@@ -28,6 +28,7 @@ from torchaudio.functional import melscale_fbanks
 
 from common.models.htsat.config import HTSATConfig
 from common.models.htsat.geometry import Geometry, geometry
+from common.system.device import to_device
 
 __all__ = ["SpecAugmentStripes", "HTSATFrontEnd", "mel_filterbank"]
 
@@ -154,6 +155,6 @@ class HTSATFrontEnd(nn.Module):
         keep_t = _keep_mask(batch, frames, self.time_width, self.stripes.time_stripes, generator)
         keep_f = _keep_mask(batch, bins, self.stripes.freq_width, self.stripes.freq_stripes, generator)
         # [B, T] and [B, F]; the product on the device
-        keep_t, keep_f = keep_t.to(x.device, non_blocking=True), keep_f.to(x.device, non_blocking=True)
+        keep_t, keep_f = to_device(keep_t, x.device), to_device(keep_f, x.device)
         keep = (keep_t[:, :, None] & keep_f[:, None, :]).to(dtype=x.dtype)
         return torch.cat([x, keep.unsqueeze(1)], dim=1)
