@@ -275,8 +275,8 @@ def measure_phases(report: Report, s: Settings, device: torch.device, store: dic
             try:
                 r = phase_step_rate(s.size, index, s.batch, device, steps=s.steps, compile=compiled,
                                     backend=s.backend, mode=mode, overrides=s.model, warmup=s.warmup)
-            except Exception as err:  # noqa: BLE001 - a mode that fails is a result
-                if mode == "default":
+            except Exception as err:  # noqa: BLE001 - a compiled mode that fails is a result (eager is the base)
+                if not compiled:
                     raise
                 first_line = (str(err).splitlines() or [""])[0][:120]
                 report.add(f"| phase {index + 1} | | {label} | failed: {type(err).__name__}: {first_line} "
@@ -419,12 +419,15 @@ class SyncSites:
     def __init__(self) -> None:
         self.counts: dict[tuple[str, str], int] = {}
 
-    def note(self, what: str) -> None:
+    def note(self, what: str, where: tuple[str, int] | None = None) -> None:
+        """Count a synchronisation; ``where``: the line that made it (a warning's file and line), else the caller
+        of the function that called this one (``torch.cuda.synchronize``'s)."""
         stack = traceback.extract_stack()[:-2]
         ours = next((f for f in reversed(stack) if _package_file(f.filename)), None)
-        inner = stack[-1] if stack else None
+        if where is None and stack:
+            where = (stack[-1].filename, stack[-1].lineno)
         key = (f"{Path(ours.filename).relative_to(ROOT)}:{ours.lineno}" if ours else "?",
-               f"{what} at {Path(inner.filename).name}:{inner.lineno}" if inner else what)
+               f"{what} at {Path(where[0]).name}:{where[1]}" if where else what)
         self.counts[key] = self.counts.get(key, 0) + 1
 
     def around(self, fn: Callable) -> Callable:
@@ -443,8 +446,8 @@ class SyncSites:
                 return real_sync(*a, **k)
 
             def showwarning(message, category, filename, lineno, file=None, line=None):
-                if "synchronizing" in str(message):
-                    sites.note("synchronizing operation")
+                if "synchronizing" in str(message):  # the file and line of the Python call that synchronised
+                    sites.note("synchronizing operation", (filename, lineno))
 
             torch.cuda.synchronize = synchronize
             try:
@@ -473,18 +476,21 @@ def find_host_syncs(report: Report, s: Settings, device: torch.device, work: Pat
     steps = 4
     manifest = make_clips(work / "clips", max(s.loader_clips, 2 * s.batch), seconds=s.clip_seconds, rate=16000)
     sites = SyncSites()
-    real = common.training.loop.Trainer._train_phase
-    common.training.loop.Trainer._train_phase = sites.around(real)
+    # the trainer's steps only: a phase's end (its checkpoint copies each tensor to the host, one wait each) and
+    # its start are not steps
+    real = common.training.loop.Trainer._step
+    common.training.loop.Trainer._step = sites.around(real)
     try:
         argv = _pretrain_argv(s, work / "syncs", manifest, steps, "train.zero_stage=0")
         if pretrain(argv) != 0:
             raise RuntimeError("the pretraining run failed")
     finally:
-        common.training.loop.Trainer._train_phase = real
+        common.training.loop.Trainer._step = real
     report.add(f"`pretrain/run.py`, SSAST-{s.size}, batch {s.batch}: {steps} steps at Fshift x4 then {steps} at full "
-               f"resolution, with CUDA's sync debug mode on and `torch.cuda.synchronize` counted inside the phases' "
-               f"loops (the phase-end checkpoints and exports included, so a site counted about once per phase is "
-               f"not per step).", "")
+               f"resolution, with CUDA's sync debug mode on and `torch.cuda.synchronize` counted inside the "
+               f"trainer's steps (`Trainer._step`: forward, backward, optimizer step and what falls due after it; "
+               f"no log window, validation or checkpoint falls due in this run), so a site counted once per phase "
+               f"(a first step's) is not per step.", "")
     store["syncs_per_step"] = sum(n for n in sites.counts.values() if n >= 2 * steps) / (2 * steps)
     if not sites.counts:
         report.add("Result: no host synchronisation inside the training loop"
@@ -511,10 +517,27 @@ def _pretrain_argv(s: Settings, run_dir: Path, manifest: Path, steps: int, *extr
     return argv
 
 
-def _self_us(event, device: bool) -> float:
-    if device:
-        return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
-    return float(event.self_cpu_time_total)
+def profile_rows(events, device: bool) -> tuple[float, list[tuple[str, int, float, float]]]:
+    """The total self time (us) and the rows ``(name, calls, self us, self CPU us)`` of a profile's
+    ``key_averages()``, largest first. On the CPU: operators by self CPU time, the step marker's (ProfilerStep)
+    being the time between operators. On a device, as torch's own table counts it: the total is the kernels'
+    time (device events that are not user annotations: a step marker's device event spans the whole step, and a
+    kernel's time is also its launching operator's), the rows are the operators by the kernel time they launched,
+    and what no operator launched is one row of its own."""
+    if not device:
+        rows = [(e.key, e.count, float(e.self_cpu_time_total), float(e.self_cpu_time_total)) for e in events]
+        return sum(r[2] for r in rows), sorted(rows, key=lambda r: r[2], reverse=True)
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in events if e.device_type != DeviceType.CPU and not e.is_user_annotation]
+    total = sum(float(e.self_device_time_total) for e in kernels)
+    rows = [(e.key, e.count, float(e.self_device_time_total), float(e.self_cpu_time_total)) for e in events
+            if e.device_type == DeviceType.CPU and not e.is_user_annotation and e.self_device_time_total > 0]
+    unattributed = total - sum(r[2] for r in rows)
+    if unattributed > 0.01 * total:
+        rows.append(("(kernels launched outside the operators recorded)", sum(e.count for e in kernels),
+                     unattributed, 0.0))
+    return total, sorted(rows, key=lambda r: r[2], reverse=True)
 
 
 def profile_trainer_step(report: Report, s: Settings, device: torch.device, work: Path, store: dict) -> None:
@@ -564,20 +587,21 @@ def profile_trainer_step(report: Report, s: Settings, device: torch.device, work
                f"top {top} operators by self {clock} time, per step.")
     store["profile"] = {}
     for index in sorted(tables):
-        events = sorted(tables[index], key=lambda e: _self_us(e, cuda), reverse=True)
-        total = sum(_self_us(e, cuda) for e in events) / active / 1e3
+        total_us, rows = profile_rows(tables[index], cuda)
+        total = total_us / active / 1e3
         store["profile"][index] = total
         report.add("", f"Phase {index + 1} ({'Fshift x4' if index == 0 else 'full resolution'}): self {clock} time "
                        f"{total:.2f} ms per step in all.", "",
                    f"| operator | calls / step | self {clock} ms / step | share |" + (" self CPU ms / step |" if cuda
                                                                                       else ""),
                    "|---|---:|---:|---:|" + ("---:|" if cuda else ""))
-        for e in events[:top]:
-            ms = _self_us(e, cuda) / active / 1e3
-            outside = e.key.startswith("ProfilerStep")  # the profiler's step marker: time between operators
-            name = "(the step outside operators: Python, waits)" if outside else f"`{e.key[:60]}`"
-            report.add(f"| {name} | {e.count / active:.1f} | {ms:.3f} | {100 * ms / max(total, 1e-9):.1f} % |"
-                       + (f" {e.self_cpu_time_total / active / 1e3:.3f} |" if cuda else ""))
+        for key, count, self_us, cpu_us in rows[:top]:
+            ms = self_us / active / 1e3
+            outside = key.startswith("ProfilerStep")  # on the CPU, the step marker's: time between operators
+            name = "(the step outside operators: Python, waits)" if outside else \
+                key if key.startswith("(") else f"`{key[:60]}`"
+            report.add(f"| {name} | {count / active:.1f} | {ms:.3f} | {100 * ms / max(total, 1e-9):.1f} % |"
+                       + (f" {cpu_us / active / 1e3:.3f} |" if cuda else ""))
 
 
 # ------------------------------------------------------------------------- 9. issue 21's targets

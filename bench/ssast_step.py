@@ -19,7 +19,8 @@ def _sync(device: torch.device) -> None:
 def phase_step_rate(size: str, phase_index: int, batch: int, device: torch.device, steps: int = 3,
                     recipe: str = "ssast_fshift4.yaml", *, compile: bool = False, backend: str = "inductor",
                     mode: str = "default", bf16: bool | None = None, overrides: Sequence[str] = (), warmup: int = 1) -> dict:
-    """Clips/s and tokens/s of fbank + SSAST forward/backward (both objectives) + Adam for one phase.
+    """Clips/s and tokens/s of fbank + SSAST forward/backward (both objectives) + Adam for one phase (the masks
+    drawn once, before the clock).
 
     Args:
         size: the encoder size (``model.size``).
@@ -57,10 +58,13 @@ def phase_step_rate(size: str, phase_index: int, batch: int, device: torch.devic
     pipeline = FeaturePipeline(rec.audio, phase.as_compression()).to(device)
     waves = torch.randn(batch, rec.audio.clip_samples, device=device) * 0.1
     generator = torch.Generator().manual_seed(0)
+    # the masks drawn before the clock, as the trainer draws them a batch ahead on a thread
+    # (pretrain.mask_draws): a draw in the step (milliseconds on the host, a blocking copy) is not the model's
+    masks = [model.sample_mask(batch, generator, device) for _ in range(2 if rec.ssast.separate_passes else 1)]
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(pipeline(waves), generator)["loss"]
+            loss = model(pipeline(waves), masks=masks)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -4,8 +4,8 @@
 
 Trainer step: ``Trainer._micro_step`` on the trainer's DeepSpeed engine (the batch's copy to the device, the
 masks drawn ahead by ``pretrain.mask_draws``, autocast, the non-finite watch, ``engine.backward`` and
-``engine.step``). Bare step: the same model, front end and batch, masks drawn in the step, ``loss.backward()``
-and a fused Adam step. Interleaved repeats, medians (the machine may be shared).
+``engine.step``). Bare step: the same model, front end and batch, masks drawn once before the clock (the model's
+step alone), ``loss.backward()`` and a fused Adam step. Interleaved repeats, medians (the machine may be shared).
 """
 
 from __future__ import annotations
@@ -48,10 +48,13 @@ def main(argv=None) -> int:
                 trainer._micro_step(engine, batch, pipeline, 0)
             return args.steps * args.batch / (time.perf_counter() - t)
 
-        def bare_steps() -> float:
+        passes = 2 if trainer.objective.cfg.separate_passes else 1
+        masks = [bare_model.sample_mask(args.batch, generator, "cpu") for _ in range(passes)]
+
+        def bare_steps() -> float:  # the model's step alone: its masks drawn before the clock
             t = time.perf_counter()
             for _ in range(args.steps):
-                loss = bare_model(pipeline(waves, torch.full((args.batch,), samples)), generator)["loss"]
+                loss = bare_model(pipeline(waves, torch.full((args.batch,), samples)), masks=masks)["loss"]
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -69,8 +69,45 @@ def test_sync_sites_names_where_the_loop_waits_and_how_often(monkeypatch):
         warnings.warn("called a synchronizing CUDA operation")  # what CUDA's sync debug mode says
         warnings.warn("something else")  # not a synchronisation
 
+    import inspect
+    lines = inspect.getsource(loop).splitlines()
+    first = loop.__code__.co_firstlineno
+    waited = first + next(i for i, line in enumerate(lines) if "torch.cuda.synchronize()" in line)
+    warned = first + next(i for i, line in enumerate(lines) if "warnings.warn(\"called" in line)
+
     sites.around(loop)()
     assert len(calls) == 3 and torch.cuda.synchronize is patched  # the real call still runs; restored after
     (explicit, n1), (implicit, n2) = sorted(sites.counts.items(), key=lambda kv: -kv[1])
     assert n1 == 3 and explicit[0].startswith("tests/test_gpu_check.py:") and "torch.cuda.synchronize" in explicit[1]
     assert n2 == 1 and implicit[0].startswith("tests/test_gpu_check.py:") and "synchronizing operation" in implicit[1]
+    # the line that synchronised is the warning's own (not the warnings module's, which calls showwarning)
+    assert implicit[1] == f"synchronizing operation at test_gpu_check.py:{warned}"
+    assert explicit[1] == f"torch.cuda.synchronize at test_gpu_check.py:{waited}"
+
+
+def test_a_device_profile_counts_each_kernel_once():
+    """On a GPU the profiler lists a kernel as its own event and inside the operator that launched it, and the step
+    marker's device event spans the whole step: the total is the kernels' time (torch's own table's), the rows
+    are the operators, with what no operator launched in a row of its own; on the CPU, operators by self time."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from bench.gpu_check import profile_rows
+
+    def event(key, device, self_device, self_cpu=0.0, annotation=False, count=1):
+        return SimpleNamespace(key=key, count=count, device_type=device, is_user_annotation=annotation,
+                               self_device_time_total=self_device, self_cpu_time_total=self_cpu)
+
+    cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+    events = [event("ProfilerStep*", cpu, 1000.0, 50.0, annotation=True),  # merged CPU + device step marker
+              event("aten::mm", cpu, 600.0, 20.0), event("sm90_xmma_gemm", gpu, 600.0),
+              event("aten::softmax", cpu, 100.0, 5.0), event("softmax_kernel", gpu, 100.0),
+              event("ncclAllReduce", gpu, 300.0),  # launched by no recorded operator
+              event("aten::view", cpu, 0.0, 3.0)]
+    total, rows = profile_rows(events, device=True)
+    assert total == 1000.0
+    assert [(r[0], r[2]) for r in rows] == [("aten::mm", 600.0), ("(kernels launched outside the operators "
+                                                                  "recorded)", 300.0), ("aten::softmax", 100.0)]
+    total, rows = profile_rows(events, device=False)
+    assert total == 78.0 and rows[0][0] == "ProfilerStep*" and rows[-1][2] == 0.0
