@@ -31,7 +31,9 @@ def test_the_smoke_run_goes_through_every_section(tmp_path, capsys):
     assert "Phase 1 (Fshift x4): self CPU time" in text and "Phase 2 (full resolution)" in text
     assert "| `aten::" in text  # the profile's operators
     targets = text.split("## 9. Issue 21's targets")[1]
-    assert targets.count("| yes |") + targets.count("| **no** |") == 8  # every target measured
+    assert targets.count("| yes |") + targets.count("| **no** |") == 9  # every target measured
+    syncs = text.split("## 6. Host synchronisations")[1].split("## 7.")[0]
+    assert "`pretrain/run.py`" in syncs and "`finetune/run.py`" in syncs  # both training paths counted
 
 
 @pytest.mark.slow
