@@ -18,6 +18,7 @@ the official trainer; ``separate_passes: false`` shares one pass (half the compu
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -40,6 +41,8 @@ from pretrain.mask_draws import MaskDraws
 from pretrain.masking import MASKINGS, mask_count, sample_mask
 
 __all__ = ["SSASTConfig", "SSASTModel", "SSASTObjective"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -214,9 +217,12 @@ def adapt_heads(state: dict, old: EncoderConfig, new: EncoderConfig) -> dict:
             continue
         weight, bias = out[f"{head}.2.weight"], out[f"{head}.2.bias"]  # [P, D], [P]
         as_kernel = weight.T.reshape(weight.shape[1], 1, *shape_old)
-        out[f"{head}.2.weight"] = resample_patch_kernel(as_kernel, shape_new, "bilinear").reshape(
+        out[f"{head}.2.weight"] = resample_patch_kernel(as_kernel, shape_new, "bilinear", what=None).reshape(
             weight.shape[1], -1).T.contiguous()
-        out[f"{head}.2.bias"] = resample_patch_kernel(bias.reshape(1, 1, *shape_old), shape_new, "bilinear").reshape(-1)
+        out[f"{head}.2.bias"] = resample_patch_kernel(bias.reshape(1, 1, *shape_old), shape_new, "bilinear",
+                                                      what=None).reshape(-1)
+        log.info("resized %s's outputs (one per patch cell) %dx%d -> %dx%d (bilinear, whatever patch_transfer is)",
+                 head, *shape_old, *shape_new)
     return out
 
 

@@ -186,10 +186,15 @@ def test_separate_passes_cost_one_more_encoder_pass(cfg):
     assert (two - one) == pytest.approx(encoder_train_flops(cfg) - counter.get_total_flops(), rel=0.05)
 
 
-def test_heads_follow_a_patch_shape_change(cfg):
+def test_heads_follow_a_patch_shape_change(cfg, caplog):
     model = SSASTModel(ASTEncoder(cfg), SSASTConfig())
     coarse = Compression("patch", 4).encoder_config(cfg)  # 16 x 64 patches
-    state = adapt_heads(model.state_dict(), cfg, coarse)
+    with caplog.at_level("INFO"):
+        state = adapt_heads(model.state_dict(), cfg, coarse)
+    # one line per head, named as the head (not as a patch kernel, which a patch recipe resizes its own way)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"resized {head}'s outputs (one per patch cell) 16x16 -> 16x64 (bilinear, whatever patch_transfer is)"
+        for head in ("cpredlayer", "gpredlayer")]
     assert state["cpredlayer.2.weight"].shape == (16 * 64, 32) and state["gpredlayer.2.bias"].shape == (1024,)
     new = SSASTModel(ASTEncoder(coarse), SSASTConfig())
     new.load_state_dict({k: v for k, v in state.items() if not k.startswith("encoder.")}, strict=False)

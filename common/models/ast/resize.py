@@ -97,8 +97,10 @@ def resample_pos_embed(
     return out
 
 
-def resample_patch_kernel(weight: torch.Tensor, new_shape: tuple[int, int], mode: str = "pi") -> torch.Tensor:
-    """Resize a patch-embedding kernel ``[D, C, h, w]`` to ``new_shape = (h', w')``.
+def resample_patch_kernel(weight: torch.Tensor, new_shape: tuple[int, int], mode: str = "pi",
+                          what: str | None = "patch kernel") -> torch.Tensor:
+    """Resize a patch-embedding kernel ``[D, C, h, w]`` to ``new_shape = (h', w')`` (logged as ``what``; None: not
+    logged, the caller says it).
 
     ``pi``: the pseudo-inverse resize of FlexiViT: token values are kept for patches that are bilinearly
     resized along with the kernel (exactly when the kernel grows, in the least-squares sense when it
@@ -118,7 +120,8 @@ def resample_patch_kernel(weight: torch.Tensor, new_shape: tuple[int, int], mode
     else:
         out = F.interpolate(weight.float(), size=new_shape, mode="bilinear", align_corners=False,
                             antialias=True).to(weight.dtype)
-    log.info("resized patch kernel %dx%d -> %dx%d (%s)", *old_shape, *new_shape, mode)
+    if what is not None:
+        log.info("resized %s %dx%d -> %dx%d (%s)", what, *old_shape, *new_shape, mode)
     return out
 
 
