@@ -18,6 +18,7 @@ from lhotse import Recording
 from lhotse.audio.utils import set_audio_duration_mismatch_tolerance
 
 from common.data.integrity import decoder_reason, truncation
+from common.data.lhotse_safety import no_shell
 
 __all__ = ["BadClip", "AUDIO_LENGTH_TOLERANCE", "SAFE_SOURCES", "CHANNELS", "narrow_length_tolerance",
            "refused_source", "source_path", "audio_file_problem", "load_clip"]
@@ -50,6 +51,8 @@ def narrow_length_tolerance() -> None:
 
 
 narrow_length_tolerance()
+
+no_shell()  # Lhotse's audio backends and file opener without a shell (common.data.lhotse_safety)
 
 # Lhotse audio sources this package reads: a file, bytes in the manifest or a Shar tar. Lhotse would also run a
 # ``command`` source through the shell and fetch a ``url`` one; nothing a user loads may run code or reach out.

@@ -31,7 +31,10 @@ from typing import Iterator, Sequence
 import numpy as np
 from lhotse.serialization import deserialize_item
 
+from common.data.lhotse_safety import no_shell
 from common.system.atomic import atomic_path, remove_orphans
+
+no_shell()  # Lhotse's audio backends and file opener without a shell (common.data.lhotse_safety)
 
 __all__ = ["DEFAULT_INDEX_DIR", "ManifestIndex", "IndexShuffleSampler", "open_lines", "count_lines", "manifest_path"]
 

@@ -373,3 +373,36 @@ def test_a_shar_export_leaves_out_a_clip_shorter_than_its_manifest_says(tmp_path
     exported = [line for shard in sorted((tmp_path / "shar").glob("cuts.*.jsonl.gz"))
                 for line in gzip.open(shard, "rt") if line.strip()]
     assert len(exported) == 3 and not any(Path(files[1]).stem in line for line in exported)
+
+
+def test_a_file_named_like_a_shell_command_is_only_a_name(tmp_path, monkeypatch):
+    """Lhotse's default backends read ``*.sph`` with sph2pipe and open ``pipe:...`` paths through a shell, the path
+    unquoted: a manifest entry, a file given to predict or embed, or a file in a prepared tree named
+    ``x; COMMAND; .sph`` ran COMMAND. This package's Lhotse has no backend that starts a subprocess
+    (``common.data.lhotse_safety``): such a clip is bad audio, such a manifest cannot be opened, nothing runs; a
+    real NIST SPHERE file still reads (libsndfile)."""
+    import numpy as np
+    from lhotse import MonoCut, Recording
+    from lhotse.audio import AudioSource
+
+    from common.data.audio_file import AudioFile
+    from common.data.corpora.base import ClipEntry, _read_cut
+
+    monkeypatch.chdir(tmp_path)  # a command in a file name writes here
+    marker = tmp_path / "ran"
+    named = tmp_path / "x; touch ran; .sph"
+    named.write_bytes(np.random.default_rng(0).bytes(4000))
+    recording = Recording(id="r", sources=[AudioSource(type="file", channels=[0], source=str(named))],
+                          sampling_rate=16000, num_samples=8000, duration=0.5)
+    with pytest.raises(BadClip):
+        load_clip(MonoCut(id="c", start=0.0, duration=0.5, channel=0, recording=recording), 16000)
+    with pytest.raises(ValueError):
+        AudioFile(named, 16000)
+    assert _read_cut(ClipEntry("c", named, "train", ()), "custom")[1] is None
+    with pytest.raises(Exception):  # noqa: B017 - whatever Lhotse raises for a path it cannot open
+        CutSet.from_file("pipe:touch ran; echo {}")
+    assert not marker.exists()
+    sphere = tmp_path / "real.sph"
+    sf.write(sphere, np.zeros(8000, dtype=np.float32) + 0.1, 16000, format="NIST", subtype="PCM_16")
+    cut = Recording.from_file(sphere).to_cut()
+    assert load_clip(cut, 16000).shape == (8000,)

@@ -37,8 +37,11 @@ from typing import Iterable, Iterator
 from lhotse import CutSet, MonoCut, Recording
 
 from common.data.integrity import decoder_reason, truncation
+from common.data.lhotse_safety import no_shell
 from common.system.disk import output_folder
 from common.system.logger import progress
+
+no_shell()  # Lhotse's audio backends and file opener without a shell (common.data.lhotse_safety)
 
 __all__ = [
     "ClipEntry",
