@@ -85,11 +85,29 @@ class _TarPairs:
     the tar is opened seekable (``r:``), so a pair passed over costs two header reads, not its audio."""
 
     def __init__(self, path: str) -> None:
-        self.tar = tarfile.open(path, mode="r:")
+        self.path = path
+        try:
+            self.tar = tarfile.open(path, mode="r:")
+        except (tarfile.TarError, EOFError) as err:
+            raise self._damaged(err) from None
+
+    def _damaged(self, err: Exception) -> ValueError:
+        return ValueError(f"Shar tar {self.path} cannot be read ({type(err).__name__}: {err}): a truncated or damaged "
+                          f"copy? Write the Shar folder again (`python -m common.data.corpora shar`) or copy it again")
 
     def next(self, read: bool) -> tuple[object | None, Path] | None:
         """``(manifest with its data attached or None, data path)`` of the next pair (``read`` False: no manifest),
-        or None at the end of the tar."""
+        or None at the end of the tar.
+
+        Raises:
+            ValueError: the tar is cut short or damaged (naming it).
+        """
+        try:
+            return self._next(read)
+        except (tarfile.TarError, EOFError) as err:
+            raise self._damaged(err) from None
+
+    def _next(self, read: bool) -> tuple[object | None, Path] | None:
         data_info, meta_info = self.tar.next(), self.tar.next()
         if data_info is None or meta_info is None:
             return None

@@ -28,9 +28,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import multiprocessing
 import os
 import re
 import signal
+import traceback
 import weakref
 from multiprocessing import util
 from typing import Iterator
@@ -47,9 +49,24 @@ os.register_at_fork(after_in_child=_LIVE.clear)  # a forked process does not own
 
 def start_workers(loader: DataLoader) -> Iterator:
     """``iter(loader)``, its workers forked with the collector paused (:func:`forking`) and held until
-    :func:`end_workers` (a kept loader's iterator is the same object each time)."""
-    with forking():
-        iterator = iter(loader)
+    :func:`end_workers` (a kept loader's iterator is the same object each time). Where ``iter`` fails after it
+    forked them (PyTorch's iterator draws its first indices from the sampler, in this process: a damaged Shar tar
+    raises there), the workers it started are ended before the error goes on: the half-built iterator, which only
+    the error's traceback holds, would have kept them alive, ignoring the SIGTERM of ``multiprocessing``'s exit,
+    which then joined them for ever."""
+    before = set(multiprocessing.active_children())
+    try:
+        with forking():
+            iterator = iter(loader)
+    except BaseException as err:
+        half = _iterator_of(err)
+        if half is not None:  # its own shutdown (stop sentinels, joins), then a kill of what is left
+            _LIVE[id(half)] = half
+            end_workers(half)
+        for child in set(multiprocessing.active_children()) - before:
+            child.kill()
+            child.join()
+        raise
     if hasattr(iterator, "_shutdown_workers"):
         _LIVE[id(iterator)] = iterator
         if os.getpid() not in _EXIT_HOOKED:
@@ -59,6 +76,17 @@ def start_workers(loader: DataLoader) -> Iterator:
             _EXIT_HOOKED.add(os.getpid())
             util.Finalize(None, _end_all, exitpriority=100)
     return iterator
+
+
+def _iterator_of(err: BaseException):
+    """The DataLoader iterator whose construction raised ``err`` (the innermost ``self`` of its traceback's frames
+    that has workers to shut down), or None."""
+    found = None
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        candidate = frame.f_locals.get("self")
+        if hasattr(candidate, "_shutdown_workers") and hasattr(candidate, "_workers"):
+            found = candidate
+    return found
 
 
 def end_workers(iterator: Iterator) -> None:

@@ -221,6 +221,22 @@ def test_stats_cli_and_shar_round_trip(synth_corpus, tmp_path, caplog):
     assert sorted(i for b in loader.batches(epochs=1) for i in b.ids) == expected
 
 
+def test_a_truncated_shar_tar_is_named(synth_corpus, tmp_path):
+    """A Shar tar cut short (an interrupted copy) raised tarfile's ReadError, naming no file, from the loader's
+    sampler; it is a ValueError naming the tar and what to do."""
+    from common.data.corpora.__main__ import main
+    from common.data.shar_stream import _TarPairs
+
+    assert main(["shar", str(synth_corpus / "synth_valid.jsonl.gz"), "--out", str(tmp_path / "shar"),
+                 "--shard-size", "12"]) == 0
+    tar = next((tmp_path / "shar").glob("recording.*.tar"))
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2 + 100])
+    pairs = _TarPairs(str(tar))
+    with pytest.raises(ValueError, match=f"Shar tar {tar} cannot be read .*truncated or damaged copy"):
+        while pairs.next(True) is not None:
+            pass
+
+
 @pytest.fixture(scope="module")
 def class_sorted_manifest(tmp_path_factory):
     """40,000 clips of 500 classes, written class after class (as VoxCeleb's or SpeechCommands' source

@@ -148,3 +148,29 @@ def test_a_script_ends_while_its_loader_is_alive(synth_corpus, tmp_path, mode, o
                           env=env, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == out
+
+
+def test_workers_forked_by_an_iteration_that_fails_to_start_are_ended():
+    """PyTorch's iterator forks its workers, then draws its first indices from the sampler in this process: a
+    sampler that raises there (a damaged Shar tar) left workers that no iterator held and that ignore the SIGTERM
+    of multiprocessing's exit, which then joined them for ever (the process hung after its traceback)."""
+    import torch
+    from torch.utils.data import DataLoader, Sampler
+
+    from common.data.workers import start_worker, start_workers
+
+    class Broken(Sampler):
+        def __iter__(self):
+            raise ValueError("Shar tar x.tar cannot be read")
+            yield 0
+
+        def __len__(self):
+            return 1
+
+    before = set(multiprocessing.active_children())
+    broken = DataLoader(torch.arange(8), sampler=Broken(), num_workers=2, worker_init_fn=start_worker)
+    with pytest.raises(ValueError, match="cannot be read") as caught:
+        start_workers(broken)
+    # while the error is alive (its traceback holds the half-built iterator: a run reports it, an uncaught one
+    # stays in sys.last_traceback until the exit), the workers are already gone
+    assert set(multiprocessing.active_children()) - before == set() and caught.traceback
