@@ -23,7 +23,7 @@ import yaml
 
 from common.system.atomic import atomic_write_text
 
-__all__ = ["RecipeError", "RecipeLoader", "parse_yaml", "build", "to_dict", "merge", "load_yaml", "apply_overrides",
+__all__ = ["RecipeError", "RecipeLoader", "parse_yaml", "yaml_problem", "build", "to_dict", "merge", "load_yaml", "apply_overrides",
            "recipe_files", "with_source",
            "dump_yaml"]
 
@@ -36,8 +36,23 @@ class RecipeLoader(yaml.SafeLoader):
     """PyYAML's safe loader, with floats as YAML 1.2 and Python write them.
 
     YAML 1.1 needs a dot and a signed exponent (``5.0e-05``); here ``5e-5``, ``1e9``, ``1.0e9``, ``.5``
-    and ``1.5`` are all floats. Everything else (ints, booleans, nulls, strings) is as in ``safe_load``.
+    and ``1.5`` are all floats. Everything else (ints, booleans, nulls, strings) is as in ``safe_load``, but for a
+    key written twice in one mapping, which is an error (``safe_load`` keeps the last silently); a key that
+    overrides one merged in with ``<<:`` is not written twice.
     """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key_node.value!r} is written twice in one mapping (first at line "
+                        f"{seen[key_node.value].start_mark.line + 1}); which one is meant?", key_node.start_mark)
+                seen[key_node.value] = key_node
+        return super().construct_mapping(node, deep=deep)
 
 
 _FLOAT_TAG = "tag:yaml.org,2002:float"
@@ -56,6 +71,16 @@ RecipeLoader.yaml_implicit_resolvers = {
 for _first in "-+0123456789.":
     if not any(tag == _FLOAT_TAG for tag, _ in RecipeLoader.yaml_implicit_resolvers.setdefault(_first, [])):
         RecipeLoader.yaml_implicit_resolvers[_first].insert(0, (_FLOAT_TAG, _FLOAT))
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: its problem and where (PyYAML's own text spans lines, with an excerpt and a
+    caret)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = " ".join(str(getattr(err, "problem", None) or err).split())
+    context = " ".join(str(getattr(err, "context", None) or "").split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
 
 
 def parse_yaml(text: str):
@@ -203,7 +228,7 @@ def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     try:
         data = parse_yaml(path.read_text())
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        raise RecipeError(f"{path}: not valid YAML: {yaml_problem(err)}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(f"{path}: cannot be read ({err})") from None
     if not isinstance(data, dict):
@@ -289,8 +314,8 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         try:
             value = parse_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise RecipeError(f"--set {key.strip()}: the value {raw!r} is not valid YAML ({problem})") from None
+            raise RecipeError(f"--set {key.strip()}: the value {raw!r} is not valid YAML ({yaml_problem(err)})") \
+                from None
         node: Any = data
         for i, part in enumerate(parts[:-1]):
             where = ".".join(parts[: i + 1])

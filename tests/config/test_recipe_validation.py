@@ -47,6 +47,7 @@ def broken(tmp_path_factory) -> Path:
     (d / "cycle_a.yaml").write_text("extends: cycle_b.yaml\n")
     (d / "cycle_b.yaml").write_text("extends: cycle_a.yaml\n")
     (d / "a_list.yaml").write_text("- phases\n- model\n")
+    (d / "twice.yaml").write_text(f"extends: {RECIPE}\ndata:\n  batch_size: 16\n  batch_size: 8\n")
     (d / "unknown_key_baseline.yaml").write_text(f"extends: {RECIPE}\nbaseline: null\nmodel: {{sise: tiny}}\n")
     (d / "baseline_missing.yaml").write_text(f"extends: {RECIPE}\nbaseline: nowhere_baseline.yaml\n")
     (d / "baseline_broken.yaml").write_text(f"extends: {RECIPE}\nbaseline: unknown_key_baseline.yaml\n")
@@ -121,7 +122,11 @@ PRETRAIN_CASES = [
     ("recipe: extends a missing file", "extends_missing.yaml", [], "extends_missing.yaml: extends nowhere.yaml"),
     ("recipe: extends broken YAML", "extends_broken.yaml", [], "broken.yaml: not valid YAML"),
     ("recipe: extends in a cycle", "cycle_a.yaml", [], "in a cycle"),
-    ("recipe: invalid YAML", "broken.yaml", [], "broken.yaml: not valid YAML"),
+    ("recipe: invalid YAML", "broken.yaml", [], "broken.yaml: not valid YAML: line 2, column 1: expected the node "
+                                                "content, but found '<stream end>' (while parsing a flow node)\n"),
+    ("recipe: a key written twice", "twice.yaml", [], "twice.yaml: not valid YAML: line 4, column 3: key "
+                                                      "'batch_size' is written twice in one mapping (first at line 3)"),
+    ("--set: a key written twice", None, ["data={{batch_size: 4, batch_size: 8}}"], "--set data: the value"),
     ("recipe: a list", "a_list.yaml", [], "a_list.yaml: a recipe is a mapping"),
     ("recipe: missing", "nowhere.yaml", [], "nowhere.yaml"),
     ("baseline recipe missing", "baseline_missing.yaml", [], "baseline: recipe nowhere_baseline.yaml not found"),
