@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import zlib
 from pathlib import Path
 from typing import Iterable
 
-from common.data.manifest_index import manifest_path
+from common.data.manifest_index import manifest_path, truncated_manifest
 
 __all__ = ["fingerprint", "run_fingerprints", "changes", "key_for", "DataChanged"]
 
@@ -57,7 +58,11 @@ def fingerprint(path: str | Path) -> dict:
     """
     path = manifest_path(path)  # as the loader reads it
     if path.is_file():
-        return {"sha256": _file_sha256(path).hexdigest(), "content_sha256": _content_sha256(path).hexdigest(),
+        try:
+            content = _content_sha256(path).hexdigest()
+        except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+            raise ValueError(truncated_manifest(path, err)) from None
+        return {"sha256": _file_sha256(path).hexdigest(), "content_sha256": content,
                 "bytes": path.stat().st_size}
     if path.is_dir():
         digest, content, size = hashlib.sha256(), hashlib.sha256(), 0

@@ -25,6 +25,7 @@ import logging
 import mmap
 import os
 import time
+import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -36,7 +37,8 @@ from common.system.atomic import atomic_path, remove_orphans
 
 no_shell()  # Lhotse's audio backends and file opener without a shell (common.data.lhotse_safety)
 
-__all__ = ["DEFAULT_INDEX_DIR", "ManifestIndex", "IndexShuffleSampler", "open_lines", "count_lines", "manifest_path"]
+__all__ = ["DEFAULT_INDEX_DIR", "ManifestIndex", "IndexShuffleSampler", "open_lines", "count_lines", "manifest_path",
+           "truncated_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +61,28 @@ def open_lines(path: Path):
     return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
 
 
+def truncated_manifest(path: Path, err: Exception) -> str:
+    """What to say of a manifest that cannot be read to its end (a gzip stream cut short: an interrupted copy)."""
+    return (f"manifest {path} cannot be read to its end ({type(err).__name__}: {err}): a truncated or damaged copy? "
+            f"Copy or prepare it again")
+
+
 def count_lines(path: Path, limit: int | None = None) -> int:
     """The non-empty lines (clips) of a ``.jsonl(.gz)`` manifest or Shar cuts shard, none parsed; ``limit + 1`` as
-    soon as the count exceeds ``limit``."""
+    soon as the count exceeds ``limit``.
+
+    Raises:
+        ValueError: a gzipped file cut short (:func:`truncated_manifest`).
+    """
     count = 0
-    with open_lines(path) as handle:
-        for line in handle:
-            count += bool(line.strip())
-            if limit is not None and count > limit:
-                break
+    try:
+        with open_lines(path) as handle:
+            for line in handle:
+                count += bool(line.strip())
+                if limit is not None and count > limit:
+                    break
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise ValueError(truncated_manifest(path, err)) from None
     return count
 
 

@@ -13,9 +13,11 @@ training time (``common.data.bad_audio.BadAudioTracker``).
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -25,7 +27,7 @@ from common.audio.fbank import NORM_STATS, resolve_norm_stats
 from common.config.recipe import RecipeError
 from common.data.corpora.base import read_classes
 from common.data.decode import refused_source
-from common.data.manifest_index import manifest_path, open_lines
+from common.data.manifest_index import manifest_path, open_lines, truncated_manifest
 from common.data.manifests import epoch_clips, manifest_problem
 from common.data.shar_stream import folder_shards
 
@@ -176,9 +178,13 @@ def check_labels(path: str | os.PathLike, key: str, classes: str | os.PathLike |
     unlabeled, unknown, several, clips = [0, None], [0, None, None], [0, None, None], 0
     try:
         with open_lines(path) as handle:
-            for line in handle:
-                if not line.strip():
+            for number, line in enumerate(handle, 1):
+                entry = line.strip()
+                if not entry:
                     continue
+                if not (entry.startswith(b"{") and entry.endswith(b"}")):  # a clip's entry is a JSON object
+                    raise RecipeError(f"{key}: {path}: line {number} is not a clip's entry (a JSON object): "
+                                      f"{entry[:60].decode('utf-8', 'replace')!r}; prepare the manifest again")
                 clips += 1
                 found = _LABELS.search(line)
                 try:
@@ -197,7 +203,9 @@ def check_labels(path: str | os.PathLike, key: str, classes: str | os.PathLike |
                     unknown[0] += 1
                     if unknown[1] is None:
                         unknown[1], unknown[2] = _clip_id(line), strange[0]
-    except (OSError, EOFError):
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:  # cut short past its first lines (check_manifest's)
+        raise RecipeError(f"{key}: {truncated_manifest(path, err)}") from None
+    except OSError:
         return  # not a readable manifest: check_manifest says why
     if unlabeled[0] and unlabeled[0] == clips:
         raise RecipeError(f"{key}: {path} is a manifest of unlabeled audio (none of its {clips} clip(s) has a label: "

@@ -237,6 +237,34 @@ def test_a_truncated_shar_tar_is_named(synth_corpus, tmp_path):
             pass
 
 
+def test_a_manifest_cut_short_or_with_a_line_of_no_clip_is_named(synth_corpus, tmp_path):
+    """A .jsonl.gz copy cut short (an interrupted copy) gave gzip's EOFError traceback from the fingerprint, and a
+    line that is not JSON in the middle 'Expecting value: line 1 column 1' (no file, no line) or, to a
+    single-label task's label check, 'clips have no label': each names the manifest now (and the line)."""
+    import gzip
+
+    from common.config.recipe import RecipeError
+    from common.data.fingerprint import fingerprint
+    from common.data.preflight import check_labels
+
+    source = synth_corpus / "synth_train.jsonl.gz"
+    cut_short = tmp_path / "short.jsonl.gz"
+    cut_short.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"manifest {cut_short} cannot be read to its end .*truncated or damaged"):
+        fingerprint(cut_short)
+    with pytest.raises(RecipeError, match=f"task.train.0: manifest {cut_short} cannot be read to its end"):
+        check_labels(cut_short, "task.train.0", synth_corpus / "synth_classes.json", single_label=True)
+    with pytest.raises(ValueError, match=f"manifest {cut_short} cannot be read to its end"):
+        open_cuts([cut_short], in_memory_max=100000)
+    lines = gzip.decompress(source.read_bytes()).decode().splitlines()
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(gzip.compress("\n".join([*lines[:5], "<<<<<<< HEAD", *lines[5:]]).encode()))
+    with pytest.raises(RecipeError, match=f"task.train.0: {bad}: line 6 is not a clip's entry .*'<<<<<<< HEAD'"):
+        check_labels(bad, "task.train.0", synth_corpus / "synth_classes.json", single_label=True)
+    with pytest.raises(ValueError, match=f"manifest {bad}: the entry after clip 5 is not a clip"):
+        open_cuts([bad], in_memory_max=100000)
+
+
 @pytest.fixture(scope="module")
 def class_sorted_manifest(tmp_path_factory):
     """40,000 clips of 500 classes, written class after class (as VoxCeleb's or SpeechCommands' source
