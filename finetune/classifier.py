@@ -27,7 +27,7 @@ from common.data.clips import Batch
 from common.metrics import compute_metrics, standard_error
 from common.models.arch import architecture_for, architecture_from_meta
 from common.models.ast.arch import Classifier
-from common.models.exports import is_export, read_weights, resolve_model_file, save_weights
+from common.models.exports import is_export, load_checked, read_weights, resolve_model_file, save_weights
 from common.models.flops import train_step_flops
 from common.models.hf import hf_classifier_export, is_hf_directory
 from common.models.memory import MemoryEstimate, estimate_training_memory
@@ -145,8 +145,7 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
     info = meta["classifier"]
     arch = architecture_from_meta(meta)
     model = arch.build_classifier(arch.export_geometry(meta), len(info["classes"]), info["pool"])
-    model.load_state_dict({k: v.float() for k, v in tensors.items()})
-    return model.eval(), meta
+    return load_checked(model, tensors, file).eval(), meta
 
 
 class ClassifierObjective:
