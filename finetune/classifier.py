@@ -142,9 +142,14 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
     if "classifier" not in meta:
         raise ValueError(f"{file} is an encoder without a classification head (a pretraining export?); "
                          f"fine-tune it first: python finetune/run.py --init {path} --task NAME")
+    if "encoder_config" not in meta:
+        raise ValueError(f"{file} has no encoder_config in its metadata")
     info = meta["classifier"]
     arch = architecture_from_meta(meta)
-    model = arch.build_classifier(arch.export_geometry(meta), len(info["classes"]), info["pool"])
+    try:
+        model = arch.build_classifier(arch.export_geometry(meta), len(info["classes"]), info["pool"])
+    except ValueError as err:  # a pooling the architecture does not have
+        raise ValueError(f"{file}: metadata classifier: {err}") from None
     return load_checked(model, tensors, file).eval(), meta
 
 

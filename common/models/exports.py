@@ -23,7 +23,8 @@ from common.models.ast.encoder import ASTEncoder
 from common.system.atomic import atomic_path
 
 __all__ = ["EXPORT_FORMAT", "RUN_EXPORT", "save_weights", "read_weights", "is_export", "save_encoder",
-           "resolve_model_file", "fold_dirs", "unreadable", "misfit", "load_checked"]
+           "resolve_model_file", "fold_dirs", "unreadable", "misfit", "load_checked",
+           "check_export_meta"]
 
 EXPORT_FORMAT = "coarse2fine-ast/1"
 RUN_EXPORT = "model.safetensors"
@@ -111,8 +112,57 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             f"{path} is a safetensors file but not an export of this package (format={raw.get('format')!r}, "
             f"expected {EXPORT_FORMAT!r})"
         )
-    meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
+    meta = {}
+    for key, value in raw.items():
+        if key == "format":
+            continue
+        try:
+            meta[key] = json.loads(value)
+        except ValueError as err:
+            raise ValueError(f"{path}: metadata {key!r} is not JSON ({err}): not an export as this package writes "
+                             f"them, or a damaged one") from None
+    check_export_meta(path, meta)
     return tensors, meta
+
+
+# the metadata keys whose values have one type, where an export has them (their contents are checked below)
+_META_TYPES = {"arch": (str, "a string"), "encoder_prefix": (str, "a string"), "loss": (str, "a string"),
+               "encoder_config": (dict, "a mapping"), "audio": (dict, "a mapping"), "phase": (dict, "a mapping"),
+               "classifier": (dict, "a mapping"), "class_names": (dict, "a mapping")}
+
+
+def check_export_meta(path: str | os.PathLike, meta: dict) -> None:
+    """Refuse an export's metadata that the readers would trip on (a TypeError or AttributeError deep inside):
+    a value of the wrong type, a model config (``encoder_config``, ``audio``) that does not build, a ``phase``
+    that is no compression, a ``classifier`` without its class list or pooling.
+
+    Raises:
+        ValueError: naming ``path`` and the key (``encoder_config.depth: expected an integer, got 'four'``).
+    """
+    from common.audio.compression import Compression
+    from common.models.arch import architecture_from_meta  # (here: the architectures load exports)
+
+    for key, (kind, what) in _META_TYPES.items():
+        if key in meta and not isinstance(meta[key], kind):
+            raise ValueError(f"{path}: metadata {key} must be {what}, got {meta[key]!r}")
+    phase = meta.get("phase", {})
+    try:
+        Compression(phase.get("compression", "none"), phase.get("factor", 1), phase.get("patch_transfer", "pi"))
+    except ValueError as err:
+        raise ValueError(f"{path}: metadata phase.{err}") from None
+    info = meta.get("classifier")
+    if info is not None:
+        classes = info.get("classes")
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+            raise ValueError(f"{path}: metadata classifier.classes must be a non-empty list of class names, got "
+                             f"{classes!r}")
+        if not isinstance(info.get("pool"), str):
+            raise ValueError(f"{path}: metadata classifier.pool must be a string, got {info.get('pool')!r}")
+    if "encoder_config" in meta:
+        try:
+            architecture_from_meta(meta)
+        except ValueError as err:
+            raise ValueError(f"{path}: metadata {err}") from None
 
 
 def save_encoder(encoder: ASTEncoder, path: str | os.PathLike, meta: dict | None = None) -> Path:

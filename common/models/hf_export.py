@@ -116,9 +116,12 @@ def read_ast(src: str | os.PathLike, norm: str | None = None) -> tuple[ASTWeight
 
         try:
             with safe_open(str(file), framework="pt") as handle:
-                own = (handle.metadata() or {}).get("format") == EXPORT_FORMAT
+                header = handle.metadata() or {}
         except Exception as err:  # noqa: BLE001
             raise HFFormatError(str(unreadable(file, err))) from err
+        own = header.get("format") == EXPORT_FORMAT
+        if own and header.get("arch", '"ast"') != '"ast"':  # said before the metadata is read (HTS-AT's is other)
+            raise HFFormatError(_not_ast(file, header["arch"].strip('"')))
     if not own:
         cfg, state, meta = load_encoder_state(file)
         if meta.get("arch", "ast") != "ast":  # an official HTS-AT checkpoint, an ImageNet Swin
