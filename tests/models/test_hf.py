@@ -438,3 +438,54 @@ def test_a_sharded_index_names_only_files_in_its_directory(tmp_path, shard):
     with pytest.raises(HFFormatError, match=rf"^{index}: weight_map\[\"a\.weight\"\] is .*, not the name of a "
                                             rf"file in {out}$"):
         read_hf_directory(out)
+
+
+def test_an_export_whose_weights_do_not_fit_publishes_nothing_and_config_json_comes_last(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """c2f-hf export refuses weights its own reader would refuse (a tensor of another shape) instead of reporting
+    success; a directory that does not read back is not published; and config.json, which makes a folder a model,
+    is removed first and published last: a kill in between leaves no config.json beside other weights."""
+    import os
+
+    from safetensors.torch import load_file, safe_open, save_file
+
+    import common.models.hf_export as hf_export
+    from tests.helpers import one_error
+
+    src = tiny_classifier(tmp_path / "m.safetensors")
+    out = export_hf(src, tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "bad.safetensors"
+    with safe_open(str(src), framework="pt") as handle:
+        meta = handle.metadata()
+    save_file({**load_file(str(src)), "encoder.blocks.0.norm1.weight": torch.ones(5)}, str(bad), metadata=meta)
+    assert hf_export.main(["export", str(bad), "--out", str(out)]) == 2
+    assert one_error(capsys.readouterr().err) == (
+        f"error: cannot export {bad}: the weights do not fit the model its config describes: wrong shapes "
+        f"blocks.0.norm1.weight (5,) (the model's (32,))")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier export untouched
+    # a directory that does not read back (whatever the reason) is not published
+    monkeypatch.setattr(hf_export, "read_hf_directory", lambda path: (_ for _ in ()).throw(HFFormatError("odd")))
+    with pytest.raises(HFFormatError, match=r"does not read back \(odd\); nothing was published"):
+        export_hf(tiny_classifier(tmp_path / "other.safetensors", loss="bce"), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    # publishing: the weights, the preprocessor, config.json last; killed after the weights, no config.json is left
+    moved, real_replace = [], os.replace
+
+    def replace(a, b):
+        moved.append(Path(b).name)
+        if len(moved) == 2:
+            raise KeyboardInterrupt  # the kill
+        real_replace(a, b)
+
+    other = tiny_classifier(tmp_path / "other.safetensors", cfg=tiny_cfg(depth=1))
+    monkeypatch.setattr(hf_export.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        export_hf(other, out)
+    assert moved == ["model.safetensors", "preprocessor_config.json"]
+    assert not (out / "config.json").exists() and (out / "model.safetensors").read_bytes() != before[
+        "model.safetensors"]
+    monkeypatch.undo()
+    assert export_hf(other, out) == out
+    assert read_hf_directory(out).cfg.depth == 1
