@@ -75,12 +75,19 @@ def load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str 
 
     Raises:
         ValueError: the weights do not fit, naming ``source`` (the file) and the first mismatching keys and shapes
-            (``load_state_dict``'s RuntimeError would be a traceback).
+            (``load_state_dict``'s RuntimeError would be a traceback); a tensor of integers where the model has
+            floating-point weights, or one holding NaN or infinite values, naming the key.
     """
     own = module.state_dict()
     problem = misfit(own, state, fresh)
     if problem is not None:
         raise ValueError(f"{source}: the weights do not fit the model its config describes: {problem}")
+    for key, value in state.items():  # a cast would make integers or NaN weights a model that says nothing
+        if own[key].is_floating_point() and not value.is_floating_point():
+            raise ValueError(f"{source}: tensor {key} holds {str(value.dtype).replace('torch.', '')} values; the "
+                             f"model's weights are floating point")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{source}: tensor {key} holds NaN or infinite values")
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=not fresh)
     return module
 

@@ -221,3 +221,25 @@ def test_a_classifier_whose_weights_do_not_fit_its_config_is_one_error_naming_fi
         assert predict(["--ckpt", str(model), str(clip)]) == 2
         assert one_error(capsys.readouterr().err) == (
             f"error: {model}: the weights do not fit the model its config describes: {says}")
+
+
+def test_weights_that_are_not_finite_floats_are_refused_naming_file_and_key(tmp_path, model_file, capsys):
+    """A NaN or infinite weight, or integers where the model has floating-point weights, would be cast and
+    loaded without a word (every score NaN, or a model that says nothing): predict (and --init, embed) refuse
+    it, naming the file and the tensor."""
+    import torch
+
+    from tests.helpers import one_error
+
+    clip = _write(tmp_path / "a.wav", 0.5)
+    nan = torch.zeros(3)
+    nan[1] = float("nan")
+    for change, says in (
+            (lambda s: s.__setitem__("head.1.bias", nan), "tensor head.1.bias holds NaN or infinite values"),
+            (lambda s: s.__setitem__("encoder.pos_embed", s["encoder.pos_embed"] * float("inf")),
+             "tensor encoder.pos_embed holds NaN or infinite values"),
+            (lambda s: s.__setitem__("head.1.weight", s["head.1.weight"].to(torch.int32)),
+             "tensor head.1.weight holds int32 values; the model's weights are floating point")):
+        model = _rewrite(model_file("ce"), change)
+        assert predict(["--ckpt", str(model), str(clip)]) == 2
+        assert one_error(capsys.readouterr().err) == f"error: {model}: {says}"

@@ -292,3 +292,18 @@ def test_weights_that_do_not_fit_are_one_error_naming_the_file_and_the_keys(tiny
     assert one_error(capsys.readouterr().err) == (
         f"error: {path}: the weights do not fit the model its config describes: wrong shapes blocks.0.norm1.weight "
         f"(5,) (the model's (32,))")
+
+
+def test_weights_that_are_not_finite_floats_are_refused_naming_the_file_and_the_key(tiny_cfg):
+    """--init with a NaN weight or integer weights is refused naming the file and the tensor (a cast would load
+    them without a word)."""
+    from common.models.ast.resize import load_adapted
+
+    good = ASTEncoder(tiny_cfg).state_dict()
+    broken = {**good, "norm.weight": torch.full_like(good["norm.weight"], float("nan"))}
+    with pytest.raises(ValueError, match=r"^w\.pth: tensor norm\.weight holds NaN or infinite values$"):
+        load_adapted(ASTEncoder(tiny_cfg), broken, tiny_cfg, tiny_cfg, source="w.pth")
+    integers = {**good, "blocks.0.attn.qkv.weight": good["blocks.0.attn.qkv.weight"].to(torch.int64)}
+    with pytest.raises(ValueError, match=r"^w\.pth: tensor blocks\.0\.attn\.qkv\.weight holds int64 values; the "
+                                         r"model's weights are floating point$"):
+        load_adapted(ASTEncoder(tiny_cfg), integers, tiny_cfg, tiny_cfg, source="w.pth")
