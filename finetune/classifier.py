@@ -27,7 +27,7 @@ from common.data.clips import Batch
 from common.metrics import compute_metrics, standard_error
 from common.models.arch import architecture_for, architecture_from_meta
 from common.models.ast.arch import Classifier
-from common.models.exports import is_export, read_weights, resolve_model_file, save_weights
+from common.models.exports import is_export, load_checked, read_weights, resolve_model_file, save_weights
 from common.models.flops import train_step_flops
 from common.models.hf import hf_classifier_export, is_hf_directory
 from common.models.memory import MemoryEstimate, estimate_training_memory
@@ -142,11 +142,15 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
     if "classifier" not in meta:
         raise ValueError(f"{file} is an encoder without a classification head (a pretraining export?); "
                          f"fine-tune it first: python finetune/run.py --init {path} --task NAME")
+    if "encoder_config" not in meta:
+        raise ValueError(f"{file} has no encoder_config in its metadata")
     info = meta["classifier"]
     arch = architecture_from_meta(meta)
-    model = arch.build_classifier(arch.export_geometry(meta), len(info["classes"]), info["pool"])
-    model.load_state_dict({k: v.float() for k, v in tensors.items()})
-    return model.eval(), meta
+    try:
+        model = arch.build_classifier(arch.export_geometry(meta), len(info["classes"]), info["pool"])
+    except ValueError as err:  # a pooling the architecture does not have
+        raise ValueError(f"{file}: metadata classifier: {err}") from None
+    return load_checked(model, tensors, file).eval(), meta
 
 
 class ClassifierObjective:

@@ -16,6 +16,7 @@ from torch import nn
 from common.audio.compression import Compression
 from common.audio.fbank import NormStats, resolve_norm_stats
 from common.audio.pipeline import AudioConfig
+from common.config.recipe import build
 from common.models.ast.arch import ASTArch
 from common.models.ast.encoder import EncoderConfig
 from common.models.htsat import HTSATConfig
@@ -129,7 +130,7 @@ def architecture_from_meta(meta: dict) -> Architecture:
         return architecture_for(HTSATConfig.from_dict(meta["encoder_config"], prefix="encoder_config"))
     if name == "ast":
 
-        audio = AudioConfig(**meta["audio"]) if "audio" in meta else None
+        audio = build(AudioConfig, meta["audio"], "audio") if "audio" in meta else None
         arch = architecture_for(EncoderConfig.from_dict(meta["encoder_config"]), audio)
         stats = export_norm_stats(meta)
         return arch if stats is None else replace(arch, norm_stats=stats)

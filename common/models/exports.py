@@ -17,12 +17,14 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
+from torch import nn
 
 from common.models.ast.encoder import ASTEncoder
 from common.system.atomic import atomic_path
 
 __all__ = ["EXPORT_FORMAT", "RUN_EXPORT", "save_weights", "read_weights", "is_export", "save_encoder",
-           "resolve_model_file", "fold_dirs", "unreadable"]
+           "resolve_model_file", "fold_dirs", "unreadable", "misfit", "load_checked",
+           "check_export_meta"]
 
 EXPORT_FORMAT = "coarse2fine-ast/1"
 RUN_EXPORT = "model.safetensors"
@@ -49,6 +51,45 @@ def unreadable(path: str | os.PathLike, err: Exception) -> ValueError:
         size = "size unknown"
     return ValueError(f"{path} is not a readable safetensors file ({size}; truncated, or not a safetensors file: "
                       f"{str(err).strip() or type(err).__name__})")
+
+
+def misfit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], fresh: tuple[str, ...] = ()) -> str | None:
+    """What keeps ``state`` from loading into a module whose state dict is ``own`` (tensors, or anything with a
+    ``shape``): missing keys (but those starting with a ``fresh`` prefix), unexpected keys, and shapes that differ,
+    the first few of each, in words; None when it fits."""
+    missing = [k for k in own if k not in state and not k.startswith(fresh)]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(v.shape)} (the model's {tuple(own[k].shape)})" for k, v in state.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    parts = [f"{what} {items[:5] if what != 'wrong shapes' else '; '.join(items[:5])}"
+             + (f" ({len(items)} in all)" if len(items) > 5 else "")
+             for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+             if items]
+    return ", ".join(parts) or None
+
+
+def load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike,
+                 fresh: tuple[str, ...] = ()) -> nn.Module:
+    """Load ``state`` into ``module`` (each tensor cast to the dtype of the module's own), key for key and shape
+    for shape (but keys starting with a ``fresh`` prefix, which the module may keep as they are).
+
+    Raises:
+        ValueError: the weights do not fit, naming ``source`` (the file) and the first mismatching keys and shapes
+            (``load_state_dict``'s RuntimeError would be a traceback); a tensor of integers where the model has
+            floating-point weights, or one holding NaN or infinite values, naming the key.
+    """
+    own = module.state_dict()
+    problem = misfit(own, state, fresh)
+    if problem is not None:
+        raise ValueError(f"{source}: the weights do not fit the model its config describes: {problem}")
+    for key, value in state.items():  # a cast would make integers or NaN weights a model that says nothing
+        if own[key].is_floating_point() and not value.is_floating_point():
+            raise ValueError(f"{source}: tensor {key} holds {str(value.dtype).replace('torch.', '')} values; the "
+                             f"model's weights are floating point")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{source}: tensor {key} holds NaN or infinite values")
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=not fresh)
+    return module
 
 
 def is_export(path: str | os.PathLike) -> bool:
@@ -78,8 +119,57 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             f"{path} is a safetensors file but not an export of this package (format={raw.get('format')!r}, "
             f"expected {EXPORT_FORMAT!r})"
         )
-    meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
+    meta = {}
+    for key, value in raw.items():
+        if key == "format":
+            continue
+        try:
+            meta[key] = json.loads(value)
+        except ValueError as err:
+            raise ValueError(f"{path}: metadata {key!r} is not JSON ({err}): not an export as this package writes "
+                             f"them, or a damaged one") from None
+    check_export_meta(path, meta)
     return tensors, meta
+
+
+# the metadata keys whose values have one type, where an export has them (their contents are checked below)
+_META_TYPES = {"arch": (str, "a string"), "encoder_prefix": (str, "a string"), "loss": (str, "a string"),
+               "encoder_config": (dict, "a mapping"), "audio": (dict, "a mapping"), "phase": (dict, "a mapping"),
+               "classifier": (dict, "a mapping"), "class_names": (dict, "a mapping")}
+
+
+def check_export_meta(path: str | os.PathLike, meta: dict) -> None:
+    """Refuse an export's metadata that the readers would trip on (a TypeError or AttributeError deep inside):
+    a value of the wrong type, a model config (``encoder_config``, ``audio``) that does not build, a ``phase``
+    that is no compression, a ``classifier`` without its class list or pooling.
+
+    Raises:
+        ValueError: naming ``path`` and the key (``encoder_config.depth: expected an integer, got 'four'``).
+    """
+    from common.audio.compression import Compression
+    from common.models.arch import architecture_from_meta  # (here: the architectures load exports)
+
+    for key, (kind, what) in _META_TYPES.items():
+        if key in meta and not isinstance(meta[key], kind):
+            raise ValueError(f"{path}: metadata {key} must be {what}, got {meta[key]!r}")
+    phase = meta.get("phase", {})
+    try:
+        Compression(phase.get("compression", "none"), phase.get("factor", 1), phase.get("patch_transfer", "pi"))
+    except ValueError as err:
+        raise ValueError(f"{path}: metadata phase.{err}") from None
+    info = meta.get("classifier")
+    if info is not None:
+        classes = info.get("classes")
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+            raise ValueError(f"{path}: metadata classifier.classes must be a non-empty list of class names, got "
+                             f"{classes!r}")
+        if not isinstance(info.get("pool"), str):
+            raise ValueError(f"{path}: metadata classifier.pool must be a string, got {info.get('pool')!r}")
+    if "encoder_config" in meta:
+        try:
+            architecture_from_meta(meta)
+        except ValueError as err:
+            raise ValueError(f"{path}: metadata {err}") from None
 
 
 def save_encoder(encoder: ASTEncoder, path: str | os.PathLike, meta: dict | None = None) -> Path:

@@ -202,11 +202,21 @@ def _read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
             weight_map = _read_json(path / index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise HFFormatError(f"{path / index} has no weight_map")
+            for key, shard in weight_map.items():  # a shard is a file beside the index, never a path elsewhere
+                if not isinstance(shard, str) or not _plain_file_name(shard):
+                    raise HFFormatError(f"{path / index}: weight_map[{json.dumps(key)}] is {json.dumps(shard)}, not "
+                                        f"the name of a file in {path}")
             state = {}
             for shard in sorted(set(weight_map.values())):
                 state.update(load(path / shard))
             return state
     raise HFFormatError(f"{path} holds no weights (model.safetensors or pytorch_model.bin, optionally sharded)")
+
+
+def _plain_file_name(name: str) -> bool:
+    """Whether ``name`` names a file in the folder it is read from: no folder part (``/``, ``\\``), not ``.``,
+    ``..`` or empty, no NUL."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
 
 
 _LAYER_KEY = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
@@ -293,18 +303,42 @@ def _config_to_encoder(config: dict, source: str) -> tuple[EncoderConfig, float]
         if len(patch) != 2 or patch[0] != patch[1]:
             raise HFFormatError(f"{source}: patch_size {patch} is not square (ASTPatchEmbeddings uses a square kernel)")
         patch = patch[0]
+    c["patch_size"] = patch
     if c["hidden_act"] != "gelu":
         raise HFFormatError(f"{source}: hidden_act {c['hidden_act']!r}; this package's blocks use exact GELU ('gelu')")
-    hidden, inter = int(c["hidden_size"]), int(c["intermediate_size"])
+    size = {k: _typed(c, k, int, source) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                   "num_attention_heads", "num_mel_bins", "max_length",
+                                                   "patch_size", "frequency_stride", "time_stride")}
+    hidden, qkv_bias = size["hidden_size"], _typed(c, "qkv_bias", bool, source)
     try:
-        cfg = EncoderConfig(embed_dim=hidden, depth=int(c["num_hidden_layers"]),
-                            num_heads=int(c["num_attention_heads"]), mlp_ratio=inter / hidden,
-                            qkv_bias=bool(c["qkv_bias"]), num_mel_bins=int(c["num_mel_bins"]),
-                            input_tdim=int(c["max_length"]), fshape=int(patch), tshape=int(patch),
-                            fstride=int(c["frequency_stride"]), tstride=int(c["time_stride"]), num_prefix_tokens=2)
+        cfg = EncoderConfig(embed_dim=hidden, depth=size["num_hidden_layers"],
+                            num_heads=size["num_attention_heads"], mlp_ratio=size["intermediate_size"] / hidden,
+                            qkv_bias=qkv_bias, num_mel_bins=size["num_mel_bins"],
+                            input_tdim=size["max_length"], fshape=size["patch_size"], tshape=size["patch_size"],
+                            fstride=size["frequency_stride"], tstride=size["time_stride"], num_prefix_tokens=2)
     except ValueError as err:
         raise HFFormatError(f"{source}: {err}") from err
-    return cfg, float(c["layer_norm_eps"])
+    return cfg, _typed(c, "layer_norm_eps", float, source)
+
+
+_KINDS = {int: "a positive integer", float: "a number", bool: "true or false", dict: "a JSON object"}
+
+
+def _typed(values: dict, key: str, kind: type, source: str):
+    """``values[key]`` if it is of ``kind`` (``int``: positive; ``float``: any number; ``dict``: an object), as
+    JSON gives it (true is no number here).
+
+    Raises:
+        HFFormatError: naming ``source`` (the JSON file) and the key, instead of a TypeError or ZeroDivisionError
+            where the value is used (``hidden_size: null``, ``0``, ``"abc"``, ``num_hidden_layers: [1]``).
+    """
+    value = values[key]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {int: number and isinstance(value, int) and value > 0, float: number, bool: isinstance(value, bool),
+          dict: isinstance(value, dict)}[kind]
+    if not ok:
+        raise HFFormatError(f"{source}: {key} must be {_KINDS[kind]}, got {json.dumps(value)}")
+    return float(value) if kind is float else value
 
 
 def _norm_name(mean: float, std: float) -> str | None:
@@ -320,13 +354,16 @@ def _read_front_end(path: Path) -> FrontEnd | None:
     kind = p.get("feature_extractor_type", "ASTFeatureExtractor")
     if kind != "ASTFeatureExtractor":
         raise HFFormatError(f"{file}: feature_extractor_type {kind!r}; only ASTFeatureExtractor is supported")
-    if not p["do_normalize"] or float(p["padding_value"]) != 0.0:
+    if not _typed(p, "do_normalize", bool, str(file)) or _typed(p, "padding_value", float, str(file)) != 0.0:
         raise HFFormatError(f"{file}: do_normalize={p['do_normalize']}, padding_value={p['padding_value']}; this "
                             f"package's front end normalises and pads with 0")
-    mean, std = float(p["mean"]), float(p["std"])
-    NormStats(mean, std)  # validates
-    return FrontEnd(int(p["sampling_rate"]), int(p["num_mel_bins"]), int(p["max_length"]), mean, std,
-                    _norm_name(mean, std) or str(file))
+    mean, std = _typed(p, "mean", float, str(file)), _typed(p, "std", float, str(file))
+    try:
+        NormStats(mean, std)  # validates
+    except ValueError as err:
+        raise HFFormatError(f"{file}: {err}") from None
+    rate, bins, frames = (_typed(p, k, int, str(file)) for k in ("sampling_rate", "num_mel_bins", "max_length"))
+    return FrontEnd(rate, bins, frames, mean, std, _norm_name(mean, std) or str(file))
 
 
 def read_hf_directory(path: str | os.PathLike) -> ASTWeights:
@@ -356,6 +393,8 @@ def read_hf_directory(path: str | os.PathLike) -> ASTWeights:
     classes, names = None, {}
     if head is not None:
         n = head["1.weight"].shape[0]
+        if config.get("id2label") is not None:
+            _typed(config, "id2label", dict, str(path / CONFIG_FILE))
         id2label = {str(k): str(v) for k, v in (config.get("id2label") or {}).items()}
         if not id2label:
             id2label = {str(i): f"LABEL_{i}" for i in range(n)}  # what ASTConfig would say
@@ -363,6 +402,8 @@ def read_hf_directory(path: str | os.PathLike) -> ASTWeights:
             raise HFFormatError(f"{path / CONFIG_FILE}: id2label has keys {sorted(id2label)[:5]}..., the classifier "
                                 f"has {n} outputs (keys 0..{n - 1} expected)")
         labels = [id2label[str(i)] for i in range(n)]
+        if config.get("coarse2fine") is not None:
+            _typed(config, "coarse2fine", dict, str(path / CONFIG_FILE))
         ids = (config.get("coarse2fine") or {}).get("classes")
         classes = [str(c) for c in ids] if isinstance(ids, list) and len(ids) == n else labels
         names = dict(zip(classes, labels))

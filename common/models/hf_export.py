@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from common.audio.fbank import resolve_norm_stats
-from common.models.ast.encoder import EncoderConfig
-from common.models.exports import unreadable
+from common.models.ast.encoder import ASTEncoder, EncoderConfig
+from common.models.exports import misfit, unreadable
 from common.models.hf import (
     _HEAD_NAMES,
     _TOP_NAMES,
@@ -116,9 +116,12 @@ def read_ast(src: str | os.PathLike, norm: str | None = None) -> tuple[ASTWeight
 
         try:
             with safe_open(str(file), framework="pt") as handle:
-                own = (handle.metadata() or {}).get("format") == EXPORT_FORMAT
+                header = handle.metadata() or {}
         except Exception as err:  # noqa: BLE001
             raise HFFormatError(str(unreadable(file, err))) from err
+        own = header.get("format") == EXPORT_FORMAT
+        if own and header.get("arch", '"ast"') != '"ast"':  # said before the metadata is read (HTS-AT's is other)
+            raise HFFormatError(_not_ast(file, header["arch"].strip('"')))
     if not own:
         cfg, state, meta = load_encoder_state(file)
         if meta.get("arch", "ast") != "ast":  # an official HTS-AT checkpoint, an ImageNet Swin
@@ -173,6 +176,27 @@ def read_ast(src: str | os.PathLike, norm: str | None = None) -> tuple[ASTWeight
                       dict(meta.get("class_names") or {}), meta.get("loss", "ce"), fe, str(file),
                       provenance=origin), problems
 
+
+
+def _check_fit(model: ASTWeights) -> None:
+    """Refuse weights that do not fit their own config (a tensor of another shape, a missing or an extra one):
+    the directory written would hold a model no reader takes.
+
+    Raises:
+        HFFormatError: naming the source and the first mismatching tensors.
+    """
+    with torch.device("meta"):  # shapes only, no memory
+        own = ASTEncoder(model.cfg).state_dict()
+    problem = misfit(own, model.encoder)
+    if problem is None and model.head is not None:
+        dim, outputs = model.cfg.embed_dim, len(model.classes or [])
+        head = {k: torch.empty(shape, device="meta") for k, shape in
+                (("0.weight", (dim,)), ("0.bias", (dim,)), ("1.weight", (outputs, dim)), ("1.bias", (outputs,)))}
+        problem = misfit(head, model.head)
+        problem = None if problem is None else f"head: {problem} (for {outputs} classes)"
+    if problem is not None:
+        raise HFFormatError(f"cannot export {model.source}: the weights do not fit the model its config describes: "
+                            f"{problem}")
 
 
 def _format_problems(model: ASTWeights) -> list[str]:
@@ -233,14 +257,17 @@ def write_hf_directory(model: ASTWeights, out: str | os.PathLike) -> Path:
     """Write ``model`` as an HF AST directory (``config.json``, ``model.safetensors``, ``preprocessor_config.json``).
 
     ``ASTForAudioClassification`` when the model has a head (``id2label`` = the display names; the class
-    ids are kept under ``coarse2fine.classes`` for the way back), ``ASTModel`` otherwise. The three files
-    are written into a temporary folder and moved into ``out`` at the end, so a failure while writing
-    leaves no half-written file behind.
+    ids are kept under ``coarse2fine.classes`` for the way back), ``ASTModel`` otherwise. Weights that do not
+    fit their config are refused first. The three files are written into a temporary folder, read back there
+    (:func:`read_hf_directory`: what is published is what the reader takes) and moved into ``out`` at the end,
+    ``config.json`` last after the old one is removed: a failure while writing leaves no half-written file
+    behind, and a kill while publishing never a ``config.json`` beside weights it does not describe.
 
     Raises:
         HFFormatError: what the format cannot hold (see :func:`read_ast`).
         TransformersMissing: without ``transformers``.
     """
+    _check_fit(model)
     problems = _format_problems(model)
     if model.front_end is None:
         problems.append("its front end (sampling rate, normalisation) is unknown: pass --norm NAME|FILE")
@@ -287,8 +314,18 @@ def write_hf_directory(model: ASTWeights, out: str | os.PathLike) -> Path:
         ASTConfig(**fields).save_pretrained(tmp)
         extractor.save_pretrained(tmp)
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        try:  # what is published must be what this package's reader takes back
+            read_hf_directory(tmp)
+        except HFFormatError as err:
+            raise HFFormatError(f"cannot export {model.source}: the directory written does not read back "
+                                f"({err}); nothing was published") from None
         for name in (CONFIG_FILE, PREPROCESSOR_FILE, WEIGHTS_FILE):
             os.chmod(tmp / name, file_mode())  # safetensors creates its file 0600: readable as the umask allows
+        # config.json makes the folder an HF directory: the old one goes first and the new one comes last, so that a
+        # kill while publishing leaves no config.json beside weights it does not describe (the folder is then no
+        # model, and the next export completes it)
+        (out / CONFIG_FILE).unlink(missing_ok=True)
+        for name in (WEIGHTS_FILE, PREPROCESSOR_FILE, CONFIG_FILE):
             os.replace(tmp / name, out / name)
     except Exception as err:
         if isinstance(err, NoSpace) or not out_of_space(err, out):
@@ -297,6 +334,18 @@ def write_hf_directory(model: ASTWeights, out: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _hf_weights(file: Path) -> bool:
+    """Whether ``file`` holds weights as :func:`write_hf_directory` writes them (safetensors marked ``format: pt``,
+    not an export of this package): what an export killed while publishing left without its ``config.json``."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format") == "pt"
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: not ours to replace
+        return False
 
 
 def export_hf(src: str | os.PathLike, out: str | os.PathLike, norm: str | None = None) -> Path:
@@ -312,7 +361,8 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, norm: str | None =
     if Path(out).exists() and not Path(out).is_dir():
         raise HFFormatError(f"--out {out} is a file, not a directory: an HF model is a folder (config.json, "
                             f"model.safetensors, ...); name a new or an empty folder")
-    if (Path(out) / WEIGHTS_FILE).exists() and not is_hf_directory(out):  # e.g. --out the run directory itself
+    weights = Path(out) / WEIGHTS_FILE
+    if weights.exists() and not is_hf_directory(out) and not _hf_weights(weights):  # e.g. --out the run directory
         raise HFFormatError(f"--out {out} holds a {WEIGHTS_FILE} that is no Hugging Face model's (a run's or an "
                             f"export's of this package), which the export would replace; name a new or an empty "
                             f"folder")

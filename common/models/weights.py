@@ -111,7 +111,7 @@ def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWei
         prefix = meta.get("encoder_prefix", "")
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-        return EncoderWeights(architecture_from_meta(meta).base, state, {"source": "export", **meta})
+        return EncoderWeights(architecture_from_meta(meta).base, state, {"source": "export", **meta, "file": str(file)})
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, zip errors, unsafe globals ...

@@ -186,3 +186,60 @@ def test_hop_samples_take_seconds_or_the_default_and_refuse_what_counts_no_sampl
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="--hop must be a finite number of seconds above 0"):
             hop_samples(bad, 16000, 512)
+
+
+def _rewrite(path, tensors=None, **meta):
+    """Write ``path`` again with its tensors changed by ``tensors(dict)`` and metadata values replaced (raw
+    strings, as stored)."""
+    import torch  # noqa: F401 - the callers' tensors
+    from safetensors.torch import load_file, safe_open, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        stored = dict(handle.metadata())
+    state = load_file(str(path))
+    if tensors is not None:
+        tensors(state)
+    save_file(state, str(path), metadata={**stored, **meta})
+    return path
+
+
+def test_a_classifier_whose_weights_do_not_fit_its_config_is_one_error_naming_file_and_keys(tmp_path, model_file,
+                                                                                           capsys):
+    """predict, evaluate and the ONNX export load classifiers through load_classifier: a wrong shape, a missing or
+    an extra tensor is one line naming the file and the keys, not load_state_dict's traceback."""
+    import torch
+
+    from tests.helpers import one_error
+
+    clip = _write(tmp_path / "a.wav", 0.5)
+    for change, says in (
+            (lambda s: s.__setitem__("head.1.weight", torch.zeros(2, 32)),
+             "wrong shapes head.1.weight (2, 32) (the model's (3, 32))"),
+            (lambda s: s.pop("head.1.bias"), "missing keys ['head.1.bias']"),
+            (lambda s: s.__setitem__("extra.weight", torch.zeros(1)), "unexpected keys ['extra.weight']")):
+        model = _rewrite(model_file("ce"), change)
+        assert predict(["--ckpt", str(model), str(clip)]) == 2
+        assert one_error(capsys.readouterr().err) == (
+            f"error: {model}: the weights do not fit the model its config describes: {says}")
+
+
+def test_weights_that_are_not_finite_floats_are_refused_naming_file_and_key(tmp_path, model_file, capsys):
+    """A NaN or infinite weight, or integers where the model has floating-point weights, would be cast and
+    loaded without a word (every score NaN, or a model that says nothing): predict (and --init, embed) refuse
+    it, naming the file and the tensor."""
+    import torch
+
+    from tests.helpers import one_error
+
+    clip = _write(tmp_path / "a.wav", 0.5)
+    nan = torch.zeros(3)
+    nan[1] = float("nan")
+    for change, says in (
+            (lambda s: s.__setitem__("head.1.bias", nan), "tensor head.1.bias holds NaN or infinite values"),
+            (lambda s: s.__setitem__("encoder.pos_embed", s["encoder.pos_embed"] * float("inf")),
+             "tensor encoder.pos_embed holds NaN or infinite values"),
+            (lambda s: s.__setitem__("head.1.weight", s["head.1.weight"].to(torch.int32)),
+             "tensor head.1.weight holds int32 values; the model's weights are floating point")):
+        model = _rewrite(model_file("ce"), change)
+        assert predict(["--ckpt", str(model), str(clip)]) == 2
+        assert one_error(capsys.readouterr().err) == f"error: {model}: {says}"

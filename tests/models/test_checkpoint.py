@@ -98,3 +98,61 @@ def test_weights_only_load_refuses_pickled_code(tmp_path):
     torch.save({"x": Evil()}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="neither an export"):
         load_encoder_state(tmp_path / "evil.pth")
+
+
+def _restamp(path, **raw):
+    """``path`` written again with metadata values replaced by ``raw`` (strings, as stored)."""
+    from safetensors.torch import load_file, safe_open, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        stored = dict(handle.metadata())
+    save_file(load_file(str(path)), str(path), metadata={**stored, **raw})
+    return path
+
+
+BAD_META = {  # a metadata value -> what the one-line error says after the file's name
+    "depth": ({"encoder_config": "ENC:depth=four"}, "metadata encoder_config.depth: expected an integer, got 'four'"),
+    "embed_dim": ({"encoder_config": "ENC:embed_dim=null"},
+                  "metadata encoder_config.embed_dim: expected an integer, got None"),
+    "config": ({"encoder_config": "[1]"}, "metadata encoder_config must be a mapping, got [1]"),
+    "audio": ({"audio": "[1]"}, "metadata audio must be a mapping, got [1]"),
+    "audio_rate": ({"audio": '{"sample_rate": "fast"}'}, "metadata audio.sample_rate: expected an integer, got 'fast'"),
+    "phase": ({"phase": "[1]"}, "metadata phase must be a mapping, got [1]"),
+    "phase_factor": ({"phase": '{"compression": "fshift", "factor": "2"}'},
+                     "metadata phase.factor: a compression factor must be a positive integer, got '2'"),
+    "classifier": ({"classifier": "null"}, "metadata classifier must be a mapping, got None"),
+    "classes": ({"classifier": '{"pool": "prefix"}'},
+                "metadata classifier.classes must be a non-empty list of class names, got None"),
+    "pool": ({"classifier": '{"classes": ["a"], "pool": 3}'}, "metadata classifier.pool must be a string, got 3"),
+    "not_json": ({"loss": "{bce"}, "metadata 'loss' is not JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_META))
+def test_export_metadata_of_the_wrong_type_is_one_error_naming_file_and_key(tmp_path, tiny_cfg, capsys, case):
+    """A model file whose metadata has a value of the wrong type (or one that is not JSON) is refused by the
+    reader every command goes through, naming the file and the key: not a TypeError, AttributeError or KeyError
+    traceback from predict, evaluate, embed, --init or c2f-hf export."""
+    import json
+
+    from finetune.classifier import Classifier, save_classifier
+    from finetune.embed import main as embed
+    from finetune.predict import main as predict
+    from tests.helpers import AUDIO, FULL, _write, one_error
+
+    path = save_classifier(Classifier(ASTEncoder(tiny_cfg), 2), tmp_path / "m.safetensors", ["a", "b"],
+                           {"audio": AUDIO, "phase": FULL, "loss": "ce"})
+    raw, says = BAD_META[case]
+    key, value = next(iter(raw.items()))
+    if value.startswith("ENC:"):  # one field of the encoder's config changed
+        field, given = value[4:].split("=")
+        value = json.dumps({**tiny_cfg.to_dict(), field: json.loads(given if given == "null" else f'"{given}"')})
+    _restamp(path, **{key: value})
+    with pytest.raises(ValueError) as err:
+        read_weights(path)
+    assert str(err.value).startswith(f"{path}: {says}")
+    clip = _write(tmp_path / "a.wav", 0.5)
+    for command, args in ((predict, ["--ckpt", str(path), str(clip)]),
+                          (embed, ["--init", str(path), "--inputs", str(clip), "--out", str(tmp_path / "o")])):
+        assert command(args) == 2
+        assert one_error(capsys.readouterr().err).startswith(f"error: {path}: {says}")

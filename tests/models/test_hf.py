@@ -389,3 +389,103 @@ def test_classify_refuses_a_transformers_whose_pipeline_cannot_score_a_multi_lab
     with pytest.raises(TransformersMissing, match="scores every model with a softmax.*pip install -U transformers"):
         classify(multi, wave, 16000)
     assert len(classify(single, wave, 16000, top_k=2)) == 2  # a softmax is right for a single-label model
+
+
+BAD_JSON = [  # (file, key, value, what the one-line error says after the file's name)
+    ("config.json", "hidden_size", None, "hidden_size must be a positive integer, got null"),
+    ("config.json", "hidden_size", 0, "hidden_size must be a positive integer, got 0"),
+    ("config.json", "hidden_size", "abc", 'hidden_size must be a positive integer, got "abc"'),
+    ("config.json", "num_hidden_layers", [1], "num_hidden_layers must be a positive integer, got [1]"),
+    ("config.json", "patch_size", {"a": 1}, 'patch_size must be a positive integer, got {"a": 1}'),
+    ("config.json", "qkv_bias", "yes", 'qkv_bias must be true or false, got "yes"'),
+    ("config.json", "id2label", ["a"], 'id2label must be a JSON object, got ["a"]'),
+    ("config.json", "coarse2fine", ["x"], 'coarse2fine must be a JSON object, got ["x"]'),
+    ("preprocessor_config.json", "mean", [1, 2], "mean must be a number, got [1, 2]"),
+    ("preprocessor_config.json", "sampling_rate", None, "sampling_rate must be a positive integer, got null"),
+    ("preprocessor_config.json", "std", -1, "invalid normalisation statistics"),
+]
+
+
+@pytest.mark.parametrize("name, key, value, says", BAD_JSON, ids=[f"{k}={v}" for _, k, v, _ in BAD_JSON])
+def test_a_config_value_of_the_wrong_type_is_one_error_naming_file_and_key(tmp_path, capsys, name, key, value, says):
+    """config.json / preprocessor_config.json values of the wrong type are refused naming the file and the key, in
+    one line: not a TypeError, ZeroDivisionError or AttributeError traceback from predict or --init."""
+    from finetune.predict import main as predict
+    from tests.helpers import _write, one_error
+
+    out = export_hf(tiny_classifier(tmp_path / "m.safetensors"), tmp_path / "hf")
+    data = json.loads((out / name).read_text())
+    (out / name).write_text(json.dumps({**data, key: value}))
+    with pytest.raises(HFFormatError) as err:
+        read_hf_directory(out)
+    assert str(err.value).startswith(f"{out / name}: {says}")
+    assert predict(["--ckpt", str(out), str(_write(tmp_path / "a.wav", 0.5))]) == 2
+    assert one_error(capsys.readouterr().err).startswith(f"error: {out / name}: {says}")
+
+
+@pytest.mark.parametrize("shard", ["../../x.safetensors", "/etc/passwd", "sub/model.safetensors", "..", "", 3, None])
+def test_a_sharded_index_names_only_files_in_its_directory(tmp_path, shard):
+    """A sharded index's weight_map names files beside it: a path elsewhere ("../../x"), an absolute one, a
+    folder or a value that is no file name is refused naming the index and the entry, before anything is read."""
+    out = export_hf(tiny_classifier(tmp_path / "m.safetensors"), tmp_path / "hf")
+    (out / "model.safetensors").rename(out / "model-00001-of-00001.safetensors")
+    index = out / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a.weight": "model-00001-of-00001.safetensors"}}))
+    assert read_hf_directory(out).cfg == tiny_cfg()  # a shard beside the index is read
+    outside = tmp_path / "x.safetensors"  # what "../../x" would reach from a nested folder; here the real file
+    (out / "model-00001-of-00001.safetensors").rename(outside)
+    index.write_text(json.dumps({"weight_map": {"a.weight": shard}}))
+    with pytest.raises(HFFormatError, match=rf"^{index}: weight_map\[\"a\.weight\"\] is .*, not the name of a "
+                                            rf"file in {out}$"):
+        read_hf_directory(out)
+
+
+def test_an_export_whose_weights_do_not_fit_publishes_nothing_and_config_json_comes_last(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """c2f-hf export refuses weights its own reader would refuse (a tensor of another shape) instead of reporting
+    success; a directory that does not read back is not published; and config.json, which makes a folder a model,
+    is removed first and published last: a kill in between leaves no config.json beside other weights."""
+    import os
+
+    from safetensors.torch import load_file, safe_open, save_file
+
+    import common.models.hf_export as hf_export
+    from tests.helpers import one_error
+
+    src = tiny_classifier(tmp_path / "m.safetensors")
+    out = export_hf(src, tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "bad.safetensors"
+    with safe_open(str(src), framework="pt") as handle:
+        meta = handle.metadata()
+    save_file({**load_file(str(src)), "encoder.blocks.0.norm1.weight": torch.ones(5)}, str(bad), metadata=meta)
+    assert hf_export.main(["export", str(bad), "--out", str(out)]) == 2
+    assert one_error(capsys.readouterr().err) == (
+        f"error: cannot export {bad}: the weights do not fit the model its config describes: wrong shapes "
+        f"blocks.0.norm1.weight (5,) (the model's (32,))")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier export untouched
+    # a directory that does not read back (whatever the reason) is not published
+    monkeypatch.setattr(hf_export, "read_hf_directory", lambda path: (_ for _ in ()).throw(HFFormatError("odd")))
+    with pytest.raises(HFFormatError, match=r"does not read back \(odd\); nothing was published"):
+        export_hf(tiny_classifier(tmp_path / "other.safetensors", loss="bce"), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    # publishing: the weights, the preprocessor, config.json last; killed after the weights, no config.json is left
+    moved, real_replace = [], os.replace
+
+    def replace(a, b):
+        moved.append(Path(b).name)
+        if len(moved) == 2:
+            raise KeyboardInterrupt  # the kill
+        real_replace(a, b)
+
+    other = tiny_classifier(tmp_path / "other.safetensors", cfg=tiny_cfg(depth=1))
+    monkeypatch.setattr(hf_export.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        export_hf(other, out)
+    assert moved == ["model.safetensors", "preprocessor_config.json"]
+    assert not (out / "config.json").exists() and (out / "model.safetensors").read_bytes() != before[
+        "model.safetensors"]
+    monkeypatch.undo()
+    assert export_hf(other, out) == out
+    assert read_hf_directory(out).cfg.depth == 1

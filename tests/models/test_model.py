@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -65,8 +67,17 @@ def test_backward_is_finite(tiny_cfg):
 
 def test_config_round_trip_and_validation(tiny_cfg):
     assert EncoderConfig.from_dict(tiny_cfg.to_dict()) == tiny_cfg
-    with pytest.raises(ValueError, match="unknown EncoderConfig keys"):
+    with pytest.raises(ValueError, match=r"^encoder_config\.heads: unknown key"):
         EncoderConfig.from_dict({**tiny_cfg.to_dict(), "heads": 3})
+    # a value of the wrong type names its key, not a TypeError from a comparison deep in __post_init__
+    for key, value, says in (("depth", "four", "expected an integer, got 'four'"),
+                             ("embed_dim", None, "expected an integer, got None"),
+                             ("qkv_bias", 1, "expected true or false, got 1"),
+                             ("mlp_ratio", [4], "expected a number, got [4]")):
+        with pytest.raises(ValueError, match=rf"^init\.json config\.{key}: {re.escape(says)}$"):
+            EncoderConfig.from_dict({**tiny_cfg.to_dict(), key: value}, prefix="init.json config")
+    with pytest.raises(ValueError, match=r"^encoder_config: expected a mapping, got \[1\]"):
+        EncoderConfig.from_dict([1])
     with pytest.raises(ValueError, match="not divisible"):
         EncoderConfig(embed_dim=30, num_heads=4)
     with pytest.raises(ValueError, match="exceeds the input length"):

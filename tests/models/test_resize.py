@@ -257,3 +257,53 @@ def test_a_changed_patch_stride_of_an_audio_init_is_said(source, caplog):
     assert (cfg.fstride, cfg.tstride) == (16, 16)
     said = [r.getMessage() for r in caplog.records if "trained with patch stride 10x10" in r.getMessage()]
     assert bool(said) is (source != "imagenet") and all("--set model.stride=[10,10] keeps it" in m for m in said)
+
+
+def test_weights_that_do_not_fit_are_one_error_naming_the_file_and_the_keys(tiny_cfg, tmp_path, capsys):
+    """--init (finetune, pretrain, linear_probe, embed) loads through load_adapted: a tensor of another shape, a
+    missing or an unexpected key is a ValueError naming the file and the first mismatching keys, not
+    load_state_dict's RuntimeError; and embed ends with that one line."""
+    from common.models.ast.resize import load_adapted
+    from common.models.exports import save_encoder
+    from finetune.embed import main as embed
+    from tests.helpers import _write, one_error
+
+    good = ASTEncoder(tiny_cfg).state_dict()
+    cases = {"wrong shapes blocks.1.mlp.fc1.bias (7,) (the model's (128,))": {**good, "blocks.1.mlp.fc1.bias":
+                                                                                torch.zeros(7)},
+             "missing keys ['norm.bias']": {k: v for k, v in good.items() if k != "norm.bias"},
+             "unexpected keys ['head.weight']": {**good, "head.weight": torch.zeros(3)},
+             "no 'pos_embed'": {k: v for k, v in good.items() if k != "pos_embed"}}
+    for says, state in cases.items():
+        with pytest.raises(ValueError, match=r"^w\.pth: .*" + says.replace("(", r"\(").replace(")", r"\)")
+                           .replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+            load_adapted(ASTEncoder(tiny_cfg), state, tiny_cfg, tiny_cfg, source="w.pth")
+    encoder = ASTEncoder(tiny_cfg)
+    load_adapted(encoder, good, tiny_cfg, tiny_cfg, source="w.pth")  # fitting weights load as before
+    assert all(torch.equal(encoder.state_dict()[k], v) for k, v in good.items())
+    # through a command: an export whose tensor does not fit its own config
+    path = save_encoder(ASTEncoder(tiny_cfg), tmp_path / "e.safetensors")
+    from safetensors.torch import load_file, safe_open, save_file
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    save_file({**load_file(str(path)), "blocks.0.norm1.weight": torch.ones(5)}, str(path), metadata=meta)
+    clip = _write(tmp_path / "a.wav", 0.5)
+    assert embed(["--init", str(path), "--inputs", str(clip), "--out", str(tmp_path / "o")]) == 2
+    assert one_error(capsys.readouterr().err) == (
+        f"error: {path}: the weights do not fit the model its config describes: wrong shapes blocks.0.norm1.weight "
+        f"(5,) (the model's (32,))")
+
+
+def test_weights_that_are_not_finite_floats_are_refused_naming_the_file_and_the_key(tiny_cfg):
+    """--init with a NaN weight or integer weights is refused naming the file and the tensor (a cast would load
+    them without a word)."""
+    from common.models.ast.resize import load_adapted
+
+    good = ASTEncoder(tiny_cfg).state_dict()
+    broken = {**good, "norm.weight": torch.full_like(good["norm.weight"], float("nan"))}
+    with pytest.raises(ValueError, match=r"^w\.pth: tensor norm\.weight holds NaN or infinite values$"):
+        load_adapted(ASTEncoder(tiny_cfg), broken, tiny_cfg, tiny_cfg, source="w.pth")
+    integers = {**good, "blocks.0.attn.qkv.weight": good["blocks.0.attn.qkv.weight"].to(torch.int64)}
+    with pytest.raises(ValueError, match=r"^w\.pth: tensor blocks\.0\.attn\.qkv\.weight holds int64 values; the "
+                                         r"model's weights are floating point$"):
+        load_adapted(ASTEncoder(tiny_cfg), integers, tiny_cfg, tiny_cfg, source="w.pth")

@@ -135,7 +135,8 @@ class ASTArch:
 
     def load_weights(self, encoder: ASTEncoder, weights, geometry: EncoderConfig, pos_mode: str,
                      patch_mode: str, table_mode: str = "timm") -> None:  # no relative-position tables
-        load_adapted(encoder, weights.state, weights.config, geometry, pos_mode, patch_mode)
+        load_adapted(encoder, weights.state, weights.config, geometry, pos_mode, patch_mode,
+                     weights.meta.get("file"))
 
     def example_input(self, geometry: EncoderConfig, batch: int) -> torch.Tensor:
         return torch.randn(batch, geometry.input_tdim, geometry.num_mel_bins)

@@ -20,6 +20,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.nn import functional as F
 
+from common.config.recipe import build
+
 __all__ = ["EncoderConfig", "MODEL_SIZES", "POOLINGS", "encoder_config", "ASTEncoder", "check_pooling", "pool_tokens",
            "count_parameters"]
 
@@ -105,12 +107,14 @@ class EncoderConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EncoderConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown EncoderConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+    def from_dict(cls, data: dict, prefix: str = "encoder_config") -> "EncoderConfig":
+        """Build and validate a config from plain data (an export's metadata, a record); an unknown or ill-typed
+        key is an error naming it (``encoder_config.depth: expected an integer, got 'four'``).
+
+        Raises:
+            RecipeError: (a ValueError) the key in full, under ``prefix``.
+        """
+        return build(cls, data, prefix)
 
 
 def encoder_config(size: str = "base", **overrides) -> EncoderConfig:

@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from common.audio.compression import PATCH_MODES, PatchResize
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
+from common.models.exports import load_checked
 
 __all__ = ["PosResize", "PatchResize", "POS_MODES", "PATCH_MODES", "resample_pos_embed", "resample_patch_kernel",
            "adapt_state_dict", "load_adapted", "adapt_encoder"]
@@ -167,16 +168,25 @@ def load_adapted(
     new: EncoderConfig,
     pos_mode: str = "bilinear",
     patch_mode: str = "pi",
+    source: str | None = None,
 ) -> nn.Module:
     """Load encoder weights laid out for ``old`` into ``module`` (an encoder laid out for ``new``).
 
-    The weights are adapted (:func:`adapt_state_dict`) and cast to the module's dtype; every key must match.
-    Returns ``module``.
+    The weights are adapted (:func:`adapt_state_dict`) and cast to the module's dtype; every key and shape must
+    match. ``source``: where the weights come from (a file), for the error. Returns ``module``.
+
+    Raises:
+        ValueError: weights that do not fit ``old`` (a missing positional embedding or patch kernel, a tensor of
+            another shape, a missing or unexpected key), naming ``source`` and the first mismatching keys.
     """
-    dtype = next(module.parameters()).dtype
-    adapted = adapt_state_dict(state, old, new, pos_mode, patch_mode)
-    module.load_state_dict({k: v.to(dtype) for k, v in adapted.items()})
-    return module
+    source = source or "the weights"
+    try:
+        adapted = adapt_state_dict(state, old, new, pos_mode, patch_mode)
+    except KeyError as err:  # no pos_embed / patch kernel
+        raise ValueError(f"{source}: {err.args[0]}") from None
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+    return load_checked(module, adapted, source)
 
 
 def adapt_encoder(

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from common.audio.compression import Compression
+from common.models.exports import load_checked
 from common.models.htsat import HEAD_PREFIXES, HTSAT, HTSATConfig, HTSATFrontEnd, SpecAugmentStripes, adapt_state_dict
 from common.models.htsat import geometry as htsat_geometry
 from common.models.htsat.adapt import fit_tables
@@ -173,13 +174,9 @@ class HTSATArch:
         else:
             source = HTSATArch(cfg).export_geometry(weights.meta).geom
             state = adapt_state_dict(weights.state, cfg, source, geometry.geom, table_mode, patch_mode)
-        own = encoder.state_dict()
         state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
-        result = encoder.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith(fresh)]
-        if missing or result.unexpected_keys:
-            raise ValueError(f"--init: HTS-AT weights do not fit the model: missing {missing[:5]}, "
-                             f"unexpected {result.unexpected_keys[:5]}")
+        # a missing, unexpected or wrongly shaped tensor: one error naming the file and the keys
+        load_checked(encoder, state, f"--init {weights.meta.get('file', '')}".rstrip(), fresh)
 
     def example_input(self, geometry: HTSATPhase, batch: int) -> torch.Tensor:
         return torch.randn(batch, 1, geometry.geom.stft_frames, geometry.cfg.mel_bins)
