@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             for check in checks:  # every file the run reads, before a model or the run directory exists
                 check()
         run = plan(recipe, world_size, baseline, memory=args.dry_run, run_dir=run_dir, checks=checks)
-        cautions = [*([caution] if caution else []), *run.warmup_cautions(recipe.optim.warmup_steps)]
+        unvalidated = None if recipe.data.valid else recipe.optim.unvalidated_caution()
+        cautions = [*([caution] if caution else []), *run.warmup_cautions(recipe.optim.warmup_steps),
+                    *([unvalidated] if unvalidated else [])]
         if args.dry_run:
             from common.cli import resume_check
             from pretrain.clips import clip_lines

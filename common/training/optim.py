@@ -73,6 +73,15 @@ class OptimConfig:
     grad_accum: int = 1
     head_lr_scale: float = 1.0
 
+    def unvalidated_caution(self) -> str | None:
+        """What to say of this schedule in a run without a validation set: ``plateau``, ``multistep`` and
+        ``piecewise`` change the learning rate at validations only (None for the others)."""
+        if self.schedule not in ("plateau", "multistep", "piecewise"):
+            return None
+        return (f"optim.schedule: {self.schedule} changes the learning rate at validations, and this run has no "
+                f"validation set (data.valid is empty): after its warm-up it trains at lr {self.lr:g} to the end; "
+                f"give a validation set, or --set optim.schedule=cosine (or constant) to say which schedule is meant")
+
     def __post_init__(self) -> None:
         if not 0 < self.lr < math.inf:  # also NaN
             raise ValueError(f"lr must be positive and finite, got {self.lr}")

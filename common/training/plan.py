@@ -148,11 +148,12 @@ class RunPlan:
 
     def warmup_cautions(self, warmup_steps: int) -> list[str]:
         """Iteration-based phases that end before their learning-rate warm-up does (it starts again with each
-        phase): their learning rate never reaches the recipe's."""
+        phase): their learning rate never reaches the recipe's (a phase as long as its warm-up reaches it at its
+        last step)."""
         return [f"phases.{i} ({phase.label(i)}): its {phase.steps} steps end inside the learning-rate warm-up "
                 f"(optim.warmup_steps: {warmup_steps}, started again with each phase), so its learning rate never "
                 f"reaches the recipe's; shorten the warm-up or lengthen the phase"
-                for i, phase in enumerate(self.phases) if phase.iteration_based and warmup_steps >= phase.steps]
+                for i, phase in enumerate(self.phases) if phase.iteration_based and warmup_steps > phase.steps]
 
     def saving_lines(self) -> list[str]:
         """What ``--dry-run`` says about the cost: for a derived schedule its planned FLOPs and saving (and the

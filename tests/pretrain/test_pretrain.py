@@ -54,12 +54,24 @@ def test_dry_run_prints_the_plan_and_the_saving(capsys):
 def test_a_phase_that_ends_inside_its_warm_up_is_named_in_the_plan(capsys):
     """The warm-up starts again with each phase (the paper resets the optimiser and schedule): a 50-step phase under
     a 100-step warm-up never trains at the recipe's learning rate; the plan says which phase, the shipped recipes
-    do not."""
+    do not. Likewise a schedule that changes the rate at validations in a run that has none."""
     assert main(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--dry-run",
                  "--set", "optim.warmup_steps=100"]) == 0
     warned = [line for line in capsys.readouterr().out.splitlines() if "learning-rate warm-up" in line]
     assert len(warned) == 1 and warned[0].startswith("warning: phases.0 (phase1 (fshift x4)): its 50 steps end")
     assert main(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--dry-run"]) == 0
+    assert "learning-rate warm-up" not in capsys.readouterr().out
+    # a schedule that acts at validations, in a run without any, is said to train at one rate; cosine is quiet
+    assert main(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--dry-run", "--set", "data.valid=[]"]) == 0
+    assert "warning: optim.schedule: plateau changes the learning rate at validations, and this run has no " \
+           "validation set (data.valid is empty): after its warm-up it trains at lr 0.001 to the end" in \
+           capsys.readouterr().out
+    assert main(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--dry-run", "--set", "data.valid=[]",
+                 "--set", "optim.schedule=cosine"]) == 0
+    assert "optim.schedule" not in capsys.readouterr().out
+    # a phase as long as its warm-up reaches the recipe's rate at its last step (lr = base x (s + 1) / warm-up)
+    assert main(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--dry-run",
+                 "--set", "optim.warmup_steps=50"]) == 0
     assert "learning-rate warm-up" not in capsys.readouterr().out
 
 
