@@ -279,7 +279,8 @@ def run_main(body: Callable[[], int], resumable: bool = False) -> int:
         return 130
     except StoppedBySignal as stop:
         log_traceback(str(stop))  # train.log keeps it; the console gets it once, below
-        print(f"{stop}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank stops at the same step: rank 0 says it for all
+            print(f"{stop}", file=sys.stderr)
         return 128 + stop.signum
     except (RecipeError, FileNotFoundError, NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, RunDirBusy,
             OutOfDeviceMemory, ValueError) as err:

@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                 record_init(run_root, recipe.init, init)
             for note in notes:
                 log.info("%s", note)
-            for caution in cautions:
+            for caution in cautions if dist.is_main else ():  # the same plan on every rank: said once
                 log.warning("%s", caution)
             log.info("classifier pooling: %s (head.pool: %s)", head.pool, recipe.head.pool)
             used = 0  # --stop-after-steps counts the steps of the whole command, every fold's

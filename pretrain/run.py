@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.init is not None and start is None:
                 log.info("--init %s is not read: the run resumes from its checkpoints (%s)", args.init,
                          _started_from(run_dir))
-            for warning in cautions:
+            for warning in cautions if dist.is_main else ():  # the same plan on every rank: said once
                 log.warning("%s", warning)
             if run.baseline is not None:
                 log.info("FLOPs saving is measured against %s planned with this run's geometry and batch: %.4g",

@@ -228,10 +228,12 @@ class RunRecord:
         record.set_batch(split)  # this launch's split (a resume on other ranks records its own)
         self._memory.reset()
         self.pending.restart_clock()
-        log.info("%s: %s, %s tokens per clip (grid %dx%d), %.3g GFLOPs per training sample, batch %s; memory "
+        prefix = cfg.num_tokens - cfg.num_patches  # the ledger's tokens_per_sample counts them (and tokens/s)
+        log.info("%s: %s, %s tokens per clip (grid %dx%d%s), %.3g GFLOPs per training sample, batch %s; memory "
                  "estimate %s", phase.label(index),
                  f"{phase.steps} steps" if phase.iteration_based else f"{phase.epochs} epochs",
-                 cfg.num_patches, *cfg.grid, record.flops_per_sample / 1e9, split.describe(), estimate.describe())
+                 cfg.num_patches, *cfg.grid, f"; {cfg.num_tokens} with the {prefix} prefix tokens" if prefix else "",
+                 record.flops_per_sample / 1e9, split.describe(), estimate.describe())
 
     def restart_clock(self) -> None:
         """Training time and peak memory count from now (after a resume's set-up: the checkpoint read, the model and

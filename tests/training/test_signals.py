@@ -102,5 +102,8 @@ def test_on_several_ranks_one_ranks_signal_stops_every_rank_at_the_same_step(tmp
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
     assert [r["codes"] for r in reports] == [[0, 128 + signal.SIGTERM, 0]] * world_size, reports
     assert reports[0]["latest"] == "phase01-step000000002"
+    # the stop is said once for the job, by rank 0 (every rank stopped at the same step)
+    said = [(out / f"rank{r}.log").read_text().count("stopped by SIGTERM") for r in range(world_size)]
+    assert said == [1] + [0] * (world_size - 1), said
     a, b = (load_file(str(Path(out) / d / "model.safetensors")) for d in ("straight", "stopped"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
