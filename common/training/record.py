@@ -127,7 +127,7 @@ class RunRecord:
         # rank 0's reading for every rank: the file can be rewritten in place (a phase's close, RunCheckpoints.restate)
         # and another host's cached view of it may lag
         saved = self.dist.broadcast_object(self.checkpoints.trainer_state(tag) if self.dist.is_main else None)
-        self.state = TrainState(**saved["state"])
+        self.state = TrainState.from_dict(saved["state"])  # its shape checked by damage() before it was picked
         self._schedule = saved.get("schedule") if not self.state.pending_eval else None
         self.scalars.resumed_at(self.state.total_steps)
         baseline = self.ledger.baseline
