@@ -134,6 +134,28 @@ def has_trained(run_dir: Path) -> bool:
                for pattern in ("checkpoints/*", "*/checkpoints/*") for p in run_dir.glob(pattern))
 
 
+def _recorded(path: Path) -> dict:
+    """The recipe a run recorded in ``path`` (its ``recipe.yaml``).
+
+    Raises:
+        RecipeError: it cannot be read, is not valid YAML or not a mapping (naming the file and what to do).
+    """
+    fix = (f"it records the recipe of the run in {path.parent}, which a resume checks: restore it, or start over "
+           f"with --restart (what the run left is moved aside) or in a new --run-dir")
+    try:
+        data = parse_yaml(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        cause = getattr(err, "problem", None) or str(err).splitlines()[0]
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}: not valid YAML ({cause}{where}); {fix}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: cannot be read ({err}); {fix}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: holds a {type(data).__name__}, not a recipe's mapping of sections; {fix}")
+    return data
+
+
 @dataclass
 class RunRecipe:
     """What the trainer does with the run directory's recipe.
@@ -168,7 +190,7 @@ def prepare_run_dir(run_dir: Path, recipe, is_main: bool, accept_changed_data: b
     path = Path(run_dir) / "recipe.yaml"
     new = parse_yaml(yaml.safe_dump(to_dict(recipe), sort_keys=False))
     if path.is_file() and has_trained(Path(run_dir)):
-        old = parse_yaml(path.read_text())
+        old = _recorded(path)
         changed = recipe_diff(old, new, field_defaults(recipe))
         refused = [k for k in changed if not recovery_change(k)]
         if refused:
