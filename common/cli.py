@@ -31,7 +31,15 @@ from common.training.batch import launch_world_size
 from common.training.checkpoint_files import NoUsableCheckpoint
 from common.training.nonfinite import NonFiniteLoss
 from common.training.out_of_memory import OutOfDeviceMemory, describe_out_of_memory
-from common.training.run_recipe import RunRecipe, has_trained, prepare_run_dir
+from common.training.run_recipe import (
+    FINISHED,
+    LOST,
+    RunRecipe,
+    has_trained,
+    lost_run_message,
+    prepare_run_dir,
+    run_state,
+)
 
 __all__ = ["add_run_arguments", "world_size_of", "discard_previous", "check_run_dir", "resume_check", "UnusableRunDir",
            "Session", "training_session", "describe_os_error", "run_main"]
@@ -130,17 +138,34 @@ def run_dir_check(run_dir: Path) -> Callable[[], None]:
 
 def resume_check(run_dir: Path, recipe, restart: bool = False) -> tuple[Callable[[], None], list[str]]:
     """For ``--dry-run`` on a run directory that holds a run: a check of what the run would refuse (a different
-    recipe: ``common.training.run_recipe.prepare_run_dir``, which writes nothing), and the note that the command
-    resumes that run (nothing to check or say with ``--restart``, or without a run there)."""
+    recipe: ``common.training.run_recipe.prepare_run_dir``, which writes nothing; a run, or a fold of one, that
+    trained and is unfinished but whose checkpoints are gone: ``run_state``), and the note of what the command does
+    with that run (nothing to check or say with ``--restart``, or without a run there). A finished run whose
+    checkpoints were deleted is finished: the command trains nothing, as the run says."""
     run_dir = Path(run_dir)
     if restart or not run_dir.is_dir() or not has_trained(run_dir):
         return (lambda: None), []
+    folds = len(getattr(getattr(recipe, "task", None), "folds", None) or [])  # a cross-validation run's
+    runs = [run_dir / f"fold{k + 1}" for k in range(folds)] if folds else [run_dir]
+    held = {path: run_state(path, len(recipe.phases)) for path in runs}
+    lost = [path for path, state in held.items() if state == LOST]
     latest = run_dir / "checkpoints" / "LATEST"
-    does = ("holds a finished run; this command has nothing left to train" if (run_dir / "model.safetensors").is_file()
-            else f"holds a run; this command resumes it from checkpoint {latest.read_text().strip()}"
-            if latest.is_file() else "holds a run; this command resumes it from its folds' checkpoints")
-    return (lambda: prepare_run_dir(run_dir, recipe, is_main=False)), [
-        f"run directory: {run_dir} {does} (--restart starts over)"]
+    if lost:
+        does = "holds a run whose checkpoints are gone; this command refuses it"
+    elif all(state == FINISHED for state in held.values()):
+        does = "holds a finished run; this command has nothing left to train"
+    elif folds:
+        does = "holds a run; this command resumes it from its folds' checkpoints"
+    else:
+        does = (f"holds a run; this command resumes it from checkpoint {latest.read_text().strip()}"
+                if latest.is_file() else "holds a run; this command resumes it from its newest intact checkpoint")
+
+    def check() -> None:
+        if lost:
+            raise RecipeError(lost_run_message(lost[0]))
+        prepare_run_dir(run_dir, recipe, is_main=False)
+
+    return check, [f"run directory: {run_dir} {does} (--restart starts over)"]
 
 
 def check_run_dir(run_dir: Path) -> None:

@@ -51,11 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resumes(run_dir: Path, restart: bool) -> bool:
-    """Whether the run in ``run_dir`` continues from its own checkpoints (then ``--init`` is not read)."""
-    checkpoints = run_dir / "checkpoints"
-    return not restart and ((run_dir / "model.safetensors").is_file() or
-                            (checkpoints.is_dir() and any(p.is_dir() for p in checkpoints.iterdir())))
+def _not_reading_init(run_dir: Path, restart: bool, phases: int) -> str | None:
+    """Why the run in ``run_dir`` does not read ``--init``: it resumes from its checkpoints, or it is finished
+    (nothing is trained); None where the run starts from it (a new run, ``--restart``, or a run that trained but
+    whose checkpoints are gone: refused, ``common.training.run_recipe.run_state``)."""
+    from common.training.run_recipe import CHECKPOINTS, FINISHED, run_state
+
+    if restart:
+        return None
+    return {CHECKPOINTS: "resumes from its checkpoints",
+            FINISHED: "is finished (nothing left to train)"}.get(run_state(run_dir, phases))
 
 
 def _started_from(run_dir: Path) -> str:
@@ -162,9 +167,16 @@ def main(argv: list[str] | None = None) -> int:
         caution = norm_mismatch(recipe.audio.norm, recipe.audio.target_frames, recipe.audio.num_mel_bins, "audio.norm")
         check_baseline(recipe, run_dir, args.restart)  # before any compute: the baseline must be there, comparable
         start, init_lines, missing_init = None, [], []
-        if args.init is not None and _resumes(run_dir, args.restart):
+        unread = None if args.init is None else _not_reading_init(run_dir, args.restart, len(recipe.phases))
+        if not args.dry_run and not args.restart:
+            from common.training.checkpoint_files import NoUsableCheckpoint
+            from common.training.run_recipe import LOST, lost_run_message, run_state
+
+            if run_state(run_dir, len(recipe.phases)) == LOST:  # refused before --init or any data is read
+                raise NoUsableCheckpoint(lost_run_message(run_dir))
+        if unread is not None:
             if args.dry_run:
-                init_lines = [f"init: --init {args.init} is not read: {run_dir} resumes from its checkpoints"]
+                init_lines = [f"init: --init {args.init} is not read: {run_dir} {unread}"]
         elif args.init is not None:
             from pretrain.init import load_start, missing_line
 
@@ -211,9 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                      dist.device)
             for line in start.lines if start is not None else ():
                 log.info("%s", line)
-            if args.init is not None and start is None:
-                log.info("--init %s is not read: the run resumes from its checkpoints (%s)", args.init,
-                         _started_from(run_dir))
+            if unread is not None:
+                log.info("--init %s is not read: the run %s (%s)", args.init, unread, _started_from(run_dir))
             for warning in cautions if dist.is_main else ():  # the same plan on every rank: said once
                 log.warning("%s", warning)
             if run.baseline is not None:

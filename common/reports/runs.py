@@ -16,7 +16,7 @@ from typing import Sequence
 from common.models.exports import fold_dirs
 from common.phases.baseline import is_averaged
 from common.reports.folds import FoldError, fold_mean
-from common.training.ledger import Ledger
+from common.training.ledger import Ledger, LedgerError
 
 __all__ = ["ReportError", "Run", "Point", "load_run", "resolve_metric", "run_label", "distinct_names",
            "distinct_labels", "points", "end_note", "unfinished", "require_finished", "run_kind", "hardware",
@@ -65,7 +65,7 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
         label: the row label; default :func:`run_label` of the ledger (with ``K-fold mean`` for folds).
 
     Raises:
-        ReportError: the ledger is missing or is not valid JSON; the folds do not make one run.
+        ReportError: the ledger is missing, is not valid JSON or not a ledger; the folds do not make one run.
     """
     folds = [] if (Path(path) / "ledger.json").is_file() else fold_dirs(path)
     if folds:
@@ -78,6 +78,8 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     try:
         ledger = Ledger.read(path)
     except FileNotFoundError as err:
+        raise ReportError(str(err)) from None
+    except LedgerError as err:  # valid JSON of another shape: the message names the file
         raise ReportError(str(err)) from None
     except ValueError as err:
         raise ReportError(f"{path}: ledger is not valid JSON ({err})") from None

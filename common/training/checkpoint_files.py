@@ -119,6 +119,37 @@ def measure(path: Path, flush: bool = False) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+def _shape(state: dict) -> str | None:
+    """What is wrong with the shape of a parsed ``trainer_state.json`` (what a resume reads of it), or None."""
+    # lazy: spec imports the recipe's sections, which import this module's users
+    from common.training.ledger import Ledger
+    from common.training.spec import TrainState
+
+    files, digests = state.get("files", {}), state.get(DIGESTS)
+    if not isinstance(files, dict) or not all(isinstance(size, int) and not isinstance(size, bool)
+                                              for size in files.values()):
+        return f"files is a {type(files).__name__}, not a mapping of file names to sizes" \
+            if not isinstance(files, dict) else "files holds a size that is not a whole number"
+    if digests is not None and (not isinstance(digests, dict) or
+                                not all(isinstance(d, str) for d in digests.values())):
+        return f"{DIGESTS} is a {type(digests).__name__}, not a mapping of file names to digests" \
+            if not isinstance(digests, dict) else f"{DIGESTS} holds a digest that is not a string"
+    try:
+        TrainState.from_dict(state["state"])
+    except ValueError as err:
+        return str(err)
+    if "ledger" not in state:
+        return "it holds no ledger"
+    try:
+        Ledger.from_dict(state["ledger"])
+    except ValueError as err:
+        return f"its ledger: {err}"
+    for key in ("tracker", "schedule"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            return f"its {key} is a {type(state[key]).__name__}, not a mapping"
+    return None
+
+
 def damage(folder: Path) -> str | None:
     """Why the checkpoint in ``folder`` cannot be resumed from, or None if it is intact."""
     state_file = folder / STATE_FILE
@@ -130,6 +161,9 @@ def damage(folder: Path) -> str | None:
         return f"{state_file} is unreadable ({err})"
     if not isinstance(state, dict) or "state" not in state:
         return f"{state_file} holds no trainer state"
+    shape = _shape(state)
+    if shape is not None:
+        return f"{state_file} is not a trainer state of this package ({shape})"
     files, digests = state.get("files", {}), state.get(DIGESTS)
     for name, size in files.items():
         path = folder / name

@@ -38,7 +38,21 @@ from common.system import jsonfile
 from common.system.atomic import atomic_write_text
 from common.system.jsonfile import undefined_as_nan
 
-__all__ = ["Ledger", "PhaseRecord", "Window"]
+__all__ = ["Ledger", "LedgerError", "PhaseRecord", "Window"]
+
+
+class LedgerError(ValueError):
+    """A ledger (``ledger.json``, or the ledger a checkpoint holds) that is not of the shape this package writes."""
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check(ok: bool, where: str, value, expected: str) -> None:
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 40 else f"a {type(value).__name__}"
+        raise LedgerError(f"{where} is {shown}, not {expected}")
 
 
 @dataclass
@@ -124,7 +138,23 @@ class PhaseRecord:
         self.grad_accum, self.world_size = split.grad_accum, split.world_size
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PhaseRecord":
+    def from_dict(cls, data: dict, where: str = "phase") -> "PhaseRecord":
+        """A phase as :meth:`to_dict` wrote it.
+
+        Raises:
+            LedgerError: ``data`` is not a mapping, or a field has the wrong type (``where`` names the phase).
+        """
+        _check(isinstance(data, dict), where, data, "a mapping")
+        for key in cls._COUNTERS:
+            if key in data:
+                _check(_number(data[key]), f"{where}.{key}", data[key], "a number")
+        for key in ("factor", "flops_per_sample", "tokens_per_sample", *cls._BATCH, "memory_estimate_bytes",
+                    "peak_memory_bytes"):
+            if data.get(key) is not None:
+                _check(_number(data[key]), f"{where}.{key}", data[key], "a number")
+        for key, kind, words in (("ended_at", dict, "a mapping"), ("hardware", list, "a list")):
+            if data.get(key) is not None:
+                _check(isinstance(data[key], kind), f"{where}.{key}", data[key], words)
         known = set(cls._COUNTERS) | set(cls._DESCRIPTION) | set(cls._BATCH) | set(cls._END) | set(cls._MEMORY)
         return cls(**{k: v for k, v in data.items() if k in known},
                    extra={k: v for k, v in data.items() if k not in known})
@@ -288,8 +318,30 @@ class Ledger:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Ledger":
+        """A ledger as :meth:`to_dict` wrote it.
+
+        Raises:
+            LedgerError: ``data`` is not of that shape (what is wrong, by key: ``phases.0.steps is 'x', ...``).
+        """
+        _check(isinstance(data, dict), "the ledger", data, "a mapping")
+        for key in ("phases", "evals", "interventions", "upsampled"):
+            _check(isinstance(data.get(key, []), list), key, data.get(key), "a list")
+        for key in ("baseline", "stop_when_surpassing", "data", "evaluation", "init"):
+            if data.get(key) is not None:
+                _check(isinstance(data[key], dict), key, data[key], "a mapping")
+        if data.get("score") is not None:
+            _check(isinstance(data["score"], str), "score", data["score"], "a metric's name")
+        for key in ("evals", "interventions"):
+            for i, entry in enumerate(data.get(key, [])):
+                _check(isinstance(entry, dict), f"{key}.{i}", entry, "a mapping")
+        for i, entry in enumerate(data.get("evals", [])):
+            if "metrics" in entry:
+                _check(isinstance(entry["metrics"], dict), f"evals.{i}.metrics", entry["metrics"], "a mapping")
+        for i, entry in enumerate(data.get("upsampled", [])):
+            _check(isinstance(entry, dict) and {"split", "from_hz", "to_hz", "clips"} <= set(entry),
+                   f"upsampled.{i}", entry, "a mapping of split, from_hz, to_hz and clips")
         ledger = cls(data.get("score"))
-        ledger.phases = [PhaseRecord.from_dict(p) for p in data.get("phases", [])]
+        ledger.phases = [PhaseRecord.from_dict(p, f"phases.{i}") for i, p in enumerate(data.get("phases", []))]
         ledger.evals = [{**e, "metrics": undefined_as_nan(e["metrics"])} if "metrics" in e else dict(e)
                         for e in data.get("evals", [])]  # ledger.json: an undefined metric is null
         ledger.baseline = data.get("baseline")
@@ -303,12 +355,23 @@ class Ledger:
 
     @classmethod
     def read(cls, path: str | Path) -> "Ledger":
+        """The ledger in ``path`` (a run directory or its ``ledger.json``).
+
+        Raises:
+            FileNotFoundError: there is none.
+            ValueError: it is not valid JSON; :class:`LedgerError` (a ``ValueError`` naming the file): it is JSON
+                of another shape.
+        """
         path = Path(path)
         if path.is_dir():
             path = path / "ledger.json"
         if not path.is_file():
             raise FileNotFoundError(f"no ledger at {path}")
-        return cls.from_dict(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        try:
+            return cls.from_dict(data)
+        except LedgerError as err:
+            raise LedgerError(f"{path} is not a ledger of this package ({err})") from None
 
     def write(self, path: str | Path) -> None:
         atomic_write_text(path, jsonfile.dumps(self.to_dict(), indent=1))

@@ -29,6 +29,7 @@ from common.system.atomic import atomic_copy
 from common.system.distributed import Dist
 from common.system.engine_config import resolve_zero_stage
 from common.system.logger import Scalars
+from common.training.checkpoint_files import NoUsableCheckpoint
 from common.training.checkpoints import RunCheckpoints, capture_rng, make_tag, restore_rng, tag_place
 from common.training.interventions import check_data, check_evaluation, check_sampler, reshard_position, sampler
 from common.training.ledger import Ledger, Window
@@ -36,6 +37,7 @@ from common.training.log_window import LogWindow
 from common.training.nonfinite import NonFiniteLoss
 from common.training.objective import Objective
 from common.training.plan import RunPlan
+from common.training.run_recipe import FINISHED, LOST, lost_run_message, run_state
 from common.training.spec import RunSpec, TrainState
 from common.training.weight_average import WeightAverage, averaged_epochs
 
@@ -118,16 +120,34 @@ class RunRecord:
         """Restore the newest intact checkpoint if there is one.
 
         Returns ``(model, None)`` for a checkpoint taken at the end of a phase, ``(None, tag)`` for one
-        taken within a phase (the engine loads it, :meth:`load`), ``(None, None)`` without a checkpoint.
+        taken within a phase (the engine loads it, :meth:`load`), ``(None, None)`` without a checkpoint (and, for
+        a finished run whose checkpoints were deleted, a state that :meth:`complete` reads as done).
+
+        Raises:
+            NoUsableCheckpoint: checkpoints exist but none is intact, or the run trained (its ledger or model is
+                there), is unfinished and its checkpoints are gone (``common.training.run_recipe.run_state``).
         """
         tag = self.checkpoints.find_resume()
-        if tag is None:  # from step 0: what a launch that stopped before its first checkpoint logged is hidden
+        if tag is None:
+            # no checkpoint: a finished run whose checkpoints were deleted (to free disk) is complete; an unfinished
+            # run that trained is refused, not replaced by one from step 0 (rank 0 reads for every rank)
+            held = self.dist.broadcast_object(run_state(self.run_dir, len(self.spec.phases))
+                                              if self.dist.is_main else None)
+            if held == FINISHED:
+                log.warning("%s holds no checkpoint (deleted?), but its run is finished (%s and a complete %s): "
+                            "nothing is trained or replaced", self.checkpoints.ckdir,
+                            self.run_dir / "model.safetensors", self.run_dir / "ledger.json")
+                self.state = TrainState(phase=len(self.spec.phases) - 1, phase_done=True, phase_closed=True)
+                return None, None
+            if held == LOST:
+                raise NoUsableCheckpoint(lost_run_message(self.run_dir))
+            # from step 0: what a launch that stopped before its first checkpoint logged is hidden
             self.scalars.resumed_at(-1)
             return None, None
         # rank 0's reading for every rank: the file can be rewritten in place (a phase's close, RunCheckpoints.restate)
         # and another host's cached view of it may lag
         saved = self.dist.broadcast_object(self.checkpoints.trainer_state(tag) if self.dist.is_main else None)
-        self.state = TrainState(**saved["state"])
+        self.state = TrainState.from_dict(saved["state"])  # its shape checked by damage() before it was picked
         self._schedule = saved.get("schedule") if not self.state.pending_eval else None
         self.scalars.resumed_at(self.state.total_steps)
         baseline = self.ledger.baseline

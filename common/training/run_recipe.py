@@ -28,7 +28,8 @@ from common.config.recipe import RecipeError, dump_yaml, parse_yaml, to_dict
 from common.models.arch import official_channels
 
 __all__ = ["RESUMABLE_CHANGES", "RECOVERY_CHANGES", "TOLERANCE_CHANGES", "MEMORY_CHANGES", "RunRecipe", "has_trained",
-           "prepare_run_dir", "field_defaults", "recipe_diff", "recovery_change"]
+           "run_state", "finished_run", "lost_run_message", "NEW", "CHECKPOINTS", "FINISHED", "LOST", "prepare_run_dir",
+           "field_defaults", "recipe_diff", "recovery_change"]
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +127,90 @@ def recovery_change(key: str) -> bool:
         bool(_PHASE_LR.fullmatch(key))
 
 
+# what a run directory holds (run_state)
+NEW, CHECKPOINTS, FINISHED, LOST = "new", "checkpoints", "finished", "lost"
+_FOLD = re.compile(r"fold\d+")
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    """A checkpoint folder that a resume picks from is in ``RUN/checkpoints``: a tag, or a tag's previous folder
+    that an interrupted save of the same tag left (``.old-TAG``, put back by the resume); not what an interrupted
+    save, a conversion or a resume left aside (``.tmp-``, ``.universal-``, ``.aside-``)."""
+    from common.training.checkpoints import OLD_PREFIX, tag_order  # lazy: checkpoints loads torch
+
+    folder = run_dir / "checkpoints"
+    return folder.is_dir() and any(p.is_dir() and tag_order(p.name.removeprefix(OLD_PREFIX)) is not None
+                                   for p in folder.iterdir())
+
+
+def finished_run(run_dir: Path, phases: int | None = None) -> bool:
+    """The run in ``run_dir`` finished: its ``model.safetensors`` is there and its ``ledger.json`` records every
+    phase as ended (``phases`` of them, where given)."""
+    from common.training.ledger import Ledger  # lazy: the ledger's module is not needed to plan
+
+    if not (run_dir / "model.safetensors").is_file():
+        return False
+    try:
+        ledger = Ledger.read(run_dir / "ledger.json")
+    except (OSError, ValueError):  # missing, not JSON, not a ledger
+        return False
+    return bool(ledger.phases) and all(p.ended_by is not None for p in ledger.phases) and \
+        (phases is None or len(ledger.phases) == phases)
+
+
+def run_state(run_dir: Path, phases: int | None = None) -> str:
+    """What ``run_dir`` (one run, not a cross-validation root) holds for a command that trains it: :data:`FINISHED`
+    (its model and a complete ledger: nothing to train, whether its checkpoints are there or were deleted to free
+    disk), :data:`CHECKPOINTS` (a resume loads one, or refuses where none is intact), :data:`LOST` (it trained, its
+    ``ledger.json`` or ``model.safetensors`` says so, but is unfinished and has no checkpoint: a run from step 0
+    would replace it without a word, so it is refused) or :data:`NEW`. ``phases``: how many the run has."""
+    run_dir = Path(run_dir)
+    if finished_run(run_dir, phases):
+        return FINISHED
+    if _has_checkpoint(run_dir):
+        return CHECKPOINTS
+    if (run_dir / "ledger.json").is_file() or (run_dir / "model.safetensors").is_file():
+        return LOST
+    return NEW
+
+
+def lost_run_message(run_dir: Path) -> str:
+    """Why a :data:`LOST` run directory is refused, and what to do."""
+    run_dir = Path(run_dir)
+    what = " and ".join(n for n in ("ledger.json", "model.safetensors") if (run_dir / n).is_file())
+    return (f"{run_dir} holds a run that trained ({what}) and is unfinished, but no checkpoint to resume it from "
+            f"({run_dir / 'checkpoints'} is gone or empty); run with --restart to start from step 0 (what the run "
+            f"left is moved aside), or use a new --run-dir")
+
+
 def has_trained(run_dir: Path) -> bool:
-    """A checkpoint (of the run or of one of its folds) or a finished model is there to resume or protect."""
-    if (run_dir / "model.safetensors").is_file():
-        return True
-    return any(p.is_dir() and not p.name.startswith(".")
-               for pattern in ("checkpoints/*", "*/checkpoints/*") for p in run_dir.glob(pattern))
+    """A run (or one of its folds, ``foldN/``) is there to resume or protect: a checkpoint, a finished model, or
+    the ledger of a run whose checkpoints are gone (:func:`run_state`)."""
+    run_dir = Path(run_dir)
+    folds = [p for p in run_dir.iterdir() if p.is_dir() and _FOLD.fullmatch(p.name)] if run_dir.is_dir() else []
+    return any(run_state(d) != NEW for d in (run_dir, *folds))
+
+
+def _recorded(path: Path) -> dict:
+    """The recipe a run recorded in ``path`` (its ``recipe.yaml``).
+
+    Raises:
+        RecipeError: it cannot be read, is not valid YAML or not a mapping (naming the file and what to do).
+    """
+    fix = (f"it records the recipe of the run in {path.parent}, which a resume checks: restore it, or start over "
+           f"with --restart (what the run left is moved aside) or in a new --run-dir")
+    try:
+        data = parse_yaml(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        cause = getattr(err, "problem", None) or str(err).splitlines()[0]
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}: not valid YAML ({cause}{where}); {fix}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: cannot be read ({err}); {fix}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: holds a {type(data).__name__}, not a recipe's mapping of sections; {fix}")
+    return data
 
 
 @dataclass
@@ -168,7 +247,7 @@ def prepare_run_dir(run_dir: Path, recipe, is_main: bool, accept_changed_data: b
     path = Path(run_dir) / "recipe.yaml"
     new = parse_yaml(yaml.safe_dump(to_dict(recipe), sort_keys=False))
     if path.is_file() and has_trained(Path(run_dir)):
-        old = parse_yaml(path.read_text())
+        old = _recorded(path)
         changed = recipe_diff(old, new, field_defaults(recipe))
         refused = [k for k in changed if not recovery_change(k)]
         if refused:

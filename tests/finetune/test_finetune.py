@@ -730,3 +730,44 @@ def test_an_epoch_based_run_checkpoints_every_save_every_steps_within_its_epochs
         capsys.readouterr().out
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "resumed"))
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_a_fine_tuning_run_whose_checkpoints_were_deleted_is_not_trained_again(tmp_path, synth_corpus, capsys):
+    """RUN/checkpoints deleted to free disk: a finished fine-tuning run is complete (the command and its plan agree,
+    nothing is replaced); an unfinished one is refused in one line naming --restart (it used to train again from
+    step 0 without a word)."""
+    import shutil
+
+    data = _synth_root(tmp_path, synth_corpus)
+
+    def argv(run_dir, *extra):
+        return ["--init", "none", "--task", "synth", "--data-root", str(data), "--run-dir", str(run_dir),
+                *sets(*TINY, "phases=[{compression: none, epochs: 2}]"), *extra]
+
+    def files(run_dir):
+        return {p: p.read_bytes() for p in sorted(run_dir.rglob("*"))
+                if p.is_file() and (p.suffix == ".safetensors" or p.name == "ledger.json")}
+
+    finished, unfinished = tmp_path / "finished", tmp_path / "unfinished"
+    assert finetune(argv(finished)) == 0
+    per_epoch = json.loads((finished / "ledger.json").read_text())["phases"][0]["steps"] // 2
+    shutil.rmtree(finished / "checkpoints")
+    before = files(finished)
+    capsys.readouterr()
+    assert finetune(argv(finished, "--dry-run")) == 0
+    assert f"{finished} holds a finished run; this command has nothing left to train" in capsys.readouterr().out
+    assert finetune(argv(finished)) == 0
+    assert files(finished) == before
+    assert "holds no checkpoint (deleted?), but its run is finished" in (finished / "train.log").read_text()
+
+    assert finetune(argv(unfinished, "--stop-after-steps", str(per_epoch + 1))) == 0
+    shutil.rmtree(unfinished / "checkpoints")
+    before = files(unfinished)
+    capsys.readouterr()
+    assert finetune(argv(unfinished)) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and f"{unfinished} holds a run that trained (ledger.json" in err[0] and "--restart" in err[0]
+    assert files(unfinished) == before
+    assert finetune(argv(unfinished, "--dry-run")) == 0
+    assert f"{unfinished} holds a run whose checkpoints are gone; this command refuses it" in capsys.readouterr().out
+    assert finetune(argv(unfinished, "--restart")) == 0 and (unfinished / "model.safetensors").is_file()

@@ -296,3 +296,56 @@ def test_an_export_of_a_bilinear_patch_phase_leaves_it_by_that_transfer_and_says
     assert any("(bilinear-resized" in line for line in start.lines), start.lines
     kernel = first_model(start, recipe).encoder.patch_embed.proj.weight.detach()
     assert torch.equal(kernel, resample_patch_kernel(state["patch_embed.proj.weight"], (16, 16), "bilinear"))
+
+
+def _files(run_dir: Path) -> dict:
+    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and (p.name.endswith(".safetensors") or p.name in ("ledger.json", "recipe.yaml"))}
+
+
+def test_a_run_whose_checkpoints_were_deleted_is_not_trained_again(tmp_path, synth_corpus, own_run, capsys):
+    """RUN/checkpoints deleted to free disk. A finished run is complete: the command and its plan say so, --init is
+    not read and nothing is replaced (the run used to start again from step 0, from random weights, replacing the
+    model, the exports and the ledger with its init record). An unfinished one is refused in one line naming
+    --restart, which then starts it from --init."""
+    import shutil
+
+    finished = tmp_path / "finished"
+    assert pretrain(finished, synth_corpus, own_run) == 0
+    shutil.rmtree(finished / "checkpoints")
+    before = _files(finished)
+    capsys.readouterr()
+    assert pretrain(finished, synth_corpus, own_run, dry=True) == 0
+    out = capsys.readouterr().out
+    assert f"{finished} holds a finished run; this command has nothing left to train" in out
+    assert f"--init {own_run} is not read: {finished} is finished (nothing left to train)" in out
+    assert pretrain(finished, synth_corpus, own_run) == 0
+    assert _files(finished) == before and ledger(finished)["init"]["source"] == str(own_run)
+    log = (finished / "train.log").read_text()
+    assert f"{finished / 'checkpoints'} holds no checkpoint (deleted?), but its run is finished" in log
+    assert f"--init {own_run} is not read: the run is finished" in log
+
+    unfinished = tmp_path / "unfinished"
+    assert pretrain(unfinished, synth_corpus, own_run, stop=2) == 0
+    shutil.rmtree(unfinished / "checkpoints")
+    before = _files(unfinished)
+    capsys.readouterr()
+    assert pretrain(unfinished, synth_corpus, own_run) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err == [f"error: {unfinished} holds a run that trained (ledger.json) and is unfinished, but no checkpoint "
+                   f"to resume it from ({unfinished / 'checkpoints'} is gone or empty); run with --restart to start "
+                   f"from step 0 (what the run left is moved aside), or use a new --run-dir"], err
+    assert _files(unfinished) == before
+    assert pretrain(unfinished, synth_corpus, own_run, dry=True) == 0
+    out = capsys.readouterr().out
+    assert f"{unfinished} holds a run whose checkpoints are gone; this command refuses it" in out
+    assert f"{unfinished} holds a run that trained (ledger.json) and is unfinished" in out
+    assert main(["--recipe", str(RECIPE), "--run-dir", str(unfinished), *overrides(synth_corpus), "--init",
+                 str(own_run), "--restart"]) == 0
+    assert ledger(unfinished)["init"]["source"] == str(own_run) and (unfinished / "model.safetensors").is_file()
+
+    # only what a save killed at the first checkpoint left: nothing is resumed, so --init is read
+    killed = tmp_path / "killed"
+    (killed / "checkpoints" / ".tmp-phase01-step000000002").mkdir(parents=True)
+    assert pretrain(killed, synth_corpus, own_run) == 0
+    assert ledger(killed)["init"]["source"] == str(own_run)

@@ -603,3 +603,19 @@ def test_a_pretraining_baseline_with_fine_tuning_runs_is_refused_as_such(pretrai
     assert main(["--baseline", str(base), "--runs", str(runs["c2f"]), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip() == (f"error: {runs['c2f']} is a fine-tuning run and the baseline {base} a "
                                                f"pretraining run: compare runs of one kind")
+
+
+@pytest.mark.parametrize("content, said", [
+    ([1, 2], "the ledger is [1, 2], not a mapping"),
+    ({"phases": [{"steps": "3"}], "evals": []}, "phases.0.steps is '3', not a number"),
+    ({"phases": {"0": {}}}, "phases is {'0': {}}, not a list"),
+])
+def test_a_ledger_of_another_shape_is_one_line_naming_the_file(tmp_path, runs, capsys, content, said):
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "ledger.json").write_text(json.dumps(content))
+    with pytest.raises(ReportError, match="odd"):
+        load_run(odd)
+    assert main(["--baseline", str(runs["base"]), "--runs", str(odd), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {odd / 'ledger.json'} is not a ledger of this package ({said})\n"

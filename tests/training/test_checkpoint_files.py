@@ -29,7 +29,7 @@ class Engine:
 
 def _save(checkpoints: RunCheckpoints, step: int, value: float | None = None, epochs: bool = False) -> str:
     tag = make_tag(0, step, epochs=epochs)
-    checkpoints.save(Engine(step if value is None else value), tag, {"state": {"step": step}},
+    checkpoints.save(Engine(step if value is None else value), tag, {"state": {"step": step}, "ledger": {}},
                      {"torch": torch.get_rng_state()})
     return tag
 
@@ -198,7 +198,7 @@ def test_a_checkpoint_lists_the_files_every_rank_wrote_as_written(tmp_path, monk
     monkeypatch.setattr(Path, "stat", stale)
     checkpoints = RunCheckpoints(ckdir, _TwoHosts(ckdir), keep=1)
     tag = make_tag(0, 1)
-    checkpoints.save(ShardedEngine(1.0), tag, {"state": {"step": 1}}, {"torch": torch.get_rng_state()})
+    checkpoints.save(ShardedEngine(1.0), tag, {"state": {"step": 1}, "ledger": {}}, {"torch": torch.get_rng_state()})
     hidden["on"] = False
 
     files = json.loads((ckdir / tag / "trainer_state.json").read_text())["files"]
@@ -232,3 +232,57 @@ def test_a_checkpoint_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "write_bytes", latest_after_files)
     tag = _save(RunCheckpoints(ckdir, ONE, keep=1), 1)
     assert (ckdir / LATEST).read_text() == tag and written
+
+
+def _files_a_list(saved: dict) -> None:
+    saved["files"] = list(saved["files"])
+
+
+def _digests_a_list(saved: dict) -> None:
+    saved["sha256"] = list(saved["sha256"].values())
+
+
+def _no_ledger(saved: dict) -> None:
+    del saved["ledger"]
+
+
+def _unknown_state_key(saved: dict) -> None:
+    saved["state"]["stepp"] = 3
+
+
+def _state_a_list(saved: dict) -> None:
+    saved["state"] = [saved["state"]]
+
+
+def _step_a_string(saved: dict) -> None:
+    saved["state"]["step"] = "10"
+
+
+def _ledger_phases_a_string(saved: dict) -> None:
+    saved["ledger"] = {"phases": "p1"}
+
+
+@pytest.mark.parametrize("change, reason", [
+    (_files_a_list, "files is a list, not a mapping of file names to sizes"),
+    (_digests_a_list, "sha256 is a list, not a mapping of file names to digests"),
+    (_no_ledger, "it holds no ledger"),
+    (_unknown_state_key, "its state has unknown key(s) stepp"),
+    (_state_a_list, "its state is a list, not a mapping"),
+    (_step_a_string, "its state's step is '10', not a whole number"),
+    (_ledger_phases_a_string, "its ledger: phases is 'p1', not a list"),
+])
+def test_a_trainer_state_of_the_wrong_shape_is_damage_and_the_resume_falls_back(tmp_path, caplog, change, reason):
+    """A trainer_state.json that parses but is not of the shape a resume reads (written by hand, by another tool)
+    is a damaged checkpoint: the resume takes the one before, with a warning naming the file and what is wrong
+    (it used to crash with a traceback, in damage() or in TrainState(**state), or resume from it)."""
+    ckdir = tmp_path / "checkpoints"
+    checkpoints = RunCheckpoints(ckdir, ONE, keep=2)
+    older, newest = _save(checkpoints, 2), _save(checkpoints, 10)
+    path = ckdir / newest / "trainer_state.json"
+    saved = json.loads(path.read_text())
+    change(saved)
+    path.write_text(json.dumps(saved))
+    with caplog.at_level("WARNING"):
+        assert RunCheckpoints(ckdir, ONE, keep=2).find_resume() == older
+    assert f"cannot resume from checkpoint {newest}: {path} is not a trainer state of this package ({reason})" in \
+        caplog.text

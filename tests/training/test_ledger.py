@@ -101,3 +101,21 @@ def test_a_phase_from_a_ledger_older_than_hardware_keeps_its_first_launch_when_r
     again = PhaseRecord.from_dict(old.to_dict())
     again.trained_on("NVIDIA H100", 2)  # the same launch again: nothing new
     assert again.hardware == [["NVIDIA A100", 8], ["NVIDIA H100", 2]]
+
+
+@pytest.mark.parametrize("data, said", [
+    ([], r"the ledger is \[\], not a mapping"),
+    ({"phases": [{"steps": "3"}]}, r"phases.0.steps is '3', not a number"),
+    ({"phases": [[]]}, r"phases.0 is \[\], not a mapping"),
+    ({"evals": [{"metrics": [1]}]}, r"evals.0.metrics is \[1\], not a mapping"),
+    ({"upsampled": [{"split": "train"}]}, r"upsampled.0 is .*split, from_hz, to_hz and clips"),
+    ({"init": "x.pth"}, r"init is 'x.pth', not a mapping"),
+])
+def test_a_ledger_of_another_shape_is_a_ledger_error_naming_the_key(tmp_path, data, said):
+    from common.training.ledger import LedgerError
+
+    with pytest.raises(LedgerError, match=said):
+        Ledger.from_dict(data)
+    (tmp_path / "ledger.json").write_text(json.dumps(data))
+    with pytest.raises(LedgerError, match=f"{tmp_path / 'ledger.json'} is not a ledger of this package"):
+        Ledger.read(tmp_path)

@@ -265,3 +265,23 @@ def test_a_tensorboard_file_opened_in_the_same_second_sorts_after_the_last(tmp_p
     scalars.log({"train/loss": 1.0}, 0)
     scalars.close()
     assert sorted(p.name for p in (tmp_path / "tb").iterdir())[-1] != earlier.name
+
+
+@pytest.mark.parametrize("text, said", [("model: {depth: 2\n", "not valid YAML"),
+                                        ("- model\n", "holds a list, not a recipe's mapping of sections")])
+def test_a_run_whose_recipe_yaml_no_longer_parses_is_refused_in_one_line(tmp_path, synth_corpus, capsys, text, said):
+    """RUN/recipe.yaml damaged (edited by hand, truncated) after the run's first checkpoint: the resume and its plan
+    refuse in one line naming the file and what to do (it was a traceback from yaml or from the recipe diff)."""
+    run_dir = tmp_path / "run"
+    assert _run(run_dir, synth_corpus, stop=2) == 0
+    path = run_dir / "recipe.yaml"
+    path.write_text(text)
+    capsys.readouterr()
+    assert _run(run_dir, synth_corpus) == 2
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("error:"))
+    assert line.startswith(f"error: {path}: {said}") and "--restart" in line and "Traceback" not in err, err
+    argv = ["--recipe", str(RECIPE), "--run-dir", str(run_dir), *tiny(synth_corpus), "--dry-run"]
+    assert main(argv) == 0
+    assert f"{path}: {said}" in capsys.readouterr().out
+    assert path.read_text() == text and (run_dir / "checkpoints" / "phase01-step000000002").is_dir()
