@@ -27,7 +27,8 @@ from common.data.clips import Batch
 from common.metrics import compute_metrics, standard_error
 from common.models.arch import architecture_for, architecture_from_meta
 from common.models.ast.arch import Classifier
-from common.models.exports import is_export, load_checked, read_weights, resolve_model_file, save_weights
+from common.models.exports import is_export, read_weights, resolve_model_file, save_weights
+from common.models.fit import load_checked
 from common.models.flops import train_step_flops
 from common.models.hf import hf_classifier_export, is_hf_directory
 from common.models.memory import MemoryEstimate, estimate_training_memory

@@ -17,14 +17,14 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
-from torch import nn
 
+from common.audio.compression import Compression
+from common.models.arch import architecture_from_meta
 from common.models.ast.encoder import ASTEncoder
 from common.system.atomic import atomic_path
 
 __all__ = ["EXPORT_FORMAT", "RUN_EXPORT", "save_weights", "read_weights", "is_export", "save_encoder",
-           "resolve_model_file", "fold_dirs", "unreadable", "misfit", "load_checked",
-           "check_export_meta"]
+           "resolve_model_file", "fold_dirs", "unreadable", "check_export_meta"]
 
 EXPORT_FORMAT = "coarse2fine-ast/1"
 RUN_EXPORT = "model.safetensors"
@@ -51,45 +51,6 @@ def unreadable(path: str | os.PathLike, err: Exception) -> ValueError:
         size = "size unknown"
     return ValueError(f"{path} is not a readable safetensors file ({size}; truncated, or not a safetensors file: "
                       f"{str(err).strip() or type(err).__name__})")
-
-
-def misfit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], fresh: tuple[str, ...] = ()) -> str | None:
-    """What keeps ``state`` from loading into a module whose state dict is ``own`` (tensors, or anything with a
-    ``shape``): missing keys (but those starting with a ``fresh`` prefix), unexpected keys, and shapes that differ,
-    the first few of each, in words; None when it fits."""
-    missing = [k for k in own if k not in state and not k.startswith(fresh)]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(v.shape)} (the model's {tuple(own[k].shape)})" for k, v in state.items()
-             if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    parts = [f"{what} {items[:5] if what != 'wrong shapes' else '; '.join(items[:5])}"
-             + (f" ({len(items)} in all)" if len(items) > 5 else "")
-             for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
-             if items]
-    return ", ".join(parts) or None
-
-
-def load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike,
-                 fresh: tuple[str, ...] = ()) -> nn.Module:
-    """Load ``state`` into ``module`` (each tensor cast to the dtype of the module's own), key for key and shape
-    for shape (but keys starting with a ``fresh`` prefix, which the module may keep as they are).
-
-    Raises:
-        ValueError: the weights do not fit, naming ``source`` (the file) and the first mismatching keys and shapes
-            (``load_state_dict``'s RuntimeError would be a traceback); a tensor of integers where the model has
-            floating-point weights, or one holding NaN or infinite values, naming the key.
-    """
-    own = module.state_dict()
-    problem = misfit(own, state, fresh)
-    if problem is not None:
-        raise ValueError(f"{source}: the weights do not fit the model its config describes: {problem}")
-    for key, value in state.items():  # a cast would make integers or NaN weights a model that says nothing
-        if own[key].is_floating_point() and not value.is_floating_point():
-            raise ValueError(f"{source}: tensor {key} holds {str(value.dtype).replace('torch.', '')} values; the "
-                             f"model's weights are floating point")
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{source}: tensor {key} holds NaN or infinite values")
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=not fresh)
-    return module
 
 
 def is_export(path: str | os.PathLike) -> bool:
@@ -146,9 +107,6 @@ def check_export_meta(path: str | os.PathLike, meta: dict) -> None:
     Raises:
         ValueError: naming ``path`` and the key (``encoder_config.depth: expected an integer, got 'four'``).
     """
-    from common.audio.compression import Compression
-    from common.models.arch import architecture_from_meta  # (here: the architectures load exports)
-
     for key, (kind, what) in _META_TYPES.items():
         if key in meta and not isinstance(meta[key], kind):
             raise ValueError(f"{path}: metadata {key} must be {what}, got {meta[key]!r}")

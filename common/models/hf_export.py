@@ -24,7 +24,8 @@ import torch
 
 from common.audio.fbank import resolve_norm_stats
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
-from common.models.exports import misfit, unreadable
+from common.models.exports import unreadable
+from common.models.fit import misfit
 from common.models.hf import (
     _HEAD_NAMES,
     _TOP_NAMES,

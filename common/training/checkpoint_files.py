@@ -27,6 +27,9 @@ from pathlib import Path
 
 import torch
 
+from common.training.ledger import Ledger
+from common.training.train_state import TrainState
+
 __all__ = ["STATE_FILE", "DIGESTS", "MODEL_FILE", "NoUsableCheckpoint", "UnsafeCheckpointFile", "safe_load",
            "weights_only_loads", "measure", "damage"]
 
@@ -121,10 +124,6 @@ def measure(path: Path, flush: bool = False) -> tuple[int, str]:
 
 def _shape(state: dict) -> str | None:
     """What is wrong with the shape of a parsed ``trainer_state.json`` (what a resume reads of it), or None."""
-    # lazy: spec imports the recipe's sections, which import this module's users
-    from common.training.ledger import Ledger
-    from common.training.spec import TrainState
-
     files, digests = state.get("files", {}), state.get(DIGESTS)
     if not isinstance(files, dict) or not all(isinstance(size, int) and not isinstance(size, bool)
                                               for size in files.values()):

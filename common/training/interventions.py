@@ -23,7 +23,8 @@ from common.data.shar_stream import reads_per_rank
 from common.data.shards import reshard_index
 from common.phases.baseline import evaluation_settings, setting_differences
 from common.training.ledger import Ledger
-from common.training.spec import RunSpec, TrainState
+from common.training.spec import RunSpec
+from common.training.train_state import TrainState
 
 __all__ = ["sampler", "check_data", "check_evaluation", "check_sampler", "reshard_position"]
 

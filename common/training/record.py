@@ -38,7 +38,8 @@ from common.training.nonfinite import NonFiniteLoss
 from common.training.objective import Objective
 from common.training.plan import RunPlan
 from common.training.run_recipe import FINISHED, LOST, lost_run_message, run_state
-from common.training.spec import RunSpec, TrainState
+from common.training.spec import RunSpec
+from common.training.train_state import TrainState
 from common.training.weight_average import WeightAverage, averaged_epochs
 
 __all__ = ["RunRecord", "saving_words"]

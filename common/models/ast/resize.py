@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from common.audio.compression import PATCH_MODES, PatchResize
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
-from common.models.exports import load_checked
+from common.models.fit import load_checked
 
 __all__ = ["PosResize", "PatchResize", "POS_MODES", "PATCH_MODES", "resample_pos_embed", "resample_patch_kernel",
            "adapt_state_dict", "load_adapted", "adapt_encoder"]

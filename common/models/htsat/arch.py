@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from common.audio.compression import Compression
-from common.models.exports import load_checked
+from common.models.fit import load_checked
 from common.models.htsat import HEAD_PREFIXES, HTSAT, HTSATConfig, HTSATFrontEnd, SpecAugmentStripes, adapt_state_dict
 from common.models.htsat import geometry as htsat_geometry
 from common.models.htsat.adapt import fit_tables
