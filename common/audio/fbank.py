@@ -187,10 +187,14 @@ def resolve_norm_stats(spec: str | NormStats | dict) -> NormStats:
     if isinstance(spec, NormStats):
         return spec
     if isinstance(spec, dict):
+        missing = [k for k in ("mean", "std") if spec.get(k) is None]
+        if missing:
+            raise ValueError(f"normalisation statistics need 'mean' and 'std', got keys {sorted(map(str, spec))}")
         try:
             return NormStats(float(spec["mean"]), float(spec["std"]))
-        except KeyError as err:
-            raise ValueError(f"normalisation statistics need 'mean' and 'std', got keys {sorted(spec)}") from err
+        except (TypeError, ValueError):  # a string, a list: not a number
+            raise ValueError(f"normalisation statistics: mean and std must be numbers, got mean={spec['mean']!r}, "
+                             f"std={spec['std']!r}") from None
     if spec in NORM_STATS:
         return NORM_STATS[spec]
     path = Path(spec)
@@ -200,8 +204,13 @@ def resolve_norm_stats(spec: str | NormStats | dict) -> NormStats:
                 f"normalisation statistics file {path} does not exist; compute it with "
                 f"`python -m common.data.corpora stats MANIFEST`"
             )
-        data = json.loads(path.read_text())
-        return resolve_norm_stats({"mean": data.get("mean"), "std": data.get("std")})
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not a mapping with 'mean' and 'std'")
+            return resolve_norm_stats({"mean": data.get("mean"), "std": data.get("std")})
+        except (ValueError, OSError, UnicodeDecodeError) as err:  # json's errors are ValueErrors
+            raise ValueError(f"normalisation statistics file {path}: {err}") from None
     raise ValueError(
         f"unknown normalisation statistics {spec!r}: use one of {sorted(NORM_STATS)} or a stats JSON file"
     )

@@ -62,6 +62,13 @@ def test_normalisation_and_named_stats(tmp_path):
         resolve_norm_stats(str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="invalid"):
         NormStats(0.0, 0.0)
+    # a file that is not statistics is named, whatever is wrong with it (each was an AttributeError or TypeError)
+    for text, why in (("[1, 2]", "a JSON list, not a mapping"), ('{"mean": 1}', "need 'mean' and 'std'"),
+                      ('{"mean": "x", "std": 2}', "must be numbers, got mean='x'"), ('{"mean": ', "Expecting value"),
+                      ('{"mean": [1], "std": 2}', "must be numbers")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"normalisation statistics file {path}: .*{why}"):
+            resolve_norm_stats(str(path))
 
 
 def test_pad_or_crop():
