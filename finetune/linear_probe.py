@@ -70,6 +70,21 @@ class ProbeRecipe:
             raise ValueError(f"num_workers: must be 0 (decode in this process) or more, got {self.num_workers}")
 
 
+def _read_cached(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The features and targets a probe cached in ``path``, or None (with a warning naming the file) where it is
+    not such a cache (cut short, another file, arrays that do not go together): they are computed again."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            x, y = data["x"], data["y"]
+        if x.ndim != 2 or y.ndim not in (1, 2) or len(x) != len(y) or not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"x {x.shape} {x.dtype} and y {y.shape} are not one feature row per clip")
+    except Exception as err:  # noqa: BLE001 - any unreadable cache is computed again, never trusted
+        log.warning("feature cache %s is unusable (%s: %s); computing the features again", path,
+                    type(err).__name__, err)
+        return None
+    return x, y
+
+
 def _cache_key(ckpt: str, manifests: Sequence[str], cfg, layer, pool, front_end: str = "",
                classes: Sequence[str] = ()) -> str:
     """The features' identity: the model file, its config, layer and pooling, the front end (the statistics the
@@ -206,9 +221,9 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
 
     def features(manifests: list[str]) -> tuple[np.ndarray, np.ndarray]:
         path = cache / f"{_cache_key(init_path, manifests, cfg, recipe.layer, pool, front_end, classes)}.npz"
-        if path.is_file():
-            data = np.load(path)
-            return data["x"], data["y"]
+        cached = _read_cached(path) if path.is_file() else None
+        if cached is not None:
+            return cached
         x, y = extract_features(encoder, arch, manifests, classes, recipe.layer, pool, recipe.batch_size,
                                 recipe.num_workers, device, channels)
         cache.mkdir(parents=True, exist_ok=True)

@@ -450,6 +450,19 @@ def test_the_linear_probes_layer_takes_final_or_a_block_as_embed_does(tmp_path, 
         assert header in capsys.readouterr().out
         values[layer] = json.loads(out.read_text())[0]["value"]
     assert values["final"] == values[None]
+    # a cached file that is not the probe's (cut short, another file, arrays that do not go together) is named and
+    # computed again: the same value (it was a BadZipFile or KeyError traceback, or an error naming no file)
+    cached = sorted((tmp_path / "cache").glob("*.npz"))
+    assert cached
+    for damage in (lambda f: f.write_bytes(f.read_bytes()[:100]), lambda f: np.savez(f.open("wb"), z=np.zeros(3)),
+                   lambda f: np.savez(f.open("wb"), x=np.zeros(3), y=np.zeros(3))):
+        for f in cached:
+            damage(f)
+        out = tmp_path / "probe_again.json"
+        assert probe([*base, "--out", str(out)]) == 0
+        assert json.loads(out.read_text())[0]["value"] == values["final"]
+        err = capsys.readouterr().err
+        assert any(f"feature cache {f} is unusable" in err for f in cached), err
     recipe = tmp_path / "probe.yaml"
     recipe.write_text("layer: final\n")
     assert probe([*base, "--recipe", str(recipe)]) == 0 and "layer final" in capsys.readouterr().out
