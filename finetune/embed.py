@@ -80,6 +80,8 @@ def _check_settings(out: Path, settings: dict) -> None:
         before = json.loads(path.read_text())
     except ValueError as err:
         raise ValueError(f"{path} is not JSON ({err}); give a new --out") from None
+    if not isinstance(before, dict):
+        raise ValueError(f"{path} is a JSON {type(before).__name__}, not the settings embed writes; give a new --out")
     keys = ("model_sha256", "layer", "pool", "frames", "format", "hop_seconds", "front_end", "model", "channels")
     changed = [k for k in keys if before.get(k) != settings.get(k)]
     if changed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -202,17 +203,70 @@ class ShardWriter:
         self.rows, self.clip, self.frames = [], [], []
 
 
+def _lengths(path: Path) -> dict[str, int]:
+    """The first dimension of every tensor of a shard (or of ``clips.*``), read from the headers only.
+
+    Raises:
+        ValueError: the file is no such shard (cut short, another format, an object array).
+    """
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="numpy") as handle:
+                return {k: handle.get_slice(k).get_shape()[0] for k in handle.keys()}
+        if path.suffix == ".npy":
+            return {"clip": len(np.load(path, mmap_mode="r", allow_pickle=False))}
+        found = {}
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                with archive.open(name) as member:
+                    version = np.lib.format.read_magic(member)
+                    shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                       else np.lib.format.read_array_header_2_0)(member)
+                if dtype.hasobject or not shape:
+                    raise ValueError(f"{name} is not an array of numbers")
+                found[name.removesuffix(".npy")] = shape[0]
+        return found
+    except Exception as err:  # noqa: BLE001 - whatever the file is, it is not a shard this package wrote
+        raise ValueError(f"{type(err).__name__}: {err}") from None
+
+
+def _shard_problem(path: Path, rows: int) -> str | None:
+    """Why the tensors of a shard of ``rows`` rows are not usable (missing, unreadable, another length), or None."""
+    if not path.is_file():
+        return f"its tensors {path.name} are missing"
+    try:
+        lengths = _lengths(path)
+    except ValueError as err:
+        return f"its tensors {path.name} cannot be read ({err})"
+    wrong = {k: n for k, n in lengths.items() if n != rows}
+    if not lengths or wrong:
+        return f"its tensors {path.name} hold {wrong or 'no'} rows where its index lists {rows}"
+    return None
+
+
 def done_rows(out: Path) -> list[dict]:
-    """The rows of every finished shard, in shard order (a shard whose tensors are missing is not finished)."""
+    """The rows of every finished shard, in shard order. A shard whose tensors are missing, cannot be read or do
+    not have its rows (a damaged copy) is not finished: its index is removed (and the tensors) and its clips are
+    embedded again."""
     rows = []
     for tsv in sorted((out / "shards").glob("*.tsv")):
         part = _rows_of(tsv)
-        if part and not (out / "shards" / part[0]["shard"]).is_file():
-            log.warning("%s: its tensors %s are missing; its clips are embedded again", tsv, part[0]["shard"])
+        problem = _shard_problem(out / "shards" / part[0]["shard"], len(part)) if part else None
+        if problem is not None:
+            log.warning("%s: %s; its clips are embedded again", tsv, problem)
             tsv.unlink()
+            (out / "shards" / part[0]["shard"]).unlink(missing_ok=True)
             continue
         rows.extend(part)
     return rows
+
+
+def _clips_fit(path: Path, rows: int) -> bool:
+    """Whether ``clips.*`` is there with one row per index row (else it is written again from the shards)."""
+    try:
+        return path.is_file() and _lengths(path).get("clip") == rows
+    except ValueError:
+        return False
 
 
 def write_index(out: Path, fmt: str, has_clip: bool) -> None:
@@ -223,7 +277,7 @@ def write_index(out: Path, fmt: str, has_clip: bool) -> None:
                    str(r["row"])]) + "\n" for r in rows)
     index = out / "index.tsv"
     clips_file = out / ("clips.npy" if fmt == "npy" else "clips.safetensors")
-    if index.is_file() and index.read_text() == text and (clips_file.is_file() or not has_clip):
+    if index.is_file() and index.read_text() == text and (not has_clip or _clips_fit(clips_file, len(rows))):
         return
     if has_clip and rows:
         shards = list(dict.fromkeys(r["shard"] for r in rows))

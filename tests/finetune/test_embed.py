@@ -190,6 +190,25 @@ def test_a_rerun_skips_what_was_written_and_computes_nothing(tmp_path, monkeypat
 
     for i, f in enumerate(files):  # the rows read back in order are the clips' own embeddings
         assert np.allclose(read_clips(out)[i], real(torch.from_numpy(load_audio(f, 16000))[None]).clip[0], atol=1e-5)
+    good = read_clips(out).copy()
+    # a damaged shard (cut short, an object array, rows that are not its index's) is embedded again, and a
+    # clips.npy of another length is written again: a rerun took them as finished (an audit)
+    shards = sorted((out / "shards").glob("*.npz"))
+    shards[1].write_bytes(shards[1].read_bytes()[:100])
+    np.savez(shards[2].open("wb"), clip=np.array([object()], dtype=object))
+    np.savez(shards[3].open("wb"), clip=np.zeros((3, 32), np.float32), frames=np.zeros((3, 2, 32), np.float32))
+    resumed = embed_files(embedder, files, out, shard_size=1, workers=0)
+    assert (resumed.clips, resumed.skipped) == (3, 1)
+    assert np.allclose(read_clips(out)[np.argsort([r["clip_id"] for r in read_index(out)])],
+                       good[np.argsort([str(f) for f in files])], atol=1e-6)
+    np.save(out / "clips.npy", np.zeros((2, 32), np.float32))
+    assert embed_files(embedder, files, out, shard_size=1, workers=0).skipped == 4
+    assert read_clips(out).shape == (4, 32)
+    settings = (out / "embeddings.json").read_text()
+    (out / "embeddings.json").write_text("[1]")
+    with pytest.raises(ValueError, match="embeddings.json is a JSON list, not the settings embed writes"):
+        embed_files(embedder, files, out, shard_size=1, workers=0)
+    (out / "embeddings.json").write_text(settings)
     # other settings in the same folder are refused, naming what changed
     with pytest.raises(ValueError, match=r"other settings \(pool 'mean' -> 'prefix'\)"):
         embed_files(init, files, out, frames=True, pool="prefix", workers=0)
