@@ -161,15 +161,18 @@ def finished_run(run_dir: Path, phases: int | None = None) -> bool:
 def run_state(run_dir: Path, phases: int | None = None) -> str:
     """What ``run_dir`` (one run, not a cross-validation root) holds for a command that trains it: :data:`FINISHED`
     (its model and a complete ledger: nothing to train, whether its checkpoints are there or were deleted to free
-    disk), :data:`CHECKPOINTS` (a resume loads one, or refuses where none is intact), :data:`LOST` (it trained, its
-    ``ledger.json`` or ``model.safetensors`` says so, but is unfinished and has no checkpoint: a run from step 0
-    would replace it without a word, so it is refused) or :data:`NEW`. ``phases``: how many the run has."""
+    disk), :data:`CHECKPOINTS` (a resume loads one, or refuses where none is intact), :data:`LOST` (it wrote a
+    checkpoint once, its ``recipe.yaml`` says so, and trained, its ``ledger.json`` or ``model.safetensors`` says
+    so, but is unfinished and has no checkpoint now: a run from step 0 would replace it without a word, so it is
+    refused) or :data:`NEW` (also a run stopped before its first checkpoint, which validations may have left a
+    ledger: it starts again from step 0, as it always did). ``phases``: how many the run has."""
     run_dir = Path(run_dir)
     if finished_run(run_dir, phases):
         return FINISHED
     if _has_checkpoint(run_dir):
         return CHECKPOINTS
-    if (run_dir / "ledger.json").is_file() or (run_dir / "model.safetensors").is_file():
+    trained = (run_dir / "ledger.json").is_file() or (run_dir / "model.safetensors").is_file()
+    if trained and (run_dir / "recipe.yaml").is_file():  # recipe.yaml comes with the first checkpoint
         return LOST
     return NEW
 

@@ -344,6 +344,14 @@ def test_a_run_whose_checkpoints_were_deleted_is_not_trained_again(tmp_path, syn
                  str(own_run), "--restart"]) == 0
     assert ledger(unfinished)["init"]["source"] == str(own_run) and (unfinished / "model.safetensors").is_file()
 
+    # a run stopped after a validation but before its first checkpoint (no recipe.yaml: none was ever written)
+    # starts again from step 0, as it always did (its ledger alone is no lost run; a requeue loop goes on)
+    early = tmp_path / "early"
+    assert pretrain(early, synth_corpus, own_run, stop=2) == 0
+    shutil.rmtree(early / "checkpoints")
+    (early / "recipe.yaml").unlink()
+    assert pretrain(early, synth_corpus, own_run) == 0 and (early / "model.safetensors").is_file()
+
     # only what a save killed at the first checkpoint left: nothing is resumed, so --init is read
     killed = tmp_path / "killed"
     (killed / "checkpoints" / ".tmp-phase01-step000000002").mkdir(parents=True)
