@@ -41,18 +41,21 @@ class RecipeLoader(yaml.SafeLoader):
     overrides one merged in with ``<<:`` is not written twice.
     """
 
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[str, yaml.Node] = {}
-            for key_node, _ in node.value:
-                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                if key_node.value in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key_node.value!r} is written twice in one mapping (first at line "
-                        f"{seen[key_node.value].start_mark.line + 1}); which one is meant?", key_node.start_mark)
-                seen[key_node.value] = key_node
-        return super().construct_mapping(node, deep=deep)
+    def compose_mapping_node(self, anchor):
+        # as written, before merges are flattened into it (a merged key that the mapping overrides is not twice);
+        # keys compared with their resolved tags (1 and "1" are two keys)
+        node = super().compose_mapping_node(anchor)
+        seen: dict[tuple[str, str], yaml.Node] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in seen:
+                raise yaml.composer.ComposerError(
+                    None, None, f"key {key_node.value!r} is written twice in one mapping (first at line "
+                    f"{seen[key].start_mark.line + 1}); which one is meant?", key_node.start_mark)
+            seen[key] = key_node
+        return node
 
 
 _FLOAT_TAG = "tag:yaml.org,2002:float"

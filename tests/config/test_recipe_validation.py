@@ -346,3 +346,17 @@ def test_a_bad_value_is_named_with_where_it_was_written(tmp_path, synth_corpus, 
     assert capsys.readouterr().err.strip().endswith("got -3.0 (--set optim.lr=-3)")
     assert finetune([*base, "--task", "synth", "--set", "model.drop_path_rate=2"]) == 2
     assert "(--set model.drop_path_rate=2)" in capsys.readouterr().err
+
+
+def test_a_key_written_twice_is_refused_but_merges_and_other_keys_are_not():
+    """A mapping that writes a key twice is an error (PyYAML keeps the last silently); a key that overrides one
+    merged in with ``<<:`` (in block or flow style, nested in a list) is written once, and 1 and "1" are two
+    keys: those load as ``yaml.safe_load`` loads them."""
+    import yaml
+
+    text = ("defaults: &d {lr: 1.0, wd: 0.1}\nphases:\n  - <<: *d\n    lr: 2.0\n  - {<<: *d, lr: 3.0}\n"
+            "other:\n  <<: *d\nmixed: {1: a, \"1\": b}\n")
+    assert parse_yaml(text) == yaml.safe_load(text)
+    for twice in ("a: 1\na: 2\n", "x: {b: 1, b: 2}\n", "- <<: {c: 1}\n  d: 1\n  d: 2\n"):
+        with pytest.raises(yaml.YAMLError, match="is written twice in one mapping"):
+            parse_yaml(twice)
