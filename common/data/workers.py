@@ -60,12 +60,13 @@ def start_workers(loader: DataLoader) -> Iterator:
             iterator = iter(loader)
     except BaseException as err:
         half = _iterator_of(err)
-        if half is not None:  # its own shutdown (stop sentinels, joins), then a kill of what is left
+        if half is not None:  # its own shutdown (stop sentinels, joins), then a kill of its workers left
             _LIVE[id(half)] = half
             end_workers(half)
-        for child in set(multiprocessing.active_children()) - before:
-            child.kill()
-            child.join()
+        else:  # not found in the traceback (another PyTorch): the children started meanwhile, which were its
+            for child in set(multiprocessing.active_children()) - before:
+                child.kill()
+                child.join()
         raise
     if hasattr(iterator, "_shutdown_workers"):
         _LIVE[id(iterator)] = iterator

@@ -27,3 +27,20 @@ def test_an_augmented_fine_tuning_step_makes_no_blocking_copy(tmp_path, synth_co
     with blocking_copies(monkeypatch, (Trainer, "_micro_step")) as found:
         assert finetune(argv) == 0
     assert found["calls"] == 3 and found["copies"] == []
+
+
+def test_a_host_tensor_goes_to_a_cuda_device_pinned_and_non_blocking(monkeypatch):
+    """What makes the copies above wait for nothing on a GPU (no GPU here: the calls are recorded): pinned host
+    memory, then ``non_blocking``; nothing is pinned for a CPU device."""
+    import torch
+
+    from common.system.device import to_device
+
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **kw: calls.append(kw) or self)
+    to_device(torch.zeros(3), "cuda", torch.float16)
+    assert calls == ["pin", {"device": torch.device("cuda"), "dtype": torch.float16, "non_blocking": True}]
+    calls.clear()
+    to_device(torch.zeros(3), "cpu")
+    assert calls == [{"device": torch.device("cpu"), "dtype": None, "non_blocking": True}]
