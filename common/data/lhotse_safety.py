@@ -6,9 +6,9 @@ Lhotse's default audio backends include ``sph2pipe`` for any path ending in ``.s
 Nothing a user loads may run code, so :func:`no_shell` (called when a module of this package that reads audio or
 manifests with Lhotse is imported, the loader's worker processes included) makes Lhotse's current backends its
 defaults less those that run a command line through a shell. (Audioread, kept, may start ``ffmpeg`` for a format
-nothing else decodes, with the path as one argument of a list: no shell parses it.) Lhotse's ``command`` and ``url`` audio sources are refused where cuts
-are read (``common.data.decode.refused_source``). NIST SPHERE files are still read (libsndfile reads them), but
-not shorten-compressed ones, which need ``sph2pipe``.
+nothing else decodes, with the path as one argument of a list: no shell parses it.) Lhotse's ``command`` and
+``url`` audio sources are refused where cuts are read (``common.data.decode.refused_source``). NIST SPHERE files
+are still read (libsndfile reads them), but not shorten-compressed ones, which need ``sph2pipe``.
 """
 
 from __future__ import annotations
