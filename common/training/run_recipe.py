@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from common.config.recipe import RecipeError, dump_yaml, parse_yaml, to_dict
+from common.config.recipe import RecipeError, dump_yaml, parse_yaml, to_dict, yaml_problem
 from common.models.arch import official_channels
 
 __all__ = ["RESUMABLE_CHANGES", "RECOVERY_CHANGES", "TOLERANCE_CHANGES", "MEMORY_CHANGES", "RunRecipe", "has_trained",
@@ -205,10 +205,7 @@ def _recorded(path: Path) -> dict:
     try:
         data = parse_yaml(path.read_text())
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        cause = getattr(err, "problem", None) or str(err).splitlines()[0]
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise RecipeError(f"{path}: not valid YAML ({cause}{where}); {fix}") from None
+        raise RecipeError(f"{path}: not valid YAML ({yaml_problem(err)}); {fix}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(f"{path}: cannot be read ({err}); {fix}") from None
     if not isinstance(data, dict):
