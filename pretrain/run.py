@@ -51,16 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _not_reading_init(run_dir: Path, restart: bool, phases: int) -> str | None:
-    """Why the run in ``run_dir`` does not read ``--init``: it resumes from its checkpoints, or it is finished
-    (nothing is trained); None where the run starts from it (a new run, ``--restart``, or a run that trained but
-    whose checkpoints are gone: refused, ``common.training.run_recipe.run_state``)."""
-    from common.training.run_recipe import CHECKPOINTS, FINISHED, run_state
-
-    if restart:
-        return None
-    return {CHECKPOINTS: "resumes from its checkpoints",
-            FINISHED: "is finished (nothing left to train)"}.get(run_state(run_dir, phases))
 
 
 def _started_from(run_dir: Path) -> str:
@@ -167,13 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         caution = norm_mismatch(recipe.audio.norm, recipe.audio.target_frames, recipe.audio.num_mel_bins, "audio.norm")
         check_baseline(recipe, run_dir, args.restart)  # before any compute: the baseline must be there, comparable
         start, init_lines, missing_init = None, [], []
-        unread = None if args.init is None else _not_reading_init(run_dir, args.restart, len(recipe.phases))
-        if not args.dry_run and not args.restart:
-            from common.training.checkpoint_files import NoUsableCheckpoint
-            from common.training.run_recipe import LOST, lost_run_message, run_state
+        from common.training.run_recipe import CHECKPOINTS, FINISHED, LOST, lost_run_message, run_state
 
-            if run_state(run_dir, len(recipe.phases)) == LOST:  # refused before --init or any data is read
-                raise NoUsableCheckpoint(lost_run_message(run_dir))
+        held = None if args.restart else run_state(run_dir, len(recipe.phases))
+        # why --init is not read: the run resumes, or is finished (a new run, --restart, a lost run: it is read)
+        unread = None if args.init is None else {CHECKPOINTS: "resumes from its checkpoints",
+                                                 FINISHED: "is finished (nothing left to train)"}.get(held)
+        if held == LOST and not args.dry_run:  # refused before --init or any data is read
+            from common.training.checkpoint_files import NoUsableCheckpoint
+
+            raise NoUsableCheckpoint(lost_run_message(run_dir))
         if unread is not None:
             if args.dry_run:
                 init_lines = [f"init: --init {args.init} is not read: {run_dir} {unread}"]
