@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import zlib
 from pathlib import Path
 from typing import Iterable
 
-from common.data.manifest_index import manifest_path, truncated_manifest
+from common.data.manifest_index import CUT_SHORT, manifest_path, truncated_manifest
 
 __all__ = ["fingerprint", "run_fingerprints", "changes", "key_for", "DataChanged"]
 
@@ -60,7 +59,7 @@ def fingerprint(path: str | Path) -> dict:
     if path.is_file():
         try:
             content = _content_sha256(path).hexdigest()
-        except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        except CUT_SHORT as err:
             raise ValueError(truncated_manifest(path, err)) from None
         return {"sha256": _file_sha256(path).hexdigest(), "content_sha256": content,
                 "bytes": path.stat().st_size}

@@ -38,7 +38,7 @@ from common.system.atomic import atomic_path, remove_orphans
 no_shell()  # Lhotse's audio backends and file opener without a shell (common.data.lhotse_safety)
 
 __all__ = ["DEFAULT_INDEX_DIR", "ManifestIndex", "IndexShuffleSampler", "open_lines", "count_lines", "manifest_path",
-           "truncated_manifest"]
+           "truncated_manifest", "CUT_SHORT"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,10 @@ def open_lines(path: Path):
     return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
 
 
+# what reading a gzipped manifest cut short raises (an interrupted copy), as :func:`truncated_manifest` says it
+CUT_SHORT = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
 def truncated_manifest(path: Path, err: Exception) -> str:
     """What to say of a manifest that cannot be read to its end (a gzip stream cut short: an interrupted copy)."""
     return (f"manifest {path} cannot be read to its end ({type(err).__name__}: {err}): a truncated or damaged copy? "
@@ -81,7 +85,7 @@ def count_lines(path: Path, limit: int | None = None) -> int:
                 count += bool(line.strip())
                 if limit is not None and count > limit:
                     break
-    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+    except CUT_SHORT as err:
         raise ValueError(truncated_manifest(path, err)) from None
     return count
 

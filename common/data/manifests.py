@@ -9,11 +9,9 @@ A set of at most ``data.full_shuffle_max`` clips that is one manifest or an equa
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import os
-import zlib
 from typing import Sequence
 
 from lhotse import CutSet
@@ -21,7 +19,7 @@ from lhotse import CutSet
 from common.data.config import ManifestSpec
 from common.data.corpora.base import AUDIO_SUFFIXES
 from common.data.decode import narrow_length_tolerance
-from common.data.manifest_index import ManifestIndex, count_lines, manifest_path, open_lines, truncated_manifest
+from common.data.manifest_index import ManifestIndex, count_lines, manifest_path, open_lines
 from common.data.shar_stream import folder_shards
 
 __all__ = ["manifest_problem", "count_clips", "epoch_clips", "open_cuts"]
@@ -30,14 +28,13 @@ log = logging.getLogger(__name__)
 
 
 def _read_whole(path: str | os.PathLike, cuts) -> list:
-    """The clips of one opened manifest, read into memory; a line that is not a clip's entry, or a file cut short,
-    is a ValueError naming the manifest (and the line: one clip per non-empty line)."""
+    """The clips of one opened manifest, read into memory (its lines were counted first, which says a file cut short:
+    ``count_lines``); a line that is not a clip's entry is a ValueError naming the manifest and where (one clip per
+    non-empty line)."""
     read: list = []
     try:
         for cut in cuts:
             read.append(cut)
-    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
-        raise ValueError(truncated_manifest(manifest_path(path), err)) from None
     except (ValueError, KeyError, TypeError) as err:  # json's errors are ValueErrors; a JSON line of no clip
         raise ValueError(f"manifest {manifest_path(path)}: the entry after clip {len(read)} is not a clip "
                          f"({type(err).__name__}: {err}); prepare the manifest again") from None

@@ -13,11 +13,9 @@ training time (``common.data.bad_audio.BadAudioTracker``).
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
-import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -27,7 +25,7 @@ from common.audio.fbank import NORM_STATS, resolve_norm_stats
 from common.config.recipe import RecipeError
 from common.data.corpora.base import read_classes
 from common.data.decode import refused_source
-from common.data.manifest_index import manifest_path, open_lines, truncated_manifest
+from common.data.manifest_index import CUT_SHORT, manifest_path, open_lines, truncated_manifest
 from common.data.manifests import epoch_clips, manifest_problem
 from common.data.shar_stream import folder_shards
 
@@ -203,7 +201,7 @@ def check_labels(path: str | os.PathLike, key: str, classes: str | os.PathLike |
                     unknown[0] += 1
                     if unknown[1] is None:
                         unknown[1], unknown[2] = _clip_id(line), strange[0]
-    except (EOFError, zlib.error, gzip.BadGzipFile) as err:  # cut short past its first lines (check_manifest's)
+    except CUT_SHORT as err:  # cut short past its first lines (check_manifest's)
         raise RecipeError(f"{key}: {truncated_manifest(path, err)}") from None
     except OSError:
         return  # not a readable manifest: check_manifest says why
