@@ -242,7 +242,8 @@ def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int,
             another number of ranks, ``common.training.checkpoints``).
         grad_accum: micro-batches per optimiser step (default ``cfg.grad_accum``; the trainer gives the phase's
             split, ``common.training.batch``).
-        zero_overlap_comm, zero_bucket_size: the recipe's overrides of the ZeRO defaults (``common.system.engine_config``).
+        zero_overlap_comm, zero_bucket_size: the recipe's overrides of the ZeRO defaults
+            (``common.system.engine_config``).
     """
     # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
     import deepspeed
@@ -271,7 +272,20 @@ def build_engine(model: nn.Module, cfg: OptimConfig, lr: float, batch_size: int,
         engine.enable_backward_allreduce = False  # on one rank the "all-reduce" flattens and copies every gradient
     engine.c2f_grad_clip = cfg.grad_clip if zero_stage == 0 else 0.0  # step_engine's, over these parameters
     engine.c2f_clip_parameters = list(model.parameters()) if engine.c2f_grad_clip > 0 else []
+    if zero_stage == 0:
+        engine.zero_grad = _gradients_dropper(list(model.parameters()))
     return engine
+
+
+def _gradients_dropper(parameters: list[nn.Parameter]):
+    """What an engine without ZeRO calls after each optimiser step in place of DeepSpeed's ``zero_grad``: every
+    gradient of the model set to None, as DeepSpeed's does, over a list made once instead of a walk of the
+    module tree at every step (``named_parameters``: 45 us a step for tiny SSAST's 39 tensors on the CPU, more
+    than Adam's own bookkeeping; the engine and its model are made anew at each phase)."""
+    def zero_grad() -> None:
+        for param in parameters:
+            param.grad = None
+    return zero_grad
 
 
 def step_engine(engine) -> None:

@@ -123,3 +123,25 @@ def test_without_zero_the_gradients_are_clipped_by_torchs_rule_and_not_by_deepsp
         reference.zero_grad()
     for ours, theirs in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_without_zero_a_step_drops_every_gradient_without_walking_the_module_tree(monkeypatch):
+    """After the optimiser step every gradient is None, as DeepSpeed's zero_grad leaves them, from a list of the
+    parameters made with the engine (DeepSpeed's walks ``named_parameters`` at every step)."""
+    from common.training.optim import step_engine
+
+    dist = init_distributed()
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    engine = build_engine(model, OptimConfig(warmup_steps=0), 1e-2, 4, 0, dist.device)
+
+    def walked(*args, **kwargs):
+        raise AssertionError("the module tree was walked in a step")
+
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    monkeypatch.setattr(type(model), "named_parameters", walked)
+    for _ in range(2):
+        engine.backward(engine(torch.randn(4, 8)).square().mean())
+        step_engine(engine)
+        assert all(p.grad is None for p in params)
+    assert all(not torch.equal(a, b) for a, b in zip(before, params))
