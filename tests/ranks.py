@@ -152,14 +152,16 @@ def launch_ranks(world_size: int, script: str, job: Path, out: Path, timeout: fl
 
 
 def launch_cases(world_size: int, cases: list[tuple[str, str, list[str]]], out: Path, timeout: float,
-                 expect: dict[str, int] | None = None) -> dict[str, list]:
+                 expect: dict[str, int] | None = None, remove: dict[str, Path] | None = None) -> dict[str, list]:
     """Run ``cases`` (name, entry, argv) one after another in ``world_size`` processes on gloo
-    (:func:`launch_ranks`); a case ending with another exit code than ``expect`` says (default 0) fails the test.
+    (:func:`launch_ranks`); a case ending with another exit code than ``expect`` says (default 0) fails the test;
+    ``remove``: a folder rank 0 deletes before a case, all ranks past the case before it.
     Returns per case the ranks' reports (tests/shard_job.py)."""
     out.mkdir(parents=True)
     job = out / "job.json"
-    job.write_text(json.dumps({"out": str(out), "cases": [{"name": n, "entry": e, "argv": a, "port": _free_port(),
-                                                           "expect": (expect or {}).get(n, 0)} for n, e, a in cases]}))
+    job.write_text(json.dumps({"out": str(out), "cases": [
+        {"name": n, "entry": e, "argv": a, "port": _free_port(), "expect": (expect or {}).get(n, 0),
+         "remove": str((remove or {}).get(n, ""))} for n, e, a in cases]}))
     launch_ranks(world_size, "shard_job.py", job, out, timeout)
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
     return {name: [report[name] for report in reports] for name, _, _ in cases}

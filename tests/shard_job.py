@@ -4,11 +4,13 @@ process (each joins its own process group), and records which batches this rank'
     RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 python tests/shard_job.py JOB.json
 
 ``JOB.json``: ``{"out": folder, "cases": [{"name", "entry": "finetune" | "pretrain", "argv", "port",
-"expect" (the exit code the case should end with; default 0)}]}``.
+"expect" (the exit code the case should end with; default 0), "remove" (optional: a folder rank 0 deletes before
+the case, once every rank has ended the case before; the others wait for it)}]}``.
 Writes ``out/rank{r}.json``: per case, the exit code, the seconds (and CPU seconds) it took, the ``error:``
 lines it printed, the child processes (loader workers) still alive after it, a checksum of the final model's
-floating-point buffers (``buffers``, for a run that finished) and, per loader (``train`` / ``valid``), the ``[epoch, index, clip ids]`` of every batch
-handed to the training loop. The job stops at the first case that ends otherwise than expected.
+floating-point buffers (``buffers``, for a run that finished) and, per loader (``train`` / ``valid``), the
+``[epoch, index, clip ids]`` of every batch handed to the training loop. The job stops at the first case that
+ends otherwise than expected.
 """
 
 from __future__ import annotations
@@ -18,11 +20,23 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _together(out: Path, name: str, rank: int, world: int, timeout: float = 120) -> None:
+    """Wait until every rank has reached the point ``name`` (a marker file each; no process group exists between
+    cases)."""
+    Path(out, f".{name}.{rank}").touch()
+    deadline = time.monotonic() + timeout
+    while not all(Path(out, f".{name}.{r}").exists() for r in range(world)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: the other ranks did not reach {name}")
+        time.sleep(0.05)
 
 
 class _Tee(io.StringIO):
@@ -64,7 +78,13 @@ def main(job_file: str) -> int:
 
     Trainer._finish = recorded_finish
     report = {}
+    world = int(os.environ["WORLD_SIZE"])
     for case in job["cases"]:
+        if case.get("remove"):  # every rank past the case before, then rank 0 deletes, then the case
+            _together(job["out"], f"{case['name']}-before", rank, world)
+            if rank == 0:
+                shutil.rmtree(case["remove"])
+            _together(job["out"], f"{case['name']}-removed", rank, world)
         os.environ["MASTER_PORT"] = str(case["port"])
         seen = {}
         finished.clear()

@@ -135,9 +135,10 @@ class RunRecord:
             held = self.dist.broadcast_object(run_state(self.run_dir, len(self.spec.phases))
                                               if self.dist.is_main else None)
             if held == FINISHED:
-                log.warning("%s holds no checkpoint (deleted?), but its run is finished (%s and a complete %s): "
-                            "nothing is trained or replaced", self.checkpoints.ckdir,
-                            self.run_dir / "model.safetensors", self.run_dir / "ledger.json")
+                if self.dist.is_main:  # the same decision on every rank: said once
+                    log.warning("%s holds no checkpoint (deleted?), but its run is finished (%s and a complete %s): "
+                                "nothing is trained or replaced", self.checkpoints.ckdir,
+                                self.run_dir / "model.safetensors", self.run_dir / "ledger.json")
                 self.state = TrainState(phase=len(self.spec.phases) - 1, phase_done=True, phase_closed=True)
                 return None, None
             if held == LOST:

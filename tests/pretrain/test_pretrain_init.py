@@ -272,6 +272,44 @@ def test_every_rank_starts_from_the_file(tmp_path, synth_corpus, ranks):
     assert (run_dir / "train.log").read_text().count("init: cpredlayer (the MPC head) kept from the file") == 1
 
 
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_on_several_ranks_a_run_whose_checkpoints_were_deleted_is_complete_or_refused_by_every_rank(tmp_path,
+                                                                                                  synth_corpus,
+                                                                                                  ranks):
+    """The deleted-checkpoints decision on 2 and 3 ranks (rank 0 reads the run directory for every rank once the
+    group exists; each rank reads it before): a finished run is complete on every rank (nothing trained or
+    replaced, no rank waiting for another), an unfinished one is refused by every rank in the same one line, at
+    once. The plan's cautions (here a warm-up longer than the phases) are said by rank 0 only."""
+    from tests.ranks import launch_cases
+
+    def argv(run_dir: Path, *extra: str) -> list[str]:
+        return ["--recipe", str(RECIPE), "--run-dir", str(run_dir),
+                *overrides(synth_corpus, f"data.batch_size={2 * ranks}", "optim.warmup_steps=3"), *extra]
+
+    finished, unfinished = tmp_path / "finished", tmp_path / "unfinished"
+    cases = [("finished", "pretrain", argv(finished)), ("finished-again", "pretrain", argv(finished)),
+             ("unfinished", "pretrain", argv(unfinished, "--stop-after-steps", "1")),
+             ("unfinished-again", "pretrain", argv(unfinished))]
+    result = launch_cases(ranks, cases, tmp_path / "job", timeout=300, expect={"unfinished-again": 1},
+                          remove={"finished-again": finished / "checkpoints",
+                                  "unfinished-again": unfinished / "checkpoints"})
+    assert all(r["errors"] == [] for r in result["finished-again"])
+    assert ledger(finished)["total"]["steps"] == 4 and (finished / "model.safetensors").is_file()
+    assert not (finished / "checkpoints").exists()  # nothing trained again, so nothing saved
+    log = (finished / "train.log").read_text()
+    assert log.count(f"{finished / 'checkpoints'} holds no checkpoint (deleted?), but its run is finished") == 1
+    lost = (f"error: {unfinished} holds a run that trained (ledger.json) and is unfinished, but no checkpoint to "
+            f"resume it from ({unfinished / 'checkpoints'} is gone or empty); run with --restart to start from step 0 "
+            f"(what the run left is moved aside), or use a new --run-dir")
+    assert [r["errors"] for r in result["unfinished-again"]] == [[lost]] * ranks
+    assert not (unfinished / "checkpoints").exists() and ledger(unfinished)["total"]["steps"] == 1
+    logs = [(tmp_path / "job" / f"rank{r}.log").read_text() for r in range(ranks)]
+    said = [[text.count("steps end inside the learning-rate warm-up"), text.count("holds no checkpoint (deleted?)")]
+            for text in logs]
+    # the cautions for each phase of each training case and the finished run's warning: rank 0 only
+    assert said[0][0] >= 2 and said[0][1] == 1 and said[1:] == [[0, 0]] * (ranks - 1), said
+
+
 def test_an_export_of_a_bilinear_patch_phase_leaves_it_by_that_transfer_and_says_so(synth_corpus, monkeypatch):
     """A p x Cp export of a ``patch_transfer: bilinear`` phase continued into a frame-shift phase: its kernel leaves
     the patch phase by bilinear resizing, as the run's own phase change would have, and the plan line and the
