@@ -64,7 +64,7 @@ def test_a_missing_or_broken_ledger_is_named(tmp_path):
     ({"score": "mAP"}, "metric mAP \\(baseline\\) vs acc \\(this run\\)"),
     ({"data": {"train": {}, "valid": {"/other/valid.jsonl.gz": {"sha256": "cd" * 32, "bytes": 10}}}},
      "other validation manifests: the baseline's \\(/other/valid.jsonl.gz; sha256 cdcdcdcdcdcd\\) are not this "
-     "run's \\(sha256 abababababab\\)"),
+     "run's \\(/d/valid.jsonl.gz; sha256 abababababab\\)"),
     ({"data": None}, "its ledger does not record its validation manifests"),
     ({"evaluation": {**SETTINGS, "eval_batches": 2}}, "train.eval_batches 2 \\(baseline\\) vs None \\(this run\\)"),
     ({"evaluation": {**SETTINGS, "eval_crop": "center"}}, "data.eval_crop center \\(baseline\\) vs start"),
