@@ -121,3 +121,22 @@ def test_unreadable_clips_are_skipped_and_counted_and_bad_input_is_one_line(synt
     assert main(["--ckpt", str(synth_model), str(partly)]) == 2
     err = capsys.readouterr().err
     assert "1 clip(s) of " in err and "have no label" in err
+
+
+@pytest.mark.parametrize("meta,refused", [({"loss": "bce", "metric": "acc"}, True),  # VGGSound's, SpeechCommands'
+                                          ({"loss": "bce", "metric": "mAP"}, False),  # AudioSet's: several labels
+                                          ({"loss": "bce"}, False)])  # no metric recorded: the loss decides
+def test_a_bce_model_scored_by_accuracy_takes_one_label_per_clip(tmp_path, synth_corpus, capsys, meta, refused):
+    """Accuracy counts a clip without a label as class 0 and one with two as either: a model trained with BCE for
+    accuracy refuses such clips in one line, as its fine-tuning did (it scored them without a word)."""
+    classes = json.loads((synth_corpus / "synth_classes.json").read_text())["classes"]
+    torch.manual_seed(0)
+    model = save_classifier(Classifier(ASTEncoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, input_tdim=64)),
+                                       len(classes)), tmp_path / "bce.safetensors", classes,
+                            {"audio": PREDICT_AUDIO, "phase": {"compression": "none", "factor": 1}, **meta})
+    cuts = list(CutSet.from_file(synth_corpus / "synth_test.jsonl.gz"))
+    two = tmp_path / "two.jsonl.gz"
+    CutSet.from_cuts([cuts[0].with_custom("labels", classes[:2]), *cuts[1:]]).to_file(two)
+    assert main(["--ckpt", str(model), str(two), "--workers", "0"]) == (2 if refused else 0)
+    err = capsys.readouterr().err
+    assert (f"1 clip(s) of {two} have several labels (e.g. clip {cuts[0].id}" in err) == refused, err
