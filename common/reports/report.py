@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="row labels, one per --runs entry (default: from the phases, e.g. 'Fshift 4→1', and the "
                              "run directory's name after those that two runs share)")
     parser.add_argument("--metric", metavar="NAME",
-                        help="the metric to compare, e.g. mAP (default: the 'score' the ledgers agree on)")
+                        help="the score to compare: acc, mAP, mAUC or dprime (default: the 'score' the ledgers agree "
+                             "on)")
     parser.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
                         help="where report.md and report.png go (default: the current directory)")
     parser.add_argument("--stop-epoch", type=whole_number(1, ">= 1 (epochs count from 1)"), default=None,

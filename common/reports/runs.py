@@ -86,13 +86,22 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     return Run(str(path), label or run_label(ledger), ledger)
 
 
+# what --metric may name: the validation scores where higher is better (a loss, nce or mse falls as a model improves;
+# clips and acc_se are counts and spreads); a pretraining run's own score is its masked-patch accuracy, acc
+RANKED = ("acc", "mAP", "mAUC", "dprime")
+
+
 def resolve_metric(runs: Sequence[Run], metric: str | None = None) -> str:
     """The metric to compare: ``metric`` if given, else the ``score`` all ledgers agree on.
 
     Raises:
-        ReportError: a ledger names no score, or the ledgers name different ones.
+        ReportError: a ledger names no score, or the ledgers name different ones; ``metric`` is not a score that
+            grows as the model improves (the report takes the highest as the best: a loss would read backwards).
     """
     if metric:
+        if metric not in RANKED:
+            raise ReportError(f"--metric {metric}: the report ranks runs by a score that grows as the model improves "
+                              f"({', '.join(RANKED)}), the highest taken as the best; {metric} is not one")
         return metric
     for run in runs:
         if not run.ledger.score:

@@ -178,6 +178,13 @@ def test_cli_errors_exit_2(tmp_path, runs, capsys):
         assert main(["--baseline", str(runs["base"]), "--runs", str(runs["c2f"]), "--out", str(out)]) == 2
         assert capsys.readouterr().err == f"error: --out {out} {said}; name a new folder or an existing one\n"
     assert (tmp_path / "notes.md").read_text() == "mine\n"
+    # a loss falls as a model improves: ranked as a score, its worst would be called the best
+    assert main(["--baseline", str(runs["base"]), "--runs", str(runs["c2f"]), "--out", str(tmp_path / "r"),
+                 "--metric", "loss"]) == 2
+    assert capsys.readouterr().err == ("error: --metric loss: the report ranks runs by a score that grows as the model "
+                                       "improves (acc, mAP, mAUC, dprime), the highest taken as the best; loss is not "
+                                       "one\n")
+    assert not (tmp_path / "r").exists()
 
 
 def test_patch_runs_are_labelled_with_their_transfer():
