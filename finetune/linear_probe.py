@@ -11,6 +11,12 @@ clip embeddings. They are cached per (checkpoint,
 task split, layer, pooling), so probing again with another ``C`` is instant. The classifier is a
 standardised logistic regression (one-vs-rest for multi-label tasks); the task's metric is computed on
 its test split (the evaluation split if it has none; ESC-50: the mean over its five folds).
+
+``C`` (the inverse regularisation) is one number, or a grid to choose from without looking at the split that is
+scored (:func:`choose_C`): on the validation split where the task has one besides its test split (SpeechCommands,
+VoxCeleb), else by 5-fold cross-validation on the training split (VGGSound, AudioSet, whose validation split is the
+one scored), and for ESC-50 within each fold, over the other four training folds. Choosing ``C`` from the printed
+test numbers of several probes would select it on the test split.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from common.system.prog import prog, whole_number
 
 log = logging.getLogger("linear_probe")
 
-__all__ = ["ProbeRecipe", "check_tasks", "extract_features", "fit_and_score", "probe_task", "main"]
+__all__ = ["ProbeRecipe", "check_tasks", "choose_C", "extract_features", "fit_and_score", "probe_task", "main"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,8 @@ class ProbeRecipe:
         layer: block whose tokens are the features (1-based, negative from the end: -1 is the last block, before
             the final norm); ``final`` or null: every block and the final norm.
         pool: ``mean`` over patch tokens, over ``prefix`` tokens, or ``auto``: as the init's code pools.
-        C: inverse L2 regularisation of the logistic regression.
+        C: inverse L2 regularisation of the logistic regression: one number, or a list to choose from on data
+            other than the scored split (:func:`choose_C`).
         batch_size: clips per forward pass of the feature extraction.
         num_workers: decoding processes of the feature extraction (0: in the probe's own process).
         data_root: folder the tasks' manifests are under.
@@ -55,19 +62,28 @@ class ProbeRecipe:
     tasks: list[str] = field(default_factory=list)
     layer: int | None = None
     pool: Literal["auto", "mean", "prefix"] = "auto"
-    C: float = 1.0
+    C: float | list[float] = 1.0
     batch_size: int = 32
     num_workers: int = 2
     data_root: str = "data"
     cache_dir: str = "runs/probe_cache"
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.C) and self.C > 0):
-            raise ValueError(f"C: the inverse regularisation must be a finite number above 0, got {self.C}")
+        grid = self.C if isinstance(self.C, list) else [self.C]
+        if not grid or not all(math.isfinite(c) and c > 0 for c in grid):
+            raise ValueError(f"C: the inverse regularisation must be a finite number above 0, or a list of them, "
+                             f"got {self.C}")
+        if len(set(grid)) != len(grid):
+            raise ValueError(f"C: a value is listed twice in {self.C}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be 1 or more, got {self.batch_size}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers: must be 0 (decode in this process) or more, got {self.num_workers}")
+
+    @property
+    def grid(self) -> list[float]:
+        """The values of ``C`` to choose from, smallest (the strongest regularisation) first."""
+        return sorted(self.C) if isinstance(self.C, list) else [self.C]
 
 
 def _read_cached(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
@@ -145,16 +161,49 @@ def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, 
     scores = np.zeros_like(y_test, dtype=np.float64)
     if multilabel:
         present = np.flatnonzero((y_train > 0.5).any(0) & ~(y_train > 0.5).all(0))  # classes with both outcomes
-        clf = make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression(C=C, max_iter=2000,
-                                                                                     random_state=seed)))
-        clf.fit(x_train, (y_train[:, present] > 0.5).astype(int))
-        scores[:, present] = clf.predict_proba(x_test)
+        if present.size:  # (none: every class scores 0)
+            clf = make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression(C=C, max_iter=2000,
+                                                                                         random_state=seed)))
+            clf.fit(x_train, (y_train[:, present] > 0.5).astype(int))
+            proba = clf.predict_proba(x_test)
+            # one such class: scikit-learn takes its one column as a binary target and gives both outcomes' columns
+            scores[:, present] = proba[:, 1:] if present.size == 1 and proba.shape[1] == 2 else proba
     else:
         labels = y_train.argmax(1)
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed))
         clf.fit(x_train, labels)
         scores[:, clf.classes_] = clf.predict_proba(x_test)  # classes absent from training score 0
     return mean_average_precision(y_test, scores) if metric == "mAP" else accuracy(y_test, scores)
+
+
+def choose_C(grid: Sequence[float], x: np.ndarray, y: np.ndarray, metric: str, multilabel: bool,
+             valid: tuple[np.ndarray, np.ndarray] | None = None, groups: np.ndarray | None = None,
+             seed: int = 0) -> tuple[float, dict[float, float], str | None]:
+    """The ``C`` of ``grid`` whose probe scores best without the scored split: ``(C, {C: selection score}, what it
+    was chosen on)``; one value is taken as given (``({}, None)``).
+
+    Chosen on ``valid`` (features and targets) where given; else over ``groups`` (each training row's fold: each
+    held out in turn, the others trained on); else by 5-fold cross-validation of ``x`` (shuffled with ``seed``).
+    Ties, and grids where no score is defined, go to the smallest ``C``."""
+    if len(grid) == 1:
+        return grid[0], {}, None
+    if valid is not None:
+        splits, on = [(x, y, *valid)], "the validation split"
+    elif groups is not None:
+        splits = [(x[groups != g], y[groups != g], x[groups == g], y[groups == g]) for g in np.unique(groups)]
+        on = "the other training folds"
+    else:
+        from sklearn.model_selection import KFold
+
+        folds = KFold(n_splits=min(5, len(x)), shuffle=True, random_state=seed).split(x)
+        splits = [(x[a], y[a], x[b], y[b]) for a, b in folds]
+        on = f"{len(splits)}-fold cross-validation on the training split"
+    scores = {}
+    for c in sorted(grid):
+        values = [fit_and_score(*split, metric, multilabel, c, seed) for split in splits]
+        scores[c] = float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
+    best = max(sorted(grid), key=lambda c: -math.inf if math.isnan(scores[c]) else scores[c])  # first of equals
+    return best, scores, on
 
 
 def check_tasks(recipe: ProbeRecipe) -> None:
@@ -232,21 +281,29 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
         return x, y
 
     multilabel = task.metric == "mAP"
+    grid = recipe.grid
     if task.folds:
         fold_data = [features([task.path(p)]) for p in task.folds]
-        values = []
+        values, chosen, selection = [], [], []
         for k in range(len(fold_data)):
-            x_tr = np.concatenate([fold_data[j][0] for j in range(len(fold_data)) if j != k])
-            y_tr = np.concatenate([fold_data[j][1] for j in range(len(fold_data)) if j != k])
-            values.append(fit_and_score(x_tr, y_tr, *fold_data[k], task.metric, multilabel, recipe.C))
+            others = [j for j in range(len(fold_data)) if j != k]
+            x_tr = np.concatenate([fold_data[j][0] for j in others])
+            y_tr = np.concatenate([fold_data[j][1] for j in others])
+            groups = np.concatenate([np.full(len(fold_data[j][0]), j) for j in others])
+            c, scores, on = choose_C(grid, x_tr, y_tr, task.metric, multilabel, groups=groups)
+            values.append(fit_and_score(x_tr, y_tr, *fold_data[k], task.metric, multilabel, c))
+            chosen.append(c)
+            selection.append(scores)
         return {"task": task.name, "metric": task.metric, "value": float(np.mean(values)), "folds": values,
-                "pool": pool}
+                "pool": pool, "C": chosen, **({"chosen_on": on, "selection": selection} if on else {})}
     x_tr, y_tr = features([task.path(p) for p in task.train])
     test = task.test or task.valid
+    valid = features([task.path(p) for p in task.valid]) if task.test and task.valid and len(grid) > 1 else None
+    c, scores, on = choose_C(grid, x_tr, y_tr, task.metric, multilabel, valid=valid)
     x_te, y_te = features([task.path(p) for p in test])
-    value = fit_and_score(x_tr, y_tr, x_te, y_te, task.metric, multilabel, recipe.C)
+    value = fit_and_score(x_tr, y_tr, x_te, y_te, task.metric, multilabel, c)
     return {"task": task.name, "metric": task.metric, "value": value, "train_clips": len(x_tr),
-            "test_clips": len(x_te), "pool": pool}
+            "test_clips": len(x_te), "pool": pool, "C": c, **({"chosen_on": on, "selection": scores} if on else {})}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "negative from the end: -1 is the last block, before the final norm)")
     parser.add_argument("--pool", choices=["auto", "mean", "prefix"], default=None,
                         help="pooling (default auto: as the init's code, e.g. prefix for AST, mean for SSAST)")
-    parser.add_argument("--C", type=float, default=None, help="inverse regularisation (default 1.0)")
+    parser.add_argument("--C", type=float, nargs="+", default=None, metavar="C",
+                        help="inverse regularisation (default 1.0); several values: each task's is chosen without its "
+                             "scored split (on its validation split, else by cross-validation on its training data)")
     parser.add_argument("--data-root", default=None, help="folder the manifests are under (default data)")
     parser.add_argument("--cache-dir", default=None, help="feature cache (default runs/probe_cache)")
     parser.add_argument("--workers", type=whole_number(0, ">= 0 (0: decode in this process)"), default=None,
@@ -300,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                                  ("data_root", "--data-root", args.data_root),
                                  ("cache_dir", "--cache-dir", args.cache_dir), ("num_workers", "--workers", args.workers)):
             if value is not None:
-                data[key], flags[key] = value, flag
+                data[key], flags[key] = (value[0] if key == "C" and len(value) == 1 else value), flag
         if args.layer is not None:
             flags["layer"] = "--layer"
         try:
@@ -321,11 +380,17 @@ def main(argv: list[str] | None = None) -> int:
         results = [probe_task(args.init, task, recipe, device) for task in recipe.tasks]
         pools = sorted({r["pool"] for r in results})
         layer = "final" if recipe.layer is None else f"block {recipe.layer}"
-        print(f"linear probe of {args.init} (layer {layer}, {'/'.join(pools)} pooling, C={recipe.C})")
-        print(f"| {'task':<16} | {'metric':<6} | {'value':>7} |")
-        print(f"|{'-' * 18}|{'-' * 8}|{'-' * 9}|")
+        grid = recipe.grid
+        print(f"linear probe of {args.init} (layer {layer}, {'/'.join(pools)} pooling, C="
+              + (f"{grid[0]:g})" if len(grid) == 1 else f"chosen from {', '.join(f'{c:g}' for c in grid)})"))
+        print(f"| {'task':<16} | {'metric':<6} | {'value':>7} |" + (f" {'C':<16} |" if len(grid) > 1 else ""))
+        print(f"|{'-' * 18}|{'-' * 8}|{'-' * 9}|" + (f"{'-' * 18}|" if len(grid) > 1 else ""))
         for r in results:
-            print(f"| {r['task']:<16} | {r['metric']:<6} | {100 * r['value']:>7.2f} |")
+            chosen = ", ".join(f"{c:g}" for c in (r["C"] if isinstance(r["C"], list) else [r["C"]]))
+            print(f"| {r['task']:<16} | {r['metric']:<6} | {100 * r['value']:>7.2f} |"
+                  + (f" {chosen:<16} |" if len(grid) > 1 else ""))
+        for r in results if len(grid) > 1 else ():
+            print(f"{r['task']}: C chosen on {r['chosen_on']}" + (" of each fold" if "folds" in r else ""))
         if args.out:
             atomic_write_text(args.out, jsonfile.dumps(results, indent=1))
         return 0

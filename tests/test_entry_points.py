@@ -201,7 +201,7 @@ def test_bad_input_to_a_command_ends_in_one_line_with_exit_status_2_before_any_c
     nowhere = str(tmp_path / "no-such-model")  # read only after the checks
     assert probe(["--init", nowhere, "--task", "synth", "--C", "0"]) == 2
     assert one_error(capsys.readouterr().err) == "error: --C: the inverse regularisation must be a finite number " \
-                                                 "above 0, got 0.0"
+                                                 "above 0, or a list of them, got 0.0"
     with pytest.raises(SystemExit) as exit_info:  # the option, not the recipe key
         probe(["--init", nowhere, "--task", "synth", "--workers", "-1"])
     assert exit_info.value.code == 2

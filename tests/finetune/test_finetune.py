@@ -265,7 +265,7 @@ def test_imagenet_deit_weights_start_the_encoder_as_ast(tmp_path):
 
 # ------------------------------------------------------------------------- custom task, probe, predict
 @pytest.mark.slow
-def test_a_custom_task_file_fine_tunes_and_probes(tmp_path):
+def test_a_custom_task_file_fine_tunes_and_probes(tmp_path, capsys):
     from finetune.linear_probe import main as probe
     from tests.layouts import write_clip
 
@@ -299,6 +299,16 @@ def test_a_custom_task_file_fine_tunes_and_probes(tmp_path):
     assert probe(["--init", str(run_dir), "--task", str(task), "--cache-dir", str(tmp_path / "cache"), "--workers",
                   "0", "--out", str(out)]) == 0
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 4
+    capsys.readouterr()  # a grid of C: chosen by cross-validation on train (the task's valid split is the scored one)
+    assert probe(["--init", str(run_dir), "--task", str(task), "--cache-dir", str(tmp_path / "cache"), "--workers",
+                  "0", "--out", str(out), "--C", "1", "0.001"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())[0]
+    assert result["C"] in (0.001, 1.0) and sorted(result["selection"]) == ["0.001", "1.0"]
+    assert result["chosen_on"] == "5-fold cross-validation on the training split"
+    assert "C=chosen from 0.001, 1)" in printed and f"| {result['C']:g}" in printed
+    assert "drums: C chosen on 5-fold cross-validation on the training split" in printed
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 4  # the same features
 
 
 def test_logistic_regression_probe_on_known_features():
@@ -313,6 +323,63 @@ def test_logistic_regression_probe_on_known_features():
     multi = (rng.random((90, 4)) < 0.5).astype(float)
     xm = multi @ rng.normal(size=(4, 8)) * 3 + 0.1 * rng.normal(size=(90, 8))
     assert fit_and_score(xm[:60], multi[:60], xm[60:], multi[60:], "mAP", multilabel=True) > 0.95
+
+
+def test_a_multi_label_probe_with_one_class_to_learn_scores_that_class():
+    """One class with both outcomes in training (the others always or never present): scikit-learn takes its one
+    column as a binary target; the probe scores it (a broadcast error before) and the others 0."""
+    from finetune.linear_probe import fit_and_score
+
+    rng = np.random.default_rng(0)
+    y = np.zeros((40, 3))
+    y[:, 0] = rng.random(40) < 0.5
+    y[:, 1] = 1
+    x = y[:, :1] * 4 + rng.normal(size=(40, 6))
+    assert fit_and_score(x[:30], y[:30], x[30:], y[30:], "mAP", multilabel=True) > 0.9
+    assert fit_and_score(x[:30], np.ones((30, 3)), x[30:], y[30:], "mAP", multilabel=True) >= 0  # none to learn
+
+
+def test_the_probes_C_is_chosen_without_the_scored_split(monkeypatch):
+    """A grid of C: chosen on the validation split, over the other training folds, or by 5-fold cross-validation of
+    the training split; the test features are never among what it is chosen on; one C is taken as given."""
+    from finetune import linear_probe
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 8)) * 3
+    labels = rng.integers(0, 3, size=150)
+    x = centers[labels] + rng.normal(size=(150, 8)) * 2
+    y = np.eye(3)[labels]
+    test_x = x[120:]
+    seen = []
+    real = linear_probe.fit_and_score
+
+    def spy(x_tr, y_tr, x_te, y_te, metric, multilabel, C=1.0, seed=0):
+        seen.append((len(x_tr), len(x_te), C))
+        assert not any(np.array_equal(row, test_x[0]) for row in x_te), "chosen on the test features"
+        return real(x_tr, y_tr, x_te, y_te, metric, multilabel, C, seed)
+
+    monkeypatch.setattr(linear_probe, "fit_and_score", spy)
+    grid = [1e-4, 1.0]  # 1e-4: every weight near 0, a probe near chance
+    c, scores, on = linear_probe.choose_C(grid, x[:90], y[:90], "acc", False, valid=(x[90:120], y[90:120]))
+    assert (c, on) == (1.0, "the validation split") and scores[1.0] > scores[1e-4]
+    assert sorted(seen) == [(90, 30, 1e-4), (90, 30, 1.0)]
+    seen.clear()
+    c, scores, on = linear_probe.choose_C(grid, x[:120], y[:120], "acc", False)
+    assert (c, on) == (1.0, "5-fold cross-validation on the training split")
+    assert sorted(seen) == [(96, 24, 1e-4)] * 5 + [(96, 24, 1.0)] * 5
+    seen.clear()
+    groups = np.repeat([0, 2, 3, 4], 30)  # fold 1 is the scored one
+    c, scores, on = linear_probe.choose_C(grid, x[:120], y[:120], "acc", False, groups=groups)
+    assert (c, on) == (1.0, "the other training folds") and sorted(seen) == [(90, 30, 1e-4)] * 4 + [(90, 30, 1.0)] * 4
+    seen.clear()
+    assert linear_probe.choose_C([0.5], x[:90], y[:90], "acc", False) == (0.5, {}, None) and seen == []
+    flat = {0.1: 0.5, 1.0: 0.5}  # equal scores: the stronger regularisation
+    monkeypatch.setattr(linear_probe, "fit_and_score", lambda *a, **k: 0.5)
+    assert linear_probe.choose_C([1.0, 0.1], x[:90], y[:90], "acc", False, valid=(x[90:], y[90:]))[:2] == (0.1, flat)
+    with pytest.raises(ValueError, match="C: a value is listed twice"):
+        linear_probe.ProbeRecipe(C=[1.0, 1.0])
+    with pytest.raises(ValueError, match="C: the inverse regularisation must be a finite number above 0"):
+        linear_probe.ProbeRecipe(C=[1.0, 0.0])
 
 
 @pytest.mark.slow
@@ -353,7 +420,16 @@ def test_probe_task_esc50_is_the_mean_over_folds(tmp_path, monkeypatch):
 
     monkeypatch.setattr(linear_probe, "extract_features", no_extraction)
     again = linear_probe.probe_task(str(tmp_path / "e.safetensors"), "esc50", recipe, torch.device("cpu"))
-    assert again["folds"] == result["folds"]
+    assert again["folds"] == result["folds"] and again["C"] == [1.0] * 5 and "chosen_on" not in again
+    # a grid: each fold's C chosen over the other four folds (scored one by one), the fold scored with it
+    seen.clear()
+    grid = linear_probe.ProbeRecipe(tasks=["esc50"], data_root=str(tmp_path / "data"), num_workers=0,
+                                    cache_dir=str(tmp_path / "cache"), C=[10.0, 0.01])
+    chosen = linear_probe.probe_task(str(tmp_path / "e.safetensors"), "esc50", grid, torch.device("cpu"))
+    assert chosen["chosen_on"] == "the other training folds" and len(chosen["C"]) == 5
+    assert all(sorted(s) == [0.01, 10.0] for s in chosen["selection"])
+    assert len(seen) == 5 * (2 * 4 + 1)  # per fold: 2 values x 4 held-out folds, then the fold itself
+    assert chosen["folds"] == [seen[k * 9 + 8] for k in range(5)]
 
 
 def test_predict_windows_and_top_k(tmp_path, capsys):
