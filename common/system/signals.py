@@ -8,7 +8,9 @@ ended). On several ranks the ranks agree at the end of a log window (``train.log
 synchronise anyway), so that every rank saves the same step; one process stops after its current step. More
 signals change nothing (a scheduler signals every process of a job, and the ``deepspeed`` launcher signals its
 ranks again): the run still checkpoints, within the grace period the sender gives before SIGKILL (the launcher's
-is 30 s).
+is 30 s). A signal that comes while a command starts (reading its data, an index of a large corpus, its
+``--init``, building the engine: minutes on AudioSet) stops it before its first step, with nothing to save,
+instead of after a step and a checkpoint that might not finish within the grace period.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ _received: list[int] = []  # the signal that asked for a stop (empty: none)
 class StoppedBySignal(Exception):
     """The run stopped, checkpointed, because a signal asked it to."""
 
-    def __init__(self, signum: int, where: str) -> None:
+    def __init__(self, signum: int, where: str, saved: bool = True) -> None:
         self.signum = signum
-        super().__init__(f"stopped by {signal.Signals(signum).name} {where}; the checkpoint is saved: run the same "
-                         f"command again to resume")
+        done = "the checkpoint is saved" if saved else "nothing was trained since the last checkpoint (if any)"
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}; {done}: run the same command again to "
+                         f"resume")
 
 
 def stop_requested() -> int | None:

@@ -107,6 +107,7 @@ class Trainer(PhaseMachinery):
                 model = self._next_phase(model, index)
                 collect()  # the previous phase's model is gone now: free its cycles (common.training.release)
                 continue
+            self._stop_before_training(index)
             if model is None:  # the phase's model from scratch or the initial weights (a resume loads its own)
                 init = self.spec.init if index == 0 and resume_tag is None else None
                 if init is not None and "recorded" in init.meta:  # the init's settings only (a resume without it)
@@ -182,6 +183,8 @@ class Trainer(PhaseMachinery):
                     if group.epoch_end is not None:
                         ended = self._epoch_end(engine, index, group)
                     else:
+                        if steps == 0:  # its first batch is in hand: the data is read, the workers started
+                            self._stop_before_training(index)
                         steps += 1
                         out_of_budget = (budget is not None and steps >= budget) or \
                             self._signalled(at_sync=(st.step + 1) % self.spec.train.log_every == 0)
@@ -199,6 +202,18 @@ class Trainer(PhaseMachinery):
         if ended:
             self._end_phase(engine, index)
         return ended, steps
+
+    def _stop_before_training(self, index: int) -> None:
+        """Before this call's first step (collective, once on every rank at the same points): a stop signal that
+        came while the command started (its data read, indexed, the engine built) ends it now, with nothing new
+        to save, instead of after a step and a checkpoint that may not fit in the sender's grace period.
+
+        Raises:
+            StoppedBySignal: a rank was signalled (not saved: the last checkpoint, if any, is where a rerun goes on).
+        """
+        if self.steps_taken == 0 and self._signalled(at_sync=True):
+            raise StoppedBySignal(self._stopped_by, f"before the first step of {self.spec.phases[index].label(index)}",
+                                  saved=False)
 
     def _signalled(self, at_sync: bool) -> bool:
         """Whether a stop signal ends this call after the step about to be taken (or at this phase end).

@@ -56,6 +56,43 @@ def test_a_signal_checkpoints_and_the_same_command_resumes_exactly(tmp_path, syn
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("where", ["resume", "engine", "loader"])
+def test_a_signal_while_the_command_starts_stops_it_before_its_first_step(tmp_path, synth_corpus, monkeypatch, capsys,
+                                                                         where):
+    """A scheduler's SIGTERM while the command starts (reading and indexing its data, building the engine: minutes
+    on a large corpus) stops it before it trains a step, with nothing to save, not after a step and a checkpoint
+    the grace period may not leave time for; the command run again goes on, to an uninterrupted run's weights."""
+    from common.training import phase
+
+    assert run(tmp_path / "straight", synth_corpus, "train.save_every=100") == 0
+    run_dir = tmp_path / "run"
+    assert run(run_dir, synth_corpus, "train.save_every=100", stop=2) == 0
+    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    from common.training.record import RunRecord
+
+    target = {"resume": (RunRecord, "resume"), "engine": (Trainer, "_engine"),
+              "loader": (phase.PhaseMachinery, "_train_loader")}[where]
+    real = getattr(*target)
+
+    def signalled(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(*target, signalled)
+    trained = []
+    micro = Trainer._micro_step
+    monkeypatch.setattr(Trainer, "_micro_step", lambda self, *a, **k: trained.append(1) or micro(self, *a, **k))
+    capsys.readouterr()
+    assert run(run_dir, synth_corpus, "train.save_every=100") == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM before the first step of phase1" in err and "nothing was trained since" in err, err
+    assert trained == [] and sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == saved
+    monkeypatch.undo()
+    assert run(run_dir, synth_corpus, "train.save_every=100") == 0
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "run"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_signal_to_every_process_of_the_job_with_loader_workers_still_checkpoints(tmp_path, synth_corpus,
                                                                                    monkeypatch, capsys, signum):
