@@ -18,6 +18,7 @@ test split (SpeechCommands, VoxCeleb) are evaluated on it at the end with the be
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from dataclasses import replace
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from common.cli import add_run_arguments, run_dir_check, run_main, training_session
 from common.system import jsonfile
+from common.system.atomic import atomic_write_text
 from common.system.prog import prog
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
@@ -206,9 +208,33 @@ def _test(run_dir: Path, recipe, classes, dist, tracker) -> None:
                               recipe.data.num_workers, dist.device, tracker, dist=dist)
     if not dist.is_main:
         return
-    (run_dir / "test_metrics.json").write_text(jsonfile.dumps({"model": str(model), **metrics}, indent=1))
+    atomic_write_text(run_dir / "test_metrics.json", jsonfile.dumps({"model": str(model), **metrics}, indent=1))
     log.info("test split (%s): %s", model.name, ", ".join(f"{k}={int(v)}" if k == "clips" else f"{k}={v:.4f}"
                                                           for k, v in metrics.items()))
+
+
+def _final_model(run_dir: Path) -> str:
+    """What ``model.safetensors`` of a finished run is, and where the best final-phase validation was (the number a
+    report or a paper table gives; from the run's ledger), e.g. ``the last epoch's weights; best acc 0.8125 at
+    epoch 3: export/best.safetensors``; and the test split's score where the run has one."""
+    from common.phases.baseline import averaged_score, reference
+    from common.training.ledger import Ledger
+
+    ledger = Ledger.read(run_dir)
+    final = [ev for ev in ledger.evals if ev.get("phase") == len(ledger.phases) - 1]
+    averaged = averaged_score(final, ledger.score)
+    text = "the weight average" if averaged is not None else "the last epoch's weights"
+    best = reference(final, ledger.score)
+    if best is not None:
+        where = f"epoch {best.epoch}" if best.epoch is not None else f"step {best.step}"
+        text += f"; best {ledger.score} {best.score:.4g} at {where}: export/best.safetensors"
+    if averaged is not None:
+        text += f"; weight average {ledger.score} {averaged:.4g}"
+    test = run_dir / "test_metrics.json"
+    if test.is_file():
+        score = json.loads(test.read_text()).get(ledger.score)
+        text += f"; test {ledger.score} {score:.4g}: test_metrics.json" if isinstance(score, (int, float)) else ""
+    return text
 
 
 def _run_root(args, recipe) -> Path:
@@ -425,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"done: {run_root} (cross-validation: cv_summary.json; each fold in fold1..fold{len(splits)}: "
                       f"model.safetensors, per-epoch metrics ledger.json)")
             else:
-                print(f"done: {run_root} (model: model.safetensors, per-epoch metrics: ledger.json)")
+                print(f"done: {run_root} (model: model.safetensors, {_final_model(run_root)}; per-epoch metrics: "
+                      f"ledger.json)")
         return 0
 
     return run_main(body, resumable=True)

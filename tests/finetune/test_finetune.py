@@ -281,6 +281,10 @@ def test_a_custom_task_file_fine_tunes_and_probes(tmp_path, capsys):
                      *sets(*TINY)]) == 0
     ledger = json.loads((run_dir / "ledger.json").read_text())
     assert len(ledger["evals"]) == 2 and ledger["phases"][0]["epochs"] == 2
+    scores = [ev["metrics"]["acc"] for ev in ledger["evals"]]  # the done line says which model is which
+    assert f"done: {run_dir} (model: model.safetensors, the last epoch's weights; best acc {max(scores):.4g} at " \
+           f"epoch {scores.index(max(scores)) + 1}: export/best.safetensors; per-epoch metrics: ledger.json)" \
+           in capsys.readouterr().out
     from finetune.classifier import load_classifier
     model, meta = load_classifier(run_dir)
     assert meta["classifier"]["classes"] == ["hat", "kick", "snare"]

@@ -216,7 +216,7 @@ def test_every_rank_draws_its_own_randomness_once_the_model_is_built(tmp_path):
 
 
 @pytest.mark.slow
-def test_best_is_the_best_epoch_of_the_final_phase(tmp_path, synth_corpus, monkeypatch):
+def test_best_is_the_best_epoch_of_the_final_phase(tmp_path, synth_corpus, monkeypatch, capsys):
     from common.models.exports import read_weights
     from finetune.classifier import ClassifierObjective
     from finetune.run import main as finetune
@@ -238,6 +238,9 @@ def test_best_is_the_best_epoch_of_the_final_phase(tmp_path, synth_corpus, monke
     assert (meta["eval"]["phase"], meta["eval"]["epoch"], meta["eval"]["metrics"]["acc"]) == (1, 2, 0.6)
     test = json.loads((run_dir / "test_metrics.json").read_text())
     assert test["model"].endswith("best.safetensors")
+    # the last line names the final phase's best (epoch 2 of phase 2, not the coarse phase's 0.9) and the test score
+    assert f"the last epoch's weights; best acc 0.6 at epoch 2: export/best.safetensors; test acc " \
+           f"{test['acc']:.4g}: test_metrics.json; per-epoch metrics: ledger.json)" in capsys.readouterr().out
 
 
 def test_cross_validation_picks_its_epoch_in_the_final_phase():
