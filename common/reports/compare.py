@@ -23,6 +23,7 @@ ended the final phase before it surpassed (:func:`common.reports.runs.end_note`)
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -43,7 +44,9 @@ class Row:
     ``note``: how the run's final phase ended, when a rule ended it (:func:`end_note`); ``averaged``: the score of
     the run's weight average (None without one) and ``averaged_delta`` its difference to the baseline's weight average
     (None unless both averaged); ``hardware``: where the run trained when that is not where the baseline did
-    (:func:`other_hardware`; its time saving is then None).
+    (:func:`other_hardware`; its time saving is then None); ``test``: the run's test-split score (its best final-phase
+    model's, ``test_metrics.json``; None for a task without a test split) and ``test_delta`` its difference to the
+    baseline's (None unless both have one).
     """
 
     label: str
@@ -62,6 +65,20 @@ class Row:
     averaged: float | None = None
     averaged_delta: float | None = None
     hardware: str | None = None
+    test: float | None = None
+    test_delta: float | None = None
+
+
+def _test_score(run: Run, metric: str) -> float | None:
+    """``metric`` on the run's test split (``RUN/test_metrics.json``, which fine-tuning writes for a task with one),
+    or None."""
+    folder = Path(run.source) if Path(run.source).is_dir() else Path(run.source).parent
+    path = folder / "test_metrics.json"
+    try:
+        value = json.loads(path.read_text()).get(metric) if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        raise ReportError(f"{path}: not the test metrics a fine-tuning run writes (a JSON object)") from None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _saving(used: float, reference: float) -> float | None:
@@ -103,8 +120,9 @@ def compare(baseline: Run, runs: Sequence[Run], metric: str, stop_epoch: int | N
     base = max(epochs, key=lambda p: p.value)  # the first of equal maxima
     base_avg = _averaged(base_points)
     base_total = _total_flops(baseline, base_points)
+    base_test = _test_score(baseline, metric)
     rows = [Row(baseline.label, base.value, None, None, None, base.value, None, None, base_total,
-                device_hours=_device_hours(baseline), averaged=base_avg)]
+                device_hours=_device_hours(baseline), averaged=base_avg, test=base_test)]
     for run in runs:
         final = len(run.ledger.phases) - 1
         if final < 0:
@@ -131,8 +149,13 @@ def compare(baseline: Run, runs: Sequence[Run], metric: str, stop_epoch: int | N
                         _saving(stop.seconds, base.seconds) if stop and not elsewhere else None,
                         best, best - base.value, stop, total, _saving(total, base_total), stop_epoch is not None,
                         end_note(run), _device_hours(run), averaged,
-                        averaged - base_avg if averaged is not None and base_avg is not None else None, elsewhere))
+                        averaged - base_avg if averaged is not None and base_avg is not None else None, elsewhere,
+                        *_with_delta(_test_score(run, metric), base_test)))
     return rows
+
+
+def _with_delta(value: float | None, base: float | None) -> tuple[float | None, float | None]:
+    return value, (value - base if value is not None and base is not None else None)
 
 
 def _averaged(pts: Sequence[Point]) -> float | None:

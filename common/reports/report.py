@@ -127,6 +127,9 @@ def _report(args: argparse.Namespace) -> int:
         averaged = "" if all(row.averaged is None for row in rows) else \
             (f" The weight-averaged {metric} is the score of each run's weight average, against the baseline's "
              f"average where it has one; the tables above compare epochs with epochs only.")
+        averaged += "" if all(row.test is None for row in rows) else \
+            (f" The test {metric} is the run's test split scored once, with its best final-phase model (or its weight "
+             f"average): test_metrics.json.")
         folds = "".join(_fold_text(run) for run in (baseline, *runs))
         folds += "".join(f"\n{row.label} trained on {row.hardware}: its time saving is not computed (wall times on "
                          f"other devices, another number of ranks or a mix of them do not compare); its FLOPs saving "
@@ -139,7 +142,8 @@ def _report(args: argparse.Namespace) -> int:
                 f"baseline's best (epochs with epochs: a weight average is not an epoch)")
         (args.out / "report.md").write_text(
             f"# Coarse-to-fine report ({metric_name([baseline, *runs], metric)})\n\n{table}\n{rule}; savings are "
-            f"against the baseline's best evaluation.\n\n## Whole runs\n\n{whole_run_table(rows, metric)}\n"
+            f"against the baseline's best evaluation. Every {metric} here but the test column is a validation score "
+            f"(the split each run validated on, its ledger).\n\n## Whole runs\n\n{whole_run_table(rows, metric)}\n"
             f"All the training FLOPs of each run against all of the baseline's, the device time it held (training "
             f"and validation seconds times the ranks: GPU-hours on GPUs), and the best {metric} of the final "
             f"phase (difference to the baseline's best).{averaged}\n{folds}{accepted}\n"

@@ -50,14 +50,17 @@ def whole_run_table(rows: Sequence[Row], metric: str) -> str:
     weights, a column gives the average's score, against the baseline's average when it has one (like with like).
     """
     averaged = any(row.averaged is not None for row in rows)  # a column only where some run averaged
+    tested = any(row.test is not None for row in rows)  # and where some run has a test split
     lines = [f"| Setting | training FLOPs (whole run) | FLOPs save (%) | device-hours (whole run) | best {metric}, "
-             f"final phase |" + (f" weight-averaged {metric} |" if averaged else ""),
-             "|---|---:|---:|---:|---:|" + ("---:|" if averaged else "")]
+             f"final phase |" + (f" weight-averaged {metric} |" if averaged else "")
+             + (f" test {metric} |" if tested else ""),
+             "|---|---:|---:|---:|---:|" + ("---:|" if averaged else "") + ("---:|" if tested else "")]
     for row in rows:
         save = "-" if row.total_save is None else f"{row.total_save:.2f}"
         hours = "-" if row.device_hours is None else f"{row.device_hours:.3g}"
         cell = "" if not averaged else \
             " - |" if row.averaged is None else f" {_percent(row.averaged, row.averaged_delta)} |"
+        cell += "" if not tested else " - |" if row.test is None else f" {_percent(row.test, row.test_delta)} |"
         lines.append(f"| {row.label} | {row.total_flops:.3g} | {save} | {hours} | "
                      f"{_percent(row.best, row.best_delta)} |" + cell)
     return "\n".join(lines) + "\n"

@@ -148,6 +148,28 @@ def test_cli_writes_report_files(tmp_path, runs, capsys):
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_report_says_its_scores_are_validation_scores_and_gives_the_test_splits(tmp_path, runs, capsys):
+    """The tables rank validation scores; a task with a test split (SpeechCommands, VoxCeleb) has its runs' test
+    scores in a column of the whole-run table, against the baseline's (a run without one: '-')."""
+    out = tmp_path / "out"
+    assert main(["--baseline", str(runs["base"]), "--runs", str(runs["c2f"]), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "Every acc here but the test column is a validation score" in report and "test acc" not in report
+    (runs["base"] / "test_metrics.json").write_text(json.dumps({"model": "best.safetensors", "acc": 0.40}))
+    (runs["c2f"] / "test_metrics.json").write_text(json.dumps({"model": "best.safetensors", "acc": 0.425}))
+    assert main(["--baseline", str(runs["base"]), "--runs", str(runs["c2f"]), str(runs["never"]), "--out",
+                 str(out)]) == 0
+    report = (out / "report.md").read_text(encoding="utf-8")
+    rows = [line for line in report.splitlines() if line.startswith("| ")]
+    assert rows[4].endswith(" test acc |") and rows[5].endswith("| 40.00 |"), rows
+    assert rows[6].endswith("| 42.50 (+2.50) |") and rows[7].endswith("| - |"), rows
+    assert "The test acc is the run's test split scored once" in report
+    (runs["c2f"] / "test_metrics.json").write_text("[1]")
+    assert main(["--baseline", str(runs["base"]), "--runs", str(runs["c2f"]), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.endswith(f"{runs['c2f'] / 'test_metrics.json'}: not the test metrics a "
+                                            f"fine-tuning run writes (a JSON object)\n")
+
+
 def test_a_reader_that_goes_away_ends_the_report_quietly(tmp_path, runs):
     """``c2f-report ... | head``: the files are written, then the table meets a closed pipe: status 141 as for a
     process SIGPIPE ended, nothing on stderr (the training commands' rule, ``common.system.signals.piped``)."""
