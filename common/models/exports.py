@@ -159,6 +159,11 @@ def resolve_model_file(path: str | os.PathLike) -> Path:
         if folds:  # a cross-validation run: a model per fold, none for the whole
             raise FileNotFoundError(f"{path} is a {len(folds)}-fold cross-validation run, with a model per fold: "
                                     f"name one fold's directory ({folds[0]} ... {folds[-1].name})")
+        if path.parent.name == "checkpoints":  # RUN/checkpoints/phase01-step...: DeepSpeed's files, no model file
+            run = path.parent.parent
+            raise FileNotFoundError(f"{path} is a training checkpoint of {run}, not a model: name one of the run's "
+                                    f"exports in {run / 'export'} (each phase's end, the best validation), written "
+                                    f"while it trains")
         exports = sorted((path / "export").glob("*.safetensors")) if (path / "export").is_dir() else []
         hint = (f"; phase exports present: {', '.join(str(p) for p in exports)}" if exports
                 else "; it holds no exports (is it a run directory?)")

@@ -154,7 +154,8 @@ def read_ast(src: str | os.PathLike, norm: str | None = None) -> tuple[ASTWeight
     if phase.get("compression", "none") != "none" or phase.get("factor", 1) != 1:
         problems.append(f"it was exported at phase {phase.get('index', '?')}/{phase.get('of', '?')} "
                         f"({phase.get('compression')} x{phase.get('factor')}), whose front end is not HF's "
-                        f"full-resolution fbank; export the final full-resolution phase (the run's model.safetensors)")
+                        f"full-resolution fbank; export a model whose last phase is at full resolution (a run whose "
+                        f"final phase is compressed has none: train one more phase at full resolution)")
     fe = None
     if "audio" in meta:
         fe, audio = _front_end_from_audio(meta, norm)

@@ -26,6 +26,11 @@ def test_run_directory_resolves_to_its_final_export(tmp_path, tiny_cfg):
         load_encoder(tmp_path)
     save_encoder(ASTEncoder(tiny_cfg), tmp_path / "model.safetensors")
     assert load_encoder(tmp_path).cfg == tiny_cfg
+    checkpoint = tmp_path / "checkpoints" / "phase01-step000000002"  # DeepSpeed's files: no model, its exports are
+    checkpoint.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=f"{checkpoint} is a training checkpoint of {tmp_path}, not a model: "
+                                                f"name one of the run's exports in {tmp_path / 'export'}"):
+        load_encoder(checkpoint)
 
 
 def test_official_ssast_pretrained_pth(tmp_path):
