@@ -1,14 +1,17 @@
 """Coarse-to-fine training for audio spectrogram transformers (SSAST pretraining + AST fine-tuning)."""
 
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+# one version, which a run records in its ledger (common/system/version.py: read, the package is not installed yet)
+VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "common" / "system" / "version.py").read_text(), re.M)[1]
 
 setup(
     name="coarse2fine-ast",
-    version="0.1.0",
+    version=VERSION,
     description=(
         "Efficient coarse-to-fine training of audio spectrogram transformers: SSAST pretraining "
         "and supervised fine-tuning on time-compressed spectrograms (Feng et al., ICASSP 2024)."

@@ -237,7 +237,8 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
                     log.warning("removed %d temporary file(s) that an interrupted write left: %s", len(orphans),
                                 ", ".join(str(p) for p in orphans[:5]) + (" ..." if len(orphans) > 5 else ""))
             dist.barrier()
-            yield Session(dist, prepare_run_dir(run_dir, recipe, dist.is_main, accept_changed_data))
+            yield Session(dist, prepare_run_dir(run_dir, recipe, dist.is_main, accept_changed_data,
+                                                dist.world_size))
         finished = True
     finally:
         dist.teardown(synchronise=finished)  # a rank leaving on an error does not wait for the others

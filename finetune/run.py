@@ -262,6 +262,26 @@ def _recorded_init(run_root: Path, init: str, restart: bool):
     return weights
 
 
+def _checked_init(run_root: Path, recipe, init, restart: bool):
+    """``(init, digest)``: the weights read from ``--init`` and their digest (``common.phases.init.init_digest``),
+    once per command; for a run that resumes in ``run_root``, checked against the weights it recorded
+    (``check_init_digest``: refused where a fold not started yet would start from others). The digest is None
+    where no model of this command starts from the file (no file, or the record is used)."""
+    from common.phases.init import check_init_digest, init_digest
+    from common.training.run_recipe import NEW, has_trained, run_state
+
+    if init is None or "recorded" in init.meta:  # from scratch, or the record of a file that has gone
+        return init, None
+    digest = init_digest(recipe.init)
+    if restart or not has_trained(run_root):
+        return init, digest
+    folds = len(recipe.task.folds)
+    runs = [run_root / f"fold{k + 1}" for k in range(folds)] if folds else [run_root]
+    checked = check_init_digest(run_root, recipe.init, init, digest,
+                                [p for p in runs if run_state(p, len(recipe.phases)) == NEW])
+    return checked, (digest if checked is init else None)
+
+
 def _cross_validation(run_root: Path, folds: int, metric: str) -> dict:
     from common.training.ledger import Ledger
     from finetune.evaluate import cross_validation_summary
@@ -353,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"--init {recipe.init} does not exist yet: planned with the recipe's model "
                          f"({_model_words(recipe.model)}) and the pooling of a model trained from scratch; a run "
                          f"takes both from the init")
+        init, digest = (init, None) if args.dry_run else _checked_init(_run_root(args, recipe), recipe, init,
+                                                                        args.restart)
         head_init = None
         try:
             base = task_encoder_config(init, recipe.model, recipe.num_mel_bins, recipe.task.target_frames)
@@ -409,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                               accept_changed_data=args.accept_changed_data) as session:
             dist = session.dist
             if dist.is_main:  # so that a resume goes on when the init's file has gone since
-                record_init(run_root, recipe.init, init)
+                record_init(run_root, recipe.init, init, digest)
             for note in notes:
                 log.info("%s", note)
             for caution in cautions if dist.is_main else ():  # the same plan on every rank: said once
@@ -432,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                                init_pos_embed=init_pos_mode(init, recipe.transfer.pos_embed,
                                                             recipe.transfer.init_pos_embed, compressed),
                                run_recipe=session.run_recipe,
+                               init_record=None if digest is None else {"source": recipe.init, **digest},
                                meta={"task": recipe.task.name, "init": recipe.init,
                                      **({"kept_head": True} if args.keep_head and init is not None else {})})
                 log.info("fine-tuning on %s%s into %s (init: %s)", recipe.task.name,

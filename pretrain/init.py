@@ -15,7 +15,8 @@ weights by that rule on the phase's grid; this package's exports by ``transfer.p
 ``transfer.init_pos_embed`` overrides), the patch kernel PI-resized where the patch shape differs. The
 pretext heads are kept where the file has them and their sizes fit (resized like a patch-phase change where
 the patch shape differs), started afresh otherwise. Every decision is one log line and goes into the
-ledger's ``init`` entry. A resumed run reads its checkpoints, not ``--init``.
+ledger's ``init`` entry, with the size and SHA-256 of the file(s) read (``common.phases.init.init_digest``). A
+resumed run reads its checkpoints, not ``--init``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ from common.config.recipe import RecipeError
 from common.models.ast.encoder import EncoderConfig
 from common.models.exports import read_weights, resolve_model_file
 from common.models.weights import EncoderWeights
-from common.phases.init import CUT_AT_FULL, init_family, init_patch_mode, init_pos_mode, load_init
+from common.phases.init import (
+    CUT_AT_FULL,
+    init_digest,
+    init_family,
+    init_patch_mode,
+    init_pos_mode,
+    load_init,
+)
 from pretrain.ssast import adapt_heads
 
 __all__ = ["PretrainStart", "HEADS", "load_start", "pretext_heads"]
@@ -96,9 +104,9 @@ def _check_transformer(init: EncoderWeights, base: EncoderConfig, file: str) -> 
         RecipeError: naming the file and what differs, with the ``--set`` that matches the recipe to it.
     """
     if init.arch != "ast" or not isinstance(init.config, EncoderConfig):
-        raise RecipeError(f"--init {file}: not a usable start: it holds an {init.arch} model (HTS-AT, a Swin transformer); SSAST "
-                          f"pretraining continues a ViT encoder (an SSAST / AST checkpoint, ImageNet ViT / DeiT "
-                          f"weights, or this package's pretraining run or export)")
+        raise RecipeError(f"--init {file}: not a usable start: it holds an {init.arch} model (HTS-AT, a Swin "
+                          f"transformer); SSAST pretraining continues a ViT encoder (an SSAST / AST checkpoint, "
+                          f"ImageNet ViT / DeiT weights, or this package's pretraining run or export)")
     cfg = init.config
     changed = [n for n in _TRANSFORMER if getattr(cfg, n) != getattr(base, n)]
     stored_heads = init.meta.get("source") in ("export", "hf")
@@ -208,7 +216,9 @@ def load_start(arg: str, recipe) -> PretrainStart:
                      f"({patch_mode}-resized, as fine-tuning does)")
     heads, decisions, head_lines = _fit_heads(pretext_heads(arg, init), cfg, first, kind)
     lines += head_lines
-    record = {"source": str(arg), "file": file, "kind": kind, "format": fmt,
+    weights = init_digest(arg)  # which weights, by content: the file may be written again after the run started
+    record = {"source": str(arg), "file": file, "size": weights["size"], "sha256": weights["sha256"],
+              "kind": kind, "format": fmt,
               "pos_embed": {"from": list(cfg.grid), "to": list(first.grid),
                             "mode": None if cfg.grid == first.grid else pos_mode},
               "patch_embed": {"from": [cfg.fshape, cfg.tshape], "to": [first.fshape, first.tshape],

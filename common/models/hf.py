@@ -57,6 +57,7 @@ __all__ = [
     "FrontEnd",
     "ASTWeights",
     "is_hf_directory",
+    "weight_files",
     "read_hf_directory",
     "hf_classifier_export",
     "kept_head",
@@ -176,6 +177,27 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The files an HF directory's weights are read from: ``model.safetensors`` or ``pytorch_model.bin``, or the
+    index of a sharded one followed by its shards (what :func:`read_hf_directory` reads besides the JSON files;
+    ``common.phases.init.init_digest`` hashes them)."""
+    path = Path(path)
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (path / single).is_file():
+            return [path / single]
+        if (path / index).is_file():
+            weight_map = _read_json(path / index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise HFFormatError(f"{path / index} has no weight_map")
+            for key, shard in weight_map.items():  # a shard is a file beside the index, never a path elsewhere
+                if not isinstance(shard, str) or not _plain_file_name(shard):
+                    raise HFFormatError(f"{path / index}: weight_map[{json.dumps(key)}] is {json.dumps(shard)}, not "
+                                        f"the name of a file in {path}")
+            return [path / index, *(path / shard for shard in sorted(set(weight_map.values())))]
+    raise HFFormatError(f"{path} holds no weights (model.safetensors or pytorch_model.bin, optionally sharded)")
+
+
 def _read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of an HF directory: safetensors or ``pytorch_model.bin`` (``weights_only``), sharded or not."""
     def load(file: Path) -> dict[str, torch.Tensor]:
@@ -194,23 +216,11 @@ def _read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
             raise HFFormatError(f"{file} does not hold a state dict of tensors")
         return state
 
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if (path / single).is_file():
-            return load(path / single)
-        if (path / index).is_file():
-            weight_map = _read_json(path / index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise HFFormatError(f"{path / index} has no weight_map")
-            for key, shard in weight_map.items():  # a shard is a file beside the index, never a path elsewhere
-                if not isinstance(shard, str) or not _plain_file_name(shard):
-                    raise HFFormatError(f"{path / index}: weight_map[{json.dumps(key)}] is {json.dumps(shard)}, not "
-                                        f"the name of a file in {path}")
-            state = {}
-            for shard in sorted(set(weight_map.values())):
-                state.update(load(path / shard))
-            return state
-    raise HFFormatError(f"{path} holds no weights (model.safetensors or pytorch_model.bin, optionally sharded)")
+    state = {}
+    for file in weight_files(path):
+        if not file.name.endswith(".index.json"):
+            state.update(load(file))
+    return state
 
 
 def _plain_file_name(name: str) -> bool:

@@ -29,20 +29,28 @@ its initialisation.
 A fine-tuning run records what it took from ``--init`` besides the weights (:func:`record_init`:
 ``RUN/init.json``, the config and the metadata that pick the defaults, the model's shape and the pooling),
 so that the run resumes from its checkpoints when the init's file has gone since (:func:`recorded_init`); a
-model that starts from the init (a new run, a fold not started yet) still needs the file.
+model that starts from the init (a new run, a fold not started yet) still needs the file. The record holds the
+weights' digest too (:func:`init_digest`: the size and SHA-256 of the file(s) read), so that a fold started later
+from a file rewritten since (a pretraining run's ``export/best.safetensors`` that is still going, an export written
+again) is refused instead of mixing two inits in one cross-validation (:func:`check_init_digest`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from common.audio.compression import Compression
+from common.config.recipe import RecipeError
 from common.models.arch import architecture_for
 from common.models.ast.encoder import EncoderConfig
+from common.models.exports import resolve_model_file
+from common.models.hf import CONFIG_FILE, is_hf_directory, weight_files
 from common.models.htsat import HTSATConfig
 from common.models.htsat.imagenet import OFFICIAL_START
 from common.models.spec import ModelSpec
@@ -53,7 +61,7 @@ from common.system.atomic import atomic_write_text
 __all__ = ["InitTransferConfig", "CUT_AT_FULL", "INIT_KINDS", "load_init", "init_family", "INIT_FAMILIES",
            "task_encoder_config",
            "init_kind", "expected_init_note", "init_pos_mode", "init_patch_mode", "init_pool", "resolve_pool",
-           "task_encoder", "INIT_RECORD", "record_init", "recorded_init"]
+           "task_encoder", "INIT_RECORD", "init_digest", "record_init", "recorded_init", "check_init_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -257,13 +265,71 @@ def task_encoder(init: EncoderWeights | None, cfg, pos_mode: str = "bilinear"):
 INIT_RECORD = "init.json"
 
 
-def record_init(run_dir: Path, init_arg: str, init: EncoderWeights | None) -> None:
-    """Write ``RUN/init.json``: what the run took from ``--init init_arg`` besides its weights (nothing for
-    ``--init none``, which needs no file)."""
+def init_digest(init_arg: str) -> dict | None:
+    """Which weights ``--init init_arg`` holds, by content: ``{"files": [...], "size": bytes, "sha256": hex}`` over
+    the file(s) :func:`load_init` reads (the file; a run directory's final export; a Hugging Face directory's
+    ``config.json`` and weight files, in that order), None for ``none``. Reads every byte (seconds for a file of
+    several GB): a command takes it once, when it has read the weights."""
+    if init_arg.lower() == "none":
+        return None
+    path = Path(init_arg)
+    files = [path / CONFIG_FILE, *weight_files(path)] if is_hf_directory(path) else [resolve_model_file(path)]
+    digest, size = hashlib.sha256(), 0
+    for file in files:
+        if len(files) > 1:
+            digest.update(f"{file.name}\0".encode())
+        with open(file, "rb") as handle:
+            size += os.fstat(handle.fileno()).st_size
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return {"files": [str(f) for f in files], "size": size, "sha256": digest.hexdigest()}
+
+
+def record_init(run_dir: Path, init_arg: str, init: EncoderWeights | None, digest: dict | None = None) -> None:
+    """Write ``RUN/init.json``: what the run took from ``--init init_arg`` besides its weights, and which weights
+    they were (``digest``, :func:`init_digest`, as ``weights``; nothing for ``--init none``, which needs no
+    file)."""
     if init is None or "recorded" in init.meta:  # from scratch, or already a record
         return
     atomic_write_text(Path(run_dir) / INIT_RECORD, json.dumps(
-        {"init": init_arg, "arch": init.arch, "config": init.config.to_dict(), "meta": init.meta}, indent=1))
+        {"init": init_arg, "arch": init.arch, "config": init.config.to_dict(), "meta": init.meta,
+         **({"weights": digest} if digest else {})}, indent=1))
+
+
+def _words(digest: dict) -> str:
+    return f"sha256 {str(digest.get('sha256'))[:12]}, {digest.get('size')} bytes"
+
+
+def check_init_digest(run_dir: Path, init_arg: str, init: EncoderWeights, digest: dict,
+                      starting: list[Path]) -> EncoderWeights:
+    """``init``, read from ``--init init_arg`` now, for a run in ``run_dir`` that has trained: where its
+    ``init.json`` records other weights (:func:`record_init`), a model that would start from the file now
+    (``starting``: the folds not started yet) is refused; a run whose every model resumes from its checkpoints goes
+    on with what it recorded of the init (:func:`recorded_init`, as when the file has gone), said in a warning. A
+    record without a digest (written before it was recorded) accepts the file, as it always did.
+
+    Raises:
+        RecipeError: naming the file, both digests and what to do.
+    """
+    path = Path(run_dir) / INIT_RECORD
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return init
+    recorded = data.get("weights") if isinstance(data, dict) and data.get("init") == init_arg else None
+    if not isinstance(recorded, dict) or recorded.get("sha256") == digest["sha256"]:
+        return init
+    file = digest["files"][0] if len(digest["files"]) == 1 else init_arg
+    if starting:
+        raise RecipeError(
+            f"--init {init_arg}: {file} is not the file {run_dir} started from ({_words(recorded)} in {path}; now "
+            f"{_words(digest)}): {', '.join(p.name for p in starting)} would start from other weights than the run's "
+            f"other folds. Restore the file the run started from, or start over with --restart (the earlier attempt "
+            f"is moved aside) or in a new --run-dir")
+    log.warning("--init %s: %s is not the file %s started from (%s in %s; now %s): the run resumes from its "
+                "checkpoints with what it recorded of its init", init_arg, file, run_dir, _words(recorded), path,
+                _words(digest))
+    return recorded_init(run_dir, init_arg)
 
 
 def recorded_init(run_dir: Path, init_arg: str) -> EncoderWeights | None:

@@ -10,6 +10,7 @@ compares what a checkpoint recorded with what this launch has and records what d
 - :func:`check_evaluation`: the validation settings that choose which clips a validation scores;
 - :func:`check_sampler`: how the training clips are drawn (balanced sampling, Shar folders read per rank);
 - :func:`reshard_position`: another number of ranks or per-rank batch: the data position converted;
+- :func:`check_code`: another version or commit of the package (``common.system.version``): allowed, recorded;
 - recipe keys changed at a resume (``common.training.run_recipe``) are recorded by ``RunRecord.open``.
 """
 
@@ -22,11 +23,12 @@ from common.data.fingerprint import DataChanged, changes, run_fingerprints
 from common.data.shar_stream import reads_per_rank
 from common.data.shards import reshard_index
 from common.phases.baseline import evaluation_settings, setting_differences
+from common.system.version import code_version
 from common.training.ledger import Ledger
 from common.training.spec import RunSpec
 from common.training.train_state import TrainState
 
-__all__ = ["sampler", "check_data", "check_evaluation", "check_sampler", "reshard_position"]
+__all__ = ["sampler", "check_data", "check_evaluation", "check_sampler", "reshard_position", "check_code"]
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +122,26 @@ def reshard_position(ledger: Ledger, spec: RunSpec, state: TrainState, saved_ran
     if saved_batch != batch and saved_batch * saved_ranks != batch * ranks:
         changed["batch_per_rank"] = {"from": saved_batch, "to": batch}
     ledger.add_intervention(step=state.total_steps, phase=state.phase, changes=changed)
+
+
+def _code_words(code: dict) -> str:
+    return f"{code.get('version', '?')}" + (f" (commit {code['commit'][:12]})" if code.get("commit") else "")
+
+
+def check_code(ledger: Ledger, state: TrainState, resumed: bool) -> None:
+    """Record the code that trains the run (``ledger.code``); a resumed run whose checkpoint was written by another
+    version or commit of the package goes on under this one (what changed between them is not known here), said in
+    a warning and recorded as an intervention, so that its results say that the run spans two versions. A
+    checkpoint that records no code (written before it was recorded) resumes as it did: nothing is recorded."""
+    current = code_version()
+    if not resumed:
+        ledger.code = current
+        return
+    if ledger.code is None or ledger.code == current:
+        return
+    log.warning("resuming under coarse2fine-ast %s; the run's checkpoint was written by %s: from step %d on, the run "
+                "trains with this code; recorded in ledger.json as an intervention", _code_words(current),
+                _code_words(ledger.code), state.total_steps)
+    ledger.add_intervention(step=state.total_steps, phase=state.phase,
+                            changes={"code": {"from": ledger.code, "to": current}})
+    ledger.code = current

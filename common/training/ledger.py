@@ -19,8 +19,11 @@ the target it stopped at (``stop_when_surpassing``: the baseline's best per-epoc
 weight-averaged score and the differences accepted, ``common.phases.baseline``); ``evaluation``: what decides the
 clips a validation round scores (``common.phases.baseline.evaluation_settings``), so that another run can tell
 whether its scores compare with these; ``init``: where a pretraining run started (``pretrain/run.py --init``:
-the file, its kind, and which weights were fitted, kept or started afresh, ``pretrain.init``). An evaluation
-of a weight average carries ``weight_averaged`` (the epochs averaged).
+the file, its size and SHA-256, its kind, and which weights were fitted, kept or started afresh,
+``pretrain.init``), or which weights a fine-tuning run (each fold) started from (``source``, ``files``, ``size``,
+``sha256``); ``code``: the package's version and git commit that trained the run last
+(``common.system.version``; a resume under other code records the change in ``interventions``, as ``code``). An
+evaluation of a weight average carries ``weight_averaged`` (the epochs averaged).
 
 The trainer talks to the ledger through methods (:meth:`Ledger.start_phase`, :meth:`Ledger.add_training`,
 :meth:`Ledger.add_eval_time`, :meth:`Ledger.add_eval`); readers use :meth:`Ledger.read` and
@@ -189,6 +192,7 @@ class Ledger:
         self.upsampled: dict[tuple[str, int, int], int] = {}  # (split, clip rate, model rate) -> clips
         self.evaluation: dict | None = None  # the validation settings (common.phases.baseline.evaluation_settings)
         self.init: dict | None = None  # where the run started: its --init and what was kept of it
+        self.code: dict | None = None  # the code that trained it last (common.system.version; absent: not recorded)
 
     def start_phase(self, index: int, **info) -> PhaseRecord:
         """The record of phase ``index``, created from ``info`` (:class:`PhaseRecord` fields) on first use;
@@ -314,6 +318,8 @@ class Ledger:
             data["evaluation"] = self.evaluation
         if self.init:
             data["init"] = self.init
+        if self.code:
+            data["code"] = self.code
         return data
 
     @classmethod
@@ -326,7 +332,7 @@ class Ledger:
         _check(isinstance(data, dict), "the ledger", data, "a mapping")
         for key in ("phases", "evals", "interventions", "upsampled"):
             _check(isinstance(data.get(key, []), list), key, data.get(key), "a list")
-        for key in ("baseline", "stop_when_surpassing", "data", "evaluation", "init"):
+        for key in ("baseline", "stop_when_surpassing", "data", "evaluation", "init", "code"):
             if data.get(key) is not None:
                 _check(isinstance(data[key], dict), key, data[key], "a mapping")
         if data.get("score") is not None:
@@ -351,6 +357,7 @@ class Ledger:
         ledger.upsampled = {(u["split"], u["from_hz"], u["to_hz"]): u["clips"] for u in data.get("upsampled", [])}
         ledger.evaluation = data.get("evaluation")
         ledger.init = data.get("init")
+        ledger.code = data.get("code")
         return ledger
 
     @classmethod

@@ -31,7 +31,14 @@ from common.system.engine_config import resolve_zero_stage
 from common.system.logger import Scalars
 from common.training.checkpoint_files import NoUsableCheckpoint
 from common.training.checkpoints import RunCheckpoints, capture_rng, make_tag, restore_rng, tag_place
-from common.training.interventions import check_data, check_evaluation, check_sampler, reshard_position, sampler
+from common.training.interventions import (
+    check_code,
+    check_data,
+    check_evaluation,
+    check_sampler,
+    reshard_position,
+    sampler,
+)
 from common.training.ledger import Ledger, Window
 from common.training.log_window import LogWindow
 from common.training.nonfinite import NonFiniteLoss
@@ -191,14 +198,15 @@ class RunRecord:
         return False
 
     def open(self, resumed: bool) -> None:
-        """Before the first step of this call: the recipe changes a resumed run was allowed, the manifests'
-        fingerprints, the validation settings and the stop target."""
+        """Before the first step of this call: the recipe changes a resumed run was allowed, the code that trains it,
+        the manifests' fingerprints, the validation settings and the stop target."""
         self.tracker.recheck_listed()  # bad_audio.tsv lists what is bad now (files may have come back)
         if resumed and self.spec.run_recipe is not None and self.spec.run_recipe.changes:
             log.warning("resuming %s with changed %s; recorded in ledger.json as an intervention", self.run_dir,
                         _changes(self.spec.run_recipe.changes))
             self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase,
                                          changes=self.spec.run_recipe.changes)
+        check_code(self.ledger, self.state, resumed)
         check_data(self.ledger, self.spec, self.state, resumed)
         last = len(self.spec.phases) - 1
         check_evaluation(self.ledger, self.spec, self.state, self._batch_size(last), self.dist.world_size,

@@ -26,6 +26,8 @@ import yaml
 
 from common.config.recipe import RecipeError, dump_yaml, parse_yaml, to_dict, yaml_problem
 from common.models.arch import official_channels
+from common.system.engine_config import resolve_zero_stage
+from common.training.batch import launch_world_size
 
 __all__ = ["RESUMABLE_CHANGES", "RECOVERY_CHANGES", "TOLERANCE_CHANGES", "MEMORY_CHANGES", "RunRecipe", "has_trained",
            "run_state", "finished_run", "lost_run_message", "NEW", "CHECKPOINTS", "FINISHED", "LOST", "prepare_run_dir",
@@ -237,9 +239,30 @@ class RunRecipe:
             self.pending = None
 
 
-def prepare_run_dir(run_dir: Path, recipe, is_main: bool, accept_changed_data: bool = False) -> RunRecipe:
+ZERO_STAGE = "train.zero_stage"
+
+
+def _stage_kept(run_dir: Path, recipe, recorded, now, world_size: int) -> bool:
+    """Whether ``train.zero_stage: auto`` (``now``) resumes a run whose ``recipe.yaml`` records stage ``recorded``
+    (``0``: the default before ``auto``) on that stage (``common.system.engine_config.resolve_zero_stage``): a run
+    (or fold) resumed from its checkpoints keeps the stage it was written with; one that starts (a fold not started
+    yet) takes 0 on one rank and 1 on several. A recorded 2 is not: a checkpoint written before its stage was
+    recorded reads as 1."""
+    if now != "auto" or isinstance(recorded, bool) or recorded not in (0, 1):
+        return False
+    folds = len(getattr(getattr(recipe, "task", None), "folds", None) or [])  # a cross-validation run's
+    runs = [run_dir / f"fold{k + 1}" for k in range(folds)] if folds else [run_dir]
+    starts = any(run_state(p) == NEW for p in runs)
+    return not starts or resolve_zero_stage("auto", world_size) == recorded
+
+
+def prepare_run_dir(run_dir: Path, recipe, is_main: bool, accept_changed_data: bool = False,
+                    world_size: int | None = None) -> RunRecipe:
     """Check a resumed run's recipe against its ``recipe.yaml``; hold a new (or changed) run's recipe back
-    until its next checkpoint. ``accept_changed_data``: see :class:`RunRecipe`.
+    until its next checkpoint. ``accept_changed_data``: see :class:`RunRecipe`. ``world_size``: the ranks the run
+    resumes on (default: the launcher's), which choose the ZeRO stage of ``train.zero_stage: auto``; a recorded
+    stage and ``auto`` are the same where ``auto`` takes that stage (:func:`_stage_kept`: a run recorded before
+    ``auto`` was the default recorded 0).
 
     Raises:
         RecipeError: the run directory holds a run of a different recipe.
@@ -249,6 +272,10 @@ def prepare_run_dir(run_dir: Path, recipe, is_main: bool, accept_changed_data: b
     if path.is_file() and has_trained(Path(run_dir)):
         old = _recorded(path)
         changed = recipe_diff(old, new, field_defaults(recipe))
+        recorded_stage = _flatten(old).get(ZERO_STAGE)
+        if ZERO_STAGE in changed and _stage_kept(Path(run_dir), recipe, recorded_stage, _flatten(new).get(ZERO_STAGE),
+                                                 launch_world_size() if world_size is None else world_size):
+            changed.remove(ZERO_STAGE)
         refused = [k for k in changed if not recovery_change(k)]
         if refused:
             written, then = _flatten(old), _behaviour(_flatten(old))
@@ -259,7 +286,9 @@ def prepare_run_dir(run_dir: Path, recipe, is_main: bool, accept_changed_data: b
                 f"{', '.join(TOLERANCE_CHANGES + MEMORY_CHANGES)} and {', '.join(RESUMABLE_CHANGES)}. Use a new "
                 f"--run-dir to start another run, or the same recipe and --set values to resume this one" +
                 (f" ({path.name} predates {', '.join(older)}: the run had "
-                 f"{' '.join(f'--set {k}={v}' for k, v in older.items())})" if older else "")
+                 f"{' '.join(f'--set {k}={v}' for k, v in older.items())})" if older else "") +
+                (f" (the run trained with ZeRO stage {recorded_stage}: --set {ZERO_STAGE}={recorded_stage} resumes it "
+                 f"so)" if ZERO_STAGE in refused and recorded_stage is not None else "")
             )
         if not changed:
             return RunRecipe(path, accept_changed_data=accept_changed_data)

@@ -1,6 +1,7 @@
 """Continued pretraining (``pretrain/run.py --init``): from an official SSAST checkpoint with its pretext heads,
 from this package's run and export, from an ImageNet ViT; short clips; refusals; a resume without the file."""
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -87,12 +88,14 @@ def test_an_official_ssast_checkpoint_continues_coarse_to_fine_with_its_heads(tm
     # the run: stopped after one step, the file removed, resumed: the run needs its checkpoints only
     run_dir = tmp_path / "run"
     assert pretrain(run_dir, synth_corpus, path, stop=1) == 0
+    weights = (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())  # which weights, by content
     moved = tmp_path / "elsewhere.pth"
     shutil.move(path, moved)
     assert pretrain(run_dir, synth_corpus, path) == 0
     assert (run_dir / "model.safetensors").is_file()
     record = ledger(run_dir)["init"]
     assert (record["source"], record["kind"], record["format"]) == (str(path), "ssast", "official")
+    assert (record["size"], record["sha256"]) == weights
     assert record["kept"] == ["cpredlayer", "gpredlayer", "mask_embed"] and record["fresh"] == []
     assert record["pos_embed"] == {"from": [8, 16], "to": [8, 2], "mode": "cut_at_full"}
     log = (run_dir / "train.log").read_text()
@@ -329,6 +332,7 @@ def test_an_export_of_a_bilinear_patch_phase_leaves_it_by_that_transfer_and_says
                                              "phase": {"index": 1, "of": 2, "compression": "patch", "factor": 4,
                                                        "patch_transfer": "bilinear"}})
     monkeypatch.setattr(init_module, "load_init", lambda arg: weights)
+    monkeypatch.setattr(init_module, "init_digest", lambda arg: {"files": [arg], "size": 0, "sha256": "0" * 64})
     start = load_start("phase1.safetensors", recipe)
     assert start.record["patch_embed"] == {"from": [16, 64], "to": [16, 16], "mode": "bilinear"}
     assert any("(bilinear-resized" in line for line in start.lines), start.lines

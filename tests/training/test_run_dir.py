@@ -248,6 +248,45 @@ def test_a_run_whose_recipe_yaml_predates_a_key_is_told_the_value_it_had(tmp_pat
     assert resumed.changes == {}
 
 
+def test_a_recorded_zero_stage_resumes_under_auto_where_auto_takes_that_stage(tmp_path):
+    """A run recorded with ``train.zero_stage: 0`` (the default before ``auto``) resumed by a recipe of ``auto``:
+    the same recipe where ``auto`` gives the recorded stage (a resumed run keeps its checkpoint's; a fold not started
+    takes 0 on one rank, 1 on several); elsewhere the refusal gives the ``--set`` that resumes it."""
+    from dataclasses import replace
+
+    import yaml
+
+    from common.config.recipe import RecipeError, to_dict
+    from common.training.run_recipe import prepare_run_dir
+    from finetune.recipe import load_recipe
+
+    def recorded(run_dir, recipe, stage, trained):
+        old = to_dict(recipe)
+        old["train"]["zero_stage"] = stage
+        run_dir.mkdir()
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+        (run_dir / trained / "checkpoints" / "phase01-step000000001").mkdir(parents=True)
+        return run_dir
+
+    one = load_recipe("vggsound")  # one run, resumed from its checkpoints: on its stage whatever the ranks
+    single = recorded(tmp_path / "single", one, 0, ".")
+    for ranks in (1, 4):
+        assert prepare_run_dir(single, one, True, world_size=ranks).changes == {}
+    two = recorded(tmp_path / "two", one, 2, ".")  # a checkpoint written before stages were recorded reads as 1
+    with pytest.raises(RecipeError, match=r"train.zero_stage differ.*\(the run trained with ZeRO stage 2: --set "
+                                          r"train.zero_stage=2 resumes it so\)$"):
+        prepare_run_dir(two, one, True, world_size=1)
+    assert prepare_run_dir(two, replace(one, train=replace(one.train, zero_stage=2)), True).changes == {}
+
+    folds = load_recipe("esc50")  # fold 1 started, folds 2-5 start under auto: 0 on one rank, 1 on several
+    cv = recorded(tmp_path / "cv", folds, 0, "fold1")
+    assert prepare_run_dir(cv, folds, True, world_size=1).changes == {}
+    with pytest.raises(RecipeError, match=r"\(train.zero_stage differ\).*--set train.zero_stage=0 resumes it so"):
+        prepare_run_dir(cv, folds, True, world_size=2)
+    assert prepare_run_dir(cv, replace(folds, train=replace(folds.train, zero_stage=0)), True,
+                           world_size=2).changes == {}
+
+
 def test_a_tensorboard_file_opened_in_the_same_second_sorts_after_the_last(tmp_path):
     """TensorBoard reads event files in name order (second, host, pid, a counter): a writer opened in the second of
     an earlier one of the same process (a resume at once) could sort before it, and its events were dropped."""
