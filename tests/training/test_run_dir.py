@@ -287,6 +287,28 @@ def test_a_recorded_zero_stage_resumes_under_auto_where_auto_takes_that_stage(tm
                            world_size=2).changes == {}
 
 
+def test_a_run_directory_of_the_other_command_is_named_as_such(tmp_path):
+    """A fine-tuning command given a pretraining run's directory (or the reverse) is told what the folder holds,
+    not that some twenty keys differ."""
+    import yaml
+
+    from common.config.recipe import RecipeError, to_dict
+    from common.training.run_recipe import prepare_run_dir
+    from finetune.recipe import load_recipe as finetuning
+    from pretrain.recipe import load_recipe as pretraining
+    from tests.helpers import RECIPE
+
+    for held, given, said in ((pretraining(RECIPE, []), finetuning("esc50"), "a pretraining run"),
+                              (finetuning("esc50"), pretraining(RECIPE, []), "a fine-tuning run")):
+        run_dir = tmp_path / said.replace(" ", "-")
+        (run_dir / "checkpoints" / "phase01-step000000001").mkdir(parents=True)
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(held), sort_keys=False))
+        other = "fine-tuning" if "pretraining" in said else "pretraining"
+        with pytest.raises(RecipeError, match=f"^{run_dir} holds {said} \\({run_dir / 'recipe.yaml'}\\), and this "
+                                              f"command is {other}: use a new --run-dir"):
+            prepare_run_dir(run_dir, given, True)
+
+
 def test_a_tensorboard_file_opened_in_the_same_second_sorts_after_the_last(tmp_path):
     """TensorBoard reads event files in name order (second, host, pid, a counter): a writer opened in the second of
     an earlier one of the same process (a resume at once) could sort before it, and its events were dropped."""
