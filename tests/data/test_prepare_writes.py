@@ -90,3 +90,34 @@ def test_a_second_prepare_into_the_same_folder_is_refused_naming_the_first(tmp_p
         assert sorted(p.name for p in out.iterdir()) == ["prepare.lock"]  # nothing written
     assert main(command) == 0  # released at its end
     assert (out / "mine_train.jsonl.gz").is_file() and (out / "mine_prepare.json").is_file()
+
+
+def test_a_shar_export_appears_whole_and_never_mixes_with_another(tmp_path, synth_corpus, monkeypatch, capsys):
+    """The shards are written beside ``--out`` and renamed to it when all are written; an ``--out`` that holds files
+    (an earlier export, whose shards beyond this one's count would be read as its own) is refused, and an export
+    that finds ``--out`` filled meanwhile by another keeps the other's shards."""
+    from common.data.manifests import open_cuts
+
+    manifest = synth_corpus / "synth_valid.jsonl.gz"
+    out = tmp_path / "shar"
+    assert main(["shar", str(manifest), "--out", str(out), "--shard-size", "5", "--jobs", "1"]) == 0
+    clips = sum(1 for _ in CutSet.from_file(manifest))
+    assert sorted(p.name for p in out.iterdir()) == [f"{field}.{i:06d}.{ext}" for field, ext in (
+        ("cuts", "jsonl.gz"), ("recording", "tar")) for i in range(-(-clips // 5))]
+    assert sorted(c.id for c in open_cuts([out])) == sorted(c.id for c in CutSet.from_file(manifest))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shar"]  # no temporary folder left
+    capsys.readouterr()
+    assert main(["shar", str(manifest), "--out", str(out), "--shard-size", "3", "--jobs", "1"]) == 2
+    assert f"error: --out {out} holds files already (an earlier export?)" in capsys.readouterr().err
+    other = tmp_path / "other"
+    write = CutSet.to_shar
+
+    def raced(self, folder, *args, **kw):  # another export publishes --out while this one writes
+        (other / "cuts.000000.jsonl.gz").write_bytes(b"theirs")
+        return write(self, folder, *args, **kw)
+
+    monkeypatch.setattr(CutSet, "to_shar", raced)
+    assert main(["shar", str(manifest), "--out", str(other), "--jobs", "1"]) == 2
+    assert "was filled by another export while this one ran" in capsys.readouterr().err
+    assert [p.name for p in other.iterdir()] == ["cuts.000000.jsonl.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "shar"]
