@@ -272,6 +272,7 @@ def _ordered_map(fn, items: Iterable, num_jobs: int) -> Iterator:
 
 
 STALE_SECONDS = 3600  # a temporary manifest nothing has written for this long is a killed prepare's
+PREPARE_LOCK = "prepare.lock"
 
 
 @contextmanager
@@ -285,10 +286,17 @@ def prepare_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
     Raises:
         RunDirBusy: another process holds it (a ``RuntimeError``); the message names that process.
     """
+    made = not os.path.lexists(out_dir)
     out = output_folder(out_dir)
-    with run_dir_lock(out, "--out", name="prepare.lock", what="prepare",
+    with run_dir_lock(out, "--out", name=PREPARE_LOCK, what="prepare",
                       advice="wait for it to end (it writes the same manifests)"):
-        yield out
+        try:
+            yield out
+        except BaseException:  # refused before writing (a bad CSV, a missing folder): no folder left behind
+            if made and [p.name for p in out.iterdir()] == [PREPARE_LOCK]:
+                (out / PREPARE_LOCK).unlink()
+                out.rmdir()
+            raise
 
 
 @contextmanager
