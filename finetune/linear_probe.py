@@ -7,10 +7,11 @@
 Features: the tokens of one block (default: the last, after the final norm), mean-pooled over the patch
 tokens or the prefix tokens (default: as the init's code pools, ``common.phases.init.init_pool``), for every
 clip at full resolution, computed by ``finetune.embedder.Embedder`` as ``finetune/embed.py`` computes its
-clip embeddings. They are cached per (checkpoint,
-task split, layer, pooling), so probing again with another ``C`` is instant. The classifier is a
-standardised logistic regression (one-vs-rest for multi-label tasks); the task's metric is computed on
-its test split (the evaluation split if it has none; ESC-50: the mean over its five folds).
+clip embeddings. They are cached per (checkpoint, task split, layer, pooling) in ``cache_dir``, so probing again
+with another ``C`` is instant; nothing evicts the files, and a temporary that a probe killed while writing left is
+removed by a later probe after an hour. The classifier is a standardised logistic regression (one-vs-rest for
+multi-label tasks); the task's metric is computed on its test split (the evaluation split if it has none; ESC-50: the
+mean over its five folds).
 
 ``C`` (the inverse regularisation) is one number, or a grid to choose from without looking at the split that is
 scored (:func:`choose_C`): on the validation split where the task has one besides its test split (SpeechCommands,
@@ -39,6 +40,10 @@ from common.system.prog import prog, whole_number
 
 log = logging.getLogger("linear_probe")
 
+# a temporary of the feature cache that nothing has written for this long is a killed probe's (a probe writing its
+# features, whatever their size, writes all the time; one still computing them has written nothing yet)
+STALE_SECONDS = 3600
+
 __all__ = ["ProbeRecipe", "check_tasks", "choose_C", "extract_features", "fit_and_score", "probe_task", "main"]
 
 
@@ -56,7 +61,8 @@ class ProbeRecipe:
         batch_size: clips per forward pass of the feature extraction.
         num_workers: decoding processes of the feature extraction (0: in the probe's own process).
         data_root: folder the tasks' manifests are under.
-        cache_dir: where features are cached.
+        cache_dir: where features are cached (relative to the working folder; one file per model and split, never
+            evicted: docs/finetuning.md says what it holds and how to clear it).
     """
 
     tasks: list[str] = field(default_factory=list)
@@ -258,9 +264,12 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
         caution = norm_mismatch(task.norm, task.target_frames, getattr(cfg, "num_mel_bins", None), "task.norm")
         if caution:
             log.warning("%s", caution)
-    from common.system.atomic import atomic_path
+    from common.system.atomic import atomic_path, remove_orphans
 
     cache = Path(recipe.cache_dir)
+    if cache.is_dir():  # a probe killed while writing features leaves a temporary as large as they are (GBs)
+        for tmp in remove_orphans(cache, older_than=STALE_SECONDS, recursive=False):
+            log.info("removed %s, left by a probe that did not finish writing its features", tmp)
     pipeline = arch.frontend(arch.geometry(Compression()), Compression(), SpecAugmentConfig())
     front_end = f"{getattr(arch, 'audio', None)}|{getattr(pipeline, 'stats', None)}|{arch.clip_samples}"
     from finetune.evaluate import clip_handling

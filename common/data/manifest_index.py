@@ -12,7 +12,7 @@ of the numbers drawn from ``(seed, epoch)`` (:class:`IndexShuffleSampler`): the 
 on every rank and after a resume.
 
 A cached copy is named by the manifest's absolute path, size and modification time (an edited manifest is
-indexed again, and the copy of its earlier version removed once no run opened it for a week) and written
+indexed again, and the copy of its earlier version removed once no run opened or read it for a week) and written
 atomically, so ranks and runs sharing the folder build it at most once each and never read a partial one.
 """
 
@@ -148,22 +148,41 @@ _INDEX_FILES = (".jsonl", ".offsets.npy", ".labels.npz", ".source")
 
 
 UNUSED_SECONDS = 7 * 24 * 3600  # an earlier version's copy unopened this long is removed
+TOUCH_SECONDS = 3600  # an open index marks itself in use this often while its clips are read
+
+
+def _touch(mine: Path) -> None:
+    """Mark index ``<key>.source`` as in use now (its modification time, which the eviction reads). Only
+    bookkeeping, never a reason to stop a run: in a folder shared by several users, a ``.source`` another user
+    made (mode 0644) cannot be touched, and is written again (ours then) where the folder lets us, else left."""
+    try:
+        os.utime(mine)
+    except PermissionError:
+        try:
+            text = mine.read_text()
+            with atomic_path(mine) as tmp:
+                tmp.write_text(text)
+        except OSError:
+            pass
+    except OSError:  # removed meanwhile (its run is gone and another evicted it), a read-only file system
+        pass
 
 
 def _forget_earlier_versions(folder: Path, path: Path, key: str) -> None:
     """Record that index ``key`` is manifest ``path``'s and when it was last opened (``<key>.source``, touched at
-    every open), and remove the copies of its earlier versions (the same manifest edited or prepared again: each
-    about the manifest's uncompressed size, never read again since its key names the size and time) that nothing
-    opened for :data:`UNUSED_SECONDS`: a run still on an earlier version (started before the manifest changed) keeps
-    its copy, on a local disk or a host that maps it over NFS. A copy of another manifest of the same name
-    elsewhere is another path's, kept."""
+    every open, and every :data:`TOUCH_SECONDS` while an open index's clips are read), and remove the copies of
+    its earlier versions (the same manifest edited or prepared again: each about the manifest's uncompressed size,
+    never read again since its key names the size and time) that nothing opened or read for
+    :data:`UNUSED_SECONDS`: a run still on an earlier version (started before the manifest changed, however long
+    ago) keeps its copy, on a local disk or a host that maps it over NFS. A copy of another manifest of the same
+    name elsewhere is another path's, kept; so is one this process may not remove (a shared folder)."""
     source = str(path.resolve())
     mine = folder / f"{key}.source"
     if not mine.is_file() or mine.read_text() != source:
         with atomic_path(mine) as tmp:
             tmp.write_text(source)
     else:
-        os.utime(mine)
+        _touch(mine)
     for other in folder.glob(f"{path.name.split('.')[0]}-*.source"):
         if other == mine:
             continue
@@ -173,8 +192,13 @@ def _forget_earlier_versions(folder: Path, path: Path, key: str) -> None:
         except OSError:  # removed meanwhile by another rank doing the same
             continue
         stem = other.name[: -len(".source")]
-        for suffix in _INDEX_FILES:
-            (folder / f"{stem}{suffix}").unlink(missing_ok=True)
+        try:
+            for suffix in _INDEX_FILES:
+                (folder / f"{stem}{suffix}").unlink(missing_ok=True)
+        except OSError as err:  # a folder shared with users who may read it but not remove from it
+            log.info("cannot remove %s's unused index %s in %s (%s); a run that may leaves it to its owner", path,
+                     stem, folder, err)
+            continue
         log.info("removed %s's index %s in %s: the manifest has changed since, and no run opened it for %d days",
                  path, stem, folder, UNUSED_SECONDS // 86400)
 
@@ -205,6 +229,7 @@ class ManifestIndex:
         self._maps: list[mmap.mmap] = []
         self._offsets: list[np.ndarray] = []
         self._labels_files: list[Path] = []
+        self._sources: list[Path] = []  # touched while clips are read: a run of weeks keeps its index
         for path in self.paths:
             if not path.is_file() or not path.name.endswith((".jsonl", ".jsonl.gz")):
                 raise ValueError(f"{path}: only a .jsonl(.gz) manifest can be indexed for a whole-set shuffle")
@@ -214,6 +239,7 @@ class ManifestIndex:
                 log.info("indexing %s for a whole-set shuffle into %s (once per manifest)", path, folder)
                 _build(path, lines, offsets)
             _forget_earlier_versions(folder, path, key)
+            self._sources.append(folder / f"{key}.source")
             try:
                 starts, lines_map = _open(lines, offsets)
             except (OSError, ValueError, EOFError) as err:  # e.g. emptied by a crash: index the manifest again
@@ -226,6 +252,14 @@ class ManifestIndex:
             self._maps.append(lines_map)
             self._labels_files.append(folder / f"{key}.labels.npz")
         self._ends = np.cumsum([len(o) - 1 for o in self._offsets])
+        self._touched = time.monotonic()
+
+    def keep(self) -> None:
+        """Mark the index in use now (see :func:`_forget_earlier_versions`), as reading its clips does every
+        :data:`TOUCH_SECONDS`, in whatever process reads them (the loader's workers)."""
+        self._touched = time.monotonic()
+        for source in self._sources:
+            _touch(source)
 
     def __len__(self) -> int:
         return int(self._ends[-1])
@@ -234,6 +268,8 @@ class ManifestIndex:
         """Clip ``number`` of the concatenation, as a Lhotse cut."""
         if not 0 <= number < len(self):
             raise IndexError(f"clip {number} of {len(self)}")
+        if time.monotonic() - self._touched > TOUCH_SECONDS:  # a run reading it for over a week keeps it
+            self.keep()
         which = int(np.searchsorted(self._ends, number, side="right"))
         local = number - (int(self._ends[which - 1]) if which else 0)
         starts = self._offsets[which]

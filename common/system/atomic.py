@@ -124,14 +124,15 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 def remove_orphans(folder: str | os.PathLike, skip: tuple[str, ...] = ("discarded-",),
-                   older_than: float | None = None) -> list[Path]:
+                   older_than: float | None = None, recursive: bool = True) -> list[Path]:
     """Remove the temporary files (:data:`ORPHAN`) that processes killed in :func:`atomic_path` left under
-    ``folder``; sub-folders whose names start with ``skip`` are left alone. ``older_than``: only files nothing has
-    written for that many seconds, in a folder others may be writing into without a lock (a shared cache): a file
-    that goes meanwhile, or is not ours to remove, is left. Returns what was removed."""
+    ``folder``; sub-folders whose names start with ``skip`` are left alone (all of them unless ``recursive``: a
+    folder the user named may hold a corpus). ``older_than``: only files nothing has written for that many seconds,
+    in a folder others may be writing into without a lock (a shared cache): a file that goes meanwhile, or is not
+    ours to remove, is left. Returns what was removed."""
     removed, now = [], time.time()
     for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(skip)]
+        dirs[:] = [d for d in dirs if recursive and not d.startswith(skip)]
         for name in files:
             if ORPHAN.fullmatch(name):
                 path = Path(root) / name

@@ -82,16 +82,19 @@ def _try_lock(fd: int) -> bool:
 
 
 @contextmanager
-def run_dir_lock(run_dir: Path, flag: str = "--run-dir") -> Iterator[None]:
-    """Hold ``run_dir``'s lock while the block runs (this process only); ``flag``: the option that named the folder
-    (said in the refusal).
+def run_dir_lock(run_dir: Path, flag: str = "--run-dir", *, name: str = LOCK_FILE, what: str = "run",
+                 advice: str = "wait for it to end (or stop it: running the same command again resumes it)"
+                 ) -> Iterator[None]:
+    """Hold ``run_dir``'s lock while the block runs (this process only); ``flag``: the option that named the folder,
+    ``name``: the lock file's, ``what``: the kind of command that holds it, ``advice``: what to do but use another
+    folder (all said in the refusal).
 
     Raises:
         RunDirBusy: another process holds it; the message names that process.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
+    path = run_dir / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -110,8 +113,8 @@ def run_dir_lock(run_dir: Path, flag: str = "--run-dir") -> Iterator[None]:
         if not locked:
             record = _holder(path)
             gone = " (it has exited, but processes it started still hold the lock)" if _exited(record) else ""
-            raise RunDirBusy(f"{run_dir} is in use by another run: {_describe(record)}{gone}; wait for it to end "
-                             f"(or stop it: running the same command again resumes it) or use another {flag}")
+            raise RunDirBusy(f"{run_dir} is in use by another {what}: {_describe(record)}{gone}; {advice} or use "
+                             f"another {flag}")
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                   "command": " ".join([sys.executable, *sys.argv])}
         os.ftruncate(fd, 0)

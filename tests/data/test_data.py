@@ -703,3 +703,78 @@ def test_a_file_that_is_no_manifest_by_its_name_is_named_so(tmp_path):
     assert manifest_problem(tmp_path / "README.md").startswith("is not a Lhotse manifest (a .jsonl.gz of cuts")
     with pytest.raises(ValueError, match=r"README.md: is not a Lhotse manifest"):
         open_cuts([tmp_path / "README.md"])
+
+
+def test_a_manifest_index_in_a_folder_shared_with_other_users_opens_without_touching_their_files(
+        synth_corpus, tmp_path, monkeypatch):
+    """Another user's ``.source`` (0644) cannot be touched, nor their unused index removed where the folder is not
+    ours to write: both are bookkeeping of the one-week eviction, and the run goes on (it stopped every run but the
+    owner's). Where the folder lets us, the ``.source`` is written again, so that it still says the index is used."""
+    import os
+    import time
+
+    import common.data.manifest_index as manifest_index
+    from common.data.manifest_index import ManifestIndex
+
+    train = synth_corpus / "synth_train.jsonl.gz"
+    folder = tmp_path / "index"
+    expected = [c.id for c in ManifestIndex([train], folder)]
+    (source,) = folder.glob("*.source")
+    os.utime(source, (time.time() - 3 * 86400,) * 2)
+
+    def not_permitted(path, *args, **kw):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(manifest_index.os, "utime", not_permitted)
+    assert [c.id for c in ManifestIndex([train], folder)] == expected
+    assert time.time() - source.stat().st_mtime < 60  # written again: the folder is ours to write
+    monkeypatch.undo()
+    os.utime(source, (time.time() - 3 * 86400,) * 2)
+    monkeypatch.setattr(manifest_index.os, "utime", not_permitted)
+    real_path = manifest_index.atomic_path
+    monkeypatch.setattr(manifest_index, "atomic_path", lambda path, *a, **kw: (
+        not_permitted(path) if path.suffix == ".source" else real_path(path, *a, **kw)))
+    assert [c.id for c in ManifestIndex([train], folder)] == expected  # nor that: left as it is
+    assert time.time() - source.stat().st_mtime > 2 * 86400
+    # an earlier version unused for a week, in a folder we may not remove from: left to its owner
+    monkeypatch.undo()
+    copy = tmp_path / "train.jsonl.gz"
+    CutSet.from_cuts(list(CutSet.from_file(train))[:3]).to_file(copy)
+    ManifestIndex([copy], folder)
+    (old,) = folder.glob("train-*.source")
+    os.utime(old, (time.time() - manifest_index.UNUSED_SECONDS - 60,) * 2)
+    CutSet.from_cuts(list(CutSet.from_file(train))[:4]).to_file(copy)
+    real_unlink = manifest_index.Path.unlink
+    monkeypatch.setattr(manifest_index.Path, "unlink", lambda self, *a, **kw: (
+        not_permitted(self) if self.parent == folder else real_unlink(self, *a, **kw)))
+    assert len(ManifestIndex([copy], folder)) == 4
+    monkeypatch.undo()
+    assert len(list(folder.glob("train-*.jsonl"))) == 2  # the earlier copy stays
+
+
+def test_an_index_read_for_weeks_is_not_taken_for_unused(synth_corpus, tmp_path, monkeypatch):
+    """The one-week eviction of an earlier version's index reads when its ``.source`` was touched: a run that keeps
+    reading its clips touches it (every hour), so an index a run has read for over a week without reopening it is
+    not removed when the manifest is prepared again and the new version opened (it was, under the run)."""
+    import os
+    import time
+
+    import common.data.manifest_index as manifest_index
+    from common.data.manifest_index import ManifestIndex
+
+    copy, folder = tmp_path / "train.jsonl.gz", tmp_path / "index"
+    clips = list(CutSet.from_file(synth_corpus / "synth_train.jsonl.gz"))
+    CutSet.from_cuts(clips[:5]).to_file(copy)
+    running = ManifestIndex([copy], folder)  # a run that opened it eight days ago and reads it since
+    (source,) = folder.glob("train-*.source")
+    os.utime(source, (time.time() - manifest_index.UNUSED_SECONDS - 86400,) * 2)
+    now = time.monotonic()
+    monkeypatch.setattr(manifest_index.time, "monotonic", lambda: now + manifest_index.TOUCH_SECONDS + 1)
+    assert running[3].id == clips[3].id
+    assert time.time() - source.stat().st_mtime < 60
+    monkeypatch.undo()
+    assert running[4].id == clips[4].id  # touched once an hour, not at every clip
+    CutSet.from_cuts(clips[:6]).to_file(copy)  # prepared again; another run opens the new version
+    assert len(ManifestIndex([copy], folder)) == 6
+    assert source.is_file() and len(list(folder.glob("train-*.jsonl"))) == 2
+    assert [running[i].id for i in range(5)] == [c.id for c in clips[:5]]

@@ -386,6 +386,37 @@ def test_the_probes_C_is_chosen_without_the_scored_split(monkeypatch):
         linear_probe.ProbeRecipe(C=[1.0, 0.0])
 
 
+def test_a_probe_removes_the_temporaries_that_probes_killed_while_writing_features_left(tmp_path, synth_corpus,
+                                                                                        monkeypatch):
+    """A probe killed in the middle of writing its features leaves a temporary as large as them: the next probe with
+    that cache removes it once nothing has written it for an hour (a probe writing meanwhile keeps its own)."""
+    import os
+    import time
+
+    from common.models.ast.encoder import ASTEncoder, EncoderConfig
+    from common.models.exports import save_encoder
+    from finetune import linear_probe
+
+    encoder = ASTEncoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, input_tdim=64, fstride=10, tstride=10))
+    save_encoder(encoder, tmp_path / "e.safetensors")
+    (tmp_path / "t.yaml").write_text(
+        f"name: t\ntrain: [{synth_corpus}/synth_train.jsonl.gz]\nvalid: [{synth_corpus}/synth_valid.jsonl.gz]\n"
+        f"classes: {synth_corpus}/synth_classes.json\ntarget_frames: 64\nnorm: audioset\nmetric: acc\nloss: ce\n")
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(linear_probe, "extract_features", lambda *a, **kw: (  # 24 clips, one of 12 classes each
+        rng.standard_normal((24, 4)), np.eye(12, dtype=np.float32)[np.arange(24) % 12]))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    killed, writing = cache / ".fa1bb6a3d19d2af4.npz.7f1248e4.tmp", cache / ".0123456789abcdef.npz.0a1b2c3d.tmp"
+    for path in (killed, writing):
+        path.write_bytes(b"part of the features")
+    os.utime(killed, (time.time() - linear_probe.STALE_SECONDS - 60,) * 2)
+    recipe = linear_probe.ProbeRecipe(tasks=[str(tmp_path / "t.yaml")], num_workers=0, cache_dir=str(cache))
+    linear_probe.probe_task(str(tmp_path / "e.safetensors"), str(tmp_path / "t.yaml"), recipe, torch.device("cpu"))
+    assert not killed.exists() and writing.exists()
+    assert len(list(cache.glob("*.npz"))) == 2  # train and test features cached
+
+
 @pytest.mark.slow
 def test_probe_task_esc50_is_the_mean_over_folds(tmp_path, monkeypatch):
     from common.models.ast.encoder import ASTEncoder, EncoderConfig

@@ -63,7 +63,8 @@ def _build_parser() -> argparse.ArgumentParser:
                           description="Export a manifest with its audio as Lhotse Shar shards, for sets of "
                                       "millions of clips; recipes then name the Shar folder instead of the manifest.")
     shar.add_argument("manifest", type=Path, help="a Lhotse manifest (.jsonl.gz)")
-    shar.add_argument("--out", type=Path, required=True, help="folder for the shards (cuts.*.jsonl.gz, recording.*.tar)")
+    shar.add_argument("--out", type=Path, required=True,
+                      help="folder for the shards (cuts.*.jsonl.gz, recording.*.tar)")
     shar.add_argument("--shard-size", type=_count, default=1000, help="clips per shard (default 1000)")
     shar.add_argument("--jobs", type=_count, default=2, help="processes writing shards (default 2)")
     return parser
@@ -96,9 +97,12 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{name:<16} {get_corpus(name).DESCRIPTION}")
         return 0
     if args.command == "prepare":
+        from common.data.corpora.base import prepare_lock
+
         module = get_corpus(args.corpus)
         options = {k: v for k, v in vars(args).items() if k not in ("command", "corpus", "src", "out", "jobs")}
-        report = module.prepare(args.src, args.out, num_jobs=args.jobs, **options)
+        with prepare_lock(args.out):  # one prepare per --out: a second one stops at once, naming this one
+            report = module.prepare(args.src, args.out, num_jobs=args.jobs, **options)
         print(report.summary())
         for split, path in sorted(report.manifests.items()):
             print(f"  {split:<12} {path}")

@@ -9,6 +9,12 @@ A prepared corpus ``NAME`` in ``OUT`` is:
   the target vector is its position in ``classes``.
 - ``OUT/NAME_prepare.json``: what was written, and every missing or unreadable file with the reason.
 
+Every file is written under a temporary name of its own and renamed into place when complete
+(``common.system.atomic``), so a reader sees an earlier file or the new one, and a prepare killed part-way leaves
+its temporaries (removed by a later prepare into ``OUT`` once nothing has written them for an hour). The command
+(``c2f-corpora prepare``) holds ``OUT/prepare.lock`` while it runs (:func:`prepare_lock`): a second prepare into
+the same ``OUT`` stops at once naming the first, rather than wait and write the same files again.
+
 A clip listed twice is written once, its first listing kept (:func:`unique_entries`; one listed again with another
 split, labels or file is named in the report's ``conflicts``).
 
@@ -25,28 +31,38 @@ of ``(seed, clip id)``, the same on every run and whatever order the preparer li
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
+import logging
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from lhotse import CutSet, MonoCut, Recording
+from lhotse import MonoCut, Recording
 
 from common.data.integrity import decoder_reason, truncation
 from common.data.lhotse_safety import no_shell
+from common.system.atomic import atomic_path, atomic_write_text, remove_orphans
 from common.system.disk import output_folder
+from common.system.lock import run_dir_lock
 from common.system.logger import progress
 
 no_shell()  # Lhotse's audio backends and file opener without a shell (common.data.lhotse_safety)
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ClipEntry",
     "PrepareReport",
     "write_corpus",
+    "manifest_writer",
+    "prepare_lock",
     "manifest_path",
     "classes_path",
     "read_classes",
@@ -255,6 +271,44 @@ def _ordered_map(fn, items: Iterable, num_jobs: int) -> Iterator:
         yield from pool.map(fn, items, chunksize=64)
 
 
+STALE_SECONDS = 3600  # a temporary manifest nothing has written for this long is a killed prepare's
+PREPARE_LOCK = "prepare.lock"
+
+
+@contextmanager
+def prepare_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``OUT/prepare.lock`` (created, with ``OUT``) while the block runs; yields ``OUT``.
+
+    Two prepares into one folder would write the same manifests, the report of one beside the manifests of the
+    other; the second is refused at once rather than made to wait, since it would only prepare the same files
+    again (a job array that prepares its data "if needed" prepares it once, before the array).
+
+    Raises:
+        RunDirBusy: another process holds it (a ``RuntimeError``); the message names that process.
+    """
+    made = not os.path.lexists(out_dir)
+    out = output_folder(out_dir)
+    with run_dir_lock(out, "--out", name=PREPARE_LOCK, what="prepare",
+                      advice="wait for it to end (it writes the same manifests)"):
+        try:
+            yield out
+        except BaseException:  # refused before writing (a bad CSV, a missing folder): no folder left behind
+            if made and [p.name for p in out.iterdir()] == [PREPARE_LOCK]:
+                (out / PREPARE_LOCK).unlink()
+                out.rmdir()
+            raise
+
+
+@contextmanager
+def manifest_writer(path: Path) -> Iterator[Callable[[object], None]]:
+    """Yield a function that writes one cut into manifest ``path`` (``.jsonl.gz``, as Lhotse's writer writes it);
+    the manifest appears, complete, when the block ends without an error (none is published otherwise)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw, \
+            gzip.GzipFile(filename=path.name, mode="wb", fileobj=raw) as packed, \
+            io.TextIOWrapper(packed, encoding="utf-8") as handle:  # the header names the manifest, not the tmp
+        yield lambda cut: handle.write(json.dumps(cut.to_dict(), ensure_ascii=False) + "\n")
+
+
 def write_corpus(
     corpus: str,
     entries: Iterable[ClipEntry],
@@ -284,14 +338,16 @@ def write_corpus(
     if shuffle_seed is not None:
         entries = sorted(entries, key=lambda e: shuffled_order(e.cut_id, shuffle_seed))
     out = output_folder(out_dir)
+    for tmp in remove_orphans(out, older_than=STALE_SECONDS, recursive=False):
+        log.info("removed %s, left by a prepare that did not finish", tmp)
     report = PrepareReport(corpus=corpus, out_dir=out, notes=list(notes or []), conflicts=conflicts)
     if repeated:
         report.notes.append(f"{repeated} clips listed twice alike: kept once")
     known = set(classes or ())
-    writers: dict = {}  # split -> (open writer, temporary path, final path)
+    writers: dict = {}  # split -> the function writing a cut into its manifest
     reported: set[str] = set()  # files already counted missing or unreadable
     bar = progress(len(entries), 0, f"{corpus}: reading audio headers", True, unit="clip")
-    try:
+    with ExitStack() as manifests, bar:  # a manifest appears only when complete, and none after an error
         for entry, cut, problem in _ordered_map(lambda e: _read_cut(e, corpus), entries, num_jobs):
             bar.update(1)
             if classes is not None:
@@ -307,27 +363,15 @@ def write_corpus(
                         report.unreadable.append((str(entry.path), problem))
                 continue
             if entry.split not in writers:
-                path = manifest_path(out, corpus, entry.split)
-                tmp = path.with_name(f".{path.name}.tmp.jsonl.gz")
-                writers[entry.split] = (CutSet.open_writer(tmp), tmp, path)
-                writers[entry.split][0].__enter__()
-            writers[entry.split][0].write(cut)
+                writers[entry.split] = manifests.enter_context(manifest_writer(manifest_path(out, corpus,
+                                                                                             entry.split)))
+            writers[entry.split](cut)
             report.clips[entry.split] += 1
-    except BaseException:
-        for writer, tmp, _ in writers.values():
-            writer.__exit__(None, None, None)
-            tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        bar.close()
-    for split, (writer, tmp, path) in writers.items():
-        writer.__exit__(None, None, None)
-        os.replace(tmp, path)  # a manifest appears only when complete
-        report.manifests[split] = path
+    for split in writers:
+        report.manifests[split] = manifest_path(out, corpus, split)
     if classes is not None:
         report.classes = len(classes)
-        classes_path(out, corpus).write_text(
-            json.dumps({"classes": list(classes), "names": dict(names or {})}, indent=1)
-        )
-    (out / f"{corpus}_prepare.json").write_text(json.dumps(report.to_dict(), indent=1))
+        atomic_write_text(classes_path(out, corpus),
+                          json.dumps({"classes": list(classes), "names": dict(names or {})}, indent=1))
+    atomic_write_text(out / f"{corpus}_prepare.json", json.dumps(report.to_dict(), indent=1))
     return report  # its summary() is the command's to say (it was said twice: logged here and printed there)

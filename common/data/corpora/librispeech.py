@@ -18,13 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from lhotse import CutSet
 
-from common.data.corpora.base import ClipEntry, PrepareReport, manifest_path, require_dir, shuffled_order, write_corpus
+from common.data.corpora.base import (
+    ClipEntry,
+    PrepareReport,
+    manifest_path,
+    manifest_writer,
+    require_dir,
+    shuffled_order,
+    write_corpus,
+)
+from common.system.atomic import atomic_write_text
 
 NAME = "librispeech"
 DESCRIPTION = "LibriSpeech (unlabeled, for pretraining): <part>/<spk>/<chapter>/*.flac + *.trans.txt"
@@ -57,17 +65,15 @@ def _combine(report: PrepareReport, parts: list[str]) -> None:
     """Merge the written manifests of ``parts`` into ``librispeech_train960`` (no header is re-read), in
     the shuffled order of every manifest (``shuffled_order``), not part after part."""
     path = manifest_path(report.out_dir, NAME, COMBINED)
-    tmp = path.with_name(f".{path.name}.tmp.jsonl.gz")
     cuts = sorted((cut for part in parts for cut in CutSet.from_file(report.manifests[part])),
                   key=lambda cut: shuffled_order(cut.id))
     count = len(cuts)
-    with CutSet.open_writer(tmp) as writer:
+    with manifest_writer(path) as write:  # appears when complete
         for cut in cuts:
-            writer.write(cut.with_custom("split", COMBINED))
-    os.replace(tmp, path)
+            write(cut.with_custom("split", COMBINED))
     report.manifests[COMBINED] = path
     report.notes.append(f"{COMBINED}: {count} clips of {', '.join(parts)} (also in their own manifests)")
-    (report.out_dir / f"{NAME}_prepare.json").write_text(json.dumps(report.to_dict(), indent=1))
+    atomic_write_text(report.out_dir / f"{NAME}_prepare.json", json.dumps(report.to_dict(), indent=1))
 
 
 def prepare(src: Path, out: Path, num_jobs: int = 4, parts: Sequence[str] | None = None,

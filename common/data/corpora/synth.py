@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 import soundfile as sf
 
-from common.data.corpora.base import ClipEntry, PrepareReport, write_corpus
+from common.data.corpora.base import STALE_SECONDS, ClipEntry, PrepareReport, write_corpus
+from common.system.atomic import atomic_path, remove_orphans
 from common.system.disk import output_folder
 from common.system.prog import whole_number
 
@@ -171,6 +172,8 @@ def prepare(src: Path | None, out: Path, num_jobs: int = 4, seed: int = 0, size:
     if size not in SIZES:
         raise ValueError(f"unknown synth size {size!r}; choose one of {sorted(SIZES)}")
     out = output_folder(out)  # a file or a dangling link named before any clip is written
+    if (out / "synth_audio").is_dir():  # files of a prepare killed part-way
+        remove_orphans(out / "synth_audio", older_than=STALE_SECONDS)
     labels = list(CLASSES)
     entries = []
     for split_index, (split, count) in enumerate(SIZES[size].items()):
@@ -180,8 +183,8 @@ def prepare(src: Path | None, out: Path, num_jobs: int = 4, seed: int = 0, size:
             rng = np.random.default_rng([seed, split_index, labels.index(label), i])
             cut_id = f"synth-{split}-{label}-{i:04d}"
             path = out / "synth_audio" / split / f"{cut_id}.flac"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            sf.write(str(path), generate_clip(label, rng), SAMPLE_RATE, subtype="PCM_16")
+            with atomic_path(path) as tmp:  # a run reading the corpus meanwhile reads the earlier file, whole
+                sf.write(str(tmp), generate_clip(label, rng), SAMPLE_RATE, subtype="PCM_16", format="FLAC")
             entries.append(ClipEntry(cut_id, path, split, () if split == "pool" else (label,)))
     return write_corpus(NAME, entries, out, classes=labels, names={c: c.replace("_", " ") for c in labels},
                         num_jobs=num_jobs)

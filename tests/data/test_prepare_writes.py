@@ -1,0 +1,123 @@
+"""What ``prepare`` publishes is written atomically under temporary names of its own, and one prepare at a time
+holds an ``--out`` folder: two prepares into one folder never publish a mix of each other's files."""
+
+import gzip
+import json
+import os
+import socket
+import time
+
+from lhotse import CutSet
+
+import common.data.corpora.base as base
+from common.data.corpora import get_corpus
+from common.data.corpora.__main__ import main
+from common.data.corpora.base import ClipEntry, prepare_lock, write_corpus
+from tests.layouts import write_clip
+
+
+def _entries(folder, count):
+    for i in range(count):
+        write_clip(folder / f"c{i}.wav", seconds=0.2, seed=i)
+    return [ClipEntry(f"c{i}", folder / f"c{i}.wav", "train", ("a",)) for i in range(count)]
+
+
+def test_a_prepare_that_starts_while_another_writes_the_same_manifests_leaves_whole_files(tmp_path, monkeypatch):
+    """A second prepare into the same folder runs from start to end while the first is half-way: each writes its
+    own temporary files (a fixed temporary name had the first die on a rename of a file the second had taken, or
+    publish a corrupt manifest), and what stays is the last one's manifest and report, whole and in agreement."""
+    out = tmp_path / "out"
+    first, second = _entries(tmp_path / "one", 6), _entries(tmp_path / "two", 4)
+    read, calls = base._read_cut, []
+
+    def interleaved(entry, corpus):
+        calls.append(entry.cut_id)
+        if len(calls) == 3:  # the first prepare is half-way through its clips
+            write_corpus("mine", second, out, classes=["a"], num_jobs=1)
+        return read(entry, corpus)
+
+    monkeypatch.setattr(base, "_read_cut", interleaved)
+    report = write_corpus("mine", first, out, classes=["a"], num_jobs=1)
+    assert report.clips["train"] == 6
+    with gzip.open(out / "mine_train.jsonl.gz", "rt") as handle:  # whole: every line, and the gzip trailer
+        assert len(handle.read().splitlines()) == 6
+    assert sorted(c.id for c in CutSet.from_file(out / "mine_train.jsonl.gz")) == [f"c{i}" for i in range(6)]
+    assert json.loads((out / "mine_prepare.json").read_text())["clips"] == {"train": 6}
+    assert json.loads((out / "mine_classes.json").read_text())["classes"] == ["a"]
+    assert sorted(p.name for p in out.iterdir()) == ["mine_classes.json", "mine_prepare.json", "mine_train.jsonl.gz"]
+
+
+def test_a_failed_prepare_publishes_nothing_and_leaves_no_temporary(tmp_path):
+    entries = _entries(tmp_path / "src", 3) + [ClipEntry("bad", tmp_path / "src" / "c0.wav", "valid", ("zzz",))]
+    try:
+        write_corpus("mine", entries, tmp_path / "out", classes=["a"], num_jobs=1, shuffle_seed=None)
+    except ValueError as err:
+        assert "not in the class list" in str(err)
+    else:
+        raise AssertionError("an unknown label was not refused")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_later_prepare_removes_the_temporaries_a_killed_one_left(tmp_path):
+    out = tmp_path / "out"
+    (out / "synth_audio" / "train").mkdir(parents=True)
+    stale = [out / ".synth_train.jsonl.gz.0a1b2c3d.tmp", out / "synth_audio" / "train" / ".x.flac.1a2b3c4d.tmp"]
+    fresh = out / ".synth_valid.jsonl.gz.4e5f6a7b.tmp"  # another writer's, still being written
+    for path in (*stale, fresh):
+        path.write_bytes(b"partial")
+    for path in stale:
+        os.utime(path, (time.time() - 2 * base.STALE_SECONDS,) * 2)
+    get_corpus("synth").prepare(None, out, size="test")
+    assert not any(p.exists() for p in stale) and fresh.exists()
+    assert len(list((out / "synth_audio").rglob("*.flac"))) == sum(1 for _ in CutSet.from_file(
+        out / "synth_train.jsonl.gz")) + sum(1 for s in ("pool", "valid", "test")
+                                             for _ in CutSet.from_file(out / f"synth_{s}.jsonl.gz"))
+
+
+def test_a_second_prepare_into_the_same_folder_is_refused_naming_the_first(tmp_path, capsys):
+    src = tmp_path / "src"
+    for label in ("a", "b"):
+        for i in range(2):
+            write_clip(src / label / f"{label}{i}.wav", seconds=0.2, seed=i)
+    out = tmp_path / "out"
+    command = ["prepare", "custom", "--src", str(src), "--out", str(out), "--name", "mine", "--jobs", "1"]
+    with prepare_lock(out):  # what a prepare that is running holds
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {out} is in use by another prepare: pid {os.getpid()} "
+                                                   f"on {socket.gethostname()}, started ")
+        assert err[0].endswith("; wait for it to end (it writes the same manifests) or use another --out")
+        assert sorted(p.name for p in out.iterdir()) == ["prepare.lock"]  # nothing written
+    assert main(command) == 0  # released at its end
+    assert (out / "mine_train.jsonl.gz").is_file() and (out / "mine_prepare.json").is_file()
+
+
+def test_a_shar_export_appears_whole_and_never_mixes_with_another(tmp_path, synth_corpus, monkeypatch, capsys):
+    """The shards are written beside ``--out`` and renamed to it when all are written; an ``--out`` that holds files
+    (an earlier export, whose shards beyond this one's count would be read as its own) is refused, and an export
+    that finds ``--out`` filled meanwhile by another keeps the other's shards."""
+    from common.data.manifests import open_cuts
+
+    manifest = synth_corpus / "synth_valid.jsonl.gz"
+    out = tmp_path / "shar"
+    assert main(["shar", str(manifest), "--out", str(out), "--shard-size", "5", "--jobs", "1"]) == 0
+    clips = sum(1 for _ in CutSet.from_file(manifest))
+    assert sorted(p.name for p in out.iterdir()) == [f"{field}.{i:06d}.{ext}" for field, ext in (
+        ("cuts", "jsonl.gz"), ("recording", "tar")) for i in range(-(-clips // 5))]
+    assert sorted(c.id for c in open_cuts([out])) == sorted(c.id for c in CutSet.from_file(manifest))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shar"]  # no temporary folder left
+    capsys.readouterr()
+    assert main(["shar", str(manifest), "--out", str(out), "--shard-size", "3", "--jobs", "1"]) == 2
+    assert f"error: --out {out} holds files already (an earlier export?)" in capsys.readouterr().err
+    other = tmp_path / "other"
+    write = CutSet.to_shar
+
+    def raced(self, folder, *args, **kw):  # another export publishes --out while this one writes
+        (other / "cuts.000000.jsonl.gz").write_bytes(b"theirs")
+        return write(self, folder, *args, **kw)
+
+    monkeypatch.setattr(CutSet, "to_shar", raced)
+    assert main(["shar", str(manifest), "--out", str(other), "--jobs", "1"]) == 2
+    assert "was filled by another export while this one ran" in capsys.readouterr().err
+    assert [p.name for p in other.iterdir()] == ["cuts.000000.jsonl.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "shar"]
