@@ -189,8 +189,10 @@ def choose_C(grid: Sequence[float], x: np.ndarray, y: np.ndarray, metric: str, m
     was chosen on)``; one value is taken as given (``({}, None)``).
 
     Chosen on ``valid`` (features and targets) where given; else over ``groups`` (each training row's fold: each
-    held out in turn, the others trained on); else by 5-fold cross-validation of ``x`` (shuffled with ``seed``).
-    Ties, and grids where no score is defined, go to the smallest ``C``."""
+    held out in turn, the others trained on); else by 5-fold cross-validation of ``x`` (shuffled with ``seed``;
+    stratified by class for a single-label task, fewer folds where a class has fewer than 5 clips). Ties, and grids
+    where no score is defined, go to the smallest ``C``. A grid of k values costs k fits per fold besides the
+    final one (about 5k + 1 fits where it is chosen by cross-validation), each on a copy of that fold's features."""
     if len(grid) == 1:
         return grid[0], {}, None
     if valid is not None:
@@ -199,14 +201,21 @@ def choose_C(grid: Sequence[float], x: np.ndarray, y: np.ndarray, metric: str, m
         splits = [(x[groups != g], y[groups != g], x[groups == g], y[groups == g]) for g in np.unique(groups)]
         on = "the other training folds"
     else:
-        from sklearn.model_selection import KFold
+        from sklearn.model_selection import KFold, StratifiedKFold
 
-        folds = KFold(n_splits=min(5, len(x)), shuffle=True, random_state=seed).split(x)
+        if len(x) < 2:
+            raise ValueError(f"{len(x)} training clip: too few to choose C by cross-validation; give one C")
+        labels = None if multilabel else y.argmax(1)
+        fewest = None if labels is None else int(np.bincount(labels)[np.unique(labels)].min())
+        folds = StratifiedKFold(n_splits=min(5, fewest), shuffle=True, random_state=seed).split(x, labels) \
+            if fewest is not None and fewest >= 2 else KFold(n_splits=min(5, len(x)), shuffle=True,
+                                                             random_state=seed).split(x)
         splits = [(x[a], y[a], x[b], y[b]) for a, b in folds]
         on = f"{len(splits)}-fold cross-validation on the training split"
     scores = {}
-    for c in sorted(grid):
-        values = [fit_and_score(*split, metric, multilabel, c, seed) for split in splits]
+    for c in sorted(grid):  # a part that trains on one class alone scores nothing (a single-label fit needs two)
+        values = [fit_and_score(*split, metric, multilabel, c, seed)
+                  if multilabel or len(np.unique(split[1].argmax(1))) > 1 else float("nan") for split in splits]
         scores[c] = float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
     best = max(sorted(grid), key=lambda c: -math.inf if math.isnan(scores[c]) else scores[c])  # first of equals
     return best, scores, on

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -278,7 +279,8 @@ def _checked_init(run_root: Path, recipe, init, restart: bool):
     folds = len(recipe.task.folds)
     runs = [run_root / f"fold{k + 1}" for k in range(folds)] if folds else [run_root]
     checked = check_init_digest(run_root, recipe.init, init, digest,
-                                [p for p in runs if run_state(p, len(recipe.phases)) == NEW])
+                                [p for p in runs if run_state(p, len(recipe.phases)) == NEW],
+                                say=os.environ.get("RANK", "0") == "0")  # before the group: the launcher's rank
     return checked, (digest if checked is init else None)
 
 
@@ -287,7 +289,7 @@ def _cross_validation(run_root: Path, folds: int, metric: str) -> dict:
     from finetune.evaluate import cross_validation_summary
 
     summary = cross_validation_summary([Ledger.read(run_root / f"fold{k + 1}").evals for k in range(folds)], metric)
-    (run_root / "cv_summary.json").write_text(jsonfile.dumps(summary, indent=1))
+    atomic_write_text(run_root / "cv_summary.json", jsonfile.dumps(summary, indent=1))
     best = summary["best"]
     log.info("%d-fold cross-validation: best mean %s %.4f (phase %d, epoch %d; folds %s)", folds, metric,
              best["mean"], best["phase"] + 1, best["epoch"], ", ".join(f"{v:.4f}" for v in best["folds"]))

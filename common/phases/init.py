@@ -301,7 +301,7 @@ def _words(digest: dict) -> str:
 
 
 def check_init_digest(run_dir: Path, init_arg: str, init: EncoderWeights, digest: dict,
-                      starting: list[Path]) -> EncoderWeights:
+                      starting: list[Path], say: bool = True) -> EncoderWeights:
     """``init``, read from ``--init init_arg`` now, for a run in ``run_dir`` that has trained: where its
     ``init.json`` records other weights (:func:`record_init`), a model that would start from the file now
     (``starting``: the folds not started yet) is refused; a run whose every model resumes from its checkpoints goes
@@ -326,9 +326,10 @@ def check_init_digest(run_dir: Path, init_arg: str, init: EncoderWeights, digest
             f"{_words(digest)}): {', '.join(p.name for p in starting)} would start from other weights than the run's "
             f"other folds. Restore the file the run started from, or start over with --restart (the earlier attempt "
             f"is moved aside) or in a new --run-dir")
-    log.warning("--init %s: %s is not the file %s started from (%s in %s; now %s): the run resumes from its "
-                "checkpoints with what it recorded of its init", init_arg, file, run_dir, _words(recorded), path,
-                _words(digest))
+    if say:  # (rank 0 of several: the same file on every rank)
+        log.warning("--init %s: %s is not the file %s started from (%s in %s; now %s): the run resumes from its "
+                    "checkpoints with what it recorded of its init", init_arg, file, run_dir, _words(recorded), path,
+                    _words(digest))
     return recorded_init(run_dir, init_arg)
 
 

@@ -128,20 +128,20 @@ def _code_words(code: dict) -> str:
     return f"{code.get('version', '?')}" + (f" (commit {code['commit'][:12]})" if code.get("commit") else "")
 
 
-def check_code(ledger: Ledger, state: TrainState, resumed: bool) -> None:
+def check_code(ledger: Ledger, state: TrainState, resumed: bool, say: bool = True) -> None:
     """Record the code that trains the run (``ledger.code``); a resumed run whose checkpoint was written by another
     version or commit of the package goes on under this one (what changed between them is not known here), said in
-    a warning and recorded as an intervention, so that its results say that the run spans two versions. A
-    checkpoint that records no code (written before it was recorded) resumes as it did: nothing is recorded."""
+    a warning (``say``: rank 0 of several) and recorded as an intervention, so that its results say that the run
+    spans two versions. A checkpoint that records no code (written before it was recorded) resumes as it did, no
+    intervention recorded (what wrote it is not known); the code is recorded from then on."""
     current = code_version()
-    if not resumed:
+    if not resumed or ledger.code is None or ledger.code == current:
         ledger.code = current
         return
-    if ledger.code is None or ledger.code == current:
-        return
-    log.warning("resuming under coarse2fine-ast %s; the run's checkpoint was written by %s: from step %d on, the run "
-                "trains with this code; recorded in ledger.json as an intervention", _code_words(current),
-                _code_words(ledger.code), state.total_steps)
+    if say:
+        log.warning("resuming under coarse2fine-ast %s; the run's checkpoint was written by %s: from step %d on, "
+                    "the run trains with this code; recorded in ledger.json as an intervention", _code_words(current),
+                    _code_words(ledger.code), state.total_steps)
     ledger.add_intervention(step=state.total_steps, phase=state.phase,
                             changes={"code": {"from": ledger.code, "to": current}})
     ledger.code = current

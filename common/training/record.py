@@ -206,7 +206,7 @@ class RunRecord:
                         _changes(self.spec.run_recipe.changes))
             self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase,
                                          changes=self.spec.run_recipe.changes)
-        check_code(self.ledger, self.state, resumed)
+        check_code(self.ledger, self.state, resumed, say=self.dist.is_main)
         check_data(self.ledger, self.spec, self.state, resumed)
         last = len(self.spec.phases) - 1
         check_evaluation(self.ledger, self.spec, self.state, self._batch_size(last), self.dist.world_size,

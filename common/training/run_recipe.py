@@ -256,9 +256,9 @@ def _stage_kept(run_dir: Path, recipe, recorded, now, world_size: int) -> bool:
     return not starts or resolve_zero_stage("auto", world_size) == recorded
 
 
-def _kind(recipe: dict) -> str:
-    """A recorded recipe's command: fine-tuning's has a task, pretraining's SSAST settings."""
-    return "fine-tuning" if "task" in recipe else "pretraining" if "ssast" in recipe else "another kind of"
+def _kind(recipe: dict) -> str | None:
+    """A recorded recipe's command: fine-tuning's has a task, pretraining's SSAST settings (None: neither)."""
+    return "fine-tuning" if "task" in recipe else "pretraining" if "ssast" in recipe else None
 
 
 def prepare_run_dir(run_dir: Path, recipe, is_main: bool, accept_changed_data: bool = False,
@@ -277,7 +277,7 @@ def prepare_run_dir(run_dir: Path, recipe, is_main: bool, accept_changed_data: b
     if path.is_file() and has_trained(Path(run_dir)):
         old = _recorded(path)
         kinds = [_kind(r) for r in (old, new)]
-        if kinds[0] != kinds[1]:  # every other key would differ too: say what the folder holds
+        if None not in kinds and kinds[0] != kinds[1]:  # every other key would differ too: say what the folder holds
             raise RecipeError(f"{run_dir} holds a {kinds[0]} run ({path}), and this command is {kinds[1]}: use a new "
                               f"--run-dir (a {kinds[0]} run's model is read with --init)")
         changed = recipe_diff(old, new, field_defaults(recipe))

@@ -4,8 +4,10 @@ holds an ``--out`` folder: two prepares into one folder never publish a mix of e
 import gzip
 import json
 import os
+import shutil
 import socket
 import time
+from pathlib import Path
 
 from lhotse import CutSet
 
@@ -86,16 +88,16 @@ def test_a_second_prepare_into_the_same_folder_is_refused_naming_the_first(tmp_p
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {out} is in use by another prepare: pid {os.getpid()} "
                                                    f"on {socket.gethostname()}, started ")
-        assert err[0].endswith("; wait for it to end (it writes the same manifests) or use another --out")
+        assert err[0].endswith("; wait for it to end or use another --out")
         assert sorted(p.name for p in out.iterdir()) == ["prepare.lock"]  # nothing written
     assert main(command) == 0  # released at its end
     assert (out / "mine_train.jsonl.gz").is_file() and (out / "mine_prepare.json").is_file()
 
 
 def test_a_shar_export_appears_whole_and_never_mixes_with_another(tmp_path, synth_corpus, monkeypatch, capsys):
-    """The shards are written beside ``--out`` and renamed to it when all are written; an ``--out`` that holds files
-    (an earlier export, whose shards beyond this one's count would be read as its own) is refused, and an export
-    that finds ``--out`` filled meanwhile by another keeps the other's shards."""
+    """The shards are written into a hidden folder inside ``--out`` and moved up when all are written; an ``--out``
+    that holds files (an earlier export, whose shards beyond this one's count would be read as its own) is refused,
+    and an export that finds ``--out`` filled meanwhile by another keeps the other's shards."""
     from common.data.manifests import open_cuts
 
     manifest = synth_corpus / "synth_valid.jsonl.gz"
@@ -121,3 +123,35 @@ def test_a_shar_export_appears_whole_and_never_mixes_with_another(tmp_path, synt
     assert "was filled by another export while this one ran" in capsys.readouterr().err
     assert [p.name for p in other.iterdir()] == ["cuts.000000.jsonl.gz"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "shar"]
+    assert [p.name for p in other.iterdir()] == ["cuts.000000.jsonl.gz"]  # no partial folder left in it either
+
+
+def test_a_shar_export_goes_to_the_disk_its_out_is_on_and_sweeps_a_killed_ones_leftovers(tmp_path, synth_corpus,
+                                                                                          monkeypatch):
+    """``--out`` a link to an empty folder on another disk (or a mount point): the shards are written there, not
+    beside the link (it failed on the rename and deleted the export); a killed export's partial folder goes at the
+    next export once nothing wrote it for an hour, and the folder the export completes holds its shards only."""
+    from common.data.manifests import open_cuts
+
+    manifest = synth_corpus / "synth_valid.jsonl.gz"
+    target = tmp_path / "big" / "shar"
+    target.mkdir(parents=True)
+    link = tmp_path / "shar"
+    link.symlink_to(target)
+    partial = target / ".partial-deadbeef"  # a killed export's
+    partial.mkdir()
+    (partial / "cuts.000000.jsonl.gz").write_bytes(b"half")
+    fresh = target / ".partial-0123abcd"  # one still writing (another export's, just started)
+    fresh.mkdir()
+    old = time.time() - 7200
+    os.utime(partial, (old, old))
+    swept = []
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: swept.append(Path(path).name) or real_rmtree(path, *a,
+                                                                                                             **k))
+    assert main(["shar", str(manifest), "--out", str(link), "--shard-size", "5", "--jobs", "1"]) == 0
+    assert swept == [partial.name, fresh.name]  # the stale one first, the other export's once this one completed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "shar"] and link.is_symlink()
+    assert all(not p.name.startswith(".") for p in target.iterdir())
+    assert any(p.name.startswith("recording.") for p in target.iterdir())
+    assert sorted(c.id for c in open_cuts([link])) == sorted(c.id for c in CutSet.from_file(manifest))

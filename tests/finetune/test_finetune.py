@@ -309,9 +309,10 @@ def test_a_custom_task_file_fine_tunes_and_probes(tmp_path, capsys):
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())[0]
     assert result["C"] in (0.001, 1.0) and sorted(result["selection"]) == ["0.001", "1.0"]
-    assert result["chosen_on"] == "5-fold cross-validation on the training split"
+    # a few training clips a class: as many folds as the rarest class has (here 2), each fold holding every class
+    assert result["chosen_on"] == "2-fold cross-validation on the training split"
     assert "C=chosen from 0.001, 1)" in printed and f"| {result['C']:g}" in printed
-    assert "drums: C chosen on 5-fold cross-validation on the training split" in printed
+    assert "drums: C chosen on 2-fold cross-validation on the training split" in printed
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 4  # the same features
 
 
@@ -882,3 +883,20 @@ def test_a_fine_tuning_run_whose_checkpoints_were_deleted_is_not_trained_again(t
     assert finetune(argv(unfinished, "--dry-run")) == 0
     assert f"{unfinished} holds a run whose checkpoints are gone; this command refuses it" in capsys.readouterr().out
     assert finetune(argv(unfinished, "--restart")) == 0 and (unfinished / "model.safetensors").is_file()
+
+
+def test_choosing_C_on_a_small_or_skewed_training_split_does_not_fail_where_one_C_works():
+    """Cross-validation folds keep every class where they can (stratified), a part that trains on one class alone
+    scores nothing instead of failing, and a single clip is refused in one line."""
+    from finetune.linear_probe import choose_C, fit_and_score
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 4))
+    y = np.eye(3)[[0, 0, 1, 1, 2, 2]]
+    assert 0 <= fit_and_score(x[:3], y[:3], x[3:], y[3:], "acc", False) <= 1
+    c, scores, on = choose_C([0.1, 1.0], x[:3], y[:3], "acc", False)  # classes 0, 0, 1: a part of one class
+    assert c in (0.1, 1.0) and on == "3-fold cross-validation on the training split"
+    c, scores, on = choose_C([0.1, 1.0], x, y, "acc", False)  # two clips a class: two stratified folds
+    assert on == "2-fold cross-validation on the training split" and not any(np.isnan(list(scores.values())))
+    with pytest.raises(ValueError, match="1 training clip: too few to choose C by cross-validation; give one C"):
+        choose_C([0.1, 1.0], x[:1], y[:1], "acc", False)

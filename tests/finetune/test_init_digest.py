@@ -77,6 +77,10 @@ def test_a_changed_init_is_refused_where_a_model_would_start_from_it(tmp_path, c
         kept = check_init_digest(tmp_path, str(init_path), init, changed, [])
     assert kept.meta["recorded"] == str(tmp_path / INIT_RECORD) and kept.state == {}
     assert any("resumes from its checkpoints with what it recorded" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # another rank of the launch: the same decision, said by rank 0
+        assert check_init_digest(tmp_path, str(init_path), init, changed, [], say=False).meta["recorded"]
+    assert caplog.records == []
 
     # a record written before the digest was: accepted, as it always was; another --init's record: not compared
     record = json.loads((tmp_path / INIT_RECORD).read_text())

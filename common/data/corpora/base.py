@@ -289,7 +289,7 @@ def prepare_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
     made = not os.path.lexists(out_dir)
     out = output_folder(out_dir)
     with run_dir_lock(out, "--out", name=PREPARE_LOCK, what="prepare",
-                      advice="wait for it to end (it writes the same manifests)"):
+                      advice="wait for it to end"):
         try:
             yield out
         except BaseException:  # refused before writing (a bad CSV, a missing folder): no folder left behind

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-import errno
+import logging
 import os
 import secrets
 import shutil
+import time
 from pathlib import Path
 
 from common.data.manifests import open_cuts
 from common.system.disk import output_folder
 
 __all__ = ["export_shar"]
+
+log = logging.getLogger(__name__)
+
+PARTIAL = ".partial-"  # an export in progress, inside its --out
+STALE_SECONDS = 3600  # a partial export nothing wrote for this long was killed
 
 
 def export_shar(manifest: str | Path, out_dir: str | Path, shard_size: int = 1000, num_jobs: int = 2) -> str:
@@ -22,33 +28,49 @@ def export_shar(manifest: str | Path, out_dir: str | Path, shard_size: int = 100
     writes the cuts): ``data.channels: mean`` (HTS-AT's default) has nothing to mix down there, so mix a
     multi-channel corpus down before (``ffmpeg -ac 1``) where the mean matters.
 
-    The shards are written into a temporary folder beside ``out_dir`` (``.NAME.XXXXXXXX.tmp``), renamed to
-    ``out_dir`` when all are written: a reader never sees part of an export, and two exports never mix their
-    shards. ``out_dir`` must not hold files (an earlier export's shards beyond this one's count would be read
-    as part of it).
+    The shards are written into a hidden folder inside ``out_dir`` (``.partial-XXXXXXXX``: on the disk ``--out`` is
+    on, a link's target or a mount), then moved up into ``out_dir`` when all are written, the cuts last: a reader
+    never finds part of an export's cuts, and two exports never mix their shards. ``out_dir`` must not hold files
+    (an earlier export's shards beyond this one's count would be read as part of it). A partial folder is no Shar
+    shard (Lhotse's reader would take it for one): a killed export's is removed by the next export into ``out_dir``
+    once nothing has written it for an hour, and an export that completes removes every other (a concurrent
+    export's, refused at its end anyway).
 
     Raises:
-        ValueError: ``out_dir`` holds files, or another export published it meanwhile.
+        ValueError: ``out_dir`` holds files, or another export published its shards there meanwhile.
     """
     out_dir = output_folder(out_dir)
-    if any(out_dir.iterdir()):
+    for stale in out_dir.glob(f"{PARTIAL}*"):  # a killed export's: nothing wrote it for an hour
+        if stale.is_dir() and time.time() - stale.stat().st_mtime > STALE_SECONDS:
+            log.warning("removing %s, left by an export that did not finish", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    if _shards(out_dir):
         raise ValueError(f"--out {out_dir} holds files already (an earlier export?); a Shar folder holds one "
                          f"export's shards only: remove it or name a new folder")
     cuts = open_cuts([manifest])
-    tmp = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(4)}.tmp"
+    tmp = out_dir / f"{PARTIAL}{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
         shards = cuts.to_shar(tmp, fields={"recording": "flac"}, shard_size=shard_size, num_jobs=num_jobs,
                               fault_tolerant=True)
-        try:
-            os.rename(tmp, out_dir)  # onto the empty folder, in one step
-        except OSError as err:
-            if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise ValueError(f"--out {out_dir} was filled by another export while this one ran; its shards "
-                                 f"are kept, this export's are discarded") from None
-            raise
+        if _shards(out_dir):
+            raise ValueError(f"--out {out_dir} was filled by another export while this one ran; its shards are "
+                             f"kept, this export's are discarded")
+        for shard in sorted(tmp.iterdir()):  # the cuts last: a reader that looks meanwhile finds no cuts yet
+            if not shard.name.startswith("cuts."):
+                os.rename(shard, out_dir / shard.name)
+        for shard in sorted(tmp.iterdir()):
+            os.rename(shard, out_dir / shard.name)
+        tmp.rmdir()
+        for other in out_dir.glob(f"{PARTIAL}*"):  # a Shar folder holds its shards only
+            shutil.rmtree(other, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     count = len(shards.get("cuts", []))
     return f"wrote {count} shard(s) of up to {shard_size} clips to {out_dir}"
+
+
+def _shards(folder: Path) -> list[Path]:
+    """What ``folder`` holds besides hidden entries (partial exports)."""
+    return [p for p in folder.iterdir() if not p.name.startswith(".")]
