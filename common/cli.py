@@ -21,7 +21,7 @@ from common.data.bad_audio import TooMuchBadAudio
 from common.data.workers import describe_worker_failure
 from common.system.atomic import remove_orphans
 from common.system.cpu import keep_freed_memory, loader_workers, set_cpu_threads
-from common.system.disk import describe_os_error
+from common.system.disk import describe_os_error, human_size
 from common.system.distributed import init_distributed
 from common.system.lock import LOCK_FILE, RunDirBusy, job_lock
 from common.system.logger import detach_run_logs, log_traceback, setup_logging
@@ -106,11 +106,19 @@ def discard_previous(run_dir: Path) -> Path | None:
         if run_dir.is_dir() else []
     if not leftovers:
         return None
-    target = run_dir / time.strftime("discarded-%Y%m%d-%H%M%S")
+    stamp = time.strftime("discarded-%Y%m%d-%H%M%S")
+    target, n = run_dir / stamp, 1
+    while target.exists():  # two restarts in one second
+        n += 1
+        target = run_dir / f"{stamp}-{n}"
     target.mkdir()
     for path in leftovers:
         path.rename(target / path.name)
-    log.warning("--restart: moved the earlier attempt's %s into %s", ", ".join(p.name for p in leftovers), target)
+    kept = sorted(run_dir.glob("discarded-*"))  # nothing deletes them: a requeue loop that restarts fills the disk
+    size = sum(f.stat().st_size for d in kept for f in d.rglob("*") if f.is_file() and not f.is_symlink())
+    log.warning("--restart: moved the earlier attempt's %s into %s; %s holds %d discarded attempt(s), %s in all: "
+                "delete those no longer needed", ", ".join(p.name for p in leftovers), target, run_dir, len(kept),
+                human_size(size))
     return target
 
 

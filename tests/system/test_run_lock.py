@@ -81,6 +81,23 @@ def test_restart_leaves_the_lock_in_place(tmp_path):
         assert not (target / LOCK_FILE).exists()
 
 
+def test_each_restart_keeps_its_attempt_apart_and_says_what_the_discarded_attempts_hold(tmp_path, caplog):
+    """Nothing deletes a discarded attempt (a requeue loop that always restarts fills the disk): each restart says
+    how many the run directory holds and their size; two restarts in one second keep both attempts."""
+    import logging
+
+    targets = []
+    for attempt in range(2):
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "weights").write_bytes(bytes(6000 * (attempt + 1)))
+        with caplog.at_level(logging.WARNING):
+            targets.append(discard_previous(tmp_path))
+    assert targets[0] != targets[1] and all((t / "checkpoints" / "weights").is_file() for t in targets)
+    said = [r.getMessage() for r in caplog.records]
+    assert f"{tmp_path} holds 1 discarded attempt(s), 6000 bytes in all: delete those no longer needed" in said[0]
+    assert f"{tmp_path} holds 2 discarded attempt(s), 17.6 KiB in all" in said[1]
+
+
 def args(run_dir: Path, corpus: Path, *extra: str, steps=(3, 3)) -> list[str]:
     return ["--recipe", str(RECIPE), "--run-dir", str(run_dir), *tiny(corpus, *extra, steps=steps)]
 
