@@ -289,7 +289,11 @@ class ManifestIndex:
             if part is None:
                 records = (json.loads(lines[a:b]) for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()))
                 part = [tuple((r.get("custom") or {}).get("labels", [])) for r in records]
-                _write_labels(cache, part)
+                try:
+                    _write_labels(cache, part)
+                except OSError as err:  # only a cache: another user's folder, a full disk; read again next time
+                    log.warning("could not cache the labels in %s (%s); they are read from the manifest again at "
+                                "each start", cache, err.strerror or err)
             rows += [tuple(shared.setdefault(label, label) for label in row) for row in part]
         return rows
 

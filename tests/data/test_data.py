@@ -705,6 +705,29 @@ def test_a_file_that_is_no_manifest_by_its_name_is_named_so(tmp_path):
         open_cuts([tmp_path / "README.md"])
 
 
+def test_labels_that_cannot_be_cached_are_read_from_the_manifest(synth_corpus, tmp_path, monkeypatch, caplog):
+    """The labels cache is only a cache: in an index folder we may not write (another user's), or on a full disk,
+    the labels are read from the manifest, with a warning naming the file (it stopped the run)."""
+    import logging
+
+    import common.data.manifest_index as manifest_index
+    from common.data.manifest_index import ManifestIndex
+
+    train = synth_corpus / "synth_train.jsonl.gz"
+    expected = [tuple(c.custom["labels"]) for c in CutSet.from_file(train)]
+    index = ManifestIndex([train], tmp_path / "index")
+
+    def refused(path, *args, **kw):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(manifest_index, "_write_labels", refused)
+    with caplog.at_level(logging.WARNING):
+        assert index.labels() == expected
+    assert any("could not cache the labels in" in r.getMessage() and "Permission denied" in r.getMessage()
+               for r in caplog.records)
+    assert not list((tmp_path / "index").glob("*.labels.npz"))
+
+
 def test_a_manifest_index_in_a_folder_shared_with_other_users_opens_without_touching_their_files(
         synth_corpus, tmp_path, monkeypatch):
     """Another user's ``.source`` (0644) cannot be touched, nor their unused index removed where the folder is not
