@@ -150,9 +150,11 @@ def differences(baseline: dict, score: str, valid: dict | None, evaluation: dict
     if theirs is None and strict and mine is not None:
         out.append("its ledger does not record its validation manifests (a run from before they were recorded)")
     elif theirs is not None and mine is not None and theirs != mine:
-        paths, own = ", ".join(sorted(baseline["data"]["valid"])), ", ".join(sorted(valid["valid"]))
-        out.append(f"other validation manifests: the baseline's ({paths}; sha256 {', '.join(s[:12] for s in theirs)}) "
-                   f"are not this run's ({own}; sha256 {', '.join(s[:12] for s in mine)})")
+        def listed(side: dict) -> str:  # each manifest with its own hash
+            return "; ".join(f"{path} sha256 {(v.get(key) or '?')[:12]}" for path, v in sorted(side["valid"].items()))
+
+        out.append(f"other validation manifests: the baseline's ({listed(baseline['data'])}) are not this run's "
+                   f"({listed(valid)})")
     recorded = baseline.get("evaluation")
     if recorded is None and strict and evaluation is not None:
         out.append("its ledger does not record its evaluation settings (a run from before they were recorded)")

@@ -63,8 +63,8 @@ def test_a_missing_or_broken_ledger_is_named(tmp_path):
      "not finished: .*; phase 1 of its ledger has not ended \\(2 epochs, 6 steps\\)"),
     ({"score": "mAP"}, "metric mAP \\(baseline\\) vs acc \\(this run\\)"),
     ({"data": {"train": {}, "valid": {"/other/valid.jsonl.gz": {"sha256": "cd" * 32, "bytes": 10}}}},
-     "other validation manifests: the baseline's \\(/other/valid.jsonl.gz; sha256 cdcdcdcdcdcd\\) are not this "
-     "run's \\(/d/valid.jsonl.gz; sha256 abababababab\\)"),
+     "other validation manifests: the baseline's \\(/other/valid.jsonl.gz sha256 cdcdcdcdcdcd\\) are not this "
+     "run's \\(/d/valid.jsonl.gz sha256 abababababab\\)"),
     ({"data": None}, "its ledger does not record its validation manifests"),
     ({"evaluation": {**SETTINGS, "eval_batches": 2}}, "train.eval_batches 2 \\(baseline\\) vs None \\(this run\\)"),
     ({"evaluation": {**SETTINGS, "eval_crop": "center"}}, "data.eval_crop center \\(baseline\\) vs start"),
@@ -144,3 +144,16 @@ def test_a_run_that_resumes_with_its_target_needs_no_baseline(tmp_path):
     with pytest.raises(FileNotFoundError, match="no ledger at .*gone"):
         precheck(str(tmp_path / "gone"), "acc", tmp_path / "fresh", [], SETTINGS)
     assert recorded_target(tmp_path / "fresh") is None
+
+
+def test_several_validation_manifests_are_named_each_with_its_own_hash():
+    from common.phases.baseline import differences
+
+    def side(pairs):
+        return {"train": {}, "valid": {path: {"sha256": sha * 32, "bytes": 10} for path, sha in pairs}}
+
+    base = {"score": "acc", "data": side([("/d/a.jsonl.gz", "ff"), ("/d/b.jsonl.gz", "00")])}
+    said = differences(base, "acc", side([("/d/a.jsonl.gz", "ff"), ("/d/b.jsonl.gz", "11")]), None)
+    assert said == ["other validation manifests: the baseline's (/d/a.jsonl.gz sha256 ffffffffffff; /d/b.jsonl.gz "
+                    "sha256 000000000000) are not this run's (/d/a.jsonl.gz sha256 ffffffffffff; /d/b.jsonl.gz sha256 "
+                    "111111111111)"]
