@@ -401,12 +401,13 @@ def main(argv: list[str] | None = None) -> int:
         grid = recipe.grid
         print(f"linear probe of {args.init} (layer {layer}, {'/'.join(pools)} pooling, C="
               + (f"{grid[0]:g})" if len(grid) == 1 else f"chosen from {', '.join(f'{c:g}' for c in grid)})"))
-        print(f"| {'task':<16} | {'metric':<6} | {'value':>7} |" + (f" {'C':<16} |" if len(grid) > 1 else ""))
-        print(f"|{'-' * 18}|{'-' * 8}|{'-' * 9}|" + (f"{'-' * 18}|" if len(grid) > 1 else ""))
-        for r in results:
-            chosen = ", ".join(f"{c:g}" for c in (r["C"] if isinstance(r["C"], list) else [r["C"]]))
+        chosen = [", ".join(f"{c:g}" for c in (r["C"] if isinstance(r["C"], list) else [r["C"]])) for r in results]
+        wide = max([16, *map(len, chosen)])  # ESC-50: one C per fold
+        print(f"| {'task':<16} | {'metric':<6} | {'value':>7} |" + (f" {'C':<{wide}} |" if len(grid) > 1 else ""))
+        print(f"|{'-' * 18}|{'-' * 8}|{'-' * 9}|" + (f"{'-' * (wide + 2)}|" if len(grid) > 1 else ""))
+        for r, c in zip(results, chosen):
             print(f"| {r['task']:<16} | {r['metric']:<6} | {100 * r['value']:>7.2f} |"
-                  + (f" {chosen:<16} |" if len(grid) > 1 else ""))
+                  + (f" {c:<{wide}} |" if len(grid) > 1 else ""))
         for r in results if len(grid) > 1 else ():
             print(f"{r['task']}: C chosen on {r['chosen_on']}" + (" of each fold" if "folds" in r else ""))
         if args.out:
