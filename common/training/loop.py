@@ -426,4 +426,4 @@ class Trainer(PhaseMachinery):
     def _log_window(self, engine, index: int, window: LogWindow, bar) -> None:
         self._check_finite(index)
         self.tracker.check(whole=False)  # every rank's bad clips so far, judged together (collective)
-        self.record.log_window(index, window, engine.lr_scheduler.get_last_lr()[0], bar)
+        self.record.log_window(index, window, engine.lr_scheduler.used_lr(), bar)

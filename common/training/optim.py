@@ -137,6 +137,7 @@ class LRSchedule:
         self.best: float | None = None
         self.bad_rounds = 0
         self.rounds = 0
+        self.used: list[float] | None = None  # the learning rates of the last optimiser step
         self._apply()
 
     def lr(self) -> float:
@@ -159,8 +160,14 @@ class LRSchedule:
 
     def step(self, *args, **kwargs) -> None:
         """After an optimiser step (DeepSpeed calls this)."""
+        self.used = self.get_last_lr()
         self.steps += 1
         self._apply()
+
+    def used_lr(self) -> float:
+        """The learning rate of the last optimiser step (what a log of the steps so far shows), or the next
+        step's before the first (:meth:`get_last_lr` is the next step's: one warm-up step ahead)."""
+        return (self.used or self.get_last_lr())[0]
 
     def report(self, score: float) -> bool:
         """A validation round ended with ``score`` (higher is better); returns True if the LR decayed."""

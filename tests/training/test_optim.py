@@ -29,6 +29,15 @@ def test_linear_warmup_reaches_the_peak_and_scales_the_head_group():
     assert s.get_last_lr() == pytest.approx([1e-3, 5e-4])  # the head's lr_scale
 
 
+def test_the_used_learning_rate_is_the_last_steps_not_the_next_ones():
+    s = schedule(warmup_steps=4, schedule="constant")
+    assert s.used_lr() == pytest.approx(2.5e-4)  # before the first step: the first step's
+    s.step()
+    assert s.used_lr() == pytest.approx(2.5e-4) and s.get_last_lr()[0] == pytest.approx(5e-4)
+    s.step()
+    assert s.used_lr() == pytest.approx(5e-4)
+
+
 def test_plateau_halves_after_patience_rounds_without_improvement():
     s = schedule(warmup_steps=0, schedule="plateau", patience=2, decay=0.5)
     decays = [s.report(score) for score in (0.1, 0.2, 0.2, 0.15, 0.19, 0.3, 0.3, 0.3, 0.3)]

@@ -124,12 +124,12 @@ def test_a_run_resumed_inside_a_log_window_logs_the_same_losses(tmp_path, synth_
         for events_file in sorted((run_dir / "tb").glob("events.*")):  # one file per invocation
             events = EventAccumulator(str(events_file))
             events.Reload()
-            for tag in ("train/loss", "train/nce", "train/mse"):
+            for tag in ("train/loss", "train/nce", "train/mse", "train/lr"):
                 scalars.update({(tag, e.step): e.value for e in events.Scalars(tag)})
         return scalars
 
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    sets = ("train.log_every=2", "train.save_every=100")
+    sets = ("train.log_every=2", "train.save_every=100", "optim.lr=0.001", "optim.warmup_steps=4")
     assert run(straight, synth_corpus, *sets, steps=(5, 3)) == 0
     assert run(stopped, synth_corpus, *sets, steps=(5, 3), stop=3) == 0  # checkpointed half way through a window
     state = json.loads((stopped / "checkpoints" / "phase01-step000000003" / "trainer_state.json").read_text())
@@ -139,6 +139,9 @@ def test_a_run_resumed_inside_a_log_window_logs_the_same_losses(tmp_path, synth_
     assert ("train/loss", 4) in a and a == b  # the window of steps 3 and 4, resumed between them: bitwise
     # each phase's last, partial window is logged at the phase's end (phase 1's step 5; phase 2's step 3, total 8)
     assert sorted(step for tag, step in a if tag == "train/loss") == [2, 4, 5, 7, 8]
+    # the learning rate of each window's last step (not the next step's): the warm-up, again in phase 2
+    lrs = [a["train/lr", step] for step in (2, 4, 5, 7, 8)]
+    assert lrs == pytest.approx([0.5e-3, 1e-3, 1e-3, 0.5e-3, 0.75e-3])
     log = (straight / "train.log").read_text()
     assert "step 5 (phase1 (fshift x4)): acc=" in log and "step 3 (phase2 (full resolution)): acc=" in log
 
