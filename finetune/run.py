@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             missing.append(str(err))
             targets = [None] * len(run_dirs)
         cautions = ([mismatch] if mismatch else []) + _model_cautions(recipe, base, init, args) + \
-            _cautions(recipe, audio, world_size, args) + left_out
+            _cautions(recipe, audio, world_size, args) + run.schedule_cautions() + left_out
         if args.dry_run:
             from common.cli import resume_check
 

@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                 check()
         run = plan(recipe, world_size, baseline, memory=args.dry_run, run_dir=run_dir, checks=checks)
         unvalidated = None if recipe.data.valid else recipe.optim.unvalidated_caution()
-        cautions = [*([caution] if caution else []), *run.warmup_cautions(recipe.optim.warmup_steps),
+        cautions = [*([caution] if caution else []), *run.schedule_cautions(),
+                    *run.warmup_cautions(recipe.optim.warmup_steps),
                     *([unvalidated] if unvalidated else [])]
         if args.dry_run:
             from common.cli import resume_check

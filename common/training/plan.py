@@ -155,6 +155,25 @@ class RunPlan:
                 f"reaches the recipe's; shorten the warm-up or lengthen the phase"
                 for i, phase in enumerate(self.phases) if phase.iteration_based and warmup_steps > phase.steps]
 
+    def schedule_cautions(self) -> list[str]:
+        """What a hand-written ``phases:`` list may hold by a slip of the pen: a phase coarser than the one before
+        it (the method trains the compressed phases first; ``coarse:`` refuses such factors), and a
+        ``patch_transfer`` on a phase that is not a patch phase (the kernel moves into and out of a patch phase by
+        that phase's own ``patch_transfer``; the key elsewhere changes nothing)."""
+        out = []
+        for i, (before, phase) in enumerate(zip([None, *self.phases], self.phases)):
+            if before is not None and phase.factor > before.factor:
+                out.append(f"phases.{i} ({phase.label(i)}) is coarser than phases.{i - 1} ({before.label(i - 1)}): "
+                           f"coarse to fine trains the compressed phases first; check the order of phases")
+            if self.coarse is None and phase.compression != "patch" and phase.patch_transfer != "pi":
+                patch = [j for j in (i - 1, i + 1) if 0 <= j < len(self.phases)
+                         and self.phases[j].compression == "patch"]
+                where = (f"the transfer to and from phases.{patch[0]} is its own patch_transfer "
+                         f"({self.phases[patch[0]].patch_transfer})" if patch else "it has no patch phase beside it")
+                out.append(f"phases.{i}.patch_transfer: {phase.patch_transfer} changes nothing on a "
+                           f"{phase.compression} phase: {where}")
+        return out
+
     def saving_lines(self) -> list[str]:
         """What ``--dry-run`` says about the cost: for a derived schedule its planned FLOPs and saving (and the
         range of the saving when phases end by a criterion); for a hand-written iteration-based one its

@@ -539,6 +539,17 @@ def test_a_dry_run_lists_a_run_dir_the_run_would_refuse(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+def test_fine_tuning_plans_name_a_schedule_that_gets_coarser_but_not_a_derived_one(tmp_path, capsys):
+    reverse = "phases=[{compression: none, factor: 1, epochs: 1}, {compression: avgpool, factor: 2, epochs: 1}]"
+    assert finetune(["--init", "none", "--task", "synth", "--dry-run", "--data-root", str(tmp_path),
+                     "--set", reverse]) == 0
+    assert "warning: phases.1 (phase2 (avgpool x2)) is coarser than phases.0" in capsys.readouterr().out
+    assert finetune(["--init", "none", "--task", "synth", "--dry-run", "--data-root", str(tmp_path),
+                     "--coarse", "patch:4", "--set", "coarse.patch_transfer=bilinear"]) == 0
+    out = capsys.readouterr().out
+    assert "patch x4" in out and "coarser than" not in out and "changes nothing" not in out
+
+
 def test_every_registered_task_plans_before_its_data_exist(tmp_path, capsys):
     """--dry-run plans a registered task before its corpus is prepared, Kinetics-Sounds too, whose classes are the
     user's list (its head planned at a stated size); what a run would miss is listed."""

@@ -75,6 +75,28 @@ def test_a_phase_that_ends_inside_its_warm_up_is_named_in_the_plan(capsys):
     assert "learning-rate warm-up" not in capsys.readouterr().out
 
 
+def test_a_hand_written_schedule_that_gets_coarser_or_moves_no_patch_kernel_is_named_in_the_plan(capsys):
+    """A reversed ``phases:`` list (full resolution, then Fshift x4) trains and exports a compressed model; a
+    ``patch_transfer`` on a phase that is not a patch phase changes nothing. Both are slips of the pen the plan
+    names (``coarse:`` refuses growing factors itself); the shipped recipes say neither."""
+    recipe = str(ROOT / "recipes" / "synth_pretrain.yaml")
+    reverse = "phases=[{compression: none, factor: 1, steps: 3}, {compression: fshift, factor: 4, steps: 3}]"
+    assert main(["--recipe", recipe, "--dry-run", "--set", reverse]) == 0
+    assert "warning: phases.1 (phase2 (fshift x4)) is coarser than phases.0 (phase1 (full resolution)): coarse to " \
+           "fine trains the compressed phases first; check the order of phases" in capsys.readouterr().out
+    transfer = ("phases=[{compression: patch, factor: 4, patch_transfer: pi, steps: 3}, "
+                "{compression: none, factor: 1, patch_transfer: bilinear, steps: 3}]")
+    assert main(["--recipe", recipe, "--dry-run", "--set", transfer]) == 0
+    out = capsys.readouterr().out
+    assert "warning: phases.1.patch_transfer: bilinear changes nothing on a none phase: the transfer to and from " \
+           "phases.0 is its own patch_transfer (pi)" in out
+    assert "coarser" not in out
+    for shipped in ("synth_pretrain.yaml", "ssast_patch4_bl.yaml", "ssast_fshift4.yaml"):
+        assert main(["--recipe", str(ROOT / "recipes" / shipped), "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert "coarser than" not in out and "changes nothing" not in out
+
+
 @pytest.mark.slow
 def test_two_phase_run(tmp_path, synth_corpus):
     run_dir = tmp_path / "run"
