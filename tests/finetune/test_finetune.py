@@ -471,10 +471,10 @@ def test_probe_task_esc50_is_the_mean_over_folds(tmp_path, monkeypatch):
 def test_predict_windows_and_top_k(tmp_path, capsys):
     import soundfile as sf
 
+    from common.data.audio_file import windows
     from common.models.ast.encoder import ASTEncoder, EncoderConfig
     from finetune.classifier import Classifier, save_classifier
     from finetune.predict import main as predict
-    from finetune.predict import windows
 
     assert windows(100, 150, 50) == [0]
     assert windows(400, 150, 100) == [0, 100, 200, 250]  # the last window ends with the file

@@ -179,7 +179,7 @@ def test_a_model_validated_on_repeated_clips_is_evaluated_and_predicts_on_them(t
 
 
 def test_hop_samples_take_seconds_or_the_default_and_refuse_what_counts_no_samples():
-    from finetune.predict import hop_samples
+    from common.data.audio_file import hop_samples
 
     assert hop_samples(None, 16000, 512) == 512 and hop_samples(0.5, 16000, 512) == 8000
     assert hop_samples(1e-9, 16000, 512) == 1  # at least one sample
