@@ -51,6 +51,7 @@ from common.data.audio_file import (
 )
 from common.data.corpora.base import AUDIO_SUFFIXES
 from common.system.prog import prog, whole_number
+from finetune.inference import clip_for_export, clip_handling, predict_scores
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
@@ -112,8 +113,6 @@ def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None 
     Raises:
         AudioReadError: the file cannot be read.
     """
-    from finetune.evaluate import clip_for_export, clip_handling, predict_scores
-
     rate, clip = clip_for_export(meta)
     handling = clip_handling(meta)
     repeat = handling["pad"] == "repeat"  # a file shorter than the clip, repeated as in validation
