@@ -1,5 +1,4 @@
-"""Evaluating exported classifiers, and the cross-validation summary; as a command, a model's scores on
-labelled manifests.
+"""Evaluating exported classifiers; as a command, a model's scores on labelled manifests.
 
 An export carries its architecture and the front end it was trained with (audio settings and the
 compression of its last phase), so the features are made exactly as in training: the same clips, crop and
@@ -21,7 +20,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -32,7 +30,6 @@ from common.data.preflight import check_labels
 from common.metrics import compute_metrics
 from common.models.exports import resolve_model_file
 from common.models.hf import is_hf_directory
-from common.reports.folds import across_folds
 from common.system import jsonfile
 from common.system.distributed import Dist
 from common.system.logger import progress, setup_logging
@@ -40,7 +37,7 @@ from common.system.prog import prog, whole_number
 from finetune.classifier import load_classifier, metric_scores
 from finetune.inference import clip_for_export, clip_handling, predict_logits
 
-__all__ = ["evaluate_export", "cross_validation_summary"]
+__all__ = ["evaluate_export"]
 
 
 def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequence[str] | None = None,
@@ -81,40 +78,6 @@ def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequenc
     metrics = compute_metrics(torch.cat(targets).numpy(), torch.cat(scores).numpy())
     metrics["clips"] = sum(len(t) for t in targets)
     return metrics
-
-
-def cross_validation_summary(fold_evals: Sequence[Sequence[dict]], metric: str) -> dict:
-    """AST's ESC-50 protocol: the epoch with the best accuracy averaged over the folds, and that mean.
-
-    Only the final phase's epochs compete (the paper reports the final, full-resolution phase).
-
-    Args:
-        fold_evals: per fold, the ledger's evaluation records (``phase``, ``epoch``, ``metrics``); records
-            without an ``epoch`` (e.g. a weight average) and records of earlier phases are ignored.
-        metric: the metric to average.
-
-    Returns:
-        ``{"metric", "per_epoch": [{"phase", "epoch", "mean", "folds"}], "best": {...}}``, and ``"left_out"``
-        (``[{"phase", "epoch", "folds": [fold numbers that scored it]}]``) where some folds scored epochs the others
-        did not (a fold that stopped early, ``train.stop_when_surpassing``): only epochs every fold scored are
-        averaged.
-    """
-    if not fold_evals:
-        raise ValueError("no folds to summarise")
-    final = max((e["phase"] for evals in fold_evals for e in evals), default=0)
-    tables = [{(e["phase"], e["epoch"]): e["metrics"][metric] for e in evals if "epoch" in e and e["phase"] == final}
-              for evals in fold_evals]
-    shared, partial = across_folds(tables)
-    if not shared:
-        raise ValueError("the folds share no evaluated epoch")
-    per_epoch = [{"phase": p, "epoch": e, "folds": [t[(p, e)] for t in tables],
-                  "mean": float(np.mean([t[(p, e)] for t in tables]))} for p, e in sorted(shared)]
-    best = max(per_epoch, key=lambda row: row["mean"])
-    summary = {"metric": metric, "per_epoch": per_epoch, "best": best}
-    if partial:
-        summary["left_out"] = [{"phase": p, "epoch": e, "folds": [k + 1 for k in partial[(p, e)]]}
-                               for p, e in sorted(partial)]
-    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -285,8 +285,8 @@ def _checked_init(run_root: Path, recipe, init, restart: bool):
 
 
 def _cross_validation(run_root: Path, folds: int, metric: str) -> dict:
+    from common.reports.folds import cross_validation_summary
     from common.training.ledger import Ledger
-    from finetune.evaluate import cross_validation_summary
 
     summary = cross_validation_summary([Ledger.read(run_root / f"fold{k + 1}").evals for k in range(folds)], metric)
     atomic_write_text(run_root / "cv_summary.json", jsonfile.dumps(summary, indent=1))

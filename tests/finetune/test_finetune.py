@@ -9,7 +9,7 @@ import torch
 
 from common.data.corpora import get_corpus
 from common.metrics import accuracy, mean_average_precision
-from finetune.evaluate import cross_validation_summary
+from common.reports.folds import cross_validation_summary
 from finetune.run import main as finetune
 from finetune.tasks import TASKS, TaskConfig
 from tests.helpers import TINY, _synth_root, sets
