@@ -31,15 +31,8 @@ from common.training.batch import launch_world_size
 from common.training.checkpoint_files import NoUsableCheckpoint
 from common.training.nonfinite import NonFiniteLoss
 from common.training.out_of_memory import OutOfDeviceMemory, describe_out_of_memory
-from common.training.run_recipe import (
-    FINISHED,
-    LOST,
-    RunRecipe,
-    has_trained,
-    lost_run_message,
-    prepare_run_dir,
-    run_state,
-)
+from common.training.run_dir import FINISHED, LOST, has_trained, lost_run_message, prepare_run_dir, run_state
+from common.training.run_recipe import RunRecipe
 
 __all__ = ["add_run_arguments", "world_size_of", "discard_previous", "check_run_dir", "resume_check", "UnusableRunDir",
            "Session", "training_session", "describe_os_error", "run_main"]
@@ -146,7 +139,7 @@ def run_dir_check(run_dir: Path) -> Callable[[], None]:
 
 def resume_check(run_dir: Path, recipe, restart: bool = False) -> tuple[Callable[[], None], list[str]]:
     """For ``--dry-run`` on a run directory that holds a run: a check of what the run would refuse (a different
-    recipe: ``common.training.run_recipe.prepare_run_dir``, which writes nothing; a run, or a fold of one, that
+    recipe: ``common.training.run_dir.prepare_run_dir``, which writes nothing; a run, or a fold of one, that
     trained and is unfinished but whose checkpoints are gone: ``run_state``), and the note of what the command does
     with that run (nothing to check or say with ``--restart``, or without a run there). A finished run whose
     checkpoints were deleted is finished: the command trains nothing, as the run says."""
@@ -216,7 +209,7 @@ class Session:
 def training_session(run_dir: Path, recipe, restart: bool = False,
                      accept_changed_data: bool = False) -> Iterator[Session]:
     """Join the process group, lock ``run_dir`` (``common.system.lock``: a second run on it stops at once), log
-    into it, check its recipe (``common.training.run_recipe``); tear down.
+    into it, check its recipe (``common.training.run_dir``); tear down.
 
     Args:
         run_dir: the run directory (resumed when it holds a run of the same recipe).

@@ -58,12 +58,11 @@ import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from common.data.audio_file import AudioReadError
+from common.data.audio_file import AudioReadError, hop_samples, hop_seconds
 from common.system.prog import prog, whole_number
 from finetune.embed_inputs import Clip, clip_key, list_clips, prefetch
 from finetune.embed_store import FORMATS, EmbedSummary, ShardWriter, done_rows, write_index
 from finetune.embedder import POOLS, Embedder, load_embedder, parse_layer
-from finetune.predict import hop_samples, hop_seconds
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 

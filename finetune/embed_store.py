@@ -14,11 +14,10 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from common.data.audio_file import AudioFile, AudioReadError, Samples, pad_windows
+from common.data.audio_file import AudioFile, AudioReadError, Samples, pad_windows, windows
 from common.system.atomic import atomic_path, atomic_write_text
 from finetune.embed_inputs import Clip
 from finetune.embedder import Embedder
-from finetune.predict import windows
 
 __all__ = ["FORMATS", "INDEX_COLUMNS", "EmbedSummary", "ShardWriter", "done_rows", "read_clips", "read_index",
            "read_shard", "write_index"]

@@ -47,6 +47,7 @@ from common.models.htsat import HTSAT
 from common.models.htsat.model import unfold
 from common.models.spec import ModelSpec
 from common.phases.init import init_pos_mode, load_init, task_encoder_config
+from finetune.inference import clip_handling
 
 __all__ = ["POOLS", "EmbedOutput", "Embedder", "load_embedder", "model_digest", "parse_layer"]
 
@@ -334,8 +335,6 @@ def load_embedder(init: str | Path, *, layer: int | None = None, pool: str = "au
         info["norm"] = label
         arch = architecture_for(arch.base, audio)
     pool = arch.resolve_pool("auto", weights) if pool == "auto" and weights.arch == "ast" else pool
-    from finetune.evaluate import clip_handling  # lazy: it loads the training stack (common.cli), not for --help
-
     channels = clip_handling(meta)["channels"]  # as the model was trained (an export's record; official HTS-AT: mean)
     return Embedder(encoder, pipeline, arch.sample_rate, arch.clip_samples, layer=layer, pool=pool, frames=frames,
                     device=device, info=info, channels=channels)

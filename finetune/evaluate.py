@@ -1,5 +1,4 @@
-"""Evaluating exported classifiers, and the cross-validation summary; as a command, a model's scores on
-labelled manifests.
+"""Evaluating exported classifiers; as a command, a model's scores on labelled manifests.
 
 An export carries its architecture and the front end it was trained with (audio settings and the
 compression of its last phase), so the features are made exactly as in training: the same clips, crop and
@@ -9,8 +8,9 @@ padding as its validation, every clip once, in float32.
     python finetune/evaluate.py --ckpt runs/finetune/esc50-baseline/fold1 data/esc50/esc50_fold1.jsonl.gz --json
 
 It prints ``acc``, ``mAP`` and ``mAUC`` and the clips scored; unreadable clips are skipped, named and counted
-(exit status 1 when some were). The library functions need torch, so this command's --help loads it, unlike the
-other commands, whose --help answers without loading torch.
+(exit status 1 when some were). The front end and the scores are ``finetune/inference.py``'s, which predict, embed
+and the ONNX export share. The library functions need torch, so this command's --help loads it, unlike the other
+commands, whose --help answers without loading torch.
 """
 
 from __future__ import annotations
@@ -20,66 +20,24 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from common.audio.augment import SpecAugmentConfig
-from common.audio.compression import Compression
 from common.cli import command_device, run_main
 from common.data.bad_audio import BadAudioTracker
 from common.data.loader import eval_loader
 from common.data.preflight import check_labels
 from common.metrics import compute_metrics
-from common.models.arch import architecture_from_meta, official_channels
 from common.models.exports import resolve_model_file
 from common.models.hf import is_hf_directory
-from common.reports.folds import across_folds
 from common.system import jsonfile
 from common.system.distributed import Dist
 from common.system.logger import progress, setup_logging
 from common.system.prog import prog, whole_number
-from finetune.classifier import class_scores, load_classifier, metric_scores
+from finetune.classifier import load_classifier, metric_scores
+from finetune.inference import clip_for_export, clip_handling, predict_logits
 
-__all__ = ["pipeline_for_export", "clip_for_export", "clip_handling", "evaluate_export", "cross_validation_summary"]
-
-
-def pipeline_for_export(meta: dict) -> nn.Module:
-    """The (evaluation) front end an export was trained with."""
-    arch = architecture_from_meta(meta)
-    phase = meta.get("phase", {})
-    compression = Compression(phase.get("compression", "none"), phase.get("factor", 1),
-                              phase.get("patch_transfer", "pi"))
-    return arch.frontend(arch.export_geometry(meta), compression, SpecAugmentConfig())
-
-
-def clip_for_export(meta: dict) -> tuple[int, int]:
-    """``(sample rate, clip samples)`` an export's model takes its audio at."""
-    arch = architecture_from_meta(meta)
-    return arch.sample_rate, arch.clip_samples
-
-
-def predict_logits(model: nn.Module, meta: dict, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """The classifier's logits of a waveform batch, through the export's front end."""
-    pipeline = pipeline_for_export(meta).to(waveforms.device)
-    with torch.no_grad():
-        return model(pipeline(waveforms, lengths))
-
-
-def predict_scores(model: nn.Module, meta: dict, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Per-class scores (sigmoid for BCE-trained models, softmax otherwise) of a waveform batch."""
-    return class_scores(predict_logits(model, meta, waveforms, lengths), meta.get("loss", "ce"))
-
-
-def clip_handling(meta: dict) -> dict:
-    """How the export's validation filled a short clip (``pad``: ``zeros`` or ``repeat``), cut a long one
-    (``crop``: ``start`` or ``center``) and read a multi-channel file (``channels``: ``first`` or ``mean``);
-    exports without the record did as AST: zeros, from the start, the first channel. An official HTS-AT checkpoint
-    hears the channels' mean, as its code read its data."""
-    clips = meta.get("clips") if isinstance(meta.get("clips"), dict) else {}
-    official = official_channels(meta.get("arch", "ast")) if meta.get("source") == "official" else "first"
-    return {"pad": clips.get("pad", "zeros"), "crop": clips.get("crop", "start"),
-            "channels": clips.get("channels", official)}
+__all__ = ["evaluate_export"]
 
 
 def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequence[str] | None = None,
@@ -120,40 +78,6 @@ def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequenc
     metrics = compute_metrics(torch.cat(targets).numpy(), torch.cat(scores).numpy())
     metrics["clips"] = sum(len(t) for t in targets)
     return metrics
-
-
-def cross_validation_summary(fold_evals: Sequence[Sequence[dict]], metric: str) -> dict:
-    """AST's ESC-50 protocol: the epoch with the best accuracy averaged over the folds, and that mean.
-
-    Only the final phase's epochs compete (the paper reports the final, full-resolution phase).
-
-    Args:
-        fold_evals: per fold, the ledger's evaluation records (``phase``, ``epoch``, ``metrics``); records
-            without an ``epoch`` (e.g. a weight average) and records of earlier phases are ignored.
-        metric: the metric to average.
-
-    Returns:
-        ``{"metric", "per_epoch": [{"phase", "epoch", "mean", "folds"}], "best": {...}}``, and ``"left_out"``
-        (``[{"phase", "epoch", "folds": [fold numbers that scored it]}]``) where some folds scored epochs the others
-        did not (a fold that stopped early, ``train.stop_when_surpassing``): only epochs every fold scored are
-        averaged.
-    """
-    if not fold_evals:
-        raise ValueError("no folds to summarise")
-    final = max((e["phase"] for evals in fold_evals for e in evals), default=0)
-    tables = [{(e["phase"], e["epoch"]): e["metrics"][metric] for e in evals if "epoch" in e and e["phase"] == final}
-              for evals in fold_evals]
-    shared, partial = across_folds(tables)
-    if not shared:
-        raise ValueError("the folds share no evaluated epoch")
-    per_epoch = [{"phase": p, "epoch": e, "folds": [t[(p, e)] for t in tables],
-                  "mean": float(np.mean([t[(p, e)] for t in tables]))} for p, e in sorted(shared)]
-    best = max(per_epoch, key=lambda row: row["mean"])
-    summary = {"metric": metric, "per_epoch": per_epoch, "best": best}
-    if partial:
-        summary["left_out"] = [{"phase": p, "epoch": e, "folds": [k + 1 for k in partial[(p, e)]]}
-                               for p, e in sorted(partial)]
-    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:

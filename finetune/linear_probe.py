@@ -281,7 +281,7 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
             log.info("removed %s, left by a probe that did not finish writing its features", tmp)
     pipeline = arch.frontend(arch.geometry(Compression()), Compression(), SpecAugmentConfig())
     front_end = f"{getattr(arch, 'audio', None)}|{getattr(pipeline, 'stats', None)}|{arch.clip_samples}"
-    from finetune.evaluate import clip_handling
+    from finetune.inference import clip_handling
 
     channels = clip_handling(init.meta)["channels"] if init is not None else "first"  # as the encoder was trained
     front_end += "" if channels == "first" else f"|channels={channels}"  # the features of older caches stay valid

@@ -76,13 +76,13 @@ class OnnxExportError(ValueError):
 class ScoringGraph(nn.Module):
     """What the ONNX graph computes: ``(waveforms [B, S], lengths [B]) -> scores [B, K]``.
 
-    The evaluation front end the export was trained with (``finetune.evaluate.pipeline_for_export``), the
+    The evaluation front end the export was trained with (``finetune.inference.pipeline_for_export``), the
     classifier and its score function (``finetune.classifier.class_scores``), as ``predict.py`` chains them.
     """
 
     def __init__(self, model: nn.Module, meta: dict) -> None:
         super().__init__()
-        from finetune.evaluate import pipeline_for_export
+        from finetune.inference import pipeline_for_export
 
         self.pipeline = pipeline_for_export(meta)
         self.model = model
@@ -116,7 +116,7 @@ def _front_end(meta: dict, pipeline: nn.Module) -> dict:
 
 def onnx_metadata(meta: dict, graph: ScoringGraph, source: str) -> dict:
     """The JSON object stored under :data:`META_KEY`: labels, audio settings, aggregation, front end."""
-    from finetune.evaluate import clip_for_export, clip_handling
+    from finetune.inference import clip_for_export, clip_handling
     from finetune.predict import aggregate_rule
 
     rate, clip = clip_for_export(meta)
@@ -197,7 +197,7 @@ def export_onnx(src: str | os.PathLike, out: str | os.PathLike, opset: int = OPS
         OnnxExportError: one line saying what cannot be exported and why (nothing is written then).
     """
     from finetune.classifier import load_classifier
-    from finetune.evaluate import clip_for_export
+    from finetune.inference import clip_for_export
 
     out = Path(out)
     if out.is_dir():

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,14 +39,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.data.audio_file import AudioFile, AudioReadError, folder_audio, pad_windows
+from common.data.audio_file import (
+    AudioFile,
+    AudioReadError,
+    folder_audio,
+    hop_samples,
+    hop_seconds,
+    pad_windows,
+    window_weights,
+    windows,
+)
 from common.data.corpora.base import AUDIO_SUFFIXES
 from common.system.prog import prog, whole_number
+from finetune.inference import clip_for_export, clip_handling, predict_scores
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
-__all__ = ["AGGREGATIONS", "SHORT_FRACTION", "FilePrediction", "windows", "aggregate_rule", "short_warning",
-           "predict_file", "main"]
+__all__ = ["AGGREGATIONS", "SHORT_FRACTION", "FilePrediction", "aggregate_rule", "short_warning", "predict_file",
+           "main"]
 
 AGGREGATIONS = ("auto", "max", "mean")
 SHORT_FRACTION = 0.1  # a file shorter than this share of the model's clip is scored with a warning
@@ -87,46 +96,6 @@ def short_warning(num_samples: int, clip: int, rate: int, repeat: bool = False) 
             f"model's {clip / rate:.3g} s clip): the model sees {sees} and the scores are unreliable")
 
 
-def hop_seconds(text: str) -> float:
-    """``--hop``: seconds between windows, a finite number above 0 (infinity or NaN would make no sample count)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seconds between windows, a number above 0, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"seconds between windows, a finite number above 0, got {text!r}")
-    return value
-
-
-def hop_samples(seconds: float | None, rate: int, default: int) -> int:
-    """Samples between windows: ``seconds`` (a finite number above 0) at ``rate`` Hz, ``default`` for None."""
-    if seconds is None:
-        return default
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"--hop must be a finite number of seconds above 0, got {seconds}")
-    return max(1, int(round(seconds * rate)))
-
-
-def windows(num_samples: int, clip: int, hop: int) -> list[int]:
-    """Start offsets of the windows covering ``num_samples`` samples (one window if it fits)."""
-    if num_samples <= clip:
-        return [0]
-    starts = list(range(0, num_samples - clip + 1, hop))
-    if starts[-1] != num_samples - clip:
-        starts.append(num_samples - clip)
-    return starts
-
-
-def window_weights(starts: list[int], hop: int, clip: int) -> np.ndarray:
-    """Each window's weight in a ``mean``: 1, but the last window where :func:`windows` placed it closer than a hop
-    to the one before (to end with the file): the new audio it covers, as a share of what a hop's window covers
-    (``min(hop, clip)``: windows more than a clip apart leave gaps)."""
-    weights = np.ones(len(starts))
-    if len(starts) > 1 and starts[-1] - starts[-2] < hop:
-        weights[-1] = min(starts[-1] - starts[-2], clip) / min(hop, clip)
-    return weights
-
-
 def aggregate_rule(meta: dict, choice: str = "auto") -> str:
     """The rule combining a file's windows: ``choice``, or for ``auto`` ``max`` for BCE (multi-label) models
     and ``mean`` for softmax models."""
@@ -144,8 +113,6 @@ def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None 
     Raises:
         AudioReadError: the file cannot be read.
     """
-    from finetune.evaluate import clip_for_export, clip_handling, predict_scores
-
     rate, clip = clip_for_export(meta)
     handling = clip_handling(meta)
     repeat = handling["pad"] == "repeat"  # a file shorter than the clip, repeated as in validation

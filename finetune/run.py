@@ -252,7 +252,7 @@ def _recorded_init(run_root: Path, init: str, restart: bool):
     """What a run that resumes in ``run_root`` recorded of ``--init init`` (``common.phases.init.recorded_init``),
     when the file is gone; None for a run that starts (or restarts) or has no such record."""
     from common.phases.init import recorded_init
-    from common.training.run_recipe import has_trained
+    from common.training.run_dir import has_trained
 
     if restart or not has_trained(run_root):
         return None
@@ -269,7 +269,7 @@ def _checked_init(run_root: Path, recipe, init, restart: bool):
     (``check_init_digest``: refused where a fold not started yet would start from others). The digest is None
     where no model of this command starts from the file (no file, or the record is used)."""
     from common.phases.init import check_init_digest, init_digest
-    from common.training.run_recipe import NEW, has_trained, run_state
+    from common.training.run_dir import NEW, has_trained, run_state
 
     if init is None or "recorded" in init.meta:  # from scratch, or the record of a file that has gone
         return init, None
@@ -285,8 +285,8 @@ def _checked_init(run_root: Path, recipe, init, restart: bool):
 
 
 def _cross_validation(run_root: Path, folds: int, metric: str) -> dict:
+    from common.reports.folds import cross_validation_summary
     from common.training.ledger import Ledger
-    from finetune.evaluate import cross_validation_summary
 
     summary = cross_validation_summary([Ledger.read(run_root / f"fold{k + 1}").evals for k in range(folds)], metric)
     atomic_write_text(run_root / "cv_summary.json", jsonfile.dumps(summary, indent=1))

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         caution = norm_mismatch(recipe.audio.norm, recipe.audio.target_frames, recipe.audio.num_mel_bins, "audio.norm")
         check_baseline(recipe, run_dir, args.restart)  # before any compute: the baseline must be there, comparable
         start, init_lines, missing_init = None, [], []
-        from common.training.run_recipe import CHECKPOINTS, FINISHED, LOST, lost_run_message, run_state
+        from common.training.run_dir import CHECKPOINTS, FINISHED, LOST, lost_run_message, run_state
 
         held = None if args.restart else run_state(run_dir, len(recipe.phases))
         # why --init is not read: the run resumes, or is finished (a new run, --restart, a lost run: it is read)

@@ -16,10 +16,14 @@ checks it (missing, a folder, unreadable, truncated, empty) and then reads only 
 Both give the samples and the length (``compute_num_samples`` of the file's duration, Lhotse's count) that
 ``Recording.from_file(path).resample(rate).load_audio()`` gives. ``channels="mean"`` averages the channels before
 resampling when streamed (the same up to float rounding: both are linear).
+
+Both commands cut a long file the same way: windows of one clip, a hop apart, the last one ending with the file
+(:func:`windows`, :func:`hop_samples`, ``--hop`` as :func:`hop_seconds`), batched by :func:`pad_windows`.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 from pathlib import Path
@@ -36,8 +40,8 @@ from lhotse.utils import compute_num_samples
 from common.data.corpora.base import AUDIO_SUFFIXES
 from common.data.integrity import decoder_reason, truncation
 
-__all__ = ["AudioReadError", "AudioFile", "Samples", "load_audio", "folder_audio", "pad_windows", "BLOCK_SECONDS",
-           "STREAMED_FORMATS"]
+__all__ = ["AudioReadError", "AudioFile", "Samples", "load_audio", "folder_audio", "pad_windows", "hop_seconds",
+           "hop_samples", "windows", "window_weights", "BLOCK_SECONDS", "STREAMED_FORMATS"]
 
 BLOCK_SECONDS = 30.0  # samples read (and resampled) at once around a window of a streamed file
 STREAMED_FORMATS = ("WAV", "WAVEX", "FLAC", "AIFF", "W64", "RF64", "CAF")  # libsndfile seeks these exactly
@@ -232,3 +236,43 @@ def pad_windows(pieces: Sequence[np.ndarray], clip: int) -> tuple[torch.Tensor, 
         batch[i, : piece.size] = torch.from_numpy(piece)
         lengths[i] = piece.size
     return batch, lengths
+
+
+def hop_seconds(text: str) -> float:
+    """``--hop``: seconds between windows, a finite number above 0 (infinity or NaN would make no sample count)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seconds between windows, a number above 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"seconds between windows, a finite number above 0, got {text!r}")
+    return value
+
+
+def hop_samples(seconds: float | None, rate: int, default: int) -> int:
+    """Samples between windows: ``seconds`` (a finite number above 0) at ``rate`` Hz, ``default`` for None."""
+    if seconds is None:
+        return default
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"--hop must be a finite number of seconds above 0, got {seconds}")
+    return max(1, int(round(seconds * rate)))
+
+
+def windows(num_samples: int, clip: int, hop: int) -> list[int]:
+    """Start offsets of the windows covering ``num_samples`` samples (one window if it fits)."""
+    if num_samples <= clip:
+        return [0]
+    starts = list(range(0, num_samples - clip + 1, hop))
+    if starts[-1] != num_samples - clip:
+        starts.append(num_samples - clip)
+    return starts
+
+
+def window_weights(starts: list[int], hop: int, clip: int) -> np.ndarray:
+    """Each window's weight in a ``mean``: 1, but the last window where :func:`windows` placed it closer than a hop
+    to the one before (to end with the file): the new audio it covers, as a share of what a hop's window covers
+    (``min(hop, clip)``: windows more than a clip apart leave gaps)."""
+    weights = np.ones(len(starts))
+    if len(starts) > 1 and starts[-1] - starts[-2] < hop:
+        weights[-1] = min(starts[-1] - starts[-2], clip) / min(hop, clip)
+    return weights

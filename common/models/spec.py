@@ -72,10 +72,6 @@ class ModelSpec:
         the recipe gives none)."""
         return HTSATConfig.from_dict(self.htsat.given(), prefix="model.htsat")
 
-    def base_config(self, num_mel_bins: int, input_tdim: int):
-        """The full-resolution model config: an :class:`EncoderConfig` (AST family) or the ``HTSATConfig``."""
-        return self.htsat_config if self.arch == "htsat" else self.encoder_config(num_mel_bins, input_tdim)
-
     def encoder_config(self, num_mel_bins: int, input_tdim: int) -> EncoderConfig:
         if self.arch != "ast":
             raise ValueError(f"model.arch {self.arch!r} has no ViT encoder config")

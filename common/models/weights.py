@@ -13,8 +13,8 @@
   (:mod:`common.models.htsat.imagenet`);
 
 and returns :class:`EncoderWeights`: the encoder config, its state dict and what is known of the source.
-Conversions of foreign layouts live in ``common.models.official``. Training checkpoints (optimizer, schedule,
-data position, RNG) are another thing: ``common.training.checkpoints``.
+Conversions of foreign layouts live in ``common.models.ast.official`` and ``common.models.htsat``. Training
+checkpoints (optimizer, schedule, data position, RNG) are another thing: ``common.training.checkpoints``.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from safetensors.torch import load_file
 from common.audio.compression import Compression
 from common.models.arch import architecture_from_meta
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
+from common.models.ast.official import convert_official_state_dict, convert_timm_vit_state_dict, is_timm_vit
 from common.models.exports import is_export, read_weights, resolve_model_file, unreadable
 from common.models.hf import is_hf_directory, read_hf_directory
 from common.models.htsat import class_names
 from common.models.htsat.imagenet import convert_imagenet_swin, looks_imagenet_swin
 from common.models.htsat.official import config_from_official, convert_official, looks_official, unwrap_official
-from common.models.official import convert_official_state_dict, convert_timm_vit_state_dict, is_timm_vit
 
 __all__ = ["EncoderWeights", "load_encoder_state", "load_encoder"]
 

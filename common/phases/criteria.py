@@ -67,7 +67,7 @@ class Plateau:
         noise: a gain must also exceed this many standard errors of the difference between the new score
             and the best (so neither a lucky check raises the best nor an unlucky one resets the count).
     """
-    needs_score, needs_loss = True, False
+    needs_loss = False
 
     def __init__(self, patience: int, min_delta: float = 0.0, noise: float = 2.0) -> None:
         self.patience, self.min_delta, self.noise = patience, min_delta, noise
@@ -124,7 +124,7 @@ class Efficiency:
         cost_ratio: ``F_cur / F_next``, training FLOPs per clip of this phase over the next one's.
         noise: standard errors of the slope a peak must exceed.
     """
-    needs_score, needs_loss = True, False
+    needs_loss = False
 
     def __init__(self, window: int, fraction: float, cost_ratio: float, noise: float = 2.0) -> None:
         if not cost_ratio > 0:
@@ -173,7 +173,7 @@ class LossSlope:
         smoothing: weight of the past in the exponential moving average.
         patience: flat checks in a row before the phase ends.
     """
-    needs_score, needs_loss = False, True
+    needs_loss = True
 
     def __init__(self, window: int, threshold: float, smoothing: float, patience: int = 1) -> None:
         self.window, self.threshold, self.smoothing, self.patience = window, threshold, smoothing, patience

@@ -58,7 +58,7 @@ from common.models.weights import EncoderWeights, load_encoder_state
 from common.phases.config import TransferConfig
 from common.system.atomic import atomic_write_text
 
-__all__ = ["InitTransferConfig", "CUT_AT_FULL", "INIT_KINDS", "load_init", "init_family", "INIT_FAMILIES",
+__all__ = ["InitTransferConfig", "CUT_AT_FULL", "load_init", "init_family", "INIT_FAMILIES",
            "task_encoder_config",
            "init_kind", "expected_init_note", "init_pos_mode", "init_patch_mode", "init_pool", "resolve_pool",
            "task_encoder", "INIT_RECORD", "init_digest", "record_init", "recorded_init", "check_init_digest"]
@@ -174,9 +174,6 @@ def _say_swin_start(init: EncoderWeights, cfg) -> None:
                     "and HTS-AT's window %d (model.htsat.window_size; the tables are resized)", init.meta.get("file"),
                     list(heads), "/".join(map(str, windows)), OFFICIAL_START, list(official.num_heads),
                     official.window_size, cfg.window_size)
-
-
-INIT_KINDS = ("any", "none", "imagenet", "audio")
 
 
 def init_kind(init: EncoderWeights | None) -> str:

@@ -1,12 +1,13 @@
 """A cross-validation run as one run to report: the mean of its folds' ledgers.
 
 ``finetune/run.py`` trains a k-fold task (ESC-50) in ``<run>/fold1`` ... ``<run>/foldK``, one ledger each; AST's
-protocol scores the epoch whose accuracy *averaged over the folds* is best (``cv_summary.json``). The report reads
-such a root as one run whose evaluations are the folds' means: per evaluation (phase, epoch; a weight average
-apart) every metric and the cumulative training FLOPs, seconds and clips averaged over the folds, so that the
-paper's rule (the first final-phase epoch above the baseline's best) runs on the mean curve. An epoch that only
-some folds scored (a fold that stopped early) is left out and listed. The phases' counters (what the whole-run
-table and device-hours show) are the sums over the folds: the whole cross-validation's cost.
+protocol scores the epoch whose accuracy *averaged over the folds* is best (``cv_summary.json``,
+:func:`cross_validation_summary`). The report reads such a root as one run whose evaluations are the folds' means: per
+evaluation (phase, epoch; a weight average apart) every metric and the cumulative training FLOPs, seconds and clips
+averaged over the folds, so that the paper's rule (the first final-phase epoch above the baseline's best) runs on the
+mean curve. An epoch that only some folds scored (a fold that stopped early) is left out and listed. The phases'
+counters (what the whole-run table and device-hours show) are the sums over the folds: the whole cross-validation's
+cost.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from common.phases.baseline import is_averaged
 from common.training.ledger import Ledger, PhaseRecord
 
-__all__ = ["fold_mean", "across_folds", "FoldError"]
+__all__ = ["fold_mean", "across_folds", "cross_validation_summary", "FoldError"]
 
 
 class FoldError(ValueError):
@@ -43,12 +44,46 @@ def across_folds(tables: Sequence[dict]) -> tuple[list, dict]:
     """Which evaluations the folds share: ``tables`` holds per fold its evaluations by key (phase and epoch, ...).
     Returns the keys every fold has, in the first fold's order, and every other key with the folds that have it
     (their indices, in fold order): a fold that stopped early leaves its missing epochs out of the mean, and they
-    are listed. ``fold_mean`` (this report) and ``finetune.evaluate.cross_validation_summary`` (``cv_summary.json``)
+    are listed. ``fold_mean`` (this report) and :func:`cross_validation_summary` (``cv_summary.json``)
     average over the folds what it shares."""
     shared = set.intersection(*(set(t) for t in tables))
     partial = {key: [i for i, t in enumerate(tables) if key in t]
                for key in set.union(*(set(t) for t in tables)) - shared}
     return [key for key in tables[0] if key in shared], partial
+
+
+def cross_validation_summary(fold_evals: Sequence[Sequence[dict]], metric: str) -> dict:
+    """AST's ESC-50 protocol: the epoch with the best accuracy averaged over the folds, and that mean.
+
+    Only the final phase's epochs compete (the paper reports the final, full-resolution phase).
+
+    Args:
+        fold_evals: per fold, the ledger's evaluation records (``phase``, ``epoch``, ``metrics``); records
+            without an ``epoch`` (e.g. a weight average) and records of earlier phases are ignored.
+        metric: the metric to average.
+
+    Returns:
+        ``{"metric", "per_epoch": [{"phase", "epoch", "mean", "folds"}], "best": {...}}``, and ``"left_out"``
+        (``[{"phase", "epoch", "folds": [fold numbers that scored it]}]``) where some folds scored epochs the others
+        did not (a fold that stopped early, ``train.stop_when_surpassing``): only epochs every fold scored are
+        averaged.
+    """
+    if not fold_evals:
+        raise ValueError("no folds to summarise")
+    final = max((e["phase"] for evals in fold_evals for e in evals), default=0)
+    tables = [{(e["phase"], e["epoch"]): e["metrics"][metric] for e in evals if "epoch" in e and e["phase"] == final}
+              for evals in fold_evals]
+    shared, partial = across_folds(tables)
+    if not shared:
+        raise ValueError("the folds share no evaluated epoch")
+    per_epoch = [{"phase": p, "epoch": e, "folds": [t[(p, e)] for t in tables],
+                  "mean": float(np.mean([t[(p, e)] for t in tables]))} for p, e in sorted(shared)]
+    best = max(per_epoch, key=lambda row: row["mean"])
+    summary = {"metric": metric, "per_epoch": per_epoch, "best": best}
+    if partial:
+        summary["left_out"] = [{"phase": p, "epoch": e, "folds": [k + 1 for k in partial[(p, e)]]}
+                               for p, e in sorted(partial)]
+    return summary
 
 
 def _mean_eval(evs: Sequence[dict]) -> dict:

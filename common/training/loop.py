@@ -38,10 +38,10 @@ from common.system.logger import progress
 from common.system.signals import StoppedBySignal, stop_requested
 from common.training.compile import maybe_compile
 from common.training.log_window import LogWindow
+from common.training.machinery import PhaseMachinery
 from common.training.objective import Objective
 from common.training.optim import build_engine
 from common.training.out_of_memory import OutOfDeviceMemory, is_out_of_memory, out_of_memory
-from common.training.phase import PhaseMachinery
 from common.training.plan import RunPlan, build_plan
 from common.training.record import RunRecord
 from common.training.release import collect, release_engine
@@ -55,7 +55,9 @@ log = logging.getLogger(__name__)
 
 class Trainer(PhaseMachinery):
     """Runs (or resumes) the phases of ``spec`` with ``objective``, as ``plan`` plans them (default: planned
-    here, :func:`common.training.plan.build_plan`)."""
+    here, :func:`common.training.plan.build_plan`). What one phase trains with (its loaders, front end,
+    micro-step and validation pass: ``self._train_loader``, ``self._evaluate``, ...) is the base class's,
+    :class:`common.training.machinery.PhaseMachinery`."""
 
     def __init__(self, spec: RunSpec, objective: Objective, dist: Dist, plan: RunPlan | None = None) -> None:
         if plan is None or plan.world_size != dist.world_size:  # refuses a global batch that does not split here

@@ -44,7 +44,7 @@ from common.training.log_window import LogWindow
 from common.training.nonfinite import NonFiniteLoss
 from common.training.objective import Objective
 from common.training.plan import RunPlan
-from common.training.run_recipe import FINISHED, LOST, lost_run_message, run_state
+from common.training.run_dir import FINISHED, LOST, lost_run_message, run_state
 from common.training.spec import RunSpec
 from common.training.train_state import TrainState
 from common.training.weight_average import WeightAverage, averaged_epochs
@@ -133,7 +133,7 @@ class RunRecord:
 
         Raises:
             NoUsableCheckpoint: checkpoints exist but none is intact, or the run trained (its ledger or model is
-                there), is unfinished and its checkpoints are gone (``common.training.run_recipe.run_state``).
+                there), is unfinished and its checkpoints are gone (``common.training.run_dir.run_state``).
         """
         tag = self.checkpoints.find_resume()
         if tag is None:

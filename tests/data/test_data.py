@@ -534,7 +534,7 @@ def test_a_stereo_file_is_read_as_each_familys_official_code_reads_it(tmp_path):
     from common.models.arch import architecture_for
     from common.models.ast.encoder import EncoderConfig
     from common.models.htsat import HTSATConfig
-    from finetune.evaluate import clip_handling
+    from finetune.inference import clip_handling
 
     left = 0.3 * np.sin(2 * np.pi * 440 * np.arange(8000) / 16000)
     path = tmp_path / "stereo.wav"

@@ -17,7 +17,8 @@ from common.data.preflight import check_labels
 from common.metrics import compute_metrics
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from finetune.classifier import Classifier, load_classifier, save_classifier
-from finetune.evaluate import clip_for_export, main, predict_logits
+from finetune.evaluate import main
+from finetune.inference import clip_for_export, predict_logits
 from tests.helpers import PREDICT_AUDIO
 
 

@@ -9,7 +9,7 @@ import torch
 
 from common.data.corpora import get_corpus
 from common.metrics import accuracy, mean_average_precision
-from finetune.evaluate import cross_validation_summary
+from common.reports.folds import cross_validation_summary
 from finetune.run import main as finetune
 from finetune.tasks import TASKS, TaskConfig
 from tests.helpers import TINY, _synth_root, sets
@@ -471,10 +471,10 @@ def test_probe_task_esc50_is_the_mean_over_folds(tmp_path, monkeypatch):
 def test_predict_windows_and_top_k(tmp_path, capsys):
     import soundfile as sf
 
+    from common.data.audio_file import windows
     from common.models.ast.encoder import ASTEncoder, EncoderConfig
     from finetune.classifier import Classifier, save_classifier
     from finetune.predict import main as predict
-    from finetune.predict import windows
 
     assert windows(100, 150, 50) == [0]
     assert windows(400, 150, 100) == [0, 100, 200, 250]  # the last window ends with the file

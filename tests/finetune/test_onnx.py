@@ -144,7 +144,7 @@ def test_onnxruntime_scores_equal_predict_and_the_torch_free_example_agrees(expo
 def test_one_graph_takes_a_batch_of_one_and_of_three(exported, clips):
     from common.data.audio_file import load_audio
     from finetune.classifier import load_classifier
-    from finetune.evaluate import predict_scores
+    from finetune.inference import predict_scores
     from finetune.onnx_export import read_onnx_metadata
 
     kind, src, out, _ = exported

@@ -143,7 +143,7 @@ def test_a_model_validated_on_repeated_clips_is_evaluated_and_predicts_on_them(t
     import torch
 
     from common.models.exports import read_weights, save_weights
-    from finetune import evaluate
+    from finetune import evaluate, inference
     from finetune.classifier import load_classifier
     from tests.helpers import tiny_classifier_file
 
@@ -159,10 +159,10 @@ def test_a_model_validated_on_repeated_clips_is_evaluated_and_predicts_on_them(t
         assert entry["duration"] == pytest.approx(0.3) and entry["windows"][0]["end"] == pytest.approx(0.3)
         scores[name] = np.array([entry["scores"][c] for c in "abc"])
     model, meta = load_classifier(repeat)
-    rate, clip = evaluate.clip_for_export(meta)
+    rate, clip = inference.clip_for_export(meta)
     wave = sf.read(short, dtype="float32")[0]
     tiled = torch.from_numpy(np.tile(wave, -(-clip // wave.size))[:clip])[None]
-    expected = evaluate.predict_scores(model, meta, tiled, torch.tensor([clip]))[0].numpy()
+    expected = inference.predict_scores(model, meta, tiled, torch.tensor([clip]))[0].numpy()
     assert np.allclose(scores["repeat"], expected, atol=1e-6) and not np.allclose(scores["zeros"], expected)
 
     seen = {}
@@ -179,7 +179,7 @@ def test_a_model_validated_on_repeated_clips_is_evaluated_and_predicts_on_them(t
 
 
 def test_hop_samples_take_seconds_or_the_default_and_refuse_what_counts_no_samples():
-    from finetune.predict import hop_samples
+    from common.data.audio_file import hop_samples
 
     assert hop_samples(None, 16000, 512) == 512 and hop_samples(0.5, 16000, 512) == 8000
     assert hop_samples(1e-9, 16000, 512) == 1  # at least one sample

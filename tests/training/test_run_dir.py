@@ -196,7 +196,8 @@ def test_a_recipe_yaml_written_before_a_key_existed_resumes():
     import yaml
 
     from common.config.recipe import parse_yaml, to_dict
-    from common.training.run_recipe import BEFORE_KEY, _flatten, field_defaults, recipe_diff
+    from common.training.run_recipe import BEFORE_KEY, field_defaults, recipe_diff
+    from common.training.run_recipe import flat_keys as _flatten
     from finetune.recipe import load_recipe as finetuning
     from pretrain.recipe import load_recipe as pretraining
     from tests.helpers import ROOT
@@ -233,7 +234,7 @@ def test_a_run_whose_recipe_yaml_predates_a_key_is_told_the_value_it_had(tmp_pat
     import yaml
 
     from common.config.recipe import RecipeError, to_dict
-    from common.training.run_recipe import prepare_run_dir
+    from common.training.run_dir import prepare_run_dir
     from finetune.recipe import load_recipe
 
     recipe = load_recipe("esc50")
@@ -257,7 +258,7 @@ def test_a_recorded_zero_stage_resumes_under_auto_where_auto_takes_that_stage(tm
     import yaml
 
     from common.config.recipe import RecipeError, to_dict
-    from common.training.run_recipe import prepare_run_dir
+    from common.training.run_dir import prepare_run_dir
     from finetune.recipe import load_recipe
 
     def recorded(run_dir, recipe, stage, trained):
@@ -293,7 +294,7 @@ def test_a_run_directory_of_the_other_command_is_named_as_such(tmp_path):
     import yaml
 
     from common.config.recipe import RecipeError, to_dict
-    from common.training.run_recipe import prepare_run_dir
+    from common.training.run_dir import prepare_run_dir
     from finetune.recipe import load_recipe as finetuning
     from pretrain.recipe import load_recipe as pretraining
     from tests.helpers import RECIPE

@@ -62,7 +62,7 @@ def test_a_signal_while_the_command_starts_stops_it_before_its_first_step(tmp_pa
     """A scheduler's SIGTERM while the command starts (reading and indexing its data, building the engine: minutes
     on a large corpus) stops it before it trains a step, with nothing to save, not after a step and a checkpoint
     the grace period may not leave time for; the command run again goes on, to an uninterrupted run's weights."""
-    from common.training import phase
+    from common.training import machinery
 
     assert run(tmp_path / "straight", synth_corpus, "train.save_every=100") == 0
     run_dir = tmp_path / "run"
@@ -71,7 +71,7 @@ def test_a_signal_while_the_command_starts_stops_it_before_its_first_step(tmp_pa
     from common.training.record import RunRecord
 
     target = {"resume": (RunRecord, "resume"), "engine": (Trainer, "_engine"),
-              "loader": (phase.PhaseMachinery, "_train_loader")}[where]
+              "loader": (machinery.PhaseMachinery, "_train_loader")}[where]
     real = getattr(*target)
 
     def signalled(self, *args, **kwargs):

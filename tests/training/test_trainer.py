@@ -247,7 +247,7 @@ def test_best_is_the_best_epoch_of_the_final_phase(tmp_path, synth_corpus, monke
 
 
 def test_cross_validation_picks_its_epoch_in_the_final_phase():
-    from finetune.evaluate import cross_validation_summary
+    from common.reports.folds import cross_validation_summary
 
     def evals(coarse, fine):
         return [{"phase": 0, "epoch": e + 1, "metrics": {"acc": v}} for e, v in enumerate(coarse)] + \

@@ -1,1 +1,1 @@
-"""The ViT family of AST and SSAST: the encoder, its resize rules, its Architecture."""
+"""The ViT family of AST and SSAST: the encoder, its resize rules, its Architecture, its official weights."""

@@ -56,9 +56,6 @@ class Classifier(nn.Module):
             x = lam * x + (1 - lam) * x.flip(0)
         return pool_tokens(self.encoder.forward_features(x), self.encoder.num_prefix_tokens, self.pool)
 
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embedding(x)
-
     def forward(self, x: torch.Tensor, mixup_lambda: torch.Tensor | None = None) -> torch.Tensor:
         return scored_head(self.head, self.embedding(x, mixup_lambda), self.training)  # fp32 scores in evaluation
 

@@ -1,5 +1,6 @@
-"""What one phase trains with: its model's random streams, its front end, its training and validation
-loaders (``common.data.loader``), the micro-step (``common.training.steps``) and the validation pass. The loop
+"""The trainer's phase machinery (:class:`PhaseMachinery`, the base class of ``common.training.loop.Trainer``):
+what one phase trains with: its model's random streams, its front end, its training and validation loaders
+(``common.data.loader``), the micro-step (``common.training.steps``) and the validation pass. The loop
 (``common.training.loop.Trainer``, which also builds the phase's engine) builds on it and decides when each is
 used.
 """
