@@ -317,10 +317,10 @@ def load_embedder(init: str | Path, *, layer: int | None = None, pool: str = "au
     encoder = arch.build_encoder(geometry)
     arch.load_weights(encoder, weights, geometry, init_pos_mode(weights, "bilinear"), "pi")
     info = {"init": str(init), "model_sha256": model_digest(init), "source": source}
-    if weights.arch == "htsat":
+    if arch.normalises_input:
         if norm is not None:
-            raise ValueError("--norm: HTS-AT normalises its input with its own BatchNorm (bn0); --norm is for the "
-                             "AST family")
+            raise ValueError(f"--norm: the {arch.name} model normalises its input itself (HTS-AT: its BatchNorm bn0); "
+                             "--norm is for models normalised with a corpus's statistics (the AST family)")
         pipeline = arch.frontend(geometry, compression, SpecAugmentConfig())
     else:
         recorded = meta["audio"].get("norm") if isinstance(meta.get("audio"), dict) else None

@@ -267,7 +267,7 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
     pool = resolve_pool(recipe.pool, init, cfg)
     arch = architecture_for(cfg, AudioConfig(num_mel_bins=getattr(cfg, "num_mel_bins", 128),
                                              target_frames=task.target_frames, norm=task.norm))
-    if init is None or init.arch == "ast":  # HTS-AT normalises with its own BatchNorm
+    if not arch.normalises_input:  # the task's statistics normalise the input
         from common.data.preflight import norm_mismatch
 
         caution = norm_mismatch(task.norm, task.target_frames, getattr(cfg, "num_mel_bins", None), "task.norm")

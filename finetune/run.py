@@ -149,6 +149,7 @@ def _cautions(recipe, audio, world_size: int, args) -> list[str]:
     """What may be intended but is probably not: statistics computed for another clip length; mixup that cannot
     mix (a micro-batch of one clip); HTS-AT trained with a registered task's own recipe, which is the AST family's."""
     from common.data.preflight import norm_mismatch
+    from common.models.arch import family
     from common.training.batch import phase_splits
     from finetune.task_file import is_task_file
 
@@ -161,7 +162,7 @@ def _cautions(recipe, audio, world_size: int, args) -> list[str]:
                         f"({o.optimizer}, lr {o.lr:g}, {o.schedule} schedule, SpecAugment {recipe.augment.freqm} / "
                         f"{recipe.augment.timem}); HTS-AT's published settings: --set defaults=auto with an HTS-AT "
                         f"init, or --recipe recipes/htsat_*.yaml")
-    if recipe.model.arch == "ast":  # HTS-AT normalises with its own BatchNorm, not these statistics
+    if not family(recipe.model.arch).normalises_input:  # the task's statistics normalise the input
         caution = norm_mismatch(recipe.task.norm, audio.target_frames, audio.num_mel_bins, "task.norm")
         cautions += [caution] if caution else []
     if recipe.augment.mixup > 0:

@@ -22,7 +22,7 @@ from common.models.ast.encoder import EncoderConfig
 from common.models.htsat import HTSATConfig
 from common.models.htsat.arch import HTSATArch
 
-__all__ = ["ARCHS", "Architecture", "architecture_for", "architecture_from_meta", "export_norm_stats",
+__all__ = ["ARCHS", "Architecture", "architecture_for", "architecture_from_meta", "export_norm_stats", "family",
            "official_channels"]
 
 ARCHS = ("ast", "htsat")
@@ -38,10 +38,13 @@ class Architecture(Protocol):
         clip_samples: clips are cropped / zero-padded to this many samples.
         channels: how the family's official code reads a multi-channel file: ``first`` or ``mean``
             (``data.channels: auto``).
+        normalises_input: the model normalises its input itself (HTS-AT's BatchNorm); False: the front end
+            normalises it with a corpus's statistics (``audio.norm``, ``task.norm``), which must suit the input.
     """
 
     name: str
     channels: str
+    normalises_input: bool
     base: Any
     sample_rate: int
     clip_samples: int
@@ -108,11 +111,16 @@ def architecture_for(base, audio=None) -> Architecture:
     raise TypeError(f"no architecture for a model config of type {type(base).__name__}")
 
 
+def family(name: str) -> type[ASTArch] | type[HTSATArch]:
+    """The architecture class of ``name`` (``ast``, ``htsat``), for what it answers without a model config at hand
+    (a recipe, an export's metadata): ``channels``, ``normalises_input``."""
+    return {ASTArch.name: ASTArch, HTSATArch.name: HTSATArch}[name]
+
+
 def official_channels(name: str) -> str:
     """How the official code of architecture ``name`` (``ast``, ``htsat``) reads a multi-channel file
-    (``Architecture.channels``: ``first`` or ``mean``), without a model config at hand (a recipe, an export's
-    metadata)."""
-    return {ASTArch.name: ASTArch, HTSATArch.name: HTSATArch}[name].channels
+    (``Architecture.channels``: ``first`` or ``mean``)."""
+    return family(name).channels
 
 
 def export_norm_stats(meta: dict) -> NormStats | None:

@@ -101,6 +101,7 @@ class HTSATArch:
 
     name: ClassVar[str] = "htsat"
     channels: ClassVar[str] = "mean"  # librosa.load(mono=True) in the official data preparation
+    normalises_input: ClassVar[bool] = True  # its own BatchNorm over the mel bins (bn0), no corpus statistics
 
     @property
     def sample_rate(self) -> int:
