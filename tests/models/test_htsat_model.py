@@ -143,7 +143,9 @@ def test_config_round_trip_and_errors_name_the_key():
 @pytest.mark.parametrize("comp, message", [
     (Compression("fshift", 3), "compression fshift x3: the factor does not divide the 1024 frames"),
     (Compression("avgpool", 32), "compression avgpool x32 leaves 32 frames, fewer than the 64 mel bins"),
-    (Compression("patch", 16), "compression patch x16: the 256x256 image .* is not a multiple of 512 wide"),
+    (Compression("patch", 16), r"compression patch x16: its 1024 frames over 64 mel bins fold into 4 time "
+                                r"chunk\(s\), a 256x256 image, whose width is not a multiple of 512 \(patches 64 wide, "
+                                r"then 3 patch merges that each halve the width\)"),
 ])
 def test_impossible_geometries_name_method_and_factor(comp, message):
     with pytest.raises(ValueError, match=message):

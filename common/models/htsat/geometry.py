@@ -95,7 +95,6 @@ class BlockLayout:
 
 def _fold(cfg: HTSATConfig, frames: int, patch_w: int, what: str) -> tuple[int, tuple[int, int]]:
     """``(chunks, image)`` for ``frames`` frames: square where possible (D1), else D2."""
-    ratio = frames / cfg.mel_bins
     chunks = math.isqrt(frames // cfg.mel_bins) if frames >= cfg.mel_bins else 0
     if chunks < 1:
         raise ValueError(f"{what} leaves {frames} frames, fewer than the {cfg.mel_bins} mel bins of one image row "
@@ -105,8 +104,9 @@ def _fold(cfg: HTSATConfig, frames: int, patch_w: int, what: str) -> tuple[int, 
     image = (cfg.mel_bins * chunks, frames // chunks)
     reduction_w = patch_w * 2 ** (cfg.num_stages - 1)
     if image[1] % reduction_w:
-        raise ValueError(f"{what}: the {image[0]}x{image[1]} image ({chunks} chunks, ratio {ratio:g}) is not a "
-                         f"multiple of {reduction_w} wide, so the Swin stages cannot halve it evenly")
+        raise ValueError(f"{what}: its {frames} frames over {cfg.mel_bins} mel bins fold into {chunks} time chunk(s), "
+                         f"a {image[0]}x{image[1]} image, whose width is not a multiple of {reduction_w} (patches "
+                         f"{patch_w} wide, then {cfg.num_stages - 1} patch merges that each halve the width)")
     return chunks, image
 
 
