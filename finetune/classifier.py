@@ -211,7 +211,7 @@ class ClassifierObjective:
             target = batch.targets.to(dist.device)
             losses.append(self.criterion(logits, target).item() * len(batch))
             scores.append(metric_scores(logits).cpu().numpy())
-            targets.append(target.cpu().numpy())
+            targets.append(target.cpu().numpy().copy())  # a view would keep the batch (its shared memory) to the end
         parts = dist.gather_objects((scores, targets, losses))
         if not any(len(t) for p in parts for t in p[1]):  # every clip read was bad (or none was read)
             raise TooMuchBadAudio("validation: none of the clips read could be used; the reasons are in the run's "

@@ -69,7 +69,7 @@ def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequenc
         if len(batch):
             logits = predict_logits(model, meta, batch.waveforms.to(device), batch.lengths.to(device))
             scores.append(metric_scores(logits).cpu())  # as validation scores them
-            targets.append(batch.targets)
+            targets.append(batch.targets.clone())  # not the batch's own: it would keep the batch to the end
     bar.close()
     parts = dist.gather_objects((scores, targets)) if dist is not None else [(scores, targets)]
     scores, targets = [s for p in parts for s in p[0]], [t for p in parts for t in p[1]]

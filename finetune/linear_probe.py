@@ -148,7 +148,7 @@ def extract_features(encoder, arch, manifests: Sequence[str], classes: Sequence[
             if not len(batch):
                 continue
             feats.append(embedder.embed(batch.waveforms, batch.lengths).clip)
-            targets.append(batch.targets.numpy())
+            targets.append(batch.targets.numpy().copy())  # a view would keep the batch (its shared memory)
     if not feats:
         raise ValueError(f"no usable clip in {', '.join(map(str, manifests))}")
     return np.concatenate(feats), np.concatenate(targets)
