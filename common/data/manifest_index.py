@@ -12,12 +12,14 @@ of the numbers drawn from ``(seed, epoch)`` (:class:`IndexShuffleSampler`): the 
 on every rank and after a resume.
 
 A cached copy is named by the manifest's absolute path, size and modification time (an edited manifest is
-indexed again, and the copy of its earlier version removed once no run opened or read it for a week) and written
-atomically, so ranks and runs sharing the folder build it at most once each and never read a partial one.
+indexed again, and the copy of its earlier version removed once no run opened or read it for a week), built by one
+process at a time (``<copy>.lock``: the first rank or run to come builds it and its labels cache, the others wait
+and read them) and written atomically, so none reads a partial one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import json
@@ -26,6 +28,7 @@ import mmap
 import os
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -144,7 +147,29 @@ def _write_labels(path: Path, rows: Sequence[tuple[str, ...]]) -> None:
         np.savez(out, names=names, flat=np.asarray(flat, dtype=np.int32), ends=ends)
 
 
-_INDEX_FILES = (".jsonl", ".offsets.npy", ".labels.npz", ".source")
+_INDEX_FILES = (".jsonl", ".offsets.npy", ".labels.npz", ".source", ".lock")
+
+
+@contextmanager
+def _one_at_a_time(lock: Path) -> Iterator[None]:
+    """Hold ``lock`` (``flock``, waiting for it) while a cache file is built: the ranks of a job, and other jobs
+    sharing the folder, build an index or its labels once, the first to come, and the others read what it wrote
+    (they each built their own copy at once: N temporary copies of a 1 GB index, N passes over 2 million records).
+    The kernel drops the lock of a killed builder. Where the folder takes no lock, each builds its own, as before."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # a folder this process may read but not write in: nothing it could build either
+        fd = None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # a file system without locks
+                pass
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 UNUSED_SECONDS = 7 * 24 * 3600  # an earlier version's copy unopened this long is removed
@@ -236,8 +261,10 @@ class ManifestIndex:
             key = f"{path.name.split('.')[0]}-{_key(path)}"
             lines, offsets = folder / f"{key}.jsonl", folder / f"{key}.offsets.npy"
             if not offsets.is_file():
-                log.info("indexing %s for a whole-set shuffle into %s (once per manifest)", path, folder)
-                _build(path, lines, offsets)
+                with _one_at_a_time(folder / f"{key}.lock"):
+                    if not offsets.is_file():  # not built by another rank or job meanwhile
+                        log.info("indexing %s for a whole-set shuffle into %s (once per manifest)", path, folder)
+                        _build(path, lines, offsets)
             _forget_earlier_versions(folder, path, key)
             self._sources.append(folder / f"{key}.source")
             try:
@@ -287,15 +314,24 @@ class ManifestIndex:
         for lines, starts, cache in zip(self._maps, self._offsets, self._labels_files):
             part = _read_labels(cache, len(starts) - 1)
             if part is None:
-                records = (json.loads(lines[a:b]) for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()))
-                part = [tuple((r.get("custom") or {}).get("labels", [])) for r in records]
-                try:
-                    _write_labels(cache, part)
-                except OSError as err:  # only a cache: another user's folder, a full disk; read again next time
-                    log.warning("could not cache the labels in %s (%s); they are read from the manifest again at "
-                                "each start", cache, err.strerror or err)
+                with _one_at_a_time(cache.with_name(cache.name.replace(".labels.npz", ".lock"))):
+                    part = _read_labels(cache, len(starts) - 1)  # written by another rank or job meanwhile?
+                    if part is None:
+                        part = self._read_labels_of(lines, starts, cache)
             rows += [tuple(shared.setdefault(label, label) for label in row) for row in part]
         return rows
+
+    @staticmethod
+    def _read_labels_of(lines, starts: np.ndarray, cache: Path) -> list[tuple[str, ...]]:
+        """Every clip's labels from the index's records (a pass over all of them), cached in ``cache``."""
+        records = (json.loads(lines[a:b]) for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()))
+        part = [tuple((r.get("custom") or {}).get("labels", [])) for r in records]
+        try:
+            _write_labels(cache, part)
+        except OSError as err:  # only a cache: another user's folder, a full disk; read again next time
+            log.warning("could not cache the labels in %s (%s); they are read from the manifest again at "
+                        "each start", cache, err.strerror or err)
+        return part
 
     def close(self) -> None:
         for handle in self._maps:

@@ -318,6 +318,52 @@ def test_training_epochs_are_a_shuffle_of_the_whole_set(class_sorted_manifest, w
     assert not set(ranks[0]) & set(ranks[1]) and set(ranks[0]) | set(ranks[1]) <= set(first)
 
 
+_INDEXING_JOB = """
+import os, sys, time
+from pathlib import Path
+import common.data.manifest_index as manifest_index
+
+folder, log, manifest, ranks = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+
+
+def slowly(name, real):
+    def run(*args):
+        with open(log, "a") as f:
+            f.write(name + "\\n")
+        time.sleep(1.0)  # a long build: the other ranks arrive while it runs
+        return real(*args)
+    return run
+
+
+manifest_index._build = slowly("index", manifest_index._build)
+manifest_index._write_labels = slowly("labels", manifest_index._write_labels)
+(folder.parent / f"ready{os.getpid()}").touch()
+while len(list(folder.parent.glob("ready*"))) < ranks:  # every rank starts at once
+    time.sleep(0.01)
+index = manifest_index.ManifestIndex([manifest], folder)
+print(len(index), len(index.labels()))
+"""
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_the_ranks_of_a_job_index_a_manifest_and_its_labels_once(synth_corpus, tmp_path, ranks):
+    """On a first start every rank found no index and built its own copy (a GB each for AudioSet-2M, at once) and
+    its own labels cache (a pass over 2 million records each): the first builds, the others wait and read it."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    train, log = synth_corpus / "synth_train.jsonl.gz", tmp_path / "built.log"
+    jobs = [subprocess.Popen([sys.executable, "-c", _INDEXING_JOB, str(tmp_path / "index"), str(log), str(train),
+                              str(ranks)], cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(ranks)]
+    outs = [job.communicate(timeout=120)[0].split() for job in jobs]
+    assert [job.returncode for job in jobs] == [0] * ranks
+    clips = len(CutSet.from_file(train))
+    assert outs == [[str(clips), str(clips)]] * ranks
+    assert sorted(log.read_text().split()) == ["index", "labels"]
+
+
 def _position_correlation(first: list[str], second: list[str]) -> float:
     """The correlation of the clips' positions in two epochs (over the clips both hold)."""
     where = {cid: i for i, cid in enumerate(second)}
