@@ -7,8 +7,8 @@
 ``--init`` is anything fine-tuning takes (a run directory, an export, an official SSAST / AST ``.pth``,
 a Hugging Face AST directory, an official HTS-AT checkpoint; :func:`finetune.embedder.load_embedder`).
 The model, its front end, the layer and the pooling are :class:`finetune.embedder.Embedder`'s, the code
-the linear probe extracts its features with. ``--inputs`` takes audio files, folders (every ``.wav``,
-``.flac``, ``.ogg``, ``.mp3``, ``.opus`` under them, in sorted order) and Lhotse manifests
+the linear probe extracts its features with. ``--inputs`` takes audio files, folders (every audio file
+under them, ``common.data.audio_file.AUDIO_SUFFIXES``, in sorted order) and Lhotse manifests
 (``.jsonl``/``.jsonl.gz``, as ``python -m common.data.corpora prepare`` writes them, or a Shar folder).
 
 A clip longer than the model's clip is cut into windows of one clip, ``--hop`` seconds apart (default:
