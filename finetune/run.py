@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                                       f"pooling: {objective.head.pool}"],
                               notes=[f"optimiser {o.optimizer}, lr {o.lr:g}, warm-up {o.warmup_steps} steps, "
                                      f"{o.schedule} schedule", *notes, *resumes], cautions=cautions,
-                              missing=[*missing, *problems([refused])]))
+                              missing=missing, refused=refused))
             return 0
         from common.data.config import ManifestSpec
         from common.training.loop import Trainer
