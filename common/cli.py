@@ -137,22 +137,32 @@ def run_dir_check(run_dir: Path) -> Callable[[], None]:
     return check
 
 
-def resume_check(run_dir: Path, recipe, restart: bool = False) -> tuple[Callable[[], None], list[str]]:
-    """For ``--dry-run`` on a run directory that holds a run: a check of what the run would refuse (a different
-    recipe: ``common.training.run_dir.prepare_run_dir``, which writes nothing; a run, or a fold of one, that
-    trained and is unfinished but whose checkpoints are gone: ``run_state``), and the note of what the command does
-    with that run (nothing to check or say with ``--restart``, or without a run there). A finished run whose
-    checkpoints were deleted is finished: the command trains nothing, as the run says."""
+def resume_check(run_dir: Path, recipe, restart: bool = False) -> tuple[list[str], list[str]]:
+    """For ``--dry-run`` on a run directory that holds a run: ``(refused, notes)``, the command's refusal of that run
+    in its own words (a different recipe: ``common.training.run_dir.prepare_run_dir``, which writes nothing; a run,
+    or a fold of one, that trained and is unfinished but whose checkpoints are gone: ``run_state``), and the note of
+    what the command does with the run: refuse it, resume it, or nothing left to train (nothing to check or say with
+    ``--restart``, or without a run there). The refusal is found before the note is said: a finished run of another
+    recipe is refused, as the command refuses it, not "nothing left to train". A finished run whose checkpoints were
+    deleted is finished: the command trains nothing, as the run says."""
     run_dir = Path(run_dir)
     if restart or not run_dir.is_dir() or not has_trained(run_dir):
-        return (lambda: None), []
+        return [], []
     folds = len(getattr(getattr(recipe, "task", None), "folds", None) or [])  # a cross-validation run's
     runs = [run_dir / f"fold{k + 1}" for k in range(folds)] if folds else [run_dir]
     held = {path: run_state(path, len(recipe.phases)) for path in runs}
     lost = [path for path, state in held.items() if state == LOST]
     latest = run_dir / "checkpoints" / "LATEST"
+    refused = [lost_run_message(lost[0])] if lost else []
+    if not refused:
+        try:
+            prepare_run_dir(run_dir, recipe, is_main=False)
+        except RecipeError as err:
+            refused = [str(err)]
     if lost:
         does = "holds a run whose checkpoints are gone; this command refuses it"
+    elif refused:
+        does = "holds a run that this command refuses (why: below)"
     elif all(state == FINISHED for state in held.values()):
         does = "holds a finished run; this command has nothing left to train"
     elif folds:
@@ -160,13 +170,7 @@ def resume_check(run_dir: Path, recipe, restart: bool = False) -> tuple[Callable
     else:
         does = (f"holds a run; this command resumes it from checkpoint {latest.read_text().strip()}"
                 if latest.is_file() else "holds a run; this command resumes it from its newest intact checkpoint")
-
-    def check() -> None:
-        if lost:
-            raise RecipeError(lost_run_message(lost[0]))
-        prepare_run_dir(run_dir, recipe, is_main=False)
-
-    return check, [f"run directory: {run_dir} {does} (--restart starts over)"]
+    return refused, [f"run directory: {run_dir} {does} (--restart starts over)"]
 
 
 def check_run_dir(run_dir: Path) -> None:

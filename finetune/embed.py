@@ -7,15 +7,15 @@
 ``--init`` is anything fine-tuning takes (a run directory, an export, an official SSAST / AST ``.pth``,
 a Hugging Face AST directory, an official HTS-AT checkpoint; :func:`finetune.embedder.load_embedder`).
 The model, its front end, the layer and the pooling are :class:`finetune.embedder.Embedder`'s, the code
-the linear probe extracts its features with. ``--inputs`` takes audio files, folders (every ``.wav``,
-``.flac``, ``.ogg``, ``.mp3``, ``.opus`` under them, in sorted order) and Lhotse manifests
+the linear probe extracts its features with. ``--inputs`` takes audio files, folders (every audio file
+under them, ``common.data.audio_file.AUDIO_SUFFIXES``, in sorted order) and Lhotse manifests
 (``.jsonl``/``.jsonl.gz``, as ``python -m common.data.corpora prepare`` writes them, or a Shar folder).
 
 A clip longer than the model's clip is cut into windows of one clip, ``--hop`` seconds apart (default:
-one clip, no overlap), the last one ending with the clip; a shorter one is one window, zero-padded as in
-training. Windows are embedded in batches of ``--batch-size`` on ``--device``. A file longer than two
-minutes is read a window at a time (WAV, FLAC, AIFF, W64, RF64, CAF; ``common.data.audio_file``), so a
-recording of hours takes no more memory than its windows' embeddings.
+one clip, no overlap), the last one ending with the clip (so it overlaps the one before); a shorter one is one
+window, zero-padded as in training. Windows are embedded in batches of ``--batch-size`` on ``--device``. A file
+longer than two minutes is read a window at a time (WAV, FLAC, AIFF, W64, RF64, CAF; ``common.data.audio_file``),
+so a recording of hours takes no more memory than its windows' embeddings.
 
 Output (``--out``)::
 
@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=whole_number(1, "of windows >= 1"), default=16,
                         help="windows per forward pass (default 16)")
     parser.add_argument("--hop", type=hop_seconds, default=None,
-                        help="seconds between the windows of a long clip (default: one clip, no overlap)")
+                        help="seconds between the windows of a long clip (default: one clip; the last window ends with "
+                             "the clip, overlapping the one before)")
     parser.add_argument("--shard-size", type=whole_number(1, "of windows >= 1"), default=512,
                         help="windows per shard (default 512)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")

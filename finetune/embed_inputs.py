@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from common.data.audio_file import AudioFile, AudioReadError, Samples, folder_audio
-from common.data.corpora.base import AUDIO_SUFFIXES
+from common.data.audio_file import AUDIO_SUFFIXES, AudioFile, AudioReadError, Samples, audio_suffixes, folder_audio
 from common.data.decode import BadClip, load_clip, source_path
 from common.data.manifests import count_clips, manifest_problem, open_cuts
 
@@ -100,7 +99,7 @@ def list_clips(inputs: Sequence[str | os.PathLike]) -> tuple[Iterator[Clip], int
         elif path.is_dir():
             files = folder_audio(path)
             if not files:
-                raise FileNotFoundError(f"--inputs: folder {path} holds no audio files ({', '.join(AUDIO_SUFFIXES)})")
+                raise FileNotFoundError(f"--inputs: folder {path} holds no audio files ({audio_suffixes()})")
             total = None if total is None else total + len(files)
             plan.append(("folder", path, files))
         else:  # a file, even a missing one: it is listed as unreadable, the others are embedded

@@ -6,7 +6,8 @@
     python finetune/predict.py --ckpt model.safetensors --json *.wav > scores.json
     python finetune/predict.py --ckpt my_hf_ast_dir clip.wav          # a Hugging Face AST directory
 
-A folder stands for its audio files (``.wav``, ``.flac``, ``.ogg``, ``.mp3``, ``.opus``, at any depth, sorted).
+A folder stands for its audio files (``common.data.audio_file.AUDIO_SUFFIXES``: .wav, .flac, .aiff, .aif, .w64,
+.rf64, .caf, .ogg, .mp3, .opus), at any depth, sorted.
 Audio of any sampling rate is resampled to the model's. A file longer than the model's clip is cut into
 windows of one clip, ``--hop`` seconds apart (default: half a clip), the last one ending with the file; a
 shorter file is one window, zero-padded as in training. A WAV, FLAC, AIFF, W64, RF64 or CAF file is read a
@@ -42,6 +43,7 @@ import torch
 from common.data.audio_file import (
     AudioFile,
     AudioReadError,
+    audio_suffixes,
     folder_audio,
     hop_samples,
     hop_seconds,
@@ -49,7 +51,6 @@ from common.data.audio_file import (
     window_weights,
     windows,
 )
-from common.data.corpora.base import AUDIO_SUFFIXES
 from common.system.prog import prog, whole_number
 from finetune.inference import clip_for_export, clip_handling, predict_scores
 
@@ -175,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ckpt", required=True,
                         help="a fine-tuning run directory, a classifier export, or a Hugging Face AST directory")
     parser.add_argument("audio", nargs="+", help="audio files (any format libsndfile reads, any sampling rate) or "
-                                                 "folders (their .wav, .flac, .ogg, .mp3 and .opus files, any depth)")
+                                                 f"folders (their {audio_suffixes()} files, any depth)")
     parser.add_argument("--top-k", type=whole_number(1, "of labels >= 1"), default=5,
                         help="labels to show per file and window (default 5)")
     parser.add_argument("--hop", type=hop_seconds, default=None, help="seconds between windows (default: half a clip)")
@@ -208,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for path in expand_folders(args.audio):
             if Path(path).is_dir():
-                suffixes = ", ".join(AUDIO_SUFFIXES)
-                results.append({"file": path, "error": f"a folder holding no audio files ({suffixes})"})
+                results.append({"file": path, "error": f"a folder holding no audio files ({audio_suffixes()})"})
                 continue
             try:
                 pred = predict_file(model, meta, path, args.hop, device=device, aggregate=args.aggregate)

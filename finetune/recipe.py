@@ -149,8 +149,14 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
         data, task_file = assembled({k: v for k, v in defaults.items() if k == "data"}), True
         applied = apply_overrides(data, overrides)
     _check_sections(applied)
+    # what the task file says, for where a key's value was written: --set, --recipe, the task file
+    files = [*(recipe_files(recipe_path) if recipe_path is not None else []),
+             *([(task, {**defaults, "task": fields})] if is_task_file(task) else [])]
     if task_file:
-        data, stated, followed, said = task_file_data(task, data, overrides, init_weights, planning)
+        try:
+            data, stated, followed, said = task_file_data(task, data, overrides, init_weights, planning)
+        except RecipeError as err:  # defaults: an unknown choice
+            raise with_source(err, overrides, files) from None
     else:
         data = applied
         data.pop("defaults", None)  # `--set defaults=null`: the task's own recipe, as without it
@@ -158,9 +164,7 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
     full, (data, derived) = data, apply_coarse(data, name, coarse)
     try:
         recipe = build_derived(FinetuneRecipe, data, derived)
-    except RecipeError as err:  # the key named, and where its value was written: --set, --recipe, the task file
-        files = [*(recipe_files(recipe_path) if recipe_path is not None else []),
-                 *([(task, {**defaults, "task": fields})] if is_task_file(task) else [])]  # what the task file says
+    except RecipeError as err:  # the key named, and where its value was written
         raise with_source(err, overrides, files) from None
     if task_file:
         recipe = apply_task_file_defaults(recipe, full, notes, stated, followed, said,

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list-tasks", action="store_true", help="print the registered tasks and exit")
     parser.add_argument("--keep-head", action="store_true",
                         help="with --init a Hugging Face ASTForAudioClassification directory: start from its "
-                             "classifier head (the task's classes must equal its labels; needs --set head.pool=prefix)")
+                             "classifier head (the task's classes must equal its labels; head.pool must be prefix, "
+                             "auto's choice for such an init)")
     add_run_arguments(parser, "runs/finetune/<task>-<recipe name, or baseline without --recipe>, with "
                               "-<method><C> (e.g. -fshift4) after --coarse", phase_length="epochs")
     return parser
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                                       f"pooling: {objective.head.pool}"],
                               notes=[f"optimiser {o.optimizer}, lr {o.lr:g}, warm-up {o.warmup_steps} steps, "
                                      f"{o.schedule} schedule", *notes, *resumes], cautions=cautions,
-                              missing=[*missing, *problems([refused])]))
+                              missing=missing, refused=refused))
             return 0
         from common.data.config import ManifestSpec
         from common.training.loop import Trainer

@@ -262,7 +262,7 @@ def task_file_data(task: str, data: dict, overrides: Sequence[str], init_weights
                 raise
     family = init_family(init_weights, model.get("arch", "ast"))
     balanced = fields.get("balanced") is True
-    followed = choose(choice, fields.get("metric") == "mAP", frames, family, fields.get("name", task), balanced)
+    followed = choose(choice, fields.get("metric") == "mAP", frames, family, balanced)
     if followed == PACKAGE:
         defaults, said = {"phases": [{"compression": "none", "epochs": PACKAGE_EPOCHS}]}, []
     else:

@@ -155,18 +155,20 @@ def closest(multi_label: bool, frames: int, family: str, balanced: bool = False)
     return "ast_esc50_audioset" if family == "ast" else f"{whose}_esc50"
 
 
-def choose(choice, multi_label: bool, frames: int, family: str, where: str, balanced: bool = False) -> str:
+def choose(choice, multi_label: bool, frames: int, family: str, balanced: bool = False) -> str:
     """``defaults:`` as written (None: ``auto``) -> ``package`` or a name of :data:`RECIPES`.
 
     Raises:
-        RecipeError: naming ``defaults`` and ``where`` for an unknown choice.
+        RecipeError: naming ``defaults`` for an unknown choice; where its value was written (a task file,
+            ``--recipe``, ``--set``) is the caller's to add (``finetune.recipe.load_recipe``:
+            ``common.config.recipe.with_source``), as for every other key.
     """
     if choice is None or choice == AUTO:
         return closest(multi_label, frames, family, balanced)
     if choice == PACKAGE or choice in RECIPES:
         return choice
     raise RecipeError(f"defaults: expected {AUTO} (the published recipe closest to the task), {PACKAGE} (the "
-                      f"package's bare defaults) or one of {', '.join(RECIPES)}; got {choice!r} (in {where})")
+                      f"package's bare defaults) or one of {', '.join(RECIPES)}; got {choice!r}")
 
 
 def _last_share(value: int, epochs: int, total: int) -> int:

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                               notes=[*_baseline_notes(recipe, baseline, args.overrides), *clip_lines(recipe),
                                      *init_lines, *resumes],
                               cautions=cautions,
-                              missing=[*missing_init, *problems([*run.checks, refused])]))
+                              missing=[*missing_init, *problems(run.checks)], refused=refused))
             return 0
         from common.training.loop import Trainer
         from common.training.spec import RunSpec

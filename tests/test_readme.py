@@ -263,6 +263,25 @@ def test_htsat_schedules_in_the_docs_are_the_recipes(no_data, capsys):
         assert saving is None or f"saving {saving}%" in out, out
 
 
+def test_documented_fine_tuning_runs_do_not_share_a_default_run_directory():
+    """The default run directory, runs/finetune/<task>-<recipe>[-<coarse>], ignores --init and --set: two documented
+    commands that differ only there would write one folder, the second refused as a run of a different recipe.
+    Each such command names its own --run-dir (a --dry-run writes nothing)."""
+    from finetune.run import build_parser
+
+    parser, by_dir = build_parser(), {}
+    for page, line in _doc_bash_lines():
+        words = shlex.split(re.sub(r"^deepspeed (--num_gpus \d+ )?", "python ", line))
+        if words[:2] != ["python", "finetune/run.py"] or "--task" not in words or "--dry-run" in words:
+            continue
+        args = parser.parse_args(words[2:])
+        if args.run_dir is None:
+            folder = (args.task, Path(args.recipe).stem if args.recipe else "baseline", args.coarse)
+            by_dir.setdefault(folder, set()).add((page, tuple(words)))
+    shared = {folder: sorted(lines) for folder, lines in by_dir.items() if len({w for _, w in lines}) > 1}
+    assert shared == {}, "\n".join(f"{f}: {' | '.join(' '.join(w) for _, w in lines)}" for f, lines in shared.items())
+
+
 def _finetuning_lines() -> list[str]:
     """The README's and docs/'s fine-tuning commands on registered tasks (a task file of one's own cannot be
     planned here), as `python` lines (a `deepspeed --num_gpus N` launch plans as one process)."""

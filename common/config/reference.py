@@ -115,9 +115,12 @@ def keys(cls, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
             yield key, _type_name(hint), _default(field), described.get(field.name, "")
 
 
-def markdown(recipes: Sequence[tuple[str, type]], others: Sequence[tuple[str, str, type]] = ()) -> str:
+def markdown(recipes: Sequence[tuple[str, type]], others: Sequence[tuple[str, str, type]] = (),
+             directives: Sequence[tuple[str, str, str, str, Sequence[str]]] = ()) -> str:
     """The reference page of ``recipes``: ``(which runs read it, recipe dataclass)``, a table per section; then
-    ``others``, recipes of their own (``(heading, what reads it, dataclass)``), a table each."""
+    ``others``, recipes of their own (``(heading, what reads it, dataclass)``), a table each. ``directives``:
+    top-level keys no dataclass holds, read before the recipe is built (``extends``, ``defaults``), as
+    ``(key, type, default, meaning, which runs read it)``, after the top-level keys of the dataclasses."""
     rows: dict[str, dict[str, tuple]] = {}  # section -> key -> row, in first-seen order
     used: dict[str, set[str]] = {}  # section or key -> the recipes that have it
     for name, cls in recipes:
@@ -126,6 +129,10 @@ def markdown(recipes: Sequence[tuple[str, type]], others: Sequence[tuple[str, st
             rows.setdefault(section, {}).setdefault(key, (kind, default, text))
             used.setdefault(section, set()).add(name)
             used.setdefault(key, set()).add(name)
+    for key, kind, default, text, names in directives:
+        rows.setdefault("(top level)", {})[key] = (kind.replace("|", "\\|"), default, text)
+        used.setdefault("(top level)", set()).update(names)
+        used[key] = set(names)
     out = ["# Recipe keys", "",
            "Back to the [README](../README.md). Every key a recipe file, a task file's recipe sections or `--set` may "
            "set, its type, default and meaning, as the code defines them (written by `python -m "

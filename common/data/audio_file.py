@@ -37,14 +37,19 @@ from lhotse.audio.resampling_backend import get_current_resampling_backend
 from lhotse.augmentation.torchaudio import Resample
 from lhotse.utils import compute_num_samples
 
-from common.data.corpora.base import AUDIO_SUFFIXES
 from common.data.integrity import decoder_reason, truncation
 
 __all__ = ["AudioReadError", "AudioFile", "Samples", "load_audio", "folder_audio", "pad_windows", "hop_seconds",
-           "hop_samples", "windows", "window_weights", "BLOCK_SECONDS", "STREAMED_FORMATS"]
+           "hop_samples", "windows", "window_weights", "BLOCK_SECONDS", "STREAMED_FORMATS", "AUDIO_SUFFIXES",
+           "audio_suffixes"]
 
 BLOCK_SECONDS = 30.0  # samples read (and resampled) at once around a window of a streamed file
 STREAMED_FORMATS = ("WAV", "WAVEX", "FLAC", "AIFF", "W64", "RF64", "CAF")  # libsndfile seeks these exactly
+# What counts as an audio file where a folder is scanned: a folder given to predict or embed, and the folders
+# corpus preparation scans (common.data.corpora), whose clips are read by Lhotse and soundfile as these files are:
+# the streamed formats above, then what is decoded whole. One list, so that what a command finds in a folder is
+# what the readers read.
+AUDIO_SUFFIXES = (".wav", ".flac", ".aiff", ".aif", ".w64", ".rf64", ".caf", ".ogg", ".mp3", ".opus")
 
 
 class AudioReadError(ValueError):
@@ -218,6 +223,11 @@ def load_audio(path: str | os.PathLike, sample_rate: int, channels: str = "first
     """The whole of ``path`` at ``sample_rate`` (see :class:`AudioFile`; raises :class:`AudioReadError`)."""
     with AudioFile(path, sample_rate, channels) as audio:
         return audio.read(0, audio.num_samples)
+
+
+def audio_suffixes() -> str:
+    """:data:`AUDIO_SUFFIXES` as messages and help name them: ``.wav, .flac, ...``."""
+    return ", ".join(AUDIO_SUFFIXES)
 
 
 def folder_audio(folder: str | os.PathLike) -> list[Path]:

@@ -16,8 +16,8 @@ from typing import Sequence
 
 from lhotse import CutSet
 
+from common.data.audio_file import AUDIO_SUFFIXES
 from common.data.config import ManifestSpec
-from common.data.corpora.base import AUDIO_SUFFIXES
 from common.data.decode import narrow_length_tolerance
 from common.data.manifest_index import ManifestIndex, count_lines, manifest_path, open_lines
 from common.data.shar_stream import folder_shards

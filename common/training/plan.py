@@ -272,10 +272,12 @@ def format_table(rows: Sequence[PhasePlan]) -> str:
 
 
 def format_plan(plan: RunPlan, stated: int | None = None, source: str = "the recipe", header: Sequence[str] = (),
-                notes: Sequence[str] = (), cautions: Sequence[str] = (), missing: Sequence[str] = ()) -> str:
+                notes: Sequence[str] = (), cautions: Sequence[str] = (), missing: Sequence[str] = (),
+                refused: Sequence[str] = ()) -> str:
     """What ``--dry-run`` prints: ``header``, the table (after the schedule's origin, for a derived one), the
     batch and its split (``stated``: the global batch ``source`` states, to say when ``--set`` changed it), the
-    memory setting, how phases end, the planned cost and saving, ``notes``, ``cautions`` and the files a run
+    memory setting, how phases end, the planned cost and saving, ``notes``, ``cautions``, what the command refuses
+    in the run directory (``refused``: ``common.cli.resume_check``; no file is missing there) and the files a run
     would not find (``missing``)."""
     lines = list(header)
     if plan.coarse is not None:
@@ -283,6 +285,9 @@ def format_plan(plan: RunPlan, stated: int | None = None, source: str = "the rec
     lines += [format_table(plan.rows), *batching.plan_lines(plan.splits, plan.data_batch, stated, source),
               describe_setting(plan.setting), *describe_ends(plan.phases, plan.stop_when_surpassing),
               *plan.saving_lines(), *notes, *(f"warning: {c}" for c in cautions)]
+    if refused:
+        lines += ["what the command refuses in its run directory (it would stop before any compute):",
+                  *(f"  {problem}" for problem in refused)]
     if missing:
         lines += ["files a run needs and does not find (it would stop before any compute):",
                   *(f"  {problem}" for problem in missing)]

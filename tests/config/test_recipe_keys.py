@@ -6,15 +6,28 @@ from pathlib import Path
 from common.config.reference import keys, markdown
 from finetune.linear_probe import ProbeRecipe
 from finetune.recipe import FinetuneRecipe
-from finetune.recipe_keys import other_recipes, recipe_classes
+from finetune.recipe_keys import directives, other_recipes, recipe_classes
 from pretrain.recipe import PretrainRecipe
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "recipe_keys.md"
 
 
 def test_the_recipe_key_reference_is_current():
-    assert DOC.read_text(encoding="utf-8") == markdown(recipe_classes(), other_recipes()), \
+    assert DOC.read_text(encoding="utf-8") == markdown(recipe_classes(), other_recipes(), directives()), \
         "docs/recipe_keys.md is out of date: python -m finetune.recipe_keys > docs/recipe_keys.md"
+
+
+def test_the_reference_has_the_keys_read_before_a_recipe_is_built():
+    """``defaults`` (a task file's, ``--set defaults=``) and ``extends`` are keys a user writes though no recipe
+    dataclass holds them: the page names them, with what ``defaults`` may be."""
+    from finetune.task_recipes import RECIPES
+
+    page = DOC.read_text(encoding="utf-8")
+    top = page.split("## (top level)")[1].split("\n## ")[0]
+    defaults = next(line for line in top.splitlines() if line.startswith("| `defaults` |"))
+    assert "`auto`" in defaults and "`package`" in defaults and all(f"`{n}`" in defaults for n in RECIPES)
+    assert defaults.endswith("(fine-tuning only) |")
+    assert any(line.startswith("| `extends` | str |") for line in top.splitlines())
 
 
 def test_every_key_is_described_and_settable():

@@ -79,6 +79,20 @@ def test_custom_folder_per_class_with_splits_and_unlabeled(tmp_path):
         get_corpus("custom").prepare(None, tmp_path / "out", csv=tmp_path / "bad.csv")
 
 
+def test_custom_folders_take_every_format_predict_reads(tmp_path):
+    """A class folder of AIFF or CAF recordings is prepared as WAV and FLAC are (the folder scan and predict's share
+    one list of suffixes): none is skipped."""
+    write_clip(tmp_path / "tree" / "kick" / "k1.aiff", seconds=0.3)
+    write_clip(tmp_path / "tree" / "kick" / "k2.wav", seconds=0.3)
+    write_clip(tmp_path / "tree" / "snare" / "s1.caf", seconds=0.3)
+    write_clip(tmp_path / "raw" / "x.w64", seconds=0.3)
+    report = get_corpus("custom").prepare(tmp_path / "tree", tmp_path / "out", unlabeled=tmp_path / "raw")
+    assert dict(report.clips) == {"train": 3, "pool": 1} and not report.unreadable
+    train = CutSet.from_file(report.manifests["train"]).to_eager()
+    assert sorted(c.id for c in train) == ["kick-k1", "kick-k2", "snare-s1"]
+    assert all(c.load_audio().shape == (1, 4800) for c in train)
+
+
 def test_custom_folders_keep_every_file_of_a_shared_name(tmp_path):
     """Files named alike in different sub-folders are different clips (a class folder of recording sessions, an
     unlabeled pool split in folders): none is dropped."""

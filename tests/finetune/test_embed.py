@@ -10,6 +10,7 @@ import torch
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from common.models.exports import RUN_EXPORT, save_encoder
 from finetune.embed import embed_files, main
+from finetune.embed_inputs import list_clips
 from finetune.embed_store import read_clips, read_index, read_shard
 from finetune.embedder import load_embedder
 from tests.helpers import _write, one_error
@@ -217,6 +218,19 @@ def test_a_rerun_skips_what_was_written_and_computes_nothing(tmp_path, monkeypat
     embedder.channels = "mean"  # another mixdown of the same model (an official HTS-AT checkpoint's, now)
     with pytest.raises(ValueError, match="other settings \\(channels None -> 'mean'\\)"):
         embed_files(embedder, files, out, shard_size=1, workers=0)
+
+
+def test_a_folder_stands_for_every_format_the_readers_read(tmp_path):
+    """``--inputs DIR`` lists AIFF, CAF, W64 and RF64 files as it lists WAV and FLAC (all read a window at a time),
+    and a missing ``.aiff`` is a file that cannot be read, not a folder that is not there."""
+    folder = tmp_path / "mac"
+    folder.mkdir()
+    files = [_write(folder / name, 0.5, seed=i) for i, name in enumerate(["a.aiff", "b.caf", "c.rf64", "d.w64"])]
+    clips, total = list_clips([str(folder), str(tmp_path / "gone.aiff")])
+    clips = list(clips)
+    assert total == 5 and [c.clip_id for c in clips] == [*map(str, files), str(tmp_path / "gone.aiff")]
+    with clips[1].open(16000) as audio:
+        assert audio.num_samples == 8000
 
 
 def test_unreadable_files_are_named_listed_and_skipped(tmp_path, capsys):

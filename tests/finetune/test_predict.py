@@ -55,6 +55,17 @@ def test_long_file_windows_and_aggregation_rules(tmp_path, model_file, capsys):
     assert len([line for line in out.splitlines() if line.strip().endswith(("Alpha", "b", "c"))]) == 2 + 10
 
 
+def test_a_folder_stands_for_every_format_the_readers_read(tmp_path, model_file, capsys):
+    """AIFF, CAF, W64 and RF64 files are read a window at a time as WAV and FLAC are: a folder of them is tagged,
+    not refused as holding no audio."""
+    folder = tmp_path / "mac"
+    folder.mkdir()
+    files = [_write(folder / name, 0.5, seed=i) for i, name in enumerate(["a.aiff", "b.caf", "c.rf64", "d.w64"])]
+    assert predict(["--ckpt", str(model_file("ce")), "--json", str(folder)]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert [e["file"] for e in entries] == list(map(str, files)) and all("scores" in e for e in entries)
+
+
 def test_an_unreadable_file_is_reported_and_the_others_are_tagged(tmp_path, model_file, capsys):
     model = model_file("ce")
     good = _write(tmp_path / "good.wav", 0.5)
@@ -69,7 +80,8 @@ def test_an_unreadable_file_is_reported_and_the_others_are_tagged(tmp_path, mode
     assert [e["file"] for e in entries] == list(map(str, files))
     assert entries[1] == {"file": str(tmp_path / "deleted.wav"), "error": "no such file"}
     assert "Format not recognised" in entries[2]["error"] and "Details" not in entries[2]["error"]
-    assert entries[3]["error"] == "a folder holding no audio files (.wav, .flac, .ogg, .mp3, .opus)"
+    assert entries[3]["error"] == ("a folder holding no audio files (.wav, .flac, .aiff, .aif, .w64, .rf64, .caf, "
+                                   ".ogg, .mp3, .opus)")
     assert {"labels", "scores", "windows"} <= set(entries[0]) and {"labels", "scores"} <= set(entries[4])
     assert "error: 3 of 5 files could not be read" in captured.err
     # a folder stands for its audio files, at any depth, in sorted order

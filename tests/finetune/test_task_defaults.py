@@ -2,6 +2,7 @@
 family), its time mask scaled to the clip length, and say which; what the user states wins; the registered
 tasks keep their recipes; ``defaults: package`` keeps the bare defaults."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -182,8 +183,9 @@ def test_the_package_defaults_stay_available(tmp_path, synth_corpus):
                         overrides=["data.batch_size=4"])
     # 48 of 128 frames -> 112.5 of 300
     assert (named.optim.lr, named.augment.timem, named.augment.noise) == (2.5e-4, 112, True)
-    with pytest.raises(RecipeError, match="defaults: expected auto .* got 'esc'"):
-        load_recipe(task_file(tmp_path, synth_corpus, 300, "defaults: esc\n"))
+    mine = task_file(tmp_path, synth_corpus, 300, "defaults: esc\n")
+    with pytest.raises(RecipeError, match=rf"defaults: expected auto .* got 'esc' \(in {re.escape(mine)}\)$"):
+        load_recipe(mine)  # named with where it was written, as every key is
     nested = tmp_path / "nested.yaml"
     nested.write_text(f"defaults: package\ntask:\n  name: n\n  classes: {synth_corpus / 'synth_classes.json'}\n"
                       f"  train: [{synth_corpus / 'synth_train.jsonl.gz'}]\n"
@@ -201,7 +203,7 @@ def test_registered_tasks_keep_their_recipes(tmp_path):
 
 
 
-def test_a_registered_task_follows_another_published_recipe_when_defaults_names_one():
+def test_a_registered_task_follows_another_published_recipe_when_defaults_names_one(tmp_path):
     """The registered esc50 follows SSAST's recipe whatever the start; AST's official ESC-50 recipe for an AudioSet
     checkpoint (egs/esc50/run_esc.sh: lr 1e-5, 25 epochs, no noise, decay from epoch 5) is a switch away: defaults
     names it, or auto picks the published recipe closest to the init, as for a task file."""
@@ -225,8 +227,11 @@ def test_a_registered_task_follows_another_published_recipe_when_defaults_names_
     assert load_recipe("esc50", overrides=["defaults=package"]).optim.schedule == "plateau"
     assert load_recipe("synth", overrides=["defaults=null"]) == load_recipe("synth")  # null: its own, not auto
     assert load_recipe("esc50", overrides=["defaults=ast_esc50_audioset", "optim.lr=2e-5"]).optim.lr == 2e-5
-    with pytest.raises(RecipeError, match="defaults: expected auto"):
-        load_recipe("esc50", overrides=["defaults=ast"])
+    with pytest.raises(RecipeError, match=r"defaults: expected auto .* got 'ast' \(--set defaults=ast\)$"):
+        load_recipe("esc50", overrides=["defaults=ast"])  # --set named, as for every other key
+    (tmp_path / "r.yaml").write_text("defaults: bogus\n")
+    with pytest.raises(RecipeError, match=rf"got 'bogus' \(in {re.escape(str(tmp_path / 'r.yaml'))}\)$"):
+        load_recipe("esc50", recipe_path=tmp_path / "r.yaml")
 
 
 def _flat(recipe: dict) -> dict:

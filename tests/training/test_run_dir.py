@@ -5,8 +5,12 @@ import json
 import pytest
 import torch
 
+from common.training.ledger import Ledger
+from finetune.run import main as finetune
 from pretrain.run import main
-from tests.helpers import RECIPE, poison_loss_at, tiny
+from tests.helpers import RECIPE, _synth_root, poison_loss_at, tiny
+
+REFUSED = "what the command refuses in its run directory (it would stop before any compute):\n"
 
 
 def _run(run_dir, corpus, *extra, stop=None) -> int:
@@ -27,18 +31,57 @@ def test_a_failed_start_leaves_no_recipe_behind(tmp_path, synth_corpus, monkeypa
     assert "depth: 1" in (run_dir / "recipe.yaml").read_text()  # written with the first checkpoint
     assert _run(run_dir, synth_corpus, "model.depth=2") == 2  # from now on the run is protected
     assert "model.depth" in capsys.readouterr().err
-    # a plan of the same command says it resumes the run; one the run would refuse lists the refusal, as a run
-    # would miss a file, and writes nothing
+    # a plan of the same command says it resumes the run; one the run would refuse says so and gives the refusal
+    # under its own heading (no file is missing), and writes nothing
     files = sorted(p.name for p in run_dir.rglob("*"))
     for depth, refused in ((1, False), (2, True)):
         argv = ["--recipe", str(RECIPE), "--run-dir", str(run_dir), *tiny(synth_corpus, f"model.depth={depth}")]
         assert main([*argv, "--dry-run"]) == 0
         out = capsys.readouterr().out
-        assert f"{run_dir} holds a run; this command resumes it from checkpoint phase01-step000000002" in out, out
-        assert (f"{run_dir} holds a run of a different recipe (model.depth differ)" in out) == refused, out
+        assert (f"{run_dir} holds a run; this command resumes it from checkpoint phase01-step000000002" in out) \
+            != refused, out
+        assert (f"{run_dir} holds a run that this command refuses (why: below)" in out) == refused, out
+        assert (f"{REFUSED}  {run_dir} holds a run of a different recipe (model.depth differ)" in out) == refused, out
         assert main([*argv, "--dry-run", "--restart"]) == 0
         assert "holds a run" not in capsys.readouterr().out  # --restart starts over: nothing resumed or refused
     assert sorted(p.name for p in run_dir.rglob("*")) == files
+
+
+def test_a_plan_on_a_finished_run_of_another_recipe_says_the_command_refuses_it(tmp_path, synth_corpus, capsys):
+    """A finished run is "nothing left to train" only for its own recipe: for another one (here a fine-tuning run
+    where pretraining plans) the plan says what the command does, refuse it, and why under a heading of its own,
+    not among the files a run would miss."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ledger = Ledger("acc")
+    for i in range(2):  # recipes/synth_pretrain.yaml's two phases, both ended
+        ledger.start_phase(i, name=f"p{i}", compression="none", factor=1, flops_per_sample=1)
+        ledger.end_phase(i, "length", "planned length")
+    ledger.write(run_dir / "ledger.json")
+    (run_dir / "model.safetensors").write_bytes(b"")
+    (run_dir / "recipe.yaml").write_text("task: {name: synth}\n")
+    argv = ["--recipe", str(RECIPE), "--run-dir", str(run_dir), *tiny(synth_corpus)]
+    assert main([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing left to train" not in out and "files a run needs" not in out, out
+    assert f"run directory: {run_dir} holds a run that this command refuses (why: below) (--restart starts over)" \
+        in out
+    refusal = f"{run_dir} holds a fine-tuning run ({run_dir / 'recipe.yaml'}), and this command is pretraining"
+    assert f"{REFUSED}  {refusal}" in out, out
+    assert main(argv) == 2  # as the command does
+    assert refusal in capsys.readouterr().err
+    # fine-tuning's plan the same way, on a finished pretraining run of one phase
+    (run_dir / "recipe.yaml").write_text("ssast: {}\n")
+    ledger = Ledger("acc")
+    ledger.start_phase(0, name="p0", compression="none", factor=1, flops_per_sample=1)
+    ledger.end_phase(0, "length", "planned length")
+    ledger.write(run_dir / "ledger.json")
+    argv = ["--init", "none", "--task", "synth", "--data-root", str(_synth_root(tmp_path, synth_corpus)),
+            "--run-dir", str(run_dir), "--set", "phases=[{compression: none, epochs: 1}]"]
+    assert finetune([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing left to train" not in out and "files a run needs" not in out, out
+    assert f"{REFUSED}  {run_dir} holds a pretraining run" in out, out
 
 
 def test_a_recipe_yaml_without_any_checkpoint_is_replaced(tmp_path, synth_corpus):

@@ -46,6 +46,7 @@ from typing import Callable, Iterable, Iterator
 
 from lhotse import MonoCut, Recording
 
+from common.data.audio_file import AUDIO_SUFFIXES
 from common.data.integrity import decoder_reason, truncation
 from common.data.lhotse_safety import no_shell
 from common.system.atomic import atomic_path, atomic_write_text, remove_orphans
@@ -68,14 +69,12 @@ __all__ = [
     "read_classes",
     "require_file",
     "require_dir",
-    "AUDIO_SUFFIXES",
     "scan_audio",
     "shuffled_order",
     "unique_entries",
 ]
 
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus")
 # what video corpora come as (VGGSound's and Kinetics' own copies): found, and named as needing their audio extracted
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4a")
 

@@ -6,8 +6,8 @@ Labeled audio comes from either
   labels of one clip are separated by ``;`` (multi-label); paths are relative to the CSV's folder unless
   absolute; an empty label makes the clip unlabeled (a warning names such rows when every other row has
   one label: a single-label task refuses unlabeled clips); a CSV without rows is refused; or
-- a folder per class (``--src DIR``): ``DIR/<class>/**/*.wav`` (or .flac, .ogg, .mp3), optionally one
-  level of split folders first: ``DIR/train/<class>/...``, ``DIR/valid/<class>/...``, ``DIR/test/...``
+- a folder per class (``--src DIR``): ``DIR/<class>/**/*.wav`` (or any of ``common.data.audio_file.AUDIO_SUFFIXES``),
+  optionally one level of split folders first: ``DIR/train/<class>/...``, ``DIR/valid/<class>/...``, ``DIR/test/...``
   (a tree with both split folders and other folders of audio is refused: a class named ``train``, as ESC-50
   has, goes in a CSV). Hidden files and folders (a leading dot: ``.Trash-0``, macOS's ``._x.wav``) and
   ``__MACOSX`` are skipped, here and in ``--unlabeled`` folders.
@@ -40,8 +40,8 @@ import os
 import re
 from pathlib import Path
 
+from common.data.audio_file import AUDIO_SUFFIXES
 from common.data.corpora.base import (
-    AUDIO_SUFFIXES,
     ClipEntry,
     PrepareReport,
     require_file,
