@@ -440,6 +440,27 @@ def test_a_damaged_manifest_index_is_built_again_and_stale_temporaries_go(synth_
     assert not stale.exists() and fresh.exists()  # another host's build may still be writing a recent one
 
 
+def test_a_manifest_is_counted_once_until_it_changes(synth_corpus, tmp_path, monkeypatch):
+    """A start's checks count the clips of a manifest several times (AudioSet-2M's: six passes over the file): the
+    whole count is kept for the file as it is, and a rewritten manifest is counted again."""
+    import os
+
+    import common.data.manifest_index as manifest_index
+
+    path = tmp_path / "train.jsonl.gz"
+    cuts = list(CutSet.from_file(synth_corpus / "synth_train.jsonl.gz"))
+    CutSet.from_cuts(cuts[:7]).to_file(path)
+    opened = []
+    real = manifest_index.open_lines
+    monkeypatch.setattr(manifest_index, "open_lines", lambda p: (opened.append(p), real(p))[1])
+    assert count_clips(path, limit=3) == 4 and count_clips(path) == 7 and len(opened) == 2  # a limited count: not all
+    assert count_clips(path) == 7 and count_clips(path, limit=3) == 4 and count_clips(path, limit=7) == 7
+    assert len(opened) == 2
+    CutSet.from_cuts(cuts[:5]).to_file(path)
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1_000_000))  # another time, surely
+    assert count_clips(path) == 5 and len(opened) == 3
+
+
 def test_only_small_equal_weight_sets_are_read_into_memory(class_sorted_manifest, synth_corpus):
     path, classes, per_class = class_sorted_manifest
     assert count_clips(path) == classes * per_class and count_clips(path, limit=100) == 101
