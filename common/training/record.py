@@ -332,6 +332,8 @@ class RunRecord:
                 self.objective.export(model, self.run_dir / "export" / "best.safetensors",
                                       self._export_meta(index, eval=record))
             self.ledger.write(self.run_dir / "ledger.json")
+            if index == len(self.spec.phases) - 1 and epoch is not None:  # weights that cannot be averaged any more
+                self.average.prune(self._epoch_scores(index))
 
     def end_phase(self, model: nn.Module, index: int, decision: Decision) -> None:
         """Phase ``index`` ended (``decision``: why): the ledger's record of it, and the phase's export."""
@@ -441,12 +443,15 @@ class RunRecord:
                           "channels": self.spec.data.channels_for(self.plan.arch)}, **extra}
 
     # ------------------------------------------------------------------------------------- the end
+    def _epoch_scores(self, index: int) -> dict[int, float]:
+        """Phase ``index``'s validation score per epoch, from the ledger."""
+        return {e["epoch"]: e["metrics"][self.objective.score_name] for e in self.ledger.evals
+                if e["phase"] == index and "epoch" in e and self.objective.score_name in e.get("metrics", {})}
+
     def average_into(self, model: nn.Module, index: int) -> list[int]:
         """Load the average of the kept epochs' weights (the best ``weight_average_top``, if set) into
         ``model``; returns the epochs averaged (AST's weight averaging)."""
-        scores = {e["epoch"]: e["metrics"][self.objective.score_name] for e in self.ledger.evals
-                  if e["phase"] == index and "epoch" in e and self.objective.score_name in e.get("metrics", {})}
-        epochs = self.average.chosen(scores, ran=self.state.epoch_in_phase)
+        epochs = self.average.chosen(self._epoch_scores(index), ran=self.state.epoch_in_phase)
         top = self.average.top
         if top is not None and len(epochs) < top:
             log.warning("train.weight_average_top: the final phase ended after %d epochs, fewer than the %d to "

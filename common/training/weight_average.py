@@ -8,7 +8,7 @@ best by validation score; the trainer then evaluates and exports the average as 
 
 A final phase that may end early (an ``until`` section, ``train.stop_when_surpassing``) takes
 ``weight_average_top``: the best K of the epochs that ran (all of them if fewer than K ran), every epoch up to
-the phase's cap being kept. A range from ``weight_average_from`` on needs the phase's length in advance and
+the phase's cap being kept until K others rank above it (then it cannot be among the best any more). A range from ``weight_average_from`` on needs the phase's length in advance and
 is refused there (``common.phases.until.check_schedule``).
 """
 
@@ -94,6 +94,19 @@ class WeightAverage:
             raise ValueError(f"weight averaging of the top {self.top} epochs: no validation score for epochs {missing}")
         ranked = sorted(epochs, key=lambda e: (-scores[e], e))
         return sorted(ranked[: self.top])
+
+    def prune(self, scores: dict[int, float]) -> list[int]:
+        """Remove the kept weights of the epochs that can no longer be among the ``top`` best (call on one rank,
+        after a validation): ``top`` scored epochs already rank above each of them (by :meth:`chosen`'s rule), and
+        later epochs only add rivals. A run of hundreds of epochs kept every epoch's weights to its end (300 files
+        for 5 averaged). Returns the epochs removed; nothing without ``top`` (a range averages every kept epoch)."""
+        if self.top is None:
+            return []
+        ranked = sorted((e for e in self.epochs if e in scores), key=lambda e: (-scores[e], e))
+        gone = [e for e in ranked[self.top:] if self._file(e).is_file()]
+        for epoch in gone:
+            self._file(epoch).unlink(missing_ok=True)
+        return gone
 
     def average(self, epochs: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """The mean of the kept weights of ``epochs`` (default: every kept epoch)."""

@@ -299,6 +299,8 @@ def test_weight_average_top_with_an_early_stop_averages_the_best_epochs_that_ran
     model = load_file(str(run_dir / "model.safetensors"))
     expected = average_state_dicts(load_file(str(run_dir / "average" / f"epoch{e:03d}.safetensors")) for e in averaged)
     assert model.keys() == expected.keys() and all(torch.equal(model[k], v) for k, v in expected.items())
+    # the epochs that fell out of the best as the phase went are gone: only the averaged ones are kept
+    assert sorted(p.name for p in (run_dir / "average").iterdir()) == [f"epoch{e:03d}.safetensors" for e in averaged]
     assert ft(tmp_path, synth_corpus, run_dir, f"train.stop_when_surpassing={baseline}", "coarse.final_until={max: 5}",
               f"train.weight_average_top={top}") == 0  # run again: complete
 

@@ -34,6 +34,23 @@ def test_the_top_epochs_by_validation_score(tmp_path):
         average.chosen({1: 0.1, 2: 0.2, 4: 0.3})
 
 
+def test_epochs_that_cannot_be_among_the_top_any_more_are_removed(tmp_path):
+    """A run of hundreds of epochs kept every epoch's weights (300 files for the 5 it averaged): an epoch that
+    ``top`` others already rank above is removed after each validation; one whose place is open stays."""
+    average = WeightAverage(tmp_path, [1, 2, 3, 4, 5], top=2)
+    model = torch.nn.Linear(1, 1, bias=False)
+    scores: dict[int, float] = {}
+    removed = []
+    for epoch, score in zip((1, 2, 3, 4, 5), (0.3, 0.5, 0.2, 0.5, 0.4)):
+        average.keep(model, epoch)
+        scores[epoch] = score
+        removed.append(average.prune(scores))
+    assert removed == [[], [], [3], [1], [5]]  # epoch 4 ties 2 and ranks after it, but only two rank above 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch002.safetensors", "epoch004.safetensors"]
+    assert average.chosen(scores) == [2, 4] and average.average([2, 4])  # what the end averages is there
+    assert WeightAverage(tmp_path, [1, 2, 3, 4, 5]).prune(scores) == []  # a range averages every kept epoch
+
+
 def test_an_early_end_averages_the_best_of_the_epochs_that_ran(tmp_path):
     from common.phases.until import UntilConfig
 
