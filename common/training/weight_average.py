@@ -8,8 +8,9 @@ best by validation score; the trainer then evaluates and exports the average as 
 
 A final phase that may end early (an ``until`` section, ``train.stop_when_surpassing``) takes
 ``weight_average_top``: the best K of the epochs that ran (all of them if fewer than K ran), every epoch up to
-the phase's cap being kept until K others rank above it (then it cannot be among the best any more). A range from ``weight_average_from`` on needs the phase's length in advance and
-is refused there (``common.phases.until.check_schedule``).
+the phase's cap being kept until K others rank above it (then it cannot be among the best any more). A range from
+``weight_average_from`` on needs the phase's length in advance and is refused there
+(``common.phases.until.check_schedule``).
 """
 
 from __future__ import annotations
