@@ -165,26 +165,56 @@ def _write_labels(path: Path, rows: Sequence[tuple[str, ...]]) -> None:
 _INDEX_FILES = (".jsonl", ".offsets.npy", ".labels.npz", ".source", ".lock")
 
 
+# how long a process waits for another that builds an index or labels cache before it builds its own copy (a
+# holder whose host died keeps an NFS lock until its lease ends, or for good on NFSv3 until the host returns)
+LOCK_WAIT_SECONDS = 1200.0
+
+
 @contextmanager
-def _one_at_a_time(lock: Path) -> Iterator[None]:
-    """Hold ``lock`` (``flock``, waiting for it) while a cache file is built: the ranks of a job, and other jobs
-    sharing the folder, build an index or its labels once, the first to come, and the others read what it wrote
-    (they each built their own copy at once: N temporary copies of a 1 GB index, N passes over 2 million records).
-    The kernel drops the lock of a killed builder. Where the folder takes no lock, each builds its own, as before."""
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:  # a folder this process may read but not write in: nothing it could build either
-        fd = None
+def _one_at_a_time(lock: Path, what: str) -> Iterator[None]:
+    """Hold ``lock`` (``flock``) while ``what`` (a cache file) is built: the ranks of a job, and other jobs sharing
+    the folder, build an index or its labels once, the first to come, and the others wait (they are told so) and
+    read what it wrote (they each built their own copy at once: N temporary copies of a 1 GB index, N passes over
+    2 million records). The kernel drops the lock of a killed builder. Where no lock can be taken (a file system
+    without locks, a lock file this process may not open) or after :data:`LOCK_WAIT_SECONDS`, this process builds
+    its own copy, as before (the copies are written atomically: the last one stays)."""
+    fd = None
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):  # another user's lock file in a shared folder: read-only
+        try:
+            fd = os.open(lock, flags, 0o666)
+            break
+        except OSError:
+            continue
     try:
         if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError:  # a file system without locks
-                pass
+            _lock(fd, lock, what)
         yield
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
+
+
+def _lock(fd: int, lock: Path, what: str) -> None:
+    """Take ``fd``'s exclusive lock, waiting up to :data:`LOCK_WAIT_SECONDS` (saying so); give up without a word
+    where the file system has no locks."""
+    deadline = None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        except OSError:  # no locks here (or none on a read-only descriptor over NFS)
+            return
+        if deadline is None:
+            deadline = time.monotonic() + LOCK_WAIT_SECONDS
+            log.info("waiting for another process that builds %s (it holds %s)", what, lock)
+        elif time.monotonic() > deadline:
+            log.warning("waited %.0f minutes for the process that holds %s to build %s; building it here too (a "
+                        "holder on a host that died keeps an NFS lock until its lease ends)", LOCK_WAIT_SECONDS / 60,
+                        lock, what)
+            return
+        time.sleep(0.5)
 
 
 UNUSED_SECONDS = 7 * 24 * 3600  # an earlier version's copy unopened this long is removed
@@ -275,8 +305,9 @@ class ManifestIndex:
                 raise ValueError(f"{path}: only a .jsonl(.gz) manifest can be indexed for a whole-set shuffle")
             key = f"{path.name.split('.')[0]}-{_key(path)}"
             lines, offsets = folder / f"{key}.jsonl", folder / f"{key}.offsets.npy"
+            lock = folder / f"{key}.lock"
             if not offsets.is_file():
-                with _one_at_a_time(folder / f"{key}.lock"):
+                with _one_at_a_time(lock, f"the index of {path}"):
                     if not offsets.is_file():  # not built by another rank or job meanwhile
                         log.info("indexing %s for a whole-set shuffle into %s (once per manifest)", path, folder)
                         _build(path, lines, offsets)
@@ -285,9 +316,13 @@ class ManifestIndex:
             try:
                 starts, lines_map = _open(lines, offsets)
             except (OSError, ValueError, EOFError) as err:  # e.g. emptied by a crash: index the manifest again
-                log.warning("the index of %s in %s is damaged (%s); indexing it again", path, folder, err)
-                _build(path, lines, offsets)
-                starts, lines_map = _open(lines, offsets)
+                with _one_at_a_time(lock, f"the index of {path}"):
+                    try:
+                        starts, lines_map = _open(lines, offsets)  # indexed again by another rank meanwhile
+                    except (OSError, ValueError, EOFError):
+                        log.warning("the index of %s in %s is damaged (%s); indexing it again", path, folder, err)
+                        _build(path, lines, offsets)
+                        starts, lines_map = _open(lines, offsets)
             if len(starts) < 2:
                 raise ValueError(f"manifest {path} holds no clips")
             self._offsets.append(starts)
@@ -329,7 +364,7 @@ class ManifestIndex:
         for lines, starts, cache in zip(self._maps, self._offsets, self._labels_files):
             part = _read_labels(cache, len(starts) - 1)
             if part is None:
-                with _one_at_a_time(cache.with_name(cache.name.replace(".labels.npz", ".lock"))):
+                with _one_at_a_time(cache.with_name(cache.name.replace(".labels.npz", ".lock")), f"the labels {cache}"):
                     part = _read_labels(cache, len(starts) - 1)  # written by another rank or job meanwhile?
                     if part is None:
                         part = self._read_labels_of(lines, starts, cache)

@@ -364,6 +364,41 @@ def test_the_ranks_of_a_job_index_a_manifest_and_its_labels_once(synth_corpus, t
     assert sorted(log.read_text().split()) == ["index", "labels"]
 
 
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_held_index_lock_is_waited_for_in_words_and_not_for_ever(synth_corpus, tmp_path, monkeypatch, caplog,
+                                                                  read_only):
+    """A rank that waits for another's build says so; a lock whose holder never lets go (a host that died with the
+    folder on NFS) is waited for up to LOCK_WAIT_SECONDS, then the rank builds its own copy. Another user's lock
+    file in a shared folder, which this process may not open for writing, still locks (opened read-only)."""
+    import fcntl
+    import os
+
+    import common.data.manifest_index as manifest_index
+
+    train, folder = synth_corpus / "synth_train.jsonl.gz", tmp_path / "index"
+    folder.mkdir()
+    key = f"synth_train-{manifest_index._key(train)}"
+    holder = os.open(folder / f"{key}.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another process's build that never ends
+    if read_only:
+        real_open = os.open
+
+        def open_(path, flags, *args):
+            if str(path).endswith(".lock") and flags & os.O_RDWR:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(manifest_index.os, "open", open_)
+    monkeypatch.setattr(manifest_index, "LOCK_WAIT_SECONDS", 0.3)
+    with caplog.at_level(logging.INFO, logger="common.data.manifest_index"):
+        index = manifest_index.ManifestIndex([train], folder)
+    assert len(index) == len(CutSet.from_file(train))
+    assert f"waiting for another process that builds the index of {train} (it holds {folder / (key + '.lock')})" \
+        in caplog.text
+    assert "building it here too" in caplog.text
+    os.close(holder)
+
+
 def _position_correlation(first: list[str], second: list[str]) -> float:
     """The correlation of the clips' positions in two epochs (over the clips both hold)."""
     where = {cid: i for i, cid in enumerate(second)}
