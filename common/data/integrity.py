@@ -5,12 +5,12 @@ libsndfile shortens a WAV to the bytes that remain (the clip passes as a shorter
 FLAC's full length from its STREAMINFO block until decoding reaches the missing part. Two checks, cheap
 enough for a corpus of two million files:
 
-- WAV (RIFF / WAVE): the ``data`` chunk's declared size against the bytes that follow it in the file
-  (a few header bytes read, nothing decoded);
+- WAV (RIFF / WAVE, and its RF64 and Wave64 forms) and AIFF: the sound data's declared size against the bytes that
+  follow its chunk header in the file (a few header bytes read, nothing decoded; libsndfile shortens these too);
 - FLAC: the last 4096 frames are decoded after a seek to the end; a truncated stream fails there.
 
-Other formats (Ogg, MP3, Opus) record no length that a truncation contradicts; they are left to the
-decoder. Used when a corpus is prepared (``common.data.corpora.base``) and when a clip is loaded
+Other formats (Ogg, MP3, Opus) record no length that a truncation contradicts, and libsndfile refuses a truncated
+CAF file itself; they are left to the decoder. Used when a corpus is prepared (``common.data.corpora.base``) and when a clip is loaded
 (``common.data.decode.load_clip``).
 
 A file the decoder refuses is named with :func:`decoder_reason`: Lhotse's error in one line (the corpus report,
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import soundfile as sf
 
-__all__ = ["truncation", "wav_data_extent", "decoder_reason"]
+__all__ = ["truncation", "wav_data_extent", "data_extent", "decoder_reason"]
 
 TAIL_FRAMES = 4096
 _UNKNOWN_SIZES = (0, 0xFFFFFFFF)  # streamed WAVs (and RF64) write placeholders instead of the size
@@ -59,6 +59,111 @@ def wav_data_extent(path: str | os.PathLike) -> tuple[int, int, int] | None:
                 return size, present, block_align
             else:
                 handle.seek(size + (size & 1), os.SEEK_CUR)
+
+
+def _aiff_extent(handle) -> tuple[int, int, int] | None:
+    """An AIFF / AIFF-C file's ``(declared sound bytes, bytes present, bytes per frame)`` (big-endian chunks: the
+    ``COMM`` chunk's frames, channels and sample size against the ``SSND`` chunk's data), or None."""
+    form = handle.read(12)
+    if len(form) < 12 or form[:4] != b"FORM" or form[8:12] not in (b"AIFF", b"AIFC"):
+        return None
+    frames = frame = None
+    while True:
+        header = handle.read(8)
+        if len(header) < 8:
+            return None
+        chunk, size = header[:4], struct.unpack(">I", header[4:])[0]
+        if chunk == b"COMM":
+            comm = handle.read(min(size, 8))
+            if len(comm) < 8:
+                return None
+            channels, frames, bits = struct.unpack(">hIh", comm)
+            frame = channels * ((bits + 7) // 8)
+            handle.seek(size - len(comm) + (size & 1), os.SEEK_CUR)
+        elif chunk == b"SSND":
+            offset = handle.read(8)  # offset and block size, then the samples
+            if len(offset) < 8 or not frame or frames is None:
+                return None
+            start = handle.tell() + struct.unpack(">I", offset[:4])[0]
+            return frames * frame, os.fstat(handle.fileno()).st_size - start, frame
+        else:
+            handle.seek(size + (size & 1), os.SEEK_CUR)
+
+
+def _rf64_extent(handle) -> tuple[int, int, int] | None:
+    """An RF64 file's extent: its ``ds64`` chunk holds the data size the 32-bit ``data`` header cannot."""
+    riff = handle.read(12)
+    if len(riff) < 12 or riff[:4] != b"RF64" or riff[8:12] != b"WAVE":
+        return None
+    declared = block_align = None
+    while True:
+        header = handle.read(8)
+        if len(header) < 8:
+            return None
+        chunk, size = header[:4], struct.unpack("<I", header[4:])[0]
+        if chunk == b"ds64":
+            ds64 = handle.read(min(size, 16))
+            if len(ds64) < 16:
+                return None
+            declared = struct.unpack("<Q", ds64[8:16])[0]
+            handle.seek(size - len(ds64) + (size & 1), os.SEEK_CUR)
+        elif chunk == b"fmt ":
+            fmt = handle.read(min(size, 16))
+            if len(fmt) >= 14:
+                block_align = struct.unpack("<H", fmt[12:14])[0]
+            handle.seek(size - len(fmt) + (size & 1), os.SEEK_CUR)
+        elif chunk == b"data":
+            if size != 0xFFFFFFFF:
+                declared = size
+            if not declared or not block_align:
+                return None
+            return declared, os.fstat(handle.fileno()).st_size - handle.tell(), block_align
+        else:
+            handle.seek(size + (size & 1), os.SEEK_CUR)
+
+
+_W64_RIFF = bytes.fromhex("726966662e91cf11a5d628db04c10000")  # 'riff' and the rest of Sony Wave64's GUID
+
+
+def _w64_extent(handle) -> tuple[int, int, int] | None:
+    """A Sony Wave64 file's extent: 16-byte GUID chunk ids, 64-bit sizes that count the 24-byte chunk header, each
+    chunk padded to 8 bytes."""
+    head = handle.read(40)
+    if len(head) < 40 or head[:16] != _W64_RIFF or head[24:28] != b"wave":
+        return None
+    block_align = None
+    while True:
+        header = handle.read(24)
+        if len(header) < 24:
+            return None
+        chunk, size = header[:4], struct.unpack("<Q", header[16:24])[0] - 24
+        if size < 0:
+            return None
+        if chunk == b"fmt ":
+            fmt = handle.read(min(size, 16))
+            if len(fmt) >= 14:
+                block_align = struct.unpack("<H", fmt[12:14])[0]
+            handle.seek(size - len(fmt) + (-size % 8), os.SEEK_CUR)
+        elif chunk == b"data":
+            if not block_align:
+                return None
+            return size, os.fstat(handle.fileno()).st_size - handle.tell(), block_align
+        else:
+            handle.seek(size + (-size % 8), os.SEEK_CUR)
+
+
+def data_extent(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """``(declared data bytes, data bytes present, bytes per frame)`` of a WAV, RF64, Wave64 or AIFF(-C) file, or
+    None (another format, or one that does not declare its size)."""
+    found = wav_data_extent(path)
+    if found is not None:
+        return found
+    for extent in (_rf64_extent, _w64_extent, _aiff_extent):
+        with open(path, "rb") as handle:
+            found = extent(handle)
+        if found is not None:
+            return found
+    return None
 
 
 def _flac_tail(path: str | os.PathLike) -> str | None:
@@ -100,7 +205,7 @@ def truncation(path: str | os.PathLike) -> str | None:
     if suffix == ".flac":
         return _flac_tail(path)
     try:
-        extent = wav_data_extent(path)
+        extent = data_extent(path)
     except OSError:
         return None  # unreadable: the decoder says why
     if extent is None:
