@@ -10,8 +10,8 @@ enough for a corpus of two million files:
 - FLAC: the last 4096 frames are decoded after a seek to the end; a truncated stream fails there.
 
 Other formats (Ogg, MP3, Opus) record no length that a truncation contradicts, and libsndfile refuses a truncated
-CAF file itself; they are left to the decoder. Used when a corpus is prepared (``common.data.corpora.base``) and when a clip is loaded
-(``common.data.decode.load_clip``).
+CAF file itself; they are left to the decoder. Used when a corpus is prepared (``common.data.corpora.base``) and
+when a clip is loaded (``common.data.decode.load_clip``).
 
 A file the decoder refuses is named with :func:`decoder_reason`: Lhotse's error in one line (the corpus report,
 ``bad_audio.tsv`` and the inference commands each put it in their own words around it).
