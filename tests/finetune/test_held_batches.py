@@ -58,10 +58,11 @@ def test_validation_keeps_no_batch():
 
 def test_scoring_an_export_keeps_no_batch(tmp_path, monkeypatch):
     import finetune.evaluate
+    from finetune.inference import clip_for_export
 
     path = tiny_classifier_file(tmp_path, "ce")
     loaded = load_classifier(path)
-    loader = SharedLoader(finetune.evaluate.clip_for_export(loaded[1])[1])
+    loader = SharedLoader(clip_for_export(loaded[1])[1])
     monkeypatch.setattr(finetune.evaluate, "eval_loader", lambda *a, **k: loader)
     metrics = finetune.evaluate.evaluate_export(path, ["unused.jsonl.gz"], ["a", "b", "c"], loaded=loaded)
     assert metrics["clips"] == 2 * BATCHES
