@@ -1,4 +1,8 @@
-"""What every training entry point shares: common flags, the run directory, and readable failures."""
+"""What every training entry point shares: common flags, the run directory, and readable failures.
+
+What building a command's parser needs is imported here at the top and is light; what runs a command (the
+training stack: torch, lhotse, timm) is imported by the function that needs it, when the command runs: every
+command imports this module, and its ``--help`` answers without loading torch (tests/test_entry_points.py)."""
 
 from __future__ import annotations
 
@@ -12,27 +16,18 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from common.config.recipe import RecipeError
-from common.data.bad_audio import TooMuchBadAudio
-from common.data.workers import describe_worker_failure
 from common.system.atomic import remove_orphans
-from common.system.cpu import keep_freed_memory, loader_workers, set_cpu_threads
 from common.system.disk import describe_os_error, human_size
-from common.system.distributed import init_distributed
 from common.system.lock import LOCK_FILE, RunDirBusy, job_lock
-from common.system.logger import detach_run_logs, log_traceback, setup_logging
 from common.system.prog import whole_number
 from common.system.signals import StoppedBySignal, piped, stop_on_signals
 from common.training.batch import launch_world_size
-from common.training.checkpoint_files import NoUsableCheckpoint
-from common.training.nonfinite import NonFiniteLoss
-from common.training.out_of_memory import OutOfDeviceMemory, describe_out_of_memory
-from common.training.run_dir import FINISHED, LOST, has_trained, lost_run_message, prepare_run_dir, run_state
-from common.training.run_recipe import RunRecipe
+
+if TYPE_CHECKING:
+    from common.training.run_recipe import RunRecipe
 
 __all__ = ["add_run_arguments", "world_size_of", "discard_previous", "check_run_dir", "resume_check", "UnusableRunDir",
            "Session", "training_session", "describe_os_error", "run_main"]
@@ -145,6 +140,9 @@ def resume_check(run_dir: Path, recipe, restart: bool = False) -> tuple[list[str
     ``--restart``, or without a run there). The refusal is found before the note is said: a finished run of another
     recipe is refused, as the command refuses it, not "nothing left to train". A finished run whose checkpoints were
     deleted is finished: the command trains nothing, as the run says."""
+    # lazy: the run directory's checks import the training stack (a command's --help does not load torch)
+    from common.training.run_dir import FINISHED, LOST, has_trained, lost_run_message, prepare_run_dir, run_state
+
     run_dir = Path(run_dir)
     if restart or not run_dir.is_dir() or not has_trained(run_dir):
         return [], []
@@ -221,7 +219,13 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
         restart: start over: the earlier attempt's files are moved aside first (:func:`discard_previous`).
         accept_changed_data: resume although the manifests changed (``--accept-changed-data``).
     """
+    import torch  # lazy: a command's --help does not load torch
 
+    # lazy: a run's set-up imports the training stack (torch, lhotse, timm)
+    from common.system.cpu import keep_freed_memory, loader_workers, set_cpu_threads
+    from common.system.distributed import init_distributed
+    from common.system.logger import detach_run_logs, setup_logging
+    from common.training.run_dir import prepare_run_dir
 
     detach_run_logs()  # an earlier run of this process (the demo, a notebook) keeps its train.log to itself
     check_run_dir(run_dir)
@@ -258,6 +262,10 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken p
 def _stopped_by(err: BaseException, resumable: bool) -> str | None:
     """The line for a failure that stopped a command although its input was good: a loader worker's, the memory's
     (a command that does not train: a run raises :class:`OutOfDeviceMemory`), another rank's; None otherwise."""
+    # lazy: both import torch (a command's --help does not load torch)
+    from common.data.workers import describe_worker_failure
+    from common.training.out_of_memory import describe_out_of_memory
+
     worker = describe_worker_failure(err)
     if worker is not None:
         return worker + ("; then run the same command again to resume from the last checkpoint" if resumable else "")
@@ -282,14 +290,12 @@ def command_device(given: str | None) -> str:
     Raises:
         ValueError: ``given`` names a CUDA device and this machine has none.
     """
+    import torch  # lazy: a command's --help does not load torch
+
     device = given or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
     return device
-
-
-# what ends a run that started with good input (exit status 1); every other known failure is bad input (2)
-_STOPPED = (NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, RunDirBusy, OutOfDeviceMemory)
 
 
 def run_main(body: Callable[[], int], resumable: bool = False) -> int:
@@ -302,6 +308,15 @@ def run_main(body: Callable[[], int], resumable: bool = False) -> int:
     SIGUSR1 stopped it (checkpointed: ``common.system.signals``). ``resumable``: a training command (an
     interruption says that the same command resumes from the last checkpoint).
     """
+    # lazy: the failures' modules import torch; a command parses its options (--help) before it runs here
+    from common.data.bad_audio import TooMuchBadAudio
+    from common.system.logger import log_traceback
+    from common.training.checkpoint_files import NoUsableCheckpoint
+    from common.training.nonfinite import NonFiniteLoss
+    from common.training.out_of_memory import OutOfDeviceMemory
+
+    # what ends a run that started with good input (exit status 1); every other known failure is bad input (2)
+    stopped = (NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, RunDirBusy, OutOfDeviceMemory)
     try:
         return piped(body)  # `... | head`: the output is no longer read; status 141, nothing said
     except KeyboardInterrupt:
@@ -317,7 +332,7 @@ def run_main(body: Callable[[], int], resumable: bool = False) -> int:
             OutOfDeviceMemory, ValueError) as err:
         log_traceback(traceback.format_exc())
         print(f"error: {err}", file=sys.stderr)
-        return 1 if isinstance(err, _STOPPED) else 2
+        return 1 if isinstance(err, stopped) else 2
     except OSError as err:
         message = describe_os_error(err)
         if message is None:

@@ -9,8 +9,7 @@ padding as its validation, every clip once, in float32.
 
 It prints ``acc``, ``mAP`` and ``mAUC`` and the clips scored; unreadable clips are skipped, named and counted
 (exit status 1 when some were). The front end and the scores are ``finetune/inference.py``'s, which predict, embed
-and the ONNX export share. The library functions need torch, so this command's --help loads it, unlike the other
-commands, whose --help answers without loading torch.
+and the ONNX export share. Its imports wait in the functions that need them: --help answers without loading torch.
 """
 
 from __future__ import annotations
@@ -18,24 +17,18 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Sequence
 
 from common.cli import command_device, run_main
-from common.data.bad_audio import BadAudioTracker
-from common.data.loader import eval_loader
-from common.data.preflight import check_labels
-from common.metrics import compute_metrics
-from common.models.exports import resolve_model_file
-from common.models.hf import is_hf_directory
 from common.system import jsonfile
-from common.system.distributed import Dist
 from common.system.logger import progress, setup_logging
 from common.system.prog import prog, whole_number
-from finetune.classifier import load_classifier, metric_scores
-from finetune.inference import clip_for_export, clip_handling, predict_logits
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from common.system.distributed import Dist
 
 __all__ = ["evaluate_export"]
 
@@ -50,6 +43,13 @@ def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequenc
     :func:`~finetune.classifier.load_classifier` gave for ``path`` (not read again); ``dist``: the ranks of a
     training job, which score a share of the clips each (every clip once, as validation spreads them) and all
     return the metrics of the whole set (None: this process alone)."""
+    import torch
+
+    from common.data.loader import eval_loader
+    from common.metrics import compute_metrics
+    from finetune.classifier import load_classifier, metric_scores
+    from finetune.inference import clip_for_export, clip_handling, predict_logits
+
     model, meta = loaded or load_classifier(path)
     classes = list(meta["classifier"]["classes"]) if classes is None else classes
     if list(meta["classifier"]["classes"]) != list(classes):
@@ -108,7 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
+        from common.data.bad_audio import BadAudioTracker
+        from common.data.preflight import check_labels
+        from common.models.exports import resolve_model_file
+        from common.models.hf import is_hf_directory
         from common.system.distributed import single_process
+        from finetune.classifier import load_classifier
 
         single_process("c2f-evaluate")
         setup_logging(None)

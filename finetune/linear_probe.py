@@ -29,12 +29,14 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
-import torch
 
 from common.system.prog import prog, whole_number
+
+if TYPE_CHECKING:
+    import torch
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
@@ -124,7 +126,7 @@ def _cache_key(ckpt: str, manifests: Sequence[str], cfg, layer, pool, front_end:
 
 def extract_features(encoder, arch, manifests: Sequence[str], classes: Sequence[str], layer: int | None = None,
                      pool: str = "mean", batch_size: int = 32, num_workers: int = 2,
-                     device: torch.device = torch.device("cpu"),
+                     device: str | torch.device = "cpu",
                      channels: str = "first") -> tuple[np.ndarray, np.ndarray]:
     """``(features [clips, D], targets [clips, classes])`` of a frozen full-resolution encoder over
     ``manifests``: each clip's first window, embedded by :class:`finetune.embedder.Embedder` (the code
@@ -394,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--out {args.out} is a folder; name the JSON file to write the results to")
             output_folder(args.out.parent, f"--out {args.out}: the folder")
         check_tasks(recipe)  # every task's data before the first task's features (hours, on a large corpus)
+        import torch
+
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         results = [probe_task(args.init, task, recipe, device) for task in recipe.tasks]
         pools = sorted({r["pool"] for r in results})

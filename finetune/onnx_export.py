@@ -46,16 +46,18 @@ import os
 import sys
 import warnings
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from common.system.prog import prog, whole_number
 from common.system.signals import piped
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
-__all__ = ["INSTALL_HINT", "META_KEY", "META_FORMAT", "OPSET", "TOLERANCE", "OnnxExportError", "ScoringGraph",
+__all__ = ["INSTALL_HINT", "META_KEY", "META_FORMAT", "OPSET", "TOLERANCE", "OnnxExportError", "scoring_graph",
            "onnx_metadata", "export_onnx", "read_onnx_metadata", "main"]
 
 log = logging.getLogger(__name__)
@@ -73,25 +75,29 @@ class OnnxExportError(ValueError):
     """A model that cannot be exported to ONNX (the message says why, in one line), or missing packages."""
 
 
-class ScoringGraph(nn.Module):
+def scoring_graph(model: nn.Module, meta: dict) -> nn.Module:
     """What the ONNX graph computes: ``(waveforms [B, S], lengths [B]) -> scores [B, K]``.
 
     The evaluation front end the export was trained with (``finetune.inference.pipeline_for_export``), the
     classifier and its score function (``finetune.classifier.class_scores``), as ``predict.py`` chains them.
+    (A module made here, not at the top: the command's --help answers without loading torch.)
     """
+    from torch import nn
 
-    def __init__(self, model: nn.Module, meta: dict) -> None:
-        super().__init__()
-        from finetune.inference import pipeline_for_export
+    from finetune.classifier import class_scores
+    from finetune.inference import pipeline_for_export
 
-        self.pipeline = pipeline_for_export(meta)
-        self.model = model
-        self.loss = meta.get("loss", "ce")
+    class ScoringGraph(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pipeline = pipeline_for_export(meta)
+            self.model = model
+            self.loss = meta.get("loss", "ce")
 
-    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        from finetune.classifier import class_scores
+        def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            return class_scores(self.model(self.pipeline(waveforms, lengths)), self.loss)
 
-        return class_scores(self.model(self.pipeline(waveforms, lengths)), self.loss)
+    return ScoringGraph()
 
 
 def _front_end(meta: dict, pipeline: nn.Module) -> dict:
@@ -114,7 +120,7 @@ def _front_end(meta: dict, pipeline: nn.Module) -> dict:
             "phase": phase}
 
 
-def onnx_metadata(meta: dict, graph: ScoringGraph, source: str) -> dict:
+def onnx_metadata(meta: dict, graph: nn.Module, source: str) -> dict:
     """The JSON object stored under :data:`META_KEY`: labels, audio settings, aggregation, front end."""
     from finetune.inference import clip_for_export, clip_handling
     from finetune.predict import aggregate_rule
@@ -145,6 +151,8 @@ def _require(name: str):
 
 def _probe(clip: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Two deterministic clips: noise with a tone, and the same padded after a third (``lengths`` below)."""
+    import torch
+
     gen = torch.Generator().manual_seed(0)
     waves = 0.05 * torch.randn(2, clip, generator=gen) + 0.3 * torch.sin(0.17 * torch.arange(clip))
     lengths = torch.tensor([clip, max(1, clip // 3)])
@@ -157,8 +165,10 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
-def _trace(graph: ScoringGraph, example: tuple[torch.Tensor, torch.Tensor], opset: int):
+def _trace(graph: nn.Module, example: tuple[torch.Tensor, torch.Tensor], opset: int):
     """The ONNX ModelProto of ``graph`` with a dynamic batch axis (the exporter's chatter silenced)."""
+    import torch
+
     # dynamo=True: the TorchScript exporter cannot translate the front ends' FFT / complex STFT (module docstring)
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -169,8 +179,10 @@ def _trace(graph: ScoringGraph, example: tuple[torch.Tensor, torch.Tensor], opse
     return program.model_proto
 
 
-def _check(data: bytes, graph: ScoringGraph, example: tuple[torch.Tensor, torch.Tensor]) -> float | None:
+def _check(data: bytes, graph: nn.Module, example: tuple[torch.Tensor, torch.Tensor]) -> float | None:
     """Largest difference between onnxruntime's and PyTorch's scores on ``example`` (None without onnxruntime)."""
+    import torch
+
     try:
         import onnxruntime
     except ImportError:
@@ -211,7 +223,7 @@ def export_onnx(src: str | os.PathLike, out: str | os.PathLike, opset: int = OPS
     except (ValueError, KeyError, TypeError) as err:
         raise OnnxExportError(f"cannot export {src} to ONNX: {str(err).splitlines()[0] if str(err) else err!r}") \
             from err
-    graph = ScoringGraph(model, meta).eval()
+    graph = scoring_graph(model, meta).eval()
     _, clip = clip_for_export(meta)
     example = _probe(clip)
     try:

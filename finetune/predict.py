@@ -36,9 +36,9 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from common.data.audio_file import (
     AudioFile,
@@ -52,7 +52,9 @@ from common.data.audio_file import (
     windows,
 )
 from common.system.prog import prog, whole_number
-from finetune.inference import clip_for_export, clip_handling, predict_scores
+
+if TYPE_CHECKING:
+    import torch
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
@@ -108,12 +110,16 @@ def aggregate_rule(meta: dict, choice: str = "auto") -> str:
 
 
 def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None = None, batch_size: int = 16,
-                 device: torch.device = torch.device("cpu"), aggregate: str = "auto") -> FilePrediction:
+                 device: str | torch.device = "cpu", aggregate: str = "auto") -> FilePrediction:
     """Score every window of one file and aggregate them (see the module docstring).
 
     Raises:
         AudioReadError: the file cannot be read.
     """
+    import torch
+
+    from finetune.inference import clip_for_export, clip_handling, predict_scores
+
     rate, clip = clip_for_export(meta)
     handling = clip_handling(meta)
     repeat = handling["pad"] == "repeat"  # a file shorter than the clip, repeated as in validation
@@ -199,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         from common.system.distributed import single_process
 
         single_process("c2f-predict")
+        import torch
+
         from finetune.classifier import load_classifier
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

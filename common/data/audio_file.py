@@ -27,17 +27,15 @@ import argparse
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import soundfile as sf
-import torch
-from lhotse import Recording
-from lhotse.audio.resampling_backend import get_current_resampling_backend
-from lhotse.augmentation.torchaudio import Resample
-from lhotse.utils import compute_num_samples
 
 from common.data.integrity import decoder_reason, truncation
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["AudioReadError", "AudioFile", "Samples", "load_audio", "folder_audio", "pad_windows", "hop_seconds",
            "hop_samples", "windows", "window_weights", "BLOCK_SECONDS", "STREAMED_FORMATS", "AUDIO_SUFFIXES",
@@ -92,6 +90,9 @@ class AudioFile:
         self.streamed = False  # True: read a block at a time; False: decoded whole when opened
         self._whole: np.ndarray | None = None
         self._block: tuple[int, np.ndarray] = (0, np.zeros(0, np.float32))  # (first sample, samples) last read
+        # lazy: Lhotse imports torch; the commands' parsers use this module (--help answers without loading torch)
+        from lhotse.audio.resampling_backend import get_current_resampling_backend
+
         try:
             sound = sf.SoundFile(path)
         except Exception:  # noqa: BLE001 - not a libsndfile format: Lhotse's other backends decode it
@@ -114,6 +115,10 @@ class AudioFile:
             raise AudioReadError("empty audio (0 samples)")
 
     def _open_streamed(self, sound: sf.SoundFile, block_seconds: float) -> None:
+        # lazy: Lhotse imports torch (the commands' --help does not load it)
+        from lhotse.augmentation.torchaudio import Resample
+        from lhotse.utils import compute_num_samples
+
         self._sound, self._frames, self._rate, self.streamed = sound, sound.frames, sound.samplerate, True
         self.num_samples = compute_num_samples(self._frames / self._rate, self.sample_rate)
         self._resampler = None
@@ -128,6 +133,8 @@ class AudioFile:
         self._block_samples = max(1, int(block_seconds * self.sample_rate))
 
     def _decode_whole(self) -> np.ndarray:
+        from lhotse import Recording  # lazy: Lhotse imports torch (the commands' --help does not load it)
+
         try:
             rec = Recording.from_file(self.path)
             if rec.sampling_rate != self.sample_rate:
@@ -240,6 +247,8 @@ def pad_windows(pieces: Sequence[np.ndarray], clip: int) -> tuple[torch.Tensor, 
     """The windows read from files as one batch for a model, as ``predict.py`` and ``embed.py`` give it: ``[N, clip]``
     float32, each window's samples first and zeros after (a window shorter than the clip is zero-padded as in
     training), and ``[N]`` each window's length in samples."""
+    import torch  # lazy: the commands' --help does not load torch
+
     batch = torch.zeros(len(pieces), clip)
     lengths = torch.zeros(len(pieces), dtype=torch.long)
     for i, piece in enumerate(pieces):

@@ -11,7 +11,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from common.system.disk import NoSpace, free_bytes, out_of_space
@@ -139,6 +138,9 @@ class Scalars:
 
     def _open(self):
         if self.writer is None and self.enabled:
+            # lazy: TensorBoard's writer imports torch; the commands log through this module (--help loads no torch)
+            from torch.utils.tensorboard import SummaryWriter
+
             _after_newest_event_file(self.folder)
             self.writer = SummaryWriter(str(self.folder), purge_step=self.purge_step)
         return self.writer

@@ -124,7 +124,7 @@ def test_a_rate_the_resampler_cannot_take_is_this_files_problem(tmp_path, monkey
             raise RuntimeError("can't allocate memory")
 
     monkeypatch.setattr(audio_file.sf, "SoundFile", tracked)
-    monkeypatch.setattr(audio_file, "Resample", Refusing)
+    monkeypatch.setattr("lhotse.augmentation.torchaudio.Resample", Refusing)
     with pytest.raises(AudioReadError, match=r"cannot resample it from 22050 Hz to 16000 Hz: can't allocate memory"):
         AudioFile(path, 16000)
     assert opened and all(f.closed for f in opened)
@@ -139,11 +139,11 @@ def test_a_rate_the_resampler_cannot_take_is_this_files_problem(tmp_path, monkey
         def __call__(self, samples):
             raise RuntimeError("no memory")
 
-    monkeypatch.setattr(audio_file, "Resample", Failing)
+    monkeypatch.setattr("lhotse.augmentation.torchaudio.Resample", Failing)
     with AudioFile(path, 16000) as audio, pytest.raises(AudioReadError, match="cannot resample it .*: no memory"):
         audio.read(0, 100)
     monkeypatch.undo()
-    monkeypatch.setattr(audio_file, "get_current_resampling_backend", lambda: "sox")
+    monkeypatch.setattr("lhotse.audio.resampling_backend.get_current_resampling_backend", lambda: "sox")
     with AudioFile(path, 16000) as resampled, AudioFile(path, 22050) as native:
         assert not resampled.streamed and native.streamed
         assert np.array_equal(resampled.read(0, resampled.num_samples), _lhotse_whole(path, 16000, "first"))

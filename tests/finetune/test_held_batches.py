@@ -58,12 +58,12 @@ def test_validation_keeps_no_batch():
 
 def test_scoring_an_export_keeps_no_batch(tmp_path, monkeypatch):
     import finetune.evaluate
-    from finetune.inference import clip_for_export
+    import finetune.inference
 
     path = tiny_classifier_file(tmp_path, "ce")
     loaded = load_classifier(path)
-    loader = SharedLoader(clip_for_export(loaded[1])[1])
-    monkeypatch.setattr(finetune.evaluate, "eval_loader", lambda *a, **k: loader)
+    loader = SharedLoader(finetune.inference.clip_for_export(loaded[1])[1])
+    monkeypatch.setattr("common.data.loader.eval_loader", lambda *a, **k: loader)
     metrics = finetune.evaluate.evaluate_export(path, ["unused.jsonl.gz"], ["a", "b", "c"], loaded=loaded)
     assert metrics["clips"] == 2 * BATCHES
     assert loader.grown < BATCHES // 4

@@ -183,7 +183,7 @@ def test_a_model_validated_on_repeated_clips_is_evaluated_and_predicts_on_them(t
         seen.update(crop=kwargs.get("crop"), pad=kwargs.get("pad"))
         raise RuntimeError("enough")
 
-    monkeypatch.setattr(evaluate, "eval_loader", loader)
+    monkeypatch.setattr("common.data.loader.eval_loader", loader)
     for path, expect in ((zeros, {"crop": "start", "pad": "zeros"}), (repeat, {"crop": "center", "pad": "repeat"})):
         with pytest.raises(RuntimeError, match="enough"):
             evaluate.evaluate_export(path, ["unused.jsonl.gz"], ["a", "b", "c"])

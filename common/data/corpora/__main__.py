@@ -23,7 +23,9 @@ _count = whole_number(1, "above 0")
 _workers = whole_number(0, ">= 0 (0: decode in this process)")  # as evaluate's and the probe's
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(corpora: bool = True) -> argparse.ArgumentParser:
+    """The command's options; ``corpora``: with ``prepare``'s corpora, whose options their modules add (each imports
+    Lhotse: left out of a command line without ``prepare``, so that ``--help`` answers without loading it)."""
     parser = argparse.ArgumentParser(
         prog=prog("python -m common.data.corpora"),
         description="Prepare Lhotse manifests for the supported corpora and compute normalisation statistics.",
@@ -33,10 +35,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     prep = sub.add_parser("prepare", help="write Lhotse manifests for a downloaded corpus",
                           description="Write Lhotse manifests (NAME_SPLIT.jsonl.gz), the class list and a report.")
-    corpora = prep.add_subparsers(dest="corpus", required=True, metavar="NAME")
-    for name in CORPORA:
+    names = prep.add_subparsers(dest="corpus", required=True, metavar="NAME")
+    for name in CORPORA if corpora else ():
         module = get_corpus(name)
-        p = corpora.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION)
+        p = names.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION)
         needs_src = getattr(module, "NEEDS_SRC", True)
         p.add_argument("--src", type=Path, required=needs_src,
                        help=getattr(module, "SRC_HELP", "the corpus as downloaded"))
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # the package's console: lines never land on the progress bars of prepare / stats, Lhotse's notices stay off it
     setup_logging(None, console_format="%(levelname)s %(message)s")
-    args = _build_parser().parse_args(argv)
+    args = _build_parser("prepare" in (sys.argv[1:] if argv is None else argv)).parse_args(argv)
     try:
         return piped(lambda: _run(args))  # `... | head`: what was asked is done, its output no longer read
     except KeyboardInterrupt:
