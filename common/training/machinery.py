@@ -67,7 +67,7 @@ class PhaseMachinery:
             batches = (b for _, b in zip(range(spec.train.eval_batches), batches))
         model.eval()
         self._validating = True
-        generator = torch.Generator().manual_seed(spec.train.seed + 7919)  # the same masks every time
+        generator = torch.Generator().manual_seed(spec.train.seed + 7919)  # the same masks every time (SSAST)
         try:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                                  enabled=self.autocast_dtype is not None):
