@@ -112,9 +112,10 @@ def reshard_position(ledger: Ledger, spec: RunSpec, state: TrainState, saved_ran
     where = ("at the start of a pass over the training set" if index == 0 else
              f"after the same share of this pass over the training set ({index} batches of {batch} clips per rank"
              + (f"; {state.data_index} of {saved_batch} before)" if index != state.data_index else ")"))
-    log.warning("resuming on %d rank(s) x %d clips a run checkpointed on %d x %d: each rank's share of the data "
-                "changes, so the resumed run goes on %s and is close to, not bitwise equal to, an uninterrupted "
-                "run%s; recorded in ledger.json", ranks, batch, saved_ranks, saved_batch, where,
+    log.warning("resuming on %d rank(s) x %d clips a run checkpointed on %d x %d: the micro-batches change (and "
+                "each rank's share of the data with the ranks), so the clips a micro-batch mixes and its random "
+                "augmentation draws are others; the resumed run goes on %s and is close to, not bitwise equal to, an "
+                "uninterrupted run%s; recorded in ledger.json", ranks, batch, saved_ranks, saved_batch, where,
                 " (its Shar folders are read in one part per rank: the rest of the epoch is the rest of the new "
                 "ranks' parts, some of its clips seen again, some left for the next epoch)" if shar else "")
     state.data_index = index
