@@ -18,25 +18,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from common.reports.compare import baseline_differences, compare
-from common.reports.figure import plot
-from common.reports.runs import (
-    ReportError,
-    Run,
-    distinct_labels,
-    load_run,
-    require_finished,
-    resolve_metric,
-    run_kind,
-)
-from common.reports.tables import markdown_table, metric_name, whole_run_table
 from common.system.disk import output_folder
 from common.system.prog import prog, whole_number
 from common.system.signals import piped
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
+
+if TYPE_CHECKING:
+    from common.reports.runs import Run
 
 __all__ = ["main"]
 
@@ -98,6 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    # lazy: the runs' ledgers, the comparison and the figure load the training stack and matplotlib, which --help
+    # does without
+    from common.reports.compare import baseline_differences, compare
+    from common.reports.figure import plot
+    from common.reports.runs import ReportError, distinct_labels, load_run, require_finished, resolve_metric, run_kind
+    from common.reports.tables import markdown_table, metric_name, whole_run_table
+
     try:
         if args.names is not None and len(args.names) != len(args.runs):
             raise ReportError(f"--names has {len(args.names)} labels for {len(args.runs)} --runs")
