@@ -15,6 +15,7 @@ the phase's cap being kept until K others rank above it (then it cannot be among
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -51,6 +52,12 @@ def average_state_dicts(states: Iterable[dict[str, torch.Tensor]]) -> dict[str, 
     if total is None:
         raise ValueError("no state dicts to average")
     return {k: (v / count).float() for k, v in total.items()}
+
+
+def _ranking(scores: dict[int, float]):
+    """Sort key of epochs by score, best first, the earlier epoch first in a tie, an undefined (NaN) score last: a
+    NaN compares with nothing, and would leave the order, so which epochs are averaged and which removed, to chance."""
+    return lambda e: (-scores[e] if math.isfinite(scores[e]) else math.inf, e)
 
 
 class WeightAverage:
@@ -93,7 +100,7 @@ class WeightAverage:
         missing = [e for e in epochs if e not in scores]
         if missing:
             raise ValueError(f"weight averaging of the top {self.top} epochs: no validation score for epochs {missing}")
-        ranked = sorted(epochs, key=lambda e: (-scores[e], e))
+        ranked = sorted(epochs, key=_ranking(scores))
         return sorted(ranked[: self.top])
 
     def prune(self, scores: dict[int, float]) -> list[int]:
@@ -103,7 +110,7 @@ class WeightAverage:
         for 5 averaged). Returns the epochs removed; nothing without ``top`` (a range averages every kept epoch)."""
         if self.top is None:
             return []
-        ranked = sorted((e for e in self.epochs if e in scores), key=lambda e: (-scores[e], e))
+        ranked = sorted((e for e in self.epochs if e in scores), key=_ranking(scores))
         gone = [e for e in ranked[self.top:] if self._file(e).is_file()]
         for epoch in gone:
             self._file(epoch).unlink(missing_ok=True)

@@ -51,6 +51,17 @@ def test_epochs_that_cannot_be_among_the_top_any_more_are_removed(tmp_path):
     assert WeightAverage(tmp_path, [1, 2, 3, 4, 5]).prune(scores) == []  # a range averages every kept epoch
 
 
+def test_an_undefined_score_ranks_last(tmp_path):
+    """A NaN compares with nothing: sorted among the scores it left the order, so which epochs are kept and which
+    averaged, to chance (an epoch removed, then chosen, would be missing at the end)."""
+    average = WeightAverage(tmp_path, [1, 2, 3, 4], top=2)
+    scores = {1: float("nan"), 2: 0.5, 3: 0.7, 4: 0.6}
+    assert average.chosen(scores) == [3, 4]
+    for epoch in scores:
+        average.keep(torch.nn.Linear(1, 1, bias=False), epoch)
+    assert average.prune(scores) == [2, 1]
+
+
 def test_an_early_end_averages_the_best_of_the_epochs_that_ran(tmp_path):
     from common.phases.until import UntilConfig
 
