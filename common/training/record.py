@@ -451,7 +451,14 @@ class RunRecord:
     def average_into(self, model: nn.Module, index: int) -> list[int]:
         """Load the average of the kept epochs' weights (the best ``weight_average_top``, if set) into
         ``model``; returns the epochs averaged (AST's weight averaging)."""
-        epochs = self.average.chosen(self._epoch_scores(index), ran=self.state.epoch_in_phase)
+        scores, ran = self._epoch_scores(index), self.state.epoch_in_phase
+        epochs = self.average.chosen(scores, ran=ran, kept_only=True)
+        removed = sorted(set(self.average.chosen(scores, ran=ran)) - set(epochs))
+        if removed:
+            log.warning("train.weight_average_top: epoch(s) %s rank among the best now but were removed when %d "
+                        "others outscored them (a resume from an older checkpoint went otherwise); averaging the "
+                        "best of the epochs kept: %s", ", ".join(map(str, removed)), self.average.top,
+                        ", ".join(map(str, epochs)))
         top = self.average.top
         if top is not None and len(epochs) < top:
             log.warning("train.weight_average_top: the final phase ended after %d epochs, fewer than the %d to "

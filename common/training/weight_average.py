@@ -82,7 +82,7 @@ class WeightAverage:
         if epoch in self.epochs:
             save_weights(self._file(epoch), model.state_dict(), {})
 
-    def chosen(self, scores: dict[int, float], ran: int | None = None) -> list[int]:
+    def chosen(self, scores: dict[int, float], ran: int | None = None, kept_only: bool = False) -> list[int]:
         """The epochs to average: all kept ones, or the ``top`` best by ``scores`` (epoch -> validation score;
         the earlier epoch wins a tie), in epoch order.
 
@@ -90,6 +90,9 @@ class WeightAverage:
             scores: the final phase's validation score per epoch.
             ran: the epochs the final phase ran (None: all of :attr:`epochs`); an early end averages the best
                 ``top`` of those, or all of them when fewer ran.
+            kept_only: the best ``top`` of the epochs whose weights are still kept: :meth:`prune` removed those
+                that ``top`` others outscored, and a resume from an older checkpoint that went otherwise (not
+                bitwise: another number of ranks, a GPU's kernels) may rank one of them among the best now.
         """
         epochs = [e for e in self.epochs if ran is None or e <= ran]
         if not epochs:
@@ -97,6 +100,8 @@ class WeightAverage:
                              f"to average ({self.epochs[0]})")
         if self.top is None:
             return epochs
+        if kept_only:
+            epochs = [e for e in epochs if self._file(e).is_file()] or epochs
         missing = [e for e in epochs if e not in scores]
         if missing:
             raise ValueError(f"weight averaging of the top {self.top} epochs: no validation score for epochs {missing}")

@@ -51,6 +51,18 @@ def test_epochs_that_cannot_be_among_the_top_any_more_are_removed(tmp_path):
     assert WeightAverage(tmp_path, [1, 2, 3, 4, 5]).prune(scores) == []  # a range averages every kept epoch
 
 
+def test_the_end_averages_the_best_of_the_epochs_kept(tmp_path):
+    """A resume from an older checkpoint that went otherwise (not bitwise) may rank an epoch that was removed among
+    the best: the run averaged it and failed at its very end on the missing file."""
+    average = WeightAverage(tmp_path, [1, 2, 3, 4], top=2)
+    for epoch in (1, 2, 3, 4):
+        average.keep(torch.nn.Linear(1, 1, bias=False), epoch)
+    (tmp_path / "epoch001.safetensors").unlink()  # removed under the earlier course of the run
+    scores = {1: 0.9, 2: 0.1, 3: 0.5, 4: 0.6}
+    assert average.chosen(scores) == [1, 4] and average.chosen(scores, kept_only=True) == [3, 4]
+    assert average.average(average.chosen(scores, kept_only=True))
+
+
 def test_an_undefined_score_ranks_last(tmp_path):
     """A NaN compares with nothing: sorted among the scores it left the order, so which epochs are kept and which
     averaged, to chance (an epoch removed, then chosen, would be missing at the end)."""
