@@ -17,7 +17,7 @@ import soundfile as sf
 from lhotse import Recording
 from lhotse.audio.utils import set_audio_duration_mismatch_tolerance
 
-from common.data.integrity import decoder_reason, truncation
+from common.data.integrity import HEADER_SIZED, decoder_reason, truncation
 from common.data.lhotse_safety import no_shell
 
 __all__ = ["BadClip", "AUDIO_LENGTH_TOLERANCE", "SAFE_SOURCES", "CHANNELS", "narrow_length_tolerance",
@@ -174,8 +174,8 @@ def load_clip(cut, sample_rate: int, channels: str = "first") -> np.ndarray:
         if problem:
             raise BadClip(problem) from None
         raise BadClip(_unreadable(err)) from None
-    if source is not None and source.lower().endswith(".wav"):
-        problem = truncation(source)  # a few header bytes: the decoder pads a WAV that lost its end
+    if source is not None and source.lower().endswith(HEADER_SIZED):
+        problem = truncation(source)  # a few header bytes: the decoder pads a WAV (or AIFF ...) that lost its end
         if problem:
             raise BadClip(problem)
     audio = np.asarray(audio, dtype=np.float32)

@@ -26,9 +26,11 @@ from pathlib import Path
 
 import soundfile as sf
 
-__all__ = ["truncation", "wav_data_extent", "data_extent", "decoder_reason"]
+__all__ = ["truncation", "wav_data_extent", "data_extent", "decoder_reason", "HEADER_SIZED"]
 
 TAIL_FRAMES = 4096
+# the suffixes of the formats whose header declares the size of their sound data (:func:`data_extent`)
+HEADER_SIZED = (".wav", ".aiff", ".aif", ".aifc", ".rf64", ".w64")
 _UNKNOWN_SIZES = (0, 0xFFFFFFFF)  # streamed WAVs (and RF64) write placeholders instead of the size
 
 
@@ -38,27 +40,34 @@ def wav_data_extent(path: str | os.PathLike) -> tuple[int, int, int] | None:
     None when the file is not a RIFF/WAVE file or does not declare its data size (streamed files).
     """
     with open(path, "rb") as handle:
-        riff = handle.read(12)
-        if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
-            return None
-        block_align = None
-        while True:
-            header = handle.read(8)
-            if len(header) < 8:
-                return None  # no data chunk: not ours to judge (the decoder will fail)
-            chunk, size = header[:4], struct.unpack("<I", header[4:])[0]
-            if chunk == b"fmt ":
-                fmt = handle.read(min(size, 16))
-                if len(fmt) >= 14:
-                    block_align = struct.unpack("<H", fmt[12:14])[0]
-                handle.seek(size - len(fmt) + (size & 1), os.SEEK_CUR)
-            elif chunk == b"data":
-                if size in _UNKNOWN_SIZES or not block_align:
-                    return None
-                present = os.fstat(handle.fileno()).st_size - handle.tell()
-                return size, present, block_align
-            else:
-                handle.seek(size + (size & 1), os.SEEK_CUR)
+        return _wav_extent(handle)
+
+
+def _wav_extent(handle) -> tuple[int, int, int] | None:
+    riff = handle.read(12)
+    if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+        return None
+    block_align = None
+    while True:
+        header = handle.read(8)
+        if len(header) < 8:
+            return None  # no data chunk: not ours to judge (the decoder will fail)
+        chunk, size = header[:4], struct.unpack("<I", header[4:])[0]
+        if chunk == b"fmt ":
+            fmt = handle.read(min(size, 16))
+            if len(fmt) >= 14:
+                block_align = struct.unpack("<H", fmt[12:14])[0]
+            handle.seek(size - len(fmt) + (size & 1), os.SEEK_CUR)
+        elif chunk == b"data":
+            if size in _UNKNOWN_SIZES or not block_align:
+                return None
+            present = os.fstat(handle.fileno()).st_size - handle.tell()
+            return size, present, block_align
+        else:
+            handle.seek(size + (size & 1), os.SEEK_CUR)
+
+
+_AIFC_PCM = (b"NONE", b"sowt", b"twos")  # AIFF-C's uncompressed kinds: big- or little-endian PCM
 
 
 def _aiff_extent(handle) -> tuple[int, int, int] | None:
@@ -74,10 +83,12 @@ def _aiff_extent(handle) -> tuple[int, int, int] | None:
             return None
         chunk, size = header[:4], struct.unpack(">I", header[4:])[0]
         if chunk == b"COMM":
-            comm = handle.read(min(size, 8))
+            comm = handle.read(min(size, 22))
             if len(comm) < 8:
                 return None
-            channels, frames, bits = struct.unpack(">hIh", comm)
+            channels, frames, bits = struct.unpack(">hIh", comm[:8])
+            if form[8:12] == b"AIFC" and comm[18:22] not in _AIFC_PCM:
+                return None  # compressed (GSM, u-law, ...): its sample size says nothing of the bytes
             frame = channels * ((bits + 7) // 8)
             handle.seek(size - len(comm) + (size & 1), os.SEEK_CUR)
         elif chunk == b"SSND":
@@ -152,18 +163,22 @@ def _w64_extent(handle) -> tuple[int, int, int] | None:
             handle.seek(size + (-size % 8), os.SEEK_CUR)
 
 
+_EXTENTS = {b"RIFF": _wav_extent, b"RF64": _rf64_extent, _W64_RIFF[:4]: _w64_extent, b"FORM": _aiff_extent}
+
+
 def data_extent(path: str | os.PathLike) -> tuple[int, int, int] | None:
-    """``(declared data bytes, data bytes present, bytes per frame)`` of a WAV, RF64, Wave64 or AIFF(-C) file, or
-    None (another format, or one that does not declare its size)."""
-    found = wav_data_extent(path)
-    if found is not None:
-        return found
-    for extent in (_rf64_extent, _w64_extent, _aiff_extent):
-        with open(path, "rb") as handle:
-            found = extent(handle)
-        if found is not None:
-            return found
-    return None
+    """``(declared data bytes, data bytes present, bytes per frame)`` of a WAV, RF64, Wave64 or AIFF(-C) PCM file,
+    or None (another format, one that does not declare its size, or a header this cannot read: the decoder's to
+    judge). The file is opened once and its first bytes say which it is."""
+    with open(path, "rb") as handle:
+        extent = _EXTENTS.get(handle.read(4))
+        if extent is None:
+            return None
+        handle.seek(0)
+        try:
+            return extent(handle)
+        except (ValueError, OverflowError, struct.error):  # a header whose sizes make no sense
+            return None
 
 
 def _flac_tail(path: str | os.PathLike) -> str | None:

@@ -231,6 +231,32 @@ def test_a_truncated_aiff_rf64_or_wave64_file_is_named(tmp_path, name, subtype):
     assert truncation(truncate(path, 0.5)).startswith("truncated (header: 8000 samples, file holds ")
 
 
+def test_compressed_aiff_c_and_senseless_headers_are_left_to_the_decoder(tmp_path):
+    """A compressed AIFF-C's sample size says nothing of its bytes (an intact GSM file was called truncated), and a
+    header whose sizes make no sense raised out of the check (one bad file stopped a corpus preparation)."""
+    from common.data.integrity import data_extent, truncation
+
+    gsm = tmp_path / "g.aiff"
+    sf.write(str(gsm), [0.0] * 8000, 8000, format="AIFF", subtype="GSM610")
+    assert data_extent(gsm) is None and truncation(gsm) is None
+    wave64 = write_clip(tmp_path / "w.w64", seconds=0.5)
+    data = bytearray(wave64.read_bytes())
+    data[56:64] = (2 ** 63 + 5).to_bytes(8, "little")  # the fmt chunk's 64-bit size
+    wave64.write_bytes(bytes(data))
+    assert truncation(wave64) is None
+
+
+def test_a_truncated_aiff_is_bad_audio_when_a_clip_is_loaded(tmp_path):
+    """Loading a clip checks the header of every format that declares its size (it checked .wav files only)."""
+    from common.data.decode import BadClip, load_clip
+
+    from lhotse import Recording
+
+    clip = truncate(write_clip(tmp_path / "a.aiff", seconds=1.0), 0.7)
+    with pytest.raises(BadClip, match="truncated"):
+        load_clip(Recording.from_file(clip).to_cut(), 16000)
+
+
 @pytest.mark.slow
 def test_after_a_resume_bad_audio_tsv_lists_what_is_bad_now(tmp_path, synth_corpus, data_root, capsys):
     """A file missing in the first attempt comes back before the resume: it leaves the list (the log says
