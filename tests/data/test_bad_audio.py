@@ -248,8 +248,6 @@ def test_compressed_aiff_c_and_senseless_headers_are_left_to_the_decoder(tmp_pat
 
 def test_a_truncated_aiff_is_bad_audio_when_a_clip_is_loaded(tmp_path):
     """Loading a clip checks the header of every format that declares its size (it checked .wav files only)."""
-    from common.data.decode import BadClip, load_clip
-
     from lhotse import Recording
 
     clip = truncate(write_clip(tmp_path / "a.aiff", seconds=1.0), 0.7)
