@@ -44,21 +44,30 @@ def wav_data_extent(path: str | os.PathLike) -> tuple[int, int, int] | None:
 
 
 def _wav_extent(handle) -> tuple[int, int, int] | None:
+    """A WAV file's extent, or an RF64 file's: a WAV whose ``ds64`` chunk holds the data size that the 32-bit
+    ``data`` header cannot (it writes 0xFFFFFFFF there)."""
     riff = handle.read(12)
-    if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+    if len(riff) < 12 or riff[:4] not in (b"RIFF", b"RF64") or riff[8:12] != b"WAVE":
         return None
-    block_align = None
+    block_align = ds64 = None
     while True:
         header = handle.read(8)
         if len(header) < 8:
             return None  # no data chunk: not ours to judge (the decoder will fail)
         chunk, size = header[:4], struct.unpack("<I", header[4:])[0]
-        if chunk == b"fmt ":
+        if chunk == b"ds64":
+            sizes = handle.read(min(size, 16))
+            if len(sizes) == 16:
+                ds64 = struct.unpack("<Q", sizes[8:16])[0]
+            handle.seek(size - len(sizes) + (size & 1), os.SEEK_CUR)
+        elif chunk == b"fmt ":
             fmt = handle.read(min(size, 16))
             if len(fmt) >= 14:
                 block_align = struct.unpack("<H", fmt[12:14])[0]
             handle.seek(size - len(fmt) + (size & 1), os.SEEK_CUR)
         elif chunk == b"data":
+            if size == 0xFFFFFFFF and ds64 is not None:
+                size = ds64
             if size in _UNKNOWN_SIZES or not block_align:
                 return None
             present = os.fstat(handle.fileno()).st_size - handle.tell()
@@ -101,38 +110,6 @@ def _aiff_extent(handle) -> tuple[int, int, int] | None:
             handle.seek(size + (size & 1), os.SEEK_CUR)
 
 
-def _rf64_extent(handle) -> tuple[int, int, int] | None:
-    """An RF64 file's extent: its ``ds64`` chunk holds the data size the 32-bit ``data`` header cannot."""
-    riff = handle.read(12)
-    if len(riff) < 12 or riff[:4] != b"RF64" or riff[8:12] != b"WAVE":
-        return None
-    declared = block_align = None
-    while True:
-        header = handle.read(8)
-        if len(header) < 8:
-            return None
-        chunk, size = header[:4], struct.unpack("<I", header[4:])[0]
-        if chunk == b"ds64":
-            ds64 = handle.read(min(size, 16))
-            if len(ds64) < 16:
-                return None
-            declared = struct.unpack("<Q", ds64[8:16])[0]
-            handle.seek(size - len(ds64) + (size & 1), os.SEEK_CUR)
-        elif chunk == b"fmt ":
-            fmt = handle.read(min(size, 16))
-            if len(fmt) >= 14:
-                block_align = struct.unpack("<H", fmt[12:14])[0]
-            handle.seek(size - len(fmt) + (size & 1), os.SEEK_CUR)
-        elif chunk == b"data":
-            if size != 0xFFFFFFFF:
-                declared = size
-            if not declared or not block_align:
-                return None
-            return declared, os.fstat(handle.fileno()).st_size - handle.tell(), block_align
-        else:
-            handle.seek(size + (size & 1), os.SEEK_CUR)
-
-
 _W64_RIFF = bytes.fromhex("726966662e91cf11a5d628db04c10000")  # 'riff' and the rest of Sony Wave64's GUID
 
 
@@ -163,7 +140,7 @@ def _w64_extent(handle) -> tuple[int, int, int] | None:
             handle.seek(size + (-size % 8), os.SEEK_CUR)
 
 
-_EXTENTS = {b"RIFF": _wav_extent, b"RF64": _rf64_extent, _W64_RIFF[:4]: _w64_extent, b"FORM": _aiff_extent}
+_EXTENTS = {b"RIFF": _wav_extent, b"RF64": _wav_extent, _W64_RIFF[:4]: _w64_extent, b"FORM": _aiff_extent}
 
 
 def data_extent(path: str | os.PathLike) -> tuple[int, int, int] | None:
