@@ -21,13 +21,23 @@ import torch
 
 from pretrain.masking import sample_mask
 
-__all__ = ["MaskDraws", "position_seed"]
+__all__ = ["MaskDraws", "clip_seed", "position_seed"]
+
+
+def _seed(digest: bytes) -> int:
+    """A generator seed (63 bits) from a hash digest."""
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def position_seed(base: int, epoch: int, index: int, grid: tuple[int, int]) -> int:
     """A generator seed for the masks of batch ``(epoch, index)`` at ``grid`` (``base``: run seed and rank)."""
-    digest = hashlib.sha256(f"ssast-mask/{base}/{epoch}/{index}/{grid[0]}x{grid[1]}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return _seed(hashlib.sha256(f"ssast-mask/{base}/{epoch}/{index}/{grid[0]}x{grid[1]}".encode()).digest())
+
+
+def clip_seed(base: int, clip: str) -> int:
+    """A generator seed for the validation masks of clip ``clip`` (``base``: the run's validation seed): its own,
+    whatever clips share its batch and however many ranks validate."""
+    return _seed(hashlib.blake2b(f"{base}:{clip}".encode(), digest_size=8).digest())
 
 
 class MaskDraws:

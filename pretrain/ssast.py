@@ -18,7 +18,6 @@ the official trainer; ``separate_passes: false`` shares one pass (half the compu
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from common.models.exports import save_weights
 from common.models.flops import train_step_flops
 from common.models.memory import MemoryEstimate, estimate_training_memory
 from common.system.distributed import Dist
-from pretrain.mask_draws import MaskDraws
+from pretrain.mask_draws import MaskDraws, clip_seed
 from pretrain.masking import MASKINGS, mask_count, sample_mask
 
 __all__ = ["SSASTConfig", "SSASTModel", "SSASTObjective"]
@@ -142,8 +141,7 @@ class SSASTModel(nn.Module):
         passes = 2 if self.cfg.separate_passes else 1
         masks: list[list[torch.Tensor]] = [[] for _ in range(passes)]
         for clip in ids:
-            digest = hashlib.blake2b(f"{seed}:{clip}".encode(), digest_size=8).digest()
-            generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+            generator = torch.Generator().manual_seed(clip_seed(seed, clip))
             for drawn in masks:
                 drawn.append(self.sample_mask(1, generator, "cpu", self.eval_mask_count))
         return [torch.cat(drawn).to(device) for drawn in masks]
