@@ -255,33 +255,55 @@ def test_the_validation_masks_400_of_512_whatever_the_training_mask(cfg, eval_ra
     assert SSASTObjective(ssast).score_settings(cfg)["masked"] == masked
 
 
-def test_the_validation_score_does_not_depend_on_how_the_clips_are_batched(cfg):
-    """Validation masks were drawn a batch at a time from one seed: a clip's mask depended on the clips before it in
-    its batch, so the same weights scored 0.18-0.24 masked-patch accuracy at eval batch sizes 12 to 1, and a run on
-    2 ranks scored otherwise than on one. Each clip's masks are its own (the run seed and its id)."""
+def _scored(clips: list[int], sizes: list[int], dist=None, seed: int = 7) -> dict:
+    """SSAST's validation metrics of one tiny model (the same weights in every process) over clips ``clips`` of six,
+    in batches of ``sizes`` clips, on ``dist``'s ranks (None: this process alone)."""
     from common.data.clips import Batch
     from common.system.distributed import Dist
 
+    cfg = EncoderConfig(embed_dim=32, depth=2, num_heads=2, num_mel_bins=64, input_tdim=128, fshape=16, tshape=16,
+                        fstride=16, tstride=16)
     torch.manual_seed(0)
     ssast = SSASTConfig(mask_ratio=0.5)
     model = SSASTModel(ASTEncoder(cfg), ssast).eval()
     x = torch.randn(6, cfg.input_tdim, cfg.num_mel_bins)
-    ids = [f"clip{i}" for i in range(6)]
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    batches = [Batch(torch.tensor(clips[a:a + n], dtype=torch.float32)[:, None], torch.ones(n), None,
+                     [f"clip{i}" for i in clips[a:a + n]]) for a, n in zip(starts, sizes)]
+    features = lambda w, n: x[w[:, 0].long()]  # noqa: E731 (each clip's features by its number)
+    with torch.no_grad():
+        return SSASTObjective(ssast).evaluate(model, iter(batches), features,
+                                              dist or Dist(0, 1, 0, torch.device("cpu")),
+                                              torch.Generator().manual_seed(seed))
 
-    def scored(sizes: list[int], seed: int = 7) -> dict:
-        starts = [sum(sizes[:k]) for k in range(len(sizes))]
-        batches = [Batch(torch.arange(a, a + n, dtype=torch.float32)[:, None], torch.ones(n), None, ids[a:a + n])
-                   for a, n in zip(starts, sizes)]
-        features = lambda w, n: x[w[:, 0].long()]  # noqa: E731 (each clip's features by its number)
-        with torch.no_grad():
-            return SSASTObjective(ssast).evaluate(model, iter(batches), features, Dist(0, 1, 0, torch.device("cpu")),
-                                                  torch.Generator().manual_seed(seed))
 
-    whole = scored([6])
+def test_the_validation_score_does_not_depend_on_how_the_clips_are_batched():
+    """Validation masks were drawn a batch at a time from one seed: a clip's mask depended on the clips before it in
+    its batch, so the same weights scored 0.18-0.24 masked-patch accuracy at eval batch sizes 12 to 1, and a run on
+    2 ranks scored otherwise than on one. Each clip's masks are its own (the run seed and its id)."""
+    clips = list(range(6))
+    whole = _scored(clips, [6])
     for sizes in ([4, 2], [1] * 6, [3, 3]):
         for key in ("acc", "nce", "mse"):
-            assert scored(sizes)[key] == pytest.approx(whole[key], rel=1e-5), (sizes, key)
-    assert scored([6], seed=8)["nce"] != whole["nce"]  # another run seed: other masks
+            assert _scored(clips, sizes)[key] == pytest.approx(whole[key], rel=1e-5), (sizes, key)
+    assert _scored(clips, [6], seed=8)["nce"] != whole["nce"]  # another run seed: other masks
+
+
+def _rank_share(dist) -> dict:
+    """A rank's share of the six clips (every ``world_size``-th), scored a clip at a time; the metrics of all."""
+    share = list(range(dist.rank, 6, dist.world_size))
+    return _scored(share, [1] * len(share), dist)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_validation_on_several_ranks_scores_as_one_process(tmp_path, world):
+    """Every rank scores its own clips and the sums are reduced: 2 and 3 gloo ranks give one process's scores."""
+    from tests.ranks import spawn_ranks
+
+    whole = _scored(list(range(6)), [6])
+    for metrics in spawn_ranks(_rank_share, world, tmp_path):
+        for key in ("acc", "nce", "mse"):
+            assert metrics[key] == pytest.approx(whole[key], rel=1e-5), key
 
 
 def test_a_run_recorded_before_the_validation_mask_key_resumes_unless_it_validates_otherwise_now():
