@@ -56,13 +56,15 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from common.data.audio_file import AudioReadError, hop_samples, hop_seconds
 from common.system.prog import prog, whole_number
-from finetune.embed_inputs import Clip, clip_key, list_clips, prefetch
-from finetune.embed_store import FORMATS, EmbedSummary, ShardWriter, done_rows, write_index
-from finetune.embedder import POOLS, Embedder, load_embedder, parse_layer
+from finetune.embed_store import FORMATS, POOLS, EmbedSummary, ShardWriter, done_rows, write_index
+
+if TYPE_CHECKING:
+    from finetune.embed_inputs import Clip
+    from finetune.embedder import Embedder
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
@@ -117,6 +119,8 @@ def embed_files(init: str | os.PathLike | Embedder, inputs: Sequence[str | os.Pa
     from common.system.disk import output_folder
     from common.system.lock import run_dir_lock
     from common.system.logger import progress
+    from finetune.embed_inputs import clip_key, list_clips, prefetch
+    from finetune.embedder import Embedder, load_embedder, parse_layer
 
     if fmt not in FORMATS:
         raise ValueError(f"--format: choose one of {', '.join(FORMATS)}, got {fmt!r}")

@@ -8,7 +8,7 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from safetensors import safe_open
@@ -16,15 +16,18 @@ from safetensors.numpy import save_file
 
 from common.data.audio_file import AudioFile, AudioReadError, Samples, pad_windows, windows
 from common.system.atomic import atomic_path, atomic_write_text
-from finetune.embed_inputs import Clip
-from finetune.embedder import Embedder
 
-__all__ = ["FORMATS", "INDEX_COLUMNS", "EmbedSummary", "ShardWriter", "done_rows", "read_clips", "read_index",
+if TYPE_CHECKING:  # the store is light: c2f-embed's --help reads FORMATS and POOLS without loading torch
+    from finetune.embed_inputs import Clip
+    from finetune.embedder import Embedder
+
+__all__ = ["FORMATS", "INDEX_COLUMNS", "POOLS", "EmbedSummary", "ShardWriter", "done_rows", "read_clips", "read_index",
            "read_shard", "write_index"]
 
 log = logging.getLogger("embed")
 
 FORMATS = ("npy", "safetensors")
+POOLS = ("auto", "mean", "prefix", "cls", "none")  # a folder's clip embeddings (--pool; none: frames only)
 INDEX_COLUMNS = ("clip_id", "source", "window", "start", "end", "shard", "row")
 
 

@@ -47,13 +47,12 @@ from common.models.htsat import HTSAT
 from common.models.htsat.model import unfold
 from common.models.spec import ModelSpec
 from common.phases.init import init_pos_mode, load_init, task_encoder_config
+from finetune.embed_store import POOLS
 from finetune.inference import clip_handling
 
-__all__ = ["POOLS", "EmbedOutput", "Embedder", "load_embedder", "model_digest", "parse_layer"]
+__all__ = ["EmbedOutput", "Embedder", "load_embedder", "model_digest", "parse_layer"]
 
 log = logging.getLogger(__name__)
-
-POOLS = ("auto", "mean", "prefix", "cls", "none")
 
 
 def parse_layer(text: str | int | None) -> int | None:

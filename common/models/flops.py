@@ -20,7 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from common.system.prog import whole_numbers
 
-# Imports the command alone needs are inside its functions: --help answers without loading torch.
+# Imports the command alone needs are inside its functions, but --help loads torch: this module is a library first
+# (the FLOPs counter every run's ledger uses), whose top imports torch.
 
 __all__ = ["count_flops", "train_step_flops", "encoder_train_flops"]
 

@@ -51,7 +51,8 @@ from common.system.disk import NoSpace, ensure_space, free_bytes, out_of_space
 from common.system.prog import prog
 from common.system.signals import piped
 
-# Imports the command alone needs are inside its functions: --help answers without loading torch.
+# Imports the command alone needs are inside its functions, but --help loads torch: this module is a library first
+# (the export that finetune's demo and the tests call), whose top imports torch.
 
 __all__ = [
     "read_ast",

@@ -10,7 +10,7 @@ from common.models.htsat.flops import train_flops
 from common.models.htsat.geometry import geometry
 from common.system.prog import whole_numbers
 
-# Imports the command alone needs are inside its functions: --help answers without loading torch.
+# --help loads torch: `python -m common.models.htsat` imports the package first, whose __init__ imports the model.
 
 
 def main(argv: list[str] | None = None) -> None:
