@@ -42,7 +42,7 @@ from torch.nn import functional as F
 from common.system.engine_config import ZERO_BUCKET, resolve_zero_stage
 
 __all__ = ["PeakMemory", "MemoryEstimate", "estimate_training_memory", "saved_activation_bytes",
-           "measure_training_peak", "training_setting", "describe_setting", "rss_bytes", "gib"]
+           "measure_training_peak", "autocast_bf16", "training_setting", "describe_setting", "rss_bytes", "gib"]
 
 DEEPSPEED_REDUCE_BUCKET = ZERO_BUCKET  # the engine's zero_optimization.reduce_bucket_size (elements)
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32, per parameter
@@ -174,15 +174,24 @@ def saved_activation_bytes(model: nn.Module, step: Callable[[nn.Module, int], to
     return sum(storages.values())
 
 
+def autocast_bf16(precision: str, cuda: bool) -> bool:
+    """Whether a run autocasts to bf16: ``train.precision: bf16``, or ``auto`` on a CUDA device that computes in
+    bf16 (Ampere or later); ``auto`` on a GPU that only emulates bf16 (a V100, a T4: several times slower than
+    fp32) trains in fp32, as on the CPU."""
+    if precision == "bf16":
+        return True
+    return (precision == "auto" and cuda and torch.cuda.is_available()
+            and torch.cuda.is_bf16_supported(including_emulation=False))
+
+
 def training_setting(precision: str, zero_stage: int | str, world_size: int = 1,
                      device: torch.device | None = None) -> dict:
     """The keyword arguments of :func:`estimate_training_memory` (and the objectives' ``memory_estimate``)
     for a recipe's ``train.precision`` and ``train.zero_stage`` on ``device`` (default: CUDA when present,
     as a run would pick)."""
     cuda = (device.type == "cuda") if device is not None else torch.cuda.is_available()
-    bf16 = precision == "bf16" or (precision == "auto" and cuda)
-    return {"bf16": bf16, "zero_stage": resolve_zero_stage(zero_stage, world_size), "world_size": world_size,
-            "cuda": cuda}
+    return {"bf16": autocast_bf16(precision, cuda), "zero_stage": resolve_zero_stage(zero_stage, world_size),
+            "world_size": world_size, "cuda": cuda}
 
 
 def describe_setting(setting: dict) -> str:

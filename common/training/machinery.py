@@ -7,6 +7,8 @@ used.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -14,6 +16,7 @@ from common.audio.augment import SpecAugmentConfig
 from common.data.cache import make_cache
 from common.data.clips import Batch
 from common.data.loader import ClipLoader, eval_loader, train_loader
+from common.models.memory import autocast_bf16
 from common.system.distributed import Dist
 from common.training.nonfinite import NonFiniteWatch
 from common.training.objective import Objective
@@ -21,6 +24,8 @@ from common.training.plan import RunPlan
 from common.training.record import RunRecord
 from common.training.spec import RunSpec
 from common.training.steps import micro_step
+
+log = logging.getLogger(__name__)
 
 __all__ = ["PhaseMachinery"]
 
@@ -33,8 +38,11 @@ class PhaseMachinery:
         self.spec, self.objective, self.dist, self.plan, self.record = spec, objective, dist, plan, record
         self.arch, self.cfgs, self.splits = plan.arch, plan.configs, plan.splits
         self.device = dist.device
-        bf16 = spec.train.precision == "bf16" or (spec.train.precision == "auto" and self.device.type == "cuda")
+        bf16 = autocast_bf16(spec.train.precision, self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if bf16 else None
+        if spec.train.precision == "auto" and self.device.type == "cuda" and not bf16 and dist.is_main:
+            log.warning("train.precision auto: fp32, as %s computes bf16 only by emulation (several times slower)",
+                        torch.cuda.get_device_name(self.device))
         self.tracker = record.tracker
         self._clips = make_cache(spec.data.cache, spec.data.cache_dir)  # decoded clips, kept across phases
         self._train: ClipLoader | None = None  # one training loader for every phase (its workers kept)

@@ -27,7 +27,8 @@ class TrainConfig:
 
     Args:
         seed: seeds model init, data order, crops, masks and augmentation.
-        precision: ``auto`` (bf16 autocast on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
+        precision: ``auto`` (bf16 autocast on a GPU that computes in bf16, Ampere or later; fp32 on the CPU and on
+            older GPUs, which only emulate bf16), ``fp32`` or ``bf16``.
         zero_stage: DeepSpeed ZeRO stage (0, 1 or 2), or ``auto``: 0 on one rank, 1 on several, a resumed run's
             from its checkpoint (``common.system.engine_config``).
         zero_overlap_comm: ZeRO: reduce the gradients while the backward pass runs (None: on several ranks).

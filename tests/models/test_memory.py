@@ -150,3 +150,23 @@ def test_dry_run_prints_the_memory_per_phase(capsys):
     assert header.split()[-1] == "GiB/rank"
     assert 0 < float(coarse.split()[-1]) < float(full.split()[-1])
     assert "estimated memory per rank" in out
+
+
+@pytest.mark.parametrize("precision,cuda,native,expected", [
+    ("auto", False, True, False),   # the CPU: fp32
+    ("auto", True, True, True),     # Ampere or later: bf16 autocast
+    ("auto", True, False, False),   # a V100 / T4 only emulates bf16 (several times slower): fp32
+    ("bf16", True, False, True),    # asked for: as asked
+    ("bf16", False, False, True),
+    ("fp32", True, True, False),
+])
+def test_auto_precision_is_bf16_only_where_the_gpu_computes_in_bf16(monkeypatch, precision, cuda, native, expected):
+    from common.models.memory import autocast_bf16, training_setting
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: asked.append(including_emulation) or native)
+    assert autocast_bf16(precision, cuda) is expected
+    assert training_setting(precision, 0, 1, torch.device("cuda" if cuda else "cpu"))["bf16"] is expected
+    assert all(emulation is False for emulation in asked)  # emulated bf16 does not count
