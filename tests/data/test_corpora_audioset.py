@@ -90,3 +90,41 @@ def test_prepare_audioset_keeps_a_clip_listed_in_two_splits_once_and_names_it(tm
     assert f"1 listed twice with another split, labels or file, the first listing kept (e.g. {ytid}: " in \
         report.summary()
     assert json.loads((out / "audioset_prepare.json").read_text())["conflicts"] == report.conflicts
+
+
+def test_prepare_audioset_takes_the_labels_of_an_ast_data_file(tmp_path, capsys):
+    """``--labels-json``: the clips an AST / PSLA data file lists (PSLA's label-enhanced AudioSet-20K, which SSAST and
+    AST fine-tune on) take its labels, found by the YouTube id in each ``wav`` name however a downloader named it;
+    the others keep the segment CSVs'; the report says how many of each split took them."""
+    from common.data.corpora.__main__ import main
+
+    src, out = tmp_path / "audioset", tmp_path / "manifests"
+    built = layout.build(src)
+    enhanced = {"--PJHxphWEs": "/m/09x0r,/t/dd00088,/m/05zppz", "-0RWZT-miFs": "/m/04rlf,/m/09x0r"}
+    rows = [{"wav": "/data/audioset/balanced/--PJHxphWEs.wav", "labels": enhanced["--PJHxphWEs"]},
+            {"wav": "C:\\audio\\Y-0RWZT-miFs_420.000_430.000.flac", "labels": enhanced["-0RWZT-miFs"]},
+            {"wav": "/data/audioset/NotInAnySplit.wav", "labels": "/m/09x0r"}]
+    labels = tmp_path / "balanced_train_data_type1_2_mean.json"
+    labels.write_text(json.dumps({"data": rows}))
+    assert main(["prepare", "audioset", "--src", str(src), "--out", str(out), "--jobs", "1",
+                 "--labels-json", str(labels)]) == 0
+    assert "balanced_train 2 of 4, unbalanced_train 0 of 2, eval 0 of 3" in capsys.readouterr().out
+    got = {cut.id: cut.custom["labels"] for split in built["clips"]
+           for cut in CutSet.from_file(out / f"audioset_{split}.jsonl.gz")}
+    expected = {cut_id: labels for split in built["clips"].values() for cut_id, labels in split.items()}
+    expected.update({ytid: mids.split(",") for ytid, mids in enhanced.items()})
+    assert got == expected
+    assert "balanced_train 2 of 4" in json.loads((out / "audioset_prepare.json").read_text())["notes"][0]
+
+    prepare = get_corpus("audioset").prepare
+    for content, message in [({"data": [{"wav": "a.wav", "labels": "/m/nope"}]}, r"data\[0\] \(a.wav\) has labels "
+                              r"\['/m/nope'\] not in class_labels_indices.csv"),
+                             ({"data": [{"wav": "a.wav"}]}, r"data\[0\] is not"),
+                             ([1, 2], "expected an AST / PSLA data file"),
+                             ({"data": [{"wav": "Elsewhere.wav", "labels": "/m/09x0r"}]}, "names no clip")]:
+        labels.write_text(json.dumps(content))
+        with pytest.raises(ValueError, match=message):
+            prepare(src, tmp_path / "again", labels_json=labels)
+    labels.write_text("{not json")
+    with pytest.raises(ValueError, match="balanced_train_data_type1_2_mean.json: not JSON"):
+        prepare(src, tmp_path / "again", labels_json=labels)

@@ -106,6 +106,8 @@ def _run(args: argparse.Namespace) -> int:
         with prepare_lock(args.out):  # one prepare per --out: a second one stops at once, naming this one
             report = module.prepare(args.src, args.out, num_jobs=args.jobs, **options)
         print(report.summary())
+        for note in report.notes:
+            print(f"  note: {note}")
         for split, path in sorted(report.manifests.items()):
             print(f"  {split:<12} {path}")
         if not sum(report.clips.values()):

@@ -13,12 +13,19 @@ A clip belongs to YTID when its stem is ``YTID``, ``Y``+YTID (PANNs) or starts w
 .wav/.flac/.ogg/.mp3. Writes ``audioset_balanced_train``, ``audioset_unbalanced_train`` and
 ``audioset_eval`` (cut id = YTID, labels = mids, classes in ``index`` order); a clip with no file is
 reported missing as ``AUDIO/YTID`` (no suffix: any accepted name would do).
+
+``--labels-json FILE`` takes the labels of the clips it lists from an AST / PSLA data file
+(``{"data": [{"wav": ".../YTID.wav", "labels": "mid,mid"}, ...]}``, the clip's YouTube id read from the file
+name as above) instead of the segment CSVs': PSLA's label-enhanced ``balanced_train_data_type1_2_mean.json`` is
+what SSAST and AST fine-tune AudioSet-20K on. The report says how many clips of each split took its labels.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -38,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--audio-dir", type=Path, default=None, help="downloaded clips (default SRC/audio)")
     parser.add_argument("--splits", default=None,
                         help=f"comma list of {', '.join(SPLITS)} (default: every split whose CSV exists)")
+    parser.add_argument("--labels-json", type=Path, default=None,
+                        help="an AST / PSLA data file whose labels replace the segment CSVs' for the clips it lists, "
+                             "e.g. PSLA's label-enhanced balanced_train_data_type1_2_mean.json (SSAST's and AST's "
+                             "AudioSet-20K)")
 
 
 def read_classes_csv(path: Path) -> tuple[list[str], dict[str, str]]:
@@ -71,24 +82,62 @@ def read_segments(path: Path) -> Iterator[tuple[str, float, float, tuple[str, ..
             yield *segment, tuple(mid.strip() for mid in labels.split(",") if mid.strip())
 
 
+def ytid_candidates(stem: str) -> Iterator[str]:
+    """The YouTube ids a clip's file stem may name: the stem, the stem without a leading ``Y`` (PANNs'
+    ``Y<YTID>``), and each of those cut at an ``_`` (``<YTID>_<start>_<end>``, DCASE's ``Y<YTID>_<start>_<end>``)."""
+    for base in (stem, stem[1:]) if stem.startswith("Y") else (stem,):
+        yield base
+        for i, char in enumerate(base):
+            if char == "_":
+                yield base[:i]
+
+
 def index_audio(folder: Path) -> dict[str, str]:
-    """``{YTID candidate: file path}`` for every audio file under ``folder`` (exact stems win): the stem, the stem
-    without a leading ``Y`` (PANNs' ``Y<YTID>``), and each of those cut at an ``_`` (``<YTID>_<start>_<end>``, and
-    DCASE's ``Y<YTID>_<start>_<end>``)."""
+    """``{YTID candidate: file path}`` for every audio file under ``folder`` (exact stems win; the candidates are
+    :func:`ytid_candidates`')."""
     exact = scan_audio(folder)
     derived: dict[str, str] = {}
     for stem, path in exact.items():
-        for base in (stem, stem[1:]) if stem.startswith("Y") else (stem,):
+        for base in ytid_candidates(stem):
             derived.setdefault(base, path)
-            for i, char in enumerate(base):
-                if char == "_":
-                    derived.setdefault(base[:i], path)
+    return {**derived, **exact}
+
+
+def read_labels_json(path: Path, classes: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """``{YTID candidate: mids}`` from an AST / PSLA data file (``{"data": [{"wav": ..., "labels": "mid,..."}]}``),
+    the YouTube id read from each ``wav``'s file name as :func:`index_audio` reads a clip's (exact stems win).
+
+    Raises:
+        ValueError: not such a file (naming the entry that is not), or a label not in the class list.
+    """
+    listing = require_file(path, "AudioSet labels file (--labels-json)")
+    try:
+        data = json.loads(listing.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{path}: not JSON ({err})") from None
+    rows = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected an AST / PSLA data file, {{\"data\": [{{\"wav\": ..., \"labels\": "
+                         f"\"mid,...\"}}, ...]}}")
+    known, exact, derived = set(classes), {}, {}
+    for i, row in enumerate(rows):
+        if not (isinstance(row, dict) and isinstance(row.get("wav"), str) and isinstance(row.get("labels"), str)):
+            raise ValueError(f"{path}: data[{i}] is not {{\"wav\": path, \"labels\": \"mid,...\"}}: {row!r:.120}")
+        mids = tuple(mid.strip() for mid in row["labels"].split(",") if mid.strip())
+        unknown = [mid for mid in mids if mid not in known]
+        if unknown:
+            raise ValueError(f"{path}: data[{i}] ({row['wav']}) has labels {unknown} not in class_labels_indices.csv")
+        stem = Path(row["wav"].replace("\\", "/")).stem
+        exact.setdefault(stem, mids)
+        for base in ytid_candidates(stem):
+            derived.setdefault(base, mids)
     return {**derived, **exact}
 
 
 def prepare(src: Path, out: Path, num_jobs: int = 4, audio_dir: Path | None = None,
-            splits: str | Sequence[str] | None = None) -> PrepareReport:
-    """Write the manifests of the chosen splits (default: every split whose segment CSV is in SRC)."""
+            splits: str | Sequence[str] | None = None, labels_json: Path | None = None) -> PrepareReport:
+    """Write the manifests of the chosen splits (default: every split whose segment CSV is in SRC); with
+    ``labels_json``, the clips that file lists take its labels (see the module docstring)."""
     src = Path(src)
     classes, names = read_classes_csv(src / "class_labels_indices.csv")
     if splits is None:
@@ -102,11 +151,25 @@ def prepare(src: Path, out: Path, num_jobs: int = 4, audio_dir: Path | None = No
     segment_csvs = {s: require_file(src / SPLITS[s], f"AudioSet {s} segments ({SPLITS[s]})") for s in chosen}
     audio = require_dir(Path(audio_dir) if audio_dir else src / "audio", "AudioSet audio folder")
     found = index_audio(audio)
+    relabel = {} if labels_json is None else read_labels_json(Path(labels_json), classes)
+    taken, listed = Counter(), Counter()
 
     def entries() -> Iterator[ClipEntry]:
         for split, path in segment_csvs.items():
             for ytid, start, end, labels in read_segments(path):
+                listed[split] += 1
+                if ytid in relabel:
+                    labels = relabel[ytid]
+                    taken[split] += 1
                 yield ClipEntry(cut_id=ytid, path=Path(found.get(ytid) or audio / ytid), split=split,
                                 labels=labels, custom={"start_seconds": start, "end_seconds": end})
 
-    return write_corpus(NAME, entries(), out, classes=classes, names=names, num_jobs=num_jobs)
+    listed_entries = list(entries())  # counted before the report's notes are written
+    notes = []
+    if labels_json is not None:
+        counts = ", ".join(f"{split} {taken[split]} of {listed[split]}" for split in segment_csvs)
+        notes.append(f"labels from {labels_json} for the clips it lists ({counts}); the segment CSVs' for the others")
+        if not sum(taken.values()):
+            raise ValueError(f"--labels-json {labels_json}: names no clip of the chosen splits ({', '.join(chosen)}); "
+                             f"its wav file names must hold the YouTube ids")
+    return write_corpus(NAME, listed_entries, out, classes=classes, names=names, num_jobs=num_jobs, notes=notes)
