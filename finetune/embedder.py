@@ -38,7 +38,7 @@ from torch import nn
 
 from common.audio.augment import SpecAugmentConfig
 from common.audio.compression import Compression
-from common.audio.fbank import NORM_STATS, NormStats, resolve_norm_stats
+from common.audio.fbank import NORM_STATS, NormStats, check_waveforms, resolve_norm_stats
 from common.audio.pipeline import AudioConfig, FeaturePipeline
 from common.models.arch import architecture_for, architecture_from_meta
 from common.models.exports import resolve_model_file
@@ -204,7 +204,20 @@ class Embedder:
     # ---------------------------------------------------------------------------------------- compute
     @torch.no_grad()
     def embed(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> EmbedOutput:
-        """The embeddings of ``[B, S]`` waveforms (``S <= clip_samples``; ``lengths``: valid samples per clip)."""
+        """The embeddings of ``[B, S]`` (or ``[S]``) float waveforms in [-1, 1] at ``sample_rate`` (a tensor or a numpy
+        array; ``S <= clip_samples``; ``lengths``: valid samples per clip).
+
+        Raises:
+            ValueError: integer or complex samples, more than 2 dimensions, channels last (``[S, C]``), or more
+                samples than a clip (cut a long recording into windows, as ``finetune.embed.embed_files`` does).
+        """
+        waveforms = check_waveforms(waveforms, "Embedder.embed")
+        if waveforms.shape[-1] > self.clip_samples:
+            raise ValueError(f"Embedder.embed: waveforms of {waveforms.shape[-1]} samples are longer than the model's "
+                             f"clip ({self.clip_samples} samples, {self.clip_seconds:g} s at {self.sample_rate} Hz); "
+                             f"cut them into clips (finetune.embed.embed_files windows a long file)")
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths)
         x = self.pipeline(waveforms.to(self.device), None if lengths is None else lengths.to(self.device))
         clip, frames = self._htsat(x) if self.htsat else self._ast(x)
         return EmbedOutput(None if clip is None else clip.float().cpu().numpy(),

@@ -10,6 +10,7 @@ from torch import nn
 
 from common.audio.augment import SpecAugmentConfig
 from common.audio.compression import Compression
+from common.audio.fbank import check_waveforms
 from common.models.arch import architecture_from_meta, official_channels
 from finetune.classifier import class_scores
 
@@ -32,14 +33,27 @@ def clip_for_export(meta: dict) -> tuple[int, int]:
 
 
 def predict_logits(model: nn.Module, meta: dict, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """The classifier's logits of a waveform batch, through the export's front end."""
+    """The classifier's logits of a waveform batch, through the export's front end.
+
+    Args:
+        waveforms: ``[B, S]`` float samples in [-1, 1] at the export's rate (``clip_for_export``), a tensor or a
+            numpy array, on the model's device.
+        lengths: ``[B]`` valid samples per clip.
+
+    Raises:
+        ValueError: integer or complex samples, more than 2 dimensions, channels last (``[S, C]``)
+            (``common.audio.fbank.check_waveforms``).
+    """
+    waveforms = check_waveforms(waveforms, "predict_logits")
     pipeline = pipeline_for_export(meta).to(waveforms.device)
     with torch.no_grad():
         return model(pipeline(waveforms, lengths))
 
 
 def predict_scores(model: nn.Module, meta: dict, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Per-class scores (sigmoid for BCE-trained models, softmax otherwise) of a waveform batch."""
+    """Per-class scores (sigmoid for BCE-trained models, softmax otherwise) of a waveform batch (as
+    :func:`predict_logits` takes it)."""
+    waveforms = check_waveforms(waveforms, "predict_scores")  # named as called (predict_logits checks it too)
     return class_scores(predict_logits(model, meta, waveforms, lengths), meta.get("loss", "ce"))
 
 

@@ -22,12 +22,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from lhotse.features.kaldi.layers import Wav2LogFilterBank
 from torch import nn
 
 __all__ = [
     "Fbank",
+    "check_waveforms",
     "NormStats",
     "NORM_STATS",
     "resolve_norm_stats",
@@ -55,6 +57,45 @@ def samples_for_frames(frames: int, frame_length: int, frame_shift: int) -> int:
     if frames <= 0:
         raise ValueError(f"frames must be positive, got {frames}")
     return frame_length + (frames - 1) * frame_shift
+
+
+MAX_CHANNELS = 8  # a 2-D input this narrow but longer is taken for [samples, channels], not a batch of clips
+
+
+def check_waveforms(waveforms, where: str = "Fbank") -> torch.Tensor:
+    """``waveforms`` (a tensor or a numpy array) as a floating-point tensor ``[B, S]`` or ``[S]``, or a
+    ``ValueError`` naming what is wrong and what to do.
+
+    Refused: integer or boolean samples (PCM that a plain cast would leave at +-32767: log-mel ~20 higher
+    everywhere), complex samples, more than 2 dimensions, and a 2-D input whose last axis is at most
+    :data:`MAX_CHANNELS` long while its first is longer (soundfile's ``[S, C]`` layout: taken as a batch it makes
+    every sample a clip, a second of 16 kHz stereo ~8 GB of features). Only the dtype and the shape are read, never
+    the samples: the trainer calls :class:`Fbank` on the GPU every step, and this adds no wait for the device.
+
+    Args:
+        waveforms: the samples, float in [-1, 1].
+        where: who asks, for the message (``Fbank``, ``Embedder.embed``, ...).
+    """
+    if not isinstance(waveforms, torch.Tensor):
+        array = np.asarray(waveforms)
+        if array.dtype.kind not in "fc":  # before torch: it has no uint16/uint32 tensors to convert into
+            raise ValueError(f"{where}: waveforms of dtype {array.dtype} are not float samples in [-1, 1]: scale "
+                             f"integer PCM first, e.g. w / 32768 for int16 (w / 2**31 for int32)")
+        waveforms = torch.as_tensor(array)
+    if waveforms.is_complex():
+        raise ValueError(f"{where}: waveforms of dtype {waveforms.dtype} are complex; pass the real signal (float "
+                         f"samples in [-1, 1])")
+    if not waveforms.is_floating_point():
+        raise ValueError(f"{where}: waveforms of dtype {waveforms.dtype} are not float samples in [-1, 1]: scale "
+                         f"integer PCM first, e.g. w / 32768 for int16 (w / 2**31 for int32)")
+    shape = tuple(waveforms.shape)
+    if waveforms.dim() not in (1, 2):
+        raise ValueError(f"{where} expects waveforms [B, S] or [S], got shape {shape}; a multi-channel clip: pass "
+                         f"one channel or their mean")
+    if waveforms.dim() == 2 and shape[1] <= MAX_CHANNELS < shape[0]:
+        raise ValueError(f"{where}: waveforms of shape {shape} look like [samples, channels] (soundfile's layout), "
+                         f"not [B, S] clips; pass one channel, w[:, 0], or w.mean(1)")
+    return waveforms
 
 
 class Fbank(nn.Module):
@@ -117,16 +158,19 @@ class Fbank(nn.Module):
         """Compute features.
 
         Args:
-            waveforms: ``[B, S]`` (or ``[S]``) float waveforms in [-1, 1] at ``sample_rate``.
+            waveforms: ``[B, S]`` (or ``[S]``) float waveforms in [-1, 1] at ``sample_rate`` (a tensor or a numpy
+                array; :func:`check_waveforms` says what is refused).
             lengths: optional ``[B]`` numbers of valid samples; samples past them are padding.
 
         Returns:
             ``[B, T, F]`` log-mel features, ``T = num_frames(S)``; frames past a clip's end are 0.
+
+        Raises:
+            ValueError: integer or complex samples, more than 2 dimensions, channels last (``[S, C]``).
         """
+        waveforms = check_waveforms(waveforms, "Fbank")
         if waveforms.dim() == 1:
             waveforms = waveforms.unsqueeze(0)
-        if waveforms.dim() != 2:
-            raise ValueError(f"Fbank expects waveforms [B, S], got shape {tuple(waveforms.shape)}")
         waveforms = waveforms.float()
         batch, samples = waveforms.shape
         if lengths is None:

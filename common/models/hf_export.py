@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common.audio.fbank import resolve_norm_stats
+from common.audio.fbank import check_waveforms, resolve_norm_stats
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from common.models.exports import unreadable
 from common.models.fit import misfit
@@ -381,17 +381,23 @@ def classify(model_dir: str | os.PathLike, waveform, sample_rate: int, top_k: in
 
     Args:
         model_dir: an ``ASTForAudioClassification`` directory (e.g. written by :func:`export_hf`).
-        waveform: 1-D float samples in [-1, 1]; resampled by the pipeline when ``sample_rate`` differs.
+        waveform: 1-D float samples in [-1, 1] (a numpy array, a tensor or a list); resampled by the pipeline when
+            ``sample_rate`` differs.
         sample_rate: Hz of ``waveform``.
         top_k: labels to return.
 
     Returns:
         ``[{"label": ..., "score": ...}]``, best first (the pipeline's answer).
+
+    Raises:
+        ValueError: integer samples (scale them to [-1, 1]), complex ones, or not one channel.
     """
     import inspect
 
-    import numpy as np
-
+    samples = check_waveforms(waveform.detach().cpu() if isinstance(waveform, torch.Tensor) else waveform, "classify")
+    if samples.dim() != 1:
+        raise ValueError(f"classify takes one waveform [S], got shape {tuple(samples.shape)}; pass one clip's "
+                         f"channel, w[0], or w.mean(0)")
     transformers = _transformers()
     classifier = transformers.pipeline("audio-classification", model=str(model_dir), device="cpu")
     multi_label = classifier.model.config.problem_type == "multi_label_classification"
@@ -399,7 +405,7 @@ def classify(model_dir: str | os.PathLike, waveform, sample_rate: int, top_k: in
         raise TransformersMissing(f"transformers {transformers.__version__}'s audio-classification pipeline scores "
                                   f"every model with a softmax; {model_dir} is multi-label (sigmoid scores): "
                                   f"pip install -U transformers")
-    return classifier({"raw": np.asarray(waveform, dtype=np.float32), "sampling_rate": int(sample_rate)},
+    return classifier({"raw": samples.float().numpy(), "sampling_rate": int(sample_rate)},
                       top_k=top_k)
 
 

@@ -1,0 +1,93 @@
+"""The package used as a library (docs/interop.md, "Python API"): what a user passes by hand, in a notebook or
+another project, is checked where it enters, and the models come back ready to use."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.audio.fbank import Fbank
+from common.models.ast.encoder import ASTEncoder, EncoderConfig
+from common.models.exports import save_encoder
+from tests.helpers import tiny_classifier_file
+
+AUDIO = {"sample_rate": 16000, "num_mel_bins": 128, "frame_shift_ms": 10.0, "frame_length_ms": 25.0,
+         "target_frames": 64, "norm": "esc50"}
+FULL = {"compression": "none", "factor": 1}
+CLIP = 400 + 63 * 160  # samples of a 64-frame clip
+
+
+def _export(path, phase=FULL, drop_path_rate=0.0):
+    """A tiny encoder export of a 64-frame, 128-bin model (a coarse phase holds its own geometry)."""
+    torch.manual_seed(0)
+    frames = 64 if phase["compression"] == "none" else 64 // phase["factor"]
+    cfg = EncoderConfig(embed_dim=32, depth=2, num_heads=2, input_tdim=frames, drop_path_rate=drop_path_rate)
+    return save_encoder(ASTEncoder(cfg), path, {"audio": AUDIO, "phase": phase})
+
+
+# Section 1 of the library review: a stereo file read the usual way ([S, C]) made every sample a clip, int16
+# samples shifted the log-mel by ~20, all without a word.
+BAD_WAVEFORMS = [
+    (lambda: torch.zeros(CLIP, 2), r"look like \[samples, channels\].*w\[:, 0\], or w.mean\(1\)"),
+    (lambda: np.zeros((CLIP, 1), np.float32), r"look like \[samples, channels\]"),
+    (lambda: torch.zeros(CLIP, dtype=torch.int16), r"dtype torch.int16 .*w / 32768"),
+    (lambda: np.zeros(CLIP, np.int16), r"dtype int16 .*w / 32768"),
+    (lambda: np.zeros(CLIP, np.uint8), r"dtype uint8 .*scale integer PCM"),
+    (lambda: torch.zeros(CLIP, dtype=torch.complex64), r"complex; pass the real signal"),
+    (lambda: torch.zeros(2, 2, CLIP), r"expects waveforms \[B, S\] or \[S\], got shape \(2, 2, \d+\)"),
+]
+
+
+@pytest.mark.parametrize("make, says", BAD_WAVEFORMS)
+def test_fbank_refuses_channels_last_integer_complex_and_3d_waveforms(make, says):
+    with pytest.raises(ValueError, match=f"^Fbank.*{says}"):
+        Fbank()(make())
+
+
+def test_fbank_takes_numpy_and_any_float_dtype_and_short_batches():
+    fb = Fbank()
+    wave = np.random.default_rng(0).uniform(-0.5, 0.5, (2, CLIP)).astype(np.float32)
+    want = fb(torch.from_numpy(wave))
+    assert torch.equal(fb(wave), want)  # it was AttributeError: 'numpy.ndarray' object has no attribute 'dim'
+    assert torch.allclose(fb(wave.astype(np.float64)), want)
+    assert fb(torch.zeros(8, 8)).shape == (8, 1, 128)  # eight clips of eight samples: a batch, however short
+
+
+def test_embedder_refuses_what_fbank_does_and_a_waveform_longer_than_its_clip(tmp_path):
+    from finetune.embedder import load_embedder
+
+    embedder = load_embedder(_export(tmp_path / "e.safetensors"), pool="mean")
+    for make, says in BAD_WAVEFORMS:
+        with pytest.raises(ValueError, match=f"^Embedder.embed.*{says}"):
+            embedder.embed(make())
+    with pytest.raises(ValueError, match=rf"{CLIP + 1} samples are longer than the model's clip \({CLIP} samples"):
+        embedder.embed(torch.zeros(1, CLIP + 1))
+    wave = np.random.default_rng(0).uniform(-0.5, 0.5, (2, CLIP)).astype(np.float32)
+    assert np.array_equal(embedder.embed(wave).clip, embedder.embed(torch.from_numpy(wave)).clip)
+    assert embedder.embed(wave[:, :1000], [1000, 500]).clip.shape == (2, 32)  # numpy in, a list of lengths
+
+
+def test_classify_refuses_integer_channels_and_complex_samples_before_loading_anything(tmp_path):
+    from common.models.hf_export import classify
+
+    for make, says in BAD_WAVEFORMS:
+        with pytest.raises(ValueError, match=f"^classify.*{says}"):
+            classify(tmp_path / "no_model", make(), 16000)
+    with pytest.raises(ValueError, match=r"^classify takes one waveform \[S\], got shape \(2, \d+\); .*w\[0\]"):
+        classify(tmp_path / "no_model", np.zeros((2, CLIP), np.float32), 16000)
+
+
+def test_predict_scores_refuses_integer_and_channels_last_waveforms(tmp_path):
+    from finetune.classifier import load_classifier
+    from finetune.inference import predict_logits, predict_scores
+
+    model, meta = load_classifier(tiny_classifier_file(tmp_path, "ce"))
+    lengths = torch.tensor([CLIP])
+    for call in (predict_scores, predict_logits):
+        for make, says in BAD_WAVEFORMS:
+            with pytest.raises(ValueError, match=f"^{call.__name__}.*{says}"):
+                call(model, meta, make(), lengths)
+    wave = np.random.default_rng(0).uniform(-0.5, 0.5, (1, CLIP)).astype(np.float32)
+    assert torch.equal(predict_scores(model, meta, wave, lengths),
+                       predict_scores(model, meta, torch.from_numpy(wave), lengths))
