@@ -91,3 +91,15 @@ def test_predict_scores_refuses_integer_and_channels_last_waveforms(tmp_path):
     wave = np.random.default_rng(0).uniform(-0.5, 0.5, (1, CLIP)).astype(np.float32)
     assert torch.equal(predict_scores(model, meta, wave, lengths),
                        predict_scores(model, meta, torch.from_numpy(wave), lengths))
+
+
+def test_load_encoder_returns_an_eval_mode_encoder_that_gives_the_same_tokens_twice(tmp_path):
+    """A model trained with stochastic depth dropped blocks at random: the docs' snippet gave other tokens on
+    every call (1.04 apart)."""
+    from common.checkpoint import load_encoder
+
+    encoder = load_encoder(_export(tmp_path / "dp.safetensors", drop_path_rate=0.5))
+    assert encoder.cfg.drop_path_rate == 0.5 and not encoder.training
+    x = torch.randn(2, 64, 128)
+    with torch.no_grad():
+        assert torch.equal(encoder.forward_features(x), encoder.forward_features(x))

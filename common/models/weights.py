@@ -181,7 +181,9 @@ def _imagenet_swin(state: dict, file) -> EncoderWeights:
 
 
 def load_encoder(path: str | os.PathLike, **official_kwargs) -> ASTEncoder:
-    """Rebuild an :class:`ASTEncoder` from any supported checkpoint, on the CPU, in float32.
+    """Rebuild an :class:`ASTEncoder` from any supported checkpoint, on the CPU, in float32, in eval mode (as
+    ``load_classifier`` returns its model: a model trained with stochastic depth, ``drop_path_rate``, would drop
+    blocks at random in train mode; call ``.train()`` to fine-tune it).
 
     Args:
         path: an export, a run directory, or an official SSAST / AST ``.pth``.
@@ -199,4 +201,4 @@ def load_encoder(path: str | os.PathLike, **official_kwargs) -> ASTEncoder:
             f"{path}: weights do not match the encoder config: missing {result.missing_keys[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
-    return encoder
+    return encoder.eval()
