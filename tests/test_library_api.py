@@ -103,3 +103,19 @@ def test_load_encoder_returns_an_eval_mode_encoder_that_gives_the_same_tokens_tw
     x = torch.randn(2, 64, 128)
     with torch.no_grad():
         assert torch.equal(encoder.forward_features(x), encoder.forward_features(x))
+
+
+def test_load_encoder_warns_that_a_coarse_phase_export_takes_that_phases_fbank(tmp_path, caplog):
+    """The docs' recipe fed a coarse phase's encoder the first 32 frames of a 10 ms fbank (cosine 0.62 against
+    what load_embedder computes): the warning names the phase's compression and what feeds it right."""
+    from common.checkpoint import load_encoder
+
+    coarse = _export(tmp_path / "phase1.safetensors", {"index": 1, "of": 2, "compression": "fshift", "factor": 2})
+    with caplog.at_level("WARNING", logger="common.models.weights"):
+        assert load_encoder(coarse).cfg.input_tdim == 32
+    assert "exported at phase 1/2 (fshift x2): its input is that phase's fbank (20 ms frame shift, 32 frames" \
+        in caplog.text and "finetune.embedder.load_embedder(path).embed" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="common.models.weights"):
+        load_encoder(_export(tmp_path / "model.safetensors"))
+    assert caplog.text == ""

@@ -180,20 +180,41 @@ def _imagenet_swin(state: dict, file) -> EncoderWeights:
                                            "swin_layout": info["layout"], "swin_windows": info["windows"]})
 
 
+def _warn_compressed(path, weights: EncoderWeights) -> None:
+    """Warn that an export of a compressed (coarse) phase takes that phase's fbank, not the full-resolution one."""
+    phase, compression = weights.meta.get("phase") or {}, weights.written_in
+    audio = weights.meta.get("audio") if isinstance(weights.meta.get("audio"), dict) else {}
+    shift = f"{compression.frame_shift_ms(float(audio['frame_shift_ms'])):g} ms frame shift, " \
+        if "frame_shift_ms" in audio else ""
+    log.warning("%s was exported at phase %s/%s (%s): its input is that phase's fbank (%s%d frames for the clip), not "
+                "the full-resolution one; finetune.embedder.load_embedder(path).embed computes it from waveforms, and "
+                "load_encoder_state(path).meta holds the phase and the front end ('phase', 'audio', 'norm_stats')",
+                path, phase.get("index", "?"), phase.get("of", "?"), compression.describe(), shift,
+                weights.config.input_tdim)
+
+
 def load_encoder(path: str | os.PathLike, **official_kwargs) -> ASTEncoder:
     """Rebuild an :class:`ASTEncoder` from any supported checkpoint, on the CPU, in float32, in eval mode (as
     ``load_classifier`` returns its model: a model trained with stochastic depth, ``drop_path_rate``, would drop
     blocks at random in train mode; call ``.train()`` to fine-tune it).
+
+    The encoder takes a normalised fbank and knows nothing of the front end that makes it: an export of a
+    compressed (coarse) phase takes that phase's fbank (e.g. a 40 ms frame shift at Fshift x4), which is logged as
+    a warning. :func:`finetune.embedder.load_embedder` builds the encoder with its front end; the export's metadata
+    (:func:`load_encoder_state`'s ``meta``: ``phase``, ``audio``, ``norm_stats``) says what it is.
 
     Args:
         path: an export, a run directory, or an official SSAST / AST ``.pth``.
         official_kwargs: ``input_fdim``, ``fstride``, ``tstride``, ``input_tdim`` for official files that do
             not store them.
     """
-    cfg, state, meta = load_encoder_state(path, **official_kwargs)
+    weights = load_encoder_state(path, **official_kwargs)
+    cfg, state, meta = weights
     if not isinstance(cfg, EncoderConfig):
         raise ValueError(f"{path} holds an {meta.get('arch', '?')} model, not an AST-family encoder; load it with "
                          f"finetune.classifier.load_classifier (or as --init / --ckpt)")
+    if meta.get("source") == "export" and not weights.written_in.is_full_resolution:
+        _warn_compressed(path, weights)
     encoder = ASTEncoder(cfg)
     result = encoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if result.missing_keys or result.unexpected_keys:
