@@ -38,7 +38,7 @@ from torch import nn
 
 from common.audio.augment import SpecAugmentConfig
 from common.audio.compression import Compression
-from common.audio.fbank import NORM_STATS, NormStats, check_waveforms, resolve_norm_stats
+from common.audio.fbank import NORM_STATS, NormStats, check_lengths, check_waveforms, resolve_norm_stats
 from common.audio.pipeline import AudioConfig, FeaturePipeline
 from common.models.arch import architecture_for, architecture_from_meta
 from common.models.exports import resolve_model_file
@@ -203,13 +203,15 @@ class Embedder:
 
     # ---------------------------------------------------------------------------------------- compute
     @torch.no_grad()
-    def embed(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> EmbedOutput:
+    def embed(self, waveforms: torch.Tensor | np.ndarray,
+              lengths: torch.Tensor | np.ndarray | list[int] | None = None) -> EmbedOutput:
         """The embeddings of ``[B, S]`` (or ``[S]``) float waveforms in [-1, 1] at ``sample_rate`` (a tensor or a numpy
-        array; ``S <= clip_samples``; ``lengths``: valid samples per clip).
+        array; ``S <= clip_samples``; ``lengths``: valid samples per clip, ``1..S``, a tensor, a list or an array).
 
         Raises:
             ValueError: integer or complex samples, more than 2 dimensions, channels last (``[S, C]``), or more
-                samples than a clip (cut a long recording into windows, as ``finetune.embed.embed_files`` does).
+                samples than a clip (cut a long recording into windows, as ``finetune.embed.embed_files`` does),
+                lengths of another shape or outside ``1..S``.
         """
         waveforms = check_waveforms(waveforms, "Embedder.embed")
         if waveforms.shape[-1] > self.clip_samples:
@@ -217,7 +219,8 @@ class Embedder:
                              f"clip ({self.clip_samples} samples, {self.clip_seconds:g} s at {self.sample_rate} Hz); "
                              f"cut them into clips (finetune.embed.embed_files windows a long file)")
         if lengths is not None:
-            lengths = torch.as_tensor(lengths)
+            lengths = check_lengths(lengths, 1 if waveforms.dim() == 1 else len(waveforms), waveforms.shape[-1],
+                                    "Embedder.embed", read=True)
         x = self.pipeline(waveforms.to(self.device), None if lengths is None else lengths.to(self.device))
         clip, frames = self._htsat(x) if self.htsat else self._ast(x)
         return EmbedOutput(None if clip is None else clip.float().cpu().numpy(),

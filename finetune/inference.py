@@ -10,7 +10,7 @@ from torch import nn
 
 from common.audio.augment import SpecAugmentConfig
 from common.audio.compression import Compression
-from common.audio.fbank import check_waveforms
+from common.audio.fbank import check_lengths, check_waveforms
 from common.models.arch import architecture_from_meta, official_channels
 from finetune.classifier import class_scores
 
@@ -38,13 +38,15 @@ def predict_logits(model: nn.Module, meta: dict, waveforms: torch.Tensor, length
     Args:
         waveforms: ``[B, S]`` float samples in [-1, 1] at the export's rate (``clip_for_export``), a tensor or a
             numpy array, on the model's device.
-        lengths: ``[B]`` valid samples per clip.
+        lengths: ``[B]`` valid samples per clip, ``1..S`` (a tensor, a list or an array).
 
     Raises:
         ValueError: integer or complex samples, more than 2 dimensions, channels last (``[S, C]``)
-            (``common.audio.fbank.check_waveforms``).
+            (``common.audio.fbank.check_waveforms``), lengths of another shape or outside ``1..S``.
     """
     waveforms = check_waveforms(waveforms, "predict_logits")
+    lengths = check_lengths(lengths, 1 if waveforms.dim() == 1 else len(waveforms), waveforms.shape[-1],
+                            "predict_logits", read=True)
     pipeline = pipeline_for_export(meta).to(waveforms.device)
     with torch.no_grad():
         return model(pipeline(waveforms, lengths))

@@ -13,6 +13,8 @@ from tests.helpers import ssast_pretrained_state
 def test_frontend_fbank_maps_waveforms_to_frames_by_mel_bins():
     import common.frontend
 
+    assert set(common.frontend.__all__) == {"Fbank", "NORM_STATS", "NormStats", "normalize", "pad_or_crop",
+                                            "resolve_norm_stats"}
     fbank = common.frontend.Fbank(frame_shift_ms=10, num_mel_bins=128, sample_rate=16000)
     assert isinstance(fbank, torch.nn.Module)
     feats = fbank(torch.randn(2, 16000))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.audio.fbank import Fbank
+from common.audio.fbank import NORM_STATS, Fbank, normalize, pad_or_crop
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from common.models.exports import save_encoder
 from tests.helpers import tiny_classifier_file
@@ -119,3 +119,52 @@ def test_load_encoder_warns_that_a_coarse_phase_export_takes_that_phases_fbank(t
     with caplog.at_level("WARNING", logger="common.models.weights"):
         load_encoder(_export(tmp_path / "model.safetensors"))
     assert caplog.text == ""
+
+
+def test_fbank_short_input_lengths_and_settings_are_what_its_docstring_says():
+    fb = Fbank()
+    for samples in (0, 100, 399):  # shorter than one window: one frame of zeros (T = num_frames(S), at least 1)
+        feats = fb(torch.randn(2, samples))
+        assert feats.shape == (2, 1, 128) and torch.all(feats == 0)
+    wave = torch.randn(2, CLIP)
+    assert torch.equal(fb(wave, [CLIP, 8000]), fb(wave, torch.tensor([CLIP, 8000])))  # a list: AttributeError
+    assert torch.equal(fb(wave, np.array([CLIP, 8000])), fb(wave, torch.tensor([CLIP, 8000])))
+    for bad, named in (([CLIP + 1, 8000], rf"\[{CLIP + 1}\] \(clips \[0\]\)"),
+                       ([0, -3], r"\[0, -3\] \(clips \[0, 1\]\)")):
+        with pytest.raises(ValueError, match=rf"^Fbank: lengths .* 1\.\.{CLIP} .*got {named}"):
+            fb(wave, bad)
+    with pytest.raises(ValueError, match=r"^Fbank: lengths must have shape \[2\] \(one per clip\), got \(3,\)"):
+        fb(wave, [1, 2, 3])
+    for shift in (0, 0.01, -10):
+        with pytest.raises(ValueError, match=f"^Fbank: frame_shift_ms={shift} .* at least one sample"):
+            Fbank(frame_shift_ms=shift)  # 0 was a ZeroDivisionError
+    with pytest.raises(ValueError, match="target_frames must be positive, got -5"):
+        pad_or_crop(torch.zeros(1, 10, 4), -5)  # it cut to T - 5
+
+
+def test_embedder_and_predict_read_the_lengths_they_are_given(tmp_path):
+    from finetune.classifier import load_classifier
+    from finetune.embedder import load_embedder
+    from finetune.inference import predict_scores
+
+    embedder = load_embedder(_export(tmp_path / "e.safetensors"), pool="mean")
+    model, meta = load_classifier(tiny_classifier_file(tmp_path, "ce"))
+    wave = torch.randn(2, CLIP)
+    for call, where in ((lambda lengths: embedder.embed(wave, lengths), "Embedder.embed"),
+                        (lambda lengths: predict_scores(model, meta, wave, lengths), "predict_logits")):
+        with pytest.raises(ValueError, match=rf"^{where}: lengths .*got \[{CLIP + 1}\] \(clips \[1\]\)"):
+            call(torch.tensor([CLIP, CLIP + 1]))  # a tensor too: these entries read their results anyway
+        call([CLIP, 8000])
+
+
+def test_normalize_takes_a_statistics_name_or_mapping_and_the_frontend_exports_them():
+    import common.frontend as frontend
+
+    x = torch.randn(1, 4, 2)
+    want = normalize(x, NORM_STATS["esc50"])
+    assert torch.equal(normalize(x, "esc50"), want)  # it was AttributeError: 'str' object has no attribute 'mean'
+    stats = {"mean": NORM_STATS["esc50"].mean, "std": NORM_STATS["esc50"].std}
+    assert torch.equal(frontend.normalize(x, stats), want)
+    assert frontend.resolve_norm_stats(stats) == frontend.NormStats(stats["mean"], stats["std"])
+    with pytest.raises(ValueError, match="unknown normalisation statistics 'nope'"):
+        normalize(x, "nope")

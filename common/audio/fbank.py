@@ -30,6 +30,7 @@ from torch import nn
 __all__ = [
     "Fbank",
     "check_waveforms",
+    "check_lengths",
     "NormStats",
     "NORM_STATS",
     "resolve_norm_stats",
@@ -98,6 +99,27 @@ def check_waveforms(waveforms, where: str = "Fbank") -> torch.Tensor:
     return waveforms
 
 
+def check_lengths(lengths, batch: int, samples: int, where: str = "Fbank", read: bool = False) -> torch.Tensor:
+    """``lengths`` (a tensor, a list or a numpy array) as a ``[batch]`` tensor of valid samples per clip, or a
+    ``ValueError`` naming what is wrong.
+
+    The values must lie in ``1..samples``. They are checked where reading them waits for no device: lengths given
+    as a list or an array (on the host), and a tensor only with ``read`` (the inference entries, which read their
+    results anyway); the trainer's lengths, a tensor on its device every step, are not read.
+    """
+    host = not isinstance(lengths, torch.Tensor)
+    if host:
+        lengths = torch.as_tensor(np.asarray(lengths))
+    if tuple(lengths.shape) != (batch,):
+        raise ValueError(f"{where}: lengths must have shape [{batch}] (one per clip), got {tuple(lengths.shape)}")
+    if host or read:
+        bad = (lengths < 1) | (lengths > samples)
+        if bad.any():
+            raise ValueError(f"{where}: lengths are the valid samples of each clip, 1..{samples} (the waveforms' "
+                             f"length), got {lengths[bad].tolist()[:5]} (clips {bad.nonzero().flatten().tolist()[:5]})")
+    return lengths
+
+
 class Fbank(nn.Module):
     """Batched Kaldi log-mel filterbank: waveforms ``[B, S]`` -> features ``[B, T, F]``.
 
@@ -115,7 +137,6 @@ class Fbank(nn.Module):
         frame_length_ms: float = 25.0,
     ) -> None:
         super().__init__()
-
         self.frame_shift_ms = float(frame_shift_ms)
         self.frame_length_ms = float(frame_length_ms)
         self.num_mel_bins = int(num_mel_bins)
@@ -123,6 +144,9 @@ class Fbank(nn.Module):
         # Kaldi rounds the window and hop to whole samples.
         self.frame_shift = int(round(sample_rate * frame_shift_ms / 1000.0))
         self.frame_length = int(round(sample_rate * frame_length_ms / 1000.0))
+        if min(self.frame_shift, self.frame_length, self.num_mel_bins) < 1:  # a ZeroDivisionError further on
+            raise ValueError(f"Fbank: frame_shift_ms={frame_shift_ms} and frame_length_ms={frame_length_ms} must be at "
+                             f"least one sample at {sample_rate} Hz, num_mel_bins={num_mel_bins} positive")
         with warnings.catch_warnings():
             # Lhotse warns that snip_edges=True may mismatch its own duration bookkeeping; we do our
             # own bookkeeping (num_frames) and need Kaldi's framing.
@@ -160,13 +184,16 @@ class Fbank(nn.Module):
         Args:
             waveforms: ``[B, S]`` (or ``[S]``) float waveforms in [-1, 1] at ``sample_rate`` (a tensor or a numpy
                 array; :func:`check_waveforms` says what is refused).
-            lengths: optional ``[B]`` numbers of valid samples; samples past them are padding.
+            lengths: optional ``[B]`` numbers of valid samples, ``1..S`` (a tensor, a list or a numpy array);
+                samples past them are padding. A tensor's values are not read (:func:`check_lengths`).
 
         Returns:
-            ``[B, T, F]`` log-mel features, ``T = num_frames(S)``; frames past a clip's end are 0.
+            ``[B, T, F]`` log-mel features, ``T = num_frames(S)``, at least 1: waveforms shorter than one window
+            (``frame_length_ms``) give one frame of zeros. Frames past a clip's end are 0.
 
         Raises:
-            ValueError: integer or complex samples, more than 2 dimensions, channels last (``[S, C]``).
+            ValueError: integer or complex samples, more than 2 dimensions, channels last (``[S, C]``), lengths of
+                another shape or (given as a list or an array) outside ``1..S``.
         """
         waveforms = check_waveforms(waveforms, "Fbank")
         if waveforms.dim() == 1:
@@ -176,9 +203,8 @@ class Fbank(nn.Module):
         if lengths is None:
             centred = waveforms - waveforms.mean(dim=1, keepdim=True)
         else:
+            lengths = check_lengths(lengths, batch, samples, "Fbank")
             lengths = lengths.to(device=waveforms.device, dtype=torch.long, non_blocking=True)
-            if lengths.shape != (batch,):
-                raise ValueError(f"lengths must have shape [{batch}], got {tuple(lengths.shape)}")
             valid = torch.arange(samples, device=waveforms.device)[None, :] < lengths[:, None]
             mean = (waveforms * valid).sum(dim=1, keepdim=True) / lengths.clamp(min=1)[:, None]
             centred = (waveforms - mean) * valid
@@ -273,13 +299,21 @@ def check_norm_name(spec: str) -> None:
                      f"JSON file (`python -m common.data.corpora stats MANIFEST` writes one)")
 
 
-def normalize(fbank: torch.Tensor, stats: NormStats) -> torch.Tensor:
-    """``(fbank - mean) / (2 * std)``: roughly zero mean and standard deviation 0.5."""
+def normalize(fbank: torch.Tensor, stats: NormStats | str | dict) -> torch.Tensor:
+    """``(fbank - mean) / (2 * std)``: roughly zero mean and standard deviation 0.5.
+
+    Args:
+        stats: :class:`NormStats`, or what :func:`resolve_norm_stats` takes (a :data:`NORM_STATS` name, a
+            ``{"mean": .., "std": ..}`` mapping such as an export's ``norm_stats``, a stats JSON file).
+    """
+    stats = resolve_norm_stats(stats)
     return (fbank - stats.mean) / (2.0 * stats.std)
 
 
 def pad_or_crop(fbank: torch.Tensor, target_frames: int, pad_value: float = 0.0) -> torch.Tensor:
     """Zero-pad or cut ``[B, T, F]`` features along time to ``target_frames`` (cut keeps the start)."""
+    if target_frames < 1:
+        raise ValueError(f"pad_or_crop: target_frames must be positive, got {target_frames}")
     frames = fbank.shape[-2]
     if frames == target_frames:
         return fbank
