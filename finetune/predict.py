@@ -114,7 +114,8 @@ def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None 
     """Score every window of one file and aggregate them (see the module docstring).
 
     Raises:
-        AudioReadError: the file cannot be read.
+        AudioReadError: the file cannot be read; its message is ``"PATH: reason"``, its ``path`` and ``reason``
+            attributes the two parts (a caller looping over files knows which one failed).
     """
     import torch
 
@@ -126,18 +127,23 @@ def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None 
     rule = aggregate_rule(meta, aggregate)
     hop = hop_samples(hop_seconds, rate, max(1, clip // 2))
     scores = []
-    with AudioFile(path, rate, handling["channels"]) as audio:  # a window at a time: a long file is never whole
-        size = audio.num_samples
-        starts = windows(size, clip, hop)
-        for i in range(0, len(starts), batch_size):
-            pieces = []
-            for start in starts[i : i + batch_size]:
-                piece = audio.read(start, clip)
-                if repeat and 0 < piece.size < clip:
-                    piece = np.tile(piece, -(-clip // piece.size))[:clip]
-                pieces.append(piece)
-            batch, lengths = pad_windows(pieces, clip)
-            scores.append(predict_scores(model, meta, batch.to(device), lengths.to(device)).cpu())
+    try:
+        with AudioFile(path, rate, handling["channels"]) as audio:  # a window at a time: a long file is never whole
+            size = audio.num_samples
+            starts = windows(size, clip, hop)
+            for i in range(0, len(starts), batch_size):
+                pieces = []
+                for start in starts[i : i + batch_size]:
+                    piece = audio.read(start, clip)
+                    if repeat and 0 < piece.size < clip:
+                        piece = np.tile(piece, -(-clip // piece.size))[:clip]
+                    pieces.append(piece)
+                batch, lengths = pad_windows(pieces, clip)
+                scores.append(predict_scores(model, meta, batch.to(device), lengths.to(device)).cpu())
+    except AudioReadError as err:  # the reader's message is the reason alone (the commands print the path)
+        failed = AudioReadError(f"{path}: {err}")
+        failed.path, failed.reason = str(path), str(err)
+        raise failed from None
     per_window = torch.cat(scores).numpy()
     combined = per_window.max(0) if rule == "max" else np.average(per_window, 0, window_weights(starts, hop, clip))
     return FilePrediction(str(path), size / rate, [s / rate for s in starts],
@@ -222,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 pred = predict_file(model, meta, path, args.hop, device=device, aggregate=args.aggregate)
             except AudioReadError as err:
-                results.append({"file": path, "error": str(err)})
+                results.append({"file": path, "error": err.reason})
                 continue
             results.append(_entry(pred, classes, names, args.top_k))
         if args.json:

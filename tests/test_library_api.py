@@ -168,3 +168,31 @@ def test_normalize_takes_a_statistics_name_or_mapping_and_the_frontend_exports_t
     assert frontend.resolve_norm_stats(stats) == frontend.NormStats(stats["mean"], stats["std"])
     with pytest.raises(ValueError, match="unknown normalisation statistics 'nope'"):
         normalize(x, "nope")
+
+
+def test_errors_name_their_subject_rank_export_folder_and_file(tmp_path):
+    """A wrong rank said "resize the encoder", RUN/export said "it holds no exports", and predict_file's error
+    named no file."""
+    from common.checkpoint import load_encoder
+    from common.data.audio_file import AudioReadError
+    from finetune.classifier import load_classifier
+    from finetune.predict import predict_file
+
+    export = tmp_path / "run" / "export"
+    export.mkdir(parents=True)
+    encoder = load_encoder(_export(export / "phase1.safetensors"))
+    _export(export / "best.safetensors")
+    x = torch.zeros(1, 64, 128)
+    with pytest.raises(ValueError, match=r"\(3 dims\), got 2 dims \(64, 128\): add the batch axis, x\[None\]"):
+        encoder.forward_features(x[0])
+    with pytest.raises(ValueError, match=r"got 4 dims \(1, 1, 64, 128\): drop the channel axis, x\[:, 0\]"):
+        encoder.forward_features(x[:, None])
+    with pytest.raises(FileNotFoundError, match=rf"{export} is a folder of 2 models \(best.safetensors, "
+                                                rf"phase1.safetensors\), not one: name one file, e.g. "
+                                                rf"{export / 'best.safetensors'} \(the best validation's\)"):
+        load_encoder(export)
+    model, meta = load_classifier(tiny_classifier_file(tmp_path, "ce"))
+    missing = tmp_path / "missing.wav"
+    with pytest.raises(AudioReadError, match=f"^{missing}: no such file$") as caught:
+        predict_file(model, meta, missing)
+    assert (caught.value.path, caught.value.reason) == (str(missing), "no such file")

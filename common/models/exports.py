@@ -164,6 +164,12 @@ def resolve_model_file(path: str | os.PathLike) -> Path:
             raise FileNotFoundError(f"{path} is a training checkpoint of {run}, not a model: name one of the run's "
                                     f"exports in {run / 'export'} (each phase's end, the best validation), written "
                                     f"while it trains")
+        held = sorted(path.glob("*.safetensors"))
+        if held:  # RUN/export: a model per phase's end and the best validation's, no final one
+            best = [p for p in held if p.stem == "best"]
+            names = ", ".join(p.name for p in held)
+            raise FileNotFoundError(f"{path} is a folder of {len(held)} models ({names}), not one: name one file, "
+                                    f"e.g. {(best or held)[-1]}" + (" (the best validation's)" if best else ""))
         exports = sorted((path / "export").glob("*.safetensors")) if (path / "export").is_dir() else []
         hint = (f"; phase exports present: {', '.join(str(p) for p in exports)}" if exports
                 else "; it holds no exports (is it a run directory?)")

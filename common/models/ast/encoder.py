@@ -183,7 +183,12 @@ class ASTEncoder(nn.Module):
         """Accept ``[B, T, F]`` whose token grid is this encoder's (T may exceed ``input_tdim`` by frames
         that no patch covers, as AST's 1024 frames at stride 10, whose last 8 frames are unused)."""
         cfg = self.cfg
-        ok = x.dim() == 3 and x.shape[2] == cfg.num_mel_bins and x.shape[1] >= cfg.tshape and (
+        if x.dim() != 3:  # a rank no resize mends: say which axis is missing or too many
+            hint = {2: "add the batch axis, x[None]", 4: "drop the channel axis, x[:, 0] of [B, 1, T, F]"}.get(
+                x.dim(), "pass one fbank per clip")
+            raise ValueError(f"ASTEncoder expects a batch of fbanks [B, T, F] (3 dims), got {x.dim()} dims "
+                             f"{tuple(x.shape)}: {hint}")
+        ok = x.shape[2] == cfg.num_mel_bins and x.shape[1] >= cfg.tshape and (
             (x.shape[1] - cfg.tshape) // cfg.tstride + 1 == cfg.grid[1])
         if not ok:
             raise ValueError(
