@@ -133,7 +133,8 @@ def _checkpoint_with_head(file: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
     """A classifier export, a fine-tuning run directory, or another project's checkpoint with a head of
-    its own (an official HTS-AT ``.ckpt``), or a Hugging Face AST directory -> ``(classifier, metadata)``."""
+    its own (an official HTS-AT ``.ckpt``), or a Hugging Face AST directory -> ``(classifier, metadata)``, the
+    classifier in eval mode; the global torch RNG is left as it was."""
     if is_hf_directory(path):
         file, (tensors, meta) = path, hf_classifier_export(path)
     else:
@@ -148,7 +149,8 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
     info = meta["classifier"]
     arch = architecture_from_meta(meta)
     try:
-        model = arch.build_classifier(arch.export_geometry(meta), len(info["classes"]), info["pool"])
+        with torch.random.fork_rng(devices=[]):  # its random start, overwritten below, leaves the caller's RNG be
+            model = arch.build_classifier(arch.export_geometry(meta), len(info["classes"]), info["pool"])
     except ValueError as err:  # a pooling the architecture does not have
         raise ValueError(f"{file}: metadata classifier: {err}") from None
     return load_checked(model, tensors, file).eval(), meta

@@ -293,7 +293,7 @@ def load_embedder(init: str | Path, *, layer: int | None = None, pool: str = "au
 
     An export keeps the geometry and the front end of its phase (a coarse phase's export embeds as that
     phase computed); other files are taken at full resolution with their own patch stride and input length
-    (timm ImageNet ViT weights: AST's 128 mel bins and 1024 frames).
+    (timm ImageNet ViT weights: AST's 128 mel bins and 1024 frames). The global torch RNG is left as it was.
 
     Args:
         init: the model.
@@ -329,8 +329,9 @@ def load_embedder(init: str | Path, *, layer: int | None = None, pool: str = "au
     if source == "imagenet":
         log.warning("--init %s holds ImageNet weights, which have never heard audio%s", meta.get("file", init),
                     "; HTS-AT's bn0 (its input normalisation) starts afresh" if weights.arch == "htsat" else "")
-    encoder = arch.build_encoder(geometry)
-    arch.load_weights(encoder, weights, geometry, init_pos_mode(weights, "bilinear"), "pi")
+    with torch.random.fork_rng(devices=[]):  # its random start, overwritten by the weights, leaves the caller's RNG be
+        encoder = arch.build_encoder(geometry)
+        arch.load_weights(encoder, weights, geometry, init_pos_mode(weights, "bilinear"), "pi")
     info = {"init": str(init), "model_sha256": model_digest(init), "source": source}
     if arch.normalises_input:
         if norm is not None:

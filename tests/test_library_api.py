@@ -196,3 +196,19 @@ def test_errors_name_their_subject_rank_export_folder_and_file(tmp_path):
     with pytest.raises(AudioReadError, match=f"^{missing}: no such file$") as caught:
         predict_file(model, meta, missing)
     assert (caught.value.path, caught.value.reason) == (str(missing), "no such file")
+
+
+def test_loading_a_model_leaves_the_global_rng_as_it_was(tmp_path):
+    """Each model's random start (overwritten by its weights) drew from the global generator: a seeded notebook
+    drew other numbers after loading a model."""
+    from common.checkpoint import load_encoder
+    from finetune.classifier import load_classifier
+    from finetune.embedder import load_embedder
+
+    export, classifier = _export(tmp_path / "e.safetensors"), tiny_classifier_file(tmp_path, "ce")
+    for load in (lambda: load_encoder(export), lambda: load_classifier(classifier), lambda: load_embedder(export)):
+        torch.manual_seed(0)
+        load()
+        drawn = torch.rand(4)
+        torch.manual_seed(0)
+        assert torch.equal(drawn, torch.rand(4))

@@ -196,7 +196,7 @@ def _warn_compressed(path, weights: EncoderWeights) -> None:
 def load_encoder(path: str | os.PathLike, **official_kwargs) -> ASTEncoder:
     """Rebuild an :class:`ASTEncoder` from any supported checkpoint, on the CPU, in float32, in eval mode (as
     ``load_classifier`` returns its model: a model trained with stochastic depth, ``drop_path_rate``, would drop
-    blocks at random in train mode; call ``.train()`` to fine-tune it).
+    blocks at random in train mode; call ``.train()`` to fine-tune it). The global torch RNG is left as it was.
 
     The encoder takes a normalised fbank and knows nothing of the front end that makes it: an export of a
     compressed (coarse) phase takes that phase's fbank (e.g. a 40 ms frame shift at Fshift x4), which is logged as
@@ -215,7 +215,8 @@ def load_encoder(path: str | os.PathLike, **official_kwargs) -> ASTEncoder:
                          f"finetune.classifier.load_classifier (or as --init / --ckpt)")
     if meta.get("source") == "export" and not weights.written_in.is_full_resolution:
         _warn_compressed(path, weights)
-    encoder = ASTEncoder(cfg)
+    with torch.random.fork_rng(devices=[]):  # its random start, overwritten below, leaves the caller's RNG as it was
+        encoder = ASTEncoder(cfg)
     result = encoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
