@@ -212,3 +212,19 @@ def test_loading_a_model_leaves_the_global_rng_as_it_was(tmp_path):
         drawn = torch.rand(4)
         torch.manual_seed(0)
         assert torch.equal(drawn, torch.rand(4))
+
+
+def test_load_encoder_names_the_keywords_an_official_file_takes(tmp_path):
+    """``stride=10`` was a raw TypeError from the converter; an export ignored the keywords without a word."""
+    from common.checkpoint import load_encoder
+    from tests.helpers import ssast_pretrained_state
+
+    torch.save(ssast_pretrained_state(dim=32, depth=1), tmp_path / "SSAST-Patch.pth")
+    with pytest.raises(ValueError, match=r"unknown keyword stride; an official SSAST / AST file takes input_fdim, "
+                                         r"fstride, tstride, input_tdim \(a patch stride of 10: fstride=10, "):
+        load_encoder(tmp_path / "SSAST-Patch.pth", stride=10)
+    assert load_encoder(tmp_path / "SSAST-Patch.pth", fstride=16, tstride=16).cfg.grid == (8, 16)
+    with pytest.raises(ValueError, match=r"stores its own input geometry \(export weights\): input_tdim are for "
+                                         r"official SSAST / AST .pth files; .*adapt_encoder"):
+        load_encoder(_export(tmp_path / "e.safetensors"), input_tdim=1024)
+

@@ -86,8 +86,33 @@ def _hf_encoder_state(path: str | os.PathLike):
         **({"origin": origin["source"]} if "source" in origin else {})})
 
 
+OFFICIAL_GEOMETRY = ("input_fdim", "fstride", "tstride", "input_tdim")  # what an official AST file does not store
+
+
 def load_encoder_state(path: str | os.PathLike, **official_kwargs) -> EncoderWeights:
-    """The encoder weights of any supported checkpoint (see the module docstring)."""
+    """The encoder weights of any supported checkpoint (see the module docstring).
+
+    Args:
+        path: the checkpoint.
+        official_kwargs: ``input_fdim``, ``fstride``, ``tstride``, ``input_tdim``: the input geometry of an official
+            SSAST / AST ``.pth`` that does not store it (``common.models.ast.official.convert_official_state_dict``).
+
+    Raises:
+        ValueError: an unknown keyword, or one given for a file that stores its geometry.
+    """
+    unknown = sorted(set(official_kwargs) - set(OFFICIAL_GEOMETRY))
+    if unknown:
+        raise ValueError(f"{path}: unknown keyword {', '.join(unknown)}; an official SSAST / AST file takes "
+                         f"{', '.join(OFFICIAL_GEOMETRY)} (a patch stride of 10: fstride=10, tstride=10)")
+    weights = _load_encoder_state(path, official_kwargs)
+    if official_kwargs and not (weights.meta.get("source") == "official" and weights.arch == "ast"):
+        raise ValueError(f"{path} stores its own input geometry ({weights.meta.get('source')} weights): "
+                         f"{', '.join(sorted(official_kwargs))} are for official SSAST / AST .pth files; fit a loaded "
+                         f"encoder to another input with common.models.ast.resize.adapt_encoder")
+    return weights
+
+
+def _load_encoder_state(path: str | os.PathLike, official_kwargs: dict) -> EncoderWeights:
     if is_hf_directory(path):
         return _hf_encoder_state(path)
     file = resolve_model_file(path)
@@ -206,7 +231,13 @@ def load_encoder(path: str | os.PathLike, **official_kwargs) -> ASTEncoder:
     Args:
         path: an export, a run directory, or an official SSAST / AST ``.pth``.
         official_kwargs: ``input_fdim``, ``fstride``, ``tstride``, ``input_tdim`` for official files that do
-            not store them.
+            not store them (see :func:`load_encoder_state`).
+
+    Returns:
+        the encoder, in eval mode.
+
+    Raises:
+        ValueError: an HTS-AT model, weights that do not fit their config, keywords it does not take.
     """
     weights = load_encoder_state(path, **official_kwargs)
     cfg, state, meta = weights
