@@ -185,12 +185,17 @@ class ClassifierObjective:
         return state  # the head does not depend on the token grid
 
     def criterion(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of ``logits`` against (soft) ``targets`` ``[B, classes]``, in float32: BCE with logits, or
+        cross-entropy against a distribution (mixup's mixed targets)."""
         logits = logits.float()
         if self.loss == "bce":
             return F.binary_cross_entropy_with_logits(logits, targets)
         return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()  # soft-target CE
 
-    def train_step(self, model, batch: Batch, pipeline: nn.Module, generator: torch.Generator):
+    def train_step(self, model: nn.Module, batch: Batch, pipeline: nn.Module,
+                   generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one micro-batch with the run's augmentation (mixup on the waveforms or the fbank, SpecAugment,
+        noise, all drawn from ``generator``), and nothing more to log."""
         cfg = self.augment.mixup_config
         waves, lengths, targets = batch.waveforms, batch.lengths, batch.targets
         if cfg.on == "waveform":
@@ -203,8 +208,14 @@ class ClassifierObjective:
                 targets = lam[:, None] * targets + (1 - lam[:, None]) * targets.flip(0)
         return self.criterion(model(x, mixup_lambda=lam), targets), {}
 
-    def evaluate(self, model, batches: Iterator[Batch], pipeline: nn.Module, dist: Dist,
+    def evaluate(self, model: nn.Module, batches: Iterator[Batch], pipeline: nn.Module, dist: Dist,
                  generator: torch.Generator) -> dict[str, float]:
+        """Validation metrics over every rank's clips (the task's metrics, its score's standard error, the loss and
+        the clips counted), identical on every rank.
+
+        Raises:
+            TooMuchBadAudio: no clip could be read.
+        """
         scores, targets, losses = [], [], []
         for batch in batches:
             if not len(batch):

@@ -116,6 +116,7 @@ class EmbedSummary:
     batches: int = 0
 
     def to_dict(self) -> dict:
+        """The summary as plain data (JSON), the skipped files with their reasons."""
         return {"out": str(self.out), "clips": self.clips, "windows": self.windows, "skipped": self.skipped,
                 "bad": [{"source": s, "reason": r} for s, r in self.bad], "duplicates": self.duplicates,
                 "batches": self.batches}

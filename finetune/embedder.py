@@ -40,7 +40,7 @@ from common.audio.augment import SpecAugmentConfig
 from common.audio.compression import Compression
 from common.audio.fbank import NORM_STATS, NormStats, check_lengths, check_waveforms, resolve_norm_stats
 from common.audio.pipeline import AudioConfig, FeaturePipeline
-from common.models.arch import architecture_for, architecture_from_meta
+from common.models.arch import Architecture, architecture_for, architecture_from_meta
 from common.models.exports import resolve_model_file
 from common.models.hf import is_hf_directory
 from common.models.htsat import HTSAT
@@ -119,7 +119,7 @@ class Embedder:
 
     # ---------------------------------------------------------------------------------------- building
     @classmethod
-    def from_arch(cls, encoder: nn.Module, arch, *, layer: int | None = None, pool: str = "mean",
+    def from_arch(cls, encoder: nn.Module, arch: Architecture, *, layer: int | None = None, pool: str = "mean",
                   frames: bool = False, device: str | torch.device = "cpu", info: dict | None = None) -> "Embedder":
         """Around a full-resolution encoder and its architecture (``common.models.arch``), with the architecture's
         evaluation front end (what the linear probe uses)."""
@@ -168,6 +168,7 @@ class Embedder:
 
     @property
     def clip_seconds(self) -> float:
+        """Seconds in one clip: the longest waveform :meth:`embed` takes."""
         return self.clip_samples / self.sample_rate
 
     def step_times(self) -> tuple[np.ndarray, np.ndarray]:

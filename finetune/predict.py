@@ -109,8 +109,8 @@ def aggregate_rule(meta: dict, choice: str = "auto") -> str:
     return "max" if meta.get("loss") == "bce" else "mean"
 
 
-def predict_file(model, meta: dict, path: str | Path, hop_seconds: float | None = None, batch_size: int = 16,
-                 device: str | torch.device = "cpu", aggregate: str = "auto") -> FilePrediction:
+def predict_file(model: torch.nn.Module, meta: dict, path: str | Path, hop_seconds: float | None = None,
+                 batch_size: int = 16, device: str | torch.device = "cpu", aggregate: str = "auto") -> FilePrediction:
     """Score every window of one file and aggregate them (see the module docstring).
 
     Raises:

@@ -228,3 +228,25 @@ def test_load_encoder_names_the_keywords_an_official_file_takes(tmp_path):
                                          r"official SSAST / AST .pth files; .*adapt_encoder"):
         load_encoder(_export(tmp_path / "e.safetensors"), input_tdim=1024)
 
+
+def test_the_public_functions_a_user_reads_say_what_they_do_and_take():
+    import inspect
+
+    from common.audio import fbank
+    from common.audio.compression import Compression
+    from common.models.ast.arch import Classifier
+    from common.models.hf_export import classify
+    from finetune.classifier import ClassifierObjective
+    from finetune.embed_store import EmbedSummary
+    from finetune.embedder import Embedder
+    from finetune.predict import predict_file
+
+    documented = [ASTEncoder.forward, ASTEncoder.num_prefix_tokens, EncoderConfig.replace, EncoderConfig.to_dict,
+                  EncoderConfig.num_patches, Classifier.forward, Compression.describe, Compression.is_full_resolution,
+                  Embedder.clip_seconds, EmbedSummary.to_dict, ClassifierObjective.train_step,
+                  ClassifierObjective.evaluate, ClassifierObjective.criterion]
+    assert [f for f in documented if not inspect.getdoc(f)] == []
+    annotated = {fbank.num_frames: ("return",), Fbank.num_frames: ("num_samples", "return"),
+                 predict_file: ("model",), classify: ("waveform",), Embedder.from_arch.__func__: ("arch",)}
+    assert {f.__qualname__: [n for n in names if n not in f.__annotations__] for f, names in annotated.items()} \
+        == {f.__qualname__: [] for f in annotated}

@@ -58,9 +58,11 @@ class Compression:
 
     @property
     def is_full_resolution(self) -> bool:
+        """Whether this is no compression at all (factor 1): the model's own input."""
         return self.factor == 1
 
     def describe(self) -> str:
+        """In words, as logs and plans name a phase: ``full resolution``, ``fshift x4``, ``patch x2 (pi)``."""
         if self.is_full_resolution:
             return "full resolution"
         extra = f" ({self.patch_transfer})" if self.method == "patch" else ""

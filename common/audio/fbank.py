@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 
-def num_frames(num_samples: int | torch.Tensor, frame_length: int, frame_shift: int):
+def num_frames(num_samples: int | torch.Tensor, frame_length: int, frame_shift: int) -> int | torch.Tensor:
     """Frames a Kaldi front end with ``snip_edges=True`` makes from ``num_samples`` samples."""
     if isinstance(num_samples, torch.Tensor):
         return torch.where(
@@ -170,7 +170,7 @@ class Fbank(nn.Module):
             f"num_mel_bins={self.num_mel_bins}, sample_rate={self.sample_rate}"
         )
 
-    def num_frames(self, num_samples):
+    def num_frames(self, num_samples: int | torch.Tensor) -> int | torch.Tensor:
         """Frames produced for ``num_samples`` samples (an int or a tensor of lengths)."""
         return num_frames(num_samples, self.frame_length, self.frame_shift)
 

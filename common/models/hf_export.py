@@ -19,6 +19,7 @@ import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -50,6 +51,9 @@ from common.system.atomic import file_mode
 from common.system.disk import NoSpace, ensure_space, free_bytes, out_of_space
 from common.system.prog import prog
 from common.system.signals import piped
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Imports the command alone needs are inside its functions, but --help loads torch: this module is a library first
 # (the export that finetune's demo and the tests call), whose top imports torch.
@@ -376,7 +380,8 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, norm: str | None =
     return write_hf_directory(model, out)
 
 
-def classify(model_dir: str | os.PathLike, waveform, sample_rate: int, top_k: int = 5) -> list[dict]:
+def classify(model_dir: str | os.PathLike, waveform: np.ndarray | torch.Tensor | Sequence[float], sample_rate: int,
+             top_k: int = 5) -> list[dict]:
     """Top labels of one waveform through ``transformers``' ``audio-classification`` pipeline.
 
     Args:

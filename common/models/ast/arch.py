@@ -57,6 +57,8 @@ class Classifier(nn.Module):
         return pool_tokens(self.encoder.forward_features(x), self.encoder.num_prefix_tokens, self.pool)
 
     def forward(self, x: torch.Tensor, mixup_lambda: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, classes]`` of a normalised fbank ``[B, T, F]`` (``mixup_lambda``: see :meth:`embedding`);
+        float32 in evaluation whatever the autocast."""
         return scored_head(self.head, self.embedding(x, mixup_lambda), self.training)  # fp32 scores in evaluation
 
 

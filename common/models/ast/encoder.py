@@ -87,6 +87,7 @@ class EncoderConfig:
 
     @property
     def num_patches(self) -> int:
+        """Patch tokens per clip: ``f_dim * t_dim`` of :attr:`grid`."""
         f_dim, t_dim = self.grid
         return f_dim * t_dim
 
@@ -101,9 +102,11 @@ class EncoderConfig:
         return self.fshape * self.tshape
 
     def replace(self, **changes) -> "EncoderConfig":
+        """A copy with ``changes`` (field names), validated as a new config."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """The fields as plain data (an export's ``encoder_config``; :meth:`from_dict` reads it back)."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -177,6 +180,7 @@ class ASTEncoder(nn.Module):
 
     @property
     def num_prefix_tokens(self) -> int:
+        """Prefix tokens before the patch tokens: 2 (AST, SSAST: cls and dist), 1 or 0."""
         return self.cfg.num_prefix_tokens
 
     def check_input(self, x: torch.Tensor) -> None:
@@ -233,6 +237,8 @@ class ASTEncoder(nn.Module):
         return self.forward_tokens(self.embed_patches(x), layer=layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_features`: every token ``[B, num_prefix_tokens + N, D]`` of a normalised fbank
+        ``[B, T, F]``."""
         return self.forward_features(x)
 
     def extra_repr(self) -> str:
