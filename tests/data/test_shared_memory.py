@@ -91,7 +91,7 @@ def test_a_full_dev_shm_stops_a_run_with_one_line_instead_of_a_hang(tmp_path, sy
     command = [sys.executable, str(ROOT / "pretrain" / "run.py"), "--recipe", str(RECIPE), "--run-dir",
                str(tmp_path / "run"), *tiny(synth_corpus, "data.num_workers=1")]
     script = "mount -t tmpfs -o size=64k tmpfs /dev/shm && exec " + " ".join(f"'{a}'" for a in command)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
     assert proc.returncode == 1, proc.stderr[-3000:]

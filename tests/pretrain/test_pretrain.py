@@ -216,7 +216,7 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, synth_c
 @pytest.mark.slow
 def test_two_processes_on_the_cpu_with_the_deepspeed_launcher(tmp_path, synth_corpus):
     run_dir = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
            str(ROOT / "pretrain" / "run.py"), "--recipe", str(RECIPE), "--run-dir", str(run_dir),
            *tiny(synth_corpus, "train.zero_stage=1", "data.batch_size=8", steps=(2, 2))]

@@ -210,7 +210,7 @@ def test_a_full_file_system_under_the_deepspeed_launcher(tmp_path, synth_corpus,
         script += (f"mount -o remount,size={size} {mnt}\n{command} > {tmp_path}/{name}.out 2>&1; "
                    f"echo $? > {tmp_path}/{name}.rc\ncp -r {run_dir}/checkpoints {tmp_path}/{name}_checkpoints\n")
     script += f"cp {run_dir}/ledger.json {tmp_path}/ledger.json\n"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True, text=True,
                           timeout=1000, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
@@ -270,7 +270,7 @@ def test_a_rank_that_stops_on_a_full_disk_does_not_hang_the_others_in_a_gradient
             "--run-dir", str(mnt / "run"), *tiny(synth_corpus, f"data.batch_size={4 * ranks}", "train.zero_stage=1")]
     script = (f"mount -t tmpfs -o size=1000k tmpfs {mnt} || exit 99\n" + " ".join(f"'{a}'" for a in argv)
               + f" > {tmp_path}/out 2>&1; echo $? > {tmp_path}/rc\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True, text=True,
                           timeout=400, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
