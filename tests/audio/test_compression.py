@@ -23,10 +23,27 @@ def test_frame_counts_use_round_and_pooling_pads(base):
     assert Compression("fshift", 3).fbank_frames(1024) == 341  # round(341.33), not int
     assert Compression("fshift", 3).fbank_frames(1000) == 333
     assert Compression("fshift", 4).frame_shift_ms(10) == 40
+    # 1024 / 6 = 170.67: round keeps the 171st frame, which the fbank of a full clip at 60 ms has (int cuts it)
+    assert Compression("fshift", 6).fbank_frames(1024) == 171
+    assert Compression("fshift", 5).fbank_frames(1024) == 205  # 204.8
+    audio = AudioConfig()
+    assert FeaturePipeline(audio, Compression("fshift", 6)).fbank.num_frames(audio.clip_samples) == 171
     assert Compression("avgpool", 3).fbank_frames(1024) == 1024
     assert Compression("avgpool", 3).model_frames(1024) == 342  # ceil: the last window is kept
     assert Compression("patch", 4).encoder_config(base).tshape == 64
     assert Compression("patch", 4).encoder_config(base).tstride == 64
+
+
+@pytest.mark.parametrize("method", ["avgpool", "maxpool", "patch"])
+@pytest.mark.parametrize("factor", [2, 4])
+def test_only_fshift_changes_the_frame_shift(method, factor):
+    """Pooling and patch phases compress after the front end: their fbank is the full-resolution one (10 ms,
+    all the clip's frames); a longer shift would squash the clip and fill the rest of the input with padding."""
+    comp = Compression(method, factor)
+    assert comp.frame_shift_ms(10) == 10
+    assert comp.fbank_frames(1024) == 1024
+    assert Compression("fshift", factor).frame_shift_ms(10) == 10 * factor
+    assert Compression().frame_shift_ms(10) == 10
 
 
 def test_avg_and_max_pool_are_eq2():

@@ -2,7 +2,9 @@ import pytest
 import torch
 import torchaudio
 
+from common.audio.compression import Compression
 from common.audio.fbank import NORM_STATS, Fbank, NormStats, normalize, pad_or_crop, resolve_norm_stats
+from common.audio.pipeline import AudioConfig, FeaturePipeline
 
 
 def reference_fbank(wave: torch.Tensor, shift_ms: float) -> torch.Tensor:
@@ -34,6 +36,22 @@ def test_fbank_lengths_equal_unpadded_clip_then_zero_padding(signals):
         assert (feats[i, : ref.shape[0]] - ref).abs().max() <= 1e-3
         assert torch.all(feats[i, ref.shape[0]:] == 0)
         assert fb.num_frames(n) == ref.shape[0]
+
+
+@pytest.mark.parametrize("method,factor", [("avgpool", 2), ("maxpool", 3), ("patch", 2)])
+def test_pooling_and_patch_phases_take_the_full_resolution_fbank(method, factor):
+    """A full-length clip in a pooling phase is the full-resolution features pooled (Eq. 2), and in a patch phase
+    those features themselves (Eq. 3): every frame is audio, none is the padding a longer frame shift would
+    leave at the end."""
+    audio = AudioConfig(num_mel_bins=32, target_frames=96)
+    waves = torch.randn(2, audio.clip_samples)
+    comp = Compression(method, factor)
+    full = FeaturePipeline(audio)(waves)
+    feats = FeaturePipeline(audio, comp)(waves)
+    assert feats.shape == (2, comp.model_frames(96), 32)
+    assert torch.allclose(feats, comp.pool(full), atol=1e-5)
+    tail = feats[:, -(feats.shape[1] // 4):]
+    assert (tail.std(dim=(1, 2)) > 0.1).all()  # audio, not a constant (padded) tail
 
 
 def test_fbank_shape_and_frame_arithmetic():
