@@ -129,6 +129,20 @@ def test_shrinking_bilinearly_averages_every_fine_column_a_coarse_position_cover
     assert torch.allclose(out.reshape(8, 16)[0, 1:15], 4 * torch.arange(1.0, 15) + 1.5)  # the centres
 
 
+def test_shrinking_a_patch_kernel_bilinearly_averages_every_fine_column_a_coarse_one_covers():
+    """Leaving a ``patch_transfer: bilinear`` phase, the 16x64 kernel becomes 16x16 like an image shrunk with
+    antialiasing, as the positional embedding does: each coarse kernel column is made of the four fine columns
+    it covers (without antialias only the middle two, 4j+1 and 4j+2, count)."""
+    kernel = torch.eye(64).reshape(64, 1, 1, 64).expand(64, 1, 16, 64)  # output channel t: 1 at column t
+    out = resample_patch_kernel(kernel, (16, 16), "bilinear")
+    assert out.shape == (64, 1, 16, 16) and torch.equal(out, out[:, :, :1].expand_as(out))
+    weights = out[:, 0, 0].T  # [coarse columns, fine columns]
+    assert torch.allclose(weights.sum(1), torch.ones(16), atol=1e-6)
+    for j in range(1, 15):
+        own = weights[j, 4 * j: 4 * j + 4]
+        assert (own > 0.1).all() and own.sum() > 0.7 and torch.allclose(own, own.flip(0), atol=1e-6)
+
+
 def test_cut_keeps_the_centre_columns_of_an_ssast_grid():
     weights = _column_weights("cut")  # 64 // 2 - 16 // 2 = 24: columns 24..39 survive, unchanged
     assert torch.equal(weights, torch.eye(64)[24:40])
