@@ -172,6 +172,31 @@ def test_joint_loss_and_gradients(cfg):
     assert model.cpredlayer[2].weight.grad.abs().sum() > 0 and model.gpredlayer[2].weight.grad.abs().sum() > 0
 
 
+def test_each_objective_is_scored_against_the_patches_under_its_own_mask(cfg):
+    """With two masks, the generative MSE compares each MPG prediction with the patch at its own (second mask's)
+    position, and the InfoNCE with the first mask's: patches zero under the MPG mask and a head that predicts
+    zeros give an MSE of 0, which the other mask's (non-zero) patches would not."""
+    torch.manual_seed(0)
+    model = SSASTModel(ASTEncoder(cfg), SSASTConfig())
+    torch.nn.init.zeros_(model.gpredlayer[2].weight)  # every MPG prediction is 0
+    torch.nn.init.zeros_(model.gpredlayer[2].bias)
+    idx = torch.tensor([[0, 1, 2, 3], [8, 9, 10, 11]])  # 4 x 8 grid, frequency-major: patch (f, t) = 8 f + t
+    idx_g = torch.tensor([[4, 5, 6, 7], [12, 13, 14, 15]])
+    x = torch.randn(2, 128, 64) + 3.0
+    grid = x.view(2, 8, 16, 4, 16)  # [B, t, 16 frames, f, 16 bins]
+    grid[0, 4:, :, 0] = 0.0  # clip 0: patches 4..7 (f 0, t 4..7)
+    grid[1, 4:, :, 1] = 0.0  # clip 1: patches 12..15 (f 1, t 4..7)
+    patches = model.encoder.unfold_patches(x)
+    assert patches[0, 4:8].abs().sum() == 0 and patches[1, 12:16].abs().sum() == 0
+    assert (patches[0, :4].abs() > 0).all()
+    out = model(x, masks=[idx, idx_g])
+    assert out["mse"].item() == 0.0
+    # the masks the other way round: the MPG mask covers audio, whose squares the MSE averages
+    swapped = model(x, masks=[idx_g, idx])
+    under = torch.stack([patches[b, idx[b]] for b in range(2)])
+    assert swapped["mse"].item() == pytest.approx(under.square().mean().item(), rel=1e-5)
+
+
 def test_separate_passes_cost_one_more_encoder_pass(cfg):
     """The second objective's pass costs the encoder's blocks again; the patch embedding is computed once and
     shared by the two passes (``encode_masked``)."""
@@ -204,6 +229,23 @@ def test_heads_follow_a_patch_shape_change(cfg, caplog):
     ref = F.interpolate(old_pred, size=(16, 64), mode="bilinear", align_corners=False)
     assert torch.allclose(new.gpredlayer(h).reshape(4, 1, 16, 64), ref, atol=1e-5)
     assert adapt_heads(state, coarse, coarse) is state
+
+
+def test_heads_follow_the_patch_phases_change_to_full_resolution(cfg):
+    """The way every patch schedule goes at its phase change, 16x64 -> 16x16 (not square to square, where the
+    patch's two axes cannot be confused): each head's prediction is the old one shrunk like a patch image."""
+    torch.manual_seed(0)
+    coarse = Compression("patch", 4).encoder_config(cfg)
+    model = SSASTModel(ASTEncoder(coarse), SSASTConfig())
+    state = adapt_heads(model.state_dict(), coarse, cfg)
+    assert state["cpredlayer.2.weight"].shape == (16 * 16, 32) and state["gpredlayer.2.bias"].shape == (256,)
+    new = SSASTModel(ASTEncoder(cfg), SSASTConfig())
+    new.load_state_dict({k: v for k, v in state.items() if not k.startswith("encoder.")}, strict=False)
+    h = torch.randn(4, 32)
+    for head in ("cpredlayer", "gpredlayer"):
+        old_pred = getattr(model, head)(h).reshape(4, 1, 16, 64)
+        ref = F.interpolate(old_pred, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
+        assert torch.allclose(getattr(new, head)(h).reshape(4, 1, 16, 16), ref, atol=1e-5), head
 
 
 def test_infonce_logits_softmax_and_accuracy_are_fp32_under_autocast(cfg):
