@@ -7,10 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.audio.compression import Compression
 from common.config.recipe import RecipeError, build, to_dict
 from common.models.arch import architecture_for, geometries
+from common.models.ast.encoder import ASTEncoder, EncoderConfig
+from common.models.ast.resize import adapt_state_dict
 from common.phases.coarse import CoarseConfig, apply_coarse, parse_coarse
+from common.phases.config import PhaseConfig, TransferConfig, patch_mode_between
+from common.phases.transition import next_phase_model
 from common.training.loop import Trainer
+from finetune.classifier import AugmentConfig, ClassifierObjective
 from finetune.recipe import load_recipe as finetune_recipe
 from finetune.run import main as finetune
 from pretrain.recipe import load_recipe as pretrain_recipe
@@ -44,6 +50,39 @@ def test_bad_coarse_values_fail_naming_the_flag(text, message):
     with pytest.raises(RecipeError, match=f"--coarse {text}|--coarse '{text}'") as err:
         pretrain_recipe(ROOT / "recipes" / "ssast_baseline.yaml", coarse=text)
     assert err.match(message)
+
+
+def test_the_patch_transfer_is_the_patch_phases_into_and_out_of_it():
+    """A patch phase's ``patch_transfer`` resizes the kernel on the way in and on the way out (the paper's BL and PI
+    runs differ at both changes); between phases without patch compression the kernel keeps its shape (pi)."""
+    pi = PhaseConfig(compression="patch", factor=4, steps=1)
+    bl = PhaseConfig(compression="patch", factor=4, patch_transfer="bilinear", steps=1)
+    full, fshift = PhaseConfig(steps=1), PhaseConfig(compression="fshift", factor=4, steps=1)
+    assert [patch_mode_between(None, bl), patch_mode_between(full, bl), patch_mode_between(bl, full)] == \
+        ["bilinear"] * 3
+    assert [patch_mode_between(None, pi), patch_mode_between(full, pi), patch_mode_between(pi, full)] == ["pi"] * 3
+    assert patch_mode_between(fshift, full) == patch_mode_between(None, full) == "pi"
+
+
+@pytest.mark.parametrize("transfer", ["pi", "bilinear"])
+def test_leaving_a_patch_phase_resizes_the_kernel_its_way(transfer):
+    """The coarse -> fine change of a ``patch x4`` schedule (16x64 -> 16x16 kernel) resizes the kernel by the patch
+    phase's transfer, which is not the other's."""
+    full = EncoderConfig(embed_dim=32, depth=1, num_heads=2, num_mel_bins=64, input_tdim=128,
+                         fshape=16, tshape=16, fstride=16, tstride=16)
+    coarse = Compression("patch", 4, transfer).encoder_config(full)
+    objective = ClassifierObjective(["a", "b"], "acc", "ce", AugmentConfig())
+    torch.manual_seed(0)
+    model = objective.build_model(coarse)
+    state = {k: v.detach() for k, v in model.encoder.state_dict().items()}
+    prev = PhaseConfig(compression="patch", factor=4, patch_transfer=transfer, steps=1)
+    fine = next_phase_model(architecture_for(full), objective, model, coarse, full, prev, PhaseConfig(steps=1),
+                            TransferConfig(), 1).encoder.patch_embed.proj.weight.detach()
+    assert isinstance(model.encoder, ASTEncoder) and fine.shape[-2:] == (16, 16)
+    other = "bilinear" if transfer == "pi" else "pi"
+    expected, not_expected = (adapt_state_dict(state, coarse, full, "bilinear", mode)["patch_embed.proj.weight"]
+                              for mode in (transfer, other))
+    assert torch.allclose(fine, expected, atol=1e-6) and not torch.allclose(fine, not_expected, atol=1e-3)
 
 
 @pytest.mark.slow
