@@ -72,6 +72,11 @@ def test_masks_are_drawn_by_batch_position_with_ssasts_algorithm():
         assert not torch.equal(first[0], ahead[0]) and not torch.equal(first[0], first[1])  # per batch, per pass
         other_rank = MaskDraws(grid, count, "cluster", (3, 5), 2, 3002, False).draw(0, 6, 4)
         assert not torch.equal(other_rank[0], ahead[0])
+        # the next epoch's batch at the same index is masked anew (else an epoch draws only as many masks as it
+        # has batches, the same every epoch), and so is another grid's (the next phase's)
+        assert position_seed(3001, 1, 6, grid) != position_seed(3001, 0, 6, grid) != position_seed(3001, 0, 6, (4, 8))
+        next_epoch = draws.draw(1, 6, 4)
+        assert not any(torch.equal(a, b) for a, b in zip(next_epoch, ahead))
         # the masks are sample_mask's own (the same algorithm and distribution), from the position's generator
         generator = torch.Generator().manual_seed(position_seed(3001, 0, 6, grid))
         assert all(torch.equal(m, sample_mask(4, grid, count, "cluster", generator, (3, 5))) for m in ahead)
