@@ -218,6 +218,36 @@ def test_every_rank_draws_its_own_randomness_once_the_model_is_built(tmp_path):
     assert torch.equal(draws[0][0], draws[0][1])  # reproducible per rank
 
 
+def test_every_rank_has_a_trainer_generator_of_its_own(tmp_path):
+    """The generator the objective's steps draw from (SSAST's mask seeds, fine-tuning's mixup, SpecAugment and
+    noise) is seeded by the run's seed and the rank: with one seed for all, every rank drew the same masks and
+    augmentations at each step, N ranks no more diverse than one."""
+    from common.audio.pipeline import AudioConfig
+    from common.data.config import DataConfig
+    from common.models.ast.encoder import EncoderConfig
+    from common.phases.config import PhaseConfig, TransferConfig
+    from common.system.distributed import Dist
+    from common.training.loop import Trainer
+    from common.training.optim import OptimConfig
+    from common.training.spec import RunSpec, TrainConfig
+    from finetune.classifier import AugmentConfig, ClassifierObjective
+
+    base = EncoderConfig(embed_dim=32, depth=1, num_heads=2, num_mel_bins=32, input_tdim=64, fshape=8, tshape=8,
+                         fstride=8, tstride=8)
+    spec = RunSpec(run_dir=tmp_path, base=base, audio=AudioConfig(num_mel_bins=32, target_frames=64),
+                   phases=[PhaseConfig(epochs=1)], transfer=TransferConfig(), optim=OptimConfig(warmup_steps=0),
+                   train=TrainConfig(seed=3), data=DataConfig(batch_size=4))
+    objective = ClassifierObjective(["a", "b"], "acc", "ce", AugmentConfig())
+    seeds, draws = {}, {}
+    for rank in (0, 1, 0):
+        trainer = Trainer(spec, objective, Dist(rank, 2, rank, torch.device("cpu")))
+        trainer.scalars.close()
+        seeds.setdefault(rank, []).append(trainer.record.generator.initial_seed())
+        draws.setdefault(rank, []).append(torch.rand(4, generator=trainer.record.generator))
+    assert seeds[0][0] != seeds[1][0] and not torch.equal(draws[0][0], draws[1][0])
+    assert seeds[0] == [seeds[0][0]] * 2 and torch.equal(draws[0][0], draws[0][1])  # reproducible per rank
+
+
 @pytest.mark.slow
 def test_best_is_the_best_epoch_of_the_final_phase(tmp_path, synth_corpus, monkeypatch, capsys):
     from common.models.exports import read_weights
