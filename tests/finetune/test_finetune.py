@@ -46,6 +46,20 @@ def test_d_prime_and_the_scores_validation_ranks():
     assert metric_scores(logits)[:, 0].argmax() == 0 and torch.softmax(logits, -1)[:, 0].argmax() == 1
 
 
+def test_a_class_positive_in_every_clip_leaves_the_auc_to_the_others():
+    """A class with no negative has no ROC AUC: it is left out of mAUC (and d') as a class without positives is,
+    not averaged in as a NaN."""
+    from common.metrics import compute_metrics, mean_auc
+
+    targets = np.array([[1, 1, 0], [1, 0, 1], [1, 1, 0], [1, 0, 1]], dtype=float)  # class 0 in every clip
+    scores = np.array([[0.5, 0.9, 0.2], [0.5, 0.3, 0.6], [0.5, 0.4, 0.7], [0.5, 0.6, 0.1]])
+    # class 1: its positives score 0.9 and 0.4, its negatives 0.3 and 0.6: 3 of 4 pairs ranked right; class 2: 1 of 4
+    assert mean_auc(targets, scores) == pytest.approx((0.75 + 0.25) / 2)
+    metrics = compute_metrics(targets, scores)
+    assert metrics["mAUC"] == pytest.approx(0.5) and metrics["dprime"] == pytest.approx(0.0, abs=1e-12)
+    assert mean_auc(targets[:, :1], scores[:, :1]) != mean_auc(targets[:, :1], scores[:, :1])  # none usable: NaN
+
+
 def test_esc50_folds_and_cross_validation_on_known_inputs():
     task = TaskConfig(**TASKS["esc50"][0], data_root="/d")
     splits = task.fold_splits()
