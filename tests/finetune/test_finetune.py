@@ -358,6 +358,20 @@ def test_a_multi_label_probe_with_one_class_to_learn_scores_that_class():
     assert fit_and_score(x[:30], np.ones((30, 3)), x[30:], y[30:], "mAP", multilabel=True) >= 0  # none to learn
 
 
+def test_a_single_label_probe_whose_training_lacks_a_class_scores_each_class_in_its_own_column():
+    """Four separable classes, class 0 absent from the training features: scikit-learn's probabilities are for
+    classes 1..3 (``classes_``), and they go to those columns (put in the first three, every prediction was
+    one class off and the accuracy 0)."""
+    from finetune.linear_probe import fit_and_score
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 8)) * 4
+    labels = rng.integers(1, 4, 120)  # class 0 never occurs
+    x = centers[labels] + rng.normal(size=(120, 8))
+    y = np.eye(4)[labels]
+    assert fit_and_score(x[:80], y[:80], x[80:], y[80:], "acc", multilabel=False) == 1.0
+
+
 def test_the_probes_C_is_chosen_without_the_scored_split(monkeypatch):
     """A grid of C: chosen on the validation split, over the other training folds, or by 5-fold cross-validation of
     the training split; the test features are never among what it is chosen on; one C is taken as given."""
