@@ -372,6 +372,55 @@ def test_a_single_label_probe_whose_training_lacks_a_class_scores_each_class_in_
     assert fit_and_score(x[:80], y[:80], x[80:], y[80:], "acc", multilabel=False) == 1.0
 
 
+def test_the_esc50_probe_never_trains_on_the_fold_it_scores(tmp_path, monkeypatch):
+    """Each fold is scored by a probe trained on the other four only, with one C and with a grid (where C is
+    chosen over the training folds, each held out in turn): a spy on every fit's features, each clip's row tagged
+    with its fold and place, finds no scored clip among the ones trained on. The features are made up (no
+    extraction: fast)."""
+    from common.data.manifests import count_clips
+    from common.models.ast.encoder import ASTEncoder, EncoderConfig
+    from common.models.exports import save_encoder
+    from finetune import linear_probe
+    from tests.layouts import esc50
+
+    esc50.build(tmp_path / "src", clips_per_fold=4, corrupt=False, missing=False)
+    get_corpus("esc50").prepare(tmp_path / "src", tmp_path / "data" / "esc50")
+    save_encoder(ASTEncoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, input_tdim=512)),
+                 tmp_path / "e.safetensors")
+    folds: dict[str, int] = {}
+    rng = np.random.default_rng(0)
+
+    def made_up_features(encoder, arch, manifests, classes, *args, **kw):
+        (manifest,) = manifests  # one fold's
+        fold = folds.setdefault(str(manifest), len(folds))
+        n = count_clips(manifest)
+        labels = (np.arange(n) + fold) % len(classes)
+        x = np.column_stack([np.full(n, fold), np.arange(n), np.eye(len(classes))[labels] * 3
+                             + rng.normal(size=(n, len(classes)))])
+        return x, np.eye(len(classes))[labels]
+
+    fits = []
+    real = linear_probe.fit_and_score
+
+    def spy(x_tr, y_tr, x_te, y_te, *args, **kw):
+        trained, scored = {tuple(r) for r in x_tr[:, :2]}, {tuple(r) for r in x_te[:, :2]}
+        fits.append((trained, scored))
+        return real(x_tr, y_tr, x_te, y_te, *args, **kw)
+
+    monkeypatch.setattr(linear_probe, "extract_features", made_up_features)
+    monkeypatch.setattr(linear_probe, "fit_and_score", spy)
+    for C, per_fold in ((1.0, 1), ([0.1, 10.0], 2 * 4 + 1)):
+        fits.clear()
+        recipe = linear_probe.ProbeRecipe(tasks=["esc50"], data_root=str(tmp_path / "data"), num_workers=0,
+                                          cache_dir=str(tmp_path / "cache"), C=C)
+        result = linear_probe.probe_task(str(tmp_path / "e.safetensors"), "esc50", recipe, torch.device("cpu"))
+        assert len(folds) == 5 and len(result["folds"]) == 5 and len(fits) == 5 * per_fold
+        assert all(trained and scored and not trained & scored for trained, scored in fits)
+        final = [fits[k * per_fold + per_fold - 1] for k in range(5)]  # each fold's scored fit
+        assert [{f for f, _ in scored} for _, scored in final] == [{k} for k in range(5)]
+        assert [{f for f, _ in trained} for trained, _ in final] == [set(range(5)) - {k} for k in range(5)]
+
+
 def test_the_probes_C_is_chosen_without_the_scored_split(monkeypatch):
     """A grid of C: chosen on the validation split, over the other training folds, or by 5-fold cross-validation of
     the training split; the test features are never among what it is chosen on; one C is taken as given."""
