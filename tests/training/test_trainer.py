@@ -248,6 +248,35 @@ def test_every_rank_has_a_trainer_generator_of_its_own(tmp_path):
     assert seeds[0] == [seeds[0][0]] * 2 and torch.equal(draws[0][0], draws[0][1])  # reproducible per rank
 
 
+def test_a_phase_with_an_lr_of_its_own_trains_at_it(tmp_path):
+    """``phases.N.lr`` is that phase's peak learning rate; a phase without one takes ``optim.lr``: the engine each
+    phase builds schedules from it and starts its optimiser there (no warm-up)."""
+    from common.audio.pipeline import AudioConfig
+    from common.data.config import DataConfig
+    from common.models.ast.encoder import EncoderConfig
+    from common.phases.config import PhaseConfig, TransferConfig
+    from common.system.distributed import init_distributed
+    from common.training.loop import Trainer
+    from common.training.optim import OptimConfig
+    from common.training.spec import RunSpec, TrainConfig
+    from finetune.classifier import AugmentConfig, ClassifierObjective
+
+    base = EncoderConfig(embed_dim=32, depth=1, num_heads=2, num_mel_bins=32, input_tdim=64, fshape=8, tshape=8,
+                         fstride=8, tstride=8)
+    spec = RunSpec(run_dir=tmp_path, base=base, audio=AudioConfig(num_mel_bins=32, target_frames=64),
+                   phases=[PhaseConfig(compression="fshift", factor=2, epochs=1, lr=1e-3), PhaseConfig(epochs=1)],
+                   transfer=TransferConfig(), optim=OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"),
+                   train=TrainConfig(), data=DataConfig(batch_size=4))
+    objective = ClassifierObjective(["a", "b"], "acc", "ce", AugmentConfig())
+    trainer = Trainer(spec, objective, init_distributed())
+    trainer.scalars.close()
+    peaks = []
+    for index in (0, 1):
+        engine = trainer._engine(objective.build_model(trainer.cfgs[index]), index)
+        peaks.append((engine.lr_scheduler.base_lr, engine.optimizer.param_groups[0]["lr"]))
+    assert peaks == [(1e-3, pytest.approx(1e-3)), (1e-4, pytest.approx(1e-4))]
+
+
 @pytest.mark.slow
 def test_best_is_the_best_epoch_of_the_final_phase(tmp_path, synth_corpus, monkeypatch, capsys):
     from common.models.exports import read_weights
