@@ -13,7 +13,8 @@ under them, ``common.data.audio_file.AUDIO_SUFFIXES``, in sorted order) and Lhot
 
 A clip longer than the model's clip is cut into windows of one clip, ``--hop`` seconds apart (default:
 one clip, no overlap), the last one ending with the clip (so it overlaps the one before); a shorter one is one
-window, zero-padded as in training. Windows are embedded in batches of ``--batch-size`` on ``--device``. A file
+window, filled as in training: zero-padded, or repeated for a model trained with ``data.pad: repeat`` (its record,
+as ``predict`` reads it). Windows are embedded in batches of ``--batch-size`` on ``--device``. A file
 longer than two minutes is read a window at a time (WAV, FLAC, AIFF, W64, RF64, CAF; ``common.data.audio_file``),
 so a recording of hours takes no more memory than its windows' embeddings.
 
@@ -35,10 +36,10 @@ Output (``--out``)::
                              at once, naming the first; ``common.system.lock``)
 
 With ``--pool none`` only frames are written (no ``clip`` tensors, no ``clips.*``). Frame ``t`` of a
-window covers ``frame_times[.., t]``; frames past the window's ``end`` cover the zero padding of a short
-clip. Ids: a manifest's cut id, else the path as given (a folder's files: the folder joined with the
-file's path under it); ``source`` is the file read, an audio file's absolute path. A clip already embedded is
-known by its cut id, or for an audio file by that absolute path: a run continued from another folder, or
+window covers ``frame_times[.., t]``; frames past the window's ``end`` cover the padding of a short clip
+(zeros, or the clip repeated). Ids: a manifest's cut id, else the path as given (a folder's files: the folder
+joined with the file's path under it); ``source`` is the file read, an audio file's absolute path. A clip already
+embedded is known by its cut id, or for an audio file by that absolute path: a run continued from another folder, or
 naming a file otherwise (``./a.wav``, ``dir/../a.wav``), skips it, and a file given twice is embedded once.
 
 Shards are written atomically (:mod:`common.system.atomic`); running the same command again skips every clip
@@ -83,7 +84,7 @@ def _check_settings(out: Path, settings: dict) -> None:
         raise ValueError(f"{path} is not JSON ({err}); give a new --out") from None
     if not isinstance(before, dict):
         raise ValueError(f"{path} is a JSON {type(before).__name__}, not the settings embed writes; give a new --out")
-    keys = ("model_sha256", "layer", "pool", "frames", "format", "hop_seconds", "front_end", "model", "channels")
+    keys = ("model_sha256", "layer", "pool", "frames", "format", "hop_seconds", "front_end", "model", "channels", "pad")
     changed = [k for k in keys if before.get(k) != settings.get(k)]
     if changed:
         what = ", ".join(f"{k} {before.get(k)!r} -> {settings.get(k)!r}" if k not in ("front_end", "model")
@@ -138,6 +139,7 @@ def embed_files(init: str | os.PathLike | Embedder, inputs: Sequence[str | os.Pa
     out = Path(out)
     starts, ends = embedder.step_times()
     settings = {**embedder.describe(), **({"channels": "mean"} if embedder.channels == "mean" else {}),
+                **({"pad": "repeat"} if embedder.pad == "repeat" else {}),  # (an older folder's zeros stay valid)
                 "format": fmt, "hop_seconds": hop / rate,
                 "window_seconds": size / rate, "step_offsets": [[float(s), float(e)] for s, e in zip(starts, ends)]}
     settings = json.loads(json.dumps(settings))  # as it reads back (tuples are lists)

@@ -1,6 +1,7 @@
 """From waveforms to embeddings: a frozen model of any ``--init``, its front end, a layer and a pooling.
 
-An :class:`Embedder` turns a batch of clips (waveforms at the model's rate, zero-padded to its clip) into
+An :class:`Embedder` turns a batch of clips (waveforms at the model's rate, each filled to its clip as the model
+was trained: zero-padded, or repeated for a model trained with ``data.pad: repeat``) into
 
 - a **clip** embedding ``[B, D]`` per clip, pooled from the tokens of one layer: ``mean`` of the patch
   tokens (SSAST's ``ft_avgtok``), ``prefix``: the mean of the prefix tokens (AST's ``(cls + dist) / 2``),
@@ -88,7 +89,7 @@ class Embedder:
     Args:
         encoder: an :class:`~common.models.ast.encoder.ASTEncoder` or an :class:`~common.models.htsat.HTSAT`.
         pipeline: the evaluation front end (waveforms, lengths -> model input) at the encoder's geometry.
-        sample_rate, clip_samples: the audio one clip is (resampled and zero-padded to).
+        sample_rate, clip_samples: the audio one clip is (resampled and filled to).
         layer: see the module docstring.
         pool: ``mean``, ``prefix``, ``cls`` or ``none`` (HTS-AT: ``mean`` or ``none``; its classifier's name for
             the latent, ``tscam``, is taken as ``mean``).
@@ -96,12 +97,18 @@ class Embedder:
         device: where the model runs.
         info: what :meth:`describe` adds (the init, the front end's statistics).
         channels: how a multi-channel file is read for it: ``first`` or ``mean`` (as the model was trained).
+        pad: how a clip shorter than ``clip_samples`` is filled: ``zeros`` or ``repeat`` (the clip repeated and cut
+            to ``clip_samples``, as ``data.pad: repeat`` trained the model and ``predict`` reads it).
     """
 
     def __init__(self, encoder: nn.Module, pipeline: nn.Module, sample_rate: int, clip_samples: int, *,
                  layer: int | None = None, pool: str = "mean", frames: bool = False,
-                 device: str | torch.device = "cpu", info: dict | None = None, channels: str = "first") -> None:
+                 device: str | torch.device = "cpu", info: dict | None = None, channels: str = "first",
+                 pad: str = "zeros") -> None:
+        if pad not in ("zeros", "repeat"):
+            raise ValueError(f"pad: 'zeros' or 'repeat' (how the model was trained to fill a short clip), got {pad!r}")
         self.channels = channels
+        self.pad = pad
 
         self.htsat = isinstance(encoder, HTSAT)
         self.device = torch.device(device)
@@ -120,13 +127,14 @@ class Embedder:
     # ---------------------------------------------------------------------------------------- building
     @classmethod
     def from_arch(cls, encoder: nn.Module, arch: Architecture, *, layer: int | None = None, pool: str = "mean",
-                  frames: bool = False, device: str | torch.device = "cpu", info: dict | None = None) -> "Embedder":
+                  frames: bool = False, device: str | torch.device = "cpu", info: dict | None = None,
+                  pad: str = "zeros") -> "Embedder":
         """Around a full-resolution encoder and its architecture (``common.models.arch``), with the architecture's
         evaluation front end (what the linear probe uses)."""
         geometry = arch.geometry(Compression())
         pipeline = arch.frontend(geometry, Compression(), SpecAugmentConfig())
         return cls(encoder, pipeline, arch.sample_rate, arch.clip_samples, layer=layer, pool=pool, frames=frames,
-                   device=device, info=info)
+                   device=device, info=info, pad=pad)
 
     def _check_pool(self, pool: str) -> str:
         if self.htsat:
@@ -208,6 +216,7 @@ class Embedder:
               lengths: torch.Tensor | np.ndarray | list[int] | None = None) -> EmbedOutput:
         """The embeddings of ``[B, S]`` (or ``[S]``) float waveforms in [-1, 1] at ``sample_rate`` (a tensor or a numpy
         array; ``S <= clip_samples``; ``lengths``: valid samples per clip, ``1..S``, a tensor, a list or an array).
+        A clip shorter than ``clip_samples`` is filled as the model was trained (``pad``).
 
         Raises:
             ValueError: integer or complex samples, more than 2 dimensions, channels last (``[S, C]``), or more
@@ -222,6 +231,8 @@ class Embedder:
         if lengths is not None:
             lengths = check_lengths(lengths, 1 if waveforms.dim() == 1 else len(waveforms), waveforms.shape[-1],
                                     "Embedder.embed", read=True)
+        if self.pad == "repeat":
+            waveforms, lengths = _repeat_short(waveforms, lengths, self.clip_samples)
         x = self.pipeline(waveforms.to(self.device), None if lengths is None else lengths.to(self.device))
         clip, frames = self._htsat(x) if self.htsat else self._ast(x)
         return EmbedOutput(None if clip is None else clip.float().cpu().numpy(),
@@ -253,6 +264,17 @@ class Embedder:
         clip = grid.flatten(2).mean(dim=2) if self.pool == "mean" else None  # = latent_output
         frames = grid.mean(2).transpose(1, 2) if self.frames else None  # [B, t, D]
         return clip, frames
+
+
+def _repeat_short(waveforms: torch.Tensor, lengths: torch.Tensor | None,
+                  clip: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each clip's valid samples repeated and cut to ``clip`` samples (``data.pad: repeat``, as
+    ``common.data.clips.ClipDataset`` fills a short clip in training and ``predict`` a short file): ``[B, clip]``
+    and lengths of ``clip``."""
+    waves = waveforms if waveforms.dim() == 2 else waveforms[None]
+    valid = [waves.shape[-1]] * len(waves) if lengths is None else lengths.reshape(-1).tolist()
+    out = torch.stack([waves[i, :n].repeat(-(-clip // n))[:clip] for i, n in enumerate(valid)])
+    return out, torch.full((len(waves),), clip, dtype=torch.long, device=waves.device)
 
 
 def model_digest(init: str | Path) -> str:
@@ -352,6 +374,6 @@ def load_embedder(init: str | Path, *, layer: int | None = None, pool: str = "au
         info["norm"] = label
         arch = architecture_for(arch.base, audio)
     pool = arch.resolve_pool("auto", weights) if pool == "auto" and weights.arch == "ast" else pool
-    channels = clip_handling(meta)["channels"]  # as the model was trained (an export's record; official HTS-AT: mean)
+    clips = clip_handling(meta)  # as the model was trained (an export's record; official HTS-AT: the channels' mean)
     return Embedder(encoder, pipeline, arch.sample_rate, arch.clip_samples, layer=layer, pool=pool, frames=frames,
-                    device=device, info=info, channels=channels)
+                    device=device, info=info, channels=clips["channels"], pad=clips["pad"])

@@ -6,12 +6,13 @@
 
 Features: the tokens of one block (default: the last, after the final norm), mean-pooled over the patch
 tokens or the prefix tokens (default: as the init's code pools, ``common.phases.init.init_pool``), for every
-clip at full resolution, computed by ``finetune.embedder.Embedder`` as ``finetune/embed.py`` computes its
-clip embeddings. They are cached per (checkpoint, task split, layer, pooling) in ``cache_dir``, so probing again
-with another ``C`` is instant; nothing evicts the files, and a temporary that a probe killed while writing left is
-removed by a later probe after an hour. The classifier is a standardised logistic regression (one-vs-rest for
-multi-label tasks); the task's metric is computed on its test split (the evaluation split if it has none; ESC-50: the
-mean over its five folds).
+clip at full resolution, read as the model was validated in training (an export's ``clips`` record: a short clip
+zero-padded or repeated, a long one cut from its start or centre, ``finetune.inference.clip_handling``), computed
+by ``finetune.embedder.Embedder`` as ``finetune/embed.py`` computes its clip embeddings. They are cached per
+(checkpoint, task split, layer, pooling) in ``cache_dir``, so probing again with another ``C`` is instant; nothing
+evicts the files, and a temporary that a probe killed while writing left is removed by a later probe after an hour.
+The classifier is a standardised logistic regression (one-vs-rest for multi-label tasks); the task's metric is
+computed on its test split (the evaluation split if it has none; ESC-50: the mean over its five folds).
 
 ``C`` (the inverse regularisation) is one number, or a grid to choose from without looking at the split that is
 scored (:func:`choose_C`): on the validation split where the task has one besides its test split (SpeechCommands,
@@ -126,20 +127,22 @@ def _cache_key(ckpt: str, manifests: Sequence[str], cfg, layer, pool, front_end:
 
 def extract_features(encoder, arch, manifests: Sequence[str], classes: Sequence[str], layer: int | None = None,
                      pool: str = "mean", batch_size: int = 32, num_workers: int = 2,
-                     device: str | torch.device = "cpu",
-                     channels: str = "first") -> tuple[np.ndarray, np.ndarray]:
+                     device: str | torch.device = "cpu", channels: str = "first", pad: str = "zeros",
+                     crop: str = "start") -> tuple[np.ndarray, np.ndarray]:
     """``(features [clips, D], targets [clips, classes])`` of a frozen full-resolution encoder over
     ``manifests``: each clip's first window, embedded by :class:`finetune.embedder.Embedder` (the code
     ``finetune/embed.py`` writes embeddings with) around ``encoder`` and the front end of ``arch``
-    (``common.models.arch``); ``channels``: how a multi-channel file is read (as the encoder was trained)."""
+    (``common.models.arch``); ``channels`` (how a multi-channel file is read), ``pad`` (how a short clip is
+    filled) and ``crop`` (where a long one is cut) as the encoder was validated in training
+    (``finetune.inference.clip_handling``)."""
     from common.data.loader import eval_loader
     from common.data.manifests import count_clips
     from common.system.logger import progress
     from finetune.embedder import Embedder
 
-    embedder = Embedder.from_arch(encoder, arch, layer=layer, pool=pool, device=device)
+    embedder = Embedder.from_arch(encoder, arch, layer=layer, pool=pool, device=device, pad=pad)
     loader = eval_loader(manifests, classes, arch.clip_samples, arch.sample_rate, batch_size, num_workers,
-                         channels=channels)
+                         channels=channels, pad=pad, crop=crop)
     feats, targets = [], []
     counts = [count_clips(m) for m in manifests]
     bar = progress(None if None in counts else sum(counts), 0, f"features of {Path(manifests[0]).name}"
@@ -285,8 +288,10 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
     front_end = f"{getattr(arch, 'audio', None)}|{getattr(pipeline, 'stats', None)}|{arch.clip_samples}"
     from finetune.inference import clip_handling
 
-    channels = clip_handling(init.meta)["channels"] if init is not None else "first"  # as the encoder was trained
-    front_end += "" if channels == "first" else f"|channels={channels}"  # the features of older caches stay valid
+    clips = clip_handling(init.meta if init is not None else {})  # as the encoder was validated (from scratch: AST's)
+    # the features of older caches stay valid where they were read so (AST's defaults)
+    front_end += "".join(f"|{key}={clips[key]}" for key, usual in (("channels", "first"), ("pad", "zeros"),
+                                                                  ("crop", "start")) if clips[key] != usual)
 
     def features(manifests: list[str]) -> tuple[np.ndarray, np.ndarray]:
         path = cache / f"{_cache_key(init_path, manifests, cfg, recipe.layer, pool, front_end, classes)}.npz"
@@ -294,7 +299,7 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
         if cached is not None:
             return cached
         x, y = extract_features(encoder, arch, manifests, classes, recipe.layer, pool, recipe.batch_size,
-                                recipe.num_workers, device, channels)
+                                recipe.num_workers, device, clips["channels"], clips["pad"], clips["crop"])
         cache.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, x.nbytes + y.nbytes) as tmp, open(tmp, "wb") as handle:  # a killed run leaves none
             np.savez(handle, x=x, y=y)
