@@ -63,7 +63,8 @@ def clip_handling(meta: dict) -> dict:
     """How the export's validation filled a short clip (``pad``: ``zeros`` or ``repeat``), cut a long one
     (``crop``: ``start`` or ``center``) and read a multi-channel file (``channels``: ``first`` or ``mean``);
     exports without the record did as AST: zeros, from the start, the first channel. An official HTS-AT checkpoint
-    hears the channels' mean, as its code read its data."""
+    hears the channels' mean, as its code read its data, and its weights' record says how its clips were filled
+    (``common.models.htsat.official.official_clips``: ESC-50's 50-class head heard each clip repeated)."""
     clips = meta.get("clips") if isinstance(meta.get("clips"), dict) else {}
     official = official_channels(meta.get("arch", "ast")) if meta.get("source") == "official" else "first"
     return {"pad": clips.get("pad", "zeros"), "crop": clips.get("crop", "start"),

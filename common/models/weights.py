@@ -37,7 +37,13 @@ from common.models.exports import is_export, read_weights, resolve_model_file, u
 from common.models.hf import is_hf_directory, read_hf_directory
 from common.models.htsat import class_names
 from common.models.htsat.imagenet import convert_imagenet_swin, looks_imagenet_swin
-from common.models.htsat.official import config_from_official, convert_official, looks_official, unwrap_official
+from common.models.htsat.official import (
+    config_from_official,
+    convert_official,
+    looks_official,
+    official_clips,
+    unwrap_official,
+)
 
 __all__ = ["EncoderWeights", "load_encoder_state", "load_encoder"]
 
@@ -182,7 +188,8 @@ def _load_failure(file: Path, err: Exception) -> str:
 def _official_htsat(state: dict, file) -> EncoderWeights:
     """An official HTS-AT checkpoint's weights; its classes are AudioSet's for 527 outputs, numbered otherwise.
     Its loss is the official configs' for its head: ``clip_ce`` (``ce``) for ESC-50's 50 classes, ``clip_bce``
-    otherwise (AudioSet, Speech Commands V2): the weights do not record it."""
+    otherwise (AudioSet, Speech Commands V2): the weights do not record it. Nor its clips: ESC-50's were repeated
+    (``official_clips``, recorded as an export records them)."""
     tensors = unwrap_official(state)
     try:
         cfg = config_from_official(tensors)
@@ -192,7 +199,8 @@ def _official_htsat(state: dict, file) -> EncoderWeights:
     classes, names = class_names(cfg.num_classes)
     return EncoderWeights(cfg, converted, {"source": "official", "arch": "htsat", "file": str(file),
                                            "objective": "classification", "classes": classes,
-                                           "class_names": names, "loss": "ce" if cfg.num_classes == 50 else "bce"})
+                                           "class_names": names, "loss": "ce" if cfg.num_classes == 50 else "bce",
+                                           "clips": official_clips(cfg)})
 
 
 def _imagenet_swin(state: dict, file) -> EncoderWeights:

@@ -1,6 +1,8 @@
 """embed and the linear probe read clips as the model was trained (its export's ``clips`` record: ``pad``, ``crop``),
 as predict and evaluate do."""
 
+import json
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -76,3 +78,31 @@ def test_the_probes_features_fill_and_cut_clips_as_the_model_was_validated(tmp_p
     assert min(sizes) < clip < max(sizes)  # both kinds are there
     expected = embedder.embed(np.stack(waves)).clip
     assert np.allclose(x_train, expected, atol=1e-5)
+
+
+def test_an_official_esc50_checkpoint_hears_a_short_clip_repeated_as_its_training_did(tmp_path, capsys):
+    """The official ESC-50 preparation concatenates each 5 s clip with itself to 10 s (``ESC_Dataset``): a 50-class
+    official checkpoint (ESC-50's head, softmax) scores, embeds and exports a 5 s clip as that clip twice; an
+    AudioSet head keeps zero padding."""
+    from common.models.weights import load_encoder_state
+    from finetune.classifier import load_classifier
+    from finetune.inference import clip_handling
+    from finetune.predict import main as predict
+    from tests.helpers import official_state, save_lightning
+
+    rng = np.random.default_rng(0)
+    five = (0.1 * rng.standard_normal(32000 * 5)).astype(np.float32)
+    sf.write(tmp_path / "five.wav", five, 32000, subtype="FLOAT")
+    sf.write(tmp_path / "twice.wav", np.tile(five, 2), 32000, subtype="FLOAT")
+    for classes, pad in ((50, "repeat"), (527, "zeros")):
+        ckpt = tmp_path / f"HTSAT_{classes}.ckpt"
+        save_lightning(official_state(classes=classes), ckpt)
+        for meta in (load_classifier(ckpt)[1], load_encoder_state(ckpt).meta):  # predict / evaluate / ONNX, embed
+            assert clip_handling(meta) == {"pad": pad, "crop": "start", "channels": "mean"}
+        assert load_embedder(ckpt).pad == pad
+        if pad == "zeros":
+            continue  # (predict's zero padding of a short clip: tests/finetune/test_htsat_training.py)
+        assert predict(["--ckpt", str(ckpt), "--json", str(tmp_path / "five.wav"), str(tmp_path / "twice.wav")]) == 0
+        five_scores, twice_scores = (np.array(list(r["scores"].values()))
+                                     for r in json.loads(capsys.readouterr().out))
+        assert np.allclose(five_scores, twice_scores, atol=1e-5)

@@ -29,12 +29,20 @@ from common.models.htsat.config import HTSATConfig
 from common.models.htsat.frontend import mel_filterbank
 from common.models.htsat.geometry import swin_depths
 
-__all__ = ["OFFICIAL_PREFIX", "looks_official", "unwrap_official", "config_from_official", "convert_official",
-           "load_official_checkpoint"]
+__all__ = ["OFFICIAL_PREFIX", "ESC50_CLASSES", "looks_official", "unwrap_official", "config_from_official",
+           "convert_official", "load_official_checkpoint", "official_clips"]
 
 OFFICIAL_PREFIX = "sed_model."
 _EXTRACTORS = ("spectrogram_extractor.", "logmel_extractor.")
 _DOWNSAMPLE = re.compile(r"layers\.(\d+)\.downsample\.(.+)")
+ESC50_CLASSES = 50  # an official head of this size is ESC-50's (esc_config.py: classes_num = 50)
+
+
+def official_clips(cfg: HTSATConfig) -> dict:
+    """How the official code filled the clips an official checkpoint was trained on, as an export records it
+    (``clips``; empty: zero-padded, AudioSet's ``SEDDataset``): ESC-50's head (50 classes) heard each 5 s clip
+    twice (``ESC_Dataset`` concatenates it with itself to 10 s), so a short clip is repeated (``pad: repeat``)."""
+    return {"pad": "repeat"} if cfg.num_classes == ESC50_CLASSES else {}
 
 
 def unwrap_official(obj: dict) -> dict[str, torch.Tensor]:
