@@ -307,8 +307,9 @@ def relative_position_index(w: int) -> torch.Tensor:
 
 
 def official_state(spec_size: int = 256, fmax: float = 14000.0, seed: int = 0,
-                   classes: int = HTSAT_CLASSES) -> dict[str, torch.Tensor]:
-    """The state dict the official HTSAT_Swin_Transformer writes (``model/htsat.py``), random values."""
+                   classes: int = HTSAT_CLASSES, sample_rate: int = 32000) -> dict[str, torch.Tensor]:
+    """The state dict the official HTSAT_Swin_Transformer writes (``model/htsat.py``), random values
+    (``sample_rate`` 16000: the Speech Commands model's filterbank, fmax 14000 above its Nyquist frequency)."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
@@ -320,7 +321,7 @@ def official_state(spec_size: int = 256, fmax: float = 14000.0, seed: int = 0,
     s = {  # torchlibrosa's frozen extractors: a DFT basis times a periodic Hann window, librosa's mel filters
         "spectrogram_extractor.stft.conv_real.weight": (torch.cos(phase) * window).float()[:, None],
         "spectrogram_extractor.stft.conv_imag.weight": (-torch.sin(phase) * window).float()[:, None],
-        "logmel_extractor.melW": torch.from_numpy(slaney_mel_numpy(32000, 1024, 64, 50.0, fmax)).float(),
+        "logmel_extractor.melW": torch.from_numpy(slaney_mel_numpy(sample_rate, 1024, 64, 50.0, fmax)).float(),
         "bn0.weight": 1 + rnd(64), "bn0.bias": rnd(64), "bn0.running_mean": -40 + 10 * rnd(64),
         "bn0.running_var": 100 + 50 * rnd(64).abs(), "bn0.num_batches_tracked": torch.tensor(1234),
         "patch_embed.proj.weight": rnd(HTSAT_DIM, 1, HTSAT_PATCH, HTSAT_PATCH), "patch_embed.proj.bias": rnd(HTSAT_DIM),

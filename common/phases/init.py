@@ -138,10 +138,9 @@ def task_encoder_config(init: EncoderWeights | None, model: ModelSpec, num_mel_b
         raise ValueError(f"model.arch: --init holds an {init.arch} model (the AST family) but the recipe trains "
                          f"{model.arch}; leave out the HTS-AT recipe or --set model.arch={model.arch}")
     if model.arch == "htsat":
-        if init is None:
-            return model.htsat_config
-        cfg = init.config.replace(**model.htsat.given())
-        if init.meta.get("source") == "imagenet":
+        cfg = model.htsat_config if init is None else init.config.replace(**model.htsat.given())
+        _check_filterbank(init, cfg)
+        if init is not None and init.meta.get("source") == "imagenet":
             _say_swin_start(init, cfg)
         return cfg
     if init is None:
@@ -160,6 +159,23 @@ def task_encoder_config(init: EncoderWeights | None, model: ModelSpec, num_mel_b
     mel = num_mel_bins if init.meta.get("source") == "imagenet" else cfg.num_mel_bins
     return cfg.replace(num_mel_bins=mel, input_tdim=target_frames, fstride=fstride, tstride=tstride,
                        drop_path_rate=model.drop_path_rate)
+
+
+_FILTERBANK = ("sample_rate", "n_fft", "mel_bins", "fmin", "fmax")
+
+
+def _check_filterbank(init: EncoderWeights | None, cfg: HTSATConfig) -> None:
+    """Refuse an HTS-AT ``fmax`` above the Nyquist frequency (empty top filters) unless the init's weights were
+    trained with that very filterbank (an official Speech Commands checkpoint, or a model fine-tuned from one)."""
+    if not cfg.empty_filters:
+        return
+    own = init is not None and isinstance(init.config, HTSATConfig) and init.meta.get("source") != "imagenet" and \
+        all(getattr(init.config, key) == getattr(cfg, key) for key in _FILTERBANK)
+    if not own:
+        raise ValueError(f"model.htsat.fmax: {cfg.fmax:g} Hz lies above the Nyquist frequency of sample_rate "
+                         f"{cfg.sample_rate} ({cfg.sample_rate / 2:g} Hz), so the top mel filters would be empty; only "
+                         f"weights trained with such a filterbank (an official Speech Commands checkpoint) keep it: "
+                         f"give model.htsat.fmax <= {cfg.sample_rate / 2:g}")
 
 
 def _say_swin_start(init: EncoderWeights, cfg) -> None:

@@ -65,8 +65,10 @@ def test_official_checkpoint_loads_every_weight_where_it_belongs(tmp_path, spec_
 def test_frozen_front_end_weights_are_checked(tmp_path):
     path = tmp_path / "scv2_like.ckpt"
     save_lightning(official_state(fmax=8000.0), path)
-    with pytest.raises(ValueError, match=r"scv2_like.ckpt: logmel_extractor.melW .* fmax=14000.0"):
+    with pytest.raises(ValueError, match=r"scv2_like.ckpt: logmel_extractor.melW .* neither official front end"):
         load_official_checkpoint(path, clip_samples=64000)
+    with pytest.raises(ValueError, match=r"scv2_like.ckpt: logmel_extractor.melW .* fmax=14000.0"):
+        load_official_checkpoint(path, clip_samples=64000, sample_rate=32000)  # a filterbank given is checked
     cfg, _ = load_official_checkpoint(path, clip_samples=64000, fmax=8000.0)  # told the right filterbank, it loads
     assert cfg.fmax == 8000.0
     state = official_state()
@@ -100,3 +102,53 @@ def test_class_names():
     ids, names = class_names(3)
     assert ids == ["class_0", "class_1", "class_2"] and names["class_1"] == "class_1"
     assert np.unique(class_names(527)[0]).size == 527
+
+
+def test_an_official_speech_commands_checkpoint_loads_with_its_own_front_end(tmp_path, capsys):
+    """The official SCV2 model changes only sample_rate (16000) and hop_size (160) in config.py: its frozen filterbank
+    keeps fmax 14000 above the 8 kHz Nyquist frequency (9 empty filters). The file's melW says which front end it is;
+    the model rebuilds that filterbank exactly, scores with sigmoids (clip_bce) and hears a 1 s clip repeated to its
+    10 s, as SCV2_Dataset fed it."""
+    import json
+
+    import soundfile as sf
+
+    from common.models.htsat import mel_filterbank
+    from common.models.spec import ModelSpec
+    from common.models.weights import load_encoder_state
+    from common.phases.init import task_encoder_config
+    from finetune.predict import main as predict
+
+    state = official_state(classes=35, sample_rate=16000)
+    path = tmp_path / "HTSAT_SCV2_Saved_2.ckpt"
+    save_lightning(state, path)
+    cfg, _ = load_official_checkpoint(path)
+    assert (cfg.sample_rate, cfg.hop_length, cfg.clip_samples, cfg.fmin, cfg.fmax) == (16000, 160, 160000, 50, 14000)
+    ours = mel_filterbank(cfg)
+    assert (ours - state["logmel_extractor.melW"]).abs().max() < 1e-6 and int((ours.sum(0) == 0).sum()) == 9
+    weights = load_encoder_state(path)
+    assert weights.meta["loss"] == "bce" and weights.meta["clips"] == {"pad": "repeat"}
+    assert task_encoder_config(weights, ModelSpec(arch="htsat"), 128, 1024) == cfg  # a fine-tune keeps its filterbank
+    rng = np.random.default_rng(0)
+    second = (0.1 * rng.standard_normal(16000)).astype(np.float32)
+    sf.write(tmp_path / "one.wav", second, 16000, subtype="FLOAT")
+    sf.write(tmp_path / "ten.wav", np.tile(second, 10), 16000, subtype="FLOAT")
+    assert predict(["--ckpt", str(path), "--json", str(tmp_path / "one.wav"), str(tmp_path / "ten.wav")]) == 0
+    one, ten = (np.array(list(r["scores"].values())) for r in json.loads(capsys.readouterr().out))
+    assert one.shape == (35,) and np.allclose(one, ten, atol=1e-5)
+    # a model whose weights were not trained with empty filters is refused them, in one line
+    scratch = ModelSpec(arch="htsat", htsat={"sample_rate": 16000, "hop_length": 160, "clip_samples": 160000})
+    with pytest.raises(ValueError, match=r"^model.htsat.fmax: 14000 Hz lies above the Nyquist frequency of "
+                                         r"sample_rate 16000 \(8000 Hz\).*give model.htsat.fmax <= 8000$"):
+        task_encoder_config(None, scratch, 128, 1024)
+
+
+def test_a_filterbank_of_no_official_front_end_is_refused_without_advice_a_command_cannot_take(tmp_path):
+    path = tmp_path / "other.ckpt"
+    save_lightning(official_state(fmax=8000.0), path)
+    with pytest.raises(ValueError) as err:
+        load_official_checkpoint(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: logmel_extractor.melW (shape (513, 64)) is the slaney filterbank of neither "
+                              f"official front end (AudioSet / ESC-50 (32 kHz), Speech Commands V2 (16 kHz)")
+    assert message.endswith("which this package cannot read") and "override" not in message and "\n" not in message

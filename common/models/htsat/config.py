@@ -28,7 +28,10 @@ class HTSATConfig:
         clip_samples: samples per clip; shorter clips are zero-padded to it (10 s at 32 kHz).
         n_fft: STFT size and Hann window length.
         hop_length: STFT hop at full resolution (320 = 10 ms).
-        mel_bins, fmin, fmax: the slaney mel filterbank.
+        mel_bins, fmin, fmax: the slaney mel filterbank. ``fmax`` may lie above ``sample_rate / 2``, as in the
+            official Speech Commands model (16 kHz with AudioSet's fmax 14000: its top filters are empty, as
+            librosa builds them); a run refuses it for weights that were not trained so
+            (``common.phases.init.task_encoder_config``).
         spec_size: side of the square full-resolution image; ``spec_size // mel_bins`` time chunks of
             ``spec_size`` frames each are stacked along frequency (256 // 64 = 4 chunks, 1024 frames).
         patch_size: Swin patch (and stride) on the image.
@@ -71,8 +74,8 @@ class HTSATConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not 0 <= self.fmin < self.fmax <= self.sample_rate / 2:
-            raise ValueError(f"fmin, fmax must satisfy 0 <= fmin < fmax <= sample_rate / 2 = "
+        if not (0 <= self.fmin < self.fmax and self.fmin < self.sample_rate / 2):
+            raise ValueError(f"fmin, fmax must satisfy 0 <= fmin < fmax and fmin < sample_rate / 2 = "
                              f"{self.sample_rate / 2:g}, got fmin={self.fmin}, fmax={self.fmax}")
         if not self.depths or any(d <= 0 for d in self.depths):
             raise ValueError(f"depths must be a non-empty list of positive integers, got {list(self.depths)}")
@@ -132,6 +135,12 @@ class HTSATConfig:
     def target_frames(self) -> int:
         """Frames of the full-resolution image: the STFT frames are stretched to this (1024)."""
         return self.spec_size * self.chunks
+
+    @property
+    def empty_filters(self) -> bool:
+        """Whether ``fmax`` lies above the Nyquist frequency (the official Speech Commands front end): the filters
+        above it are empty."""
+        return self.fmax > self.sample_rate / 2
 
     @property
     def clip_seconds(self) -> float:

@@ -20,6 +20,7 @@ Fshift x4), so a stripe hides the same share of the clip in every phase, as for 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -57,9 +58,13 @@ class SpecAugmentStripes:
 
 
 def mel_filterbank(cfg: HTSATConfig) -> torch.Tensor:
-    """The ``[n_fft // 2 + 1, mel_bins]`` slaney-scale, slaney-normalised filterbank (= librosa's default)."""
-    return melscale_fbanks(cfg.n_fft // 2 + 1, cfg.fmin, cfg.fmax, cfg.mel_bins, cfg.sample_rate,
-                           norm="slaney", mel_scale="slaney")
+    """The ``[n_fft // 2 + 1, mel_bins]`` slaney-scale, slaney-normalised filterbank (= librosa's default; with
+    ``fmax`` above Nyquist its top filters are empty, as librosa's and the official Speech Commands model's are)."""
+    with warnings.catch_warnings():
+        if cfg.empty_filters:  # torchaudio warns of the empty filters: here they are the model's own
+            warnings.filterwarnings("ignore", message="At least one mel filterbank has all zero values")
+        return melscale_fbanks(cfg.n_fft // 2 + 1, cfg.fmin, cfg.fmax, cfg.mel_bins, cfg.sample_rate,
+                               norm="slaney", mel_scale="slaney")
 
 
 def _keep_mask(batch: int, size: int, width: int, stripes: int, generator: torch.Generator) -> torch.Tensor:

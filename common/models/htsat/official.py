@@ -13,8 +13,12 @@ The official code (RetroCirce/HTS-Audio-Transformer) saves PyTorch Lightning che
   compared with our own STFT basis and mel filterbank for the config, and a mismatch is an error.
 
 Sizes are read from the weights (embed dim, patch, depths, heads, window, mel bins, classes, image
-side from the shifted-window masks); what weights cannot tell (sample rate, hop, fmin / fmax, clip
-length, dropout) takes the official AudioSet values unless overridden.
+side from the shifted-window masks). The front end is the official config whose filterbank the frozen
+``logmel_extractor.melW`` is (:data:`OFFICIAL_FRONT_ENDS`): AudioSet's and ESC-50's 32 kHz, hop 320, or Speech
+Commands V2's 16 kHz, hop 160, whose config.py keeps AudioSet's fmax 14000 above its Nyquist frequency (9 of its
+64 filters are empty); the hop and the clip length go with the sample rate in the official configs. A file without
+``melW`` takes AudioSet's, and one whose filterbank is neither is refused. Dropout takes the official values unless
+overridden.
 """
 
 from __future__ import annotations
@@ -29,20 +33,30 @@ from common.models.htsat.config import HTSATConfig
 from common.models.htsat.frontend import mel_filterbank
 from common.models.htsat.geometry import swin_depths
 
-__all__ = ["OFFICIAL_PREFIX", "ESC50_CLASSES", "looks_official", "unwrap_official", "config_from_official",
-           "convert_official", "load_official_checkpoint", "official_clips"]
+__all__ = ["OFFICIAL_PREFIX", "ESC50_CLASSES", "OFFICIAL_FRONT_ENDS", "looks_official", "unwrap_official",
+           "config_from_official", "convert_official", "load_official_checkpoint", "official_clips"]
 
 OFFICIAL_PREFIX = "sed_model."
 _EXTRACTORS = ("spectrogram_extractor.", "logmel_extractor.")
 _DOWNSAMPLE = re.compile(r"layers\.(\d+)\.downsample\.(.+)")
 ESC50_CLASSES = 50  # an official head of this size is ESC-50's (esc_config.py: classes_num = 50)
+# the official configs' front ends (config.py: "16000 for scv2", "160 for scv2", clip_samples = sample_rate * 10;
+# fmin 50 and fmax 14000 in both): what a checkpoint's frozen mel filterbank tells apart
+OFFICIAL_FRONT_ENDS = {
+    "AudioSet / ESC-50 (32 kHz)": {"sample_rate": 32000, "hop_length": 320, "clip_samples": 320000},
+    "Speech Commands V2 (16 kHz)": {"sample_rate": 16000, "hop_length": 160, "clip_samples": 160000},
+}
+_FILTERBANK_KEYS = ("sample_rate", "fmin", "fmax")  # given: the filterbank is checked against them, not inferred
+_SCV2 = OFFICIAL_FRONT_ENDS["Speech Commands V2 (16 kHz)"]
 
 
 def official_clips(cfg: HTSATConfig) -> dict:
     """How the official code filled the clips an official checkpoint was trained on, as an export records it
     (``clips``; empty: zero-padded, AudioSet's ``SEDDataset``): ESC-50's head (50 classes) heard each 5 s clip
-    twice (``ESC_Dataset`` concatenates it with itself to 10 s), so a short clip is repeated (``pad: repeat``)."""
-    return {"pad": "repeat"} if cfg.num_classes == ESC50_CLASSES else {}
+    twice (``ESC_Dataset`` concatenates it with itself to 10 s), Speech Commands' 16 kHz model each 1 s clip
+    repeated to 10 s (``SCV2_Dataset``), so a short clip is repeated (``pad: repeat``)."""
+    scv2 = all(getattr(cfg, key) == value for key, value in _SCV2.items())
+    return {"pad": "repeat"} if cfg.num_classes == ESC50_CLASSES or scv2 else {}
 
 
 def unwrap_official(obj: dict) -> dict[str, torch.Tensor]:
@@ -127,7 +141,25 @@ def config_from_official(state: dict[str, torch.Tensor], **overrides) -> HTSATCo
     if clash:
         raise ValueError("overrides contradict the checkpoint's weights: "
                          + ", ".join(f"{k}={o!r} but the weights say {v!r}" for k, (v, o) in clash.items()))
+    if "logmel_extractor.melW" in state and not any(k in overrides for k in _FILTERBANK_KEYS):
+        found.update(_front_end(state["logmel_extractor.melW"], found, overrides))
     return HTSATConfig.from_dict({**found, **overrides}, prefix="official checkpoint")
+
+
+def _front_end(mel: torch.Tensor, found: dict, overrides: dict) -> dict:
+    """The official front end (:data:`OFFICIAL_FRONT_ENDS`) whose slaney filterbank ``mel`` is, exactly."""
+    for settings in OFFICIAL_FRONT_ENDS.values():
+        try:
+            cfg = HTSATConfig.from_dict({**found, **settings, **overrides}, prefix="official checkpoint")
+        except ValueError:  # sizes this front end cannot take (an image too small for its clip)
+            continue
+        ours = mel_filterbank(cfg).double()
+        if mel.shape == ours.shape and (mel.double() - ours).abs().max().item() <= 1e-5:
+            return settings
+    base = HTSATConfig()
+    raise ValueError(f"logmel_extractor.melW (shape {tuple(mel.shape)}) is the slaney filterbank of neither official "
+                     f"front end ({', '.join(OFFICIAL_FRONT_ENDS)}; fmin {base.fmin:g}, fmax {base.fmax:g}): the "
+                     f"checkpoint was trained with another front end, which this package cannot read")
 
 
 def _check_extractors(state: dict[str, torch.Tensor], cfg: HTSATConfig) -> None:
@@ -151,7 +183,7 @@ def _check_extractors(state: dict[str, torch.Tensor], cfg: HTSATConfig) -> None:
             raise ValueError(
                 f"logmel_extractor.melW (shape {tuple(mel.shape)}) differs from the slaney filterbank for "
                 f"sample_rate={cfg.sample_rate}, n_fft={cfg.n_fft}, mel_bins={cfg.mel_bins}, fmin={cfg.fmin}, "
-                f"fmax={cfg.fmax} (max deviation {err:.3g}): pass the checkpoint's front-end settings as overrides")
+                f"fmax={cfg.fmax} (max deviation {err:.3g}): the checkpoint was trained with another front end")
 
 
 def convert_official(state: dict[str, torch.Tensor], cfg: HTSATConfig) -> dict[str, torch.Tensor]:
