@@ -52,6 +52,7 @@ from common.models.ast.encoder import EncoderConfig
 from common.models.exports import resolve_model_file
 from common.models.hf import CONFIG_FILE, is_hf_directory, weight_files
 from common.models.htsat import HTSATConfig
+from common.models.htsat.arch import weight_conflicts
 from common.models.htsat.imagenet import OFFICIAL_START
 from common.models.spec import ModelSpec
 from common.models.weights import EncoderWeights, load_encoder_state
@@ -139,6 +140,13 @@ def task_encoder_config(init: EncoderWeights | None, model: ModelSpec, num_mel_b
                          f"{model.arch}; leave out the HTS-AT recipe or --set model.arch={model.arch}")
     if model.arch == "htsat":
         cfg = model.htsat_config if init is None else init.config.replace(**model.htsat.given())
+        changed = [] if init is None else weight_conflicts(init, cfg)
+        if changed:  # as the weights' load would refuse them, before any run directory or compute
+            imagenet = init.meta.get("source") == "imagenet"
+            kind = "an ImageNet Swin, whose sizes" if imagenet else "HTS-AT weights, whose config"
+            raise ValueError(f"model.htsat: --init {init.meta.get('file', '')} holds {kind} the model keeps; the "
+                             f"recipe changes {', '.join(changed)}: leave these keys out, or start from scratch "
+                             f"(--init none)")
         _check_filterbank(init, cfg)
         if init is not None and init.meta.get("source") == "imagenet":
             _say_swin_start(init, cfg)
@@ -179,17 +187,19 @@ def _check_filterbank(init: EncoderWeights | None, cfg: HTSATConfig) -> None:
 
 
 def _say_swin_start(init: EncoderWeights, cfg) -> None:
-    """Warn when an ImageNet Swin is not the official HTS-AT's start (Swin-T/C24: heads 4-8-16-32, window 8): the
-    file's heads (``init.config``), not the run's (``cfg``, with the recipe's ``model.htsat`` on top)."""
+    """Warn when an ImageNet Swin is not the official HTS-AT's start (Swin-T/C24: heads 4-8-16-32, window 8). The
+    model (``cfg``, with the recipe's ``model.htsat`` on top) has the file's sizes, heads included (a recipe changing
+    them was refused: :func:`~common.models.htsat.arch.weight_conflicts`), and the run's window."""
     official = HTSATConfig()
     windows = sorted(set(init.meta.get("swin_windows", [])))
     heads = init.config.num_heads
     if tuple(heads) != official.num_heads or windows != [official.window_size]:
         log.warning("--init %s is a Swin with heads %s and window %s; the official HTS-AT (and the paper's "
-                    "Table 6) starts from Swin-T/C24 (%s: heads %s, window %d). The model takes the file's heads "
-                    "and HTS-AT's window %d (model.htsat.window_size; the tables are resized)", init.meta.get("file"),
-                    list(heads), "/".join(map(str, windows)), OFFICIAL_START, list(official.num_heads),
-                    official.window_size, cfg.window_size)
+                    "Table 6) starts from Swin-T/C24 (%s: heads %s, window %d). The model keeps the file's sizes "
+                    "(heads %s) and takes the run's window %d (model.htsat.window_size), to which the file's "
+                    "relative-position tables are resized", init.meta.get("file"), list(heads),
+                    "/".join(map(str, windows)), OFFICIAL_START, list(official.num_heads), official.window_size,
+                    list(cfg.num_heads), cfg.window_size)
 
 
 def init_kind(init: EncoderWeights | None) -> str:

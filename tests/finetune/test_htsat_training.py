@@ -273,3 +273,24 @@ def test_on_several_ranks_every_rank_ends_with_rank_0s_batchnorm_statistics(tmp_
     weights, _ = read_weights(tmp_path / "run" / "model.safetensors")
     stats = [v for k, v in weights.items() if "bn0.running" in k]
     assert stats and all(torch.isfinite(v).all() for v in stats)
+
+
+def test_a_dry_run_refuses_model_sizes_the_init_fixes_as_the_run_would(tmp_path, synth_corpus, capsys):
+    """model.htsat sizes that differ from an official checkpoint's are refused by --dry-run, and by the run before
+    it writes anything into its directory (the weights' load refused them only after init.json, run.lock and
+    train.log were written)."""
+    from tests.helpers import one_error
+
+    init = tmp_path / "HTSAT_AudioSet.ckpt"
+    save_lightning(official_state(), init)
+    run_dir = tmp_path / "run"
+    base = ["--init", str(init), "--task", "synth", "--recipe", str(ROOT / "recipes" / "htsat_esc50.yaml"),
+            "--data-root", str(_synth_root(tmp_path, synth_corpus)), "--run-dir", str(run_dir),
+            "--set", "data.batch_size=4", "--set", "model.htsat.depths=[1, 1, 1, 1]"]
+    for argv in ([*base, "--dry-run"], base):
+        assert finetune(argv) == 2
+        assert one_error(capsys.readouterr().err) == (
+            f"error: model.htsat: --init {init} holds HTS-AT weights, whose config the model keeps; the recipe "
+            f"changes depths [2, 2, 2, 2] -> [1, 1, 1, 1]: leave these keys out, or start from scratch (--init none)")
+        assert not run_dir.exists()
+    assert finetune([*base[:-2], "--dry-run"]) == 0  # the file's own sizes plan

@@ -209,16 +209,20 @@ def test_a_swin_that_is_not_the_official_start_is_said(caplog):
         cfg = task_encoder_config(standard, spec, 128, 1024)
     assert cfg.num_heads == (3, 6, 12, 24) and cfg.window_size == 8
     assert "heads [3, 6, 12, 24] and window 7" in caplog.text and "swin_tiny_c24_patch4_window8_256.pth" in caplog.text
-    # the heads said are the file's, also where the recipe's model.htsat sets others (and then no warning is
-    # given for the official start itself)
+    assert "The model keeps the file's sizes (heads [3, 6, 12, 24]) and takes the run's window 8" in caplog.text
+    # a recipe's model.htsat that changes the file's sizes is refused here, in one line naming the keys, as the
+    # weights' load refuses it later (a dry-run planned the recipe's model, and the warning said the file's heads)
     caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        task_encoder_config(standard, ModelSpec(arch="htsat", htsat={"num_heads": [1, 2, 4, 8]}), 128, 1024)
-    assert "heads [3, 6, 12, 24] and window 7" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        task_encoder_config(c24, ModelSpec(arch="htsat", htsat={"num_heads": [1, 2, 4, 8]}), 128, 1024)
-    assert "is a Swin with heads" not in caplog.text
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError) as err:
+        task_encoder_config(standard, ModelSpec(arch="htsat", htsat={"num_heads": [1, 2, 4, 8],
+                                                                     "depths": [1, 1, 1, 1]}), 128, 1024)
+    assert str(err.value) == ("model.htsat: --init swin_tiny_patch4_window7_224.pth holds an ImageNet Swin, whose "
+                              "sizes the model keeps; the recipe changes depths [2, 2, 6, 2] -> [1, 1, 1, 1], "
+                              "num_heads [3, 6, 12, 24] -> [1, 2, 4, 8]: leave these keys out, or start from scratch "
+                              "(--init none)")
+    assert not caplog.records
+    # what the file does not fix is the run's (the window, the front end)
+    assert task_encoder_config(c24, ModelSpec(arch="htsat", htsat={"window_size": 4}), 128, 1024).window_size == 4
 
 
 @pytest.mark.slow

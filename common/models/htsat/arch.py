@@ -29,9 +29,21 @@ from common.models.htsat.adapt import fit_tables
 from common.models.htsat.geometry import Geometry
 from common.models.htsat.imagenet import SWIN_FIELDS
 
-__all__ = ["HTSATArch", "HTSATPhase", "HTSATClassifier", "HTSATPipeline"]
+__all__ = ["HTSATArch", "HTSATPhase", "HTSATClassifier", "HTSATPipeline", "weight_conflicts"]
 
 log = logging.getLogger(__name__)
+
+
+def weight_conflicts(weights, cfg: HTSATConfig) -> list[str]:
+    """What ``cfg`` changes of the settings HTS-AT ``weights`` (an :class:`~common.models.weights.EncoderWeights`)
+    fix, as ``"key old -> new"``: an ImageNet Swin's sizes (:data:`SWIN_FIELDS`), every other file's whole config but
+    its dropout and its classes (the head starts afresh). Checked before a run (``common.phases.init``) and again
+    where the weights load."""
+    size = {k: v for k, v in weights.config.to_dict().items() if k != "num_classes"}
+    want = {k: v for k, v in cfg.to_dict().items() if k != "num_classes"}
+    fixed = SWIN_FIELDS if weights.meta.get("source") == "imagenet" else \
+        [k for k in size if k not in ("drop_path_rate", "drop_rate", "attn_drop_rate")]
+    return [f"{k} {size[k]} -> {want[k]}" for k in sorted(fixed) if size[k] != want[k]]
 
 
 @dataclass(frozen=True)
@@ -158,14 +170,10 @@ class HTSATArch:
         if not isinstance(cfg, HTSATConfig):
             raise ValueError(f"--init holds {type(cfg).__name__} weights (model.arch: ast); this run trains HTS-AT")
         imagenet = weights.meta.get("source") == "imagenet"  # a Swin backbone: only its sizes are fixed
-        size = {k: v for k, v in cfg.to_dict().items() if k != "num_classes"}
-        want = {k: v for k, v in geometry.cfg.to_dict().items() if k != "num_classes"}
-        fixed = SWIN_FIELDS if imagenet else [k for k in size if k not in ("drop_path_rate", "drop_rate",
-                                                                             "attn_drop_rate")]
-        changed = sorted(k for k in fixed if size[k] != want[k])
+        changed = weight_conflicts(weights, geometry.cfg)
         if changed:
             raise ValueError("--init: the HTS-AT weights were trained with another model config ("
-                             + ", ".join(f"{k} {size[k]} -> {want[k]}" for k in changed) + ")")
+                             + ", ".join(changed) + ")")
         fresh = HEAD_PREFIXES
         if imagenet:  # every table fitted to its block's window here; bn0 and the head start afresh
             state, changes = fit_tables(weights.state, geometry.cfg, geometry.geom, table_mode, patch_mode)
