@@ -134,8 +134,8 @@ def task_encoder_config(init: EncoderWeights | None, model: ModelSpec, num_mel_b
     if init is not None and init.arch != model.arch:
         if init.arch == "htsat":
             raise ValueError("model.arch: --init holds an HTS-AT model but the recipe trains the AST family; use "
-                             "HTS-AT's published recipe: --set defaults=auto (a registered task then follows the "
-                             "init), or --recipe recipes/htsat_<task>.yaml / recipes/ft_htsat_<task>_fshift4.yaml")
+                             "HTS-AT's official recipe, its batch included: --recipe recipes/htsat_<task>.yaml "
+                             "(audioset, vggsound, esc50), or recipes/ft_htsat_<task>_fshift4.yaml coarse to fine")
         raise ValueError(f"model.arch: --init holds an {init.arch} model (the AST family) but the recipe trains "
                          f"{model.arch}; leave out the HTS-AT recipe or --set model.arch={model.arch}")
     if model.arch == "htsat":
