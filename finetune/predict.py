@@ -220,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         model.to(device)
         classes = list(meta["classifier"]["classes"])
         names = meta.get("class_names", {})
-        results = []
+        results, folders = [], set()  # (folders: the indices of empty folders' entries)
         for path in expand_folders(args.audio):
-            if Path(path).is_dir():
+            if Path(path).is_dir():  # an empty folder: named, but no file of it failed to be read
                 results.append({"file": path, "error": f"a folder holding no audio files ({audio_suffixes()})"})
+                folders.add(len(results) - 1)
                 continue
             try:
                 pred = predict_file(model, meta, path, args.hop, device=device, aggregate=args.aggregate)
@@ -255,8 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         failed = [r for r in results if "error" in r]
         for r in failed:
             print(f"error: {r['file']}: {r['error']}", file=sys.stderr)
-        if failed:
-            print(f"error: {len(failed)} of {len(results)} files could not be read", file=sys.stderr)
+        files = [r for i, r in enumerate(results) if i not in folders]
+        unread = [r for r in files if "error" in r]
+        if unread:
+            print(f"error: {len(unread)} of {len(files)} files could not be read", file=sys.stderr)
         return 1 if failed else 0
 
     from common.cli import run_main

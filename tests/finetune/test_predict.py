@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from finetune.predict import main as predict
-from tests.helpers import PREDICT_AUDIO, _write
+from tests.helpers import PREDICT_AUDIO, _write, one_error
 
 AUDIO = PREDICT_AUDIO
 CLIP = 0.025 + 63 * 0.010  # seconds in one window of 64 frames
@@ -83,7 +83,9 @@ def test_an_unreadable_file_is_reported_and_the_others_are_tagged(tmp_path, mode
     assert entries[3]["error"] == ("a folder holding no audio files (.wav, .flac, .aiff, .aif, .w64, .rf64, .caf, "
                                    ".ogg, .mp3, .opus)")
     assert {"labels", "scores", "windows"} <= set(entries[0]) and {"labels", "scores"} <= set(entries[4])
-    assert "error: 3 of 5 files could not be read" in captured.err
+    assert "error: 2 of 4 files could not be read" in captured.err  # an empty folder is named, not counted a file
+    assert predict(["--ckpt", str(model), str(tmp_path / "empty")]) == 1  # alone: one error line, naming it
+    assert one_error(capsys.readouterr().err) == f"error: {tmp_path / 'empty'}: {entries[3]['error']}"
     # a folder stands for its audio files, at any depth, in sorted order
     folder = tmp_path / "folder"
     (folder / "sub").mkdir(parents=True)
