@@ -478,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
                 done = trainer.run(stop_after=budget)
                 used += trainer.steps_taken
                 if not done:
+                    if len(splits) > 1 and used > trainer.steps_taken:  # the trainer counted this fold's steps
+                        log.info("--stop-after-steps %d: this command took %d steps over folds 1-%d (%d in fold %d)",
+                                 args.stop_after_steps, used, k + 1, trainer.steps_taken, k + 1)
                     break
                 if recipe.task.test:  # the run's accounting of audio, without a limit, over every rank
                     _test(run_dir, recipe, classes, dist, trainer.tracker.for_split("test", max_fraction=1.0,

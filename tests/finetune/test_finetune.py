@@ -770,7 +770,10 @@ def test_stop_after_steps_counts_the_steps_of_every_fold(tmp_path, synth_corpus,
     per_fold = steps()
     assert per_fold == [6, 2, 0], per_fold  # fold 1 whole (6 steps), 2 of fold 2, none of fold 3
     assert not (tmp_path / "cv" / "cv_summary.json").exists()
-    assert any("stopped after 2 steps as asked" in r.getMessage() for r in caplog.records)
+    assert any("stopped after 2 steps as asked" in r.getMessage() for r in caplog.records)  # the fold's trainer
+    # and the command's count, which --stop-after-steps means
+    assert any(r.getMessage() == "--stop-after-steps 8: this command took 8 steps over folds 1-2 (2 in fold 2)"
+               for r in caplog.records)
     capsys.readouterr()
     caplog.clear()
     with caplog.at_level(logging.INFO):
