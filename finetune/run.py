@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -90,15 +89,6 @@ def _classes(recipe, planning: bool, notes: list[str]) -> tuple[list[str], dict[
         notes.append(f"classes: {path} does not exist yet and the task does not say how many it has "
                      f"(task.num_classes); planned with a head of {count} (a run reads the list)")
     return [f"class_{i}" for i in range(count)], {}
-
-
-def _task_about(recipe, recipe_path: Path | None) -> str:
-    """The plan's words on the task: its description, whose closing parentheses name the task's own recipe (``(SSAST
-    patch recipe)``), left out where ``--recipe`` replaces it (the next line names the recipe used)."""
-    about = recipe.task.description
-    if recipe_path is not None:
-        about = re.sub(r"\s*\([^()]*\)$", "", about)
-    return f": {about}" if about else ""
 
 
 def _recipe_line(recipe_path: str | None, recipe) -> list[str]:
@@ -427,11 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             from common.cli import resume_check
 
-            o = recipe.optim
+            o, about = recipe.optim, f": {recipe.task.description}" if recipe.task.description else ""
             refused, resumes = resume_check(run_root, recipe, args.restart)
             print(format_plan(run, *_stated_batch(args.task, args.recipe),
-                              header=[f"task {recipe.task.name}{_task_about(recipe, args.recipe)}",
-                                      *_recipe_line(args.recipe, recipe),
+                              header=[f"task {recipe.task.name}{about}", *_recipe_line(args.recipe, recipe),
                                       f"pooling: {objective.head.pool}"],
                               notes=[f"optimiser {o.optimizer}, lr {o.lr:g}, warm-up {o.warmup_steps} steps, "
                                      f"{o.schedule} schedule", *notes, *resumes], cautions=cautions,

@@ -128,9 +128,7 @@ def test_an_htsat_init_on_an_ast_recipe_is_pointed_at_htsats_recipe(tmp_path, ca
     assert finetune([*base, "--task", "esc50", "--recipe", str(ROOT / "recipes" / "htsat_esc50.yaml")]) == 0
     plan = capsys.readouterr().out
     assert "64 clips" in plan  # the official ESC-50 batch
-    # the header names the recipe used, not the task's own ("(SSAST patch recipe)")
-    assert "task esc50: ESC-50, 50 classes, 5-fold cross-validation, mean accuracy\n" in plan
-    assert "SSAST" not in plan and "official ESC-50 recipe" in plan
+    assert "official ESC-50 recipe" in plan  # the line after the task's names the recipe used
     assert finetune([*base, "--task", "esc50", "--set", "defaults=auto"]) == 0  # HTS-AT's recipe at the task's batch
     assert "HTS-AT ESC-50 recipe" in capsys.readouterr().out
     assert finetune([*base, "--task", "esc50", "--set", "model.arch=htsat"]) == 2
