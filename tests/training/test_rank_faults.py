@@ -1,0 +1,76 @@
+"""One rank of a 2- or 3-rank job (gloo) that differs or goes wrong: a recipe or manifest of its own, a failing
+or stuck write, a stuck step. Every rank stops with one line that says which rank and why, and a hang fails the
+test after the launch's timeout (tests/rank_fault_job.py runs the cases on each rank)."""
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+from lhotse import CutSet
+
+from tests.helpers import _free_port
+from tests.ranks import launch_ranks
+
+
+def _launch(world_size: int, cases: list[dict], out: Path, corpus: Path, timeout: float) -> dict[str, list[dict]]:
+    """Run ``cases`` (tests/rank_fault_job.py) on ``world_size`` gloo ranks; per case, every rank's report."""
+    out.mkdir(parents=True)
+    for case in cases:
+        case.setdefault("port", _free_port())
+    job = out / "job.json"
+    job.write_text(json.dumps({"out": str(out), "corpus": str(corpus), "cases": cases}))
+    launch_ranks(world_size, "rank_fault_job.py", job, out, timeout)
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
+    return {case["name"]: [report[case["name"]] for report in reports] for case in cases}
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_rank_with_another_recipe_or_manifest_stops_every_rank_before_training(tmp_path, synth_corpus, world_size):
+    """Rank 1 has another learning rate (a --set of its own), then another copy of the training manifest at the
+    same (relative) path; on 3 ranks rank 2 also logs otherwise. Without the check the first trained silently
+    with two learning rates, and the others hung in mismatched collectives."""
+    same, stale = tmp_path / "same", tmp_path / "stale"
+    for folder in (same, stale):
+        folder.mkdir()
+    cuts = CutSet.from_file(synth_corpus / "synth_pool.jsonl.gz")
+    cuts.to_file(same / "pool.jsonl.gz")
+    CutSet.from_cuts(list(cuts)[:20]).to_file(stale / "pool.jsonl.gz")  # the node's stale copy: 20 of 24 clips
+    sets = [f"data.batch_size={4 * world_size}"]
+    recipe = {"name": "recipe", "run_dir": str(tmp_path / "recipe"), "sets": sets,
+              "rank_sets": {"1": ["optim.lr=0.05"], **({"2": ["train.log_every=3"]} if world_size == 3 else {})}}
+    manifest = {"name": "manifest", "run_dir": str(tmp_path / "manifest"),
+                "sets": [*sets, "data.train=[{path: pool.jsonl.gz}]"],
+                "rank_cwd": {str(r): str(stale if r == 1 else same) for r in range(world_size)}}
+    result = _launch(world_size, [recipe, manifest], tmp_path / "job", synth_corpus, timeout=150)
+
+    host = socket.gethostname()
+    for name, said in (("recipe", [f"rank 1 (host {host}) resolves optim.lr 0.05 where rank 0 has 0.001"]
+                        + ([f"rank 2 (host {host}) resolves train.log_every 3 where rank 0 has 1"]
+                           if world_size == 3 else [])),
+                       ("manifest", [f"rank 1 (host {host}) resolves manifest pool.jsonl.gz "])):
+        ranks = result[name]
+        assert [r["code"] for r in ranks] == [2] * world_size, (name, ranks)
+        for r in ranks:
+            assert len(r["errors"]) == 1 and "Traceback" not in r["stderr"], r["stderr"][-3000:]
+            assert all(part in r["errors"][0] for part in said), (said, r["errors"])
+            assert "every rank must see the same recipe and manifests" in r["errors"][0]
+        assert "rank 2" not in ranks[0]["errors"][0] or world_size == 3
+        assert not (tmp_path / name / "checkpoints").exists()  # stopped before anything trained
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_resume_with_a_changed_learning_rate_is_said_once_by_the_rank_that_records_it(tmp_path, synth_corpus):
+    """A recovery change (optim.lr) on every rank: rank 0 says that it records it in ledger.json, and does;
+    rank 1 does not say so (it records nothing)."""
+    run_dir = str(tmp_path / "run")
+    cases = [{"name": "first", "run_dir": run_dir, "sets": ["data.batch_size=8"], "argv": ["--stop-after-steps", "2"]},
+             {"name": "resume", "run_dir": run_dir, "sets": ["data.batch_size=8", "optim.lr=0.002"]}]
+    result = _launch(2, cases, tmp_path / "job", synth_corpus, timeout=240)
+    assert [r["code"] for r in result["resume"]] == [0, 0], result["resume"]
+    assert "with changed optim.lr 0.001 -> 0.002; recorded in ledger.json" in result["resume"][0]["stderr"]
+    assert "recorded in ledger.json" not in result["resume"][1]["stderr"], result["resume"][1]["stderr"]
+    ledger = json.loads((tmp_path / "run" / "ledger.json").read_text())
+    assert [list(i["changes"]) for i in ledger["interventions"]] == [["optim.lr"]]
