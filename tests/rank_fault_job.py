@@ -5,8 +5,9 @@ may differ (its own ``--set`` values) or meet a fault of its own (a failing or s
 
 ``JOB.json``: ``{"out": folder, "corpus": the test corpus, "cases": [{"name", "port", "run_dir", "sets": [...],
 "argv": [...] (optional, more arguments), "rank_sets": {"R": [...]} (rank R's extra --set values), "rank_cwd":
-{"R": folder} (rank R's working folder: a relative manifest path names another file there), "fault": {"rank": R,
-"kind": "enospc" | "readonly" | "hang", "seconds": how long "hang" sleeps in the first micro-step},
+{"R": folder} (rank R's working folder: a relative manifest path names another file there), "fault": {"rank": R
+or "all", "kind": "enospc" | "readonly" | "hang", "where": the checkpoint tag whose writes fail (part of it),
+"seconds": how long "hang" sleeps in the first micro-step},
 "timeout": seconds (optional: the process group's timeout, instead of DEEPSPEED_TIMEOUT's minutes)}]}``.
 Writes ``out/rank{r}.json``: per case, the exit code, the ``error:`` lines, everything written to stderr, and the
 seconds the case took.
@@ -39,8 +40,9 @@ class _Tee(io.StringIO):
         return super().write(text)
 
 
-def _fault(kind: str, seconds: float):
-    """Patch this process for fault ``kind``; returns the undo."""
+def _fault(kind: str, seconds: float, where: str):
+    """Patch this process for fault ``kind`` (the writes of a checkpoint whose folder's name holds ``where``);
+    returns the undo."""
     import torch
 
     from common.training.loop import Trainer
@@ -50,7 +52,7 @@ def _fault(kind: str, seconds: float):
         save = torch.save
 
         def full(obj, f, *args, **kwargs):
-            if ".tmp-" in str(f):
+            if ".tmp-" in str(f) and where in str(f):
                 Path(f).write_bytes(b"\0" * 1024)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
             return save(obj, f, *args, **kwargs)
@@ -61,7 +63,7 @@ def _fault(kind: str, seconds: float):
         mkdir = os.mkdir
 
         def read_only(path, *args, **kwargs):
-            if "checkpoints" in str(path) and Path(path).name.startswith(".tmp-"):
+            if Path(path).name.startswith(".tmp-") and where in Path(path).name:
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
             return mkdir(path, *args, **kwargs)
 
@@ -96,7 +98,8 @@ def main(job_file: str) -> int:
         deepspeed.constants.default_pg_timeout = (timedelta(seconds=case["timeout"]) if case.get("timeout")
                                                   else default_timeout)
         fault = case.get("fault") or {}
-        undo = _fault(fault["kind"], fault.get("seconds", 0)) if fault.get("rank") == rank else (lambda: None)
+        undo = (_fault(fault["kind"], fault.get("seconds", 0), fault.get("where", ""))
+                if fault.get("rank") in (rank, "all") else (lambda: None))
         sets = [*case.get("sets", []), *case.get("rank_sets", {}).get(str(rank), [])]
         argv = ["--recipe", str(RECIPE), "--run-dir", case["run_dir"], *tiny(Path(job["corpus"]), *sets),
                 *case.get("argv", [])]

@@ -74,3 +74,53 @@ def test_a_resume_with_a_changed_learning_rate_is_said_once_by_the_rank_that_rec
     assert "recorded in ledger.json" not in result["resume"][1]["stderr"], result["resume"][1]["stderr"]
     ledger = json.loads((tmp_path / "run" / "ledger.json").read_text())
     assert [list(i["changes"]) for i in ledger["interventions"]] == [["optim.lr"]]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_rank_out_of_disk_while_checkpointing_leaves_the_others_files_and_says_so(tmp_path, synth_corpus,
+                                                                                   world_size):
+    """Rank 1's share of the second phase's first checkpoint fills the disk: it removes its own files only (it
+    removed the whole shared folder while the other ranks still wrote into it: their writes failed with a
+    traceback), says that the last checkpoint is intact and what stays, and every other rank says that a rank
+    stopped; the same command resumes and finishes, and the folder left is gone."""
+    run_dir = tmp_path / "run"
+    sets = [f"data.batch_size={4 * world_size}"]
+    cases = [{"name": "full", "run_dir": str(run_dir), "sets": sets,
+              "fault": {"rank": 1, "kind": "enospc", "where": "phase02"}},
+             {"name": "resume", "run_dir": str(run_dir), "sets": sets}]
+    result = _launch(world_size, cases, tmp_path / "job", synth_corpus, timeout=240)
+    ranks = result["full"]
+    assert [r["code"] for r in ranks] == [1] * world_size, ranks
+    assert all(len(r["errors"]) == 1 and "Traceback" not in r["stderr"] for r in ranks), [r["stderr"] for r in ranks]
+    line = ranks[1]["errors"][0]
+    assert ".tmp-phase02-step000000002: no space left on device" in line, line
+    assert "the last checkpoint phase01-step000000003 is intact" in line, line
+    assert ("this rank's part of .tmp-phase02-step000000002 was removed; what the other ranks wrote there stays "
+            "until the next start of the run removes it") in line, line
+    assert all("another rank of the job stopped" in r["errors"][0] for i, r in enumerate(ranks) if i != 1), ranks
+    assert result["resume"][0]["code"] == 0 and [r["code"] for r in result["resume"]] == [0] * world_size
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    assert (run_dir / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_read_only_checkpoint_folder_is_said_as_such_on_every_rank(tmp_path, synth_corpus, world_size):
+    """No rank can make the second phase's first checkpoint folder (the file system turned read-only): DeepSpeed
+    swallowed that and its writes then failed with "Parent directory ... does not exist", a traceback on every
+    rank. Each rank now says in one line which folder is read-only and that the last checkpoint is intact."""
+    run_dir = tmp_path / "run"
+    cases = [{"name": "ro", "run_dir": str(run_dir), "sets": [f"data.batch_size={4 * world_size}"],
+              "fault": {"rank": "all", "kind": "readonly", "where": "phase02"}}]
+    ranks = _launch(world_size, cases, tmp_path / "job", synth_corpus, timeout=240)["ro"]
+    assert [r["code"] for r in ranks] == [1] * world_size, ranks
+    for r in ranks:
+        assert len(r["errors"]) == 1 and "Traceback" not in r["stderr"], r["stderr"][-3000:]
+        assert r["errors"][0].endswith(
+            f"{run_dir / 'checkpoints'}: read-only file system: checkpoint phase02-step000000002 could not be written "
+            f"there; the last checkpoint phase01-step000000003 is intact (make the folder writable and run the same "
+            f"command to resume)"), r["errors"]
+    assert (run_dir / "checkpoints" / "LATEST").read_text() == "phase01-step000000003"
