@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -260,11 +261,14 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
 # what a collective raises on the ranks left when another rank of the job exits (gloo, NCCL)
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
               "remote process exited or there was a network error")
+# what a collective raises when the other ranks did not come within the process group's timeout (gloo, NCCL)
+_TIMED_OUT = ("Timed out waiting", "Watchdog caught collective operation timeout", "collective operation timeout")
 
 
 def _stopped_by(err: BaseException, resumable: bool) -> str | None:
     """The line for a failure that stopped a command although its input was good: a loader worker's, the memory's
-    (a command that does not train: a run raises :class:`OutOfDeviceMemory`), another rank's; None otherwise."""
+    (a command that does not train: a run raises :class:`OutOfDeviceMemory`), another rank's, a collective that
+    waited in vain for the others (the process group's timeout); None otherwise."""
     # lazy: both import torch (a command's --help does not load torch)
     from common.data.workers import describe_worker_failure
     from common.training.out_of_memory import describe_out_of_memory
@@ -275,10 +279,33 @@ def _stopped_by(err: BaseException, resumable: bool) -> str | None:
     memory = describe_out_of_memory(err)
     if memory is not None:
         return memory
+    first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    if _timed_out(err):
+        return (f"rank {os.environ.get('RANK', '?')}: no word from the other ranks for {_waited(err):.0f} s "
+                f"({first[:200]}): a rank is stuck (a read that never returns, a stale network file system, a "
+                f"deadlock) or gone; its error, if it has one, says why. The wait is DEEPSPEED_TIMEOUT minutes "
+                f"(default 10)" + ("; run the same command again to resume from the last checkpoint" if resumable
+                                   else ""))
     if not _lost_peer(err):
         return None
-    first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
     return f"rank {os.environ.get('RANK', '?')}: another rank of the job stopped ({first[:200]}); its error says why"
+
+
+def _timed_out(err: BaseException) -> bool:
+    """A collective gave up waiting for the other ranks (the process group's timeout)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(word in str(err) for word in _TIMED_OUT)
+
+
+def _waited(err: BaseException) -> float:
+    """The seconds a timed-out collective waited: what its text says (gloo: ``waiting 60000ms``, NCCL: ``ran for
+    600000 milliseconds``), else the process group's timeout."""
+    found = re.search(r"(?:waiting|ran for) (\d+) ?(?:ms|milliseconds)", str(err))
+    if found:
+        return int(found.group(1)) / 1000
+    # lazy: the training stack's; a command that times out in a collective has loaded it
+    from common.system.distributed import collective_timeout
+
+    return collective_timeout()
 
 
 def _lost_peer(err: BaseException) -> bool:
