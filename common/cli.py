@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import re
+import socket
 import sys
 import tempfile
 import time
@@ -34,6 +35,9 @@ __all__ = ["add_run_arguments", "world_size_of", "discard_previous", "check_run_
            "Session", "training_session", "describe_os_error", "run_main"]
 
 log = logging.getLogger(__name__)
+
+# the run directory of the running command's training session (set by training_session, read by run_main)
+_RUN_DIR: Path | None = None
 
 
 # --stop-after-steps: 0 or a negative count would train nothing, or everything, without a word
@@ -230,8 +234,10 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
     from common.training.run_dir import prepare_run_dir
     from common.training.same_inputs import check_same_inputs
 
+    global _RUN_DIR
     detach_run_logs()  # an earlier run of this process (the demo, a notebook) keeps its train.log to itself
     check_run_dir(run_dir)
+    _RUN_DIR = Path(run_dir)  # a failure from here on is kept in RUN/logs/rankR.err on a rank of several
     dist = init_distributed()
     threads = torch.get_num_threads()  # given back at the end (a notebook, the demo, the tests run on)
     finished = False
@@ -283,12 +289,13 @@ def _stopped_by(err: BaseException, resumable: bool) -> str | None:
     if _timed_out(err):
         return (f"rank {os.environ.get('RANK', '?')}: no word from the other ranks for {_waited(err):.0f} s "
                 f"({first[:200]}): a rank is stuck (a read that never returns, a stale network file system, a "
-                f"deadlock) or gone; its error, if it has one, says why. The wait is DEEPSPEED_TIMEOUT minutes "
-                f"(default 10)" + ("; run the same command again to resume from the last checkpoint" if resumable
-                                   else ""))
+                f"deadlock) or gone; its error, if it has one, says why{_failures_where()}. The wait is "
+                f"DEEPSPEED_TIMEOUT minutes (default 10)"
+                + ("; run the same command again to resume from the last checkpoint" if resumable else ""))
     if not _lost_peer(err):
         return None
-    return f"rank {os.environ.get('RANK', '?')}: another rank of the job stopped ({first[:200]}); its error says why"
+    return (f"rank {os.environ.get('RANK', '?')}: another rank of the job stopped ({first[:200]}); its error says why"
+            f"{_failures_where()}")
 
 
 def _timed_out(err: BaseException) -> bool:
@@ -336,7 +343,9 @@ def run_main(body: Callable[[], int], resumable: bool = False) -> int:
     loss, bad audio, no usable checkpoint, a run directory in use, a full disk or another failing file, another
     rank that stopped, the device out of memory), 130 when interrupted, 128 + the signal's number when SIGTERM or
     SIGUSR1 stopped it (checkpointed: ``common.system.signals``). ``resumable``: a training command (an
-    interruption says that the same command resumes from the last checkpoint).
+    interruption says that the same command resumes from the last checkpoint). On a rank of several, every
+    ``error:`` line names the rank and its host, and the line (the traceback of an unexpected error) is also kept
+    in the run directory, ``RUN/logs/rankR.err`` (:func:`_keep_failure`).
     """
     # lazy: the failures' modules import torch; a command parses its options (--help) before it runs here
     from common.data.bad_audio import TooMuchBadAudio
@@ -347,6 +356,8 @@ def run_main(body: Callable[[], int], resumable: bool = False) -> int:
 
     # what ends a run that started with good input (exit status 1); every other known failure is bad input (2)
     stopped = (NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, RunDirBusy, OutOfDeviceMemory)
+    global _RUN_DIR
+    _RUN_DIR = None  # the run directory of this command's training session, once it has one
     try:
         return piped(body)  # `... | head`: the output is no longer read; status 141, nothing said
     except KeyboardInterrupt:
@@ -361,19 +372,64 @@ def run_main(body: Callable[[], int], resumable: bool = False) -> int:
     except (RecipeError, FileNotFoundError, NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, RunDirBusy,
             OutOfDeviceMemory, ValueError) as err:
         log_traceback(traceback.format_exc())
-        print(f"error: {err}", file=sys.stderr)
+        _error(str(err))
         return 1 if isinstance(err, stopped) else 2
     except OSError as err:
         message = describe_os_error(err)
         if message is None:
+            _keep_failure(traceback.format_exc())
             raise
         log_traceback(traceback.format_exc())
-        print(f"error: {message}", file=sys.stderr)
+        _error(message)
         return 1
     except Exception as err:  # noqa: BLE001 - re-raised unless known: a loader worker, memory, another rank
         message = _stopped_by(err, resumable)
         if message is None:
+            _keep_failure(traceback.format_exc())
             raise
         log_traceback(traceback.format_exc())
-        print(f"error: {message}", file=sys.stderr)
+        _error(message)
         return 1
+
+
+def _rank_words() -> str | None:
+    """``rank R (host H)`` on a rank of several (None for one process): what an ``error:`` line starts with, so that
+    the lines of a job's ranks, interleaved by a launcher or gathered from several nodes, say where each comes from."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    return f"rank {os.environ.get('RANK', '?')} (host {socket.gethostname()})"
+
+
+def _error(message: str) -> None:
+    """Print a failure's ``error:`` line, on a rank of several with its rank and host (a message that starts by
+    naming this rank gets the host there, one naming its rank and host is left as it is), and keep it in the run
+    directory (:func:`_keep_failure`)."""
+    words = _rank_words()
+    if words is not None:
+        own = f"rank {os.environ.get('RANK', '?')}"
+        if not message.startswith(words):
+            message = (words + message[len(own):] if re.match(rf"{re.escape(own)}\b", message)
+                       else f"{words}: {message}")
+    print(f"error: {message}", file=sys.stderr)
+    _keep_failure(f"error: {message}\n")
+
+
+def _keep_failure(text: str) -> None:
+    """On a rank of several: append ``text`` (a failure's line, or the traceback of an unexpected error) to the
+    rank's own ``RUN/logs/rankR.err``, so that the cause of a job's failure is found in its run directory (the
+    console of a rank on another node may be anywhere; ``train.log`` is rank 0's). One write per failure; a failure
+    to write it is not another error."""
+    if _rank_words() is None or _RUN_DIR is None:
+        return
+    try:
+        folder = Path(_RUN_DIR) / "logs"
+        folder.mkdir(exist_ok=True)
+        with open(folder / f"rank{os.environ.get('RANK', '0')}.err", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}")
+    except OSError:
+        pass
+
+
+def _failures_where() -> str:
+    """Where the other ranks' failures are kept, for the line of a rank that lost them (empty: not known yet)."""
+    return "" if _RUN_DIR is None else f" ({Path(_RUN_DIR) / 'logs'}/rank*.err)"

@@ -6,7 +6,7 @@ may differ (its own ``--set`` values) or meet a fault of its own (a failing or s
 ``JOB.json``: ``{"out": folder, "corpus": the test corpus, "cases": [{"name", "port", "run_dir", "sets": [...],
 "argv": [...] (optional, more arguments), "rank_sets": {"R": [...]} (rank R's extra --set values), "rank_cwd":
 {"R": folder} (rank R's working folder: a relative manifest path names another file there), "fault": {"rank": R
-or "all", "kind": "enospc" | "readonly" | "hang", "where": the checkpoint tag whose writes fail (part of it),
+or "all", "kind": "enospc" | "readonly" | "hang" | "raise", "where": the checkpoint tag whose writes fail (part of it),
 "seconds": how long "hang" sleeps in the first micro-step},
 "timeout": seconds (optional: the process group's timeout, instead of DEEPSPEED_TIMEOUT's minutes)}]}``.
 Writes ``out/rank{r}.json``: per case, the exit code, the ``error:`` lines, everything written to stderr, and the
@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -69,6 +70,17 @@ def _fault(kind: str, seconds: float, where: str):
 
         os.mkdir = read_only
         undo.append(lambda: setattr(os, "mkdir", mkdir))
+    elif kind == "raise":  # the second micro-step fails unexpectedly (a bug: no known failure)
+        micro, count = Trainer._micro_step, [0]
+
+        def failing(self, *args, **kwargs):
+            count[0] += 1
+            if count[0] == 2:
+                raise RuntimeError("injected failure")
+            return micro(self, *args, **kwargs)
+
+        Trainer._micro_step = failing
+        undo.append(lambda: setattr(Trainer, "_micro_step", micro))
     elif kind == "hang":  # the first micro-step takes `seconds` (a hung read, a stale NFS mount)
         micro, count = Trainer._micro_step, [0]
 
@@ -107,7 +119,11 @@ def main(job_file: str) -> int:
         os.chdir(case.get("rank_cwd", {}).get(str(rank), cwd))
         try:
             with contextlib.redirect_stderr(_Tee(sys.stderr)) as err:
-                code = pretrain(argv)
+                try:
+                    code = pretrain(argv)
+                except Exception:  # noqa: BLE001 - an unexpected failure run_main re-raises: the test looks at it
+                    err.write(traceback.format_exc())
+                    code = "raised"
         finally:
             undo()
             os.chdir(cwd)

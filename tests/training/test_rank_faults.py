@@ -95,7 +95,8 @@ def test_a_rank_out_of_disk_while_checkpointing_leaves_the_others_files_and_says
     assert [r["code"] for r in ranks] == [1] * world_size, ranks
     assert all(len(r["errors"]) == 1 and "Traceback" not in r["stderr"] for r in ranks), [r["stderr"] for r in ranks]
     line = ranks[1]["errors"][0]
-    assert ".tmp-phase02-step000000002: no space left on device" in line, line
+    assert line.startswith(f"error: rank 1 (host {socket.gethostname()}): {run_dir / 'checkpoints'}/.tmp-phase02-"
+                           f"step000000002: no space left on device"), line
     assert "the last checkpoint phase01-step000000003 is intact" in line, line
     assert ("this rank's part of .tmp-phase02-step000000002 was removed; what the other ranks wrote there stays "
             "until the next start of the run removes it") in line, line
@@ -145,3 +146,26 @@ def test_a_stuck_rank_ends_the_others_after_the_process_groups_timeout_with_one_
     assert ranks[0]["seconds"] < 24  # the timeout ended it, not the stuck rank's return
     for r in ranks[1:]:
         assert "no word from the other ranks" in r["errors"][0] or "another rank of the job stopped" in r["errors"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_the_failing_ranks_cause_is_kept_in_the_run_directory_and_every_line_names_its_rank(tmp_path, synth_corpus,
+                                                                                            world_size):
+    """The last rank fails unexpectedly (a traceback on its own console only, maybe on another node): its
+    traceback is kept in RUN/logs/rankR.err, every other rank's line names its rank and host and says where to
+    look, and keeps that line in its own file."""
+    run_dir, last = tmp_path / "run", world_size - 1
+    cases = [{"name": "bug", "run_dir": str(run_dir), "sets": [f"data.batch_size={4 * world_size}"],
+              "fault": {"rank": last, "kind": "raise"}}]
+    ranks = _launch(world_size, cases, tmp_path / "job", synth_corpus, timeout=240)["bug"]
+    host = socket.gethostname()
+    assert ranks[last]["code"] == "raised" and [r["code"] for r in ranks[:last]] == [1] * last, ranks
+    kept = (run_dir / "logs" / f"rank{last}.err").read_text()
+    assert "Traceback" in kept and "RuntimeError: injected failure" in kept, kept
+    for rank, r in enumerate(ranks[:last]):
+        assert len(r["errors"]) == 1 and r["errors"][0].startswith(
+            f"error: rank {rank} (host {host}): another rank of the job stopped ("), r["errors"]
+        assert r["errors"][0].endswith(f"its error says why ({run_dir / 'logs'}/rank*.err)"), r["errors"]
+        assert (run_dir / "logs" / f"rank{rank}.err").read_text().endswith(r["errors"][0] + "\n")
