@@ -169,3 +169,22 @@ def test_the_failing_ranks_cause_is_kept_in_the_run_directory_and_every_line_nam
             f"error: rank {rank} (host {host}): another rank of the job stopped ("), r["errors"]
         assert r["errors"][0].endswith(f"its error says why ({run_dir / 'logs'}/rank*.err)"), r["errors"]
         assert (run_dir / "logs" / f"rank{rank}.err").read_text().endswith(r["errors"][0] + "\n")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_resume_on_ranks_that_cannot_split_the_runs_batch_says_on_which_it_can_go_on(tmp_path, synth_corpus):
+    """A run of global batch 8 on 2 ranks, resumed on 3: the run cannot go on there, and the line says so and
+    lists the counts it can go on with. It offered another global batch, which the resume then refused."""
+    run_dir = tmp_path / "run"
+    first = [{"name": "first", "run_dir": str(run_dir), "sets": ["data.batch_size=8"],
+              "argv": ["--stop-after-steps", "2"]}]
+    assert [r["code"] for r in _launch(2, first, tmp_path / "job2", synth_corpus, timeout=200)["first"]] == [0, 0]
+    resume = [{"name": "resume", "run_dir": str(run_dir), "sets": ["data.batch_size=8"]}]
+    ranks = _launch(3, resume, tmp_path / "job3", synth_corpus, timeout=200)["resume"]
+    assert [r["code"] for r in ranks] == [2] * 3, ranks
+    for r in ranks:
+        assert len(r["errors"]) == 1 and "Traceback" not in r["stderr"], r["stderr"]
+        assert (f"{run_dir} holds a run whose global batch of 8 clips (data.batch_size) does not split over 3 "
+                f"rank(s): the run cannot go on with 3 rank(s)") in r["errors"][0], r["errors"]
+        assert "resume it on 1, 2, 4, 8 rank(s)" in r["errors"][0] and "--set data.batch_size" not in r["errors"][0]
