@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import socket
 import sys
 import tempfile
 import time
@@ -33,6 +35,9 @@ __all__ = ["add_run_arguments", "world_size_of", "discard_previous", "check_run_
            "Session", "training_session", "describe_os_error", "run_main"]
 
 log = logging.getLogger(__name__)
+
+# the run directory of the running command's training session (set by training_session, read by run_main)
+_RUN_DIR: Path | None = None
 
 
 # --stop-after-steps: 0 or a negative count would train nothing, or everything, without a word
@@ -210,8 +215,9 @@ class Session:
 @contextmanager
 def training_session(run_dir: Path, recipe, restart: bool = False,
                      accept_changed_data: bool = False) -> Iterator[Session]:
-    """Join the process group, lock ``run_dir`` (``common.system.lock``: a second run on it stops at once), log
-    into it, check its recipe (``common.training.run_dir``); tear down.
+    """Join the process group, check that every rank resolved the same recipe and manifests
+    (``common.training.same_inputs``), lock ``run_dir`` (``common.system.lock``: a second run on it stops at once),
+    log into it, check its recipe (``common.training.run_dir``); tear down.
 
     Args:
         run_dir: the run directory (resumed when it holds a run of the same recipe).
@@ -226,13 +232,17 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
     from common.system.distributed import init_distributed
     from common.system.logger import detach_run_logs, setup_logging
     from common.training.run_dir import prepare_run_dir
+    from common.training.same_inputs import check_same_inputs
 
+    global _RUN_DIR
     detach_run_logs()  # an earlier run of this process (the demo, a notebook) keeps its train.log to itself
     check_run_dir(run_dir)
+    _RUN_DIR = Path(run_dir)  # a failure from here on is kept in RUN/logs/rankR.err on a rank of several
     dist = init_distributed()
     threads = torch.get_num_threads()  # given back at the end (a notebook, the demo, the tests run on)
     finished = False
     try:
+        check_same_inputs(dist, recipe)  # before any data is read or a model built: one rank's stale copy stops all
         with job_lock(run_dir, dist), stop_on_signals():  # SIGTERM / SIGUSR1: checkpoint, then stop
             setup_logging(run_dir, dist.rank)
             set_cpu_threads(loader_workers(recipe.data.num_workers), recipe.train.cpu_threads)
@@ -257,11 +267,14 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
 # what a collective raises on the ranks left when another rank of the job exits (gloo, NCCL)
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
               "remote process exited or there was a network error")
+# what a collective raises when the other ranks did not come within the process group's timeout (gloo, NCCL)
+_TIMED_OUT = ("Timed out waiting", "Watchdog caught collective operation timeout", "collective operation timeout")
 
 
 def _stopped_by(err: BaseException, resumable: bool) -> str | None:
     """The line for a failure that stopped a command although its input was good: a loader worker's, the memory's
-    (a command that does not train: a run raises :class:`OutOfDeviceMemory`), another rank's; None otherwise."""
+    (a command that does not train: a run raises :class:`OutOfDeviceMemory`), another rank's, a collective that
+    waited in vain for the others (the process group's timeout); None otherwise."""
     # lazy: both import torch (a command's --help does not load torch)
     from common.data.workers import describe_worker_failure
     from common.training.out_of_memory import describe_out_of_memory
@@ -272,10 +285,34 @@ def _stopped_by(err: BaseException, resumable: bool) -> str | None:
     memory = describe_out_of_memory(err)
     if memory is not None:
         return memory
+    first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    if _timed_out(err):
+        return (f"rank {os.environ.get('RANK', '?')}: no word from the other ranks for {_waited(err):.0f} s "
+                f"({first[:200]}): a rank is stuck (a read that never returns, a stale network file system, a "
+                f"deadlock) or gone; its error, if it has one, says why{_failures_where()}. The wait is "
+                f"DEEPSPEED_TIMEOUT minutes (default 10)"
+                + ("; run the same command again to resume from the last checkpoint" if resumable else ""))
     if not _lost_peer(err):
         return None
-    first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-    return f"rank {os.environ.get('RANK', '?')}: another rank of the job stopped ({first[:200]}); its error says why"
+    return (f"rank {os.environ.get('RANK', '?')}: another rank of the job stopped ({first[:200]}); its error says why"
+            f"{_failures_where()}")
+
+
+def _timed_out(err: BaseException) -> bool:
+    """A collective gave up waiting for the other ranks (the process group's timeout)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(word in str(err) for word in _TIMED_OUT)
+
+
+def _waited(err: BaseException) -> float:
+    """The seconds a timed-out collective waited: what its text says (gloo: ``waiting 60000ms``, NCCL: ``ran for
+    600000 milliseconds``), else the process group's timeout."""
+    found = re.search(r"(?:waiting|ran for) (\d+) ?(?:ms|milliseconds)", str(err))
+    if found:
+        return int(found.group(1)) / 1000
+    # lazy: the training stack's; a command that times out in a collective has loaded it
+    from common.system.distributed import collective_timeout
+
+    return collective_timeout()
 
 
 def _lost_peer(err: BaseException) -> bool:
@@ -306,7 +343,9 @@ def run_main(body: Callable[[], int], resumable: bool = False) -> int:
     loss, bad audio, no usable checkpoint, a run directory in use, a full disk or another failing file, another
     rank that stopped, the device out of memory), 130 when interrupted, 128 + the signal's number when SIGTERM or
     SIGUSR1 stopped it (checkpointed: ``common.system.signals``). ``resumable``: a training command (an
-    interruption says that the same command resumes from the last checkpoint).
+    interruption says that the same command resumes from the last checkpoint). On a rank of several, every
+    ``error:`` line names the rank and its host, and the line (the traceback of an unexpected error) is also kept
+    in the run directory, ``RUN/logs/rankR.err`` (:func:`_keep_failure`).
     """
     # lazy: the failures' modules import torch; a command parses its options (--help) before it runs here
     from common.data.bad_audio import TooMuchBadAudio
@@ -317,6 +356,8 @@ def run_main(body: Callable[[], int], resumable: bool = False) -> int:
 
     # what ends a run that started with good input (exit status 1); every other known failure is bad input (2)
     stopped = (NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, RunDirBusy, OutOfDeviceMemory)
+    global _RUN_DIR
+    _RUN_DIR = None  # the run directory of this command's training session, once it has one
     try:
         return piped(body)  # `... | head`: the output is no longer read; status 141, nothing said
     except KeyboardInterrupt:
@@ -331,19 +372,64 @@ def run_main(body: Callable[[], int], resumable: bool = False) -> int:
     except (RecipeError, FileNotFoundError, NonFiniteLoss, TooMuchBadAudio, NoUsableCheckpoint, RunDirBusy,
             OutOfDeviceMemory, ValueError) as err:
         log_traceback(traceback.format_exc())
-        print(f"error: {err}", file=sys.stderr)
+        _error(str(err))
         return 1 if isinstance(err, stopped) else 2
     except OSError as err:
         message = describe_os_error(err)
         if message is None:
+            _keep_failure(traceback.format_exc())
             raise
         log_traceback(traceback.format_exc())
-        print(f"error: {message}", file=sys.stderr)
+        _error(message)
         return 1
     except Exception as err:  # noqa: BLE001 - re-raised unless known: a loader worker, memory, another rank
         message = _stopped_by(err, resumable)
         if message is None:
+            _keep_failure(traceback.format_exc())
             raise
         log_traceback(traceback.format_exc())
-        print(f"error: {message}", file=sys.stderr)
+        _error(message)
         return 1
+
+
+def _rank_words() -> str | None:
+    """``rank R (host H)`` on a rank of several (None for one process): what an ``error:`` line starts with, so that
+    the lines of a job's ranks, interleaved by a launcher or gathered from several nodes, say where each comes from."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    return f"rank {os.environ.get('RANK', '?')} (host {socket.gethostname()})"
+
+
+def _error(message: str) -> None:
+    """Print a failure's ``error:`` line, on a rank of several with its rank and host (a message that starts by
+    naming this rank gets the host there, one naming its rank and host is left as it is), and keep it in the run
+    directory (:func:`_keep_failure`)."""
+    words = _rank_words()
+    if words is not None:
+        own = f"rank {os.environ.get('RANK', '?')}"
+        if not message.startswith(words):
+            message = (words + message[len(own):] if re.match(rf"{re.escape(own)}\b", message)
+                       else f"{words}: {message}")
+    print(f"error: {message}", file=sys.stderr)
+    _keep_failure(f"error: {message}\n")
+
+
+def _keep_failure(text: str) -> None:
+    """On a rank of several: append ``text`` (a failure's line, or the traceback of an unexpected error) to the
+    rank's own ``RUN/logs/rankR.err``, so that the cause of a job's failure is found in its run directory (the
+    console of a rank on another node may be anywhere; ``train.log`` is rank 0's). One write per failure; a failure
+    to write it is not another error."""
+    if _rank_words() is None or _RUN_DIR is None:
+        return
+    try:
+        folder = Path(_RUN_DIR) / "logs"
+        folder.mkdir(exist_ok=True)
+        with open(folder / f"rank{os.environ.get('RANK', '0')}.err", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}")
+    except OSError:
+        pass
+
+
+def _failures_where() -> str:
+    """Where the other ranks' failures are kept, for the line of a rank that lost them (empty: not known yet)."""
+    return "" if _RUN_DIR is None else f" ({Path(_RUN_DIR) / 'logs'}/rank*.err)"

@@ -330,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         from common.training.batch import phase_splits
         from common.training.plan import build_plan, format_plan
+        from common.training.run_dir import has_trained
         from finetune.recipe import check_batch_fits, check_files, file_checks, load_recipe
         from finetune.task_file import defaults_follow_init
 
@@ -351,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise  # a plan goes on (planned as from scratch) and lists the missing init below
         recipe = recipe_with(early)
         world_size = world_size_of(args)
-        phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)  # refuse an impossible split now
+        resumes = None if args.restart or not has_trained(_run_root(args, recipe)) else _run_root(args, recipe)
+        phase_splits(recipe.phases, recipe.data, recipe.optim, world_size, resumes)  # refuse an impossible split now
         left_out = check_batch_fits(recipe, world_size)  # a step's clips against the training set's
         missing: list[str] = []
         if args.dry_run:  # a plan needs no data: say what a run would not find

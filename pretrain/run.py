@@ -143,14 +143,16 @@ def main(argv: list[str] | None = None) -> int:
         from common.phases.coarse import coarse_tag
         from common.training.batch import phase_splits, stated_batch
         from common.training.plan import format_plan
+        from common.training.run_dir import has_trained
         from pretrain.recipe import load_baseline, load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides, args.coarse)
         world_size = world_size_of(args)
-        phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)  # refuse an impossible split now
-        baseline = load_baseline(recipe, args.overrides)
         name = args.recipe.stem + (f"-{coarse_tag(recipe.coarse)}" if args.coarse else "")
         run_dir = args.run_dir or Path("runs/pretrain") / name
+        resumes = None if args.restart or not has_trained(run_dir) else run_dir  # its global batch is the run's
+        phase_splits(recipe.phases, recipe.data, recipe.optim, world_size, resumes)  # refuse an impossible split now
+        baseline = load_baseline(recipe, args.overrides)
         checks = [*data_checks(recipe.data), lambda: check_norm(recipe.audio.norm, "audio.norm")]
         if args.dry_run:  # a run checks (and makes) its run directory itself, before any compute
             checks.append(run_dir_check(run_dir))

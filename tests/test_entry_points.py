@@ -2,6 +2,7 @@
 
 import importlib
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -324,6 +325,7 @@ def test_one_process_commands_refuse_to_run_as_several_ranks(tmp_path, model_fil
             (probe, ["--init", str(model), "--task", "synth"], "the linear probe"),
             (embed, ["--init", str(model), "--inputs", str(clip), "--out", str(tmp_path / "e")], "c2f-embed")):
         assert command(argv) == 2
-        assert one_error(capsys.readouterr().err).startswith(f"error: {name} runs in one process, and this is one "
-                                                             f"of WORLD_SIZE=2 ranks")
+        line = one_error(capsys.readouterr().err)  # every rank's line names its rank and host
+        assert re.match(rf"error: rank \S+ \(host {re.escape(socket.gethostname())}\): {re.escape(name)} runs in one "
+                        rf"process, and this is one of WORLD_SIZE=2 ranks", line), line
     assert not (tmp_path / "e").exists()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Dist", "RendezvousFailed", "init_distributed", "quiet_deepspeed", "single_process"]
+__all__ = ["Dist", "RendezvousFailed", "init_distributed", "collective_timeout", "quiet_deepspeed", "single_process"]
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,30 @@ def single_process(command: str) -> None:
                          f"repeat the whole work and write the same files): run it with python, not a launcher")
 
 
+def _world_clone(timeout) -> None:
+    """Make DeepSpeed's clone of the world group, the group ZeRO reduces gradients in and most of DeepSpeed's
+    collectives run in, with the package's ``timeout`` (DeepSpeed's ``DEEPSPEED_TIMEOUT``, that of the world group).
+    DeepSpeed clones the world group on first use with torch's default for a new group (30 min on gloo, 10 on NCCL),
+    which ``DEEPSPEED_TIMEOUT`` does not reach: a stuck rank held the others there for 30 min. The clone is made
+    here as DeepSpeed makes it (``deepspeed.utils.groups._clone_world_group``: every rank, in the same order),
+    into DeepSpeed's own cache, which :meth:`Dist.teardown` clears."""
+    # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
+    import deepspeed.utils.groups as ds_groups
+
+    if ds_groups._WORLD_GROUP is None and torch.distributed.get_world_size() > 1:
+        ds_groups._WORLD_GROUP = torch.distributed.new_group(ranks=list(range(torch.distributed.get_world_size())),
+                                                             timeout=timeout)
+
+
+def collective_timeout() -> float:
+    """Seconds a rank waits in a collective for the others before it stops (DeepSpeed's ``DEEPSPEED_TIMEOUT``, in
+    minutes, default 10), for every group of the job (:func:`_world_clone`)."""
+    # lazy: importing DeepSpeed takes seconds
+    from deepspeed.constants import default_pg_timeout
+
+    return default_pg_timeout.total_seconds()
+
+
 def init_distributed() -> Dist:
     """Initialise torch.distributed through DeepSpeed and pick this rank's device.
 
@@ -193,8 +217,9 @@ def init_distributed() -> Dist:
             torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
                                                  timeout=default_pg_timeout)  # DeepSpeed's (DEEPSPEED_TIMEOUT)
         try:
-            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+            deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=default_pg_timeout)
         except (torch.distributed.DistNetworkError, torch.distributed.DistStoreError) as err:
             raise RendezvousFailed(err) from None
+        _world_clone(default_pg_timeout)
     return Dist(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
                 local_rank=local_rank, device=device)

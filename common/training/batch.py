@@ -96,15 +96,41 @@ def _remedy(global_batch: int, grad_accum: int, key: str) -> str:
             else f"state another global batch (--set {key}=N) or accumulation (optim.grad_accum)")
 
 
-def phase_splits(phases: Sequence, data, optim, world_size: int) -> list[BatchSplit]:
+def phase_splits(phases: Sequence, data, optim, world_size: int, resumes=None) -> list[BatchSplit]:
     """The split of every phase (a phase's ``batch_size``, else ``data.batch_size``, is its global batch).
+    ``resumes``: the run directory of the run this launch resumes (None: a new run, or ``--restart``): a split that
+    fails then says that the run cannot go on with these ranks (a resume keeps its global batch) and with which it
+    can, instead of offering another global batch that the resume would refuse.
 
     Raises:
         RecipeError: naming ``phases.N.batch_size`` or ``data.batch_size`` of the first phase that does not split.
     """
-    return [split_batch(phase.batch_size or data.batch_size, world_size, optim.grad_accum, data.max_batch_per_rank,
-                        f"phases.{i}.batch_size" if phase.batch_size else "data.batch_size")
-            for i, phase in enumerate(phases)]
+    splits = []
+    for i, phase in enumerate(phases):
+        key = f"phases.{i}.batch_size" if phase.batch_size else "data.batch_size"
+        batch = phase.batch_size or data.batch_size
+        try:
+            splits.append(split_batch(batch, world_size, optim.grad_accum, data.max_batch_per_rank, key))
+        except RecipeError:
+            if resumes is None:
+                raise
+            ranks = [n for n in range(1, batch + 1) if _splits(batch, n, optim.grad_accum, data.max_batch_per_rank)]
+            listed = ", ".join(map(str, ranks[:8])) + (", ..." if len(ranks) > 8 else "")
+            raise RecipeError(
+                f"{resumes} holds a run whose global batch of {batch} clips ({key}) does not split over {world_size} "
+                f"rank(s): the run cannot go on with {world_size} rank(s) (a resumed run keeps its global batch); "
+                f"resume it on {listed} rank(s), or start another run with another global batch (a new --run-dir, "
+                f"or --restart)") from None
+    return splits
+
+
+def _splits(global_batch: int, world_size: int, grad_accum: int, max_per_rank: int | None) -> bool:
+    """Whether :func:`split_batch` splits ``global_batch`` over ``world_size`` ranks."""
+    try:
+        split_batch(global_batch, world_size, grad_accum, max_per_rank)
+    except RecipeError:
+        return False
+    return True
 
 
 def launch_world_size(planned: int | None = None) -> int:

@@ -43,8 +43,10 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
 import shutil
+import tempfile
 from argparse import Namespace
 from pathlib import Path
 
@@ -63,7 +65,8 @@ from common.training.checkpoint_files import (
     weights_only_loads,
 )
 
-__all__ = ["RunCheckpoints", "expected_size", "make_tag", "tag_order", "tag_place", "capture_rng", "restore_rng"]
+__all__ = ["RunCheckpoints", "CheckpointNotWritten", "expected_size",
+           "make_tag", "tag_order", "tag_place", "capture_rng", "restore_rng"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,27 @@ UNIVERSAL_LATEST = "latest_universal"  # DeepSpeed's conversion names its output
 
 
 _TAG = re.compile(r"phase(\d+)-(step|epoch)(\d+)")
+
+
+class CheckpointNotWritten(OSError):
+    """A rank could not write its share of a checkpoint into a folder it cannot write (a read-only mount, lost
+    permissions); the message names the folder and the cause (``common.cli.run_main`` prints it as it is)."""
+
+
+def _unwritable(tmp: Path) -> str | None:
+    """Why checkpoint folder ``tmp`` (made on the way if missing) cannot be written, as ``FOLDER: cause`` (``RUN/
+    checkpoints: read-only file system``); None where it can (the failure was something else). DeepSpeed logs and
+    swallows the failure to make the folder, and its writes then fail with "Parent directory ... does not exist":
+    the folder is tried here."""
+    try:
+        tmp.mkdir(exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=tmp, prefix=".write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        folder = tmp if tmp.is_dir() else tmp.parent
+        return f"{folder}: {(err.strerror or type(err).__name__).lower()}"
+    return None
 
 
 def make_tag(phase: int, progress: int, epochs: bool = False) -> str:
@@ -187,7 +211,10 @@ class RunCheckpoints:
 
         Raises:
             NoSpace: the checkpoint does not fit (refused before writing when the newest checkpoint is larger
-                than the free space); the checkpoints published before are intact.
+                than the free space); the checkpoints published before are intact. A rank whose share did not fit
+                removes only its own files: the other ranks may still be writing theirs into the folder, which the
+                next start removes.
+            CheckpointNotWritten: the checkpoint folder cannot be written (read-only, no permission); named.
         """
         tmp = self.ckdir / f"{TMP_PREFIX}{tag}"
         free = self._ensure_space(tag, engine)
@@ -195,13 +222,18 @@ class RunCheckpoints:
             engine.save_checkpoint(str(self.ckdir), tag=tmp.name, client_state={}, save_latest=False)
             torch.save(rng_state, tmp / f"rng_rank{self.dist.rank}.pt")
         except (OSError, RuntimeError) as err:
-            if isinstance(err, NoSpace) or not out_of_space(err, self.ckdir):
+            if isinstance(err, NoSpace):
                 raise
-            latest, written = self.latest_tag(), tree_size(tmp)
-            shutil.rmtree(tmp, ignore_errors=True)  # the disk not left full (another rank's share: at the next start)
-            raise NoSpace(tmp, written, free, (f"the last checkpoint {latest} is intact" if latest else
-                                               "no checkpoint was published yet")
-                          + "; the partial checkpoint was removed", at_least=True) from err
+            latest = self.latest_tag()
+            intact = f"the last checkpoint {latest} is intact" if latest else "no checkpoint was published yet"
+            if out_of_space(err, self.ckdir):
+                written = tree_size(tmp)
+                raise NoSpace(tmp, written, free, f"{intact}; {self._drop_share(tmp)}", at_least=True) from err
+            unwritable = _unwritable(tmp)
+            if unwritable is None:
+                raise
+            raise CheckpointNotWritten(f"{unwritable}: checkpoint {tag} could not be written there; {intact} (make "
+                                       f"the folder writable and run the same command to resume)") from err
         self.dist.barrier()
         # The files are the union of what every rank sees (on a shared file system one host's listing of another's
         # new files may lag; each rank sees its own), and every rank measures and hashes its share of them from the
@@ -235,6 +267,21 @@ class RunCheckpoints:
             self._drop_passed_asides()
             log.info("saved checkpoint %s", final)
         self.dist.barrier()
+
+    def _drop_share(self, tmp: Path) -> str:
+        """After this rank's share of a checkpoint failed: remove the files this rank wrote into ``tmp`` (the other
+        ranks may still be writing theirs there: the folder is not removed under them) and say what is left."""
+        if self.dist.world_size == 1:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return "the partial checkpoint was removed"
+        rank = self.dist.rank
+        own = [f"rng_rank{rank}.pt", f"*zero_pp_rank_{rank}_mp_rank_*"] + (["mp_rank_*_model_states.pt"]
+                                                                             if rank == 0 else [])
+        for pattern in own:
+            for path in tmp.glob(pattern):
+                path.unlink(missing_ok=True)
+        return (f"this rank's part of {tmp.name} was removed; what the other ranks wrote there stays until the next "
+                f"start of the run removes it")
 
     def _drop_passed_asides(self) -> None:
         """Rank 0, after pruning: remove the set-aside checkpoints (:meth:`_set_aside_after`) that come before every

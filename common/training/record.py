@@ -202,8 +202,9 @@ class RunRecord:
         the manifests' fingerprints, the validation settings and the stop target."""
         self.tracker.recheck_listed()  # bad_audio.tsv lists what is bad now (files may have come back)
         if resumed and self.spec.run_recipe is not None and self.spec.run_recipe.changes:
-            log.warning("resuming %s with changed %s; recorded in ledger.json as an intervention", self.run_dir,
-                        _changes(self.spec.run_recipe.changes))
+            if self.dist.is_main:  # rank 0 writes the ledger; every rank has the same changes (same_inputs)
+                log.warning("resuming %s with changed %s; recorded in ledger.json as an intervention",
+                            self.run_dir, _changes(self.spec.run_recipe.changes))
             self.ledger.add_intervention(step=self.state.total_steps, phase=self.state.phase,
                                          changes=self.spec.run_recipe.changes)
         check_code(self.ledger, self.state, resumed, say=self.dist.is_main)
