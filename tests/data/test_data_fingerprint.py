@@ -105,3 +105,19 @@ def test_a_resume_on_changed_manifests_is_refused_unless_accepted(tmp_path, synt
     assert list(intervention["changes"]) == [f"manifest train: {pool}"] and intervention["step"] == 2
     assert ledger["data"]["train"][pool] == fingerprint(pool)  # the manifests the run went on with
     assert (run_dir / "model.safetensors").is_file()
+
+
+def test_a_manifest_is_read_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    """A start fingerprints its manifests twice (the ranks' check against rank 0's, then the ledger's record): the
+    second is the first's result while the file is as it was, and a changed file is read again."""
+    import common.data.fingerprint as fp
+
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"id": "a"}\n')
+    reads = []
+    real = fp._file_sha256
+    monkeypatch.setattr(fp, "_file_sha256", lambda p, into=None: reads.append(p) or real(p, into))
+    first = fp.fingerprint(path)
+    assert fp.fingerprint(path) == first and len(reads) == 2  # content and bytes, once
+    path.write_text('{"id": "b"}\n{"id": "c"}\n')
+    assert fp.fingerprint(path) != first and len(reads) == 4
