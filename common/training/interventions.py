@@ -101,23 +101,25 @@ def check_sampler(ledger: Ledger, spec: RunSpec, state: TrainState, saved: dict,
 
 
 def reshard_position(ledger: Ledger, spec: RunSpec, state: TrainState, saved_ranks: int, saved_batch: int,
-                     ranks: int, batch: int) -> None:
+                     ranks: int, batch: int, say: bool = True) -> None:
     """Resuming on ``ranks`` x ``batch`` clips a run checkpointed on ``saved_ranks`` x ``saved_batch``: each rank's
     shard of an epoch changes, so the data position keeps the clips of the epoch already seen (batches consumed x
     per-rank batch x ranks, in the new global batches), and the run continues close to, not exactly as, an
     uninterrupted one; the ledger records it (the per-rank batch only where it changed otherwise than the global
-    batch's split over the new ranks, ``common.training.batch``)."""
+    batch's split over the new ranks, ``common.training.batch``). ``say``: log the warning (rank 0: every rank
+    reshards alike, and the console showed the paragraph once per rank)."""
     index = reshard_index(state.data_index, saved_batch, saved_ranks, batch, ranks)
     shar = saved_ranks != ranks and reads_per_rank(spec.data)  # each rank reads its own part of the epoch
     where = ("at the start of a pass over the training set" if index == 0 else
              f"after the same share of this pass over the training set ({index} batches of {batch} clips per rank"
              + (f"; {state.data_index} of {saved_batch} before)" if index != state.data_index else ")"))
-    log.warning("resuming on %d rank(s) x %d clips a run checkpointed on %d x %d: the micro-batches change (and "
-                "each rank's share of the data with the ranks), so the clips a micro-batch mixes and its random "
-                "augmentation draws are others; the resumed run goes on %s and is close to, not bitwise equal to, an "
-                "uninterrupted run%s; recorded in ledger.json", ranks, batch, saved_ranks, saved_batch, where,
-                " (its Shar folders are read in one part per rank: the rest of the epoch is the rest of the new "
-                "ranks' parts, some of its clips seen again, some left for the next epoch)" if shar else "")
+    (log.warning if say else log.debug)(
+        "resuming on %d rank(s) x %d clips a run checkpointed on %d x %d: the micro-batches change (and "
+        "each rank's share of the data with the ranks), so the clips a micro-batch mixes and its random "
+        "augmentation draws are others; the resumed run goes on %s and is close to, not bitwise equal to, an "
+        "uninterrupted run%s; recorded in ledger.json", ranks, batch, saved_ranks, saved_batch, where,
+        " (its Shar folders are read in one part per rank: the rest of the epoch is the rest of the new "
+        "ranks' parts, some of its clips seen again, some left for the next epoch)" if shar else "")
     state.data_index = index
     changed = {"world_size": {"from": saved_ranks, "to": ranks}} if saved_ranks != ranks else {}
     if saved_batch != batch and saved_batch * saved_ranks != batch * ranks:

@@ -172,7 +172,7 @@ class RunRecord:
         saved_batch = saved.get("batch_per_rank", self._batch_size(self.state.phase))  # absent before it was recorded
         if (saved_ranks, saved_batch) != (self.dist.world_size, self._batch_size(self.state.phase)):
             reshard_position(self.ledger, self.spec, self.state, saved_ranks, saved_batch, self.dist.world_size,
-                             self._batch_size(self.state.phase))
+                             self._batch_size(self.state.phase), say=self.dist.is_main)
         if self.state.phase_done:
             model = self.objective.build_model(self.plan.configs[self.state.phase])
             model.load_state_dict(self.checkpoints.module_state(tag))

@@ -599,3 +599,25 @@ def test_training_on_2_and_3_ranks_every_loader_path_resumed_and_resharded(odd, 
         assert [i["changes"] for i in ledger["interventions"]] == [{"world_size": {"from": 2, "to": 3}}]
         log = (runs / f"{kind}-{path}-resharded" / "train.log").read_text()
         assert ("(its Shar folders are read in one part per rank" in log) == (path == "shar"), (kind, path)
+
+
+@pytest.mark.parametrize("say", [True, False])
+def test_a_reshard_is_said_by_the_rank_asked_to_and_recorded_alike(say, caplog):
+    """Every rank reshards its data position alike on a resume on other ranks; only rank 0 says so (the paragraph
+    came once per rank on the console), and each rank's ledger copy gets the same intervention."""
+    import logging
+    from types import SimpleNamespace
+
+    from common.data.config import DataConfig
+    from common.training.interventions import reshard_position
+    from common.training.ledger import Ledger
+    from common.training.train_state import TrainState
+
+    ledger, state = Ledger(), TrainState()
+    state.data_index = 6
+    with caplog.at_level(logging.DEBUG, logger="common.training.interventions"):
+        reshard_position(ledger, SimpleNamespace(data=DataConfig()), state, 2, 4, 3, 4, say=say)
+    said = [r for r in caplog.records if r.levelno == logging.WARNING and "resuming on 3 rank(s)" in r.getMessage()]
+    assert len(said) == int(say)
+    assert state.data_index == 4  # 6 batches of 4 on 2 ranks: 48 clips, 4 batches of 4 on 3 ranks
+    assert [i["changes"] for i in ledger.interventions] == [{"world_size": {"from": 2, "to": 3}}]
