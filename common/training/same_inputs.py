@@ -31,14 +31,16 @@ class RanksDisagree(ValueError):
     """The ranks of one job resolved different recipes or read different manifests."""
 
 
-def _manifests(recipe: dict) -> list[str]:
-    """The manifest paths a recipe (as a mapping) names: ``data.train`` / ``data.valid``, and a fine-tuning
-    task's ``train`` / ``valid`` / ``test`` / ``folds``."""
-    data, task = recipe.get("data") or {}, recipe.get("task") or {}
-    paths = [m.get("path") if isinstance(m, dict) else m for m in data.get("train") or []]
-    paths += list(data.get("valid") or [])
-    for key in ("train", "valid", "test", "folds"):
-        paths += list(task.get(key) or []) if isinstance(task, dict) else []
+def _manifests(recipe) -> list[str]:
+    """The manifest paths a recipe names, as its loaders open them: ``data.train`` / ``data.valid`` (relative to
+    the working folder), and a fine-tuning task's ``train`` / ``valid`` / ``test`` / ``folds`` (under its
+    ``data_root``, :meth:`finetune.tasks.TaskSpec.path`), with its class list."""
+    data, task = recipe.data, getattr(recipe, "task", None)
+    paths = [m.path if hasattr(m, "path") else m for m in data.train or []] + list(data.valid or [])
+    if task is not None:
+        paths += [task.path(str(p)) for key in ("train", "valid", "test", "folds")
+                  for p in getattr(task, key, None) or []]
+        paths += [task.path(task.classes)] if getattr(task, "classes", "") else []  # the class list, as a manifest
     return list(dict.fromkeys(str(p) for p in paths if p))
 
 
@@ -56,7 +58,7 @@ def resolved_inputs(recipe) -> dict:
     manifests' fingerprints."""
     data = parse_yaml(yaml.safe_dump(to_dict(recipe), sort_keys=False))
     return {"host": socket.gethostname(), "recipe": flat_keys(data),
-            "manifests": {path: _fingerprint(path) for path in _manifests(data)}}
+            "manifests": {path: _fingerprint(path) for path in _manifests(recipe)}}
 
 
 def _short(value) -> str:

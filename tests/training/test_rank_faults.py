@@ -189,3 +189,23 @@ def test_a_resume_on_ranks_that_cannot_split_the_runs_batch_says_on_which_it_can
         assert (f"{run_dir} holds a run whose global batch of 8 clips (data.batch_size) does not split over 3 "
                 f"rank(s): the run cannot go on with 3 rank(s)") in r["errors"][0], r["errors"]
         assert "resume it on 1, 2, 4, 8 rank(s)" in r["errors"][0] and "--set data.batch_size" not in r["errors"][0]
+
+
+def test_the_ranks_compare_a_tasks_manifests_where_its_loaders_open_them(tmp_path):
+    """A fine-tuning task's manifests and class list sit under its ``data_root``: the ranks' check fingerprints those
+    files (it looked them up under the working folder, found nothing on any rank and compared nothing), and a rank
+    whose copy differs is named."""
+    from common.data.corpora import get_corpus
+    from common.training.same_inputs import _differences, resolved_inputs
+    from finetune.recipe import load_recipe
+    from tests.layouts import esc50 as layout
+
+    src = tmp_path / "src"
+    layout.build(src, clips_per_fold=1)
+    get_corpus("esc50").prepare(src, tmp_path / "data" / "esc50", num_jobs=1)
+    recipe = load_recipe("esc50", data_root=str(tmp_path / "data"))
+    mine = resolved_inputs(recipe)
+    assert len(mine["manifests"]) == 6 and all(mine["manifests"].values())  # 5 folds and the class list
+    fold = next(p for p in mine["manifests"] if p.endswith("esc50_fold2.jsonl.gz"))
+    stale = {**mine, "manifests": {**mine["manifests"], fold: {**mine["manifests"][fold], "content_sha256": "x"}}}
+    assert any("esc50_fold2.jsonl.gz" in line for line in _differences(stale, mine))
