@@ -215,9 +215,9 @@ class Session:
 @contextmanager
 def training_session(run_dir: Path, recipe, restart: bool = False,
                      accept_changed_data: bool = False) -> Iterator[Session]:
-    """Join the process group, check that every rank resolved the same recipe and manifests
-    (``common.training.same_inputs``), lock ``run_dir`` (``common.system.lock``: a second run on it stops at once),
-    log into it, check its recipe (``common.training.run_dir``); tear down.
+    """Join the process group, lock ``run_dir`` (``common.system.lock``: a second run on it stops at once), check
+    that every rank resolved the same recipe and manifests (``common.training.same_inputs``), log into it, check its
+    recipe (``common.training.run_dir``); tear down.
 
     Args:
         run_dir: the run directory (resumed when it holds a run of the same recipe).
@@ -237,13 +237,14 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
     global _RUN_DIR
     detach_run_logs()  # an earlier run of this process (the demo, a notebook) keeps its train.log to itself
     check_run_dir(run_dir)
-    _RUN_DIR = Path(run_dir)  # a failure from here on is kept in RUN/logs/rankR.err on a rank of several
     dist = init_distributed()
     threads = torch.get_num_threads()  # given back at the end (a notebook, the demo, the tests run on)
     finished = False
     try:
-        check_same_inputs(dist, recipe)  # before any data is read or a model built: one rank's stale copy stops all
         with job_lock(run_dir, dist), stop_on_signals():  # SIGTERM / SIGUSR1: checkpoint, then stop
+            # this job's from here on (a second launch on a busy directory writes nothing into the running one's):
+            _RUN_DIR = Path(run_dir)  # a failure is kept in RUN/logs/rankR.err on a rank of several
+            check_same_inputs(dist, recipe)  # before data is read or a model built: one rank's stale copy stops all
             setup_logging(run_dir, dist.rank)
             set_cpu_threads(loader_workers(recipe.data.num_workers), recipe.train.cpu_threads)
             if dist.device.type == "cpu":

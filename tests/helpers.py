@@ -450,3 +450,11 @@ def _segments(text: str) -> list[str]:
 
 def _bars(text: str, desc: str) -> list[str]:
     return [s for s in _segments(text) if s.startswith(desc)]
+
+
+def rank_error(rank: int, line: str) -> str:
+    """An ``error:`` line as rank ``rank`` of a job of several prints it: after ``error:``, its rank and host
+    (``common.cli``), so that the interleaved lines of a job say where each comes from."""
+    import socket
+
+    return line.replace("error: ", f"error: rank {rank} (host {socket.gethostname()}): ", 1)

@@ -17,7 +17,7 @@ from pretrain.init import load_start
 from pretrain.recipe import load_recipe
 from pretrain.run import main
 from pretrain.ssast import SSASTObjective
-from tests.helpers import RECIPE, ssast_pretrained_state, tiny
+from tests.helpers import RECIPE, rank_error, ssast_pretrained_state, tiny
 
 pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or exports
 
@@ -304,7 +304,7 @@ def test_on_several_ranks_a_run_whose_checkpoints_were_deleted_is_complete_or_re
     lost = (f"error: {unfinished} holds a run that trained (ledger.json) and is unfinished, but no checkpoint to "
             f"resume it from ({unfinished / 'checkpoints'} is gone or empty); run with --restart to start from step 0 "
             f"(what the run left is moved aside), or use a new --run-dir")
-    assert [r["errors"] for r in result["unfinished-again"]] == [[lost]] * ranks
+    assert [r["errors"] for r in result["unfinished-again"]] == [[rank_error(i, lost)] for i in range(ranks)]
     assert not (unfinished / "checkpoints").exists() and ledger(unfinished)["total"]["steps"] == 1
     logs = [(tmp_path / "job" / f"rank{r}.log").read_text() for r in range(ranks)]
     said = [[text.count("steps end inside the learning-rate warm-up"), text.count("holds no checkpoint (deleted?)")]
