@@ -273,7 +273,8 @@ def _repeat_short(waveforms: torch.Tensor, lengths: torch.Tensor | None,
     and lengths of ``clip``."""
     waves = waveforms if waveforms.dim() == 2 else waveforms[None]
     valid = [waves.shape[-1]] * len(waves) if lengths is None else lengths.reshape(-1).tolist()
-    out = torch.stack([waves[i, :n].repeat(-(-clip // n))[:clip] for i, n in enumerate(valid)])
+    out = torch.stack([waves[i, :n].repeat(-(-clip // n))[:clip] if n > 0 else waves.new_zeros(clip)
+                       for i, n in enumerate(valid)])  # an empty clip stays silence, as zero padding makes it
     return out, torch.full((len(waves),), clip, dtype=torch.long, device=waves.device)
 
 

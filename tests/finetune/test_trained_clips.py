@@ -106,3 +106,11 @@ def test_an_official_esc50_checkpoint_hears_a_short_clip_repeated_as_its_trainin
         five_scores, twice_scores = (np.array(list(r["scores"].values()))
                                      for r in json.loads(capsys.readouterr().out))
         assert np.allclose(five_scores, twice_scores, atol=1e-5)
+
+
+def test_an_empty_waveform_for_a_model_trained_with_pad_repeat_embeds_as_silence(tmp_path):
+    """Nothing to repeat: an empty waveform given to a model that repeats short clips is silence, as zero padding
+    makes it (it divided by its length: ZeroDivisionError)."""
+    embedder = load_embedder(_export(tmp_path / "repeat.safetensors", {"pad": "repeat", "crop": "start"}))
+    empty, silence = embedder.embed(torch.zeros(1, 0)), embedder.embed(torch.zeros(1, CLIP))
+    assert torch.allclose(torch.as_tensor(empty.clip), torch.as_tensor(silence.clip), atol=1e-5)
