@@ -92,7 +92,10 @@ def _fingerprint(path: Path) -> dict:
             if shard.name.startswith("cuts."):
                 _file_sha256(shard, digest)
                 content.update(f"{rel}\0".encode())
-                _content_sha256(shard, content)
+                try:
+                    _content_sha256(shard, content)
+                except CUT_SHORT as err:  # a shard cut short: named as a cut manifest is (it was an EOFError)
+                    raise ValueError(truncated_manifest(shard, err)) from None
             else:  # audio shards: their names and sizes, as in the byte digest
                 content.update(f"{rel}\0{nbytes}\0".encode())
             size += nbytes

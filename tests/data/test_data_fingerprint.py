@@ -121,3 +121,13 @@ def test_a_manifest_is_read_once_per_process_until_it_changes(tmp_path, monkeypa
     assert fp.fingerprint(path) == first and len(reads) == 2  # content and bytes, once
     path.write_text('{"id": "b"}\n{"id": "c"}\n')
     assert fp.fingerprint(path) != first and len(reads) == 4
+
+
+def test_a_shar_folder_with_a_cuts_shard_cut_short_is_named(tmp_path):
+    """A Shar folder whose cuts shard was cut short (a copy that stopped) is a ValueError naming the shard, as a cut
+    manifest file is (it was an EOFError out of the fingerprint, a traceback at the ranks' check)."""
+    shar = tmp_path / "shar"
+    shar.mkdir()
+    (shar / "cuts.000000.jsonl.gz").write_bytes(gzip.compress(b'{"id": "x"}\n' * 200)[:40])
+    with pytest.raises(ValueError, match="cuts.000000.jsonl.gz"):
+        fingerprint(shar)
