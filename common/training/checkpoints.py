@@ -247,7 +247,16 @@ class RunCheckpoints:
         if self.dist.is_main:
             files = {name: measured[name][0] for name in names}
             digests = {name: measured[name][1] for name in names}
-            atomic_write_text(tmp / STATE_FILE, json.dumps({**trainer_state, "files": files, DIGESTS: digests}))
+            try:
+                atomic_write_text(tmp / STATE_FILE, json.dumps({**trainer_state, "files": files, DIGESTS: digests}))
+            except OSError as err:  # every rank has written its share: nothing writes into tmp any more
+                if not out_of_space(err, self.ckdir):
+                    raise
+                latest = self.latest_tag()
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise NoSpace(tmp / STATE_FILE, None, free_bytes(self.ckdir),
+                              (f"the last checkpoint {latest} is intact" if latest else "no checkpoint was published "
+                               "yet") + "; the partial checkpoint was removed") from err
             final, previous = self.ckdir / tag, self.ckdir / f"{OLD_PREFIX}{tag}"
             if final.exists():  # the same tag again: the old one stays whole until the new one is in place
                 shutil.rmtree(previous, ignore_errors=True)

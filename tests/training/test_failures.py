@@ -143,6 +143,32 @@ def test_a_full_disk_at_a_checkpoint_is_named_and_the_last_checkpoint_stays(tmp_
     assert not (other / "ledger.json").exists() and not list(other.glob("checkpoints/*"))
 
 
+@pytest.mark.slow
+def test_a_full_disk_at_the_checkpoints_record_says_the_last_checkpoint_is_intact(tmp_path, synth_corpus,
+                                                                                 monkeypatch, capsys):
+    """The disk fills as rank 0 writes the checkpoint's trainer_state.json, the last file before it is published:
+    the line says that the last checkpoint is intact and that the partial one was removed (every rank had written
+    its share), as for a full disk in DeepSpeed's files (it said only "no space left on device")."""
+    import common.training.checkpoints as checkpoints
+
+    run_dir, ckdir = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    assert pretrain(run_dir, synth_corpus, stop=2) == 0
+    real = checkpoints.atomic_write_text
+
+    def write(path, text, *args, **kwargs):
+        if Path(path).name == "trainer_state.json" and Path(path).parent.name.startswith(".tmp-"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "atomic_write_text", write)
+    capsys.readouterr()
+    assert pretrain(run_dir, synth_corpus) == 1
+    line = one_error(capsys.readouterr().err)
+    assert line.startswith(f"error: {ckdir / '.tmp-phase01-step000000003' / 'trainer_state.json'}: no space left")
+    assert "the last checkpoint phase01-step000000002 is intact; the partial checkpoint was removed" in line
+    assert not list(ckdir.glob(".tmp-*")) and (ckdir / "LATEST").read_text() == "phase01-step000000002"
+
+
 def test_a_full_disk_during_an_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
     from safetensors import SafetensorError
 
