@@ -224,8 +224,7 @@ class RunCheckpoints:
         except (OSError, RuntimeError) as err:
             if isinstance(err, NoSpace):
                 raise
-            latest = self.latest_tag()
-            intact = f"the last checkpoint {latest} is intact" if latest else "no checkpoint was published yet"
+            intact = self._what_stays()
             if out_of_space(err, self.ckdir):
                 written = tree_size(tmp)
                 raise NoSpace(tmp, written, free, f"{intact}; {self._drop_share(tmp)}", at_least=True) from err
@@ -252,11 +251,9 @@ class RunCheckpoints:
             except OSError as err:  # every rank has written its share: nothing writes into tmp any more
                 if not out_of_space(err, self.ckdir):
                     raise
-                latest = self.latest_tag()
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise NoSpace(tmp / STATE_FILE, None, free_bytes(self.ckdir),
-                              (f"the last checkpoint {latest} is intact" if latest else "no checkpoint was published "
-                               "yet") + "; the partial checkpoint was removed") from err
+                              f"{self._what_stays()}; the partial checkpoint was removed") from err
             final, previous = self.ckdir / tag, self.ckdir / f"{OLD_PREFIX}{tag}"
             if final.exists():  # the same tag again: the old one stays whole until the new one is in place
                 shutil.rmtree(previous, ignore_errors=True)
@@ -276,6 +273,11 @@ class RunCheckpoints:
             self._drop_passed_asides()
             log.info("saved checkpoint %s", final)
         self.dist.barrier()
+
+    def _what_stays(self) -> str:
+        """After a checkpoint failed to write: what a resume has, in words."""
+        latest = self.latest_tag()
+        return f"the last checkpoint {latest} is intact" if latest else "no checkpoint was published yet"
 
     def _drop_share(self, tmp: Path) -> str:
         """After this rank's share of a checkpoint failed: remove the files this rank wrote into ``tmp`` (the other
