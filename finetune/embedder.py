@@ -41,6 +41,7 @@ from common.audio.augment import SpecAugmentConfig
 from common.audio.compression import Compression
 from common.audio.fbank import NORM_STATS, NormStats, check_lengths, check_waveforms, resolve_norm_stats
 from common.audio.pipeline import AudioConfig, FeaturePipeline
+from common.data.audio_file import repeat_to
 from common.models.arch import Architecture, architecture_for, architecture_from_meta
 from common.models.exports import resolve_model_file
 from common.models.hf import is_hf_directory
@@ -273,7 +274,7 @@ def _repeat_short(waveforms: torch.Tensor, lengths: torch.Tensor | None,
     and lengths of ``clip``."""
     waves = waveforms if waveforms.dim() == 2 else waveforms[None]
     valid = [waves.shape[-1]] * len(waves) if lengths is None else lengths.reshape(-1).tolist()
-    out = torch.stack([waves[i, :n].repeat(-(-clip // n))[:clip] if n > 0 else waves.new_zeros(clip)
+    out = torch.stack([repeat_to(waves[i, :n], clip) if n > 0 else waves.new_zeros(clip)
                        for i, n in enumerate(valid)])  # an empty clip stays silence, as zero padding makes it
     return out, torch.full((len(waves),), clip, dtype=torch.long, device=waves.device)
 

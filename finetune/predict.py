@@ -48,6 +48,7 @@ from common.data.audio_file import (
     hop_samples,
     hop_seconds,
     pad_windows,
+    repeat_to,
     window_weights,
     windows,
 )
@@ -135,9 +136,7 @@ def predict_file(model: torch.nn.Module, meta: dict, path: str | Path, hop_secon
                 pieces = []
                 for start in starts[i : i + batch_size]:
                     piece = audio.read(start, clip)
-                    if repeat and 0 < piece.size < clip:
-                        piece = np.tile(piece, -(-clip // piece.size))[:clip]
-                    pieces.append(piece)
+                    pieces.append(repeat_to(piece, clip) if repeat else piece)
                 batch, lengths = pad_windows(pieces, clip)
                 scores.append(predict_scores(model, meta, batch.to(device), lengths.to(device)).cpu())
     except AudioReadError as err:  # the reader's message is the reason alone (the commands print the path)

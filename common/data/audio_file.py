@@ -37,7 +37,8 @@ from common.data.integrity import decoder_reason, truncation
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["AudioReadError", "AudioFile", "Samples", "load_audio", "folder_audio", "pad_windows", "hop_seconds",
+__all__ = ["AudioReadError", "AudioFile", "Samples", "load_audio", "folder_audio", "repeat_to", "pad_windows",
+           "hop_seconds",
            "hop_samples", "windows", "window_weights", "BLOCK_SECONDS", "STREAMED_FORMATS", "AUDIO_SUFFIXES",
            "audio_suffixes"]
 
@@ -241,6 +242,14 @@ def folder_audio(folder: str | os.PathLike) -> list[Path]:
     """What a folder given to ``predict.py`` or ``embed.py`` stands for: its audio files (:data:`AUDIO_SUFFIXES`)
     at any depth, sorted."""
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+
+
+def repeat_to(wave, clip: int):
+    """A clip shorter than ``clip`` samples repeated and cut to ``clip`` (``data.pad: repeat``: in training, in
+    ``predict`` and in embeddings alike): ``wave`` a 1-D numpy array or tensor, returned as the same kind (a tensor
+    on its device); an empty or long enough one is returned as it is."""
+    size = wave.shape[-1]
+    return wave[np.arange(clip) % size] if 0 < size < clip else wave
 
 
 def pad_windows(pieces: Sequence[np.ndarray], clip: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from common.data.audio_file import repeat_to
 from common.data.cache import ClipCache
 from common.data.decode import CHANNELS, BadClip, load_clip, source_path
 from common.data.shared_memory import share
@@ -125,7 +126,7 @@ class ClipDataset(torch.utils.data.Dataset):
     def _crop(self, wave: np.ndarray, cut_id: str, epoch: int) -> np.ndarray:
         extra = wave.size - self.clip_samples
         if extra < 0 and self.pad == "repeat":
-            return np.tile(wave, -(-self.clip_samples // wave.size))[: self.clip_samples]
+            return repeat_to(wave, self.clip_samples)
         if extra <= 0:
             return wave
         if self.crop == "start":
