@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import os
 import sys
@@ -28,17 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-class _Tee(io.StringIO):
-    """Writes through to ``stream`` and keeps a copy."""
-
-    def __init__(self, stream) -> None:
-        super().__init__()
-        self.stream = stream
-
-    def write(self, text: str) -> int:
-        self.stream.write(text)
-        return super().write(text)
+from tests.shard_job import _Tee  # noqa: E402 - the job script's: stderr kept as it is printed
 
 
 def _fault(kind: str, seconds: float, where: str):
