@@ -274,9 +274,12 @@ def _repeat_short(waveforms: torch.Tensor, lengths: torch.Tensor | None,
     and lengths of ``clip``."""
     waves = waveforms if waveforms.dim() == 2 else waveforms[None]
     valid = [waves.shape[-1]] * len(waves) if lengths is None else lengths.reshape(-1).tolist()
+    full = torch.full((len(waves),), clip, dtype=torch.long, device=waves.device)
+    if waves.shape[-1] == clip and all(n == clip for n in valid):  # filled already (the probe's loader repeats)
+        return waves, full
     out = torch.stack([repeat_to(waves[i, :n], clip) if n > 0 else waves.new_zeros(clip)
                        for i, n in enumerate(valid)])  # an empty clip stays silence, as zero padding makes it
-    return out, torch.full((len(waves),), clip, dtype=torch.long, device=waves.device)
+    return out, full
 
 
 def model_digest(init: str | Path) -> str:
