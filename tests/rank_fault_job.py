@@ -5,7 +5,8 @@ may differ (its own ``--set`` values) or meet a fault of its own (a failing or s
 
 ``JOB.json``: ``{"out": folder, "corpus": the test corpus, "cases": [{"name", "port", "run_dir", "sets": [...],
 "argv": [...] (optional, more arguments), "rank_sets": {"R": [...]} (rank R's extra --set values), "rank_cwd":
-{"R": folder} (rank R's working folder: a relative manifest path names another file there), "fault": {"rank": R
+{"R": folder} (rank R's working folder: a relative manifest path names another file there), "delay": {"R": seconds}
+(rank R starts the command that much later), "fault": {"rank": R
 or "all", "kind": "enospc" | "readonly" | "hang" | "raise", "where": the checkpoint tag whose writes fail (part of it),
 "seconds": how long "hang" sleeps in the first micro-step},
 "timeout": seconds (optional: the process group's timeout, instead of DEEPSPEED_TIMEOUT's minutes)}]}``.
@@ -104,6 +105,7 @@ def main(job_file: str) -> int:
         sets = [*case.get("sets", []), *case.get("rank_sets", {}).get(str(rank), [])]
         argv = ["--recipe", str(RECIPE), "--run-dir", case["run_dir"], *tiny(Path(job["corpus"]), *sets),
                 *case.get("argv", [])]
+        time.sleep(case.get("delay", {}).get(str(rank), 0))
         start, cwd = time.perf_counter(), os.getcwd()
         os.chdir(case.get("rank_cwd", {}).get(str(rank), cwd))
         try:

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -168,6 +171,34 @@ def _world_clone(timeout) -> None:
                                                              timeout=timeout)
 
 
+@contextmanager
+def _waiting_notice(timeout_s: float):
+    """While the ranks meet: when they have not all come after a tenth of ``timeout_s`` (at most 30 s), the first
+    rank on each host (``LOCAL_RANK`` 0) says once on stderr that it waits, where, and how long it will (rank 0
+    waits for every other rank; the first rank of another host waits for rank 0). Without it a job with a rank
+    that never started sat silent up to ``DEEPSPEED_TIMEOUT``. One process says nothing."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world == "1" or os.environ.get("LOCAL_RANK", "0") != "0":
+        yield
+        return
+    rank, after = os.environ.get("RANK", "?"), min(30.0, timeout_s / 10)
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    whom = f"the other {int(world) - 1} rank(s)" if rank == "0" else "rank 0 and the job's other ranks"
+
+    def say() -> None:
+        print(f"rank {rank} (host {socket.gethostname()}): waiting for {whom} at {where} (MASTER_ADDR:MASTER_PORT) "
+              f"for {after:.0f} s now; every rank stops if they have not all come within {timeout_s:.0f} s "
+              f"(DEEPSPEED_TIMEOUT minutes, default 10)", file=sys.stderr, flush=True)
+
+    timer = threading.Timer(after, say)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def collective_timeout() -> float:
     """Seconds a rank waits in a collective for the others before it stops (DeepSpeed's ``DEEPSPEED_TIMEOUT``, in
     minutes, default 10), for every group of the job (:func:`_world_clone`)."""
@@ -217,7 +248,8 @@ def init_distributed() -> Dist:
             torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
                                                  timeout=default_pg_timeout)  # DeepSpeed's (DEEPSPEED_TIMEOUT)
         try:
-            deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=default_pg_timeout)
+            with _waiting_notice(default_pg_timeout.total_seconds()):
+                deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=default_pg_timeout)
         except (torch.distributed.DistNetworkError, torch.distributed.DistStoreError) as err:
             raise RendezvousFailed(err) from None
         _world_clone(default_pg_timeout)
