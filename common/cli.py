@@ -31,8 +31,8 @@ from common.training.batch import launch_world_size
 if TYPE_CHECKING:
     from common.training.run_recipe import RunRecipe
 
-__all__ = ["add_run_arguments", "world_size_of", "discard_previous", "check_run_dir", "resume_check", "UnusableRunDir",
-           "Session", "training_session", "describe_os_error", "run_main"]
+__all__ = ["add_run_arguments", "plan_status", "PLAN_NOT_READY", "world_size_of", "discard_previous", "check_run_dir",
+           "resume_check", "UnusableRunDir", "Session", "training_session", "describe_os_error", "run_main"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_run_dir: str, pha
                         help="resume although a training or validation manifest changed since the run started (the "
                              "saved data position then points at other clips; recorded in ledger.json)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="validate the recipe, print the phase plan with tokens and FLOPs, and exit")
+                        help="validate the recipe, print the phase plan with tokens and FLOPs, and exit: status 0 "
+                             f"when a run would start, {PLAN_NOT_READY} when it would stop before any compute (files "
+                             "it needs missing, a run directory it refuses; the plan lists them), 2 for bad input")
     parser.add_argument("--world-size", type=_ranks, default=None, metavar="N",
                         help="with --dry-run: plan the launch on N ranks (the per-rank batch and accumulation of the "
                              "recipe's global batch; default: the launcher's WORLD_SIZE, else 1)")
@@ -75,6 +77,15 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_run_dir: str, pha
                              "epoch-based ones); the recipe is recorded as the baseline (common/phases/coarse.py)")
     # the deepspeed launcher passes --local_rank=N before the script's own arguments
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+PLAN_NOT_READY = 3  # --dry-run's exit status when the plan is printed but a run would stop before any compute
+
+
+def plan_status(refused: list[str], missing: list[str]) -> int:
+    """``--dry-run``'s exit status: 0 when a run would start, :data:`PLAN_NOT_READY` when the plan lists what it
+    would refuse in its run directory or files it would not find (a script can wait for data, or stop, on it)."""
+    return PLAN_NOT_READY if refused or missing else 0
 
 
 def world_size_of(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from common.cli import add_run_arguments, run_dir_check, run_main, training_session
+from common.cli import add_run_arguments, plan_status, run_dir_check, run_main, training_session
 from common.system import jsonfile
 from common.system.atomic import atomic_write_text
 from common.system.prog import prog
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                               notes=[f"optimiser {o.optimizer}, lr {o.lr:g}, warm-up {o.warmup_steps} steps, "
                                      f"{o.schedule} schedule", *notes, *resumes], cautions=cautions,
                               missing=missing, refused=refused))
-            return 0
+            return plan_status(refused, missing)
         from common.data.config import ManifestSpec
         from common.training.loop import Trainer
         from common.training.spec import RunSpec

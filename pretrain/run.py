@@ -26,7 +26,7 @@ import logging
 import sys
 from pathlib import Path
 
-from common.cli import add_run_arguments, run_dir_check, run_main, training_session
+from common.cli import add_run_arguments, plan_status, run_dir_check, run_main, training_session
 from common.system.prog import prog
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
@@ -195,12 +195,12 @@ def main(argv: list[str] | None = None) -> int:
             from pretrain.clips import clip_lines
 
             refused, resumes = resume_check(run_dir, recipe, args.restart)
+            missing = [*missing_init, *problems(run.checks)]
             print(format_plan(run, stated_batch(load_yaml(args.recipe)), args.recipe.name,
                               notes=[*_baseline_notes(recipe, baseline, args.overrides), *clip_lines(recipe),
                                      *init_lines, *resumes],
-                              cautions=cautions,
-                              missing=[*missing_init, *problems(run.checks)], refused=refused))
-            return 0
+                              cautions=cautions, missing=missing, refused=refused))
+            return plan_status(refused, missing)
         from common.training.loop import Trainer
         from common.training.spec import RunSpec
         from pretrain.ssast import SSASTObjective

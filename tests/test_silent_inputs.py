@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from common.cli import PLAN_NOT_READY
 from common.data.corpora.__main__ import main as corpora
 from finetune.run import main as finetune
 from pretrain.run import main as pretrain
@@ -248,7 +249,7 @@ def test_pretraining_statistics_of_another_clip_length_are_warned_about(tmp_path
     stats.write_text(json.dumps({"mean": -4.2, "std": 4.5, "clips": 10, "target_frames": 1024, "num_mel_bins": 128,
                                  "manifest": "data/synth/synth_pool.jsonl.gz"}))
     assert pretrain(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--set", f"audio.norm={stats}",
-                     "--dry-run"]) == 0
+                     "--dry-run"]) == PLAN_NOT_READY
     out = capsys.readouterr().out
     assert (f"warning: audio.norm: {stats} was computed at 1024 frames per clip, this run cuts / pads clips to 128; "
             in out) and "`python -m common.data.corpora stats data/synth/synth_pool.jsonl.gz --target-frames 128`" in out
@@ -280,7 +281,7 @@ def test_a_gzip_of_lines_that_are_not_json_says_so(tmp_path, capsys):
     assert corpora(["stats", str(manifest)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {expected}")
     (tmp_path / "out" / "mine_classes.json").write_text('{"classes": ["dog", "cat"]}')
-    assert finetune(["--init", "none", "--task", _task_file(tmp_path), "--dry-run", *TINY]) == 0
+    assert finetune(["--init", "none", "--task", _task_file(tmp_path), "--dry-run", *TINY]) == PLAN_NOT_READY
     assert f"  task.train.0: {expected}" in capsys.readouterr().out
     (tmp_path / "plain.jsonl.gz").write_text("not gzip\n")
     assert corpora(["stats", str(tmp_path / "plain.jsonl.gz")]) == 2

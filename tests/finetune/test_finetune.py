@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.cli import PLAN_NOT_READY
 from common.data.corpora import get_corpus
 from common.metrics import accuracy, mean_average_precision
 from common.reports.folds import cross_validation_summary
@@ -583,7 +584,7 @@ def test_fine_tuning_recipes_in_the_repo_are_valid(capsys):
         assert recipe.description and len(recipe.phases) >= 2, path
     # no prepared data: the plan is printed (a registered task knows its class count) with the missing files
     assert finetune(["--init", "none", "--task", "vggsound", "--recipe", str(ROOT / "recipes" / "ft_fshift421.yaml"),
-                     "--dry-run", "--data-root", str(ROOT / "tests")]) == 0
+                     "--dry-run", "--data-root", str(ROOT / "tests")]) == PLAN_NOT_READY
     out = capsys.readouterr().out
     assert "fshift x4" in out and "files a run needs and does not find" in out and "vggsound_classes.json" in out
     # the header says the task (its own defaults described) and the recipe over them
@@ -608,10 +609,10 @@ def test_a_dry_run_lists_a_run_dir_the_run_would_refuse(tmp_path, capsys):
     for run_dir, what in ((afile, "is a file, not a directory"),
                           (afile / "run", f"is not a directory ({afile} on its way is a file)")):
         assert pretrain(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--run-dir", str(run_dir),
-                         "--dry-run"]) == 0
+                         "--dry-run"]) == PLAN_NOT_READY
         assert f"--run-dir {run_dir} {what}" in capsys.readouterr().out
         assert finetune(["--init", "none", "--task", "synth", "--run-dir", str(run_dir), "--dry-run",
-                         "--data-root", str(tmp_path)]) == 0
+                         "--data-root", str(tmp_path)]) == PLAN_NOT_READY
         assert f"--run-dir {run_dir} {what}" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
@@ -619,10 +620,10 @@ def test_a_dry_run_lists_a_run_dir_the_run_would_refuse(tmp_path, capsys):
 def test_fine_tuning_plans_name_a_schedule_that_gets_coarser_but_not_a_derived_one(tmp_path, capsys):
     reverse = "phases=[{compression: none, factor: 1, epochs: 1}, {compression: avgpool, factor: 2, epochs: 1}]"
     assert finetune(["--init", "none", "--task", "synth", "--dry-run", "--data-root", str(tmp_path),
-                     "--set", reverse]) == 0
+                     "--set", reverse]) == PLAN_NOT_READY
     assert "warning: phases.1 (phase2 (avgpool x2)) is coarser than phases.0" in capsys.readouterr().out
     assert finetune(["--init", "none", "--task", "synth", "--dry-run", "--data-root", str(tmp_path),
-                     "--coarse", "patch:4", "--set", "coarse.patch_transfer=bilinear"]) == 0
+                     "--coarse", "patch:4", "--set", "coarse.patch_transfer=bilinear"]) == PLAN_NOT_READY
     out = capsys.readouterr().out
     assert "patch x4" in out and "coarser than" not in out and "changes nothing" not in out
 
@@ -633,7 +634,8 @@ def test_every_registered_task_plans_before_its_data_exist(tmp_path, capsys):
     for name in TASKS:
         if name == "synth":
             continue
-        assert finetune(["--init", "none", "--task", name, "--dry-run", "--data-root", str(tmp_path)]) == 0, name
+        code = finetune(["--init", "none", "--task", name, "--dry-run", "--data-root", str(tmp_path)])
+        assert code == PLAN_NOT_READY, name
         out = capsys.readouterr().out
         assert "files a run needs and does not find" in out and "task.classes: class list" in out, name
         assert ("planned with a head of 32" in out) is (name == "kinetics_sounds"), name
@@ -644,7 +646,7 @@ def test_a_plan_says_when_mixup_cannot_mix(tmp_path, capsys):
     mixes nothing, and the plan says so; on 6 ranks (two clips each) it mixes, and the plan is quiet."""
     for ranks, said in ((12, True), (6, False)):
         assert finetune(["--init", "none", "--task", "audioset", "--dry-run", "--world-size", str(ranks),
-                         "--data-root", str(tmp_path)]) == 0
+                         "--data-root", str(tmp_path)]) == PLAN_NOT_READY
         out = capsys.readouterr().out
         assert ("warning: augment.mixup: phase1 (full resolution) has one clip per micro-batch on 12 rank(s)" in out) \
             is said, out
@@ -798,11 +800,11 @@ def test_model_settings_an_init_replaces_are_said_and_heads_a_file_does_not_stor
     init = tmp_path / "SSAST-Tiny-Patch-400.pth"
     torch.save(ssast_pretrained_state(dim=32, depth=2), init)
     base = ["--init", str(init), "--task", "esc50", "--dry-run", "--data-root", str(tmp_path)]
-    assert finetune([*base, "--set", "model.embed_dim=64", "--set", "model.patch=[16,8]"]) == 0
+    assert finetune([*base, "--set", "model.embed_dim=64", "--set", "model.patch=[16,8]"]) == PLAN_NOT_READY
     out = capsys.readouterr().out
     assert "warning: model.embed_dim: 64 (--set model.embed_dim=64); model.patch: [16, 8] (--set model.patch=[16,8]): " \
            "not used, the encoder is --init's (32 wide, 2 blocks, " in out
-    assert finetune(base) == 0 and "not used, the encoder is --init's" not in capsys.readouterr().out
+    assert finetune(base) == PLAN_NOT_READY and "not used, the encoder is --init's" not in capsys.readouterr().out
     weights = load_encoder_state(str(init))
     assert task_encoder_config(weights, ModelSpec(), 128, 512).num_heads == weights.config.num_heads
     assert task_encoder_config(weights, ModelSpec(num_heads=4), 128, 512).num_heads == 4
@@ -971,7 +973,7 @@ def test_a_fine_tuning_run_whose_checkpoints_were_deleted_is_not_trained_again(t
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and f"{unfinished} holds a run that trained (ledger.json" in err[0] and "--restart" in err[0]
     assert files(unfinished) == before
-    assert finetune(argv(unfinished, "--dry-run")) == 0
+    assert finetune(argv(unfinished, "--dry-run")) == PLAN_NOT_READY
     assert f"{unfinished} holds a run whose checkpoints are gone; this command refuses it" in capsys.readouterr().out
     assert finetune(argv(unfinished, "--restart")) == 0 and (unfinished / "model.safetensors").is_file()
 

@@ -9,6 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from common.cli import PLAN_NOT_READY
 from finetune.run import main as finetune
 from tests.helpers import TINY_HTSAT, _synth_root, official_state, save_lightning, sets
 
@@ -125,15 +126,17 @@ def test_an_htsat_init_on_an_ast_recipe_is_pointed_at_htsats_recipe(tmp_path, ca
     err = capsys.readouterr().err
     assert "--init holds an HTS-AT model but the recipe trains the AST family; use HTS-AT's official recipe, its " \
            "batch included: --recipe recipes/htsat_<task>.yaml" in err and "defaults=auto" not in err
-    assert finetune([*base, "--task", "esc50", "--recipe", str(ROOT / "recipes" / "htsat_esc50.yaml")]) == 0
+    recipe = str(ROOT / "recipes" / "htsat_esc50.yaml")
+    assert finetune([*base, "--task", "esc50", "--recipe", recipe]) == PLAN_NOT_READY  # ESC-50's files are not here
     plan = capsys.readouterr().out
     assert "64 clips" in plan  # the official ESC-50 batch
     assert "official ESC-50 recipe" in plan  # the line after the task's names the recipe used
-    assert finetune([*base, "--task", "esc50", "--set", "defaults=auto"]) == 0  # HTS-AT's recipe at the task's batch
+    # HTS-AT's recipe at the task's batch
+    assert finetune([*base, "--task", "esc50", "--set", "defaults=auto"]) == PLAN_NOT_READY
     assert "HTS-AT ESC-50 recipe" in capsys.readouterr().out
     assert finetune([*base, "--task", "esc50", "--set", "model.arch=htsat"]) == 2
     assert "error: augment.noise: SSAST's fbank noise belongs to the AST family" in capsys.readouterr().err
-    assert finetune([*base, "--task", "vggsound", "--set", "model.arch=htsat"]) == 0
+    assert finetune([*base, "--task", "vggsound", "--set", "model.arch=htsat"]) == PLAN_NOT_READY
     assert "warning: model.arch: htsat trains with task vggsound's own recipe, the AST family's (adam, lr 1e-05" \
         in capsys.readouterr().out
 
@@ -230,7 +233,7 @@ def test_the_audioset_pair_plans_the_papers_saving(capsys):
     import re
 
     assert finetune(["--init", "none", "--task", "audioset", "--recipe",
-                     str(ROOT / "recipes" / "ft_htsat_audioset_fshift4.yaml"), "--dry-run"]) == 0
+                     str(ROOT / "recipes" / "ft_htsat_audioset_fshift4.yaml"), "--dry-run"]) == PLAN_NOT_READY
     out = capsys.readouterr().out
     assert "derived from htsat_audioset" in out
     # phase, epochs, global batch, per rank, grid, tokens, GFLOPs per clip
@@ -249,7 +252,7 @@ def test_the_vggsound_pair_plans_the_same_saving(capsys):
     import re
 
     assert finetune(["--init", "none", "--task", "vggsound", "--recipe",
-                     str(ROOT / "recipes" / "ft_htsat_vggsound_fshift4.yaml"), "--dry-run"]) == 0
+                     str(ROOT / "recipes" / "ft_htsat_vggsound_fshift4.yaml"), "--dry-run"]) == PLAN_NOT_READY
     out = capsys.readouterr().out
     rows = re.findall(r"^phase\d \((.+?)\)\s+(\d+)\s", out, re.M)
     assert [(name, int(epochs)) for name, epochs in rows] == [("fshift x4", 14), ("full resolution", 36)]

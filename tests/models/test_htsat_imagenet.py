@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from common.audio.compression import Compression
+from common.cli import PLAN_NOT_READY
 from common.models.arch import architecture_for
 from common.models.htsat import HTSAT, HTSATConfig, resize_bias_table
 from common.models.htsat.imagenet import convert_imagenet_swin
@@ -254,12 +255,12 @@ def test_expected_init_says_when_a_run_does_not_start_as_the_paper(tmp_path, cap
     assert note.startswith("expected_init: this recipe starts from ImageNet weights") and "--init none" in note
     # the Table 6 recipes expect the ImageNet start and print it in the plan when --init is another
     assert finetune(["--init", "none", "--task", "vggsound", "--recipe",
-                     str(ROOT / "recipes" / "ft_htsat_vggsound_fshift4.yaml"), "--dry-run"]) == 0
+                     str(ROOT / "recipes" / "ft_htsat_vggsound_fshift4.yaml"), "--dry-run"]) == PLAN_NOT_READY
     out = capsys.readouterr().out
     assert "warning: expected_init: this recipe starts from ImageNet weights" in out
     swin = save(timm_swin(window=3), tmp_path / "swin.pth", "microsoft")
     assert finetune(["--init", str(swin), "--task", "audioset", "--recipe",
-                     str(ROOT / "recipes" / "htsat_audioset.yaml"), "--dry-run"]) == 0
+                     str(ROOT / "recipes" / "htsat_audioset.yaml"), "--dry-run"]) == PLAN_NOT_READY
     assert "expected_init" not in capsys.readouterr().out
     from finetune.recipe import load_recipe
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.cli import PLAN_NOT_READY
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from common.models.memory import PeakMemory, estimate_training_memory, saved_activation_bytes
 from common.training.ledger import Ledger
@@ -22,6 +23,7 @@ from common.models.memory import measure_training_peak
 from common.models.ast.encoder import ASTEncoder, encoder_config
 from finetune.classifier import AugmentConfig, ClassifierObjective
 from pretrain.ssast import SSASTConfig, SSASTObjective
+from common.cli import PLAN_NOT_READY
 torch.manual_seed(0)
 out = []
 for kind, frames, batch in json.loads(sys.argv[1]):
@@ -144,7 +146,7 @@ def test_a_run_records_peak_memory_per_phase(tmp_path, synth_corpus, caplog):
 def test_dry_run_prints_the_memory_per_phase(capsys):
     from pretrain.run import main
 
-    assert main(["--recipe", str(ROOT / "recipes" / "ssast_fshift4.yaml"), "--dry-run"]) == 0
+    assert main(["--recipe", str(ROOT / "recipes" / "ssast_fshift4.yaml"), "--dry-run"]) == PLAN_NOT_READY
     out = capsys.readouterr().out
     header, coarse, full = out.splitlines()[:3]
     assert header.split()[-1] == "GiB/rank"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from common.cli import PLAN_NOT_READY
 from pretrain.recipe import load_baseline, load_recipe, shared_with_baseline
 from pretrain.run import _flops_per_sample, main, planned_total
 from pretrain.ssast import SSASTObjective
@@ -16,7 +17,7 @@ PAPER = ROOT / "recipes" / "ssast_fshift4.yaml"
 
 
 def _saving(capsys, *sets: str) -> float:
-    assert main(["--recipe", str(PAPER), *[a for s in sets for a in ("--set", s)], "--dry-run"]) == 0
+    assert main(["--recipe", str(PAPER), *[a for s in sets for a in ("--set", s)], "--dry-run"]) == PLAN_NOT_READY
     out = capsys.readouterr().out
     return float(re.search(r"saving (-?[\d.]+)%", out).group(1))
 
@@ -35,7 +36,7 @@ def test_geometry_and_batch_overrides_apply_to_the_baseline(capsys, overrides):
 def test_schedule_overrides_stay_with_this_run(capsys):
     saving = _saving(capsys, "phases.0.steps=50000")  # 50K coarse + 500K full against 800K full
     assert saving == pytest.approx(36.0, abs=0.1)
-    assert main(["--recipe", str(PAPER), "--set", "phases.0.steps=50000", "--dry-run"]) == 0
+    assert main(["--recipe", str(PAPER), "--set", "phases.0.steps=50000", "--dry-run"]) == PLAN_NOT_READY
     assert "the baseline keeps its own 800000 steps" in capsys.readouterr().out
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from common.audio.compression import Compression
+from common.cli import PLAN_NOT_READY
 from common.config.recipe import RecipeError, build, to_dict
 from common.models.arch import architecture_for, geometries
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
@@ -144,7 +145,7 @@ def test_until_sections_reach_the_derived_phases_and_a_derived_recipe_is_not_der
 @pytest.mark.slow
 def test_dry_runs_print_the_derived_schedule_and_its_saving(tmp_path, synth_corpus, capsys):
     assert pretrain(["--recipe", str(ROOT / "recipes" / "ssast_baseline.yaml"), "--coarse", "fshift:4",
-                     "--dry-run"]) == 0
+                     "--dry-run"]) == PLAN_NOT_READY
     out = capsys.readouterr().out
     assert "derived from ssast_baseline" in out and "100000" in out and "500000" in out
     assert "baseline ssast_baseline (800000 steps)" in out and "saving 34.6%" in out

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.cli import PLAN_NOT_READY
 from common.config.recipe import RecipeError
 from common.models.weights import load_encoder
 from pretrain.recipe import load_recipe
@@ -45,7 +46,7 @@ def test_invalid_recipes_fail_before_any_compute(tmp_path, capsys, override, mes
 
 @pytest.mark.slow
 def test_dry_run_prints_the_plan_and_the_saving(capsys):
-    assert main(["--recipe", str(ROOT / "recipes" / "ssast_fshift4.yaml"), "--dry-run"]) == 0
+    assert main(["--recipe", str(ROOT / "recipes" / "ssast_fshift4.yaml"), "--dry-run"]) == PLAN_NOT_READY
     out = capsys.readouterr().out
     assert "fshift x4" in out and "100000" in out and "500000" in out
     assert "saving 34.6%" in out  # the paper's SSAST row: 34.58 %
@@ -56,22 +57,23 @@ def test_a_phase_that_ends_inside_its_warm_up_is_named_in_the_plan(capsys):
     a 100-step warm-up never trains at the recipe's learning rate; the plan says which phase, the shipped recipes
     do not. Likewise a schedule that changes the rate at validations in a run that has none."""
     assert main(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--dry-run",
-                 "--set", "optim.warmup_steps=100"]) == 0
+                 "--set", "optim.warmup_steps=100"]) == PLAN_NOT_READY
     warned = [line for line in capsys.readouterr().out.splitlines() if "learning-rate warm-up" in line]
     assert len(warned) == 1 and warned[0].startswith("warning: phases.0 (phase1 (fshift x4)): its 50 steps end")
-    assert main(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--dry-run"]) == 0
+    assert main(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--dry-run"]) == PLAN_NOT_READY
     assert "learning-rate warm-up" not in capsys.readouterr().out
     # a schedule that acts at validations, in a run without any, is said to train at one rate; cosine is quiet
-    assert main(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--dry-run", "--set", "data.valid=[]"]) == 0
+    synth = str(ROOT / "recipes" / "synth_pretrain.yaml")
+    assert main(["--recipe", synth, "--dry-run", "--set", "data.valid=[]"]) == PLAN_NOT_READY
     assert "warning: optim.schedule: plateau changes the learning rate at validations, and this run has no " \
            "validation set (data.valid is empty): after its warm-up it trains at lr 0.001 to the end" in \
            capsys.readouterr().out
     assert main(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--dry-run", "--set", "data.valid=[]",
-                 "--set", "optim.schedule=cosine"]) == 0
+                 "--set", "optim.schedule=cosine"]) == PLAN_NOT_READY
     assert "optim.schedule" not in capsys.readouterr().out
     # a phase as long as its warm-up reaches the recipe's rate at its last step (lr = base x (s + 1) / warm-up)
     assert main(["--recipe", str(ROOT / "recipes" / "synth_pretrain.yaml"), "--dry-run",
-                 "--set", "optim.warmup_steps=50"]) == 0
+                 "--set", "optim.warmup_steps=50"]) == PLAN_NOT_READY
     assert "learning-rate warm-up" not in capsys.readouterr().out
 
 
@@ -81,18 +83,18 @@ def test_a_hand_written_schedule_that_gets_coarser_or_moves_no_patch_kernel_is_n
     names (``coarse:`` refuses growing factors itself); the shipped recipes say neither."""
     recipe = str(ROOT / "recipes" / "synth_pretrain.yaml")
     reverse = "phases=[{compression: none, factor: 1, steps: 3}, {compression: fshift, factor: 4, steps: 3}]"
-    assert main(["--recipe", recipe, "--dry-run", "--set", reverse]) == 0
+    assert main(["--recipe", recipe, "--dry-run", "--set", reverse]) == PLAN_NOT_READY
     assert "warning: phases.1 (phase2 (fshift x4)) is coarser than phases.0 (phase1 (full resolution)): coarse to " \
            "fine trains the compressed phases first; check the order of phases" in capsys.readouterr().out
     transfer = ("phases=[{compression: patch, factor: 4, patch_transfer: pi, steps: 3}, "
                 "{compression: none, factor: 1, patch_transfer: bilinear, steps: 3}]")
-    assert main(["--recipe", recipe, "--dry-run", "--set", transfer]) == 0
+    assert main(["--recipe", recipe, "--dry-run", "--set", transfer]) == PLAN_NOT_READY
     out = capsys.readouterr().out
     assert "warning: phases.1.patch_transfer: bilinear changes nothing on a none phase: the transfer to and from " \
            "phases.0 is its own patch_transfer (pi)" in out
     assert "coarser" not in out
     for shipped in ("synth_pretrain.yaml", "ssast_patch4_bl.yaml", "ssast_fshift4.yaml"):
-        assert main(["--recipe", str(ROOT / "recipes" / shipped), "--dry-run"]) == 0
+        assert main(["--recipe", str(ROOT / "recipes" / shipped), "--dry-run"]) == PLAN_NOT_READY
         out = capsys.readouterr().out
         assert "coarser than" not in out and "changes nothing" not in out
 

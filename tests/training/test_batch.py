@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from common.cli import PLAN_NOT_READY
 from common.config.recipe import RecipeError
 from common.training.batch import BatchSplit, phase_splits, split_batch
 from common.training.ledger import Ledger, PhaseRecord
@@ -112,7 +113,7 @@ def test_the_plan_prints_the_global_and_the_per_rank_batch(capsys):
     from pretrain.run import main
 
     recipe = str(RECIPES / "ssast_fshift4.yaml")
-    assert main(["--recipe", recipe, "--dry-run", "--world-size", "4"]) == 0
+    assert main(["--recipe", recipe, "--dry-run", "--world-size", "4"]) == PLAN_NOT_READY
     out = capsys.readouterr().out
     header, coarse, full = out.splitlines()[:3]
     assert header.split()[2:4] == ["batch", "per"] and coarse.split()[4:6] == ["24", "6"] \
@@ -120,12 +121,12 @@ def test_the_plan_prints_the_global_and_the_per_rank_batch(capsys):
     assert "batch: 24 clips per step = 6 per rank x 4 rank(s) x 1 accumulation" in out
     assert "differs" not in out and "saving 34.6%" in out
 
-    assert main(["--recipe", recipe, "--dry-run"]) == 0  # one GPU: the same global batch, all on one rank
+    assert main(["--recipe", recipe, "--dry-run"]) == PLAN_NOT_READY  # one GPU: the same global batch, all on one rank
     out = capsys.readouterr().out
     assert "batch: 24 clips per step = 24 per rank x 1 rank(s) x 1 accumulation" in out and "saving 34.6%" in out
 
     assert main(["--recipe", recipe, "--dry-run", "--set", "data.batch_size=48", "--set",
-                 "data.max_batch_per_rank=8", "--world-size", "2"]) == 0
+                 "data.max_batch_per_rank=8", "--world-size", "2"]) == PLAN_NOT_READY
     out = capsys.readouterr().out
     assert "batch: 48 clips per step = 8 per rank x 2 rank(s) x 3 accumulation" in out
     assert "global batch 48 differs from the 24 that ssast_fshift4.yaml states" in out
@@ -137,14 +138,14 @@ def test_the_finetuning_plan_prints_both_batches_and_refuses_a_split_that_cannot
     from finetune.run import main
 
     argv = ["--init", "none", "--task", "audioset", "--recipe", str(RECIPES / "ft_audioset_fshift4.yaml"), "--dry-run"]
-    assert main([*argv, "--world-size", "4"]) == 0
+    assert main([*argv, "--world-size", "4"]) == PLAN_NOT_READY
     out = capsys.readouterr().out
     assert "batch: 12 clips per step = 3 per rank x 4 rank(s) x 1 accumulation" in out and "differs" not in out
     assert main([*argv, "--world-size", "8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: data.batch_size: a global batch of 12 clips does not split over 8 rank(s) x 1 "
                           "accumulation") and "\n" not in err
-    assert main(["--init", "none", "--task", "esc50", "--dry-run", "--set", "data.batch_size=24"]) == 0
+    assert main(["--init", "none", "--task", "esc50", "--dry-run", "--set", "data.batch_size=24"]) == PLAN_NOT_READY
     assert "global batch 24 differs from the 48 that the esc50 task's recipe states" in capsys.readouterr().out
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from common.cli import PLAN_NOT_READY
 from common.training.ledger import Ledger
 from finetune.run import main as finetune
 from pretrain.run import main
@@ -36,7 +37,7 @@ def test_a_failed_start_leaves_no_recipe_behind(tmp_path, synth_corpus, monkeypa
     files = sorted(p.name for p in run_dir.rglob("*"))
     for depth, refused in ((1, False), (2, True)):
         argv = ["--recipe", str(RECIPE), "--run-dir", str(run_dir), *tiny(synth_corpus, f"model.depth={depth}")]
-        assert main([*argv, "--dry-run"]) == 0
+        assert main([*argv, "--dry-run"]) == (PLAN_NOT_READY if refused else 0)  # a run would stop, or start
         out = capsys.readouterr().out
         assert (f"{run_dir} holds a run; this command resumes it from checkpoint phase01-step000000002" in out) \
             != refused, out
@@ -61,7 +62,7 @@ def test_a_plan_on_a_finished_run_of_another_recipe_says_the_command_refuses_it(
     (run_dir / "model.safetensors").write_bytes(b"")
     (run_dir / "recipe.yaml").write_text("task: {name: synth}\n")
     argv = ["--recipe", str(RECIPE), "--run-dir", str(run_dir), *tiny(synth_corpus)]
-    assert main([*argv, "--dry-run"]) == 0
+    assert main([*argv, "--dry-run"]) == PLAN_NOT_READY
     out = capsys.readouterr().out
     assert "nothing left to train" not in out and "files a run needs" not in out, out
     assert f"run directory: {run_dir} holds a run that this command refuses (why: below) (--restart starts over)" \
@@ -78,7 +79,7 @@ def test_a_plan_on_a_finished_run_of_another_recipe_says_the_command_refuses_it(
     ledger.write(run_dir / "ledger.json")
     argv = ["--init", "none", "--task", "synth", "--data-root", str(_synth_root(tmp_path, synth_corpus)),
             "--run-dir", str(run_dir), "--set", "phases=[{compression: none, epochs: 1}]"]
-    assert finetune([*argv, "--dry-run"]) == 0
+    assert finetune([*argv, "--dry-run"]) == PLAN_NOT_READY
     out = capsys.readouterr().out
     assert "nothing left to train" not in out and "files a run needs" not in out, out
     assert f"{REFUSED}  {run_dir} holds a pretraining run" in out, out
@@ -387,6 +388,6 @@ def test_a_run_whose_recipe_yaml_no_longer_parses_is_refused_in_one_line(tmp_pat
     line = next(line for line in err.splitlines() if line.startswith("error:"))
     assert line.startswith(f"error: {path}: {said}") and "--restart" in line and "Traceback" not in err, err
     argv = ["--recipe", str(RECIPE), "--run-dir", str(run_dir), *tiny(synth_corpus), "--dry-run"]
-    assert main(argv) == 0
+    assert main(argv) == PLAN_NOT_READY
     assert f"{path}: {said}" in capsys.readouterr().out
     assert path.read_text() == text and (run_dir / "checkpoints" / "phase01-step000000002").is_dir()
