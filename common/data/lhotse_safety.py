@@ -28,7 +28,8 @@ from lhotse import serialization
 from lhotse.audio import backend as audio_backends
 from lhotse.audio.source import AudioSource
 
-__all__ = ["no_shell", "is_shell_backend", "SAFE_SOURCES", "RefusedAudioSource", "refusal", "refused_in"]
+__all__ = ["no_shell", "is_shell_backend", "SAFE_SOURCES", "RefusedAudioSource", "refusal", "refused_in",
+           "unsafe_source"]
 
 # Lhotse audio sources this package reads: a file, bytes in the manifest or a Shar tar. Lhotse would also run a
 # ``command`` source through the shell and fetch a ``url`` one; nothing a user loads may run code or reach out.
@@ -57,6 +58,24 @@ def refused_in(err: BaseException) -> str | None:
             return str(err).split(_EXTRA_INFO, 1)[0].strip()
         seen.add(id(err))
         err = err.__cause__ or err.__context__
+    return None
+
+
+def unsafe_source(item) -> str | None:
+    """The type of the first audio source that is not in :data:`SAFE_SOURCES` anywhere in ``item`` (a cut's
+    ``to_dict()``: its recording, a transform's Recording, a nested mix's tracks), or None. For a process whose
+    Lhotse may not refuse them itself (a Shar export's worker processes are Lhotse's own, which a start method
+    other than fork gives a fresh interpreter that never imported this module)."""
+    if isinstance(item, dict):
+        if {"type", "channels", "source"} <= item.keys() and item["type"] not in SAFE_SOURCES:
+            return str(item["type"])
+        item = item.values()
+    elif not isinstance(item, (list, tuple)):
+        return None
+    for value in item:
+        found = unsafe_source(value)
+        if found:
+            return found
     return None
 
 

@@ -4,6 +4,8 @@ loader's workers, forked or spawned (``common.data.lhotse_safety``); such a clip
 
 import io
 import json
+import logging
+import multiprocessing
 import re
 import tarfile
 from pathlib import Path
@@ -16,6 +18,7 @@ from lhotse.serialization import deserialize_item
 from common.data.clips import ClipDataset
 from common.data.decode import BadClip, load_clip
 from common.data.lhotse_safety import RefusedAudioSource
+from common.data.manifest_index import count_lines
 from common.data.manifests import open_cuts
 from tests.layouts import write_clip
 
@@ -122,3 +125,40 @@ def test_a_shar_members_command_is_refused(tmp_path):
     with pytest.raises(BadClip, match=rf"^{re.escape(REFUSED)}"):
         load_clip(cut, 16000)
     assert ran(tmp_path) == []
+
+
+@pytest.mark.parametrize("jobs, start", [(1, None), (2, "fork"), (2, "spawn")])
+def test_a_shar_export_runs_no_command_and_counts_what_it_leaves_out(tmp_path, caplog, monkeypatch, jobs, start):
+    """``c2f-corpora shar`` had Lhotse read every clip itself, a plain ``command`` source included (run, then
+    skipped), and left clips out with Lhotse's warnings of several lines each and no count: each clip left out is
+    one line naming it and why, and the summary counts them. Lhotse's worker processes, spawned (Python 3.14's
+    default on Linux is forkserver), never import this package: no command reaches them."""
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    import lhotse.cut.set
+
+    from common.data.corpora.shar import export_shar
+
+    if start is not None:
+        monkeypatch.setattr(lhotse.cut.set, "ProcessPoolExecutor",
+                            partial(ProcessPoolExecutor, mp_context=multiprocessing.get_context(start)))
+
+    items = hidden_commands(tmp_path)
+    good = [mono(f"good{i}", write_clip(tmp_path / f"good{i}.wav", seconds=0.5, seed=i)) for i in range(2)]
+    plain = {**mono("plain", tmp_path / "a.wav"), "recording": command(tmp_path / "ran-plain", tmp_path / "a.wav")}
+    plain["recording"].update(num_samples=8000, duration=0.5)
+    gone = mono("gone", write_clip(tmp_path / "gone.wav", seconds=0.5))
+    (tmp_path / "gone.wav").unlink()
+    manifest = _write_manifest(tmp_path / "m.jsonl.gz", [*good, plain, *items.values(), gone])
+    with caplog.at_level(logging.WARNING):
+        done = export_shar(manifest, tmp_path / "shar", shard_size=10, num_jobs=jobs)
+    assert ran(tmp_path) == []
+    assert done.endswith("; 5 clip(s) left out (4 refused, 1 unreadable: each named above)"), done
+    assert sum(count_lines(p) for p in (tmp_path / "shar").glob("cuts.*.jsonl.gz")) == 2
+    if jobs == 1:  # a worker process's lines go to its own handlers, not to this test's
+        lines = [r.getMessage() for r in caplog.records]
+        assert not any("Skipping" in line or "\n" in line for line in lines), lines
+        for name in ("plain", *items):
+            assert f"clip {name} left out: {REFUSED}" in "\n".join(lines), lines
+        assert any(line.startswith("clip gone left out: unreadable (") for line in lines), lines
