@@ -18,7 +18,7 @@ from lhotse import Recording
 from lhotse.audio.utils import set_audio_duration_mismatch_tolerance
 
 from common.data.integrity import HEADER_SIZED, decoder_reason, truncation
-from common.data.lhotse_safety import SAFE_SOURCES, no_shell, refusal, refused_in
+from common.data.lhotse_safety import SAFE_SOURCES, no_shell, refused_in, source_refusal
 
 __all__ = ["BadClip", "AUDIO_LENGTH_TOLERANCE", "SAFE_SOURCES", "CHANNELS", "narrow_length_tolerance",
            "refused_source", "source_path", "audio_file_problem", "load_clip"]
@@ -56,16 +56,17 @@ no_shell()  # Lhotse without a shell, a command or URL source (common.data.lhots
 
 
 def refused_source(cut) -> str | None:
-    """Why a cut's audio is not read (a ``command`` or ``url`` source: the reason, as :class:`BadClip` gives it),
-    or None. It looks at the cut's recording and its tracks' only, to name such a clip before anything is read
-    (the checks before a run); a source anywhere else in a cut is refused by Lhotse itself when it is read
-    (``common.data.lhotse_safety``)."""
+    """Why a cut's audio is not read (a ``command`` or ``url`` source, a file source naming a URL: the reason, as
+    :class:`BadClip` gives it), or None. It looks at the cut's recording and its tracks' only, to name such a clip
+    before anything is read (the checks before a run); a source anywhere else in a cut is refused by Lhotse itself
+    when it is read (``common.data.lhotse_safety``)."""
     recordings = [getattr(cut, "recording", None)] + [getattr(getattr(t, "cut", None), "recording", None)
                                                       for t in getattr(cut, "tracks", None) or ()]
     for recording in recordings:
         for source in getattr(recording, "sources", None) or ():
-            if source.type not in SAFE_SOURCES:
-                return refusal(source.type)
+            refused = source_refusal(source.type, source.source)
+            if refused:
+                return refused
     return None
 
 

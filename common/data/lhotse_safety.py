@@ -14,7 +14,8 @@ wherever the source sits in a cut: a recording's own sources, but also a Recordi
 (``ReverbWithImpulseResponse``'s ``rir``, on a recording or a ``MixedCut``), a track of a ``MixedCut`` nested in
 another, a Recording in a cut's ``custom`` fields, or a Shar tar's JSON member. Walking each cut for them would
 miss the next place, so :func:`no_shell` also makes Lhotse itself refuse them for the whole process: reading any
-source but a file, bytes in the manifest or a Shar tar (:data:`SAFE_SOURCES`) raises :class:`RefusedAudioSource`,
+source but a file, bytes in the manifest or a Shar tar (:data:`SAFE_SOURCES`), or a file source that names a URL
+(``https://...``: a reader that hands the path to FFmpeg's libraries would open it), raises :class:`RefusedAudioSource`,
 whose message is the reason bad audio gives (:func:`refused_in` finds it under Lhotse's re-raised errors). Every
 module that reads audio or manifests with Lhotse calls it when imported, so a loader's worker process has it too,
 forked (it inherits it) or spawned (it imports the module that holds its dataset).
@@ -23,13 +24,14 @@ forked (it inherits it) or spawned (it imports the module that holds its dataset
 from __future__ import annotations
 
 import functools
+import re
 
 from lhotse import serialization
 from lhotse.audio import backend as audio_backends
 from lhotse.audio.source import AudioSource
 
 __all__ = ["no_shell", "is_shell_backend", "SAFE_SOURCES", "RefusedAudioSource", "refusal", "refused_in",
-           "unsafe_source"]
+           "source_refusal", "unsafe_source"]
 
 # Lhotse audio sources this package reads: a file, bytes in the manifest or a Shar tar. Lhotse would also run a
 # ``command`` source through the shell and fetch a ``url`` one; nothing a user loads may run code or reach out.
@@ -49,6 +51,21 @@ def refusal(kind: str) -> str:
             f"manifest; give the audio as files)")
 
 
+# a URL (``https://``, ``s3://``, ...): a ``file`` source naming one goes, once soundfile finds no such file, to the
+# readers Lhotse tries next that hand the path to FFmpeg's libraries (torchcodec's, torchaudio's ffmpeg one, where
+# installed), which open URLs
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def source_refusal(kind: str, source) -> str | None:
+    """Why an audio source of type ``kind`` reading ``source`` is not read (:func:`refusal`), or None."""
+    if kind not in SAFE_SOURCES:
+        return refusal(kind)
+    if kind == "file" and isinstance(source, str) and _URL.match(source):
+        return refusal("file").replace("audio source:", "audio source naming a URL:", 1)
+    return None
+
+
 def refused_in(err: BaseException) -> str | None:
     """The refusal (:func:`refusal`) behind ``err``, or None: Lhotse raises an error again as a new one of its type
     with the call appended, and a transform's error may come as another's cause or context."""
@@ -62,13 +79,15 @@ def refused_in(err: BaseException) -> str | None:
 
 
 def unsafe_source(item) -> str | None:
-    """The type of the first audio source that is not in :data:`SAFE_SOURCES` anywhere in ``item`` (a cut's
-    ``to_dict()``: its recording, a transform's Recording, a nested mix's tracks), or None. For a process whose
+    """Why the first audio source anywhere in ``item`` (a cut's ``to_dict()``: its recording, a transform's
+    Recording, a nested mix's tracks) that is refused is (:func:`source_refusal`), or None. For a process whose
     Lhotse may not refuse them itself (a Shar export's worker processes are Lhotse's own, which a start method
     other than fork gives a fresh interpreter that never imported this module)."""
     if isinstance(item, dict):
-        if {"type", "channels", "source"} <= item.keys() and item["type"] not in SAFE_SOURCES:
-            return str(item["type"])
+        if {"type", "channels", "source"} <= item.keys():
+            refused = source_refusal(item["type"], item["source"])
+            if refused:
+                return refused
         item = item.values()
     elif not isinstance(item, (list, tuple)):
         return None
@@ -80,12 +99,13 @@ def unsafe_source(item) -> str | None:
 
 
 def _refusing(method):
-    """``AudioSource.method`` that raises :class:`RefusedAudioSource` for a source not in :data:`SAFE_SOURCES`
-    before Lhotse runs or fetches anything."""
+    """``AudioSource.method`` that raises :class:`RefusedAudioSource` for a source not in :data:`SAFE_SOURCES`, or
+    a file source that names a URL, before Lhotse runs or fetches anything."""
     @functools.wraps(method)
     def read(self, *args, **kwargs):
-        if self.type not in SAFE_SOURCES:
-            raise RefusedAudioSource(refusal(self.type))
+        refused = source_refusal(self.type, self.source)
+        if refused:
+            raise RefusedAudioSource(refused)
         return method(self, *args, **kwargs)
     read.refuses_unsafe_sources = True
     return read

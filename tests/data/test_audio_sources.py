@@ -26,7 +26,8 @@ REFUSED = "refused (a Lhotse 'command' audio source"
 
 
 def command(marker: Path, wav: Path, kind: str = "command") -> dict:
-    """A Recording whose audio comes from a shell command that would create ``marker`` (or from a URL)."""
+    """A Recording whose audio comes from a shell command that would create ``marker`` (or from a URL: a ``url``
+    source, or a ``file`` one whose path is a URL, which a backend handing it to ffmpeg would fetch)."""
     source = f"touch {marker}; cat {wav}" if kind == "command" else "http://127.0.0.1:9/rir.wav"
     return {"id": "rir", "sources": [{"type": kind, "channels": [0], "source": source}], "sampling_rate": 16000,
             "num_samples": 800, "duration": 0.05, "channel_ids": [0]}
@@ -70,17 +71,21 @@ def ran(tmp_path: Path) -> list[str]:
     return sorted(p.name for p in tmp_path.glob("ran-*"))
 
 
-@pytest.mark.parametrize("kind", ["command", "url"])
-def test_a_source_hidden_in_a_cut_is_refused_not_run(tmp_path, kind):
+@pytest.mark.parametrize("kind, said", [("command", "'command' audio source:"), ("url", "'url' audio source:"),
+                                        ("file", "'file' audio source naming a URL:")])
+def test_a_source_hidden_in_a_cut_is_refused_not_run(tmp_path, kind, said):
     """The security review ran ``touch`` from an RIR transform's Recording, a MixedCut's transforms and a MixedCut
     nested in a track: each is a bad clip named as refused, the command never run, the URL never opened."""
     for name, item in hidden_commands(tmp_path, kind).items():
         cut = deserialize_item(json.loads(json.dumps(item)))
-        with pytest.raises(BadClip, match=rf"^refused \(a Lhotse '{kind}' audio source") as caught:
+        with pytest.raises(BadClip, match=rf"^refused \(a Lhotse {said}") as caught:
             load_clip(cut, 16000)
         assert "[extra info]" not in str(caught.value), name
         with pytest.raises(RefusedAudioSource):  # Lhotse's own reading refuses it too (a Shar export, any caller)
             cut.load_audio()
+    own = {**mono("own", tmp_path / "a.wav"), "recording": command(tmp_path / "ran-own", tmp_path / "a.wav", kind)}
+    with pytest.raises(BadClip, match=rf"^refused \(a Lhotse {said}"):  # on the cut's own recording: named first
+        load_clip(deserialize_item(own), 16000)
     assert ran(tmp_path) == []
 
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from common.data.integrity import decoder_reason
-from common.data.lhotse_safety import refusal, unsafe_source
+from common.data.lhotse_safety import unsafe_source
 from common.data.manifest_index import count_lines
 from common.data.manifests import open_cuts
 from common.system.disk import output_folder
@@ -107,11 +107,11 @@ class _LeftOut(logging.Filter):
 
     def admit(self, cut) -> bool:
         self.seen += 1
-        kind = unsafe_source(cut.to_dict())
-        if kind:
+        refused = unsafe_source(cut.to_dict())
+        if refused:
             self.refused += 1
-            log.warning("clip %s left out: %s", cut.id, refusal(kind))
-        return not kind
+            log.warning("clip %s left out: %s", cut.id, refused)
+        return not refused
 
     def filter(self, record: logging.LogRecord) -> bool:
         m = _SKIPPING.match(record.getMessage()) if record.name == "root" else None
