@@ -18,7 +18,7 @@ from lhotse import Recording
 from lhotse.audio.utils import set_audio_duration_mismatch_tolerance
 
 from common.data.integrity import HEADER_SIZED, decoder_reason, truncation
-from common.data.lhotse_safety import no_shell
+from common.data.lhotse_safety import SAFE_SOURCES, no_shell, refused_in, source_refusal
 
 __all__ = ["BadClip", "AUDIO_LENGTH_TOLERANCE", "SAFE_SOURCES", "CHANNELS", "narrow_length_tolerance",
            "refused_source", "source_path", "audio_file_problem", "load_clip"]
@@ -52,23 +52,21 @@ def narrow_length_tolerance() -> None:
 
 narrow_length_tolerance()
 
-no_shell()  # Lhotse's audio backends and file opener without a shell (common.data.lhotse_safety)
-
-# Lhotse audio sources this package reads: a file, bytes in the manifest or a Shar tar. Lhotse would also run a
-# ``command`` source through the shell and fetch a ``url`` one; nothing a user loads may run code or reach out.
-SAFE_SOURCES = ("file", "memory", "shar")
+no_shell()  # Lhotse without a shell, a command or URL source (common.data.lhotse_safety)
 
 
 def refused_source(cut) -> str | None:
-    """Why a cut's audio is not read (a ``command`` or ``url`` source: the reason, as :class:`BadClip` gives it),
-    or None."""
+    """Why a cut's audio is not read (a ``command`` or ``url`` source, a file source naming a URL: the reason, as
+    :class:`BadClip` gives it), or None. It looks at the cut's recording and its tracks' only, to name such a clip
+    before anything is read (the checks before a run); a source anywhere else in a cut is refused by Lhotse itself
+    when it is read (``common.data.lhotse_safety``)."""
     recordings = [getattr(cut, "recording", None)] + [getattr(getattr(t, "cut", None), "recording", None)
                                                       for t in getattr(cut, "tracks", None) or ()]
     for recording in recordings:
         for source in getattr(recording, "sources", None) or ():
-            if source.type not in SAFE_SOURCES:
-                return (f"refused (a Lhotse {source.type!r} audio source: this package runs no command and fetches "
-                        f"no URL named in a manifest; give the audio as files)")
+            refused = source_refusal(source.type, source.source)
+            if refused:
+                return refused
     return None
 
 
@@ -168,6 +166,9 @@ def load_clip(cut, sample_rate: int, channels: str = "first") -> np.ndarray:
             cut = cut.resample(sample_rate)
         audio = _mixed_down(cut) if channels == "mean" else cut.load_audio()
     except Exception as err:  # noqa: BLE001 - every decoder failure is a bad clip
+        refused = refused_in(err)  # a command or URL source elsewhere in the cut (an RIR, a nested mix)
+        if refused:
+            raise BadClip(refused) from None
         if source is not None and not os.path.exists(source):
             raise BadClip("missing (no such file)") from None
         problem = truncation(source) if source is not None else None

@@ -49,6 +49,7 @@ from safetensors.torch import load_file
 from common.audio.fbank import NORM_STATS, NormStats
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from common.models.exports import unreadable
+from common.system.disk import plain_file_name
 
 __all__ = [
     "INSTALL_HINT",
@@ -191,7 +192,7 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
             if not isinstance(weight_map, dict):
                 raise HFFormatError(f"{path / index} has no weight_map")
             for key, shard in weight_map.items():  # a shard is a file beside the index, never a path elsewhere
-                if not isinstance(shard, str) or not _plain_file_name(shard):
+                if not isinstance(shard, str) or not plain_file_name(shard):
                     raise HFFormatError(f"{path / index}: weight_map[{json.dumps(key)}] is {json.dumps(shard)}, not "
                                         f"the name of a file in {path}")
             return [path / index, *(path / shard for shard in sorted(set(weight_map.values())))]
@@ -221,12 +222,6 @@ def _read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
         if not file.name.endswith(".index.json"):
             state.update(load(file))
     return state
-
-
-def _plain_file_name(name: str) -> bool:
-    """Whether ``name`` names a file in the folder it is read from: no folder part (``/``, ``\\``), not ``.``,
-    ``..`` or empty, no NUL."""
-    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
 
 
 _LAYER_KEY = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")

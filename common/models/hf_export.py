@@ -396,6 +396,9 @@ def classify(model_dir: str | os.PathLike, waveform: np.ndarray | torch.Tensor |
 
     Raises:
         ValueError: integer samples (scale them to [-1, 1]), complex ones, or not one channel.
+        FileNotFoundError: ``model_dir`` is no folder with a ``config.json``: ``transformers`` would take the
+            name for a Hub repository and download it (``runs/xyz`` from the account ``runs``); only a local
+            folder is read.
     """
     import inspect
 
@@ -403,6 +406,10 @@ def classify(model_dir: str | os.PathLike, waveform: np.ndarray | torch.Tensor |
     if samples.dim() != 1:
         raise ValueError(f"classify takes one waveform [S], got shape {tuple(samples.shape)}; pass one clip's "
                          f"channel, w[0], or w.mean(0)")
+    if not is_hf_directory(model_dir):
+        what = "holds no config.json" if Path(model_dir).is_dir() else "does not exist"
+        raise FileNotFoundError(f"{model_dir} is not a Hugging Face model folder ({what}); classify reads a local "
+                                f"folder (c2f-hf export writes one), never a Hub repository")
     transformers = _transformers()
     classifier = transformers.pipeline("audio-classification", model=str(model_dir), device="cpu")
     multi_label = classifier.model.config.problem_type == "multi_label_classification"

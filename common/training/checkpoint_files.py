@@ -68,12 +68,25 @@ def _deepspeed_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
+# what torch appends to every weights_only error (its link to the docs)
+_TORCH_DOCS = "\n\nCheck the documentation of torch.load"
+_TORCH_FAILED = "Weights only load failed."
+
+
 def _unpickling_reason(err: Exception) -> str:
-    """The line of torch's (long) weights_only error that says what was refused."""
-    for line in str(err).splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].split(" was not an allowed global")[0].strip()
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
+    """What torch's (long) weights_only error says was refused, in one line: its unpickler's own message, which
+    torch (2.6 to 2.11 at least) puts after ``WeightsUnpickler error:`` for a global not allowed
+    (``Unsupported global: GLOBAL io.open``) or an unknown opcode (``Unsupported operand 149``), alone after a blank
+    line for a global of a blocked module (``os.system``: ``Trying to load unsupported GLOBAL posix.system whose
+    module posix is blocked``), and on its first line for a module to import first; else its first line."""
+    text = str(err).split(_TORCH_DOCS, 1)[0]
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split(" was not an allowed global")[0]
+    elif text.startswith(_TORCH_FAILED):
+        paragraphs = [p for p in text.split("\n\n") if p.strip()]
+        text = paragraphs[-1] if len(paragraphs) > 1 else text[len(_TORCH_FAILED):]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0].rstrip(".") if lines else type(err).__name__
 
 
 def safe_load(path, *args, **kwargs):

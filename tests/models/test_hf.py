@@ -391,6 +391,34 @@ def test_classify_refuses_a_transformers_whose_pipeline_cannot_score_a_multi_lab
     assert len(classify(single, wave, 16000, top_k=2)) == 2  # a softmax is right for a single-label model
 
 
+def test_classify_reads_a_local_folder_only_and_never_reaches_the_hub(tmp_path, monkeypatch):
+    """A name that is no folder went to ``transformers.pipeline``, which took it for a Hub repository and looked
+    ``huggingface.co`` up (a security review: ``runs/xyz`` would download the ``runs`` account's model): a missing
+    folder, or one without ``config.json``, is one error naming it, and no name is looked up."""
+    import socket
+
+    from common.models.hf_export import classify
+
+    looked_up = []
+
+    def no_network(*args, **kwargs):
+        looked_up.append(args)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.chdir(tmp_path)
+    wave = np.zeros(16000, np.float32)
+    with pytest.raises(FileNotFoundError, match=r"^my-org/ast-esc50 is not a Hugging Face model folder \(does not "
+                                                r"exist\); classify reads a local folder"):
+        classify("my-org/ast-esc50", wave, 16000)
+    (tmp_path / "runs" / "xyz").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"^runs/xyz is not a Hugging Face model folder \(holds no "
+                                                r"config.json\)"):
+        classify("runs/xyz", wave, 16000)
+    assert looked_up == []
+
+
 BAD_JSON = [  # (file, key, value, what the one-line error says after the file's name)
     ("config.json", "hidden_size", None, "hidden_size must be a positive integer, got null"),
     ("config.json", "hidden_size", 0, "hidden_size must be a positive integer, got 0"),

@@ -286,3 +286,43 @@ def test_a_trainer_state_of_the_wrong_shape_is_damage_and_the_resume_falls_back(
         assert RunCheckpoints(ckdir, ONE, keep=2).find_resume() == older
     assert f"cannot resume from checkpoint {newest}: {path} is not a trainer state of this package ({reason})" in \
         caplog.text
+
+
+class _Runs:
+    """Unpickling it would call ``os.system`` (a module torch blocks outright, not only leaves off its list)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class _Foreign:
+    """A class of no checkpoint this package writes."""
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_refused_checkpoint_file_names_what_torch_refused_in_it(tmp_path):
+    """torch 2.11 says a blocked module's global (``os.system``) on a line of its own after its generic first line,
+    with no ``WeightsUnpickler error:``: the error named only that generic line (a security review)."""
+    import pickle
+    import re
+
+    from common.training.checkpoint_files import UnsafeCheckpointFile, safe_load
+
+    marker = tmp_path / "ran"
+    cases = [({"module": _Runs(marker)}, r"\(Trying to load unsupported GLOBAL posix\.system whose module posix is "
+                                         r"blocked\)"),
+             ({"module": _Foreign()}, r"\(Unsupported global: GLOBAL \S+\._Foreign\)"),
+             (None, r"\(Unsupported operand \d+\)")]
+    for number, (state, reason) in enumerate(cases):
+        path = tmp_path / f"{number}.pt"
+        if state is None:  # a plain pickle of protocol 4 (not torch's zip format): an opcode torch does not read
+            path.write_bytes(pickle.dumps({"w": [1.5]}, protocol=4))
+        else:
+            torch.save(state, path)
+        start = re.escape(f"{path} cannot be loaded with weights_only=True ")
+        with pytest.raises(UnsafeCheckpointFile, match=rf"^{start}{reason}: "):
+            safe_load(path)
+    assert not marker.exists()

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
 from pathlib import Path
 
+from common.data.integrity import decoder_reason
+from common.data.lhotse_safety import unsafe_source
+from common.data.manifest_index import count_lines
 from common.data.manifests import open_cuts
 from common.system.disk import output_folder
 
@@ -23,7 +27,10 @@ STALE_SECONDS = 3600  # a partial export nothing wrote for this long was killed
 def export_shar(manifest: str | Path, out_dir: str | Path, shard_size: int = 1000, num_jobs: int = 2) -> str:
     """Write ``cuts.NNNNNN.jsonl.gz`` + ``recording.NNNNNN.tar`` shards (FLAC audio) into ``out_dir``.
 
-    Unreadable clips are left out (Lhotse's ``fault_tolerant``); a recipe names ``out_dir`` where it would
+    Unreadable clips are left out (Lhotse's ``fault_tolerant``), each named in one line and counted in the summary;
+    so is a clip with a ``command`` or ``url`` audio source anywhere in it (never run or fetched: it is dropped
+    before Lhotse reads anything, whichever start method Lhotse's worker processes have). A recipe names ``out_dir``
+    where it would
     name the manifest. A shard holds each cut's own channel (the first of a multi-channel file, as ``prepare``
     writes the cuts): ``data.channels: mean`` (HTS-AT's default) has nothing to mix down there, so mix a
     multi-channel corpus down before (``ffmpeg -ac 1``) where the mean matters.
@@ -47,12 +54,16 @@ def export_shar(manifest: str | Path, out_dir: str | Path, shard_size: int = 100
     if _shards(out_dir):
         raise ValueError(f"--out {out_dir} holds files already (an earlier export?); a Shar folder holds one "
                          f"export's shards only: remove it or name a new folder")
-    cuts = open_cuts([manifest])
+    tally = _LeftOut()
+    cuts = open_cuts([manifest]).filter(tally.admit)
     tmp = out_dir / f"{PARTIAL}{secrets.token_hex(4)}"
     tmp.mkdir()
+    root = logging.getLogger()
+    root.addFilter(tally)  # Lhotse's warning for each clip it leaves out, said in one line (forked workers too)
     try:
         shards = cuts.to_shar(tmp, fields={"recording": "flac"}, shard_size=shard_size, num_jobs=num_jobs,
                               fault_tolerant=True)
+        written = sum(count_lines(Path(path)) for path in shards.get("cuts", []))
         if _shards(out_dir):
             raise ValueError(f"--out {out_dir} was filled by another export while this one ran; its shards are "
                              f"kept, this export's are discarded")
@@ -67,8 +78,50 @@ def export_shar(manifest: str | Path, out_dir: str | Path, shard_size: int = 100
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        root.removeFilter(tally)
     count = len(shards.get("cuts", []))
-    return f"wrote {count} shard(s) of up to {shard_size} clips to {out_dir}"
+    done = f"wrote {count} shard(s) of up to {shard_size} clips to {out_dir}"
+    left = tally.seen - written
+    if left:
+        counts = ((tally.refused, "refused"), (left - tally.refused, "unreadable"))
+        kinds = ", ".join(f"{n} {kind}" for n, kind in counts if n)
+        done += f"; {left} clip(s) left out ({kinds}: each named above)"
+    return done
+
+
+# Lhotse's warning for a clip its fault-tolerant export leaves out: the reason runs over several lines
+_SKIPPING = re.compile(r"^Skipping: failed to load cut '(.*?)'\. Error message: (.*?)\.?$", re.DOTALL)
+_EXTRA_INFO = "[extra info]"
+
+
+class _LeftOut(logging.Filter):
+    """Counts the clips an export is given and refuses those with a ``command`` or ``url`` source (:meth:`admit`);
+    as a filter of the root logger, says Lhotse's warning for a clip it left out in one line, in this package's
+    words (in a forked worker process too, which inherits it; the count of those is the clips given less those
+    written)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = self.refused = 0
+
+    def admit(self, cut) -> bool:
+        self.seen += 1
+        refused = unsafe_source(cut.to_dict())
+        if refused:
+            self.refused += 1
+            log.warning("clip %s left out: %s", cut.id, refused)
+        return not refused
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        m = _SKIPPING.match(record.getMessage()) if record.name == "root" else None
+        if m is None:
+            return True
+        reason = m.group(2).split(_EXTRA_INFO, 1)[0].strip()
+        if not reason.startswith("refused ("):
+            reason = f"unreadable ({decoder_reason(RuntimeError(reason))[:200]})"
+        log.warning("clip %s left out: %s", m.group(1), reason)
+        return False
 
 
 def _shards(folder: Path) -> list[Path]:
