@@ -1,6 +1,7 @@
 """Bad audio: counted, named, judged; never replaced with silence.
 
-A clip whose file is missing, cannot be decoded, is empty or truncated, or holds non-finite samples is left out
+A clip whose file is missing, cannot be decoded, is empty or truncated, or holds non-finite samples or samples far
+outside [-1, 1] (``common.data.integrity.sample_problem``) is left out
 of its batch, and named with its reason in ``Batch.bad``; :class:`BadAudioTracker` counts them per split
 (training and validation), lists each once in the run's ``bad_audio.tsv``, and stops the run with
 :class:`TooMuchBadAudio` past a configurable fraction or when no clip of a split can be used; on several ranks

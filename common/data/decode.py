@@ -17,7 +17,7 @@ import soundfile as sf
 from lhotse import Recording
 from lhotse.audio.utils import set_audio_duration_mismatch_tolerance
 
-from common.data.integrity import HEADER_SIZED, decoder_reason, truncation
+from common.data.integrity import HEADER_SIZED, decoder_reason, sample_problem, truncation
 from common.data.lhotse_safety import no_shell
 
 __all__ = ["BadClip", "AUDIO_LENGTH_TOLERANCE", "SAFE_SOURCES", "CHANNELS", "narrow_length_tolerance",
@@ -185,6 +185,7 @@ def load_clip(cut, sample_rate: int, channels: str = "first") -> np.ndarray:
     expected = int(round(cut.duration * sample_rate))
     if wave.size < 0.9 * expected:
         raise BadClip(f"truncated ({wave.size} of {expected} samples)")
-    if not np.isfinite(wave).all():
-        raise BadClip("non-finite samples (NaN or inf)")
+    problem = sample_problem(wave)
+    if problem:
+        raise BadClip(problem)
     return wave

@@ -4,6 +4,7 @@ truncated files named as such, at preparation and at load, and all-bad validatio
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 from lhotse import CutSet
@@ -443,3 +444,37 @@ def test_a_file_named_like_a_shell_command_is_only_a_name(tmp_path, monkeypatch)
     sf.write(sphere, np.zeros(8000, dtype=np.float32) + 0.1, 16000, format="NIST", subtype="PCM_16")
     cut = Recording.from_file(sphere).to_cut()
     assert load_clip(cut, 16000).shape == (8000,)
+
+
+@pytest.mark.parametrize("scale, bad", [(1.5, False), (4.0, False), (12000.0, True), (1e30, True)])
+def test_float_samples_far_outside_full_scale_are_bad_audio_in_training_and_inference(tmp_path, scale, bad):
+    """A float file a little over full scale trains; one at integer scale (int16 values written as float: every
+    log-mel value ~20 too high) or of garbage floats (1e30: NaN features, a NaN loss naming no clip) is bad audio,
+    with the same reason where training loads it and where predict and embed read it."""
+    from lhotse import Recording
+
+    from common.data.audio_file import AudioFile, AudioReadError
+    from common.data.decode import audio_file_problem
+    from common.data.integrity import MAX_SAMPLE_PEAK
+
+    tone = np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
+    path = tmp_path / "scaled.wav"
+    sf.write(path, (scale * tone).astype(np.float32), 16000, subtype="FLOAT")
+    cut = Recording.from_file(path).to_cut()
+    if not bad:
+        assert np.abs(load_clip(cut, 16000)).max() == pytest.approx(scale, rel=1e-3)
+        assert audio_file_problem(str(path)) is None
+        with AudioFile(path, 16000) as audio:
+            assert audio.read(0, 16000).size == 16000
+        return
+    assert scale > MAX_SAMPLE_PEAK
+    reason = (rf"^samples far outside \[-1, 1\] \(peak {scale:.2g}\): not float audio at full scale \(garbage data, "
+              rf"or integer PCM written as float\?\)$").replace("+", r"\+")
+    with pytest.raises(BadClip, match=reason):
+        load_clip(cut, 16000)
+    with pytest.raises(BadClip, match=reason):
+        load_clip(cut, 32000, channels="mean")  # resampled: the same peak, up to the filter's ripple
+    assert audio_file_problem(str(path)).startswith("samples far outside")  # a resume's recheck keeps it listed
+    with pytest.raises(AudioReadError, match=reason):  # predict, embed
+        with AudioFile(path, 16000) as audio:
+            audio.read(0, 16000)
