@@ -410,9 +410,11 @@ class RunRecord:
         tag = self.checkpoints.latest_tag()
         return NonFiniteLoss(
             f"non-finite loss {value}in {label} at step {step}; {what}. The last good checkpoint is "
-            f"{self.checkpoints.ckdir / tag if tag else 'none (no checkpoint yet)'}; check the data, or lower the "
-            f"learning rate (e.g. --set optim.lr=...: a resumed run accepts learning-rate and schedule changes and "
-            f"records them in ledger.json), then run the command again to resume from it")
+            f"{self.checkpoints.ckdir / tag if tag else 'none (no checkpoint yet)'}; the data can cause it as well as "
+            f"the learning rate: run the command again to resume from it with a lower one (e.g. --set optim.lr=...: a "
+            f"resumed run accepts learning-rate and schedule changes and records them in ledger.json), and if the "
+            f"loss turns non-finite at this step again (the clips come in the same seeded order), look for a clip "
+            f"whose audio or labels are broken in the training data rather than lowering the rate further")
 
     def log_window(self, index: int, window: LogWindow, lr: float, bar) -> None:
         """A log window's mean losses over every rank's micro-batches (``window`` empties) and the throughput
