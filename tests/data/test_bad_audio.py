@@ -478,3 +478,28 @@ def test_float_samples_far_outside_full_scale_are_bad_audio_in_training_and_infe
     with pytest.raises(AudioReadError, match=reason):  # predict, embed
         with AudioFile(path, 16000) as audio:
             audio.read(0, 16000)
+
+
+@pytest.mark.slow
+def test_fine_tuning_s_test_score_applies_max_bad_fraction_and_counts_bad_clips(tmp_path, synth_corpus, data_root,
+                                                                               capsys):
+    """The test score a run reports (the paper's tables) is of the clips that could be read: more bad ones than
+    data.max_bad_fraction stop the run as in validation, and test_metrics.json says how many were skipped, as
+    c2f-evaluate does; the advice (a resume that tolerates more) scores it."""
+    test = local_manifest(synth_corpus / "synth_test.jsonl.gz", tmp_path / "s", "test", 12, {4: "delete"})
+    run_dir = tmp_path / "run"
+
+    def run(fraction: float) -> int:
+        return finetune(["--init", "none", "--task", "synth", "--data-root", str(data_root), "--run-dir",
+                         str(run_dir), *sets(*TINY, f"task.test=[{test}]", f"data.max_bad_fraction={fraction}",
+                                             "phases=[{compression: none, epochs: 1}]")])
+
+    assert run(0.05) == 1  # 1 of 12 test clips: more than 5 %
+    err = capsys.readouterr().err
+    assert "1 of 12 clips (8.3%) could not be used (test), more than max_bad_fraction=5.0%" in err
+    assert not (run_dir / "test_metrics.json").exists()
+    assert run(0.1) == 0
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    assert metrics["clips"] == 11 and metrics["bad_clips"] == 1
+    rows = (run_dir / "bad_audio.tsv").read_text().splitlines()[1:]
+    assert rows == [f"test\t{tmp_path / 's' / 'test-4.wav'}\tmissing (no such file)"]
