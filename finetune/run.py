@@ -242,6 +242,16 @@ def _final_model(run_dir: Path) -> str:
     return text
 
 
+def _bad_clips(run_dir: Path) -> int:
+    """The clips a finished run (one fold) skipped as bad audio, every time met: its ledger's splits and its test
+    split's (``test_metrics.json``)."""
+    from common.training.ledger import Ledger
+
+    test = run_dir / "test_metrics.json"
+    tested = json.loads(test.read_text()).get("bad_clips", 0) if test.is_file() else 0
+    return Ledger.read(run_dir).bad_clips() + (tested if isinstance(tested, int) else 0)
+
+
 def _run_root(args, recipe) -> Path:
     """The run directory: ``--run-dir``, or one named after the task, the recipe and ``--coarse``."""
     from common.phases.coarse import coarse_tag
@@ -481,12 +491,16 @@ def main(argv: list[str] | None = None) -> int:
             if done and recipe.task.folds and dist.is_main:
                 _cross_validation(run_root, len(splits), recipe.task.metric)
         if dist.is_main and done:
+            from common.training.ledger import skipped_note
+
+            bad = skipped_note(sum(_bad_clips(d) for d in run_dirs),
+                               str(run_root / ("fold*" if recipe.task.folds else "") / "bad_audio.tsv"))
             if recipe.task.folds:
                 print(f"done: {run_root} (cross-validation: cv_summary.json; each fold in fold1..fold{len(splits)}: "
-                      f"model.safetensors, per-epoch metrics ledger.json)")
+                      f"model.safetensors, per-epoch metrics ledger.json){bad}")
             else:
                 print(f"done: {run_root} (model: model.safetensors, {_final_model(run_root)}; per-epoch metrics: "
-                      f"ledger.json)")
+                      f"ledger.json){bad}")
         return 0
 
     return run_main(body, resumable=True)

@@ -232,6 +232,17 @@ class BadAudioTracker:
         self._since = Counter()
         self._new = []
 
+    def counts(self) -> dict[str, dict]:
+        """The run's counts so far, ``{split: {"seen", "bad", "reasons"}}``: this tracker's split and its other
+        splits' (those kept from a checkpoint too), every time a clip was met; on several ranks, every rank's
+        (collective: every rank calls it at the same point, as the trainer does before each ledger write)."""
+        for tracker in (self, *(self._splits[name] for name in sorted(self._splits))):
+            tracker.settle()
+        state = self.state_dict()
+        return {self.split: {"seen": state["seen"], "bad": state["bad"], "reasons": state["reasons"]},
+                **{name: {key: split[key] for key in ("seen", "bad", "reasons")}
+                   for name, split in sorted(state["splits"].items())}}
+
     def take_upsampled(self, dist=None) -> dict[str, dict[tuple[int, int], int]]:
         """The clips resampled up since the last call, per split (this tracker's and its other splits'), and
         forget them: ``{split: {(clip rate, target rate): clips}}``.

@@ -503,3 +503,63 @@ def test_fine_tuning_s_test_score_applies_max_bad_fraction_and_counts_bad_clips(
     assert metrics["clips"] == 11 and metrics["bad_clips"] == 1
     rows = (run_dir / "bad_audio.tsv").read_text().splitlines()[1:]
     assert rows == [f"test\t{tmp_path / 's' / 'test-4.wav'}\tmissing (no such file)"]
+
+
+def test_the_tracker_s_counts_are_every_split_s_including_those_kept_from_a_checkpoint(tmp_path):
+    import torch
+
+    from common.data.clips import Batch
+
+    def batch(clips: int, bad: int, reason: str = "missing (no such file)") -> Batch:
+        ids = [f"c{i}" for i in range(clips)]
+        return Batch(torch.zeros(clips, 8), torch.full((clips,), 8), None, ids,
+                     bad=[(f"{tmp_path}/b{i}.wav", reason) for i in range(bad)])
+
+    tracker = BadAudioTracker(1.0)
+    tracker.update(batch(3, 1))
+    tracker.for_split("valid").update(batch(2, 2, "unreadable (x)"))
+    assert tracker.counts() == {"train": {"seen": 4, "bad": 1, "reasons": {"missing": 1}},
+                                "valid": {"seen": 4, "bad": 2, "reasons": {"unreadable": 2}}}
+    resumed = BadAudioTracker(1.0)
+    resumed.load_state_dict(json.loads(json.dumps(tracker.state_dict())))  # valid not opened again yet
+    assert resumed.counts() == tracker.counts()
+
+
+@pytest.mark.slow
+def test_ledger_json_counts_bad_clips_per_split_exactly_through_a_resume_and_the_last_line_says_so(
+        tmp_path, synth_corpus, data_root, capsys):
+    """The counts were only in the checkpoints' trainer state: ledger.json holds them per split (every time a clip
+    was met), the same for a run stopped and resumed as for one that ran through, and the run's last line says
+    how many clips were skipped and where they are listed."""
+    valid = local_manifest(synth_corpus / "synth_valid.jsonl.gz", tmp_path / "v", "valid", 8, {1: "delete"})
+    train = local_manifest(synth_corpus / "synth_train.jsonl.gz", tmp_path / "t", "train", 12, {5: "garbage"})
+    ledgers = {}
+    for name, stop in (("through", None), ("resumed", 4)):
+        run_dir = tmp_path / name
+        argv = ["--init", "none", "--task", "synth", "--data-root", str(data_root), "--run-dir", str(run_dir),
+                *sets(*TINY, f"task.valid=[{valid}]", f"task.train=[{train}]", "data.max_bad_fraction=0.2",
+                      "phases=[{compression: none, epochs: 2}]")]
+        if stop:
+            assert finetune([*argv, "--stop-after-steps", str(stop)]) == 0  # into the second epoch
+            capsys.readouterr()
+        assert finetune(argv) == 0
+        ledgers[name] = json.loads((run_dir / "ledger.json").read_text())["bad_audio"]
+        assert capsys.readouterr().out.strip().endswith(
+            f"; 4 clip(s) skipped as bad audio ({run_dir / 'bad_audio.tsv'})")
+    assert ledgers["through"] == {"train": {"seen": 24, "bad": 2, "reasons": {"unreadable": 2}},
+                                  "valid": {"seen": 16, "bad": 2, "reasons": {"missing": 2}}}
+    assert ledgers["resumed"] == ledgers["through"]
+
+
+@pytest.mark.slow
+def test_pretraining_s_last_line_says_how_many_clips_were_skipped(tmp_path, synth_corpus, capsys):
+    from tests.helpers import run as pretrain
+
+    pool = local_manifest(synth_corpus / "synth_pool.jsonl.gz", tmp_path / "p", "pool", 12, {3: "garbage"})
+    run_dir = tmp_path / "run"
+    assert pretrain(run_dir, synth_corpus, f"data.train=[{{path: {pool}}}]", "data.max_bad_fraction=0.5") == 0
+    bad = json.loads((run_dir / "ledger.json").read_text())["bad_audio"]
+    assert bad["train"]["bad"] >= 1 and sum(s["bad"] for s in bad.values()) == bad["train"]["bad"]
+    assert capsys.readouterr().out.strip() == (
+        f"done: {run_dir / 'model.safetensors'} (ledger: {run_dir / 'ledger.json'}); {bad['train']['bad']} clip(s) "
+        f"skipped as bad audio ({run_dir / 'bad_audio.tsv'})")
