@@ -563,3 +563,42 @@ def test_pretraining_s_last_line_says_how_many_clips_were_skipped(tmp_path, synt
     assert capsys.readouterr().out.strip() == (
         f"done: {run_dir / 'model.safetensors'} (ledger: {run_dir / 'ledger.json'}); {bad['train']['bad']} clip(s) "
         f"skipped as bad audio ({run_dir / 'bad_audio.tsv'})")
+
+
+def test_the_linear_probe_counts_judges_and_repeats_from_its_cache_the_clips_it_skipped(tmp_path, synth_corpus,
+                                                                                          capsys):
+    """The probe skipped bad clips without a limit or a count, logged them as '(eval)', and said nothing when its
+    features came from the cache: it counts them per split, stops past max_bad_fraction (training's default)
+    and says the same from the cache, where the features stay those taken (a file restored since stays out)."""
+    from common.models.ast.encoder import ASTEncoder, EncoderConfig
+    from common.models.exports import save_encoder
+    from finetune.linear_probe import main as probe
+
+    save_encoder(ASTEncoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, input_tdim=64, fstride=10,
+                                          tstride=10)), tmp_path / "e.safetensors")
+    train = local_manifest(synth_corpus / "synth_train.jsonl.gz", tmp_path / "t", "train", 24,
+                           {3: "delete", 7: "garbage"})
+    (tmp_path / "t.yaml").write_text(
+        f"name: t\ntrain: [{train}]\nvalid: [{synth_corpus}/synth_valid.jsonl.gz]\n"
+        f"classes: {synth_corpus}/synth_classes.json\ntarget_frames: 64\nnorm: audioset\nmetric: acc\nloss: ce\n")
+    out = tmp_path / "probe.json"
+    argv = ["--init", str(tmp_path / "e.safetensors"), "--task", str(tmp_path / "t.yaml"), "--cache-dir",
+            str(tmp_path / "cache"), "--workers", "0", "--out", str(out)]
+    deleted, garbage = str(tmp_path / "t" / "train-3.wav"), str(tmp_path / "t" / "train-7.wav")
+    for cached in (False, True):
+        capsys.readouterr()
+        assert probe(argv) == 1  # the default, 2 %
+        err = capsys.readouterr().err
+        assert "error: t: 2 of 24 train clips (8.3%) are bad audio, more than max_bad_fraction=2.0%" in err
+        assert "--max-bad-fraction F" in err and "--set data.max_bad_fraction" not in err
+        assert probe([*argv, "--max-bad-fraction", "0.1"]) == 0
+        captured = capsys.readouterr()
+        assert f"skipped bad audio (train) {deleted}: missing (no such file)" in captured.err
+        assert f"skipped bad audio (train) {garbage}: unreadable" in captured.err and "(eval)" not in captured.err
+        assert "t: 2 clip(s) skipped as bad audio (train 2 of 24; listed in --out)" in captured.out
+        result = json.loads(out.read_text())[0]
+        assert result["clips"] == {"train": 22, "valid": 12} and result["bad_clips"] == {"train": 2, "valid": 0}
+        assert sorted(p for p, _ in result["skipped"]["train"]) == [deleted, garbage]
+        assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+        if not cached:
+            Path(deleted).write_bytes(Path(str(tmp_path / "t" / "train-4.wav")).read_bytes())  # restored
