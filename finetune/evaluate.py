@@ -42,9 +42,14 @@ def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequenc
     :class:`~common.data.bad_audio.BadAudioTracker` split, or a fresh one without a limit); ``loaded``: what
     :func:`~finetune.classifier.load_classifier` gave for ``path`` (not read again); ``dist``: the ranks of a
     training job, which score a share of the clips each (every clip once, as validation spreads them) and all
-    return the metrics of the whole set (None: this process alone)."""
+    return the metrics of the whole set (None: this process alone).
+
+    The metrics end with ``clips`` (scored) and ``bad_clips`` (skipped as bad audio in this pass, every rank's),
+    which ``c2f-evaluate`` and a fine-tuning run's ``test_metrics.json`` give alike; ``tracker`` judges the share
+    skipped with its limit at the end of the pass (:class:`~common.data.bad_audio.TooMuchBadAudio`)."""
     import torch
 
+    from common.data.bad_audio import BadAudioTracker
     from common.data.loader import eval_loader
     from common.metrics import compute_metrics
     from finetune.classifier import load_classifier, metric_scores
@@ -58,6 +63,8 @@ def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequenc
     sample_rate, clip_samples = clip_for_export(meta)
     clips = clip_handling(meta)
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    tracker = tracker if tracker is not None else BadAudioTracker(1.0, split="eval")
+    bad_before = tracker.bad  # a run's tracker may have counted this split before (a test scored again)
     loader = eval_loader(manifests, classes, clip_samples, sample_rate, batch_size, num_workers, crop=clips["crop"],
                          pad=clips["pad"], tracker=tracker, channels=clips["channels"], rank=rank,
                          world_size=world_size)
@@ -77,6 +84,7 @@ def evaluate_export(path: str | Path, manifests: Sequence[str], classes: Sequenc
         raise ValueError(f"no usable clip in {', '.join(map(str, manifests))}")
     metrics = compute_metrics(torch.cat(targets).numpy(), torch.cat(scores).numpy())
     metrics["clips"] = sum(len(t) for t in targets)
+    metrics["bad_clips"] = tracker.bad - bad_before  # every rank's: settled at the end of the pass (tracker.check)
     return metrics
 
 
@@ -131,15 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         tracker = BadAudioTracker(1.0, split="eval", source=args.manifests)
         metrics = evaluate_export(model, args.manifests, None, args.batch_size, args.workers, device, tracker,
                                   show_progress=True, loaded=loaded)
-        metrics["bad_clips"] = tracker.bad
         if args.json:
             print(jsonfile.dumps({"model": str(model), "manifests": list(args.manifests), **metrics}, indent=1))
         else:
             print(f"{model} on {', '.join(args.manifests)}: acc={metrics['acc']:.4f} mAP={metrics['mAP']:.4f} "
                   f"mAUC={metrics['mAUC']:.4f} ({int(metrics['clips'])} clips)")
-        if tracker.bad:  # each one was named as it was skipped
-            print(f"error: {tracker.bad} clips could not be read and were skipped", file=sys.stderr)
-        return 1 if tracker.bad else 0
+        if metrics["bad_clips"]:  # each one was named as it was skipped
+            print(f"error: {metrics['bad_clips']} clips could not be read and were skipped", file=sys.stderr)
+        return 1 if metrics["bad_clips"] else 0
 
     return run_main(body)
 

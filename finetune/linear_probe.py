@@ -66,6 +66,8 @@ class ProbeRecipe:
         data_root: folder the tasks' manifests are under.
         cache_dir: where features are cached (relative to the working folder; one file per model and split, never
             evicted: docs/finetuning.md says what it holds and how to clear it).
+        max_bad_fraction: the probe stops when more than this share of a split's clips is bad audio (skipped:
+            missing, unreadable, ...), as training's ``data.max_bad_fraction`` (the same default) stops a run.
     """
 
     tasks: list[str] = field(default_factory=list)
@@ -76,6 +78,7 @@ class ProbeRecipe:
     num_workers: int = 2
     data_root: str = "data"
     cache_dir: str = "runs/probe_cache"
+    max_bad_fraction: float = 0.02
 
     def __post_init__(self) -> None:
         grid = self.C if isinstance(self.C, list) else [self.C]
@@ -88,6 +91,8 @@ class ProbeRecipe:
             raise ValueError(f"batch_size: must be 1 or more, got {self.batch_size}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers: must be 0 (decode in this process) or more, got {self.num_workers}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction: must be a share in [0, 1], got {self.max_bad_fraction}")
 
     @property
     def grid(self) -> list[float]:
@@ -95,19 +100,40 @@ class ProbeRecipe:
         return sorted(self.C) if isinstance(self.C, list) else [self.C]
 
 
-def _read_cached(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """The features and targets a probe cached in ``path``, or None (with a warning naming the file) where it is
-    not such a cache (cut short, another file, arrays that do not go together): they are computed again."""
+def _read_cached(path: Path) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]] | None:
+    """The features, targets and skipped clips (``(path, reason)``) a probe cached in ``path``, or None (with a
+    warning naming the file) where it is not such a cache (cut short, another file, arrays that do not go together,
+    a cache written before the skipped clips were kept with the features): they are computed again."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            x, y = data["x"], data["y"]
+            if "skipped" not in data:
+                raise ValueError("written by an older version, without the list of the clips it skipped as bad audio")
+            x, y, skipped = data["x"], data["y"], data["skipped"]
         if x.ndim != 2 or y.ndim not in (1, 2) or len(x) != len(y) or not np.issubdtype(x.dtype, np.floating):
             raise ValueError(f"x {x.shape} {x.dtype} and y {y.shape} are not one feature row per clip")
+        if skipped.ndim != 2 or skipped.shape[1] != 2:
+            raise ValueError(f"skipped {skipped.shape} is not one (path, reason) row per skipped clip")
     except Exception as err:  # noqa: BLE001 - any unreadable cache is computed again, never trusted
         log.warning("feature cache %s is unusable (%s: %s); computing the features again", path,
                     type(err).__name__, err)
         return None
-    return x, y
+    return x, y, [(str(a), str(b)) for a, b in skipped]
+
+
+def _skipped_array(skipped: Sequence[tuple[str, str]]) -> np.ndarray:
+    """The skipped clips as the cache stores them: strings ``[n, 2]`` (no pickle)."""
+    return np.array([list(row) for row in skipped], dtype=str).reshape(len(skipped), 2)
+
+
+def _said_again(tracker, clips: int, skipped: Sequence[tuple[str, str]]) -> None:
+    """Count cached features' clips in ``tracker`` as their extraction did: ``clips`` used and the ``skipped``
+    ones (each named again, with its reason of then), and judge the split with the tracker's limit."""
+    import torch
+
+    from common.data.clips import Batch
+
+    tracker.update(Batch(torch.zeros(0, 1), torch.zeros(0, dtype=torch.long), None, [""] * clips, bad=list(skipped)))
+    tracker.check()
 
 
 def _cache_key(ckpt: str, manifests: Sequence[str], cfg, layer, pool, front_end: str = "",
@@ -128,13 +154,15 @@ def _cache_key(ckpt: str, manifests: Sequence[str], cfg, layer, pool, front_end:
 def extract_features(encoder, arch, manifests: Sequence[str], classes: Sequence[str], layer: int | None = None,
                      pool: str = "mean", batch_size: int = 32, num_workers: int = 2,
                      device: str | torch.device = "cpu", channels: str = "first", pad: str = "zeros",
-                     crop: str = "start") -> tuple[np.ndarray, np.ndarray]:
+                     crop: str = "start", tracker=None, skipped: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(features [clips, D], targets [clips, classes])`` of a frozen full-resolution encoder over
     ``manifests``: each clip's first window, embedded by :class:`finetune.embedder.Embedder` (the code
     ``finetune/embed.py`` writes embeddings with) around ``encoder`` and the front end of ``arch``
     (``common.models.arch``); ``channels`` (how a multi-channel file is read), ``pad`` (how a short clip is
     filled) and ``crop`` (where a long one is cut) as the encoder was validated in training
-    (``finetune.inference.clip_handling``)."""
+    (``finetune.inference.clip_handling``). Bad audio is skipped, counted and judged by ``tracker`` (a
+    :class:`~common.data.bad_audio.BadAudioTracker` of the split; None: counted without a limit) and each
+    skipped clip's ``(path, reason)`` appended to ``skipped``."""
     from common.data.loader import eval_loader
     from common.data.manifests import count_clips
     from common.system.logger import progress
@@ -142,7 +170,7 @@ def extract_features(encoder, arch, manifests: Sequence[str], classes: Sequence[
 
     embedder = Embedder.from_arch(encoder, arch, layer=layer, pool=pool, device=device, pad=pad)
     loader = eval_loader(manifests, classes, arch.clip_samples, arch.sample_rate, batch_size, num_workers,
-                         channels=channels, pad=pad, crop=crop)
+                         channels=channels, pad=pad, crop=crop, tracker=tracker)
     feats, targets = [], []
     counts = [count_clips(m) for m in manifests]
     bar = progress(None if None in counts else sum(counts), 0, f"features of {Path(manifests[0]).name}"
@@ -150,6 +178,8 @@ def extract_features(encoder, arch, manifests: Sequence[str], classes: Sequence[
     with bar:
         for batch in loader.batches(epochs=1):
             bar.update(len(batch) + len(batch.bad))
+            if skipped is not None:
+                skipped.extend(batch.bad)
             if not len(batch):
                 continue
             feats.append(embedder.embed(batch.waveforms, batch.lengths).clip)
@@ -293,22 +323,52 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
     front_end += "".join(f"|{key}={clips[key]}" for key, usual in (("channels", "first"), ("pad", "zeros"),
                                                                   ("crop", "start")) if clips[key] != usual)
 
-    def features(manifests: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    from common.data.bad_audio import BadAudioTracker, TooMuchBadAudio
+
+    used: dict[str, int] = {}  # split -> clips whose features were taken
+    skipped: dict[str, list[tuple[str, str]]] = {}  # split -> (path, reason) of the clips skipped as bad audio
+
+    def features(manifests: list[str], split: str) -> tuple[np.ndarray, np.ndarray]:
+        """The split's features, from the cache or extracted; its bad clips counted (named under ``split``) and
+        judged with ``recipe.max_bad_fraction``, the same whether the features are cached or not."""
         path = cache / f"{_cache_key(init_path, manifests, cfg, recipe.layer, pool, front_end, classes)}.npz"
+        tracker = BadAudioTracker(recipe.max_bad_fraction, split=split, source=manifests)
         cached = _read_cached(path) if path.is_file() else None
-        if cached is not None:
-            return cached
-        x, y = extract_features(encoder, arch, manifests, classes, recipe.layer, pool, recipe.batch_size,
-                                recipe.num_workers, device, clips["channels"], clips["pad"], clips["crop"])
-        cache.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path, x.nbytes + y.nbytes) as tmp, open(tmp, "wb") as handle:  # a killed run leaves none
-            np.savez(handle, x=x, y=y)
+        try:
+            if cached is not None:
+                x, y, bad = cached
+                if bad:
+                    log.info("%s: %d clip(s) of %s were left out of these cached features as bad audio when they "
+                             "were taken", path, len(bad), split)
+                _said_again(tracker, len(x), bad)
+            else:
+                bad = []
+                x, y = extract_features(encoder, arch, manifests, classes, recipe.layer, pool, recipe.batch_size,
+                                        recipe.num_workers, device, clips["channels"], clips["pad"], clips["crop"],
+                                        tracker, bad)
+                cache.mkdir(parents=True, exist_ok=True)
+                listed = _skipped_array(bad)
+                with atomic_path(path, x.nbytes + y.nbytes + listed.nbytes) as tmp, open(tmp, "wb") as handle:
+                    np.savez(handle, x=x, y=y, skipped=listed)  # a killed run leaves none
+        except TooMuchBadAudio:
+            if tracker.bad == tracker.seen:  # none usable: the tracker's message names the manifests
+                raise
+            raise TooMuchBadAudio(  # the probe's own advice (the tracker's is a training run's)
+                f"{task.name}: {tracker.bad} of {tracker.seen} {split} clips ({tracker.bad / tracker.seen:.1%}) are "
+                f"bad audio, more than max_bad_fraction={recipe.max_bad_fraction:.1%} ({dict(tracker.reasons)}; "
+                f"each named above). Restore the files, or tolerate more with --max-bad-fraction F") from None
+        used[split], skipped[split] = used.get(split, 0) + len(x), skipped.get(split, []) + list(bad)
         return x, y
+
+    def accounts() -> dict:
+        """The clips each split used and skipped (``--out``; the table's note)."""
+        return {"clips": dict(used), "bad_clips": {k: len(v) for k, v in skipped.items()},
+                "skipped": {k: [list(row) for row in v] for k, v in skipped.items() if v}}
 
     multilabel = task.metric == "mAP"
     grid = recipe.grid
     if task.folds:
-        fold_data = [features([task.path(p)]) for p in task.folds]
+        fold_data = [features([task.path(p)], f"fold{k + 1}") for k, p in enumerate(task.folds)]
         values, chosen, selection = [], [], []
         for k in range(len(fold_data)):
             others = [j for j in range(len(fold_data)) if j != k]
@@ -320,15 +380,17 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
             chosen.append(c)
             selection.append(scores)
         return {"task": task.name, "metric": task.metric, "value": float(np.mean(values)), "folds": values,
-                "pool": pool, "C": chosen, **({"chosen_on": on, "selection": selection} if on else {})}
-    x_tr, y_tr = features([task.path(p) for p in task.train])
+                "pool": pool, "C": chosen, **({"chosen_on": on, "selection": selection} if on else {}), **accounts()}
+    x_tr, y_tr = features([task.path(p) for p in task.train], "train")
     test = task.test or task.valid
-    valid = features([task.path(p) for p in task.valid]) if task.test and task.valid and len(grid) > 1 else None
+    valid = features([task.path(p) for p in task.valid], "valid") \
+        if task.test and task.valid and len(grid) > 1 else None
     c, scores, on = choose_C(grid, x_tr, y_tr, task.metric, multilabel, valid=valid)
-    x_te, y_te = features([task.path(p) for p in test])
+    x_te, y_te = features([task.path(p) for p in test], "test" if task.test else "valid")
     value = fit_and_score(x_tr, y_tr, x_te, y_te, task.metric, multilabel, c)
     return {"task": task.name, "metric": task.metric, "value": value, "train_clips": len(x_tr),
-            "test_clips": len(x_te), "pool": pool, "C": c, **({"chosen_on": on, "selection": scores} if on else {})}
+            "test_clips": len(x_te), "pool": pool, "C": c, **({"chosen_on": on, "selection": scores} if on else {}),
+            **accounts()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,7 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default=None, help="feature cache (default runs/probe_cache)")
     parser.add_argument("--workers", type=whole_number(0, ">= 0 (0: decode in this process)"), default=None,
                         help="decoding processes (default 2; 0: this one)")
-    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--max-bad-fraction", type=float, default=None, metavar="F",
+                        help="stop when more than this share of a split's clips is bad audio (default 0.02, as "
+                             "training's data.max_bad_fraction)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the results as JSON here (with the clips used and skipped per split)")
     return parser
 
 
@@ -382,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         flags = {}  # recipe key -> the option that set it
         for key, flag, value in (("tasks", "--task", args.task), ("pool", "--pool", args.pool), ("C", "--C", args.C),
                                  ("data_root", "--data-root", args.data_root),
-                                 ("cache_dir", "--cache-dir", args.cache_dir), ("num_workers", "--workers", args.workers)):
+                                 ("cache_dir", "--cache-dir", args.cache_dir),
+                                 ("num_workers", "--workers", args.workers),
+                                 ("max_bad_fraction", "--max-bad-fraction", args.max_bad_fraction)):
             if value is not None:
                 data[key], flags[key] = (value[0] if key == "C" and len(value) == 1 else value), flag
         if args.layer is not None:
@@ -419,6 +487,12 @@ def main(argv: list[str] | None = None) -> int:
                   + (f" {c:<{wide}} |" if len(grid) > 1 else ""))
         for r in results if len(grid) > 1 else ():
             print(f"{r['task']}: C chosen on {r['chosen_on']}" + (" of each fold" if "folds" in r else ""))
+        for r in results:  # the clips each score left out (named in the log as they were skipped)
+            bad = r["bad_clips"]
+            if any(bad.values()):
+                print(f"{r['task']}: {sum(bad.values())} clip(s) skipped as bad audio ("
+                      + ", ".join(f"{split} {n} of {n + r['clips'][split]}" for split, n in bad.items() if n)
+                      + ("; listed in --out" if args.out else "") + ")")
         if args.out:
             atomic_write_text(args.out, jsonfile.dumps(results, indent=1))
         return 0

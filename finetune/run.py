@@ -198,7 +198,9 @@ def _surpass_targets(recipe, run_dirs: list[Path], restart: bool) -> list[str | 
 
 def _test(run_dir: Path, recipe, classes, dist, tracker) -> None:
     """Evaluate the best epoch's model (the weight average if there is one) on the task's test split: every rank
-    scores its share of the clips (a rank does not wait for rank 0 to score them all), rank 0 writes the result."""
+    scores its share of the clips (a rank does not wait for rank 0 to score them all), rank 0 writes the result
+    with the clips scored and skipped as bad audio (``evaluate_export``'s ``clips`` and ``bad_clips``); more bad
+    clips than ``data.max_bad_fraction`` stop the run as in validation (``tracker``: the run's, its test split)."""
     from common.training.batch import phase_splits
     from finetune.evaluate import evaluate_export
 
@@ -212,8 +214,8 @@ def _test(run_dir: Path, recipe, classes, dist, tracker) -> None:
     if not dist.is_main:
         return
     atomic_write_text(run_dir / "test_metrics.json", jsonfile.dumps({"model": str(model), **metrics}, indent=1))
-    log.info("test split (%s): %s", model.name, ", ".join(f"{k}={int(v)}" if k == "clips" else f"{k}={v:.4f}"
-                                                          for k, v in metrics.items()))
+    log.info("test split (%s): %s", model.name, ", ".join(f"{k}={int(v)}" if k in ("clips", "bad_clips")
+                                                          else f"{k}={v:.4f}" for k, v in metrics.items()))
 
 
 def _final_model(run_dir: Path) -> str:
@@ -238,6 +240,16 @@ def _final_model(run_dir: Path) -> str:
         score = json.loads(test.read_text()).get(ledger.score)
         text += f"; test {ledger.score} {score:.4g}: test_metrics.json" if isinstance(score, (int, float)) else ""
     return text
+
+
+def _bad_clips(run_dir: Path) -> int:
+    """The clips a finished run (one fold) skipped as bad audio, every time met: its ledger's splits and its test
+    split's (``test_metrics.json``)."""
+    from common.training.ledger import Ledger
+
+    test = run_dir / "test_metrics.json"
+    tested = json.loads(test.read_text()).get("bad_clips", 0) if test.is_file() else 0
+    return Ledger.read(run_dir).bad_clips() + (tested if isinstance(tested, int) else 0)
 
 
 def _run_root(args, recipe) -> Path:
@@ -473,18 +485,22 @@ def main(argv: list[str] | None = None) -> int:
                         log.info("--stop-after-steps %d: this command took %d steps over folds 1-%d (%d in fold %d)",
                                  args.stop_after_steps, used, k + 1, trainer.steps_taken, k + 1)
                     break
-                if recipe.task.test:  # the run's accounting of audio, without a limit, over every rank
-                    _test(run_dir, recipe, classes, dist, trainer.tracker.for_split("test", max_fraction=1.0,
-                                                                                    dist=dist))
+                if recipe.task.test:  # the run's accounting of audio and its limit, over every rank
+                    _test(run_dir, recipe, classes, dist, trainer.tracker.for_split(
+                        "test", [recipe.task.path(p) for p in recipe.task.test], dist=dist))
             if done and recipe.task.folds and dist.is_main:
                 _cross_validation(run_root, len(splits), recipe.task.metric)
         if dist.is_main and done:
+            from common.training.ledger import skipped_note
+
+            bad = skipped_note(sum(_bad_clips(d) for d in run_dirs),
+                               str(run_root / ("fold*" if recipe.task.folds else "") / "bad_audio.tsv"))
             if recipe.task.folds:
                 print(f"done: {run_root} (cross-validation: cv_summary.json; each fold in fold1..fold{len(splits)}: "
-                      f"model.safetensors, per-epoch metrics ledger.json)")
+                      f"model.safetensors, per-epoch metrics ledger.json){bad}")
             else:
                 print(f"done: {run_root} (model: model.safetensors, {_final_model(run_root)}; per-epoch metrics: "
-                      f"ledger.json)")
+                      f"ledger.json){bad}")
         return 0
 
     return run_main(body, resumable=True)

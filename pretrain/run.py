@@ -229,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
             objective = SSASTObjective(recipe.ssast, None if start is None else start.heads)
             done = Trainer(spec, objective, dist, run).run(stop_after=args.stop_after_steps)
         if dist.is_main and done:
-            print(f"done: {run.run_dir / 'model.safetensors'} (ledger: {run.run_dir / 'ledger.json'})")
+            from common.training.ledger import Ledger, skipped_note
+
+            bad = skipped_note(Ledger.read(run.run_dir).bad_clips(), str(run.run_dir / "bad_audio.tsv"))
+            print(f"done: {run.run_dir / 'model.safetensors'} (ledger: {run.run_dir / 'ledger.json'}){bad}")
         return 0
 
     return run_main(body, resumable=True)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import soundfile as sf
 
-from common.data.integrity import decoder_reason, truncation
+from common.data.integrity import decoder_reason, sample_problem, truncation
 
 if TYPE_CHECKING:
     import torch
@@ -56,8 +56,11 @@ class AudioReadError(ValueError):
 
 
 def _checked(samples: np.ndarray) -> np.ndarray:
-    if not np.isfinite(samples).all():
-        raise AudioReadError("holds non-finite samples (NaN or infinity)")
+    """``samples``, or :class:`AudioReadError` with training's reason (``common.data.integrity.sample_problem``:
+    non-finite, or far outside [-1, 1])."""
+    problem = sample_problem(samples)
+    if problem:
+        raise AudioReadError(problem)
     return samples
 
 
@@ -71,7 +74,8 @@ class AudioFile:
     Raises:
         AudioReadError: with the reason, when opened: ``no such file``, ``is a directory``, ``permission
             denied``, ``truncated (...)`` (less audio than the header claims, ``common.data.integrity``), every
-            decoder's message, ``empty``; when read: ``non-finite samples`` (of a whole file when opened).
+            decoder's message, ``empty``; when read: ``non-finite samples`` or ``samples far outside [-1, 1]``
+            (``common.data.integrity.sample_problem``; of a whole file when opened).
     """
 
     def __init__(self, path: str | os.PathLike, sample_rate: int, channels: str = "first",

@@ -1,6 +1,7 @@
 """Bad audio: counted, named, judged; never replaced with silence.
 
-A clip whose file is missing, cannot be decoded, is empty or truncated, or holds non-finite samples is left out
+A clip whose file is missing, cannot be decoded, is empty or truncated, or holds non-finite samples or samples far
+outside [-1, 1] (``common.data.integrity.sample_problem``) is left out
 of its batch, and named with its reason in ``Batch.bad``; :class:`BadAudioTracker` counts them per split
 (training and validation), lists each once in the run's ``bad_audio.tsv``, and stops the run with
 :class:`TooMuchBadAudio` past a configurable fraction or when no clip of a split can be used; on several ranks
@@ -230,6 +231,17 @@ class BadAudioTracker:
                         log.warning("skipped bad audio (%s, rank %d) %s: %s", self.split, rank, path, reason)
         self._since = Counter()
         self._new = []
+
+    def counts(self) -> dict[str, dict]:
+        """The run's counts so far, ``{split: {"seen", "bad", "reasons"}}``: this tracker's split and its other
+        splits' (those kept from a checkpoint too), every time a clip was met; on several ranks, every rank's
+        (collective: every rank calls it at the same point, as the trainer does before each ledger write)."""
+        for tracker in (self, *(self._splits[name] for name in sorted(self._splits))):
+            tracker.settle()
+        state = self.state_dict()
+        return {self.split: {"seen": state["seen"], "bad": state["bad"], "reasons": state["reasons"]},
+                **{name: {key: split[key] for key in ("seen", "bad", "reasons")}
+                   for name, split in sorted(state["splits"].items())}}
 
     def take_upsampled(self, dist=None) -> dict[str, dict[tuple[int, int], int]]:
         """The clips resampled up since the last call, per split (this tracker's and its other splits'), and

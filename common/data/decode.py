@@ -17,7 +17,7 @@ import soundfile as sf
 from lhotse import Recording
 from lhotse.audio.utils import set_audio_duration_mismatch_tolerance
 
-from common.data.integrity import HEADER_SIZED, decoder_reason, truncation
+from common.data.integrity import HEADER_SIZED, decoder_reason, sample_problem, truncation
 from common.data.lhotse_safety import SAFE_SOURCES, no_shell, refused_in, source_refusal
 
 __all__ = ["BadClip", "AUDIO_LENGTH_TOLERANCE", "SAFE_SOURCES", "CHANNELS", "narrow_length_tolerance",
@@ -186,6 +186,7 @@ def load_clip(cut, sample_rate: int, channels: str = "first") -> np.ndarray:
     expected = int(round(cut.duration * sample_rate))
     if wave.size < 0.9 * expected:
         raise BadClip(f"truncated ({wave.size} of {expected} samples)")
-    if not np.isfinite(wave).all():
-        raise BadClip("non-finite samples (NaN or inf)")
+    problem = sample_problem(wave)
+    if problem:
+        raise BadClip(problem)
     return wave

@@ -15,6 +15,11 @@ when a clip is loaded (``common.data.decode.load_clip``).
 
 A file the decoder refuses is named with :func:`decoder_reason`: Lhotse's error in one line (the corpus report,
 ``bad_audio.tsv`` and the inference commands each put it in their own words around it).
+
+A file that decodes may still hold samples that are no audio: :func:`sample_problem` is the one check of decoded
+samples that training's loader (``common.data.decode.load_clip``) and the inference commands' reader
+(``common.data.audio_file.AudioFile``) share: non-finite samples, or a peak far above full scale
+(:data:`MAX_SAMPLE_PEAK`).
 """
 
 from __future__ import annotations
@@ -24,14 +29,24 @@ import re
 import struct
 from pathlib import Path
 
+import numpy as np
 import soundfile as sf
 
-__all__ = ["truncation", "wav_data_extent", "data_extent", "decoder_reason", "HEADER_SIZED"]
+__all__ = ["truncation", "wav_data_extent", "data_extent", "decoder_reason", "sample_problem", "HEADER_SIZED",
+           "MAX_SAMPLE_PEAK"]
 
 TAIL_FRAMES = 4096
 # the suffixes of the formats whose header declares the size of their sound data (:func:`data_extent`)
 HEADER_SIZED = (".wav", ".aiff", ".aif", ".aifc", ".rf64", ".w64")
 _UNKNOWN_SIZES = (0, 0xFFFFFFFF)  # streamed WAVs (and RF64) write placeholders instead of the size
+# The largest sample magnitude a decoded clip may hold. Float audio is at full scale within [-1, 1]; mastering, a
+# mix or resampling can push its peak a little over (1.5, 4: +3.5 to +12 dB), which trains as it is (its log-mel
+# moves by the gain, as a louder recording's does). 100 (+40 dB) is far above such an overshoot and far below what
+# a float file holds that is no audio at full scale: integer PCM written as float without scaling (int16's
+# +-32767: every log-mel value ~20 too high, what ``common.audio.fbank.check_waveforms`` refuses for arrays; an
+# int16-scale file passes only if it peaks below -50 dBFS, near silence) and garbage floats (wrong endianness, an
+# uninitialised buffer: values like 1e30, whose power spectrum overflows to NaN features).
+MAX_SAMPLE_PEAK = 100.0
 
 
 def wav_data_extent(path: str | os.PathLike) -> tuple[int, int, int] | None:
@@ -175,6 +190,20 @@ def _flac_tail(path: str | os.PathLike) -> str | None:
             return f"truncated or corrupt (header: {frames} samples; decoding the end fails: {str(err)[:120]})"
     if got < n:
         return f"truncated (header: {frames} samples, the stream ends {n - got} samples early)"
+    return None
+
+
+def sample_problem(samples: np.ndarray) -> str | None:
+    """Why decoded samples are not audio to use, or None: ``non-finite samples (NaN or inf)``, or ``samples far
+    outside [-1, 1] (peak P): ...`` for a peak above :data:`MAX_SAMPLE_PEAK`. One pass over the samples."""
+    if samples.size == 0:
+        return None
+    peak = float(np.max(np.abs(samples)))  # NaN if any sample is NaN, inf if any is infinite
+    if not np.isfinite(peak):
+        return "non-finite samples (NaN or inf)"
+    if peak > MAX_SAMPLE_PEAK:
+        return (f"samples far outside [-1, 1] (peak {peak:.2g}): not float audio at full scale (garbage data, or "
+                f"integer PCM written as float?)")
     return None
 
 

@@ -12,9 +12,11 @@ the recipe names a baseline, that baseline's planned training FLOPs and the savi
 loss; changed manifests with ``--accept-changed-data``), each with the step and phase from which it
 applies; ``data``: the SHA-256 and size of every training and validation manifest
 (``common.data.fingerprint``); ``upsampled``: the clips resampled up to the model's rate (all ranks, every time
-they were met), per split and pair of rates. A phase that has ended says why and when
-(``ended_by``: ``length``, ``cap``, a criterion or ``surpassed``; ``ended_at``: its step, epoch, total step
-and cumulative FLOPs; ``end_note``: in words), and a run stopped by ``train.stop_when_surpassing`` records
+they were met), per split and pair of rates; ``bad_audio`` (a run that met bad audio): per split, the clips seen,
+those skipped as bad audio and their reasons (all ranks, every time they were met: the run's
+``common.data.bad_audio.BadAudioTracker`` counts, which its checkpoints keep for a resume). A phase that has ended
+says why and when (``ended_by``: ``length``, ``cap``, a criterion or ``surpassed``; ``ended_at``: its step, epoch,
+total step and cumulative FLOPs; ``end_note``: in words), and a run stopped by ``train.stop_when_surpassing`` records
 the target it stopped at (``stop_when_surpassing``: the baseline's best per-epoch score, where it was, its
 weight-averaged score and the differences accepted, ``common.phases.baseline``); ``evaluation``: what decides the
 clips a validation round scores (``common.phases.baseline.evaluation_settings``), so that another run can tell
@@ -41,11 +43,17 @@ from common.system import jsonfile
 from common.system.atomic import atomic_write_text
 from common.system.jsonfile import undefined_as_nan
 
-__all__ = ["Ledger", "LedgerError", "PhaseRecord", "Window"]
+__all__ = ["Ledger", "LedgerError", "PhaseRecord", "Window", "skipped_note"]
 
 
 class LedgerError(ValueError):
     """A ledger (``ledger.json``, or the ledger a checkpoint holds) that is not of the shape this package writes."""
+
+
+def skipped_note(bad: int, listed: str) -> str:
+    """What a run's last line adds about its bad audio: ``; N clip(s) skipped as bad audio (LIST)``, ``""`` for
+    none (``bad``: the clips skipped, every time met, as the ledger counts them; ``listed``: the list's file)."""
+    return f"; {bad} clip(s) skipped as bad audio ({listed})" if bad else ""
 
 
 def _number(value) -> bool:
@@ -190,6 +198,7 @@ class Ledger:
         self.stop_target: dict | None = None
         self.data: dict | None = None  # the manifests' fingerprints (common.data.fingerprint)
         self.upsampled: dict[tuple[str, int, int], int] = {}  # (split, clip rate, model rate) -> clips
+        self.bad_audio: dict[str, dict] = {}  # split -> {"seen", "bad", "reasons"}: the run's totals so far
         self.evaluation: dict | None = None  # the validation settings (common.phases.baseline.evaluation_settings)
         self.init: dict | None = None  # where the run started: its --init and what was kept of it
         self.code: dict | None = None  # the code that trained it last (common.system.version; absent: not recorded)
@@ -266,6 +275,17 @@ class Ledger:
                 key = (split, int(low), int(high))
                 self.upsampled[key] = self.upsampled.get(key, 0) + int(clips)
 
+    def set_bad_audio(self, counts: dict[str, dict]) -> None:
+        """The run's bad-audio counts so far, ``{split: {"seen", "bad", "reasons"}}`` (every rank's totals, as the
+        run's tracker holds them: they replace what was recorded); kept once some clip was bad."""
+        if any(c["bad"] for c in counts.values()) or self.bad_audio:
+            self.bad_audio = {split: {"seen": int(c["seen"]), "bad": int(c["bad"]), "reasons": dict(c["reasons"])}
+                              for split, c in counts.items()}
+
+    def bad_clips(self) -> int:
+        """The clips skipped as bad audio so far, every split, every time met."""
+        return sum(c["bad"] for c in self.bad_audio.values())
+
     def set_baseline(self, name: str, train_flops: float | None, flops_per_sample: int | None = None,
                      epochs: int | None = None) -> None:
         """The baseline's planned training FLOPs; for an epoch-based baseline (one phase) give
@@ -314,6 +334,8 @@ class Ledger:
         if self.upsampled:
             data["upsampled"] = [{"split": s, "from_hz": a, "to_hz": b, "clips": n}
                                  for (s, a, b), n in sorted(self.upsampled.items())]
+        if self.bad_audio:
+            data["bad_audio"] = self.bad_audio
         if self.evaluation:
             data["evaluation"] = self.evaluation
         if self.init:
@@ -332,7 +354,7 @@ class Ledger:
         _check(isinstance(data, dict), "the ledger", data, "a mapping")
         for key in ("phases", "evals", "interventions", "upsampled"):
             _check(isinstance(data.get(key, []), list), key, data.get(key), "a list")
-        for key in ("baseline", "stop_when_surpassing", "data", "evaluation", "init", "code"):
+        for key in ("baseline", "stop_when_surpassing", "data", "evaluation", "init", "code", "bad_audio"):
             if data.get(key) is not None:
                 _check(isinstance(data[key], dict), key, data[key], "a mapping")
         if data.get("score") is not None:
@@ -346,6 +368,10 @@ class Ledger:
         for i, entry in enumerate(data.get("upsampled", [])):
             _check(isinstance(entry, dict) and {"split", "from_hz", "to_hz", "clips"} <= set(entry),
                    f"upsampled.{i}", entry, "a mapping of split, from_hz, to_hz and clips")
+        for split, counts in (data.get("bad_audio") or {}).items():
+            _check(isinstance(counts, dict) and {"seen", "bad", "reasons"} <= set(counts)
+                   and _number(counts["seen"]) and _number(counts["bad"]) and isinstance(counts["reasons"], dict),
+                   f"bad_audio.{split}", counts, "a mapping of seen, bad and reasons")
         ledger = cls(data.get("score"))
         ledger.phases = [PhaseRecord.from_dict(p, f"phases.{i}") for i, p in enumerate(data.get("phases", []))]
         ledger.evals = [{**e, "metrics": undefined_as_nan(e["metrics"])} if "metrics" in e else dict(e)
@@ -355,6 +381,7 @@ class Ledger:
         ledger.stop_target = data.get("stop_when_surpassing")
         ledger.data = data.get("data")
         ledger.upsampled = {(u["split"], u["from_hz"], u["to_hz"]): u["clips"] for u in data.get("upsampled", [])}
+        ledger.bad_audio = {split: dict(c) for split, c in (data.get("bad_audio") or {}).items()}
         ledger.evaluation = data.get("evaluation")
         ledger.init = data.get("init")
         ledger.code = data.get("code")

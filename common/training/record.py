@@ -292,10 +292,12 @@ class RunRecord:
         self.pending.steps, self.pending.samples, self.pending.clock = 0, 0, now
         return window
 
-    def _count_upsampled(self) -> None:
-        """Add the clips every rank resampled up since the last call to the ledger (collective: before each
-        ledger write)."""
+    def _count_clips(self) -> None:
+        """Add the clips every rank resampled up since the last call to the ledger, and set the run's bad-audio
+        counts in it (every rank's, per split: the tracker's, which each checkpoint keeps, so a resume goes on from
+        the checkpoint's counts) (collective: before each ledger write)."""
         self.ledger.add_upsampled(self.tracker.take_upsampled(self.dist))
+        self.ledger.set_bad_audio(self.tracker.counts())
 
     def save(self, engine, index: int, pending_eval: bool, until: dict, window: LogWindow) -> None:
         """Checkpoint the run (``until``: the phase end criterion's state; ``window``: the open log window, saved
@@ -305,7 +307,7 @@ class RunRecord:
         st = self.state
         st.pending_eval, st.until, st.window = pending_eval, until, window.fold()
         tag = self._tag(index)
-        self._count_upsampled()
+        self._count_clips()
         if self.dist.is_main and self.spec.run_recipe is not None:
             self.spec.run_recipe.write_pending()  # the run's recipe.yaml appears with its first checkpoint
         self.checkpoints.save(engine, tag, self._trainer_state(index), capture_rng(self.generator, self.device))
@@ -322,7 +324,7 @@ class RunRecord:
                                       phase_step=self.state.step, **where)
         self.scalars.log({f"eval/{k}": v for k, v in metrics.items()}, self.state.total_steps)
         self.scalars.flush()
-        self._count_upsampled()
+        self._count_clips()
         log.info("validation (%s, %s): %s", self.spec.phases[index].label(index),
                  f"epoch {epoch}" if epoch is not None else f"step {self.state.step}",
                  ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
@@ -410,9 +412,11 @@ class RunRecord:
         tag = self.checkpoints.latest_tag()
         return NonFiniteLoss(
             f"non-finite loss {value}in {label} at step {step}; {what}. The last good checkpoint is "
-            f"{self.checkpoints.ckdir / tag if tag else 'none (no checkpoint yet)'}; check the data, or lower the "
-            f"learning rate (e.g. --set optim.lr=...: a resumed run accepts learning-rate and schedule changes and "
-            f"records them in ledger.json), then run the command again to resume from it")
+            f"{self.checkpoints.ckdir / tag if tag else 'none (no checkpoint yet)'}; the data can cause it as well as "
+            f"the learning rate: run the command again to resume from it with a lower one (e.g. --set optim.lr=...: a "
+            f"resumed run accepts learning-rate and schedule changes and records them in ledger.json), and if the "
+            f"loss turns non-finite at this step again (the clips come in the same seeded order), look for a clip "
+            f"whose audio or labels are broken in the training data rather than lowering the rate further")
 
     def log_window(self, index: int, window: LogWindow, lr: float, bar) -> None:
         """A log window's mean losses over every rank's micro-batches (``window`` empties) and the throughput
@@ -486,7 +490,7 @@ class RunRecord:
 
     def finish(self, final: Path) -> None:
         """The run is done: ``final`` (the final phase's export or the weight average) becomes its model."""
-        self._count_upsampled()
+        self._count_clips()
         if self.dist.is_main:
             atomic_copy(final, self.run_dir / "model.safetensors")
             self.ledger.write(self.run_dir / "ledger.json")

@@ -4,6 +4,7 @@ truncated files named as such, at preparation and at load, and all-bad validatio
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 from lhotse import CutSet
@@ -443,3 +444,161 @@ def test_a_file_named_like_a_shell_command_is_only_a_name(tmp_path, monkeypatch)
     sf.write(sphere, np.zeros(8000, dtype=np.float32) + 0.1, 16000, format="NIST", subtype="PCM_16")
     cut = Recording.from_file(sphere).to_cut()
     assert load_clip(cut, 16000).shape == (8000,)
+
+
+@pytest.mark.parametrize("scale, bad", [(1.5, False), (4.0, False), (12000.0, True), (1e30, True)])
+def test_float_samples_far_outside_full_scale_are_bad_audio_in_training_and_inference(tmp_path, scale, bad):
+    """A float file a little over full scale trains; one at integer scale (int16 values written as float: every
+    log-mel value ~20 too high) or of garbage floats (1e30: NaN features, a NaN loss naming no clip) is bad audio,
+    with the same reason where training loads it and where predict and embed read it."""
+    from lhotse import Recording
+
+    from common.data.audio_file import AudioFile, AudioReadError
+    from common.data.decode import audio_file_problem
+    from common.data.integrity import MAX_SAMPLE_PEAK
+
+    tone = np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
+    path = tmp_path / "scaled.wav"
+    sf.write(path, (scale * tone).astype(np.float32), 16000, subtype="FLOAT")
+    cut = Recording.from_file(path).to_cut()
+    if not bad:
+        assert np.abs(load_clip(cut, 16000)).max() == pytest.approx(scale, rel=1e-3)
+        assert audio_file_problem(str(path)) is None
+        with AudioFile(path, 16000) as audio:
+            assert audio.read(0, 16000).size == 16000
+        return
+    assert scale > MAX_SAMPLE_PEAK
+    reason = (rf"^samples far outside \[-1, 1\] \(peak {scale:.2g}\): not float audio at full scale \(garbage data, "
+              rf"or integer PCM written as float\?\)$").replace("+", r"\+")
+    with pytest.raises(BadClip, match=reason):
+        load_clip(cut, 16000)
+    with pytest.raises(BadClip, match=reason):
+        load_clip(cut, 32000, channels="mean")  # resampled: the same peak, up to the filter's ripple
+    assert audio_file_problem(str(path)).startswith("samples far outside")  # a resume's recheck keeps it listed
+    with pytest.raises(AudioReadError, match=reason):  # predict, embed
+        with AudioFile(path, 16000) as audio:
+            audio.read(0, 16000)
+
+
+@pytest.mark.slow
+def test_fine_tuning_s_test_score_applies_max_bad_fraction_and_counts_bad_clips(tmp_path, synth_corpus, data_root,
+                                                                               capsys):
+    """The test score a run reports (the paper's tables) is of the clips that could be read: more bad ones than
+    data.max_bad_fraction stop the run as in validation, and test_metrics.json says how many were skipped, as
+    c2f-evaluate does; the advice (a resume that tolerates more) scores it."""
+    test = local_manifest(synth_corpus / "synth_test.jsonl.gz", tmp_path / "s", "test", 12, {4: "delete"})
+    run_dir = tmp_path / "run"
+
+    def run(fraction: float) -> int:
+        return finetune(["--init", "none", "--task", "synth", "--data-root", str(data_root), "--run-dir",
+                         str(run_dir), *sets(*TINY, f"task.test=[{test}]", f"data.max_bad_fraction={fraction}",
+                                             "phases=[{compression: none, epochs: 1}]")])
+
+    assert run(0.05) == 1  # 1 of 12 test clips: more than 5 %
+    err = capsys.readouterr().err
+    assert "1 of 12 clips (8.3%) could not be used (test), more than max_bad_fraction=5.0%" in err
+    assert not (run_dir / "test_metrics.json").exists()
+    assert run(0.1) == 0
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    assert metrics["clips"] == 11 and metrics["bad_clips"] == 1
+    rows = (run_dir / "bad_audio.tsv").read_text().splitlines()[1:]
+    assert rows == [f"test\t{tmp_path / 's' / 'test-4.wav'}\tmissing (no such file)"]
+
+
+def test_the_tracker_s_counts_are_every_split_s_including_those_kept_from_a_checkpoint(tmp_path):
+    import torch
+
+    from common.data.clips import Batch
+
+    def batch(clips: int, bad: int, reason: str = "missing (no such file)") -> Batch:
+        ids = [f"c{i}" for i in range(clips)]
+        return Batch(torch.zeros(clips, 8), torch.full((clips,), 8), None, ids,
+                     bad=[(f"{tmp_path}/b{i}.wav", reason) for i in range(bad)])
+
+    tracker = BadAudioTracker(1.0)
+    tracker.update(batch(3, 1))
+    tracker.for_split("valid").update(batch(2, 2, "unreadable (x)"))
+    assert tracker.counts() == {"train": {"seen": 4, "bad": 1, "reasons": {"missing": 1}},
+                                "valid": {"seen": 4, "bad": 2, "reasons": {"unreadable": 2}}}
+    resumed = BadAudioTracker(1.0)
+    resumed.load_state_dict(json.loads(json.dumps(tracker.state_dict())))  # valid not opened again yet
+    assert resumed.counts() == tracker.counts()
+
+
+@pytest.mark.slow
+def test_ledger_json_counts_bad_clips_per_split_exactly_through_a_resume_and_the_last_line_says_so(
+        tmp_path, synth_corpus, data_root, capsys):
+    """The counts were only in the checkpoints' trainer state: ledger.json holds them per split (every time a clip
+    was met), the same for a run stopped and resumed as for one that ran through, and the run's last line says
+    how many clips were skipped and where they are listed."""
+    valid = local_manifest(synth_corpus / "synth_valid.jsonl.gz", tmp_path / "v", "valid", 8, {1: "delete"})
+    train = local_manifest(synth_corpus / "synth_train.jsonl.gz", tmp_path / "t", "train", 12, {5: "garbage"})
+    ledgers = {}
+    for name, stop in (("through", None), ("resumed", 4)):
+        run_dir = tmp_path / name
+        argv = ["--init", "none", "--task", "synth", "--data-root", str(data_root), "--run-dir", str(run_dir),
+                *sets(*TINY, f"task.valid=[{valid}]", f"task.train=[{train}]", "data.max_bad_fraction=0.2",
+                      "phases=[{compression: none, epochs: 2}]")]
+        if stop:
+            assert finetune([*argv, "--stop-after-steps", str(stop)]) == 0  # into the second epoch
+            capsys.readouterr()
+        assert finetune(argv) == 0
+        ledgers[name] = json.loads((run_dir / "ledger.json").read_text())["bad_audio"]
+        assert capsys.readouterr().out.strip().endswith(
+            f"; 4 clip(s) skipped as bad audio ({run_dir / 'bad_audio.tsv'})")
+    assert ledgers["through"] == {"train": {"seen": 24, "bad": 2, "reasons": {"unreadable": 2}},
+                                  "valid": {"seen": 16, "bad": 2, "reasons": {"missing": 2}}}
+    assert ledgers["resumed"] == ledgers["through"]
+
+
+@pytest.mark.slow
+def test_pretraining_s_last_line_says_how_many_clips_were_skipped(tmp_path, synth_corpus, capsys):
+    from tests.helpers import run as pretrain
+
+    pool = local_manifest(synth_corpus / "synth_pool.jsonl.gz", tmp_path / "p", "pool", 12, {3: "garbage"})
+    run_dir = tmp_path / "run"
+    assert pretrain(run_dir, synth_corpus, f"data.train=[{{path: {pool}}}]", "data.max_bad_fraction=0.5") == 0
+    bad = json.loads((run_dir / "ledger.json").read_text())["bad_audio"]
+    assert bad["train"]["bad"] >= 1 and sum(s["bad"] for s in bad.values()) == bad["train"]["bad"]
+    assert capsys.readouterr().out.strip() == (
+        f"done: {run_dir / 'model.safetensors'} (ledger: {run_dir / 'ledger.json'}); {bad['train']['bad']} clip(s) "
+        f"skipped as bad audio ({run_dir / 'bad_audio.tsv'})")
+
+
+def test_the_linear_probe_counts_judges_and_repeats_from_its_cache_the_clips_it_skipped(tmp_path, synth_corpus,
+                                                                                          capsys):
+    """The probe skipped bad clips without a limit or a count, logged them as '(eval)', and said nothing when its
+    features came from the cache: it counts them per split, stops past max_bad_fraction (training's default)
+    and says the same from the cache, where the features stay those taken (a file restored since stays out)."""
+    from common.models.ast.encoder import ASTEncoder, EncoderConfig
+    from common.models.exports import save_encoder
+    from finetune.linear_probe import main as probe
+
+    save_encoder(ASTEncoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, input_tdim=64, fstride=10,
+                                          tstride=10)), tmp_path / "e.safetensors")
+    train = local_manifest(synth_corpus / "synth_train.jsonl.gz", tmp_path / "t", "train", 24,
+                           {3: "delete", 7: "garbage"})
+    (tmp_path / "t.yaml").write_text(
+        f"name: t\ntrain: [{train}]\nvalid: [{synth_corpus}/synth_valid.jsonl.gz]\n"
+        f"classes: {synth_corpus}/synth_classes.json\ntarget_frames: 64\nnorm: audioset\nmetric: acc\nloss: ce\n")
+    out = tmp_path / "probe.json"
+    argv = ["--init", str(tmp_path / "e.safetensors"), "--task", str(tmp_path / "t.yaml"), "--cache-dir",
+            str(tmp_path / "cache"), "--workers", "0", "--out", str(out)]
+    deleted, garbage = str(tmp_path / "t" / "train-3.wav"), str(tmp_path / "t" / "train-7.wav")
+    for cached in (False, True):
+        capsys.readouterr()
+        assert probe(argv) == 1  # the default, 2 %
+        err = capsys.readouterr().err
+        assert "error: t: 2 of 24 train clips (8.3%) are bad audio, more than max_bad_fraction=2.0%" in err
+        assert "--max-bad-fraction F" in err and "--set data.max_bad_fraction" not in err
+        assert probe([*argv, "--max-bad-fraction", "0.1"]) == 0
+        captured = capsys.readouterr()
+        assert f"skipped bad audio (train) {deleted}: missing (no such file)" in captured.err
+        assert f"skipped bad audio (train) {garbage}: unreadable" in captured.err and "(eval)" not in captured.err
+        assert "t: 2 clip(s) skipped as bad audio (train 2 of 24; listed in --out)" in captured.out
+        result = json.loads(out.read_text())[0]
+        assert result["clips"] == {"train": 22, "valid": 12} and result["bad_clips"] == {"train": 2, "valid": 0}
+        assert sorted(p for p, _ in result["skipped"]["train"]) == [deleted, garbage]
+        assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+        if not cached:
+            Path(deleted).write_bytes(Path(str(tmp_path / "t" / "train-4.wav")).read_bytes())  # restored

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -210,6 +212,13 @@ def test_the_carve_out_takes_every_class_its_share(tmp_path, caplog):
     report = get_corpus("custom").prepare(tmp_path / "tree", tmp_path / "again", unlabeled=tmp_path / "tree")
     assert report.unreadable == [(str(tmp_path / "tree" / "kick" / "empty.wav"), "empty file (0 bytes)")]
     assert "; 1 unreadable" in report.summary() and report.clips["pool"] == sum(sizes.values())
+    assert "_prepare.json" not in report.summary()  # the one file is named: nothing more to look up
+    (tmp_path / "tree" / "snare" / "empty.wav").write_bytes(b"")  # a second one: the summary gives one example
+    report = get_corpus("custom").prepare(tmp_path / "tree", tmp_path / "again", unlabeled=tmp_path / "tree")
+    listed = tmp_path / "again" / "custom_prepare.json"
+    assert report.summary().endswith(f"; 2 unreadable (e.g. {report.unreadable[0][0]}: empty file (0 bytes)); all of "
+                                     f"them in {listed}")
+    assert len(json.loads(listed.read_text())["unreadable"]) == 2
 
 
 def test_the_carve_out_of_a_multi_label_csv_keeps_every_label_in_train(tmp_path, caplog):

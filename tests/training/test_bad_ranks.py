@@ -109,6 +109,9 @@ def test_bad_audio_on_one_rank(synth_corpus, tmp_path, world_size):
     assert (tracker["seen"], tracker["bad"]) == (2 * data["n_train"], 2 * BATCH)
     # both validations: the phase-end checkpoint is written again when the phase closes after its own
     assert (tracker["splits"]["valid"]["seen"], tracker["splits"]["valid"]["bad"]) == (2 * data["n_valid"], 2 * BATCH)
+    assert ledger["bad_audio"] == {  # the same totals, where the user reads them
+        "train": {"seen": 2 * data["n_train"], "bad": 2 * BATCH, "reasons": {"missing": 2 * BATCH}},
+        "valid": {"seen": 2 * data["n_valid"], "bad": 2 * BATCH, "reasons": {"missing": 2 * BATCH}}}
 
     # over the threshold: every rank stops at the same point with the same message (the totals of all ranks)
     for name, bad, seen, fraction, split in (("valid-over", BATCH, data["n_valid"], over_valid, " (valid)"),

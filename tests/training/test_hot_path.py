@@ -30,6 +30,8 @@ def test_a_non_finite_loss_is_caught_at_the_next_checkpoint_without_a_sync_per_s
     assert run(run_dir, synth_corpus, "train.log_every=100", "train.save_every=2") == 1
     err = capsys.readouterr().err
     assert "non-finite loss in phase1 (fshift x4) at step 3" in err and "phase01-step000000002" in err
+    # not the learning rate alone: a clip the bad-audio checks let through stops a resume at the same step again
+    assert "the data can cause it as well as the learning rate" in err and "at this step again" in err
     ckdir = run_dir / "checkpoints"
     assert (ckdir / "LATEST").read_text() == "phase01-step000000002"  # phase 1's end was never saved
     saved = torch.load(ckdir / "phase01-step000000002" / "mp_rank_00_model_states.pt", weights_only=True)["module"]

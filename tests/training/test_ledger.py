@@ -110,6 +110,8 @@ def test_a_phase_from_a_ledger_older_than_hardware_keeps_its_first_launch_when_r
     ({"evals": [{"metrics": [1]}]}, r"evals.0.metrics is \[1\], not a mapping"),
     ({"upsampled": [{"split": "train"}]}, r"upsampled.0 is .*split, from_hz, to_hz and clips"),
     ({"init": "x.pth"}, r"init is 'x.pth', not a mapping"),
+    ({"bad_audio": {"train": {"seen": 3}}}, r"bad_audio.train is .*seen, bad and reasons"),
+    ({"bad_audio": [1]}, r"bad_audio is \[1\], not a mapping"),
 ])
 def test_a_ledger_of_another_shape_is_a_ledger_error_naming_the_key(tmp_path, data, said):
     from common.training.ledger import LedgerError
@@ -119,3 +121,15 @@ def test_a_ledger_of_another_shape_is_a_ledger_error_naming_the_key(tmp_path, da
     (tmp_path / "ledger.json").write_text(json.dumps(data))
     with pytest.raises(LedgerError, match=f"{tmp_path / 'ledger.json'} is not a ledger of this package"):
         Ledger.read(tmp_path)
+
+
+def test_bad_audio_counts_are_kept_once_a_clip_was_bad_and_go_through_the_file():
+    ledger = Ledger("acc")
+    ledger.set_bad_audio({"train": {"seen": 8, "bad": 0, "reasons": {}}})
+    assert "bad_audio" not in ledger.to_dict() and ledger.bad_clips() == 0  # clean data: the ledger as before
+    counts = {"train": {"seen": 24, "bad": 2, "reasons": {"unreadable": 2}},
+              "valid": {"seen": 16, "bad": 1, "reasons": {"missing": 1}}}
+    ledger.set_bad_audio(counts)
+    data = json.loads(json.dumps(ledger.to_dict()))
+    assert data["bad_audio"] == counts and Ledger.from_dict(data).to_dict() == data
+    assert Ledger.from_dict(data).bad_clips() == 3

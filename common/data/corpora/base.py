@@ -113,6 +113,9 @@ class PrepareReport:
     conflicts: list[dict] = field(default_factory=list)  # a clip listed again otherwise: the first listing kept
 
     def summary(self) -> str:
+        """One line: the clips written per split, the classes, and the files left out (missing, unreadable) and
+        clips listed twice, each with one example; where an example stands for several, the file that lists them
+        all (``OUT/NAME_prepare.json``) is named."""
         parts = [f"{split}: {n}" for split, n in sorted(self.clips.items())]
         text = f"{self.corpus}: {sum(self.clips.values())} clips ({', '.join(parts) or 'none'})"
         if self.classes:
@@ -125,6 +128,8 @@ class PrepareReport:
             first = self.conflicts[0]
             text += (f"; {len(self.conflicts)} listed twice with another split, labels or file, the first listing "
                      f"kept (e.g. {first['id']}: {_listing(first['kept'])}, not {_listing(first['dropped'])})")
+        if max(len(self.missing), len(self.unreadable), len(self.conflicts)) > 1:
+            text += f"; all of them in {self.out_dir / f'{self.corpus}_prepare.json'}"
         return text
 
     def to_dict(self) -> dict:
