@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.cli import PLAN_NOT_READY
 from common.config.recipe import RecipeError
 from common.models.ast.resize import resample_pos_embed
 from common.models.exports import read_weights
@@ -253,7 +254,7 @@ def test_a_file_that_is_not_a_usable_start_is_refused_in_one_line(tmp_path, synt
 
 def test_a_plan_before_the_init_exists_lists_it(tmp_path, synth_corpus, capsys):
     missing = tmp_path / "not_yet.pth"
-    assert pretrain(tmp_path / "plan", synth_corpus, missing, dry=True) == 0
+    assert pretrain(tmp_path / "plan", synth_corpus, missing, dry=True) == PLAN_NOT_READY
     out = capsys.readouterr().out
     assert "files a run needs and does not find" in out and f"--init: checkpoint {missing} does not exist" in out
     assert pretrain(tmp_path / "run", synth_corpus, missing) == 2
@@ -378,7 +379,7 @@ def test_a_run_whose_checkpoints_were_deleted_is_not_trained_again(tmp_path, syn
                    f"to resume it from ({unfinished / 'checkpoints'} is gone or empty); run with --restart to start "
                    f"from step 0 (what the run left is moved aside), or use a new --run-dir"], err
     assert _files(unfinished) == before
-    assert pretrain(unfinished, synth_corpus, own_run, dry=True) == 0
+    assert pretrain(unfinished, synth_corpus, own_run, dry=True) == PLAN_NOT_READY
     out = capsys.readouterr().out
     assert f"{unfinished} holds a run whose checkpoints are gone; this command refuses it" in out
     assert f"{unfinished} holds a run that trained (ledger.json) and is unfinished" in out
