@@ -263,6 +263,20 @@ def test_unreadable_files_are_named_listed_and_skipped(tmp_path, capsys):
     assert not (out / "bad_audio.tsv").exists()
 
 
+def test_a_bad_file_named_with_a_newline_is_one_row_and_one_log_line(tmp_path, caplog):
+    """A source with a newline or tab (from a manifest, or a file name) is escaped in the warning and in
+    ``bad_audio.tsv``: one row per file, not a forged second line."""
+    init = _export(tmp_path / "e.safetensors")
+    out = tmp_path / "emb"
+    bad = str(tmp_path / "gone\ntouch /tmp/pwned #\t.wav")
+    with caplog.at_level("WARNING"):
+        assert main(["--init", str(init), "--inputs", bad, "--out", str(out), "--device", "cpu"]) == 1
+    said = [r.getMessage() for r in caplog.records if "gone" in r.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0] and "gone\\ntouch /tmp/pwned #\\t.wav: " in said[0], said
+    listed = (out / "bad_audio.tsv").read_text().split("\n")
+    assert len(listed) == 3 and listed[1].startswith(f"{tmp_path}/gone\\ntouch /tmp/pwned #\\t.wav\t"), listed
+
+
 def test_a_long_file_is_embedded_window_by_window_and_one_failing_midway_leaves_no_row(tmp_path, monkeypatch):
     """Files longer than WHOLE_SECONDS are read a window at a time: the same embeddings as decoded whole; one whose
     audio turns non-finite after some windows were embedded is listed as bad and none of its rows is kept, while
