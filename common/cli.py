@@ -215,6 +215,12 @@ def check_run_dir(run_dir: Path) -> None:
                                      f"writable")
 
 
+# the folders of a run directory that a run writes files into atomically (a cross-validation run's folds alike):
+# where a killed write's temporary file is looked for (not the whole tree: --run-dir may name any folder)
+RUN_FOLDERS = tuple(f"{fold}{sub}" for fold in ("", "fold*/") for sub in ("checkpoints", "checkpoints/*", "export",
+                                                                         "average")) + ("fold*",)
+
+
 @dataclass
 class Session:
     """A training process's session: its place in the job and its run directory's recipe."""
@@ -262,7 +268,7 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
             if restart and dist.is_main:
                 discard_previous(run_dir)
             if dist.is_main:
-                orphans = remove_orphans(run_dir)
+                orphans = remove_orphans(run_dir, RUN_FOLDERS)
                 if orphans:
                     log.warning("removed %d temporary file(s) that an interrupted write left: %s", len(orphans),
                                 ", ".join(str(p) for p in orphans[:5]) + (" ..." if len(orphans) > 5 else ""))

@@ -147,7 +147,7 @@ def embed_files(init: str | os.PathLike | Embedder, inputs: Sequence[str | os.Pa
     with run_dir_lock(output_folder(out), "--out"):  # one command per --out: a second one stops at once
         _check_settings(out, settings)
         (out / "shards").mkdir(parents=True, exist_ok=True)
-        remove_orphans(out)
+        remove_orphans(out, ("shards",))  # the folders it writes into, not a tree --out may hold
         text = json.dumps(settings, indent=1) + "\n"
         if not (out / "embeddings.json").is_file() or (out / "embeddings.json").read_text() != text:
             atomic_write_text(out / "embeddings.json", text)
