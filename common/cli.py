@@ -24,6 +24,7 @@ from common.config.recipe import RecipeError
 from common.system.atomic import remove_orphans
 from common.system.disk import describe_os_error, human_size
 from common.system.lock import LOCK_FILE, RunDirBusy, job_lock
+from common.system.paths import append_text, refuse_link
 from common.system.prog import whole_number
 from common.system.signals import StoppedBySignal, piped, stop_on_signals
 from common.training.batch import launch_world_size
@@ -190,11 +191,20 @@ def resume_check(run_dir: Path, recipe, restart: bool = False) -> tuple[list[str
 def check_run_dir(run_dir: Path) -> None:
     """Make sure ``run_dir`` is a folder this process can write (it is created if missing), before any compute.
 
+    Its files that a run writes in place (the lock, ``train.log``, ``bad_audio.tsv``, ``logs/rank*.err``) must not
+    be symbolic links: they are opened without following one anyway (``common.system.paths``), and refused here,
+    on every rank at once, before the job starts.
+
     Raises:
         UnusableRunDir: it is a file, cannot be created, or it (or a folder in it) is not writable; the
             message names the folder and the cause.
+        common.system.paths.LinkRefused: one of those files is a symbolic link (named).
     """
     run_dir = Path(run_dir)
+    for name in (LOCK_FILE, "train.log", "bad_audio.tsv"):
+        refuse_link(run_dir / name, f"a run's {name}")
+    for path in sorted(run_dir.glob("logs/rank*.err")):
+        refuse_link(path, "a rank's error log")
     if run_dir.exists() and not run_dir.is_dir():
         raise UnusableRunDir(f"--run-dir {run_dir} is a file, not a directory; name a new folder or an existing run "
                              f"directory")
@@ -214,6 +224,12 @@ def check_run_dir(run_dir: Path) -> None:
             if not os.access(os.path.join(root, name), os.W_OK):
                 raise UnusableRunDir(f"run directory {run_dir} cannot be written: {os.path.join(root, name)} is not "
                                      f"writable")
+
+
+# the folders of a run directory that a run writes files into atomically (a cross-validation run's folds alike):
+# where a killed write's temporary file is looked for (not the whole tree: --run-dir may name any folder)
+RUN_FOLDERS = tuple(f"{fold}{sub}" for fold in ("", "fold*/") for sub in ("checkpoints", "checkpoints/*", "export",
+                                                                         "average")) + ("fold*",)
 
 
 @dataclass
@@ -263,7 +279,7 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
             if restart and dist.is_main:
                 discard_previous(run_dir)
             if dist.is_main:
-                orphans = remove_orphans(run_dir)
+                orphans = remove_orphans(run_dir, RUN_FOLDERS)
                 if orphans:
                     log.warning("removed %d temporary file(s) that an interrupted write left: %s", len(orphans),
                                 ", ".join(str(p) for p in orphans[:5]) + (" ..." if len(orphans) > 5 else ""))
@@ -430,15 +446,17 @@ def _keep_failure(text: str) -> None:
     """On a rank of several: append ``text`` (a failure's line, or the traceback of an unexpected error) to the
     rank's own ``RUN/logs/rankR.err``, so that the cause of a job's failure is found in its run directory (the
     console of a rank on another node may be anywhere; ``train.log`` is rank 0's). One write per failure; a failure
-    to write it is not another error."""
+    to write it is not another error. The file is appended to without following a symbolic link
+    (``common.system.paths.append_text``): one planted there is refused, so the line stays on the console only
+    (refused rather than replaced: this is the failure path, which deletes nothing)."""
     if _rank_words() is None or _RUN_DIR is None:
         return
     try:
         folder = Path(_RUN_DIR) / "logs"
         folder.mkdir(exist_ok=True)
-        with open(folder / f"rank{os.environ.get('RANK', '0')}.err", "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}")
-    except OSError:
+        append_text(folder / f"rank{os.environ.get('RANK', '0')}.err", f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}",
+                    "a rank's error log")
+    except OSError:  # LinkRefused too
         pass
 
 

@@ -120,6 +120,7 @@ def embed_files(init: str | os.PathLike | Embedder, inputs: Sequence[str | os.Pa
     from common.system.disk import output_folder
     from common.system.lock import run_dir_lock
     from common.system.logger import progress
+    from common.system.paths import escape_controls
     from finetune.embed_inputs import clip_key, list_clips, prefetch
     from finetune.embedder import Embedder, load_embedder, parse_layer
 
@@ -146,7 +147,7 @@ def embed_files(init: str | os.PathLike | Embedder, inputs: Sequence[str | os.Pa
     with run_dir_lock(output_folder(out), "--out"):  # one command per --out: a second one stops at once
         _check_settings(out, settings)
         (out / "shards").mkdir(parents=True, exist_ok=True)
-        remove_orphans(out)
+        remove_orphans(out, ("shards",))  # the folders it writes into, not a tree --out may hold
         text = json.dumps(settings, indent=1) + "\n"
         if not (out / "embeddings.json").is_file() or (out / "embeddings.json").read_text() != text:
             atomic_write_text(out / "embeddings.json", text)
@@ -177,14 +178,15 @@ def embed_files(init: str | os.PathLike | Embedder, inputs: Sequence[str | os.Pa
                         wave = str(err)
                 if isinstance(wave, str):
                     summary.bad.append((clip.source, wave))
-                    log.warning("%s: %s; skipped", clip.source, wave)
+                    log.warning("%s: %s; skipped", escape_controls(clip.source), escape_controls(wave))
                 bar.update(1)
             writer.flush()
         if summary.skipped:
             log.info("%d clips were embedded by an earlier run and are skipped", summary.skipped)
         bad_file = out / "bad_audio.tsv"
         if summary.bad:
-            atomic_write_text(bad_file, "source\treason\n" + "".join(f"{s}\t{r}\n" for s, r in summary.bad))
+            atomic_write_text(bad_file, "source\treason\n" + "".join(f"{escape_controls(s)}\t{escape_controls(r)}\n"
+                                                                       for s, r in summary.bad))  # a row per clip
         elif bad_file.is_file():
             bad_file.unlink()
         write_index(out, fmt, embedder.pool != "none")

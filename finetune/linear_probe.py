@@ -312,7 +312,7 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
 
     cache = Path(recipe.cache_dir)
     if cache.is_dir():  # a probe killed while writing features leaves a temporary as large as they are (GBs)
-        for tmp in remove_orphans(cache, older_than=STALE_SECONDS, recursive=False):
+        for tmp in remove_orphans(cache, older_than=STALE_SECONDS):
             log.info("removed %s, left by a probe that did not finish writing its features", tmp)
     pipeline = arch.frontend(arch.geometry(Compression()), Compression(), SpecAugmentConfig())
     front_end = f"{getattr(arch, 'audio', None)}|{getattr(pipeline, 'stats', None)}|{arch.clip_samples}"

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 from common.audio.fbank import check_norm_name
+from common.system.paths import check_plain_name
 
 __all__ = ["TaskConfig", "TASKS", "PAPER_20_EPOCHS", "task_defaults", "known_tasks"]
 
@@ -69,6 +70,7 @@ class TaskConfig:
     description: str = ""
 
     def __post_init__(self) -> None:
+        check_plain_name(self.name, "name", "the run directory runs/finetune/<name>-... is named after it")
         if not self.classes:
             raise ValueError("classes: the class list file is required")
         if self.folds:

@@ -138,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         from common.cli import world_size_of
-        from common.config.recipe import load_yaml
+        from common.config.recipe import RecipeError, load_yaml
         from common.data.preflight import check_norm, data_checks, norm_mismatch, problems
         from common.phases.coarse import coarse_tag
+        from common.system.paths import is_plain_name
         from common.training.batch import phase_splits, stated_batch
         from common.training.plan import format_plan
         from common.training.run_dir import has_trained
@@ -149,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides, args.coarse)
         world_size = world_size_of(args)
         name = args.recipe.stem + (f"-{coarse_tag(recipe.coarse)}" if args.coarse else "")
+        if args.run_dir is None and not is_plain_name(name):  # a recipe file named ..yaml or ...yaml
+            raise RecipeError(f"--recipe {args.recipe}: the run directory runs/pretrain/{name} would not be a folder "
+                              f"of its own in runs/pretrain; rename the file or give --run-dir")
         run_dir = args.run_dir or Path("runs/pretrain") / name
         resumes = None if args.restart or not has_trained(run_dir) else run_dir  # its global batch is the run's
         phase_splits(recipe.phases, recipe.data, recipe.optim, world_size, resumes)  # refuse an impossible split now

@@ -23,6 +23,7 @@ import torch
 from common.data.clips import Batch
 from common.data.decode import audio_file_problem
 from common.system.atomic import atomic_write_text
+from common.system.paths import append_text, escape_controls, read_text_nofollow, unescape_controls
 
 __all__ = ["TooMuchBadAudio", "BadAudioTracker"]
 
@@ -36,7 +37,13 @@ class TooMuchBadAudio(RuntimeError):
 class _BadAudioList:
     """A run's ``bad_audio.tsv``: one line per bad clip and split (``split, path, reason``), however many
     epochs skip it. Clips already listed by an earlier invocation (a resumed run) are read back;
-    :meth:`recheck` drops those that read fine now."""
+    :meth:`recheck` drops those that read fine now.
+
+    A path or reason from a manifest may hold a tab or a newline: the columns are written with their control
+    characters escaped (``common.system.paths.escape_controls``: ``\\t``, ``\\n``, ``\\\\`` for a
+    backslash), so each clip stays one row, and read back unescaped (the same path). The file is appended to and
+    read without following a symbolic link: one planted there is refused (``LinkRefused``, one line), never
+    appended through or copied into the list."""
 
     HEADER = "split\tpath\treason"
     # reasons that compare a file with its manifest (another sampling rate, fewer samples than it says): a file
@@ -51,13 +58,17 @@ class _BadAudioList:
 
     def _rows(self) -> list[tuple[str, str, str]]:
         rows = []
-        if self.write and self.path is not None and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                cols = line.split("\t")
+        if self.write and self.path is not None and (self.path.is_file() or self.path.is_symlink()):
+            for line in read_text_nofollow(self.path, "a run's bad_audio.tsv").splitlines():
+                cols = [unescape_controls(col) for col in line.split("\t")]
                 if line == self.HEADER or len(cols) < 2:
                     continue
                 rows.append((cols[0], cols[1], cols[2]) if len(cols) >= 3 else ("train", cols[0], cols[1]))  # older
         return rows
+
+    @staticmethod
+    def _row(split: str, path: str, reason: str) -> str:
+        return "\t".join(escape_controls(col) for col in (split, path, reason))
 
     def _read(self) -> set[tuple[str, str]]:
         return {(split, path) for split, path, _ in self._rows()}
@@ -81,7 +92,7 @@ class _BadAudioList:
             if problem is None:
                 dropped.append(path)
             else:
-                kept.append(f"{split}\t{path}\t{problem}")
+                kept.append(self._row(split, path, problem))
         atomic_write_text(self.path, "\n".join([self.HEADER, *kept]) + "\n")
         self._listed = self._read()
         return sorted(set(dropped)), len(kept)
@@ -96,8 +107,8 @@ class _BadAudioList:
         if self.write and self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             new = not self.path.is_file() or self.path.stat().st_size == 0
-            with self.path.open("a") as handle:
-                handle.write((self.HEADER + "\n" if new else "") + f"{split}\t{path}\t{reason}\n")
+            append_text(self.path, (self.HEADER + "\n" if new else "") + self._row(split, path, reason) + "\n",
+                        "a run's bad_audio.tsv")
         return True
 
 
@@ -191,7 +202,8 @@ class BadAudioTracker:
                 if self.collective:
                     self._new.append((path, reason))
                 if not self.collective or self.dist.is_main:  # rank 0 says the others' clips when it lists them
-                    log.warning("skipped bad audio (%s) %s: %s", self.split, path, reason)
+                    log.warning("skipped bad audio (%s) %s: %s", self.split, escape_controls(path),
+                                escape_controls(reason))
         if batch.upsampled:
             self.upsampled.update(batch.upsampled)
             self._untaken.update(batch.upsampled)
@@ -228,7 +240,8 @@ class BadAudioTracker:
                 self.reasons.update(reasons)
                 for path, reason in rows if dist.is_main else ():
                     if self._list.add(self.split, path, reason):
-                        log.warning("skipped bad audio (%s, rank %d) %s: %s", self.split, rank, path, reason)
+                        log.warning("skipped bad audio (%s, rank %d) %s: %s", self.split, rank, escape_controls(path),
+                                    escape_controls(reason))
         self._since = Counter()
         self._new = []
 
@@ -298,7 +311,7 @@ class BadAudioTracker:
         dropped, kept = self._list.recheck()
         if dropped:
             log.warning("%s: %d clip(s) listed by an earlier attempt read fine now and are no longer listed (%s%s); "
-                        "%d still are", self.log_path, len(dropped), ", ".join(dropped[:3]),
+                        "%d still are", self.log_path, len(dropped), ", ".join(map(escape_controls, dropped[:3])),
                         ", ..." if len(dropped) > 3 else "", kept)
         elif kept:  # skipped again without a line each (said when first met): this invocation's log says it once
             log.info("%s: %d clip(s) an earlier attempt could not read are listed there; each is skipped again "

@@ -293,7 +293,8 @@ class ManifestIndex:
     def __init__(self, paths: Sequence[str | os.PathLike], index_dir: str | os.PathLike = DEFAULT_INDEX_DIR) -> None:
         folder = Path(os.path.expanduser(str(index_dir)))
         folder.mkdir(parents=True, exist_ok=True)
-        for tmp in remove_orphans(folder, older_than=STALE_SECONDS):  # builds killed part-way (a manifest's size)
+        # builds killed part-way (a manifest's size): the folder's own files only, where several jobs may be building
+        for tmp in remove_orphans(folder, older_than=STALE_SECONDS):
             log.info("removed %s, left by an index build that did not finish", tmp)
         self.paths = [Path(p) for p in paths]
         self._maps: list[mmap.mmap] = []

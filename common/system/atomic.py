@@ -2,11 +2,13 @@
 
 Every file this package writes that something later reads back (exports, checkpoint metadata, ledgers,
 resolved recipes) goes through :func:`atomic_path`: the content is written to a temporary file in the
-same folder (``.NAME.XXXXXXXX.tmp``), flushed, and renamed over the target. The file is created as
+same folder (``.NAME.c2f-XXXXXXXX.tmp``: the ``c2f-`` marker tells this package's temporary files from another
+program's, e.g. ``tempfile``'s ``.NAME.XXXXXXXX.tmp``), flushed, and renamed over the target. The file is created as
 ``open()`` creates one (mode ``0o666`` less the umask), so a colleague can read an export wherever the
 umask lets them. A write that does not fit fails naming the file and the space it needed
 (:class:`common.system.disk.NoSpace`); a process killed while writing leaves its temporary file, which the next
-run in that folder removes (:func:`remove_orphans`).
+run in that folder removes (:func:`remove_orphans`: only names with the marker, only in the folders the package
+writes into).
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from common.system.disk import NoSpace, ensure_space, free_bytes, out_of_space
 __all__ = ["atomic_path", "atomic_write_text", "atomic_copy", "file_mode", "remove_orphans", "temporary_file",
            "ORPHAN"]
 
-# the temporary files atomic_path and the clip cache make (mkstemp's 8 characters in earlier versions, 8 hex digits
-# now; the clip cache's were 16 hex digits before)
-ORPHAN = re.compile(r"\..+\.(?:[a-z0-9_]{8}|[0-9a-f]{16})\.tmp")
+# the temporary files atomic_path and the clip cache make: marked, so that the clean-up never takes another program's
+# (tempfile's ``.NAME.XXXXXXXX.tmp``, which earlier versions of this package made too: those are left alone now)
+MARKER = "c2f-"
+ORPHAN = re.compile(rf"\..+\.{MARKER}[0-9a-f]{{8}}\.tmp")
 
 
 def file_mode() -> int:
@@ -49,7 +52,7 @@ def temporary_file(path: Path) -> Path:
     created with the umask's mode (mkstemp's would be 0600)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        tmp = path.parent / f".{path.name}.{MARKER}{secrets.token_hex(4)}.tmp"
         try:
             os.close(os.open(tmp, flags, 0o666))
         except FileExistsError:
@@ -123,27 +126,44 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copyfile(src, tmp)
 
 
-def remove_orphans(folder: str | os.PathLike, skip: tuple[str, ...] = ("discarded-",),
-                   older_than: float | None = None, recursive: bool = True) -> list[Path]:
-    """Remove the temporary files (:data:`ORPHAN`) that processes killed in :func:`atomic_path` left under
-    ``folder``; sub-folders whose names start with ``skip`` are left alone (all of them unless ``recursive``: a
-    folder the user named may hold a corpus). ``older_than``: only files nothing has written for that many seconds,
-    in a folder others may be writing into without a lock (a shared cache): a file that goes meanwhile, or is not
-    ours to remove, is left. Returns what was removed."""
+def remove_orphans(folder: str | os.PathLike, within: tuple[str, ...] = (),
+                   older_than: float | None = None) -> list[Path]:
+    """Remove the temporary files (:data:`ORPHAN`: this package's marked names) that processes killed in
+    :func:`atomic_path` left in ``folder``, and in its sub-folders that match a glob pattern of ``within``
+    (relative to ``folder``, e.g. ``checkpoints/*``): the folders the package writes into, never a whole tree (a
+    folder the user named may hold a corpus, a home, other programs' files). A sub-folder reached through a
+    symbolic link is left alone, and so is a link with an orphan's name. ``older_than``: only files nothing has
+    written for that many seconds, in a folder others may be writing into without a lock (a shared cache, several
+    jobs): a file that goes meanwhile, or is not ours to remove, is left. Returns what was removed."""
+    top = Path(folder)
+    folders = [top] + sorted({sub for pattern in within for sub in top.glob(pattern)
+                              if sub.is_dir() and not _through_link(top, sub)})
     removed, now = [], time.time()
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if recursive and not d.startswith(skip)]
-        for name in files:
-            if ORPHAN.fullmatch(name):
-                path = Path(root) / name
-                if older_than is None:
-                    path.unlink(missing_ok=True)
-                else:
-                    try:
-                        if now - path.stat().st_mtime <= older_than:
-                            continue
-                        path.unlink()
-                    except OSError:
-                        continue
-                removed.append(path)
+    for root in folders:
+        try:
+            entries = [e for e in os.scandir(root) if ORPHAN.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
+        except OSError:  # gone meanwhile, not readable
+            continue
+        for entry in entries:
+            path = root / entry.name
+            try:
+                if older_than is not None and now - entry.stat(follow_symlinks=False).st_mtime <= older_than:
+                    continue
+                path.unlink()
+            except FileNotFoundError:
+                if older_than is not None:
+                    continue
+            except OSError:
+                continue
+            removed.append(path)
     return sorted(removed)
+
+
+def _through_link(top: Path, sub: Path) -> bool:
+    """Whether ``sub`` (under ``top``) or a folder between them is a symbolic link."""
+    path = top
+    for part in sub.relative_to(top).parts:
+        path = path / part
+        if path.is_symlink():
+            return True
+    return False

@@ -5,7 +5,8 @@ before the job writes anything there, and for as long as it runs; the other rank
 it. A second command on the same run directory stops at once with one line naming the process that holds
 it (pid, host, start time, command, recorded in the lock file). The kernel drops the lock when its process
 ends, however it ends: a killed run (even by SIGKILL) never blocks its own resume. The lock file itself
-stays (deleting it would let two processes lock two different files of the same name).
+stays (deleting it would let two processes lock two different files of the same name). A lock file that is a
+symbolic link is refused, never followed (``common.system.paths.open_nofollow``).
 
 Processes the holder forked (data-loader workers) share its lock and outlive it by a few seconds after a
 SIGKILL; a lock still held for a holder that has exited on this host is therefore waited for, briefly.
@@ -30,6 +31,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from common.system.paths import open_nofollow
+
 __all__ = ["LOCK_FILE", "RunDirBusy", "run_dir_lock", "job_lock"]
 
 log = logging.getLogger(__name__)
@@ -44,9 +47,10 @@ class RunDirBusy(RuntimeError):
     """Another process is running in the run directory (or its lock cannot be taken at all)."""
 
 
-def _holder(path: Path) -> dict:
+def _holder(fd: int) -> dict:
+    """The holder's record, read from the lock file this process opened (not through its name again)."""
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(os.pread(fd, 1 << 16, 0))
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
@@ -89,13 +93,17 @@ def run_dir_lock(run_dir: Path, flag: str = "--run-dir", *, name: str = LOCK_FIL
     ``name``: the lock file's, ``what``: the kind of command that holds it, ``advice``: what to do but use another
     folder (all said in the refusal).
 
+    The lock file is opened without following a symbolic link: it is truncated (its holder's record is rewritten),
+    and a link planted in the folder would truncate the file it points to.
+
     Raises:
         RunDirBusy: another process holds it; the message names that process.
+        common.system.paths.LinkRefused: the lock file is a symbolic link (named, in one line).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / name
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_nofollow(path, os.O_RDWR | os.O_CREAT, 0o644, "a lock file")
     try:
         try:
             locked = _try_lock(fd)
@@ -107,11 +115,11 @@ def run_dir_lock(run_dir: Path, flag: str = "--run-dir", *, name: str = LOCK_FIL
             yield
             return
         deadline = time.monotonic() + ORPHAN_WAIT_S
-        while not locked and _exited(_holder(path)) and time.monotonic() < deadline:
+        while not locked and _exited(_holder(fd)) and time.monotonic() < deadline:
             time.sleep(0.2)  # the holder was killed; processes it forked still hold the lock for a moment
             locked = _try_lock(fd)
         if not locked:
-            record = _holder(path)
+            record = _holder(fd)
             gone = " (it has exited, but processes it started still hold the lock)" if _exited(record) else ""
             raise RunDirBusy(f"{run_dir} is in use by another {what}: {_describe(record)}{gone}; {advice} or use "
                              f"another {flag}")

@@ -6,6 +6,7 @@ Only rank 0 writes files and draws the bar; other ranks log warnings and errors 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from common.system.disk import NoSpace, free_bytes, out_of_space
+from common.system.paths import open_nofollow
 
 __all__ = ["setup_logging", "BarSafeHandler", "Scalars", "progress", "log_traceback", "library_chatter"]
 
@@ -101,7 +103,15 @@ def detach_run_logs() -> None:
 
 class _LogFile(logging.FileHandler):
     """``train.log``: a line that cannot be written (a full disk, a folder that is gone) is said once on the
-    console, instead of a traceback per log line; the console keeps every line."""
+    console, instead of a traceback per log line; the console keeps every line.
+
+    The file is opened without following a symbolic link: a ``train.log`` that is one (planted in a run directory
+    received from someone, pointing at ``~/.bashrc``) is refused when the run sets up its logging, in one line
+    (``common.system.paths.LinkRefused``), not appended through."""
+    def _open(self):
+        fd = open_nofollow(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666, "a run's train.log")
+        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             super().emit(record)

@@ -602,3 +602,56 @@ def test_the_linear_probe_counts_judges_and_repeats_from_its_cache_the_clips_it_
         assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
         if not cached:
             Path(deleted).write_bytes(Path(str(tmp_path / "t" / "train-4.wav")).read_bytes())  # restored
+
+
+def _bad(*clips: tuple[str, str]):
+    import torch
+
+    from common.data.clips import Batch
+
+    return Batch(torch.zeros(0, 8), torch.zeros(0), None, [], bad=list(clips))
+
+
+def test_a_path_with_a_tab_or_newline_stays_one_row_and_one_log_line(tmp_path, caplog):
+    """A manifest's path may hold a newline or a tab (``x\\ntouch ~/pwned #.flac``): written as it was, it made a
+    second, forged line in train.log and a bogus row in bad_audio.tsv. Control characters are escaped in both,
+    and the resume's recheck reads the row back as the same path: still missing, it stays listed (not again);
+    back and readable (a real file with a tab in its name), it leaves."""
+    log = tmp_path / "bad_audio.tsv"
+    gone = str(tmp_path / "gone\ntouch /tmp/pwned #.flac")
+    back = tmp_path / "back\tclip\\n.wav"
+    tracker = BadAudioTracker(max_fraction=1.0, min_clips=99, log_path=str(log))
+    with caplog.at_level("WARNING"):
+        tracker.update(_bad((gone, "missing (no such file)"), (str(back), "unreadable (x\ny)")))
+    said = [r.getMessage() for r in caplog.records if "skipped bad audio" in r.getMessage()]
+    assert len(said) == 2 and all("\n" not in m and "\t" not in m for m in said), said
+    assert "gone\\ntouch /tmp/pwned #.flac: missing" in said[0] and "back\\tclip\\\\n.wav" in said[1]
+    lines = log.read_text().split("\n")
+    assert len(lines) == 4 and lines[3] == "" and all(len(line.split("\t")) == 3 for line in lines[:3]), lines
+    resumed = BadAudioTracker(max_fraction=1.0, min_clips=99, log_path=str(log))
+    assert not resumed._list.add("train", gone, "missing (no such file)")  # read back as the same path
+    write_clip(back, seconds=0.5)
+    resumed.recheck_listed()
+    assert log.read_text().split("\n")[1:] == [f"train\t{str(tmp_path)}/gone\\ntouch /tmp/pwned #.flac\t"
+                                               f"missing (no such file)", ""]
+
+
+def test_a_bad_audio_tsv_that_is_a_symbolic_link_is_refused(tmp_path):
+    """A run directory received from someone may hold ``bad_audio.tsv -> ~/.bashrc``: appending followed it, and the
+    resume's recheck copied the file it points to into the list. Both refuse it in one line; the target is
+    untouched."""
+    from common.system.paths import LinkRefused
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    log = tmp_path / "bad_audio.tsv"
+    log.symlink_to(victim)
+    with pytest.raises(LinkRefused, match=rf"^{log} is a symbolic link: a run's bad_audio.tsv is never written"):
+        BadAudioTracker(log_path=str(log)).recheck_listed()
+    with pytest.raises(LinkRefused, match=rf"^{log} is a symbolic link"):
+        BadAudioTracker(min_clips=99, log_path=str(log)).update(_bad(("a.wav", "missing (no such file)")))
+    log.unlink()
+    log.symlink_to(tmp_path / "dangling")  # O_CREAT would have made the file it names
+    with pytest.raises(LinkRefused):
+        BadAudioTracker(min_clips=99, log_path=str(log)).update(_bad(("a.wav", "missing (no such file)")))
+    assert victim.read_text() == "precious\n" and not (tmp_path / "dangling").exists()

@@ -467,12 +467,16 @@ def test_a_damaged_manifest_index_is_built_again_and_stale_temporaries_go(synth_
     lines = offsets.with_name(offsets.name.replace(".offsets.npy", ".jsonl"))
     target = offsets if damage == "empty_offsets" else lines
     target.write_bytes(b"" if damage.startswith("empty") else target.read_bytes()[:100])
-    stale, fresh = tmp_path / ".x.jsonl.0a1b2c3d.tmp", tmp_path / ".y.jsonl.4e5f6a7b.tmp"
-    for tmp in (stale, fresh):
+    stale, fresh = tmp_path / ".x.jsonl.c2f-0a1b2c3d.tmp", tmp_path / ".y.jsonl.c2f-4e5f6a7b.tmp"
+    # not the index's: another program's temporary file, and anything in a folder below (data.index_dir: ~)
+    (tmp_path / "project").mkdir()
+    foreign = [tmp_path / ".draft.docx.k3j9x0qz.tmp", tmp_path / "project" / ".report.c2f-ab12cd34.tmp"]
+    for tmp in (stale, fresh, *foreign):
         tmp.write_bytes(b"partial")
-    os.utime(stale, (time.time() - 7 * 3600,) * 2)
+        os.utime(tmp, (time.time() - 7 * 3600,) * 2 if tmp != fresh else None)
     assert [c.id for c in ManifestIndex([train], tmp_path)] == expected
     assert not stale.exists() and fresh.exists()  # another host's build may still be writing a recent one
+    assert all(p.exists() for p in foreign)
 
 
 def test_a_manifest_is_counted_once_until_it_changes(synth_corpus, tmp_path, monkeypatch):

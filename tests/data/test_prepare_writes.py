@@ -63,8 +63,8 @@ def test_a_failed_prepare_publishes_nothing_and_leaves_no_temporary(tmp_path):
 def test_a_later_prepare_removes_the_temporaries_a_killed_one_left(tmp_path):
     out = tmp_path / "out"
     (out / "synth_audio" / "train").mkdir(parents=True)
-    stale = [out / ".synth_train.jsonl.gz.0a1b2c3d.tmp", out / "synth_audio" / "train" / ".x.flac.1a2b3c4d.tmp"]
-    fresh = out / ".synth_valid.jsonl.gz.4e5f6a7b.tmp"  # another writer's, still being written
+    stale = [out / ".synth_train.jsonl.gz.c2f-0a1b2c3d.tmp", out / "synth_audio" / "train" / ".x.flac.c2f-1a2b3c4d.tmp"]
+    fresh = out / ".synth_valid.jsonl.gz.c2f-4e5f6a7b.tmp"  # another writer's, still being written
     for path in (*stale, fresh):
         path.write_bytes(b"partial")
     for path in stale:

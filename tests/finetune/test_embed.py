@@ -263,6 +263,35 @@ def test_unreadable_files_are_named_listed_and_skipped(tmp_path, capsys):
     assert not (out / "bad_audio.tsv").exists()
 
 
+def test_a_bad_file_named_with_a_newline_is_one_row_and_one_log_line(tmp_path, caplog):
+    """A source with a newline or tab (from a manifest, or a file name) is escaped in the warning and in
+    ``bad_audio.tsv``: one row per file, not a forged second line."""
+    init = _export(tmp_path / "e.safetensors")
+    out = tmp_path / "emb"
+    bad = str(tmp_path / "gone\ntouch /tmp/pwned #\t.wav")
+    with caplog.at_level("WARNING"):
+        assert main(["--init", str(init), "--inputs", bad, "--out", str(out), "--device", "cpu"]) == 1
+    said = [r.getMessage() for r in caplog.records if "gone" in r.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0] and "gone\\ntouch /tmp/pwned #\\t.wav: " in said[0], said
+    listed = (out / "bad_audio.tsv").read_text().split("\n")
+    assert len(listed) == 3 and listed[1].startswith(f"{tmp_path}/gone\\ntouch /tmp/pwned #\\t.wav\t"), listed
+
+
+def test_embedding_into_a_folder_removes_only_its_own_leftovers(tmp_path):
+    """``--out`` may be a folder with other things in it: the clean-up of a killed write looks in ``--out`` and its
+    ``shards/`` for this package's marked names only, not through the folder's tree."""
+    init = _export(tmp_path / "e.safetensors")
+    good = _write(tmp_path / "good.wav", 0.5)
+    out = tmp_path / "emb"
+    ours = [out / ".index.tsv.c2f-0a1b2c3d.tmp", out / "shards" / ".00000.npy.c2f-1a2b3c4d.tmp"]
+    kept = [out / "notes" / ".draft.c2f-abcdef12.tmp", out / ".other.abcdefgh.tmp"]
+    for path in (*ours, *kept):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    assert main(["--init", str(init), "--inputs", str(good), "--out", str(out), "--device", "cpu"]) == 0
+    assert not any(p.exists() for p in ours) and all(p.exists() for p in kept)
+
+
 def test_a_long_file_is_embedded_window_by_window_and_one_failing_midway_leaves_no_row(tmp_path, monkeypatch):
     """Files longer than WHOLE_SECONDS are read a window at a time: the same embeddings as decoded whole; one whose
     audio turns non-finite after some windows were embedded is listed as bad and none of its rows is kept, while

@@ -486,7 +486,7 @@ def test_a_probe_removes_the_temporaries_that_probes_killed_while_writing_featur
         rng.standard_normal((24, 4)), np.eye(12, dtype=np.float32)[np.arange(24) % 12]))
     cache = tmp_path / "cache"
     cache.mkdir()
-    killed, writing = cache / ".fa1bb6a3d19d2af4.npz.7f1248e4.tmp", cache / ".0123456789abcdef.npz.0a1b2c3d.tmp"
+    killed, writing = cache / ".fa1bb6a3d19d2af4.npz.c2f-7f1248e4.tmp", cache / ".0123456789abcdef.npz.c2f-0a1b2c3d.tmp"
     for path in (killed, writing):
         path.write_bytes(b"part of the features")
     os.utime(killed, (time.time() - linear_probe.STALE_SECONDS - 60,) * 2)

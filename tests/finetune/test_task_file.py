@@ -102,3 +102,35 @@ def test_the_linear_probe_names_a_task_files_unknown_key_in_one_line(tmp_path, c
     assert probe(["--init", "none", "--task", str(task)]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: epoch: unknown key in {task}") and "epochs" in err[0], err
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/abs", "a/b", "a\\b", "..", ".", ""])
+def test_a_task_name_that_is_not_one_plain_name_is_refused_naming_the_file(tmp_path, synth_corpus, monkeypatch, name,
+                                                                           capsys):
+    """The run directory is ``runs/finetune/<task name>-...``: a downloaded task file's ``name: ../../x`` (or an
+    absolute one, which replaces the base) moved it anywhere. It is one line naming the key and the file, before
+    anything is written."""
+    from finetune.run import main as finetune
+
+    path = task_file(tmp_path / "project", synth_corpus)
+    path.write_text(path.read_text().replace("name: mine", f"name: {json.dumps(name)}"))
+    with pytest.raises(RecipeError, match=rf"^task\.name: .* must be one plain name.*\(in {path}\)$"):
+        load_recipe(str(path))
+    monkeypatch.chdir(tmp_path)
+    assert finetune(["--init", "none", "--task", str(path), "--set", "data.num_workers=0"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: task.name: ") and str(path) in err[0], err
+    assert not (tmp_path / "runs").exists() and not (tmp_path.parent / "escaped-baseline").exists()
+
+
+def test_a_task_name_from_the_file_name_or_set_is_checked_too(tmp_path, synth_corpus):
+    """Without ``name:`` the file's stem names the task (``..yaml`` gives ``.``); ``--set task.name=`` is checked
+    as the file's key is."""
+    path = task_file(tmp_path, synth_corpus)
+    dots = path.with_name("..yaml")
+    dots.write_text(path.read_text().replace("name: mine\n", ""))
+    with pytest.raises(RecipeError, match=r"^task\.name: '\.' must be one plain name"):
+        load_recipe(str(dots))
+    with pytest.raises(RecipeError, match=r"^task\.name: '/x/y' .*\(--set task\.name=/x/y\)$"):
+        load_recipe(str(path), overrides=["task.name=/x/y"])
+    assert load_recipe(str(path), overrides=["task.name=mine-2.b_c"]).task.name == "mine-2.b_c"

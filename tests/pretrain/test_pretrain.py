@@ -44,6 +44,23 @@ def test_invalid_recipes_fail_before_any_compute(tmp_path, capsys, override, mes
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("stem", ["..", "."])
+def test_a_recipe_file_whose_stem_is_not_a_folder_of_its_own_is_refused(tmp_path, synth_corpus, capsys, monkeypatch,
+                                                                         stem):
+    """``runs/pretrain/<recipe stem>``: a recipe file named ``...yaml`` (stem ``..``) put the run in ``runs/``, and
+    ``..yaml`` in ``runs/pretrain`` itself. Without ``--run-dir`` it is refused in one line; with it, it runs."""
+    recipe = tmp_path / f"{stem}.yaml"
+    recipe.write_text(RECIPE.read_text())
+    (tmp_path / RECIPE.with_name("synth_pretrain_baseline.yaml").name).write_text(
+        RECIPE.with_name("synth_pretrain_baseline.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert main(["--recipe", str(recipe), "--dry-run", *tiny(synth_corpus)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --recipe {recipe}: the run directory runs/pretrain/{stem} ")
+    assert not (tmp_path / "runs").exists()
+    assert main(["--recipe", str(recipe), "--dry-run", "--run-dir", str(tmp_path / "r"), *tiny(synth_corpus)]) == 0
+
+
 @pytest.mark.slow
 def test_dry_run_prints_the_plan_and_the_saving(capsys):
     assert main(["--recipe", str(ROOT / "recipes" / "ssast_fshift4.yaml"), "--dry-run"]) == PLAN_NOT_READY

@@ -85,21 +85,24 @@ def test_temporary_files_of_a_killed_write_are_removed_at_the_next_start(tmp_pat
         _killed_while_writing(target)
     orphans = sorted(p for p in run_dir.rglob("*.tmp"))
     assert len(orphans) == 4 and all(ORPHAN.fullmatch(p.name) for p in orphans)
-    (run_dir / ".recipe.yaml.k2_hq9x1.tmp").write_text("left by mkstemp (earlier versions)")
+    assert all(".c2f-" in p.name for p in orphans)  # this package's marker
     # the killed writes lost nothing: the targets are as they were
     assert (run_dir / "checkpoints" / "LATEST").read_text() == latest
     assert (run_dir / "ledger.json").read_text() == ledger
     assert not (run_dir / "model.safetensors").exists()
-    # files that are not ours stay
+    # files that are not ours stay: other programs' (tempfile's .NAME.XXXXXXXX.tmp, as earlier versions named
+    # theirs), and ours outside the folders a run writes into
     decoys = [run_dir / ".notes.tmp", run_dir / "keep.abcd1234.tmp", run_dir / ".ledger.json.abc.tmp",
-              run_dir / "discarded-20260101-000000" / ".ledger.json.abcd1234.tmp"]
+              run_dir / ".recipe.yaml.k2_hq9x1.tmp", run_dir / ".ledger.json.abcd1234.tmp",
+              run_dir / "discarded-20260101-000000" / ".ledger.json.c2f-abcd1234.tmp",
+              run_dir / "tb" / ".events.c2f-abcd1234.tmp"]
     for decoy in decoys:
         decoy.parent.mkdir(exist_ok=True)
         decoy.write_text("mine")
     assert pretrain(run_dir, synth_corpus, stop=1) == 0  # resumes from the intact checkpoint
-    assert not any(p.exists() for p in orphans) and not (run_dir / ".recipe.yaml.k2_hq9x1.tmp").exists()
+    assert not any(p.exists() for p in orphans)
     assert all(p.read_text() == "mine" for p in decoys)
-    assert "removed 5 temporary file(s) that an interrupted write left: " in (run_dir / "train.log").read_text()
+    assert "removed 4 temporary file(s) that an interrupted write left: " in (run_dir / "train.log").read_text()
     assert (run_dir / "checkpoints" / "LATEST").read_text() == "phase01-step000000003"  # resumed at step 2
 
 
@@ -126,3 +129,58 @@ def test_an_atomic_write_reaches_the_disk_before_its_name_does(tmp_path, monkeyp
         tmp.write_bytes(b"x" * 1000)
     assert events == [("fsync", 5), ("replace", "a.txt"), ("fsync", "dir"),
                       ("fsync", 1000), ("replace", "b.bin"), ("fsync", "dir")]
+
+
+def test_the_clean_up_takes_only_this_package_s_temporaries_and_only_where_it_writes(tmp_path):
+    """``remove_orphans`` deleted every ``.NAME.XXXXXXXX.tmp`` under a folder, recursively: that is also the name of
+    another program's atomic write (``tempfile``'s), and ``data.index_dir: ~`` or ``--run-dir`` on a folder of the
+    user's walked all of it. Now: names with the ``c2f-`` marker this package's writes make, in the folder and the
+    sub-folders named (``within``), not through a link; the age rule where others may be writing."""
+    import tempfile
+    import time
+
+    from common.system.atomic import remove_orphans, temporary_file
+
+    ours = temporary_file(tmp_path / "ledger.json")
+    assert ORPHAN.fullmatch(ours.name) and ours.name.startswith(".ledger.json.c2f-")
+    with tempfile.NamedTemporaryFile(dir=tmp_path, prefix=".draft.docx.", suffix=".tmp", delete=False) as other:
+        pass
+    (tmp_path / "project" / "sub").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "phase01").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    deep = [tmp_path / "project" / "sub" / ".report.c2f-ab12cd34.tmp", tmp_path / "elsewhere" / ".x.c2f-00000000.tmp"]
+    within = [tmp_path / "checkpoints" / ".LATEST.c2f-0a1b2c3d.tmp",
+              tmp_path / "checkpoints" / "phase01" / ".trainer_state.json.c2f-1a2b3c4d.tmp"]
+    for path in (*deep, *within):
+        path.write_text("x")
+    assert remove_orphans(tmp_path, ("checkpoints", "checkpoints/*", "linked")) == sorted([ours, *within])
+    assert Path(other.name).exists() and all(p.exists() for p in deep)
+    # the age rule: a recent one may be another job's, still being written
+    fresh, stale = tmp_path / ".a.c2f-11111111.tmp", tmp_path / ".b.c2f-22222222.tmp"
+    for path in (fresh, stale):
+        path.write_text("x")
+    os.utime(stale, (time.time() - 7200,) * 2)
+    assert remove_orphans(tmp_path, older_than=3600) == [stale] and fresh.exists()
+
+
+def test_a_run_cleans_up_in_the_folders_it_writes_into_only(tmp_path):
+    """``--run-dir`` may name a folder of the user's (notes, a sub-folder of their own): a run's clean-up looks in
+    the run directory and the folders a run writes into (checkpoints, exports, the weight average, folds), not in
+    ``tb/``, a discarded attempt or the user's sub-folders."""
+    from common.cli import RUN_FOLDERS
+    from common.system.atomic import remove_orphans
+
+    ours = [tmp_path / ".ledger.json.c2f-00000001.tmp", tmp_path / "checkpoints" / ".LATEST.c2f-00000002.tmp",
+            tmp_path / "checkpoints" / "phase01-step000000002" / ".trainer_state.json.c2f-00000003.tmp",
+            tmp_path / "export" / ".best.safetensors.c2f-00000004.tmp",
+            tmp_path / "average" / ".epoch001.safetensors.c2f-00000005.tmp",
+            tmp_path / "fold2" / ".ledger.json.c2f-00000006.tmp",
+            tmp_path / "fold2" / "checkpoints" / "phase01-step000000002" / ".x.c2f-00000007.tmp"]
+    kept = [tmp_path / "sub" / ".a.c2f-abcdef12.tmp", tmp_path / "tb" / ".b.c2f-abcdef12.tmp",
+            tmp_path / "discarded-20260101-000000" / ".c.c2f-abcdef12.tmp", tmp_path / ".d.abcdefgh.tmp"]
+    for path in (*ours, *kept):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    assert remove_orphans(tmp_path, RUN_FOLDERS) == sorted(ours)
+    assert all(p.exists() for p in kept)

@@ -73,6 +73,64 @@ def test_a_lock_held_by_what_a_killed_holder_forked_is_waited_for(tmp_path):
     assert 1 < time.monotonic() - start < 25
 
 
+@pytest.mark.parametrize("name", [LOCK_FILE, "prepare.lock"])
+def test_a_lock_file_that_is_a_symbolic_link_is_refused_and_its_target_untouched(tmp_path, name):
+    """The lock file is truncated to record its holder: ``run.lock -> a file`` planted in a run directory (or in
+    ``prepare --out``, ``embed --out``) truncated the file it points to. It is refused in one line; a dangling link
+    does not create the file it names."""
+    from common.system.paths import LinkRefused
+
+    victim = tmp_path / "victim"
+    victim.write_text("two\nlines\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / name).symlink_to(victim)
+    with pytest.raises(LinkRefused, match=rf"^{run_dir / name} is a symbolic link: a lock file is never written "):
+        with run_dir_lock(run_dir, name=name):
+            pass
+    (run_dir / name).unlink()
+    (run_dir / name).symlink_to(tmp_path / "dangling")
+    with pytest.raises(LinkRefused):
+        with run_dir_lock(run_dir, name=name):
+            pass
+    assert victim.read_text() == "two\nlines\n" and not (tmp_path / "dangling").exists()
+
+
+def test_a_run_refuses_a_train_log_or_rank_log_that_is_a_symbolic_link(tmp_path, synth_corpus, capsys, monkeypatch):
+    """``train.log -> ~/.bashrc`` in a run directory received from someone: a resume appended its log lines to the
+    file. The run refuses it in one line before it starts (every rank: ``check_run_dir``), and the log and a
+    rank's error log are opened without following a link anyway (a link planted while the run goes on)."""
+    import common.cli as cli
+    from common.system.logger import detach_run_logs, setup_logging
+    from common.system.paths import LinkRefused
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "train.log").symlink_to(victim)
+    assert main(["--recipe", str(RECIPE), "--run-dir", str(run_dir), *tiny(synth_corpus)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {run_dir / 'train.log'} is a symbolic link: a run's train.log is never written through "
+                   f"one (it could truncate or append to the file the link points to); remove the link and run "
+                   f"again"], err
+    try:
+        with pytest.raises(LinkRefused, match="a run's train.log is never written through one"):
+            setup_logging(run_dir)
+    finally:
+        detach_run_logs()
+    (run_dir / "train.log").unlink()
+    (run_dir / "logs").mkdir()
+    (run_dir / "logs" / "rank1.err").symlink_to(victim)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(cli, "_RUN_DIR", run_dir)
+    cli._keep_failure("error: touch ~/pwned\n")  # a failure to keep it is not another error
+    with pytest.raises(LinkRefused, match="a rank's error log"):
+        cli.check_run_dir(run_dir)
+    assert victim.read_text() == "precious\n"
+
+
 def test_restart_leaves_the_lock_in_place(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     with run_dir_lock(tmp_path):

@@ -45,7 +45,8 @@ def test_repeated_blocks_are_the_transformer_blocks():
     assert maybe_compile(model, False) is model and model.encoder.blocks[0]._compiled_call_impl is None
 
 
-def test_the_compile_mode_reaches_every_block_and_is_checked(monkeypatch):
+def test_the_compile_mode_reaches_every_block_and_is_checked(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # not this test's concern (below)
     seen = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: seen.append(kwargs))
     model = SSASTModel(ASTEncoder(CFG), SSASTConfig())
@@ -58,6 +59,57 @@ def test_the_compile_mode_reaches_every_block_and_is_checked(monkeypatch):
         maybe_compile(model, True, "aot_eager", "reduce-overhead")
     with pytest.raises(ValueError, match="train.compile_mode: unknown mode 'fast'"):
         maybe_compile(model, True, "inductor", "fast")
+
+
+def test_compiling_points_inductor_s_cache_at_a_private_folder(monkeypatch, tmp_path):
+    """torch's default inductor cache is ``/tmp/torchinductor_<user>``, whose pickles torch loads: another local user
+    who makes it first runs code in the training. A compiling run (before anything compiles) points
+    ``TORCHINDUCTOR_CACHE_DIR`` at ``$XDG_CACHE_HOME/coarse2fine/inductor``, mode 0700, also when the variable holds
+    torch's default (importing torch._dynamo writes it there); a folder the user set is kept. Nothing compiles here
+    (``nn.Module.compile`` only wraps the blocks)."""
+    import os
+    import stat
+
+    from common.training.compile import _torch_default_cache
+
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", _torch_default_cache())
+    model = SSASTModel(ASTEncoder(CFG), SSASTConfig())
+    maybe_compile(model, False)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == _torch_default_cache()  # not compiling: left as it is
+    maybe_compile(model, True, "aot_eager")
+    folder = tmp_path / "xdg" / "coarse2fine" / "inductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and folder.stat().st_uid == os.getuid()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's choice stays
+    maybe_compile(model, True, "aot_eager")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_an_inductor_cache_folder_others_can_write_is_refused(monkeypatch, tmp_path):
+    """The private folder exists already but others may write it, or it is another user's: refused in one line
+    saying what to do, and the variable is not set."""
+    import os
+
+    from common.training.compile import private_inductor_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = tmp_path / "coarse2fine" / "inductor"
+    folder.mkdir(parents=True)
+    folder.chmod(0o777)
+    with pytest.raises(ValueError, match=rf"^train\.compile: the compile cache {folder} is writable by others \(mode "
+                                         rf"777\).* chmod go-w {folder} or set TORCHINDUCTOR_CACHE_DIR"):
+        private_inductor_cache()
+    folder.chmod(0o755)  # a folder others can read (the user made it so) is kept
+    uid = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: uid + 1)
+    with pytest.raises(ValueError, match=rf"^train\.compile: the compile cache {folder} belongs to another user"):
+        private_inductor_cache()
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setattr(os, "getuid", lambda: uid)
+    assert private_inductor_cache() == folder and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
 
 
 def test_a_recipe_with_a_mode_its_backend_lacks_fails_before_compute(tmp_path, synth_corpus, capsys):

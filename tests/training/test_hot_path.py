@@ -173,14 +173,14 @@ def test_the_disk_cache_leaves_its_reserve_free_and_clears_stale_temporaries(tmp
     key = cache_module._cut_key(cuts[0], 16000)
     sub = tmp_path / "c" / key[:2]
     sub.mkdir(parents=True)
-    stale, fresh = sub / ".old.npy.0123abcd.tmp", sub / ".new.npy.4567cdef.tmp"
-    older = sub / ".older.npy.0123456789abcdef.tmp"  # an earlier version's name (16 hex digits)
+    stale, fresh = sub / ".old.npy.c2f-0123abcd.tmp", sub / ".new.npy.c2f-4567cdef.tmp"
+    older = sub / ".older.npy.0123456789abcdef.tmp"  # an earlier version's name (16 hex digits): not marked, left
     for tmp in (stale, fresh, older):
         tmp.write_bytes(b"partial")
     os.utime(stale, (0, 0))
     os.utime(older, (0, 0))
     cache.load(cuts[0], 16000, load_clip)  # 10 GiB of 100 free after it: the reserve is met
-    assert (sub / f"{key}.npy").is_file() and not stale.exists() and not older.exists() and fresh.exists()
+    assert (sub / f"{key}.npy").is_file() and not stale.exists() and older.exists() and fresh.exists()
     free["bytes"] = 10 * 2**30  # a clip more would go below it: nothing more is written, said once; clips still load
     waves = [cache.load(c, 16000, load_clip) for c in cuts[1:]]
     assert all(np.array_equal(w, load_clip(c, 16000)) for w, c in zip(waves, cuts[1:]))

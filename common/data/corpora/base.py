@@ -342,7 +342,7 @@ def write_corpus(
     if shuffle_seed is not None:
         entries = sorted(entries, key=lambda e: shuffled_order(e.cut_id, shuffle_seed))
     out = output_folder(out_dir)
-    for tmp in remove_orphans(out, older_than=STALE_SECONDS, recursive=False):
+    for tmp in remove_orphans(out, older_than=STALE_SECONDS):
         log.info("removed %s, left by a prepare that did not finish", tmp)
     report = PrepareReport(corpus=corpus, out_dir=out, notes=list(notes or []), conflicts=conflicts)
     if repeated:
