@@ -124,6 +124,26 @@ def test_the_disk_cache_survives_damage_and_source_changes(tmp_path, synth_corpu
         DataConfig(cache="memory", num_workers=2)
 
 
+def test_a_cached_clip_that_fails_the_sample_check_is_decoded_again_and_refused(tmp_path, synth_corpus):
+    """A disk cache kept by an earlier version holds clips decoded before samples far outside [-1, 1] were bad
+    audio: read from the cache as they were, a file of garbage floats still gave a NaN loss naming no clip. A
+    cached clip that fails the check is decoded again, and the decoder names it."""
+    from common.data.decode import BadClip
+
+    cuts = list(open_cuts([synth_corpus / "synth_valid.jsonl.gz"]))[:1]
+    cache = ClipCache("disk", tmp_path / "c")
+    wave = cache.load(cuts[0], 16000, load_clip)
+    (file,) = (tmp_path / "c").rglob("*.npy")
+    np.save(file, wave * 1e30)  # what the cache held for such a file before the check
+
+    def garbage(cut, rate):
+        raise BadClip("samples far outside [-1, 1] (peak 1e+30): ...")
+
+    with pytest.raises(BadClip, match="samples far outside"):
+        cache.load(cuts[0], 16000, garbage)
+    assert cache.hits == 0 and cache.misses == 2
+
+
 def test_a_disk_cache_that_cannot_write_is_said_once_and_the_clips_are_still_decoded(tmp_path, synth_corpus,
                                                                                         monkeypatch, caplog):
     """The cache saves time only: a full disk or a quota under data.cache_dir leaves no temporary file and does
