@@ -24,7 +24,7 @@ from common.config.recipe import RecipeError
 from common.system.atomic import remove_orphans
 from common.system.disk import describe_os_error, human_size
 from common.system.lock import LOCK_FILE, RunDirBusy, job_lock
-from common.system.paths import append_text, refuse_link
+from common.system.paths import LinkRefused, append_text, refuse_link
 from common.system.prog import whole_number
 from common.system.signals import StoppedBySignal, piped, stop_on_signals
 from common.training.batch import launch_world_size
@@ -133,8 +133,9 @@ class UnusableRunDir(ValueError):
 
 def run_dir_check(run_dir: Path) -> Callable[[], None]:
     """A check (for ``--dry-run``'s list of what a run would miss) of what :func:`check_run_dir` would refuse, with
-    nothing created: ``--run-dir`` or a folder on its way that is a file, or a first existing folder on its way
-    that this process cannot write. Raises ``RecipeError`` naming the problem."""
+    nothing created: ``--run-dir`` or a folder on its way that is a file, a first existing folder on its way
+    that this process cannot write, or a file a run writes in place that is a symbolic link. Raises
+    ``RecipeError`` naming the problem."""
     def check() -> None:
         path = Path(run_dir)
         existing = path
@@ -146,6 +147,10 @@ def run_dir_check(run_dir: Path) -> Callable[[], None]:
             raise RecipeError(f"--run-dir {run_dir} {what}; name a new folder or an existing run directory")
         if not os.access(existing, os.W_OK):
             raise RecipeError(f"run directory {run_dir} cannot be written: {existing} is not writable")
+        try:
+            _refuse_links(path)
+        except LinkRefused as err:
+            raise RecipeError(str(err)) from None
     return check
 
 
@@ -188,6 +193,16 @@ def resume_check(run_dir: Path, recipe, restart: bool = False) -> tuple[list[str
     return refused, [f"run directory: {run_dir} {does} (--restart starts over)"]
 
 
+def _refuse_links(run_dir: Path) -> None:
+    """Raise ``LinkRefused`` when a file a run writes in place in ``run_dir`` (or in a fold of it) is a symbolic
+    link: the lock, ``train.log``, ``bad_audio.tsv``, ``logs/rank*.err``."""
+    for folder in (run_dir, *sorted(run_dir.glob("fold*"))):
+        for name in (LOCK_FILE, "train.log", "bad_audio.tsv"):
+            refuse_link(folder / name, f"a run's {name}")
+    for path in sorted(run_dir.glob("logs/rank*.err")):
+        refuse_link(path, "a rank's error log")
+
+
 def check_run_dir(run_dir: Path) -> None:
     """Make sure ``run_dir`` is a folder this process can write (it is created if missing), before any compute.
 
@@ -201,10 +216,7 @@ def check_run_dir(run_dir: Path) -> None:
         common.system.paths.LinkRefused: one of those files is a symbolic link (named).
     """
     run_dir = Path(run_dir)
-    for name in (LOCK_FILE, "train.log", "bad_audio.tsv"):
-        refuse_link(run_dir / name, f"a run's {name}")
-    for path in sorted(run_dir.glob("logs/rank*.err")):
-        refuse_link(path, "a rank's error log")
+    _refuse_links(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UnusableRunDir(f"--run-dir {run_dir} is a file, not a directory; name a new folder or an existing run "
                              f"directory")
@@ -370,8 +382,9 @@ def run_main(body: Callable[[], int], resumable: bool = False) -> int:
     needs, changed data, an unusable run directory: every ``ValueError``), 1 for a run that stopped (non-finite
     loss, bad audio, no usable checkpoint, a run directory in use, a full disk or another failing file, another
     rank that stopped, the device out of memory), 130 when interrupted, 128 + the signal's number when SIGTERM or
-    SIGUSR1 stopped it (checkpointed: ``common.system.signals``). ``resumable``: a training command (an
-    interruption says that the same command resumes from the last checkpoint). On a rank of several, every
+    SIGUSR1 stopped it (checkpointed: ``common.system.signals``); a ``--dry-run`` body returns 3
+    (:data:`PLAN_NOT_READY`, :func:`plan_status`) when its plan lists what would stop a run. ``resumable``: a
+    training command (an interruption says that the same command resumes from the last checkpoint). On a rank of several, every
     ``error:`` line names the rank and its host, and the line (the traceback of an unexpected error) is also kept
     in the run directory, ``RUN/logs/rankR.err`` (:func:`_keep_failure`).
     """

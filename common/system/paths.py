@@ -1,7 +1,7 @@
 """Names, paths and files that come from a user's input (a task file, a manifest, a folder received from someone).
 
-- A name that must stay one folder's entry (:func:`check_plain_name`): a downloaded task file cannot move a run
-  directory elsewhere.
+- A name that must stay one folder's entry (:func:`is_plain_name`, :func:`check_plain_name`): a downloaded task
+  file cannot move a run directory elsewhere, a shard named by an index read from a folder stays in it.
 - Files the package writes in place, without a temporary file renamed over them (a lock file it truncates, logs
   and lists it appends to), are opened without following a symbolic link (:func:`open_nofollow`,
   :func:`append_text`): a link planted in a run directory (``train.log -> ~/.bashrc``, ``run.lock -> a file to
@@ -48,7 +48,8 @@ class LinkRefused(OSError, ValueError):
 
 def _refusal(path: os.PathLike | str, what: str) -> LinkRefused:
     return LinkRefused(f"{path} is a symbolic link: {what} is never written through one (it could truncate or append "
-                       f"to the file the link points to); remove the link and run again")
+                       f"to the file the link points to); replace the link with a copy of that file (cp "
+                       f"--remove-destination \"$(readlink -f {path})\" {path}), or remove it, and run again")
 
 
 def refuse_link(path: os.PathLike | str, what: str = "this file") -> None:

@@ -112,8 +112,16 @@ def test_a_run_refuses_a_train_log_or_rank_log_that_is_a_symbolic_link(tmp_path,
     assert main(["--recipe", str(RECIPE), "--run-dir", str(run_dir), *tiny(synth_corpus)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {run_dir / 'train.log'} is a symbolic link: a run's train.log is never written through "
-                   f"one (it could truncate or append to the file the link points to); remove the link and run "
-                   f"again"], err
+                   f"one (it could truncate or append to the file the link points to); replace the link with a copy "
+                   f"of that file (cp --remove-destination \"$(readlink -f {run_dir / 'train.log'})\" "
+                   f"{run_dir / 'train.log'}), or remove it, and run again"], err
+    # the plan says that the run would stop (exit status 3), with the same words
+    assert main(["--recipe", str(RECIPE), "--run-dir", str(run_dir), *tiny(synth_corpus), "--dry-run"]) == 3
+    assert f"{run_dir / 'train.log'} is a symbolic link: a run's train.log" in capsys.readouterr().out
+    (tmp_path / "cv" / "fold2").mkdir(parents=True)  # a cross-validation run's fold: before the job starts too
+    (tmp_path / "cv" / "fold2" / "bad_audio.tsv").symlink_to(victim)
+    with pytest.raises(LinkRefused, match=rf"^{tmp_path / 'cv' / 'fold2' / 'bad_audio.tsv'} is a symbolic link"):
+        cli.check_run_dir(tmp_path / "cv")
     try:
         with pytest.raises(LinkRefused, match="a run's train.log is never written through one"):
             setup_logging(run_dir)
