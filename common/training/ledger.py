@@ -51,9 +51,9 @@ class LedgerError(ValueError):
 
 
 def skipped_note(bad: int, listed: str) -> str:
-    """What a run's last line adds about its bad audio: ``; N clip(s) skipped as bad audio (LIST)``, ``""`` for
-    none (``bad``: the clips skipped, every time met, as the ledger counts them; ``listed``: the list's file)."""
-    return f"; {bad} clip(s) skipped as bad audio ({listed})" if bad else ""
+    """What a run's last line adds about its bad audio: ``; bad audio skipped N time(s) (the clips: LIST)``, ``""``
+    for none (a clip bad in every epoch is skipped once per epoch: N counts skips, LIST names each clip once) (``bad``: the clips skipped, every time met, as the ledger counts them; ``listed``: the list's file)."""
+    return f"; bad audio skipped {bad} time(s) (the clips: {listed})" if bad else ""
 
 
 def _number(value) -> bool:

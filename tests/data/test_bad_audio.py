@@ -545,7 +545,7 @@ def test_ledger_json_counts_bad_clips_per_split_exactly_through_a_resume_and_the
         assert finetune(argv) == 0
         ledgers[name] = json.loads((run_dir / "ledger.json").read_text())["bad_audio"]
         assert capsys.readouterr().out.strip().endswith(
-            f"; 4 clip(s) skipped as bad audio ({run_dir / 'bad_audio.tsv'})")
+            f"; bad audio skipped 4 time(s) (the clips: {run_dir / 'bad_audio.tsv'})")  # 2 clips, 2 epochs
     assert ledgers["through"] == {"train": {"seen": 24, "bad": 2, "reasons": {"unreadable": 2}},
                                   "valid": {"seen": 16, "bad": 2, "reasons": {"missing": 2}}}
     assert ledgers["resumed"] == ledgers["through"]
@@ -561,8 +561,8 @@ def test_pretraining_s_last_line_says_how_many_clips_were_skipped(tmp_path, synt
     bad = json.loads((run_dir / "ledger.json").read_text())["bad_audio"]
     assert bad["train"]["bad"] >= 1 and sum(s["bad"] for s in bad.values()) == bad["train"]["bad"]
     assert capsys.readouterr().out.strip() == (
-        f"done: {run_dir / 'model.safetensors'} (ledger: {run_dir / 'ledger.json'}); {bad['train']['bad']} clip(s) "
-        f"skipped as bad audio ({run_dir / 'bad_audio.tsv'})")
+        f"done: {run_dir / 'model.safetensors'} (ledger: {run_dir / 'ledger.json'}); bad audio skipped "
+        f"{bad['train']['bad']} time(s) (the clips: {run_dir / 'bad_audio.tsv'})")
 
 
 def test_the_linear_probe_counts_judges_and_repeats_from_its_cache_the_clips_it_skipped(tmp_path, synth_corpus,
