@@ -147,8 +147,12 @@ def private_inductor_cache() -> Path | None:
     if given and os.path.abspath(given) != os.path.abspath(_torch_default_cache()):
         return None
     xdg = os.environ.get("XDG_CACHE_HOME", "")
-    folder = (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "coarse2fine" / "inductor"
     advice = f"or set {INDUCTOR_CACHE_ENV} to a folder of your own"
+    try:
+        folder = (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "coarse2fine" / "inductor"
+    except RuntimeError:  # no HOME and no password entry for this user (a container run as a bare uid)
+        raise ValueError(f"train.compile: no home folder for the private compile cache; set XDG_CACHE_HOME to an "
+                         f"absolute folder {advice}") from None
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = folder.stat()

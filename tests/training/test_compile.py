@@ -8,6 +8,7 @@ their keys, resume is exact) does not depend on the kernels.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,6 +111,17 @@ def test_an_inductor_cache_folder_others_can_write_is_refused(monkeypatch, tmp_p
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
     monkeypatch.setattr(os, "getuid", lambda: uid)
     assert private_inductor_cache() == folder and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
+    # a container run as a bare uid: no HOME, no password entry; one line, not Path.home()'s traceback
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+
+    def homeless():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(homeless))
+    with pytest.raises(ValueError, match=r"^train\.compile: no home folder for the private compile cache; set "
+                                         r"XDG_CACHE_HOME"):
+        private_inductor_cache()
 
 
 def test_a_recipe_with_a_mode_its_backend_lacks_fails_before_compute(tmp_path, synth_corpus, capsys):
