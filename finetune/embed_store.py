@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 
 from common.data.audio_file import AudioFile, AudioReadError, Samples, pad_windows, windows
 from common.system.atomic import atomic_path, atomic_write_text
-from common.system.disk import plain_file_name
+from common.system.paths import is_plain_name
 
 if TYPE_CHECKING:  # the store is light: c2f-embed's --help reads FORMATS and POOLS without loading torch
     from finetune.embed_inputs import Clip
@@ -258,7 +258,7 @@ def done_rows(out: Path) -> list[dict]:
         names = list(dict.fromkeys(row["shard"] for row in part))
         # a shard's rows name its tensors, a file beside it: a copy that names a path elsewhere is damaged, and
         # that path is neither read nor removed
-        plain = len(names) == 1 and plain_file_name(names[0])
+        plain = len(names) == 1 and is_plain_name(names[0])
         problem = None if not part else _shard_problem(out / "shards" / names[0], len(part)) if plain else \
             f"its rows name {', '.join(map(repr, names))} for its tensors, not one file in {out / 'shards'}"
         if problem is not None:

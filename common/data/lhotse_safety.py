@@ -30,15 +30,15 @@ from lhotse import serialization
 from lhotse.audio import backend as audio_backends
 from lhotse.audio.source import AudioSource
 
-__all__ = ["no_shell", "is_shell_backend", "SAFE_SOURCES", "RefusedAudioSource", "refusal", "refused_in",
-           "source_refusal", "unsafe_source"]
+__all__ = ["no_shell", "is_shell_backend", "SAFE_SOURCES", "EXTRA_INFO", "RefusedAudioSource", "refusal",
+           "refused_in", "source_refusal", "unsafe_source"]
 
 # Lhotse audio sources this package reads: a file, bytes in the manifest or a Shar tar. Lhotse would also run a
 # ``command`` source through the shell and fetch a ``url`` one; nothing a user loads may run code or reach out.
 SAFE_SOURCES = ("file", "memory", "shar")
 
 # what Lhotse appends to an error it raises again (``rich_exception_info``): the call and its arguments
-_EXTRA_INFO = "[extra info]"
+EXTRA_INFO = "[extra info]"
 
 
 class RefusedAudioSource(RuntimeError):
@@ -72,7 +72,7 @@ def refused_in(err: BaseException) -> str | None:
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, RefusedAudioSource):
-            return str(err).split(_EXTRA_INFO, 1)[0].strip()
+            return str(err).split(EXTRA_INFO, 1)[0].strip()
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None

@@ -49,7 +49,7 @@ from safetensors.torch import load_file
 from common.audio.fbank import NORM_STATS, NormStats
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from common.models.exports import unreadable
-from common.system.disk import plain_file_name
+from common.system.paths import is_plain_name
 
 __all__ = [
     "INSTALL_HINT",
@@ -192,7 +192,7 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
             if not isinstance(weight_map, dict):
                 raise HFFormatError(f"{path / index} has no weight_map")
             for key, shard in weight_map.items():  # a shard is a file beside the index, never a path elsewhere
-                if not isinstance(shard, str) or not plain_file_name(shard):
+                if not isinstance(shard, str) or not is_plain_name(shard):
                     raise HFFormatError(f"{path / index}: weight_map[{json.dumps(key)}] is {json.dumps(shard)}, not "
                                         f"the name of a file in {path}")
             return [path / index, *(path / shard for shard in sorted(set(weight_map.values())))]

@@ -6,8 +6,7 @@ wrapping ``os error 28``, and from torch's zip writer (``torch.save``, DeepSpeed
 them (the last by the free space left on the file system after the failure), and :class:`NoSpace` is the
 one-line error the entry points print (``common.cli.run_main``). :func:`ensure_space` refuses a write
 whose size is known before it starts, so that nothing is half written. :func:`output_folder` makes a command's
-output folder, refusing a file in its place by name (``mkdir`` would say only "File exists"). :func:`plain_file_name`
-tells a file name read from a file (an index's, a TSV's) that stays in its folder from a path that leads out.
+output folder, refusing a file in its place by name (``mkdir`` would say only "File exists").
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import shutil
 from pathlib import Path
 
 __all__ = ["NoSpace", "out_of_space", "ensure_space", "free_bytes", "tree_size", "human_size", "describe_os_error",
-           "output_folder", "plain_file_name"]
+           "output_folder"]
 
 # below this many free bytes after a failed write, a write error without an errno is taken for a full disk
 NEARLY_FULL = 1 << 20
@@ -147,8 +146,3 @@ def output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
 
-
-def plain_file_name(name: str) -> bool:
-    """Whether ``name`` names a file in the folder it is read from: no folder part (``/``, ``\\``), not ``.``,
-    ``..`` or empty, no NUL."""
-    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from common.data.integrity import decoder_reason
-from common.data.lhotse_safety import unsafe_source
+from common.data.lhotse_safety import EXTRA_INFO, unsafe_source
 from common.data.manifest_index import count_lines
 from common.data.manifests import open_cuts
 from common.system.disk import output_folder
@@ -92,7 +92,6 @@ def export_shar(manifest: str | Path, out_dir: str | Path, shard_size: int = 100
 
 # Lhotse's warning for a clip its fault-tolerant export leaves out: the reason runs over several lines
 _SKIPPING = re.compile(r"^Skipping: failed to load cut '(.*?)'\. Error message: (.*?)\.?$", re.DOTALL)
-_EXTRA_INFO = "[extra info]"
 
 
 class _LeftOut(logging.Filter):
@@ -117,7 +116,7 @@ class _LeftOut(logging.Filter):
         m = _SKIPPING.match(record.getMessage()) if record.name == "root" else None
         if m is None:
             return True
-        reason = m.group(2).split(_EXTRA_INFO, 1)[0].strip()
+        reason = m.group(2).split(EXTRA_INFO, 1)[0].strip()
         if not reason.startswith("refused ("):
             reason = f"unreadable ({decoder_reason(RuntimeError(reason))[:200]})"
         log.warning("clip %s left out: %s", m.group(1), reason)
