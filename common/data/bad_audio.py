@@ -22,6 +22,7 @@ import torch
 
 from common.data.clips import Batch
 from common.data.decode import audio_file_problem
+from common.data.integrity import FAR_OUTSIDE
 from common.system.atomic import atomic_write_text
 from common.system.paths import append_text, escape_controls, read_text_nofollow, unescape_controls
 
@@ -299,10 +300,18 @@ class BadAudioTracker:
             split = "" if self.split == "train" else f" ({self.split})"
             raise TooMuchBadAudio(
                 f"{self.bad} of {self.seen} clips ({self.bad / self.seen:.1%}) could not be used{split}, more than "
-                f"max_bad_fraction={self.max_fraction:.1%} ({dict(self.reasons)}){where}. Restore the files and run "
+                f"max_bad_fraction={self.max_fraction:.1%} ({dict(self.reasons)}){where}. {self._mend()} and run "
                 f"the same command again, or tolerate more with --set data.max_bad_fraction=F (a resumed run may "
                 f"change it; recorded in ledger.json)"
             )
+
+    def _mend(self) -> str:
+        """What to do about the files: restore them, or, where most were refused for samples far outside [-1, 1]
+        (a corpus stored as float at integer scale), rescale them."""
+        if self.reasons.get(FAR_OUTSIDE, 0) * 2 > self.bad:
+            return ("Rescale the files to float audio at full scale (integer PCM stored as float: divide by 32768, "
+                    "then prepare the corpus again)")
+        return "Restore the files"
 
     def recheck_listed(self) -> None:
         """At the start of an invocation: the clips an earlier attempt listed that read fine now (files that

@@ -33,7 +33,7 @@ import numpy as np
 import soundfile as sf
 
 __all__ = ["truncation", "wav_data_extent", "data_extent", "decoder_reason", "sample_problem", "HEADER_SIZED",
-           "MAX_SAMPLE_PEAK"]
+           "MAX_SAMPLE_PEAK", "FAR_OUTSIDE"]
 
 TAIL_FRAMES = 4096
 # the suffixes of the formats whose header declares the size of their sound data (:func:`data_extent`)
@@ -47,6 +47,7 @@ _UNKNOWN_SIZES = (0, 0xFFFFFFFF)  # streamed WAVs (and RF64) write placeholders 
 # int16-scale file passes only if it peaks below -50 dBFS, near silence) and garbage floats (wrong endianness, an
 # uninitialised buffer: values like 1e30, whose power spectrum overflows to NaN features).
 MAX_SAMPLE_PEAK = 100.0
+FAR_OUTSIDE = "samples far outside [-1, 1]"  # the reason's kind, as bad audio counts it
 
 
 def wav_data_extent(path: str | os.PathLike) -> tuple[int, int, int] | None:
@@ -202,7 +203,7 @@ def sample_problem(samples: np.ndarray) -> str | None:
     if not np.isfinite(peak):
         return "non-finite samples (NaN or inf)"
     if peak > MAX_SAMPLE_PEAK:
-        return (f"samples far outside [-1, 1] (peak {peak:.2g}): not float audio at full scale (garbage data, or "
+        return (f"{FAR_OUTSIDE} (peak {peak:.2g}): not float audio at full scale (garbage data, or "
                 f"integer PCM written as float?)")
     return None
 

@@ -2,6 +2,7 @@
 truncated files named as such, at preparation and at load, and all-bad validation sets stop clearly."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -655,3 +656,22 @@ def test_a_bad_audio_tsv_that_is_a_symbolic_link_is_refused(tmp_path):
     with pytest.raises(LinkRefused):
         BadAudioTracker(min_clips=99, log_path=str(log)).update(_bad(("a.wav", "missing (no such file)")))
     assert victim.read_text() == "precious\n" and not (tmp_path / "dangling").exists()
+
+
+def test_too_much_audio_far_outside_full_scale_is_to_be_rescaled_not_restored():
+    """A corpus stored as float at integer scale fails the sample check clip after clip: the files are there and
+    read, so "Restore the files" sent the user looking for missing ones; the advice is to rescale them."""
+    import torch
+
+    from common.data.clips import Batch
+    from common.data.integrity import sample_problem
+
+    loud = sample_problem(np.full(4, 12000.0, dtype=np.float32))
+    for reason, advice in ((loud, "Rescale the files to float audio at full scale (integer PCM stored as float: "
+                                  "divide by 32768, then prepare the corpus again) and run the same command again"),
+                           ("missing (no such file)", "Restore the files and run the same command again")):
+        tracker = BadAudioTracker(max_fraction=0.1, min_clips=1)
+        batch = Batch(torch.zeros(2, 8), torch.full((2,), 8), None, ["a", "b"],
+                      bad=[(f"c{i}.wav", reason) for i in range(3)])
+        with pytest.raises(TooMuchBadAudio, match=re.escape(advice)):
+            tracker.update(batch)
