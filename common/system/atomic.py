@@ -13,6 +13,7 @@ writes into).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
@@ -31,6 +32,10 @@ __all__ = ["atomic_path", "atomic_write_text", "atomic_copy", "file_mode", "remo
 # (tempfile's ``.NAME.XXXXXXXX.tmp``, which earlier versions of this package made too: those are left alone now)
 MARKER = "c2f-"
 ORPHAN = re.compile(rf"\..+\.{MARKER}[0-9a-f]{{8}}\.tmp")
+# what earlier versions named them (tempfile's 8 characters; the clip cache's 16 hex digits): said, never removed
+LEGACY = re.compile(r"\..+\.(?:[a-z0-9_]{8}|[0-9a-f]{16})\.tmp")
+
+log = logging.getLogger(__name__)
 
 
 def file_mode() -> int:
@@ -138,12 +143,14 @@ def remove_orphans(folder: str | os.PathLike, within: tuple[str, ...] = (),
     top = Path(folder)
     folders = [top] + sorted({sub for pattern in within for sub in top.glob(pattern)
                               if sub.is_dir() and not _through_link(top, sub)})
-    removed, now = [], time.time()
+    removed, legacy, now = [], [], time.time()
     for root in folders:
         try:
-            entries = [e for e in os.scandir(root) if ORPHAN.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
+            files = [e for e in os.scandir(root) if e.is_file(follow_symlinks=False)]
         except OSError:  # gone meanwhile, not readable
             continue
+        entries = [e for e in files if ORPHAN.fullmatch(e.name)]
+        legacy += [e for e in files if not ORPHAN.fullmatch(e.name) and LEGACY.fullmatch(e.name)]
         for entry in entries:
             path = root / entry.name
             try:
@@ -156,7 +163,24 @@ def remove_orphans(folder: str | os.PathLike, within: tuple[str, ...] = (),
             except OSError:
                 continue
             removed.append(path)
+    if legacy:
+        _say_legacy(top, legacy)
     return sorted(removed)
+
+
+def _say_legacy(top: Path, entries: list) -> None:
+    """Say (once per clean-up) the files named as earlier versions named their temporaries (:data:`LEGACY`), which
+    the clean-up leaves: another program's temporary files are named so too, and some of ours are large (a
+    probe's features, a model's export)."""
+    size = 0
+    for entry in entries:
+        try:
+            size += entry.stat(follow_symlinks=False).st_size
+        except OSError:
+            pass
+    log.info("%d file(s) under %s are named as this package's temporary files were before it marked them (%.1f MB "
+             "in all, e.g. %s): left alone, as other programs name theirs so too; delete them if a killed run of an "
+             "earlier version left them", len(entries), top, size / 1e6, entries[0].path)
 
 
 def _through_link(top: Path, sub: Path) -> bool:

@@ -164,6 +164,31 @@ def test_the_clean_up_takes_only_this_package_s_temporaries_and_only_where_it_wr
     assert remove_orphans(tmp_path, older_than=3600) == [stale] and fresh.exists()
 
 
+def test_temporaries_named_as_earlier_versions_named_them_are_said_and_left(tmp_path, caplog):
+    """Earlier versions named their temporaries as tempfile does (``.NAME.XXXXXXXX.tmp``; the clip cache 16 hex
+    digits): the clean-up no longer takes them (another program's are named so too), and some are large (a probe's
+    features): it says once how many there are, their size and one of them, and leaves them."""
+    import logging
+
+    from common.system.atomic import remove_orphans
+
+    old = [tmp_path / "export" / ".best.safetensors.k3j9x0qz.tmp", tmp_path / ".x.npy.0123456789abcdef.tmp"]
+    (tmp_path / "export").mkdir()
+    for path in old:
+        path.write_bytes(b"\0" * 1_500_000)
+    (tmp_path / "notes.txt").write_text("x")
+    with caplog.at_level(logging.INFO, logger="common.system.atomic"):
+        assert remove_orphans(tmp_path, ("export",)) == []
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith(f"2 file(s) under {tmp_path} are named as this package's temporary "
+                                                 f"files were before it marked them (3.0 MB in all, e.g. "), said
+    assert all(path.exists() for path in old)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="common.system.atomic"):
+        remove_orphans(tmp_path / "export" / "none")  # nothing there: nothing said
+    assert not caplog.records
+
+
 def test_a_run_cleans_up_in_the_folders_it_writes_into_only(tmp_path):
     """``--run-dir`` may name a folder of the user's (notes, a sub-folder of their own): a run's clean-up looks in
     the run directory and the folders a run writes into (checkpoints, exports, the weight average, folds), not in
