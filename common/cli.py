@@ -384,9 +384,9 @@ def run_main(body: Callable[[], int], resumable: bool = False) -> int:
     rank that stopped, the device out of memory), 130 when interrupted, 128 + the signal's number when SIGTERM or
     SIGUSR1 stopped it (checkpointed: ``common.system.signals``); a ``--dry-run`` body returns 3
     (:data:`PLAN_NOT_READY`, :func:`plan_status`) when its plan lists what would stop a run. ``resumable``: a
-    training command (an interruption says that the same command resumes from the last checkpoint). On a rank of several, every
-    ``error:`` line names the rank and its host, and the line (the traceback of an unexpected error) is also kept
-    in the run directory, ``RUN/logs/rankR.err`` (:func:`_keep_failure`).
+    training command (an interruption says that the same command resumes from the last checkpoint). On a rank of
+    several, every ``error:`` line names the rank and its host, and the line (the traceback of an unexpected error)
+    is also kept in the run directory, ``RUN/logs/rankR.err`` (:func:`_keep_failure`).
     """
     # lazy: the failures' modules import torch; a command parses its options (--help) before it runs here
     from common.data.bad_audio import TooMuchBadAudio

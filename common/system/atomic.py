@@ -149,8 +149,12 @@ def remove_orphans(folder: str | os.PathLike, within: tuple[str, ...] = (),
             files = [e for e in os.scandir(root) if e.is_file(follow_symlinks=False)]
         except OSError:  # gone meanwhile, not readable
             continue
-        entries = [e for e in files if ORPHAN.fullmatch(e.name)]
-        legacy += [e for e in files if not ORPHAN.fullmatch(e.name) and LEGACY.fullmatch(e.name)]
+        entries = []
+        for entry in files:  # ours, or named as earlier versions named theirs (said, not removed)
+            if ORPHAN.fullmatch(entry.name):
+                entries.append(entry)
+            elif LEGACY.fullmatch(entry.name):
+                legacy.append(entry)
         for entry in entries:
             path = root / entry.name
             try:

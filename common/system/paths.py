@@ -88,6 +88,7 @@ def read_text_nofollow(path: os.PathLike | str, what: str = "this file") -> str:
 # a backslash, and every character that ends a line for str.splitlines() or a terminal or is not printable as it is:
 # C0 and C1 controls and DEL (category Cc), the line and paragraph separators, lone surrogates (not UTF-8)
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_UNESCAPES = {escaped[1]: char for char, escaped in _ESCAPES.items()}  # "n" -> newline, ...
 _UNESCAPE = re.compile(r"\\(\\|t|n|r|x[0-9a-f]{2}|u[0-9a-f]{4})")
 
 
@@ -114,6 +115,6 @@ def unescape_controls(text: str) -> str:
     written before escaping reads back as written)."""
     def one(match: re.Match) -> str:
         code = match.group(1)
-        return {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}.get(code) or chr(int(code[1:], 16))
+        return _UNESCAPES.get(code) or chr(int(code[1:], 16))
 
     return _UNESCAPE.sub(one, text) if "\\" in text else text
