@@ -364,14 +364,15 @@ def main(argv: list[str] | None = None) -> int:
                     raise  # a plan goes on (planned as from scratch) and lists the missing init below
         recipe = recipe_with(early)
         world_size = world_size_of(args)
-        resumes = None if args.restart or not has_trained(_run_root(args, recipe)) else _run_root(args, recipe)
+        run_root = _run_root(args, recipe)
+        resumes = None if args.restart or not has_trained(run_root) else run_root
         phase_splits(recipe.phases, recipe.data, recipe.optim, world_size, resumes)  # refuse an impossible split now
         left_out = check_batch_fits(recipe, world_size)  # a step's clips against the training set's
         missing: list[str] = []
         if args.dry_run:  # a plan needs no data: say what a run would not find
             from common.data.preflight import problems
 
-            missing = problems([*file_checks(recipe), run_dir_check(_run_root(args, recipe))])
+            missing = problems([*file_checks(recipe), run_dir_check(run_root)])
         else:
             check_files(recipe)  # class list, manifests, statistics: before any compute or run directory
         classes, names = _classes(recipe, planning=args.dry_run, notes=notes)
@@ -379,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 init = early if have_early and recipe.init == args.init else load_init(recipe.init)
             except FileNotFoundError:
-                init = _recorded_init(_run_root(args, recipe), recipe.init, args.restart)
+                init = _recorded_init(run_root, recipe.init, args.restart)
                 if init is None:
                     raise
             mismatch = expected_init_note(recipe.expected_init, init, recipe.init)
@@ -391,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"--init {recipe.init} does not exist yet: planned with the recipe's model "
                          f"({_model_words(recipe.model)}) and the pooling of a model trained from scratch; a run "
                          f"takes both from the init")
-        init, digest = (init, None) if args.dry_run else _checked_init(_run_root(args, recipe), recipe, init,
+        init, digest = (init, None) if args.dry_run else _checked_init(run_root, recipe, init,
                                                                         args.restart)
         head_init = None
         try:
@@ -411,11 +412,10 @@ def main(argv: list[str] | None = None) -> int:
                                         head_init)
         try:
             run = build_plan(recipe, objective, world_size, base=base, audio=audio, memory=args.dry_run,
-                             run_dir=_run_root(args, recipe), checks=file_checks(recipe))
+                             run_dir=run_root, checks=file_checks(recipe))
         except ValueError as err:
             derived = f"--coarse {args.coarse}: the derived schedule is invalid: " if args.coarse else ""
             raise RecipeError(f"{derived}{err}") from None
-        run_root = run.run_dir
         compressed = not recipe.phases[0].as_compression().is_full_resolution  # how an --init is fitted to it
         splits = recipe.task.fold_splits()
         run_dirs = [run_root / f"fold{k + 1}" if recipe.task.folds else run_root for k in range(len(splits))]
