@@ -22,10 +22,20 @@ class OutOfDeviceMemory(RuntimeError):
     """The device ran out of memory (a run that stopped: exit status 1, resumable)."""
 
 
+# The words of a device's out-of-memory error raised outside PyTorch's caching allocator (all RuntimeErrors): a
+# cudaMalloc of the runtime itself (``torch.AcceleratorError``: "CUDA error: out of memory", e.g. at context
+# creation), cuBLAS / cuDNN creating their handles (the first allocation outside PyTorch's pool: the usual form on a
+# GPU another process fills), NCCL's buffers (``DistBackendError``: "Cuda failure 2 'out of memory'"); and the CPU
+# allocator's.
+_OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "CUDA error: out of memory", "_STATUS_ALLOC_FAILED",
+                  "'out of memory'", "cudaErrorMemoryAllocation")
+
+
 def is_out_of_memory(err: BaseException) -> bool:
-    """A GPU's out-of-memory error, or the CPU allocator's."""
+    """A GPU's out-of-memory error (the caching allocator's, or one of cuBLAS, cuDNN, NCCL or the CUDA runtime),
+    or the CPU allocator's."""
     return isinstance(err, torch.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(err))
+        isinstance(err, RuntimeError) and any(words in str(err) for words in _OUT_OF_MEMORY))
 
 
 def _torch_words(err: BaseException) -> str:
@@ -35,7 +45,7 @@ def _torch_words(err: BaseException) -> str:
     keep = [s.strip() for s in re.split(r"(?<=\.) (?=[A-Z])", text)
             if re.search(r"Tried to allocate|total capacity|Process \d+ has|this process has|you tried to allocate",
                          s)]
-    return " ".join(keep) or text[:300]
+    return " ".join(keep) or " ".join(str(err).strip().split("\n")[0].split())[:300]  # not CUDA's debugging advice
 
 
 def out_of_memory(err: BaseException, device: torch.device, where: str, micro_batch: int,

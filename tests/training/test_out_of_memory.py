@@ -51,6 +51,28 @@ def test_host_memory_is_not_said_to_be_the_gpus():
         "Lower data.num_workers" in line and "max_batch_per_rank" not in line, line
 
 
+@pytest.mark.parametrize("error", [
+    torch.AcceleratorError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some "
+                           "other API call, so the stacktrace below might be incorrect.\nFor debugging consider "
+                           "passing CUDA_LAUNCH_BLOCKING=1"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+    torch.distributed.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error (run with "
+                                       "NCCL_DEBUG=INFO for details), NCCL version 2.27.5\nncclUnhandledCudaError: "
+                                       "Call to CUDA function failed.\nLast error:\nCuda failure 2 'out of memory'")])
+def test_out_of_memory_outside_the_caching_allocator_is_said_as_such(error):
+    """A GPU another process fills runs out where PyTorch's pool is not asked: the CUDA runtime (at context creation),
+    cuBLAS and cuDNN creating their handles, NCCL's buffers; each gets the out-of-memory line, not a traceback, and the
+    line quotes the error's first line, not CUDA's debugging advice."""
+    assert is_out_of_memory(error)
+    line = str(out_of_memory(error, torch.device("cuda", 0), "phase1 at step 1", 8, 2**30))
+    assert line.startswith("cuda:0 ran out of memory in phase1 at step 1 (8 clip(s) per rank per forward pass, "
+                           "planned at 1 GiB): ") and "max_batch_per_rank=4" in line, line
+    assert "CUDA_LAUNCH_BLOCKING" not in line and "\n" not in line
+    assert describe_out_of_memory(error).startswith("out of memory: ")
+    assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["step", "validation"])
 def test_a_run_out_of_memory_stops_with_one_line_and_resumes(tmp_path, synth_corpus, monkeypatch, capsys, where):
