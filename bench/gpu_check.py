@@ -69,7 +69,10 @@ FUSED_ATTENTION_EVENTS = ("flash_attention", "efficient_attention", "cudnn_atten
 
 
 def peak_bf16(device_name: str) -> tuple[float, str] | None:
-    """The bf16 dense peak (TFLOP/s) and its source for a device name, or None if it is not in the table."""
+    """The bf16 dense peak (TFLOP/s) and its source for a device name, or None if it is not in the table or names
+    a MIG slice (``NVIDIA A100-SXM4-40GB MIG 1g.5gb``: a share of the GPU's peak, the whole one's overstated it 7x)."""
+    if "MIG" in device_name:
+        return None
     for pattern, tflops, source in PEAK_BF16_DENSE:
         if re.search(pattern, device_name):
             return tflops, source
@@ -698,6 +701,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"baseline steps of section 5's short runs (default {FULL.run_steps}; the coarse-to-fine "
                              f"run trains N/8 + 5N/8); fewer fit a tight time budget, more average the phases' start-up "
                              f"out")
+    parser.add_argument("--batch", type=int, default=None, metavar="B",
+                        help=f"clips per step (default {FULL.batch}, the issue's targets'; a 16 GB GPU or a MIG slice "
+                             f"needs fewer: SSAST-base at 24 takes about 15 GiB in fp32)")
     parser.add_argument("--skip", default="", help="comma-separated sections to leave out: bf16, attention, phases, "
                                                     "loader, runs, syncs, finetune, profile, targets")
     args = parser.parse_args(argv)
@@ -714,11 +720,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.run_steps < 8:
             parser.error("--run-steps must be at least 8 (the coarse phase trains N/8 steps)")
         s = replace(s, run_steps=args.run_steps)
+    if args.batch is not None:
+        if args.batch < 1:
+            parser.error("--batch must be at least 1")
+        s = replace(s, batch=args.batch)
     out = args.out or (ROOT / "runs" / "gpu_check_smoke" if args.smoke else ROOT / "bench" / "results")
     start = time.perf_counter()
     report = Report()
     report.add(f"# GPU check: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU smoke test'}",
-               "", f"`python -m bench.gpu_check{' --smoke' if args.smoke else ''}`, "
+               "", f"`python -m bench.gpu_check{' --smoke' if args.smoke else ''}"
+                   f"{f' --batch {args.batch}' if args.batch else ''}"
+                   f"{f' --run-steps {args.run_steps}' if args.run_steps else ''}`, "
                    f"{time.strftime('%Y-%m-%d %H:%M %Z')}.", "", *environment(device))
     store: dict = {}
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:

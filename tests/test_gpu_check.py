@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_the_smoke_run_goes_through_every_section(tmp_path, capsys):
-    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    assert main(["--smoke", "--out", str(tmp_path), "--batch", "4"]) == 0  # --batch: what a 16 GB GPU needs
     text = (tmp_path / "cpu-smoke.md").read_text()
+    assert "SSAST-custom, batch 4, fbank" in text and "`python -m bench.gpu_check --smoke --batch 4`" in text
     assert text.strip() in capsys.readouterr().out  # printed too
     for title in ("1. bf16 against fp32", "2. Fused attention", "3. Throughput per phase", "4. The loader",
                   "5. Wall-time saving", "6. Host synchronisations", "7. Fine-tuning", "8. Where the trainer's step",
@@ -49,7 +50,9 @@ def test_a_machine_without_lhotse_and_deepspeed_is_told_what_to_install(tmp_path
 
 @pytest.mark.parametrize("name,tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
                                          ("NVIDIA H200", 989), ("NVIDIA A100-SXM4-80GB", 312),
-                                         ("NVIDIA H100 NVL", None), ("Tesla T4", None)])
+                                         ("NVIDIA H100 NVL", None), ("Tesla T4", None),
+                                         ("NVIDIA A100-SXM4-40GB MIG 1g.5gb", None),  # a slice: not the whole peak
+                                         ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None)])
 def test_peaks_by_device_name_come_with_their_source(name, tflops):
     found = peak_bf16(name)
     assert (found[0] if found else None) == tflops
