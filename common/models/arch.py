@@ -40,11 +40,14 @@ class Architecture(Protocol):
             (``data.channels: auto``).
         normalises_input: the model normalises its input itself (HTS-AT's BatchNorm); False: the front end
             normalises it with a corpus's statistics (``audio.norm``, ``task.norm``), which must suit the input.
+        nondeterministic_on_cuda: what of the family's training step PyTorch has no deterministic CUDA kernel for
+            (``train.deterministic`` then warns instead of stopping the run at it), or "".
     """
 
     name: str
     channels: str
     normalises_input: bool
+    nondeterministic_on_cuda: str
     base: Any
     sample_rate: int
     clip_samples: int

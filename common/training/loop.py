@@ -48,9 +48,15 @@ from common.training.release import collect, release_engine
 from common.training.spec import RunSpec
 from common.training.steps import StepGroup, broadcast_statistics, step_groups
 
-__all__ = ["Trainer", "step_groups"]
+__all__ = ["Trainer", "step_groups", "deterministic_mode"]
 
 log = logging.getLogger(__name__)
+
+
+def deterministic_mode(deterministic: bool, device: torch.device, arch) -> str:
+    """What of ``arch``'s step has no deterministic kernel on ``device`` when ``train.deterministic`` asks for them
+    all (PyTorch then warns instead of raising at it: HTS-AT stopped at its first backward pass on a GPU), or ""."""
+    return arch.nondeterministic_on_cuda if deterministic and device.type == "cuda" else ""
 
 
 class Trainer(PhaseMachinery):
@@ -76,7 +82,13 @@ class Trainer(PhaseMachinery):
     def run(self, stop_after: int | None = None) -> bool:
         """Train until every phase is done (True) or ``stop_after`` optimiser steps in this call (False)."""
         deterministic = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(deterministic or self.spec.train.deterministic)
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        lax = deterministic_mode(self.spec.train.deterministic, self.device, self.arch)
+        if lax and self.dist.is_main:
+            log.warning("train.deterministic on CUDA: PyTorch has no deterministic kernel for %s; it runs as it can "
+                        "(PyTorch warns once), the rest deterministically: a resume may differ in the last digits",
+                        lax)
+        torch.use_deterministic_algorithms(deterministic or self.spec.train.deterministic, warn_only=bool(lax))
         try:
             return self._run(stop_after)
         except RuntimeError as err:  # torch.OutOfMemoryError is one
@@ -84,7 +96,7 @@ class Trainer(PhaseMachinery):
                 raise
             raise self._out_of_memory(err) from err
         finally:
-            torch.use_deterministic_algorithms(deterministic)
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
             self._close_loaders()
             self.scalars.close()
 

@@ -27,7 +27,22 @@ from common.training.steps import micro_step
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PhaseMachinery"]
+__all__ = ["PhaseMachinery", "agreed_bf16"]
+
+
+def agreed_bf16(precision: str, device: torch.device, dist: Dist) -> bool:
+    """Whether the ranks autocast to bf16 (``train.precision``, :func:`~common.models.memory.autocast_bf16`): for
+    ``auto`` on GPUs, only where every rank's GPU computes bf16 (a job over an A100 node and a V100 node trained some
+    ranks in bf16, the others in fp32, without a word); the main rank says which GPUs keep the job in fp32."""
+    bf16 = autocast_bf16(precision, device.type == "cuda")
+    if precision != "auto" or device.type != "cuda":
+        return bf16
+    ranks = dist.gather_objects((torch.cuda.get_device_name(device), bf16))  # every rank's GPU is CUDA (NCCL)
+    lacking = sorted({name for name, native in ranks if not native})
+    if lacking and dist.is_main:
+        log.warning("train.precision auto: fp32%s, as %s compute%s bf16 only by emulation (several times slower)",
+                    " on every rank" if len(ranks) > 1 else "", " and ".join(lacking), "s" if len(lacking) == 1 else "")
+    return not lacking
 
 
 class PhaseMachinery:
@@ -38,11 +53,8 @@ class PhaseMachinery:
         self.spec, self.objective, self.dist, self.plan, self.record = spec, objective, dist, plan, record
         self.arch, self.cfgs, self.splits = plan.arch, plan.configs, plan.splits
         self.device = dist.device
-        bf16 = autocast_bf16(spec.train.precision, self.device.type == "cuda")
+        bf16 = agreed_bf16(spec.train.precision, self.device, dist)
         self.autocast_dtype = torch.bfloat16 if bf16 else None
-        if spec.train.precision == "auto" and self.device.type == "cuda" and not bf16 and dist.is_main:
-            log.warning("train.precision auto: fp32, as %s computes bf16 only by emulation (several times slower)",
-                        torch.cuda.get_device_name(self.device))
         self.tracker = record.tracker
         self._clips = make_cache(spec.data.cache, spec.data.cache_dir)  # decoded clips, kept across phases
         self._train: ClipLoader | None = None  # one training loader for every phase (its workers kept)

@@ -346,3 +346,62 @@ def test_a_micro_batch_without_a_usable_clip_steps_with_a_zero_gradient(tmp_path
     trainer._micro_step(engine, empty, pipeline, 0)  # the 4th: the optimiser step, on the good clips' gradient
     assert engine.global_steps == 1
     trainer.scalars.close()
+
+
+def test_deterministic_training_of_htsat_on_cuda_warns_at_its_bicubic_resize_instead_of_stopping():
+    """PyTorch has no deterministic CUDA backward for bicubic interpolation, which HTS-AT's front end runs behind its
+    learnable bn0: with train.deterministic every HTS-AT run on a GPU stopped at its first backward pass. There the
+    loop asks for deterministic kernels with warn_only (and says what is not); AST's step and the CPU stay strict."""
+    from common.models.ast.arch import ASTArch
+    from common.models.htsat.arch import HTSATArch
+    from common.training.loop import deterministic_mode
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert "upsample_bicubic2d" in deterministic_mode(True, cuda, HTSATArch)
+    assert deterministic_mode(False, cuda, HTSATArch) == deterministic_mode(True, cpu, HTSATArch) == ""
+    assert deterministic_mode(True, cuda, ASTArch) == ""
+    # the reason is true: on the CPU the op is deterministic (torch raises nothing), on CUDA torch lists it
+    import inspect
+    assert "bicubic" in inspect.getdoc(torch.use_deterministic_algorithms)
+
+
+def test_auto_precision_is_one_for_the_whole_job(monkeypatch, caplog):
+    """train.precision auto on GPUs: bf16 only where every rank's GPU computes it (a job over an A100 node and a V100
+    node trained some ranks in bf16, the others in fp32, without a word); the main rank names the GPUs that keep the
+    job in fp32. bf16 and fp32 set in the recipe, and the CPU, ask no rank."""
+    import common.training.machinery as machinery
+    from common.training.machinery import agreed_bf16
+
+    class Ranks:
+        """Two ranks' answers as gather_objects gives them on each."""
+        def __init__(self, rank, answers):
+            self.rank, self.answers, self.world_size, self.gathered = rank, answers, len(answers), 0
+
+        @property
+        def is_main(self):
+            return self.rank == 0
+
+        def gather_objects(self, obj):
+            self.gathered += 1
+            assert obj == self.answers[self.rank]
+            return self.answers
+
+    answers = [("NVIDIA A100-SXM4-80GB", True), ("Tesla V100-SXM2-32GB", False)]
+    cuda = torch.device("cuda", 0)
+    for rank in (0, 1):
+        monkeypatch.setattr(machinery, "autocast_bf16", lambda precision, is_cuda, r=rank: answers[r][1])
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, r=rank: answers[r][0])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="common.training.machinery"):
+            assert agreed_bf16("auto", cuda, Ranks(rank, answers)) is False
+        assert [r.getMessage() for r in caplog.records] == (
+            ["train.precision auto: fp32 on every rank, as Tesla V100-SXM2-32GB computes bf16 only by emulation "
+             "(several times slower)"] if rank == 0 else [])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(machinery, "autocast_bf16", lambda precision, is_cuda: True)
+    both = [("NVIDIA A100-SXM4-80GB", True)] * 2
+    assert agreed_bf16("auto", cuda, Ranks(1, both)) is True
+    for precision, device in (("bf16", cuda), ("fp32", cuda), ("auto", torch.device("cpu"))):
+        ranks = Ranks(0, both)
+        agreed_bf16(precision, device, ranks)
+        assert ranks.gathered == 0, (precision, device)

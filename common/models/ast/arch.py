@@ -78,6 +78,7 @@ class ASTArch:
 
     name: ClassVar[str] = "ast"
     channels: ClassVar[str] = "first"  # kaldi.fbank(channel=-1) reads the first channel (AST, SSAST)
+    nondeterministic_on_cuda: ClassVar[str] = ""
     normalises_input: ClassVar[bool] = False  # the fbank is normalised with a corpus's mean and std (audio.norm)
 
     @property

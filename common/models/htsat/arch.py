@@ -113,6 +113,8 @@ class HTSATArch:
 
     name: ClassVar[str] = "htsat"
     channels: ClassVar[str] = "mean"  # librosa.load(mono=True) in the official data preparation
+    # the bicubic stretch of its normalised spectrogram to the image's frames (model.py), behind the learnable bn0
+    nondeterministic_on_cuda: ClassVar[str] = "the backward pass of HTS-AT's bicubic resize (upsample_bicubic2d)"
     normalises_input: ClassVar[bool] = True  # its own BatchNorm over the mel bins (bn0), no corpus statistics
 
     @property
