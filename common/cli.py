@@ -361,17 +361,37 @@ def _lost_peer(err: BaseException) -> bool:
 
 
 def command_device(given: str | None) -> str:
-    """A command's ``--device``: the one given (a CUDA device on a machine without one is refused), else CUDA where
-    there is one, else the CPU.
+    """A command's ``--device``: the one given (a CUDA device on a machine without one, or beyond its devices, is
+    refused), else CUDA where there is one, else the CPU.
 
     Raises:
-        ValueError: ``given`` names a CUDA device and this machine has none.
+        ValueError: ``given`` is no device's name, names a CUDA device and this machine has none, or a CUDA index
+            this machine (its ``CUDA_VISIBLE_DEVICES``) does not have.
     """
     import torch  # lazy: a command's --help does not load torch
 
+    from common.system.gpu import unseen_gpu, unsupported_gpu  # lazy: it imports torch
+
     device = given or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    unseen = unseen_gpu() if given is None else None
+    if unseen:
+        log.warning("%s", unseen)
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: not a device this package runs on; give cpu, cuda or cuda:N")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+    count = torch.cuda.device_count() if parsed.type == "cuda" else 0
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ValueError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1}"
+                         + (f"; CUDA_VISIBLE_DEVICES={visible} numbers them from 0)" if visible else ")"))
+    unsupported = unsupported_gpu(parsed.index or 0) if parsed.type == "cuda" else None
+    if unsupported:
+        raise ValueError(f"--device {device}: {unsupported}")
     return device
 
 

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from common.data.audio_file import AudioReadError, hop_samples, hop_seconds
-from common.system.prog import prog, whole_number
+from common.system.prog import DEVICE_HELP, prog, whole_number
 from finetune.embed_store import FORMATS, POOLS, EmbedSummary, ShardWriter, done_rows, write_index
 
 if TYPE_CHECKING:
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "the clip, overlapping the one before)")
     parser.add_argument("--shard-size", type=whole_number(1, "of windows >= 1"), default=512,
                         help="windows per shard (default 512)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--workers", type=whole_number(0, ">= 0 (0: decode in this thread)"), default=2,
                         help="decoding threads (default 2)")
     parser.add_argument("--norm", default=None,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 from common.cli import command_device, run_main
 from common.system import jsonfile
 from common.system.logger import progress, setup_logging
-from common.system.prog import prog, whole_number
+from common.system.prog import DEVICE_HELP, prog, whole_number
 
 if TYPE_CHECKING:
     import torch
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="clips per forward pass (default 32)")
     parser.add_argument("--workers", type=whole_number(0, ">= 0 (0: decode in this process)"), default=2,
                         help="decoding processes (default 2; 0: this one)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     return parser
 

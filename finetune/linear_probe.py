@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 
-from common.system.prog import prog, whole_number
+from common.system.prog import DEVICE_HELP, prog, whole_number
 
 if TYPE_CHECKING:
     import torch
@@ -421,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "training's data.max_bad_fraction)")
     parser.add_argument("--out", type=Path, default=None,
                         help="also write the results as JSON here (with the clips used and skipped per split)")
+    parser.add_argument("--device", default=None, help=f"{DEVICE_HELP}; the encoder's features are computed there")
     return parser
 
 
@@ -438,7 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         from common.system.logger import setup_logging
 
         setup_logging(None)
+        from common.cli import command_device
         from finetune.embedder import parse_layer
+
+        device = command_device(args.device)  # a device this machine lacks, refused before any reading
 
         data = load_yaml(args.recipe) if args.recipe else {}
         if isinstance(data.get("layer"), str):  # layer: final in a recipe
@@ -471,8 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         check_tasks(recipe)  # every task's data before the first task's features (hours, on a large corpus)
         import torch
 
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        results = [probe_task(args.init, task, recipe, device) for task in recipe.tasks]
+        results = [probe_task(args.init, task, recipe, torch.device(device)) for task in recipe.tasks]
         pools = sorted({r["pool"] for r in results})
         layer = "final" if recipe.layer is None else f"block {recipe.layer}"
         grid = recipe.grid

@@ -52,7 +52,7 @@ from common.data.audio_file import (
     window_weights,
     windows,
 )
-from common.system.prog import prog, whole_number
+from common.system.prog import DEVICE_HELP, prog, whole_number
 
 if TYPE_CHECKING:
     import torch
@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "models, mean for softmax models)")
     parser.add_argument("--windows", action="store_true",
                         help="also list every window's start and end time (s) with its top-k labels")
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--json", action="store_true",
                         help="print JSON: per file its duration, aggregation, top-k labels, every class's score and "
                              "per window its start, end and every class's score; unreadable files as "
@@ -212,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         single_process("c2f-predict")
         import torch
 
+        from common.cli import command_device
         from finetune.classifier import load_classifier
 
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(command_device(args.device))
         model, meta = load_classifier(args.ckpt)
         model.to(device)
         classes = list(meta["classifier"]["classes"])

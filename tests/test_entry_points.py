@@ -194,10 +194,13 @@ def test_no_deepspeed_greeting_on_our_commands():
     assert "Setting accelerator" not in output and "[WARNING]" not in output and "async_io" not in output, output
 
 
-@pytest.mark.parametrize("module", ["finetune.evaluate", "finetune.embed"])
+@pytest.mark.parametrize("module", ["finetune.evaluate", "finetune.embed", "finetune.predict",
+                                    "finetune.linear_probe"])
 def test_a_cuda_device_on_a_machine_without_one_is_refused_in_one_line(module, monkeypatch, tmp_path, capsys):
-    """The commands with --device choose it alike (common.cli.command_device): CUDA where there is one, else the
-    CPU; a CUDA device named on a machine without one is refused before anything is read."""
+    """The commands that run a model outside training take --device and choose it alike
+    (common.cli.command_device): CUDA where there is one, else the CPU; a CUDA device named on a machine without
+    one is refused before anything is read (predict and the probe took the first GPU, another job's on a shared
+    machine, with no way to choose)."""
     import torch
 
     from common.cli import command_device
@@ -205,9 +208,31 @@ def test_a_cuda_device_on_a_machine_without_one_is_refused_in_one_line(module, m
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert command_device(None) == "cpu" and command_device("cpu") == "cpu"
     args = {"finetune.evaluate": ["--ckpt", str(tmp_path / "m"), str(tmp_path / "x.jsonl.gz")],
-            "finetune.embed": ["--init", str(tmp_path / "m"), "--inputs", str(tmp_path), "--out", str(tmp_path / "o")]}
+            "finetune.embed": ["--init", str(tmp_path / "m"), "--inputs", str(tmp_path), "--out", str(tmp_path / "o")],
+            "finetune.predict": ["--ckpt", str(tmp_path / "m"), str(tmp_path / "a.wav")],
+            "finetune.linear_probe": ["--init", str(tmp_path / "m"), "--task", "esc50"]}
     assert importlib.import_module(module).main([*args[module], "--device", "cuda:1"]) == 2
     assert capsys.readouterr().err.strip() == "error: --device cuda:1: this machine has no CUDA device; use --device cpu"
+
+
+def test_a_device_this_machine_does_not_have_is_refused_in_one_line(monkeypatch):
+    """A CUDA index beyond the machine's devices (numbered from 0 within CUDA_VISIBLE_DEVICES) and a name that is no
+    device are refused in one line, not with torch's "invalid device ordinal" traceback at the first copy."""
+    import torch
+
+    from common.cli import command_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: [])  # (a GPU the build has kernels for: test_gpu.py)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert [command_device(d) for d in (None, "cuda", "cuda:1", "cpu")] == ["cuda", "cuda", "cuda:1", "cpu"]
+    with pytest.raises(ValueError, match=r"^--device cuda:2: this machine has 2 CUDA device\(s\) \(cuda:0 to "
+                                         r"cuda:1; CUDA_VISIBLE_DEVICES=3,5 numbers them from 0\)$"):
+        command_device("cuda:2")
+    for bad in ("gpu", "cuda:x", "mps"):
+        with pytest.raises(ValueError, match=f"^--device {bad}: not a device this package runs on; give cpu, cuda"):
+            command_device(bad)
 
 
 def test_bad_input_to_a_command_ends_in_one_line_with_exit_status_2_before_any_compute(tmp_path, model_file,

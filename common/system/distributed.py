@@ -26,7 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Dist", "RendezvousFailed", "init_distributed", "collective_timeout", "quiet_deepspeed", "single_process"]
+from common.system.gpu import unseen_gpu, unsupported_gpu
+
+__all__ = ["Dist", "RendezvousFailed", "init_distributed", "device_index", "collective_timeout", "quiet_deepspeed",
+           "single_process"]
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +211,28 @@ def collective_timeout() -> float:
     return default_pg_timeout.total_seconds()
 
 
+# where a launcher that sets no LOCAL_RANK says a rank's place on its host: SLURM's srun, Open MPI's and MPICH's mpirun
+_LOCAL_RANK_KEYS = ("SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+
+
+def device_index(local_rank: int, count: int) -> int:
+    """The accelerator a rank with ``local_rank`` takes among the ``count`` it sees: its local rank, or the only one
+    where the launcher binds one device per rank (srun --gpus-per-task=1: each rank sees its own GPU as number 0).
+
+    Raises:
+        ValueError: more ranks on this host than devices it sees (two ranks on one GPU would stop NCCL).
+    """
+    if local_rank < count:
+        return local_rank
+    if count == 1:
+        return 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    raise ValueError(f"rank {os.environ.get('RANK', '?')}: LOCAL_RANK={local_rank}, but this process sees {count} "
+                     f"device(s){f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}: start at most "
+                     f"one rank per device on each host (deepspeed --num_gpus / torchrun --nproc-per-node at most the "
+                     f"host's GPUs)")
+
+
 def init_distributed() -> Dist:
     """Initialise torch.distributed through DeepSpeed and pick this rank's device.
 
@@ -215,6 +240,12 @@ def init_distributed() -> Dist:
     ``MASTER_ADDR`` and ``MASTER_PORT`` each rank would pick its own and wait for the others until the
     process group's timeout, so that is refused at once (a ``ValueError`` naming the variables).
     """
+    if "LOCAL_RANK" not in os.environ and os.environ.get("WORLD_SIZE", "1") != "1":
+        # srun and mpirun start each rank without LOCAL_RANK; 0 on every rank of a host would put them all on its
+        # first GPU (NCCL refuses duplicate GPUs at the first collective)
+        given = next((os.environ[k] for k in _LOCAL_RANK_KEYS if k in os.environ), None)
+        if given is not None:
+            os.environ["LOCAL_RANK"] = given
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
     missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if key not in os.environ]
@@ -235,10 +266,17 @@ def init_distributed() -> Dist:
     if accelerator == "cpu":
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # gloo allreduce, no op build
         backend, device = "gloo", torch.device("cpu")
+        unseen = unseen_gpu()
+        if unseen and os.environ["LOCAL_RANK"] == "0":  # once per host
+            log.warning("%s", unseen)
     else:
         backend = "nccl" if accelerator == "cuda" else None
-        device = torch.device(accelerator, local_rank)
-        get_accelerator().set_device(local_rank)
+        index = device_index(local_rank, get_accelerator().device_count())
+        unsupported = unsupported_gpu(index) if accelerator == "cuda" else None
+        if unsupported:
+            raise ValueError(f"rank {os.environ['RANK']}: {unsupported}")
+        device = torch.device(accelerator, index)
+        get_accelerator().set_device(index)
     if not torch.distributed.is_initialized():
         if os.environ["WORLD_SIZE"] == "1":
             # one process: the group's store lives in this process and no port is opened, also where a launcher

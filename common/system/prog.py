@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["prog", "whole_number", "whole_numbers"]
+__all__ = ["prog", "whole_number", "whole_numbers", "DEVICE_HELP"]
+
+# the --device option of the commands that run a model outside training (common.cli.command_device reads it)
+DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: cuda if available, its first device)"
 
 
 def prog(default: str) -> str:

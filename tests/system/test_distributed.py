@@ -122,3 +122,34 @@ def test_several_ranks_without_a_rendezvous_are_refused_at_once(monkeypatch):
     with pytest.raises(ValueError, match="WORLD_SIZE=2 but MASTER_PORT not set"):
         init_distributed()
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("launcher", ["SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", None])
+def test_a_rank_started_without_local_rank_takes_its_launchers_place_on_the_host(monkeypatch, launcher):
+    """srun and mpirun set no LOCAL_RANK: every rank took 0, the host's first GPU (NCCL stops at the first
+    collective on a duplicate GPU); the launcher's own variable says the rank's place on its host."""
+    for key in ("MASTER_PORT", "MASTER_ADDR", "LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK",
+                "MPI_LOCALRANKID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    if launcher:
+        monkeypatch.setenv(launcher, "1")
+    with pytest.raises(ValueError, match="MASTER_ADDR and MASTER_PORT not set"):  # refused after LOCAL_RANK is set
+        init_distributed()
+    assert os.environ["LOCAL_RANK"] == ("1" if launcher else "0")
+
+
+def test_each_rank_takes_its_own_device_or_the_one_it_is_bound_to(monkeypatch):
+    """Local rank N takes device N; a rank bound to one GPU (srun --gpus-per-task=1: it sees its GPU as number 0)
+    takes that one; more ranks on a host than the devices they see is refused in one line naming both, where
+    set_device failed with "invalid device ordinal" (or two ranks shared a GPU)."""
+    from common.system.distributed import device_index
+
+    assert [device_index(r, 4) for r in range(4)] == [0, 1, 2, 3]
+    assert device_index(3, 1) == 0
+    monkeypatch.setenv("RANK", "7")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    with pytest.raises(ValueError, match=r"^rank 7: LOCAL_RANK=2, but this process sees 2 device\(s\) "
+                                         r"\(CUDA_VISIBLE_DEVICES=3,5\): start at most one rank per device"):
+        device_index(2, 2)
