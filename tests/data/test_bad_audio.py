@@ -605,6 +605,27 @@ def test_the_linear_probe_counts_judges_and_repeats_from_its_cache_the_clips_it_
             Path(deleted).write_bytes(Path(str(tmp_path / "t" / "train-4.wav")).read_bytes())  # restored
 
 
+def test_a_probe_cache_of_an_earlier_version_is_read_where_it_holds_every_clip(tmp_path, caplog):
+    """Feature caches written before the probe kept its skipped clips were all computed again after an upgrade
+    (hours of features on AudioSet, identical to the old ones): one with a row for every clip of its split skipped
+    none and is read; one short of clips is computed again (which were skipped, and why, is not known)."""
+    import logging
+
+    import numpy as np
+
+    from finetune.linear_probe import _read_cached
+
+    old = tmp_path / "0123456789abcdef.npz"
+    np.savez(old, x=np.ones((3, 4), np.float32), y=np.array([0, 1, 2]))
+    x, y, skipped = _read_cached(old, 3)
+    assert x.shape == (3, 4) and y.tolist() == [0, 1, 2] and skipped == []
+    with caplog.at_level(logging.WARNING):
+        assert _read_cached(old, 4) is None and _read_cached(old) is None
+    assert [r.getMessage().split("(", 1)[1] for r in caplog.records] == [
+        "ValueError: written by an older version, without the list of the clips it skipped as bad audio, and with "
+        f"3 feature rows for {n} clips); computing the features again" for n in (4, "?")]
+
+
 def _bad(*clips: tuple[str, str]):
     import torch
 
