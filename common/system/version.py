@@ -6,16 +6,19 @@ trains its second part with the new code (another masking, another schedule), an
 
 The commit is read from ``.git`` beside the package (``HEAD``, then the branch's ref file or ``packed-refs``; a
 worktree's ``.git`` file is followed), without running git: nothing when the package is installed rather than run
-from a checkout. Edits not committed are not seen.
+from a checkout. The version number has not changed with the code, so the record holds a digest of the package's
+own modules too (``source``: every ``.py`` file of common/, pretrain/ and finetune/), which sees any change of the
+code, an installed copy's and edits not committed included.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from pathlib import Path
 
-__all__ = ["__version__", "code_version", "git_commit"]
+__all__ = ["__version__", "code_version", "git_commit", "source_digest", "same_code"]
 
 __version__ = "0.1.0"  # setup.py reads it from here
 
@@ -53,9 +56,28 @@ def git_commit(root: Path) -> str | None:
     return None  # a branch with no commit yet
 
 
+_PACKAGES = ("common", "pretrain", "finetune")  # the modules a run's results depend on (not tests/, bench/)
+
+
+def source_digest(root: Path = _ROOT) -> str:
+    """The first 16 hex digits of the SHA-256 of the package's modules under ``root`` (each ``.py`` file's path
+    relative to ``root`` and its bytes, in path order)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for package in _PACKAGES for p in (root / package).rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> dict:
-    """``{"version": the package's, "commit": the checkout's}`` (no ``commit`` outside a git checkout); read once
-    per process."""
+    """``{"version": the package's, "commit": the checkout's, "source": source_digest()}`` (no ``commit`` outside a
+    git checkout); read once per process."""
     commit = git_commit(_ROOT)
-    return {"version": __version__, **({"commit": commit} if commit else {})}
+    return {"version": __version__, **({"commit": commit} if commit else {}), "source": source_digest()}
+
+
+def same_code(recorded: dict, current: dict) -> bool:
+    """Whether a recorded ``code`` and the current one are the same code, as far as both tell: every entry both
+    record is equal (a record of an earlier version without ``source`` is judged by its commit)."""
+    return all(recorded[key] == current[key] for key in recorded.keys() & current.keys())

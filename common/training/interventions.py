@@ -23,7 +23,7 @@ from common.data.fingerprint import DataChanged, changes, run_fingerprints
 from common.data.shar_stream import reads_per_rank
 from common.data.shards import reshard_index
 from common.phases.baseline import evaluation_settings, setting_differences
-from common.system.version import code_version
+from common.system.version import code_version, same_code
 from common.training.ledger import Ledger
 from common.training.spec import RunSpec
 from common.training.train_state import TrainState
@@ -128,23 +128,26 @@ def reshard_position(ledger: Ledger, spec: RunSpec, state: TrainState, saved_ran
 
 
 def _code_words(code: dict) -> str:
-    return f"{code.get('version', '?')}" + (f" (commit {code['commit'][:12]})" if code.get("commit") else "")
+    return f"{code.get('version', '?')}" + (f" (commit {code['commit'][:12]})" if code.get("commit") else
+                                            f" (source {code['source']})" if code.get("source") else "")
 
 
 def check_code(ledger: Ledger, state: TrainState, resumed: bool, say: bool = True) -> None:
     """Record the code that trains the run (``ledger.code``); a resumed run whose checkpoint was written by another
-    version or commit of the package goes on under this one (what changed between them is not known here), said in
-    a warning (``say``: rank 0 of several) and recorded as an intervention, so that its results say that the run
-    spans two versions. A checkpoint that records no code (written before it was recorded) resumes as it did, no
-    intervention recorded (what wrote it is not known); the code is recorded from then on."""
+    version, commit or source of the package (``common.system.version.same_code``) goes on under this one (what
+    changed between them is not known here), said in a warning (``say``: rank 0 of several) and recorded as an
+    intervention, so that its results say that the run spans two versions. A checkpoint that records no code
+    (written before it was recorded) is such a change too, from an unknown version (``from: null``): the ledger
+    does not claim that this code trained the whole run."""
     current = code_version()
-    if not resumed or ledger.code is None or ledger.code == current:
+    if not resumed or (ledger.code is not None and same_code(ledger.code, current)):
         ledger.code = current
         return
     if say:
         log.warning("resuming under coarse2fine-ast %s; the run's checkpoint was written by %s: from step %d on, "
                     "the run trains with this code; recorded in ledger.json as an intervention", _code_words(current),
-                    _code_words(ledger.code), state.total_steps)
+                    _code_words(ledger.code) if ledger.code is not None else
+                    "an earlier version that recorded no code", state.total_steps)
     ledger.add_intervention(step=state.total_steps, phase=state.phase,
                             changes={"code": {"from": ledger.code, "to": current}})
     ledger.code = current

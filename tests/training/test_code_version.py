@@ -1,6 +1,7 @@
-"""A run records the code that trains it (the package's version, and the commit of a git checkout) in its ledger; a
-resume under other code is said and recorded as an intervention, so that a run that spans an upgrade says so. A
-run recorded before the version was, or with ``train.zero_stage: 0`` (the default before ``auto``), resumes."""
+"""A run records the code that trains it (the package's version, the commit of a git checkout and a digest of its
+modules) in its ledger; a resume under other code is said and recorded as an intervention, so that a run that spans
+an upgrade says so. A run recorded before the version was (an intervention from an unknown version), or with
+``train.zero_stage: 0`` (the default before ``auto``), resumes."""
 
 import json
 import logging
@@ -81,14 +82,46 @@ def test_a_resume_under_other_code_is_said_and_recorded(monkeypatch, caplog):
     assert ledger.code == now and Ledger.from_dict(ledger.to_dict()).code == now
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and "0.2.0 (commit bbbbbbbbbbbb)" in said[0] and "0.1.0 (commit aaaaaaaaaaaa)" in said[0]
-    old = Ledger()  # a checkpoint written before the code was recorded: no intervention, the code recorded from now
-    check_code(old, state, resumed=True)
-    assert old.code == now and old.interventions == []
+    caplog.clear()
+    old = Ledger()  # a checkpoint written before the code was recorded: from an unknown version (the ledger claimed
+    with caplog.at_level(logging.WARNING):  # that this code had trained the whole run)
+        check_code(old, state, resumed=True)
+    assert old.code == now and old.interventions == [{"step": 7, "phase": 1, "changes": {"code": {"from": None,
+                                                                                               "to": now}}}]
+    assert "the run's checkpoint was written by an earlier version that recorded no code" in caplog.text
     caplog.clear()
     ledger.code = before  # rank 1 of several: recorded, not said (rank 0 says it for all)
     with caplog.at_level(logging.WARNING):
         check_code(ledger, state, resumed=True, say=False)
     assert caplog.records == [] and ledger.interventions[-1]["changes"]["code"]["from"] == before
+
+
+def test_the_source_digest_sees_any_change_of_the_modules_and_a_record_without_it_goes_by_its_commit(tmp_path,
+                                                                                                     monkeypatch):
+    """The version number has not changed with the code, and an installed copy has no commit: a digest of the
+    package's modules tells two codes apart wherever they run, edits not committed included. A record of an earlier
+    version (no source) is judged by its commit, so upgrading to this record is no change of code by itself."""
+    from common.system.version import same_code, source_digest
+
+    for package in ("common", "pretrain", "finetune", "tests"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "a.py").write_text("x = 1\n")
+    first = source_digest(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{16}", first) and source_digest(tmp_path) == first
+    (tmp_path / "tests" / "a.py").write_text("x = 2\n")  # not the package's
+    assert source_digest(tmp_path) == first
+    (tmp_path / "finetune" / "a.py").write_text("x = 2\n")
+    assert source_digest(tmp_path) != first
+    (tmp_path / "finetune" / "a.py").write_text("x = 1\n")
+    (tmp_path / "common" / "a.py").rename(tmp_path / "common" / "b.py")  # a file renamed: other code
+    assert source_digest(tmp_path) != first
+    assert code_version()["source"] == source_digest()
+    now = {"version": "0.1.0", "commit": A, "source": "1" * 16}
+    assert same_code({"version": "0.1.0", "commit": A}, now)  # recorded before the digest: the same commit
+    assert not same_code({"version": "0.1.0", "commit": B}, now)
+    assert not same_code({"version": "0.1.0", "commit": A, "source": "2" * 16}, now)  # edits not committed
+    assert not same_code({"version": "0.1.0", "source": "2" * 16}, {"version": "0.1.0", "source": "1" * 16})
+    assert same_code({"version": "0.1.0"}, {"version": "0.1.0", "source": "1" * 16})  # nothing more to tell
 
 
 @pytest.mark.slow
@@ -123,7 +156,9 @@ def test_a_run_started_by_an_older_version_resumes_and_says_so(tmp_path, synth_c
 
 
 @pytest.mark.slow
-def test_a_run_recorded_without_a_version_resumes_as_before(tmp_path, synth_corpus):
+def test_a_run_recorded_without_a_version_resumes_and_says_that_an_unknown_version_began_it(tmp_path, synth_corpus):
+    """Its ledger named only the resuming code, as if it had trained the whole run (an upgrade review: validation
+    scores of two maskings side by side, the report comparing identical models a point apart)."""
     run_dir = tmp_path / "run"
     assert run(run_dir, synth_corpus, stop=2) == 0
     for saved in (run_dir / "checkpoints").glob("phase*/trainer_state.json"):
@@ -132,4 +167,6 @@ def test_a_run_recorded_without_a_version_resumes_as_before(tmp_path, synth_corp
         saved.write_text(json.dumps(state))
     assert run(run_dir, synth_corpus) == 0
     ledger = json.loads((run_dir / "ledger.json").read_text())
-    assert ledger["code"] == code_version() and "interventions" not in ledger  # recorded from the resume on
+    assert ledger["code"] == code_version()
+    assert ledger["interventions"] == [{"step": 2, "phase": 0, "changes": {"code": {"from": None,
+                                                                                     "to": code_version()}}}]
