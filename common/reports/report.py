@@ -44,6 +44,33 @@ def _fold_text(run: Run) -> str:
     return text + "\n"
 
 
+def _code_text(runs: Sequence[Run]) -> str:
+    """report.md's caution where the runs were not all trained by the same code (``ledger.json``'s ``code``, a
+    resume's ``code`` intervention): an upgrade can change what is computed (SSAST's validation masks), so two
+    identical models could score apart."""
+    from common.system.version import same_code  # lazy: the report's --help does without the package's modules
+
+    def codes(run: Run) -> list:
+        ledgers = [fold.ledger for fold in run.folds] or [run.ledger]
+        return [c for ledger in ledgers for c in
+                [*(i["changes"]["code"]["from"] for i in ledger.interventions if "code" in i.get("changes", {})),
+                 ledger.code]]
+
+    said = {run.label: codes(run) for run in runs}
+    every = [c for found in said.values() for c in found]
+    known = [c for c in every if c is not None]
+    if len(known) == len(every) and all(same_code(a, b) for a in known for b in known) or not known:
+        return ""  # one code, or none recorded (nothing to tell)
+    def named(code: dict | None) -> str:
+        return "unknown (not recorded)" if code is None else \
+            " ".join(f"{k} {str(v)[:12] if k == 'commit' else v}" for k, v in code.items())
+
+    words = "; ".join(f"{label}: " + ", then ".join(map(named, found)) for label, found in said.items())
+    return (f"\nNot every run was trained by the same code ({words}; ledger.json's code and its interventions). An "
+            f"upgrade can change what is computed, the validation scores included (SSAST's masks did): compare "
+            f"these scores with care.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog("common/reports/report.py"),
@@ -128,7 +155,7 @@ def _report(args: argparse.Namespace) -> int:
         averaged += "" if all(row.test is None for row in rows) else \
             (f" The test {metric} is the run's test split scored once, with its best final-phase model (or its weight "
              f"average): test_metrics.json.")
-        folds = "".join(_fold_text(run) for run in (baseline, *runs))
+        folds = "".join(_fold_text(run) for run in (baseline, *runs)) + _code_text([baseline, *runs])
         folds += "".join(f"\n{row.label} trained on {row.hardware}: its time saving is not computed (wall times on "
                          f"other devices, another number of ranks or a mix of them do not compare); its FLOPs saving "
                          f"is.\n"

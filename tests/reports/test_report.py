@@ -648,3 +648,34 @@ def test_a_ledger_of_another_shape_is_one_line_naming_the_file(tmp_path, runs, c
     assert main(["--baseline", str(runs["base"]), "--runs", str(odd), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {odd / 'ledger.json'} is not a ledger of this package ({said})\n"
+
+
+def test_runs_trained_by_other_code_are_said_in_the_report(tmp_path, runs, capsys):
+    """An upgrade can change the validation scores (SSAST's masks did): two identical models, one trained before,
+    were reported a point apart without a word. The report says which code trained each run where they differ,
+    a resume's change of code and a run that records none among runs that do included; one code says nothing."""
+    def with_code(run_dir: Path, code, interventions=()) -> Path:
+        data = json.loads((run_dir / "ledger.json").read_text())
+        data.update({"code": code, "interventions": list(interventions)})
+        (run_dir / "ledger.json").write_text(json.dumps(data))
+        return run_dir
+
+    a, b = {"version": "0.1.0", "commit": "a" * 40}, {"version": "0.1.0", "commit": "b" * 40, "source": "1" * 16}
+    argv = ["--baseline", str(runs["base"]), "--runs", str(runs["c2f"]), "--out", str(tmp_path / "out")]
+
+    def said() -> str:
+        assert main(argv) == 0
+        capsys.readouterr()
+        text = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+        return text.split("Not every run was trained by the same code (", 1)[1] \
+            if "Not every run" in text else ""
+
+    assert said() == ""  # none records its code
+    with_code(runs["base"], b)
+    with_code(runs["c2f"], {**b, "commit": "b" * 40})
+    assert said() == ""  # the same code
+    with_code(runs["c2f"], b, [{"step": 2, "phase": 0, "changes": {"code": {"from": a, "to": b}}}])
+    assert said().startswith("Baseline: version 0.1.0 commit bbbbbbbbbbbb source 1111111111111111; "
+                             "Fshift 4→1: version 0.1.0 commit aaaaaaaaaaaa, then version 0.1.0 commit bbbbbbbbbbbb")
+    with_code(runs["c2f"], b, [{"step": 2, "phase": 0, "changes": {"code": {"from": None, "to": b}}}])
+    assert "Fshift 4→1: unknown (not recorded), then version 0.1.0" in said()
