@@ -65,6 +65,11 @@ def folder_shards(folder: str | os.PathLike) -> list[dict]:
     try:
         return LazySharIterator(in_dir=folder).shards
     except AssertionError as err:  # Lhotse checks that every field has a file per cuts shard
+        partial = sorted(p.name for p in folder.glob(".partial-*"))  # common.data.corpora.shar's staging folder
+        if partial:
+            raise ValueError(f"Shar folder {folder} holds {partial[0]}, left by an export that did not finish: run "
+                             f"the same export again (it removes it, with any shards the killed one moved up), or "
+                             f"remove {partial[0]} if the folder's shards are whole") from None
         raise ValueError(f"Shar folder {folder}: its files do not pair up with its cuts shards ({err}; a Shar "
                          f"folder holds its shards only)") from None
 

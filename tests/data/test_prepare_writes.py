@@ -9,6 +9,7 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
 from lhotse import CutSet
 
 import common.data.corpora.base as base
@@ -110,7 +111,14 @@ def test_a_shar_export_appears_whole_and_never_mixes_with_another(tmp_path, synt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shar"]  # no temporary folder left
     capsys.readouterr()
     assert main(["shar", str(manifest), "--out", str(out), "--shard-size", "3", "--jobs", "1"]) == 2
-    assert f"error: --out {out} holds files already (an earlier export?)" in capsys.readouterr().err
+    assert f"error: --out {out} holds a Shar export already (3 cuts shard(s), an earlier run of this export?)" in \
+        capsys.readouterr().err
+    stray = tmp_path / "stray" / "shar"
+    stray.mkdir(parents=True)
+    (stray / "notes.txt").write_text("mine")
+    assert main(["shar", str(manifest), "--out", str(stray), "--jobs", "1"]) == 2
+    assert f"error: --out {stray} holds files already; a Shar folder holds one export's shards only" in \
+        capsys.readouterr().err
     other = tmp_path / "other"
     write = CutSet.to_shar
 
@@ -122,7 +130,7 @@ def test_a_shar_export_appears_whole_and_never_mixes_with_another(tmp_path, synt
     assert main(["shar", str(manifest), "--out", str(other), "--jobs", "1"]) == 2
     assert "was filled by another export while this one ran" in capsys.readouterr().err
     assert [p.name for p in other.iterdir()] == ["cuts.000000.jsonl.gz"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "shar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "shar", "stray"]
     assert [p.name for p in other.iterdir()] == ["cuts.000000.jsonl.gz"]  # no partial folder left in it either
 
 
@@ -130,7 +138,11 @@ def test_a_shar_export_goes_to_the_disk_its_out_is_on_and_sweeps_a_killed_ones_l
                                                                                           monkeypatch):
     """``--out`` a link to an empty folder on another disk (or a mount point): the shards are written there, not
     beside the link (it failed on the rename and deleted the export); a killed export's partial folder goes at the
-    next export once nothing wrote it for an hour, and the folder the export completes holds its shards only."""
+    next export (at once under the folder's lock; where the file system cannot lock a folder, once nothing wrote it
+    for an hour), and the folder the export completes holds its shards only."""
+    import fcntl
+
+    import common.data.corpora.shar as shar
     from common.data.manifests import open_cuts
 
     manifest = synth_corpus / "synth_valid.jsonl.gz"
@@ -149,9 +161,96 @@ def test_a_shar_export_goes_to_the_disk_its_out_is_on_and_sweeps_a_killed_ones_l
     real_rmtree = shutil.rmtree
     monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: swept.append(Path(path).name) or real_rmtree(path, *a,
                                                                                                              **k))
+    real_flock = fcntl.flock
+
+    def no_folder_locks(fd, how):  # NFS: flock of a folder fails
+        raise OSError(9, "Bad file descriptor")
+
+    monkeypatch.setattr(shar.fcntl, "flock", no_folder_locks)
     assert main(["shar", str(manifest), "--out", str(link), "--shard-size", "5", "--jobs", "1"]) == 0
     assert swept == [partial.name, fresh.name]  # the stale one first, the other export's once this one completed
+    monkeypatch.setattr(shar.fcntl, "flock", real_flock)
+    for name in (".partial-0000aaaa", ".partial-0000bbbb"):  # killed just now: under the lock, removed at once
+        (target / name).mkdir()
+    swept.clear()
+    for shard in list(target.iterdir()):
+        if not shard.name.startswith("."):
+            shard.unlink()
+    assert main(["shar", str(manifest), "--out", str(link), "--shard-size", "5", "--jobs", "1"]) == 0
+    assert sorted(swept[:2]) == [".partial-0000aaaa", ".partial-0000bbbb"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "shar"] and link.is_symlink()
     assert all(not p.name.startswith(".") for p in target.iterdir())
     assert any(p.name.startswith("recording.") for p in target.iterdir())
     assert sorted(c.id for c in open_cuts([link])) == sorted(c.id for c in CutSet.from_file(manifest))
+
+
+def _export_shards(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir())
+
+
+def test_a_shar_export_killed_while_it_moved_its_shards_is_written_again_by_the_same_command(tmp_path, synth_corpus,
+                                                                                             capsys):
+    """A kill between the moves left half an export (2 of 3 cuts shards) beside the partial folder: the same command
+    failed ("holds files already") and the folder could not be read; a kill after the last move left an empty
+    partial folder that made a whole export unreadable. The next export removes a killed one's partial folder and
+    the shards it had moved, and writes the export again; after an empty partial folder the export is whole, and
+    the same command says so; the reader names such a folder and what to do."""
+    from common.data.manifests import open_cuts
+    from common.data.shar_stream import folder_shards
+
+    manifest = synth_corpus / "synth_valid.jsonl.gz"
+    out = tmp_path / "shar"
+    assert main(["shar", str(manifest), "--out", str(out), "--shard-size", "5", "--jobs", "1"]) == 0
+    whole = _export_shards(out)
+    killed = out / ".partial-0badf00d"  # as a kill after the recordings' and the first cuts' moves leaves it
+    killed.mkdir()
+    for name in whole[1:3]:
+        os.rename(out / name, killed / name)
+    with pytest.raises(ValueError, match=r"holds \.partial-0badf00d, left by an export that did not finish: run the "
+                                         r"same export again"):
+        folder_shards(out)
+    capsys.readouterr()
+    assert main(["shar", str(manifest), "--out", str(out), "--shard-size", "5", "--jobs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "removed the 4 shard file(s) an export killed while it moved its shards into" in err, err
+    assert _export_shards(out) == whole
+    assert sorted(c.id for c in open_cuts([out])) == sorted(c.id for c in CutSet.from_file(manifest))
+    (out / ".partial-00000000").mkdir()  # killed after its last move: the export is whole
+    assert main(["shar", str(manifest), "--out", str(out), "--shard-size", "5", "--jobs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "removed .partial-00000000, left in" in err
+    assert f"error: --out {out} holds a Shar export already (3 cuts shard(s), an earlier run of this export?)" in err
+    assert _export_shards(out) == whole and len(folder_shards(out)) == 3
+
+
+def test_a_shar_export_that_fails_while_it_moves_its_shards_leaves_none_and_another_waits(tmp_path, synth_corpus,
+                                                                                          monkeypatch, capsys):
+    """An error while the shards move up (a full disk, a vanished mount) took the partial folder away but left the
+    shards already moved: a half export the next run refused. They go too. An export into a folder another export
+    holds is refused at once, in one line."""
+    import fcntl
+
+    manifest = synth_corpus / "synth_valid.jsonl.gz"
+    out = tmp_path / "shar"
+    real = os.rename
+    calls = []
+
+    def fails_third(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "rename", fails_third)
+    assert main(["shar", str(manifest), "--out", str(out), "--shard-size", "5", "--jobs", "1"]) != 0
+    monkeypatch.setattr(os, "rename", real)
+    assert _export_shards(out) == []
+    held = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        capsys.readouterr()
+        assert main(["shar", str(manifest), "--out", str(out), "--jobs", "1"]) == 2
+        assert f"error: --out {out}: another export into it is running; wait for it" in capsys.readouterr().err
+    finally:
+        os.close(held)
+    assert main(["shar", str(manifest), "--out", str(out), "--shard-size", "5", "--jobs", "1"]) == 0

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
 import secrets
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from common.data.integrity import decoder_reason
 from common.data.lhotse_safety import EXTRA_INFO, unsafe_source
@@ -38,22 +41,77 @@ def export_shar(manifest: str | Path, out_dir: str | Path, shard_size: int = 100
     The shards are written into a hidden folder inside ``out_dir`` (``.partial-XXXXXXXX``: on the disk ``--out`` is
     on, a link's target or a mount), then moved up into ``out_dir`` when all are written, the cuts last: a reader
     never finds part of an export's cuts, and two exports never mix their shards. ``out_dir`` must not hold files
-    (an earlier export's shards beyond this one's count would be read as part of it). A partial folder is no Shar
-    shard (Lhotse's reader would take it for one): a killed export's is removed by the next export into ``out_dir``
-    once nothing has written it for an hour, and an export that completes removes every other (a concurrent
-    export's, refused at its end anyway).
+    (an earlier export's shards beyond this one's count would be read as part of it). The export holds a lock on
+    ``out_dir`` itself (``flock`` of the folder), so a partial folder found there is a killed export's: it is
+    removed at once, with the shards that export had already moved up (a kill during the moves left half an
+    export); an empty one (killed after the last move) leaves a whole export. Where the file system cannot lock a
+    folder (NFS), a partial folder is taken for a killed export's once nothing has written it for an hour. An
+    export that completes removes every other partial folder (a concurrent export's, refused at its end anyway).
+    A partial folder is no Shar shard (Lhotse's reader would take it for one).
 
     Raises:
-        ValueError: ``out_dir`` holds files, or another export published its shards there meanwhile.
+        ValueError: ``out_dir`` holds files (an earlier export, whole: named as such), another export into it is
+            running, or another export published its shards there meanwhile.
     """
     out_dir = output_folder(out_dir)
-    for stale in out_dir.glob(f"{PARTIAL}*"):  # a killed export's: nothing wrote it for an hour
-        if stale.is_dir() and time.time() - stale.stat().st_mtime > STALE_SECONDS:
-            log.warning("removing %s, left by an export that did not finish", stale)
-            shutil.rmtree(stale, ignore_errors=True)
-    if _shards(out_dir):
-        raise ValueError(f"--out {out_dir} holds files already (an earlier export?); a Shar folder holds one "
-                         f"export's shards only: remove it or name a new folder")
+    with _folder_lock(out_dir) as locked:
+        return _export(manifest, out_dir, shard_size, num_jobs, locked)
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[bool]:
+    """An exclusive ``flock`` of ``folder`` while the block runs: True, or False where its file system cannot lock
+    a folder (NFS emulates flock with byte-range locks, which want a file open for writing).
+
+    Raises:
+        ValueError: another export holds it.
+    """
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            raise ValueError(f"--out {folder}: another export into it is running; wait for it, or name another "
+                             f"folder") from None
+        except OSError:
+            locked = False
+        yield locked
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _killed_partials(out_dir: Path, locked: bool) -> None:
+    """Remove the partial folders of killed exports in ``out_dir`` (all of them under the folder's lock, else those
+    nothing wrote for an hour), and the shards such an export had moved up before it was killed."""
+    killed = [p for p in out_dir.glob(f"{PARTIAL}*") if p.is_dir() and
+              (locked or time.time() - p.stat().st_mtime > STALE_SECONDS)]
+    half = [p for p in _shards(out_dir)] if any(any(p.iterdir()) for p in killed) else []
+    for path in half:  # an export starts in a folder without shards: these are the killed one's
+        path.unlink()
+    for path in killed:
+        shutil.rmtree(path, ignore_errors=True)
+    if half:
+        log.warning("removed the %d shard file(s) an export killed while it moved its shards into %s had moved, and "
+                    "its partial folder %s: the export is written again", len(half), out_dir,
+                    ", ".join(p.name for p in killed))
+    elif killed:
+        log.warning("removed %s, left in %s by an export that did not finish", ", ".join(p.name for p in killed),
+                    out_dir)
+
+
+def _export(manifest: str | Path, out_dir: Path, shard_size: int, num_jobs: int, locked: bool) -> str:
+    """:func:`export_shar` into ``out_dir`` (locked: whether the export holds the folder's lock)."""
+    _killed_partials(out_dir, locked)
+    held = _shards(out_dir)
+    if held:
+        cuts = [p for p in held if p.name.startswith("cuts.")]
+        whole = bool(cuts) and all(any(p.name.startswith(f"{field}.") for p in held) for field in ("recording",))
+        raise ValueError(f"--out {out_dir} holds "
+                         + (f"a Shar export already ({len(cuts)} cuts shard(s), an earlier run of this export?)"
+                            if whole else "files already")
+                         + "; a Shar folder holds one export's shards only: remove it to export again, or name a "
+                           "new folder")
     tally = _LeftOut()
     cuts = open_cuts([manifest]).filter(tally.admit)
     tmp = out_dir / f"{PARTIAL}{secrets.token_hex(4)}"
@@ -67,11 +125,15 @@ def export_shar(manifest: str | Path, out_dir: str | Path, shard_size: int = 100
         if _shards(out_dir):
             raise ValueError(f"--out {out_dir} was filled by another export while this one ran; its shards are "
                              f"kept, this export's are discarded")
-        for shard in sorted(tmp.iterdir()):  # the cuts last: a reader that looks meanwhile finds no cuts yet
-            if not shard.name.startswith("cuts."):
+        moved = []  # the cuts last: a reader that looks meanwhile finds no cuts yet
+        try:
+            for shard in sorted(tmp.iterdir(), key=lambda p: (p.name.startswith("cuts."), p.name)):
                 os.rename(shard, out_dir / shard.name)
-        for shard in sorted(tmp.iterdir()):
-            os.rename(shard, out_dir / shard.name)
+                moved.append(out_dir / shard.name)
+        except BaseException:  # no half export left behind (a kill here: the next export removes it)
+            for path in moved:
+                path.unlink(missing_ok=True)
+            raise
         tmp.rmdir()
         for other in out_dir.glob(f"{PARTIAL}*"):  # a Shar folder holds its shards only
             shutil.rmtree(other, ignore_errors=True)
