@@ -47,6 +47,7 @@ def run(out: Path, quick: bool = False) -> dict:
     """Run the demo into ``out``; returns the paths of its results. ``quick``: tiny sizes (tests)."""
     from common.data.corpora import get_corpus
     from common.reports.report import main as report
+    from common.system.atomic import atomic_write_text
     from finetune.linear_probe import main as probe
     from finetune.run import main as finetune
     from pretrain.run import main as pretrain
@@ -134,7 +135,7 @@ def run(out: Path, quick: bool = False) -> dict:
         print(f"({time.perf_counter() - t:.0f} s)")
     summary = summarise(out, probes)
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s.\n\n{summary}\nResults under {out}/:")
-    (out / "summary.md").write_text(summary)
+    atomic_write_text(out / "summary.md", summary)
     results = {"reports": [str(out / f"report_{k}" / "report.md") for k in ("pretrain", "finetune")],
                "plots": [str(out / f"report_{k}" / "report.png") for k in ("pretrain", "finetune")],
                "probes": probes, "summary": str(out / "summary.md"), "hf": hf}

@@ -250,8 +250,10 @@ def export_onnx(src: str | os.PathLike, out: str | os.PathLike, opset: int = OPS
         raise OnnxExportError(f"cannot export {src} to ONNX: the graph's scores differ from PyTorch's by {diff:.2e} "
                               f"(more than {TOLERANCE:g}); nothing written")
     onnx.checker.check_model(proto)
-    from common.system.atomic import atomic_path
+    from common.system.atomic import atomic_path, remove_orphans
 
+    for left in remove_orphans(Path(out).parent, of=Path(out).name):  # an export of this file that was killed
+        log.warning("removed %s, left by an export of %s that did not finish", left.name, out)
     with atomic_path(out, size=len(data)) as tmp:
         with open(tmp, "wb") as handle:
             handle.write(data)

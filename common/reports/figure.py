@@ -13,6 +13,7 @@ from matplotlib.lines import Line2D
 from common.reports.compare import Row
 from common.reports.runs import Run, points
 from common.reports.tables import metric_name, report_title
+from common.system.atomic import atomic_path
 
 __all__ = ["figure", "plot"]
 
@@ -117,5 +118,6 @@ def plot(runs: Sequence[Run], rows: Sequence[Row], metric: str, path: str | Path
         title: the plot's title (default: :func:`report_title`).
     """
     fig = figure(runs, rows, metric, title)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:  # a killed report leaves the last whole plot, not a truncated one
+        fig.savefig(tmp, format="png")
     return fig

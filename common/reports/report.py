@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from common.system.atomic import atomic_write_text
 from common.system.disk import output_folder
 from common.system.prog import prog, whole_number
 from common.system.signals import piped
@@ -165,16 +166,16 @@ def _report(args: argparse.Namespace) -> int:
                 if args.stop_epoch is not None else
                 f"Each run stops at the earliest evaluation of its final phase whose {metric} surpasses the "
                 f"baseline's best (epochs with epochs: a weight average is not an epoch)")
-        (args.out / "report.md").write_text(
+        plot([baseline, *runs], rows, metric, args.out / "report.png", args.title)  # the plot first: the text names it
+        atomic_write_text(  # a killed report leaves the last whole report, never part of one
+            args.out / "report.md",
             f"# Coarse-to-fine report ({metric_name([baseline, *runs], metric)})\n\n{table}\n{rule}; savings are "
             f"against the baseline's best evaluation. Every {metric} here but the test column is a validation score "
             f"(the split each run validated on, its ledger).\n\n## Whole runs\n\n{whole_run_table(rows, metric)}\n"
             f"All the training FLOPs of each run against all of the baseline's, the device time it held (training "
             f"and validation seconds times the ranks: GPU-hours on GPUs), and the best {metric} of the final "
             f"phase (difference to the baseline's best).{averaged}\n{folds}{accepted}\n"
-            f"![{metric} against training FLOPs](report.png)\n",
-            encoding="utf-8")
-        plot([baseline, *runs], rows, metric, args.out / "report.png", args.title)
+            f"![{metric} against training FLOPs](report.png)\n")
     except (ReportError, OSError, ValueError) as err:  # ValueError: --out names a file (output_folder)
         print(f"error: {err}", file=sys.stderr)
         return 2

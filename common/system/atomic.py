@@ -132,14 +132,16 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 def remove_orphans(folder: str | os.PathLike, within: tuple[str, ...] = (),
-                   older_than: float | None = None) -> list[Path]:
+                   older_than: float | None = None, of: str | None = None) -> list[Path]:
     """Remove the temporary files (:data:`ORPHAN`: this package's marked names) that processes killed in
     :func:`atomic_path` left in ``folder``, and in its sub-folders that match a glob pattern of ``within``
     (relative to ``folder``, e.g. ``checkpoints/*``): the folders the package writes into, never a whole tree (a
     folder the user named may hold a corpus, a home, other programs' files). A sub-folder reached through a
     symbolic link is left alone, and so is a link with an orphan's name. ``older_than``: only files nothing has
     written for that many seconds, in a folder others may be writing into without a lock (a shared cache, several
-    jobs): a file that goes meanwhile, or is not ours to remove, is left. Returns what was removed."""
+    jobs): a file that goes meanwhile, or is not ours to remove, is left. ``of``: only the temporaries of the file
+    of that name (a command writing one file into a folder of the user's, such as an ``--out`` file: a write of
+    the same file meanwhile would race to replace it anyway). Returns what was removed."""
     top = Path(folder)
     folders = [top] + sorted({sub for pattern in within for sub in top.glob(pattern)
                               if sub.is_dir() and not _through_link(top, sub)})
@@ -152,8 +154,9 @@ def remove_orphans(folder: str | os.PathLike, within: tuple[str, ...] = (),
         entries = []
         for entry in files:  # ours, or named as earlier versions named theirs (said, not removed)
             if ORPHAN.fullmatch(entry.name):
-                entries.append(entry)
-            elif LEGACY.fullmatch(entry.name):
+                if of is None or entry.name.startswith(f".{of}.{MARKER}"):
+                    entries.append(entry)
+            elif LEGACY.fullmatch(entry.name) and (of is None or entry.name.startswith(f".{of}.")):
                 legacy.append(entry)
         for entry in entries:
             path = root / entry.name

@@ -77,6 +77,22 @@ def test_a_later_prepare_removes_the_temporaries_a_killed_one_left(tmp_path):
                                              for _ in CutSet.from_file(out / f"synth_{s}.jsonl.gz"))
 
 
+def test_a_prepare_rerun_under_its_lock_removes_a_killed_ones_temporaries_at_once(tmp_path):
+    """c2f-corpora prepare holds OUT/prepare.lock, so no other prepare writes into OUT meanwhile: a temporary found
+    there is a killed prepare's even when it is seconds old (the usual rerun after a kill kept them for an hour,
+    up to a manifest's size each); without the lock (a library call), only those an hour old."""
+    out = tmp_path / "out"
+    (out / "synth_audio" / "train").mkdir(parents=True)
+    left = [out / ".synth_train.jsonl.gz.c2f-0a1b2c3d.tmp", out / "synth_audio" / "train" / ".x.flac.c2f-1a2b3c4d.tmp"]
+    for path in left:
+        path.write_bytes(b"partial")
+    assert main(["prepare", "synth", "--size", "test", "--out", str(out)]) == 0
+    assert not any(p.exists() for p in left)
+    assert base.killed_writes_age(out) == base.STALE_SECONDS  # the lock released at the end
+    with prepare_lock(out):
+        assert base.killed_writes_age(out) is None and base.killed_writes_age(tmp_path) == base.STALE_SECONDS
+
+
 def test_a_second_prepare_into_the_same_folder_is_refused_naming_the_first(tmp_path, capsys):
     src = tmp_path / "src"
     for label in ("a", "b"):

@@ -86,10 +86,20 @@ def exported(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     src = _classifier(folder / "model.safetensors", request.param)
     out = folder / "model.onnx"
+    for name in (".model.onnx.c2f-0badf00d.tmp", ".other.onnx.c2f-0badf00d.tmp"):  # killed exports' (see below)
+        (folder / name).write_bytes(b"half a model")
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         assert onnx_main([str(src), "--out", str(out)]) == 0
     return request.param, src, out, buffer.getvalue()
+
+
+def test_an_export_removes_what_a_killed_export_of_its_file_left(exported):
+    """A killed export left its temporary, a whole model's size, which nothing ever removed; the next export of the
+    same file removes it, and leaves a killed export's of another file of the folder (a folder of the user's)."""
+    out = exported[2]
+    assert not (out.parent / ".model.onnx.c2f-0badf00d.tmp").exists()
+    assert (out.parent / ".other.onnx.c2f-0badf00d.tmp").exists()
 
 
 def predict_json(ckpt, files, capsys) -> list[dict]:

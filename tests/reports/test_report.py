@@ -679,3 +679,27 @@ def test_runs_trained_by_other_code_are_said_in_the_report(tmp_path, runs, capsy
                              "Fshift 4→1: version 0.1.0 commit aaaaaaaaaaaa, then version 0.1.0 commit bbbbbbbbbbbb")
     with_code(runs["c2f"], b, [{"step": 2, "phase": 0, "changes": {"code": {"from": None, "to": b}}}])
     assert "Fshift 4→1: unknown (not recorded), then version 0.1.0" in said()
+
+
+def test_a_report_cut_short_leaves_the_last_whole_report(tmp_path, runs, monkeypatch, capsys):
+    """report.md and report.png were written in place: a report killed while it wrote the plot left a truncated PNG
+    beside the new text. Both are written whole or not at all, the plot first."""
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "out"
+    argv = ["--baseline", str(runs["base"]), "--runs", str(runs["c2f"]), "--out", str(out)]
+    assert main(argv) == 0
+    before = {name: (out / name).read_bytes() for name in ("report.md", "report.png")}
+    real = Figure.savefig
+
+    def cut_short(self, fname, *args, **kwargs):
+        with open(fname, "wb") as handle:
+            handle.write(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
+        raise KeyboardInterrupt  # as a kill would stop it, mid-write
+
+    monkeypatch.setattr(Figure, "savefig", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv[:3], str(runs["never"]), *argv[4:]])
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in out.iterdir()) == ["report.md", "report.png"]  # no temporary left
+    monkeypatch.setattr(Figure, "savefig", real)

@@ -294,6 +294,7 @@ def prepare_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
     out = output_folder(out_dir)
     with run_dir_lock(out, "--out", name=PREPARE_LOCK, what="prepare",
                       advice="wait for it to end"):
+        _LOCKED.add(out.resolve())
         try:
             yield out
         except BaseException:  # refused before writing (a bad CSV, a missing folder): no folder left behind
@@ -301,6 +302,19 @@ def prepare_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
                 (out / PREPARE_LOCK).unlink()
                 out.rmdir()
             raise
+        finally:
+            _LOCKED.discard(out.resolve())
+
+
+_LOCKED: set[Path] = set()  # the folders this process holds prepare.lock of
+
+
+def killed_writes_age(out: Path) -> float | None:
+    """How long nothing must have written a temporary file in prepare's ``out`` before it is taken for a killed
+    prepare's (``remove_orphans``' ``older_than``): none under ``out``'s prepare.lock, which no other prepare holds
+    meanwhile (a rerun after a kill finds the killed one's at once), an hour where a prepare runs without it (a
+    library call)."""
+    return None if Path(out).resolve() in _LOCKED else STALE_SECONDS
 
 
 @contextmanager
@@ -342,7 +356,7 @@ def write_corpus(
     if shuffle_seed is not None:
         entries = sorted(entries, key=lambda e: shuffled_order(e.cut_id, shuffle_seed))
     out = output_folder(out_dir)
-    for tmp in remove_orphans(out, older_than=STALE_SECONDS):
+    for tmp in remove_orphans(out, older_than=killed_writes_age(out)):
         log.info("removed %s, left by a prepare that did not finish", tmp)
     report = PrepareReport(corpus=corpus, out_dir=out, notes=list(notes or []), conflicts=conflicts)
     if repeated:

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import soundfile as sf
 
-from common.data.corpora.base import STALE_SECONDS, ClipEntry, PrepareReport, write_corpus
+from common.data.corpora.base import ClipEntry, PrepareReport, killed_writes_age, write_corpus
 from common.system.atomic import atomic_path, remove_orphans
 from common.system.disk import output_folder
 from common.system.prog import whole_number
@@ -173,7 +173,7 @@ def prepare(src: Path | None, out: Path, num_jobs: int = 4, seed: int = 0, size:
         raise ValueError(f"unknown synth size {size!r}; choose one of {sorted(SIZES)}")
     out = output_folder(out)  # a file or a dangling link named before any clip is written
     if (out / "synth_audio").is_dir():  # files of a prepare killed part-way
-        remove_orphans(out / "synth_audio", ("*",), older_than=STALE_SECONDS)  # synth_audio/<split>/
+        remove_orphans(out / "synth_audio", ("*",), older_than=killed_writes_age(out))  # synth_audio/<split>/
     labels = list(CLASSES)
     entries = []
     for split_index, (split, count) in enumerate(SIZES[size].items()):
