@@ -38,7 +38,29 @@ def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     size = sum(t.numel() * t.element_size() for t in tensors.values())  # the header adds a few KiB
     with atomic_path(path, size=size) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)  # looked up at the call: patchable
+        _sort_metadata(tmp)
     return Path(path)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the header of the safetensors file ``path`` with its metadata and tensors in key order, in place.
+
+    safetensors' writer keeps the metadata in a hash map whose order changes from one process (or call) to the
+    next, so two exports of the same weights differed in their bytes, and a check of a resume or a rerun by
+    checksum failed. The header is the same JSON reordered, so of the same length (compact, as the writer writes
+    it, padded with spaces); a header that would not be is left as written."""
+    with open(path, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        meta = header.pop("__metadata__", None)
+        if meta is None:
+            return
+        text = json.dumps({"__metadata__": dict(sorted(meta.items())), **dict(sorted(header.items()))},
+                          separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:
+            return
+        handle.seek(8)
+        handle.write(text + b" " * (size - len(text)))
 
 
 def unreadable(path: str | os.PathLike, err: Exception) -> ValueError:

@@ -19,6 +19,33 @@ def test_export_round_trip(tmp_path, tiny_cfg):
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temporary file
 
 
+def test_the_same_export_is_the_same_bytes(tmp_path, tiny_cfg):
+    """safetensors' writer orders the metadata as its hash map does, another order each call: two exports of the same
+    weights differed in their bytes (a check of a resume by checksum failed every time). The header is rewritten in
+    key order: the same export, the same bytes, and read back as written."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    enc = ASTEncoder(tiny_cfg).eval()
+    meta = {"frontend": {"frame_shift_ms": 10.0}, "phase": {"name": "phase2"}, "recipe": {"é": [1, 2]}, "z": "\n"}
+    paths = [save_encoder(enc, tmp_path / f"enc{i}.safetensors", meta=meta) for i in range(4)]
+    digests = {hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+    code = ("import sys, torch; from common.models.ast.encoder import ASTEncoder, EncoderConfig; "
+            "from common.models.exports import save_encoder; torch.manual_seed(0); "
+            f"save_encoder(ASTEncoder(EncoderConfig(**{tiny_cfg.to_dict()!r})), sys.argv[1], meta={meta!r})")
+    torch.manual_seed(0)
+    same = save_encoder(ASTEncoder(tiny_cfg), tmp_path / "here.safetensors", meta=meta)
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "there.safetensors")], check=True, timeout=120,
+                   cwd=ROOT, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert len(digests) == 1 and same.read_bytes() == (tmp_path / "there.safetensors").read_bytes()
+    tensors, read = read_weights(paths[0])
+    assert read["frontend"] == meta["frontend"] and read["recipe"] == {"é": [1, 2]} and read["z"] == "\n"
+    assert all(torch.equal(tensors[k], v) for k, v in enc.state_dict().items() if k in tensors)
+
+
 def test_run_directory_resolves_to_its_final_export(tmp_path, tiny_cfg):
     (tmp_path / "export").mkdir()
     save_encoder(ASTEncoder(tiny_cfg), tmp_path / "export" / "phase1.safetensors")
