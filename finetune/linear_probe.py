@@ -30,7 +30,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import numpy as np
 
@@ -100,23 +100,23 @@ class ProbeRecipe:
         return sorted(self.C) if isinstance(self.C, list) else [self.C]
 
 
-def _read_cached(path: Path, clips: int | None = None
+def _read_cached(path: Path, clips: Callable[[], int | None] = lambda: None
                  ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]] | None:
     """The features, targets and skipped clips (``(path, reason)``) a probe cached in ``path``, or None (with a
     warning naming the file) where it is not such a cache (cut short, another file, arrays that do not go together,
-    a cache written before the skipped clips were kept with the features that lacks some of the split's ``clips``:
-    which were skipped, and why, is not known): they are computed again. Such an older cache with a row for each of
-    the ``clips`` skipped none, and is read."""
+    a cache written before the skipped clips were kept with the features that lacks some of the split's clips,
+    counted by ``clips()`` only for such a cache: which were skipped, and why, is not known): they are computed
+    again. Such an older cache with a row for each clip skipped none, and is read."""
     try:
         with np.load(path, allow_pickle=False) as data:
             x, y = data["x"], data["y"]
             if "skipped" in data:
                 skipped = data["skipped"]
-            elif clips is not None and len(x) == clips:  # an older version's, of every clip: none was skipped
+            elif (counted := clips()) is not None and len(x) == counted:  # an older version's, of every clip
                 skipped = _skipped_array([])
             else:
                 raise ValueError(f"written by an older version, without the list of the clips it skipped as bad "
-                                 f"audio, and with {len(x)} feature rows for {clips if clips is not None else '?'} "
+                                 f"audio, and with {len(x)} feature rows for {counted if counted is not None else '?'} "
                                  f"clips")
         if x.ndim != 2 or y.ndim not in (1, 2) or len(x) != len(y) or not np.issubdtype(x.dtype, np.floating):
             raise ValueError(f"x {x.shape} {x.dtype} and y {y.shape} are not one feature row per clip")
@@ -343,8 +343,11 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
         judged with ``recipe.max_bad_fraction``, the same whether the features are cached or not."""
         path = cache / f"{_cache_key(init_path, manifests, cfg, recipe.layer, pool, front_end, classes)}.npz"
         tracker = BadAudioTracker(recipe.max_bad_fraction, split=split, source=manifests)
-        counts = [count_clips(m) for m in manifests] if path.is_file() else [None]
-        cached = _read_cached(path, None if None in counts else sum(counts)) if path.is_file() else None
+        def split_clips() -> int | None:  # counted only for an older cache (a pass over the manifests)
+            counts = [count_clips(m) for m in manifests]
+            return None if None in counts else sum(counts)
+
+        cached = _read_cached(path, split_clips) if path.is_file() else None
         try:
             if cached is not None:
                 x, y, bad = cached

@@ -132,7 +132,7 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 def remove_orphans(folder: str | os.PathLike, within: tuple[str, ...] = (),
-                   older_than: float | None = None, of: str | None = None) -> list[Path]:
+                   older_than: float | None = None, of: str | None = None, names: str | None = None) -> list[Path]:
     """Remove the temporary files (:data:`ORPHAN`: this package's marked names) that processes killed in
     :func:`atomic_path` left in ``folder``, and in its sub-folders that match a glob pattern of ``within``
     (relative to ``folder``, e.g. ``checkpoints/*``): the folders the package writes into, never a whole tree (a
@@ -141,7 +141,10 @@ def remove_orphans(folder: str | os.PathLike, within: tuple[str, ...] = (),
     written for that many seconds, in a folder others may be writing into without a lock (a shared cache, several
     jobs): a file that goes meanwhile, or is not ours to remove, is left. ``of``: only the temporaries of the file
     of that name (a command writing one file into a folder of the user's, such as an ``--out`` file: a write of
-    the same file meanwhile would race to replace it anyway). Returns what was removed."""
+    the same file meanwhile would race to replace it anyway); ``names``: only those of files whose names match this
+    regular expression (a command's own files in a folder other commands write into too). Returns what was
+    removed."""
+    wanted = re.compile(rf"\.(?:{names if names is not None else '.+'})\.{MARKER}[0-9a-f]{{8}}\.tmp")
     top = Path(folder)
     folders = [top] + sorted({sub for pattern in within for sub in top.glob(pattern)
                               if sub.is_dir() and not _through_link(top, sub)})
@@ -154,9 +157,9 @@ def remove_orphans(folder: str | os.PathLike, within: tuple[str, ...] = (),
         entries = []
         for entry in files:  # ours, or named as earlier versions named theirs (said, not removed)
             if ORPHAN.fullmatch(entry.name):
-                if of is None or entry.name.startswith(f".{of}.{MARKER}"):
+                if (of is None or entry.name.startswith(f".{of}.{MARKER}")) and wanted.fullmatch(entry.name):
                     entries.append(entry)
-            elif LEGACY.fullmatch(entry.name) and (of is None or entry.name.startswith(f".{of}.")):
+            elif LEGACY.fullmatch(entry.name) and (of is None or entry.name.startswith(f".{of}.")) and names is None:
                 legacy.append(entry)
         for entry in entries:
             path = root / entry.name

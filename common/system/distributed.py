@@ -28,8 +28,8 @@ import torch
 
 from common.system.gpu import unseen_gpu, unsupported_gpu
 
-__all__ = ["Dist", "RendezvousFailed", "init_distributed", "device_index", "collective_timeout", "quiet_deepspeed",
-           "single_process"]
+__all__ = ["Dist", "RendezvousFailed", "init_distributed", "device_index", "local_rank_of_launcher",
+           "collective_timeout", "quiet_deepspeed", "single_process"]
 
 log = logging.getLogger(__name__)
 
@@ -211,20 +211,29 @@ def collective_timeout() -> float:
     return default_pg_timeout.total_seconds()
 
 
-# where a launcher that sets no LOCAL_RANK says a rank's place on its host: SLURM's srun, Open MPI's and MPICH's mpirun
-_LOCAL_RANK_KEYS = ("SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+def local_rank_of_launcher(env) -> str | None:
+    """A rank's place on its host where its launcher set no LOCAL_RANK: Open MPI's or MPICH's mpirun (the innermost
+    launcher: mpirun inside an sbatch job inherits the batch step's SLURM_LOCALID), else SLURM's srun, whose
+    SLURM_LOCALID is this process's only where srun started it as this rank (SLURM_PROCID is RANK); None."""
+    for key in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"):
+        if key in env:
+            return env[key]
+    if "SLURM_LOCALID" in env and env.get("SLURM_PROCID") == env.get("RANK"):
+        return env["SLURM_LOCALID"]
+    return None
 
 
-def device_index(local_rank: int, count: int) -> int:
-    """The accelerator a rank with ``local_rank`` takes among the ``count`` it sees: its local rank, or the only one
-    where the launcher binds one device per rank (srun --gpus-per-task=1: each rank sees its own GPU as number 0).
+def device_index(local_rank: int, count: int, bound: bool = False) -> int:
+    """The accelerator a rank with ``local_rank`` takes among the ``count`` it sees: its local rank, or, where its
+    place came from srun or mpirun (``bound``), which may bind one device to each rank (srun --gpus-per-task=1:
+    each rank sees its own GPU as number 0), the only one it sees.
 
     Raises:
-        ValueError: more ranks on this host than devices it sees (two ranks on one GPU would stop NCCL).
+        ValueError: more ranks on this host than devices they see (two ranks on one GPU would stop NCCL).
     """
     if local_rank < count:
         return local_rank
-    if count == 1:
+    if count == 1 and bound:
         return 0
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     raise ValueError(f"rank {os.environ.get('RANK', '?')}: LOCAL_RANK={local_rank}, but this process sees {count} "
@@ -240,12 +249,13 @@ def init_distributed() -> Dist:
     ``MASTER_ADDR`` and ``MASTER_PORT`` each rank would pick its own and wait for the others until the
     process group's timeout, so that is refused at once (a ``ValueError`` naming the variables).
     """
+    bound = False  # the rank's place on its host came from srun or mpirun, which may bind one GPU to each rank
     if "LOCAL_RANK" not in os.environ and os.environ.get("WORLD_SIZE", "1") != "1":
         # srun and mpirun start each rank without LOCAL_RANK; 0 on every rank of a host would put them all on its
         # first GPU (NCCL refuses duplicate GPUs at the first collective)
-        given = next((os.environ[k] for k in _LOCAL_RANK_KEYS if k in os.environ), None)
+        given = local_rank_of_launcher(os.environ)
         if given is not None:
-            os.environ["LOCAL_RANK"] = given
+            os.environ["LOCAL_RANK"], bound = given, True
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
     missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if key not in os.environ]
@@ -271,7 +281,7 @@ def init_distributed() -> Dist:
             log.warning("%s", unseen)
     else:
         backend = "nccl" if accelerator == "cuda" else None
-        index = device_index(local_rank, get_accelerator().device_count())
+        index = device_index(local_rank, get_accelerator().device_count(), bound)
         unsupported = unsupported_gpu(index) if accelerator == "cuda" else None
         if unsupported:
             raise ValueError(f"rank {os.environ['RANK']}: {unsupported}")

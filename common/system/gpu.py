@@ -26,12 +26,26 @@ __all__ = ["unseen_gpu", "unsupported_gpu", "INSTALL_HINT"]
 INSTALL_HINT = "docs/pretraining.md#gpus-and-clusters says how to install the PyTorch build for it"
 
 _DRIVER = Path("/proc/driver/nvidia/version")  # the NVIDIA kernel module's, present wherever its driver is loaded
+_CONTROL = Path("/dev/nvidiactl")  # the driver's device, which a process allowed to use a GPU can open
+_ARCH = re.compile(r"(sm|compute)_(\d+)[a-z]?")  # sm_90, sm_90a, compute_120
 
 
-def unseen_gpu(driver_file: Path = _DRIVER) -> str | None:
-    """Why a host with an NVIDIA driver loaded has no GPU PyTorch can use, or None (PyTorch sees one, the host has
-    none, or ``CUDA_VISIBLE_DEVICES`` hides them on purpose)."""
-    if torch.cuda.is_available() or os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
+def _may_use_gpus(control: Path) -> bool:
+    """Whether this process may use the host's GPUs: it can open the driver's control device (a container started
+    without GPUs has none; a job whose cgroup denies the devices cannot open it)."""
+    try:
+        os.close(os.open(control, os.O_RDWR))
+    except OSError:
+        return False
+    return True
+
+
+def unseen_gpu(driver_file: Path = _DRIVER, control: Path = _CONTROL) -> str | None:
+    """Why a host with an NVIDIA driver loaded, whose GPUs this process may use, has none PyTorch can use, or None
+    (PyTorch sees one, the host has none, this process may not use them, ``CUDA_VISIBLE_DEVICES`` hides them on
+    purpose, or PyTorch is a CPU build, installed for the CPU)."""
+    if (torch.cuda.is_available() or torch.version.cuda is None
+            or os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1") or not _may_use_gpus(control)):
         return None
     try:
         text = driver_file.read_text(errors="replace")
@@ -47,11 +61,12 @@ def unseen_gpu(driver_file: Path = _DRIVER) -> str | None:
 def unsupported_gpu(index: int) -> str | None:
     """Why PyTorch cannot run kernels on CUDA device ``index`` (built for none of its architecture), or None."""
     arches = torch.cuda.get_arch_list()  # e.g. sm_75 ... sm_120, compute_120 (PTX the driver compiles for newer GPUs)
-    if not arches:
+    parsed = [m.groups() for m in map(_ARCH.fullmatch, arches) if m]
+    if not parsed or torch.version.hip is not None:  # a list it cannot read (ROCm's gfx90a ...): nothing to say
         return None
     major, minor = torch.cuda.get_device_capability(index)
     have = major * 10 + minor
-    numbers = {kind: [int(a.split("_")[1]) for a in arches if a.startswith(kind)] for kind in ("sm_", "compute_")}
+    numbers = {kind: [int(n) for k, n in parsed if k == kind.rstrip("_")] for kind in ("sm_", "compute_")}
     # a kernel built for sm_XY runs on a GPU of the same major version and a minor at least Y; PTX on any newer one
     if any(n // 10 == major and n <= have for n in numbers["sm_"]) or any(n <= have for n in numbers["compute_"]):
         return None

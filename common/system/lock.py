@@ -88,10 +88,11 @@ def _try_lock(fd: int) -> bool:
 @contextmanager
 def run_dir_lock(run_dir: Path, flag: str = "--run-dir", *, name: str = LOCK_FILE, what: str = "run",
                  advice: str = "wait for it to end (or stop it: running the same command again resumes it)"
-                 ) -> Iterator[None]:
+                 ) -> Iterator[bool]:
     """Hold ``run_dir``'s lock while the block runs (this process only); ``flag``: the option that named the folder,
     ``name``: the lock file's, ``what``: the kind of command that holds it, ``advice``: what to do but use another
-    folder (all said in the refusal).
+    folder (all said in the refusal). Yields whether it holds the lock: False on a file system without locks
+    (warned: the block runs unlocked).
 
     The lock file is opened without following a symbolic link: it is truncated (its holder's record is rewritten),
     and a link planted in the folder would truncate the file it points to.
@@ -112,7 +113,7 @@ def run_dir_lock(run_dir: Path, flag: str = "--run-dir", *, name: str = LOCK_FIL
                         path, err, run_dir)
             locked = None
         if locked is None:
-            yield
+            yield False
             return
         deadline = time.monotonic() + ORPHAN_WAIT_S
         while not locked and _exited(_holder(fd)) and time.monotonic() < deadline:
@@ -128,7 +129,7 @@ def run_dir_lock(run_dir: Path, flag: str = "--run-dir", *, name: str = LOCK_FIL
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         try:
-            yield
+            yield True
         finally:
             os.ftruncate(fd, 0)  # still locked: nobody reads a half-cleared record
     finally:

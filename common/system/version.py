@@ -63,9 +63,13 @@ def source_digest(root: Path = _ROOT) -> str:
     """The first 16 hex digits of the SHA-256 of the package's modules under ``root`` (each ``.py`` file's path
     relative to ``root`` and its bytes, in path order)."""
     digest = hashlib.sha256()
-    for path in sorted(p for package in _PACKAGES for p in (root / package).rglob("*.py")):
+    for path in sorted(p for package in _PACKAGES for p in (root / package).rglob("*.py")
+                       if not p.name.startswith(".") and not p.is_symlink()):  # not an editor's lock (.#cli.py)
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
+        try:
+            digest.update(path.read_bytes() + b"\0")
+        except OSError as err:  # unreadable: counted as such, never a run stopped by it
+            digest.update(f"unreadable: {err.strerror}".encode() + b"\0")
     return digest.hexdigest()[:16]
 
 
@@ -78,6 +82,11 @@ def code_version() -> dict:
 
 
 def same_code(recorded: dict, current: dict) -> bool:
-    """Whether a recorded ``code`` and the current one are the same code, as far as both tell: every entry both
-    record is equal (a record of an earlier version without ``source`` is judged by its commit)."""
-    return all(recorded[key] == current[key] for key in recorded.keys() & current.keys())
+    """Whether a recorded ``code`` and the current one are the same code: the same version and modules (``source``;
+    commits that changed no module, docs or tests, are the same code), or where a record of an earlier version has
+    no ``source``, the same commit. Records that share neither (an installed copy of an earlier version recorded its
+    version alone, which never changed with the code) do not tell: not the same."""
+    for keys in (("version", "source"), ("version", "commit")):
+        if all(k in recorded and k in current for k in keys):
+            return all(recorded[k] == current[k] for k in keys)
+    return False

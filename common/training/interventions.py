@@ -128,8 +128,9 @@ def reshard_position(ledger: Ledger, spec: RunSpec, state: TrainState, saved_ran
 
 
 def _code_words(code: dict) -> str:
-    return f"{code.get('version', '?')}" + (f" (commit {code['commit'][:12]})" if code.get("commit") else
-                                            f" (source {code['source']})" if code.get("source") else "")
+    said = ([f"commit {code['commit'][:12]}"] if code.get("commit") else []) + \
+        ([f"source {code['source']}"] if code.get("source") else [])  # both: edits not committed change the source
+    return f"{code.get('version', '?')}" + (f" ({', '.join(said)})" if said else "")
 
 
 def check_code(ledger: Ledger, state: TrainState, resumed: bool, say: bool = True) -> None:

@@ -55,6 +55,7 @@ class PhaseMachinery:
         self.device = dist.device
         bf16 = agreed_bf16(spec.train.precision, self.device, dist)
         self.autocast_dtype = torch.bfloat16 if bf16 else None
+        record.bf16 = bf16
         self.tracker = record.tracker
         self._clips = make_cache(spec.data.cache, spec.data.cache_dir)  # decoded clips, kept across phases
         self._train: ClipLoader | None = None  # one training loader for every phase (its workers kept)

@@ -45,7 +45,9 @@ def _torch_words(err: BaseException) -> str:
     keep = [s.strip() for s in re.split(r"(?<=\.) (?=[A-Z])", text)
             if re.search(r"Tried to allocate|total capacity|Process \d+ has|this process has|you tried to allocate",
                          s)]
-    return " ".join(keep) or " ".join(str(err).strip().split("\n")[0].split())[:300]  # not CUDA's debugging advice
+    lines = [line for line in str(err).strip().splitlines() if line.strip()] or [""]
+    said = next((line for line in lines if any(words in line for words in _OUT_OF_MEMORY)), lines[0])
+    return " ".join(keep) or " ".join(said.split())[:300]  # the line that says so, not CUDA's debugging advice
 
 
 def out_of_memory(err: BaseException, device: torch.device, where: str, micro_batch: int,

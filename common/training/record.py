@@ -103,6 +103,7 @@ class RunRecord:
             self.ledger.set_baseline(**plan.baseline.ledger_fields())
         self.ledger.init = spec.init_record  # a resumed run's comes back with its ledger
         self.zero_stage = resolve_zero_stage(spec.train.zero_stage, dist.world_size)  # a resume keeps its own
+        self.bf16: bool | None = None  # the precision the ranks agreed on (PhaseMachinery), for the memory estimate
         self.stop_target: dict | None = None
         self.checkpoints = RunCheckpoints(self.run_dir / "checkpoints", dist, spec.train.keep_checkpoints)
         self.average = WeightAverage(self.run_dir / "average",
@@ -251,8 +252,10 @@ class RunRecord:
             index, name=phase.label(index), compression=phase.compression, factor=phase.factor,
             flops_per_sample=row.flops_per_sample, tokens_per_sample=cfg.num_tokens,
             patch_transfer=phase.patch_transfer if phase.compression == "patch" else None)
-        estimate = self.objective.memory_estimate(cfg, split.per_rank, **training_setting(
-            self.spec.train.precision, self.zero_stage, self.dist.world_size, self.device))
+        setting = training_setting(self.spec.train.precision, self.zero_stage, self.dist.world_size, self.device)
+        if self.bf16 is not None:  # the job's, not this rank's GPU's (a job of A100s and V100s trains in fp32)
+            setting["bf16"] = self.bf16
+        estimate = self.objective.memory_estimate(cfg, split.per_rank, **setting)
         record.memory_estimate_bytes = estimate.total
         record.trained_on(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type,
                           split.world_size)  # before set_batch: a ledger older than `hardware` holds the last ranks

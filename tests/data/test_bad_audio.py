@@ -617,10 +617,12 @@ def test_a_probe_cache_of_an_earlier_version_is_read_where_it_holds_every_clip(t
 
     old = tmp_path / "0123456789abcdef.npz"
     np.savez(old, x=np.ones((3, 4), np.float32), y=np.array([0, 1, 2]))
-    x, y, skipped = _read_cached(old, 3)
+    x, y, skipped = _read_cached(old, lambda: 3)
     assert x.shape == (3, 4) and y.tolist() == [0, 1, 2] and skipped == []
     with caplog.at_level(logging.WARNING):
-        assert _read_cached(old, 4) is None and _read_cached(old) is None
+        assert _read_cached(old, lambda: 4) is None and _read_cached(old) is None
+    np.savez(old, x=np.ones((3, 4), np.float32), y=np.array([0, 1, 2]), skipped=np.zeros((0, 2), str))
+    assert _read_cached(old, lambda: pytest.fail("a cache of this version counts no manifest"))[2] == []
     assert [r.getMessage().split("(", 1)[1] for r in caplog.records] == [
         "ValueError: written by an older version, without the list of the clips it skipped as bad audio, and with "
         f"3 feature rows for {n} clips); computing the features again" for n in (4, "?")]

@@ -77,20 +77,30 @@ def test_a_later_prepare_removes_the_temporaries_a_killed_one_left(tmp_path):
                                              for _ in CutSet.from_file(out / f"synth_{s}.jsonl.gz"))
 
 
-def test_a_prepare_rerun_under_its_lock_removes_a_killed_ones_temporaries_at_once(tmp_path):
+def test_a_prepare_rerun_under_its_lock_removes_a_killed_ones_temporaries_at_once(tmp_path, monkeypatch):
     """c2f-corpora prepare holds OUT/prepare.lock, so no other prepare writes into OUT meanwhile: a temporary found
     there is a killed prepare's even when it is seconds old (the usual rerun after a kill kept them for an hour,
     up to a manifest's size each); without the lock (a library call), only those an hour old."""
     out = tmp_path / "out"
     (out / "synth_audio" / "train").mkdir(parents=True)
-    left = [out / ".synth_train.jsonl.gz.c2f-0a1b2c3d.tmp", out / "synth_audio" / "train" / ".x.flac.c2f-1a2b3c4d.tmp"]
-    for path in left:
+    left = [out / ".synth_train.jsonl.gz.c2f-0a1b2c3d.tmp", out / "synth_audio" / "train" / ".x.flac.c2f-1a2b3c4d.tmp",
+            out / ".synth_prepare.json.c2f-2a2b3c4d.tmp"]
+    stats = out / ".synth_valid.stats.json.c2f-3a2b3c4d.tmp"  # `c2f-corpora stats` writing beside the manifests
+    for path in (*left, stats):
         path.write_bytes(b"partial")
     assert main(["prepare", "synth", "--size", "test", "--out", str(out)]) == 0
-    assert not any(p.exists() for p in left)
+    assert not any(p.exists() for p in left) and stats.exists()
     assert base.killed_writes_age(out) == base.STALE_SECONDS  # the lock released at the end
     with prepare_lock(out):
         assert base.killed_writes_age(out) is None and base.killed_writes_age(tmp_path) == base.STALE_SECONDS
+    import common.system.lock as lock
+
+    def no_locks(fd):  # a file system without locks: warned, and nothing keeps another prepare out
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(lock, "_try_lock", no_locks)
+    with prepare_lock(out):
+        assert base.killed_writes_age(out) == base.STALE_SECONDS
 
 
 def test_a_second_prepare_into_the_same_folder_is_refused_naming_the_first(tmp_path, capsys):
@@ -270,3 +280,36 @@ def test_a_shar_export_that_fails_while_it_moves_its_shards_leaves_none_and_anot
     finally:
         os.close(held)
     assert main(["shar", str(manifest), "--out", str(out), "--shard-size", "5", "--jobs", "1"]) == 0
+
+
+def test_a_shar_exports_lock_goes_with_it_not_with_the_processes_it_forked(tmp_path):
+    """Lhotse's export workers are forked while the export holds --out's lock: a killed export left them running
+    for ever, holding the lock, and every rerun was refused ("another export into it is running"). A forked
+    process closes its copy: the lock goes when the export does."""
+    import fcntl
+    import signal
+
+    import common.data.corpora.shar as shar
+
+    out = tmp_path / "shar"
+    out.mkdir()
+    ready, said = os.pipe()
+    with shar._folder_lock(out) as locked:
+        assert locked
+        child = os.fork()
+        if child == 0:  # a worker: lives on after its export
+            os.write(said, b"x")  # (after the fork's handlers ran)
+            time.sleep(30)
+            os._exit(0)
+        os.read(ready, 1)
+    os.close(ready)
+    os.close(said)
+    try:
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free while the worker lives
+        finally:
+            os.close(fd)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)

@@ -128,13 +128,14 @@ def test_several_ranks_without_a_rendezvous_are_refused_at_once(monkeypatch):
 def test_a_rank_started_without_local_rank_takes_its_launchers_place_on_the_host(monkeypatch, launcher):
     """srun and mpirun set no LOCAL_RANK: every rank took 0, the host's first GPU (NCCL stops at the first
     collective on a duplicate GPU); the launcher's own variable says the rank's place on its host."""
-    for key in ("MASTER_PORT", "MASTER_ADDR", "LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK",
-                "MPI_LOCALRANKID"):
+    for key in ("MASTER_PORT", "MASTER_ADDR", "LOCAL_RANK", "SLURM_LOCALID", "SLURM_PROCID",
+                "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("RANK", "5")
     monkeypatch.setenv("WORLD_SIZE", "8")
     if launcher:
         monkeypatch.setenv(launcher, "1")
+        monkeypatch.setenv("SLURM_PROCID", "5")  # srun started this process as rank 5
     with pytest.raises(ValueError, match="MASTER_ADDR and MASTER_PORT not set"):  # refused after LOCAL_RANK is set
         init_distributed()
     assert os.environ["LOCAL_RANK"] == ("1" if launcher else "0")
@@ -147,9 +148,23 @@ def test_each_rank_takes_its_own_device_or_the_one_it_is_bound_to(monkeypatch):
     from common.system.distributed import device_index
 
     assert [device_index(r, 4) for r in range(4)] == [0, 1, 2, 3]
-    assert device_index(3, 1) == 0
+    assert device_index(3, 1, bound=True) == 0  # srun --gpus-per-task=1
     monkeypatch.setenv("RANK", "7")
+    with pytest.raises(ValueError, match=r"^rank 7: LOCAL_RANK=1, but this process sees 1 device"):
+        device_index(1, 1)  # torchrun --nproc-per-node 2 on a one-GPU host: both ranks took it
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     with pytest.raises(ValueError, match=r"^rank 7: LOCAL_RANK=2, but this process sees 2 device\(s\) "
                                          r"\(CUDA_VISIBLE_DEVICES=3,5\): start at most one rank per device"):
         device_index(2, 2)
+
+
+def test_mpirun_inside_a_slurm_job_takes_its_own_local_rank():
+    """Ranks of mpirun inside an sbatch job inherit the batch step's SLURM_LOCALID (0 on every rank): the innermost
+    launcher's says the place; SLURM_LOCALID only where srun started this very rank."""
+    from common.system.distributed import local_rank_of_launcher
+
+    assert local_rank_of_launcher({"RANK": "5", "SLURM_LOCALID": "0", "SLURM_PROCID": "0",
+                                   "OMPI_COMM_WORLD_LOCAL_RANK": "3"}) == "3"
+    assert local_rank_of_launcher({"RANK": "5", "SLURM_LOCALID": "1", "SLURM_PROCID": "5"}) == "1"
+    assert local_rank_of_launcher({"RANK": "5", "SLURM_LOCALID": "0", "SLURM_PROCID": "0"}) is None
+    assert local_rank_of_launcher({"RANK": "5", "MPI_LOCALRANKID": "2"}) == "2"

@@ -5,12 +5,14 @@ lacks is refused in one line naming both, not at the first kernel."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 
 from common.system.gpu import unseen_gpu, unsupported_gpu
 
+DEV_NULL = Path("/dev/null")  # a device this process may open, as the driver's control device where it may use GPUs
 DRIVER = ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  535.104.05  Release Build  (dvs-builder@U16)\n"
           "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
 
@@ -20,18 +22,24 @@ def test_a_host_with_a_driver_pytorch_cannot_use_is_warned_that_it_runs_on_the_c
     driver.write_text(DRIVER)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    said = unseen_gpu(driver)
+    said = unseen_gpu(driver, control=DEV_NULL)
     assert said.startswith(f"this machine has an NVIDIA GPU (driver 535.104.05) that PyTorch {torch.__version__} "
                            f"cannot use (built for CUDA {torch.version.cuda}: a driver older than that CUDA's needs "
                            f"another build; docs/pretraining.md#gpus-and-clusters says how"), said
     assert "runs on the CPU; set CUDA_VISIBLE_DEVICES= (empty)" in said and "\n" not in said
     assert unseen_gpu(tmp_path / "none") is None  # no NVIDIA driver: a CPU machine, nothing to say
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build, installed for the CPU
+    assert unseen_gpu(driver) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert unseen_gpu(driver, control=tmp_path / "nvidiactl") is None  # a container without GPUs, a denying cgroup
     for hidden in ("", "-1"):  # the GPUs hidden on purpose
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
-        assert unseen_gpu(driver) is None
+        assert unseen_gpu(driver, control=DEV_NULL) is None
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert unseen_gpu(driver) is None
+    assert unseen_gpu(driver, control=DEV_NULL) is None
 
 
 @pytest.mark.parametrize("capability, arches, usable", [
@@ -40,6 +48,9 @@ def test_a_host_with_a_driver_pytorch_cannot_use_is_warned_that_it_runs_on_the_c
     ((8, 9), ["sm_75", "sm_80", "sm_86", "sm_90"], True),  # an L4: sm_86 kernels run on 8.9
     ((12, 1), ["sm_80", "sm_90", "sm_100", "compute_100"], True),  # newer than every kernel: PTX compiled for it
     ((12, 1), ["sm_80", "sm_90", "sm_100"], False),
+    ((9, 0), ["sm_80", "sm_90a"], True),  # a suffixed architecture (it stopped every command with int('90a'))
+    ((7, 0), ["sm_80", "sm_90a"], False),
+    ((9, 0), ["gfx90a", "gfx942"], True),  # a ROCm build's list: nothing said
 ])
 def test_a_gpu_the_build_has_no_kernels_for_is_refused_naming_both(monkeypatch, capability, arches, usable):
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: arches)
@@ -62,7 +73,7 @@ def test_commands_warn_and_refuse_before_they_pick_a_device(tmp_path, monkeypatc
     driver = tmp_path / "version"
     driver.write_text(DRIVER)
     monkeypatch.setattr(gpu, "_DRIVER", driver)
-    monkeypatch.setattr(gpu.unseen_gpu, "__defaults__", (driver,))
+    monkeypatch.setattr(gpu.unseen_gpu, "__defaults__", (driver, DEV_NULL))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with caplog.at_level(logging.WARNING):

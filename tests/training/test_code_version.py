@@ -115,13 +115,17 @@ def test_the_source_digest_sees_any_change_of_the_modules_and_a_record_without_i
     (tmp_path / "finetune" / "a.py").write_text("x = 1\n")
     (tmp_path / "common" / "a.py").rename(tmp_path / "common" / "b.py")  # a file renamed: other code
     assert source_digest(tmp_path) != first
+    renamed = source_digest(tmp_path)
+    (tmp_path / "common" / ".#b.py").symlink_to("user@host.1234:1700000000")  # an editor's lock: a dangling link
+    assert source_digest(tmp_path) == renamed  # (every run stopped with FileNotFoundError while it was there)
     assert code_version()["source"] == source_digest()
     now = {"version": "0.1.0", "commit": A, "source": "1" * 16}
     assert same_code({"version": "0.1.0", "commit": A}, now)  # recorded before the digest: the same commit
     assert not same_code({"version": "0.1.0", "commit": B}, now)
     assert not same_code({"version": "0.1.0", "commit": A, "source": "2" * 16}, now)  # edits not committed
     assert not same_code({"version": "0.1.0", "source": "2" * 16}, {"version": "0.1.0", "source": "1" * 16})
-    assert same_code({"version": "0.1.0"}, {"version": "0.1.0", "source": "1" * 16})  # nothing more to tell
+    assert not same_code({"version": "0.1.0"}, {"version": "0.1.0", "source": "1" * 16})  # the version never changed
+    assert same_code({"version": "0.1.0", "commit": A, "source": "1" * 16}, now)  # a commit of docs or tests alone
 
 
 @pytest.mark.slow

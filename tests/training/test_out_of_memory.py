@@ -69,6 +69,7 @@ def test_out_of_memory_outside_the_caching_allocator_is_said_as_such(error):
     assert line.startswith("cuda:0 ran out of memory in phase1 at step 1 (8 clip(s) per rank per forward pass, "
                            "planned at 1 GiB): ") and "max_batch_per_rank=4" in line, line
     assert "CUDA_LAUNCH_BLOCKING" not in line and "\n" not in line
+    assert any(words in line for words in ("out of memory", "ALLOC_FAILED")), line  # NCCL says it on its last line
     assert describe_out_of_memory(error).startswith("out of memory: ")
     assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
 

@@ -37,6 +37,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -293,8 +294,9 @@ def prepare_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
     made = not os.path.lexists(out_dir)
     out = output_folder(out_dir)
     with run_dir_lock(out, "--out", name=PREPARE_LOCK, what="prepare",
-                      advice="wait for it to end"):
-        _LOCKED.add(out.resolve())
+                      advice="wait for it to end") as held:
+        if held:  # (not on a file system without locks: then nothing keeps another prepare out)
+            _LOCKED.add(out.resolve())
         try:
             yield out
         except BaseException:  # refused before writing (a bad CSV, a missing folder): no folder left behind
@@ -356,7 +358,8 @@ def write_corpus(
     if shuffle_seed is not None:
         entries = sorted(entries, key=lambda e: shuffled_order(e.cut_id, shuffle_seed))
     out = output_folder(out_dir)
-    for tmp in remove_orphans(out, older_than=killed_writes_age(out)):
+    own = rf"{re.escape(corpus)}_(?:[^.]+\.jsonl\.gz|classes\.json|prepare\.json)"  # not `corpora stats`' files
+    for tmp in remove_orphans(out, older_than=killed_writes_age(out), names=own):
         log.info("removed %s, left by a prepare that did not finish", tmp)
     report = PrepareReport(corpus=corpus, out_dir=out, notes=list(notes or []), conflicts=conflicts)
     if repeated:

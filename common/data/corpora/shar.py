@@ -24,6 +24,7 @@ __all__ = ["export_shar"]
 log = logging.getLogger(__name__)
 
 PARTIAL = ".partial-"  # an export in progress, inside its --out
+_SHARD = re.compile(r"[a-z_]+\.\d{6}\.[a-z.]+")  # cuts.000000.jsonl.gz, recording.000003.tar
 STALE_SECONDS = 3600  # a partial export nothing wrote for this long was killed
 
 
@@ -76,9 +77,28 @@ def _folder_lock(folder: Path) -> Iterator[bool]:
                              f"folder") from None
         except OSError:
             locked = False
+        _HELD.add(fd)
         yield locked
     finally:
+        _HELD.discard(fd)
         os.close(fd)  # releases the lock
+
+
+# The folder locks this process holds: a process forked meanwhile (Lhotse's export workers) closes its copies, so
+# that the lock goes with this process (workers a killed export left behind held it for ever: every rerun refused)
+_HELD: set[int] = set()
+
+
+def _close_held() -> None:
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held)
 
 
 def _killed_partials(out_dir: Path, locked: bool) -> None:
@@ -86,7 +106,8 @@ def _killed_partials(out_dir: Path, locked: bool) -> None:
     nothing wrote for an hour), and the shards such an export had moved up before it was killed."""
     killed = [p for p in out_dir.glob(f"{PARTIAL}*") if p.is_dir() and
               (locked or time.time() - p.stat().st_mtime > STALE_SECONDS)]
-    half = [p for p in _shards(out_dir)] if any(any(p.iterdir()) for p in killed) else []
+    half = [p for p in _shards(out_dir) if _SHARD.fullmatch(p.name) and p.is_file()] \
+        if any(any(p.iterdir()) for p in killed) else []
     for path in half:  # an export starts in a folder without shards: these are the killed one's
         path.unlink()
     for path in killed:
