@@ -12,6 +12,7 @@ computes mAP / accuracy with scikit-learn.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
@@ -82,8 +83,8 @@ class AugmentConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.mixup <= 1:
             raise ValueError(f"mixup must be a probability in [0, 1], got {self.mixup}")
-        if self.mixup_alpha <= 0:
-            raise ValueError(f"mixup_alpha must be positive, got {self.mixup_alpha}")
+        if not 0 < self.mixup_alpha < math.inf:  # also NaN
+            raise ValueError(f"mixup_alpha must be positive and finite, got {self.mixup_alpha}")
 
     @property
     def specaug(self) -> SpecAugmentConfig:

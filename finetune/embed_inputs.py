@@ -111,7 +111,17 @@ def list_clips(inputs: Sequence[str | os.PathLike]) -> tuple[Iterator[Clip], int
     def clips() -> Iterator[Clip]:
         for kind, path, files in plan:
             if kind == "manifest":
-                for cut in open_cuts([str(path)]):
+                cuts, read = iter(open_cuts([str(path)])), 0
+                while True:
+                    try:
+                        cut = next(cuts)
+                    except StopIteration:
+                        break
+                    except (ValueError, KeyError, TypeError, AttributeError) as err:  # a line of no clip
+                        raise ValueError(f"--inputs {path}: the entry after clip {read} is not a clip "
+                                         f"({type(err).__name__}: {str(err)[:200]}); prepare the manifest "
+                                         f"again") from None
+                    read += 1
                     yield _cut_clip(cut)
             else:
                 for file in files:

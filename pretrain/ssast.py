@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
@@ -80,8 +81,8 @@ class SSASTConfig:
             raise ValueError(f"unknown masking {self.masking!r}")
         if not 1 <= self.cluster_min <= self.cluster_max:
             raise ValueError("need 1 <= cluster_min <= cluster_max")
-        if self.mpg_weight < 0:
-            raise ValueError(f"mpg_weight must be >= 0, got {self.mpg_weight}")
+        if not 0 <= self.mpg_weight < math.inf:  # also NaN
+            raise ValueError(f"mpg_weight must be >= 0 and finite, got {self.mpg_weight}")
 
     @property
     def eval_ratio(self) -> float:

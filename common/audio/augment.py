@@ -19,6 +19,7 @@ Randomness comes from an explicit ``torch.Generator`` so that a resumed run draw
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +29,10 @@ import torch
 from common.system.device import to_device
 
 __all__ = ["mixup_weights", "MixupConfig", "SpecAugmentConfig", "NoiseConfig", "mixup", "spec_augment", "fbank_noise"]
+
+
+# stripes drawn one by one per batch: a count past any axis' size masks nothing more, and 1e9 hung the first step
+MAX_STRIPES = 1000
 
 
 @dataclass(frozen=True)
@@ -53,8 +58,8 @@ class MixupConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.prob <= 1.0:
             raise ValueError(f"mixup.prob must be in [0, 1], got {self.prob}")
-        if self.alpha <= 0:
-            raise ValueError(f"mixup.alpha must be positive, got {self.alpha}")
+        if not 0 < self.alpha < math.inf:  # also NaN
+            raise ValueError(f"mixup.alpha must be positive and finite, got {self.alpha}")
 
 
 @dataclass(frozen=True)
@@ -78,9 +83,9 @@ class SpecAugmentConfig:
     def __post_init__(self) -> None:
         if self.freqm < 0 or self.timem < 0:
             raise ValueError(f"SpecAugment widths must be >= 0, got freqm={self.freqm}, timem={self.timem}")
-        if self.freq_stripes < 0 or self.time_stripes < 0:
-            raise ValueError(f"SpecAugment stripe counts must be >= 0, got freq_stripes={self.freq_stripes}, "
-                             f"time_stripes={self.time_stripes}")
+        if not (0 <= self.freq_stripes <= MAX_STRIPES and 0 <= self.time_stripes <= MAX_STRIPES):
+            raise ValueError(f"SpecAugment stripe counts (augment.freq_stripes, augment.time_stripes) must be from 0 "
+                             f"to {MAX_STRIPES}, got {self.freq_stripes}, {self.time_stripes}")
 
 
 @dataclass(frozen=True)

@@ -271,14 +271,14 @@ def resolve_norm_stats(spec: str | NormStats | dict) -> NormStats:
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
             raise FileNotFoundError(
-                f"normalisation statistics file {path} does not exist; compute it with "
-                f"`python -m common.data.corpora stats MANIFEST`"
+                f"normalisation statistics file {path} {'is a folder' if path.is_dir() else 'does not exist'}; "
+                f"compute it with `python -m common.data.corpora stats MANIFEST`"
             )
         try:
             data = json.loads(path.read_text())
             if not isinstance(data, dict):
                 raise ValueError(f"a JSON {type(data).__name__}, not a mapping with 'mean' and 'std'")
-            return resolve_norm_stats({"mean": data.get("mean"), "std": data.get("std")})
+            return resolve_norm_stats(data)  # (its own keys said where mean or std is missing)
         except (ValueError, OSError, UnicodeDecodeError) as err:  # json's errors are ValueErrors
             raise ValueError(f"normalisation statistics file {path}: {err}") from None
     raise ValueError(

@@ -8,6 +8,7 @@ One loader serves every compression method, since everything that depends on the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,11 +50,16 @@ class AudioConfig:
     norm: str = "audioset"
 
     def __post_init__(self) -> None:
-        for name in ("sample_rate", "num_mel_bins", "target_frames"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"audio.{name} must be positive, got {getattr(self, name)}")
-        if self.frame_shift_ms <= 0 or self.frame_length_ms <= 0:
-            raise ValueError("audio.frame_shift_ms and audio.frame_length_ms must be positive")
+        for name, most in (("sample_rate", 384_000), ("num_mel_bins", 1024), ("target_frames", 1_000_000)):
+            if not 0 < getattr(self, name) <= most:  # also NaN; a bound: 1e30 reached torch as a traceback
+                raise ValueError(f"audio.{name} must be positive and at most {most}, got {getattr(self, name)}")
+        if not (0 < self.frame_shift_ms < math.inf and 0 < self.frame_length_ms < math.inf):
+            raise ValueError(f"audio.frame_shift_ms and audio.frame_length_ms must be positive and finite, got "
+                             f"{self.frame_shift_ms}, {self.frame_length_ms}")
+        if self.frame_shift < 1 or self.frame_length < 1:
+            raise ValueError(f"audio.frame_shift_ms ({self.frame_shift_ms}) and audio.frame_length_ms "
+                             f"({self.frame_length_ms}) must each be at least one sample at audio.sample_rate "
+                             f"{self.sample_rate}")
         check_norm_name(self.norm)
 
     @property

@@ -3,6 +3,7 @@ training and evaluation loaders read them (:class:`DataConfig`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,8 +30,8 @@ class ManifestSpec:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.weight <= 0:
-            raise ValueError(f"manifest weight must be positive, got {self.weight} for {self.path}")
+        if not 0 < self.weight < math.inf:  # also NaN
+            raise ValueError(f"manifest weight must be positive and finite, got {self.weight} for {self.path}")
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,14 @@ def _read_whole(path: str | os.PathLike, cuts) -> list:
     try:
         for cut in cuts:
             read.append(cut)
-    except (ValueError, KeyError, TypeError) as err:  # json's errors are ValueErrors; a JSON line of no clip
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # json's errors are ValueErrors; no clip's
         raise ValueError(f"manifest {manifest_path(path)}: the entry after clip {len(read)} is not a clip "
                          f"({type(err).__name__}: {err}); prepare the manifest again") from None
+    wrong = next((cut for cut in read if not isinstance(cut.duration, (int, float))), None)
+    if wrong is not None:  # Lhotse keeps a string as it is: its sampler's sum of durations failed with a traceback
+        raise ValueError(f"manifest {manifest_path(path)}: clip {wrong.id}'s duration is "
+                         f"{type(wrong.duration).__name__} {wrong.duration!r}, not a number of seconds; prepare the "
+                         f"manifest again")
     return read
 
 
@@ -54,7 +59,11 @@ def _open_one(path: str | os.PathLike):
     problem = manifest_problem(path)
     if problem:
         raise ValueError(f"manifest {path}: {problem}")
-    cuts = CutSet.from_file(path)  # lazy for .jsonl.gz
+    try:
+        cuts = CutSet.from_file(path)  # lazy for .jsonl.gz; Lhotse reads the first entry to know its kind
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # a JSON line of no clip
+        raise ValueError(f"manifest {path} is not a readable Lhotse manifest ({type(err).__name__}: "
+                         f"{str(err)[:200]}); prepare it again") from None
     if cuts is None:  # what Lhotse returns for an empty file
         raise ValueError(f"manifest {path} holds no clips (an empty file); prepare it again")
     return cuts

@@ -14,6 +14,7 @@ a recipe's phases end (``--dry-run``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Literal, Sequence
 
@@ -72,9 +73,10 @@ class UntilConfig:
             raise ValueError(f"until.max must be >= 1 and >= until.min ({self.min}), got {self.max}")
         if self.patience < 1 or self.window < 1:
             raise ValueError(f"until.patience and until.window must be >= 1, got {self.patience}, {self.window}")
-        if self.min_delta < 0 or self.fraction <= 0 or self.threshold < 0:
-            raise ValueError("until.min_delta and until.threshold must be >= 0 and until.fraction > 0")
-        if not self.noise >= 0:  # also catches NaN
+        if not (0 <= self.min_delta < math.inf and 0 < self.fraction < math.inf and 0 <= self.threshold < math.inf):
+            raise ValueError(f"until.min_delta and until.threshold must be >= 0 and until.fraction > 0, all finite, "
+                             f"got {self.min_delta}, {self.threshold}, {self.fraction}")  # (written so: NaN too)
+        if not 0 <= self.noise < math.inf:  # also catches NaN
             raise ValueError(f"until.noise must be >= 0 (standard errors), got {self.noise}")
         if not 0 <= self.smoothing < 1:
             raise ValueError(f"until.smoothing must be in [0, 1), got {self.smoothing}")

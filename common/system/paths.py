@@ -27,17 +27,18 @@ __all__ = ["is_plain_name", "check_plain_name", "LinkRefused", "open_nofollow", 
 
 def is_plain_name(name: object) -> bool:
     """Whether ``name`` is one plain path component: a non-empty string, not ``.`` or ``..``, with no folder
-    separator (``/``, ``\\``) and no NUL, so ``folder / name`` stays an entry of ``folder``."""
+    separator (``/``, ``\\``) and no control character (NUL, a newline: a run directory's name in every log line),
+    so ``folder / name`` stays an entry of ``folder``."""
     return (isinstance(name, str) and bool(name) and name not in (".", "..")
-            and not any(c in name for c in "/\\\0"))
+            and not any(c in name for c in "/\\") and not any(ord(c) < 32 or ord(c) == 127 for c in name))
 
 
 def check_plain_name(name: object, key: str, why: str) -> None:
     """Raise ``ValueError("KEY: ...")`` unless ``name`` is one plain path component (:func:`is_plain_name`);
     ``why`` says what the name becomes (e.g. the run directory named after it)."""
     if not is_plain_name(name):
-        raise ValueError(f"{key}: {name!r} must be one plain name (not empty, '.' or '..'; no '/', backslash or NUL): "
-                         f"{why}")
+        raise ValueError(f"{key}: {name!r} must be one plain name (not empty, '.' or '..'; no '/', backslash or "
+                         f"control character): {why}")
 
 
 class LinkRefused(OSError, ValueError):

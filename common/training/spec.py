@@ -84,6 +84,8 @@ class TrainConfig:
     cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:  # what every generator it seeds takes (numpy's: 0 to 2**32 - 1)
+            raise ValueError(f"seed must be a whole number from 0 to {2**32 - 1}, got {self.seed}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1 (or null: from the cores), got {self.cpu_threads}")
         if self.weight_average_from is not None and self.weight_average_from < 1:

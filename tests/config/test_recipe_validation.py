@@ -40,6 +40,7 @@ def broken(tmp_path_factory) -> Path:
     (d / "shar_missing_tar" / "recording.000000.tar").write_bytes(b"")
     (d / "invalid.json").write_text("{mean: ")
     (d / "nomean.json").write_text(json.dumps({"std": 4.5}))
+    (d / "folder.json").mkdir()
     (d / "badclasses.json").write_text(json.dumps({"classes": ["a", "a"]}))
     (d / "broken.yaml").write_text("phases: [\n")
     (d / "extends_missing.yaml").write_text("extends: nowhere.yaml\n")
@@ -90,7 +91,8 @@ PRETRAIN_CASES = [
     ("norm unknown name", None, ["audio.norm=audioseet"], "audio.norm"),
     ("norm file missing", None, ["audio.norm=/nonexistent/stats.json"], "audio.norm"),
     ("norm file not JSON", None, ["audio.norm={broken}/invalid.json"], "audio.norm"),
-    ("norm file without mean", None, ["audio.norm={broken}/nomean.json"], "audio.norm"),
+    ("norm file without mean", None, ["audio.norm={broken}/nomean.json"], "got keys ['std']"),  # its own keys
+    ("norm a folder", None, ["audio.norm={broken}/folder.json"], "folder.json is a folder"),
     ("--set unparseable", None, ["optim.lr=[1,"], "--set optim.lr"),
     ("--set without =", None, ["optim.lr"], "--set 'optim.lr'"),
     ("--set without key", None, ["=3"], "--set '=3'"),
@@ -131,6 +133,18 @@ PRETRAIN_CASES = [
     ("recipe: missing", "nowhere.yaml", [], "nowhere.yaml"),
     ("baseline recipe missing", "baseline_missing.yaml", [], "baseline: recipe nowhere_baseline.yaml not found"),
     ("baseline recipe broken", "baseline_broken.yaml", [], "unknown_key_baseline.yaml: model.sise: unknown key"),
+    # a fuzzing review: NaN and inf passed checks written `x <= 0`, huge numbers reached torch as a traceback
+    ("mpg_weight NaN", None, ["ssast.mpg_weight=.nan"], "ssast.mpg_weight"),
+    ("mpg_weight infinite", None, ["ssast.mpg_weight=.inf"], "ssast.mpg_weight"),
+    ("manifest weight NaN", None, ["data.train.0.weight=.nan"], "data.train.0"),
+    ("manifest weight infinite", None, ["data.train.0.weight=.inf"], "data.train.0"),
+    ("num_mel_bins huge", None, ["audio.num_mel_bins=1000000"], "audio.num_mel_bins"),
+    ("target_frames huge", None, ["audio.target_frames=10000000000"], "audio.target_frames"),
+    ("frame shift infinite", None, ["audio.frame_shift_ms=.inf"], "audio.frame_shift_ms"),
+    ("frame shift under a sample", None, ["audio.sample_rate=3"], "at least one sample"),
+    ("sample rate huge", None, ["audio.sample_rate=1000000000000"], "audio.sample_rate"),
+    ("seed huge", None, ["train.seed=1000000000000000000000000000000"], "train.seed"),
+    ("seed negative", None, ["train.seed=-1"], "train.seed"),
 ]
 
 
@@ -223,6 +237,11 @@ FINETUNE_CASES = [
     ("grad_clip NaN", None, None, ["optim.grad_clip=.nan"], "optim.grad_clip"),
     ("weight_decay infinite", None, None, ["optim.weight_decay=.inf"], "optim.weight_decay"),
     ("phase lr NaN", None, None, ["phases=[{{compression: none, epochs: 2, lr: .nan}}]"], "phases.0"),
+    ("mixup_alpha NaN", None, None, ["augment.mixup=0.5", "augment.mixup_alpha=.nan"], "augment.mixup_alpha"),
+    ("mixup_alpha infinite", None, None, ["augment.mixup_alpha=.inf"], "augment.mixup_alpha"),
+    ("freq_stripes huge", None, None, ["augment.freq_stripes=1000000000"], "augment"),
+    ("until min_delta NaN", None, None,
+     ["phases=[{{compression: none, epochs: 2, until: {{plateau: true, min_delta: .nan}}}}]"], "phases.0"),
 ]
 
 

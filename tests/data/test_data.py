@@ -265,6 +265,37 @@ def test_a_manifest_cut_short_or_with_a_line_of_no_clip_is_named(synth_corpus, t
         open_cuts([bad], in_memory_max=100000)
 
 
+def test_manifest_lines_of_no_clip_or_of_a_duration_that_is_no_number_are_named(synth_corpus, tmp_path):
+    """A first line that is JSON but no clip ("recording": null) gave evaluate and embed an AttributeError traceback
+    (Lhotse reads it to know the manifest's kind); a later one, embed a TypeError; a duration written as a string
+    passed, and training stopped in Lhotse's sampler with a traceback. Each is one error naming the manifest."""
+    import gzip
+    import json
+
+    from finetune.embed_inputs import list_clips
+
+    lines = gzip.decompress((synth_corpus / "synth_valid.jsonl.gz").read_bytes()).decode().splitlines()
+
+    def manifest(name: str, rows: list[str]):
+        path = tmp_path / name
+        path.write_bytes(gzip.compress("\n".join(rows).encode()))
+        return path
+
+    first = json.loads(lines[0])
+    nothing = manifest("nothing.jsonl.gz", [json.dumps({**first, "recording": None}), *lines[1:]])
+    with pytest.raises(ValueError, match=f"manifest {nothing} is not a readable Lhotse manifest \\(AttributeError"):
+        open_cuts([nothing])
+    listed = manifest("listed.jsonl.gz", [*lines[:2], "[1, 2]", *lines[2:]])
+    clips, _ = list_clips([str(listed)])
+    with pytest.raises(ValueError, match=f"--inputs {listed}: the entry after clip 2 is not a clip"):
+        list(clips)
+    text = manifest("text.jsonl.gz", [*lines[:3], json.dumps({**json.loads(lines[3]), "duration": "1.5"}),
+                                      *lines[4:]])
+    with pytest.raises(ValueError, match=f"manifest {text}: clip .*'s duration is str '1.5', not a number of "
+                                         f"seconds"):
+        open_cuts([text], in_memory_max=100000)
+
+
 @pytest.fixture(scope="module")
 def class_sorted_manifest(tmp_path_factory):
     """40,000 clips of 500 classes, written class after class (as VoxCeleb's or SpeechCommands' source

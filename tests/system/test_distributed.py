@@ -168,3 +168,16 @@ def test_mpirun_inside_a_slurm_job_takes_its_own_local_rank():
     assert local_rank_of_launcher({"RANK": "5", "SLURM_LOCALID": "1", "SLURM_PROCID": "5"}) == "1"
     assert local_rank_of_launcher({"RANK": "5", "SLURM_LOCALID": "0", "SLURM_PROCID": "0"}) is None
     assert local_rank_of_launcher({"RANK": "5", "MPI_LOCALRANKID": "2"}) == "2"
+
+
+def test_names_and_output_folders_from_a_user_are_refused_when_they_would_mislead():
+    """A task name with a newline (a run directory's name in every log line) is no plain name; an empty --out is
+    refused (Path("") is the working folder: embed --out "" wrote its files there)."""
+    from common.system.disk import output_folder
+    from common.system.paths import is_plain_name
+
+    assert is_plain_name("esc50 fold 1") and is_plain_name("vóx")
+    assert not any(is_plain_name(n) for n in ("a\nb", "a\tb", "a\x7fb", "a\0b", "a/b", "..", ""))
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match="^--out is empty; name the folder to write into"):
+            output_folder(empty)
