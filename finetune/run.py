@@ -395,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         init, digest = (init, None) if args.dry_run else _checked_init(run_root, recipe, init,
                                                                         args.restart)
         head_init = None
+        if args.keep_head and init is None:  # it was ignored without a word
+            raise RecipeError("--keep-head keeps the classifier of --init a Hugging Face AST directory; --init none "
+                              "starts from random weights, with no classifier to keep")
         try:
             base = task_encoder_config(init, recipe.model, recipe.num_mel_bins, recipe.task.target_frames)
             audio = recipe.audio(getattr(base, "num_mel_bins", None))  # the AST family's front end

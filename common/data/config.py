@@ -97,8 +97,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.full_shuffle_max < 0:
             raise ValueError(f"full_shuffle_max must be >= 0, got {self.full_shuffle_max}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 1 <= self.batch_size <= 2**20:  # a bound: 1e30 reached torch as a traceback in --dry-run
+            raise ValueError(f"batch_size must be from 1 to {2**20}, got {self.batch_size}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         if self.max_batch_per_rank is not None and self.max_batch_per_rank < 1:

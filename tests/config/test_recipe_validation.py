@@ -145,6 +145,7 @@ PRETRAIN_CASES = [
     ("sample rate huge", None, ["audio.sample_rate=1000000000000"], "audio.sample_rate"),
     ("seed huge", None, ["train.seed=1000000000000000000000000000000"], "train.seed"),
     ("seed negative", None, ["train.seed=-1"], "train.seed"),
+    ("batch_size huge", None, ["data.batch_size=1000000000000000000000000000000"], "data.batch_size"),
 ]
 
 
@@ -265,6 +266,16 @@ def test_fine_tuning_rejects_before_compute(case, broken, synth_corpus, ft_data,
     err = capsys.readouterr().err
     assert err.startswith("error: ") and key in err, err
     assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_keep_head_without_an_init_is_refused(ft_data, tmp_path, tripwire, capsys):
+    """--keep-head with --init none was ignored without a word (there is no classifier to keep)."""
+    from finetune.run import main
+
+    assert main(["--init", "none", "--keep-head", "--task", "synth", "--data-root", str(ft_data), "--run-dir",
+                 str(tmp_path / "run"), *sets(*TINY_FT)]) == 2
+    assert capsys.readouterr().err.startswith("error: --keep-head keeps the classifier of --init a Hugging Face AST")
     assert not (tmp_path / "run").exists()
 
 
