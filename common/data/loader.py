@@ -34,6 +34,7 @@ folders alone: close to it, as ``common.data.shar_stream`` says).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Iterator, Sequence
@@ -186,6 +187,10 @@ class ClipLoader:
                     yield next(iterator)
                 except StopIteration:
                     return
+                except json.JSONDecodeError as err:  # a streamed manifest's line that is no JSON (a blank line)
+                    named = ", ".join(self.tracker.source) or "a manifest"
+                    raise ValueError(f"{named}: a line is not a clip's entry (JSONDecodeError: {err}); prepare the "
+                                     f"manifest again") from None
 
         epoch = start_epoch
         while epochs is None or epoch < start_epoch + epochs:

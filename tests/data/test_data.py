@@ -294,6 +294,12 @@ def test_manifest_lines_of_no_clip_or_of_a_duration_that_is_no_number_are_named(
     with pytest.raises(ValueError, match=f"manifest {text}: clip .*'s duration is str '1.5', not a number of "
                                          f"seconds"):
         open_cuts([text], in_memory_max=100000)
+    blank = manifest("blank.jsonl.gz", [*lines[:3], "", *lines[3:]])  # read as a stream (evaluate, the probe)
+    loader = ClipLoader(open_cuts([blank]), ClipDataset(16000), 2, shuffle=False, drop_last=False, rank=0,
+                        world_size=1, tracker=BadAudioTracker(1.0, split="eval", source=[str(blank)]))
+    with pytest.raises(ValueError, match=f"^{blank}: a line is not a clip's entry \\(JSONDecodeError: Expecting"):
+        for _ in loader.batches(epochs=1):
+            pass
 
 
 @pytest.fixture(scope="module")
