@@ -242,11 +242,15 @@ def test_a_shar_export_killed_while_it_moved_its_shards_is_written_again_by_the_
     assert _export_shards(out) == whole
     assert sorted(c.id for c in open_cuts([out])) == sorted(c.id for c in CutSet.from_file(manifest))
     (out / ".partial-00000000").mkdir()  # killed after its last move: the export is whole
-    assert main(["shar", str(manifest), "--out", str(out), "--shard-size", "5", "--jobs", "1"]) == 2
-    err = capsys.readouterr().err
-    assert "removed .partial-00000000, left in" in err
-    assert f"error: --out {out} holds a Shar export already (3 cuts shard(s), an earlier run of this export?)" in err
+    assert main(["shar", str(manifest), "--out", str(out), "--shard-size", "5", "--jobs", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "removed .partial-00000000, left in" in captured.err
+    assert f"{out} holds this export already (12 clips of {manifest} in 3 shard(s) of up to 5): nothing to " \
+        f"write" in captured.out  # the same command again goes on (a requeued job's `shar && pretrain`)
     assert _export_shards(out) == whole and len(folder_shards(out)) == 3
+    assert main(["shar", str(synth_corpus / "synth_test.jsonl.gz"), "--out", str(out), "--shard-size", "5",
+                 "--jobs", "1"]) == 2  # another manifest's export is no longer this one
+    assert f"error: --out {out} holds a Shar export already (3 cuts shard(s)" in capsys.readouterr().err
 
 
 def test_a_shar_export_that_fails_while_it_moves_its_shards_leaves_none_and_another_waits(tmp_path, synth_corpus,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import re
@@ -15,7 +16,7 @@ from typing import Iterator
 
 from common.data.integrity import decoder_reason
 from common.data.lhotse_safety import EXTRA_INFO, unsafe_source
-from common.data.manifest_index import count_lines
+from common.data.manifest_index import count_lines, open_lines
 from common.data.manifests import open_cuts
 from common.system.disk import output_folder
 
@@ -48,7 +49,8 @@ def export_shar(manifest: str | Path, out_dir: str | Path, shard_size: int = 100
     export); an empty one (killed after the last move) leaves a whole export. Where the file system cannot lock a
     folder (NFS), a partial folder is taken for a killed export's once nothing has written it for an hour. An
     export that completes removes every other partial folder (a concurrent export's, refused at its end anyway).
-    A partial folder is no Shar shard (Lhotse's reader would take it for one).
+    A partial folder is no Shar shard (Lhotse's reader would take it for one). Run again over its own finished
+    export (every clip of ``manifest``, in order, ``shard_size`` to a shard), the export says so and writes nothing.
 
     Raises:
         ValueError: ``out_dir`` holds files (an earlier export, whole: named as such), another export into it is
@@ -128,6 +130,10 @@ def _export(manifest: str | Path, out_dir: Path, shard_size: int, num_jobs: int,
     if held:
         cuts = [p for p in held if p.name.startswith("cuts.")]
         whole = bool(cuts) and all(any(p.name.startswith(f"{field}.") for p in held) for field in ("recording",))
+        done = _same_export(out_dir, manifest, shard_size) if whole else None
+        if done is not None:  # a requeued job's `shar && pretrain` goes on
+            return (f"{out_dir} holds this export already ({done} clips of {manifest} in {len(cuts)} shard(s) of up "
+                    f"to {shard_size}): nothing to write")
         raise ValueError(f"--out {out_dir} holds "
                          + (f"a Shar export already ({len(cuts)} cuts shard(s), an earlier run of this export?)"
                             if whole else "files already")
@@ -204,6 +210,24 @@ class _LeftOut(logging.Filter):
             reason = f"unreadable ({decoder_reason(RuntimeError(reason))[:200]})"
         log.warning("clip %s left out: %s", m.group(1), reason)
         return False
+
+
+def _same_export(out_dir: Path, manifest: str | Path, shard_size: int) -> int | None:
+    """The clips of ``manifest`` when ``out_dir``'s cuts shards hold exactly them, in its order, ``shard_size`` to a
+    shard (what this export writes when no clip is left out), else None (another export, another shard size, clips
+    left out: which, and why, is not known)."""
+    def ids(path: Path) -> list[str]:
+        with open_lines(path) as handle:
+            return [json.loads(line)["id"] for line in handle if line.strip()]
+
+    try:
+        shards = [ids(p) for p in sorted(out_dir.glob("cuts.*.jsonl.gz"))]
+        if not shards or any(len(s) != shard_size for s in shards[:-1]) or not 0 < len(shards[-1]) <= shard_size:
+            return None
+        exported = [i for s in shards for i in s]
+        return len(exported) if exported == ids(Path(manifest)) else None
+    except (OSError, EOFError, ValueError, KeyError, TypeError):  # unreadable, or lines of no clip: not this one
+        return None
 
 
 def _shards(folder: Path) -> list[Path]:
