@@ -21,7 +21,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 # Two pytest workers (pytest-xdist; one torch thread each, tests/conftest.py), a test file per worker at a time
-# (its module fixtures built once): about 10 minutes on the 2-core machine (docs/development.md).
+# (its module fixtures built once): 12-13 minutes on the 2-core machine (docs/development.md).
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
