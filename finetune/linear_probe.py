@@ -129,6 +129,14 @@ def _read_cached(path: Path, clips: Callable[[], int | None] = lambda: None
     return x, y, [(str(a), str(b)) for a, b in skipped]
 
 
+def _split_clips(manifests: Sequence[str]) -> int | None:
+    """The clips of a split's manifests, counted from their lines (None where one cannot be counted so)."""
+    from common.data.manifests import count_clips
+
+    counts = [count_clips(m) for m in manifests]
+    return None if None in counts else sum(counts)
+
+
 def _skipped_array(skipped: Sequence[tuple[str, str]]) -> np.ndarray:
     """The skipped clips as the cache stores them: strings ``[n, 2]`` (no pickle)."""
     return np.array([list(row) for row in skipped], dtype=str).reshape(len(skipped), 2)
@@ -173,7 +181,6 @@ def extract_features(encoder, arch, manifests: Sequence[str], classes: Sequence[
     :class:`~common.data.bad_audio.BadAudioTracker` of the split; None: counted without a limit) and each
     skipped clip's ``(path, reason)`` appended to ``skipped``."""
     from common.data.loader import eval_loader
-    from common.data.manifests import count_clips
     from common.system.logger import progress
     from finetune.embedder import Embedder
 
@@ -181,8 +188,7 @@ def extract_features(encoder, arch, manifests: Sequence[str], classes: Sequence[
     loader = eval_loader(manifests, classes, arch.clip_samples, arch.sample_rate, batch_size, num_workers,
                          channels=channels, pad=pad, crop=crop, tracker=tracker)
     feats, targets = [], []
-    counts = [count_clips(m) for m in manifests]
-    bar = progress(None if None in counts else sum(counts), 0, f"features of {Path(manifests[0]).name}"
+    bar = progress(_split_clips(manifests), 0, f"features of {Path(manifests[0]).name}"
                    + (f" (+{len(manifests) - 1})" if len(manifests) > 1 else ""), True, unit="clip")
     with bar:
         for batch in loader.batches(epochs=1):
@@ -333,7 +339,6 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
                                                                   ("crop", "start")) if clips[key] != usual)
 
     from common.data.bad_audio import BadAudioTracker, TooMuchBadAudio
-    from common.data.manifests import count_clips
 
     used: dict[str, int] = {}  # split -> clips whose features were taken
     skipped: dict[str, list[tuple[str, str]]] = {}  # split -> (path, reason) of the clips skipped as bad audio
@@ -343,11 +348,7 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
         judged with ``recipe.max_bad_fraction``, the same whether the features are cached or not."""
         path = cache / f"{_cache_key(init_path, manifests, cfg, recipe.layer, pool, front_end, classes)}.npz"
         tracker = BadAudioTracker(recipe.max_bad_fraction, split=split, source=manifests)
-        def split_clips() -> int | None:  # counted only for an older cache (a pass over the manifests)
-            counts = [count_clips(m) for m in manifests]
-            return None if None in counts else sum(counts)
-
-        cached = _read_cached(path, split_clips) if path.is_file() else None
+        cached = _read_cached(path, lambda: _split_clips(manifests)) if path.is_file() else None  # (counted: older)
         try:
             if cached is not None:
                 x, y, bad = cached

@@ -43,6 +43,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -252,7 +253,7 @@ def export_onnx(src: str | os.PathLike, out: str | os.PathLike, opset: int = OPS
     onnx.checker.check_model(proto)
     from common.system.atomic import atomic_path, remove_orphans
 
-    for left in remove_orphans(Path(out).parent, of=Path(out).name):  # an export of this file that was killed
+    for left in remove_orphans(Path(out).parent, names=re.escape(Path(out).name)):  # a killed export of this file
         log.warning("removed %s, left by an export of %s that did not finish", left.name, out)
     with atomic_path(out, size=len(data)) as tmp:
         with open(tmp, "wb") as handle:

@@ -31,9 +31,11 @@ __all__ = ["atomic_path", "atomic_write_text", "atomic_copy", "file_mode", "remo
 # the temporary files atomic_path and the clip cache make: marked, so that the clean-up never takes another program's
 # (tempfile's ``.NAME.XXXXXXXX.tmp``, which earlier versions of this package made too: those are left alone now)
 MARKER = "c2f-"
-ORPHAN = re.compile(rf"\..+\.{MARKER}[0-9a-f]{{8}}\.tmp")
+_OURS = rf"{MARKER}[0-9a-f]{{8}}\.tmp"  # what follows ".NAME."
+ORPHAN = re.compile(rf"\..+\.{_OURS}")
 # what earlier versions named them (tempfile's 8 characters; the clip cache's 16 hex digits): said, never removed
-LEGACY = re.compile(r"\..+\.(?:[a-z0-9_]{8}|[0-9a-f]{16})\.tmp")
+_EARLIER = r"(?:[a-z0-9_]{8}|[0-9a-f]{16})\.tmp"
+LEGACY = re.compile(rf"\..+\.{_EARLIER}")
 
 log = logging.getLogger(__name__)
 
@@ -132,19 +134,19 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 def remove_orphans(folder: str | os.PathLike, within: tuple[str, ...] = (),
-                   older_than: float | None = None, of: str | None = None, names: str | None = None) -> list[Path]:
+                   older_than: float | None = None, names: str | None = None) -> list[Path]:
     """Remove the temporary files (:data:`ORPHAN`: this package's marked names) that processes killed in
     :func:`atomic_path` left in ``folder``, and in its sub-folders that match a glob pattern of ``within``
     (relative to ``folder``, e.g. ``checkpoints/*``): the folders the package writes into, never a whole tree (a
     folder the user named may hold a corpus, a home, other programs' files). A sub-folder reached through a
     symbolic link is left alone, and so is a link with an orphan's name. ``older_than``: only files nothing has
     written for that many seconds, in a folder others may be writing into without a lock (a shared cache, several
-    jobs): a file that goes meanwhile, or is not ours to remove, is left. ``of``: only the temporaries of the file
-    of that name (a command writing one file into a folder of the user's, such as an ``--out`` file: a write of
-    the same file meanwhile would race to replace it anyway); ``names``: only those of files whose names match this
-    regular expression (a command's own files in a folder other commands write into too). Returns what was
-    removed."""
-    wanted = re.compile(rf"\.(?:{names if names is not None else '.+'})\.{MARKER}[0-9a-f]{{8}}\.tmp")
+    jobs): a file that goes meanwhile, or is not ours to remove, is left. ``names``: only the temporaries of the
+    files whose names match this regular expression (a command's own files in a folder other commands write into
+    too; ``re.escape(NAME)`` for one file, such as an ``--out`` file in a folder of the user's: a write of the same
+    file meanwhile would race to replace it anyway), earlier versions' alike. Returns what was removed."""
+    target = rf"\.(?:{names if names is not None else '.+'})\."
+    ours, theirs = re.compile(target + _OURS), re.compile(target + _EARLIER)
     top = Path(folder)
     folders = [top] + sorted({sub for pattern in within for sub in top.glob(pattern)
                               if sub.is_dir() and not _through_link(top, sub)})
@@ -156,10 +158,9 @@ def remove_orphans(folder: str | os.PathLike, within: tuple[str, ...] = (),
             continue
         entries = []
         for entry in files:  # ours, or named as earlier versions named theirs (said, not removed)
-            if ORPHAN.fullmatch(entry.name):
-                if (of is None or entry.name.startswith(f".{of}.{MARKER}")) and wanted.fullmatch(entry.name):
-                    entries.append(entry)
-            elif LEGACY.fullmatch(entry.name) and (of is None or entry.name.startswith(f".{of}.")) and names is None:
+            if ours.fullmatch(entry.name):
+                entries.append(entry)
+            elif theirs.fullmatch(entry.name) and not ORPHAN.fullmatch(entry.name):
                 legacy.append(entry)
         for entry in entries:
             path = root / entry.name

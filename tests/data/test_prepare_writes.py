@@ -3,6 +3,7 @@ holds an ``--out`` folder: two prepares into one folder never publish a mix of e
 
 import gzip
 import json
+import logging
 import os
 import shutil
 import socket
@@ -77,7 +78,7 @@ def test_a_later_prepare_removes_the_temporaries_a_killed_one_left(tmp_path):
                                              for _ in CutSet.from_file(out / f"synth_{s}.jsonl.gz"))
 
 
-def test_a_prepare_rerun_under_its_lock_removes_a_killed_ones_temporaries_at_once(tmp_path, monkeypatch):
+def test_a_prepare_rerun_under_its_lock_removes_a_killed_ones_temporaries_at_once(tmp_path, monkeypatch, caplog):
     """c2f-corpora prepare holds OUT/prepare.lock, so no other prepare writes into OUT meanwhile: a temporary found
     there is a killed prepare's even when it is seconds old (the usual rerun after a kill kept them for an hour,
     up to a manifest's size each); without the lock (a library call), only those an hour old."""
@@ -86,10 +87,14 @@ def test_a_prepare_rerun_under_its_lock_removes_a_killed_ones_temporaries_at_onc
     left = [out / ".synth_train.jsonl.gz.c2f-0a1b2c3d.tmp", out / "synth_audio" / "train" / ".x.flac.c2f-1a2b3c4d.tmp",
             out / ".synth_prepare.json.c2f-2a2b3c4d.tmp"]
     stats = out / ".synth_valid.stats.json.c2f-3a2b3c4d.tmp"  # `c2f-corpora stats` writing beside the manifests
-    for path in (*left, stats):
+    earlier = [out / ".synth_test.jsonl.gz.ab12cd34.tmp", out / ".synth_valid.stats.json.ab12cd34.tmp"]  # unmarked
+    for path in (*left, stats, *earlier):
         path.write_bytes(b"partial")
-    assert main(["prepare", "synth", "--size", "test", "--out", str(out)]) == 0
-    assert not any(p.exists() for p in left) and stats.exists()
+    with caplog.at_level(logging.INFO, logger="common.system.atomic"):
+        assert main(["prepare", "synth", "--size", "test", "--out", str(out)]) == 0
+    assert not any(p.exists() for p in left) and stats.exists() and all(p.exists() for p in earlier)
+    said = [r.getMessage() for r in caplog.records if "named as this package's temporary files" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"1 file(s) under {out} ")  # its own file's only, left
     assert base.killed_writes_age(out) == base.STALE_SECONDS  # the lock released at the end
     with prepare_lock(out):
         assert base.killed_writes_age(out) is None and base.killed_writes_age(tmp_path) == base.STALE_SECONDS

@@ -129,7 +129,7 @@ def _export(manifest: str | Path, out_dir: Path, shard_size: int, num_jobs: int,
     held = _shards(out_dir)
     if held:
         cuts = [p for p in held if p.name.startswith("cuts.")]
-        whole = bool(cuts) and all(any(p.name.startswith(f"{field}.") for p in held) for field in ("recording",))
+        whole = bool(cuts) and any(p.name.startswith("recording.") for p in held)
         done = _same_export(out_dir, manifest, shard_size) if whole else None
         if done is not None:  # a requeued job's `shar && pretrain` goes on
             return (f"{out_dir} holds this export already ({done} clips of {manifest} in {len(cuts)} shard(s) of up "
