@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from common.audio.fbank import NORM_STATS
-from common.config.recipe import RecipeError, apply_overrides, load_yaml, merge
+from common.config.recipe import RecipeError, apply_overrides, did_you_mean, load_yaml, merge
 from common.data.preflight import count_clips
 from common.phases.init import INIT_FAMILIES, init_family, load_init
 from common.training.optim import OptimConfig
@@ -108,10 +108,12 @@ def task_source(task: str) -> tuple[dict, dict]:
         where = "task." if "task" in data else ""
         also = "" if "task" in data else f"; beside them: epochs and the recipe sections {', '.join(RECIPE_SECTIONS)}"
         fields_known = ", ".join(sorted(known - {"epochs"}))
-        raise RecipeError(f"{where}{typo[0]}: unknown key in {path} (task fields: {fields_known}{also})")
+        hint = did_you_mean(typo[0], known | (set() if "task" in data else set(RECIPE_SECTIONS)))
+        raise RecipeError(f"{where}{typo[0]}: unknown key in {path} ({hint}task fields: {fields_known}{also})")
     unknown = sorted(set(sections) - set(RECIPE_SECTIONS) - {"epochs"})
     if unknown:
-        raise RecipeError(f"{unknown[0]}: unknown key in {path} (task fields go under task:; recipe sections are "
+        hint = did_you_mean(unknown[0], [*RECIPE_SECTIONS, "epochs"])
+        raise RecipeError(f"{unknown[0]}: unknown key in {path} ({hint}task fields go under task:; recipe sections are "
                           f"{', '.join(RECIPE_SECTIONS)})")
     fields.setdefault("name", path.stem)
     for key in ("train", "valid", "test", "folds"):  # a user's manifests are relative to the file

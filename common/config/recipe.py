@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -23,9 +24,8 @@ import yaml
 
 from common.system.atomic import atomic_write_text
 
-__all__ = ["RecipeError", "RecipeLoader", "parse_yaml", "yaml_problem", "build", "to_dict", "merge", "load_yaml", "apply_overrides",
-           "recipe_files", "with_source",
-           "dump_yaml"]
+__all__ = ["RecipeError", "RecipeLoader", "parse_yaml", "yaml_problem", "build", "to_dict", "merge", "load_yaml",
+           "apply_overrides", "recipe_files", "with_source", "did_you_mean", "dump_yaml"]
 
 
 class RecipeError(ValueError):
@@ -168,6 +168,13 @@ def _convert(value: Any, tp, key: str):
     raise RecipeError(f"{key}: unsupported field type {tp!r}")
 
 
+def did_you_mean(name, known) -> str:
+    """``"did you mean lr? "`` where ``name`` (a misspelt key) is one or two letters off one of ``known``, else
+    ``""``: the start of an unknown key's parenthesis."""
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.75)
+    return f"did you mean {close[0]}? " if close else ""
+
+
 def build(cls, data: dict | None, prefix: str = ""):
     """Make a ``cls`` dataclass from a mapping, validating every key and value."""
     data = {} if data is None else data
@@ -178,7 +185,8 @@ def build(cls, data: dict | None, prefix: str = ""):
     unknown = sorted((k for k in data if k not in fields), key=str)  # a key may be a number in YAML
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise RecipeError(f"{where}{unknown[0]}: unknown key (known keys here: {', '.join(sorted(fields))})")
+        raise RecipeError(f"{where}{unknown[0]}: unknown key ({did_you_mean(unknown[0], fields)}known keys here: "
+                          f"{', '.join(sorted(fields))})")
     kwargs = {}
     for name, field in fields.items():
         key = f"{prefix}.{name}" if prefix else name

@@ -2,6 +2,7 @@
 validated epochs, and defaults (warm-up) that suit the user's data and are said."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,7 @@ def test_the_linear_probe_names_a_task_files_unknown_key_in_one_line(tmp_path, c
     assert probe(["--init", "none", "--task", str(task)]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: epoch: unknown key in {task}") and "epochs" in err[0], err
+    assert "(did you mean epochs? task fields: " in err[0], err  # a flat file's epochs is one letter off
 
 
 @pytest.mark.parametrize("name", ["../../escaped", "/tmp/abs", "a/b", "a\\b", "..", ".", ""])
@@ -134,3 +136,16 @@ def test_a_task_name_from_the_file_name_or_set_is_checked_too(tmp_path, synth_co
     with pytest.raises(RecipeError, match=r"^task\.name: '/x/y' .*\(--set task\.name=/x/y\)$"):
         load_recipe(str(path), overrides=["task.name=/x/y"])
     assert load_recipe(str(path), overrides=["task.name=mine-2.b_c"]).task.name == "mine-2.b_c"
+
+
+def test_a_misspelt_recipe_section_beside_task_is_given_its_likely_name(tmp_path):
+    """In the ``task:`` layout a key beside ``task:`` one letter off a recipe section names the section it likely
+    is; one close to nothing lists the sections alone."""
+    from finetune.task_file import task_source
+
+    task = tmp_path / "mine.yaml"
+    for key, hint in (("optimm", "(did you mean optim? task fields go under task:"),
+                      ("zzz", "(task fields go under task:")):
+        task.write_text(f"task:\n  name: mine\n{key}: {{lr: 1.0e-3}}\n")
+        with pytest.raises(RecipeError, match="^" + re.escape(f"{key}: unknown key in {task} {hint}")):
+            task_source(str(task))
