@@ -148,11 +148,12 @@ def auto_warmup(clips: int, batch: int) -> int:
 
 
 def _schedule(o: OptimConfig) -> str:
+    floor = f", no lower than {o.min_lr:g}" if o.min_lr else ""
     if o.schedule == "plateau":
-        return f"plateau schedule (x{o.decay:g} after more than {o.patience} epochs without improvement)"
+        return f"plateau schedule (x{o.decay:g} after more than {o.patience} epochs without improvement{floor})"
     if o.schedule == "multistep":
         every = "every epoch" if o.decay_every == 1 else f"every {o.decay_every} epochs"
-        return f"multistep schedule (x{o.decay:g} {every} from epoch {o.decay_start})"
+        return f"multistep schedule (x{o.decay:g} {every} from epoch {o.decay_start}{floor})"
     return f"{o.schedule} schedule"
 
 

@@ -12,6 +12,10 @@ The schedule is a linear warm-up followed by one of
 - ``piecewise``: a factor per validation round (epoch), from a table (HTS-AT's epoch-wise LambdaLR);
 - ``constant``.
 
+``plateau`` and ``multistep`` decay no lower than ``min_lr`` either (torch's ``ReduceLROnPlateau(min_lr=...)``;
+the default 0, as SSAST and AST ran them, sets no floor: the rate halves for as long as the score stalls). A
+floor above a phase's peak learning rate is that peak.
+
 It is handed to DeepSpeed as its LR scheduler, so DeepSpeed steps it after every optimiser step and
 saves / restores it with each checkpoint. Param groups may carry an ``lr_scale`` (AST's head lr factor).
 """
@@ -47,7 +51,8 @@ class OptimConfig:
         patience: plateau: validation rounds without improvement before a decay.
         decay: plateau / multistep factor.
         decay_start, decay_every: multistep: the first decaying round and the period after it.
-        min_lr: cosine: the final learning rate.
+        min_lr: the lowest learning rate: cosine's final one; plateau and multistep decay no lower (0: no floor,
+            as SSAST and AST; a floor above a phase's peak learning rate is that peak).
         piecewise: piecewise: ``[[round, factor], ...]``: from validation round (epoch) ``round`` on, the
             learning rate is ``lr * factor`` (HTS-AT's LambdaLR: ``[[0, 0.02], [1, 0.05], [2, 0.1], [11, 0.05],
             [21, 0.02], [31, 0.03]]``). The first entry must start at round 0.
@@ -151,7 +156,17 @@ class LRSchedule:
             span = max(1, self.total_steps - cfg.warmup_steps)
             progress = min(1.0, (s - cfg.warmup_steps) / span)
             return cfg.min_lr + (self.base_lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-        return self.base_lr * self.factor
+        return self._decayed()
+
+    def _decayed(self) -> float:
+        """The peak times the plateau / multistep decays so far, no lower than ``min_lr`` (nor above the peak)."""
+        return max(self.base_lr * self.factor, min(self.cfg.min_lr, self.base_lr))
+
+    def _decay(self) -> bool:
+        """One plateau / multistep decay; False where ``min_lr`` already holds the learning rate."""
+        before = self._decayed()
+        self.factor *= self.cfg.decay
+        return self._decayed() < before
 
     def _apply(self) -> None:
         lr = self.lr()
@@ -179,13 +194,11 @@ class LRSchedule:
             else:
                 self.bad_rounds += 1
                 if self.bad_rounds > self.cfg.patience:
-                    self.factor *= self.cfg.decay
-                    self.bad_rounds, decayed = 0, True
+                    self.bad_rounds, decayed = 0, self._decay()
         elif self.cfg.schedule == "multistep":
             start, every = self.cfg.decay_start, self.cfg.decay_every
             if self.rounds >= start and (self.rounds - start) % every == 0:
-                self.factor *= self.cfg.decay
-                decayed = True
+                decayed = self._decay()
         self._apply()
         return decayed
 

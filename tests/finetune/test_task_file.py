@@ -149,3 +149,13 @@ def test_a_misspelt_recipe_section_beside_task_is_given_its_likely_name(tmp_path
         task.write_text(f"task:\n  name: mine\n{key}: {{lr: 1.0e-3}}\n")
         with pytest.raises(RecipeError, match="^" + re.escape(f"{key}: unknown key in {task} {hint}")):
             task_source(str(task))
+
+
+def test_a_decaying_schedules_floor_is_said_with_it():
+    """The line that says a task's schedule says its min_lr floor where it has one."""
+    from common.training.optim import OptimConfig
+    from finetune.task_file import _schedule
+
+    assert _schedule(OptimConfig(patience=1)) == "plateau schedule (x0.5 after more than 1 epochs without improvement)"
+    assert _schedule(OptimConfig(schedule="multistep", decay_every=1, decay_start=2, min_lr=1e-6)) == \
+        "multistep schedule (x0.5 every epoch from epoch 2, no lower than 1e-06)"

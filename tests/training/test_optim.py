@@ -119,3 +119,36 @@ def test_piecewise_follows_its_table_by_validation_round():
 def test_piecewise_tables_are_checked(kw, message):
     with pytest.raises(ValueError, match=message):
         OptimConfig(**kw)
+
+
+@pytest.mark.parametrize("kind", ["plateau", "multistep"])
+def test_plateau_and_multistep_decay_no_lower_than_min_lr(kind):
+    """min_lr floors the decaying schedules: a decay that would go below it stops there and is no decay once the
+    floor holds; the default 0 sets no floor, and a floor above the phase's peak leaves the peak."""
+    settings = dict(warmup_steps=0, schedule=kind, patience=0, decay=0.5, decay_start=1, decay_every=1)
+    scores = [0.5] * 6  # never improves: a plateau decays every round after the first, multistep every round
+    floored = schedule(min_lr=3e-4, **settings)
+    decays = [floored.report(score) for score in scores]
+    assert floored.get_last_lr() == pytest.approx([3e-4, 1.5e-4])  # 1e-3 -> 5e-4 -> 3e-4; the head keeps its scale
+    assert sum(decays) == 2
+    free = schedule(**settings)
+    assert sum(free.report(score) for score in scores) == (5 if kind == "plateau" else 6)
+    above = schedule(min_lr=1.0, **settings)
+    assert not any(above.report(score) for score in scores) and above.get_last_lr()[0] == pytest.approx(1e-3)
+
+
+def test_a_plateau_floor_is_torchs_min_lr():
+    """The learning rates a plateau schedule with min_lr gives, round by round, are torch's ReduceLROnPlateau's
+    with the same min_lr."""
+    scores = [0.5, 0.5, 0.4, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7, 0.7]
+    s = schedule(warmup_steps=0, schedule="plateau", patience=1, decay=0.5, min_lr=2e-4)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=1,
+                                                           min_lr=2e-4)
+    ours, theirs = [], []
+    for score in scores:
+        s.report(score)
+        reference.step(score)
+        ours.append(s.get_last_lr()[0])
+        theirs.append(optimizer.param_groups[0]["lr"])
+    assert ours == pytest.approx(theirs) and min(ours) == pytest.approx(2e-4) and len(set(ours)) >= 3
