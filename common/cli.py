@@ -25,7 +25,7 @@ from common.system.atomic import remove_orphans
 from common.system.disk import describe_os_error, human_size
 from common.system.lock import LOCK_FILE, RunDirBusy, job_lock
 from common.system.paths import LinkRefused, append_text, refuse_link
-from common.system.prog import whole_number
+from common.system.prog import error_line, whole_number
 from common.system.signals import StoppedBySignal, piped, stop_on_signals
 from common.training.batch import launch_world_size
 
@@ -471,6 +471,7 @@ def _error(message: str) -> None:
         if not message.startswith(words):
             message = (words + message[len(own):] if re.match(rf"{re.escape(own)}\b", message)
                        else f"{words}: {message}")
+    message = error_line(message)
     print(f"error: {message}", file=sys.stderr)
     _keep_failure(f"error: {message}\n")
 

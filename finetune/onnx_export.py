@@ -49,7 +49,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.system.prog import prog, whole_number
+from common.system.prog import error_line, prog, whole_number
 from common.system.signals import piped
 
 if TYPE_CHECKING:
@@ -309,7 +309,7 @@ def _export(args: argparse.Namespace) -> int:
             else describe_os_error(err)
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {error_line(message)}", file=sys.stderr)
         return 2
     check = "" if info["check"] is None else f"; onnxruntime = PyTorch within {info['check']:.1e}"
     print(f"exported {info['arch']} classifier with {len(info['classes'])} classes to {out} "

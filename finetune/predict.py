@@ -52,7 +52,7 @@ from common.data.audio_file import (
     window_weights,
     windows,
 )
-from common.system.prog import DEVICE_HELP, prog, whole_number
+from common.system.prog import DEVICE_HELP, error_line, prog, whole_number
 
 if TYPE_CHECKING:
     import torch
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"warning: {r['file']}: {r['warning']}", file=sys.stderr)
         failed = [r for r in results if "error" in r]
         for r in failed:
-            print(f"error: {r['file']}: {r['error']}", file=sys.stderr)
+            print(f"error: {error_line(r['file'] + ': ' + r['error'])}", file=sys.stderr)
         files = [r for i, r in enumerate(results) if i not in folders]
         unread = [r for r in files if "error" in r]
         if unread:

@@ -357,3 +357,12 @@ def test_one_process_commands_refuse_to_run_as_several_ranks(tmp_path, model_fil
         assert re.match(rf"error: rank \S+ \(host {re.escape(socket.gethostname())}\): {re.escape(name)} runs in one "
                         rf"process, and this is one of WORLD_SIZE=2 ranks", line), line
     assert not (tmp_path / "e").exists()
+
+
+def test_an_error_line_writes_control_characters_as_escapes():
+    """What a user wrote with a newline, a carriage return or an escape byte in it stays inside one error line."""
+    from common.system.prog import error_line
+
+    said = error_line("recipe a\nb.yaml\r\x1b[31m does not exist\t!")
+    assert said == "recipe a\\nb.yaml\\r\\x1b[31m does not exist\\t!"
+    assert error_line("plain: ünïcode kept") == "plain: ünïcode kept"

@@ -49,7 +49,7 @@ from common.models.hf import (
 from common.models.weights import load_encoder_state
 from common.system.atomic import file_mode
 from common.system.disk import NoSpace, ensure_space, free_bytes, out_of_space
-from common.system.prog import prog
+from common.system.prog import error_line, prog
 from common.system.signals import piped
 
 if TYPE_CHECKING:
@@ -460,7 +460,7 @@ def _export(args: argparse.Namespace) -> int:
         message = describe_os_error(err) if isinstance(err, OSError) else str(err)
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {error_line(message)}", file=sys.stderr)
         return 2
     config = json.loads((out / CONFIG_FILE).read_text())
     kind = config["architectures"][0]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from common.system.atomic import atomic_write_text
 from common.system.disk import output_folder
-from common.system.prog import prog, whole_number
+from common.system.prog import error_line, prog, whole_number
 from common.system.signals import piped
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
@@ -177,7 +177,7 @@ def _report(args: argparse.Namespace) -> int:
             f"phase (difference to the baseline's best).{averaged}\n{folds}{accepted}\n"
             f"![{metric} against training FLOPs](report.png)\n")
     except (ReportError, OSError, ValueError) as err:  # ValueError: --out names a file (output_folder)
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {error_line(str(err))}", file=sys.stderr)
         return 2
     print(table, end="")
     return 0

@@ -1,19 +1,29 @@
 """What a command's usage and errors show: the program name, the console script's (``c2f-pretrain``) when it was
 launched as one, else the command that runs it from a checkout (``pretrain/run.py``, ``python -m ...``); and the
 whole numbers its options take (:func:`whole_number`, :func:`whole_numbers` for a comma-separated list), said the
-same way by every command."""
+same way by every command; and the one line of an ``error:`` (:func:`error_line`)."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["prog", "whole_number", "whole_numbers", "DEVICE_HELP"]
+__all__ = ["prog", "whole_number", "whole_numbers", "error_line", "DEVICE_HELP"]
 
 # the --device option of the commands that run a model outside training (common.cli.command_device reads it)
 DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: cuda if available, its first device)"
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def error_line(message: str) -> str:
+    """``message`` as one line: a newline or another control character in it (a value or a path as the user wrote
+    it) is written as its escape (``\\n``), so that an ``error:`` line stays one line that a log search finds."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], message)
 
 
 def prog(default: str) -> str:

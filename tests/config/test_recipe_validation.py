@@ -97,6 +97,8 @@ PRETRAIN_CASES = [
     ("--set without =", None, ["optim.lr"], "--set 'optim.lr'"),
     ("--set without key", None, ["=3"], "--set '=3'"),
     ("--set a string for a number", None, ["optim.lr=abc"], "optim.lr"),
+    ("--set a newline in a value", None, ["optim.lr=a\nb"], "got 'a b' (--set optim.lr=a\\nb)\n"),  # one line
+    ("recipe: a newline in its name", "x\ny.yaml", [], "x\\ny.yaml does not exist\n"),
     ("--set past a list", None, ["phases.5.steps=3"], "phases.5"),
     ("unknown key", None, ["model.sise=tiny"], "model.sise: unknown key (did you mean size? known keys here: arch,"),
     ("unknown key, nothing close", None, ["model.qqq=1"], "model.qqq: unknown key (known keys here: arch,"),

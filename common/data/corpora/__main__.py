@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from common.data.corpora import CORPORA, get_corpus
-from common.system.prog import prog, whole_number
+from common.system.prog import error_line, prog, whole_number
 from common.system.signals import piped
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err) or type(err).__name__
         if isinstance(err, KeyError):
             message = f"missing key {message}"
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {error_line(message)}", file=sys.stderr)
         return 2
 
 
