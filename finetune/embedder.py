@@ -189,7 +189,7 @@ class Embedder:
             return k * span / self.steps, (k + 1) * span / self.steps
         cfg, audio, compression = self.encoder.cfg, self.pipeline.audio, self.pipeline.compression
         shift = compression.frame_shift_ms(audio.frame_shift_ms) / 1000.0
-        pool = compression.factor if compression.method in ("avgpool", "maxpool") else 1
+        pool = compression.pooled_frames
         first = k * cfg.tstride * pool  # the first and the last fbank frame under the column's patch
         last = (k * cfg.tstride + cfg.tshape - 1) * pool + pool - 1
         return first * shift, np.minimum(last * shift + audio.frame_length_ms / 1000.0, self.clip_seconds)

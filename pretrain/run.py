@@ -64,21 +64,27 @@ def _started_from(run_dir: Path) -> str:
     return f"it started from {init['source']}" if isinstance(init, dict) else "it started from scratch"
 
 
-@functools.lru_cache(maxsize=64)
-def _flops_per_sample(ssast, cfg) -> int:
-    """SSAST training FLOPs per sample (cached: a plan and its baseline share the full-resolution geometry)."""
+def objective(settings, heads=None):
+    """The pretraining objective of a recipe, from its section (``recipe.ssast``: SSAST's masked-patch objective,
+    ``pretrain/ssast.py``), with ``heads`` (pretext heads of ``--init``) to start from. The one place that names
+    it: the plan, FLOPs, memory estimate, baseline check and the training loop ask it through the ``Objective``
+    protocol (``common/training/objective.py``)."""
     from pretrain.ssast import SSASTObjective
 
-    return SSASTObjective(ssast).flops_per_sample(cfg)
+    return SSASTObjective(settings, heads)
+
+
+@functools.lru_cache(maxsize=64)
+def _flops_per_sample(settings, cfg) -> int:
+    """Training FLOPs per sample (cached: a plan and its baseline share the full-resolution geometry)."""
+    return objective(settings).flops_per_sample(cfg)
 
 
 class _Planned:
-    """What the plan asks of the SSAST objective (FLOPs cached across a plan and its baseline)."""
+    """What the plan asks of the objective (FLOPs cached across a plan and its baseline)."""
 
     def __init__(self, ssast) -> None:
-        from pretrain.ssast import SSASTObjective
-
-        self.ssast, self.objective = ssast, SSASTObjective(ssast)
+        self.ssast, self.objective = ssast, objective(ssast)
 
     def flops_per_sample(self, cfg) -> int:
         return _flops_per_sample(self.ssast, cfg)
@@ -121,15 +127,16 @@ def _baseline_notes(recipe, baseline, overrides: list[str]) -> list[str]:
 
 
 def check_baseline(recipe, run_dir: Path, restart: bool) -> None:
-    """``train.stop_when_surpassing``: the baseline run is there, finished and comparable (``common.phases.baseline``)."""
+    """``train.stop_when_surpassing``: the baseline run is there, finished and comparable
+    (``common.phases.baseline``)."""
     from common.phases.baseline import evaluation_settings, precheck
     from common.training.batch import launch_world_size, phase_splits
-    from pretrain.ssast import SSASTObjective
 
     split = phase_splits(recipe.phases, recipe.data, recipe.optim, launch_world_size())[-1]  # the final phase's
+    scored = objective(recipe.ssast)
     evaluation = evaluation_settings(recipe.train, recipe.data, split.per_rank, split.world_size,
-                                     SSASTObjective(recipe.ssast).score_settings(recipe.encoder_configs()[-1]))
-    precheck(recipe.train.stop_when_surpassing, SSASTObjective.score_name, run_dir, recipe.data.valid, evaluation,
+                                     scored.score_settings(recipe.encoder_configs()[-1]))
+    precheck(recipe.train.stop_when_surpassing, scored.score_name, run_dir, recipe.data.valid, evaluation,
              recipe.train.accept_baseline_differences, restart)
 
 
@@ -207,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
             return plan_status(refused, missing)
         from common.training.loop import Trainer
         from common.training.spec import RunSpec
-        from pretrain.ssast import SSASTObjective
 
         with training_session(run.run_dir, recipe, restart=args.restart,
                               accept_changed_data=args.accept_changed_data) as session:
@@ -230,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             if run.baseline is not None:
                 log.info("FLOPs saving is measured against %s planned with this run's geometry and batch: %.4g",
                          run.baseline.name, run.baseline.ledger_fields()["train_flops"])
-            objective = SSASTObjective(recipe.ssast, None if start is None else start.heads)
-            done = Trainer(spec, objective, dist, run).run(stop_after=args.stop_after_steps)
+            built = objective(recipe.ssast, None if start is None else start.heads)
+            done = Trainer(spec, built, dist, run).run(stop_after=args.stop_after_steps)
         if dist.is_main and done:
             from common.training.ledger import Ledger, skipped_note
 

@@ -79,9 +79,14 @@ class Compression:
         """
         return max(1, round(base_frames / self.factor)) if self.method == "fshift" else base_frames
 
+    @property
+    def pooled_frames(self) -> int:
+        """Front-end frames one encoder frame stands for: C where the phase pools them (:meth:`pool`), else 1."""
+        return self.factor if self.method in ("avgpool", "maxpool") else 1
+
     def model_frames(self, base_frames: int) -> int:
         """Frames the encoder sees. Pooling pads an incomplete last window instead of dropping it."""
-        if self.method in ("avgpool", "maxpool"):
+        if self.pooled_frames > 1:
             return -(-base_frames // self.factor)
         return self.fbank_frames(base_frames)
 
@@ -121,7 +126,7 @@ class Compression:
         ``T`` need not be a multiple of C: the last window covers the frames that are left
         (``ceil_mode``), so no frame is dropped.
         """
-        if self.method not in ("avgpool", "maxpool") or self.factor == 1:
+        if self.pooled_frames == 1:
             return fbank
         x = fbank.transpose(1, 2)  # [B, F, T]
         pool = F.avg_pool1d if self.method == "avgpool" else F.max_pool1d

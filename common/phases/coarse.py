@@ -31,15 +31,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from common.audio.compression import METHODS as COMPRESSIONS
 from common.config.recipe import RecipeError, build, merge, parse_yaml
 from common.models.ast.resize import PatchResize
 from common.phases.config import PhaseConfig
 from common.phases.until import UntilConfig
 
-__all__ = ["CoarseConfig", "CoarseBaseline", "baseline_name", "parse_coarse", "derive_phases", "apply_coarse", "build_derived",
-           "coarse_tag"]
+__all__ = ["CoarseConfig", "CoarseBaseline", "baseline_name", "parse_coarse", "derive_phases", "apply_coarse",
+           "build_derived", "coarse_tag"]
 
-METHODS = ("fshift", "avgpool", "maxpool", "patch")
+METHODS = tuple(m for m in COMPRESSIONS if m != "none")  # every compression method of a coarse phase
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class CoarseConfig:
         baseline: set by the derivation: the recipe the schedule came from.
     """
 
-    method: Literal["fshift", "avgpool", "maxpool", "patch"]
+    method: Literal[METHODS]
     factors: list[int]
     share: float | None = None
     final_share: float | None = None

@@ -137,7 +137,7 @@ def task_encoder_config(init: EncoderWeights | None, model: ModelSpec, num_mel_b
                              "HTS-AT's official recipe, its batch included: --recipe recipes/htsat_<task>.yaml "
                              "(audioset, vggsound, esc50), or recipes/ft_htsat_<task>_fshift4.yaml coarse to fine")
         raise ValueError(f"model.arch: --init holds an {init.arch} model (the AST family) but the recipe trains "
-                         f"{model.arch}; leave out the HTS-AT recipe or --set model.arch={model.arch}")
+                         f"{model.arch}; leave out the HTS-AT recipe or --set model.arch={init.arch}")
     if model.arch == "htsat":
         cfg = model.htsat_config if init is None else init.config.replace(**model.htsat.given())
         changed = [] if init is None else weight_conflicts(init, cfg)

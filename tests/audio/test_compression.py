@@ -115,3 +115,14 @@ def test_clip_samples_give_exactly_target_frames():
     for c in (1, 2, 4):
         pipe = FeaturePipeline(audio, Compression("fshift", c) if c > 1 else Compression())
         assert pipe.fbank.num_frames(audio.clip_samples) == 1024 // c
+
+
+def test_pooled_frames_is_what_one_encoder_frame_stands_for():
+    """The frames an encoder frame stands for, which the embedder's frame times and the pooling itself read:
+    C for the pooling methods, 1 where the front end or the patch does the compressing."""
+    from common.audio.compression import METHODS
+    from common.phases.coarse import METHODS as COARSE
+
+    assert {m: Compression(m, 1 if m == "none" else 4).pooled_frames for m in METHODS} == \
+        {"none": 1, "fshift": 1, "avgpool": 4, "maxpool": 4, "patch": 1}
+    assert set(COARSE) == set(METHODS) - {"none"}  # --coarse offers every method

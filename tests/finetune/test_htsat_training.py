@@ -114,6 +114,19 @@ def test_hts_at_cannot_do_what_it_cannot_and_says_so(tmp_path, synth_corpus, cap
                                                               "model.num_heads=null"])
 
 
+def test_an_ast_init_on_an_htsat_recipe_is_told_the_setting_that_plans(tmp_path, capsys):
+    """The other way round: an AST-family export with HTS-AT's recipe is refused, and the --set the refusal offers
+    is the init's architecture (it offered the recipe's own, the value already set), with which the run plans."""
+    from tests.helpers import tiny_classifier_file
+
+    base = ["--init", str(tiny_classifier_file(tmp_path, "ce")), "--task", "esc50", "--data-root", str(tmp_path),
+            "--recipe", str(ROOT / "recipes" / "htsat_esc50.yaml"), "--dry-run"]
+    assert finetune(base) == 2
+    err = capsys.readouterr().err
+    assert err.strip().endswith("the recipe trains htsat; leave out the HTS-AT recipe or --set model.arch=ast"), err
+    assert finetune([*base, "--set", "model.arch=ast"]) == PLAN_NOT_READY  # ESC-50's files are not here
+
+
 def test_an_htsat_init_on_an_ast_recipe_is_pointed_at_htsats_recipe(tmp_path, capsys):
     """An HTS-AT checkpoint on a registered task, whose own recipe is the AST family's: the refusal points at HTS-AT's
     published recipe (--set defaults=auto), which plans; --set model.arch=htsat alone is refused before the run where

@@ -122,3 +122,13 @@ def test_training_flops_of_the_full_model():
     for flops in coarse.values():
         assert flops / full == pytest.approx(0.25, rel=0.01)
     assert half / full == pytest.approx(0.5, rel=0.01)
+
+
+def test_a_compression_method_without_htsat_geometry_is_refused_not_run_at_full_resolution():
+    """A compression method HTS-AT's geometry does not know (one added to common.audio.compression for the AST
+    family) is refused by name; it was planned and trained at full resolution under the coarse phase's label."""
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="compression mixpool x4: HTS-AT has no geometry for the compression method"):
+        geometry(TINY, SimpleNamespace(method="mixpool", factor=4))
+    assert geometry(TINY, Compression("avgpool", 4)).image != geometry(TINY).image

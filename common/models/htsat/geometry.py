@@ -136,6 +136,8 @@ def geometry(cfg: HTSATConfig, compression: Compression = Compression()) -> Geom
         pool, pool_factor = method[:3], factor
     elif method == "patch":
         patch = (cfg.patch_size, cfg.patch_size * factor)
+    elif method != "none":  # a compression method added without HTS-AT's geometry for it: never full resolution
+        raise ValueError(f"{what}: HTS-AT has no geometry for the compression method {method!r}")
     stft_frames = 1 + cfg.clip_samples // hop
     if stft_frames > stretch:  # cannot happen for the config's own hop, only through the factor
         raise ValueError(f"{what}: {stft_frames} STFT frames exceed the {stretch} frames of the image")
