@@ -207,15 +207,34 @@ def _test(run_dir: Path, recipe, classes, dist, tracker) -> None:
     averaged = run_dir / "export" / "weight_averaged.safetensors"
     chosen = averaged if averaged.is_file() else run_dir / "export" / "best.safetensors"  # rank 0 wrote them
     model = Path(dist.broadcast_object(str(chosen) if dist.is_main else None))  # one model, whatever a rank sees
+    manifests = [str(recipe.task.path(p)) for p in recipe.task.test]
+    if dist.broadcast_object(_tested(run_dir, model, manifests) if dist.is_main else None):
+        log.info("test split: %s was scored on it before (test_metrics.json; delete it to score it again)",
+                 model.name)
+        return
     metrics = evaluate_export(model, [recipe.task.path(p) for p in recipe.task.test], classes,
                               recipe.data.eval_batch_size or
                               phase_splits(recipe.phases, recipe.data, recipe.optim, dist.world_size)[-1].per_rank,
                               recipe.data.num_workers, dist.device, tracker, dist=dist)
     if not dist.is_main:
         return
-    atomic_write_text(run_dir / "test_metrics.json", jsonfile.dumps({"model": str(model), **metrics}, indent=1))
+    atomic_write_text(run_dir / "test_metrics.json", jsonfile.dumps({"model": str(model), **metrics,
+                                                                     "manifests": manifests}, indent=1))
     log.info("test split (%s): %s", model.name, ", ".join(f"{k}={int(v)}" if k in ("clips", "bad_clips")
                                                           else f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+def _tested(run_dir: Path, model: Path, manifests: list[str]) -> bool:
+    """Whether ``test_metrics.json`` holds the test split's scores of ``model`` as it is (written after it) on
+    these ``manifests`` (where it records them): a finished run run again does not score it again, under another
+    version's metrics perhaps, and says so."""
+    test = run_dir / "test_metrics.json"
+    try:
+        recorded = json.loads(test.read_text())
+        return (recorded.get("model") == str(model) and recorded.get("manifests", manifests) == manifests
+                and test.stat().st_mtime >= model.stat().st_mtime)
+    except (OSError, ValueError, AttributeError):  # none yet, or not the file this writes: scored again
+        return False
 
 
 def _final_model(run_dir: Path) -> str:
@@ -308,8 +327,8 @@ def _cross_validation(run_root: Path, folds: int, metric: str) -> dict:
     log.info("%d-fold cross-validation: best mean %s %.4f (phase %d, epoch %d; folds %s)", folds, metric,
              best["mean"], best["phase"] + 1, best["epoch"], ", ".join(f"{v:.4f}" for v in best["folds"]))
     if "left_out" in summary:
-        log.warning("%d-fold cross-validation: epoch(s) %s not scored by every fold (a fold stopped early) are left out "
-                    "of the mean; cv_summary.json lists them (left_out)", folds,
+        log.warning("%d-fold cross-validation: epoch(s) %s not scored by every fold (a fold stopped early) are left "
+                    "out of the mean; cv_summary.json lists them (left_out)", folds,
                     ", ".join(str(r["epoch"]) for r in summary["left_out"]))
     return summary
 

@@ -993,3 +993,33 @@ def test_choosing_C_on_a_small_or_skewed_training_split_does_not_fail_where_one_
     assert on == "2-fold cross-validation on the training split" and not any(np.isnan(list(scores.values())))
     with pytest.raises(ValueError, match="1 training clip: too few to choose C by cross-validation; give one C"):
         choose_C([0.1, 1.0], x[:1], y[:1], "acc", False)
+
+
+@pytest.mark.slow
+def test_a_finished_run_run_again_keeps_its_test_score(tmp_path, synth_corpus, caplog):
+    """The same command over a finished run trains nothing and does not score the test split again (rewriting
+    test_metrics.json, under a later version's metrics perhaps): it says the file holds the model's score. A model
+    written after the file (or a file that names another model) is scored again."""
+    import logging
+    import os
+
+    run_dir, root = tmp_path / "ft", _synth_root(tmp_path, synth_corpus)
+    argv = ["--init", "none", "--task", "synth", "--data-root", str(root), "--run-dir", str(run_dir),
+            *sets(*TINY, "phases=[{compression: none, epochs: 1}]")]
+    assert finetune(argv) == 0
+    test = run_dir / "test_metrics.json"
+    first, written = test.read_text(), test.stat().st_mtime_ns
+    assert json.loads(first)["manifests"] == [str(root / "synth" / "synth_test.jsonl.gz")]
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        assert finetune(argv) == 0
+    assert test.read_text() == first and test.stat().st_mtime_ns == written
+    assert any("test split: best.safetensors was scored on it before (test_metrics.json; delete it to score it "
+               "again)" in r.getMessage() for r in caplog.records)
+    model = run_dir / "export" / "best.safetensors"
+    later = written + 5 * 10**9
+    os.utime(model, ns=(later, later))  # the model changed since it was scored
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        assert finetune(argv) == 0
+    assert test.stat().st_mtime_ns != written and not any("scored on it before" in r.getMessage()
+                                                          for r in caplog.records)
