@@ -271,7 +271,7 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
     from common.system.distributed import init_distributed
     from common.system.logger import detach_run_logs, setup_logging
     from common.training.run_dir import prepare_run_dir
-    from common.training.same_inputs import check_same_inputs
+    from common.training.same_inputs import check_same_inputs, check_same_run_dir
 
     global _RUN_DIR
     detach_run_logs()  # an earlier run of this process (the demo, a notebook) keeps its train.log to itself
@@ -283,6 +283,7 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
         with job_lock(run_dir, dist), stop_on_signals():  # SIGTERM / SIGUSR1: checkpoint, then stop
             # this job's from here on (a second launch on a busy directory writes nothing into the running one's):
             _RUN_DIR = Path(run_dir)  # a failure is kept in RUN/logs/rankR.err on a rank of several
+            check_same_run_dir(dist, run_dir)  # one folder: rank 0 measures what the others write into it
             check_same_inputs(dist, recipe)  # before data is read or a model built: one rank's stale copy stops all
             setup_logging(run_dir, dist.rank)
             set_cpu_threads(loader_workers(recipe.data.num_workers), recipe.train.cpu_threads)

@@ -9,11 +9,20 @@ overlapping shard of another manifest) or wait for ever in a collective the othe
 ``train.log_every``, batch or manifest length). Rank 0 sends what it resolved (the recipe as ``recipe.yaml``
 records it, and the fingerprints of its manifests, as the ledger takes them: ``common.data.fingerprint``); every rank
 compares its own, and every rank learns what differed where, so that all of them stop with the same one line naming
-the ranks, their hosts and the keys or files that differ (:class:`RanksDisagree`)."""
+the ranks, their hosts and the keys or files that differ (:class:`RanksDisagree`).
+
+The run directory too must be one folder that every rank sees (:func:`check_same_run_dir`): rank 0 writes the
+checkpoints' shared files and measures the files the others write into it, so ranks given other folders (ranks of
+two jobs joined on one rendezvous port, a ``--run-dir`` evaluated per task, a node-local disk) trained until the
+first checkpoint and lost every step since the start."""
 
 from __future__ import annotations
 
+import os
+import secrets
 import socket
+import time
+from pathlib import Path
 
 import yaml
 
@@ -21,7 +30,7 @@ from common.config.recipe import parse_yaml, to_dict
 from common.data.fingerprint import fingerprint, key_for
 from common.training.run_recipe import flat_keys
 
-__all__ = ["RanksDisagree", "resolved_inputs", "check_same_inputs"]
+__all__ = ["RanksDisagree", "resolved_inputs", "check_same_inputs", "check_same_run_dir"]
 
 _SHOWN_KEYS = 4  # per rank, in the one line
 _SHOWN_RANKS = 3
@@ -115,3 +124,44 @@ def check_same_inputs(dist, recipe) -> None:
     raise RanksDisagree(f"{'; '.join(parts)} (rank 0 on host {main['host']}): every rank must see the same recipe "
                         f"and manifests (a --set given to some ranks only, or a node's stale copy of a file?); "
                         f"nothing was trained")
+
+
+MARK = ".c2f-ranks-"  # the name of the file rank 0 writes for the others to find (a random suffix)
+
+
+def check_same_run_dir(dist, run_dir: Path, wait_s: float = 10.0) -> None:
+    """Check that every rank sees the run directory rank 0 uses (collective; nothing on one rank): rank 0 writes a
+    file of a random name into it, every other rank looks for that file in its own ``run_dir`` (for up to
+    ``wait_s`` seconds: a network file system shows a new file late), and rank 0 removes it.
+
+    Raises:
+        RanksDisagree: on every rank, naming the ranks that do not see it, their hosts and run directories.
+    """
+    if dist.world_size == 1:
+        return
+    run_dir = Path(run_dir)
+    mark = None
+    try:
+        if dist.is_main:  # it holds the run's lock: a mark there is a killed job's
+            for stale in run_dir.glob(f"{MARK}*"):
+                stale.unlink(missing_ok=True)
+            mark = run_dir / f"{MARK}{secrets.token_hex(8)}"
+            mark.write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        name, main_dir = dist.broadcast_object((mark.name, str(run_dir.absolute())) if dist.is_main else None)
+        seen, deadline = (run_dir / name).is_file(), time.monotonic() + wait_s
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.2)
+            seen = (run_dir / name).is_file()
+        found = dist.gather_objects((socket.gethostname(), str(run_dir.absolute()), seen))
+    finally:
+        if mark is not None:
+            mark.unlink(missing_ok=True)
+    blind = [(rank, host, where) for rank, (host, where, seen) in enumerate(found) if not seen]
+    if not blind:
+        return
+    ranks = "; ".join(f"rank {rank} (host {host}, --run-dir {where})" for rank, host, where in blind[:_SHOWN_RANKS])
+    more = f" and {len(blind) - _SHOWN_RANKS} more" if len(blind) > _SHOWN_RANKS else ""
+    raise RanksDisagree(f"{ranks}{more} cannot see the file rank 0 (host {found[0][0]}) wrote into its run directory "
+                        f"{main_dir}: every rank must be given one folder that all of them see (on several nodes, a "
+                        f"shared file system); ranks given other folders are ranks of another job on the same "
+                        f"rendezvous port (MASTER_PORT) or a --run-dir evaluated per task; nothing was trained")

@@ -230,3 +230,47 @@ def test_the_ranks_compare_a_tasks_manifests_where_its_loaders_open_them(tmp_pat
     fold = next(p for p in mine["manifests"] if p.endswith("esc50_fold2.jsonl.gz"))
     stale = {**mine, "manifests": {**mine["manifests"], fold: {**mine["manifests"][fold], "content_sha256": "x"}}}
     assert any("esc50_fold2.jsonl.gz" in line for line in _differences(stale, mine))
+
+
+def _run_dir_rank(root: str, apart: bool, dist) -> dict:
+    """One rank of test_ranks_given_other_run_directories_stop_before_training: its run directory is the job's, or
+    (``apart``) every rank but 0 has one of its own, as ranks of two jobs joined on one port have."""
+    from common.training.same_inputs import MARK, RanksDisagree, check_same_run_dir
+
+    run_dir = Path(root) / (f"own{dist.rank}" if apart and dist.rank else "run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        (run_dir / f"{MARK}0123456789abcdef").write_text("a killed job's\n")
+    try:
+        check_same_run_dir(dist, run_dir, wait_s=0.5)
+        error = None
+    except RanksDisagree as err:
+        error = str(err)
+    dist.barrier()
+    return {"error": error, "left": sorted(p.name for p in run_dir.iterdir())}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("apart", [False, True])
+def test_ranks_given_other_run_directories_stop_before_training(tmp_path, world, apart):
+    """Every rank must see rank 0's run directory (rank 0 measures the files the others write into it at every
+    checkpoint): ranks given folders of their own (two jobs joined on one port, a node-local disk) all stop at the
+    start with one line naming them, where they trained until the first checkpoint; the ranks of one folder go
+    on, and the file the check wrote (and one a killed job left) is gone."""
+    import functools
+
+    from tests.ranks import spawn_ranks
+
+    results = spawn_ranks(functools.partial(_run_dir_rank, str(tmp_path / "dirs"), apart), world, tmp_path)
+    assert all(r["left"] == [] for r in results[:1]), results  # rank 0's folder: no mark left
+    if not apart:
+        assert [r["error"] for r in results] == [None] * world
+        return
+    errors = {r["error"] for r in results}
+    assert len(errors) == 1 and None not in errors, errors  # every rank stops, with the same line
+    error = errors.pop()
+    blind = "; ".join(f"rank {r} (host {socket.gethostname()}, --run-dir {tmp_path / 'dirs' / f'own{r}'})"
+                      for r in range(1, world))
+    assert error.startswith(f"{blind} cannot see the file rank 0 (host {socket.gethostname()}) wrote into its run "
+                            f"directory {tmp_path / 'dirs' / 'run'}: every rank must be given one folder"), error
+    assert "(MASTER_PORT)" in error and error.endswith("nothing was trained")
