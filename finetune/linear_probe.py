@@ -361,10 +361,7 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
                 x, y = extract_features(encoder, arch, manifests, classes, recipe.layer, pool, recipe.batch_size,
                                         recipe.num_workers, device, clips["channels"], clips["pad"], clips["crop"],
                                         tracker, bad)
-                cache.mkdir(parents=True, exist_ok=True)
-                listed = _skipped_array(bad)
-                with atomic_path(path, x.nbytes + y.nbytes + listed.nbytes) as tmp, open(tmp, "wb") as handle:
-                    np.savez(handle, x=x, y=y, skipped=listed)  # a killed run leaves none
+                keep(path, x, y, _skipped_array(bad))
         except TooMuchBadAudio:
             if tracker.bad == tracker.seen:  # none usable: the tracker's message names the manifests
                 raise
@@ -374,6 +371,25 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
                 f"each named above). Restore the files, or tolerate more with --max-bad-fraction F") from None
         used[split], skipped[split] = used.get(split, 0) + len(x), skipped.get(split, []) + list(bad)
         return x, y
+
+    unwritable: list[str] = []  # why the cache could not be written, once it could not
+
+    def keep(path: Path, x: np.ndarray, y: np.ndarray, listed: np.ndarray) -> None:
+        """Write a split's features into the cache; a cache that cannot be written (another user's folder, a full
+        disk) is said once and the probe goes on with the features it has (the next probe extracts them again)."""
+        from common.system.disk import describe_os_error
+
+        if unwritable:
+            return
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path, x.nbytes + y.nbytes + listed.nbytes) as tmp, open(tmp, "wb") as handle:
+                np.savez(handle, x=x, y=y, skipped=listed)  # a killed run leaves none
+        except OSError as err:
+            unwritable.append(describe_os_error(err) or str(err))
+            log.warning("feature cache: cannot keep the features in %s (%s); the probe goes on without the cache, "
+                        "and the next one extracts them again (--cache-dir names a folder it can write)", cache,
+                        unwritable[0])
 
     def accounts() -> dict:
         """The clips each split used and skipped (``--out``; the table's note)."""

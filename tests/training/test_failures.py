@@ -449,6 +449,35 @@ def test_the_linear_probe_on_an_empty_manifest(tmp_path, synth_corpus, split, ca
     assert not out.exists() and not (tmp_path / "cache").exists()
 
 
+def test_a_probe_whose_feature_cache_cannot_be_written_goes_on_with_its_features(tmp_path, synth_corpus, caplog):
+    """A feature cache the probe cannot write (another user's folder, a full disk; here a file where its folder
+    would be) is said once, and the probe gives its result with the features it extracted: it stopped after
+    extracting them all (hours on AudioSet) and gave nothing."""
+    import logging
+
+    from common.models.exports import save_encoder
+    from finetune.linear_probe import main as probe
+
+    task = tmp_path / "task.yaml"
+    task.write_text(f"name: mine\ntrain: [{synth_corpus / 'synth_train.jsonl.gz'}]\n"
+                    f"valid: [{synth_corpus / 'synth_valid.jsonl.gz'}]\n"
+                    f"classes: {synth_corpus / 'synth_classes.json'}\ntarget_frames: 128\nnorm: audioset\n"
+                    f"metric: acc\nloss: ce\n")
+    encoder = save_encoder(ASTEncoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, input_tdim=128)),
+                           tmp_path / "encoder.safetensors")
+    (tmp_path / "taken").write_text("a file\n")
+    out = tmp_path / "probe.json"
+    with caplog.at_level(logging.WARNING, logger="finetune.linear_probe"):
+        assert probe(["--init", str(encoder), "--task", str(task), "--cache-dir", str(tmp_path / "taken" / "cache"),
+                      "--out", str(out), "--workers", "0"]) == 0
+    said = [r.getMessage() for r in caplog.records if "feature cache" in r.getMessage()]
+    cache = tmp_path / "taken" / "cache"
+    assert said == [f"feature cache: cannot keep the features in {cache} ({cache}: not a directory); the probe goes on "
+                    f"without the cache, and the next one extracts them again (--cache-dir names a folder it can "
+                    f"write)"], said  # once, for both splits
+    assert json.loads(out.read_text())[0]["clips"] == {"train": 24, "valid": 12}
+
+
 @pytest.mark.slow
 def test_an_error_reported_in_one_line_keeps_its_traceback_in_train_log(tmp_path, synth_corpus, monkeypatch, capsys):
     from common.training.loop import Trainer
