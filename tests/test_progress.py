@@ -65,6 +65,28 @@ def test_libraries_root_notices_stay_off_the_console(monkeypatch):
     assert "chatter" not in out and "alarm" in out and "ours" in out
 
 
+def test_a_handler_a_librarys_import_put_on_the_root_logger_does_not_print_every_line_twice(monkeypatch):
+    """Lhotse warns at import on the root logger when it cannot make ~/.lhotse (a read-only or file HOME, a
+    container's user); where nothing configured logging yet, that installs logging.basicConfig's handler, which
+    printed every console line a second time (and the notices the console leaves out): the console replaces it."""
+    import sys
+
+    from common.system.logger import setup_logging
+
+    root = logging.getLogger()
+    terminal = fake_terminal(monkeypatch)
+    implicit = logging.StreamHandler(sys.stderr)  # what logging.warning() adds where the root logger has none
+    implicit.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+    root.addHandler(implicit)
+    mine = logging.StreamHandler(sys.stdout)  # a user's own handler stays
+    root.addHandler(mine)
+    setup_logging(None)
+    assert implicit not in root.handlers and mine in root.handlers
+    root.removeHandler(mine)
+    logging.getLogger("common.data").info("once")
+    assert terminal.getvalue().count("once") == 1
+
+
 def test_the_corpora_command_keeps_libraries_notices_off_the_console_too(tmp_path, monkeypatch, capsys):
     """``c2f-corpora`` sets up its own console: Lhotse's root-logger notices stay off it as off the others'."""
     from common.data.corpora.__main__ import main as corpora

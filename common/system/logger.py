@@ -62,6 +62,15 @@ def library_chatter(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or record.name != "root" or "site-packages" not in record.pathname
 
 
+def _basic_config(handler: logging.Handler) -> bool:
+    """Whether ``handler`` is the one ``logging.basicConfig`` puts on the root logger, as a library's module-level
+    ``logging.warning`` does where nothing configured logging yet (Lhotse's, when it cannot make ``~/.lhotse``):
+    beside the console's, it printed every line twice, and the libraries' notices unfiltered."""
+    formatter = handler.formatter
+    return (type(handler) is logging.StreamHandler and handler.stream is sys.stderr and formatter is not None
+            and formatter._fmt == logging.BASIC_FORMAT)
+
+
 def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO, console_format: str | None = None
                   ) -> None:
     """Console logging for every rank (warnings only off rank 0) and ``run_dir/train.log`` on rank 0;
@@ -69,9 +78,10 @@ def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO
     root = logging.getLogger()
     for logger in (root, _TRACEBACKS):
         for handler in list(logger.handlers):
-            if getattr(handler, "_c2f", False):
+            if getattr(handler, "_c2f", False) or (logger is root and _basic_config(handler)):
                 logger.removeHandler(handler)
-                handler.close()
+                if getattr(handler, "_c2f", False):
+                    handler.close()
     if not _TRACEBACKS.handlers:
         _TRACEBACKS.addHandler(logging.NullHandler())  # no run directory: dropped (not logging's last resort)
     console = BarSafeHandler()
