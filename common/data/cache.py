@@ -10,7 +10,9 @@ from it afterwards, so they stay exactly those of an uncached run).
   Needs ``data.num_workers: 0`` (worker processes would each fill a copy of their own and lose it when a
   phase ends). For sets that fit in RAM: float32 at 16 kHz is 230 MB per hour of audio (ESC-50: 2.8 h,
   640 MB; AudioSet-2M: 5,600 h, 1.3 TB). It stops growing at half of the memory that was available when
-  it was made, and says so; clips beyond are decoded each time.
+  it was made (its cgroup's limit counted: ``common.system.cpu.available_memory``) over the ranks on the node,
+  each of which caches the clips it is dealt, in time every clip; and says so; clips beyond are decoded each
+  time.
 - ``disk``: write each decoded clip once as a ``.npy`` file under ``data.cache_dir`` (default
   ``~/.cache/coarse2fine/clips``) and read it from there afterwards. Works with any number of workers
   (the operating system's page cache keeps the hot files in memory, shared by all processes) and across
@@ -39,7 +41,7 @@ import numpy as np
 
 from common.data.integrity import sample_problem
 from common.system.atomic import remove_orphans, temporary_file
-from common.system.cpu import available_memory
+from common.system.cpu import available_memory, local_ranks
 
 __all__ = ["CacheMode", "ClipCache", "DEFAULT_CACHE_DIR", "make_cache"]
 
@@ -78,7 +80,8 @@ class ClipCache:
     Args:
         mode: ``memory`` or ``disk``.
         folder: the folder of a ``disk`` cache.
-        max_bytes: the most a ``memory`` cache holds (default: half of the memory available now).
+        max_bytes: the most a ``memory`` cache holds (default: half of the memory available now over the node's
+            ranks).
     """
 
     def __init__(self, mode: CacheMode, folder: str | os.PathLike | None = None, max_bytes: int | None = None) -> None:
@@ -86,7 +89,7 @@ class ClipCache:
             raise ValueError(f"data.cache: a ClipCache is 'memory' or 'disk', got {mode!r}")
         self.mode = mode
         self.folder = Path(os.path.expanduser(str(folder or DEFAULT_CACHE_DIR))) if mode == "disk" else None
-        self.max_bytes = max_bytes if max_bytes is not None else available_memory() // 2
+        self.max_bytes = max_bytes if max_bytes is not None else available_memory() // (2 * local_ranks())
         self.clips: dict[str, np.ndarray] = {}
         self.bytes = 0
         self.hits = self.misses = 0

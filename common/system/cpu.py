@@ -1,7 +1,8 @@
 """A rank's share of the CPU: its loader workers and the intra-op threads of its training process.
 
 A node's cores (``os.sched_getaffinity``: the cores this process may run on, which a container or a job
-scheduler may limit) are shared by the node's ranks (``LOCAL_WORLD_SIZE`` from torchrun, ``LOCAL_SIZE``
+scheduler may limit; fewer where its cgroup's CPU quota allows fewer, as ``docker --cpus`` and Kubernetes' CPU
+limits set it) are shared by the node's ranks (``LOCAL_WORLD_SIZE`` from torchrun, ``LOCAL_SIZE``
 from the deepspeed launcher; 1 without a launcher). Each rank runs its training process and
 ``data.num_workers`` decoding processes (one thread each: PyTorch sets it in loader workers). The rule:
 
@@ -40,12 +41,88 @@ log = logging.getLogger(__name__)
 _said: set = set()  # lowered worker counts already logged in this process
 
 
-def machine_cores() -> int:
-    """The cores this process may run on."""
+# the cgroup file systems (v2: one tree; v1: one per controller) and this process's place in them
+CGROUP_ROOT = "/sys/fs/cgroup"
+PROC_CGROUP = "/proc/self/cgroup"
+
+
+def _cgroup_folders(controller: str) -> list[str]:
+    """This process's cgroup folders for ``controller`` (``memory``, ``cpu``), its own first and then each
+    parent's up to the root of the tree (a limit may sit on a job's cgroup above the task's); empty where there
+    is no cgroup file system (not Linux, no such controller)."""
     try:
-        return len(os.sched_getaffinity(0))
+        with open(PROC_CGROUP) as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        names = controllers.split(",")
+        if controllers == "" or controller in names:  # v2's one line ("0::/path"), or v1's for the controller
+            root = CGROUP_ROOT if controllers == "" else os.path.join(CGROUP_ROOT, controllers)
+            if not os.path.isdir(root):
+                root = os.path.join(CGROUP_ROOT, controller)  # v1 mounted by the controller's name alone
+            parts = [p for p in path.strip("/").split("/") if p]
+            folders = [os.path.join(root, *parts[:n]) for n in range(len(parts), -1, -1)]
+            return [f for f in folders if os.path.isdir(f)]
+    return []
+
+
+def _read_number(folder: str, name: str) -> int | None:
+    """The first number in ``folder/name``; None where it is absent, ``max`` (no limit) or not a number."""
+    try:
+        with open(os.path.join(folder, name)) as handle:
+            return int(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cgroup_memory() -> tuple[int, int] | None:
+    """``(limit, headroom)`` in bytes of the tightest memory limit of this process's cgroups (SLURM's ``--mem``,
+    a container's limit): the limit, and what it leaves now (the limit less what the cgroup uses); None without
+    a limit."""
+    tightest = None
+    for folder in _cgroup_folders("memory"):
+        limit = _read_number(folder, "memory.max")
+        used = _read_number(folder, "memory.current")
+        if limit is None:  # v1
+            limit, used = _read_number(folder, "memory.limit_in_bytes"), _read_number(folder, "memory.usage_in_bytes")
+        if limit is None or limit >= 2**60:  # v1 writes "no limit" as a page-rounded 2**63
+            continue
+        headroom = max(0, limit - (used or 0))
+        if tightest is None or headroom < tightest[1]:
+            tightest = (limit, headroom)
+    return tightest
+
+
+def _cgroup_cores() -> int | None:
+    """The cores the CPU quota of this process's cgroups allows (quota over period, rounded up); None without a
+    quota."""
+    tightest = None
+    for folder in _cgroup_folders("cpu"):
+        quota = period = None
+        try:
+            with open(os.path.join(folder, "cpu.max")) as handle:
+                fields = handle.read().split()
+            if fields and fields[0] != "max":
+                quota, period = int(fields[0]), int(fields[1])
+        except (OSError, ValueError, IndexError):
+            quota, period = _read_number(folder, "cpu.cfs_quota_us"), _read_number(folder, "cpu.cfs_period_us")
+        if quota is None or period is None or quota <= 0 or period <= 0:  # v1's -1: no quota
+            continue
+        cores = max(1, -(-quota // period))
+        tightest = cores if tightest is None else min(tightest, cores)
+    return tightest
+
+
+def machine_cores() -> int:
+    """The cores this process may run on: its affinity, or fewer where its cgroup's CPU quota allows fewer."""
+    try:
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cores()
+    return cores if quota is None else min(cores, quota)
 
 
 def _memory(key: str, pages: str) -> int:
@@ -65,13 +142,19 @@ def _memory(key: str, pages: str) -> int:
 
 def available_memory() -> int:
     """Bytes of memory a process could take on this machine now: Linux's ``MemAvailable`` (free memory and the page
-    cache the kernel gives back on demand), else the free pages."""
-    return _memory("MemAvailable", "SC_AVPHYS_PAGES")
+    cache the kernel gives back on demand), else the free pages; no more than its cgroup's memory limit leaves
+    (a job's ``--mem``, a container's limit: past it the job is killed, whatever the machine has free)."""
+    cgroup = _cgroup_memory()
+    free = _memory("MemAvailable", "SC_AVPHYS_PAGES")
+    return free if cgroup is None else min(free, cgroup[1])
 
 
 def total_memory() -> int:
-    """Bytes of memory this machine has (``MemTotal``, else the physical pages)."""
-    return _memory("MemTotal", "SC_PHYS_PAGES")
+    """Bytes of memory this machine has (``MemTotal``, else the physical pages), or its cgroup's limit where that
+    is less."""
+    cgroup = _cgroup_memory()
+    total = _memory("MemTotal", "SC_PHYS_PAGES")
+    return total if cgroup is None else min(total, cgroup[0])
 
 
 def local_ranks() -> int:

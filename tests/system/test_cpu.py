@@ -18,6 +18,7 @@ def machine(monkeypatch):
     """A machine of N cores with L ranks on it and no OMP_NUM_THREADS: ``machine(N, L)``."""
     def make(cores: int, ranks: int | None = None, launcher: str = "LOCAL_WORLD_SIZE"):
         monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: set(range(cores)))
+        monkeypatch.setattr(cpu, "_cgroup_cores", lambda: None)  # no CPU quota (whatever the test machine's)
         for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMP_NUM_THREADS"):
             monkeypatch.delenv(key, raising=False)
         if ranks is not None:
@@ -163,6 +164,7 @@ def test_memory_is_read_as_linux_gives_it(monkeypatch):
 
     from common.system import cpu
 
+    monkeypatch.setattr(cpu, "_cgroup_memory", lambda: None)  # no cgroup limit (whatever the test machine's)
     info = Path("/proc/meminfo")
     if info.is_file():
         fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in info.read_text().splitlines()}
@@ -178,3 +180,77 @@ def test_memory_is_read_as_linux_gives_it(monkeypatch):
 
     monkeypatch.setattr(builtins, "open", no_meminfo)
     assert 0 < cpu.available_memory() <= cpu.total_memory()
+
+
+def _cgroups(tmp_path, monkeypatch, membership: str, files: dict[str, str]) -> None:
+    """A cgroup tree under ``tmp_path`` (``files``: path -> content, folders made) and this process's
+    ``/proc/self/cgroup`` (``membership``), which common.system.cpu reads instead of the machine's."""
+    for name, text in files.items():
+        path = tmp_path / "cg" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    (tmp_path / "proc_cgroup").write_text(membership)
+    monkeypatch.setattr(cpu, "CGROUP_ROOT", str(tmp_path / "cg"))
+    monkeypatch.setattr(cpu, "PROC_CGROUP", str(tmp_path / "proc_cgroup"))
+
+
+GiB = 2**30
+
+
+@pytest.mark.parametrize("layout", ["v2", "v1", "hybrid"])
+def test_a_cgroups_memory_limit_bounds_the_memory_a_job_counts_on(tmp_path, monkeypatch, layout):
+    """A SLURM job's --mem or a container's limit (cgroup v2's memory.max, v1's memory.limit_in_bytes, on the job's
+    cgroup above the task's) bounds what the clip cache and the balanced sampler count on: the machine's free
+    memory was read alone, and a job past its limit is killed, whatever the machine has free."""
+    job = "system.slice/job_7/step_0/task_0"
+    if layout == "v2":
+        files = {"system.slice/job_7/memory.max": f"{4 * GiB}\n", "system.slice/job_7/memory.current": f"{GiB}\n",
+                 f"{job}/memory.max": "max\n", f"{job}/memory.current": f"{GiB // 2}\n"}
+        membership = f"0::/{job}\n"
+    else:
+        v1 = "memory/system.slice/job_7"
+        files = {f"{v1}/memory.limit_in_bytes": f"{4 * GiB}\n", f"{v1}/memory.usage_in_bytes": f"{GiB}\n",
+                 f"memory/{job}/memory.limit_in_bytes": f"{2**63 - 4096}\n",  # v1's "no limit"
+                 f"memory/{job}/memory.usage_in_bytes": f"{GiB // 2}\n"}
+        membership = f"4:memory:/{job}\n1:cpu,cpuacct:/\n" + ("0::/\n" if layout == "hybrid" else "")
+    _cgroups(tmp_path, monkeypatch, membership, files)
+    assert cpu._cgroup_memory() == (4 * GiB, 3 * GiB)
+    monkeypatch.setattr(cpu, "_memory", lambda key, pages: 500 * GiB)  # a large machine, mostly free
+    assert cpu.available_memory() == 3 * GiB and cpu.total_memory() == 4 * GiB
+    (tmp_path / "proc_cgroup").write_text("0::/\n")  # no limit anywhere: the machine's
+    assert cpu._cgroup_memory() is None and cpu.available_memory() == 500 * GiB
+
+
+@pytest.mark.parametrize("layout", ["v2", "v1"])
+def test_a_cgroups_cpu_quota_bounds_the_cores_a_job_sizes_its_threads_by(tmp_path, monkeypatch, layout):
+    """A CPU quota (docker --cpus 2.5, a Kubernetes CPU limit) bounds the cores the workers and threads are sized
+    by: a pod limited to 2.5 cores of a 64-core machine sized them for 64, and the quota throttled them all."""
+    if layout == "v2":
+        files = {"pod/cpu.max": "250000 100000\n", "pod/c1/cpu.max": "max 100000\n"}
+        membership = "0::/pod/c1\n"
+    else:
+        files = {"cpu,cpuacct/pod/cpu.cfs_quota_us": "250000\n", "cpu,cpuacct/pod/cpu.cfs_period_us": "100000\n",
+                 "cpu,cpuacct/pod/c1/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/pod/c1/cpu.cfs_period_us": "100000\n"}
+        membership = "4:memory:/pod/c1\n2:cpu,cpuacct:/pod/c1\n"
+    _cgroups(tmp_path, monkeypatch, membership, files)
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: set(range(64)))
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    assert cpu._cgroup_cores() == 3 and cpu.machine_cores() == 3  # 2.5 cores, rounded up
+    assert cpu.loader_workers(8) == 2 and cpu.intra_op_threads(2)[0] == 1
+    (tmp_path / "proc_cgroup").write_text("0::/\n")
+    assert cpu._cgroup_cores() is None and cpu.machine_cores() == 64
+
+
+def test_a_memory_cache_is_the_nodes_ranks_share(monkeypatch):
+    """Every rank of a node keeps a memory cache of the clips it is dealt (in time, every clip): each takes half of
+    the memory available over the node's ranks, where each took half of it (8 ranks: four times the node)."""
+    from common.data.cache import ClipCache
+
+    monkeypatch.setattr("common.data.cache.available_memory", lambda: 16 * GiB)
+    for ranks, budget in ((None, 8 * GiB), (2, 4 * GiB), (8, GiB)):
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        monkeypatch.delenv("LOCAL_SIZE", raising=False)
+        if ranks:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+        assert ClipCache("memory").max_bytes == budget
