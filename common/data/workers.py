@@ -141,12 +141,14 @@ def start_worker(worker_id: int) -> None:
 
 
 def ignore_stop_signals() -> None:
-    """In a loader worker process: a scheduler's SIGTERM or SIGUSR1 is not for it. SLURM, torchrun and the deepspeed
-    launcher signal every process of a job; PyTorch's workers die of a SIGTERM that their parent did not send, and
-    the training process would then fail on the lost worker (while it saves its stop checkpoint) instead of
-    checkpointing and stopping (``common.system.signals``). The workers end when their loader shuts them down, or
-    when their parent is gone."""
-    for signum in STOP_SIGNALS:
+    """In a loader worker process: a scheduler's SIGTERM or SIGUSR1 is not for it, nor a terminal's Ctrl-C (SIGINT).
+    SLURM, torchrun and the deepspeed launcher signal every process of a job, a terminal every process of its
+    foreground group; PyTorch's workers die of a SIGTERM that their parent did not send, and the training process
+    would then fail on the lost worker (while it saves its stop checkpoint) instead of checkpointing and stopping
+    (``common.system.signals``); a SIGINT met in a worker's exit hooks printed their traceback and left the worker's
+    multiprocessing folder (``/tmp/pymp-*``) behind. The workers end when their loader shuts them down, or when their
+    parent is gone."""
+    for signum in (*STOP_SIGNALS, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
 
 

@@ -144,3 +144,48 @@ def test_on_several_ranks_one_ranks_signal_stops_every_rank_at_the_same_step(tmp
     assert said == [1] + [0] * (world_size - 1), said
     a, b = (load_file(str(Path(out) / d / "model.safetensors")) for d in ("straight", "stopped"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_loader_workers_leaves_no_traceback_and_no_temporary_folder(tmp_path, synth_corpus):
+    """A terminal's Ctrl-C signals the whole process group, the loader's workers too: the command ends with its one
+    line and status 130; a worker printed a traceback from its interrupted exit hooks, and left its
+    multiprocessing folder (/tmp/pymp-*) behind, one per Ctrl-C on a shared machine's /tmp."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import RECIPE, ROOT, tiny
+
+    temp, run_dir = tmp_path / "tmp", tmp_path / "run"
+    temp.mkdir()
+    argv = [sys.executable, str(ROOT / "pretrain" / "run.py"), "--recipe", str(RECIPE), "--run-dir", str(run_dir),
+            *tiny(synth_corpus, "data.num_workers=1", "phases.0.steps=100000", "train.eval_every=100000",
+                  "train.save_every=100000")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(temp), "PYTHONPATH": str(ROOT)}
+    # SIGINT as a terminal's foreground job has it (a background job's shell ignores it; no preexec_fn in a
+    # process with threads), in a process group of its own
+    trampoline = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                  "os.execv(sys.argv[1], sys.argv[1:])")
+    proc = subprocess.Popen([sys.executable, "-c", trampoline, *argv], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        log = run_dir / "train.log"
+        while not (log.is_file() and "step 3 (" in log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert workers, "no loader worker"
+        for pid in workers:  # a worker leaves SIGINT to its loader, which shuts it down
+            ignored = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                           if line.startswith("SigIgn:"))
+            assert int(ignored.split()[1], 16) >> (signal.SIGINT - 1) & 1, ignored
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "interrupted" in out.splitlines()[-1], out[-3000:]
+    time.sleep(1)  # the worker's own exit
+    assert not list(temp.glob("pymp-*")), sorted(p.name for p in temp.iterdir())
