@@ -96,8 +96,14 @@ class ClipCache:
         self._full_warned = False
         self._write_failed = False
         self._swept: set[str] = set()  # sub-folders this process cleared of stale temporaries
+        self._readable = True  # False: a disk cache whose folder could not be made, nothing to read
         if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:  # a read-only home, another user's folder: the cache only saves time
+                self._write_failed, self._readable = True, self.folder.is_dir()
+                log.warning("clip cache: cannot make %s (%s); clips are decoded every time (data.cache_dir names a "
+                            "folder this user can write)", self.folder, os.strerror(err.errno) if err.errno else err)
 
     def __getstate__(self) -> dict:  # a worker process gets the settings, not the parent's clips
         state = dict(self.__dict__)
@@ -113,7 +119,7 @@ class ClipCache:
             if wave is not None:
                 self.hits += 1
                 return wave
-        else:
+        elif self._readable:
             path = self.folder / key[:2] / f"{key}.npy"
             try:
                 wave = np.load(path)

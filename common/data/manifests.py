@@ -21,6 +21,7 @@ from common.data.config import ManifestSpec
 from common.data.decode import narrow_length_tolerance
 from common.data.manifest_index import ManifestIndex, count_lines, manifest_path, open_lines
 from common.data.shar_stream import folder_shards
+from common.system.disk import NoSpace, describe_os_error
 
 __all__ = ["manifest_problem", "count_clips", "epoch_clips", "open_cuts"]
 
@@ -152,7 +153,14 @@ def open_cuts(specs: Sequence[ManifestSpec | str], seed: int = 0, in_memory_max:
             return CutSet.from_cuts(cuts)
     if index_dir is not None and len({s.weight for s in specs}) == 1 and \
             all(count_clips(s.path, 0) is not None for s in specs):  # .jsonl(.gz) files of equal weights
-        index = ManifestIndex([manifest_path(s.path) for s in specs], index_dir)
+        try:
+            index = ManifestIndex([manifest_path(s.path) for s in specs], index_dir)
+        except OSError as err:  # another user's folder, a read-only home: the key that moves it, named
+            if isinstance(err, NoSpace):
+                raise
+            raise ValueError(f"data.index_dir: the training set's index cannot be written under {index_dir} "
+                             f"({describe_os_error(err) or err}); set data.index_dir to a folder this user can "
+                             f"write (or data.shuffle: buffer, no index)") from None
         log.info("%d clips indexed on disk (%s): every epoch is a shuffle of the whole set", len(index), index_dir)
         return index
     if in_memory_max is not None:

@@ -175,6 +175,28 @@ def test_a_disk_cache_that_cannot_write_is_said_once_and_the_clips_are_still_dec
     assert len(set(saves[1:])) == 2 and all(".7." not in Path(name).name for name in saves[1:])
 
 
+def test_a_disk_cache_whose_folder_cannot_be_made_is_said_and_the_run_decodes(tmp_path, synth_corpus, caplog):
+    """A data.cache_dir that cannot be made (a read-only home, another user's folder; here under a file) is one
+    warning naming the key, and every clip is decoded, where the run stopped with 'PATH: permission denied'."""
+    cuts = list(open_cuts([synth_corpus / "synth_valid.jsonl.gz"]))[:3]
+    (tmp_path / "home").write_text("a file\n")
+    cache = ClipCache("disk", tmp_path / "home" / "clips")
+    waves = [cache.load(c, 16000, load_clip) for c in cuts]
+    assert all(np.array_equal(w, load_clip(c, 16000)) for w, c in zip(waves, cuts)) and cache.misses == 3
+    said = [r.getMessage() for r in caplog.records if "clip cache" in r.getMessage()]
+    assert said == [f"clip cache: cannot make {tmp_path / 'home' / 'clips'} (Not a directory); clips are decoded "
+                    f"every time (data.cache_dir names a folder this user can write)"], said
+
+
+def test_an_index_folder_that_cannot_be_written_names_its_key(tmp_path, synth_corpus):
+    """The index of a whole-set shuffle in a folder this user cannot write (another user's shared index, a
+    read-only home) is refused naming data.index_dir and what to do, not a temporary file's path alone."""
+    (tmp_path / "home").write_text("a file\n")
+    with pytest.raises(ValueError, match=r"^data.index_dir: the training set's index cannot be written under "
+                                         rf"{tmp_path / 'home' / 'index'} \(.*not a directory\); set data.index_dir"):
+        open_cuts([synth_corpus / "synth_pool.jsonl.gz"], index_dir=str(tmp_path / "home" / "index"))
+
+
 def test_the_disk_cache_leaves_its_reserve_free_and_clears_stale_temporaries(tmp_path, synth_corpus, monkeypatch,
                                                                              caplog):
     """The cache stops growing while its file system has less than 10 % free (at most 50 GiB), said once; a
