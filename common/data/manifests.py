@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from typing import Sequence
 
 from lhotse import CutSet
@@ -45,6 +46,19 @@ def _read_whole(path: str | os.PathLike, cuts) -> list:
                          f"{type(wrong.duration).__name__} {wrong.duration!r}, not a number of seconds; prepare the "
                          f"manifest again")
     return read
+
+
+def _say_repeated_ids(cuts: list, paths: list) -> None:
+    """Warn where clip ids repeat in a set read into memory (a manifest listed twice, two manifests holding the same
+    clips, a hand-merged file): each copy trains as a clip of its own, while what is kept by id (the bad-audio
+    counts, SSAST's validation masks) sees one."""
+    counts = Counter(cut.id for cut in cuts)
+    repeated = [(cut_id, n) for cut_id, n in counts.items() if n > 1]
+    if repeated:
+        cut_id, n = repeated[0]
+        log.warning("%s: %d clip id(s) appear more than once (%s %d times%s): each copy trains as a clip of its own; "
+                    "give each clip one id (a manifest's weight in data.train draws its clips more often)",
+                    ", ".join(str(p) for p in paths), len(repeated), cut_id, n, ", ..." if len(repeated) > 1 else "")
 
 
 def _open_one(path: str | os.PathLike):
@@ -150,6 +164,7 @@ def open_cuts(specs: Sequence[ManifestSpec | str], seed: int = 0, in_memory_max:
         if total <= in_memory_max:
             cuts = [cut for spec, one in zip(specs, sets) for cut in _read_whole(spec.path, one)]
             log.info("read %d clips into memory: every epoch is a shuffle of the whole set", len(cuts))
+            _say_repeated_ids(cuts, [s.path for s in specs])
             return CutSet.from_cuts(cuts)
     if index_dir is not None and len({s.weight for s in specs}) == 1 and \
             all(count_clips(s.path, 0) is not None for s in specs):  # .jsonl(.gz) files of equal weights

@@ -944,3 +944,22 @@ def test_an_index_read_for_weeks_is_not_taken_for_unused(synth_corpus, tmp_path,
     assert len(ManifestIndex([copy], folder)) == 6
     assert source.is_file() and len(list(folder.glob("train-*.jsonl"))) == 2
     assert [running[i].id for i in range(5)] == [c.id for c in clips[:5]]
+
+
+def test_clip_ids_that_repeat_in_a_set_read_into_memory_are_said(tmp_path, synth_corpus, caplog):
+    """A hand-merged manifest or one listed twice repeats clip ids: the run says how many and the first (each copy
+    trains as a clip of its own, while the bad-audio counts and SSAST's validation masks go by id); unique ids
+    are quiet."""
+    source = synth_corpus / "synth_valid.jsonl.gz"
+    cuts = list(CutSet.from_file(source))
+    merged = tmp_path / "merged.jsonl.gz"
+    CutSet.from_cuts(cuts + cuts[:2]).to_file(merged)
+    for specs, said in (([source], None), ([merged], f"{merged}: 2 clip id(s) appear more than once ({cuts[0].id} 2 "
+                                                      f"times, ...)"),
+                        ([source, source], f"{source}, {source}: 12 clip id(s)")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="common.data.manifests"):
+            assert len(open_cuts([ManifestSpec(str(p)) for p in specs], in_memory_max=1000)) == \
+                sum(len(CutSet.from_file(p)) for p in specs)
+        warned = [r.getMessage() for r in caplog.records if "appear more than once" in r.getMessage()]
+        assert (warned == []) if said is None else (len(warned) == 1 and warned[0].startswith(said)), warned
