@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,7 +327,8 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
     from common.system.atomic import atomic_path, remove_orphans
 
     cache = Path(recipe.cache_dir)
-    if cache.is_dir():  # a probe killed while writing features leaves a temporary as large as they are (GBs)
+    if os.path.isdir(cache):  # a killed probe leaves a temporary as large as its features (GBs); False, not an
+        # error, for a folder this user cannot search (another user's home)
         for tmp in remove_orphans(cache, older_than=STALE_SECONDS):
             log.info("removed %s, left by a probe that did not finish writing its features", tmp)
     pipeline = arch.frontend(arch.geometry(Compression()), Compression(), SpecAugmentConfig())
@@ -348,7 +350,8 @@ def probe_task(init_path: str, task_name: str, recipe: ProbeRecipe, device: torc
         judged with ``recipe.max_bad_fraction``, the same whether the features are cached or not."""
         path = cache / f"{_cache_key(init_path, manifests, cfg, recipe.layer, pool, front_end, classes)}.npz"
         tracker = BadAudioTracker(recipe.max_bad_fraction, split=split, source=manifests)
-        cached = _read_cached(path, lambda: _split_clips(manifests)) if path.is_file() else None  # (counted: older)
+        cached = (_read_cached(path, lambda: _split_clips(manifests)) if os.path.isfile(path)  # (counted: older)
+                  else None)
         try:
             if cached is not None:
                 x, y, bad = cached

@@ -101,7 +101,7 @@ class ClipCache:
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
             except OSError as err:  # a read-only home, another user's folder: the cache only saves time
-                self._write_failed, self._readable = True, self.folder.is_dir()
+                self._write_failed, self._readable = True, os.path.isdir(self.folder)  # False where unsearchable
                 log.warning("clip cache: cannot make %s (%s); clips are decoded every time (data.cache_dir names a "
                             "folder this user can write)", self.folder, os.strerror(err.errno) if err.errno else err)
 

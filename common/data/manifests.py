@@ -48,6 +48,15 @@ def _read_whole(path: str | os.PathLike, cuts) -> list:
     return read
 
 
+def _under(filename, folder) -> bool:
+    """Whether an OS error's ``filename`` is ``folder`` or inside it (where an index was written, not a manifest
+    read)."""
+    if filename is None:
+        return False
+    path, root = os.path.abspath(os.path.expanduser(str(filename))), os.path.abspath(os.path.expanduser(str(folder)))
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
 def _say_repeated_ids(cuts: list, paths: list) -> None:
     """Warn where clip ids repeat in a set read into memory (a manifest listed twice, two manifests holding the same
     clips, a hand-merged file): each copy trains as a clip of its own, while what is kept by id (the bad-audio
@@ -171,11 +180,11 @@ def open_cuts(specs: Sequence[ManifestSpec | str], seed: int = 0, in_memory_max:
         try:
             index = ManifestIndex([manifest_path(s.path) for s in specs], index_dir)
         except OSError as err:  # another user's folder, a read-only home: the key that moves it, named
-            if isinstance(err, NoSpace):
+            if isinstance(err, NoSpace) or not _under(err.filename, index_dir):  # a damaged manifest, a full disk
                 raise
             raise ValueError(f"data.index_dir: the training set's index cannot be written under {index_dir} "
                              f"({describe_os_error(err) or err}); set data.index_dir to a folder this user can "
-                             f"write (or data.shuffle: buffer, no index)") from None
+                             f"write (or data.shuffle: buffer, no index)") from err
         log.info("%d clips indexed on disk (%s): every epoch is a shuffle of the whole set", len(index), index_dir)
         return index
     if in_memory_max is not None:

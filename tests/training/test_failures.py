@@ -449,10 +449,41 @@ def test_the_linear_probe_on_an_empty_manifest(tmp_path, synth_corpus, split, ca
     assert not out.exists() and not (tmp_path / "cache").exists()
 
 
-def test_a_probe_whose_feature_cache_cannot_be_written_goes_on_with_its_features(tmp_path, synth_corpus, caplog):
+def _unsearchable(monkeypatch, folder: Path) -> None:
+    """Paths under ``folder`` as another user's 0700 home shows them to this one (the suite runs as root, whom
+    permissions do not stop): making a folder there, or asking whether a path there exists, is EACCES."""
+    import errno
+    import pathlib
+
+    def denied(path) -> bool:
+        return str(path).startswith(str(folder))
+
+    def refuse(name):
+        real = getattr(pathlib.Path, name)
+
+        def check(self, *args, **kwargs):
+            if denied(self):
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real(self, *args, **kwargs)
+        return check
+
+    for name in ("mkdir", "is_dir", "is_file", "exists", "stat"):
+        monkeypatch.setattr(pathlib.Path, name, refuse(name))
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if denied(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+    monkeypatch.setattr(os, "stat", stat)
+
+
+@pytest.mark.parametrize("why", ["a file where its folder goes", "another user's folder"])
+def test_a_probe_whose_feature_cache_cannot_be_written_goes_on_with_its_features(tmp_path, synth_corpus, caplog,
+                                                                                 monkeypatch, why):
     """A feature cache the probe cannot write (another user's folder, a full disk; here a file where its folder
-    would be) is said once, and the probe gives its result with the features it extracted: it stopped after
-    extracting them all (hours on AudioSet) and gave nothing."""
+    would be, or a folder under another user's 0700 home) is said once, and the probe gives its result with the
+    features it extracted: it stopped after extracting them all (hours on AudioSet) and gave nothing."""
     import logging
 
     from common.models.exports import save_encoder
@@ -465,16 +496,20 @@ def test_a_probe_whose_feature_cache_cannot_be_written_goes_on_with_its_features
                     f"metric: acc\nloss: ce\n")
     encoder = save_encoder(ASTEncoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, input_tdim=128)),
                            tmp_path / "encoder.safetensors")
-    (tmp_path / "taken").write_text("a file\n")
+    cache = tmp_path / "taken" / "cache"
+    if why == "a file where its folder goes":
+        (tmp_path / "taken").write_text("a file\n")
+        reason = f"{cache}: not a directory"
+    else:
+        _unsearchable(monkeypatch, tmp_path / "taken")
+        reason = f"{cache}: permission denied"
     out = tmp_path / "probe.json"
     with caplog.at_level(logging.WARNING, logger="finetune.linear_probe"):
-        assert probe(["--init", str(encoder), "--task", str(task), "--cache-dir", str(tmp_path / "taken" / "cache"),
+        assert probe(["--init", str(encoder), "--task", str(task), "--cache-dir", str(cache),
                       "--out", str(out), "--workers", "0"]) == 0
     said = [r.getMessage() for r in caplog.records if "feature cache" in r.getMessage()]
-    cache = tmp_path / "taken" / "cache"
-    assert said == [f"feature cache: cannot keep the features in {cache} ({cache}: not a directory); the probe goes on "
-                    f"without the cache, and the next one extracts them again (--cache-dir names a folder it can "
-                    f"write)"], said  # once, for both splits
+    assert said == [f"feature cache: cannot keep the features in {cache} ({reason}); the probe goes on without the "
+                    f"cache, and the next one extracts them again (--cache-dir names a folder it can write)"], said
     assert json.loads(out.read_text())[0]["clips"] == {"train": 24, "valid": 12}
 
 

@@ -175,16 +175,27 @@ def test_a_disk_cache_that_cannot_write_is_said_once_and_the_clips_are_still_dec
     assert len(set(saves[1:])) == 2 and all(".7." not in Path(name).name for name in saves[1:])
 
 
-def test_a_disk_cache_whose_folder_cannot_be_made_is_said_and_the_run_decodes(tmp_path, synth_corpus, caplog):
-    """A data.cache_dir that cannot be made (a read-only home, another user's folder; here under a file) is one
-    warning naming the key, and every clip is decoded, where the run stopped with 'PATH: permission denied'."""
+@pytest.mark.parametrize("why", ["a file where its folder goes", "another user's folder"])
+def test_a_disk_cache_whose_folder_cannot_be_made_is_said_and_the_run_decodes(tmp_path, synth_corpus, caplog,
+                                                                              monkeypatch, why):
+    """A data.cache_dir that cannot be made (a read-only home, another user's 0700 folder, a file where its folder
+    goes) is one warning naming the key, and every clip is decoded, where the run stopped with 'PATH: permission
+    denied'."""
+    from tests.training.test_failures import _unsearchable
+
     cuts = list(open_cuts([synth_corpus / "synth_valid.jsonl.gz"]))[:3]
-    (tmp_path / "home").write_text("a file\n")
+    if why == "a file where its folder goes":
+        (tmp_path / "home").write_text("a file\n")
+        reason = "Not a directory"
+    else:
+        _unsearchable(monkeypatch, tmp_path / "home")
+        reason = "Permission denied"
     cache = ClipCache("disk", tmp_path / "home" / "clips")
     waves = [cache.load(c, 16000, load_clip) for c in cuts]
+    monkeypatch.undo()
     assert all(np.array_equal(w, load_clip(c, 16000)) for w, c in zip(waves, cuts)) and cache.misses == 3
     said = [r.getMessage() for r in caplog.records if "clip cache" in r.getMessage()]
-    assert said == [f"clip cache: cannot make {tmp_path / 'home' / 'clips'} (Not a directory); clips are decoded "
+    assert said == [f"clip cache: cannot make {tmp_path / 'home' / 'clips'} ({reason}); clips are decoded "
                     f"every time (data.cache_dir names a folder this user can write)"], said
 
 
@@ -195,6 +206,13 @@ def test_an_index_folder_that_cannot_be_written_names_its_key(tmp_path, synth_co
     with pytest.raises(ValueError, match=r"^data.index_dir: the training set's index cannot be written under "
                                          rf"{tmp_path / 'home' / 'index'} \(.*not a directory\); set data.index_dir"):
         open_cuts([synth_corpus / "synth_pool.jsonl.gz"], index_dir=str(tmp_path / "home" / "index"))
+    # a manifest that cannot be read while it is indexed is the manifest's failure, not the folder's
+    damaged = tmp_path / "damaged.jsonl.gz"
+    data = bytearray((synth_corpus / "synth_pool.jsonl.gz").read_bytes())
+    data[-6] ^= 0xFF  # the gzip trailer's checksum
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(OSError, match="CRC check failed"):
+        open_cuts([damaged], index_dir=str(tmp_path / "index"))
 
 
 def test_the_disk_cache_leaves_its_reserve_free_and_clears_stale_temporaries(tmp_path, synth_corpus, monkeypatch,
