@@ -41,9 +41,25 @@ log = logging.getLogger(__name__)
 _said: set = set()  # lowered worker counts already logged in this process
 
 
-# the cgroup file systems (v2: one tree; v1: one per controller) and this process's place in them
+# the cgroup file systems (v2: one tree; v1: one per controller), this process's place in them, and where they
+# are mounted from (a container without a cgroup namespace mounts its own cgroup as the tree's root)
 CGROUP_ROOT = "/sys/fs/cgroup"
 PROC_CGROUP = "/proc/self/cgroup"
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+def _mount_root(mount_point: str) -> str:
+    """The cgroup path mounted at ``mount_point`` (``/proc/self/mountinfo``'s fourth field): ``/`` on a host or in
+    a cgroup namespace, the container's own cgroup (``/docker/ID``) in one without; ``/`` where it does not say."""
+    try:
+        with open(MOUNTINFO) as handle:
+            for line in handle:
+                fields = line.split()
+                if len(fields) > 4 and os.path.normpath(fields[4]) == os.path.normpath(mount_point):
+                    return fields[3]
+    except OSError:
+        pass
+    return "/"
 
 
 def _cgroup_folders(controller: str) -> list[str]:
@@ -62,6 +78,9 @@ def _cgroup_folders(controller: str) -> list[str]:
             root = CGROUP_ROOT if controllers == "" else os.path.join(CGROUP_ROOT, controllers)
             if not os.path.isdir(root):
                 root = os.path.join(CGROUP_ROOT, controller)  # v1 mounted by the controller's name alone
+            mounted = _mount_root(root).rstrip("/")
+            if mounted and (path == mounted or path.startswith(mounted + "/")):
+                path = path[len(mounted):]  # the path below the mount's root: no host folder taken for ours
             parts = [p for p in path.strip("/").split("/") if p]
             folders = [os.path.join(root, *parts[:n]) for n in range(len(parts), -1, -1)]
             return [f for f in folders if os.path.isdir(f)]
@@ -77,22 +96,36 @@ def _read_number(folder: str, name: str) -> int | None:
         return None
 
 
+def _stat_field(folder: str, name: str) -> int:
+    """A field of ``folder/memory.stat`` in bytes (0 where it is absent)."""
+    try:
+        with open(os.path.join(folder, "memory.stat")) as handle:
+            for line in handle:
+                key, _, value = line.partition(" ")
+                if key == name:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def _cgroup_memory() -> tuple[int, int] | None:
-    """``(limit, headroom)`` in bytes of the tightest memory limit of this process's cgroups (SLURM's ``--mem``,
-    a container's limit): the limit, and what it leaves now (the limit less what the cgroup uses); None without
-    a limit."""
-    tightest = None
+    """``(limit, headroom)`` in bytes of this process's cgroups' memory limits (SLURM's ``--mem``, a container's
+    limit): the smallest limit, and the least any limit leaves now (the limit less what its cgroup uses, the page
+    cache the kernel reclaims first not counted: a job that staged its data has it charged); None without one."""
+    limits, headrooms = [], []
     for folder in _cgroup_folders("memory"):
         limit = _read_number(folder, "memory.max")
         used = _read_number(folder, "memory.current")
+        inactive = _stat_field(folder, "inactive_file")
         if limit is None:  # v1
             limit, used = _read_number(folder, "memory.limit_in_bytes"), _read_number(folder, "memory.usage_in_bytes")
+            inactive = _stat_field(folder, "total_inactive_file")
         if limit is None or limit >= 2**60:  # v1 writes "no limit" as a page-rounded 2**63
             continue
-        headroom = max(0, limit - (used or 0))
-        if tightest is None or headroom < tightest[1]:
-            tightest = (limit, headroom)
-    return tightest
+        limits.append(limit)
+        headrooms.append(max(0, limit - max(0, (used or 0) - inactive)))
+    return (min(limits), min(headrooms)) if limits else None
 
 
 def _cgroup_cores() -> int | None:

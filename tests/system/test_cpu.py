@@ -182,16 +182,20 @@ def test_memory_is_read_as_linux_gives_it(monkeypatch):
     assert 0 < cpu.available_memory() <= cpu.total_memory()
 
 
-def _cgroups(tmp_path, monkeypatch, membership: str, files: dict[str, str]) -> None:
-    """A cgroup tree under ``tmp_path`` (``files``: path -> content, folders made) and this process's
-    ``/proc/self/cgroup`` (``membership``), which common.system.cpu reads instead of the machine's."""
+def _cgroups(tmp_path, monkeypatch, membership: str, files: dict[str, str], mounted: dict[str, str] = {}) -> None:
+    """A cgroup tree under ``tmp_path`` (``files``: path -> content, folders made), this process's
+    ``/proc/self/cgroup`` (``membership``) and the mounts' roots (``mounted``: folder of the tree -> the cgroup
+    mounted there), which common.system.cpu reads instead of the machine's."""
     for name, text in files.items():
         path = tmp_path / "cg" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     (tmp_path / "proc_cgroup").write_text(membership)
+    (tmp_path / "mountinfo").write_text("".join(f"40 30 0:4{i} {root} {tmp_path / 'cg' / folder} rw - cgroup "
+                                                f"cgroup rw\n" for i, (folder, root) in enumerate(mounted.items())))
     monkeypatch.setattr(cpu, "CGROUP_ROOT", str(tmp_path / "cg"))
     monkeypatch.setattr(cpu, "PROC_CGROUP", str(tmp_path / "proc_cgroup"))
+    monkeypatch.setattr(cpu, "MOUNTINFO", str(tmp_path / "mountinfo"))
 
 
 GiB = 2**30
@@ -219,6 +223,32 @@ def test_a_cgroups_memory_limit_bounds_the_memory_a_job_counts_on(tmp_path, monk
     assert cpu.available_memory() == 3 * GiB and cpu.total_memory() == 4 * GiB
     (tmp_path / "proc_cgroup").write_text("0::/\n")  # no limit anywhere: the machine's
     assert cpu._cgroup_memory() is None and cpu.available_memory() == 500 * GiB
+
+
+def test_a_cgroups_page_cache_is_memory_it_can_have_and_its_smallest_limit_is_its_total(tmp_path, monkeypatch):
+    """The page cache a job's cgroup is charged for (its data staged to local disk, a prepare before training)
+    is memory the kernel reclaims first, not used: counting it left a memory clip cache of nothing. The total is
+    the smallest limit on the way up, the headroom the least any limit leaves."""
+    job = "job_7/step_0"
+    _cgroups(tmp_path, monkeypatch, f"0::/{job}\n", {
+        "job_7/memory.max": f"{4 * GiB}\n", "job_7/memory.current": f"{int(3.5 * GiB)}\n",
+        "job_7/memory.stat": f"anon {GiB // 2}\ninactive_file {3 * GiB}\nactive_file 0\n",
+        f"{job}/memory.max": f"{2 * GiB}\n", f"{job}/memory.current": f"{GiB}\n",
+        f"{job}/memory.stat": f"anon {GiB // 4}\ninactive_file {GiB // 2}\n"})
+    assert cpu._cgroup_memory() == (2 * GiB, int(1.5 * GiB))  # the step's 2 GiB less its 0.5 GiB not reclaimable
+
+
+def test_a_container_without_a_cgroup_namespace_reads_its_own_limit_not_a_folder_of_the_same_name(tmp_path,
+                                                                                                 monkeypatch):
+    """In a container without a cgroup namespace, /proc/self/cgroup names the host's path (/docker/ID) while the
+    mounted tree's root is the container's own cgroup: the path is read below the mount's root, so a folder of
+    the tree that happens to be named like the host's (docker-in-docker's docker/) is not taken for ours."""
+    _cgroups(tmp_path, monkeypatch, "4:memory:/docker/abc\n", {
+        "memory/memory.limit_in_bytes": f"{8 * GiB}\n", "memory/memory.usage_in_bytes": f"{GiB}\n",
+        "memory/docker/memory.limit_in_bytes": f"{GiB}\n", "memory/docker/memory.usage_in_bytes": f"{GiB}\n"},
+        mounted={"memory": "/docker/abc"})
+    assert cpu._cgroup_folders("memory") == [str(tmp_path / "cg" / "memory")]
+    assert cpu._cgroup_memory() == (8 * GiB, 7 * GiB)
 
 
 @pytest.mark.parametrize("layout", ["v2", "v1"])
