@@ -14,7 +14,8 @@ The schedule is a linear warm-up followed by one of
 
 ``plateau`` and ``multistep`` decay no lower than ``min_lr`` either (torch's ``ReduceLROnPlateau(min_lr=...)``;
 the default 0, as SSAST and AST ran them, sets no floor: the rate halves for as long as the score stalls). A
-floor above a phase's peak learning rate is that peak.
+floor above a phase's peak learning rate is that peak, in every schedule; a param group's ``lr_scale`` scales
+its floor too (the head's is ``min_lr * head_lr_scale``).
 
 It is handed to DeepSpeed as its LR scheduler, so DeepSpeed steps it after every optimiser step and
 saves / restores it with each checkpoint. Param groups may carry an ``lr_scale`` (AST's head lr factor).
@@ -155,17 +156,23 @@ class LRSchedule:
         if cfg.schedule == "cosine" and self.total_steps:
             span = max(1, self.total_steps - cfg.warmup_steps)
             progress = min(1.0, (s - cfg.warmup_steps) / span)
-            return cfg.min_lr + (self.base_lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+            floor = self._floor()
+            return floor + (self.base_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
         return self._decayed()
 
+    def _floor(self) -> float:
+        """``min_lr``, or the phase's peak where it is lower (a schedule never rises above its peak)."""
+        return min(self.cfg.min_lr, self.base_lr)
+
     def _decayed(self) -> float:
-        """The peak times the plateau / multistep decays so far, no lower than ``min_lr`` (nor above the peak)."""
-        return max(self.base_lr * self.factor, min(self.cfg.min_lr, self.base_lr))
+        """The peak times the plateau / multistep decays so far, no lower than the floor."""
+        return max(self.base_lr * self.factor, self._floor())
 
     def _decay(self) -> bool:
-        """One plateau / multistep decay; False where ``min_lr`` already holds the learning rate."""
+        """One plateau / multistep decay, which stops at the floor (as torch's ``min_lr``: a floor lowered on a
+        resume decays on from there); False where the floor already holds the learning rate."""
         before = self._decayed()
-        self.factor *= self.cfg.decay
+        self.factor = max(self.factor * self.cfg.decay, self._floor() / self.base_lr)
         return self._decayed() < before
 
     def _apply(self) -> None:

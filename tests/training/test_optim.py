@@ -152,3 +152,20 @@ def test_a_plateau_floor_is_torchs_min_lr():
         ours.append(s.get_last_lr()[0])
         theirs.append(optimizer.param_groups[0]["lr"])
     assert ours == pytest.approx(theirs) and min(ours) == pytest.approx(2e-4) and len(set(ours)) >= 3
+
+
+def test_a_floor_is_where_a_decay_stops_and_no_schedule_rises_above_its_peak():
+    """A plateau held at its floor decays on from the floor when a resume lowers it, as torch's min_lr does (the
+    decays kept counting under it, and a floor taken away dropped the rate to 1e-16); a cosine whose floor is above
+    its peak stays at the peak (it rose to the floor)."""
+    s = schedule(warmup_steps=0, schedule="plateau", patience=0, decay=0.5, min_lr=1e-4)
+    for _ in range(40):
+        s.report(0.5)
+    assert s.get_last_lr()[0] == pytest.approx(1e-4)
+    state = s.state_dict()
+    lowered = schedule(warmup_steps=0, schedule="plateau", patience=0, decay=0.5, min_lr=0.0)
+    lowered.load_state_dict(state)
+    lowered.report(0.5)
+    assert lowered.get_last_lr()[0] == pytest.approx(5e-5)  # the next decay halves the floored rate
+    cosine = schedule(total=10, warmup_steps=0, schedule="cosine", min_lr=1.0)
+    assert lrs(cosine, 10) == pytest.approx([1e-3] * 10)
