@@ -83,7 +83,8 @@ def task_source(task: str) -> tuple[dict, dict]:
                           f"{known_tasks()})")
     data = load_yaml(path)
     choice = data.pop("defaults", None)
-    if "task" in data:
+    layered = "task" in data  # the task: layout (its fields under task:, the recipe's sections beside it)
+    if layered:
         fields = data.pop("task")
         if not isinstance(fields, dict):
             raise RecipeError(f"task: expected the task's fields (name, train, valid, classes, ...) in {path}")
@@ -102,13 +103,13 @@ def task_source(task: str) -> tuple[dict, dict]:
         sections = {k: data.pop(k) for k in RECIPE_SECTIONS if k in data and k != "train"}
         fields = data
     fields = dict(fields)
-    known = {f.name for f in dataclasses.fields(TaskConfig) if f.init} | ({"epochs"} if "task" not in data else set())
+    known = {f.name for f in dataclasses.fields(TaskConfig) if f.init} | (set() if layered else {"epochs"})
     typo = sorted((k for k in fields if k not in known), key=str)
     if typo:
-        where = "task." if "task" in data else ""
-        also = "" if "task" in data else f"; beside them: epochs and the recipe sections {', '.join(RECIPE_SECTIONS)}"
+        where = "task." if layered else ""
+        also = "" if layered else f"; beside them: epochs and the recipe sections {', '.join(RECIPE_SECTIONS)}"
         fields_known = ", ".join(sorted(known - {"epochs"}))
-        hint = did_you_mean(typo[0], known | (set() if "task" in data else set(RECIPE_SECTIONS)))
+        hint = did_you_mean(typo[0], known | (set() if layered else set(RECIPE_SECTIONS)))
         raise RecipeError(f"{where}{typo[0]}: unknown key in {path} ({hint}task fields: {fields_known}{also})")
     unknown = sorted(set(sections) - set(RECIPE_SECTIONS) - {"epochs"})
     if unknown:

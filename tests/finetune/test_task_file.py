@@ -159,3 +159,19 @@ def test_a_decaying_schedules_floor_is_said_with_it():
     assert _schedule(OptimConfig(patience=1)) == "plateau schedule (x0.5 after more than 1 epochs without improvement)"
     assert _schedule(OptimConfig(schedule="multistep", decay_every=1, decay_start=2, min_lr=1e-6)) == \
         "multistep schedule (x0.5 every epoch from epoch 2, no lower than 1e-06)"
+
+
+def test_a_misspelt_field_under_task_is_named_under_task():
+    """In the task: layout a misspelt task field is task.KEY, with the task's fields alone (the check ran after
+    task: was taken out of the file and read every file as flat: no task. prefix, the recipe sections offered)."""
+    import tempfile
+
+    from finetune.task_file import task_source
+
+    with tempfile.TemporaryDirectory() as folder:
+        task = Path(folder) / "mine.yaml"
+        task.write_text("task:\n  name: mine\n  clases: c.json\n")
+        with pytest.raises(RecipeError, match="^" + re.escape(f"task.clases: unknown key in {task} (did you mean "
+                                                              f"classes? task fields: ")) as err:
+            task_source(str(task))
+        assert "beside them" not in str(err.value)
