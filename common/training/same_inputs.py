@@ -127,6 +127,7 @@ def check_same_inputs(dist, recipe) -> None:
 
 
 MARK = ".c2f-ranks-"  # the name of the file rank 0 writes for the others to find (a random suffix)
+STALE_MARK_S = 600  # a mark older than this was left by a killed job
 
 
 def check_same_run_dir(dist, run_dir: Path, wait_s: float = 10.0) -> None:
@@ -140,14 +141,24 @@ def check_same_run_dir(dist, run_dir: Path, wait_s: float = 10.0) -> None:
     if dist.world_size == 1:
         return
     run_dir = Path(run_dir)
-    mark = None
+    mark = failed = None
     try:
-        if dist.is_main:  # it holds the run's lock: a mark there is a killed job's
-            for stale in run_dir.glob(f"{MARK}*"):
-                stale.unlink(missing_ok=True)
-            mark = run_dir / f"{MARK}{secrets.token_hex(8)}"
-            mark.write_text(f"{socket.gethostname()} {os.getpid()}\n")
-        name, main_dir = dist.broadcast_object((mark.name, str(run_dir.absolute())) if dist.is_main else None)
+        if dist.is_main:
+            try:
+                for stale in run_dir.glob(f"{MARK}*"):  # a killed job's (a mark lives seconds; a file system
+                    if time.time() - stale.stat().st_mtime > STALE_MARK_S:  # without locks may hold a live one)
+                        stale.unlink(missing_ok=True)
+                mark = run_dir / f"{MARK}{secrets.token_hex(8)}"
+                mark.write_text(f"{socket.gethostname()} {os.getpid()}\n")
+            except OSError as err:  # said by every rank, not only this one (the others would wait in the broadcast)
+                failed = err
+        name, main_dir, why = dist.broadcast_object(
+            (None if mark is None else mark.name, str(run_dir.absolute()), None if failed is None else str(failed))
+            if dist.is_main else None)
+        if failed is not None:
+            raise failed
+        if why is not None:
+            raise RanksDisagree(f"rank 0 cannot write into its run directory {main_dir} ({why}); nothing was trained")
         seen, deadline = (run_dir / name).is_file(), time.monotonic() + wait_s
         while not seen and time.monotonic() < deadline:
             time.sleep(0.2)

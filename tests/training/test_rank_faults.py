@@ -3,6 +3,7 @@ or stuck write, a stuck step. Every rank stops with one line that says which ran
 test after the launch's timeout (tests/rank_fault_job.py runs the cases on each rank)."""
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -232,43 +233,65 @@ def test_the_ranks_compare_a_tasks_manifests_where_its_loaders_open_them(tmp_pat
     assert any("esc50_fold2.jsonl.gz" in line for line in _differences(stale, mine))
 
 
-def _run_dir_rank(root: str, apart: bool, dist) -> dict:
+def _run_dir_rank(root: str, case: str, dist) -> dict:
     """One rank of test_ranks_given_other_run_directories_stop_before_training: its run directory is the job's, or
-    (``apart``) every rank but 0 has one of its own, as ranks of two jobs joined on one port have."""
+    (``apart``) every rank but 0 has one of its own, as ranks of two jobs joined on one port have, or (``full``)
+    rank 0 cannot write into it."""
+    import errno
+    import pathlib
+
     from common.training.same_inputs import MARK, RanksDisagree, check_same_run_dir
 
-    run_dir = Path(root) / (f"own{dist.rank}" if apart and dist.rank else "run")
+    run_dir = Path(root) / (f"own{dist.rank}" if case == "apart" and dist.rank else "run")
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
-        (run_dir / f"{MARK}0123456789abcdef").write_text("a killed job's\n")
+        old, live = run_dir / f"{MARK}0123456789abcdef", run_dir / f"{MARK}fedcba9876543210"
+        for mark in (old, live):
+            mark.write_text("a killed job's, and one a job on a file system without locks has just written\n")
+        os.utime(old, (0, 0))
+    real = pathlib.Path.write_text
+    if case == "full" and dist.is_main:
+        def full(self, *args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        pathlib.Path.write_text = full
     try:
         check_same_run_dir(dist, run_dir, wait_s=0.5)
         error = None
-    except RanksDisagree as err:
-        error = str(err)
+    except (RanksDisagree, OSError) as err:
+        error = f"{type(err).__name__}: {err}"
+    finally:
+        pathlib.Path.write_text = real
     dist.barrier()
     return {"error": error, "left": sorted(p.name for p in run_dir.iterdir())}
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("apart", [False, True])
-def test_ranks_given_other_run_directories_stop_before_training(tmp_path, world, apart):
+@pytest.mark.parametrize("case", ["same", "apart", "full"])
+def test_ranks_given_other_run_directories_stop_before_training(tmp_path, world, case):
     """Every rank must see rank 0's run directory (rank 0 measures the files the others write into it at every
     checkpoint): ranks given folders of their own (two jobs joined on one port, a node-local disk) all stop at the
     start with one line naming them, where they trained until the first checkpoint; the ranks of one folder go
-    on, and the file the check wrote (and one a killed job left) is gone."""
+    on, the file the check wrote is gone, and so is one a killed job left (not one a minute old). Rank 0 unable to
+    write into its folder stops every rank, none waiting."""
     import functools
 
+    from common.training.same_inputs import MARK
     from tests.ranks import spawn_ranks
 
-    results = spawn_ranks(functools.partial(_run_dir_rank, str(tmp_path / "dirs"), apart), world, tmp_path)
-    assert all(r["left"] == [] for r in results[:1]), results  # rank 0's folder: no mark left
-    if not apart:
+    results = spawn_ranks(functools.partial(_run_dir_rank, str(tmp_path / "dirs"), case), world, tmp_path)
+    assert results[0]["left"] == [f"{MARK}fedcba9876543210"], results  # rank 0's folder: its live mark only
+    if case == "same":
         assert [r["error"] for r in results] == [None] * world
+        return
+    if case == "full":
+        assert results[0]["error"].startswith("OSError: [Errno 28] No space left on device"), results
+        said = f"({results[0]['error'].removeprefix('OSError: ')}); nothing was trained"
+        assert all(r["error"] == f"RanksDisagree: rank 0 cannot write into its run directory "
+                                 f"{tmp_path / 'dirs' / 'run'} {said}" for r in results[1:]), results
         return
     errors = {r["error"] for r in results}
     assert len(errors) == 1 and None not in errors, errors  # every rank stops, with the same line
-    error = errors.pop()
+    error = errors.pop().removeprefix("RanksDisagree: ")
     blind = "; ".join(f"rank {r} (host {socket.gethostname()}, --run-dir {tmp_path / 'dirs' / f'own{r}'})"
                       for r in range(1, world))
     assert error.startswith(f"{blind} cannot see the file rank 0 (host {socket.gethostname()}) wrote into its run "
