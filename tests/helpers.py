@@ -458,3 +458,32 @@ def rank_error(rank: int, line: str) -> str:
     import socket
 
     return line.replace("error: ", f"error: rank {rank} (host {socket.gethostname()}): ", 1)
+
+
+def unsearchable(monkeypatch, folder: Path) -> None:
+    """Paths under ``folder`` as another user's 0700 home shows them to this one (the suite runs as root, whom
+    permissions do not stop): making a folder there, or asking whether a path there exists, is EACCES."""
+    import errno
+    import pathlib
+
+    def denied(path) -> bool:
+        return str(path).startswith(str(folder))
+
+    def refuse(name):
+        real = getattr(pathlib.Path, name)
+
+        def check(self, *args, **kwargs):
+            if denied(self):
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real(self, *args, **kwargs)
+        return check
+
+    for name in ("mkdir", "is_dir", "is_file", "exists", "stat"):
+        monkeypatch.setattr(pathlib.Path, name, refuse(name))
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if denied(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+    monkeypatch.setattr(os, "stat", stat)

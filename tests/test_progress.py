@@ -83,6 +83,13 @@ def test_a_handler_a_librarys_import_put_on_the_root_logger_does_not_print_every
     setup_logging(None)
     assert implicit not in root.handlers and mine in root.handlers
     root.removeHandler(mine)
+    own = logging.StreamHandler(sys.stderr)  # the user's logging.basicConfig(), called before importing the package
+    own.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+    root.addHandler(own)
+    monkeypatch.setattr("common.system.logger.ROOT_HANDLERS_AT_IMPORT", (own,))
+    setup_logging(None)
+    assert own in root.handlers
+    root.removeHandler(own)
     logging.getLogger("common.data").info("once")
     assert terminal.getvalue().count("once") == 1
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from common import ROOT_HANDLERS_AT_IMPORT
 from common.system.disk import NoSpace, free_bytes, out_of_space
 from common.system.paths import open_nofollow
 
@@ -65,10 +66,11 @@ def library_chatter(record: logging.LogRecord) -> bool:
 def _basic_config(handler: logging.Handler) -> bool:
     """Whether ``handler`` is the one ``logging.basicConfig`` puts on the root logger, as a library's module-level
     ``logging.warning`` does where nothing configured logging yet (Lhotse's, when it cannot make ``~/.lhotse``):
-    beside the console's, it printed every line twice, and the libraries' notices unfiltered."""
+    beside the console's, it printed every line twice, and the libraries' notices unfiltered. One the root logger
+    had before the package was imported is the user's, and kept."""
     formatter = handler.formatter
     return (type(handler) is logging.StreamHandler and handler.stream is sys.stderr and formatter is not None
-            and formatter._fmt == logging.BASIC_FORMAT)
+            and formatter._fmt == logging.BASIC_FORMAT and handler not in ROOT_HANDLERS_AT_IMPORT)
 
 
 def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO, console_format: str | None = None

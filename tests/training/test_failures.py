@@ -22,7 +22,7 @@ import torch
 
 from common.models.ast.encoder import ASTEncoder, EncoderConfig
 from finetune.classifier import Classifier, save_classifier
-from tests.helpers import RECIPE, ROOT, _free_port, can_mount, one_error, tiny
+from tests.helpers import RECIPE, ROOT, _free_port, can_mount, one_error, tiny, unsearchable
 from tests.helpers import run as pretrain
 
 AUDIO = {"sample_rate": 16000, "num_mel_bins": 128, "frame_shift_ms": 10.0, "frame_length_ms": 25.0,
@@ -449,35 +449,6 @@ def test_the_linear_probe_on_an_empty_manifest(tmp_path, synth_corpus, split, ca
     assert not out.exists() and not (tmp_path / "cache").exists()
 
 
-def _unsearchable(monkeypatch, folder: Path) -> None:
-    """Paths under ``folder`` as another user's 0700 home shows them to this one (the suite runs as root, whom
-    permissions do not stop): making a folder there, or asking whether a path there exists, is EACCES."""
-    import errno
-    import pathlib
-
-    def denied(path) -> bool:
-        return str(path).startswith(str(folder))
-
-    def refuse(name):
-        real = getattr(pathlib.Path, name)
-
-        def check(self, *args, **kwargs):
-            if denied(self):
-                raise PermissionError(errno.EACCES, "Permission denied", str(self))
-            return real(self, *args, **kwargs)
-        return check
-
-    for name in ("mkdir", "is_dir", "is_file", "exists", "stat"):
-        monkeypatch.setattr(pathlib.Path, name, refuse(name))
-    real_stat = os.stat
-
-    def stat(path, *args, **kwargs):
-        if denied(path):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_stat(path, *args, **kwargs)
-    monkeypatch.setattr(os, "stat", stat)
-
-
 @pytest.mark.parametrize("why", ["a file where its folder goes", "another user's folder"])
 def test_a_probe_whose_feature_cache_cannot_be_written_goes_on_with_its_features(tmp_path, synth_corpus, caplog,
                                                                                  monkeypatch, why):
@@ -501,7 +472,7 @@ def test_a_probe_whose_feature_cache_cannot_be_written_goes_on_with_its_features
         (tmp_path / "taken").write_text("a file\n")
         reason = f"{cache}: not a directory"
     else:
-        _unsearchable(monkeypatch, tmp_path / "taken")
+        unsearchable(monkeypatch, tmp_path / "taken")
         reason = f"{cache}: permission denied"
     out = tmp_path / "probe.json"
     with caplog.at_level(logging.WARNING, logger="finetune.linear_probe"):

@@ -181,14 +181,14 @@ def test_a_disk_cache_whose_folder_cannot_be_made_is_said_and_the_run_decodes(tm
     """A data.cache_dir that cannot be made (a read-only home, another user's 0700 folder, a file where its folder
     goes) is one warning naming the key, and every clip is decoded, where the run stopped with 'PATH: permission
     denied'."""
-    from tests.training.test_failures import _unsearchable
+    from tests.helpers import unsearchable
 
     cuts = list(open_cuts([synth_corpus / "synth_valid.jsonl.gz"]))[:3]
     if why == "a file where its folder goes":
         (tmp_path / "home").write_text("a file\n")
         reason = "Not a directory"
     else:
-        _unsearchable(monkeypatch, tmp_path / "home")
+        unsearchable(monkeypatch, tmp_path / "home")
         reason = "Permission denied"
     cache = ClipCache("disk", tmp_path / "home" / "clips")
     waves = [cache.load(c, 16000, load_clip) for c in cuts]
