@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                               + ", ".join(f"{t['score']:.3f} {t['name']}" for t in top))
         for r in results:
             if "warning" in r:
-                print(f"warning: {r['file']}: {r['warning']}", file=sys.stderr)
+                print(f"warning: {error_line(r['file'] + ': ' + r['warning'])}", file=sys.stderr)
         failed = [r for r in results if "error" in r]
         for r in failed:
             print(f"error: {error_line(r['file'] + ': ' + r['error'])}", file=sys.stderr)

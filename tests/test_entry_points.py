@@ -366,3 +366,5 @@ def test_an_error_line_writes_control_characters_as_escapes():
     said = error_line("recipe a\nb.yaml\r\x1b[31m does not exist\t!")
     assert said == "recipe a\\nb.yaml\\r\\x1b[31m does not exist\\t!"
     assert error_line("plain: ünïcode kept") == "plain: ünïcode kept"
+    assert error_line("a\x85b\u2028c\x9b") == "a\\x85b\\u2028c\\x9b"  # what str.splitlines() and terminals split on
+    assert len(error_line("".join(map(chr, range(0x2030)))).splitlines()) == 1

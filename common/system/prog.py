@@ -17,7 +17,7 @@ __all__ = ["prog", "whole_number", "whole_numbers", "error_line", "DEVICE_HELP"]
 DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: cuda if available, its first device)"
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1 and the Unicode line separators
 
 
 def error_line(message: str) -> str:
