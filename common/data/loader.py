@@ -54,7 +54,7 @@ from common.data.manifests import epoch_clips, open_cuts
 from common.data.prefetch import background
 from common.data.shar_stream import RankShardSampler, SharSet, is_shar_folder, reads_per_rank, shar_only
 from common.data.shards import equal_shards, shard_batches
-from common.data.shared_memory import check_room
+from common.data.shared_memory import check_room, check_socket_dir
 from common.data.workers import end_with, end_workers, start_worker, start_workers
 from common.system.cpu import available_memory, loader_workers, local_ranks, total_memory
 
@@ -230,6 +230,7 @@ class ClipLoader:
         # checkpoint saves: a resumed run would start its loader at another point of that stream than an
         # uninterrupted one. Nothing in the workers draws from torch's RNG (crops: ``ClipDataset``).
         if self.num_workers > 0:
+            check_socket_dir()
             check_room(self.dataset.batch_bytes(self.batch_size), self.num_workers, self.prefetch_factor,
                        local_ranks())
         return DataLoader(self.dataset, sampler=stream, batch_size=None, num_workers=self.num_workers,

@@ -12,6 +12,11 @@ clip (1.3 MB at HTS-AT's 32 kHz). Two things here:
   training process, and the command ends with one line (``common.data.workers.describe_worker_failure``).
 - :func:`check_room`: before the workers start, a warning where ``/dev/shm`` is smaller than the batches the
   node's ranks would keep in flight, with what to change.
+- :func:`check_socket_dir`: a batch's shared memory is handed over as file descriptors, through a UNIX socket that
+  ``multiprocessing`` makes under the temporary folder (``$TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX``). A socket's
+  path holds 107 bytes: under a longer ``TMPDIR`` (a job scheduler's per-job folder) the hand-over fails in the
+  queue's feeder thread, which prints it and drops the batch, and the training process waited for it for ever.
+  Refused before the workers start, naming the folder.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
-__all__ = ["SHM", "ADVICE", "SharedMemoryFull", "shm_space", "shm_words", "in_flight_bytes", "check_room", "share"]
+__all__ = ["SHM", "ADVICE", "SharedMemoryFull", "shm_space", "shm_words", "in_flight_bytes", "check_room", "share",
+           "check_socket_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +83,26 @@ def check_room(batch_bytes: int, workers: int, prefetch_factor: int, ranks: int,
                     "stops the run: %s", path, mib(space[0]), mib(need), workers, prefetch_factor, mib(batch_bytes),
                     ranks, ADVICE)
     return False
+
+
+SOCKET_PATH_MAX = 107  # bytes of an AF_UNIX socket's path on Linux (sun_path's 108, its closing NUL)
+_SOCKET_NAMES = len("/pymp-XXXXXXXX/listener-XXXXXXXX")  # what multiprocessing adds to the temporary folder
+
+
+def check_socket_dir(folder: str | None = None) -> None:
+    """Refuse a temporary folder (``folder``, default ``tempfile.gettempdir()``: ``TMPDIR``) too long for the
+    sockets the loader's workers hand their batches through (see the module docstring).
+
+    Raises:
+        ValueError: naming the folder, its length and what to do.
+    """
+    folder = folder or tempfile.gettempdir()
+    length = len(os.fsencode(folder)) + _SOCKET_NAMES
+    if length > SOCKET_PATH_MAX:
+        raise ValueError(f"the temporary folder {folder} (TMPDIR) is too long for the sockets the loader's workers "
+                         f"hand their batches through ({length} bytes of a socket's path, at most "
+                         f"{SOCKET_PATH_MAX}): set TMPDIR to a folder of at most {SOCKET_PATH_MAX - _SOCKET_NAMES} "
+                         f"characters (e.g. /tmp), or data.num_workers: 0")
 
 
 def share(*tensors: torch.Tensor | None, path: Path = SHM) -> None:

@@ -119,25 +119,36 @@ def _end_all() -> None:
         end_workers(iterator)
 
 
+# what a worker ignores (:func:`ignore_stop_signals`), held back from the moment it is forked until it does
+_WORKER_IGNORES = (*STOP_SIGNALS, signal.SIGINT)
+
+
 @contextlib.contextmanager
 def forking() -> Iterator[None]:
     """Pause the parent's garbage collector while worker processes are forked (``iter(DataLoader)``); the
-    workers inherit it paused and resume it in :func:`start_worker`, after freezing what they inherited."""
+    workers inherit it paused and resume it in :func:`start_worker`, after freezing what they inherited. The
+    signals a worker ignores are held back meanwhile (a signal mask, which a forked process inherits): one that
+    came between a worker's fork and its :func:`start_worker` reached it with Python's default handling (a
+    Ctrl-C's traceback, a scheduler's SIGTERM killing it); the parent gets it when the block ends."""
     was_enabled = gc.isenabled()
     gc.disable()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_IGNORES)
     try:
         yield
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         if was_enabled:
             gc.enable()
 
 
 def start_worker(worker_id: int) -> None:
     """A loader worker's ``worker_init_fn``: freeze the parent's objects (see the module's docstring), then
-    collect the worker's own garbage as usual; ignore the stop signals (:func:`ignore_stop_signals`)."""
+    collect the worker's own garbage as usual; ignore the stop signals (:func:`ignore_stop_signals`) and let
+    through those :func:`forking` held back (ignored now)."""
     gc.freeze()
     gc.enable()
     ignore_stop_signals()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_IGNORES)
 
 
 def ignore_stop_signals() -> None:
@@ -148,7 +159,7 @@ def ignore_stop_signals() -> None:
     (``common.system.signals``); a SIGINT met in a worker's exit hooks printed their traceback and left the worker's
     multiprocessing folder (``/tmp/pymp-*``) behind. The workers end when their loader shuts them down, or when their
     parent is gone."""
-    for signum in (*STOP_SIGNALS, signal.SIGINT):
+    for signum in _WORKER_IGNORES:
         signal.signal(signum, signal.SIG_IGN)
 
 

@@ -102,3 +102,45 @@ def test_a_full_dev_shm_stops_a_run_with_one_line_instead_of_a_hang(tmp_path, sy
     assert "/dev/shm holds 0.06 MiB, less than the batches the loaders keep in flight" in proc.stderr
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0 and "shared memory" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_temporary_folder_too_long_for_the_workers_sockets_is_refused_before_they_start(tmp_path, synth_corpus,
+                                                                                        monkeypatch):
+    """A worker hands its batch over through a UNIX socket under $TMPDIR/pymp-XXXXXXXX/: under a folder of more than
+    75 characters its path is too long, the queue's feeder thread printed 'AF_UNIX path too long' and dropped the
+    batch, and the run waited for it for ever. The limit is the operating system's (a socket binds at 75, not at
+    76), and a loader with workers refuses the folder before starting them."""
+    import tempfile
+    from multiprocessing.connection import Listener
+
+    from common.data.loader import ClipLoader
+    from common.data.manifests import open_cuts
+    from common.data.shared_memory import check_socket_dir
+
+    import shutil
+
+    base = tempfile.mkdtemp(prefix="c2f-", dir="/tmp")  # short, whatever pytest's tmp_path is
+    fits, too_long = (base + "/" + "d" * (n - len(base) - 1) for n in (75, 76))
+    try:
+        for folder, binds in ((fits, True), (too_long, False)):
+            os.makedirs(os.path.join(folder, "pymp-abcdefgh"))
+            address = os.path.join(folder, "pymp-abcdefgh", "listener-abcdefgh")
+            try:
+                Listener(address, "AF_UNIX").close()
+                bound = True
+            except OSError as err:
+                assert "too long" in str(err)
+                bound = False
+            assert bound == binds, folder
+    finally:
+        shutil.rmtree(base)
+    check_socket_dir(fits)
+    with pytest.raises(ValueError, match=rf"^the temporary folder {too_long} \(TMPDIR\) is too long for the sockets "
+                                         r"the loader's workers hand their batches through \(108 bytes"):
+        check_socket_dir(too_long)
+    monkeypatch.setattr(tempfile, "tempdir", too_long)
+    monkeypatch.setattr("common.data.loader.loader_workers", lambda n: n)  # a worker on any machine
+    loader = ClipLoader(open_cuts([synth_corpus / "synth_valid.jsonl.gz"]), ClipDataset(16000, seed=1), 4,
+                        shuffle=False, drop_last=False, rank=0, world_size=1, num_workers=1)
+    with pytest.raises(ValueError, match="set TMPDIR to a folder of at most 75 characters"):
+        next(iter(loader.batches()))

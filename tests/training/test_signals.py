@@ -151,14 +151,16 @@ def test_ctrl_c_with_loader_workers_leaves_no_traceback_and_no_temporary_folder(
     """A terminal's Ctrl-C signals the whole process group, the loader's workers too: the command ends with its one
     line and status 130; a worker printed a traceback from its interrupted exit hooks, and left its
     multiprocessing folder (/tmp/pymp-*) behind, one per Ctrl-C on a shared machine's /tmp."""
+    import shutil
     import subprocess
     import sys
+    import tempfile
     import time
 
     from tests.helpers import RECIPE, ROOT, tiny
 
-    temp, run_dir = tmp_path / "tmp", tmp_path / "run"
-    temp.mkdir()
+    run_dir = tmp_path / "run"
+    temp = Path(tempfile.mkdtemp(prefix="c2f-", dir="/tmp"))  # short: the workers' sockets live under it
     argv = [sys.executable, str(ROOT / "pretrain" / "run.py"), "--recipe", str(RECIPE), "--run-dir", str(run_dir),
             *tiny(synth_corpus, "data.num_workers=1", "phases.0.steps=100000", "train.eval_every=100000",
                   "train.save_every=100000")]
@@ -173,13 +175,15 @@ def test_ctrl_c_with_loader_workers_leaves_no_traceback_and_no_temporary_folder(
         deadline = time.monotonic() + 120
         log = run_dir / "train.log"
         while not (log.is_file() and "step 3 (" in log.read_text()) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[0][-3000:]  # ended before it trained
             time.sleep(0.2)
         workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         assert workers, "no loader worker"
-        for pid in workers:  # a worker leaves SIGINT to its loader, which shuts it down
-            ignored = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                           if line.startswith("SigIgn:"))
-            assert int(ignored.split()[1], 16) >> (signal.SIGINT - 1) & 1, ignored
+        for pid in workers:  # a worker leaves SIGINT to its loader, which shuts it down: from its fork on, it
+            # holds it back (a new epoch's worker may be starting), then ignores it
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+            held = int(status["SigIgn"], 16) | int(status["SigBlk"], 16)
+            assert held >> (signal.SIGINT - 1) & 1, (status["SigIgn"], status["SigBlk"])
         os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -188,4 +192,6 @@ def test_ctrl_c_with_loader_workers_leaves_no_traceback_and_no_temporary_folder(
     assert proc.returncode == 130, out[-3000:]
     assert "Traceback" not in out and "interrupted" in out.splitlines()[-1], out[-3000:]
     time.sleep(1)  # the worker's own exit
-    assert not list(temp.glob("pymp-*")), sorted(p.name for p in temp.iterdir())
+    left = sorted(p.name for p in temp.iterdir())
+    shutil.rmtree(temp)
+    assert not [name for name in left if name.startswith("pymp-")], left
