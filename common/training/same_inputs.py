@@ -159,10 +159,10 @@ def check_same_run_dir(dist, run_dir: Path, wait_s: float = 10.0) -> None:
             raise failed
         if why is not None:
             raise RanksDisagree(f"rank 0 cannot write into its run directory {main_dir} ({why}); nothing was trained")
-        seen, deadline = (run_dir / name).is_file(), time.monotonic() + wait_s
+        seen, deadline = os.path.isfile(run_dir / name), time.monotonic() + wait_s  # False where unsearchable
         while not seen and time.monotonic() < deadline:
             time.sleep(0.2)
-            seen = (run_dir / name).is_file()
+            seen = os.path.isfile(run_dir / name)
         found = dist.gather_objects((socket.gethostname(), str(run_dir.absolute()), seen))
     finally:
         if mark is not None:
