@@ -186,12 +186,12 @@ def test_ctrl_c_with_loader_workers_leaves_no_traceback_and_no_temporary_folder(
             assert held >> (signal.SIGINT - 1) & 1, (status["SigIgn"], status["SigBlk"])
         os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
+        time.sleep(1)  # the worker's own exit
+        left = sorted(p.name for p in temp.iterdir())
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
     assert proc.returncode == 130, out[-3000:]
     assert "Traceback" not in out and "interrupted" in out.splitlines()[-1], out[-3000:]
-    time.sleep(1)  # the worker's own exit
-    left = sorted(p.name for p in temp.iterdir())
-    shutil.rmtree(temp)
     assert not [name for name in left if name.startswith("pymp-")], left
