@@ -212,7 +212,7 @@ def _test(run_dir: Path, recipe, classes, dist, tracker) -> None:
         log.info("test split: %s was scored on it before (test_metrics.json; delete it to score it again)",
                  model.name)
         return
-    metrics = evaluate_export(model, [recipe.task.path(p) for p in recipe.task.test], classes,
+    metrics = evaluate_export(model, manifests, classes,
                               recipe.data.eval_batch_size or
                               phase_splits(recipe.phases, recipe.data, recipe.optim, dist.world_size)[-1].per_rank,
                               recipe.data.num_workers, dist.device, tracker, dist=dist)

@@ -103,7 +103,7 @@ class ClipCache:
             except OSError as err:  # a read-only home, another user's folder: the cache only saves time
                 self._write_failed, self._readable = True, os.path.isdir(self.folder)  # False where unsearchable
                 log.warning("clip cache: cannot make %s (%s); clips are decoded every time (data.cache_dir names a "
-                            "folder this user can write)", self.folder, os.strerror(err.errno) if err.errno else err)
+                            "folder this user can write)", self.folder, _reason(err))
 
     def __getstate__(self) -> dict:  # a worker process gets the settings, not the parent's clips
         state = dict(self.__dict__)
@@ -165,7 +165,7 @@ class ClipCache:
                 tmp.unlink(missing_ok=True)
             self._write_failed = True
             log.warning("clip cache: cannot write to %s (%s); clips are decoded every time from now on",
-                        self.folder, os.strerror(err.errno) if err.errno else err)
+                        self.folder, _reason(err))
 
     def _room(self, nbytes: int) -> bool:
         """Whether a clip of ``nbytes`` leaves the cache's file system its reserve free; once it does not, said once
@@ -179,6 +179,11 @@ class ClipCache:
                     "50 GiB: checkpoints need room); clips not cached yet are decoded every time from now on",
                     usage.free / 2**30, self.folder)
         return False
+
+
+def _reason(err: OSError) -> str:
+    """An OS error's cause in words (``Permission denied``), as the cache's warnings give it beside its folder."""
+    return os.strerror(err.errno) if err.errno else str(err)
 
 
 def make_cache(mode: CacheMode, folder: str | None = None) -> ClipCache | None:

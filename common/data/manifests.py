@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from collections import Counter
+from pathlib import Path
 from typing import Sequence
 
 from lhotse import CutSet
@@ -53,8 +54,8 @@ def _under(filename, folder) -> bool:
     read)."""
     if filename is None:
         return False
-    path, root = os.path.abspath(os.path.expanduser(str(filename))), os.path.abspath(os.path.expanduser(str(folder)))
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+    where = Path(os.path.abspath(os.path.expanduser(str(filename))))
+    return where.is_relative_to(os.path.abspath(os.path.expanduser(str(folder))))
 
 
 def _say_repeated_ids(cuts: list, paths: list) -> None:

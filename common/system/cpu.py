@@ -116,9 +116,9 @@ def _cgroup_memory() -> tuple[int, int] | None:
     limits, headrooms = [], []
     for folder in _cgroup_folders("memory"):
         limit = _read_number(folder, "memory.max")
-        used = _read_number(folder, "memory.current")
-        inactive = _stat_field(folder, "inactive_file")
-        if limit is None:  # v1
+        if limit is not None:  # v2
+            used, inactive = _read_number(folder, "memory.current"), _stat_field(folder, "inactive_file")
+        else:  # v1
             limit, used = _read_number(folder, "memory.limit_in_bytes"), _read_number(folder, "memory.usage_in_bytes")
             inactive = _stat_field(folder, "total_inactive_file")
         if limit is None or limit >= 2**60:  # v1 writes "no limit" as a page-rounded 2**63
