@@ -1023,3 +1023,45 @@ def test_a_finished_run_run_again_keeps_its_test_score(tmp_path, synth_corpus, c
         assert finetune(argv) == 0
     assert test.stat().st_mtime_ns != written and not any("scored on it before" in r.getMessage()
                                                           for r in caplog.records)
+
+
+def _tested_rank(root: str, scored: bool, dist) -> dict:
+    """One rank of test_on_several_ranks_rank_0_decides_whether_the_test_split_is_scored_again: rank 0's run
+    directory holds the model and (``scored``) its test scores; the others' see neither, as a stale network file
+    system might. Scoring is recorded, not run."""
+    import time
+    from types import SimpleNamespace
+
+    import finetune.evaluate
+    from finetune import run as finetune_run
+
+    run_dir = Path(root) / f"rank{dist.rank}"
+    (run_dir / "export").mkdir(parents=True)
+    manifest = str(Path(root) / "test.jsonl.gz")
+    if dist.is_main:
+        (run_dir / "export" / "best.safetensors").write_bytes(b"weights")
+        time.sleep(0.01)
+        if scored:
+            model = run_dir / "export" / "best.safetensors"
+            (run_dir / "test_metrics.json").write_text(json.dumps({"model": str(model), "acc": 0.5,
+                                                                   "manifests": [manifest]}))
+    calls = []
+    finetune.evaluate.evaluate_export = lambda *args, **kwargs: calls.append(args[0]) or {"acc": 0.25, "clips": 1,
+                                                                                          "bad_clips": 0}
+    task = SimpleNamespace(test=["test.jsonl.gz"], path=lambda p: str(Path(root) / p))
+    recipe = SimpleNamespace(task=task, data=SimpleNamespace(eval_batch_size=4, num_workers=0))
+    finetune_run._test(run_dir, recipe, ["a"], dist, None)
+    return {"scored": len(calls)}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("scored", [True, False])
+def test_on_several_ranks_rank_0_decides_whether_the_test_split_is_scored_again(tmp_path, world, scored):
+    """Every rank scores its share of the test split or none does: rank 0 reads test_metrics.json and every rank
+    follows it (a rank deciding from its own view would wait for ever in the scoring's collectives)."""
+    import functools
+
+    from tests.ranks import spawn_ranks
+
+    results = spawn_ranks(functools.partial(_tested_rank, str(tmp_path / "runs"), scored), world, tmp_path)
+    assert [r["scored"] for r in results] == [0 if scored else 1] * world
