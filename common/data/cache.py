@@ -19,16 +19,19 @@ from it afterwards, so they stay exactly those of an uncached run).
   runs; a file is named by a hash of the recording, its source file (path, size, modification time),
   the cut's offset and duration and the rate, so an edited source is decoded again. Files are written
   atomically under random temporary names, so concurrent workers, ranks and hosts may share the folder. A
-  write that fails (a full disk, a quota) is said once and the run goes on decoding every clip. The cache
-  stops growing while its file system has less than 10 % of its size (at most 50 GiB) free: the rest is
-  kept for checkpoints, and for the others on the disk. Temporaries of writers killed part-way are removed
-  when a process first writes next to them, once nothing has written them for an hour.
+  write that fails (a full disk, a quota) is said once and the run goes on decoding every clip; a folder this
+  user cannot write (another user's cache, a read-only mount) is said once when the cache is made, its clips
+  read and the others decoded. The cache stops growing while its file system has less than 10 % of its
+  size (at most 50 GiB) free: the rest is kept for checkpoints, and for the others on the disk. Temporaries
+  of writers killed part-way are removed when a process first writes next to them, once nothing has written
+  them for an hour.
 
 Clips that cannot be decoded are never cached (they fail again, with their reason, every time).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -104,6 +107,12 @@ class ClipCache:
                 self._write_failed, self._readable = True, os.path.isdir(self.folder)  # False where unsearchable
                 log.warning("clip cache: cannot make %s (%s); clips are decoded every time (data.cache_dir names a "
                             "folder this user can write)", self.folder, _reason(err))
+            else:
+                if not os.access(self.folder, os.W_OK | os.X_OK):  # another user's cache, a read-only mount: said here,
+                    self._write_failed = True  # once, and not by each loader worker at its first write
+                    log.warning("clip cache: cannot write to %s (%s); the clips it holds are read, the others are "
+                                "decoded every time (data.cache_dir names a folder this user can write)", self.folder,
+                                os.strerror(errno.EROFS if _read_only(self.folder) else errno.EACCES))
 
     def __getstate__(self) -> dict:  # a worker process gets the settings, not the parent's clips
         state = dict(self.__dict__)
@@ -178,6 +187,14 @@ class ClipCache:
         log.warning("clip cache: %.1f GiB free under %s, the reserve the cache leaves (10 %% of the disk, at most "
                     "50 GiB: checkpoints need room); clips not cached yet are decoded every time from now on",
                     usage.free / 2**30, self.folder)
+        return False
+
+
+def _read_only(folder: Path) -> bool:
+    """Whether ``folder`` lies on a file system mounted read-only."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
         return False
 
 

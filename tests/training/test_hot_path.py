@@ -3,6 +3,7 @@ decoded clips kept (``data.cache``), batches prepared by a background thread, an
 all-reduce skipped on a single rank. None of them may change what is trained."""
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -197,6 +198,35 @@ def test_a_disk_cache_whose_folder_cannot_be_made_is_said_and_the_run_decodes(tm
     said = [r.getMessage() for r in caplog.records if "clip cache" in r.getMessage()]
     assert said == [f"clip cache: cannot make {tmp_path / 'home' / 'clips'} ({reason}); clips are decoded "
                     f"every time (data.cache_dir names a folder this user can write)"], said
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_disk_cache_this_user_cannot_write_is_said_once_when_made_and_its_clips_are_read(tmp_path, synth_corpus,
+                                                                                           caplog, monkeypatch,
+                                                                                           read_only):
+    """Another user's cache folder (or one on a read-only mount) was found only at each loader worker's first write:
+    one warning per worker. It is said once, when the cache is made; the workers get a cache that does not try
+    to write, and the clips the folder holds are still read."""
+    import pickle
+
+    import common.data.cache as cache_module
+
+    cuts = list(open_cuts([synth_corpus / "synth_valid.jsonl.gz"]))[:3]
+    ClipCache("disk", tmp_path / "c").load(cuts[0], 16000, load_clip)  # kept by its owner
+    kept = sorted((tmp_path / "c").rglob("*.npy"))
+    real_access = os.access
+    monkeypatch.setattr(cache_module.os, "access", lambda path, mode: False if Path(path) == tmp_path / "c" and mode
+                        & os.W_OK else real_access(path, mode))
+    monkeypatch.setattr(cache_module, "_read_only", lambda folder: read_only)
+    caplog.clear()
+    cache = pickle.loads(pickle.dumps(ClipCache("disk", tmp_path / "c")))  # as a loader worker gets it
+    waves = [cache.load(c, 16000, load_clip) for c in cuts]
+    assert all(np.array_equal(w, load_clip(c, 16000)) for w, c in zip(waves, cuts))
+    assert (cache.hits, cache.misses) == (1, 2) and sorted((tmp_path / "c").rglob("*.npy")) == kept
+    said = [r.getMessage() for r in caplog.records if "clip cache" in r.getMessage()]
+    reason = "Read-only file system" if read_only else "Permission denied"
+    assert said == [f"clip cache: cannot write to {tmp_path / 'c'} ({reason}); the clips it holds are read, the "
+                    f"others are decoded every time (data.cache_dir names a folder this user can write)"], said
 
 
 def test_an_index_folder_that_cannot_be_written_names_its_key(tmp_path, synth_corpus):
