@@ -12,7 +12,7 @@ from matplotlib.lines import Line2D
 
 from common.reports.compare import Row
 from common.reports.runs import Run, points
-from common.reports.tables import metric_name, report_title
+from common.reports.tables import metric_name, report_title, shown
 from common.system.atomic import atomic_path
 
 __all__ = ["figure", "plot"]
@@ -20,9 +20,9 @@ __all__ = ["figure", "plot"]
 PHASE_MARKERS = "osD^vPpX"
 
 
-def _limits(values: Sequence[float]) -> tuple[float, float]:
+def _limits(values: Sequence[float], scale: float) -> tuple[float, float]:
     lo, hi = min(values), max(values)
-    pad = max(0.08 * (hi - lo), 0.5)
+    pad = max(0.08 * (hi - lo), scale / 200)  # half a point in percent
     return lo - pad, hi + pad
 
 
@@ -37,15 +37,16 @@ def figure(runs: Sequence[Run], rows: Sequence[Row], metric: str, title: str | N
     """
     fig = Figure(figsize=(10, 5.2), dpi=120, layout="constrained")  # no pyplot: no display, no global backend
     ax = fig.subplots()
-    final_values = [100 * rows[0].value]
+    scale = shown(metric)  # percent for a fraction
+    final_values = [scale * rows[0].value]
     series = []
     for run in runs:
         pts = points(run, metric)
         final = len(run.ledger.phases) - 1 if run.ledger.phases else max(p.phase for p in pts)  # a hand-written
         # baseline's ledger may list evaluations only
         series.append((pts, final))
-        final_values += [100 * p.value for p in pts if p.phase == final]
-    lo, hi = _limits(final_values)
+        final_values += [scale * p.value for p in pts if p.phase == final]
+    lo, hi = _limits(final_values, scale)
     handles = []
     coarse_shown: dict[int, bool] = {}
     stop_label = averaged_shown = None
@@ -54,23 +55,23 @@ def figure(runs: Sequence[Run], rows: Sequence[Row], metric: str, title: str | N
         fine = [p for p in pts if p.phase == final and not p.averaged]
         averaged = [p for p in pts if p.averaged]
         if averaged:
-            ax.scatter([p.flops for p in averaged], [min(max(100 * p.value, lo), hi) for p in averaged], marker="d",
+            ax.scatter([p.flops for p in averaged], [min(max(scale * p.value, lo), hi) for p in averaged], marker="d",
                        s=70, color=color, edgecolors="black", zorder=4)
             averaged_shown = True
-        line, = ax.plot([p.flops for p in fine], [100 * p.value for p in fine], color=color, marker="o",
+        line, = ax.plot([p.flops for p in fine], [scale * p.value for p in fine], color=color, marker="o",
                         markersize=4, label=run.label)
         handles.append(line)
         coarse = [p for p in pts if p.phase != final and not p.averaged]
         if coarse:
-            ax.plot([p.flops for p in coarse] + [fine[0].flops], [min(max(100 * p.value, lo), hi) for p in coarse]
-                    + [100 * fine[0].value], color=color, linestyle="--", linewidth=0.8, alpha=0.6)
+            ax.plot([p.flops for p in coarse] + [fine[0].flops], [min(max(scale * p.value, lo), hi) for p in coarse]
+                    + [scale * fine[0].value], color=color, linestyle="--", linewidth=0.8, alpha=0.6)
             for phase in sorted({p.phase for p in coarse}):
                 sel = [p for p in coarse if p.phase == phase]
-                inside = [p for p in sel if lo <= 100 * p.value <= hi]
-                above = [p for p in sel if 100 * p.value > hi]
-                below = [p for p in sel if 100 * p.value < lo]
+                inside = [p for p in sel if lo <= scale * p.value <= hi]
+                above = [p for p in sel if scale * p.value > hi]
+                below = [p for p in sel if scale * p.value < lo]
                 marker = PHASE_MARKERS[phase % len(PHASE_MARKERS)]
-                ax.scatter([p.flops for p in inside], [100 * p.value for p in inside], facecolors="none",
+                ax.scatter([p.flops for p in inside], [scale * p.value for p in inside], facecolors="none",
                            edgecolors=color, marker=marker, s=30, zorder=3)
                 for group, edge, arrow in ((above, hi, "^"), (below, lo, "v")):
                     if group:
@@ -80,13 +81,13 @@ def figure(runs: Sequence[Run], rows: Sequence[Row], metric: str, title: str | N
                 if inside:
                     coarse_shown[phase] = True
         if row.stop is not None:
-            ax.scatter([row.stop.flops], [100 * row.stop.value], marker="*", s=220, color=color, edgecolors="black",
+            ax.scatter([row.stop.flops], [scale * row.stop.value], marker="*", s=220, color=color, edgecolors="black",
                        zorder=4)
             stop_label = f"stop: epoch {row.stop.epoch} of the final phase" if row.fixed else \
                 "first to surpass the baseline"
-    ax.axhline(100 * rows[0].value, color="gray", linestyle=":", linewidth=1)
+    ax.axhline(scale * rows[0].value, color="gray", linestyle=":", linewidth=1)
     ax.set_ylim(lo, hi)
-    handles.append(Line2D([], [], color="gray", linestyle=":", label=f"baseline best ({100 * rows[0].value:.2f})"))
+    handles.append(Line2D([], [], color="gray", linestyle=":", label=f"baseline best ({scale * rows[0].value:.2f})"))
     for phase in sorted(p for p in coarse_shown if p >= 0):
         handles.append(Line2D([], [], color="gray", linestyle="", marker=PHASE_MARKERS[phase % len(PHASE_MARKERS)],
                               markerfacecolor="none", label=f"phase {phase + 1} (coarse)"))
@@ -101,7 +102,7 @@ def figure(runs: Sequence[Run], rows: Sequence[Row], metric: str, title: str | N
                               label="weight average (end of run)"))
     fig.legend(handles=handles, fontsize=8, loc="outside right upper")
     ax.set_xlabel("cumulative training compute (FLOPs)")
-    ax.set_ylabel(f"validation {metric_name(runs, metric)} (%)")
+    ax.set_ylabel(f"validation {metric_name(runs, metric)}" + (" (%)" if scale == 100 else ""))
     ax.set_title(title or report_title(runs, metric), fontsize=10)
     ax.grid(True, alpha=0.3)
     return fig

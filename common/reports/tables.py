@@ -1,6 +1,7 @@
 """The report's tables and names: the savings table, the whole-run table, what the metric is and the title.
 
-Metrics are fractions, shown in percent with their difference to the baseline in parentheses.
+Fractions (accuracy, mAP, mAUC) are shown in percent, other scores (d') as they are, each with its difference to
+the baseline in parentheses.
 """
 
 from __future__ import annotations
@@ -13,23 +14,32 @@ import yaml
 from common.reports.compare import Row
 from common.reports.runs import Run, distinct_names, run_kind
 
-__all__ = ["markdown_table", "whole_run_table", "metric_name", "report_title"]
+__all__ = ["markdown_table", "whole_run_table", "metric_name", "report_title", "shown"]
+
+FRACTIONS = ("acc", "mAP", "mAUC")  # scores in [0, 1], shown in percent
 
 
-def _percent(value: float, delta: float | None) -> str:
-    text = f"{100 * value:.2f}"
+def shown(metric: str) -> float:
+    """The factor a score is shown with: 100 for a fraction (in percent), 1 for another score (d' of 2.71 is not
+    271 %)."""
+    return 100.0 if metric in FRACTIONS else 1.0
+
+
+def _percent(value: float, delta: float | None, metric: str) -> str:
+    scale = shown(metric)
+    text = f"{scale * value:.2f}"
     if delta is None:
         return text
-    diff = f"{100 * delta:+.2f}"
+    diff = f"{scale * delta:+.2f}"
     return f"{text} ({'=' if diff in ('+0.00', '-0.00') else diff})"
 
 
 def markdown_table(rows: Sequence[Row], metric: str) -> str:
-    """The rows as a Markdown table (metrics in percent, differences to the baseline in parentheses)."""
+    """The rows as a Markdown table (fractions in percent, differences to the baseline in parentheses)."""
     lines = [f"| Setting | {metric} | FLOPs save (%) | Time save (%) | Best {metric} (no budget) |",
              "|---|---:|---:|---:|---:|"]
     for row in rows:
-        value = _percent(row.value, row.delta)
+        value = _percent(row.value, row.delta, metric)
         if row.delta is not None and row.stop is None:
             value += ", not surpassed"
         elif row.fixed and row.stop is not None:
@@ -38,7 +48,7 @@ def markdown_table(rows: Sequence[Row], metric: str) -> str:
         if row.hardware and row.stop is not None:
             saves[1] = "- (other devices)"
         label = f"{row.label} ({row.note})" if row.note else row.label
-        lines.append(f"| {label} | {value} | {saves[0]} | {saves[1]} | {_percent(row.best, row.best_delta)} |")
+        lines.append(f"| {label} | {value} | {saves[0]} | {saves[1]} | {_percent(row.best, row.best_delta, metric)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -59,10 +69,10 @@ def whole_run_table(rows: Sequence[Row], metric: str) -> str:
         save = "-" if row.total_save is None else f"{row.total_save:.2f}"
         hours = "-" if row.device_hours is None else f"{row.device_hours:.3g}"
         cell = "" if not averaged else \
-            " - |" if row.averaged is None else f" {_percent(row.averaged, row.averaged_delta)} |"
-        cell += "" if not tested else " - |" if row.test is None else f" {_percent(row.test, row.test_delta)} |"
+            " - |" if row.averaged is None else f" {_percent(row.averaged, row.averaged_delta, metric)} |"
+        cell += "" if not tested else " - |" if row.test is None else f" {_percent(row.test, row.test_delta, metric)} |"
         lines.append(f"| {row.label} | {row.total_flops:.3g} | {save} | {hours} | "
-                     f"{_percent(row.best, row.best_delta)} |" + cell)
+                     f"{_percent(row.best, row.best_delta, metric)} |" + cell)
     return "\n".join(lines) + "\n"
 
 

@@ -80,6 +80,24 @@ def test_markdown_rows(runs):
     assert "| Avg Pool 2→1 | 44.00 (-1.00), not surpassed | - | - | 44.00 (-1.00) |" in table
 
 
+def test_d_prime_is_shown_as_it_is_and_fractions_in_percent(tmp_path):
+    """d' is not a fraction: a d' of 2.71 read '271.00' in the tables and on the plot's axis (with a '%')."""
+    from common.reports.figure import figure
+
+    base = write_run(tmp_path, "base", [("none", 1)], [(0, 10.0 * k, 5.0 * k, d) for k, d in
+                                                      enumerate([2.5, 2.7, 2.6], 1)], score="dprime", metric="dprime")
+    c2f = write_run(tmp_path, "c2f", [("fshift", 4), ("none", 1)], [(0, 3.0, 2.0, 1.0), (1, 12.0, 6.0, 2.75)],
+                    score="dprime", metric="dprime")
+    runs = [load_run(base, "Baseline"), load_run(c2f)]
+    rows = compare(runs[0], runs[1:], resolve_metric(runs))
+    assert "| Baseline | 2.70 | - | - | 2.70 |" in markdown_table(rows, "dprime")
+    assert "| Fshift 4→1 | 2.75 (+0.05) | 40.00 | 40.00 | 2.75 (+0.05) |" in markdown_table(rows, "dprime")
+    assert "| 2.75 (+0.05) |" in whole_run_table(rows, "dprime")
+    ax = figure(runs, rows, "dprime").axes[0]
+    low, high = ax.get_ylim()
+    assert ax.get_ylabel() == "validation dprime" and 2.4 < low <= 2.5 and 2.75 <= high < 2.9
+
+
 @pytest.mark.parametrize("phases, label", [
     ([("fshift", 4), ("fshift", 2), ("none", 1)], "Fshift 4→2→1"),
     ([("maxpool", 4), ("none", 1)], "Max Pool 4→1"),
