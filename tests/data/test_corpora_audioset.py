@@ -128,3 +128,40 @@ def test_prepare_audioset_takes_the_labels_of_an_ast_data_file(tmp_path, capsys)
     labels.write_text("{not json")
     with pytest.raises(ValueError, match="balanced_train_data_type1_2_mean.json: not JSON"):
         prepare(src, tmp_path / "again", labels_json=labels)
+
+
+def test_a_file_that_holds_the_whole_video_is_cut_to_its_segment(tmp_path):
+    """A downloader that fetched the whole video (named by its YouTube id, as a segment's file is) trained the
+    video's first ten seconds under the segment's labels, without a word. The clip is the segment's span of the
+    file and the report counts such clips; a file that is neither the segment (or one padded to 10 s) nor a
+    video that holds it is named as such; a segment's own file is whole, as before."""
+    import numpy as np
+    import soundfile as sf
+
+    from common.data.clips import ClipDataset
+
+    src = tmp_path / "audioset"
+    layout.build(src)
+    rate = 16000
+    tone = np.zeros(90 * rate, dtype=np.float32)  # a 90 s video, silent but for its labelled 30-40 s
+    tone[30 * rate:40 * rate] = 0.3 * np.sin(2 * np.pi * 440 * np.arange(10 * rate) / rate)
+    sf.write(src / "audio" / "WholeVideo0.wav", tone, rate)
+    sf.write(src / "audio" / "ShortVideo1.wav", np.zeros(25 * rate, dtype=np.float32) + 0.01, rate)  # ends at 25 s
+    sf.write(src / "audio" / "EndSegment2.wav", np.zeros(10 * rate, dtype=np.float32) + 0.01, rate)  # padded to 10 s
+    with (src / "eval_segments.csv").open("a") as handle:
+        handle.write('WholeVideo0, 30.000, 40.000, "/m/09x0r"\nShortVideo1, 30.000, 40.000, "/m/09x0r"\n'
+                     'EndSegment2, 294.000, 300.000, "/m/04rlf"\n')
+    out = tmp_path / "out"
+    report = get_corpus("audioset").prepare(src, out, num_jobs=1)
+    cuts = {cut.id: cut for cut in CutSet.from_file(out / "audioset_eval.jsonl.gz")}
+    whole = cuts["WholeVideo0"]
+    assert (whole.start, whole.duration, whole.recording.duration) == (30.0, 10.0, 90.0)
+    wave = ClipDataset(10 * rate, rate, crop="start")[(0, 0, [whole])].waveforms[0].numpy()
+    assert np.sqrt(np.mean(wave ** 2)) == pytest.approx(0.3 / np.sqrt(2), rel=1e-3)  # the tone, not the silence
+    assert (cuts["EndSegment2"].start, cuts["EndSegment2"].duration) == (0.0, 10.0)
+    assert cuts["-5vpdDAJ9vQ"].start == 0.0  # a segment's own file (the layout's) stays whole
+    assert "ShortVideo1" not in cuts
+    assert dict(report.unreadable)[str(src / "audio" / "ShortVideo1.wav")] == \
+        "25.0 s long: neither its 10 s segment (30-40 s of the video) nor a whole video that holds it"
+    assert f"1 clips cut from the whole video their file holds (e.g. WholeVideo0: 30-40 s of " \
+           f"{(src / 'audio' / 'WholeVideo0.wav').resolve()}, 90.0 s)" in report.notes

@@ -76,7 +76,32 @@ def test_clips_that_are_still_videos_are_named_as_such_not_missing(tmp_path):
     assert report.missing == [str(src / "audio" / "a1b2c3d4e5f_000010")]
     (path, reason), = report.unreadable
     assert path == str(src / "audio" / "glLQrEijrKg_000300.mp4")
-    assert reason.startswith("a .mp4 file no installed decoder reads: extract its audio first (e.g. ffmpeg -i "
-                             "glLQrEijrKg_000300.mp4 -vn -ac 1 -ar 32000 glLQrEijrKg_000300.wav")
+    assert reason.startswith("a .mp4 file, which this install cannot decode, ffmpeg or not (Lhotse reads "
+                             ".mp4/.mkv/.webm/.avi/.mov/.m4a only through torchaudio.io, which this torchaudio lacks): "
+                             "extract its audio first (e.g. ffmpeg -i glLQrEijrKg_000300.mp4 -vn -ar 32000 "
+                             "glLQrEijrKg_000300.flac")
     assert [c.recording.sources[0].source for c in CutSet.from_file(tmp_path / "out" / "vggsound_train.jsonl.gz")] \
         == [str((src / "audio" / "--0PQM4-hqg_000030.wav").resolve())]
+
+
+def test_a_file_named_by_its_video_alone_serves_each_segment_it_holds_and_no_other(tmp_path):
+    """The same video is listed at several starts (595 videos of the authors' test.csv). A whole video named by its
+    YouTube id gives each row its own ten seconds; a file of one segment's length named so was given to every row
+    (one clip under two labels, in train and in test): its segment is unknown, and each row is refused."""
+    from tests.layouts import write_clip
+
+    src = tmp_path / "vggsound"
+    (src / "audio").mkdir(parents=True)
+    (src / "vggsound.csv").write_text("WholeVideo0,30,dog barking,train\nWholeVideo0,120,\"bird chirping, tweeting\""
+                                      ",test\nOneSegment1,30,dog barking,train\nOneSegment1,120,dog barking,test\n")
+    write_clip(src / "audio" / "WholeVideo0.wav", seconds=200.0)
+    write_clip(src / "audio" / "OneSegment1.wav", seconds=10.0)
+    out = tmp_path / "out"
+    report = get_corpus("vggsound").prepare(src, out, num_jobs=1)
+    cuts = [cut for split in ("train", "test") for cut in CutSet.from_file(out / f"vggsound_{split}.jsonl.gz")]
+    assert sorted((cut.id, cut.start, cut.duration) for cut in cuts) == [("WholeVideo0_000030", 30.0, 10.0),
+                                                                         ("WholeVideo0_000120", 120.0, 10.0)]
+    assert report.unreadable == [(str(src / "audio" / "OneSegment1.wav"),
+                                  "10.0 s long, one segment, but named by its video alone, which is listed at 2 "
+                                  "starts (30, 120 s): which one it holds is unknown; name each segment's file by its "
+                                  "start")]

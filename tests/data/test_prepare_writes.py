@@ -34,11 +34,11 @@ def test_a_prepare_that_starts_while_another_writes_the_same_manifests_leaves_wh
     first, second = _entries(tmp_path / "one", 6), _entries(tmp_path / "two", 4)
     read, calls = base._read_cut, []
 
-    def interleaved(entry, corpus):
+    def interleaved(entry, corpus, *listed):
         calls.append(entry.cut_id)
         if len(calls) == 3:  # the first prepare is half-way through its clips
             write_corpus("mine", second, out, classes=["a"], num_jobs=1)
-        return read(entry, corpus)
+        return read(entry, corpus, *listed)
 
     monkeypatch.setattr(base, "_read_cut", interleaved)
     report = write_corpus("mine", first, out, classes=["a"], num_jobs=1)

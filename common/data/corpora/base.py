@@ -3,7 +3,8 @@
 A prepared corpus ``NAME`` in ``OUT`` is:
 
 - ``OUT/NAME_SPLIT.jsonl.gz``: one Lhotse ``CutSet`` per split, one ``MonoCut`` per clip (channel 0 of
-  the file, whole duration). ``cut.custom`` holds ``labels`` (list of class ids, empty for unlabeled
+  the file, whole duration; a clip listed as a segment of a video whose file is the whole video, its segment:
+  :func:`segment_span`). ``cut.custom`` holds ``labels`` (list of class ids, empty for unlabeled
   audio), ``split``, ``dataset`` and corpus-specific fields (``fold`` for ESC-50, ...).
 - ``OUT/NAME_classes.json``: ``{"classes": [id, ...], "names": {id: display name}}``; a class's index in
   the target vector is its position in ``classes``.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -43,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Collection, Iterable, Iterator
 
 from lhotse import MonoCut, Recording
 
@@ -73,6 +75,7 @@ __all__ = [
     "scan_audio",
     "shuffled_order",
     "unique_entries",
+    "segment_span",
 ]
 
 
@@ -90,6 +93,8 @@ class ClipEntry:
         split: the manifest it goes to (``train``, ``eval``, ``fold1`` ...).
         labels: class ids (empty for unlabeled audio).
         custom: extra fields stored in ``cut.custom``.
+        segment: ``(start, end)`` seconds of the video the clip was cut from (YouTube corpora); where the file is
+            the whole video, the clip is that span of it (:func:`segment_span`).
     """
 
     cut_id: str
@@ -97,6 +102,7 @@ class ClipEntry:
     split: str
     labels: tuple[str, ...] = ()
     custom: dict = field(default_factory=dict)
+    segment: tuple[float, float] | None = None  # the clip's span of its video, in seconds (AudioSet, VGGSound)
 
 
 @dataclass
@@ -243,7 +249,50 @@ def shuffled_order(cut_id: str, seed: int = 0) -> bytes:
     return hashlib.blake2b(f"{seed}:{cut_id}".encode(), digest_size=8).digest()
 
 
-def _read_cut(entry: ClipEntry, dataset: str):
+def _video_advice(path: Path, err: Exception) -> str:
+    """Why a video container (or .m4a) was not read, and how to extract its audio. Lhotse reads these through
+    ``torchaudio.io`` alone, which torchaudio 2.11 no longer has: no installed ffmpeg helps."""
+    suffix = path.suffix.lower()
+    why = (f"which this install cannot decode, ffmpeg or not (Lhotse reads {'/'.join(VIDEO_SUFFIXES)} only through "
+           f"torchaudio.io, which this torchaudio lacks)" if importlib.util.find_spec("torchaudio.io") is None
+           else f"which the decoder refused ({decoder_reason(err)[:120]})")
+    return (f"a {suffix} file, {why}: extract its audio first (e.g. ffmpeg -i {path.name} -vn -ar 32000 "
+            f"{path.stem}.flac: 32 kHz serves AST's 16 kHz and HTS-AT's 32 kHz front ends; the .flac is then taken)")
+
+
+SEGMENT_SECONDS = 10.0  # the YouTube corpora's segments (AudioSet, VGGSound): a file padded to it is a segment's
+SEGMENT_SLACK = 1.0  # seconds a segment's own file may run over (a downloader's rounding, a container's padding)
+WHOLE_SEGMENT = 0.9  # the share of its segment a whole video's file must hold (load_clip's rule for truncation)
+
+
+def segment_span(entry: ClipEntry, length: float, listed: Collection[tuple[float, float]] = ()
+                 ) -> tuple[float, float] | str:
+    """Where in its file of ``length`` seconds a clip listed as ``entry.segment`` of a video lies, as ``(start,
+    duration)``, or why it cannot be told.
+
+    A file no longer than the segment (or than :data:`SEGMENT_SECONDS`, to which a short one may be padded) by
+    :data:`SEGMENT_SLACK` is the segment itself, whole; a longer one that holds the segment is the whole video
+    (a downloader that fetched the video, a copy named by the video id alone), and the clip is its segment: trained
+    from the file's start, such a clip was the video's first ten seconds under the segment's labels. A file that is
+    neither is refused; so is a file of one segment's length that ``listed`` (the segments of its video listed with
+    this file) names for several segments (a file named by the video id alone): which one it holds is unknown.
+    """
+    begin, end = entry.segment
+    span = end - begin
+    held = min(end, length) - begin
+    if length > span + SEGMENT_SLACK and held >= WHOLE_SEGMENT * span:
+        return begin, held
+    if length > max(span, SEGMENT_SECONDS) + SEGMENT_SLACK:
+        return (f"{length:.1f} s long: neither its {span:g} s segment ({begin:g}-{end:g} s of the video) nor a "
+                f"whole video that holds it")
+    if len(listed) > 1:
+        starts = ", ".join(f"{start:g}" for start, _ in sorted(listed))
+        return (f"{length:.1f} s long, one segment, but named by its video alone, which is listed at {len(listed)} "
+                f"starts ({starts} s): which one it holds is unknown; name each segment's file by its start")
+    return 0.0, length
+
+
+def _read_cut(entry: ClipEntry, dataset: str, listed: Collection[tuple[float, float]] = ()):
     if not entry.path.is_file():
         return entry, None, "missing"
     try:
@@ -254,17 +303,20 @@ def _read_cut(entry: ClipEntry, dataset: str):
         problem = truncation(entry.path)  # an empty file, or a header that promises more than the file holds
         if problem:
             return entry, None, problem
-        if entry.path.suffix.lower() in VIDEO_SUFFIXES:  # no decoder for the container here
-            return entry, None, (f"a {entry.path.suffix.lower()} file no installed decoder reads: extract its audio "
-                                 f"first (e.g. ffmpeg -i {entry.path.name} -vn -ac 1 -ar 32000 {entry.path.stem}.wav: "
-                                 f"32 kHz serves AST's 16 kHz and HTS-AT's 32 kHz front ends; the .wav is then "
-                                 f"taken)")
+        if entry.path.suffix.lower() in VIDEO_SUFFIXES:  # Lhotse reads these through torchaudio.io alone
+            return entry, None, _video_advice(entry.path, err)
         return entry, None, f"{type(err).__name__}: {decoder_reason(err)}"[:300]
     problem = truncation(entry.path)  # an interrupted download keeps its header (WAV, FLAC: cheap checks)
     if problem:
         return entry, None, problem
+    start, duration = 0.0, rec.duration
+    if entry.segment is not None:
+        span = segment_span(entry, rec.duration, listed)
+        if isinstance(span, str):
+            return entry, None, span
+        start, duration = span
     custom = {"labels": list(entry.labels), "split": entry.split, "dataset": dataset, **entry.custom}
-    cut = MonoCut(id=entry.cut_id, start=0.0, duration=rec.duration, channel=0, recording=rec, custom=custom)
+    cut = MonoCut(id=entry.cut_id, start=start, duration=duration, channel=0, recording=rec, custom=custom)
     return entry, cut, None
 
 
@@ -365,11 +417,17 @@ def write_corpus(
     if repeated:
         report.notes.append(f"{repeated} clips listed twice alike: kept once")
     known = set(classes or ())
+    segments: dict[str, set] = {}  # file -> the segments of a video listed with it
+    for entry in entries:
+        if entry.segment is not None:
+            segments.setdefault(str(entry.path), set()).add(entry.segment)
     writers: dict = {}  # split -> the function writing a cut into its manifest
     reported: set[str] = set()  # files already counted missing or unreadable
+    cut_out = []  # (clip, file) of the clips cut from the whole video their file holds
     bar = progress(len(entries), 0, f"{corpus}: reading audio headers", True, unit="clip")
     with ExitStack() as manifests, bar:  # a manifest appears only when complete, and none after an error
-        for entry, cut, problem in _ordered_map(lambda e: _read_cut(e, corpus), entries, num_jobs):
+        for entry, cut, problem in _ordered_map(lambda e: _read_cut(e, corpus, segments.get(str(e.path), ())),
+                                                entries, num_jobs):
             bar.update(1)
             if classes is not None:
                 unknown = [label for label in entry.labels if label not in known]
@@ -388,6 +446,13 @@ def write_corpus(
                                                                                              entry.split)))
             writers[entry.split](cut)
             report.clips[entry.split] += 1
+            if cut.duration < cut.recording.duration:
+                cut_out.append(cut)
+    if cut_out:
+        first = cut_out[0]
+        report.notes.append(f"{len(cut_out)} clips cut from the whole video their file holds (e.g. {first.id}: "
+                            f"{first.start:g}-{first.end:g} s of {first.recording.sources[0].source}, "
+                            f"{first.recording.duration:.1f} s)")
     for split in writers:
         report.manifests[split] = manifest_path(out, corpus, split)
     if classes is not None:
