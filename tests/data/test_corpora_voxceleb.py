@@ -42,6 +42,20 @@ def test_prepare_voxceleb_audio_dir_and_no_meta(tmp_path):
     assert read_classes(out / "voxceleb_classes.json") == (built["classes"], {})
 
 
+def test_speakers_whose_every_file_is_missing_are_named(tmp_path):
+    """VoxCeleb1's dev and test archives each unpack to wav/; unpacked into two folders, the test archive's 40
+    speakers lost every clip, with only a count of missing files to say so. The report names the classes left
+    with no clip."""
+    src, out = tmp_path / "VoxCeleb1", tmp_path / "manifests"
+    layout.build(src, corrupt=False, missing=False)
+    (src / "wav" / "id10270").rename(tmp_path / "id10270")  # the test archive's speaker, unpacked elsewhere
+    report = get_corpus("voxceleb").prepare(src, out, num_jobs=1)
+    assert "1 of 3 classes have no clip in any split (e.g. id10270): every file listed for them is missing or " \
+           "unreadable" in report.notes
+    (tmp_path / "id10270").rename(src / "wav" / "id10270")  # one folder: none lost
+    assert not [n for n in get_corpus("voxceleb").prepare(src, tmp_path / "again", num_jobs=1).notes if "no clip" in n]
+
+
 def test_prepare_voxceleb_errors_name_the_file(tmp_path):
     prepare = get_corpus("voxceleb").prepare
     with pytest.raises(FileNotFoundError, match=r"iden_split\.txt"):

@@ -423,7 +423,8 @@ def write_corpus(
             segments.setdefault(str(entry.path), set()).add(entry.segment)
     writers: dict = {}  # split -> the function writing a cut into its manifest
     reported: set[str] = set()  # files already counted missing or unreadable
-    cut_out = []  # (clip, file) of the clips cut from the whole video their file holds
+    cut_out = []  # the clips cut from the whole video their file holds
+    labelled: set[str] = set()  # the classes of the clips written
     bar = progress(len(entries), 0, f"{corpus}: reading audio headers", True, unit="clip")
     with ExitStack() as manifests, bar:  # a manifest appears only when complete, and none after an error
         for entry, cut, problem in _ordered_map(lambda e: _read_cut(e, corpus, segments.get(str(e.path), ())),
@@ -448,11 +449,17 @@ def write_corpus(
             report.clips[entry.split] += 1
             if cut.duration < cut.recording.duration:
                 cut_out.append(cut)
+            labelled.update(entry.labels)
     if cut_out:
         first = cut_out[0]
         report.notes.append(f"{len(cut_out)} clips cut from the whole video their file holds (e.g. {first.id}: "
                             f"{first.start:g}-{first.end:g} s of {first.recording.sources[0].source}, "
                             f"{first.recording.duration:.1f} s)")
+    listed = {label for entry in entries for label in entry.labels}
+    lost = [c for c in classes or () if c in listed and c not in labelled]
+    if lost:  # (VoxCeleb1's test archive unpacked elsewhere: its 40 speakers)
+        report.notes.append(f"{len(lost)} of {len(classes)} classes have no clip in any split (e.g. "
+                            f"{', '.join(lost[:3])}): every file listed for them is missing or unreadable")
     for split in writers:
         report.manifests[split] = manifest_path(out, corpus, split)
     if classes is not None:
