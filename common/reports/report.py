@@ -121,7 +121,15 @@ def _report(args: argparse.Namespace) -> int:
     # does without
     from common.reports.compare import baseline_differences, compare
     from common.reports.figure import plot
-    from common.reports.runs import ReportError, distinct_labels, load_run, require_finished, resolve_metric, run_kind
+    from common.reports.runs import (
+        ReportError,
+        distinct_labels,
+        load_run,
+        other_precision,
+        require_finished,
+        resolve_metric,
+        run_kind,
+    )
     from common.reports.tables import markdown_table, metric_name, whole_run_table
 
     try:
@@ -161,6 +169,9 @@ def _report(args: argparse.Namespace) -> int:
                          f"other devices, another number of ranks or a mix of them do not compare); its FLOPs saving "
                          f"is.\n"
                          for row in rows if row.hardware)
+        folds += "".join(f"\n{row.label} trained in {other_precision(baseline, run)}: its scores and times compare "
+                         f"with the baseline's as those of another precision do.\n"
+                         for row, run in zip(rows[1:], runs) if other_precision(baseline, run))
         output_folder(args.out)
         rule = (f"Each run stops at epoch {args.stop_epoch} of its final phase (a fixed stop, whatever its {metric})"
                 if args.stop_epoch is not None else

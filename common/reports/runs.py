@@ -20,7 +20,7 @@ from common.training.ledger import Ledger, LedgerError
 
 __all__ = ["ReportError", "Run", "Point", "load_run", "resolve_metric", "run_label", "distinct_names",
            "distinct_labels", "points", "end_note", "unfinished", "require_finished", "run_kind", "hardware",
-           "describe_hardware", "other_hardware"]
+           "describe_hardware", "other_hardware", "precisions", "other_precision"]
 
 METHOD_NAMES = {"fshift": "Fshift", "avgpool": "Avg Pool", "maxpool": "Max Pool", "patch": "Patch"}
 PATCH_TRANSFER_NAMES = {"pi": "PI", "bilinear": "BL"}  # the paper's labels
@@ -179,6 +179,23 @@ def other_hardware(baseline: Run, run: Run) -> str | None:
     if mine is None or theirs is None or (mine == theirs and len(mine) == 1):
         return None
     return f"{describe_hardware(mine)} (baseline: {describe_hardware(theirs)})"
+
+
+def precisions(run: Run) -> frozenset[str] | None:
+    """What the run trained in: ``bf16`` (autocast) and / or ``fp32`` over its phases and launches (a
+    cross-validation run's folds together); None when its ledger does not record it."""
+    ledgers = [fold.ledger for fold in run.folds] or [run.ledger]
+    found = frozenset(str(p) for ledger in ledgers for phase in ledger.phases for p in phase.precision or ())
+    return found or None
+
+
+def other_precision(baseline: Run, run: Run) -> str | None:
+    """How ``run`` trained in another precision than ``baseline`` (``train.precision: auto`` resolves by GPU: bf16
+    on Ampere and later, fp32 before), e.g. ``bf16 (baseline: fp32)``; None when alike or not recorded."""
+    mine, theirs = precisions(run), precisions(baseline)
+    if mine is None or theirs is None or mine == theirs:
+        return None
+    return f"{' and '.join(sorted(mine))} (baseline: {' and '.join(sorted(theirs))})"
 
 
 def end_note(run: Run) -> str | None:

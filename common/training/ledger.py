@@ -82,7 +82,8 @@ class PhaseRecord:
         device_seconds: the seconds of all ranks' devices held by the phase (training and validation, times
             the number of ranks at the time: what GPU-hours count); ``device``: what they were (the GPU's name,
             or ``cpu``) when the phase started; ``hardware``: every ``[device, ranks]`` a launch trained it on (a
-            phase resumed elsewhere has two: its wall time then compares with no other's).
+            phase resumed elsewhere has two: its wall time then compares with no other's); ``precision``: every
+            autocast its launches trained it in (``bf16`` or ``fp32``: ``train.precision: auto`` resolves by GPU).
         global_batch, batch_per_rank, grad_accum, world_size: the phase's global batch and how it was split
             (clips per rank per micro-batch, micro-batches per step, ranks) by the launch that trained it last.
         ended_by, ended_at, end_note: why and when the phase ended (None while it runs).
@@ -107,6 +108,7 @@ class PhaseRecord:
     device_seconds: float = 0.0
     device: str | None = None
     hardware: list | None = None
+    precision: list | None = None
     global_batch: int | None = None
     batch_per_rank: int | None = None
     grad_accum: int | None = None
@@ -121,7 +123,7 @@ class PhaseRecord:
 
     _COUNTERS = ("steps", "epochs", "samples", "train_flops", "wall_seconds", "eval_seconds", "device_seconds")
     _DESCRIPTION = ("name", "compression", "factor", "flops_per_sample", "tokens_per_sample", "patch_transfer",
-                    "device", "hardware")
+                    "device", "hardware", "precision")
     _BATCH = ("global_batch", "batch_per_rank", "grad_accum", "world_size")
     _END = ("ended_by", "ended_at", "end_note")
     _MEMORY = ("memory_estimate_bytes", "peak_memory_bytes", "peak_memory_source")
@@ -143,6 +145,11 @@ class PhaseRecord:
         if [device, ranks] not in (self.hardware or []):
             self.hardware = [*(self.hardware or []), [device, ranks]]
 
+    def trained_in(self, precision: str) -> None:
+        """A launch trains the phase in ``precision`` (``bf16`` autocast or ``fp32``)."""
+        if precision not in (self.precision or []):
+            self.precision = [*(self.precision or []), precision]
+
     def set_batch(self, split) -> None:
         """Record the phase's global batch and its split (a :class:`common.training.batch.BatchSplit`)."""
         self.global_batch, self.batch_per_rank = split.global_batch, split.per_rank
@@ -163,7 +170,8 @@ class PhaseRecord:
                     "peak_memory_bytes"):
             if data.get(key) is not None:
                 _check(_number(data[key]), f"{where}.{key}", data[key], "a number")
-        for key, kind, words in (("ended_at", dict, "a mapping"), ("hardware", list, "a list")):
+        for key, kind, words in (("ended_at", dict, "a mapping"), ("hardware", list, "a list"),
+                                 ("precision", list, "a list")):
             if data.get(key) is not None:
                 _check(isinstance(data[key], kind), f"{where}.{key}", data[key], words)
         known = set(cls._COUNTERS) | set(cls._DESCRIPTION) | set(cls._BATCH) | set(cls._END) | set(cls._MEMORY)

@@ -103,7 +103,7 @@ class RunRecord:
             self.ledger.set_baseline(**plan.baseline.ledger_fields())
         self.ledger.init = spec.init_record  # a resumed run's comes back with its ledger
         self.zero_stage = resolve_zero_stage(spec.train.zero_stage, dist.world_size)  # a resume keeps its own
-        self.bf16: bool | None = None  # the precision the ranks agreed on (PhaseMachinery), for the memory estimate
+        self.bf16: bool | None = None  # the precision the ranks agreed on (PhaseMachinery): the ledger, the estimate
         self.stop_target: dict | None = None
         self.checkpoints = RunCheckpoints(self.run_dir / "checkpoints", dist, spec.train.keep_checkpoints)
         self.average = WeightAverage(self.run_dir / "average",
@@ -260,14 +260,18 @@ class RunRecord:
         record.trained_on(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type,
                           split.world_size)  # before set_batch: a ledger older than `hardware` holds the last ranks
         record.set_batch(split)  # this launch's split (a resume on other ranks records its own)
+        precision = None if self.bf16 is None else "bf16" if self.bf16 else "fp32"
+        if precision:
+            record.trained_in(precision)
         self._memory.reset()
         self.pending.restart_clock()
         prefix = cfg.num_tokens - cfg.num_patches  # the ledger's tokens_per_sample counts them (and tokens/s)
-        log.info("%s: %s, %s tokens per clip (grid %dx%d%s), %.3g GFLOPs per training sample, batch %s; memory "
+        log.info("%s: %s, %s tokens per clip (grid %dx%d%s), %.3g GFLOPs per training sample, batch %s%s; memory "
                  "estimate %s", phase.label(index),
                  f"{phase.steps} steps" if phase.iteration_based else f"{phase.epochs} epochs",
                  cfg.num_patches, *cfg.grid, f"; {cfg.num_tokens} with the {prefix} prefix tokens" if prefix else "",
-                 record.flops_per_sample / 1e9, split.describe(), estimate.describe())
+                 record.flops_per_sample / 1e9, split.describe(),
+                 {"bf16": ", in bf16 autocast", "fp32": ", in fp32", None: ""}[precision], estimate.describe())
 
     def restart_clock(self) -> None:
         """Training time and peak memory count from now (after a resume's set-up: the checkpoint read, the model and

@@ -128,6 +128,8 @@ def test_two_phase_run(tmp_path, synth_corpus):
     assert ledger["total"]["train_flops"] == p1["train_flops"] + p2["train_flops"]
     assert p1["wall_seconds"] > 0 and [e["phase"] for e in ledger["evals"]] == [0, 0, 1, 1]
     assert p1["device"] == "cpu" and p1["hardware"] == [["cpu", 1]]
+    assert p1["precision"] == p2["precision"] == ["fp32"]  # what train.precision: auto resolved to on the CPU
+    assert "x 1 accumulation, in fp32; memory estimate" in (run_dir / "train.log").read_text()
     assert p1["device_seconds"] == pytest.approx(p1["wall_seconds"] + p1["eval_seconds"])
     enc = load_encoder(run_dir)  # what finetune --init consumes
     assert enc.cfg.input_tdim == 128 and enc.cfg.grid == (8, 8)

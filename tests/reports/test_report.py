@@ -645,6 +645,33 @@ def test_time_is_not_compared_across_devices_and_a_bare_baseline_plots(tmp_path,
     assert (out / "report.png").stat().st_size > 0
 
 
+def test_a_run_trained_in_another_precision_than_its_baseline_is_said(tmp_path, runs, capsys):
+    """train.precision: auto resolves to bf16 on Ampere and later and to fp32 before: the report says where a run
+    trained in another precision than its baseline (its ledger records what each phase trained in)."""
+    from common.reports.runs import other_precision
+
+    for name, precision in (("base", "fp32"), ("c2f", "bf16"), ("never", "fp32")):
+        ledger = Ledger.read(runs[name])
+        for phase in ledger.phases:
+            phase.trained_in(precision)
+        ledger.write(runs[name] / "ledger.json")
+    assert Ledger.read(runs["c2f"]).phases[0].precision == ["bf16"]
+    base, c2f, never = load_run(runs["base"], "Baseline"), load_run(runs["c2f"]), load_run(runs["never"])
+    assert other_precision(base, c2f) == "bf16 (baseline: fp32)" and other_precision(base, never) is None
+    out = tmp_path / "out"
+    assert main(["--baseline", str(runs["base"]), "--runs", str(runs["c2f"]), str(runs["never"]), "--out",
+                 str(out)]) == 0
+    text = (out / "report.md").read_text(encoding="utf-8")
+    assert "Fshift 4→1 trained in bf16 (baseline: fp32): its scores and times compare" in text
+    assert "Avg Pool 2→1 trained in" not in text
+    ledger = Ledger.read(runs["never"])
+    ledger.phases[-1].trained_in("bf16")  # resumed on another GPU
+    ledger.write(runs["never"] / "ledger.json")
+    assert other_precision(base, load_run(runs["never"])) == "bf16 and fp32 (baseline: fp32)"
+    with pytest.raises(Exception, match="precision"):
+        Ledger.from_dict({"phases": [{"precision": "bf16"}]})
+
+
 def test_a_pretraining_baseline_with_fine_tuning_runs_is_refused_as_such(pretraining, runs, tmp_path, capsys):
     base, _ = pretraining
     assert main(["--baseline", str(base), "--runs", str(runs["c2f"]), "--out", str(tmp_path / "out")]) == 2
