@@ -2,12 +2,14 @@
 
 - ``mAP``: the mean over classes of ``sklearn.metrics.average_precision_score`` on per-class scores
   (AudioSet). Classes without a positive example in the evaluation set have no defined AP and are left
-  out of the mean (AST would average a meaningless value for them).
+  out of the mean (AST would average a meaningless value for them); a class whose every clip is positive counts
+  an AP of 1 whatever the model, as AST's (it matters on a few-clip set only).
 - ``acc``: top-1 accuracy, ``accuracy_score(argmax(target), argmax(score))``.
 - ``mAUC``: mean ROC AUC over classes with both positives and negatives.
 - ``dprime``: the sensitivity index of that AUC, ``sqrt(2) * Phi^-1(mAUC)`` (AST's and HTS-AT's d').
 
-The scores are what validation gives them (``finetune.classifier.metric_scores``: sigmoids, as AST's).
+The scores are what validation gives them (``finetune.classifier.metric_scores``: sigmoids, as AST's, in
+float64). Scores that are not finite (a model whose outputs went NaN) are refused, with their count.
 
 :func:`standard_error` says how much the score would move on another draw of as many clips, the
 validation set's own noise (what the phase criteria of ``common.phases.criteria`` compare changes with):
@@ -34,6 +36,11 @@ def _check(targets: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndar
         raise ValueError(f"targets {targets.shape} and scores {scores.shape} must both be [clips, classes]")
     if not len(targets):
         raise ValueError("no clips to evaluate")
+    bad = np.count_nonzero(~np.isfinite(scores))
+    if bad:
+        clips = np.count_nonzero(~np.isfinite(scores).all(axis=1))
+        raise ValueError(f"{bad} of the {scores.size} scores ({clips} of {len(scores)} clips) are not finite (NaN or "
+                         f"infinite): the model's outputs went non-finite")
     return targets, scores
 
 

@@ -107,8 +107,10 @@ def class_scores(logits: torch.Tensor, loss: str) -> torch.Tensor:
 def metric_scores(logits: torch.Tensor) -> torch.Tensor:
     """The scores the metrics rank: every class's sigmoid whatever the loss, as AST's validation scores its
     predictions (cross-entropy tasks too). A class's ranking of the clips is its logit's, as HTS-AT's raw
-    ``clip_ce`` outputs rank them; the argmax, and so the accuracy, is the softmax's."""
-    return torch.sigmoid(logits.float())
+    ``clip_ce`` outputs rank them; the argmax, and so the accuracy, is the softmax's. In float64: a float32
+    sigmoid is exactly 1 from a logit of 16.6 (AST's, whose ties there moved its accuracy and mAP), a float64
+    one from 36.7."""
+    return torch.sigmoid(logits.double())
 
 
 def save_classifier(model: nn.Module, path: Path, classes: Sequence[str], meta: dict) -> Path:

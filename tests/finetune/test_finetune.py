@@ -47,6 +47,25 @@ def test_d_prime_and_the_scores_validation_ranks():
     assert metric_scores(logits)[:, 0].argmax() == 0 and torch.softmax(logits, -1)[:, 0].argmax() == 1
 
 
+def test_confident_logits_keep_their_order_and_non_finite_scores_are_named():
+    """A float32 sigmoid is exactly 1 from a logit of 16.6: two classes of a confident clip tied, and the argmax
+    took the lower index (accuracy 0.5 where the softmax's is 1); a saturated negative tied with the positives (AP
+    0.667 for 0.833). The scores rank in float64. A NaN output was scikit-learn's bare 'Input contains NaN.'."""
+    from common.metrics import compute_metrics
+    from finetune.classifier import metric_scores
+
+    logits = torch.tensor([[17.0, 18.0, -5.0], [-3.0, 2.0, 9.0]])
+    targets = np.array([[0, 1, 0], [0, 0, 1]], dtype=float)
+    assert compute_metrics(targets, metric_scores(logits).numpy())["acc"] == 1.0
+    one = metric_scores(torch.tensor([[20.0], [18.0], [17.0], [0.0]])).numpy()
+    assert mean_average_precision(np.array([[1], [0], [1], [0]], dtype=float), one) == pytest.approx(5 / 6)
+    scores = metric_scores(logits).numpy()
+    scores[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"^1 of the 6 scores \(1 of 2 clips\) are not finite \(NaN or infinite\): "
+                                         r"the model's outputs went non-finite$"):
+        compute_metrics(targets, scores)
+
+
 def test_a_class_positive_in_every_clip_leaves_the_auc_to_the_others():
     """A class with no negative has no ROC AUC: it is left out of mAUC (and d') as a class without positives is,
     not averaged in as a NaN."""
