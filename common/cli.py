@@ -256,7 +256,8 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
                      accept_changed_data: bool = False) -> Iterator[Session]:
     """Join the process group, lock ``run_dir`` (``common.system.lock``: a second run on it stops at once), check
     that every rank resolved the same recipe and manifests (``common.training.same_inputs``), log into it, check its
-    recipe (``common.training.run_dir``); tear down.
+    recipe (``common.training.run_dir``); tear down, and give the process's CPU threads and torch's random state back
+    as they were.
 
     Args:
         run_dir: the run directory (resumed when it holds a run of the same recipe).
@@ -278,6 +279,10 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
     check_run_dir(run_dir)
     dist = init_distributed()
     threads = torch.get_num_threads()  # given back at the end (a notebook, the demo, the tests run on)
+    # and the caller's random state: a run seeds the global generators (its initialisation), and a seed sweep in a
+    # notebook drew the same numbers after every run whatever its own seed
+    rng = torch.get_rng_state()
+    device_rng = torch.cuda.get_rng_state(dist.device) if dist.device.type == "cuda" else None
     finished = False
     try:
         with job_lock(run_dir, dist), stop_on_signals():  # SIGTERM / SIGUSR1: checkpoint, then stop
@@ -303,6 +308,9 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
     finally:
         dist.teardown(synchronise=finished)  # a rank leaving on an error does not wait for the others
         torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
+        if device_rng is not None:
+            torch.cuda.set_rng_state(device_rng, dist.device)
 
 
 # what a collective raises on the ranks left when another rank of the job exits (gloo, NCCL)
@@ -407,8 +415,18 @@ def run_main(body: Callable[[], int], resumable: bool = False) -> int:
     (:data:`PLAN_NOT_READY`, :func:`plan_status`) when its plan lists what would stop a run. ``resumable``: a
     training command (an interruption says that the same command resumes from the last checkpoint). On a rank of
     several, every ``error:`` line names the rank and its host, and the line (the traceback of an unexpected error)
-    is also kept in the run directory, ``RUN/logs/rankR.err`` (:func:`_keep_failure`).
+    is also kept in the run directory, ``RUN/logs/rankR.err`` (:func:`_keep_failure`). The process's logging is
+    given back as it was (``common.system.logger.process_logging``: a command called from Python, a notebook's or a
+    sweep's, left its handlers, its level and its open ``train.log`` behind).
     """
+    from common.system.logger import process_logging  # lazy: as below
+
+    with process_logging():
+        return _run_main(body, resumable)
+
+
+def _run_main(body: Callable[[], int], resumable: bool) -> int:
+    """:func:`run_main` within the caller's logging."""
     # lazy: the failures' modules import torch; a command parses its options (--help) before it runs here
     from common.data.bad_audio import TooMuchBadAudio
     from common.system.logger import log_traceback

@@ -49,6 +49,7 @@ from common.models.hf import (
 from common.models.weights import load_encoder_state
 from common.system.atomic import file_mode
 from common.system.disk import NoSpace, ensure_space, free_bytes, out_of_space
+from common.system.logger import process_logging
 from common.system.prog import error_line, prog
 from common.system.signals import piped
 
@@ -447,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status (2 on bad input, 141 when the output's reader went away)."""
     args = build_parser().parse_args(argv)
-    return piped(lambda: _export(args))
+    with process_logging():  # its basicConfig is the command's: a caller's logging is given back as it was
+        return piped(lambda: _export(args))
 
 
 def _export(args: argparse.Namespace) -> int:

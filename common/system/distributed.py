@@ -22,7 +22,7 @@ import socket
 import sys
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -68,6 +68,8 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
+    owned: bool = True  # the process group was made for this run (teardown destroys it), not found (a caller's)
+    before: dict = field(default_factory=dict, repr=False, compare=False)  # the process's state teardown gives back
 
     @property
     def is_main(self) -> bool:
@@ -111,11 +113,22 @@ class Dist:
 
         ``synchronise=False`` (this rank is leaving on an error) skips the barrier: the other ranks may be inside
         another collective (a gradient all-reduce), which a barrier would meet and wait in for ever; leaving
-        closes their connections instead, so they stop and say that a peer stopped."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        closes their connections instead, so they stop and say that a peer stopped.
+
+        A process group the caller had made (a test harness's, a notebook's) is left to it; the launcher variables
+        this process filled in are removed again, and one process's exception hook (which torch's process group
+        wraps at every initialisation: ``[rank0]: [rank0]: ...`` after a few runs in a notebook) is given back."""
+        if self.owned and torch.distributed.is_available() and torch.distributed.is_initialized():
             if synchronise:
                 torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+        for key, value in self.before.get("environ", {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if self.world_size == 1 and "excepthook" in self.before:  # (a job's ranks keep their prefix for good)
+            sys.excepthook = self.before["excepthook"]
         # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
         import deepspeed.comm.comm as ds_comm
         import deepspeed.utils.groups as ds_groups
@@ -242,6 +255,9 @@ def device_index(local_rank: int, count: int, bound: bool = False) -> int:
                      f"host's GPUs)")
 
 
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")  # what one process fills in for itself
+
+
 def init_distributed() -> Dist:
     """Initialise torch.distributed through DeepSpeed and pick this rank's device.
 
@@ -249,6 +265,7 @@ def init_distributed() -> Dist:
     ``MASTER_ADDR`` and ``MASTER_PORT`` each rank would pick its own and wait for the others until the
     process group's timeout, so that is refused at once (a ``ValueError`` naming the variables).
     """
+    before = {"environ": {key: os.environ.get(key) for key in LAUNCHER_VARIABLES}, "excepthook": sys.excepthook}
     bound = False  # the rank's place on its host came from srun or mpirun, which may bind one GPU to each rank
     if "LOCAL_RANK" not in os.environ and os.environ.get("WORLD_SIZE", "1") != "1":
         # srun and mpirun start each rank without LOCAL_RANK; 0 on every rank of a host would put them all on its
@@ -287,7 +304,8 @@ def init_distributed() -> Dist:
             raise ValueError(f"rank {os.environ['RANK']}: {unsupported}")
         device = torch.device(accelerator, index)
         get_accelerator().set_device(index)
-    if not torch.distributed.is_initialized():
+    owned = not torch.distributed.is_initialized()
+    if owned:
         if os.environ["WORLD_SIZE"] == "1":
             # one process: the group's store lives in this process and no port is opened, also where a launcher
             # named one (`deepspeed --num_gpus 1` passes 29500 to every job: two on one machine would collide, and a
@@ -302,4 +320,4 @@ def init_distributed() -> Dist:
             raise RendezvousFailed(err) from None
         _world_clone(default_pg_timeout)
     return Dist(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
-                local_rank=local_rank, device=device)
+                local_rank=local_rank, device=device, owned=owned, before=before)

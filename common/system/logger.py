@@ -11,6 +11,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from tqdm.auto import tqdm
 
@@ -18,7 +19,8 @@ from common import ROOT_HANDLERS_AT_IMPORT
 from common.system.disk import NoSpace, free_bytes, out_of_space
 from common.system.paths import open_nofollow
 
-__all__ = ["setup_logging", "BarSafeHandler", "Scalars", "progress", "log_traceback", "library_chatter"]
+__all__ = ["setup_logging", "BarSafeHandler", "Scalars", "progress", "log_traceback", "library_chatter",
+           "process_logging"]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # the tracebacks of the errors a command reports in one line: into train.log only (not the console)
@@ -100,8 +102,36 @@ def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO
         file._c2f = True  # type: ignore[attr-defined]
         root.addHandler(file)
         _TRACEBACKS.addHandler(file)
-    for noisy in ("DeepSpeed", "lhotse", "torch.distributed", "urllib3"):
+    for noisy in NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+NOISY = ("DeepSpeed", "lhotse", "torch.distributed", "urllib3")  # libraries a command's console holds at warnings
+
+
+@contextmanager
+def process_logging() -> Iterator[None]:
+    """Give the process's logging back as the block found it: the root logger's handlers and level, and the levels of
+    the libraries a command quiets (:func:`setup_logging` sets them for a run). A command called from Python (a
+    notebook, a sweep, the demo) left its console handler, the INFO level and its open ``train.log`` behind: the
+    caller's later lines went into the finished run's log, and printed twice beside the caller's own handler."""
+    root = logging.getLogger()
+    loggers = (root, _TRACEBACKS)
+    handlers = {logger: list(logger.handlers) for logger in loggers}
+    levels = {name: logging.getLogger(name).level for name in ("", *NOISY)}
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            for handler in [h for h in logger.handlers if h not in handlers[logger]]:
+                logger.removeHandler(handler)
+                if getattr(handler, "_c2f", False):
+                    handler.close()
+            for handler in handlers[logger]:
+                if handler not in logger.handlers:
+                    logger.addHandler(handler)  # one the run set aside (a basicConfig handler: the caller's)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def detach_run_logs() -> None:

@@ -149,6 +149,47 @@ def test_two_phase_run(tmp_path, synth_corpus):
     assert json.loads((run_dir / "ledger.json").read_text())["total"]["steps"] == 6
 
 
+def test_a_run_called_from_python_gives_the_process_its_state_back(tmp_path, synth_corpus, monkeypatch):
+    """A run called from Python (a notebook, a sweep) left the root logger its handlers, its level and its open
+    train.log (the caller's later lines went into the finished run's log, and printed twice beside its own handler),
+    the global torch generator seeded as the run seeds it (a seed sweep drew the same numbers after every run),
+    the launcher variables it filled in, torch's exception hook wrapped once more, and a caller's process group
+    destroyed. It gives each back."""
+    import io
+    import logging
+    import sys
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(key, raising=False)
+    root, mine = logging.getLogger(), logging.StreamHandler(io.StringIO())
+    root.addHandler(mine)
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    handlers, hook = list(root.handlers), sys.excepthook
+    lhotse = logging.getLogger("lhotse").level
+    try:
+        torch.manual_seed(1)
+        expected = torch.rand(3)  # what the caller draws next
+        torch.manual_seed(1)
+        assert run(tmp_path / "run", synth_corpus) == 0
+        assert torch.equal(torch.rand(3), expected)
+        assert root.handlers == handlers and root.level == logging.WARNING and sys.excepthook is hook
+        assert logging.getLogger("lhotse").level == lhotse
+        assert not [k for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR") if k in os.environ]
+        logging.getLogger("mine").warning("a line of the caller's, after the run")
+        assert "after the run" not in (tmp_path / "run" / "train.log").read_text()
+        assert mine.stream.getvalue().count("after the run") == 1
+        # the caller's own process group: used by the run, and left to it
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+        try:
+            assert run(tmp_path / "again", synth_corpus) == 0
+            assert torch.distributed.is_initialized()
+            torch.distributed.all_reduce(torch.ones(1))
+        finally:
+            torch.distributed.destroy_process_group()
+    finally:
+        root.removeHandler(mine)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [2, 3])  # a resume within a phase, and at a phase's end
 def test_a_resumes_set_up_is_not_counted_as_training_time(tmp_path, synth_corpus, monkeypatch, stop):
