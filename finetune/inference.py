@@ -32,27 +32,32 @@ def clip_for_export(meta: dict) -> tuple[int, int]:
     return arch.sample_rate, arch.clip_samples
 
 
-def predict_logits(model: nn.Module, meta: dict, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def predict_logits(model: nn.Module, meta: dict, waveforms: torch.Tensor, lengths: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """The classifier's logits of a waveform batch, through the export's front end.
 
     Args:
         waveforms: ``[B, S]`` float samples in [-1, 1] at the export's rate (``clip_for_export``), a tensor or a
             numpy array, on the model's device.
-        lengths: ``[B]`` valid samples per clip, ``1..S`` (a tensor, a list or an array).
+        lengths: ``[B]`` valid samples per clip, ``1..S`` (a tensor, a list or an array); None: every clip is
+            ``S`` samples long.
 
     Raises:
         ValueError: integer or complex samples, more than 2 dimensions, channels last (``[S, C]``)
             (``common.audio.fbank.check_waveforms``), lengths of another shape or outside ``1..S``.
     """
     waveforms = check_waveforms(waveforms, "predict_logits")
-    lengths = check_lengths(lengths, 1 if waveforms.dim() == 1 else len(waveforms), waveforms.shape[-1],
-                            "predict_logits", read=True)
+    clips = 1 if waveforms.dim() == 1 else len(waveforms)
+    if lengths is None:
+        lengths = [waveforms.shape[-1]] * clips
+    lengths = check_lengths(lengths, clips, waveforms.shape[-1], "predict_logits", read=True)
     pipeline = pipeline_for_export(meta).to(waveforms.device)
     with torch.no_grad():
         return model(pipeline(waveforms, lengths))
 
 
-def predict_scores(model: nn.Module, meta: dict, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def predict_scores(model: nn.Module, meta: dict, waveforms: torch.Tensor, lengths: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """Per-class scores (sigmoid for BCE-trained models, softmax otherwise) of a waveform batch (as
     :func:`predict_logits` takes it)."""
     waveforms = check_waveforms(waveforms, "predict_scores")  # named as called (predict_logits checks it too)

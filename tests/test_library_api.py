@@ -155,6 +155,26 @@ def test_embedder_and_predict_read_the_lengths_they_are_given(tmp_path):
         with pytest.raises(ValueError, match=rf"^{where}: lengths .*got \[{CLIP + 1}\] \(clips \[1\]\)"):
             call(torch.tensor([CLIP, CLIP + 1]))  # a tensor too: these entries read their results anyway
         call([CLIP, 8000])
+    # no lengths: every clip whole (was numpy's TypeError about an object array)
+    assert torch.equal(predict_scores(model, meta, wave), predict_scores(model, meta, wave, [CLIP, CLIP]))
+
+
+def test_adapt_encoder_keeps_the_encoders_mode_and_the_callers_random_state():
+    """adapt_encoder returned a train-mode encoder for an eval-mode one (with stochastic depth, two forwards
+    differed), and drew the new encoder's discarded initialisation from the global generator."""
+    from common.models.ast.resize import adapt_encoder
+
+    cfg = EncoderConfig(embed_dim=32, depth=2, num_heads=2, input_tdim=64, drop_path_rate=0.5)
+    encoder = ASTEncoder(cfg).eval()
+    torch.manual_seed(0)
+    coarse = adapt_encoder(encoder, cfg.replace(input_tdim=16))
+    drawn = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(drawn, torch.rand(4)) and not coarse.training
+    x = torch.randn(2, 16, cfg.num_mel_bins)
+    with torch.no_grad():
+        assert torch.equal(coarse.forward_features(x), coarse.forward_features(x))
+    assert adapt_encoder(encoder.train(), cfg.replace(input_tdim=16)).training
 
 
 def test_normalize_takes_a_statistics_name_or_mapping_and_the_frontend_exports_them():

@@ -192,8 +192,12 @@ def load_adapted(
 def adapt_encoder(
     encoder: ASTEncoder, new: EncoderConfig, pos_mode: str = "bilinear", patch_mode: str = "pi"
 ) -> ASTEncoder:
-    """A new encoder for ``new`` carrying ``encoder``'s weights (adapted), on the same device and dtype."""
+    """A new encoder for ``new`` carrying ``encoder``'s weights (adapted), on the same device and dtype and in the
+    same mode (an encoder in eval mode comes back in eval mode: with stochastic depth, a train-mode one drops
+    blocks at random); the caller's random state is left as it was (the new encoder's initial weights, all
+    replaced, are drawn from a generator of their own)."""
     param = next(encoder.parameters())
-    with torch.device(param.device):
+    with torch.random.fork_rng(devices=[param.device] if param.device.type == "cuda" else []), \
+            torch.device(param.device):
         out = ASTEncoder(new).to(dtype=param.dtype)
-    return load_adapted(out, encoder.state_dict(), encoder.cfg, new, pos_mode, patch_mode)
+    return load_adapted(out, encoder.state_dict(), encoder.cfg, new, pos_mode, patch_mode).train(encoder.training)
