@@ -186,3 +186,21 @@ def test_the_evaluation_bar_has_a_total(synth_corpus):
         for loader in loaders:
             assert loader.estimated_batches_per_epoch() == len(list(loader.cut_batches(epochs=1)))
         assert loaders[0].estimated_batches_per_epoch() == (3 if world_size == 1 else 1)
+
+
+def test_a_notebook_gets_the_bar_a_pipe_does_not(monkeypatch):
+    """A Jupyter kernel's stderr is no terminal: the bars were off there, with only a log line every log_every
+    steps. A pipe or a file still gets none."""
+    import io
+    import sys
+    import types
+
+    from common.system.logger import progress
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    assert progress(10, 0, "counting", True).disable
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    bar = progress(10, 0, "counting", True)
+    assert not bar.disable and progress(10, 0, "counting", False).disable  # rank 0 only
+    bar.close()

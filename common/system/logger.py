@@ -247,7 +247,8 @@ def _after_newest_event_file(folder: Path) -> None:
 
 def progress(total: int | None, initial: int, desc: str, enabled: bool, unit: str = "step"):
     """A tqdm bar (count, total, rate and the time left when ``total`` is known) on rank 0 when stderr is a
-    terminal; log lines carry the progress elsewhere, and :class:`BarSafeHandler` keeps them off the bar.
+    terminal or a Jupyter kernel's (``tqdm.auto``: a widget where ipywidgets is installed); log lines carry the
+    progress elsewhere (a file, a pipe), and :class:`BarSafeHandler` keeps them off the bar.
 
     Args:
         total: the count at the end (None: unknown; the bar then counts without a time left).
@@ -256,5 +257,6 @@ def progress(total: int | None, initial: int, desc: str, enabled: bool, unit: st
         enabled: False draws nothing (ranks other than 0).
         unit: the name of one count.
     """
-    return tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and sys.stderr.isatty()),
+    shown = sys.stderr.isatty() or "ipykernel" in sys.modules  # a notebook's stderr is no terminal
+    return tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and shown),
                 file=sys.stderr, dynamic_ncols=True, leave=True, smoothing=0.1, unit=unit)
