@@ -111,17 +111,26 @@ def aggregate_rule(meta: dict, choice: str = "auto") -> str:
 
 
 def predict_file(model: torch.nn.Module, meta: dict, path: str | Path, hop_seconds: float | None = None,
-                 batch_size: int = 16, device: str | torch.device = "cpu", aggregate: str = "auto") -> FilePrediction:
-    """Score every window of one file and aggregate them (see the module docstring).
+                 batch_size: int = 16, device: str | torch.device | None = None,
+                 aggregate: str = "auto") -> FilePrediction:
+    """Score every window of one file and aggregate them (see the module docstring), on ``device``: the model's
+    (the default; move the model with ``model.to(device)`` to score elsewhere).
 
     Raises:
         AudioReadError: the file cannot be read; its message is ``"PATH: reason"``, its ``path`` and ``reason``
             attributes the two parts (a caller looping over files knows which one failed).
+        ValueError: a ``device`` that is not the model's.
     """
     import torch
 
     from finetune.inference import clip_for_export, clip_handling, predict_scores
 
+    held = next(model.parameters()).device
+    if device is not None and torch.device(device) != held and not (torch.device(device).type == held.type == "cuda"
+                                                                     and torch.device(device).index is None):
+        raise ValueError(f"predict_file: device {device}, but the model is on {held}: move it first "
+                         f"(model.to({str(device)!r}))")
+    device = held
     rate, clip = clip_for_export(meta)
     handling = clip_handling(meta)
     repeat = handling["pad"] == "repeat"  # a file shorter than the clip, repeated as in validation

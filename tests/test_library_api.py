@@ -216,6 +216,10 @@ def test_errors_name_their_subject_rank_export_folder_and_file(tmp_path):
     with pytest.raises(AudioReadError, match=f"^{missing}: no such file$") as caught:
         predict_file(model, meta, missing)
     assert (caught.value.path, caught.value.reason) == (str(missing), "no such file")
+    # a device other than the model's moved the batch only (a device mismatch deep in the front end)
+    with pytest.raises(ValueError, match=r"^predict_file: device meta, but the model is on cpu: move it first "
+                                         r"\(model.to\('meta'\)\)$"):
+        predict_file(model, meta, missing, device="meta")
 
 
 def test_loading_a_model_leaves_the_global_rng_as_it_was(tmp_path):
