@@ -93,13 +93,16 @@ def test_a_file_named_by_its_video_alone_serves_each_segment_it_holds_and_no_oth
     src = tmp_path / "vggsound"
     (src / "audio").mkdir(parents=True)
     (src / "vggsound.csv").write_text("WholeVideo0,30,dog barking,train\nWholeVideo0,120,\"bird chirping, tweeting\""
-                                      ",test\nOneSegment1,30,dog barking,train\nOneSegment1,120,dog barking,test\n")
+                                      ",test\nOneSegment1,30,dog barking,train\nOneSegment1,120,dog barking,test\n"
+                                      "Named2,30,dog barking,train\n")
     write_clip(src / "audio" / "WholeVideo0.wav", seconds=200.0)
     write_clip(src / "audio" / "OneSegment1.wav", seconds=10.0)
+    write_clip(src / "audio" / "Named2_000030.wav", seconds=12.0)  # named by its segment: that segment, whole
     out = tmp_path / "out"
     report = get_corpus("vggsound").prepare(src, out, num_jobs=1)
     cuts = [cut for split in ("train", "test") for cut in CutSet.from_file(out / f"vggsound_{split}.jsonl.gz")]
-    assert sorted((cut.id, cut.start, cut.duration) for cut in cuts) == [("WholeVideo0_000030", 30.0, 10.0),
+    assert sorted((cut.id, cut.start, cut.duration) for cut in cuts) == [("Named2_000030", 0.0, 12.0),
+                                                                         ("WholeVideo0_000030", 30.0, 10.0),
                                                                          ("WholeVideo0_000120", 120.0, 10.0)]
     assert report.unreadable == [(str(src / "audio" / "OneSegment1.wav"),
                                   "10.0 s long, one segment, but named by its video alone, which is listed at 2 "

@@ -93,8 +93,9 @@ class ClipEntry:
         split: the manifest it goes to (``train``, ``eval``, ``fold1`` ...).
         labels: class ids (empty for unlabeled audio).
         custom: extra fields stored in ``cut.custom``.
-        segment: ``(start, end)`` seconds of the video the clip was cut from (YouTube corpora); where the file is
-            the whole video, the clip is that span of it (:func:`segment_span`).
+        segment: ``(start, end)`` seconds of the video the clip was cut from, for a file named by the video alone
+            (YouTube corpora: it may be the whole video; a file whose name gives the segment is that segment):
+            where the file is the whole video, the clip is that span of it (:func:`segment_span`).
     """
 
     cut_id: str
@@ -102,7 +103,7 @@ class ClipEntry:
     split: str
     labels: tuple[str, ...] = ()
     custom: dict = field(default_factory=dict)
-    segment: tuple[float, float] | None = None  # the clip's span of its video, in seconds (AudioSet, VGGSound)
+    segment: tuple[float, float] | None = None  # the clip's span of its video, for a file named by the video alone
 
 
 @dataclass
@@ -267,8 +268,8 @@ WHOLE_SEGMENT = 0.9  # the share of its segment a whole video's file must hold (
 
 def segment_span(entry: ClipEntry, length: float, listed: Collection[tuple[float, float]] = ()
                  ) -> tuple[float, float] | str:
-    """Where in its file of ``length`` seconds a clip listed as ``entry.segment`` of a video lies, as ``(start,
-    duration)``, or why it cannot be told.
+    """Where in its file of ``length`` seconds, named by the video alone, a clip listed as ``entry.segment`` of the
+    video lies, as ``(start, duration)``, or why it cannot be told.
 
     A file no longer than the segment (or than :data:`SEGMENT_SECONDS`, to which a short one may be padded) by
     :data:`SEGMENT_SLACK` is the segment itself, whole; a longer one that holds the segment is the whole video
@@ -281,10 +282,10 @@ def segment_span(entry: ClipEntry, length: float, listed: Collection[tuple[float
     span = end - begin
     held = min(end, length) - begin
     if length > span + SEGMENT_SLACK and held >= WHOLE_SEGMENT * span:
-        return begin, held
+        return begin, round(held, 6)
     if length > max(span, SEGMENT_SECONDS) + SEGMENT_SLACK:
-        return (f"{length:.1f} s long: neither its {span:g} s segment ({begin:g}-{end:g} s of the video) nor a "
-                f"whole video that holds it")
+        return (f"{length:.1f} s long, longer than its {span:g} s segment ({begin:g}-{end:g} s of the video), but "
+                f"holding {max(held, 0.0):.1f} s of it: a video cut short, or another one")
     if len(listed) > 1:
         starts = ", ".join(f"{start:g}" for start, _ in sorted(listed))
         return (f"{length:.1f} s long, one segment, but named by its video alone, which is listed at {len(listed)} "

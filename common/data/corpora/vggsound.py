@@ -8,10 +8,10 @@ Layout (the authors' CSV plus the clips a downloader fetched)::
 A clip's file is found by stem anywhere under the audio folder (.wav/.flac/.ogg/.mp3): ``YTID_000030``,
 then ``YTID_30``, then plain ``YTID``. Writes ``vggsound_train`` and ``vggsound_test`` (cut id
 ``<YTID>_<start:06d>``, classes = the sorted labels); a clip with no file is reported missing as
-``AUDIO/<cut id>`` (no suffix: any accepted name would do). A file longer than the clip's ten seconds that holds
-them is the whole video: the clip is its span of it (``common.data.corpora.base.segment_span``); a plain ``YTID``
-file of one segment's length that several rows would share (the same video at other starts) is refused for each,
-as which segment it holds is unknown.
+``AUDIO/<cut id>`` (no suffix: any accepted name would do). A plain ``YTID`` file longer than the clip's ten
+seconds that holds them is the whole video: the clip is its span of it (``common.data.corpora.base.segment_span``);
+one of a segment's length that several rows would share (the same video at other starts) is refused for each, as
+which segment it holds is unknown. A file whose name gives the start is that segment, whole.
 """
 
 from __future__ import annotations
@@ -72,9 +72,10 @@ def prepare(src: Path, out: Path, num_jobs: int = 4, audio_dir: Path | None = No
     entries = []
     for ytid, start, label, split in rows:
         cut_id = f"{ytid}_{start:06d}"
-        path = found.get(cut_id) or found.get(f"{ytid}_{start}") or found.get(ytid) or audio / cut_id
+        named = found.get(cut_id) or found.get(f"{ytid}_{start}")  # the segment's own file
+        path = named or found.get(ytid) or audio / cut_id
         entries.append(ClipEntry(cut_id=cut_id, path=Path(path), split=split, labels=(label,),
                                  custom={"youtube_id": ytid, "start_seconds": start},
-                                 segment=(float(start), start + SEGMENT_SECONDS)))
+                                 segment=None if named else (float(start), start + SEGMENT_SECONDS)))
     classes = sorted({label for _, _, label, _ in rows})
     return write_corpus(NAME, entries, out, classes=classes, num_jobs=num_jobs)
