@@ -100,6 +100,8 @@ class ClipCache:
         self._write_failed = False
         self._swept: set[str] = set()  # sub-folders this process cleared of stale temporaries
         self._readable = True  # False: a disk cache whose folder could not be made, nothing to read
+        self._closed: set[str] = set()  # sub-folders this user cannot write (another user's, without group write)
+        self._hidden: set[str] = set()  # sub-folders this user cannot search (nothing in them can be read)
         if self.folder is not None:
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
@@ -108,11 +110,31 @@ class ClipCache:
                 log.warning("clip cache: cannot make %s (%s); clips are decoded every time (data.cache_dir names a "
                             "folder this user can write)", self.folder, _reason(err))
             else:
-                if not os.access(self.folder, os.W_OK | os.X_OK):  # another user's cache, a read-only mount: said here,
-                    self._write_failed = True  # once, and not by each loader worker at its first write
-                    log.warning("clip cache: cannot write to %s (%s); the clips it holds are read, the others are "
-                                "decoded every time (data.cache_dir names a folder this user can write)", self.folder,
-                                os.strerror(errno.EROFS if _read_only(self.folder) else errno.EACCES))
+                self._check_access()
+
+    def _check_access(self) -> None:
+        """What of an existing folder this user can read and write (another user's cache, a read-only mount, a group
+        folder whose sub-folders a user without ``umask 002`` made): said here, once, and not by each loader worker
+        at its first write (or at each clip it reads)."""
+        self._readable = os.access(self.folder, os.R_OK | os.X_OK)
+        if not os.access(self.folder, os.W_OK | os.X_OK):
+            self._write_failed = True
+            log.warning("clip cache: cannot write to %s (%s); %s (data.cache_dir names a folder this user can write)",
+                        self.folder, os.strerror(errno.EROFS if _read_only(self.folder) else errno.EACCES),
+                        "the clips it holds are read, the others are decoded every time" if self._readable else
+                        "nor read it: clips are decoded every time")
+            return
+        try:
+            subs = [entry for entry in os.scandir(self.folder) if len(entry.name) == 2 and entry.is_dir()]
+        except OSError:
+            return
+        self._hidden = {entry.name for entry in subs if not os.access(entry.path, os.R_OK | os.X_OK)}
+        self._closed = self._hidden | {entry.name for entry in subs if not os.access(entry.path, os.W_OK | os.X_OK)}
+        if self._closed:
+            log.warning("clip cache: %d of the %d sub-folders of %s cannot be written by this user%s (made by another "
+                        "user without group write: docs/data.md says how a group shares the folder); the clips that "
+                        "belong in them are decoded every time", len(self._closed), len(subs), self.folder,
+                        f", {len(self._hidden)} not read either" if self._hidden else "")
 
     def __getstate__(self) -> dict:  # a worker process gets the settings, not the parent's clips
         state = dict(self.__dict__)
@@ -123,13 +145,13 @@ class ClipCache:
         """The cut's samples at ``sample_rate``: from the cache, or ``decode(cut, sample_rate)`` (then kept);
         ``variant`` names another decoding of the same samples (``mean``: the channels mixed down)."""
         key = _cut_key(cut, sample_rate, variant)
+        path = self.folder / key[:2] / f"{key}.npy" if self.folder is not None else None
         if self.mode == "memory":
             wave = self.clips.get(key)
             if wave is not None:
                 self.hits += 1
                 return wave
-        elif self._readable:
-            path = self.folder / key[:2] / f"{key}.npy"
+        elif self._readable and key[:2] not in self._hidden:
             try:
                 wave = np.load(path)
                 if sample_problem(wave) is None:  # kept by an earlier version, before the check: decoded again
@@ -149,7 +171,7 @@ class ClipCache:
                 self._full_warned = True
                 log.warning("clip cache: %.1f GB in memory, its limit; further clips are decoded every time "
                             "(data.cache: disk keeps them all)", self.bytes / 1e9)
-        elif not self._write_failed:
+        elif not self._write_failed and key[:2] not in self._closed:
             self._write(path, wave)
         return wave
 

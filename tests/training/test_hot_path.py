@@ -229,6 +229,64 @@ def test_a_disk_cache_this_user_cannot_write_is_said_once_when_made_and_its_clip
                     f"others are decoded every time (data.cache_dir names a folder this user can write)"], said
 
 
+def test_a_group_cache_whose_sub_folders_another_user_made_is_said_once_and_read_where_it_can_be(tmp_path,
+                                                                                                    synth_corpus,
+                                                                                                    caplog,
+                                                                                                    monkeypatch):
+    """A group-shared cache (its folder group-writable) whose sub-folders a colleague made without group write: each
+    loader worker said it at its first write into one; a sub-folder this user cannot search gave one warning per clip
+    and epoch. Said once when the cache is made; the clips in the others are read and written as before."""
+    import pickle
+
+    import common.data.cache as cache_module
+
+    cuts = list(open_cuts([synth_corpus / "synth_valid.jsonl.gz"]))[:6]
+    keys = [cache_module._cut_key(c, 16000)[:2] for c in cuts]
+    closed, hidden = keys[0], keys[1]  # the first clip's sub-folder cannot be written, the second's not read either
+    owner = ClipCache("disk", tmp_path / "c")
+    for cut in cuts[:2]:
+        owner.load(cut, 16000, load_clip)
+    real_access = os.access
+
+    def access(path, mode):
+        name = Path(path).name
+        if name == hidden or (name == closed and mode & os.W_OK):
+            return False
+        return real_access(path, mode)
+
+    monkeypatch.setattr(cache_module.os, "access", access)
+    caplog.clear()
+    cache = pickle.loads(pickle.dumps(ClipCache("disk", tmp_path / "c")))  # as a loader worker gets it
+    waves = [cache.load(c, 16000, load_clip) for c in cuts]
+    assert all(np.array_equal(w, load_clip(c, 16000)) for w, c in zip(waves, cuts))
+    said = [r.getMessage() for r in caplog.records if "clip cache" in r.getMessage()]
+    assert said == [f"clip cache: 2 of the 2 sub-folders of {tmp_path / 'c'} cannot be written by this user, 1 not "
+                    f"read either (made by another user without group write: docs/data.md says how a group shares "
+                    f"the folder); the clips that belong in them are decoded every time"], said
+    others = {k for k in keys[2:] if k not in (closed, hidden)}
+    assert cache.hits == int(closed != hidden) and {p.parent.name for p in (tmp_path / "c").rglob("*.npy")} == \
+        {closed, hidden} | others  # the closed one read, the hidden one not; the others written
+
+
+def test_a_cache_folder_this_user_can_neither_read_nor_write_is_one_warning(tmp_path, synth_corpus, caplog,
+                                                                             monkeypatch):
+    """The folder another user's 0700 (or 0711) cache: every clip's read was a warning 'PATH is unreadable'."""
+    import common.data.cache as cache_module
+
+    cuts = list(open_cuts([synth_corpus / "synth_valid.jsonl.gz"]))[:2]
+    ClipCache("disk", tmp_path / "c").load(cuts[0], 16000, load_clip)
+    monkeypatch.setattr(cache_module.os, "access", lambda path, mode: Path(path) != tmp_path / "c")
+    monkeypatch.setattr(cache_module, "_read_only", lambda folder: False)
+    caplog.clear()
+    cache = ClipCache("disk", tmp_path / "c")
+    for _ in range(2):
+        [cache.load(c, 16000, load_clip) for c in cuts]
+    assert cache.hits == 0 and cache.misses == 4
+    said = [r.getMessage() for r in caplog.records if "clip cache" in r.getMessage()]
+    assert said == [f"clip cache: cannot write to {tmp_path / 'c'} (Permission denied); nor read it: clips are "
+                    f"decoded every time (data.cache_dir names a folder this user can write)"], said
+
+
 def test_an_index_folder_that_cannot_be_written_names_its_key(tmp_path, synth_corpus):
     """The index of a whole-set shuffle in a folder this user cannot write (another user's shared index, a
     read-only home) is refused naming data.index_dir and what to do, not a temporary file's path alone."""
