@@ -23,7 +23,8 @@ Output (``--out``)::
     embeddings.json          the model (init, SHA-256 of its file, config), front end, layer, pooling,
                              dim, steps per window and each step's offsets in seconds; the format
     index.tsv                one row per window: clip_id, source, window, start, end, shard, row
-                             (start, end: seconds from the start of the clip; row i is row i of clips.*)
+                             (start, end: seconds from the start of the clip, for a manifest's cut from the
+                             cut's start in its source, the segment's of a whole video; row i is row i of clips.*)
     clips.npy                [windows, D] float32 clip embeddings in the order of index.tsv
                              (--format safetensors: clips.safetensors, tensor "clip")
     shards/NNNNN.npz         per shard: "clip" [n, D], with --frames "frames" [n, T, D] and

@@ -89,6 +89,7 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
 # what --metric may name: the validation scores where higher is better (a loss, nce or mse falls as a model improves;
 # clips and acc_se are counts and spreads); a pretraining run's own score is its masked-patch accuracy, acc
 RANKED = ("acc", "mAP", "mAUC", "dprime")
+FRACTIONS = ("acc", "mAP", "mAUC")  # the scores in [0, 1] of RANKED, shown in percent (d' is not one)
 
 
 def resolve_metric(runs: Sequence[Run], metric: str | None = None) -> str:
@@ -191,11 +192,12 @@ def precisions(run: Run) -> frozenset[str] | None:
 
 def other_precision(baseline: Run, run: Run) -> str | None:
     """How ``run`` trained in another precision than ``baseline`` (``train.precision: auto`` resolves by GPU: bf16
-    on Ampere and later, fp32 before), e.g. ``bf16 (baseline: fp32)``; None when alike or not recorded."""
+    on Ampere and later, fp32 before), e.g. ``bf16 (baseline: fp32)``, or ``bf16 (baseline: not recorded)`` against
+    a baseline trained before ledgers recorded it; None when alike, or not recorded for the run."""
     mine, theirs = precisions(run), precisions(baseline)
-    if mine is None or theirs is None or mine == theirs:
+    if mine is None or mine == theirs:
         return None
-    return f"{' and '.join(sorted(mine))} (baseline: {' and '.join(sorted(theirs))})"
+    return f"{' and '.join(sorted(mine))} (baseline: {' and '.join(sorted(theirs)) if theirs else 'not recorded'})"
 
 
 def end_note(run: Run) -> str | None:

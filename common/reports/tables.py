@@ -12,12 +12,9 @@ from typing import Sequence
 import yaml
 
 from common.reports.compare import Row
-from common.reports.runs import Run, distinct_names, run_kind
+from common.reports.runs import FRACTIONS, Run, distinct_names, run_kind
 
 __all__ = ["markdown_table", "whole_run_table", "metric_name", "report_title", "shown"]
-
-FRACTIONS = ("acc", "mAP", "mAUC")  # scores in [0, 1], shown in percent
-
 
 def shown(metric: str) -> float:
     """The factor a score is shown with: 100 for a fraction (in percent), 1 for another score (d' of 2.71 is not

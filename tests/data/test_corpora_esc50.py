@@ -32,3 +32,16 @@ def test_prepare_esc50_miniature(tmp_path):
 def test_prepare_esc50_without_metadata_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"meta/esc50.csv"):
         get_corpus("esc50").prepare(tmp_path, tmp_path / "out")
+
+
+def test_the_corpora_command_called_from_python_gives_logging_back():
+    """`c2f-corpora`'s main left its console handler and the INFO level on the root logger, as the training commands
+    did before they gave them back (docs/interop.md)."""
+    import logging
+
+    from common.data.corpora.__main__ import main
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    assert main(["list"]) == 0
+    assert root.handlers == handlers and root.level == level

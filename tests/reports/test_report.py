@@ -668,6 +668,11 @@ def test_a_run_trained_in_another_precision_than_its_baseline_is_said(tmp_path, 
     ledger.phases[-1].trained_in("bf16")  # resumed on another GPU
     ledger.write(runs["never"] / "ledger.json")
     assert other_precision(base, load_run(runs["never"])) == "bf16 and fp32 (baseline: fp32)"
+    ledger = Ledger.read(runs["base"])  # a baseline trained before ledgers recorded it
+    for phase in ledger.phases:
+        phase.precision = None
+    ledger.write(runs["base"] / "ledger.json")
+    assert other_precision(load_run(runs["base"]), c2f) == "bf16 (baseline: not recorded)"
     with pytest.raises(Exception, match="precision"):
         Ledger.from_dict({"phases": [{"precision": "bf16"}]})
 

@@ -73,8 +73,16 @@ def _build_parser(corpora: bool = True) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; a failure ends with one ``error:`` line and exit status 2 (no traceback)."""
-    from common.system.logger import setup_logging
+    """Run the command line; a failure ends with one ``error:`` line and exit status 2 (no traceback). The
+    process's logging is given back as it was (a call from Python)."""
+    from common.system.logger import process_logging  # lazy: the logger imports tqdm; --help and list need none
+
+    with process_logging():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from common.system.logger import setup_logging  # lazy: as main's
 
     # the package's console: lines never land on the progress bars of prepare / stats, Lhotse's notices stay off it
     setup_logging(None, console_format="%(levelname)s %(message)s")
