@@ -22,6 +22,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["common", "common.*", "pretrain", "finetune"]),
     package_data={"common.models.htsat": ["audioset_labels.csv"]},
+    # the recipes, by name for --recipe (common.config.recipe.bundled_recipes) where the package is installed
+    data_files=[("share/coarse2fine-ast/recipes", sorted(f"recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml"))
+                 )],
+    license_files=["LICENSE"],
     install_requires=[
         # torchaudio 2.11 only loads with the matching torch build: keep the three pinned together.
         "torch==2.11.0",

@@ -28,10 +28,11 @@ import sys
 import time
 from pathlib import Path
 
+from common.config.recipe import bundled_recipes
+
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ROOT / "recipes"
+RECIPES = bundled_recipes() or Path(__file__).resolve().parents[1] / "recipes"  # a clone's, or a wheel's copy
 
 
 def _sets(*items: str) -> list[str]:

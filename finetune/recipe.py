@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from common.audio.pipeline import AudioConfig
-from common.config.recipe import RecipeError, apply_overrides, load_yaml, merge, recipe_files, with_source
+from common.config.recipe import RecipeError, apply_overrides, load_yaml, merge, recipe_file, recipe_files, with_source
 from common.data.config import DataConfig
 from common.data.preflight import check_classes, check_labels, check_manifest, check_norm, count_clips
 from common.models.spec import ModelSpec
@@ -122,6 +122,7 @@ def load_recipe(task: str, recipe_path: str | Path | None = None, overrides: Seq
     fields, defaults = task_source(task)
     given = {}
     if recipe_path is not None:
+        recipe_path = recipe_file(recipe_path)  # a name of the package's recipes too
         given = load_yaml(recipe_path)
         other = sorted(k for k in given if k in ("audio", "ssast", "baseline"))
         if other:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from common.audio.pipeline import AudioConfig
-from common.config.recipe import RecipeError, apply_overrides, load_yaml, recipe_files, with_source
+from common.config.recipe import RecipeError, apply_overrides, load_yaml, recipe_file, recipe_files, with_source
 from common.data.config import DataConfig
 from common.models.arch import architecture_for, geometries
 from common.models.ast.encoder import EncoderConfig
@@ -100,8 +100,9 @@ class PretrainRecipe:
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = (), coarse: str | None = None) -> PretrainRecipe:
     """Read, override (``key=value``) and validate a pretraining recipe; ``coarse`` (``METHOD:C[:SHARE]``,
-    or the recipe's ``coarse`` section) derives a coarse-to-fine schedule from it (``common.phases.coarse``)."""
-    path = Path(path)
+    or the recipe's ``coarse`` section) derives a coarse-to-fine schedule from it (``common.phases.coarse``);
+    ``path`` may name one of the package's recipes (``common.config.recipe.recipe_file``)."""
+    path = recipe_file(path)
     given = load_yaml(path)
     other = sorted(k for k in given if k in ("task", "head", "augment", "expected_init", "init", "num_mel_bins"))
     if other or "data" not in given and not any(item.strip().startswith("data") for item in overrides):

@@ -359,7 +359,11 @@ def _help(main, words: list[str], capsys) -> str:
     return capsys.readouterr().out
 
 
-def _launcher_help(capsys) -> str:
+def _launcher_help(launcher: str, capsys) -> str:
+    if launcher == "torchrun":
+        from torch.distributed.run import get_args_parser
+
+        return get_args_parser().format_help() + " --module"  # its -m is --module's short form
     from deepspeed.launcher.runner import parse_args
 
     with pytest.raises(SystemExit):
@@ -375,13 +379,21 @@ def _check_files(words: list[str]) -> None:
         path = word.split("=", 1)[-1]
         if path.split("/", 1)[0] in REPO_DIRS and "/" in path and not re.search(r"[<>*$]|NAME", path):
             assert (ROOT / path).exists(), f"{path} does not exist"
+        if i and words[i - 1] == "--recipe" and "/" not in word and not word.endswith(".yaml"):  # a shipped one
+            from common.config.recipe import recipe_file
+
+            assert recipe_file(word).is_file(), f"--recipe {word}: no recipe of that name"
         if i and words[i - 1] == "--task":
             assert word in TASKS or word.endswith(".yaml"), f"--task {word}: not a registered task nor a task file"
 
 
 def _program(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(launcher words, program words from the entry point on) of a command line."""
-    if argv[0] == "deepspeed":
+    """(launcher words, program words from the entry point on) of a command line; a module the launcher starts
+    (``deepspeed --module M``, ``torchrun -m M``) as ``-m M``."""
+    if argv[0] in ("deepspeed", "torchrun"):
+        module = next((i for i, word in enumerate(argv) if word in ("--module", "-m")), None)
+        if module is not None:
+            return argv[:module], ["-m", *argv[module + 1:]]
         at = next(i for i, word in enumerate(argv) if word.endswith(".py"))
         return argv[:at], argv[at:]
     if argv[0] == "python":
@@ -406,12 +418,13 @@ def test_every_documented_command_names_what_exists(page, line, capsys):
             assert re.search(rf"^{re.escape(target)}:", makefile, re.M), f"{page}: no make target {target}"
         return
     launcher, program = _program(argv)
-    assert argv[0] in ("python", "deepspeed") or argv[0] in _console_scripts(), f"{page}: unknown program in {line}"
+    assert argv[0] in ("python", "deepspeed", "torchrun") or argv[0] in _console_scripts(), \
+        f"{page}: unknown program in {line}"
     if launcher:
-        known = _launcher_help(capsys)
+        known = _launcher_help(launcher[0], capsys)
         for word in launcher[1:]:
             if word.startswith("--"):
-                assert re.search(rf"{re.escape(word.split('=')[0])}\b", known), f"{page}: deepspeed has no {word}"
+                assert re.search(rf"{re.escape(word.split('=')[0])}\b", known), f"{page}: {launcher[0]} has no {word}"
     if program[0].endswith(".py"):
         assert (ROOT / program[0]).is_file(), f"{page}: {program[0]} does not exist"
     elif program[0] == "-m":

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import difflib
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -25,6 +26,7 @@ import yaml
 from common.system.atomic import atomic_write_text
 
 __all__ = ["RecipeError", "RecipeLoader", "parse_yaml", "yaml_problem", "build", "to_dict", "merge", "load_yaml",
+           "recipe_file", "bundled_recipes",
            "apply_overrides", "recipe_files", "with_source", "did_you_mean", "dump_yaml"]
 
 
@@ -228,14 +230,54 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
-    """Read a recipe file. ``extends: other.yaml`` (relative to the file) starts from another recipe:
-    mappings are merged key by key, everything else (lists included) is replaced."""
+def bundled_recipes() -> Path | None:
+    """The folder of the recipes the package ships: ``recipes/`` of a clone (and of its editable install), else the
+    copy a wheel installs as ``share/coarse2fine-ast/recipes`` (under the environment's prefix, beside the packages
+    of a ``pip install --target``, or under the user's base of a ``pip install --user``); None where none is."""
+    import site  # lazy: read only where a recipe is looked up by name
+
+    top = Path(__file__).resolve().parents[2]
+    shared = Path("share") / "coarse2fine-ast" / "recipes"
+    for folder in (top / "recipes", Path(sys.prefix) / shared, top / shared, Path(site.getuserbase()) / shared):
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def _by_name(path: Path) -> bool:
+    """Whether ``--recipe`` reads as a name (``NAME``, ``recipes/NAME.yaml``) rather than a path of the user's."""
+    return len(path.parts) == 1 or (len(path.parts) == 2 and path.parts[0] == "recipes")
+
+
+def recipe_file(path: str | Path) -> Path:
+    """``--recipe``'s file: the path as given where it exists; else, for a bare name (``ssast_fshift4``, with or
+    without ``.yaml``) or one under ``recipes/`` (as the docs write them, run outside a clone), the recipe the
+    package ships of that name (:func:`bundled_recipes`); else the path as given (its reader says it is missing)."""
     path = Path(path)
+    if path.exists() or not _by_name(path):
+        return path
+    folder = bundled_recipes()
+    if folder is None:
+        return path
+    for name in (path.name, f"{path.name}.yaml"):
+        if (folder / name).is_file():
+            return folder / name
+    return path
+
+
+def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """Read a recipe file (:func:`recipe_file`: a name of the package's recipes too). ``extends: other.yaml``
+    (relative to the file) starts from another recipe: mappings are merged key by key, everything else (lists
+    included) is replaced."""
+    named = _by_name(Path(path))
+    path = recipe_file(path)
     if path.is_dir():
         raise RecipeError(f"recipe {path} is a folder; name a recipe file (.yaml)")
     if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} does not exist")
+        folder = bundled_recipes() if named else None
+        shipped = sorted(p.stem for p in folder.glob("*.yaml")) if folder is not None else []
+        raise FileNotFoundError(f"recipe {path} does not exist" + (f" (the package's recipes, by name: "
+                                                                   f"{', '.join(shipped)})" if shipped else ""))
     try:
         data = parse_yaml(path.read_text())
     except yaml.YAMLError as err:

@@ -396,3 +396,37 @@ def test_a_key_written_twice_is_refused_but_merges_and_other_keys_are_not():
     for twice in ("a: 1\na: 2\n", "x: {b: 1, b: 2}\n", "- <<: {c: 1}\n  d: 1\n  d: 2\n"):
         with pytest.raises(yaml.YAMLError, match="is written twice in one mapping"):
             parse_yaml(twice)
+
+
+def test_a_recipe_is_found_by_name_where_the_package_is_installed(tmp_path, monkeypatch, capsys):
+    """A wheel carried no recipes and --recipe read paths only: an installed copy could not pretrain, nor run the
+    demo. The wheel installs them as share/coarse2fine-ast/recipes; a name (or recipes/NAME.yaml, as the docs write
+    it) that is no file here is the package's recipe of that name; a file of that name here wins."""
+    import sys
+
+    import common.config.recipe as recipe_module
+    from common.config.recipe import bundled_recipes, recipe_file
+    from pretrain.recipe import load_recipe
+
+    clone = bundled_recipes()
+    assert clone == Path(recipe_module.__file__).resolve().parents[2] / "recipes"  # a clone's own
+    site = tmp_path / "site"  # a `pip install --target site` of the wheel: the packages and share/ side by side
+    shipped = site / "share" / "coarse2fine-ast" / "recipes"
+    shipped.mkdir(parents=True)
+    for recipe in clone.glob("*.yaml"):
+        (shipped / recipe.name).write_text(recipe.read_text())
+    monkeypatch.setattr(recipe_module, "__file__", str(site / "common" / "config" / "recipe.py"))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    assert bundled_recipes() == shipped
+    monkeypatch.chdir(tmp_path)
+    for name in ("ssast_fshift4", "ssast_fshift4.yaml", "recipes/ssast_fshift4.yaml"):
+        assert recipe_file(name) == shipped / "ssast_fshift4.yaml"
+    recipe = load_recipe("recipes/ssast_fshift4.yaml")  # its baseline is found beside it
+    assert recipe.baseline == str((shipped / "ssast_baseline.yaml").resolve())
+    assert load_yaml("ft_fshift4") == load_yaml(clone / "ft_fshift4.yaml")
+    (tmp_path / "ssast_fshift4.yaml").write_text("data: {}\n")  # the user's own file of that name
+    assert recipe_file("ssast_fshift4.yaml") == Path("ssast_fshift4.yaml")
+    assert recipe_file("elsewhere/ssast_fshift4.yaml") == Path("elsewhere/ssast_fshift4.yaml")  # a path: as given
+    with pytest.raises(FileNotFoundError, match=r"^recipe nope does not exist \(the package's recipes, by name: "
+                                                r"ft_audioset_fshift4, .*ssast_fshift4, "):
+        load_yaml("nope")
