@@ -50,12 +50,13 @@ def _read_whole(path: str | os.PathLike, cuts) -> list:
 
 
 def _under(filename, folder) -> bool:
-    """Whether an OS error's ``filename`` is ``folder`` or inside it (where an index was written, not a manifest
-    read)."""
+    """Whether an OS error's ``filename`` is ``folder``, inside it or on its way (where an index was written, or its
+    folder made: ``~/.cache`` of a read-only home; not a manifest read)."""
     if filename is None:
         return False
     where = Path(os.path.abspath(os.path.expanduser(str(filename))))
-    return where.is_relative_to(os.path.abspath(os.path.expanduser(str(folder))))
+    folder = Path(os.path.abspath(os.path.expanduser(str(folder))))
+    return where.is_relative_to(folder) or folder.is_relative_to(where)
 
 
 def _say_repeated_ids(cuts: list, paths: list) -> None:

@@ -287,13 +287,33 @@ def test_a_cache_folder_this_user_can_neither_read_nor_write_is_one_warning(tmp_
                     f"decoded every time (data.cache_dir names a folder this user can write)"], said
 
 
-def test_an_index_folder_that_cannot_be_written_names_its_key(tmp_path, synth_corpus):
+def test_an_index_folder_that_cannot_be_written_names_its_key(tmp_path, synth_corpus, monkeypatch):
     """The index of a whole-set shuffle in a folder this user cannot write (another user's shared index, a
-    read-only home) is refused naming data.index_dir and what to do, not a temporary file's path alone."""
+    read-only home) is refused naming data.index_dir and what to do, not a temporary file's path alone; also where
+    the folder that cannot be made is one on its way (~/.cache of a read-only home: the error was that folder's
+    alone)."""
+    import errno
+
     (tmp_path / "home").write_text("a file\n")
     with pytest.raises(ValueError, match=r"^data.index_dir: the training set's index cannot be written under "
                                          rf"{tmp_path / 'home' / 'index'} \(.*not a directory\); set data.index_dir"):
         open_cuts([synth_corpus / "synth_pool.jsonl.gz"], index_dir=str(tmp_path / "home" / "index"))
+    home, real_mkdir = tmp_path / "rohome", os.mkdir
+    home.mkdir()
+
+    def read_only(path, *args, **kwargs):  # as the kernel answers: a missing parent first, then the mount
+        if Path(path).is_relative_to(home):
+            if not Path(path).parent.is_dir():
+                raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    index = home / ".cache" / "coarse2fine" / "manifests"
+    with pytest.raises(ValueError, match=rf"^data.index_dir: the training set's index cannot be written under {index} "
+                                         r"\(.*read-only file system.*\); set data.index_dir"):
+        open_cuts([synth_corpus / "synth_pool.jsonl.gz"], index_dir=str(index))
+    monkeypatch.undo()
     # a manifest that cannot be read while it is indexed is the manifest's failure, not the folder's
     damaged = tmp_path / "damaged.jsonl.gz"
     data = bytearray((synth_corpus / "synth_pool.jsonl.gz").read_bytes())
