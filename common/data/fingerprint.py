@@ -116,16 +116,20 @@ def run_fingerprints(train: Iterable[str], valid: Iterable[str]) -> dict[str, di
 
 def changes(old: dict | None, new: dict) -> dict[str, dict]:
     """What differs between two :func:`run_fingerprints` (None: a run recorded before fingerprints, nothing
-    to compare): ``{"train: PATH": {"from": sha256 or None, "to": sha256 or None}}``."""
+    to compare): ``{"train: PATH": {"from": sha256 or None, "to": sha256 or None}}``. As many manifests of a role
+    named otherwise (another working folder, a moved project, a link) are compared in their order: the same
+    manifests by other paths are no change."""
     if not old:
         return {}
     out = {}
     for role in ("train", "valid"):
         before, after = old.get(role, {}), new.get(role, {})
-        for path in sorted(set(before) | set(after)):
-            old_fp, new_fp = before.get(path, {}), after.get(path, {})
+        if set(before) != set(after) and len(before) == len(after):
+            pairs = [(new_path, before[old_path], after[new_path]) for old_path, new_path in zip(before, after)]
+        else:
+            pairs = [(path, before.get(path, {}), after.get(path, {})) for path in sorted(set(before) | set(after))]
+        for path, old_fp, new_fp in pairs:
             key = key_for(old_fp, new_fp)
-            a, b = old_fp.get(key), new_fp.get(key)
-            if a != b:
+            if old_fp.get(key) != new_fp.get(key):
                 out[f"{role}: {path}"] = {"from": old_fp.get("sha256"), "to": new_fp.get("sha256")}
     return out

@@ -56,14 +56,20 @@ def flat_keys(data, prefix: str = "") -> dict:
     return {prefix: data}
 
 
-# keys that name a file: the same file by another spelling (relative, absolute; a recipe.yaml of an older version
-# stored the path as typed) is no change
-_PATHS = ("baseline",)
+# keys that name a file: the same file by another spelling (relative, absolute, through a link; a recipe.yaml of an
+# older version stored the path as typed) is no change, and so is a file of the same name where the recorded one is
+# gone (the project moved: the recorded path was absolute)
+_PATHS = ("baseline", "init")
+# keys that say where the data is: another spelling of the same manifests (another working folder, a moved project,
+# a link) is no change of the recipe; what they hold is compared by the manifests' fingerprints, by position
+# (common.training.interventions.check_data: a changed manifest is refused there, unless --accept-changed-data)
+LOCATIONS = re.compile(r"data\.train\.\d+\.path|data\.valid|task\.data_root")
 
 
 def _same(key: str, a, b) -> bool:
     if key in _PATHS and isinstance(a, str) and isinstance(b, str):
-        return os.path.realpath(a) == os.path.realpath(b)
+        return os.path.realpath(a) == os.path.realpath(b) or \
+            (not os.path.exists(a) and os.path.exists(b) and Path(a).name == Path(b).name)
     return a == b
 
 
@@ -112,7 +118,7 @@ def recipe_diff(old: dict, new: dict, defaults: dict | None = None) -> list[str]
     a, b, defaults = by_behaviour(flat_keys(old)), by_behaviour(flat_keys(new)), defaults or {}
     return sorted(k for k in set(a) | set(b) if not _same(k, a.get(k), b.get(k))
                   and not (k not in a and k in defaults and _same(k, defaults[k], b.get(k)))
-                  and not k.startswith(RESUMABLE_CHANGES))
+                  and not k.startswith(RESUMABLE_CHANGES) and not LOCATIONS.fullmatch(k))
 
 
 def recovery_change(key: str) -> bool:

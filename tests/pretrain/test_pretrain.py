@@ -1,5 +1,6 @@
 """Pretraining end to end on the built-in corpus: recipes, phases, resume, atomic checkpoints, 2 ranks."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -147,6 +148,34 @@ def test_two_phase_run(tmp_path, synth_corpus):
     # running the same command again finds the run complete
     assert run(run_dir, synth_corpus) == 0
     assert json.loads((run_dir / "ledger.json").read_text())["total"]["steps"] == 6
+
+
+def test_a_run_resumes_under_another_spelling_of_its_files(tmp_path, synth_corpus, monkeypatch, capsys):
+    """The same manifests and baseline by another path (a link, another working folder, a moved project) were 'a
+    run of a different recipe (data.train.0.path, data.valid differ)': the run could not be resumed. What the
+    manifests hold is compared (their fingerprints, in order), not how they are spelled; other manifests are still
+    refused (or accepted as changed data)."""
+    link = tmp_path / "link"
+    link.symlink_to(synth_corpus)
+    run_dir = tmp_path / "run"
+    assert run(run_dir, link, stop=2) == 0
+    monkeypatch.chdir(tmp_path)  # a relative spelling, from another working folder
+    assert run(run_dir, Path(os.path.relpath(synth_corpus, tmp_path))) == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert ledger["total"]["steps"] == 6 and not ledger.get("interventions")
+    other = tmp_path / "other"  # other manifests at the same place in the recipe: changed data, refused
+    other.mkdir()
+    for name in ("synth_pool.jsonl.gz", "synth_valid.jsonl.gz"):
+        (other / name).write_bytes((synth_corpus / name).read_bytes())
+    with gzip.open(other / "synth_valid.jsonl.gz", "rt") as handle:
+        lines = handle.read().splitlines()
+    with gzip.open(other / "synth_valid.jsonl.gz", "wt") as handle:
+        handle.write("\n".join(lines[:-1]) + "\n")
+    assert run(tmp_path / "run2", synth_corpus, stop=2) == 0
+    capsys.readouterr()
+    assert run(tmp_path / "run2", other) == 2
+    assert f"manifests changed since the run started: valid: {other / 'synth_valid.jsonl.gz'} (sha256 " in \
+        capsys.readouterr().err
 
 
 def test_a_run_called_from_python_gives_the_process_its_state_back(tmp_path, synth_corpus, monkeypatch):
