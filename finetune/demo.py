@@ -60,8 +60,9 @@ def run(out: Path, quick: bool = False) -> dict:
         get_corpus("synth").prepare(None, data / "synth", size="test" if quick else "demo")
     print(f"data/synth ready ({time.perf_counter() - t:.0f} s)")
 
-    common = _sets(f"data.train=[{{path: {data / 'synth' / 'synth_pool.jsonl.gz'}}}]",
-                   f"data.valid=[{data / 'synth' / 'synth_valid.jsonl.gz'}]")
+    pool, valid = (json.dumps(str(data / "synth" / name)) for name in ("synth_pool.jsonl.gz", "synth_valid.jsonl.gz"))
+    common = _sets(f"data.train=[{{path: {pool}}}]", f"data.valid=[{valid}]")  # quoted: --out may hold '#' or ', '
+
     if quick:
         common += _sets("model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.batch_size=4",
                         "data.num_workers=0", "train.eval_every=2", "train.save_every=100", "train.log_every=2")

@@ -673,9 +673,10 @@ def test_a_plan_says_when_mixup_cannot_mix(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_the_demo_writes_its_reports_and_plots(tmp_path):
+    """(Into a folder whose name YAML would cut: its manifests' paths were --set unquoted.)"""
     from finetune.demo import run
 
-    results = run(tmp_path / "demo", quick=True)
+    results = run(tmp_path / "demo #1, x", quick=True)
     for path in results["reports"] + results["plots"] + [results["summary"]]:
         assert Path(path).is_file() and Path(path).stat().st_size > 0
     assert Path(results["plots"][0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -685,7 +686,7 @@ def test_the_demo_writes_its_reports_and_plots(tmp_path):
     hf = results["hf"]  # a prefix-pooled fine-tune of the c2f encoder, exported and run through transformers
     assert (Path(hf["dir"]) / "config.json").is_file() and (Path(hf["dir"]) / "preprocessor_config.json").is_file()
     assert len(hf["top"]) == 3 and hf["top"][0]["score"] >= hf["top"][1]["score"]
-    names = json.loads((tmp_path / "demo" / "data" / "synth" / "synth_classes.json").read_text())["names"]
+    names = json.loads((tmp_path / "demo #1, x" / "data" / "synth" / "synth_classes.json").read_text())["names"]
     assert {t["label"] for t in hf["top"]} <= set(names.values())
 
 
