@@ -116,15 +116,15 @@ def run_fingerprints(train: Iterable[str], valid: Iterable[str]) -> dict[str, di
 
 def changes(old: dict | None, new: dict) -> dict[str, dict]:
     """What differs between two :func:`run_fingerprints` (None: a run recorded before fingerprints, nothing
-    to compare): ``{"train: PATH": {"from": sha256 or None, "to": sha256 or None}}``. As many manifests of a role
-    named otherwise (another working folder, a moved project, a link) are compared in their order: the same
-    manifests by other paths are no change."""
+    to compare): ``{"train: PATH": {"from": sha256 or None, "to": sha256 or None}}``. As many manifests of a role as
+    before are compared in their order, whatever their paths: the same manifests by other paths (another working
+    folder, a moved project, a link) are no change, two swapped are."""
     if not old:
         return {}
     out = {}
     for role in ("train", "valid"):
         before, after = old.get(role, {}), new.get(role, {})
-        if set(before) != set(after) and len(before) == len(after):
+        if len(before) == len(after):  # in order: two manifests swapped are a change (the data position moves)
             pairs = [(new_path, before[old_path], after[new_path]) for old_path, new_path in zip(before, after)]
         else:
             pairs = [(path, before.get(path, {}), after.get(path, {})) for path in sorted(set(before) | set(after))]

@@ -80,6 +80,19 @@ def test_changes_name_the_role_and_the_path(tmp_path):
     assert list(changed) == [f"valid: {valid}"] and changed[f"valid: {valid}"]["from"] == old["valid"][str(valid)]["sha256"]
 
 
+def test_changes_compare_manifests_in_order_whatever_their_paths(tmp_path):
+    """The same manifests by other paths (a link, another working folder) are no change; two swapped are (the data
+    position would point at other clips); one added or removed is."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("1")
+    b.write_text("2")
+    (tmp_path / "link").symlink_to(tmp_path)
+    old = run_fingerprints([a, b], [])
+    assert changes(old, run_fingerprints([tmp_path / "link" / "a.jsonl", tmp_path / "link" / "b.jsonl"], [])) == {}
+    assert list(changes(old, run_fingerprints([b, a], []))) == [f"train: {b}", f"train: {a}"]
+    assert list(changes(old, run_fingerprints([a], []))) == [f"train: {b}"]
+
+
 @pytest.mark.slow
 def test_a_resume_on_changed_manifests_is_refused_unless_accepted(tmp_path, synth_corpus, capsys):
     corpus = tmp_path / "corpus"
