@@ -31,6 +31,9 @@ __all__ = ["TooMuchBadAudio", "BadAudioTracker"]
 log = logging.getLogger(__name__)
 
 
+MISSING = "missing"  # the kind of load_clip's reason for a file that is not there (common.data.decode)
+
+
 class TooMuchBadAudio(RuntimeError):
     """More than the allowed fraction of clips could not be used."""
 
@@ -295,6 +298,7 @@ class BadAudioTracker:
             source = f" of {', '.join(self.source)}" if self.source else ""
             raise TooMuchBadAudio(
                 f"none of the {self.seen} {self.split} clips{source} could be used ({dict(self.reasons)}){where}"
+                f"{self._moved()}"
             )
         if self.seen and self.bad / self.seen > self.max_fraction:
             split = "" if self.split == "train" else f" ({self.split})"
@@ -311,7 +315,15 @@ class BadAudioTracker:
         if self.reasons.get(FAR_OUTSIDE, 0) * 2 > self.bad:
             return ("Rescale the files to float audio at full scale (integer PCM stored as float: divide by 32768, "
                     "then prepare the corpus again)")
-        return "Restore the files"
+        return f"Restore the files{self._moved()}"
+
+    def _moved(self) -> str:
+        """Where most bad clips are missing files: the likeliest cause, a corpus moved (or not mounted) since its
+        manifests were written, which hold absolute paths."""
+        if self.reasons.get(MISSING, 0) * 2 <= self.bad:
+            return ""
+        return ("; most are missing: was the corpus moved, or is its disk not mounted, since its manifests were "
+                "written? They hold absolute paths: prepare it again where it is now (c2f-corpora prepare)")
 
     def recheck_listed(self) -> None:
         """At the start of an invocation: the clips an earlier attempt listed that read fine now (files that

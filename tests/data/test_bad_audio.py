@@ -158,6 +158,21 @@ def test_no_usable_clip_in_a_split_names_its_manifests(tmp_path, synth_corpus):
         list(loader.batches(epochs=1))
 
 
+def test_a_split_whose_files_are_mostly_missing_asks_whether_the_corpus_moved(tmp_path, synth_corpus):
+    """A corpus moved (or its disk not mounted) since its manifests were written, which hold absolute paths: the
+    run stopped naming only missing files. It says the likely cause; bad files of other kinds say nothing of it."""
+    moved = local_manifest(synth_corpus / "synth_valid.jsonl.gz", tmp_path, "v", 3, {0: "delete", 1: "delete"})
+    garbage = local_manifest(synth_corpus / "synth_valid.jsonl.gz", tmp_path, "g", 3, {0: "garbage", 1: "garbage"})
+    for manifest, said in ((moved, True), (garbage, False)):
+        tracker = BadAudioTracker(0.1, min_clips=1)
+        loader = ClipLoader(open_cuts([manifest]), ClipDataset(8000), 3, shuffle=False, drop_last=False,
+                            rank=0, world_size=1, tracker=tracker)
+        with pytest.raises(TooMuchBadAudio) as caught:
+            list(loader.batches(epochs=1))
+        assert ("most are missing: was the corpus moved, or is its disk not mounted, since its manifests were "
+                "written? They hold absolute paths: prepare it again where it is now" in str(caught.value)) == said
+
+
 @pytest.fixture
 def data_root(tmp_path, synth_corpus) -> Path:
     data = tmp_path / "data"
@@ -692,7 +707,8 @@ def test_too_much_audio_far_outside_full_scale_is_to_be_rescaled_not_restored():
     loud = sample_problem(np.full(4, 12000.0, dtype=np.float32))
     for reason, advice in ((loud, "Rescale the files to float audio at full scale (integer PCM stored as float: "
                                   "divide by 32768, then prepare the corpus again) and run the same command again"),
-                           ("missing (no such file)", "Restore the files and run the same command again")):
+                           ("unreadable (not audio)", "Restore the files and run the same command again"),
+                           ("missing (no such file)", "Restore the files; most are missing: was the corpus moved")):
         tracker = BadAudioTracker(max_fraction=0.1, min_clips=1)
         batch = Batch(torch.zeros(2, 8), torch.full((2,), 8), None, ["a", "b"],
                       bad=[(f"c{i}.wav", reason) for i in range(3)])
