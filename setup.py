@@ -24,7 +24,7 @@ setup(
     package_data={"common.models.htsat": ["audioset_labels.csv"]},
     # the recipes, by name for --recipe (common.config.recipe.bundled_recipes) where the package is installed
     data_files=[("share/coarse2fine-ast/recipes", sorted(f"recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml"))
-                 )],
+                 ), ("share/coarse2fine-ast/examples", ["examples/onnx_classify.py"])],  # what c2f-onnx points to
     license_files=["LICENSE"],
     install_requires=[
         # torchaudio 2.11 only loads with the matching torch build: keep the three pinned together.

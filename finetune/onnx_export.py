@@ -293,6 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _example() -> str:
+    """The torch-free example's path: ``examples/onnx_classify.py`` of a clone, or the copy an installed wheel carries
+    beside its recipes (``share/coarse2fine-ast/examples``)."""
+    from common.config.recipe import bundled_recipes  # lazy: read once, after an export
+
+    recipes = bundled_recipes()
+    found = recipes.parent / "examples" / "onnx_classify.py" if recipes is not None else None
+    return str(found) if found is not None and found.is_file() else "examples/onnx_classify.py"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status (2 on bad input, 141 when the output's reader went away)."""
     args = build_parser().parse_args(argv)
@@ -317,7 +327,7 @@ def _export(args: argparse.Namespace) -> int:
     print(f"exported {info['arch']} classifier with {len(info['classes'])} classes to {out} "
           f"({out.stat().st_size / 2**20:.1f} MiB; input: {info['clip_samples']} samples at {info['sample_rate']} Hz, "
           f"front end in the graph; {info['scores']} scores{check})")
-    print(f"use: python examples/onnx_classify.py {out} FILE.wav   (numpy + onnxruntime, no PyTorch)")
+    print(f"use: python {_example()} {out} FILE.wav   (numpy + onnxruntime, no PyTorch)")
     return 0
 
 

@@ -94,6 +94,15 @@ def exported(request, tmp_path_factory):
     return request.param, src, out, buffer.getvalue()
 
 
+def test_the_export_points_at_an_example_that_exists(exported):
+    """It printed `python examples/onnx_classify.py`, a file of a clone only (an installed wheel carries it beside
+    its recipes now); the path it prints is one that exists."""
+    import shlex
+
+    line = next(line for line in exported[3].splitlines() if line.startswith("use: python "))
+    assert Path(shlex.split(line)[2]).is_absolute() and Path(shlex.split(line)[2]).is_file()  # from any folder
+
+
 def test_an_export_removes_what_a_killed_export_of_its_file_left(exported):
     """A killed export left its temporary, a whole model's size, which nothing ever removed; the next export of the
     same file removes it, and leaves a killed export's of another file of the folder (a folder of the user's)."""
