@@ -56,20 +56,19 @@ def flat_keys(data, prefix: str = "") -> dict:
     return {prefix: data}
 
 
-# keys that name a file: the same file by another spelling (relative, absolute, through a link; a recipe.yaml of an
-# older version stored the path as typed) is no change, and so is a file of the same name where the recorded one is
-# gone (the project moved: the recorded path was absolute)
-_PATHS = ("baseline", "init")
-# keys that say where the data is: another spelling of the same manifests (another working folder, a moved project,
-# a link) is no change of the recipe; what they hold is compared by the manifests' fingerprints, by position
-# (common.training.interventions.check_data: a changed manifest is refused there, unless --accept-changed-data)
-LOCATIONS = re.compile(r"data\.train\.\d+\.path|data\.valid|task\.data_root")
+# keys that name a file: the same file by another spelling (relative, absolute; a recipe.yaml of an older version
+# stored the path as typed) is no change
+_PATHS = ("baseline",)
+# keys that name the manifests a run reads: another spelling of the same manifests (another working folder, a link,
+# absolute for relative paths) is no change of the recipe; what they hold is compared by their fingerprints, in
+# order (common.training.interventions.check_data: a changed manifest is refused there, unless
+# --accept-changed-data). Not task.data_root: its class list and test split are not fingerprinted
+LOCATIONS = re.compile(r"data\.train\.\d+\.path|data\.valid")
 
 
 def _same(key: str, a, b) -> bool:
     if key in _PATHS and isinstance(a, str) and isinstance(b, str):
-        return os.path.realpath(a) == os.path.realpath(b) or \
-            (not os.path.exists(a) and os.path.exists(b) and Path(a).name == Path(b).name)
+        return os.path.realpath(a) == os.path.realpath(b)
     return a == b
 
 
