@@ -12,9 +12,10 @@ A clip belongs to YTID when its stem is ``YTID``, ``Y``+YTID (PANNs) or starts w
 (``YTID_30.000.flac``, ``YTID_30000_40000.wav``); the audio folder is searched recursively for
 .wav/.flac/.ogg/.mp3. Writes ``audioset_balanced_train``, ``audioset_unbalanced_train`` and ``audioset_eval``
 (cut id = YTID, labels = mids, classes in ``index`` order); a clip with no file is reported missing as
-``AUDIO/YTID`` (no suffix: any accepted name would do). A file named by the video alone (``YTID``, ``YYTID``)
-that is longer than its segment and holds it is the whole video (a downloader that fetched it all): the clip is the
-segment's span of it (``common.data.corpora.base.segment_span``), counted in the report.
+``AUDIO/YTID`` (no suffix: any accepted name would do). A file longer than its segment that holds it is the whole
+video (a downloader that fetched it all): the clip is the segment's span of it
+(``common.data.corpora.base.segment_span``: a file whose name gives the segment, ``YTID_30.000``, only where it
+reaches the segment's end and runs 5 s past its length), counted in the report.
 
 ``--labels-json FILE`` takes the labels of the clips it lists from an AST / PSLA data file
 (``{"data": [{"wav": ".../YTID.wav", "labels": "mid,mid"}, ...]}``, the clip's YouTube id read from the file
@@ -164,10 +165,9 @@ def prepare(src: Path, out: Path, num_jobs: int = 4, audio_dir: Path | None = No
                     labels = relabel[ytid]
                     taken[split] += 1
                 path = Path(found.get(ytid) or audio / ytid)
-                by_id = path.stem in (ytid, f"Y{ytid}")  # may be the whole video; YTID_30.000 is the segment
                 yield ClipEntry(cut_id=ytid, path=path, split=split, labels=labels,
-                                custom={"start_seconds": start, "end_seconds": end},
-                                segment=(start, end) if by_id else None)
+                                custom={"start_seconds": start, "end_seconds": end}, segment=(start, end),
+                                named=path.stem not in (ytid, f"Y{ytid}"))  # YTID_30.000 names the segment
 
     listed_entries = list(entries())  # counted before the report's notes are written
     notes = []

@@ -93,9 +93,11 @@ class ClipEntry:
         split: the manifest it goes to (``train``, ``eval``, ``fold1`` ...).
         labels: class ids (empty for unlabeled audio).
         custom: extra fields stored in ``cut.custom``.
-        segment: ``(start, end)`` seconds of the video the clip was cut from, for a file named by the video alone
-            (YouTube corpora: it may be the whole video; a file whose name gives the segment is that segment):
-            where the file is the whole video, the clip is that span of it (:func:`segment_span`).
+        segment: ``(start, end)`` seconds of the video the clip was cut from (YouTube corpora): where the file is
+            the whole video, the clip is that span of it (:func:`segment_span`).
+        named: the file's name gives the segment's start (``YTID_30.000``, ``YTID_000030``): it is the segment,
+            whole, unless it reaches the segment's end and runs :data:`NAMED_SLACK` past its length (a whole
+            video saved under the segment's name).
     """
 
     cut_id: str
@@ -103,7 +105,8 @@ class ClipEntry:
     split: str
     labels: tuple[str, ...] = ()
     custom: dict = field(default_factory=dict)
-    segment: tuple[float, float] | None = None  # the clip's span of its video, for a file named by the video alone
+    segment: tuple[float, float] | None = None  # the clip's span of its video (YouTube corpora)
+    named: bool = False  # the file's name gives the segment (YTID_START): that segment, unless clearly the whole video
 
 
 @dataclass
@@ -264,12 +267,13 @@ def _video_advice(path: Path, err: Exception) -> str:
 SEGMENT_SECONDS = 10.0  # the YouTube corpora's segments (AudioSet, VGGSound): a file padded to it is a segment's
 SEGMENT_SLACK = 1.0  # seconds a segment's own file may run over (a downloader's rounding, a container's padding)
 WHOLE_SEGMENT = 0.9  # the share of its segment a whole video's file must hold (load_clip's rule for truncation)
+NAMED_SLACK = 5.0  # seconds past its segment's length a file named by the segment may run and still be the segment
 
 
 def segment_span(entry: ClipEntry, length: float, listed: Collection[tuple[float, float]] = ()
                  ) -> tuple[float, float] | str:
-    """Where in its file of ``length`` seconds, named by the video alone, a clip listed as ``entry.segment`` of the
-    video lies, as ``(start, duration)``, or why it cannot be told.
+    """Where in its file of ``length`` seconds a clip listed as ``entry.segment`` of its video lies, as ``(start,
+    duration)``, or why it cannot be told (a file named by the segment: see :class:`ClipEntry`'s ``named``).
 
     A file no longer than the segment (or than :data:`SEGMENT_SECONDS`, to which a short one may be padded) by
     :data:`SEGMENT_SLACK` is the segment itself, whole; a longer one that holds the segment is the whole video
@@ -281,6 +285,8 @@ def segment_span(entry: ClipEntry, length: float, listed: Collection[tuple[float
     begin, end = entry.segment
     span = end - begin
     held = min(end, length) - begin
+    if entry.named:  # the segment (with a margin, perhaps), unless clearly the whole video
+        return (begin, span) if length >= end and length > span + NAMED_SLACK else (0.0, length)
     if length > span + SEGMENT_SLACK and held >= WHOLE_SEGMENT * span:
         return begin, round(held, 6)
     if length > max(span, SEGMENT_SECONDS) + SEGMENT_SLACK:

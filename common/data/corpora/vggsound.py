@@ -76,6 +76,6 @@ def prepare(src: Path, out: Path, num_jobs: int = 4, audio_dir: Path | None = No
         path = named or found.get(ytid) or audio / cut_id
         entries.append(ClipEntry(cut_id=cut_id, path=Path(path), split=split, labels=(label,),
                                  custom={"youtube_id": ytid, "start_seconds": start},
-                                 segment=None if named else (float(start), start + SEGMENT_SECONDS)))
+                                 segment=(float(start), start + SEGMENT_SECONDS), named=bool(named)))
     classes = sorted({label for _, _, label, _ in rows})
     return write_corpus(NAME, entries, out, classes=classes, num_jobs=num_jobs)
