@@ -256,6 +256,8 @@ def recipe_file(path: str | Path) -> Path:
     path = Path(path)
     if path.exists() or not _by_name(path):
         return path
+    if path.suffix != ".yaml" and path.with_name(f"{path.name}.yaml").is_file():  # the user's NAME.yaml here
+        return path.with_name(f"{path.name}.yaml")
     folder = bundled_recipes()
     if folder is None:
         return path

@@ -426,6 +426,7 @@ def test_a_recipe_is_found_by_name_where_the_package_is_installed(tmp_path, monk
     assert load_yaml("ft_fshift4") == load_yaml(clone / "ft_fshift4.yaml")
     (tmp_path / "ssast_fshift4.yaml").write_text("data: {}\n")  # the user's own file of that name
     assert recipe_file("ssast_fshift4.yaml") == Path("ssast_fshift4.yaml")
+    assert recipe_file("ssast_fshift4") == Path("ssast_fshift4.yaml")  # by name too
     assert recipe_file("elsewhere/ssast_fshift4.yaml") == Path("elsewhere/ssast_fshift4.yaml")  # a path: as given
     with pytest.raises(FileNotFoundError, match=r"^recipe nope does not exist \(the package's recipes, by name: "
                                                 r"ft_audioset_fshift4, .*ssast_fshift4, "):
