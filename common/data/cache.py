@@ -102,6 +102,7 @@ class ClipCache:
         self._readable = True  # False: a disk cache whose folder could not be made, nothing to read
         self._closed: set[str] = set()  # sub-folders this user cannot write (another user's, without group write)
         self._hidden: set[str] = set()  # sub-folders this user cannot search (nothing in them can be read)
+        self._closed_said = False  # a closed sub-folder met during the run was said
         if self.folder is not None:
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
@@ -116,7 +117,7 @@ class ClipCache:
         """What of an existing folder this user can read and write (another user's cache, a read-only mount, a group
         folder whose sub-folders a user without ``umask 002`` made): said here, once, and not by each loader worker
         at its first write (or at each clip it reads)."""
-        self._readable = os.access(self.folder, os.R_OK | os.X_OK)
+        self._readable = os.access(self.folder, os.X_OK)  # search is enough to read a file by its name (0711)
         if not os.access(self.folder, os.W_OK | os.X_OK):
             self._write_failed = True
             log.warning("clip cache: cannot write to %s (%s); %s (data.cache_dir names a folder this user can write)",
@@ -128,7 +129,7 @@ class ClipCache:
             subs = [entry for entry in os.scandir(self.folder) if len(entry.name) == 2 and entry.is_dir()]
         except OSError:
             return
-        self._hidden = {entry.name for entry in subs if not os.access(entry.path, os.R_OK | os.X_OK)}
+        self._hidden = {entry.name for entry in subs if not os.access(entry.path, os.X_OK)}
         self._closed = self._hidden | {entry.name for entry in subs if not os.access(entry.path, os.W_OK | os.X_OK)}
         if self._closed:
             log.warning("clip cache: %d of the %d sub-folders of %s cannot be written by this user%s (made by another "
@@ -159,6 +160,10 @@ class ClipCache:
                     return wave
             except FileNotFoundError:
                 pass
+            except PermissionError:  # a sub-folder another user made during the run: said once, then skipped
+                self._hidden.add(key[:2])
+                self._closed.add(key[:2])
+                self._say_closed()
             except (OSError, ValueError, EOFError) as err:  # damaged (a crash can leave it empty): decode, rewrite
                 log.warning("clip cache: %s is unreadable (%s); decoding %s again", path, err, cut.id)
         self.misses += 1
@@ -194,9 +199,21 @@ class ClipCache:
         except OSError as err:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
+            if isinstance(err, PermissionError) and path.parent != self.folder:  # a sub-folder another user made
+                self._closed.add(path.parent.name)  # during the run: that one is skipped, the others written
+                self._say_closed()
+                return
             self._write_failed = True
             log.warning("clip cache: cannot write to %s (%s); clips are decoded every time from now on",
                         self.folder, _reason(err))
+
+    def _say_closed(self) -> None:
+        """Once per process: a sub-folder found closed to this user while the run reads and writes."""
+        if not self._closed_said:
+            self._closed_said = True
+            log.warning("clip cache: a sub-folder of %s that another user made cannot be written (or read) by this "
+                        "user (docs/data.md says how a group shares the folder); the clips that belong in such "
+                        "folders are decoded every time", self.folder)
 
     def _room(self, nbytes: int) -> bool:
         """Whether a clip of ``nbytes`` leaves the cache's file system its reserve free; once it does not, said once

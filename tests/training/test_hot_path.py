@@ -268,6 +268,41 @@ def test_a_group_cache_whose_sub_folders_another_user_made_is_said_once_and_read
         {closed, hidden} | others  # the closed one read, the hidden one not; the others written
 
 
+def test_a_sub_folder_closed_during_the_run_is_said_once_and_the_others_still_written(tmp_path, synth_corpus,
+                                                                                       caplog, monkeypatch):
+    """A sub-folder another user made while the run went (without group write, or search): a failed write stopped
+    every write of the run, naming the top folder, and an unsearchable one warned at every clip of every epoch."""
+    import errno
+
+    import common.data.cache as cache_module
+
+    cuts = list(open_cuts([synth_corpus / "synth_valid.jsonl.gz"]))[:6]
+    keys = [cache_module._cut_key(c, 16000)[:2] for c in cuts]
+    cache = ClipCache("disk", tmp_path / "c")
+    real_temporary, real_load = cache_module.temporary_file, cache_module.np.load
+
+    def closed(path):
+        if path.parent.name == keys[0]:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_temporary(path)
+
+    def hidden(path, *args, **kwargs):
+        if Path(path).parent.name == keys[1]:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "temporary_file", closed)
+    monkeypatch.setattr(cache_module.np, "load", hidden)
+    caplog.clear()
+    for _ in range(2):
+        waves = [cache.load(c, 16000, load_clip) for c in cuts]
+    assert all(np.array_equal(w, load_clip(c, 16000)) for w, c in zip(waves, cuts))
+    written = {p.parent.name for p in (tmp_path / "c").rglob("*.npy")}
+    assert keys[0] not in written and set(keys[2:]) - {keys[0], keys[1]} <= written
+    said = [r.getMessage() for r in caplog.records if "clip cache" in r.getMessage()]
+    assert len(said) == 1 and "a sub-folder of" in said[0] and "cannot be written (or read)" in said[0], said
+
+
 def test_a_cache_folder_this_user_can_neither_read_nor_write_is_one_warning(tmp_path, synth_corpus, caplog,
                                                                              monkeypatch):
     """The folder another user's 0700 (or 0711) cache: every clip's read was a warning 'PATH is unreadable'."""
