@@ -662,7 +662,7 @@ def test_a_run_trained_in_another_precision_than_its_baseline_is_said(tmp_path, 
     assert main(["--baseline", str(runs["base"]), "--runs", str(runs["c2f"]), str(runs["never"]), "--out",
                  str(out)]) == 0
     text = (out / "report.md").read_text(encoding="utf-8")
-    assert "Fshift 4→1 trained in bf16 (baseline: fp32): its scores and times compare" in text
+    assert "Fshift 4→1 trained in bf16 (baseline: fp32): the precision moves scores a little and times much" in text
     assert "Avg Pool 2→1 trained in" not in text
     ledger = Ledger.read(runs["never"])
     ledger.phases[-1].trained_in("bf16")  # resumed on another GPU
