@@ -118,6 +118,8 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), coarse: str | N
         baseline = Path(recipe.baseline)
         if not baseline.is_absolute() and not baseline.exists():
             baseline = path.parent / baseline
+        if not baseline.is_file() and len(Path(recipe.baseline).parts) == 1:  # a user's copy of a shipped recipe
+            baseline = recipe_file(recipe.baseline)  # names the package's baseline of that name
         if not baseline.is_file():
             raise FileNotFoundError(f"baseline: recipe {recipe.baseline} not found (next to {path} or here)")
         recipe = replace(recipe, baseline=str(baseline.resolve()))  # one spelling: the run's recipe.yaml holds it

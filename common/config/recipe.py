@@ -253,8 +253,8 @@ def recipe_file(path: str | Path) -> Path:
     """``--recipe``'s file: the path as given where it exists; else, for a bare name (``ssast_fshift4``, with or
     without ``.yaml``) or one under ``recipes/`` (as the docs write them, run outside a clone), the recipe the
     package ships of that name (:func:`bundled_recipes`); else the path as given (its reader says it is missing)."""
-    path = Path(path)
-    if path.exists() or not _by_name(path):
+    given, path = str(path), Path(path)
+    if path.exists() or not _by_name(path) or given.startswith(("./", "../")):  # ./NAME.yaml: the user's, here
         return path
     if path.suffix != ".yaml" and path.with_name(f"{path.name}.yaml").is_file():  # the user's NAME.yaml here
         return path.with_name(f"{path.name}.yaml")
@@ -293,7 +293,7 @@ def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
         return data
     if not isinstance(parent, str) or not parent:
         raise RecipeError(f"{path}: extends: expected the path of another recipe, got {parent!r}")
-    parent_path = (path.parent / parent).resolve()
+    parent_path = _parent_file(path, parent)
     if parent_path in _seen:
         raise RecipeError(f"{path}: extends {parent} in a cycle")
     try:
@@ -310,7 +310,7 @@ def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
 def recipe_files(path: str | Path) -> list[tuple[str, dict]]:
     """The files recipe ``path`` reads, itself first, then the recipes it ``extends`` (nearest first), each with
     what it writes itself: where :func:`with_source` looks a key up. Read after :func:`load_yaml` succeeded."""
-    files, path = [], Path(path)
+    files, path = [], recipe_file(path)
     while path.is_file() and len(files) < 64:
         data = parse_yaml(path.read_text())
         if not isinstance(data, dict):
@@ -319,8 +319,18 @@ def recipe_files(path: str | Path) -> list[tuple[str, dict]]:
         files.append((str(path), data))
         if not isinstance(parent, str) or not parent:
             break
-        path = (path.parent / parent).resolve()
+        path = _parent_file(path, parent)
     return files
+
+
+def _parent_file(path: Path, parent: str) -> Path:
+    """The file ``extends: parent`` of recipe ``path`` names: beside it, else (a bare name of a file not there) the
+    package's recipe of that name (a user's recipe that extends a shipped one, on an installed copy)."""
+    beside = (path.parent / parent).resolve()
+    if beside.exists() or len(Path(parent).parts) != 1:
+        return beside
+    shipped = recipe_file(parent)
+    return shipped.resolve() if shipped.is_file() else beside
 
 
 _KEY = re.compile(r"([A-Za-z_]\w*(?:\.\w+)*)[: ]")  # the dotted key a recipe error starts with

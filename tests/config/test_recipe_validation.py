@@ -405,7 +405,7 @@ def test_a_recipe_is_found_by_name_where_the_package_is_installed(tmp_path, monk
     import sys
 
     import common.config.recipe as recipe_module
-    from common.config.recipe import bundled_recipes, recipe_file
+    from common.config.recipe import bundled_recipes, recipe_file, recipe_files
     from pretrain.recipe import load_recipe
 
     clone = bundled_recipes()
@@ -424,6 +424,13 @@ def test_a_recipe_is_found_by_name_where_the_package_is_installed(tmp_path, monk
     recipe = load_recipe("recipes/ssast_fshift4.yaml")  # its baseline is found beside it
     assert recipe.baseline == str((shipped / "ssast_baseline.yaml").resolve())
     assert load_yaml("ft_fshift4") == load_yaml(clone / "ft_fshift4.yaml")
+    assert [f for f, _ in recipe_files("ft_fshift4")] == [str(shipped / "ft_fshift4.yaml")]  # "(in FILE)" of errors
+    assert recipe_file("./ssast_fshift4.yaml") == Path("ssast_fshift4.yaml")  # ./: a path of the user's, as given
+    # a user's recipe that extends a shipped one, and a user's copy of one whose baseline stays the package's
+    (tmp_path / "mine.yaml").write_text("extends: ssast_fshift4.yaml\nphases: [{compression: none, steps: 7}]\n")
+    assert load_yaml("mine.yaml")["phases"] == [{"compression": "none", "steps": 7}]
+    (tmp_path / "copy.yaml").write_text((shipped / "ssast_fshift4.yaml").read_text())
+    assert load_recipe("copy.yaml").baseline == str((shipped / "ssast_baseline.yaml").resolve())
     (tmp_path / "ssast_fshift4.yaml").write_text("data: {}\n")  # the user's own file of that name
     assert recipe_file("ssast_fshift4.yaml") == Path("ssast_fshift4.yaml")
     assert recipe_file("ssast_fshift4") == Path("ssast_fshift4.yaml")  # by name too
