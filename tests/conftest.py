@@ -34,16 +34,10 @@ def tiny_cfg():
 def _root_logging():
     """Each test starts with the root logger as it found it: an entry point run in-process installs its
     console handler and level (common.system.logger.setup_logging), which must not leak into the next test."""
-    import logging
+    from common.system.logger import process_logging  # lazy: as the fixtures above import what they use
 
-    root, tracebacks = logging.getLogger(), logging.getLogger("c2f.tracebacks")
-    handlers, level = {logger: list(logger.handlers) for logger in (root, tracebacks)}, root.level
-    yield
-    for logger, before in handlers.items():  # the run's train.log hangs on both
-        for handler in [h for h in logger.handlers if h not in before]:
-            logger.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
+    with process_logging():  # what an entry point called from Python does itself, for the helpers that do not
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -161,8 +161,9 @@ class ClipCache:
             except FileNotFoundError:
                 pass
             except PermissionError:  # a sub-folder another user made during the run: said once, then skipped
-                self._hidden.add(key[:2])
-                self._closed.add(key[:2])
+                if not os.access(path.parent, os.X_OK):  # (a file of its own that this user cannot read: decoded)
+                    self._hidden.add(key[:2])
+                    self._closed.add(key[:2])
                 self._say_closed()
             except (OSError, ValueError, EOFError) as err:  # damaged (a crash can leave it empty): decode, rewrite
                 log.warning("clip cache: %s is unreadable (%s); decoding %s again", path, err, cut.id)
@@ -211,9 +212,9 @@ class ClipCache:
         """Once per process: a sub-folder found closed to this user while the run reads and writes."""
         if not self._closed_said:
             self._closed_said = True
-            log.warning("clip cache: a sub-folder of %s that another user made cannot be written (or read) by this "
-                        "user (docs/data.md says how a group shares the folder); the clips that belong in such "
-                        "folders are decoded every time", self.folder)
+            log.warning("clip cache: a sub-folder of %s (or a file in it) that another user made cannot be written "
+                        "or read by this user (docs/data.md says how a group shares the folder); the clips that belong "
+                        "there are decoded every time", self.folder)
 
     def _room(self, nbytes: int) -> bool:
         """Whether a clip of ``nbytes`` leaves the cache's file system its reserve free; once it does not, said once
