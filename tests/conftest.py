@@ -41,6 +41,20 @@ def _root_logging():
 
 
 @pytest.fixture(autouse=True)
+def _no_process_group_left():
+    """A test that joins the process group without leaving it (init_distributed() to build an engine) must not hand
+    it to the next test of the worker: a run adopts a group it finds and leaves it to its maker (Dist.owned), so the
+    next tests would run in this one's."""
+    yield
+    import torch  # lazy: as the fixtures above import what they use
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from common.system.distributed import Dist  # lazy: as above
+
+        Dist(0, 1, 0, torch.device("cpu")).teardown(synchronise=False)
+
+
+@pytest.fixture(autouse=True)
 def _clip_cache_without_reserve(monkeypatch):
     """The disk clip cache leaves 10 % of its file system free (common.data.cache); a test machine whose disk is
     fuller would otherwise cache nothing. The test of the reserve sets it again."""
