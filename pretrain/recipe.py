@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Sequence
 
 from common.audio.pipeline import AudioConfig
-from common.config.recipe import RecipeError, apply_overrides, load_yaml, recipe_file, recipe_files, with_source
+from common.config.recipe import (
+    RecipeError,
+    apply_overrides,
+    load_yaml,
+    recipe_file,
+    recipe_files,
+    shipped_recipe,
+    with_source,
+)
 from common.data.config import DataConfig
 from common.models.arch import architecture_for, geometries
 from common.models.ast.encoder import EncoderConfig
@@ -119,7 +127,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), coarse: str | N
         if not baseline.is_absolute() and not baseline.exists():
             baseline = path.parent / baseline
         if not baseline.is_file() and len(Path(recipe.baseline).parts) == 1:  # a user's copy of a shipped recipe
-            baseline = recipe_file(recipe.baseline)  # names the package's baseline of that name
+            baseline = shipped_recipe(recipe.baseline) or baseline  # names the package's baseline of that name
         if not baseline.is_file():
             raise FileNotFoundError(f"baseline: recipe {recipe.baseline} not found (next to {path} or here)")
         recipe = replace(recipe, baseline=str(baseline.resolve()))  # one spelling: the run's recipe.yaml holds it

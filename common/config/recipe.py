@@ -26,7 +26,7 @@ import yaml
 from common.system.atomic import atomic_write_text
 
 __all__ = ["RecipeError", "RecipeLoader", "parse_yaml", "yaml_problem", "build", "to_dict", "merge", "load_yaml",
-           "recipe_file", "bundled_recipes",
+           "recipe_file", "bundled_recipes", "shipped_recipe",
            "apply_overrides", "recipe_files", "with_source", "did_you_mean", "dump_yaml"]
 
 
@@ -244,34 +244,39 @@ def bundled_recipes() -> Path | None:
     return None
 
 
-def _by_name(path: Path) -> bool:
-    """Whether ``--recipe`` reads as a name (``NAME``, ``recipes/NAME.yaml``) rather than a path of the user's."""
-    return len(path.parts) == 1 or (len(path.parts) == 2 and path.parts[0] == "recipes")
+def shipped_recipe(name: str) -> Path | None:
+    """The recipe the package ships as ``name`` (with or without ``.yaml``: :func:`bundled_recipes`), or None."""
+    folder = bundled_recipes()
+    return None if folder is None else next(
+        (folder / n for n in (name, f"{name}.yaml") if (folder / n).is_file()), None)
+
+
+def _by_name(path: str | Path) -> bool:
+    """Whether ``--recipe`` reads as a name (``NAME``, ``recipes/NAME.yaml``) rather than a path of the user's
+    (``./NAME.yaml`` is one)."""
+    parts = Path(path).parts
+    return not str(path).startswith(("./", "../")) and (len(parts) == 1 or (len(parts) == 2 and
+                                                                           parts[0] == "recipes"))
 
 
 def recipe_file(path: str | Path) -> Path:
     """``--recipe``'s file: the path as given where it exists; else, for a bare name (``ssast_fshift4``, with or
-    without ``.yaml``) or one under ``recipes/`` (as the docs write them, run outside a clone), the recipe the
-    package ships of that name (:func:`bundled_recipes`); else the path as given (its reader says it is missing)."""
-    given, path = str(path), Path(path)
-    if path.exists() or not _by_name(path) or given.startswith(("./", "../")):  # ./NAME.yaml: the user's, here
+    without ``.yaml``) or one under ``recipes/`` (as the docs write them, run outside a clone), the user's
+    ``NAME.yaml`` here, else the recipe the package ships of that name (:func:`shipped_recipe`); else the path as
+    given (its reader says it is missing)."""
+    named, path = _by_name(path), Path(path)
+    if path.exists() or not named:
         return path
     if path.suffix != ".yaml" and path.with_name(f"{path.name}.yaml").is_file():  # the user's NAME.yaml here
         return path.with_name(f"{path.name}.yaml")
-    folder = bundled_recipes()
-    if folder is None:
-        return path
-    for name in (path.name, f"{path.name}.yaml"):
-        if (folder / name).is_file():
-            return folder / name
-    return path
+    return shipped_recipe(path.name) or path
 
 
 def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     """Read a recipe file (:func:`recipe_file`: a name of the package's recipes too). ``extends: other.yaml``
     (relative to the file) starts from another recipe: mappings are merged key by key, everything else (lists
     included) is replaced."""
-    named = _by_name(Path(path))
+    named = _by_name(path)
     path = recipe_file(path)
     if path.is_dir():
         raise RecipeError(f"recipe {path} is a folder; name a recipe file (.yaml)")
@@ -327,10 +332,8 @@ def _parent_file(path: Path, parent: str) -> Path:
     """The file ``extends: parent`` of recipe ``path`` names: beside it, else (a bare name of a file not there) the
     package's recipe of that name (a user's recipe that extends a shipped one, on an installed copy)."""
     beside = (path.parent / parent).resolve()
-    if beside.exists() or len(Path(parent).parts) != 1:
-        return beside
-    shipped = recipe_file(parent)
-    return shipped.resolve() if shipped.is_file() else beside
+    shipped = None if beside.exists() or len(Path(parent).parts) != 1 else shipped_recipe(parent)
+    return shipped.resolve() if shipped is not None else beside
 
 
 _KEY = re.compile(r"([A-Za-z_]\w*(?:\.\w+)*)[: ]")  # the dotted key a recipe error starts with
