@@ -125,9 +125,8 @@ def predict_file(model: torch.nn.Module, meta: dict, path: str | Path, hop_secon
 
     from finetune.inference import clip_for_export, clip_handling, predict_scores
 
-    held = next(model.parameters()).device
-    if device is not None and torch.device(device) != held and not (torch.device(device).type == held.type == "cuda"
-                                                                     and torch.device(device).index is None):
+    held, wanted = next(model.parameters()).device, torch.device(device or "cpu")
+    if device is not None and (wanted.type != held.type or wanted.index not in (None, held.index)):  # "cuda": any
         raise ValueError(f"predict_file: device {device}, but the model is on {held}: move it first "
                          f"(model.to({str(device)!r}))")
     device = held

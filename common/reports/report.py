@@ -169,9 +169,9 @@ def _report(args: argparse.Namespace) -> int:
                          f"other devices, another number of ranks or a mix of them do not compare); its FLOPs saving "
                          f"is.\n"
                          for row in rows if row.hardware)
-        folds += "".join(f"\n{row.label} trained in {other_precision(baseline, run)}: the precision moves scores a "
-                         f"little and times much (bf16 against fp32).\n"
-                         for row, run in zip(rows[1:], runs) if other_precision(baseline, run))
+        folds += "".join(f"\n{row.label} trained in {other}: the precision moves scores a little and times much "
+                         f"(bf16 against fp32).\n"
+                         for row, other in zip(rows[1:], (other_precision(baseline, run) for run in runs)) if other)
         output_folder(args.out)
         rule = (f"Each run stops at epoch {args.stop_epoch} of its final phase (a fixed stop, whatever its {metric})"
                 if args.stop_epoch is not None else

@@ -75,6 +75,9 @@ def _basic_config(handler: logging.Handler) -> bool:
             and formatter._fmt == logging.BASIC_FORMAT and handler not in ROOT_HANDLERS_AT_IMPORT)
 
 
+NOISY = ("DeepSpeed", "lhotse", "torch.distributed", "urllib3")  # libraries a command's console holds at warnings
+
+
 def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO, console_format: str | None = None
                   ) -> None:
     """Console logging for every rank (warnings only off rank 0) and ``run_dir/train.log`` on rank 0;
@@ -105,8 +108,6 @@ def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO
     for noisy in NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-
-NOISY = ("DeepSpeed", "lhotse", "torch.distributed", "urllib3")  # libraries a command's console holds at warnings
 
 
 @contextmanager
