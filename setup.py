@@ -25,7 +25,7 @@ setup(
     # the recipes, by name for --recipe (common.config.recipe.bundled_recipes) where the package is installed
     data_files=[("share/coarse2fine-ast/recipes", sorted(f"recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml"))
                  ), ("share/coarse2fine-ast/examples", ["examples/onnx_classify.py"])],  # what c2f-onnx points to
-    license_files=["LICENSE"],
+    license_files=["LICENSE", "NOTICE"],  # NOTICE: the AudioSet class list (CC BY-SA 4.0)
     install_requires=[
         # torchaudio 2.11 only loads with the matching torch build: keep the three pinned together.
         "torch==2.11.0",

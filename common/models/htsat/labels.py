@@ -1,8 +1,9 @@
 """Class names for HTS-AT outputs: AudioSet's 527 display names, or numbered labels.
 
 ``audioset_labels.csv`` (next to this module) is AudioSet's ``class_labels_indices.csv`` (columns
-``index,mid,display_name``; Gemmeke et al. 2017, research.google.com/audioset, CC BY 4.0), as shipped
-with the official HTS-AT code (RetroCirce/HTS-Audio-Transformer ``class_label_indice.csv`` @ 2e29471).
+``index,mid,display_name``; Gemmeke et al. 2017, research.google.com/audioset: the ontology's ids and
+names, CC BY-SA 4.0; see NOTICE), as shipped with the official HTS-AT code
+(RetroCirce/HTS-Audio-Transformer ``class_label_indice.csv`` @ 2e29471).
 Official HTS-AT AudioSet checkpoints order their 527 outputs by its ``index`` column. It is read with
 the same parser as the AudioSet corpus (:func:`common.data.corpora.audioset.read_classes_csv`).
 """
