@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from common.config.recipe import RecipeError
+from common.system import launcher
 from common.system.atomic import remove_orphans
 from common.system.disk import describe_os_error, human_size
 from common.system.lock import LOCK_FILE, RunDirBusy, job_lock
@@ -279,8 +280,8 @@ def training_session(run_dir: Path, recipe, restart: bool = False,
     check_run_dir(run_dir)
     dist = init_distributed()
     threads = torch.get_num_threads()  # given back at the end (a notebook, the demo, the tests run on)
-    # and the caller's random state: a run seeds the global generators (its initialisation), and a seed sweep in a
-    # notebook drew the same numbers after every run whatever its own seed
+    # and the caller's random state: a run seeds the global generators (its initialisation), after which a seed sweep
+    # in a notebook would draw the same numbers after every run whatever its own seed
     rng = torch.get_rng_state()
     device_rng = torch.cuda.get_rng_state(dist.device) if dist.device.type == "cuda" else None
     finished = False
@@ -336,20 +337,20 @@ def _stopped_by(err: BaseException, resumable: bool) -> str | None:
         return memory
     first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
     if _timed_out(err):
-        return (f"rank {os.environ.get('RANK', '?')}: no word from the other ranks for {_waited(err):.0f} s "
+        return (f"rank {launcher.rank_name()}: no word from the other ranks for {_waited(err):.0f} s "
                 f"({first[:200]}): a rank is stuck (a read that never returns, a stale network file system, a "
                 f"deadlock) or gone; its error, if it has one, says why{_failures_where()}. The wait is "
                 f"DEEPSPEED_TIMEOUT minutes (default 10)"
                 + ("; run the same command again to resume from the last checkpoint" if resumable else ""))
     if not _lost_peer(err):
         return None
-    return (f"rank {os.environ.get('RANK', '?')}: another rank of the job stopped ({first[:200]}); its error says why"
+    return (f"rank {launcher.rank_name()}: another rank of the job stopped ({first[:200]}); its error says why"
             f"{_failures_where()}")
 
 
 def _timed_out(err: BaseException) -> bool:
     """A collective gave up waiting for the other ranks (the process group's timeout)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(word in str(err) for word in _TIMED_OUT)
+    return launcher.several() and any(word in str(err) for word in _TIMED_OUT)
 
 
 def _waited(err: BaseException) -> float:
@@ -366,7 +367,7 @@ def _waited(err: BaseException) -> float:
 
 def _lost_peer(err: BaseException) -> bool:
     """A collective failed because another rank of the job stopped (that rank says why)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(word in str(err) for word in _PEER_GONE)
+    return launcher.several() and any(word in str(err) for word in _PEER_GONE)
 
 
 def command_device(given: str | None) -> str:
@@ -419,7 +420,7 @@ def run_main(body: Callable[[], int], resumable: bool = False) -> int:
     given back as it was (``common.system.logger.process_logging``: a command called from Python, a notebook's or a
     sweep's, left its handlers, its level and its open ``train.log`` behind).
     """
-    from common.system.logger import process_logging  # lazy: as below
+    from common.system.logger import process_logging  # lazy: the logger imports tqdm, which a --help does without
 
     with process_logging():
         return _run_main(body, resumable)
@@ -475,9 +476,9 @@ def _run_main(body: Callable[[], int], resumable: bool) -> int:
 def _rank_words() -> str | None:
     """``rank R (host H)`` on a rank of several (None for one process): what an ``error:`` line starts with, so that
     the lines of a job's ranks, interleaved by a launcher or gathered from several nodes, say where each comes from."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    if not launcher.several():
         return None
-    return f"rank {os.environ.get('RANK', '?')} (host {socket.gethostname()})"
+    return f"rank {launcher.rank_name()} (host {socket.gethostname()})"
 
 
 def _error(message: str) -> None:
@@ -486,7 +487,7 @@ def _error(message: str) -> None:
     directory (:func:`_keep_failure`)."""
     words = _rank_words()
     if words is not None:
-        own = f"rank {os.environ.get('RANK', '?')}"
+        own = f"rank {launcher.rank_name()}"
         if not message.startswith(words):
             message = (words + message[len(own):] if re.match(rf"{re.escape(own)}\b", message)
                        else f"{words}: {message}")

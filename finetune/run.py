@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         init, digest = (init, None) if args.dry_run else _checked_init(run_root, recipe, init,
                                                                         args.restart)
         head_init = None
-        if args.keep_head and str(args.init).lower() == "none":  # it was ignored without a word
+        if args.keep_head and str(args.init).lower() == "none":
             raise RecipeError("--keep-head keeps the classifier of --init a Hugging Face AST directory; --init none "
                               "starts from random weights, with no classifier to keep")
         try:

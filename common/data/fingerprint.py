@@ -94,7 +94,7 @@ def _fingerprint(path: Path) -> dict:
                 content.update(f"{rel}\0".encode())
                 try:
                     _content_sha256(shard, content)
-                except CUT_SHORT as err:  # a shard cut short: named as a cut manifest is (it was an EOFError)
+                except CUT_SHORT as err:  # a shard cut short: named as a cut manifest is
                     raise ValueError(truncated_manifest(shard, err)) from None
             else:  # audio shards: their names and sizes, as in the byte digest
                 content.update(f"{rel}\0{nbytes}\0".encode())

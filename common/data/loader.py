@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Iterator, Sequence
 
 import torch
@@ -56,6 +55,7 @@ from common.data.shar_stream import RankShardSampler, SharSet, is_shar_folder, r
 from common.data.shards import equal_shards, shard_batches
 from common.data.shared_memory import check_room, check_socket_dir
 from common.data.workers import end_with, end_workers, start_worker, start_workers
+from common.system import launcher
 from common.system.cpu import available_memory, loader_workers, local_ranks, total_memory
 
 __all__ = ["ClipLoader", "train_loader", "eval_loader"]
@@ -120,8 +120,8 @@ class ClipLoader:
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.seed = seed
-        self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        self.rank = launcher.rank() if rank is None else rank
+        self.world_size = launcher.world_size() if world_size is None else world_size
         self.num_workers = loader_workers(num_workers)  # no more than the rank's cores (common.system.cpu)
         self.weights = list(weights) if weights is not None else None
         self.tracker = tracker or BadAudioTracker()

@@ -74,8 +74,8 @@ def truncated_manifest(path: Path, err: Exception) -> str:
             f"Copy or prepare it again")
 
 
-# a manifest's clips by (path, size, modification time): a start's checks count each manifest once (AudioSet-2M's
-# was read six times over, about 4 s on every rank)
+# a manifest's clips by (path, size, modification time): a start's checks count each manifest once, not once per
+# check (AudioSet-2M's holds 2 million lines, counted on every rank)
 _COUNTED: dict[tuple[str, int, int], int] = {}
 
 
@@ -174,8 +174,7 @@ LOCK_WAIT_SECONDS = 1200.0
 def _one_at_a_time(lock: Path, what: str) -> Iterator[None]:
     """Hold ``lock`` (``flock``) while ``what`` (a cache file) is built: the ranks of a job, and other jobs sharing
     the folder, build an index or its labels once, the first to come, and the others wait (they are told so) and
-    read what it wrote (they each built their own copy at once: N temporary copies of a 1 GB index, N passes over
-    2 million records). The kernel drops the lock of a killed builder. Where no lock can be taken (a file system
+    read what it wrote (not N temporary copies of a 1 GB index and N passes over 2 million records). The kernel drops the lock of a killed builder. Where no lock can be taken (a file system
     without locks, a lock file this process may not open) or after :data:`LOCK_WAIT_SECONDS`, this process builds
     its own copy, as before (the copies are written atomically: the last one stays)."""
     fd = None

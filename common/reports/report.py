@@ -24,6 +24,7 @@ from common.system.atomic import atomic_write_text
 from common.system.disk import output_folder
 from common.system.prog import error_line, prog, whole_number
 from common.system.signals import piped
+from common.system.version import same_code
 
 # Imports the command alone needs are inside its functions: --help answers without loading torch.
 
@@ -49,7 +50,6 @@ def _code_text(runs: Sequence[Run]) -> str:
     """report.md's caution where the runs were not all trained by the same code (``ledger.json``'s ``code``, a
     resume's ``code`` intervention): an upgrade can change what is computed (SSAST's validation masks), so two
     identical models could score apart."""
-    from common.system.version import same_code  # lazy: the report's --help does without the package's modules
 
     def codes(run: Run) -> list:
         ledgers = [fold.ledger for fold in run.folds] or [run.ledger]

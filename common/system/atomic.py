@@ -29,13 +29,12 @@ __all__ = ["atomic_path", "atomic_write_text", "atomic_copy", "file_mode", "remo
            "ORPHAN"]
 
 # the temporary files atomic_path and the clip cache make: marked, so that the clean-up never takes another program's
-# (tempfile's ``.NAME.XXXXXXXX.tmp``, which earlier versions of this package made too: those are left alone now)
+# (tempfile's ``.NAME.XXXXXXXX.tmp``, which earlier versions of this package made too: those are said, left alone)
 MARKER = "c2f-"
 _OURS = rf"{MARKER}[0-9a-f]{{8}}\.tmp"  # what follows ".NAME."
 ORPHAN = re.compile(rf"\..+\.{_OURS}")
 # what earlier versions named them (tempfile's 8 characters; the clip cache's 16 hex digits): said, never removed
 _EARLIER = r"(?:[a-z0-9_]{8}|[0-9a-f]{16})\.tmp"
-LEGACY = re.compile(rf"\..+\.{_EARLIER}")
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +179,7 @@ def remove_orphans(folder: str | os.PathLike, within: tuple[str, ...] = (),
 
 
 def _say_legacy(top: Path, entries: list) -> None:
-    """Say (once per clean-up) the files named as earlier versions named their temporaries (:data:`LEGACY`), which
+    """Say (once per clean-up) the files named as earlier versions named their temporaries (``_EARLIER``), which
     the clean-up leaves: another program's temporary files are named so too, and some of ours are large (a
     probe's features, a model's export)."""
     size = 0

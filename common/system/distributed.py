@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common.system import launcher
 from common.system.gpu import unseen_gpu, unsupported_gpu
 
 __all__ = ["Dist", "RendezvousFailed", "init_distributed", "device_index", "local_rank_of_launcher",
@@ -166,8 +167,8 @@ def single_process(command: str) -> None:
     Raises:
         ValueError: naming the command and ``WORLD_SIZE``.
     """
-    ranks = os.environ.get("WORLD_SIZE", "1").strip()
-    if ranks not in ("", "1"):
+    ranks = launcher.world_size()
+    if ranks != 1:
         raise ValueError(f"{command} runs in one process, and this is one of WORLD_SIZE={ranks} ranks (each would "
                          f"repeat the whole work and write the same files): run it with python, not a launcher")
 

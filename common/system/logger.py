@@ -47,9 +47,6 @@ class BarSafeHandler(logging.StreamHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            # lazy: its failure is handled here
-            from tqdm import tqdm
-
             if self._follow:
                 self.stream = sys.stderr
             tqdm.write(self.format(record), file=self.stream)

@@ -22,11 +22,11 @@ rank) scores as many clips on any launch.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
 from common.config.recipe import RecipeError
+from common.system import launcher
 
 __all__ = ["BatchSplit", "split_batch", "phase_splits", "launch_world_size", "stated_batch", "plan_lines"]
 
@@ -139,9 +139,9 @@ def launch_world_size(planned: int | None = None) -> int:
     if planned is not None:
         return planned
     try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        raise RecipeError(f"WORLD_SIZE: expected a number of ranks, got {os.environ['WORLD_SIZE']!r}") from None
+        return launcher.world_size()
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
 
 
 def stated_batch(mapping: dict) -> int | None:

@@ -15,6 +15,8 @@ import yaml
 from common.config.recipe import RecipeError, parse_yaml, to_dict, yaml_problem
 from common.system.engine_config import resolve_zero_stage
 from common.training.batch import launch_world_size
+from common.training.checkpoints import OLD_PREFIX, tag_order
+from common.training.ledger import Ledger
 from common.training.run_recipe import (
     MEMORY_CHANGES,
     RECOVERY_CHANGES,
@@ -42,7 +44,6 @@ def _has_checkpoint(run_dir: Path) -> bool:
     """A checkpoint folder that a resume picks from is in ``RUN/checkpoints``: a tag, or a tag's previous folder
     that an interrupted save of the same tag left (``.old-TAG``, put back by the resume); not what an interrupted
     save, a conversion or a resume left aside (``.tmp-``, ``.universal-``, ``.aside-``)."""
-    from common.training.checkpoints import OLD_PREFIX, tag_order  # lazy: checkpoints loads torch
 
     folder = run_dir / "checkpoints"
     return folder.is_dir() and any(p.is_dir() and tag_order(p.name.removeprefix(OLD_PREFIX)) is not None
@@ -52,7 +53,6 @@ def _has_checkpoint(run_dir: Path) -> bool:
 def finished_run(run_dir: Path, phases: int | None = None) -> bool:
     """The run in ``run_dir`` finished: its ``model.safetensors`` is there and its ``ledger.json`` records every
     phase as ended (``phases`` of them, where given)."""
-    from common.training.ledger import Ledger  # lazy: the ledger's module is not needed to plan
 
     if not (run_dir / "model.safetensors").is_file():
         return False

@@ -169,6 +169,18 @@ def test_a_launch_that_cannot_split_the_batch_stops_before_any_compute(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("value", ["2x", "0", "-1"])
+def test_a_malformed_world_size_is_one_error_line(tmp_path, synth_corpus, monkeypatch, capsys, value):
+    """The reporter of the error read WORLD_SIZE itself and failed on it: two tracebacks and status 1."""
+    from tests.helpers import run
+
+    monkeypatch.setenv("WORLD_SIZE", value)
+    assert run(tmp_path / "run", synth_corpus) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: WORLD_SIZE: expected a whole number of ranks (1 or more), got {value!r}"
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_a_run_records_the_split_in_its_log_and_ledger(tmp_path, synth_corpus):
     """A per-rank cap of 2 clips on the tiny recipe's global batch of 4: 2 micro-batches of 2 per step."""

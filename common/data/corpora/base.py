@@ -474,4 +474,4 @@ def write_corpus(
         atomic_write_text(classes_path(out, corpus),
                           json.dumps({"classes": list(classes), "names": dict(names or {})}, indent=1))
     atomic_write_text(out / f"{corpus}_prepare.json", json.dumps(report.to_dict(), indent=1))
-    return report  # its summary() is the command's to say (it was said twice: logged here and printed there)
+    return report  # its summary() is the command's to say

@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from common.models.ast.resize import resample_patch_kernel
 from common.models.htsat.config import HTSATConfig
 from common.models.htsat.geometry import Geometry, stage_layout
+from common.models.htsat.model import HTSAT
 
 __all__ = ["BiasTransfer", "BIAS_TRANSFERS", "resize_bias_table", "adapt_state_dict", "fit_tables", "adapt_model"]
 
@@ -145,8 +146,6 @@ def adapt_model(model: torch.nn.Module, new: Geometry, bias_transfer: str = "tim
                 patch_transfer: str = "pi") -> torch.nn.Module:
     """A new :class:`~common.models.htsat.model.HTSAT` for geometry ``new`` with ``model``'s weights, same device
     and dtype."""
-    # lazy: common.models.htsat imports this module: a cycle at import time
-    from common.models.htsat.model import HTSAT
 
     param = next(model.parameters())
     state = adapt_state_dict(model.state_dict(), model.cfg, model.geom, new, bias_transfer, patch_transfer)

@@ -16,14 +16,13 @@ from torch.nn import functional as F
 from common.models.flops import train_step_flops
 from common.models.htsat.config import HTSATConfig
 from common.models.htsat.geometry import Geometry, geometry
+from common.models.htsat.model import HTSAT
 
 __all__ = ["train_flops"]
 
 
 def train_flops(cfg: HTSATConfig, geom: Geometry | None = None, batch: int = 2) -> int:
     """FLOPs per clip of one training step (forward + backward) of HTS-AT in geometry ``geom``."""
-    # lazy: common.models.htsat imports this module: a cycle at import time
-    from common.models.htsat.model import HTSAT
 
     geom = geom if geom is not None else geometry(cfg)
 

@@ -32,6 +32,7 @@ import torch
 from common.models.htsat.config import HTSATConfig
 from common.models.htsat.frontend import mel_filterbank
 from common.models.htsat.geometry import swin_depths
+from common.models.htsat.model import HTSAT
 
 __all__ = ["OFFICIAL_PREFIX", "ESC50_CLASSES", "OFFICIAL_FRONT_ENDS", "looks_official", "unwrap_official",
            "config_from_official", "convert_official", "load_official_checkpoint", "official_clips"]
@@ -212,8 +213,6 @@ def convert_official(state: dict[str, torch.Tensor], cfg: HTSATConfig) -> dict[s
 
 def _check_against_model(state: dict[str, torch.Tensor], cfg: HTSATConfig) -> None:
     """Every key and shape of the model built for ``cfg`` (on the meta device: no memory, no time)."""
-    # lazy: common.models.htsat imports this module: a cycle at import time
-    from common.models.htsat.model import HTSAT
 
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in HTSAT(cfg).state_dict().items()}
