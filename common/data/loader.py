@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from typing import Iterator, Sequence
 
 import torch
@@ -57,6 +58,7 @@ from common.data.shared_memory import check_room, check_socket_dir
 from common.data.workers import end_with, end_workers, start_worker, start_workers
 from common.system import launcher
 from common.system.cpu import available_memory, loader_workers, local_ranks, total_memory
+from common.system.logger import logging_for_workers
 
 __all__ = ["ClipLoader", "train_loader", "eval_loader"]
 
@@ -234,7 +236,8 @@ class ClipLoader:
             check_room(self.dataset.batch_bytes(self.batch_size), self.num_workers, self.prefetch_factor,
                        local_ranks())
         return DataLoader(self.dataset, sampler=stream, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, worker_init_fn=start_worker,
+                          pin_memory=self.pin_memory,
+                          worker_init_fn=partial(start_worker, logs=logging_for_workers()),
                           prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
                           persistent_workers=keep, generator=torch.Generator().manual_seed(self.seed))
 

@@ -40,6 +40,7 @@ from typing import Iterator
 from torch.utils.data import DataLoader
 
 from common.data.shared_memory import ADVICE, SharedMemoryFull, shm_words
+from common.system.logger import join_logging
 from common.system.signals import STOP_SIGNALS
 
 _LIVE: dict[int, Iterator] = {}  # this process's iterators whose workers have not been ended, by id
@@ -141,14 +142,16 @@ def forking() -> Iterator[None]:
             gc.enable()
 
 
-def start_worker(worker_id: int) -> None:
+def start_worker(worker_id: int, logs: dict | None = None) -> None:
     """A loader worker's ``worker_init_fn``: freeze the parent's objects (see the module's docstring), then
     collect the worker's own garbage as usual; ignore the stop signals (:func:`ignore_stop_signals`) and let
-    through those :func:`forking` held back (ignored now)."""
+    through those :func:`forking` held back (ignored now); log as the parent does (``logs``: its
+    ``common.system.logger.logging_for_workers``, for a worker that did not inherit its handlers: spawned)."""
     gc.freeze()
     gc.enable()
     ignore_stop_signals()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_IGNORES)
+    join_logging(logs)
 
 
 def ignore_stop_signals() -> None:

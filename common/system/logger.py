@@ -20,7 +20,7 @@ from common.system.disk import NoSpace, free_bytes, out_of_space
 from common.system.paths import open_nofollow
 
 __all__ = ["setup_logging", "BarSafeHandler", "Scalars", "progress", "log_traceback", "library_chatter",
-           "process_logging"]
+           "process_logging", "logging_for_workers", "join_logging"]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # the tracebacks of the errors a command reports in one line: into train.log only (not the console)
@@ -88,23 +88,59 @@ def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO
                     handler.close()
     if not _TRACEBACKS.handlers:
         _TRACEBACKS.addHandler(logging.NullHandler())  # no run directory: dropped (not logging's last resort)
-    console = BarSafeHandler()
     fmt = console_format or FORMAT
-    console.setFormatter(logging.Formatter(f"[rank {rank}] {fmt}" if rank else fmt, "%H:%M:%S"))
-    console._c2f = True  # type: ignore[attr-defined]
-    console.addFilter(library_chatter)
-    root.addHandler(console)
+    root.addHandler(_console(f"[rank {rank}] {fmt}" if rank else fmt))
     root.setLevel(level if rank == 0 else logging.WARNING)
     if rank == 0 and run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        file = _LogFile(Path(run_dir) / "train.log")
-        file.setFormatter(logging.Formatter(FORMAT))
-        file._c2f = True  # type: ignore[attr-defined]
+        file = _log_file(Path(run_dir) / "train.log")
         root.addHandler(file)
         _TRACEBACKS.addHandler(file)
     for noisy in NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+
+
+def _console(fmt: str) -> BarSafeHandler:
+    console = BarSafeHandler()
+    console.setFormatter(logging.Formatter(fmt, "%H:%M:%S"))
+    console._c2f = True  # type: ignore[attr-defined]
+    console.addFilter(library_chatter)
+    return console
+
+
+def _log_file(path: Path, delay: bool = False) -> _LogFile:
+    file = _LogFile(path, delay=delay)
+    file.setFormatter(logging.Formatter(FORMAT))
+    file._c2f = True  # type: ignore[attr-defined]
+    return file
+
+
+def logging_for_workers() -> dict:
+    """How this process logs, for its worker processes to log the same way (:func:`join_logging`): the root
+    logger's level, the console's line format and the ``train.log`` files it writes."""
+    root = logging.getLogger()
+    console = next((h for h in root.handlers if isinstance(h, BarSafeHandler) and getattr(h, "_c2f", False)), None)
+    return {"level": root.level, "console": console.formatter._fmt if console is not None else None,
+            "files": [h.baseFilename for h in root.handlers if isinstance(h, _LogFile)]}
+
+
+def join_logging(state: dict | None) -> None:
+    """In a worker process (a loader's, an export's): log as its parent does (``state``: the parent's
+    :func:`logging_for_workers`). A forked worker inherited its parent's handlers and keeps them; a spawned one
+    (macOS's start method, and Python 3.14's forkserver on Linux) is a fresh interpreter, whose lines went to
+    logging's last resort (no time, level or logger; no INFO) and never into the run's ``train.log``."""
+    root = logging.getLogger()
+    if state is None or any(getattr(h, "_c2f", False) for h in root.handlers):
+        return
+    for handler in [h for h in root.handlers if _basic_config(h)]:
+        root.removeHandler(handler)
+    root.addHandler(_console(state["console"] or FORMAT))
+    for path in state["files"]:
+        root.addHandler(_log_file(Path(path), delay=True))  # opened at its first line (O_APPEND: whole lines)
+    root.setLevel(state["level"])
+    for noisy in NOISY:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @contextmanager

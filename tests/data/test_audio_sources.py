@@ -132,12 +132,14 @@ def test_a_shar_members_command_is_refused(tmp_path):
     assert ran(tmp_path) == []
 
 
-@pytest.mark.parametrize("jobs, start", [(1, None), (2, "fork"), (2, "spawn")])
-def test_a_shar_export_runs_no_command_and_counts_what_it_leaves_out(tmp_path, caplog, monkeypatch, jobs, start):
+@pytest.mark.parametrize("jobs, start", [(1, None), (2, "fork"), (2, "spawn"), (2, "forkserver")])
+def test_a_shar_export_runs_no_command_and_counts_what_it_leaves_out(tmp_path, caplog, capfd, monkeypatch, jobs,
+                                                                     start):
     """``c2f-corpora shar`` had Lhotse read every clip itself, a plain ``command`` source included (run, then
     skipped), and left clips out with Lhotse's warnings of several lines each and no count: each clip left out is
-    one line naming it and why, and the summary counts them. Lhotse's worker processes, spawned (Python 3.14's
-    default on Linux is forkserver), never import this package: no command reaches them."""
+    one line naming it and why, and the summary counts them. Lhotse's worker processes, spawned (macOS; Python
+    3.14's default on Linux is forkserver), are fresh interpreters: they start without Lhotse's shell backends (a
+    ``file`` source named ``x; cmd; .sph`` ran ``cmd`` through sph2pipe there) and log as the parent does."""
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 
@@ -155,11 +157,18 @@ def test_a_shar_export_runs_no_command_and_counts_what_it_leaves_out(tmp_path, c
     plain["recording"].update(num_samples=8000, duration=0.5)
     gone = mono("gone", write_clip(tmp_path / "gone.wav", seconds=0.5))
     (tmp_path / "gone.wav").unlink()
-    manifest = _write_manifest(tmp_path / "m.jsonl.gz", [*good, plain, *items.values(), gone])
+    sph = mono("sph", tmp_path / "a.wav")  # a plain file source whose name sph2pipe's shell command would run
+    sph["recording"]["sources"][0]["source"] = f"{tmp_path}/x; touch {tmp_path}/ran-sph; .sph"
+    manifest = _write_manifest(tmp_path / "m.jsonl.gz", [*good, plain, *items.values(), gone, sph])
     with caplog.at_level(logging.WARNING):
         done = export_shar(manifest, tmp_path / "shar", shard_size=10, num_jobs=jobs)
     assert ran(tmp_path) == []
-    assert done.endswith("; 5 clip(s) left out (4 refused, 1 unreadable: each named above)"), done
+    assert done.endswith("; 6 clip(s) left out (4 refused, 2 unreadable: each named above)"), done
+    if start in ("spawn", "forkserver"):  # the workers' lines: the package's one line each, with time and level
+        err = capfd.readouterr().err
+        assert re.search(r"^\d\d:\d\d:\d\d WARNING common\.data\.corpora\.shar: clip gone left out: unreadable \(",
+                         err, re.M), err
+        assert "Skipping" not in err, err
     assert sum(count_lines(p) for p in (tmp_path / "shar").glob("cuts.*.jsonl.gz")) == 2
     if jobs == 1:  # a worker process's lines go to its own handlers, not to this test's
         lines = [r.getMessage() for r in caplog.records]

@@ -174,3 +174,35 @@ def test_workers_forked_by_an_iteration_that_fails_to_start_are_ended():
     # while the error is alive (its traceback holds the half-built iterator: a run reports it, an uncaught one
     # stays in sys.last_traceback until the exit), the workers are already gone
     assert set(multiprocessing.active_children()) - before == set() and caught.traceback
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_workers_log_into_the_runs_log_however_they_start(synth_corpus, tmp_path, start):
+    """A spawned worker (macOS's start method; Python 3.14's forkserver on Linux) is a fresh interpreter: its lines
+    went to logging's last resort, without time or level, and never into ``train.log``."""
+    import logging
+
+    from common.data.cache import ClipCache
+    from common.system.logger import setup_logging
+
+    cache = tmp_path / "cache"
+    for _ in range(2):  # filled, then read
+        run = ClipLoader(open_cuts([synth_corpus / "synth_valid.jsonl.gz"]),
+                         ClipDataset(16000, seed=1, cache=ClipCache("disk", cache)), 4, seed=7, rank=0, world_size=1,
+                         num_workers=1, shuffle=False, drop_last=False)
+        if _ == 1:
+            for file in cache.rglob("*.npy"):
+                file.write_bytes(b"junk")  # damaged: each worker says so, and decodes again
+            setup_logging(tmp_path / "run", level=logging.INFO)
+            before = multiprocessing.get_start_method(allow_none=True)
+            multiprocessing.set_start_method(start, force=True)
+            try:
+                next(iter(run.batches(epochs=1)))
+            finally:
+                multiprocessing.set_start_method(before, force=True)
+        else:
+            for _batch in run.batches(epochs=1):
+                pass
+    lines = (tmp_path / "run" / "train.log").read_text().splitlines()
+    damaged = [line for line in lines if "clip cache:" in line and "is unreadable" in line]
+    assert damaged and all(" WARNING common.data.cache: clip cache: " in line for line in damaged), lines

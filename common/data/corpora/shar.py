@@ -11,14 +11,18 @@ import secrets
 import shutil
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
+import lhotse.cut.set
+
 from common.data.integrity import decoder_reason
-from common.data.lhotse_safety import EXTRA_INFO, unsafe_source
+from common.data.lhotse_safety import EXTRA_INFO, no_shell, unsafe_source
 from common.data.manifest_index import count_lines, open_lines
 from common.data.manifests import open_cuts
 from common.system.disk import output_folder
+from common.system.logger import join_logging, logging_for_workers
 
 __all__ = ["export_shar"]
 
@@ -146,8 +150,9 @@ def _export(manifest: str | Path, out_dir: Path, shard_size: int, num_jobs: int,
     root = logging.getLogger()
     root.addFilter(tally)  # Lhotse's warning for each clip it leaves out, said in one line (forked workers too)
     try:
-        shards = cuts.to_shar(tmp, fields={"recording": "flac"}, shard_size=shard_size, num_jobs=num_jobs,
-                              fault_tolerant=True)
+        with _export_workers(num_jobs):
+            shards = cuts.to_shar(tmp, fields={"recording": "flac"}, shard_size=shard_size, num_jobs=num_jobs,
+                                  fault_tolerant=True)
         written = sum(count_lines(Path(path)) for path in shards.get("cuts", []))
         if _shards(out_dir):
             raise ValueError(f"--out {out_dir} was filled by another export while this one ran; its shards are "
@@ -177,6 +182,36 @@ def _export(manifest: str | Path, out_dir: Path, shard_size: int, num_jobs: int,
         kinds = ", ".join(f"{n} {kind}" for n, kind in counts if n)
         done += f"; {left} clip(s) left out ({kinds}: each named above)"
     return done
+
+
+@contextmanager
+def _export_workers(num_jobs: int) -> Iterator[None]:
+    """Start the worker processes of Lhotse's export (``num_jobs`` > 1: its ``ProcessPoolExecutor``) with
+    :func:`_export_worker`. Spawned (macOS's start method, Python 3.14's forkserver on Linux), they are fresh
+    interpreters that never imported this package: Lhotse's shell backends were theirs, and a clip named
+    ``x; cmd; .sph`` ran ``cmd`` through sph2pipe's command line."""
+    pool = getattr(lhotse.cut.set, "ProcessPoolExecutor", None)
+    if num_jobs <= 1:
+        yield
+        return
+    if pool is None:
+        raise RuntimeError("this Lhotse's Shar export makes its worker processes where they cannot be made to refuse "
+                           "shell commands: export with --jobs 1")
+    lhotse.cut.set.ProcessPoolExecutor = partial(pool, initializer=_export_worker, initargs=(logging_for_workers(),))
+    try:
+        yield
+    finally:
+        lhotse.cut.set.ProcessPoolExecutor = pool
+
+
+def _export_worker(logs: dict) -> None:
+    """An export worker's start: Lhotse without its shell backends (``no_shell``), the parent's logging, and each
+    clip Lhotse leaves out said in one line (a forked worker inherited all three)."""
+    no_shell()
+    join_logging(logs)
+    root = logging.getLogger()
+    if not any(isinstance(f, _LeftOut) for f in root.filters):
+        root.addFilter(_LeftOut())
 
 
 # Lhotse's warning for a clip its fault-tolerant export leaves out: the reason runs over several lines
