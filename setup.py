@@ -20,6 +20,9 @@ setup(
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
     python_requires=">=3.10",
+    # POSIX only (fcntl locks, SIGUSR1, O_NOFOLLOW): on Windows, WSL; on macOS the CPU (README)
+    classifiers=["Operating System :: POSIX :: Linux", "Operating System :: MacOS",
+                 "License :: OSI Approved :: BSD License", "Programming Language :: Python :: 3"],
     packages=find_packages(include=["common", "common.*", "pretrain", "finetune"]),
     package_data={"common.models.htsat": ["audioset_labels.csv"]},
     # the recipes, by name for --recipe (common.config.recipe.bundled_recipes) where the package is installed

@@ -32,6 +32,7 @@ import contextlib
 import gc
 import re
 import resource
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -108,7 +109,10 @@ class PeakMemory:
         if self.source == "cpu largest sampled RSS":
             self._sampled = max(self._sampled, rss_bytes() or 0)
             return self._sampled
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _MAXRSS_UNIT
+
+
+_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024  # getrusage's ru_maxrss: bytes on macOS, kB on Linux
 
 
 @dataclass(frozen=True)

@@ -123,11 +123,7 @@ class Dist:
             if synchronise:
                 torch.distributed.barrier()
             torch.distributed.destroy_process_group()
-        for key, value in self.before.get("environ", {}).items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _give_back(self.before.get("environ", {}))
         if self.world_size == 1 and "excepthook" in self.before:  # (a job's ranks keep their prefix for good)
             sys.excepthook = self.before["excepthook"]
         # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
@@ -267,6 +263,23 @@ def init_distributed() -> Dist:
     process group's timeout, so that is refused at once (a ``ValueError`` naming the variables).
     """
     before = {"environ": {key: os.environ.get(key) for key in LAUNCHER_VARIABLES}, "excepthook": sys.excepthook}
+    try:
+        return _init_distributed(before)
+    except BaseException:
+        _give_back(before["environ"])  # what it filled in (a notebook's next run, a test's next case starts afresh)
+        raise
+
+
+def _give_back(environ: dict[str, str | None]) -> None:
+    """The launcher variables as they were before :func:`init_distributed` filled them in."""
+    for key, value in environ.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _init_distributed(before: dict) -> Dist:
     bound = False  # the rank's place on its host came from srun or mpirun, which may bind one GPU to each rank
     if "LOCAL_RANK" not in os.environ and os.environ.get("WORLD_SIZE", "1") != "1":
         # srun and mpirun start each rank without LOCAL_RANK; 0 on every rank of a host would put them all on its
@@ -297,10 +310,14 @@ def init_distributed() -> Dist:
         unseen = unseen_gpu()
         if unseen and os.environ["LOCAL_RANK"] == "0":  # once per host
             log.warning("%s", unseen)
+    elif accelerator != "cuda":  # DeepSpeed's pick: Apple's MPS (before CUDA and the CPU), Intel's XPU, ...
+        raise ValueError(f"DeepSpeed's accelerator here is {accelerator!r}, which this package does not train on (CUDA "
+                         f"GPUs or the CPU; MPS has no float64, which a step's sums need): set DS_ACCELERATOR=cpu to "
+                         f"train on the CPU")
     else:
-        backend = "nccl" if accelerator == "cuda" else None
+        backend = "nccl"
         index = device_index(local_rank, get_accelerator().device_count(), bound)
-        unsupported = unsupported_gpu(index) if accelerator == "cuda" else None
+        unsupported = unsupported_gpu(index)
         if unsupported:
             raise ValueError(f"rank {os.environ['RANK']}: {unsupported}")
         device = torch.device(accelerator, index)

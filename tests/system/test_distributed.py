@@ -136,9 +136,21 @@ def test_a_rank_started_without_local_rank_takes_its_launchers_place_on_the_host
     if launcher:
         monkeypatch.setenv(launcher, "1")
         monkeypatch.setenv("SLURM_PROCID", "5")  # srun started this process as rank 5
-    with pytest.raises(ValueError, match="MASTER_ADDR and MASTER_PORT not set"):  # refused after LOCAL_RANK is set
+    import deepspeed
+
+    seen = {}
+
+    def rendezvous(**_):
+        seen["LOCAL_RANK"] = os.environ["LOCAL_RANK"]
+        raise RuntimeError("no rendezvous in this test")
+
+    monkeypatch.setattr(deepspeed, "init_distributed", rendezvous)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "9")
+    with pytest.raises(RuntimeError, match="no rendezvous in this test"):
         init_distributed()
-    assert os.environ["LOCAL_RANK"] == ("1" if launcher else "0")
+    assert seen == {"LOCAL_RANK": "1" if launcher else "0"}
+    assert "LOCAL_RANK" not in os.environ  # what it filled in is given back when it fails
 
 
 def test_each_rank_takes_its_own_device_or_the_one_it_is_bound_to(monkeypatch):
@@ -181,3 +193,22 @@ def test_names_and_output_folders_from_a_user_are_refused_when_they_would_mislea
     for empty in ("", "  "):
         with pytest.raises(ValueError, match="^--out is empty; name the folder to write into"):
             output_folder(empty)
+
+
+def test_an_accelerator_other_than_cuda_or_the_cpu_is_refused_in_one_line(monkeypatch):
+    """DeepSpeed looks for Apple's MPS before CUDA and the CPU: a Mac's training picked it, then failed with a
+    traceback at the first float64 sum on the device."""
+    import deepspeed.accelerator
+
+    class _MPS:
+        def device_name(self):
+            return "mps"
+
+    for key in ("MASTER_PORT", "MASTER_ADDR", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: _MPS())
+    with pytest.raises(ValueError, match=r"^DeepSpeed's accelerator here is 'mps', which this package does not train "
+                                         r"on .*: set DS_ACCELERATOR=cpu to train on the CPU$"):
+        init_distributed()
+    assert not torch.distributed.is_initialized()
+    assert not [key for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR") if key in os.environ]
