@@ -14,8 +14,9 @@ clip (1.3 MB at HTS-AT's 32 kHz). Two things here:
   node's ranks would keep in flight, with what to change.
 - :func:`check_socket_dir`: a batch's shared memory is handed over as file descriptors, through a UNIX socket that
   ``multiprocessing`` makes under the temporary folder (``$TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX``). A socket's
-  path holds 107 bytes: under a longer ``TMPDIR`` (a job scheduler's per-job folder) the hand-over fails in the
-  queue's feeder thread, which prints it and drops the batch, and the training process waited for it for ever.
+  path holds 107 bytes (103 on macOS): under a longer ``TMPDIR`` (a job scheduler's per-job folder) the hand-over
+  fails in the queue's feeder thread, which prints it and drops the batch, and the training process waited for it
+  for ever.
   Refused before the workers start, naming the folder.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -85,7 +87,8 @@ def check_room(batch_bytes: int, workers: int, prefetch_factor: int, ranks: int,
     return False
 
 
-SOCKET_PATH_MAX = 107  # bytes of an AF_UNIX socket's path on Linux (sun_path's 108, its closing NUL)
+# bytes of an AF_UNIX socket's path: sun_path holds 108 on Linux, 104 on macOS, with its closing NUL
+SOCKET_PATH_MAX = 103 if sys.platform == "darwin" else 107
 _SOCKET_NAMES = len("/pymp-XXXXXXXX/listener-XXXXXXXX")  # what multiprocessing adds to the temporary folder
 
 
