@@ -228,13 +228,23 @@ def _tested(run_dir: Path, model: Path, manifests: list[str]) -> bool:
     """Whether ``test_metrics.json`` holds the test split's scores of ``model`` as it is (written after it) on
     these ``manifests`` (where it records them): a finished run run again does not score it again, under another
     version's metrics perhaps, and says so."""
-    test = run_dir / "test_metrics.json"
+    recorded = _test_metrics(run_dir)
     try:
-        recorded = json.loads(test.read_text())
-        return (recorded.get("model") == str(model) and recorded.get("manifests", manifests) == manifests
-                and test.stat().st_mtime >= model.stat().st_mtime)
-    except (OSError, ValueError, AttributeError):  # none yet, or not the file this writes: scored again
+        return (bool(recorded) and recorded.get("model") == str(model)
+                and recorded.get("manifests", manifests) == manifests
+                and (run_dir / "test_metrics.json").stat().st_mtime >= model.stat().st_mtime)
+    except OSError:  # gone meanwhile: scored again
         return False
+
+
+def _test_metrics(run_dir: Path) -> dict:
+    """``test_metrics.json`` of a run: the test split's scores, ``{}`` where there is none or it is not the JSON
+    object this writes (scored again where that matters)."""
+    try:
+        recorded = json.loads((run_dir / "test_metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def _final_model(run_dir: Path) -> str:
@@ -254,10 +264,9 @@ def _final_model(run_dir: Path) -> str:
         text += f"; best {ledger.score} {best.score:.4g} at {where}: export/best.safetensors"
     if averaged is not None:
         text += f"; weight average {ledger.score} {averaged:.4g}"
-    test = run_dir / "test_metrics.json"
-    if test.is_file():
-        score = json.loads(test.read_text()).get(ledger.score)
-        text += f"; test {ledger.score} {score:.4g}: test_metrics.json" if isinstance(score, (int, float)) else ""
+    score = _test_metrics(run_dir).get(ledger.score)
+    if isinstance(score, (int, float)):
+        text += f"; test {ledger.score} {score:.4g}: test_metrics.json"
     return text
 
 
@@ -266,8 +275,7 @@ def _bad_clips(run_dir: Path) -> int:
     split's (``test_metrics.json``)."""
     from common.training.ledger import Ledger
 
-    test = run_dir / "test_metrics.json"
-    tested = json.loads(test.read_text()).get("bad_clips", 0) if test.is_file() else 0
+    tested = _test_metrics(run_dir).get("bad_clips", 0)
     return Ledger.read(run_dir).bad_clips() + (tested if isinstance(tested, int) else 0)
 
 

@@ -79,10 +79,8 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
         ledger = Ledger.read(path)
     except FileNotFoundError as err:
         raise ReportError(str(err)) from None
-    except LedgerError as err:  # valid JSON of another shape: the message names the file
+    except LedgerError as err:  # not JSON, or JSON of another shape: the message names the file
         raise ReportError(str(err)) from None
-    except ValueError as err:
-        raise ReportError(f"{path}: ledger is not valid JSON ({err})") from None
     return Run(str(path), label or run_label(ledger), ledger)
 
 

@@ -401,15 +401,17 @@ class Ledger:
 
         Raises:
             FileNotFoundError: there is none.
-            ValueError: it is not valid JSON; :class:`LedgerError` (a ``ValueError`` naming the file): it is JSON
-                of another shape.
+            LedgerError: (a ``ValueError`` naming the file) it is not JSON, or JSON of another shape.
         """
         path = Path(path)
         if path.is_dir():
             path = path / "ledger.json"
         if not path.is_file():
             raise FileNotFoundError(f"no ledger at {path}")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as err:  # cut short, or not a ledger's file (UnicodeDecodeError is one too)
+            raise LedgerError(f"{path} is not valid JSON ({err})") from None
         try:
             return cls.from_dict(data)
         except LedgerError as err:

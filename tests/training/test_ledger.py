@@ -1,6 +1,7 @@
 """The ledger's accounting: phases, training windows, evaluations, totals and the file round trip."""
 
 import json
+import re
 
 import pytest
 
@@ -133,3 +134,14 @@ def test_bad_audio_counts_are_kept_once_a_clip_was_bad_and_go_through_the_file()
     data = json.loads(json.dumps(ledger.to_dict()))
     assert data["bad_audio"] == counts and Ledger.from_dict(data).to_dict() == data
     assert Ledger.from_dict(data).bad_clips() == 3
+
+
+@pytest.mark.parametrize("content", [b'{"phases": [', b"\xff\xfe not text"])
+def test_a_ledger_that_is_not_json_is_a_ledger_error_naming_the_file(tmp_path, content):
+    """A ledger cut short (a full disk, a copy interrupted) or another file in its place: one error naming it, not
+    json's own (which names no file)."""
+    from common.training.ledger import LedgerError
+
+    (tmp_path / "ledger.json").write_bytes(content)
+    with pytest.raises(LedgerError, match=rf"^{re.escape(str(tmp_path / 'ledger.json'))} is not valid JSON \("):
+        Ledger.read(tmp_path)
