@@ -203,7 +203,7 @@ def check_batch_fits(recipe: FinetuneRecipe, world_size: int = 1) -> list[str]:
     Raises:
         RecipeError: naming the batch key, the step's clips and the split's.
     """
-    sizes = [(phase.batch_size or recipe.data.batch_size,
+    sizes = [(phase.batch_size_or(recipe.data.batch_size),
               f"phases.{i}.batch_size" if phase.batch_size else "data.batch_size")
              for i, phase in enumerate(recipe.phases)]
     batch, key = max(sizes)

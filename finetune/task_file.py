@@ -203,7 +203,7 @@ def apply_task_file_defaults(recipe: FinetuneRecipe, data: dict, notes: list[str
     except (OSError, EOFError, ValueError):
         clips = None  # missing or broken manifests: check_files reports them
     if clips:
-        batch = recipe.phases[0].batch_size or recipe.data.batch_size  # the global batch: clips per step
+        batch = recipe.phases[0].batch_size_or(recipe.data.batch_size)  # the global batch: clips per step
         # neither stated nor set by the followed recipe (a batch above the set's clips: check_batch_fits refuses it)
         if clips >= batch and "warmup_steps" not in optim:
             warmup = auto_warmup(clips, batch)

@@ -108,7 +108,7 @@ def phase_splits(phases: Sequence, data, optim, world_size: int, resumes=None) -
     splits = []
     for i, phase in enumerate(phases):
         key = f"phases.{i}.batch_size" if phase.batch_size else "data.batch_size"
-        batch = phase.batch_size or data.batch_size
+        batch = phase.batch_size_or(data.batch_size)
         try:
             splits.append(split_batch(batch, world_size, optim.grad_accum, data.max_batch_per_rank, key))
         except RecipeError:
