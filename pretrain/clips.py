@@ -18,7 +18,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from common.data.manifest_index import open_lines
+from common.data.manifest_lines import open_lines
 
 __all__ = ["first_durations", "clip_lines", "fitting_frames"]
 

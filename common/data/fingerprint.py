@@ -21,7 +21,7 @@ import hashlib
 from pathlib import Path
 from typing import Iterable
 
-from common.data.manifest_index import CUT_SHORT, manifest_path, truncated_manifest
+from common.data.manifest_lines import CUT_SHORT, manifest_path, truncated_manifest
 
 __all__ = ["fingerprint", "run_fingerprints", "changes", "key_for", "DataChanged"]
 

@@ -49,7 +49,8 @@ from common.data.balanced import WeightedCutSampler, balanced_weights
 from common.data.cache import ClipCache
 from common.data.clips import Batch, ClipDataset
 from common.data.config import DataConfig, ManifestSpec
-from common.data.manifest_index import DEFAULT_INDEX_DIR, IndexShuffleSampler, ManifestIndex, manifest_path
+from common.data.manifest_index import DEFAULT_INDEX_DIR, IndexShuffleSampler, ManifestIndex
+from common.data.manifest_lines import manifest_path
 from common.data.manifests import epoch_clips, open_cuts
 from common.data.prefetch import background
 from common.data.shar_stream import RankShardSampler, SharSet, is_shar_folder, reads_per_rank, shar_only

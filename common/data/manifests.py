@@ -21,7 +21,8 @@ from lhotse import CutSet
 from common.data.audio_file import AUDIO_SUFFIXES
 from common.data.config import ManifestSpec
 from common.data.decode import narrow_length_tolerance
-from common.data.manifest_index import ManifestIndex, count_lines, manifest_path, open_lines
+from common.data.manifest_index import ManifestIndex
+from common.data.manifest_lines import count_lines, manifest_path, open_lines
 from common.data.shar_stream import folder_shards
 from common.system.disk import NoSpace, describe_os_error
 

@@ -25,7 +25,7 @@ from common.audio.fbank import NORM_STATS, resolve_norm_stats
 from common.config.recipe import RecipeError
 from common.data.corpora.base import read_classes
 from common.data.decode import refused_source
-from common.data.manifest_index import CUT_SHORT, manifest_path, open_lines, truncated_manifest
+from common.data.manifest_lines import CUT_SHORT, manifest_path, open_lines, truncated_manifest
 from common.data.manifests import epoch_clips, manifest_problem
 from common.data.shar_stream import folder_shards
 

@@ -41,7 +41,7 @@ from lhotse.shar.readers.lazy import LazySharIterator
 from lhotse.shar.readers.tar import parse_tarinfo
 from lhotse.shar.utils import fill_shar_placeholder
 
-from common.data.manifest_index import count_lines, manifest_path
+from common.data.manifest_lines import count_lines, manifest_path
 from common.data.shards import shard_batches
 
 __all__ = ["SharShard", "SharSet", "RankShardSampler", "is_shar_folder", "folder_shards", "shar_only", "reads_per_rank"]

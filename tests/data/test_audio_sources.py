@@ -18,7 +18,7 @@ from lhotse.serialization import deserialize_item
 from common.data.clips import ClipDataset
 from common.data.decode import BadClip, load_clip
 from common.data.lhotse_safety import RefusedAudioSource
-from common.data.manifest_index import count_lines
+from common.data.manifest_lines import count_lines
 from common.data.manifests import open_cuts
 from tests.layouts import write_clip
 

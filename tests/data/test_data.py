@@ -521,14 +521,14 @@ def test_a_manifest_is_counted_once_until_it_changes(synth_corpus, tmp_path, mon
     whole count is kept for the file as it is, and a rewritten manifest is counted again."""
     import os
 
-    import common.data.manifest_index as manifest_index
+    import common.data.manifest_lines as manifest_lines
 
     path = tmp_path / "train.jsonl.gz"
     cuts = list(CutSet.from_file(synth_corpus / "synth_train.jsonl.gz"))
     CutSet.from_cuts(cuts[:7]).to_file(path)
     opened = []
-    real = manifest_index.open_lines
-    monkeypatch.setattr(manifest_index, "open_lines", lambda p: (opened.append(p), real(p))[1])
+    real = manifest_lines.open_lines
+    monkeypatch.setattr(manifest_lines, "open_lines", lambda p: (opened.append(p), real(p))[1])
     assert count_clips(path, limit=3) == 4 and count_clips(path) == 7 and len(opened) == 2  # a limited count: not all
     assert count_clips(path) == 7 and count_clips(path, limit=3) == 4 and count_clips(path, limit=7) == 7
     assert len(opened) == 2

@@ -67,7 +67,7 @@ __all__ = [
     "write_corpus",
     "manifest_writer",
     "prepare_lock",
-    "manifest_path",
+    "split_manifest",
     "classes_path",
     "read_classes",
     "require_file",
@@ -182,7 +182,7 @@ def unique_entries(entries: Iterable[ClipEntry]) -> tuple[list[ClipEntry], int, 
     return list(kept.values()), repeated, conflicts
 
 
-def manifest_path(out_dir: str | os.PathLike, corpus: str, split: str) -> Path:
+def split_manifest(out_dir: str | os.PathLike, corpus: str, split: str) -> Path:
     return Path(out_dir) / f"{corpus}_{split}.jsonl.gz"
 
 
@@ -450,7 +450,7 @@ def write_corpus(
                         report.unreadable.append((str(entry.path), problem))
                 continue
             if entry.split not in writers:
-                writers[entry.split] = manifests.enter_context(manifest_writer(manifest_path(out, corpus,
+                writers[entry.split] = manifests.enter_context(manifest_writer(split_manifest(out, corpus,
                                                                                              entry.split)))
             writers[entry.split](cut)
             report.clips[entry.split] += 1
@@ -468,7 +468,7 @@ def write_corpus(
         report.notes.append(f"{len(lost)} of {len(classes)} classes have no clip in any split (e.g. "
                             f"{', '.join(lost[:3])}): every file listed for them is missing or unreadable")
     for split in writers:
-        report.manifests[split] = manifest_path(out, corpus, split)
+        report.manifests[split] = split_manifest(out, corpus, split)
     if classes is not None:
         report.classes = len(classes)
         atomic_write_text(classes_path(out, corpus),

@@ -26,10 +26,10 @@ from lhotse import CutSet
 from common.data.corpora.base import (
     ClipEntry,
     PrepareReport,
-    manifest_path,
     manifest_writer,
     require_dir,
     shuffled_order,
+    split_manifest,
     write_corpus,
 )
 from common.system.atomic import atomic_write_text
@@ -64,7 +64,7 @@ def _entries(part_dir: Path) -> Iterator[ClipEntry]:
 def _combine(report: PrepareReport, parts: list[str]) -> None:
     """Merge the written manifests of ``parts`` into ``librispeech_train960`` (no header is re-read), in
     the shuffled order of every manifest (``shuffled_order``), not part after part."""
-    path = manifest_path(report.out_dir, NAME, COMBINED)
+    path = split_manifest(report.out_dir, NAME, COMBINED)
     cuts = sorted((cut for part in parts for cut in CutSet.from_file(report.manifests[part])),
                   key=lambda cut: shuffled_order(cut.id))
     count = len(cuts)

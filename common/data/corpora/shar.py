@@ -19,7 +19,7 @@ import lhotse.cut.set
 
 from common.data.integrity import decoder_reason
 from common.data.lhotse_safety import EXTRA_INFO, no_shell, unsafe_source
-from common.data.manifest_index import count_lines, open_lines
+from common.data.manifest_lines import count_lines, open_lines
 from common.data.manifests import open_cuts
 from common.system.disk import output_folder
 from common.system.logger import join_logging, logging_for_workers
