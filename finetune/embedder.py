@@ -28,6 +28,7 @@ builds one around the encoder it fitted to its task (:meth:`Embedder.from_arch`)
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,14 +43,16 @@ from common.audio.fbank import NORM_STATS, NormStats, check_lengths, check_wavef
 from common.audio.pipeline import AudioConfig, FeaturePipeline
 from common.data.audio_file import repeat_to
 from common.models.arch import Architecture, architecture_for, architecture_from_meta
+from common.models.exports import resolve_model_file
+from common.models.hf import is_hf_directory
 from common.models.htsat import HTSAT
 from common.models.htsat.model import unfold
 from common.models.spec import ModelSpec
-from common.phases.init import init_digest, init_pos_mode, load_init, task_encoder_config
+from common.phases.init import init_pos_mode, load_init, task_encoder_config
 from finetune.embed_store import POOLS
 from finetune.inference import clip_handling
 
-__all__ = ["EmbedOutput", "Embedder", "load_embedder", "parse_layer"]
+__all__ = ["EmbedOutput", "Embedder", "load_embedder", "model_digest", "parse_layer"]
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +282,20 @@ def _repeat_short(waveforms: torch.Tensor, lengths: torch.Tensor | None,
     return out, full
 
 
+def model_digest(init: str | Path) -> str:
+    """SHA-256 over the model file(s) of ``init`` (a file, a run directory's export, an HF directory's files):
+    which model a set of embeddings came from, wherever it has moved since."""
+    files = sorted(p for p in Path(init).iterdir() if p.is_file()) if is_hf_directory(init) \
+        else [resolve_model_file(init)]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() if len(files) > 1 else b"")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def _norm_for(weights, norm: str | None, recorded: str | None, recorded_stats: NormStats | None = None) -> tuple:
     """``(NormStats, label)``: ``--norm``, else what the init records (its statistics by value, else by name),
     else AudioSet's (AST's and SSAST's own)."""
@@ -343,7 +360,7 @@ def load_embedder(init: str | Path, *, layer: int | None = None, pool: str = "au
     with torch.random.fork_rng(devices=[]):  # its random start, overwritten by the weights, leaves the caller's RNG be
         encoder = arch.build_encoder(geometry)
         arch.load_weights(encoder, weights, geometry, init_pos_mode(weights, "bilinear"), "pi")
-    info = {"init": str(init), "model_sha256": init_digest(str(init))["sha256"], "source": source}
+    info = {"init": str(init), "model_sha256": model_digest(init), "source": source}
     if arch.normalises_input:
         if norm is not None:
             raise ValueError(f"--norm: the {arch.name} model normalises its input itself (HTS-AT: its BatchNorm bn0); "
