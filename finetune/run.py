@@ -177,18 +177,18 @@ def _cautions(recipe, audio, world_size: int, args) -> list[str]:
     return cautions
 
 
-def _surpass_targets(recipe, run_dirs: list[Path], restart: bool) -> list[str | None]:
+def _surpass_targets(recipe, run_dirs: list[Path], restart: bool, world_size: int) -> list[str | None]:
     """``train.stop_when_surpassing`` per run (ESC-50's folds compare with the baseline's same fold), checked
-    before any compute (``common.phases.baseline.precheck``): each baseline must be there, finished and comparable,
-    unless its run resumes with the target it recorded."""
+    before any compute (``common.phases.baseline.precheck``): each baseline must be there, finished and comparable
+    on ``world_size`` ranks, unless its run resumes with the target it recorded."""
     from common.phases.baseline import evaluation_settings, precheck
-    from common.training.batch import launch_world_size, phase_splits
+    from common.training.batch import phase_splits
 
     target = recipe.train.stop_when_surpassing
     if not target:
         return [None] * len(run_dirs)
     targets = [str(Path(target) / d.name) if recipe.task.folds else target for d in run_dirs]
-    split = phase_splits(recipe.phases, recipe.data, recipe.optim, launch_world_size())[-1]  # the final phase's
+    split = phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)[-1]  # the final phase's
     evaluation = evaluation_settings(recipe.train, recipe.data, split.per_rank, split.world_size)
     for path, run_dir, (_, valid) in zip(targets, run_dirs, recipe.task.fold_splits()):
         precheck(path, recipe.task.metric, run_dir, valid, evaluation,
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         splits = recipe.task.fold_splits()
         run_dirs = [run_root / f"fold{k + 1}" if recipe.task.folds else run_root for k in range(len(splits))]
         try:
-            targets = _surpass_targets(recipe, run_dirs, args.restart)
+            targets = _surpass_targets(recipe, run_dirs, args.restart, world_size)
         except FileNotFoundError as err:
             if not args.dry_run:
                 raise

@@ -126,13 +126,13 @@ def _baseline_notes(recipe, baseline, overrides: list[str]) -> list[str]:
     return notes
 
 
-def check_baseline(recipe, run_dir: Path, restart: bool) -> None:
+def check_baseline(recipe, run_dir: Path, restart: bool, world_size: int) -> None:
     """``train.stop_when_surpassing``: the baseline run is there, finished and comparable
-    (``common.phases.baseline``)."""
+    (``common.phases.baseline``), on ``world_size`` ranks (the launcher's, or a --dry-run's --world-size)."""
     from common.phases.baseline import evaluation_settings, precheck
-    from common.training.batch import launch_world_size, phase_splits
+    from common.training.batch import phase_splits
 
-    split = phase_splits(recipe.phases, recipe.data, recipe.optim, launch_world_size())[-1]  # the final phase's
+    split = phase_splits(recipe.phases, recipe.data, recipe.optim, world_size)[-1]  # the final phase's
     scored = objective(recipe.ssast)
     evaluation = evaluation_settings(recipe.train, recipe.data, split.per_rank, split.world_size,
                                      scored.score_settings(recipe.encoder_configs()[-1]))
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:  # a run checks (and makes) its run directory itself, before any compute
             checks.append(run_dir_check(run_dir))
         caution = norm_mismatch(recipe.audio.norm, recipe.audio.target_frames, recipe.audio.num_mel_bins, "audio.norm")
-        check_baseline(recipe, run_dir, args.restart)  # before any compute: the baseline must be there, comparable
+        check_baseline(recipe, run_dir, args.restart, world_size)  # before any compute: the baseline must be there, comparable
         start, init_lines, missing_init = None, [], []
         from common.training.run_dir import CHECKPOINTS, FINISHED, LOST, lost_run_message, run_state
 

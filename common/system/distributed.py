@@ -126,16 +126,21 @@ class Dist:
         _give_back(self.before.get("environ", {}))
         if self.world_size == 1 and "excepthook" in self.before:  # (a job's ranks keep their prefix for good)
             sys.excepthook = self.before["excepthook"]
-        # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
-        import deepspeed.comm.comm as ds_comm
-        import deepspeed.utils.groups as ds_groups
+        _forget_deepspeed_groups()
 
-        ds_comm.cdb = None
-        ds_groups._WORLD_GROUP = None
-        ds_groups._DATA_PARALLEL_GROUP = None
-        for cache in (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP,
-                      ds_groups._ALL_TO_ALL_GROUP):
-            cache.clear()
+
+def _forget_deepspeed_groups() -> None:
+    """Make DeepSpeed forget the process group and the groups it derived from it."""
+    # lazy: importing DeepSpeed takes seconds; --help and --dry-run do not need it
+    import deepspeed.comm.comm as ds_comm
+    import deepspeed.utils.groups as ds_groups
+
+    ds_comm.cdb = None
+    ds_groups._WORLD_GROUP = None
+    ds_groups._DATA_PARALLEL_GROUP = None
+    for cache in (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP,
+                  ds_groups._ALL_TO_ALL_GROUP):
+        cache.clear()
 
 
 class _Greetings(logging.Filter):
@@ -263,10 +268,14 @@ def init_distributed() -> Dist:
     process group's timeout, so that is refused at once (a ``ValueError`` naming the variables).
     """
     before = {"environ": {key: os.environ.get(key) for key in LAUNCHER_VARIABLES}, "excepthook": sys.excepthook}
+    adopted = torch.distributed.is_initialized()
     try:
         return _init_distributed(before)
-    except BaseException:
-        _give_back(before["environ"])  # what it filled in (a notebook's next run, a test's next case starts afresh)
+    except BaseException:  # what it filled in and made is undone: a notebook's next run starts afresh
+        if not adopted and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+            _forget_deepspeed_groups()
+        _give_back(before["environ"])
         raise
 
 
@@ -280,6 +289,12 @@ def _give_back(environ: dict[str, str | None]) -> None:
 
 
 def _init_distributed(before: dict) -> Dist:
+    for key, value in (("WORLD_SIZE", launcher.world_size()), ("RANK", launcher.rank()),
+                       ("LOCAL_RANK", launcher.local_rank())):  # one line naming a malformed one
+        if os.environ.get(key, "").strip():
+            os.environ[key] = str(value)  # as the code below and DeepSpeed compare it (" 2", "01")
+        else:
+            os.environ.pop(key, None)  # empty: as if unset
     bound = False  # the rank's place on its host came from srun or mpirun, which may bind one GPU to each rank
     if "LOCAL_RANK" not in os.environ and os.environ.get("WORLD_SIZE", "1") != "1":
         # srun and mpirun start each rank without LOCAL_RANK; 0 on every rank of a host would put them all on its

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["world_size", "rank", "several", "rank_name"]
+__all__ = ["world_size", "rank", "local_rank", "several", "rank_name"]
 
 
 def _whole(key: str, default: int, least: int) -> int:
@@ -33,6 +33,12 @@ def world_size() -> int:
 def rank() -> int:
     """This process's rank: ``RANK``, 0 without one. Raises ValueError naming the variable on another value."""
     return _whole("RANK", 0, 0)
+
+
+def local_rank() -> int:
+    """This process's place on its host: ``LOCAL_RANK``, 0 without one. Raises ValueError naming the variable on
+    another value."""
+    return _whole("LOCAL_RANK", 0, 0)
 
 
 def several() -> bool:

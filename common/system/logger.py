@@ -129,9 +129,11 @@ def join_logging(state: dict | None) -> None:
     """In a worker process (a loader's, an export's): log as its parent does (``state``: the parent's
     :func:`logging_for_workers`). A forked worker inherited its parent's handlers and keeps them; a spawned one
     (macOS's start method, and Python 3.14's forkserver on Linux) is a fresh interpreter, whose lines went to
-    logging's last resort (no time, level or logger; no INFO) and never into the run's ``train.log``."""
+    logging's last resort (no time, level or logger; no INFO) and never into the run's ``train.log``. A worker
+    whose root logger has handlers (inherited, or its caller's own: a notebook's ``basicConfig`` that the spawned
+    process ran again) logs through them alone."""
     root = logging.getLogger()
-    if state is None or any(getattr(h, "_c2f", False) for h in root.handlers):
+    if state is None or any(not _basic_config(h) for h in root.handlers):
         return
     for handler in [h for h in root.handlers if _basic_config(h)]:
         root.removeHandler(handler)

@@ -206,3 +206,36 @@ def test_workers_log_into_the_runs_log_however_they_start(synth_corpus, tmp_path
     lines = (tmp_path / "run" / "train.log").read_text().splitlines()
     damaged = [line for line in lines if "clip cache:" in line and "is unreadable" in line]
     assert damaged and all(" WARNING common.data.cache: clip cache: " in line for line in damaged), lines
+
+
+def test_a_forked_worker_logs_through_its_callers_own_handlers_alone(synth_corpus, tmp_path, capfd):
+    """A caller's own logging (a notebook's handler, no run of this package's): a forked worker has it already, and a
+    console of the package's beside it printed every worker line twice."""
+    import logging
+
+    from common.data.cache import ClipCache
+
+    cache = tmp_path / "cache"
+    dataset = ClipDataset(16000, seed=1, cache=ClipCache("disk", cache))
+    cuts = open_cuts([synth_corpus / "synth_valid.jsonl.gz"])
+    for _batch in ClipLoader(cuts, dataset, 4, seed=7, rank=0, world_size=1, num_workers=0, shuffle=False,
+                             drop_last=False).batches(epochs=1):
+        pass
+    for file in cache.rglob("*.npy"):
+        file.write_bytes(b"junk")
+    own = logging.FileHandler(tmp_path / "own.log")
+    own.setFormatter(logging.Formatter("USER %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(own)
+    try:
+        capfd.readouterr()
+        loader = ClipLoader(cuts, ClipDataset(16000, seed=1, cache=ClipCache("disk", cache)), 4, seed=7, rank=0,
+                            world_size=1, num_workers=1, shuffle=False, drop_last=False)
+        assert multiprocessing.get_start_method() == "fork"
+        next(iter(loader.batches(epochs=1)))
+    finally:
+        root.removeHandler(own)
+        own.close()
+    lines = [line for line in (tmp_path / "own.log").read_text().splitlines() if "is unreadable" in line]
+    assert lines and len(lines) == len(set(lines)), lines
+    assert "WARNING common.data.cache" not in capfd.readouterr().err  # no console of the package's beside it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import time
 
@@ -212,3 +213,52 @@ def test_an_accelerator_other_than_cuda_or_the_cpu_is_refused_in_one_line(monkey
         init_distributed()
     assert not torch.distributed.is_initialized()
     assert not [key for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR") if key in os.environ]
+
+
+@pytest.mark.parametrize("key, value, said", [("RANK", "x", "RANK: expected a whole number (0 or more), got 'x'"),
+                                              ("LOCAL_RANK", "-1", "LOCAL_RANK: expected a whole number (0 or more)"),
+                                              ("WORLD_SIZE", "two", "WORLD_SIZE: expected a whole number of ranks")])
+def test_a_malformed_launcher_variable_is_named(monkeypatch, key, value, said):
+    for name in ("MASTER_PORT", "MASTER_ADDR", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=rf"^{re.escape(said)}"):  # DeepSpeed's own: "invalid literal for int()"
+        init_distributed()
+    assert os.environ[key] == value and not torch.distributed.is_initialized()
+
+
+def test_launcher_variables_are_read_as_numbers_and_given_back_as_written(monkeypatch):
+    """WORLD_SIZE "01" or "" is one process for every reader (the batch plan read 1, the process group 2)."""
+    for name in ("MASTER_PORT", "MASTER_ADDR", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for written in ("01", "", " 1"):
+        monkeypatch.setenv("WORLD_SIZE", written)
+        dist = init_distributed()
+        try:
+            assert (dist.rank, dist.world_size) == (0, 1)
+        finally:
+            dist.teardown()
+        assert os.environ["WORLD_SIZE"] == written
+
+
+def test_a_failed_start_leaves_no_process_group(monkeypatch):
+    """One process makes its group before DeepSpeed joins it: a failure there left the group, which the next run of
+    the process (a notebook's) took for its caller's and never destroyed."""
+    import deepspeed
+
+    for name in ("MASTER_PORT", "MASTER_ADDR", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+
+    def fails(**_):
+        raise RuntimeError("DeepSpeed failed")
+
+    monkeypatch.setattr(deepspeed, "init_distributed", fails)
+    with pytest.raises(RuntimeError, match="DeepSpeed failed"):
+        init_distributed()
+    assert not torch.distributed.is_initialized()
+    monkeypatch.undo()
+    for name in ("MASTER_PORT", "MASTER_ADDR", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    dist = init_distributed()
+    assert dist.owned
+    dist.teardown()

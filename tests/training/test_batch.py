@@ -149,6 +149,22 @@ def test_the_finetuning_plan_prints_both_batches_and_refuses_a_split_that_cannot
     assert "global batch 24 differs from the 48 that the esc50 task's recipe states" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_a_dry_runs_world_size_is_the_one_every_check_plans_with(capsys, monkeypatch, command):
+    """The baseline's precheck (``train.stop_when_surpassing``) read the launcher's WORLD_SIZE, not --world-size."""
+    monkeypatch.setenv("WORLD_SIZE", "2x")  # what no check of a planned run may read
+    if command == "pretrain":
+        from pretrain.run import main
+
+        argv = ["--recipe", str(RECIPES / "ssast_fshift4.yaml")]
+    else:
+        from finetune.run import main
+
+        argv = ["--init", "none", "--task", "esc50"]
+    assert main([*argv, "--dry-run", "--world-size", "2"]) == PLAN_NOT_READY
+    assert "WORLD_SIZE" not in capsys.readouterr().err
+
+
 def test_world_size_plans_a_dry_run_only(capsys, tmp_path):
     from pretrain.run import main
 
