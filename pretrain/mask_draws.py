@@ -77,7 +77,9 @@ class MaskDraws:
         return [m.to(device, non_blocking=True) for m in masks]
 
     def close(self) -> None:
+        """Stop drawing ahead and end the drawing thread (a phase change, the run's end)."""
         for pending in self._ahead.values():
             pending.cancel()
         self._ahead = {}
+        self._pool.shutdown(wait=True, cancel_futures=True)  # a draw under way takes milliseconds
         self._pool.shutdown(wait=True)

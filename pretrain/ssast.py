@@ -286,6 +286,12 @@ class SSASTObjective:
             self._mask_key = key
         return self._mask_draws
 
+    def close(self) -> None:
+        """End the mask drawing thread (the run's end; a later run of this objective starts another)."""
+        if getattr(self, "_mask_draws", None) is not None:
+            self._mask_draws.close()
+        self._mask_draws = self._mask_key = None
+
     def evaluate(self, model, batches: Iterator[Batch], pipeline: FeaturePipeline, dist: Dist,
                  generator: torch.Generator) -> dict[str, float]:
         # nce, mse, acc (clip-weighted sums), clips; then per batch b of n_b clips and accuracy a_b: n_b^2,

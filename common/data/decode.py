@@ -165,6 +165,8 @@ def load_clip(cut, sample_rate: int, channels: str = "first") -> np.ndarray:
         if cut.sampling_rate != sample_rate:
             cut = cut.resample(sample_rate)
         audio = _mixed_down(cut) if channels == "mean" else cut.load_audio()
+    except MemoryError:  # the machine's, not the file's: not skipped as bad audio (a resume could skip others)
+        raise
     except Exception as err:  # noqa: BLE001 - every decoder failure is a bad clip
         refused = refused_in(err)  # a command or URL source elsewhere in the cut (an RIR, a nested mix)
         if refused:

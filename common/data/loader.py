@@ -286,18 +286,23 @@ class ClipLoader:
 
     def _tracked(self, iterator, start_epoch: int, iteration: int, count: bool = True) -> Iterator[Batch]:
         last_epoch = start_epoch
-        while True:
-            if iteration != self._iteration:  # before drawing: the batch would be the newer iteration's
-                raise RuntimeError("this iteration of the loader was ended by a newer call of batches() or close()")
-            batch = next(iterator, None)
-            if batch is None:
-                break
-            if batch.epoch != last_epoch:
-                self.tracker.check()  # a whole epoch was seen: judge it even if it is small
-                last_epoch = batch.epoch
-            if count:
-                self.tracker.update(batch)
-            yield batch
+        try:
+            while True:
+                if iteration != self._iteration:  # before drawing: the batch would be the newer iteration's
+                    raise RuntimeError("this iteration of the loader was ended by a newer call of batches() or "
+                                       "close()")
+                batch = next(iterator, None)
+                if batch is None:
+                    break
+                if batch.epoch != last_epoch:
+                    self.tracker.check()  # a whole epoch was seen: judge it even if it is small
+                    last_epoch = batch.epoch
+                if count:
+                    self.tracker.update(batch)
+                yield batch
+        finally:  # closed with this iteration, not left to the collector (common.data.prefetch.background)
+            if hasattr(iterator, "close"):
+                iterator.close()
         self.tracker.check()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from typing import Iterator, TypeVar
 
 import torch
@@ -29,10 +30,13 @@ class _Failure:
 
 
 def background(items: Iterator[T], depth: int = 2) -> Iterator[T]:
-    """Yield ``items`` in order, produced up to ``depth`` ahead by a daemon thread.
+    """Yield ``items`` in order, produced up to ``depth`` ahead by a daemon thread, which starts here (not at the
+    first item: a caller that times its steps starts its clock after this call).
 
     An exception in the producer is raised here, at the item where it happened. Closing the returned
-    generator stops the producer (after the item it is making).
+    generator stops the producer (after the item it is making) and waits for it; close it rather than drop it: a
+    generator dropped mid-way is closed by the garbage collector, where an exception (a Ctrl-C during the wait) is
+    printed and ignored. One dropped, or never started, stops its producer all the same.
     """
     if depth < 1:
         raise ValueError(f"prefetch depth must be >= 1, got {depth}")
@@ -63,6 +67,12 @@ def background(items: Iterator[T], depth: int = 2) -> Iterator[T]:
 
     thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
     thread.start()
+    out = _consume(box, stop, thread)
+    weakref.finalize(out, stop.set)  # dropped before its first item: its finally never runs
+    return out
+
+
+def _consume(box: queue.Queue, stop: threading.Event, thread: threading.Thread) -> Iterator:
     try:
         while True:
             item = box.get()

@@ -99,6 +99,8 @@ class Trainer(PhaseMachinery):
             torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
             self._close_loaders()
             self.scalars.close()
+            if hasattr(self.objective, "close"):  # its threads (SSAST's mask draws)
+                self.objective.close()
 
     def _run(self, stop_after: int | None) -> bool:
         record, last = self.record, len(self.spec.phases) - 1

@@ -7,6 +7,7 @@ used.
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -83,9 +84,8 @@ class PhaseMachinery:
         """The objective's validation metrics of ``model`` (on the device) at phase ``index``'s resolution."""
         spec = self.spec
         pipeline = self._frontend(index, SpecAugmentConfig())
-        batches = self._eval_loader(index).batches(epochs=1)
-        if spec.train.eval_batches is not None:
-            batches = (b for _, b in zip(range(spec.train.eval_batches), batches))
+        stream = self._eval_loader(index).batches(epochs=1)
+        batches = stream if spec.train.eval_batches is None else itertools.islice(stream, spec.train.eval_batches)
         model.eval()
         self._validating = True
         generator = torch.Generator().manual_seed(spec.train.seed + 7919)  # the same masks every time (SSAST)
@@ -94,6 +94,7 @@ class PhaseMachinery:
                                                  enabled=self.autocast_dtype is not None):
                 metrics = self.objective.evaluate(model, batches, pipeline, self.dist, generator)
         finally:
+            stream.close()  # its prefetch thread ends here, not in the collector (where a Ctrl-C is ignored)
             model.train()
         # a whole pass was judged at its end (the loader); a partial one (train.eval_batches) here (collective)
         self.tracker.for_split("valid").check(whole=False)

@@ -21,7 +21,8 @@ class Objective(Protocol):
 
     A *geometry* is a phase's model layout as the architecture describes it (``common.models.arch``); the model
     an objective builds holds the architecture's encoder as ``model.encoder`` and may name its task
-    head's parameters in ``model.head_prefixes`` (they get ``optim.head_lr_scale``).
+    head's parameters in ``model.head_prefixes`` (they get ``optim.head_lr_scale``). One that holds a thread between
+    steps (SSAST's mask draws) has a ``close()``, which the trainer calls when a run ends.
     """
 
     specaug: SpecAugmentConfig  # SpecAugment of training features

@@ -714,3 +714,18 @@ def test_too_much_audio_far_outside_full_scale_is_to_be_rescaled_not_restored():
                       bad=[(f"c{i}.wav", reason) for i in range(3)])
         with pytest.raises(TooMuchBadAudio, match=re.escape(advice)):
             tracker.update(batch)
+
+
+def test_the_machines_memory_running_out_while_decoding_is_not_bad_audio(tmp_path, synth_corpus, monkeypatch):
+    """A MemoryError inside Lhotse's decoding was a bad clip ('unreadable (MemoryError ...)'): skipped, counted
+    against max_bad_fraction with the advice to restore the files, and a resume could skip other clips."""
+    from lhotse.cut import MonoCut
+
+    cut = next(iter(CutSet.from_file(synth_corpus / "synth_train.jsonl.gz")))
+
+    def no_memory(self, *args, **kwargs):
+        raise MemoryError("cannot allocate 3 GiB")
+
+    monkeypatch.setattr(MonoCut, "load_audio", no_memory)
+    with pytest.raises(MemoryError, match="cannot allocate 3 GiB"):
+        load_clip(cut, 16000)

@@ -410,6 +410,54 @@ def test_background_batches_keep_their_order_and_raise_where_the_producer_failed
     assert threading.active_count() <= started
 
 
+def test_the_producer_starts_at_the_call_and_ends_when_its_stream_is_dropped_unstarted():
+    """The loader's docstring: decoding begins at batches(), before a caller's clock, not at the first batch; a
+    stream dropped before its first item (its finally never runs) stops its producer all the same."""
+    produced = threading.Event()
+
+    def items():
+        produced.set()
+        yield from range(1000)
+
+    started = threading.active_count()
+    stream = background(items(), depth=2)
+    assert produced.wait(5)  # nothing drawn yet
+    assert threading.active_count() == started + 1
+    del stream
+    deadline = time.monotonic() + 5
+    while threading.active_count() > started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == started
+
+
+def test_a_ctrl_c_while_a_validation_closes_its_stream_stops_the_run(tmp_path, synth_corpus, monkeypatch):
+    """A validation of train.eval_batches left its prefetching stream to the collector, whose wait for the thread
+    then printed a Ctrl-C as "Exception ignored" and trained on (exit 0)."""
+    import common.data.prefetch as prefetch
+
+    real = prefetch._consume
+    closed = []
+
+    def interrupted_at_close(*args):
+        try:
+            yield from real(*args)
+        finally:
+            closed.append(True)
+            if len(closed) == 1:
+                raise KeyboardInterrupt  # as a Ctrl-C in its thread.join
+
+    monkeypatch.setattr(prefetch, "_consume", interrupted_at_close)
+    assert run(tmp_path / "run", synth_corpus, "data.num_workers=0", "train.eval_batches=1",
+               "train.eval_every=1", steps=(2, 1)) == 130
+    assert closed
+
+
+def test_a_run_leaves_no_mask_drawing_thread_behind(tmp_path, synth_corpus):
+    """SSAST's masks are drawn a batch ahead on a thread, which outlived the run (one per run in a notebook)."""
+    assert run(tmp_path / "run", synth_corpus, steps=(2, 1)) == 0
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("ssast-masks")]
+
+
 def test_a_loader_without_workers_prepares_batches_ahead(tmp_path, synth_corpus):
     cuts = open_cuts([synth_corpus / "synth_pool.jsonl.gz"])
 
