@@ -18,7 +18,7 @@ from lhotse import Recording
 from lhotse.audio.utils import set_audio_duration_mismatch_tolerance
 
 from common.data.integrity import HEADER_SIZED, decoder_reason, sample_problem, truncation
-from common.data.lhotse_safety import SAFE_SOURCES, no_shell, refused_in, source_refusal
+from common.data.lhotse_safety import EXTRA_INFO, SAFE_SOURCES, no_shell, refused_in, source_refusal
 
 __all__ = ["BadClip", "AUDIO_LENGTH_TOLERANCE", "SAFE_SOURCES", "CHANNELS", "narrow_length_tolerance",
            "refused_source", "source_path", "audio_file_problem", "load_clip"]
@@ -144,6 +144,18 @@ def _mixed_down(cut) -> np.ndarray:
     return cut.load_audio()
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is, or wraps, a MemoryError: Lhotse's audio backends re-raise every failure as an
+    ``AudioLoadingError`` naming the original's type in its text (``<class 'MemoryError'>``), without a cause."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, MemoryError) or "<class 'MemoryError'>" in str(err):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def load_clip(cut, sample_rate: int, channels: str = "first") -> np.ndarray:
     """Decode a cut at ``sample_rate`` (resampling if needed), its first channel or (``channels="mean"``) the mean
     of the channels it stands for (:func:`_mixed_down`); raise :class:`BadClip`.
@@ -168,6 +180,10 @@ def load_clip(cut, sample_rate: int, channels: str = "first") -> np.ndarray:
     except MemoryError:  # the machine's, not the file's: not skipped as bad audio (a resume could skip others)
         raise
     except Exception as err:  # noqa: BLE001 - every decoder failure is a bad clip
+        if _out_of_memory(err):  # Lhotse's backends wrap the MemoryError of the array they allocate
+            said = [line for line in str(err).split(EXTRA_INFO, 1)[0].splitlines() if "MemoryError" in line]
+            raise MemoryError(f"out of memory while decoding {source or cut.id}"
+                              + (f": {said[0].strip()[:300]}" if said else "")) from err
         refused = refused_in(err)  # a command or URL source elsewhere in the cut (an RIR, a nested mix)
         if refused:
             raise BadClip(refused) from None

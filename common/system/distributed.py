@@ -276,6 +276,7 @@ def init_distributed() -> Dist:
             torch.distributed.destroy_process_group()
             _forget_deepspeed_groups()
         _give_back(before["environ"])
+        sys.excepthook = before["excepthook"]  # torch's group wraps it at every initialisation
         raise
 
 

@@ -116,12 +116,17 @@ def _log_file(path: Path, delay: bool = False) -> _LogFile:
     return file
 
 
+_HANDED_BY: int | None = None  # the process whose logging_for_workers ran here (a forked worker inherits it)
+
+
 def logging_for_workers() -> dict:
     """How this process logs, for its worker processes to log the same way (:func:`join_logging`): the root
     logger's level, the console's line format and the ``train.log`` files it writes."""
+    global _HANDED_BY
+    _HANDED_BY = os.getpid()
     root = logging.getLogger()
     console = next((h for h in root.handlers if isinstance(h, BarSafeHandler) and getattr(h, "_c2f", False)), None)
-    return {"level": root.level, "console": console.formatter._fmt if console is not None else None,
+    return {"pid": _HANDED_BY, "level": root.level, "console": console.formatter._fmt if console is not None else None,
             "files": [h.baseFilename for h in root.handlers if isinstance(h, _LogFile)]}
 
 
@@ -129,15 +134,15 @@ def join_logging(state: dict | None) -> None:
     """In a worker process (a loader's, an export's): log as its parent does (``state``: the parent's
     :func:`logging_for_workers`). A forked worker inherited its parent's handlers and keeps them; a spawned one
     (macOS's start method, and Python 3.14's forkserver on Linux) is a fresh interpreter, whose lines went to
-    logging's last resort (no time, level or logger; no INFO) and never into the run's ``train.log``. A worker
-    whose root logger has handlers (inherited, or its caller's own: a notebook's ``basicConfig`` that the spawned
-    process ran again) logs through them alone."""
+    logging's last resort (no time, level or logger; no INFO) and never into the run's ``train.log``. A spawned
+    worker whose script set up a console of its own at its top level (run again there) keeps it as the console."""
     root = logging.getLogger()
-    if state is None or any(not _basic_config(h) for h in root.handlers):
+    if state is None or _HANDED_BY == state["pid"]:  # forked from the process that handed it: its handlers are here
         return
     for handler in [h for h in root.handlers if _basic_config(h)]:
         root.removeHandler(handler)
-    root.addHandler(_console(state["console"] or FORMAT))
+    if not root.handlers:
+        root.addHandler(_console(state["console"] or FORMAT))
     for path in state["files"]:
         root.addHandler(_log_file(Path(path), delay=True))  # opened at its first line (O_APPEND: whole lines)
     root.setLevel(state["level"])

@@ -729,3 +729,20 @@ def test_the_machines_memory_running_out_while_decoding_is_not_bad_audio(tmp_pat
     monkeypatch.setattr(MonoCut, "load_audio", no_memory)
     with pytest.raises(MemoryError, match="cannot allocate 3 GiB"):
         load_clip(cut, 16000)
+
+
+def test_memory_running_out_in_lhotses_audio_backends_is_not_bad_audio(tmp_path, synth_corpus, monkeypatch):
+    """Where decoding allocates its array (soundfile's read), Lhotse wraps the MemoryError in an AudioLoadingError
+    that names it only in its text: it was still a bad clip."""
+    from lhotse.audio.backend import get_current_audio_backend
+
+    cut = next(iter(CutSet.from_file(synth_corpus / "synth_train.jsonl.gz")))
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("cannot allocate 3 GiB")
+
+    backend = get_current_audio_backend()
+    for sub in getattr(backend, "backends", [backend]):
+        monkeypatch.setattr(sub, "read_audio", no_memory)
+    with pytest.raises(MemoryError, match=r"^out of memory while decoding .*cannot allocate 3 GiB"):
+        load_clip(cut, 16000)

@@ -239,3 +239,35 @@ def test_a_forked_worker_logs_through_its_callers_own_handlers_alone(synth_corpu
     lines = [line for line in (tmp_path / "own.log").read_text().splitlines() if "is unreadable" in line]
     assert lines and len(lines) == len(set(lines)), lines
     assert "WARNING common.data.cache" not in capfd.readouterr().err  # no console of the package's beside it
+
+
+def _spawned_with_own_console(state: dict, own_log: str) -> None:
+    """A spawned worker whose script made a console of its own at its top level (run again in the child)."""
+    import logging
+
+    from common.system.logger import join_logging
+
+    own = logging.FileHandler(own_log)
+    own.setFormatter(logging.Formatter("USER %(message)s"))
+    logging.getLogger().addHandler(own)
+    join_logging(state)
+    logging.getLogger("common.data.cache").warning("clip cache: a line from the worker")
+
+
+def test_a_spawned_worker_with_a_console_of_its_own_still_writes_the_runs_log(tmp_path, capfd):
+    """Its script's own console (a top-level basicConfig, run again in a spawned child) kept the worker's lines out
+    of train.log: the package's console is not added beside it, the run's log is."""
+    from common.system.logger import logging_for_workers, setup_logging
+
+    setup_logging(tmp_path / "run")
+    state = logging_for_workers()
+    capfd.readouterr()
+    child = multiprocessing.get_context("spawn").Process(target=_spawned_with_own_console,
+                                                          args=(state, str(tmp_path / "own.log")))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    assert "USER clip cache: a line from the worker" in (tmp_path / "own.log").read_text()
+    assert " WARNING common.data.cache: clip cache: a line from the worker" in (tmp_path / "run" / "train.log"
+                                                                               ).read_text()
+    assert "a line from the worker" not in capfd.readouterr().err  # its own console is the console

@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import socket
+import sys
 import time
 
 import pytest
@@ -253,9 +254,10 @@ def test_a_failed_start_leaves_no_process_group(monkeypatch):
         raise RuntimeError("DeepSpeed failed")
 
     monkeypatch.setattr(deepspeed, "init_distributed", fails)
+    hook = sys.excepthook
     with pytest.raises(RuntimeError, match="DeepSpeed failed"):
         init_distributed()
-    assert not torch.distributed.is_initialized()
+    assert not torch.distributed.is_initialized() and sys.excepthook is hook
     monkeypatch.undo()
     for name in ("MASTER_PORT", "MASTER_ADDR", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)

@@ -150,7 +150,7 @@ def test_the_finetuning_plan_prints_both_batches_and_refuses_a_split_that_cannot
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune"])
-def test_a_dry_runs_world_size_is_the_one_every_check_plans_with(capsys, monkeypatch, command):
+def test_a_dry_runs_world_size_is_the_one_every_check_plans_with(capsys, monkeypatch, tmp_path, command):
     """The baseline's precheck (``train.stop_when_surpassing``) read the launcher's WORLD_SIZE, not --world-size."""
     monkeypatch.setenv("WORLD_SIZE", "2x")  # what no check of a planned run may read
     if command == "pretrain":
@@ -160,7 +160,7 @@ def test_a_dry_runs_world_size_is_the_one_every_check_plans_with(capsys, monkeyp
     else:
         from finetune.run import main
 
-        argv = ["--init", "none", "--task", "esc50"]
+        argv = ["--init", "none", "--task", "esc50", "--set", f"train.stop_when_surpassing={tmp_path / 'none'}"]
     assert main([*argv, "--dry-run", "--world-size", "2"]) == PLAN_NOT_READY
     assert "WORLD_SIZE" not in capsys.readouterr().err
 
