@@ -81,5 +81,4 @@ class MaskDraws:
         for pending in self._ahead.values():
             pending.cancel()
         self._ahead = {}
-        self._pool.shutdown(wait=True, cancel_futures=True)  # a draw under way takes milliseconds
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)  # a draw under way takes milliseconds

@@ -204,3 +204,20 @@ def test_a_notebook_gets_the_bar_a_pipe_does_not(monkeypatch):
     bar = progress(10, 0, "counting", True)
     assert not bar.disable and progress(10, 0, "counting", False).disable  # rank 0 only
     bar.close()
+
+
+def test_a_ctrl_c_while_a_log_line_is_written_is_not_swallowed(monkeypatch):
+    """tqdm's write releases in its finally a lock a Ctrl-C kept it from taking: the RuntimeError replaced the
+    KeyboardInterrupt, logging swallowed it ('--- Logging error ---') and the run trained on to exit 0."""
+    import common.system.logger as logger
+
+    def interrupted(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("cannot release un-acquired lock")
+
+    monkeypatch.setattr(logger.tqdm, "write", interrupted)
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "a line", None, None)
+    with pytest.raises(KeyboardInterrupt):
+        logger.BarSafeHandler().emit(record)

@@ -59,7 +59,7 @@ def background(items: Iterator[T], depth: int = 2) -> Iterator[T]:
             torch.cuda.set_device(device)
         try:
             for item in items:
-                if not put(item):
+                if not put(item) or stop.is_set():  # stopped: not a batch more is decoded
                     return
             put(_END)
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
@@ -83,4 +83,8 @@ def _consume(box: queue.Queue, stop: threading.Event, thread: threading.Thread) 
             yield item
     finally:
         stop.set()
-        thread.join(timeout=5)
+        try:  # room in the queue: a producer waiting to put its batch there ends at once, not at its next poll
+            box.get_nowait()
+        except queue.Empty:
+            pass
+        thread.join(timeout=5)  # one decoding a batch finishes it first

@@ -51,7 +51,9 @@ class BarSafeHandler(logging.StreamHandler):
                 self.stream = sys.stderr
             tqdm.write(self.format(record), file=self.stream)
             self.flush()
-        except Exception:  # noqa: BLE001 - logging must not raise
+        except Exception as err:  # noqa: BLE001 - logging must not raise
+            if isinstance(err.__context__, KeyboardInterrupt):  # a Ctrl-C that tqdm's lock release replaced
+                raise err.__context__ from None
             self.handleError(record)
 
 
