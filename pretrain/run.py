@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:  # a run checks (and makes) its run directory itself, before any compute
             checks.append(run_dir_check(run_dir))
         caution = norm_mismatch(recipe.audio.norm, recipe.audio.target_frames, recipe.audio.num_mel_bins, "audio.norm")
-        check_baseline(recipe, run_dir, args.restart, world_size)  # before any compute: the baseline must be there, comparable
+        # before any compute: the baseline must be there, comparable
+        check_baseline(recipe, run_dir, args.restart, world_size)
         start, init_lines, missing_init = None, [], []
         from common.training.run_dir import CHECKPOINTS, FINISHED, LOST, lost_run_message, run_state
 

@@ -12,6 +12,7 @@ The modules, by what they do (one concept each):
   folders read in one part per rank (``shar_stream``), the on-disk index of a whole-set shuffle
   (``manifest_index``), the decoded-clip cache (``cache``);
 - manifests and checks: a recipe's data section (``config``), manifests opened and mixed (``manifests``), their lines
-  read and counted (``manifest_lines``), which manifests a run trained on (``fingerprint``), the pre-flight check of a recipe's files (``preflight``);
+  read and counted (``manifest_lines``), which manifests a run trained on (``fingerprint``), the pre-flight check
+  of a recipe's files (``preflight``);
 - ``corpora/``: one module per corpus, each preparing its manifests (``c2f-corpora``).
 """

@@ -117,9 +117,10 @@ LOCK_WAIT_SECONDS = 1200.0
 def _one_at_a_time(lock: Path, what: str) -> Iterator[None]:
     """Hold ``lock`` (``flock``) while ``what`` (a cache file) is built: the ranks of a job, and other jobs sharing
     the folder, build an index or its labels once, the first to come, and the others wait (they are told so) and
-    read what it wrote (not N temporary copies of a 1 GB index and N passes over 2 million records). The kernel drops the lock of a killed builder. Where no lock can be taken (a file system
-    without locks, a lock file this process may not open) or after :data:`LOCK_WAIT_SECONDS`, this process builds
-    its own copy, as before (the copies are written atomically: the last one stays)."""
+    read what it wrote (not N temporary copies of a 1 GB index and N passes over 2 million records). The kernel
+    drops the lock of a killed builder. Where no lock can be taken (a file system without locks, a lock file this
+    process may not open) or after :data:`LOCK_WAIT_SECONDS`, this process builds its own copy (the copies are
+    written atomically: the last one stays)."""
     fd = None
     for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):  # another user's lock file in a shared folder: read-only
         try:

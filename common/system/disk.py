@@ -132,8 +132,8 @@ def output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
     """``path`` as a folder to write into, made if missing (with the folders on its way); returns it.
 
     Raises:
-        ValueError: ``path`` is empty (``Path("")`` is the working folder: an ``--out ""`` would write there), or it, or a
-            folder on its way, is a file: named, with the option ``flag`` that gave it.
+        ValueError: ``path`` is empty (``Path("")`` is the working folder: an ``--out ""`` would write there), or
+            it, or a folder on its way, is a file: named, with the option ``flag`` that gave it.
     """
     if not str(path).strip():
         raise ValueError(f"{flag} is empty; name the folder to write into (. for this one)")

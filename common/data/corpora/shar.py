@@ -91,7 +91,8 @@ def _folder_lock(folder: Path) -> Iterator[bool]:
 
 
 # The folder locks this process holds: a process forked meanwhile (Lhotse's export workers) closes its copies, so
-# that the lock goes with this process (workers a killed export leaves behind would hold it for ever, and every rerun be refused)
+# that the lock goes with this process (workers a killed export leaves behind would hold it for ever, and every
+# rerun be refused)
 _HELD: set[int] = set()
 
 
