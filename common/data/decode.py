@@ -19,6 +19,7 @@ from lhotse.audio.utils import set_audio_duration_mismatch_tolerance
 
 from common.data.integrity import HEADER_SIZED, decoder_reason, sample_problem, truncation
 from common.data.lhotse_safety import EXTRA_INFO, SAFE_SOURCES, no_shell, refused_in, source_refusal
+from common.system.disk import error_chain
 
 __all__ = ["BadClip", "AUDIO_LENGTH_TOLERANCE", "SAFE_SOURCES", "CHANNELS", "narrow_length_tolerance",
            "refused_source", "source_path", "audio_file_problem", "load_clip"]
@@ -147,13 +148,7 @@ def _mixed_down(cut) -> np.ndarray:
 def _out_of_memory(err: BaseException) -> bool:
     """Whether ``err`` is, or wraps, a MemoryError: Lhotse's audio backends re-raise every failure as an
     ``AudioLoadingError`` naming the original's type in its text (``<class 'MemoryError'>``), without a cause."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, MemoryError) or "<class 'MemoryError'>" in str(err):
-            return True
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return False
+    return any(isinstance(link, MemoryError) or "<class 'MemoryError'>" in str(link) for link in error_chain(err))
 
 
 def load_clip(cut, sample_rate: int, channels: str = "first") -> np.ndarray:

@@ -30,6 +30,8 @@ from lhotse import serialization
 from lhotse.audio import backend as audio_backends
 from lhotse.audio.source import AudioSource
 
+from common.system.disk import error_chain
+
 __all__ = ["no_shell", "is_shell_backend", "SAFE_SOURCES", "EXTRA_INFO", "RefusedAudioSource", "refusal",
            "refused_in", "source_refusal", "unsafe_source"]
 
@@ -69,12 +71,9 @@ def source_refusal(kind: str, source) -> str | None:
 def refused_in(err: BaseException) -> str | None:
     """The refusal (:func:`refusal`) behind ``err``, or None: Lhotse raises an error again as a new one of its type
     with the call appended, and a transform's error may come as another's cause or context."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, RefusedAudioSource):
-            return str(err).split(EXTRA_INFO, 1)[0].strip()
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
+    for link in error_chain(err):
+        if isinstance(link, RefusedAudioSource):
+            return str(link).split(EXTRA_INFO, 1)[0].strip()
     return None
 
 

@@ -15,9 +15,10 @@ import errno
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
-__all__ = ["NoSpace", "out_of_space", "ensure_space", "free_bytes", "tree_size", "human_size", "describe_os_error",
-           "output_folder"]
+__all__ = ["NoSpace", "error_chain", "out_of_space", "ensure_space", "free_bytes", "tree_size", "human_size",
+           "describe_os_error", "output_folder"]
 
 # below this many free bytes after a failed write, a write error without an errno is taken for a full disk
 NEARLY_FULL = 1 << 20
@@ -81,7 +82,8 @@ def tree_size(path: str | os.PathLike) -> int:
     return total
 
 
-def _chain(err: BaseException):
+def error_chain(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and the errors behind it (its cause, else its context, and theirs), each once."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -91,7 +93,7 @@ def _chain(err: BaseException):
 
 def out_of_space(err: BaseException, folder: str | os.PathLike) -> bool:
     """Whether ``err``, raised by a write into ``folder``, means that the disk (or the quota) is full."""
-    for link in _chain(err):
+    for link in error_chain(err):
         if isinstance(link, NoSpace) or (isinstance(link, OSError) and link.errno in _CODES):
             return True
         if any(word in str(link) for word in _WORDS):

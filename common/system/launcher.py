@@ -18,8 +18,8 @@ def _whole(key: str, default: int, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = least - 1
-    if value < least:
+        value = None
+    if value is None or value < least:
         raise ValueError(f"{key}: expected a whole number{' of ranks' if key == 'WORLD_SIZE' else ''} "
                          f"({least} or more), got {os.environ[key]!r}")
     return value
